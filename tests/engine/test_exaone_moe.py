@@ -3,7 +3,7 @@ refusals, the router against transformers' ExaoneMoeTopkRouter, and greedy parit
 float64, token for token: 1-150-token prompts together under a small token budget (chunked prefill, batches),
 again under a KV pool small enough to preempt, prefix-cache hits across the 6-token window, and transformers 5's
 own checkpoint names. What the family adds: full-attention layers without rotary beside sliding ones with it
-(GQAConfig.nope_layers). Checkpoints: the family's tiny model (engine/models/exaone_moe/tiny.py), saved by
+(GQAConfig.nope_layers). Checkpoints: the family's tiny model (engine/models/exaone_moe/tiny.py, drawn by save_drawn_preset), saved by
 transformers (tests/helpers/exaone_checkpoints.py); EP 2 and TP 2 in tests/ep/test_tp_families.py."""
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""LongCat-Flash's tiny model: what the tests build (and `moelink make-tiny-model --arch longcat_flash`), with
-transformers' own classes (LongcatFlashConfig, LongcatFlashForCausalLM).
+"""LongCat-Flash's tiny checkpoint: `moelink make-tiny-model --arch longcat_flash` and the test suite's
+(tests/helpers/longcat_checkpoints.py), built by transformers' own classes (LongcatFlashConfig,
+LongcatFlashForCausalLM).
 
 Two layers (four sublayers: four MLA caches), MLA with q LoRA 16 and a latent of 16 (so the LoRA scales are 1.41,
 not 1), interleaved rope; 6 routed experts and 2 zero-computation ones, top-3 (so many tokens pick an identity
@@ -8,7 +9,12 @@ weights, the correction bias) are drawn, so a weight loaded into the wrong place
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Mapping
+
 import torch
+
+from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, save_model
 
 ARCH = "LongcatFlashForCausalLM"
 FIELDS = dict(
@@ -47,4 +53,17 @@ def tiny_model(cfg, seed: int = 0):
     return model
 
 
-__all__ = ["ARCH", "FIELDS", "tiny_config", "tiny_model"]
+def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapping) -> str:
+    """TinyArch.write: the tiny model with `overrides`, saved in `dtype` with the tiny tokenizer."""
+    cfg = tiny_config(VOCAB, MAX_POS, **overrides)
+    return save_model(tiny_model(cfg, seed), out, cfg, dtype)
+
+
+# Float only: an FP8 q_b_proj cannot take the q scale folded in (engine/models/mla.py refuses it), and the INT4 and
+# NVFP4 writers would also quantize the zero-computation experts' unused gate / up rows.
+ARCHS = {
+    "longcat_flash": TinyArch(ARCH, "LongCat-Flash-Chat, LongCat-Flash-Thinking", ("float",), write=write,
+                              expert_width="expert_ffn_hidden_size"),
+}
+
+__all__ = ["ARCH", "ARCHS", "FIELDS", "tiny_config", "tiny_model", "write"]
