@@ -84,7 +84,13 @@ def _softmax_grouped(logits_TG, top_k, renormalize, scale, n_group, topk_group):
 
 
 def _sigmoid_grouped(logits_TG, top_k, renormalize, scale, n_group, topk_group, bias_G):
-    scores_TG = torch.sigmoid(logits_TG.float())
+    return _select_biased(torch.sigmoid(logits_TG.float()), top_k, renormalize, scale, n_group, topk_group, bias_G)
+
+
+def _select_biased(scores_TG, top_k, renormalize, scale, n_group, topk_group, bias_G):
+    """noaux_tc's selection on any scores: on scores + bias_G, groups ranked by the sum of their top-2 biased scores
+    (when topk_group < n_group), experts outside the chosen groups at -inf; the weights the unbiased scores of the
+    chosen experts, optionally renormalised (w / (sum + 1e-20)), then scaled."""
     choice_TG = scores_TG + bias_G if bias_G is not None else scores_TG
     T, G = choice_TG.shape
     keep_TG = None
@@ -114,25 +120,11 @@ def _sqrtsoftplus(logits_TG, top_k, renormalize, scale, bias_G):
 def reference_softmax_biased_topk(logits_TG: torch.Tensor, top_k: int, bias_G: torch.Tensor | None,
                                   renormalize: bool = False, scale: float = 1.0, n_group: int = 1,
                                   topk_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """LongCat-Flash's router, op for op as transformers': softmax scores over all experts in float32; selection on
-    scores + bias_G (groups ranked by the sum of their top-2 biased scores when topk_group < n_group), top-k
-    unsorted; the weights are the unbiased scores of the chosen experts, optionally renormalised (w / (sum +
-    1e-20)), then scaled. (weights_TK float32, ids_TK int64). No fused form yet: the layer calls it (moe/router.py
-    SoftmaxBiasedRouter)."""
-    scores_TG = torch.softmax(logits_TG.float(), dim=-1)
-    choice_TG = scores_TG + bias_G if bias_G is not None else scores_TG
-    T, G = choice_TG.shape
-    keep_TG = None
-    if topk_group < n_group:
-        group_TP = choice_TG.view(T, n_group, G // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        keep_TG = _group_mask(group_TP, topk_group, G)
-    if keep_TG is not None:
-        choice_TG = choice_TG.masked_fill(~keep_TG, float("-inf"))
-    ids_TK = torch.topk(choice_TG, top_k, dim=-1, sorted=False)[1]
-    weights_TK = scores_TG.gather(1, ids_TK)
-    if renormalize:
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights_TK * scale, ids_TK
+    """LongCat-Flash's router, op for op as transformers': softmax scores over all experts in float32, then noaux_tc's
+    selection on scores + bias_G (`_select_biased`). (weights_TK float32, ids_TK int64). No fused form yet: the layer
+    calls it (moe/router.py SoftmaxBiasedRouter)."""
+    return _select_biased(torch.softmax(logits_TG.float(), dim=-1), top_k, renormalize, scale, n_group, topk_group,
+                          bias_G)
 
 
 def _group_mask(group_TP: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor | None:

@@ -116,21 +116,13 @@ class SigmoidGroupLimitedRouter:
 
 
 @dataclass(frozen=True)
-class SoftmaxBiasedRouter:
-    """LongCat-Flash: softmax scores over every expert (its zero-computation ones included), selection on scores +
-    bias_G (e_score_correction_bias), the weights the unbiased scores of the chosen experts, optionally
-    renormalised, then scaled (kernels/router_topk.reference_softmax_biased_topk). No fused form yet: the layer
-    calls it (route_args None), and counts the load itself."""
+class SoftmaxBiasedRouter(SigmoidGroupLimitedRouter):
+    """LongCat-Flash: noaux_tc's selection (scores + bias_G, the unbiased scores as weights, optionally renormalised,
+    then scaled) on softmax scores over every expert, its zero-computation ones included
+    (kernels/router_topk.reference_softmax_biased_topk). No fused form yet: the layer calls it (route_args None) and
+    counts the load itself."""
 
-    top_k: int
-    n_group: int
-    topk_group: int
-    norm_topk_prob: bool
-    routed_scaling_factor: float = 1.0
-    float32_logits: bool = True
-    needs_bias: ClassVar[bool] = True
-
-    def route_args(self) -> None:
+    def route_args(self) -> None:  # type: ignore[override]
         return None
 
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None

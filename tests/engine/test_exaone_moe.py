@@ -7,8 +7,6 @@ own checkpoint names. What the family adds: full-attention layers without rotary
 transformers (tests/helpers/exaone_checkpoints.py); EP 2 and TP 2 in tests/ep/test_tp_families.py."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -18,9 +16,10 @@ from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.exaone_moe.tiny import WINDOW
 from moelink.moe.router_config import RouterConfig
 
+from tests.helpers.config_dirs import config_dir, set_fields
 from tests.helpers.exaone_checkpoints import VOCAB, exaone_config as _config, save_exaone_checkpoint as save_checkpoint
-
-from tests.helpers.parity import assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy, hf_greedy, prompts
+from tests.helpers.parity import (assert_same, check_chunked_batched, check_prefix_cache_parity,
+                                  check_under_preemption, engine_greedy, hf_greedy, prompts)
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -31,12 +30,7 @@ def exaone_path(tmp_path_factory) -> str:
 
 
 def _config_dir(tmp_path, edit=None, **overrides) -> str:
-    _config(**overrides).save_pretrained(tmp_path)
-    if edit is not None:
-        raw = json.loads((tmp_path / "config.json").read_text())
-        edit(raw)
-        (tmp_path / "config.json").write_text(json.dumps(raw))
-    return str(tmp_path)
+    return config_dir(tmp_path, _config(**overrides), edit)
 
 
 # -- config ---------------------------------------------------------------------------------------------------
@@ -64,25 +58,21 @@ def test_config_without_window_is_transformers_refusal(tmp_path):
     """sliding_window null: transformers 5.24's config refuses it (an int field), so no layer goes without a
     window and rotary both; the error names the field."""
     with pytest.raises(ValueError, match=r"(?s)transformers could not read config.json: .*'sliding_window'"):
-        ModelConfig.from_pretrained(_config_dir(tmp_path, _set(sliding_window=None)))
-
-
-def _set(**fields):
-    return lambda raw: raw.update(fields)
+        ModelConfig.from_pretrained(_config_dir(tmp_path, set_fields(sliding_window=None)))
 
 
 @pytest.mark.parametrize("edit,match", [
-    (_set(layer_types=["sliding_attention"] * 4 + ["chunked_attention"]),
+    (set_fields(layer_types=["sliding_attention"] * 4 + ["chunked_attention"]),
      r"config.json layer_types=\[.*'chunked_attention'\] is not supported: allowed: one of 'sliding_attention', "
      r"'full_attention' for each of the num_hidden_layers=5 layers"),
     # transformers' own validators catch these first: the error still names the field.
-    (_set(layer_types=["sliding_attention"] * 4),
+    (set_fields(layer_types=["sliding_attention"] * 4),
      r"(?s)transformers could not read config.json: .*`num_hidden_layers` \(5\) must be equal to the number of "
      r"`layer_types` \(4\)"),
-    (_set(mlp_layer_types=["dense", "sparse", "moe", "sparse", "sparse"]),
+    (set_fields(mlp_layer_types=["dense", "sparse", "moe", "sparse", "sparse"]),
      r"(?s)transformers could not read config.json: .*`mlp_layer_types` entries must be in"),
-    (_set(attention_bias=True), r"attention_bias=True is not supported for ExaoneMoeForCausalLM"),
-    (_set(sliding_window=0), r"sliding_window=0 is not supported: allowed: null or a positive integer"),
+    (set_fields(attention_bias=True), r"attention_bias=True is not supported for ExaoneMoeForCausalLM"),
+    (set_fields(sliding_window=0), r"sliding_window=0 is not supported: allowed: null or a positive integer"),
 ])
 def test_config_refusals(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
@@ -137,23 +127,12 @@ def _prompts() -> list[list[int]]:
 
 @pytest.mark.slow  # transformers' generate beside the engine, in float64
 def test_greedy_parity_chunked_batched(exaone_path):
-    ps = _prompts()
-    llm = LLM(exaone_path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=256, block_size=8)
-    got = engine_greedy(llm, ps)
-    assert len({t for out in got for t in out}) > 10, "degenerate model: greedy outputs barely vary"
-    assert_same(got, hf_greedy(exaone_path, ps), ps)
-    assert_pool_free(llm)
+    check_chunked_batched(exaone_path, _prompts())
 
 
 @pytest.mark.slow
 def test_greedy_parity_under_preemption(exaone_path):
-    ps = _prompts()  # the chunked test's: transformers' outputs are cached
-    # 32 blocks of 8 tokens hold one 150-token prompt and a little more: six running sequences must preempt.
-    llm = LLM(exaone_path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=48, num_kv_blocks=32, block_size=8)
-    got = engine_greedy(llm, ps)
-    assert llm.engine.stats().num_preemptions_total > 0
-    assert_same(got, hf_greedy(exaone_path, ps), ps)
-    assert_pool_free(llm)
+    check_under_preemption(exaone_path, _prompts())  # the chunked test's prompts: transformers' outputs are cached
 
 
 @pytest.mark.slow
@@ -168,39 +147,10 @@ def test_prefix_cache_hit_parity(exaone_path):
 def test_pd_transfer_equals_one_engine(exaone_path):
     """A prefill engine saves each prompt's KV (sliding and NoPE layers alike), a decode engine loads it over TCP:
     the decode side computes only each prompt's last token, its tokens equal one engine's, both pools end free."""
-    from moelink.engine import SamplingParams
-    from moelink.engine.contract.kv_transfer_params import KVTransferParams
-    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+    from tests.helpers.kv_disagg import check_pd_transfer
 
-    from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
-    from tests.helpers.net import free_port
+    check_pd_transfer(exaone_path, prompts(VOCAB, seed=31, n=4, lo=2, hi=40))
 
-    ps = prompts(VOCAB, seed=31, n=4, lo=2, hi=40)  # past the 6-token window, chunked by the 32-token budget
-    want = one_engine(exaone_path, ps)
-    save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
-                          kv_transfer_params=KVTransferParams(do_remote_decode=True))
-    pre = LLM(exaone_path, kv_connector=RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="tcp")), **KW)
-    dec = None
-    try:
-        outs = pre.generate(ps, save, use_tqdm=False)
-        dec = Decoder(exaone_path, RemoteKVConfig(transport="tcp"))
-        dec.add(ps, [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
-                                    kv_transfer_params=o.kv_transfer_params) for o in outs])
-        got, cached = {}, {}
-        while dec.llm.engine.has_requests():
-            for o in dec.llm.engine.step():
-                if o.finished:
-                    got[o.request_id], cached[o.request_id] = o.outputs[0].token_ids, o.num_cached_tokens
-        assert [got[f"d{i}"] for i in range(len(ps))] == want
-        assert [cached[f"d{i}"] for i in range(len(ps))] == [len(p) - 1 for p in ps]
-        assert dec.computed == len(ps) * MAX_NEW and dec.worker.stats.num_loaded == len(ps)
-        for llm in (pre, dec.llm):
-            stats = llm.engine.stats()
-            assert stats.num_free_blocks == stats.num_total_blocks
-    finally:
-        if dec is not None:
-            dec.close()
-        pre.engine.shutdown()
 
 
 # -- FP8 ------------------------------------------------------------------------------------------------------------
@@ -210,20 +160,6 @@ def test_fp8_block_checkpoint(tmp_path):
     """The FP8 block layout (`moelink quantize-fp8`, 16 x 16 blocks) loads through the FP8 block path and gives the
     greedy tokens of transformers' float64 model on the dequantized weights with the W8A8 activation rounding where
     the engine applies it. The router, its correction bias and the norms stay float."""
-    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
-    from moelink.kernels.fp8 import FP8_DTYPE
+    from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
 
-    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, fake_quant_hf_model, hf_greedy_with
-
-    src = save_checkpoint(tmp_path / "float")
-    dst = str(quantize_checkpoint(src, tmp_path / "fp8", BLOCK))
-    deq = dequantized_copy(dst, tmp_path / "dequantized")
-    cfg = ModelConfig.from_pretrained(dst, dtype="float64")
-    assert cfg.quantization.method == "fp8" and cfg.quantization.block == BLOCK
-    ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=40)
-    with LLM(dst, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8) as llm:
-        layer = llm.engine.executor.worker.runner.model.layers[1]
-        assert layer.self_attn.qkv_proj.weight.dtype == FP8_DTYPE and layer.moe.gate_GD.dtype != FP8_DTYPE
-        got = engine_greedy(llm, ps, max_new=6)
-    assert len({t for g in got for t in g}) > 5, "degenerate model"
-    assert got == hf_greedy_with(fake_quant_hf_model(deq, BLOCK), ps, 6)
+    check_fp8_gqa_block_parity(save_checkpoint(tmp_path / "float"), tmp_path, VOCAB)

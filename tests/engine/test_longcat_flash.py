@@ -21,9 +21,9 @@ from moelink.engine.config import kv_sizing
 from moelink.engine.config.model import ModelConfig
 from moelink.moe.router_config import RouterConfig
 
+from tests.helpers.config_dirs import config_dir, set_fields
 from tests.helpers.longcat_checkpoints import VOCAB, longcat_config, save_longcat_checkpoint
-from tests.helpers.parity import (assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy, hf_greedy,
-                                  prompts)
+from tests.helpers.parity import check_chunked_batched, check_prefix_cache_parity, check_under_preemption, prompts
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -34,16 +34,7 @@ def longcat_path(tmp_path_factory) -> str:
 
 
 def _config_dir(tmp_path, edit=None, **overrides) -> str:
-    longcat_config(**overrides).save_pretrained(tmp_path)
-    if edit is not None:
-        raw = json.loads((tmp_path / "config.json").read_text())
-        edit(raw)
-        (tmp_path / "config.json").write_text(json.dumps(raw))
-    return str(tmp_path)
-
-
-def _set(**fields):
-    return lambda raw: raw.update(fields)
+    return config_dir(tmp_path, longcat_config(**overrides), edit)
 
 
 # -- config ---------------------------------------------------------------------------------------------------
@@ -67,9 +58,9 @@ def test_config(tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (_set(head_dim=16), r"config.json head_dim=16 is not supported \(transformers rotates .*\): allowed: 8"),
-    (_set(mlp_bias=True), r"mlp_bias=True is not supported for LongcatFlashForCausalLM"),
-    (_set(n_routed_experts=0), r"n_routed_experts=0 is not supported"),
+    (set_fields(head_dim=16), r"config.json head_dim=16 is not supported \(transformers rotates .*\): allowed: 8"),
+    (set_fields(mlp_bias=True), r"mlp_bias=True is not supported for LongcatFlashForCausalLM"),
+    (set_fields(n_routed_experts=0), r"n_routed_experts=0 is not supported"),
 ])
 def test_config_refusals(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
@@ -156,25 +147,12 @@ def _prompts() -> list[list[int]]:
 
 @pytest.mark.slow  # transformers' generate beside the engine, in float64
 def test_greedy_parity_chunked_batched(longcat_path):
-    ps = _prompts()
-    llm = LLM(longcat_path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=256,
-              block_size=8)
-    got = engine_greedy(llm, ps)
-    assert len({t for out in got for t in out}) > 10, "degenerate model: greedy outputs barely vary"
-    assert_same(got, hf_greedy(longcat_path, ps), ps)
-    assert_pool_free(llm)
+    check_chunked_batched(longcat_path, _prompts())
 
 
 @pytest.mark.slow
 def test_greedy_parity_under_preemption(longcat_path):
-    ps = _prompts()  # the chunked test's: transformers' outputs are cached
-    # 64 blocks of 8 tokens: six running sequences of up to 160 tokens must preempt.
-    llm = LLM(longcat_path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=48, num_kv_blocks=32,
-              block_size=8)
-    got = engine_greedy(llm, ps)
-    assert llm.engine.stats().num_preemptions_total > 0
-    assert_same(got, hf_greedy(longcat_path, ps), ps)
-    assert_pool_free(llm)
+    check_under_preemption(longcat_path, _prompts())  # the chunked test's prompts: transformers' outputs are cached
 
 
 @pytest.mark.slow
@@ -186,30 +164,6 @@ def test_prefix_cache_hit_parity(longcat_path):
 def test_pd_transfer_equals_one_engine(longcat_path):
     """A prefill engine saves each prompt's four latents per token, a decode engine loads them over TCP: the decode
     side computes only each prompt's last token, its tokens equal one engine's, both pools end free."""
-    from moelink.engine import SamplingParams
-    from moelink.engine.contract.kv_transfer_params import KVTransferParams
-    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+    from tests.helpers.kv_disagg import check_pd_transfer
 
-    from tests.helpers.kv_disagg import KW, MAX_NEW, Decoder, one_engine
-    from tests.helpers.net import free_port
-
-    ps = prompts(VOCAB, seed=37, n=4, lo=2, hi=40)
-    want = one_engine(longcat_path, ps)
-    save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
-                          kv_transfer_params=KVTransferParams(do_remote_decode=True))
-    pre = LLM(longcat_path, kv_connector=RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="tcp")), **KW)
-    dec = None
-    try:
-        outs = pre.generate(ps, save, use_tqdm=False)
-        dec = Decoder(longcat_path, RemoteKVConfig(transport="tcp"))
-        dec.add(ps, [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
-                                    kv_transfer_params=o.kv_transfer_params) for o in outs])
-        assert dec.run(len(ps)) == want
-        assert dec.computed == len(ps) * MAX_NEW and dec.worker.stats.num_loaded == len(ps)
-        for llm in (pre, dec.llm):
-            stats = llm.engine.stats()
-            assert stats.num_free_blocks == stats.num_total_blocks
-    finally:
-        if dec is not None:
-            dec.close()
-        pre.engine.shutdown()
+    check_pd_transfer(longcat_path, prompts(VOCAB, seed=37, n=4, lo=2, hi=40))

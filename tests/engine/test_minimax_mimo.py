@@ -20,8 +20,8 @@ from moelink.engine.config.model import ModelConfig
 from moelink.moe.router_config import RouterConfig
 
 from tests.helpers.m2_checkpoints import VOCAB, WINDOW, m2_config, save_m2_checkpoint
-from tests.helpers.parity import (assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy, hf_greedy,
-                                  prompts)
+from tests.helpers.parity import (assert_same, check_chunked_batched, check_prefix_cache_parity, check_under_preemption,
+                                  engine_greedy, hf_greedy, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -277,26 +277,13 @@ def _prompts(name: str) -> list[list[int]]:
 @pytest.mark.slow  # transformers' generate beside the engine, in float64
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_parity_chunked_batched(m2_path, name):
-    path = m2_path(name)
-    ps = _prompts(name)
-    llm = LLM(path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=256, block_size=8)
-    got = engine_greedy(llm, ps)
-    assert len({t for out in got for t in out}) > 10, "degenerate model: greedy outputs barely vary"
-    assert_same(got, hf_greedy(path, ps), ps)
-    assert_pool_free(llm)
+    check_chunked_batched(m2_path(name), _prompts(name))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_parity_under_preemption(m2_path, name):
-    path = m2_path(name)
-    ps = _prompts(name)  # the chunked test's: transformers' outputs are cached
-    # 32 blocks of 8 tokens hold one 150-token prompt and a little more: six running sequences must preempt.
-    llm = LLM(path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=48, num_kv_blocks=32, block_size=8)
-    got = engine_greedy(llm, ps)
-    assert llm.engine.stats().num_preemptions_total > 0
-    assert_same(got, hf_greedy(path, ps), ps)
-    assert_pool_free(llm)
+    check_under_preemption(m2_path(name), _prompts(name))  # the chunked test's prompts: transformers' outputs cached
 
 
 @pytest.mark.slow
@@ -314,20 +301,6 @@ def test_fp8_block_checkpoint(tmp_path, name):
     so q / k / v stack with a gap) loads through the FP8 block path and gives the greedy tokens of transformers'
     float64 model on the dequantized weights with the W8A8 activation rounding where the engine applies it. The
     router, its correction bias, the norms and the sinks stay float."""
-    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
-    from moelink.kernels.fp8 import FP8_DTYPE
+    from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
 
-    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, fake_quant_hf_model, hf_greedy_with
-
-    src = save_m2_checkpoint(tmp_path / "float", name)
-    dst = str(quantize_checkpoint(src, tmp_path / "fp8", BLOCK))
-    deq = dequantized_copy(dst, tmp_path / "dequantized")
-    cfg = ModelConfig.from_pretrained(dst, dtype="float64")
-    assert cfg.quantization.method == "fp8" and cfg.quantization.block == BLOCK
-    ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=40)
-    with LLM(dst, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8) as llm:
-        layer = llm.engine.executor.worker.runner.model.layers[1]
-        assert layer.self_attn.qkv_proj.weight.dtype == FP8_DTYPE and layer.moe.gate_GD.dtype != FP8_DTYPE
-        got = engine_greedy(llm, ps, max_new=6)
-    assert len({t for g in got for t in g}) > 5, "degenerate model"
-    assert got == hf_greedy_with(fake_quant_hf_model(deq, BLOCK), ps, 6)
+    check_fp8_gqa_block_parity(save_m2_checkpoint(tmp_path / "float", name), tmp_path, VOCAB)

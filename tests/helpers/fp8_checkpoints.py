@@ -118,3 +118,27 @@ def hf_greedy_with(model, prompts: list[list[int]], max_new: int) -> list[list[i
                                  min_new_tokens=max_new, eos_token_id=None, pad_token_id=0)
             outs.append(gen[0, len(p):].tolist())
     return outs
+
+
+def check_fp8_gqa_block_parity(src: str, tmp_path: Path, vocab: int) -> None:
+    """A GQA MoE float checkpoint `src` quantized by `moelink quantize-fp8` (16 x 16 blocks) loads through the FP8 block
+    path (layer 1's qkv FP8, its router float) and gives the greedy tokens of transformers' float64 model on the
+    dequantized weights with the W8A8 activation rounding where the engine applies it."""
+    from moelink.engine import LLM
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import FP8_DTYPE
+
+    from .parity import engine_greedy, prompts
+
+    dst = str(quantize_checkpoint(src, tmp_path / "fp8", BLOCK))
+    deq = dequantized_copy(dst, tmp_path / "dequantized")
+    cfg = ModelConfig.from_pretrained(dst, dtype="float64")
+    assert cfg.quantization.method == "fp8" and cfg.quantization.block == BLOCK
+    ps = prompts(vocab, seed=5, n=4, lo=1, hi=40)
+    with LLM(dst, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8) as llm:
+        layer = llm.engine.executor.worker.runner.model.layers[1]
+        assert layer.self_attn.qkv_proj.weight.dtype == FP8_DTYPE and layer.moe.gate_GD.dtype != FP8_DTYPE
+        got = engine_greedy(llm, ps, max_new=6)
+    assert len({t for g in got for t in g}) > 5, "degenerate model"
+    assert got == hf_greedy_with(fake_quant_hf_model(deq, BLOCK), ps, 6)

@@ -142,3 +142,30 @@ class Decoder:
 
     def close(self) -> None:
         self.llm.engine.shutdown()
+
+
+def check_pd_transfer(path, ps) -> None:
+    """A prefill engine saves each prompt's KV (do_remote_decode), a decode engine here loads it over TCP: the decode
+    side computes only each prompt's last token and then decodes, its tokens equal one engine's, both pools end
+    free (prompts of 2 tokens or more: a one-token prompt moves nothing)."""
+    from .net import free_port
+
+    want = one_engine(path, ps)
+    save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                          kv_transfer_params=KVTransferParams(do_remote_decode=True))
+    pre = LLM(path, kv_connector=RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="tcp")), **KW)
+    dec = None
+    try:
+        outs = pre.generate(ps, save, use_tqdm=False)
+        dec = Decoder(path, RemoteKVConfig(transport="tcp"))
+        dec.add(ps, [SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                                    kv_transfer_params=o.kv_transfer_params) for o in outs])
+        assert dec.run(len(ps)) == want
+        assert dec.computed == len(ps) * MAX_NEW and dec.worker.stats.num_loaded == len(ps)
+        for llm in (pre, dec.llm):
+            stats = llm.engine.stats()
+            assert stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        if dec is not None:
+            dec.close()
+        pre.engine.shutdown()

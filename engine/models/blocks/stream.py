@@ -128,6 +128,15 @@ class LayerClass(Protocol):
 RESIDUAL: Registry[LayerClass] = Registry("residual")
 
 
+def prenorm(norm: RMSNorm, x_TD: torch.Tensor, residual_TD: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual): the deferred residual add fused into the norm, or before the first layer
+    (residual None) the norm of x alone, x the residual."""
+    if residual_TD is None:
+        return norm(x_TD), x_TD
+    return norm.add_forward(x_TD, residual_TD)
+
+
 @RESIDUAL.register("prenorm")
 class PreNormLayer(Layer):
     """h = x + attn(norm1(x));  out = h + ffn(norm2(h)), the residual add fused into the next norm: the stream is
@@ -144,11 +153,7 @@ class PreNormLayer(Layer):
 
     def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
-        x_TD, residual_TD = state
-        if residual_TD is None:
-            residual_TD, h_TD = x_TD, self.input_layernorm(x_TD)
-        else:
-            h_TD, residual_TD = self.input_layernorm.add_forward(x_TD, residual_TD)
+        h_TD, residual_TD = prenorm(self.input_layernorm, *state)
         h_TD = self.mixer(positions_T, h_TD, ctx)
         h_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
         return (yield from ffn_stages(self.ffn, self.tp, h_TD, input_ids_T)), residual_TD
@@ -167,4 +172,4 @@ class PreNormLayer(Layer):
         aux.take(n, *state)
 
 
-__all__ = ["EMBEDDING", "HEAD", "Head", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL"]
+__all__ = ["EMBEDDING", "HEAD", "Head", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL", "prenorm"]

@@ -30,7 +30,7 @@ from ...config.model import ModelConfig
 from ..blocks.attention import AttentionKind
 from ..blocks.context import BuildContext
 from ..blocks.ffn import FFNBlock, ffn_stages
-from ..blocks.stream import RESIDUAL, Layer
+from ..blocks.stream import RESIDUAL, Layer, prenorm
 from ..layers import AuxCapture, DenseMLP, ForwardContext, RMSNorm
 
 
@@ -57,11 +57,7 @@ class ShortcutPairLayer(Layer):
     def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
         if self.sub == 0:
-            x_TD, residual_TD = state
-            if residual_TD is None:
-                residual_TD, h_TD = x_TD, self.input_layernorm(x_TD)
-            else:
-                h_TD, residual_TD = self.input_layernorm.add_forward(x_TD, residual_TD)
+            h_TD, residual_TD = prenorm(self.input_layernorm, *state)
             h_TD = self.mixer(positions_T, h_TD, ctx)
             y_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
             routed = ffn_stages(self.ffn, self.tp, y_TD, input_ids_T)
