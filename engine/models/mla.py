@@ -96,6 +96,7 @@ class MLAAttention(nn.Module):
                              parallel=o)
         self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
         self.kv_scale = 1.0  # the fp8 latent cache's per-layer scale (as GQAAttention.k_scale)
+        self.q_out_scale = 1.0  # MLAConfig.q_scale where q_b_proj is quantized (process_weights_after_loading)
         # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
         # in a GLM-5 "shared" layer, which attends to the positions the previous indexer chose (ctx.dsa_topk).
         ix = attn.indexer
@@ -110,6 +111,8 @@ class MLAAttention(nn.Module):
         if a.q_lora_rank is not None:
             q_resid_TQ = self.q_a_layernorm(q_TX)
             q_TX = self.q_b_proj(q_resid_TQ)
+            if self.q_out_scale != 1.0:  # MLAConfig.q_scale on a q_b_proj it could not be folded into
+                q_TX = q_TX * self.q_out_scale
         q_TNX = q_TX.view(T, N, a.qk_head_dim)
         cache_BLR, *index_cache = ctx.kv_caches[self.layer_idx]
         # An fp8 latent cache (--kv-cache-dtype fp8) with this layer's scale; the plain call otherwise.
@@ -137,14 +140,15 @@ class MLAAttention(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Fold MLAConfig's q_scale into q_b_proj and latent_scale into kv_a_layernorm (LongCat-Flash): the same
-        products transformers takes after those two ops, paid once here instead of every step."""
+        products transformers takes after those two ops, paid once here instead of every step. A quantized q_b_proj
+        (FP8) keeps its weights: its output is scaled in the forward instead (`q_out_scale`)."""
         a = self.attn
         if a.q_scale != 1.0:
-            if self.q_b_proj.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                raise ValueError(f"layer {self.layer_idx}: MLAConfig q_scale cannot be folded into a quantized "
-                                 f"q_b_proj ({self.q_b_proj.weight.dtype}).")
-            with torch.no_grad():
-                self.q_b_proj.weight.mul_(a.q_scale)
+            if self.q_b_proj.weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                with torch.no_grad():
+                    self.q_b_proj.weight.mul_(a.q_scale)
+            else:
+                self.q_out_scale = a.q_scale
         if a.latent_scale != 1.0:
             with torch.no_grad():
                 self.kv_a_layernorm.weight.mul_(a.latent_scale)

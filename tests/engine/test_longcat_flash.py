@@ -167,3 +167,30 @@ def test_pd_transfer_equals_one_engine(longcat_path):
     from tests.helpers.kv_disagg import check_pd_transfer
 
     check_pd_transfer(longcat_path, prompts(VOCAB, seed=37, n=4, lo=2, hi=40))
+
+
+@pytest.mark.slow
+def test_fp8_block_checkpoint(tmp_path):
+    """The FP8 block layout (`moelink quantize-fp8`, 16 x 16 blocks: every sublayer's MLA and dense MLP, the routed
+    experts) loads through the FP8 block path, q_b_proj's q scale applied to its output (an FP8 weight cannot take it
+    folded), and gives the greedy tokens of transformers' float64 model on the dequantized weights with the W8A8
+    activation rounding where the engine applies it (the zero-computation experts' picks unrounded). The router, its
+    correction bias and the norms stay float."""
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import FP8_DTYPE
+
+    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, fake_quant_hf_model, hf_greedy_with
+    from tests.helpers.parity import engine_greedy
+
+    src = save_longcat_checkpoint(tmp_path / "float")
+    dst = str(quantize_checkpoint(src, tmp_path / "fp8", BLOCK))
+    deq = dequantized_copy(dst, tmp_path / "dequantized")
+    ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=40)
+    with LLM(dst, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8) as llm:
+        even, odd = llm.engine.executor.worker.runner.model.layers[:2]
+        assert even.self_attn.q_b_proj.weight.dtype == FP8_DTYPE and even.self_attn.q_out_scale == math.sqrt(2)
+        assert even.dense.gate_up_proj.weight.dtype == FP8_DTYPE and odd.mlp.gate_up_proj.weight.dtype == FP8_DTYPE
+        assert even.moe.gate_GD.dtype != FP8_DTYPE
+        got = engine_greedy(llm, ps, max_new=6)
+    assert len({t for g in got for t in g}) > 5, "degenerate model"
+    assert got == hf_greedy_with(fake_quant_hf_model(deq, BLOCK), ps, 6)

@@ -95,15 +95,22 @@ def fake_quant_hf_model(path: str, block: tuple[int, int]):
 
 
 def _fake_quant_experts_forward(fq):
+    """The experts with W8A8 activation rounding. Ids past the routed experts (down_proj's) are zero-computation
+    experts (LongCat-Flash's): the token itself times its weight, no GEMM, nothing quantized."""
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
-        for e in range(self.gate_up_proj.shape[0]):
+        routed = self.down_proj.shape[0]
+        for e in range(int(top_k_index.max()) + 1 if top_k_index.numel() else 0):
             top_k_pos, token_idx = torch.where(top_k_index.T == e)
             if token_idx.numel() == 0:
                 continue
-            gate, up = torch.nn.functional.linear(fq(hidden_states[token_idx]), self.gate_up_proj[e]).chunk(2, dim=-1)
-            h = fq(self.act_fn(gate) * up)
-            y = torch.nn.functional.linear(h, self.down_proj[e]) * top_k_weights[token_idx, top_k_pos, None]
+            if e >= routed:
+                y = hidden_states[token_idx] * top_k_weights[token_idx, top_k_pos, None]
+            else:
+                gate, up = torch.nn.functional.linear(fq(hidden_states[token_idx]),
+                                                      self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = fq(self.act_fn(gate) * up)
+                y = torch.nn.functional.linear(h, self.down_proj[e]) * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
     return forward

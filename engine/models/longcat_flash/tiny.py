@@ -59,10 +59,10 @@ def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapp
     return save_model(tiny_model(cfg, seed), out, cfg, dtype)
 
 
-# Float only: an FP8 q_b_proj cannot take the q scale folded in (engine/models/mla.py refuses it), and the INT4 and
-# NVFP4 writers would also quantize the zero-computation experts' unused gate / up rows.
+# Float and FP8 (LongCat-Flash-Chat-FP8's format): the INT4 and NVFP4 writers would also quantize the
+# zero-computation experts' unused gate / up rows.
 ARCHS = {
-    "longcat_flash": TinyArch(ARCH, "LongCat-Flash-Chat, LongCat-Flash-Thinking", ("float",), write=write,
+    "longcat_flash": TinyArch(ARCH, "LongCat-Flash-Chat, LongCat-Flash-Thinking", ("float", "fp8"), write=write,
                               expert_width="expert_ffn_hidden_size"),
 }
 
