@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: interpreter-safe dot and cast, device checks, workspace allocation.
+"""Helpers shared by the Triton kernels: interpreter-safe dot and cast, a flat token's sequence and causal length
+(`seq_of_token`, `causal_len`), device checks, workspace allocation.
 
 The Triton CPU interpreter (TRITON_INTERPRET=1, what the CPU test suite runs)
 differs from compiled code in two ways that matter for exactness (Triton 3.9):
@@ -72,6 +73,29 @@ def activation_epilogue(acc_g, acc_u, alpha, limit, ACT: tl.constexpr):
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         return (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
     return acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+
+
+@triton.jit
+def seq_of_token(qsl_ptr, num_seqs, tok):
+    """The sequence of flat token `tok`: the first s whose queries end after it (binary search over query_start_loc,
+    device only); num_seqs past the batch's last token."""
+    lo = tok * 0  # int32 tensors from the start: loop-carried
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid + 1) <= tok:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok):
+    """How many rows flat token `tok` of sequence s_idx sees: its position + 1 (causal)."""
+    q_start = tl.load(qsl_ptr + s_idx)
+    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
+    return tl.load(seq_lens_ptr + s_idx) - q_len + (tok - q_start) + 1
 
 
 @triton.jit
