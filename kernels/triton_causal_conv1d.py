@@ -167,9 +167,7 @@ def _prepare_x(x_TC, conv_state_pool_PRC):
 def _prepare(x_TC, weight_CW, bias_C, conv_state_pool_PRC, out):
     x_TC = _prepare_x(x_TC, conv_state_pool_PRC)
     weight_CW = weight_CW if weight_CW.stride(-1) == 1 else weight_CW.contiguous()
-    out = out if out is not None else common.workspace(tuple(x_TC.shape), x_TC.dtype, x_TC.device)
-    if out.shape != x_TC.shape or out.dtype != x_TC.dtype or not out.is_contiguous():
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {tuple(x_TC.shape)} {x_TC.dtype}.")
+    out = common.out_buffer(out, "out", tuple(x_TC.shape), x_TC.dtype, x_TC.device)
     return x_TC, weight_CW, out
 
 

@@ -129,3 +129,12 @@ def check_dtype(name: str, t: torch.Tensor) -> None:
 def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every buffer the Triton wrappers allocate comes from here, so tests can poison it with NaN."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def out_buffer(out: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A kernel's output: the caller's buffer `out` (checked: contiguous, `shape`, `dtype`), or a workspace."""
+    if out is None:
+        return workspace(shape, dtype, device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"{name} {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {tuple(shape)} {dtype}.")
+    return out
