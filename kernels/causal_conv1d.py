@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .gated_delta import check_batch_args
+
 ACTIVATIONS = ("silu", None)
 
 
@@ -36,13 +38,7 @@ def check_conv_args(x_TC, weight_CW, bias_C, conv_state_pool_PRC, query_start_lo
         raise ValueError(f"bias_C {tuple(bias_C.shape)} must be [C={C}] or None.")
     if conv_state_pool_PRC.dim() != 3 or tuple(conv_state_pool_PRC.shape[1:]) != (W - 1, C):
         raise ValueError(f"conv_state_pool_PRC {tuple(conv_state_pool_PRC.shape)} must be [P, R={W - 1}, C={C}].")
-    if query_start_loc_S1.dim() != 1 or query_start_loc_S1.numel() < 1:
-        raise ValueError(f"query_start_loc_S1 {tuple(query_start_loc_S1.shape)} must be [S + 1].")
-    S = query_start_loc_S1.numel() - 1
-    if tuple(slot_ids_S.shape) != (S,):
-        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} must be [S={S}] (query_start_loc_S1 has S + 1 entries).")
-    if has_initial_state_S is not None and tuple(has_initial_state_S.shape) != (S,):
-        raise ValueError(f"has_initial_state_S {tuple(has_initial_state_S.shape)} must be [S={S}] or None.")
+    S = check_batch_args(query_start_loc_S1, slot_ids_S, has_initial_state_S)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is invalid: choose 'silu' or None.")
     if intermediate_states_SQRC is not None:
@@ -51,6 +47,17 @@ def check_conv_args(x_TC, weight_CW, bias_C, conv_state_pool_PRC, query_start_lo
             raise ValueError(f"intermediate_states_SQRC {tuple(x.shape)} {x.dtype} must be [S={S}, Q, {W - 1}, {C}] "
                              f"{conv_state_pool_PRC.dtype} (the pool's dtype).")
     return T, S, C, W
+
+
+def check_replay_args(x_TC, conv_state_pool_PRC, query_start_loc_S1, slot_ids_S, num_accepted_S) -> int:
+    """Shape checks of the replay shared by every backend; returns S."""
+    S = query_start_loc_S1.numel() - 1
+    if tuple(slot_ids_S.shape) != (S,) or tuple(num_accepted_S.shape) != (S,):
+        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} and num_accepted_S {tuple(num_accepted_S.shape)} must "
+                         f"be [S={S}] (query_start_loc_S1 has S + 1 entries).")
+    if x_TC.dim() != 2 or conv_state_pool_PRC.dim() != 3 or conv_state_pool_PRC.shape[2] != x_TC.shape[1]:
+        raise ValueError(f"conv_state_pool_PRC {tuple(conv_state_pool_PRC.shape)} must be [P, R, C={x_TC.shape[-1]}].")
+    return S
 
 
 def _conv(x_LC, init_RC, weight_CW, bias_C, activation, cdt):
@@ -125,12 +132,7 @@ def reference_replay_conv_state(x_TC: torch.Tensor, conv_state_pool_PRC: torch.T
     """After a verify step that left the pool untouched (intermediate_states_SQRC of Q = 0): each slot (>= 0) takes the
     last R inputs of its old state followed by the first num_accepted_S[s] tokens of its sequence in x_TC (the verify
     step's conv input; 0 keeps the state). kernels/gated_delta.py describes the protocol."""
-    S = query_start_loc_S1.numel() - 1
-    if tuple(slot_ids_S.shape) != (S,) or tuple(num_accepted_S.shape) != (S,):
-        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} and num_accepted_S {tuple(num_accepted_S.shape)} must "
-                         f"be [S={S}] (query_start_loc_S1 has S + 1 entries).")
-    if x_TC.dim() != 2 or conv_state_pool_PRC.dim() != 3 or conv_state_pool_PRC.shape[2] != x_TC.shape[1]:
-        raise ValueError(f"conv_state_pool_PRC {tuple(conv_state_pool_PRC.shape)} must be [P, R, C={x_TC.shape[-1]}].")
+    S = check_replay_args(x_TC, conv_state_pool_PRC, query_start_loc_S1, slot_ids_S, num_accepted_S)
     R = conv_state_pool_PRC.shape[1]
     qsl = query_start_loc_S1.tolist()  # device -> host sync (reference only)
     for s, (slot, n) in enumerate(zip(slot_ids_S.tolist(), num_accepted_S.tolist())):

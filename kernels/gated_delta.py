@@ -64,6 +64,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def check_batch_args(query_start_loc_S1, slot_ids_S, has_initial_state_S=None) -> int:
+    """The per-sequence arguments of this protocol (gated DeltaNet's and the causal conv1d's alike): returns S."""
+    if query_start_loc_S1.dim() != 1 or query_start_loc_S1.numel() < 1:
+        raise ValueError(f"query_start_loc_S1 {tuple(query_start_loc_S1.shape)} must be [S + 1].")
+    S = query_start_loc_S1.numel() - 1
+    if tuple(slot_ids_S.shape) != (S,):
+        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} must be [S={S}] (query_start_loc_S1 has S + 1 entries).")
+    if has_initial_state_S is not None and tuple(has_initial_state_S.shape) != (S,):
+        raise ValueError(f"has_initial_state_S {tuple(has_initial_state_S.shape)} must be [S={S}] or None.")
+    return S
+
+
 def check_gdn_args(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1, slot_ids_S,
                    has_initial_state_S=None, intermediate_states_SQNKV=None) -> tuple[int, int, int, int, int, int]:
     """Shape checks shared by every backend; returns (T, S, G, N, K, V)."""
@@ -83,13 +95,7 @@ def check_gdn_args(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_st
     if state_pool_PNKV.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"state_pool_PNKV.dtype={state_pool_PNKV.dtype} is invalid: recurrent states are float32 "
                          "(float64 for the reference's oracle runs).")
-    if query_start_loc_S1.dim() != 1 or query_start_loc_S1.numel() < 1:
-        raise ValueError(f"query_start_loc_S1 {tuple(query_start_loc_S1.shape)} must be [S + 1].")
-    S = query_start_loc_S1.numel() - 1
-    if tuple(slot_ids_S.shape) != (S,):
-        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} must be [S={S}] (query_start_loc_S1 has S + 1 entries).")
-    if has_initial_state_S is not None and tuple(has_initial_state_S.shape) != (S,):
-        raise ValueError(f"has_initial_state_S {tuple(has_initial_state_S.shape)} must be [S={S}] or None.")
+    S = check_batch_args(query_start_loc_S1, slot_ids_S, has_initial_state_S)
     if intermediate_states_SQNKV is not None:
         x = intermediate_states_SQNKV
         if x.dim() != 5 or x.shape[0] != S or tuple(x.shape[2:]) != (N, K, V) or x.dtype != state_pool_PNKV.dtype:

@@ -274,6 +274,16 @@ def config_table(num_experts: int, inter: int, name: str, config_dir: str | Path
     return found
 
 
+def format_config_table(fmt: str, tuned: str, name: str, config_dir: str | Path | None = None) -> ConfigTable:
+    """(key kind, sorted buckets) of a weight format's launch configs (FP8's, INT4's, MXFP4's: files of their own) on
+    GPU `name`: its tuned file named `tuned` in config_dir (kernels/configs/ by default), else the committed
+    `{fmt}_moe_default.json`; `{fmt}_moe_interpreter.json` on CPU ('cpu')."""
+    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    if name == "cpu":
+        return committed_config(f"{fmt}_moe_interpreter.json")
+    return load_config_file(str(root / tuned)) or committed_config(f"{fmt}_moe_default.json")
+
+
 def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) -> MoELaunchConfig:
     """The config a GPU with no tuned file for this shape gets (default.json): tune_moe's first seed."""
     key, buckets = committed_config("default.json")

@@ -33,16 +33,21 @@ METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "sqrtsoftplus")
 BIASED = ("noaux_tc", "sqrtsoftplus")  # the methods that select on scores + an e_score_correction_bias
 
 
+def check_method(method: str, bias_G) -> None:
+    """`method` is one of METHODS, and takes a bias_G only if it is one of BIASED (every backend's check)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is invalid: choose from {', '.join(METHODS)}.")
+    if bias_G is not None and method not in BIASED:
+        raise ValueError(f"bias_G is only taken by methods {BIASED} (an e_score_correction_bias), not {method!r}.")
+
+
 def reference_route_topk(
     logits_TG: torch.Tensor, top_k: int, method: str = "greedy", renormalize: bool = False, scale: float = 1.0,
     n_group: int = 1, topk_group: int = 1, bias_G: torch.Tensor | None = None, valid_T: torch.Tensor | None = None,
     counts_G: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights_TK float32, ids_TK int64) of `method` (module docstring); updates counts_G in place."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is invalid: choose from {', '.join(METHODS)}.")
-    if bias_G is not None and method not in BIASED:
-        raise ValueError(f"bias_G is only taken by methods {BIASED} (an e_score_correction_bias), not {method!r}.")
+    check_method(method, bias_G)
     if method == "greedy":
         weights_TK, ids_TK = _greedy(logits_TG, top_k, renormalize, scale)
     elif method == "group_limited_greedy":

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
-from .causal_conv1d import check_conv_args
+from .causal_conv1d import check_conv_args, check_replay_args
 from .triton_gated_delta import launch_config
 
 
@@ -69,6 +69,18 @@ def _write_history(x_ptr, pool_ptr, dst_ptr, end, start, slot, read, c, c_ok, st
 
 
 @triton.jit
+def _seq_program(qsl_ptr, num_ch, BC: tl.constexpr):
+    """A program of grid (S, C / BC): (its sequence s, its channels c, c_ok = c < num_ch, the sequence's tokens
+    [start, end))."""
+    s = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    c_ok = c < num_ch
+    start = tl.load(qsl_ptr + s).to(tl.int64)
+    end = tl.load(qsl_ptr + s + 1).to(tl.int64)
+    return s, c, c_ok, start, end
+
+
+@triton.jit
 def _conv_varlen_kernel(x_ptr, w_ptr, b_ptr, pool_ptr, y_ptr, qsl_ptr, slot_ptr, init_ptr, num_tokens, num_seqs,
                         search_steps, stride_xt, stride_wc, num_ch, R: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_INIT: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
@@ -100,11 +112,7 @@ def _conv_varlen_kernel(x_ptr, w_ptr, b_ptr, pool_ptr, y_ptr, qsl_ptr, slot_ptr,
 def _conv_state_kernel(x_ptr, pool_ptr, qsl_ptr, slot_ptr, init_ptr, acc_ptr, stride_xt, num_ch, R: tl.constexpr,
                        BR: tl.constexpr, HAS_INIT: tl.constexpr, REPLAY: tl.constexpr, BC: tl.constexpr,
                        INTERPRET: tl.constexpr):
-    s = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    c_ok = c < num_ch
-    start = tl.load(qsl_ptr + s).to(tl.int64)
-    end = tl.load(qsl_ptr + s + 1).to(tl.int64)
+    s, c, c_ok, start, end = _seq_program(qsl_ptr, num_ch, BC)
     if REPLAY:  # the accepted tokens only
         end = tl.minimum(end, start + tl.maximum(tl.load(acc_ptr + s).to(tl.int64), 0))
     slot = tl.load(slot_ptr + s).to(tl.int64)
@@ -121,11 +129,7 @@ def _conv_update_kernel(x_ptr, w_ptr, b_ptr, pool_ptr, y_ptr, inter_ptr, qsl_ptr
                         stride_wc, num_ch, R: tl.constexpr, BR: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SILU: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                         INTERPRET: tl.constexpr):
-    s = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    c_ok = c < num_ch
-    start = tl.load(qsl_ptr + s).to(tl.int64)
-    end = tl.load(qsl_ptr + s + 1).to(tl.int64)
+    s, c, c_ok, start, end = _seq_program(qsl_ptr, num_ch, BC)
     slot = tl.load(slot_ptr + s).to(tl.int64)
     zero = tl.zeros([BT], dtype=tl.int64)
     read = (zero + slot) >= 0
@@ -151,16 +155,19 @@ def _conv_update_kernel(x_ptr, w_ptr, b_ptr, pool_ptr, y_ptr, inter_ptr, qsl_ptr
                            tl.full([BR], 1, tl.int1), c, c_ok, stride_xt, num_ch, R, BR, INTERPRET)
 
 
-def _prepare(x_TC, weight_CW, bias_C, conv_state_pool_PRC, out):
+def _prepare_x(x_TC, conv_state_pool_PRC):
+    """x_TC with a unit last stride, after the dtype checks every launch here makes (the pool: contiguous, x's dtype)."""
     common.check_dtype("x_TC", x_TC)
     if conv_state_pool_PRC.dtype != x_TC.dtype or not conv_state_pool_PRC.is_contiguous():
         raise ValueError(f"conv_state_pool_PRC ({conv_state_pool_PRC.dtype}) must be contiguous and of x_TC's dtype "
                          f"({x_TC.dtype}).")
-    x_TC = x_TC if x_TC.stride(-1) == 1 else x_TC.contiguous()
+    return x_TC if x_TC.stride(-1) == 1 else x_TC.contiguous()
+
+
+def _prepare(x_TC, weight_CW, bias_C, conv_state_pool_PRC, out):
+    x_TC = _prepare_x(x_TC, conv_state_pool_PRC)
     weight_CW = weight_CW if weight_CW.stride(-1) == 1 else weight_CW.contiguous()
-    out = out if out is not None else common.workspace(tuple(x_TC.shape), x_TC.dtype, x_TC.device)
-    if out.shape != x_TC.shape or out.dtype != x_TC.dtype or not out.is_contiguous():
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {tuple(x_TC.shape)} {x_TC.dtype}.")
+    out = common.out_buffer(out, "out", tuple(x_TC.shape), x_TC.dtype, x_TC.device)
     return x_TC, weight_CW, out
 
 
@@ -221,17 +228,8 @@ def triton_causal_conv1d_update(
 def triton_replay_conv_state(x_TC: torch.Tensor, conv_state_pool_PRC: torch.Tensor, query_start_loc_S1: torch.Tensor,
                              slot_ids_S: torch.Tensor, num_accepted_S: torch.Tensor) -> None:
     """Same contract as `reference_replay_conv_state`, one launch, no host sync."""
-    S = query_start_loc_S1.numel() - 1
-    if tuple(slot_ids_S.shape) != (S,) or tuple(num_accepted_S.shape) != (S,):
-        raise ValueError(f"slot_ids_S {tuple(slot_ids_S.shape)} and num_accepted_S {tuple(num_accepted_S.shape)} must "
-                         f"be [S={S}] (query_start_loc_S1 has S + 1 entries).")
-    if x_TC.dim() != 2 or conv_state_pool_PRC.dim() != 3 or conv_state_pool_PRC.shape[2] != x_TC.shape[1]:
-        raise ValueError(f"conv_state_pool_PRC {tuple(conv_state_pool_PRC.shape)} must be [P, R, C={x_TC.shape[-1]}].")
-    common.check_dtype("x_TC", x_TC)
-    if conv_state_pool_PRC.dtype != x_TC.dtype or not conv_state_pool_PRC.is_contiguous():
-        raise ValueError(f"conv_state_pool_PRC ({conv_state_pool_PRC.dtype}) must be contiguous and of x_TC's dtype "
-                         f"({x_TC.dtype}).")
-    x_TC = x_TC if x_TC.stride(-1) == 1 else x_TC.contiguous()
+    S = check_replay_args(x_TC, conv_state_pool_PRC, query_start_loc_S1, slot_ids_S, num_accepted_S)
+    x_TC = _prepare_x(x_TC, conv_state_pool_PRC)
     if S == 0:
         return
     R, C = conv_state_pool_PRC.shape[1:]

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: interpreter-safe dot and cast, device checks, workspace allocation.
+"""Helpers shared by the Triton kernels: interpreter-safe dot and cast, a flat token's sequence and causal length
+(`seq_of_token`, `causal_len`), device checks, workspace allocation.
 
 The Triton CPU interpreter (TRITON_INTERPRET=1, what the CPU test suite runs)
 differs from compiled code in two ways that matter for exactness (Triton 3.9):
@@ -75,6 +76,29 @@ def activation_epilogue(acc_g, acc_u, alpha, limit, ACT: tl.constexpr):
 
 
 @triton.jit
+def seq_of_token(qsl_ptr, num_seqs, tok):
+    """The sequence of flat token `tok`: the first s whose queries end after it (binary search over query_start_loc,
+    device only); num_seqs past the batch's last token."""
+    lo = tok * 0  # int32 tensors from the start: loop-carried
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid + 1) <= tok:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok):
+    """How many rows flat token `tok` of sequence s_idx sees: its position + 1 (causal)."""
+    q_start = tl.load(qsl_ptr + s_idx)
+    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
+    return tl.load(seq_lens_ptr + s_idx) - q_len + (tok - q_start) + 1
+
+
+@triton.jit
 def _probe_kernel(x_ptr):
     tl.store(x_ptr, 0)
 
@@ -105,3 +129,12 @@ def check_dtype(name: str, t: torch.Tensor) -> None:
 def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every buffer the Triton wrappers allocate comes from here, so tests can poison it with NaN."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def out_buffer(out: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A kernel's output: the caller's buffer `out` (checked: contiguous, `shape`, `dtype`), or a workspace."""
+    if out is None:
+        return workspace(shape, dtype, device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"{name} {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {tuple(shape)} {dtype}.")
+    return out

@@ -28,6 +28,8 @@ import math
 import triton
 import triton.language as tl
 
+from .triton_common import causal_len, seq_of_token
+
 # Rows narrower than this select in one program per row (the partials' launch and the merge's extra pass cost more
 # than a few passes over a short row); P is capped so that a merge reads at most _MAX_SPLITS * K candidates.
 SPLIT_MIN_WIDTH = 16384
@@ -45,24 +47,12 @@ def split_programs(width: int, topk: int, rows: int, sms: int) -> int:
 
 
 @triton.jit
-def _seq_of_token(qsl_ptr, num_seqs, tok):
-    """The sequence of flat token `tok`: the first s whose queries end after it (binary search, device only)."""
-    lo = tok * 0
-    hi = lo + num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(qsl_ptr + mid + 1) <= tok:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@triton.jit
-def _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok):
-    q_start = tl.load(qsl_ptr + s_idx)
-    q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
-    return tl.load(seq_lens_ptr + s_idx) - q_len + (tok - q_start) + 1
+def _row_token(qsl_ptr, num_seqs, tok0):
+    """(row, tok, s_idx) of a program over rows of flat tokens tok0..: its row (program_id 0), the row's token and
+    the token's sequence (num_seqs past the batch's last token: the program has nothing to do)."""
+    row = tl.program_id(0)
+    tok = tok0 + row
+    return row, tok, seq_of_token(qsl_ptr, num_seqs, tok)
 
 
 @triton.jit
@@ -147,37 +137,39 @@ def _write_all(out_row, n, K, BLOCK: tl.constexpr):
         tl.store(out_row + o, tl.where(o < n, o, -1).to(tl.int32), mask=o < K)
 
 
+@triton.jit
+def _select_row(val_ptr, pos_ptr, at, m, n, K, out_row, HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
+    """A row's K positions into out_row: a row of n <= K selects them all (0..n-1, then -1), a longer one the top K
+    of the m values at val_ptr + at (`_select`: positions pos_ptr[at + i] with HAS_POS, else i)."""
+    if n <= K:
+        _write_all(out_row, n, K, BLOCK)
+    else:
+        _select(val_ptr + at, pos_ptr + at, m, K, 0, out_row, out_row, HAS_POS, False, BLOCK)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "tok0"])
 def _topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, out_ptr, num_seqs, tok0, stride_st, stride_ot, K,
                  BLOCK: tl.constexpr):
     """One program per row (grid: rows)."""
-    row = tl.program_id(0)
-    tok = tok0 + row
-    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    row, tok, s_idx = _row_token(qsl_ptr, num_seqs, tok0)
     if s_idx >= num_seqs:
         return
-    n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
-    out_row = out_ptr + tok.to(tl.int64) * stride_ot
-    if n <= K:
-        _write_all(out_row, n, K, BLOCK)
-        return
-    src = scores_ptr + row.to(tl.int64) * stride_st
-    _select(src, src, n, K, 0, out_row, out_row, False, False, BLOCK)
+    n = causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
+    _select_row(scores_ptr, scores_ptr, row.to(tl.int64) * stride_st, n, n, K, out_ptr + tok.to(tl.int64) * stride_ot,
+                False, BLOCK)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "tok0", "P"])
 def _partial_topk_kernel(scores_ptr, seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val_ptr, num_seqs, tok0, P, stride_st,
                          stride_ct, K, BLOCK: tl.constexpr):
     """Grid (rows, P): program p's span's top K into candidates [row, p, :K] (module docstring)."""
-    row = tl.program_id(0)
-    p = tl.program_id(1)
-    tok = tok0 + row
-    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    row, tok, s_idx = _row_token(qsl_ptr, num_seqs, tok0)
     if s_idx >= num_seqs:
         return
-    n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
+    n = causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
     if n <= K:  # the merge program writes every position
         return
+    p = tl.program_id(1)
     span = tl.cdiv(n, P)
     lo = p * span
     m = tl.minimum(span, n - lo)  # < 1 for a program past a short row's end: its candidates are all -1
@@ -202,19 +194,13 @@ def _merge_topk_kernel(seq_lens_ptr, qsl_ptr, cand_pos_ptr, cand_val_ptr, out_pt
                        stride_ot, K, BLOCK: tl.constexpr):
     """Grid (rows,): a row's top K from its P * K candidates (one select instance: a second over the score row
     doubled the cold compile to 8.7 s)."""
-    row = tl.program_id(0)
-    tok = tok0 + row
-    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    row, tok, s_idx = _row_token(qsl_ptr, num_seqs, tok0)
     if s_idx >= num_seqs:
         return
-    n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
-    out_row = out_ptr + tok.to(tl.int64) * stride_ot
-    if n <= K:
-        _write_all(out_row, n, K, BLOCK)
-        return
-    cand = row.to(tl.int64) * stride_ct
+    n = causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
     n_cand = tl.where(n <= P * K, n, P * K)  # a short row's candidates are the row itself, packed
-    _select(cand_val_ptr + cand, cand_pos_ptr + cand, n_cand, K, 0, out_row, out_row, True, False, BLOCK)
+    _select_row(cand_val_ptr, cand_pos_ptr, row.to(tl.int64) * stride_ct, n_cand, n, K,
+                out_ptr + tok.to(tl.int64) * stride_ot, True, BLOCK)
 
 
 __all__ = ["SPLIT_MIN_WIDTH", "split_programs"]

@@ -30,9 +30,8 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import AttentionMetadata
 from .dsa import SCALE_GROUP, check_index_inputs, fp8_index_views, fp8_key_groups, is_fp8_index_cache
-from .triton_common import dot
-from .triton_dsa_select import (_causal_len, _merge_topk_kernel, _partial_topk_kernel, _seq_of_token,  # noqa: F401
-                                _topk_kernel, split_programs)
+from .triton_common import causal_len, dot
+from .triton_dsa_select import _merge_topk_kernel, _partial_topk_kernel, _row_token, _topk_kernel, split_programs
 
 _WORKSPACE_BYTES = 256 << 20
 # (BLOCK_N, num_warps) of the scores kernel; the top-k kernel's tile and warps.
@@ -49,12 +48,10 @@ def _index_scores_kernel(q_ptr, w_ptr, cache_ptr, kscale_ptr, tables_ptr, seq_le
                          stride_tb, stride_st, H, D, L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, INTERPRET: tl.constexpr,
                          PREC: tl.constexpr):
-    row = tl.program_id(0)
-    tok = tok0 + row
-    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    row, tok, s_idx = _row_token(qsl_ptr, num_seqs, tok0)
     if s_idx >= num_seqs:
         return
-    n = _causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
+    n = causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
     tok64 = tok.to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)

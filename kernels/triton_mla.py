@@ -44,7 +44,7 @@ from .mla import FP8_CACHE_DTYPES, check_latent_cache, check_mla_inputs
 from . import triton_mla_wide as wide
 from . import triton_split_plan as plan
 from .split_planning import decode_programs, pick_splits
-from .triton_common import cast, dot
+from .triton_common import cast, causal_len, dot, seq_of_token
 
 _LOG2E = 1.4426950408889634
 
@@ -88,6 +88,75 @@ def triton_write_latent(ckv_TC, kpe_TP, latent_cache_BLR, slot_mapping_T, kv_sca
     )
 
 
+@triton.jit
+def _mla_attend(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, s_idx, topk_ptr, tok64, hb, start, end, scale_log2, stride_qlt,
+                stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb, stride_kt, num_heads, C, P,
+                L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    """The absorbed attention of BLOCK_H heads (head block hb) of token tok64 of sequence s_idx, dense and sparse
+    alike: its [BLOCK_H, C] latent and [BLOCK_H, P] rope queries, then an online softmax in exp2 over BLOCK_N-row
+    tiles of the cache rows at positions start..end-1 (dense: every tile walked holds at least one visible row,
+    start < end), or (SPARSE) at the positions in slots start..end-1 of the token's row of topk_ptr (-1: none; slot
+    start holds a selected position). Returns (h, h_ok, c, c_ok, m_i, l_i, acc) for `_mla_store`."""
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # heads past num_heads are padding rows for tl.dot's 16-row minimum
+    h_ok = h < num_heads
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    pe = tl.arange(0, BLOCK_P)
+    pe_ok = pe < P
+    q_lat = tl.load(ql_ptr + tok64 * stride_qlt + h[:, None] * stride_qln + c[None, :],
+                    mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+    q_pe = tl.load(qpe_ptr + tok64 * stride_qpt + h[:, None] * stride_qpn + pe[None, :],
+                   mask=h_ok[:, None] & pe_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
+    for s0 in range(start, end, BLOCK_N):
+        if SPARSE:
+            j = s0 + tl.arange(0, BLOCK_N)
+            pos = tl.load(topk_ptr + tok64 * stride_kt + j, mask=j < end, other=-1)
+            ok = pos >= 0
+        else:
+            pos = s0 + tl.arange(0, BLOCK_N)
+            ok = pos < end
+        blk = tl.load(table_ptr + pos // L, mask=ok, other=0).to(tl.int64)
+        row = blk * stride_cb + (pos % L) * stride_cl
+        # An fp8 cache widens to the query's dtype exactly (e4m3 ⊂ bf16/fp16); its kv_scale is folded into
+        # scale_log2 and the final output, never applied per row.
+        kv = tl.load(cache_ptr + row[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0).to(q_lat.dtype)
+        kpe = tl.load(cache_ptr + row[:, None] + C + pe[None, :], mask=ok[:, None] & pe_ok[None, :], other=0.0).to(q_lat.dtype)
+        # Scores in log2 units (scale folded with log2 e): exp2 is the cheap exponential.
+        s = dot(q_lat, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), INTERPRET, PREC)
+        s = dot(q_pe, tl.trans(kpe), s, INTERPRET, PREC) * scale_log2
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile holds a visible row (docstring)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = dot(cast(p, kv.dtype, INTERPRET), kv, acc * alpha[:, None], INTERPRET, PREC)
+        m_i = m_new
+    return h, h_ok, c, c_ok, m_i, l_i, acc
+
+
+@triton.jit
+def _mla_store(out_ptr, part_o_ptr, part_lse_ptr, tok64, prow_id64, zsplit, h, h_ok, c, c_ok, m_i, l_i, acc, kv_scale,
+               stride_ot, stride_on, num_heads, Z, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """`_mla_attend`'s result: the token's output rows, or (SPLIT) split zsplit's partial [.., N, Z, BLOCK_C] and its
+    log2-sum-exp2 [.., N, Z] at row prow_id64 (the token, or a plan's work program). An empty split (past the
+    token's causal bound or its selected positions, a plan's tail split) stores lse = -inf; split 0 never is."""
+    has = l_i > 0
+    o = acc * kv_scale / tl.where(has, l_i, 1.0)[:, None]
+    if not SPLIT:
+        tl.store(out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :],
+                 cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=h_ok[:, None] & c_ok[None, :])
+    else:
+        prow = (prow_id64 * num_heads + h) * Z + zsplit
+        tl.store(part_o_ptr + prow[:, None] * BLOCK_C + c[None, :], o, mask=h_ok[:, None])
+        tl.store(part_lse_ptr + prow, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "Z"])
 def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ends_ptr, sel_ptr, out_ptr, part_o_ptr,
                 part_lse_ptr, scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb,
@@ -116,77 +185,26 @@ def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, e
     else:
         tok = tl.program_id(0)
         zsplit = tl.program_id(2)
-        # The token's sequence: the first s whose queries end after it (binary search over query_start_loc).
-        lo = tok * 0  # int32 tensors from the start: loop-carried
-        hi = lo + num_seqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tl.load(qsl_ptr + mid + 1) <= tok:
-                lo = mid + 1
-            else:
-                hi = mid
-        s_idx = lo
+        s_idx = seq_of_token(qsl_ptr, num_seqs, tok)
         if s_idx >= num_seqs:
             return  # past the batch's last token (never from the runner; kept so a stray row reads nothing)
         if SELECT:
             if tl.load(sel_ptr + s_idx) < 0:
                 return
-        q_start = tl.load(qsl_ptr + s_idx)
-        q_len = tl.load(qsl_ptr + s_idx + 1) - q_start
-        seq_len = tl.load(seq_lens_ptr + s_idx)
-        kv_end = seq_len - q_len + (tok - q_start) + 1  # causal: the token sees rows [0, its position]
+        kv_end = causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)  # the token sees rows [0, its position]
         per_split = tl.cdiv(tl.cdiv(kv_end, Z), BLOCK_N) * BLOCK_N
         start_row = zsplit * per_split
         end_row = tl.minimum(start_row + per_split, kv_end)
         prow_id = tok
 
     tok64 = tok.to(tl.int64)
-    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # heads past num_heads are padding rows for tl.dot's 16-row minimum
-    h_ok = h < num_heads
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    pe = tl.arange(0, BLOCK_P)
-    pe_ok = pe < P
-    q_lat = tl.load(ql_ptr + tok64 * stride_qlt + h[:, None] * stride_qln + c[None, :],
-                    mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-    q_pe = tl.load(qpe_ptr + tok64 * stride_qpt + h[:, None] * stride_qpn + pe[None, :],
-                   mask=h_ok[:, None] & pe_ok[None, :], other=0.0)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-    table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
-    for start in range(start_row, end_row, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        p_ok = pos < end_row
-        blk = tl.load(table_ptr + pos // L, mask=p_ok, other=0).to(tl.int64)
-        row = blk * stride_cb + (pos % L) * stride_cl
-        # An fp8 cache widens to the query's dtype exactly (e4m3 ⊂ bf16/fp16); its kv_scale is folded into
-        # scale_log2 and the final output, never applied per row.
-        kv = tl.load(cache_ptr + row[:, None] + c[None, :], mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(q_lat.dtype)
-        kpe = tl.load(cache_ptr + row[:, None] + C + pe[None, :], mask=p_ok[:, None] & pe_ok[None, :], other=0.0).to(q_lat.dtype)
-        # Scores in log2 units (scale folded with log2 e): exp2 is the cheap exponential.
-        s = dot(q_lat, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), INTERPRET, PREC)
-        s = dot(q_pe, tl.trans(kpe), s, INTERPRET, PREC) * scale_log2
-        s = tl.where(p_ok[None, :], s, float("-inf"))
-        # Every tile walked holds at least one visible row (start < end_row), so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = dot(cast(p, kv.dtype, INTERPRET), kv, acc * alpha[:, None], INTERPRET, PREC)
-        m_i = m_new
-    has = l_i > 0
-    o = acc * kv_scale / tl.where(has, l_i, 1.0)[:, None]
-    if not SPLIT:
-        o_ptrs = out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :]
-        tl.store(o_ptrs, cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=h_ok[:, None] & c_ok[None, :])
-    else:
-        # Partials [T, N, Z, BLOCK_C] and their log2-sum-exp2 [T, N, Z] (PLAN: [work programs, N, 1, ...]). A
-        # split past the token's causal bound (or a plan's tail split) is empty and stores lse = -inf; split 0
-        # holds row 0, which every token sees.
-        prow = (prow_id.to(tl.int64) * num_heads + h) * Z + zsplit
-        tl.store(part_o_ptr + prow[:, None] * BLOCK_C + c[None, :], o, mask=h_ok[:, None])
-        tl.store(part_lse_ptr + prow, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
+    h, h_ok, c, c_ok, m_i, l_i, acc = _mla_attend(
+        ql_ptr, qpe_ptr, cache_ptr, tables_ptr, s_idx, qsl_ptr, tok64, hb, start_row, end_row, scale_log2, stride_qlt,
+        stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb, 0, num_heads, C, P, L, BLOCK_H, BLOCK_C,
+        BLOCK_P, BLOCK_N, False, INTERPRET, PREC)
+    # (PLAN: partials [work programs, N, 1, ...], indexed by work program)
+    _mla_store(out_ptr, part_o_ptr, part_lse_ptr, tok64, prow_id.to(tl.int64), zsplit, h, h_ok, c, c_ok, m_i, l_i, acc,
+               kv_scale, stride_ot, stride_on, num_heads, Z, BLOCK_C, SPLIT, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["Z"])

@@ -23,6 +23,7 @@ from .attention import FP8_CACHE_DTYPES
 from .mla import check_latent_cache
 from .mla_input import ROPE_STYLES
 from .triton_common import cast
+from .triton_norm import rms_normalize
 
 
 @triton.jit
@@ -84,11 +85,7 @@ def _mla_input_kernel(qpe_ptr, ckv_ptr, kpe_ptr, pos_ptr, cs_ptr, w_ptr, qo_ptr,
             offs = tl.arange(0, BLOCK_C)
             c_ok = offs < C
             x = tl.load(ckv_ptr + t.to(tl.int64) * stride_ct + offs, mask=c_ok, other=0.0)
-            x32 = x.to(tl.float32)
-            ssq = tl.sum(x32 * x32, axis=0)
-            var = tl.div_rn(ssq, tl.zeros_like(ssq) + C)
-            inv = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
-            y = cast(x32 * inv, dt, INTERPRET)
+            y = rms_normalize(x.to(tl.float32), C, eps, dt, INTERPRET)
             w = tl.load(w_ptr + offs, mask=c_ok, other=0.0)
             normed = cast(y.to(tl.float32) * w.to(tl.float32), dt, INTERPRET).to(tl.float32)
             tl.store(row + offs, _cache_value(normed, kv_scale, cdt, FP8, INTERPRET), mask=c_ok)
@@ -127,10 +124,7 @@ def triton_mla_rope_write_latent(
     check_latent_cache("latent_cache_BLR", latent_cache_BLR, C + P)
     q_pe_TNP, ckv_TC, k_pe_TP, table = (t if t.stride(-1) == 1 else t.contiguous()
                                         for t in (q_pe_TNP, ckv_TC, k_pe_TP, table))
-    q_out = q_out if q_out is not None else common.workspace((T, N, P), q_pe_TNP.dtype, q_pe_TNP.device)
-    if tuple(q_out.shape) != (T, N, P) or q_out.dtype != q_pe_TNP.dtype or not q_out.is_contiguous():
-        raise ValueError(f"q_out {tuple(q_out.shape)} {q_out.dtype} is invalid: must be contiguous "
-                         f"{(T, N, P)} {q_pe_TNP.dtype}.")
+    q_out = common.out_buffer(q_out, "q_out", (T, N, P), q_pe_TNP.dtype, q_pe_TNP.device)
     if T == 0:
         return q_out
     _mla_input_kernel[(T, N + 1)](

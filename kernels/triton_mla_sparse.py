@@ -27,9 +27,8 @@ from . import triton_common as common
 from .attention import AttentionMetadata
 from .mla import FP8_CACHE_DTYPES, check_mla_inputs
 from .split_planning import pick_splits
-from .triton_common import cast, dot
-from .triton_dsa_topk import _causal_len, _seq_of_token
-from .triton_mla import _LOG2E, _launch_config, _mla_merge_kernel
+from .triton_common import causal_len, seq_of_token
+from .triton_mla import _LOG2E, _launch_config, _mla_attend, _mla_merge_kernel, _mla_store
 
 
 @triton.jit(do_not_specialize=["num_seqs", "Z"])
@@ -41,57 +40,22 @@ def _sparse_mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl
     tok = tl.program_id(0)
     hb = tl.program_id(1)
     zsplit = tl.program_id(2)
-    s_idx = _seq_of_token(qsl_ptr, num_seqs, tok)
+    s_idx = seq_of_token(qsl_ptr, num_seqs, tok)
     if s_idx >= num_seqs:
         return
-    count = tl.minimum(_causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok), K)  # its selected positions, first in its row
+    count = tl.minimum(causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok), K)  # its selected positions, first in its row
     per_split = tl.cdiv(tl.cdiv(K, Z), BLOCK_N) * BLOCK_N
     start = zsplit * per_split
     end = tl.minimum(start + per_split, count)
 
     tok64 = tok.to(tl.int64)
-    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = h < num_heads
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    pe = tl.arange(0, BLOCK_P)
-    pe_ok = pe < P
-    q_lat = tl.load(ql_ptr + tok64 * stride_qlt + h[:, None] * stride_qln + c[None, :],
-                    mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-    q_pe = tl.load(qpe_ptr + tok64 * stride_qpt + h[:, None] * stride_qpn + pe[None, :],
-                   mask=h_ok[:, None] & pe_ok[None, :], other=0.0)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-    table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
-    for s0 in range(start, end, BLOCK_N):
-        j = s0 + tl.arange(0, BLOCK_N)
-        pos = tl.load(topk_ptr + tok64 * stride_kt + j, mask=j < end, other=-1)
-        ok = pos >= 0
-        blk = tl.load(table_ptr + pos // L, mask=ok, other=0).to(tl.int64)
-        row = blk * stride_cb + (pos % L) * stride_cl
-        kv = tl.load(cache_ptr + row[:, None] + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0).to(q_lat.dtype)
-        kpe = tl.load(cache_ptr + row[:, None] + C + pe[None, :], mask=ok[:, None] & pe_ok[None, :], other=0.0).to(q_lat.dtype)
-        s = dot(q_lat, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), INTERPRET, PREC)
-        s = dot(q_pe, tl.trans(kpe), s, INTERPRET, PREC) * scale_log2
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: slot s0 < end holds a selected position
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = dot(cast(p, kv.dtype, INTERPRET), kv, acc * alpha[:, None], INTERPRET, PREC)
-        m_i = m_new
-    has = l_i > 0
-    o = acc * kv_scale / tl.where(has, l_i, 1.0)[:, None]
-    if not SPLIT:
-        tl.store(out_ptr + tok64 * stride_ot + h[:, None] * stride_on + c[None, :],
-                 cast(o, out_ptr.dtype.element_ty, INTERPRET), mask=h_ok[:, None] & c_ok[None, :])
-    else:
-        # Partials [T, N, Z, BLOCK_C] and their log2-sum-exp2 (triton_mla's layout); split 0 holds the first selected
-        # position, so it is never empty; a later one past the count stores lse = -inf.
-        prow = (tok64 * num_heads + h) * Z + zsplit
-        tl.store(part_o_ptr + prow[:, None] * BLOCK_C + c[None, :], o, mask=h_ok[:, None])
-        tl.store(part_lse_ptr + prow, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=h_ok)
+    h, h_ok, c, c_ok, m_i, l_i, acc = _mla_attend(
+        ql_ptr, qpe_ptr, cache_ptr, tables_ptr, s_idx, topk_ptr, tok64, hb, start, end, scale_log2, stride_qlt,
+        stride_qln, stride_qpt, stride_qpn, stride_cb, stride_cl, stride_tb, stride_kt, num_heads, C, P, L, BLOCK_H,
+        BLOCK_C, BLOCK_P, BLOCK_N, True, INTERPRET, PREC)
+    # (split 0 holds the first selected position, so it is never empty; a later one past the count stores -inf)
+    _mla_store(out_ptr, part_o_ptr, part_lse_ptr, tok64, tok64, zsplit, h, h_ok, c, c_ok, m_i, l_i, acc, kv_scale,
+               stride_ot, stride_on, num_heads, Z, BLOCK_C, SPLIT, INTERPRET)
 
 
 # An fp8 latent cache on sm_90 (Triton 3.6, DeepSeek-V3.2 shapes; `compile_report --only dsa`): the dense kernel's

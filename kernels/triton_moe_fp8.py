@@ -34,7 +34,7 @@ import triton.language as tl
 from . import moe_config
 from . import triton_common as common
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPE, up_row
-from .moe_config import CONFIG_DIR, ConfigTable, GemmConfig, MoELaunchConfig, _pick, committed_config, load_config_file
+from .moe_config import ConfigTable, GemmConfig, MoELaunchConfig, _pick, format_config_table
 from .moe_schedule import tma_ok
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
 from .triton_moe import check_routing, output, sorted_fused_moe
@@ -188,11 +188,7 @@ def fp8_config_table(num_experts: int, inter: int, name: str,
                      config_dir: str | Path | None = None) -> ConfigTable:
     """(key kind, sorted buckets) of the FP8 file a shape's launch configs come from on GPU `name` ('cpu': the
     interpreter's); `get_fp8_moe_config` picks from it."""
-    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
-    if name == "cpu":
-        return committed_config("fp8_moe_interpreter.json")
-    found = load_config_file(str(root / fp8_config_file_name(num_experts, inter, name)))
-    return found or committed_config("fp8_moe_default.json")
+    return format_config_table("fp8", fp8_config_file_name(num_experts, inter, name), name, config_dir)
 
 
 def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:

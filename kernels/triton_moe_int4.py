@@ -40,18 +40,14 @@ from . import moe_config
 from . import triton_common as common
 from .int4 import GROUP_SIZES, check_int4
 from .moe import SILU, MoEActivation
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, committed_config,
-                         get_moe_config, load_config_file)
+from .moe_config import DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, format_config_table, get_moe_config
 from .triton_common import dot
 from .triton_int4_dequant import DequantWorkspace, dequant_int4_words, dequantize_int4_experts, group_of_words
 from .triton_moe import check_routing, routed
 from .triton_moe_float import FloatFormat
 from .triton_moe_gemm import load_weights, sorted_down_gemm, sorted_up_gemm, store_h
-from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop
+from .triton_moe_packed import PackedFormat, check_path, packed_down_loop, packed_up_loop, select_path
 from .triton_moe_int4_tiny import tiny_fused_moe_int4
-
-PATHS = ("auto", "tiny", "sorted", "dequant")
-
 
 @triton.jit
 def int4_tile(q_ptrs, s_ptrs, z_ptrs, k0, k_left, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -148,22 +144,10 @@ def int4_config_table(num_experts: int, inter: int, name: str,
                       config_dir: str | Path | None = None) -> ConfigTable:
     """(key kind, sorted buckets) of the INT4 file for a shape on GPU `name`: a tuned `int4,E=..,N=..,..json`, else
     `int4_moe_default.json` (rows per expert); `int4_moe_interpreter.json` on CPU ('cpu')."""
-    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
-    if name == "cpu":
-        return committed_config("int4_moe_interpreter.json")
-    found = load_config_file(str(root / int4_config_file_name(num_experts, inter, name)))
-    return found or committed_config("int4_moe_default.json")
+    return format_config_table("int4", int4_config_file_name(num_experts, inter, name), name, config_dir)
 
 
-def int4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:
-    """Which INT4 path a batch takes under `cfg`, the bucket its token count picked (the one selector;
-    kernels/moe_variants.py composes it): "tiny" when T*K <= TINY.max_pairs, else "dequant" where the bucket says
-    DEQUANT, else "sorted". A function of the token count alone (graph-safe); `path` other than "auto" forces one."""
-    if path != "auto":
-        return path
-    if cfg.uses_tiny(num_tokens * top_k):
-        return "tiny"
-    return "dequant" if cfg.dequant else "sorted"
+int4_path = select_path  # which INT4 path a batch takes (the packed formats' selector)
 
 
 def _check(x_TD, w13_q, w13_s, w13_z, w2_q, w2_s, w2_z, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int, int]:
@@ -198,8 +182,7 @@ def triton_fused_moe_int4(x_TD: torch.Tensor, w13_q_EFW: torch.Tensor, w13_s_EFS
     DEFAULT_TINY's; sums deterministically whatever `combine` says), "sorted" (per-tile dequantization) or "dequant"
     (every local expert dequantized once into `workspace`'s buffers, a fresh scratch when None, then the float
     sorted path with the float launch config; `config` still picks the path). No device→host sync."""
-    if path not in PATHS:
-        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
+    check_path(path)
     E, I, D, group = _check(x_TD, w13_q_EFW, w13_s_EFS, w13_z_EFS, w2_q_EDW, w2_s_EDS, w2_z_EDS, topk_weights_TK,
                             topk_ids_TK)
     r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)

@@ -47,20 +47,18 @@ import triton.language as tl
 from . import triton_common as common
 from .moe import SILU, MoEActivation
 from . import moe_config
-from .moe_config import (CONFIG_DIR, DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, committed_config,
-                         get_moe_config, load_config_file)
+from .moe_config import DEFAULT_TINY, ConfigTable, MoELaunchConfig, _pick, format_config_table, get_moe_config
 from .mxfp4 import GROUP, _check_packed
 from .triton_common import dot
 from .triton_moe import check_routing, routed
 from .triton_moe_float import FloatFormat
 from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
-from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop, scaled_tile
+from .triton_moe_packed import (PackedFormat, check_path, native_a_format, packed_down_loop, packed_up_loop,
+                                scaled_tile, select_path)
 from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
 from .triton_mxfp4_dequant import dequant_words, dequantize_experts, e8m0_to_fp32, word_view
 
-_NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
-PATHS = ("auto", "tiny", "sorted", "dequant")
 
 
 @triton.jit
@@ -159,22 +157,10 @@ def mxfp4_config_table(num_experts: int, inter: int, name: str,
                        config_dir: str | Path | None = None) -> ConfigTable:
     """(key kind, sorted buckets) of the MXFP4 file for a shape on GPU `name`: a tuned `mxfp4,E=..,N=..,..json`,
     else `mxfp4_moe_default.json` (rows per expert); `mxfp4_moe_interpreter.json` on CPU ('cpu')."""
-    root = Path(config_dir) if config_dir is not None else CONFIG_DIR
-    if name == "cpu":
-        return committed_config("mxfp4_moe_interpreter.json")
-    found = load_config_file(str(root / mxfp4_config_file_name(num_experts, inter, name)))
-    return found or committed_config("mxfp4_moe_default.json")
+    return format_config_table("mxfp4", mxfp4_config_file_name(num_experts, inter, name), name, config_dir)
 
 
-def mxfp4_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:
-    """Which MXFP4 path a batch takes under `cfg` (the selector; kernels/moe_variants.py composes it): "tiny" when
-    T*K <= TINY.max_pairs, else "dequant" where the bucket says DEQUANT, else "sorted" (per-tile dequantization).
-    A function of the token count alone (graph-safe); `path` other than "auto" forces one."""
-    if path != "auto":
-        return path
-    if cfg.uses_tiny(num_tokens * top_k):
-        return "tiny"
-    return "dequant" if cfg.dequant else "sorted"
+mxfp4_path = select_path  # which MXFP4 path a batch takes (the packed formats' selector)
 
 
 def _check(x_TD, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights_TK, topk_ids_TK) -> tuple[int, int, int]:
@@ -210,13 +196,11 @@ def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w1
     once into a scratch of x's dtype, then the float sorted path with the float launch config). No device→host
     sync.
     """
-    if path not in PATHS:
-        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
+    check_path(path)
     E, I, _ = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
     dt = x_TD.dtype
-    if native and dt not in _NATIVE_DTYPES:
-        raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
+    a_format = native_a_format(dt, native)
     r = routed(x_TD, topk_weights_TK, topk_ids_TK, E, I, b13_EF, b2_ED, activation, out, combine)
     T, K = r.T, r.K
     if T == 0:
@@ -240,5 +224,5 @@ def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w1
         return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)
     view = _bytes_view if native else word_view  # (the K loops' operand: bytes for tl.dot_scaled, else words)
     fmt = Mxfp4Format(E, I, view(w13_blocks_EFSQ), w13_scales_EFS, view(w2_blocks_EDSQ), w2_scales_EDS,
-                      bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
+                      bool(native), a_format)
     return r.sorted(fmt, expert_map_G, config, combine)

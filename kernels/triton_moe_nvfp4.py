@@ -53,9 +53,8 @@ from .nvfp4 import GROUP, _check_globals, check_nvfp4
 from .triton_common import dot
 from .triton_moe import check_routing, routed
 from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
-from .triton_moe_packed import PackedFormat, packed_down_loop, packed_up_loop, scaled_tile
+from .triton_moe_packed import PackedFormat, native_a_format, packed_down_loop, packed_up_loop, scaled_tile
 
-_NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
 
 
@@ -211,9 +210,7 @@ def triton_fused_moe_nvfp4(x_TD: torch.Tensor, w13_q_EFB: torch.Tensor, w13_scal
     tl.dot_scaled path (module docstring; bf16/fp16 activations only). No device→host sync."""
     E, I, _ = _check(x_TD, w13_q_EFB, w13_scale_EFS, w13_scale2_E2, w2_q_EDB, w2_scale_EDS, w2_scale2_E,
                      topk_weights_TK, topk_ids_TK)
-    dt = x_TD.dtype
-    if native and dt not in _NATIVE_DTYPES:
-        raise ValueError(f"native=True is invalid with x_TD.dtype={dt}: tl.dot_scaled takes bf16 or fp16 activations.")
+    a_format = native_a_format(x_TD.dtype, native)
     if native and _triton_version() < (3, 9):
         raise ValueError(f"native=True is invalid with Triton {triton.__version__}: its compiler fails on tl.dot_scaled "
                          "with e4m3 scales (module docstring); it needs Triton >= 3.9, or use native=False.")
@@ -223,5 +220,5 @@ def triton_fused_moe_nvfp4(x_TD: torch.Tensor, w13_q_EFB: torch.Tensor, w13_scal
     rows = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731  (K-contiguous bytes and scales)
     u8 = lambda t: rows(t).view(torch.uint8)  # noqa: E731  (the kernels decode e4m3 from its bits)
     fmt = Nvfp4Format(E, I, rows(w13_q_EFB), u8(w13_scale_EFS), w13_scale2_E2.contiguous(), rows(w2_q_EDB),
-                      u8(w2_scale_EDS), w2_scale2_E.contiguous(), bool(native), _NATIVE_DTYPES.get(dt, "bf16"))
+                      u8(w2_scale_EDS), w2_scale2_E.contiguous(), bool(native), a_format)
     return r.sorted(fmt, expert_map_G, config or get_moe_config(E, I, r.T, r.K, x_TD.device), combine)

@@ -21,7 +21,8 @@ its TILE and DOT as FMT[5], FMT[6]):
   g), constant along K as they are.
 w_ops = (wq_ptr, ws_ptr, wz_ptr, wg_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, stride_ge): a format
 passes any pointer and stride for those it has not (they are never read). `scaled_tile` is the TILE of the formats
-whose scales step along K (MXFP4, NVFP4). The host side they share is `PackedFormat`.
+whose scales step along K (MXFP4, NVFP4). The host side they share is `PackedFormat` (the launches), `select_path`
+(INT4's and MXFP4's paths), `check_path` and `native_a_format` (MXFP4's and NVFP4's tl.dot_scaled activations).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from abc import abstractmethod
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import torch
 import triton
 import triton.language as tl
 
@@ -168,3 +170,35 @@ class PackedFormat(WeightFormat):
     def down_launch(self, g: GemmConfig, h: tuple) -> tuple[triton.JITFunction, dict]:
         (h_RI,) = h
         return self.KERNELS[1], dict(h_ptr=h_RI, stride_hr=h_RI.stride(0), TMA=False, **self.weight(False))
+
+
+# The paths of the formats with decode GEMVs and a path that dequantizes every expert first (INT4, MXFP4).
+PATHS = ("auto", "tiny", "sorted", "dequant")
+# tl.dot_scaled's names of the activation dtypes it takes (MXFP4's and NVFP4's native path).
+NATIVE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def check_path(path: str) -> None:
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is invalid: must be one of {', '.join(PATHS)}.")
+
+
+def select_path(cfg: MoELaunchConfig, num_tokens: int, top_k: int, path: str = "auto") -> str:
+    """Which path (PATHS) a batch of an INT4 or MXFP4 MoE takes under `cfg`, the bucket its token count picked (the
+    one selector; kernels/moe_variants.py composes it): "tiny" when T*K <= TINY.max_pairs, else "dequant" where the
+    bucket says DEQUANT, else "sorted" (per-tile dequantization). A function of the token count alone (graph-safe);
+    `path` other than "auto" forces one."""
+    if path != "auto":
+        return path
+    if cfg.uses_tiny(num_tokens * top_k):
+        return "tiny"
+    return "dequant" if cfg.dequant else "sorted"
+
+
+def native_a_format(dtype: torch.dtype, native: bool) -> str:
+    """The A_FORMAT constexpr of MXFP4's and NVFP4's kernels for activations of `dtype`: tl.dot_scaled's name of it
+    (bf16 or fp16 only, with `native`; unread without)."""
+    if native and dtype not in NATIVE_DTYPES:
+        raise ValueError(f"native=True is invalid with x_TD.dtype={dtype}: tl.dot_scaled takes bf16 or fp16 "
+                         "activations.")
+    return NATIVE_DTYPES.get(dtype, "bf16")

@@ -19,6 +19,18 @@ from .triton_common import cast
 
 
 @triton.jit
+def rms_normalize(x32, D, eps, dt: tl.constexpr, INTERPRET: tl.constexpr):
+    """A row's x * rsqrt(mean(x²) + eps) (x32: its D values in fp32, zeros past them), cast to dt (x's dtype)."""
+    # Correctly rounded sqrt and divisions: plain `/` and tl.sqrt compile to approximate
+    # instructions on a GPU (the interpreter is exact), which would move bf16 outputs by a last bit.
+    # The reference's x * rsqrt(var + eps), each step correctly rounded.
+    ssq = tl.sum(x32 * x32, axis=0)
+    var = tl.div_rn(ssq, tl.zeros_like(ssq) + D)
+    inv = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
+    return cast(x32 * inv, dt, INTERPRET)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, inner, D, eps,
                      stride_xo, stride_xi, stride_ro, stride_ri, stride_oo, stride_so,
                      HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr):
@@ -33,14 +45,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, inner, D, eps,
         r = tl.load(res_ptr + outer.to(tl.int64) * stride_ro + inn * stride_ri + offs, mask=ok, other=0.0)
         x = cast(x.to(ACC) + r.to(ACC), x_dt, INTERPRET)
         tl.store(sum_ptr + row.to(tl.int64) * stride_so + offs, x, mask=ok)
-    x32 = x.to(tl.float32)
-    # Correctly rounded sqrt and divisions: plain `/` and tl.sqrt compile to approximate
-    # instructions on a GPU (the interpreter is exact), which would move bf16 outputs by a last bit.
-    # The reference's x * rsqrt(var + eps), each step correctly rounded.
-    ssq = tl.sum(x32 * x32, axis=0)
-    var = tl.div_rn(ssq, tl.zeros_like(ssq) + D)
-    inv = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
-    y = cast(x32 * inv, x_dt, INTERPRET)
+    y = rms_normalize(x.to(tl.float32), D, eps, x_dt, INTERPRET)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
     out = y.to(ACC) * w.to(ACC)
     tl.store(out_ptr + row.to(tl.int64) * stride_oo + offs, cast(out, out_ptr.dtype.element_ty, INTERPRET), mask=ok)

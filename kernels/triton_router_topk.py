@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import triton_common as common
-from .router_topk import BIASED, METHODS
+from .router_topk import METHODS, check_method
 
 _METHOD_CODES = {m: i for i, m in enumerate(METHODS)}  # 0 greedy, 1 group_limited_greedy, 2 noaux_tc, 3 sqrtsoftplus
 
@@ -137,10 +137,7 @@ def triton_route_topk(
     counts_G: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `reference_route_topk`, one launch (module docstring: where the results may differ)."""
-    if method not in _METHOD_CODES:
-        raise ValueError(f"method={method!r} is invalid: choose from {', '.join(METHODS)}.")
-    if bias_G is not None and method not in BIASED:
-        raise ValueError(f"bias_G is only taken by methods {BIASED} (an e_score_correction_bias), not {method!r}.")
+    check_method(method, bias_G)
     if logits_TG.dim() != 2 or not logits_TG.dtype.is_floating_point or logits_TG.dtype == torch.float64:
         raise ValueError(f"logits_TG {tuple(logits_TG.shape)} {logits_TG.dtype} is invalid: must be [T, G] float32, "
                          "bfloat16 or float16 (the reference takes float64).")

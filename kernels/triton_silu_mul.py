@@ -39,9 +39,7 @@ def triton_silu_mul(gate_TI: torch.Tensor, up_TI: torch.Tensor, *, out: torch.Te
                          "must both be [T, I] of one dtype.")
     T, inter = gate_TI.shape
     gate_TI, up_TI = (x if x.stride(-1) == 1 else x.contiguous() for x in (gate_TI, up_TI))
-    out = out if out is not None else common.workspace((T, inter), gate_TI.dtype, gate_TI.device)
-    if tuple(out.shape) != (T, inter) or out.dtype != gate_TI.dtype or not out.is_contiguous():
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be contiguous {(T, inter)} {gate_TI.dtype}.")
+    out = common.out_buffer(out, "out", (T, inter), gate_TI.dtype, gate_TI.device)
     if T == 0:
         return out
     BLOCK = min(1024, triton.next_power_of_2(inter))
