@@ -41,7 +41,8 @@ class FlaGatedDeltaRule:
         state_pool_PNKV: torch.Tensor, query_start_loc_S1: torch.Tensor, slot_ids_S: torch.Tensor,
         has_initial_state_S: torch.Tensor | None = None, scale: float | None = None,
     ) -> torch.Tensor:
-        if q_TGK.device.type != "cuda" and self.chunk_fn is None:
+        # fla's chunked gated delta rule takes a decay per head: a per-channel one (KDA) runs the Triton recurrence.
+        if (q_TGK.device.type != "cuda" and self.chunk_fn is None) or g_TN.dim() == 3:
             return self.fallback_fn(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1, slot_ids_S,
                                     has_initial_state_S, scale)
         if self.chunk_fn is None:

@@ -12,7 +12,9 @@ value head, in float32 (float64 when the inputs are):
     q <- l2norm(q) * scale (scale = K^-0.5 unless given), k <- l2norm(k), l2norm(x) = x * rsqrt(sum(x^2) + 1e-6)
     S <- exp(g_t) S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t          (S: [K, V])
 g is the decay in log space (<= 0; `reference_gdn_gating` makes it from the model's a, A_log, dt_bias), beta the
-write strength (sigmoid(b)). o has q's dtype.
+write strength (sigmoid(b)). o has q's dtype. Kimi Delta Attention (KDA, Kimi Linear) is the same rule with a decay
+per key channel: g [T, N, K], S <- diag(exp(g_t)) S (each row k of S by its own factor); every function here takes
+either shape (a per-channel decay runs the per-token recurrence: the chunked form below is the per-head one).
 
 The state pool, state_pool_PNKV: float32 [P, N, K, V] (transformers' [num_v_heads, head_k_dim, head_v_dim] per
 slot), one slot per running sequence, for one layer. slot_ids_S[s] is sequence s's slot: its state is read before
@@ -87,9 +89,11 @@ def check_gdn_args(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_st
     N, V = v_TNV.shape[1:]
     if N % G:
         raise ValueError(f"v_TNV has N={N} value heads, not a multiple of the G={G} q/k heads.")
-    for name, x in (("g_TN", g_TN), ("beta_TN", beta_TN)):
-        if tuple(x.shape) != (T, N):
-            raise ValueError(f"{name} {tuple(x.shape)} must be [T={T}, N={N}].")
+    if tuple(beta_TN.shape) != (T, N):
+        raise ValueError(f"beta_TN {tuple(beta_TN.shape)} must be [T={T}, N={N}].")
+    if tuple(g_TN.shape) not in ((T, N), (T, N, K)):
+        raise ValueError(f"g_TN {tuple(g_TN.shape)} must be [T={T}, N={N}] (a decay per head) or [T, N, K={K}] (per "
+                         "key channel: Kimi Delta Attention).")
     if state_pool_PNKV.dim() != 4 or tuple(state_pool_PNKV.shape[1:]) != (N, K, V):
         raise ValueError(f"state_pool_PNKV {tuple(state_pool_PNKV.shape)} must be [P, N={N}, K={K}, V={V}].")
     if state_pool_PNKV.dtype not in (torch.float32, torch.float64):
@@ -134,7 +138,8 @@ def recurrent_batch(q_SLNK, k_SLNK, v_SLNV, g_SLN, beta_SLN, lens_S, state_SNKV,
     kept = [] if keep_Q else None
     for j in range(L):
         live = (j < lens_S)[:, None, None, None]
-        h = state_SNKV * g_SLN[:, j].exp()[..., None, None]
+        decay = g_SLN[:, j].exp()  # [S, N], or [S, N, K] per key channel (KDA)
+        h = state_SNKV * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
         kv_mem = torch.einsum("snkv,snk->snv", h, k_SLNK[:, j])
         delta = (v_SLNV[:, j] - kv_mem) * beta_SLN[:, j, :, None]
         h = h + k_SLNK[:, j, :, :, None] * delta[:, :, None, :]
@@ -204,7 +209,7 @@ def _run(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1
     S = len(lens)
     o_TNV = torch.zeros(v.shape, dtype=cdt, device=v.device)
     final_SNKV = init_SNKV.clone()
-    long_ = [s for s in range(S) if chunked and lens[s] > RECURRENT_MAX_LEN]
+    long_ = [s for s in range(S) if chunked and g.dim() == 2 and lens[s] > RECURRENT_MAX_LEN]
     short = [s for s in range(S) if s not in set(long_) and lens[s] > 0]
     kept = None
     for s in long_:

@@ -12,7 +12,9 @@ delta-rule update fused; q/k re-normed by each of the V / BV programs of a head,
 and, at the end, the state back to the slot, or, keeping intermediates, the state after each token to the
 caller's buffer and nothing to the pool. Each program reads and writes only its own slice, so the pool needs no
 second pass. Prefill runs the same loop over the whole prompt (fla's chunked kernels are the fast path for long
-prompts where fla-core is installed: kernels/fla_gated_delta.py).
+prompts where fla-core is installed: kernels/fla_gated_delta.py). A per-channel decay (Kimi Delta Attention: g
+[T, N, K], PER_CHANNEL) scales each key row of the slice by its own factor; the per-head one (gated DeltaNet) compiles
+as before.
 
 Numerics: fp32 throughout (the reference's float32 path), one rounding of o to the activations' dtype; the order
 of the K-sums differs from torch's, so results sit within fp32 rounding of the reference, not bit for bit.
@@ -48,10 +50,10 @@ def launch_config(kind: str, t: torch.Tensor) -> dict:
 @triton.jit
 def _gdn_recurrent_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, o_ptr, pool_ptr, inter_ptr, qsl_ptr, slot_ptr, init_ptr, acc_ptr,
-    stride_qt, stride_qg, stride_kt, stride_kg, stride_vt, stride_vn, stride_gt, stride_bt,
+    stride_qt, stride_qg, stride_kt, stride_kg, stride_vt, stride_vn, stride_gt, stride_gn, stride_bt,
     num_v_heads, group, key_dim, value_dim, keep, scale,
     BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, KEEP: tl.constexpr, REPLAY: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     s = tl.program_id(0)
     n = tl.program_id(1)
@@ -83,11 +85,17 @@ def _gdn_recurrent_kernel(
         q = tl.load(q_base + t * stride_qt, mask=k_ok, other=0.0).to(tl.float32)
         k = tl.load(k_base + t * stride_kt, mask=k_ok, other=0.0).to(tl.float32)
         v = tl.load(v_base + t * stride_vt, mask=v_ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + t * stride_gt + n).to(tl.float32)
+        if PER_CHANNEL:  # Kimi Delta Attention: each key row of the state decays by its own factor
+            g = tl.load(g_ptr + t * stride_gt + n * stride_gn + kk, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(g_ptr + t * stride_gt + n).to(tl.float32)
         beta = tl.load(beta_ptr + t * stride_bt + n).to(tl.float32)
         q = q * (scale / tl.sqrt(tl.sum(q * q, axis=0) + _EPS))
         k = k / tl.sqrt(tl.sum(k * k, axis=0) + _EPS)
-        h = h * tl.exp(g)
+        if PER_CHANNEL:
+            h = h * tl.exp(g)[:, None]
+        else:
+            h = h * tl.exp(g)
         delta = (v - tl.sum(h * k[:, None], axis=0)) * beta
         h = h + k[:, None] * delta[None, :]
         o = tl.sum(h * q[:, None], axis=0)
@@ -131,9 +139,11 @@ def _launch_recurrent(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query
         has_initial_state_S if has_initial_state_S is not None else slot_ids_S,
         num_accepted_S if replay else slot_ids_S,
         q_TGK.stride(0), q_TGK.stride(1), k_TGK.stride(0), k_TGK.stride(1), v_TNV.stride(0), v_TNV.stride(1),
-        g_TN.stride(0), beta_TN.stride(0), N, N // G, K, V, keep, float(K ** -0.5 if scale is None else scale),
+        g_TN.stride(0), g_TN.stride(1), beta_TN.stride(0), N, N // G, K, V, keep,
+        float(K ** -0.5 if scale is None else scale),
         BK=triton.next_power_of_2(K), BV=BV, HAS_INIT=has_initial_state_S is not None,
-        KEEP=intermediate_states_SQNKV is not None, REPLAY=replay, INTERPRET=common.interpreting(q_TGK),
+        KEEP=intermediate_states_SQNKV is not None, REPLAY=replay, PER_CHANNEL=g_TN.dim() == 3,
+        INTERPRET=common.interpreting(q_TGK),
         num_warps=cfg["num_warps"],
     )
     return out
