@@ -206,6 +206,9 @@ class MLAConfig:
     # mla_scale_kv_lora; folded into those two weights at load (engine/models/mla.py), so no step pays for them.
     q_scale: float = 1.0
     latent_scale: float = 1.0
+    # False: no rotary at all ("NoPE", Kimi Linear's MLA layers): q_pe and k_pe pass as they are, the rope part of
+    # the cache still written (the fused op rotates them by position 0's angle, the identity).
+    rotary: bool = True
 
     def __post_init__(self) -> None:
         for name in ("q_scale", "latent_scale"):

@@ -128,4 +128,26 @@ class LinearAttentionConfig:
         return None
 
 
-__all__ = ["LinearAttentionConfig", "PROJECTION_LAYOUTS"]
+@dataclass(frozen=True)
+class KimiDeltaConfig(LinearAttentionConfig):
+    """Kimi Delta Attention (Kimi Linear): gated DeltaNet's states and rule with a decay per key channel, one q/k head
+    per value head (num_k_heads = num_v_heads, head_k_dim = head_v_dim), q/k/v from three projections, a low-rank
+    forget gate and output gate (engine/models/kimi_delta.py). The checkpoint names it `self_attn`, as a full layer."""
+
+    kind: ClassVar[str] = "kda"
+    projection: str = "split"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_v_heads != self.num_k_heads or self.head_v_dim != self.head_k_dim:
+            raise ValueError(f"KimiDeltaConfig has one q/k head per value head of the same width: {self.fields()}.")
+
+    def header_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {}  # its tensors sit under self_attn, read by the module's own plan
+
+    def fields(self) -> str:
+        return (f"linear_attn_config.num_heads={self.num_v_heads}, head_dim={self.head_k_dim}, "
+                f"short_conv_kernel_size={self.conv_kernel}")
+
+
+__all__ = ["KimiDeltaConfig", "LinearAttentionConfig", "PROJECTION_LAYOUTS"]

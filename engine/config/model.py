@@ -17,6 +17,7 @@ import torch
 from moelink.moe.router_config import RouterConfig
 
 from .awaited import awaited_refusal
+from .linear_attention import LinearAttentionConfig
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
 from .dsv4 import HyperConnectionConfig, resolve_dsv4_cache
@@ -157,8 +158,9 @@ class ModelConfig:
             if len(self.layer_attention) != self.num_layers:
                 raise ValueError(f"ModelConfig layer_attention has {len(self.layer_attention)} configs for "
                                  f"num_hidden_layers={self.num_layers} layers.")
-            # Linear-attention layers (engine/config/linear_attention.py) sit beside the model's attention kind.
-            kinds = {a.kind for a in self.layer_attention} - {"linear"}
+            # Linear-attention layers (engine/config/linear_attention.py: gated DeltaNet, KDA) sit beside the model's
+            # attention kind.
+            kinds = {a.kind for a in self.layer_attention if not isinstance(a, LinearAttentionConfig)}
             if kinds != {self.attention.kind}:
                 raise ValueError(f"ModelConfig layer_attention holds {sorted(kinds)} attention, but the model's is "
                                  f"{self.attention.kind!r}.")
@@ -195,7 +197,7 @@ class ModelConfig:
     @property
     def linear_layers(self) -> tuple[int, ...]:
         """The layers that keep per-sequence state instead of KV (linear attention); () for most models."""
-        return tuple(i for i, a in enumerate(self.layer_attention) if a.kind == "linear")
+        return tuple(i for i, a in enumerate(self.layer_attention) if isinstance(a, LinearAttentionConfig))
 
     def kv_layer_pairs(self) -> tuple[tuple[int, int], ...] | None:
         """(full, sliding) layer pairs that share one set of cache tensors (layer_configs.GQAConfig.kv_layer_pairs),

@@ -125,31 +125,45 @@ class GatedDeltaNet(nn.Module):
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """positions_T is unused (no rotary: the recurrence orders the tokens); kept for the token mixers' one
         signature."""
-        la, T = self.la, x_TD.shape[0]
-        st = ctx.state
-        pools = ctx.kv_caches[self.layer_idx]  # (conv_state_PRC, ssm_state_PNKV)
+        mixed_TC, g_TN, beta_TN, gate = self.project(x_TD)
+        return self.finish(self.recur(mixed_TC, g_TN, beta_TN, ctx), gate)
+
+    def project(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the conv input q|k|v [T, C], the decay g [T, N], the write strength beta [T, N], the output gate z)."""
         mixed_TC, z_TX = self.in_proj_qkvz.split(self.in_proj_qkvz(x_TD))
         b_TN, a_TN = self.in_proj_ba.split(self.in_proj_ba(x_TD))
-        mixed_TC = mixed_TC.contiguous()
         g_TN, beta_TN = self.kernels.gdn_gating(a_TN, b_TN, self.A_log_N, self.dt_bias_N)
-        if st.split is None:
-            o_TNV = self._mix(mixed_TC, g_TN, beta_TN, pools, st.query_start_loc_S1, st.slots_S, st.has_initial_S,
-                              st.pure_decode)
-        else:  # a verify step: the verifying sequences leave their states alone until replay_states
-            o_TNV = torch.empty(T, la.num_v_heads, la.head_v_dim, dtype=x_TD.dtype, device=x_TD.device)
-            v = st.split.verify
-            mixed_VC = mixed_TC.index_select(0, v.rows_T)
-            g_VN, beta_VN = g_TN.index_select(0, v.rows_T), beta_TN.index_select(0, v.rows_T)
-            o_TNV.index_copy_(0, v.rows_T, self._mix(mixed_VC, g_VN, beta_VN, pools, v.query_start_loc_S1, v.slots_S,
-                                                     v.has_initial_S, True, keep=True))
-            r = st.split.rest
-            if r is not None:
-                o_TNV.index_copy_(0, r.rows_T, self._mix(
-                    mixed_TC.index_select(0, r.rows_T), g_TN.index_select(0, r.rows_T),
-                    beta_TN.index_select(0, r.rows_T), pools, r.query_start_loc_S1, r.slots_S, r.has_initial_S,
-                    r.pure_decode))
+        return mixed_TC.contiguous(), g_TN, beta_TN, z_TX
+
+    def finish(self, o_TNV: torch.Tensor, z_TX: torch.Tensor) -> torch.Tensor:
+        la, T = self.la, o_TNV.shape[0]
         o_TNV = self.norm(o_TNV, z_TX.view(T, la.num_v_heads, la.head_v_dim))
         return self.out_proj(o_TNV.reshape(T, self.value_dim))
+
+    def recur(self, mixed_TC: torch.Tensor, g_TN: torch.Tensor, beta_TN: torch.Tensor,
+              ctx: ForwardContext) -> torch.Tensor:
+        """The convolution and the delta rule of the step's sequences with their states (ctx.state): o [T, N, V].
+        g may be per key channel ([T, N, K]: Kimi Delta Attention, kimi_delta.py)."""
+        la, T = self.la, mixed_TC.shape[0]
+        st = ctx.state
+        pools = ctx.kv_caches[self.layer_idx]  # (conv_state_PRC, ssm_state_PNKV)
+        if st.split is None:
+            return self._mix(mixed_TC, g_TN, beta_TN, pools, st.query_start_loc_S1, st.slots_S, st.has_initial_S,
+                             st.pure_decode)
+        # a verify step: the verifying sequences leave their states alone until replay_states
+        o_TNV = torch.empty(T, la.num_v_heads, la.head_v_dim, dtype=mixed_TC.dtype, device=mixed_TC.device)
+        v = st.split.verify
+        mixed_VC = mixed_TC.index_select(0, v.rows_T)
+        g_VN, beta_VN = g_TN.index_select(0, v.rows_T), beta_TN.index_select(0, v.rows_T)
+        o_TNV.index_copy_(0, v.rows_T, self._mix(mixed_VC, g_VN, beta_VN, pools, v.query_start_loc_S1, v.slots_S,
+                                                 v.has_initial_S, True, keep=True))
+        r = st.split.rest
+        if r is not None:
+            o_TNV.index_copy_(0, r.rows_T, self._mix(
+                mixed_TC.index_select(0, r.rows_T), g_TN.index_select(0, r.rows_T),
+                beta_TN.index_select(0, r.rows_T), pools, r.query_start_loc_S1, r.slots_S, r.has_initial_S,
+                r.pure_decode))
+        return o_TNV
 
     def _mix(self, mixed_TC, g_TN, beta_TN, pools, qsl_S1, slots_S, has_initial_S, pure_decode: bool,
              keep: bool = False) -> torch.Tensor:

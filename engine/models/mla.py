@@ -120,8 +120,10 @@ class MLAAttention(nn.Module):
         # kv_a_layernorm, the rotary of q_pe and k_pe, and the latent write in one op (one launch with the Triton
         # kernels, where the ops one by one were nine at decode: kernels/mla_input.py).
         norm = self.kv_a_layernorm
+        # NoPE (MLAConfig.rotary False): every token at position 0, whose rotation is the identity (cos 1, sin 0).
+        rope_positions_T = positions_T if a.rotary else torch.zeros_like(positions_T)
         q_pe_TNP = self.kernels.mla_rope_write_latent(
-            q_TNX[..., Dn:], kv_TR[:, :C], kv_TR[:, C:], positions_T, self.rope.table_PR, self.rope.style,
+            q_TNX[..., Dn:], kv_TR[:, :C], kv_TR[:, C:], rope_positions_T, self.rope.table_PR, self.rope.style,
             norm.weight, norm.eps, cache_BLR, ctx.attn.slot_mapping_T, *kv_scale)
         w_NXC = self.kv_b_proj.weight.view(N, Dn + a.v_head_dim, C)
         # q_latent[n] = q_nope[n] @ W_UK[n]: [N, T, Dn] @ [N, Dn, C] -> [N, T, C]

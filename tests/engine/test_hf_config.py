@@ -361,6 +361,6 @@ def test_one_registry_answers_every_architecture_question():
     assert SUPPORTED_ARCHITECTURES == reg.SUPPORTED_ARCHITECTURES == tuple(ARCHITECTURES)
     assert all(ARCHITECTURES[n] is reg.REGISTRY[n].spec for n in ARCHITECTURES)
     assert set(MLA_ARCHITECTURES) == {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV32ForCausalLM",
-                                      "GlmMoeDsaForCausalLM", "LongcatFlashForCausalLM"}
+                                      "GlmMoeDsaForCausalLM", "LongcatFlashForCausalLM", "KimiLinearForCausalLM"}
     assert all((n in MLA_ARCHITECTURES) == (s.attention == "mla") for n, s in ARCHITECTURES.items())
     assert MXFP4_ARCHITECTURES == ("GptOssForCausalLM",)

@@ -1,7 +1,8 @@
 """Attention kinds (token mixers), registered by the `kind` of a layer's attention config
 (ModelConfig.attention_for): "gqa" (gqa.py; sliding windows and sinks are its config), "mla" (mla.py; with an
-indexer in its config, DeepSeek Sparse Attention: dsa.py), "linear" (gated DeltaNet, gated_deltanet.py). A family
-adds its own from its package (DeepSeek-V4's: engine/models/deepseek_v4/)."""
+indexer in its config, DeepSeek Sparse Attention: dsa.py), "linear" (gated DeltaNet, gated_deltanet.py), "kda" (Kimi Delta
+Attention, kimi_delta.py: gated DeltaNet with a decay per key channel). A family adds its own from its package
+(DeepSeek-V4's: engine/models/deepseek_v4/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..gated_deltanet import GatedDeltaNet
 from ..gqa import GQAAttention
+from ..kimi_delta import KimiDeltaAttention
 from ..layers import ForwardContext
 from ..mla import MLAAttention
 from .context import BuildContext
@@ -58,8 +60,14 @@ def _linear(ctx: BuildContext, i: int, attn) -> nn.Module:
     return GatedDeltaNet(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device, tp=ctx.tp)
 
 
+def _kda(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    return KimiDeltaAttention(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device,
+                              tp=ctx.tp)
+
+
 class _ReplayLinear:
-    """Gated DeltaNet's verify step: each layer's verifying sequences take their accepted tokens into their states
+    """Gated DeltaNet's (and KDA's) verify step: each layer's verifying sequences take their accepted tokens into their states
     after sampling (engine/state/step.VerifySplit); nothing to do before."""
 
     def __init__(self, mixers: Sequence[nn.Module]):
@@ -76,5 +84,6 @@ class _ReplayLinear:
 ATTENTION.add("gqa", AttentionKind("self_attn", _gqa))
 ATTENTION.add("mla", AttentionKind("self_attn", _mla))
 ATTENTION.add("linear", AttentionKind("linear_attn", _linear, _ReplayLinear))
+ATTENTION.add("kda", AttentionKind("self_attn", _kda, _ReplayLinear))
 
 __all__ = ["ATTENTION", "AttentionKind", "StateHook"]
