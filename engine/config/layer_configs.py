@@ -209,6 +209,8 @@ class MLAConfig:
     # False: no rotary at all ("NoPE", Kimi Linear's MLA layers): q_pe and k_pe pass as they are, the rope part of
     # the cache still written (the fused op rotates them by position 0's angle, the identity).
     rotary: bool = True
+    # A sigmoid gate per head on the attention output, from the layer's input (Ling's hybrid: g_proj [H, D]).
+    output_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("q_scale", "latent_scale"):

@@ -136,11 +136,26 @@ class KimiDeltaConfig(LinearAttentionConfig):
 
     kind: ClassVar[str] = "kda"
     projection: str = "split"
+    # The forget gate's and the output gate's projections: "low_rank" through head_dim (Kimi Linear: f_a / f_b,
+    # g_a / g_b) or "full" (Ling's hybrid: f_proj, g_proj).
+    forget_gate: str = "low_rank"
+    output_gate: str = "low_rank"
+    # Ling's "safe gate": g = lower_bound * sigmoid(exp(A_log) * x), bounded in [lower_bound, 0]; None: Kimi's
+    # g = -exp(A_log) * softplus(x). decay_in_model_dtype: the decay rounded to the activations' dtype (Ling's), as
+    # transformers hands it to the rule.
+    gate_lower_bound: float | None = None
+    decay_in_model_dtype: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_v_heads != self.num_k_heads or self.head_v_dim != self.head_k_dim:
             raise ValueError(f"KimiDeltaConfig has one q/k head per value head of the same width: {self.fields()}.")
+        for name in ("forget_gate", "output_gate"):
+            if getattr(self, name) not in ("low_rank", "full"):
+                raise ValueError(f"KimiDeltaConfig {name}={getattr(self, name)!r} is invalid: 'low_rank' or 'full'.")
+        b = self.gate_lower_bound
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b < 0):
+            raise ValueError(f"config.json kda_lower_bound={b!r} is invalid: must be a number < 0.")
 
     def header_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {}  # its tensors sit under self_attn, read by the module's own plan

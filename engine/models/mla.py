@@ -95,6 +95,10 @@ class MLAAttention(nn.Module):
         self.o_proj = Linear(N * attn.v_head_dim, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f,
                              parallel=o)
         self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
+        # MLAConfig.output_gate: sigmoid(g_proj(x)) per head (this rank's heads' rows under TP).
+        self.g_proj = (Linear(hidden_size, N, linear_method(quant, p + "g_proj"), kernels, **f,
+                              parallel=ColumnParallel((h0,), (N,)) if size > 1 else None)
+                       if attn.output_gate else None)
         self.kv_scale = 1.0  # the fp8 latent cache's per-layer scale (as GQAAttention.k_scale)
         self.q_out_scale = 1.0  # MLAConfig.q_scale where q_b_proj is quantized (process_weights_after_loading)
         # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
@@ -138,7 +142,10 @@ class MLAAttention(nn.Module):
                                                  a.softmax_scale, *kv_scale)
         # o[n] = out_latent[n] @ W_UV[n]^T: [N, T, C] @ [N, C, Dv] -> [N, T, Dv]
         o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
-        return self.o_proj(o_NTV.transpose(0, 1).reshape(T, N * a.v_head_dim), self.o_bias)
+        o_TNV = o_NTV.transpose(0, 1)
+        if self.g_proj is not None:  # the per-head output gate, in float32 then rounded, as transformers
+            o_TNV = o_TNV * torch.sigmoid(self.g_proj(x_TD).float()).to(o_TNV.dtype)[:, :, None]
+        return self.o_proj(o_TNV.reshape(T, N * a.v_head_dim), self.o_bias)
 
     def process_weights_after_loading(self) -> None:
         """Fold MLAConfig's q_scale into q_b_proj and latent_scale into kv_a_layernorm (LongCat-Flash): the same
@@ -172,6 +179,8 @@ class MLAAttention(nn.Module):
             plan.update(self.fused_a_proj.weight_plan(p + "q_proj.weight", 0, *q_order))
         if self.indexer is not None:
             plan.update(self.indexer.weight_plan(p + "indexer."))
+        if self.g_proj is not None:
+            plan.update(self.g_proj.weight_plan(p + "g_proj.weight"))
         if a.attention_bias:
             plan[p + "kv_a_proj_with_mqa.bias"] = PlanEntry(self.fused_a_bias, kv_rows, *kv_order)
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())

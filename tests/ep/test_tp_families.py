@@ -14,6 +14,7 @@ transformers itself:
   nowhere, or to an expert with weight 0 where the all-to-all looks every id up);
 - Kimi Linear: Kimi Delta Attention's heads split (their q/k/v rows, conv channels, decay and gate rows, states),
   the low-rank gates' middles whole on every rank, MLA without rotary; and at EP 2 against transformers;
+- Ling's hybrid: the same with full-rank KDA gates, and MLA's per-head output gate split by heads;
 - EXAONE-MoE: sliding layers with rotary and a full layer without (NoPE), per-head q/k norms, heads split; and its
   experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank).
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
@@ -23,8 +24,8 @@ import pytest
 
 from moelink.engine import LLM
 
-from tests.helpers import (exaone_checkpoints, hf_checkpoints, kimi_linear_checkpoints, longcat_checkpoints,
-                           m2_checkpoints)
+from tests.helpers import (bailing_checkpoints, exaone_checkpoints, hf_checkpoints, kimi_linear_checkpoints,
+                           longcat_checkpoints, m2_checkpoints)
 from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
 
 pytestmark = pytest.mark.slow
@@ -79,18 +80,22 @@ def test_tp_longcat_matches_one_rank(local_ray, tmp_path):
     _tp_equals_one_rank(path, longcat_checkpoints.VOCAB, seed=41, hi=40)
 
 
-def test_tp_kimi_linear_matches_one_rank(local_ray, tmp_path):
-    # Chunked prefill over the KDA states (prompts past the 24-token budget), then decodes: each rank its heads'.
-    path = kimi_linear_checkpoints.save_kimi_linear_checkpoint(tmp_path)
-    _tp_equals_one_rank(path, kimi_linear_checkpoints.VOCAB, seed=53, hi=40)
+@pytest.mark.parametrize("name", ["kimi_linear", "bailing_hybrid"])
+def test_tp_kda_families_match_one_rank(local_ray, tmp_path, name):
+    # Chunked prefill over the KDA states (prompts past the 24-token budget), then decodes: each rank its heads'
+    # (Ling's: its full-rank gates' rows, and MLA's per-head output gate).
+    save = (kimi_linear_checkpoints.save_kimi_linear_checkpoint if name == "kimi_linear"
+            else bailing_checkpoints.save_bailing_checkpoint)
+    _tp_equals_one_rank(save(tmp_path), kimi_linear_checkpoints.VOCAB, seed=53, hi=40)
 
 
 # EXAONE-MoE: 8 routed experts 4 / 4, the shared expert on both ranks. LongCat-Flash: 6 routed experts 3 / 3 beside 2
 # zero-computation ones (this all-to-all looks every id up, so their picks travel to expert 0 with weight 0). Kimi
-# Linear: 8 experts 4 / 4 beside KDA's states.
+# Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states.
 EP_CASES = {"exaone": (lambda out: exaone_checkpoints.save_exaone_checkpoint(out, num_hidden_layers=4), 29),
             "longcat": (longcat_checkpoints.save_longcat_checkpoint, 43),
-            "kimi_linear": (kimi_linear_checkpoints.save_kimi_linear_checkpoint, 59)}
+            "kimi_linear": (kimi_linear_checkpoints.save_kimi_linear_checkpoint, 59),
+            "bailing_hybrid": (bailing_checkpoints.save_bailing_checkpoint, 67)}
 
 
 @pytest.mark.parametrize("name", list(EP_CASES))

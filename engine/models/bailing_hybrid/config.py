@@ -1,0 +1,14 @@
+"""Ling's hybrid registry entry (engine/config/architectures.py gathers it). No torch."""
+from __future__ import annotations
+
+from ...config.arch_spec import PROJ, ArchSpec, Architecture
+
+ARCHITECTURES = (
+    # Ling hybrid as published: the embedding at model.word_embeddings, every attention layer (KDA or MLA) under
+    # `attention` with its output projection `dense`, the router's correction bias `mlp.gate.expert_bias` (the
+    # "ling" checkpoint kind maps the names; kinds.py); experts per expert under mlp.experts.
+    Architecture("BailingHybridForCausalLM",
+                 ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ, correction_bias="gate.expert_bias",
+                          checkpoint="ling"),
+                 model_type="bailing_hybrid"),
+)
