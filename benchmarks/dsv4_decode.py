@@ -12,13 +12,13 @@ Per (context, batch), over the same random query:
 - csa: the indexer's scores over the ctx / 4 index keys and its top-512, then the sink attention over the window and
   the selected entries;
 - hca: the sink attention over the window and all ctx / 128 entries.
-The ops are the kernel strategy's `dsv4_indexer_topk` / `dsv4_sink_attention` (the CPU proxy: the float32
-references of kernels/dsv4.py, wall clock).
+The ops are the kernel strategy's `compressed_indexer_topk` / `sink_attention` (the CPU proxy: the float32
+references of kernels/compressed_attention.py, wall clock).
 
     python -m moelink.benchmarks.dsv4_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
 
 On a GPU (`--gpu`): the Triton kernels in bf16, each layer kind's decode step as the engine's batched decode path runs
-it (engine/models/deepseek_v4/decode.py: the paged ops, `dsv4_paged_indexer_topk` / `dsv4_paged_sink_attention`, reading
+it (engine/models/deepseek_v4/decode.py: the paged ops, `paged_compressed_indexer_topk` / `paged_sink_attention`, reading
 index keys and entries through the block tables and the window from the state slots), and beside it the path it
 replaced (`*_gather`: entries and index keys gathered per row into [T, E, X] tensors, then the per-query-key ops),
 eager and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads, latent 512 + rope 64)
@@ -67,10 +67,10 @@ def gathered_bytes(ctx: int, batch: int, s: dict, elem: int = 2) -> dict:
 
 
 def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
-    from moelink.kernels.dsv4 import reference_indexer_topk, reference_sink_attention
+    from moelink.kernels.compressed_attention import reference_indexer_topk, reference_sink_attention
 
-    attend = getattr(kernels, "dsv4_sink_attention", reference_sink_attention)
-    select = getattr(kernels, "dsv4_indexer_topk", reference_indexer_topk)
+    attend = getattr(kernels, "sink_attention", reference_sink_attention)
+    select = getattr(kernels, "compressed_indexer_topk", reference_indexer_topk)
     g = torch.Generator(device="cpu").manual_seed(ctx)
     f32 = dict(dtype=torch.float32)
 
@@ -142,23 +142,23 @@ def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
     e_hca = torch.arange(hca_e, device=device)[None, :].expand(batch, -1)
 
     def csa():
-        picks = kernels.dsv4_paged_indexer_topk(iq_TnI, iw_Tn, idx_BLcI, table_TM, vis_csa, K)
-        return kernels.dsv4_paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, csa_BLcH, table_TM, picks, vis_csa,
+        picks = kernels.paged_compressed_indexer_topk(iq_TnI, iw_Tn, idx_BLcI, table_TM, vis_csa, K)
+        return kernels.paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, csa_BLcH, table_TM, picks, vis_csa,
                                                  sinks_N, scale)
 
     def hca():
-        return kernels.dsv4_paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, hca_BLcH, table_TM, None, vis_hca,
+        return kernels.paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, hca_BLcH, table_TM, None, vis_hca,
                                                  sinks_N, scale)
 
     def csa_gather():
-        picks = kernels.dsv4_indexer_topk(iq_TnI, iw_Tn, gather(idx_BLcI, e_csa), vis_csa, K).long()
+        picks = kernels.compressed_indexer_topk(iq_TnI, iw_Tn, gather(idx_BLcI, e_csa), vis_csa, K).long()
         keys = torch.cat([window_TWH, gather(csa_BLcH, picks.clamp(min=0))], dim=1)
-        return kernels.dsv4_sink_attention(q_TNH, keys, torch.cat([seen_W, picks >= 0], dim=1), sinks_N, scale)
+        return kernels.sink_attention(q_TNH, keys, torch.cat([seen_W, picks >= 0], dim=1), sinks_N, scale)
 
     def hca_gather():
         keys = torch.cat([window_TWH, gather(hca_BLcH, e_hca)], dim=1)
         seen = torch.ones(batch, keys.shape[1], dtype=torch.bool, device=device)
-        return kernels.dsv4_sink_attention(q_TNH, keys, seen, sinks_N, scale)
+        return kernels.sink_attention(q_TNH, keys, seen, sinks_N, scale)
 
     meta, mla_blocks = _meta(batch, ctx, device)
     latent = rand(mla_blocks, 16, 576)

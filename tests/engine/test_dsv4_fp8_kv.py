@@ -1,5 +1,5 @@
 """DeepSeek-V4 with an fp8 KV cache (issue 45: --kv-cache-dtype fp8): the compressed entries and CSA's index keys
-paged as fp8 rows (kernels/dsv4.FP8Rows), each sequence's window ring in fp8 rows too (ModelConfig resolves every V4
+paged as fp8 rows (kernels/compressed_attention.FP8Rows), each sequence's window ring in fp8 rows too (ModelConfig resolves every V4
 layer's cache dtype: engine/config/dsv4.resolve_dsv4_cache), the compressor rows float32.
 
 The oracle is transformers' own V4 (float64, no cache: its forward over the whole sequence for every new token) with
@@ -20,7 +20,7 @@ from moelink.engine.config import kv_sizing
 from moelink.engine.config.dsv4 import ENTRY_SCALE_GROUP, INDEX_SCALE_GROUP, DSV4AttentionConfig, fp8_row_bytes
 from moelink.engine.config.layer_configs import RopeConfig
 from moelink.engine.config.model import ModelConfig
-from moelink.kernels.dsv4 import entry_rows, index_key_rows
+from moelink.kernels.compressed_attention import entry_rows, index_key_rows
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
 from tests.helpers.parity import MAX_NEW, assert_pool_free, assert_same, engine_greedy, prompts
@@ -127,7 +127,7 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
 @pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
 def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     """The same fp8 engine on the Triton kernels (the decode steps' paged ops dequantizing the fp8 pages, and the
-    fp8 window rows, inside the kernels: kernels/triton_dsv4_paged.py), in the interpreter on CPU, against the
+    fp8 window rows, inside the kernels: kernels/triton_compressed_attention_paged.py), in the interpreter on CPU, against the
     reference kernels, float32, token for token (test_dsv4_triton's run, with kv_cache_dtype fp8)."""
     import json
     import os
@@ -146,7 +146,7 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
-    assert calls.get("triton_dsv4_paged_sink_attention", 0) >= 4 and calls.get("triton_dsv4_paged_indexer_topk", 0) >= 2
+    assert calls.get("triton_paged_sink_attention", 0) >= 4 and calls.get("triton_paged_compressed_indexer_topk", 0) >= 2
     ref = LLM(dsv4_path, kernels="reference", **engine)
     assert ref.engine.executor.runner.state_caches.layers[0][0].dtype == torch.uint8  # the window in fp8 rows
     assert_same(got, engine_greedy(ref, ps, max_new=4), ps)

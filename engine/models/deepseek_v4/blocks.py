@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from moelink.kernels.dsv4 import reference_rms_norm_f32
+from moelink.kernels.compressed_attention import reference_rms_norm_f32
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
 from moelink.moe.expert_weights_dsv4 import Dsv4Fp4Experts
@@ -60,7 +60,7 @@ from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 
 
 class Norm(nn.Module):
-    """V4's RMSNorm: float32 weight, computed in float32 (kernels/dsv4.reference_rms_norm_f32)."""
+    """V4's RMSNorm: float32 weight, computed in float32 (kernels/compressed_attention.reference_rms_norm_f32)."""
 
     def __init__(self, size: int, eps: float, device=None):
         super().__init__()

@@ -167,7 +167,7 @@ def published_linear_plan(linear: Linear, name: str, file_block_rows: int | None
 
 def grouped_fp8_linear(linear: Linear, x_TGd: torch.Tensor, float_grouped: Callable) -> torch.Tensor:
     """wo_a: group g of x [T, G, d] through rows [g O, (g + 1) O) of `linear` ([G O, d]); [T, G, O] in x's dtype.
-    A float linear runs the kernel strategy's grouped GEMM `float_grouped` (dsv4_grouped_linear); an FP8 one runs
+    A float linear runs the kernel strategy's grouped GEMM `float_grouped` (grouped_linear); an FP8 one runs
     each group through the FP8 GEMM, its activations quantized per token per Bk of the group's d channels."""
     T, G, _ = x_TGd.shape
     O = linear.out_features // G
