@@ -19,7 +19,7 @@ The cache of a layer (engine/models/deepseek_v4/attention.py computes it, engine
   ring of `compress_rate` tokens, `2 * compress_rate` under CSA whose entry reads the previous window too; the
   indexer's compressor the same at index_head_dim), in float32 (`state_dtypes`).
 Under --kv-cache-dtype fp8 (float8_e4m3fn; e5m2 is not offered) the paged tensors hold fp8 rows as bytes (uint8
-[B, Lc, X], `fp8_row_bytes`; kernels/dsv4.FP8Rows encodes them): an entry's leading H - R values in e4m3 with a
+[B, Lc, X], `fp8_row_bytes`; kernels/compressed_attention.FP8Rows encodes them): an entry's leading H - R values in e4m3 with a
 float32 scale per 64 and its R rope values in bfloat16 (FlashMLA's shape, with float32 scales), an index key in
 e4m3 with a float32 scale per 128 (DSA's row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where
 bf16 costs (1024 + 256) / 4 = 320. The window ring takes the entry's fp8 rows too: the layer's config carries the cache dtype (`cache_dtype`, set by
@@ -82,7 +82,7 @@ def _positive_int(name: str, v) -> None:
         raise unsupported(name, v, "a positive integer" + (f" at most {most}" if most is not None else ""))
 
 
-# The fp8 rows' geometry (module docstring), in bytes: the config sizes the cache from it, kernels/dsv4.FP8Rows encodes
+# The fp8 rows' geometry (module docstring), in bytes: the config sizes the cache from it, kernels/compressed_attention.FP8Rows encodes
 # and decodes the same layout (the config layer imports no kernel: tests/engine/test_dsv4_fp8_kv.py keeps the two
 # equal). Values per float32 scale: an entry's (and window row's), an index key's (DSA's row).
 ENTRY_SCALE_GROUP = 64

@@ -1,7 +1,8 @@
-"""Compile cases of DeepSeek-V4's attention kernels (benchmarks/compile_report.py's `dsv4` family): the compressor's
-pooling, the lightning indexer's scores over compressed entries + its top-k (DSA's selection kernels), the sink
-attention over the window and the entries, and the grouped output projection (kernels/triton_compressed_attention.py,
-triton_compressed_topk.py, triton_compressed_attention_paged.py), at V4-Flash's shapes (64 heads of 512, one shared KV head, window 128;
+"""Compile cases of the compressed-KV attention kernels, DeepSeek-V4's (benchmarks/compile_report.py's `compressed`
+family): the compressor's pooling, the lightning indexer's scores over compressed entries + its top-k (DSA's
+selection kernels), the sink attention over the window and the entries, and the grouped output projection
+(kernels/triton_compressed_attention.py, triton_compressed_topk.py, triton_compressed_attention_paged.py), at
+V4-Flash's shapes (64 heads of 512, one shared KV head, window 128;
 CSA rate 4 with 64 index heads of 128 and top-512, HCA rate 128; 8 output groups to 1024) and V4-Pro's (128 heads,
 16 groups, top-1024), bf16: decode batches as engine/models/deepseek_v4/decode.py runs them, reading the cache in place
 (CSA at 128k context: 32768 index keys per row through a block table of 256-token blocks, the top-k on its split
@@ -21,7 +22,7 @@ HC = 4  # hc_mult
 H, W, NI, I, O, CSA, HCA = 512, 128, 64, 128, 1024, 4, 128
 
 
-def compile_dsv4(rec: Recorder, quick: bool) -> None:
+def compile_compressed_attention(rec: Recorder, quick: bool) -> None:
     from moelink.kernels.triton_compressed_attention import (triton_compress_kv, triton_grouped_linear,
                                              triton_sink_attention)
     from moelink.kernels.triton_hyper_connection import triton_hc_expand
@@ -83,7 +84,7 @@ if __name__ == "__main__":  # registers / spills of each kernel, without the rep
     os.environ.pop("TRITON_INTERPRET", None)
     r = Recorder()
     r.install(90)
-    compile_dsv4(r, quick=False)
+    compile_compressed_attention(r, quick=False)
     for x in r.records:
         k = x["kernel"]
         print(f"{x['case']}: {k.metadata.name} warps={k.metadata.num_warps} stages={k.metadata.num_stages} "

@@ -4,8 +4,8 @@ shared 512-wide head that is key and value, a window of 128; CSA: an entry per 4
 128k context, beside the same attention over every raw token (what the compression saves) and DeepSeek-V3's MLA
 bytes (576 values per token).
 
-    python -m moelink.benchmarks.dsv4_decode --cpu-proxy [--contexts 32768,131072] [--batch 1] [--json PATH]
-    python -m moelink.benchmarks.dsv4_decode --cpu-smoke        # tiny shapes: the script itself
+    python -m moelink.benchmarks.compressed_attention_decode --cpu-proxy [--contexts 32768,131072] [--batch 1] [--json PATH]
+    python -m moelink.benchmarks.compressed_attention_decode --cpu-smoke        # tiny shapes: the script itself
 
 Per (context, batch), over the same random query:
 - full: the sink attention over all `ctx` raw keys (a V4 layer without its compressor);
@@ -15,7 +15,7 @@ Per (context, batch), over the same random query:
 The ops are the kernel strategy's `compressed_indexer_topk` / `sink_attention` (the CPU proxy: the float32
 references of kernels/compressed_attention.py, wall clock).
 
-    python -m moelink.benchmarks.dsv4_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
+    python -m moelink.benchmarks.compressed_attention_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
 
 On a GPU (`--gpu`): the Triton kernels in bf16, each layer kind's decode step as the engine's batched decode path runs
 it (engine/models/deepseek_v4/decode.py: the paged ops, `paged_compressed_indexer_topk` / `paged_sink_attention`, reading
@@ -107,7 +107,7 @@ def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
 
 
 def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
-    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (the paged ops dsv4_decode.py runs, and
+    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (the paged ops engine/models/deepseek_v4/decode.py runs, and
     the gather path they replaced) and V3's MLA decode, eager and replayed (module docstring)."""
     from .dsa_decode import _meta
 
@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if sum((args.cpu_proxy, args.cpu_smoke, args.gpu)) != 1:
-        raise SystemExit("dsv4_decode: choose one of --cpu-proxy, --cpu-smoke, --gpu.")
+        raise SystemExit("compressed_attention_decode: choose one of --cpu-proxy, --cpu-smoke, --gpu.")
     from moelink.kernels.ops import select_kernels
 
     if args.gpu:
@@ -223,7 +223,7 @@ def _main_gpu(args) -> dict:
     from moelink.kernels.ops import select_kernels
 
     if not torch.cuda.is_available():
-        raise SystemExit("dsv4_decode --gpu: no CUDA device (use --cpu-proxy).")
+        raise SystemExit("compressed_attention_decode --gpu: no CUDA device (use --cpu-proxy).")
     device = torch.device("cuda", torch.cuda.current_device())
     kernels = select_kernels(device, "triton")
     rep = dict(run_meta(device), kernels=kernels.name, shapes=SHAPES, dtype="bfloat16", points=[])
