@@ -17,7 +17,7 @@ reference_paged_sink_attention (legend there), except that the picks come in any
   the end); more (small batches: the host picks them from T and the key bound, so a graph keeps them) write
   float32 partials (max, denominator, output) that `_paged_merge_kernel` folds with the sink.
 
-Tensor cores (benchmarks/results/compile_report_sm90.md, `dsv4` family): the scores on wgmma on sm_90 (a tile of 64
+Tensor cores (benchmarks/results/compile_report_sm90.md, the `compressed` family): the scores on wgmma on sm_90 (a tile of 64
 index heads), tcgen05 on sm_100; the attention on mma.sync (16 heads a program, below wgmma's 64 rows: V4-Flash's
 64 heads are 4 programs a row, each reading the row's keys, the repeats served by L2).
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V4's attention layer (engine/config/dsv4.py has the cache layout; kernels/compressed_attention.py the math): MQA over one
+"""DeepSeek-V4's attention layer (engine/config/compressed_attention.py has the cache layout; kernels/compressed_attention.py the math): MQA over one
 shared head that is key and value, per-head sinks, a sliding window of raw KV, and under CSA / HCA the compressed
 entries, all read and written through the engine's cache: the paged entries on the step's block tables, the window
 and the compressors' running rows in each sequence's state slot (ForwardContext.state).
@@ -16,7 +16,7 @@ picks may come in any order). A step's work per sequence, queries at positions p
 4. each query attends to its window (positions p - W < k <= p) and to the entries it may see (entry w summarises
    positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
 5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
-Under an fp8 KV cache (engine/config/dsv4.py) the paged entries and index keys, and the window ring where the layer's
+Under an fp8 KV cache (engine/config/compressed_attention.py) the paged entries and index keys, and the window ring where the layer's
 config says so (`window_fp8`), are uint8 rows (kernels/compressed_attention.FP8Rows): written quantized (`write_form`), read back
 dequantized into the activations' dtype (`read_rows`; the decode ops dequantize inside their kernels); a prefill
 chunk's own keys are attended to as the ring holds them (quantized), as a decode step reads its own from the ring.
@@ -49,8 +49,8 @@ from moelink.kernels.compressed_attention import (entry_rows, index_key_rows, is
                                   reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ...config.dsv4 import DSV4AttentionConfig
-from ...config.dsv4_quant import DSV4Quantization
+from ...config.compressed_attention import CompressedAttentionConfig
+from .reader import DSV4Quantization
 from ...tp.attention import shard_attention
 from ...tp.group import TensorParallel
 from ...tp.linear import ColumnParallel, RowParallel
@@ -132,7 +132,7 @@ class DSV4Attention(nn.Module):
     checkpoint's published FP8 format (None: a float checkpoint); `tp`: the rank's TensorParallel (None: whole), its
     heads and output groups a 1/size share (module docstring)."""
 
-    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels: Kernels, dtype,
+    def __init__(self, cfg: CompressedAttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels: Kernels, dtype,
                  device, quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
         super().__init__()
         size = tp.size if tp is not None else 1

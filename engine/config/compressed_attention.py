@@ -1,8 +1,8 @@
-"""DeepSeek-V4's layer kinds as config (issue 45): its attention (one config per layer), its hyper-connections,
-its MoE facts; and the reader of its config.json (transformers' `deepseek_v4`, DeepseekV4Config). Pure data: no
+"""Compressed-KV attention as config (issue 45; DeepSeek-V4 runs it, engine/models/deepseek_v4/ reads its config.json
+into these): one config per layer, its cache layout (shapes, dtypes, bytes) and its per-sequence state. Pure data: no
 model code, no device.
 
-Attention (`DSV4AttentionConfig`, kind "dsv4"): every layer is multi-query attention with one shared KV head that is
+Attention (`CompressedAttentionConfig`, kind "compressed"): every layer is multi-query attention with one shared KV head that is
 its own value (K = V), per-head sinks, and a sliding window over the raw recent tokens; a compressed layer adds
 entries that summarise `compress_rate` tokens each: compressed sparse attention (CSA, rate 4 in V4: overlapping
 windows of 2 * rate, a lightning indexer picks `index_topk` entries per query) or heavily compressed attention (HCA,
@@ -23,7 +23,7 @@ Under --kv-cache-dtype fp8 (float8_e4m3fn; e5m2 is not offered) the paged tensor
 float32 scale per 64 and its R rope values in bfloat16 (FlashMLA's shape, with float32 scales), an index key in
 e4m3 with a float32 scale per 128 (DSA's row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where
 bf16 costs (1024 + 256) / 4 = 320. The window ring takes the entry's fp8 rows too: the layer's config carries the cache dtype (`cache_dtype`, set by
-`resolve_dsv4_cache`, which ModelConfig calls as it resolves DSA's key layout: the state pools are allocated and
+`resolve_compressed_cache`, which ModelConfig calls as it resolves DSA's key layout: the state pools are allocated and
 sized from the layer config and the model dtype alone, engine/state/cache.py and engine/config/kv_sizing.py);
 the compressor rows stay float32 (a partial window's running sums, not cached values).
 Why the window is state and not paged: paged, the raw KV of every token would stay (head_dim values per token and
@@ -44,26 +44,19 @@ from typing import ClassVar
 
 import torch
 
-from moelink.moe.router_config import RouterConfig
-
-from .dsv4_quant import read_dsv4_quantization
-from .layer_configs import ROPE_TYPES, MoEConfig, RopeConfig, unsupported
+from .layer_configs import RopeConfig, unsupported
 
 # config.json layer_types values and the compressor each one runs.
 LAYER_KINDS = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
                "heavily_compressed_attention": "hca"}
-MLP_KINDS = ("hash_moe", "moe")
-SCORING_FUNCS = ("sqrtsoftplus",)
 
 
 # The most each size may be, checked as config.json is read, before anything is sized from it: the window ring, the
-# compressor rings, the index top-k's selection, the hyper-connection streams are all allocated (or looped over) from
-# these alone. Each bound is the largest published value (DeepSeek-V4-Flash / V4-Pro, transformers' DeepseekV4Config
+# compressor rings, the index top-k's selection are all allocated (or looped over) from these alone
+# (engine/config/hyper_connections.py bounds the hyper-connection streams alike). Each bound is the largest published value (DeepSeek-V4-Flash / V4-Pro, transformers' DeepseekV4Config
 # defaults) times a margin of 8 or more, and far below what a typo or a hostile file asks for (1e9 of them: a hang or
 # a terabyte allocation).
-DSV4_BOUNDS = {
-    "hc_mult": 64,  # published 4: residual streams, each a hidden_size row per token; the mixing matrix is hc_mult^2
-    "hc_sinkhorn_iters": 1024,  # published 20: Sinkhorn passes run for every token at every block, every step
+ATTENTION_BOUNDS = {
     "sliding_window": 1 << 16,  # published 128: a ring of that many raw KV rows per sequence and layer (state slot)
     "compress_rates": 1 << 12,  # published 4 (CSA) and 128 (HCA): a ring of rate (CSA: 2 x rate) rows per sequence
     "index_topk": 1 << 15,  # published 512 (Flash) and 1024 (Pro), 2048 in DeepSeek-V3.2's DSA: a top-k per query
@@ -75,16 +68,16 @@ DSV4_BOUNDS = {
 }
 
 
-def _positive_int(name: str, v) -> None:
-    """A positive integer, at most DSV4_BOUNDS[name] where it has one; else one error naming the config.json field."""
-    most = DSV4_BOUNDS.get(name.split(".")[0])  # compress_rates.<layer type>: compress_rates' bound
+def positive_int(name: str, v, bounds: dict[str, int] = ATTENTION_BOUNDS) -> None:
+    """A positive integer, at most bounds[name] where it has one; else one error naming the config.json field."""
+    most = bounds.get(name.split(".")[0])  # compress_rates.<layer type>: compress_rates' bound
     if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (most is not None and v > most):
         raise unsupported(name, v, "a positive integer" + (f" at most {most}" if most is not None else ""))
 
 
-# The fp8 rows' geometry (module docstring), in bytes: the config sizes the cache from it, kernels/compressed_attention.FP8Rows encodes
-# and decodes the same layout (the config layer imports no kernel: tests/engine/test_dsv4_fp8_kv.py keeps the two
-# equal). Values per float32 scale: an entry's (and window row's), an index key's (DSA's row).
+# The fp8 rows' geometry (module docstring), in bytes: the config sizes the cache from it,
+# kernels/compressed_attention.FP8Rows encodes and decodes the same layout (the config layer imports no kernel:
+# DeepSeek-V4's fp8 KV tests, test_kv_sizing_bytes_per_token_fp8_beside_bf16, keep the two equal). Values per float32 scale: an entry's (and window row's), an index key's (DSA's row).
 ENTRY_SCALE_GROUP = 64
 INDEX_SCALE_GROUP = 128
 
@@ -97,10 +90,10 @@ def fp8_row_bytes(dim: int, rope: int, group: int) -> int:
 
 
 @dataclass(frozen=True)
-class DSV4AttentionConfig:
-    """One V4 layer's attention (module docstring)."""
+class CompressedAttentionConfig:
+    """One compressed-attention layer (module docstring)."""
 
-    kind: ClassVar[str] = "dsv4"
+    kind: ClassVar[str] = "compressed"
     layer_kind: str  # "sliding", "csa" or "hca"
     num_heads: int
     head_dim: int
@@ -114,7 +107,7 @@ class DSV4AttentionConfig:
     index_head_dim: int = 0
     index_topk: int = 0
     rms_norm_eps: float = 1e-6
-    # The KV cache's dtype, resolved (resolve_dsv4_cache): float8_e4m3fn puts the window ring in fp8 rows as well as
+    # The KV cache's dtype, resolved (resolve_compressed_cache): float8_e4m3fn puts the window ring in fp8 rows as well as
     # the paged tensors; None (as config.json is read) keeps the window in the model dtype.
     cache_dtype: torch.dtype | None = None
 
@@ -123,7 +116,7 @@ class DSV4AttentionConfig:
         if self.layer_kind not in LAYER_KINDS.values():
             raise unsupported("layer_types", self.layer_kind, tuple(LAYER_KINDS))
         for name in ("num_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.num_heads % self.o_groups:
             raise unsupported("o_groups", self.o_groups, f"a divisor of num_attention_heads={self.num_heads}")
         if self.rope.rotary_dim > self.head_dim:
@@ -131,12 +124,12 @@ class DSV4AttentionConfig:
                               "a factor giving at most head_dim rotary dims")
         compressed = self.layer_kind != "sliding"
         if compressed:
-            _positive_int("compress_rates", self.compress_rate)
+            positive_int("compress_rates", self.compress_rate)
         elif self.compress_rate:
-            raise ValueError(f"DSV4AttentionConfig compress_rate={self.compress_rate} is invalid for a sliding layer.")
+            raise ValueError(f"CompressedAttentionConfig compress_rate={self.compress_rate} is invalid for a sliding layer.")
         if self.layer_kind == "csa":
             for name in ("index_n_heads", "index_head_dim", "index_topk"):
-                _positive_int(name, getattr(self, name))
+                positive_int(name, getattr(self, name))
             if self.rope.rotary_dim > self.index_head_dim:
                 raise unsupported("index_head_dim", self.index_head_dim,
                                   f"at least the {self.rope.rotary_dim} rotary dims (the indexer rotates its tail)")
@@ -242,155 +235,36 @@ class DSV4AttentionConfig:
         return sum(math.prod(s) * d.itemsize for s, d in zip(self._slot_shapes(), self.state_dtypes(dtype)))
 
 
-@dataclass(frozen=True)
-class HyperConnectionConfig:
-    """Manifold-constrained hyper-connections: `hc_mult` residual streams, mixed by a Sinkhorn-normalised matrix
-    (`sinkhorn_iters` normalisations, floor `eps`) around every attention and MLP block; a hyper-head collapses them
-    before the final norm."""
-
-    hc_mult: int
-    sinkhorn_iters: int
-    eps: float
-
-    def __post_init__(self) -> None:
-        _positive_int("hc_mult", self.hc_mult)
-        _positive_int("hc_sinkhorn_iters", self.sinkhorn_iters)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise unsupported("hc_eps", self.eps, "a number > 0")
-
-
-def _int(hf, name: str) -> int:
-    """config.json's `name` as a positive integer (at most DSV4_BOUNDS[name]), or one error naming it (a null or a
-    string is refused here, not left to fail later as a TypeError)."""
-    v = getattr(hf, name, None)
-    _positive_int(name, v)
-    return v
-
-
-def _compress_rates(hf, layer_types: list) -> dict:
-    """compress_rates: a positive integer (at most DSV4_BOUNDS["compress_rates"]) for each compressed layer kind
-    layer_types names."""
-    rates = getattr(hf, "compress_rates", None) or {}
-    if not isinstance(rates, dict):
-        raise unsupported("compress_rates", rates, "an object of one rate per compressed layer type")
-    for t in sorted({t for t in layer_types if LAYER_KINDS[t] != "sliding"}):
-        _positive_int(f"compress_rates.{t}", rates.get(t))
-    return rates
-
-
-def _rope(hf, label: str, rotary_dim: int) -> RopeConfig:
-    """`hf`: transformers' config, or its to_dict() (ModelConfig.hf_config)."""
-    params = ((hf.get("rope_parameters") if isinstance(hf, dict) else getattr(hf, "rope_parameters", None))
-              or {}).get(label) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        raise unsupported(f"rope_parameters.{label}.rope_type", rope_type, ROPE_TYPES)
-    return RopeConfig(rotary_dim, float(params.get("rope_theta", 10000.0)), rope_type, style="interleaved",
-                      layer_type=label)
-
-
-def read_dsv4(arch: str, hf, c: dict, rope: dict) -> dict:
-    """ModelConfig's fields of a `deepseek_v4` config.json (hf_readers.read_fields' family reader)."""
-    n = c["num_layers"]
-    # V4-Flash / V4-Pro's FP8 block-scaled linears and FP4 experts (engine/config/dsv4_quant.py); anything else
-    # naming quantization_config is refused there.
-    read_dsv4_quantization(arch, hf, c.get("quantization"))
-    if c["num_kv_heads"] != 1:
-        raise unsupported("num_key_value_heads", c["num_kv_heads"], (1,), " (V4's attention is one shared KV head)")
-    if getattr(hf, "attention_bias", False):
-        raise unsupported("attention_bias", True, (False,), f" for {arch}")
-    if getattr(hf, "mlp_bias", False):
-        raise unsupported("mlp_bias", True, (False,), f" for {arch}")
-    layer_types = list(getattr(hf, "layer_types", None) or ())
-    if len(layer_types) != n or any(t not in LAYER_KINDS for t in layer_types):
-        raise unsupported("layer_types", layer_types, f"one of {', '.join(map(repr, LAYER_KINDS))} for each of the "
-                                                      f"num_hidden_layers={n} layers")
-    mlp_types = list(getattr(hf, "mlp_layer_types", None) or ())
-    if len(mlp_types) != n or any(t not in MLP_KINDS for t in mlp_types):
-        raise unsupported("mlp_layer_types", mlp_types, f"one of {', '.join(map(repr, MLP_KINDS))} per layer")
-    scoring = getattr(hf, "scoring_func", "sqrtsoftplus")
-    if scoring not in SCORING_FUNCS:
-        raise unsupported("scoring_func", scoring, SCORING_FUNCS, f" for {arch}")
-    if not getattr(hf, "norm_topk_prob", True):
-        raise unsupported("norm_topk_prob", False, (True,), f" (transformers' {arch} always renormalises)")
-    head_dim = c["head_dim"]
-    rotary_dim = int(getattr(hf, "qk_rope_head_dim", 0) or round(head_dim * float(hf.partial_rotary_factor)))
-    rates = _compress_rates(hf, layer_types)
-    ropes = {"main": _rope(hf, "main", rotary_dim), "compress": _rope(hf, "compress", rotary_dim)}
-
-    def attention(t: str) -> DSV4AttentionConfig:
-        kind = LAYER_KINDS[t]
-        csa = kind == "csa"
-        return DSV4AttentionConfig(
-            kind, c["num_heads"], head_dim, _int(hf, "q_lora_rank"), _int(hf, "o_groups"), _int(hf, "o_lora_rank"),
-            _int(hf, "sliding_window"), ropes["main" if kind == "sliding" else "compress"],
-            compress_rate=rates[t] if kind != "sliding" else 0,
-            index_n_heads=_int(hf, "index_n_heads") if csa else 0, index_head_dim=_int(hf, "index_head_dim") if csa else 0,
-            index_topk=_int(hf, "index_topk") if csa else 0, rms_norm_eps=c["rms_norm_eps"])
-
-    layers = tuple(attention(t) for t in layer_types)
-    E = _int(hf, "n_routed_experts")
-    router = RouterConfig(E, c["top_k"], scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True,
-                          routed_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0))
-    limit = float(hf.swiglu_limit)
-    if not limit > 0:
-        raise unsupported("swiglu_limit", limit, "a number > 0")
-    n_shared = int(getattr(hf, "n_shared_experts", 0) or 0)
-    if n_shared != 1:
-        raise unsupported("n_shared_experts", n_shared, (1,), f" (transformers' {arch} has one shared MLP)")
-    moe = MoEConfig(router, n_shared_experts=1, activation="silu_clamp", swiglu_limit=limit)
-    hc = HyperConnectionConfig(_int(hf, "hc_mult"), _int(hf, "hc_sinkhorn_iters"), float(hf.hc_eps))
-    mtp = getattr(hf, "num_nextn_predict_layers", 0) or 0
-    if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
-        raise unsupported("num_nextn_predict_layers", mtp, "an integer >= 0")
-    return dict(num_experts=E, moe_intermediate_size=_int(hf, "moe_intermediate_size"), intermediate_size=0,
-                num_nextn_predict_layers=mtp,
-                norm_topk_prob=True, sparse_layers=tuple(range(n)), moe=moe, attention=layers[0],
-                layer_attention=layers, hash_layers=tuple(i for i, t in enumerate(mlp_types) if t == "hash_moe"),
-                hyper_connections=hc)
-
-
-def resolve_dsv4_cache(attention, layer_attention: tuple, cache_dtype: torch.dtype) -> tuple:
-    """(attention, layer_attention) with every V4 layer's `cache_dtype` set under an fp8 KV cache (so its window ring
-    is fp8 too); anything else returned as it is. ModelConfig's to call beside resolve_index_cache."""
-    if not DSV4AttentionConfig._fp8(cache_dtype):
+def resolve_compressed_cache(attention, layer_attention: tuple, cache_dtype: torch.dtype) -> tuple:
+    """(attention, layer_attention) with every compressed-attention layer's `cache_dtype` set under an fp8 KV cache
+    (so its window ring is fp8 too); anything else returned as it is. ModelConfig's to call beside
+    resolve_index_cache."""
+    if not CompressedAttentionConfig._fp8(cache_dtype):
         return attention, layer_attention
 
     def one(att):
-        return dataclasses.replace(att, cache_dtype=cache_dtype) if isinstance(att, DSV4AttentionConfig) else att
+        return dataclasses.replace(att, cache_dtype=cache_dtype) if isinstance(att, CompressedAttentionConfig) else att
 
     return one(attention), tuple(one(a) for a in layer_attention)
 
 
-def mtp_attention(layers: tuple[DSV4AttentionConfig, ...], hf: dict) -> DSV4AttentionConfig:
-    """An MTP layer's attention (engine/models/deepseek_v4/mtp.py): sliding only, as DeepSeek publishes it (its
-    `compress_ratios` has one entry past the main layers, 0: the MTP layer has no compressor and no indexer, its
-    checkpoint no compressor tensors), with the "main" rope; heads, ranks and window are the main layers'."""
-    a = layers[0]
-    rope = next((x.rope for x in layers if x.rope.layer_type == "main"), None) or _rope(hf, "main", a.rope.rotary_dim)
-    return DSV4AttentionConfig("sliding", a.num_heads, a.head_dim, a.q_lora_rank, a.o_groups, a.o_lora_rank,
-                               a.sliding_window, rope, rms_norm_eps=a.rms_norm_eps)
-
-
-def check_speculative(spec, layers: tuple[DSV4AttentionConfig, ...], arch: str) -> None:
-    """Speculative decoding on V4 (engine/config/engine_args.py asks): drafts from n-gram lookup or the checkpoint's
-    MTP layer (method "mtp": engine/spec/proposer/mtp.py over engine/models/deepseek_v4/mtp.py) are verified and each
-    verifying sequence's window ring and compressor rings are rolled back to its accepted tokens afterwards
-    (engine/models/deepseek_v4/rollback.py: the ring rows the rejected drafts overwrote are restored from a copy taken before
-    the step). That needs each ring slot written once a step: num_speculative_tokens + 1 <= the smallest ring (the
-    window, a compressor's rate, 2 x rate under CSA). EAGLE-3 heads are trained on one residual stream; V4 has n."""
-    if spec is None:
+def check_ring_rollback(spec, layers: tuple, arch: str) -> None:
+    """Speculative decoding over compressed-attention layers (engine/config/engine_args.py asks): drafts are verified
+    and each verifying sequence's window ring and compressor rings are rolled back to its accepted tokens afterwards
+    (DeepSeek-V4's: engine/models/deepseek_v4/rollback.py, the ring rows the rejected drafts overwrote restored from a
+    copy taken before the step). That needs each ring slot written once a step: num_speculative_tokens + 1 <= the
+    smallest ring (the window, a compressor's rate, 2 x rate under CSA). `layers`: every layer's attention config,
+    those of other kinds passed over."""
+    rings = [min(a.sliding_window, a.compressor_ring or a.sliding_window) for a in layers
+             if isinstance(a, CompressedAttentionConfig)]
+    if spec is None or not rings:
         return
-    if spec.runs_eagle3:
-        raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {arch}: an EAGLE-3 head "
-                         "reads one residual stream and V4 keeps several (hyper-connections); use method 'mtp' (the "
-                         "checkpoint's own MTP layer) or 'ngram'.")
-    ring = min(min(a.sliding_window, a.compressor_ring or a.sliding_window) for a in layers)
+    ring = min(rings)
     if spec.num_speculative_tokens + 1 > ring:
         raise ValueError(f"speculative_config.num_speculative_tokens={spec.num_speculative_tokens} is invalid for "
                          f"{arch}: at most {ring - 1} (a verify step's tokens must fit the smallest state ring, "
                          f"{ring} slots, so that rejected drafts can be rolled back).")
 
 
-__all__ = ["DSV4AttentionConfig", "HyperConnectionConfig", "LAYER_KINDS", "check_speculative", "mtp_attention",
-           "read_dsv4", "resolve_dsv4_cache"]
+__all__ = ["ATTENTION_BOUNDS", "CompressedAttentionConfig", "ENTRY_SCALE_GROUP", "INDEX_SCALE_GROUP", "LAYER_KINDS",
+           "check_ring_rollback", "fp8_row_bytes", "positive_int", "resolve_compressed_cache"]
