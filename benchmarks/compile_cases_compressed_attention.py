@@ -24,11 +24,12 @@ H, W, NI, I, O, CSA, HCA = 512, 128, 64, 128, 1024, 4, 128
 
 def compile_compressed_attention(rec: Recorder, quick: bool) -> None:
     from moelink.kernels.triton_compressed_attention import (triton_compress_kv, triton_grouped_linear,
-                                             triton_sink_attention)
+                                                             triton_sink_attention)
     from moelink.kernels.triton_hyper_connection import triton_hc_expand
     from moelink.kernels.triton_compressed_topk import triton_compressed_indexer_topk
     from moelink.kernels import triton_compressed_attention_paged as paged
-    from moelink.kernels.triton_compressed_attention_paged import triton_paged_compressed_indexer_topk, triton_paged_sink_attention
+    from moelink.kernels.triton_compressed_attention_paged import (triton_paged_compressed_indexer_topk,
+                                                                   triton_paged_sink_attention)
 
     meta = dict(device="meta")
     bf = dict(dtype=torch.bfloat16, **meta)
@@ -41,32 +42,34 @@ def compile_compressed_attention(rec: Recorder, quick: bool) -> None:
             E, M = CTX // CSA, CTX // L
             with rec.labelled(f"{name} paged indexer scores + top-{K} over {E} entries, {label}"):
                 triton_paged_compressed_indexer_topk(torch.empty(T, NI, I, **bf), torch.empty(T, NI, **bf),
-                                               torch.empty(T * M + 1, L // CSA, I, **bf), torch.empty(T, M, **i32),
-                                               torch.empty(T, dtype=torch.long, **meta), K)
+                                                     torch.empty(T * M + 1, L // CSA, I, **bf),
+                                                     torch.empty(T, M, **i32), torch.empty(T, dtype=torch.long, **meta),
+                                                     K)
             for kind, m, picks in (("CSA", CSA, torch.empty(T, K, **i32)), ("HCA", HCA, None)):
                 S = W + (K if picks is not None else CTX // HCA)
                 with rec.labelled(f"{name} paged sink attention ({N} heads), {kind} ring + entries ({S} keys), "
                                   f"{label}"):
                     i = torch.empty(T, dtype=torch.long, **meta)
                     triton_paged_sink_attention(torch.empty(T, N, H, **bf), torch.empty(T + 1, W, H, **bf), i, i,
-                                                     torch.empty(T * M + 1, L // m, H, **bf),
-                                                     torch.empty(T, M, **i32), picks, i, torch.empty(N, **f32),
-                                                     H**-0.5)
+                                                torch.empty(T * M + 1, L // m, H, **bf),
+                                                torch.empty(T, M, **i32), picks, i, torch.empty(N, **f32),
+                                                H**-0.5)
             with rec.labelled(f"{name} grouped output projection ({G} groups to {O}), {label}"):
                 triton_grouped_linear(torch.empty(T, G, N * H // G, **bf), torch.empty(G, O, N * H // G, **bf))
             with rec.labelled(f"{name} hyper-connection residual ({HC} streams of {D}), {label}"):
                 triton_hc_expand(torch.empty(T, HC, D, **bf), torch.empty(T, D, **bf), torch.empty(T, HC, **f32),
-                                      torch.empty(T, HC, HC, **f32))
+                                 torch.empty(T, HC, HC, **f32))
         if quick:
             continue
         T = 97
         with rec.labelled(f"{name} indexer scores + top-{K}, a 97-token chunk over 4096 tokens (shared keys)"):
             triton_compressed_indexer_topk(torch.empty(T, NI, I, **bf), torch.empty(T, NI, **bf),
-                                     torch.empty(4096 // CSA, I, **bf), torch.empty(T, dtype=torch.long, **meta), K)
+                                           torch.empty(4096 // CSA, I, **bf), torch.empty(T, dtype=torch.long, **meta),
+                                           K)
         with rec.labelled(f"{name} sink attention, a 97-token chunk over 4096 tokens (shared keys)"):
             S = W + 97 + 4096 // CSA
             triton_sink_attention(torch.empty(T, N, H, **bf), torch.empty(S, H, **bf),
-                                       torch.empty(T, S, dtype=torch.bool, **meta), torch.empty(N, **f32), H**-0.5)
+                                  torch.empty(T, S, dtype=torch.bool, **meta), torch.empty(N, **f32), H**-0.5)
         with rec.labelled(f"{name} grouped output projection, a 97-token chunk"):
             triton_grouped_linear(torch.empty(T, G, N * H // G, **bf), torch.empty(G, O, N * H // G, **bf))
     for kind, m, overlap in (("CSA", CSA, True), ("HCA", HCA, False)):
@@ -74,8 +77,8 @@ def compile_compressed_attention(rec: Recorder, quick: bool) -> None:
             C = 2 * width if overlap else width
             with rec.labelled(f"compressor ({kind}, rate {m}, {what}), 24 windows"):
                 triton_compress_kv(torch.empty(24, m, C, **bf), torch.empty(24, m, C, **f32),
-                                     torch.empty(24, m, width, **bf) if overlap else None,
-                                     torch.empty(24, m, width, **f32) if overlap else None)
+                                   torch.empty(24, m, width, **bf) if overlap else None,
+                                   torch.empty(24, m, width, **f32) if overlap else None)
 
 
 if __name__ == "__main__":  # registers / spills of each kernel, without the report

@@ -18,15 +18,15 @@ references of kernels/compressed_attention.py, wall clock).
     python -m moelink.benchmarks.compressed_attention_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
 
 On a GPU (`--gpu`): the Triton kernels in bf16, each layer kind's decode step as the engine's batched decode path runs
-it (engine/models/deepseek_v4/decode.py: the paged ops, `paged_compressed_indexer_topk` / `paged_sink_attention`, reading
-index keys and entries through the block tables and the window from the state slots), and beside it the path it
-replaced (`*_gather`: entries and index keys gathered per row into [T, E, X] tensors, then the per-query-key ops),
-eager and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads, latent 512 + rope 64)
-over the same context: time per step (CUDA events, L2 flushed), the paged / gather ratios, and bytes. The
-projections (q, the index queries, the output) are the layer's GEMMs, not attention, and are left out. Bytes are
-counted, not measured: what each path must read per step (keys of 512 values, index keys of 128, in bf16; `csa`,
-`hca`: what the paged kernels read, the CSA scores' float32 workspace aside, 8 bytes an entry written and read),
-and what the gather path moved (`gathered_*`: module `gathered_bytes`).
+it (engine/models/deepseek_v4/decode.py: the paged ops, `paged_compressed_indexer_topk` / `paged_sink_attention`,
+reading index keys and entries through the block tables and the window from the state slots), and beside it the path it
+replaced (`*_gather`: entries and index keys gathered per row into [T, E, X] tensors, then the per-query-key ops), eager
+and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads, latent 512 + rope 64) over the
+same context: time per step (CUDA events, L2 flushed), the paged / gather ratios, and bytes. The projections (q, the
+index queries, the output) are the layer's GEMMs, not attention, and are left out. Bytes are counted, not measured: what
+each path must read per step (keys of 512 values, index keys of 128, in bf16; `csa`, `hca`: what the paged kernels read,
+the CSA scores' float32 workspace aside, 8 bytes an entry written and read), and what the gather path moved
+(`gathered_*`: module `gathered_bytes`).
 Results: JSON with the run's device, date and commit (bench_timing.run_meta); a table on stdout.
 """
 from __future__ import annotations
@@ -107,8 +107,9 @@ def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
 
 
 def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
-    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (the paged ops engine/models/deepseek_v4/decode.py runs, and
-    the gather path they replaced) and V3's MLA decode, eager and replayed (module docstring)."""
+    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (the paged ops
+    engine/models/deepseek_v4/decode.py runs, and the gather path they replaced) and V3's MLA decode, eager and replayed
+    (module docstring)."""
     from .dsa_decode import _meta
 
     bf = dict(dtype=torch.bfloat16, device=device)
@@ -144,11 +145,11 @@ def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
     def csa():
         picks = kernels.paged_compressed_indexer_topk(iq_TnI, iw_Tn, idx_BLcI, table_TM, vis_csa, K)
         return kernels.paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, csa_BLcH, table_TM, picks, vis_csa,
-                                                 sinks_N, scale)
+                                            sinks_N, scale)
 
     def hca():
         return kernels.paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, hca_BLcH, table_TM, None, vis_hca,
-                                                 sinks_N, scale)
+                                            sinks_N, scale)
 
     def csa_gather():
         picks = kernels.compressed_indexer_topk(iq_TnI, iw_Tn, gather(idx_BLcI, e_csa), vis_csa, K).long()

@@ -9,8 +9,9 @@ is rounded to float32 before it is rotated, the lightning indexer scores in floa
 float32 weights. Everything else stays in the activations' dtype (float64 in the parity tests).
 
 A batched decode step's two ops read the cache where it lies (`reference_paged_indexer_topk`,
-`reference_paged_sink_attention`): index keys and entries in their pages through each query's block table, window
-rows in its state slot. These references gather them first (the oracle); triton_compressed_attention_paged.py reads them in place.
+`reference_paged_sink_attention`): index keys and entries in their pages through each query's block table, window rows
+in its state slot. These references gather them first (the oracle); triton_compressed_attention_paged.py reads them in
+place.
 
 An fp8 KV cache (--kv-cache-dtype fp8) keeps each paged row as bytes (`FP8Rows`, uint8 pages [B, Lc, X]), the layout
 of DeepSeek's own fp8 sparse KV (FlashMLA's): an entry's leading H - R values in e4m3 with one float32 scale per 64

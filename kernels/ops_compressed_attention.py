@@ -23,17 +23,17 @@ from .compressed_attention import (reference_compress, reference_grouped_linear,
 
 class CompressedAttentionKernels(Protocol):
     def compress_kv(self, kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_nmH: torch.Tensor | None,
-                      prev_gate_nmH: torch.Tensor | None) -> torch.Tensor:
+                    prev_gate_nmH: torch.Tensor | None) -> torch.Tensor:
         """One entry per window, the softmax-gated sum of its kv rows (CSA: the previous window's half too): [n, H]."""
         ...
 
     def compressed_indexer_topk(self, q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor,
-                          visible_T: torch.Tensor, top_k: int) -> torch.Tensor:
+                                visible_T: torch.Tensor, top_k: int) -> torch.Tensor:
         """The lightning indexer's top_k entries per query among its visible ones: int32 [T, top_k], then -1."""
         ...
 
     def sink_attention(self, q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor,
-                            sinks_N: torch.Tensor, scale: float) -> torch.Tensor:
+                       sinks_N: torch.Tensor, scale: float) -> torch.Tensor:
         """MQA over one shared head that is key and value, a sink logit per head: [T, N, H]."""
         ...
 
@@ -42,14 +42,14 @@ class CompressedAttentionKernels(Protocol):
         ...
 
     def paged_compressed_indexer_topk(self, q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_BLcI: torch.Tensor,
-                                table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int) -> torch.Tensor:
+                                      table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int) -> torch.Tensor:
         """compressed_indexer_topk for a batched decode step, the keys read through the block table."""
         ...
 
     def paged_sink_attention(self, q_TNH: torch.Tensor, window_PWH: torch.Tensor, slot_T: torch.Tensor,
-                                  pos_T: torch.Tensor, entries_BLcH: torch.Tensor | None, table_TM: torch.Tensor | None,
-                                  picks_TK: torch.Tensor | None, visible_T: torch.Tensor | None,
-                                  sinks_N: torch.Tensor, scale: float, *, rope_dims: int = 0) -> torch.Tensor:
+                             pos_T: torch.Tensor, entries_BLcH: torch.Tensor | None, table_TM: torch.Tensor | None,
+                             picks_TK: torch.Tensor | None, visible_T: torch.Tensor | None,
+                             sinks_N: torch.Tensor, scale: float, *, rope_dims: int = 0) -> torch.Tensor:
         """sink_attention for a batched decode step: the window ring and the paged entries read in place."""
         ...
 

@@ -16,7 +16,7 @@ from .hyper_connection import reference_hc_expand
 
 class HyperConnectionKernels(Protocol):
     def hc_expand(self, x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torch.Tensor,
-                       comb_Tnn: torch.Tensor) -> torch.Tensor:
+                  comb_Tnn: torch.Tensor) -> torch.Tensor:
         """The hyper-connections' residual step: stream k = post[k] * out + sum_j comb[j, k] * x[j], [T, n, D]."""
         ...
 
@@ -27,4 +27,5 @@ def _triton() -> dict[str, Any]:
     return dict(hc_expand=triton_hc_expand)  # the mix and the residual add: one pass over the streams
 
 
-registry.register("hyper_connection", HyperConnectionKernels, triton=_triton, reference=dict(hc_expand=reference_hc_expand))
+registry.register("hyper_connection", HyperConnectionKernels, triton=_triton,
+                  reference=dict(hc_expand=reference_hc_expand))

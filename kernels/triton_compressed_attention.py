@@ -8,9 +8,9 @@ references in kernels/compressed_attention.py (legend there); the indexer's top-
   the reference makes half a dozen.
 - `triton_sink_attention`: grid (queries, head tiles). Flash-style online softmax over the key rows allowed to
   the query (the window ring's raw KV, then the compressed entries), started from the head's sink (max = sink,
-  denominator 1: the sink is one more logit without a value). K = V, so each key tile is loaded once for both
-  products. Rows a query may not see are zeroed before P @ V: a row never written (NaN in the cache) costs nothing.
-  Its per-tile step (`sink_softmax_step`) is shared with the paged decode kernel of triton_compressed_attention_paged.py.
+  denominator 1: the sink is one more logit without a value). K = V, so each key tile is loaded once for both products.
+  Rows a query may not see are zeroed before P @ V: a row never written (NaN in the cache) costs nothing. Its per-tile
+  step (`sink_softmax_step`) is shared with the paged decode kernel of triton_compressed_attention_paged.py.
 - `triton_grouped_linear`: grid (row tiles, groups, output tiles), a K loop over each group's d inputs.
 
 Numerics: float32 accumulation throughout (the reference computes its logits in the activations' dtype: equal in
@@ -28,8 +28,8 @@ from .triton_common import cast, dot
 
 @triton.jit
 def _compress_kv_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_kn, stride_km, stride_gn, stride_gm,
-                          stride_pn, stride_pm, stride_qn, stride_qm, stride_on, m, H, col0, OVERLAP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+                        stride_pn, stride_pm, stride_qn, stride_qm, stride_on, m, H, col0, OVERLAP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_M)
@@ -63,8 +63,9 @@ def _compress_kv_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_kn
 
 
 def triton_compress_kv(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_nmH: torch.Tensor | None,
-                         prev_gate_nmH: torch.Tensor | None) -> torch.Tensor:
-    """Same contract as compressed_attention.reference_compress: [n, H] in kv's dtype (before the entry norm and rope)."""
+                       prev_gate_nmH: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as compressed_attention.reference_compress: [n, H] in kv's dtype (before the entry norm and
+    rope)."""
     common.check_dtype("kv_nmC", kv_nmC)
     overlap = prev_kv_nmH is not None
     n, m, C = kv_nmC.shape
@@ -109,9 +110,9 @@ def sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET: tl.constexpr, P
 
 @triton.jit(do_not_specialize=["S"])
 def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale, S, N, H, stride_qt, stride_qn,
-                                stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr,
-                                BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
-                                PREC: tl.constexpr):
+                           stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
+                           PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_H)
@@ -134,9 +135,9 @@ def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale,
 
 
 def triton_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor, sinks_N: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """Same contract as compressed_attention.reference_sink_attention: out [T, N, H] in q's dtype. allowed_TS bool [T, S]; k_SH
-    [S, H] shared, or [T, S, H] per query (a batched decode step)."""
+                          scale: float) -> torch.Tensor:
+    """Same contract as compressed_attention.reference_sink_attention: out [T, N, H] in q's dtype. allowed_TS bool
+    [T, S]; k_SH [S, H] shared, or [T, S, H] per query (a batched decode step)."""
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
     S = k_SH.shape[-2]
@@ -165,8 +166,8 @@ def triton_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: t
 
 @triton.jit
 def _grouped_linear_kernel(x_ptr, w_ptr, out_ptr, T, O, Dg, stride_xt, stride_xg, stride_wg, stride_wo, stride_ot,
-                                stride_og, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                                INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                           stride_og, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                           INTERPRET: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)

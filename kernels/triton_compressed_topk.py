@@ -1,6 +1,6 @@
 """DeepSeek-V4's lightning indexer in Triton: scores of every compressed entry a query may see, then its top-k. Same
-contract as compressed_attention.reference_indexer_topk (legend there), except that the K picks come in any order (the attention
-only marks them; the tests compare them sorted).
+contract as compressed_attention.reference_indexer_topk (legend there), except that the K picks come in any order (the
+attention only marks them; the tests compare them sorted).
 
 - scores (grid: queries x G, G programs per query sharing its entry tiles, about 4 programs per SM as DSA's): a
   query's [n_I, I] index queries loaded once, each tile of BLOCK_E keys read once for all heads,
@@ -54,9 +54,9 @@ def score_tile(q, k, w, q_scale, INTERPRET: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["E", "G"])
 def _compressed_index_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr, E, G, nI, I, q_scale, w_scale,
-                                stride_qt, stride_qh, stride_wt, stride_kt, stride_ke, stride_st,
-                                BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
-                                INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                                    stride_qt, stride_qh, stride_wt, stride_kt, stride_ke, stride_st,
+                                    BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
+                                    INTERPRET: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.load(visible_ptr + t).to(tl.int32), E)
     q, w = load_index_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, nI, I, w_scale, BLOCK_NI, BLOCK_I)
@@ -71,8 +71,9 @@ def _compressed_index_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_
         tl.store(scores_ptr + t * stride_st + e, score, mask=ok)
 
 
-def triton_compressed_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor, visible_T: torch.Tensor,
-                             top_k: int, *, num_splits: int | None = None) -> torch.Tensor:
+def triton_compressed_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor,
+                                   visible_T: torch.Tensor, top_k: int, *,
+                                   num_splits: int | None = None) -> torch.Tensor:
     """int32 [T, top_k]: each query's top_k entries among its first visible_T[t] (all of them, then -1, when fewer);
     any order. keys_EI [E, I] shared, or [T, E, I] per query (a batched decode step). `num_splits` forces the
     top-k's programs per row (1: one program; tests), else split_programs picks
@@ -103,9 +104,9 @@ def triton_compressed_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys
 
 
 def score_buffers(q_TnI: torch.Tensor, visible_T: torch.Tensor, E: int, top_k: int, num_splits: int | None):
-    """What an indexer wrapper allocates before scoring E entries (this one's and triton_compressed_attention_paged.py's): (out
-    int32 [T, top_k], scores float32 [T, E'] with E' = E rounded up to the score tile, lens_T int32 = visible_T
-    clamped to E, BLOCK_E, num_warps). Refuses a top_k or num_splits below 1."""
+    """What an indexer wrapper allocates before scoring E entries (this one's and
+    triton_compressed_attention_paged.py's): (out int32 [T, top_k], scores float32 [T, E'] with E' = E rounded up to the
+    score tile, lens_T int32 = visible_T clamped to E, BLOCK_E, num_warps). Refuses a top_k or num_splits below 1."""
     if top_k < 1 or (num_splits is not None and num_splits < 1):
         raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
     T, dev = q_TnI.shape[0], q_TnI.device

@@ -20,8 +20,8 @@ from .triton_common import cast
 
 @triton.jit
 def _hc_expand_kernel(x_ptr, out_ptr, post_ptr, comb_ptr, y_ptr, D, stride_xt, stride_xn, stride_ot, stride_pt,
-                           stride_ct, stride_yt, stride_yn, N: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+                      stride_ct, stride_yt, stride_yn, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     k = tl.arange(0, BLOCK_N)
@@ -38,7 +38,7 @@ def _hc_expand_kernel(x_ptr, out_ptr, post_ptr, comb_ptr, y_ptr, D, stride_xt, s
 
 
 def triton_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torch.Tensor,
-                          comb_Tnn: torch.Tensor) -> torch.Tensor:
+                     comb_Tnn: torch.Tensor) -> torch.Tensor:
     """Same contract as hyper_connection.reference_hc_expand: [T, n, D] in x's dtype."""
     common.check_dtype("x_TnD", x_TnD)
     T, n, D = x_TnD.shape

@@ -74,9 +74,9 @@ class Architecture:
     # num_nextn_predict_layers; engine/spec/heads/mtp.py).
     mtp_layers: bool = False
     # Where and how those layers are stored: "nextn" (DeepSeek-V3's `model.layers.{num_hidden_layers + i}.*`,
-    # engine/spec/heads/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
-    # mtp_num_hidden_layers; engine/spec/heads/qwen_mtp.py) or a family's own, registered by its kinds.py (DeepSeek-V4's:
-    # top-level `mtp.{i}.*` over the hyper-connection streams; engine/models/deepseek_v4/mtp.py).
+    # engine/spec/heads/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's mtp_num_hidden_layers;
+    # engine/spec/heads/qwen_mtp.py) or a family's own, registered by its kinds.py (DeepSeek-V4's: top-level `mtp.{i}.*`
+    # over the hyper-connection streams; engine/models/deepseek_v4/mtp.py).
     mtp_layout: str = "nextn"
 
     def __post_init__(self) -> None:

@@ -2,12 +2,12 @@
 into these): one config per layer, its cache layout (shapes, dtypes, bytes) and its per-sequence state. Pure data: no
 model code, no device.
 
-Attention (`CompressedAttentionConfig`, kind "compressed"): every layer is multi-query attention with one shared KV head that is
-its own value (K = V), per-head sinks, and a sliding window over the raw recent tokens; a compressed layer adds
-entries that summarise `compress_rate` tokens each: compressed sparse attention (CSA, rate 4 in V4: overlapping
-windows of 2 * rate, a lightning indexer picks `index_topk` entries per query) or heavily compressed attention (HCA,
-rate 128: read densely). Sliding-only layers rotate with the "main" rope, compressed layers (and their compressor
-and indexer) with the "compress" rope. The output is a grouped low-rank projection (o_groups, o_lora_rank).
+Attention (`CompressedAttentionConfig`, kind "compressed"): every layer is multi-query attention with one shared KV head
+that is its own value (K = V), per-head sinks, and a sliding window over the raw recent tokens; a compressed layer adds
+entries that summarise `compress_rate` tokens each: compressed sparse attention (CSA, rate 4 in V4: overlapping windows
+of 2 * rate, a lightning indexer picks `index_topk` entries per query) or heavily compressed attention (HCA, rate 128:
+read densely). Sliding-only layers rotate with the "main" rope, compressed layers (and their compressor and indexer)
+with the "compress" rope. The output is a grouped low-rank projection (o_groups, o_lora_rank).
 
 The cache of a layer (engine/models/deepseek_v4/attention.py computes it, engine/rank runs it):
 - paged, on the sequence's block ids: the compressed entries, `block_size / compress_rate` per block (an entry never
@@ -18,14 +18,14 @@ The cache of a layer (engine/models/deepseek_v4/attention.py computes it, engine
   indexed by position mod window) and the compressors' running rows (each recent token's projected kv and gate, a
   ring of `compress_rate` tokens, `2 * compress_rate` under CSA whose entry reads the previous window too; the
   indexer's compressor the same at index_head_dim), in float32 (`state_dtypes`).
-Under --kv-cache-dtype fp8 (float8_e4m3fn; e5m2 is not offered) the paged tensors hold fp8 rows as bytes (uint8
-[B, Lc, X], `fp8_row_bytes`; kernels/compressed_attention.FP8Rows encodes them): an entry's leading H - R values in e4m3 with a
-float32 scale per 64 and its R rope values in bfloat16 (FlashMLA's shape, with float32 scales), an index key in
-e4m3 with a float32 scale per 128 (DSA's row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where
-bf16 costs (1024 + 256) / 4 = 320. The window ring takes the entry's fp8 rows too: the layer's config carries the cache dtype (`cache_dtype`, set by
-`resolve_compressed_cache`, which ModelConfig calls as it resolves DSA's key layout: the state pools are allocated and
-sized from the layer config and the model dtype alone, engine/state/cache.py and engine/config/kv_sizing.py);
-the compressor rows stay float32 (a partial window's running sums, not cached values).
+Under --kv-cache-dtype fp8 (float8_e4m3fn; e5m2 is not offered) the paged tensors hold fp8 rows as bytes (uint8 [B, Lc,
+X], `fp8_row_bytes`; kernels/compressed_attention.FP8Rows encodes them): an entry's leading H - R values in e4m3 with a
+float32 scale per 64 and its R rope values in bfloat16 (FlashMLA's shape, with float32 scales), an index key in e4m3
+with a float32 scale per 128 (DSA's row). V4-Flash's CSA layer: (604 + 132) / 4 = 184 bytes per token where bf16 costs
+(1024 + 256) / 4 = 320. The window ring takes the entry's fp8 rows too: the layer's config carries the cache dtype
+(`cache_dtype`, set by `resolve_compressed_cache`, which ModelConfig calls as it resolves DSA's key layout: the state
+pools are allocated and sized from the layer config and the model dtype alone, engine/state/cache.py and
+engine/config/kv_sizing.py); the compressor rows stay float32 (a partial window's running sums, not cached values).
 Why the window is state and not paged: paged, the raw KV of every token would stay (head_dim values per token and
 layer, as many as DeepSeek-V3's latent) unless the blocks leaving the window were freed, and the hybrid cache manager
 does not combine a sliding-window block table with its state slots (scheduler/hybrid_cache.py refuses one); a ring
@@ -53,9 +53,9 @@ LAYER_KINDS = {"sliding_attention": "sliding", "compressed_sparse_attention": "c
 
 # The most each size may be, checked as config.json is read, before anything is sized from it: the window ring, the
 # compressor rings, the index top-k's selection are all allocated (or looped over) from these alone
-# (engine/config/hyper_connections.py bounds the hyper-connection streams alike). Each bound is the largest published value (DeepSeek-V4-Flash / V4-Pro, transformers' DeepseekV4Config
-# defaults) times a margin of 8 or more, and far below what a typo or a hostile file asks for (1e9 of them: a hang or
-# a terabyte allocation).
+# (engine/config/hyper_connections.py bounds the hyper-connection streams alike). Each bound is the largest published
+# value (DeepSeek-V4-Flash / V4-Pro, transformers' DeepseekV4Config defaults) times a margin of 8 or more, and far below
+# what a typo or a hostile file asks for (1e9 of them: a hang or a terabyte allocation).
 ATTENTION_BOUNDS = {
     "sliding_window": 1 << 16,  # published 128: a ring of that many raw KV rows per sequence and layer (state slot)
     "compress_rates": 1 << 12,  # published 4 (CSA) and 128 (HCA): a ring of rate (CSA: 2 x rate) rows per sequence
@@ -77,7 +77,8 @@ def positive_int(name: str, v, bounds: dict[str, int] = ATTENTION_BOUNDS) -> Non
 
 # The fp8 rows' geometry (module docstring), in bytes: the config sizes the cache from it,
 # kernels/compressed_attention.FP8Rows encodes and decodes the same layout (the config layer imports no kernel:
-# DeepSeek-V4's fp8 KV tests, test_kv_sizing_bytes_per_token_fp8_beside_bf16, keep the two equal). Values per float32 scale: an entry's (and window row's), an index key's (DSA's row).
+# DeepSeek-V4's fp8 KV tests, test_kv_sizing_bytes_per_token_fp8_beside_bf16, keep the two equal). Values per float32
+# scale: an entry's (and window row's), an index key's (DSA's row).
 ENTRY_SCALE_GROUP = 64
 INDEX_SCALE_GROUP = 128
 
@@ -107,8 +108,8 @@ class CompressedAttentionConfig:
     index_head_dim: int = 0
     index_topk: int = 0
     rms_norm_eps: float = 1e-6
-    # The KV cache's dtype, resolved (resolve_compressed_cache): float8_e4m3fn puts the window ring in fp8 rows as well as
-    # the paged tensors; None (as config.json is read) keeps the window in the model dtype.
+    # The KV cache's dtype, resolved (resolve_compressed_cache): float8_e4m3fn puts the window ring in fp8 rows as well
+    # as the paged tensors; None (as config.json is read) keeps the window in the model dtype.
     cache_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
@@ -126,7 +127,8 @@ class CompressedAttentionConfig:
         if compressed:
             positive_int("compress_rates", self.compress_rate)
         elif self.compress_rate:
-            raise ValueError(f"CompressedAttentionConfig compress_rate={self.compress_rate} is invalid for a sliding layer.")
+            raise ValueError(f"CompressedAttentionConfig compress_rate={self.compress_rate} is invalid for a sliding "
+                             "layer.")
         if self.layer_kind == "csa":
             for name in ("index_n_heads", "index_head_dim", "index_topk"):
                 positive_int(name, getattr(self, name))

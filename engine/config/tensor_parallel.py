@@ -136,9 +136,9 @@ def _check_split_experts(cfg, size: int, method, quant, bad) -> None:
 
 
 def _check_compressed_attention(cfg, size: int, block, bad) -> None:
-    """Compressed attention (DeepSeek-V4's) split over the group: heads and output groups (wo_a) divide; under its published FP8
-    format a rank's wq_b rows and wo_b columns are whole blocks (wo_a's rows need not be: its scales are held in
-    finer rows, engine/models/deepseek_v4/weights.py)."""
+    """Compressed attention (DeepSeek-V4's) split over the group: heads and output groups (wo_a) divide; under its
+    published FP8 format a rank's wq_b rows and wo_b columns are whole blocks (wo_a's rows need not be: its scales are
+    held in finer rows, engine/models/deepseek_v4/weights.py)."""
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
         if a.num_heads % size:

@@ -98,7 +98,7 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
     assert tiny == (52, 44)
     rope = RopeConfig(64, 10000.0, "default", style="interleaved")
     flash_csa = CompressedAttentionConfig("csa", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=4, index_n_heads=64,
-                                    index_head_dim=128, index_topk=512)
+                                          index_head_dim=128, index_topk=512)
     flash_hca = CompressedAttentionConfig("hca", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=128)
     flash = [(a.kv_bytes_per_token(torch.bfloat16), a.kv_bytes_per_token(torch.float8_e4m3fn))
              for a in (flash_csa, flash_hca)]

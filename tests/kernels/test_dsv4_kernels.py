@@ -90,7 +90,7 @@ def test_sink_attention_all_sink_when_nothing_is_seen(kdev):
     softmax, the output is 0 (the reference's softmax over [-inf..., sink] gives the same)."""
     q, k = torch.ones(1, 2, 16, device=kdev), torch.full((3, 16), float("nan"), device=kdev)
     got = triton_sink_attention(q, k, torch.zeros(1, 3, dtype=torch.bool, device=kdev),
-                                     torch.zeros(2, device=kdev), 0.25)
+                                torch.zeros(2, device=kdev), 0.25)
     assert torch.equal(got.cpu(), torch.zeros(1, 2, 16))
 
 
@@ -145,7 +145,7 @@ def test_per_query_keys_equal_reference(gen, kdev, check, dtype):
     sinks = torch.randn(N, generator=gen)
     want = reference_sink_attention(q.double(), keys.double(), allowed, sinks, H**-0.5)
     got = triton_sink_attention(q.to(kdev), keys.masked_fill(~allowed[..., None], float("nan")).to(kdev),
-                                     allowed.to(kdev), sinks.to(kdev), H**-0.5)
+                                allowed.to(kdev), sinks.to(kdev), H**-0.5)
     check(got, want, dtype, "sink attention, per-query keys")
     iq, iw = torch.randn(T, nI, I, generator=gen), torch.randn(T, nI, generator=gen)
     ikeys = torch.randn(T, E, I, generator=gen)

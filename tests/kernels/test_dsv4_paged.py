@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moelink.kernels.compressed_attention import (reference_indexer_topk, reference_paged_indexer_topk, reference_paged_sink_attention,
-                                  reference_sink_attention)
+                                                  reference_sink_attention)
 from moelink.kernels.triton_compressed_attention_paged import (triton_paged_compressed_indexer_topk, triton_paged_sink_attention)
 
 from tests.helpers.dsa_cases import assert_same_sets
@@ -89,7 +89,7 @@ def test_paged_indexer_topk_equals_reference(gen, kdev, m, topk, splits):
         ref_t = reference_indexer_topk(q[t:t + 1], w[t:t + 1], b.gathered(keys, t, range(v)), b.visible[t:t + 1], topk)
         assert torch.equal(want[t:t + 1], ref_t)
     got = triton_paged_compressed_indexer_topk(q.float().to(kdev), w.float().to(kdev), keys.float().to(kdev),
-                                         b.table.to(kdev), b.visible.to(kdev), topk, num_splits=splits)
+                                               b.table.to(kdev), b.visible.to(kdev), topk, num_splits=splits)
     assert got.dtype == torch.int32 and got.shape == (len(POS), topk)
     assert_same_sets(got.cpu(), want)
     assert (got[-1] == -1).all()  # the padding row picks nothing
@@ -137,7 +137,7 @@ def test_paged_sink_attention_equals_reference(gen, kdev, check, dtype, kind, sp
     assert not torch.isnan(want).any()
     dev_args = tuple(None if a is None else a.to(kdev) for a in args)
     got = triton_paged_sink_attention(q.to(kdev), ring.to(kdev), *dev_args, sinks.to(kdev), H**-0.5,
-                                           num_splits=splits)
+                                      num_splits=splits)
     assert got.dtype == dtype
     check(got[:-1], want[:-1], dtype, f"paged sink attention {kind} splits={splits}")
     assert torch.equal(got[-1].cpu().float(), torch.zeros(N, H))  # the padding row: the sink alone, output 0
@@ -146,8 +146,8 @@ def test_paged_sink_attention_equals_reference(gen, kdev, check, dtype, kind, sp
         for t, v in enumerate(b.visible.tolist()):
             tail[t, v:] = v
         again = triton_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev),
-                                                 pages.to(kdev), b.table.to(kdev), tail.to(kdev), b.visible.to(kdev),
-                                                 sinks.to(kdev), H**-0.5, num_splits=splits)
+                                            pages.to(kdev), b.table.to(kdev), tail.to(kdev), b.visible.to(kdev),
+                                            sinks.to(kdev), H**-0.5, num_splits=splits)
         assert torch.equal(again.cpu(), got.cpu())
 
 
@@ -155,10 +155,10 @@ def test_paged_ops_refuse_mismatched_shapes(kdev):
     q = torch.zeros(2, 3, 16, device=kdev)
     with pytest.raises(ValueError, match=r"table_TM \(3, 4\).*\[2, M\]"):
         triton_paged_compressed_indexer_topk(q, torch.zeros(2, 3, device=kdev), torch.zeros(5, 2, 16, device=kdev),
-                                       torch.zeros(3, 4, dtype=torch.int32, device=kdev),
-                                       torch.zeros(2, dtype=torch.long, device=kdev), 4)
+                                             torch.zeros(3, 4, dtype=torch.int32, device=kdev),
+                                             torch.zeros(2, dtype=torch.long, device=kdev), 4)
     with pytest.raises(ValueError, match=r"entries_BLcH \(5, 2, 8\).*\[B, Lc, 16\]"):
         i = torch.zeros(2, dtype=torch.long, device=kdev)
         triton_paged_sink_attention(q, torch.zeros(3, 4, 16, device=kdev), i, i, torch.zeros(5, 2, 8, device=kdev),
-                                         torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
-                                         torch.zeros(3, device=kdev), 0.25)
+                                    torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
+                                    torch.zeros(3, device=kdev), 0.25)

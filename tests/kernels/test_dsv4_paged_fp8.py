@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelink.kernels.compressed_attention import (FP8Rows, entry_rows, index_key_rows, reference_paged_indexer_topk,
-                                  reference_paged_sink_attention)
+                                                  reference_paged_sink_attention)
 from moelink.kernels.triton_compressed_attention_paged import triton_paged_compressed_indexer_topk, triton_paged_sink_attention
 
 from tests.helpers.dsa_cases import assert_same_sets
@@ -64,7 +64,7 @@ def test_paged_indexer_topk_reads_fp8_keys(gen, kdev, m, topk, splits):
     assert torch.equal(want, reference_paged_indexer_topk(q.float(), w.float(), decoded.float(), b.table, b.visible,
                                                           topk))
     got = triton_paged_compressed_indexer_topk(q.float().to(kdev), w.float().to(kdev), pages.to(kdev), b.table.to(kdev),
-                                         b.visible.to(kdev), topk, num_splits=splits)
+                                               b.visible.to(kdev), topk, num_splits=splits)
     assert_same_sets(got.cpu(), want)
     assert (got[-1] == -1).all()
 
@@ -99,8 +99,8 @@ def test_paged_sink_attention_reads_fp8_entries(gen, kdev, check, dtype, kind, w
     assert torch.equal(want, oracle) and not torch.isnan(want).any()
     dev = lambda x: None if x is None else x.to(kdev)  # noqa: E731
     got = triton_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev), dev(pages),
-                                           dev(table), dev(picks), dev(visible), sinks.to(kdev), H**-0.5, rope_dims=R,
-                                           num_splits=splits)
+                                      dev(table), dev(picks), dev(visible), sinks.to(kdev), H**-0.5, rope_dims=R,
+                                      num_splits=splits)
     assert got.dtype == dtype
     check(got[:-1], want[:-1], dtype, f"fp8 paged sink attention {kind} splits={splits}")
     assert torch.equal(got[-1].cpu().float(), torch.zeros(N, H))
@@ -111,6 +111,6 @@ def test_fp8_pages_of_the_wrong_width_are_refused(kdev):
     i = torch.zeros(2, dtype=torch.long, device=kdev)
     with pytest.raises(ValueError, match=r"entries_BLcH \(5, 2, 32\).*\[B, Lc, 44\]"):
         triton_paged_sink_attention(q, torch.zeros(3, 4, 32, device=kdev), i, i,
-                                         torch.zeros(5, 2, 32, dtype=torch.uint8, device=kdev),
-                                         torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
-                                         torch.zeros(3, device=kdev), 0.25, rope_dims=8)
+                                    torch.zeros(5, 2, 32, dtype=torch.uint8, device=kdev),
+                                    torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
+                                    torch.zeros(3, device=kdev), 0.25, rope_dims=8)

@@ -1,14 +1,16 @@
-"""DeepSeek-V4's attention layer (engine/config/compressed_attention.py has the cache layout; kernels/compressed_attention.py the math): MQA over one
-shared head that is key and value, per-head sinks, a sliding window of raw KV, and under CSA / HCA the compressed
-entries, all read and written through the engine's cache: the paged entries on the step's block tables, the window
-and the compressors' running rows in each sequence's state slot (ForwardContext.state).
+"""DeepSeek-V4's attention layer (engine/config/compressed_attention.py has the cache layout;
+kernels/compressed_attention.py the math): MQA over one shared head that is key and value, per-head sinks, a sliding
+window of raw KV, and under CSA / HCA the compressed entries, all read and written through the engine's cache: the paged
+entries on the step's block tables, the window and the compressors' running rows in each sequence's state slot
+(ForwardContext.state).
 
 A pure-decode step runs batched from device lengths only (dsv4_decode.py: what a decode CUDA graph captures); so does
-each run of consecutive one-token rows in a mixed or verify step, while every longer sequence (a prefill chunk, a
-verify row) runs on its own, its lengths read from the metadata's host lists (no device sync). The math goes through
-four ops of the kernel strategy (kernels/ops.py), each with its reference in kernels/compressed_attention.py: `compress_kv`,
-`compressed_indexer_topk`, `sink_attention`, `grouped_linear` (and the decode path's paged ops) (Triton: kernels/triton_compressed_attention.py, triton_compressed_topk.py; the indexer's
-picks may come in any order). A step's work per sequence, queries at positions p0..p1-1:
+each run of consecutive one-token rows in a mixed or verify step, while every longer sequence (a prefill chunk, a verify
+row) runs on its own, its lengths read from the metadata's host lists (no device sync). The math goes through four ops
+of the kernel strategy (kernels/ops.py), each with its reference in kernels/compressed_attention.py: `compress_kv`,
+`compressed_indexer_topk`, `sink_attention`, `grouped_linear` (and the decode path's paged ops) (Triton:
+kernels/triton_compressed_attention.py, triton_compressed_topk.py; the indexer's picks may come in any order). A step's
+work per sequence, queries at positions p0..p1-1:
 1. the new tokens' kv (normed, roped), their compressor rows (kv | gate + position bias) and, under CSA, the
    indexer's rows;
 2. every window that completes inside [p0, p1) becomes an entry (and an indexer key), written to its block;
@@ -16,10 +18,11 @@ picks may come in any order). A step's work per sequence, queries at positions p
 4. each query attends to its window (positions p - W < k <= p) and to the entries it may see (entry w summarises
    positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
 5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
-Under an fp8 KV cache (engine/config/compressed_attention.py) the paged entries and index keys, and the window ring where the layer's
-config says so (`window_fp8`), are uint8 rows (kernels/compressed_attention.FP8Rows): written quantized (`write_form`), read back
-dequantized into the activations' dtype (`read_rows`; the decode ops dequantize inside their kernels); a prefill
-chunk's own keys are attended to as the ring holds them (quantized), as a decode step reads its own from the ring.
+Under an fp8 KV cache (engine/config/compressed_attention.py) the paged entries and index keys, and the window ring
+where the layer's config says so (`window_fp8`), are uint8 rows (kernels/compressed_attention.FP8Rows): written
+quantized (`write_form`), read back dequantized into the activations' dtype (`read_rows`; the decode ops dequantize
+inside their kernels); a prefill chunk's own keys are attended to as the ring holds them (quantized), as a decode step
+reads its own from the ring.
 
 Under tensor parallelism (`tp`, docs/tensor-parallelism.md) a rank holds num_heads / tp heads: its rows of wq_b (the
 q path per head) and their sinks, its o_groups / tp groups of wo_a (a group's d channels are its heads', so the rank's
@@ -45,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.compressed_attention import (entry_rows, index_key_rows, is_fp8_pages, read_rows, reference_rms_norm_f32,
-                                  reference_rope_tail, write_form)
+from moelink.kernels.compressed_attention import (entry_rows, index_key_rows, is_fp8_pages, read_rows,
+                                                  reference_rms_norm_f32, reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.compressed_attention import CompressedAttentionConfig
@@ -132,8 +135,8 @@ class DSV4Attention(nn.Module):
     checkpoint's published FP8 format (None: a float checkpoint); `tp`: the rank's TensorParallel (None: whole), its
     heads and output groups a 1/size share (module docstring)."""
 
-    def __init__(self, cfg: CompressedAttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels: Kernels, dtype,
-                 device, quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
+    def __init__(self, cfg: CompressedAttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels: Kernels,
+                 dtype, device, quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
         super().__init__()
         size = tp.size if tp is not None else 1
         cfg = shard_attention(cfg, size)  # num_heads and o_groups this rank's (engine/tp/attention.py)

@@ -127,7 +127,8 @@ def rope_tables(cfg: ModelConfig, device, labels=("main", "compress")) -> dict:
 
 
 # -- attention: "compressed" ----------------------------------------------------------------------------------------
-def _attention(ctx: BuildContext, i: int, attn: CompressedAttentionConfig, attention_cls: type = DSV4Attention) -> nn.Module:
+def _attention(ctx: BuildContext, i: int, attn: CompressedAttentionConfig,
+               attention_cls: type = DSV4Attention) -> nn.Module:
     cfg = ctx.cfg
     if cfg.kv_cache_dtype not in (None, cfg.dtype, torch.float8_e4m3fn):  # fp8: e4m3 rows with scales only
         raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype} is not supported for {cfg.architecture}: its fp8 "
@@ -260,8 +261,8 @@ class HyperLayer(Layer):
 
 
 def mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, ropes: dict, kernels, device, ep: ExpertParallel | None,
-              stats: MoEStats, quant: DSV4Quantization | None, attention: CompressedAttentionConfig, moe_index: int, attention_cls: type,
-              tp: TensorParallel | None = None) -> HyperLayer:
+              stats: MoEStats, quant: DSV4Quantization | None, attention: CompressedAttentionConfig, moe_index: int,
+              attention_cls: type, tp: TensorParallel | None = None) -> HyperLayer:
     """An MTP block (mtp.py): a main layer's kinds at index i past the main layers, with its
     own attention config and class (a paged window: the drafter's cache), rope tables, formats and MoEStats row."""
     ctx = BuildContext(cfg, spec, kernels, device, ep, stats, tp if tp is not None and tp.size > 1 else None,

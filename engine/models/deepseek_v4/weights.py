@@ -1,5 +1,5 @@
-"""DeepSeek-V4's FP8 weights as published (engine/models/deepseek_v4/reader.py): held FP8 where a linear runs them, dequantized
-as they load where nothing runs FP8.
+"""DeepSeek-V4's FP8 weights as published (engine/models/deepseek_v4/reader.py): held FP8 where a linear runs them,
+dequantized as they load where nothing runs FP8.
 
 V4-Flash / V4-Pro ship attention's linears, the shared expert, the MTP layer's e_proj / h_proj (and, without
 `expert_dtype: fp4`, the routed experts) as float8_e4m3fn `X.weight` with `X.scale` beside it: one scale per
