@@ -3,7 +3,7 @@ float32 scale per group, bfloat16 rope values) against a decode worked out by ha
 fp8 pages (kernels/triton_compressed_attention_paged.py, in the interpreter on CPU) against their references, which read the same
 pages decoded in plain torch; those references in turn equal the float references over the decoded values.
 
-The batch is test_dsv4_paged's (ragged visible counts, partly written last blocks, a padding row, -1 picks); every
+The batch is test_compressed_attention_paged's (ragged visible counts, partly written last blocks, a padding row, -1 picks); every
 cache row no query may read holds 0xFF bytes: NaN as e4m3, as a float32 scale and as a bfloat16 rope value, so a
 kernel that reads one fails.
 """
@@ -17,7 +17,7 @@ from moelink.kernels.compressed_attention import (FP8Rows, entry_rows, index_key
 from moelink.kernels.triton_compressed_attention_paged import triton_paged_compressed_indexer_topk, triton_paged_sink_attention
 
 from tests.helpers.dsa_cases import assert_same_sets
-from tests.kernels.test_dsv4_paged import POS, Batch, _picks
+from tests.kernels.test_compressed_attention_paged import POS, Batch, _picks
 
 
 def _fp8_pages(b: Batch, gen, rows: FP8Rows, window: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,7 @@
-"""DeepSeek-V4's Triton kernels (kernels/triton_compressed_attention.py, triton_compressed_topk.py) against their plain-torch references
-(kernels/compressed_attention.py) run in float64 on the same inputs; Triton in the interpreter on CPU.
+"""The compressed-attention and hyper-connection Triton kernels, DeepSeek-V4's (kernels/triton_compressed_attention.py,
+triton_compressed_topk.py, triton_hyper_connection.py), against their plain-torch references
+(kernels/compressed_attention.py, hyper_connection.py) run in float64 on the same inputs; Triton in the interpreter on
+CPU.
 
 Shapes are small and ragged, built as the attention layer builds them (engine/models/deepseek_v4/attention.py): a decode
 token, a chunk over a cached prefix, a fresh prompt; contexts and windows not multiples of the compress rate or the
