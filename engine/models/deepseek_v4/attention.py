@@ -4,7 +4,7 @@ window of raw KV, and under CSA / HCA the compressed entries, all read and writt
 entries on the step's block tables, the window and the compressors' running rows in each sequence's state slot
 (ForwardContext.state).
 
-A pure-decode step runs batched from device lengths only (dsv4_decode.py: what a decode CUDA graph captures); so does
+A pure-decode step runs batched from device lengths only (decode.py: what a decode CUDA graph captures); so does
 each run of consecutive one-token rows in a mixed or verify step, while every longer sequence (a prefill chunk, a verify
 row) runs on its own, its lengths read from the metadata's host lists (no device sync). The math goes through four ops
 of the kernel strategy (kernels/ops.py), each with its reference in kernels/compressed_attention.py: `compress_kv`,
@@ -144,7 +144,7 @@ class DSV4Attention(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         self.indexer_topk = kernels.compressed_indexer_topk
         self.sink_attention = kernels.sink_attention
-        # the decode path's (dsv4_decode.py): keys read through the block table in the kernels
+        # the decode path's (decode.py): keys read through the block table in the kernels
         self.paged_indexer_topk = kernels.paged_compressed_indexer_topk
         self.paged_sink_attention = kernels.paged_sink_attention
         self.grouped_linear = kernels.grouped_linear
@@ -217,7 +217,7 @@ class DSV4Attention(nn.Module):
         return self.wo_b(o_TGO.reshape(T, -1))
 
     def _decode(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
-        """A pure-decode step, batched from device lengths (dsv4_decode.py)."""
+        """A pure-decode step, batched from device lengths (decode.py)."""
         return decode_attention(self, q_TNH, kv_TH, rows, idx, ctx, paged, state)
 
     def _sequences(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
@@ -230,7 +230,7 @@ class DSV4Attention(nn.Module):
         t0, s, S = 0, 0, len(attn.query_lens)
         while s < S:
             q_len, p1 = attn.query_lens[s], attn.seq_lens[s]
-            if q_len == 1:  # a run of decode rows [s, s1): dsv4_decode.py, from device lengths
+            if q_len == 1:  # a run of decode rows [s, s1): decode.py, from device lengths
                 s1 = s + 1
                 while s1 < S and attn.query_lens[s1] == 1:
                     s1 += 1
