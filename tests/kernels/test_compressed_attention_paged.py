@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.kernels.compressed_attention import (reference_indexer_topk, reference_paged_indexer_topk, reference_paged_sink_attention,
-                                                  reference_sink_attention)
-from moelink.kernels.triton_compressed_attention_paged import (triton_paged_compressed_indexer_topk, triton_paged_sink_attention)
+from moelink.kernels.compressed_attention import (reference_indexer_topk, reference_paged_indexer_topk,
+                                                  reference_paged_sink_attention, reference_sink_attention)
+from moelink.kernels.triton_compressed_attention_paged import (triton_paged_compressed_indexer_topk,
+                                                               triton_paged_sink_attention)
 
 from tests.helpers.dsa_cases import assert_same_sets
 

@@ -14,7 +14,8 @@ import torch
 
 from moelink.kernels.compressed_attention import (FP8Rows, entry_rows, index_key_rows, reference_paged_indexer_topk,
                                                   reference_paged_sink_attention)
-from moelink.kernels.triton_compressed_attention_paged import triton_paged_compressed_indexer_topk, triton_paged_sink_attention
+from moelink.kernels.triton_compressed_attention_paged import (triton_paged_compressed_indexer_topk,
+                                                               triton_paged_sink_attention)
 
 from tests.helpers.dsa_cases import assert_same_sets
 from tests.kernels.test_compressed_attention_paged import POS, Batch, _picks
