@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|int4|gdn|dsa|dsv4] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|int4|gdn|dsa|compressed] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -50,7 +50,7 @@ from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attenti
                             compile_mla, compile_moe, compile_norm_rotary)
 from .compile_cases_decode import compile_decode_inputs
 from .compile_cases_dsa import compile_dsa
-from .compile_cases_dsv4 import compile_dsv4
+from .compile_cases_compressed_attention import compile_compressed_attention
 from .compile_cases_gdn import compile_gdn
 from .compile_cases_mxfp4 import compile_moe_mxfp4
 from .compile_cases_nvfp4 import compile_moe_nvfp4
@@ -154,8 +154,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_gdn(rec, quick)
     if only in (None, "dsa"):
         compile_dsa(rec, quick)
-    if only in (None, "dsv4"):
-        compile_dsv4(rec, quick)
+    if only in (None, "compressed"):
+        compile_compressed_attention(rec, quick)
     ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
     kernels: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
     ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4", "int4", "gdn", "dsa",
-                                          "dsv4"],
+                                          "compressed"],
                     default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
@@ -247,7 +247,7 @@ def retime(rep: dict, published: bool = True) -> dict:
                 lambda: compile_attention(rec, False), lambda: compile_mla(rec, False),
                 lambda: compile_norm_rotary(rec, False), lambda: compile_decode_inputs(rec, False),
                 lambda: compile_fp8(rec, False), lambda: compile_gdn(rec, False), lambda: compile_dsa(rec, False),
-                lambda: compile_dsv4(rec, False)):
+                lambda: compile_compressed_attention(rec, False)):
         run()
     seconds = {}
     for r in rec.records:
@@ -303,9 +303,10 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                            "_tiny_int4_down_kernel"),
                   "dsa": ("_index_scores_kernel", "_topk_kernel", "_partial_topk_kernel", "_merge_topk_kernel",
                           "_sparse_mla_kernel", "_write_fp8_keys_kernel"),
-                  # DeepSeek-V4 (its top-k runs DSA's selection kernels: those stay the dsa family's)
-                  "dsv4": ("_dsv4_compress_kernel", "_dsv4_indexer_scores_kernel", "_dsv4_sink_attention_kernel",
-                           "_dsv4_grouped_linear_kernel", "_dsv4_hc_expand_kernel"),
+                  # compressed-KV attention and hyper-connections, DeepSeek-V4's (its top-k runs DSA's selection
+                  # kernels: those stay the dsa family's)
+                  "compressed": ("_compress_kv_kernel", "_compressed_index_scores_kernel", "_sink_attention_kernel",
+                           "_grouped_linear_kernel", "_hc_expand_kernel"),
                   "gdn": ("_gdn_recurrent_kernel", "_commit_kernel", "_gating_kernel", "_conv_varlen_kernel",
                           "_conv_state_kernel", "_conv_update_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",

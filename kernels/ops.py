@@ -21,16 +21,17 @@ from .attention import AttentionMetadata
 from .ops_attention import AttentionKernels
 from .ops_dense import DenseKernels
 from .ops_dsa import DSAKernels
-from .ops_dsv4 import DSV4Kernels
+from .ops_compressed_attention import CompressedAttentionKernels
 from .ops_gated_delta import GatedDeltaKernels
+from .ops_hyper_connection import HyperConnectionKernels
 from .ops_mla import MLAKernels
 from .ops_moe import MoEKernels
 from .ops_norm import NormKernels
 from .ops_router import RouterKernels
 
 
-class Kernels(NormKernels, AttentionKernels, MLAKernels, DSAKernels, DSV4Kernels, RouterKernels, DenseKernels,
-              MoEKernels, GatedDeltaKernels, Protocol):
+class Kernels(NormKernels, AttentionKernels, MLAKernels, DSAKernels, CompressedAttentionKernels, HyperConnectionKernels,
+              RouterKernels, DenseKernels, MoEKernels, GatedDeltaKernels, Protocol):
     """What a kernel backend gives the model: every family's ops, each taking the arguments of its plain-torch
     reference (the contract and the oracle) and returning what it returns; a backend may take more keywords.
     tests/kernels/test_kernels_protocol.py checks each protocol against the references and every backend against it."""

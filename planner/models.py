@@ -33,8 +33,9 @@ class DSA:
 
 @dataclass(frozen=True)
 class CompressedMQA:
-    """DeepSeek-V4's attention (engine/config/dsv4.py): one shared KV head of `head_dim` that is its own value (MQA,
-    all heads), a window of the last `window` raw tokens in every layer, and per layer kind compressed entries:
+    """Compressed attention, DeepSeek-V4's (engine/config/compressed_attention.py): one shared KV head of `head_dim`
+    that is its own value (MQA, all heads), a window of the last `window` raw tokens in every layer, and per layer
+    kind compressed entries:
     `csa_layers` compressed sparse layers (an entry per `csa_rate` tokens, a lightning indexer of `index_heads` x
     `index_head_dim` scores every entry and attention reads the `topk` best), `hca_layers` heavily compressed ones
     (an entry per `hca_rate` tokens, read densely), `sliding_layers` with the window alone; q LoRA, and the grouped
@@ -284,12 +285,13 @@ MODELS["glm-5"] = ModelShape("glm-5", num_layers=78, first_dense=3, hidden=6144,
 for _name in ("kimi-k2.5", "kimi-k2-thinking"):
     MODELS[_name] = replace(MODELS["kimi-k2"], name=_name)
 
-# DeepSeek-V4 (issue 45; engine/config/dsv4.py). Shapes from transformers 5.24's DeepseekV4Config docstring (heads,
-# head_dim 512, o_groups, o_lora_rank) and the public model cards (V4-Flash: 43 layers, hidden 4096, 256 experts of
-# 2048, top-6, q LoRA 1024, layers 0-1 window only then CSA / HCA alternating from CSA, index top-512; V4-Pro: 61
-# layers, hidden 7168, 384 experts of 3072, q LoRA 1536, layers 0-1 HCA then HCA / CSA alternating, index top-1024);
-# both: one shared expert, every layer MoE (the first 3 hash-routed: no router GEMM, the same expert work), window
-# 128, one MTP layer. Their totals match the cards' 284B / 1.6T (test_planner_dsv4).
+# DeepSeek-V4 (issue 45; engine/config/compressed_attention.py). Shapes from transformers 5.24's DeepseekV4Config
+# docstring (heads, head_dim 512, o_groups, o_lora_rank) and the public model cards (V4-Flash: 43 layers, hidden
+# 4096, 256 experts of 2048, top-6, q LoRA 1024, layers 0-1 window only then CSA / HCA alternating from CSA, index
+# top-512; V4-Pro: 61 layers, hidden 7168, 384 experts of 3072, q LoRA 1536, layers 0-1 HCA then HCA / CSA
+# alternating, index top-1024); both: one shared expert, every layer MoE (the first 3 hash-routed: no router GEMM,
+# the same expert work), window 128, one MTP layer. Their totals match the cards' 284B / 1.6T (tests/planner:
+# test_rows_match_published_sizes).
 MODELS["deepseek-v4-flash"] = ModelShape(
     "deepseek-v4-flash", num_layers=43, first_dense=0, hidden=4096, dense_intermediate=0,
     attention=CompressedMQA(64, 512, 1024, o_groups=8, o_lora_rank=1024, window=128, sliding_layers=2, csa_layers=21,

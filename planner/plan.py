@@ -32,7 +32,7 @@ PRECISIONS = {
     # (shared experts, attention, dense layers bf16), bf16 dispatch (the activations are not quantized).
     "int4": Precision(experts="int4", dense="bf16", attention="bf16", dispatch="bf16", shared="bf16"),
     # MXFP4 W4A16 routed experts (an e8m0 scale per 32 values), FP8 block-scaled shared expert and attention
-    # projections, bf16 dispatch: DeepSeek-V4-Flash / -Pro as published (engine/config/dsv4_quant.py).
+    # projections, bf16 dispatch: DeepSeek-V4-Flash / -Pro as published (engine/models/deepseek_v4/reader.py).
     "mxfp4": Precision(experts="mxfp4", dense="fp8", attention="bf16", dispatch="bf16", shared="fp8"),
 }
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)

@@ -2,7 +2,7 @@
 # (Not a script of its own: it uses the main script's OUT, PY, MODE, DEV, cmd, and carry.sh's resolve_commit /
 # stamp_commit.)
 #
-# dsv4: benchmarks/dsv4_decode.py --gpu: one DeepSeek-V4 layer's decode attention at V4-Flash's shapes (64 heads of
+# dsv4: benchmarks/compressed_attention_decode.py --gpu: one DeepSeek-V4 layer's decode attention at V4-Flash's shapes (64 heads of
 # 512, window 128; CSA: index top-512 over ctx / 4 entries; HCA: ctx / 128 entries), on the Triton kernels in bf16 as
 # the engine's batched decode path runs them, beside DeepSeek-V3's MLA decode (128 heads, latent 512 + rope 64) over
 # the same context, at 32k / 128k context and batch 1 / 32: time per step (CUDA events, eager and CUDA-graph replays)
@@ -26,13 +26,13 @@ step_dsv4() {
     exit 2
   done
   if [[ $MODE == cpu-smoke ]]; then
-    cmd dsv4_decode 0 0 0 90 -- "$PY" -m moelink.benchmarks.dsv4_decode --cpu-smoke --json "$OUT/dsv4_decode_${DEV}.json"
+    cmd dsv4_decode 0 0 0 90 -- "$PY" -m moelink.benchmarks.compressed_attention_decode --cpu-smoke --json "$OUT/dsv4_decode_${DEV}.json"
     return 0
   fi
   resolve_commit
   local name="dsv4_decode_${DEV}_${COMMIT}" budget_s
   budget_s=$(budget "$DSV4_GEMM" "$DSV4_SLOW" "$DSV4_OTHER" "$DSV4_RUN_S")
-  local args=(-m moelink.benchmarks.dsv4_decode --gpu --time-budget-s $((budget_s - 60)) --json "$OUT/$name.json")
+  local args=(-m moelink.benchmarks.compressed_attention_decode --gpu --time-budget-s $((budget_s - 60)) --json "$OUT/$name.json")
   if [[ $MODE == dry-run ]]; then
     cmd dsv4_decode "$DSV4_GEMM" "$DSV4_SLOW" "$DSV4_OTHER" "$DSV4_RUN_S" -- "$PY" "${args[@]}"
     return 0

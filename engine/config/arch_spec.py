@@ -16,7 +16,7 @@ class ArchSpec:
     """What an architecture chooses beyond its config.json: the attention kind it runs (its config must say
     the same) and its checkpoint's names (routing and shapes are ModelConfig's business)."""
 
-    attention: str  # the model's attention kind: "gqa", "mla", "dsv4" (its layers may add "linear")
+    attention: str  # the model's attention kind: "gqa", "mla", "compressed" (its layers may add "linear")
     moe_prefix: str  # "mlp" (Qwen3, DeepSeek, GLM) or "block_sparse_moe" (Mixtral) in the per-expert layout
     expert_names: tuple[str, str, str]  # on-disk names of (gate, up, down) per expert
     shared_experts: str = "shared_experts"  # under moe_prefix: mlp.shared_experts.{gate,up,down}_proj
@@ -53,7 +53,7 @@ class ArchSpec:
 
 
 # The MTP layouts of the draft heads (engine/spec/heads/); any other is a family's own, registered by its kinds.py
-# (engine/models/blocks/mtp.py: DeepSeek-V4's "dsv4"), and a name nobody registered is refused when the head is built.
+# (engine/models/blocks/mtp.py: DeepSeek-V4's own), and a name nobody registered is refused when the head is built.
 MTP_LAYOUTS = ("nextn", "qwen")
 
 
@@ -74,9 +74,9 @@ class Architecture:
     # num_nextn_predict_layers; engine/spec/heads/mtp.py).
     mtp_layers: bool = False
     # Where and how those layers are stored: "nextn" (DeepSeek-V3's `model.layers.{num_hidden_layers + i}.*`,
-    # engine/spec/heads/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's
-    # mtp_num_hidden_layers; engine/spec/heads/qwen_mtp.py) or a family's own, registered by its kinds.py (DeepSeek-V4's
-    # "dsv4": top-level `mtp.{i}.*` over the hyper-connection streams; engine/models/deepseek_v4/mtp.py).
+    # engine/spec/heads/mtp.py), "qwen" (Qwen3-Next / Qwen3.5's top-level `mtp.*`, config.json's mtp_num_hidden_layers;
+    # engine/spec/heads/qwen_mtp.py) or a family's own, registered by its kinds.py (DeepSeek-V4's: top-level `mtp.{i}.*`
+    # over the hyper-connection streams; engine/models/deepseek_v4/mtp.py).
     mtp_layout: str = "nextn"
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 
 from .architectures import REGISTRY
-from .dsv4_quant import dsv4_fp4_expert
+from .fp4_experts import packed_fp4_expert
 
 # safetensors' own reader refuses headers above 100 MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -151,8 +151,8 @@ def check_checkpoint(cfg) -> None:
         if name.endswith(".weight") and dtype == "U8" and name + "_scale_2" in tensors and quant is not None \
                 and quant.method == "nvfp4":
             continue  # NVFP4: the experts' format, dequantized at load elsewhere (engine/rank/nvfp4_linears.py)
-        if name.endswith(".weight") and dsv4_fp4_expert(name, dtype, tensors, getattr(cfg, "hf_config", None)):
-            continue  # DeepSeek-V4's FP4 experts, read packed (engine/config/dsv4_quant.py)
+        if name.endswith(".weight") and packed_fp4_expert(name, dtype, tensors, getattr(cfg, "hf_config", None)):
+            continue  # packed FP4 experts (DeepSeek-V4's), read packed (engine/config/fp4_experts.py)
         if name.endswith(".weight") and dtype not in WEIGHT_DTYPES:
             raise ValueError(f"checkpoint tensor {name!r} has dtype {dtype!r} in its header: a weight must be one of "
                              f"{', '.join(WEIGHT_DTYPES)}.")

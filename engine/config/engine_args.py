@@ -24,9 +24,8 @@ from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
-from .dsv4 import DSV4AttentionConfig, check_speculative as check_dsv4_speculative
+from .compressed_attention import CompressedAttentionConfig, check_ring_rollback
 from .speculative import SpeculativeConfig
-from .architectures import REGISTRY
 from .tensor_parallel import check_tensor_parallel
 from .worker_config import LOAD_FORMATS, WorkerConfig
 
@@ -279,8 +278,7 @@ class EngineArgs:
             spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
             # An EAGLE-3 head's directory, fetched and checked against this model before anything is sized.
             spec = spec.resolve_draft_model(model_cfg, self.download_dir, weights=self.load_format != "dummy")
-        attention_kind = getattr(getattr(REGISTRY.get(model_cfg.architecture), "spec", None), "attention", "")
-        check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, attention_kind, parallel.experts_split_by_tp)
+        check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, parallel.experts_split_by_tp)
         kv_connector = self.kv_connector
         if parallel.tensor_parallel_size > 1:
             kv_connector = self._check_tp_features(parallel, model_cfg, spec)
@@ -339,7 +337,7 @@ class EngineArgs:
                              f"({', '.join(sorted(kinds))}), and a rank's KV shard is one kind's.")
         # Whole on every rank, no heads to name: MLA's latent; DeepSeek-V4's one shared KV head, compressed entries
         # and index keys (engine/models/deepseek_v4/attention.py keeps them whole under TP).
-        latent = isinstance(model_cfg.attention, (MLAConfig, DSV4AttentionConfig))
+        latent = isinstance(model_cfg.attention, (MLAConfig, CompressedAttentionConfig))
         # A hybrid model's states move rank to rank between engines of one TP size (checked per load).
         bound = cast("TensorParallelKVConnector", kvc)  # has it: checked above (the config imports no protocol)
         return bound.for_tensor_parallel(tp, 0 if latent else model_cfg.attention.num_kv_heads,
@@ -356,8 +354,10 @@ class EngineArgs:
         sequence's state: ~75 MB for Qwen3-Next-80B); (0, 0) for other models."""
         if not model_cfg.state_layers:
             return 0, 0
-        if model_cfg.hyper_connections is not None:  # DeepSeek-V4: which drafts its states can be rolled back from
-            check_dsv4_speculative(spec, model_cfg.layer_attention, model_cfg.architecture)
+        if model_cfg.hyper_connections is not None:  # one residual stream for an EAGLE-3 head, not several
+            model_cfg.hyper_connections.check_speculative(spec, model_cfg.architecture)
+        # Compressed-attention layers: which drafts their window and compressor rings can be rolled back from.
+        check_ring_rollback(spec, model_cfg.layer_attention, model_cfg.architecture)
         if spec is not None and spec.runs_eagle3:
             raise ValueError(f"speculative_config.method={spec.method!r} is not supported for "
                              f"{model_cfg.architecture} yet: EAGLE-3 heads are not built for linear-attention "

@@ -20,7 +20,8 @@ from .awaited import awaited_refusal
 from .linear_attention import LinearAttentionConfig
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
-from .dsv4 import HyperConnectionConfig, resolve_dsv4_cache
+from .compressed_attention import resolve_compressed_cache
+from .hyper_connections import HyperConnectionConfig
 from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
@@ -127,8 +128,8 @@ class ModelConfig:
     # A multimodal checkpoint served as its text model (architectures.TEXT_WEIGHTS_PREFIX): where the text model's
     # "model." tensors live in the files ("model.language_model." for Qwen3.5-MoE); "" for a text checkpoint.
     text_weights_prefix: str = ""
-    # DeepSeek-V4 (engine/config/dsv4.py): the MoE layers that route by a fixed token-id table (its hash_moe
-    # layers), and its hyper-connections (hc_mult residual streams); () and None for every other model.
+    # The MoE layers that route by a fixed token-id table (DeepSeek-V4's hash_moe layers), and the hyper-connections
+    # (engine/config/hyper_connections.py: hc_mult residual streams); () and None for a model without them.
     hash_layers: tuple[int, ...] = ()
     hyper_connections: HyperConnectionConfig | None = None
 
@@ -167,9 +168,9 @@ class ModelConfig:
         # Every indexer's key cache layout, from the flag and the dtypes (a no-op for models without one).
         self.attention, self.layer_attention = resolve_index_cache(self.attention, self.layer_attention, self.dtype,
                                                                    self.cache_dtype, self.index_cache_dtype)
-        # DeepSeek-V4's window ring in fp8 rows under an fp8 KV cache, as its entries (a no-op for other models).
-        self.attention, self.layer_attention = resolve_dsv4_cache(self.attention, self.layer_attention,
-                                                                  self.cache_dtype)
+        # Compressed attention's window ring in fp8 rows under an fp8 KV cache, as its entries (a no-op elsewhere).
+        self.attention, self.layer_attention = resolve_compressed_cache(self.attention, self.layer_attention,
+                                                                        self.cache_dtype)
         if self.moe is None:
             self.moe = MoEConfig(RouterConfig(self.num_experts, self.top_k, norm_topk_prob=bool(self.norm_topk_prob)))
         r = self.moe.router

@@ -8,7 +8,8 @@ shards, its vocab rows and expert channels, the group's collectives) is the pack
 """
 from __future__ import annotations
 
-from .dsv4_quant import read_dsv4_quantization
+from .compressed_attention import CompressedAttentionConfig
+from .fp4_experts import published_expert_dtype
 from .layer_configs import GQAConfig, MLAConfig
 from .linear_attention import LinearAttentionConfig
 
@@ -49,7 +50,7 @@ def check_tp_layout(par) -> bool:
     return par.elastic_ep
 
 
-def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bool = False) -> None:
+def check_tensor_parallel(cfg, size: int, experts_split: bool = False) -> None:
     """Refuse, naming the field, a model that a TP group of `size` cannot split: heads, intermediate sizes and
     (FP8) block boundaries must divide; families and formats not sharded yet are named. experts_split: the experts
     split by intermediate size over the group too (expert_parallel_size 1: engine/tp/experts.py)."""
@@ -66,9 +67,9 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
         raise bad(f"weights in {method!r} do not load sharded; run with -tp 1.")
     block = getattr(quant, "block", None) if method == "fp8" else None
     if experts_split and cfg.sparse_layers:
-        _check_split_experts(cfg, size, method, quant, attention_kind, bad)
-    if attention_kind == "dsv4":
-        _check_dsv4(cfg, size, block, bad)
+        _check_split_experts(cfg, size, method, quant, bad)
+    if isinstance(cfg.attention, CompressedAttentionConfig):
+        _check_compressed_attention(cfg, size, block, bad)
         return
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
@@ -111,7 +112,7 @@ def check_tensor_parallel(cfg, size: int, attention_kind: str, experts_split: bo
                               f"{list(block)}.")
 
 
-def _check_split_experts(cfg, size: int, method, quant, attention_kind: str, bad) -> None:
+def _check_split_experts(cfg, size: int, method, quant, bad) -> None:
     """The experts split by intermediate size over the group (expert_parallel_size 1): each rank's channels of
     the routed and shared experts a whole share (and whole FP8 blocks); packed expert formats refused."""
     ep_hint = f"pass --expert-parallel-size {size} (or a multiple) to place the experts in EP instead."
@@ -123,8 +124,8 @@ def _check_split_experts(cfg, size: int, method, quant, attention_kind: str, bad
         raise bad(f"the shared experts' intermediate size {shared} is not a multiple of {size}; {ep_hint}")
     if method not in EXPERT_SPLIT_FORMATS:
         raise bad(f"{method} experts split over a TP group (expert_parallel_size=1) are not built; {ep_hint}")
-    v4 = read_dsv4_quantization(cfg.architecture, cfg.hf_config, quant) if attention_kind == "dsv4" else None
-    if v4 is not None and v4.expert_dtype == "fp4":  # packed e2m1 in groups of 32 along K, held packed
+    # packed e2m1 in groups of 32 along K, held packed (engine/config/fp4_experts.py): beside FP8 linears only
+    if method == "fp8" and published_expert_dtype(cfg.hf_config) == "fp4":
         raise bad(f"quantization_config.expert_dtype='fp4' experts split over a TP group (expert_parallel_size=1) "
                   f"are not built; {ep_hint}")
     if method == "fp8":
@@ -134,10 +135,10 @@ def _check_split_experts(cfg, size: int, method, quant, attention_kind: str, bad
                       f"number of FP8 blocks {list(quant.block)} per rank; {ep_hint}")
 
 
-def _check_dsv4(cfg, size: int, block, bad) -> None:
-    """DeepSeek-V4's attention split over the group: heads and output groups (wo_a) divide; under its published FP8
-    format a rank's wq_b rows and wo_b columns are whole blocks (wo_a's rows need not be: its scales are held in
-    finer rows, engine/models/deepseek_v4/weights.py)."""
+def _check_compressed_attention(cfg, size: int, block, bad) -> None:
+    """Compressed attention (DeepSeek-V4's) split over the group: heads and output groups (wo_a) divide; under its
+    published FP8 format a rank's wq_b rows and wo_b columns are whole blocks (wo_a's rows need not be: its scales are
+    held in finer rows, engine/models/deepseek_v4/weights.py)."""
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
         if a.num_heads % size:

@@ -7,9 +7,10 @@ do; DeepSeek Sparse Attention's indexer and its key cache are whole on every ran
 and the value heads of their groups (the conv and recurrent states are per head: a rank's state slots hold its
 heads only). `shard_attention` gives the config one rank runs: its KV cache and state pools are sized from it
 (engine/rank/kv_cache.py, engine/state/cache.py), and the layers are built from it (engine/models/gqa.py, mla.py,
-gated_deltanet.py), reading their shard of each checkpoint tensor. DeepSeek-V4's attention (engine/config/dsv4.py)
-splits its heads and its output groups (o_groups) N ways; its one shared KV head, compressed entries, indexer keys
-and window ring are every head's and stay whole on each rank (engine/models/deepseek_v4/attention.py).
+gated_deltanet.py), reading their shard of each checkpoint tensor. Compressed attention (DeepSeek-V4's,
+engine/config/compressed_attention.py) splits its heads and its output groups (o_groups) N ways; its one shared KV
+head, compressed entries, indexer keys and window ring are every head's and stay whole on each rank
+(engine/models/deepseek_v4/attention.py).
 
 What a TP group cannot split yet is refused before any of this runs, by engine/config/tensor_parallel.py (the
 flags' half of the feature: `check_tp_layout`, `check_tensor_parallel`).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config.dsv4 import DSV4AttentionConfig
+from ..config.compressed_attention import CompressedAttentionConfig
 from ..config.layer_configs import GQAConfig, MLAConfig
 from ..config.linear_attention import LinearAttentionConfig
 
@@ -41,7 +42,7 @@ def shard_attention(attn, size: int):
                                    num_kv_heads=max(1, attn.num_kv_heads // size))
     if isinstance(attn, MLAConfig):
         return dataclasses.replace(attn, num_heads=attn.num_heads // size)
-    if isinstance(attn, DSV4AttentionConfig):  # a rank's heads feed exactly its output groups
+    if isinstance(attn, CompressedAttentionConfig):  # a rank's heads feed exactly its output groups
         return dataclasses.replace(attn, num_heads=attn.num_heads // size, o_groups=attn.o_groups // size)
     raise ValueError(f"attention kind {attn.kind!r} has no tensor-parallel layout.")
 

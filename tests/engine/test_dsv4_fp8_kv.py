@@ -1,6 +1,6 @@
 """DeepSeek-V4 with an fp8 KV cache (issue 45: --kv-cache-dtype fp8): the compressed entries and CSA's index keys
-paged as fp8 rows (kernels/dsv4.FP8Rows), each sequence's window ring in fp8 rows too (ModelConfig resolves every V4
-layer's cache dtype: engine/config/dsv4.resolve_dsv4_cache), the compressor rows float32.
+paged as fp8 rows (kernels/compressed_attention.FP8Rows), each sequence's window ring in fp8 rows too (ModelConfig resolves every V4
+layer's cache dtype: engine/config/compressed_attention.resolve_compressed_cache), the compressor rows float32.
 
 The oracle is transformers' own V4 (float64, no cache: its forward over the whole sequence for every new token) with
 what the engine caches rounded the same way: its rope call rounds every window kv and every compressor's entry (e4m3
@@ -17,10 +17,11 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
-from moelink.engine.config.dsv4 import ENTRY_SCALE_GROUP, INDEX_SCALE_GROUP, DSV4AttentionConfig, fp8_row_bytes
+from moelink.engine.config.compressed_attention import (ENTRY_SCALE_GROUP, INDEX_SCALE_GROUP, CompressedAttentionConfig,
+                                                      fp8_row_bytes)
 from moelink.engine.config.layer_configs import RopeConfig
 from moelink.engine.config.model import ModelConfig
-from moelink.kernels.dsv4 import entry_rows, index_key_rows
+from moelink.kernels.compressed_attention import entry_rows, index_key_rows
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
 from tests.helpers.parity import MAX_NEW, assert_pool_free, assert_same, engine_greedy, prompts
@@ -96,9 +97,9 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
     # one scale + 8 bf16 = 28 bytes, an index key 8 + 4 = 12: (28 + 12) / 2 = 20 a layer; HCA 28 / 8 -> 4.
     assert tiny == (52, 44)
     rope = RopeConfig(64, 10000.0, "default", style="interleaved")
-    flash_csa = DSV4AttentionConfig("csa", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=4, index_n_heads=64,
-                                    index_head_dim=128, index_topk=512)
-    flash_hca = DSV4AttentionConfig("hca", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=128)
+    flash_csa = CompressedAttentionConfig("csa", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=4, index_n_heads=64,
+                                          index_head_dim=128, index_topk=512)
+    flash_hca = CompressedAttentionConfig("hca", 64, 512, 1024, 8, 1024, 128, rope, compress_rate=128)
     flash = [(a.kv_bytes_per_token(torch.bfloat16), a.kv_bytes_per_token(torch.float8_e4m3fn))
              for a in (flash_csa, flash_hca)]
     # CSA: (1024 + 256) / 4 = 320 bf16, (604 + 132) / 4 = 184 fp8; HCA: 1024 / 128 = 8, 604 / 128 -> 5
@@ -111,7 +112,7 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
     print(f"kv bytes per token of context: tiny V4 bf16 {tiny[0]} fp8 {tiny[1]} ({tiny[1] / tiny[0]:.2f}x); "
           f"V4-Flash CSA layer bf16 {flash[0][0]} fp8 {flash[0][1]} ({flash[0][1] / flash[0][0]:.2f}x), HCA layer "
           f"bf16 {flash[1][0]} fp8 {flash[1][1]}")
-    # the state slot: the window ring in fp8 rows (resolve_dsv4_cache sets cache_dtype), the compressor rows float32
+    # the state slot: the window ring in fp8 rows (resolve_compressed_cache sets cache_dtype), the compressor rows float32
     state = [(a.state_bytes_per_sequence(torch.bfloat16),
               dataclasses.replace(a, cache_dtype=torch.float8_e4m3fn).state_bytes_per_sequence(torch.bfloat16))
              for a in (flash_csa, flash_hca)]
@@ -127,7 +128,7 @@ def test_kv_sizing_bytes_per_token_fp8_beside_bf16(dsv4_path):
 @pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
 def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     """The same fp8 engine on the Triton kernels (the decode steps' paged ops dequantizing the fp8 pages, and the
-    fp8 window rows, inside the kernels: kernels/triton_dsv4_paged.py), in the interpreter on CPU, against the
+    fp8 window rows, inside the kernels: kernels/triton_compressed_attention_paged.py), in the interpreter on CPU, against the
     reference kernels, float32, token for token (test_dsv4_triton's run, with kv_cache_dtype fp8)."""
     import json
     import os
@@ -146,7 +147,7 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
-    assert calls.get("triton_dsv4_paged_sink_attention", 0) >= 4 and calls.get("triton_dsv4_paged_indexer_topk", 0) >= 2
+    assert calls.get("triton_paged_sink_attention", 0) >= 4 and calls.get("triton_paged_compressed_indexer_topk", 0) >= 2
     ref = LLM(dsv4_path, kernels="reference", **engine)
     assert ref.engine.executor.runner.state_caches.layers[0][0].dtype == torch.uint8  # the window in fp8 rows
     assert_same(got, engine_greedy(ref, ps, max_new=4), ps)

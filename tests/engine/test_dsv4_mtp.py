@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM
-from moelink.engine.config.dsv4_quant import read_dsv4_quantization
+from moelink.engine.models.deepseek_v4.reader import read_dsv4_quantization
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.registry import arch_spec
 from moelink.engine.models.deepseek_v4.mtp import DSV4MTPLayer
@@ -68,7 +68,7 @@ def _ctx(cfg, kv_BLH, q_lens, seq_lens):
 def test_config_reads_the_mtp_layer(mtp_ckpt):
     cfg = ModelConfig.from_pretrained(mtp_ckpt[0], dtype="float64")
     assert cfg.num_nextn_predict_layers == 1 and cfg.num_layers == L
-    from moelink.engine.config.dsv4 import mtp_attention
+    from moelink.engine.models.deepseek_v4.reader import mtp_attention
 
     a = mtp_attention(cfg.layer_attention, cfg.hf_config)
     assert (a.layer_kind, a.compress_rate, a.rope.layer_type, a.rope.theta) == ("sliding", 0, "main", 10000.0)

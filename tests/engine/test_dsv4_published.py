@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from moelink.engine import LLM
-from moelink.engine.config.dsv4_quant import DSV4Quantization
+from moelink.engine.models.deepseek_v4.reader import DSV4Quantization
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.config.quantization import Fp8Config
 from moelink.engine.models.linear import Linear
 from moelink.engine.rank.loader import load_model
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.kernels.ops import ReferenceKernels
-from moelink.moe.expert_weights_dsv4 import PackedBytes
+from moelink.moe.expert_weights_mxfp4_split import PackedBytes
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
 from tests.helpers.dsv4_published import fake_quant_dsv4, write_published_dsv4
@@ -55,7 +55,7 @@ def _engine(path: str) -> LLM:
 def test_config_reads_the_published_formats(fp4):
     cfg = ModelConfig.from_pretrained(fp4[0], dtype="float64")
     assert cfg.quantization == Fp8Config((16, 16))
-    from moelink.engine.config.dsv4_quant import read_dsv4_quantization
+    from moelink.engine.models.deepseek_v4.reader import read_dsv4_quantization
 
     assert read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization) == DSV4Quantization(
         (16, 16), "fp4", "ue8m0")

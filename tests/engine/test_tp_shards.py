@@ -110,16 +110,16 @@ def test_tp_refusals(tiny_model, hf_tiny_model):
     assert ParallelConfig(expert_parallel_size=4).rejoin_enabled is True
     cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float64")  # 4 heads
     with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of 3"):
-        check_tensor_parallel(cfg, 3, "gqa")
+        check_tensor_parallel(cfg, 3)
     # The families sharded their own way still refuse sizes that do not divide, naming the field.
     dsa = ModelConfig.from_pretrained(hf_tiny_model("dsv32"), "float64")
-    check_tensor_parallel(dsa, 2, "mla")
+    check_tensor_parallel(dsa, 2)
     with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of 3"):
-        check_tensor_parallel(dsa, 3, "mla")
+        check_tensor_parallel(dsa, 3)
     hybrid = ModelConfig.from_pretrained(hf_tiny_model("qwen3_next"), "float64")  # 2 q/k heads of linear attention
-    check_tensor_parallel(hybrid, 2, "gqa", experts_split=True)
+    check_tensor_parallel(hybrid, 2, experts_split=True)
     with pytest.raises(ValueError, match=r"linear_num_key_heads=2 \(gated DeltaNet\) is not a multiple of 4"):
-        check_tensor_parallel(hybrid, 4, "gqa")
+        check_tensor_parallel(hybrid, 4)
 
 
 @pytest.mark.parametrize("name,split,fused", [("qwen3_fp8", False, False), ("dsv3_fp8", False, False),

@@ -139,18 +139,18 @@ def test_each_rank_reads_its_shard(float_path, tmp_path, fmt):
 def test_refusals(float_path):
     cfg = ModelConfig.from_pretrained(float_path, "float64")
     with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of 8"):
-        check_tensor_parallel(cfg, 8, "dsv4")
+        check_tensor_parallel(cfg, 8)
     with pytest.raises(ValueError, match="o_groups=2 is not a multiple of 4"):
-        check_tensor_parallel(cfg, 4, "dsv4")
-    check_tensor_parallel(cfg, 2, "dsv4", experts_split=True)
+        check_tensor_parallel(cfg, 4)
+    check_tensor_parallel(cfg, 2, experts_split=True)
 
 
 def test_published_refusals(float_path, tmp_path):
     fp4 = ModelConfig.from_pretrained(_published(float_path, tmp_path / "fp4", "fp4")[0], "float64")
     with pytest.raises(ValueError, match="expert_dtype='fp4' experts split.*--expert-parallel-size 2"):
-        check_tensor_parallel(fp4, 2, "dsv4", experts_split=True)
-    check_tensor_parallel(fp4, 2, "dsv4")  # FP4 experts placed whole by EP
+        check_tensor_parallel(fp4, 2, experts_split=True)
+    check_tensor_parallel(fp4, 2)  # FP4 experts placed whole by EP
     d = tmp_path / "fp8"
     wide = write_published_dsv4(float_path, d / "published", d / "oracle", block=(16, 16), expert_dtype="fp8")[0]
     with pytest.raises(ValueError, match=r"wo_b columns per rank \(8.*weight_block_size"):
-        check_tensor_parallel(ModelConfig.from_pretrained(wide, "float64"), 2, "dsv4")
+        check_tensor_parallel(ModelConfig.from_pretrained(wide, "float64"), 2)

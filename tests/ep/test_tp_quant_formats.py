@@ -67,10 +67,9 @@ def test_tp2_ep2_matches_transformers(local_ray, tmp_path, fmt):
 def test_split_experts_refused(tmp_path, fmt):
     path, _ = FORMATS[fmt](tmp_path)
     cfg = ModelConfig.from_pretrained(path, "float64")
-    kind = "mla" if fmt == "int4" else "gqa"
-    check_tensor_parallel(cfg, 2, kind)  # experts in EP: runs
+    check_tensor_parallel(cfg, 2)  # experts in EP: runs
     with pytest.raises(ValueError, match=f"{fmt} experts split over a TP group.*--expert-parallel-size 2"):
-        check_tensor_parallel(cfg, 2, kind, experts_split=True)
+        check_tensor_parallel(cfg, 2, experts_split=True)
 
 
 def _all_linears(fmt: str, tmp_path) -> tuple[str, str]:

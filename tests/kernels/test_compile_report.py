@@ -33,8 +33,8 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_silu_mul_kernel", "_gdn_recurrent_kernel", "_commit_kernel", "_gating_kernel", "_conv_varlen_kernel",
                "_conv_state_kernel", "_conv_update_kernel", "_index_scores_kernel", "_topk_kernel", "_sparse_mla_kernel",
                "_partial_topk_kernel", "_merge_topk_kernel", "_write_fp8_keys_kernel",
-               "_dsv4_compress_kernel", "_dsv4_indexer_scores_kernel", "_dsv4_sink_attention_kernel",
-               "_dsv4_grouped_linear_kernel", "_dsv4_hc_expand_kernel", "_paged_scores_kernel",
+               "_compress_kv_kernel", "_compressed_index_scores_kernel", "_sink_attention_kernel",
+               "_grouped_linear_kernel", "_hc_expand_kernel", "_paged_scores_kernel",
                "_paged_sink_attention_kernel", "_paged_merge_kernel"}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine.config.dsv4_quant import DSV4Quantization
+from moelink.engine.models.deepseek_v4.reader import DSV4Quantization
 from moelink.engine.models.deepseek_v4.weights import dsv4_linear_method, grouped_fp8_linear
 from moelink.engine.models.linear import Linear
 from moelink.kernels.fp8 import block_dequantize, block_quantize, fake_quant_activation, reference_fp8_linear

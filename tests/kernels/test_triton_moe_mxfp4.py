@@ -17,7 +17,7 @@ from moelink.kernels.triton_mxfp4_dequant import dequant_words
 from tests.helpers.moe_cases import DTYPES, SMALL, WIDE, expert_map, routing
 
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
-V4_CLAMP = MoEActivation("silu_clamp", limit=0.6)  # DeepSeek-V4's FP4 experts (moe/expert_weights_dsv4.py)
+V4_CLAMP = MoEActivation("silu_clamp", limit=0.6)  # DeepSeek-V4's FP4 experts (moe/expert_weights_mxfp4_split.py)
 BK64 = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
                             "num_warps": 4, "num_stages": 2,
                             "down": {"BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 2, "num_warps": 4,

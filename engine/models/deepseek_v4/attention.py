@@ -1,14 +1,16 @@
-"""DeepSeek-V4's attention layer (engine/config/dsv4.py has the cache layout; kernels/dsv4.py the math): MQA over one
-shared head that is key and value, per-head sinks, a sliding window of raw KV, and under CSA / HCA the compressed
-entries, all read and written through the engine's cache: the paged entries on the step's block tables, the window
-and the compressors' running rows in each sequence's state slot (ForwardContext.state).
+"""DeepSeek-V4's attention layer (engine/config/compressed_attention.py has the cache layout;
+kernels/compressed_attention.py the math): MQA over one shared head that is key and value, per-head sinks, a sliding
+window of raw KV, and under CSA / HCA the compressed entries, all read and written through the engine's cache: the paged
+entries on the step's block tables, the window and the compressors' running rows in each sequence's state slot
+(ForwardContext.state).
 
-A pure-decode step runs batched from device lengths only (dsv4_decode.py: what a decode CUDA graph captures); so does
-each run of consecutive one-token rows in a mixed or verify step, while every longer sequence (a prefill chunk, a
-verify row) runs on its own, its lengths read from the metadata's host lists (no device sync). The math goes through
-four ops of the kernel strategy (kernels/ops.py), each with its reference in kernels/dsv4.py: `dsv4_compress`,
-`dsv4_indexer_topk`, `dsv4_sink_attention`, `dsv4_grouped_linear` (and the decode path's paged ops) (Triton: kernels/triton_dsv4.py, triton_dsv4_topk.py; the indexer's
-picks may come in any order). A step's work per sequence, queries at positions p0..p1-1:
+A pure-decode step runs batched from device lengths only (decode.py: what a decode CUDA graph captures); so does
+each run of consecutive one-token rows in a mixed or verify step, while every longer sequence (a prefill chunk, a verify
+row) runs on its own, its lengths read from the metadata's host lists (no device sync). The math goes through four ops
+of the kernel strategy (kernels/ops.py), each with its reference in kernels/compressed_attention.py: `compress_kv`,
+`compressed_indexer_topk`, `sink_attention`, `grouped_linear` (and the decode path's paged ops) (Triton:
+kernels/triton_compressed_attention.py, triton_compressed_topk.py; the indexer's picks may come in any order). A step's
+work per sequence, queries at positions p0..p1-1:
 1. the new tokens' kv (normed, roped), their compressor rows (kv | gate + position bias) and, under CSA, the
    indexer's rows;
 2. every window that completes inside [p0, p1) becomes an entry (and an indexer key), written to its block;
@@ -16,10 +18,11 @@ picks may come in any order). A step's work per sequence, queries at positions p
 4. each query attends to its window (positions p - W < k <= p) and to the entries it may see (entry w summarises
    positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
 5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
-Under an fp8 KV cache (engine/config/dsv4.py) the paged entries and index keys, and the window ring where the layer's
-config says so (`window_fp8`), are uint8 rows (kernels/dsv4.FP8Rows): written quantized (`write_form`), read back
-dequantized into the activations' dtype (`read_rows`; the decode ops dequantize inside their kernels); a prefill
-chunk's own keys are attended to as the ring holds them (quantized), as a decode step reads its own from the ring.
+Under an fp8 KV cache (engine/config/compressed_attention.py) the paged entries and index keys, and the window ring
+where the layer's config says so (`window_fp8`), are uint8 rows (kernels/compressed_attention.FP8Rows): written
+quantized (`write_form`), read back dequantized into the activations' dtype (`read_rows`; the decode ops dequantize
+inside their kernels); a prefill chunk's own keys are attended to as the ring holds them (quantized), as a decode step
+reads its own from the ring.
 
 Under tensor parallelism (`tp`, docs/tensor-parallelism.md) a rank holds num_heads / tp heads: its rows of wq_b (the
 q path per head) and their sinks, its o_groups / tp groups of wo_a (a group's d channels are its heads', so the rank's
@@ -45,12 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.dsv4 import (entry_rows, index_key_rows, is_fp8_pages, read_rows, reference_rms_norm_f32,
-                                  reference_rope_tail, write_form)
+from moelink.kernels.compressed_attention import (entry_rows, index_key_rows, is_fp8_pages, read_rows,
+                                                  reference_rms_norm_f32, reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ...config.dsv4 import DSV4AttentionConfig
-from ...config.dsv4_quant import DSV4Quantization
+from ...config.compressed_attention import CompressedAttentionConfig
+from .reader import DSV4Quantization
 from ...tp.attention import shard_attention
 from ...tp.group import TensorParallel
 from ...tp.linear import ColumnParallel, RowParallel
@@ -86,7 +89,7 @@ class Compressor(nn.Module):
         super().__init__()
         series = 2 if overlap else 1
         self.width, self.rate, self.overlap, self.eps = width, rate, overlap, eps
-        self.compress = kernels.dsv4_compress
+        self.compress = kernels.compress_kv
         self.wkv_CD = param(series * width, hidden, dtype=dtype, device=device)
         self.wgate_CD = param(series * width, hidden, dtype=dtype, device=device)
         self.ape_mC = param(rate, series * width, dtype=torch.float32, device=device)  # position bias in a window
@@ -132,19 +135,19 @@ class DSV4Attention(nn.Module):
     checkpoint's published FP8 format (None: a float checkpoint); `tp`: the rank's TensorParallel (None: whole), its
     heads and output groups a 1/size share (module docstring)."""
 
-    def __init__(self, cfg: DSV4AttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels: Kernels, dtype,
-                 device, quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
+    def __init__(self, cfg: CompressedAttentionConfig, layer_idx: int, hidden: int, ropes: dict, kernels: Kernels,
+                 dtype, device, quant: DSV4Quantization | None = None, tp: TensorParallel | None = None):
         super().__init__()
         size = tp.size if tp is not None else 1
         cfg = shard_attention(cfg, size)  # num_heads and o_groups this rank's (engine/tp/attention.py)
         self.head0 = tp.rank * cfg.num_heads if size > 1 else 0  # this rank's first (global) head
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.indexer_topk = kernels.dsv4_indexer_topk
-        self.sink_attention = kernels.dsv4_sink_attention
-        # the decode path's (dsv4_decode.py): keys read through the block table in the kernels
-        self.paged_indexer_topk = kernels.dsv4_paged_indexer_topk
-        self.paged_sink_attention = kernels.dsv4_paged_sink_attention
-        self.grouped_linear = kernels.dsv4_grouped_linear
+        self.indexer_topk = kernels.compressed_indexer_topk
+        self.sink_attention = kernels.sink_attention
+        # the decode path's (decode.py): keys read through the block table in the kernels
+        self.paged_indexer_topk = kernels.paged_compressed_indexer_topk
+        self.paged_sink_attention = kernels.paged_sink_attention
+        self.grouped_linear = kernels.grouped_linear
         N, H, Q, G, O = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
         self.rope = ropes["main" if cfg.layer_kind == "sliding" else "compress"]
         self.compress_rope = ropes["compress"]
@@ -214,7 +217,7 @@ class DSV4Attention(nn.Module):
         return self.wo_b(o_TGO.reshape(T, -1))
 
     def _decode(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
-        """A pure-decode step, batched from device lengths (dsv4_decode.py)."""
+        """A pure-decode step, batched from device lengths (decode.py)."""
         return decode_attention(self, q_TNH, kv_TH, rows, idx, ctx, paged, state)
 
     def _sequences(self, q_TNH, kv_TH, rows, idx, ctx: ForwardContext, paged, state) -> torch.Tensor:
@@ -227,7 +230,7 @@ class DSV4Attention(nn.Module):
         t0, s, S = 0, 0, len(attn.query_lens)
         while s < S:
             q_len, p1 = attn.query_lens[s], attn.seq_lens[s]
-            if q_len == 1:  # a run of decode rows [s, s1): dsv4_decode.py, from device lengths
+            if q_len == 1:  # a run of decode rows [s, s1): decode.py, from device lengths
                 s1 = s + 1
                 while s1 < S and attn.query_lens[s1] == 1:
                     s1 += 1

@@ -27,10 +27,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from moelink.kernels.dsv4 import reference_rms_norm_f32
+from moelink.kernels.compressed_attention import reference_rms_norm_f32
 from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
-from moelink.moe.expert_weights_dsv4 import Dsv4Fp4Experts
+from moelink.moe.expert_weights_mxfp4_split import SplitMxfp4Experts
 from moelink.moe.layer import ExpertParallel, Stages
 from moelink.moe.router import make_router
 from moelink.moe.stats import MoEStats
@@ -39,8 +39,8 @@ from moelink.moe.token_routing import TokenRoutedMoELayer
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.architectures import ArchSpec
-from ...config.dsv4 import DSV4AttentionConfig
-from ...config.dsv4_quant import DSV4Quantization, read_dsv4_quantization
+from ...config.compressed_attention import CompressedAttentionConfig
+from .reader import DSV4Quantization, read_dsv4_quantization
 from ...config.model import ModelConfig
 from ...tp.experts import ExpertShard
 from ...tp.group import TensorParallel
@@ -60,7 +60,7 @@ from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 
 
 class Norm(nn.Module):
-    """V4's RMSNorm: float32 weight, computed in float32 (kernels/dsv4.reference_rms_norm_f32)."""
+    """V4's RMSNorm: float32 weight, computed in float32 (kernels/compressed_attention.reference_rms_norm_f32)."""
 
     def __init__(self, size: int, eps: float, device=None):
         super().__init__()
@@ -104,7 +104,7 @@ class ClampedMLP(nn.Module):
 def expert_format(quant: DSV4Quantization | None):
     """FP4 experts stay packed (MXFP4's storage and W4A16 kernels); float and FP8 experts are held in the model
     dtype (FP8 ones dequantized at load: weights.py)."""
-    return Dsv4Fp4Experts() if quant is not None and quant.expert_dtype == "fp4" else make_expert_format(None, False)
+    return SplitMxfp4Experts() if quant is not None and quant.expert_dtype == "fp4" else make_expert_format(None, False)
 
 
 def quantization(ctx: BuildContext) -> DSV4Quantization | None:
@@ -126,8 +126,9 @@ def rope_tables(cfg: ModelConfig, device, labels=("main", "compress")) -> dict:
     return ropes
 
 
-# -- attention: "dsv4" -------------------------------------------------------------------------------------------
-def _attention(ctx: BuildContext, i: int, attn: DSV4AttentionConfig, attention_cls: type = DSV4Attention) -> nn.Module:
+# -- attention: "compressed" ----------------------------------------------------------------------------------------
+def _attention(ctx: BuildContext, i: int, attn: CompressedAttentionConfig,
+               attention_cls: type = DSV4Attention) -> nn.Module:
     cfg = ctx.cfg
     if cfg.kv_cache_dtype not in (None, cfg.dtype, torch.float8_e4m3fn):  # fp8: e4m3 rows with scales only
         raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype} is not supported for {cfg.architecture}: its fp8 "
@@ -151,7 +152,7 @@ class _Rollback:
         self.rollback.restore(num_accepted_S)
 
 
-ATTENTION.add("dsv4", AttentionKind("attn", _attention, _Rollback))
+ATTENTION.add("compressed", AttentionKind("attn", _attention, _Rollback))
 
 
 # -- FFN: "token_routed" -----------------------------------------------------------------------------------------
@@ -260,8 +261,8 @@ class HyperLayer(Layer):
 
 
 def mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, ropes: dict, kernels, device, ep: ExpertParallel | None,
-              stats: MoEStats, quant: DSV4Quantization | None, attention: DSV4AttentionConfig, moe_index: int, attention_cls: type,
-              tp: TensorParallel | None = None) -> HyperLayer:
+              stats: MoEStats, quant: DSV4Quantization | None, attention: CompressedAttentionConfig, moe_index: int,
+              attention_cls: type, tp: TensorParallel | None = None) -> HyperLayer:
     """An MTP block (mtp.py): a main layer's kinds at index i past the main layers, with its
     own attention config and class (a paged window: the drafter's cache), rope tables, formats and MoEStats row."""
     ctx = BuildContext(cfg, spec, kernels, device, ep, stats, tp if tp is not None and tp.size > 1 else None,
@@ -301,7 +302,7 @@ def _published_plan(cfg: ModelConfig, spec: ArchSpec, plan: WeightPlan, names: f
     """The checkpoint's names as save_pretrained writes them (the published layer names under `model.`), or as
     DeepSeek publishes them (no `model.` prefix, `embed.weight`, `hc_head_fn`: `published_name`) where the
     checkpoint holds those; with V4's published formats, the FP8 linears held FP8 with their `.scale`, FP8 routed
-    experts dequantized (weights.py), FP4 experts as packed bytes (moe/expert_weights_dsv4.py)."""
+    experts dequantized (weights.py), FP4 experts as packed bytes (moe/expert_weights_mxfp4_split.py)."""
     if names and "model.embed_tokens.weight" not in names:
         plan = {(published_name(n) if n not in names and published_name(n) in names else n): e
                 for n, e in plan.items()}

@@ -5,19 +5,19 @@ runs here, eager or replayed, so a replay equals the eager step.
 
 Per row s, its one query at position p = seq_lens_S[s] - 1 (device), its state slot, its block table:
 1. the window ring takes the token's kv at p mod W; the query's window keys are the ring's W rows, the row at ring
-   index r holding position p - ((p - r) mod W), seen where that is >= 0 (kernels/dsv4.window_seen);
+   index r holding position p - ((p - r) mod W), seen where that is >= 0 (kernels/compressed_attention.window_seen);
 2. the compressor ring takes the token's row at p mod ring; the entry of the window w = p // m is pooled from the
    ring's rows of positions w m .. w m + m - 1 (CSA: and the previous window's Ca half, none before window 0) for
    every row, and written to its block only where the window closes here ((p + 1) mod m == 0): a read-modify-write
    (torch.where), so no host branch;
-3. CSA: the indexer's top-k of the (p + 1) // m visible index keys, the kernel strategy's `dsv4_paged_indexer_topk`
-   reading each key through the row's block table (no [T, E, I] copy);
-4. sink attention over [window | entries], `dsv4_paged_sink_attention`: the window rows read from the row's slot,
+3. CSA: the indexer's top-k of the (p + 1) // m visible index keys, the kernel strategy's
+   `paged_compressed_indexer_topk` reading each key through the row's block table (no [T, E, I] copy);
+4. sink attention over [window | entries], `paged_sink_attention`: the window rows read from the row's slot,
    the entries from their blocks: the picks (CSA) or every visible entry (HCA; none on a sliding layer). Rows a
    query may not see (a ring row from a slot's earlier request, a never-written entry) are read as zeros.
-Under an fp8 KV cache the entries and index keys (and the window ring where the layer's config says so) are uint8
-rows (kernels/dsv4.FP8Rows): steps 1-2 write them quantized, steps 3-4 dequantize them inside the paged ops (the
-layer's rope dims tell the entry layout).
+Under an fp8 KV cache the entries and index keys (and the window ring where the layer's config says so) are uint8 rows
+(kernels/compressed_attention.FP8Rows): steps 1-2 write them quantized, steps 3-4 dequantize them inside the paged ops
+(the layer's rope dims tell the entry layout).
 Padding rows (state slot -1, a captured graph's rows past the batch) write back the null slot's and the null
 block's rows (nothing changes) and attend to nothing (sink only). The table's width bounds the entries a row may
 have (E = M Lc, a host size): no shape follows the lengths.
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from moelink.kernels.dsv4 import reference_rms_norm_f32, write_form
+from moelink.kernels.compressed_attention import reference_rms_norm_f32, write_form
 
 
 def decode_attention(layer, q_TNH, kv_TH, rows_TC, idx, ctx, paged, state) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC, DeepSeek-V4; engine/config/dsv4.HyperConnectionConfig): the
+"""Manifold-constrained hyper-connections (mHC, DeepSeek-V4; engine/config/hyper_connections.HyperConnectionConfig): the
 residual stream is `hc_mult` parallel streams. Before a block (attention or MLP) a learned projection of the
 normalised streams gives three mixes: `pre` collapses the streams into the block's input, `post` spreads the
 block's output back over the streams, `comb` (made doubly stochastic by Sinkhorn-Knopp) mixes the input streams
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.kernels.dsv4 import reference_hc_expand
+from moelink.kernels.hyper_connection import reference_hc_expand
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ...config.dsv4 import HyperConnectionConfig
+from ...config.hyper_connections import HyperConnectionConfig
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -32,14 +32,14 @@ def _unweighted_norm_f32(x32: torch.Tensor, eps: float) -> torch.Tensor:
 
 class HyperConnection(nn.Module):
     """One block's mixes: `collapse(x_TnD)` gives the block input and keeps (post, comb) for `residual` (the kernel
-    strategy's `dsv4_hc_expand`: Triton fuses the mix with the residual add) or `expand` (its reference)."""
+    strategy's `hc_expand`: Triton fuses the mix with the residual add) or `expand` (its reference)."""
 
     def __init__(self, cfg: HyperConnectionConfig, hidden_size: int, rms_norm_eps: float, device=None,
                  kernels: Kernels | None = None):
         super().__init__()
         n = cfg.hc_mult
         self.cfg, self.eps = cfg, rms_norm_eps
-        self.expand_op = kernels.dsv4_hc_expand if kernels is not None else reference_hc_expand
+        self.expand_op = kernels.hc_expand if kernels is not None else reference_hc_expand
         f32 = dict(dtype=torch.float32, device=device)
         self.fn_MnD = nn.Parameter(torch.empty((2 + n) * n, n * hidden_size, **f32), requires_grad=False)
         self.base_M = nn.Parameter(torch.empty((2 + n) * n, **f32), requires_grad=False)
@@ -70,7 +70,7 @@ class HyperConnection(nn.Module):
     @staticmethod
     def expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_comb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The streams after the block: post[k] * out + sum_j comb[j, k] * x[j] (comb read transposed; the
-        reference, kernels/dsv4.reference_hc_expand)."""
+        reference, kernels/hyper_connection.reference_hc_expand)."""
         return reference_hc_expand(x_TnD, out_TD, *post_comb)
 
     def residual(self, x_TnD: torch.Tensor, out_TD: torch.Tensor,

@@ -47,8 +47,8 @@ from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.architectures import ArchSpec
-from ...config.dsv4 import mtp_attention
-from ...config.dsv4_quant import read_dsv4_quantization
+from .reader import mtp_attention
+from .reader import read_dsv4_quantization
 from ...config.model import ModelConfig
 from ...tp.group import TensorParallel
 from ...tp.vocab import VocabShard

@@ -1,5 +1,5 @@
-"""DeepSeek-V4's FP8 weights as published (engine/config/dsv4_quant.py): held FP8 where a linear runs them, dequantized
-as they load where nothing runs FP8.
+"""DeepSeek-V4's FP8 weights as published (engine/models/deepseek_v4/reader.py): held FP8 where a linear runs them,
+dequantized as they load where nothing runs FP8.
 
 V4-Flash / V4-Pro ship attention's linears, the shared expert, the MTP layer's e_proj / h_proj (and, without
 `expert_dtype: fp4`, the routed experts) as float8_e4m3fn `X.weight` with `X.scale` beside it: one scale per
@@ -20,7 +20,7 @@ rows of gcd(O, Bn), each file scale row repeated over the finer rows it covers: 
 Dequantized at load (`fp8_dequant_plan`): what stays float in moelink, the MTP layer's e_proj / h_proj and FP8 routed
 experts (held in the model dtype): e4m3 x its block's scale (kernels/fp8.block_dequantize: exact in float32 and
 float64, the scales being powers of two; one rounding into bf16). The FP4 experts, nearly all of V4's bytes, stay
-packed (moe/expert_weights_dsv4.py).
+packed (moe/expert_weights_mxfp4_split.py).
 
 Under tensor parallelism a rank reads its shard of each FP8 linear (engine/tp/linear.py: wq_b's and wo_a's rows,
 wo_b's columns, the split shared expert's) with the block rows / columns of the scales that cover it; wo_a's rank rows
@@ -44,7 +44,7 @@ import torch
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
-from ...config.dsv4_quant import DSV4Quantization
+from .reader import DSV4Quantization
 from ...tp.linear import ColumnParallel
 from ..linear import FloatLinear, Fp8Linear, Linear, LinearMethod
 
@@ -167,7 +167,7 @@ def published_linear_plan(linear: Linear, name: str, file_block_rows: int | None
 
 def grouped_fp8_linear(linear: Linear, x_TGd: torch.Tensor, float_grouped: Callable) -> torch.Tensor:
     """wo_a: group g of x [T, G, d] through rows [g O, (g + 1) O) of `linear` ([G O, d]); [T, G, O] in x's dtype.
-    A float linear runs the kernel strategy's grouped GEMM `float_grouped` (dsv4_grouped_linear); an FP8 one runs
+    A float linear runs the kernel strategy's grouped GEMM `float_grouped` (grouped_linear); an FP8 one runs
     each group through the FP8 GEMM, its activations quantized per token per Bk of the group's d channels."""
     T, G, _ = x_TGd.shape
     O = linear.out_features // G

@@ -1,4 +1,5 @@
-"""DeepSeek-V4's FP4 routed experts as published (engine/config/dsv4_quant.py): per expert, `w1` / `w3` / `w2`
+"""MXFP4 routed experts published split, one tensor per expert projection (DeepSeek-V4's FP4 experts, as
+engine/config/fp4_experts.py and engine/models/deepseek_v4/reader.py read them): per expert, `w1` / `w3` / `w2`
 each a packed e2m1 `weight` [N, K/2] (two values a byte along K, the low nibble the even element; int8, uint8 or
 float4_e2m1fn_x2 on disk) and a `scale` [N, K/32] in float8_e8m0fnu (one power-of-two scale per 32 values).
 
@@ -48,10 +49,10 @@ class PackedBytes(NamedTuple):
         self.dest.copy_(src.view(torch.uint8).to(device).reshape(self.dest.shape))
 
 
-class Dsv4Fp4Experts(Mxfp4Experts):
-    """MXFP4 expert storage and kernels (Mxfp4Experts), read from V4's per-expert layout (module docstring)."""
+class SplitMxfp4Experts(Mxfp4Experts):
+    """MXFP4 expert storage and kernels (Mxfp4Experts), read from the per-expert layout (module docstring)."""
 
-    name = "dsv4_fp4"
+    name = "mxfp4_split"
 
     def weight_plan(self, layer: nn.Module, m: str, fused: bool, expert_ids: list[int], rows: tuple,
                     names: tuple[str, str, str]) -> WeightPlan:
@@ -74,4 +75,4 @@ class Dsv4Fp4Experts(Mxfp4Experts):
         return plan
 
 
-__all__ = ["Dsv4Fp4Experts", "PackedBytes"]
+__all__ = ["PackedBytes", "SplitMxfp4Experts"]

@@ -1,17 +1,17 @@
 """DeepSeek-V4's attention ops in Triton (issue 45): the compressor's pooling, the attention over the window and the
 compressed entries with the per-head sink, and the grouped low-rank output projection. Same contracts as the
-references in kernels/dsv4.py (legend there); the indexer's top-k is triton_dsv4_topk.py.
+references in kernels/compressed_attention.py (legend there); the indexer's top-k is triton_compressed_topk.py.
 
-- `triton_dsv4_compress`: grid (windows, H tiles). A window's 2m (CSA: the previous window's Ca half, then this
+- `triton_compress_kv`: grid (windows, H tiles). A window's 2m (CSA: the previous window's Ca half, then this
   window's Cb half) or m (HCA) gate rows are softmaxed over the rows per channel in float32 (a -inf gate, CSA's
   window 0, weighs 0), the weights rounded to the kv dtype and the weighted rows summed: one launch per step where
   the reference makes half a dozen.
-- `triton_dsv4_sink_attention`: grid (queries, head tiles). Flash-style online softmax over the key rows allowed to
+- `triton_sink_attention`: grid (queries, head tiles). Flash-style online softmax over the key rows allowed to
   the query (the window ring's raw KV, then the compressed entries), started from the head's sink (max = sink,
-  denominator 1: the sink is one more logit without a value). K = V, so each key tile is loaded once for both
-  products. Rows a query may not see are zeroed before P @ V: a row never written (NaN in the cache) costs nothing.
-  Its per-tile step (`sink_softmax_step`) is shared with the paged decode kernel of triton_dsv4_paged.py.
-- `triton_dsv4_grouped_linear`: grid (row tiles, groups, output tiles), a K loop over each group's d inputs.
+  denominator 1: the sink is one more logit without a value). K = V, so each key tile is loaded once for both products.
+  Rows a query may not see are zeroed before P @ V: a row never written (NaN in the cache) costs nothing. Its per-tile
+  step (`sink_softmax_step`) is shared with the paged decode kernel of triton_compressed_attention_paged.py.
+- `triton_grouped_linear`: grid (row tiles, groups, output tiles), a K loop over each group's d inputs.
 
 Numerics: float32 accumulation throughout (the reference computes its logits in the activations' dtype: equal in
 float32, within bf16 rounding in bf16). Activations float32 / bfloat16 / float16 (float64 stays on the references).
@@ -27,9 +27,9 @@ from .triton_common import cast, dot
 
 
 @triton.jit
-def _dsv4_compress_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_kn, stride_km, stride_gn, stride_gm,
-                          stride_pn, stride_pm, stride_qn, stride_qm, stride_on, m, H, col0, OVERLAP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+def _compress_kv_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_kn, stride_km, stride_gn, stride_gm,
+                        stride_pn, stride_pm, stride_qn, stride_qm, stride_on, m, H, col0, OVERLAP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     w = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_M)
@@ -62,9 +62,10 @@ def _dsv4_compress_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, out_ptr, stride_
     tl.store(out_ptr + w * stride_on + h, cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=h < H)
 
 
-def triton_dsv4_compress(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_nmH: torch.Tensor | None,
-                         prev_gate_nmH: torch.Tensor | None) -> torch.Tensor:
-    """Same contract as dsv4.reference_compress: [n, H] in kv's dtype (before the entry norm and rope)."""
+def triton_compress_kv(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_nmH: torch.Tensor | None,
+                       prev_gate_nmH: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as compressed_attention.reference_compress: [n, H] in kv's dtype (before the entry norm and
+    rope)."""
     common.check_dtype("kv_nmC", kv_nmC)
     overlap = prev_kv_nmH is not None
     n, m, C = kv_nmC.shape
@@ -83,7 +84,7 @@ def triton_dsv4_compress(kv_nmC: torch.Tensor, gate_nmC: torch.Tensor, prev_kv_n
     pgate = prev_gate_nmH.contiguous() if overlap else gate
     interp = common.interpreting(kv)
     block_h = min(64, max(16, triton.next_power_of_2(H)))
-    _dsv4_compress_kernel[(n, triton.cdiv(H, block_h))](
+    _compress_kv_kernel[(n, triton.cdiv(H, block_h))](
         kv, gate, pkv, pgate, out, kv.stride(0), kv.stride(1), gate.stride(0), gate.stride(1), pkv.stride(0),
         pkv.stride(1), pgate.stride(0), pgate.stride(1), out.stride(0), m, H, H if overlap else 0, OVERLAP=overlap,
         BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_H=block_h,
@@ -96,7 +97,7 @@ def sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET: tl.constexpr, P
     """One key tile of the online softmax: q [BLOCK_N, BLOCK_H], k [BLOCK_S, BLOCK_H] (key and value; rows not ok
     already read as zeros), the running max, denominator and output. m_i must be finite (the kernels start it at
     the sink), so a tile of no allowed key changes nothing. Returns (m_i, l_i, acc). Shared with the paged decode
-    kernel (triton_dsv4_paged.py)."""
+    kernel (triton_compressed_attention_paged.py)."""
     logits = dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), INTERPRET, PREC) * scale
     logits = tl.where(ok[None, :], logits, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -108,10 +109,10 @@ def sink_softmax_step(q, k, ok, m_i, l_i, acc, scale, INTERPRET: tl.constexpr, P
 
 
 @triton.jit(do_not_specialize=["S"])
-def _dsv4_sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale, S, N, H, stride_qt, stride_qn,
-                                stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr,
-                                BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
-                                PREC: tl.constexpr):
+def _sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, scale, S, N, H, stride_qt, stride_qn,
+                           stride_kt, stride_ks, stride_at, stride_ot, stride_on, BLOCK_N: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
+                           PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_H)
@@ -133,10 +134,10 @@ def _dsv4_sink_attention_kernel(q_ptr, k_ptr, allowed_ptr, sinks_ptr, out_ptr, s
              cast(out, out_ptr.dtype.element_ty, INTERPRET), mask=(heads[:, None] < N) & (d[None, :] < H))
 
 
-def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor, sinks_N: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """Same contract as dsv4.reference_sink_attention: out [T, N, H] in q's dtype. allowed_TS bool [T, S]; k_SH
-    [S, H] shared, or [T, S, H] per query (a batched decode step)."""
+def triton_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_TS: torch.Tensor, sinks_N: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Same contract as compressed_attention.reference_sink_attention: out [T, N, H] in q's dtype. allowed_TS bool
+    [T, S]; k_SH [S, H] shared, or [T, S, H] per query (a batched decode step)."""
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
     S = k_SH.shape[-2]
@@ -154,7 +155,7 @@ def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_
     block_n = 16  # the smallest tl.dot tile: V4's 64 / 128 heads are 4 / 8 programs per query
     block_h = max(16, triton.next_power_of_2(H))
     block_s = 16 if interp else (32 if block_h >= 256 else 64)
-    _dsv4_sink_attention_kernel[(T, triton.cdiv(N, block_n))](
+    _sink_attention_kernel[(T, triton.cdiv(N, block_n))](
         q, k, allowed, sinks_N.float().contiguous(), out, float(scale), S, N, H, q.stride(0), q.stride(1),
         k.stride(0) if k.dim() == 3 else 0, k.stride(-2), allowed.stride(0), out.stride(0), out.stride(1),
         BLOCK_N=block_n, BLOCK_H=block_h,
@@ -164,9 +165,9 @@ def triton_dsv4_sink_attention(q_TNH: torch.Tensor, k_SH: torch.Tensor, allowed_
 
 
 @triton.jit
-def _dsv4_grouped_linear_kernel(x_ptr, w_ptr, out_ptr, T, O, Dg, stride_xt, stride_xg, stride_wg, stride_wo, stride_ot,
-                                stride_og, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                                INTERPRET: tl.constexpr, PREC: tl.constexpr):
+def _grouped_linear_kernel(x_ptr, w_ptr, out_ptr, T, O, Dg, stride_xt, stride_xg, stride_wg, stride_wo, stride_ot,
+                           stride_og, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                           INTERPRET: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -183,8 +184,8 @@ def _dsv4_grouped_linear_kernel(x_ptr, w_ptr, out_ptr, T, O, Dg, stride_xt, stri
              cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=(rows[:, None] < T) & (cols[None, :] < O))
 
 
-def triton_dsv4_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.Tensor:
-    """Same contract as dsv4.reference_grouped_linear: [T, G, o] in x's dtype."""
+def triton_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.Tensor:
+    """Same contract as compressed_attention.reference_grouped_linear: [T, G, o] in x's dtype."""
     common.check_dtype("x_TGd", x_TGd)
     T, G, Dg = x_TGd.shape
     if w_GoD.dim() != 3 or w_GoD.shape[0] != G or w_GoD.shape[2] != Dg:
@@ -200,11 +201,11 @@ def triton_dsv4_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torc
     interp = common.interpreting(x)
     block_t = 16 if T <= 16 else 64
     block_o, block_k = (16, 16) if interp else (64, 64)
-    _dsv4_grouped_linear_kernel[(triton.cdiv(T, block_t), G, triton.cdiv(O, block_o))](
+    _grouped_linear_kernel[(triton.cdiv(T, block_t), G, triton.cdiv(O, block_o))](
         x, w, out, T, O, Dg, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_K=block_k, INTERPRET=interp,
         PREC=common.dot_precision(x.dtype), num_warps=4)
     return out
 
 
-__all__ = ["sink_softmax_step", "triton_dsv4_compress", "triton_dsv4_grouped_linear", "triton_dsv4_sink_attention"]
+__all__ = ["sink_softmax_step", "triton_compress_kv", "triton_grouped_linear", "triton_sink_attention"]

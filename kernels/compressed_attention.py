@@ -1,13 +1,17 @@
-"""DeepSeek-V4's attention pieces in plain torch (issue 45): the references a later session's Triton kernels replace
-behind kernels/ops.py, and what the engine's reference path runs now.
+"""Compressed-KV attention in plain torch (issue 45: DeepSeek-V4's CSA / HCA layers, the first to run it): the
+references the Triton kernels (triton_compressed_attention*.py, triton_compressed_topk.py) replace behind
+kernels/ops.py, and what the engine's reference path runs now: the compressor's pooling of windows into entries, the
+lightning indexer's top-k over entries, MQA with per-head sinks over a sliding window and the picked entries, the
+grouped output projection.
 
 Numerics follow transformers' deepseek_v4 op for op where it leaves the activations' dtype: the rotary's rope slice
 is rounded to float32 before it is rotated, the lightning indexer scores in float32, norms compute in float32 with
 float32 weights. Everything else stays in the activations' dtype (float64 in the parity tests).
 
 A batched decode step's two ops read the cache where it lies (`reference_paged_indexer_topk`,
-`reference_paged_sink_attention`): index keys and entries in their pages through each query's block table, window
-rows in its state slot. These references gather them first (the oracle); triton_dsv4_paged.py reads them in place.
+`reference_paged_sink_attention`): index keys and entries in their pages through each query's block table, window rows
+in its state slot. These references gather them first (the oracle); triton_compressed_attention_paged.py reads them in
+place.
 
 An fp8 KV cache (--kv-cache-dtype fp8) keeps each paged row as bytes (`FP8Rows`, uint8 pages [B, Lc, X]), the layout
 of DeepSeek's own fp8 sparse KV (FlashMLA's): an entry's leading H - R values in e4m3 with one float32 scale per 64
@@ -284,16 +288,7 @@ def reference_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.
     return torch.einsum("tgd,god->tgo", x_TGd, w_GoD)
 
 
-def reference_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torch.Tensor,
-                        comb_Tnn: torch.Tensor) -> torch.Tensor:
-    """The hyper-connections' residual step after a block (engine/models/deepseek_v4/hyper_connections.py): stream k becomes
-    post[k] * out + sum_j comb[j, k] * x[j], in the activations' dtype (the float32 mixes cast to it, as transformers'
-    DeepseekV4HyperConnection does): [T, n, D]."""
-    dt = x_TnD.dtype
-    return post_Tn.to(dt).unsqueeze(-1) * out_TD.unsqueeze(-2) + torch.matmul(comb_Tnn.to(dt).transpose(-1, -2), x_TnD)
-
-
 __all__ = ["ENTRY_SCALE_GROUP", "FP8Rows", "INDEX_SCALE_GROUP", "entry_rows", "gather_paged_rows", "index_key_rows",
-           "is_fp8_pages", "read_rows", "reference_compress", "reference_grouped_linear", "reference_hc_expand",
+           "is_fp8_pages", "read_rows", "reference_compress", "reference_grouped_linear",
            "reference_indexer_topk", "reference_paged_indexer_topk", "reference_paged_sink_attention",
            "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention", "window_seen", "write_form"]

@@ -1,6 +1,6 @@
 """DeepSeek-V4's lightning indexer in Triton: scores of every compressed entry a query may see, then its top-k. Same
-contract as dsv4.reference_indexer_topk (legend there), except that the K picks come in any order (the attention
-only marks them; the tests compare them sorted).
+contract as compressed_attention.reference_indexer_topk (legend there), except that the K picks come in any order (the
+attention only marks them; the tests compare them sorted).
 
 - scores (grid: queries x G, G programs per query sharing its entry tiles, about 4 programs per SM as DSA's): a
   query's [n_I, I] index queries loaded once, each tile of BLOCK_E keys read once for all heads,
@@ -9,7 +9,7 @@ only marks them; the tests compare them sorted).
 - top-k: DeepSeek Sparse Attention's selection kernels (triton_dsa_select.py: a radix select per row, or for long
   rows P programs per row and a merge), each query a "sequence" of one token whose causal length is its visible
   count (seq_lens = visible_T, query starts 0..T): the same exact order, ties to the lowest entries (`select_topk`;
-  the indexer over paged keys, triton_dsv4_paged.py, shares it, `load_index_query`, `score_tile`
+  the indexer over paged keys, triton_compressed_attention_paged.py, shares it, `load_index_query`, `score_tile`
   and `score_buffers`).
 
 No host sync: the work follows visible_T on the device; E (the keys given) sizes the workspace and the split.
@@ -53,10 +53,10 @@ def score_tile(q, k, w, q_scale, INTERPRET: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["E", "G"])
-def _dsv4_indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr, E, G, nI, I, q_scale, w_scale,
-                                stride_qt, stride_qh, stride_wt, stride_kt, stride_ke, stride_st,
-                                BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
-                                INTERPRET: tl.constexpr, PREC: tl.constexpr):
+def _compressed_index_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr, E, G, nI, I, q_scale, w_scale,
+                                    stride_qt, stride_qh, stride_wt, stride_kt, stride_ke, stride_st,
+                                    BLOCK_NI: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_E: tl.constexpr,
+                                    INTERPRET: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     n = tl.minimum(tl.load(visible_ptr + t).to(tl.int32), E)
     q, w = load_index_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, nI, I, w_scale, BLOCK_NI, BLOCK_I)
@@ -71,8 +71,9 @@ def _dsv4_indexer_scores_kernel(q_ptr, w_ptr, keys_ptr, visible_ptr, scores_ptr,
         tl.store(scores_ptr + t * stride_st + e, score, mask=ok)
 
 
-def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor, visible_T: torch.Tensor,
-                             top_k: int, *, num_splits: int | None = None) -> torch.Tensor:
+def triton_compressed_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor,
+                                   visible_T: torch.Tensor, top_k: int, *,
+                                   num_splits: int | None = None) -> torch.Tensor:
     """int32 [T, top_k]: each query's top_k entries among its first visible_T[t] (all of them, then -1, when fewer);
     any order. keys_EI [E, I] shared, or [T, E, I] per query (a batched decode step). `num_splits` forces the
     top-k's programs per row (1: one program; tests), else split_programs picks
@@ -92,7 +93,7 @@ def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: t
     w, keys = w_Tn.contiguous(), keys_EI.to(q.dtype).contiguous()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
     G = max(1, min(Ep // block_e, triton.cdiv(4 * sms, T)))
-    _dsv4_indexer_scores_kernel[(T, G)](
+    _compressed_index_scores_kernel[(T, G)](
         q, w, keys, lens_T, scores, E, G, nI, I, I**-0.5, nI**-0.5, q.stride(0), q.stride(1), w.stride(0),
         keys.stride(0) if keys.dim() == 3 else 0, keys.stride(-2), scores.stride(0), BLOCK_NI=max(16,
         triton.next_power_of_2(nI)),
@@ -103,9 +104,9 @@ def triton_dsv4_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: t
 
 
 def score_buffers(q_TnI: torch.Tensor, visible_T: torch.Tensor, E: int, top_k: int, num_splits: int | None):
-    """What an indexer wrapper allocates before scoring E entries (this one's and triton_dsv4_paged.py's): (out
-    int32 [T, top_k], scores float32 [T, E'] with E' = E rounded up to the score tile, lens_T int32 = visible_T
-    clamped to E, BLOCK_E, num_warps). Refuses a top_k or num_splits below 1."""
+    """What an indexer wrapper allocates before scoring E entries (this one's and
+    triton_compressed_attention_paged.py's): (out int32 [T, top_k], scores float32 [T, E'] with E' = E rounded up to the
+    score tile, lens_T int32 = visible_T clamped to E, BLOCK_E, num_warps). Refuses a top_k or num_splits below 1."""
     if top_k < 1 or (num_splits is not None and num_splits < 1):
         raise ValueError(f"top_k={top_k} / num_splits={num_splits} are invalid: must be >= 1.")
     T, dev = q_TnI.shape[0], q_TnI.device
@@ -122,7 +123,7 @@ def select_topk(scores_TE: torch.Tensor, lens_T: torch.Tensor, top_k: int, out_T
     """out_TK (int32 [T, top_k]) = each row's top_k entries of scores_TE (float32 [T, E']) among its first
     lens_T[t] (int32), then -1: DSA's selection kernels with each row a one-token
     "sequence" whose causal length is lens_T[t]. Shared by the indexer over given keys (above) and over paged keys
-    (triton_dsv4_paged.py)."""
+    (triton_compressed_attention_paged.py)."""
     T, Ep = scores_TE.shape
     dev = scores_TE.device
     interp = common.interpreting(scores_TE)
@@ -142,4 +143,4 @@ def select_topk(scores_TE: torch.Tensor, lens_T: torch.Tensor, top_k: int, out_T
                              out_TK.stride(0), top_k, BLOCK=block_s, num_warps=s_warps)
 
 
-__all__ = ["load_index_query", "score_buffers", "score_tile", "select_topk", "triton_dsv4_indexer_topk"]
+__all__ = ["load_index_query", "score_buffers", "score_tile", "select_topk", "triton_compressed_indexer_topk"]

@@ -4,29 +4,29 @@ shared 512-wide head that is key and value, a window of 128; CSA: an entry per 4
 128k context, beside the same attention over every raw token (what the compression saves) and DeepSeek-V3's MLA
 bytes (576 values per token).
 
-    python -m moelink.benchmarks.dsv4_decode --cpu-proxy [--contexts 32768,131072] [--batch 1] [--json PATH]
-    python -m moelink.benchmarks.dsv4_decode --cpu-smoke        # tiny shapes: the script itself
+    python -m moelink.benchmarks.compressed_attention_decode --cpu-proxy [--contexts 32768,131072] [--batch 1] [--json PATH]
+    python -m moelink.benchmarks.compressed_attention_decode --cpu-smoke        # tiny shapes: the script itself
 
 Per (context, batch), over the same random query:
 - full: the sink attention over all `ctx` raw keys (a V4 layer without its compressor);
 - csa: the indexer's scores over the ctx / 4 index keys and its top-512, then the sink attention over the window and
   the selected entries;
 - hca: the sink attention over the window and all ctx / 128 entries.
-The ops are the kernel strategy's `dsv4_indexer_topk` / `dsv4_sink_attention` (the CPU proxy: the float32
-references of kernels/dsv4.py, wall clock).
+The ops are the kernel strategy's `compressed_indexer_topk` / `sink_attention` (the CPU proxy: the float32
+references of kernels/compressed_attention.py, wall clock).
 
-    python -m moelink.benchmarks.dsv4_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
+    python -m moelink.benchmarks.compressed_attention_decode --gpu [--contexts 32768,131072] [--batches 1,32] [--json PATH]
 
 On a GPU (`--gpu`): the Triton kernels in bf16, each layer kind's decode step as the engine's batched decode path runs
-it (engine/models/deepseek_v4/decode.py: the paged ops, `dsv4_paged_indexer_topk` / `dsv4_paged_sink_attention`, reading
-index keys and entries through the block tables and the window from the state slots), and beside it the path it
-replaced (`*_gather`: entries and index keys gathered per row into [T, E, X] tensors, then the per-query-key ops),
-eager and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads, latent 512 + rope 64)
-over the same context: time per step (CUDA events, L2 flushed), the paged / gather ratios, and bytes. The
-projections (q, the index queries, the output) are the layer's GEMMs, not attention, and are left out. Bytes are
-counted, not measured: what each path must read per step (keys of 512 values, index keys of 128, in bf16; `csa`,
-`hca`: what the paged kernels read, the CSA scores' float32 workspace aside, 8 bytes an entry written and read),
-and what the gather path moved (`gathered_*`: module `gathered_bytes`).
+it (engine/models/deepseek_v4/decode.py: the paged ops, `paged_compressed_indexer_topk` / `paged_sink_attention`,
+reading index keys and entries through the block tables and the window from the state slots), and beside it the path it
+replaced (`*_gather`: entries and index keys gathered per row into [T, E, X] tensors, then the per-query-key ops), eager
+and as CUDA-graph replays, beside DeepSeek-V3's MLA decode (`mla_attention`, 128 heads, latent 512 + rope 64) over the
+same context: time per step (CUDA events, L2 flushed), the paged / gather ratios, and bytes. The projections (q, the
+index queries, the output) are the layer's GEMMs, not attention, and are left out. Bytes are counted, not measured: what
+each path must read per step (keys of 512 values, index keys of 128, in bf16; `csa`, `hca`: what the paged kernels read,
+the CSA scores' float32 workspace aside, 8 bytes an entry written and read), and what the gather path moved
+(`gathered_*`: module `gathered_bytes`).
 Results: JSON with the run's device, date and commit (bench_timing.run_meta); a table on stdout.
 """
 from __future__ import annotations
@@ -67,10 +67,10 @@ def gathered_bytes(ctx: int, batch: int, s: dict, elem: int = 2) -> dict:
 
 
 def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
-    from moelink.kernels.dsv4 import reference_indexer_topk, reference_sink_attention
+    from moelink.kernels.compressed_attention import reference_indexer_topk, reference_sink_attention
 
-    attend = getattr(kernels, "dsv4_sink_attention", reference_sink_attention)
-    select = getattr(kernels, "dsv4_indexer_topk", reference_indexer_topk)
+    attend = getattr(kernels, "sink_attention", reference_sink_attention)
+    select = getattr(kernels, "compressed_indexer_topk", reference_indexer_topk)
     g = torch.Generator(device="cpu").manual_seed(ctx)
     f32 = dict(dtype=torch.float32)
 
@@ -107,8 +107,9 @@ def one_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
 
 
 def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iters: int) -> dict:
-    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (the paged ops dsv4_decode.py runs, and
-    the gather path they replaced) and V3's MLA decode, eager and replayed (module docstring)."""
+    """One (context, batch) on the GPU: V4's CSA and HCA decode attention (the paged ops
+    engine/models/deepseek_v4/decode.py runs, and the gather path they replaced) and V3's MLA decode, eager and replayed
+    (module docstring)."""
     from .dsa_decode import _meta
 
     bf = dict(dtype=torch.bfloat16, device=device)
@@ -142,23 +143,23 @@ def gpu_point(kernels, device, ctx: int, batch: int, s: dict, timer: Timer, iter
     e_hca = torch.arange(hca_e, device=device)[None, :].expand(batch, -1)
 
     def csa():
-        picks = kernels.dsv4_paged_indexer_topk(iq_TnI, iw_Tn, idx_BLcI, table_TM, vis_csa, K)
-        return kernels.dsv4_paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, csa_BLcH, table_TM, picks, vis_csa,
-                                                 sinks_N, scale)
+        picks = kernels.paged_compressed_indexer_topk(iq_TnI, iw_Tn, idx_BLcI, table_TM, vis_csa, K)
+        return kernels.paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, csa_BLcH, table_TM, picks, vis_csa,
+                                            sinks_N, scale)
 
     def hca():
-        return kernels.dsv4_paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, hca_BLcH, table_TM, None, vis_hca,
-                                                 sinks_N, scale)
+        return kernels.paged_sink_attention(q_TNH, window_PWH, slot_T, pos_T, hca_BLcH, table_TM, None, vis_hca,
+                                            sinks_N, scale)
 
     def csa_gather():
-        picks = kernels.dsv4_indexer_topk(iq_TnI, iw_Tn, gather(idx_BLcI, e_csa), vis_csa, K).long()
+        picks = kernels.compressed_indexer_topk(iq_TnI, iw_Tn, gather(idx_BLcI, e_csa), vis_csa, K).long()
         keys = torch.cat([window_TWH, gather(csa_BLcH, picks.clamp(min=0))], dim=1)
-        return kernels.dsv4_sink_attention(q_TNH, keys, torch.cat([seen_W, picks >= 0], dim=1), sinks_N, scale)
+        return kernels.sink_attention(q_TNH, keys, torch.cat([seen_W, picks >= 0], dim=1), sinks_N, scale)
 
     def hca_gather():
         keys = torch.cat([window_TWH, gather(hca_BLcH, e_hca)], dim=1)
         seen = torch.ones(batch, keys.shape[1], dtype=torch.bool, device=device)
-        return kernels.dsv4_sink_attention(q_TNH, keys, seen, sinks_N, scale)
+        return kernels.sink_attention(q_TNH, keys, seen, sinks_N, scale)
 
     meta, mla_blocks = _meta(batch, ctx, device)
     latent = rand(mla_blocks, 16, 576)
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if sum((args.cpu_proxy, args.cpu_smoke, args.gpu)) != 1:
-        raise SystemExit("dsv4_decode: choose one of --cpu-proxy, --cpu-smoke, --gpu.")
+        raise SystemExit("compressed_attention_decode: choose one of --cpu-proxy, --cpu-smoke, --gpu.")
     from moelink.kernels.ops import select_kernels
 
     if args.gpu:
@@ -223,7 +224,7 @@ def _main_gpu(args) -> dict:
     from moelink.kernels.ops import select_kernels
 
     if not torch.cuda.is_available():
-        raise SystemExit("dsv4_decode --gpu: no CUDA device (use --cpu-proxy).")
+        raise SystemExit("compressed_attention_decode --gpu: no CUDA device (use --cpu-proxy).")
     device = torch.device("cuda", torch.cuda.current_device())
     kernels = select_kernels(device, "triton")
     rep = dict(run_meta(device), kernels=kernels.name, shapes=SHAPES, dtype="bfloat16", points=[])

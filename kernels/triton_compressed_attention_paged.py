@@ -1,32 +1,33 @@
 """DeepSeek-V4's decode attention over the cache where it lies (issue 45): a batched decode step's indexer and sink
 attention read the index keys and the compressed entries through each query's block table, and its window rows
 from its state slot, inside the kernels: no [T, E, I] or [T, S, H] copy of them is made (what the best paged sparse
-decode kernels do: FlashMLA's, vLLM's). Same contracts as dsv4.reference_paged_indexer_topk /
+decode kernels do: FlashMLA's, vLLM's). Same contracts as compressed_attention.reference_paged_indexer_topk /
 reference_paged_sink_attention (legend there), except that the picks come in any order.
 
-- `triton_dsv4_paged_indexer_topk`: grid (queries, G), about 4 programs per SM as triton_dsv4_topk's. Each program
-  holds its query's [n_I, I] index queries and walks tiles of BLOCK_E of its entries (G programs of a query
+- `triton_paged_compressed_indexer_topk`: grid (queries, G), about 4 programs per SM as triton_compressed_topk's. Each
+  program holds its query's [n_I, I] index queries and walks tiles of BLOCK_E of its entries (G programs of a query
   interleaving tiles): entry e's key is read from block table[t, e // Lc] at e mod Lc, scored on tensor cores
-  (triton_dsv4_topk.score_tile) into a float32 [T, E] workspace (4 bytes an entry, against the 2 I bytes a gathered
-  bf16 key costs), then DSA's top-k selection (triton_dsv4_topk.select_topk).
-- `triton_dsv4_paged_sink_attention`: grid (queries, head tiles of 16, SPLITS). A query's keys are its W ring rows
-  (seen as window_seen says), then its entries: the picks (CSA, -1 skipped) or every visible entry (HCA). Split s
-  takes the key tiles s, s + SPLITS, ... of [window | entries] (two loops: the window's tiles, then the entries'),
-  up to the row's own count (the loop bound is read on the device: a short row costs what it reads). Each tile runs triton_dsv4.sink_softmax_step from a running max
-  floored at the head's sink. One split writes the output (the sink's exp(sink - max) joins the denominator at
-  the end); more (small batches: the host picks them from T and the key bound, so a graph keeps them) write
-  float32 partials (max, denominator, output) that `_paged_merge_kernel` folds with the sink.
+  (triton_compressed_topk.score_tile) into a float32 [T, E] workspace (4 bytes an entry, against the 2 I bytes a
+  gathered bf16 key costs), then DSA's top-k selection (triton_compressed_topk.select_topk).
+- `triton_paged_sink_attention`: grid (queries, head tiles of 16, SPLITS). A query's keys are its W ring rows
+  (seen as window_seen says), then its entries: the picks (CSA, -1 skipped) or every visible entry (HCA). Split s takes
+  the key tiles s, s + SPLITS, ... of [window | entries] (two loops: the window's tiles, then the entries'), up to the
+  row's own count (the loop bound is read on the device: a short row costs what it reads). Each tile runs
+  triton_compressed_attention.sink_softmax_step from a running max floored at the head's sink. One split writes the
+  output (the sink's exp(sink - max) joins the denominator at the end); more (small batches: the host picks them from T
+  and the key bound, so a graph keeps them) write float32 partials (max, denominator, output) that `_paged_merge_kernel`
+  folds with the sink.
 
-Tensor cores (benchmarks/results/compile_report_sm90.md, `dsv4` family): the scores on wgmma on sm_90 (a tile of 64
-index heads), tcgen05 on sm_100; the attention on mma.sync (16 heads a program, below wgmma's 64 rows: V4-Flash's
+Tensor cores (benchmarks/results/compile_report_sm90.md, the `compressed` family): the scores on wgmma on sm_90 (a tile
+of 64 index heads), tcgen05 on sm_100; the attention on mma.sync (16 heads a program, below wgmma's 64 rows: V4-Flash's
 64 heads are 4 programs a row, each reading the row's keys, the repeats served by L2).
 
 No host sync and no data-dependent shape: the sizes come from the tensors' shapes (the table width bounds E).
 Activations float32 / bfloat16 / float16; keys and window rows are cast to the query's dtype as they are read.
-An fp8 KV cache's pages and window rows (uint8 rows, kernels/dsv4.FP8Rows) are dequantized as they are read
-(`load_fp8_rows`: the
-e4m3 bytes times their group's float32 scale, the bfloat16 rope values widened; float32, then the query's dtype, as
-the references decode them): the kernels read ~0.6 of a bf16 cache's bytes and make no dequantized copy.
+An fp8 KV cache's pages and window rows (uint8 rows, kernels/compressed_attention.FP8Rows) are dequantized as they are
+read (`load_fp8_rows`: the e4m3 bytes times their group's float32 scale, the bfloat16 rope values widened; float32,
+then the query's dtype, as the references decode them): the kernels read ~0.6 of a bf16 cache's bytes and make no
+dequantized copy.
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
-from .dsv4 import FP8Rows, entry_rows, index_key_rows, is_fp8_pages
+from .compressed_attention import FP8Rows, entry_rows, index_key_rows, is_fp8_pages
 from .triton_common import cast
-from .triton_dsv4 import sink_softmax_step
-from .triton_dsv4_topk import load_index_query, score_buffers, score_tile, select_topk
+from .triton_compressed_attention import sink_softmax_step
+from .triton_compressed_topk import load_index_query, score_buffers, score_tile, select_topk
 
 
 @triton.jit
@@ -93,9 +94,9 @@ def _paged_scores_kernel(q_ptr, w_ptr, pages_ptr, ps_ptr, pr_ptr, table_ptr, len
         tl.store(scores_ptr + t * stride_st + e, score_tile(q, k, w, q_scale, INTERPRET, PREC), mask=ok)
 
 
-def triton_dsv4_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_BLcI: torch.Tensor,
-                                   table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int, *,
-                                   num_splits: int | None = None) -> torch.Tensor:
+def triton_paged_compressed_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_BLcI: torch.Tensor,
+                                         table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int, *,
+                                         num_splits: int | None = None) -> torch.Tensor:
     """int32 [T, top_k]: each query's top_k entries among its first visible_T[t] index keys, read from keys_BLcI
     [B, Lc, I] (or fp8 rows, uint8 [B, Lc, X]: index_key_rows(I)) through table_TM [T, M] (all of them, then -1,
     when fewer); any order. `num_splits` forces the
@@ -256,13 +257,13 @@ def attention_splits(T: int, N: int, key_tiles: int, sms: int) -> int:
     return max(1, min(2 * sms // programs, key_tiles // 4))
 
 
-def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor, slot_T: torch.Tensor,
-                                     pos_T: torch.Tensor, entries_BLcH: torch.Tensor | None,
-                                     table_TM: torch.Tensor | None, picks_TK: torch.Tensor | None,
-                                     visible_T: torch.Tensor | None, sinks_N: torch.Tensor, scale: float, *,
-                                     rope_dims: int = 0, num_splits: int | None = None) -> torch.Tensor:
-    """Same contract as dsv4.reference_paged_sink_attention (fp8 entries and window rows: uint8 rows laid out by
-    entry_rows(H, rope_dims)): out [T, N, H] in q's dtype. `num_splits` forces the key splits (tests), else
+def triton_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor, slot_T: torch.Tensor,
+                                pos_T: torch.Tensor, entries_BLcH: torch.Tensor | None,
+                                table_TM: torch.Tensor | None, picks_TK: torch.Tensor | None,
+                                visible_T: torch.Tensor | None, sinks_N: torch.Tensor, scale: float, *,
+                                rope_dims: int = 0, num_splits: int | None = None) -> torch.Tensor:
+    """Same contract as compressed_attention.reference_paged_sink_attention (fp8 entries and window rows: uint8 rows
+    laid out by entry_rows(H, rope_dims)): out [T, N, H] in q's dtype. `num_splits` forces the key splits (tests), else
     attention_splits picks them from the host sizes."""
     common.check_dtype("q_TNH", q_TNH)
     T, N, H = q_TNH.shape
@@ -301,7 +302,8 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     W, Lc = win.shape[1], pages.shape[1]
     KE = 0 if window_only else picks_TK.shape[1] if picks_TK is not None else table.shape[1] * Lc
     interp = common.interpreting(q)
-    block_n = 16  # the smallest tl.dot tile: V4's 64 / 128 heads are 4 / 8 programs per query (triton_dsv4's)
+    # the smallest tl.dot tile: V4's 64 / 128 heads are 4 / 8 programs per query (triton_compressed_attention's)
+    block_n = 16
     block_h = max(16, triton.next_power_of_2(H))
     block_s = 16 if interp else (32 if block_h >= 256 else 64)
     sms = num_sms(dev)
@@ -329,5 +331,5 @@ def triton_dsv4_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tens
     return out
 
 
-__all__ = ["attention_splits", "fp8_page_args", "load_fp8_rows", "num_sms", "triton_dsv4_paged_indexer_topk",
-           "triton_dsv4_paged_sink_attention"]
+__all__ = ["attention_splits", "fp8_page_args", "load_fp8_rows", "num_sms", "triton_paged_compressed_indexer_topk",
+           "triton_paged_sink_attention"]

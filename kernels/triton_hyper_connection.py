@@ -1,5 +1,5 @@
 """DeepSeek-V4's hyper-connection residual step in Triton: the block's output spread over the `hc_mult` streams and
-the streams mixed, one pass (kernels/dsv4.reference_hc_expand's contract):
+the streams mixed, one pass (kernels/hyper_connection.reference_hc_expand's contract):
 
     y[t, k, :] = post[t, k] * out[t, :] + sum_j comb[t, j, k] * x[t, j, :]
 
@@ -19,9 +19,9 @@ from .triton_common import cast
 
 
 @triton.jit
-def _dsv4_hc_expand_kernel(x_ptr, out_ptr, post_ptr, comb_ptr, y_ptr, D, stride_xt, stride_xn, stride_ot, stride_pt,
-                           stride_ct, stride_yt, stride_yn, N: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
+def _hc_expand_kernel(x_ptr, out_ptr, post_ptr, comb_ptr, y_ptr, D, stride_xt, stride_xn, stride_ot, stride_pt,
+                      stride_ct, stride_yt, stride_yn, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     k = tl.arange(0, BLOCK_N)
@@ -37,9 +37,9 @@ def _dsv4_hc_expand_kernel(x_ptr, out_ptr, post_ptr, comb_ptr, y_ptr, D, stride_
              mask=km[:, None] & dm[None, :])
 
 
-def triton_dsv4_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torch.Tensor,
-                          comb_Tnn: torch.Tensor) -> torch.Tensor:
-    """Same contract as dsv4.reference_hc_expand: [T, n, D] in x's dtype."""
+def triton_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torch.Tensor,
+                     comb_Tnn: torch.Tensor) -> torch.Tensor:
+    """Same contract as hyper_connection.reference_hc_expand: [T, n, D] in x's dtype."""
     common.check_dtype("x_TnD", x_TnD)
     T, n, D = x_TnD.shape
     if out_TD.shape != (T, D) or post_Tn.shape != (T, n) or comb_Tnn.shape != (T, n, n):
@@ -52,10 +52,10 @@ def triton_dsv4_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: to
     post, comb = post_Tn.contiguous(), comb_Tnn.contiguous()
     interp = common.interpreting(x)
     block_d = min(1024, max(16, triton.next_power_of_2(D)))
-    _dsv4_hc_expand_kernel[(T, triton.cdiv(D, block_d))](
+    _hc_expand_kernel[(T, triton.cdiv(D, block_d))](
         x, out, post, comb, y, D, x.stride(0), x.stride(1), out.stride(0), post.stride(0), comb.stride(0), y.stride(0),
         y.stride(1), N=n, BLOCK_N=max(2, triton.next_power_of_2(n)), BLOCK_D=block_d, INTERPRET=interp, num_warps=4)
     return y
 
 
-__all__ = ["triton_dsv4_hc_expand"]
+__all__ = ["triton_hc_expand"]

@@ -1,5 +1,7 @@
-"""DeepSeek-V4's Triton kernels (kernels/triton_dsv4.py, triton_dsv4_topk.py) against their plain-torch references
-(kernels/dsv4.py) run in float64 on the same inputs; Triton in the interpreter on CPU.
+"""The compressed-attention and hyper-connection Triton kernels, DeepSeek-V4's (kernels/triton_compressed_attention.py,
+triton_compressed_topk.py, triton_hyper_connection.py), against their plain-torch references
+(kernels/compressed_attention.py, hyper_connection.py) run in float64 on the same inputs; Triton in the interpreter on
+CPU.
 
 Shapes are small and ragged, built as the attention layer builds them (engine/models/deepseek_v4/attention.py): a decode
 token, a chunk over a cached prefix, a fresh prompt; contexts and windows not multiples of the compress rate or the
@@ -10,11 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.kernels.dsv4 import (reference_compress, reference_grouped_linear, reference_hc_expand,
-                                  reference_indexer_topk, reference_sink_attention)
-from moelink.kernels.triton_dsv4 import triton_dsv4_compress, triton_dsv4_grouped_linear, triton_dsv4_sink_attention
-from moelink.kernels.triton_dsv4_hc import triton_dsv4_hc_expand
-from moelink.kernels.triton_dsv4_topk import triton_dsv4_indexer_topk
+from moelink.kernels.compressed_attention import (reference_compress, reference_grouped_linear, reference_indexer_topk,
+                                                  reference_sink_attention)
+from moelink.kernels.hyper_connection import reference_hc_expand
+from moelink.kernels.triton_compressed_attention import triton_compress_kv, triton_grouped_linear, triton_sink_attention
+from moelink.kernels.triton_compressed_topk import triton_compressed_indexer_topk
+from moelink.kernels.triton_hyper_connection import triton_hc_expand
 
 from tests.helpers.dsa_cases import assert_same_sets
 
@@ -56,7 +59,7 @@ def test_compress_equals_reference(gen, kdev, check, dtype, overlap, m, n):
     kv_d = kv.to(dtype)
     want = reference_compress(kv_d.double(), gate.float().double(), None if prev_kv is None else prev_kv.to(
         dtype).double(), None if prev_gate is None else prev_gate.float().double())
-    got = triton_dsv4_compress(kv_d.to(kdev), gate.float().to(kdev), None if prev_kv is None else prev_kv.to(dtype).to(
+    got = triton_compress_kv(kv_d.to(kdev), gate.float().to(kdev), None if prev_kv is None else prev_kv.to(dtype).to(
         kdev), None if prev_gate is None else prev_gate.float().to(kdev))
     assert got.dtype == dtype
     check(got, want, dtype, f"compress overlap={overlap} m={m}")
@@ -65,7 +68,7 @@ def test_compress_equals_reference(gen, kdev, check, dtype, overlap, m, n):
 def test_compress_refuses_mismatched_halves(kdev):
     kv = torch.zeros(2, 4, 16, device=kdev)
     with pytest.raises(ValueError, match=r"kv_nmC \(2, 4, 16\).*\[n, m, 2H\]"):
-        triton_dsv4_compress(kv, kv, torch.zeros(2, 4, 16, device=kdev), torch.zeros(2, 4, 16, device=kdev))
+        triton_compress_kv(kv, kv, torch.zeros(2, 4, 16, device=kdev), torch.zeros(2, 4, 16, device=kdev))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,7 +83,7 @@ def test_sink_attention_equals_reference(gen, kdev, check, dtype, p0, p1, csa):
     q_d, k_d = q.to(dtype), keys.to(dtype)
     want = reference_sink_attention(q_d.double(), k_d.double(), allowed, sinks, H**-0.5)
     k_d = k_d.masked_fill(~allowed.any(dim=0)[:, None], float("nan"))
-    got = triton_dsv4_sink_attention(q_d.to(kdev), k_d.to(kdev), allowed.to(kdev), sinks.to(kdev), H**-0.5)
+    got = triton_sink_attention(q_d.to(kdev), k_d.to(kdev), allowed.to(kdev), sinks.to(kdev), H**-0.5)
     check(got, want, dtype, f"sink attention [{p0}, {p1}) csa={csa}")
 
 
@@ -88,8 +91,8 @@ def test_sink_attention_all_sink_when_nothing_is_seen(kdev):
     """A query that sees nothing (not a case the layer makes, but the kernel's floor): the sink takes the whole
     softmax, the output is 0 (the reference's softmax over [-inf..., sink] gives the same)."""
     q, k = torch.ones(1, 2, 16, device=kdev), torch.full((3, 16), float("nan"), device=kdev)
-    got = triton_dsv4_sink_attention(q, k, torch.zeros(1, 3, dtype=torch.bool, device=kdev),
-                                     torch.zeros(2, device=kdev), 0.25)
+    got = triton_sink_attention(q, k, torch.zeros(1, 3, dtype=torch.bool, device=kdev),
+                                torch.zeros(2, device=kdev), 0.25)
     assert torch.equal(got.cpu(), torch.zeros(1, 2, 16))
 
 
@@ -106,7 +109,7 @@ def test_indexer_topk_equals_reference(gen, kdev, E, topk, splits):
     keys = torch.randn(E, I, generator=gen)
     want = reference_indexer_topk(q, w, keys, vis, topk)
     keys[int(vis.max()):] = float("nan")
-    got = triton_dsv4_indexer_topk(q.to(kdev), w.to(kdev), keys.to(kdev), vis.to(kdev), topk, num_splits=splits)
+    got = triton_compressed_indexer_topk(q.to(kdev), w.to(kdev), keys.to(kdev), vis.to(kdev), topk, num_splits=splits)
     assert_same_sets(got.cpu(), want)
 
 
@@ -117,7 +120,7 @@ def test_indexer_topk_ties_keep_the_lowest_entries(kdev):
     vis = torch.tensor([12, 9])
     want = reference_indexer_topk(q, w, keys, vis, 4)
     for splits in (1, 2):
-        got = triton_dsv4_indexer_topk(q.to(kdev), w.to(kdev), keys.to(kdev), vis.to(kdev), 4, num_splits=splits)
+        got = triton_compressed_indexer_topk(q.to(kdev), w.to(kdev), keys.to(kdev), vis.to(kdev), 4, num_splits=splits)
         assert_same_sets(got.cpu(), want)
 
 
@@ -128,7 +131,7 @@ def test_grouped_linear_equals_reference(gen, kdev, check, dtype, T):
     x = torch.randn(T, G, d, generator=gen, dtype=torch.float64).to(dtype)
     w = torch.randn(G, o, d, generator=gen, dtype=torch.float64).to(dtype)
     want = reference_grouped_linear(x.double(), w.double())
-    got = triton_dsv4_grouped_linear(x.to(kdev), w.to(kdev))
+    got = triton_grouped_linear(x.to(kdev), w.to(kdev))
     check(got, want, dtype, f"grouped linear T={T}")
 
 
@@ -143,15 +146,15 @@ def test_per_query_keys_equal_reference(gen, kdev, check, dtype):
     allowed[:, 0] = True
     sinks = torch.randn(N, generator=gen)
     want = reference_sink_attention(q.double(), keys.double(), allowed, sinks, H**-0.5)
-    got = triton_dsv4_sink_attention(q.to(kdev), keys.masked_fill(~allowed[..., None], float("nan")).to(kdev),
-                                     allowed.to(kdev), sinks.to(kdev), H**-0.5)
+    got = triton_sink_attention(q.to(kdev), keys.masked_fill(~allowed[..., None], float("nan")).to(kdev),
+                                allowed.to(kdev), sinks.to(kdev), H**-0.5)
     check(got, want, dtype, "sink attention, per-query keys")
     iq, iw = torch.randn(T, nI, I, generator=gen), torch.randn(T, nI, generator=gen)
     ikeys = torch.randn(T, E, I, generator=gen)
     vis = torch.tensor([0, 3, 9, 17, 23])
     want_k = reference_indexer_topk(iq, iw, ikeys, vis, K)
     ikeys[torch.arange(E)[None, :] >= vis[:, None]] = float("nan")
-    got_k = triton_dsv4_indexer_topk(iq.to(kdev), iw.to(kdev), ikeys.to(kdev), vis.to(kdev), K)
+    got_k = triton_compressed_indexer_topk(iq.to(kdev), iw.to(kdev), ikeys.to(kdev), vis.to(kdev), K)
     assert_same_sets(got_k.cpu(), want_k)
 
 
@@ -166,6 +169,6 @@ def test_hc_expand_equals_reference(gen, kdev, check, dtype, T, n, D):
     comb = torch.rand(T, n, n, generator=gen)
     comb = comb / comb.sum(dim=-2, keepdim=True)
     want = reference_hc_expand(x.double(), out.double(), post.double(), comb.double())
-    got = triton_dsv4_hc_expand(x.to(kdev), out.to(kdev), post.to(kdev), comb.to(kdev))
+    got = triton_hc_expand(x.to(kdev), out.to(kdev), post.to(kdev), comb.to(kdev))
     assert got.dtype == dtype
     check(got, want, dtype, f"hc expand T={T} n={n}")

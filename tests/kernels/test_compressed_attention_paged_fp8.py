@@ -1,9 +1,9 @@
-"""DeepSeek-V4's fp8 KV cache in the kernels (issue 45): the row layout (kernels/dsv4.FP8Rows: e4m3 values with a
+"""DeepSeek-V4's fp8 KV cache in the kernels (issue 45): the row layout (kernels/compressed_attention.FP8Rows: e4m3 values with a
 float32 scale per group, bfloat16 rope values) against a decode worked out by hand, and the paged decode ops reading
-fp8 pages (kernels/triton_dsv4_paged.py, in the interpreter on CPU) against their references, which read the same
+fp8 pages (kernels/triton_compressed_attention_paged.py, in the interpreter on CPU) against their references, which read the same
 pages decoded in plain torch; those references in turn equal the float references over the decoded values.
 
-The batch is test_dsv4_paged's (ragged visible counts, partly written last blocks, a padding row, -1 picks); every
+The batch is test_compressed_attention_paged's (ragged visible counts, partly written last blocks, a padding row, -1 picks); every
 cache row no query may read holds 0xFF bytes: NaN as e4m3, as a float32 scale and as a bfloat16 rope value, so a
 kernel that reads one fails.
 """
@@ -12,12 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.kernels.dsv4 import (FP8Rows, entry_rows, index_key_rows, reference_paged_indexer_topk,
-                                  reference_paged_sink_attention)
-from moelink.kernels.triton_dsv4_paged import triton_dsv4_paged_indexer_topk, triton_dsv4_paged_sink_attention
+from moelink.kernels.compressed_attention import (FP8Rows, entry_rows, index_key_rows, reference_paged_indexer_topk,
+                                                  reference_paged_sink_attention)
+from moelink.kernels.triton_compressed_attention_paged import (triton_paged_compressed_indexer_topk,
+                                                               triton_paged_sink_attention)
 
 from tests.helpers.dsa_cases import assert_same_sets
-from tests.kernels.test_dsv4_paged import POS, Batch, _picks
+from tests.kernels.test_compressed_attention_paged import POS, Batch, _picks
 
 
 def _fp8_pages(b: Batch, gen, rows: FP8Rows, window: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +64,8 @@ def test_paged_indexer_topk_reads_fp8_keys(gen, kdev, m, topk, splits):
     want = reference_paged_indexer_topk(q.float(), w.float(), pages, b.table, b.visible, topk)
     assert torch.equal(want, reference_paged_indexer_topk(q.float(), w.float(), decoded.float(), b.table, b.visible,
                                                           topk))
-    got = triton_dsv4_paged_indexer_topk(q.float().to(kdev), w.float().to(kdev), pages.to(kdev), b.table.to(kdev),
-                                         b.visible.to(kdev), topk, num_splits=splits)
+    got = triton_paged_compressed_indexer_topk(q.float().to(kdev), w.float().to(kdev), pages.to(kdev), b.table.to(kdev),
+                                               b.visible.to(kdev), topk, num_splits=splits)
     assert_same_sets(got.cpu(), want)
     assert (got[-1] == -1).all()
 
@@ -98,9 +99,9 @@ def test_paged_sink_attention_reads_fp8_entries(gen, kdev, check, dtype, kind, w
                                             H**-0.5)
     assert torch.equal(want, oracle) and not torch.isnan(want).any()
     dev = lambda x: None if x is None else x.to(kdev)  # noqa: E731
-    got = triton_dsv4_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev), dev(pages),
-                                           dev(table), dev(picks), dev(visible), sinks.to(kdev), H**-0.5, rope_dims=R,
-                                           num_splits=splits)
+    got = triton_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev), dev(pages),
+                                      dev(table), dev(picks), dev(visible), sinks.to(kdev), H**-0.5, rope_dims=R,
+                                      num_splits=splits)
     assert got.dtype == dtype
     check(got[:-1], want[:-1], dtype, f"fp8 paged sink attention {kind} splits={splits}")
     assert torch.equal(got[-1].cpu().float(), torch.zeros(N, H))
@@ -110,7 +111,7 @@ def test_fp8_pages_of_the_wrong_width_are_refused(kdev):
     q = torch.zeros(2, 3, 32, device=kdev)
     i = torch.zeros(2, dtype=torch.long, device=kdev)
     with pytest.raises(ValueError, match=r"entries_BLcH \(5, 2, 32\).*\[B, Lc, 44\]"):
-        triton_dsv4_paged_sink_attention(q, torch.zeros(3, 4, 32, device=kdev), i, i,
-                                         torch.zeros(5, 2, 32, dtype=torch.uint8, device=kdev),
-                                         torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
-                                         torch.zeros(3, device=kdev), 0.25, rope_dims=8)
+        triton_paged_sink_attention(q, torch.zeros(3, 4, 32, device=kdev), i, i,
+                                    torch.zeros(5, 2, 32, dtype=torch.uint8, device=kdev),
+                                    torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
+                                    torch.zeros(3, device=kdev), 0.25, rope_dims=8)

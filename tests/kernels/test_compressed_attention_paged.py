@@ -1,6 +1,6 @@
-"""DeepSeek-V4's paged decode ops (kernels/triton_dsv4_paged.py: the indexer's top-k over index keys and the sink
+"""DeepSeek-V4's paged decode ops (kernels/triton_compressed_attention_paged.py: the indexer's top-k over index keys and the sink
 attention over window ring rows and entries, all read where the cache keeps them) against their plain-torch
-references (kernels/dsv4.py: reference_paged_*), and those references against the per-query-key ops on keys this
+references (kernels/compressed_attention.py: reference_paged_*), and those references against the per-query-key ops on keys this
 test gathers by hand. Triton in the interpreter on CPU.
 
 A batch as a decode step makes it (engine/models/deepseek_v4/decode.py): rows of different lengths on shuffled blocks of
@@ -13,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.kernels.dsv4 import (reference_indexer_topk, reference_paged_indexer_topk, reference_paged_sink_attention,
-                                  reference_sink_attention)
-from moelink.kernels.triton_dsv4_paged import (triton_dsv4_paged_indexer_topk, triton_dsv4_paged_sink_attention)
+from moelink.kernels.compressed_attention import (reference_indexer_topk, reference_paged_indexer_topk,
+                                                  reference_paged_sink_attention, reference_sink_attention)
+from moelink.kernels.triton_compressed_attention_paged import (triton_paged_compressed_indexer_topk,
+                                                               triton_paged_sink_attention)
 
 from tests.helpers.dsa_cases import assert_same_sets
 
@@ -88,8 +89,8 @@ def test_paged_indexer_topk_equals_reference(gen, kdev, m, topk, splits):
         v = int(b.visible[t])
         ref_t = reference_indexer_topk(q[t:t + 1], w[t:t + 1], b.gathered(keys, t, range(v)), b.visible[t:t + 1], topk)
         assert torch.equal(want[t:t + 1], ref_t)
-    got = triton_dsv4_paged_indexer_topk(q.float().to(kdev), w.float().to(kdev), keys.float().to(kdev),
-                                         b.table.to(kdev), b.visible.to(kdev), topk, num_splits=splits)
+    got = triton_paged_compressed_indexer_topk(q.float().to(kdev), w.float().to(kdev), keys.float().to(kdev),
+                                               b.table.to(kdev), b.visible.to(kdev), topk, num_splits=splits)
     assert got.dtype == torch.int32 and got.shape == (len(POS), topk)
     assert_same_sets(got.cpu(), want)
     assert (got[-1] == -1).all()  # the padding row picks nothing
@@ -136,8 +137,8 @@ def test_paged_sink_attention_equals_reference(gen, kdev, check, dtype, kind, sp
     torch.testing.assert_close(want, hand, rtol=1e-12, atol=1e-12)
     assert not torch.isnan(want).any()
     dev_args = tuple(None if a is None else a.to(kdev) for a in args)
-    got = triton_dsv4_paged_sink_attention(q.to(kdev), ring.to(kdev), *dev_args, sinks.to(kdev), H**-0.5,
-                                           num_splits=splits)
+    got = triton_paged_sink_attention(q.to(kdev), ring.to(kdev), *dev_args, sinks.to(kdev), H**-0.5,
+                                      num_splits=splits)
     assert got.dtype == dtype
     check(got[:-1], want[:-1], dtype, f"paged sink attention {kind} splits={splits}")
     assert torch.equal(got[-1].cpu().float(), torch.zeros(N, H))  # the padding row: the sink alone, output 0
@@ -145,20 +146,20 @@ def test_paged_sink_attention_equals_reference(gen, kdev, check, dtype, kind, sp
         tail = picks.clone()
         for t, v in enumerate(b.visible.tolist()):
             tail[t, v:] = v
-        again = triton_dsv4_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev),
-                                                 pages.to(kdev), b.table.to(kdev), tail.to(kdev), b.visible.to(kdev),
-                                                 sinks.to(kdev), H**-0.5, num_splits=splits)
+        again = triton_paged_sink_attention(q.to(kdev), ring.to(kdev), b.slot.to(kdev), b.pos.to(kdev),
+                                            pages.to(kdev), b.table.to(kdev), tail.to(kdev), b.visible.to(kdev),
+                                            sinks.to(kdev), H**-0.5, num_splits=splits)
         assert torch.equal(again.cpu(), got.cpu())
 
 
 def test_paged_ops_refuse_mismatched_shapes(kdev):
     q = torch.zeros(2, 3, 16, device=kdev)
     with pytest.raises(ValueError, match=r"table_TM \(3, 4\).*\[2, M\]"):
-        triton_dsv4_paged_indexer_topk(q, torch.zeros(2, 3, device=kdev), torch.zeros(5, 2, 16, device=kdev),
-                                       torch.zeros(3, 4, dtype=torch.int32, device=kdev),
-                                       torch.zeros(2, dtype=torch.long, device=kdev), 4)
+        triton_paged_compressed_indexer_topk(q, torch.zeros(2, 3, device=kdev), torch.zeros(5, 2, 16, device=kdev),
+                                             torch.zeros(3, 4, dtype=torch.int32, device=kdev),
+                                             torch.zeros(2, dtype=torch.long, device=kdev), 4)
     with pytest.raises(ValueError, match=r"entries_BLcH \(5, 2, 8\).*\[B, Lc, 16\]"):
         i = torch.zeros(2, dtype=torch.long, device=kdev)
-        triton_dsv4_paged_sink_attention(q, torch.zeros(3, 4, 16, device=kdev), i, i, torch.zeros(5, 2, 8, device=kdev),
-                                         torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
-                                         torch.zeros(3, device=kdev), 0.25)
+        triton_paged_sink_attention(q, torch.zeros(3, 4, 16, device=kdev), i, i, torch.zeros(5, 2, 8, device=kdev),
+                                    torch.zeros(2, 4, dtype=torch.int32, device=kdev), None, i,
+                                    torch.zeros(3, device=kdev), 0.25)

@@ -1,7 +1,7 @@
-"""benchmarks/dsv4_decode.py end to end at tiny shapes (--cpu-smoke), and its counted bytes worked by hand."""
+"""benchmarks/compressed_attention_decode.py end to end at tiny shapes (--cpu-smoke), and its counted bytes worked by hand."""
 from __future__ import annotations
 
-from moelink.benchmarks.dsv4_decode import SHAPES, bytes_read, main
+from moelink.benchmarks.compressed_attention_decode import SHAPES, bytes_read, main
 
 
 def test_bytes_read_at_v4_flash_shapes():
