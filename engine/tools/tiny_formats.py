@@ -13,7 +13,7 @@ rules: the quantized tiny checkpoints of `moelink make-tiny-model --format` and 
   config.json or in hf_quant_config.json.
 - FP8 block-scaled and gpt-oss's MXFP4 have tools of their own: quantize_fp8.py and mxfp4_checkpoint.py.
 A family's own formats and wrappers live in its package (engine/models/<family>/tiny.py, `TinyArch.own_formats` and
-`wrap`): DeepSeek-V4 as published (deepseek_v4/tiny.py: `write_published_dsv4`), Kimi K2.5's multimodal wrapper of a
+`wrap`): DeepSeek-V4 as published (its family's tiny.py, the "published" format), Kimi K2.5's multimodal wrapper of a
 DeepSeek-V3 checkpoint (deepseek/tiny.py: `kimi_k25_checkpoint`).
 """
 from __future__ import annotations
