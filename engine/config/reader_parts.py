@@ -2,7 +2,9 @@
 RopeConfig and a GQAConfig from the common fields engine/config/hf_readers.read_fields reads first."""
 from __future__ import annotations
 
-from .layer_configs import GQAConfig, RopeConfig, unsupported
+from moelink.moe.router_config import RouterConfig
+
+from .layer_configs import GQAConfig, MoEConfig, RopeConfig, unsupported
 
 # The widest MLP config.json may name: intermediate_size's bound (engine/config/model.py _DIMS), 2^18, far above any
 # published model's (18,432 for DeepSeek-V3's dense layers) and far below a typo's allocation.
@@ -31,4 +33,33 @@ def gqa(c: dict, rope: RopeConfig, **kw) -> GQAConfig:
 
 
 
-__all__ = ["LAYER_TYPES", "MAX_WIDTH", "gqa", "rope_config", "rotary_dim"]
+def layer_kinds(hf, field_name: str, allowed: tuple[str, ...], layers: int, where: str = "") -> tuple[str, ...]:
+    """config.json's per-layer list `field_name` (layer_types, mlp_layer_types), one of `allowed` for each of the
+    `layers` layers, or one error naming the field (`where`: where the file keeps it, for the message)."""
+    kinds = tuple(getattr(hf, field_name, None) or ())
+    if len(kinds) != layers or any(k not in allowed for k in kinds):
+        raise unsupported(field_name, list(kinds), f"one of {', '.join(map(repr, allowed))} for each of the "
+                                                   f"num_hidden_layers={layers} layers{where}")
+    return kinds
+
+
+MLP_TYPES = ("dense", "sparse")
+
+
+def noaux_tc_moe(hf, c: dict, num_experts: int, mlp_types: tuple[str, ...], shared_experts: int) -> dict:
+    """ModelConfig's MoE fields of DeepSeek-V3's routing as the newer families' transformers models run it (sigmoid
+    scores in float32, the top-k of scores + e_score_correction_bias within the topk_group best of n_group groups,
+    renormalised when norm_topk_prob, times routed_scaling_factor), the routed layers those mlp_layer_types call
+    "sparse", beside `shared_experts` shared ones."""
+    norm = bool(hf.norm_topk_prob)
+    router = RouterConfig(num_experts, c["top_k"], "sigmoid", "noaux_tc", int(hf.n_group or 1),
+                          int(hf.topk_group or 1), norm,
+                          float(hf.routed_scaling_factor if hf.routed_scaling_factor is not None else 1.0),
+                          float32_logits=True)  # transformers casts the router's input and weight to float32
+    return dict(num_experts=num_experts, moe_intermediate_size=int(hf.moe_intermediate_size),
+                intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm,
+                sparse_layers=tuple(i for i, t in enumerate(mlp_types) if t == "sparse"),
+                moe=MoEConfig(router, shared_experts))
+
+
+__all__ = ["LAYER_TYPES", "MAX_WIDTH", "MLP_TYPES", "gqa", "layer_kinds", "noaux_tc_moe", "rope_config", "rotary_dim"]

@@ -6,8 +6,9 @@ Per layer: q, k, v from three projections (stacked into one matmul here), a caus
 q|k|v with each sequence's conv state; the forget gate g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias), one value
 per head and key channel (a low-rank projection through head_dim), in float32; the write strength beta =
 sigmoid(b_proj(x)); the delta rule with g [T, H, K] (kernels/gated_delta.py); the output RMS-normed per head in
-float32, times the weight and sigmoid(g_b(g_a(x))) (a low-rank output gate), then o_proj. Ling's hybrid (KimiDeltaConfig's
-variants): full-rank gates (f_proj, g_proj) and a bounded "safe" forget gate, lower_bound * sigmoid(exp(A_log) * x).
+float32, times the weight and sigmoid(g_b(g_a(x))) (a low-rank output gate), then o_proj. Ling's hybrid
+(KimiDeltaConfig's variants): full-rank gates (f_proj, g_proj) and a bounded "safe" forget gate, lower_bound *
+sigmoid(exp(A_log) * x).
 
 Under tensor parallelism a rank holds its heads: their rows of q/k/v, f_b, g_b, b and of the conv channels, dt_bias,
 A_log; f_a and g_a (head_dim rows) whole; o_proj's columns (one all-reduce).

@@ -5,7 +5,7 @@ small token budget, under preemption with the same prompts again resuming from s
 over TCP with the KDA states beside the MLA latents. What the family adds beside Kimi Linear's kinds: KDA's
 full-rank gates and bounded forget gate (KimiDeltaConfig's variants) and MLA's per-head output gate
 (MLAConfig.output_gate); the parity tests fail with either undone (measured: the gate dropped, or the forget gate
-unbounded, prompt 0 differs from its first or second token). Checkpoints: tests/helpers/bailing_checkpoints.py; TP 2
+unbounded, prompt 0 differs from its first or second token). Checkpoints: the family's preset (tests/helpers/drawn_presets.py); TP 2
 and EP 2 in tests/ep/test_tp_families.py."""
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ import pytest
 
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
+from moelink.engine.models.bailing_hybrid.tiny import BAILING
 
-from tests.helpers.bailing_checkpoints import VOCAB, bailing_config, save_bailing_checkpoint
 from tests.helpers.config_dirs import config_dir
-from tests.helpers.parity import assert_pool_free, assert_same, check_chunked_batched, engine_greedy, hf_greedy, prompts
+from tests.helpers.drawn_presets import VOCAB, config_of, save_preset
+from tests.helpers.parity import check_chunked_batched, check_preemption_then_prefix_hits, prompts
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def ling_path(tmp_path_factory) -> str:
-    return save_bailing_checkpoint(tmp_path_factory.mktemp("ling"))
+    return save_preset(tmp_path_factory.mktemp("ling"), BAILING)
 
 
 def _prompts() -> list[list[int]]:
@@ -31,7 +32,7 @@ def _prompts() -> list[list[int]]:
 
 
 def test_config(tmp_path):
-    cfg = ModelConfig.from_pretrained(config_dir(tmp_path, bailing_config()))
+    cfg = ModelConfig.from_pretrained(config_dir(tmp_path, config_of(BAILING)))
     kinds = [cfg.attention_for(i) for i in range(cfg.num_layers)]
     assert [a.kind for a in kinds] == ["kda", "mla", "kda", "kda", "mla"] and cfg.linear_layers == (0, 2, 3)
     kda, mla = kinds[0], kinds[1]
@@ -60,16 +61,7 @@ def test_greedy_parity_chunked_batched(ling_path):
 
 @pytest.mark.slow
 def test_greedy_parity_under_preemption_and_prefix_hits(ling_path):
-    ps = _prompts()
-    want = hf_greedy(ling_path, ps)
-    llm = LLM(ling_path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8,
-              num_state_checkpoints=16)
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().num_preemptions_total > 0
-    hits_before = llm.engine.stats().prefix_cache_hits
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().prefix_cache_hits > hits_before
-    assert_pool_free(llm)
+    check_preemption_then_prefix_hits(ling_path, _prompts())
 
 
 @pytest.mark.slow

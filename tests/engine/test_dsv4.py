@@ -16,7 +16,8 @@ from moelink.engine.config import kv_sizing
 from moelink.engine.config.model import ModelConfig
 
 from tests.helpers.dsv4_checkpoint import CSA_RATE, HCA_RATE, VOCAB, dsv4_config, save_dsv4_checkpoint
-from tests.helpers.parity import assert_pool_free, assert_same, check_prefix_cache_parity, engine_greedy, hf_greedy, prompts
+from tests.helpers.parity import (assert_pool_free, assert_same, check_preemption_then_prefix_hits,
+                                  check_prefix_cache_parity, engine_greedy, hf_greedy, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -144,16 +145,7 @@ def test_greedy_parity_chunked_batched(dsv4_path):
 def test_greedy_parity_under_preemption_and_prefix_hits(dsv4_path):
     """A pool small enough to preempt, then the same prompts again: they resume from state checkpoints at block
     boundaries and the paged entries before them (hits asserted), and still equal transformers."""
-    ps = _prompts()
-    want = hf_greedy(dsv4_path, ps)
-    llm = LLM(dsv4_path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8,
-              num_state_checkpoints=16)
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().num_preemptions_total > 0
-    hits_before = llm.engine.stats().prefix_cache_hits
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().prefix_cache_hits > hits_before
-    assert_pool_free(llm)
+    check_preemption_then_prefix_hits(dsv4_path, _prompts())
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ float64, token for token: 1-150-token prompts together under a small token budge
 again under a KV pool small enough to preempt, prefix-cache hits across the 6-token window, and transformers 5's
 own checkpoint names. What the family adds: full-attention layers without rotary beside sliding ones with it
 (GQAConfig.nope_layers). Checkpoints: the family's tiny model (engine/models/exaone_moe/tiny.py, drawn by save_drawn_preset), saved by
-transformers (tests/helpers/exaone_checkpoints.py); EP 2 and TP 2 in tests/ep/test_tp_families.py."""
+transformers (tests/helpers/drawn_presets.py); EP 2 and TP 2 in tests/ep/test_tp_families.py."""
 from __future__ import annotations
 
 import pytest
@@ -13,11 +13,11 @@ import torch
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models.exaone_moe.tiny import WINDOW
+from moelink.engine.models.exaone_moe.tiny import EXAONE, WINDOW
 from moelink.moe.router_config import RouterConfig
 
 from tests.helpers.config_dirs import config_dir, set_fields
-from tests.helpers.exaone_checkpoints import VOCAB, exaone_config as _config, save_exaone_checkpoint as save_checkpoint
+from tests.helpers.drawn_presets import VOCAB, config_of, save_preset
 from tests.helpers.parity import (assert_same, check_chunked_batched, check_prefix_cache_parity,
                                   check_under_preemption, engine_greedy, hf_greedy, prompts)
 
@@ -26,11 +26,11 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 
 @pytest.fixture(scope="module")
 def exaone_path(tmp_path_factory) -> str:
-    return save_checkpoint(tmp_path_factory.mktemp("exaone"))
+    return save_preset(tmp_path_factory.mktemp("exaone"), EXAONE)
 
 
 def _config_dir(tmp_path, edit=None, **overrides) -> str:
-    return config_dir(tmp_path, _config(**overrides), edit)
+    return config_dir(tmp_path, config_of(EXAONE, **overrides), edit)
 
 
 # -- config ---------------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_router_matches_transformers():
 
     from moelink.moe.router import make_router
 
-    hf_cfg = _config(num_experts=12, n_group=3, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
+    hf_cfg = config_of(EXAONE, num_experts=12, n_group=3, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
     hf = ExaoneMoeTopkRouter(hf_cfg)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_nope_layer_builds_without_rotary(exaone_path):
 def test_transformers5_layout(tmp_path):
     """A checkpoint in transformers 5's own names (fused experts, the correction bias under the router) runs as the
     published layout does: transformers' tokens for two prompts."""
-    path = save_checkpoint(tmp_path, fused=True, num_hidden_layers=4)
+    path = save_preset(tmp_path, EXAONE, fused=True, num_hidden_layers=4)
     ps = prompts(VOCAB, seed=9, n=2, lo=3, hi=20)
     llm = LLM(path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=32, block_size=4)
     assert_same(engine_greedy(llm, ps, max_new=4), hf_greedy(path, ps, max_new=4), ps)
@@ -162,4 +162,4 @@ def test_fp8_block_checkpoint(tmp_path):
     the engine applies it. The router, its correction bias and the norms stay float."""
     from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
 
-    check_fp8_gqa_block_parity(save_checkpoint(tmp_path / "float"), tmp_path, VOCAB)
+    check_fp8_gqa_block_parity(save_preset(tmp_path / "float", EXAONE), tmp_path, VOCAB)

@@ -6,7 +6,7 @@ and prefill/decode over TCP with the states beside the MLA latents. What the fam
 "kda" kind, engine/models/kimi_delta.py: gated DeltaNet's rule with a decay per key channel, kernels tested in
 tests/kernels/test_kimi_delta.py) and MLA without rotary (MLAConfig.rotary); the parity tests fail with either
 undone (measured: the decay averaged over the channels, or the MLA layers rotated, prompt 0 differs from its second
-token). Checkpoints: tests/helpers/kimi_linear_checkpoints.py; TP 2 and EP 2 in tests/ep/test_tp_families.py."""
+token). Checkpoints: the family's preset (tests/helpers/drawn_presets.py); TP 2 and EP 2 in tests/ep/test_tp_families.py."""
 from __future__ import annotations
 
 import pytest
@@ -15,21 +15,23 @@ from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
 from moelink.engine.config.linear_attention import KimiDeltaConfig
 from moelink.engine.config.model import ModelConfig
+from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
 
 from tests.helpers.config_dirs import config_dir, set_fields
-from tests.helpers.kimi_linear_checkpoints import VOCAB, kimi_linear_config, save_kimi_linear_checkpoint
-from tests.helpers.parity import assert_pool_free, assert_same, check_chunked_batched, engine_greedy, hf_greedy, prompts
+from tests.helpers.drawn_presets import VOCAB, config_of, save_preset
+from tests.helpers.parity import (assert_pool_free, assert_same, check_chunked_batched,
+                                  check_preemption_then_prefix_hits, engine_greedy, hf_greedy, prompts)
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def kimi_path(tmp_path_factory) -> str:
-    return save_kimi_linear_checkpoint(tmp_path_factory.mktemp("kimi_linear"))
+    return save_preset(tmp_path_factory.mktemp("kimi_linear"), KIMI_LINEAR)
 
 
 def _config_dir(tmp_path, edit=None, **overrides) -> str:
-    return config_dir(tmp_path, kimi_linear_config(**overrides), edit)
+    return config_dir(tmp_path, config_of(KIMI_LINEAR, **overrides), edit)
 
 
 def _prompts() -> list[list[int]]:
@@ -72,16 +74,7 @@ def test_greedy_parity_chunked_batched(kimi_path):
 def test_greedy_parity_under_preemption_and_prefix_hits(kimi_path):
     """A pool small enough to preempt, then the same prompts again: they resume from KDA state checkpoints (hits
     asserted) and still equal transformers."""
-    ps = _prompts()
-    want = hf_greedy(kimi_path, ps)
-    llm = LLM(kimi_path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8,
-              num_state_checkpoints=16)
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().num_preemptions_total > 0
-    hits_before = llm.engine.stats().prefix_cache_hits
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().prefix_cache_hits > hits_before
-    assert_pool_free(llm)
+    check_preemption_then_prefix_hits(kimi_path, _prompts())
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 
 from tests.helpers.hf_checkpoints import VOCAB
-from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.parity import (assert_pool_free, assert_same, check_preemption_then_prefix_hits, engine_greedy,
+                                  hf_greedy, prompts)
 
 NAME = "qwen3_next"
 
@@ -47,17 +48,7 @@ def test_greedy_parity_chunked_batched(hf_tiny_model):
 def test_greedy_parity_under_preemption_and_prefix_hits(hf_tiny_model):
     """A pool small enough to preempt, then the same prompts again: they resume from state checkpoints (hits
     asserted) and still equal transformers."""
-    path = hf_tiny_model(NAME)
-    ps = _prompts()
-    want = hf_greedy(path, ps)
-    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8,
-              num_state_checkpoints=16)
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().num_preemptions_total > 0
-    hits_before = llm.engine.stats().prefix_cache_hits
-    assert_same(engine_greedy(llm, ps), want, ps)
-    assert llm.engine.stats().prefix_cache_hits > hits_before
-    assert_pool_free(llm)
+    check_preemption_then_prefix_hits(hf_tiny_model(NAME), _prompts())
 
 
 @pytest.mark.slow

@@ -24,8 +24,12 @@ import pytest
 
 from moelink.engine import LLM
 
-from tests.helpers import (bailing_checkpoints, exaone_checkpoints, hf_checkpoints, kimi_linear_checkpoints,
-                           longcat_checkpoints, m2_checkpoints)
+from moelink.engine.models.bailing_hybrid.tiny import BAILING
+from moelink.engine.models.exaone_moe.tiny import EXAONE
+from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
+
+from tests.helpers import hf_checkpoints, longcat_checkpoints, m2_checkpoints
+from tests.helpers.drawn_presets import VOCAB, save_preset
 from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
 
 pytestmark = pytest.mark.slow
@@ -71,8 +75,8 @@ def test_tp_sparse_attention_matches_one_rank(local_ray, hf_tiny_model, name):
 
 def test_tp_exaone_nope_and_sliding_matches_one_rank(local_ray, tmp_path):
     # Prompts of 8..40 tokens: past the 6-token window, so the sliding layers drop keys the NoPE layer still reads.
-    path = exaone_checkpoints.save_exaone_checkpoint(tmp_path, num_hidden_layers=4)
-    _tp_equals_one_rank(path, exaone_checkpoints.VOCAB, seed=23, lo=8, hi=40)
+    path = save_preset(tmp_path, EXAONE, num_hidden_layers=4)
+    _tp_equals_one_rank(path, VOCAB, seed=23, lo=8, hi=40)
 
 
 def test_tp_longcat_matches_one_rank(local_ray, tmp_path):
@@ -84,25 +88,24 @@ def test_tp_longcat_matches_one_rank(local_ray, tmp_path):
 def test_tp_kda_families_match_one_rank(local_ray, tmp_path, name):
     # Chunked prefill over the KDA states (prompts past the 24-token budget), then decodes: each rank its heads'
     # (Ling's: its full-rank gates' rows, and MLA's per-head output gate).
-    save = (kimi_linear_checkpoints.save_kimi_linear_checkpoint if name == "kimi_linear"
-            else bailing_checkpoints.save_bailing_checkpoint)
-    _tp_equals_one_rank(save(tmp_path), kimi_linear_checkpoints.VOCAB, seed=53, hi=40)
+    _tp_equals_one_rank(save_preset(tmp_path, KIMI_LINEAR if name == "kimi_linear" else BAILING), VOCAB, seed=53,
+                        hi=40)
 
 
 # EXAONE-MoE: 8 routed experts 4 / 4, the shared expert on both ranks. LongCat-Flash: 6 routed experts 3 / 3 beside 2
 # zero-computation ones (this all-to-all looks every id up, so their picks travel to expert 0 with weight 0). Kimi
 # Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states.
-EP_CASES = {"exaone": (lambda out: exaone_checkpoints.save_exaone_checkpoint(out, num_hidden_layers=4), 29),
+EP_CASES = {"exaone": (lambda out: save_preset(out, EXAONE, num_hidden_layers=4), 29),
             "longcat": (longcat_checkpoints.save_longcat_checkpoint, 43),
-            "kimi_linear": (kimi_linear_checkpoints.save_kimi_linear_checkpoint, 59),
-            "bailing_hybrid": (bailing_checkpoints.save_bailing_checkpoint, 67)}
+            "kimi_linear": (lambda out: save_preset(out, KIMI_LINEAR), 59),
+            "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67)}
 
 
 @pytest.mark.parametrize("name", list(EP_CASES))
 def test_ep_2_matches_transformers(local_ray, tmp_path, name):
     save, seed = EP_CASES[name]
     path = save(tmp_path)
-    ps = prompts(exaone_checkpoints.VOCAB, seed=seed, n=4, lo=1, hi=60)  # both presets' vocabulary (tiny_families)
+    ps = prompts(VOCAB, seed=seed, n=4, lo=1, hi=60)  # every preset's vocabulary (tiny_families)
     llm = LLM(path, expert_parallel_size=2, **KW)
     try:
         assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(path, ps, max_new=NEW), ps)

@@ -107,6 +107,23 @@ def check_under_preemption(path: str, ps: list[list[int]]) -> None:
     assert_pool_free(llm)
 
 
+def check_preemption_then_prefix_hits(path: str, ps: list[list[int]], **engine_kw) -> None:
+    """A model with per-sequence state (linear attention, DeepSeek-V4's compressed entries): a pool small enough to
+    preempt, then the same prompts again, which resume from state checkpoints at block boundaries (hits asserted);
+    both passes equal transformers and the pool ends free."""
+    from moelink.engine import LLM
+
+    want = hf_greedy(path, ps)
+    llm = LLM(path, **{**dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=24,
+                              block_size=8, num_state_checkpoints=16), **engine_kw})
+    assert_same(engine_greedy(llm, ps), want, ps)
+    assert llm.engine.stats().num_preemptions_total > 0
+    hits_before = llm.engine.stats().prefix_cache_hits
+    assert_same(engine_greedy(llm, ps), want, ps)
+    assert llm.engine.stats().prefix_cache_hits > hits_before
+    assert_pool_free(llm)
+
+
 _HF_NOCACHE_OUT: dict = {}
 
 

@@ -1,5 +1,5 @@
 """Ling's hybrid tiny checkpoint: `moelink make-tiny-model --arch bailing_hybrid` and the test suite's
-(tests/helpers/bailing_checkpoints.py). Built by transformers' own BailingHybridForCausalLM and drawn by
+(tests/helpers/drawn_presets.py). Built by transformers' own BailingHybridForCausalLM and drawn by
 engine/tools/tiny_families.save_drawn_preset (norm weights and the correction bias random).
 
 Five layers, MLA (q LoRA 16, latent 16, interleaved rope, the per-head output gate) on 1 and 4, KDA (4 heads of 16,

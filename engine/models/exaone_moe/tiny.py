@@ -1,5 +1,5 @@
 """EXAONE-MoE's tiny checkpoint: `moelink make-tiny-model --arch exaone_moe` and the test suite's
-(tests/helpers/exaone_checkpoints.py). Built by transformers' own ExaoneMoeForCausalLM and drawn by
+(tests/helpers/drawn_presets.py). Built by transformers' own ExaoneMoeForCausalLM and drawn by
 engine/tools/tiny_families.save_drawn_preset (norm weights and the correction bias random, so a weight loaded into the
 wrong place shows).
 

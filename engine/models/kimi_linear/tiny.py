@@ -1,5 +1,5 @@
 """Kimi Linear's tiny checkpoint: `moelink make-tiny-model --arch kimi_linear` and the test suite's
-(tests/helpers/kimi_linear_checkpoints.py). Built by transformers' own KimiLinearForCausalLM and drawn by
+(tests/helpers/drawn_presets.py). Built by transformers' own KimiLinearForCausalLM and drawn by
 engine/tools/tiny_families.save_drawn_preset (norm weights and the correction bias random).
 
 Five layers, KDA on 0, 2 and 3, MLA (q LoRA 16, latent 16, no rotary) on 1 and 4; KDA of 4 heads of 16 with a 4-wide convolution; a dense first layer; 8 experts
