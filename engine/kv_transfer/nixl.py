@@ -63,6 +63,11 @@ from .wire import Deadline, KVFetchError, Staging, recv_saved, send_header, send
 logger = logging.getLogger(__name__)
 
 MAX_REMOTE_AGENTS = 64  # prefill agents a decode agent keeps loaded (each holds a UCX endpoint)
+# The UCX progress thread's poll timeout, in microseconds (NIXL rounds it up to whole milliseconds). The thread waits
+# in poll() on its workers' event fds and wakes at once when a peer's message or a transfer arrives; the timeout only
+# bounds an idle wake-up. NIXL's Python wrapper passes 0, which makes poll() return at once: the thread then spins a
+# whole core for as long as the agent lives (measured: 3.0 s of CPU over 3 s idle, 0.07 s with this delay).
+PROGRESS_DELAY_US = 1000
 _POLL_S = 0.0002  # between polls of a READ in flight (the progress thread moves the bytes)
 _NIXL_MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")  # the meta package, or a CUDA variant's own
 
@@ -82,6 +87,34 @@ def nixl_available() -> bool:
 
 
 _AGENTS: "weakref.WeakSet[NixlAgent]" = weakref.WeakSet()  # every agent made in this process, for open_agents()
+_CONFIG_SWAP = threading.Lock()  # one agent at a time built with the delayed progress thread's config
+
+
+def _agent_with_progress_delay(api, name: str, conf, delay_us: int):
+    """`api.nixl_agent(name, conf)` with the progress thread's poll timeout `delay_us` (PROGRESS_DELAY_US's why).
+
+    nixl_agent's constructor sets `pthrDelay = 0` on the bindings' nixlAgentConfig it makes and offers no way to set
+    it; for the constructor's duration the bindings' class is a subclass that keeps the delay at `delay_us` at
+    least (a pybind class takes a Python subclass wherever it takes the class), restored before the lock is given
+    back. Another thread building an agent meanwhile waits on the lock; NIXL's other users never see the swap
+    outside an agent's construction."""
+    bind = getattr(api, "nixlBind", None)
+    base = getattr(bind, "nixlAgentConfig", None)
+    if base is None:  # a NIXL whose wrapper no longer builds the config this way: its own default
+        return api.nixl_agent(name, conf)
+
+    class DelayedConfig(base):  # type: ignore[misc, valid-type]
+        def __setattr__(self, attr: str, value) -> None:
+            if attr == "pthrDelay":
+                value = max(int(value), delay_us)
+            super().__setattr__(attr, value)
+
+    with _CONFIG_SWAP:
+        bind.nixlAgentConfig = DelayedConfig
+        try:
+            return api.nixl_agent(name, conf)
+        finally:
+            bind.nixlAgentConfig = base
 
 
 def open_agents() -> list["NixlAgent"]:
@@ -105,7 +138,7 @@ class NixlAgent:
         conf = api.nixl_agent_config(enable_prog_thread=progress_thread, enable_listen_thread=False,
                                      backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         with narrowed_env(net_devices):  # UCX listens on the interfaces it may use: only those asked (ucx_net.py)
-            self.agent = api.nixl_agent(self.name, conf)
+            self.agent = _agent_with_progress_delay(api, self.name, conf, PROGRESS_DELAY_US)
         self.net_devices = net_devices
         _AGENTS.add(self)
         if "UCX" not in self.agent.backends:

@@ -242,3 +242,27 @@ def test_only_the_served_agent_has_a_progress_thread_and_close_ends_every_thread
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("progress", "left"))]
     assert lines == ["progress [True, True] [True] [False]", "left 0"], out.stdout
+
+
+def test_the_progress_thread_waits_in_poll_instead_of_spinning(monkeypatch):
+    """NIXL's wrapper builds its agents with a 0 progress-thread delay, which makes the UCX progress thread's poll()
+    return at once: a core spun for the agent's whole life (measured: 3.0 s of CPU over 3 s idle). The serving agent
+    is built with PROGRESS_DELAY_US (0.07 s over the same 3 s), and the bindings' config class is NIXL's own again
+    afterwards."""
+    from moelink.engine.kv_transfer import nixl as nixl_mod
+
+    bind = nixl_mod.nixl_api().nixlBind
+    original, real_agent = bind.nixlAgentConfig, bind.nixlAgent
+    delays = []
+
+    def spy(name, config):
+        delays.append(config.pthrDelay)
+        return real_agent(name, config)
+
+    monkeypatch.setattr(bind, "nixlAgent", spy)
+    agent = NixlAgent(progress_thread=True)
+    try:
+        assert delays == [nixl_mod.PROGRESS_DELAY_US] and nixl_mod.PROGRESS_DELAY_US >= 1
+        assert bind.nixlAgentConfig is original
+    finally:
+        agent.close()
