@@ -103,11 +103,16 @@ def _agent_with_progress_delay(api, name: str, conf, delay_us: int):
     if base is None:  # a NIXL whose wrapper no longer builds the config this way: its own default
         return api.nixl_agent(name, conf)
 
-    class DelayedConfig(base):  # type: ignore[misc, valid-type]
-        def __setattr__(self, attr: str, value) -> None:
-            if attr == "pthrDelay":
-                value = max(int(value), delay_us)
-            super().__setattr__(attr, value)
+    try:
+        class DelayedConfig(base):  # type: ignore[misc, valid-type]
+            def __setattr__(self, attr: str, value) -> None:
+                if attr == "pthrDelay":
+                    value = max(int(value), delay_us)
+                super().__setattr__(attr, value)
+    except TypeError:  # bindings built with a final config class: NIXL's own default (a spinning thread)
+        logger.warning("NIXL's agent config cannot be subclassed: the UCX progress thread keeps NIXL's 0 poll "
+                       "timeout and spins a core while the agent lives")
+        return api.nixl_agent(name, conf)
 
     with _CONFIG_SWAP:
         bind.nixlAgentConfig = DelayedConfig
