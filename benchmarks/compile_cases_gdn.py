@@ -3,7 +3,8 @@ linear-attention shapes: 16 q/k heads and 32 value heads of 128, conv kernel 4 o
 channels (one rank; a tensor-parallel shard divides the heads and channels, the same code): the recurrence for decode,
 verify (intermediate states), prefill and the replay of accepted tokens, the commit of accepted states (recurrent and
 conv pools), the gates, the causal conv's prefill (outputs and state write), its decode / verify update and its
-replay. Bf16 activations, fp32 states.
+replay. Bf16 activations, fp32 states. Kimi Delta Attention (Kimi Linear, Ling's hybrid: the same recurrence with a
+decay per key channel, PER_CHANNEL) at Kimi-Linear-48B-A3B's shape: 32 heads of 128, its decode, verify and prefill.
 
 Standalone, any target Triton supports (sm_100 with Triton >= 3.9), no GPU needed:
     python -m moelink.benchmarks.compile_cases_gdn [ARCH]        # prints registers / spills per kernel
@@ -55,6 +56,23 @@ def compile_gdn(rec: Recorder, quick: bool) -> None:
         with rec.labelled("qwen3-next-80b-a3b gated delta rule prefill (recurrence, 4096 tokens)"):
             triton_gated_delta_rule(q, k, v, torch.empty(4096, N, **meta), torch.empty(4096, N, dtype=dt, **meta), pool,
                                     torch.empty(4, dtype=i32, **meta), slots[:3], torch.empty(3, dtype=torch.bool, **meta))
+    # Kimi Delta Attention: 32 heads of 128 (q/k heads = value heads), g [T, H, K] float32.
+    H = 32
+    kda_pool = torch.empty(P, H, K, K, **meta)
+    for T, label, keep in [(S, "decode (1 token per sequence)", None),
+                           (S * Q, f"verify ({Q} tokens, intermediate states)", torch.empty(S, Q, H, K, K, **meta))]:
+        x = torch.empty(T, 3 * H * K, dtype=dt, **meta)
+        q, k, v = (x[:, i * H * K:(i + 1) * H * K].view(T, H, K) for i in range(3))
+        with rec.labelled(f"kimi-linear-48b-a3b kimi delta attention {label}"):
+            triton_gated_delta_rule_decode(q, k, v, torch.empty(T, H, K, **meta), torch.empty(T, H, dtype=dt, **meta),
+                                           kda_pool, torch.empty(S + 1, dtype=i32, **meta), slots, keep)
+    if not quick:
+        x = torch.empty(4096, 3 * H * K, dtype=dt, **meta)
+        q, k, v = (x[:, i * H * K:(i + 1) * H * K].view(4096, H, K) for i in range(3))
+        with rec.labelled("kimi-linear-48b-a3b kimi delta attention prefill (recurrence, 4096 tokens)"):
+            triton_gated_delta_rule(q, k, v, torch.empty(4096, H, K, **meta), torch.empty(4096, H, dtype=dt, **meta),
+                                    kda_pool, torch.empty(4, dtype=i32, **meta), slots[:3],
+                                    torch.empty(3, dtype=torch.bool, **meta))
     acc = torch.empty(S, dtype=i32, **meta)
     _, q, k, v = qkv(S * Q)
     with rec.labelled(f"qwen3-next-80b-a3b gated delta rule replay of accepted tokens (of {Q})"):
