@@ -1,5 +1,5 @@
 """The fused GQA attention input (q/k norm + rotary + KV write, kernels/triton_rope_kv.py) against its reference
-(kernels/rope_kv.py), a float64 oracle and the unfused Triton kernels it replaces."""
+(kernels/rotary.py reference_rope_write_kv), a float64 oracle and the unfused Triton kernels it replaces."""
 from __future__ import annotations
 
 import pytest
