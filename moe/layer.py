@@ -152,7 +152,9 @@ class MoELayer(nn.Module):
         runs other work at the yields: the shared experts, the other micro-batch (engine/rank/step_plan.py)."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
+        # Zero-computation experts take the unfused path: the fused op would count their ids as experts' load.
         route = self.router.route_args() if not self.zero_experts else None
+        identity_T1 = None  # the zero-computation experts' weight per row (None: the layer has none)
         if route is not None:
             # Scores, top-k, the padding rows' ids (-1) and the expert-load count in one op: one launch with the
             # Triton kernels, where the ops one by one were ~11 at decode (kernels/router_topk.py).
@@ -160,24 +162,20 @@ class MoELayer(nn.Module):
             weights_TK, ids_TK = self.kernels.route_topk(logits_TG, self.router.top_k, **route,
                                                          bias_G=self.e_score_correction_bias_G,
                                                          valid_T=self.valid_rows_T, counts_G=counts_G)
-        else:  # a router with no fused form (gpt-oss's top-k-then-softmax)
+        else:  # a router with no fused form (gpt-oss's top-k-then-softmax, LongCat's softmax noaux_tc)
             weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
             if self.valid_rows_T is not None:
                 ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
-            identity_T1 = None
             if self.zero_experts:
                 weights_TK, ids_TK, identity_T1 = self._zero_experts(weights_TK, ids_TK)
             if self.stats is not None:
                 self.stats.record_routing(self.moe_index, ids_TK)
-            if identity_T1 is not None:
-                if self.ep is None:
-                    out_TD = self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
-                else:
-                    out_TD = yield from self._forward_ep(x_TD, weights_TK, self._ep_ids(ids_TK))
-                return out_TD + x_TD * identity_T1.to(x_TD.dtype)
         if self.ep is None:
-            return self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
-        return (yield from self._forward_ep(x_TD, weights_TK, ids_TK))
+            out_TD = self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
+        else:
+            out_TD = yield from self._forward_ep(x_TD, weights_TK,
+                                                 ids_TK if identity_T1 is None else self._ep_ids(ids_TK))
+        return out_TD if identity_T1 is None else out_TD + x_TD * identity_T1.to(x_TD.dtype)
 
     def _zero_experts(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

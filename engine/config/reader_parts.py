@@ -46,6 +46,16 @@ def layer_kinds(hf, field_name: str, allowed: tuple[str, ...], layers: int, wher
 MLP_TYPES = ("dense", "sparse")
 
 
+def mla_fields(hf, c: dict) -> dict:
+    """MLAConfig's shape fields from config.json's DeepSeek-style latent-attention fields (q_lora_rank null: one
+    q_proj), for a family reader to complete with its rope, softmax scale and variants."""
+    q_lora = getattr(hf, "q_lora_rank", None)
+    return dict(num_heads=c["num_heads"], q_lora_rank=int(q_lora) if q_lora is not None else None,
+                kv_lora_rank=int(hf.kv_lora_rank), qk_nope_head_dim=int(hf.qk_nope_head_dim),
+                qk_rope_head_dim=int(hf.qk_rope_head_dim), v_head_dim=int(hf.v_head_dim),
+                attention_bias=bool(getattr(hf, "attention_bias", False)))
+
+
 def noaux_tc_moe(hf, c: dict, num_experts: int, mlp_types: tuple[str, ...], shared_experts: int) -> dict:
     """ModelConfig's MoE fields of DeepSeek-V3's routing as the newer families' transformers models run it (sigmoid
     scores in float32, the top-k of scores + e_score_correction_bias within the topk_group best of n_group groups,
@@ -62,4 +72,5 @@ def noaux_tc_moe(hf, c: dict, num_experts: int, mlp_types: tuple[str, ...], shar
                 moe=MoEConfig(router, shared_experts))
 
 
-__all__ = ["LAYER_TYPES", "MAX_WIDTH", "MLP_TYPES", "gqa", "layer_kinds", "noaux_tc_moe", "rope_config", "rotary_dim"]
+__all__ = ["LAYER_TYPES", "MAX_WIDTH", "MLP_TYPES", "gqa", "layer_kinds", "mla_fields", "noaux_tc_moe", "rope_config",
+           "rotary_dim"]

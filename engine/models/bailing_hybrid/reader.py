@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ...config.layer_configs import MLAConfig, unsupported
 from ...config.linear_attention import KimiDeltaConfig
-from ...config.reader_parts import MLP_TYPES, layer_kinds, noaux_tc_moe, rope_config
+from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe, rope_config
 
 _LAYER_TYPES = ("full_attention", "linear_attention")
 
@@ -26,13 +26,10 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     mlp_types = layer_kinds(hf, "mlp_layer_types", MLP_TYPES, c["num_layers"])
     if getattr(hf, "mlp_bias", False):
         raise unsupported("mlp_bias", True, (False,), f" for {arch} (transformers' MLPs have no bias)")
-    nope, pe = int(hf.qk_nope_head_dim), int(hf.qk_rope_head_dim)
-    q_lora = getattr(hf, "q_lora_rank", None)
-    mla = MLAConfig(num_heads=c["num_heads"], q_lora_rank=int(q_lora) if q_lora is not None else None,
-                    kv_lora_rank=int(hf.kv_lora_rank), qk_nope_head_dim=nope, qk_rope_head_dim=pe,
-                    v_head_dim=int(hf.v_head_dim), rope=rope_config(rope, c, pe, "interleaved"),
-                    softmax_scale=float(yarn_apply_mscale(rope, (nope + pe) ** -0.5)),
-                    attention_bias=bool(getattr(hf, "attention_bias", False)), output_gate=True)
+    f = mla_fields(hf, c)
+    nope, pe = f["qk_nope_head_dim"], f["qk_rope_head_dim"]
+    mla = MLAConfig(**f, rope=rope_config(rope, c, pe, "interleaved"),
+                    softmax_scale=float(yarn_apply_mscale(rope, (nope + pe) ** -0.5)), output_gate=True)
     H, K = int(hf.linear_num_heads), int(hf.linear_head_dim)
     kda = KimiDeltaConfig(H, H, K, K, int(hf.linear_conv_kernel_dim), forget_gate="full", output_gate="full",
                           gate_lower_bound=float(hf.kda_lower_bound) if hf.kda_safe_gate else None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ...config.layer_configs import MLAConfig, RopeConfig, unsupported
 from ...config.linear_attention import KimiDeltaConfig
-from ...config.reader_parts import MLP_TYPES, layer_kinds, noaux_tc_moe
+from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe
 
 _LAYER_TYPES = ("full_attention", "linear_attention")
 
@@ -25,13 +25,10 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     mlp_types = layer_kinds(hf, "mlp_layer_types", MLP_TYPES, c["num_layers"])
     if getattr(hf, "mlp_bias", False):
         raise unsupported("mlp_bias", True, (False,), f" for {arch} (transformers' MLPs have no bias)")
-    nope, pe = int(hf.qk_nope_head_dim), int(hf.qk_rope_head_dim)
-    q_lora = getattr(hf, "q_lora_rank", None)
+    f = mla_fields(hf, c)
+    nope, pe = f["qk_nope_head_dim"], f["qk_rope_head_dim"]
     # No rotary anywhere: the table is never read past position 0 (MLAConfig.rotary), so its kind is moot.
-    mla = MLAConfig(num_heads=c["num_heads"], q_lora_rank=int(q_lora) if q_lora is not None else None,
-                    kv_lora_rank=int(hf.kv_lora_rank), qk_nope_head_dim=nope, qk_rope_head_dim=pe,
-                    v_head_dim=int(hf.v_head_dim), rope=RopeConfig(pe, c["rope_theta"], "default", "neox"),
-                    softmax_scale=(nope + pe) ** -0.5, attention_bias=bool(getattr(hf, "attention_bias", False)),
+    mla = MLAConfig(**f, rope=RopeConfig(pe, c["rope_theta"], "default", "neox"), softmax_scale=(nope + pe) ** -0.5,
                     rotary=False)
     kda = KimiDeltaConfig(int(hf.linear_num_heads), int(hf.linear_num_heads), int(hf.linear_head_dim),
                           int(hf.linear_head_dim), int(hf.linear_conv_kernel_dim))

@@ -10,7 +10,7 @@ import math
 from moelink.moe.router_config import RouterConfig
 
 from ...config.layer_configs import MLAConfig, MoEConfig, unsupported
-from ...config.reader_parts import rope_config
+from ...config.reader_parts import mla_fields, rope_config
 
 
 def read(arch: str, hf, c: dict, rope: dict) -> dict:
@@ -32,8 +32,10 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
         raise unsupported("router_bias", True, (False,), f" for {arch} (moelink's router linear has no bias here)")
     if getattr(hf, "hidden_act", "silu") != "silu":
         raise unsupported("hidden_act", hf.hidden_act, ("silu",))
-    nope, pe, q_lora, kv_lora = (int(hf.qk_nope_head_dim), int(hf.qk_rope_head_dim), int(hf.q_lora_rank),
-                                 int(hf.kv_lora_rank))
+    f = mla_fields(hf, c)
+    nope, pe, q_lora, kv_lora = f["qk_nope_head_dim"], f["qk_rope_head_dim"], f["q_lora_rank"], f["kv_lora_rank"]
+    if q_lora is None:
+        raise unsupported("q_lora_rank", None, "a positive integer (transformers' LongCat-Flash always has q LoRA)")
     # transformers' LongcatFlashRotaryEmbedding builds its table over head_dim: the rope part of each head.
     if int(getattr(hf, "head_dim", pe) or pe) != pe:
         raise unsupported("head_dim", hf.head_dim, (pe,), " (transformers rotates qk_rope_head_dim dims with a table "
@@ -41,10 +43,8 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     if int(hf.qk_head_dim) != nope + pe:
         raise unsupported("qk_head_dim", hf.qk_head_dim, (nope + pe,), " (qk_nope_head_dim + qk_rope_head_dim)")
     attention = MLAConfig(
-        num_heads=c["num_heads"], q_lora_rank=q_lora, kv_lora_rank=kv_lora, qk_nope_head_dim=nope,
-        qk_rope_head_dim=pe, v_head_dim=int(hf.v_head_dim), rope=rope_config(rope, c, pe, "interleaved"),
+        **f, rope=rope_config(rope, c, pe, "interleaved"),
         softmax_scale=float(yarn_apply_mscale(rope, (nope + pe) ** -0.5)),
-        attention_bias=bool(getattr(hf, "attention_bias", False)),
         q_scale=math.sqrt(c["hidden_size"] / q_lora), latent_scale=math.sqrt(c["hidden_size"] / kv_lora))
     E, Z = int(hf.n_routed_experts), int(hf.zero_expert_num or 0)
     if E < 1:
