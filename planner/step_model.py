@@ -164,14 +164,15 @@ class _Layers:
         self.local_experts = self.slots / setup.ep
         # Replicas placed by EPLB break the group <-> rank correspondence group-limited routing relies on.
         grouped = setup.redundant_experts == 0
-        self.routing = RoutingSpec(self.slots, model.top_k, model.n_group if grouped else 1,
+        # Zero-computation experts' picks go nowhere: the all-to-all carries the expected real picks.
+        self.routing = RoutingSpec(self.slots, max(1, round(model.routed_top_k)), model.n_group if grouped else 1,
                                    model.topk_group if grouped else 1)
         p = setup.precision
         self.measured = find_measurement(list(setup.measured), model.num_experts, model.top_k, model.hidden,
                                          model.moe_intermediate, p.experts)
 
     def imbalance(self, ld: "_Load") -> float:
-        return expert_load_imbalance(self.s.balance, self.s.ep, self.local_experts, ld.pool * self.m.top_k,
+        return expert_load_imbalance(self.s.balance, self.s.ep, self.local_experts, ld.pool * self.m.routed_top_k,
                                      seqs_per_rank=ld.seqs)
 
     def attention(self, ld: _Load) -> dict:
@@ -200,11 +201,14 @@ class _Layers:
     def moe_compute(self, ld: _Load, imb: float) -> dict:
         m, p, eff = self.m, self.s.precision, self.eff
         out = self.attention(ld)
-        out["router"] = gemm_time(ld.rows, m.hidden * m.num_experts, m.hidden + m.num_experts, self.gpu,
-                                  "bf16", eff)
+        routes = m.num_experts + m.zero_experts
+        out["router"] = gemm_time(ld.rows, m.hidden * routes, m.hidden + routes, self.gpu, "bf16", eff)
+        if m.dense_beside_moe:  # LongCat-Flash: its sublayers' dense FFNs run beside the routed experts
+            out["dense_ffn"] = m.dense_beside_moe * gemm_time(ld.rows, m.dense_ffn_params(), 2 * m.hidden
+                                                              + 3 * m.dense_intermediate, self.gpu, p.dense, eff)
         out["shared_experts"] = gemm_time(ld.rows, m.num_shared * m.expert_params(),
                                           2 * m.hidden + 3 * m.moe_intermediate, self.gpu, p.shared, eff)
-        pairs = ld.pool * m.top_k * imb
+        pairs = ld.pool * m.routed_top_k * imb
         if self.measured is not None:
             out["routed_experts"] = self.measured.time(pairs, self.local_experts)
         elif self.s.expert_eff is not None:  # moelink's measured kernel efficiency on an unmeasured GPU
@@ -285,11 +289,12 @@ def decode_step(model: ModelShape, hw: HardwareProfile, setup: Setup,
     kv = KV_BYTES[setup.precision.attention]
     # Queries of one sequence share its KV read; FLOPs scale with every query. DSA: top-k latents and every index key.
     flops, elems = model.attention_work(ctx, decode=True)
-    ld = _Load(rows=t, attn_flops=t * flops, attn_bytes=b * elems * kv, pool=t, comm=t, seqs=b)
+    state = model.state_traffic_bytes()  # linear-attention layers' recurrent state, per sequence
+    ld = _Load(rows=t, attn_flops=t * flops, attn_bytes=b * (elems * kv + state), pool=t, comm=t, seqs=b)
     total, bd, imb = layers.forward(ld, lm_rows=t)
     if setup.mtp_draft:
         # Each draft token: one more decoder layer (MoE) and the LM head over the batch, no overlap.
-        draft = _Load(rows=b, attn_flops=b * flops, attn_bytes=b * elems * kv, pool=b, comm=b, seqs=b)
+        draft = _Load(rows=b, attn_flops=b * flops, attn_bytes=b * (elems * kv + state), pool=b, comm=b, seqs=b)
         one = layers.moe_compute(draft, layers.imbalance(draft))
         one.update(layers.comm(draft, layers.imbalance(draft)))
         mtp = (sum(one.values()) + gemm_time(b, model.vocab * model.hidden, model.hidden + model.vocab, hw.gpu,
@@ -323,7 +328,7 @@ def prefill_chunk(model: ModelShape, hw: HardwareProfile, setup: Setup,
     keys = setup.cached_prefix + (new + 1) / 2.0  # causal: a token sees the prefix and half its prompt
     kv = _kv_bytes_per_token_layer(model, setup.precision)
     ld = _Load(rows=t, attn_flops=t * model.attention_work(keys, decode=False)[0],
-               attn_bytes=(seqs * reread + t) * kv, pool=t, comm=t, seqs=seqs)
+               attn_bytes=(seqs * reread + t) * kv + seqs * model.state_traffic_bytes(), pool=t, comm=t, seqs=seqs)
     total, bd, imb = layers.forward(ld, lm_rows=seqs)
     if model.is_mla and reread:
         # MLA prefill attends in the uncompressed (MHA) form, so every cached token a chunk attends to
@@ -332,7 +337,7 @@ def prefill_chunk(model: ModelShape, hw: HardwareProfile, setup: Setup,
         a = model.attention
         kv_b = a.kv_lora_rank * a.num_heads * (a.qk_nope_dim + a.v_dim)
         up = gemm_time(seqs * reread, kv_b, a.kv_lora_rank + a.num_heads * (a.qk_nope_dim + a.v_dim),
-                       hw.gpu, "bf16", eff) * model.num_layers
+                       hw.gpu, "bf16", eff) * model.kv_attention_layers
         bd["prefix_kv_up"] = up
         total += up
     return StepResult("prefill", total, t, bd, imb)
@@ -366,7 +371,8 @@ def mixed_iteration(model: ModelShape, hw: HardwareProfile, setup: Setup, input_
     ld = _Load(rows=b + p_max,
                attn_flops=b * model.attention_work(ctx, True)[0]
                + p_max * model.attention_work((input_len + 1) / 2.0, False)[0],
-               attn_bytes=b * model.attention_work(ctx, True)[1] * KV_BYTES[setup.precision.attention] + p_max * kv,
+               attn_bytes=b * model.attention_work(ctx, True)[1] * KV_BYTES[setup.precision.attention] + p_max * kv
+               + (b + lam) * model.state_traffic_bytes(),
                pool=b + p_mean, comm=b + p_max, seqs=b + lam)
     total, bd, imb = layers.forward(ld, lm_rows=b)
     return StepResult("mixed", total, b, bd, imb)
