@@ -28,6 +28,8 @@ class EngineCoreOutput:
     # A finished request's KV-connector parameters for the engine that continues it (a prefill engine's: where a
     # decode engine loads its saved KV; scheduler/kv_connector.py `request_finished`); None without.
     kv_transfer_params: Any = None
+    # The first output of a request that asked for prompt logprobs: one per prompt token after the first.
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
 
     @property
     def finished(self) -> bool:

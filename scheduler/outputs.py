@@ -38,6 +38,7 @@ class SamplingOptions(Protocol):
     presence_penalty: float
     frequency_penalty: float
     logprobs: Optional[int]
+    prompt_logprobs: Optional[int]  # set: every prompt token is computed (no prefix-cache or KV-load hit)
 
 
 class MoEStepCounters(Protocol):
@@ -207,6 +208,15 @@ class TokenLogprobs:
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
+@dataclass
+class PromptLogprobs:
+    """Prompt logprobs a step computed for one request (SamplingParams.prompt_logprobs): `entries[i]` scores prompt
+    token `first_position + i` given the tokens before it (first_position >= 1: the first token has none)."""
+
+    first_position: int
+    entries: list[TokenLogprobs]
+
+
 @dataclass(frozen=True)
 class StepStats:
     """What one rank measured in a step that ran model code; summed by the engine."""
@@ -246,3 +256,5 @@ class ModelRunnerOutput:
     # Speculative decoding: per request, the draft tokens the worker proposes for its next step (it verifies them
     # then); None without a drafter.
     draft_token_ids: Optional[dict[str, list[int]]] = None
+    # Prompt logprobs of the prompt positions the step computed, for the requests that asked; None when none did.
+    prompt_logprobs: Optional[dict[str, PromptLogprobs]] = None

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from typing import Optional
 
-from .outputs import SamplingOptions
+from .outputs import SamplingOptions, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -85,6 +85,12 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        # Prompt logprobs asked: every prompt token is computed (no prefix-cache or KV-load hit), and what the steps
+        # score gathers here by prompt position until the first output carries it (scheduler/step_output.py).
+        self.prompt_logprobs: dict[int, TokenLogprobs] | None = (
+            {} if sampling_params is not None and getattr(sampling_params, "prompt_logprobs", None) is not None
+            else None)
+        self.prompt_logprobs_sent = False
         self.max_tokens = max_tokens
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
         self.ignore_eos = ignore_eos

@@ -69,6 +69,7 @@ class StepOutputMixin:
         outputs: list[EngineCoreOutput] = []
         finished: list = []
         sampled, all_logprobs = runner_out.sampled_token_ids, runner_out.logprobs
+        prompt_lp = runner_out.prompt_logprobs  # None unless a request that asked for them computed prompt tokens
         kv, bs = self.kv, self.block_size
         cached_blocks = kv.num_cached_blocks if kv.enable_prefix_caching else None
         running_status, preempted_status = RequestStatus.RUNNING, RequestStatus.PREEMPTED
@@ -88,6 +89,9 @@ class StepOutputMixin:
                     kv.cache_blocks(req, written)
             elif status is not preempted_status:
                 continue  # finished (a stop, an abort) while the step ran: its row is discarded
+            if prompt_lp is not None and req.prompt_logprobs is not None and rid in prompt_lp:
+                got = prompt_lp[rid]  # by position: a prompt computed again after a preemption overwrites its own
+                req.prompt_logprobs.update(enumerate(got.entries, got.first_position))
             tokens = sampled.get(rid)
             # A chunk that did not reach past its last token sampled nothing (a token for it is discarded).
             if tokens is None or not req.num_output_placeholders:
@@ -97,6 +101,8 @@ class StepOutputMixin:
             if len(tokens) != 1:
                 eco = self._take_tokens(req, tokens, logprobs, status, finished)
                 outputs.append(eco)
+                if req.prompt_logprobs is not None:
+                    _attach_prompt_logprobs(req, eco)
                 continue
             token = tokens[0]
             out_ids, all_ids = req.output_token_ids, req.all_token_ids
@@ -106,6 +112,8 @@ class StepOutputMixin:
             eco = EngineCoreOutput(rid, tokens, logprobs if logprobs is not None else [], None, None,
                                    req.num_cached_tokens)
             outputs.append(eco)
+            if req.prompt_logprobs is not None:
+                _attach_prompt_logprobs(req, eco)
             n_all = len(all_ids)
             if (token in req.stop_check_ids or len(out_ids) >= req.output_limit
                     or n_all >= max_len or n_all > pool_tokens):
@@ -194,3 +202,13 @@ class StepOutputMixin:
         if req.num_tokens >= self.scheduler_config.max_model_len or req.num_tokens > self._pool_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+def _attach_prompt_logprobs(req: Request, eco: EngineCoreOutput) -> None:
+    """The request's first output carries its prompt logprobs, one per prompt token after the first (vLLM's)."""
+    got = req.prompt_logprobs
+    if got is None or req.prompt_logprobs_sent:
+        return
+    eco.prompt_logprobs = [got.get(p) for p in range(1, len(req.prompt_token_ids))]
+    req.prompt_logprobs_sent = True
+    got.clear()

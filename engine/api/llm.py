@@ -123,7 +123,8 @@ def _gathered(samples: list[RequestOutput]) -> RequestOutput:
         request_id=first.request_id.rsplit("-", 1)[0], prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
         outputs=[dataclasses.replace(s.outputs[0], index=i) for i, s in enumerate(samples)], finished=True,
         num_cached_tokens=first.num_cached_tokens,
-        metrics={**first.metrics, "first_token_time": min(times, default=None)})
+        metrics={**first.metrics, "first_token_time": min(times, default=None)},
+        prompt_logprobs=first.prompt_logprobs)  # sample 0 scored the prompt (SamplingParams.sample)
 
 
 class _NullBar:

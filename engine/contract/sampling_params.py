@@ -72,6 +72,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: Optional[int] = None  # top-n logprobs per generated token
+    # Logprobs of the prompt's tokens (each given those before it) and their top-n alternatives, in the first
+    # output (vLLM's); every prompt token is then computed: no prefix-cache, offload or remote-prefill hit.
+    prompt_logprobs: Optional[int] = None
     # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
     truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True
@@ -118,16 +121,28 @@ class SamplingParams:
         _check(self.kv_transfer_params is None or self.n == 1, "n", self.n, "must be 1 with kv_transfer_params")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs", self.logprobs,
                f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", self.prompt_logprobs,
+               f"must be None or an integer in [0, {MAX_LOGPROBS}] (-1, the whole vocabulary, is not served)")
+        # A remote prefill's KV is loaded, not computed here: nothing would score the prompt.
+        _check(self.kv_transfer_params is None or not self.kv_transfer_params.do_remote_prefill
+               or self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs,
+               "must be None with kv_transfer_params' do_remote_prefill (the prompt is prefilled elsewhere: ask the "
+               "prefill engine)")
 
     def sample(self, i: int) -> "SamplingParams":
         """The parameters of sample i (0 <= i < n) as one engine request: n=1 and, when seeded, seed + i, so the
         samples differ from each other and a seeded request is reproducible sample by sample (every entry point
         derives them this way). A copy not validated again; the lists are shared, never copied: nothing changes
-        them after validation."""
+        them after validation. The prompt is scored once: sample 0 alone computes the prompt logprobs (the others may
+        take the prompt's KV from the prefix cache)."""
         p = copy.copy(self)
         p.n = 1
         if self.seed is not None:
             p.seed = self.seed + i
+        if i:
+            p.prompt_logprobs = None
         return p
 
     @property

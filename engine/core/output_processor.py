@@ -179,6 +179,10 @@ class RequestState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    # SamplingParams.prompt_logprobs: [None, then one entry per prompt token after the first], once the scheduler's
+    # first output brought them; `prompt_logprobs_new` until a delta output has carried them.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_new: bool = False
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     # Text emitted so far (for cumulative outputs); deltas are tracked by the detokenizer.
@@ -229,7 +233,7 @@ class OutputProcessor:
                 st._make_metrics()
             st.token_ids.extend(new_ids)
             st.num_cached_tokens = co.num_cached_tokens
-            if st.detok is None and co.finish_reason is None and st.logprobs is None:
+            if st.detok is None and co.finish_reason is None and st.logprobs is None and co.prompt_logprobs is None:
                 # Token ids only, not finished: nothing to detokenize or check (a stream's common step).
                 if st.output_kind is final_only:
                     continue  # nothing to deliver until it finishes (LLM.generate's token-id requests)
@@ -244,6 +248,11 @@ class OutputProcessor:
                 continue
             for lp in co.new_logprobs or []:
                 self._add_logprobs(st, lp)
+            if co.prompt_logprobs is not None:
+                scored: list[dict[int, Logprob] | None] = [None]  # the first prompt token has none
+                scored += [self._entry(st, lp) if lp is not None else None for lp in co.prompt_logprobs]
+                st.prompt_logprobs = scored
+                st.prompt_logprobs_new = True
             finish_reason, stop_reason = co.finish_reason, co.stop_reason
             delta = ""
             if st.detok is not None:
@@ -276,13 +285,17 @@ class OutputProcessor:
         return self._make_output(st, [], delta, reason, None, force=True)
 
     def _add_logprobs(self, st: RequestState, lp: TokenLogprobs) -> None:
+        st.logprobs.append(self._entry(st, lp))
+        st.cumulative_logprob += lp.logprob
+
+    def _entry(self, st: RequestState, lp: TokenLogprobs) -> dict[int, Logprob]:
+        """One position's {token id: Logprob}: the top-n, and the token itself with its rank (vLLM's)."""
         # Token texts only when the request wants text (decoded_token None otherwise, as in vLLM).
         text = (lambda tid: self.tokenizer.decode([tid], skip_special_tokens=False)) if st.detok is not None \
             else (lambda tid: None)
         entry = {tid: Logprob(v, rank + 1, text(tid)) for rank, (tid, v) in enumerate(lp.top)}
         entry[lp.token_id] = Logprob(lp.logprob, lp.rank, text(lp.token_id))
-        st.logprobs.append(entry)
-        st.cumulative_logprob += lp.logprob
+        return entry
 
     def _make_output(self, st: RequestState, new_ids, delta, finish_reason, stop_reason, force=False):
         finished = finish_reason is not None
@@ -297,5 +310,9 @@ class OutputProcessor:
         else:
             text, ids, logprobs = st.text, list(st.token_ids), st.logprobs
         comp = CompletionOutput(0, text, ids, st.cumulative_logprob, logprobs, finish_reason, stop_reason)
-        return RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished, st.num_cached_tokens,
-                             st.metrics)
+        out = RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished, st.num_cached_tokens,
+                            st.metrics)
+        if st.prompt_logprobs is not None and (st.prompt_logprobs_new or st.output_kind is not OutputKind.DELTA):
+            out.prompt_logprobs = st.prompt_logprobs  # a stream's first output carries them; the others every one
+            st.prompt_logprobs_new = False
+        return out

@@ -46,3 +46,6 @@ class RequestOutput:
     # Prefill/decode disaggregation: on a prefill engine's final output, the KVTransferParams a decode engine's
     # request needs to load the KV saved for it (engine/kv_transfer/remote.py); None otherwise (as vLLM's).
     kv_transfer_params: Optional[object] = None
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt token its {token id: Logprob}
+    # (the token and the top-n); every output of the request (a stream's first only); None when not asked.
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None

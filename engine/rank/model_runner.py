@@ -30,6 +30,7 @@ from ..contract.host_copy import to_device, to_host
 from .device_stream import make_stream
 from .kv_cache import make_kv_caches
 from .loader import load_model
+from . import prompt_logprobs
 from .input_batch import CachedRequestState, PersistentBatch, SlidingTable  # noqa: F401  (re-exported)
 from .sampler import Sampler, SamplingMetadata
 from ..state.cache import StateCaches, StatePlan
@@ -122,6 +123,8 @@ class ModelRunner:
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
+        # The requests held that asked for prompt logprobs: a step plans their scoring only while there are some.
+        self._prompt_lp_ids: set[str] = set()
         # Every held request's row: block table, sampling parameters, penalty counts (engine/rank/input_batch.py).
         self.batch = PersistentBatch(model_cfg.vocab_size, device)
         # Preempted requests keep their generator so a seeded request draws the
@@ -209,11 +212,13 @@ class ModelRunner:
         if so.resync is not None:
             self._resync(so.resync)
         for rid in so.finished_req_ids:
+            self._prompt_lp_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
             self._parked_generators.pop(rid, None)
         for rid in so.preempted_req_ids:
+            self._prompt_lp_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
@@ -235,6 +240,8 @@ class ModelRunner:
             new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
             list(new.block_ids), new.num_computed_tokens, gen,
         )
+        if new.sampling_params.prompt_logprobs is not None:
+            self._prompt_lp_ids.add(new.req_id)
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
         if self.state_caches is not None:
@@ -250,6 +257,7 @@ class ModelRunner:
         if self.kv_connector is not None:  # the rewind counted its transfers in flight failed
             self.kv_connector.drop_pending()
         self.requests = {}
+        self._prompt_lp_ids = set()
         self.batch.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
         for new in rs.running:
@@ -325,6 +333,7 @@ class ModelRunner:
         inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
                                 tables_SM=self.batch.tables(rows_S),
                                 spec_tokens=[spec.get(st.req_id) for st in states] if spec else None)
+        prompt_lp = prompt_logprobs.plan(states, query_lens, inp.qsl_S1) if self._prompt_lp_ids else None
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
@@ -356,12 +365,14 @@ class ModelRunner:
                                        query_lens=query_lens)
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
-            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan))
+            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,
+                                      prompt_lp))
         self._in_flight.append(handle)
         return handle
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | VerifyStep | None, staged,
-                     ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None) -> DeviceResult:
+                     ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,
+                     prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
         to host memory. Waits for nothing on the host side."""
@@ -392,6 +403,8 @@ class ModelRunner:
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
                 self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
             res = DeviceResult(read_moe=self._take_moe())
+            if prompt_lp is not None:  # scored from the same hidden states, before sampling (which may not run)
+                res.prompt_logprobs = (prompt_lp, to_host(prompt_logprobs.score(self.model, h_TD, prompt_lp)))
             if meta is not None and not isinstance(meta, SamplingMetadata):  # a verify step
                 res.spec = meta.run(self.model, h_TD, self.tp)  # TP: the group's first rank's tokens
                 handle.sampled_R = res.spec.sampled_R

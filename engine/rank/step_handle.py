@@ -20,6 +20,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 
 from ..contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter, VerifyResult
 from .device_stream import DeviceWork
+from .prompt_logprobs import PromptLogprobsPlan, unpack as unpack_prompt_logprobs
 from .sampler import unpack_logprobs
 
 
@@ -35,6 +36,8 @@ class DeviceResult:
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
     spec: Optional[VerifyResult] = None  # a verify step's sampling (engine/spec/verify.py)
     drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row
+    # Prompt logprobs: the step's plan and its packed rows, host copy (engine/rank/prompt_logprobs.py)
+    prompt_logprobs: Optional[tuple[PromptLogprobsPlan, torch.Tensor]] = None
 
 
 class StepHandle:
@@ -82,6 +85,8 @@ class StepHandle:
         if res is None:  # the rank ran no model code
             self._output = out
             return out
+        if res.prompt_logprobs is not None:
+            out.prompt_logprobs = unpack_prompt_logprobs(*res.prompt_logprobs)
         if res.spec is not None:
             self._collect_verified(res.spec, out)
         elif res.tokens_R is not None:

@@ -69,9 +69,10 @@ class RequestLimits:
         """The list fields of either service's SamplingParams message, by length only (O(1) per field)."""
         self.check("max_stop_strings", len(sp.stop))
         self.check("max_stop_token_ids", len(sp.stop_token_ids))
-        if sp.HasField("logprobs") and sp.logprobs > self.max_logprobs:
-            raise ValueError(f"sampling_params.logprobs={sp.logprobs} is invalid: at most {self.max_logprobs} top "
-                             "logprobs per token (--max-logprobs).")
+        for name in ("logprobs", "prompt_logprobs"):  # the second on VllmEngine's message only
+            if name in sp.DESCRIPTOR.fields_by_name and sp.HasField(name) and getattr(sp, name) > self.max_logprobs:
+                raise ValueError(f"sampling_params.{name}={getattr(sp, name)} is invalid: at most {self.max_logprobs} "
+                                 "top logprobs per token (--max-logprobs).")
         for i, s in enumerate(sp.stop):
             self.check("max_stop_string_chars", len(s), f"sampling_params.stop[{i}]")
 
@@ -151,14 +152,15 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     rows += [(f"`sampling_params.{name}`", f"a finite number in {allowed}", invalid)
              for name, allowed in FLOAT_RANGES.items()]
     rows += [
-        ("`sampling_params.logprobs`", f"0 to {lim.max_logprobs} (`--max-logprobs`, at most {MAX_LOGPROBS})",
+        ("`sampling_params.logprobs`, VllmEngine's `prompt_logprobs`",
+         f"0 to {lim.max_logprobs} (`--max-logprobs`, at most {MAX_LOGPROBS}; prompt logprobs: no prefix-cache hit)",
          invalid),
         ("`AbortRequest.request_ids`", f"at most {lim.max_abort_ids} ids ({flag('max_abort_ids')}), each at most "
                                        f"{4 * lim.max_request_id_chars} bytes: counted and measured before parsing",
          invalid),
         ("every other method's request (health, model and server info, loads, reflection, ...)",
          f"at most {SMALL_REQUEST_MAX_BYTES >> 10} KiB, refused before parsing", invalid),
-        ("VllmEngine: `logit_bias`, `prompt_logprobs`, multimodal inputs", "not supported",
+        ("VllmEngine: `logit_bias`, multimodal inputs", "not supported",
          invalid),
         ("HTTP `logit_bias`", "not supported: a non-empty bias is refused, never ignored (the OpenAI HTTP "
                               "gateway would drop it)",

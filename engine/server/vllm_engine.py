@@ -60,16 +60,15 @@ VLLM_READING = ProtoReading(
         max_tokens=present("max_tokens"),  # unset: until the context is full, as in vLLM
         min_tokens=plain("min_tokens"), stop=listed("stop"), stop_token_ids=listed("stop_token_ids"),
         ignore_eos=plain("ignore_eos"), include_stop_str_in_output=plain("include_stop_str_in_output"),
-        logprobs=present("logprobs"), truncate_prompt_tokens=present("truncate_prompt_tokens"),
+        logprobs=present("logprobs"), prompt_logprobs=present("prompt_logprobs"),
+        truncate_prompt_tokens=present("truncate_prompt_tokens"),
         seed=present("seed"), skip_special_tokens=plain("skip_special_tokens"),
         # This protocol carries token ids only (the gateway detokenizes): text is needed here just to match
         # stop strings.
         detokenize=lambda sp: bool(sp.stop),
     ),
     n=zero_means("n", 1),
-    refuse=((lambda sp: bool(sp.logit_bias), "sampling_params.logit_bias is not supported yet."),
-            (lambda sp: sp.HasField("prompt_logprobs"),
-             "sampling_params.prompt_logprobs is not supported yet: ask for output logprobs only.")),
+    refuse=((lambda sp: bool(sp.logit_bias), "sampling_params.logit_bias is not supported yet."),),
 )
 
 
@@ -89,6 +88,25 @@ def output_logprobs(token_ids, logprobs, num_top) -> pb.OutputLogProbs | None:
         if num_top:
             top = top_logprobs(entry, num_top)
             proto.top_logprobs.append(pb.TopLogProbs(values=[wire_logprob(lp.logprob) for _, lp in top], token_ids=[t for t, _ in top]))
+    return proto
+
+
+def input_logprobs(prompt_ids, prompt_logprobs, num_top) -> pb.InputLogProbs | None:
+    """RequestOutput.prompt_logprobs on the wire: a value per prompt token (none for the first), its id, and the
+    top-n per position (an empty one for the first, keeping the three lists aligned)."""
+    if num_top is None or prompt_logprobs is None:
+        return None
+    proto = pb.InputLogProbs()
+    for tid, entry in zip(prompt_ids, prompt_logprobs):
+        proto.token_ids.append(tid)
+        if entry is None:
+            proto.token_logprobs.append(pb.InputTokenLogProb())
+            proto.top_logprobs.append(pb.TopLogProbs())
+            continue
+        proto.token_logprobs.append(pb.InputTokenLogProb(value=wire_logprob(entry[tid].logprob)))
+        top = top_logprobs(entry, num_top) if num_top else []
+        proto.top_logprobs.append(pb.TopLogProbs(values=[wire_logprob(lp.logprob) for _, lp in top],
+                                                 token_ids=[t for t, _ in top]))
     return proto
 
 
@@ -146,18 +164,24 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             # Non-streaming: everything per index, sent once in the GenerateComplete.
             all_ids: list[list[int]] = [[] for _ in range(n)]
             all_lps: list[list] = [[] for _ in range(n)]
+            prompt_lps = None  # sample 0's (SamplingParams.sample): the first output that carries them
             async with contextlib.aclosing(stream):
                 async for index, out in stream:
                     comp = out.outputs[0]
                     all_ids[index].extend(comp.token_ids)
                     if params.logprobs is not None and comp.logprobs:
                         all_lps[index].extend(comp.logprobs)
+                    fresh = None
+                    if out.prompt_logprobs is not None and prompt_lps is None:
+                        prompt_lps = fresh = input_logprobs(ids, out.prompt_logprobs, params.prompt_logprobs)
                     if request.stream and (comp.token_ids or comp.finish_reason is None):
                         # completion_tokens of a chunk counts its own tokens (vLLM's convention: clients add them up).
+                        # The prompt's logprobs ride the first chunk (the proto's convention).
                         await context.write(pb.GenerateResponse(chunk=pb.GenerateStreamChunk(
                             token_ids=comp.token_ids, prompt_tokens=len(ids), completion_tokens=len(comp.token_ids),
                             cached_tokens=out.num_cached_tokens, index=index,
-                            output_logprobs=output_logprobs(comp.token_ids, comp.logprobs, params.logprobs))))
+                            output_logprobs=output_logprobs(comp.token_ids, comp.logprobs, params.logprobs),
+                            input_logprobs=fresh)))
                     if comp.finish_reason == "abort" and streamed_abort_as_error(request.stream,
                                                                                  self.s.registry.draining):
                         # Cut short by the shutdown: an error, not a last message (gateway/quirks.py
@@ -173,9 +197,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                         # completion_tokens is always the whole count.
                         out_ids = comp.token_ids if request.stream else all_ids[index]
                         lps = comp.logprobs if request.stream else all_lps[index]
-                        await context.write(pb.GenerateResponse(complete=self._complete(
-                            out, comp, index, out_ids, len(all_ids[index]), len(ids),
-                            output_logprobs(out_ids, lps, params.logprobs))))
+                        complete = self._complete(out, comp, index, out_ids, len(all_ids[index]), len(ids),
+                                                  output_logprobs(out_ids, lps, params.logprobs))
+                        if prompt_lps is not None and index == 0 and not request.stream:
+                            complete.input_logprobs.CopyFrom(prompt_lps)
+                        await context.write(pb.GenerateResponse(complete=complete))
         except (grpc.aio.AbortError, GeneratorExit):
             raise
         except Exception as exc:

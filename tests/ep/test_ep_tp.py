@@ -5,12 +5,13 @@ head is replicated) or transformers' in float64 (DeepSeek-V3's MLA, gpt-oss's si
 - TP 2 with DP attention (`-tp 2 -ep 4`, world 4: two TP groups, two schedulers, EP 4);
 and gpt-oss as published (MXFP4 experts, placed whole by EP) at `-tp 2 -ep 2`.
 Lean: a few short prompts each (4 of 1-30 tokens under a 24-token budget: a chunked prefill and a ragged batch), 4 new
-tokens each (batched decode steps, each sequence crossing a 4-token block boundary while it decodes)."""
+tokens each (batched decode steps, each sequence crossing a 4-token block boundary while it decodes); and the longest
+prompt's prompt logprobs (SamplingParams.prompt_logprobs: the TP group's all-gathered logits) equal one rank's."""
 from __future__ import annotations
 
 import pytest
 
-from moelink.engine import LLM
+from moelink.engine import LLM, SamplingParams
 
 from tests.helpers import hf_checkpoints
 from tests.helpers.fp8_checkpoints import hf_greedy_with
@@ -23,6 +24,15 @@ pytestmark = pytest.mark.slow
 KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=4)
 NEW = 4  # new tokens per prompt
 _ONE_RANK: dict[str, list[list[int]]] = {}  # model path -> one rank's greedy tokens of its prompts
+_ONE_RANK_PLP: dict[str, list] = {}  # model path -> one rank's prompt logprobs of its longest prompt
+PLP = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2)
+
+
+def _prompt_logprobs(llm, prompt):
+    """[(token, logprob, rank, top-2 ids)] per prompt position after the first (RequestOutput.prompt_logprobs)."""
+    got = llm.generate([prompt], PLP, use_tqdm=False)[0].prompt_logprobs
+    return [(t, got[i][t].logprob, got[i][t].rank, sorted(got[i], key=lambda k: got[i][k].rank)[:2])
+            for i, t in enumerate(prompt) if i]
 
 
 def _greedy(llm, ps):
@@ -46,18 +56,23 @@ def gpt_oss_path(tmp_path_factory):
 def test_tp_matches_single_rank(local_ray, tiny_model, name, tp, ep):
     path = tiny_model(name)
     ps = prompts(TINY_CONFIGS[name]["vocab_size"], seed=len(name), n=4, lo=1, hi=30)
+    longest = max(ps, key=len)  # its prompt logprobs over two chunks of the 24-token budget
     if path not in _ONE_RANK:  # one single-rank reference per model, shared by its compositions
-        _ONE_RANK[path] = _greedy(LLM(path, **KW), ps)
+        one = LLM(path, **KW)
+        _ONE_RANK[path], _ONE_RANK_PLP[path] = _greedy(one, ps), _prompt_logprobs(one, longest)
     want = _ONE_RANK[path]
     llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
     try:
         assert len(llm.engine.schedulers) == max(ep, tp) // tp  # one scheduler per TP group (DP attention)
         assert_same(_greedy(llm, ps), want, ps)
+        got_plp, want_plp = _prompt_logprobs(llm, longest), _ONE_RANK_PLP[path]
+        assert [(t, r, top) for t, _, r, top in got_plp] == [(t, r, top) for t, _, r, top in want_plp]
+        assert [lp for _, lp, _, _ in got_plp] == pytest.approx([lp for _, lp, _, _ in want_plp], abs=1e-6)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
         # Every routed (token, expert) pair counted once: the TP ranks' slices merged, or (experts split) one
         # rank's count for its group.
         cfg = TINY_CONFIGS[name]
-        computed = sum(len(p) + NEW - 1 for p in ps)
+        computed = sum(len(p) + NEW - 1 for p in ps) + len(longest) + 1  # and the prompt logprobs request's
         assert llm.engine.moe_metrics.total_routed() == computed * cfg["top_k"] * cfg["num_layers"]
     finally:
         llm.engine.shutdown()

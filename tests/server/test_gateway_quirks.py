@@ -22,6 +22,7 @@ WHERE_DRIVEN = {
     "carried_constraint": "tests/server/test_http_front.py, tests/server/test_smg_gateway.py",
     "completions_logprobs_dropped": "tests/server/test_http_front.py",
     "logit_bias_dropped": "tests/server/test_http_front.py",
+    "prompt_logprobs_dropped": "tests/server/test_http_front.py",
     "needs_key": "tests/server/test_http_front.py",
     "control_plane_key": "tests/server/test_gateway_admin.py",
     "start_crashed": "tests/server/test_gateway_supervisor.py",
@@ -99,6 +100,8 @@ def test_dropped_request_fields():
     assert not quirks.completions_logprobs_dropped(True, {"logprobs": None})
     assert quirks.logit_bias_dropped({"logit_bias": {"5": 1.0}})
     assert not quirks.logit_bias_dropped({"logit_bias": {}}) and not quirks.logit_bias_dropped({})
+    assert quirks.prompt_logprobs_dropped({"prompt_logprobs": 0})
+    assert not quirks.prompt_logprobs_dropped({"prompt_logprobs": None}) and not quirks.prompt_logprobs_dropped({})
 
 
 def test_needs_key():

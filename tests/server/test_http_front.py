@@ -150,10 +150,21 @@ def test_logit_bias_is_refused_naming_the_field_not_ignored():
         assert rewrite(path, {"model": SERVED, "logit_bias": None}) is None
 
 
+def test_prompt_logprobs_are_refused_naming_the_field_not_ignored():
+    # smg 1.13 answers without them (tried: the completion comes back with no prompt_logprobs); gRPC returns them.
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        with pytest.raises(HttpFieldError, match=r"^prompt_logprobs=1 is not supported over HTTP") as e:
+            rewrite(path, {"model": SERVED, "prompt_logprobs": 1})
+        assert e.value.field == "prompt_logprobs"
+        assert rewrite(path, {"model": SERVED, "prompt_logprobs": None}) is None
+
+
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_logit_bias_over_http_is_400(http_port):
     status, out = _post(http_port, "/v1/chat/completions", logit_bias={"7": 100})
     assert status == 400 and out["error"]["param"] == "logit_bias", out
+    status, out = _post(http_port, "/v1/completions", prompt_logprobs=1)
+    assert status == 400 and out["error"]["param"] == "prompt_logprobs", out
     status, _ = _post(http_port, "/v1/completions", logit_bias={})
     assert status == 200
 

@@ -51,6 +51,25 @@ def test_generate_matches_offline(stubs, offline, stream, sampling):
     assert lps == pytest.approx([ref.logprobs[i][t].logprob for i, t in enumerate(ref.token_ids)], abs=1e-5)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_prompt_logprobs_ride_the_first_message(stubs, offline, stream):
+    """sampling_params.prompt_logprobs: InputLogProbs (a value per prompt token but the first, its id, the top-n),
+    in the first chunk of a stream or in the GenerateComplete; equal to the Python API's."""
+    ids = [3, 141, 59, 265, 35, 89, 79, 12, 400]
+    sp = dict(max_tokens=3, ignore_eos=True, temperature=0.0, prompt_logprobs=2)
+    ref = offline.generate([ids], SamplingParams(**sp), use_tqdm=False)[0].prompt_logprobs
+    msgs = _generate(stubs, ids, stream, f"v-plp-{stream}", **sp)
+    carrying = [m.chunk if m.HasField("chunk") else m.complete for m in msgs
+                if (m.chunk if m.HasField("chunk") else m.complete).HasField("input_logprobs")]
+    assert len(carrying) == 1 and (carrying[0] is msgs[0].chunk if stream else msgs[-1].HasField("complete"))
+    got = carrying[0].input_logprobs
+    assert list(got.token_ids) == ids and not got.token_logprobs[0].HasField("value")
+    assert [v.value for v in got.token_logprobs[1:]] == pytest.approx(
+        [ref[i][t].logprob for i, t in enumerate(ids) if i], abs=1e-6)
+    assert [list(t.token_ids) for t in got.top_logprobs[1:]] == [
+        [t for t, lp in sorted(ref[i].items(), key=lambda kv: kv[1].rank)][:2] for i in range(1, len(ids))]
+
+
 def test_n2_each_index_completes_and_stop_token_is_reported(stubs, offline):
     ids = [10, 20, 30]
     msgs = _generate(stubs, ids, True, "v-n2", n=2, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
@@ -131,7 +150,8 @@ def _bad_vllm(vpb):
         (dict(tokenized=ok, sampling_params=sp(min_p=-1.0)), "sampling_params.min_p"),
         (dict(tokenized=ok, sampling_params=sp(max_tokens=0)), "sampling_params.max_tokens"),
         (dict(tokenized=ok, sampling_params=sp(logprobs=-1)), "sampling_params.logprobs"),
-        (dict(tokenized=ok, sampling_params=sp(prompt_logprobs=1)), "sampling_params.prompt_logprobs"),
+        (dict(tokenized=ok, sampling_params=sp(prompt_logprobs=-1)), "sampling_params.prompt_logprobs"),
+        (dict(tokenized=ok, sampling_params=sp(prompt_logprobs=21)), "sampling_params.prompt_logprobs"),
         (dict(tokenized=ok, sampling_params=sp(json_schema="{not json")), "sampling_params.json_schema"),
         (dict(tokenized=ok, sampling_params=sp(json_schema='{"type": "nope"}')), "sampling_params.json_schema"),
         (dict(tokenized=ok, sampling_params=sp(regex="(a+")), "sampling_params.regex"),

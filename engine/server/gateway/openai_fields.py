@@ -11,6 +11,9 @@ a request it enforces as vLLM would; one it cannot carry, or a value the engine 
 Completions' `logprobs` too: smg (1.13) answers /v1/completions without them (chat keeps them), so a
 completions request that asks for them is HTTP 400 naming the field, never answered as if it had not.
 
+`prompt_logprobs` too: smg drops it and answers without them, so it is HTTP 400 naming the field (the gRPC
+VllmEngine service and the Python API return them).
+
 `logit_bias` too: smg drops it, and the engine does not apply it (the gRPC services refuse it), so a request
 that sets a bias is HTTP 400 naming the field rather than answered as if it had none.
 """
@@ -21,7 +24,7 @@ from typing import Optional
 from ...contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
 from ...contract.safe_text import shown
 from ...contract.structured_output_params import PREFIX, StructuredOutputParams
-from .quirks import carried_constraint, completions_logprobs_dropped, logit_bias_dropped
+from .quirks import carried_constraint, completions_logprobs_dropped, logit_bias_dropped, prompt_logprobs_dropped
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -57,6 +60,11 @@ def rewrite(path: str, body: dict) -> Optional[dict]:
                                          "here: the smg gateway (1.13) answers completions without them; ask "
                                          "/v1/chat/completions with logprobs: true and top_logprobs, or the gRPC "
                                          "services (moelink.v1, VllmEngine), which return them.")
+    if prompt_logprobs_dropped(body):
+        raise HttpFieldError("prompt_logprobs", f"prompt_logprobs={shown(body['prompt_logprobs'])} is not supported "
+                                                "over HTTP here: the smg gateway (1.13) answers without them; ask the "
+                                                "gRPC VllmEngine service (sampling_params.prompt_logprobs) or the "
+                                                "Python API, which return them.")
     if logit_bias_dropped(body):
         raise HttpFieldError("logit_bias", f"logit_bias={shown(body['logit_bias'])} is not supported: moelink does "
                                            "not apply logit biases; leave it out (null or {} is accepted).")

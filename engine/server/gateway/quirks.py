@@ -67,6 +67,8 @@ STRUCTURED_OUTPUTS_DROPPED = Quirk(
 COMPLETIONS_LOGPROBS_DROPPED = Quirk(
     "smg answers /v1/completions without the logprobs the request asked for (chat keeps them)", *SEEN_1_13)
 LOGIT_BIAS_DROPPED = Quirk("smg drops `logit_bias` before it calls the worker", *SEEN_1_13)
+PROMPT_LOGPROBS_DROPPED = Quirk(
+    "smg drops vLLM's `prompt_logprobs` before it calls the worker and answers without them", *SEEN_1_13)
 MODELS_WITHOUT_KEY = Quirk(
     "smg asks the API key of its generation routes only: `GET /v1/models` is answered to anyone", *SEEN_1_13)
 OPEN_CONTROL_PLANE = Quirk(
@@ -189,6 +191,13 @@ def logit_bias_dropped(body: dict) -> bool:
     the front refuses it (HTTP 400 naming the field) rather than let it be answered as if it had none."""
     bias = body.get("logit_bias")
     return bias is not None and bias != {}
+
+
+@works_around(PROMPT_LOGPROBS_DROPPED)
+def prompt_logprobs_dropped(body: dict) -> bool:
+    """smg 1.13: whether smg would answer this request without the prompt logprobs it asks for (vLLM's extra field):
+    the front refuses it (HTTP 400 naming the field) rather than let it be answered as if it had not."""
+    return body.get("prompt_logprobs") is not None
 
 
 @works_around(MODELS_WITHOUT_KEY)
