@@ -142,6 +142,8 @@ class MoELayer(nn.Module):
         # bool [T], set only while a padded decode graph runs (engine/rank/cuda_graph.py): padding rows route to
         # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
         self.valid_rows_T: torch.Tensor | None = None
+        # Rollout routing replay (moe/routing_capture.py): where this layer writes its routed ids; None: off.
+        self.routing_capture = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return run_stages(self.stages(x_TD))
@@ -162,10 +164,14 @@ class MoELayer(nn.Module):
             weights_TK, ids_TK = self.kernels.route_topk(logits_TG, self.router.top_k, **route,
                                                          bias_G=self.e_score_correction_bias_G,
                                                          valid_T=self.valid_rows_T, counts_G=counts_G)
+            if self.routing_capture is not None:
+                self.routing_capture.record(self.moe_index, ids_TK)
         else:  # a router with no fused form (gpt-oss's top-k-then-softmax, LongCat's softmax noaux_tc)
             weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
             if self.valid_rows_T is not None:
                 ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
+            if self.routing_capture is not None:  # the router's ids, zero-computation experts' included
+                self.routing_capture.record(self.moe_index, ids_TK)
             if self.zero_experts:
                 weights_TK, ids_TK, identity_T1 = self._zero_experts(weights_TK, ids_TK)
             if self.stats is not None:

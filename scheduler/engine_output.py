@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .outputs import TokenLogprobs
+from .outputs import RoutedExperts, TokenLogprobs
 from .spec_decode import SpecDecodeCounters
 
 
@@ -30,6 +30,8 @@ class EngineCoreOutput:
     kv_transfer_params: Any = None
     # The first output of a request that asked for prompt logprobs: one per prompt token after the first.
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
+    # Routed experts recorded since the request's last output (scheduler/outputs.RoutedExperts, in step order).
+    routed_experts: Optional[list[RoutedExperts]] = None
 
     @property
     def finished(self) -> bool:

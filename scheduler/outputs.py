@@ -39,6 +39,7 @@ class SamplingOptions(Protocol):
     frequency_penalty: float
     logprobs: Optional[int]
     prompt_logprobs: Optional[int]  # set: every prompt token is computed (no prefix-cache or KV-load hit)
+    return_routed_experts: bool  # likewise
 
 
 class MoEStepCounters(Protocol):
@@ -217,6 +218,15 @@ class PromptLogprobs:
     entries: list[TokenLogprobs]
 
 
+@dataclass
+class RoutedExperts:
+    """Routed expert ids a step recorded for one request (SamplingParams.return_routed_experts): `ids_PLK[i]` are
+    the top-k logical expert ids of every MoE layer at position `first_position + i` (an int array [P, L, K])."""
+
+    first_position: int
+    ids_PLK: Any
+
+
 @dataclass(frozen=True)
 class StepStats:
     """What one rank measured in a step that ran model code; summed by the engine."""
@@ -258,3 +268,5 @@ class ModelRunnerOutput:
     draft_token_ids: Optional[dict[str, list[int]]] = None
     # Prompt logprobs of the prompt positions the step computed, for the requests that asked; None when none did.
     prompt_logprobs: Optional[dict[str, PromptLogprobs]] = None
+    # Routed experts of the positions the step forwarded, for the requests that asked; None when none did.
+    routed_experts: Optional[dict[str, RoutedExperts]] = None

@@ -91,6 +91,12 @@ class Request:
             {} if sampling_params is not None and getattr(sampling_params, "prompt_logprobs", None) is not None
             else None)
         self.prompt_logprobs_sent = False
+        # Routed experts asked (SamplingParams.return_routed_experts): the steps' rows not yet handed to an output.
+        self.routed_pending: list | None = (
+            [] if sampling_params is not None and getattr(sampling_params, "return_routed_experts", False) else None)
+        # Every prompt token computed by this request's own steps: no prefix-cache or KV-load hit (prompt logprobs
+        # and routed experts come from the forward, not from KV another request computed).
+        self.computes_whole_prompt = self.prompt_logprobs is not None or self.routed_pending is not None
         self.max_tokens = max_tokens
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
         self.ignore_eos = ignore_eos

@@ -336,13 +336,13 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 # Preempted with its token in flight: recomputed once the token is known; or held by the engine
                 # (its grammar mask is being filled: milliseconds). FCFS: all wait.
                 break
-            if req.prompt_logprobs is None:
+            if not req.computes_whole_prompt:
                 hits, num_hit = self.kv.get_computed_blocks(req)
-            else:  # prompt logprobs: every prompt token is computed, none taken from the cache (as vLLM)
+            else:  # prompt logprobs, routed experts: every prompt token is computed here (as vLLM's prompt logprobs)
                 hits, num_hit = [], 0
             if kvt is not None and kvt.moves_state and num_hit and not kvt.hit_usable(req, num_hit):
                 hits, num_hit = [], 0  # a state saved for another engine needs a step ending at its save point
-            if kvt is not None and req.status is RequestStatus.WAITING and req.prompt_logprobs is None:
+            if kvt is not None and req.status is RequestStatus.WAITING and not req.computes_whole_prompt:
                 k = kvt.loadable(req)
                 if k > num_hit:  # the connector has more of its KV than the prefix cache: load it
                     if self.kv.allocate_slots(req, k - num_hit, hits) is None:

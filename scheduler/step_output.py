@@ -70,6 +70,7 @@ class StepOutputMixin:
         finished: list = []
         sampled, all_logprobs = runner_out.sampled_token_ids, runner_out.logprobs
         prompt_lp = runner_out.prompt_logprobs  # None unless a request that asked for them computed prompt tokens
+        routed = runner_out.routed_experts  # likewise: routed experts
         kv, bs = self.kv, self.block_size
         cached_blocks = kv.num_cached_blocks if kv.enable_prefix_caching else None
         running_status, preempted_status = RequestStatus.RUNNING, RequestStatus.PREEMPTED
@@ -92,6 +93,8 @@ class StepOutputMixin:
             if prompt_lp is not None and req.prompt_logprobs is not None and rid in prompt_lp:
                 got = prompt_lp[rid]  # by position: a prompt computed again after a preemption overwrites its own
                 req.prompt_logprobs.update(enumerate(got.entries, got.first_position))
+            if routed is not None and req.routed_pending is not None and rid in routed:
+                req.routed_pending.append(routed[rid])  # in step order: a later one overwrites earlier positions
             tokens = sampled.get(rid)
             # A chunk that did not reach past its last token sampled nothing (a token for it is discarded).
             if tokens is None or not req.num_output_placeholders:
@@ -103,6 +106,8 @@ class StepOutputMixin:
                 outputs.append(eco)
                 if req.prompt_logprobs is not None:
                     _attach_prompt_logprobs(req, eco)
+                if req.routed_pending:
+                    eco.routed_experts, req.routed_pending = req.routed_pending, []
                 continue
             token = tokens[0]
             out_ids, all_ids = req.output_token_ids, req.all_token_ids
@@ -114,6 +119,8 @@ class StepOutputMixin:
             outputs.append(eco)
             if req.prompt_logprobs is not None:
                 _attach_prompt_logprobs(req, eco)
+            if req.routed_pending:
+                eco.routed_experts, req.routed_pending = req.routed_pending, []
             n_all = len(all_ids)
             if (token in req.stop_check_ids or len(out_ids) >= req.output_limit
                     or n_all >= max_len or n_all > pool_tokens):

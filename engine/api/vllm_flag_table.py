@@ -192,7 +192,8 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--enforce-eager", "--no-enforce-eager"): accepted("no CUDA graphs (--no-enforce-eager: the default, decode "
                                                         "steps replay captured graphs)"),
     ("--enable-return-routed-experts", "--disable-return-routed-experts"): refused(
-        "not supported: `moelink stats` reads the expert load of a running server"),
+        "the Python API records them (LLM(enable_return_routed_experts=True), SamplingParams.return_routed_experts); "
+        "no served wire carries them yet, so a server does not take the flag"),
     ("--return-sampling-mask", "--no-return-sampling-mask"): refused(NOT_SUPPORTED),
     ("--max-logprobs",): accepted("at most N top logprobs per token (at most 20)", "--max-logprobs 5"),
     ("--logprobs-mode",): accepted("moelink's logprobs are the model's, before temperature, top-k and top-p "

@@ -57,6 +57,8 @@ class EngineConfig:
     grammar: GrammarConfig = GrammarConfig()
     # Seeds requests that carry none (EngineArgs.seed); None: they sample from the ranks' generators.
     seed: Optional[int] = None
+    # Rollout routing replay: every rank records its steps' routed experts (EngineArgs.enable_return_routed_experts).
+    return_routed_experts: bool = False
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -70,7 +72,7 @@ class EngineConfig:
             async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format,
             kv_connector=self.kv_connector, speculative=self.speculative,
             num_state_slots=self.cache.num_state_slots, num_state_checkpoints=self.cache.num_state_checkpoints,
-            tensor_parallel_size=self.parallel.tensor_parallel_size)
+            tensor_parallel_size=self.parallel.tensor_parallel_size, return_routed_experts=self.return_routed_experts)
 
 
 @dataclass
@@ -180,6 +182,10 @@ class EngineArgs:
     # vLLM's --seed: a request without a seed of its own samples with one drawn from this seed and its arrival
     # order (engine/core/llm_engine.py), so the same requests in the same order sample the same tokens. None: off.
     seed: Optional[int] = None
+    # Rollout routing replay (vLLM's and SGLang's --enable-return-routed-experts): every step records the experts each
+    # token was routed to, so that a request with SamplingParams.return_routed_experts gets them back
+    # (CompletionOutput.routed_experts; moe/routing_capture.py). Off: such requests are refused.
+    enable_return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -311,7 +317,21 @@ class EngineArgs:
         return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,
-                            speculative=spec, grammar=self.grammar_config(), seed=self.seed)
+                            speculative=spec, grammar=self.grammar_config(), seed=self.seed,
+                            return_routed_experts=self._routed_experts(parallel))
+
+    def _routed_experts(self, parallel: ParallelConfig) -> bool:
+        """enable_return_routed_experts, checked against the layout: under TP with EP over the world each rank of a
+        TP group routes its own slice of the tokens (engine/tp/experts.py), which no rank's record holds whole."""
+        if not isinstance(self.enable_return_routed_experts, bool):
+            raise ValueError(f"enable_return_routed_experts={self.enable_return_routed_experts!r} is invalid: must be "
+                             "True or False.")
+        if self.enable_return_routed_experts and parallel.tensor_parallel_size > 1 and not parallel.experts_split_by_tp:
+            raise ValueError(f"enable_return_routed_experts is not supported with tensor_parallel_size="
+                             f"{parallel.tensor_parallel_size} and expert_parallel_size={self.expert_parallel_size}: "
+                             "each TP rank routes a slice of the tokens; serve with TP alone (experts split by TP) "
+                             "or EP alone.")
+        return self.enable_return_routed_experts
 
     def _check_tp_features(self, parallel: ParallelConfig, model_cfg: ModelConfig, spec: SpeculativeConfig | None):
         """What tensor parallelism does not compose with yet, refused naming the flags (docs/tensor-parallelism.md);

@@ -55,6 +55,9 @@ class WorkerConfig:
     num_state_checkpoints: int = 0
     # Ranks per TP group (consecutive world ranks; docs/tensor-parallelism.md); 1: no tensor parallelism.
     tensor_parallel_size: int = 1
+    # Rollout routing replay: every step's routed experts recorded (moe/routing_capture.py), for the requests that
+    # ask (SamplingParams.return_routed_experts).
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -83,6 +86,8 @@ class WorkerConfig:
             bad("two_batch_overlap", "must be True or False")
         if not isinstance(self.async_scheduling, bool):
             bad("async_scheduling", "must be True or False")
+        if not isinstance(self.return_routed_experts, bool):
+            bad("return_routed_experts", "must be True or False")
         if self.load_format not in LOAD_FORMATS:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
         if self.kv_connector is not None and not callable(getattr(self.kv_connector, "worker_side", None)):

@@ -75,6 +75,10 @@ class SamplingParams:
     # Logprobs of the prompt's tokens (each given those before it) and their top-n alternatives, in the first
     # output (vLLM's); every prompt token is then computed: no prefix-cache, offload or remote-prefill hit.
     prompt_logprobs: Optional[int] = None
+    # Rollout routing replay (needs the engine's enable_return_routed_experts): the finished output's
+    # CompletionOutput.routed_experts, int [prompt + generated - 1, MoE layers, top_k], the logical experts every
+    # forwarded position was routed to. Like prompt_logprobs, the whole prompt is then computed.
+    return_routed_experts: bool = False
     # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
     truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True
@@ -125,6 +129,11 @@ class SamplingParams:
                                                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
                "prompt_logprobs", self.prompt_logprobs,
                f"must be None or an integer in [0, {MAX_LOGPROBS}] (-1, the whole vocabulary, is not served)")
+        _check(isinstance(self.return_routed_experts, bool), "return_routed_experts", self.return_routed_experts,
+               "must be True or False")
+        _check(self.kv_transfer_params is None or not self.kv_transfer_params.do_remote_prefill
+               or not self.return_routed_experts, "return_routed_experts", self.return_routed_experts,
+               "must be False with kv_transfer_params' do_remote_prefill (the prompt is prefilled elsewhere)")
         # A remote prefill's KV is loaded, not computed here: nothing would score the prompt.
         _check(self.kv_transfer_params is None or not self.kv_transfer_params.do_remote_prefill
                or self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs,

@@ -79,6 +79,10 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         raise ValueError(f"SamplingParams.n={params.n} is invalid for one engine request: an engine request is "
                          f"one sample; run n requests with params.sample(i), i < n (as LLM.generate and the "
                          f"servers do).")
+    if params.return_routed_experts and not engine.config.return_routed_experts:
+        # Refused, not answered without them: the ranks record routing only when started to.
+        raise ValueError("SamplingParams.return_routed_experts=True is invalid: this engine records no routing; start "
+                         "it with enable_return_routed_experts=True (--enable-return-routed-experts).")
     if params.kv_transfer_params is not None and engine.config.kv_connector is None:
         # Refused, not ignored: a decode request would silently recompute its prompt, a prefill one save nothing.
         raise ValueError("SamplingParams.kv_transfer_params is set, but this engine has no KV connector: start it "

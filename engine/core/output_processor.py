@@ -17,6 +17,8 @@ window is held back until a later token completes the character.
 """
 from __future__ import annotations
 
+import numpy as np
+
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -183,6 +185,9 @@ class RequestState:
     # first output brought them; `prompt_logprobs_new` until a delta output has carried them.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_new: bool = False
+    # SamplingParams.return_routed_experts: the steps' rows so far (scheduler/outputs.RoutedExperts), made into
+    # CompletionOutput.routed_experts when the request finishes; None when not asked.
+    routed: list | None = None
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     # Text emitted so far (for cumulative outputs); deltas are tracked by the detokenizer.
@@ -215,6 +220,8 @@ class OutputProcessor:
         st = RequestState(request_id, prompt, prompt_token_ids, params, output_kind, detok)
         if params.logprobs is not None:
             st.logprobs, st.cumulative_logprob = [], 0.0
+        if params.return_routed_experts:
+            st.routed = []
         self.states[request_id] = st
 
     def process(self, core_outputs) -> tuple[list[RequestOutput], list[str]]:
@@ -233,6 +240,8 @@ class OutputProcessor:
                 st._make_metrics()
             st.token_ids.extend(new_ids)
             st.num_cached_tokens = co.num_cached_tokens
+            if co.routed_experts is not None and st.routed is not None:
+                st.routed.extend(co.routed_experts)
             if st.detok is None and co.finish_reason is None and st.logprobs is None and co.prompt_logprobs is None:
                 # Token ids only, not finished: nothing to detokenize or check (a stream's common step).
                 if st.output_kind is final_only:
@@ -310,9 +319,29 @@ class OutputProcessor:
         else:
             text, ids, logprobs = st.text, list(st.token_ids), st.logprobs
         comp = CompletionOutput(0, text, ids, st.cumulative_logprob, logprobs, finish_reason, stop_reason)
+        if finished and st.routed is not None and finish_reason != "abort":
+            comp.routed_experts = _routed_array(st.routed, len(st.prompt_token_ids) + len(st.token_ids) - 1)
         out = RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished, st.num_cached_tokens,
                             st.metrics)
         if st.prompt_logprobs is not None and (st.prompt_logprobs_new or st.output_kind is not OutputKind.DELTA):
             out.prompt_logprobs = st.prompt_logprobs  # a stream's first output carries them; the others every one
             st.prompt_logprobs_new = False
         return out
+
+
+def _routed_array(chunks: list, positions: int) -> np.ndarray:
+    """The request's routed experts [positions, L, K] from the steps' rows in step order (a later step's rows for a
+    position, after a preemption or rejected drafts, replace the earlier ones); every forwarded position is set."""
+    first = chunks[0].ids_PLK
+    out = np.full((positions, *first.shape[1:]), -1, dtype=max((c.ids_PLK.dtype for c in chunks),
+                                                               key=lambda d: d.itemsize))
+    covered = np.zeros(positions, dtype=bool)
+    for c in chunks:
+        end = min(c.first_position + len(c.ids_PLK), positions)
+        if end > c.first_position:
+            out[c.first_position: end] = c.ids_PLK[: end - c.first_position]
+            covered[c.first_position: end] = True
+    if not covered.all():  # a position no step reported: an engine bug, never a silent -1 row
+        raise RuntimeError(f"routed experts missing for positions {np.flatnonzero(~covered)[:8].tolist()} of "
+                           f"{positions}.")
+    return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 class OutputKind(enum.Enum):
@@ -28,6 +28,9 @@ class CompletionOutput:
     logprobs: Optional[list[dict[int, Logprob]]]
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # SamplingParams.return_routed_experts, on the finished output: int [prompt + generated - 1, MoE layers, top_k],
+    # the logical expert ids each forwarded position was routed to (int16 when they fit); None otherwise.
+    routed_experts: Optional[Any] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
+from moelink.moe.routing_capture import RoutingCapture
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
@@ -92,6 +93,7 @@ class MoEDecoderForCausalLM(nn.Module):
         self.checkpoint = CHECKPOINT.get(spec.checkpoint)
         # Per attention kind with per-sequence state, what it does around a verify step (blocks/attention.py).
         self.state_hooks = []
+        self.routing_capture: RoutingCapture | None = None  # enable_routing_capture
         kinds = [cfg.attention_for(i).kind for i in range(cfg.num_layers)]
         for kind in dict.fromkeys(kinds):
             mixers = [layer.mixer for layer, k in zip(self.layers, kinds) if k == kind]
@@ -119,6 +121,25 @@ class MoEDecoderForCausalLM(nn.Module):
         if aux is not None:
             self.residual.capture(aux, len(self.layers), state)
         return self.head_block.finish(state)
+
+    def enable_routing_capture(self) -> RoutingCapture:
+        """Every MoE layer writes its routed ids into one RoutingCapture from now on (moe/routing_capture.py:
+        `--enable-return-routed-experts`); call before warm-up and graph capture."""
+        moes = [layer.moe for layer in self.layers if layer.moe is not None]
+        if not moes:
+            raise ValueError(f"enable_return_routed_experts is invalid for {self.cfg.architecture}: it has no MoE "
+                             "layers.")
+        capture = RoutingCapture(max(m.moe_index for m in moes) + 1, moes[0].router.top_k,
+                                 self.embed_tokens.device)
+        for m in moes:
+            m.routing_capture = capture
+        self.routing_capture = capture
+        return capture
+
+    def begin_routing_capture(self) -> None:
+        """A forward of a new step starts (its rows written from 0); nothing without the capture."""
+        if self.routing_capture is not None:
+            self.routing_capture.begin_step()
 
     def set_valid_rows(self, valid_T: torch.Tensor | None) -> None:
         """Mark which rows of the coming forward are real (bool [T]); the MoE layers route the others to

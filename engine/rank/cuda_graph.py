@@ -292,6 +292,7 @@ class DecodeGraphs:
         if self.state_slots:
             state = StateStep(self.state_slots_B[:b], self.continues_B[:b], self.qsl_B1[q][: b + 1], True)
         self.model.set_valid_rows(self.valid_T[:T])
+        self.model.begin_routing_capture()  # the graph's routed-id copies write rows 0 .. T (moe/routing_capture.py)
         try:
             return self.model(self.input_ids_T[:T], self.positions_T[:T],
                               ForwardContext(meta, self.kv_caches, meta_sliding, state=state))

@@ -30,7 +30,7 @@ from ..contract.host_copy import to_device, to_host
 from .device_stream import make_stream
 from .kv_cache import make_kv_caches
 from .loader import load_model
-from . import prompt_logprobs
+from . import prompt_logprobs, routed_experts
 from .input_batch import CachedRequestState, PersistentBatch, SlidingTable  # noqa: F401  (re-exported)
 from .sampler import Sampler, SamplingMetadata
 from ..state.cache import StateCaches, StatePlan
@@ -125,6 +125,9 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         # The requests held that asked for prompt logprobs: a step plans their scoring only while there are some.
         self._prompt_lp_ids: set[str] = set()
+        # Rollout routing replay (enable_routing_capture): the capture, and the requests held that asked.
+        self.routing_capture = None
+        self._routed_ids: set[str] = set()
         # Every held request's row: block table, sampling parameters, penalty counts (engine/rank/input_batch.py).
         self.batch = PersistentBatch(model_cfg.vocab_size, device)
         # Preempted requests keep their generator so a seeded request draws the
@@ -180,6 +183,11 @@ class ModelRunner:
             self._capture_graphs()
 
     # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
+    def enable_routing_capture(self) -> None:
+        """Record every step's routed experts (`--enable-return-routed-experts`, moe/routing_capture.py): before
+        warm-up and graph capture, so that the largest step sizes the buffer and the graphs replay the copies."""
+        self.routing_capture = self.model.enable_routing_capture()
+
     def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
         return graph_sizes_to_capture(sizes, self.kernels, ep, isinstance(self.step_plan, TwoBatchOverlap),
                                       backend, self.device, self.cfg.quantization is not None, logger)
@@ -213,12 +221,14 @@ class ModelRunner:
             self._resync(so.resync)
         for rid in so.finished_req_ids:
             self._prompt_lp_ids.discard(rid)
+            self._routed_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
             self._parked_generators.pop(rid, None)
         for rid in so.preempted_req_ids:
             self._prompt_lp_ids.discard(rid)
+            self._routed_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
@@ -242,6 +252,11 @@ class ModelRunner:
         )
         if new.sampling_params.prompt_logprobs is not None:
             self._prompt_lp_ids.add(new.req_id)
+        if new.sampling_params.return_routed_experts:
+            if self.routing_capture is None:  # the engine refuses these without the flag; a rank cannot answer them
+                raise ValueError(f"request {new.req_id!r} asks return_routed_experts, but this rank records no routing: "
+                                 "start the engine with enable_return_routed_experts.")
+            self._routed_ids.add(new.req_id)
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
         if self.state_caches is not None:
@@ -258,6 +273,7 @@ class ModelRunner:
             self.kv_connector.drop_pending()
         self.requests = {}
         self._prompt_lp_ids = set()
+        self._routed_ids = set()
         self.batch.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
         for new in rs.running:
@@ -334,6 +350,7 @@ class ModelRunner:
                                 tables_SM=self.batch.tables(rows_S),
                                 spec_tokens=[spec.get(st.req_id) for st in states] if spec else None)
         prompt_lp = prompt_logprobs.plan(states, query_lens, inp.qsl_S1) if self._prompt_lp_ids else None
+        routed = routed_experts.plan(states, query_lens, inp.qsl_S1) if self._routed_ids else None
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
@@ -366,13 +383,14 @@ class ModelRunner:
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,
-                                      prompt_lp))
+                                      prompt_lp, routed))
         self._in_flight.append(handle)
         return handle
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | VerifyStep | None, staged,
                      ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,
-                     prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None) -> DeviceResult:
+                     prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None,
+                     routed: routed_experts.RoutedExpertsPlan | None = None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
         to host memory. Waits for nothing on the host side."""
@@ -398,11 +416,14 @@ class ModelRunner:
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
+                self.model.begin_routing_capture()
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
                                               ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state))
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
                 self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
             res = DeviceResult(read_moe=self._take_moe())
+            if routed is not None:
+                res.routed_experts = (routed, to_host(routed_experts.gather(self.routing_capture, routed, dev)))
             if prompt_lp is not None:  # scored from the same hidden states, before sampling (which may not run)
                 res.prompt_logprobs = (prompt_lp, to_host(prompt_logprobs.score(self.model, h_TD, prompt_lp)))
             if meta is not None and not isinstance(meta, SamplingMetadata):  # a verify step

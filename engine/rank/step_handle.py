@@ -21,6 +21,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 from ..contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter, VerifyResult
 from .device_stream import DeviceWork
 from .prompt_logprobs import PromptLogprobsPlan, unpack as unpack_prompt_logprobs
+from .routed_experts import RoutedExpertsPlan, unpack as unpack_routed_experts
 from .sampler import unpack_logprobs
 
 
@@ -38,6 +39,8 @@ class DeviceResult:
     drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row
     # Prompt logprobs: the step's plan and its packed rows, host copy (engine/rank/prompt_logprobs.py)
     prompt_logprobs: Optional[tuple[PromptLogprobsPlan, torch.Tensor]] = None
+    # Routed experts: the step's plan and the rows' ids, host copy (engine/rank/routed_experts.py)
+    routed_experts: Optional[tuple[RoutedExpertsPlan, torch.Tensor]] = None
 
 
 class StepHandle:
@@ -87,6 +90,8 @@ class StepHandle:
             return out
         if res.prompt_logprobs is not None:
             out.prompt_logprobs = unpack_prompt_logprobs(*res.prompt_logprobs)
+        if res.routed_experts is not None:
+            out.routed_experts = unpack_routed_experts(*res.routed_experts)
         if res.spec is not None:
             self._collect_verified(res.spec, out)
         elif res.tokens_R is not None:

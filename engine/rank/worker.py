@@ -129,6 +129,8 @@ class Worker:
                                   speculative=cfg.speculative, num_state_slots=cfg.num_state_slots,
                                   num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp,
                                   spec_decoding=self.spec_decoding)
+        if cfg.return_routed_experts:  # before warm-up and graph capture (moe/routing_capture.py)
+            self.runner.enable_routing_capture()
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/cluster/rejoin.py): load its share of `plan` (weights, placement

@@ -178,3 +178,22 @@ def test_tp_with_two_batch_overlap_matches_single_rank(local_ray, tiny_model, tp
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
+def test_routed_experts_equal_one_rank(local_ray, tiny_model, tp, ep):
+    """SamplingParams.return_routed_experts (enable_return_routed_experts) at EP 2 (each rank routes its own
+    requests' tokens) and TP 2 with the experts split by TP (every rank routes every token): the same ids as one
+    rank's, every forwarded position of each request."""
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=61, n=4, lo=1, hi=30)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, return_routed_experts=True)
+    want = [o.outputs[0].routed_experts for o in LLM(path, enable_return_routed_experts=True, **KW).generate(
+        ps, params, use_tqdm=False)]
+    llm = LLM(path, tensor_parallel_size=tp, expert_parallel_size=ep, enable_return_routed_experts=True, **KW)
+    try:
+        got = [o.outputs[0].routed_experts for o in llm.generate(ps, params, use_tqdm=False)]
+        for p, g, w in zip(ps, got, want):
+            assert g.shape == (len(p) + NEW - 1, *w.shape[1:]) and (g == w).all()
+    finally:
+        llm.engine.shutdown()

@@ -219,3 +219,32 @@ def test_graphs_under_ep_replay_the_size_the_driver_chose_in_low_latency(tiny_mo
         for lw, lg in zip(lps_w, lps_g):
             assert max(abs(lw[t].logprob - lg[t].logprob) for t in lw) < 1e-4
     assert llm.engine.expert_load().tokens_per_expert_LG == eager.engine.expert_load().tokens_per_expert_LG
+
+
+@pytest.mark.slow
+def test_replayed_decode_steps_record_routed_experts(tiny_model):
+    """--enable-return-routed-experts under decode graphs: the MoE layers' routed-id copies are part of what a graph
+    replays (moe/routing_capture.py), so replayed steps record the same ids as the eager engine's, padding rows
+    aside."""
+    path = tiny_model("qwen3_e6k3")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 5, 3, 17, 2)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, return_routed_experts=True)
+              for m in (5, 2, 4, 2, 3)]
+
+    def run(graphs: bool):
+        llm = LLM(path, dtype="float32", device="cpu", kernels="triton", max_num_seqs=6, max_num_batched_tokens=64,
+                  num_kv_blocks=48, block_size=16, enable_prefix_caching=False, skip_warmup=True,
+                  enable_return_routed_experts=True)
+        if graphs:
+            runner = _runner(llm)
+            runner.graph_sizes, runner.graph_backend = (1, 2, 4), Replay()
+            runner._capture_graphs()
+            replays = count_replays(runner.graphs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        if graphs:
+            assert all(replays.values()), f"every captured size should have served a step: {replays}"
+        return [o.outputs[0] for o in outs]
+
+    for e, g in zip(run(False), run(True)):
+        assert e.token_ids == g.token_ids and (e.routed_experts == g.routed_experts).all()
