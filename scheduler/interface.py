@@ -45,6 +45,9 @@ class SchedulerInterface(Protocol):
 
     def has_unfinished_requests(self) -> bool: ...
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (a weight update, a flush); the blocks freed."""
+
     def has_finished_requests(self) -> bool:
         """Finished ids still to be sent to the worker with a step, or KV transfers still to be reported."""
 

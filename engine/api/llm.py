@@ -41,6 +41,23 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
+    # -- RL rollouts (docs/rl.md): SGLang's names ---------------------------------------------------------------
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
+                                 weight_version: str | None = None, flush_cache: bool = True) -> dict:
+        """Serve the checkpoint at `model_path` (same architecture, new values) from now on, written in place into
+        every rank's weights; the prefix cache is flushed. {"bytes_read", "seconds", "weight_version"}."""
+        return self.engine.update_weights_from_disk(model_path, load_format, weight_version, flush_cache)
+
+    def get_weight_version(self) -> str | None:
+        """The weight_version the last update set (None before any)."""
+        return self.engine.weight_version
+
+    def flush_cache(self) -> int:
+        """Forget every cached prefix (SGLang's flush_cache; vLLM's reset_prefix_cache): blocks freed."""
+        return self.engine.flush_cache()
+
+    reset_prefix_cache = flush_cache
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -26,6 +26,7 @@ class RankCall(str, Enum):
     EPLB_MOVE = "eplb_move"
     EPLB_COMMIT = "eplb_commit"
     EPLB_STATE = "eplb_state"
+    UPDATE_WEIGHTS_FROM_DISK = "update_weights_from_disk"
     # Tests only (not a user flag): later move chunks pause, so a test can kill a rank mid-move.
     EPLB_TEST_SLOW_MOVES = "eplb_test_slow_moves"
 
@@ -112,6 +113,9 @@ class RankAPI(Protocol):
 
     def eplb_test_slow_moves(self, chunk_delay_s: float) -> None:
         """Tests only: later move chunks pause `chunk_delay_s`."""
+
+    def update_weights_from_disk(self, model_path: str) -> int:
+        """Write a checkpoint's values into this rank's weights in place (engine/rl/weights.py); the bytes read."""
 
 
 def rank_call(method) -> RankCall:

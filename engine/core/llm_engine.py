@@ -42,7 +42,7 @@ from .input_processing import (  # noqa: F401  (re-exported: the server and call
 from .outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
 from ..contract.kv_connector import ConfigurableKVConnector
-from ..contract.worker_api import LaunchedStep
+from ..contract.worker_api import LaunchedStep, RankCall
 from ..contract.sampling_params import SamplingParams
 from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
@@ -417,6 +417,48 @@ class LLMEngine:
     def stats(self) -> SchedulerStats:
         """All ranks together (sums; kv_usage over the pooled blocks)."""
         return SchedulerStats.combine(self.rank_stats())
+
+    # -- RL rollouts (engine/rl/, docs/rl.md) ----------------------------------
+    weight_version: str | None = None  # set by the caller with each weight update (SGLang's weight_version)
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
+                                 weight_version: str | None = None, flush_cache: bool = True) -> dict:
+        """Write the checkpoint at `model_path` (the served architecture, new values) into every rank's weights in
+        place (engine/rl/weights.py); the prefix cache (and with it every offload tier's view) is flushed, since KV
+        computed with the old weights must never be served with the new. Requests must be done first: one request
+        never mixes weights. Returns {"bytes_read", "seconds", "weight_version"}."""
+        import time
+
+        from ..rl.weights import check_same_tensors
+
+        if load_format not in (None, "auto", "safetensors"):
+            raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
+                             "or 'safetensors'.")
+        if not flush_cache:
+            raise ValueError("flush_cache=False is not supported: the prefix cache holds KV of the old weights.")
+        kvc = self.config.kv_connector
+        if kvc is not None and getattr(kvc, "name", None) != "offload":
+            # A PD peer computes KV with its own weights: two engines' versions would mix. (The offload tiers forget
+            # their KV when the prefix cache is reset: engine/kv_transfer/offload.py.)
+            raise ValueError(f"update_weights_from_disk is not supported with kv_connector="
+                             f"{type(kvc).__name__} (prefill/decode disaggregation) yet: KV another engine computed "
+                             "with other weights would be served.")
+        if self.has_unfinished_requests():
+            raise ValueError("update_weights_from_disk is refused while requests run: let them finish (or abort "
+                             "them) first, so that no request mixes weights.")
+        check_same_tensors(self.config.model, self.config.model.model, model_path)
+        t0 = time.perf_counter()
+        self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
+        read = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, str(model_path))
+        for sched in self.schedulers:
+            sched.reset_prefix_cache()
+        self.weight_version = weight_version
+        return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
+
+    def flush_cache(self) -> int:
+        """Forget every cached prefix on every rank (SGLang's flush_cache, vLLM's reset_prefix_cache); the number of
+        blocks freed. Blocks of running requests stay theirs."""
+        return sum(sched.reset_prefix_cache() for sched in self.schedulers)
 
     def check_health(self) -> None:
         """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps; with

@@ -171,7 +171,9 @@ class Linear(nn.Module):
         index = (self.piece_rows(piece),) if len(self.pieces) > 1 else ()
         return self.method.weight_plan(self, name, index, rows, piece)
 
-    def process_weights_after_loading(self) -> None:
+    def process_weights_after_loading(self, updated: set[int] | None = None) -> None:
+        """An FP8 weight held float (dequantize_after_load), once: a weight update then writes float values into
+        the float weight (its plan names it so), and there is nothing left to convert."""
         if self.dequantize_after_load and isinstance(self.method, Fp8Linear):
             w = block_dequantize(self.weight.data, self.weight_scale_inv.data, self.method.block, self.dtype)
             self.method = FloatLinear()

@@ -147,18 +147,20 @@ class MLAAttention(nn.Module):
             o_TNV = o_TNV * torch.sigmoid(self.g_proj(x_TD).float()).to(o_TNV.dtype)[:, :, None]
         return self.o_proj(o_TNV.reshape(T, N * a.v_head_dim), self.o_bias)
 
-    def process_weights_after_loading(self) -> None:
+    def process_weights_after_loading(self, updated: set[int] | None = None) -> None:
         """Fold MLAConfig's q_scale into q_b_proj and latent_scale into kv_a_layernorm (LongCat-Flash): the same
         products transformers takes after those two ops, paid once here instead of every step. A quantized q_b_proj
-        (FP8) keeps its weights: its output is scaled in the forward instead (`q_out_scale`)."""
+        (FP8) keeps its weights: its output is scaled in the forward instead (`q_out_scale`). `updated`: after a
+        weight update, the ids of the parameters it wrote: only those are folded (again)."""
         a = self.attn
         if a.q_scale != 1.0:
             if self.q_b_proj.weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                with torch.no_grad():
-                    self.q_b_proj.weight.mul_(a.q_scale)
+                if updated is None or id(self.q_b_proj.weight) in updated:
+                    with torch.no_grad():
+                        self.q_b_proj.weight.mul_(a.q_scale)
             else:
                 self.q_out_scale = a.q_scale
-        if a.latent_scale != 1.0:
+        if a.latent_scale != 1.0 and (updated is None or id(self.kv_a_layernorm.weight) in updated):
             with torch.no_grad():
                 self.kv_a_layernorm.weight.mul_(a.latent_scale)
 

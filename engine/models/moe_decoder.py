@@ -166,9 +166,10 @@ class MoEDecoderForCausalLM(nn.Module):
             if layer.moe is not None:
                 yield from layer.ffn.moe_only_stages(x_0D)
 
-    def process_weights_after_loading(self) -> None:
-        """After the loader filled every parameter: what the checkpoint kind does with it (blocks/checkpoint.py)."""
-        self.checkpoint.after_load(self.cfg, self)
+    def process_weights_after_loading(self, updated: set[int] | None = None) -> None:
+        """After the loader filled every parameter (or a weight update the ones whose ids `updated` holds): what the
+        checkpoint kind does with them (blocks/checkpoint.py)."""
+        self.checkpoint.after_load(self.cfg, self, updated)
 
     def replay_states(self, num_accepted_S: torch.Tensor) -> None:
         """After a verify step's sampling: the layers with per-sequence state (gated DeltaNet's, DeepSeek-V4's

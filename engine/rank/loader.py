@@ -148,18 +148,8 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     checkpoint = open_checkpoint(cfg, load_format, device)
     names = frozenset(checkpoint.keys())  # they pick the experts' on-disk layout, which FP8 experts are built for
     model = MoEDecoderForCausalLM(cfg, spec, kernels, device, ep, names, tp=tp)
-    plan = model.weight_plan(names)
-    if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
-        plan = nvfp4_linear_plan(plan, names)
-    if getattr(cfg.quantization, "method", None) == "int4":  # INT4 linears outside the experts: float at load
-        plan = int4_linear_plan(plan, names, cfg.quantization)
-    missing = [name for name in plan if name not in checkpoint]
-    if missing:
-        raise ValueError(
-            f"checkpoint {cfg.model!r} is missing tensor {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f": every {cfg.architecture} weight must be present."
-        )
+    plan = model_plan(model, cfg, names)
+    check_complete(plan, checkpoint, cfg, cfg.model)
     # The MTP layers (num_nextn_predict_layers) are expected and left unread here: only the speculative drafter
     # reads them (engine/spec/proposer/mtp.py, method "mtp"). Any other tensor the plan does not list is not read.
     unread = mtp_checkpoint_names(cfg, names)
@@ -175,11 +165,34 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
     return model.eval()
 
 
+def model_plan(model: MoEDecoderForCausalLM, cfg: ModelConfig, names: frozenset[str]) -> WeightPlan:
+    """The plan the loader reads `model`'s weights by from a checkpoint holding `names` (also a weight update's,
+    engine/rl/weights.py): the model's own, NVFP4 / INT4 linears outside the experts dequantized as they load."""
+    plan = model.weight_plan(names)
+    if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
+        plan = nvfp4_linear_plan(plan, names)
+    if getattr(cfg.quantization, "method", None) == "int4":  # INT4 linears outside the experts: float at load
+        plan = int4_linear_plan(plan, names, cfg.quantization)
+    return plan
+
+
+def check_complete(plan: WeightPlan, checkpoint, cfg: ModelConfig, where: str) -> None:
+    """Every tensor the plan reads is in the checkpoint, or one error naming the first missing one."""
+    missing = [name for name in plan if name not in checkpoint]
+    if missing:
+        raise ValueError(
+            f"checkpoint {where!r} is missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f": every {cfg.architecture} weight must be present."
+        )
+
+
 def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False,
-              read_bytes: dict[str, int] | None = None) -> None:
+              read_bytes: dict[str, int] | None = None, written: set[int] | None = None) -> None:
     """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a
     survivor newly holds, engine/rank/keep_runner.py) from `checkpoint`, one tensor at a time; `read_bytes`
-    (when given) gets the bytes read of each tensor."""
+    (when given) gets the bytes read of each tensor; `written` (when given) the ids of the destination parameters
+    (a weight update converts those only: engine/models/blocks/checkpoint.py)."""
     bar = _progress(len(plan), progress)
     with torch.no_grad():
         for st, names in checkpoint.open(plan):
@@ -188,6 +201,8 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
                 src = _read(st, name, source)
                 if read_bytes is not None:
                     read_bytes[name] = src.numel() * src.element_size()
+                if written is not None:
+                    written.add(id(getattr(param, "dest", getattr(param, "weight", param))))
                 if isinstance(param, QuantizeOnLoad):
                     _quantize_into(name, src, param, idx, device)
                 elif isinstance(param, Rearranged):  # a TP rank's columns, put in the model's layout after the read

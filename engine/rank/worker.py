@@ -207,6 +207,19 @@ class Worker:
         self.runner.allocate_kv_cache(num_kv_blocks)
         self._freeze_if_own_process()
 
+    def update_weights_from_disk(self, model_path: str) -> int:
+        """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
+        shard, read as the load read them. The engine checked the tensors first and runs no step meanwhile."""
+        from moelink.engine.rl.weights import update_from_checkpoint
+
+        self._bind_device()
+        runner = self.runner
+        runner.quiesce(60.0)  # no launched step's device work still reads the weights
+        read = update_from_checkpoint(runner.model, self.config.model, model_path, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
+        return read
+
     def warm_up(self, cfg):
         """Compile and run every kernel variant a step can hit (engine/rank/warmup.py), before the engine serves; the
         KV cache, the expert-load counters and the request states stay as they were. Every rank is called at

@@ -19,10 +19,11 @@ from .registry import Registry
 @dataclass(frozen=True)
 class CheckpointKind:
     """plan(cfg, spec, the model's plan, the checkpoint's names) -> the plan the loader reads;
-    after_load(cfg, model): once every parameter is filled."""
+    after_load(cfg, model, updated): once every parameter is filled (updated None), or once a weight update
+    (engine/rl/weights.py) wrote the parameters whose ids `updated` holds: the conversions apply to those only."""
 
     plan: Callable[[ModelConfig, ArchSpec, WeightPlan, frozenset[str]], WeightPlan]
-    after_load: Callable[[ModelConfig, nn.Module], None]
+    after_load: Callable[..., None]
 
 
 def aliased(cfg: ModelConfig, spec: ArchSpec, plan: WeightPlan, names: frozenset[str]) -> WeightPlan:
@@ -39,16 +40,22 @@ def aliased(cfg: ModelConfig, spec: ArchSpec, plan: WeightPlan, names: frozenset
     return out
 
 
-def converted(cfg: ModelConfig, model: nn.Module) -> None:
+def converted(cfg: ModelConfig, model: nn.Module, updated: set[int] | None = None) -> None:
     """Modules that convert what they loaded (an FP8 kv_b_proj dequantized for MLA's absorption) do it now;
-    zero-centred norms (ModelConfig.norm_weight_offset) become plain ones."""
+    zero-centred norms (ModelConfig.norm_weight_offset) become plain ones. `updated`: after a weight update, the
+    ids of the parameters it wrote (only those are converted: the others hold their converted values already)."""
     if cfg.norm_weight_offset:
         for module in model.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, RMSNorm) and (updated is None or id(module.weight) in updated):
                 module.weight.add_(cfg.norm_weight_offset)
     for module in model.modules():
         if module is not model and hasattr(module, "process_weights_after_loading"):
-            module.process_weights_after_loading()
+            # A module's conversion that takes no `updated` cannot convert part of its weights: an update fails
+            # there, naming it (engine/rl/weights.py), rather than convert twice what it did not write.
+            if updated is None:
+                module.process_weights_after_loading()
+            else:
+                module.process_weights_after_loading(updated)
 
 
 CHECKPOINT: Registry[CheckpointKind] = Registry("checkpoint")

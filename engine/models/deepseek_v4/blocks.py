@@ -323,6 +323,6 @@ def published_name(name: str) -> str:
 
 
 # Nothing converts after loading: the FP8 linears run FP8, the FP8 experts were dequantized as they loaded.
-CHECKPOINT.add("published", CheckpointKind(_published_plan, lambda cfg, model: None))
+CHECKPOINT.add("published", CheckpointKind(_published_plan, lambda cfg, model, updated=None: None))
 
 __all__ = ["ClampedMLP", "HyperLayer", "Norm", "TokenRoutedFFN", "mtp_layer", "published_name", "rope_tables"]

@@ -1,0 +1,75 @@
+"""Weights while serving (`LLM.update_weights_from_disk`, engine/rl/weights.py; docs/rl.md): a checkpoint of the same
+architecture with new values written in place, after which greedy tokens equal transformers' on the new checkpoint
+(float64) and going back equals the old one's: on Qwen3-MoE, on Qwen3-Next (zero-centred norms converted at load,
+linear-attention layers) and on LongCat-Flash (MLA's q and latent scales folded at load), so a conversion applies to
+the written weights once, never twice. The prefix cache is flushed (a prompt cached before is computed again); a
+checkpoint whose tensors differ, an update while requests run and bad arguments are refused naming the field, the
+served weights untouched."""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+
+from tests.helpers.hf_checkpoints import save_hf_checkpoint
+from tests.helpers.longcat_checkpoints import save_longcat_checkpoint
+from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.tiny_configs import TINY_CONFIGS
+
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
+
+def _pair(kind: str, tmp_path) -> tuple[str, str, int]:
+    """Two checkpoints of one architecture, different values (seeds 0 and 1), and the vocab."""
+    if kind == "qwen3_moe":
+        from moelink.engine.tools.tiny_model import make_tiny_model
+
+        cfg = TINY_CONFIGS["qwen3_e6k3"]
+        return (str(make_tiny_model(tmp_path / "a", **cfg)), str(make_tiny_model(tmp_path / "b", **{**cfg, "seed": 1})),
+                cfg["vocab_size"])
+    if kind == "qwen3_next":
+        return (save_hf_checkpoint(tmp_path / "a", "qwen3_next"), save_hf_checkpoint(tmp_path / "b", "qwen3_next", seed=1),
+                128)
+    return save_longcat_checkpoint(tmp_path / "a"), save_longcat_checkpoint(tmp_path / "b", seed=1), 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_next", "longcat_flash"])
+def test_update_then_back_equals_transformers(kind, tmp_path):
+    a, b, vocab = _pair(kind, tmp_path)
+    ps = prompts(vocab, seed=19, n=4, lo=1, hi=40)
+    want_a, want_b = hf_greedy(a, ps), hf_greedy(b, ps)
+    assert want_a != want_b, "the two checkpoints must answer differently"
+    llm = LLM(a, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8)
+    assert_same(engine_greedy(llm, ps), want_a, ps)
+    info = llm.update_weights_from_disk(b, weight_version="step-1")
+    assert info["weight_version"] == llm.get_weight_version() == "step-1" and info["bytes_read"] > 0
+    got = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    assert_same([o.outputs[0].token_ids for o in got], want_b, ps)
+    assert all(o.num_cached_tokens == 0 for o in got), "KV of the old weights was served from the prefix cache"
+    llm.update_weights_from_disk(a)  # and back: each conversion applied to the written weights once
+    assert_same(engine_greedy(llm, ps), want_a, ps)
+    assert_pool_free(llm)
+
+
+def test_bad_updates_are_refused_and_the_weights_stay(tmp_path, tiny_model):
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    path = tiny_model("qwen3_e6k3")
+    cfg = TINY_CONFIGS["qwen3_e6k3"]
+    other = str(make_tiny_model(tmp_path / "wide", **{**cfg, "moe_intermediate_size": cfg["moe_intermediate_size"] * 2}))
+    llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=8)
+    ps = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    before = engine_greedy(llm, ps)
+    with pytest.raises(ValueError, match=r"model_path=.* tensor 'model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight'"
+                                         r" is F32 \[.*\]: an update keeps every tensor's dtype and shape"):
+        llm.update_weights_from_disk(other)
+    with pytest.raises(ValueError, match="model_path=.* is invalid: not a directory"):
+        llm.update_weights_from_disk(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="load_format='dummy' is invalid"):
+        llm.update_weights_from_disk(path, load_format="dummy")
+    llm.engine.add_request("running", [1, 2, 3], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="refused while requests run"):
+        llm.update_weights_from_disk(path)
+    llm.engine.abort_requests(["running"])
+    assert engine_greedy(llm, ps) == before
