@@ -13,13 +13,19 @@ import torch
 
 from . import registry
 from .attention import AttentionMetadata
-from .dsa import reference_dsa_topk, reference_sparse_mla_attention, reference_write_fp8_index_keys
+from .dsa import reference_dsa_pool_topk, reference_dsa_topk, reference_sparse_mla_attention, reference_write_fp8_index_keys
 
 
 class DSAKernels(Protocol):
     def dsa_topk(self, q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLD: torch.Tensor,
                  meta: AttentionMetadata, topk: int, scale: float, max_len: int | None = None) -> torch.Tensor:
         """The indexer's selection: int32 [T, topk] positions per query token, -1 past its count; no host sync."""
+        ...
+
+    def dsa_pool_topk(self, q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLX: torch.Tensor,
+                      ape_PD: torch.Tensor, meta: AttentionMetadata, topk: int, scale: float,
+                      max_len: int | None = None) -> torch.Tensor:
+        """GLM-5.3-Flash's pooled selection: int32 [T, topk + kpool - 1] positions per query token, -1 where none."""
         ...
 
     def write_fp8_index_keys(self, k_TD: torch.Tensor, index_cache_BLX: torch.Tensor,
@@ -39,11 +45,13 @@ def _triton() -> dict[str, Any]:
     from .triton_dsa_topk import triton_dsa_topk
     from .triton_mla_sparse import triton_sparse_mla_attention
 
+    # dsa_pool_topk (GLM-5.3-Flash's pools): no Triton kernel yet, the reference's torch ops run on the device.
     return dict(dsa_topk=triton_dsa_topk,  # the indexer's scores and top-k per query: two launches (three when split)
+                dsa_pool_topk=reference_dsa_pool_topk,
                 write_fp8_index_keys=triton_write_fp8_index_keys,  # quantize + scatter: one launch
                 sparse_mla_attention=triton_sparse_mla_attention)  # MLA over the selected rows only
 
 
 registry.register("dsa", DSAKernels, triton=_triton,
-                  reference=dict(dsa_topk=reference_dsa_topk, write_fp8_index_keys=reference_write_fp8_index_keys,
+                  reference=dict(dsa_topk=reference_dsa_topk, dsa_pool_topk=reference_dsa_pool_topk, write_fp8_index_keys=reference_write_fp8_index_keys,
                                  sparse_mla_attention=reference_sparse_mla_attention))
