@@ -3,8 +3,8 @@ D, K, W, L; KP the pool size, a power of two).
 
 Per slice of query rows, three launches:
 - pool scores (grid: rows x G): G programs per query token share its pools, BLOCK_P at a time; each reads the
-  pool's KP cache rows [key | gate] through the block table, makes the pool's key (a softmax over the pool's tokens
-  of gate + ape, per channel, float32), scores it against the token's [H, D] queries in one dot, relu(scale * s),
+  pools' KP cache rows [key | gate] through the block table one token at a time, making the pools' keys by a running
+  softmax over the tokens of gate + ape, per channel, in float32 ([BLOCK_P, D] tiles), and scores them against the token's [H, D] queries in one dot, relu(scale * s),
   weighted by the token's [H] weights, into a [rows, W / KP] float32 workspace; only the token's complete pools
   (its causal length // KP) are read, so the work follows the device lengths;
 - the top K / KP pools per row (triton_dsa_select's radix select, one program per row; ties to the lowest pool);
@@ -42,26 +42,34 @@ def _pool_scores_kernel(q_ptr, w_ptr, cache_ptr, ape_ptr, tables_ptr, seq_lens_p
     tok64 = tok.to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    j = tl.arange(0, KP)
     dmask = d < D
     q = tl.load(q_ptr + tok64 * stride_qt + h[:, None] * stride_qh + d[None, :], mask=(h[:, None] < H) & dmask[None, :],
                 other=0.0).to(tl.float32)
     w = tl.load(w_ptr + tok64 * stride_wt + h, mask=h < H, other=0.0).to(tl.float32)
-    ape = tl.load(ape_ptr + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
     table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
     out_ptr = scores_ptr + row.to(tl.int64) * stride_st
     for t in range(tl.program_id(1), tl.cdiv(m, BLOCK_P), G):
         p = t * BLOCK_P + tl.arange(0, BLOCK_P)
         okp = p < m
-        pos = p[:, None] * KP + j[None, :]  # [BLOCK_P, KP]
-        blk = tl.load(table_ptr + pos // L, mask=okp[:, None], other=0).to(tl.int64)
-        slot = blk * stride_cb + (pos % L) * stride_cl
-        ok3 = okp[:, None, None] & dmask[None, None, :]
-        at = cache_ptr + slot[:, :, None] + d[None, None, :]
-        key = tl.load(at, mask=ok3, other=0.0).to(tl.float32)
-        logit = tl.load(at + D, mask=ok3, other=0.0).to(tl.float32) + ape[None, :, :]
-        e = tl.exp(logit - tl.max(logit, axis=1)[:, None, :])
-        pool = tl.sum(e * key, axis=1) / tl.sum(e, axis=1)  # [BLOCK_P, BLOCK_D]
+        ok2 = okp[:, None] & dmask[None, :]
+        # The pools' keys, token by token: a running softmax over the pool's tokens, per channel ([BLOCK_P, D] tiles).
+        mx = tl.full([BLOCK_P, BLOCK_D], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for jj in range(KP):
+            pos = p * KP + jj
+            blk = tl.load(table_ptr + pos // L, mask=okp, other=0).to(tl.int64)
+            at = cache_ptr + (blk * stride_cb + (pos % L) * stride_cl)[:, None] + d[None, :]
+            key = tl.load(at, mask=ok2, other=0.0).to(tl.float32)
+            ape = tl.load(ape_ptr + jj * D + d, mask=dmask, other=0.0).to(tl.float32)
+            logit = tl.load(at + D, mask=ok2, other=0.0).to(tl.float32) + ape[None, :]
+            new_mx = tl.maximum(mx, logit)
+            keep = tl.exp(mx - new_mx)
+            e = tl.exp(logit - new_mx)
+            den = den * keep + e
+            acc = acc * keep + e * key
+            mx = new_mx
+        pool = acc / den
         s = dot(q, tl.trans(pool), tl.zeros([BLOCK_H, BLOCK_P], dtype=tl.float32), INTERPRET, "ieee")
         score = tl.sum(w[:, None] * tl.maximum(s * scale, 0.0), axis=0)
         score = tl.where(score == 0.0, 0.0, score)  # -0.0 counts as 0.0
@@ -130,7 +138,8 @@ def triton_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_ca
             meta.query_start_loc_S1, scores, scale, meta.num_seqs, t0, G, q_THD.stride(0), q_THD.stride(1),
             weights_TH.stride(0), index_cache_BLX.stride(0), index_cache_BLX.stride(1), meta.block_tables_SM.stride(0),
             scores.stride(0), H, D, L=index_cache_BLX.shape[1], KP=kp, BLOCK_H=max(16, triton.next_power_of_2(H)),
-            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_P=block_p, INTERPRET=interp, num_warps=warps)
+            BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_P=block_p, INTERPRET=interp, num_warps=warps,
+            num_stages=1)  # no software pipelining: its staged [BLOCK_P, D] tiles filled shared memory and spilled
         _pool_select_kernel[(r,)](
             scores, meta.seq_lens_S, meta.query_start_loc_S1, pools, out, meta.num_seqs, t0, scores.stride(0),
             pools.stride(0), out.stride(0), K, KP=kp, BLOCK=block_t, BLOCK_K=triton.next_power_of_2(max(K, 1)),
