@@ -36,7 +36,7 @@ from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .dsa import LightningIndexer
 from .layers import ForwardContext, RMSNorm, param
-from .linear import Linear, linear_method
+from .linear import FloatLinear, Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
 
 if TYPE_CHECKING:
@@ -104,9 +104,11 @@ class MLAAttention(nn.Module):
         # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
         # in a GLM-5 "shared" layer, which attends to the positions the previous indexer chose (ctx.dsa_topk).
         if not attn.rope_in_checkpoint:  # GLM-5.3-Flash: the rope part held as zeros (MLAConfig.rope_in_checkpoint)
-            if quant is not None or attn.q_lora_rank is None:
-                raise ValueError("MLA without a rope part in the checkpoint (qk_rope_head_dim 0) runs float weights "
-                                 "with a q_lora_rank only.")
+            if attn.q_lora_rank is None or not all(isinstance(m.method, FloatLinear)
+                                                   for m in (self.fused_a_proj, self.q_b_proj)):
+                raise ValueError(f"layer {layer_idx}: MLA without a rope part in the checkpoint (qk_rope_head_dim 0) "
+                                 "runs float q_a_proj / kv_a_proj_with_mqa / q_b_proj weights with a q_lora_rank; "
+                                 "quantization_config quantizes them (list them in its ignored modules).")
             with torch.no_grad():
                 self.fused_a_proj.weight.zero_()
                 self.q_b_proj.weight.zero_()

@@ -145,3 +145,10 @@ def test_prefill_on_one_engine_decode_on_another(glm53_path):
     from tests.helpers.kv_disagg import check_pd_transfer
 
     check_pd_transfer(glm53_path, prompts(VOCAB, seed=59, n=4, lo=2, hi=60))
+
+
+def test_quantized_mla_linears_are_refused_naming_the_field(glm53_path):
+    """The NoPE MLA rows are moved into a zero-padded layout at load, which block-quantized weights cannot follow:
+    online FP8 over the float checkpoint is refused at build, naming what to do."""
+    with pytest.raises(ValueError, match=r"MLA without a rope part .* quantization_config quantizes them"):
+        LLM(glm53_path, dtype="float64", quantization="fp8", num_kv_blocks=16, block_size=8, skip_warmup=True)
