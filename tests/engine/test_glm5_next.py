@@ -152,3 +152,39 @@ def test_quantized_mla_linears_are_refused_naming_the_field(glm53_path):
     online FP8 over the float checkpoint is refused at build, naming what to do."""
     with pytest.raises(ValueError, match=r"MLA without a rope part .* quantization_config quantizes them"):
         LLM(glm53_path, dtype="float64", quantization="fp8", num_kv_blocks=16, block_size=8, skip_warmup=True)
+
+
+def test_each_tp_rank_reads_its_shard(glm53_path):
+    """At TP 2 (loading only, one process) each rank reads half of every split tensor and the whole of the rest:
+    whole are the hyper-connections, the norms, the router, MLA's a-projections, the pooled indexer, KDA's low-rank
+    gates' first halves and its A_log (read whole, cut to the rank's heads), the o_norm weight every head shares;
+    halved are MLA's q_b (by head: each rank its heads' nope rows), kv_b, o_proj, KDA's head rows, the experts' and
+    the dense MLPs' channels, the embedding and the LM head."""
+    from safetensors import safe_open
+
+    from moelink.engine.config.checkpoint_headers import text_model_name
+    from moelink.engine.rank.loader import checkpoint_index, load_model
+    from moelink.kernels.ops import ReferenceKernels
+
+    cfg = ModelConfig.from_pretrained(glm53_path, "float64")
+    full = {}
+    for real, f in checkpoint_index(glm53_path).items():
+        name = text_model_name(real, cfg.text_weights_prefix)
+        if name is not None:
+            with safe_open(str(f), framework="pt") as st:
+                full[name] = st.get_tensor(real).numel() * 8
+    reads = []
+    for rank in range(2):
+        got: dict[str, int] = {}
+        load_model(cfg, ReferenceKernels(), torch.device("cpu"), tp=SimpleNamespace(rank=rank, size=2), read_bytes=got)
+        reads.append(got)
+    assert set(reads[0]) == set(reads[1]) == set(full)
+    whole = ("hc_attn_", "hc_ffn_", "norm.weight", "layernorm.weight", ".gate.weight", "e_score_correction_bias",
+             "q_a_proj.weight", "kv_a_proj_with_mqa.weight", ".indexer.", "f_a_proj.weight", "g_a_proj.weight",
+             "A_log")
+    halved = [n for n in full if not any(w in n for w in whole)]
+    assert any(n.endswith("self_attn.q_b_proj.weight") for n in halved)
+    assert any(n.endswith("self_attn.q_conv1d.weight") for n in halved)
+    for name in full:
+        want = full[name] // 2 if name in halved else full[name]
+        assert reads[0][name] == reads[1][name] == want, name
