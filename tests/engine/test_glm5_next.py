@@ -60,7 +60,7 @@ def test_config(tmp_path):
     assert [a.kind for a in kinds] == ["kda", "mla", "mla", "kda", "mla", "kda"] and cfg.linear_layers == (0, 3, 5)
     kda, mla = kinds[0], kinds[1]
     assert isinstance(kda, KimiDeltaConfig) and (kda.num_v_heads, kda.head_k_dim, kda.conv_kernel) == (2, 8, 4)
-    assert kda.gate_lower_bound == -5.0 and not kda.decay_in_model_dtype
+    assert kda.gate_lower_bound == -5.0 and not kda.decay_in_model_dtype and kda.a_log_float32
     assert not mla.rotary and not mla.rope_in_checkpoint and mla.qk_rope_head_dim == NOPE_PAD_DIMS
     assert mla.softmax_scale == 8 ** -0.5
     ix = mla.indexer

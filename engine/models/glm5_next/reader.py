@@ -63,7 +63,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     lower = getattr(hf, "linear_lower_bound", None)
     kda = KimiDeltaConfig(int(hf.linear_num_heads), int(hf.linear_num_heads), int(hf.linear_head_dim),
                           int(hf.linear_head_dim), int(hf.linear_conv_kernel_dim),
-                          gate_lower_bound=float(lower) if lower is not None else None)
+                          gate_lower_bound=float(lower) if lower is not None else None, a_log_float32=True)
     moe = noaux_tc_moe(hf, c, int(hf.n_routed_experts), mlp_types, int(getattr(hf, "n_shared_experts", 0) or 0))
     limit = float(hf.swiglu_limit)
     moe["moe"] = dataclasses.replace(moe["moe"], activation="silu_clamp", swiglu_limit=limit, mlp_swiglu_limit=limit)
