@@ -3,8 +3,9 @@ transformers 5.24's own Glm5NextForConditionalGeneration, text only: config read
 parity with transformers' forward without a cache (the definition of its sparse attention, as for GLM-5:
 tests/engine/test_dsa_families.py), in float64, token for token: 1-150-token prompts together under a small token
 budget (chunked prefill over the KDA states and the pooled indexer's cache rows, batches), under preemption with the
-same prompts again resuming from state checkpoints (prefix hits asserted), and prefill on one engine, decode on
-another (the KDA states, MLA latents and indexer rows travel). What the family adds: the hyper-connection prenorm
+same prompts again resuming from state checkpoints (prefix hits asserted), speculative decoding whose rejected
+drafts roll the KDA states back, and prefill on one engine, decode on another (the KDA states, MLA latents and
+indexer rows travel); what each TP rank reads. What the family adds: the hyper-connection prenorm
 layer and the mean head (engine/models/glm5_next/kinds.py over engine/models/hyper_connections.py), NoPE MLA held
 with a zero rope part (MLAConfig.rope_in_checkpoint), the pooled DSA selection (IndexerConfig.kpool,
 kernels/dsa.reference_dsa_pool_topk) and the clamped SwiGLU of every MLP (MoEConfig.mlp_swiglu_limit); KDA with the
@@ -188,3 +189,25 @@ def test_each_tp_rank_reads_its_shard(glm53_path):
     for name in full:
         want = full[name] // 2 if name in halved else full[name]
         assert reads[0][name] == reads[1][name] == want, name
+
+
+@pytest.mark.slow
+def test_speculative_decoding_rolls_states_back_past_rejected_drafts(glm53_path):
+    """Drafts right with probability 0.7, verified in steps whose queries select pools: the KDA states take only the
+    accepted tokens (replay_states) and the latents / indexer rows past them are overwritten, so greedy outputs
+    equal transformers'."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+
+    ps = _prompts()[:6]
+    want = hf_greedy_nocache(glm53_path, ps)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(p): w for p, w in zip(ps, want)}, 0.7,
+                                                 vocab=VOCAB, seed=4)}
+    llm = LLM(glm53_path, speculative_config=spec, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=48, block_size=8, num_state_checkpoints=8)
+    assert_same(engine_greedy(llm, ps), want, ps)
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0 and sd.num_accepted_tokens > 0
+    assert_pool_free(llm)
