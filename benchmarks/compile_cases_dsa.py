@@ -4,7 +4,8 @@ shapes (128 MLA heads, latent 512 + rope 64; 64 index heads of 128; top-2048; ma
 MLA heads, 32 index heads): decode batches (scored max_model_len wide, as a decode graph captures them; sparse MLA
 unsplit and split 4 ways; the top-k on its split path, P programs per row and the merge, P = 4 at batch 64 and 8 at
 batch 4), a mixed batch of decodes and a 97-token chunk over a 4096-token context (the one-program top-k), bf16 and
-fp8 caches (fp8 index keys: uint8 rows of e4m3 keys and float32 scales, and their write)."""
+fp8 caches (fp8 index keys: uint8 rows of e4m3 keys and float32 scales, and their write); and GLM-5.3-Flash's pooled
+selection (kernels/triton_dsa_pool_topk.py: 32 index heads of 128, pools of 16, top-2048) on the same batches."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,7 @@ def compile_dsa(rec: Recorder, quick: bool) -> None:
     from moelink.kernels.attention import AttentionMetadata
     from moelink.kernels.dsa import fp8_key_row_bytes
     from moelink.kernels.triton_dsa_keys import triton_write_fp8_index_keys
+    from moelink.kernels.triton_dsa_pool_topk import triton_dsa_pool_topk
     from moelink.kernels.triton_dsa_topk import triton_dsa_topk
     from moelink.kernels.triton_mla_sparse import triton_sparse_mla_attention
 
@@ -48,6 +50,11 @@ def compile_dsa(rec: Recorder, quick: bool) -> None:
                 with rec.labelled(f"{name} sparse MLA ({N} heads, top-{K}), {label}, {str(cache_dt)[6:]} cache"):
                     triton_sparse_mla_attention(torch.empty(T, N, C, dtype=dt, **meta), torch.empty(T, N, P, dtype=dt, **meta),
                                                 cache, m, i32(T, K), 0.1, num_splits=splits)
+                if name == "glm-5" and cache_dt == dt:  # GLM-5.3-Flash: [key | gate] rows, pools of 16
+                    with rec.labelled(f"glm-5.3-flash pooled indexer scores + top-{K} (pools of 16), {label}"):
+                        triton_dsa_pool_topk(torch.empty(T, H, D, dtype=dt, **meta), torch.empty(T, H, **meta),
+                                             torch.empty(1000, L, 2 * D, dtype=dt, **meta),
+                                             torch.empty(16, D, dtype=dt, **meta), m, K, D**-0.5, MAX_LEN)
 
 
 if __name__ == "__main__":  # registers / spills of each kernel, without the report

@@ -302,7 +302,7 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                   "int4": ("_moe_int4_up_kernel", "_moe_int4_down_kernel", "_tiny_int4_up_kernel",
                            "_tiny_int4_down_kernel"),
                   "dsa": ("_index_scores_kernel", "_topk_kernel", "_partial_topk_kernel", "_merge_topk_kernel",
-                          "_sparse_mla_kernel", "_write_fp8_keys_kernel"),
+                          "_sparse_mla_kernel", "_write_fp8_keys_kernel", "_pool_scores_kernel", "_pool_select_kernel"),
                   # compressed-KV attention and hyper-connections, DeepSeek-V4's (its top-k runs DSA's selection
                   # kernels: those stay the dsa family's)
                   "compressed": ("_compress_kv_kernel", "_compressed_index_scores_kernel", "_sink_attention_kernel",

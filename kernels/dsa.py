@@ -206,6 +206,52 @@ def reference_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cach
     return reference_topk_positions(scores_TW, causal_lens(meta, q_THD.device), topk)
 
 
+def reference_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLX: torch.Tensor,
+                            ape_PD: torch.Tensor, meta: AttentionMetadata, topk: int, scale: float,
+                            max_len: int | None = None) -> torch.Tensor:
+    """GLM-5.3-Flash's pooled selection (engine/config/sparse_attention.py; transformers' Glm5NextTextIndexer without
+    a cache is the definition): int32 [T, topk + kpool - 1] positions per query token, -1 where none.
+
+    index_cache_BLX rows are [key (D) | gate (D)] (X = 2 D); kpool = ape_PD.shape[0]. Pool p holds positions
+    [p kpool, (p + 1) kpool); its key is sum_j softmax_j(gate[j] + ape[j - p kpool]) * key[j], per channel (the
+    softmax in float32, its weights cast to the keys' dtype, as transformers). A query that sees n positions scores
+    the n // kpool complete pools: sum_h w[h] * relu(q[h] . pool_key * scale) in float32; it takes the topk // kpool
+    best (all when fewer; ties to the lower pool), their positions ascending, then its incomplete pool's n % kpool
+    positions. `max_len` as reference_dsa_topk's."""
+    T, H, D = q_THD.shape
+    kp = ape_PD.shape[0]
+    if index_cache_BLX.shape[-1] != 2 * D or weights_TH.shape != (T, H) or ape_PD.shape != (kp, D):
+        raise ValueError(f"dsa_pool_topk: q {tuple(q_THD.shape)}, weights {tuple(weights_TH.shape)}, cache rows "
+                         f"{index_cache_BLX.shape[-1]}, ape {tuple(ape_PD.shape)}: want [T, H, D], [T, H], 2 D, [kpool, D].")
+    dev = q_THD.device
+    W = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
+    P = max(W // kp, 1)
+    n_T = causal_lens(meta, dev)
+    L, X = index_cache_BLX.shape[1:]
+    rows_all = index_cache_BLX.view(-1, X)
+    pos_W = torch.arange(P * kp, device=dev)
+    K = topk // kp
+    out_TK = torch.full((T, topk + kp - 1), -1, dtype=torch.int32, device=dev)
+    for t0 in range(0, T, _ROWS):
+        rows = slice(t0, min(T, t0 + _ROWS))
+        n_R = n_T[rows]
+        visible_RW = pos_W[None, :] < n_R[:, None]
+        slots_RW = _slots_rows(meta, rows, pos_W, visible_RW, L)
+        r_RWX = rows_all.index_select(0, slots_RW.reshape(-1)).view(*slots_RW.shape, X)
+        key_RPkD = r_RWX[..., :D].reshape(-1, P, kp, D)
+        gate_RPkD = r_RWX[..., D:].reshape(-1, P, kp, D)
+        probs = torch.softmax(gate_RPkD.float() + ape_PD.float()[None, None], dim=2).to(key_RPkD.dtype)
+        pool_RPD = (probs * key_RPkD).sum(dim=2)
+        dots_RHP = torch.einsum("rhd,rpd->rhp", q_THD[rows].float(), pool_RPD.float())
+        score_RP = torch.einsum("rh,rhp->rp", weights_TH[rows].float(), torch.relu(dots_RHP * scale)) + 0.0
+        pools_RK = reference_topk_positions(score_RP, n_R // kp, K).long()  # pool ids ascending, -1 past the count
+        tok_RKk = torch.where(pools_RK[..., None] >= 0, pools_RK[..., None] * kp + torch.arange(kp, device=dev), -1)
+        tail = torch.arange(kp - 1, device=dev)
+        tail_Rt = torch.where(tail[None, :] < (n_R % kp)[:, None], (n_R - n_R % kp)[:, None] + tail[None, :], -1)
+        out_TK[rows] = torch.cat([tok_RKk.reshape(tok_RKk.shape[0], -1), tail_Rt], dim=1).to(torch.int32)
+    return out_TK
+
+
 def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
                                    meta: AttentionMetadata, topk_TK: torch.Tensor, scale: float,
                                    kv_scale: float = 1.0) -> torch.Tensor:
@@ -237,7 +283,7 @@ def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.T
     return out_TNC
 
 
-__all__ = ["FP8_KEY_DTYPE", "SCALE_GROUP", "causal_lens", "check_index_inputs", "fp8_index_views", "fp8_key_groups",
+__all__ = ["FP8_KEY_DTYPE", "SCALE_GROUP", "causal_lens", "check_index_inputs", "reference_dsa_pool_topk", "fp8_index_views", "fp8_key_groups",
            "fp8_key_row_bytes", "check_fp8_index_write", "is_fp8_index_cache", "quantize_index_keys",
            "reference_dsa_index_scores",
            "reference_dsa_topk", "reference_sparse_mla_attention", "reference_topk_positions",

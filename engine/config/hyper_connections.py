@@ -39,7 +39,7 @@ class HyperConnectionConfig:
         and a model with hyper-connections keeps `hc_mult`."""
         if spec is not None and spec.runs_eagle3:
             raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {arch}: an EAGLE-3 head "
-                             "reads one residual stream and V4 keeps several (hyper-connections); use method 'mtp' "
+                             "reads one residual stream and this model keeps several (hyper-connections); use method 'mtp' "
                              "(the checkpoint's own MTP layer) or 'ngram'.")
 
 

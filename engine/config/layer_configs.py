@@ -211,6 +211,11 @@ class MLAConfig:
     rotary: bool = True
     # A sigmoid gate per head on the attention output, from the layer's input (Ling's hybrid: g_proj [H, D]).
     output_gate: bool = False
+    # False: the checkpoint has no rope part at all (GLM-5.3-Flash: qk_rope_head_dim 0 in config.json, q heads of
+    # qk_nope_head_dim, kv_a_proj_with_mqa of kv_lora_rank rows). The layer still holds a rope part of
+    # qk_rope_head_dim dims (the family's reader picks the width), zero in q and k (engine/models/mla.py), so
+    # q_pe . k_pe = 0 and every MLA kernel sees the layout it always does; rotary must be False.
+    rope_in_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         for name in ("q_scale", "latent_scale"):
@@ -228,7 +233,9 @@ class MLAConfig:
         if self.rope.rotary_dim != self.qk_rope_head_dim:
             raise ValueError(f"MLAConfig rope.rotary_dim={self.rope.rotary_dim} must equal qk_rope_head_dim="
                              f"{self.qk_rope_head_dim}.")
-        if self.indexer is not None and self.indexer.rope_dim != self.qk_rope_head_dim:
+        if not self.rope_in_checkpoint and self.rotary:
+            raise ValueError("MLAConfig rope_in_checkpoint=False holds a zero rope part: rotary must be False.")
+        if self.indexer is not None and self.indexer.rope_dim and self.indexer.rope_dim != self.qk_rope_head_dim:
             raise ValueError(f"MLAConfig indexer.rope_dim={self.indexer.rope_dim} must equal qk_rope_head_dim="
                              f"{self.qk_rope_head_dim} (the indexer uses the layer's rope table).")
 
@@ -305,6 +312,9 @@ class MoEConfig:
     # Zero-computation experts (LongCat-Flash's zero_expert_num): the router scores this many more than the routed
     # experts, and a pick of one is the token itself times its weight (moe/layer.MoELayer): no weights, no traffic.
     zero_experts: int = 0
+    # The dense MLPs' and shared experts' SwiGLU clamped at this limit as the experts' "silu_clamp" (GLM-5.3-Flash's
+    # swiglu_limit on every MLP); None: plain SwiGLU.
+    mlp_swiglu_limit: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
@@ -315,6 +325,9 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise unsupported(name, v, "a number > 0")
+        v = self.mlp_swiglu_limit
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise unsupported("swiglu_limit", v, "a number > 0")
         for name in ("n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size", "zero_experts"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

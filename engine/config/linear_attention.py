@@ -145,6 +145,9 @@ class KimiDeltaConfig(LinearAttentionConfig):
     # transformers hands it to the rule.
     gate_lower_bound: float | None = None
     decay_in_model_dtype: bool = False
+    # A_log held in float32 whatever the model's dtype (transformers keeps it so for GLM-5.3-Flash: its
+    # _keep_in_fp32_modules_strict); False: in the model's dtype, as Kimi Linear's.
+    a_log_float32: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,6 +9,13 @@ and attention reads only the `topk` positions of highest score (all of them whil
 the first `rope_dim` (= qk_rope_head_dim) dims of each q head and of the key, with MLA's table: half-split pairs
 (DeepSeek-V3.2, "neox") or interleaved pairs (GLM-5; de-interleaved at load, then run as neox).
 
+GLM-5.3-Flash's pooled selection (`kpool` > 1, transformers' Glm5NextTextIndexer): no rope (rope_dim 0), and the
+keys scored are pools of `kpool` consecutive tokens, each pool's key the softmax-weighted mean of its tokens' keys,
+per channel, with weights gate[j] + ape[j mod kpool] (gate[j] = index_kpool_compress_gate @ x[j], ape a learned
+[kpool, head_dim] table); a query scores only the complete pools it sees whole, selects the `topk / kpool` best, and
+attends to their tokens plus the tokens of its own incomplete pool (index_kpool_always_select_tail). The key cache's
+row is then [key | gate] (2 head_dim values, float only).
+
 GLM-5's cross-layer sharing: a "shared" layer has no indexer of its own and attends to the positions the previous
 "full" layer selected (config.json indexer_types / index_topk_pattern).
 
@@ -61,6 +68,8 @@ class IndexerConfig:
     # The key cache's layout (module docstring): INDEX_FP8_DTYPE for fp8 keys with per-128 scales, a float dtype for
     # float keys, None for the latent cache's dtype (what ModelConfig resolves away: resolve_index_cache).
     key_dtype: torch.dtype | None = None
+    # GLM-5.3-Flash's pooled selection (module docstring): index_kpool tokens per pool; 1 = a score per token.
+    kpool: int = 1
 
     def __post_init__(self) -> None:
         for name, field_name in (("num_heads", "index_n_heads"), ("head_dim", "index_head_dim"), ("topk", "index_topk")):
@@ -70,14 +79,33 @@ class IndexerConfig:
         if self.rope_style not in INDEXER_ROPE_STYLES:
             raise ValueError(f"IndexerConfig rope_style={self.rope_style!r} is invalid: allowed: "
                              f"{', '.join(INDEXER_ROPE_STYLES)}.")
-        if not 2 <= self.rope_dim <= self.head_dim or self.rope_dim % 2:
+        if isinstance(self.kpool, bool) or not isinstance(self.kpool, int) or self.kpool < 1 or self.topk % self.kpool:
+            raise ValueError(f"config.json index_kpool={self.kpool!r} is invalid: must be a positive integer dividing "
+                             f"index_topk={self.topk}.")
+        if self.kpool > 1 and self.rope_dim:
+            raise ValueError(f"IndexerConfig rope_dim={self.rope_dim} is invalid with index_kpool={self.kpool}: the "
+                             "pooled indexer has no rope (0).")
+        if self.kpool == 1 and (not 2 <= self.rope_dim <= self.head_dim or self.rope_dim % 2):
             raise ValueError(f"config.json qk_rope_head_dim={self.rope_dim} is invalid for the indexer: must be even and "
                              f"at most index_head_dim={self.head_dim} (the indexer rotates that prefix of each head).")
 
+        if self.pooled and self.key_dtype == INDEX_FP8_DTYPE:
+            raise ValueError(f"index_cache_dtype='fp8' is not supported with index_kpool={self.kpool}: the pooled "
+                             "indexer's cache rows (key and gate) are kept in the model's dtype; use 'model' or 'auto'.")
         if self.key_dtype is not None and not (self.key_dtype == INDEX_FP8_DTYPE or self.key_dtype.is_floating_point
                                                and self.key_dtype.itemsize > 1):
             raise ValueError(f"IndexerConfig key_dtype={self.key_dtype} is invalid: allowed: None, {INDEX_FP8_DTYPE} "
                              "(fp8 keys with per-128 scales) or a float dtype of 2 bytes or more.")
+
+    @property
+    def pooled(self) -> bool:
+        """GLM-5.3-Flash's pooled selection (module docstring)."""
+        return self.kpool > 1
+
+    @property
+    def width(self) -> int:
+        """Positions one query attends to at most: topk, plus its incomplete pool's kpool - 1 tokens when pooled."""
+        return self.topk + self.kpool - 1
 
     @property
     def softmax_scale(self) -> float:
@@ -93,6 +121,8 @@ class IndexerConfig:
 
     def key_row(self, cache_dtype: torch.dtype) -> int:
         """Elements of one token's key row (its cache tensor's last dim)."""
+        if self.pooled:  # [key | gate], float
+            return 2 * self.head_dim
         return index_fp8_row_bytes(self.head_dim) if self.fp8_keys(cache_dtype) else self.head_dim
 
     def key_bytes_per_token(self, cache_dtype: torch.dtype) -> int:
@@ -110,12 +140,13 @@ def resolve_index_cache(attention, layer_attention: tuple, dtype: torch.dtype, c
         raise ValueError(f"index_cache_dtype={choice!r} is invalid: choose from "
                          f"{', '.join(map(repr, INDEX_CACHE_DTYPES))}.")
     fp8 = choice == "fp8" or (choice == "auto" and cache_dtype == INDEX_FP8_DTYPE)
-    key_dtype = INDEX_FP8_DTYPE if fp8 else dtype
 
     def one(att):
         ix = getattr(att, "indexer", None)
         if not isinstance(ix, IndexerConfig):  # no DSA indexer (another kind's field of that name is not this one)
             return att
+        # "auto" keeps a pooled indexer's rows float beside an fp8 latent (it has no fp8 layout); "fp8" is refused.
+        key_dtype = INDEX_FP8_DTYPE if fp8 and (choice == "fp8" or not ix.pooled) else dtype
         return dataclasses.replace(att, indexer=dataclasses.replace(ix, key_dtype=key_dtype))
 
     return one(attention), tuple(one(a) for a in layer_attention)

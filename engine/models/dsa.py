@@ -15,6 +15,10 @@ inputs (x and the q latent, before the heads split) are the same on every rank o
 the same top-k with no collective, and each then attends over those rows with its own heads. Splitting its heads
 would need an all-reduce of the [T, positions] scores before the top-k, for weights that are small beside MLA's.
 
+GLM-5.3-Flash's pooled indexer (IndexerConfig.kpool > 1, no rope): each token's cache row is [key | gate], gate =
+index_kpool_compress_gate @ x; the selection scores pools of kpool tokens (kernels.dsa_pool_topk) and returns their
+tokens plus the query's own incomplete pool's (topk + kpool - 1 positions at most).
+
 Dense or sparse: a step whose every query sees at most K positions selects them all, so the indexer writes its keys
 and returns None (the layer runs dense MLA: the same tokens). Decode steps decide from max_model_len alone: their host
 lengths are placeholders inside a decode graph, which must capture the sparse path (device lengths, no host sync).
@@ -57,6 +61,9 @@ class LightningIndexer(nn.Module):
         # float32 for half models, as transformers keeps it (_keep_in_fp32_modules); float64 runs stay float64.
         w_dt = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         self.weights_proj = param(H, hidden_size, dtype=w_dt, device=device)
+        if cfg.pooled:  # GLM-5.3-Flash's pooled selection (engine/config/sparse_attention.py): the pools' weights
+            self.ape_PI = param(cfg.kpool, Di, **f)
+            self.compress_gate_ID = param(Di, hidden_size, **f)
 
     def dense(self, meta: AttentionMetadata) -> bool:
         """Whether every query of the step sees at most index_topk positions (module docstring)."""
@@ -71,6 +78,8 @@ class LightningIndexer(nn.Module):
         T = x_TD.shape[0]
         k_TI = F.layer_norm(self.wk(x_TD), (c.head_dim,), self.k_norm_weight, self.k_norm_bias, _K_NORM_EPS)
         dense = self.dense(meta)
+        if c.pooled:
+            return self._pooled(x_TD, q_resid_TQ, k_TI, index_cache_BLI, meta, dense)
         if dense:  # keys only: rotate k alone (as its own query)
             k_T1I = self.rope(k_TI[:, None, :], k_TI[:, None, :], positions_T)[1]
         else:
@@ -89,11 +98,28 @@ class LightningIndexer(nn.Module):
         return self.kernels.dsa_topk(q_THI, weights_TH, index_cache_BLI, meta, c.topk, c.softmax_scale,
                                      self.max_model_len)
 
+    def _pooled(self, x_TD: torch.Tensor, q_resid_TQ: torch.Tensor, k_TI: torch.Tensor,
+                index_cache_BLX: torch.Tensor, meta: AttentionMetadata, dense: bool) -> torch.Tensor | None:
+        """GLM-5.3-Flash's pooled selection: no rope; the cache row [key | gate] (gate = compress_gate @ x); the
+        selected pools' tokens and the query's incomplete pool's (kernels.dsa_pool_topk), or None when dense."""
+        c = self.cfg
+        gate_TI = F.linear(x_TD, self.compress_gate_ID)
+        self.kernels.write_latent(k_TI, gate_TI, index_cache_BLX, meta.slot_mapping_T)
+        if dense:
+            return None
+        q_THI = self.wq_b(q_resid_TQ).view(x_TD.shape[0], c.num_heads, c.head_dim)
+        w = self.weights_proj
+        weights_TH = F.linear(x_TD.to(w.dtype), w).float() * c.num_heads**-0.5
+        return self.kernels.dsa_pool_topk(q_THI, weights_TH, index_cache_BLX, self.ape_PI, meta, c.topk,
+                                          c.softmax_scale, self.max_model_len)
+
     def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.indexer.") → parameters; GLM-5's interleaved rope
         rows de-interleaved (module docstring)."""
         q_order, k_order = self._row_orders()
-        return {**self.wq_b.weight_plan(p + "wq_b.weight", 0, *q_order),
+        pooled = ({p + "index_kpool_compress_ape": PlanEntry(self.ape_PI, ()),
+                   p + "index_kpool_compress_gate": PlanEntry(self.compress_gate_ID, ())} if self.cfg.pooled else {})
+        return {**pooled,**self.wq_b.weight_plan(p + "wq_b.weight", 0, *q_order),
                 **self.wk.weight_plan(p + "wk.weight", 0, *k_order),
                 p + "k_norm.weight": PlanEntry(self.k_norm_weight, (), *k_order),
                 p + "k_norm.bias": PlanEntry(self.k_norm_bias, (), *k_order),

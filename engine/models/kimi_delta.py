@@ -81,7 +81,7 @@ class KimiDeltaAttention(GatedDeltaNet):
         else:
             self.f_proj = Linear(hidden_size, H * K, FloatLinear(), kernels, **f, parallel=one)
         self.dt_bias_HK = nn.Parameter(torch.empty(H * K, dtype=torch.float32, device=device), requires_grad=False)
-        self.A_log_H = param(H, **f)
+        self.A_log_H = param(H, dtype=torch.float32 if la.a_log_float32 else dtype, device=device)
         self.b_proj = Linear(hidden_size, H, FloatLinear(), kernels, **f, parallel=heads)
         if la.output_gate == "low_rank":
             self.g_a_proj = Linear(hidden_size, K, FloatLinear(), kernels, **f)

@@ -110,7 +110,8 @@ class DenseMLP(nn.Module):
     experts of DeepSeek / GLM MoE layers (one MLP of n_shared_experts * moe_intermediate_size)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels: Kernels | None = None,
-                 quant=None, prefix: str = "", tp: TensorParallel | None = None, reduce: bool = True):
+                 quant=None, prefix: str = "", tp: TensorParallel | None = None, reduce: bool = True,
+                 swiglu_limit: float | None = None):
         """quant: engine/config/quantization.py's config (None = float); prefix: the checkpoint names' prefix
         ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against. tp: the rank's TensorParallel
         (None: whole): gate_up column-parallel over the intermediate size, down row-parallel (an all-reduce; with
@@ -130,9 +131,14 @@ class DenseMLP(nn.Module):
                                 dtype, device, parallel=row)
         # SiLU(gate)·up: one launch with the Triton kernels (kernels/silu_mul.py); torch's two ops without kernels.
         self.silu_mul = getattr(kernels, "silu_mul", reference_silu_mul)
+        # GLM-5.3-Flash's clamped SwiGLU: silu(min(gate, limit)) * clamp(up, -limit, limit) (MoEConfig.mlp_swiglu_limit).
+        self.swiglu_limit = swiglu_limit
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         gate_TI, up_TI = self.gate_up_proj.split(self.gate_up_proj(x_TD))
+        if self.swiglu_limit is not None:
+            limit = self.swiglu_limit
+            gate_TI, up_TI = gate_TI.clamp(max=limit), up_TI.clamp(min=-limit, max=limit)
         return self.down_proj(self.silu_mul(gate_TI, up_TI))
 
     def weight_plan(self, p: str) -> WeightPlan:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.attention import FP8_CACHE_DTYPES
-from moelink.moe.weight_plan import PlanEntry, WeightPlan
+from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from ..config.layer_configs import MLAConfig
 from ..tp.attention import shard_attention
@@ -36,7 +36,7 @@ from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .dsa import LightningIndexer
 from .layers import ForwardContext, RMSNorm, param
-from .linear import Linear, linear_method
+from .linear import FloatLinear, Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
 
 if TYPE_CHECKING:
@@ -103,6 +103,15 @@ class MLAAttention(nn.Module):
         self.q_out_scale = 1.0  # MLAConfig.q_scale where q_b_proj is quantized (process_weights_after_loading)
         # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
         # in a GLM-5 "shared" layer, which attends to the positions the previous indexer chose (ctx.dsa_topk).
+        if not attn.rope_in_checkpoint:  # GLM-5.3-Flash: the rope part held as zeros (MLAConfig.rope_in_checkpoint)
+            if attn.q_lora_rank is None or not all(isinstance(m.method, FloatLinear)
+                                                   for m in (self.fused_a_proj, self.q_b_proj)):
+                raise ValueError(f"layer {layer_idx}: MLA without a rope part in the checkpoint (qk_rope_head_dim 0) "
+                                 "runs float q_a_proj / kv_a_proj_with_mqa / q_b_proj weights with a q_lora_rank; "
+                                 "quantization_config quantizes them (list them in its ignored modules).")
+            with torch.no_grad():
+                self.fused_a_proj.weight.zero_()
+                self.q_b_proj.weight.zero_()
         ix = attn.indexer
         self.sparse = ix is not None
         self.indexer = (LightningIndexer(layer_idx, hidden_size, attn.q_lora_rank, ix, rope, kernels, dtype, device,
@@ -169,6 +178,8 @@ class MLAAttention(nn.Module):
         a = self.attn
         q_order, kv_order = self._row_orders()
         q_rows, kv_rows = (self.fused_a_proj.piece_rows(0),), (self.fused_a_proj.piece_rows(1),)
+        if not a.rope_in_checkpoint:
+            return self._nope_plan(p)
         plan = {**self.fused_a_proj.weight_plan(p + "kv_a_proj_with_mqa.weight", 1, *kv_order),
                 p + "kv_a_layernorm.weight": PlanEntry(self.kv_a_layernorm.weight, ()),
                 **self.kv_b_proj.weight_plan(p + "kv_b_proj.weight"),
@@ -188,6 +199,30 @@ class MLAAttention(nn.Module):
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())
             if a.q_lora_rank is not None:
                 plan[p + "q_a_proj.bias"] = PlanEntry(self.fused_a_bias, q_rows)
+        return plan
+
+    def _nope_plan(self, p: str) -> WeightPlan:
+        """MLAConfig.rope_in_checkpoint False: kv_a_proj_with_mqa's C rows into c_kv's rows, each head's Dn q_b_proj
+        rows into its q_nope rows (this rank's heads under TP); the rope rows stay zero."""
+        a = self.attn
+        N, Dn, X, C = a.num_heads, a.qk_nope_head_dim, a.qk_head_dim, a.kv_lora_rank
+        kv0 = self.fused_a_proj.piece_rows(1).start
+        w = self.q_b_proj.weight
+        Q = w.shape[1]
+        q_nope_NDQ = w.view(N, X, Q)[:, :Dn]  # a view: the copy lands in q_b_proj's nope rows
+        q_nope = Rearranged(q_nope_NDQ, lambda t: t.view(N, Dn, Q), source=((N * Dn, Q), w.dtype))
+        rows = slice(self.head0 * Dn, (self.head0 + N) * Dn)
+        plan = {p + "kv_a_proj_with_mqa.weight": PlanEntry(self.fused_a_proj.weight, (slice(kv0, kv0 + C),)),
+                p + "kv_a_layernorm.weight": PlanEntry(self.kv_a_layernorm.weight, ()),
+                **self.kv_b_proj.weight_plan(p + "kv_b_proj.weight"),
+                **self.o_proj.weight_plan(p + "o_proj.weight"),
+                **self.fused_a_proj.weight_plan(p + "q_a_proj.weight", 0),
+                p + "q_a_layernorm.weight": PlanEntry(self.q_a_layernorm.weight, ()),
+                p + "q_b_proj.weight": PlanEntry(q_nope, (), (rows,))}
+        if self.indexer is not None:
+            plan.update(self.indexer.weight_plan(p + "indexer."))
+        if a.attention_bias or self.g_proj is not None:
+            raise ValueError("MLA without a rope part in the checkpoint has no attention_bias or output gate here.")
         return plan
 
     def _row_orders(self) -> tuple[tuple, tuple]:

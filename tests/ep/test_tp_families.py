@@ -16,7 +16,10 @@ transformers itself:
   the low-rank gates' middles whole on every rank, MLA without rotary; and at EP 2 against transformers;
 - Ling's hybrid: the same with full-rank KDA gates, and MLA's per-head output gate split by heads;
 - EXAONE-MoE: sliding layers with rotary and a full layer without (NoPE), per-head q/k norms, heads split; and its
-  experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank).
+  experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank);
+- GLM-5.3-Flash: hyper-connection streams whole on every rank, KDA heads split, NoPE MLA heads split (each rank its
+  heads' q_b_proj rows into the nope part of its zero-padded heads) beside the pooled indexer whole on every rank;
+  and at EP 2 against transformers' forward without a cache (clamped SwiGLU experts 4 / 4, the shared one on both).
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 
@@ -26,11 +29,12 @@ from moelink.engine import LLM
 
 from moelink.engine.models.bailing_hybrid.tiny import BAILING
 from moelink.engine.models.exaone_moe.tiny import EXAONE
+from moelink.engine.models.glm5_next.tiny import write as write_glm5_next
 from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
 
 from tests.helpers import hf_checkpoints, longcat_checkpoints, m2_checkpoints
 from tests.helpers.drawn_presets import VOCAB, save_preset
-from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
+from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, hf_greedy_nocache, prompts
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +113,28 @@ def test_ep_2_matches_transformers(local_ray, tmp_path, name):
     llm = LLM(path, expert_parallel_size=2, **KW)
     try:
         assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(path, ps, max_new=NEW), ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+def _glm5_next(out) -> str:
+    import torch
+
+    return write_glm5_next(out, seed=0, dtype=torch.float64, fmt="float", overrides={})
+
+
+def test_tp_glm5_next_matches_one_rank(local_ray, tmp_path):
+    # Prompts of 14..40 tokens: past index_topk 8 + the 3-token tail, so prefill and decode select pools.
+    _tp_equals_one_rank(_glm5_next(tmp_path), VOCAB, seed=71, lo=14, hi=40)
+
+
+def test_ep_2_glm5_next_matches_transformers(local_ray, tmp_path):
+    path = _glm5_next(tmp_path)
+    ps = prompts(VOCAB, seed=73, n=4, lo=1, hi=60)
+    llm = LLM(path, expert_parallel_size=2, **KW)
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy_nocache(path, ps, max_new=NEW), ps)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()

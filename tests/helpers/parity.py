@@ -23,17 +23,10 @@ _HF_OUT: dict = {}
 
 def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
     """transformers' greedy continuation of each prompt, run alone (no padding), in float64."""
-    from transformers import AutoModelForCausalLM
-
     key = (path, tuple(map(tuple, prompts)), max_new)
     if key in _HF_OUT:
         return _HF_OUT[key]
-    if path not in _HF_MODEL:
-        _HF_MODEL.clear()  # one model in memory at a time
-        _HF_MODEL[path] = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float64, experts_implementation="eager"
-        ).eval()
-    model = _HF_MODEL[path]
+    model = _hf_model(path)
     outs = []
     with torch.no_grad():
         for p in prompts:
@@ -43,6 +36,21 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> li
             outs.append(gen[0, len(p):].tolist())
     _HF_OUT[key] = outs
     return outs
+
+
+def _hf_model(path: str):
+    """transformers' model of the checkpoint in float64 (one in memory at a time): AutoModelForCausalLM's, or the
+    class config.json names where that has none (a multimodal checkpoint served as its text model: GLM-5.3-Flash)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path not in _HF_MODEL:
+        _HF_MODEL.clear()
+        cfg = AutoConfig.from_pretrained(path)
+        cls = (AutoModelForCausalLM if type(cfg) in AutoModelForCausalLM._model_mapping
+               else getattr(transformers, cfg.architectures[0]))
+        _HF_MODEL[path] = cls.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    return _HF_MODEL[path]
 
 
 def engine_greedy(llm, prompts, max_new: int = MAX_NEW) -> list[list[int]]:
@@ -132,17 +140,10 @@ def hf_greedy_nocache(path: str, prompts: list[list[int]], max_new: int = MAX_NE
     sequence again for every new token (float64). The oracle of DeepSeek Sparse Attention models, whose definition is
     transformers' forward without a cache (transformers 5.24's cached generate selects other positions than its own
     forward once a context passes index_topk tokens). Cached like hf_greedy."""
-    from transformers import AutoModelForCausalLM
-
     key = (path, tuple(map(tuple, prompts)), max_new)
     if key in _HF_NOCACHE_OUT:
         return _HF_NOCACHE_OUT[key]
-    if path not in _HF_MODEL:
-        _HF_MODEL.clear()
-        _HF_MODEL[path] = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float64, experts_implementation="eager"
-        ).eval()
-    outs = hf_greedy_nocache_with(_HF_MODEL[path], prompts, max_new)
+    outs = hf_greedy_nocache_with(_hf_model(path), prompts, max_new)
     _HF_NOCACHE_OUT[key] = outs
     return outs
 

@@ -126,7 +126,8 @@ class DenseFFN(FFNBlock):
     def __init__(self, ctx: BuildContext, i: int):
         cfg = ctx.cfg
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.dtype, ctx.device, kernels=ctx.kernels,
-                            quant=cfg.quantization, prefix=f"model.layers.{i}.mlp.", tp=ctx.tp)
+                            quant=cfg.quantization, prefix=f"model.layers.{i}.mlp.", tp=ctx.tp,
+                            swiglu_limit=getattr(cfg.moe, "mlp_swiglu_limit", None))
         self.modules = {"mlp": self.mlp}
 
     def stages(self, h_TD: torch.Tensor, input_ids_T: torch.Tensor | None) -> Stages:
@@ -213,7 +214,8 @@ class RoutedSharedFFN(RoutedFFN):
         split: dict = dict(tp=ctx.tp, reduce=False) if self.expert_shard else {}
         self.mlp = self.shared_moe = SharedExpertsMoE(self.moe, DenseMLP(
             cfg.hidden_size, shared_size, cfg.dtype, ctx.device, kernels=ctx.kernels, quant=cfg.quantization,
-            prefix=f"model.layers.{i}.{ctx.spec.moe_prefix}.{ctx.spec.shared_experts}.", **split), gate)
+            prefix=f"model.layers.{i}.{ctx.spec.moe_prefix}.{ctx.spec.shared_experts}.",
+            swiglu_limit=m.mlp_swiglu_limit, **split), gate)
         self.modules = {"moe": self.moe, "mlp": self.mlp}
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],

@@ -1,7 +1,7 @@
 """DeepSeek-V4's block kinds (issue 45), registered for the one decoder (engine/models/moe_decoder.py):
 embedding → hc_mult residual streams → layers → hyper-head → norm.
 
-"hyper" (HyperLayer, the residual kind): the streams collapse (hyper_connections.py) into the attention's input
+"hyper" (HyperLayer, the residual kind): the streams collapse (engine/models/hyper_connections.py) into the attention's input
 (attn_norm first), the attention's output spreads back over the streams; the same around the FFN block (ffn_norm).
 "dsv4" (the attention kind): attention.py; its verify steps roll its rings back (rollback.py). "token_routed" (the FFN
 kind): routed experts (moe/token_routing.TokenRoutedMoELayer: by the token-id table on the hash layers, by
@@ -54,7 +54,7 @@ from ..layers import AuxCapture, ForwardContext, param
 from ..linear import Linear, LinearMethod
 from ..rope import rope_inv_freq
 from .attention import DSV4Attention, RopeTable
-from .hyper_connections import HyperConnection, HyperHead
+from ..hyper_connections import HyperConnection, HyperHead
 from .rollback import StateRollback
 from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 

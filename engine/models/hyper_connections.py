@@ -1,5 +1,5 @@
-"""Manifold-constrained hyper-connections (mHC, DeepSeek-V4; engine/config/hyper_connections.HyperConnectionConfig): the
-residual stream is `hc_mult` parallel streams. Before a block (attention or MLP) a learned projection of the
+"""Manifold-constrained hyper-connections (mHC: DeepSeek-V4, GLM-5.3-Flash; engine/config/hyper_connections.py):
+the residual stream is `hc_mult` parallel streams. Before a block (attention or MLP) a learned projection of the
 normalised streams gives three mixes: `pre` collapses the streams into the block's input, `post` spreads the
 block's output back over the streams, `comb` (made doubly stochastic by Sinkhorn-Knopp) mixes the input streams
 into the output streams. A hyper-head collapses the streams once more before the final norm.
@@ -20,7 +20,7 @@ from torch import nn
 from moelink.kernels.hyper_connection import reference_hc_expand
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ...config.hyper_connections import HyperConnectionConfig
+from ..config.hyper_connections import HyperConnectionConfig
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -84,6 +84,13 @@ class HyperConnection(nn.Module):
                 prefix + "_scale": PlanEntry(self.scale_3, ())}
 
 
+class MeanHyperHead(nn.Module):
+    """GLM-5.3-Flash's final collapse: the plain mean of the streams (no weights), in the activations' dtype."""
+
+    def forward(self, x_TnD: torch.Tensor) -> torch.Tensor:
+        return x_TnD.mean(dim=1)
+
+
 class HyperHead(nn.Module):
     """The final collapse of the streams before the model's norm: sigmoid(mix * scale + base) + eps per stream."""
 
@@ -107,4 +114,4 @@ class HyperHead(nn.Module):
                 prefix + "hc_scale": PlanEntry(self.scale_1, ())}
 
 
-__all__ = ["HyperConnection", "HyperHead"]
+__all__ = ["HyperConnection", "HyperHead", "MeanHyperHead"]
