@@ -39,9 +39,6 @@ from .rope import RotaryEmbedding, deinterleave_rows
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
 
-# transformers' nn.LayerNorm(index_head_dim, eps=1e-6) for k_norm.
-_K_NORM_EPS = 1e-6
-
 
 class LightningIndexer(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, q_lora_rank: int, cfg: IndexerConfig, rope: RotaryEmbedding,
@@ -69,7 +66,8 @@ class LightningIndexer(nn.Module):
         query's count), or None when the step is dense."""
         c = self.cfg
         T = x_TD.shape[0]
-        k_TI = F.layer_norm(self.wk(x_TD), (c.head_dim,), self.k_norm_weight, self.k_norm_bias, _K_NORM_EPS)
+        k_TI = F.layer_norm(self.wk(x_TD), (c.head_dim,), self.k_norm_weight, self.k_norm_bias,
+                            c.k_norm_eps)
         dense = self.dense(meta)
         if dense:  # keys only: rotate k alone (as its own query)
             k_T1I = self.rope(k_TI[:, None, :], k_TI[:, None, :], positions_T)[1]
@@ -100,9 +98,16 @@ class LightningIndexer(nn.Module):
                 p + "weights_proj.weight": PlanEntry(self.weights_proj, ())}
 
     def _row_orders(self) -> tuple[tuple, tuple]:
+        """Each head's checkpoint rows in the order the kernels rotate: the rope part first (Hy4's last rope_dim rows
+        moved to the front), de-interleaved where GLM-5 pairs them; () when stored so."""
         c = self.cfg
-        if c.rope_style != "interleaved":
+        if c.rope_style != "interleaved" and c.rope_position == "first":
             return (), ()
-        head = torch.cat([deinterleave_rows(c.rope_dim), torch.arange(c.rope_dim, c.head_dim)])
+        R, Di = c.rope_dim, c.head_dim
+        rope = deinterleave_rows(R) if c.rope_style == "interleaved" else torch.arange(R)
+        if c.rope_position == "last":
+            head = torch.cat([Di - R + rope, torch.arange(Di - R)])
+        else:
+            head = torch.cat([rope, torch.arange(R, Di)])
         q_order = (torch.arange(c.num_heads)[:, None] * c.head_dim + head[None, :]).reshape(-1)
         return ((q_order,),), ((head,),)

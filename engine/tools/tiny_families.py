@@ -113,7 +113,7 @@ def _randomize_constants(model, seed: int) -> None:
         for mod_name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=torch.float64) * 0.1)
-            if type(mod).__name__.endswith(("RMSNorm", "RMSNormGated")):
+            if type(mod).__name__.endswith(("RMSNorm", "RMSNormGated")) and hasattr(mod, "weight"):  # (not V4's HC)
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
             if isinstance(mod, torch.nn.LayerNorm) and ".indexer." in mod_name:  # DSA's k_norm: weight and bias
                 mod.weight.add_(torch.randn(mod.weight.shape, generator=g, dtype=torch.float64) * 0.1)
