@@ -1,5 +1,5 @@
 """Hyper-connections in plain torch: the residual step after a block, over `hc_mult` residual streams
-(DeepSeek-V4's manifold-constrained hyper-connections, engine/models/deepseek_v4/hyper_connections.py). The reference
+(DeepSeek-V4's manifold-constrained hyper-connections, engine/models/hyper_connections.py). The reference
 kernels/triton_hyper_connection.py replaces behind kernels/ops.py, and the oracle of its tests.
 
 Legend: T tokens, n streams, D hidden size.
@@ -11,7 +11,7 @@ import torch
 
 def reference_hc_expand(x_TnD: torch.Tensor, out_TD: torch.Tensor, post_Tn: torch.Tensor,
                         comb_Tnn: torch.Tensor) -> torch.Tensor:
-    """The hyper-connections' residual step after a block (engine/models/deepseek_v4/hyper_connections.py): stream k
+    """The hyper-connections' residual step after a block (engine/models/hyper_connections.py): stream k
     becomes post[k] * out + sum_j comb[j, k] * x[j], in the activations' dtype (the float32 mixes cast to it, as
     transformers' DeepseekV4HyperConnection does): [T, n, D]."""
     dt = x_TnD.dtype

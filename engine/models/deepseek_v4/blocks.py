@@ -54,7 +54,7 @@ from ..layers import AuxCapture, ForwardContext, param
 from ..linear import Linear, LinearMethod
 from ..rope import rope_inv_freq
 from .attention import DSV4Attention, RopeTable
-from .hyper_connections import HyperConnection, HyperHead
+from ..hyper_connections import HyperConnection, HyperHead
 from .rollback import StateRollback
 from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 

@@ -58,7 +58,7 @@ from ..linear import Linear
 from ..rope import rope_inv_freq
 from .attention import DSV4Attention, RopeTable
 from .blocks import Norm, mtp_layer
-from .hyper_connections import HyperHead
+from ..hyper_connections import HyperHead
 from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 
 

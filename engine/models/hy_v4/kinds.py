@@ -2,7 +2,7 @@
 hyper-connections around pre-norm blocks.
 
 "independent_hyper" (IndependentHyperLayer): the hc_mult streams collapse (DeepSeek-V4's HyperConnection with
-HyperConnectionConfig comb False: engine/models/deepseek_v4/hyper_connections.py) into the block input, which
+HyperConnectionConfig comb False: engine/models/hyper_connections.py) into the block input, which
 input_layernorm / post_attention_layernorm (the weighted RMSNorm of every pre-norm family) normalise before the
 attention / FFN block; the block's output spreads back over the streams, each stream keeping itself (no mixing
 matrix: the expansion kernel runs with the identity). As transformers' HYV4DecoderLayer:
@@ -32,9 +32,8 @@ from ..blocks.attention import AttentionKind
 from ..blocks.context import BuildContext
 from ..blocks.ffn import FFNBlock, ffn_stages
 from ..blocks.stream import HEAD, RESIDUAL, Head, Layer
-from ..deepseek_v4.blocks import HyperLayer
-from ..deepseek_v4.hyper_connections import HyperConnection, HyperHead
-from ..layers import ForwardContext, RMSNorm
+from ..hyper_connections import HyperConnection, HyperHead
+from ..layers import AuxCapture, ForwardContext, RMSNorm
 
 
 def _hc_plan(hc: HyperConnection, p: str) -> WeightPlan:
@@ -77,7 +76,10 @@ class IndependentHyperLayer(Layer):
         plan.update(self.ffn.weight_plan(p, layer_idx, cfg, spec, expert_ids, names))
         return plan
 
-    capture = staticmethod(HyperLayer.capture)  # the streams flat, as DeepSeek-V4's
+    @staticmethod
+    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+        """The streams flat, [T, n D] (as DeepSeek-V4's HyperLayer)."""
+        aux.take(n, state.flatten(1), None)
 
 
 @HEAD.register("hc_head_rms")

@@ -2,7 +2,9 @@
 residual stream is `hc_mult` parallel streams. Before a block (attention or MLP) a learned projection of the
 normalised streams gives three mixes: `pre` collapses the streams into the block's input, `post` spreads the
 block's output back over the streams, `comb` (made doubly stochastic by Sinkhorn-Knopp) mixes the input streams
-into the output streams. A hyper-head collapses the streams once more before the final norm.
+into the output streams. A hyper-head collapses the streams once more before the final norm. Shared by DeepSeek-V4
+(engine/models/deepseek_v4/blocks.py) and Hunyuan Hy4, whose independent hyper-connections have no `comb`
+(HyperConnectionConfig.comb False: each stream keeps itself, the expansion run with the identity).
 
 The mixes are computed in float32 whatever the activations' dtype, from float32 weights, as transformers'
 DeepseekV4HyperConnection does; the collapse and the expansion run in the activations' dtype.
@@ -20,7 +22,7 @@ from torch import nn
 from moelink.kernels.hyper_connection import reference_hc_expand
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ...config.hyper_connections import HyperConnectionConfig
+from ..config.hyper_connections import HyperConnectionConfig
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -58,7 +60,7 @@ class HyperConnection(nn.Module):
             s_pre, s_post = self.scale_3.unbind(0)
             pre = torch.sigmoid(pre_w * s_pre + pre_b) + c.eps
             post = c.post_mult * torch.sigmoid(post_w * s_post + post_b) + c.eps
-            eye = torch.eye(n, dtype=torch.float32, device=x_TnD.device).expand(T, n, n)
+            eye = torch.eye(n, dtype=torch.float32, device=x_TnD.device).expand(T, n, n).contiguous()
             return pre, post, eye
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = self.base_M.split([n, n, n * n])
