@@ -163,3 +163,15 @@ def test_prefill_on_one_engine_decode_on_another(hy4_path):
     from tests.helpers.kv_disagg import check_pd_transfer
 
     check_pd_transfer(hy4_path, prompts(VOCAB, seed=11, n=3, lo=20, hi=60))
+
+
+def test_fp8_checkpoint_is_refused_naming_the_clamped_experts(hy4_path, tmp_path):
+    """FP8 (block-scaled, as moelink's quantize tool writes it and DeepSeek publishes): not served yet, refused at
+    build naming why: the routed experts' clamped SwiGLU runs on float (or MXFP4) experts only, and Hy4's experts
+    would have to be dequantized at load (DeepSeek-V4's published FP8 experts are, by its own checkpoint kind)."""
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+
+    dst = quantize_checkpoint(hy4_path, tmp_path / "fp8", (16, 16))
+    with pytest.raises(ValueError, match="expert weights in fp8 with expert biases or the silu_clamp activation are "
+                                         "not supported"):
+        LLM(str(dst), dtype="float64", num_kv_blocks=16, block_size=8, skip_warmup=True)
