@@ -8,7 +8,7 @@ heads and cached beside the latent (`ctx.kv_caches[layer] = (latent_cache, index
 a float32 scale per 128 values, as the layer's IndexerConfig.key_dtype lays the cache out); both roped on their first
 qk_rope_head_dim dims with the layer's rope table (GLM-5's interleaved pairs de-interleaved at load: the rows of wq_b's
 and wk's rope parts, and k_norm's weight and bias with them, since a LayerNorm commutes with a permutation of its
-features); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).
+features; Hunyuan Hy4's rope on the last dims moved first the same way, IndexerConfig.rope_position); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).
 
 Under tensor parallelism (mla.py splits the MLA heads) the indexer is whole on every rank, weights and key cache: its
 inputs (x and the q latent, before the heads split) are the same on every rank of the group, so every rank selects
