@@ -6,7 +6,7 @@ adds, each a reusable option: MLA sinks (MLAConfig.sinks: the kernels' sinks_N) 
 (output_gate_values), the indexer's rope on each head's last dims (IndexerConfig.rope_position "last") with its
 LayerNorm at rms_norm_eps, independent hyper-connections (HyperConnectionConfig comb False; engine/models/hy_v4/
 kinds.py's residual and head kinds), the clamped SwiGLU on the routed experts only. Each parity test fails with the
-sinks dropped or the indexer's rope on the first dims (measured). FP8 is refused, naming why. Checkpoint:
+sinks dropped or the indexer's rope on the first dims (measured). FP8 (Hy4-preview-FP8's block-scaled format) against transformers on the dequantized weights. Checkpoint:
 engine/models/hy_v4/tiny.py (4 layers: indexers full, full, shared, shared; index_topk 12). TP 2 and EP 2 in
 tests/ep/test_tp_families.py; the sink kernels in tests/kernels/test_mla_sinks.py."""
 from __future__ import annotations
@@ -168,13 +168,30 @@ def test_prefill_on_one_engine_decode_on_another(hy4_path):
 
 
 @pytest.mark.slow
-def test_fp8_checkpoint_is_refused_naming_the_clamped_experts(hy4_path, tmp_path):
-    """FP8 (block-scaled, as moelink's quantize tool writes it and DeepSeek publishes): not served yet, refused at
-    build naming why: the routed experts' clamped SwiGLU runs on float (or MXFP4) experts only, and Hy4's experts
-    would have to be dequantized at load (DeepSeek-V4's published FP8 experts are, by its own checkpoint kind)."""
-    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(tmp_path):
+    """Hy4-preview-FP8's format as moelink's tool writes it (16 x 16 blocks here; index_head_dim 16, so each index
+    head's rope rows move within its block): every linear FP8 with its block scales, Tencent's linear_gate among them,
+    the routed experts fused FP8 running the clamped SwiGLU in the kernels' gate-up epilogue; greedy equals
+    transformers' forward without a cache on the dequantized weights, with the W8A8 activation rounding where the
+    engine quantizes (tests/helpers/fp8_checkpoints.fake_quant_hf_model)."""
+    from safetensors import safe_open
 
-    dst = quantize_checkpoint(hy4_path, tmp_path / "fp8", (16, 16))
-    with pytest.raises(ValueError, match="expert weights in fp8 with expert biases or the silu_clamp activation are "
-                                         "not supported"):
-        LLM(str(dst), dtype="float64", num_kv_blocks=16, block_size=8, skip_warmup=True)
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import FP8_DTYPE
+    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, fake_quant_hf_model
+    from tests.helpers.parity import hf_greedy_nocache_with
+
+    cfg = tiny_config(index_head_dim=16)
+    dst = quantize_checkpoint(save_model(tiny_model(cfg), tmp_path / "src", cfg), tmp_path / "fp8", BLOCK)
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as st:
+        p = "model.layers.1."
+        for name in ("self_attn.linear_gate.weight", "mlp.experts.gate_up_proj", "mlp.shared_experts.linear_gate.weight",
+                     "self_attn.indexer.wq_b.weight"):
+            assert st.get_tensor(p + name).dtype == FP8_DTYPE, name
+    deq = dequantized_copy(str(dst), tmp_path / "deq")
+    ps = prompts(VOCAB, seed=5, n=4, lo=5, hi=80)  # past index_topk: sparse steps
+    got = engine_greedy(LLM(str(dst), dtype="float64", max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64,
+                            block_size=8, skip_warmup=True), ps, max_new=6)
+    assert len({t for g in got for t in g}) > 5, "degenerate model"
+    hf = fake_quant_hf_model(deq, BLOCK, lambda n: n.replace("self_attn.gate_proj", "self_attn.linear_gate"))
+    assert_same(got, hf_greedy_nocache_with(hf, ps, 6), ps)

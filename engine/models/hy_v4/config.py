@@ -9,11 +9,15 @@ from ...config.arch_spec import PROJ, ArchSpec, Architecture
 _HC = tuple((f"{mine}.{p}", f"hc_pre.{theirs}.hc_{p}") for mine, theirs in (("attn_hc", "hc_attn_layer"),
                                                                           ("ffn_hc", "hc_mlp_layer"))
             for p in ("fn", "base", "scale"))
+# The gates' FP8 block scales (`weight_scale_inv`) follow their weights.
+_GATES = tuple((f"{mine}.{t}", f"{theirs}.{t}") for t in ("weight", "weight_scale_inv")
+               for mine, theirs in (("self_attn.g_proj", "self_attn.linear_gate"),
+                                    ("self_attn.g_proj", "self_attn.gate_proj"),
+                                    ("mlp.gate_proj", "mlp.linear_gate"),
+                                    ("shared_experts.gate_proj", "shared_experts.linear_gate")))
 ALIASES = (
-    ("self_attn.g_proj.weight", "self_attn.linear_gate.weight"), ("self_attn.g_proj.weight", "self_attn.gate_proj.weight"),
+    *_GATES,
     ("self_attn.sinks", "self_attn.learnable_sink_param"),
-    ("mlp.gate_proj.weight", "mlp.linear_gate.weight"),
-    ("shared_experts.gate_proj.weight", "shared_experts.linear_gate.weight"),
     *_HC,
     *((f"hc_head.hc_{p}", f"hc_pre.hc_head.hc_head_{p}") for p in ("fn", "base", "scale")),
 )

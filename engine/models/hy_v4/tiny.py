@@ -60,7 +60,9 @@ def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapp
 
 
 ARCHS = {
-    "hy_v4": TinyArch(ARCH, "Hy4 (Hunyuan 4 preview)", ("float",), write=write),
+    # FP8 (Hy4-preview-FP8): the indexer's heads one 16-row block each (the rope rows move within their block).
+    "hy_v4": TinyArch(ARCH, "Hy4 preview, Hy4 preview-FP8", ("float", "fp8"), write=write,
+                      format_fields={"fp8": {"index_head_dim": 16}}),
 }
 
 __all__ = ["ARCH", "ARCHS", "FIELDS", "tiny_config", "tiny_model", "write"]
