@@ -195,3 +195,16 @@ def test_fp8_checkpoint_equals_transformers_on_its_dequantized_weights(tmp_path)
     assert len({t for g in got for t in g}) > 5, "degenerate model"
     hf = fake_quant_hf_model(deq, BLOCK, lambda n: n.replace("self_attn.gate_proj", "self_attn.linear_gate"))
     assert_same(got, hf_greedy_nocache_with(hf, ps, 6), ps)
+
+
+@pytest.mark.slow
+def test_bf16_keeps_the_lm_head_in_float32(hy4_path):
+    """transformers keeps Hy4's LM head in float32 (_keep_in_fp32_modules_strict): under bf16 the engine holds it in
+    float32 too and its logits come from float32 hidden states, so greedy picks are not rounded to bf16 logits."""
+    llm = LLM(hy4_path, dtype="bfloat16", max_num_seqs=2, max_num_batched_tokens=64, num_kv_blocks=32, block_size=16,
+              skip_warmup=True)
+    model = llm.engine.executor.worker.runner.model
+    assert model.lm_head.dtype == torch.float32 and model.embed_tokens.dtype == torch.bfloat16
+    h = torch.randn(3, model.cfg.hidden_size, dtype=torch.bfloat16)
+    assert model.compute_logits(h).dtype == torch.float32
+    assert len(engine_greedy(llm, _prompts(2), max_new=3)[1]) == 3

@@ -11,7 +11,7 @@ matrix: the expansion kernel runs with the identity). As transformers' HYV4Decod
     post, h = ffn_hc(x);   x = x + post * ffn(post_attention_layernorm(h))
 
 "hc_head_rms" (HyperHeadRMS): the streams' last collapse (HyperHead), then the model's weighted RMSNorm; the LM head
-is lm_head.weight. The embedding kind is DeepSeek-V4's "hc_streams" (each token's embedding copied to every stream).
+is lm_head.weight, held and run in float32 under a half model (transformers' _keep_in_fp32_modules_strict). The embedding kind is DeepSeek-V4's "hc_streams" (each token's embedding copied to every stream).
 Checkpoint names as transformers' modules have them (attn_hc.fn, hc_head.hc_fn, ...); the published ones
 (hc_pre.hc_attn_layer.hc_fn, ...) through config.py's aliases.
 
@@ -84,7 +84,10 @@ class IndependentHyperLayer(Layer):
 
 @HEAD.register("hc_head_rms")
 class HyperHeadRMS(Head):
-    """HyperHead's collapse, then the model's RMSNorm (model.norm.weight)."""
+    """HyperHead's collapse, then the model's RMSNorm (model.norm.weight); the LM head in float32 under a half model,
+    as transformers' HYV4ForCausalLM keeps it."""
+
+    lm_head_float32 = True
 
     def __init__(self, ctx: BuildContext):
         cfg = ctx.cfg
