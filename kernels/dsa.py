@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .attention import AttentionMetadata
-from .mla import check_mla_inputs
+from .mla import check_mla_inputs, check_sinks, softmax_with_sinks
 
 # Query rows per gathered chunk of the references (bounds their [rows, K or X, ...] temporaries).
 _ROWS = 256
@@ -254,12 +254,13 @@ def reference_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index
 
 def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
                                    meta: AttentionMetadata, topk_TK: torch.Tensor, scale: float,
-                                   kv_scale: float = 1.0) -> torch.Tensor:
-    """Absorbed MLA (mla.reference_mla_attention's contract) where token t attends to the rows of its selected
-    positions topk_TK[t] (>= 0; -1 entries are padding) only. Returns out_latent_TNC [T, N, C] in q's dtype; scores,
+                                   kv_scale: float = 1.0, *, sinks_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Absorbed MLA (mla.reference_mla_attention's contract, sinks_N too) where token t attends to the rows of its
+    selected positions topk_TK[t] (>= 0; -1 entries are padding) only. Returns out_latent_TNC [T, N, C] in q's dtype; scores,
     softmax and P @ c_kv in float32 (float64 for float64 inputs); an fp8 cache's rows count as stored * kv_scale."""
     check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
     T, N, C = q_latent_TNC.shape
+    check_sinks(sinks_N, N)
     if topk_TK.dim() != 2 or topk_TK.shape[0] != T:
         raise ValueError(f"topk_TK {tuple(topk_TK.shape)} is invalid: must be [{T}, index_topk] positions.")
     acc = torch.promote_types(q_latent_TNC.dtype, torch.float32)
@@ -278,7 +279,7 @@ def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.T
         slots_TK = tables_TM.gather(1, pos_TK // L) * L + pos_TK % L
         kv_TKR = rows_all.index_select(0, slots_TK.reshape(-1)).view(*slots_TK.shape, R).to(acc) * kv_scale
         s_TNK = torch.einsum("tnr,tkr->tnk", q_TNR[rows], kv_TKR) * scale
-        p_TNK = torch.softmax(s_TNK.masked_fill(~valid_TK[:, None, :], float("-inf")), dim=-1)
+        p_TNK = softmax_with_sinks(s_TNK.masked_fill(~valid_TK[:, None, :], float("-inf")), sinks_N)
         out_TNC[rows] = torch.einsum("tnk,tkc->tnc", p_TNK, kv_TKR[..., :C]).to(out_TNC.dtype)
     return out_TNC
 

@@ -136,7 +136,7 @@ def up_row(w13q_EFD: torch.Tensor, w2q_EDI: torch.Tensor) -> int:
 def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_inv: torch.Tensor,
                             w2q_EDI: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor,
                             topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None,
-                            block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+                            block: tuple[int, int] = DEFAULT_BLOCK, *, activation=None) -> torch.Tensor:
     """The fused MoE of moelink.kernels.moe.reference_fused_moe with FP8 block-scaled expert weights
     (w13q [E, F, D] with scales [E, ceil(F/Bn), ceil(D/Bk)], w2q [E, D, I] with [E, ceil(D/Bn), ceil(I/Bk)])
     and W8A8 activations: the token's hidden state is group-quantized before gate/up and silu(gate) * up before
@@ -144,7 +144,10 @@ def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scal
 
     w13q's rows are gate [0, I), then up [U, U + I) with U = F - I >= I (`up_row`): U = I stacks them as one
     tensor quantized whole (F = 2I); U = ceil(I / Bn) * Bn gives each piece its own blocks when I is not a
-    multiple of Bn (rows I..U-1 are unused padding)."""
+    multiple of Bn (rows I..U-1 are unused padding). `activation`: a kernels.moe.MoEActivation in place of
+    silu(gate) * up (Hunyuan Hy4's "silu_clamp"); None is SiLU.
+
+    """
     bn, bk = _check_block(block)
     up = up_row(w13q_EFD, w2q_EDI)
     inter = w2q_EDI.shape[-1]
@@ -163,7 +166,8 @@ def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scal
         w2 = block_dequantize(w2q_EDI[e], w2_scale_inv[e], (bn, bk), acc)
         h_nF = xa_TD.index_select(0, tok_n) @ w13.t()
         gate_nI, up_nI = h_nF[:, :inter], h_nF[:, up : up + inter]
-        h_nI = fake_quant_activation(F.silu(gate_nI) * up_nI, bk).to(acc)
+        act_nI = F.silu(gate_nI) * up_nI if activation is None else activation(gate_nI, up_nI)
+        h_nI = fake_quant_activation(act_nI, bk).to(acc)
         y_nD = (h_nI @ w2.t()) * weights_P.index_select(0, pairs_n)[:, None].to(acc)
         out_TD.index_add_(0, tok_n, y_nD)
     return out_TD.to(x_TD.dtype)

@@ -61,6 +61,24 @@ def check_mla_inputs(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_
     check_latent_cache("latent_cache_BLR", latent_cache_BLR, q_latent_TNC.shape[2] + q_pe_TNP.shape[2])
 
 
+def check_sinks(sinks_N: torch.Tensor | None, num_heads: int) -> None:
+    """None, or one float sink logit per head (MLAConfig.sinks), else a ValueError naming the argument."""
+    if sinks_N is not None and (sinks_N.dim() != 1 or sinks_N.shape[0] != num_heads or not sinks_N.is_floating_point()):
+        raise ValueError(f"sinks_N {tuple(sinks_N.shape)} {sinks_N.dtype} is invalid: must be a float [{num_heads}] "
+                         "tensor, one sink logit per head (or None).")
+
+
+def softmax_with_sinks(scores_XNY: torch.Tensor, sinks_N: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim, heads on dim 1; with sinks, each head's sink logit joins the denominator and its
+    own share is dropped (transformers' gpt-oss eager attention, which Hunyuan Hy4 runs): the probabilities of a row
+    sum to 1 / (1 + exp(sink) / sum(exp(scores))). A fully masked row (no keys) stays all zeros with sinks, NaN
+    without (the callers never make one)."""
+    if sinks_N is None:
+        return torch.softmax(scores_XNY, dim=-1)
+    sink_XN1 = sinks_N.to(scores_XNY.dtype).view(1, -1, 1).expand(scores_XNY.shape[0], -1, 1)
+    return torch.softmax(torch.cat([scores_XNY, sink_XN1], dim=-1), dim=-1)[..., :-1]
+
+
 def reference_write_latent(
     ckv_TC: torch.Tensor,
     kpe_TP: torch.Tensor,
@@ -96,8 +114,11 @@ def reference_mla_attention(
     meta: AttentionMetadata,
     scale: float,
     kv_scale: float = 1.0,
+    *,
+    sinks_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal absorbed MLA over the paged latent cache (see the module docstring for the algebra).
+    """Causal absorbed MLA over the paged latent cache (see the module docstring for the algebra). sinks_N: a
+    learned sink logit per head in every softmax's denominator (softmax_with_sinks), or None.
 
     q_latent_TNC [T, N, C]: queries already multiplied by W_UK; q_pe_TNP [T, N, P]: their roped part;
     latent_cache_BLR [B + 1, L, C + P]: this step's rows already written. The query at position
@@ -108,6 +129,7 @@ def reference_mla_attention(
     """
     check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
     T, N, C = q_latent_TNC.shape
+    check_sinks(sinks_N, N)
     acc = torch.promote_types(q_latent_TNC.dtype, torch.float32)
     # One [T, N, R] query against [X, R] rows: a single dot gives q_latent · c_kv + q_pe · k_pe.
     q_TNR = torch.cat([q_latent_TNC, q_pe_TNP], dim=2).to(acc)
@@ -118,7 +140,7 @@ def reference_mla_attention(
     # Decodes in groups of similar length, so padding each group to its longest context wastes little.
     for i in range(0, len(decode_seqs), _DECODE_GROUP):
         _decode_group(q_TNR, latent_cache_BLR, meta, scale, decode_seqs[i : i + _DECODE_GROUP], starts, C, out_TNC,
-                      kv_scale)
+                      kv_scale, sinks_N)
     for s, qlen in enumerate(meta.query_lens):
         if qlen <= 1:
             continue
@@ -130,7 +152,7 @@ def reference_mla_attention(
         key_pos_X = torch.arange(ctx, device=q_TNR.device)
         query_pos_Q = torch.arange(ctx - qlen, ctx, device=q_TNR.device)
         hidden_Q1X = (key_pos_X[None, :] > query_pos_Q[:, None])[:, None, :]
-        probs_QNX = torch.softmax(scores_QNX.masked_fill_(hidden_Q1X, float("-inf")), dim=-1)
+        probs_QNX = softmax_with_sinks(scores_QNX.masked_fill_(hidden_Q1X, float("-inf")), sinks_N)
         out_TNC[start : start + qlen] = torch.einsum("qnx,xc->qnc", probs_QNX, rows_XR[:, :C]).to(out_TNC.dtype)
     return out_TNC
 
@@ -138,7 +160,8 @@ def reference_mla_attention(
 _DECODE_GROUP = 32
 
 
-def _decode_group(q_TNR, latent_cache_BLR, meta, scale, seqs, starts, C, out_TNC, kv_scale: float = 1.0) -> None:
+def _decode_group(q_TNR, latent_cache_BLR, meta, scale, seqs, starts, C, out_TNC, kv_scale: float = 1.0,
+                  sinks_N: torch.Tensor | None = None) -> None:
     block_size, R = latent_cache_BLR.shape[1:]
     S = len(seqs)
     tok_idx_S, slots_SX, valid_SX = decode_group_slots(meta, seqs, starts, block_size, q_TNR.device)
@@ -146,5 +169,5 @@ def _decode_group(q_TNR, latent_cache_BLR, meta, scale, seqs, starts, C, out_TNC
     rows_SXR = latent_cache_BLR.view(-1, R).index_select(0, slots_SX.reshape(-1)).view(S, max_ctx, R).to(q_TNR.dtype) * kv_scale
     q_SNR = q_TNR.index_select(0, tok_idx_S)
     scores_SNX = torch.bmm(q_SNR, rows_SXR.transpose(1, 2)) * scale
-    probs_SNX = torch.softmax(scores_SNX.masked_fill_(~valid_SX[:, None, :], float("-inf")), dim=-1)
+    probs_SNX = softmax_with_sinks(scores_SNX.masked_fill_(~valid_SX[:, None, :], float("-inf")), sinks_N)
     out_TNC.index_copy_(0, tok_idx_S, torch.bmm(probs_SNX, rows_SXR[:, :, :C]).to(out_TNC.dtype))

@@ -37,8 +37,9 @@ class DSAKernels(Protocol):
 
     def sparse_mla_attention(self, q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
                              meta: AttentionMetadata, topk_TK: torch.Tensor, scale: float,
-                             kv_scale: float = 1.0) -> torch.Tensor:
-        """Absorbed MLA where token t attends to its selected positions topk_TK[t] only: [T, N, C]."""
+                             kv_scale: float = 1.0, *, sinks_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Absorbed MLA where token t attends to its selected positions topk_TK[t] only: [T, N, C]; sinks_N as
+        mla_attention's."""
         ...
 
 

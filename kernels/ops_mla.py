@@ -30,8 +30,10 @@ class MLAKernels(Protocol):
         ...
 
     def mla_attention(self, q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
-                      meta: AttentionMetadata, scale: float, kv_scale: float = 1.0) -> torch.Tensor:
-        """Causal absorbed MLA over the paged latent cache: [T, N, C] (kernels/mla.py: the algebra)."""
+                      meta: AttentionMetadata, scale: float, kv_scale: float = 1.0, *,
+                      sinks_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal absorbed MLA over the paged latent cache: [T, N, C] (kernels/mla.py: the algebra); sinks_N, a
+        sink logit per head in the softmax's denominator (Hunyuan Hy4), or None."""
         ...
 
 

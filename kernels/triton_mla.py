@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from .attention import AttentionMetadata
-from .mla import FP8_CACHE_DTYPES, check_latent_cache, check_mla_inputs
+from .mla import FP8_CACHE_DTYPES, check_latent_cache, check_mla_inputs, check_sinks
 from . import triton_mla_wide as wide
 from . import triton_split_plan as plan
 from .split_planning import decode_programs, pick_splits
@@ -140,12 +140,27 @@ def _mla_attend(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, s_idx, topk_ptr, tok64, 
 
 
 @triton.jit
+def _sink_log2(sinks_ptr, h, h_ok):
+    """The heads' sink logits (MLAConfig.sinks) in the kernels' log2 units; -inf for padding heads."""
+    return tl.load(sinks_ptr + h, mask=h_ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _mla_store(out_ptr, part_o_ptr, part_lse_ptr, tok64, prow_id64, zsplit, h, h_ok, c, c_ok, m_i, l_i, acc, kv_scale,
-               stride_ot, stride_on, num_heads, Z, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr,
-               INTERPRET: tl.constexpr):
+               stride_ot, stride_on, num_heads, Z, sinks_ptr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr,
+               INTERPRET: tl.constexpr, SINKS: tl.constexpr):
     """`_mla_attend`'s result: the token's output rows, or (SPLIT) split zsplit's partial [.., N, Z, BLOCK_C] and its
     log2-sum-exp2 [.., N, Z] at row prow_id64 (the token, or a plan's work program). An empty split (past the
-    token's causal bound or its selected positions, a plan's tail split) stores lse = -inf; split 0 never is."""
+    token's causal bound or its selected positions, a plan's tail split) stores lse = -inf; split 0 never is.
+    SINKS: unsplit, the head's sink joins the denominator here (l += 2^(sink - m), m raised to the sink where it is
+    larger); split partials leave it out and the merge adds it once."""
+    if SINKS and not SPLIT:
+        sink = _sink_log2(sinks_ptr, h, h_ok)
+        m_new = tl.maximum(m_i, sink)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
     has = l_i > 0
     o = acc * kv_scale / tl.where(has, l_i, 1.0)[:, None]
     if not SPLIT:
@@ -159,11 +174,11 @@ def _mla_store(out_ptr, part_o_ptr, part_lse_ptr, tok64, prow_id64, zsplit, h, h
 
 @triton.jit(do_not_specialize=["num_seqs", "Z"])
 def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ends_ptr, sel_ptr, out_ptr, part_o_ptr,
-                part_lse_ptr, scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn, stride_cb,
-                stride_cl, stride_tb, stride_ot, stride_on, num_heads, C, P, Z,
+                part_lse_ptr, sinks_ptr, scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn,
+                stride_cb, stride_cl, stride_tb, stride_ot, stride_on, num_heads, C, P, Z,
                 L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PLAN: tl.constexpr, SELECT: tl.constexpr,
-                INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                INTERPRET: tl.constexpr, PREC: tl.constexpr, SINKS: tl.constexpr = False):
     # num_seqs and Z are runtime values (do_not_specialize): a new batch never means a new compile.
     # PLAN (a pure-decode batch, split): program 0 is a work program of the device plan (triton_split_plan.py),
     # which names its sequence (= its one token) and its rows; partials are indexed by work program (Z = 1).
@@ -204,14 +219,16 @@ def _mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, e
         BLOCK_P, BLOCK_N, False, INTERPRET, PREC)
     # (PLAN: partials [work programs, N, 1, ...], indexed by work program)
     _mla_store(out_ptr, part_o_ptr, part_lse_ptr, tok64, prow_id.to(tl.int64), zsplit, h, h_ok, c, c_ok, m_i, l_i, acc,
-               kv_scale, stride_ot, stride_on, num_heads, Z, BLOCK_C, SPLIT, INTERPRET)
+               kv_scale, stride_ot, stride_on, num_heads, Z, sinks_ptr, BLOCK_C, SPLIT, INTERPRET, SINKS)
 
 
 @triton.jit(do_not_specialize=["Z"])
-def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, num_heads, C, Z,
-                      BLOCK_H: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, num_heads, C, Z, sinks_ptr,
+                      BLOCK_H: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr,
+                      SINKS: tl.constexpr = False):
     """Merge the Z partial softmaxes of BLOCK_H heads of one token by their log-sum-exp: one program per
-    (token, head block), so a [BLOCK_H, C] tile moves at a time rather than one head's row."""
+    (token, head block), so a [BLOCK_H, C] tile moves at a time rather than one head's row. SINKS: each head's sink
+    joins the denominator once, here."""
     tok64 = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < num_heads
@@ -221,8 +238,12 @@ def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, n
     lse = tl.load(part_lse_ptr + base[:, None] + z[None, :], mask=h_ok[:, None] & (z[None, :] < Z),
                   other=float("-inf"))
     m = tl.max(lse, axis=1)  # finite: split 0 is never empty
+    if SINKS:
+        m = tl.maximum(m, _sink_log2(sinks_ptr, h, h_ok))
     m = tl.where(h_ok, m, 0.0)  # padding heads: keep exp2 finite
     total = tl.sum(tl.exp2(lse - m[:, None]), axis=1)
+    if SINKS:
+        total += tl.where(h_ok, tl.exp2(_sink_log2(sinks_ptr, h, h_ok) - m), 0.0)
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
     for zi in range(0, Z):
         w = tl.exp2(tl.load(part_lse_ptr + base + zi, mask=h_ok, other=float("-inf")) - m)
@@ -235,9 +256,11 @@ def _mla_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ot, stride_on, n
 
 @triton.jit(do_not_specialize=["num_heads"])
 def _mla_merge_plan_kernel(part_o_ptr, part_lse_ptr, ends_ptr, qsl_ptr, out_ptr, stride_ot, stride_on, num_heads, C,
-                           BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr):
+                           sinks_ptr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRET: tl.constexpr,
+                           SINKS: tl.constexpr = False):
     """Merge one decode sequence's partials (work programs [ends[s-1], ends[s]), a count that varies per
-    sequence) for BLOCK_H heads: a pass for the max log2-sum-exp2, a pass to sum the weighted partials."""
+    sequence) for BLOCK_H heads: a pass for the max log2-sum-exp2, a pass to sum the weighted partials (SINKS: and
+    each head's sink, once)."""
     s_idx = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = h < num_heads
@@ -249,6 +272,10 @@ def _mla_merge_plan_kernel(part_o_ptr, part_lse_ptr, ends_ptr, qsl_ptr, out_ptr,
     for zi in range(start + 1, end):
         m = tl.maximum(m, tl.load(part_lse_ptr + (h + zi * num_heads).to(tl.int64), mask=h_ok, other=float("-inf")))
     total = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if SINKS:
+        sink = _sink_log2(sinks_ptr, h, h_ok)
+        m = tl.where(h_ok, tl.maximum(m, sink), m)
+        total += tl.where(h_ok, tl.exp2(sink - m), 0.0)
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
     for zi in range(start, end):
         row = (h + zi * num_heads).to(tl.int64)  # < 2^31: work programs x heads
@@ -296,9 +323,10 @@ def _launch_config(dtype: torch.dtype, interpret: bool, num_heads: int, split: b
 
 def triton_mla_attention(
     q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor, meta: AttentionMetadata,
-    scale: float, kv_scale: float = 1.0, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+    scale: float, kv_scale: float = 1.0, *, sinks_N: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as `reference_mla_attention`: out_latent_TNC [T, N, C] in q's dtype.
+    """Same contract as `reference_mla_attention` (sinks_N too): out_latent_TNC [T, N, C] in q's dtype.
 
     Reads only the metadata's host lists and device tensors (no device→host sync). q_latent_TNC and q_pe_TNP
     may be strided views (e.g. a per-head bmm's transposed output) with contiguous last dims; `out` (any
@@ -311,6 +339,7 @@ def triton_mla_attention(
     check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
     T, N, C = q_latent_TNC.shape
     P = q_pe_TNP.shape[2]
+    check_sinks(sinks_N, N)
     if out is None:
         out = common.workspace((T, N, C), q_latent_TNC.dtype, q_latent_TNC.device)
     elif tuple(out.shape) != (T, N, C) or out.dtype != q_latent_TNC.dtype or out.stride(-1) != 1:
@@ -327,17 +356,18 @@ def triton_mla_attention(
     fp8_cache = latent_cache_BLR.dtype in FP8_CACHE_DTYPES
     BLOCK_C = max(16, triton.next_power_of_2(C))
     S = meta.num_seqs
+    sinks = sinks_N if sinks_N is not None else out  # a placeholder pointer when there are none (never read)
 
     def launch(grid, cache, tables, ends, sel, part_o, part_lse, cfg, split: bool, plan_split: bool) -> None:
         block_h, block_n, warps, stages = cfg
         _mla_kernel[grid](
             q_latent_TNC, q_pe_TNP, cache, tables, meta.seq_lens_S, meta.query_start_loc_S1, ends,
-            sel if sel is not None else ends, out, part_o, part_lse, scale * kv_scale * _LOG2E, kv_scale, S,
+            sel if sel is not None else ends, out, part_o, part_lse, sinks, scale * kv_scale * _LOG2E, kv_scale, S,
             q_latent_TNC.stride(0), q_latent_TNC.stride(1), q_pe_TNP.stride(0), q_pe_TNP.stride(1), cache.stride(0),
             cache.stride(1), tables.stride(0), out.stride(0), out.stride(1), N, C, P, grid[2], L=cache.shape[1],
             BLOCK_H=block_h, BLOCK_C=BLOCK_C, BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=block_n,
             SPLIT=split, PLAN=plan_split, SELECT=sel is not None, INTERPRET=interp, PREC=common.dot_precision(dt),
-            num_warps=warps, num_stages=stages)
+            SINKS=sinks_N is not None, num_warps=warps, num_stages=stages)
 
     if meta.max_query_len == 1:
         # Pure decode (every step a decode graph replays): the device plan shares P work programs per head block
@@ -356,8 +386,8 @@ def triton_mla_attention(
         launch((programs, head_blocks, 1), latent_cache_BLR, meta.block_tables_SM, ends, None, part_o, part_lse,
                split_cfg, True, True)
         _mla_merge_plan_kernel[(S, head_blocks)](
-            part_o, part_lse, ends, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, C,
-            BLOCK_H=split_cfg[0], BLOCK_C=BLOCK_C, INTERPRET=interp, num_warps=8)
+            part_o, part_lse, ends, meta.query_start_loc_S1, out, out.stride(0), out.stride(1), N, C, sinks,
+            BLOCK_H=split_cfg[0], BLOCK_C=BLOCK_C, INTERPRET=interp, SINKS=sinks_N is not None, num_warps=8)
         return out
     # A mixed batch (eager): Z equal slices of every token's rows when the tokens leave SMs idle. Over an fp8
     # cache, the sequences with a chunk of several tokens read their context widened once
@@ -376,6 +406,7 @@ def triton_mla_attention(
     if Z > 1:  # every (token, head) has split 0 written: merge them all
         block_h = _launch_config(dt, interp, N, split=True)[0]
         _mla_merge_kernel[(T, triton.cdiv(N, block_h))](
-            part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, BLOCK_H=block_h,
-            BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=interp, num_warps=8)
+            part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, sinks, BLOCK_H=block_h,
+            BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=interp, SINKS=sinks_N is not None,
+            num_warps=8)
     return out

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from .attention import AttentionMetadata
-from .mla import FP8_CACHE_DTYPES, check_mla_inputs
+from .mla import FP8_CACHE_DTYPES, check_mla_inputs, check_sinks
 from .split_planning import pick_splits
 from .triton_common import causal_len, seq_of_token
 from .triton_mla import _LOG2E, _launch_config, _mla_attend, _mla_merge_kernel, _mla_store
@@ -33,10 +33,11 @@ from .triton_mla import _LOG2E, _launch_config, _mla_attend, _mla_merge_kernel, 
 
 @triton.jit(do_not_specialize=["num_seqs", "Z"])
 def _sparse_mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, topk_ptr, out_ptr, part_o_ptr,
-                       part_lse_ptr, scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn,
+                       part_lse_ptr, sinks_ptr, scale_log2, kv_scale, num_seqs, stride_qlt, stride_qln, stride_qpt, stride_qpn,
                        stride_cb, stride_cl, stride_tb, stride_kt, stride_ot, stride_on, num_heads, C, P, K, Z,
                        L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+                       SINKS: tl.constexpr = False):
     tok = tl.program_id(0)
     hb = tl.program_id(1)
     zsplit = tl.program_id(2)
@@ -55,7 +56,7 @@ def _sparse_mla_kernel(ql_ptr, qpe_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl
         BLOCK_C, BLOCK_P, BLOCK_N, True, INTERPRET, PREC)
     # (split 0 holds the first selected position, so it is never empty; a later one past the count stores -inf)
     _mla_store(out_ptr, part_o_ptr, part_lse_ptr, tok64, tok64, zsplit, h, h_ok, c, c_ok, m_i, l_i, acc, kv_scale,
-               stride_ot, stride_on, num_heads, Z, BLOCK_C, SPLIT, INTERPRET)
+               stride_ot, stride_on, num_heads, Z, sinks_ptr, BLOCK_C, SPLIT, INTERPRET, SINKS)
 
 
 # An fp8 latent cache on sm_90 (Triton 3.6, DeepSeek-V3.2 shapes; `compile_report --only dsa`): the dense kernel's
@@ -75,14 +76,15 @@ def _config(dt: torch.dtype, interp: bool, num_heads: int, split: bool, fp8: boo
 
 def triton_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
                                 meta: AttentionMetadata, topk_TK: torch.Tensor, scale: float, kv_scale: float = 1.0, *,
-                                num_splits: int | None = None) -> torch.Tensor:
-    """Same contract as `reference_sparse_mla_attention`: out_latent_TNC [T, N, C] in q's dtype. topk_TK: each row's
+                                sinks_N: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Same contract as `reference_sparse_mla_attention` (sinks_N too): out_latent_TNC [T, N, C] in q's dtype. topk_TK: each row's
     selected positions first (min(K, position + 1) of them, any order), then -1. No host sync. `num_splits` forces Z
     (tests)."""
     common.check_dtype("q_latent_TNC", q_latent_TNC)
     check_mla_inputs(q_latent_TNC, q_pe_TNP, latent_cache_BLR)
     T, N, C = q_latent_TNC.shape
     P = q_pe_TNP.shape[2]
+    check_sinks(sinks_N, N)
     if topk_TK.dim() != 2 or topk_TK.shape[0] != T or topk_TK.dtype != torch.int32:
         raise ValueError(f"topk_TK {tuple(topk_TK.shape)} {topk_TK.dtype} is invalid: must be int32 [{T}, index_topk].")
     if num_splits is not None and num_splits < 1:
@@ -108,18 +110,20 @@ def triton_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tens
         part_o = common.workspace((T, N, Z, BLOCK_C), torch.float32, dev)
         part_lse = common.workspace((T, N, Z), torch.float32, dev)
     head_blocks = triton.cdiv(N, block_h)
+    sinks = sinks_N if sinks_N is not None else out  # a placeholder pointer when there are none (never read)
     _sparse_mla_kernel[(T, head_blocks, Z)](
         q_latent_TNC, q_pe_TNP, latent_cache_BLR, meta.block_tables_SM, meta.seq_lens_S, meta.query_start_loc_S1,
-        topk_TK, out, part_o, part_lse, scale * kv_scale * _LOG2E, kv_scale, meta.num_seqs, q_latent_TNC.stride(0),
+        topk_TK, out, part_o, part_lse, sinks, scale * kv_scale * _LOG2E, kv_scale, meta.num_seqs, q_latent_TNC.stride(0),
         q_latent_TNC.stride(1), q_pe_TNP.stride(0), q_pe_TNP.stride(1), latent_cache_BLR.stride(0),
         latent_cache_BLR.stride(1), meta.block_tables_SM.stride(0), topk_TK.stride(0), out.stride(0), out.stride(1), N,
         C, P, K, Z, L=latent_cache_BLR.shape[1], BLOCK_H=block_h, BLOCK_C=BLOCK_C,
         BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=block_n, SPLIT=Z > 1, INTERPRET=interp,
-        PREC=common.dot_precision(dt), num_warps=warps, num_stages=stages)
+        PREC=common.dot_precision(dt), SINKS=sinks_N is not None, num_warps=warps, num_stages=stages)
     if Z > 1:
         _mla_merge_kernel[(T, head_blocks)](
-            part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, BLOCK_H=block_h,
-            BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=interp, num_warps=8)
+            part_o, part_lse, out, out.stride(0), out.stride(1), N, C, Z, sinks, BLOCK_H=block_h,
+            BLOCK_Z=triton.next_power_of_2(Z), BLOCK_C=BLOCK_C, INTERPRET=interp, SINKS=sinks_N is not None,
+            num_warps=8)
     return out
 
 

@@ -28,20 +28,22 @@ def dsa_sparse_layers(hf, num_layers: int) -> tuple[int, ...]:
     return tuple(i for i, t in enumerate(types) if t == "sparse")
 
 
-def dsa_attention(arch: str, hf, num_layers: int, mla: MLAConfig) -> dict:
-    """`attention` (the first layer's: a full indexer) and, where GLM-5 shares selections, `layer_attention` (one
-    MLAConfig per layer, shared ones without weights or key cache)."""
+def dsa_attention(arch: str, hf, num_layers: int, mla: MLAConfig, rope_style: str | None = None,
+                  **indexer_fields) -> dict:
+    """`attention` (the first layer's: a full indexer) and, where GLM-5 or Hy4 share selections, `layer_attention`
+    (one MLAConfig per layer, shared ones without weights or key cache). `rope_style` (default: _ROPE_STYLE's) and
+    `indexer_fields` (IndexerConfig's rope_position, k_norm_eps) for a family that varies them (Hy4)."""
     if mla.q_lora_rank is None:
         raise unsupported("q_lora_rank", None, "a positive integer", f" for {arch} (its indexer reads the q latent)")
     types = ["full"] * num_layers
-    if arch == "GlmMoeDsaForCausalLM":
+    if arch != "DeepseekV32ForCausalLM":  # GLM-5's and Hy4's indexer_types
         types = list(getattr(hf, "indexer_types", None) or types)
         if len(types) != num_layers or any(t not in _INDEXER_TYPES for t in types) or types[0] != "full":
             raise unsupported("indexer_types", types, f"one of {', '.join(map(repr, _INDEXER_TYPES))} for each of the "
                                                       f"num_hidden_layers={num_layers} layers, the first 'full' (a "
                                                       "shared layer reuses the previous full layer's selection)")
     indexer = IndexerConfig(int(hf.index_n_heads), int(hf.index_head_dim), int(hf.index_topk), mla.qk_rope_head_dim,
-                            _ROPE_STYLE[arch])
+                            rope_style or _ROPE_STYLE[arch], **indexer_fields)
     full = dataclasses.replace(mla, indexer=indexer)
     if "shared" not in types:
         return dict(attention=full)

@@ -20,17 +20,39 @@ HC_BOUNDS = {
 class HyperConnectionConfig:
     """Manifold-constrained hyper-connections: `hc_mult` residual streams, mixed by a Sinkhorn-normalised matrix
     (`sinkhorn_iters` normalisations, floor `eps`) around every attention and MLP block; a hyper-head collapses them
-    before the final norm."""
+    before the final norm.
+
+    `comb` False: Hunyuan Hy4's independent hyper-connections (its iHC): no mixing matrix (no Sinkhorn:
+    sinkhorn_iters 0), each stream keeps itself and adds its `post` share of the block's output; `post_mult` is the
+    post gate's scale (DeepSeek-V4's fixed 2, Hy4's hc_magnitude), `post_eps` adds `eps` to it (Hy4 does)."""
 
     hc_mult: int
     sinkhorn_iters: int
     eps: float
+    comb: bool = True
+    post_mult: float = 2.0
+    post_eps: bool = False
 
     def __post_init__(self) -> None:
         positive_int("hc_mult", self.hc_mult, HC_BOUNDS)
-        positive_int("hc_sinkhorn_iters", self.sinkhorn_iters, HC_BOUNDS)
+        if self.comb:
+            positive_int("hc_sinkhorn_iters", self.sinkhorn_iters, HC_BOUNDS)
+        elif self.sinkhorn_iters != 0:
+            raise unsupported("hc_sinkhorn_iters", self.sinkhorn_iters, (0,), " without a mixing matrix (comb False)")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise unsupported("hc_eps", self.eps, "a number > 0")
+        if isinstance(self.post_mult, bool) or not isinstance(self.post_mult, (int, float)) or not self.post_mult > 0:
+            raise unsupported("hc_magnitude", self.post_mult, "a number > 0")
+        for name in ("comb", "post_eps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HyperConnectionConfig {name}={getattr(self, name)!r} is invalid: must be True or "
+                                 "False.")
+
+    @property
+    def mix_rows(self) -> int:
+        """Rows of a block's mixing projection: pre and post per stream, and the n x n matrix where there is one."""
+        n = self.hc_mult
+        return (2 + n) * n if self.comb else 2 * n
 
     @staticmethod
     def check_speculative(spec, arch: str) -> None:

@@ -216,6 +216,11 @@ class MLAConfig:
     # qk_rope_head_dim dims (the family's reader picks the width), zero in q and k (engine/models/mla.py), so
     # q_pe . k_pe = 0 and every MLA kernel sees the layout it always does; rotary must be False.
     rope_in_checkpoint: bool = True
+    # The gate per value instead (Hunyuan Hy4's element-wise gate: [N * v_head_dim, D], one per output value).
+    output_gate_values: bool = False
+    # A learned sink logit per head (Hunyuan Hy4): softmax over [scores, sink], the sink's share dropped, so a query
+    # may attend to nothing; the kernels add exp(sink - max) to the denominator (kernels/mla.py).
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("q_scale", "latent_scale"):
@@ -224,6 +229,12 @@ class MLAConfig:
                 raise ValueError(f"MLAConfig {name}={v!r} is invalid: must be a finite number > 0.")
         if self.q_scale != 1.0 and self.q_lora_rank is None:
             raise ValueError("MLAConfig q_scale scales q_b_proj's output: it needs a q_lora_rank.")
+        for name in ("output_gate", "output_gate_values", "sinks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MLAConfig {name}={getattr(self, name)!r} is invalid: must be True or False.")
+        if self.output_gate_values and not self.output_gate:
+            raise ValueError("MLAConfig output_gate_values=True is invalid without output_gate=True (it says how wide "
+                             "the gate is).")
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -7,7 +7,9 @@ key per token k[j] = rope(LayerNorm(wk(x[j]))), and a weight per head w[t, h] = 
     index_score[t, j] = sum_h w[t, h] * relu(q[t, h] . k[j] / sqrt(D))        for j <= t (causal predecessors)
 and attention reads only the `topk` positions of highest score (all of them while t + 1 <= topk). The rope covers
 the first `rope_dim` (= qk_rope_head_dim) dims of each q head and of the key, with MLA's table: half-split pairs
-(DeepSeek-V3.2, "neox") or interleaved pairs (GLM-5; de-interleaved at load, then run as neox).
+(DeepSeek-V3.2, "neox") or interleaved pairs (GLM-5; de-interleaved at load, then run as neox). Hunyuan Hy4 rotates
+the last `rope_dim` dims instead (`rope_position` "last"): its rows are moved to the front at load (wq_b's per head,
+wk's and k_norm's), which changes no score (q and k permuted alike; a LayerNorm commutes with a permutation).
 
 GLM-5.3-Flash's pooled selection (`kpool` > 1, transformers' Glm5NextTextIndexer): no rope (rope_dim 0), and the
 keys scored are pools of `kpool` consecutive tokens, each pool's key the softmax-weighted mean of its tokens' keys,
@@ -36,6 +38,8 @@ from dataclasses import dataclass
 import torch
 
 INDEXER_ROPE_STYLES = ("neox", "interleaved")
+# Which end of each index head the rope covers: "first" (DeepSeek-V3.2, GLM-5) or "last" (Hunyuan Hy4).
+INDEXER_ROPE_POSITIONS = ("first", "last")
 # --index-cache-dtype: "auto" = fp8 when the KV cache is fp8, else the model's dtype; "fp8" = always the fp8 layout;
 # "model" = the model's dtype whatever the KV cache holds.
 INDEX_CACHE_DTYPES = ("auto", "fp8", "model")
@@ -64,6 +68,9 @@ class IndexerConfig:
     topk: int  # index_topk: positions each query attends to once its context is longer
     rope_dim: int  # qk_rope_head_dim: the rotated prefix of each index head and of the key
     rope_style: str = "neox"  # "neox" (DeepSeek-V3.2's half split) or "interleaved" (GLM-5)
+    rope_position: str = "first"  # INDEXER_ROPE_POSITIONS: the rotated dims are each head's first or last rope_dim
+    # The key's LayerNorm eps: transformers' nn.LayerNorm default 1e-6 (DeepSeek-V3.2, GLM-5); Hy4 passes rms_norm_eps.
+    k_norm_eps: float = 1e-6
     shared: bool = False  # GLM-5 "shared": reuse the previous full layer's positions (no weights, no key cache)
     # The key cache's layout (module docstring): INDEX_FP8_DTYPE for fp8 keys with per-128 scales, a float dtype for
     # float keys, None for the latent cache's dtype (what ModelConfig resolves away: resolve_index_cache).
@@ -85,6 +92,11 @@ class IndexerConfig:
         if self.kpool > 1 and self.rope_dim:
             raise ValueError(f"IndexerConfig rope_dim={self.rope_dim} is invalid with index_kpool={self.kpool}: the "
                              "pooled indexer has no rope (0).")
+        if self.rope_position not in INDEXER_ROPE_POSITIONS:
+            raise ValueError(f"IndexerConfig rope_position={self.rope_position!r} is invalid: allowed: "
+                             f"{', '.join(INDEXER_ROPE_POSITIONS)}.")
+        if isinstance(self.k_norm_eps, bool) or not isinstance(self.k_norm_eps, (int, float)) or not self.k_norm_eps > 0:
+            raise ValueError(f"IndexerConfig k_norm_eps={self.k_norm_eps!r} is invalid: must be a number > 0.")
         if self.kpool == 1 and (not 2 <= self.rope_dim <= self.head_dim or self.rope_dim % 2):
             raise ValueError(f"config.json qk_rope_head_dim={self.rope_dim} is invalid for the indexer: must be even and "
                              f"at most index_head_dim={self.head_dim} (the indexer rotates that prefix of each head).")

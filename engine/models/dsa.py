@@ -8,7 +8,7 @@ heads and cached beside the latent (`ctx.kv_caches[layer] = (latent_cache, index
 a float32 scale per 128 values, as the layer's IndexerConfig.key_dtype lays the cache out); both roped on their first
 qk_rope_head_dim dims with the layer's rope table (GLM-5's interleaved pairs de-interleaved at load: the rows of wq_b's
 and wk's rope parts, and k_norm's weight and bias with them, since a LayerNorm commutes with a permutation of its
-features); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).
+features; Hunyuan Hy4's rope on the last dims moved first the same way, IndexerConfig.rope_position); weights = weights_proj(x) / sqrt(H) in float32 (transformers keeps weights_proj in float32 for half models).
 
 Under tensor parallelism (mla.py splits the MLA heads) the indexer is whole on every rank, weights and key cache: its
 inputs (x and the q latent, before the heads split) are the same on every rank of the group, so every rank selects
@@ -43,9 +43,6 @@ from .rope import RotaryEmbedding, deinterleave_rows
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
 
-# transformers' nn.LayerNorm(index_head_dim, eps=1e-6) for k_norm.
-_K_NORM_EPS = 1e-6
-
 
 class LightningIndexer(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, q_lora_rank: int, cfg: IndexerConfig, rope: RotaryEmbedding,
@@ -76,7 +73,8 @@ class LightningIndexer(nn.Module):
         query's count), or None when the step is dense."""
         c = self.cfg
         T = x_TD.shape[0]
-        k_TI = F.layer_norm(self.wk(x_TD), (c.head_dim,), self.k_norm_weight, self.k_norm_bias, _K_NORM_EPS)
+        k_TI = F.layer_norm(self.wk(x_TD), (c.head_dim,), self.k_norm_weight, self.k_norm_bias,
+                            c.k_norm_eps)
         dense = self.dense(meta)
         if c.pooled:
             return self._pooled(x_TD, q_resid_TQ, k_TI, index_cache_BLI, meta, dense)
@@ -126,9 +124,16 @@ class LightningIndexer(nn.Module):
                 p + "weights_proj.weight": PlanEntry(self.weights_proj, ())}
 
     def _row_orders(self) -> tuple[tuple, tuple]:
+        """Each head's checkpoint rows in the order the kernels rotate: the rope part first (Hy4's last rope_dim rows
+        moved to the front), de-interleaved where GLM-5 pairs them; () when stored so."""
         c = self.cfg
-        if c.rope_style != "interleaved":
+        if c.rope_style != "interleaved" and c.rope_position == "first":
             return (), ()
-        head = torch.cat([deinterleave_rows(c.rope_dim), torch.arange(c.rope_dim, c.head_dim)])
+        R, Di = c.rope_dim, c.head_dim
+        rope = deinterleave_rows(R) if c.rope_style == "interleaved" else torch.arange(R)
+        if c.rope_position == "last":
+            head = torch.cat([Di - R + rope, torch.arange(Di - R)])
+        else:
+            head = torch.cat([rope, torch.arange(R, Di)])
         q_order = (torch.arange(c.num_heads)[:, None] * c.head_dim + head[None, :]).reshape(-1)
         return ((q_order,),), ((head,),)

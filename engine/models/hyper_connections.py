@@ -2,7 +2,9 @@
 the residual stream is `hc_mult` parallel streams. Before a block (attention or MLP) a learned projection of the
 normalised streams gives three mixes: `pre` collapses the streams into the block's input, `post` spreads the
 block's output back over the streams, `comb` (made doubly stochastic by Sinkhorn-Knopp) mixes the input streams
-into the output streams. A hyper-head collapses the streams once more before the final norm.
+into the output streams. A hyper-head collapses the streams once more before the final norm. Shared by DeepSeek-V4
+(engine/models/deepseek_v4/blocks.py) and Hunyuan Hy4, whose independent hyper-connections have no `comb`
+(HyperConnectionConfig.comb False: each stream keeps itself, the expansion run with the identity).
 
 The mixes are computed in float32 whatever the activations' dtype, from float32 weights, as transformers'
 DeepseekV4HyperConnection does; the collapse and the expansion run in the activations' dtype.
@@ -41,20 +43,30 @@ class HyperConnection(nn.Module):
         self.cfg, self.eps = cfg, rms_norm_eps
         self.expand_op = kernels.hc_expand if kernels is not None else reference_hc_expand
         f32 = dict(dtype=torch.float32, device=device)
-        self.fn_MnD = nn.Parameter(torch.empty((2 + n) * n, n * hidden_size, **f32), requires_grad=False)
-        self.base_M = nn.Parameter(torch.empty((2 + n) * n, **f32), requires_grad=False)
-        self.scale_3 = nn.Parameter(torch.empty(3, **f32), requires_grad=False)
+        # (the names keep DeepSeek-V4's shapes; without comb, Hy4's: 2n rows and 2 scales)
+        self.fn_MnD = nn.Parameter(torch.empty(cfg.mix_rows, n * hidden_size, **f32), requires_grad=False)
+        self.base_M = nn.Parameter(torch.empty(cfg.mix_rows, **f32), requires_grad=False)
+        self.scale_3 = nn.Parameter(torch.empty(3 if cfg.comb else 2, **f32), requires_grad=False)
 
     def mixes(self, x_TnD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pre_Tn, post_Tn, comb_Tnn) in float32."""
-        n, T = self.cfg.hc_mult, x_TnD.shape[0]
+        """(pre_Tn, post_Tn, comb_Tnn) in float32; without comb (Hy4) comb is the identity: each stream keeps
+        itself."""
+        n, T, c = self.cfg.hc_mult, x_TnD.shape[0], self.cfg
         flat = _unweighted_norm_f32(x_TnD.reshape(T, -1).float(), self.eps)
         mixes = F.linear(flat, self.fn_MnD)
+        if not c.comb:
+            pre_w, post_w = mixes.split([n, n], dim=-1)
+            pre_b, post_b = self.base_M.split([n, n])
+            s_pre, s_post = self.scale_3.unbind(0)
+            pre = torch.sigmoid(pre_w * s_pre + pre_b) + c.eps
+            post = c.post_mult * torch.sigmoid(post_w * s_post + post_b) + c.eps
+            eye = torch.eye(n, dtype=torch.float32, device=x_TnD.device).expand(T, n, n).contiguous()
+            return pre, post, eye
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = self.base_M.split([n, n, n * n])
         s_pre, s_post, s_comb = self.scale_3.unbind(0)
         pre = torch.sigmoid(pre_w * s_pre + pre_b) + self.cfg.eps
-        post = 2 * torch.sigmoid(post_w * s_post + post_b)
+        post = c.post_mult * torch.sigmoid(post_w * s_post + post_b) + (c.eps if c.post_eps else 0.0)
         comb = torch.softmax(comb_w.view(T, n, n) * s_comb + comb_b.view(n, n), dim=-1) + self.cfg.eps
         comb = comb / (comb.sum(dim=-2, keepdim=True) + self.cfg.eps)  # Sinkhorn-Knopp: columns first, as transformers
         for _ in range(self.cfg.sinkhorn_iters - 1):

@@ -19,6 +19,9 @@ DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5: MLAConfig.indexer): the layer's
 keys into the layer's second cache tensor and selects index_topk positions per query from the q latent; attention
 then runs over those rows only (kernels.sparse_mla_attention), or dense when no query sees more (the same tokens).
 A GLM-5 "shared" layer has no indexer and attends to the positions of the last one (ForwardContext.dsa_topk).
+
+Hunyuan Hy4 adds a learned sink logit per head to every softmax (MLAConfig.sinks: the kernels' sinks_N) and an
+element-wise sigmoid gate on the attention output (MLAConfig.output_gate_values).
 """
 from __future__ import annotations
 
@@ -95,10 +98,15 @@ class MLAAttention(nn.Module):
         self.o_proj = Linear(N * attn.v_head_dim, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f,
                              parallel=o)
         self.o_bias = param(hidden_size, **f) if attn.attention_bias else None
-        # MLAConfig.output_gate: sigmoid(g_proj(x)) per head (this rank's heads' rows under TP).
-        self.g_proj = (Linear(hidden_size, N, linear_method(quant, p + "g_proj"), kernels, **f,
-                              parallel=ColumnParallel((h0,), (N,)) if size > 1 else None)
+        # MLAConfig.output_gate: sigmoid(g_proj(x)) per head, or per value with output_gate_values (Hy4's [N * Dv, D]
+        # gate_proj); this rank's heads' rows under TP.
+        G = N * attn.v_head_dim if attn.output_gate_values else N
+        g0 = h0 * attn.v_head_dim if attn.output_gate_values else h0
+        self.g_proj = (Linear(hidden_size, G, linear_method(quant, p + "g_proj"), kernels, **f,
+                              parallel=ColumnParallel((g0,), (G,)) if size > 1 else None)
                        if attn.output_gate else None)
+        # MLAConfig.sinks: a float32 sink logit per head (this rank's heads), in the kernels' softmax denominators.
+        self.sinks_N = param(N, dtype=torch.float32, device=device) if attn.sinks else None
         self.kv_scale = 1.0  # the fp8 latent cache's per-layer scale (as GQAAttention.k_scale)
         self.q_out_scale = 1.0  # MLAConfig.q_scale where q_b_proj is quantized (process_weights_after_loading)
         # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
@@ -143,16 +151,19 @@ class MLAAttention(nn.Module):
         q_latent_NTC = torch.bmm(q_TNX[..., :Dn].transpose(0, 1), w_NXC[:, :Dn])
         if self.indexer is not None:  # this step's selection, for this layer and the shared layers after it
             ctx.dsa_topk = self.indexer(positions_T, x_TD, q_resid_TQ, index_cache[0], ctx.attn)
+        sinks = {"sinks_N": self.sinks_N} if self.sinks_N is not None else {}
         if self.sparse and ctx.dsa_topk is not None:
             out_TNC = self.kernels.sparse_mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
-                                                        ctx.dsa_topk, a.softmax_scale, *kv_scale)
+                                                        ctx.dsa_topk, a.softmax_scale, *kv_scale, **sinks)
         else:  # dense MLA, or a DSA step whose queries all see at most index_topk positions (the same tokens)
             out_TNC = self.kernels.mla_attention(q_latent_NTC.transpose(0, 1), q_pe_TNP, cache_BLR, ctx.attn,
-                                                 a.softmax_scale, *kv_scale)
+                                                 a.softmax_scale, *kv_scale, **sinks)
         # o[n] = out_latent[n] @ W_UV[n]^T: [N, T, C] @ [N, C, Dv] -> [N, T, Dv]
         o_NTV = torch.bmm(out_TNC.transpose(0, 1), w_NXC[:, Dn:].transpose(1, 2))
         o_TNV = o_NTV.transpose(0, 1)
-        if self.g_proj is not None:  # the per-head output gate, in float32 then rounded, as transformers
+        if self.g_proj is not None and a.output_gate_values:  # Hy4's gate per value, in the activations' dtype
+            o_TNV = o_TNV * torch.sigmoid(self.g_proj(x_TD).to(o_TNV.dtype)).view(T, N, a.v_head_dim)
+        elif self.g_proj is not None:  # the per-head output gate, in float32 then rounded, as transformers
             o_TNV = o_TNV * torch.sigmoid(self.g_proj(x_TD).float()).to(o_TNV.dtype)[:, :, None]
         return self.o_proj(o_TNV.reshape(T, N * a.v_head_dim), self.o_bias)
 
@@ -194,6 +205,9 @@ class MLAAttention(nn.Module):
             plan.update(self.indexer.weight_plan(p + "indexer."))
         if self.g_proj is not None:
             plan.update(self.g_proj.weight_plan(p + "g_proj.weight"))
+        if self.sinks_N is not None:  # this rank's heads' sinks
+            heads = (slice(self.head0, self.head0 + a.num_heads),) if self.tp_size > 1 else ()
+            plan[p + "sinks"] = PlanEntry(self.sinks_N, (), heads)
         if a.attention_bias:
             plan[p + "kv_a_proj_with_mqa.bias"] = PlanEntry(self.fused_a_bias, kv_rows, *kv_order)
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())

@@ -86,9 +86,11 @@ class MoEDecoderForCausalLM(nn.Module):
         self.head_block = HEAD.get(spec.head)(ctx)
         for name, module in self.head_block.modules.items():
             setattr(self, name, module)
+        head_dtype = (torch.float32 if self.head_block.lm_head_float32 and cfg.dtype.itemsize < 4  # Head's note
+                      else cfg.dtype)
         self.lm_head = (
             self.embed_tokens if cfg.tie_word_embeddings and self.head_block.tieable
-            else nn.Parameter(torch.zeros(rows, cfg.hidden_size, dtype=cfg.dtype, device=device), requires_grad=False)
+            else nn.Parameter(torch.zeros(rows, cfg.hidden_size, dtype=head_dtype, device=device), requires_grad=False)
         )
         self.checkpoint = CHECKPOINT.get(spec.checkpoint)
         # Per attention kind with per-sequence state, what it does around a verify step (blocks/attention.py).
@@ -179,7 +181,7 @@ class MoEDecoderForCausalLM(nn.Module):
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         """[S, V] on every rank (under TP each rank's vocab shard, all-gathered: every rank samples the same)."""
-        return self.vocab.logits(h_SD, self.lm_head)
+        return self.vocab.logits(h_SD.to(self.lm_head.dtype), self.lm_head)  # (a float32 head: Head.lm_head_float32)
 
     # -- checkpoint mapping ---------------------------------------------------
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:

@@ -15,6 +15,9 @@ transformers itself:
 - Kimi Linear: Kimi Delta Attention's heads split (their q/k/v rows, conv channels, decay and gate rows, states),
   the low-rank gates' middles whole on every rank, MLA without rotary; and at EP 2 against transformers;
 - Ling's hybrid: the same with full-rank KDA gates, and MLA's per-head output gate split by heads;
+- Hunyuan Hy4: DSA with sinks and the element-wise output gate (this rank's heads' sinks and gate rows), the
+  indexer whole on every rank, independent hyper-connections whole on every rank; and its experts at EP 2 against
+  transformers' forward without a cache;
 - EXAONE-MoE: sliding layers with rotary and a full layer without (NoPE), per-head q/k norms, heads split; and its
   experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank);
 - GLM-5.3-Flash: hyper-connection streams whole on every rank, KDA heads split, NoPE MLA heads split (each rank its
@@ -30,6 +33,7 @@ from moelink.engine import LLM
 from moelink.engine.models.bailing_hybrid.tiny import BAILING
 from moelink.engine.models.exaone_moe.tiny import EXAONE
 from moelink.engine.models.glm5_next.tiny import write as write_glm5_next
+from moelink.engine.models.hy_v4.tiny import tiny_config as hy4_config, tiny_model as hy4_model
 from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
 
 from tests.helpers import hf_checkpoints, longcat_checkpoints, m2_checkpoints
@@ -131,6 +135,31 @@ def test_tp_glm5_next_matches_one_rank(local_ray, tmp_path):
 
 def test_ep_2_glm5_next_matches_transformers(local_ray, tmp_path):
     path = _glm5_next(tmp_path)
+    ps = prompts(VOCAB, seed=73, n=4, lo=1, hi=60)
+    llm = LLM(path, expert_parallel_size=2, **KW)
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy_nocache(path, ps, max_new=NEW), ps)
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+def _save_hy4(out) -> str:
+    from moelink.engine.tools.tiny_families import save_model
+
+    cfg = hy4_config()
+    return save_model(hy4_model(cfg), out, cfg)
+
+
+def test_tp_hy4_matches_one_rank(local_ray, tmp_path):
+    # index_topk 12: prompts of 14..30 tokens attend sparsely at every step; two shared layers reuse a selection.
+    _tp_equals_one_rank(_save_hy4(tmp_path), VOCAB, seed=71, lo=14, hi=30)
+
+
+def test_ep_hy4_matches_transformers(local_ray, tmp_path):
+    """EP 2: 10 routed experts 5 / 5, the clamped SwiGLU on each rank's, the shared expert on both; against
+    transformers' forward without a cache (DSA's oracle)."""
+    path = _save_hy4(tmp_path)
     ps = prompts(VOCAB, seed=73, n=4, lo=1, hi=60)
     llm = LLM(path, expert_parallel_size=2, **KW)
     try:

@@ -68,11 +68,13 @@ def dequantized_copy(fp8_dir: str, out: Path) -> str:
     return str(out)
 
 
-def fake_quant_hf_model(path: str, block: tuple[int, int]):
+def fake_quant_hf_model(path: str, block: tuple[int, int], published=lambda name: name):
     """transformers' float64 model of `path` (a dequantized_copy) with the W8A8 activation rounding applied
     where the FP8 engine applies it: the input of every linear the checkpoint holds in FP8 (kv_b_proj apart:
     moelink absorbs it into the query and the output, so no activation of its own is quantized, as in vLLM and
-    SGLang's MLA), and both GEMM inputs of every routed expert (hidden state, then silu(gate) * up)."""
+    SGLang's MLA), and both GEMM inputs of every routed expert (hidden state, then silu(gate) * up, or the experts'
+    own gated activation where they have one, `_apply_gate`: Hy4's clamped SwiGLU). `published(name)`: the
+    checkpoint's name of transformers' module `name` where they differ (Hy4's `linear_gate` for `gate_proj`)."""
     import types
 
     from transformers import AutoModelForCausalLM
@@ -87,7 +89,8 @@ def fake_quant_hf_model(path: str, block: tuple[int, int]):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and is_quantized_name(name + ".weight") and not name.endswith("kv_b_proj"):
+        if (isinstance(mod, torch.nn.Linear) and is_quantized_name(published(name) + ".weight")
+                and not name.endswith("kv_b_proj")):
             mod.register_forward_pre_hook(lambda m, args: (fq(args[0]),) + tuple(args[1:]))
         elif name.endswith("mlp.experts"):
             mod.forward = types.MethodType(_fake_quant_experts_forward(fq), mod)
@@ -107,9 +110,12 @@ def _fake_quant_experts_forward(fq):
             if e >= routed:
                 y = hidden_states[token_idx] * top_k_weights[token_idx, top_k_pos, None]
             else:
-                gate, up = torch.nn.functional.linear(fq(hidden_states[token_idx]),
-                                                      self.gate_up_proj[e]).chunk(2, dim=-1)
-                h = fq(self.act_fn(gate) * up)
+                gate_up = torch.nn.functional.linear(fq(hidden_states[token_idx]), self.gate_up_proj[e])
+                if hasattr(self, "_apply_gate"):  # Hy4's clamped SwiGLU
+                    h = fq(self._apply_gate(gate_up))
+                else:
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    h = fq(self.act_fn(gate) * up)
                 y = torch.nn.functional.linear(h, self.down_proj[e]) * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out

@@ -182,6 +182,28 @@ def test_fused_moe_fp8_matches_reference(T, E, G, K, D, I, mode, cfg, combine, d
         assert (got.cpu()[remote] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_fp8_with_the_clamped_swiglu_matches_reference(gen, kdev, seed, dtype):
+    """Hunyuan Hy4-preview-FP8's routed experts: silu(min(gate, limit)) * clamp(up, -limit, limit) in the gate-up
+    epilogue, before h is quantized; the reference applies the same MoEActivation, and differs from plain SiLU at a
+    limit the values cross (a kernel that ignored the activation would be caught)."""
+    from moelink.kernels.moe import MoEActivation
+
+    T, E, K, D, I, block = 11, 4, 2, 128, 96, (128, 128)
+    act = MoEActivation("silu_clamp", limit=0.3)
+    x = _x(gen, T, D, dtype)
+    w13q, w13s = _weight(gen, E, 2 * I, D, block=block)
+    w2q, w2s = _weight(gen, E, D, I, block=block)
+    ids = _routing(gen, T, E, K, "rand")
+    weights = torch.rand(T, K, generator=gen)
+    want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, None, block,
+                                   activation=act)
+    plain = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, None, block)
+    assert (want - plain).norm() > 0.1 * want.norm()
+    got = triton_fused_moe_fp8(*_to(kdev, x, w13q, w13s, w2q, w2s, weights, ids), None, block, activation=act)
+    _check_rows(got, want, dtype, "fused_moe_fp8 silu_clamp", seed, flips=2)
+
+
 # (T, E, K, D, I, dtype, block): experts whose width is not a multiple of Bn, gate and up quantized apart (as
 # per-expert checkpoints ship them) and up placed at U = I rounded up to Bn (moe/expert_weights.Fp8BlockExperts).
 PADDED_CASES = [

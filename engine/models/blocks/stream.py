@@ -42,6 +42,9 @@ class Head(ABC):
     modules: dict[str, nn.Module]
     lm_head_name = "lm_head.weight"
     tieable = True  # config.json's tie_word_embeddings may share the embedding table
+    # The LM head held and run in float32 under a half-precision model, as transformers keeps it for some families
+    # (Hunyuan Hy4's _keep_in_fp32_modules_strict: logits from float32 weights and float32 hidden states).
+    lm_head_float32 = False
 
     @abstractmethod
     def finish(self, state: Any) -> torch.Tensor:
