@@ -18,18 +18,18 @@ from tests.helpers.import_graph import FOLDERS, ROOT, ImportGraph, build_graph, 
 # Layer units, top to bottom, and what each may import besides itself. engine/server is a unit of its own:
 # the engine core serves the offline API too and must not depend on the gRPC front.
 ALLOWED: dict[str, frozenset[str]] = {
-    "benchmarks": frozenset({"engine.server", "engine.api", "engine", "engine.core", "engine.cluster", "engine.spec",
+    "benchmarks": frozenset({"engine.server", "engine.api", "engine", "engine.core", "engine.rl", "engine.cluster", "engine.spec",
                              "engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.tools",
                              "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
-    "engine.server": frozenset({"engine.api", "engine", "engine.core", "engine.tools", "engine.contract",
+    "engine.server": frozenset({"engine.api", "engine", "engine.core", "engine.rl", "engine.tools", "engine.contract",
                                 "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.api": frozenset({"engine.core", "engine.cluster", "engine.kv_transfer", "engine.tools", "engine.contract", "engine.config",
+    "engine.api": frozenset({"engine.core", "engine.rl", "engine.cluster", "engine.kv_transfer", "engine.tools", "engine.contract", "engine.config",
                              "planner", "scheduler", "moe", "comm", "kernels"}),
     # The package root only re-exports the public names (LLM, AsyncEngine, EngineArgs, SamplingParams, outputs).
     "engine": frozenset({"engine.api", "engine.core", "engine.contract", "engine.config",
                          "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.core": frozenset({"engine.cluster", "engine.contract", "engine.config",
+    "engine.core": frozenset({"engine.cluster", "engine.rl", "engine.contract", "engine.config",
                               "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.cluster": frozenset({"engine.spec", "engine.rank", "engine.kv_transfer", "engine.contract",
                                  "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
@@ -52,6 +52,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "engine.models": frozenset({"engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                                 "kernels"}),
     "engine.tools": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
+    # RL rollouts' driver side (engine/rl/: a weight update's checks), on the configuration: the engine core calls it,
+    # the ranks write with their own loader.
+    "engine.rl": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # The per-sequence layer state (engine/state/: the state pools, a step's StateStep) sits below the models that
     # read it and the rank that fills it, on the contract (its host-to-device copies).
     "engine.state": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",

@@ -187,6 +187,22 @@ def check_complete(plan: WeightPlan, checkpoint, cfg: ModelConfig, where: str) -
         )
 
 
+def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: str, device: torch.device) -> int:
+    """A weight update from disk (engine/rl/weights.py: the driver checked the tensors are the served ones): the
+    rank's own plan over `model_dir`, written into the tensors `model` holds, one at a time (no second copy; CUDA
+    graphs keep their addresses); the conversions after a load run again for the parameters written only
+    (engine/models/blocks/checkpoint.py). Returns the bytes read."""
+    checkpoint = SafetensorsCheckpoint(model_dir, cfg.text_weights_prefix)
+    plan = model_plan(model, cfg, frozenset(checkpoint.keys()))
+    check_complete(plan, checkpoint, cfg, model_dir)
+    read: dict[str, int] = {}
+    written: set[int] = set()
+    load_plan(checkpoint, plan, device, read_bytes=read, written=written)
+    with torch.no_grad():
+        model.process_weights_after_loading(written)
+    return sum(read.values())
+
+
 def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False,
               read_bytes: dict[str, int] | None = None, written: set[int] | None = None) -> None:
     """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a

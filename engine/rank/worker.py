@@ -209,13 +209,13 @@ class Worker:
 
     def update_weights_from_disk(self, model_path: str) -> int:
         """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
-        shard, read as the load read them. The engine checked the tensors first and runs no step meanwhile."""
-        from moelink.engine.rl.weights import update_from_checkpoint
+        shard, read as the load read them (loader.update_in_place). The engine checked the tensors first and runs no step meanwhile."""
+        from .loader import update_in_place
 
         self._bind_device()
         runner = self.runner
         runner.quiesce(60.0)  # no launched step's device work still reads the weights
-        read = update_from_checkpoint(runner.model, self.config.model, model_path, self.device)
+        read = update_in_place(runner.model, self.config.model, model_path, self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
         return read

@@ -5,7 +5,7 @@ Driver side, before any rank writes (`check_same_tensors`): the new checkpoint's
 for name, shape for shape, dtype for dtype (its safetensors headers: nothing read), so no copy can fail half way on
 a shape; one error names the first difference otherwise, and the served weights are untouched.
 
-Rank side (`update_from_checkpoint`): the rank's own plan (its experts under EP, its TP shard: the same plan the
+Rank side (engine/rank/loader.update_in_place): the rank's own plan (its experts under EP, its TP shard: the same plan the
 load used, engine/rank/loader.model_plan) over the new checkpoint, one tensor at a time into the tensors the model
 already holds: no second copy of the weights, and the addresses CUDA graphs captured stay valid. What a module
 converts after its load (a zero-centred norm's offset, MLA's folded scales: engine/models/blocks/checkpoint.py) is
@@ -14,8 +14,6 @@ converted again for the parameters written, and only those.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 from ..config.checkpoint_headers import checkpoint_tensors, text_model_name
 from ..config.model import ModelConfig
@@ -54,20 +52,3 @@ def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str) -> None:
             raise ValueError(f"model_path={new_dir!r}: tensor {name!r} is {new[name][0]} {list(new[name][1])}, the "
                              f"served one {served[name][0]} {list(served[name][1])}: an update keeps every tensor's "
                              "dtype and shape.")
-
-
-def update_from_checkpoint(model, cfg: ModelConfig, model_dir: str, device: torch.device) -> int:
-    """Write `model_dir`'s values into `model` (a rank's MoEDecoderForCausalLM) in place; returns the bytes read.
-    The driver checked the tensors first (check_same_tensors)."""
-    from ..rank.loader import SafetensorsCheckpoint, check_complete, load_plan, model_plan
-
-    checkpoint = SafetensorsCheckpoint(model_dir, cfg.text_weights_prefix)
-    names = frozenset(checkpoint.keys())
-    plan = model_plan(model, cfg, names)
-    check_complete(plan, checkpoint, cfg, model_dir)
-    read: dict[str, int] = {}
-    written: set[int] = set()
-    load_plan(checkpoint, plan, device, read_bytes=read, written=written)
-    with torch.no_grad():
-        model.process_weights_after_loading(written)
-    return sum(read.values())
