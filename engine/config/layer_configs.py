@@ -305,12 +305,17 @@ class MoEConfig:
     # Zero-computation experts (LongCat-Flash's zero_expert_num): the router scores this many more than the routed
     # experts, and a pick of one is the token itself times its weight (moe/layer.MoELayer): no weights, no traffic.
     zero_experts: int = 0
+    # The gated activation of the dense layers' MLP and the shared experts (MiniMax-M3's: "swiglu_oai", with the
+    # experts' swiglu_alpha / swiglu_limit); "silu" for every other family.
+    dense_activation: str = "silu"
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"MoEConfig router={self.router!r} must be a moelink.moe.router.RouterConfig.")
-        if self.activation not in MOE_ACTIVATIONS:
-            raise ValueError(f"MoEConfig activation={self.activation!r} is invalid: allowed: {', '.join(MOE_ACTIVATIONS)}.")
+        for name in ("activation", "dense_activation"):
+            if getattr(self, name) not in MOE_ACTIVATIONS:
+                raise ValueError(f"MoEConfig {name}={getattr(self, name)!r} is invalid: allowed: "
+                                 f"{', '.join(MOE_ACTIVATIONS)}.")
         for name in ("swiglu_alpha", "swiglu_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

@@ -126,7 +126,8 @@ class DenseFFN(FFNBlock):
     def __init__(self, ctx: BuildContext, i: int):
         cfg = ctx.cfg
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.dtype, ctx.device, kernels=ctx.kernels,
-                            quant=cfg.quantization, prefix=f"model.layers.{i}.mlp.", tp=ctx.tp)
+                            quant=cfg.quantization, prefix=f"model.layers.{i}.mlp.", tp=ctx.tp,
+                            activation=dense_activation(cfg))
         self.modules = {"mlp": self.mlp}
 
     def stages(self, h_TD: torch.Tensor, input_ids_T: torch.Tensor | None) -> Stages:
@@ -213,7 +214,8 @@ class RoutedSharedFFN(RoutedFFN):
         split: dict = dict(tp=ctx.tp, reduce=False) if self.expert_shard else {}
         self.mlp = self.shared_moe = SharedExpertsMoE(self.moe, DenseMLP(
             cfg.hidden_size, shared_size, cfg.dtype, ctx.device, kernels=ctx.kernels, quant=cfg.quantization,
-            prefix=f"model.layers.{i}.{ctx.spec.moe_prefix}.{ctx.spec.shared_experts}.", **split), gate)
+            prefix=f"model.layers.{i}.{ctx.spec.moe_prefix}.{ctx.spec.shared_experts}.",
+            activation=dense_activation(cfg), **split), gate)
         self.modules = {"moe": self.moe, "mlp": self.mlp}
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
@@ -227,6 +229,14 @@ class RoutedSharedFFN(RoutedFFN):
             plan[f"{p}{spec.moe_prefix}.{spec.shared_experts}_gate.weight"] = PlanEntry(self.shared_moe.gate_D, (),
                                                                                         (0,))
         return plan
+
+
+def dense_activation(cfg: ModelConfig) -> MoEActivation | None:
+    """The dense MLPs' gated activation when it is not SiLU (MoEConfig.dense_activation), else None."""
+    m = cfg.moe
+    if m is None or m.dense_activation == "silu":
+        return None
+    return MoEActivation(m.dense_activation, m.swiglu_alpha, m.swiglu_limit)
 
 
 def ffn_kind(cfg: ModelConfig, spec: ArchSpec, layer_idx: int) -> str:
