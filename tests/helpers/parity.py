@@ -21,18 +21,31 @@ _HF_MODEL: dict = {}
 _HF_OUT: dict = {}
 
 
-def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt, run alone (no padding), in float64."""
+def _hf_model(path: str):
+    """transformers' model of the checkpoint in float64: its causal LM, or the class config.json names where the
+    Auto class has none for it (MiniMax-M3's multimodal checkpoint, MiniMaxM3SparseForConditionalGeneration)."""
+    import json
+    from pathlib import Path
+
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    kw = dict(dtype=torch.float64, experts_implementation="eager")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+    except ValueError:
+        arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+        return getattr(transformers, arch).from_pretrained(path, **kw).eval()
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, run alone (no padding), in float64."""
     key = (path, tuple(map(tuple, prompts)), max_new)
     if key in _HF_OUT:
         return _HF_OUT[key]
     if path not in _HF_MODEL:
         _HF_MODEL.clear()  # one model in memory at a time
-        _HF_MODEL[path] = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float64, experts_implementation="eager"
-        ).eval()
+        _HF_MODEL[path] = _hf_model(path)
     model = _HF_MODEL[path]
     outs = []
     with torch.no_grad():
@@ -132,16 +145,12 @@ def hf_greedy_nocache(path: str, prompts: list[list[int]], max_new: int = MAX_NE
     sequence again for every new token (float64). The oracle of DeepSeek Sparse Attention models, whose definition is
     transformers' forward without a cache (transformers 5.24's cached generate selects other positions than its own
     forward once a context passes index_topk tokens). Cached like hf_greedy."""
-    from transformers import AutoModelForCausalLM
-
     key = (path, tuple(map(tuple, prompts)), max_new)
     if key in _HF_NOCACHE_OUT:
         return _HF_NOCACHE_OUT[key]
     if path not in _HF_MODEL:
         _HF_MODEL.clear()
-        _HF_MODEL[path] = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float64, experts_implementation="eager"
-        ).eval()
+        _HF_MODEL[path] = _hf_model(path)
     outs = hf_greedy_nocache_with(_HF_MODEL[path], prompts, max_new)
     _HF_NOCACHE_OUT[key] = outs
     return outs
