@@ -53,7 +53,7 @@ def _block_sparse_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
     for i in range(0, S):
         b = tl.load(blocks_ptr + tok64 * stride_bt + n * stride_bn + i)
         pos = b * BS + j
-        ok = (j < BS) & (pos < vis) & (b >= 0)
+        ok = (j < BS) & (pos < vis) & (pos >= 0)  # a -1 slot: every position negative
         pos = tl.where(ok, pos, 0)
         page = tl.load(tables_ptr + s_idx * stride_tb + pos // L, mask=ok, other=0).to(tl.int64)
         k_off = page * stride_kb + (pos % L) * stride_kl + kvh * stride_kk
