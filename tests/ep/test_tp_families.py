@@ -16,7 +16,10 @@ transformers itself:
   the low-rank gates' middles whole on every rank, MLA without rotary; and at EP 2 against transformers;
 - Ling's hybrid: the same with full-rank KDA gates, and MLA's per-head output gate split by heads;
 - EXAONE-MoE: sliding layers with rotary and a full layer without (NoPE), per-head q/k norms, heads split; and its
-  experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank).
+  experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank);
+- MiniMax-M3: block-sparse attention (the block indexer whole on every rank, each rank its query heads' selections
+  and kv heads), the clamped SwiGLU of the dense and shared MLPs split by channels; and at EP 2 against transformers
+  on its multimodal checkpoint.
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from moelink.engine import LLM
 from moelink.engine.models.bailing_hybrid.tiny import BAILING
 from moelink.engine.models.exaone_moe.tiny import EXAONE
 from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
+from moelink.engine.models.minimax_m3.tiny import MINIMAX_M3
 
 from tests.helpers import hf_checkpoints, longcat_checkpoints, m2_checkpoints
 from tests.helpers.drawn_presets import VOCAB, save_preset
@@ -84,6 +88,11 @@ def test_tp_longcat_matches_one_rank(local_ray, tmp_path):
     _tp_equals_one_rank(path, longcat_checkpoints.VOCAB, seed=41, hi=40)
 
 
+def test_tp_minimax_m3_block_sparse_matches_one_rank(local_ray, tmp_path):
+    # Prompts of 18..40 tokens: past 4 blocks of 4, so prefill and decode drop blocks on the sparse layers.
+    _tp_equals_one_rank(save_preset(tmp_path, MINIMAX_M3), VOCAB, seed=71, lo=18, hi=40)
+
+
 @pytest.mark.parametrize("name", ["kimi_linear", "bailing_hybrid"])
 def test_tp_kda_families_match_one_rank(local_ray, tmp_path, name):
     # Chunked prefill over the KDA states (prompts past the 24-token budget), then decodes: each rank its heads'
@@ -94,11 +103,13 @@ def test_tp_kda_families_match_one_rank(local_ray, tmp_path, name):
 
 # EXAONE-MoE: 8 routed experts 4 / 4, the shared expert on both ranks. LongCat-Flash: 6 routed experts 3 / 3 beside 2
 # zero-computation ones (this all-to-all looks every id up, so their picks travel to expert 0 with weight 0). Kimi
-# Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states.
+# Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states. MiniMax-M3: 6 experts 3 / 3, the shared expert on
+# both ranks, block-sparse attention whole on each.
 EP_CASES = {"exaone": (lambda out: save_preset(out, EXAONE, num_hidden_layers=4), 29),
             "longcat": (longcat_checkpoints.save_longcat_checkpoint, 43),
             "kimi_linear": (lambda out: save_preset(out, KIMI_LINEAR), 59),
-            "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67)}
+            "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67),
+            "minimax_m3": (lambda out: save_preset(out, MINIMAX_M3), 73)}
 
 
 @pytest.mark.parametrize("name", list(EP_CASES))
