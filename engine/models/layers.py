@@ -131,7 +131,8 @@ class DenseMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, linear_method(quant, prefix + "down_proj"), kernels,
                                 dtype, device, parallel=row)
         # SiLU(gate)·up: one launch with the Triton kernels (kernels/silu_mul.py); torch's two ops without kernels.
-        self.silu_mul = activation or getattr(kernels, "silu_mul", reference_silu_mul)
+        self.silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+            activation or getattr(kernels, "silu_mul", reference_silu_mul))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         gate_TI, up_TI = self.gate_up_proj.split(self.gate_up_proj(x_TD))
