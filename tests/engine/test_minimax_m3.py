@@ -18,12 +18,12 @@ from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
 from moelink.engine.config.block_sparse_attention import BlockSparseConfig
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models.minimax_m3.tiny import BLOCK, LOCAL, MINIMAX_M3, TOPK
+from moelink.engine.models.minimax_m3.tiny import BLOCK, LOCAL, MINIMAX_M3, MINIMAX_M3_TEXT, TOPK
 
 from tests.helpers.config_dirs import config_dir
 from tests.helpers.drawn_presets import VOCAB, config_of, save_preset
-from tests.helpers.parity import (check_chunked_batched, check_prefix_cache_parity, check_under_preemption,
-                                  prompts)
+from tests.helpers.parity import (assert_pool_free, assert_same, check_chunked_batched, check_prefix_cache_parity,
+                                  check_under_preemption, engine_greedy, hf_greedy, prompts)
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -164,6 +164,20 @@ def test_greedy_parity_under_preemption(m3_path):
 def test_prefix_cache_hit_parity(m3_path):
     """A 64-token cached prefix (16 selection blocks): the index keys are read back from the cached blocks."""
     check_prefix_cache_parity(LLM, m3_path, VOCAB, n=3, max_suffix=5)
+
+
+@pytest.mark.slow
+def test_text_only_checkpoint_in_transformers_names(tmp_path):
+    """The text model alone, as transformers' MiniMaxM3VLForCausalLM saves it (its own names: experts fused, the
+    dense MLPs' and the shared expert's gate_up_proj fused, the indexer under self_attn.indexer., the correction bias
+    under the router): transformers' tokens, chunked and batched."""
+    path = save_preset(tmp_path, MINIMAX_M3_TEXT)
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.architecture == "MiniMaxM3VLForCausalLM" and cfg.text_weights_prefix == ""
+    ps = prompts(VOCAB, seed=13, n=4, lo=1, hi=90)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8)
+    assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+    assert_pool_free(llm)
 
 
 # -- prefill/decode disaggregation ----------------------------------------------------------------------------------

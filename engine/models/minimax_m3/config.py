@@ -14,7 +14,7 @@ SPEC = ArchSpec("block_sparse", moe_prefix="block_sparse_moe", expert_names=("w1
                                 ("self_attn.index_k_proj.weight", "self_attn.indexer.k_proj.weight"),
                                 ("self_attn.index_q_norm.weight", "self_attn.indexer.q_norm.weight"),
                                 ("self_attn.index_k_norm.weight", "self_attn.indexer.k_norm.weight")),
-                unread_prefixes=("model.mtp.",))
+                unread_prefixes=("model.mtp.",), checkpoint="minimax_m3")
 
 ARCHITECTURES = (
     # The text model (transformers' MiniMaxM3VLForCausalLM, model_type minimax_m3_vl_text).
