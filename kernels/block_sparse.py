@@ -37,10 +37,12 @@ def _positions(meta: AttentionMetadata, s: int, L: int, device: torch.device) ->
 
 
 def reference_block_sparse_select(q_THI: torch.Tensor, index_cache_BLI: torch.Tensor, meta: AttentionMetadata,
-                                  block_size: int, topk_blocks: int, local_blocks: int) -> torch.Tensor:
+                                  block_size: int, topk_blocks: int, local_blocks: int,
+                                  max_len: int | None = None) -> torch.Tensor:
     """The blocks each (token, index head) keeps (module docstring): int32 [T, H, topk_blocks], -1 padded. q_THI the
     roped, normed index queries; index_cache_BLI holds this step's keys already. Ties between equal block scores
-    go as torch.topk breaks them (transformers' own)."""
+    go as torch.topk breaks them (transformers' own). `max_len` (the Triton kernel's workspace bound) is not needed
+    here: the reference reads the host lengths and is never captured in a graph."""
     T, H, I = q_THI.shape
     L = index_cache_BLI.shape[1]
     out_THS = torch.full((T, H, topk_blocks), -1, dtype=torch.int32, device=q_THI.device)

@@ -17,8 +17,11 @@ from .block_sparse import reference_block_sparse_attention, reference_block_spar
 
 class BlockSparseKernels(Protocol):
     def block_sparse_select(self, q_THI: torch.Tensor, index_cache_BLI: torch.Tensor, meta: AttentionMetadata,
-                            block_size: int, topk_blocks: int, local_blocks: int) -> torch.Tensor:
-        """The key blocks each (token, index head) keeps: int32 [T, H, topk_blocks], -1 padded."""
+                            block_size: int, topk_blocks: int, local_blocks: int,
+                            max_len: int | None = None) -> torch.Tensor:
+        """The key blocks each (token, index head) keeps: int32 [T, H, topk_blocks], -1 padded; no host sync.
+        `max_len`: a bound of every sequence's length (max_model_len), what a kernel sizes its workspace by where
+        host lengths are placeholders (a decode graph's)."""
         ...
 
     def block_sparse_attention(self, q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
@@ -29,11 +32,10 @@ class BlockSparseKernels(Protocol):
 
 
 def _triton() -> dict[str, Any]:
-    from .triton_block_sparse import triton_block_sparse_attention
+    from .triton_block_sparse import triton_block_sparse_attention, triton_block_sparse_select
 
-    # The selection runs as torch ops (no fused form yet); the attention is one launch.
-    return dict(block_sparse_select=reference_block_sparse_select,
-                block_sparse_attention=triton_block_sparse_attention)
+    return dict(block_sparse_select=triton_block_sparse_select,  # block scores: one launch; top-k on the device
+                block_sparse_attention=triton_block_sparse_attention)  # one launch
 
 
 registry.register("block_sparse", BlockSparseKernels, triton=_triton,

@@ -1,6 +1,10 @@
-"""Block-sparse attention in Triton (MiniMax-M3's sparse layers): GQA where each query head reads only the key blocks
-its index head kept. Same contract as block_sparse.reference_block_sparse_attention (legend there: T, N, K, H, Hv,
-L, S).
+"""Block-sparse attention in Triton (MiniMax-M3's sparse layers): the indexer's block scores, and GQA where each query
+head reads only the key blocks its index head kept. Same contracts as block_sparse.reference_block_sparse_select and
+reference_block_sparse_attention (legend there: T, N, K, H, Hv, I, L, S).
+
+Selection: grid (T, H), a program scores its (token, index head)'s visible blocks one BLOCK_N tile each (the max of
+q . k over the block's visible positions, float32) into a [T, H, blocks of max_len] workspace filled with -inf; the
+local blocks' +inf and the top-k run as torch ops on the device, shapes fixed by T and max_len (decode graphs).
 
 Grid (T, N): a program takes one query head of one token and walks its S selection slots; a slot holding block b
 (>= 0) reads that block's positions b * block_size ... (block_size of them, in one BLOCK_N tile; masked past the
@@ -22,6 +26,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from .attention import AttentionMetadata
+from .dsa import causal_lens
 from .triton_common import causal_len, seq_of_token
 
 _LOG2E = 1.4426950408889634
@@ -73,6 +78,63 @@ def _block_sparse_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
     tl.store(out_ptr + tok64 * stride_ot + n * stride_on + e, out.to(out_ptr.dtype.element_ty), mask=e_ok)
 
 
+@triton.jit(do_not_specialize=["num_seqs"])
+def _block_scores_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, scores_ptr, num_seqs, stride_qt,
+                         stride_qh, stride_cb, stride_cl, stride_tb, stride_st, stride_sh, I,
+                         L: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+    tok = tl.program_id(0)
+    h = tl.program_id(1)
+    s_idx = seq_of_token(qsl_ptr, num_seqs, tok)
+    if s_idx >= num_seqs:
+        return
+    vis = causal_len(qsl_ptr, seq_lens_ptr, s_idx, tok)
+    tok64 = tok.to(tl.int64)
+    d = tl.arange(0, BLOCK_I)
+    d_ok = d < I
+    q = tl.load(q_ptr + tok64 * stride_qt + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
+    j = tl.arange(0, BLOCK_N)
+    for b in range(0, tl.cdiv(vis, BS)):  # the blocks it sees; the rest stay -inf (the caller's fill)
+        pos = b * BS + j
+        ok = (j < BS) & (pos < vis)
+        pos = tl.where(ok, pos, 0)
+        page = tl.load(tables_ptr + s_idx * stride_tb + pos // L, mask=ok, other=0).to(tl.int64)
+        off = page * stride_cb + (pos % L) * stride_cl
+        k = tl.load(cache_ptr + off[:, None] + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        s = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        tl.store(scores_ptr + tok64 * stride_st + h * stride_sh + b, tl.max(s, 0))
+
+
+def triton_block_sparse_select(q_THI: torch.Tensor, index_cache_BLI: torch.Tensor, meta: AttentionMetadata,
+                               block_size: int, topk_blocks: int, local_blocks: int,
+                               max_len: int | None = None) -> torch.Tensor:
+    """Same contract as `reference_block_sparse_select`: int32 [T, H, topk_blocks], -1 padded. One launch scores
+    every visible block of every (token, index head) into a float32 [T, H, ceil(W / block_size)] workspace (W =
+    `max_len`, a bound of every sequence's length the caller guarantees: max_model_len, so a decode graph replays
+    with any lengths; else the host max_seq_len), then the local boost and torch.topk on the device. No host sync."""
+    T, H, I = q_THI.shape
+    W = meta.max_seq_len if max_len is None else max_len
+    nb = max(1, -(-W // block_size))
+    scores = torch.full((T, H, nb), float("-inf"), dtype=torch.float32, device=q_THI.device)
+    out = torch.full((T, H, topk_blocks), -1, dtype=torch.int32, device=q_THI.device)
+    if T == 0:
+        return out
+    q_THI = q_THI if q_THI.stride(-1) == 1 else q_THI.contiguous()
+    _block_scores_kernel[(T, H)](
+        q_THI, index_cache_BLI, meta.block_tables_SM, meta.seq_lens_S, meta.query_start_loc_S1, scores, meta.num_seqs,
+        q_THI.stride(0), q_THI.stride(1), index_cache_BLI.stride(0), index_cache_BLI.stride(1),
+        meta.block_tables_SM.stride(0), scores.stride(0), scores.stride(1), I, L=index_cache_BLI.shape[1],
+        BS=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
+        BLOCK_I=max(16, triton.next_power_of_2(I)), num_warps=4)
+    own_T = (causal_lens(meta, q_THI.device) - 1) // block_size
+    for back in range(local_blocks):  # forced in, as transformers does: +inf
+        idx_T = (own_T - back).clamp(min=0)
+        scores.scatter_(-1, idx_T[:, None, None].expand(T, H, 1), float("inf"))
+    k = min(topk_blocks, nb)
+    vals, ids = scores.topk(k, dim=-1)
+    out[..., :k] = ids.masked_fill(vals == float("-inf"), -1).to(torch.int32)
+    return out
+
+
 def triton_block_sparse_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
                                   meta: AttentionMetadata, blocks_TNS: torch.Tensor, block_size: int, scale: float,
                                   k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
@@ -101,4 +163,4 @@ def triton_block_sparse_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tenso
     return out
 
 
-__all__ = ["triton_block_sparse_attention"]
+__all__ = ["triton_block_sparse_attention", "triton_block_sparse_select"]

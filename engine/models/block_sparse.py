@@ -39,9 +39,9 @@ class BlockIndexer(nn.Module):
     """The layer's block indexer: writes this step's index keys, returns the kept blocks int32 [T, H, S]."""
 
     def __init__(self, layer_idx: int, hidden_size: int, cfg: BlockIndexerConfig, rms_norm_eps: float,
-                 rope: RotaryEmbedding, kernels: Kernels, dtype, device=None, quant=None):
+                 rope: RotaryEmbedding, kernels: Kernels, dtype, device=None, quant=None, max_model_len: int = 1):
         super().__init__()
-        self.cfg, self.rope, self.kernels = cfg, rope, kernels
+        self.cfg, self.rope, self.kernels, self.max_model_len = cfg, rope, kernels, max_model_len
         p = f"model.layers.{layer_idx}.self_attn."
         f = dict(dtype=dtype, device=device)
         self.q_proj = Linear(hidden_size, cfg.num_heads * cfg.head_dim, linear_method(quant, p + "index_q_proj"),
@@ -61,7 +61,7 @@ class BlockIndexer(nn.Module):
         half = c.head_dim // 2  # one row per token, as a latent row is written (any split of the row)
         self.kernels.write_latent(k_TI[:, :half], k_TI[:, half:], index_cache_BLI, meta.slot_mapping_T)
         return self.kernels.block_sparse_select(q_THI.contiguous(), index_cache_BLI, meta, c.block_size,
-                                                c.topk_blocks, c.local_blocks)
+                                                c.topk_blocks, c.local_blocks, self.max_model_len)
 
     def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn."), as MiniMax-M3 publishes them."""
@@ -75,12 +75,12 @@ class BlockSparseAttention(GQAAttention):
     without one (BlockSparseConfig.indexer None) is GQA exactly."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: BlockSparseConfig, rms_norm_eps: float,
-                 rope: RotaryEmbedding, kernels: Kernels, dtype, device=None, quant=None, *,
+                 rope: RotaryEmbedding, kernels: Kernels, dtype, device=None, quant=None, max_model_len: int = 1, *,
                  tp: TensorParallel | None = None):
         super().__init__(layer_idx, hidden_size, attn, rms_norm_eps, rope, kernels, dtype, device, quant, tp=tp)
         ix = attn.indexer
-        self.indexer = (BlockIndexer(layer_idx, hidden_size, ix, rms_norm_eps, rope, kernels, dtype, device, quant)
-                        if ix is not None else None)
+        self.indexer = (BlockIndexer(layer_idx, hidden_size, ix, rms_norm_eps, rope, kernels, dtype, device, quant,
+                                     max_model_len) if ix is not None else None)
         # Query heads per index head, over the whole model's heads (attn is the unsharded config).
         self.heads_per_index = attn.num_heads // ix.num_heads if ix is not None else 1
 

@@ -102,3 +102,22 @@ def test_triton_attention_fp8_cache_scales(gen, kdev):
                                         0.25, k_scale=0.5, v_scale=2.0).cpu()
     err = (got.double() - want.double()).norm() / want.double().norm()
     assert err < 1e-5, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block_size,topk,local", [(3, 4, 2), (8, 2, 1), (3, 3, 0)])
+def test_triton_selection_matches_reference(gen, kdev, block_size, topk, local):
+    """The Triton selection (its workspace sized by a max_len above every length, as a decode graph's) keeps the
+    reference's blocks, as sets per (token, index head)."""
+    from moelink.kernels.triton_block_sparse import triton_block_sparse_select
+
+    meta = meta_of(gen, CTX_Q, "cpu")
+    T = sum(meta.query_lens)
+    index = cache_of(gen, meta, I, torch.float32, "cpu")
+    q = torch.randn(T, HI, I, generator=gen)
+    want = reference_block_sparse_select(q, index, meta, block_size, topk, local)
+    got = triton_block_sparse_select(q.to(kdev), index.to(kdev), meta_to(meta, kdev), block_size, topk, local,
+                                     max_len=64).cpu()
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    for g, w in zip(got.reshape(-1, topk).tolist(), want.reshape(-1, topk).tolist()):
+        assert sorted(x for x in g if x >= 0) == sorted(x for x in w if x >= 0) and g.count(-1) == w.count(-1)

@@ -54,7 +54,7 @@ def _gqa(ctx: BuildContext, i: int, attn) -> nn.Module:
 def _block_sparse(ctx: BuildContext, i: int, attn) -> nn.Module:
     cfg = ctx.cfg
     return BlockSparseAttention(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.rope(i), ctx.kernels, cfg.dtype,
-                                ctx.device, cfg.quantization, tp=ctx.tp)
+                                ctx.device, cfg.quantization, cfg.max_model_len, tp=ctx.tp)
 
 
 def _mla(ctx: BuildContext, i: int, attn) -> nn.Module:
