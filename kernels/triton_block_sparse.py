@@ -3,8 +3,8 @@ head reads only the key blocks its index head kept. Same contracts as block_spar
 reference_block_sparse_attention (legend there: T, N, K, H, Hv, I, L, S).
 
 Selection: grid (T, H), a program scores its (token, index head)'s visible blocks one BLOCK_N tile each (the max of
-q . k over the block's visible positions, float32) into a [T, H, blocks of max_len] workspace filled with -inf; the
-local blocks' +inf and the top-k run as torch ops on the device, shapes fixed by T and max_len (decode graphs).
+q . k over the block's visible positions, float32) into a [T, H, blocks of max_len] workspace filled with -inf, then
++inf on its local blocks; the top-k runs on the device as torch.topk, its shape fixed by T and max_len (decode graphs).
 
 Grid (T, N): a program takes one query head of one token and walks its S selection slots; a slot holding block b
 (>= 0) reads that block's positions b * block_size ... (block_size of them, in one BLOCK_N tile; masked past the
@@ -26,7 +26,6 @@ import triton.language as tl
 
 from . import triton_common as common
 from .attention import AttentionMetadata
-from .dsa import causal_lens
 from .triton_common import causal_len, seq_of_token
 
 _LOG2E = 1.4426950408889634
@@ -81,7 +80,8 @@ def _block_sparse_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
 @triton.jit(do_not_specialize=["num_seqs"])
 def _block_scores_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, scores_ptr, num_seqs, stride_qt,
                          stride_qh, stride_cb, stride_cl, stride_tb, stride_st, stride_sh, I,
-                         L: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
+                         L: tl.constexpr, BS: tl.constexpr, LOCAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_I: tl.constexpr):
     tok = tl.program_id(0)
     h = tl.program_id(1)
     s_idx = seq_of_token(qsl_ptr, num_seqs, tok)
@@ -102,15 +102,19 @@ def _block_scores_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, sc
         k = tl.load(cache_ptr + off[:, None] + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
         tl.store(scores_ptr + tok64 * stride_st + h * stride_sh + b, tl.max(s, 0))
+    own = (vis - 1) // BS
+    for back in range(0, LOCAL):  # forced in, as transformers does: +inf (after the scores: a local block's own)
+        tl.store(scores_ptr + tok64 * stride_st + h * stride_sh + tl.maximum(own - back, 0), float("inf"))
 
 
 def triton_block_sparse_select(q_THI: torch.Tensor, index_cache_BLI: torch.Tensor, meta: AttentionMetadata,
                                block_size: int, topk_blocks: int, local_blocks: int,
                                max_len: int | None = None) -> torch.Tensor:
     """Same contract as `reference_block_sparse_select`: int32 [T, H, topk_blocks], -1 padded. One launch scores
-    every visible block of every (token, index head) into a float32 [T, H, ceil(W / block_size)] workspace (W =
-    `max_len`, a bound of every sequence's length the caller guarantees: max_model_len, so a decode graph replays
-    with any lengths; else the host max_seq_len), then the local boost and torch.topk on the device. No host sync."""
+    every visible block of every (token, index head), and the local ones +inf, into a float32 [T, H, ceil(W /
+    block_size)] workspace (W = `max_len`, a bound of every sequence's length the caller guarantees: max_model_len,
+    so a decode graph replays with any lengths; else the host max_seq_len), then torch.topk on the device. No host
+    sync."""
     T, H, I = q_THI.shape
     W = meta.max_seq_len if max_len is None else max_len
     nb = max(1, -(-W // block_size))
@@ -123,12 +127,8 @@ def triton_block_sparse_select(q_THI: torch.Tensor, index_cache_BLI: torch.Tenso
         q_THI, index_cache_BLI, meta.block_tables_SM, meta.seq_lens_S, meta.query_start_loc_S1, scores, meta.num_seqs,
         q_THI.stride(0), q_THI.stride(1), index_cache_BLI.stride(0), index_cache_BLI.stride(1),
         meta.block_tables_SM.stride(0), scores.stride(0), scores.stride(1), I, L=index_cache_BLI.shape[1],
-        BS=block_size, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
+        BS=block_size, LOCAL=local_blocks, BLOCK_N=max(16, triton.next_power_of_2(block_size)),
         BLOCK_I=max(16, triton.next_power_of_2(I)), num_warps=4)
-    own_T = (causal_lens(meta, q_THI.device) - 1) // block_size
-    for back in range(local_blocks):  # forced in, as transformers does: +inf
-        idx_T = (own_T - back).clamp(min=0)
-        scores.scatter_(-1, idx_T[:, None, None].expand(T, H, 1), float("inf"))
     k = min(topk_blocks, nb)
     vals, ids = scores.topk(k, dim=-1)
     out[..., :k] = ids.masked_fill(vals == float("-inf"), -1).to(torch.int32)
