@@ -81,6 +81,20 @@ def test_config_refusals(tmp_path, edit, match):
         ModelConfig.from_pretrained(_config_dir(tmp_path, edit))
 
 
+@pytest.mark.slow  # writes and quantizes a checkpoint
+def test_fp8_checkpoint_is_refused_naming_the_field(tmp_path):
+    """FP8 experts (`moelink quantize-fp8`'s layout, as MiniMax-M2 is published) are refused at config reading: the
+    quantized expert formats run SiLU-gated experts only, MiniMax-M3's are the clamped SwiGLU."""
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+
+    src = save_preset(tmp_path / "float", MINIMAX_M3, num_hidden_layers=2,
+                      layer_types=["full_attention", "minimax_m3_sparse"], mlp_layer_types=["dense", "sparse"])
+    dst = quantize_checkpoint(src, tmp_path / "fp8", (16, 16))
+    with pytest.raises(ValueError, match=r"quantization_config.quant_method='fp8' is not supported for "
+                                         r"MiniMaxM3VLForCausalLM: its experts' clamped SwiGLU"):
+        ModelConfig.from_pretrained(str(dst))
+
+
 def test_an_image_request_is_refused_naming_the_missing_tower(tmp_path):
     from moelink.engine.server.serving import Serving
 
