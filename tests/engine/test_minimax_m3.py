@@ -204,3 +204,55 @@ def test_pd_transfer_equals_one_engine(m3_path):
     from tests.helpers.kv_disagg import check_pd_transfer
 
     check_pd_transfer(m3_path, prompts(VOCAB, seed=31, n=4, lo=2, hi=60))
+
+
+# -- KV offload and speculative decoding ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_an_evicted_prefix_loads_back_from_the_host_tier(m3_path):
+    """K, V and the index keys of a 40-token prompt evicted to host memory and loaded back: its 39 cached tokens hit
+    (10 blocks of 4) and the tokens equal one engine's without offload."""
+    from moelink.engine import SamplingParams
+    from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+
+    kw = dict(dtype="float64", num_kv_blocks=20, block_size=4, max_num_batched_tokens=64, max_model_len=64,
+              skip_warmup=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    def run(llm, p):
+        o = llm.generate([p], greedy, use_tqdm=False)[0]
+        return o.outputs[0].token_ids, o.num_cached_tokens
+
+    target, *others = prompts(VOCAB, seed=41, n=4, lo=40, hi=41)
+    with LLM(m3_path, **kw) as llm:
+        want = run(llm, target)[0]
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    with LLM(m3_path, kv_connector=conn, **kw) as llm:
+        run(llm, target)
+        for p in others:
+            run(llm, p)
+        assert run(llm, target) == (want, 39)
+    assert conn.offload_tier_stats()["host"].hits == 10
+
+
+@pytest.mark.slow
+def test_speculative_verify_steps_equal_plain_decoding(m3_path):
+    """Verify steps (several query tokens per sequence over blocks of 4, drafts right with probability 0.7): the
+    greedy tokens equal plain decoding's."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+    from moelink.engine import SamplingParams
+
+    ps = prompts(VOCAB, seed=3, n=5, lo=10, hi=80)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    kw = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=64, block_size=4)
+    with LLM(m3_path, **kw) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+    ref = {tuple(p): w for p, w in zip(ps, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, ref, 0.7, vocab=VOCAB, seed=1)}
+    with LLM(m3_path, speculative_config=spec, **kw) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+        sd = llm.engine.stats().spec_decode
+    assert got == want and sd.num_accepted_tokens > 0
