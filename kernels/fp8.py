@@ -21,8 +21,13 @@ before down), as vLLM and SGLang run DeepSeek's experts.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .moe import MoEActivation
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -136,11 +141,13 @@ def up_row(w13q_EFD: torch.Tensor, w2q_EDI: torch.Tensor) -> int:
 def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_inv: torch.Tensor,
                             w2q_EDI: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor,
                             topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None,
-                            block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+                            block: tuple[int, int] = DEFAULT_BLOCK, *,
+                            activation: MoEActivation | None = None) -> torch.Tensor:
     """The fused MoE of moelink.kernels.moe.reference_fused_moe with FP8 block-scaled expert weights
     (w13q [E, F, D] with scales [E, ceil(F/Bn), ceil(D/Bk)], w2q [E, D, I] with [E, ceil(D/Bn), ceil(I/Bk)])
-    and W8A8 activations: the token's hidden state is group-quantized before gate/up and silu(gate) * up before
-    down. Same routing semantics (ids -1 and remote experts contribute nothing); [T, D] in x's dtype.
+    and W8A8 activations: the token's hidden state is group-quantized before gate/up and act(gate, up) before
+    down (`activation`: a kernels.moe.MoEActivation, SiLU by default; MiniMax-M3's clamped SwiGLU). Same routing
+    semantics (ids -1 and remote experts contribute nothing); [T, D] in x's dtype.
 
     w13q's rows are gate [0, I), then up [U, U + I) with U = F - I >= I (`up_row`): U = I stacks them as one
     tensor quantized whole (F = 2I); U = ceil(I / Bn) * Bn gives each piece its own blocks when I is not a
@@ -163,7 +170,8 @@ def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scal
         w2 = block_dequantize(w2q_EDI[e], w2_scale_inv[e], (bn, bk), acc)
         h_nF = xa_TD.index_select(0, tok_n) @ w13.t()
         gate_nI, up_nI = h_nF[:, :inter], h_nF[:, up : up + inter]
-        h_nI = fake_quant_activation(F.silu(gate_nI) * up_nI, bk).to(acc)
+        act_nI = F.silu(gate_nI) * up_nI if activation is None else activation(gate_nI, up_nI)
+        h_nI = fake_quant_activation(act_nI, bk).to(acc)
         y_nD = (h_nI @ w2.t()) * weights_P.index_select(0, pairs_n)[:, None].to(acc)
         out_TD.index_add_(0, tok_n, y_nD)
     return out_TD.to(x_TD.dtype)

@@ -31,8 +31,9 @@ class MoEKernels(Protocol):
     def fused_moe_fp8(self, x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_inv: torch.Tensor,
                       w2q_EDI: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor,
                       topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None,
-                      block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-        """fused_moe with FP8 block-scaled expert weights and W8A8 activations: [T, D] in x's dtype."""
+                      block: tuple[int, int] = (128, 128), *, activation: MoEActivation | None = None) -> torch.Tensor:
+        """fused_moe with FP8 block-scaled expert weights and W8A8 activations: [T, D] in x's dtype
+        (`activation` None: SiLU)."""
         ...
 
     def fused_moe_mxfp4(self, x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w13_scales_EFS: torch.Tensor,

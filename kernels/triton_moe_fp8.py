@@ -37,7 +37,8 @@ from .fp8 import DEFAULT_BLOCK, FP8_DTYPE, up_row
 from .moe_config import ConfigTable, GemmConfig, MoELaunchConfig, _pick, format_config_table
 from .moe_schedule import tma_ok
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile, triton_per_token_group_quant
-from .triton_moe import check_routing, output, sorted_fused_moe
+from .moe import SILU, MoEActivation
+from .triton_moe import activation_args, check_routing, output, sorted_fused_moe
 from .triton_moe_gemm import (WeightFormat, down_descs, gate_up_desc, load_weights, sorted_down_gemm, sorted_up_gemm)
 
 
@@ -272,7 +273,7 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
                          w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                          expert_map_G: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK, *,
                          out: torch.Tensor | None = None, config: MoELaunchConfig | None = None,
-                         combine: str = "sum") -> torch.Tensor:
+                         combine: str = "sum", activation: MoEActivation | None = None) -> torch.Tensor:
     """Same contract as fp8.reference_fused_moe_fp8: x [T, D] (float32/bfloat16/float16), FP8 expert weights with
     their block scales; [T, D] in x's dtype, rows whose experts are all remote are 0.
 
@@ -289,5 +290,6 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
                           for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv))
     fmt = Fp8Format(E, I, w13q, s13, w2q, s2, (bn, bk))
     cfg = config or get_fp8_moe_config(E, I, T, K, x_TD.device)
+    act = activation_args(activation if activation is not None else SILU)  # the gate-up epilogue's, before h's quant
     return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
-                            expert_map_G, K, cfg, out, combine)
+                            expert_map_G, K, cfg, out, combine, None, None, act)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape, reference_fused_moe_fp8
+from moelink.kernels.moe import SILU
 from moelink.kernels.mxfp4 import GROUP as MXFP4_GROUP
 from moelink.kernels.nvfp4 import GROUP as NVFP4_GROUP, SCALE_DTYPE as NVFP4_SCALE_DTYPE
 from .weight_plan import PlanEntry, WeightPlan
@@ -131,7 +132,8 @@ class Fp8BlockExperts:
       I..U-1 are zeros the kernel never reads (it takes gate rows below I and up rows from U only)."""
 
     name = "fp8"
-    supports_extras = False  # no published FP8 checkpoint has expert biases or a clamped SwiGLU
+    supports_extras = False  # no published FP8 checkpoint has expert biases
+    supports_activation = True  # the clamped SwiGLU (MiniMax-M3's experts) in the gate-up epilogue
 
     def __init__(self, block: tuple[int, int], online: bool = False, stacked: bool = False):
         self.block, self.online, self.stacked = (int(block[0]), int(block[1])), online, stacked
@@ -176,8 +178,9 @@ class Fp8BlockExperts:
     def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
         # A TritonKernels without the FP8 MoE kernel yet runs the reference (correct, slower).
         fused_moe_fp8 = getattr(kernels, "fused_moe_fp8", reference_fused_moe_fp8)
+        act = {} if layer.activation == SILU else dict(activation=layer.activation)
         return fused_moe_fp8(x_ND, layer.w13_EFD, layer.w13_scale_inv_EFD, layer.w2_EDI, layer.w2_scale_inv_EDI,
-                             weights_NK, ids_NK, block=self.block)
+                             weights_NK, ids_NK, block=self.block, **act)
 
 
 def gate_up_order(inter: int) -> torch.Tensor:

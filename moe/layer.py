@@ -120,10 +120,12 @@ class MoELayer(nn.Module):
                                     requires_grad=False)
         # w13_EFD, w2_EDI (and the format's scales) are the format's parameters, set on this layer.
         self.expert_format = expert_format if expert_format is not None else FloatExperts()
-        if not self.expert_format.supports_extras and (expert_bias or activation != SILU):
-            raise ValueError(f"expert weights in {self.expert_format.name} with expert biases or the "
+        fmt = self.expert_format
+        if not fmt.supports_extras and (expert_bias or (activation != SILU and
+                                                        not getattr(fmt, "supports_activation", False))):
+            raise ValueError(f"expert weights in {fmt.name} with expert biases or the "
                              f"{activation.kind} activation are not supported: only float (and MXFP4) experts "
-                             "take gpt-oss's biases and clamped SwiGLU.")
+                             "take gpt-oss's biases and clamped SwiGLU (and FP8 experts the activation alone).")
         self.expert_format.create(self, num_local, hidden_size, intermediate_size, dtype, device)
         factory = dict(dtype=dtype, device=device)
         self.e_score_correction_bias_G = (

@@ -81,18 +81,61 @@ def test_config_refusals(tmp_path, edit, match):
         ModelConfig.from_pretrained(_config_dir(tmp_path, edit))
 
 
-@pytest.mark.slow  # writes and quantizes a checkpoint
-def test_fp8_checkpoint_is_refused_naming_the_field(tmp_path):
-    """FP8 experts (`moelink quantize-fp8`'s layout, as MiniMax-M2 is published) are refused at config reading: the
-    quantized expert formats run SiLU-gated experts only, MiniMax-M3's are the clamped SwiGLU."""
-    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
-
-    src = save_preset(tmp_path / "float", MINIMAX_M3, num_hidden_layers=2,
-                      layer_types=["full_attention", "minimax_m3_sparse"], mlp_layer_types=["dense", "sparse"])
-    dst = quantize_checkpoint(src, tmp_path / "fp8", (16, 16))
-    with pytest.raises(ValueError, match=r"quantization_config.quant_method='fp8' is not supported for "
+def test_4bit_experts_are_refused_naming_the_field(tmp_path):
+    """The 4-bit expert formats run SiLU-gated experts only: a GPTQ checkpoint is refused at config reading."""
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
+    with pytest.raises(ValueError, match=r"quantization_config.quant_method='gptq' is not supported for "
                                          r"MiniMaxM3VLForCausalLM: its experts' clamped SwiGLU"):
-        ModelConfig.from_pretrained(str(dst))
+        ModelConfig.from_pretrained(_config_dir(tmp_path, lambda raw: raw.update(quantization_config=gptq)))
+
+
+@pytest.mark.slow  # writes, quantizes and dequantizes a checkpoint; transformers beside the engine
+def test_fp8_block_checkpoint(tmp_path):
+    """The FP8 block layout (`moelink quantize-fp8`, 16 x 16 blocks: attention, indexer, dense, shared and routed
+    projections) loads through the FP8 paths, the experts' clamped SwiGLU in the FP8 MoE's gate-up epilogue, and
+    gives the greedy tokens of transformers' float64 model on the dequantized weights with the W8A8 activation
+    rounding where the engine applies it (every FP8 linear's input, the experts' hidden state and activation)."""
+    import re
+    import types
+
+    import transformers
+
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import FP8_DTYPE, fake_quant_activation
+
+    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, hf_greedy_with
+
+    src = save_preset(tmp_path / "float", MINIMAX_M3)
+    dst = str(quantize_checkpoint(src, tmp_path / "fp8", BLOCK))
+    hf = transformers.MiniMaxM3SparseForConditionalGeneration.from_pretrained(
+        dequantized_copy(dst, tmp_path / "dequantized"), dtype=torch.float64, experts_implementation="eager").eval()
+
+    def fq(x):
+        return fake_quant_activation(x.reshape(-1, x.shape[-1]), BLOCK[1]).to(x.dtype).view_as(x)
+
+    def experts_forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.gate_up_proj.shape[0]):
+            pos, tok = torch.where(top_k_index.T == e)
+            h = fq(self._apply_gate(torch.nn.functional.linear(fq(hidden_states[tok]), self.gate_up_proj[e])))
+            out.index_add_(0, tok, torch.nn.functional.linear(h, self.down_proj[e]) * top_k_weights[tok, pos, None])
+        return out
+
+    fp8_linear = re.compile(r"language_model\..*\.(self_attn\.(q_proj|k_proj|v_proj|o_proj|indexer\.q_proj|indexer\.k_proj)"
+                            r"|mlp\.(shared_experts\.)?(gate_up_proj|down_proj))$")
+    for name, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.Linear) and fp8_linear.search(name):
+            mod.register_forward_pre_hook(lambda m, args: (fq(args[0]),) + tuple(args[1:]))
+        elif name.endswith("mlp.experts"):
+            mod.forward = types.MethodType(experts_forward, mod)
+    ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=60)
+    with LLM(dst, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8) as llm:
+        layer = llm.engine.executor.worker.runner.model.layers[1]
+        assert layer.self_attn.qkv_proj.weight.dtype == FP8_DTYPE == layer.self_attn.indexer.q_proj.weight.dtype
+        assert layer.moe.w13_EFD.dtype == FP8_DTYPE and layer.moe.gate_GD.dtype != FP8_DTYPE
+        got = engine_greedy(llm, ps, max_new=6)
+    assert len({t for g in got for t in g}) > 5, "degenerate model"
+    assert got == hf_greedy_with(hf, ps, 6)
 
 
 def test_an_image_request_is_refused_naming_the_missing_tower(tmp_path):

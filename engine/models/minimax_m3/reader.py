@@ -27,15 +27,19 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     (swiglu_alpha, swiglu_limit; transformers rewrites hidden_act to silu and never reads it); every norm zero-centred
     (weight + 1)."""
     layers = c["num_layers"]
-    quant = c.get("quantization")
-    if quant is not None and quant.is_quantized(f"model.layers.{layers - 1}.block_sparse_moe.experts.0.w1"):
-        # moelink's quantized expert formats run SiLU-gated experts only (moe/layer.py): the clamped SwiGLU runs
-        # in float experts (and gpt-oss's MXFP4).
-        raise unsupported("quantization_config.quant_method", quant.method, "none (float weights)",
-                          f" for {arch}: its experts' clamped SwiGLU (swiglu_alpha, swiglu_limit) runs in float "
-                          f"experts only")
-    attn_types = layer_kinds(hf, "layer_types", ATTENTION_TYPES, layers)
     mlp_types = layer_kinds(hf, "mlp_layer_types", MLP_TYPES, layers)
+    quant = c.get("quantization")
+    if quant is not None and quant.method != "fp8" and any(
+            quant.is_quantized(f"model.layers.{i}.block_sparse_moe.experts")  # what the routed FFN asks (ffn.py)
+            for i, t in enumerate(mlp_types) if t == "sparse"):
+        # moelink's 4-bit expert formats run SiLU-gated experts only (moe/layer.py): the clamped SwiGLU runs in
+        # float and FP8 experts (and gpt-oss's MXFP4).
+        raw = getattr(hf, "quantization_config", None)
+        method = raw.get("quant_method", quant.method) if isinstance(raw, dict) else quant.method
+        raise unsupported("quantization_config.quant_method", method, "none (float weights) or 'fp8'",
+                          f" for {arch}: its experts' clamped SwiGLU (swiglu_alpha, swiglu_limit) runs in float "
+                          f"and FP8 experts only")
+    attn_types = layer_kinds(hf, "layer_types", ATTENTION_TYPES, layers)
     factor = rope.get("partial_rotary_factor", 1.0)
     rope_cfg = rope_config(rope, c, rotary_dim(c["head_dim"], factor))
     indexer = None
