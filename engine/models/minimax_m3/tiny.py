@@ -30,7 +30,7 @@ MINIMAX_M3_TEXT: Preset = ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", TE
 MINIMAX_M3: Preset = ("MiniMaxM3VLConfig", "MiniMaxM3SparseForConditionalGeneration", dict(TEXT, vision_config=VISION))
 
 ARCHS = {
-    "minimax_m3": TinyArch("MiniMaxM3SparseForConditionalGeneration", "MiniMax-M3 (its text model)", ("float",),
+    "minimax_m3": TinyArch("MiniMaxM3SparseForConditionalGeneration", "MiniMax-M3 (its text model)", ("float", "fp8"),
                            write=preset_writer(MINIMAX_M3, drawn=True), expert_width="intermediate_size"),
 }
 
