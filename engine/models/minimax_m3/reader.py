@@ -17,15 +17,16 @@ ATTENTION_TYPES = ("full_attention", "minimax_m3_sparse")
 
 def read(arch: str, hf, c: dict, rope: dict) -> dict:
     """MiniMax-M3's text model, as transformers 5.24 builds it (MiniMaxM3VLForCausalLM): every layer GQA with q and k
-    RMS-normed per head before rotary, rotary over int(head_dim * partial_rotary_factor) dims (transformers reads
-    no rotary_dim here: the field is ignored, as it is there); layer_types minimax_m3_sparse adds the block indexer
+    RMS-normed per head before rotary, rotary over int(head_dim * partial_rotary_factor) dims (transformers 5.24's
+    MiniMax-M3 config, unlike MiniMax-M2's, does not turn a rotary_dim field into that factor: moelink reads the file
+    as transformers does); layer_types minimax_m3_sparse adds the block indexer
     (engine/config/block_sparse_attention.py: index_n_heads heads of index_head_dim, blocks of index_block_size
     positions, index_topk_blocks kept of which index_local_blocks the query's own and those before it);
     mlp_layer_types a dense MLP dense_intermediate_size wide, or intermediate_size-wide routed experts (sigmoid
     scores, the top-k of scores + e_score_correction_bias, the unbiased weights renormalised and times
     routed_scaling_factor) beside one shared expert shared_intermediate_size wide; every MLP the clamped SwiGLU
     (swiglu_alpha, swiglu_limit; transformers rewrites hidden_act to silu and never reads it); every norm zero-centred
-    (weight + 1)."""
+    (weight + 1). Quantized experts: FP8 only (the 4-bit formats run SiLU-gated experts)."""
     layers = c["num_layers"]
     mlp_types = layer_kinds(hf, "mlp_layer_types", MLP_TYPES, layers)
     quant = c.get("quantization")
