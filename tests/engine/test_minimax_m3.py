@@ -224,6 +224,20 @@ def test_prefix_cache_hit_parity(m3_path):
     check_prefix_cache_parity(LLM, m3_path, VOCAB, n=3, max_suffix=5)
 
 
+# An index head per query head; one for all four with no local block (a query may lose its own block); blocks of 5
+# (not a power of two, across the paged blocks of 8) with 2 kept.
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [dict(index_n_heads=4),
+                                       dict(index_n_heads=1, index_local_blocks=0, index_topk_blocks=3),
+                                       dict(index_block_size=5, index_topk_blocks=2, index_local_blocks=1)])
+def test_indexer_variants_match_transformers(tmp_path, overrides):
+    path = save_preset(tmp_path, MINIMAX_M3, **overrides)
+    ps = prompts(VOCAB, seed=17, n=4, lo=1, hi=120)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8)
+    assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+    assert_pool_free(llm)
+
+
 @pytest.mark.slow
 def test_text_only_checkpoint_in_transformers_names(tmp_path):
     """The text model alone, as transformers' MiniMaxM3VLForCausalLM saves it (its own names: experts fused, the
