@@ -112,11 +112,16 @@ def triton_block_sparse_select(q_THI: torch.Tensor, index_cache_BLI: torch.Tenso
                                max_len: int | None = None) -> torch.Tensor:
     """Same contract as `reference_block_sparse_select`: int32 [T, H, topk_blocks], -1 padded. One launch scores
     every visible block of every (token, index head), and the local ones +inf, into a float32 [T, H, ceil(W /
-    block_size)] workspace (W = `max_len`, a bound of every sequence's length the caller guarantees: max_model_len,
-    so a decode graph replays with any lengths; else the host max_seq_len), then torch.topk on the device. No host
-    sync."""
+    block_size)] workspace, then torch.topk on the device. W: for a decode step `max_len`, a bound of every
+    sequence's length the caller guarantees (max_model_len), so a decode graph replays with any lengths; for a
+    multi-token step the host max_seq_len (within max_len). No host sync."""
     T, H, I = q_THI.shape
-    W = meta.max_seq_len if max_len is None else max_len
+    # Decode steps: max_len wide (their host lengths may be a graph's placeholders); multi-token steps (never
+    # captured) the host bound, so a long prefill's workspace is as wide as its context, not max_model_len.
+    if meta.max_query_len == 1 and max_len is not None:
+        W = max_len
+    else:
+        W = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
     nb = max(1, -(-W // block_size))
     scores = torch.full((T, H, nb), float("-inf"), dtype=torch.float32, device=q_THI.device)
     out = torch.full((T, H, topk_blocks), -1, dtype=torch.int32, device=q_THI.device)

@@ -104,14 +104,18 @@ def test_triton_attention_fp8_cache_scales(gen, kdev):
     assert err < 1e-5, err
 
 
+DECODES = [(37, 1), (9, 1), (1, 1), (20, 1)]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("ctx_q", [CTX_Q, DECODES], ids=["mixed", "decodes"])
 @pytest.mark.parametrize("block_size,topk,local", [(3, 4, 2), (8, 2, 1), (3, 3, 0)])
-def test_triton_selection_matches_reference(gen, kdev, block_size, topk, local):
-    """The Triton selection (its workspace sized by a max_len above every length, as a decode graph's) keeps the
-    reference's blocks, as sets per (token, index head)."""
+def test_triton_selection_matches_reference(gen, kdev, block_size, topk, local, ctx_q):
+    """The Triton selection keeps the reference's blocks, as sets per (token, index head): a mixed step scored as
+    wide as its host bound, a decode step max_len (64) wide, as a decode graph's."""
     from moelink.kernels.triton_block_sparse import triton_block_sparse_select
 
-    meta = meta_of(gen, CTX_Q, "cpu")
+    meta = meta_of(gen, ctx_q, "cpu")
     T = sum(meta.query_lens)
     index = cache_of(gen, meta, I, torch.float32, "cpu")
     q = torch.randn(T, HI, I, generator=gen)
