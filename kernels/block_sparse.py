@@ -74,10 +74,12 @@ def reference_block_sparse_select(q_THI: torch.Tensor, index_cache_BLI: torch.Te
 
 def reference_block_sparse_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
                                      meta: AttentionMetadata, blocks_TNS: torch.Tensor, block_size: int,
-                                     scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                                     scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                                     group: int = 1) -> torch.Tensor:
     """Attention of each query head over its selected blocks only (module docstring): [T, N, Hv] in q's dtype;
     scores, softmax and P @ V in float32 (float64 for float64 inputs); an fp8 cache's values count as stored times
-    their scale."""
+    their scale. `group` (runs of consecutive query heads that share their selection, the Triton kernel's unit of
+    work) changes nothing here: every head reads its own row."""
     T, N, H = q_TNH.shape
     _, L, K, Hv = v_cache_BLKH.shape
     if blocks_TNS.dim() != 3 or tuple(blocks_TNS.shape[:2]) != (T, N):

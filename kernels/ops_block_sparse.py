@@ -26,8 +26,9 @@ class BlockSparseKernels(Protocol):
 
     def block_sparse_attention(self, q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
                                meta: AttentionMetadata, blocks_TNS: torch.Tensor, block_size: int, scale: float,
-                               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-        """GQA where query head n of token t attends causally to the blocks blocks_TNS[t, n] only: [T, N, Hv]."""
+                               k_scale: float = 1.0, v_scale: float = 1.0, group: int = 1) -> torch.Tensor:
+        """GQA where query head n of token t attends causally to the blocks blocks_TNS[t, n] only: [T, N, Hv].
+        `group`: runs of that many consecutive query heads share their selection (a kernel may read one per run)."""
         ...
 
 

@@ -16,6 +16,7 @@ heads (a selection is per index head, a group of N / H query heads).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -83,6 +84,9 @@ class BlockSparseAttention(GQAAttention):
                                      max_model_len) if ix is not None else None)
         # Query heads per index head, over the whole model's heads (attn is the unsharded config).
         self.heads_per_index = attn.num_heads // ix.num_heads if ix is not None else 1
+        # Runs of this rank's consecutive heads that share one selection (this rank's heads start at a multiple of
+        # its head count): the attention kernel's unit of work (it also keeps a run within one kv head).
+        self.selection_run = math.gcd(self.heads_per_index, self.num_heads)
 
     def _attend(self, q_TNH: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext,
                 attn, kv_scales: dict) -> torch.Tensor:
@@ -94,7 +98,8 @@ class BlockSparseAttention(GQAAttention):
         blocks_TNS = blocks_THS.repeat_interleave(self.heads_per_index, dim=1)
         blocks_TNS = blocks_TNS[:, self.q_head0:self.q_head0 + self.num_heads].contiguous()
         return self.kernels.block_sparse_attention(q_TNH, k_cache, v_cache, attn, blocks_TNS,
-                                                   self.indexer.cfg.block_size, self.scale, **kv_scales)
+                                                   self.indexer.cfg.block_size, self.scale, **kv_scales,
+                                                   group=self.selection_run)
 
     def weight_plan(self, p: str) -> WeightPlan:
         plan = super().weight_plan(p)

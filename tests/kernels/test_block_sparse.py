@@ -68,9 +68,10 @@ def test_selection_contract(gen):
 
 
 @pytest.mark.slow  # the interpreter: seconds per case
+@pytest.mark.parametrize("group", [1, 2])  # 2: each index head's two query heads in one program (their kv head's)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size,topk,local", [(3, 4, 2), (8, 2, 1), (3, 3, 0), (4, 10, 1)])
-def test_triton_attention_matches_reference(gen, kdev, dtype, block_size, topk, local):
+def test_triton_attention_matches_reference(gen, kdev, dtype, block_size, topk, local, group):
     from moelink.kernels.triton_block_sparse import triton_block_sparse_attention
 
     meta = meta_of(gen, CTX_Q, "cpu")
@@ -80,7 +81,7 @@ def test_triton_attention_matches_reference(gen, kdev, dtype, block_size, topk, 
     q = torch.randn(T, N, H, generator=gen).to(dtype)
     want = reference_block_sparse_attention(q.double(), k.double(), v.double(), meta, sel, block_size, 0.25)
     got = triton_block_sparse_attention(q.to(kdev), k.to(kdev), v.to(kdev), meta_to(meta, kdev), sel.to(kdev),
-                                        block_size, 0.25).cpu()
+                                        block_size, 0.25, group=group).cpu()
     assert got.dtype == dtype and not got.isnan().any()
     err = (got.double() - want).norm() / want.norm()
     assert err < REL_TOL[dtype], err
@@ -99,7 +100,7 @@ def test_triton_attention_fp8_cache_scales(gen, kdev):
     q = torch.randn(T, N, H, generator=gen)
     want = reference_block_sparse_attention(q.double(), k8, v8, meta, sel, 3, 0.25, k_scale=0.5, v_scale=2.0)
     got = triton_block_sparse_attention(q.to(kdev), k8.to(kdev), v8.to(kdev), meta_to(meta, kdev), sel.to(kdev), 3,
-                                        0.25, k_scale=0.5, v_scale=2.0).cpu()
+                                        0.25, k_scale=0.5, v_scale=2.0, group=2).cpu()
     err = (got.double() - want.double()).norm() / want.double().norm()
     assert err < 1e-5, err
 
