@@ -34,10 +34,10 @@ def compile_block_sparse(rec: Recorder, quick: bool) -> None:
                 with rec.labelled(f"minimax-m3 block indexer scores ({HI} heads of {I}, blocks of {BS}), {label}"):
                     triton_block_sparse_select(torch.empty(T, HI, I, dtype=dt, **meta), index_cache, m, BS, S, 1,
                                                MAX_LEN)
-            with rec.labelled(f"minimax-m3 block-sparse attention ({N} heads, {S} blocks of {BS}), {label}, "
+            with rec.labelled(f"minimax-m3 block-sparse attention ({N} heads in runs of {N // HI}, {S} blocks of {BS}), {label}, "
                               f"{str(cache_dt)[6:]} cache"):
                 triton_block_sparse_attention(torch.empty(T, N, H, dtype=dt, **meta), k_cache, v_cache, m,
-                                              i32(T, N, S), BS, 0.1)
+                                              i32(T, N, S), BS, 0.1, group=N // HI)  # 16 heads per program
 
 
 if __name__ == "__main__":  # registers / spills of each kernel, without the report
