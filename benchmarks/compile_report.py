@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|int4|gdn|dsa|compressed] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|int4|gdn|dsa|block_sparse|compressed] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -49,6 +49,7 @@ from .compile_report_text import (ATTN_DOT_KERNELS, FP8_GEMM_KERNELS, GEMM_KERNE
 from .compile_cases import (MODEL_SHAPES, TARGET_NAME, Recorder, compile_attention, compile_fp8,  # noqa: F401
                             compile_mla, compile_moe, compile_norm_rotary)
 from .compile_cases_decode import compile_decode_inputs
+from .compile_cases_block_sparse import compile_block_sparse
 from .compile_cases_dsa import compile_dsa
 from .compile_cases_compressed_attention import compile_compressed_attention
 from .compile_cases_gdn import compile_gdn
@@ -154,6 +155,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_gdn(rec, quick)
     if only in (None, "dsa"):
         compile_dsa(rec, quick)
+    if only in (None, "block_sparse"):
+        compile_block_sparse(rec, quick)
     if only in (None, "compressed"):
         compile_compressed_attention(rec, quick)
     ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
@@ -180,7 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
     ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4", "int4", "gdn", "dsa",
-                                          "compressed"],
+                                          "block_sparse", "compressed"],
                     default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
@@ -247,6 +250,7 @@ def retime(rep: dict, published: bool = True) -> dict:
                 lambda: compile_attention(rec, False), lambda: compile_mla(rec, False),
                 lambda: compile_norm_rotary(rec, False), lambda: compile_decode_inputs(rec, False),
                 lambda: compile_fp8(rec, False), lambda: compile_gdn(rec, False), lambda: compile_dsa(rec, False),
+                lambda: compile_block_sparse(rec, False),
                 lambda: compile_compressed_attention(rec, False)):
         run()
     seconds = {}
@@ -303,6 +307,7 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                            "_tiny_int4_down_kernel"),
                   "dsa": ("_index_scores_kernel", "_topk_kernel", "_partial_topk_kernel", "_merge_topk_kernel",
                           "_sparse_mla_kernel", "_write_fp8_keys_kernel", "_pool_scores_kernel", "_pool_select_kernel"),
+                  "block_sparse": ("_block_scores_kernel", "_block_sparse_kernel"),
                   # compressed-KV attention and hyper-connections, DeepSeek-V4's (its top-k runs DSA's selection
                   # kernels: those stay the dsa family's)
                   "compressed": ("_compress_kv_kernel", "_compressed_index_scores_kernel", "_sink_attention_kernel",

@@ -21,8 +21,13 @@ before down), as vLLM and SGLang run DeepSeek's experts.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .moe import MoEActivation
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -136,11 +141,13 @@ def up_row(w13q_EFD: torch.Tensor, w2q_EDI: torch.Tensor) -> int:
 def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_inv: torch.Tensor,
                             w2q_EDI: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor,
                             topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None,
-                            block: tuple[int, int] = DEFAULT_BLOCK, *, activation=None) -> torch.Tensor:
+                            block: tuple[int, int] = DEFAULT_BLOCK, *,
+                            activation: MoEActivation | None = None) -> torch.Tensor:
     """The fused MoE of moelink.kernels.moe.reference_fused_moe with FP8 block-scaled expert weights
     (w13q [E, F, D] with scales [E, ceil(F/Bn), ceil(D/Bk)], w2q [E, D, I] with [E, ceil(D/Bn), ceil(I/Bk)])
-    and W8A8 activations: the token's hidden state is group-quantized before gate/up and silu(gate) * up before
-    down. Same routing semantics (ids -1 and remote experts contribute nothing); [T, D] in x's dtype.
+    and W8A8 activations: the token's hidden state is group-quantized before gate/up and act(gate, up) before
+    down (`activation`: a kernels.moe.MoEActivation, SiLU by default; MiniMax-M3's clamped SwiGLU). Same routing
+    semantics (ids -1 and remote experts contribute nothing); [T, D] in x's dtype.
 
     w13q's rows are gate [0, I), then up [U, U + I) with U = F - I >= I (`up_row`): U = I stacks them as one
     tensor quantized whole (F = 2I); U = ceil(I / Bn) * Bn gives each piece its own blocks when I is not a

@@ -19,6 +19,7 @@ import torch
 from . import registry
 from .attention import AttentionMetadata
 from .ops_attention import AttentionKernels
+from .ops_block_sparse import BlockSparseKernels
 from .ops_dense import DenseKernels
 from .ops_dsa import DSAKernels
 from .ops_compressed_attention import CompressedAttentionKernels
@@ -30,8 +31,8 @@ from .ops_norm import NormKernels
 from .ops_router import RouterKernels
 
 
-class Kernels(NormKernels, AttentionKernels, MLAKernels, DSAKernels, CompressedAttentionKernels, HyperConnectionKernels,
-              RouterKernels, DenseKernels, MoEKernels, GatedDeltaKernels, Protocol):
+class Kernels(NormKernels, AttentionKernels, MLAKernels, DSAKernels, BlockSparseKernels, CompressedAttentionKernels,
+              HyperConnectionKernels, RouterKernels, DenseKernels, MoEKernels, GatedDeltaKernels, Protocol):
     """What a kernel backend gives the model: every family's ops, each taking the arguments of its plain-torch
     reference (the contract and the oracle) and returning what it returns; a backend may take more keywords.
     tests/kernels/test_kernels_protocol.py checks each protocol against the references and every backend against it."""

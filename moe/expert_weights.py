@@ -134,7 +134,7 @@ class Fp8BlockExperts:
     name = "fp8"
     supports_extras = False  # no published FP8 checkpoint has expert biases
     # Gated activations besides SiLU (the kernels' gate-up epilogue): Hunyuan Hy4-preview-FP8's clamped SwiGLU.
-    activations = ("silu_clamp",)
+    activations = ("silu_clamp", "swiglu_oai")
 
     def __init__(self, block: tuple[int, int], online: bool = False, stacked: bool = False):
         self.block, self.online, self.stacked = (int(block[0]), int(block[1])), online, stacked

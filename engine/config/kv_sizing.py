@@ -23,7 +23,8 @@ CPU_KV_CAP_BYTES = 1 << 30  # 1 GiB: ample for tiny CPU models; the machine need
 
 def kv_cache_bytes_per_token_per_layer(cfg: "ModelConfig") -> int:
     """What one token stores in one layer's cache, as its attention kind lays the cache out: a K and a V per kv
-    head (GQA), or one latent + rope key (MLA: (kv_lora_rank + qk_rope_head_dim) values, and DeepSeek Sparse
+    head (GQA; block-sparse attention, MiniMax-M3's sparse layers, adds its indexer's key: index_head_dim values in
+    the cache's dtype, bf16 under an fp8 cache), or one latent + rope key (MLA: (kv_lora_rank + qk_rope_head_dim) values, and DeepSeek Sparse
     Attention's indexer key: index_head_dim float values, or its fp8 row of index_head_dim e4m3 bytes padded to 4
     plus a float32 scale per 128 values, 132 bytes for DeepSeek-V3.2: --index-cache-dtype), in the cache's dtype
     (one byte per value with --kv-cache-dtype fp8). The model-wide attention's: where layers differ

@@ -323,22 +323,21 @@ class MoEConfig:
     # Zero-computation experts (LongCat-Flash's zero_expert_num): the router scores this many more than the routed
     # experts, and a pick of one is the token itself times its weight (moe/layer.MoELayer): no weights, no traffic.
     zero_experts: int = 0
-    # The dense MLPs' and shared experts' SwiGLU clamped at this limit as the experts' "silu_clamp" (GLM-5.3-Flash's
-    # swiglu_limit on every MLP); None: plain SwiGLU.
-    mlp_swiglu_limit: float | None = None
+    # The gated activation of the dense layers' MLP and the shared experts, with the experts' swiglu_alpha /
+    # swiglu_limit: MiniMax-M3's "swiglu_oai", GLM-5.3-Flash's "silu_clamp"; "silu" for every other family.
+    dense_activation: str = "silu"
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
             raise ValueError(f"MoEConfig router={self.router!r} must be a moelink.moe.router.RouterConfig.")
-        if self.activation not in MOE_ACTIVATIONS:
-            raise ValueError(f"MoEConfig activation={self.activation!r} is invalid: allowed: {', '.join(MOE_ACTIVATIONS)}.")
+        for name in ("activation", "dense_activation"):
+            if getattr(self, name) not in MOE_ACTIVATIONS:
+                raise ValueError(f"MoEConfig {name}={getattr(self, name)!r} is invalid: allowed: "
+                                 f"{', '.join(MOE_ACTIVATIONS)}.")
         for name in ("swiglu_alpha", "swiglu_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise unsupported(name, v, "a number > 0")
-        v = self.mlp_swiglu_limit
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise unsupported("swiglu_limit", v, "a number > 0")
         for name in ("n_shared_experts", "first_k_dense_replace", "shared_expert_intermediate_size", "zero_experts"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

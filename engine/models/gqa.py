@@ -113,7 +113,7 @@ class GQAAttention(nn.Module):
         k_TKH = k_TK.view(T, self.num_kv_heads, self.head_dim)
         v_TKH = v_TK.view(T, self.num_kv_heads, self.v_head_dim)
         head_norm = self.q_norm is not None and not self.all_heads_norm
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx][:2]
         # A sliding layer reads its group's own table when it has one (its tensors are shared with a full layer).
         attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
         fp8 = k_cache.dtype in FP8_CACHE_DTYPES
@@ -130,12 +130,18 @@ class GQAAttention(nn.Module):
                 q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
-        o_TNH = self.kernels.paged_attention(q_TNH.contiguous(), k_cache, v_cache, attn, self.scale,
-                                             **self._extras(), **kv_scales)
+        o_TNH = self._attend(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales)
         o_TO = o_TNH.reshape(T, self.o_size)
         if gate_TQ is not None:
             o_TO = o_TO * torch.sigmoid(gate_TQ)
         return self.o_proj(o_TO, self.o_bias)
+
+    def _attend(self, q_TNH: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext,
+                attn, kv_scales: dict) -> torch.Tensor:
+        """The attention itself, over the paged cache this step's K/V are written to: [T, N, Hv] (a kind built on
+        GQA attends its own way: block-sparse attention, engine/models/block_sparse.py)."""
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx][:2]
+        return self.kernels.paged_attention(q_TNH, k_cache, v_cache, attn, self.scale, **self._extras(), **kv_scales)
 
     def _all_heads_norm(self, q_TQ: torch.Tensor, k_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MiniMax-M2's q/k RMSNorm over every head. Under TP a rank holds some heads, so their mean square is a

@@ -5,7 +5,7 @@ Legend: T tokens in the flat batch, D hidden, I intermediate size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -111,11 +111,12 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype, device=None, *, kernels: Kernels | None = None,
                  quant=None, prefix: str = "", tp: TensorParallel | None = None, reduce: bool = True,
-                 swiglu_limit: float | None = None):
+                 activation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         """quant: engine/config/quantization.py's config (None = float); prefix: the checkpoint names' prefix
         ("model.layers.{i}.mlp."), which modules_to_not_convert is matched against. tp: the rank's TensorParallel
         (None: whole): gate_up column-parallel over the intermediate size, down row-parallel (an all-reduce; with
-        reduce False the partial sum is returned for the caller to all-reduce with the routed experts')."""
+        reduce False the partial sum is returned for the caller to all-reduce with the routed experts').
+        activation: act(gate, up) in place of SiLU(gate)·up (MiniMax-M3's clamped SwiGLU: kernels.moe.MoEActivation)."""
         super().__init__()
         col = row = None
         if tp is not None and tp.size > 1:
@@ -130,15 +131,11 @@ class DenseMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, linear_method(quant, prefix + "down_proj"), kernels,
                                 dtype, device, parallel=row)
         # SiLU(gate)·up: one launch with the Triton kernels (kernels/silu_mul.py); torch's two ops without kernels.
-        self.silu_mul = getattr(kernels, "silu_mul", reference_silu_mul)
-        # GLM-5.3-Flash's clamped SwiGLU: silu(min(gate, limit)) * clamp(up, -limit, limit) (MoEConfig.mlp_swiglu_limit).
-        self.swiglu_limit = swiglu_limit
+        self.silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+            activation or getattr(kernels, "silu_mul", reference_silu_mul))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         gate_TI, up_TI = self.gate_up_proj.split(self.gate_up_proj(x_TD))
-        if self.swiglu_limit is not None:
-            limit = self.swiglu_limit
-            gate_TI, up_TI = gate_TI.clamp(max=limit), up_TI.clamp(min=-limit, max=limit)
         return self.down_proj(self.silu_mul(gate_TI, up_TI))
 
     def weight_plan(self, p: str) -> WeightPlan:

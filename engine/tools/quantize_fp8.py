@@ -32,7 +32,7 @@ from ..config.quantization import Fp8Config, quantization_config_dict
 # Hunyuan Hy4's published `linear_gate` (the attention's output gate, the MLPs' gate_proj) with its other linears.
 _QUANTIZED = re.compile(
     r"\.(self_attn\.(\d+\.)?(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|indexer\.wq_b"
-    r"|indexer\.wk|linear_gate)"
+    r"|indexer\.wk|linear_gate|index_q_proj|index_k_proj)"
     r"|(mlp|mlps\.\d+|block_sparse_moe)\.(shared_experts\.)?(gate_proj|up_proj|down_proj|linear_gate)"
     r"|(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$"
     r"|\.(mlp)\.experts\.(gate_up_proj|down_proj)$"

@@ -24,7 +24,7 @@ def test_every_architecture_names_registered_kinds():
         CHECKPOINT.get(spec.checkpoint)
         if spec.ffn:
             FFN.get(spec.ffn)
-    assert {"gqa", "mla", "linear", "compressed"} <= set(ATTENTION.names())
+    assert {"gqa", "mla", "block_sparse", "linear", "compressed"} <= set(ATTENTION.names())
     assert set(FFN.names()) == {"dense", "routed", "routed_shared", "token_routed"}
     assert set(RESIDUAL.names()) == {"prenorm", "hyper", "hc_prenorm", "shortcut_pair", "independent_hyper"}
     assert REGISTRY["DeepseekV4ForCausalLM"].spec.residual == "hyper"

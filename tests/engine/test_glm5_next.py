@@ -8,7 +8,7 @@ drafts roll the KDA states back, and prefill on one engine, decode on another (t
 indexer rows travel); what each TP rank reads. What the family adds: the hyper-connection prenorm
 layer and the mean head (engine/models/glm5_next/kinds.py over engine/models/hyper_connections.py), NoPE MLA held
 with a zero rope part (MLAConfig.rope_in_checkpoint), the pooled DSA selection (IndexerConfig.kpool,
-kernels/dsa.reference_dsa_pool_topk) and the clamped SwiGLU of every MLP (MoEConfig.mlp_swiglu_limit); KDA with the
+kernels/dsa.reference_dsa_pool_topk) and the clamped SwiGLU of every MLP (MoEConfig.dense_activation "silu_clamp"); KDA with the
 safe gate is Kimi Delta Attention's (engine/models/kimi_delta.py). Each was checked to matter: with the pools' table
 zeroed, the clamp dropped, or the head taking one stream, the parity test fails."""
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_config(tmp_path):
     assert [cfg.attention_for(i).indexer.shared for i in (1, 2, 4)] == [False, True, False]
     assert cfg.hyper_connections.hc_mult == 4 and cfg.hyper_connections.sinkhorn_iters == 20
     m = cfg.moe
-    assert (m.activation, m.swiglu_limit, m.mlp_swiglu_limit, m.n_shared_experts) == ("silu_clamp", 1.0, 1.0, 1)
+    assert (m.activation, m.swiglu_limit, m.dense_activation, m.n_shared_experts) == ("silu_clamp", 1.0, "silu_clamp", 1)
     assert (m.router.n_group, m.router.topk_group, m.router.scoring_func) == (2, 1, "sigmoid")
     assert cfg.sparse_layers == (1, 2, 3, 4, 5)
     # Per token: three MLA latents (16 + the 64-wide zero rope part) and two indexers' [key | gate] rows (2 x 12),

@@ -23,6 +23,9 @@ transformers itself:
 - GLM-5.3-Flash: hyper-connection streams whole on every rank, KDA heads split, NoPE MLA heads split (each rank its
   heads' q_b_proj rows into the nope part of its zero-padded heads) beside the pooled indexer whole on every rank;
   and at EP 2 against transformers' forward without a cache (clamped SwiGLU experts 4 / 4, the shared one on both).
+- MiniMax-M3: block-sparse attention (the block indexer whole on every rank, each rank its query heads' selections
+  and kv heads), the clamped SwiGLU of the dense and shared MLPs split by channels; and at EP 2 against transformers
+  on its multimodal checkpoint.
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from moelink.engine.models.exaone_moe.tiny import EXAONE
 from moelink.engine.models.glm5_next.tiny import write as write_glm5_next
 from moelink.engine.models.hy_v4.tiny import tiny_config as hy4_config, tiny_model as hy4_model
 from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
+from moelink.engine.models.minimax_m3.tiny import MINIMAX_M3
 
 from tests.helpers import hf_checkpoints, longcat_checkpoints, m2_checkpoints
 from tests.helpers.drawn_presets import VOCAB, save_preset
@@ -92,6 +96,11 @@ def test_tp_longcat_matches_one_rank(local_ray, tmp_path):
     _tp_equals_one_rank(path, longcat_checkpoints.VOCAB, seed=41, hi=40)
 
 
+def test_tp_minimax_m3_block_sparse_matches_one_rank(local_ray, tmp_path):
+    # Prompts of 18..40 tokens: past 4 blocks of 4, so prefill and decode drop blocks on the sparse layers.
+    _tp_equals_one_rank(save_preset(tmp_path, MINIMAX_M3), VOCAB, seed=71, lo=18, hi=40)
+
+
 @pytest.mark.parametrize("name", ["kimi_linear", "bailing_hybrid"])
 def test_tp_kda_families_match_one_rank(local_ray, tmp_path, name):
     # Chunked prefill over the KDA states (prompts past the 24-token budget), then decodes: each rank its heads'
@@ -102,11 +111,13 @@ def test_tp_kda_families_match_one_rank(local_ray, tmp_path, name):
 
 # EXAONE-MoE: 8 routed experts 4 / 4, the shared expert on both ranks. LongCat-Flash: 6 routed experts 3 / 3 beside 2
 # zero-computation ones (this all-to-all looks every id up, so their picks travel to expert 0 with weight 0). Kimi
-# Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states.
+# Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states. MiniMax-M3: 6 experts 3 / 3, the shared expert on
+# both ranks, block-sparse attention whole on each.
 EP_CASES = {"exaone": (lambda out: save_preset(out, EXAONE, num_hidden_layers=4), 29),
             "longcat": (longcat_checkpoints.save_longcat_checkpoint, 43),
             "kimi_linear": (lambda out: save_preset(out, KIMI_LINEAR), 59),
-            "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67)}
+            "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67),
+            "minimax_m3": (lambda out: save_preset(out, MINIMAX_M3), 73)}
 
 
 @pytest.mark.parametrize("name", list(EP_CASES))

@@ -35,7 +35,8 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_partial_topk_kernel", "_merge_topk_kernel", "_write_fp8_keys_kernel",
                "_compress_kv_kernel", "_compressed_index_scores_kernel", "_sink_attention_kernel",
                "_grouped_linear_kernel", "_hc_expand_kernel", "_paged_scores_kernel",
-               "_paged_sink_attention_kernel", "_paged_merge_kernel", "_pool_scores_kernel", "_pool_select_kernel"}
+               "_paged_sink_attention_kernel", "_paged_merge_kernel", "_pool_scores_kernel", "_pool_select_kernel",
+               "_block_scores_kernel", "_block_sparse_kernel"}
 
 
 def report() -> dict:

@@ -243,6 +243,25 @@ def test_fused_moe_fp8_up_rows_on_a_block_boundary(T, E, K, D, I, dtype, block, 
     _check_rows(got, want, dtype, f"fused_moe_fp8 padded up rows I={I} U={U}", seed, flips=2)
 
 
+@pytest.mark.parametrize("T,E,K,D,I,dtype", [(11, 4, 2, 130, 96, torch.float32), (6, 3, 2, 128, 128, torch.bfloat16)])
+def test_fused_moe_fp8_clamped_swiglu(T, E, K, D, I, dtype, gen, kdev, seed):
+    """MiniMax-M3's experts: the clamped SwiGLU (swiglu_oai, limit 7) in the FP8 gate-up epilogue, before h is
+    quantized; the reference applies the same activation (and differs from SiLU's)."""
+    from moelink.kernels.moe import MoEActivation
+
+    act = MoEActivation("swiglu_oai", 1.702, 7.0)
+    x = _x(gen, T, D, dtype) * 4  # gate and up past the clamp for some channels
+    w13q, w13s = _weight(gen, E, 2 * I, D)
+    w2q, w2s = _weight(gen, E, D, I)
+    ids = _routing(gen, T, E, K, "rand")
+    weights = torch.rand(T, K, generator=gen)
+    want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, None, activation=act)
+    silu = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, None)
+    assert not torch.allclose(want, silu)
+    got = triton_fused_moe_fp8(*_to(kdev, x, w13q, w13s, w2q, w2s, weights, ids), None, activation=act)
+    _check_rows(got, want, dtype, f"fused_moe_fp8 swiglu_oai T={T}", seed, flips=2)
+
+
 def _check_rows(got, want, dtype, what, seed, flips):
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     got64 = got.double().cpu()

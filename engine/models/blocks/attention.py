@@ -1,6 +1,7 @@
 """Attention kinds (token mixers), registered by the `kind` of a layer's attention config
 (ModelConfig.attention_for): "gqa" (gqa.py; sliding windows and sinks are its config), "mla" (mla.py; with an
-indexer in its config, DeepSeek Sparse Attention: dsa.py), "linear" (gated DeltaNet, gated_deltanet.py), "kda" (Kimi Delta
+indexer in its config, DeepSeek Sparse Attention: dsa.py), "block_sparse" (GQA over the key blocks an indexer keeps,
+MiniMax-M3: block_sparse.py), "linear" (gated DeltaNet, gated_deltanet.py), "kda" (Kimi Delta
 Attention, kimi_delta.py: gated DeltaNet with a decay per key channel). A family adds its own from its package
 (DeepSeek-V4's: engine/models/deepseek_v4/)."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..block_sparse import BlockSparseAttention
 from ..gated_deltanet import GatedDeltaNet
 from ..gqa import GQAAttention
 from ..kimi_delta import KimiDeltaAttention
@@ -49,6 +51,12 @@ def _gqa(ctx: BuildContext, i: int, attn) -> nn.Module:
                         cfg.quantization, sinks_name=ctx.spec.sinks, tp=ctx.tp)
 
 
+def _block_sparse(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    return BlockSparseAttention(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.rope(i), ctx.kernels, cfg.dtype,
+                                ctx.device, cfg.quantization, cfg.max_model_len, tp=ctx.tp)
+
+
 def _mla(ctx: BuildContext, i: int, attn) -> nn.Module:
     cfg = ctx.cfg
     return MLAAttention(i, cfg.hidden_size, attn, ctx.rope(i), ctx.kernels, cfg.dtype, ctx.device, cfg.quantization,
@@ -83,6 +91,7 @@ class _ReplayLinear:
 
 ATTENTION.add("gqa", AttentionKind("self_attn", _gqa))
 ATTENTION.add("mla", AttentionKind("self_attn", _mla))
+ATTENTION.add("block_sparse", AttentionKind("self_attn", _block_sparse))
 ATTENTION.add("linear", AttentionKind("linear_attn", _linear, _ReplayLinear))
 ATTENTION.add("kda", AttentionKind("self_attn", _kda, _ReplayLinear))
 

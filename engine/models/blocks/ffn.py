@@ -127,7 +127,7 @@ class DenseFFN(FFNBlock):
         cfg = ctx.cfg
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.dtype, ctx.device, kernels=ctx.kernels,
                             quant=cfg.quantization, prefix=f"model.layers.{i}.mlp.", tp=ctx.tp,
-                            swiglu_limit=getattr(cfg.moe, "mlp_swiglu_limit", None))
+                            activation=dense_activation(cfg))
         self.modules = {"mlp": self.mlp}
 
     def stages(self, h_TD: torch.Tensor, input_ids_T: torch.Tensor | None) -> Stages:
@@ -215,7 +215,7 @@ class RoutedSharedFFN(RoutedFFN):
         self.mlp = self.shared_moe = SharedExpertsMoE(self.moe, DenseMLP(
             cfg.hidden_size, shared_size, cfg.dtype, ctx.device, kernels=ctx.kernels, quant=cfg.quantization,
             prefix=f"model.layers.{i}.{ctx.spec.moe_prefix}.{ctx.spec.shared_experts}.",
-            swiglu_limit=m.mlp_swiglu_limit, **split), gate)
+            activation=dense_activation(cfg), **split), gate)
         self.modules = {"moe": self.moe, "mlp": self.mlp}
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
@@ -229,6 +229,14 @@ class RoutedSharedFFN(RoutedFFN):
             plan[f"{p}{spec.moe_prefix}.{spec.shared_experts}_gate.weight"] = PlanEntry(self.shared_moe.gate_D, (),
                                                                                         (0,))
         return plan
+
+
+def dense_activation(cfg: ModelConfig) -> MoEActivation | None:
+    """The dense MLPs' gated activation when it is not SiLU (MoEConfig.dense_activation), else None."""
+    m = cfg.moe
+    if m is None or m.dense_activation == "silu":
+        return None
+    return MoEActivation(m.dense_activation, m.swiglu_alpha, m.swiglu_limit)
 
 
 def ffn_kind(cfg: ModelConfig, spec: ArchSpec, layer_idx: int) -> str:

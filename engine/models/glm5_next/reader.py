@@ -66,7 +66,8 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
                           gate_lower_bound=float(lower) if lower is not None else None, a_log_float32=True)
     moe = noaux_tc_moe(hf, c, int(hf.n_routed_experts), mlp_types, int(getattr(hf, "n_shared_experts", 0) or 0))
     limit = float(hf.swiglu_limit)
-    moe["moe"] = dataclasses.replace(moe["moe"], activation="silu_clamp", swiglu_limit=limit, mlp_swiglu_limit=limit)
+    moe["moe"] = dataclasses.replace(moe["moe"], activation="silu_clamp", swiglu_limit=limit,
+                                     dense_activation="silu_clamp")
     hc = HyperConnectionConfig(int(hf.hc_mult), int(hf.hc_sinkhorn_iters), float(hf.hc_eps))
     return dict(num_kv_heads=c["num_heads"], attention=mla, hyper_connections=hc,
                 layer_attention=tuple(kda if lt == "linear_attention" else (shared if it == "shared" else mla)
