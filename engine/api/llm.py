@@ -48,6 +48,12 @@ class LLM:
         every rank's weights; the prefix cache is flushed. {"bytes_read", "seconds", "weight_version"}."""
         return self.engine.update_weights_from_disk(model_path, load_format, weight_version, flush_cache)
 
+    def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
+                                   weight_version: str | None = None, flush_cache: bool = True) -> dict:
+        """Write [(checkpoint name, tensor)] (any subset of the served checkpoint's tensors) into every rank's weights
+        in place (a trainer in the same process or Ray job); the prefix cache is flushed."""
+        return self.engine.update_weights_from_tensor(named_tensors, load_format, weight_version, flush_cache)
+
     def get_weight_version(self) -> str | None:
         """The weight_version the last update set (None before any)."""
         return self.engine.weight_version

@@ -27,6 +27,7 @@ class RankCall(str, Enum):
     EPLB_COMMIT = "eplb_commit"
     EPLB_STATE = "eplb_state"
     UPDATE_WEIGHTS_FROM_DISK = "update_weights_from_disk"
+    UPDATE_WEIGHTS_FROM_TENSOR = "update_weights_from_tensor"
     # Tests only (not a user flag): later move chunks pause, so a test can kill a rank mid-move.
     EPLB_TEST_SLOW_MOVES = "eplb_test_slow_moves"
 
@@ -116,6 +117,9 @@ class RankAPI(Protocol):
 
     def update_weights_from_disk(self, model_path: str) -> int:
         """Write a checkpoint's values into this rank's weights in place (engine/rl/weights.py); the bytes read."""
+
+    def update_weights_from_tensor(self, tensors: dict) -> int:
+        """Write named tensors into this rank's weights in place (the parts it holds); the bytes read."""
 
 
 def rank_call(method) -> RankCall:

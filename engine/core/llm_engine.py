@@ -434,26 +434,50 @@ class LLMEngine:
         if load_format not in (None, "auto", "safetensors"):
             raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
                              "or 'safetensors'.")
+        self._check_update_allowed(flush_cache)
+        check_same_tensors(self.config.model, self.config.model.model, model_path)
+        t0 = time.perf_counter()
+        self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
+        read = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, str(model_path))
+        self.flush_cache()
+        self.weight_version = weight_version
+        return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
+
+    def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
+                                   weight_version: str | None = None, flush_cache: bool = True) -> dict:
+        """SGLang's update_weights_from_tensor: [(checkpoint name, tensor)] of the served checkpoint (any subset, a
+        float tensor in any float dtype) written in place on every rank that holds part of it; the rest of the weights
+        stay. As update_weights_from_disk otherwise (refusals, cache flush, weight_version)."""
+        import time
+
+        from ..rl.weights import check_named_tensors
+
+        if load_format not in (None, "auto"):
+            raise ValueError(f"load_format={load_format!r} is invalid for a tensor update: choose None or 'auto'.")
+        self._check_update_allowed(flush_cache)
+        tensors = check_named_tensors(self.config.model, self.config.model.model, named_tensors)
+        t0 = time.perf_counter()
+        self._drain()
+        read = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors)
+        self.flush_cache()
+        self.weight_version = weight_version
+        return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
+
+    def _check_update_allowed(self, flush_cache: bool) -> None:
+        """What every weight update refuses (module engine/rl/): a kept prefix cache, a PD connector, running
+        requests."""
         if not flush_cache:
             raise ValueError("flush_cache=False is not supported: the prefix cache holds KV of the old weights.")
         kvc = self.config.kv_connector
         if kvc is not None and getattr(kvc, "name", None) != "offload":
             # A PD peer computes KV with its own weights: two engines' versions would mix. (The offload tiers forget
             # their KV when the prefix cache is reset: engine/kv_transfer/offload.py.)
-            raise ValueError(f"update_weights_from_disk is not supported with kv_connector="
-                             f"{type(kvc).__name__} (prefill/decode disaggregation) yet: KV another engine computed "
-                             "with other weights would be served.")
+            raise ValueError(f"a weight update is not supported with kv_connector={type(kvc).__name__} "
+                             "(prefill/decode disaggregation) yet: KV another engine computed with other weights "
+                             "would be served.")
         if self.has_unfinished_requests():
-            raise ValueError("update_weights_from_disk is refused while requests run: let them finish (or abort "
-                             "them) first, so that no request mixes weights.")
-        check_same_tensors(self.config.model, self.config.model.model, model_path)
-        t0 = time.perf_counter()
-        self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
-        read = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, str(model_path))
-        for sched in self.schedulers:
-            sched.reset_prefix_cache()
-        self.weight_version = weight_version
-        return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
+            raise ValueError("a weight update is refused while requests run: let them finish (or abort them) "
+                             "first, so that no request mixes weights.")
 
     def flush_cache(self) -> int:
         """Forget every cached prefix on every rank (SGLang's flush_cache, vLLM's reset_prefix_cache); the number of

@@ -203,6 +203,43 @@ def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: s
     return sum(read.values())
 
 
+class TensorsCheckpoint:
+    """Named tensors in memory as a checkpoint (a trainer's, engine/rl/weights.py): what the loader reads them by."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def keys(self) -> Iterable[str]:
+        return self.tensors.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def open(self, names: Iterable[str]) -> Iterator[tuple["TensorsCheckpoint", list[str]]]:
+        yield self, list(names)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def update_tensors_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
+                            device: torch.device) -> int:
+    """A weight update from named tensors (engine/rl/weights.py checked them against the served checkpoint): each
+    one this rank holds part of (its experts, its TP shard) written in place, the others left to their ranks; the
+    conversions after a load run again for the parameters written only. Returns the bytes read."""
+    served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())  # the layout the load chose
+    plan = {name: entry for name, entry in model_plan(model, cfg, served).items() if name in tensors}
+    read: dict[str, int] = {}
+    written: set[int] = set()
+    load_plan(TensorsCheckpoint(tensors), plan, device, read_bytes=read, written=written)
+    with torch.no_grad():
+        model.process_weights_after_loading(written)
+    return sum(read.values())
+
+
 def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False,
               read_bytes: dict[str, int] | None = None, written: set[int] | None = None) -> None:
     """Fill every destination of `plan` (a weight plan or a part of one: elastic EP loads only the experts a

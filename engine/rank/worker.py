@@ -220,6 +220,18 @@ class Worker:
             torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
         return read
 
+    def update_weights_from_tensor(self, tensors: dict) -> int:
+        """Named tensors into this rank's weights, in place: the parts of them this rank holds (its experts, its TP
+        shard; loader.update_tensors_in_place). The engine checked them first and runs no step meanwhile."""
+        from .loader import update_tensors_in_place
+
+        self._bind_device()
+        self.runner.quiesce(60.0)
+        read = update_tensors_in_place(self.runner.model, self.config.model, tensors, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
+        return read
+
     def warm_up(self, cfg):
         """Compile and run every kernel variant a step can hit (engine/rank/warmup.py), before the engine serves; the
         KV cache, the expert-load counters and the request states stay as they were. Every rank is called at

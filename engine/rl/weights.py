@@ -29,6 +29,43 @@ def _tensors(model_dir: str, text_prefix: str) -> dict[str, tuple]:
     return out
 
 
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def check_named_tensors(cfg: ModelConfig, served_dir: str, named_tensors) -> dict:
+    """A trainer's tensors ([(name, tensor)]) as {name: tensor}, each a tensor of the served checkpoint with its shape;
+    a float one may come in another float dtype (cast as it is written). One error naming the first bad entry."""
+    import torch
+
+    served = _tensors(served_dir, cfg.text_weights_prefix)
+    out: dict = {}
+    for i, item in enumerate(named_tensors):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise ValueError(f"named_tensors[{i}] is invalid: must be a (name, torch.Tensor) pair.")
+        name, t = item
+        if name in out:
+            raise ValueError(f"named_tensors[{i}] names {name!r} a second time.")
+        if name not in served:
+            raise ValueError(f"named_tensors[{i}] names {name!r}, which is not a tensor of the served checkpoint.")
+        dtype, shape = served[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"named_tensors[{i}] {name!r} has shape {list(t.shape)}, the served one {list(shape)}.")
+        if dtype not in _FLOAT_DTYPES and str(t.dtype) != str(_TORCH_NAMES.get(dtype)):
+            raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}, the served one {dtype}: a quantized tensor is "
+                             "updated in its own format (re-quantizing float values is not built yet).")
+        if dtype in _FLOAT_DTYPES and not t.is_floating_point():
+            raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}: the served one is float ({dtype}).")
+        out[name] = t.detach()
+    if not out:
+        raise ValueError("named_tensors is empty: give at least one (name, tensor) pair.")
+    return out
+
+
+_TORCH_NAMES = {"F8_E4M3": "torch.float8_e4m3fn", "U8": "torch.uint8", "I8": "torch.int8", "I32": "torch.int32",
+                "I64": "torch.int64"}
+
+
 def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str) -> None:
     """Refuse, naming the first difference, a checkpoint whose tensors are not the served one's (names, shapes,
     dtypes): an update changes values, not the architecture."""

@@ -4,10 +4,16 @@ architecture with new values written in place, after which greedy tokens equal t
 linear-attention layers) and on LongCat-Flash (MLA's q and latent scales folded at load), so a conversion applies to
 the written weights once, never twice. The prefix cache is flushed (a prompt cached before is computed again); a
 checkpoint whose tensors differ, an update while requests run and bad arguments are refused naming the field, the
-served weights untouched."""
+served weights untouched. `update_weights_from_tensor` writes the named tensors alone (float32 values into a
+float64 model: cast as written), its conversions for those alone, equal to transformers with the same tensors
+replaced."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import torch
 
 from moelink.engine import LLM, SamplingParams
 
@@ -73,3 +79,63 @@ def test_bad_updates_are_refused_and_the_weights_stay(tmp_path, tiny_model):
         llm.update_weights_from_disk(path)
     llm.engine.abort_requests(["running"])
     assert engine_greedy(llm, ps) == before
+
+
+def _hf_with(path: str, tensors: dict):
+    """transformers' model of `path` in float64 with `tensors` (checkpoint names) in place of its own."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in tensors.items():
+            fused = re.fullmatch(r"(.*\.experts)\.(\d+)\.down_proj\.weight", name)
+            if name not in state and fused:  # transformers 5 holds the experts fused: [E, D, I]
+                state[fused.group(1) + ".down_proj"][int(fused.group(2))].copy_(t)
+            else:
+                state[name].copy_(t)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, names", [
+    # LongCat-Flash: one layer's q_b_proj (its q scale folded again for it alone, the other layers' kept) and its
+    # kv_a_layernorm (the latent scale likewise)
+    ("longcat_flash", ("model.layers.0.self_attn.0.q_b_proj.weight", "model.layers.0.self_attn.1.kv_a_layernorm.weight")),
+    # Qwen3-Next: a zero-centred norm (its offset added again for it alone) and one expert's down projection
+    ("qwen3_next", ("model.layers.1.input_layernorm.weight", "model.layers.1.mlp.experts.0.down_proj.weight")),
+])
+def test_update_from_tensors_writes_those_alone(kind, names, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.helpers.fp8_checkpoints import hf_greedy_with
+
+    a, b, vocab = _pair(kind, tmp_path)
+    new = {}
+    for f in sorted(Path(b).glob("*.safetensors")):
+        new.update({k: v for k, v in load_file(f).items() if k in names})
+    assert set(new) == set(names)
+    ps = prompts(vocab, seed=23, n=4, lo=1, hi=40)
+    want = hf_greedy_with(_hf_with(a, new), ps, 10)
+    assert want != hf_greedy(a, ps), "the tensors must change the answers"
+    llm = LLM(a, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8)
+    engine_greedy(llm, ps)  # the prompts' KV now cached
+    info = llm.update_weights_from_tensor([(n, t.to(dtype=torch.float32)) for n, t in new.items()],
+                                          weight_version="t1")
+    assert info["bytes_read"] > 0 and llm.get_weight_version() == "t1"
+    assert_same(engine_greedy(llm, ps), want, ps)
+    assert_pool_free(llm)
+
+
+def test_bad_named_tensors_are_refused(tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    llm = LLM(path, dtype="float32", num_kv_blocks=16, block_size=8)
+    name = "model.layers.0.mlp.experts.0.down_proj.weight"
+    for bad, match in [
+        ([("model.nope.weight", torch.zeros(2))], r"named_tensors\[0\] names 'model\.nope\.weight', which is not"),
+        ([(name, torch.zeros(3, 3))], r"named_tensors\[0\] .*down_proj\.weight' has shape \[3, 3\]"),
+        ([(name, torch.zeros(1))] * 0, "named_tensors is empty"),
+        ([("x",)], r"named_tensors\[0\] is invalid: must be a \(name, torch\.Tensor\) pair"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            llm.update_weights_from_tensor(bad)

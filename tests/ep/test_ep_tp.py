@@ -9,6 +9,8 @@ tokens each (batched decode steps, each sequence crossing a 4-token block bounda
 prompt's prompt logprobs (SamplingParams.prompt_logprobs: the TP group's all-gathered logits) equal one rank's."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moelink.engine import LLM, SamplingParams
@@ -195,5 +197,32 @@ def test_routed_experts_equal_one_rank(local_ray, tiny_model, tp, ep):
         got = [o.outputs[0].routed_experts for o in llm.generate(ps, params, use_tqdm=False)]
         for p, g, w in zip(ps, got, want):
             assert g.shape == (len(p) + NEW - 1, *w.shape[1:]) and (g == w).all()
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
+def test_weight_updates_reach_every_rank(local_ray, tiny_model, tmp_path, tp, ep):
+    """update_weights_from_disk at EP 2 (each rank its own experts) and TP 2 (each rank its shard): greedy tokens
+    equal transformers' on the new checkpoint; then update_weights_from_tensor of two experts (one on each EP rank)
+    equals one rank given the same tensors."""
+    from safetensors.torch import load_file
+
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    a = tiny_model("qwen3_e6k3")
+    b = str(make_tiny_model(tmp_path / "b", **{**TINY_CONFIGS["qwen3_e6k3"], "seed": 1}))
+    ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=67, n=4, lo=1, hi=30)
+    names = ("model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.5.up_proj.weight")
+    back = {k: v for f in sorted(Path(a).glob("*.safetensors")) for k, v in load_file(f).items() if k in names}
+    one = LLM(b, **KW)
+    one.update_weights_from_tensor(list(back.items()))
+    want = _greedy(one, ps)
+    llm = LLM(a, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
+    try:
+        llm.update_weights_from_disk(b)
+        assert_same(_greedy(llm, ps), _hf(b, ps), ps)
+        llm.update_weights_from_tensor(list(back.items()))
+        assert_same(_greedy(llm, ps), want, ps)
     finally:
         llm.engine.shutdown()
