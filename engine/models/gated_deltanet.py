@@ -146,7 +146,8 @@ class GatedDeltaNet(nn.Module):
         g may be per key channel ([T, N, K]: Kimi Delta Attention, kimi_delta.py)."""
         la, T = self.la, mixed_TC.shape[0]
         st = ctx.state
-        pools = ctx.kv_caches[self.layer_idx]  # (conv_state_PRC, ssm_state_PNKV)
+        # (conv_state_PRC, ssm_state_PNKV), then any states of a block beside it (a PLE: engine/models/qwen4_exp/)
+        pools = ctx.kv_caches[self.layer_idx][:2]
         if st.split is None:
             return self._mix(mixed_TC, g_TN, beta_TN, pools, st.query_start_loc_S1, st.slots_S, st.has_initial_S,
                              st.pure_decode)
