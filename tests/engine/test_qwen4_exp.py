@@ -83,6 +83,19 @@ def test_ngram_constants_match_transformers():
         assert ours.rows == hf.ngram_embedding.weight.shape[0] and ours.head_dim == hf.ngram_embedding.weight.shape[1]
 
 
+def test_an_image_request_is_refused_naming_the_missing_tower(tmp_path):
+    """The checkpoint is multimodal: moelink serves its text model (model.language_model.*) and refuses images,
+    audio and video naming what it runs (images are another issue)."""
+    from types import SimpleNamespace
+
+    from moelink.engine.server.serving import Serving
+
+    cfg = ModelConfig.from_pretrained(_config_dir(tmp_path))
+    assert cfg.text_weights_prefix == "model.language_model."
+    reason = Serving.text_only_reason(SimpleNamespace(model=cfg))
+    assert "vision tower is not loaded" in reason and "Qwen4ExpForCausalLM" in reason
+
+
 @pytest.mark.parametrize("edit,match", [
     (_set_text(layer_types=["linear_attention"] * 5), r"layer_types=.* at least one 'indexed_attention' layer"),
     # transformers' own validation refuses these first (its message, through moelink's "could not read config.json").
