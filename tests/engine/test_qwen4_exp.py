@@ -66,6 +66,7 @@ def test_config(tmp_path):
         9 * 96 * 4 + 2 * 8)
 
 
+@pytest.mark.slow  # transformers' qwen4_exp modeling module imports in ~5 s
 def test_ngram_constants_match_transformers():
     """The heads' prime vocabularies, offsets and multipliers equal transformers' Qwen4ExpTextNGramEmbedding's for
     every table of a model (the primes numbered across tables)."""
