@@ -103,7 +103,6 @@ def test_an_image_request_is_refused_naming_the_missing_tower(tmp_path):
     (_set_text(ple_layer_ids=[3]), r"PLE is only supported on linear_attention layers, got PLE on layers \[3\]"),
     (_set_text(indexer_kv_heads=2), r"QSA requires indexer_kv_heads=1"),
     (_set_text(indexer_budget=6), r"indexer_budget must be divisible by indexer_compress_ratio"),
-    (_set_text(output_gate_type="sigmoid"), r"output_gate_type='sigmoid' is not supported"),
     (_set_text(hc_lowrank=0), r"hc_lowrank=0 is not supported"),
 ])
 def test_config_refusals(tmp_path, edit, match):
@@ -136,6 +135,17 @@ def test_greedy_parity_single_requests(q38_path):
     with LLM(q38_path, dtype="float64", max_num_seqs=1, num_kv_blocks=64, block_size=8) as llm:
         got = engine_greedy(llm, ps)
     assert_same(got, hf_greedy(q38_path, ps), ps)
+
+
+@pytest.mark.slow
+def test_greedy_parity_with_a_sigmoid_output_gate(tmp_path):
+    """output_gate_type "sigmoid": gated DeltaNet's normed heads times sigmoid(z) (GatedRMSNorm's activation)."""
+    path = save_qwen4_exp_checkpoint(tmp_path, output_gate_type="sigmoid")
+    assert ModelConfig.from_pretrained(path).attention_for(0).output_gate_act == "sigmoid"
+    ps = prompts(VOCAB, seed=5, n=3, lo=1, hi=60)
+    with LLM(path, dtype="float64", max_num_seqs=3, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8) as llm:
+        got = engine_greedy(llm, ps)
+    assert_same(got, hf_greedy(path, ps), ps)
 
 
 @pytest.mark.slow

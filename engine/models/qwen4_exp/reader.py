@@ -159,10 +159,8 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
         raise unsupported("layer_types", list(layer_types), "at least one 'indexed_attention' layer")
     if getattr(hf, "attention_bias", False):
         raise unsupported("attention_bias", True, (False,), f" for {arch}")
+    # gated DeltaNet's output gate (LinearAttentionConfig refuses what it does not run, naming the field)
     gate_act = getattr(hf, "output_gate_type", None) or getattr(hf, "hidden_act", "silu")
-    if gate_act != "silu":
-        raise unsupported("output_gate_type", gate_act, ("silu",), " (gated DeltaNet's output gate; 'sigmoid' is not "
-                                                                 "in this build)")
     fields = {name: getattr(hf, name, None) for name in ("indexer_n_heads", "indexer_kv_heads", "indexer_head_dim",
                                                          "indexer_budget", "indexer_compress_ratio")}
     missing = [name for name, v in fields.items() if v is None]
@@ -185,7 +183,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
                                                     f"{c['num_layers']}]")
     la = dict(num_k_heads=int(hf.linear_num_key_heads), num_v_heads=int(hf.linear_num_value_heads),
               head_k_dim=int(hf.linear_key_head_dim), head_v_dim=int(hf.linear_value_head_dim),
-              conv_kernel=int(hf.linear_conv_kernel_dim), projection="split")
+              conv_kernel=int(hf.linear_conv_kernel_dim), projection="split", output_gate_act=gate_act)
     linear = PLELinearConfig(**la)
     layers: list = [full if t == "indexed_attention" else linear for t in layer_types]
     if ple_ids:
