@@ -110,6 +110,15 @@ def test_config_refusals(tmp_path, edit, match):
         ModelConfig.from_pretrained(_config_dir(tmp_path, edit))
 
 
+@pytest.mark.slow  # an engine start up to the argument check
+def test_speculative_decoding_is_refused_naming_the_ple_states(tmp_path):
+    """Refused as the engine's arguments are checked, before any weight is read (a config-only directory)."""
+    with pytest.raises(ValueError, match=r"speculative_config.method='ngram' is not supported for Qwen4ExpForCausalLM "
+                                         r"in this build: its PLE layers' per-sequence states"):
+        LLM(_config_dir(tmp_path), dtype="float64", num_kv_blocks=16, block_size=8,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
 def test_ngram_config_refusals():
     from moelink.engine.config.ngram_embedding import NGramEmbeddingConfig
 
