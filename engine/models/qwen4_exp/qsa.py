@@ -9,91 +9,28 @@ block of `compress_ratio` cached keys (mean in float32, then the k norm and the 
 as transformers does), scores the blocks per query in float32, and selects the best `budget / compress_ratio`
 complete blocks plus the query's incomplete last block: at most budget + compress_ratio - 1 positions, -1 padded.
 
-The selection and the sparse attention are plain torch here (the reference; no Triton kernel yet).
+The selection and the attention are kernel ops (kernels/qsa.py: references; kernels/triton_qsa.py: the attention's
+Triton kernel); the block keys are pooled here, plain torch.
 
 Legend: T tokens in the flat batch, S sequences, D hidden, N query heads, K kv heads, H head dim, Hi index heads,
 Di index head dim, B pooled blocks, X selected positions, L cache block size.
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from moelink.kernels.attention import AttentionMetadata
-from moelink.kernels.dsa import causal_lens
+from moelink.kernels.qsa import cache_slots
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..gqa import GQAAttention
 from ..layers import ForwardContext, RMSNorm, param
-from .reader import IndexedGQAConfig, QSAIndexerConfig
+from .reader import IndexedGQAConfig
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
-
-
-def _slots(meta: AttentionMetadata, seq_X: torch.Tensor, pos_X: torch.Tensor, L: int) -> torch.Tensor:
-    """Flat cache slots of positions pos_X (>= 0) of sequences seq_X."""
-    tables = meta.block_tables_SM.long()
-    block = (pos_X // L).clamp(max=tables.shape[1] - 1)
-    return tables[seq_X, block] * L + pos_X % L
-
-
-def _token_seqs(meta: AttentionMetadata, device) -> torch.Tensor:
-    qlen_S = torch.tensor(meta.query_lens, device=device, dtype=torch.long)
-    return torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), qlen_S)
-
-
-def qsa_select(q_THD: torch.Tensor, index_cache_BLD: torch.Tensor, meta: AttentionMetadata, cfg: QSAIndexerConfig,
-               pool_keys, device) -> torch.Tensor:
-    """int64 [T, X] selected positions per query token (-1 padded). `pool_keys(raw [S, B, c, Di]) -> [S, B, Di]`:
-    the pooled blocks' keys (normed, roped)."""
-    T, c = q_THD.shape[0], cfg.compress_ratio
-    n_T = causal_lens(meta, device)
-    nc_T = n_T // c  # complete blocks each query sees
-    seq_T = _token_seqs(meta, device)
-    B = meta.max_seq_len // c
-    k = cfg.block_topk
-    picks = []
-    if B > 0:
-        S, L, Di = meta.num_seqs, index_cache_BLD.shape[1], index_cache_BLD.shape[2]
-        pos = torch.arange(B * c, device=device)
-        seq_SX = torch.arange(S, device=device)[:, None].expand(S, B * c)
-        slots = _slots(meta, seq_SX.reshape(-1), pos.repeat(S), L)
-        raw_SBcD = index_cache_BLD.view(-1, Di).index_select(0, slots).view(S, B, c, Di)
-        keys_SBD = pool_keys(raw_SBcD)
-        dots_THB = torch.einsum("thd,tbd->thb", q_THD.float(), keys_SBD.float().index_select(0, seq_T))
-        score_TB = torch.relu(dots_THB).sum(dim=1) / math.sqrt(Di)
-        visible_TB = torch.arange(B, device=device)[None, :] < nc_T[:, None]
-        score_TB = score_TB.masked_fill(~visible_TB, float("-inf"))
-        kk = min(k, B)
-        top_Tk = score_TB.topk(kk, dim=1).indices
-        top_Tk = torch.where(top_Tk < nc_T[:, None], top_Tk, -1)
-        tok = top_Tk[:, :, None] * c + torch.arange(c, device=device)
-        picks.append(torch.where(top_Tk[:, :, None] >= 0, tok, -1).view(T, kk * c))
-    tail = nc_T[:, None] * c + torch.arange(c - 1, device=device)[None, :]
-    picks.append(torch.where(tail < n_T[:, None], tail, -1))
-    return torch.cat(picks, dim=1)
-
-
-def sparse_gqa_attention(q_TNH: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                         pos_TX: torch.Tensor, scale: float) -> torch.Tensor:
-    """Token t's heads attend to the cached K/V of its positions pos_TX[t] (>= 0) only: [T, N, H] in q's dtype;
-    scores and softmax in float32 (float64 for float64 inputs)."""
-    T, N, H = q_TNH.shape
-    L, K = k_cache.shape[1], k_cache.shape[2]
-    acc = torch.promote_types(q_TNH.dtype, torch.float32)
-    valid_TX = pos_TX >= 0
-    seq_TX = _token_seqs(meta, q_TNH.device)[:, None].expand_as(pos_TX)
-    slots = _slots(meta, seq_TX.reshape(-1), pos_TX.clamp(min=0).reshape(-1), L)
-    k_TXKH = k_cache.view(-1, K, k_cache.shape[3]).index_select(0, slots).view(T, -1, K, k_cache.shape[3]).to(acc)
-    v_TXKH = v_cache.view(-1, K, v_cache.shape[3]).index_select(0, slots).view(T, -1, K, v_cache.shape[3]).to(acc)
-    q_TKGH = q_TNH.to(acc).view(T, K, N // K, H)
-    s_TKGX = torch.einsum("tkgh,txkh->tkgx", q_TKGH, k_TXKH) * scale
-    p = torch.softmax(s_TKGX.masked_fill(~valid_TX[:, None, None, :], float("-inf")), dim=-1)
-    return torch.einsum("tkgx,txkh->tkgh", p, v_TXKH).reshape(T, N, -1).to(q_TNH.dtype)
 
 
 class QSAAttention(GQAAttention):
@@ -127,15 +64,22 @@ class QSAAttention(GQAAttention):
         slots_T = meta.slot_mapping_T.long()  # a padded token's (-1) goes to the null block, the last
         slots_T = torch.where(slots_T >= 0, slots_T, (index_cache.shape[0] - 1) * index_cache.shape[1])
         index_cache.view(-1, ix.head_dim).index_copy_(0, slots_T, raw_TD.to(index_cache.dtype))
-        pos_TX = qsa_select(iq_THD, index_cache, meta, ix, self._pool_keys, x_TD.device)
-        o_TNH = sparse_gqa_attention(q_TNH, k_cache, v_cache, meta, pos_TX, self.scale)
+        keys_SBD = self._block_keys(index_cache, meta)
+        pos_TX = self.kernels.qsa_select(iq_THD, keys_SBD, meta, ix.block_topk, ix.compress_ratio)
+        o_TNH = self.kernels.sparse_gqa_attention(q_TNH.contiguous(), k_cache, v_cache, meta, pos_TX, self.scale)
         o_TO = o_TNH.reshape(T, self.o_size) * torch.sigmoid(gate_TQ)
         return self.o_proj(o_TO, self.o_bias)
 
-    def _pool_keys(self, raw_SBcD: torch.Tensor) -> torch.Tensor:
-        """Each block's key: the mean of its raw keys (float32, as transformers), the k norm, the rope at the
-        block's first position."""
-        S, B, c, Di = raw_SBcD.shape
+    def _block_keys(self, index_cache_BLD: torch.Tensor, meta) -> torch.Tensor:
+        """[S, B, Di], B = max_seq_len // c: each sequence's first B blocks' keys, the mean of the block's raw keys
+        (float32, as transformers), the k norm, the rope at the block's first position (blocks past a sequence's end
+        read any rows: the selection never picks them)."""
+        c, Di, S = self.index_cfg.compress_ratio, self.index_cfg.head_dim, meta.num_seqs
+        B, L = meta.max_seq_len // c, index_cache_BLD.shape[1]
+        dev = index_cache_BLD.device
+        seq_X = torch.arange(S, device=dev)[:, None].expand(S, B * c).reshape(-1)
+        slots = cache_slots(meta, seq_X, torch.arange(B * c, device=dev).repeat(S), L)
+        raw_SBcD = index_cache_BLD.view(-1, Di).index_select(0, slots).view(S, B, c, Di)
         pooled = raw_SBcD.float().mean(dim=2).to(raw_SBcD.dtype)
         normed = self.index_k_norm(pooled.reshape(S * B, Di))
         starts = (torch.arange(B, device=raw_SBcD.device) * c).repeat(S)
@@ -151,4 +95,4 @@ class QSAAttention(GQAAttention):
         return plan
 
 
-__all__ = ["QSAAttention", "qsa_select", "sparse_gqa_attention"]
+__all__ = ["QSAAttention"]

@@ -1,0 +1,82 @@
+"""QSA's kernels (kernels/qsa.py): the reference selection against transformers' Qwen4ExpTextQSAIndexer formula per
+query, the reference sparse GQA equal to dense causal attention when every position is selected, and the Triton
+sparse GQA against the reference (in the interpreter on CPU) with -1 padding anywhere in a row.
+
+Shapes are small and ragged (tests/helpers/dsa_cases.py): a decode token, a chunk over a cached prefix, a fresh
+prompt, contexts not multiples of the block, blocks scattered, unwritten cache rows NaN."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelink.kernels.qsa import reference_qsa_select, reference_sparse_gqa_attention
+
+from tests.helpers.dsa_cases import CTX_Q, L, cache_of, meta_of, meta_to, positions
+
+
+def test_reference_selection_is_transformers_indexer_formula(gen):
+    """Per query: the top block_topk complete blocks by sum_h relu(q . key) / sqrt(Di), their positions, then the
+    incomplete block's (transformers' loop, written out)."""
+    meta = meta_of(gen, CTX_Q, "cpu")
+    c, topk, H, Di = 4, 2, 3, 8
+    T = sum(meta.query_lens)
+    B = meta.max_seq_len // c
+    q = torch.randn(T, H, Di, generator=gen, dtype=torch.float64)
+    keys = torch.randn(meta.num_seqs, B, Di, generator=gen, dtype=torch.float64)
+    got = reference_qsa_select(q, keys, meta, topk, c)
+    assert got.shape == (T, topk * c + c - 1)
+    for t, (s, p) in enumerate(positions(meta, "cpu")):
+        n = p + 1
+        nc = n // c
+        want = []
+        if nc:
+            scores = torch.relu(q[t].float() @ keys[s, :nc].float().T).sum(0) / math.sqrt(Di)
+            for b in scores.topk(min(topk, nc)).indices.tolist():
+                want += list(range(b * c, b * c + c))
+        want += list(range(nc * c, n))
+        assert sorted(x for x in got[t].tolist() if x >= 0) == sorted(want), t
+
+
+@pytest.mark.slow  # ~1.5 s: a dense softmax per token and head
+def test_reference_sparse_gqa_equals_dense_when_every_position_is_selected(gen):
+    meta = meta_of(gen, CTX_Q, "cpu")
+    N, K, H = 4, 2, 8
+    kc, vc = (cache_of(gen, meta, K * H, torch.float64, "cpu").view(-1, L, K, H) for _ in range(2))
+    T = sum(meta.query_lens)
+    q = torch.randn(T, N, H, generator=gen, dtype=torch.float64)
+    X = max(meta.seq_lens)
+    pos = torch.tensor([list(range(p + 1)) + [-1] * (X - p - 1) for _, p in positions(meta, "cpu")])
+    got = reference_sparse_gqa_attention(q, kc, vc, meta, pos, 0.3)
+    for t, (s, p) in enumerate(positions(meta, "cpu")):
+        rows = [int(meta.block_tables_SM[s, j // L]) * L + j % L for j in range(p + 1)]
+        k, v = kc.reshape(-1, K, H)[rows], vc.reshape(-1, K, H)[rows]
+        for n in range(N):
+            w = torch.softmax(k[:, n // (N // K)] @ q[t, n] * 0.3, dim=0)
+            torch.testing.assert_close(got[t, n], w @ v[:, n // (N // K)])
+
+
+@pytest.mark.slow  # ~1.5 s each in the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_sparse_gqa_equals_reference(gen, kdev, dtype):
+    """Random selections of up to 37 positions in random order with -1 between them; 4 query heads over 2 kv heads
+    of 24 (not a power of two)."""
+    from moelink.kernels.triton_qsa import triton_sparse_gqa_attention
+
+    meta = meta_of(gen, CTX_Q, kdev)
+    N, K, H, X = 4, 2, 24, 37
+    kc, vc = (cache_of(gen, meta, K * H, dtype, kdev).view(-1, L, K, H) for _ in range(2))
+    T = sum(meta.query_lens)
+    q = torch.randn(T, N, H, generator=gen).to(dtype).to(kdev)
+    rows = []
+    for _, p in positions(meta, "cpu"):
+        picked = torch.randperm(p + 1, generator=gen)[:X - 5].tolist()
+        row = picked + [-1] * (X - len(picked))
+        rows.append([row[i] for i in torch.randperm(X, generator=gen).tolist()])  # -1 anywhere
+    pos = torch.tensor(rows)
+    want = reference_sparse_gqa_attention(q.double().cpu(), kc.double().cpu(), vc.double().cpu(),
+                                          meta_to(meta, "cpu"), pos, 0.2)
+    got = triton_sparse_gqa_attention(q, kc, vc, meta, pos.to(kdev), 0.2)
+    err = (got.double().cpu() - want).norm() / want.norm()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
