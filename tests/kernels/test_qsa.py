@@ -80,3 +80,33 @@ def test_triton_sparse_gqa_equals_reference(gen, kdev, dtype):
     got = triton_sparse_gqa_attention(q, kc, vc, meta, pos.to(kdev), 0.2)
     err = (got.double().cpu() - want).norm() / want.norm()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+@pytest.mark.slow
+def test_engine_with_triton_kernels_matches_reference(tmp_path, kdev):
+    """Qwen3.8-Flash-Next's tiny model on CPU with every kernel forced to Triton (interpreter; float32): the QSA
+    attention kernel, the hyper-connections' residual step (an identity stream mixing), gated DeltaNet's kernels
+    beside the PLE: the reference kernels' tokens and logprobs."""
+    import random
+
+    from moelink.engine import LLM, SamplingParams
+
+    from tests.helpers.qwen4_exp_checkpoints import save_qwen4_exp_checkpoint
+
+    if kdev.type != "cpu":
+        pytest.skip("CPU interpreter smoke; with a GPU the engine tests run on Triton")
+    path = save_qwen4_exp_checkpoint(tmp_path)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 21, 9)]  # 21: QSA selects (budget 8)
+
+    def run(kernels):
+        llm = LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=4, max_num_batched_tokens=16,
+                  num_kv_blocks=32, block_size=16, skip_warmup=True)
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, logprobs=5)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    for (tok_w, lps_w), (tok_g, lps_g) in zip(run("reference"), run("triton")):
+        assert tok_g == tok_w
+        for lw, lg in zip(lps_w, lps_g):
+            assert lw.keys() == lg.keys()
+            assert max(abs(lw[t].logprob - lg[t].logprob) for t in lw) < 1e-4
