@@ -119,6 +119,12 @@ def test_speculative_decoding_is_refused_naming_the_ple_states(tmp_path):
             speculative_config={"method": "ngram", "num_speculative_tokens": 2})
 
 
+@pytest.mark.slow  # an engine start up to the model's build
+def test_an_fp8_kv_cache_is_refused_naming_the_qsa_layers(q38_path):
+    with pytest.raises(ValueError, match=r"kv_cache_dtype=.* is not supported for Qwen4ExpForCausalLM: its QSA layers"):
+        LLM(q38_path, dtype="float32", num_kv_blocks=16, block_size=8, kv_cache_dtype="fp8")
+
+
 def test_ngram_config_refusals():
     from moelink.engine.config.ngram_embedding import NGramEmbeddingConfig
 

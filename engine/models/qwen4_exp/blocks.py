@@ -38,7 +38,7 @@ def _qsa(ctx: BuildContext, i: int, attn) -> QSAAttention:
         raise ValueError(f"kv_cache_dtype={cfg.kv_cache_dtype} is not supported for {cfg.architecture}: its QSA "
                          "layers read their cache in the model dtype ('auto') in this build.")
     return QSAAttention(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.rope(i), ctx.kernels, cfg.dtype, ctx.device,
-                        cfg.quantization, tp=ctx.tp)
+                        cfg.quantization, tp=ctx.tp, max_model_len=cfg.max_model_len)
 
 
 ATTENTION.add("qsa", AttentionKind("self_attn", _qsa))

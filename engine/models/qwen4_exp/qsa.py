@@ -37,8 +37,9 @@ class QSAAttention(GQAAttention):
     """Gated GQA (GQAAttention's projections, norms, rotary and KV write) over the positions its indexer selects."""
 
     def __init__(self, layer_idx: int, hidden_size: int, attn: IndexedGQAConfig, rms_norm_eps: float, rope,
-                 kernels: Kernels, dtype, device=None, quant=None, tp=None):
+                 kernels: Kernels, dtype, device=None, quant=None, tp=None, max_model_len: int = 1):
         super().__init__(layer_idx, hidden_size, attn, rms_norm_eps, rope, kernels, dtype, device, quant, tp=tp)
+        self.max_model_len = max_model_len
         assert attn.indexer is not None
         self.index_cfg = ix = attn.indexer
         self.index_qk_XD = param((ix.num_heads + 1) * ix.head_dim, hidden_size, dtype=dtype, device=device)
@@ -71,11 +72,14 @@ class QSAAttention(GQAAttention):
         return self.o_proj(o_TO, self.o_bias)
 
     def _block_keys(self, index_cache_BLD: torch.Tensor, meta) -> torch.Tensor:
-        """[S, B, Di], B = max_seq_len // c: each sequence's first B blocks' keys, the mean of the block's raw keys
-        (float32, as transformers), the k norm, the rope at the block's first position (blocks past a sequence's end
-        read any rows: the selection never picks them)."""
+        """[S, B, Di]: each sequence's first B blocks' keys, the mean of the block's raw keys (float32, as
+        transformers), the k norm, the rope at the block's first position (blocks past a sequence's end read any rows:
+        the selection never picks them). B = max_seq_len // c, or for a pure decode step max_model_len // c: a decode
+        step's host lengths may be placeholders (a decode graph's), so its width comes from the model alone, as DSA's
+        decode steps do."""
         c, Di, S = self.index_cfg.compress_ratio, self.index_cfg.head_dim, meta.num_seqs
-        B, L = meta.max_seq_len // c, index_cache_BLD.shape[1]
+        width = self.max_model_len if meta.max_query_len == 1 else meta.max_seq_len
+        B, L = width // c, index_cache_BLD.shape[1]
         dev = index_cache_BLD.device
         seq_X = torch.arange(S, device=dev)[:, None].expand(S, B * c).reshape(-1)
         slots = cache_slots(meta, seq_X, torch.arange(B * c, device=dev).repeat(S), L)
