@@ -47,7 +47,7 @@ def test_config(tmp_path):
     assert cfg.architecture == "Qwen4ExpForCausalLM"
     a = cfg.attention
     assert isinstance(a, IndexedGQAConfig) and a.kind == "qsa" and a.output_gate and a.qk_norm == "per_head"
-    assert (a.indexer.num_heads, a.indexer.head_dim, a.indexer.budget, a.indexer.compress_ratio) == (2, 16, 8, 4)
+    assert (a.indexer.num_heads, a.indexer.head_dim, a.indexer.budget, a.indexer.compress_ratio) == (8, 16, 8, 4)
     assert a.rope.rotary_dim == 8
     kinds = [type(x).__name__ for x in cfg.layer_attention]
     assert kinds == ["PLELinearConfig", "PLELinearConfig", "IndexedGQAConfig", "PLELinearConfig", "IndexedGQAConfig"]

@@ -39,6 +39,24 @@ def test_reference_selection_is_transformers_indexer_formula(gen):
         assert sorted(x for x in got[t].tolist() if x >= 0) == sorted(want), t
 
 
+@pytest.mark.slow  # ~1.5 s in the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_selection_equals_reference(gen, kdev, dtype):
+    """The selection on the Triton backend (DSA's Triton scores and top-k over the pooled blocks): the reference's
+    positions, as sets per token (DSA's kernel may order them otherwise)."""
+    from moelink.kernels.ops_qsa import _triton_qsa_select
+
+    meta = meta_of(gen, CTX_Q, kdev)
+    c, topk, H, Di = 4, 2, 3, 16
+    T = sum(meta.query_lens)
+    q = torch.randn(T, H, Di, generator=gen).to(dtype)
+    keys = torch.randn(meta.num_seqs, meta.max_seq_len // c, Di, generator=gen).to(dtype)
+    want = reference_qsa_select(q.double(), keys.double(), meta_to(meta, "cpu"), topk, c)
+    got = _triton_qsa_select(q.to(kdev), keys.to(kdev), meta, topk, c).cpu()
+    for t in range(T):
+        assert sorted(x for x in got[t].tolist() if x >= 0) == sorted(x for x in want[t].tolist() if x >= 0), t
+
+
 @pytest.mark.slow  # ~1.5 s: a dense softmax per token and head
 def test_reference_sparse_gqa_equals_dense_when_every_position_is_selected(gen):
     meta = meta_of(gen, CTX_Q, "cpu")

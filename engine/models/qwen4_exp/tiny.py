@@ -30,7 +30,7 @@ PRESET = ("Qwen4ExpConfig", "Qwen4ExpForConditionalGeneration", dict(
     layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention", "full_attention"],
     hc_count=3, hc_lowrank=8, ple_layer_ids=[1, 4], ple_embed_dim=16, ple_conv_kernel_size=4, ngram_size=3,
     heads_per_ngram=2, ngram_vocab_size_base=61, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=2,
-    indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
+    indexer_n_heads=8, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
     eos_token_id=EOS, vision_config=_TINY_VISION))
 
 
