@@ -187,3 +187,24 @@ def test_pd_transfer_equals_one_engine(q38_path):
     from tests.helpers.kv_disagg import check_pd_transfer
 
     check_pd_transfer(q38_path, prompts(VOCAB, seed=47, n=4, lo=2, hi=40))
+
+
+@pytest.mark.slow
+def test_an_offloaded_prefix_loads_back_with_its_states_and_index_keys(q38_path):
+    """The KV offload host tier (engine/kv_transfer/offload.py): a 40-token prompt's blocks (K, V and QSA's index
+    keys) and its state checkpoint (gated DeltaNet's, the PLE's conv rows and int64 n-gram context) go to the host
+    as three other prompts evict them; the prompt again loads them back, resumes past its cached prefix, and decodes
+    transformers' tokens."""
+    from moelink.engine import SamplingParams
+    from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+
+    target, *others = prompts(VOCAB, seed=61, n=4, lo=40, hi=41)
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    with LLM(q38_path, kv_connector=conn, dtype="float64", num_kv_blocks=24, block_size=4,
+             max_num_batched_tokens=64, max_model_len=64, skip_warmup=True) as llm:
+        runs = [llm.generate([p], params, use_tqdm=False)[0] for p in [target, *others, target]]
+    assert runs[0].num_cached_tokens == 0 and runs[-1].num_cached_tokens > 0
+    assert conn._sides[0].states.stats["host"].hits == 1
+    want = hf_greedy(q38_path, [target], max_new=3)[0]
+    assert runs[0].outputs[0].token_ids == want and runs[-1].outputs[0].token_ids == want
