@@ -16,6 +16,7 @@ from torch import nn
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..config.ngram_embedding import NGramEmbeddingConfig
+from ..tp.group import TensorParallel
 from .layers import ForwardContext
 
 
@@ -57,13 +58,21 @@ def causal_rows(x_TC: torch.Tensor, pool_PRC: torch.Tensor, ctx: ForwardContext)
 
 
 class NGramEmbedding(nn.Module):
-    """One hashed n-gram table (engine/config/ngram_embedding.py): `forward(ids_T, ctx_pool_PK, ctx)` -> [T, E]."""
+    """One hashed n-gram table (engine/config/ngram_embedding.py): `forward(ids_T, ctx_pool_PK, ctx)` -> [T, E].
 
-    def __init__(self, cfg: NGramEmbeddingConfig, dtype, device=None):
+    Under tensor parallelism (`tp`) each rank holds its 1/size of every row's columns (transformers'
+    "embedding_colwise" plan: the published tables are ~90 GiB), looks its columns up and the rows are all-gathered
+    once (the ids, and so the rows looked up, are the same on every rank); whole on every rank when the head's width
+    does not split."""
+
+    def __init__(self, cfg: NGramEmbeddingConfig, dtype, device=None, tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp if tp is not None and tp.size > 1 and cfg.head_dim % tp.size == 0 else None
+        self.c0, self.cols = (self.tp.shard(cfg.head_dim)[0], cfg.head_dim // self.tp.size) if self.tp else (
+            0, cfg.head_dim)
         table_device = torch.device("cpu") if cfg.placement == "host" else device
-        self.table_VH = nn.Parameter(torch.zeros(cfg.rows, cfg.head_dim, dtype=dtype, device=table_device),
+        self.table_VH = nn.Parameter(torch.zeros(cfg.rows, self.cols, dtype=dtype, device=table_device),
                                      requires_grad=False)
         long = dict(dtype=torch.long, device=device)
         self.register_buffer("multipliers_N", torch.tensor(cfg.multipliers(), **long), persistent=False)
@@ -98,7 +107,10 @@ class NGramEmbedding(nn.Module):
         rows_TH = torch.cat(rows, dim=1)
         table = self.table_VH
         out = table.index_select(0, rows_TH.reshape(-1).to(table.device))  # "host": gathered in host memory
-        return out.to(ids_T.device).view(ids_T.shape[0], c.embed_dim)
+        out = out.to(ids_T.device)
+        if self.tp is not None:  # this rank's columns of each row -> every column, in rank order
+            out = self.tp.all_gather_last(out)
+        return out.view(ids_T.shape[0], c.embed_dim)
 
     def weight_plan(self, name: str, parts: int = 1, buffers: str | None = None,
                     names: frozenset[str] = frozenset()) -> WeightPlan:
@@ -113,12 +125,13 @@ class NGramEmbedding(nn.Module):
                               ("ngram_heads_vocab_sizes", self.vocab_H)):
                 if buffers + ckpt in names:
                     plan[buffers + ckpt] = PlanEntry(buf, ())
+        cols = (slice(None), slice(self.c0, self.c0 + self.cols)) if self.tp is not None else ()
         if parts == 1:
-            return {**plan, name + ".weight": PlanEntry(self.table_VH, ())}
+            return {**plan, name + ".weight": PlanEntry(self.table_VH, (), cols)}
         rows = self.cfg.rows
         size = -(-rows // parts)
         for j, r0 in enumerate(range(0, rows, size)):
-            plan[f"{name}.shard_{j}.weight"] = PlanEntry(self.table_VH, (slice(r0, min(rows, r0 + size)),))
+            plan[f"{name}.shard_{j}.weight"] = PlanEntry(self.table_VH, (slice(r0, min(rows, r0 + size)),), cols)
         return plan
 
 

@@ -8,6 +8,8 @@ states, QSA's K/V and index keys: prefix-cache hits), shared-prefix hits, and pr
 vocabulary holds the eos token, which restarts the n-grams. Checkpoints: tests/helpers/qwen4_exp_checkpoints.py."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -208,3 +210,42 @@ def test_an_offloaded_prefix_loads_back_with_its_states_and_index_keys(q38_path)
     assert conn._sides[0].states.stats["host"].hits == 1
     want = hf_greedy(q38_path, [target], max_new=3)[0]
     assert runs[0].outputs[0].token_ids == want and runs[-1].outputs[0].token_ids == want
+
+
+@pytest.mark.slow
+def test_each_tp_rank_reads_its_columns_of_the_ngram_tables(q38_path):
+    """Under TP 2 (loading only, no process group) every checkpoint tensor is read by some rank; each n-gram table
+    shard half by each rank (its columns: transformers' embedding_colwise), the hyper-connections and the PLE's
+    other weights whole, QSA's q_proj halved (its heads)."""
+    from safetensors import safe_open
+
+    from moelink.engine.config.checkpoint_headers import text_model_name
+    from moelink.engine.rank.loader import checkpoint_index, load_model
+    from moelink.kernels.ops import ReferenceKernels
+
+    class LoadOnlyTP:
+        def __init__(self, rank: int, size: int):
+            self.rank, self.size = rank, size
+
+        def shard(self, n: int) -> tuple[int, int]:
+            per = n // self.size
+            return self.rank * per, (self.rank + 1) * per
+
+    cfg = ModelConfig.from_pretrained(q38_path, "float64")
+    full = {}
+    for real, f in checkpoint_index(q38_path).items():
+        name = text_model_name(real, cfg.text_weights_prefix)
+        if name is not None:
+            with safe_open(str(f), framework="pt") as st:
+                full[name] = st.get_slice(real).get_shape()
+    reads = []
+    for rank in range(2):
+        got: dict[str, int] = {}
+        load_model(cfg, ReferenceKernels(), torch.device("cpu"), tp=LoadOnlyTP(rank, 2), read_bytes=got)
+        reads.append(got)
+    size = {n: 8 * math.prod(s) for n, s in full.items()}
+    tables = [n for n in full if ".ngram_embedding.shard_" in n]
+    assert len(tables) == 4 and all(r[n] == size[n] // 2 for n in tables for r in reads)
+    whole = [n for n in full if "hyper_connection" in n or ".ple.key_proj" in n or ".ple.conv1d" in n]
+    assert whole and all(r[n] == size[n] for n in whole for r in reads)
+    assert all(r[n] == size[n] // 2 for n in full if n.endswith("self_attn.q_proj.weight") for r in reads)

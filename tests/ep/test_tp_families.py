@@ -18,8 +18,8 @@ transformers itself:
 - EXAONE-MoE: sliding layers with rotary and a full layer without (NoPE), per-head q/k norms, heads split; and its
   experts at EP 2 against transformers (DeepSeek-V3 routing in groups, a shared expert on every rank);
 - Qwen3.8-Flash-Next: QSA's gated attention heads split (its indexer and index-key cache whole on every rank), gated
-  DeltaNet's heads split, the hyper-connections and PLE tables / states whole on every rank; and at EP 2 against
-  transformers.
+  DeltaNet's heads split, the PLE's n-gram tables split by columns (rows all-gathered), the hyper-connections and the
+  PLE's other weights and states whole on every rank; and at EP 2 against transformers.
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 

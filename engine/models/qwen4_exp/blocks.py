@@ -6,7 +6,8 @@ embedding → hc_count streams ("hc_streams", DeepSeek-V4's) → layers ("gated_
 block. No pre-norms: the hyper-connections norm the streams. "hc_mixer": the last collapse, no final norm (the
 LM head reads it). "qsa": QSA attention (qsa.py).
 
-Under tensor parallelism the hyper-connections and the PLE (per token, on the full streams) are whole on every rank.
+Under tensor parallelism the hyper-connections and the PLE (per token, on the full streams) are whole on every rank,
+but for the PLE's n-gram tables: a rank holds its columns of every row, the looked-up rows all-gathered.
 
 Legend: T tokens, n streams, D hidden.
 """
@@ -62,7 +63,7 @@ class GatedHyperLayer(Layer):
         hc, D, eps = _hc(cfg), cfg.hidden_size, cfg.rms_norm_eps
         self.layer_idx = i
         ple = attn_cfg.ple if isinstance(attn_cfg, PLELinearConfig) else None
-        self.ple = PLE(ple, D, eps, ctx.kernels, cfg.dtype, ctx.device) if ple is not None else None
+        self.ple = PLE(ple, D, eps, ctx.kernels, cfg.dtype, ctx.device, ctx.tp) if ple is not None else None
         self.attn_hc = GatedHyperConnection(hc, D, eps, ctx.kernels, cfg.dtype, ctx.device)
         self.mlp_hc = GatedHyperConnection(hc, D, eps, ctx.kernels, cfg.dtype, ctx.device)
         self.install(ctx, i, attention, attn_cfg, ffn)

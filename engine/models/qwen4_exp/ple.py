@@ -20,6 +20,7 @@ from torch import nn
 
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
+from ...tp.group import TensorParallel
 from ..layers import ForwardContext, param
 from ..ngram_embedding import NGramEmbedding, causal_rows
 from .hyper import GroupedRMSNorm
@@ -30,11 +31,12 @@ if TYPE_CHECKING:
 
 
 class PLE(nn.Module):
-    def __init__(self, cfg: PLEConfig, hidden: int, eps: float, kernels: Kernels, dtype, device=None):
+    def __init__(self, cfg: PLEConfig, hidden: int, eps: float, kernels: Kernels, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         X, E, D = cfg.channels, cfg.ngram.embed_dim, hidden
         self.cfg, self.D, self.n = cfg, D, X // D
-        self.ple_embedding = NGramEmbedding(cfg.ngram, dtype, device)
+        self.ple_embedding = NGramEmbedding(cfg.ngram, dtype, device, tp)  # under TP: its columns (the table alone)
         self.key_proj_XE = param(X, E, dtype=dtype, device=device)
         self.value_proj_DE = param(D, E, dtype=dtype, device=device)
         self.norm_key = GroupedRMSNorm(X, D, eps, kernels, dtype, device)
