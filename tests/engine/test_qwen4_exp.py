@@ -166,6 +166,22 @@ def test_greedy_parity_with_a_sigmoid_output_gate(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_text_only_checkpoint_runs_too(tmp_path):
+    """Qwen4ExpForCausalLM as transformers saves it alone (model.*, model_type qwen4_exp_text): the same tokens."""
+    from moelink.engine.models.qwen4_exp.tiny import PRESET, tiny_model
+    from moelink.engine.tools.tiny_families import preset_config, save_model
+
+    fields = {k: v for k, v in PRESET[2].items() if k != "vision_config"}
+    cfg = preset_config(("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", fields))
+    path = save_model(tiny_model(cfg, 0), tmp_path, cfg)
+    assert ModelConfig.from_pretrained(path).text_weights_prefix == ""
+    ps = prompts(VOCAB, seed=9, n=3, lo=1, hi=60)
+    with LLM(path, dtype="float64", max_num_seqs=3, num_kv_blocks=64, block_size=8) as llm:
+        got = engine_greedy(llm, ps)
+    assert_same(got, hf_greedy(path, ps), ps)
+
+
+@pytest.mark.slow
 def test_greedy_parity_chunked_batched(q38_path):
     check_chunked_batched(q38_path, _prompts())
 
