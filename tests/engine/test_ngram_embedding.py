@@ -55,3 +55,23 @@ def test_ngram_rows_equal_transformers_in_chunks():
         got[1].append(out[a1 - a0:])
     for w, parts in zip(want, got):
         torch.testing.assert_close(torch.cat(parts), w, rtol=0, atol=0)
+
+
+def test_host_placement_keeps_the_table_in_host_memory_with_the_same_rows():
+    """placement "host" (the seam for tables larger than a device: engine/config/ngram_embedding.py): the table is a
+    host tensor whatever the model's device, looked up there; the rows equal the device placement's."""
+    import dataclasses
+
+    cfg = NGramEmbeddingConfig(VOCAB, 3, 2, 8, 61, 8, 1234, EOS, 0)
+    on_device, on_host = NGramEmbedding(cfg, torch.float64), NGramEmbedding(
+        dataclasses.replace(cfg, placement="host"), torch.float64)
+    assert on_host.table_VH.device.type == "cpu"
+    with torch.no_grad():
+        on_device.table_VH.copy_(torch.randn(on_device.table_VH.shape, generator=torch.Generator().manual_seed(0),
+                                             dtype=torch.float64))
+        on_host.table_VH.copy_(on_device.table_VH)
+    ids = torch.tensor([5, EOS, 7, 7, 9])
+    pools = [torch.zeros(2, 2, dtype=torch.long) for _ in range(2)]
+    a = on_device(ids, pools[0], _ctx([5], [0], [False]))
+    b = on_host(ids, pools[1], _ctx([5], [0], [False]))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
