@@ -32,9 +32,11 @@ def causal_rows(x_TC: torch.Tensor, pool_PRC: torch.Tensor, ctx: ForwardContext)
     st = ctx.state
     T, R = x_TC.shape[0], pool_PRC.shape[1]
     qsl_S1, slots_S = st.query_start_loc_S1.long(), st.slots_S.long()
-    # A negative slot (a padded row, the profiling step's) reads nothing and writes the null slot, the last.
-    has_S = st.has_initial_S & (slots_S >= 0)
-    slots_S = torch.where(slots_S >= 0, slots_S, pool_PRC.shape[0] - 1)
+    # A negative slot (a padded row: a decode graph's, the profiling step's) reads zeros and writes zeros into the
+    # null slot, the last, which stays zero (engine/state/cache.py).
+    real_S = slots_S >= 0
+    has_S = st.has_initial_S & real_S
+    slots_S = torch.where(real_S, slots_S, pool_PRC.shape[0] - 1)
     seq_T = _seq_of_tokens(qsl_S1, T)
     i_T = torch.arange(T, device=x_TC.device) - qsl_S1.index_select(0, seq_T)
     state_SRC = pool_PRC.index_select(0, slots_S) * has_S.view(-1, 1, 1).to(pool_PRC.dtype)
@@ -53,7 +55,8 @@ def causal_rows(x_TC: torch.Tensor, pool_PRC: torch.Tensor, ctx: ForwardContext)
     S = slots_S.shape[0]
     new_from_step = x_TC.index_select(0, step_src.reshape(-1)).view(S, R, -1).to(pool_PRC.dtype)
     new_from_state = state_SRC[torch.arange(S, device=x_TC.device)[:, None], c_SR.clamp(max=R - 1)]
-    pool_PRC.index_copy_(0, slots_S, torch.where(in_new[..., None], new_from_step, new_from_state))
+    new_SRC = torch.where(in_new[..., None], new_from_step, new_from_state)
+    pool_PRC.index_copy_(0, slots_S, torch.where(real_S[:, None, None], new_SRC, torch.zeros_like(new_SRC)))
     return rows_TRC
 
 

@@ -62,8 +62,11 @@ class QSAAttention(GQAAttention):
         iq_THD = self.index_q_norm(qk_TX[:, :ix.num_heads * ix.head_dim].reshape(T, ix.num_heads, ix.head_dim))
         iq_THD = self.rope(iq_THD, iq_THD[:, :1], positions_T)[0]
         raw_TD = qk_TX[:, ix.num_heads * ix.head_dim:]
-        slots_T = meta.slot_mapping_T.long()  # a padded token's (-1) goes to the null block, the last
-        slots_T = torch.where(slots_T >= 0, slots_T, (index_cache.shape[0] - 1) * index_cache.shape[1])
+        # A padded token's (slot -1) row: zeros into the null block, the last, which stays zero (AttentionMetadata).
+        slots_T = meta.slot_mapping_T.long()
+        real_T = slots_T >= 0
+        slots_T = torch.where(real_T, slots_T, (index_cache.shape[0] - 1) * index_cache.shape[1])
+        raw_TD = torch.where(real_T[:, None], raw_TD, torch.zeros_like(raw_TD))
         index_cache.view(-1, ix.head_dim).index_copy_(0, slots_T, raw_TD.to(index_cache.dtype))
         keys_SBD = self._block_keys(index_cache, meta)
         pos_TX = self.kernels.qsa_select(iq_THD, keys_SBD, meta, ix.block_topk, ix.compress_ratio)
