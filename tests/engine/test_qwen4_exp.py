@@ -60,8 +60,9 @@ def test_config(tmp_path):
     hc = cfg.hyper_connections
     assert (hc.mixing, hc.hc_mult, hc.lowrank) == ("gated", 3, 8)
     assert cfg.moe.shared_expert_gate and cfg.norm_weight_offset == 1.0
-    # Per QSA layer and token: K and V (2 kv heads of 16 each) and one 16-value index key; float32 (unset dtype).
-    assert kv_sizing.kv_cache_bytes_per_token(cfg) == 2 * (2 * 2 * 16 + 16) * 4
+    # Per QSA layer and token: K and V (2 kv heads of 16 each), a 16-value raw index key and a 16-value row of block
+    # keys (written by a block's last token); float32 (the config's dtype, unset).
+    assert kv_sizing.kv_cache_bytes_per_token(cfg) == 2 * (2 * 2 * 16 + 16 + 16) * 4
     # The PLE layers' states: gated DeltaNet's, then the conv rows ((4 - 1) * 3 of 3 * 32) and 2 context ids.
     plain, ple = cfg.layer_attention[1], cfg.layer_attention[0]
     assert ple.state_bytes_per_sequence(torch.float32) - plain.state_bytes_per_sequence(torch.float32) == (

@@ -66,8 +66,8 @@ class QSAIndexerConfig:
 
 @dataclass(frozen=True)
 class IndexedGQAConfig(GQAConfig):
-    """Gated GQA (Qwen3.5's full attention) with a QSA indexer (`indexer`); its cache: K, V and the indexer's raw
-    keys, one row of head_dim values per token on the same block ids."""
+    """Gated GQA (Qwen3.5's full attention) with a QSA indexer (`indexer`); its cache: K, V, the indexer's raw
+    keys and the complete blocks' keys, one row of head_dim values per token each, on the same block ids."""
 
     kind: ClassVar[str] = "qsa"
     indexer: QSAIndexerConfig | None = None
@@ -85,17 +85,18 @@ class IndexedGQAConfig(GQAConfig):
 
     def cache_shapes(self, num_blocks: int, block_size: int,
                      cache_dtype: torch.dtype | None = None) -> tuple[tuple[int, ...], ...]:
-        """(k_cache_BLKH, v_cache_BLKH, index_cache_BLI): the indexer's raw keys beside K and V."""
+        """(k_cache_BLKH, v_cache_BLKH, index_cache_BLI, block_keys_BLI): beside K and V the indexer's raw keys, and
+        each complete block's key (pooled, normed, roped) at the row of the block's last token."""
         assert self.indexer is not None
-        return (*super().cache_shapes(num_blocks, block_size, cache_dtype),
-                (num_blocks + 1, block_size, self.indexer.head_dim))
+        index = (num_blocks + 1, block_size, self.indexer.head_dim)
+        return (*super().cache_shapes(num_blocks, block_size, cache_dtype), index, index)
 
     def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-        return cache_dtype, cache_dtype, cache_dtype
+        return cache_dtype, cache_dtype, cache_dtype, cache_dtype
 
     def kv_values_per_token(self) -> int:
         assert self.indexer is not None
-        return super().kv_values_per_token() + self.indexer.head_dim
+        return super().kv_values_per_token() + 2 * self.indexer.head_dim
 
 
 @dataclass(frozen=True)
