@@ -56,12 +56,7 @@ class HyperConnectionConfig:
     def check_speculative(self, spec, arch: str) -> None:
         """Speculative decoding over hyper-connections (engine/config/engine_args.py asks): drafts from n-gram lookup
         or the checkpoint's MTP layer are verified as on any model; EAGLE-3 heads are trained on one residual stream
-        and a model with hyper-connections keeps `hc_mult`. The gated form's model (Qwen3.8-Flash-Next) verifies no
-        drafts yet: its PLE states have no rollback."""
-        if spec is not None and self.mixing == "gated":
-            raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {arch} in this build: its "
-                             "PLE layers' per-sequence states (conv rows, n-gram context) are not rolled back past "
-                             "rejected drafts; serve it without speculative decoding.")
+        and a model with hyper-connections keeps `hc_mult`."""
         if spec is not None and spec.runs_eagle3:
             raise ValueError(f"speculative_config.method={spec.method!r} is not supported for {arch}: an EAGLE-3 head "
                              "reads one residual stream and V4 keeps several (hyper-connections); use method 'mtp' "

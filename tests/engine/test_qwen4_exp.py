@@ -113,15 +113,6 @@ def test_config_refusals(tmp_path, edit, match):
         ModelConfig.from_pretrained(_config_dir(tmp_path, edit))
 
 
-@pytest.mark.slow  # an engine start up to the argument check
-def test_speculative_decoding_is_refused_naming_the_ple_states(tmp_path):
-    """Refused as the engine's arguments are checked, before any weight is read (a config-only directory)."""
-    with pytest.raises(ValueError, match=r"speculative_config.method='ngram' is not supported for Qwen4ExpForCausalLM "
-                                         r"in this build: its PLE layers' per-sequence states"):
-        LLM(_config_dir(tmp_path), dtype="float64", num_kv_blocks=16, block_size=8,
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
-
-
 @pytest.mark.slow  # an engine start up to the model's build
 def test_an_fp8_kv_cache_is_refused_naming_the_qsa_layers(q38_path):
     with pytest.raises(ValueError, match=r"kv_cache_dtype=.* is not supported for Qwen4ExpForCausalLM: its QSA layers"):
@@ -180,6 +171,31 @@ def test_a_text_only_checkpoint_runs_too(tmp_path):
     with LLM(path, dtype="float64", max_num_seqs=3, num_kv_blocks=64, block_size=8) as llm:
         got = engine_greedy(llm, ps)
     assert_same(got, hf_greedy(path, ps), ps)
+
+
+@pytest.mark.slow
+def test_speculative_decoding_rolls_the_states_back_past_rejected_drafts(q38_path):
+    """Drafts right with probability 0.7: the verifying sequences' gated DeltaNet states and PLE states (conv rows,
+    n-gram context: their layers' StateHook) take only their accepted tokens, QSA reads the verified rows' K/V and
+    index keys; greedy outputs equal transformers'."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+
+    from tests.helpers.parity import assert_pool_free
+
+    ps = _prompts()[:6]
+    want = hf_greedy(q38_path, ps)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(p): w for p, w in zip(ps, want)}, 0.7,
+                                                 vocab=VOCAB, seed=4)}
+    llm = LLM(q38_path, speculative_config=spec, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=96, block_size=8, num_state_checkpoints=8)
+    assert_same(engine_greedy(llm, ps), want, ps)
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0 and sd.num_accepted_tokens > sd.num_draft_tokens // 3
+    assert sd.num_accepted_tokens < sd.num_draft_tokens  # some drafts rejected: the rollback is exercised
+    assert_pool_free(llm)
 
 
 @pytest.mark.slow

@@ -52,6 +52,19 @@ def _hc(cfg: ModelConfig):
     return hc
 
 
+class _PLEReplay:
+    """A verify step's StateHook for one PLE (blocks/attention.StateHook)."""
+
+    def __init__(self, ple: PLE):
+        self.ple = ple
+
+    def before(self, ctx: ForwardContext, positions_T: torch.Tensor) -> None:
+        return None
+
+    def replay(self, num_accepted_S: torch.Tensor) -> None:
+        self.ple.replay_states(num_accepted_S)
+
+
 @RESIDUAL.register("gated_hyper")
 class GatedHyperLayer(Layer):
     """[PLE,] gated hyper-connections around the token mixer and the FFN block: the stream is x_TnD."""
@@ -81,6 +94,10 @@ class GatedHyperLayer(Layer):
         assert gates is not None
         y_TD = yield from ffn_stages(self.ffn, self.tp, h_TD, input_ids_T)
         return self.mlp_hc.residual(x_TnD, y_TD, gates)
+
+    def state_hook(self) -> Any:
+        """The PLE's states around a verify step (nothing before; its replay after sampling)."""
+        return _PLEReplay(self.ple) if self.ple is not None else None
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
                     names: frozenset[str]) -> WeightPlan:

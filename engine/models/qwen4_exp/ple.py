@@ -5,7 +5,8 @@ normed streams gate the value,
 and a dilated depthwise convolution (kernel K, dilation ngram_size, SiLU) over the normed g adds local context:
     streams += g + silu(conv(RMSNorm(g)))
 Its states (PLELinearConfig, after gated DeltaNet's two in the layer's pools): the conv's last (K - 1) * dilation
-rows and the n-gram table's token context.
+rows and the n-gram table's token context; a verify step (speculative decoding) leaves them as they are and
+`replay_states` advances them over the accepted tokens, as gated DeltaNet's.
 
 Legend: T tokens, n streams, D hidden, E embed_dim, X = n * D channels, R conv state rows.
 """
@@ -22,7 +23,7 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...tp.group import TensorParallel
 from ..layers import ForwardContext, param
-from ..ngram_embedding import NGramEmbedding, causal_rows
+from ..ngram_embedding import NGramEmbedding, causal_rows, replay_rows
 from .hyper import GroupedRMSNorm
 from .reader import PLEConfig
 
@@ -43,15 +44,19 @@ class PLE(nn.Module):
         self.norm_query = GroupedRMSNorm(X, D, eps, kernels, dtype, device)
         self.norm_conv = GroupedRMSNorm(X, D, eps, kernels, dtype, device)
         self.conv_XK = param(X, cfg.conv_kernel, dtype=dtype, device=device)
+        self.pending: list = []  # a verify step's states to replay after sampling (ngram_embedding.causal_rows)
+
+    def replay_states(self, num_accepted_S: torch.Tensor) -> None:
+        """After a verify step's sampling: the verifying sequences' conv rows and n-gram context take their accepted
+        tokens only."""
+        replay_rows(self.pending, num_accepted_S)
 
     def forward(self, x_TnD: torch.Tensor, ids_T: torch.Tensor, pools: tuple[torch.Tensor, ...],
                 ctx: ForwardContext) -> torch.Tensor:
         """The streams with the PLE added; `pools`: (conv_state_PRX, ngram_context_PK)."""
-        if ctx.state is None or ctx.state.split is not None:
-            raise ValueError("Qwen3.8-Flash-Next's PLE layers do not run speculative verify steps in this build.")
         conv_pool_PRX, ngram_pool_PK = pools
         T, n, D = x_TnD.shape
-        emb_TE = self.ple_embedding(ids_T, ngram_pool_PK, ctx)
+        emb_TE = self.ple_embedding(ids_T, ngram_pool_PK, ctx, self.pending)
         key_TnD = self.norm_key(F.linear(emb_TE, self.key_proj_XE)).view(T, n, D)
         value_TD = F.linear(emb_TE, self.value_proj_DE)
         query_TnD = self.norm_query(x_TnD.reshape(T, -1)).view(T, n, D)
@@ -59,7 +64,7 @@ class PLE(nn.Module):
         gate_Tn1 = gate_Tn1.abs().clamp_min(1e-6).sqrt() * gate_Tn1.sign()
         g_TX = (torch.sigmoid(gate_Tn1) * value_TD[:, None, :]).reshape(T, -1)
         normed_TX = self.norm_conv(g_TX)
-        window_TWX = torch.cat([causal_rows(normed_TX, conv_pool_PRX, ctx), normed_TX[:, None, :]], dim=1)
+        window_TWX = torch.cat([causal_rows(normed_TX, conv_pool_PRX, ctx, self.pending), normed_TX[:, None, :]], dim=1)
         R, dil = self.cfg.conv_rows, self.cfg.dilation
         taps = torch.arange(self.cfg.conv_kernel, device=x_TnD.device) * dil + (R - (self.cfg.conv_kernel - 1) * dil)
         conv_TX = (window_TWX.index_select(1, taps) * self.conv_XK.t()[None]).sum(dim=1)
