@@ -28,11 +28,12 @@ from .ops_hyper_connection import HyperConnectionKernels
 from .ops_mla import MLAKernels
 from .ops_moe import MoEKernels
 from .ops_norm import NormKernels
+from .ops_qsa import QSAKernels
 from .ops_router import RouterKernels
 
 
 class Kernels(NormKernels, AttentionKernels, MLAKernels, DSAKernels, BlockSparseKernels, CompressedAttentionKernels,
-              HyperConnectionKernels, RouterKernels, DenseKernels, MoEKernels, GatedDeltaKernels, Protocol):
+              HyperConnectionKernels, RouterKernels, DenseKernels, MoEKernels, GatedDeltaKernels, QSAKernels, Protocol):
     """What a kernel backend gives the model: every family's ops, each taking the arguments of its plain-torch
     reference (the contract and the oracle) and returning what it returns; a backend may take more keywords.
     tests/kernels/test_kernels_protocol.py checks each protocol against the references and every backend against it."""

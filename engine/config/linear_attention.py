@@ -24,6 +24,9 @@ import torch
 # grouped by q/k head ([q, k, v.., z..] per head group, transformers' fix_query_key_value_ordering). "split"
 # (Qwen3.5): in_proj_qkv (q rows, then k, then v), in_proj_z, in_proj_b, in_proj_a.
 PROJECTION_LAYOUTS = ("fused", "split")
+# The output gate's activation on the normed heads: SiLU (Qwen3-Next, Qwen3.5), or sigmoid (Qwen3.8-Flash-Next's
+# output_gate_type "sigmoid").
+OUTPUT_GATE_ACTS = ("silu", "sigmoid")
 
 
 # The most each size may be, checked as config.json is read, before a state pool or a weight is sized from it. Each
@@ -56,8 +59,12 @@ class LinearAttentionConfig:
     head_v_dim: int  # linear_value_head_dim
     conv_kernel: int  # linear_conv_kernel_dim
     projection: str = "fused"
+    output_gate_act: str = "silu"  # OUTPUT_GATE_ACTS
 
     def __post_init__(self) -> None:
+        if self.output_gate_act not in OUTPUT_GATE_ACTS:
+            raise ValueError(f"config.json output_gate_type={self.output_gate_act!r} is not supported: allowed: "
+                             f"{', '.join(map(repr, OUTPUT_GATE_ACTS))}.")
         for name, v in (("linear_num_key_heads", self.num_k_heads), ("linear_num_value_heads", self.num_v_heads),
                         ("linear_key_head_dim", self.head_k_dim), ("linear_value_head_dim", self.head_v_dim)):
             _positive_int(name, v)

@@ -78,17 +78,19 @@ def split_qkv_rows(la: LinearAttentionConfig, g0: int, groups: int) -> torch.Ten
 
 class GatedRMSNorm(nn.Module):
     """RMSNorm over each value head, then * SiLU(z) (transformers' Qwen3NextRMSNormGated: the norm's product in the
-    activations' dtype, the gate in float32)."""
+    activations' dtype, the gate in float32), or * sigmoid(z) (LinearAttentionConfig.output_gate_act: Qwen3.8-Flash-
+    Next's output_gate_type)."""
 
-    def __init__(self, size: int, eps: float, dtype, device=None):
+    def __init__(self, size: int, eps: float, dtype, device=None, activation: str = "silu"):
         super().__init__()
         self.weight = param(size, dtype=dtype, device=device)
         self.eps = eps
+        self.act = torch.sigmoid if activation == "sigmoid" else torch.nn.functional.silu
 
     def forward(self, x_TNV: torch.Tensor, z_TNV: torch.Tensor) -> torch.Tensor:
         x32 = x_TNV.float()
         normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x_TNV.dtype)
-        return (self.weight * normed * torch.nn.functional.silu(z_TNV.float())).to(x_TNV.dtype)
+        return (self.weight * normed * self.act(z_TNV.float())).to(x_TNV.dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -119,7 +121,7 @@ class GatedDeltaNet(nn.Module):
         self.conv_weight_CW = param(la.conv_dim, la.conv_kernel, dtype=dtype, device=device)
         self.dt_bias_N = param(N, dtype=dtype, device=device)
         self.A_log_N = param(N, dtype=dtype, device=device)
-        self.norm = GatedRMSNorm(V, rms_norm_eps, dtype, device)
+        self.norm = GatedRMSNorm(V, rms_norm_eps, dtype, device, la.output_gate_act)
         self.out_proj = Linear(self.value_dim, hidden_size, FloatLinear(), kernels, dtype, device, parallel=row)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -146,7 +148,8 @@ class GatedDeltaNet(nn.Module):
         g may be per key channel ([T, N, K]: Kimi Delta Attention, kimi_delta.py)."""
         la, T = self.la, mixed_TC.shape[0]
         st = ctx.state
-        pools = ctx.kv_caches[self.layer_idx]  # (conv_state_PRC, ssm_state_PNKV)
+        # (conv_state_PRC, ssm_state_PNKV), then any states of a block beside it (a PLE: engine/models/qwen4_exp/)
+        pools = ctx.kv_caches[self.layer_idx][:2]
         if st.split is None:
             return self._mix(mixed_TC, g_TN, beta_TN, pools, st.query_start_loc_S1, st.slots_S, st.has_initial_S,
                              st.pure_decode)

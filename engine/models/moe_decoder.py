@@ -102,6 +102,10 @@ class MoEDecoderForCausalLM(nn.Module):
             hook = ATTENTION.get(kind).state_hook(mixers)
             if hook is not None:
                 self.state_hooks.append(hook)
+        for layer in self.layers:  # state a residual kind keeps beside its mixer's (Layer.state_hook)
+            hook = layer.state_hook()
+            if hook is not None:
+                self.state_hooks.append(hook)
 
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Returns the final-normed hidden states [T, D]."""

@@ -26,6 +26,9 @@ transformers itself:
 - MiniMax-M3: block-sparse attention (the block indexer whole on every rank, each rank its query heads' selections
   and kv heads), the clamped SwiGLU of the dense and shared MLPs split by channels; and at EP 2 against transformers
   on its multimodal checkpoint.
+- Qwen3.8-Flash-Next: QSA's gated attention heads split (its indexer and index-key cache whole on every rank), gated
+  DeltaNet's heads split, the PLE's n-gram tables split by columns (rows all-gathered), the hyper-connections and the
+  PLE's other weights and states whole on every rank; and at EP 2 against transformers.
 What each rank reads is checked by tests/engine/test_tp_shards.py. Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from moelink.engine.models.hy_v4.tiny import tiny_config as hy4_config, tiny_mod
 from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
 from moelink.engine.models.minimax_m3.tiny import MINIMAX_M3
 
-from tests.helpers import hf_checkpoints, longcat_checkpoints, m2_checkpoints
+from tests.helpers import hf_checkpoints, longcat_checkpoints, m2_checkpoints, qwen4_exp_checkpoints
 from tests.helpers.drawn_presets import VOCAB, save_preset
 from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, hf_greedy_nocache, prompts
 
@@ -109,15 +112,23 @@ def test_tp_kda_families_match_one_rank(local_ray, tmp_path, name):
                         hi=40)
 
 
+def test_tp_qwen4_exp_matches_one_rank(local_ray, tmp_path):
+    # Prompts past the 24-token budget and QSA's 8-token budget: chunked prefill over the states, sparse selections.
+    path = qwen4_exp_checkpoints.save_qwen4_exp_checkpoint(tmp_path)
+    _tp_equals_one_rank(path, qwen4_exp_checkpoints.VOCAB, seed=61, lo=10, hi=40)
+
+
 # EXAONE-MoE: 8 routed experts 4 / 4, the shared expert on both ranks. LongCat-Flash: 6 routed experts 3 / 3 beside 2
 # zero-computation ones (this all-to-all looks every id up, so their picks travel to expert 0 with weight 0). Kimi
 # Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states. MiniMax-M3: 6 experts 3 / 3, the shared expert on
-# both ranks, block-sparse attention whole on each.
+# both ranks, block-sparse attention whole on each. Qwen3.8-Flash-Next: 6 experts 3 / 3, a gated shared expert on
+# both ranks.
 EP_CASES = {"exaone": (lambda out: save_preset(out, EXAONE, num_hidden_layers=4), 29),
             "longcat": (longcat_checkpoints.save_longcat_checkpoint, 43),
             "kimi_linear": (lambda out: save_preset(out, KIMI_LINEAR), 59),
             "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67),
-            "minimax_m3": (lambda out: save_preset(out, MINIMAX_M3), 73)}
+            "minimax_m3": (lambda out: save_preset(out, MINIMAX_M3), 73),
+            "qwen4_exp": (qwen4_exp_checkpoints.save_qwen4_exp_checkpoint, 71)}
 
 
 @pytest.mark.parametrize("name", list(EP_CASES))

@@ -101,6 +101,11 @@ class Layer(nn.Module, metaclass=ABCMeta):
     def mixer(self) -> nn.Module:
         return getattr(self, self.mixer_name)
 
+    def state_hook(self) -> Any:
+        """What the layer's own per-sequence state beside its mixer's does around a verify step (a StateHook:
+        blocks/attention.py), or None: most layers keep none (Qwen3.8-Flash-Next's PLE does)."""
+        return None
+
     def forward(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None, ctx: ForwardContext):
         return run_stages(self.stages(positions_T, state, input_ids_T, ctx))
 
