@@ -123,47 +123,10 @@ def test_tp_qwen4_exp_matches_one_rank(local_ray, tmp_path):
 # Linear and Ling's hybrid: 8 experts 4 / 4 beside KDA's states. MiniMax-M3: 6 experts 3 / 3, the shared expert on
 # both ranks, block-sparse attention whole on each. Qwen3.8-Flash-Next: 6 experts 3 / 3, a gated shared expert on
 # both ranks.
-EP_CASES = {"exaone": (lambda out: save_preset(out, EXAONE, num_hidden_layers=4), 29),
-            "longcat": (longcat_checkpoints.save_longcat_checkpoint, 43),
-            "kimi_linear": (lambda out: save_preset(out, KIMI_LINEAR), 59),
-            "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67),
-            "minimax_m3": (lambda out: save_preset(out, MINIMAX_M3), 73),
-            "qwen4_exp": (qwen4_exp_checkpoints.save_qwen4_exp_checkpoint, 71)}
-
-
-@pytest.mark.parametrize("name", list(EP_CASES))
-def test_ep_2_matches_transformers(local_ray, tmp_path, name):
-    save, seed = EP_CASES[name]
-    path = save(tmp_path)
-    ps = prompts(VOCAB, seed=seed, n=4, lo=1, hi=60)  # every preset's vocabulary (tiny_families)
-    llm = LLM(path, expert_parallel_size=2, **KW)
-    try:
-        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(path, ps, max_new=NEW), ps)
-        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
-    finally:
-        llm.engine.shutdown()
-
-
 def _glm5_next(out) -> str:
     import torch
 
     return write_glm5_next(out, seed=0, dtype=torch.float64, fmt="float", overrides={})
-
-
-def test_tp_glm5_next_matches_one_rank(local_ray, tmp_path):
-    # Prompts of 14..40 tokens: past index_topk 8 + the 3-token tail, so prefill and decode select pools.
-    _tp_equals_one_rank(_glm5_next(tmp_path), VOCAB, seed=71, lo=14, hi=40)
-
-
-def test_ep_2_glm5_next_matches_transformers(local_ray, tmp_path):
-    path = _glm5_next(tmp_path)
-    ps = prompts(VOCAB, seed=73, n=4, lo=1, hi=60)
-    llm = LLM(path, expert_parallel_size=2, **KW)
-    try:
-        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy_nocache(path, ps, max_new=NEW), ps)
-        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
-    finally:
-        llm.engine.shutdown()
 
 
 def _save_hy4(out) -> str:
@@ -173,19 +136,36 @@ def _save_hy4(out) -> str:
     return save_model(hy4_model(cfg), out, cfg)
 
 
-def test_tp_hy4_matches_one_rank(local_ray, tmp_path):
-    # index_topk 12: prompts of 14..30 tokens attend sparsely at every step; two shared layers reuse a selection.
-    _tp_equals_one_rank(_save_hy4(tmp_path), VOCAB, seed=71, lo=14, hi=30)
+# GLM-5.3-Flash: clamped SwiGLU experts 4 / 4, the shared one on both; Hy4: 10 routed experts 5 / 5, the clamped
+# SwiGLU on each rank's. Both against transformers' forward without a cache (DSA's oracle: hf_greedy_nocache).
+EP_CASES = {"exaone": (lambda out: save_preset(out, EXAONE, num_hidden_layers=4), 29, hf_greedy),
+            "longcat": (longcat_checkpoints.save_longcat_checkpoint, 43, hf_greedy),
+            "kimi_linear": (lambda out: save_preset(out, KIMI_LINEAR), 59, hf_greedy),
+            "bailing_hybrid": (lambda out: save_preset(out, BAILING), 67, hf_greedy),
+            "minimax_m3": (lambda out: save_preset(out, MINIMAX_M3), 73, hf_greedy),
+            "qwen4_exp": (qwen4_exp_checkpoints.save_qwen4_exp_checkpoint, 71, hf_greedy),
+            "glm5_next": (_glm5_next, 73, hf_greedy_nocache),
+            "hy4": (_save_hy4, 73, hf_greedy_nocache)}
 
 
-def test_ep_hy4_matches_transformers(local_ray, tmp_path):
-    """EP 2: 10 routed experts 5 / 5, the clamped SwiGLU on each rank's, the shared expert on both; against
-    transformers' forward without a cache (DSA's oracle)."""
-    path = _save_hy4(tmp_path)
-    ps = prompts(VOCAB, seed=73, n=4, lo=1, hi=60)
+@pytest.mark.parametrize("name", list(EP_CASES))
+def test_ep_2_matches_transformers(local_ray, tmp_path, name):
+    save, seed, oracle = EP_CASES[name]
+    path = save(tmp_path)
+    ps = prompts(VOCAB, seed=seed, n=4, lo=1, hi=60)  # every preset's vocabulary (tiny_families)
     llm = LLM(path, expert_parallel_size=2, **KW)
     try:
-        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy_nocache(path, ps, max_new=NEW), ps)
+        assert_same(engine_greedy(llm, ps, max_new=NEW), oracle(path, ps, max_new=NEW), ps)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
+
+
+def test_tp_glm5_next_matches_one_rank(local_ray, tmp_path):
+    # Prompts of 14..40 tokens: past index_topk 8 + the 3-token tail, so prefill and decode select pools.
+    _tp_equals_one_rank(_glm5_next(tmp_path), VOCAB, seed=71, lo=14, hi=40)
+
+
+def test_tp_hy4_matches_one_rank(local_ray, tmp_path):
+    # index_topk 12: prompts of 14..30 tokens attend sparsely at every step; two shared layers reuse a selection.
+    _tp_equals_one_rank(_save_hy4(tmp_path), VOCAB, seed=71, lo=14, hi=30)

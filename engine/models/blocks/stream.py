@@ -180,4 +180,56 @@ class PreNormLayer(Layer):
         aux.take(n, *state)
 
 
-__all__ = ["EMBEDDING", "HEAD", "Head", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL", "prenorm"]
+@RESIDUAL.register("hc_prenorm")
+class HyperPreNormLayer(Layer):
+    """Hyper-connections (engine/models/hyper_connections.py: DeepSeek-V4's math, or with `comb` False Hunyuan Hy4's
+    independent form) around the attention and the FFN block, each behind its checkpoint's RMSNorm as the prenorm
+    layer's (input_layernorm, post_attention_layernorm): the stream is x_TnD, n streams. GLM-5.3-Flash's; Hy4 names
+    its hyper-connection weights its own way (`hc_plan`, engine/models/hy_v4/kinds.py). Under tensor parallelism
+    the hyper-connections are whole on every rank (per token, the same input everywhere)."""
+
+    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+                 ffn: Callable[[BuildContext, int], FFNBlock]):
+        from ..hyper_connections import HyperConnection
+
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        hc, D, eps = cfg.hyper_connections, cfg.hidden_size, cfg.rms_norm_eps
+        if hc is None:
+            raise ValueError(f"architecture {cfg.architecture}: its ModelConfig has no hyper_connections.")
+        self.attn_hc = HyperConnection(hc, D, eps, ctx.device, ctx.kernels)
+        self.ffn_hc = HyperConnection(hc, D, eps, ctx.device, ctx.kernels)
+        self.input_layernorm = RMSNorm(D, eps, ctx.kernels, cfg.dtype, ctx.device)
+        self.post_attention_layernorm = RMSNorm(D, eps, ctx.kernels, cfg.dtype, ctx.device)
+        self.install(ctx, i, attention, attn_cfg, ffn)
+
+    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
+               ctx: ForwardContext) -> Stages:
+        x_TnD = state
+        h_TD, mix = self.attn_hc.collapse(x_TnD)
+        x_TnD = self.attn_hc.residual(x_TnD, self.mixer(positions_T, self.input_layernorm(h_TD), ctx), mix)
+        h_TD, mix = self.ffn_hc.collapse(x_TnD)
+        y_TD = yield from ffn_stages(self.ffn, self.tp, self.post_attention_layernorm(h_TD), input_ids_T)
+        return self.ffn_hc.residual(x_TnD, y_TD, mix)
+
+    def hc_plan(self, p: str) -> WeightPlan:
+        """The two hyper-connections' weights: hc_attn_* / hc_ffn_* (as transformers' save_pretrained writes them)."""
+        return {**self.attn_hc.weight_plan(p + "hc_attn"), **self.ffn_hc.weight_plan(p + "hc_ffn")}
+
+    def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
+                    names: frozenset[str]) -> WeightPlan:
+        plan = self.hc_plan(p)
+        plan.update(self.input_layernorm.weight_plan(p + "input_layernorm.weight"))
+        plan.update(self.post_attention_layernorm.weight_plan(p + "post_attention_layernorm.weight"))
+        plan.update(self.mixer.weight_plan(f"{p}{self.mixer_name}."))
+        plan.update(self.ffn.weight_plan(p, layer_idx, cfg, spec, expert_ids, names))
+        return plan
+
+    @staticmethod
+    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+        """The streams flat, [T, n D]."""
+        aux.take(n, state.flatten(1), None)
+
+
+__all__ = ["EMBEDDING", "HEAD", "Head", "HyperPreNormLayer", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL",
+           "prenorm"]
