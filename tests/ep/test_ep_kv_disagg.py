@@ -60,7 +60,7 @@ def test_prefill_on_one_rank_in_another_process_decode_at_ep2(local_ray, tiny_mo
 def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model, want):
     path = tiny_model("qwen3_e6k3")
     ps, want = PROMPTS[21], want[21]
-    port = free_port()
+    port = free_port(2)  # its two ranks listen on port and port + 1
     pre = PrefillProcess({"model": path, "port": port, "prompts": ps, "llm": KW, "ep": 2})
     try:
         ready = pre.expect("ready", READY_S)

@@ -13,7 +13,6 @@ heads), a prefill rank's server, the joined reports and the refusals without eng
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 
@@ -38,31 +37,13 @@ SAVE = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                       kv_transfer_params=KVTransferParams(do_remote_decode=True))
 
 
-def _free_ports(n: int) -> int:
-    """A port p with p .. p + n - 1 all free on 127.0.0.1 now (rank r of a prefill engine serves on p + r)."""
-    for _ in range(50):
-        port, socks = free_port(), []
-        try:
-            for i in range(n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port + i))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError(f"no {n} consecutive free ports")
-
-
 def _engines(path, ep: str):
     """{("prefill" | "decode", tp): LLM}: the four engines of one model's pairs; the `ep` side's TP 2 engine runs its
     experts in EP 2 over the group (`-tp 2 -ep 2`), the other's split by TP."""
     out = {}
     try:
         for tp in (1, 2):
-            port = _free_ports(tp)
+            port = free_port(tp)
             eps = {side: 2 if tp == 2 and side == ep else 1 for side in ("prefill", "decode")}
             out["prefill", tp] = LLM(path, tensor_parallel_size=tp, expert_parallel_size=eps["prefill"],
                                      kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp", port=port,
@@ -136,7 +117,7 @@ def test_qwen3_next_states_rank_to_rank_at_tp2(local_ray, hf_tiny_model):
     ps = prompts(hf_checkpoints.VOCAB, seed=48, n=3, lo=2, hi=20) + [[7]]
     engines = {}
     try:
-        port = _free_ports(2)
+        port = free_port(2)
         engines["prefill", 2] = LLM(path, tensor_parallel_size=2, kv_connector=RemoteKVConnector(
             RemoteKVConfig(transport="tcp", port=port, num_ranks=2)), **KW)
         engines["decode", 2] = LLM(path, tensor_parallel_size=2,
@@ -154,7 +135,7 @@ def test_prefill_of_two_tp_groups_to_a_decode_rank_without_tp(local_ray, tiny_mo
     name = "qwen3_e6k3"
     path = tiny_model(name)
     ps = prompts(TINY_CONFIGS[name]["vocab_size"], seed=49, n=4, lo=5, hi=20)
-    port = _free_ports(4)
+    port = free_port(4)
     engines = {}
     try:
         engines["decode", 1] = LLM(path, kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **KW)
@@ -308,7 +289,7 @@ def test_a_prefill_rank_serves_each_decode_rank_its_heads_once(tmp_path):
     store.heads = Heads(0, 2, 2)
     store.put(token, SavedKV(12, tokens, layout, [([0, 1, 2], rows)]))
     tr = make_transport("tcp", 2.0, 10.0)
-    port = _free_ports(1)
+    port = free_port(1)
     server = tr.serve(store, "127.0.0.1", port)
 
     def fetch(ask: ShardAsk):
@@ -340,7 +321,7 @@ def test_deepseek_v4_rank_to_rank_at_tp2(local_ray, tmp_path_factory):
     engines = {}
     try:
         engines["prefill", 2] = LLM(path, tensor_parallel_size=2, kv_connector=RemoteKVConnector(
-            RemoteKVConfig(transport="tcp", port=_free_ports(2), num_ranks=2)), **kw)
+            RemoteKVConfig(transport="tcp", port=free_port(2), num_ranks=2)), **kw)
         engines["decode", 2] = LLM(path, tensor_parallel_size=2,
                                    kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp")), **kw)
         _check_pairs(engines, ps, pairs=[(2, 2)], reference=("decode", 2))

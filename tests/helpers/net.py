@@ -6,11 +6,38 @@ import os
 import socket
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_low() -> int:
+    """The lowest port the OS hands out to outgoing connections (ip_local_port_range; 32768 by default)."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(count: int = 1) -> int:
+    """A TCP port free on 127.0.0.1 right now, with the `count - 1` ports after it free too (a server of several
+    ranks listens on port + rank). Taken below the OS's ephemeral range: a port the OS picks there (bind to 0) can be
+    handed to another process's outgoing connection before the test's server binds it, and port + 1 was never
+    checked at all (seen: "Address already in use" on an EP 2 prefill server's second rank)."""
+    import random
+
+    low = _ephemeral_low()
+    rng = random.Random()  # each xdist worker its own sequence: two never walk the same ports in step
+    for _ in range(200):
+        base = rng.randrange(20000, max(20001, low - count))
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 below {low}")
 
 
 def _socket_inodes(pids) -> set[int]:
