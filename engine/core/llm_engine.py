@@ -427,8 +427,6 @@ class LLMEngine:
         place (engine/rl/weights.py); the prefix cache (and with it every offload tier's view) is flushed, since KV
         computed with the old weights must never be served with the new. Requests must be done first: one request
         never mixes weights. Returns {"bytes_read", "seconds", "weight_version"}."""
-        import time
-
         from ..rl.weights import check_same_tensors
 
         if load_format not in (None, "auto", "safetensors"):
@@ -436,29 +434,29 @@ class LLMEngine:
                              "or 'safetensors'.")
         self._check_update_allowed(flush_cache)
         check_same_tensors(self.config.model, self.config.model.model, model_path)
-        t0 = time.perf_counter()
-        self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
-        read = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, str(model_path))
-        self.flush_cache()
-        self.weight_version = weight_version
-        return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
+        return self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_DISK, str(model_path), weight_version)
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
                                    weight_version: str | None = None, flush_cache: bool = True) -> dict:
         """SGLang's update_weights_from_tensor: [(checkpoint name, tensor)] of the served checkpoint (any subset, a
         float tensor in any float dtype) written in place on every rank that holds part of it; the rest of the weights
         stay. As update_weights_from_disk otherwise (refusals, cache flush, weight_version)."""
-        import time
-
         from ..rl.weights import check_named_tensors
 
         if load_format not in (None, "auto"):
             raise ValueError(f"load_format={load_format!r} is invalid for a tensor update: choose None or 'auto'.")
         self._check_update_allowed(flush_cache)
         tensors = check_named_tensors(self.config.model, self.config.model.model, named_tensors)
+        return self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors, weight_version)
+
+    def _update_ranks(self, call: RankCall, arg, weight_version: str | None) -> dict:
+        """Every rank writes its part of a checked update (`call` with `arg`), then the prefix cache is flushed and
+        the version set: {"bytes_read", "seconds", "weight_version"}."""
+        import time
+
         t0 = time.perf_counter()
-        self._drain()
-        read = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors)
+        self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
+        read = self.executor.collective(call, arg)
         self.flush_cache()
         self.weight_version = weight_version
         return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}

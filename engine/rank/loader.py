@@ -195,6 +195,12 @@ def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: s
     checkpoint = SafetensorsCheckpoint(model_dir, cfg.text_weights_prefix)
     plan = model_plan(model, cfg, frozenset(checkpoint.keys()))
     check_complete(plan, checkpoint, cfg, model_dir)
+    return _write_in_place(model, checkpoint, plan, device)
+
+
+def _write_in_place(model: MoEDecoderForCausalLM, checkpoint, plan: WeightPlan, device: torch.device) -> int:
+    """A weight update's write: `plan` from `checkpoint` into the tensors `model` holds, then the after-load
+    conversions of the parameters written, and only those; the bytes read."""
     read: dict[str, int] = {}
     written: set[int] = set()
     load_plan(checkpoint, plan, device, read_bytes=read, written=written)
@@ -232,12 +238,7 @@ def update_tensors_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, tens
     conversions after a load run again for the parameters written only. Returns the bytes read."""
     served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())  # the layout the load chose
     plan = {name: entry for name, entry in model_plan(model, cfg, served).items() if name in tensors}
-    read: dict[str, int] = {}
-    written: set[int] = set()
-    load_plan(TensorsCheckpoint(tensors), plan, device, read_bytes=read, written=written)
-    with torch.no_grad():
-        model.process_weights_after_loading(written)
-    return sum(read.values())
+    return _write_in_place(model, TensorsCheckpoint(tensors), plan, device)
 
 
 def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, progress: bool = False,

@@ -209,25 +209,26 @@ class Worker:
 
     def update_weights_from_disk(self, model_path: str) -> int:
         """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
-        shard, read as the load read them (loader.update_in_place). The engine checked the tensors first and runs no step meanwhile."""
+        shard, read as the load read them (loader.update_in_place). The engine checked the tensors first and runs no
+        step meanwhile."""
         from .loader import update_in_place
 
-        self._bind_device()
-        runner = self.runner
-        runner.quiesce(60.0)  # no launched step's device work still reads the weights
-        read = update_in_place(runner.model, self.config.model, model_path, self.device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
-        return read
+        return self._write_weights(lambda model: update_in_place(model, self.config.model, model_path, self.device))
 
     def update_weights_from_tensor(self, tensors: dict) -> int:
         """Named tensors into this rank's weights, in place: the parts of them this rank holds (its experts, its TP
         shard; loader.update_tensors_in_place). The engine checked them first and runs no step meanwhile."""
         from .loader import update_tensors_in_place
 
+        return self._write_weights(
+            lambda model: update_tensors_in_place(model, self.config.model, tensors, self.device))
+
+    def _write_weights(self, write) -> int:
+        """A weight update's write on this rank, no launched step's device work still reading the weights; the
+        bytes read."""
         self._bind_device()
         self.runner.quiesce(60.0)
-        read = update_tensors_in_place(self.runner.model, self.config.model, tensors, self.device)
+        read = write(self.runner.model)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
         return read
