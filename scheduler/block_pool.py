@@ -32,7 +32,19 @@ BlockHash = bytes
 ROOT_BLOCK_HASH: BlockHash = hashlib.sha256(b"moelink-kv-block-root").digest()
 
 
-def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -> BlockHash:
+def root_block_hash(cache_salt: bytes = b"") -> BlockHash:
+    """Parent of a sequence's first block: ROOT_BLOCK_HASH, or, for a request with a cache salt, a root of its own.
+
+    The salt holds what its KV depends on besides the token ids (a LoRA adapter, the images behind placeholder
+    tokens, a tenant's `cache_salt`): requests with different salts share no block, whatever their tokens, and
+    equal salts share as plain prompts do. Each feature adds its own tagged part (`Request.cache_salt`)."""
+    if not cache_salt:
+        return ROOT_BLOCK_HASH
+    return hashlib.sha256(ROOT_BLOCK_HASH + cache_salt).digest()
+
+
+def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int],
+                      root: BlockHash = ROOT_BLOCK_HASH) -> BlockHash:
     """Chain hash of one full block: sha256(parent hash ‖ token ids as int64).
 
     Why sha256 rather than Python's `hash((parent, tuple(tokens)))`: tuple
@@ -41,26 +53,27 @@ def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int]) -
     advisory GHSA-rm76-4mrf-v9r8 / CVE-2025-25183); sha256 also gives the same
     value in every process. It costs ~1 µs per block, paid once per block.
     """
-    h = hashlib.sha256(ROOT_BLOCK_HASH if parent_hash is None else parent_hash)
+    h = hashlib.sha256(root if parent_hash is None else parent_hash)
     h.update(array("q", token_ids).tobytes())
     return h.digest()
 
 
 def extend_block_hashes(hashes: list[BlockHash], token_ids: Sequence[int], block_size: int,
-                        num_blocks: int | None = None, lookahead: int = 0) -> list[BlockHash]:
+                        num_blocks: int | None = None, lookahead: int = 0,
+                        root: BlockHash = ROOT_BLOCK_HASH) -> list[BlockHash]:
     """Append hashes of the full blocks of `token_ids` not yet in `hashes`.
 
     Incremental: only blocks `len(hashes) .. num_blocks-1` are hashed (all full
     blocks when `num_blocks` is None), so calling this every step after a token
     is appended costs O(new blocks), not O(sequence). Returns `hashes`.
     `lookahead`: tokens after each block its hash covers too (CacheConfig.block_hash_lookahead); a block is
-    hashed only once they are known.
+    hashed only once they are known. `root`: the chain's first parent (`root_block_hash` of the request's salt).
     """
     full = max(len(token_ids) - lookahead, 0) // block_size
     stop = full if num_blocks is None else min(num_blocks, full)
     for i in range(len(hashes), stop):
         parent = hashes[i - 1] if i > 0 else None
-        hashes.append(hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size + lookahead]))
+        hashes.append(hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size + lookahead], root))
     return hashes
 
 
@@ -125,11 +138,11 @@ class BlockPool:
             hits.append(block_id)
         return hits
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def find_cached_prefix(self, token_ids: Sequence[int], root: BlockHash = ROOT_BLOCK_HASH) -> list[int]:
         """Block ids of the longest cached prefix of a token list (whole blocks)."""
         if not self.enable_prefix_caching:
             return []
-        return self.find_cached_blocks(extend_block_hashes([], token_ids, self.block_size))
+        return self.find_cached_blocks(extend_block_hashes([], token_ids, self.block_size, root=root))
 
     def num_evictable(self, block_ids: Sequence[int]) -> int:
         """How many of `block_ids` sit in the free queue (ref 0): touching them

@@ -215,7 +215,7 @@ class HybridCacheManager:
                 continue
             if written != checkpoint_boundary(req.num_prompt_tokens, bs) or written == 0:
                 continue
-            extend_block_hashes(req.block_hashes, req.all_token_ids, bs, written // bs, self.kv.lookahead)
+            extend_block_hashes(req.block_hashes, req.all_token_ids, bs, written // bs, self.kv.lookahead, root=req.cache_root)
             if len(req.block_hashes) < written // bs:
                 continue
             h = req.block_hashes[written // bs - 1]
@@ -243,7 +243,7 @@ class HybridCacheManager:
         previous tail. Given back when the tokens are not all there (a finished request's answer cut at a stop
         string)."""
         bs = self.block_size
-        extend_block_hashes(req.block_hashes, req.all_token_ids, bs, written // bs, self.kv.lookahead)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, bs, written // bs, self.kv.lookahead, root=req.cache_root)
         if len(req.block_hashes) < written // bs:
             self.ckpts.abandon(slot)
             return

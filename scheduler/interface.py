@@ -56,8 +56,8 @@ class SchedulerInterface(Protocol):
     def outstanding_tokens(self) -> int:
         """Work still owed, in tokens (the router balances on it)."""
 
-    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        """Leading tokens of a prompt this rank's prefix cache holds."""
+    def num_cached_prefix_tokens(self, token_ids: list[int], cache_salt: bytes = b"") -> int:
+        """Leading tokens of a prompt (with that cache salt) this rank's prefix cache holds."""
 
     def requeue(self, req: Request) -> None:
         """Take over a request from a rank that is gone (elastic EP)."""

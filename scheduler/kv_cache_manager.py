@@ -90,7 +90,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         max_blocks = (req.num_tokens - 1) // self.block_size
-        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, max_blocks, self.lookahead)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, max_blocks, self.lookahead, root=req.cache_root)
         hits = self.pool.find_cached_blocks(req.block_hashes, max_blocks)
         return hits, len(hits) * self.block_size
 
@@ -150,7 +150,7 @@ class KVCacheManager:
         num_full = min(known_written(req, num_written) // self.block_size, len(blocks))
         if num_full <= start:
             return
-        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full, self.lookahead)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full, self.lookahead, root=req.cache_root)
         num_full = min(num_full, len(req.block_hashes))  # with a lookahead, the next tokens must be known too
         if num_full <= start:
             return

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable
 from typing import Optional
 
+from .block_pool import root_block_hash
 from .outputs import SamplingOptions, TokenLogprobs
 
 
@@ -71,6 +72,7 @@ class Request:
         min_tokens: int = 0,
         arrival_time: float | None = None,
         client: tuple[str, ...] = (),
+        cache_salt: bytes = b"",
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
@@ -145,6 +147,13 @@ class Request:
         # the KV cache manager. Tokens are only ever appended, so a hash once
         # computed stays valid, preemptions included.
         self.block_hashes: list[bytes] = []
+        # What the KV depends on besides the token ids, as tagged parts (b"lora:<name>", the images' hashes, a
+        # tenant's salt): the block hash chain starts from a root of its own (block_pool.root_block_hash), so KV
+        # is shared only between requests with the same salt. Set before the first schedule; never changes.
+        if not isinstance(cache_salt, bytes):
+            raise ValueError(f"Request.cache_salt={cache_salt!r} is invalid: must be bytes (b'' for none).")
+        self.cache_salt = cache_salt
+        self.cache_root: bytes = root_block_hash(cache_salt)
 
     @classmethod
     def from_sampling_params(
@@ -155,6 +164,7 @@ class Request:
         eos_token_ids: Iterable[int] = frozenset(),
         arrival_time: float | None = None,
         client: tuple[str, ...] = (),
+        cache_salt: bytes = b"",
     ) -> "Request":
         """Build from an engine `SamplingParams` (typed by the SamplingOptions Protocol, so the scheduler does not
         import the engine)."""
@@ -168,6 +178,7 @@ class Request:
             min_tokens=sp.min_tokens,
             arrival_time=arrival_time,
             client=client,
+            cache_salt=cache_salt,
         )
 
     @property

@@ -11,7 +11,7 @@ from typing import Protocol, Sequence
 class _RankScheduler(Protocol):
     def outstanding_tokens(self) -> int: ...
 
-    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int: ...
+    def num_cached_prefix_tokens(self, token_ids: list[int], cache_salt: bytes = b"") -> int: ...
 
 
 class LeastLoadedRouter:
@@ -26,9 +26,9 @@ class LeastLoadedRouter:
             raise ValueError("LeastLoadedRouter needs at least one scheduler.")
         self.schedulers = list(schedulers)
 
-    def route(self, prompt_token_ids: list[int]) -> int:
+    def route(self, prompt_token_ids: list[int], cache_salt: bytes = b"") -> int:
         if len(self.schedulers) == 1:
             return 0
         n = len(prompt_token_ids)
-        costs = [s.outstanding_tokens() + n - s.num_cached_prefix_tokens(prompt_token_ids) for s in self.schedulers]
+        costs = [s.outstanding_tokens() + n - s.num_cached_prefix_tokens(prompt_token_ids, cache_salt) for s in self.schedulers]
         return min(range(len(costs)), key=lambda r: (costs[r], r))

@@ -40,6 +40,7 @@ from .config import CacheConfig, SchedulerConfig
 from .draft_control import DraftControl
 from .engine_output import SchedulerStats
 from .fairness import ClientFairness
+from .block_pool import root_block_hash
 from .kv_cache_manager import KVCacheManager
 from .kv_connector import KVConnector, KVTransfers
 from .hybrid_cache import HybridCacheManager
@@ -209,9 +210,10 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 total += max(r.max_tokens - r.num_output_tokens, 0)
         return total
 
-    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        """How many leading tokens of a prompt this rank's prefix cache holds (whole blocks)."""
-        return len(self.kv.pool.find_cached_prefix(token_ids)) * self.block_size
+    def num_cached_prefix_tokens(self, token_ids: list[int], cache_salt: bytes = b"") -> int:
+        """How many leading tokens of a prompt (with that cache salt) this rank's prefix cache holds (whole
+        blocks)."""
+        return len(self.kv.pool.find_cached_prefix(token_ids, root_block_hash(cache_salt))) * self.block_size
 
     def has_finished_requests(self) -> bool:
         """True if finished ids still wait to be sent to the worker by a schedule(), or KV transfers to be

@@ -111,7 +111,7 @@ class SlidingKVCacheManager(KVCacheManager):
             return SlidingHit([], []), 0
         bs = self.block_size
         max_blocks = (req.num_tokens - 1) // bs
-        extend_block_hashes(req.block_hashes, req.all_token_ids, bs, max_blocks, self.lookahead)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, bs, max_blocks, self.lookahead, root=req.cache_root)
         full = self.pool.find_cached_blocks(req.block_hashes, max_blocks)
         for k in range(len(full), 0, -1):  # shorten the hit until the sliding group has its window
             s0 = first_live_sliding_block(k * bs, self.window, bs)
@@ -191,7 +191,7 @@ class SlidingKVCacheManager(KVCacheManager):
         num_full = min(known_written(req, num_written) // self.block_size, len(sliding))
         if num_full <= start:
             return
-        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full, self.lookahead)
+        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size, num_full, self.lookahead, root=req.cache_root)
         num_full = min(num_full, len(req.block_hashes))  # with a lookahead, the next tokens must be known too
         if num_full <= start:
             return

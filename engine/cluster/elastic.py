@@ -315,7 +315,7 @@ def regroup_engine(engine, num_kv_blocks: int | None, kept: list, keep_runners: 
     engine.world_size = world_size
     engine.router = LeastLoadedRouter(engine.schedulers)
     for req in reqs:
-        engine.schedulers[engine.router.route(req.all_token_ids)].requeue(req)
+        engine.schedulers[engine.router.route(req.all_token_ids, req.cache_salt)].requeue(req)
     engine.index_requests()
     engine.ep_plan = engine.executor.plan
     if engine.eplb is not None:

@@ -59,6 +59,9 @@ class ProcessedRequest:
     # Who sent it (engine/server/client_identity.py): the scheduler shares slots and tokens fairly among clients
     # (scheduler/fairness.py). (): anonymous, as offline use.
     client: tuple[str, ...] = ()
+    # What its KV depends on besides the token ids (scheduler Request.cache_salt): tagged parts a feature adds
+    # (an adapter, images); b"" for a plain prompt.
+    cache_salt: bytes = b""
 
 
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,

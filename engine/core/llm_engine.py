@@ -175,13 +175,14 @@ class LLMEngine:
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
             stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens, client=req.client,
+            cache_salt=req.cache_salt,
         )
         if p.structured_outputs is not None:
             if req.grammar is None:
                 raise ValueError("SamplingParams.structured_outputs is set but the request was not processed "
                                  "by process_inputs (no compiled grammar).")
             self.structured.add(req.request_id, req.grammar)
-        rank = self.router.route(req.prompt_token_ids)
+        rank = self.router.route(req.prompt_token_ids, req.cache_salt)
         self.schedulers[rank].add_request(sched_req)
         self._rank_of[req.request_id] = rank
         if p.structured_outputs is not None and not self.structured.ready(req.request_id):

@@ -301,7 +301,7 @@ class _SchedulerSide:
         bs = self.kv.block_size
         # Every full block: the last one too (the device cache never serves the block holding the last prompt
         # token, a tier may: the scheduler computes that token again for its logits, as after a PD load).
-        hashes = extend_block_hashes(req.block_hashes, req.all_token_ids, bs, req.num_tokens // bs, self.kv.lookahead)
+        hashes = extend_block_hashes(req.block_hashes, req.all_token_ids, bs, req.num_tokens // bs, self.kv.lookahead, root=req.cache_root)
         # The device hit as the scheduler takes it (a sliding table's shortens it to where its window is cached):
         # the load fills the table entries after it.
         hybrid = self._hybrid

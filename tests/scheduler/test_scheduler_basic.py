@@ -99,6 +99,26 @@ def test_prefix_cache_hit_of_shared_64_token_prefix():
     assert sim.tokens["b"] == reference_generate(shared + [4, 5, 6, 7, 8], max_tokens=4)[0]
 
 
+def test_a_cache_salt_keeps_kv_apart():
+    """Requests whose KV depends on more than their tokens (an adapter, images) carry a cache salt: the same tokens
+    under another salt share no block, under the same salt they hit, and the router's estimate says the same."""
+    s = make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
+    sim = Sim(s)
+    shared = [(5 * i) % 50 for i in range(48)]
+    s.add_request(make_request("a", shared + [1], max_tokens=2, cache_salt=b"lora:one"))
+    sim.run()
+    assert s.num_cached_prefix_tokens(shared + [2], b"lora:one") == 48
+    assert s.num_cached_prefix_tokens(shared + [2], b"lora:two") == 0
+    assert s.num_cached_prefix_tokens(shared + [2]) == 0
+    for rid, salt, hit in (("b", b"lora:two", 0), ("c", b"", 0), ("d", b"lora:one", 48)):
+        s.add_request(make_request(rid, shared + [2], max_tokens=1, cache_salt=salt))
+        so = sim.step()
+        assert so.scheduled_new_reqs[0].num_computed_tokens == hit, rid
+        sim.run()
+    with pytest.raises(ValueError, match="cache_salt"):
+        make_request("e", [1], cache_salt="text")
+
+
 def test_full_prompt_hit_still_computes_last_token():
     s = make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
     sim = Sim(s)
