@@ -26,7 +26,8 @@ WHERE_DRIVEN = {
     "needs_key": "tests/server/test_http_front.py",
     "control_plane_key": "tests/server/test_gateway_admin.py",
     "start_crashed": "tests/server/test_gateway_supervisor.py",
-    "tokenizer_ready": "tests/server/test_http_hangup_compiles.py, tests/server/test_gateway_supervisor.py",
+    "tokenizer_ready": "tests/server/test_http_front.py, tests/server/test_http_hangup_compiles.py, "
+                       "tests/server/test_gateway_supervisor.py",
     "streamed_abort_as_error": "tests/server/test_drain_http_streams.py",
     "needs_keyless_listener": "tests/server/test_gateway_auth.py",
     "prefill_leg_without_grammar": "tests/server/test_pd_serving.py",

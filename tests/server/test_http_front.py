@@ -231,3 +231,49 @@ def test_with_an_api_key_every_v1_path_asks_it_and_the_probes_do_not():
 def test_without_an_api_key_v1_paths_are_relayed_as_before():
     out, seen = _front_with_key(None, lambda port: http_request(port, "GET", "/v1/models"))
     assert out[0] == 200 and seen == [b"GET /v1/models HTTP/1.1"]
+
+
+# -- smg 1.13 answers 503 `tokenizer_not_ready` for a moment after it lists the model (quirks.MODELS_BEFORE_TOKENIZER)
+def _front_before(answers):
+    """A front before an upstream that answers each request with the next of `answers` (the last one repeats);
+    (the client's (status, body) of one POST, the bodies the upstream saw)."""
+    import asyncio
+
+    from moelink.engine.server.gateway.http_front import HttpFront
+
+    seen: list[bytes] = []
+
+    async def upstream(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.startswith(b"content-length")))
+        seen.append(await reader.readexactly(length))
+        status, body = answers[min(len(seen), len(answers)) - 1]
+        writer.write(b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n\r\n%s" % (status, len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        up = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        front = HttpFront("127.0.0.1", free_port(), up.sockets[0].getsockname()[1])
+        await front.start()
+        try:
+            return await asyncio.to_thread(http_request, front.port, "POST", "/v1/completions",
+                                           {"model": "m", "prompt": "hi", "max_tokens": 2})
+        finally:
+            await front.stop()
+            up.close()
+
+    return asyncio.run(scenario()), seen
+
+
+def test_a_503_tokenizer_not_ready_is_sent_again_not_handed_to_the_client():
+    not_ready = (503, b'{"error": {"code": "tokenizer_not_ready", "message": "Tokenizer not yet registered"}}')
+    (status, raw), seen = _front_before([not_ready, not_ready, (200, b'{"ok": 1}')])
+    assert status == 200 and json.loads(raw) == {"ok": 1}
+    assert len(seen) == 3 and len(set(seen)) == 1 and json.loads(seen[0])["prompt"] == "hi"  # the same request again
+
+
+def test_any_other_503_reaches_the_client_as_smg_said_it():
+    other = (503, b'{"error": {"message": "no worker"}}')
+    (status, raw), seen = _front_before([other, (200, b"{}")])
+    assert status == 503 and b"no worker" in raw and len(seen) == 1

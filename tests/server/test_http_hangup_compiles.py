@@ -5,8 +5,8 @@ to the server open when its HTTP client leaves before the answer starts (streame
 non-streamed answer; the server's HTTP front reports the hang-up and the server ends the request
 (engine/server/gateway/hangups.py). Six clients send expensive regexes (each tens of seconds to compile, past the 10 s
 limit) and hang up after one second: their compiles are dropped or killed at once, and another user's
-structured request sent next has its first token within 2x of the same request on the idle server; a stream
-running meanwhile keeps its inter-token gap within 2x too. A non-streamed generation whose client left is
+structured request sent next has its first token within 2x of the same request on the idle server (or 1.5 s, the
+suite's noise); a stream running meanwhile keeps its inter-token gap within the same bound. A non-streamed generation whose client left is
 aborted, and the gRPC side keeps its own: an Abort RPC reaches a request whose grammar still compiles.
 """
 from __future__ import annotations
@@ -157,9 +157,12 @@ def test_hung_up_compiles_are_dropped_and_others_are_served_promptly(srv):
     assert re.search(r"HTTP client hung up: 1 request\(s\) of relay id \S+ ended \(1 being prepared", logs)
     assert elapsed < 10  # on the old code: 60 s of compiles to the limit before the next structured request
     assert first < 1  # no compile process to start either (a fork of the fork server takes milliseconds)
-    # 2x, plus 100 ms of a shared 2-core machine's scheduling noise (smg, the server and the test share it).
-    assert ttft <= 2 * base_ttft + 0.1, (base_ttft, ttft)
-    assert streamed["gap"] <= 2 * base_gap + 0.1, (base_gap, streamed["gap"])
+    # A compile that held the engine (the defect: each runs tens of seconds) shows as seconds of wait; the bound is
+    # 2x the idle value or 1.5 s, whichever is larger, because the suite's other worker shares this 2-core machine
+    # and its bursts reach a few hundred ms (a 2x-plus-100-ms bound failed under `make test`, never alone). The
+    # numbers printed above are the measurement.
+    assert ttft <= max(2 * base_ttft, 1.5), (base_ttft, ttft)
+    assert streamed["gap"] <= max(2 * base_gap, 1.5), (base_gap, streamed["gap"])
 
 
 def test_a_non_streamed_generation_whose_client_left_is_aborted(srv):

@@ -47,7 +47,7 @@ import h11
 from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
-from .quirks import needs_key
+from .quirks import needs_key, tokenizer_ready
 from .tool_calls import asks_one_call, forget, note_one_call
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ INLINE_BODY_BYTES = 256 << 10  # bodies up to this size are inspected on the eve
 MAX_HEAD_BYTES = 64 << 10
 READ_CHUNK = 64 << 10
 CONNECT_RETRY_S = (0.1, 0.3)  # a failed connect to smg is tried again after these, unless smg is down
+# smg (1.13) may answer 503 `tokenizer_not_ready` for a moment after it lists the model (quirks.
+# MODELS_BEFORE_TOKENIZER), also after a restart: such an answer comes before any engine work, so the front sends
+# the (buffered) request again, every NOT_READY_POLL_S for at most NOT_READY_RETRY_S, rather than hand a client a
+# 503 for a server that said it was on.
+NOT_READY_RETRY_S = 10.0
+NOT_READY_POLL_S = 0.2
 # Hop-by-hop headers the front sets itself (RFC 9110 section 7.6.1), and the framing it recomputes.
 # What clients reach through the front: the OpenAI API (each route and what lies under it, e.g.
 # /v1/models/ID) and the probes. smg's control plane (/workers, /flush_cache, /get_loads, profiling, /wasm,
@@ -237,7 +243,7 @@ class HttpFront:
         the request asks for one required tool call (noted for the engine under its relay id, tool_calls.py)."""
         method, target = method or request.method, target or request.target
         try:
-            up_reader, up_writer = await self._connect_upstream()
+            up = _Upstream(*await self._connect_upstream())
         except OSError as exc:
             # 503 only while the supervisor has smg down (and restarts it: it logs each restart and its reason);
             # any other failure to reach smg is the front's own error, said and logged as such (issue 54 item 8:
@@ -263,8 +269,9 @@ class HttpFront:
             head += [name + b": " + value for name, value in request.headers if name not in _DROPPED]
             head += [RELAY_HEADER.encode() + b": " + relay_id.encode(), b"content-length: " + str(len(body)).encode(),
                      b"connection: close"]
-            up_writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-            answer = asyncio.ensure_future(_answer_from(up_reader, up_writer, writer))
+            up.request = b"\r\n".join(head) + b"\r\n\r\n" + body
+            up.writer.write(up.request)
+            answer = asyncio.ensure_future(self._answer_from(up, writer))
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             forget(relay_id)
@@ -272,14 +279,37 @@ class HttpFront:
             if answer is not None and not answer.done():
                 answer.cancel()
             await asyncio.gather(*(t for t in (answer, gone) if t is not None), return_exceptions=True)
-            up_writer.close()
+            up.writer.close()
             with contextlib.suppress(Exception):
-                await up_writer.wait_closed()
+                await up.writer.wait_closed()
             # Unless smg's whole answer reached the client, no one reads the rest: the server ends the request.
             if answer is None or answer.cancelled() or answer.exception() is not None:
                 await self._hung_up(relay_id)
         if not answer.cancelled():
             answer.result()  # smg's own failure (it closed early, a head over the limit): the caller's to handle
+
+    async def _answer_from(self, up: "_Upstream", writer: asyncio.StreamWriter) -> None:
+        """The request sent on (`up.writer` holds it), then smg's answer copied to the client as it comes until smg
+        closes; its head with `connection: close`. A 503 `tokenizer_not_ready` is not copied: the request is sent
+        again on a new connection (NOT_READY_RETRY_S)."""
+        deadline = asyncio.get_running_loop().time() + NOT_READY_RETRY_S
+        while True:
+            await up.writer.drain()
+            head = await up.reader.readuntil(b"\r\n\r\n")
+            if _status(head) != 503 or asyncio.get_running_loop().time() >= deadline:
+                break
+            # A 503's body is small and ends the connection (the request said `connection: close`).
+            body = await up.reader.read(MAX_HEAD_BYTES)
+            if tokenizer_ready(503, body):
+                writer.write(_closing(head) + body)
+                await _copy(up.reader, writer)
+                return
+            up.writer.close()
+            await asyncio.sleep(NOT_READY_POLL_S)
+            up.reader, up.writer = await self._connect_upstream()
+            up.writer.write(up.request)
+        writer.write(_closing(head))
+        await _copy(up.reader, writer)
 
     async def _connect_upstream(self):
         """A connection to smg. A failed connect is tried again (CONNECT_RETRY_S) unless the supervisor says smg
@@ -327,13 +357,18 @@ def public_path(target: bytes) -> Optional[str]:
     return None
 
 
-async def _answer_from(up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
-                       writer: asyncio.StreamWriter) -> None:
-    """The request sent on (`up_writer` holds it), then smg's answer copied to the client as it comes until smg
-    closes; its head with `connection: close`."""
-    await up_writer.drain()
-    writer.write(_closing(await up_reader.readuntil(b"\r\n\r\n")))
-    await _copy(up_reader, writer)
+class _Upstream:
+    """One relayed request's connection to smg (replaced when the request is sent again) and the bytes sent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.request = b""
+
+
+def _status(head: bytes) -> int:
+    """The status code of a response head (`HTTP/1.1 503 Service Unavailable...`); 0 if it has none."""
+    parts = head.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
 def _header(request: h11.Request, name: bytes) -> Optional[str]:

@@ -94,7 +94,8 @@ LEGACY_PARSER_NAMES = Quirk(
 MODELS_BEFORE_TOKENIZER = Quirk(
     "smg lists the model on /v1/models before it has registered the model's tokenizer: for a moment after, its "
     "generation routes answer 503 `tokenizer_not_ready` (seen on a loaded machine right after the server said the "
-    "OpenAI API was on)", *SEEN_1_13)
+    "OpenAI API was on; its /v1/tokenize answered already); the supervisor waits for the tokenizer, and the front "
+    "sends a request answered so again (http_front.NOT_READY_RETRY_S)", *SEEN_1_13)
 
 # Each quirk's function name -> its Quirk (filled by @works_around).
 QUIRKS: dict[str, Quirk] = {}
