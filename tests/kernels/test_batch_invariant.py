@@ -1,0 +1,164 @@
+"""Batch-invariant kernels (kernels/batch_invariant.py, issue 58 item 4): a row's result is bitwise the same whatever
+else is in the batch, and attention gives a decode row exactly what a prefill gives the same position. Each check is
+paired with the same one off the mode, which differs (so the check can fail)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelink.kernels.attention import AttentionMetadata, reference_paged_attention, reference_write_kv
+from moelink.kernels.batch_invariant import TILE_M, BatchInvariantMode, invariant_paged_attention
+
+
+def _cache(gen, seqs, K, H, bs, dtype, fill=None):
+    """A paged cache holding each (ctx, k_CKH, v_CKH) of `seqs` whole; (k_cache, v_cache, tables) with a zero null
+    block last and NaN everywhere nothing was written (so a stray read shows)."""
+    nb = sum(-(-ctx // bs) for ctx, _, _ in seqs)
+    k_cache = torch.full((nb + 1, bs, K, H), float("nan"), dtype=dtype)
+    k_cache[nb] = 0
+    v_cache = k_cache.clone()
+    perm = torch.randperm(nb, generator=gen).tolist()
+    tables = []
+    for ctx, k, v in seqs:
+        blocks = [perm.pop() for _ in range(-(-ctx // bs))]
+        tables.append(blocks)
+        slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(ctx)])
+        reference_write_kv(k, v, k_cache, v_cache, slots)
+    return k_cache, v_cache, tables, nb
+
+
+def _meta(tables, seq_lens, q_lens, null_block):
+    M = max(len(t) for t in tables)
+    tables_SM = torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32), tables_SM,
+                             torch.zeros(sum(q_lens), dtype=torch.long), list(q_lens), list(seq_lens), max(q_lens),
+                             max(seq_lens), null_block=null_block)
+
+
+def _seq(gen, ctx, K, H, dtype):
+    return ctx, torch.randn(ctx, K, H, generator=gen).to(dtype), torch.randn(ctx, K, H, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_invariant_attention_matches_the_reference(sinks, window, dtype):
+    gen = torch.Generator().manual_seed(1)
+    N, K, H, bs = 6, 2, 16, 4
+    ctx_q = [(1, 1), (9, 1), (13, 5), (21, 21), (6, 2), (30, 1)]
+    seqs = [_seq(gen, c, K, H, dtype) for c, _ in ctx_q]
+    k_cache, v_cache, tables, nb = _cache(gen, seqs, K, H, bs, dtype)
+    meta = _meta(tables, [c for c, _ in ctx_q], [q for _, q in ctx_q], nb)
+    q = torch.randn(sum(q for _, q in ctx_q), N, H, generator=gen).to(dtype)
+    sinks_N = torch.randn(N, generator=gen) if sinks else None
+    want = reference_paged_attention(q, k_cache, v_cache, meta, 0.3, sinks_N=sinks_N, sliding_window=window)
+    got = invariant_paged_attention(q, k_cache, v_cache, meta, 0.3, sinks_N=sinks_N, sliding_window=window)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_of_attention_is_the_same_in_any_batch_and_as_decode_or_prefill(dtype):
+    """The target sequence's rows: alone, among others (before and after it, longer and shorter), as one prefill
+    chunk, as later chunks after a prefix, and as decode rows: bitwise equal at each position. The reference path
+    (SDPA for chunks, padded batched decode) is not (checked, so the test can fail)."""
+    gen = torch.Generator().manual_seed(2)
+    N, K, H, bs, L = 8, 2, 32, 16, 70
+    target = _seq(gen, L, K, H, dtype)
+    q_LNH = torch.randn(L, N, H, generator=gen).to(dtype)
+    others = [_seq(gen, c, K, H, dtype) for c in (3, 150, 41)]
+    k_cache, v_cache, tables, nb = _cache(gen, [target] + others, K, H, bs, dtype)
+
+    def run(fn, layout):
+        """layout: [(sequence index, ctx, qlen)]; returns the target's rows by position."""
+        metas = _meta([tables[s] for s, _, _ in layout], [c for _, c, _ in layout], [q for _, _, q in layout], nb)
+        rows, q = [], []
+        for s, ctx, ql in layout:
+            if s == 0:
+                rows.append((len(q), ctx - ql, ql))
+                q += list(q_LNH[ctx - ql:ctx])
+            else:
+                q += list(torch.randn(ql, N, H, generator=gen).to(dtype))
+        out = fn(torch.stack(q), k_cache, v_cache, metas, H ** -0.5)
+        return {p0 + i: out[r + i] for r, p0, ql in rows for i in range(ql)}
+
+    layouts = [
+        [(0, L, L)],                                          # prefill, alone
+        [(1, 3, 3), (0, L, L), (2, 150, 20)],                 # prefill among others
+        [(0, 30, 30)], [(2, 100, 1), (0, L, 40)],             # two chunks (a prefix hit on the first)
+        [(0, L, 1)], [(1, 3, 1), (2, 150, 1), (0, L, 1), (3, 41, 1)],  # decode of the last row, alone and batched
+        [(0, 50, 1)], [(2, 120, 1), (0, 50, 1)], [(0, 50, 7)],  # a middle row as decode and in a chunk
+    ]
+
+    def spread(fn):
+        seen: dict[int, list] = {}
+        for layout in layouts:
+            for p, row in run(fn, layout).items():
+                seen.setdefault(p, []).append(row)
+        return seen
+
+    for p, rows in spread(invariant_paged_attention).items():
+        assert all(torch.equal(r, rows[0]) for r in rows), f"position {p}"
+    differs = any(not torch.equal(r, rows[0]) for rows in spread(reference_paged_attention).values() for r in rows)
+    assert differs, "the reference path gave bitwise equal rows too: this test no longer shows what the mode fixes"
+
+
+def _rows_in_batches(x_1K, make, sizes, seed=3):
+    """make(X_MK) -> [M, ...] for the row x placed at a random position of random batches of each size."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for m in sizes:
+        X = torch.randn(m, x_1K.shape[-1], generator=gen, dtype=x_1K.dtype)
+        i = int(torch.randint(0, m, (1,), generator=gen))
+        X[i] = x_1K[0]
+        out.append(make(X)[i])
+    return out
+
+
+SIZES = [1, 2, 3, 5, 8, 15, 16, 17, 31, 33, 64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmuls_under_the_mode_give_a_row_the_same_bits_in_any_batch(dtype):
+    gen = torch.Generator().manual_seed(4)
+    w_NK = torch.randn(384, 256, generator=gen, dtype=dtype)
+    b_N = torch.randn(384, generator=gen, dtype=dtype)
+    w3_EKN = torch.randn(3, 256, 96, generator=gen, dtype=dtype)
+    v_K = torch.randn(256, generator=gen, dtype=dtype)
+    x_1K = torch.randn(1, 256, generator=gen, dtype=dtype)
+    ops = {
+        "linear": lambda X: F.linear(X, w_NK, b_N),
+        "matmul": lambda X: X @ w_NK.T,
+        "matvec": lambda X: X @ v_K,
+        "mm": lambda X: torch.mm(X, w_NK.T),
+        "addmm": lambda X: torch.addmm(b_N, X, w_NK.T),
+        "bmm": lambda X: torch.bmm(X[None].expand(3, -1, -1), w3_EKN).transpose(0, 1),
+        "3-d linear": lambda X: F.linear(X.view(1, -1, 256), w_NK)[0],
+    }
+    for name, op in ops.items():
+        with BatchInvariantMode():
+            rows = _rows_in_batches(x_1K, op, SIZES)
+        assert all(torch.equal(r, rows[0]) for r in rows), name
+        off = _rows_in_batches(x_1K, op, SIZES)
+        if name != "bmm":  # this BLAS's batched matmul happens to be row-stable already
+            assert any(not torch.equal(r, off[0]) for r in off), f"{name}: no difference off the mode either"
+        torch.testing.assert_close(rows[0], off[0])  # the same values, up to rounding
+
+
+def test_the_mode_refuses_what_it_cannot_make_invariant():
+    q = torch.randn(1, 2, 4, 8)
+    with BatchInvariantMode(), pytest.raises(RuntimeError, match="scaled_dot_product_attention"):
+        F.scaled_dot_product_attention(q, q, q)
+    with BatchInvariantMode(), pytest.raises(RuntimeError, match="einsum"):
+        torch.einsum("ij,jk->ik", q[0, 0], q[0, 0].T)
+
+
+def test_tiles_pad_and_cut_rows():
+    x = torch.randn(TILE_M + 3, 5)
+    w = torch.randn(7, 5)
+    with BatchInvariantMode():
+        y = F.linear(x, w)
+    assert y.shape == (TILE_M + 3, 7)
+    torch.testing.assert_close(y, x @ w.T)
