@@ -54,7 +54,7 @@ def _tiled_rows(fn: Callable[..., torch.Tensor], a: torch.Tensor, *rest: Any, **
         a = F.pad(a, (0, 0, 0, pad))  # zero rows at the end of dim -2
     outs = [fn(a[..., i:i + TILE_M, :], *rest, **kw) for i in range(0, m + pad, TILE_M)]
     out = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
-    return out[..., :m, :] if pad else out
+    return out[..., :m, :].contiguous() if pad else out
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,7 +108,7 @@ class BatchInvariantMode(TorchFunctionMode):
         if tiled is not None:
             return tiled(*args, **kwargs)
         if func is torch.addmm:
-            return _addmm_rows(*args[:3], kwargs.get("beta", 1), kwargs.get("alpha", 1))
+            return _addmm_rows(args[0], args[1], args[2], kwargs.get("beta", 1), kwargs.get("alpha", 1))
         refused = _REFUSED.get(func)
         if refused is not None:
             raise RuntimeError(f"{refused} is not batch-invariant: a model path that calls it cannot run with "
@@ -138,6 +138,14 @@ def invariant_paged_attention(
     m, l and acc as they were, exactly. A sink starts m at the sink logit and l at 1 (its term of the denominator).
     Accumulates in float32 for half inputs, else in q's dtype. No host sync: the walk's length is the host's bound
     on the longest context, and each row's own length is read on the device."""
+    # Its products have one shape per model already (M = R): run them as they are, not on BatchInvariantMode's tiles.
+    with torch._C.DisableTorchFunction():
+        return _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N, sliding_window, k_scale,
+                                    v_scale)
+
+
+def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N, sliding_window, k_scale,
+                         v_scale) -> torch.Tensor:
     T, N, H = q_TNH.shape
     block_size, num_kv, _ = k_cache_BLKH.shape[1:]
     hv = v_cache_BLKH.shape[-1]

@@ -86,6 +86,27 @@ class TritonKernels(_Backend):
         return {attr: fn for f in FAMILIES for attr, fn in f.load_triton().items()}
 
 
+class BatchInvariantKernels(ReferenceKernels):
+    """The references, with attention over fixed key blocks in position order and every matmul of a step on fixed
+    row tiles (`step_context`): a row's result is bitwise the same in any batch (kernels/batch_invariant.py).
+    The CPU path of batch-invariant mode; a GPU runs it too, at the references' speed (no invariant Triton kernels
+    yet)."""
+
+    name = "batch_invariant"
+
+    def _implementations(self) -> dict[str, Any]:
+        from .batch_invariant import invariant_paged_attention
+
+        return {**super()._implementations(), "paged_attention": invariant_paged_attention}
+
+    @staticmethod
+    def step_context():
+        """Entered on the thread that runs a step's forward (engine/rank/model_runner.py): the tiles' mode."""
+        from .batch_invariant import BatchInvariantMode
+
+        return BatchInvariantMode()
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -94,7 +115,8 @@ def _triton_available() -> bool:
     return True
 
 
-_BACKENDS: dict[str, type[_Backend]] = {"reference": ReferenceKernels, "triton": TritonKernels}
+_BACKENDS: dict[str, type[_Backend]] = {"reference": ReferenceKernels, "triton": TritonKernels,
+                                         "batch_invariant": BatchInvariantKernels}
 
 
 def select_kernels(device: torch.device, name: str = "auto") -> Kernels:
@@ -109,5 +131,6 @@ def select_kernels(device: torch.device, name: str = "auto") -> Kernels:
     return _BACKENDS[name]()
 
 
-__all__ = ["AttentionMetadata", "FAMILIES", "Kernels", "REFERENCES", "ReferenceKernels", "TritonKernels",
+__all__ = ["AttentionMetadata", "BatchInvariantKernels", "FAMILIES", "Kernels", "REFERENCES", "ReferenceKernels",
+           "TritonKernels",
            "select_kernels"]

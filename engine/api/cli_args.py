@@ -153,6 +153,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph-sizes", "--cudagraph-capture-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
                         "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
+    p.add_argument("--batch-invariant", "--enable-deterministic-inference", action="store_true",
+                   help="a request's tokens and logprobs bitwise the same whatever else is in the batch, and a "
+                        "decode step's logprob equal to the re-prefilled prompt logprob (docs/rl.md; vLLM's "
+                        "VLLM_BATCH_INVARIANT=1 too). GQA models on one rank, float weights; slower kernels")
     add_vllm_engine_flags(p)
 
 
@@ -182,4 +186,5 @@ def engine_args_from(ns: argparse.Namespace):
         grammar_compile_timeout=ns.grammar_compile_timeout, max_grammar_chars=ns.max_grammar_chars,
         max_queued_grammar_compiles=ns.max_queued_grammar_compiles, grammar_compile_workers=ns.grammar_compile_workers,
         seed=getattr(ns, "engine_seed", None),  # serve's --seed (generate's --seed is per request)
+        batch_invariant=ns.batch_invariant,
     )

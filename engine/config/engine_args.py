@@ -27,6 +27,7 @@ from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFA
 from .compressed_attention import CompressedAttentionConfig, check_ring_rollback
 from .speculative import SpeculativeConfig
 from .tensor_parallel import check_tensor_parallel
+from .batch_invariant import from_env as batch_invariant_from_env, resolve_kernels
 from .worker_config import LOAD_FORMATS, WorkerConfig
 
 if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS): the configuration runs without the contract
@@ -186,6 +187,9 @@ class EngineArgs:
     # token was routed to, so that a request with SamplingParams.return_routed_experts gets them back
     # (CompletionOutput.routed_experts; moe/routing_capture.py). Off: such requests are refused.
     enable_return_routed_experts: bool = False
+    # A request's tokens and logprobs bitwise the same in any batch (engine/config/batch_invariant.py; vLLM's
+    # VLLM_BATCH_INVARIANT=1 turns it on too). Off: the batch decides the reduction order, to the last bits.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -314,7 +318,10 @@ class EngineArgs:
                             sliding_window=kv_sliding_window(model_cfg),
                             block_hash_lookahead=1 if spec is not None and spec.runs_on_device else 0)
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
-        return EngineConfig(model_cfg, cache, sched, parallel, device, self.kernels, self.load_progress,
+        kernels = resolve_kernels(self.batch_invariant or batch_invariant_from_env(), self.kernels, model_cfg,
+                                  tensor_parallel_size=parallel.tensor_parallel_size,
+                                  expert_parallel_size=self.expert_parallel_size)
+        return EngineConfig(model_cfg, cache, sched, parallel, device, kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed,

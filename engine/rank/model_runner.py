@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 from collections import deque
 
 import torch
@@ -326,8 +327,8 @@ class ModelRunner:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
                 handle.host_s = time.perf_counter() - t0
-                handle.work = self.stream.submit(
-                    lambda: self._device_moe_only(ep_step, ops, run_forward, transfers))
+                handle.work = self.stream.submit(self._in_step_context(
+                    lambda: self._device_moe_only(ep_step, ops, run_forward, transfers)))
                 self._in_flight.append(handle)
             return handle
         num_scheduled = so.num_scheduled_tokens
@@ -381,11 +382,23 @@ class ModelRunner:
                                        state_slots=state_plan.slots if state_plan is not None else None,
                                        query_lens=query_lens)
         handle.host_s = time.perf_counter() - t0
-        handle.work = self.stream.submit(
+        handle.work = self.stream.submit(self._in_step_context(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,
-                                      prompt_lp, routed))
+                                      prompt_lp, routed)))
         self._in_flight.append(handle)
         return handle
+
+    def _in_step_context(self, fn: Callable[[], DeviceResult]) -> Callable[[], DeviceResult]:
+        """fn inside the kernel backend's step context where it has one (batch-invariant mode's matmul tiles:
+        kernels/batch_invariant.py), entered on the thread that runs it (torch's function modes are per thread)."""
+        context = getattr(self.kernels, "step_context", None)
+        if context is None:
+            return fn
+
+        def run() -> DeviceResult:
+            with context():
+                return fn()
+        return run
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | VerifyStep | None, staged,
                      ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,

@@ -1,0 +1,50 @@
+"""Batch-invariant mode (issue 58 item 4): which kernel backend an engine that asked for it runs, and what it refuses.
+
+`LLM(batch_invariant=True)`, `moelink serve --batch-invariant` (SGLang's `--enable-deterministic-inference` spelled
+too), or vLLM's environment variable `VLLM_BATCH_INVARIANT=1`: every rank runs the `batch_invariant` kernel backend
+(kernels/batch_invariant.py: matmuls on fixed row tiles, attention over fixed key blocks in position order), so a
+request's tokens and logprobs are bitwise the same whatever else is in the batch, and a decode step's logprob of a
+token equals the prompt logprob a re-prefill gives it. What it does not cover yet is refused here, naming it, rather
+than served with batch-dependent numbers.
+"""
+from __future__ import annotations
+
+import os
+
+from .model import ModelConfig
+
+ENV = "VLLM_BATCH_INVARIANT"
+BACKEND = "batch_invariant"
+# The attention kinds whose every reduction goes through the invariant paged attention (kernels/batch_invariant.py
+# supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py).
+ATTENTION_KINDS = frozenset({"gqa"})
+
+
+def from_env() -> bool:
+    """vLLM's switch: VLLM_BATCH_INVARIANT=1 (any value but '' and '0')."""
+    return os.environ.get(ENV, "") not in ("", "0")
+
+
+def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, tensor_parallel_size: int,
+                    expert_parallel_size: int) -> str:
+    """The kernel backend name the ranks build: `kernels` unchanged when the mode is off; `batch_invariant` when it
+    is on and the model and layout are ones it covers, else one ValueError naming what is not."""
+    if not isinstance(batch_invariant, bool):
+        raise ValueError(f"batch_invariant={batch_invariant!r} is invalid: must be True or False.")
+    if not batch_invariant:
+        return kernels
+    if kernels not in ("auto", "reference", BACKEND):
+        raise ValueError(f"kernels={kernels!r} is invalid with batch_invariant=True: the mode runs its own kernels "
+                         f"({BACKEND!r}); leave kernels='auto'.")
+    kinds = sorted({model.attention_for(i).kind for i in range(model.num_layers)} - ATTENTION_KINDS)
+    if kinds:
+        raise ValueError(f"batch_invariant=True is not supported for {model.architecture}: its attention kind(s) "
+                         f"{', '.join(kinds)} have no batch-invariant kernels yet (supported: "
+                         f"{', '.join(sorted(ATTENTION_KINDS))}).")
+    if model.quantization is not None:
+        raise ValueError(f"batch_invariant=True is not supported with quantized weights ({type(model.quantization).__name__}"
+                         "): the quantized matmuls have no batch-invariant kernels yet; serve a float checkpoint.")
+    if tensor_parallel_size > 1 or expert_parallel_size > 1:
+        raise ValueError(f"batch_invariant=True is not supported with tensor_parallel_size={tensor_parallel_size} / "
+                         f"expert_parallel_size={expert_parallel_size} yet: serve it on one rank.")
+    return BACKEND

@@ -1,0 +1,112 @@
+"""Batch-invariant mode end to end (issue 58 item 4; engine/config/batch_invariant.py, kernels/batch_invariant.py):
+a target request's tokens and logprobs are bitwise the same alone and in batches of 1-64 mixed requests, across
+chunked-prefill boundaries, a prefix-cache hit and preemption; the logprob a decode step reports for a token equals,
+bitwise, that token's prompt logprob when the whole sequence is prefilled again (what a trainer recomputes). The same
+runs without the mode differ (so the checks can fail). float32, where the reduction order shows (float64 hides it
+to ~1e-14 only); GQA with its MoE (Qwen3-MoE)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+
+from tests.helpers.parity import assert_pool_free, prompts
+
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
+GEN = 6
+
+
+def _params(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True, logprobs=2, **kw)
+
+
+def _record(out) -> tuple[list[int], list[float], list[dict]]:
+    """(tokens, each sampled token's logprob, each step's top entries as {id: logprob})."""
+    c = out.outputs[0]
+    return (list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+            [{t: v.logprob for t, v in lp.items()} for lp in c.logprobs])
+
+
+def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list[int]]) -> list[tuple]:
+    """The target's record in each condition: alone; in batches of 4, 16 and 64 at different places; chunked at
+    other boundaries (a smaller token budget); after its first 40 tokens were cached by another request; preempted
+    (a KV pool too small for the batch)."""
+    records = []
+    llm = LLM(path, dtype="float32", max_num_seqs=64, max_num_batched_tokens=96, num_kv_blocks=512, block_size=8,
+              batch_invariant=batch_invariant)
+    try:
+        records.append(_record(llm.generate([target], _params(), use_tqdm=False)[0]))
+        for size, at in ((4, 1), (16, 9), (64, 40)):
+            batch = others[: size - 1]
+            batch = batch[:at] + [target] + batch[at:]
+            outs = llm.generate(batch, _params(), use_tqdm=False)
+            records.append(_record(outs[at]))
+        llm.flush_cache()
+        llm.generate([target[:40] + [7, 7, 7]], _params(), use_tqdm=False)  # the target's first 5 blocks cached
+        hit = llm.generate([target] + others[:5], _params(), use_tqdm=False)[0]
+        assert hit.num_cached_tokens == 40
+        records.append(_record(hit))
+        assert_pool_free(llm)
+    finally:
+        llm.shutdown()
+    small = LLM(path, dtype="float32", max_num_seqs=16, max_num_batched_tokens=40, num_kv_blocks=26, block_size=8,
+                batch_invariant=batch_invariant)
+    try:
+        longest = sorted(others, key=len)[-7:]
+        outs = small.generate(longest + [target], _params(), use_tqdm=False)
+        assert small.engine.stats().num_preemptions_total > 0
+        records.append(_record(outs[-1]))
+    finally:
+        small.shutdown()
+    return records
+
+
+@pytest.mark.slow
+def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(128, seed=51, n=64, lo=3, hi=90)
+    target, others = ps[1], ps[2:] + ps[:1]
+    random.Random(5).shuffle(others)
+    on = _runs(path, True, target, others)
+    assert all(r == on[0] for r in on), [i for i, r in enumerate(on) if r != on[0]]
+    off = _runs(path, False, target, others)
+    assert any(r[1] != off[0][1] for r in off), "without the mode the logprobs were bitwise equal as well"
+    assert on[0][0] == off[0][0]  # the same tokens: only the last bits moved
+
+
+@pytest.mark.slow
+def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(tiny_model):
+    """A trainer's recompute: the sequence prompt + generated tokens prefilled again (in chunks, beside others)
+    scores each generated token with exactly the logprob the decode step reported."""
+    path = tiny_model("qwen3_e6k3")
+    ps = prompts(128, seed=52, n=8, lo=5, hi=60)
+    llm = LLM(path, dtype="float32", max_num_seqs=8, max_num_batched_tokens=32, num_kv_blocks=256, block_size=8,
+              batch_invariant=True)
+    try:
+        outs = llm.generate(ps, _params(), use_tqdm=False)
+        seqs = [p + list(o.outputs[0].token_ids) for p, o in zip(ps, outs)]
+        again = llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        for p, o, a in zip(ps, outs, again):
+            tokens, logprobs, _ = _record(o)
+            rescored = [a.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(tokens)]
+            assert rescored == logprobs
+    finally:
+        llm.shutdown()
+
+
+def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_model, hf_tiny_model, monkeypatch):
+    with pytest.raises(ValueError, match=r"attention kind\(s\) mla have no batch-invariant kernels"):
+        LLM(hf_tiny_model("dsv3_lora"), dtype="float32", num_kv_blocks=32, batch_invariant=True)
+    with pytest.raises(ValueError, match="kernels='triton' is invalid with batch_invariant=True"):
+        LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, batch_invariant=True, kernels="triton")
+    with pytest.raises(ValueError, match="batch_invariant='yes' is invalid"):
+        LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, batch_invariant="yes")
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32)
+    try:
+        assert llm.engine.config.kernels == "batch_invariant"
+    finally:
+        llm.shutdown()
