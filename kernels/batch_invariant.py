@@ -6,24 +6,34 @@ in float32: the same row alone and among 2-150 rows differs by up to 2e-5 after 
 1e-14), and attention's reductions run over whatever length the batch pads its contexts to. An RL trainer that
 recomputes a rollout's logprobs, or a user who sends the same request twice, sees other numbers.
 
-The two rules that remove it, as Thinking Machines' batch-invariant ops and vLLM's VLLM_BATCH_INVARIANT mode do on
-GPUs (here on the plain-torch path, the CPU one):
-1. Every matmul runs on tiles of exactly TILE_M rows (the last one zero-padded): the library sees one shape whatever
-   the batch, and a row's position inside a tile does not change its arithmetic (checked on this BLAS for
-   float32 / float64 / bfloat16, 1 and 2 threads, tiles of 16 and 32: tests/kernels/test_batch_invariant.py).
-   `BatchInvariantMode` applies it to every `F.linear`, `matmul`, `mm`, `addmm` and `bmm` the forward calls, so no
-   layer needs its own copy; row-wise reductions (norms' mean, softmax, log-softmax) already reduce each row alone.
-2. Attention reduces over the keys in fixed blocks of the KV cache's block size, in position order, with an online
-   softmax (`invariant_paged_attention`): a query row meets the same blocks in the same order whether it is a decode
-   row, a row of a prefill chunk, or a row of a chunk after a prefix-cache hit; blocks past a row's position are
-   exact no-ops (its max, sum and accumulator are multiplied by 1 and added 0), so the batch's longest context
-   changes nothing. Its products are batched matmuls of one row's grouped heads by one block (M = query heads per KV
-   head), a fixed shape per model.
+The rules that remove it, as Thinking Machines' batch-invariant ops and vLLM's VLLM_BATCH_INVARIANT mode do on
+GPUs (here on the plain-torch path, the CPU one). `BatchInvariantMode`, a torch function mode the model runner enters
+around each step's forward, applies the first three to every call the forward makes, so no layer needs its own copy:
+1. Every matmul (`F.linear`, `matmul`, `mm`, `addmm`, `bmm`) runs on tiles of exactly TILE_M rows (the last one
+   zero-padded, each tile contiguous): the library sees one shape whatever the batch, and a row's position inside a
+   tile does not change its arithmetic (checked on this BLAS for float32 / float64 / bfloat16, 1 and 2 threads).
+2. Reductions over a dim (sum, mean, amax, logsumexp, softmax, log-softmax, cumsum, top-k) run on tiles of TILE_R
+   rows: a reduction's strategy (along the row, or across many short rows) is chosen by its shape and sums in
+   another order; top-k's order of the k (sorted=False) is its algorithm's.
+3. Element-wise transcendentals (exp, sigmoid, silu, gelu, tanh, softplus, log, erf) run in fixed chunks of CHUNK_E
+   elements: the CPU loops round an element's vectorized form and its scalar tail form differently, and which
+   elements fall in the tail depends on the tensor's size. Adds, products, divisions and square roots are exact
+   either way. Ops with no such form here (einsum, baddbmm, var, std, norms over several dims) raise inside the
+   mode, so a path that uses one cannot pass for invariant.
+4. One code path whatever the batch: the experts always run per expert (`invariant_fused_moe`), never the
+   reference's padded batched matmul for small batches; attention reduces over the keys in fixed blocks of the KV
+   cache's block size, in position order, with an online softmax (`invariant_paged_attention`, and
+   `invariant_mla_attention` for absorbed MLA): a query row meets the same blocks in the same order whether it is a
+   decode row, a row of a prefill chunk, or a row of a chunk after a prefix-cache hit; blocks past a row's position
+   are exact no-ops (its max, sum and accumulator are multiplied by 1 and added 0), so the batch's longest context
+   changes nothing. Its products are batched matmuls of one row's grouped heads by one block, a fixed shape per model.
 So the logprob a decode step reports for a token equals, bitwise, the prompt logprob the same sequence's prefill
 gives it (what a trainer recomputes).
 
 Legend: T tokens (query rows), N query heads, K KV heads, R = N / K, H head dim, Hv value head dim, B block size,
 M (in tiles) rows.
+Each rule was found by a test that failed without it (tests/engine/test_batch_invariant_engine.py on DeepSeek-V3:
+the router's sigmoid, its top-k, the MoE's two paths); tests/kernels/test_batch_invariant.py checks each op.
 """
 from __future__ import annotations
 
@@ -36,6 +46,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .attention import AttentionMetadata, dequantize_from_cache
+from .moe import fused_moe_torch
 
 # Rows per matmul tile. 16: a decode step of one request pads to 16 rows (a CPU matmul that small is bound by its
 # weight reads, not its rows), and a 150-token chunk is ten calls.
@@ -48,11 +59,13 @@ def _tiled_rows(fn: Callable[..., torch.Tensor], a: torch.Tensor, *rest: Any, **
     `a` is [..., M, K]; fn is a matmul-like op whose output row i depends on a's row i only."""
     m = a.shape[-2]
     if m == TILE_M:
-        return fn(a, *rest, **kw)
+        return fn(a.contiguous(), *rest, **kw)
     pad = -m % TILE_M
     if pad:
         a = F.pad(a, (0, 0, 0, pad))  # zero rows at the end of dim -2
-    outs = [fn(a[..., i:i + TILE_M, :], *rest, **kw) for i in range(0, m + pad, TILE_M)]
+    # Each tile contiguous: a matmul's kernel may depend on its operand's strides, and a tile's do not (a slice of an
+    # unpadded transposed view would otherwise differ from a padded copy).
+    outs = [fn(a[..., i:i + TILE_M, :].contiguous(), *rest, **kw) for i in range(0, m + pad, TILE_M)]
     out = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
     return out[..., :m, :].contiguous() if pad else out
 
@@ -79,6 +92,121 @@ def _addmm_rows(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: Any,
     return beta * bias + alpha * prod if (beta, alpha) != (1, 1) else bias + prod
 
 
+# Rows per reduction tile: a reduction's strategy (vectorized along the reduced dim, or across rows when the rows
+# are many and short) is chosen by its shape, and the two sum in different orders: measured, a 48-wide RMSNorm row
+# alone and among 4 rows differed in float32. A fixed tile keeps the shape, so the strategy, fixed.
+TILE_R = 64
+
+
+def _reduce_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, dim: int | None, keepdim: bool, keeps_dim: bool,
+                 **kw: Any) -> torch.Tensor:
+    """fn(x, dim) over `dim` with the other dims flattened into rows run TILE_R at a time (zero-padded, contiguous):
+    a row's result then depends on that row alone. keeps_dim: fn returns x's shape (softmax, cumsum), else the
+    reduced one."""
+    if dim is None or x.dim() == 0:
+        return fn(x, **kw) if dim is None else fn(x, dim, **kw)
+    d = dim % x.dim()
+    moved = x.movedim(d, -1)
+    lead, width = moved.shape[:-1], moved.shape[-1]
+    rows = moved.reshape(-1, width)
+    n = rows.shape[0]
+    pad = -n % TILE_R
+    if pad or not rows.is_contiguous():
+        rows = F.pad(rows, (0, 0, 0, pad)).contiguous()
+    outs = [fn(rows[i:i + TILE_R], -1, **kw) for i in range(0, n + pad, TILE_R)]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    out = out[:n]
+    if keeps_dim:
+        return out.reshape(*lead, width).movedim(-1, d)
+    out = out.reshape(lead)
+    return out.unsqueeze(d) if keepdim else out
+
+
+def _reduction(op: Callable[..., torch.Tensor], keeps_dim: bool = False) -> Callable[..., torch.Tensor]:
+    """The row-tiled form of a reduction over one dim (`op(x, dim, keepdim=..., dtype=...)` as torch spells it)."""
+    def run(x: torch.Tensor, dim: Any = None, *args: Any, keepdim: bool = False, **kw: Any) -> torch.Tensor:
+        kw.pop("_stacklevel", None)  # F.softmax / F.log_softmax's warning depth: not torch.softmax's
+        if kw.get("dtype", 0) is None:
+            kw.pop("dtype")
+        if isinstance(dim, (tuple, list)):
+            if len(dim) != 1:
+                raise RuntimeError(f"{getattr(op, '__name__', op)} over several dims is not batch-invariant here.")
+            dim = dim[0]
+        if args:  # keepdim (sum/mean/amax) or dtype (softmax) given positionally
+            if keeps_dim:
+                kw["dtype"] = args[0]
+            else:
+                keepdim = bool(args[0])
+        call = (lambda t, d, **k: op(t, d, **k)) if keeps_dim else (lambda t, d, **k: op(t, d, keepdim=False, **k))
+        return _reduce_rows(call, x, dim, keepdim, keeps_dim, **kw)
+    return run
+
+
+_SUM, _MEAN, _AMAX = _reduction(torch.sum), _reduction(torch.mean), _reduction(torch.amax)
+_SOFTMAX, _LOG_SOFTMAX = _reduction(torch.softmax, keeps_dim=True), _reduction(torch.log_softmax, keeps_dim=True)
+_LOGSUMEXP, _CUMSUM = _reduction(torch.logsumexp), _reduction(torch.cumsum, keeps_dim=True)
+
+
+# Elements per chunk of an element-wise transcendental op. The CPU loops run the vectorized form over whole vectors
+# and a scalar form over the tail, and the two round exp / sigmoid / silu differently in the last bit (measured: a
+# router's sigmoid over 12 logits, alone and among 4 rows); which elements fall in the tail depends on the tensor's
+# size, so on the batch. Chunks of a fixed size that every vector width divides have no tail, and stay under one
+# thread's grain (ATen splits work between threads only above 32768 elements).
+CHUNK_E = 4096
+
+
+def _elementwise(op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """op applied on fixed CHUNK_E-element chunks of its (flattened, zero-padded) tensor argument."""
+    def run(x: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.numel() == 0 or not x.is_floating_point():
+            return op(x, *args, **kw)
+        flat = x.reshape(-1)
+        n = flat.numel()
+        pad = -n % CHUNK_E
+        if pad:
+            flat = F.pad(flat, (0, pad))
+        parts = [op(flat[i:i + CHUNK_E], *args, **kw) for i in range(0, n + pad, CHUNK_E)]
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out[:n].view(x.shape)
+    return run
+
+
+def _in_place(run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run_(x: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        return x.copy_(run(x, *args, **kw))
+    return run_
+
+
+_EXP, _SIGMOID, _SILU = _elementwise(torch.exp), _elementwise(torch.sigmoid), _elementwise(F.silu)
+_ELEMENTWISE: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
+    torch.exp: _EXP, torch.Tensor.exp: _EXP, torch.Tensor.exp_: _in_place(_EXP),
+    torch.sigmoid: _SIGMOID, torch.Tensor.sigmoid: _SIGMOID, F.sigmoid: _SIGMOID,
+    torch.Tensor.sigmoid_: _in_place(_SIGMOID), F.silu: lambda x, inplace=False: _SILU(x),
+    F.gelu: _elementwise(F.gelu), torch.tanh: _elementwise(torch.tanh), torch.Tensor.tanh: _elementwise(torch.tanh),
+    F.softplus: _elementwise(F.softplus), torch.log: _elementwise(torch.log), torch.Tensor.log: _elementwise(torch.log),
+    torch.log1p: _elementwise(torch.log1p), torch.expm1: _elementwise(torch.expm1), torch.erf: _elementwise(torch.erf),
+    torch.nn.functional.logsigmoid: _elementwise(torch.nn.functional.logsigmoid),
+}
+
+
+def _topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """torch.topk with the rows run TILE_R at a time: its algorithm (and with sorted=False the order it returns
+    the k in) is chosen by the shape, so a row's top-k came back in another order in a larger batch (measured:
+    DeepSeek-V3's grouped router, whose weights then summed in another order)."""
+    d = dim % x.dim()
+    moved = x.movedim(d, -1)
+    lead, width = moved.shape[:-1], moved.shape[-1]
+    rows = moved.reshape(-1, width)
+    n = rows.shape[0]
+    pad = -n % TILE_R
+    rows = F.pad(rows, (0, 0, 0, pad)).contiguous() if pad or not rows.is_contiguous() else rows
+    parts = [torch.topk(rows[i:i + TILE_R], k, dim=-1, largest=largest, sorted=sorted)
+             for i in range(0, n + pad, TILE_R)]
+    values = torch.cat([p.values for p in parts])[:n].reshape(*lead, k).movedim(-1, d)
+    indices = torch.cat([p.indices for p in parts])[:n].reshape(*lead, k).movedim(-1, d)
+    return torch.return_types.topk((values, indices))
+
+
 # The ops whose reduction order depends on the number of rows, and the tiled version each one runs instead.
 _TILED: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
     F.linear: _linear,
@@ -89,12 +217,21 @@ _TILED: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
     torch.Tensor.mm: lambda a, b: _tiled_rows(torch.mm, a, b),
     torch.bmm: lambda a, b: _tiled_rows(torch.bmm, a, b),
     torch.Tensor.bmm: lambda a, b: _tiled_rows(torch.bmm, a, b),
+    torch.sum: _SUM, torch.Tensor.sum: _SUM, torch.mean: _MEAN, torch.Tensor.mean: _MEAN,
+    torch.amax: _AMAX, torch.Tensor.amax: _AMAX, torch.logsumexp: _LOGSUMEXP, torch.Tensor.logsumexp: _LOGSUMEXP,
+    torch.softmax: _SOFTMAX, torch.Tensor.softmax: _SOFTMAX, F.softmax: _SOFTMAX,
+    torch.log_softmax: _LOG_SOFTMAX, torch.Tensor.log_softmax: _LOG_SOFTMAX, F.log_softmax: _LOG_SOFTMAX,
+    torch.cumsum: _CUMSUM, torch.Tensor.cumsum: _CUMSUM, torch.topk: _topk, torch.Tensor.topk: _topk,
+    **_ELEMENTWISE,
 }
 # Ops that would reduce across rows in a batch-dependent order and have no tiled version here: refused, so a path
 # that uses one cannot pass for batch-invariant (it must go through invariant_paged_attention or a tiled op).
 _REFUSED = {F.scaled_dot_product_attention: "F.scaled_dot_product_attention (attention must be the blocked "
                                             "invariant_paged_attention)",
-            torch.einsum: "torch.einsum", torch.baddbmm: "torch.baddbmm", torch.Tensor.addmm: "Tensor.addmm"}
+            torch.einsum: "torch.einsum", torch.baddbmm: "torch.baddbmm", torch.Tensor.addmm: "Tensor.addmm",
+            torch.var: "torch.var", torch.Tensor.var: "Tensor.var", torch.std: "torch.std",
+            torch.Tensor.std: "Tensor.std", torch.linalg.vector_norm: "torch.linalg.vector_norm",
+            torch.norm: "torch.norm", torch.Tensor.norm: "Tensor.norm", torch.prod: "torch.prod"}
 
 
 class BatchInvariantMode(TorchFunctionMode):
@@ -145,13 +282,15 @@ def invariant_paged_attention(
 
 
 def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N, sliding_window, k_scale,
-                         v_scale) -> torch.Tensor:
+                         v_scale, acc_floor: torch.dtype | None = None) -> torch.Tensor:
     T, N, H = q_TNH.shape
     block_size, num_kv, _ = k_cache_BLKH.shape[1:]
     hv = v_cache_BLKH.shape[-1]
     rep = N // num_kv
     dev = q_TNH.device
     acc_dtype = torch.float32 if q_TNH.dtype.itemsize < 4 else q_TNH.dtype
+    if acc_floor is not None:
+        acc_dtype = torch.promote_types(acc_dtype, acc_floor)
     # Each row's sequence and position (device work; the host lists give the lengths' layout, not their values).
     seq_T = torch.repeat_interleave(torch.arange(len(meta.query_lens), device=dev),
                                     torch.tensor(meta.query_lens, device=dev), output_size=T)
@@ -180,29 +319,64 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
                                        k_scale).to(acc_dtype).view(T, block_size, num_kv, -1)
         v_TBKV = dequantize_from_cache(v_cache_BLKH.flatten(0, 1).index_select(0, slots_TB.reshape(-1)), acc_dtype,
                                        v_scale).to(acc_dtype).view(T, block_size, num_kv, hv)
-        k_XHB = k_TBKH.permute(0, 2, 3, 1).reshape(T * num_kv, -1, block_size)
-        v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, block_size, hv)
+        # Contiguous operands: a batched matmul's kernel may depend on its operands' strides.
+        k_XHB = k_TBKH.permute(0, 2, 3, 1).reshape(T * num_kv, -1, block_size).contiguous()
+        v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, block_size, hv).contiguous()
         s_TNB = (torch.bmm(q_XRH, k_XHB) * scale).view(T, N, block_size)
         seen_TB = (kpos_TB <= pos_T[:, None]) & (kpos_TB >= lo_T[:, None])
         s_TNB = s_TNB.masked_fill(~seen_TB[:, None, :], float("-inf"))
-        m_new_TN = torch.maximum(m_TN, s_TNB.amax(dim=-1))
+        m_new_TN = torch.maximum(m_TN, _AMAX(s_TNB, -1))
         # A row that has seen no key yet (m' = -inf: a window not reached) subtracts 0, not -inf (no NaN).
         shift_TN = torch.where(torch.isinf(m_new_TN), torch.zeros_like(m_new_TN), m_new_TN)
-        p_TNB = torch.exp(s_TNB - shift_TN[..., None])
-        alpha_TN = torch.exp(m_TN - shift_TN)
-        l_TN = l_TN * alpha_TN + p_TNB.sum(dim=-1)
+        p_TNB = _EXP(s_TNB - shift_TN[..., None])
+        alpha_TN = _EXP(m_TN - shift_TN)
+        l_TN = l_TN * alpha_TN + _SUM(p_TNB, -1)
         pv_TNV = torch.bmm(p_TNB.view(T * num_kv, rep, block_size), v_XBV).view(T, N, hv)
         acc_TNV = acc_TNV * alpha_TN[..., None] + pv_TNV
         m_TN = m_new_TN
     return (acc_TNV / l_TN[..., None]).to(q_TNH.dtype)
 
 
+def invariant_mla_attention(
+    q_latent_TNC: torch.Tensor,
+    q_pe_TNP: torch.Tensor,
+    latent_cache_BLR: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kv_scale: float = 1.0,
+    *,
+    sinks_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`reference_mla_attention`'s contract (causal absorbed MLA over the paged latent cache, kernels/mla.py), as the
+    same block walk: absorbed MLA is attention with one KV head whose key is the cache row [c_kv | k_pe] (R = C + P)
+    and whose value is its c_kv part, queried by [q_latent | q_pe]. Returns out_latent_TNC [T, N, C] in q's dtype;
+    accumulates in float32 (float64 for float64 inputs), as the reference."""
+    C = q_latent_TNC.shape[-1]
+    with torch._C.DisableTorchFunction():
+        q_TNR = torch.cat([q_latent_TNC, q_pe_TNP], dim=2)
+        rows_BL1R = latent_cache_BLR.unsqueeze(2)
+        out_TNC = _invariant_attention(q_TNR, rows_BL1R, rows_BL1R[..., :C], meta, scale, sinks_N, None, kv_scale,
+                                       kv_scale, acc_floor=torch.float32)
+        return out_TNC.to(q_latent_TNC.dtype)
+
+
+def invariant_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor,
+                        topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                        expert_map_G: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+    """`reference_fused_moe` on its per-expert path always: the reference switches to a padded batched matmul for
+    small batches, which rounds otherwise, so a token's expert output would depend on the batch's size. Each
+    expert's rows then run on BatchInvariantMode's tiles, and a token sums its experts' outputs in expert order."""
+    return fused_moe_torch(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, padded_max_pairs=0,
+                           **kw)
+
+
 @functools.lru_cache(maxsize=None)
 def supported_attention_kinds() -> frozenset[str]:
-    """The attention kinds whose reference path goes through `paged_attention` alone (GQA, with sinks and sliding
-    windows): the kinds a batch-invariant engine serves. The others (MLA, DSA, linear attention, compressed,
-    block-sparse, QSA) reduce in their own kernels and are refused by name until each has its invariant form."""
-    return frozenset({"gqa"})
+    """The attention kinds whose reference path goes through `paged_attention` (GQA, with sinks and sliding windows)
+    or `mla_attention` (dense MLA) alone: the kinds a batch-invariant engine serves. The others (DSA's sparse MLA,
+    linear attention, compressed, block-sparse, QSA) reduce in their own kernels and are refused by name until each
+    has its invariant form."""
+    return frozenset({"gqa", "mla"})
 
 
 def mode() -> AbstractContextManager:
@@ -210,4 +384,5 @@ def mode() -> AbstractContextManager:
     return BatchInvariantMode()
 
 
-__all__ = ["BatchInvariantMode", "TILE_M", "invariant_paged_attention", "mode", "supported_attention_kinds"]
+__all__ = ["BatchInvariantMode", "TILE_M", "invariant_fused_moe", "invariant_mla_attention", "invariant_paged_attention", "mode",
+           "supported_attention_kinds"]

@@ -60,12 +60,23 @@ def reference_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch
                         topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
                         b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
                         activation: MoEActivation = SILU) -> torch.Tensor:
+    return fused_moe_torch(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, b13_EF=b13_EF,
+                           b2_ED=b2_ED, activation=activation, padded_max_pairs=_PADDED_MAX_PAIRS)
+
+
+def fused_moe_torch(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,
+                    topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                    b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                    activation: MoEActivation = SILU, padded_max_pairs: int = _PADDED_MAX_PAIRS) -> torch.Tensor:
     """out[t] = Σ_k w[t,k] · (down_e(act(gate_e(x[t]), up_e(x[t]))) + b2_e) over the local experts e = ids[t,k],
     with gate_e / up_e including b13_e's halves when given (gpt-oss's expert biases; the routed weight scales
     the down bias too, as transformers applies it).
 
     One matmul per expert that has tokens (tokens gathered by index, no
     padding). Returns [T, D] in x's dtype; rows whose experts are all remote are 0.
+    Up to `padded_max_pairs` (token, expert) pairs, two batched matmuls over a padded buffer instead when padding at
+    most doubles the work (0: never; batch-invariant mode, kernels/batch_invariant.py, keeps one path whatever the
+    batch, since the two paths round differently).
     """
     num_tokens, top_k = topk_ids_TK.shape
     out_TD = torch.zeros_like(x_TD)
@@ -81,7 +92,7 @@ def reference_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch
     weights_P = topk_weights_TK.reshape(-1)
     num_pairs = int(valid_P.numel())
     max_count = max(counts, default=0)
-    if 0 < num_pairs <= _PADDED_MAX_PAIRS and num_local * max_count <= 2 * num_pairs:
+    if 0 < num_pairs <= padded_max_pairs and num_local * max_count <= 2 * num_pairs:
         return _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD,
                            b13_EF, b2_ED, activation)
     offset = 0

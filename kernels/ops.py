@@ -95,9 +95,10 @@ class BatchInvariantKernels(ReferenceKernels):
     name = "batch_invariant"
 
     def _implementations(self) -> dict[str, Any]:
-        from .batch_invariant import invariant_paged_attention
+        from .batch_invariant import invariant_fused_moe, invariant_mla_attention, invariant_paged_attention
 
-        return {**super()._implementations(), "paged_attention": invariant_paged_attention}
+        return {**super()._implementations(), "paged_attention": invariant_paged_attention,
+                "mla_attention": invariant_mla_attention, "fused_moe": invariant_fused_moe}
 
     @staticmethod
     def step_context():

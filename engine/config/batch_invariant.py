@@ -17,7 +17,7 @@ ENV = "VLLM_BATCH_INVARIANT"
 BACKEND = "batch_invariant"
 # The attention kinds whose every reduction goes through the invariant paged attention (kernels/batch_invariant.py
 # supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py).
-ATTENTION_KINDS = frozenset({"gqa"})
+ATTENTION_KINDS = frozenset({"gqa", "mla"})
 
 
 def from_env() -> bool:
@@ -36,7 +36,9 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
     if kernels not in ("auto", "reference", BACKEND):
         raise ValueError(f"kernels={kernels!r} is invalid with batch_invariant=True: the mode runs its own kernels "
                          f"({BACKEND!r}); leave kernels='auto'.")
-    kinds = sorted({model.attention_for(i).kind for i in range(model.num_layers)} - ATTENTION_KINDS)
+    layers = [model.attention_for(i) for i in range(model.num_layers)]
+    # DSA (an MLA layer with a lightning indexer: DeepSeek-V3.2, GLM-5) selects keys in its own sparse kernel.
+    kinds = sorted({"dsa" if getattr(a, "indexer", None) is not None else a.kind for a in layers} - ATTENTION_KINDS)
     if kinds:
         raise ValueError(f"batch_invariant=True is not supported for {model.architecture}: its attention kind(s) "
                          f"{', '.join(kinds)} have no batch-invariant kernels yet (supported: "

@@ -3,7 +3,7 @@ a target request's tokens and logprobs are bitwise the same alone and in batches
 chunked-prefill boundaries, a prefix-cache hit and preemption; the logprob a decode step reports for a token equals,
 bitwise, that token's prompt logprob when the whole sequence is prefilled again (what a trainer recomputes). The same
 runs without the mode differ (so the checks can fail). float32, where the reduction order shows (float64 hides it
-to ~1e-14 only); GQA with its MoE (Qwen3-MoE)."""
+to ~1e-14 only); GQA (Qwen3-MoE) and MLA (DeepSeek-V3)."""
 from __future__ import annotations
 
 import random
@@ -64,9 +64,17 @@ def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list
     return records
 
 
+def _path(model, tiny_model, hf_tiny_model) -> str:
+    return tiny_model(model) if model == "qwen3_e6k3" else hf_tiny_model(model)
+
+
+MODELS = ["qwen3_e6k3", "dsv3_lora"]  # GQA (Qwen3-MoE), MLA with q LoRA and grouped routing (DeepSeek-V3)
+
+
 @pytest.mark.slow
-def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(tiny_model):
-    path = tiny_model("qwen3_e6k3")
+@pytest.mark.parametrize("model", MODELS)
+def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(model, tiny_model, hf_tiny_model):
+    path = _path(model, tiny_model, hf_tiny_model)
     ps = prompts(128, seed=51, n=64, lo=3, hi=90)
     target, others = ps[1], ps[2:] + ps[:1]
     random.Random(5).shuffle(others)
@@ -78,10 +86,11 @@ def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(tiny
 
 
 @pytest.mark.slow
-def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(tiny_model):
+@pytest.mark.parametrize("model", MODELS)
+def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_model, hf_tiny_model):
     """A trainer's recompute: the sequence prompt + generated tokens prefilled again (in chunks, beside others)
     scores each generated token with exactly the logprob the decode step reported."""
-    path = tiny_model("qwen3_e6k3")
+    path = _path(model, tiny_model, hf_tiny_model)
     ps = prompts(128, seed=52, n=8, lo=5, hi=60)
     llm = LLM(path, dtype="float32", max_num_seqs=8, max_num_batched_tokens=32, num_kv_blocks=256, block_size=8,
               batch_invariant=True)
@@ -98,8 +107,8 @@ def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(tiny_model):
 
 
 def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_model, hf_tiny_model, monkeypatch):
-    with pytest.raises(ValueError, match=r"attention kind\(s\) mla have no batch-invariant kernels"):
-        LLM(hf_tiny_model("dsv3_lora"), dtype="float32", num_kv_blocks=32, batch_invariant=True)
+    with pytest.raises(ValueError, match=r"attention kind\(s\) linear have no batch-invariant kernels"):
+        LLM(hf_tiny_model("qwen3_next"), dtype="float32", num_kv_blocks=32, batch_invariant=True)
     with pytest.raises(ValueError, match="kernels='triton' is invalid with batch_invariant=True"):
         LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, batch_invariant=True, kernels="triton")
     with pytest.raises(ValueError, match="batch_invariant='yes' is invalid"):

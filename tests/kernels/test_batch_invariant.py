@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata, reference_paged_attention, reference_write_kv
-from moelink.kernels.batch_invariant import TILE_M, BatchInvariantMode, invariant_paged_attention
+from moelink.kernels.batch_invariant import (TILE_M, BatchInvariantMode, invariant_mla_attention,
+                                            invariant_paged_attention)
+from moelink.kernels.mla import reference_mla_attention
 
 
 def _cache(gen, seqs, K, H, bs, dtype, fill=None):
@@ -105,6 +107,37 @@ def test_a_row_of_attention_is_the_same_in_any_batch_and_as_decode_or_prefill(dt
     assert differs, "the reference path gave bitwise equal rows too: this test no longer shows what the mode fixes"
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_invariant_mla_matches_the_reference_and_a_row_is_the_same_as_decode_or_prefill(sinks, dtype):
+    """Absorbed MLA as one-KV-head attention over [c_kv | k_pe] rows: equal to the reference, and a sequence's rows
+    bitwise the same prefilled whole, in two chunks beside another sequence, and as decode rows."""
+    gen = torch.Generator().manual_seed(6)
+    N, C, P, bs, L = 4, 32, 8, 8, 40
+    rows = torch.randn(L, 1, C + P, generator=gen).to(dtype)
+    other = torch.randn(90, 1, C + P, generator=gen).to(dtype)
+    cache, _, tables, nb = _cache(gen, [(L, rows, rows), (90, other, other)], 1, C + P, bs, dtype)
+    cache_BLR = cache[:, :, 0]
+    cache_BLR[nb] = 0
+    ql_LNC = torch.randn(L, N, C, generator=gen).to(dtype)
+    qp_LNP = torch.randn(L, N, P, generator=gen).to(dtype)
+    sinks_N = torch.randn(N, generator=gen) if sinks else None
+    want = reference_mla_attention(ql_LNC, qp_LNP, cache_BLR, _meta([tables[0]], [L], [L], nb), 0.2, sinks_N=sinks_N)
+    whole = invariant_mla_attention(ql_LNC, qp_LNP, cache_BLR, _meta([tables[0]], [L], [L], nb), 0.2, sinks_N=sinks_N)
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(whole, want, atol=tol, rtol=tol)
+    # The last 15 rows as a chunk after another sequence's decode row; each of them as a decode row.
+    noise = lambda n, d: torch.randn(n, N, d, generator=gen).to(dtype)  # noqa: E731
+    chunk = invariant_mla_attention(torch.cat([noise(1, C), ql_LNC[25:]]), torch.cat([noise(1, P), qp_LNP[25:]]),
+                                    cache_BLR, _meta([tables[1], tables[0]], [90, L], [1, 15], nb), 0.2,
+                                    sinks_N=sinks_N)
+    assert torch.equal(chunk[1:], whole[25:])
+    for p in (0, 17, L - 1):
+        dec = invariant_mla_attention(ql_LNC[p:p + 1], qp_LNP[p:p + 1], cache_BLR, _meta([tables[0]], [p + 1], [1], nb),
+                                      0.2, sinks_N=sinks_N)
+        assert torch.equal(dec[0], whole[p]), p
+
+
 def _rows_in_batches(x_1K, make, sizes, seed=3):
     """make(X_MK) -> [M, ...] for the row x placed at a random position of random batches of each size."""
     gen = torch.Generator().manual_seed(seed)
@@ -162,3 +195,29 @@ def test_tiles_pad_and_cut_rows():
         y = F.linear(x, w)
     assert y.shape == (TILE_M + 3, 7)
     torch.testing.assert_close(y, x @ w.T)
+
+
+def test_elementwise_and_row_ops_under_the_mode_give_a_row_the_same_bits_in_any_batch():
+    """Element-wise transcendental ops run vectorized over whole vectors and scalar over the tail, which round
+    differently: off the mode a router's sigmoid over 12 logits differs alone and among other rows (checked). Under
+    it they run in fixed chunks, and reductions, softmax and top-k on fixed row tiles."""
+    gen = torch.Generator().manual_seed(7)
+    ops = {
+        "sigmoid": (torch.sigmoid, 12), "exp": (torch.exp, 12), "silu": (F.silu, 40), "tanh": (torch.tanh, 20),
+        "mean": (lambda t: t.pow(2).mean(-1, keepdim=True), 48), "sum": (lambda t: t.sum(dim=-1), 3),
+        "amax": (lambda t: t.amax(-1), 9), "softmax": (lambda t: t.softmax(-1), 12),
+        "log_softmax": (lambda t: F.log_softmax(t, dim=-1), 30), "cumsum": (lambda t: t.cumsum(-1), 11),
+        "topk": (lambda t: torch.topk(t, 3, dim=-1, sorted=False).values, 12),
+    }
+    for name, (op, width) in ops.items():
+        x_1K = torch.randn(1, width, generator=gen)
+        with BatchInvariantMode():
+            rows = _rows_in_batches(x_1K, op, SIZES + [65, 100])
+        assert all(torch.equal(r, rows[0]) for r in rows), name
+        torch.testing.assert_close(rows[0], op(x_1K)[0])
+    differs = False
+    for seed in range(20):  # whether a value rounds differently depends on the value: try a few rows
+        x_1K = torch.randn(1, 12, generator=gen)
+        off = _rows_in_batches(x_1K, torch.sigmoid, SIZES + [65, 100], seed=seed)
+        differs |= any(not torch.equal(r, off[0]) for r in off)
+    assert differs, "sigmoid off the mode was row-stable: the check shows nothing"
