@@ -32,8 +32,8 @@ def _record(out) -> tuple[list[int], list[float], list[dict]]:
 
 def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list[int]]) -> list[tuple]:
     """The target's record in each condition: alone; in batches of 4, 16 and 64 at different places; chunked at
-    other boundaries (a smaller token budget); after its first 40 tokens were cached by another request; preempted
-    (a KV pool too small for the batch)."""
+    other boundaries (a smaller token budget); after its first 40 tokens were cached by another request; with
+    speculative decoding (n-gram drafts, verify steps); preempted (a KV pool too small for the batch)."""
     records = []
     llm = LLM(path, dtype="float32", max_num_seqs=64, max_num_batched_tokens=96, num_kv_blocks=512, block_size=8,
               batch_invariant=batch_invariant)
@@ -52,6 +52,17 @@ def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list
         assert_pool_free(llm)
     finally:
         llm.shutdown()
+    # Speculative decoding: each accepted token's logprob comes from a verify step's rows, beside its drafts.
+    spec = LLM(path, dtype="float32", max_num_seqs=16, max_num_batched_tokens=96, num_kv_blocks=256, block_size=8,
+               batch_invariant=batch_invariant,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1})
+    try:
+        repeat = target[:20] * 3  # a prompt that repeats itself: the drafts get accepted
+        outs = spec.generate(others[:5] + [target, repeat], _params(), use_tqdm=False)
+        assert spec.engine.stats().spec_decode.num_accepted_tokens > 0
+        records.append(_record(outs[-2]))
+    finally:
+        spec.shutdown()
     small = LLM(path, dtype="float32", max_num_seqs=16, max_num_batched_tokens=40, num_kv_blocks=26, block_size=8,
                 batch_invariant=batch_invariant)
     try:
