@@ -58,6 +58,8 @@ def _tiled_rows(fn: Callable[..., torch.Tensor], a: torch.Tensor, *rest: Any, **
 
     `a` is [..., M, K]; fn is a matmul-like op whose output row i depends on a's row i only."""
     m = a.shape[-2]
+    if m == 0:  # an EP rank with no tokens still runs its layers' collectives, on empty inputs
+        return fn(a, *rest, **kw)
     if m == TILE_M:
         return fn(a.contiguous(), *rest, **kw)
     pad = -m % TILE_M
@@ -106,6 +108,9 @@ def _reduce_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, dim: int | No
     if dim is None or x.dim() == 0:
         return fn(x, **kw) if dim is None else fn(x, dim, **kw)
     d = dim % x.dim()
+    if x.numel() == 0:  # nothing to reduce in any order (an EP rank with no tokens runs its layers on empty inputs)
+        out = fn(x, d, **kw)
+        return out.unsqueeze(d) if keepdim and not keeps_dim else out
     moved = x.movedim(d, -1)
     lead, width = moved.shape[:-1], moved.shape[-1]
     rows = moved.reshape(-1, width)
@@ -125,6 +130,8 @@ def _reduce_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, dim: int | No
 def _reduction(op: Callable[..., torch.Tensor], keeps_dim: bool = False) -> Callable[..., torch.Tensor]:
     """The row-tiled form of a reduction over one dim (`op(x, dim, keepdim=..., dtype=...)` as torch spells it)."""
     def run(x: torch.Tensor, dim: Any = None, *args: Any, keepdim: bool = False, **kw: Any) -> torch.Tensor:
+        if dim is None and not args:  # a whole-tensor reduction (counts, statistics): no row's result to keep
+            return op(x, **kw)
         kw.pop("_stacklevel", None)  # F.softmax / F.log_softmax's warning depth: not torch.softmax's
         if kw.get("dtype", 0) is None:
             kw.pop("dtype")
@@ -193,6 +200,8 @@ def _topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: 
     """torch.topk with the rows run TILE_R at a time: its algorithm (and with sorted=False the order it returns
     the k in) is chosen by the shape, so a row's top-k came back in another order in a larger batch (measured:
     DeepSeek-V3's grouped router, whose weights then summed in another order)."""
+    if x.numel() == 0:
+        return torch.topk(x, k, dim=dim, largest=largest, sorted=sorted)
     d = dim % x.dim()
     moved = x.movedim(d, -1)
     lead, width = moved.shape[:-1], moved.shape[-1]

@@ -27,6 +27,8 @@ def from_env() -> bool:
 
 def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, tensor_parallel_size: int,
                     expert_parallel_size: int) -> str:
+    # expert_parallel_size: any. The all-to-alls move rows whole, each rank's experts run per expert on fixed tiles,
+    # and a token's rows come back one per serving rank, summed in rank order (tests/ep/test_ep_batch_invariant.py).
     """The kernel backend name the ranks build: `kernels` unchanged when the mode is off; `batch_invariant` when it
     is on and the model and layout are ones it covers, else one ValueError naming what is not."""
     if not isinstance(batch_invariant, bool):
@@ -46,7 +48,10 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
     if model.quantization is not None:
         raise ValueError(f"batch_invariant=True is not supported with quantized weights ({type(model.quantization).__name__}"
                          "): the quantized matmuls have no batch-invariant kernels yet; serve a float checkpoint.")
-    if tensor_parallel_size > 1 or expert_parallel_size > 1:
-        raise ValueError(f"batch_invariant=True is not supported with tensor_parallel_size={tensor_parallel_size} / "
-                         f"expert_parallel_size={expert_parallel_size} yet: serve it on one rank.")
+    if tensor_parallel_size > 1:
+        # An all-reduce sums each element in an order its algorithm sets by the tensor's size (a ring splits the
+        # buffer into per-rank chunks), so by the batch: TP needs a batch-invariant all-reduce first.
+        raise ValueError(f"batch_invariant=True is not supported with tensor_parallel_size={tensor_parallel_size}: "
+                         "the all-reduce's summation order follows the batch's size; serve with expert parallelism "
+                         "(--data-parallel-size N --enable-expert-parallel) or on one rank.")
     return BACKEND

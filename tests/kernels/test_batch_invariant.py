@@ -188,13 +188,18 @@ def test_the_mode_refuses_what_it_cannot_make_invariant():
         torch.einsum("ij,jk->ik", q[0, 0], q[0, 0].T)
 
 
-def test_tiles_pad_and_cut_rows():
+def test_tiles_pad_and_cut_rows_and_take_empty_inputs():
     x = torch.randn(TILE_M + 3, 5)
     w = torch.randn(7, 5)
     with BatchInvariantMode():
         y = F.linear(x, w)
+        empty = torch.zeros(0, 5)  # an EP rank with no tokens runs its layers on empty inputs
+        shapes = [F.linear(empty, w).shape, empty.sum(-1).shape, empty.softmax(-1).shape,
+                  torch.topk(empty, 2, dim=-1).values.shape, torch.sigmoid(empty).shape,
+                  empty.mean(-1, keepdim=True).shape]
     assert y.shape == (TILE_M + 3, 7)
     torch.testing.assert_close(y, x @ w.T)
+    assert shapes == [(0, 7), (0,), (0, 5), (0, 2), (0, 5), (0, 1)]
 
 
 def test_elementwise_and_row_ops_under_the_mode_give_a_row_the_same_bits_in_any_batch():
