@@ -17,6 +17,7 @@ from moelink.kernels.moe import SILU, MoEActivation
 
 from .expert_weights import ExpertFormat, FloatExperts
 from .placement import ExpertPlacement, PlacementTables
+from . import routing_replay
 from .router import Router
 from .stats import MoEStats
 
@@ -146,6 +147,8 @@ class MoELayer(nn.Module):
         self.valid_rows_T: torch.Tensor | None = None
         # Rollout routing replay (moe/routing_capture.py): where this layer writes its routed ids; None: off.
         self.routing_capture = None
+        # Its other half (moe/routing_replay.py): the step's given ids this layer uses instead of its router's.
+        self.routing_replay = None
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return run_stages(self.stages(x_TD))
@@ -166,10 +169,12 @@ class MoELayer(nn.Module):
             weights_TK, ids_TK = self.kernels.route_topk(logits_TG, self.router.top_k, **route,
                                                          bias_G=self.e_score_correction_bias_G,
                                                          valid_T=self.valid_rows_T, counts_G=counts_G)
+            weights_TK, ids_TK = self._replayed(logits_TG, weights_TK, ids_TK)
             if self.routing_capture is not None:
                 self.routing_capture.record(self.moe_index, ids_TK)
         else:  # a router with no fused form (gpt-oss's top-k-then-softmax, LongCat's softmax noaux_tc)
             weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
+            weights_TK, ids_TK = self._replayed(logits_TG, weights_TK, ids_TK)
             if self.valid_rows_T is not None:
                 ids_TK = ids_TK.masked_fill(~self.valid_rows_T[:, None], -1)
             if self.routing_capture is not None:  # the router's ids, zero-computation experts' included
@@ -184,6 +189,16 @@ class MoELayer(nn.Module):
             out_TD = yield from self._forward_ep(x_TD, weights_TK,
                                                  ids_TK if identity_T1 is None else self._ep_ids(ids_TK))
         return out_TD if identity_T1 is None else out_TD + x_TD * identity_T1.to(x_TD.dtype)
+
+    def _replayed(self, logits_TG: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's (weights, ids) with the rows this step gives replaced (moe/routing_replay.py); as they are
+        when it gives none. (The expert-load count of the fused router op counted the router's own picks.)"""
+        replay = self.routing_replay
+        forced_TK = replay.take(self.moe_index, ids_TK.shape[0]) if replay is not None else None
+        if forced_TK is None:
+            return weights_TK, ids_TK
+        return routing_replay.apply(self.router, logits_TG, weights_TK, ids_TK, forced_TK)
 
     def _zero_experts(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

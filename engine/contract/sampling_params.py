@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+import numpy as np
 
 from .kv_transfer_params import KVTransferParams
 from .safe_text import shown
@@ -79,6 +81,11 @@ class SamplingParams:
     # CompletionOutput.routed_experts, int [prompt + generated - 1, MoE layers, top_k], the logical experts every
     # forwarded position was routed to. Like prompt_logprobs, the whole prompt is then computed.
     return_routed_experts: bool = False
+    # Its other half: the experts the prompt's first n positions use in every MoE layer instead of their routers'
+    # top-k, int [n <= prompt length, MoE layers, top_k] of logical expert ids (a row of -1: that position's router
+    # decides; MaxText's forced_routed_experts, tunix's -1 sentinel). Their weights are the router's scores at
+    # those experts (moe/routing_replay.py). Read into an int32 numpy array.
+    forced_routed_experts: Optional[Any] = None
     # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
     truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True
@@ -134,11 +141,29 @@ class SamplingParams:
         _check(self.kv_transfer_params is None or not self.kv_transfer_params.do_remote_prefill
                or not self.return_routed_experts, "return_routed_experts", self.return_routed_experts,
                "must be False with kv_transfer_params' do_remote_prefill (the prompt is prefilled elsewhere)")
+        self._check_forced_routing()
         # A remote prefill's KV is loaded, not computed here: nothing would score the prompt.
         _check(self.kv_transfer_params is None or not self.kv_transfer_params.do_remote_prefill
                or self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs,
                "must be None with kv_transfer_params' do_remote_prefill (the prompt is prefilled elsewhere: ask the "
                "prefill engine)")
+
+    def _check_forced_routing(self) -> None:
+        if self.forced_routed_experts is None:
+            return
+        value = self.forced_routed_experts
+        try:
+            arr = np.asarray(value.cpu() if hasattr(value, "cpu") else value)
+        except (TypeError, ValueError):
+            arr = None
+        _check(arr is not None and arr.ndim == 3 and arr.shape[0] >= 1 and arr.dtype.kind in "iu",
+               "forced_routed_experts", _shape_of(value),
+               "must be an integer array [positions >= 1, MoE layers, top_k] of expert ids (-1: the router's)")
+        assert arr is not None
+        _check(bool(((arr >= 0).all(-1) | (arr == -1).all(-1)).all()),
+               "forced_routed_experts", _shape_of(value),
+               "must hold expert ids >= 0, or a whole row of -1 (that position's router decides)")
+        self.forced_routed_experts = arr.astype(np.int32, copy=False)
 
     def sample(self, i: int) -> "SamplingParams":
         """The parameters of sample i (0 <= i < n) as one engine request: n=1 and, when seeded, seed + i, so the
@@ -157,6 +182,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+
+def _shape_of(value) -> str:
+    """What a message shows of an array-like: its shape and dtype, not its values."""
+    shape = getattr(value, "shape", None)
+    return f"<{type(value).__name__} shape {tuple(shape)}>" if shape is not None else f"<{type(value).__name__}>"
 
 
 def _is_int(v) -> bool:

@@ -2,6 +2,8 @@
 bad input gets one error naming its field, the value and what is allowed; a rejected request holds nothing."""
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
@@ -151,4 +153,31 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if params.structured_outputs is not None and compile_grammar:
         # Compiled on the grammar pool; this caller waits, the engine loop does not.
         grammar = engine.grammars.compile(params.structured_outputs)
-    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar)
+    salt = forced_routing_salt(engine, params, len(ids))
+    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, cache_salt=salt)
+
+
+def forced_routing_salt(engine, params: SamplingParams, num_prompt_tokens: int) -> bytes:
+    """SamplingParams.forced_routed_experts checked against the model and the prompt; the cache salt of its KV
+    (b"" without it): KV computed with given routing is shared only with requests giving the same routing."""
+    given = params.forced_routed_experts
+    if given is None:
+        return b""
+    cfg = engine.config.model
+    moe_layers, top_k = len(cfg.sparse_layers), cfg.top_k
+    experts = cfg.num_experts + (cfg.moe.zero_experts if cfg.moe is not None else 0)
+    if given.shape[1:] != (moe_layers, top_k) or given.shape[0] > num_prompt_tokens:
+        raise ValueError(f"SamplingParams.forced_routed_experts has shape {tuple(given.shape)}: it must be [n <= "
+                         f"{num_prompt_tokens} prompt positions, {moe_layers} MoE layers, top_k {top_k}].")
+    if int(given.max()) >= experts:
+        raise ValueError(f"SamplingParams.forced_routed_experts holds expert {int(given.max())}: this model's expert "
+                         f"ids are 0 to {experts - 1}.")
+    parallel = engine.config.parallel
+    if parallel.tensor_parallel_size > 1 and not parallel.experts_split_by_tp:
+        raise ValueError("SamplingParams.forced_routed_experts is not supported with tensor and expert parallelism "
+                         "together: each TP rank routes a slice of the tokens; serve with TP alone or EP alone.")
+    if parallel.expert_parallel_size > 1 and engine.config.cuda_graph.batch_sizes:
+        raise ValueError("SamplingParams.forced_routed_experts under expert parallelism needs eager steps: start the "
+                         "engine with enforce_eager=True (--enforce-eager); its steps would mix with the other "
+                         "ranks' graph replays.")
+    return b"replay:" + hashlib.sha256(given.tobytes() + repr(given.shape).encode()).digest()

@@ -19,6 +19,7 @@ from torch import nn
 
 from moelink.moe.layer import ExpertParallel, MoEOnlyStages, Stages, run_stages
 from moelink.moe.routing_capture import RoutingCapture
+from moelink.moe.routing_replay import RoutingReplay, supports as replay_supports
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import WeightPlan
 
@@ -96,6 +97,7 @@ class MoEDecoderForCausalLM(nn.Module):
         # Per attention kind with per-sequence state, what it does around a verify step (blocks/attention.py).
         self.state_hooks = []
         self.routing_capture: RoutingCapture | None = None  # enable_routing_capture
+        self._routing_replay: RoutingReplay | None = None  # routing_replay(), on a request's first given routing
         kinds = [cfg.attention_for(i).kind for i in range(cfg.num_layers)]
         for kind in dict.fromkeys(kinds):
             mixers = [layer.mixer for layer, k in zip(self.layers, kinds) if k == kind]
@@ -141,6 +143,26 @@ class MoEDecoderForCausalLM(nn.Module):
             m.routing_capture = capture
         self.routing_capture = capture
         return capture
+
+    def routing_replay(self) -> RoutingReplay:
+        """The MoE layers' shared RoutingReplay (moe/routing_replay.py), made on first use: the runner gives it each
+        step's given ids. ValueError naming why when a layer's router cannot replay (DeepSeek-V4's hash and
+        sqrt-softplus routers: no MoE layer of moe/layer.py)."""
+        if self._routing_replay is None:
+            moes = [layer.moe for layer in self.layers if layer.moe is not None]
+            if not moes or not all(replay_supports(m.router) for m in moes):
+                raise ValueError(f"SamplingParams.forced_routed_experts is not supported for {self.cfg.architecture}: "
+                                 "its MoE layers have no replayable router.")
+            self._routing_replay = RoutingReplay(max(m.moe_index for m in moes) + 1)
+            for m in moes:
+                m.routing_replay = self._routing_replay
+        return self._routing_replay
+
+    def begin_routing_replay(self, forced_LTK: torch.Tensor | None) -> None:
+        """A forward of a new step starts with these given ids [L, T, K] (None: none); nothing before any request
+        gave routing."""
+        if self._routing_replay is not None:
+            self._routing_replay.begin_step(forced_LTK)
 
     def begin_routing_capture(self) -> None:
         """A forward of a new step starts (its rows written from 0); nothing without the capture."""

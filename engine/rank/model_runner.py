@@ -11,6 +11,7 @@ import time
 from typing import Callable
 from collections import deque
 
+import numpy as np
 import torch
 
 from moelink.kernels.ops import select_kernels
@@ -31,7 +32,7 @@ from ..contract.host_copy import to_device, to_host
 from .device_stream import make_stream
 from .kv_cache import make_kv_caches
 from .loader import load_model
-from . import prompt_logprobs, routed_experts
+from . import prompt_logprobs, routed_experts, routing_replay
 from .input_batch import CachedRequestState, PersistentBatch, SlidingTable  # noqa: F401  (re-exported)
 from .sampler import Sampler, SamplingMetadata
 from ..state.cache import StateCaches, StatePlan
@@ -129,6 +130,8 @@ class ModelRunner:
         # Rollout routing replay (enable_routing_capture): the capture, and the requests held that asked.
         self.routing_capture = None
         self._routed_ids: set[str] = set()
+        # Requests that give their prompt's routing (SamplingParams.forced_routed_experts, engine/rank/routing_replay.py).
+        self._replay_ids: set[str] = set()
         # Every held request's row: block table, sampling parameters, penalty counts (engine/rank/input_batch.py).
         self.batch = PersistentBatch(model_cfg.vocab_size, device)
         # Preempted requests keep their generator so a seeded request draws the
@@ -223,6 +226,7 @@ class ModelRunner:
         for rid in so.finished_req_ids:
             self._prompt_lp_ids.discard(rid)
             self._routed_ids.discard(rid)
+            self._replay_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
@@ -230,6 +234,7 @@ class ModelRunner:
         for rid in so.preempted_req_ids:
             self._prompt_lp_ids.discard(rid)
             self._routed_ids.discard(rid)
+            self._replay_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
@@ -258,6 +263,9 @@ class ModelRunner:
                 raise ValueError(f"request {new.req_id!r} asks return_routed_experts, but this rank records no routing: "
                                  "start the engine with enable_return_routed_experts.")
             self._routed_ids.add(new.req_id)
+        if new.sampling_params.forced_routed_experts is not None:
+            self.model.routing_replay()  # made on first use (ValueError for a model that cannot replay)
+            self._replay_ids.add(new.req_id)
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
         if self.state_caches is not None:
@@ -275,6 +283,7 @@ class ModelRunner:
         self.requests = {}
         self._prompt_lp_ids = set()
         self._routed_ids = set()
+        self._replay_ids = set()
         self.batch.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
         for new in rs.running:
@@ -352,6 +361,8 @@ class ModelRunner:
                                 spec_tokens=[spec.get(st.req_id) for st in states] if spec else None)
         prompt_lp = prompt_logprobs.plan(states, query_lens, inp.qsl_S1) if self._prompt_lp_ids else None
         routed = routed_experts.plan(states, query_lens, inp.qsl_S1) if self._routed_ids else None
+        replay = (routing_replay.plan(states, query_lens, inp.qsl_S1, self.model.routing_replay().num_layers,
+                                      self.model.cfg.top_k) if self._replay_ids else None)
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
@@ -374,7 +385,8 @@ class ModelRunner:
                 [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
             for r, st in enumerate(picked):
                 st.pending = (handle, r)  # the next step reads this token on the device
-        graph_batch = self._graph_batch(so, query_lens, inp.seq_lens)
+        # Given routing runs eagerly (a graph does not replay it; under EP with graphs the engine refuses it).
+        graph_batch = self._graph_batch(so, query_lens, inp.seq_lens) if replay is None else None
         staged = None
         if graph_batch is not None:
             staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
@@ -384,7 +396,7 @@ class ModelRunner:
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(self._in_step_context(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,
-                                      prompt_lp, routed)))
+                                      prompt_lp, routed, replay)))
         self._in_flight.append(handle)
         return handle
 
@@ -403,7 +415,8 @@ class ModelRunner:
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | VerifyStep | None, staged,
                      ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,
                      prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None,
-                     routed: routed_experts.RoutedExpertsPlan | None = None) -> DeviceResult:
+                     routed: routed_experts.RoutedExpertsPlan | None = None,
+                     replay: np.ndarray | None = None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
         to host memory. Waits for nothing on the host side."""
@@ -430,6 +443,7 @@ class ModelRunner:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
                 self.model.begin_routing_capture()
+                self.model.begin_routing_replay(None if replay is None else routing_replay.to_device(replay, dev))
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
                                               ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state))
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
