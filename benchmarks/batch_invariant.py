@@ -1,0 +1,111 @@
+"""What batch-invariant mode costs (issue 58 item 4: the goal is <= 1.05x the normal engine's time on a GPU; docs/rl.md).
+
+    python -m moelink.benchmarks.batch_invariant [--model PATH] [--prompts 32] [--prompt-len 64] [--max-tokens 32]
+        [--repeats 3] [--cpu-smoke] [--out benchmarks/results/batch_invariant_<device>.json]
+
+Side by side in one run, on the same engine settings and prompts: the engine as it runs normally, and with
+`batch_invariant=True` (kernels/batch_invariant.py: fixed matmul tiles, fixed reduction tiles, fixed element-wise
+chunks, attention over fixed key blocks). Each arm generates the same batch `--repeats` times after a warm-up round;
+the median wall time per round, output tokens per second, and the ratio invariant / normal. Also saved, as a check
+that the mode does what it costs: whether one request's logprobs are bitwise the same alone and in the batch, per arm
+(the normal engine's usually are not). Without --model, a tiny Qwen3-MoE made on the fly (random weights,
+transformers' own save_pretrained). On CPU both arms run the plain-torch kernels, so the ratio is the mode's own
+work; on a GPU the normal arm runs the Triton kernels and the invariant arm the plain-torch ones (no batch-invariant
+Triton kernels yet), so the ratio there says how far the GPU path is from the goal.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moelink.engine.api.provenance import git_commit, write_result
+
+RESULTS = Path(__file__).parent / "results"
+SMOKE = dict(prompts=6, prompt_len=12, max_tokens=4, repeats=1)
+
+
+def _tiny_model(out: str) -> str:
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    make_tiny_model(out, arch="qwen3_moe")
+    return out
+
+
+def _arm(path: str, batch_invariant: bool, prompts: list[list[int]], max_tokens: int, repeats: int,
+         device: str, dtype: str) -> dict:
+    from moelink.engine import LLM, SamplingParams
+
+    # On CPU a pool that holds the batch (no device memory to size it from); on a GPU the engine sizes it.
+    blocks = len(prompts) * -(-(len(prompts[0]) + max_tokens) // 16) + 16 if device == "cpu" else None
+    llm = LLM(path, dtype=dtype, device=device, max_num_seqs=len(prompts), num_kv_blocks=blocks, block_size=16,
+              batch_invariant=batch_invariant)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    try:
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up: kernels compiled, caches filled
+        times = []
+        for _ in range(repeats):
+            llm.flush_cache()  # every round computes its prompts
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            times.append(time.perf_counter() - t0)
+        llm.flush_cache()
+        alone = llm.generate([prompts[0]], params, use_tqdm=False)[0].outputs[0]
+        first = outs[0].outputs[0]
+        same = [lp[t].logprob for t, lp in zip(alone.token_ids, alone.logprobs)] == \
+            [lp[t].logprob for t, lp in zip(first.token_ids, first.logprobs)]
+        seconds = statistics.median(times)
+        return dict(batch_invariant=batch_invariant, seconds=seconds,
+                    output_tokens_per_s=len(prompts) * max_tokens / seconds, rounds=times,
+                    kernels=llm.engine.config.kernels, alone_equals_batched_bitwise=same)
+    finally:
+        llm.shutdown()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny Qwen3-MoE made here)")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--cpu-smoke", action="store_true", help="a few short prompts on CPU: checks the script only")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/batch_invariant_<device>.json)")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or _tiny_model(str(Path(tmp) / "tiny"))
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(path).get_text_config().vocab_size
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
+        arms = [_arm(path, bi, prompts, args.max_tokens, args.repeats, device, args.dtype) for bi in (False, True)]
+    label = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    result = dict(benchmark="batch_invariant", device=label, commit=git_commit(), date=time.strftime("%Y-%m-%d"),
+                  model=args.model or "tiny qwen3_moe (random)", prompts=args.prompts, prompt_len=args.prompt_len,
+                  max_tokens=args.max_tokens, repeats=args.repeats, arms=arms,
+                  ratio_invariant_over_normal=arms[1]["seconds"] / arms[0]["seconds"])
+    print(f"{'arm':<16} {'kernels':<16} {'s / round':>10} {'out tok/s':>10} {'alone == batched':>17}")
+    for a in arms:
+        print(f"{'invariant' if a['batch_invariant'] else 'normal':<16} {a['kernels']:<16} {a['seconds']:>10.3f} "
+              f"{a['output_tokens_per_s']:>10.1f} {str(a['alone_equals_batched_bitwise']):>17}")
+    print(f"ratio invariant / normal: {result['ratio_invariant_over_normal']:.2f}x (goal on a GPU: <= 1.05x)")
+    suffix = "smoke" if args.cpu_smoke else label.replace(" ", "_")
+    out = write_result(args.out or RESULTS / f"batch_invariant_{suffix}.json", result)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

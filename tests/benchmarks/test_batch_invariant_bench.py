@@ -1,0 +1,21 @@
+"""benchmarks/batch_invariant.py runs (its --cpu-smoke, in this process) and saves both arms side by side with the
+ratio, and its check reads what the mode gives: the invariant arm's request equal alone and batched."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.usefixtures("heap_held_frozen")
+def test_smoke_saves_both_arms_and_the_ratio(tmp_path):
+    from moelink.benchmarks.batch_invariant import main
+
+    out = tmp_path / "bi.json"
+    result = main(["--cpu-smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    normal, invariant = saved["arms"]
+    assert (normal["batch_invariant"], invariant["batch_invariant"]) == (False, True)
+    assert invariant["kernels"] == "batch_invariant" and invariant["alone_equals_batched_bitwise"] is True
+    assert saved["ratio_invariant_over_normal"] == pytest.approx(invariant["seconds"] / normal["seconds"])
