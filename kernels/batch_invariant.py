@@ -27,6 +27,7 @@ around each step's forward, applies the first three to every call the forward ma
    decode row, a row of a prefill chunk, or a row of a chunk after a prefix-cache hit; blocks past a row's position
    are exact no-ops (its max, sum and accumulator are multiplied by 1 and added 0), so the batch's longest context
    changes nothing. Its products are batched matmuls of one row's grouped heads by one block, a fixed shape per model.
+   Gated DeltaNet always runs its per-token recurrence (`invariant_gated_delta_rule`), the decode step's form.
 So the logprob a decode step reports for a token equals, bitwise, the prompt logprob the same sequence's prefill
 gives it (what a trainer recomputes).
 
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .attention import AttentionMetadata, dequantize_from_cache
+from .gated_delta import gated_delta_rule_torch
 from .moe import fused_moe_torch
 
 # Rows per matmul tile. 16: a decode step of one request pads to 16 rows (a CPU matmul that small is bound by its
@@ -379,13 +381,24 @@ def invariant_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch
                            **kw)
 
 
+def invariant_gated_delta_rule(q_TGK: torch.Tensor, k_TGK: torch.Tensor, v_TNV: torch.Tensor, g_TN: torch.Tensor,
+                               beta_TN: torch.Tensor, state_pool_PNKV: torch.Tensor, query_start_loc_S1: torch.Tensor,
+                               slot_ids_S: torch.Tensor, has_initial_state_S: torch.Tensor | None = None,
+                               scale: float | None = None) -> torch.Tensor:
+    """`reference_gated_delta_rule` always in the per-token recurrence (the reference switches long sequences to the
+    chunked WY form, which sums otherwise): a prefilled token's output and state are then what its decode step
+    computes, and a prefill chunked anywhere continues its state exactly."""
+    return gated_delta_rule_torch(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1,
+                                  slot_ids_S, has_initial_state_S, scale, chunked=False)
+
+
 @functools.lru_cache(maxsize=None)
 def supported_attention_kinds() -> frozenset[str]:
     """The attention kinds whose reference path goes through `paged_attention` (GQA, with sinks and sliding windows)
     or `mla_attention` (dense MLA) alone: the kinds a batch-invariant engine serves. The others (DSA's sparse MLA,
     linear attention, compressed, block-sparse, QSA) reduce in their own kernels and are refused by name until each
     has its invariant form."""
-    return frozenset({"gqa", "mla"})
+    return frozenset({"gqa", "mla", "linear"})
 
 
 def mode() -> AbstractContextManager:

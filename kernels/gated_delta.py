@@ -140,10 +140,11 @@ def recurrent_batch(q_SLNK, k_SLNK, v_SLNV, g_SLN, beta_SLN, lens_S, state_SNKV,
         live = (j < lens_S)[:, None, None, None]
         decay = g_SLN[:, j].exp()  # [S, N], or [S, N, K] per key channel (KDA)
         h = state_SNKV * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
-        kv_mem = torch.einsum("snkv,snk->snv", h, k_SLNK[:, j])
+        # h^T k and h^T q per (sequence, head) as one-row matmuls: batch-invariant mode tiles matmuls, not einsum.
+        kv_mem = torch.matmul(k_SLNK[:, j, :, None, :], h)[:, :, 0]
         delta = (v_SLNV[:, j] - kv_mem) * beta_SLN[:, j, :, None]
         h = h + k_SLNK[:, j, :, :, None] * delta[:, :, None, :]
-        o[:, j] = torch.einsum("snkv,snk->snv", h, q_SLNK[:, j])
+        o[:, j] = torch.matmul(q_SLNK[:, j, :, None, :], h)[:, :, 0]
         state_SNKV = torch.where(live, h, state_SNKV)
         if kept is not None and j < keep_Q:
             kept.append(state_SNKV)
@@ -240,10 +241,21 @@ def reference_gated_delta_rule(
     False or the slot is -1) and its final state is written back to the slot (cast to the pool's dtype). Sequences
     longer than RECURRENT_MAX_LEN run the chunked form (chunks of 64, one sequence at a time), the rest the per-token
     recurrence batched across sequences: both are the same function (equal in float64)."""
+    return gated_delta_rule_torch(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1,
+                                  slot_ids_S, has_initial_state_S, scale, chunked=True)
+
+
+def gated_delta_rule_torch(
+    q_TGK: torch.Tensor, k_TGK: torch.Tensor, v_TNV: torch.Tensor, g_TN: torch.Tensor, beta_TN: torch.Tensor,
+    state_pool_PNKV: torch.Tensor, query_start_loc_S1: torch.Tensor, slot_ids_S: torch.Tensor,
+    has_initial_state_S: torch.Tensor | None = None, scale: float | None = None, *, chunked: bool = True,
+) -> torch.Tensor:
+    """`reference_gated_delta_rule`; chunked=False runs every sequence in the per-token recurrence, the decode
+    step's form (batch-invariant mode: a prefilled token then computes what its decode would, bit for bit)."""
     check_gdn_args(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1, slot_ids_S,
                    has_initial_state_S)
     o, final_SNKV, _, _, _ = _run(q_TGK, k_TGK, v_TNV, g_TN, beta_TN, state_pool_PNKV, query_start_loc_S1,
-                                  slot_ids_S, has_initial_state_S, scale, 0, chunked=True)
+                                  slot_ids_S, has_initial_state_S, scale, 0, chunked=chunked)
     write = (slot_ids_S >= 0).tolist()  # device -> host sync (reference only)
     for s, ok in enumerate(write):
         if ok:

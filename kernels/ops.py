@@ -95,10 +95,12 @@ class BatchInvariantKernels(ReferenceKernels):
     name = "batch_invariant"
 
     def _implementations(self) -> dict[str, Any]:
-        from .batch_invariant import invariant_fused_moe, invariant_mla_attention, invariant_paged_attention
+        from .batch_invariant import (invariant_fused_moe, invariant_gated_delta_rule, invariant_mla_attention,
+                                      invariant_paged_attention)
 
         return {**super()._implementations(), "paged_attention": invariant_paged_attention,
-                "mla_attention": invariant_mla_attention, "fused_moe": invariant_fused_moe}
+                "mla_attention": invariant_mla_attention, "fused_moe": invariant_fused_moe,
+                "gated_delta_rule": invariant_gated_delta_rule}
 
     @staticmethod
     def step_context():
