@@ -398,7 +398,7 @@ def supported_attention_kinds() -> frozenset[str]:
     or `mla_attention` (dense MLA) alone: the kinds a batch-invariant engine serves. The others (DSA's sparse MLA,
     linear attention, compressed, block-sparse, QSA) reduce in their own kernels and are refused by name until each
     has its invariant form."""
-    return frozenset({"gqa", "mla", "linear"})
+    return frozenset({"gqa", "mla", "linear", "kda"})
 
 
 def mode() -> AbstractContextManager:

@@ -17,7 +17,7 @@ ENV = "VLLM_BATCH_INVARIANT"
 BACKEND = "batch_invariant"
 # The attention kinds whose every reduction goes through the invariant paged attention (kernels/batch_invariant.py
 # supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py).
-ATTENTION_KINDS = frozenset({"gqa", "mla", "linear"})
+ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda"})
 
 
 def from_env() -> bool:

@@ -75,19 +75,31 @@ def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list
     return records
 
 
-def _path(model, tiny_model, hf_tiny_model) -> str:
+_KIMI: dict[str, str] = {}
+
+
+def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
+    if model == "kimi_linear":  # a drawn preset (tests/helpers/drawn_presets.py), made once per session
+        from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
+
+        from tests.helpers.drawn_presets import save_preset
+
+        if "path" not in _KIMI:
+            _KIMI["path"] = save_preset(tmp_path_factory.mktemp("kimi_linear"), KIMI_LINEAR)
+        return _KIMI["path"]
     return tiny_model(model) if model == "qwen3_e6k3" else hf_tiny_model(model)
 
 
 # GQA (Qwen3-MoE), MLA with q LoRA and grouped routing (DeepSeek-V3), gated DeltaNet beside gated attention
-# (Qwen3-Next: per-sequence state, its prefix hits resumed from state checkpoints)
-MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next"]
+# (Qwen3-Next: per-sequence state, its prefix hits resumed from state checkpoints), KDA beside NoPE MLA (Kimi Linear)
+MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
-def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(model, tiny_model, hf_tiny_model):
-    path = _path(model, tiny_model, hf_tiny_model)
+def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(model, tiny_model, hf_tiny_model,
+                                                                          tmp_path_factory):
+    path = _path(model, tiny_model, hf_tiny_model, tmp_path_factory)
     ps = prompts(128, seed=51, n=64, lo=3, hi=90)
     target, others = ps[1], ps[2:] + ps[:1]
     random.Random(5).shuffle(others)
@@ -100,10 +112,10 @@ def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(mode
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
-def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_model, hf_tiny_model):
+def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_model, hf_tiny_model, tmp_path_factory):
     """A trainer's recompute: the sequence prompt + generated tokens prefilled again (in chunks, beside others)
     scores each generated token with exactly the logprob the decode step reported."""
-    path = _path(model, tiny_model, hf_tiny_model)
+    path = _path(model, tiny_model, hf_tiny_model, tmp_path_factory)
     ps = prompts(128, seed=52, n=8, lo=5, hi=60)
     llm = LLM(path, dtype="float32", max_num_seqs=8, max_num_batched_tokens=32, num_kv_blocks=256, block_size=8,
               batch_invariant=True)
@@ -120,6 +132,10 @@ def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_m
 
 
 def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_model, hf_tiny_model, monkeypatch):
+    from moelink.engine.config.batch_invariant import ATTENTION_KINDS
+    from moelink.kernels.batch_invariant import supported_attention_kinds
+
+    assert ATTENTION_KINDS == supported_attention_kinds()  # what the engine admits is what the kernels cover
     with pytest.raises(ValueError, match=r"attention kind\(s\) dsa have no batch-invariant kernels"):
         LLM(hf_tiny_model("dsv32"), dtype="float32", num_kv_blocks=32, batch_invariant=True)
     with pytest.raises(ValueError, match="kernels='triton' is invalid with batch_invariant=True"):
