@@ -27,7 +27,9 @@ around each step's forward, applies the first three to every call the forward ma
    decode row, a row of a prefill chunk, or a row of a chunk after a prefix-cache hit; blocks past a row's position
    are exact no-ops (its max, sum and accumulator are multiplied by 1 and added 0), so the batch's longest context
    changes nothing. Its products are batched matmuls of one row's grouped heads by one block, a fixed shape per model.
-   Gated DeltaNet always runs its per-token recurrence (`invariant_gated_delta_rule`), the decode step's form.
+   Gated DeltaNet always runs its per-token recurrence (`invariant_gated_delta_rule`), the decode step's form. DSA's
+   indexer scores each row alone in blocks (`invariant_dsa_topk`) and its sparse MLA walks the selection in blocks
+   (`invariant_sparse_mla_attention`): a full selection walks exactly the dense blocks.
 So the logprob a decode step reports for a token equals, bitwise, the prompt logprob the same sequence's prefill
 gives it (what a trainer recomputes).
 
@@ -292,8 +294,44 @@ def invariant_paged_attention(
                                     v_scale)
 
 
+def _row_positions(meta: AttentionMetadata, T: int, dev: torch.device):
+    """(seq_T, ctx_T, pos_T): each row's sequence, its sequence's length after this step, the row's own position
+    (device work; the host lists give the lengths' layout, not their values)."""
+    seq_T = torch.repeat_interleave(torch.arange(len(meta.query_lens), device=dev),
+                                    torch.tensor(meta.query_lens, device=dev), output_size=T)
+    qlen_T = torch.tensor(meta.query_lens, device=dev).index_select(0, seq_T)
+    first_T = (meta.query_start_loc_S1[:-1].long()).index_select(0, seq_T)
+    ctx_T = meta.seq_lens_S.long().index_select(0, seq_T)
+    return seq_T, ctx_T, ctx_T - qlen_T + (torch.arange(T, device=dev) - first_T)
+
+
 def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N, sliding_window, k_scale,
                          v_scale, acc_floor: torch.dtype | None = None) -> torch.Tensor:
+    """The dense walk: block j of every row is its positions [j B, (j + 1) B), masked to the row's causal (and
+    window) range."""
+    T = q_TNH.shape[0]
+    block_size = k_cache_BLKH.shape[1]
+    dev = q_TNH.device
+    seq_T, ctx_T, pos_T = _row_positions(meta, T, dev)
+    lo_T = torch.zeros_like(pos_T) if sliding_window is None else pos_T - sliding_window + 1
+    tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
+    offs_B = torch.arange(block_size, device=dev)
+    num_blocks = min(-(-max(meta.seq_lens) // block_size), tables_TM.shape[1])
+
+    def blocks():
+        for j in range(num_blocks):
+            kpos_TB = j * block_size + offs_B[None, :]
+            readable_TB = kpos_TB < ctx_T[:, None]  # written positions; others read the null block (zeros)
+            slots_TB = torch.where(readable_TB, tables_TM[:, j:j + 1] * block_size + offs_B[None, :],
+                                   meta.null_block * block_size)
+            yield slots_TB, (kpos_TB <= pos_T[:, None]) & (kpos_TB >= lo_T[:, None])
+    return _walk(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks(), scale, sinks_N, k_scale, v_scale, acc_floor)
+
+
+def _walk(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_scale,
+          acc_floor: torch.dtype | None) -> torch.Tensor:
+    """The online softmax over `blocks`: (slots_TB, seen_TB) per step, B key slots per row and which of them the
+    row sees (the others count -inf: an exact no-op)."""
     T, N, H = q_TNH.shape
     block_size, num_kv, _ = k_cache_BLKH.shape[1:]
     hv = v_cache_BLKH.shape[-1]
@@ -302,15 +340,6 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
     acc_dtype = torch.float32 if q_TNH.dtype.itemsize < 4 else q_TNH.dtype
     if acc_floor is not None:
         acc_dtype = torch.promote_types(acc_dtype, acc_floor)
-    # Each row's sequence and position (device work; the host lists give the lengths' layout, not their values).
-    seq_T = torch.repeat_interleave(torch.arange(len(meta.query_lens), device=dev),
-                                    torch.tensor(meta.query_lens, device=dev), output_size=T)
-    qlen_T = torch.tensor(meta.query_lens, device=dev).index_select(0, seq_T)
-    first_T = (meta.query_start_loc_S1[:-1].long()).index_select(0, seq_T)
-    ctx_T = meta.seq_lens_S.long().index_select(0, seq_T)
-    pos_T = ctx_T - qlen_T + (torch.arange(T, device=dev) - first_T)  # the row's own position
-    lo_T = torch.zeros_like(pos_T) if sliding_window is None else pos_T - sliding_window + 1
-    tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
     q_XRH = q_TNH.to(acc_dtype).reshape(T * num_kv, rep, H)
     if sinks_N is None:
         m_TN = torch.full((T, N), float("-inf"), dtype=acc_dtype, device=dev)
@@ -319,22 +348,16 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
         m_TN = sinks_N.to(acc_dtype)[None, :].expand(T, N).clone()
         l_TN = torch.ones((T, N), dtype=acc_dtype, device=dev)
     acc_TNV = torch.zeros((T, N, hv), dtype=acc_dtype, device=dev)
-    offs_B = torch.arange(block_size, device=dev)
-    num_blocks = -(-max(meta.seq_lens) // block_size)
-    for j in range(min(num_blocks, tables_TM.shape[1])):
-        kpos_TB = j * block_size + offs_B[None, :]
-        readable_TB = kpos_TB < ctx_T[:, None]  # written positions; others read the null block (zeros)
-        slots_TB = torch.where(readable_TB, tables_TM[:, j:j + 1] * block_size + offs_B[None, :],
-                               meta.null_block * block_size)
+    for slots_TB, seen_TB in blocks:
+        B = slots_TB.shape[1]
         k_TBKH = dequantize_from_cache(k_cache_BLKH.flatten(0, 1).index_select(0, slots_TB.reshape(-1)), acc_dtype,
-                                       k_scale).to(acc_dtype).view(T, block_size, num_kv, -1)
+                                       k_scale).to(acc_dtype).view(T, B, num_kv, -1)
         v_TBKV = dequantize_from_cache(v_cache_BLKH.flatten(0, 1).index_select(0, slots_TB.reshape(-1)), acc_dtype,
-                                       v_scale).to(acc_dtype).view(T, block_size, num_kv, hv)
+                                       v_scale).to(acc_dtype).view(T, B, num_kv, hv)
         # Contiguous operands: a batched matmul's kernel may depend on its operands' strides.
-        k_XHB = k_TBKH.permute(0, 2, 3, 1).reshape(T * num_kv, -1, block_size).contiguous()
-        v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, block_size, hv).contiguous()
-        s_TNB = (torch.bmm(q_XRH, k_XHB) * scale).view(T, N, block_size)
-        seen_TB = (kpos_TB <= pos_T[:, None]) & (kpos_TB >= lo_T[:, None])
+        k_XHB = k_TBKH.permute(0, 2, 3, 1).reshape(T * num_kv, -1, B).contiguous()
+        v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, B, hv).contiguous()
+        s_TNB = (torch.bmm(q_XRH, k_XHB) * scale).view(T, N, B)
         s_TNB = s_TNB.masked_fill(~seen_TB[:, None, :], float("-inf"))
         m_new_TN = torch.maximum(m_TN, _AMAX(s_TNB, -1))
         # A row that has seen no key yet (m' = -inf: a window not reached) subtracts 0, not -inf (no NaN).
@@ -342,7 +365,7 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
         p_TNB = _EXP(s_TNB - shift_TN[..., None])
         alpha_TN = _EXP(m_TN - shift_TN)
         l_TN = l_TN * alpha_TN + _SUM(p_TNB, -1)
-        pv_TNV = torch.bmm(p_TNB.view(T * num_kv, rep, block_size), v_XBV).view(T, N, hv)
+        pv_TNV = torch.bmm(p_TNB.view(T * num_kv, rep, B), v_XBV).view(T, N, hv)
         acc_TNV = acc_TNV * alpha_TN[..., None] + pv_TNV
         m_TN = m_new_TN
     return (acc_TNV / l_TN[..., None]).to(q_TNH.dtype)
@@ -369,6 +392,74 @@ def invariant_mla_attention(
         out_TNC = _invariant_attention(q_TNR, rows_BL1R, rows_BL1R[..., :C], meta, scale, sinks_N, None, kv_scale,
                                        kv_scale, acc_floor=torch.float32)
         return out_TNC.to(q_latent_TNC.dtype)
+
+
+def invariant_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
+                                   meta: AttentionMetadata, topk_TK: torch.Tensor, scale: float, kv_scale: float = 1.0,
+                                   *, sinks_N: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference_sparse_mla_attention`'s contract (DSA: each token attends to its selected positions topk_TK[t],
+    ascending, -1 padding), as the block walk over the selection in chunks of the cache's block size. A row that
+    selected all its positions (it sees at most index_topk) walks exactly the dense walk's blocks, so a step that
+    runs dense MLA (every row sees at most index_topk: engine/models/dsa.py) and one that runs this give such a row
+    the same bits."""
+    C = q_latent_TNC.shape[-1]
+    T = q_latent_TNC.shape[0]
+    with torch._C.DisableTorchFunction():
+        q_TNR = torch.cat([q_latent_TNC, q_pe_TNP], dim=2)
+        rows_BL1R = latent_cache_BLR.unsqueeze(2)
+        block_size = latent_cache_BLR.shape[1]
+        dev = q_TNR.device
+        seq_T, _, _ = _row_positions(meta, T, dev)
+        tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
+        K = topk_TK.shape[1]
+        pos_TK = F.pad(topk_TK.long(), (0, -K % block_size), value=-1)
+
+        def blocks():
+            for c in range(0, pos_TK.shape[1], block_size):
+                p_TB = pos_TK[:, c:c + block_size]
+                valid_TB = p_TB >= 0
+                q_TB = p_TB.clamp(min=0)
+                slots_TB = torch.where(valid_TB, tables_TM.gather(1, q_TB // block_size) * block_size + q_TB % block_size,
+                                       meta.null_block * block_size)
+                yield slots_TB, valid_TB
+        out_TNC = _walk(q_TNR, rows_BL1R, rows_BL1R[..., :C], blocks(), scale, sinks_N, kv_scale, kv_scale,
+                        torch.float32)
+        return out_TNC.to(q_latent_TNC.dtype)
+
+
+def invariant_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLD: torch.Tensor,
+                       meta: AttentionMetadata, topk: int, scale: float, max_len: int | None = None) -> torch.Tensor:
+    """`reference_dsa_topk`'s selection with each row's index scores computed alone: per block of B positions, the
+    H x D by D x B product of the row's index queries and keys, relu, then the 1 x H by H x B product with its head
+    weights (one shape per model; the reference's einsum over a width padded to the step's longest row sums per
+    shape). The top-k keeps the reference's rule: the highest scores, ties to the lowest positions, ascending."""
+    from .dsa import causal_lens, is_fp8_index_cache, reference_topk_positions
+
+    if is_fp8_index_cache(index_cache_BLD):
+        raise ValueError("batch_invariant=True does not run an fp8 index cache yet: serve index_cache_dtype='auto'.")
+    T, H, D = q_THD.shape
+    with torch._C.DisableTorchFunction():
+        dev = q_THD.device
+        width = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
+        n_T = causal_lens(meta, dev)
+        seq_T, _, _ = _row_positions(meta, T, dev)
+        tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
+        B = index_cache_BLD.shape[1]
+        keys = index_cache_BLD.view(-1, index_cache_BLD.shape[-1])
+        q_THD32 = q_THD.float().contiguous()
+        w_T1H = weights_TH.float().view(T, 1, H).contiguous()
+        scores_TW = torch.full((T, -(-width // B) * B), float("-inf"), dtype=torch.float32, device=dev)
+        offs_B = torch.arange(B, device=dev)
+        for j in range(-(-width // B)):
+            kpos_TB = j * B + offs_B[None, :]
+            visible_TB = kpos_TB < n_T[:, None]
+            slots_TB = torch.where(visible_TB, tables_TM[:, min(j, tables_TM.shape[1] - 1)][:, None] * B + offs_B,
+                                   meta.null_block * B)
+            k_TDB = keys.index_select(0, slots_TB.reshape(-1))[:, :D].float().view(T, B, D).transpose(1, 2).contiguous()
+            s_THB = torch.relu(torch.bmm(q_THD32, k_TDB) * scale)
+            score_TB = torch.bmm(w_T1H, s_THB)[:, 0] + 0.0  # + 0.0: -0.0 counts as 0.0
+            scores_TW[:, j * B:(j + 1) * B] = torch.where(visible_TB, score_TB, float("-inf"))
+        return reference_topk_positions(scores_TW[:, :width], n_T, topk)
 
 
 def invariant_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor,
@@ -398,7 +489,7 @@ def supported_attention_kinds() -> frozenset[str]:
     or `mla_attention` (dense MLA) alone: the kinds a batch-invariant engine serves. The others (DSA's sparse MLA,
     linear attention, compressed, block-sparse, QSA) reduce in their own kernels and are refused by name until each
     has its invariant form."""
-    return frozenset({"gqa", "mla", "linear", "kda"})
+    return frozenset({"gqa", "mla", "linear", "kda", "dsa"})
 
 
 def mode() -> AbstractContextManager:
@@ -406,5 +497,6 @@ def mode() -> AbstractContextManager:
     return BatchInvariantMode()
 
 
-__all__ = ["BatchInvariantMode", "TILE_M", "invariant_fused_moe", "invariant_mla_attention", "invariant_paged_attention", "mode",
+__all__ = ["BatchInvariantMode", "TILE_M", "invariant_dsa_topk", "invariant_fused_moe", "invariant_mla_attention",
+           "invariant_sparse_mla_attention", "invariant_paged_attention", "mode",
            "supported_attention_kinds"]

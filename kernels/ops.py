@@ -95,12 +95,14 @@ class BatchInvariantKernels(ReferenceKernels):
     name = "batch_invariant"
 
     def _implementations(self) -> dict[str, Any]:
-        from .batch_invariant import (invariant_fused_moe, invariant_gated_delta_rule, invariant_mla_attention,
-                                      invariant_paged_attention)
+        from .batch_invariant import (invariant_dsa_topk, invariant_fused_moe, invariant_gated_delta_rule,
+                                      invariant_mla_attention, invariant_paged_attention,
+                                      invariant_sparse_mla_attention)
 
         return {**super()._implementations(), "paged_attention": invariant_paged_attention,
                 "mla_attention": invariant_mla_attention, "fused_moe": invariant_fused_moe,
-                "gated_delta_rule": invariant_gated_delta_rule}
+                "gated_delta_rule": invariant_gated_delta_rule, "dsa_topk": invariant_dsa_topk,
+                "sparse_mla_attention": invariant_sparse_mla_attention}
 
     @staticmethod
     def step_context():

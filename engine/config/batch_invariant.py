@@ -17,7 +17,7 @@ ENV = "VLLM_BATCH_INVARIANT"
 BACKEND = "batch_invariant"
 # The attention kinds whose every reduction goes through the invariant paged attention (kernels/batch_invariant.py
 # supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py).
-ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda"})
+ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa"})
 
 
 def from_env() -> bool:
@@ -40,7 +40,7 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
                          f"({BACKEND!r}); leave kernels='auto'.")
     layers = [model.attention_for(i) for i in range(model.num_layers)]
     # DSA (an MLA layer with a lightning indexer: DeepSeek-V3.2, GLM-5) selects keys in its own sparse kernel.
-    kinds = sorted({"dsa" if getattr(a, "indexer", None) is not None else a.kind for a in layers} - ATTENTION_KINDS)
+    kinds = sorted({_kind(a) for a in layers} - ATTENTION_KINDS)
     if kinds:
         raise ValueError(f"batch_invariant=True is not supported for {model.architecture}: its attention kind(s) "
                          f"{', '.join(kinds)} have no batch-invariant kernels yet (supported: "
@@ -55,3 +55,12 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
                          "the all-reduce's summation order follows the batch's size; serve with expert parallelism "
                          "(--data-parallel-size N --enable-expert-parallel) or on one rank.")
     return BACKEND
+
+
+def _kind(attention) -> str:
+    """A layer's attention kind as the mode covers it: DSA is an MLA layer with a lightning indexer (DeepSeek-V3.2,
+    GLM-5), its pooled form (GLM-5.3-Flash's kpool) a kind of its own."""
+    indexer = getattr(attention, "indexer", None)
+    if indexer is None:
+        return attention.kind
+    return "pooled_dsa" if getattr(indexer, "kpool", 1) > 1 else "dsa"

@@ -92,7 +92,9 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
 
 # GQA (Qwen3-MoE), MLA with q LoRA and grouped routing (DeepSeek-V3), gated DeltaNet beside gated attention
 # (Qwen3-Next: per-sequence state, its prefix hits resumed from state checkpoints), KDA beside NoPE MLA (Kimi Linear)
-MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear"]
+# DeepSeek-V3.2 (DSA: the lightning indexer's top-k and sparse MLA; prompts past index_topk, so steps run sparse
+# and dense)
+MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32"]
 
 
 @pytest.mark.slow
@@ -131,13 +133,17 @@ def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_m
         llm.shutdown()
 
 
-def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_model, hf_tiny_model, monkeypatch):
+def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_model, hf_tiny_model, monkeypatch,
+                                                                          tmp_path):
     from moelink.engine.config.batch_invariant import ATTENTION_KINDS
     from moelink.kernels.batch_invariant import supported_attention_kinds
 
     assert ATTENTION_KINDS == supported_attention_kinds()  # what the engine admits is what the kernels cover
-    with pytest.raises(ValueError, match=r"attention kind\(s\) dsa have no batch-invariant kernels"):
-        LLM(hf_tiny_model("dsv32"), dtype="float32", num_kv_blocks=32, batch_invariant=True)
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    glm53 = make_tiny_model(tmp_path / "glm5_next", arch="glm5_next")  # GLM-5.3-Flash: pooled DSA beside KDA
+    with pytest.raises(ValueError, match=r"attention kind\(s\) pooled_dsa have no batch-invariant kernels"):
+        LLM(str(glm53), dtype="float32", num_kv_blocks=32, batch_invariant=True)
     with pytest.raises(ValueError, match="kernels='triton' is invalid with batch_invariant=True"):
         LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, batch_invariant=True, kernels="triton")
     with pytest.raises(ValueError, match="tensor_parallel_size=2: the all-reduce's summation order"):

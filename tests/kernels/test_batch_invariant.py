@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata, reference_paged_attention, reference_write_kv
-from moelink.kernels.batch_invariant import (TILE_M, BatchInvariantMode, invariant_mla_attention,
-                                            invariant_paged_attention)
+from moelink.kernels.batch_invariant import (TILE_M, BatchInvariantMode, invariant_dsa_topk, invariant_mla_attention,
+                                            invariant_paged_attention, invariant_sparse_mla_attention)
 from moelink.kernels.mla import reference_mla_attention
 
 
@@ -226,3 +226,45 @@ def test_elementwise_and_row_ops_under_the_mode_give_a_row_the_same_bits_in_any_
         off = _rows_in_batches(x_1K, torch.sigmoid, SIZES + [65, 100], seed=seed)
         differs |= any(not torch.equal(r, off[0]) for r in off)
     assert differs, "sigmoid off the mode was row-stable: the check shows nothing"
+
+
+def test_dsa_selection_and_sparse_mla_match_the_reference_and_a_full_selection_walks_the_dense_blocks():
+    """DSA under the mode: the indexer's top-k equals the reference's (each row scored alone, in blocks); the sparse
+    MLA over a selection equals the reference's, and over a selection of every position equals the dense walk bit
+    for bit (a step runs dense MLA when every row sees at most index_topk, sparse otherwise)."""
+    from moelink.kernels.dsa import reference_dsa_topk, reference_sparse_mla_attention
+
+    gen = torch.Generator().manual_seed(8)
+    N, C, P, bs, H, D = 4, 32, 8, 8, 4, 16
+    lens = [30, 9, 17]
+    seqs = [(n, torch.randn(n, 1, C + P, generator=gen, dtype=torch.float64),
+             torch.randn(n, 1, D, generator=gen, dtype=torch.float64)) for n in lens]
+    cache, _, tables, nb = _cache(gen, [(n, r, r) for n, r, _ in seqs], 1, C + P, bs, torch.float64)
+    cache_BLR = cache[:, :, 0]
+    index_BLD = torch.zeros(nb + 1, bs, D, dtype=torch.float64)  # the index keys at the latent rows' slots
+    for (n, _, k), blocks in zip(seqs, tables):
+        for p in range(n):
+            index_BLD[blocks[p // bs], p % bs] = k[p, 0]
+    q_lens = [5, 1, 17]
+    meta = _meta(tables, lens, q_lens, nb)
+    T = sum(q_lens)
+    q_THD = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
+    w_TH = torch.randn(T, H, generator=gen, dtype=torch.float64)
+    topk = 8
+    want = reference_dsa_topk(q_THD, w_TH, index_BLD, meta, topk, 0.25)
+    got = invariant_dsa_topk(q_THD, w_TH, index_BLD, meta, topk, 0.25)
+    assert torch.equal(got, want)
+    ql = torch.randn(T, N, C, generator=gen, dtype=torch.float64)
+    qp = torch.randn(T, N, P, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(invariant_sparse_mla_attention(ql, qp, cache_BLR, meta, got, 0.2),
+                               reference_sparse_mla_attention(ql, qp, cache_BLR, meta, got, 0.2), atol=1e-12, rtol=0)
+    # A selection of every position a row sees (ascending, -1 after) walks the dense blocks: the same bits.
+    every = torch.full((T, 32), -1, dtype=torch.int32)
+    row = 0
+    for n, ql_s in zip(lens, q_lens):
+        for i in range(ql_s):
+            p = n - ql_s + i
+            every[row, : p + 1] = torch.arange(p + 1)
+            row += 1
+    assert torch.equal(invariant_sparse_mla_attention(ql, qp, cache_BLR, meta, every, 0.2),
+                       invariant_mla_attention(ql, qp, cache_BLR, meta, 0.2))
