@@ -50,7 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from .attention import AttentionMetadata, dequantize_from_cache
 from .gated_delta import gated_delta_rule_torch
-from .moe import fused_moe_torch
+from .moe import PADDED_MAX_PAIRS, fused_moe_torch
 
 # Rows per matmul tile. 16: a decode step of one request pads to 16 rows (a CPU matmul that small is bound by its
 # weight reads, not its rows), and a 150-token chunk is ten calls.
@@ -250,6 +250,17 @@ _REFUSED = {F.scaled_dot_product_attention: "F.scaled_dot_product_attention (att
 class BatchInvariantMode(TorchFunctionMode):
     """Inside it, matmuls run on fixed TILE_M-row tiles (module docstring, rule 1). Thread-local, as torch's function
     modes are: enter it on the thread that runs the forward."""
+
+    def __enter__(self):
+        # Rule 4 for every caller of reference_fused_moe (the quantized references dequantize and call it).
+        self._padded = PADDED_MAX_PAIRS.set(0)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            PADDED_MAX_PAIRS.reset(self._padded)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # torch pops this mode while its __torch_function__ runs: the tiles below call the real ops.

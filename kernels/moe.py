@@ -10,6 +10,8 @@ the expert lives on another rank: such pairs contribute nothing here.
 """
 from __future__ import annotations
 
+import contextvars
+
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +58,18 @@ SILU = MoEActivation()
 _PADDED_MAX_PAIRS = 256
 
 
+# The padded path's limit for this thread: batch-invariant mode (kernels/batch_invariant.py) sets 0 while a step runs,
+# so every caller of reference_fused_moe (the float experts, and the INT4 / MXFP4 / NVFP4 references, which
+# dequantize and call it) keeps one path whatever the batch.
+PADDED_MAX_PAIRS: contextvars.ContextVar[int] = contextvars.ContextVar("padded_max_pairs", default=_PADDED_MAX_PAIRS)
+
+
 def reference_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,
                         topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
                         b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
                         activation: MoEActivation = SILU) -> torch.Tensor:
     return fused_moe_torch(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, b13_EF=b13_EF,
-                           b2_ED=b2_ED, activation=activation, padded_max_pairs=_PADDED_MAX_PAIRS)
+                           b2_ED=b2_ED, activation=activation, padded_max_pairs=PADDED_MAX_PAIRS.get())
 
 
 def fused_moe_torch(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,

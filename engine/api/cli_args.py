@@ -156,7 +156,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", "--enable-deterministic-inference", action="store_true",
                    help="a request's tokens and logprobs bitwise the same whatever else is in the batch, and a "
                         "decode step's logprob equal to the re-prefilled prompt logprob (docs/rl.md; vLLM's "
-                        "VLLM_BATCH_INVARIANT=1 too). GQA, MLA, DSA, gated-DeltaNet and KDA models, one rank or expert-parallel, float weights; slower kernels")
+                        "VLLM_BATCH_INVARIANT=1 too). GQA, MLA, DSA, gated-DeltaNet and KDA models, one rank or expert-parallel; slower kernels")
     add_vllm_engine_flags(p)
 
 

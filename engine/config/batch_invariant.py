@@ -45,9 +45,8 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
         raise ValueError(f"batch_invariant=True is not supported for {model.architecture}: its attention kind(s) "
                          f"{', '.join(kinds)} have no batch-invariant kernels yet (supported: "
                          f"{', '.join(sorted(ATTENTION_KINDS))}).")
-    if model.quantization is not None:
-        raise ValueError(f"batch_invariant=True is not supported with quantized weights ({type(model.quantization).__name__}"
-                         "): the quantized matmuls have no batch-invariant kernels yet; serve a float checkpoint.")
+    # Quantized weights: any format. FP8's per-token activation scales reduce each row alone (on the mode's tiles),
+    # and the INT4 / MXFP4 / NVFP4 references dequantize into the experts' per-expert path.
     if tensor_parallel_size > 1:
         # An all-reduce sums each element in an order its algorithm sets by the tensor's size (a ring splits the
         # buffer into per-rank chunks), so by the batch: TP needs a batch-invariant all-reduce first.

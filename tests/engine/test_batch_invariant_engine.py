@@ -113,6 +113,20 @@ def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(mode
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch,fmt", [("gpt_oss", "mxfp4"), ("qwen3_moe", "fp8"), ("deepseek_v3", "int4")])
+def test_quantized_weights_give_a_request_the_same_bits_in_any_batch(arch, fmt, tmp_path):
+    """The formats' own kernels: MXFP4 experts beside gpt-oss's sinks and sliding layers, FP8 block-scaled linears
+    and experts (per-token activation scales), INT4 experts (group-wise, dequantized into the per-expert path)."""
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / arch, arch=arch, format=fmt))
+    ps = prompts(128, seed=53, n=64, lo=3, hi=90)
+    target, others = ps[1], ps[2:] + ps[:1]
+    on = _runs(path, True, target, others)
+    assert all(r == on[0] for r in on), [i for i, r in enumerate(on) if r != on[0]]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_model, hf_tiny_model, tmp_path_factory):
     """A trainer's recompute: the sequence prompt + generated tokens prefilled again (in chunks, beside others)
