@@ -19,6 +19,7 @@ exactly its own blocks and scales.
 from __future__ import annotations
 
 import itertools
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -121,6 +122,13 @@ def linear_method(quant: QuantConfig | None, *modules: str) -> LinearMethod:
     return Fp8Linear(quant.block, quant.online) if all(quantized.values()) else FloatLinear()
 
 
+class LinearHook(Protocol):
+    """What runs after a linear's own matmul when set (`Linear.lora`): a LoRA adapter's per-row delta added to
+    the output (engine/lora/layer.py). Set only when LoRA is enabled: without it a linear runs as it did."""
+
+    def __call__(self, x_TK: torch.Tensor, y_TN: torch.Tensor) -> torch.Tensor: ...
+
+
 class Linear(nn.Module):
     """y = x W^T (+ bias, held by the caller: stacked biases load by their own names, at `piece_rows`).
     `out_features`: the output width, or the widths of the stacked pieces (q, k, v); the weight holds
@@ -133,6 +141,7 @@ class Linear(nn.Module):
 
     weight: nn.Parameter  # made by `method.create`
     weight_scale_inv: nn.Parameter | None  # FP8's block scales (None: a float weight)
+    lora: LinearHook | None = None  # LoRA's hook (engine/lora/), set by the rank when LoRA is enabled
 
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], method: LinearMethod, kernels, dtype,
                  device=None, dequantize_after_load: bool = False, parallel: LinearParallel | None = None):
@@ -154,7 +163,8 @@ class Linear(nn.Module):
         """[..., rows]: every piece's columns (and any gap's, which `split` drops); a row-parallel linear's summed
         over its TP group (the bias added once, after the sum)."""
         if isinstance(self.parallel, Replicated):
-            return self.method.apply(self, x_TK, bias_N)
+            y = self.method.apply(self, x_TK, bias_N)
+            return y if self.lora is None else self.lora(x_TK, y)
         return self.parallel.finish(self.method.apply(self, x_TK, None), bias_N)
 
     def piece_rows(self, i: int) -> slice:
@@ -180,5 +190,26 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(w, requires_grad=False)
             self.weight_scale_inv = None
 
+    def lora_rows(self) -> bool:
+        """Whether a LoRA hook may run on this linear: a float weight held whole (an FP8 one's adapters run on
+        the dequantized base, a TP shard's on its slices: not yet, docs/lora.md#limits)."""
+        return isinstance(self.method, FloatLinear) and isinstance(self.parallel, Replicated)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, tp={self.parallel.name}"
+
+
+def lora_targets(model: nn.Module, plan: WeightPlan) -> dict[str, tuple[Linear, slice]]:
+    """The model's linears a LoRA adapter may target, by checkpoint module name ("model.layers.0.self_attn.q_proj")
+    → (the Linear, the rows of its output that module is: a piece of a stacked projection), from the weight plan:
+    float weights held whole and read as stored (a reordered one, MLA's rope de-interleave, is left out)."""
+    by_weight = {id(m.weight): m for m in model.modules() if isinstance(m, Linear) and m.lora_rows()}
+    out = {}
+    for name, entry in plan.items():
+        lin = by_weight.get(id(entry.dest))
+        if lin is None or not name.endswith(".weight") or entry.source != ():
+            continue
+        rows = entry.index[0] if entry.index else slice(0, lin.rows)
+        if isinstance(rows, slice):
+            out[name[: -len(".weight")]] = (lin, rows)
+    return out

@@ -1,0 +1,58 @@
+"""LoRAConfig: the adapter limits of an engine started with enable_lora (vLLM's --max-loras, --max-lora-rank,
+--max-cpu-loras), and the serving modes LoRA does not compose with yet, refused naming the flag (docs/lora.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# vLLM's allowed ranks are powers of two up to 512; any rank up to the limit is read here (padded to it).
+MAX_LORA_RANK_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """max_loras: adapters a step may mix (device slots on every rank); max_lora_rank: the largest adapter rank
+    (the slots' width: smaller adapters are zero-padded); max_cpu_loras: adapters each rank keeps read in host
+    memory (an LRU; None: max_loras)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        def positive(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if not positive(self.max_loras):
+            raise ValueError(f"max_loras={self.max_loras!r} is invalid: must be an integer >= 1.")
+        if not positive(self.max_lora_rank) or self.max_lora_rank > MAX_LORA_RANK_LIMIT:
+            raise ValueError(f"max_lora_rank={self.max_lora_rank!r} is invalid: must be an integer in "
+                             f"[1, {MAX_LORA_RANK_LIMIT}].")
+        if self.max_cpu_loras is not None and (not positive(self.max_cpu_loras)
+                                               or self.max_cpu_loras < self.max_loras):
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} is invalid: must be None or an integer >= "
+                             f"max_loras={self.max_loras}.")
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
+def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, speculative: bool,
+                kv_connector: bool, attention: str) -> LoRAConfig | None:
+    """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
+    refused naming the flag (never silently served without the adapter)."""
+    if not isinstance(enable_lora, bool):
+        raise ValueError(f"enable_lora={enable_lora!r} is invalid: must be True or False.")
+    if not enable_lora:
+        return None
+    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras)
+    for flag, on in (("tensor_parallel_size", parallel.tensor_parallel_size > 1),
+                     ("expert_parallel_size", parallel.world_size > 1), ("speculative_config", speculative),
+                     ("kv_connector", kv_connector)):
+        if on:
+            raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs at one rank, without "
+                             "speculative decoding or a KV connector, for now (docs/lora.md#limits).")
+    if attention != "gqa":
+        raise ValueError(f"enable_lora is not supported for {attention} attention yet: LoRA runs on GQA models "
+                         "(Qwen3-MoE, Mixtral, ...) for now (docs/lora.md#limits).")
+    return cfg

@@ -1,0 +1,37 @@
+"""The driver's check of a request's adapter, before any rank reads it: read once per adapter id (its config and
+tensors against the served checkpoint's headers: engine/lora/adapter.py), then remembered."""
+from __future__ import annotations
+
+import threading
+
+from ..config.lora import LoRAConfig
+from ..contract.lora import LoRARequest
+from .adapter import lora_targets, read_adapter
+
+
+class AdapterChecker:
+    """Checks LoRARequests against `model_dir`'s checkpoint under `limits`; thread-safe (requests are processed on
+    many threads)."""
+
+    def __init__(self, limits: LoRAConfig, model_dir: str):
+        self.limits = limits
+        self.targets = lora_targets(model_dir)
+        self._known: dict[int, LoRARequest] = {}
+        self._lock = threading.Lock()
+
+    def check(self, req: object) -> LoRARequest:
+        """`req` as a checked LoRARequest; ValueError naming the field otherwise."""
+        if not isinstance(req, LoRARequest):
+            raise ValueError(f"lora_request={req!r} is invalid: must be a LoRARequest(lora_name, lora_int_id, "
+                             "lora_path) or None.")
+        with self._lock:
+            known = self._known.get(req.lora_int_id)
+        if known is not None:
+            if known != req:
+                raise ValueError(f"LoRARequest.lora_int_id={req.lora_int_id} is invalid: it already names adapter "
+                                 f"{known.lora_name!r} at {known.lora_path!r}; give each adapter its own id.")
+            return req
+        read_adapter(req, self.limits, self.targets)  # raises naming the field; the tensors are the ranks' to keep
+        with self._lock:
+            self._known[req.lora_int_id] = req
+        return req

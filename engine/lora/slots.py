@@ -1,0 +1,140 @@
+"""A rank's adapters: an LRU of adapters read into host memory, and `max_loras` device slots holding each target
+linear's A / B stacked by slot (A_[slot] [R, K], B_[slot] [N, R], zero-padded to R = max_lora_rank) with a scale per
+slot; each step's per-token slot index (-1: the row's request has no adapter).
+
+Legend: L slots, R max_lora_rank, K in features, N out features, T tokens.
+
+Slots are given out by the runner as requests arrive: an adapter already in a slot keeps it, else it takes a free
+slot or the least recently used one no request in the batch holds. The scheduler never runs more adapters at once
+than slots (scheduler/scheduler.py), so one is always there. A slot's weights are written as a device op, in stream
+order with the steps (`take_loads`): a step still in flight reads the adapter it was launched with.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..config.lora import LoRAConfig
+from ..contract.host_copy import to_device
+from ..contract.lora import LoRARequest
+from .adapter import Adapter, read_adapter
+from .layer import LinearLoRA, LoRAPiece, LoRAStep
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One linear LoRA may target, as the model holds it: the Linear (its `lora` hook is set here), the rows of
+    its output this module is (a piece of a stacked projection: q of qkv_proj), its width N and in features K."""
+
+    linear: Any
+    rows: slice
+    n: int
+    k: int
+
+
+class HostAdapters:
+    """Adapters read into host memory, least recently used evicted past `capacity` (max_cpu_loras)."""
+
+    def __init__(self, capacity: int, read: Callable[[LoRARequest], Adapter]):
+        self.capacity, self.read = capacity, read
+        self.by_id: OrderedDict[int, Adapter] = OrderedDict()
+
+    def get(self, req: LoRARequest) -> Adapter:
+        a = self.by_id.get(req.lora_int_id)
+        if a is None:
+            a = self.by_id[req.lora_int_id] = self.read(req)
+            while len(self.by_id) > self.capacity:
+                self.by_id.popitem(last=False)
+        self.by_id.move_to_end(req.lora_int_id)
+        return a
+
+
+@dataclass
+class _Slot:
+    lora_int_id: int = 0  # 0: empty
+    last_used: int = 0
+
+
+@dataclass
+class LoRASlots:
+    """The device slots of one rank and the hooks on its target linears."""
+
+    limits: LoRAConfig
+    targets: dict[str, LoRATarget]
+    kernels: Any
+    dtype: torch.dtype
+    device: torch.device
+    step: LoRAStep = field(init=False)
+    host: HostAdapters = field(init=False)
+
+    def __post_init__(self) -> None:
+        L, R = self.limits.max_loras, self.limits.max_lora_rank
+        self.step = LoRAStep(torch.zeros(L, dtype=torch.float32, device=self.device))
+        self.pieces: dict[str, LoRAPiece] = {}
+        for name, t in self.targets.items():
+            piece = LoRAPiece(t.rows, torch.zeros(L, R, t.k, dtype=self.dtype, device=self.device),
+                              torch.zeros(L, t.n, R, dtype=self.dtype, device=self.device))
+            if t.linear.lora is None:
+                t.linear.lora = LinearLoRA(self.step, self.kernels)
+            t.linear.lora.pieces.append(piece)
+            self.pieces[name] = piece
+        shapes = {name: (t.n, t.k) for name, t in self.targets.items()}
+        self.host = HostAdapters(self.limits.cpu_loras, lambda req: read_adapter(req, self.limits, shapes))
+        self.slots = [_Slot() for _ in range(L)]
+        self._clock = 0
+        self._loads: list[Callable[[], None]] = []
+
+    def slot_for(self, req: LoRARequest | None, busy: set[int]) -> int:
+        """The slot of `req`'s adapter (-1 for none), loading it into a free or least recently used slot outside
+        `busy` (the slots the batch's other requests hold)."""
+        if req is None:
+            return -1
+        self._clock += 1
+        for i, s in enumerate(self.slots):
+            if s.lora_int_id == req.lora_int_id:
+                s.last_used = self._clock
+                return i
+        free = [i for i, s in enumerate(self.slots) if i not in busy]
+        if not free:
+            raise RuntimeError(f"LoRA adapter {req.lora_name!r}: all max_loras={self.limits.max_loras} slots are "
+                               "held by running requests (the scheduler admits no more adapters than slots).")
+        i = min(free, key=lambda j: (self.slots[j].lora_int_id != 0, self.slots[j].last_used))
+        adapter = self.host.get(req)
+        self.slots[i] = _Slot(req.lora_int_id, self._clock)
+        for name, piece in self.pieces.items():  # a linear no slot's adapter targets runs no LoRA work
+            piece.covered.discard(i)
+            if name in adapter.weights:
+                piece.covered.add(i)
+        self._loads.append(lambda: self._write(i, adapter))
+        return i
+
+    def _write(self, i: int, adapter: Adapter) -> None:
+        """Slot i's weights: the adapter's A / B where it targets a linear, zeros elsewhere (a device op)."""
+        r = adapter.config.r
+        for name, piece in self.pieces.items():
+            piece.a_LRK[i].zero_()
+            piece.b_LNR[i].zero_()
+            ab = adapter.weights.get(name)
+            if ab is not None:
+                piece.a_LRK[i, :r].copy_(ab[0])
+                piece.b_LNR[i, :, :r].copy_(ab[1])
+        self.step.scale_L[i] = adapter.scale
+
+    def take_loads(self) -> list[Callable[[], None]]:
+        """The slot writes owed since the last call, for the step's device work to run first."""
+        loads, self._loads = self._loads, []
+        return loads
+
+    def token_slots(self, slots_S: list[int], query_lens: list[int]) -> np.ndarray | None:
+        """Each token's slot for a step of these sequences; None when no row has an adapter (no LoRA work)."""
+        if all(s < 0 for s in slots_S):
+            return None
+        return np.repeat(np.asarray(slots_S, dtype=np.int64), query_lens)
+
+    def begin_step(self, slots_T: np.ndarray | None) -> None:
+        """Set the forward's per-token slots (a device op: the step's inputs)."""
+        self.step.slots_T = None if slots_T is None else to_device(slots_T, torch.long, self.device)

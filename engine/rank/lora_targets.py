@@ -1,0 +1,30 @@
+"""A rank's LoRA (engine/lora/): the slots and hooks on the model's target linears, and a step's slot writes and
+per-token slots run in its device work."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config.lora import LoRAConfig
+from ..lora.slots import LoRASlots, LoRATarget
+from ..models.linear import lora_targets
+
+
+def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: torch.device) -> LoRASlots:
+    """`limits.max_loras` slots over every linear of `model` a LoRA adapter may target (float, held whole)."""
+    targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features)
+               for name, (lin, rows) in lora_targets(model, model.weight_plan()).items()}
+    return LoRASlots(limits, targets, kernels, dtype, device)
+
+
+def begin_lora_step(slots: LoRASlots, loads: list[Callable[[], None]], slots_T: np.ndarray | None) -> None:
+    """In the step's device work, before its forward: the slot writes owed (stream order: a step launched before
+    them read the slots' old adapters), then the step's per-token slots."""
+    for load in loads:
+        load()
+    slots.begin_step(slots_T)
+
+
+__all__ = ["LoRASlots", "begin_lora_step", "lora_slots"]
