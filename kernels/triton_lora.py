@@ -18,7 +18,7 @@ from .triton_common import cast
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, slots_ptr, t_ptr, K, R, stride_xt, stride_al, stride_ar,
+def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, t_ptr, K, R, stride_xt, stride_al, stride_ar,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -37,7 +37,7 @@ def _shrink_kernel(x_ptr, a_ptr, slots_ptr, t_ptr, K, R, stride_xt, stride_al, s
 
 
 @triton.jit
-def _expand_kernel(y_ptr, t_ptr, b_ptr, slots_ptr, scale_ptr, N, R, stride_yt, stride_tt, stride_bl, stride_bn,
+def _lora_expand_kernel(y_ptr, t_ptr, b_ptr, slots_ptr, scale_ptr, N, R, stride_yt, stride_tt, stride_bl, stride_bn,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,7 +76,7 @@ def triton_lora_shrink(x_TK: torch.Tensor, a_LRK: torch.Tensor, slots_T: torch.T
         return t_TR
     BLOCK_R = min(64, triton.next_power_of_2(R))
     BLOCK_K = min(128, triton.next_power_of_2(K))
-    _shrink_kernel[(T, triton.cdiv(R, BLOCK_R))](
+    _lora_shrink_kernel[(T, triton.cdiv(R, BLOCK_R))](
         x_TK, a_LRK, slots_T, t_TR, K, R, x_TK.stride(0), a_LRK.stride(0), a_LRK.stride(1),
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, INTERPRET=common.interpreting(x_TK), num_warps=4)
     return t_TR
@@ -94,7 +94,7 @@ def triton_lora_expand(y_TN: torch.Tensor, t_TR: torch.Tensor, b_LNR: torch.Tens
         return y_TN
     BLOCK_N = min(128, triton.next_power_of_2(N))
     BLOCK_R = min(64, triton.next_power_of_2(R))
-    _expand_kernel[(T, triton.cdiv(N, BLOCK_N))](
+    _lora_expand_kernel[(T, triton.cdiv(N, BLOCK_N))](
         y_TN, t_TR, b_LNR, slots_T, scale_L, N, R, y_TN.stride(0), t_TR.stride(0), b_LNR.stride(0), b_LNR.stride(1),
         BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, INTERPRET=common.interpreting(y_TN), num_warps=4)
     return y_TN
