@@ -6,7 +6,7 @@ import threading
 
 from ..config.lora import LoRAConfig
 from ..contract.lora import LoRARequest
-from .adapter import lora_targets, read_adapter
+from .adapter import model_targets, read_adapter
 
 
 class AdapterChecker:
@@ -15,7 +15,7 @@ class AdapterChecker:
 
     def __init__(self, limits: LoRAConfig, model_dir: str):
         self.limits = limits
-        self.targets = lora_targets(model_dir)
+        self.targets = model_targets(model_dir)
         self._known: dict[int, LoRARequest] = {}
         self._lock = threading.Lock()
 

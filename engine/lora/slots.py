@@ -1,8 +1,9 @@
-"""A rank's adapters: an LRU of adapters read into host memory, and `max_loras` device slots holding each target
-linear's A / B stacked by slot (A_[slot] [R, K], B_[slot] [N, R], zero-padded to R = max_lora_rank) with a scale per
-slot; each step's per-token slot index (-1: the row's request has no adapter).
+"""A rank's adapters: an LRU of adapters read into host memory, and `max_loras` device slots holding each target's
+A / B stacked by slot (a linear's A_[slot] [R, K], B_[slot] [N, R]; an expert tensor's per expert, row slot E + e),
+zero-padded to R = max_lora_rank, with a scale per slot and target; each step's per-token slot index (-1: the row's
+request has no adapter).
 
-Legend: L slots, R max_lora_rank, K in features, N out features, T tokens.
+Legend: L slots, R max_lora_rank, K in features, N out features, E experts, D hidden, I expert intermediate, T tokens.
 
 Slots are given out by the runner as requests arrive: an adapter already in a slot keeps it, else it takes a free
 slot or the least recently used one no request in the batch holds. The scheduler never runs more adapters at once
@@ -21,7 +22,8 @@ import torch
 from ..config.lora import LoRAConfig
 from ..contract.host_copy import to_device
 from ..contract.lora import LoRARequest
-from .adapter import Adapter, read_adapter
+from .adapter import Adapter, ModelTargets, read_adapter
+from .experts import ExpertsLoRA
 from .layer import LinearLoRA, LoRAPiece, LoRAStep
 
 
@@ -34,6 +36,17 @@ class LoRATarget:
     rows: slice
     n: int
     k: int
+
+
+@dataclass(frozen=True)
+class ExpertTarget:
+    """One MoE layer's float experts, held whole (its `lora_experts` hook is set here): E experts, hidden D,
+    intermediate I."""
+
+    layer: Any
+    e: int
+    d: int
+    i: int
 
 
 class HostAdapters:
@@ -61,10 +74,12 @@ class _Slot:
 
 @dataclass
 class LoRASlots:
-    """The device slots of one rank and the hooks on its target linears."""
+    """The device slots of one rank and the hooks on its targets (linears by module name, experts by the MoE
+    layer's "model.layers.{i}.mlp.experts")."""
 
     limits: LoRAConfig
     targets: dict[str, LoRATarget]
+    experts: dict[str, ExpertTarget]
     kernels: Any
     dtype: torch.dtype
     device: torch.device
@@ -73,20 +88,31 @@ class LoRASlots:
 
     def __post_init__(self) -> None:
         L, R = self.limits.max_loras, self.limits.max_lora_rank
-        self.step = LoRAStep(torch.zeros(L, dtype=torch.float32, device=self.device))
+        self.step = LoRAStep()
         self.pieces: dict[str, LoRAPiece] = {}
+        self.rows_per_slot: dict[str, int] = {}  # E for an expert tensor's stacks, 1 for a linear's
         for name, t in self.targets.items():
-            piece = LoRAPiece(t.rows, torch.zeros(L, R, t.k, dtype=self.dtype, device=self.device),
-                              torch.zeros(L, t.n, R, dtype=self.dtype, device=self.device))
+            piece = self._piece(t.rows, L, R, t.k, t.n)
             if t.linear.lora is None:
                 t.linear.lora = LinearLoRA(self.step, self.kernels)
             t.linear.lora.pieces.append(piece)
-            self.pieces[name] = piece
-        shapes = {name: (t.n, t.k) for name, t in self.targets.items()}
+            self.pieces[name], self.rows_per_slot[name] = piece, 1
+        for name, x in self.experts.items():
+            gate_up, down = self._piece(None, L * x.e, R, x.d, 2 * x.i), self._piece(None, L * x.e, R, x.i, x.d)
+            x.layer.lora_experts = ExpertsLoRA(self.step, self.kernels, x.e, gate_up, down)
+            for param, piece in (("gate_up_proj", gate_up), ("down_proj", down)):
+                self.pieces[f"{name}.{param}"], self.rows_per_slot[f"{name}.{param}"] = piece, x.e
+        shapes = ModelTargets({name: (t.n, t.k) for name, t in self.targets.items()},
+                              {name: (x.e, x.d, x.i) for name, x in self.experts.items()})
         self.host = HostAdapters(self.limits.cpu_loras, lambda req: read_adapter(req, self.limits, shapes))
         self.slots = [_Slot() for _ in range(L)]
         self._clock = 0
         self._loads: list[Callable[[], None]] = []
+
+    def _piece(self, rows: slice | None, x: int, r: int, k: int, n: int) -> LoRAPiece:
+        z = dict(dtype=self.dtype, device=self.device)
+        return LoRAPiece(rows, torch.zeros(x, r, k, **z), torch.zeros(x, n, r, **z),
+                         torch.zeros(x, dtype=torch.float32, device=self.device))
 
     def slot_for(self, req: LoRARequest | None, busy: set[int]) -> int:
         """The slot of `req`'s adapter (-1 for none), loading it into a free or least recently used slot outside
@@ -105,7 +131,7 @@ class LoRASlots:
         i = min(free, key=lambda j: (self.slots[j].lora_int_id != 0, self.slots[j].last_used))
         adapter = self.host.get(req)
         self.slots[i] = _Slot(req.lora_int_id, self._clock)
-        for name, piece in self.pieces.items():  # a linear no slot's adapter targets runs no LoRA work
+        for name, piece in self.pieces.items():  # a target no slot's adapter reaches runs no LoRA work
             piece.covered.discard(i)
             if name in adapter.weights:
                 piece.covered.add(i)
@@ -113,16 +139,21 @@ class LoRASlots:
         return i
 
     def _write(self, i: int, adapter: Adapter) -> None:
-        """Slot i's weights: the adapter's A / B where it targets a linear, zeros elsewhere (a device op)."""
-        r = adapter.config.r
+        """Slot i's weights: the adapter's A / B where it targets, zeros elsewhere (a device op)."""
         for name, piece in self.pieces.items():
-            piece.a_LRK[i].zero_()
-            piece.b_LNR[i].zero_()
+            per = self.rows_per_slot[name]
+            rows = slice(i * per, (i + 1) * per)
+            piece.a_XRK[rows].zero_()
+            piece.b_XNR[rows].zero_()
+            piece.scale_X[rows] = 0.0
             ab = adapter.weights.get(name)
-            if ab is not None:
-                piece.a_LRK[i, :r].copy_(ab[0])
-                piece.b_LNR[i, :, :r].copy_(ab[1])
-        self.step.scale_L[i] = adapter.scale
+            if ab is None:
+                continue
+            a, b = (ab[0][None], ab[1][None]) if per == 1 else ab  # a linear's [r, K] / [N, r], an expert's [E, ..]
+            r = a.shape[1]
+            piece.a_XRK[rows, :r].copy_(a)
+            piece.b_XNR[rows, :, :r].copy_(b)
+            piece.scale_X[rows] = adapter.scales[name]
 
     def take_loads(self) -> list[Callable[[], None]]:
         """The slot writes owed since the last call, for the step's device work to run first."""

@@ -7,16 +7,25 @@ from typing import Callable
 import numpy as np
 import torch
 
+from moelink.moe.expert_weights import FloatExperts
+
 from ..config.lora import LoRAConfig
-from ..lora.slots import LoRASlots, LoRATarget
+from ..lora.slots import ExpertTarget, LoRASlots, LoRATarget
 from ..models.linear import lora_targets
 
 
 def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: torch.device) -> LoRASlots:
-    """`limits.max_loras` slots over every linear of `model` a LoRA adapter may target (float, held whole)."""
+    """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its linears (float, held
+    whole) and its MoE layers' float experts (all of them on this rank: LoRA runs without EP for now)."""
     targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features)
                for name, (lin, rows) in lora_targets(model, model.weight_plan()).items()}
-    return LoRASlots(limits, targets, kernels, dtype, device)
+    experts = {}
+    for i, layer in enumerate(model.layers):
+        moe = getattr(layer, "moe", None)
+        if moe is not None and moe.ep is None and isinstance(moe.expert_format, FloatExperts):
+            e, f, d = moe.w13_EFD.shape
+            experts[f"model.layers.{i}.{model.spec.moe_prefix}.experts"] = ExpertTarget(moe, e, d, f // 2)
+    return LoRASlots(limits, targets, experts, kernels, dtype, device)
 
 
 def begin_lora_step(slots: LoRASlots, loads: list[Callable[[], None]], slots_T: np.ndarray | None) -> None:

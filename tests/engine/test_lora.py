@@ -20,6 +20,9 @@ ADAPTERS = {  # name -> (peft LoraConfig fields, seed)
     # A regex over some layers' modules (peft 0.21 turns gate/up/down targets of a Qwen3-MoE into its experts'
     # target_parameters, the dense layer's too: routed-expert LoRA is not served yet, docs/lora.md#limits).
     "layer0": (dict(r=2, lora_alpha=4, target_modules=r"model\.layers\.0\.self_attn\.(k_proj|o_proj)"), 3),
+    # Routed experts: peft saves them as target_parameters on the fused expert tensors (gate_up_proj at rank 2r).
+    "experts": (dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]), 4),
+    "q_down": (dict(r=3, lora_alpha=5, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]), 5),
 }
 
 
@@ -173,6 +176,10 @@ def test_refusals_name_the_field(lora_case, tmp_path):
     try:
         with pytest.raises(ValueError, match="r=8 is over max_lora_rank=4"):
             llm4.generate(ps[:1], use_tqdm=False, lora_request=bad_rank)
+        # r=4 in the config, but peft's gate_up_proj (gate + up fused) is rank 8: its rank_pattern says so
+        with pytest.raises(ValueError, match="experts.gate_up_proj' has rank 8 .* over max_lora_rank=4"):
+            llm4.generate(ps[:1], use_tqdm=False, lora_request=_req(dirs, "experts"))
+        assert not llm4.engine.has_requests()
     finally:
         llm4.shutdown()
     with pytest.raises(ValueError, match="max_loras=0 is invalid"):
