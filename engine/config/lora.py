@@ -38,7 +38,7 @@ class LoRAConfig:
 
 
 def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, speculative: bool,
-                kv_connector: bool, attention: str) -> LoRAConfig | None:
+                kv_connector: bool, attention) -> LoRAConfig | None:
     """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
     refused naming the flag (never silently served without the adapter)."""
     if not isinstance(enable_lora, bool):
@@ -52,7 +52,11 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
         if on:
             raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs at one rank, without "
                              "speculative decoding or a KV connector, for now (docs/lora.md#limits).")
-    if attention != "gqa":
-        raise ValueError(f"enable_lora is not supported for {attention} attention yet: LoRA runs on GQA models "
-                         "(Qwen3-MoE, Mixtral, ...) for now (docs/lora.md#limits).")
+    if attention.kind not in ("gqa", "mla"):
+        raise ValueError(f"enable_lora is not supported for {attention.kind} attention yet: LoRA runs on GQA and "
+                         "MLA models (Qwen3-MoE, Mixtral, DeepSeek-V3, ...) for now (docs/lora.md#limits).")
+    if getattr(attention, "q_scale", 1.0) != 1.0 or getattr(attention, "latent_scale", 1.0) != 1.0:
+        # Folded into q_b_proj's weights at load (LongCat-Flash): an adapter's delta would miss the fold.
+        raise ValueError("enable_lora is not supported for an MLA model with q_scale / latent_scale yet "
+                         "(LongCat-Flash): docs/lora.md#limits.")
     return cfg

@@ -29,9 +29,10 @@ EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 WEIGHTS_FILE = "adapter_model.safetensors"
 # peft saves "base_model.model." + the module's name in the base model + ".lora_A.weight" / ".lora_B.weight".
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-# Linears LoRA is not applied to here: the experts (routed LoRA is not run yet: docs/lora.md#limits), the
-# router's gate, the embedding and the LM head.
-_UNSUPPORTED = re.compile(r"(\.experts\.|\.mlp\.gate$|embed_tokens|lm_head)")
+# Linears that are not LoRA targets as linears: the experts (their tensors are targets of their own:
+# target_parameters), the router's gate, the embedding, the LM head, and MLA's kv_b_proj (absorbed into the query
+# and the output, never applied to activations: docs/lora.md#limits).
+_UNSUPPORTED = re.compile(r"(\.experts\.|\.mlp\.gate$|embed_tokens|lm_head|kv_b_proj$)")
 _EXPERT = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight|"
                      r"(?P<fused>gate_up_proj|down_proj))$")
 

@@ -30,12 +30,15 @@ from .layer import LinearLoRA, LoRAPiece, LoRAStep
 @dataclass(frozen=True)
 class LoRATarget:
     """One linear LoRA may target, as the model holds it: the Linear (its `lora` hook is set here), the rows of
-    its output this module is (a piece of a stacked projection: q of qkv_proj), its width N and in features K."""
+    its output this module is (a piece of a stacked projection: q of qkv_proj), its width N and in features K, and
+    the checkpoint row each of its rows holds when the load reorders them (MLA's rope de-interleave: B's rows are
+    read in that order too); None: as stored."""
 
     linear: Any
     rows: slice
     n: int
     k: int
+    order: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ class LoRASlots:
             if ab is None:
                 continue
             a, b = (ab[0][None], ab[1][None]) if per == 1 else ab  # a linear's [r, K] / [N, r], an expert's [E, ..]
+            order = self.targets[name].order if name in self.targets else None
+            if order is not None:  # the model's rows in the checkpoint's row order (B's rows are output rows)
+                b = b[:, order]
             r = a.shape[1]
             piece.a_XRK[rows, :r].copy_(a)
             piece.b_XNR[rows, :, :r].copy_(b)

@@ -199,17 +199,22 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, tp={self.parallel.name}"
 
 
-def lora_targets(model: nn.Module, plan: WeightPlan) -> dict[str, tuple[Linear, slice]]:
+def lora_targets(model: nn.Module, plan: WeightPlan) -> dict[str, tuple[Linear, slice, torch.Tensor | None]]:
     """The model's linears a LoRA adapter may target, by checkpoint module name ("model.layers.0.self_attn.q_proj")
-    → (the Linear, the rows of its output that module is: a piece of a stacked projection), from the weight plan:
-    float weights held whole and read as stored (a reordered one, MLA's rope de-interleave, is left out)."""
-    by_weight = {id(m.weight): m for m in model.modules() if isinstance(m, Linear) and m.lora_rows()}
+    → (the Linear, the rows of its output that module is: a piece of a stacked projection, and the checkpoint row
+    each of those rows holds when the load reorders them: MLA's rope de-interleave; None: as stored), from the
+    weight plan: float weights held whole and applied to activations (MLA's kv_b_proj, absorbed, is not)."""
+    by_weight = {id(m.weight): m for m in model.modules()
+                 if isinstance(m, Linear) and m.lora_rows() and not m.dequantize_after_load}
     out = {}
     for name, entry in plan.items():
         lin = by_weight.get(id(entry.dest))
-        if lin is None or not name.endswith(".weight") or entry.source != ():
+        if lin is None or not name.endswith(".weight"):
             continue
         rows = entry.index[0] if entry.index else slice(0, lin.rows)
-        if isinstance(rows, slice):
-            out[name[: -len(".weight")]] = (lin, rows)
+        order = entry.source[0] if len(entry.source) == 1 else None
+        if not isinstance(rows, slice) or (entry.source != () and not (
+                isinstance(order, torch.Tensor) and order.dim() == 1 and len(order) == rows.stop - rows.start)):
+            continue
+        out[name[: -len(".weight")]] = (lin, rows, order)
     return out

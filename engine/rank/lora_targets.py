@@ -17,8 +17,8 @@ from ..models.linear import lora_targets
 def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: torch.device) -> LoRASlots:
     """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its linears (float, held
     whole) and its MoE layers' float experts (all of them on this rank: LoRA runs without EP for now)."""
-    targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features)
-               for name, (lin, rows) in lora_targets(model, model.weight_plan()).items()}
+    targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features, order)
+               for name, (lin, rows, order) in lora_targets(model, model.weight_plan()).items()}
     experts = {}
     for i, layer in enumerate(model.layers):
         moe = getattr(layer, "moe", None)

@@ -14,6 +14,8 @@ import torch
 
 from tests.helpers.parity import MAX_NEW, prompts as make_prompts
 
+pytestmark = pytest.mark.slow  # each test builds engines over peft-made adapters (seconds)
+
 ADAPTERS = {  # name -> (peft LoraConfig fields, seed)
     "attn": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), 1),
     "qv_rs": (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True), 2),
@@ -184,3 +186,39 @@ def test_refusals_name_the_field(lora_case, tmp_path):
         llm4.shutdown()
     with pytest.raises(ValueError, match="max_loras=0 is invalid"):
         LLM(base, enable_lora=True, max_loras=0)
+
+
+MLA_ADAPTERS = {  # DeepSeek-V3: MLA's projections (q_b_proj and kv_a_proj_with_mqa rows de-interleaved at load),
+    # its shared experts, its routed experts
+    "mla": (dict(r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]), 11),
+    "shared": (dict(r=2, lora_alpha=3, target_modules=["shared_experts.gate_proj", "shared_experts.up_proj",
+                                                       "shared_experts.down_proj"]), 12),
+    "routed": (dict(r=2, lora_alpha=2, target_modules=["q_b_proj"], target_parameters=["gate_up_proj", "down_proj"]),
+               13),
+}
+
+
+def test_deepseek_v3_mla_adapters_equal_peft(tmp_path_factory):
+    """Each adapter alone and all three with the base in one batch, against transformers + peft in float64."""
+    from moelink.engine import LoRARequest
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("lora_mla")
+    base = str(make_tiny_model(root / "base", "deepseek_v3", dtype="float64"))
+    reqs = {}
+    for i, (name, (fields, seed)) in enumerate(MLA_ADAPTERS.items()):
+        _make_adapter(base, str(root / name), fields, seed)
+        reqs[name] = LoRARequest(name, i + 1, str(root / name))
+    ps = make_prompts(vocab=200, seed=8, n=2, lo=3, hi=17)
+    want = {name: _peft_greedy(base, None if name is None else reqs[name].lora_path, ps)
+            for name in [None, *MLA_ADAPTERS]}
+    llm = _llm(base, max_loras=3)
+    try:
+        for name in MLA_ADAPTERS:
+            assert want[name] != want[None], f"adapter {name} does not move the greedy tokens: a weak test"
+            assert _greedy(llm, ps, reqs[name]) == want[name], name
+        names = [None, *MLA_ADAPTERS]
+        got = _greedy(llm, [p for _ in names for p in ps], [None if n is None else reqs[n] for n in names for _ in ps])
+        assert got == [w for n in names for w in want[n]]
+    finally:
+        llm.shutdown()
