@@ -46,12 +46,15 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
     if not enable_lora:
         return None
     cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras)
-    for flag, on in (("tensor_parallel_size", parallel.tensor_parallel_size > 1),
-                     ("expert_parallel_size", parallel.world_size > 1), ("speculative_config", speculative),
-                     ("kv_connector", kv_connector)):
+    # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears; the
+    # routed experts' adapters stay refused there (engine/lora/checker.py): a token's adapter would have to travel
+    # with its dispatch.
+    for flag, on in (("tensor_parallel_size", parallel.tensor_parallel_size > 1), ("speculative_config", speculative),
+                     ("kv_connector", kv_connector),
+                     ("enable_two_batch_overlap", parallel.enable_two_batch_overlap and parallel.world_size > 1)):
         if on:
-            raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs at one rank, without "
-                             "speculative decoding or a KV connector, for now (docs/lora.md#limits).")
+            raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs without TP, speculative "
+                             "decoding, a KV connector or two-batch overlap for now (docs/lora.md#limits).")
     if attention.kind not in ("gqa", "mla"):
         raise ValueError(f"enable_lora is not supported for {attention.kind} attention yet: LoRA runs on GQA and "
                          "MLA models (Qwen3-MoE, Mixtral, DeepSeek-V3, ...) for now (docs/lora.md#limits).")

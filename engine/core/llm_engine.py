@@ -92,7 +92,8 @@ class LLMEngine:
         config = size_kv_cache(self.executor, config)  # sized by the ranks, now that their weights are in
         self.config = config
         # LoRA: requests' adapters checked against the checkpoint here, before a rank reads them (engine/lora/).
-        self.lora_checker = AdapterChecker(config.lora, config.model.model) if config.lora is not None else None
+        self.lora_checker = (AdapterChecker(config.lora, config.model.model, config.parallel.world_size)
+                             if config.lora is not None else None)
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)

@@ -13,9 +13,10 @@ class AdapterChecker:
     """Checks LoRARequests against `model_dir`'s checkpoint under `limits`; thread-safe (requests are processed on
     many threads)."""
 
-    def __init__(self, limits: LoRAConfig, model_dir: str):
+    def __init__(self, limits: LoRAConfig, model_dir: str, expert_parallel_size: int = 1):
         self.limits = limits
         self.targets = model_targets(model_dir)
+        self.expert_parallel_size = expert_parallel_size
         self._known: dict[int, LoRARequest] = {}
         self._lock = threading.Lock()
 
@@ -31,7 +32,13 @@ class AdapterChecker:
                 raise ValueError(f"LoRARequest.lora_int_id={req.lora_int_id} is invalid: it already names adapter "
                                  f"{known.lora_name!r} at {known.lora_path!r}; give each adapter its own id.")
             return req
-        read_adapter(req, self.limits, self.targets)  # raises naming the field; the tensors are the ranks' to keep
+        adapter = read_adapter(req, self.limits, self.targets)  # raises naming the field; the ranks keep the tensors
+        routed = [n for n in adapter.weights if n.rsplit(".", 1)[0] in self.targets.experts]
+        if routed and self.expert_parallel_size > 1:
+            raise ValueError(f"adapter {req.lora_name!r}: adapter_config.json target_parameters="
+                             f"{list(adapter.config.target_parameters)!r} (routed experts) is not supported with "
+                             f"expert_parallel_size={self.expert_parallel_size} yet: a token's adapter would travel "
+                             "with its dispatch (docs/lora.md#limits).")
         with self._lock:
             self._known[req.lora_int_id] = req
         return req
