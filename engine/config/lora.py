@@ -46,14 +46,12 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
     if not enable_lora:
         return None
     cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras)
-    # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears; the
-    # routed experts' adapters stay refused there (engine/lora/checker.py): a token's adapter would have to travel
-    # with its dispatch.
-    for flag, on in (("tensor_parallel_size", parallel.tensor_parallel_size > 1), ("speculative_config", speculative),
-                     ("kv_connector", kv_connector),
+    # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
+    # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
+    for flag, on in (("speculative_config", speculative), ("kv_connector", kv_connector),
                      ("enable_two_batch_overlap", parallel.enable_two_batch_overlap and parallel.world_size > 1)):
         if on:
-            raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs without TP, speculative "
+            raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs without speculative "
                              "decoding, a KV connector or two-batch overlap for now (docs/lora.md#limits).")
     if attention.kind not in ("gqa", "mla"):
         raise ValueError(f"enable_lora is not supported for {attention.kind} attention yet: LoRA runs on GQA and "
@@ -63,3 +61,14 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
         raise ValueError("enable_lora is not supported for an MLA model with q_scale / latent_scale yet "
                          "(LongCat-Flash): docs/lora.md#limits.")
     return cfg
+
+
+def routed_lora_refusal(parallel) -> str | None:
+    """The flag under which adapters on the routed experts are refused, or None where they are served (one rank):
+    under EP a token's adapter would have to travel with its dispatch, under TP each rank holds a slice of every
+    expert (engine/tp/experts.py) that the adapters' per-expert A / B are not cut to yet."""
+    if parallel.tensor_parallel_size > 1:
+        return f"tensor_parallel_size={parallel.tensor_parallel_size}"
+    if parallel.world_size > 1:
+        return f"expert_parallel_size={parallel.world_size}"
+    return None

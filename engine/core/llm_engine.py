@@ -46,6 +46,7 @@ from ..contract.worker_api import LaunchedStep, RankCall
 from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 from ..lora.checker import AdapterChecker
+from ..config.lora import routed_lora_refusal
 from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .no_tokenizer import NoTokenizer, load_tokenizer
@@ -92,7 +93,7 @@ class LLMEngine:
         config = size_kv_cache(self.executor, config)  # sized by the ranks, now that their weights are in
         self.config = config
         # LoRA: requests' adapters checked against the checkpoint here, before a rank reads them (engine/lora/).
-        self.lora_checker = (AdapterChecker(config.lora, config.model.model, config.parallel.world_size)
+        self.lora_checker = (AdapterChecker(config.lora, config.model.model, routed_lora_refusal(config.parallel))
                              if config.lora is not None else None)
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size

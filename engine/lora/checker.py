@@ -13,10 +13,13 @@ class AdapterChecker:
     """Checks LoRARequests against `model_dir`'s checkpoint under `limits`; thread-safe (requests are processed on
     many threads)."""
 
-    def __init__(self, limits: LoRAConfig, model_dir: str, expert_parallel_size: int = 1):
+    def __init__(self, limits: LoRAConfig, model_dir: str, routed_refused: str | None = None):
+        """routed_refused: the flag under which routed-expert adapters are refused ("expert_parallel_size=2": a
+        token's adapter would have to travel with its dispatch; "tensor_parallel_size=2": each rank holds a slice of
+        every expert); None: served."""
         self.limits = limits
         self.targets = model_targets(model_dir)
-        self.expert_parallel_size = expert_parallel_size
+        self.routed_refused = routed_refused
         self._known: dict[int, LoRARequest] = {}
         self._lock = threading.Lock()
 
@@ -34,11 +37,10 @@ class AdapterChecker:
             return req
         adapter = read_adapter(req, self.limits, self.targets)  # raises naming the field; the ranks keep the tensors
         routed = [n for n in adapter.weights if n.rsplit(".", 1)[0] in self.targets.experts]
-        if routed and self.expert_parallel_size > 1:
+        if routed and self.routed_refused is not None:
             raise ValueError(f"adapter {req.lora_name!r}: adapter_config.json target_parameters="
                              f"{list(adapter.config.target_parameters)!r} (routed experts) is not supported with "
-                             f"expert_parallel_size={self.expert_parallel_size} yet: a token's adapter would travel "
-                             "with its dispatch (docs/lora.md#limits).")
+                             f"{self.routed_refused} yet (docs/lora.md#limits).")
         with self._lock:
             self._known[req.lora_int_id] = req
         return req

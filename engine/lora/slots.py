@@ -30,15 +30,17 @@ from .layer import LinearLoRA, LoRAPiece, LoRAStep
 @dataclass(frozen=True)
 class LoRATarget:
     """One linear LoRA may target, as the model holds it: the Linear (its `lora` hook is set here), the rows of
-    its output this module is (a piece of a stacked projection: q of qkv_proj), its width N and in features K, and
-    the checkpoint row each of its rows holds when the load reorders them (MLA's rope de-interleave: B's rows are
-    read in that order too); None: as stored."""
+    its output this module is (a piece of a stacked projection: q of qkv_proj), its width N and in features K (a TP
+    shard's), the checkpoint rows those hold (a TP column shard's slice, MLA's rope de-interleave order: B's rows
+    are read there) and the checkpoint columns its input is (a TP row-parallel shard's: A's columns); None: all,
+    as stored."""
 
     linear: Any
     rows: slice
     n: int
     k: int
-    order: torch.Tensor | None = None
+    row_sel: Any = None
+    col_sel: Any = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class LoRASlots:
     kernels: Any
     dtype: torch.dtype
     device: torch.device
+    checkpoint: ModelTargets  # the checkpoint's targets, whole (model_targets): what adapters are checked against
     step: LoRAStep = field(init=False)
     host: HostAdapters = field(init=False)
 
@@ -105,9 +108,7 @@ class LoRASlots:
             x.layer.lora_experts = ExpertsLoRA(self.step, self.kernels, x.e, gate_up, down)
             for param, piece in (("gate_up_proj", gate_up), ("down_proj", down)):
                 self.pieces[f"{name}.{param}"], self.rows_per_slot[f"{name}.{param}"] = piece, x.e
-        shapes = ModelTargets({name: (t.n, t.k) for name, t in self.targets.items()},
-                              {name: (x.e, x.d, x.i) for name, x in self.experts.items()})
-        self.host = HostAdapters(self.limits.cpu_loras, lambda req: read_adapter(req, self.limits, shapes))
+        self.host = HostAdapters(self.limits.cpu_loras, lambda req: read_adapter(req, self.limits, self.checkpoint))
         self.slots = [_Slot() for _ in range(L)]
         self._clock = 0
         self._loads: list[Callable[[], None]] = []
@@ -133,6 +134,10 @@ class LoRASlots:
                                "held by running requests (the scheduler admits no more adapters than slots).")
         i = min(free, key=lambda j: (self.slots[j].lora_int_id != 0, self.slots[j].last_used))
         adapter = self.host.get(req)
+        missing = sorted(set(adapter.weights) - set(self.pieces))
+        if missing:  # the driver's check passed it: this rank's model holds these targets in a form LoRA cannot run
+            raise RuntimeError(f"LoRA adapter {req.lora_name!r}: this rank holds no LoRA-able form of {missing[:3]} "
+                               "(docs/lora.md#limits); it would run without them.")
         self.slots[i] = _Slot(req.lora_int_id, self._clock)
         for name, piece in self.pieces.items():  # a target no slot's adapter reaches runs no LoRA work
             piece.covered.discard(i)
@@ -153,9 +158,11 @@ class LoRASlots:
             if ab is None:
                 continue
             a, b = (ab[0][None], ab[1][None]) if per == 1 else ab  # a linear's [r, K] / [N, r], an expert's [E, ..]
-            order = self.targets[name].order if name in self.targets else None
-            if order is not None:  # the model's rows in the checkpoint's row order (B's rows are output rows)
-                b = b[:, order]
+            t = self.targets.get(name)
+            if t is not None and t.row_sel is not None:  # B's rows: the checkpoint rows this linear holds
+                b = b[:, t.row_sel]
+            if t is not None and t.col_sel is not None:  # A's columns: a row-parallel shard's input
+                a = a[:, :, t.col_sel]
             r = a.shape[1]
             piece.a_XRK[rows, :r].copy_(a)
             piece.b_XNR[rows, :, :r].copy_(b)

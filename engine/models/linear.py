@@ -19,7 +19,7 @@ exactly its own blocks and scales.
 from __future__ import annotations
 
 import itertools
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -165,7 +165,10 @@ class Linear(nn.Module):
         if isinstance(self.parallel, Replicated):
             y = self.method.apply(self, x_TK, bias_N)
             return y if self.lora is None else self.lora(x_TK, y)
-        return self.parallel.finish(self.method.apply(self, x_TK, None), bias_N)
+        y = self.method.apply(self, x_TK, None)
+        if self.lora is not None:  # before the collective: a row-parallel shard's delta is its partial sum too
+            y = self.lora(x_TK, y)
+        return self.parallel.finish(y, bias_N)
 
     def piece_rows(self, i: int) -> slice:
         """Rows of piece `i` in the weight (and in a stacked bias, and columns in the output)."""
@@ -191,30 +194,34 @@ class Linear(nn.Module):
             self.weight_scale_inv = None
 
     def lora_rows(self) -> bool:
-        """Whether a LoRA hook may run on this linear: a float weight held whole (an FP8 one's adapters run on
-        the dequantized base, a TP shard's on its slices: not yet, docs/lora.md#limits)."""
-        return isinstance(self.method, FloatLinear) and isinstance(self.parallel, Replicated)
+        """Whether a LoRA hook may run on this linear: a float weight (an FP8 one's adapters would run on the
+        dequantized base: not yet, docs/lora.md#limits) applied to activations (MLA's kv_b_proj is absorbed)."""
+        return isinstance(self.method, FloatLinear) and not self.dequantize_after_load
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, tp={self.parallel.name}"
 
 
-def lora_targets(model: nn.Module, plan: WeightPlan) -> dict[str, tuple[Linear, slice, torch.Tensor | None]]:
+def lora_targets(model: nn.Module, plan: WeightPlan) -> dict[str, tuple[Linear, slice, Any, Any]]:
     """The model's linears a LoRA adapter may target, by checkpoint module name ("model.layers.0.self_attn.q_proj")
-    → (the Linear, the rows of its output that module is: a piece of a stacked projection, and the checkpoint row
-    each of those rows holds when the load reorders them: MLA's rope de-interleave; None: as stored), from the
-    weight plan: float weights held whole and applied to activations (MLA's kv_b_proj, absorbed, is not)."""
-    by_weight = {id(m.weight): m for m in model.modules()
-                 if isinstance(m, Linear) and m.lora_rows() and not m.dequantize_after_load}
+    → (the Linear, the rows of its output that module is: a piece of a stacked projection, the checkpoint rows
+    those hold and the checkpoint columns its input is, each None for all, as stored): from the weight plan's source
+    of each float weight. A row selector is a slice (a TP shard's rows) or an index (MLA's rope de-interleave);
+    a column selector a TP row-parallel shard's input columns. An adapter's B is read at those rows, its A at
+    those columns."""
+    by_weight = {id(m.weight): m for m in model.modules() if isinstance(m, Linear) and m.lora_rows()}
     out = {}
     for name, entry in plan.items():
         lin = by_weight.get(id(entry.dest))
         if lin is None or not name.endswith(".weight"):
             continue
         rows = entry.index[0] if entry.index else slice(0, lin.rows)
-        order = entry.source[0] if len(entry.source) == 1 else None
-        if not isinstance(rows, slice) or (entry.source != () and not (
-                isinstance(order, torch.Tensor) and order.dim() == 1 and len(order) == rows.stop - rows.start)):
-            continue
-        out[name[: -len(".weight")]] = (lin, rows, order)
+        src = tuple(entry.source)
+        row_sel = src[0] if src and not (isinstance(src[0], slice) and src[0] == slice(None)) else None
+        col_sel = src[1] if len(src) == 2 else None
+        n = rows.stop - rows.start if isinstance(rows, slice) else -1
+        ok_rows = row_sel is None or (isinstance(row_sel, slice) and row_sel.stop - row_sel.start == n) or (
+            isinstance(row_sel, torch.Tensor) and row_sel.dim() == 1 and len(row_sel) == n)
+        if isinstance(rows, slice) and len(src) <= 2 and ok_rows and (col_sel is None or isinstance(col_sel, slice)):
+            out[name[: -len(".weight")]] = (lin, rows, row_sel, col_sel)
     return out

@@ -10,22 +10,25 @@ import torch
 from moelink.moe.expert_weights import FloatExperts
 
 from ..config.lora import LoRAConfig
+from ..lora.adapter import model_targets
 from ..lora.slots import ExpertTarget, LoRASlots, LoRATarget
 from ..models.linear import lora_targets
 
 
-def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: torch.device) -> LoRASlots:
-    """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its linears (float, held
-    whole) and its MoE layers' float experts (all of them on this rank: LoRA runs without EP for now)."""
-    targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features, order)
-               for name, (lin, rows, order) in lora_targets(model, model.weight_plan()).items()}
+def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: torch.device,
+               model_dir: str) -> LoRASlots:
+    """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its float linears (a TP
+    shard's at its rows or columns) and its MoE layers' float experts when all are whole on this rank (no EP, no
+    TP); adapters are read and checked against the checkpoint at `model_dir` (model_targets)."""
+    targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features, row_sel, col_sel)
+               for name, (lin, rows, row_sel, col_sel) in lora_targets(model, model.weight_plan()).items()}
     experts = {}
     for i, layer in enumerate(model.layers):
         moe = getattr(layer, "moe", None)
-        if moe is not None and moe.ep is None and isinstance(moe.expert_format, FloatExperts):
+        if moe is not None and moe.ep is None and model.tp is None and isinstance(moe.expert_format, FloatExperts):
             e, f, d = moe.w13_EFD.shape
             experts[f"model.layers.{i}.{model.spec.moe_prefix}.experts"] = ExpertTarget(moe, e, d, f // 2)
-    return LoRASlots(limits, targets, experts, kernels, dtype, device)
+    return LoRASlots(limits, targets, experts, kernels, dtype, device, model_targets(model_dir))
 
 
 def begin_lora_step(slots: LoRASlots, loads: list[Callable[[], None]], slots_T: np.ndarray | None) -> None:

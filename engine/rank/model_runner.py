@@ -188,7 +188,7 @@ class ModelRunner:
     def enable_lora(self, limits) -> None:
         """Serve LoRA adapters (engine/lora/): hooks on the model's target linears and `limits.max_loras` device
         slots; before warm-up. Decode graphs are off (eager steps): a replay would not read the step's slots."""
-        self.lora = lora_slots(self.model, limits, self.kernels, self.cfg.dtype, self.device)
+        self.lora = lora_slots(self.model, limits, self.kernels, self.cfg.dtype, self.device, self.cfg.model)
         if self.graph_sizes:
             logger.info("CUDA graphs off: LoRA steps run eagerly (docs/lora.md#limits).")
             self.graph_sizes, self.graphs = (), None

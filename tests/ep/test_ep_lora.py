@@ -1,6 +1,7 @@
-"""LoRA adapters under expert parallelism (Ray, CPU ranks, world 2; DP attention: each rank runs its own requests'
-adapters on its attention linears): a batch mixing two peft adapters and the base gives one rank's greedy tokens;
-a routed-expert adapter is refused at EP 2, naming the field (docs/lora.md#limits)."""
+"""LoRA adapters over several ranks (Ray, CPU ranks, world 2): under EP 2 (DP attention: each rank runs its own
+requests' adapters on its attention linears) and TP 2 (each rank its shards: q/k/v's rows of B, o_proj's columns of
+A, the delta summed with the partial output), a batch mixing two peft adapters and the base gives one rank's greedy
+tokens; a routed-expert adapter is refused there, naming the field (docs/lora.md#limits)."""
 from __future__ import annotations
 
 import pytest
@@ -38,7 +39,8 @@ def _greedy(llm, ps, loras):
     return [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False, lora_request=loras)]
 
 
-def test_ep2_mixed_adapters_equal_one_rank(local_ray, tiny_model, tmp_path):
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
+def test_mixed_adapters_equal_one_rank(local_ray, tiny_model, tmp_path, tp, ep):
     base = tiny_model(NAME)
     a = LoRARequest("a", 1, _adapter(base, str(tmp_path / "a"), 1, r=4, lora_alpha=8,
                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -54,11 +56,35 @@ def test_ep2_mixed_adapters_equal_one_rank(local_ray, tiny_model, tmp_path):
     finally:
         one.shutdown()
     assert want[:len(ps)] != want[-len(ps):], "adapter a does not move the greedy tokens: a weak test"
-    llm = LLM(base, expert_parallel_size=2, **KW)
+    llm = LLM(base, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
     try:
         assert _greedy(llm, all_ps, loras) == want
-        with pytest.raises(ValueError, match="target_parameters=.* not supported with expert_parallel_size=2"):
+        flag = "tensor_parallel_size=2" if tp > 1 else "expert_parallel_size=2"
+        with pytest.raises(ValueError, match=f"target_parameters=.* not supported with {flag}"):
             llm.generate(ps[:1], use_tqdm=False, lora_request=routed)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+def test_tp2_mla_adapter_equals_one_rank(local_ray, tmp_path):
+    """DeepSeek-V3 at TP 2: MLA's q_b_proj is column-parallel in the rope de-interleave order (B read at this
+    rank's rows of that order), kv_a a whole piece beside q_a, o_proj row-parallel (A at this rank's columns)."""
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    base = str(make_tiny_model(tmp_path / "base", "deepseek_v3", dtype="float64"))
+    a = LoRARequest("mla", 1, _adapter(base, str(tmp_path / "mla"), 4, r=4, lora_alpha=8,
+                                       target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]))
+    ps = prompts(200, seed=5, n=2, lo=2, hi=15)
+    loras = [a] * len(ps) + [None] * len(ps)
+    one = LLM(base, **KW)
+    try:
+        want = _greedy(one, ps * 2, loras)
+    finally:
+        one.shutdown()
+    assert want[:len(ps)] != want[len(ps):], "the adapter does not move the greedy tokens: a weak test"
+    llm = LLM(base, tensor_parallel_size=2, **KW)
+    try:
+        assert _greedy(llm, ps * 2, loras) == want
     finally:
         llm.engine.shutdown()
