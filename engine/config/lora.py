@@ -38,7 +38,7 @@ class LoRAConfig:
 
 
 def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, speculative: bool,
-                kv_connector: bool, attention) -> LoRAConfig | None:
+                kv_connector: bool, attention, quantization=None) -> LoRAConfig | None:
     """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
     refused naming the flag (never silently served without the adapter)."""
     if not isinstance(enable_lora, bool):
@@ -53,6 +53,9 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
         if on:
             raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs without speculative "
                              "decoding, a KV connector or two-batch overlap for now (docs/lora.md#limits).")
+    if quantization is not None and getattr(quantization, "online", False):
+        raise ValueError("enable_lora is not supported with quantization (online FP8) yet: adapters run on float "
+                         "weights (docs/lora.md#limits).")
     if attention.kind not in ("gqa", "mla"):
         raise ValueError(f"enable_lora is not supported for {attention.kind} attention yet: LoRA runs on GQA and "
                          "MLA models (Qwen3-MoE, Mixtral, DeepSeek-V3, ...) for now (docs/lora.md#limits).")

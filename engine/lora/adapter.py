@@ -33,6 +33,8 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weigh
 # target_parameters), the router's gate, the embedding, the LM head, and MLA's kv_b_proj (absorbed into the query
 # and the output, never applied to activations: docs/lora.md#limits).
 _UNSUPPORTED = re.compile(r"(\.experts\.|\.mlp\.gate$|embed_tokens|lm_head|kv_b_proj$)")
+# Float weights only: a quantized one's adapter would run on the dequantized base (not yet: docs/lora.md#limits).
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _EXPERT = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight|"
                      r"(?P<fused>gate_up_proj|down_proj))$")
 
@@ -252,7 +254,7 @@ def model_targets(model_dir: str) -> ModelTargets:
     for name, entry in tensors.items():
         m = _EXPERT.match(name)
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if m is None or not isinstance(shape, list):
+        if m is None or not isinstance(shape, list) or entry.get("dtype") not in _FLOAT_DTYPES:
             continue
         seen = experts.setdefault(m.group("p"), {"ids": set()})
         if m.group("fused") == "down_proj" and len(shape) == 3:  # [E, D, I]
@@ -270,7 +272,8 @@ def lora_targets(model_dir: str, tensors: dict | None = None) -> dict[str, tuple
     out = {}
     for name, entry in (tensors if tensors is not None else checkpoint_tensors(model_dir)).items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not name.endswith(".weight") or not isinstance(shape, list) or len(shape) != 2:
+        if not name.endswith(".weight") or not isinstance(shape, list) or len(shape) != 2 or \
+                entry.get("dtype") not in _FLOAT_DTYPES:
             continue
         module = name[: -len(".weight")]
         if _UNSUPPORTED.search(module) is None:

@@ -186,6 +186,18 @@ def test_refusals_name_the_field(lora_case, tmp_path):
         llm4.shutdown()
     with pytest.raises(ValueError, match="max_loras=0 is invalid"):
         LLM(base, enable_lora=True, max_loras=0)
+    with pytest.raises(ValueError, match="enable_lora is not supported with quantization"):
+        LLM(base, enable_lora=True, quantization="fp8")
+    # An FP8 checkpoint of the same shapes: its linears are no targets (an adapter would run on the dequantized base)
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    fp8 = str(make_tiny_model(tmp_path / "fp8", "qwen3_moe", format="fp8", num_layers=2, mlp_only_layers=[0]))
+    llm8 = LLM(fp8, dtype="float32", enable_lora=True, max_lora_rank=8, num_kv_blocks=16, block_size=4)
+    try:
+        with pytest.raises(ValueError, match="target_modules lists '[qkvo]_proj', which this model has no LoRA-able"):
+            llm8.generate(ps[:1], use_tqdm=False, lora_request=_req(dirs, "attn"))
+    finally:
+        llm8.shutdown()
 
 
 MLA_ADAPTERS = {  # DeepSeek-V3: MLA's projections (q_b_proj and kv_a_proj_with_mqa rows de-interleaved at load),
