@@ -234,3 +234,30 @@ def test_deepseek_v3_mla_adapters_equal_peft(tmp_path_factory):
         assert got == [w for n in names for w in want[n]]
     finally:
         llm.shutdown()
+
+
+def test_async_engine_streams_under_an_adapter(lora_case):
+    """AsyncEngine.generate(..., lora_request=) (the serving API) gives the adapter's tokens, beside a request of the
+    base model streamed at the same time."""
+    import asyncio
+
+    from moelink.engine import AsyncEngine, EngineArgs, SamplingParams
+
+    base, dirs, ps, want = lora_case
+    engine = AsyncEngine.from_engine_args(EngineArgs(model=base, dtype="float64", enable_lora=True, max_lora_rank=8,
+                                                     num_kv_blocks=64, block_size=4))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+
+    async def run(rid, lora):
+        last = None
+        async for out in engine.generate(rid, ps[0], params, lora_request=lora):
+            last = out
+        return last.outputs[0].token_ids
+
+    async def both():
+        return await asyncio.gather(run("a", _req(dirs, "attn")), run("b", None))
+
+    try:
+        assert asyncio.run(both()) == [want["attn"][0], want[None][0]]
+    finally:
+        engine.shutdown()
