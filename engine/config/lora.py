@@ -66,10 +66,19 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
     return cfg
 
 
-def routed_lora_refusal(parallel) -> str | None:
-    """The flag under which adapters on the routed experts are refused, or None where they are served (one rank):
-    under EP a token's adapter would have to travel with its dispatch, under TP each rank holds a slice of every
-    expert (engine/tp/experts.py) that the adapters' per-expert A / B are not cut to yet."""
+def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
+    """What adapters on the routed experts are refused under, or None where they are served (one rank, experts
+    held as gate / up / down): under EP a token's adapter would have to travel with its dispatch, under TP each rank
+    holds a slice of every expert (engine/tp/experts.py) that the adapters' per-expert A / B are not cut to yet, and
+    an architecture whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed)
+    would need B's rows read in its load's order."""
+    from .architectures import REGISTRY
+
+    arch = REGISTRY.get(architecture)
+    spec = arch.spec if arch is not None else None
+    if arch is not None and spec is not None and (spec.expert_layout != "auto" or arch.mxfp4_experts
+                                                  or tuple(spec.expert_names) != ("gate_proj", "up_proj", "down_proj")):
+        return f"{architecture}'s expert layout"
     if parallel.tensor_parallel_size > 1:
         return f"tensor_parallel_size={parallel.tensor_parallel_size}"
     if parallel.world_size > 1:

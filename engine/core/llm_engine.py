@@ -93,7 +93,7 @@ class LLMEngine:
         config = size_kv_cache(self.executor, config)  # sized by the ranks, now that their weights are in
         self.config = config
         # LoRA: requests' adapters checked against the checkpoint here, before a rank reads them (engine/lora/).
-        self.lora_checker = (AdapterChecker(config.lora, config.model.model, routed_lora_refusal(config.parallel))
+        self.lora_checker = (AdapterChecker(config.lora, config.model.model, routed_lora_refusal(config.parallel, config.model.architecture))
                              if config.lora is not None else None)
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size

@@ -35,7 +35,7 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weigh
 _UNSUPPORTED = re.compile(r"(\.experts\.|\.mlp\.gate$|embed_tokens|lm_head|kv_b_proj$)")
 # Float weights only: a quantized one's adapter would run on the dequantized base (not yet: docs/lora.md#limits).
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-_EXPERT = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight|"
+EXPERT_NAME = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight|"
                      r"(?P<fused>gate_up_proj|down_proj))$")
 
 
@@ -252,7 +252,7 @@ def model_targets(model_dir: str) -> ModelTargets:
     tensors = checkpoint_tensors(model_dir)
     experts: dict[str, dict] = {}
     for name, entry in tensors.items():
-        m = _EXPERT.match(name)
+        m = EXPERT_NAME.match(name)
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if m is None or not isinstance(shape, list) or entry.get("dtype") not in _FLOAT_DTYPES:
             continue

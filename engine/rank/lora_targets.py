@@ -10,7 +10,7 @@ import torch
 from moelink.moe.expert_weights import FloatExperts
 
 from ..config.lora import LoRAConfig
-from ..lora.adapter import model_targets
+from ..lora.adapter import EXPERT_NAME, model_targets
 from ..lora.slots import ExpertTarget, LoRASlots, LoRATarget
 from ..models.linear import lora_targets
 
@@ -20,14 +20,18 @@ def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: t
     """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its float linears (a TP
     shard's at its rows or columns) and its MoE layers' float experts when all are whole on this rank (no EP, no
     TP); adapters are read and checked against the checkpoint at `model_dir` (model_targets)."""
+    plan = model.weight_plan()
     targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features, row_sel, col_sel)
-               for name, (lin, rows, row_sel, col_sel) in lora_targets(model, model.weight_plan()).items()}
+               for name, (lin, rows, row_sel, col_sel) in lora_targets(model, plan).items()}
     experts = {}
-    for i, layer in enumerate(model.layers):
-        moe = getattr(layer, "moe", None)
-        if moe is not None and moe.ep is None and model.tp is None and isinstance(moe.expert_format, FloatExperts):
+    moes = {id(layer.moe.w13_EFD): layer.moe for layer in model.layers
+            if getattr(layer, "moe", None) is not None and layer.moe.ep is None and model.tp is None
+            and isinstance(layer.moe.expert_format, FloatExperts)}
+    for name, entry in plan.items():  # each MoE layer's experts by the checkpoint's name for them
+        moe, m = moes.get(id(entry.dest)), EXPERT_NAME.match(name)
+        if moe is not None and m is not None:
             e, f, d = moe.w13_EFD.shape
-            experts[f"model.layers.{i}.{model.spec.moe_prefix}.experts"] = ExpertTarget(moe, e, d, f // 2)
+            experts[m.group("p")] = ExpertTarget(moe, e, d, f // 2)
     return LoRASlots(limits, targets, experts, kernels, dtype, device, model_targets(model_dir))
 
 

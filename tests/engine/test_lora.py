@@ -261,3 +261,20 @@ def test_async_engine_streams_under_an_adapter(lora_case):
         assert asyncio.run(both()) == [want["attn"][0], want[None][0]]
     finally:
         engine.shutdown()
+
+
+def test_routed_expert_adapters_are_refused_where_not_served():
+    """One rank with experts held as gate / up / down serves them; EP, TP and gpt-oss's layout (gate and up
+    interleaved on disk) are refused, naming why (the driver's check reads this: engine/lora/checker.py)."""
+    from types import SimpleNamespace
+
+    from moelink.engine.config.lora import routed_lora_refusal
+
+    def par(tp=1, world=1):
+        return SimpleNamespace(tensor_parallel_size=tp, world_size=world)
+
+    assert routed_lora_refusal(par(), "Qwen3MoeForCausalLM") is None
+    assert routed_lora_refusal(par(), "DeepseekV3ForCausalLM") is None
+    assert routed_lora_refusal(par(), "GptOssForCausalLM") == "GptOssForCausalLM's expert layout"
+    assert routed_lora_refusal(par(world=2), "Qwen3MoeForCausalLM") == "expert_parallel_size=2"
+    assert routed_lora_refusal(par(tp=2, world=2), "Qwen3MoeForCausalLM") == "tensor_parallel_size=2"
