@@ -163,10 +163,11 @@ def read_config(req: LoRARequest, limits: LoRAConfig) -> AdapterConfig:
     return cfg
 
 
-def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets) -> Adapter:
+def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets, load: bool = True) -> Adapter:
     """The adapter of `req`, read and checked against the served checkpoint's targets (`model`: `model_targets`):
     ValueError naming the field for a missing file, a rank over the limit, a target module the model lacks, or
-    tensors of another base model's shapes."""
+    tensors of another base model's shapes. load False: the same checks on the tensors' headers alone (meta
+    tensors of their shapes: the driver's check reads no weights)."""
     cfg = read_config(req, limits)
     _, weights_file = _files(req)
     names = set(model.linears)
@@ -191,7 +192,8 @@ def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets) -> A
                 raise ValueError(f"adapter {req.lora_name!r}: target_modules reach {module!r}, which this model has "
                                  "no LoRA-able linear of (LoRA runs on attention, dense linears and routed experts: "
                                  "docs/lora.md).")
-            parts.setdefault(module, {})[m.group("ab")] = f.get_tensor(key)
+            parts.setdefault(module, {})[m.group("ab")] = (
+                f.get_tensor(key) if load else torch.empty(f.get_slice(key).get_shape(), device="meta"))
     weights, scales = {}, {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:

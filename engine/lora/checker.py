@@ -35,7 +35,7 @@ class AdapterChecker:
                 raise ValueError(f"LoRARequest.lora_int_id={req.lora_int_id} is invalid: it already names adapter "
                                  f"{known.lora_name!r} at {known.lora_path!r}; give each adapter its own id.")
             return req
-        adapter = read_adapter(req, self.limits, self.targets)  # raises naming the field; the ranks keep the tensors
+        adapter = read_adapter(req, self.limits, self.targets, load=False)  # headers only: the ranks read the weights
         routed = [n for n in adapter.weights if n.rsplit(".", 1)[0] in self.targets.experts]
         if routed and self.routed_refused is not None:
             raise ValueError(f"adapter {req.lora_name!r}: adapter_config.json target_parameters="
