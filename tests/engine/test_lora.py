@@ -278,3 +278,23 @@ def test_routed_expert_adapters_are_refused_where_not_served():
     assert routed_lora_refusal(par(), "GptOssForCausalLM") == "GptOssForCausalLM's expert layout"
     assert routed_lora_refusal(par(world=2), "Qwen3MoeForCausalLM") == "expert_parallel_size=2"
     assert routed_lora_refusal(par(tp=2, world=2), "Qwen3MoeForCausalLM") == "tensor_parallel_size=2"
+
+
+def test_gpt_oss_attention_adapter_equals_peft(tmp_path):
+    """gpt-oss: GQA with sinks, q/k/v and o biases, sliding layers: an adapter on q/k/v/o equals peft alone and beside
+    the base in one batch (its routed experts' layout is refused: test_routed_expert_adapters_...)."""
+    from moelink.engine import LoRARequest
+    from tests.helpers.gpt_oss_checkpoints import VOCAB, save_gpt_oss
+
+    base = save_gpt_oss(tmp_path / "base", num_hidden_layers=2)
+    _make_adapter(base, str(tmp_path / "attn"), dict(r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), 21)
+    req = LoRARequest("attn", 1, str(tmp_path / "attn"))
+    ps = make_prompts(vocab=VOCAB, seed=9, n=2, lo=3, hi=17)
+    want = {None: _peft_greedy(base, None, ps), "attn": _peft_greedy(base, req.lora_path, ps)}
+    assert want["attn"] != want[None], "the adapter does not move the greedy tokens: a weak test"
+    llm = _llm(base, max_loras=1)
+    try:
+        assert _greedy(llm, ps + ps, [req] * len(ps) + [None] * len(ps)) == want["attn"] + want[None]
+    finally:
+        llm.shutdown()
