@@ -33,8 +33,10 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weigh
 # target_parameters), the router's gate, the embedding, the LM head, and MLA's kv_b_proj (absorbed into the query
 # and the output, never applied to activations: docs/lora.md#limits).
 _UNSUPPORTED = re.compile(r"(\.experts\.|\.mlp\.gate$|embed_tokens|lm_head|kv_b_proj$)")
-# Float weights only: a quantized one's adapter would run on the dequantized base (not yet: docs/lora.md#limits).
+# The weights LoRA runs beside: a float linear or an FP8 block-scaled one (the delta is float matmuls on its input);
+# routed experts float only (the experts' LoRA path runs float GEMMs: docs/lora.md#limits).
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_LINEAR_DTYPES = _FLOAT_DTYPES + ("F8_E4M3",)
 EXPERT_NAME = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight|"
                      r"(?P<fused>gate_up_proj|down_proj))$")
 
@@ -179,7 +181,8 @@ def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets, load
                                  f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}).")
     if cfg.target_parameters and not model.experts:
         raise ValueError(f"adapter {req.lora_name!r}: adapter_config.json target_parameters="
-                         f"{list(cfg.target_parameters)!r}, but this model has no routed experts.")
+                         f"{list(cfg.target_parameters)!r}, but this model has no float routed experts (LoRA on "
+                         "quantized experts is not run yet: docs/lora.md#limits).")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(weights_file), "pt") as f:
         for key in f.keys():
@@ -275,7 +278,7 @@ def lora_targets(model_dir: str, tensors: dict | None = None) -> dict[str, tuple
     for name, entry in (tensors if tensors is not None else checkpoint_tensors(model_dir)).items():
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not name.endswith(".weight") or not isinstance(shape, list) or len(shape) != 2 or \
-                entry.get("dtype") not in _FLOAT_DTYPES:
+                entry.get("dtype") not in _LINEAR_DTYPES:
             continue
         module = name[: -len(".weight")]
         if _UNSUPPORTED.search(module) is None:

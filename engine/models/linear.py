@@ -194,9 +194,10 @@ class Linear(nn.Module):
             self.weight_scale_inv = None
 
     def lora_rows(self) -> bool:
-        """Whether a LoRA hook may run on this linear: a float weight (an FP8 one's adapters would run on the
-        dequantized base: not yet, docs/lora.md#limits) applied to activations (MLA's kv_b_proj is absorbed)."""
-        return isinstance(self.method, FloatLinear) and not self.dequantize_after_load
+        """Whether a LoRA hook may run on this linear: one applied to activations (MLA's kv_b_proj is absorbed into
+        other matmuls). Its weight's format does not matter: the adapter's delta is its own float matmuls on the
+        linear's input (an FP8 linear's, before the linear quantizes it), added to the output."""
+        return not self.dequantize_after_load
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, tp={self.parallel.name}"

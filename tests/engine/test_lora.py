@@ -188,16 +188,6 @@ def test_refusals_name_the_field(lora_case, tmp_path):
         LLM(base, enable_lora=True, max_loras=0)
     with pytest.raises(ValueError, match="enable_lora is not supported with quantization"):
         LLM(base, enable_lora=True, quantization="fp8")
-    # An FP8 checkpoint of the same shapes: its linears are no targets (an adapter would run on the dequantized base)
-    from moelink.engine.tools.tiny_model import make_tiny_model
-
-    fp8 = str(make_tiny_model(tmp_path / "fp8", "qwen3_moe", format="fp8", num_layers=2, mlp_only_layers=[0]))
-    llm8 = LLM(fp8, dtype="float32", enable_lora=True, max_lora_rank=8, num_kv_blocks=16, block_size=4)
-    try:
-        with pytest.raises(ValueError, match="target_modules lists '[qkvo]_proj', which this model has no LoRA-able"):
-            llm8.generate(ps[:1], use_tqdm=False, lora_request=_req(dirs, "attn"))
-    finally:
-        llm8.shutdown()
 
 
 MLA_ADAPTERS = {  # DeepSeek-V3: MLA's projections (q_b_proj and kv_a_proj_with_mqa rows de-interleaved at load),
@@ -296,5 +286,31 @@ def test_gpt_oss_attention_adapter_equals_peft(tmp_path):
     llm = _llm(base, max_loras=1)
     try:
         assert _greedy(llm, ps + ps, [req] * len(ps) + [None] * len(ps)) == want["attn"] + want[None]
+    finally:
+        llm.shutdown()
+
+
+def test_fp8_base_with_an_adapter_equals_peft_on_the_dequantized_base(lora_case, tmp_path):
+    """An FP8 block-scaled checkpoint (`moelink quantize-fp8` of the float base) with the q/k/v/o adapter: the delta
+    runs in float on each linear's input, the base in W8A8; transformers + peft on the dequantized weights, with the
+    W8A8 activation rounding on the base linears' inputs only (peft's LoRA branch reads the unrounded input, as the
+    engine's hook does), gives the same greedy tokens, alone and beside the base."""
+    from peft import PeftModel
+
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from tests.helpers.fp8_checkpoints import BLOCK, dequantized_copy, fake_quant_hf_model, hf_greedy_with
+
+    base, dirs, ps, _ = lora_case
+    fp8 = str(quantize_checkpoint(base, tmp_path / "fp8", BLOCK))
+    deq = dequantized_copy(fp8, tmp_path / "deq")
+    want_base = hf_greedy_with(fake_quant_hf_model(deq, BLOCK), ps, MAX_NEW)
+    oracle = PeftModel.from_pretrained(fake_quant_hf_model(deq, BLOCK), dirs["attn"]).eval()
+    want = hf_greedy_with(oracle, ps, MAX_NEW)
+    assert want != want_base, "the adapter does not move the greedy tokens: a weak test"
+    llm = _llm(fp8, max_loras=1)
+    try:
+        layer = llm.engine.executor.worker.runner.model.layers[1]
+        assert layer.self_attn.qkv_proj.method.name == "fp8" and layer.self_attn.qkv_proj.lora is not None
+        assert _greedy(llm, ps + ps, [_req(dirs, "attn")] * len(ps) + [None] * len(ps)) == want + want_base
     finally:
         llm.shutdown()
