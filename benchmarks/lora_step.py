@@ -5,8 +5,8 @@
 A random Qwen3-MoE (float32; hidden 256, 8 query / 2 kv heads of 32, 4 layers of 8 experts top-2) served by `LLM`
 with enable_lora and max_loras=8; adapters of rank `--rank` on q/k/v/o written in peft's published layout
 (adapter_config.json + adapter_model.safetensors, random A and B); with --experts on the routed experts too (peft's
-target_parameters layout: a step with them runs the experts' LoRA path, engine/lora/experts.py). The batch: `--batch` requests of 16 prompt tokens
-decoding `--tokens` each, all on the base model (0), all on one adapter (1), or spread over 8 adapters (8). Timed: the
+target_parameters layout: a step with them runs the experts' LoRA path, engine/lora/experts.py). The batch: `--batch`
+requests of 16 prompt tokens decoding `--tokens` each, all on the base model (0), all on one adapter (1), or spread over 8 adapters (8). Timed: the
 wall time of the engine's steps for the whole batch (prefill and decode), over the steps taken, median of 5 runs
 after a warm-up run; the ratio is each against 0 adapters. On a CPU this is the plain-torch path
 (kernels/lora.py: each row's A and B gathered, one batched matmul), the worst case of the gather.
@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         base = str(make_tiny_model(Path(tmp) / "base", "qwen3_moe", dtype="float32", **SIZES))
-        reqs = [LoRARequest(f"a{i}", i + 1, write_adapter(Path(tmp) / f"a{i}", args.rank, i, args.experts)) for i in range(8)]
+        reqs = [LoRARequest(f"a{i}", i + 1, write_adapter(Path(tmp) / f"a{i}", args.rank, i, args.experts))
+                for i in range(8)]
         llm = LLM(base, dtype="float32", enable_lora=True, max_loras=8, max_lora_rank=args.rank, max_cpu_loras=8,
                   max_num_seqs=args.batch, num_kv_blocks=args.batch * 8 + 8, block_size=16)
         try:

@@ -4,9 +4,10 @@ One feature package beside the per-sequence state: `adapter.py` reads a publishe
 adapter_model.safetensors) into a validated `AdapterConfig` and its A / B tensors, and checks it against the served
 checkpoint's headers (rank, target modules, shapes, files: one error naming the field); `slots.py` holds a rank's
 adapters, an LRU of adapters read into host memory and `max_loras` device slots of stacked, zero-padded A / B per
-target linear, and the step's per-token slot index; `layer.py` is the hook each target linear runs (shrink and
-expand through the kernels' LoRA family, kernels/ops_lora.py). The models name only the hook's protocol
-(engine/models/linear.py `Linear.lora`); the rank attaches it and fills the slots; the driver validates requests
-with `adapter.py` and the scheduler never holds more adapters running than slots (scheduler/scheduler.py).
+target, and the step's per-token slot index; `layer.py` is the hook each target linear runs (shrink and expand
+through the kernels' LoRA family, kernels/ops_lora.py), `experts.py` the routed experts' path with per-expert A / B;
+`checker.py` the driver's check of a request's adapter. The models name only the hooks' protocols
+(engine/models/linear.py `Linear.lora`, moe/layer.py `MoELayer.lora_experts`); the rank attaches them and fills the
+slots (engine/rank/lora_targets.py); the scheduler never runs more adapters at once than slots (scheduler/scheduler.py).
 Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools, engine.rl.
 """

@@ -110,7 +110,8 @@ class AdapterConfig:
         for field in ("rank_pattern", "alpha_pattern"):
             value = raw.get(field) or {}
             if not isinstance(value, dict):
-                raise ValueError(f"adapter_config.json {field}={value!r} is invalid: must map module patterns to values.")
+                raise ValueError(f"adapter_config.json {field}={value!r} is invalid: must map module patterns to "
+                                 "values.")
             patterns[field] = tuple(value.items())
         return cls(r=raw.get("r"), lora_alpha=raw.get("lora_alpha", 8), target_modules=targets,
                    use_rslora=bool(raw.get("use_rslora", False)),

@@ -1,7 +1,7 @@
 """The hooks LoRA targets run (set only with enable_lora): a linear's after its own matmul (engine/models/linear.py
 `Linear.lora`): for each targeted piece, y[:, rows] += scale[slot] · (x A[slot]^T) B[slot]^T per row; an MoE layer's
-in place of its experts (moe/layer.py `MoELayer.lora_experts`: `ExpertsLoRA`, engine/lora/experts.py). Both through the kernels'
-LoRA family (kernels/ops_lora.py: Triton on a GPU, the plain-torch references on a CPU).
+in place of its experts (moe/layer.py `MoELayer.lora_experts`: `ExpertsLoRA`, engine/lora/experts.py). Both through
+the kernels' LoRA family (kernels/ops_lora.py: Triton on a GPU, the plain-torch references on a CPU).
 
 Legend: T tokens, K in features, N a piece's out features, R max_lora_rank, L slots, E experts; X the rows of a
 piece's stacks: L for a linear, L · E for an expert tensor (slot s, expert e at s E + e).

@@ -207,9 +207,9 @@ def lora_targets(model: nn.Module, plan: WeightPlan) -> dict[str, tuple[Linear, 
     """The model's linears a LoRA adapter may target, by checkpoint module name ("model.layers.0.self_attn.q_proj")
     → (the Linear, the rows of its output that module is: a piece of a stacked projection, the checkpoint rows
     those hold and the checkpoint columns its input is, each None for all, as stored): from the weight plan's source
-    of each float weight. A row selector is a slice (a TP shard's rows) or an index (MLA's rope de-interleave);
-    a column selector a TP row-parallel shard's input columns. An adapter's B is read at those rows, its A at
-    those columns."""
+    of each weight of a linear applied to activations (float or FP8). A row selector is a slice (a TP shard's rows)
+    or an index (MLA's rope de-interleave); a column selector a TP row-parallel shard's input columns. An adapter's B
+    is read at those rows, its A at those columns."""
     by_weight = {id(m.weight): m for m in model.modules() if isinstance(m, Linear) and m.lora_rows()}
     out = {}
     for name, entry in plan.items():

@@ -17,9 +17,10 @@ from ..models.linear import lora_targets
 
 def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: torch.device,
                model_dir: str) -> LoRASlots:
-    """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its float linears (a TP
-    shard's at its rows or columns) and its MoE layers' float experts when all are whole on this rank (no EP, no
-    TP); adapters are read and checked against the checkpoint at `model_dir` (model_targets)."""
+    """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its linears applied to
+    activations, float or FP8 (a TP shard's at its rows or columns), and its MoE layers' float experts when all are
+    whole on this rank (no EP, no TP); adapters are read and checked against the checkpoint at `model_dir`
+    (model_targets)."""
     plan = model.weight_plan()
     targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features, row_sel, col_sel)
                for name, (lin, rows, row_sel, col_sel) in lora_targets(model, plan).items()}
