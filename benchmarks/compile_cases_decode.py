@@ -57,6 +57,15 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
         gu = torch.empty(T, 2 * I, dtype=dt, **meta)
         with rec.labelled(f"{name} SiLU(gate)·up, I={I}"):
             triton_silu_mul(gu[:, :I], gu[:, I:])
+    from moelink.kernels.triton_lora import triton_lora_expand, triton_lora_shrink
+
+    slots_T = torch.empty(T, dtype=torch.long, **meta)
+    for L_, R_ in [(8, 16)] + ([] if quick else [(4, 64)]):  # qwen3-30b-a3b's q_proj: 2048 -> 4096
+        with rec.labelled(f"qwen3-30b-a3b LoRA shrink + expand (q_proj, rank {R_}, {L_} slots)"):
+            t_TR = triton_lora_shrink(torch.empty(T, 2048, dtype=dt, **meta), torch.empty(L_, R_, 2048, dtype=dt, **meta),
+                                      slots_T)
+            triton_lora_expand(torch.empty(T, 4096, dtype=dt, **meta), t_TR, torch.empty(L_, 4096, R_, dtype=dt, **meta),
+                               slots_T, torch.empty(L_, **meta))
     for name, G, K, logit_dt, args in routers[:1] if quick else routers:
         bias = torch.empty(G, **meta) if args.get("method") == "noaux_tc" else None
         with rec.labelled(f"{name} router top-k ({G} experts, top-{K}), padding mask + expert counts"):

@@ -6,7 +6,7 @@ experts, G logical experts, I expert intermediate size, F = 2I, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generator
+from typing import TYPE_CHECKING, Generator, Protocol
 
 import torch
 from torch import nn
@@ -69,6 +69,16 @@ def own_tables(ep: ExpertParallel | None) -> PlacementTables | None:
     return ep.tables.padded(max(ep.tables.max_replicas, min(ep.world_size, 1 + ep.placement.num_redundant)))
 
 
+class ExpertsHook(Protocol):
+    """What runs a layer's experts in place of its expert format when set (`MoELayer.lora_experts`) and active for
+    the step: LoRA adapters on the experts (engine/lora/experts.py). Set only with LoRA enabled."""
+
+    def active(self) -> bool: ...
+
+    def __call__(self, layer: "MoELayer", x_TD: torch.Tensor, weights_TK: torch.Tensor,
+                 ids_TK: torch.Tensor) -> torch.Tensor: ...
+
+
 class MoELayer(nn.Module):
     """A sparse MLP block. Expert weights are stacked: w13_EFD = [gate; up], w2_EDI = down, held (with any
     scales beside them) by `expert_format` (moe/expert_weights.py: float, FP8 block-scaled, or MXFP4, whose
@@ -85,6 +95,8 @@ class MoELayer(nn.Module):
     experts' gated activation (kernels.moe.MoEActivation: SiLU, or gpt-oss's clamped SwiGLU). A layer with
     none of them calls the expert kernel exactly as before.
     """
+
+    lora_experts: ExpertsHook | None = None  # LoRA on the experts (engine/lora/), set by the rank when enabled
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, router: Router,
                  kernels: Kernels, dtype: torch.dtype, device: torch.device | None = None, *,
@@ -183,7 +195,9 @@ class MoELayer(nn.Module):
                 weights_TK, ids_TK, identity_T1 = self._zero_experts(weights_TK, ids_TK)
             if self.stats is not None:
                 self.stats.record_routing(self.moe_index, ids_TK)
-        if self.ep is None:
+        if self.ep is None and self.lora_experts is not None and self.lora_experts.active():
+            out_TD = self.lora_experts(self, x_TD, weights_TK, ids_TK)  # LoRA on the experts (engine/lora/)
+        elif self.ep is None:
             out_TD = self.expert_format.run(self.kernels, self, x_TD, weights_TK, ids_TK)
         else:
             out_TD = yield from self._forward_ep(x_TD, weights_TK,

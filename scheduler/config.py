@@ -108,11 +108,17 @@ class SchedulerConfig:
     # With client_fairness, a client below its share of max_num_seqs whose request waits for a slot takes one from
     # the client furthest above its share, by preemption (recompute), instead of waiting for one to finish.
     client_fair_preemption: bool = True
+    # LoRA (engine/lora/): at most this many distinct adapters run at once (the ranks' device slots); a waiting
+    # request whose adapter would be one more waits, first come first served, until a running adapter's last
+    # request leaves. 0: no adapters are served.
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "spec_probe_interval"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, "SchedulerConfig", name, value, "must be a positive integer")
+        _check(_is_int(self.max_loras) and self.max_loras >= 0, "SchedulerConfig", "max_loras", self.max_loras,
+               "must be an integer >= 0")
         for name in ("async_scheduling", "client_fairness", "client_fair_preemption"):
             value = getattr(self, name)
             _check(isinstance(value, bool), "SchedulerConfig", name, value, "must be True or False")

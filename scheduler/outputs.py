@@ -93,6 +93,8 @@ class NewRequestData:
     # computed, else the slot's own state).
     state_slot: int = -1
     state_copy_from: int = -1
+    # Carried, not read, by the scheduler: the request's LoRA adapter (the engine's LoRARequest); None: the base.
+    lora: Any = None
 
 
 @dataclass(slots=True)

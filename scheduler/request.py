@@ -73,6 +73,8 @@ class Request:
         arrival_time: float | None = None,
         client: tuple[str, ...] = (),
         cache_salt: bytes = b"",
+        lora_id: int = 0,
+        lora: object = None,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
@@ -154,6 +156,11 @@ class Request:
             raise ValueError(f"Request.cache_salt={cache_salt!r} is invalid: must be bytes (b'' for none).")
         self.cache_salt = cache_salt
         self.cache_root: bytes = root_block_hash(cache_salt)
+        # Its LoRA adapter: the id the scheduler counts against max_loras (0: the base model), and the engine's
+        # adapter (a LoRARequest) carried to the ranks, not read here.
+        if not (isinstance(lora_id, int) and lora_id >= 0) or (lora_id == 0) != (lora is None):
+            raise ValueError(f"Request.lora_id={lora_id!r} is invalid: an integer >= 1 with its adapter, 0 without.")
+        self.lora_id, self.lora = lora_id, lora
 
     @classmethod
     def from_sampling_params(

@@ -338,6 +338,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 # Preempted with its token in flight: recomputed once the token is known; or held by the engine
                 # (its grammar mask is being filled: milliseconds). FCFS: all wait.
                 break
+            if req.lora_id and self._no_lora_slot(req.lora_id):
+                break  # its adapter would be one more than the ranks' slots: FCFS, all wait until one frees
             if not req.computes_whole_prompt:
                 hits, num_hit = self.kv.get_computed_blocks(req)
             else:  # prompt logprobs, routed experts: every prompt token is computed here (as vLLM's prompt logprobs)
@@ -367,6 +369,11 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 req.num_cached_tokens = num_hit
             budget -= self._start_running(req, out, n, num_hit, scheduled)
 
+    def _no_lora_slot(self, lora_id: int) -> bool:
+        """Whether admitting a request of adapter `lora_id` would run more distinct adapters than max_loras."""
+        running = {r.lora_id for r in self.running if r.lora_id}
+        return lora_id not in running and len(running) >= self.scheduler_config.max_loras
+
     def _start_running(self, req: Request, out: SchedulerOutput, n: int, num_computed: int, scheduled: list) -> int:
         """Admit `req` (its blocks allocated, `num_computed` tokens of KV in them) computing `n` tokens this step;
         returns n."""
@@ -386,7 +393,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         new = NewRequestData(
             req_id=rid, prompt_token_ids=list(req.prompt_token_ids),
             output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
-            block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_computed)
+            block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_computed, lora=req.lora)
         self.kv.fill_new_request(new)
         return new
 

@@ -18,28 +18,28 @@ from tests.helpers.import_graph import FOLDERS, ROOT, ImportGraph, build_graph, 
 # Layer units, top to bottom, and what each may import besides itself. engine/server is a unit of its own:
 # the engine core serves the offline API too and must not depend on the gRPC front.
 ALLOWED: dict[str, frozenset[str]] = {
-    "benchmarks": frozenset({"engine.server", "engine.api", "engine", "engine.core", "engine.rl", "engine.cluster", "engine.spec",
+    "benchmarks": frozenset({"engine.lora", "engine.server", "engine.api", "engine", "engine.core", "engine.rl", "engine.cluster", "engine.spec",
                              "engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.tools",
                              "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
-    "engine.server": frozenset({"engine.api", "engine", "engine.core", "engine.rl", "engine.tools", "engine.contract",
+    "engine.server": frozenset({"engine.lora", "engine.api", "engine", "engine.core", "engine.rl", "engine.tools", "engine.contract",
                                 "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.api": frozenset({"engine.core", "engine.rl", "engine.cluster", "engine.kv_transfer", "engine.tools", "engine.contract", "engine.config",
+    "engine.api": frozenset({"engine.lora", "engine.core", "engine.rl", "engine.cluster", "engine.kv_transfer", "engine.tools", "engine.contract", "engine.config",
                              "planner", "scheduler", "moe", "comm", "kernels"}),
     # The package root only re-exports the public names (LLM, AsyncEngine, EngineArgs, SamplingParams, outputs).
     "engine": frozenset({"engine.api", "engine.core", "engine.contract", "engine.config",
                          "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.core": frozenset({"engine.cluster", "engine.rl", "engine.contract", "engine.config",
+    "engine.core": frozenset({"engine.lora", "engine.cluster", "engine.rl", "engine.contract", "engine.config",
                               "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.cluster": frozenset({"engine.spec", "engine.rank", "engine.kv_transfer", "engine.contract",
+    "engine.cluster": frozenset({"engine.lora", "engine.spec", "engine.rank", "engine.kv_transfer", "engine.contract",
                                  "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # Speculative decoding (engine/spec/) sits above the rank: its proposers load with the rank's loader, its verify
     # step samples with the rank's sampler. The rank reaches it only through engine/contract/spec_decoding.py's
     # protocols, the implementation handed to each Worker by the cluster (engine/spec/api.SPEC_DECODING).
-    "engine.spec": frozenset({"engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models",
+    "engine.spec": frozenset({"engine.lora", "engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models",
                               "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
-    "engine.rank": frozenset({"engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.state", "engine.contract",
+    "engine.rank": frozenset({"engine.lora", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.state", "engine.contract",
                               "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # The KV data plane (connectors, transports, wire format, store, auth) sits below the runner, beside the models:
     # the runner calls its worker half, the API builds its connector from flags.
@@ -47,9 +47,9 @@ ALLOWED: dict[str, frozenset[str]] = {
                                      "comm", "kernels"}),
     # Its draft heads (MTP modules, EAGLE-3 heads) are a floor of their own below the rank, built from the models'
     # parts: the rank's loader leaves a checkpoint's MTP tensors unread and its dummy checkpoints make them.
-    "engine.spec.heads": frozenset({"engine.models", "engine.state", "engine.contract", "engine.tp", "engine.config", "planner",
+    "engine.spec.heads": frozenset({"engine.lora", "engine.models", "engine.state", "engine.contract", "engine.tp", "engine.config", "planner",
                                     "scheduler", "moe", "comm", "kernels"}),
-    "engine.models": frozenset({"engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+    "engine.models": frozenset({"engine.lora", "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                                 "kernels"}),
     "engine.tools": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # RL rollouts' driver side (engine/rl/: a weight update's checks), on the configuration: the engine core calls it,
@@ -59,6 +59,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     # read it and the rank that fills it, on the contract (its host-to-device copies).
     "engine.state": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                                "kernels"}),
+    # LoRA adapters (engine/lora/: adapter reading and checks, the host LRU, the device slots, the linears' hook) sit
+    # beside the per-sequence state, on the contract: the driver checks requests with it, the rank fills its slots,
+    # the models name only the hook's protocol (engine/models/linear.py).
+    "engine.lora": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+                              "kernels"}),
     "engine.contract": frozenset({"engine.tp", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # Tensor parallelism (engine/tp/: the group, a rank's attention view, the sharding rules of the sharded layers)
     # sits on the configuration alone: the contract names a TensorParallel, the models build their shards with it.

@@ -40,6 +40,7 @@ from ..core.no_tokenizer import NoTokenizer
 from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
+from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 from .step_watchdog import StepWatchdog
 
@@ -152,11 +153,14 @@ class AsyncEngine:
 
     # -- public API -------------------------------------------------------------
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
-        """Stream outputs of one request. Raises ValueError for bad input before anything is queued."""
+                       output_kind: OutputKind = OutputKind.CUMULATIVE,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request (with `lora_request`, under that LoRA adapter: docs/lora.md). Raises
+        ValueError for bad input before anything is queued."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        processed = await self.with_grammar(self.process_inputs(request_id, prompt, params, compile_grammar=False))
+        processed = await self.with_grammar(self.process_inputs(request_id, prompt, params, compile_grammar=False,
+                                                                lora_request=lora_request))
         gen = self.generate_processed(processed, output_kind)
         async with contextlib.aclosing(gen):  # closing this closes (and so aborts) the request at once
             async for out in gen:
@@ -197,11 +201,12 @@ class AsyncEngine:
                 self._send(AbortCommand(request_id))
 
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                       field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
+                       field: str | None = None, compile_grammar: bool = True,
+                       lora_request: LoRARequest | None = None) -> ProcessedRequest:
         """Tokenize and validate a request (`LLMEngine.process_inputs`); raises ValueError naming the bad
         field. Thread-safe: it only reads, so a server may call it from a worker thread. On an event loop pass
         `compile_grammar=False` and then await `with_grammar`: the compile then holds no thread."""
-        return self.engine.process_inputs(request_id, prompt, params, field, compile_grammar)
+        return self.engine.process_inputs(request_id, prompt, params, field, compile_grammar, lora_request)
 
     async def with_grammar(self, processed: ProcessedRequest) -> ProcessedRequest:
         """`processed` with its structured-output grammar compiled (engine/core/grammar_compile.py: own processes,

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Union
 from ..config.engine_args import EngineArgs
 from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
 from ..core.outputs import OutputKind, RequestOutput
+from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 
 
@@ -83,9 +84,12 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
         """Returns one finished RequestOutput per prompt, in input order; with SamplingParams.n > 1 its
-        `outputs` are the n samples, CompletionOutput.index 0 to n-1 (as vLLM's LLM returns them)."""
+        `outputs` are the n samples, CompletionOutput.index 0 to n-1 (as vLLM's LLM returns them).
+        lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model); needs an LLM
+        made with enable_lora=True (docs/lora.md)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -101,8 +105,15 @@ class LLM:
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts: give one, or one per prompt."
                 )
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts: give one, or one "
+                                 "per prompt.")
         # Validate everything before adding anything, so a bad prompt leaves no request behind.
-        groups = [self._samples(p, sp) for p, sp in zip(prompts, params_list)]
+        groups = [self._samples(p, sp, lr) for p, sp, lr in zip(prompts, params_list, loras)]
         processed = [req for group in groups for req in group]
         for req in processed:
             # Only final outputs are read here: none is built per step (vLLM's LLM does the same).
@@ -123,14 +134,15 @@ class LLM:
             bar.close()
         return [_gathered([finished[r.request_id] for r in group]) for group in groups]
 
-    def _samples(self, prompt: PromptType, params: Optional[SamplingParams]) -> list[ProcessedRequest]:
+    def _samples(self, prompt: PromptType, params: Optional[SamplingParams],
+                 lora: Optional[LoRARequest] = None) -> list[ProcessedRequest]:
         """One prompt's engine requests, validated and tokenized once: itself, or for n > 1 one per sample,
         ids `<id>-<i>`, parameters `params.sample(i)` (seed + i when seeded), as the servers run n."""
         request_id = str(next(self._counter))
         n = params.n if isinstance(params, SamplingParams) else 1  # anything else: process_inputs says what
         if n == 1:
-            return [self.engine.process_inputs(request_id, prompt, params)]
-        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0))
+            return [self.engine.process_inputs(request_id, prompt, params, lora_request=lora)]
+        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0), lora_request=lora)
         return [first] + [dataclasses.replace(first, request_id=f"{request_id}-{i}", params=params.sample(i))
                           for i in range(1, n)]
 

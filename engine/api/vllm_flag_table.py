@@ -50,7 +50,8 @@ def refused(says: str) -> VllmFlag:
 
 # Reasons shared by several flags.
 RAY = "moelink places its ranks with Ray (in-process at one rank): --ray-address joins a cluster"
-LORA = "LoRA adapters are not supported: serve a checkpoint with the adapter merged into its weights"
+LORA = ("LoRA adapters are served from the Python API only for now (LLM(enable_lora=True), docs/lora.md); "
+        "`moelink serve` takes no LoRA flags yet: serve a checkpoint with the adapter merged into its weights")
 TEXT = "moelink serves text-only models: leave it out"
 KERNELS = "moelink runs its own kernels (Triton, picked per device; docs/kernels.md): leave it out"
 SLEEP = "sleep mode is not supported: stop the server to free the device"

@@ -28,6 +28,7 @@ from .compressed_attention import CompressedAttentionConfig, check_ring_rollback
 from .speculative import SpeculativeConfig
 from .tensor_parallel import check_tensor_parallel
 from .batch_invariant import from_env as batch_invariant_from_env, resolve_kernels
+from .lora import LoRAConfig, lora_config
 from .worker_config import LOAD_FORMATS, WorkerConfig
 
 if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS): the configuration runs without the contract
@@ -60,6 +61,7 @@ class EngineConfig:
     seed: Optional[int] = None
     # Rollout routing replay: every rank records its steps' routed experts (EngineArgs.enable_return_routed_experts).
     return_routed_experts: bool = False
+    lora: LoRAConfig | None = None  # LoRA adapters (EngineArgs.enable_lora); None: off
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -73,7 +75,8 @@ class EngineConfig:
             async_scheduling=self.scheduler.async_scheduling, load_format=self.load_format,
             kv_connector=self.kv_connector, speculative=self.speculative,
             num_state_slots=self.cache.num_state_slots, num_state_checkpoints=self.cache.num_state_checkpoints,
-            tensor_parallel_size=self.parallel.tensor_parallel_size, return_routed_experts=self.return_routed_experts)
+            tensor_parallel_size=self.parallel.tensor_parallel_size, return_routed_experts=self.return_routed_experts,
+            lora=self.lora)
 
 
 @dataclass
@@ -190,6 +193,12 @@ class EngineArgs:
     # A request's tokens and logprobs bitwise the same in any batch (engine/config/batch_invariant.py; vLLM's
     # VLLM_BATCH_INVARIANT=1 turns it on too). Off: the batch decides the reduction order, to the last bits.
     batch_invariant: bool = False
+    # LoRA adapters (vLLM's --enable-lora, --max-loras, --max-lora-rank, --max-cpu-loras; engine/config/lora.py,
+    # docs/lora.md): requests name an adapter (LoRARequest); off, such requests are refused.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -237,6 +246,8 @@ class EngineArgs:
                 callable(getattr(self.kv_connector, m, None)) for m in ("scheduler_side", "worker_side")):
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
         self.grammar_config()  # validated here, where the user set it
+        if self.enable_lora:  # the limits too (the modes LoRA runs with are checked with the model's config)
+            LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     def resolve_device(self) -> torch.device:
@@ -308,9 +319,13 @@ class EngineArgs:
         drafts = {} if spec is None else dict(  # the verify work drafts may cost (scheduler/draft_control.py)
             spec_min_draft_acceptance=spec.min_draft_acceptance, spec_max_verify_fraction=spec.max_verify_fraction,
             spec_probe_interval=spec.draft_probe_interval)
+        lora = lora_config(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras,
+                           parallel=parallel, speculative=spec is not None, kv_connector=kv_connector is not None,
+                           attention=model_cfg.attention, quantization=model_cfg.quantization)
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling,
-                                client_fairness=self.client_fairness, **drafts)
+                                client_fairness=self.client_fairness, max_loras=lora.max_loras if lora else 0,
+                                **drafts)
         slots, ckpts = self._state_slots(model_cfg, spec)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device, spec),
                             enable_prefix_caching=self.enable_prefix_caching,
@@ -325,7 +340,7 @@ class EngineArgs:
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed,
-                            return_routed_experts=self._routed_experts(parallel))
+                            return_routed_experts=self._routed_experts(parallel), lora=lora)
 
     def _routed_experts(self, parallel: ParallelConfig) -> bool:
         """enable_return_routed_experts, checked against the layout: under TP with EP over the world each rank of a

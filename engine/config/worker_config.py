@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .lora import LoRAConfig
 from .model import ModelConfig
 from .speculative import SpeculativeConfig
 
@@ -58,6 +59,8 @@ class WorkerConfig:
     # Rollout routing replay: every step's routed experts recorded (moe/routing_capture.py), for the requests that
     # ask (SamplingParams.return_routed_experts).
     return_routed_experts: bool = False
+    # LoRA adapters (engine/config/lora.py): every rank's slots and host LRU; None: off.
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

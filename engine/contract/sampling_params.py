@@ -6,8 +6,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
-
 from .kv_transfer_params import KVTransferParams
 from .safe_text import shown
 from .structured_output_params import StructuredOutputParams
@@ -151,6 +149,8 @@ class SamplingParams:
     def _check_forced_routing(self) -> None:
         if self.forced_routed_experts is None:
             return
+        import numpy as np  # here, not at import: `moelink serve`'s flag parsing imports this module, not numpy
+
         value = self.forced_routed_experts
         try:
             arr = np.asarray(value.cpu() if hasattr(value, "cpu") else value)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Union
 
 from .no_tokenizer import NoTokenizer
 from ..contract.safe_text import shown
+from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # xgrammar is imported where grammars are compiled (engine/core/structured_output.py)
@@ -64,10 +65,13 @@ class ProcessedRequest:
     # What its KV depends on besides the token ids (scheduler Request.cache_salt): tagged parts a feature adds
     # (an adapter, images); b"" for a plain prompt.
     cache_salt: bytes = b""
+    # Its LoRA adapter (checked against the checkpoint: engine/lora/checker.py); None: the base model.
+    lora: LoRARequest | None = None
 
 
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,
-               field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
+               field: str | None = None, compile_grammar: bool = True,
+               lora_request: LoRARequest | None = None) -> ProcessedRequest:
     """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
     `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
@@ -95,6 +99,12 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if params.kv_transfer_params is not None and hasattr(engine.config.kv_connector, "check_params"):
         # A KV source outside the engine's peers is refused here, before any connection (engine/kv_transfer/peers.py).
         engine.config.kv_connector.check_params(params.kv_transfer_params)
+    lora = None
+    if lora_request is not None:
+        if engine.lora_checker is None:  # refused, not served by the base model
+            raise ValueError(f"lora_request={lora_request!r} is invalid: this engine serves no LoRA adapters; start "
+                             "it with enable_lora=True (--enable-lora).")
+        lora = engine.lora_checker.check(lora_request)
     text = None
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
@@ -153,8 +163,9 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if params.structured_outputs is not None and compile_grammar:
         # Compiled on the grammar pool; this caller waits, the engine loop does not.
         grammar = engine.grammars.compile(params.structured_outputs)
-    salt = forced_routing_salt(engine, params, len(ids))
-    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, cache_salt=salt)
+    # The KV's salt: each feature's tagged part (an adapter's, the given routing's), concatenated.
+    salt = (lora.cache_salt if lora is not None else b"") + forced_routing_salt(engine, params, len(ids))
+    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, lora=lora, cache_salt=salt)
 
 
 def forced_routing_salt(engine, params: SamplingParams, num_prompt_tokens: int) -> bytes:

@@ -43,7 +43,10 @@ from .outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
 from ..contract.kv_connector import ConfigurableKVConnector
 from ..contract.worker_api import LaunchedStep, RankCall
+from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
+from ..lora.checker import AdapterChecker
+from ..config.lora import routed_lora_refusal
 from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .no_tokenizer import NoTokenizer, load_tokenizer
@@ -89,6 +92,9 @@ class LLMEngine:
         self.ep_plan = getattr(self.executor, "plan", self.ep_plan)
         config = size_kv_cache(self.executor, config)  # sized by the ranks, now that their weights are in
         self.config = config
+        # LoRA: requests' adapters checked against the checkpoint here, before a rank reads them (engine/lora/).
+        self.lora_checker = (AdapterChecker(config.lora, config.model.model, routed_lora_refusal(config.parallel, config.model.architecture))
+                             if config.lora is not None else None)
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)
@@ -142,14 +148,15 @@ class LLMEngine:
 
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-                       field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
+                       field: str | None = None, compile_grammar: bool = True,
+                       lora_request: LoRARequest | None = None) -> ProcessedRequest:
         """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
         `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
         passes the name of the proto field it came from). The rules: engine/core/input_processing.py."""
         if self.config.seed is not None and (params is None or params.seed is None):
             params = self._seeded(params)
-        return process_inputs(self, request_id, prompt, params, field, compile_grammar)
+        return process_inputs(self, request_id, prompt, params, field, compile_grammar, lora_request)
 
     def _seeded(self, params: SamplingParams | None) -> SamplingParams:
         """vLLM's --seed: a request without a seed gets one from the engine's seed and its arrival number, so
@@ -175,7 +182,7 @@ class LLMEngine:
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
             stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens, client=req.client,
-            cache_salt=req.cache_salt,
+            cache_salt=req.cache_salt, lora_id=req.lora.lora_int_id if req.lora is not None else 0, lora=req.lora,
         )
         if p.structured_outputs is not None:
             if req.grammar is None:

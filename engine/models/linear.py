@@ -19,6 +19,7 @@ exactly its own blocks and scales.
 from __future__ import annotations
 
 import itertools
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -121,6 +122,13 @@ def linear_method(quant: QuantConfig | None, *modules: str) -> LinearMethod:
     return Fp8Linear(quant.block, quant.online) if all(quantized.values()) else FloatLinear()
 
 
+class LinearHook(Protocol):
+    """What runs after a linear's own matmul when set (`Linear.lora`): a LoRA adapter's per-row delta added to
+    the output (engine/lora/layer.py). Set only when LoRA is enabled: without it a linear runs as it did."""
+
+    def __call__(self, x_TK: torch.Tensor, y_TN: torch.Tensor) -> torch.Tensor: ...
+
+
 class Linear(nn.Module):
     """y = x W^T (+ bias, held by the caller: stacked biases load by their own names, at `piece_rows`).
     `out_features`: the output width, or the widths of the stacked pieces (q, k, v); the weight holds
@@ -133,6 +141,7 @@ class Linear(nn.Module):
 
     weight: nn.Parameter  # made by `method.create`
     weight_scale_inv: nn.Parameter | None  # FP8's block scales (None: a float weight)
+    lora: LinearHook | None = None  # LoRA's hook (engine/lora/), set by the rank when LoRA is enabled
 
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], method: LinearMethod, kernels, dtype,
                  device=None, dequantize_after_load: bool = False, parallel: LinearParallel | None = None):
@@ -154,8 +163,12 @@ class Linear(nn.Module):
         """[..., rows]: every piece's columns (and any gap's, which `split` drops); a row-parallel linear's summed
         over its TP group (the bias added once, after the sum)."""
         if isinstance(self.parallel, Replicated):
-            return self.method.apply(self, x_TK, bias_N)
-        return self.parallel.finish(self.method.apply(self, x_TK, None), bias_N)
+            y = self.method.apply(self, x_TK, bias_N)
+            return y if self.lora is None else self.lora(x_TK, y)
+        y = self.method.apply(self, x_TK, None)
+        if self.lora is not None:  # before the collective: a row-parallel shard's delta is its partial sum too
+            y = self.lora(x_TK, y)
+        return self.parallel.finish(y, bias_N)
 
     def piece_rows(self, i: int) -> slice:
         """Rows of piece `i` in the weight (and in a stacked bias, and columns in the output)."""
@@ -180,5 +193,36 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(w, requires_grad=False)
             self.weight_scale_inv = None
 
+    def lora_rows(self) -> bool:
+        """Whether a LoRA hook may run on this linear: one applied to activations (MLA's kv_b_proj is absorbed into
+        other matmuls). Its weight's format does not matter: the adapter's delta is its own float matmuls on the
+        linear's input (an FP8 linear's, before the linear quantizes it), added to the output."""
+        return not self.dequantize_after_load
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}, tp={self.parallel.name}"
+
+
+def lora_targets(model: nn.Module, plan: WeightPlan) -> dict[str, tuple[Linear, slice, Any, Any]]:
+    """The model's linears a LoRA adapter may target, by checkpoint module name ("model.layers.0.self_attn.q_proj")
+    → (the Linear, the rows of its output that module is: a piece of a stacked projection, the checkpoint rows
+    those hold and the checkpoint columns its input is, each None for all, as stored): from the weight plan's source
+    of each weight of a linear applied to activations (float or FP8). A row selector is a slice (a TP shard's rows)
+    or an index (MLA's rope de-interleave); a column selector a TP row-parallel shard's input columns. An adapter's B
+    is read at those rows, its A at those columns."""
+    by_weight = {id(m.weight): m for m in model.modules() if isinstance(m, Linear) and m.lora_rows()}
+    out = {}
+    for name, entry in plan.items():
+        lin = by_weight.get(id(entry.dest))
+        if lin is None or not name.endswith(".weight"):
+            continue
+        rows = entry.index[0] if entry.index else slice(0, lin.rows)
+        src = tuple(entry.source)
+        row_sel = src[0] if src and not (isinstance(src[0], slice) and src[0] == slice(None)) else None
+        col_sel = src[1] if len(src) == 2 else None
+        n = rows.stop - rows.start if isinstance(rows, slice) else -1
+        ok_rows = row_sel is None or (isinstance(row_sel, slice) and row_sel.stop - row_sel.start == n) or (
+            isinstance(row_sel, torch.Tensor) and row_sel.dim() == 1 and len(row_sel) == n)
+        if isinstance(rows, slice) and len(src) <= 2 and ok_rows and (col_sel is None or isinstance(col_sel, slice)):
+            out[name[: -len(".weight")]] = (lin, rows, row_sel, col_sel)
+    return out

@@ -59,6 +59,8 @@ class CachedRequestState:
     batch: PersistentBatch | None = None
     # The request's per-sequence state slot (linear attention: engine/state/cache.py); -1: the model has none.
     state_slot: int = -1
+    # Its LoRA adapter's device slot (engine/lora/slots.py); -1: no adapter.
+    lora_slot: int = -1
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids

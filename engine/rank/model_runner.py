@@ -40,6 +40,7 @@ from .step_handle import DeviceResult, StepHandle
 from .step_inputs import StepInputs, build_step_inputs, device_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
 from .weight_memory import describe_memory, weight_bytes_by_format
+from .lora_targets import LoRASlots, begin_lora_step, lora_slots
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class ModelRunner:
         # Preempted requests keep their generator so a seeded request draws the
         # same tokens whether or not it was preempted.
         self._parked_generators: dict[str, torch.Generator | None] = {}
+        self.lora: LoRASlots | None = None  # enable_lora: the adapters' slots and hooks
 
     # -- KV cache -------------------------------------------------------------------
     def available_kv_blocks(self, memory_utilization: float) -> int:
@@ -187,6 +189,14 @@ class ModelRunner:
             self._capture_graphs()
 
     # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
+    def enable_lora(self, limits) -> None:
+        """Serve LoRA adapters (engine/lora/): hooks on the model's target linears and `limits.max_loras` device
+        slots; before warm-up. Decode graphs are off (eager steps): a replay would not read the step's slots."""
+        self.lora = lora_slots(self.model, limits, self.kernels, self.cfg.dtype, self.device, self.cfg.model)
+        if self.graph_sizes:
+            logger.info("CUDA graphs off: LoRA steps run eagerly (docs/lora.md#limits).")
+            self.graph_sizes, self.graphs = (), None
+
     def enable_routing_capture(self) -> None:
         """Record every step's routed experts (`--enable-return-routed-experts`, moe/routing_capture.py): before
         warm-up and graph capture, so that the largest step sizes the buffer and the graphs replay the copies."""
@@ -256,6 +266,11 @@ class ModelRunner:
             new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
             list(new.block_ids), new.num_computed_tokens, gen,
         )
+        if new.lora is not None:
+            if self.lora is None:  # the engine refuses these without enable_lora; a rank cannot answer them
+                raise ValueError(f"request {new.req_id!r} names LoRA adapter {new.lora.lora_name!r}, but this rank "
+                                 "serves none: start the engine with enable_lora=True.")
+            st.lora_slot = self.lora.slot_for(new.lora, {r.lora_slot for r in self.requests.values()} - {-1})
         if new.sampling_params.prompt_logprobs is not None:
             self._prompt_lp_ids.add(new.req_id)
         if new.sampling_params.return_routed_experts:
@@ -363,6 +378,9 @@ class ModelRunner:
         routed = routed_experts.plan(states, query_lens, inp.qsl_S1) if self._routed_ids else None
         replay = (routing_replay.plan(states, query_lens, inp.qsl_S1, self.model.routing_replay().num_layers,
                                       self.model.cfg.top_k) if self._replay_ids else None)
+        lora = None
+        if self.lora is not None:  # the step's per-token slots and the slot writes owed, run in the device work
+            lora = (self.lora.take_loads(), self.lora.token_slots([st.lora_slot for st in states], query_lens))
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
@@ -396,7 +414,7 @@ class ModelRunner:
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(self._in_step_context(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,
-                                      prompt_lp, routed, replay)))
+                                      prompt_lp, routed, replay, lora)))
         self._in_flight.append(handle)
         return handle
 
@@ -416,7 +434,7 @@ class ModelRunner:
                      ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,
                      prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None,
                      routed: routed_experts.RoutedExpertsPlan | None = None,
-                     replay: np.ndarray | None = None) -> DeviceResult:
+                     replay: np.ndarray | None = None, lora=None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
         to host memory. Waits for nothing on the host side."""
@@ -439,6 +457,8 @@ class ModelRunner:
                 self.state_caches.zero(state_plan.fresh_decodes)  # one-token first chunks (StatePlan.fresh_decodes)
                 if staged is None:  # a replayed graph reads its own static slots (cuda_graph.DecodeGraphs.stage)
                     state = state_plan.state_step(x.attn.query_start_loc_S1, inp.pure_decode, dev)
+            if lora is not None:
+                begin_lora_step(self.lora, *lora)
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
@@ -446,6 +466,8 @@ class ModelRunner:
                 self.model.begin_routing_replay(None if replay is None else routing_replay.to_device(replay, dev))
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
                                               ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state))
+            if lora is not None:
+                self.lora.begin_step(None)  # warm-up and other forwards run no adapter
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
                 self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
             res = DeviceResult(read_moe=self._take_moe())

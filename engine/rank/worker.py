@@ -131,6 +131,8 @@ class Worker:
                                   spec_decoding=self.spec_decoding)
         if cfg.return_routed_experts:  # before warm-up and graph capture (moe/routing_capture.py)
             self.runner.enable_routing_capture()
+        if cfg.lora is not None:  # LoRA adapters' slots and hooks (engine/lora/), before warm-up
+            self.runner.enable_lora(cfg.lora)
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/cluster/rejoin.py): load its share of `plan` (weights, placement

@@ -36,10 +36,12 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_compress_kv_kernel", "_compressed_index_scores_kernel", "_sink_attention_kernel",
                "_grouped_linear_kernel", "_hc_expand_kernel", "_paged_scores_kernel",
                "_paged_sink_attention_kernel", "_paged_merge_kernel", "_pool_scores_kernel", "_pool_select_kernel",
-               "_block_scores_kernel", "_block_sparse_kernel"}
+               "_block_scores_kernel", "_block_sparse_kernel", "_lora_shrink_kernel", "_lora_expand_kernel"}
 
 
-AWAITING_REPORT: set[str] = set()  # kernels not yet in the committed report (all are)
+# Kernels not yet in the committed report: LoRA's (their cases are in compile_cases_decode.py; the report is
+# regenerated with the next GPU session's compile step).
+AWAITING_REPORT: set[str] = {"_lora_shrink_kernel", "_lora_expand_kernel"}
 
 
 def report() -> dict:

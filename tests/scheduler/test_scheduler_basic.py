@@ -119,6 +119,30 @@ def test_a_cache_salt_keeps_kv_apart():
         make_request("e", [1], cache_salt="text")
 
 
+def test_no_more_adapters_run_at_once_than_lora_slots():
+    """max_loras: a waiting request whose adapter would be one more than the slots waits (FCFS: the queue behind it
+    too) until the last request of a running adapter leaves; the base model's requests count no slot; the adapter
+    rides to the worker on NewRequestData.lora."""
+    s = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=256, max_loras=1)
+    sim = Sim(s)
+    s.add_request(make_request("a1", [1, 2, 3], max_tokens=2, lora_id=1, lora="A"))
+    s.add_request(make_request("base", [4, 5], max_tokens=2))
+    s.add_request(make_request("a2", [6, 7], max_tokens=4, lora_id=1, lora="A"))
+    s.add_request(make_request("b", [8, 9], max_tokens=1, lora_id=2, lora="B"))
+    s.add_request(make_request("late", [3], max_tokens=1))
+    so = sim.step()
+    assert [n.req_id for n in so.scheduled_new_reqs] == ["a1", "base", "a2"]
+    assert [n.lora for n in so.scheduled_new_reqs] == ["A", None, "A"]
+    while "b" not in {n.req_id for n in so.scheduled_new_reqs}:
+        assert "late" not in {n.req_id for n in so.scheduled_new_reqs}, "the queue behind b overtook it"
+        so = sim.step()
+    # a2 (adapter 1, four tokens) had finished before b (adapter 2) started: one adapter at a time.
+    assert s.get_request("a2") is None and sim.tokens["a2"] and len(sim.tokens["a2"]) == 4
+    sim.run()
+    with pytest.raises(ValueError, match="lora_id"):
+        make_request("bad", [1], lora_id=1)
+
+
 def test_full_prompt_hit_still_computes_last_token():
     s = make_scheduler(num_blocks=64, block_size=16, max_num_batched_tokens=256)
     sim = Sim(s)

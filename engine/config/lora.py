@@ -1,0 +1,86 @@
+"""LoRAConfig: the adapter limits of an engine started with enable_lora (vLLM's --max-loras, --max-lora-rank,
+--max-cpu-loras), and the serving modes LoRA does not compose with yet, refused naming the flag (docs/lora.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# vLLM's allowed ranks are powers of two up to 512; any rank up to the limit is read here (padded to it).
+MAX_LORA_RANK_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """max_loras: adapters a step may mix (device slots on every rank); max_lora_rank: the largest adapter rank
+    (the slots' width: smaller adapters are zero-padded); max_cpu_loras: adapters each rank keeps read in host
+    memory (an LRU; None: max_loras)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        def positive(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if not positive(self.max_loras):
+            raise ValueError(f"max_loras={self.max_loras!r} is invalid: must be an integer >= 1.")
+        if not positive(self.max_lora_rank) or self.max_lora_rank > MAX_LORA_RANK_LIMIT:
+            raise ValueError(f"max_lora_rank={self.max_lora_rank!r} is invalid: must be an integer in "
+                             f"[1, {MAX_LORA_RANK_LIMIT}].")
+        if self.max_cpu_loras is not None and (not positive(self.max_cpu_loras)
+                                               or self.max_cpu_loras < self.max_loras):
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} is invalid: must be None or an integer >= "
+                             f"max_loras={self.max_loras}.")
+
+    @property
+    def cpu_loras(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
+def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, speculative: bool,
+                kv_connector: bool, attention, quantization=None) -> LoRAConfig | None:
+    """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
+    refused naming the flag (never silently served without the adapter)."""
+    if not isinstance(enable_lora, bool):
+        raise ValueError(f"enable_lora={enable_lora!r} is invalid: must be True or False.")
+    if not enable_lora:
+        return None
+    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras)
+    # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
+    # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
+    for flag, on in (("speculative_config", speculative), ("kv_connector", kv_connector),
+                     ("enable_two_batch_overlap", parallel.enable_two_batch_overlap and parallel.world_size > 1)):
+        if on:
+            raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs without speculative "
+                             "decoding, a KV connector or two-batch overlap for now (docs/lora.md#limits).")
+    if quantization is not None and getattr(quantization, "online", False):
+        raise ValueError("enable_lora is not supported with quantization (online FP8) yet: adapters run on float "
+                         "weights (docs/lora.md#limits).")
+    if attention.kind not in ("gqa", "mla"):
+        raise ValueError(f"enable_lora is not supported for {attention.kind} attention yet: LoRA runs on GQA and "
+                         "MLA models (Qwen3-MoE, Mixtral, DeepSeek-V3, ...) for now (docs/lora.md#limits).")
+    if getattr(attention, "q_scale", 1.0) != 1.0 or getattr(attention, "latent_scale", 1.0) != 1.0:
+        # Folded into q_b_proj's weights at load (LongCat-Flash): an adapter's delta would miss the fold.
+        raise ValueError("enable_lora is not supported for an MLA model with q_scale / latent_scale yet "
+                         "(LongCat-Flash): docs/lora.md#limits.")
+    return cfg
+
+
+def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
+    """What adapters on the routed experts are refused under, or None where they are served (one rank, experts
+    held as gate / up / down): under EP a token's adapter would have to travel with its dispatch, under TP each rank
+    holds a slice of every expert (engine/tp/experts.py) that the adapters' per-expert A / B are not cut to yet, and
+    an architecture whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed)
+    would need B's rows read in its load's order."""
+    from .architectures import REGISTRY
+
+    arch = REGISTRY.get(architecture)
+    spec = arch.spec if arch is not None else None
+    if arch is not None and spec is not None and (spec.expert_layout != "auto" or arch.mxfp4_experts
+                                                  or tuple(spec.expert_names) != ("gate_proj", "up_proj", "down_proj")):
+        return f"{architecture}'s expert layout"
+    if parallel.tensor_parallel_size > 1:
+        return f"tensor_parallel_size={parallel.tensor_parallel_size}"
+    if parallel.world_size > 1:
+        return f"expert_parallel_size={parallel.world_size}"
+    return None

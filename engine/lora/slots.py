@@ -1,0 +1,184 @@
+"""A rank's adapters: an LRU of adapters read into host memory, and `max_loras` device slots holding each target's
+A / B stacked by slot (a linear's A_[slot] [R, K], B_[slot] [N, R]; an expert tensor's per expert, row slot E + e),
+zero-padded to R = max_lora_rank, with a scale per slot and target; each step's per-token slot index (-1: the row's
+request has no adapter).
+
+Legend: L slots, R max_lora_rank, K in features, N out features, E experts, D hidden, I expert intermediate, T tokens.
+
+Slots are given out by the runner as requests arrive: an adapter already in a slot keeps it, else it takes a free
+slot or the least recently used one no request in the batch holds. The scheduler never runs more adapters at once
+than slots (scheduler/scheduler.py), so one is always there. A slot's weights are written as a device op, in stream
+order with the steps (`take_loads`): a step still in flight reads the adapter it was launched with.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..config.lora import LoRAConfig
+from ..contract.host_copy import to_device
+from ..contract.lora import LoRARequest
+from .adapter import Adapter, ModelTargets, read_adapter
+from .experts import ExpertsLoRA
+from .layer import LinearLoRA, LoRAPiece, LoRAStep
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One linear LoRA may target, as the model holds it: the Linear (its `lora` hook is set here), the rows of
+    its output this module is (a piece of a stacked projection: q of qkv_proj), its width N and in features K (a TP
+    shard's), the checkpoint rows those hold (a TP column shard's slice, MLA's rope de-interleave order: B's rows
+    are read there) and the checkpoint columns its input is (a TP row-parallel shard's: A's columns); None: all,
+    as stored."""
+
+    linear: Any
+    rows: slice
+    n: int
+    k: int
+    row_sel: Any = None
+    col_sel: Any = None
+
+
+@dataclass(frozen=True)
+class ExpertTarget:
+    """One MoE layer's float experts, held whole (its `lora_experts` hook is set here): E experts, hidden D,
+    intermediate I."""
+
+    layer: Any
+    e: int
+    d: int
+    i: int
+
+
+class HostAdapters:
+    """Adapters read into host memory, least recently used evicted past `capacity` (max_cpu_loras)."""
+
+    def __init__(self, capacity: int, read: Callable[[LoRARequest], Adapter]):
+        self.capacity, self.read = capacity, read
+        self.by_id: OrderedDict[int, Adapter] = OrderedDict()
+
+    def get(self, req: LoRARequest) -> Adapter:
+        a = self.by_id.get(req.lora_int_id)
+        if a is None:
+            a = self.by_id[req.lora_int_id] = self.read(req)
+            while len(self.by_id) > self.capacity:
+                self.by_id.popitem(last=False)
+        self.by_id.move_to_end(req.lora_int_id)
+        return a
+
+
+@dataclass
+class _Slot:
+    lora_int_id: int = 0  # 0: empty
+    last_used: int = 0
+
+
+@dataclass
+class LoRASlots:
+    """The device slots of one rank and the hooks on its targets (linears by module name, experts by the MoE
+    layer's "model.layers.{i}.mlp.experts")."""
+
+    limits: LoRAConfig
+    targets: dict[str, LoRATarget]
+    experts: dict[str, ExpertTarget]
+    kernels: Any
+    dtype: torch.dtype
+    device: torch.device
+    checkpoint: ModelTargets  # the checkpoint's targets, whole (model_targets): what adapters are checked against
+    step: LoRAStep = field(init=False)
+    host: HostAdapters = field(init=False)
+
+    def __post_init__(self) -> None:
+        L, R = self.limits.max_loras, self.limits.max_lora_rank
+        self.step = LoRAStep()
+        self.pieces: dict[str, LoRAPiece] = {}
+        self.rows_per_slot: dict[str, int] = {}  # E for an expert tensor's stacks, 1 for a linear's
+        for name, t in self.targets.items():
+            piece = self._piece(t.rows, L, R, t.k, t.n)
+            if t.linear.lora is None:
+                t.linear.lora = LinearLoRA(self.step, self.kernels)
+            t.linear.lora.pieces.append(piece)
+            self.pieces[name], self.rows_per_slot[name] = piece, 1
+        for name, x in self.experts.items():
+            gate_up, down = self._piece(None, L * x.e, R, x.d, 2 * x.i), self._piece(None, L * x.e, R, x.i, x.d)
+            x.layer.lora_experts = ExpertsLoRA(self.step, self.kernels, x.e, gate_up, down)
+            for param, piece in (("gate_up_proj", gate_up), ("down_proj", down)):
+                self.pieces[f"{name}.{param}"], self.rows_per_slot[f"{name}.{param}"] = piece, x.e
+        self.host = HostAdapters(self.limits.cpu_loras, lambda req: read_adapter(req, self.limits, self.checkpoint))
+        self.slots = [_Slot() for _ in range(L)]
+        self._clock = 0
+        self._loads: list[Callable[[], None]] = []
+
+    def _piece(self, rows: slice | None, x: int, r: int, k: int, n: int) -> LoRAPiece:
+        z = dict(dtype=self.dtype, device=self.device)
+        return LoRAPiece(rows, torch.zeros(x, r, k, **z), torch.zeros(x, n, r, **z),
+                         torch.zeros(x, dtype=torch.float32, device=self.device))
+
+    def slot_for(self, req: LoRARequest | None, busy: set[int]) -> int:
+        """The slot of `req`'s adapter (-1 for none), loading it into a free or least recently used slot outside
+        `busy` (the slots the batch's other requests hold)."""
+        if req is None:
+            return -1
+        self._clock += 1
+        for i, s in enumerate(self.slots):
+            if s.lora_int_id == req.lora_int_id:
+                s.last_used = self._clock
+                return i
+        free = [i for i, s in enumerate(self.slots) if i not in busy]
+        if not free:
+            raise RuntimeError(f"LoRA adapter {req.lora_name!r}: all max_loras={self.limits.max_loras} slots are "
+                               "held by running requests (the scheduler admits no more adapters than slots).")
+        i = min(free, key=lambda j: (self.slots[j].lora_int_id != 0, self.slots[j].last_used))
+        adapter = self.host.get(req)
+        missing = sorted(set(adapter.weights) - set(self.pieces))
+        if missing:  # the driver's check passed it: this rank's model holds these targets in a form LoRA cannot run
+            raise RuntimeError(f"LoRA adapter {req.lora_name!r}: this rank holds no LoRA-able form of {missing[:3]} "
+                               "(docs/lora.md#limits); it would run without them.")
+        self.slots[i] = _Slot(req.lora_int_id, self._clock)
+        for name, piece in self.pieces.items():  # a target no slot's adapter reaches runs no LoRA work
+            piece.covered.discard(i)
+            if name in adapter.weights:
+                piece.covered.add(i)
+        self._loads.append(lambda: self._write(i, adapter))
+        return i
+
+    def _write(self, i: int, adapter: Adapter) -> None:
+        """Slot i's weights: the adapter's A / B where it targets, zeros elsewhere (a device op)."""
+        for name, piece in self.pieces.items():
+            per = self.rows_per_slot[name]
+            rows = slice(i * per, (i + 1) * per)
+            piece.a_XRK[rows].zero_()
+            piece.b_XNR[rows].zero_()
+            piece.scale_X[rows] = 0.0
+            ab = adapter.weights.get(name)
+            if ab is None:
+                continue
+            a, b = (ab[0][None], ab[1][None]) if per == 1 else ab  # a linear's [r, K] / [N, r], an expert's [E, ..]
+            t = self.targets.get(name)
+            if t is not None and t.row_sel is not None:  # B's rows: the checkpoint rows this linear holds
+                b = b[:, t.row_sel]
+            if t is not None and t.col_sel is not None:  # A's columns: a row-parallel shard's input
+                a = a[:, :, t.col_sel]
+            r = a.shape[1]
+            piece.a_XRK[rows, :r].copy_(a)
+            piece.b_XNR[rows, :, :r].copy_(b)
+            piece.scale_X[rows] = adapter.scales[name]
+
+    def take_loads(self) -> list[Callable[[], None]]:
+        """The slot writes owed since the last call, for the step's device work to run first."""
+        loads, self._loads = self._loads, []
+        return loads
+
+    def token_slots(self, slots_S: list[int], query_lens: list[int]) -> np.ndarray | None:
+        """Each token's slot for a step of these sequences; None when no row has an adapter (no LoRA work)."""
+        if all(s < 0 for s in slots_S):
+            return None
+        return np.repeat(np.asarray(slots_S, dtype=np.int64), query_lens)
+
+    def begin_step(self, slots_T: np.ndarray | None) -> None:
+        """Set the forward's per-token slots (a device op: the step's inputs)."""
+        self.step.slots_T = None if slots_T is None else to_device(slots_T, torch.long, self.device)
