@@ -54,6 +54,26 @@ class LLM:
         in place (a trainer in the same process or Ray job); the prefix cache is flushed."""
         return self.engine.update_weights_from_tensor(named_tensors, load_format, weight_version, flush_cache)
 
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "gloo",
+                                  timeout_s: float = 60.0) -> dict:
+        """Join a trainer's process group (the trainer is rank 0 and serves the rendezvous at master_address:
+        master_port; engine rank r joins as rank_offset + r); the trainer makes its group at the same time."""
+        return self.engine.init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
+                                                     backend, timeout_s)
+
+    def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
+                                        flush_cache: bool = True, weight_version: str | None = None,
+                                        bucket_bytes: int = 512 << 20) -> dict:
+        """Receive the tensors the trainer broadcasts in `group_name` (each whole, in the order of `names`), a bucket
+        of at most `bucket_bytes` at a time; every rank keeps its own part. {"bytes_read", "seconds", ...}."""
+        return self.engine.update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
+                                                           weight_version, bucket_bytes)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
+        """Leave a trainer's process group."""
+        return self.engine.destroy_weights_update_group(group_name)
+
     def get_weight_version(self) -> str | None:
         """The weight_version the last update set (None before any)."""
         return self.engine.weight_version

@@ -13,6 +13,8 @@ from typing import Protocol
 
 from moelink.scheduler.outputs import ModelRunnerOutput
 
+from .weight_sync import DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
+
 
 class RankCall(str, Enum):
     """A Worker method every rank runs together (its value is the method's name)."""
@@ -28,6 +30,9 @@ class RankCall(str, Enum):
     EPLB_STATE = "eplb_state"
     UPDATE_WEIGHTS_FROM_DISK = "update_weights_from_disk"
     UPDATE_WEIGHTS_FROM_TENSOR = "update_weights_from_tensor"
+    INIT_WEIGHTS_UPDATE_GROUP = "init_weights_update_group"
+    UPDATE_WEIGHTS_FROM_DISTRIBUTED = "update_weights_from_distributed"
+    DESTROY_WEIGHTS_UPDATE_GROUP = "destroy_weights_update_group"
     # Tests only (not a user flag): later move chunks pause, so a test can kill a rank mid-move.
     EPLB_TEST_SLOW_MOVES = "eplb_test_slow_moves"
 
@@ -120,6 +125,15 @@ class RankAPI(Protocol):
 
     def update_weights_from_tensor(self, tensors: dict) -> int:
         """Write named tensors into this rank's weights in place (the parts it holds); the bytes read."""
+
+    def init_weights_update_group(self, spec: UpdateGroupSpec) -> str | None:
+        """Join a trainer's group as spec.rank_offset + this rank; None, or why it failed."""
+
+    def update_weights_from_distributed(self, update: DistributedUpdate) -> DistributedUpdateResult:
+        """Receive a trainer's broadcast a bucket at a time, each written in place (the parts this rank holds)."""
+
+    def destroy_weights_update_group(self, group_name: str) -> bool:
+        """Leave a trainer's group; False when not joined."""
 
 
 def rank_call(method) -> RankCall:

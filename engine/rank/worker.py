@@ -223,9 +223,35 @@ class Worker:
         return self._write_weights(
             lambda model: update_tensors_in_place(model, self.config.model, tensors, self.device))
 
-    def _write_weights(self, write) -> int:
-        """A weight update's write on this rank, no launched step's device work still reading the weights; the
-        bytes read."""
+    def init_weights_update_group(self, spec) -> str | None:
+        """Join a trainer's group as spec.rank_offset + this rank (engine/rank/weight_sync.py); None, or why not."""
+        return self._update_groups().join(spec, self.rank)
+
+    def update_weights_from_distributed(self, update):
+        """A trainer's broadcast of `update`'s tensors, received a bucket at a time, each bucket written in place
+        (the parts this rank holds: loader.update_tensors_in_place). The engine checked the names first and runs no
+        step meanwhile. A DistributedUpdateResult (its error set, not raised, when the trainer failed)."""
+        from .loader import update_tensors_in_place
+
+        groups = self._update_groups()
+        return self._write_weights(lambda model: groups.receive(
+            update, lambda tensors: update_tensors_in_place(model, self.config.model, tensors, self.device)))
+
+    def destroy_weights_update_group(self, group_name: str) -> bool:
+        """Leave a trainer's group; False when this rank had not joined it."""
+        return self._update_groups().destroy(group_name)
+
+    def _update_groups(self):
+        from .weight_sync import UpdateGroups
+
+        groups = self.__dict__.get("_weight_update_groups")
+        if groups is None:
+            groups = self._weight_update_groups = UpdateGroups(self.device)
+        return groups
+
+    def _write_weights(self, write):
+        """A weight update's write on this rank, no launched step's device work still reading the weights; what
+        `write` returns (the bytes read)."""
         self._bind_device()
         self.runner.quiesce(60.0)
         read = write(self.runner.model)

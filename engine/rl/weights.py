@@ -14,9 +14,13 @@ converted again for the parameters written, and only those.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config.checkpoint_headers import checkpoint_tensors, text_model_name
 from ..config.model import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _tensors(model_dir: str, text_prefix: str) -> dict[str, tuple]:
@@ -89,3 +93,57 @@ def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str) -> None:
             raise ValueError(f"model_path={new_dir!r}: tensor {name!r} is {new[name][0]} {list(new[name][1])}, the "
                              f"served one {served[name][0]} {list(served[name][1])}: an update keeps every tensor's "
                              "dtype and shape.")
+
+
+def _dtype(value) -> "torch.dtype | None":
+    """A torch dtype from a torch.dtype or its name ("bfloat16", "torch.bfloat16"); None when it is neither."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), None)
+        return found if isinstance(found, torch.dtype) else None
+    return None
+
+
+def check_tensor_specs(cfg: ModelConfig, served_dir: str, names, dtypes, shapes) -> tuple:
+    """A trainer's broadcast as ((name, torch dtype, shape), ...), in its order, each a tensor of the served checkpoint
+    with its shape; a float one in any float dtype (cast as it is written), a quantized one in its own. Checked before
+    any tensor is broadcast: one error naming the first bad entry."""
+    import torch
+
+    for field, value in (("names", names), ("dtypes", dtypes), ("shapes", shapes)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{field}={value!r} is invalid: must be a list (one entry per tensor).")
+    if not names:
+        raise ValueError("names is empty: an update names at least one tensor.")
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ValueError(f"names, dtypes and shapes have {len(names)}, {len(dtypes)} and {len(shapes)} entries: "
+                         "give one of each per tensor.")
+    served = _tensors(served_dir, cfg.text_weights_prefix)
+    out, seen = [], set()
+    for i, (name, dt, shape) in enumerate(zip(names, dtypes, shapes)):
+        if not isinstance(name, str) or name not in served:
+            raise ValueError(f"names[{i}]={name!r} is invalid: not a tensor of the served checkpoint.")
+        if name in seen:
+            raise ValueError(f"names[{i}] names {name!r} a second time.")
+        seen.add(name)
+        dtype = _dtype(dt)
+        if dtype is None:
+            raise ValueError(f"dtypes[{i}]={dt!r} (tensor {name!r}) is invalid: must be a torch dtype or its name.")
+        if not (isinstance(shape, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                         for n in shape)):
+            raise ValueError(f"shapes[{i}]={shape!r} (tensor {name!r}) is invalid: must be a list of sizes.")
+        sdtype, sshape = served[name]
+        if tuple(shape) != sshape:
+            raise ValueError(f"shapes[{i}]={list(shape)} is invalid: tensor {name!r} is {list(sshape)} in the served "
+                             "checkpoint.")
+        if sdtype in _FLOAT_DTYPES and not dtype.is_floating_point:
+            raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is float ({sdtype}) in the served "
+                             "checkpoint.")
+        if sdtype not in _FLOAT_DTYPES and str(dtype) != _TORCH_NAMES.get(sdtype):
+            raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is {sdtype} in the served checkpoint (a "
+                             "quantized tensor is updated in its own format; re-quantizing is not built yet).")
+        out.append((name, dtype, tuple(shape)))
+    return tuple(out)
