@@ -74,6 +74,16 @@ class LLM:
         """Leave a trainer's process group."""
         return self.engine.destroy_weights_update_group(group_name)
 
+    def pause_generation(self, mode: str = "abort") -> dict:
+        """Stop generating until continue_generation: "abort" aborts every request, "wait" starts nothing new and
+        lets started requests finish, "keep" holds them in place (KV kept; an update meanwhile reaches them, and
+        their outputs name both versions). Requests added while paused wait (LLM.generate is refused)."""
+        return self.engine.pause_generation(mode)
+
+    def continue_generation(self) -> dict:
+        """Generate again after pause_generation."""
+        return self.engine.continue_generation()
+
     def get_weight_version(self) -> str | None:
         """The weight_version the last update set (None before any)."""
         return self.engine.weight_version
@@ -113,6 +123,9 @@ class LLM:
             raise RuntimeError("this LLM is shut down: create a new one.")
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt.")
+        if self.engine.paused is not None:
+            raise ValueError(f"generation is paused (mode={self.engine.paused!r}): LLM.generate would wait for ever; "
+                             "call continue_generation first.")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+PAUSED_POLL_S = 0.01  # how long a step with nothing to do while generation is paused waits
+
+
 @dataclass
 class LoopStats:
     """Where the engine loop's time went, summed since start (seconds, host clock): `launch_s` in launching
@@ -221,6 +224,7 @@ class LLMEngine(RLControl):
         return list(self._rank_of)
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
+        self._forget_versions(request_ids)
         for rid in request_ids:
             self.structured.remove(rid)
             rank = self._rank_of.pop(rid, None)
@@ -279,6 +283,11 @@ class LLMEngine(RLControl):
             outputs += self._drain_core()
             if self._eplb_act():
                 return outputs
+        if self._pause_mode == "keep":  # held in place (engine/core/rl_control.py): nothing is scheduled
+            outputs += self._drain_core()
+            if not outputs:
+                time.sleep(PAUSED_POLL_S)  # a stepping loop waiting for continue_generation does not spin
+            return outputs
         if self.structured:
             self._release_held(self.structured.poll())
         sched_outs = [s.schedule() for s in self.schedulers]
@@ -295,6 +304,8 @@ class LLMEngine(RLControl):
                 if not outputs and self.structured.filling():
                     # Only held requests are left: wait (briefly) for a mask rather than spin on empty steps.
                     self._release_held(self.structured.poll(timeout=0.05))
+                elif not outputs and self._pause_mode is not None:
+                    time.sleep(PAUSED_POLL_S)  # only requests the pause keeps waiting are left
                 return outputs
             self._pending = (sched_outs, self.executor.launch(sched_outs))
             return outputs + self._drain_core()
@@ -349,6 +360,7 @@ class LLMEngine(RLControl):
         if self.eplb is not None:
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
             self.eplb.record(counts_LG, pairs_LR)
+        self._stamp_versions(core_outputs)
         structured = self.structured
         constrained = bool(structured)
         for co in core_outputs:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from ..config.engine_args import EngineConfig
 
 
+PAUSE_MODES = ("abort", "wait", "keep")
+
+
 class RLControl:
     """The RL control calls of LLMEngine (a mixin: the engine's executor, config and schedulers are its state)."""
 
@@ -37,6 +40,10 @@ class RLControl:
         def _drain(self) -> list: ...
 
         def has_unfinished_requests(self) -> bool: ...
+
+        def abort_requests(self, request_ids, reason: str = "abort") -> list: ...
+
+        _rank_of: dict[str, int]
 
     weight_version: str | None = None  # set by the caller with each weight update (SGLang's weight_version)
     # After a broadcast that failed part way: the names it was to write that no later update has written, and why.
@@ -113,6 +120,7 @@ class RLControl:
                                                                   dtypes, shapes), bucket_bytes)
         t0 = time.perf_counter()
         self._drain()
+        self._before_write()
         results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISTRIBUTED, update)
         self.flush_cache()
         failed = [r for r in results if r.error is not None]
@@ -157,12 +165,80 @@ class RLControl:
                                "still to be written by a complete update (update_weights_from_disk, or the same names "
                                "again).")
 
+    # -- pause / continue (SGLang's pause_generation, continue_generation) ---------------------------------------
+    _pause_mode: str | None = None
+    # Requests an update reached while held ("keep"): the versions their KV and tokens so far came from, sent once
+    # with their next output (EngineCoreOutput.earlier_weight_versions).
+    _earlier_versions: dict[str, list] | None = None
+
+    def pause_generation(self, mode: str = "abort") -> dict:
+        """Stop generating until continue_generation. "abort": every request the engine holds is aborted (finish
+        reason "abort"). "wait": nothing new starts; requests already started run on to their end (step the engine
+        until `started_requests()` is empty, then update). "keep": nothing is scheduled; started requests keep their
+        KV and resume on continue; an update meanwhile is allowed, and they go on with the new weights (SGLang's
+        in-place pause): their outputs name every version they came from (RequestOutput.weight_versions). Requests
+        added while paused wait. {"mode", "aborted", "started"}."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode={mode!r} is invalid: choose from {', '.join(PAUSE_MODES)}.")
+        aborted: list = []
+        if mode == "abort":
+            aborted = self.abort_requests(list(self._rank_of))
+        self._pause_mode = mode
+        for sched in self.schedulers:
+            sched.admit_new = False
+        return {"mode": mode, "aborted": len(aborted), "started": len(self.started_requests())}
+
+    def continue_generation(self) -> dict:
+        """Generate again after pause_generation (requests held in "keep" resume where they were)."""
+        was, self._pause_mode = self._pause_mode, None
+        for sched in self.schedulers:
+            sched.admit_new = True
+        return {"resumed_from": was}
+
+    @property
+    def paused(self) -> str | None:
+        """The pause mode in force, or None."""
+        return self._pause_mode
+
+    def started_requests(self) -> list[str]:
+        """Requests that have been scheduled (they hold KV or tokens of the weights they ran with)."""
+        return [rid for sched in self.schedulers for rid in sched.started_request_ids()]
+
+    def _stamp_versions(self, core_outputs) -> None:
+        """Each core output is labelled with the version of the weights that computed it (the step loop's collect)."""
+        earlier = self._earlier_versions
+        for co in core_outputs:
+            co.weight_version = self.weight_version
+            if earlier:
+                co.earlier_weight_versions = tuple(earlier.pop(co.request_id, ())) or None
+
+    def _forget_versions(self, request_ids) -> None:
+        if self._earlier_versions:
+            for rid in request_ids:
+                self._earlier_versions.pop(rid, None)
+
+    def _before_write(self) -> None:
+        """Requests held across this update (pause "keep"): their KV is of the old weights. They are noted (their
+        outputs will say so) and their blocks never enter the prefix cache."""
+        started = {i: sched.started_request_ids() for i, sched in enumerate(self.schedulers)}
+        if not any(started.values()):
+            return
+        if self._earlier_versions is None:
+            self._earlier_versions = {}
+        for i, ids in started.items():
+            self.schedulers[i].exclude_from_prefix_cache(ids)
+            for rid in ids:
+                seen = self._earlier_versions.setdefault(rid, [])
+                if not seen or seen[-1] != self.weight_version:
+                    seen.append(self.weight_version)
+
     # -- the common tail ------------------------------------------------------------------------------------------
     def _update_ranks(self, call: RankCall, arg, weight_version: str | None) -> dict:
         """Every rank writes its part of a checked update (`call` with `arg`), then the prefix cache is flushed and
         the version set: {"bytes_read", "seconds", "weight_version"}."""
         t0 = time.perf_counter()
         self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
+        self._before_write()
         read = self.executor.collective(call, arg)
         self.flush_cache()
         self.weight_version = weight_version
@@ -180,9 +256,17 @@ class RLControl:
             raise ValueError(f"a weight update is not supported with kv_connector={type(kvc).__name__} "
                              "(prefill/decode disaggregation) yet: KV another engine computed with other weights "
                              "would be served.")
-        if self.has_unfinished_requests():
+        if self._pause_mode == "keep":
+            return  # held in place: they go on with the new weights, and say so (pause_generation)
+        if self._pause_mode is not None:
+            started = self.started_requests()
+            if started:
+                raise ValueError(f"a weight update is refused while started requests run ({len(started)}, e.g. "
+                                 f"{started[0]!r}): paused with mode={self._pause_mode!r}, step the engine until they "
+                                 "finish, or pause with mode='keep' to update them in place.")
+        elif self.has_unfinished_requests():
             raise ValueError("a weight update is refused while requests run: let them finish (or abort them) "
-                             "first, so that no request mixes weights.")
+                             "first, so that no request mixes weights; or pause_generation first.")
 
     def flush_cache(self) -> int:
         """Forget every cached prefix on every rank (SGLang's flush_cache, vLLM's reset_prefix_cache); the number of
