@@ -79,7 +79,7 @@ def time_engine(path: str, named, ep: int, bucket_bytes: int, repeats: int) -> f
     from moelink.engine.rl.trainer import TrainerGroup
 
     llm = LLM(path, dtype="float32", expert_parallel_size=ep, num_kv_blocks=64, block_size=16,
-              max_num_batched_tokens=64, max_num_seqs=4)
+              max_num_batched_tokens=64, max_num_seqs=4, enable_weight_updates=True)
     port = _free_port()
     box: dict = {}
     joined = threading.Thread(target=lambda: box.update(trainer=TrainerGroup("127.0.0.1", port, ep + 1, "sync")))

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             model = str(make_tiny_model(Path(tmp) / "tiny", "qwen3_moe", num_layers=2, hidden_size=64, num_experts=6,
                                         top_k=3, num_heads=4, num_kv_heads=2, head_dim=16, moe_intermediate_size=32,
                                         vocab_size=512))
-        llm = LLM(model, dtype="float64", num_kv_blocks=128, block_size=8)
+        llm = LLM(model, dtype="float64", num_kv_blocks=128, block_size=8, enable_weight_updates=True)
         port = _free_port()
         ctx = mp.get_context("spawn")
         ours, theirs = ctx.Pipe()

@@ -56,6 +56,7 @@ class RLControl:
         place (engine/rl/weights.py); the prefix cache (and with it every offload tier's view) is flushed, since KV
         computed with the old weights must never be served with the new. Requests must be done first: one request
         never mixes weights. Returns {"bytes_read", "seconds", "weight_version"}."""
+        self._check_enabled("update_weights_from_disk")
         from ..rl.weights import check_same_tensors
 
         if load_format not in (None, "auto", "safetensors"):
@@ -72,6 +73,7 @@ class RLControl:
         """SGLang's update_weights_from_tensor: [(checkpoint name, tensor)] of the served checkpoint (any subset, a
         float tensor in any float dtype) written in place on every rank that holds part of it; the rest of the weights
         stay. As update_weights_from_disk otherwise (refusals, cache flush, weight_version)."""
+        self._check_enabled("update_weights_from_tensor")
         from ..rl.weights import check_named_tensors
 
         if load_format not in (None, "auto"):
@@ -89,6 +91,7 @@ class RLControl:
         """Every rank joins the trainer's group (the trainer is its rank 0 and serves the rendezvous at
         master_address:master_port; engine rank r is rank_offset + r); the trainer makes its group at the same
         time. {"success", "message"} as SGLang answers; a failed join raises naming why."""
+        self._check_enabled("init_weights_update_group")
         spec = UpdateGroupSpec(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s)
         spec.check_ranks(self.config.parallel.world_size)
         groups = self._groups()
@@ -110,6 +113,7 @@ class RLControl:
         `names`) on every rank, a bucket of at most `bucket_bytes` at a time, each rank writing the parts it holds
         in place. Checked against the served checkpoint before the trainer is listened to. As the other updates
         otherwise (refusals, cache flush, weight_version); {"bytes_read", "seconds", "weight_version"}."""
+        self._check_enabled("update_weights_from_distributed")
         from ..rl.weights import check_tensor_specs
 
         if group_name not in self._groups():
@@ -141,10 +145,17 @@ class RLControl:
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
         """Every rank leaves the group; a group not joined is refused naming it."""
+        self._check_enabled("destroy_weights_update_group")
         if self._groups().pop(group_name, None) is None:
             raise ValueError(f"group_name={group_name!r} is invalid: no such weight update group.")
         self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)
         return {"success": True, "message": f"destroyed group {group_name!r}"}
+
+    def _check_enabled(self, call: str) -> None:
+        """The control calls that change weights or hold requests are taken only when the engine was started to."""
+        if not self.config.enable_weight_updates:
+            raise ValueError(f"{call} is refused: start the engine with enable_weight_updates=True "
+                             "(--enable-weight-updates) to take RL control calls.")
 
     def _groups(self) -> dict[str, UpdateGroupSpec]:
         if self._update_groups is None:
@@ -178,6 +189,7 @@ class RLControl:
         KV and resume on continue; an update meanwhile is allowed, and they go on with the new weights (SGLang's
         in-place pause): their outputs name every version they came from (RequestOutput.weight_versions). Requests
         added while paused wait. {"mode", "aborted", "started"}."""
+        self._check_enabled("pause_generation")
         if mode not in PAUSE_MODES:
             raise ValueError(f"mode={mode!r} is invalid: choose from {', '.join(PAUSE_MODES)}.")
         aborted: list = []
@@ -190,6 +202,7 @@ class RLControl:
 
     def continue_generation(self) -> dict:
         """Generate again after pause_generation (requests held in "keep" resume where they were)."""
+        self._check_enabled("continue_generation")
         was, self._pause_mode = self._pause_mode, None
         for sched in self.schedulers:
             sched.admit_new = True

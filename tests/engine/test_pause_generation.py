@@ -26,7 +26,8 @@ def _run(engine, finished: dict) -> None:
 
 
 def _engine(path):
-    return LLM(path, dtype="float32", max_num_seqs=3, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4)
+    return LLM(path, dtype="float32", max_num_seqs=3, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4,
+               enable_weight_updates=True)
 
 
 @pytest.mark.slow
@@ -103,8 +104,20 @@ def test_keep_holds_requests_through_an_update_and_says_so(tiny_model, tmp_path)
     assert_pool_free(llm)
 
 
+def test_control_calls_need_the_flag(tiny_model):
+    path = tiny_model("qwen3_e6k3")
+    llm = LLM(path, dtype="float32", num_kv_blocks=16, block_size=4)
+    for call, args in [("pause_generation", ("wait",)), ("continue_generation", ()),
+                       ("update_weights_from_disk", (path,)), ("destroy_weights_update_group", ("g",)),
+                       ("init_weights_update_group", ("127.0.0.1", 1, 1, 2, "g"))]:
+        with pytest.raises(ValueError, match=rf"{call} is refused: start the engine with enable_weight_updates=True "
+                                             r"\(--enable-weight-updates\)"):
+            getattr(llm, call)(*args)
+    assert llm.get_weight_version() is None and llm.flush_cache() == 0  # reading and flushing need no flag
+
+
 def test_abort_mode_and_bad_modes(tiny_model):
-    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, block_size=4)
+    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, block_size=4, enable_weight_updates=True)
     eng = llm.engine
     with pytest.raises(ValueError, match="mode='stop' is invalid: choose from abort, wait, keep"):
         llm.pause_generation("stop")

@@ -83,7 +83,7 @@ def test_broadcast_update_equals_transformers(tiny_model, tmp_path):
     new = _perturbed(_tensors(path))
     ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=29, n=4, lo=1, hi=30)
     want = hf_greedy(_saved(path, new, tmp_path / "new"), ps)
-    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8, enable_weight_updates=True)
     before = engine_greedy(llm, ps)
     assert want != before, "the perturbation must change the answers"
     trainer = _Trainer(free_port(), list(new.items()))
@@ -105,7 +105,7 @@ def test_bad_updates_are_refused_before_any_broadcast(tiny_model):
     path = tiny_model("qwen3_e6k3")
     tensors = _tensors(path)
     name = "model.layers.0.mlp.experts.1.up_proj.weight"
-    llm = LLM(path, dtype="float32", num_kv_blocks=32, block_size=8)
+    llm = LLM(path, dtype="float32", num_kv_blocks=32, block_size=8, enable_weight_updates=True)
     ps = [[1, 2, 3, 4, 5], [9, 8, 7]]
     before = engine_greedy(llm, ps, max_new=4)
     trainer = _Trainer(free_port(), [])
@@ -140,7 +140,7 @@ def test_bad_updates_are_refused_before_any_broadcast(tiny_model):
 def test_a_trainer_silent_part_way_fails_the_tensor_and_requests_wait_for_a_whole_update(tiny_model):
     path = tiny_model("qwen3_e6k3")
     new = list(_perturbed(_tensors(path)).items())
-    llm = LLM(path, dtype="float32", num_kv_blocks=32, block_size=8)
+    llm = LLM(path, dtype="float32", num_kv_blocks=32, block_size=8, enable_weight_updates=True)
     ps = [[1, 2, 3, 4, 5], [9, 8, 7]]
     before = engine_greedy(llm, ps, max_new=4)
     trainer = _Trainer(free_port(), new, stop_after=3)

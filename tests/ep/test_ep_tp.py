@@ -216,10 +216,10 @@ def test_weight_updates_reach_every_rank(local_ray, tiny_model, tmp_path, tp, ep
     ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=67, n=4, lo=1, hi=30)
     names = ("model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.5.up_proj.weight")
     back = {k: v for f in sorted(Path(a).glob("*.safetensors")) for k, v in load_file(f).items() if k in names}
-    one = LLM(b, **KW)
+    one = LLM(b, enable_weight_updates=True, **KW)
     one.update_weights_from_tensor(list(back.items()))
     want = _greedy(one, ps)
-    llm = LLM(a, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
+    llm = LLM(a, tensor_parallel_size=tp, expert_parallel_size=ep, enable_weight_updates=True, **KW)
     try:
         llm.update_weights_from_disk(b)
         assert_same(_greedy(llm, ps), _hf(b, ps), ps)
@@ -244,10 +244,10 @@ def test_broadcast_update_reaches_both_ranks_experts(local_ray, tiny_model, tmp_
     ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=71, n=4, lo=1, hi=30)
     names = ("model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.5.up_proj.weight")
     new = [(k, v) for f in sorted(Path(b).glob("*.safetensors")) for k, v in load_file(f).items() if k in names]
-    one = LLM(a, **KW)
+    one = LLM(a, enable_weight_updates=True, **KW)
     one.update_weights_from_tensor(new)
     want = _greedy(one, ps)
-    llm = LLM(a, expert_parallel_size=2, **KW)
+    llm = LLM(a, expert_parallel_size=2, enable_weight_updates=True, **KW)
     trainer = _Trainer(free_port(), new, world_size=3)
     try:
         trainer.start()
