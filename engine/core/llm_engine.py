@@ -256,7 +256,8 @@ class LLMEngine(RLControl):
         if self._output_sink is not None:
             self._output_sink(core_outputs)
             return []
-        return self._process(core_outputs)
+        stashed, self._stashed_outputs = self._stashed_outputs, None  # drained by a weight update (rl_control.py)
+        return (stashed or []) + self._process(core_outputs)
 
     def _process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
         """The output work of single-thread use: RequestOutputs, and the requests a stop string ended finished."""

@@ -14,7 +14,7 @@ destroyed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..contract.weight_sync import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, DistributedUpdate, UpdateGroupSpec
 from ..contract.worker_api import RankCall
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 PAUSE_MODES = ("abort", "wait", "keep")
 
 
+class ControlDisabled(ValueError):
+    """A control call on an engine started without enable_weight_updates (a server answers FAILED_PRECONDITION)."""
+
+
 class RLControl:
     """The RL control calls of LLMEngine (a mixin: the engine's executor, config and schedulers are its state)."""
 
@@ -37,7 +41,11 @@ class RLControl:
         config: EngineConfig
         schedulers: list[SchedulerInterface]
 
-        def _drain(self) -> list: ...
+        def _drain_core(self) -> list: ...
+
+        def _process(self, core_outputs: list) -> list: ...
+
+        _output_sink: Callable[[list], None] | None
 
         def has_unfinished_requests(self) -> bool: ...
 
@@ -123,7 +131,7 @@ class RLControl:
         update = DistributedUpdate(group_name, check_tensor_specs(self.config.model, self.config.model.model, names,
                                                                   dtypes, shapes), bucket_bytes)
         t0 = time.perf_counter()
-        self._drain()
+        self._drain_for_update()
         self._before_write()
         results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISTRIBUTED, update)
         self.flush_cache()
@@ -154,7 +162,7 @@ class RLControl:
     def _check_enabled(self, call: str) -> None:
         """The control calls that change weights or hold requests are taken only when the engine was started to."""
         if not self.config.enable_weight_updates:
-            raise ValueError(f"{call} is refused: start the engine with enable_weight_updates=True "
+            raise ControlDisabled(f"{call} is refused: start the engine with enable_weight_updates=True "
                              "(--enable-weight-updates) to take RL control calls.")
 
     def _groups(self) -> dict[str, UpdateGroupSpec]:
@@ -230,6 +238,20 @@ class RLControl:
             for rid in request_ids:
                 self._earlier_versions.pop(rid, None)
 
+    # Single-thread use: outputs of a step an update drained, returned by the next `step` (LLMEngine.step).
+    _stashed_outputs: list | None = None
+
+    def _drain_for_update(self) -> None:
+        """Collect the step in flight before any rank writes; its outputs go where a step's go (the output thread's
+        sink, or the next `step`'s return), never lost: a request may have finished in it."""
+        core_outputs = self._drain_core()
+        if not core_outputs:
+            return
+        if self._output_sink is not None:
+            self._output_sink(core_outputs)
+        else:
+            self._stashed_outputs = (self._stashed_outputs or []) + self._process(core_outputs)
+
     def _before_write(self) -> None:
         """Requests held across this update (pause "keep"): their KV is of the old weights. They are noted (their
         outputs will say so) and their blocks never enter the prefix cache."""
@@ -250,7 +272,7 @@ class RLControl:
         """Every rank writes its part of a checked update (`call` with `arg`), then the prefix cache is flushed and
         the version set: {"bytes_read", "seconds", "weight_version"}."""
         t0 = time.perf_counter()
-        self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
+        self._drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
         self._before_write()
         read = self.executor.collective(call, arg)
         self.flush_cache()

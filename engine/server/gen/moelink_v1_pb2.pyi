@@ -6,6 +6,68 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class UpdateWeightsFromDiskRequest(_message.Message):
+    __slots__ = ("model_path", "load_format", "weight_version")
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    load_format: str
+    weight_version: str
+    def __init__(self, model_path: _Optional[str] = ..., load_format: _Optional[str] = ..., weight_version: _Optional[str] = ...) -> None: ...
+
+class UpdateWeightsResponse(_message.Message):
+    __slots__ = ("bytes_read", "seconds", "weight_version")
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    bytes_read: int
+    seconds: float
+    weight_version: str
+    def __init__(self, bytes_read: _Optional[int] = ..., seconds: _Optional[float] = ..., weight_version: _Optional[str] = ...) -> None: ...
+
+class PauseGenerationRequest(_message.Message):
+    __slots__ = ("mode",)
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    def __init__(self, mode: _Optional[str] = ...) -> None: ...
+
+class PauseGenerationResponse(_message.Message):
+    __slots__ = ("aborted", "started")
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    aborted: int
+    started: int
+    def __init__(self, aborted: _Optional[int] = ..., started: _Optional[int] = ...) -> None: ...
+
+class ContinueGenerationRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ContinueGenerationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushCacheResponse(_message.Message):
+    __slots__ = ("num_blocks_freed",)
+    NUM_BLOCKS_FREED_FIELD_NUMBER: _ClassVar[int]
+    num_blocks_freed: int
+    def __init__(self, num_blocks_freed: _Optional[int] = ...) -> None: ...
+
+class GetWeightVersionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetWeightVersionResponse(_message.Message):
+    __slots__ = ("weight_version",)
+    WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    weight_version: str
+    def __init__(self, weight_version: _Optional[str] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "max_tokens", "unlimited_tokens", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "logprobs", "skip_special_tokens", "json_schema", "json_object", "regex", "grammar", "choice")
     N_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,69 @@
+"""The moelink.v1 Control service (engine/server/control.py; docs/rl.md) on an in-process server: refused with
+FAILED_PRECONDITION naming --enable-weight-updates unless the engine takes control calls, and UNAUTHENTICATED without
+the API key where one is set; with both, an update from disk while a stream runs under pause("wait") loses nothing:
+the stream finishes on the old weights, the update lands, GetWeightVersion and later responses' outputs follow it."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from moelink.engine.server.gen import moelink_v1_pb2 as pb
+from moelink.engine.server.gen import moelink_v1_pb2_grpc as pb_grpc
+
+KEY = "control-test-key"
+
+
+def _stub(srv):
+    ch = grpc.insecure_channel(srv.addr)
+    return ch, pb_grpc.ControlStub(ch)
+
+
+def test_control_calls_need_the_flag(thread_server):
+    srv = thread_server()
+    ch, control = _stub(srv)
+    try:
+        for call, req in [("UpdateWeightsFromDisk", pb.UpdateWeightsFromDiskRequest(model_path="/nowhere")),
+                          ("PauseGeneration", pb.PauseGenerationRequest(mode="wait")),
+                          ("ContinueGeneration", pb.ContinueGenerationRequest())]:
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(control, call)(req, timeout=30)
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert "--enable-weight-updates" in err.value.details()
+        assert not control.GetWeightVersion(pb.GetWeightVersionRequest(), timeout=30).HasField("weight_version")
+    finally:
+        ch.close()
+
+
+@pytest.mark.slow  # a server and a weight update: about 3 s
+def test_update_under_pause_with_the_key(thread_server, model_path):
+    srv = thread_server(engine_kw={"enable_weight_updates": True}, api_key=KEY)
+    ch, control = _stub(srv)
+    native = pb_grpc.GenerationStub(ch)
+    auth = (("authorization", f"Bearer {KEY}"),)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            control.FlushCache(pb.FlushCacheRequest(), timeout=30)
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        stream = native.Generate(pb.GenerateRequest(
+            request_id="r", prompt_token_ids=pb.TokenIds(ids=[1, 2, 3, 4]),
+            sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)), metadata=auth,
+            timeout=60)
+        first = next(stream)  # running
+        assert first.token_ids
+        assert control.PauseGeneration(pb.PauseGenerationRequest(mode="wait"), metadata=auth, timeout=30).started == 1
+        rest = list(stream)  # the started request runs to its end while paused
+        assert rest[-1].finish_reason == "length"
+        assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 24
+        info = control.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path=model_path,
+                                                                              weight_version="v2"),
+                                             metadata=auth, timeout=60)
+        assert info.bytes_read > 0 and info.weight_version == "v2"
+        control.ContinueGeneration(pb.ContinueGenerationRequest(), metadata=auth, timeout=30)
+        assert control.GetWeightVersion(pb.GetWeightVersionRequest(), metadata=auth, timeout=30).weight_version == "v2"
+        with pytest.raises(grpc.RpcError) as err:
+            control.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path="/nowhere"), metadata=auth,
+                                          timeout=30)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "model_path='/nowhere'" in err.value.details()
+        assert control.FlushCache(pb.FlushCacheRequest(), metadata=auth, timeout=30).num_blocks_freed >= 0
+    finally:
+        ch.close()
