@@ -84,6 +84,23 @@ class LLM:
         """Generate again after pause_generation."""
         return self.engine.continue_generation()
 
+    def sleep(self, level: int = 1) -> dict:
+        """Give the devices back to a trainer (vLLM's sleep): level 1 keeps the weights in host memory and frees the
+        KV cache; level 2 drops the weights too (an update fills them again). Requests are refused until wake_up."""
+        return self.engine.sleep(level)
+
+    def wake_up(self, tags=None) -> dict:
+        """Give the released memory back (`tags`: "weights", "kv_cache"; None: both)."""
+        return self.engine.wake_up(tags)
+
+    def release_memory_occupation(self, tags=None) -> dict:
+        """SGLang's name for sleep(level=1)."""
+        return self.engine.release_memory_occupation(tags)
+
+    def resume_memory_occupation(self, tags=None) -> dict:
+        """SGLang's name for wake_up."""
+        return self.engine.resume_memory_occupation(tags)
+
     def get_weight_version(self) -> str | None:
         """The weight_version the last update set (None before any)."""
         return self.engine.weight_version

@@ -33,6 +33,8 @@ class RankCall(str, Enum):
     INIT_WEIGHTS_UPDATE_GROUP = "init_weights_update_group"
     UPDATE_WEIGHTS_FROM_DISTRIBUTED = "update_weights_from_distributed"
     DESTROY_WEIGHTS_UPDATE_GROUP = "destroy_weights_update_group"
+    SLEEP = "sleep"
+    WAKE_UP = "wake_up"
     # Tests only (not a user flag): later move chunks pause, so a test can kill a rank mid-move.
     EPLB_TEST_SLOW_MOVES = "eplb_test_slow_moves"
 
@@ -134,6 +136,12 @@ class RankAPI(Protocol):
 
     def destroy_weights_update_group(self, group_name: str) -> bool:
         """Leave a trainer's group; False when not joined."""
+
+    def sleep(self, level: int) -> int:
+        """Release this rank's weights (level 1 to host memory, level 2 dropped) and KV cache; the bytes freed."""
+
+    def wake_up(self, tags: tuple[str, ...]) -> dict:
+        """Give the released parts named by `tags` their memory back; {"bytes", "seconds", "graphs_recaptured"}."""
 
 
 def rank_call(method) -> RankCall:

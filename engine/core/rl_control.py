@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..contract.weight_sync import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, DistributedUpdate, UpdateGroupSpec
 from ..contract.worker_api import RankCall
+from .rl_memory import MemoryControl
 
 if TYPE_CHECKING:
     from moelink.scheduler.interface import SchedulerInterface
@@ -33,7 +34,7 @@ class ControlDisabled(ValueError):
     """A control call on an engine started without enable_weight_updates (a server answers FAILED_PRECONDITION)."""
 
 
-class RLControl:
+class RLControl(MemoryControl):
     """The RL control calls of LLMEngine (a mixin: the engine's executor, config and schedulers are its state)."""
 
     if TYPE_CHECKING:
@@ -177,7 +178,9 @@ class RLControl:
             self._stale = (left, self._stale[1]) if left else None
 
     def check_weights_whole(self) -> None:
-        """Refuse a request while a failed broadcast left the weights of two versions."""
+        """Refuse a request while the engine is asleep, or a failed broadcast (or sleep level 2) left the weights
+        incomplete."""
+        self.check_awake()
         if self._stale is not None:
             left, why = self._stale
             raise RuntimeError(f"requests are refused: {why}; {len(left)} tensor(s) (e.g. {sorted(left)[0]!r}) are "
@@ -255,6 +258,7 @@ class RLControl:
     def _before_write(self) -> None:
         """Requests held across this update (pause "keep"): their KV is of the old weights. They are noted (their
         outputs will say so) and their blocks never enter the prefix cache."""
+        self._weights_written_while_asleep()
         started = {i: sched.started_request_ids() for i, sched in enumerate(self.schedulers)}
         if not any(started.values()):
             return

@@ -241,6 +241,31 @@ class Worker:
         """Leave a trainer's group; False when this rank had not joined it."""
         return self._update_groups().destroy(group_name)
 
+    def sleep(self, level: int) -> int:
+        """Give this rank's device memory back (engine/rank/sleep_mode.py): level 1 the weights to host memory and
+        the KV cache freed, level 2 the weights dropped too; the bytes freed. The engine runs no step meanwhile."""
+        from .loader import plan_destinations
+        from .sleep_mode import SleepState
+
+        self._bind_device()
+        self.runner.quiesce(60.0)
+        state = self.__dict__.setdefault("_sleep_state", SleepState())
+        model = self.runner.model
+        freed = state.sleep(level, model, plan_destinations(model, self.config.model) if level == 2 else [],
+                            self.runner.kv_caches)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the freed blocks back to the device, where the trainer can use them
+        return freed
+
+    def wake_up(self, tags: tuple[str, ...]) -> dict:
+        """Give the released parts named by `tags` ("weights", "kv_cache") their memory back; graphs are captured
+        again where a storage moved. {"bytes", "seconds", "graphs_recaptured"}."""
+        from .sleep_mode import SleepState, wake_runner
+
+        self._bind_device()
+        state = self.__dict__.setdefault("_sleep_state", SleepState())
+        return wake_runner(state, self.runner, tags, self.device)
+
     def _update_groups(self):
         from .weight_sync import UpdateGroups
 
@@ -254,6 +279,9 @@ class Worker:
         `write` returns (the bytes read)."""
         self._bind_device()
         self.runner.quiesce(60.0)
+        asleep = self.__dict__.get("_sleep_state")
+        if asleep is not None and "weights" in asleep.parts:  # an update while asleep writes into the weights' bytes
+            self.wake_up(("weights",))
         read = write(self.runner.model)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step

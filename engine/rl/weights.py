@@ -33,6 +33,11 @@ def _tensors(model_dir: str, text_prefix: str) -> dict[str, tuple]:
     return out
 
 
+def served_names(cfg: ModelConfig, served_dir: str) -> set[str]:
+    """The names of the served checkpoint's tensors (as the model plans them)."""
+    return set(_tensors(served_dir, cfg.text_weights_prefix))
+
+
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
