@@ -2,7 +2,7 @@
 ranks, per GB, beside a bare gloo broadcast of the same tensors.
 
     python -m moelink.benchmarks.rl_weight_sync [--hidden 512] [--experts 8] [--layers 4] [--moe-intermediate 512]
-        [--ep 1,2] [--bucket-mib 16,512] [--repeats 2] [--json PATH]
+        [--ep 1,2] [--bucket-mib 16,512] [--repeats 2] [--sleep] [--json PATH]
 
 A Qwen3-MoE checkpoint of the given shape (random, float32) is served at each EP size; the trainer, a thread of this
 process holding rank 0 of its own gloo group (engine/rl/trainer.TrainerGroup), broadcasts every tensor of it whole and
@@ -10,7 +10,8 @@ the engine's ranks (rank 1 .. EP) receive them a bucket at a time, each writing 
 the bytes, the engine call's wall time (best of `--repeats`, after one untimed sync), seconds per GB and GB/s; the
 "bare" row is the same tensors broadcast to one receiving thread with no engine (the transport alone), so the rest
 of an engine row is the rank side's work (the buckets' writes through the load plan, the cache flush) and, at EP > 1,
-the Ray calls and every rank's receive.
+the Ray calls and every rank's receive. `--sleep` adds sleep(1) / wake_up at one rank: the bytes freed (weights and
+KV cache), the time to sleep (the weights' copy to host memory) and to wake (their copy back).
 """
 from __future__ import annotations
 
@@ -104,6 +105,24 @@ def time_engine(path: str, named, ep: int, bucket_bytes: int, repeats: int) -> f
     return best
 
 
+def time_sleep(path: str, repeats: int) -> dict:
+    """sleep(1) / wake_up at one rank (the best of `repeats`): the bytes freed, the time to sleep and to wake."""
+    from moelink.engine import LLM
+
+    llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=16, max_num_batched_tokens=64, max_num_seqs=4,
+              enable_weight_updates=True)
+    try:
+        best: dict = {}
+        for _ in range(repeats):
+            slept = llm.sleep(1)
+            woke = llm.wake_up()
+            if not best or slept["seconds"] + woke["seconds"] < best["sleep_s"] + best["wake_s"]:
+                best = {"bytes_freed": slept["bytes_freed"], "sleep_s": slept["seconds"], "wake_s": woke["seconds"]}
+    finally:
+        llm.shutdown()
+    return best
+
+
 def run(ns) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +141,11 @@ def run(ns) -> list[dict]:
         for ep in ns.ep:
             for mib in ns.bucket_mib:
                 row("engine", ep, mib, time_engine(path, named, ep, mib << 20, ns.repeats))
+        if ns.sleep:
+            s = time_sleep(path, ns.repeats)
+            rows.append({"what": "sleep1", "ep": 1, **s})
+            print(f" sleep(1) ep 1: {s['bytes_freed'] / 2**20:8.1f} MiB freed, sleep {s['sleep_s'] * 1e3:7.1f} ms, "
+                  f"wake_up {s['wake_s'] * 1e3:7.1f} ms", flush=True)
     return rows
 
 
@@ -134,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--ep", default="1,2", help="EP sizes (EP > 1 starts Ray ranks)")
     p.add_argument("--bucket-mib", default="16,512")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sleep", action="store_true", help="also time sleep(1) / wake_up at one rank")
     p.add_argument("--json", default=None, help="write the rows and the machine here")
     ns = p.parse_args(argv)
     ns.ep = [int(x) for x in ns.ep.split(",")]

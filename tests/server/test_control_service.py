@@ -58,8 +58,13 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
                                                                               weight_version="v2"),
                                              metadata=auth, timeout=60)
         assert info.bytes_read > 0 and info.weight_version == "v2"
+        assert not any(m.HasField("weight_version") for m in [first, *rest])  # before any labelled update
         control.ContinueGeneration(pb.ContinueGenerationRequest(), metadata=auth, timeout=30)
         assert control.GetWeightVersion(pb.GetWeightVersionRequest(), metadata=auth, timeout=30).weight_version == "v2"
+        after = list(native.Generate(pb.GenerateRequest(
+            prompt_token_ids=pb.TokenIds(ids=[1, 2, 3, 4]), sampling_params=pb.SamplingParams(max_tokens=3)),
+            metadata=auth, timeout=60))
+        assert {m.weight_version for m in after} == {"v2"} and not any(m.weight_versions for m in after)
         with pytest.raises(grpc.RpcError) as err:
             control.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path="/nowhere"), metadata=auth,
                                           timeout=30)
