@@ -232,7 +232,7 @@ def test_weight_updates_reach_every_rank(local_ray, tiny_model, tmp_path, tp, ep
 def test_broadcast_update_reaches_both_ranks_experts(local_ray, tiny_model, tmp_path):
     """update_weights_from_distributed at EP 2: the trainer (a thread holding rank 0 of its own gloo group) broadcasts
     two experts, one on each EP rank, whole; both Ray ranks (group ranks 1 and 2) receive them and keep their own:
-    greedy tokens equal one rank given the same tensors."""
+    greedy tokens equal one rank given the same tensors; and again after sleep(1) / wake_up on both ranks."""
     from safetensors.torch import load_file
 
     from moelink.engine.rl.trainer import TrainerGroup
@@ -256,6 +256,8 @@ def test_broadcast_update_reaches_both_ranks_experts(local_ray, tiny_model, tmp_
         llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g")
         assert_same(_greedy(llm, ps), want, ps)
         llm.destroy_weights_update_group("g")
+        assert llm.sleep(1)["bytes_freed"] > 0 and llm.wake_up()["bytes"] > 0  # both ranks, each its own part
+        assert_same(_greedy(llm, ps), want, ps)
     finally:
         trainer.done.set()
         llm.engine.shutdown()
