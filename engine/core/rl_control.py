@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..contract.weight_sync import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, DistributedUpdate, UpdateGroupSpec
 from ..contract.worker_api import RankCall
-from .rl_memory import MemoryControl
+from .rl_memory import MemoryControl, NotServing
 
 if TYPE_CHECKING:
     from moelink.scheduler.interface import SchedulerInterface
@@ -183,7 +183,7 @@ class RLControl(MemoryControl):
         self.check_awake()
         if self._stale is not None:
             left, why = self._stale
-            raise RuntimeError(f"requests are refused: {why}; {len(left)} tensor(s) (e.g. {sorted(left)[0]!r}) are "
+            raise NotServing(f"requests are refused: {why}; {len(left)} tensor(s) (e.g. {sorted(left)[0]!r}) are "
                                "still to be written by a complete update (update_weights_from_disk, or the same names "
                                "again).")
 

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from ..cluster.executor import Executor
     from ..config.engine_args import EngineConfig
 
+class NotServing(RuntimeError):
+    """A request refused while the engine is asleep or its weights are incomplete (a server answers UNAVAILABLE)."""
+
+
 SLEEP_LEVELS = (1, 2)
 MEMORY_TAGS = ("weights", "kv_cache")
 
@@ -97,5 +101,5 @@ class MemoryControl:
 
     def check_awake(self) -> None:
         if self._released:
-            raise RuntimeError(f"requests are refused: the engine is asleep (sleep(level={self._sleep_level}); "
+            raise NotServing(f"requests are refused: the engine is asleep (sleep(level={self._sleep_level}); "
                                f"{', '.join(self._released)} released): wake_up first.")

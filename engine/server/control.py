@@ -41,6 +41,15 @@ class ControlServicer(pb_grpc.ControlServicer):
     async def FlushCache(self, request, context) -> pb.FlushCacheResponse:
         return pb.FlushCacheResponse(num_blocks_freed=await self._call(context, "flush_cache"))
 
+    async def Sleep(self, request: pb.SleepRequest, context) -> pb.SleepResponse:
+        info = await self._call(context, "sleep", request.level or 1)
+        return pb.SleepResponse(bytes_freed=info["bytes_freed"], seconds=info["seconds"])
+
+    async def WakeUp(self, request: pb.WakeUpRequest, context) -> pb.WakeUpResponse:
+        info = await self._call(context, "wake_up", list(request.tags) or None)
+        return pb.WakeUpResponse(bytes=info["bytes"], seconds=info["seconds"],
+                                 graphs_recaptured=info["graphs_recaptured"])
+
     async def GetWeightVersion(self, request, context) -> pb.GetWeightVersionResponse:
         version = await self._call(context, "get_weight_version")
         return pb.GetWeightVersionResponse() if version is None else pb.GetWeightVersionResponse(weight_version=version)

@@ -32,6 +32,7 @@ from ..core.no_tokenizer import NoTokenizer
 from ..core.outputs import Logprob, OutputKind, RequestOutput
 from ..core.prompt_bound import NoBound, bytes_per_token
 from ..core.rl_control import ControlDisabled
+from ..core.rl_memory import NotServing
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
 from ..contract.sampling_params import SamplingParams
 from ..contract.structured_output_params import StructuredOutputParams
@@ -370,6 +371,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DuplicateRequest):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, Draining):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, NotServing):  # asleep, or weights incomplete: another replica, or later
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, EngineDeadError):
         return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry on another replica."

@@ -70,5 +70,14 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
                                           timeout=30)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "model_path='/nowhere'" in err.value.details()
         assert control.FlushCache(pb.FlushCacheRequest(), metadata=auth, timeout=30).num_blocks_freed >= 0
+        assert control.Sleep(pb.SleepRequest(level=1), metadata=auth, timeout=30).bytes_freed > 0
+        with pytest.raises(grpc.RpcError) as err:  # asleep: refused, naming why
+            list(native.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 2])), metadata=auth,
+                                 timeout=30))
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE and "asleep" in err.value.details()
+        assert control.WakeUp(pb.WakeUpRequest(), metadata=auth, timeout=30).bytes > 0
+        assert len(list(native.Generate(pb.GenerateRequest(
+            prompt_token_ids=pb.TokenIds(ids=[1, 2]), sampling_params=pb.SamplingParams(max_tokens=2)),
+            metadata=auth, timeout=60))) >= 1
     finally:
         ch.close()

@@ -6,6 +6,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SleepRequest(_message.Message):
+    __slots__ = ("level",)
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    def __init__(self, level: _Optional[int] = ...) -> None: ...
+
+class SleepResponse(_message.Message):
+    __slots__ = ("bytes_freed", "seconds")
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bytes_freed: int
+    seconds: float
+    def __init__(self, bytes_freed: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class WakeUpRequest(_message.Message):
+    __slots__ = ("tags",)
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WakeUpResponse(_message.Message):
+    __slots__ = ("bytes", "seconds", "graphs_recaptured")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GRAPHS_RECAPTURED_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    seconds: float
+    graphs_recaptured: bool
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., graphs_recaptured: _Optional[bool] = ...) -> None: ...
+
 class UpdateWeightsFromDiskRequest(_message.Message):
     __slots__ = ("model_path", "load_format", "weight_version")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]

@@ -313,6 +313,16 @@ class ControlStub:
                 request_serializer=moelink__v1__pb2.GetWeightVersionRequest.SerializeToString,
                 response_deserializer=moelink__v1__pb2.GetWeightVersionResponse.FromString,
                 _registered_method=True)
+        self.Sleep = channel.unary_unary(
+                '/moelink.v1.Control/Sleep',
+                request_serializer=moelink__v1__pb2.SleepRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.SleepResponse.FromString,
+                _registered_method=True)
+        self.WakeUp = channel.unary_unary(
+                '/moelink.v1.Control/WakeUp',
+                request_serializer=moelink__v1__pb2.WakeUpRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.WakeUpResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -357,6 +367,20 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sleep(self, request, context):
+        """Give the devices back to a trainer (vLLM's sleep): level 1 keeps the weights in host memory, level 2 drops them
+        (an update fills them again); the KV cache is freed. Generate is refused until WakeUp.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WakeUp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -384,6 +408,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.GetWeightVersion,
                     request_deserializer=moelink__v1__pb2.GetWeightVersionRequest.FromString,
                     response_serializer=moelink__v1__pb2.GetWeightVersionResponse.SerializeToString,
+            ),
+            'Sleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sleep,
+                    request_deserializer=moelink__v1__pb2.SleepRequest.FromString,
+                    response_serializer=moelink__v1__pb2.SleepResponse.SerializeToString,
+            ),
+            'WakeUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeUp,
+                    request_deserializer=moelink__v1__pb2.WakeUpRequest.FromString,
+                    response_serializer=moelink__v1__pb2.WakeUpResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +559,60 @@ class Control:
             '/moelink.v1.Control/GetWeightVersion',
             moelink__v1__pb2.GetWeightVersionRequest.SerializeToString,
             moelink__v1__pb2.GetWeightVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/Sleep',
+            moelink__v1__pb2.SleepRequest.SerializeToString,
+            moelink__v1__pb2.SleepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/WakeUp',
+            moelink__v1__pb2.WakeUpRequest.SerializeToString,
+            moelink__v1__pb2.WakeUpResponse.FromString,
             options,
             channel_credentials,
             insecure,
