@@ -65,6 +65,10 @@ class DistributedUpdate:
     group_name: str
     tensors: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    # FP8 block-scaled weights sent in float: (weight name, scale name), each block-quantized in `fp8_block` blocks
+    # as it is written (engine/config/requantize.py).
+    requantize: tuple[tuple[str, str], ...] = ()
+    fp8_block: tuple[int, int] = (128, 128)
 
     def __post_init__(self) -> None:
         if isinstance(self.bucket_bytes, bool) or not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1:

@@ -129,8 +129,9 @@ class RLControl(MemoryControl):
             raise ValueError(f"group_name={group_name!r} is invalid: no such weight update group "
                              "(init_weights_update_group first; a destroyed or failed group is gone).")
         self._check_update_allowed(flush_cache)
-        update = DistributedUpdate(group_name, check_tensor_specs(self.config.model, self.config.model.model, names,
-                                                                  dtypes, shapes), bucket_bytes)
+        specs, requantize = check_tensor_specs(self.config.model, self.config.model.model, names, dtypes, shapes)
+        block = getattr(self.config.model.quantization, "block", (128, 128))
+        update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, block)
         t0 = time.perf_counter()
         self._drain_for_update()
         self._before_write()
