@@ -1,4 +1,5 @@
-"""The moelink.v1 Control service (docs/rl.md): the RL control calls, SGLang's names, on the served engine.
+"""The moelink.v1 Control service (docs/rl.md): the RL control calls, SGLang's names, on the served engine: updates
+from disk and from a trainer's process group, pause / continue, flush, the weight version, sleep / wake-up.
 
 Each call runs on the engine thread between two steps (AsyncEngine.control). Refused with FAILED_PRECONDITION naming
 --enable-weight-updates unless the server was started with it; like every RPC but health, they need the API key where
@@ -10,6 +11,9 @@ from ..api.async_engine import AsyncEngine
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 from .serving import abort_rpc, optional
+
+
+_GROUP = "weight_update_group"  # SGLang's default group name
 
 
 class ControlServicer(pb_grpc.ControlServicer):
@@ -49,6 +53,30 @@ class ControlServicer(pb_grpc.ControlServicer):
         info = await self._call(context, "wake_up", list(request.tags) or None)
         return pb.WakeUpResponse(bytes=info["bytes"], seconds=info["seconds"],
                                  graphs_recaptured=info["graphs_recaptured"])
+
+    async def InitWeightsUpdateGroup(self, request: pb.InitWeightsUpdateGroupRequest,
+                                     context) -> pb.WeightsUpdateGroupResponse:
+        info = await self._call(context, "init_weights_update_group", request.master_address, request.master_port,
+                                request.rank_offset, request.world_size, request.group_name or _GROUP,
+                                request.backend or "gloo", optional(request, "timeout_s", 60.0))
+        return pb.WeightsUpdateGroupResponse(message=info["message"])
+
+    async def UpdateWeightsFromDistributed(self, request: pb.UpdateWeightsFromDistributedRequest,
+                                           context) -> pb.UpdateWeightsResponse:
+        args = [list(request.names), list(request.dtypes), [list(s.dims) for s in request.shapes],
+                request.group_name or _GROUP, True, optional(request, "weight_version")]
+        if request.HasField("bucket_bytes"):
+            args.append(request.bucket_bytes)
+        info = await self._call(context, "update_weights_from_distributed", *args)
+        resp = pb.UpdateWeightsResponse(bytes_read=info["bytes_read"], seconds=info["seconds"])
+        if info["weight_version"] is not None:
+            resp.weight_version = info["weight_version"]
+        return resp
+
+    async def DestroyWeightsUpdateGroup(self, request: pb.DestroyWeightsUpdateGroupRequest,
+                                        context) -> pb.WeightsUpdateGroupResponse:
+        info = await self._call(context, "destroy_weights_update_group", request.group_name or _GROUP)
+        return pb.WeightsUpdateGroupResponse(message=info["message"])
 
     async def GetWeightVersion(self, request, context) -> pb.GetWeightVersionResponse:
         version = await self._call(context, "get_weight_version")

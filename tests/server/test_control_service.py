@@ -1,7 +1,9 @@
 """The moelink.v1 Control service (engine/server/control.py; docs/rl.md) on an in-process server: refused with
 FAILED_PRECONDITION naming --enable-weight-updates unless the engine takes control calls, and UNAUTHENTICATED without
 the API key where one is set; with both, an update from disk while a stream runs under pause("wait") loses nothing:
-the stream finishes on the old weights, the update lands, GetWeightVersion and later responses' outputs follow it."""
+the stream finishes on the old weights, the update lands, GetWeightVersion and later responses' outputs follow it; and
+a trainer's broadcast through InitWeightsUpdateGroup / UpdateWeightsFromDistributed gives the tokens of an offline
+engine given the same tensors."""
 from __future__ import annotations
 
 import grpc
@@ -9,6 +11,8 @@ import pytest
 
 from moelink.engine.server.gen import moelink_v1_pb2 as pb
 from moelink.engine.server.gen import moelink_v1_pb2_grpc as pb_grpc
+
+from tests.helpers.grpc_server import ENGINE_KW
 
 KEY = "control-test-key"
 
@@ -80,4 +84,42 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
             prompt_token_ids=pb.TokenIds(ids=[1, 2]), sampling_params=pb.SamplingParams(max_tokens=2)),
             metadata=auth, timeout=60))) >= 1
     finally:
+        ch.close()
+
+
+@pytest.mark.slow  # a server, a trainer thread and an offline engine: about 4 s
+def test_a_trainers_broadcast_over_grpc(thread_server, model_path):
+    from moelink.engine import LLM, SamplingParams
+    from moelink.engine.rl.trainer import TrainerGroup
+    from tests.engine.test_weight_updates_distributed import _perturbed, _tensors, _Trainer
+    from tests.helpers.net import free_port
+
+    new = list(_perturbed(_tensors(model_path)).items())[:6]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    one = LLM(model_path, **ENGINE_KW, enable_weight_updates=True)
+    one.update_weights_from_tensor(new)
+    want = one.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
+    srv = thread_server(engine_kw={"enable_weight_updates": True})
+    ch, control = _stub(srv)
+    trainer = _Trainer(free_port(), new)
+    try:
+        trainer.start()
+        msg = control.InitWeightsUpdateGroup(pb.InitWeightsUpdateGroupRequest(
+            master_address="127.0.0.1", master_port=trainer.port, rank_offset=1, world_size=2, group_name="g"),
+            timeout=60)
+        assert "joined group 'g'" in msg.message
+        trainer.go.set()
+        specs = TrainerGroup.specs(new)
+        info = control.UpdateWeightsFromDistributed(pb.UpdateWeightsFromDistributedRequest(
+            names=specs["names"], dtypes=specs["dtypes"], shapes=[pb.TensorShape(dims=s) for s in specs["shapes"]],
+            group_name="g", weight_version="t1"), timeout=60)
+        assert info.weight_version == "t1" and info.bytes_read == sum(t.numel() * t.element_size() for _, t in new)
+        control.DestroyWeightsUpdateGroup(pb.DestroyWeightsUpdateGroupRequest(group_name="g"), timeout=30)
+        got = [m for m in pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
+            prompt_token_ids=pb.TokenIds(ids=[5, 6, 7]),
+            sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)), timeout=60)]
+        assert [t for m in got for t in m.token_ids] == want and got[-1].weight_version == "t1"
+    finally:
+        trainer.done.set()
+        trainer.join(30)
         ch.close()

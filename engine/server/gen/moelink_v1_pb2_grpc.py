@@ -323,6 +323,21 @@ class ControlStub:
                 request_serializer=moelink__v1__pb2.WakeUpRequest.SerializeToString,
                 response_deserializer=moelink__v1__pb2.WakeUpResponse.FromString,
                 _registered_method=True)
+        self.InitWeightsUpdateGroup = channel.unary_unary(
+                '/moelink.v1.Control/InitWeightsUpdateGroup',
+                request_serializer=moelink__v1__pb2.InitWeightsUpdateGroupRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
+                _registered_method=True)
+        self.UpdateWeightsFromDistributed = channel.unary_unary(
+                '/moelink.v1.Control/UpdateWeightsFromDistributed',
+                request_serializer=moelink__v1__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.DestroyWeightsUpdateGroup = channel.unary_unary(
+                '/moelink.v1.Control/DestroyWeightsUpdateGroup',
+                request_serializer=moelink__v1__pb2.DestroyWeightsUpdateGroupRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -381,6 +396,27 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitWeightsUpdateGroup(self, request, context):
+        """A trainer's process group (SGLang's names): every engine rank joins as rank_offset + its rank while the trainer
+        (rank 0) makes the group; then each update receives the tensors the trainer broadcasts, in the order named, a
+        bucket at a time. Both hold the engine between steps while they wait for the trainer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWeightsFromDistributed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestroyWeightsUpdateGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -418,6 +454,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.WakeUp,
                     request_deserializer=moelink__v1__pb2.WakeUpRequest.FromString,
                     response_serializer=moelink__v1__pb2.WakeUpResponse.SerializeToString,
+            ),
+            'InitWeightsUpdateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitWeightsUpdateGroup,
+                    request_deserializer=moelink__v1__pb2.InitWeightsUpdateGroupRequest.FromString,
+                    response_serializer=moelink__v1__pb2.WeightsUpdateGroupResponse.SerializeToString,
+            ),
+            'UpdateWeightsFromDistributed': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeightsFromDistributed,
+                    request_deserializer=moelink__v1__pb2.UpdateWeightsFromDistributedRequest.FromString,
+                    response_serializer=moelink__v1__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'DestroyWeightsUpdateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestroyWeightsUpdateGroup,
+                    request_deserializer=moelink__v1__pb2.DestroyWeightsUpdateGroupRequest.FromString,
+                    response_serializer=moelink__v1__pb2.WeightsUpdateGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -613,6 +664,87 @@ class Control:
             '/moelink.v1.Control/WakeUp',
             moelink__v1__pb2.WakeUpRequest.SerializeToString,
             moelink__v1__pb2.WakeUpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitWeightsUpdateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/InitWeightsUpdateGroup',
+            moelink__v1__pb2.InitWeightsUpdateGroupRequest.SerializeToString,
+            moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeightsFromDistributed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/UpdateWeightsFromDistributed',
+            moelink__v1__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+            moelink__v1__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestroyWeightsUpdateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/DestroyWeightsUpdateGroup',
+            moelink__v1__pb2.DestroyWeightsUpdateGroupRequest.SerializeToString,
+            moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
