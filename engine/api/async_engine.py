@@ -37,7 +37,7 @@ from ..contract.engine_info import EngineInfo
 from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
 from ..core.moe_metrics import ExpertLoadReport
 from ..core.no_tokenizer import NoTokenizer
-from .rl_calls import ControlCommand, check_call, run_control
+from .rl_calls import ControlCommand, check_call, run_control, waits
 from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
@@ -101,6 +101,7 @@ class AsyncEngine:
         if metrics is not None:
             metrics.attach(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._deferred: list[ControlCommand] = []  # control calls waiting for started requests (rl_calls.waits)
         self._wakeup = threading.Event()
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
@@ -292,6 +293,9 @@ class AsyncEngine:
         return self._stopping or self._dead_error is not None
 
     def _apply_commands(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for cmd in deferred:  # control calls waiting for started requests (rl_calls.waits): in their order
+            self._run_control(cmd)
         while True:
             try:
                 cmd = self._commands.get_nowait()
@@ -306,13 +310,20 @@ class AsyncEngine:
                 self._in_core[cmd.processed.request_id] = cmd.stream
                 self._outputs.put(cmd)
             elif isinstance(cmd, ControlCommand):
-                run_control(self.engine, cmd, lambda ids: len(self._end_counted(ids)))
+                self._run_control(cmd)
             elif isinstance(cmd, StopCommand):
                 if self._in_core.get(cmd.request_id) is cmd.stream:
                     del self._in_core[cmd.request_id]
                     self.engine.finish_stopped([cmd.request_id])
             else:
                 self._end([cmd.request_id], "abort")
+
+    def _run_control(self, cmd: ControlCommand) -> None:
+        """Run a control call now, or keep it for a later pass while it waits for started requests."""
+        if self._deferred or waits(self.engine, cmd):  # behind an earlier waiting call, or waiting itself
+            self._deferred.append(cmd)
+            return
+        run_control(self.engine, cmd, lambda ids: len(self._end_counted(ids)))
 
     def _end_counted(self, request_ids) -> list[str]:
         """`_end` with reason "abort", returning the ids it ended (pause_generation's abort mode)."""
@@ -378,6 +389,10 @@ class AsyncEngine:
             except Exception:
                 logger.exception("could not free requests after the engine failed")
         finally:
+            for cmd in self._deferred:  # control calls still waiting: their callers must not wait for ever
+                if not cmd.future.done():
+                    cmd.future.set_exception(EngineDeadError("engine stopped before the call ran"))
+            self._deferred = []
             # The output thread ends once it has delivered what is queued (shutdown's aborts included).
             self._outputs.close()
             self._output.join(_OUTPUT_DRAIN_TIMEOUT_S)

@@ -1,6 +1,7 @@
 """RL control calls on a served engine (docs/rl.md): `AsyncEngine.control` queues a `ControlCommand`, and the engine
 thread runs it between two steps (`run_control`), the only thread that touches the core. An update therefore never
-runs beside a step; requests that arrive meanwhile queue as commands behind it.
+runs beside a step; requests that arrive meanwhile queue as commands behind it. Under pause_generation("wait") an
+update (or sleep) waits for the started requests to end (`waits`) rather than being refused.
 """
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ class ControlCommand:
     method: str
     args: tuple
     future: concurrent.futures.Future
+
+
+# Calls that, under pause_generation("wait"), wait for the started requests to finish instead of being refused:
+# a client pauses and asks for the update at once, and the update lands when the last started request has ended.
+WAIT_FOR_STARTED = ("update_weights_from_disk", "update_weights_from_distributed", "sleep")
+
+
+def waits(engine, cmd: ControlCommand) -> bool:
+    """Whether `cmd` must wait (engine thread): paused in "wait" mode with started requests still running."""
+    return cmd.method in WAIT_FOR_STARTED and engine.paused == "wait" and bool(engine.started_requests())
 
 
 def check_call(method: str) -> None:

@@ -1,7 +1,7 @@
 """The moelink.v1 Control service (engine/server/control.py; docs/rl.md) on an in-process server: refused with
 FAILED_PRECONDITION naming --enable-weight-updates unless the engine takes control calls, and UNAUTHENTICATED without
-the API key where one is set; with both, an update from disk while a stream runs under pause("wait") loses nothing:
-the stream finishes on the old weights, the update lands, GetWeightVersion and later responses' outputs follow it; and
+the API key where one is set; with both, an update from disk asked while a stream runs under pause("wait") waits for
+it and loses nothing: the stream finishes on the old weights, the update lands, GetWeightVersion and later responses' outputs follow it; and
 a trainer's broadcast through InitWeightsUpdateGroup / UpdateWeightsFromDistributed gives the tokens of an offline
 engine given the same tensors."""
 from __future__ import annotations
@@ -55,12 +55,13 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
         first = next(stream)  # running
         assert first.token_ids
         assert control.PauseGeneration(pb.PauseGenerationRequest(mode="wait"), metadata=auth, timeout=30).started == 1
+        # Asked at once: the update waits for the started request instead of being refused.
+        update = control.UpdateWeightsFromDisk.future(pb.UpdateWeightsFromDiskRequest(
+            model_path=model_path, weight_version="v2"), metadata=auth, timeout=60)
         rest = list(stream)  # the started request runs to its end while paused
         assert rest[-1].finish_reason == "length"
         assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 24
-        info = control.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path=model_path,
-                                                                              weight_version="v2"),
-                                             metadata=auth, timeout=60)
+        info = update.result()
         assert info.bytes_read > 0 and info.weight_version == "v2"
         assert not any(m.HasField("weight_version") for m in [first, *rest])  # before any labelled update
         control.ContinueGeneration(pb.ContinueGenerationRequest(), metadata=auth, timeout=30)
