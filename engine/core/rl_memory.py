@@ -96,7 +96,7 @@ class MemoryControl:
         return self.wake_up(tags)
 
     def _weights_written_while_asleep(self) -> None:
-        """An update gave every rank's weights their bytes back (engine/rank/worker._write_weights)."""
+        """An update gave every rank's weights their bytes back (engine/rank/rl_worker._write_weights)."""
         self._released = tuple(t for t in self._released if t != "weights")
 
     def check_awake(self) -> None:

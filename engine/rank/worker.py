@@ -17,6 +17,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..contract.expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
+from .rl_worker import RLWorker
 from .device_stream import make_stream
 from ..contract.gc_policy import freeze_heap
 from ..contract.spec_decoding import SpecDecoding
@@ -27,7 +28,7 @@ from ..config.worker_config import WorkerConfig
 logger = logging.getLogger(__name__)
 
 
-class Worker:
+class Worker(RLWorker):
     def __init__(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
                  spec_decoding: SpecDecoding | None = None):
         """`spec_decoding`: speculative decoding's implementation (engine/spec/api.SPEC_DECODING, handed over by the
@@ -206,86 +207,6 @@ class Worker:
         self._bind_device()
         self.runner.allocate_kv_cache(num_kv_blocks)
         self._freeze_if_own_process()
-
-    def update_weights_from_disk(self, model_path: str) -> int:
-        """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
-        shard, read as the load read them (loader.update_in_place). The engine checked the tensors first and runs no
-        step meanwhile."""
-        from .loader import update_in_place
-
-        return self._write_weights(lambda model: update_in_place(model, self.config.model, model_path, self.device))
-
-    def update_weights_from_tensor(self, tensors: dict) -> int:
-        """Named tensors into this rank's weights, in place: the parts of them this rank holds (its experts, its TP
-        shard; loader.update_tensors_in_place). The engine checked them first and runs no step meanwhile."""
-        from .loader import update_tensors_in_place
-
-        return self._write_weights(
-            lambda model: update_tensors_in_place(model, self.config.model, tensors, self.device))
-
-    def init_weights_update_group(self, spec) -> str | None:
-        """Join a trainer's group as spec.rank_offset + this rank (engine/rank/weight_sync.py); None, or why not."""
-        return self._update_groups().join(spec, self.rank)
-
-    def update_weights_from_distributed(self, update):
-        """A trainer's broadcast of `update`'s tensors, received a bucket at a time, each bucket written in place
-        (the parts this rank holds: loader.update_tensors_in_place). The engine checked the names first and runs no
-        step meanwhile. A DistributedUpdateResult (its error set, not raised, when the trainer failed)."""
-        from .loader import update_tensors_in_place
-
-        groups = self._update_groups()
-        return self._write_weights(lambda model: groups.receive(
-            update, lambda tensors: update_tensors_in_place(model, self.config.model, tensors, self.device)))
-
-    def destroy_weights_update_group(self, group_name: str) -> bool:
-        """Leave a trainer's group; False when this rank had not joined it."""
-        return self._update_groups().destroy(group_name)
-
-    def sleep(self, level: int) -> int:
-        """Give this rank's device memory back (engine/rank/sleep_mode.py): level 1 the weights to host memory and
-        the KV cache freed, level 2 the weights dropped too; the bytes freed. The engine runs no step meanwhile."""
-        from .loader import plan_destinations
-        from .sleep_mode import SleepState
-
-        self._bind_device()
-        self.runner.quiesce(60.0)
-        state = self.__dict__.setdefault("_sleep_state", SleepState())
-        model = self.runner.model
-        freed = state.sleep(level, model, plan_destinations(model, self.config.model) if level == 2 else [],
-                            self.runner.kv_caches)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the freed blocks back to the device, where the trainer can use them
-        return freed
-
-    def wake_up(self, tags: tuple[str, ...]) -> dict:
-        """Give the released parts named by `tags` ("weights", "kv_cache") their memory back; graphs are captured
-        again where a storage moved. {"bytes", "seconds", "graphs_recaptured"}."""
-        from .sleep_mode import SleepState, wake_runner
-
-        self._bind_device()
-        state = self.__dict__.setdefault("_sleep_state", SleepState())
-        return wake_runner(state, self.runner, tags, self.device)
-
-    def _update_groups(self):
-        from .weight_sync import UpdateGroups
-
-        groups = self.__dict__.get("_weight_update_groups")
-        if groups is None:
-            groups = self._weight_update_groups = UpdateGroups(self.device)
-        return groups
-
-    def _write_weights(self, write):
-        """A weight update's write on this rank, no launched step's device work still reading the weights; what
-        `write` returns (the bytes read)."""
-        self._bind_device()
-        self.runner.quiesce(60.0)
-        asleep = self.__dict__.get("_sleep_state")
-        if asleep is not None and "weights" in asleep.parts:  # an update while asleep writes into the weights' bytes
-            self.wake_up(("weights",))
-        read = write(self.runner.model)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
-        return read
 
     def warm_up(self, cfg):
         """Compile and run every kernel variant a step can hit (engine/rank/warmup.py), before the engine serves; the
