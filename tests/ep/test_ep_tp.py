@@ -229,10 +229,12 @@ def test_weight_updates_reach_every_rank(local_ray, tiny_model, tmp_path, tp, ep
         llm.engine.shutdown()
 
 
-def test_broadcast_update_reaches_both_ranks_experts(local_ray, tiny_model, tmp_path):
-    """update_weights_from_distributed at EP 2: the trainer (a thread holding rank 0 of its own gloo group) broadcasts
-    two experts, one on each EP rank, whole; both Ray ranks (group ranks 1 and 2) receive them and keep their own:
-    greedy tokens equal one rank given the same tensors; and again after sleep(1) / wake_up on both ranks."""
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
+def test_broadcast_update_reaches_both_ranks_experts(local_ray, tiny_model, tmp_path, tp, ep):
+    """update_weights_from_distributed at EP 2 and TP 2: the trainer (a thread holding rank 0 of its own gloo group)
+    broadcasts two experts (one on each EP rank) and an attention projection (split by TP) whole; both Ray ranks
+    (group ranks 1 and 2) receive them and keep their own part: greedy tokens equal one rank given the same tensors;
+    and again after sleep(1) / wake_up on both ranks."""
     from safetensors.torch import load_file
 
     from moelink.engine.rl.trainer import TrainerGroup
@@ -242,12 +244,13 @@ def test_broadcast_update_reaches_both_ranks_experts(local_ray, tiny_model, tmp_
     a = tiny_model("qwen3_e6k3")
     b = str(make_tiny_model(tmp_path / "b", **{**TINY_CONFIGS["qwen3_e6k3"], "seed": 1}))
     ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=71, n=4, lo=1, hi=30)
-    names = ("model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.5.up_proj.weight")
+    names = ("model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.5.up_proj.weight",
+             "model.layers.1.self_attn.q_proj.weight")
     new = [(k, v) for f in sorted(Path(b).glob("*.safetensors")) for k, v in load_file(f).items() if k in names]
     one = LLM(a, enable_weight_updates=True, **KW)
     one.update_weights_from_tensor(new)
     want = _greedy(one, ps)
-    llm = LLM(a, expert_parallel_size=2, enable_weight_updates=True, **KW)
+    llm = LLM(a, tensor_parallel_size=tp, expert_parallel_size=ep, enable_weight_updates=True, **KW)
     trainer = _Trainer(free_port(), new, world_size=3)
     try:
         trainer.start()
