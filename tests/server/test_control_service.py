@@ -75,6 +75,14 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
                                           timeout=30)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "model_path='/nowhere'" in err.value.details()
         assert control.FlushCache(pb.FlushCacheRequest(), metadata=auth, timeout=30).num_blocks_freed >= 0
+        aborted = native.Generate(pb.GenerateRequest(
+            prompt_token_ids=pb.TokenIds(ids=[3, 4]), sampling_params=pb.SamplingParams(max_tokens=200,
+                                                                                       ignore_eos=True)),
+            metadata=auth, timeout=60)
+        next(aborted)
+        assert control.PauseGeneration(pb.PauseGenerationRequest(mode="abort"), metadata=auth, timeout=30).aborted == 1
+        assert list(aborted)[-1].finish_reason == "abort"  # its stream gets a final message
+        control.ContinueGeneration(pb.ContinueGenerationRequest(), metadata=auth, timeout=30)
         assert control.Sleep(pb.SleepRequest(level=1), metadata=auth, timeout=30).bytes_freed > 0
         with pytest.raises(grpc.RpcError) as err:  # asleep: refused, naming why
             list(native.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 2])), metadata=auth,
