@@ -239,7 +239,7 @@ class LLMEngine(RLControl):
         """Unfinished requests, a step still in flight, or finished ones the workers have not been told about:
         their ids only travel with the next step, so a loop that stops stepping when the last request finishes
         would leave the workers holding its state."""
-        return self._pending is not None or any(
+        return self._pending is not None or bool(self._stashed_outputs) or any(
             s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
 
     def hand_off_outputs(self, sink: Callable[[list[EngineCoreOutput]], None]) -> None:

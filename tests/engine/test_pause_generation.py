@@ -129,3 +129,23 @@ def test_abort_mode_and_bad_modes(tiny_model):
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 2 and out.weight_version is None
     assert_pool_free(llm)
+
+
+def test_an_update_that_drains_a_step_keeps_its_outputs(tiny_model):
+    """The overlapped loop leaves a step in flight; an update collects it first, and what it produced (here a final
+    output) comes back from the next step instead of being lost."""
+    path = tiny_model("qwen3_e6k3")
+    llm = LLM(path, dtype="float32", num_kv_blocks=32, block_size=4, enable_weight_updates=True)
+    eng = llm.engine
+    eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    finished: dict = {}
+    _run(eng, finished)
+    _run(eng, finished)  # the prefill collected; the decode step of its last token in flight
+    eng.pause_generation("keep")
+    assert eng._pending is not None and "r" not in finished, "the test needs the final step in flight"
+    llm.update_weights_from_disk(path)
+    eng.continue_generation()
+    while eng.has_requests():
+        _run(eng, finished)
+    assert len(finished["r"].outputs[0].token_ids) == 2
+    assert_pool_free(llm)
