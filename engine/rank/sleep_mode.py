@@ -4,11 +4,11 @@ Python objects (parameters, views, the attention layers' cache tuples), only the
 (`untyped_storage().resize_(0)`) and later given its bytes back.
 
 - level 1: every storage of the model (parameters and buffers) is copied to host memory and emptied, and every KV
-  cache storage (paged KV, state pools) emptied; wake-up copies the weights back. The KV contents are lost (the
-  engine flushes its prefix cache).
+  cache storage (paged KV, state pools) emptied; wake-up copies the weights back and zeroes the KV cache, as it was
+  made. The KV contents are lost (the engine flushes its prefix cache).
 - level 2: the storages an update from disk writes (the load plan's destinations) are emptied with no copy, and the
-  KV cache as at level 1; the weights come back from the next update (the rank gives them bytes first), the rest of
-  the model (buffers, tensors derived at load) stays.
+  KV cache as at level 1; the weights come back from the next update (the rank gives them zeroed bytes first), the
+  rest of the model (buffers, tensors derived at load) stays.
 
 A storage given its bytes back may sit at another address: captured CUDA graphs would read the old one, so a wake-up
 that moved any storage captures the graphs again (every rank wakes together: EP captures are collective).
@@ -104,6 +104,11 @@ class SleepState:
                 s.resize_(n)
                 if part.host is not None:
                     s.copy_(part.host[i])
+                else:
+                    # Zeros, as the cache was made (and a level-2 weight's padding past what an update writes): a
+                    # step reads padding and null-block rows with zero weight, and 0 x NaN left in reused memory
+                    # would be NaN (seen once: tokens of id 0 after a wake-up).
+                    torch.empty(0, dtype=torch.uint8, device=s.device).set_(s).zero_()
                 moved |= s.data_ptr() != part.ptrs[i]
             nbytes += part.nbytes
         if not self.parts:
