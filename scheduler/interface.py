@@ -31,6 +31,19 @@ class SchedulerInterface(Protocol):
         """Ids of requests the engine holds back from scheduling for now (their next grammar mask is still being
         filled, engine/core/structured_output.py): the engine adds and removes them, the scheduler only reads."""
 
+    @property
+    def admit_new(self) -> bool:
+        """False while the engine's generation is paused: requests never scheduled wait, started ones go on."""
+
+    @admit_new.setter
+    def admit_new(self, value: bool) -> None: ...
+
+    def started_request_ids(self) -> list[str]:
+        """Requests scheduled at least once (they hold KV or tokens)."""
+
+    def exclude_from_prefix_cache(self, request_ids: Iterable[str]) -> None:
+        """Never cache these requests' blocks from now on."""
+
     def add_request(self, req: Request) -> None:
         """Queue a new request; ValueError if it can never run or its id is taken."""
 

@@ -112,6 +112,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         # Requests the engine holds back from scheduling for now (their next grammar mask is still being filled,
         # engine/core/structured_output.py); the engine adds and removes ids, the scheduler only reads them.
         self.held: set[str] = set()
+        # False while the engine's generation is paused (engine/core/rl_control.py): requests never scheduled wait;
+        # started ones (running, preempted, loading) go on.
+        self.admit_new: bool = True
         self._priority: dict[str, tuple[float, int]] = {}
         self._num_added = 0
         # Finished or aborted since the last schedule(); the worker drops them.
@@ -334,6 +337,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
             max_seqs -= len(kvt.ready)
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             req = self.waiting[0]
+            if not self.admit_new and req.status is RequestStatus.WAITING:
+                break  # paused: nothing new starts (FCFS: a preempted request is at the front, ahead of it)
             if req.num_output_placeholders or (self.held and req.request_id in self.held):
                 # Preempted with its token in flight: recomputed once the token is known; or held by the engine
                 # (its grammar mask is being filled: milliseconds). FCFS: all wait.
@@ -441,6 +446,18 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
     def reset_prefix_cache(self) -> int:
         """Forget all cached prefixes (e.g. after a weight update)."""
         return self.kv.reset_prefix_cache()
+
+    def started_request_ids(self) -> list[str]:
+        """Requests that have been scheduled at least once (running, preempted, loading KV): they hold KV or tokens."""
+        return [rid for rid, r in self.requests.items() if r.status is not RequestStatus.WAITING]
+
+    def exclude_from_prefix_cache(self, request_ids: Iterable[str]) -> None:
+        """Never cache these requests' blocks from now on (their KV mixes weight versions: an update while they
+        were held, engine/core/rl_control.py)."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self.kv.exclude_from_prefix_cache(req)
 
     def check_invariants(self) -> None:
         """AssertionError on inconsistent state (for tests; O(all blocks))."""

@@ -37,6 +37,7 @@ from ..contract.engine_info import EngineInfo
 from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
 from ..core.moe_metrics import ExpertLoadReport
 from ..core.no_tokenizer import NoTokenizer
+from .rl_calls import ControlCommand, check_call, run_control, waits
 from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
@@ -101,6 +102,7 @@ class AsyncEngine:
         if metrics is not None:
             metrics.attach(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._deferred: list[ControlCommand] = []  # control calls waiting for started requests (rl_calls.waits)
         self._wakeup = threading.Event()
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
@@ -268,7 +270,20 @@ class AsyncEngine:
         self._watchdog.close(timeout)
 
     # -- engine thread ----------------------------------------------------------
-    def _send(self, cmd: AddCommand | AbortCommand | StopCommand) -> None:
+    async def control(self, method: str, *args):
+        """An RL control call (engine/api/rl_calls.py: update_weights_from_disk, pause_generation, ...) run on the
+        engine thread between two steps; its result, or the ValueError of its refusal."""
+        import concurrent.futures
+
+        check_call(method)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self.dead_error is not None:
+                raise EngineDeadError(f"engine is not running: {self.dead_error}")
+            self._send(ControlCommand(method, args, future))
+        return await asyncio.wrap_future(future)
+
+    def _send(self, cmd: AddCommand | AbortCommand | StopCommand | ControlCommand) -> None:
         self._commands.put(cmd)
         self._wakeup.set()
 
@@ -283,6 +298,9 @@ class AsyncEngine:
         return self._stopping or self._dead_error is not None
 
     def _apply_commands(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for cmd in deferred:  # control calls waiting for started requests (rl_calls.waits): in their order
+            self._run_control(cmd)
         while True:
             try:
                 cmd = self._commands.get_nowait()
@@ -296,12 +314,27 @@ class AsyncEngine:
                     continue
                 self._in_core[cmd.processed.request_id] = cmd.stream
                 self._outputs.put(cmd)
+            elif isinstance(cmd, ControlCommand):
+                self._run_control(cmd)
             elif isinstance(cmd, StopCommand):
                 if self._in_core.get(cmd.request_id) is cmd.stream:
                     del self._in_core[cmd.request_id]
                     self.engine.finish_stopped([cmd.request_id])
             else:
                 self._end([cmd.request_id], "abort")
+
+    def _run_control(self, cmd: ControlCommand) -> None:
+        """Run a control call now, or keep it for a later pass while it waits for started requests."""
+        if self._deferred or waits(self.engine, cmd):  # behind an earlier waiting call, or waiting itself
+            self._deferred.append(cmd)
+            return
+        run_control(self.engine, cmd, lambda ids: len(self._end_counted(ids)))
+
+    def _end_counted(self, request_ids) -> list[str]:
+        """`_end` with reason "abort", returning the ids it ended (pause_generation's abort mode)."""
+        ids = [r for r in request_ids if r in self._in_core]
+        self._end(ids, "abort")
+        return ids
 
     def _end(self, request_ids, reason: str, deliver: bool = True) -> None:
         """End requests in the core (KV freed); their final outputs come from the output thread, after the
@@ -361,6 +394,10 @@ class AsyncEngine:
             except Exception:
                 logger.exception("could not free requests after the engine failed")
         finally:
+            for cmd in self._deferred:  # control calls still waiting: their callers must not wait for ever
+                if not cmd.future.done():
+                    cmd.future.set_exception(EngineDeadError("engine stopped before the call ran"))
+            self._deferred = []
             # The output thread ends once it has delivered what is queued (shutdown's aborts included).
             self._outputs.close()
             self._output.join(_OUTPUT_DRAIN_TIMEOUT_S)

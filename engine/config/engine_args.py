@@ -62,6 +62,8 @@ class EngineConfig:
     # Rollout routing replay: every rank records its steps' routed experts (EngineArgs.enable_return_routed_experts).
     return_routed_experts: bool = False
     lora: LoRAConfig | None = None  # LoRA adapters (EngineArgs.enable_lora); None: off
+    # RL control calls taken (EngineArgs.enable_weight_updates; engine/core/rl_control.py).
+    enable_weight_updates: bool = False
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -199,6 +201,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    # RL control calls (docs/rl.md: weight updates, a trainer's process group, pause / continue): refused unless on,
+    # naming this flag (--enable-weight-updates); a server takes them only with it.
+    enable_weight_updates: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -206,6 +211,8 @@ class EngineArgs:
 
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad("seed", "must be an integer or None")
+        if not isinstance(self.enable_weight_updates, bool):
+            bad("enable_weight_updates", "must be True or False")
 
         for name in ("num_kv_blocks", "kv_cache_memory_bytes", "max_num_batched_tokens", "max_model_len"):
             v = getattr(self, name)
@@ -340,7 +347,8 @@ class EngineArgs:
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed,
-                            return_routed_experts=self._routed_experts(parallel), lora=lora)
+                            return_routed_experts=self._routed_experts(parallel), lora=lora,
+                            enable_weight_updates=self.enable_weight_updates)
 
     def _routed_experts(self, parallel: ParallelConfig) -> bool:
         """enable_return_routed_experts, checked against the layout: under TP with EP over the world each rank of a

@@ -13,6 +13,8 @@ from typing import Protocol
 
 from moelink.scheduler.outputs import ModelRunnerOutput
 
+from .weight_sync import DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
+
 
 class RankCall(str, Enum):
     """A Worker method every rank runs together (its value is the method's name)."""
@@ -28,6 +30,11 @@ class RankCall(str, Enum):
     EPLB_STATE = "eplb_state"
     UPDATE_WEIGHTS_FROM_DISK = "update_weights_from_disk"
     UPDATE_WEIGHTS_FROM_TENSOR = "update_weights_from_tensor"
+    INIT_WEIGHTS_UPDATE_GROUP = "init_weights_update_group"
+    UPDATE_WEIGHTS_FROM_DISTRIBUTED = "update_weights_from_distributed"
+    DESTROY_WEIGHTS_UPDATE_GROUP = "destroy_weights_update_group"
+    SLEEP = "sleep"
+    WAKE_UP = "wake_up"
     # Tests only (not a user flag): later move chunks pause, so a test can kill a rank mid-move.
     EPLB_TEST_SLOW_MOVES = "eplb_test_slow_moves"
 
@@ -83,7 +90,8 @@ class WarmupReport:
 
 
 class RankAPI(Protocol):
-    """What each `RankCall` takes and returns on one rank (engine/rank/worker.py implements it)."""
+    """What each `RankCall` takes and returns on one rank (engine/rank/worker.py implements it; its RL calls in
+    engine/rank/rl_worker.py)."""
 
     def available_kv_blocks(self) -> int:
         """KV blocks this rank can hold after its weights."""
@@ -120,6 +128,21 @@ class RankAPI(Protocol):
 
     def update_weights_from_tensor(self, tensors: dict) -> int:
         """Write named tensors into this rank's weights in place (the parts it holds); the bytes read."""
+
+    def init_weights_update_group(self, spec: UpdateGroupSpec) -> str | None:
+        """Join a trainer's group as spec.rank_offset + this rank; None, or why it failed."""
+
+    def update_weights_from_distributed(self, update: DistributedUpdate) -> DistributedUpdateResult:
+        """Receive a trainer's broadcast a bucket at a time, each written in place (the parts this rank holds)."""
+
+    def destroy_weights_update_group(self, group_name: str) -> bool:
+        """Leave a trainer's group; False when not joined."""
+
+    def sleep(self, level: int) -> int:
+        """Release this rank's weights (level 1 to host memory, level 2 dropped) and KV cache; the bytes freed."""
+
+    def wake_up(self, tags: tuple[str, ...]) -> dict:
+        """Give the released parts named by `tags` their memory back; {"bytes", "seconds", "graphs_recaptured"}."""
 
 
 def rank_call(method) -> RankCall:

@@ -36,13 +36,14 @@ from ..contract.expert_parallel import plan_expert_parallel
 from ..cluster.eplb_controller import make_eplb_controller, step_expert_load
 from .moe_metrics import ExpertLoadReport, MoEMetrics
 from .output_processor import OutputProcessor
+from .rl_control import RLControl
 from .input_processing import (  # noqa: F401  (re-exported: the server and callers import them from here)
     ProcessedRequest, PromptType, process_inputs, too_long,
 )
 from .outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
 from ..contract.kv_connector import ConfigurableKVConnector
-from ..contract.worker_api import LaunchedStep, RankCall
+from ..contract.worker_api import LaunchedStep
 from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 from ..lora.checker import AdapterChecker
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+PAUSED_POLL_S = 0.01  # how long a step with nothing to do while generation is paused waits
+
+
 @dataclass
 class LoopStats:
     """Where the engine loop's time went, summed since start (seconds, host clock): `launch_s` in launching
@@ -70,7 +74,7 @@ class LoopStats:
     wait_s: float = 0.0
 
 
-class LLMEngine:
+class LLMEngine(RLControl):
     def __init__(self, config: EngineConfig, executor: Executor | None = None,
                  tokenizer: Tokenizer | NoTokenizer | None = None):
         if config.load_format == "dummy":
@@ -174,6 +178,7 @@ class LLMEngine:
 
     def add_core(self, req: ProcessedRequest) -> None:
         """Add a validated request to a rank's scheduler, not to the output side (the stepping thread)."""
+        self.check_weights_whole()  # a broadcast that failed part way left two versions (engine/core/rl_control.py)
         # Checked here, not per rank: the router may place a duplicate on another rank's scheduler.
         if req.request_id in self._rank_of:
             raise ValueError(f"request_id={shown(req.request_id)} is already in use by a running request.")
@@ -226,6 +231,7 @@ class LLMEngine:
         return list(self._rank_of)
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
+        self._forget_versions(request_ids)
         for rid in request_ids:
             self.structured.remove(rid)
             rank = self._rank_of.pop(rid, None)
@@ -240,7 +246,7 @@ class LLMEngine:
         """Unfinished requests, a step still in flight, or finished ones the workers have not been told about:
         their ids only travel with the next step, so a loop that stops stepping when the last request finishes
         would leave the workers holding its state."""
-        return self._pending is not None or any(
+        return self._pending is not None or bool(self._stashed_outputs) or any(
             s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
 
     def hand_off_outputs(self, sink: Callable[[list[EngineCoreOutput]], None]) -> None:
@@ -257,7 +263,8 @@ class LLMEngine:
         if self._output_sink is not None:
             self._output_sink(core_outputs)
             return []
-        return self._process(core_outputs)
+        stashed, self._stashed_outputs = self._stashed_outputs, None  # drained by a weight update (rl_control.py)
+        return (stashed or []) + self._process(core_outputs)
 
     def _process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
         """The output work of single-thread use: RequestOutputs, and the requests a stop string ended finished."""
@@ -284,6 +291,11 @@ class LLMEngine:
             outputs += self._drain_core()
             if self._eplb_act():
                 return outputs
+        if self._pause_mode == "keep":  # held in place (engine/core/rl_control.py): nothing is scheduled
+            outputs += self._drain_core()
+            if not outputs:
+                time.sleep(PAUSED_POLL_S)  # a stepping loop waiting for continue_generation does not spin
+            return outputs
         if self.structured:
             self._release_held(self.structured.poll())
         sched_outs = [s.schedule() for s in self.schedulers]
@@ -300,6 +312,8 @@ class LLMEngine:
                 if not outputs and self.structured.filling():
                     # Only held requests are left: wait (briefly) for a mask rather than spin on empty steps.
                     self._release_held(self.structured.poll(timeout=0.05))
+                elif not outputs and self._pause_mode is not None:
+                    time.sleep(PAUSED_POLL_S)  # only requests the pause keeps waiting are left
                 return outputs
             self._pending = (sched_outs, self.executor.launch(sched_outs))
             return outputs + self._drain_core()
@@ -354,6 +368,7 @@ class LLMEngine:
         if self.eplb is not None:
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
             self.eplb.record(counts_LG, pairs_LR)
+        self._stamp_versions(core_outputs)
         structured = self.structured
         constrained = bool(structured)
         for co in core_outputs:
@@ -425,70 +440,6 @@ class LLMEngine:
     def stats(self) -> SchedulerStats:
         """All ranks together (sums; kv_usage over the pooled blocks)."""
         return SchedulerStats.combine(self.rank_stats())
-
-    # -- RL rollouts (engine/rl/, docs/rl.md) ----------------------------------
-    weight_version: str | None = None  # set by the caller with each weight update (SGLang's weight_version)
-
-    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
-                                 weight_version: str | None = None, flush_cache: bool = True) -> dict:
-        """Write the checkpoint at `model_path` (the served architecture, new values) into every rank's weights in
-        place (engine/rl/weights.py); the prefix cache (and with it every offload tier's view) is flushed, since KV
-        computed with the old weights must never be served with the new. Requests must be done first: one request
-        never mixes weights. Returns {"bytes_read", "seconds", "weight_version"}."""
-        from ..rl.weights import check_same_tensors
-
-        if load_format not in (None, "auto", "safetensors"):
-            raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
-                             "or 'safetensors'.")
-        self._check_update_allowed(flush_cache)
-        check_same_tensors(self.config.model, self.config.model.model, model_path)
-        return self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_DISK, str(model_path), weight_version)
-
-    def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
-                                   weight_version: str | None = None, flush_cache: bool = True) -> dict:
-        """SGLang's update_weights_from_tensor: [(checkpoint name, tensor)] of the served checkpoint (any subset, a
-        float tensor in any float dtype) written in place on every rank that holds part of it; the rest of the weights
-        stay. As update_weights_from_disk otherwise (refusals, cache flush, weight_version)."""
-        from ..rl.weights import check_named_tensors
-
-        if load_format not in (None, "auto"):
-            raise ValueError(f"load_format={load_format!r} is invalid for a tensor update: choose None or 'auto'.")
-        self._check_update_allowed(flush_cache)
-        tensors = check_named_tensors(self.config.model, self.config.model.model, named_tensors)
-        return self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors, weight_version)
-
-    def _update_ranks(self, call: RankCall, arg, weight_version: str | None) -> dict:
-        """Every rank writes its part of a checked update (`call` with `arg`), then the prefix cache is flushed and
-        the version set: {"bytes_read", "seconds", "weight_version"}."""
-        import time
-
-        t0 = time.perf_counter()
-        self._drain()  # a step still in flight (the overlapped loop) ends before any rank writes
-        read = self.executor.collective(call, arg)
-        self.flush_cache()
-        self.weight_version = weight_version
-        return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
-
-    def _check_update_allowed(self, flush_cache: bool) -> None:
-        """What every weight update refuses (module engine/rl/): a kept prefix cache, a PD connector, running
-        requests."""
-        if not flush_cache:
-            raise ValueError("flush_cache=False is not supported: the prefix cache holds KV of the old weights.")
-        kvc = self.config.kv_connector
-        if kvc is not None and getattr(kvc, "name", None) != "offload":
-            # A PD peer computes KV with its own weights: two engines' versions would mix. (The offload tiers forget
-            # their KV when the prefix cache is reset: engine/kv_transfer/offload.py.)
-            raise ValueError(f"a weight update is not supported with kv_connector={type(kvc).__name__} "
-                             "(prefill/decode disaggregation) yet: KV another engine computed with other weights "
-                             "would be served.")
-        if self.has_unfinished_requests():
-            raise ValueError("a weight update is refused while requests run: let them finish (or abort them) "
-                             "first, so that no request mixes weights.")
-
-    def flush_cache(self) -> int:
-        """Forget every cached prefix on every rank (SGLang's flush_cache, vLLM's reset_prefix_cache); the number of
-        blocks freed. Blocks of running requests stay theirs."""
-        return sum(sched.reset_prefix_cache() for sched in self.schedulers)
 
     def check_health(self) -> None:
         """Raise the executor's error once a rank is lost (dead, hung, silent), even between steps; with

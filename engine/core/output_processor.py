@@ -189,6 +189,8 @@ class RequestState:
     # CompletionOutput.routed_experts when the request finishes; None when not asked.
     routed: list | None = None
     num_cached_tokens: int = 0
+    # The weight versions its outputs came from, oldest first (RequestOutput.weight_version / weight_versions).
+    versions: list = field(default_factory=list)
     first_token_time: float | None = None
     # Text emitted so far (for cumulative outputs); deltas are tracked by the detokenizer.
     text: str = ""
@@ -240,6 +242,7 @@ class OutputProcessor:
                 st._make_metrics()
             st.token_ids.extend(new_ids)
             st.num_cached_tokens = co.num_cached_tokens
+            _note_versions(st, co)
             if co.routed_experts is not None and st.routed is not None:
                 st.routed.extend(co.routed_experts)
             if st.detok is None and co.finish_reason is None and st.logprobs is None and co.prompt_logprobs is None:
@@ -252,8 +255,8 @@ class OutputProcessor:
                     comp = CompletionOutput(0, "", new_ids, None, None)
                 else:
                     comp = CompletionOutput(0, st.text, list(st.token_ids), None, None)
-                results.append(RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], False,
-                                             st.num_cached_tokens, st.metrics))
+                results.append(_versioned(RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], False,
+                                                        st.num_cached_tokens, st.metrics), st))
                 continue
             for lp in co.new_logprobs or []:
                 self._add_logprobs(st, lp)
@@ -321,12 +324,30 @@ class OutputProcessor:
         comp = CompletionOutput(0, text, ids, st.cumulative_logprob, logprobs, finish_reason, stop_reason)
         if finished and st.routed is not None and finish_reason != "abort":
             comp.routed_experts = _routed_array(st.routed, len(st.prompt_token_ids) + len(st.token_ids) - 1)
-        out = RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished, st.num_cached_tokens,
-                            st.metrics)
+        out = _versioned(RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished,
+                                       st.num_cached_tokens, st.metrics), st)
         if st.prompt_logprobs is not None and (st.prompt_logprobs_new or st.output_kind is not OutputKind.DELTA):
             out.prompt_logprobs = st.prompt_logprobs  # a stream's first output carries them; the others every one
             st.prompt_logprobs_new = False
         return out
+
+
+def _note_versions(st: RequestState, co) -> None:
+    """The versions a core output's tokens (and, after an update that reached the request held, its earlier KV) came
+    from, appended where they differ from the last one seen."""
+    if not co.new_token_ids and co.earlier_weight_versions is None:
+        return  # no tokens: no weights computed anything this output reports (an abort, a finish on a stop string)
+    for v in (*(co.earlier_weight_versions or ()), co.weight_version):
+        if not st.versions or st.versions[-1] != v:
+            st.versions.append(v)
+
+
+def _versioned(out: RequestOutput, st: RequestState) -> RequestOutput:
+    if st.versions:
+        out.weight_version = st.versions[-1]
+        if len(st.versions) > 1:
+            out.weight_versions = tuple(st.versions)
+    return out
 
 
 def _routed_array(chunks: list, positions: int) -> np.ndarray:

@@ -52,3 +52,10 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt token its {token id: Logprob}
     # (the token and the top-n); every output of the request (a stream's first only); None when not asked.
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    # RL rollouts (docs/rl.md): the weight version (the caller's label of each update, LLM.get_weight_version) of the
+    # weights that computed the request's newest tokens (None before any labelled update, or before its first
+    # token); and `weight_versions`, set only when they were more than one (an update reached the request while it
+    # was held by pause_generation("keep"), SGLang's behaviour): every version its KV and tokens came from, oldest
+    # first.
+    weight_version: Optional[str] = None
+    weight_versions: Optional[tuple] = None

@@ -231,6 +231,18 @@ class TensorsCheckpoint:
         return self.tensors[name]
 
 
+def plan_destinations(model: MoEDecoderForCausalLM, cfg: ModelConfig) -> list[torch.Tensor]:
+    """The tensors an update from disk writes (the load plan's destinations): what sleep level 2 drops and the next
+    update fills again (engine/rank/sleep_mode.py)."""
+    served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())
+    out = []
+    for param, _, _ in model_plan(model, cfg, served).values():
+        dest = getattr(param, "dest", getattr(param, "weight", param))
+        if isinstance(dest, torch.Tensor):
+            out.append(dest)
+    return out
+
+
 def update_tensors_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
                             device: torch.device) -> int:
     """A weight update from named tensors (engine/rl/weights.py checked them against the served checkpoint): each

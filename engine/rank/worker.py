@@ -17,6 +17,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..contract.expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
+from .rl_worker import RLWorker
 from .device_stream import make_stream
 from ..contract.gc_policy import freeze_heap
 from ..contract.spec_decoding import SpecDecoding
@@ -27,7 +28,7 @@ from ..config.worker_config import WorkerConfig
 logger = logging.getLogger(__name__)
 
 
-class Worker:
+class Worker(RLWorker):
     def __init__(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
                  spec_decoding: SpecDecoding | None = None):
         """`spec_decoding`: speculative decoding's implementation (engine/spec/api.SPEC_DECODING, handed over by the
@@ -208,32 +209,6 @@ class Worker:
         self._bind_device()
         self.runner.allocate_kv_cache(num_kv_blocks)
         self._freeze_if_own_process()
-
-    def update_weights_from_disk(self, model_path: str) -> int:
-        """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
-        shard, read as the load read them (loader.update_in_place). The engine checked the tensors first and runs no
-        step meanwhile."""
-        from .loader import update_in_place
-
-        return self._write_weights(lambda model: update_in_place(model, self.config.model, model_path, self.device))
-
-    def update_weights_from_tensor(self, tensors: dict) -> int:
-        """Named tensors into this rank's weights, in place: the parts of them this rank holds (its experts, its TP
-        shard; loader.update_tensors_in_place). The engine checked them first and runs no step meanwhile."""
-        from .loader import update_tensors_in_place
-
-        return self._write_weights(
-            lambda model: update_tensors_in_place(model, self.config.model, tensors, self.device))
-
-    def _write_weights(self, write) -> int:
-        """A weight update's write on this rank, no launched step's device work still reading the weights; the
-        bytes read."""
-        self._bind_device()
-        self.runner.quiesce(60.0)
-        read = write(self.runner.model)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # host sync: the copies are in before the engine's next step
-        return read
 
     def warm_up(self, cfg):
         """Compile and run every kernel variant a step can hit (engine/rank/warmup.py), before the engine serves; the

@@ -14,9 +14,14 @@ converted again for the parameters written, and only those.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config.checkpoint_headers import checkpoint_tensors, text_model_name
 from ..config.model import ModelConfig
+from ..config.requantize import fp8_pair, fp8_requantizable
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _tensors(model_dir: str, text_prefix: str) -> dict[str, tuple]:
@@ -29,6 +34,11 @@ def _tensors(model_dir: str, text_prefix: str) -> dict[str, tuple]:
     return out
 
 
+def served_names(cfg: ModelConfig, served_dir: str) -> set[str]:
+    """The names of the served checkpoint's tensors (as the model plans them)."""
+    return set(_tensors(served_dir, cfg.text_weights_prefix))
+
+
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -38,22 +48,34 @@ def check_named_tensors(cfg: ModelConfig, served_dir: str, named_tensors) -> dic
     import torch
 
     served = _tensors(served_dir, cfg.text_weights_prefix)
+    requant = fp8_requantizable(cfg.quantization, served)  # FP8 weights a float tensor is quantized into
     out: dict = {}
+    given: set[str] = set()
+    named_tensors = list(named_tensors)
+    all_names = {item[0] for item in named_tensors if isinstance(item, (tuple, list)) and item}
     for i, item in enumerate(named_tensors):
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
                 and isinstance(item[1], torch.Tensor)):
             raise ValueError(f"named_tensors[{i}] is invalid: must be a (name, torch.Tensor) pair.")
         name, t = item
-        if name in out:
+        if name in given:
             raise ValueError(f"named_tensors[{i}] names {name!r} a second time.")
+        given.add(name)
         if name not in served:
             raise ValueError(f"named_tensors[{i}] names {name!r}, which is not a tensor of the served checkpoint.")
         dtype, shape = served[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"named_tensors[{i}] {name!r} has shape {list(t.shape)}, the served one {list(shape)}.")
+        if name in requant and t.is_floating_point() and str(t.dtype) != _TORCH_NAMES["F8_E4M3"]:
+            if requant[name] in all_names:
+                raise ValueError(f"named_tensors[{i}] {name!r} is float and its scale {requant[name]!r} is given too: "
+                                 "send the float weight alone (it is block-quantized here) or both in FP8.")
+            out.update(fp8_pair(name, requant[name], t.detach(), cfg.quantization.block))
+            continue
         if dtype not in _FLOAT_DTYPES and str(t.dtype) != str(_TORCH_NAMES.get(dtype)):
             raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}, the served one {dtype}: a quantized tensor is "
-                             "updated in its own format (re-quantizing float values is not built yet).")
+                             "updated in its own format (float values are re-quantized into FP8 block-scaled "
+                             "weights only).")
         if dtype in _FLOAT_DTYPES and not t.is_floating_point():
             raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}: the served one is float ({dtype}).")
         out[name] = t.detach()
@@ -89,3 +111,66 @@ def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str) -> None:
             raise ValueError(f"model_path={new_dir!r}: tensor {name!r} is {new[name][0]} {list(new[name][1])}, the "
                              f"served one {served[name][0]} {list(served[name][1])}: an update keeps every tensor's "
                              "dtype and shape.")
+
+
+def _dtype(value) -> "torch.dtype | None":
+    """A torch dtype from a torch.dtype or its name ("bfloat16", "torch.bfloat16"); None when it is neither."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), None)
+        return found if isinstance(found, torch.dtype) else None
+    return None
+
+
+def check_tensor_specs(cfg: ModelConfig, served_dir: str, names, dtypes, shapes) -> tuple:
+    """A trainer's broadcast as ((name, torch dtype, shape), ...), in its order, each a tensor of the served checkpoint
+    with its shape; a float one in any float dtype (cast as it is written), a quantized one in its own, or an FP8
+    block-scaled one in float (re-quantized: the second item, ((weight name, scale name), ...)). Checked before any
+    tensor is broadcast: one error naming the first bad entry."""
+    import torch
+
+    for field, value in (("names", names), ("dtypes", dtypes), ("shapes", shapes)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{field}={value!r} is invalid: must be a list (one entry per tensor).")
+    if not names:
+        raise ValueError("names is empty: an update names at least one tensor.")
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ValueError(f"names, dtypes and shapes have {len(names)}, {len(dtypes)} and {len(shapes)} entries: "
+                         "give one of each per tensor.")
+    served = _tensors(served_dir, cfg.text_weights_prefix)
+    requant = fp8_requantizable(cfg.quantization, served)
+    requantized: list[tuple[str, str]] = []
+    out, seen = [], set()
+    for i, (name, dt, shape) in enumerate(zip(names, dtypes, shapes)):
+        if not isinstance(name, str) or name not in served:
+            raise ValueError(f"names[{i}]={name!r} is invalid: not a tensor of the served checkpoint.")
+        if name in seen:
+            raise ValueError(f"names[{i}] names {name!r} a second time.")
+        seen.add(name)
+        dtype = _dtype(dt)
+        if dtype is None:
+            raise ValueError(f"dtypes[{i}]={dt!r} (tensor {name!r}) is invalid: must be a torch dtype or its name.")
+        if not (isinstance(shape, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                         for n in shape)):
+            raise ValueError(f"shapes[{i}]={shape!r} (tensor {name!r}) is invalid: must be a list of sizes.")
+        sdtype, sshape = served[name]
+        if tuple(shape) != sshape:
+            raise ValueError(f"shapes[{i}]={list(shape)} is invalid: tensor {name!r} is {list(sshape)} in the served "
+                             "checkpoint.")
+        if sdtype in _FLOAT_DTYPES and not dtype.is_floating_point:
+            raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is float ({sdtype}) in the served "
+                             "checkpoint.")
+        if name in requant and dtype.is_floating_point and str(dtype) != _TORCH_NAMES["F8_E4M3"]:
+            if requant[name] in names:
+                raise ValueError(f"names[{i}] names {name!r} in {dt!r} and its scale {requant[name]!r} too: send the "
+                                 "float weight alone (each rank block-quantizes it) or both in FP8.")
+            requantized.append((name, requant[name]))  # each rank block-quantizes it as it writes it
+        elif sdtype not in _FLOAT_DTYPES and str(dtype) != _TORCH_NAMES.get(sdtype):
+            raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is {sdtype} in the served checkpoint (a "
+                             "quantized tensor is updated in its own format; float values are re-quantized into "
+                             "FP8 block-scaled weights only).")
+        out.append((name, dtype, tuple(shape)))
+    return tuple(out), tuple(requantized)

@@ -88,6 +88,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _message(self, rid: str, index: int, out: RequestOutput, comp: CompletionOutput, num_generated: int,
                  num_logprobs) -> pb.GenerateResponse:
         msg = pb.GenerateResponse(request_id=rid, index=index, token_ids=comp.token_ids, text=comp.text)
+        if out.weight_version is not None:
+            msg.weight_version = out.weight_version
+        if out.weight_versions is not None:
+            msg.weight_versions.extend("" if v is None else v for v in out.weight_versions)
         if num_logprobs is not None and comp.logprobs:
             for tid, entry in zip(comp.token_ids, comp.logprobs):
                 lp = entry[tid]

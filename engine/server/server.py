@@ -48,6 +48,7 @@ from .gateway.quirks import needs_keyless_listener
 from .gateway.supervisor import is_loopback
 from .gen import moelink_v1_pb2_grpc
 from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
+from .control import ControlServicer
 from .serving import Serving
 from .tls import check_server_tls
 from .vllm_engine import SERVICE_NAME as VLLM_SERVICE, VllmEngineServicer
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 GRAMMAR_WARM_TIMEOUT_S = 60.0
 
 SERVICES = (NATIVE_SERVICE, VLLM_SERVICE)
+CONTROL_SERVICE = "moelink.v1.Control"  # RL control calls: not in SERVICES (the health service reports generation)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _WATCH_INTERVAL_S = 0.2
@@ -110,11 +112,14 @@ class MoelinkServer:
         interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
+        # RL control calls (engine/server/control.py): refused unless the engine takes them (--enable-weight-updates).
+        moelink_v1_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self.serving.engine), self.server)
         vllm_servicer = VllmEngineServicer(self.serving)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            SERVICES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            SERVICES + (CONTROL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                        reflection.SERVICE_NAME),
             self.server)
         try:
             if cfg.tls:

@@ -31,6 +31,8 @@ from ..core.llm_engine import ProcessedRequest, too_long
 from ..core.no_tokenizer import NoTokenizer
 from ..core.outputs import Logprob, OutputKind, RequestOutput
 from ..core.prompt_bound import NoBound, bytes_per_token
+from ..core.rl_control import ControlDisabled
+from ..core.rl_memory import NotServing
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
 from ..contract.sampling_params import SamplingParams
 from ..contract.structured_output_params import StructuredOutputParams
@@ -358,6 +360,8 @@ def structured_from_proto(sp) -> StructuredOutputParams | None:
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a request failure maps to (one sentence for the user)."""
+    if isinstance(exc, ControlDisabled):  # the server's flag, not the call's arguments
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, wire_message(str(exc))
     if isinstance(exc, Abandoned):
@@ -367,6 +371,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DuplicateRequest):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, Draining):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, NotServing):  # asleep, or weights incomplete: another replica, or later
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, EngineDeadError):
         return grpc.StatusCode.UNAVAILABLE, f"{exc}; retry on another replica."

@@ -46,7 +46,8 @@ def test_update_then_back_equals_transformers(kind, tmp_path):
     ps = prompts(vocab, seed=19, n=4, lo=1, hi=40)
     want_a, want_b = hf_greedy(a, ps), hf_greedy(b, ps)
     assert want_a != want_b, "the two checkpoints must answer differently"
-    llm = LLM(a, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8)
+    llm = LLM(a, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8,
+              enable_weight_updates=True)
     assert_same(engine_greedy(llm, ps), want_a, ps)
     info = llm.update_weights_from_disk(b, weight_version="step-1")
     assert info["weight_version"] == llm.get_weight_version() == "step-1" and info["bytes_read"] > 0
@@ -64,7 +65,7 @@ def test_bad_updates_are_refused_and_the_weights_stay(tmp_path, tiny_model):
     path = tiny_model("qwen3_e6k3")
     cfg = TINY_CONFIGS["qwen3_e6k3"]
     other = str(make_tiny_model(tmp_path / "wide", **{**cfg, "moe_intermediate_size": cfg["moe_intermediate_size"] * 2}))
-    llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=8)
+    llm = LLM(path, dtype="float32", num_kv_blocks=64, block_size=8, enable_weight_updates=True)
     ps = [[1, 2, 3, 4, 5], [9, 8, 7]]
     before = engine_greedy(llm, ps)
     with pytest.raises(ValueError, match=r"model_path=.* tensor 'model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight'"
@@ -118,7 +119,8 @@ def test_update_from_tensors_writes_those_alone(kind, names, tmp_path):
     ps = prompts(vocab, seed=23, n=4, lo=1, hi=40)
     want = hf_greedy_with(_hf_with(a, new), ps, 10)
     assert want != hf_greedy(a, ps), "the tensors must change the answers"
-    llm = LLM(a, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8)
+    llm = LLM(a, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=128, block_size=8,
+              enable_weight_updates=True)
     engine_greedy(llm, ps)  # the prompts' KV now cached
     info = llm.update_weights_from_tensor([(n, t.to(dtype=torch.float32)) for n, t in new.items()],
                                           weight_version="t1")
@@ -129,7 +131,7 @@ def test_update_from_tensors_writes_those_alone(kind, names, tmp_path):
 
 def test_bad_named_tensors_are_refused(tiny_model):
     path = tiny_model("qwen3_e6k3")
-    llm = LLM(path, dtype="float32", num_kv_blocks=16, block_size=8)
+    llm = LLM(path, dtype="float32", num_kv_blocks=16, block_size=8, enable_weight_updates=True)
     name = "model.layers.0.mlp.experts.0.down_proj.weight"
     for bad, match in [
         ([("model.nope.weight", torch.zeros(2))], r"named_tensors\[0\] names 'model\.nope\.weight', which is not"),

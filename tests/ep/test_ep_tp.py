@@ -18,6 +18,7 @@ from moelink.engine import LLM, SamplingParams
 from tests.helpers import hf_checkpoints
 from tests.helpers.fp8_checkpoints import hf_greedy_with
 from tests.helpers.gpt_oss_checkpoints import VOCAB as GPT_OSS_VOCAB, save_gpt_oss
+from tests.helpers.net import free_port
 from tests.helpers.parity import assert_same, engine_greedy, hf_greedy, prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
@@ -215,10 +216,10 @@ def test_weight_updates_reach_every_rank(local_ray, tiny_model, tmp_path, tp, ep
     ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=67, n=4, lo=1, hi=30)
     names = ("model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.5.up_proj.weight")
     back = {k: v for f in sorted(Path(a).glob("*.safetensors")) for k, v in load_file(f).items() if k in names}
-    one = LLM(b, **KW)
+    one = LLM(b, enable_weight_updates=True, **KW)
     one.update_weights_from_tensor(list(back.items()))
     want = _greedy(one, ps)
-    llm = LLM(a, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
+    llm = LLM(a, tensor_parallel_size=tp, expert_parallel_size=ep, enable_weight_updates=True, **KW)
     try:
         llm.update_weights_from_disk(b)
         assert_same(_greedy(llm, ps), _hf(b, ps), ps)
@@ -226,3 +227,42 @@ def test_weight_updates_reach_every_rank(local_ray, tiny_model, tmp_path, tp, ep
         assert_same(_greedy(llm, ps), want, ps)
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
+def test_broadcast_update_reaches_both_ranks_experts(local_ray, tiny_model, tmp_path, tp, ep):
+    """update_weights_from_distributed at EP 2 and TP 2: the trainer (a thread holding rank 0 of its own gloo group)
+    broadcasts two experts (one on each EP rank) and an attention projection (split by TP) whole; both Ray ranks
+    (group ranks 1 and 2) receive them and keep their own part: greedy tokens equal one rank given the same tensors;
+    and again after sleep(1) / wake_up on both ranks."""
+    from safetensors.torch import load_file
+
+    from moelink.engine.rl.trainer import TrainerGroup
+    from moelink.engine.tools.tiny_model import make_tiny_model
+    from tests.engine.test_weight_updates_distributed import _Trainer
+
+    a = tiny_model("qwen3_e6k3")
+    b = str(make_tiny_model(tmp_path / "b", **{**TINY_CONFIGS["qwen3_e6k3"], "seed": 1}))
+    ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=71, n=4, lo=1, hi=30)
+    names = ("model.layers.0.mlp.experts.0.down_proj.weight", "model.layers.1.mlp.experts.5.up_proj.weight",
+             "model.layers.1.self_attn.q_proj.weight")
+    new = [(k, v) for f in sorted(Path(b).glob("*.safetensors")) for k, v in load_file(f).items() if k in names]
+    one = LLM(a, enable_weight_updates=True, **KW)
+    one.update_weights_from_tensor(new)
+    want = _greedy(one, ps)
+    llm = LLM(a, tensor_parallel_size=tp, expert_parallel_size=ep, enable_weight_updates=True, **KW)
+    trainer = _Trainer(free_port(), new, world_size=3)
+    try:
+        trainer.start()
+        llm.init_weights_update_group("127.0.0.1", trainer.port, 1, 3, "g", "gloo", timeout_s=60.0)
+        trainer.go.set()
+        llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g")
+        assert_same(_greedy(llm, ps), want, ps)
+        llm.destroy_weights_update_group("g")
+        assert llm.sleep(1)["bytes_freed"] > 0 and llm.wake_up()["bytes"] > 0  # both ranks, each its own part
+        assert_same(_greedy(llm, ps), want, ps)
+    finally:
+        trainer.done.set()
+        llm.engine.shutdown()
+    trainer.join(30.0)
+    assert trainer.error is None

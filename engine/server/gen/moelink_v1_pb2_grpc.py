@@ -273,3 +273,484 @@ class Generation:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ControlStub:
+    """RL control calls (docs/rl.md), SGLang's names. Refused with FAILED_PRECONDITION unless the server was started
+    with --enable-weight-updates (naming the flag); like every RPC but health, they need the API key where one is set.
+    An update refused for its arguments (a path that is not a checkpoint, tensors that differ, requests still running)
+    is INVALID_ARGUMENT naming why.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UpdateWeightsFromDisk = channel.unary_unary(
+                '/moelink.v1.Control/UpdateWeightsFromDisk',
+                request_serializer=moelink__v1__pb2.UpdateWeightsFromDiskRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.PauseGeneration = channel.unary_unary(
+                '/moelink.v1.Control/PauseGeneration',
+                request_serializer=moelink__v1__pb2.PauseGenerationRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.PauseGenerationResponse.FromString,
+                _registered_method=True)
+        self.ContinueGeneration = channel.unary_unary(
+                '/moelink.v1.Control/ContinueGeneration',
+                request_serializer=moelink__v1__pb2.ContinueGenerationRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.ContinueGenerationResponse.FromString,
+                _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/moelink.v1.Control/FlushCache',
+                request_serializer=moelink__v1__pb2.FlushCacheRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.FlushCacheResponse.FromString,
+                _registered_method=True)
+        self.GetWeightVersion = channel.unary_unary(
+                '/moelink.v1.Control/GetWeightVersion',
+                request_serializer=moelink__v1__pb2.GetWeightVersionRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.GetWeightVersionResponse.FromString,
+                _registered_method=True)
+        self.Sleep = channel.unary_unary(
+                '/moelink.v1.Control/Sleep',
+                request_serializer=moelink__v1__pb2.SleepRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.SleepResponse.FromString,
+                _registered_method=True)
+        self.WakeUp = channel.unary_unary(
+                '/moelink.v1.Control/WakeUp',
+                request_serializer=moelink__v1__pb2.WakeUpRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.WakeUpResponse.FromString,
+                _registered_method=True)
+        self.InitWeightsUpdateGroup = channel.unary_unary(
+                '/moelink.v1.Control/InitWeightsUpdateGroup',
+                request_serializer=moelink__v1__pb2.InitWeightsUpdateGroupRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
+                _registered_method=True)
+        self.UpdateWeightsFromDistributed = channel.unary_unary(
+                '/moelink.v1.Control/UpdateWeightsFromDistributed',
+                request_serializer=moelink__v1__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.DestroyWeightsUpdateGroup = channel.unary_unary(
+                '/moelink.v1.Control/DestroyWeightsUpdateGroup',
+                request_serializer=moelink__v1__pb2.DestroyWeightsUpdateGroupRequest.SerializeToString,
+                response_deserializer=moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
+                _registered_method=True)
+
+
+class ControlServicer:
+    """RL control calls (docs/rl.md), SGLang's names. Refused with FAILED_PRECONDITION unless the server was started
+    with --enable-weight-updates (naming the flag); like every RPC but health, they need the API key where one is set.
+    An update refused for its arguments (a path that is not a checkpoint, tensors that differ, requests still running)
+    is INVALID_ARGUMENT naming why.
+    """
+
+    def UpdateWeightsFromDisk(self, request, context):
+        """Serve a checkpoint of the same architecture with new values, written in place into every rank's weights; the
+        prefix cache is flushed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseGeneration(self, request, context):
+        """Stop generating: mode "abort" (abort every request), "wait" (start nothing new, started requests finish) or
+        "keep" (hold started requests in place, KV kept). Requests that arrive meanwhile wait.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ContinueGeneration(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlushCache(self, request, context):
+        """Forget every cached prefix (vLLM's reset_prefix_cache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWeightVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sleep(self, request, context):
+        """Give the devices back to a trainer (vLLM's sleep): level 1 keeps the weights in host memory, level 2 drops them
+        (an update fills them again); the KV cache is freed. Generate is refused until WakeUp.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WakeUp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InitWeightsUpdateGroup(self, request, context):
+        """A trainer's process group (SGLang's names): every engine rank joins as rank_offset + its rank while the trainer
+        (rank 0) makes the group; then each update receives the tensors the trainer broadcasts, in the order named, a
+        bucket at a time. Both hold the engine between steps while they wait for the trainer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWeightsFromDistributed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestroyWeightsUpdateGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UpdateWeightsFromDisk': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeightsFromDisk,
+                    request_deserializer=moelink__v1__pb2.UpdateWeightsFromDiskRequest.FromString,
+                    response_serializer=moelink__v1__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'PauseGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseGeneration,
+                    request_deserializer=moelink__v1__pb2.PauseGenerationRequest.FromString,
+                    response_serializer=moelink__v1__pb2.PauseGenerationResponse.SerializeToString,
+            ),
+            'ContinueGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContinueGeneration,
+                    request_deserializer=moelink__v1__pb2.ContinueGenerationRequest.FromString,
+                    response_serializer=moelink__v1__pb2.ContinueGenerationResponse.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=moelink__v1__pb2.FlushCacheRequest.FromString,
+                    response_serializer=moelink__v1__pb2.FlushCacheResponse.SerializeToString,
+            ),
+            'GetWeightVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWeightVersion,
+                    request_deserializer=moelink__v1__pb2.GetWeightVersionRequest.FromString,
+                    response_serializer=moelink__v1__pb2.GetWeightVersionResponse.SerializeToString,
+            ),
+            'Sleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sleep,
+                    request_deserializer=moelink__v1__pb2.SleepRequest.FromString,
+                    response_serializer=moelink__v1__pb2.SleepResponse.SerializeToString,
+            ),
+            'WakeUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeUp,
+                    request_deserializer=moelink__v1__pb2.WakeUpRequest.FromString,
+                    response_serializer=moelink__v1__pb2.WakeUpResponse.SerializeToString,
+            ),
+            'InitWeightsUpdateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitWeightsUpdateGroup,
+                    request_deserializer=moelink__v1__pb2.InitWeightsUpdateGroupRequest.FromString,
+                    response_serializer=moelink__v1__pb2.WeightsUpdateGroupResponse.SerializeToString,
+            ),
+            'UpdateWeightsFromDistributed': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeightsFromDistributed,
+                    request_deserializer=moelink__v1__pb2.UpdateWeightsFromDistributedRequest.FromString,
+                    response_serializer=moelink__v1__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'DestroyWeightsUpdateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestroyWeightsUpdateGroup,
+                    request_deserializer=moelink__v1__pb2.DestroyWeightsUpdateGroupRequest.FromString,
+                    response_serializer=moelink__v1__pb2.WeightsUpdateGroupResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moelink.v1.Control', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moelink.v1.Control', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Control:
+    """RL control calls (docs/rl.md), SGLang's names. Refused with FAILED_PRECONDITION unless the server was started
+    with --enable-weight-updates (naming the flag); like every RPC but health, they need the API key where one is set.
+    An update refused for its arguments (a path that is not a checkpoint, tensors that differ, requests still running)
+    is INVALID_ARGUMENT naming why.
+    """
+
+    @staticmethod
+    def UpdateWeightsFromDisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/UpdateWeightsFromDisk',
+            moelink__v1__pb2.UpdateWeightsFromDiskRequest.SerializeToString,
+            moelink__v1__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/PauseGeneration',
+            moelink__v1__pb2.PauseGenerationRequest.SerializeToString,
+            moelink__v1__pb2.PauseGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContinueGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/ContinueGeneration',
+            moelink__v1__pb2.ContinueGenerationRequest.SerializeToString,
+            moelink__v1__pb2.ContinueGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/FlushCache',
+            moelink__v1__pb2.FlushCacheRequest.SerializeToString,
+            moelink__v1__pb2.FlushCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWeightVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/GetWeightVersion',
+            moelink__v1__pb2.GetWeightVersionRequest.SerializeToString,
+            moelink__v1__pb2.GetWeightVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/Sleep',
+            moelink__v1__pb2.SleepRequest.SerializeToString,
+            moelink__v1__pb2.SleepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/WakeUp',
+            moelink__v1__pb2.WakeUpRequest.SerializeToString,
+            moelink__v1__pb2.WakeUpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitWeightsUpdateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/InitWeightsUpdateGroup',
+            moelink__v1__pb2.InitWeightsUpdateGroupRequest.SerializeToString,
+            moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeightsFromDistributed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/UpdateWeightsFromDistributed',
+            moelink__v1__pb2.UpdateWeightsFromDistributedRequest.SerializeToString,
+            moelink__v1__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestroyWeightsUpdateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moelink.v1.Control/DestroyWeightsUpdateGroup',
+            moelink__v1__pb2.DestroyWeightsUpdateGroupRequest.SerializeToString,
+            moelink__v1__pb2.WeightsUpdateGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,105 @@
+"""Weights from a trainer's process group (SGLang's `init_weights_update_group` / `update_weights_from_distributed`;
+docs/rl.md): what the driver sends every rank, and what each rank answers.
+
+The trainer is rank 0 of a group of its own (comm/process_group.side_group: never the engine's EP/TP groups); engine
+rank r joins it as `rank_offset + r`. The trainer broadcasts each tensor whole, in the order the update names them;
+every rank receives them a bucket at a time (at most `bucket_bytes`, or one tensor when a tensor is larger) and
+writes each bucket in place through the plan its load used (its experts, its TP slice), so an update never holds
+more than one bucket beyond the served weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BUCKET_BYTES = 512 << 20  # what a rank receives before it writes (the most an update holds beside the weights)
+DEFAULT_TIMEOUT_S = 60.0  # a trainer silent this long fails the tensor being received (and drops the group)
+GROUP_BACKENDS = ("gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class UpdateGroupSpec:
+    """A trainer's group as the engine joins it: rank 0 (the trainer) serves the rendezvous at
+    master_address:master_port; the engine's ranks are rank_offset .. rank_offset + ranks - 1 of world_size."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str
+    backend: str = "gloo"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        def bad(field: str, allowed: str):
+            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}.")
+
+        if not isinstance(self.master_address, str) or not self.master_address:
+            bad("master_address", "must be a host name or IP address")
+        for name, low in (("master_port", 1), ("rank_offset", 1), ("world_size", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                bad(name, f"must be an integer >= {low}" + (" (the trainer is rank 0)" if name == "rank_offset" else ""))
+        if self.master_port > 65535:
+            bad("master_port", "must be at most 65535")
+        if not isinstance(self.group_name, str) or not self.group_name or "/" in self.group_name:
+            bad("group_name", "must be a non-empty string without '/'")
+        if self.backend not in GROUP_BACKENDS:
+            bad("backend", f"choose from {', '.join(GROUP_BACKENDS)} (gloo on CPU ranks, nccl on GPUs)")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+            bad("timeout_s", "must be a positive number of seconds")
+
+    def check_ranks(self, num_ranks: int) -> None:
+        """The engine's ranks fit in the group after the offset."""
+        if self.rank_offset + num_ranks > self.world_size:
+            raise ValueError(f"world_size={self.world_size} is invalid: rank_offset={self.rank_offset} plus the "
+                             f"engine's {num_ranks} rank(s) needs at least {self.rank_offset + num_ranks}.")
+
+
+@dataclass(frozen=True)
+class DistributedUpdate:
+    """One update_weights_from_distributed call as every rank receives it: (name, dtype, shape) per tensor in the
+    trainer's broadcast order (the driver checked each against the served checkpoint), the group, the bucket bound."""
+
+    group_name: str
+    tensors: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    # FP8 block-scaled weights sent in float: (weight name, scale name), each block-quantized in `fp8_block` blocks
+    # as it is written (engine/config/requantize.py).
+    requantize: tuple[tuple[str, str], ...] = ()
+    fp8_block: tuple[int, int] = (128, 128)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bucket_bytes, bool) or not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes={self.bucket_bytes!r} is invalid: must be a positive integer.")
+        if not self.tensors:
+            raise ValueError("names is empty: an update names at least one tensor.")
+
+    def buckets(self) -> list[list[int]]:
+        """The tensors' indices grouped in order, each group's bytes at most bucket_bytes (a larger tensor alone)."""
+        out: list[list[int]] = []
+        size = 0
+        for i, (_, dtype, shape) in enumerate(self.tensors):
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            if not out or size + nbytes > self.bucket_bytes:
+                out.append([])
+                size = 0
+            out[-1].append(i)
+            size += nbytes
+        return out
+
+
+@dataclass(frozen=True)
+class DistributedUpdateResult:
+    """One rank's answer: bytes received, tensors written in place (whole buckets), and the error that stopped it
+    (None when every tensor landed). A rank reports an error rather than raising: a raised error is a rank's death
+    to the Ray executor, and the trainer's failure is not the rank's."""
+
+    bytes_received: int
+    tensors_written: int
+    error: str | None = None
+
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "DistributedUpdate", "DistributedUpdateResult",
+           "UpdateGroupSpec"]

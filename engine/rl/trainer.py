@@ -1,0 +1,43 @@
+"""The trainer's end of a weight broadcast (docs/rl.md), for a trainer that has no group of its own yet (the tests,
+examples/rl_loop.py, benchmarks/rl_weight_sync.py): rank 0 of the group the engine's ranks join with
+`init_weights_update_group`, serving its rendezvous. A trainer on SGLang's `init_custom_process_group` meets the
+same ranks (comm/process_group.side_group keeps torch's key prefixes).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from moelink.comm.process_group import side_group
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TrainerGroup:
+    """Rank 0 of a weight-update group: make it while the engine's `init_weights_update_group` joins, then
+    `broadcast` the tensors of each `update_weights_from_distributed` call, in the order it names them."""
+
+    def __init__(self, master_address: str, master_port: int, world_size: int,
+                 group_name: str = "weight_update_group", backend: str = "gloo", timeout_s: float = 60.0):
+        self.group, self._store = side_group(master_address, master_port, 0, world_size, group_name, backend,
+                                             timeout_s)
+
+    @staticmethod
+    def specs(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> dict:
+        """The engine call's arguments for these tensors: {"names", "dtypes", "shapes"}."""
+        items = list(named_tensors)
+        return {"names": [n for n, _ in items], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in items],
+                "shapes": [list(t.shape) for _, t in items]}
+
+    def broadcast(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> int:
+        """Send each tensor whole, in order; the bytes sent."""
+        sent = 0
+        for _, t in named_tensors:
+            t = t.detach().contiguous()
+            self.group.broadcast(t, 0).wait()
+            sent += t.numel() * t.element_size()
+        return sent
+
+    def close(self) -> None:
+        """Leave the group (its store goes with it)."""
+        self.group = self._store = None
