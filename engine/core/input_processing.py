@@ -64,6 +64,23 @@ class ProcessedRequest:
     cache_salt: bytes = b""
 
 
+# The keys of vLLM's prompt dicts (TextPrompt / TokensPrompt) the engine reads; "multi_modal_data" only where a
+# multimodal model is served (engine/multimodal/).
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
+
+
+def check_prompt_dict(prompt: dict, multimodal) -> None:
+    """Refuse a prompt dict key the engine would otherwise drop (vLLM's mm_processor_kwargs, cache_salt, ...), and
+    images for a model that cannot see them: nothing a caller sends is silently ignored."""
+    for key in prompt:
+        if key not in PROMPT_KEYS:
+            raise ValueError(f"prompt[{shown(key)}] is not supported: a prompt dict takes the keys "
+                             f"{', '.join(map(repr, PROMPT_KEYS))}.")
+    if "multi_modal_data" in prompt and multimodal is None:
+        raise ValueError("prompt['multi_modal_data'] is not supported: this engine serves a text model (images are "
+                         "taken by a multimodal checkpoint, docs/multimodal.md); send text or token ids only.")
+
+
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,
                field: str | None = None, compile_grammar: bool = True) -> ProcessedRequest:
     """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
@@ -95,6 +112,7 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         engine.config.kv_connector.check_params(params.kv_transfer_params)
     text = None
     if isinstance(prompt, dict):
+        check_prompt_dict(prompt, getattr(engine, "multimodal", None))
         if "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]
         elif "prompt" in prompt:
