@@ -93,6 +93,9 @@ class NewRequestData:
     # computed, else the slot's own state).
     state_slot: int = -1
     state_copy_from: int = -1
+    # Carried, not read, by the scheduler: the request's images as the driver processed them
+    # (engine/multimodal/inputs.MultimodalInputs); None: a text request.
+    multimodal: Any = None
 
 
 @dataclass(slots=True)

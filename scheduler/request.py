@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable
-from typing import Optional
+from typing import Any, Optional
 
 from .block_pool import root_block_hash
 from .outputs import SamplingOptions, TokenLogprobs
@@ -73,6 +73,7 @@ class Request:
         arrival_time: float | None = None,
         client: tuple[str, ...] = (),
         cache_salt: bytes = b"",
+        multimodal: Any = None,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
@@ -154,6 +155,9 @@ class Request:
             raise ValueError(f"Request.cache_salt={cache_salt!r} is invalid: must be bytes (b'' for none).")
         self.cache_salt = cache_salt
         self.cache_root: bytes = root_block_hash(cache_salt)
+        # Carried to the worker, not read here: the request's processed images (engine/multimodal/inputs.py); None
+        # for text. Its image hashes are in cache_salt.
+        self.multimodal = multimodal
 
     @classmethod
     def from_sampling_params(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model import ModelConfig
+from .multimodal import MultimodalConfig
 from .speculative import SpeculativeConfig
 
 if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS)
@@ -58,6 +59,8 @@ class WorkerConfig:
     # Rollout routing replay: every step's routed experts recorded (moe/routing_capture.py), for the requests that
     # ask (SamplingParams.return_routed_experts).
     return_routed_experts: bool = False
+    # A multimodal checkpoint's images (engine/multimodal/): whether the rank loads the vision tower, its cache.
+    multimodal: MultimodalConfig = MultimodalConfig()
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

@@ -12,6 +12,8 @@ from ..contract.sampling_params import SamplingParams
 if TYPE_CHECKING:  # xgrammar is imported where grammars are compiled (engine/core/structured_output.py)
     from xgrammar import CompiledGrammar
 
+    from ..multimodal.inputs import MultimodalInputs
+
 PromptType = Union[str, list[int], dict]
 
 
@@ -62,6 +64,8 @@ class ProcessedRequest:
     # What its KV depends on besides the token ids (scheduler Request.cache_salt): tagged parts a feature adds
     # (an adapter, images); b"" for a plain prompt.
     cache_salt: bytes = b""
+    # Its images, processed (engine/multimodal/inputs.MultimodalInputs), carried to its rank; None: text only.
+    multimodal: MultimodalInputs | None = None
 
 
 # The keys of vLLM's prompt dicts (TextPrompt / TokensPrompt) the engine reads; "multi_modal_data" only where a
@@ -111,9 +115,12 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         # A KV source outside the engine's peers is refused here, before any connection (engine/kv_transfer/peers.py).
         engine.config.kv_connector.check_params(params.kv_transfer_params)
     text = None
+    mm = None
     if isinstance(prompt, dict):
         check_prompt_dict(prompt, getattr(engine, "multimodal", None))
-        if "prompt_token_ids" in prompt:
+        if "multi_modal_data" in prompt:
+            text, prompt, mm = _with_images(engine, prompt, params)
+        elif "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]
         elif "prompt" in prompt:
             prompt = prompt["prompt"]
@@ -122,7 +129,9 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     field = field or ("prompt" if isinstance(prompt, str) else "prompt_token_ids")
     if isinstance(engine.tokenizer, NoTokenizer):
         engine.tokenizer.check_request(field, prompt, params)
-    if isinstance(prompt, str):
+    if mm is not None:
+        ids = prompt
+    elif isinstance(prompt, str):
         text = prompt
         if not prompt:
             raise ValueError(f"{field} is empty: give at least one character or token id.")
@@ -169,4 +178,27 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if params.structured_outputs is not None and compile_grammar:
         # Compiled on the grammar pool; this caller waits, the engine loop does not.
         grammar = engine.grammars.compile(params.structured_outputs)
+    if mm is not None:
+        return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, cache_salt=mm.cache_salt,
+                                multimodal=mm)
     return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar)
+
+
+def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | None, list[int], MultimodalInputs]:
+    """(text, token ids with the image placeholders expanded, the processed images) through the checkpoint's
+    processor (engine/multimodal/processor.py); what images cannot run with is refused naming it."""
+    if params.truncate_prompt_tokens is not None:  # a cut could fall inside an image's placeholders
+        raise ValueError("SamplingParams.truncate_prompt_tokens is not supported with multi_modal_data: the prompt's "
+                         "image placeholders must all be kept.")
+    if params.kv_transfer_params is not None:
+        raise ValueError("SamplingParams.kv_transfer_params is not supported with multi_modal_data: a transferred "
+                         "prompt's 3-D positions and image rows do not travel with its KV (docs/multimodal.md).")
+    if engine.config.speculative is not None:
+        raise ValueError("prompt['multi_modal_data'] is not supported with speculative decoding (speculative_config): "
+                         "the drafts' 3-D positions are not built (docs/multimodal.md).")
+    if "prompt_token_ids" in prompt:
+        raise ValueError("prompt['prompt_token_ids'] with multi_modal_data is not supported: send the text "
+                         "('prompt') with one image placeholder per image (docs/multimodal.md).")
+    text = prompt.get("prompt")
+    ids, mm = engine.multimodal.process(text, prompt["multi_modal_data"])
+    return text, ids, mm

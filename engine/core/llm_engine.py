@@ -48,6 +48,7 @@ from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .no_tokenizer import NoTokenizer, load_tokenizer
 from .tokenizer import Tokenizer
+from ..multimodal.processor import make_image_processor
 from ..config.worker_config import DUMMY_WARNING
 
 if TYPE_CHECKING:
@@ -105,6 +106,9 @@ class LLMEngine:
         # that duplicate ids and aborts are decided without reading the output side's states.
         self._rank_of: dict[str, int] = {}
         self.output_processor = OutputProcessor(self.tokenizer)
+        # A multimodal checkpoint's processor (engine/multimodal/processor.py), when its images are on; None: a
+        # prompt's multi_modal_data is refused (input_processing.check_prompt_dict).
+        self.multimodal = make_image_processor(config)
         # Set by hand_off_outputs: where `step` sends each step's core outputs instead of processing them.
         self._output_sink: Callable[[list[EngineCoreOutput]], None] | None = None
         # Per expert-parallel rank (the world, or one when a TP group splits every expert).
@@ -175,7 +179,7 @@ class LLMEngine:
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
             stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens, client=req.client,
-            cache_salt=req.cache_salt,
+            cache_salt=req.cache_salt, multimodal=req.multimodal,
         )
         if p.structured_outputs is not None:
             if req.grammar is None:

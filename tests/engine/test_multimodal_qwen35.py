@@ -24,3 +24,87 @@ def test_a_field_a_text_model_cannot_use_is_refused_naming_it(text_llm, prompt, 
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         text_llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)
     assert text_llm.generate({"prompt": "hello"}, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs
+
+
+# -- a tiny Qwen3.5-MoE multimodal checkpoint against transformers -------------------------------------------------
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def mm_path(tmp_path_factory):
+    from tests.helpers.mm_checkpoints import save_mm_checkpoint
+
+    return save_mm_checkpoint(tmp_path_factory.mktemp("qwen35_mm"))
+
+
+def _greedy(llm, prompt):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    return llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.slow
+def test_one_image_gives_transformers_tokens(mm_path):
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    text = f"describe {IMAGE} now"
+    llm = LLM(mm_path, dtype="float64", num_kv_blocks=64, block_size=16)
+    got = _greedy(llm, {"prompt": text, "multi_modal_data": {"image": image(1)}})
+    assert got == hf_mm_greedy(mm_path, text, [image(1)], MAX_NEW)
+
+
+@pytest.mark.slow
+def test_two_images_give_transformers_tokens(mm_path):
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    text = f"first {IMAGE} then {IMAGE} compare"
+    imgs = [image(2, 16, 24), image(3, 32, 16)]
+    llm = LLM(mm_path, dtype="float64", num_kv_blocks=64, block_size=16)
+    assert _greedy(llm, {"prompt": text, "multi_modal_data": {"image": imgs}}) == hf_mm_greedy(
+        mm_path, text, imgs, MAX_NEW)
+
+
+@pytest.mark.slow
+def test_a_different_image_misses_the_prefix_cache_and_the_same_image_hits(mm_path):
+    """Same text, same placeholder tokens: a different image gives other tokens (as transformers' do) and shares no
+    KV; the same image again reuses its prompt's KV and gives the same tokens. Its encoder output is cached too."""
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    text = f"look at {IMAGE} and say"
+    a, b = image(4, 32, 32), image(5, 32, 32)  # 16 image tokens each
+    llm = LLM(mm_path, dtype="float64", num_kv_blocks=64, block_size=8, num_state_checkpoints=8)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+
+    def run(img):
+        return llm.generate({"prompt": text, "multi_modal_data": {"image": img}}, params, use_tqdm=False)[0]
+
+    first, other, again = run(a), run(b), run(a)
+    want_a, want_b = hf_mm_greedy(mm_path, text, [a], MAX_NEW), hf_mm_greedy(mm_path, text, [b], MAX_NEW)
+    assert want_a != want_b
+    assert first.outputs[0].token_ids == want_a and again.outputs[0].token_ids == want_a
+    assert other.outputs[0].token_ids == want_b
+    assert other.num_cached_tokens == 0 and again.num_cached_tokens > 0
+    cache = llm.engine.executor.worker.runner.images.cache
+    assert (cache.misses, cache.hits) == (2, 0)  # the prefix hit covered the image tokens: nothing to encode
+    text2 = f"then {IMAGE} again"  # another prefix, the same image: the encoder's cache answers
+    got = llm.generate({"prompt": text2, "multi_modal_data": {"image": a}}, params, use_tqdm=False)[0]
+    assert got.outputs[0].token_ids == hf_mm_greedy(mm_path, text2, [a], MAX_NEW)
+    assert (cache.misses, cache.hits) == (2, 1)
+
+
+@pytest.mark.slow
+def test_chunks_cut_inside_the_image_and_a_text_request_beside_it(mm_path):
+    """A step budget of 5 tokens: the image's 16 placeholder tokens span four chunks, batched with a text-only
+    request; a pool of 4 blocks of 8 preempts, and the resumed request recomputes its image rows and positions."""
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    mm_text, plain = f"a {IMAGE} b", "hello there world"
+    img = image(6, 32, 32)
+    llm = LLM(mm_path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=5, num_kv_blocks=4, block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    # The later request is the one preempted: the image one.
+    outs = llm.generate([plain, {"prompt": mm_text, "multi_modal_data": {"image": img}}], params, use_tqdm=False)
+    assert outs[1].outputs[0].token_ids == hf_mm_greedy(mm_path, mm_text, [img], MAX_NEW)
+    assert outs[0].outputs[0].token_ids == hf_mm_greedy(mm_path, plain, [], MAX_NEW)
+    assert llm.engine.stats().num_preemptions_total > 0
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
