@@ -9,5 +9,5 @@
   reference and the CPU path) encodes each image once (an LRU cache by image hash, bounded in bytes); each step
   gets the rows to splice over the image placeholders and every token's 3-D positions (models/layers.ImageSplice).
 
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.tools, engine.rl.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

@@ -10,11 +10,14 @@ VISION_TOWERS = {"Qwen3_5MoeForConditionalGeneration": "model.visual."}
 
 
 def multimodal_architecture(model_dir: str) -> str | None:
-    """The checkpoint's multimodal architecture moelink runs images for, or None (a text model, or a wrapper whose
-    images are not built: served as its text model, images refused)."""
+    """The checkpoint's multimodal architecture moelink runs images for, or None: a text model, a wrapper whose
+    images are not built, or a checkpoint saved without its image processor (preprocessor_config.json: nothing
+    could turn an image into the model's patches). Such a checkpoint is served as its text model, images refused."""
     try:
         archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError):
+        return None
+    if not (Path(model_dir) / "preprocessor_config.json").is_file():
         return None
     return next((a for a in archs if a in VISION_TOWERS), None)
 

@@ -32,6 +32,7 @@ from ..core.no_tokenizer import NoTokenizer
 from ..core.outputs import Logprob, OutputKind, RequestOutput
 from ..core.prompt_bound import NoBound, bytes_per_token
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
+from ..multimodal.spec import multimodal_architecture
 from ..contract.sampling_params import SamplingParams
 from ..contract.structured_output_params import StructuredOutputParams
 from .client_identity import client_of
@@ -98,9 +99,14 @@ class Serving:
     # -- inputs ---------------------------------------------------------------
     def text_only_reason(self) -> str:
         """Why images, audio or video are refused: what this server runs of the checkpoint."""
-        if self.model.text_weights_prefix:  # a multimodal checkpoint served as its text model (Qwen3.5-MoE)
+        if self.model.text_weights_prefix and multimodal_architecture(self.model.model) is None:
+            # a multimodal checkpoint served as its text model (GLM-5.3-Flash; a Qwen3.5-MoE saved without its processor)
             return (f"this server runs the text model of {self.model.name} ({self.model.architecture}); its vision "
                     "tower is not loaded, so only text and token ids are accepted.")
+        if self.model.text_weights_prefix:  # Qwen3.5-MoE with its processor: images only through the Python API
+            return (f"this server runs {self.model.name}'s text model ({self.model.architecture}) over gRPC and HTTP: "
+                    "only text and token ids are accepted here (its images are taken by the Python API, LLM.generate "
+                    "with multi_modal_data, when its vision tower is loaded: docs/multimodal.md).")
         return "this model takes text only."
 
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:
