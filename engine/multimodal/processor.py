@@ -110,7 +110,11 @@ class ImageProcessor:
             raise ValueError(f"prompt has {n} image placeholders ({self.image_token!r}) for {len(images)} images in "
                              "multi_modal_data['image']: give one per image.")
         rgb = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
-        out = self.processor(text=[prompt], images=rgb, return_tensors="pt")
+        try:
+            out = self.processor(text=[prompt], images=rgb, return_tensors="pt")
+        except (ValueError, TypeError) as e:  # an image the processor cannot take (too thin to resize, ...)
+            raise ValueError(f"prompt['multi_modal_data']['image'] was refused by the checkpoint's processor: "
+                             f"{shown(str(e))}") from None
         ids_1L = out["input_ids"]
         grid = tuple(tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist())
         pixels_PC = out["pixel_values"]

@@ -108,3 +108,51 @@ def test_chunks_cut_inside_the_image_and_a_text_request_beside_it(mm_path):
     assert llm.engine.stats().num_preemptions_total > 0
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+@pytest.mark.slow
+def test_bad_images_are_refused_naming_the_field_and_hold_nothing(mm_path):
+    from tests.helpers.mm_checkpoints import IMAGE, image
+
+    llm = LLM(mm_path, dtype="float64", num_kv_blocks=32, block_size=16, limit_mm_per_prompt={"image": 1},
+              mm_max_pixels=500)
+    params = SamplingParams(max_tokens=2)
+    bad = [
+        ({"prompt": f"{IMAGE}{IMAGE}", "multi_modal_data": {"image": [image(1), image(2)]}},
+         r"limit_mm_per_prompt\['image'\]=1"),
+        ({"prompt": IMAGE, "multi_modal_data": {"image": image(1, 32, 32)}}, r"\['image'\]\[0\] is 32x32.*max_pixels=500"),
+        ({"prompt": IMAGE, "multi_modal_data": {"image": "x.png"}}, r"\['image'\]\[0\] of type str"),
+        ({"prompt": IMAGE, "multi_modal_data": {"video": [image(1)]}}, r"\['video'\] is not supported"),
+        ({"prompt": "no placeholder", "multi_modal_data": {"image": image(1)}}, r"0 image placeholders"),
+        ({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": image(1)}}, r"prompt\['prompt_token_ids'\]"),
+        ({"prompt": IMAGE, "multi_modal_data": {"image": image(1)}, "mm_processor_kwargs": {}},
+         r"prompt\['mm_processor_kwargs'\]"),
+    ]
+    for prompt, field in bad:
+        with pytest.raises(ValueError, match=field):
+            llm.generate(prompt, params, use_tqdm=False)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        llm.generate({"prompt": IMAGE, "multi_modal_data": {"image": image(1)}},
+                     SamplingParams(max_tokens=2, truncate_prompt_tokens=4), use_tqdm=False)
+    assert llm.generate({"prompt": IMAGE, "multi_modal_data": {"image": image(1)}}, params, use_tqdm=False)
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.slow
+def test_images_off_serves_the_text_model_without_its_tower(mm_path):
+    from tests.helpers.mm_checkpoints import IMAGE, image
+
+    llm = LLM(mm_path, dtype="float64", num_kv_blocks=32, block_size=16, limit_mm_per_prompt={"image": 0})
+    assert llm.engine.multimodal is None and llm.engine.executor.worker.runner.images is None
+    with pytest.raises(ValueError, match=r"prompt\['multi_modal_data'\] is not supported"):
+        llm.generate({"prompt": IMAGE, "multi_modal_data": {"image": image(1)}}, use_tqdm=False)
+
+
+def test_limit_mm_per_prompt_is_read_as_vllm_spells_it():
+    from moelink.engine.config.multimodal import MultimodalConfig, parse_limit_mm_per_prompt
+
+    assert parse_limit_mm_per_prompt('{"image": 4}') == parse_limit_mm_per_prompt("image=4") == {"image": 4, "video": 0}
+    for bad, field in [({"audio": 1}, "key 'audio'"), ({"image": -1}, r"\['image'\]=-1"), ({"video": 2}, "video")]:
+        with pytest.raises(ValueError, match=field):
+            MultimodalConfig(limit_mm_per_prompt=bad)
