@@ -196,9 +196,21 @@ def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | No
     if engine.config.speculative is not None:
         raise ValueError("prompt['multi_modal_data'] is not supported with speculative decoding (speculative_config): "
                          "the drafts' 3-D positions are not built (docs/multimodal.md).")
-    if "prompt_token_ids" in prompt:
-        raise ValueError("prompt['prompt_token_ids'] with multi_modal_data is not supported: send the text "
-                         "('prompt') with one image placeholder per image (docs/multimodal.md).")
+    if "prompt_token_ids" in prompt:  # the processor's outputs already (smg's gRPC MultimodalInputs carries them)
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError(f"prompt['prompt_token_ids']={shown(ids)} is invalid: must be a non-empty list of "
+                             "token ids.")
+        data = prompt["multi_modal_data"]
+        if not isinstance(data, dict) or set(data) != {"image"}:
+            raise ValueError("prompt['multi_modal_data'] with prompt_token_ids must be {'image': {'pixel_values': "
+                             "..., 'image_grid_thw': ...}} (the processor's outputs; docs/multimodal.md).")
+        vocab = engine.config.model.vocab_size
+        bad = _first_bad_id(list(ids), vocab)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids[{bad}]={shown(ids[bad])} is out of range: token ids must be "
+                             f"integers in [0, {vocab}).")
+        return None, list(ids), engine.multimodal.process_preprocessed(list(ids), data["image"])
     text = prompt.get("prompt")
     ids, mm = engine.multimodal.process(text, prompt["multi_modal_data"])
     return text, ids, mm

@@ -20,6 +20,17 @@ from .inputs import MultimodalInputs
 from .spec import multimodal_architecture
 
 
+def _hashes(pixels_PC: torch.Tensor, grid: tuple[tuple[int, int, int], ...]) -> tuple[bytes, ...]:
+    """Per image, sha256 of its grid and its float32 patch values: the same image processed the same way hashes the
+    same, whatever prompt it is in."""
+    out, start = [], 0
+    for t, h, w in grid:
+        rows = pixels_PC[start:start + t * h * w].contiguous().numpy()
+        start += t * h * w
+        out.append(hashlib.sha256(repr((t, h, w)).encode() + rows.tobytes()).digest())
+    return tuple(out)
+
+
 def _images_only_processor(model_dir: str):
     """The checkpoint's processor class without its video processor (module docstring)."""
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -117,17 +128,66 @@ class ImageProcessor:
                              f"{shown(str(e))}") from None
         ids_1L = out["input_ids"]
         grid = tuple(tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist())
-        pixels_PC = out["pixel_values"]
-        hashes = []
-        start = 0
-        for t, h, w in grid:
-            rows = pixels_PC[start:start + t * h * w]
-            start += t * h * w
-            hashes.append(hashlib.sha256(repr((t, h, w)).encode() + rows.contiguous().numpy().tobytes()).digest())
+        pixels_PC = out["pixel_values"].to(torch.float32)
         mrope_31L, delta_11 = self.rope_index(ids_1L, out["mm_token_type_ids"], out["image_grid_thw"])
-        mm = MultimodalInputs(pixels_PC, grid, tuple(hashes), mrope_31L[:, 0].to(torch.int64).contiguous(),
+        mm = MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid), mrope_31L[:, 0].to(torch.int64).contiguous(),
                               int(delta_11.reshape(-1)[0]), self.image_token_id, self.merge)
         return ids_1L[0].tolist(), mm
+
+    def process_preprocessed(self, ids: list[int], data: Any, field: str = "prompt['multi_modal_data']['image']"
+                             ) -> MultimodalInputs:
+        """Token ids whose placeholders are already expanded, with the processor's own outputs for their images
+        (what smg's gRPC MultimodalInputs carries): {"pixel_values": [P, C] float, "image_grid_thw": [N, 3] int}.
+        Each is checked against the checkpoint (patch width, grid, placeholder runs) and the limits; the images'
+        hashes are computed here from the pixels, never taken from the caller (a hash sent for other pixels would
+        share their KV)."""
+        import numpy as np
+
+        if not isinstance(data, dict) or set(data) - {"pixel_values", "image_grid_thw"} or len(data) != 2:
+            raise ValueError(f"{field} is invalid with token ids: give a dict with exactly 'pixel_values' and "
+                             "'image_grid_thw' (the processor's outputs).")
+        try:
+            pixels_PC = torch.as_tensor(np.asarray(data["pixel_values"]) if not isinstance(
+                data["pixel_values"], torch.Tensor) else data["pixel_values"])
+            grid_N3 = torch.as_tensor(data["image_grid_thw"])
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{field}: pixel_values and image_grid_thw must be tensors or arrays.") from None
+        vc = self.hf.vision_config
+        width = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+        if not pixels_PC.is_floating_point() or pixels_PC.dim() != 2 or pixels_PC.shape[1] != width:
+            raise ValueError(f"{field}['pixel_values'] has shape {tuple(pixels_PC.shape)} and dtype "
+                             f"{pixels_PC.dtype}: must be float [patches, {width}] for this checkpoint.")
+        if grid_N3.dim() != 2 or grid_N3.shape[1] != 3 or grid_N3.is_floating_point() or grid_N3.shape[0] < 1:
+            raise ValueError(f"{field}['image_grid_thw'] has shape {tuple(grid_N3.shape)}: must be integer "
+                             "[images, 3] (t, h, w), at least one image.")
+        grid = tuple(tuple(int(v) for v in g) for g in grid_N3.tolist())
+        if len(grid) > self.config.images:
+            raise ValueError(f"{field} has {len(grid)} images, more than limit_mm_per_prompt['image']="
+                             f"{self.config.images} (--limit-mm-per-prompt).")
+        m, patch = self.merge, int(vc.patch_size)
+        for i, (t, h, w) in enumerate(grid):
+            if t != 1 or h < m or w < m or h % m or w % m or h * w * patch * patch > self.config.max_pixels:
+                raise ValueError(f"{field}['image_grid_thw'][{i}]={[t, h, w]} is invalid: t must be 1 (images), h "
+                                 f"and w positive multiples of spatial_merge_size={m}, at most max_pixels="
+                                 f"{self.config.max_pixels} pixels.")
+        if pixels_PC.shape[0] != sum(t * h * w for t, h, w in grid):
+            raise ValueError(f"{field}['pixel_values'] has {pixels_PC.shape[0]} patch rows: the grids "
+                             f"{[list(g) for g in grid]} need {sum(t * h * w for t, h, w in grid)}.")
+        ids_L = torch.tensor(ids, dtype=torch.long)
+        is_img_L = ids_L == self.image_token_id
+        # Each image is one run of placeholder tokens, as long as its merged grid (what get_rope_index assumes).
+        edges = torch.diff(is_img_L.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                           append=torch.zeros(1, dtype=torch.int8))
+        runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
+        want = [t * h * w // (m * m) for t, h, w in grid]
+        if runs != want:
+            raise ValueError(f"prompt_token_ids has image placeholder runs (id {self.image_token_id}) of {runs} "
+                             f"tokens: the images need runs of {want}, one per image in order.")
+        pixels_PC = pixels_PC.to(torch.float32)
+        mrope_31L, delta_11 = self.rope_index(ids_L[None], is_img_L.to(torch.int64)[None], grid_N3.to(torch.long))
+        return MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid),
+                                mrope_31L[:, 0].to(torch.int64).contiguous(), int(delta_11.reshape(-1)[0]),
+                                self.image_token_id, self.merge)
 
     def rope_index(self, ids_1L: torch.Tensor, types_1L: torch.Tensor, grid_N3: torch.Tensor):
         """transformers' own get_rope_index (Qwen3_5MoeModel's), called on a stand-in for the model: it reads only

@@ -124,7 +124,7 @@ def test_bad_images_are_refused_naming_the_field_and_hold_nothing(mm_path):
         ({"prompt": IMAGE, "multi_modal_data": {"image": "x.png"}}, r"\['image'\]\[0\] of type str"),
         ({"prompt": IMAGE, "multi_modal_data": {"video": [image(1)]}}, r"\['video'\] is not supported"),
         ({"prompt": "no placeholder", "multi_modal_data": {"image": image(1)}}, r"0 image placeholders"),
-        ({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": image(1)}}, r"prompt\['prompt_token_ids'\]"),
+        ({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": image(1)}}, r"is invalid with token ids"),
         ({"prompt": IMAGE, "multi_modal_data": {"image": image(1)}, "mm_processor_kwargs": {}},
          r"prompt\['mm_processor_kwargs'\]"),
     ]
@@ -156,3 +156,27 @@ def test_limit_mm_per_prompt_is_read_as_vllm_spells_it():
     for bad, field in [({"audio": 1}, "key 'audio'"), ({"image": -1}, r"\['image'\]=-1"), ({"video": 2}, "video")]:
         with pytest.raises(ValueError, match=field):
             MultimodalConfig(limit_mm_per_prompt=bad)
+
+
+@pytest.mark.slow
+def test_token_ids_with_the_processors_pixel_values_give_the_same_tokens(mm_path):
+    """What smg's gRPC MultimodalInputs carries: ids with the placeholders expanded, the processor's pixel values and
+    grids. The same tokens as the text path and transformers; a grid that does not match the ids is refused."""
+    from moelink.engine.multimodal.processor import load_processor
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    text, imgs = f"x {IMAGE} y {IMAGE}", [image(7, 16, 24), image(8, 24, 16)]
+    out = load_processor(mm_path)(text=[text], images=imgs, return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    llm = LLM(mm_path, dtype="float64", num_kv_blocks=64, block_size=16)
+    pre = {"prompt_token_ids": ids, "multi_modal_data": {"image": {
+        "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}}}
+    want = hf_mm_greedy(mm_path, text, imgs, MAX_NEW)
+    assert _greedy(llm, pre) == want == _greedy(llm, {"prompt": text, "multi_modal_data": {"image": imgs}})
+    swapped = out["image_grid_thw"].flip(0)  # 4x6 then 6x4 patches: same token counts, other shapes
+    with pytest.raises(ValueError, match="pixel_values|placeholder runs"):
+        _greedy(llm, {**pre, "multi_modal_data": {"image": {"pixel_values": out["pixel_values"][:-4],
+                                                            "image_grid_thw": swapped}}})
+    with pytest.raises(ValueError, match=r"placeholder runs \(id \d+\) of \[6, 6\] tokens: the images need runs of \[6\]"):
+        _greedy(llm, {**pre, "multi_modal_data": {"image": {"pixel_values": out["pixel_values"][:24],
+                                                            "image_grid_thw": out["image_grid_thw"][:1]}}})
