@@ -97,16 +97,26 @@ class Serving:
         return self.engine.is_healthy
 
     # -- inputs ---------------------------------------------------------------
+    @property
+    def mm_bytes(self) -> int:
+        """The most bytes of preprocessed images one request may carry (VllmEngine's mm_inputs: float32 pixel values
+        of limit_mm_per_prompt images of mm_max_pixels each, the processor's temporal patch doubling each pixel's
+        three channels); 0 when this engine takes no images. The server caps it at --max-message-size."""
+        if self.engine.image_token_id is None:
+            return 0
+        mm = self.engine.multimodal_config
+        return mm.images * mm.max_pixels * 3 * 2 * 4
+
     def text_only_reason(self) -> str:
         """Why images, audio or video are refused: what this server runs of the checkpoint."""
         if self.model.text_weights_prefix and multimodal_architecture(self.model.model) is None:
             # a multimodal checkpoint served as its text model (GLM-5.3-Flash; a Qwen3.5-MoE saved without its processor)
             return (f"this server runs the text model of {self.model.name} ({self.model.architecture}); its vision "
                     "tower is not loaded, so only text and token ids are accepted.")
-        if self.model.text_weights_prefix:  # Qwen3.5-MoE with its processor: images only through the Python API
-            return (f"this server runs {self.model.name}'s text model ({self.model.architecture}) over gRPC and HTTP: "
-                    "only text and token ids are accepted here (its images are taken by the Python API, LLM.generate "
-                    "with multi_modal_data, when its vision tower is loaded: docs/multimodal.md).")
+        if self.model.text_weights_prefix:  # Qwen3.5-MoE with its processor
+            return (f"{self.model.name} ({self.model.architecture}) takes images only as VllmEngine's preprocessed "
+                    "mm_inputs (gRPC) and through the Python API (multi_modal_data), and only while its images are on "
+                    "(limit_mm_per_prompt); image_url parts, media_refs and video are not built (docs/multimodal.md).")
         return "this model takes text only."
 
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:
@@ -167,6 +177,9 @@ class Serving:
 
     async def _prepare(self, request_id: str, prompt, params: SamplingParams, field: str,
                        keep: Optional[int]) -> ProcessedRequest:
+        if isinstance(prompt, dict):  # token ids with images (vllm_engine.py's mm_inputs): checked on a thread
+            return await asyncio.to_thread(self.engine.process_inputs, request_id, prompt, params, field,
+                                           compile_grammar=False)
         if isinstance(prompt, str):
             ids = await self._tokenize(prompt, field, keep)
         else:

@@ -29,6 +29,7 @@ from ..core.llm_engine import ProcessedRequest
 from ..contract.safe_text import shown
 from ..contract.sampling_params import SamplingParams
 from .limits import RequestLimits
+from .mm_wire import images_from_proto
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
@@ -126,14 +127,15 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self._tokenizer_zip: bytes | None = None
 
     async def _prepare(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
-        for field in ("mm_inputs", "media_refs"):
-            if request.HasField(field):
-                raise ValueError(f"{field} is not supported: {self.s.text_only_reason()}")
-        if request.extra_mm_inputs:
+        if request.HasField("media_refs"):
+            raise ValueError(f"media_refs is not supported: {self.s.text_only_reason()}")
+        if request.extra_mm_inputs:  # a second modality's batch: only images are built
             raise ValueError(f"extra_mm_inputs is not supported: {self.s.text_only_reason()}")
         if request.HasField("kv_transfer_params"):
             raise ValueError("kv_transfer_params (the typed Mooncake message) is not supported: it cannot name the "
                              "saved KV; send kv_transfer_params_json (vLLM's JSON object) instead.")
+        if request.HasField("mm_inputs"):
+            return await self._prepare_images(rid, request, params)
         which = request.WhichOneof("input")
         # Only the kept tail is tokenized (a long text costs no more than it); process_inputs keeps the same.
         keep = kept_prompt_tokens(params, self.s.info.max_model_len)
@@ -142,6 +144,22 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         if which == "text":
             return await self.s.prepare(rid, request.text, params, "text", keep)
         raise ValueError("input is missing: set tokenized.input_ids (or text).")
+
+    async def _prepare_images(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
+        """smg's preprocessed images (engine/server/mm_wire.py) with the expanded token ids, through the engine's
+        image processor's checks (docs/multimodal.md)."""
+        image_token_id = self.s.engine.image_token_id
+        if image_token_id is None:
+            raise ValueError(f"mm_inputs is not supported: {self.s.text_only_reason()}")
+        if request.WhichOneof("input") != "tokenized":
+            raise ValueError("mm_inputs needs tokenized input (tokenized.input_ids with the placeholders expanded).")
+        prompt = {"prompt_token_ids": list(request.tokenized.input_ids),
+                  "multi_modal_data": {"image": images_from_proto(request.mm_inputs, image_token_id)}}
+        try:
+            return await self.s.prepare(rid, prompt, params, "tokenized.input_ids")
+        except ValueError as e:  # the Python API's names for what this request calls mm_inputs
+            raise ValueError(str(e).replace("prompt['multi_modal_data']['image']", "mm_inputs").replace(
+                "prompt_token_ids", "tokenized.input_ids")) from None
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:

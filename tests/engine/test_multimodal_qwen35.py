@@ -180,3 +180,48 @@ def test_token_ids_with_the_processors_pixel_values_give_the_same_tokens(mm_path
     with pytest.raises(ValueError, match=r"placeholder runs \(id \d+\) of \[6, 6\] tokens: the images need runs of \[6\]"):
         _greedy(llm, {**pre, "multi_modal_data": {"image": {"pixel_values": out["pixel_values"][:24],
                                                             "image_grid_thw": out["image_grid_thw"][:1]}}})
+
+
+@pytest.mark.slow
+def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
+    """VllmEngine.Generate with mm_inputs as smg 1.13 sends them (preprocessed pixel values, image_grid_thw, the
+    placeholders expanded in tokenized.input_ids): the Python API's tokens; video and shared-memory payloads are
+    refused naming the field."""
+    import grpc
+    import numpy as np
+    from smg_grpc_proto.generated import common_pb2
+
+    from moelink.engine.multimodal.processor import load_processor
+    from tests.helpers.grpc_server import ThreadServer, make_stubs
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    text, img = f"see {IMAGE} here", image(9, 64, 64)  # 256 patches: 98 KiB of pixels, past the 64 KiB of a field
+    out = load_processor(mm_path)(text=[text], images=[img], return_tensors="pt")
+    srv = ThreadServer(mm_path, dict(dtype="float64", num_kv_blocks=64, block_size=16))
+    try:
+        stubs = make_stubs(grpc.insecure_channel(srv.addr))
+        vpb = stubs.vpb
+        pix, grid = out["pixel_values"].numpy().astype(np.float32), out["image_grid_thw"].numpy().astype(np.int64)
+
+        def request(rid, **mm_kw):
+            mm = vpb.MultimodalInputs(
+                pixel_values=vpb.TensorData(shape=list(pix.shape), dtype="float32", inline=pix.tobytes()),
+                model_specific_tensors={"image_grid_thw": vpb.TensorData(shape=list(grid.shape), dtype="int64",
+                                                                         inline=grid.tobytes())}, **mm_kw)
+            return vpb.GenerateRequest(
+                request_id=rid, tokenized=vpb.TokenizedInput(input_ids=out["input_ids"][0].tolist()), mm_inputs=mm,
+                sampling_params=vpb.SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True),
+                stream=False)
+
+        assert pix.nbytes > 64 << 10
+        msgs = list(stubs.vllm.Generate(request("g-1", mm_hashes=["not-trusted"])))
+        assert list(msgs[-1].complete.output_ids) == hf_mm_greedy(mm_path, text, [img], MAX_NEW)
+        with pytest.raises(grpc.RpcError, match="mm_inputs.modality=3"):
+            list(stubs.vllm.Generate(request("g-2", modality=common_pb2.VIDEO)))
+        bad = request("g-3")
+        bad.mm_inputs.model_specific_tensors["image_grid_thw"].CopyFrom(vpb.TensorData(
+            shape=[1, 3], dtype="int64", inline=np.array([[1, 4, 4]], dtype=np.int64).tobytes()))
+        with pytest.raises(grpc.RpcError, match=r"mm_inputs\['pixel_values'\] has 256 patch rows"):
+            list(stubs.vllm.Generate(bad))
+    finally:
+        srv.close()
