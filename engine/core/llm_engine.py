@@ -49,6 +49,7 @@ from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .no_tokenizer import NoTokenizer, load_tokenizer
 from .tokenizer import Tokenizer
 from ..multimodal.processor import make_image_processor
+from ..multimodal.stats import MultimodalStats
 from ..config.worker_config import DUMMY_WARNING
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class LLMEngine:
         # A multimodal checkpoint's processor (engine/multimodal/processor.py), when its images are on; None: a
         # prompt's multi_modal_data is refused (input_processing.check_prompt_dict).
         self.multimodal = make_image_processor(config)
+        self.mm_stats = MultimodalStats()
         # Set by hand_off_outputs: where `step` sends each step's core outputs instead of processing them.
         self._output_sink: Callable[[list[EngineCoreOutput]], None] | None = None
         # Per expert-parallel rank (the world, or one when a TP group splits every expert).
@@ -186,6 +188,8 @@ class LLMEngine:
                 raise ValueError("SamplingParams.structured_outputs is set but the request was not processed "
                                  "by process_inputs (no compiled grammar).")
             self.structured.add(req.request_id, req.grammar)
+        if req.multimodal is not None:
+            self.mm_stats.add_request(len(req.multimodal.image_grid_thw))
         rank = self.router.route(req.prompt_token_ids, req.cache_salt)
         self.schedulers[rank].add_request(sched_req)
         self._rank_of[req.request_id] = rank
@@ -345,6 +349,9 @@ class LLMEngine:
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
+        if self.multimodal is not None:
+            for ro in runner_outs:
+                self.mm_stats.add_step(ro.stats)
         # A rank's StepStats.moe (typed by the scheduler's MoEStepCounters protocol) is moe/stats.py's MoECounters.
         self.moe_metrics.add_step(cast("list[MoECounters | None]",
                                        [ro.stats.moe if ro.stats is not None else None for ro in runner_outs]))

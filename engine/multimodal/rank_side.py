@@ -46,6 +46,7 @@ class ImageRunner:
         self.tower, self.device = tower, device
         self.cache = EncoderCache(cache_bytes)
         self._held: dict[str, _Held] = {}
+        self._taken: tuple[int, int, float] = (0, 0, 0.0)
 
     def add(self, req_id: str, mm: MultimodalInputs, prompt_token_ids: list[int]) -> None:
         pos_K = np.flatnonzero(np.asarray(prompt_token_ids) == mm.image_token_id)
@@ -63,6 +64,13 @@ class ImageRunner:
 
     def __bool__(self) -> bool:
         return bool(self._held)
+
+    def take_counts(self) -> tuple[int, int, float]:
+        """(images encoded, encoder cache hits, encoder seconds) since the last call (a step's StepStats)."""
+        c = self.cache
+        now = (c.misses, c.hits, c.encode_s)
+        last, self._taken = self._taken, now
+        return now[0] - last[0], now[1] - last[1], now[2] - last[2]
 
     def _embeds(self, h: _Held) -> torch.Tensor:
         if h.embeds_KD is None:

@@ -405,6 +405,8 @@ class ModelRunner:
                                        inp.sliding, batch=graph_batch,
                                        state_slots=state_plan.slots if state_plan is not None else None,
                                        query_lens=query_lens)
+        if images is not None:
+            handle.encoder_counts = self.images.take_counts()
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,

@@ -89,6 +89,11 @@ def test_a_different_image_misses_the_prefix_cache_and_the_same_image_hits(mm_pa
     got = llm.generate({"prompt": text2, "multi_modal_data": {"image": a}}, params, use_tqdm=False)[0]
     assert got.outputs[0].token_ids == hf_mm_greedy(mm_path, text2, [a], MAX_NEW)
     assert (cache.misses, cache.hits) == (2, 1)
+    from moelink.engine.core.metrics import multimodal_families
+
+    m = {f.name: f.samples[0].value for f in multimodal_families(llm.engine.mm_stats)}
+    assert m == {"moelink_mm_requests": 4, "moelink_mm_images": 4, "moelink_mm_encoder_images": 2,
+                 "moelink_mm_encoder_cache_hits": 1, "moelink_mm_encoder_seconds": pytest.approx(cache.encode_s)}
 
 
 @pytest.mark.slow
