@@ -230,3 +230,17 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
             list(stubs.vllm.Generate(bad))
     finally:
         srv.close()
+
+
+def test_a_micro_batch_takes_its_own_image_rows_and_positions():
+    import torch
+
+    from moelink.engine.models.layers import ImageSplice
+
+    emb_MD = torch.arange(6.0).reshape(3, 2)
+    pos_3T = torch.arange(24).reshape(3, 8)
+    part = ImageSplice(torch.tensor([1, 5, 6]), emb_MD, pos_3T).select(4, 8)
+    assert part.rows_M.tolist() == [1, 2] and torch.equal(part.embeds_MD, emb_MD[1:])
+    assert torch.equal(part.mrope_3T, pos_3T[:, 4:8])
+    x_TD = part.splice(torch.zeros(4, 2))
+    assert torch.equal(x_TD[1:3], emb_MD[1:]) and not x_TD[0].any() and not x_TD[3].any()

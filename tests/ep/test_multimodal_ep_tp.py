@@ -1,7 +1,8 @@
 """Images into Qwen3.5-MoE across ranks (issue 59, docs/multimodal.md): at EP 2 (Ray, CPU ranks, gloo, float64; each
 rank its own requests, so each encodes its own requests' images: the tower data-parallel over images) and at TP 2
 (every rank of the group encodes the group's images, its heads rotated by the same 3-D positions), two image
-requests beside a text one give transformers' greedy tokens. Lean: 3 prompts, 4 new tokens each."""
+requests beside a text one give transformers' greedy tokens. Two-batch overlap is on: a step's image rows and 3-D
+positions split with its micro-batches (models/layers.ImageSplice.select). Lean: 3 prompts, 4 new tokens each."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,8 @@ pytestmark = pytest.mark.slow
 NEW = 4
 
 
-@pytest.mark.parametrize("layout", [dict(expert_parallel_size=2), dict(tensor_parallel_size=2)], ids=["ep2", "tp2"])
+@pytest.mark.parametrize("layout", [dict(expert_parallel_size=2, enable_two_batch_overlap=True),
+                                    dict(tensor_parallel_size=2, enable_two_batch_overlap=True)], ids=["ep2", "tp2"])
 def test_image_requests_across_ranks_give_transformers_tokens(local_ray, tmp_path, layout):
     from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image, save_mm_checkpoint
 
