@@ -9,7 +9,9 @@ video processor. Image preprocessing is the processor's, never moelink's.
 from __future__ import annotations
 
 import hashlib
+import json
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,14 +37,21 @@ def _images_only_processor(model_dir: str):
     """The checkpoint's processor class without its video processor (module docstring)."""
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import processor_class_from_name
-    import json
-    from pathlib import Path
 
-    name = json.loads((Path(model_dir) / "processor_config.json").read_text()).get("processor_class")
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    # Where AutoProcessor looks: the processor's own file, the image processor's, else the model type's default.
+    name = None
+    for file in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(model_dir) / file
+        if path.is_file() and not name:
+            name = json.loads(path.read_text()).get("processor_class")
+    if not name:
+        name = PROCESSOR_MAPPING_NAMES.get(json.loads((Path(model_dir) / "config.json").read_text()).get("model_type"))
     base = processor_class_from_name(name) if name else None
     if base is None:
-        raise ValueError(f"model={model_dir!r} has no processor_config.json naming its processor_class: its images "
-                         "cannot be processed (save the checkpoint's processor beside it).")
+        raise ValueError(f"model={model_dir!r}: no processor class is named for its images (processor_config.json's "
+                         "processor_class): save the checkpoint's processor beside it.")
 
     class ImagesOnly(base):  # type: ignore[misc, valid-type]
         def check_argument_for_proper_class(self, argument_name, argument):
@@ -50,8 +59,8 @@ def _images_only_processor(model_dir: str):
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
-    return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(model_dir, backend="pil"),
-                      tokenizer=AutoTokenizer.from_pretrained(model_dir), video_processor=None)
+    return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(model_dir, backend="pil", local_files_only=True),
+                      tokenizer=AutoTokenizer.from_pretrained(model_dir, local_files_only=True), video_processor=None)
 
 
 def load_processor(model_dir: str):

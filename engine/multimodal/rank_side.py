@@ -62,7 +62,8 @@ class ImageRunner:
     def clear(self) -> None:
         self._held.clear()
 
-    def __bool__(self) -> bool:
+    def holds_images(self) -> bool:
+        """Whether any request this rank holds has images (a step of text requests alone plans nothing)."""
         return bool(self._held)
 
     def take_counts(self) -> tuple[int, int, float]:

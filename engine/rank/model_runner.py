@@ -373,7 +373,7 @@ class ModelRunner:
         # A step holding image requests: their rows to splice and every token's 3-D positions (before the
         # computed counts move on: the rows are read by prompt position).
         images = self.images.plan([(st.req_id, st.num_computed_tokens, n) for st, n in zip(states, query_lens)]
-                                  ) if self.images else None
+                                  ) if self.images is not None and self.images.holds_images() else None
         prompt_lp = prompt_logprobs.plan(states, query_lens, inp.qsl_S1) if self._prompt_lp_ids else None
         routed = routed_experts.plan(states, query_lens, inp.qsl_S1) if self._routed_ids else None
         for st, n in zip(states, query_lens):
