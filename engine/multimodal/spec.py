@@ -22,4 +22,12 @@ def multimodal_architecture(model_dir: str) -> str | None:
     return next((a for a in archs if a in VISION_TOWERS), None)
 
 
-__all__ = ["VISION_TOWERS", "multimodal_architecture"]
+def published_model_type(model_dir: str) -> str:
+    """config.json's own model_type (the wrapper's, "qwen3_5_moe", where the engine reads its text model's)."""
+    try:
+        return str(json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") or "")
+    except (OSError, ValueError):
+        return ""
+
+
+__all__ = ["VISION_TOWERS", "multimodal_architecture", "published_model_type"]

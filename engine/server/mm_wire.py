@@ -2,8 +2,8 @@
 form: {"pixel_values": [P, C] float tensor, "image_grid_thw": [N, 3] int64 tensor} (engine/multimodal/processor.py
 ImageProcessor.process_preprocessed checks it against the checkpoint; docs/multimodal.md).
 
-What is read: the inline pixel_values and model_specific_tensors["image_grid_thw"]; im_token_id, when set, must be
-the checkpoint's. What is not taken: video, payloads in shared memory or remote handles, another encoder input key,
+What is read: the inline pixel_values and model_specific_tensors["image_grid_thw"] (and "patches_per_image", smg's
+split of the flat pixel rows, checked against the grids); im_token_id, when set, must be the checkpoint's. What is not taken: video, payloads in shared memory or remote handles, another encoder input key,
 other model tensors, each refused naming the field. Not read: mm_placeholders (recomputed from the ids, which must
 hold one run of placeholders per image), mm_hashes (the prefix cache's salt is hashed from the pixels here: a hash
 sent for other pixels would share their KV), batched_keys / flat_keys / keep_on_cpu_keys (their meaning for Qwen-VL
@@ -44,14 +44,20 @@ def images_from_proto(mm, image_token_id: int) -> dict:
     if mm.HasField("im_token_id") and mm.im_token_id != image_token_id:
         raise ValueError(f"mm_inputs.im_token_id={mm.im_token_id} is not this checkpoint's image token "
                          f"({image_token_id}).")
-    extra = sorted(set(mm.model_specific_tensors) - {"image_grid_thw"})
+    tensors = mm.model_specific_tensors
+    extra = sorted(set(tensors) - {"image_grid_thw", "patches_per_image"})
     if extra:
-        raise ValueError(f"mm_inputs.model_specific_tensors[{extra[0]!r}] is not supported: image_grid_thw only.")
-    if "image_grid_thw" not in mm.model_specific_tensors or not mm.HasField("pixel_values"):
+        raise ValueError(f"mm_inputs.model_specific_tensors[{extra[0]!r}] is not supported: image_grid_thw (and "
+                         "patches_per_image) only.")
+    if "image_grid_thw" not in tensors or not mm.HasField("pixel_values"):
         raise ValueError("mm_inputs needs pixel_values and model_specific_tensors['image_grid_thw'].")
-    return {"pixel_values": _tensor(mm.pixel_values, "mm_inputs.pixel_values"),
-            "image_grid_thw": _tensor(mm.model_specific_tensors["image_grid_thw"],
-                                      "mm_inputs.model_specific_tensors['image_grid_thw']")}
+    grid_N3 = _tensor(tensors["image_grid_thw"], "mm_inputs.model_specific_tensors['image_grid_thw']")
+    if "patches_per_image" in tensors:  # smg's split of the flat pixel rows (flat_keys): the grids' own counts
+        per_N = _tensor(tensors["patches_per_image"], "mm_inputs.model_specific_tensors['patches_per_image']")
+        if grid_N3.dim() != 2 or per_N.reshape(-1).tolist() != grid_N3.to(torch.int64).prod(-1).tolist():
+            raise ValueError(f"mm_inputs.model_specific_tensors['patches_per_image']={per_N.reshape(-1).tolist()} "
+                             "is not the image grids' t x h x w.")
+    return {"pixel_values": _tensor(mm.pixel_values, "mm_inputs.pixel_values"), "image_grid_thw": grid_N3}
 
 
 __all__ = ["images_from_proto"]
