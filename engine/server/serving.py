@@ -39,6 +39,7 @@ from .client_identity import client_of
 from .config import ServerConfig
 from .gateway.hangups import Abandoned, Hangups, relay_of
 from .gateway.options import model_alias_refusal
+from .limits import OTHER_FIELD_MAX_BYTES
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
 logger = logging.getLogger(__name__)
@@ -99,13 +100,15 @@ class Serving:
     # -- inputs ---------------------------------------------------------------
     @property
     def mm_bytes(self) -> int:
-        """The most bytes of preprocessed images one request may carry (VllmEngine's mm_inputs: float32 pixel values
-        of limit_mm_per_prompt images of mm_max_pixels each, the processor's temporal patch doubling each pixel's
-        three channels); 0 when this engine takes no images. The server caps it at --max-message-size."""
+        """The wire budget of VllmEngine's mm_inputs (preprocessed images): twice the float32 pixel values of
+        limit_mm_per_prompt images of mm_max_pixels each (the processor's temporal patch doubles each pixel's three
+        channels), plus an ordinary field's bytes for the grids and framing, so that a request just past its limits
+        is parsed and refused naming the limit (engine/multimodal/processor.py), and a far larger one refused
+        unparsed; 0 when this engine takes no images. The server caps it at --max-message-size."""
         if self.engine.image_token_id is None:
             return 0
         mm = self.engine.multimodal_config
-        return mm.images * mm.max_pixels * 3 * 2 * 4
+        return 2 * mm.images * mm.max_pixels * 3 * 2 * 4 + OTHER_FIELD_MAX_BYTES
 
     def text_only_reason(self) -> str:
         """Why images, audio or video are refused: what this server runs of the checkpoint."""

@@ -22,11 +22,13 @@ def save_mm_checkpoint(out: Path, seed: int = 0) -> str:
     return save_multimodal(out, seed)
 
 
-def image(seed: int, h: int = 16, w: int = 24):
-    """A random RGB PIL image."""
+def image(seed: int, h: int = 16, w: int = 24, binary: bool = False):
+    """A random RGB PIL image; `binary`: each channel 0 or 255 (normalised exactly by any preprocessor)."""
     from PIL import Image
 
-    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
+    rng = np.random.default_rng(seed)
+    values = (rng.random((h, w, 3)) < 0.5) * 255 if binary else rng.random((h, w, 3)) * 255
+    return Image.fromarray(values.astype(np.uint8))
 
 
 def hf_mm_greedy(path: str, text: str, images: list, max_new: int) -> list[int]:

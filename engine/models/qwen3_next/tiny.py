@@ -39,6 +39,16 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 _MM_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0, "mrope_section": [2, 1, 1]}
 
 
+# The tiny tokenizer's chat template with Qwen-VL's image parts: an image ({"type": "image"} or "image_url") is its
+# placeholder in the user's text, where the part is.
+_MM_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- elif part['type'] in ('image', 'image_url') %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
 def save_multimodal(out, seed: int = 0, vision: dict | None = None, patch_size: int = 4,
                     max_pixels: int = 64 * 64) -> str:
     """A Qwen3.5-MoE multimodal checkpoint that takes images (docs/multimodal.md): transformers'
@@ -65,10 +75,13 @@ def save_multimodal(out, seed: int = 0, vision: dict | None = None, patch_size: 
     tok = AutoTokenizer.from_pretrained(out)
     tok.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
     tok.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(_MM_CHAT_TEMPLATE)
     merge = cfg.vision_config.spatial_merge_size
+    # Qwen3.5's published normalisation (mean = std = 0.5): a pure black-and-white image normalises to exactly +-1
+    # whatever order a preprocessor rounds in (smg's and transformers' then send the same pixels).
     Qwen2VLImageProcessorPil(patch_size=patch_size, temporal_patch_size=cfg.vision_config.temporal_patch_size,
-                             merge_size=merge, min_pixels=(patch_size * merge) ** 2,
-                             max_pixels=max_pixels).save_pretrained(out)
+                             merge_size=merge, min_pixels=(patch_size * merge) ** 2, max_pixels=max_pixels,
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(out)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}))
     return str(out)
 
