@@ -117,9 +117,10 @@ class Serving:
             return (f"this server runs the text model of {self.model.name} ({self.model.architecture}); its vision "
                     "tower is not loaded, so only text and token ids are accepted.")
         if self.model.text_weights_prefix:  # Qwen3.5-MoE with its processor
-            return (f"{self.model.name} ({self.model.architecture}) takes images only as VllmEngine's preprocessed "
-                    "mm_inputs (gRPC) and through the Python API (multi_modal_data), and only while its images are on "
-                    "(limit_mm_per_prompt); image_url parts, media_refs and video are not built (docs/multimodal.md).")
+            return (f"{self.model.name} ({self.model.architecture}) takes images as VllmEngine's preprocessed mm_inputs "
+                    "(smg's gateway sends them for image_url parts) and through the Python API (multi_modal_data), "
+                    "while its images are on (limit_mm_per_prompt); media_refs and video are not built "
+                    "(docs/multimodal.md).")
         return "this model takes text only."
 
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:

@@ -1,7 +1,7 @@
 """Images through `moelink serve` and the openai client (issue 59, docs/multimodal.md): an `image_url` data URL in a
 chat message goes through the managed smg gateway, which preprocesses it and sends VllmEngine's mm_inputs; the
-answer is the Python API's, token for token, on the same prompt and image. Too many images and a huge one are each
-refused with a 400 naming the limit. One server (about a minute of CPU with smg's start)."""
+answer is the Python API's, token for token, on the same prompt and image. Too many images, a huge one and bytes
+that are no image are each refused with a 400 naming why. One server (about a minute of CPU with smg's start)."""
 from __future__ import annotations
 
 import base64
@@ -55,6 +55,10 @@ def test_an_image_url_gets_the_python_apis_tokens_and_bad_images_a_400(tmp_path)
             chat(img, image(2, 32, 32))
         with pytest.raises(openai.BadRequestError, match=r"max_pixels=1024"):
             chat(image(3, 96, 96))  # resized by the processor to 64 x 64: 4096 pixels past --mm-max-pixels 1024
+        with pytest.raises(openai.BadRequestError, match="image decode error"):  # not an image: smg's own 400
+            client.chat.completions.create(model="mm", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no").decode()}},
+                {"type": "text", "text": "x"}]}])
         assert chat(img).choices[0].message.content == got.choices[0].message.content  # still serving
     finally:
         srv.stop()
