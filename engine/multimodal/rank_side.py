@@ -1,8 +1,8 @@
 """Rank side: the requests' images held by a model runner, and what each step splices in.
 
-A request's images are encoded once, the first step that computes one of its image tokens (through the encoder
+Each image of a request is encoded once, by the first step that computes one of its tokens (through the encoder
 cache: a preempted request, or another with the same image, encodes nothing again), and kept while the rank holds
-the request. A step's rows are the image placeholders it computes, wherever its chunk boundaries fall (a chunk may
+the request; a step encodes only the images its own chunk reaches. A step's rows are the image placeholders it computes, wherever its chunk boundaries fall (a chunk may
 end inside an image: the rest of the image's rows go with the next chunk). Every token of a step that holds any
 image request gets 3-D rotary positions: the processor's for prompt positions, p + rope delta after the prompt
 (decode, and output tokens recomputed after a preemption), p on all three axes for text-only requests.
@@ -36,7 +36,8 @@ class StepImages:
 class _Held:
     mm: MultimodalInputs
     placeholders_K: np.ndarray  # prompt positions of the image tokens, ascending
-    embeds_KD: torch.Tensor | None = None  # encoded at the first step that needs them
+    starts_I1: np.ndarray  # image i's tokens are placeholders starts_I1[i] .. starts_I1[i + 1] - 1
+    embeds_I: list[torch.Tensor | None]  # image i's [N_i, D], encoded at the first step that computes one of them
 
 
 class ImageRunner:
@@ -54,7 +55,8 @@ class ImageRunner:
         if len(pos_K) != want:
             raise ValueError(f"request {req_id!r} has {len(pos_K)} image placeholder tokens (id {mm.image_token_id}) "
                              f"for images of {want} tokens.")
-        self._held[req_id] = _Held(mm, pos_K)
+        counts = [mm.image_tokens(i) for i in range(len(mm.image_grid_thw))]
+        self._held[req_id] = _Held(mm, pos_K, np.cumsum([0] + counts), [None] * len(counts))
 
     def drop(self, req_id: str) -> None:
         self._held.pop(req_id, None)
@@ -73,13 +75,20 @@ class ImageRunner:
         last, self._taken = self._taken, now
         return now[0] - last[0], now[1] - last[1], now[2] - last[2]
 
-    def _embeds(self, h: _Held) -> torch.Tensor:
-        if h.embeds_KD is None:
-            mm = h.mm
-            parts = [self.cache.get(mm.image_hashes[i], lambda i=i: self.tower.encode(
-                mm.pixel_values_PC[mm.patch_rows(i)], mm.image_grid_thw[i])) for i in range(len(mm.image_grid_thw))]
-            h.embeds_KD = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return h.embeds_KD
+    def _rows(self, h: _Held, k0: int, k1: int) -> torch.Tensor:
+        """The embeddings of placeholders k0 .. k1 - 1, encoding only the images they fall in (a chunk of a request
+        with many images encodes the images its own tokens reach: the tower's work per step follows the step's
+        token budget, not the request's image count)."""
+        mm, parts = h.mm, []
+        first = int(np.searchsorted(h.starts_I1, k0, side="right")) - 1
+        last = int(np.searchsorted(h.starts_I1, k1 - 1, side="right")) - 1
+        for i in range(first, last + 1):
+            if h.embeds_I[i] is None:
+                h.embeds_I[i] = self.cache.get(mm.image_hashes[i], lambda i=i: self.tower.encode(
+                    mm.pixel_values_PC[mm.patch_rows(i)], mm.image_grid_thw[i]))
+            lo, hi = max(k0, h.starts_I1[i]) - h.starts_I1[i], min(k1, h.starts_I1[i + 1]) - h.starts_I1[i]
+            parts.append(h.embeds_I[i][lo:hi])  # type: ignore[index]  # set just above
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def plan(self, seqs: list[tuple[str, int, int]]) -> StepImages | None:
         """`seqs`: (request id, tokens computed before this step, tokens this step) in the flat batch's order.
@@ -103,7 +112,7 @@ class ImageRunner:
                 k0, k1 = np.searchsorted(h.placeholders_K, [start, start + n])
                 if k1 > k0:
                     rows.append(torch.from_numpy(h.placeholders_K[k0:k1] - start + t))
-                    embeds.append(self._embeds(h)[k0:k1])
+                    embeds.append(self._rows(h, int(k0), int(k1)))
             t += n
         dev = self.device
         mrope_3T = torch.cat(pos_parts, dim=1).to(dev)

@@ -244,3 +244,24 @@ def test_a_micro_batch_takes_its_own_image_rows_and_positions():
     assert torch.equal(part.mrope_3T, pos_3T[:, 4:8])
     x_TD = part.splice(torch.zeros(4, 2))
     assert torch.equal(x_TD[1:3], emb_MD[1:]) and not x_TD[0].any() and not x_TD[3].any()
+
+
+@pytest.mark.slow
+def test_a_chunk_encodes_only_the_images_it_reaches(mm_path):
+    """Two images of 16 tokens behind a step budget of 8: the first steps encode the first image alone; the tokens
+    equal transformers'."""
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    text, imgs = f"{IMAGE} and {IMAGE} end", [image(11, 32, 32), image(12, 32, 32)]
+    llm = LLM(mm_path, dtype="float64", max_num_batched_tokens=8, num_kv_blocks=64, block_size=8)
+    eng = llm.engine
+    eng.add_request("r", {"prompt": text, "multi_modal_data": {"image": imgs}},
+                    SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+    cache = eng.executor.worker.runner.images.cache
+    seen, out = [], None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            out = o if o.finished else out
+        seen.append(cache.misses)
+    assert seen[:2] == [1, 1] and seen[-1] == 2
+    assert out.outputs[0].token_ids == hf_mm_greedy(mm_path, text, imgs, MAX_NEW)
