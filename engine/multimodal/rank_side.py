@@ -83,11 +83,12 @@ class ImageRunner:
         first = int(np.searchsorted(h.starts_I1, k0, side="right")) - 1
         last = int(np.searchsorted(h.starts_I1, k1 - 1, side="right")) - 1
         for i in range(first, last + 1):
-            if h.embeds_I[i] is None:
-                h.embeds_I[i] = self.cache.get(mm.image_hashes[i], lambda i=i: self.tower.encode(
+            emb_ND = h.embeds_I[i]
+            if emb_ND is None:
+                emb_ND = h.embeds_I[i] = self.cache.get(mm.image_hashes[i], lambda i=i: self.tower.encode(
                     mm.pixel_values_PC[mm.patch_rows(i)], mm.image_grid_thw[i]))
             lo, hi = max(k0, h.starts_I1[i]) - h.starts_I1[i], min(k1, h.starts_I1[i + 1]) - h.starts_I1[i]
-            parts.append(h.embeds_I[i][lo:hi])  # type: ignore[index]  # set just above
+            parts.append(emb_ND[lo:hi])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def plan(self, seqs: list[tuple[str, int, int]]) -> StepImages | None:
