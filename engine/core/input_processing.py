@@ -80,7 +80,7 @@ def check_prompt_dict(prompt: dict, multimodal) -> None:
         if key not in PROMPT_KEYS:
             raise ValueError(f"prompt[{shown(key)}] is not supported: a prompt dict takes the keys "
                              f"{', '.join(map(repr, PROMPT_KEYS))}.")
-    if "multi_modal_data" in prompt and multimodal is None:
+    if prompt.get("multi_modal_data") is not None and multimodal is None:  # None: no images, as vLLM reads it
         raise ValueError("prompt['multi_modal_data'] is not supported: this engine serves a text model (images are "
                          "taken by a multimodal checkpoint, docs/multimodal.md); send text or token ids only.")
 
@@ -118,7 +118,7 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     mm = None
     if isinstance(prompt, dict):
         check_prompt_dict(prompt, getattr(engine, "multimodal", None))
-        if "multi_modal_data" in prompt:
+        if prompt.get("multi_modal_data") is not None:
             text, prompt, mm = _with_images(engine, prompt, params)
         elif "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]

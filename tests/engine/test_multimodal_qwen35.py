@@ -24,6 +24,9 @@ def test_a_field_a_text_model_cannot_use_is_refused_naming_it(text_llm, prompt, 
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         text_llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)
     assert text_llm.generate({"prompt": "hello"}, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs
+    # multi_modal_data None is no images, as vLLM reads it
+    assert text_llm.generate({"prompt": "hello", "multi_modal_data": None}, SamplingParams(max_tokens=2),
+                             use_tqdm=False)[0].outputs
 
 
 # -- a tiny Qwen3.5-MoE multimodal checkpoint against transformers -------------------------------------------------
