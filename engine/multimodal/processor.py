@@ -106,6 +106,8 @@ class ImageProcessor:
         images = data.get("image")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         limit = self.config.images
+        if not images:
+            raise ValueError(f"{field}['image'] is empty: give at least one image (or leave multi_modal_data out).")
         if len(images) > limit:
             raise ValueError(f"{field}['image'] has {len(images)} images, more than limit_mm_per_prompt['image']="
                              f"{limit} (--limit-mm-per-prompt).")
@@ -124,7 +126,7 @@ class ImageProcessor:
         images = self.images_of(data)
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt={shown(prompt)} is invalid with multi_modal_data: give the text with one "
-                             f"{self.image_token!r} per image (token ids with images are not built: docs/multimodal.md).")
+                             f"{self.image_token!r} per image (token ids go with the processor's outputs: docs/multimodal.md).")
         n = prompt.count(self.image_token)
         if n != len(images):
             raise ValueError(f"prompt has {n} image placeholders ({self.image_token!r}) for {len(images)} images in "

@@ -130,6 +130,7 @@ def test_bad_images_are_refused_naming_the_field_and_hold_nothing(mm_path):
          r"limit_mm_per_prompt\['image'\]=1"),
         ({"prompt": IMAGE, "multi_modal_data": {"image": image(1, 32, 32)}}, r"\['image'\]\[0\] is 32x32.*max_pixels=500"),
         ({"prompt": IMAGE, "multi_modal_data": {"image": "x.png"}}, r"\['image'\]\[0\] of type str"),
+        ({"prompt": IMAGE, "multi_modal_data": {"image": []}}, r"\['image'\] is empty"),
         ({"prompt": IMAGE, "multi_modal_data": {"video": [image(1)]}}, r"\['video'\] is not supported"),
         ({"prompt": "no placeholder", "multi_modal_data": {"image": image(1)}}, r"0 image placeholders"),
         ({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": image(1)}}, r"is invalid with token ids"),
