@@ -193,9 +193,6 @@ def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | No
     if params.kv_transfer_params is not None:
         raise ValueError("SamplingParams.kv_transfer_params is not supported with multi_modal_data: a transferred "
                          "prompt's 3-D positions and image rows do not travel with its KV (docs/multimodal.md).")
-    if engine.config.speculative is not None:
-        raise ValueError("prompt['multi_modal_data'] is not supported with speculative decoding (speculative_config): "
-                         "the drafts' 3-D positions are not built (docs/multimodal.md).")
     if "prompt_token_ids" in prompt:  # the processor's outputs already (smg's gRPC MultimodalInputs carries them)
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple)) or not ids:

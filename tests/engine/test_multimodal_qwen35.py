@@ -269,3 +269,26 @@ def test_a_chunk_encodes_only_the_images_it_reaches(mm_path):
         seen.append(cache.misses)
     assert seen[:2] == [1, 1] and seen[-1] == 2
     assert out.outputs[0].token_ids == hf_mm_greedy(mm_path, text, imgs, MAX_NEW)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p_right", [0.9, 0.0])
+def test_speculative_decoding_verifies_drafts_at_the_images_positions(mm_path, p_right):
+    """A verify step's drafts sit past the prompt: they turn by p + rope delta as decode tokens do. Drafts right
+    with probability 0.9 (most accepted, some rejected, linear states rolled back), and always wrong: the greedy
+    tokens equal transformers'."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+    from moelink.engine.multimodal.processor import load_processor
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+
+    text, img = f"spec {IMAGE} test", image(13, 32, 32)
+    ids = load_processor(mm_path)(text=[text], images=[img], return_tensors="pt")["input_ids"][0].tolist()
+    want = hf_mm_greedy(mm_path, text, [img], MAX_NEW)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(ids): want}, p_right, vocab=404, seed=4)}
+    llm = LLM(mm_path, dtype="float64", num_kv_blocks=64, block_size=8, speculative_config=spec)
+    assert _greedy(llm, {"prompt": text, "multi_modal_data": {"image": img}}) == want
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0 and (sd.num_accepted_tokens > 0) == (p_right > 0)
