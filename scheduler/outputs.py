@@ -95,6 +95,9 @@ class NewRequestData:
     state_copy_from: int = -1
     # Carried, not read, by the scheduler: the request's LoRA adapter (the engine's LoRARequest); None: the base.
     lora: Any = None
+    # Carried, not read, by the scheduler: the request's images as the driver processed them
+    # (engine/multimodal/inputs.MultimodalInputs); None: a text request.
+    multimodal: Any = None
 
 
 @dataclass(slots=True)
@@ -241,6 +244,11 @@ class StepStats:
     # Host seconds the rank waited for the device when it collected the step (overlapped loop: the part of
     # the device's time the host's own work did not cover).
     wait_s: float = 0.0
+    # A multimodal model's vision tower in this step (engine/multimodal/): images it encoded, images its encoder
+    # cache answered, and its seconds.
+    images_encoded: int = 0
+    encoder_cache_hits: int = 0
+    encoder_s: float = 0.0
 
 
 @dataclass

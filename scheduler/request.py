@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Iterable
-from typing import Optional
+from typing import Any, Optional
 
 from .block_pool import root_block_hash
 from .outputs import SamplingOptions, TokenLogprobs
@@ -75,6 +75,7 @@ class Request:
         cache_salt: bytes = b"",
         lora_id: int = 0,
         lora: object = None,
+        multimodal: Any = None,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
@@ -161,6 +162,9 @@ class Request:
         if not (isinstance(lora_id, int) and lora_id >= 0) or (lora_id == 0) != (lora is None):
             raise ValueError(f"Request.lora_id={lora_id!r} is invalid: an integer >= 1 with its adapter, 0 without.")
         self.lora_id, self.lora = lora_id, lora
+        # Carried to the worker, not read here: the request's processed images (engine/multimodal/inputs.py); None
+        # for text. Its image hashes are in cache_salt.
+        self.multimodal = multimodal
 
     @classmethod
     def from_sampling_params(

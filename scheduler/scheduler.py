@@ -398,7 +398,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         new = NewRequestData(
             req_id=rid, prompt_token_ids=list(req.prompt_token_ids),
             output_token_ids=list(req.output_token_ids), sampling_params=req.sampling_params,
-            block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_computed, lora=req.lora)
+            block_ids=list(self.kv.get_block_ids(rid)), num_computed_tokens=num_computed, lora=req.lora,
+            multimodal=req.multimodal)
         self.kv.fill_new_request(new)
         return new
 

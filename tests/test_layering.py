@@ -19,27 +19,29 @@ from tests.helpers.import_graph import FOLDERS, ROOT, ImportGraph, build_graph, 
 # the engine core serves the offline API too and must not depend on the gRPC front.
 ALLOWED: dict[str, frozenset[str]] = {
     "benchmarks": frozenset({"engine.lora", "engine.server", "engine.api", "engine", "engine.core", "engine.rl", "engine.cluster", "engine.spec",
-                             "engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.tools",
+                             "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.tools",
                              "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
-    "engine.server": frozenset({"engine.lora", "engine.api", "engine", "engine.core", "engine.rl", "engine.tools", "engine.contract",
+    "engine.server": frozenset({"engine.lora", "engine.api", "engine", "engine.core", "engine.rl", "engine.tools", "engine.multimodal",
+                                "engine.contract",
                                 "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.api": frozenset({"engine.lora", "engine.core", "engine.rl", "engine.cluster", "engine.kv_transfer", "engine.tools", "engine.contract", "engine.config",
+    "engine.api": frozenset({"engine.lora", "engine.core", "engine.rl", "engine.cluster", "engine.multimodal", "engine.kv_transfer", "engine.tools", "engine.contract", "engine.config",
                              "planner", "scheduler", "moe", "comm", "kernels"}),
     # The package root only re-exports the public names (LLM, AsyncEngine, EngineArgs, SamplingParams, outputs).
     "engine": frozenset({"engine.api", "engine.core", "engine.contract", "engine.config",
                          "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.core": frozenset({"engine.lora", "engine.cluster", "engine.rl", "engine.contract", "engine.config",
+    "engine.core": frozenset({"engine.lora", "engine.cluster", "engine.rl", "engine.multimodal", "engine.contract", "engine.config",
                               "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.cluster": frozenset({"engine.lora", "engine.spec", "engine.rank", "engine.kv_transfer", "engine.contract",
+    "engine.cluster": frozenset({"engine.lora", "engine.spec", "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.contract",
                                  "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # Speculative decoding (engine/spec/) sits above the rank: its proposers load with the rank's loader, its verify
     # step samples with the rank's sampler. The rank reaches it only through engine/contract/spec_decoding.py's
     # protocols, the implementation handed to each Worker by the cluster (engine/spec/api.SPEC_DECODING).
-    "engine.spec": frozenset({"engine.lora", "engine.rank", "engine.kv_transfer", "engine.spec.heads", "engine.models",
+    "engine.spec": frozenset({"engine.lora", "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.spec.heads", "engine.models",
                               "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
-    "engine.rank": frozenset({"engine.lora", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.state", "engine.contract",
+    "engine.rank": frozenset({"engine.lora", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.multimodal", "engine.state",
+                              "engine.contract",
                               "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # The KV data plane (connectors, transports, wire format, store, auth) sits below the runner, beside the models:
     # the runner calls its worker half, the API builds its connector from flags.
@@ -51,6 +53,11 @@ ALLOWED: dict[str, frozenset[str]] = {
                                     "scheduler", "moe", "comm", "kernels"}),
     "engine.models": frozenset({"engine.lora", "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                                 "kernels"}),
+    # Images into a multimodal checkpoint (engine/multimodal/): the driver's processor (engine/core calls it) and the
+    # rank's vision tower (engine/rank calls it), one package on the configuration and the contract: the decoder's
+    # seam (models/layers.ImageSplice) is filled by the rank from what this package returns.
+    "engine.multimodal": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+                                    "kernels"}),
     "engine.tools": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # RL rollouts' driver side (engine/rl/: a weight update's checks), on the configuration: the engine core calls it,
     # the ranks write with their own loader.

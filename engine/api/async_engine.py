@@ -202,6 +202,17 @@ class AsyncEngine:
             if not finished:
                 self._send(AbortCommand(request_id))
 
+    @property
+    def multimodal_config(self):
+        """The engine's MultimodalConfig (engine/config/multimodal.py): its image limits."""
+        return self.engine.config.multimodal
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The image placeholder's id when this engine takes images (engine/multimodal/), else None."""
+        mm = self.engine.multimodal
+        return None if mm is None else mm.image_token_id
+
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
                        field: str | None = None, compile_grammar: bool = True,
                        lora_request: LoRARequest | None = None) -> ProcessedRequest:

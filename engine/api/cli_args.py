@@ -39,6 +39,16 @@ def add_tp_flag(p: argparse.ArgumentParser, default: int = 1, dest: str = "tenso
                         "MLPs, embedding and LM head; the experts stay in EP over every rank (default %(default)d)")
 
 
+def _mm_limits(text: str) -> dict:
+    """--limit-mm-per-prompt's value (engine/config/multimodal.py parses it; argparse shows its message)."""
+    from ..config.multimodal import parse_limit_mm_per_prompt
+
+    try:
+        return parse_limit_mm_per_prompt(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
     p.add_argument("model", help="a local Hugging Face checkpoint directory, or a Hugging Face repo id ('org/name'): "
@@ -67,6 +77,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-cache-dtype", default="auto", choices=["auto", "fp8", "model"],
                    help="DeepSeek Sparse Attention's indexer key cache: fp8 (e4m3 keys, a float32 scale per 128 "
                         "values), model (the model's dtype); auto: fp8 with --kv-cache-dtype fp8, else model")
+    p.add_argument("--limit-mm-per-prompt", type=_mm_limits, default=None, metavar="JSON",
+                   help="a multimodal checkpoint's images per prompt, as vLLM takes them ('{\"image\": 4}' or "
+                        "image=4; default 16; 0 serves its text model, the vision tower not loaded; video: 0 only; "
+                        "docs/multimodal.md)")
+    p.add_argument("--mm-max-pixels", type=int, default=None, metavar="N",
+                   help="the most pixels (width x height) one image may have as sent (default 33554432)")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences running at once on each rank (a step's decode batch; default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=human_int, default=None)
@@ -191,4 +207,5 @@ def engine_args_from(ns: argparse.Namespace):
         max_queued_grammar_compiles=ns.max_queued_grammar_compiles, grammar_compile_workers=ns.grammar_compile_workers,
         seed=getattr(ns, "engine_seed", None),  # serve's --seed (generate's --seed is per request)
         batch_invariant=ns.batch_invariant,
+        limit_mm_per_prompt=ns.limit_mm_per_prompt, mm_max_pixels=ns.mm_max_pixels,
     )

@@ -176,10 +176,13 @@ def add_vllm_engine_flags(p: argparse.ArgumentParser) -> None:
         _add(g, values, action=_Values)
     # Accepted, and nothing to do: what they ask for is what moelink does anyway (the table says why).
     for no_op in (("--disable-cascade-attn", "--enable-cascade-attn"), ("--enable-ep-weight-filter",),
-                  ("--language-model-only", "--no-language-model-only"), ("--disable-log-stats",)):
+                  ("--no-language-model-only",), ("--disable-log-stats",)):
         _add(g, *no_op, dest=f"vllm_{no_op[0][2:].replace('-', '_')}", action="store_true",
              default=argparse.SUPPRESS)
     _add(g, "--mamba-cache-mode", default=argparse.SUPPRESS, metavar="MODE")
+    # vLLM's text-only switch: images off (= --limit-mm-per-prompt image=0).
+    _add(g, "--language-model-only", dest="limit_mm_per_prompt", action="store_const",
+         const={"image": 0, "video": 0}, default=argparse.SUPPRESS)
 
 
 # vLLM's EPLBConfig keys moelink takes (others are refused by name), and its default step_interval.

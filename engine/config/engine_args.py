@@ -22,6 +22,7 @@ from .layer_configs import MLAConfig
 from .linear_attention import LinearAttentionConfig
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
+from .multimodal import MultimodalConfig
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
 from .compressed_attention import CompressedAttentionConfig, check_ring_rollback
@@ -64,6 +65,8 @@ class EngineConfig:
     lora: LoRAConfig | None = None  # LoRA adapters (EngineArgs.enable_lora); None: off
     # RL control calls taken (EngineArgs.enable_weight_updates; engine/core/rl_control.py).
     enable_weight_updates: bool = False
+    # What a multimodal checkpoint may be sent, and its rank's encoder cache (engine/config/multimodal.py).
+    multimodal: MultimodalConfig = MultimodalConfig()
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -78,7 +81,7 @@ class EngineConfig:
             kv_connector=self.kv_connector, speculative=self.speculative,
             num_state_slots=self.cache.num_state_slots, num_state_checkpoints=self.cache.num_state_checkpoints,
             tensor_parallel_size=self.parallel.tensor_parallel_size, return_routed_experts=self.return_routed_experts,
-            lora=self.lora)
+            lora=self.lora, multimodal=self.multimodal)
 
 
 @dataclass
@@ -204,6 +207,11 @@ class EngineArgs:
     # RL control calls (docs/rl.md: weight updates, a trainer's process group, pause / continue): refused unless on,
     # naming this flag (--enable-weight-updates); a server takes them only with it.
     enable_weight_updates: bool = False
+    # vLLM's --limit-mm-per-prompt: per modality, the most items one prompt may carry ({"image": 16} by default;
+    # {"image": 0} serves a multimodal checkpoint as its text model, its vision tower not loaded). Video: 0 only.
+    limit_mm_per_prompt: Optional[dict] = None
+    # The most pixels (width x height) one image may have as sent (engine/config/multimodal.py's default: 32 MP).
+    mm_max_pixels: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -348,7 +356,11 @@ class EngineArgs:
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed,
                             return_routed_experts=self._routed_experts(parallel), lora=lora,
-                            enable_weight_updates=self.enable_weight_updates)
+                            enable_weight_updates=self.enable_weight_updates, multimodal=self.multimodal_config())
+
+    def multimodal_config(self) -> MultimodalConfig:
+        kw = {} if self.mm_max_pixels is None else {"max_pixels": self.mm_max_pixels}
+        return MultimodalConfig(limit_mm_per_prompt=self.limit_mm_per_prompt, **kw)
 
     def _routed_experts(self, parallel: ParallelConfig) -> bool:
         """enable_return_routed_experts, checked against the layout: under TP with EP over the world each rank of a

@@ -69,8 +69,17 @@ class RopeConfig:
     # config.json's rope_parameters ({"full_attention": {...}, "sliding_attention": {...}}, MiMo-V2-Flash), passed
     # as `layer_type` to transformers' rope init for the scaled types. None: rope_parameters is one rope.
     layer_type: str | None = None
+    # Qwen's multimodal rotary (3-D: temporal, height, width positions), interleaved as Qwen3.5 lays it out
+    # (transformers' Qwen3_5MoeTextRotaryEmbedding.recomposition_frequencies): frequency i turns by the height
+    # position when i % 3 == 1 and i < 3 * mrope_section[1], by the width one when i % 3 == 2 and i < 3 *
+    # mrope_section[2], by the temporal one otherwise. Text tokens have three equal positions, so a text-only step
+    # runs as plain 1-D rope; () : no multimodal rotary (engine/models/rope.py RotaryEmbedding.mrope_table).
+    mrope_section: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.mrope_section and (len(self.mrope_section) != 3 or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.mrope_section)):
+            raise ValueError(f"mrope_section={list(self.mrope_section)!r} is invalid: must be three integers >= 0.")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r} is not supported: allowed: {', '.join(ROPE_TYPES)}.")
         if self.style not in ROPE_STYLES:

@@ -9,6 +9,7 @@ import torch
 
 from .lora import LoRAConfig
 from .model import ModelConfig
+from .multimodal import MultimodalConfig
 from .speculative import SpeculativeConfig
 
 if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS)
@@ -61,6 +62,8 @@ class WorkerConfig:
     return_routed_experts: bool = False
     # LoRA adapters (engine/config/lora.py): every rank's slots and host LRU; None: off.
     lora: LoRAConfig | None = None
+    # A multimodal checkpoint's images (engine/multimodal/): whether the rank loads the vision tower, its cache.
+    multimodal: MultimodalConfig = MultimodalConfig()
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

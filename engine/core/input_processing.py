@@ -15,6 +15,8 @@ from ..contract.sampling_params import SamplingParams
 if TYPE_CHECKING:  # xgrammar is imported where grammars are compiled (engine/core/structured_output.py)
     from xgrammar import CompiledGrammar
 
+    from ..multimodal.inputs import MultimodalInputs
+
 PromptType = Union[str, list[int], dict]
 
 
@@ -67,6 +69,25 @@ class ProcessedRequest:
     cache_salt: bytes = b""
     # Its LoRA adapter (checked against the checkpoint: engine/lora/checker.py); None: the base model.
     lora: LoRARequest | None = None
+    # Its images, processed (engine/multimodal/inputs.MultimodalInputs), carried to its rank; None: text only.
+    multimodal: MultimodalInputs | None = None
+
+
+# The keys of vLLM's prompt dicts (TextPrompt / TokensPrompt) the engine reads; "multi_modal_data" only where a
+# multimodal model is served (engine/multimodal/).
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data")
+
+
+def check_prompt_dict(prompt: dict, multimodal) -> None:
+    """Refuse a prompt dict key the engine would otherwise drop (vLLM's mm_processor_kwargs, cache_salt, ...), and
+    images for a model that cannot see them: nothing a caller sends is silently ignored."""
+    for key in prompt:
+        if key not in PROMPT_KEYS:
+            raise ValueError(f"prompt[{shown(key)}] is not supported: a prompt dict takes the keys "
+                             f"{', '.join(map(repr, PROMPT_KEYS))}.")
+    if prompt.get("multi_modal_data") is not None and multimodal is None:  # None: no images, as vLLM reads it
+        raise ValueError("prompt['multi_modal_data'] is not supported: this engine serves a text model (images are "
+                         "taken by a multimodal checkpoint, docs/multimodal.md); send text or token ids only.")
 
 
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,
@@ -106,8 +127,12 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
                              "it with enable_lora=True (--enable-lora).")
         lora = engine.lora_checker.check(lora_request)
     text = None
+    mm = None
     if isinstance(prompt, dict):
-        if "prompt_token_ids" in prompt:
+        check_prompt_dict(prompt, getattr(engine, "multimodal", None))
+        if prompt.get("multi_modal_data") is not None:
+            text, prompt, mm = _with_images(engine, prompt, params)
+        elif "prompt_token_ids" in prompt:
             prompt = prompt["prompt_token_ids"]
         elif "prompt" in prompt:
             prompt = prompt["prompt"]
@@ -116,7 +141,9 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     field = field or ("prompt" if isinstance(prompt, str) else "prompt_token_ids")
     if isinstance(engine.tokenizer, NoTokenizer):
         engine.tokenizer.check_request(field, prompt, params)
-    if isinstance(prompt, str):
+    if mm is not None:
+        ids = prompt
+    elif isinstance(prompt, str):
         text = prompt
         if not prompt:
             raise ValueError(f"{field} is empty: give at least one character or token id.")
@@ -163,9 +190,11 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if params.structured_outputs is not None and compile_grammar:
         # Compiled on the grammar pool; this caller waits, the engine loop does not.
         grammar = engine.grammars.compile(params.structured_outputs)
-    # The KV's salt: each feature's tagged part (an adapter's, the given routing's), concatenated.
-    salt = (lora.cache_salt if lora is not None else b"") + forced_routing_salt(engine, params, len(ids))
-    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, lora=lora, cache_salt=salt)
+    # The KV's salt: each feature's tagged part (an adapter's, the images', the given routing's), concatenated.
+    salt = ((lora.cache_salt if lora is not None else b"") + (mm.cache_salt if mm is not None else b"")
+            + forced_routing_salt(engine, params, len(ids)))
+    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, lora=lora, cache_salt=salt,
+                            multimodal=mm)
 
 
 def forced_routing_salt(engine, params: SamplingParams, num_prompt_tokens: int) -> bytes:
@@ -192,3 +221,32 @@ def forced_routing_salt(engine, params: SamplingParams, num_prompt_tokens: int) 
                          "engine with enforce_eager=True (--enforce-eager); its steps would mix with the other "
                          "ranks' graph replays.")
     return b"replay:" + hashlib.sha256(given.tobytes() + repr(given.shape).encode()).digest()
+
+
+def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | None, list[int], MultimodalInputs]:
+    """(text, token ids with the image placeholders expanded, the processed images) through the checkpoint's
+    processor (engine/multimodal/processor.py); what images cannot run with is refused naming it."""
+    if params.truncate_prompt_tokens is not None:  # a cut could fall inside an image's placeholders
+        raise ValueError("SamplingParams.truncate_prompt_tokens is not supported with multi_modal_data: the prompt's "
+                         "image placeholders must all be kept.")
+    if params.kv_transfer_params is not None:
+        raise ValueError("SamplingParams.kv_transfer_params is not supported with multi_modal_data: a transferred "
+                         "prompt's 3-D positions and image rows do not travel with its KV (docs/multimodal.md).")
+    if "prompt_token_ids" in prompt:  # the processor's outputs already (smg's gRPC MultimodalInputs carries them)
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError(f"prompt['prompt_token_ids']={shown(ids)} is invalid: must be a non-empty list of "
+                             "token ids.")
+        data = prompt["multi_modal_data"]
+        if not isinstance(data, dict) or set(data) != {"image"}:
+            raise ValueError("prompt['multi_modal_data'] with prompt_token_ids must be {'image': {'pixel_values': "
+                             "..., 'image_grid_thw': ...}} (the processor's outputs; docs/multimodal.md).")
+        vocab = engine.config.model.vocab_size
+        bad = _first_bad_id(list(ids), vocab)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids[{bad}]={shown(ids[bad])} is out of range: token ids must be "
+                             f"integers in [0, {vocab}).")
+        return None, list(ids), engine.multimodal.process_preprocessed(list(ids), data["image"])
+    text = prompt.get("prompt")
+    ids, mm = engine.multimodal.process(text, prompt["multi_modal_data"])
+    return text, ids, mm

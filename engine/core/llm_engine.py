@@ -52,6 +52,8 @@ from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
 from .no_tokenizer import NoTokenizer, load_tokenizer
 from .tokenizer import Tokenizer
+from ..multimodal.processor import make_image_processor
+from ..multimodal.stats import MultimodalStats
 from ..config.worker_config import DUMMY_WARNING
 
 if TYPE_CHECKING:
@@ -115,6 +117,10 @@ class LLMEngine(RLControl):
         # that duplicate ids and aborts are decided without reading the output side's states.
         self._rank_of: dict[str, int] = {}
         self.output_processor = OutputProcessor(self.tokenizer)
+        # A multimodal checkpoint's processor (engine/multimodal/processor.py), when its images are on; None: a
+        # prompt's multi_modal_data is refused (input_processing.check_prompt_dict).
+        self.multimodal = make_image_processor(config)
+        self.mm_stats = MultimodalStats()
         # Set by hand_off_outputs: where `step` sends each step's core outputs instead of processing them.
         self._output_sink: Callable[[list[EngineCoreOutput]], None] | None = None
         # Per expert-parallel rank (the world, or one when a TP group splits every expert).
@@ -188,12 +194,15 @@ class LLMEngine(RLControl):
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
             stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens, client=req.client,
             cache_salt=req.cache_salt, lora_id=req.lora.lora_int_id if req.lora is not None else 0, lora=req.lora,
+            multimodal=req.multimodal,
         )
         if p.structured_outputs is not None:
             if req.grammar is None:
                 raise ValueError("SamplingParams.structured_outputs is set but the request was not processed "
                                  "by process_inputs (no compiled grammar).")
             self.structured.add(req.request_id, req.grammar)
+        if req.multimodal is not None:
+            self.mm_stats.add_request(len(req.multimodal.image_grid_thw))
         rank = self.router.route(req.prompt_token_ids, req.cache_salt)
         self.schedulers[rank].add_request(sched_req)
         self._rank_of[req.request_id] = rank
@@ -362,6 +371,9 @@ class LLMEngine(RLControl):
         core_outputs = []
         for sched, so, ro in zip(self.schedulers, sched_outs, runner_outs):
             core_outputs.extend(sched.update_from_output(so, ro))
+        if self.multimodal is not None:
+            for ro in runner_outs:
+                self.mm_stats.add_step(ro.stats)
         # A rank's StepStats.moe (typed by the scheduler's MoEStepCounters protocol) is moe/stats.py's MoECounters.
         self.moe_metrics.add_step(cast("list[MoECounters | None]",
                                        [ro.stats.moe if ro.stats is not None else None for ro in runner_outs]))

@@ -154,6 +154,8 @@ class _EngineCollector:
         if isinstance(kvc, OffloadStatsSource):
             yield from offload_families(kvc.offload_tier_stats())
         yield from self._moe(eng)
+        if getattr(eng, "multimodal", None) is not None:
+            yield from multimodal_families(eng.mm_stats)
 
     @staticmethod
     def _elastic(es):
@@ -213,6 +215,16 @@ class _EngineCollector:
 # What became of structured-output grammar compiles (engine/core/grammar_compile.py: GrammarCompilerPool.counts).
 GRAMMAR_OUTCOMES = ("compiled", "failed", "timed_out", "abandoned_queued", "abandoned_starting", "abandoned_running",
                     "refused_full", "refused_too_long")
+
+
+def multimodal_families(s):
+    """Images (engine/multimodal/stats.MultimodalStats): per request at intake, the vision towers' work on the ranks."""
+    yield _counter("moelink_mm_requests", "Requests admitted with images.", s.requests)
+    yield _counter("moelink_mm_images", "Images those requests carried.", s.images)
+    yield _counter("moelink_mm_encoder_images", "Images the ranks' vision towers encoded (under TP, once per rank "
+                                                "of the group).", s.images_encoded)
+    yield _counter("moelink_mm_encoder_cache_hits", "Images the ranks' encoder caches answered.", s.encoder_cache_hits)
+    yield _counter("moelink_mm_encoder_seconds", "Seconds the ranks' vision towers spent encoding.", s.encoder_s)
 
 
 def grammar_families(pool):

@@ -9,5 +9,5 @@ through the kernels' LoRA family, kernels/ops_lora.py), `experts.py` the routed 
 `checker.py` the driver's check of a request's adapter. The models name only the hooks' protocols
 (engine/models/linear.py `Linear.lora`, moe/layer.py `MoELayer.lora_experts`); the rank attaches them and fills the
 slots (engine/rank/lora_targets.py); the scheduler never runs more adapters at once than slots (scheduler/scheduler.py).
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools, engine.rl.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.multimodal, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

@@ -118,16 +118,19 @@ class GQAAttention(nn.Module):
         attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
         fp8 = k_cache.dtype in FP8_CACHE_DTYPES
         kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
+        # A step with image tokens rotates by 3-D positions: each token its own table row (engine/models/rope.py).
+        rope_pos_T, table_PR = self.rope.positions_and_table(
+            positions_T, ctx.images.mrope_3T if ctx.images is not None else None)
         if self.rope.style == "neox" and self.rotary:
             # q/k norms, rotary and the KV write in one op (one Triton launch; reference: kernels/rotary.py).
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if head_norm else ()
-            q_TNH = self.kernels.rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, self.rope.table_PR, k_cache, v_cache,
+            q_TNH = self.kernels.rope_write_kv(q_TNH, k_TKH, v_TKH, rope_pos_T, table_PR, k_cache, v_cache,
                                                attn.slot_mapping_T, *norm, **kv_scales)
         else:  # no rotary (a NoPE layer), or a rope style the fused op does not rotate: the ops one by one
             if head_norm:
                 q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)  # type: ignore[misc]  # head_norm: both set
             if self.rotary:
-                q_TNH, k_TKH = self.rope(q_TNH, k_TKH, positions_T)
+                q_TNH, k_TKH = self.rope(q_TNH, k_TKH, rope_pos_T, table_PR)
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
         o_TNH = self._attend(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales)

@@ -24,6 +24,28 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class ImageSplice:
+    """A step's image tokens, as the decoder reads them (engine/multimodal/ builds it on the rank): the vision
+    tower's embeddings written over the placeholder tokens' embeddings, and every token's 3-D rotary positions.
+    Legend: M image tokens of this step, T its tokens."""
+
+    rows_M: torch.Tensor  # int64: the flat-batch rows of the image tokens
+    embeds_MD: torch.Tensor  # their embeddings (the vision tower's merger output), in rows_M's order
+    mrope_3T: torch.Tensor  # int64 [3, T]: temporal, height, width position of each token (text: three equal)
+
+    def select(self, t0: int, t1: int) -> "ImageSplice":
+        """Tokens [t0, t1) only (a micro-batch of whole sequences)."""
+        keep_M = (self.rows_M >= t0) & (self.rows_M < t1)
+        return ImageSplice(self.rows_M[keep_M] - t0, self.embeds_MD[keep_M], self.mrope_3T[:, t0:t1])
+
+    def splice(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """x_TD with the image rows replaced (transformers' masked_scatter of the image features, by index)."""
+        if self.rows_M.numel() == 0:
+            return x_TD
+        return x_TD.index_copy(0, self.rows_M, self.embeds_MD.to(x_TD.dtype))
+
+
+@dataclass
 class ForwardContext:
     """Per-step inputs every layer needs besides its activations."""
 
@@ -42,6 +64,9 @@ class ForwardContext:
     # DeepSeek Sparse Attention: the positions the last indexer of this forward selected, int32 [T, index_topk] (-1
     # padded), or None for a dense step; set by each layer with an indexer, read by GLM-5's shared layers after it.
     dsa_topk: torch.Tensor | None = None
+    # A step with image tokens (a multimodal model, engine/multimodal/): their embeddings and the step's 3-D rotary
+    # positions. None: a text step, untouched.
+    images: ImageSplice | None = None
 
     def select(self, s0: int, s1: int) -> "ForwardContext":
         """The context of sequences [s0, s1) only (a micro-batch): same caches, their metadata, a capture of its
@@ -49,7 +74,11 @@ class ForwardContext:
         sliding = self.attn_sliding.select(s0, s1) if self.attn_sliding is not None else None
         aux = AuxCapture(self.aux.layers) if self.aux is not None else None
         state = self.state.select(s0, s1) if self.state is not None else None
-        return ForwardContext(self.attn.select(s0, s1), self.kv_caches, sliding, aux, state)
+        images = None
+        if self.images is not None:
+            lens = self.attn.query_lens
+            images = self.images.select(sum(lens[:s0]), sum(lens[:s1]))
+        return ForwardContext(self.attn.select(s0, s1), self.kv_caches, sliding, aux, state, images=images)
 
 
 class AuxCapture:

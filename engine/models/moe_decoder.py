@@ -120,7 +120,10 @@ class MoEDecoderForCausalLM(nn.Module):
         after the layers the capture names (an EAGLE-3 drafter's states, an MTP drafter's: no sync)."""
         for hook in self.state_hooks:  # a verify step: what its drafts may overwrite, kept first
             hook.before(ctx, positions_T)
-        state = self.embedding(self.cfg, self.vocab.embed(input_ids_T, self.embed_tokens))
+        x_TD = self.vocab.embed(input_ids_T, self.embed_tokens)
+        if ctx.images is not None:  # a multimodal step: the vision tower's rows over the image placeholders
+            x_TD = ctx.images.splice(x_TD)
+        state = self.embedding(self.cfg, x_TD)
         aux = ctx.aux  # a drafter's capture (models/layers.AuxCapture); None: the normal path, untouched
         for i, layer in enumerate(self.layers):
             if aux is not None:

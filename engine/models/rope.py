@@ -66,16 +66,46 @@ class RotaryEmbedding(nn.Module):
         else:
             table = torch.cat([freqs_Ph.cos() * factor, freqs_Ph.sin() * factor], dim=-1)
         self.register_buffer("table_PR", table.to(device), persistent=False)
+        self.factor = factor
+        self.register_buffer("inv_freq_h", inv_freq_h.to(device), persistent=False)
+        # Per frequency, which of the three multimodal positions turns it (RopeConfig.mrope_section): 0 temporal,
+        # 1 height, 2 width; None without multimodal rotary.
+        comp_h = None
+        if rope.mrope_section:
+            comp_h = torch.zeros(inv_freq_h.numel(), dtype=torch.long, device=device)
+            for dim in (1, 2):
+                comp_h[dim:rope.mrope_section[dim] * 3:3] = dim
+        self.mrope_h: torch.Tensor | None
+        self.register_buffer("mrope_h", comp_h, persistent=False)
 
-    def forward(self, q_TNH: torch.Tensor, k_TKH: torch.Tensor, positions_T: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """New q and k tensors (contiguous, the inputs' dtype and shapes); the inputs are not modified."""
+    def mrope_table(self, positions_3T: torch.Tensor) -> torch.Tensor:
+        """A per-token cos/sin table [T, R] for 3-D positions (a multimodal step): row t is what table_PR's row
+        would be if each frequency's angle took its own position component. Read with positions arange(T), the
+        rotary kernels rotate by it unchanged (float32 angles and cos/sin, as transformers computes them)."""
+        if self.mrope_h is None:
+            raise ValueError("3-D rotary positions were given to a rope without mrope_section (RopeConfig).")
+        pos_hT = positions_3T.index_select(0, self.mrope_h).to(torch.float32)
+        freqs_Th = pos_hT.t() * self.inv_freq_h[None, :]
+        return torch.cat([freqs_Th.cos() * self.factor, freqs_Th.sin() * self.factor], dim=-1)
+
+    def positions_and_table(self, positions_T: torch.Tensor, mrope_3T: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, table) for the rotary kernels: the shared table, or with 3-D positions each token's own row."""
+        if mrope_3T is None or self.mrope_h is None:
+            return positions_T, self.table_PR
+        return torch.arange(positions_T.shape[0], device=positions_T.device), self.mrope_table(mrope_3T)
+
+    def forward(self, q_TNH: torch.Tensor, k_TKH: torch.Tensor, positions_T: torch.Tensor,
+                table_PR: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """New q and k tensors (contiguous, the inputs' dtype and shapes); the inputs are not modified. `table_PR`:
+        another table to read (positions_and_table's per-token one); None: this rope's own."""
         R = self.rotary_dim
+        table_PR = self.table_PR if table_PR is None else table_PR
         q_rot, k_rot = q_TNH[..., :R], k_TKH[..., :R]
         if self.style == "complex":
-            q_rot, k_rot = reference_rotary_complex(q_rot, k_rot, positions_T, self.table_PR)
+            q_rot, k_rot = reference_rotary_complex(q_rot, k_rot, positions_T, table_PR)
         else:  # "neox", and "interleaved" whose rows were de-interleaved at load (deinterleave_rows)
-            q_rot, k_rot = self.kernels.rotary(q_rot, k_rot, positions_T, self.table_PR)
+            q_rot, k_rot = self.kernels.rotary(q_rot, k_rot, positions_T, table_PR)
         if R == q_TNH.shape[-1]:
             return q_rot, k_rot
         return torch.cat([q_rot, q_TNH[..., R:]], dim=-1), torch.cat([k_rot, k_TKH[..., R:]], dim=-1)

@@ -19,12 +19,14 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
+from ..config.multimodal import MultimodalConfig
 from ..config.speculative import SpeculativeConfig
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from ..contract.kv_blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
 from ..contract.sampling_params import SamplingParams
 from ..contract.spec_decoding import DeviceDrafter, DraftRollback, HostDrafter, SpecDecoding, VerifyStep
-from ..models.layers import ForwardContext
+from ..models.layers import ForwardContext, ImageSplice
+from ..multimodal.rank_side import StepImages, make_image_runner
 from ..tp.attention import tp_local_config
 from ..tp.group import TensorParallel
 from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
@@ -54,7 +56,7 @@ class ModelRunner:
                  load_format: str = "auto", kv_connector: WorkerKVConnector | None = None,
                  speculative: SpeculativeConfig | None = None, num_state_slots: int = 0,
                  num_state_checkpoints: int = 0, tp: TensorParallel | None = None,
-                 spec_decoding: SpecDecoding | None = None):
+                 spec_decoding: SpecDecoding | None = None, multimodal: MultimodalConfig | None = None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -70,7 +72,9 @@ class ModelRunner:
         `spec_decoding`: the feature that runs it (engine/spec/api.SPEC_DECODING, behind
         engine/contract/spec_decoding.py's protocols), required with `speculative`.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
-        layers (scheduler/hybrid_cache.py hands out the slots; engine/state/cache.py holds them)."""
+        layers (scheduler/hybrid_cache.py hands out the slots; engine/state/cache.py holds them).
+        `multimodal`: a multimodal checkpoint's images (engine/multimodal/): its vision tower is loaded when they are
+        on (MultimodalConfig.limit_mm_per_prompt)."""
         # Under TP (`tp`, engine/tp/group.py) the rank's view: its attention heads, so its KV cache holds
         # only its heads' K/V (engine/tp/attention.py); the model is built from the whole config + tp.
         self.tp = tp if tp is not None and tp.size > 1 else None
@@ -111,6 +115,12 @@ class ModelRunner:
                                                                     device, ep, block_size, load_format, tp=self.tp)
             self.drafter = self.device_drafter or self.spec_decoding.host_drafter(speculative)
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
+        # The requests' images (None: a text model, or images off): the vision tower, its cache, each step's rows.
+        self.images = make_image_runner(model_cfg, multimodal, device, load_format)
+        if self.images is not None and self.graph_sizes:
+            # A decode step of an image request turns by its 3-D positions, which a captured forward does not take.
+            logger.info("CUDA graphs off: a multimodal model's steps carry 3-D rotary positions (docs/multimodal.md).")
+            self.graph_sizes = ()
         if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
             # EAGLE-3, DeepSeek-V4's MTP (the hyper-connection streams)
             logger.info("CUDA graphs off: the drafter reads states that a captured forward does not keep.")
@@ -241,6 +251,8 @@ class ModelRunner:
             if st is not None:
                 self.batch.remove(st)
             self._parked_generators.pop(rid, None)
+            if self.images is not None:
+                self.images.drop(rid)
         for rid in so.preempted_req_ids:
             self._prompt_lp_ids.discard(rid)
             self._routed_ids.discard(rid)
@@ -249,6 +261,8 @@ class ModelRunner:
             if st is not None:
                 self.batch.remove(st)
                 self._parked_generators[rid] = st.generator
+            if self.images is not None:  # resent whole when it resumes (its images from the encoder cache)
+                self.images.drop(rid)
         for new in so.scheduled_new_reqs:
             if new.req_id in self._parked_generators:
                 gen = self._parked_generators.pop(new.req_id)
@@ -281,6 +295,11 @@ class ModelRunner:
         if new.sampling_params.forced_routed_experts is not None:
             self.model.routing_replay()  # made on first use (ValueError for a model that cannot replay)
             self._replay_ids.add(new.req_id)
+        if new.multimodal is not None:
+            if self.images is None:  # the engine processes images only for a model whose ranks load the tower
+                raise ValueError(f"request {new.req_id!r} carries images, but this rank has no vision tower "
+                                 "(a text model, or limit_mm_per_prompt image=0).")
+            self.images.add(new.req_id, new.multimodal, new.prompt_token_ids)
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
         if self.state_caches is not None:
@@ -300,6 +319,8 @@ class ModelRunner:
         self._routed_ids = set()
         self._replay_ids = set()
         self.batch.clear()
+        if self.images is not None:
+            self.images.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
         for new in rs.running:
             self._add_request(new, gens[new.req_id] if new.req_id in gens else
@@ -374,6 +395,10 @@ class ModelRunner:
         inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
                                 tables_SM=self.batch.tables(rows_S),
                                 spec_tokens=[spec.get(st.req_id) for st in states] if spec else None)
+        # A step holding image requests: their rows to splice and every token's 3-D positions (before the
+        # computed counts move on: the rows are read by prompt position).
+        images = self.images.plan([(st.req_id, st.num_computed_tokens, n) for st, n in zip(states, query_lens)]
+                                  ) if self.images is not None and self.images.holds_images() else None
         prompt_lp = prompt_logprobs.plan(states, query_lens, inp.qsl_S1) if self._prompt_lp_ids else None
         routed = routed_experts.plan(states, query_lens, inp.qsl_S1) if self._routed_ids else None
         replay = (routing_replay.plan(states, query_lens, inp.qsl_S1, self.model.routing_replay().num_layers,
@@ -411,10 +436,12 @@ class ModelRunner:
                                        inp.sliding, batch=graph_batch,
                                        state_slots=state_plan.slots if state_plan is not None else None,
                                        query_lens=query_lens)
+        if images is not None:
+            handle.encoder_counts = self.images.take_counts()
         handle.host_s = time.perf_counter() - t0
         handle.work = self.stream.submit(self._in_step_context(
             lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,
-                                      prompt_lp, routed, replay, lora)))
+                                      prompt_lp, routed, replay, lora, images)))
         self._in_flight.append(handle)
         return handle
 
@@ -434,7 +461,8 @@ class ModelRunner:
                      ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,
                      prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None,
                      routed: routed_experts.RoutedExpertsPlan | None = None,
-                     replay: np.ndarray | None = None, lora=None) -> DeviceResult:
+                     replay: np.ndarray | None = None, lora=None,
+                     images: StepImages | None = None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
         to host memory. Waits for nothing on the host side."""
@@ -464,8 +492,10 @@ class ModelRunner:
             else:
                 self.model.begin_routing_capture()
                 self.model.begin_routing_replay(None if replay is None else routing_replay.to_device(replay, dev))
+                splice = None if images is None else ImageSplice(images.rows_M, images.embeds_MD, images.mrope_3T)
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
-                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state))
+                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state,
+                                                             images=splice))
             if lora is not None:
                 self.lora.begin_step(None)  # warm-up and other forwards run no adapter
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after

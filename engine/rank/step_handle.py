@@ -65,6 +65,8 @@ class StepHandle:
         self.states = states  # the request states of the rows that sample, in row order
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
         self.host_s = host_s
+        # The vision tower's work in this step: (images encoded, encoder cache hits, seconds); None: none.
+        self.encoder_counts: Optional[tuple[int, int, float]] = None
         # long [R] on the device, set by the device work (stream order: a later step's device work reads it).
         self.sampled_R: Optional[torch.Tensor] = None
         self.work: Optional[DeviceWork] = None
@@ -113,7 +115,9 @@ class StepHandle:
         if self.drafter is not None and self.states:
             self._draft(out, res.drafts_RK)
         moe = res.read_moe() if res.read_moe is not None else None
-        out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
+        enc = self.encoder_counts or (0, 0, 0.0)
+        out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s,
+                              images_encoded=enc[0], encoder_cache_hits=enc[1], encoder_s=enc[2])
         self._output = out
         return out
 

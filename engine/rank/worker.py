@@ -129,6 +129,7 @@ class Worker(RLWorker):
                                   kv_connector=cfg.kv_connector.worker_side(self.rank) if cfg.kv_connector else None,
                                   speculative=cfg.speculative, num_state_slots=cfg.num_state_slots,
                                   num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp,
+                                  multimodal=cfg.multimodal,
                                   spec_decoding=self.spec_decoding)
         if cfg.return_routed_experts:  # before warm-up and graph capture (moe/routing_capture.py)
             self.runner.enable_routing_capture()

@@ -151,7 +151,7 @@ class _GenerateCheck:
     - _SCAN_FIELDS top-level field occurrences or more, which no serializer writes (padding)."""
 
     def __init__(self, pb, text_field: str, ids_field: str, truncate_field: str | None, limits: RequestLimits,
-                 text_refusal, ids_refusal):
+                 text_refusal, ids_refusal, mm_bytes: int = 0):
         fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
         self.sp = fields["sampling_params"].number
         self.text, self.text_name = fields[text_field].number, text_field
@@ -163,6 +163,8 @@ class _GenerateCheck:
         self.request_id = fields["request_id"].number
         self.names = {f.number: f.name for f in pb.GenerateRequest.DESCRIPTOR.fields}
         self.bounded = self.inputs | {self.sp}  # checked below
+        # An image model's preprocessed pixels (VllmEngine's mm_inputs) get the budget its limits allow.
+        self.wider = {fields["mm_inputs"].number: mm_bytes} if mm_bytes and "mm_inputs" in fields else {}
         self.truncate = None if truncate_field is None else \
             pb.SamplingParams.DESCRIPTOR.fields_by_name[truncate_field].number
         self.limits, self.sp_limit, self.text_refusal = limits, limits.max_sampling_params_bytes(), text_refusal
@@ -172,7 +174,7 @@ class _GenerateCheck:
         if not complete and len(fields) == _SCAN_FIELDS:
             return (f"the request has more than {_SCAN_FIELDS - 1} top-level field occurrences: a GenerateRequest "
                     "has a dozen fields at most, each written once.")
-        refusal = generate_field_refusal(fields, self.names, self.bounded, self.request_id, self.limits)
+        refusal = generate_field_refusal(fields, self.names, self.bounded, self.request_id, self.limits, self.wider)
         if refusal is not None:
             return refusal
         sp = [(start, size) for n, _, start, size in fields if n == self.sp]
@@ -261,9 +263,10 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
     """INVALID_ARGUMENT (not UNKNOWN) for a request its method cannot parse, or that its wire form shows too
     large to accept; memory given back after large requests."""
 
-    def __init__(self, limits: RequestLimits, text_refusal=_no_refusal, ids_refusal=_no_refusal):
+    def __init__(self, limits: RequestLimits, text_refusal=_no_refusal, ids_refusal=_no_refusal, mm_bytes: int = 0):
         """`text_refusal(field, num_bytes)`: why a text prompt of that many bytes cannot fit, or None;
-        `ids_refusal(field, num_ids)`: why a prompt of at least that many token ids cannot fit, or None."""
+        `ids_refusal(field, num_ids)`: why a prompt of at least that many token ids cannot fit, or None;
+        `mm_bytes`: the most bytes of preprocessed images a request may carry (0: a text model)."""
         from smg_grpc_proto.generated import vllm_engine_pb2
 
         from .gen import moelink_v1_pb2
@@ -271,7 +274,7 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         self._trimmer = _Trimmer()
         self._prechecks = {
             f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/Generate":
-                _GenerateCheck(pb, text, ids, truncate, limits, text_refusal, ids_refusal)
+                _GenerateCheck(pb, text, ids, truncate, limits, text_refusal, ids_refusal, mm_bytes)
             for pb, service, text, ids, truncate in (
                 (moelink_v1_pb2, "Generation", "prompt", "prompt_token_ids.ids", None),
                 (vllm_engine_pb2, "VllmEngine", "text", "tokenized.input_ids", "truncate_prompt_tokens"))}

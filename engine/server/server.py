@@ -107,9 +107,11 @@ class MoelinkServer:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         cfg = self.config
         self._stopped = asyncio.Event()
-        options = channel_options(cfg, self.serving.max_prompt_bytes, self.serving.info.max_model_len)
+        mm_bytes = min(self.serving.mm_bytes, cfg.max_message_size)
+        options = channel_options(cfg, self.serving.max_prompt_bytes, self.serving.info.max_model_len, mm_bytes)
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
-        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal))
+        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal,
+                                                mm_bytes))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
         # RL control calls (engine/server/control.py): refused unless the engine takes them (--enable-weight-updates).

@@ -34,12 +34,14 @@ from ..core.prompt_bound import NoBound, bytes_per_token
 from ..core.rl_control import ControlDisabled
 from ..core.rl_memory import NotServing
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
+from ..multimodal.spec import multimodal_architecture
 from ..contract.sampling_params import SamplingParams
 from ..contract.structured_output_params import StructuredOutputParams
 from .client_identity import client_of
 from .config import ServerConfig
 from .gateway.hangups import Abandoned, Hangups, relay_of
 from .gateway.options import model_alias_refusal
+from .limits import OTHER_FIELD_MAX_BYTES
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
 logger = logging.getLogger(__name__)
@@ -98,11 +100,29 @@ class Serving:
         return self.engine.is_healthy
 
     # -- inputs ---------------------------------------------------------------
+    @property
+    def mm_bytes(self) -> int:
+        """The wire budget of VllmEngine's mm_inputs (preprocessed images): twice the float32 pixel values of
+        limit_mm_per_prompt images of mm_max_pixels each (the processor's temporal patch doubles each pixel's three
+        channels), plus an ordinary field's bytes for the grids and framing, so that a request just past its limits
+        is parsed and refused naming the limit (engine/multimodal/processor.py), and a far larger one refused
+        unparsed; 0 when this engine takes no images. The server caps it at --max-message-size."""
+        if self.engine.image_token_id is None:
+            return 0
+        mm = self.engine.multimodal_config
+        return 2 * mm.images * mm.max_pixels * 3 * 2 * 4 + OTHER_FIELD_MAX_BYTES
+
     def text_only_reason(self) -> str:
         """Why images, audio or video are refused: what this server runs of the checkpoint."""
-        if self.model.text_weights_prefix:  # a multimodal checkpoint served as its text model (Qwen3.5-MoE)
+        if self.model.text_weights_prefix and multimodal_architecture(self.model.model) is None:
+            # a multimodal checkpoint served as its text model (GLM-5.3-Flash; a Qwen3.5-MoE saved without its processor)
             return (f"this server runs the text model of {self.model.name} ({self.model.architecture}); its vision "
                     "tower is not loaded, so only text and token ids are accepted.")
+        if self.model.text_weights_prefix:  # Qwen3.5-MoE with its processor
+            return (f"{self.model.name} ({self.model.architecture}) takes images as VllmEngine's preprocessed mm_inputs "
+                    "(smg's gateway sends them for image_url parts) and through the Python API (multi_modal_data), "
+                    "while its images are on (limit_mm_per_prompt); media_refs and video are not built "
+                    "(docs/multimodal.md).")
         return "this model takes text only."
 
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:
@@ -163,6 +183,9 @@ class Serving:
 
     async def _prepare(self, request_id: str, prompt, params: SamplingParams, field: str,
                        keep: Optional[int]) -> ProcessedRequest:
+        if isinstance(prompt, dict):  # token ids with images (vllm_engine.py's mm_inputs): checked on a thread
+            return await asyncio.to_thread(self.engine.process_inputs, request_id, prompt, params, field,
+                                           compile_grammar=False)
         if isinstance(prompt, str):
             ids = await self._tokenize(prompt, field, keep)
         else:

@@ -29,6 +29,8 @@ from ..core.llm_engine import ProcessedRequest
 from ..contract.safe_text import shown
 from ..contract.sampling_params import SamplingParams
 from .limits import RequestLimits
+from .mm_wire import images_from_proto
+from ..multimodal.spec import multimodal_architecture, published_model_type
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
@@ -126,14 +128,15 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         self._tokenizer_zip: bytes | None = None
 
     async def _prepare(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
-        for field in ("mm_inputs", "media_refs"):
-            if request.HasField(field):
-                raise ValueError(f"{field} is not supported: {self.s.text_only_reason()}")
-        if request.extra_mm_inputs:
+        if request.HasField("media_refs"):
+            raise ValueError(f"media_refs is not supported: {self.s.text_only_reason()}")
+        if request.extra_mm_inputs:  # a second modality's batch: only images are built
             raise ValueError(f"extra_mm_inputs is not supported: {self.s.text_only_reason()}")
         if request.HasField("kv_transfer_params"):
             raise ValueError("kv_transfer_params (the typed Mooncake message) is not supported: it cannot name the "
                              "saved KV; send kv_transfer_params_json (vLLM's JSON object) instead.")
+        if request.HasField("mm_inputs"):
+            return await self._prepare_images(rid, request, params)
         which = request.WhichOneof("input")
         # Only the kept tail is tokenized (a long text costs no more than it); process_inputs keeps the same.
         keep = kept_prompt_tokens(params, self.s.info.max_model_len)
@@ -142,6 +145,22 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         if which == "text":
             return await self.s.prepare(rid, request.text, params, "text", keep)
         raise ValueError("input is missing: set tokenized.input_ids (or text).")
+
+    async def _prepare_images(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
+        """smg's preprocessed images (engine/server/mm_wire.py) with the expanded token ids, through the engine's
+        image processor's checks (docs/multimodal.md)."""
+        image_token_id = self.s.engine.image_token_id
+        if image_token_id is None:
+            raise ValueError(f"mm_inputs is not supported: {self.s.text_only_reason()}")
+        if request.WhichOneof("input") != "tokenized":
+            raise ValueError("mm_inputs needs tokenized input (tokenized.input_ids with the placeholders expanded).")
+        prompt = {"prompt_token_ids": list(request.tokenized.input_ids),
+                  "multi_modal_data": {"image": images_from_proto(request.mm_inputs, image_token_id)}}
+        try:
+            return await self.s.prepare(rid, prompt, params, "tokenized.input_ids")
+        except ValueError as e:  # the Python API's names for what this request calls mm_inputs
+            raise ValueError(str(e).replace("prompt['multi_modal_data']['image']", "mm_inputs").replace(
+                "prompt_token_ids", "tokenized.input_ids")) from None
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -237,10 +256,15 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         s, m, tok = self.s, self.s.model, self.s.tokenizer
         pad = m.hf_config.get("pad_token_id")
+        # An engine that takes images says so, as the checkpoint is published (the wrapper's model type and
+        # architecture: what smg picks its image processor by); otherwise the text model it runs.
+        vision = s.engine.image_token_id is not None
+        model_type = published_model_type(m.model) if vision else str(m.hf_config.get("model_type", ""))
+        arch = multimodal_architecture(m.model) if vision else None
         return pb.GetModelInfoResponse(
             model_path=s.model_path, tokenizer_path=s.model_path, served_model_name=s.served_model_name,
-            is_generation=True, max_context_length=s.info.max_model_len, vocab_size=m.vocab_size, supports_vision=False,
-            model_type=str(m.hf_config.get("model_type", "")), architectures=[m.architecture],
+            is_generation=True, max_context_length=s.info.max_model_len, vocab_size=m.vocab_size,
+            supports_vision=vision, model_type=model_type, architectures=[arch or m.architecture],
             eos_token_ids=list(s.info.eos_token_ids), pad_token_id=pad if isinstance(pad, int) else 0,
             bos_token_id=tok.bos_token_id or 0, max_req_input_len=s.info.max_model_len - 1)
 
@@ -252,7 +276,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             server_type=SERVER_TYPE, data_parallel_size=s.info.expert_parallel_size,
             kv_connector=s.info.kv_connector, kv_role=s.info.kv_role,
             kv_cache_dtype=s.info.kv_cache_dtype, block_size=s.info.block_size, model_dtype=str(s.model.dtype),
-            max_num_seqs=s.info.max_num_seqs)
+            max_num_seqs=s.info.max_num_seqs, **self._media_info())
+
+    def _media_info(self) -> dict:
+        """An engine that takes images: its per-prompt limit and the encoder's input dtype, as smg reads them."""
+        if self.s.engine.image_token_id is None:
+            return {}
+        return dict(mm_item_limits=f"image={self.s.engine.multimodal_config.images}",
+                    multimodal_encoder_dtype=str(self.s.model.dtype).removeprefix("torch."))
 
     async def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
         s, reg = self.s, self.s.registry

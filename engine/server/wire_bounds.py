@@ -40,11 +40,12 @@ def request_id_bytes(limits: RequestLimits) -> int:
     return _UTF8_MAX * limits.max_request_id_chars
 
 
-def channel_options(cfg, max_prompt_bytes: Optional[int], max_model_len: int) -> list[tuple[str, int]]:
+def channel_options(cfg, max_prompt_bytes: Optional[int], max_model_len: int,
+                    mm_bytes: int = 0) -> list[tuple[str, int]]:
     """The gRPC options of both listeners of a server with ServerConfig `cfg`."""
     return [
         ("grpc.max_receive_message_length", receive_limit(cfg.limits, cfg.max_message_size, max_prompt_bytes,
-                                                          max_model_len)),
+                                                          max_model_len, mm_bytes)),
         ("grpc.max_send_message_length", cfg.max_message_size),
         # Linux gRPC binds with SO_REUSEPORT by default: two servers could share a port unnoticed.
         ("grpc.so_reuseport", 0),
@@ -54,20 +55,23 @@ def channel_options(cfg, max_prompt_bytes: Optional[int], max_model_len: int) ->
 
 
 def receive_limit(limits: RequestLimits, max_message_size: int, max_prompt_bytes: Optional[int],
-                  max_model_len: int) -> int:
+                  max_model_len: int, mm_bytes: int = 0) -> int:
     """The largest message the server receives: what the largest request within the limits needs (a prompt
     that fits, as text or as token ids of at most 5 bytes each, the largest sampling parameters, request id
     and the other fields), at least RECEIVE_FLOOR_BYTES, at most `max_message_size`."""
     prompt = max(max_prompt_bytes or 0, 5 * max_model_len)
-    largest = prompt + limits.max_sampling_params_bytes() + request_id_bytes(limits) + 8 * OTHER_FIELD_MAX_BYTES
+    largest = (prompt + limits.max_sampling_params_bytes() + request_id_bytes(limits) + 8 * OTHER_FIELD_MAX_BYTES
+               + mm_bytes)  # an image model's preprocessed pixels (Serving.mm_bytes)
     return min(max_message_size, max(RECEIVE_FLOOR_BYTES, largest))
 
 
 def generate_field_refusal(fields, names: dict[int, str], bounded: set[int], request_id: int,
-                           limits: RequestLimits) -> Optional[str]:
+                           limits: RequestLimits, wider: Optional[dict[int, int]] = None) -> Optional[str]:
     """Why a Generate request's scanned top-level `fields` (number, wire type, offset, size) are too large, or
     None: `request_id` is the number of that field; `bounded` the fields checked elsewhere (prompt, ids,
-    sampling parameters); `names` field names by number."""
+    sampling parameters); `names` field names by number; `wider`: fields with a budget of their own (an image
+    model's mm_inputs, by number)."""
+    wider = wider or {}
     sizes: dict[int, int] = {}
     for number, _, _, size in fields:
         sizes[number] = sizes.get(number, 0) + size
@@ -76,9 +80,10 @@ def generate_field_refusal(fields, names: dict[int, str], bounded: set[int], req
         return (f"request_id is {rid} bytes: it may have at most {limits.max_request_id_chars} characters "
                 f"({request_id_bytes(limits)} bytes of UTF-8; --max-request-id-chars).")
     for number, size in sizes.items():
-        if number not in bounded and number != request_id and size > OTHER_FIELD_MAX_BYTES:
+        most = wider.get(number, OTHER_FIELD_MAX_BYTES)
+        if number not in bounded and number != request_id and size > most:
             name = names.get(number, f"field {number}")
-            return f"{name} is {size} bytes: at most {OTHER_FIELD_MAX_BYTES} are accepted in that field."
+            return f"{name} is {size} bytes: at most {most} are accepted in that field."
     return None
 
 

@@ -5,6 +5,8 @@ after the common fields); a value moelink cannot run is refused naming the field
 """
 from __future__ import annotations
 
+import dataclasses
+
 from moelink.moe.router_config import RouterConfig
 
 from ...config.layer_configs import MoEConfig, unsupported
@@ -27,7 +29,10 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     if getattr(hf, "attention_bias", False):
         raise unsupported("attention_bias", True, (False,), f" for {arch}")
     factor = float(rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None) or 1.0))
-    full = gqa(c, rope_config(rope, c, rotary_dim(c["head_dim"], factor)), qk_norm="per_head", output_gate=True)
+    rc = rope_config(rope, c, rotary_dim(c["head_dim"], factor))
+    if arch == "Qwen3_5MoeForCausalLM":  # its rotary is 3-D for image tokens (transformers' default sections)
+        rc = dataclasses.replace(rc, mrope_section=tuple(int(v) for v in rope.get("mrope_section", (11, 11, 10))))
+    full = gqa(c, rc, qk_norm="per_head", output_gate=True)
     linear = LinearAttentionConfig(int(hf.linear_num_key_heads), int(hf.linear_num_value_heads),
                                    int(hf.linear_key_head_dim), int(hf.linear_value_head_dim),
                                    int(hf.linear_conv_kernel_dim),

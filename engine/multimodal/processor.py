@@ -1,0 +1,223 @@
+"""Driver side: a prompt and its images through the checkpoint's own transformers processor (AutoProcessor from the
+checkpoint directory), into token ids and one MultimodalInputs (inputs.py).
+
+Without torchvision (not installable here) transformers cannot build the processor's video half
+(Qwen2VLVideoProcessor needs it), so AutoProcessor fails on any Qwen-VL checkpoint; the same processor class is then
+built with its image processor's PIL backend (AutoImageProcessor, backend="pil": the slow PIL/numpy path) and no
+video processor. Image preprocessing is the processor's, never moelink's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config.multimodal import MultimodalConfig
+from ..contract.safe_text import shown
+from .inputs import MultimodalInputs
+from .spec import multimodal_architecture
+
+
+def _hashes(pixels_PC: torch.Tensor, grid: tuple[tuple[int, int, int], ...]) -> tuple[bytes, ...]:
+    """Per image, sha256 of its grid and its float32 patch values: the same image processed the same way hashes the
+    same, whatever prompt it is in."""
+    out, start = [], 0
+    for t, h, w in grid:
+        rows = pixels_PC[start:start + t * h * w].contiguous().numpy()
+        start += t * h * w
+        out.append(hashlib.sha256(repr((t, h, w)).encode() + rows.tobytes()).digest())
+    return tuple(out)
+
+
+def _images_only_processor(model_dir: str):
+    """The checkpoint's processor class without its video processor (module docstring)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    # Where AutoProcessor looks: the processor's own file, the image processor's, else the model type's default.
+    name = None
+    for file in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(model_dir) / file
+        if path.is_file() and not name:
+            name = json.loads(path.read_text()).get("processor_class")
+    if not name:
+        name = PROCESSOR_MAPPING_NAMES.get(json.loads((Path(model_dir) / "config.json").read_text()).get("model_type"))
+    base = processor_class_from_name(name) if name else None
+    if base is None:
+        raise ValueError(f"model={model_dir!r}: no processor class is named for its images (processor_config.json's "
+                         "processor_class): save the checkpoint's processor beside it.")
+
+    class ImagesOnly(base):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(model_dir, backend="pil", local_files_only=True),
+                      tokenizer=AutoTokenizer.from_pretrained(model_dir, local_files_only=True), video_processor=None)
+
+
+def load_processor(model_dir: str):
+    """The checkpoint's transformers processor (local files only: no network at run time)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir, local_files_only=True, backend="pil")
+    except ImportError:  # torchvision missing: the video processor cannot be built (module docstring)
+        return _images_only_processor(model_dir)
+
+
+class ImageProcessor:
+    """A multimodal checkpoint's prompts with images: `process` checks them against the limits, runs the
+    processor and computes the 3-D rotary positions with transformers' get_rope_index."""
+
+    def __init__(self, model_dir: str, config: MultimodalConfig):
+        from transformers import AutoConfig
+
+        self.config = config
+        self.hf = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        self.processor = load_processor(model_dir)
+        self.image_token = self.processor.image_token
+        self.image_token_id = int(self.hf.image_token_id)
+        if self.processor.image_token_id != self.image_token_id:
+            raise ValueError(f"model={model_dir!r}: the processor's image token {self.image_token!r} is id "
+                             f"{self.processor.image_token_id}, config.json's image_token_id is {self.image_token_id}.")
+        self.merge = int(self.hf.vision_config.spatial_merge_size)
+
+    # -- checks -----------------------------------------------------------------------
+    def images_of(self, data: Any) -> list:
+        """multi_modal_data's images as a list, each checked (type, size), the count within limit_mm_per_prompt."""
+        from PIL import Image
+
+        field = "prompt['multi_modal_data']"
+        if not isinstance(data, dict):
+            raise ValueError(f"{field}={shown(data)} is invalid: must be a dict such as {{'image': <PIL image or "
+                             "list of them>}.")
+        for key in data:
+            if key != "image":
+                what = "video input is not built" if key == "video" else "the modalities are 'image'"
+                raise ValueError(f"{field}[{shown(key)}] is not supported: {what} (docs/multimodal.md).")
+        images = data.get("image")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        limit = self.config.images
+        if not images:
+            raise ValueError(f"{field}['image'] is empty: give at least one image (or leave multi_modal_data out).")
+        if len(images) > limit:
+            raise ValueError(f"{field}['image'] has {len(images)} images, more than limit_mm_per_prompt['image']="
+                             f"{limit} (--limit-mm-per-prompt).")
+        for i, img in enumerate(images):
+            if not isinstance(img, Image.Image):
+                raise ValueError(f"{field}['image'][{i}] of type {type(img).__name__} is invalid: pass a PIL image.")
+            w, h = img.size
+            if w * h > self.config.max_pixels or w < 1 or h < 1:
+                raise ValueError(f"{field}['image'][{i}] is {w}x{h} = {w * h} pixels: allowed at most max_pixels="
+                                 f"{self.config.max_pixels}, at least 1x1.")
+        return images
+
+    # -- processing ---------------------------------------------------------------------
+    def process(self, prompt: Any, data: Any) -> tuple[list[int], MultimodalInputs]:
+        """(prompt token ids with the placeholders expanded, the request's MultimodalInputs)."""
+        images = self.images_of(data)
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt={shown(prompt)} is invalid with multi_modal_data: give the text with one "
+                             f"{self.image_token!r} per image (token ids go with the processor's outputs: docs/multimodal.md).")
+        n = prompt.count(self.image_token)
+        if n != len(images):
+            raise ValueError(f"prompt has {n} image placeholders ({self.image_token!r}) for {len(images)} images in "
+                             "multi_modal_data['image']: give one per image.")
+        rgb = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
+        try:
+            out = self.processor(text=[prompt], images=rgb, return_tensors="pt")
+        except (ValueError, TypeError) as e:  # an image the processor cannot take (too thin to resize, ...)
+            raise ValueError(f"prompt['multi_modal_data']['image'] was refused by the checkpoint's processor: "
+                             f"{shown(str(e))}") from None
+        ids_1L = out["input_ids"]
+        grid = tuple(tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist())
+        pixels_PC = out["pixel_values"].to(torch.float32)
+        mrope_31L, delta_11 = self.rope_index(ids_1L, out["mm_token_type_ids"], out["image_grid_thw"])
+        mm = MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid), mrope_31L[:, 0].to(torch.int64).contiguous(),
+                              int(delta_11.reshape(-1)[0]), self.image_token_id, self.merge)
+        return ids_1L[0].tolist(), mm
+
+    def process_preprocessed(self, ids: list[int], data: Any, field: str = "prompt['multi_modal_data']['image']"
+                             ) -> MultimodalInputs:
+        """Token ids whose placeholders are already expanded, with the processor's own outputs for their images
+        (what smg's gRPC MultimodalInputs carries): {"pixel_values": [P, C] float, "image_grid_thw": [N, 3] int}.
+        Each is checked against the checkpoint (patch width, grid, placeholder runs) and the limits; the images'
+        hashes are computed here from the pixels, never taken from the caller (a hash sent for other pixels would
+        share their KV)."""
+        import numpy as np
+
+        if not isinstance(data, dict) or set(data) - {"pixel_values", "image_grid_thw"} or len(data) != 2:
+            raise ValueError(f"{field} is invalid with token ids: give a dict with exactly 'pixel_values' and "
+                             "'image_grid_thw' (the processor's outputs).")
+        try:
+            pixels_PC = torch.as_tensor(np.asarray(data["pixel_values"]) if not isinstance(
+                data["pixel_values"], torch.Tensor) else data["pixel_values"])
+            grid_N3 = torch.as_tensor(data["image_grid_thw"])
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{field}: pixel_values and image_grid_thw must be tensors or arrays.") from None
+        vc = self.hf.vision_config
+        width = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+        if not pixels_PC.is_floating_point() or pixels_PC.dim() != 2 or pixels_PC.shape[1] != width:
+            raise ValueError(f"{field}['pixel_values'] has shape {tuple(pixels_PC.shape)} and dtype "
+                             f"{pixels_PC.dtype}: must be float [patches, {width}] for this checkpoint.")
+        if grid_N3.dim() != 2 or grid_N3.shape[1] != 3 or grid_N3.is_floating_point() or grid_N3.shape[0] < 1:
+            raise ValueError(f"{field}['image_grid_thw'] has shape {tuple(grid_N3.shape)}: must be integer "
+                             "[images, 3] (t, h, w), at least one image.")
+        grid = tuple(tuple(int(v) for v in g) for g in grid_N3.tolist())
+        if len(grid) > self.config.images:
+            raise ValueError(f"{field} has {len(grid)} images, more than limit_mm_per_prompt['image']="
+                             f"{self.config.images} (--limit-mm-per-prompt).")
+        m, patch = self.merge, int(vc.patch_size)
+        for i, (t, h, w) in enumerate(grid):
+            if t != 1 or h < m or w < m or h % m or w % m or h * w * patch * patch > self.config.max_pixels:
+                raise ValueError(f"{field}['image_grid_thw'][{i}]={[t, h, w]} is invalid: t must be 1 (images), h "
+                                 f"and w positive multiples of spatial_merge_size={m}, at most max_pixels="
+                                 f"{self.config.max_pixels} pixels.")
+        if pixels_PC.shape[0] != sum(t * h * w for t, h, w in grid):
+            raise ValueError(f"{field}['pixel_values'] has {pixels_PC.shape[0]} patch rows: the grids "
+                             f"{[list(g) for g in grid]} need {sum(t * h * w for t, h, w in grid)}.")
+        ids_L = torch.tensor(ids, dtype=torch.long)
+        is_img_L = ids_L == self.image_token_id
+        # Each image is one run of placeholder tokens, as long as its merged grid (what get_rope_index assumes).
+        edges = torch.diff(is_img_L.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                           append=torch.zeros(1, dtype=torch.int8))
+        runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
+        want = [t * h * w // (m * m) for t, h, w in grid]
+        if runs != want:
+            raise ValueError(f"prompt_token_ids has image placeholder runs (id {self.image_token_id}) of {runs} "
+                             f"tokens: the images need runs of {want}, one per image in order.")
+        pixels_PC = pixels_PC.to(torch.float32)
+        mrope_31L, delta_11 = self.rope_index(ids_L[None], is_img_L.to(torch.int64)[None], grid_N3.to(torch.long))
+        return MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid),
+                                mrope_31L[:, 0].to(torch.int64).contiguous(), int(delta_11.reshape(-1)[0]),
+                                self.image_token_id, self.merge)
+
+    def rope_index(self, ids_1L: torch.Tensor, types_1L: torch.Tensor, grid_N3: torch.Tensor):
+        """transformers' own get_rope_index (Qwen3_5MoeModel's), called on a stand-in for the model: it reads only
+        the config and get_vision_position_ids, which reads nothing of the model."""
+        import transformers
+
+        model_cls = getattr(transformers, type(self.hf).__name__.replace("Config", "Model"))
+        stand_in = types.SimpleNamespace(config=self.hf)
+        stand_in.get_vision_position_ids = types.MethodType(model_cls.get_vision_position_ids, stand_in)
+        return model_cls.get_rope_index(stand_in, ids_1L, mm_token_type_ids=types_1L, image_grid_thw=grid_N3)
+
+
+def make_image_processor(config) -> ImageProcessor | None:
+    """The driver's processor for an EngineConfig: None for a text model, images off (limit_mm_per_prompt image 0)
+    or random weights (load_format dummy: no tower on the ranks)."""
+    if (multimodal_architecture(config.model.model) is None or config.multimodal.images == 0
+            or config.load_format == "dummy"):
+        return None
+    return ImageProcessor(config.model.model, config.multimodal)
+
+
+__all__ = ["ImageProcessor", "load_processor", "make_image_processor"]

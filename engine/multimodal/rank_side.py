@@ -1,0 +1,135 @@
+"""Rank side: the requests' images held by a model runner, and what each step splices in.
+
+Each image of a request is encoded once, by the first step that computes one of its tokens (through the encoder
+cache: a preempted request, or another with the same image, encodes nothing again), and kept while the rank holds
+the request; a step encodes only the images its own chunk reaches. A step's rows are the image placeholders it computes, wherever its chunk boundaries fall (a chunk may
+end inside an image: the rest of the image's rows go with the next chunk). Every token of a step that holds any
+image request gets 3-D rotary positions: the processor's for prompt positions, p + rope delta after the prompt
+(decode, and output tokens recomputed after a preemption), p on all three axes for text-only requests.
+
+Legend: T the step's tokens, M its image tokens, D hidden, L a prompt's tokens, K a request's image tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config.model import ModelConfig
+from ..config.multimodal import MultimodalConfig
+from .encoder import EncoderCache, VisionTower
+from .inputs import MultimodalInputs
+from .spec import multimodal_architecture
+
+
+@dataclass
+class StepImages:
+    """A step's image rows and positions (the decoder reads them as models/layers.ImageSplice)."""
+
+    rows_M: torch.Tensor
+    embeds_MD: torch.Tensor
+    mrope_3T: torch.Tensor
+
+
+@dataclass
+class _Held:
+    mm: MultimodalInputs
+    placeholders_K: np.ndarray  # prompt positions of the image tokens, ascending
+    starts_I1: np.ndarray  # image i's tokens are placeholders starts_I1[i] .. starts_I1[i + 1] - 1
+    embeds_I: list[torch.Tensor | None]  # image i's [N_i, D], encoded at the first step that computes one of them
+
+
+class ImageRunner:
+    """The images of the requests one rank holds (module docstring)."""
+
+    def __init__(self, tower: VisionTower, cache_bytes: int, device: torch.device):
+        self.tower, self.device = tower, device
+        self.cache = EncoderCache(cache_bytes)
+        self._held: dict[str, _Held] = {}
+        self._taken: tuple[int, int, float] = (0, 0, 0.0)
+
+    def add(self, req_id: str, mm: MultimodalInputs, prompt_token_ids: list[int]) -> None:
+        pos_K = np.flatnonzero(np.asarray(prompt_token_ids) == mm.image_token_id)
+        want = sum(mm.image_tokens(i) for i in range(len(mm.image_grid_thw)))
+        if len(pos_K) != want:
+            raise ValueError(f"request {req_id!r} has {len(pos_K)} image placeholder tokens (id {mm.image_token_id}) "
+                             f"for images of {want} tokens.")
+        counts = [mm.image_tokens(i) for i in range(len(mm.image_grid_thw))]
+        self._held[req_id] = _Held(mm, pos_K, np.cumsum([0] + counts), [None] * len(counts))
+
+    def drop(self, req_id: str) -> None:
+        self._held.pop(req_id, None)
+
+    def clear(self) -> None:
+        self._held.clear()
+
+    def holds_images(self) -> bool:
+        """Whether any request this rank holds has images (a step of text requests alone plans nothing)."""
+        return bool(self._held)
+
+    def take_counts(self) -> tuple[int, int, float]:
+        """(images encoded, encoder cache hits, encoder seconds) since the last call (a step's StepStats)."""
+        c = self.cache
+        now = (c.misses, c.hits, c.encode_s)
+        last, self._taken = self._taken, now
+        return now[0] - last[0], now[1] - last[1], now[2] - last[2]
+
+    def _rows(self, h: _Held, k0: int, k1: int) -> torch.Tensor:
+        """The embeddings of placeholders k0 .. k1 - 1, encoding only the images they fall in (a chunk of a request
+        with many images encodes the images its own tokens reach: the tower's work per step follows the step's
+        token budget, not the request's image count)."""
+        mm, parts = h.mm, []
+        first = int(np.searchsorted(h.starts_I1, k0, side="right")) - 1
+        last = int(np.searchsorted(h.starts_I1, k1 - 1, side="right")) - 1
+        for i in range(first, last + 1):
+            emb_ND = h.embeds_I[i]
+            if emb_ND is None:
+                emb_ND = h.embeds_I[i] = self.cache.get(mm.image_hashes[i], lambda i=i: self.tower.encode(
+                    mm.pixel_values_PC[mm.patch_rows(i)], mm.image_grid_thw[i]))
+            lo, hi = max(k0, h.starts_I1[i]) - h.starts_I1[i], min(k1, h.starts_I1[i + 1]) - h.starts_I1[i]
+            parts.append(emb_ND[lo:hi])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def plan(self, seqs: list[tuple[str, int, int]]) -> StepImages | None:
+        """`seqs`: (request id, tokens computed before this step, tokens this step) in the flat batch's order.
+        None when no sequence of the step has images (a text step: untouched)."""
+        if not any(rid in self._held for rid, _, _ in seqs):
+            return None
+        pos_parts, rows, embeds = [], [], []
+        t = 0
+        for rid, start, n in seqs:
+            p_n = torch.arange(start, start + n, dtype=torch.int64)
+            h = self._held.get(rid)
+            if h is None:
+                pos_parts.append(p_n.expand(3, n))
+            else:
+                L = h.mm.mrope_3L.shape[1]
+                seg_3n = (p_n + h.mm.mrope_delta).expand(3, n).clone()
+                inside = p_n < L
+                if bool(inside.any()):
+                    seg_3n[:, inside] = h.mm.mrope_3L[:, p_n[inside]]
+                pos_parts.append(seg_3n)
+                k0, k1 = np.searchsorted(h.placeholders_K, [start, start + n])
+                if k1 > k0:
+                    rows.append(torch.from_numpy(h.placeholders_K[k0:k1] - start + t))
+                    embeds.append(self._rows(h, int(k0), int(k1)))
+            t += n
+        dev = self.device
+        mrope_3T = torch.cat(pos_parts, dim=1).to(dev)
+        if rows:
+            return StepImages(torch.cat(rows).to(dev), torch.cat(embeds).to(dev), mrope_3T)
+        return StepImages(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, 0, device=dev), mrope_3T)
+
+
+def make_image_runner(model_cfg: ModelConfig, config: MultimodalConfig | None, device: torch.device,
+                      load_format: str = "auto") -> ImageRunner | None:
+    """The rank's images: None for a text model, with images off (limit_mm_per_prompt image 0) or random weights."""
+    arch = multimodal_architecture(model_cfg.model)
+    if arch is None or config is None or config.images == 0 or load_format == "dummy":
+        return None
+    return ImageRunner(VisionTower(model_cfg.model, arch, model_cfg.dtype, device), config.encoder_cache_bytes,
+                       device)
+
+
+__all__ = ["ImageRunner", "StepImages", "make_image_runner"]

@@ -1,0 +1,34 @@
+"""Images into Qwen3.5-MoE across ranks (issue 59, docs/multimodal.md): at EP 2 (Ray, CPU ranks, gloo, float64; each
+rank its own requests, so each encodes its own requests' images: the tower data-parallel over images) and at TP 2
+(every rank of the group encodes the group's images, its heads rotated by the same 3-D positions), two image
+requests beside a text one give transformers' greedy tokens. Two-batch overlap is on: a step's image rows and 3-D
+positions split with its micro-batches (models/layers.ImageSplice.select). Lean: 3 prompts, 4 new tokens each."""
+from __future__ import annotations
+
+import pytest
+
+from moelink.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+NEW = 4
+
+
+@pytest.mark.parametrize("layout", [dict(expert_parallel_size=2, enable_two_batch_overlap=True),
+                                    dict(tensor_parallel_size=2, enable_two_batch_overlap=True)], ids=["ep2", "tp2"])
+def test_image_requests_across_ranks_give_transformers_tokens(local_ray, tmp_path, layout):
+    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image, save_mm_checkpoint
+
+    path = save_mm_checkpoint(tmp_path)
+    reqs = [(f"one {IMAGE} two", [image(1, 32, 32)]), ("plain text here", []),
+            (f"a {IMAGE} b {IMAGE} c", [image(2, 16, 24), image(3, 24, 16)])]
+    want = [hf_mm_greedy(path, text, imgs, NEW) for text, imgs in reqs]
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4,
+              **layout)
+    try:
+        prompts = [{"prompt": t, "multi_modal_data": {"image": i}} if i else t for t, i in reqs]
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
