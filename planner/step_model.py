@@ -388,7 +388,7 @@ def weights_per_rank_bytes(model: ModelShape, setup: Setup) -> float:
     gates in bf16, float32 for the DeepSeek family (MLA), which routes in float32. Norm vectors are left out."""
     p = setup.precision
     fmt = {"attn": p.dense, "dense": p.dense, "kv_b": "bf16", "shared": p.shared, "expert": p.experts,
-           "router": "fp32" if model.is_mla else "bf16", "embed": "bf16"}
+           "router": "fp32" if model.is_mla else "bf16", "embed": "bf16", "hc": "fp32", "ngram": "bf16"}
     slots_per_expert = (model.num_experts + setup.redundant_experts) / setup.ep / model.num_experts
     total = 0.0
     for kind, rows, cols, count in model.weight_matrices():
