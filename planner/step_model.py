@@ -182,7 +182,9 @@ class _Layers:
         every GPU reads the latent of all t ranks' sequences (GQA shards its KV heads: no extra bytes); the
         head outputs are summed across the group (an all-reduce over NVLink, 2(t-1)/t of the rows' bytes)."""
         m, p, eff, t = self.m, self.s.precision, self.eff, self.s.attn_tp
-        proj = gemm_time(ld.rows * t, m.attn_proj_params() / t, 4 * m.hidden, self.gpu, p.dense, eff)
+        # The projections, with the layer's share of the hyper-connections' and n-gram layers' (model.extra_params).
+        proj = gemm_time(ld.rows * t, (m.attn_proj_params() + m.extra_params() / m.num_layers) / t, 4 * m.hidden,
+                         self.gpu, p.dense, eff)
         kv_bytes = ld.attn_bytes * (t if m.is_mla else 1)
         core = roofline(ld.attn_flops, kv_bytes, self.gpu, p.attention, eff, compute_eff=eff.attention)
         other = eff.layer_overhead_s + ld.rows * m.hidden * 2 * eff.activation_passes / (
