@@ -159,7 +159,9 @@ class SlidingWindow:
 
     layers: int
     window: int
+    num_kv_heads: int = 0  # a GQA model's sliding layers' own kv heads (MiMo-V2-Flash: twice the full ones'); 0: as those
 
     def __post_init__(self) -> None:
-        if self.layers < 1 or self.window < 1:
-            raise ValueError(f"SlidingWindow layers={self.layers} and window={self.window} must be >= 1.")
+        if self.layers < 1 or self.window < 1 or self.num_kv_heads < 0:
+            raise ValueError(f"SlidingWindow layers={self.layers} and window={self.window} must be >= 1, "
+                             f"num_kv_heads={self.num_kv_heads} >= 0.")

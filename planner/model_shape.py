@@ -115,7 +115,20 @@ class ModelShape:
         own; LongCat-Flash: both sublayers)."""
         lin = self.linear.layers * self.linear.proj_params(self.hidden) if self.linear else 0
         ix = self.indexer.layers * self.indexer.proj_params(self.hidden) if self.indexer else 0
-        return (self.kv_attention_layers * self._attention_proj_params() + lin + ix) / self.num_layers
+        return (self.kv_attention_layers * self._attention_proj_params() + lin + ix
+                + self._sliding_extra_kv_rows() * self.hidden) / self.num_layers
+
+    def _sliding_extra_kv_rows(self) -> int:
+        """k / v projection rows the sliding layers have beyond the full layers' (their own kv heads), all of them."""
+        a, w = self.attention, self.sliding
+        if not (w and w.num_kv_heads and isinstance(a, GQA)):
+            return 0
+        return w.layers * (w.num_kv_heads - a.num_kv_heads) * (a.head_dim + a.v_dim)
+
+    def _sliding_kv_scale(self) -> float:
+        """A sliding layer's cached values per token over a full layer's."""
+        a, w = self.attention, self.sliding
+        return w.num_kv_heads / a.num_kv_heads if w and w.num_kv_heads and isinstance(a, GQA) else 1.0
 
     def _own_index_fraction(self) -> float:
         """Of the DSA layers, the share with an indexer of their own (not "shared")."""
@@ -187,6 +200,8 @@ class ModelShape:
             if self.indexer:
                 ix = self.indexer
                 out.append(("attn", (ix.index_heads + 1) * ix.index_head_dim, h, ix.layers))
+            if self._sliding_extra_kv_rows():  # the sliding layers' extra kv heads
+                out.append(("attn", self._sliding_extra_kv_rows(), h, 1))
         if self.linear:  # q / k / v / decay / beta / gate in, o out (the low-rank gates' second halves as "attn")
             n = self.linear
             qkv = 2 * n.num_k_heads * n.head_k_dim + n.num_heads * n.head_v_dim
@@ -267,9 +282,9 @@ class ModelShape:
         a = self.attention
         if not isinstance(a, CompressedMQA):
             lin = self.linear.layers * self.linear.state_bytes() if self.linear else 0.0
-            win = (self.sliding.layers * self.sliding.window * self._kv_elems_per_block() * kv_bytes if self.sliding
-                   else 0.0)
-            return lin + win
+            win = (self.sliding.layers * self.sliding.window * self._kv_elems_per_block() * self._sliding_kv_scale()
+                   * kv_bytes if self.sliding else 0.0)
+            return lin + win + (self.ngram.state_bytes() if self.ngram else 0.0)
         H, I = a.head_dim, a.index_head_dim
         rows = a.csa_layers * 2 * a.csa_rate * (4 * H + 4 * I) + a.hca_layers * a.hca_rate * 2 * H
         return a.layers * a.window * H * kv_bytes + rows * 4
@@ -291,7 +306,8 @@ class ModelShape:
             flops, elems = flops + self.indexer.layers * ix_f, elems + self.indexer.layers * ix_e
         if self.sliding:
             win_f, win_e = self._block_attention_work(min(keys, self.sliding.window), decode)
-            flops, elems = flops + self.sliding.layers * win_f, elems + self.sliding.layers * win_e
+            flops, elems = (flops + self.sliding.layers * win_f,
+                            elems + self.sliding.layers * win_e * self._sliding_kv_scale())
         if self.linear:
             flops += self.linear.layers * self.linear.flops_per_token(decode)
         return flops / self.num_layers, elems / self.num_layers

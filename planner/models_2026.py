@@ -81,11 +81,11 @@ ROWS_2026 = (
                vocab=200064),
     # MiMo-V2-Flash (MiMoV2FlashConfig, XiaomiMiMo/MiMo-V2-Flash): 48 layers, GQA 64 heads / 4 kv, q and k 192 wide,
     # values 128; full attention on layers 0, 5, 11, ..., 47 (9), a window of 129 positions (128 and the query) on the
-    # other 39 (their own kv head count, published, is not in the defaults: the row gives them the defaults' 4); the
+    # other 39, which transformers builds with twice the kv heads (8; engine/models/mimo_v2_flash/reader.py); the
     # first layer dense (16384), 256 experts of 2048 top-8, no shared expert; the card: 309B total, 15B active.
     ModelShape("mimo-v2-flash", num_layers=48, first_dense=1, hidden=4096, dense_intermediate=16384,
                attention=GQA(64, 4, 192, v_head_dim=128), num_experts=256, num_shared=0, top_k=8,
-               moe_intermediate=2048, vocab=152576, sliding=SlidingWindow(layers=39, window=129)),
+               moe_intermediate=2048, vocab=152576, sliding=SlidingWindow(layers=39, window=129, num_kv_heads=8)),
     # gpt-oss-120b (GptOssConfig's defaults are the 120b's shapes, though it names gpt-oss-20b): 36 layers of GQA (64
     # heads, 8 kv, 64), alternating sliding (window 128, 18) and full, 128 experts of 2880 top-4; the card: 117B
     # total, 5.1B active. Biases and sinks left out (vectors).

@@ -150,8 +150,9 @@ class NgramTables:
 
     `placement` (the engine's field): "device" holds the tables beside the other weights, every rank a copy
     (attention DP); "host" keeps them in host memory, the looked-up rows copied to the device: embed_dim x 2 bytes
-    per token and layer over the host link, none of the tables in HBM. The per-sequence state (the last
-    ngram_size - 1 token ids) is left out: a few bytes."""
+    per token and layer over the host link, none of the tables in HBM. Per sequence and layer the engine keeps the
+    last ngram_size - 1 token ids and its dilated convolution's last (conv_kernel - 1) x ngram_size rows of key_out
+    channels (engine/models/qwen4_exp/ple.py): state_bytes."""
 
     layers: int
     ngram_size: int
@@ -160,6 +161,7 @@ class NgramTables:
     embed_dim: int
     key_out: int
     placement: str = "host"
+    conv_kernel: int = 4
 
     def __post_init__(self) -> None:
         _positive("NgramTables", layers=self.layers, heads_per_ngram=self.heads_per_ngram,
@@ -181,6 +183,11 @@ class NgramTables:
     def proj_params(self, hidden: int) -> int:
         """Every layer's key and value projections."""
         return self.layers * self.embed_dim * (self.key_out + hidden)
+
+    def state_bytes(self, elem_bytes: float = 2.0) -> float:
+        """Every layer's per-sequence state: the conv rows (model dtype) and the int64 token ids."""
+        rows = (self.conv_kernel - 1) * self.ngram_size
+        return self.layers * (rows * self.key_out * elem_bytes + (self.ngram_size - 1) * 8)
 
     def host_bytes_per_token(self, elem_bytes: float = 2.0) -> float:
         """Bytes one token's lookups copy from host memory (placement "host"; 0 on the device)."""

@@ -67,6 +67,44 @@ def test_row_totals_equal_transformers_models_of_the_defaults(name, config_cls, 
     assert row.total_params() == pytest.approx(n, rel=1e-3)
 
 
+# What the engine caches per token beyond the planner's figure: its paged cache holds the sliding layers' K and V per
+# token too (on one block table; gpt-oss frees blocks past the window, the planner prices the window), and
+# GLM-5.3-Flash's NoPE MLA is held with a zero rope part (64 values, MLAConfig.rope_in_checkpoint).
+_ENGINE_EXTRA_KV = {"exaone-moe": 24 * 2 * 32 * 128, "mimo-v2-flash": 39 * 8 * (192 + 128),
+                    "gpt-oss-120b": 18 * 2 * 8 * 64, "glm-5.3-flash": 11 * 64}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, config_cls, model_cls, overrides, row", _META, ids=[m[0] for m in _META])
+def test_rows_match_the_engine_model_of_the_same_config(name, config_cls, model_cls, overrides, row, tmp_path):
+    # The config.json transformers writes for its defaults, read by moelink's own reader (engine/models/<family>/),
+    # its decoder built on the meta device: the weight matrices it holds add up to the row's total (GLM-5.3-Flash:
+    # +0.03%, the zero rope parts of q_b / kv_a it holds), its KV bytes per token to the row's (plus _ENGINE_EXTRA_KV)
+    # and its per-sequence state pools to the row's linear-attention and PLE state (the sliding windows are in its
+    # paged cache, not in a state pool).
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from moelink.engine.config import kv_sizing
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.models.moe_decoder import MoEDecoderForCausalLM
+    from moelink.engine.models.registry import arch_spec
+    from moelink.kernels.ops import ReferenceKernels
+
+    cfg = getattr(transformers, config_cls)(**overrides)
+    cfg.architectures = [model_cls.replace("Glm5NextTextModel", "Glm5NextForCausalLM")]
+    cfg.save_pretrained(tmp_path)
+    mc = ModelConfig.from_pretrained(str(tmp_path), dtype="bfloat16")
+    model = MoEDecoderForCausalLM(mc, arch_spec(mc.architecture), ReferenceKernels(), torch.device("meta"))
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    assert matrices == pytest.approx(row.total_params(), rel=5e-4)
+    assert kv_sizing.kv_cache_bytes_per_token(mc) == (row.kv_elems_per_token() * row.num_layers
+                                                      + _ENGINE_EXTRA_KV.get(name, 0)) * 2
+    window = (row.sliding.layers * row.sliding.window * row._kv_elems_per_block() * row._sliding_kv_scale() * 2
+              if row.sliding else 0)
+    assert kv_sizing.state_bytes_per_sequence(mc) == row.state_bytes_per_sequence(2) - window
+
+
 def test_config_arithmetic_of_exaone_by_hand():
     # ExaoneMoeConfig's defaults (not K-EXAONE-236B's sizes: the defaults make a 28.6B model).
     m = MODELS["exaone-moe"]
@@ -91,15 +129,17 @@ def test_kv_and_state_bytes_per_token_and_sequence():
     # 30 gated DeltaNet layers' state (32 x 128 x 128 float32, conv rows of q, k (16 x 128 each) and v (32 x 128)).
     assert Q38_QSA.kv_elems_per_token() * 40 == 10 * (2 * 2 * 256 + 2 * 256)
     assert Q38.kv_elems_per_token() * 40 == 10 * 2 * 2 * 256  # the published row: QSA sizes unknown, dense
-    assert Q38.state_bytes_per_sequence(2) == 30 * (32 * 128 * 128 * 4 + 3 * (2 * 16 * 128 + 32 * 128) * 2)
+    # ... and its PLE layer's dilated conv rows ((4 - 1) x 3 of 4 x 2048 channels, bf16) and last 2 token ids (int64).
+    assert Q38.state_bytes_per_sequence(2) == (30 * (32 * 128 * 128 * 4 + 3 * (2 * 16 * 128 + 32 * 128) * 2)
+                                              + 9 * 8192 * 2 + 2 * 8)
     # EXAONE-MoE: 8 full layers per token (32 kv heads of 128), 24 sliding layers a window of 4096 per sequence.
     ex = MODELS["exaone-moe"]
     assert ex.kv_elems_per_token() * 32 == 8 * 2 * 32 * 128
     assert ex.state_bytes_per_sequence(2) == 24 * 4096 * 2 * 32 * 128 * 2
-    # MiMo-V2-Flash: K 192 and V 128 wide (4 kv heads), 9 full layers, 39 of a 129-position window.
+    # MiMo-V2-Flash: K 192 and V 128 wide, 9 full layers (4 kv heads), 39 of a 129-position window (8 kv heads).
     mimo = MODELS["mimo-v2-flash"]
     assert mimo.kv_elems_per_token() * 48 == 9 * 4 * (192 + 128)
-    assert mimo.state_bytes_per_sequence(2) == 39 * 129 * 4 * (192 + 128) * 2
+    assert mimo.state_bytes_per_sequence(2) == 39 * 129 * 8 * (192 + 128) * 2
     # Ling: 7 MLA layers (512 + 64); gpt-oss-120b: 18 full layers of 8 kv heads of 64, 18 of a 128-token window.
     assert MODELS["ling-3.0-flash"].kv_elems_per_token() * 42 == 7 * 576
     gpt = MODELS["gpt-oss-120b"]
