@@ -182,7 +182,9 @@ class _Layers:
         every GPU reads the latent of all t ranks' sequences (GQA shards its KV heads: no extra bytes); the
         head outputs are summed across the group (an all-reduce over NVLink, 2(t-1)/t of the rows' bytes)."""
         m, p, eff, t = self.m, self.s.precision, self.eff, self.s.attn_tp
-        proj = gemm_time(ld.rows * t, m.attn_proj_params() / t, 4 * m.hidden, self.gpu, p.dense, eff)
+        # The projections, with the layer's share of the hyper-connections' and n-gram layers' (model.extra_params).
+        proj = gemm_time(ld.rows * t, (m.attn_proj_params() + m.extra_params() / m.num_layers) / t, 4 * m.hidden,
+                         self.gpu, p.dense, eff)
         kv_bytes = ld.attn_bytes * (t if m.is_mla else 1)
         core = roofline(ld.attn_flops, kv_bytes, self.gpu, p.attention, eff, compute_eff=eff.attention)
         other = eff.layer_overhead_s + ld.rows * m.hidden * 2 * eff.activation_passes / (
@@ -388,7 +390,7 @@ def weights_per_rank_bytes(model: ModelShape, setup: Setup) -> float:
     gates in bf16, float32 for the DeepSeek family (MLA), which routes in float32. Norm vectors are left out."""
     p = setup.precision
     fmt = {"attn": p.dense, "dense": p.dense, "kv_b": "bf16", "shared": p.shared, "expert": p.experts,
-           "router": "fp32" if model.is_mla else "bf16", "embed": "bf16"}
+           "router": "fp32" if model.is_mla else "bf16", "embed": "bf16", "hc": "fp32", "ngram": "bf16"}
     slots_per_expert = (model.num_experts + setup.redundant_experts) / setup.ep / model.num_experts
     total = 0.0
     for kind, rows, cols, count in model.weight_matrices():
