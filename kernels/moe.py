@@ -86,35 +86,48 @@ def fused_moe_torch(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Ten
     most doubles the work (0: never; batch-invariant mode, kernels/batch_invariant.py, keeps one path whatever the
     batch, since the two paths round differently).
     """
-    num_tokens, top_k = topk_ids_TK.shape
+    top_k = topk_ids_TK.shape[1]
     out_TD = torch.zeros_like(x_TD)
-    ids_P = topk_ids_TK.reshape(-1).long()
-    if expert_map_G is not None:  # -1 (no expert) stays -1: indexing the map with it would wrap
-        ids_P = torch.where(ids_P >= 0, expert_map_G.long()[ids_P.clamp(min=0)], torch.full_like(ids_P, -1))
     num_local = w13_EFD.shape[0]
-    valid_P = ids_P >= 0
-    sort_key_P = torch.where(valid_P, ids_P, torch.full_like(ids_P, num_local))
-    order_P = torch.argsort(sort_key_P, stable=True)
-    counts_E = torch.bincount(sort_key_P, minlength=num_local + 1)[:num_local]
+    sort_key_P, order_P, counts_E = sort_pairs(topk_ids_TK, num_local, expert_map_G)
     counts = counts_E.tolist()  # host sync: per-expert token counts drive the loop
     weights_P = topk_weights_TK.reshape(-1)
-    num_pairs = int(valid_P.numel())
+    num_pairs = int(sort_key_P.numel())
     max_count = max(counts, default=0)
     if 0 < num_pairs <= padded_max_pairs and num_local * max_count <= 2 * num_pairs:
         return _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD,
                            b13_EF, b2_ED, activation)
-    offset = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs_n = order_P[offset : offset + n]
-        offset += n
-        tok_n = pairs_n // top_k
+    for e, pairs_n, tok_n in per_expert(order_P, counts, top_k):
         gate_nI, up_nI = F.linear(x_TD.index_select(0, tok_n), w13_EFD[e], None if b13_EF is None else b13_EF[e]).chunk(2, dim=-1)
         y_nD = F.linear(activation(gate_nI, up_nI), w2_EDI[e], None if b2_ED is None else b2_ED[e])
         y_nD = y_nD * weights_P.index_select(0, pairs_n)[:, None].to(y_nD.dtype)
         out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
     return out_TD
+
+
+def sort_pairs(topk_ids_TK: torch.Tensor, num_local: int, expert_map_G: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, k) pairs grouped by local expert: (sort_key_P: each pair's local expert, num_local where it has
+    none here; order_P: the pairs in expert order, a token's pairs in k order within one expert (stable); counts_E:
+    pairs per local expert). `expert_map_G` maps global ids to local ones (-1: another rank's); no host sync."""
+    ids_P = topk_ids_TK.reshape(-1).long()
+    if expert_map_G is not None:  # -1 (no expert) stays -1: indexing the map with it would wrap
+        ids_P = torch.where(ids_P >= 0, expert_map_G.long()[ids_P.clamp(min=0)], torch.full_like(ids_P, -1))
+    sort_key_P = torch.where(ids_P >= 0, ids_P, torch.full_like(ids_P, num_local))
+    order_P = torch.argsort(sort_key_P, stable=True)
+    return sort_key_P, order_P, torch.bincount(sort_key_P, minlength=num_local + 1)[:num_local]
+
+
+def per_expert(order_P: torch.Tensor, counts: list[int], top_k: int):
+    """(expert, its pairs_n, their tokens tok_n) for each local expert with pairs, in expert order: the loop of the
+    per-expert path (here, and the LoRA experts' in engine/lora/experts.py)."""
+    offset = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs_n = order_P[offset: offset + n]
+        offset += n
+        yield e, pairs_n, pairs_n // top_k
 
 
 def _padded_bmm(x_TD, w13_EFD, w2_EDI, weights_P, sort_key_P, order_P, counts_E, max_count, top_k, out_TD,

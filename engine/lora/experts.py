@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moelink.kernels.moe import SILU, MoEActivation
+from moelink.kernels.moe import SILU, MoEActivation, per_expert, sort_pairs
 
 from .layer import LoRAPiece, LoRAStep
 
@@ -51,19 +51,9 @@ def lora_fused_moe(kernels: Any, x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_E
     adapter of slots[t] (none where -1); [T, D] in x's dtype. Ids -1 (padding) contribute nothing."""
     top_k = ids_TK.shape[1]
     out_TD = torch.zeros_like(x_TD)
-    ids_P = ids_TK.reshape(-1).long()
-    valid_P = ids_P >= 0
-    key_P = torch.where(valid_P, ids_P, torch.full_like(ids_P, num_experts))
-    order_P = torch.argsort(key_P, stable=True)
-    counts = torch.bincount(key_P, minlength=num_experts + 1)[:num_experts].tolist()  # host sync: drives the loop
+    _, order_P, counts_E = sort_pairs(ids_TK, num_experts)
     weights_P = weights_TK.reshape(-1)
-    offset = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs_n = order_P[offset: offset + n]
-        offset += n
-        tok_n = pairs_n // top_k
+    for e, pairs_n, tok_n in per_expert(order_P, counts_E.tolist(), top_k):  # host sync: the counts drive the loop
         x_nD = x_TD.index_select(0, tok_n)
         slot_n = slots_T.index_select(0, tok_n)
         row_n = torch.where(slot_n >= 0, slot_n * num_experts + e, torch.full_like(slot_n, -1))  # its stack row
