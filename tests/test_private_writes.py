@@ -64,6 +64,13 @@ def violations(source: str, name: str = "<src>") -> list[str]:
     return [f"{name}:{line}: {expr}" for line, expr, field in _private_writes(tree) if field not in own]
 
 
+# Private fields of third-party objects that their library sets only this way, with why: not moelink's own state.
+THIRD_PARTY = {
+    # torch's ProcessGroupNCCL.Options has no public timeout: torch's own distributed_c10d sets `_timeout` too.
+    "comm/process_group.py": {"opts._timeout"},
+}
+
+
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_no_module_writes_another_modules_private_fields():
     found = []
@@ -71,7 +78,9 @@ def test_no_module_writes_another_modules_private_fields():
         for path in sorted((ROOT / pkg).rglob("*.py")):
             if "gen" in path.relative_to(ROOT).parts:  # generated gRPC stubs
                 continue
-            found += violations(path.read_text(), str(path.relative_to(ROOT)))
+            rel = str(path.relative_to(ROOT))
+            found += [v for v in violations(path.read_text(), rel)
+                      if v.split(": ", 1)[1] not in THIRD_PARTY.get(rel, ())]
     assert not found, "private fields written from outside their module:\n" + "\n".join(found)
 
 
