@@ -49,17 +49,12 @@ def _make_adapter(base: str, out: str, fields: dict, seed: int) -> None:
 def _peft_greedy(base: str, adapter: str | None, prompts: list[list[int]]) -> list[list[int]]:
     from peft import PeftModel
 
+    from tests.helpers.fp8_checkpoints import hf_greedy_with
+
     model = _hf(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).eval()
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
-                                 min_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
+    return hf_greedy_with(model, prompts, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
