@@ -7,6 +7,7 @@ import argparse
 
 from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
                                      DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
+from .vllm_flag_table import row
 from .vllm_flags import (add_vllm_engine_flags, apply_vllm_engine_flags, human_int, kv_cache_dtype_flag,
                          max_model_len_flag)
 from ..config.timeouts import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, FIRST_STEP_TIMEOUT_S
@@ -172,6 +173,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph-sizes", "--cudagraph-capture-sizes", type=int, nargs="+", default=None, metavar="N",
                    help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
                         "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
+    p.add_argument("--enable-return-routed-experts", dest="enable_return_routed_experts", action="store_true",
+                   default=False, help=row("--enable-return-routed-experts").says)
+    p.add_argument("--disable-return-routed-experts", dest="enable_return_routed_experts", action="store_false",
+                   help="do not record routed experts (the default)")
     p.add_argument("--batch-invariant", "--enable-deterministic-inference", action="store_true",
                    help="a request's tokens and logprobs bitwise the same whatever else is in the batch, and a "
                         "decode step's logprob equal to the re-prefilled prompt logprob (docs/rl.md; vLLM's "
@@ -206,6 +211,6 @@ def engine_args_from(ns: argparse.Namespace):
         grammar_compile_timeout=ns.grammar_compile_timeout, max_grammar_chars=ns.max_grammar_chars,
         max_queued_grammar_compiles=ns.max_queued_grammar_compiles, grammar_compile_workers=ns.grammar_compile_workers,
         seed=getattr(ns, "engine_seed", None),  # serve's --seed (generate's --seed is per request)
-        batch_invariant=ns.batch_invariant,
+        batch_invariant=ns.batch_invariant, enable_return_routed_experts=ns.enable_return_routed_experts,
         limit_mm_per_prompt=ns.limit_mm_per_prompt, mm_max_pixels=ns.mm_max_pixels,
     )

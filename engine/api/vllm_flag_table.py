@@ -192,9 +192,9 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
         "moelink runs the quantization methods docs/quantization.md lists: leave it out"),
     ("--enforce-eager", "--no-enforce-eager"): accepted("no CUDA graphs (--no-enforce-eager: the default, decode "
                                                         "steps replay captured graphs)"),
-    ("--enable-return-routed-experts", "--disable-return-routed-experts"): refused(
-        "the Python API records them (LLM(enable_return_routed_experts=True), SamplingParams.return_routed_experts); "
-        "no served wire carries them yet, so a server does not take the flag"),
+    ("--enable-return-routed-experts", "--disable-return-routed-experts"): accepted(
+        "record each token's routed experts, returned to a request that asks return_routed_experts (the Python API, "
+        "and the native gRPC moelink.v1 GenerateResponse.routed_experts; docs/rl.md)"),
     ("--return-sampling-mask", "--no-return-sampling-mask"): refused(NOT_SUPPORTED),
     ("--max-logprobs",): accepted("at most N top logprobs per token (at most 20)", "--max-logprobs 5"),
     ("--logprobs-mode",): accepted("moelink's logprobs are the model's, before temperature, top-k and top-p "

@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 import grpc
+import numpy as np
 
 from ..core.llm_engine import ProcessedRequest
 from ..core.no_tokenizer import NoTokenizer
@@ -36,6 +37,7 @@ NATIVE_READING = ProtoReading(
         min_tokens=plain("min_tokens"), stop=listed("stop"), stop_token_ids=listed("stop_token_ids"),
         ignore_eos=plain("ignore_eos"), include_stop_str_in_output=plain("include_stop_str_in_output"),
         logprobs=present("logprobs"), skip_special_tokens=present("skip_special_tokens", True),
+        return_routed_experts=plain("return_routed_experts"),
     ),
     n=present("n", 1),
 )
@@ -99,6 +101,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     token_id=tid, logprob=wire_logprob(lp.logprob), rank=lp.rank, token=lp.decoded_token or "",
                     top=[pb.TopLogprob(token_id=t, logprob=wire_logprob(v.logprob), rank=v.rank, token=v.decoded_token or "")
                          for t, v in top_logprobs(entry, num_logprobs)]))
+        if comp.routed_experts is not None:  # the last message of a sample that asked (docs/rl.md)
+            ids = np.ascontiguousarray(comp.routed_experts)
+            wide = ids.dtype if ids.dtype in (np.int16, np.int32) else np.int32
+            msg.routed_experts.CopyFrom(pb.RoutedExperts(shape=list(ids.shape), dtype=np.dtype(wide).name,
+                                                         data=ids.astype(np.dtype(wide).newbyteorder("<")).tobytes()))
         if comp.finish_reason is not None:
             msg.finish_reason = comp.finish_reason
             if isinstance(comp.stop_reason, str):

@@ -22,7 +22,8 @@ def model_path(tiny_model):
 def server(model_path):
     """The shared `moelink serve` (plaintext, no key) most tests talk to."""
     srv = ServerProcess(model_path, ENGINE_FLAGS + ["--served-model-name", SERVED_NAME,
-                                                    "--max-message-size", str(MAX_MESSAGE_SIZE)])
+                                                    "--max-message-size", str(MAX_MESSAGE_SIZE),
+                                                    "--enable-return-routed-experts"])
     yield srv
     rc = srv.stop()
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from moelink.engine import SamplingParams
 
-from tests.helpers.grpc_server import make_stubs, pool_is_free
+from tests.helpers.grpc_server import ENGINE_KW, make_stubs, pool_is_free
 from tests.helpers.waits import wait_until
 
 SEEDED = dict(temperature=0.9, top_p=0.95, top_k=40, seed=1234)
@@ -65,6 +65,31 @@ def test_stream_matches_offline(stubs, offline, case):
             assert lp.logprob == pytest.approx(ref_lp[tid].logprob, abs=1e-5)
             assert [t.rank for t in lp.top] == [1, 2, 3]
             assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+
+
+def test_routed_experts_on_the_wire_equal_the_python_apis(stubs, model_path):
+    """Rollout routing replay's record over gRPC (the shared server runs --enable-return-routed-experts): the last
+    message of a sample that asked carries GenerateResponse.routed_experts, [prompt + generated - 1, MoE layers,
+    top_k] little-endian, equal to the Python API's CompletionOutput.routed_experts; a sample that did not ask, none."""
+    import numpy as np
+
+    from moelink.engine import LLM
+
+    pb = stubs.pb
+    prompt_ids = [5, 17, 99, 23, 42, 7, 300]
+    sp = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    _, _, last, msgs = _collect(stubs, request_id="routed", prompt_token_ids=pb.TokenIds(ids=prompt_ids),
+                                sampling_params=pb.SamplingParams(return_routed_experts=True, **sp))
+    assert all(not m.HasField("routed_experts") for m in msgs[:-1])
+    rx = last.routed_experts
+    got = np.frombuffer(rx.data, dtype=np.dtype(rx.dtype).newbyteorder("<")).reshape(tuple(rx.shape))
+    with LLM(model_path, **ENGINE_KW, enable_return_routed_experts=True) as llm:
+        want = llm.generate([prompt_ids], SamplingParams(return_routed_experts=True, **sp),
+                            use_tqdm=False)[0].outputs[0].routed_experts
+    assert got.shape == (len(prompt_ids) + 6 - 1,) + want.shape[1:] and np.array_equal(got, want)
+    _, _, plain, _ = _collect(stubs, request_id="not-routed", prompt_token_ids=pb.TokenIds(ids=prompt_ids),
+                              sampling_params=pb.SamplingParams(**sp))
+    assert not plain.HasField("routed_experts")
 
 
 def test_n_samples_are_seeded_per_index(stubs, offline):
