@@ -59,6 +59,8 @@
 #   int4                   moe_int4: the W4A16 MoE at Kimi K2.5's experts vs bf16 at decode batches 1..64, its two
 #                          prefill paths (per-tile, dequantize-once) vs bf16 at one rank's share, and the INT4 GPU
 #                          tests (kernels at Kimi's shape, a tiny Kimi K2.5 served) (issue 44; benchmarks/gpu_session/int4.sh)
+#   rl                     batch_invariant: the engine normally and in batch-invariant mode side by side (issue 58;
+#                          benchmarks/gpu_session/rl.sh): the mode's cost against the goal of <= 1.05x
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   all                    every step in a row (a machine without the 10-minute command limit)
@@ -829,7 +831,7 @@ step_plan() {  # the first plan, then the full session, one device command per l
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
-  steps+=("kv-transfer" "hybrid" "dsa" "int4" "dsv4")
+  steps+=("kv-transfer" "hybrid" "dsa" "int4" "dsv4" "rl")
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -883,6 +885,7 @@ source "$REPO/benchmarks/gpu_session/hybrid.sh"
 source "$REPO/benchmarks/gpu_session/dsa.sh"
 source "$REPO/benchmarks/gpu_session/int4.sh"
 source "$REPO/benchmarks/gpu_session/dsv4.sh"
+source "$REPO/benchmarks/gpu_session/rl.sh"
 
 # -- main ---------------------------------------------------------------------------------------------------------------
 case "$STEP" in
@@ -893,9 +896,9 @@ case "$STEP" in
   unpack)
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,67p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,69p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -924,6 +927,7 @@ case "$STEP" in
   dsa) step_dsa "$@" ;;
   int4) step_int4 "$@" ;;
   dsv4) step_dsv4 "$@" ;;
+  rl) step_rl "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -942,7 +946,8 @@ case "$STEP" in
     step_hybrid
     step_dsa
     step_int4
-    step_dsv4 ;;
+    step_dsv4
+    step_rl ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

@@ -1,0 +1,35 @@
+# Sourced by benchmarks/gpu_session.sh: the `rl` step (issue 58's GPU cost of batch-invariant mode), one device
+# command. (Not a script of its own: it uses the main script's REPO, OUT, PY, MODE, DEV, cmd, and carry.sh's
+# resolve_commit / stamp_commit.)
+#
+# rl: benchmarks/batch_invariant.py on the GPU: the engine as it runs normally (the Triton kernels, decode graphs)
+# beside `batch_invariant=True` (the plain-torch kernels on the mode's fixed tiles), the same tiny random Qwen3-MoE
+# and prompts (32 x 64 tokens, 32 out, 3 rounds after a warm-up), and whether a request is bitwise equal alone and
+# batched in each arm: the ratio against the issue's goal of <= 1.05x (docs/rl.md says the mode has no Triton
+# kernels yet, so the ratio is far from it). Its JSON is named by device and commit: batch_invariant_<device>_<commit>.
+# Compiles: the normal arm's tiny-model Triton kernels: the MoE up / down at the decode and prefill buckets (4 GEMM),
+#   attention decode split / no split and prefill in the model dtype (4 GEMM-class), KV write, norms, rotary, router
+#   top-k, SiLU-mul, align, sum, merge (~20 other); counted 8 + 24 for margin. The invariant arm compiles nothing.
+#   run 150 s (estimate, not yet run on a GPU): two engine starts (~20 s each with the normal arm's warm-up and
+#   graphs), 4 rounds each of a 32-request batch; the invariant arm's plain-torch steps are the slow part.
+RL_GEMM=8
+RL_OTHER=24
+RL_RUN_S=150
+step_rl() {
+  local a
+  for a in "$@"; do
+    echo "rl: unknown argument '$a' (none taken)" >&2
+    exit 2
+  done
+  if [[ $MODE == cpu-smoke ]]; then
+    cmd batch_invariant 0 0 0 60 -- "$PY" -m moelink.benchmarks.batch_invariant --cpu-smoke \
+      --out "$OUT/batch_invariant_${DEV}.json"
+    return 0
+  fi
+  resolve_commit
+  local name="batch_invariant_${DEV}_${COMMIT}"
+  cmd batch_invariant "$RL_GEMM" 0 "$RL_OTHER" "$RL_RUN_S" -- "$PY" -m moelink.benchmarks.batch_invariant \
+    --out "$OUT/$name.json"
+  [[ $MODE == run ]] && stamp_commit "$OUT/$name.json"
+  return 0
+}
