@@ -97,7 +97,7 @@ class BatchInvariantKernels(ReferenceKernels):
     name = "batch_invariant"
 
     def _implementations(self) -> dict[str, Any]:
-        from .batch_invariant import (invariant_dsa_topk, invariant_fused_moe, invariant_gated_delta_rule,
+        from .batch_invariant_kernels import (invariant_dsa_topk, invariant_fused_moe, invariant_gated_delta_rule,
                                       invariant_mla_attention, invariant_paged_attention,
                                       invariant_sparse_mla_attention)
 

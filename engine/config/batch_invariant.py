@@ -15,7 +15,7 @@ from .model import ModelConfig
 
 ENV = "VLLM_BATCH_INVARIANT"
 BACKEND = "batch_invariant"
-# The attention kinds whose every reduction goes through the invariant paged attention (kernels/batch_invariant.py
+# The attention kinds whose every reduction goes through the invariant kernels (kernels/batch_invariant_kernels.py
 # supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py).
 ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa"})
 

@@ -157,7 +157,7 @@ def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_m
 def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_model, hf_tiny_model, monkeypatch,
                                                                           tmp_path):
     from moelink.engine.config.batch_invariant import ATTENTION_KINDS
-    from moelink.kernels.batch_invariant import supported_attention_kinds
+    from moelink.kernels.batch_invariant_kernels import supported_attention_kinds
 
     assert ATTENTION_KINDS == supported_attention_kinds()  # what the engine admits is what the kernels cover
     from moelink.engine.tools.tiny_model import make_tiny_model

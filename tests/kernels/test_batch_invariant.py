@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from moelink.kernels.attention import AttentionMetadata, reference_paged_attention, reference_write_kv
-from moelink.kernels.batch_invariant import (TILE_M, BatchInvariantMode, invariant_dsa_topk, invariant_mla_attention,
-                                            invariant_paged_attention, invariant_sparse_mla_attention)
+from moelink.kernels.batch_invariant import TILE_M, BatchInvariantMode
+from moelink.kernels.batch_invariant_kernels import (invariant_dsa_topk, invariant_mla_attention,
+                                                     invariant_paged_attention, invariant_sparse_mla_attention)
 from moelink.kernels.mla import reference_mla_attention
 
 
