@@ -8,7 +8,9 @@ Side by side in one run, on the same engine settings and prompts: the engine as 
 chunks, attention over fixed key blocks). Each arm generates the same batch `--repeats` times after a warm-up round;
 the median wall time per round, output tokens per second, and the ratio invariant / normal. Also saved, as a check
 that the mode does what it costs: whether one request's logprobs are bitwise the same alone and in the batch, per arm
-(the normal engine's usually are not). Without --model, a tiny Qwen3-MoE made on the fly (random weights,
+(the normal engine's usually are not), and first, op by op, which of the step's ops keep a row's bits on this device
+off and in the mode (benchmarks/batch_invariant_probe.py: where the engine is not invariant, the op that is not).
+Without --model, a tiny Qwen3-MoE made on the fly (random weights,
 transformers' own save_pretrained). On CPU both arms run the plain-torch kernels, so the ratio is the mode's own
 work; on a GPU the normal arm runs the Triton kernels and the invariant arm the plain-torch ones (no batch-invariant
 Triton kernels yet), so the ratio there says how far the GPU path is from the goal.
@@ -83,6 +85,10 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
     if device == "cpu":
         torch.set_num_threads(1)
+    from .batch_invariant_probe import print_table, probe
+
+    ops = probe(torch.device(device))  # which ops hold row 0's bits on this device, off and in the mode
+    print_table(ops)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or _tiny_model(str(Path(tmp) / "tiny"))
         from transformers import AutoConfig
@@ -94,7 +100,7 @@ def main(argv=None) -> dict:
     label = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     result = dict(benchmark="batch_invariant", device=label, commit=git_commit(), date=time.strftime("%Y-%m-%d"),
                   model=args.model or "tiny qwen3_moe (random)", prompts=args.prompts, prompt_len=args.prompt_len,
-                  max_tokens=args.max_tokens, repeats=args.repeats, arms=arms,
+                  max_tokens=args.max_tokens, repeats=args.repeats, ops=ops, arms=arms,
                   ratio_invariant_over_normal=arms[1]["seconds"] / arms[0]["seconds"])
     print(f"{'arm':<16} {'kernels':<16} {'s / round':>10} {'out tok/s':>10} {'alone == batched':>17}")
     for a in arms:

@@ -12,6 +12,8 @@ around each step's forward, applies the first three to every call the forward ma
 1. Every matmul (`F.linear`, `matmul`, `mm`, `addmm`, `bmm`) runs on tiles of exactly TILE_M rows (the last one
    zero-padded, each tile contiguous): the library sees one shape whatever the batch, and a row's position inside a
    tile does not change its arithmetic (checked on this BLAS for float32 / float64 / bfloat16, 1 and 2 threads).
+   On CUDA a batched product also runs on tiles of exactly TILE_X matrices (`fixed_bmm`): cuBLAS picks its kernel
+   by the batch count too.
 2. Reductions over a dim (sum, mean, amax, logsumexp, softmax, log-softmax, cumsum, top-k) run on tiles of TILE_R
    rows: a reduction's strategy (along the row, or across many short rows) is chosen by its shape and sums in
    another order; top-k's order of the k (sorted=False) is its algorithm's.
@@ -55,10 +57,44 @@ from .moe import PADDED_MAX_PAIRS
 TILE_M = 16
 
 
+# Matrices per batched-matmul tile, on CUDA: cuBLAS picks a strided-batched product's kernel (and its split of the
+# reduction) by the batch count too, so matrix 0 of a 2-matrix batch and of a 4096-matrix one summed in other orders
+# (seen on an H100, 2026-11-26: a request's logprobs alone and batched differed in batch-invariant mode while the
+# attention walk's products ran one matrix per (token, KV head)). A batch cut into tiles of exactly TILE_X matrices,
+# the last zero-padded, gives the library one shape. CPU BLAS runs a batch matrix by matrix with the kernel that
+# matrix's own shape picks (tests/kernels/test_batch_invariant.py checks it), so there a batch runs whole: padding
+# a model's fixed head count to TILE_X would only multiply its work.
+TILE_X = 64
+
+
+def batch_tile(device: torch.device) -> int | None:
+    """Matrices per batched-matmul call on `device`: TILE_X on CUDA, None (the batch whole) elsewhere."""
+    return TILE_X if device.type == "cuda" else None
+
+
+def fixed_bmm(a_XMK: torch.Tensor, b_XKN: torch.Tensor) -> torch.Tensor:
+    """torch.bmm with the batch cut into batch_tile(device) matrices per call (zero-padded, each tile contiguous):
+    what the invariant kernels run where the batch count follows the batch (one matrix per token or per (token,
+    head)), and the mode runs for every batched product. Rows are not tiled here (the caller's M is fixed)."""
+    tile = batch_tile(a_XMK.device)
+    x = a_XMK.shape[0]
+    if tile is None or x == 0:
+        return torch.bmm(a_XMK, b_XKN)
+    pad = -x % tile
+    if pad:
+        a_XMK = F.pad(a_XMK, (0, 0, 0, 0, 0, pad))
+        b_XKN = F.pad(b_XKN, (0, 0, 0, 0, 0, pad))
+    outs = [torch.bmm(a_XMK[i:i + tile].contiguous(), b_XKN[i:i + tile].contiguous())
+            for i in range(0, x + pad, tile)]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out[:x] if pad else out
+
+
 def _tiled_rows(fn: Callable[..., torch.Tensor], a: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
     """fn(a, *rest) with a's second-to-last dim (its rows) cut into tiles of TILE_M rows, the last tile zero-padded.
 
-    `a` is [..., M, K]; fn is a matmul-like op whose output row i depends on a's row i only."""
+    `a` is [M, K] (or [X, M, K] with fn a batched product whose batch stays whole); fn is a matmul-like op whose
+    output row i depends on a's row i only."""
     m = a.shape[-2]
     if m == 0:  # an EP rank with no tokens still runs its layers' collectives, on empty inputs
         return fn(a, *rest, **kw)
@@ -74,6 +110,12 @@ def _tiled_rows(fn: Callable[..., torch.Tensor], a: torch.Tensor, *rest: Any, **
     return out[..., :m, :].contiguous() if pad else out
 
 
+def _tiled_bmm(a_XMK: torch.Tensor, b_XKN: torch.Tensor) -> torch.Tensor:
+    """A batched product on fixed tiles both ways: TILE_M rows (the model's M may follow the batch) and, on CUDA,
+    TILE_X matrices (fixed_bmm)."""
+    return _tiled_rows(fixed_bmm, a_XMK, b_XKN)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if x.dim() == 1:
         return _linear(x[None], w, bias)[0]
@@ -86,8 +128,16 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dim() < 2:  # a vector on the left: one row, nothing to tile
         return torch.matmul(a, b)
     if b.dim() == 1:  # [.., M, K] @ [K]: the matrix-vector product as a one-column matmul
-        return _tiled_rows(torch.matmul, a, b[:, None])[..., 0]
-    return _tiled_rows(torch.matmul, a, b)
+        return _matmul(a, b[:, None])[..., 0]
+    if b.dim() == 2:
+        # [..., M, K] @ [K, N]: every row of every leading index is a row of one product (torch folds the leading
+        # dims into the rows too), so the rows are tiled across them all: the token dim may be a leading one.
+        rows = _tiled_rows(torch.mm, a.reshape(-1, a.shape[-1]), b)
+        return rows.reshape(*a.shape[:-1], b.shape[-1])
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a_XMK = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b_XKN = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    return _tiled_bmm(a_XMK, b_XKN).reshape(*batch, a.shape[-2], b.shape[-1])
 
 
 def _addmm_rows(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: Any, alpha: Any) -> torch.Tensor:
@@ -226,8 +276,8 @@ _TILED: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
     torch.Tensor.__matmul__: _matmul,
     torch.mm: lambda a, b: _tiled_rows(torch.mm, a, b),
     torch.Tensor.mm: lambda a, b: _tiled_rows(torch.mm, a, b),
-    torch.bmm: lambda a, b: _tiled_rows(torch.bmm, a, b),
-    torch.Tensor.bmm: lambda a, b: _tiled_rows(torch.bmm, a, b),
+    torch.bmm: _tiled_bmm,
+    torch.Tensor.bmm: _tiled_bmm,
     torch.sum: _SUM, torch.Tensor.sum: _SUM, torch.mean: _MEAN, torch.Tensor.mean: _MEAN,
     torch.amax: _AMAX, torch.Tensor.amax: _AMAX, torch.logsumexp: _LOGSUMEXP, torch.Tensor.logsumexp: _LOGSUMEXP,
     torch.softmax: _SOFTMAX, torch.Tensor.softmax: _SOFTMAX, F.softmax: _SOFTMAX,
@@ -280,4 +330,4 @@ def mode() -> AbstractContextManager:
     return BatchInvariantMode()
 
 
-__all__ = ["BatchInvariantMode", "CHUNK_E", "TILE_M", "TILE_R", "mode"]
+__all__ = ["BatchInvariantMode", "CHUNK_E", "TILE_M", "TILE_R", "TILE_X", "batch_tile", "fixed_bmm", "mode"]

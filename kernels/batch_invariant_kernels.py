@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionMetadata, dequantize_from_cache
-from .batch_invariant import _AMAX, _EXP, _SUM
+from .batch_invariant import _AMAX, _EXP, _SUM, fixed_bmm
 from .gated_delta import gated_delta_rule_torch
 from .moe import fused_moe_torch
 
@@ -111,7 +111,7 @@ def _walk(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_
         # Contiguous operands: a batched matmul's kernel may depend on its operands' strides.
         k_XHB = k_TBKH.permute(0, 2, 3, 1).reshape(T * num_kv, -1, B).contiguous()
         v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, B, hv).contiguous()
-        s_TNB = (torch.bmm(q_XRH, k_XHB) * scale).view(T, N, B)
+        s_TNB = (fixed_bmm(q_XRH, k_XHB) * scale).view(T, N, B)
         s_TNB = s_TNB.masked_fill(~seen_TB[:, None, :], float("-inf"))
         m_new_TN = torch.maximum(m_TN, _AMAX(s_TNB, -1))
         # A row that has seen no key yet (m' = -inf: a window not reached) subtracts 0, not -inf (no NaN).
@@ -119,7 +119,7 @@ def _walk(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_
         p_TNB = _EXP(s_TNB - shift_TN[..., None])
         alpha_TN = _EXP(m_TN - shift_TN)
         l_TN = l_TN * alpha_TN + _SUM(p_TNB, -1)
-        pv_TNV = torch.bmm(p_TNB.view(T * num_kv, rep, B), v_XBV).view(T, N, hv)
+        pv_TNV = fixed_bmm(p_TNB.view(T * num_kv, rep, B), v_XBV).view(T, N, hv)
         acc_TNV = acc_TNV * alpha_TN[..., None] + pv_TNV
         m_TN = m_new_TN
     return (acc_TNV / l_TN[..., None]).to(q_TNH.dtype)
@@ -210,8 +210,8 @@ def invariant_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cach
             slots_TB = torch.where(visible_TB, tables_TM[:, min(j, tables_TM.shape[1] - 1)][:, None] * B + offs_B,
                                    meta.null_block * B)
             k_TDB = keys.index_select(0, slots_TB.reshape(-1))[:, :D].float().view(T, B, D).transpose(1, 2).contiguous()
-            s_THB = torch.relu(torch.bmm(q_THD32, k_TDB) * scale)
-            score_TB = torch.bmm(w_T1H, s_THB)[:, 0] + 0.0  # + 0.0: -0.0 counts as 0.0
+            s_THB = torch.relu(fixed_bmm(q_THD32, k_TDB) * scale)
+            score_TB = fixed_bmm(w_T1H, s_THB)[:, 0] + 0.0  # + 0.0: -0.0 counts as 0.0
             scores_TW[:, j * B:(j + 1) * B] = torch.where(visible_TB, score_TB, float("-inf"))
         return reference_topk_positions(scores_TW[:, :width], n_T, topk)
 
