@@ -19,3 +19,7 @@ def test_smoke_saves_both_arms_and_the_ratio(tmp_path):
     assert (normal["batch_invariant"], invariant["batch_invariant"]) == (False, True)
     assert invariant["kernels"] == "batch_invariant" and invariant["alone_equals_batched_bitwise"] is True
     assert saved["ratio_invariant_over_normal"] == pytest.approx(invariant["seconds"] / normal["seconds"])
+    # The op probe ran first: every op keeps row 0's bits in the mode on this CPU, and at least one op does not off it.
+    ops = {r["op"]: r for r in saved["ops"]}
+    assert ops and all(r["mode"] is True for r in ops.values()), ops
+    assert any(r["off"] is False for r in ops.values())

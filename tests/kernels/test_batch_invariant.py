@@ -269,3 +269,33 @@ def test_dsa_selection_and_sparse_mla_match_the_reference_and_a_full_selection_w
             row += 1
     assert torch.equal(invariant_sparse_mla_attention(ql, qp, cache_BLR, meta, every, 0.2),
                        invariant_mla_attention(ql, qp, cache_BLR, meta, 0.2))
+
+
+def test_fixed_bmm_pads_the_batch_to_whole_tiles_and_gives_the_product(monkeypatch):
+    """On CUDA batched products run TILE_X matrices at a time (cuBLAS picks its kernel by the batch count: seen on an
+    H100); here the tile is forced small on the CPU: any batch count gives bmm's product, and a matrix's result
+    is the same bits whatever count it is among (every call sees one shape)."""
+    from moelink.kernels import batch_invariant as bi
+
+    monkeypatch.setattr(bi, "batch_tile", lambda device: 4)
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(11, 3, 8, generator=gen), torch.randn(11, 8, 5, generator=gen)
+    got = bi.fixed_bmm(a, b)
+    assert got.shape == (11, 3, 5)
+    torch.testing.assert_close(got, torch.bmm(a, b))
+    for x in (1, 2, 4, 5, 9, 11):
+        assert torch.equal(bi.fixed_bmm(a[:x], b[:x])[0], got[0])
+    assert bi.fixed_bmm(a[:0], b[:0]).shape == (0, 3, 5)
+
+
+def test_a_matmul_by_a_weight_tiles_rows_across_leading_dims():
+    """[T, N, K] @ [K, D] with the token dim leading: torch folds T x N into the rows, so the mode tiles them all
+    (a per-T tile of N rows would make the row count follow T)."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 7, generator=gen)
+    x = torch.randn(40, 3, 24, generator=gen)
+    with BatchInvariantMode():
+        full = torch.matmul(x, w)
+        parts = [torch.matmul(x[:n], w)[0] for n in (1, 2, 5, 17)]
+    torch.testing.assert_close(full, x @ w)
+    assert all(torch.equal(p, full[0]) for p in parts)
