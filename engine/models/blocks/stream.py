@@ -180,37 +180,61 @@ class PreNormLayer(Layer):
         aux.take(n, *state)
 
 
-@RESIDUAL.register("hc_prenorm")
-class HyperPreNormLayer(Layer):
-    """Hyper-connections (engine/models/hyper_connections.py: DeepSeek-V4's math, or with `comb` False Hunyuan Hy4's
-    independent form) around the attention and the FFN block, each behind its checkpoint's RMSNorm as the prenorm
-    layer's (input_layernorm, post_attention_layernorm): the stream is x_TnD, n streams. GLM-5.3-Flash's; Hy4 names
-    its hyper-connection weights its own way (`hc_plan`, engine/models/hy_v4/kinds.py). Under tensor parallelism
-    the hyper-connections are whole on every rank (per token, the same input everywhere)."""
+class HyperConnectedLayer(Layer):
+    """Hyper-connections (engine/models/hyper_connections.py) around the attention and the FFN block, each behind a
+    norm: the stream is x_TnD, n streams. The flow is shared; each residual kind names its two norms (`norms`) and
+    its weights. Under tensor parallelism the hyper-connections are whole on every rank (per token, the same input
+    everywhere)."""
 
-    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
-                 ffn: Callable[[BuildContext, int], FFNBlock]):
+    def _hyper_connections(self, ctx: BuildContext) -> None:
+        """attn_hc / ffn_hc from the config's hyper_connections (an error naming the architecture without them)."""
         from ..hyper_connections import HyperConnection
 
-        super().__init__(ctx)
         cfg = ctx.cfg
         hc, D, eps = cfg.hyper_connections, cfg.hidden_size, cfg.rms_norm_eps
         if hc is None:
             raise ValueError(f"architecture {cfg.architecture}: its ModelConfig has no hyper_connections.")
         self.attn_hc = HyperConnection(hc, D, eps, ctx.device, ctx.kernels)
         self.ffn_hc = HyperConnection(hc, D, eps, ctx.device, ctx.kernels)
+
+    @abstractmethod
+    def norms(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """(the norm before the attention, the norm before the FFN block)."""
+
+    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
+               ctx: ForwardContext) -> Stages:
+        attn_norm, ffn_norm = self.norms()
+        x_TnD = state
+        h_TD, mix = self.attn_hc.collapse(x_TnD)
+        x_TnD = self.attn_hc.residual(x_TnD, self.mixer(positions_T, attn_norm(h_TD), ctx), mix)
+        h_TD, mix = self.ffn_hc.collapse(x_TnD)
+        y_TD = yield from ffn_stages(self.ffn, self.tp, ffn_norm(h_TD), input_ids_T)
+        return self.ffn_hc.residual(x_TnD, y_TD, mix)
+
+    @staticmethod
+    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+        """The streams flat, [T, n D] (an MTP drafter conditions on them before the hyper-head)."""
+        aux.take(n, state.flatten(1), None)
+
+
+@RESIDUAL.register("hc_prenorm")
+class HyperPreNormLayer(HyperConnectedLayer):
+    """Hyper-connections (DeepSeek-V4's math, or with `comb` False Hunyuan Hy4's independent form), each behind its
+    checkpoint's RMSNorm as the prenorm layer's (input_layernorm, post_attention_layernorm). GLM-5.3-Flash's; Hy4
+    names its hyper-connection weights its own way (`hc_plan`, engine/models/hy_v4/kinds.py)."""
+
+    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+                 ffn: Callable[[BuildContext, int], FFNBlock]):
+        super().__init__(ctx)
+        self._hyper_connections(ctx)
+        cfg = ctx.cfg
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(D, eps, ctx.kernels, cfg.dtype, ctx.device)
         self.post_attention_layernorm = RMSNorm(D, eps, ctx.kernels, cfg.dtype, ctx.device)
         self.install(ctx, i, attention, attn_cfg, ffn)
 
-    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
-               ctx: ForwardContext) -> Stages:
-        x_TnD = state
-        h_TD, mix = self.attn_hc.collapse(x_TnD)
-        x_TnD = self.attn_hc.residual(x_TnD, self.mixer(positions_T, self.input_layernorm(h_TD), ctx), mix)
-        h_TD, mix = self.ffn_hc.collapse(x_TnD)
-        y_TD = yield from ffn_stages(self.ffn, self.tp, self.post_attention_layernorm(h_TD), input_ids_T)
-        return self.ffn_hc.residual(x_TnD, y_TD, mix)
+    def norms(self):
+        return self.input_layernorm, self.post_attention_layernorm
 
     def hc_plan(self, p: str) -> WeightPlan:
         """The two hyper-connections' weights: hc_attn_* / hc_ffn_* (as transformers' save_pretrained writes them)."""
@@ -225,11 +249,6 @@ class HyperPreNormLayer(Layer):
         plan.update(self.ffn.weight_plan(p, layer_idx, cfg, spec, expert_ids, names))
         return plan
 
-    @staticmethod
-    def capture(aux: AuxCapture, n: int, state: Any) -> None:
-        """The streams flat, [T, n D]."""
-        aux.take(n, state.flatten(1), None)
 
-
-__all__ = ["EMBEDDING", "HEAD", "Head", "HyperPreNormLayer", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL",
+__all__ = ["EMBEDDING", "HEAD", "Head", "HyperConnectedLayer", "HyperPreNormLayer", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL",
            "prenorm"]

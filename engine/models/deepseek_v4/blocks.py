@@ -49,12 +49,12 @@ from ..blocks.attention import ATTENTION, AttentionKind
 from ..blocks.checkpoint import CHECKPOINT, CheckpointKind
 from ..blocks.context import BuildContext
 from ..blocks.ffn import FFN, FFNBlock, ffn_stages, overlapped
-from ..blocks.stream import EMBEDDING, HEAD, RESIDUAL, Head, Layer
-from ..layers import AuxCapture, ForwardContext, param
+from ..blocks.stream import EMBEDDING, HEAD, RESIDUAL, Head, HyperConnectedLayer, Layer
+from ..layers import ForwardContext, param
 from ..linear import Linear, LinearMethod
 from ..rope import rope_inv_freq
 from .attention import DSV4Attention, RopeTable
-from ..hyper_connections import HyperConnection, HyperHead
+from ..hyper_connections import HyperHead
 from .rollback import StateRollback
 from .weights import dsv4_linear_method, fp8_dequant_plan, published_linear_plan
 
@@ -219,29 +219,20 @@ class _WithIds:
 
 # -- residual: "hyper" -------------------------------------------------------------------------------------------
 @RESIDUAL.register("hyper")
-class HyperLayer(Layer):
-    """Hyper-connections around the attention and the FFN block: the stream is x_TnD, hc_mult streams."""
+class HyperLayer(HyperConnectedLayer):
+    """Hyper-connections around the attention and the FFN block (blocks/stream.HyperConnectedLayer's flow), behind
+    DeepSeek-V4's own norms (attn_norm, ffn_norm): the stream is x_TnD, hc_mult streams."""
 
     def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
                  ffn: Callable[[BuildContext, int], FFNBlock]):
         super().__init__(ctx)
-        cfg = ctx.cfg
-        hc, D, eps = cfg.hyper_connections, cfg.hidden_size, cfg.rms_norm_eps
-        if hc is None:
-            raise ValueError(f"architecture {cfg.architecture}: its ModelConfig has no hyper_connections.")
-        self.attn_hc = HyperConnection(hc, D, eps, ctx.device, ctx.kernels)
-        self.ffn_hc = HyperConnection(hc, D, eps, ctx.device, ctx.kernels)
+        self._hyper_connections(ctx)
+        D, eps = ctx.cfg.hidden_size, ctx.cfg.rms_norm_eps
         self.attn_norm, self.ffn_norm = Norm(D, eps, ctx.device), Norm(D, eps, ctx.device)
         self.install(ctx, i, attention, attn_cfg, ffn)
 
-    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
-               ctx: ForwardContext) -> Stages:
-        x_TnD = state
-        h_TD, mix = self.attn_hc.collapse(x_TnD)
-        x_TnD = self.attn_hc.residual(x_TnD, self.mixer(positions_T, self.attn_norm(h_TD), ctx), mix)
-        h_TD, mix = self.ffn_hc.collapse(x_TnD)
-        y_TD = yield from ffn_stages(self.ffn, self.tp, self.ffn_norm(h_TD), input_ids_T)
-        return self.ffn_hc.residual(x_TnD, y_TD, mix)
+    def norms(self):
+        return self.attn_norm, self.ffn_norm
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
                     names: frozenset[str]) -> WeightPlan:
@@ -253,11 +244,6 @@ class HyperLayer(Layer):
         plan.update(self.mixer.weight_plan(p + "attn."))
         plan.update(self.ffn.weight_plan(p, layer_idx, cfg, spec, expert_ids, names))
         return plan
-
-    @staticmethod
-    def capture(aux: AuxCapture, n: int, state: Any) -> None:
-        """The streams flat, [T, n D] (the MTP drafter conditions on them before the hyper-head: mtp.py)."""
-        aux.take(n, state.flatten(1), None)
 
 
 def mtp_layer(cfg: ModelConfig, spec: ArchSpec, i: int, ropes: dict, kernels, device, ep: ExpertParallel | None,
