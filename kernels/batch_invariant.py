@@ -237,6 +237,8 @@ def _in_place(run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 
 
 _EXP, _SIGMOID, _SILU = _elementwise(torch.exp), _elementwise(torch.sigmoid), _elementwise(F.silu)
+# The forms the backend's kernels call with the mode off (kernels/batch_invariant_kernels.py: the attention walk).
+tiled_sum, tiled_amax, chunked_exp = _SUM, _AMAX, _EXP
 _ELEMENTWISE: dict[Callable[..., Any], Callable[..., torch.Tensor]] = {
     torch.exp: _EXP, torch.Tensor.exp: _EXP, torch.Tensor.exp_: _in_place(_EXP),
     torch.sigmoid: _SIGMOID, torch.Tensor.sigmoid: _SIGMOID, F.sigmoid: _SIGMOID,
@@ -330,4 +332,5 @@ def mode() -> AbstractContextManager:
     return BatchInvariantMode()
 
 
-__all__ = ["BatchInvariantMode", "CHUNK_E", "TILE_M", "TILE_R", "TILE_X", "batch_tile", "fixed_bmm", "mode"]
+__all__ = ["BatchInvariantMode", "CHUNK_E", "TILE_M", "TILE_R", "TILE_X", "batch_tile", "chunked_exp", "fixed_bmm",
+           "mode", "tiled_amax", "tiled_sum"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionMetadata, dequantize_from_cache
-from .batch_invariant import _AMAX, _EXP, _SUM, fixed_bmm
+from .batch_invariant import chunked_exp, fixed_bmm, tiled_amax, tiled_sum
 from .gated_delta import gated_delta_rule_torch
 from .moe import fused_moe_torch
 
@@ -113,12 +113,12 @@ def _walk(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_
         v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, B, hv).contiguous()
         s_TNB = (fixed_bmm(q_XRH, k_XHB) * scale).view(T, N, B)
         s_TNB = s_TNB.masked_fill(~seen_TB[:, None, :], float("-inf"))
-        m_new_TN = torch.maximum(m_TN, _AMAX(s_TNB, -1))
+        m_new_TN = torch.maximum(m_TN, tiled_amax(s_TNB, -1))
         # A row that has seen no key yet (m' = -inf: a window not reached) subtracts 0, not -inf (no NaN).
         shift_TN = torch.where(torch.isinf(m_new_TN), torch.zeros_like(m_new_TN), m_new_TN)
-        p_TNB = _EXP(s_TNB - shift_TN[..., None])
-        alpha_TN = _EXP(m_TN - shift_TN)
-        l_TN = l_TN * alpha_TN + _SUM(p_TNB, -1)
+        p_TNB = chunked_exp(s_TNB - shift_TN[..., None])
+        alpha_TN = chunked_exp(m_TN - shift_TN)
+        l_TN = l_TN * alpha_TN + tiled_sum(p_TNB, -1)
         pv_TNV = fixed_bmm(p_TNB.view(T * num_kv, rep, B), v_XBV).view(T, N, hv)
         acc_TNV = acc_TNV * alpha_TN[..., None] + pv_TNV
         m_TN = m_new_TN
