@@ -13,7 +13,7 @@ from typing import Callable
 # AsyncEngine does, through its output thread, before the engine pauses with nothing left to abort).
 CONTROL_CALLS = ("update_weights_from_disk", "pause_generation", "continue_generation", "flush_cache",
                  "get_weight_version", "sleep", "wake_up", "init_weights_update_group",
-                 "update_weights_from_distributed", "destroy_weights_update_group")
+                 "update_weights_from_distributed", "destroy_weights_update_group", "is_sleeping")
 
 
 @dataclass(frozen=True)

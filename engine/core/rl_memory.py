@@ -84,6 +84,10 @@ class MemoryControl:
         return {"bytes": sum(i["bytes"] for i in infos), "seconds": max(i["seconds"] for i in infos),
                 "graphs_recaptured": any(i["graphs_recaptured"] for i in infos)}
 
+    def is_sleeping(self) -> bool:
+        """Whether any part is released (vLLM's is_sleeping): read-only, taken without enable_weight_updates."""
+        return bool(self._released)
+
     def release_memory_occupation(self, tags=None) -> dict:
         """SGLang's name: sleep(level=1) (the weights kept in host memory, the KV cache freed)."""
         if tags is not None:

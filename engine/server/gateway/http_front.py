@@ -48,6 +48,7 @@ from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key, tokenizer_ready
+from .rl_routes import PATHS as RL_PATHS
 from .tool_calls import asks_one_call, forget, note_one_call
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,13 @@ NOT_READY_POLL_S = 0.2
 PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations",
                  "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
                  "/v1beta/interactions", "/health", "/health_generate", "/liveness", "/readiness", "/tokenize",
-                 "/detokenize", "/version", "/ping")
+                 "/detokenize", "/version", "/ping") + RL_PATHS
 PROBES = ("/health", "/health_generate", "/readiness", "/ping")
 VERSION_PATH = "/version"
 PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
-ENGINE_ROUTES = ("/tokenize", "/detokenize")  # answered only where the engine is beside the front
+# Answered only where the engine is beside the front: vLLM's tokenizer routes, and the RL control routes
+# (rl_routes.py: never relayed, smg's own /flush_cache is its control plane's).
+ENGINE_ROUTES = ("/tokenize", "/detokenize") + RL_PATHS
 _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
             b"transfer-encoding", RELAY_HEADER.encode()}
 METRICS_PATH = b"/metrics"
@@ -98,8 +101,9 @@ class HttpFront:
         """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
         `on_hangup(relay_id)`: the client of the request relayed under `relay_id` left before its answer ended.
         `metrics()`: the Prometheus text `GET /metrics` answers (http_metrics.py), or None: 404 as any route.
-        `local`: what answers vLLM's routes from the engine (vllm_routes.VllmRoutes: `await local.answer(method,
-        path, body)` -> (status, body) or None to relay), or None (a front before a gateway started by hand)."""
+        `local`: what answers vLLM's routes and the RL control routes from the engine (vllm_routes.VllmRoutes and
+        rl_routes.RlRoutes, chained: `await local.answer(method, path, body, query)` -> (status, body) or None to
+        relay), or None (a front before a gateway started by hand)."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
         self.not_serving = not_serving
@@ -139,7 +143,8 @@ class HttpFront:
                     await _answer(conn, writer, 404, _error(
                         f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None))
                     return
-                if needs_key(path) and not self._authorized(request):
+                # The RL control routes take the key too, though not under /v1 (vLLM's rule for the others).
+                if (needs_key(path) or path in RL_PATHS) and not self._authorized(request):
                     await _answer(conn, writer, 401, _error(UNAUTHORIZED, None), extra=_ASK_BEARER)
                     return
                 reason = self.not_serving() if self.not_serving is not None and path in PROBES else None
@@ -201,10 +206,17 @@ class HttpFront:
                 await _answer(conn, writer, 200, json.dumps({"version": moelink_version()}).encode())
             return True
         if self.local is not None:
-            got = await self.local.answer(request.method, path, body)
+            query = request.target.split(b"?", 1)[1].decode("latin-1") if b"?" in request.target else ""
+            got = await self.local.answer(request.method, path, body, query)
             if got is None:
                 return False
             await _answer(conn, writer, *got)
+            return True
+        if path in RL_PATHS:
+            await _answer(conn, writer, 404, _error(
+                f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
+                "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC Control "
+                "service.", None))
             return True
         if path in ENGINE_ROUTES:
             await _answer(conn, writer, 404, _error(

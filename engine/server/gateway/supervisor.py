@@ -471,9 +471,10 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     gateway = None
     local = None
     if serving is not None:
+        from .rl_routes import ChainedRoutes, RlRoutes
         from .vllm_routes import VllmRoutes
 
-        local = VllmRoutes(serving, chat_template_of(options))
+        local = ChainedRoutes(VllmRoutes(serving, chat_template_of(options)), RlRoutes(serving.engine))
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,

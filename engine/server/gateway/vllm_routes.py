@@ -68,8 +68,9 @@ class VllmRoutes:
     def max_model_len(self) -> int:
         return self.s.info.max_model_len
 
-    async def answer(self, method: bytes, path: str, body: bytes) -> Optional[tuple[int, bytes]]:
-        """(HTTP status, JSON body) of a request this answers, or None: the front relays it to smg."""
+    async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
+        """(HTTP status, JSON body) of a request this answers, or None: the front relays it to smg. (`query`: the
+        request's query string, which these routes do not read.)"""
         if path == MODELS_PATH and method == b"GET":
             return 200, json.dumps(self.models()).encode()
         if path not in ROUTES:

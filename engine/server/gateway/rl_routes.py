@@ -1,0 +1,229 @@
+"""The RL control calls on the HTTP port, by SGLang's route names (and vLLM's where it has one), answered from the
+engine beside the front (docs/rl.md#over-http).
+
+verl, slime and the other rollout drivers call a generator's HTTP port: `POST /update_weights_from_disk`,
+`/init_weights_update_group`, `/update_weights_from_distributed`, `/destroy_weights_update_group`,
+`/pause_generation`, `/continue_generation`, `/flush_cache`, `/release_memory_occupation`,
+`/resume_memory_occupation`, `GET /get_weight_version` (SGLang's), and vLLM's `POST /sleep`, `/wake_up`,
+`/reset_prefix_cache`, `GET /is_sleeping`. Each runs the same call as the gRPC Control service (control.py) and the
+Python API: `AsyncEngine.control`, on the engine thread between two steps.
+
+Who may call: like every route of the port but the probes, the API key where one is set (the front checks it);
+beyond that, the engine refuses each call that changes weights or holds requests unless the server was started with
+`--enable-weight-updates` (403 naming the flag). A body is a JSON object of the call's fields as SGLang names
+them; a field the call does not take is refused (400 naming it), never ignored. vLLM's `/sleep?level=N` and
+`/wake_up?tags=...` take their query string too. Answers: SGLang's `{"success", "message"}` (with the call's
+numbers beside them), 400 with `success: false` for a refused call, 503 when the engine has stopped.
+`update_weights_from_tensor` has no HTTP route: a trainer in the same process or Ray job calls the Python API.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs
+
+from ...contract.safe_text import shown
+
+
+@dataclass(frozen=True)
+class Route:
+    """One control route: its HTTP method, the engine call, the body fields it takes (SGLang's names) and how they
+    become the call's arguments."""
+
+    method: bytes
+    call: str
+    fields: tuple[str, ...]
+    args: Callable[[dict], tuple]
+    answer: Callable[[Any], dict]
+
+
+def _ok(message: str) -> Callable[[Any], dict]:
+    def answer(result: Any) -> dict:
+        extra = result if isinstance(result, dict) else {}
+        return {"success": True, "message": extra.get("message", message), **extra}
+    return answer
+
+
+def _str(data: dict, name: str, required: bool = False) -> Optional[str]:
+    v = data.get(name)
+    if v is None:
+        if required:
+            raise _Refused(f"{name} is required (a string).", name)
+        return None
+    if not isinstance(v, str):
+        raise _Refused(f"{name}={shown(repr(v))} is invalid: must be a string.", name)
+    return v
+
+
+def _int(data: dict, name: str, default: Optional[int] = None) -> int:
+    v = data.get(name, default)
+    if v is None or isinstance(v, bool) or not isinstance(v, int):
+        raise _Refused(f"{name}={shown(repr(v))} is invalid: must be an integer.", name)
+    return v
+
+
+def _bool(data: dict, name: str, default: bool) -> bool:
+    v = data.get(name, default)
+    if not isinstance(v, bool):
+        raise _Refused(f"{name}={shown(repr(v))} is invalid: must be true or false.", name)
+    return v
+
+
+def _list(data: dict, name: str) -> list:
+    v = data.get(name)
+    if not isinstance(v, list):
+        raise _Refused(f"{name} is required: a list.", name)
+    return v
+
+
+def _tags(v: Any) -> Optional[list[str]]:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+        raise _Refused(f"tags={shown(repr(v))} is invalid: a list of strings (\"weights\", \"kv_cache\").", "tags")
+    return v
+
+
+_GROUP = "weight_update_group"  # SGLang's default group name
+
+ROUTES: dict[str, Route] = {
+    "/update_weights_from_disk": Route(
+        b"POST", "update_weights_from_disk", ("model_path", "load_format", "weight_version", "flush_cache"),
+        lambda d: (_str(d, "model_path", True), _str(d, "load_format"), _str(d, "weight_version"),
+                   _bool(d, "flush_cache", True)),
+        _ok("weights updated from disk")),
+    "/init_weights_update_group": Route(
+        b"POST", "init_weights_update_group",
+        ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"),
+        lambda d: (_str(d, "master_address", True), _int(d, "master_port"), _int(d, "rank_offset"),
+                   _int(d, "world_size"), _str(d, "group_name") or _GROUP, _str(d, "backend") or "gloo"),
+        _ok("joined")),
+    "/update_weights_from_distributed": Route(
+        b"POST", "update_weights_from_distributed",
+        ("names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version"),
+        lambda d: (_list(d, "names"), _list(d, "dtypes"), _list(d, "shapes"), _str(d, "group_name") or _GROUP,
+                   _bool(d, "flush_cache", True), _str(d, "weight_version")),
+        _ok("weights updated from the group")),
+    "/destroy_weights_update_group": Route(
+        b"POST", "destroy_weights_update_group", ("group_name",),
+        lambda d: (_str(d, "group_name") or _GROUP,), _ok("destroyed")),
+    "/pause_generation": Route(
+        b"POST", "pause_generation", ("mode",), lambda d: (_str(d, "mode") or "abort",), _ok("paused")),
+    "/continue_generation": Route(b"POST", "continue_generation", (), lambda d: (), _ok("continued")),
+    "/flush_cache": Route(b"POST", "flush_cache", (), lambda d: (),
+                          lambda n: {"success": True, "message": "prefix cache flushed", "num_blocks_freed": n}),
+    "/reset_prefix_cache": Route(b"POST", "flush_cache", (), lambda d: (),
+                                 lambda n: {"success": True, "message": "prefix cache reset", "num_blocks_freed": n}),
+    "/release_memory_occupation": Route(b"POST", "sleep", ("tags",), lambda d: _release(d.get("tags")),
+                                        _ok("memory released")),
+    "/resume_memory_occupation": Route(b"POST", "wake_up", ("tags",), lambda d: (_tags(d.get("tags")),),
+                                       _ok("memory resumed")),
+    "/sleep": Route(b"POST", "sleep", ("level",), lambda d: (_int(d, "level", 1),), _ok("asleep")),
+    "/wake_up": Route(b"POST", "wake_up", ("tags",), lambda d: (_tags(d.get("tags")),), _ok("awake")),
+    "/get_weight_version": Route(b"GET", "get_weight_version", (), lambda d: (),
+                                 lambda v: {"weight_version": v}),
+    "/is_sleeping": Route(b"GET", "is_sleeping", (), lambda d: (), lambda v: {"is_sleeping": v}),
+}
+PATHS = tuple(ROUTES)
+
+
+def _release(tags: Any) -> tuple:
+    if tags is not None:
+        raise _Refused(f"tags={shown(repr(tags))} is invalid: release_memory_occupation releases the weights and the "
+                       "KV cache together (no tags); resume them one at a time with resume_memory_occupation.", "tags")
+    return (1,)
+
+
+class _Refused(ValueError):
+    def __init__(self, message: str, field: Optional[str]):
+        super().__init__(message)
+        self.field = field
+
+
+def _body(route: Route, path: str, body: bytes, query: str) -> dict:
+    """The call's fields: the JSON object body, and for vLLM's /sleep and /wake_up the query string's."""
+    data: dict = {}
+    if body.strip():
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise _Refused(f"{path}: the body is not JSON (a JSON object of {', '.join(route.fields) or 'no'} "
+                           "fields).", None) from None
+        if not isinstance(data, dict):
+            raise _Refused(f"{path}: the body must be a JSON object.", None)
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        if name not in route.fields:
+            raise _Refused(f"{path}: query parameter {shown(name)!r} is not taken (fields: "
+                           f"{', '.join(route.fields) or 'none'}).", name)
+        if name in data:
+            raise _Refused(f"{path}: {name} is given twice (body and query string).", name)
+        if name == "level":
+            try:
+                data[name] = int(values[-1])
+            except ValueError:
+                raise _Refused(f"level={shown(values[-1])!r} is invalid: must be an integer.", "level") from None
+        elif name == "tags":
+            data[name] = values
+        else:
+            data[name] = values[-1]
+    unknown = sorted(set(data) - set(route.fields))
+    if unknown:
+        raise _Refused(f"{path}: field {shown(unknown[0])!r} is not taken (fields: "
+                       f"{', '.join(route.fields) or 'none'}).", unknown[0])
+    return data
+
+
+def _error(message: str, field: Optional[str], status: int) -> tuple[int, bytes]:
+    return status, json.dumps({"success": False, "message": message,
+                               "error": {"message": message, "type": "BadRequestError" if status == 400 else
+                                         "ForbiddenError" if status == 403 else "ServiceUnavailableError",
+                                         "param": field, "code": status}}).encode()
+
+
+class RlRoutes:
+    """Answers the control routes from an AsyncEngine (`engine.control(call, *args)`) on the server's loop."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
+        """(HTTP status, JSON body) of a control route, or None for any other path."""
+        from ...api.async_engine import EngineDeadError
+        from ...core.rl_control import ControlDisabled
+
+        route = ROUTES.get(path)
+        if route is None:
+            return None
+        if method != route.method:
+            return _error(f"{path} takes {route.method.decode()}, not {method.decode('latin-1')}.", None, 405)
+        try:
+            args = route.args(_body(route, path, body, query))
+        except _Refused as e:
+            return _error(str(e), e.field, 400)
+        try:
+            result = await self.engine.control(route.call, *args)
+        except ControlDisabled as e:
+            return _error(str(e), None, 403)
+        except EngineDeadError as e:
+            return _error(str(e), None, 503)
+        except (ValueError, RuntimeError, TypeError) as e:  # the engine's refusal, naming why
+            return _error(str(e), None, 400)
+        return 200, json.dumps(route.answer(result)).encode()
+
+
+class ChainedRoutes:
+    """Several local answerers in turn (vllm_routes.VllmRoutes, RlRoutes): the first that answers a path does."""
+
+    def __init__(self, *answerers):
+        self.answerers = answerers
+
+    async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
+        for a in self.answerers:
+            got = await a.answer(method, path, body, query)
+            if got is not None:
+                return got
+        return None
+
+
+__all__ = ["ChainedRoutes", "PATHS", "ROUTES", "RlRoutes"]

@@ -1,0 +1,105 @@
+"""The RL control calls on the HTTP port (engine/server/gateway/rl_routes.py; docs/rl.md#over-http): SGLang's routes
+and vLLM's, through the front, answered from the engine beside it. The key is asked for them though they are not
+under /v1; a call the engine does not take without --enable-weight-updates is 403 naming it; fields are checked
+(an unknown one refused, naming it), vLLM's query-string form taken; a front with no engine beside it never relays
+them to smg, whose /flush_cache is its control plane's."""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+
+import pytest
+
+from moelink.engine.server.gateway.http_front import HttpFront
+from moelink.engine.server.gateway.rl_routes import ChainedRoutes, RlRoutes
+
+from tests.helpers.net import free_port
+
+KEY = "rl-http-key"
+
+
+def _call(port: int, method: str, path: str, body=None, key: str | None = KEY) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow  # an engine and a weight update from disk: about 3 s
+def test_control_routes_over_http(thread_server, model_path):
+    srv = thread_server(engine_kw={"enable_weight_updates": True})
+    front = HttpFront("127.0.0.1", free_port(), free_port(), KEY, local=ChainedRoutes(RlRoutes(srv.engine)))
+    srv.call(front.start())
+    port = front.port
+    try:
+        status, body = _call(port, "POST", "/update_weights_from_disk", {"model_path": model_path}, key=None)
+        assert status == 401  # not under /v1, still the key's
+        assert _call(port, "GET", "/get_weight_version") == (200, {"weight_version": None})
+        status, body = _call(port, "POST", "/update_weights_from_disk",
+                             {"model_path": model_path, "weight_version": "v2"})
+        assert status == 200 and body["success"] is True and body["weight_version"] == "v2" and body["bytes_read"] > 0
+        assert _call(port, "GET", "/get_weight_version") == (200, {"weight_version": "v2"})
+        status, body = _call(port, "POST", "/update_weights_from_disk", {"model_path": model_path, "abort": True})
+        assert status == 400 and body["error"]["param"] == "abort" and body["success"] is False
+        status, body = _call(port, "POST", "/update_weights_from_disk", {"model_path": "/nowhere"})
+        assert status == 400 and "model_path='/nowhere'" in body["message"]
+        status, body = _call(port, "POST", "/update_weights_from_disk", {})
+        assert status == 400 and body["error"]["param"] == "model_path"
+        assert _call(port, "GET", "/pause_generation")[0] == 405
+        status, body = _call(port, "POST", "/pause_generation", {"mode": "abort"})
+        assert status == 200 and body["mode"] == "abort"
+        assert _call(port, "POST", "/pause_generation", {"mode": "later"})[0] == 400
+        assert _call(port, "POST", "/continue_generation")[1]["success"] is True
+        status, body = _call(port, "POST", "/flush_cache")
+        assert status == 200 and body["num_blocks_freed"] >= 0
+        assert _call(port, "POST", "/reset_prefix_cache")[0] == 200
+        status, body = _call(port, "POST", "/sleep?level=1")  # vLLM's form
+        assert status == 200 and body["level"] == 1 and body["bytes_freed"] > 0
+        assert _call(port, "GET", "/is_sleeping") == (200, {"is_sleeping": True})
+        assert _call(port, "POST", "/sleep?level=1")[0] == 400  # asleep already, said
+        assert _call(port, "POST", "/wake_up?tags=weights&tags=kv_cache")[1]["success"] is True
+        assert _call(port, "GET", "/is_sleeping") == (200, {"is_sleeping": False})
+        status, body = _call(port, "POST", "/sleep?level=x")
+        assert status == 400 and body["error"]["param"] == "level"
+        status, body = _call(port, "POST", "/release_memory_occupation", {"tags": ["weights"]})
+        assert status == 400 and body["error"]["param"] == "tags"
+        assert _call(port, "POST", "/release_memory_occupation", {})[0] == 200
+        assert _call(port, "POST", "/resume_memory_occupation", {"tags": ["weights", "kv_cache"]})[0] == 200
+        status, body = _call(port, "POST", "/destroy_weights_update_group", {"group_name": "none"})
+        assert status == 400 and "'none'" in body["message"]
+    finally:
+        srv.call(front.stop())
+
+
+class _Disabled:
+    async def control(self, call, *args):
+        from moelink.engine.core.rl_control import ControlDisabled
+
+        raise ControlDisabled(f"{call} is refused: start the engine with enable_weight_updates=True "
+                              "(--enable-weight-updates) to take RL control calls.")
+
+
+def test_without_the_flag_a_call_is_403_naming_it():
+    routes = RlRoutes(_Disabled())
+    status, body = asyncio.run(routes.answer(b"POST", "/pause_generation", b'{"mode": "wait"}'))
+    assert status == 403 and "--enable-weight-updates" in json.loads(body)["message"]
+    assert asyncio.run(routes.answer(b"POST", "/v1/completions", b"{}")) is None  # not a control route
+
+
+def test_a_front_with_no_engine_beside_it_never_relays_them():
+    async def run():
+        front = HttpFront("127.0.0.1", free_port(), free_port())  # `moelink http-front`: nothing answers locally
+        await front.start()
+        try:
+            return await asyncio.to_thread(_call, front.port, "POST", "/flush_cache", None, None)
+        finally:
+            await front.stop()
+    status, body = asyncio.run(run())
+    assert status == 404 and "gRPC Control" in body["error"]["message"]
