@@ -29,6 +29,9 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
                     expert_parallel_size: int) -> str:
     # expert_parallel_size: any. The all-to-alls move rows whole, each rank's experts run per expert on fixed tiles,
     # and a token's rows come back one per serving rank, summed in rank order (tests/ep/test_ep_batch_invariant.py).
+    # tensor_parallel_size: any. The TP group's sums gather the partials and add them in rank order
+    # (engine/tp/group.py: torch's all-reduce adds in an order the tensor's size sets); the worker asks for that when
+    # the backend is this one.
     """The kernel backend name the ranks build: `kernels` unchanged when the mode is off; `batch_invariant` when it
     is on and the model and layout are ones it covers, else one ValueError naming what is not."""
     if not isinstance(batch_invariant, bool):
@@ -47,12 +50,6 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
                          f"{', '.join(sorted(ATTENTION_KINDS))}).")
     # Quantized weights: any format. FP8's per-token activation scales reduce each row alone (on the mode's tiles),
     # and the INT4 / MXFP4 / NVFP4 references dequantize into the experts' per-expert path.
-    if tensor_parallel_size > 1:
-        # An all-reduce sums each element in an order its algorithm sets by the tensor's size (a ring splits the
-        # buffer into per-rank chunks), so by the batch: TP needs a batch-invariant all-reduce first.
-        raise ValueError(f"batch_invariant=True is not supported with tensor_parallel_size={tensor_parallel_size}: "
-                         "the all-reduce's summation order follows the batch's size; serve with expert parallelism "
-                         "(--data-parallel-size N --enable-expert-parallel) or on one rank.")
     return BACKEND
 
 

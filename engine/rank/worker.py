@@ -94,7 +94,9 @@ class Worker(RLWorker):
             from moelink.engine.tp.group import make_tp_group
 
             # Every rank makes every TP group (torch's new_group is collective), in the same order; keeps its own.
-            self.tp = make_tp_group(self.rank, self.world_size, self.config.tensor_parallel_size)
+            # Batch-invariant mode sums each element's partials in rank order (engine/tp/group.py).
+            self.tp = make_tp_group(self.rank, self.world_size, self.config.tensor_parallel_size,
+                                    ordered_sums=self.config.kernels == "batch_invariant")
 
     def load(self) -> None:
         self._bind_device()

@@ -6,6 +6,13 @@ One `TensorParallel` per rank, passed into the model (never a global): `rank` / 
 the world ranks of the group (consecutive: a TP group sits inside one node), `group` the torch process group
 (gloo on CPU, NCCL on GPU, as the world's; None at size 1, where every collective is the identity). Groups are
 made by `make_tp_group`, which every rank of the world calls together (torch's new_group is collective).
+
+Sums over the group: torch's all-reduce adds each element's partials in an order its algorithm sets by the tensor's
+size (a ring cuts the buffer into per-rank chunks, and which chunk an element falls in decides where its sum starts),
+so a token's sum would follow the batch. Batch-invariant mode (kernels/batch_invariant.py) asks for `ordered_sums`:
+every rank gathers the partials and adds them in rank order, ((p0 + p1) + p2) + ..., the same bits for an element
+whatever else travels with it, on every rank. The bytes moved are the all-gather's (size - 1 partials a rank, against
+the ring's 2 (size - 1) / size): at TP 2 the same, beyond it more.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ class TensorParallel:
     """This rank's place in its TP group and the group's collectives (identity at size 1)."""
 
     def __init__(self, rank: int = 0, size: int = 1, group: dist.ProcessGroup | None = None,
-                 ranks: tuple[int, ...] = (0,)):
+                 ranks: tuple[int, ...] = (0,), ordered_sums: bool = False):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"TensorParallel size={size!r} is invalid: must be a positive integer.")
         if not 0 <= rank < size:
@@ -25,6 +32,7 @@ class TensorParallel:
         if size > 1 and (group is None or len(ranks) != size):
             raise ValueError(f"TensorParallel of size {size} needs its process group and its {size} world ranks.")
         self.rank, self.size, self.group, self.ranks = rank, size, group, tuple(ranks)
+        self.ordered_sums = ordered_sums  # sums in rank order (module docstring): batch-invariant mode
         # Bytes this rank sent into all-reduces / all-gathers since start (the TP benchmark reads them).
         self.all_reduce_bytes = 0
         self.all_gather_bytes = 0
@@ -36,10 +44,18 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place (a row-parallel linear's partial outputs); returns it."""
-        if self.size > 1:
-            self.all_reduce_bytes += x.numel() * x.element_size()
+        if self.size == 1:
+            return x
+        self.all_reduce_bytes += x.numel() * x.element_size()
+        if not self.ordered_sums:
             dist.all_reduce(x, group=self.group)
-        return x
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part  # rank order, element by element: the same on every rank and in any batch
+        return x.copy_(total)
 
     def all_gather_last(self, x_RVs: torch.Tensor) -> torch.Tensor:
         """[R, Vs] per rank -> [R, size * Vs], the ranks' shards side by side in rank order (the LM head's logits)."""
@@ -97,16 +113,17 @@ def tp_group_ranks(world_size: int, size: int) -> list[tuple[int, ...]]:
     return [tuple(range(g, g + size)) for g in range(0, world_size, size)]
 
 
-def make_tp_group(rank: int, world_size: int, size: int) -> TensorParallel:
+def make_tp_group(rank: int, world_size: int, size: int, ordered_sums: bool = False) -> TensorParallel:
     """This world rank's TP group; every rank calls it together, in the same order (new_group is collective over
-    the world: each rank creates every group, keeps its own)."""
+    the world: each rank creates every group, keeps its own). `ordered_sums`: batch-invariant sums (module
+    docstring)."""
     if size == 1:
         return TensorParallel()
     mine = None
     for ranks in tp_group_ranks(world_size, size):
         group = dist.new_group(ranks=list(ranks))
         if rank in ranks:
-            mine = TensorParallel(ranks.index(rank), size, group, ranks)
+            mine = TensorParallel(ranks.index(rank), size, group, ranks, ordered_sums)
     return mine
 
 

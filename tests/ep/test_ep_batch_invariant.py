@@ -1,8 +1,12 @@
-"""Batch-invariant mode under expert parallelism (issue 58 item 4, docs/rl.md): at EP 2 (CPU ranks on Ray, gloo) a
+"""Batch-invariant mode under expert and tensor parallelism (issue 58 item 4, docs/rl.md): at EP 2 (CPU ranks on Ray,
+gloo) a
 target request's tokens and logprobs are bitwise the same alone and in batches of 8 and 16 spread over both ranks'
 schedulers, with its tokens' experts served on the other rank beside other requests' tokens; and a decode step's
 logprob equals the re-prefill's prompt logprob. Each rank's experts run per expert on fixed tiles, and a token's
-outputs come back one row per serving rank, summed in rank order (comm/a2a_base.py): nothing reduces across tokens."""
+outputs come back one row per serving rank, summed in rank order (comm/a2a_base.py): nothing reduces across tokens.
+At TP 2 the same, the row-parallel layers' partial sums gathered and added in rank order (engine/tp/group.py; two
+partials add the same either way, so what the order changes at 3 ranks and more is tests/comm/test_tp_ordered_sums.py:
+there gloo's all-reduce gives a position's partials other bits as the buffer changes)."""
 from __future__ import annotations
 
 import pytest
@@ -21,13 +25,14 @@ def _record(out):
     return list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
 
 
-@pytest.mark.parametrize("model", ["qwen3_e6k3", "dsv3_lora"])
-def test_ep2_gives_a_request_the_same_bits_in_any_batch(local_ray, tiny_model, hf_tiny_model, model):
+@pytest.mark.parametrize("model,layout", [("qwen3_e6k3", "ep"), ("dsv3_lora", "ep"), ("qwen3_e6k3", "tp")])
+def test_ep2_gives_a_request_the_same_bits_in_any_batch(local_ray, tiny_model, hf_tiny_model, model, layout):
     path = tiny_model(model) if model == "qwen3_e6k3" else hf_tiny_model(model)
     ps = prompts(128, seed=61, n=16, lo=3, hi=60)
     target, others = ps[1], ps[2:] + ps[:1]
     params = SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True, logprobs=0)
-    llm = LLM(path, dtype="float32", expert_parallel_size=2, max_num_seqs=16, max_num_batched_tokens=64,
+    size = {"expert_parallel_size": 2} if layout == "ep" else {"tensor_parallel_size": 2}
+    llm = LLM(path, dtype="float32", **size, max_num_seqs=16, max_num_batched_tokens=64,
               num_kv_blocks=256, block_size=8, batch_invariant=True, enable_prefix_caching=False)
     try:
         records = [_record(llm.generate([target], params, use_tqdm=False)[0])]

@@ -9,6 +9,7 @@ MODE "layer": the same group, but each scenario runs `MoELayer.forward` with
 ExpertParallel (router → dispatch → experts → combine) on this rank's tokens;
 saves the output and the layer's expert-load counts.
 MODE "async": each scenario blocking, then async with two dispatches in flight (run_async).
+MODE "tp_sums": the TP group's sums, torch's all-reduce beside ordered_sums (run_tp_sums).
 MODE "die": rank 1 exits right after joining; rank 0 dispatches and records
 the error it gets (and how long it took). MODE "stall": the same, but rank 1
 stays alive without joining (timeout_s=2).
@@ -144,6 +145,25 @@ def run_layer(scenarios, rank, world_size, group):
     return results
 
 
+def run_tp_sums(scenarios, rank, world_size, group):
+    """The TP group's sums (engine/tp/group.py) of one partial per rank placed at several positions of buffers of
+    several sizes, torch's all-reduce and the ordered form: {"plain": set of bit patterns seen at the partial's
+    position, "ordered": the same for ordered_sums}. Partials whose sum depends on the order: 1, 1e-8, -1."""
+    from moelink.engine.tp.group import TensorParallel
+
+    ranks = tuple(range(world_size))
+    value = (1.0, 1e-8, -1.0)[rank % 3]
+    seen: dict[str, set[str]] = {"plain": set(), "ordered": set()}
+    for name, ordered in (("plain", False), ("ordered", True)):
+        tp = TensorParallel(rank, world_size, group, ranks, ordered_sums=ordered)
+        for n in (3, 30, 3000, 30000):
+            for pos in (0, n // 3, n // 2, n - 1):
+                x_N = torch.zeros(n)
+                x_N[pos] = value
+                seen[name].add(float.hex(tp.all_reduce(x_N)[pos].item()))
+    return seen
+
+
 def main() -> None:
     scenario_file, rank, world_size, port, out_dir, mode = sys.argv[1:7]
     rank, world_size, port = int(rank), int(world_size), int(port)
@@ -180,7 +200,7 @@ def main() -> None:
                     result = dict(error=f"{type(e).__name__}: {e}")
                 result["elapsed_s"] = time.monotonic() - t0
             else:
-                runner = {"layer": run_layer, "async": run_async}.get(mode, run)
+                runner = {"layer": run_layer, "async": run_async, "tp_sums": run_tp_sums}.get(mode, run)
                 result = runner(torch.load(scenario_file, weights_only=False), rank, world_size, group)
                 destroy()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
