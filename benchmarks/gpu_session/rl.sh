@@ -10,7 +10,8 @@
 # Compiles: the normal arm's tiny-model Triton kernels: the MoE up / down at the decode and prefill buckets (4 GEMM),
 #   attention decode split / no split and prefill in the model dtype (4 GEMM-class), KV write, norms, rotary, router
 #   top-k, SiLU-mul, align, sum, merge (~20 other); counted 8 + 24 for margin. The invariant arm compiles nothing.
-#   run 150 s (estimate, not yet run on a GPU): two engine starts (~20 s each with the normal arm's warm-up and
+#   run 150 s (measured on an H100, 2026-11-26: 47 s, then 60 s with the op probe and the batch tiles, cold
+#   Triton cache included; kept for margin): two engine starts (~20 s each with the normal arm's warm-up and
 #   graphs), 4 rounds each of a 32-request batch; the invariant arm's plain-torch steps are the slow part.
 RL_GEMM=8
 RL_OTHER=24
