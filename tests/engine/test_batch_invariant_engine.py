@@ -1,6 +1,6 @@
 """Batch-invariant mode end to end (issue 58 item 4; engine/config/batch_invariant.py, kernels/batch_invariant.py):
 a target request's tokens and logprobs are bitwise the same alone and in batches of 1-64 mixed requests, across
-chunked-prefill boundaries, a prefix-cache hit and preemption; the logprob a decode step reports for a token equals,
+chunked-prefill boundaries, a prefix-cache hit, an offload-tier hit and preemption; the logprob a decode step reports for a token equals,
 bitwise, that token's prompt logprob when the whole sequence is prefilled again (what a trainer recomputes). The same
 runs without the mode differ (so the checks can fail). float32, where the reduction order shows (float64 hides it
 to ~1e-14 only); GQA (Qwen3-MoE) and MLA (DeepSeek-V3)."""
@@ -173,5 +173,31 @@ def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_m
     llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32)
     try:
         assert llm.engine.config.kernels == "batch_invariant"
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.slow  # one engine, a handful of short requests: about 2 s
+def test_a_prefix_loaded_back_from_the_offload_tier_gives_the_same_bits(tiny_model):
+    """The offload tier's hit (docs/kv-offload.md): the target's blocks, evicted from the device to host memory and
+    loaded back, give it the tokens and logprobs it got computing them, alone and beside another request."""
+    from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+
+    target, *others = prompts(200, seed=33, n=4, lo=40, hi=41)  # 40 tokens: 10 blocks of 4
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=20, block_size=4, max_num_batched_tokens=64,
+              max_model_len=64, batch_invariant=True, kv_connector=conn)
+    try:
+        computed = llm.generate([target], _params(), use_tqdm=False)[0]
+        assert computed.num_cached_tokens == 0
+        for p in others:  # each fills the device pool: the target's blocks go to the host tier
+            llm.generate([p], _params(), use_tqdm=False)
+        loaded = llm.generate([target], _params(), use_tqdm=False)[0]
+        assert loaded.num_cached_tokens == 39 and conn.offload_tier_stats()["host"].hits > 0
+        for p in others[:2]:
+            llm.generate([p], _params(), use_tqdm=False)
+        beside = llm.generate([others[2][:9], target], _params(), use_tqdm=False)[1]
+        assert beside.num_cached_tokens > 0
+        assert _record(loaded) == _record(computed) == _record(beside)
     finally:
         llm.shutdown()
