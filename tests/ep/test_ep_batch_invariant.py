@@ -4,7 +4,7 @@ target request's tokens and logprobs are bitwise the same alone and in batches o
 schedulers, with its tokens' experts served on the other rank beside other requests' tokens; and a decode step's
 logprob equals the re-prefill's prompt logprob. Each rank's experts run per expert on fixed tiles, and a token's
 outputs come back one row per serving rank, summed in rank order (comm/a2a_base.py): nothing reduces across tokens.
-At TP 2 the same, the row-parallel layers' partial sums gathered and added in rank order (engine/tp/group.py; two
+With two-batch overlap too (each step two micro-batches). At TP 2 the same, the row-parallel layers' partial sums gathered and added in rank order (engine/tp/group.py; two
 partials add the same either way, so what the order changes at 3 ranks and more is tests/comm/test_tp_ordered_sums.py:
 there gloo's all-reduce gives a position's partials other bits as the buffer changes)."""
 from __future__ import annotations
@@ -25,13 +25,16 @@ def _record(out):
     return list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
 
 
-@pytest.mark.parametrize("model,layout", [("qwen3_e6k3", "ep"), ("dsv3_lora", "ep"), ("qwen3_e6k3", "tp")])
+@pytest.mark.parametrize("model,layout", [("qwen3_e6k3", "ep"), ("dsv3_lora", "ep"), ("qwen3_e6k3", "tp"),
+                                          ("qwen3_e6k3", "ep_tbo")])
 def test_ep2_gives_a_request_the_same_bits_in_any_batch(local_ray, tiny_model, hf_tiny_model, model, layout):
     path = tiny_model(model) if model == "qwen3_e6k3" else hf_tiny_model(model)
     ps = prompts(128, seed=61, n=16, lo=3, hi=60)
     target, others = ps[1], ps[2:] + ps[:1]
     params = SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True, logprobs=0)
-    size = {"expert_parallel_size": 2} if layout == "ep" else {"tensor_parallel_size": 2}
+    # ep_tbo: two-batch overlap, every step as two micro-batches whose dispatches overlap the other's experts.
+    size = {"ep": {"expert_parallel_size": 2}, "tp": {"tensor_parallel_size": 2},
+            "ep_tbo": {"expert_parallel_size": 2, "enable_two_batch_overlap": True}}[layout]
     llm = LLM(path, dtype="float32", **size, max_num_seqs=16, max_num_batched_tokens=64,
               num_kv_blocks=256, block_size=8, batch_invariant=True, enable_prefix_caching=False)
     try:
