@@ -79,13 +79,14 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
             slots_TB = torch.where(readable_TB, tables_TM[:, j:j + 1] * block_size + offs_B[None, :],
                                    meta.null_block * block_size)
             yield slots_TB, (kpos_TB <= pos_T[:, None]) & (kpos_TB >= lo_T[:, None])
-    return _walk(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks(), scale, sinks_N, k_scale, v_scale, acc_floor)
+    return walk_blocks(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks(), scale, sinks_N, k_scale, v_scale, acc_floor)
 
 
-def _walk(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_scale,
+def walk_blocks(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_scale,
           acc_floor: torch.dtype | None) -> torch.Tensor:
     """The online softmax over `blocks`: (slots_TB, seen_TB) per step, B key slots per row and which of them the
-    row sees (the others count -inf: an exact no-op)."""
+    row sees (the others count -inf: an exact no-op). Shared by every attention of the backend (GQA, MLA, DSA here;
+    compressed attention in kernels/batch_invariant_compressed.py)."""
     T, N, H = q_TNH.shape
     block_size, num_kv, _ = k_cache_BLKH.shape[1:]
     hv = v_cache_BLKH.shape[-1]
@@ -176,7 +177,7 @@ def invariant_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.T
                 slots_TB = torch.where(valid_TB, tables_TM.gather(1, q_TB // block_size) * block_size + q_TB % block_size,
                                        meta.null_block * block_size)
                 yield slots_TB, valid_TB
-        out_TNC = _walk(q_TNR, rows_BL1R, rows_BL1R[..., :C], blocks(), scale, sinks_N, kv_scale, kv_scale,
+        out_TNC = walk_blocks(q_TNR, rows_BL1R, rows_BL1R[..., :C], blocks(), scale, sinks_N, kv_scale, kv_scale,
                         torch.float32)
         return out_TNC.to(q_latent_TNC.dtype)
 
@@ -243,8 +244,8 @@ def supported_attention_kinds() -> frozenset[str]:
     or `mla_attention` (dense MLA) alone: the kinds a batch-invariant engine serves. The others (DSA's sparse MLA,
     linear attention, compressed, block-sparse, QSA) reduce in their own kernels and are refused by name until each
     has its invariant form."""
-    return frozenset({"gqa", "mla", "linear", "kda", "dsa"})
+    return frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed"})
 
 
-__all__ = ["invariant_dsa_topk", "invariant_fused_moe", "invariant_gated_delta_rule", "invariant_mla_attention",
+__all__ = ["walk_blocks", "invariant_dsa_topk", "invariant_fused_moe", "invariant_gated_delta_rule", "invariant_mla_attention",
            "invariant_paged_attention", "invariant_sparse_mla_attention", "supported_attention_kinds"]

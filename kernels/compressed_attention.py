@@ -230,6 +230,9 @@ def _visible_pages(pages_BLcX: torch.Tensor, table_TM: torch.Tensor, visible_T: 
     return torch.where(seen_TE[..., None], got, 0), seen_TE
 
 
+visible_pages = _visible_pages  # the batch-invariant backend gathers the same way (batch_invariant_compressed.py)
+
+
 def reference_paged_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_BLcI: torch.Tensor,
                                  table_TM: torch.Tensor, visible_T: torch.Tensor, top_k: int) -> torch.Tensor:
     """reference_indexer_topk for a batched decode step whose index keys stay in their pages: query t scores the
@@ -291,4 +294,5 @@ def reference_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.
 __all__ = ["ENTRY_SCALE_GROUP", "FP8Rows", "INDEX_SCALE_GROUP", "entry_rows", "gather_paged_rows", "index_key_rows",
            "is_fp8_pages", "read_rows", "reference_compress", "reference_grouped_linear",
            "reference_indexer_topk", "reference_paged_indexer_topk", "reference_paged_sink_attention",
-           "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention", "window_seen", "write_form"]
+           "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention", "visible_pages", "window_seen",
+           "write_form"]

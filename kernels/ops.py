@@ -101,10 +101,18 @@ class BatchInvariantKernels(ReferenceKernels):
                                       invariant_mla_attention, invariant_paged_attention,
                                       invariant_sparse_mla_attention)
 
+        from .batch_invariant_compressed import (invariant_compressed_indexer_topk, invariant_grouped_linear,
+                                                 invariant_paged_compressed_indexer_topk,
+                                                 invariant_paged_sink_attention, invariant_sink_attention)
+
         return {**super()._implementations(), "paged_attention": invariant_paged_attention,
                 "mla_attention": invariant_mla_attention, "fused_moe": invariant_fused_moe,
                 "gated_delta_rule": invariant_gated_delta_rule, "dsa_topk": invariant_dsa_topk,
-                "sparse_mla_attention": invariant_sparse_mla_attention}
+                "sparse_mla_attention": invariant_sparse_mla_attention,
+                "sink_attention": invariant_sink_attention, "paged_sink_attention": invariant_paged_sink_attention,
+                "compressed_indexer_topk": invariant_compressed_indexer_topk,
+                "paged_compressed_indexer_topk": invariant_paged_compressed_indexer_topk,
+                "grouped_linear": invariant_grouped_linear}
 
     @staticmethod
     def step_context():

@@ -92,14 +92,21 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
         if "path" not in _KIMI:
             _KIMI["path"] = save_preset(tmp_path_factory.mktemp("kimi_linear"), KIMI_LINEAR)
         return _KIMI["path"]
+    if model == "dsv4":  # DeepSeek-V4 (CSA / HCA compressed attention, hash routing, hyper-connections)
+        from tests.helpers.dsv4_checkpoint import save_dsv4_checkpoint
+
+        if "dsv4" not in _KIMI:
+            _KIMI["dsv4"] = save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4"))
+        return _KIMI["dsv4"]
     return tiny_model(model) if model == "qwen3_e6k3" else hf_tiny_model(model)
 
 
 # GQA (Qwen3-MoE), MLA with q LoRA and grouped routing (DeepSeek-V3), gated DeltaNet beside gated attention
 # (Qwen3-Next: per-sequence state, its prefix hits resumed from state checkpoints), KDA beside NoPE MLA (Kimi Linear)
 # DeepSeek-V3.2 (DSA: the lightning indexer's top-k and sparse MLA; prompts past index_topk, so steps run sparse
-# and dense)
-MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32"]
+# and dense), DeepSeek-V4 (CSA / HCA compressed attention over a window ring and compressed entries, hash-routed
+# layers, hyper-connections)
+MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4"]
 
 
 @pytest.mark.slow

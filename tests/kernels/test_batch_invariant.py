@@ -299,3 +299,37 @@ def test_a_matmul_by_a_weight_tiles_rows_across_leading_dims():
         parts = [torch.matmul(x[:n], w)[0] for n in (1, 2, 5, 17)]
     torch.testing.assert_close(full, x @ w)
     assert all(torch.equal(p, full[0]) for p in parts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compressed_attention_ops_match_the_references_and_ignore_the_padded_width(dtype):
+    """DeepSeek-V4's attention ops in the mode (kernels/batch_invariant_compressed.py): the sink attention, the
+    indexer's choice and the grouped projection equal the references, and a query's result does not move when the
+    step's other queries widen the keys (a batched step pads to its widest row)."""
+    from moelink.kernels.batch_invariant_compressed import (invariant_compressed_indexer_topk,
+                                                            invariant_grouped_linear, invariant_sink_attention)
+    from moelink.kernels.compressed_attention import (reference_grouped_linear, reference_indexer_topk,
+                                                      reference_sink_attention)
+
+    gen = torch.Generator().manual_seed(7)
+    T, N, H, S = 7, 4, 16, 37
+    q = torch.randn(T, N, H, generator=gen).to(dtype)
+    k = torch.randn(S, H, generator=gen).to(dtype)
+    allowed = torch.rand(T, S, generator=gen) < 0.5
+    allowed[:, 0] = True
+    sinks = torch.randn(N, generator=gen)
+    tol = dict(rtol=0, atol=1e-12 if dtype == torch.float64 else 2e-6)
+    torch.testing.assert_close(invariant_sink_attention(q, k, allowed, sinks, 0.3),
+                               reference_sink_attention(q, k, allowed, sinks, 0.3), **tol)
+    wide_k = torch.cat([k, torch.randn(50, H, generator=gen).to(dtype)])
+    wide = torch.cat([allowed, torch.zeros(T, 50, dtype=torch.bool)], dim=1)
+    alone = invariant_sink_attention(q[:1], k, allowed[:1], sinks, 0.3)[0]
+    assert torch.equal(invariant_sink_attention(q, wide_k, wide, sinks, 0.3)[0], alone)
+    per_query = invariant_sink_attention(q, wide_k[None].expand(T, -1, -1).contiguous(), wide, sinks, 0.3)
+    assert torch.equal(per_query[0], alone)  # a decode step's per-query rows: the same walk
+    n, I, E = 3, 8, 29
+    qi, w = torch.randn(T, n, I, generator=gen), torch.randn(T, n, generator=gen)
+    keys, vis = torch.randn(E, I, generator=gen), torch.randint(1, E + 1, (T,), generator=gen)
+    assert torch.equal(invariant_compressed_indexer_topk(qi, w, keys, vis, 5), reference_indexer_topk(qi, w, keys, vis, 5))
+    x, wg = torch.randn(T, 3, 8, generator=gen).to(dtype), torch.randn(3, 5, 8, generator=gen).to(dtype)
+    torch.testing.assert_close(invariant_grouped_linear(x, wg), reference_grouped_linear(x, wg), **tol)
