@@ -48,7 +48,7 @@ def invariant_paged_attention(
                                     v_scale)
 
 
-def _row_positions(meta: AttentionMetadata, T: int, dev: torch.device):
+def row_positions(meta: AttentionMetadata, T: int, dev: torch.device):
     """(seq_T, ctx_T, pos_T): each row's sequence, its sequence's length after this step, the row's own position
     (device work; the host lists give the lengths' layout, not their values)."""
     seq_T = torch.repeat_interleave(torch.arange(len(meta.query_lens), device=dev),
@@ -66,7 +66,7 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
     T = q_TNH.shape[0]
     block_size = k_cache_BLKH.shape[1]
     dev = q_TNH.device
-    seq_T, ctx_T, pos_T = _row_positions(meta, T, dev)
+    seq_T, ctx_T, pos_T = row_positions(meta, T, dev)
     lo_T = torch.zeros_like(pos_T) if sliding_window is None else pos_T - sliding_window + 1
     tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
     offs_B = torch.arange(block_size, device=dev)
@@ -85,7 +85,7 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
 def walk_blocks(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_scale,
           acc_floor: torch.dtype | None) -> torch.Tensor:
     """The online softmax over `blocks`: (slots_TB, seen_TB) per step, B key slots per row and which of them the
-    row sees (the others count -inf: an exact no-op). Shared by every attention of the backend (GQA, MLA, DSA here;
+    row sees, [T, B] or per head [T, N, B] (the others count -inf: an exact no-op). Shared by every attention of the backend (GQA, MLA, DSA here;
     compressed attention in kernels/batch_invariant_compressed.py)."""
     T, N, H = q_TNH.shape
     block_size, num_kv, _ = k_cache_BLKH.shape[1:]
@@ -113,7 +113,8 @@ def walk_blocks(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_sca
         k_XHB = k_TBKH.permute(0, 2, 3, 1).reshape(T * num_kv, -1, B).contiguous()
         v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, B, hv).contiguous()
         s_TNB = (fixed_bmm(q_XRH, k_XHB) * scale).view(T, N, B)
-        s_TNB = s_TNB.masked_fill(~seen_TB[:, None, :], float("-inf"))
+        # seen per row [T, B], or per row and head [T, N, B] (block-sparse attention selects per head)
+        s_TNB = s_TNB.masked_fill(~(seen_TB[:, None, :] if seen_TB.dim() == 2 else seen_TB), float("-inf"))
         m_new_TN = torch.maximum(m_TN, tiled_amax(s_TNB, -1))
         # A row that has seen no key yet (m' = -inf: a window not reached) subtracts 0, not -inf (no NaN).
         shift_TN = torch.where(torch.isinf(m_new_TN), torch.zeros_like(m_new_TN), m_new_TN)
@@ -164,7 +165,7 @@ def invariant_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.T
         rows_BL1R = latent_cache_BLR.unsqueeze(2)
         block_size = latent_cache_BLR.shape[1]
         dev = q_TNR.device
-        seq_T, _, _ = _row_positions(meta, T, dev)
+        seq_T, _, _ = row_positions(meta, T, dev)
         tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
         K = topk_TK.shape[1]
         pos_TK = F.pad(topk_TK.long(), (0, -K % block_size), value=-1)
@@ -197,7 +198,7 @@ def invariant_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cach
         dev = q_THD.device
         width = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
         n_T = causal_lens(meta, dev)
-        seq_T, _, _ = _row_positions(meta, T, dev)
+        seq_T, _, _ = row_positions(meta, T, dev)
         tables_TM = meta.block_tables_SM.long().index_select(0, seq_T)
         B = index_cache_BLD.shape[1]
         keys = index_cache_BLD.view(-1, index_cache_BLD.shape[-1])
@@ -244,8 +245,8 @@ def supported_attention_kinds() -> frozenset[str]:
     or `mla_attention` (dense MLA) alone: the kinds a batch-invariant engine serves. The others (DSA's sparse MLA,
     linear attention, compressed, block-sparse, QSA) reduce in their own kernels and are refused by name until each
     has its invariant form."""
-    return frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed"})
+    return frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse"})
 
 
-__all__ = ["walk_blocks", "invariant_dsa_topk", "invariant_fused_moe", "invariant_gated_delta_rule", "invariant_mla_attention",
+__all__ = ["row_positions", "walk_blocks", "invariant_dsa_topk", "invariant_fused_moe", "invariant_gated_delta_rule", "invariant_mla_attention",
            "invariant_paged_attention", "invariant_sparse_mla_attention", "supported_attention_kinds"]

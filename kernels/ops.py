@@ -101,6 +101,7 @@ class BatchInvariantKernels(ReferenceKernels):
                                       invariant_mla_attention, invariant_paged_attention,
                                       invariant_sparse_mla_attention)
 
+        from .batch_invariant_block_sparse import invariant_block_sparse_attention, invariant_block_sparse_select
         from .batch_invariant_compressed import (invariant_compressed_indexer_topk, invariant_grouped_linear,
                                                  invariant_paged_compressed_indexer_topk,
                                                  invariant_paged_sink_attention, invariant_sink_attention)
@@ -112,7 +113,9 @@ class BatchInvariantKernels(ReferenceKernels):
                 "sink_attention": invariant_sink_attention, "paged_sink_attention": invariant_paged_sink_attention,
                 "compressed_indexer_topk": invariant_compressed_indexer_topk,
                 "paged_compressed_indexer_topk": invariant_paged_compressed_indexer_topk,
-                "grouped_linear": invariant_grouped_linear}
+                "grouped_linear": invariant_grouped_linear,
+                "block_sparse_select": invariant_block_sparse_select,
+                "block_sparse_attention": invariant_block_sparse_attention}
 
     @staticmethod
     def step_context():

@@ -18,7 +18,7 @@ BACKEND = "batch_invariant"
 # The attention kinds whose every reduction goes through the invariant kernels (kernels/batch_invariant_kernels.py
 # supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py): "compressed" is
 # DeepSeek-V4's CSA / HCA (kernels/batch_invariant_compressed.py).
-ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed"})
+ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse"})
 
 
 def from_env() -> bool:

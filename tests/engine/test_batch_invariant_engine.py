@@ -92,6 +92,14 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
         if "path" not in _KIMI:
             _KIMI["path"] = save_preset(tmp_path_factory.mktemp("kimi_linear"), KIMI_LINEAR)
         return _KIMI["path"]
+    if model == "minimax_m3":  # block-sparse attention layers beside full attention (its text model)
+        from moelink.engine.models.minimax_m3.tiny import MINIMAX_M3
+
+        from tests.helpers.drawn_presets import save_preset
+
+        if "minimax_m3" not in _KIMI:
+            _KIMI["minimax_m3"] = save_preset(tmp_path_factory.mktemp("minimax_m3"), MINIMAX_M3)
+        return _KIMI["minimax_m3"]
     if model == "dsv4":  # DeepSeek-V4 (CSA / HCA compressed attention, hash routing, hyper-connections)
         from tests.helpers.dsv4_checkpoint import save_dsv4_checkpoint
 
@@ -105,8 +113,8 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
 # (Qwen3-Next: per-sequence state, its prefix hits resumed from state checkpoints), KDA beside NoPE MLA (Kimi Linear)
 # DeepSeek-V3.2 (DSA: the lightning indexer's top-k and sparse MLA; prompts past index_topk, so steps run sparse
 # and dense), DeepSeek-V4 (CSA / HCA compressed attention over a window ring and compressed entries, hash-routed
-# layers, hyper-connections)
-MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4"]
+# layers, hyper-connections), MiniMax-M3 (block-sparse attention: an indexer's blocks per head, past 16 positions)
+MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4", "minimax_m3"]
 
 
 @pytest.mark.slow

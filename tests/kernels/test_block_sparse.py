@@ -126,3 +126,26 @@ def test_triton_selection_matches_reference(gen, kdev, block_size, topk, local, 
     assert got.dtype == torch.int32 and got.shape == want.shape
     for g, w in zip(got.reshape(-1, topk).tolist(), want.reshape(-1, topk).tolist()):
         assert sorted(x for x in g if x >= 0) == sorted(x for x in w if x >= 0) and g.count(-1) == w.count(-1)
+
+
+@pytest.mark.parametrize("block_size,topk,local", [(3, 4, 2), (8, 2, 1), (3, 3, 0)])
+def test_batch_invariant_forms_match_the_reference(gen, block_size, topk, local):
+    """Batch-invariant mode's block-sparse ops (kernels/batch_invariant_block_sparse.py): the same blocks as sets per
+    (token, index head), and the same attention over a selection, in float64."""
+    from moelink.kernels.batch_invariant_block_sparse import (invariant_block_sparse_attention,
+                                                              invariant_block_sparse_select)
+
+    meta = meta_of(gen, CTX_Q, "cpu")
+    T = sum(meta.query_lens)
+    index = cache_of(gen, meta, I, torch.float64, "cpu")
+    qi = torch.randn(T, HI, I, generator=gen, dtype=torch.float64)
+    want = reference_block_sparse_select(qi, index, meta, block_size, topk, local)
+    got = invariant_block_sparse_select(qi, index, meta, block_size, topk, local)
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    for g, w in zip(got.reshape(-1, topk).tolist(), want.reshape(-1, topk).tolist()):
+        assert sorted(x for x in g if x >= 0) == sorted(x for x in w if x >= 0) and g.count(-1) == w.count(-1)
+    k, v = _caches(gen, meta, torch.float64, "cpu")
+    q = torch.randn(T, N, H, generator=gen, dtype=torch.float64)
+    sel = want.repeat_interleave(N // HI, dim=1)
+    torch.testing.assert_close(invariant_block_sparse_attention(q, k, v, meta, sel, block_size, 0.25),
+                               reference_block_sparse_attention(q, k, v, meta, sel, block_size, 0.25))
