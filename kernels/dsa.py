@@ -206,6 +206,9 @@ def reference_dsa_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cach
     return reference_topk_positions(scores_TW, causal_lens(meta, q_THD.device), topk)
 
 
+pool_slots = _slots_rows  # the batch-invariant pooled selection gathers the same way
+
+
 def reference_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLX: torch.Tensor,
                             ape_PD: torch.Tensor, meta: AttentionMetadata, topk: int, scale: float,
                             max_len: int | None = None) -> torch.Tensor:
@@ -288,4 +291,4 @@ __all__ = ["FP8_KEY_DTYPE", "SCALE_GROUP", "causal_lens", "check_index_inputs", 
            "fp8_key_row_bytes", "check_fp8_index_write", "is_fp8_index_cache", "quantize_index_keys",
            "reference_dsa_index_scores",
            "reference_dsa_topk", "reference_sparse_mla_attention", "reference_topk_positions",
-           "reference_write_fp8_index_keys"]
+           "reference_write_fp8_index_keys", "pool_slots"]

@@ -102,6 +102,7 @@ class BatchInvariantKernels(ReferenceKernels):
                                       invariant_sparse_mla_attention)
 
         from .batch_invariant_block_sparse import invariant_block_sparse_attention, invariant_block_sparse_select
+        from .batch_invariant_pooled_dsa import invariant_dsa_pool_topk
         from .batch_invariant_compressed import (invariant_compressed_indexer_topk, invariant_grouped_linear,
                                                  invariant_paged_compressed_indexer_topk,
                                                  invariant_paged_sink_attention, invariant_sink_attention)
@@ -115,7 +116,8 @@ class BatchInvariantKernels(ReferenceKernels):
                 "paged_compressed_indexer_topk": invariant_paged_compressed_indexer_topk,
                 "grouped_linear": invariant_grouped_linear,
                 "block_sparse_select": invariant_block_sparse_select,
-                "block_sparse_attention": invariant_block_sparse_attention}
+                "block_sparse_attention": invariant_block_sparse_attention,
+                "dsa_pool_topk": invariant_dsa_pool_topk}
 
     @staticmethod
     def step_context():

@@ -18,7 +18,7 @@ BACKEND = "batch_invariant"
 # The attention kinds whose every reduction goes through the invariant kernels (kernels/batch_invariant_kernels.py
 # supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py): "compressed" is
 # DeepSeek-V4's CSA / HCA (kernels/batch_invariant_compressed.py).
-ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse"})
+ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse", "pooled_dsa"})
 
 
 def from_env() -> bool:
@@ -58,6 +58,8 @@ def _kind(attention) -> str:
     """A layer's attention kind as the mode covers it: DSA is an MLA layer with a lightning indexer (DeepSeek-V3.2,
     GLM-5), its pooled form (GLM-5.3-Flash's kpool) a kind of its own."""
     indexer = getattr(attention, "indexer", None)
-    if indexer is None:
+    # Only an MLA layer's indexer is DSA's: QSA (Qwen3.8-Flash-Next, a GQA layer with an indexer) keeps its own kind,
+    # and with it its refusal until it has invariant kernels.
+    if indexer is None or attention.kind != "mla":
         return attention.kind
     return "pooled_dsa" if getattr(indexer, "kpool", 1) > 1 else "dsa"

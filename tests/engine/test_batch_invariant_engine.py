@@ -100,6 +100,12 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
         if "minimax_m3" not in _KIMI:
             _KIMI["minimax_m3"] = save_preset(tmp_path_factory.mktemp("minimax_m3"), MINIMAX_M3)
         return _KIMI["minimax_m3"]
+    if model == "glm5_next":  # GLM-5.3-Flash: pooled DSA (kpool positions a pool) beside KDA layers
+        from moelink.engine.tools.tiny_model import make_tiny_model
+
+        if "glm5_next" not in _KIMI:
+            _KIMI["glm5_next"] = str(make_tiny_model(tmp_path_factory.mktemp("glm5_next") / "m", arch="glm5_next"))
+        return _KIMI["glm5_next"]
     if model == "dsv4":  # DeepSeek-V4 (CSA / HCA compressed attention, hash routing, hyper-connections)
         from tests.helpers.dsv4_checkpoint import save_dsv4_checkpoint
 
@@ -113,8 +119,9 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
 # (Qwen3-Next: per-sequence state, its prefix hits resumed from state checkpoints), KDA beside NoPE MLA (Kimi Linear)
 # DeepSeek-V3.2 (DSA: the lightning indexer's top-k and sparse MLA; prompts past index_topk, so steps run sparse
 # and dense), DeepSeek-V4 (CSA / HCA compressed attention over a window ring and compressed entries, hash-routed
-# layers, hyper-connections), MiniMax-M3 (block-sparse attention: an indexer's blocks per head, past 16 positions)
-MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4", "minimax_m3"]
+# layers, hyper-connections), MiniMax-M3 (block-sparse attention: an indexer's blocks per head, past 16 positions),
+# GLM-5.3-Flash (pooled DSA beside KDA)
+MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4", "minimax_m3", "glm5_next"]
 
 
 @pytest.mark.slow
@@ -177,9 +184,9 @@ def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_m
     assert ATTENTION_KINDS == supported_attention_kinds()  # what the engine admits is what the kernels cover
     from moelink.engine.tools.tiny_model import make_tiny_model
 
-    glm53 = make_tiny_model(tmp_path / "glm5_next", arch="glm5_next")  # GLM-5.3-Flash: pooled DSA beside KDA
-    with pytest.raises(ValueError, match=r"attention kind\(s\) pooled_dsa have no batch-invariant kernels"):
-        LLM(str(glm53), dtype="float32", num_kv_blocks=32, batch_invariant=True)
+    qsa = make_tiny_model(tmp_path / "qwen4_exp", arch="qwen4_exp")  # Qwen3.8-Flash-Next: QSA sparse attention
+    with pytest.raises(ValueError, match=r"attention kind\(s\) qsa have no batch-invariant kernels"):
+        LLM(str(qsa), dtype="float32", num_kv_blocks=32, batch_invariant=True)
     with pytest.raises(ValueError, match="kernels='triton' is invalid with batch_invariant=True"):
         LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, batch_invariant=True, kernels="triton")
     with pytest.raises(ValueError, match="batch_invariant='yes' is invalid"):
