@@ -108,3 +108,55 @@ def test_pil_images_through_the_processor(kimi_path):
                           {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, MAX_NEW)
     llm = LLM(kimi_path, dtype="float64", num_kv_blocks=64, block_size=16)
     assert _greedy(llm, {"prompt": text, "multi_modal_data": {"image": imgs}}) == want
+
+
+@pytest.mark.slow
+def test_grpc_mm_inputs_in_kimis_pixel_layout_give_transformers_tokens(kimi_path):
+    """VllmEngine.Generate with mm_inputs (smg's MultimodalInputs) carrying Kimi's [patches, 3, patch, patch] pixel
+    values: transformers' tokens; GetModelInfo says the engine takes images, as the checkpoint is published."""
+    import grpc
+    import numpy as np
+
+    from tests.helpers.grpc_server import ThreadServer, make_stubs
+
+    pixels = kimi_pixels([(9, 8, 8)])
+    ids = kimi_ids(kimi_path, f"see {KIMI_IMAGE} here", pixels["image_grid_thw"])
+    srv = ThreadServer(kimi_path, dict(dtype="float64", num_kv_blocks=64, block_size=16))
+    try:
+        stubs = make_stubs(grpc.insecure_channel(srv.addr))
+        vpb = stubs.vpb
+        info = stubs.vllm.GetModelInfo(vpb.GetModelInfoRequest())
+        assert info.supports_vision and info.model_type == "kimi_k25"
+        assert list(info.architectures) == ["Kimi_K25ForConditionalGeneration"]
+        pix = pixels["pixel_values"].numpy().astype(np.float32)
+        grid = pixels["image_grid_thw"].numpy().astype(np.int64)
+        mm = vpb.MultimodalInputs(
+            pixel_values=vpb.TensorData(shape=list(pix.shape), dtype="float32", inline=pix.tobytes()),
+            model_specific_tensors={"image_grid_thw": vpb.TensorData(shape=list(grid.shape), dtype="int64",
+                                                                     inline=grid.tobytes())})
+        req = vpb.GenerateRequest(
+            request_id="k-1", tokenized=vpb.TokenizedInput(input_ids=ids), mm_inputs=mm, stream=False,
+            sampling_params=vpb.SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+        msgs = list(stubs.vllm.Generate(req))
+        assert list(msgs[-1].complete.output_ids) == hf_kimi_greedy(kimi_path, ids, pixels, MAX_NEW)
+    finally:
+        srv.close()
+
+
+def test_vision_specs_are_validated_and_kimi_takes_images_only_with_its_processor_config(tmp_path):
+    import json
+
+    from moelink.engine.multimodal.spec import VISION_SPECS, VisionModule, VisionSpec, multimodal_architecture
+
+    with pytest.raises(ValueError, match="positions must be"):
+        VisionSpec("M", (VisionModule("v", "AutoModel", "vision_config", "model.v."),), positions="3d",
+                   merge_field="m", pixels="flat")
+    with pytest.raises(ValueError, match="prefix must end"):
+        VisionModule("v", "AutoModel", "vision_config", "model.v")
+    assert VISION_SPECS["Kimi_K25ForConditionalGeneration"].positions == "1d"
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Kimi_K25ForConditionalGeneration"]}))
+    assert multimodal_architecture(str(tmp_path)) is None  # no image processor config: served as its text model
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    assert multimodal_architecture(str(tmp_path)) == "Kimi_K25ForConditionalGeneration"
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["KimiK25ForConditionalGeneration"]}))
+    assert multimodal_architecture(str(tmp_path)) is None  # the published layout: its text model
