@@ -100,7 +100,6 @@ class ImageProcessor:
                 raise
             self.no_processor = (f"the checkpoint's image processor needs torchvision, which is not installed "
                                  f"({type(self.hf).__name__.removesuffix('Config')})")
-        self.image_token = self.processor.image_token if self.processor is not None else f"<id {self.image_token_id}>"
         if self.processor is not None and self.processor.image_token_id != self.image_token_id:
             raise ValueError(f"model={model_dir!r}: the processor's image token {self.image_token!r} is id "
                              f"{self.processor.image_token_id}, config.json's image_token_id is {self.image_token_id}.")
@@ -111,6 +110,11 @@ class ImageProcessor:
                                  "square: only a square merge is supported.")
             merge = merge[0]
         self.merge = int(merge)
+
+    @property
+    def image_token(self) -> str:
+        """The placeholder's text (the processor's; its id where no processor could be built)."""
+        return self.processor.image_token if self.processor is not None else f"<id {self.image_token_id}>"
 
     # -- checks -----------------------------------------------------------------------
     def images_of(self, data: Any) -> list:

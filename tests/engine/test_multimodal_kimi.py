@@ -160,3 +160,54 @@ def test_vision_specs_are_validated_and_kimi_takes_images_only_with_its_processo
     assert multimodal_architecture(str(tmp_path)) == "Kimi_K25ForConditionalGeneration"
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["KimiK25ForConditionalGeneration"]}))
     assert multimodal_architecture(str(tmp_path)) is None  # the published layout: its text model
+
+
+class _StandInProcessor:
+    """Kimi_K25Processor's interface (image_token, __call__ to ids, pixel_values and grids) over fixed outputs, for
+    the PIL path where the real one cannot be built (torchvision): its ids are kimi_ids', its pixels kimi_pixels'."""
+
+    image_token, image_token_id = "<|media_pad|>", None
+
+    def __init__(self, path: str, pixels: dict):
+        self.path, self.pixels, self.calls = path, pixels, 0
+
+    def __call__(self, text, images, return_tensors):
+        import torch
+
+        assert len(images) == len(self.pixels["image_grid_thw"]) and return_tensors == "pt"
+        self.calls += 1
+        ids = kimi_ids(self.path, text[0], self.pixels["image_grid_thw"])
+        return {"input_ids": torch.tensor([ids]), **self.pixels}
+
+
+@pytest.mark.slow
+def test_the_pil_path_with_the_processors_outputs_gives_transformers_tokens(kimi_path, monkeypatch):
+    """The PIL path past the processor (ids and pixels from it, 1-D positions, no rope index): transformers' tokens.
+    The processor is a stand-in returning fixed outputs, since Kimi_K25ImageProcessor needs torchvision."""
+    text, pixels = f"see {KIMI_IMAGE} and {KIMI_IMAGE}", kimi_pixels([(21, 4, 6), (22, 6, 4)])
+    llm = LLM(kimi_path, dtype="float64", num_kv_blocks=64, block_size=16)
+    stand_in = _StandInProcessor(kimi_path, pixels)
+    monkeypatch.setattr(llm.engine.multimodal, "processor", stand_in)
+    got = _greedy(llm, {"prompt": text, "multi_modal_data": {"image": [image(1), image(2)]}})
+    assert stand_in.calls == 1
+    assert got == hf_kimi_greedy(kimi_path, kimi_ids(kimi_path, text, pixels["image_grid_thw"]), pixels, MAX_NEW)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p_right", [0.9, 0.0])
+def test_speculative_decoding_with_an_image_gives_transformers_tokens(kimi_path, p_right):
+    """A host drafter right with probability 0.9, and never, behind an image prompt: transformers' tokens."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+
+    pixels = kimi_pixels([(31, 8, 8)])
+    prompt = _prompt(kimi_path, f"spec {KIMI_IMAGE} test", pixels)
+    want = hf_kimi_greedy(kimi_path, prompt["prompt_token_ids"], pixels, MAX_NEW)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(prompt["prompt_token_ids"]): want}, p_right,
+                                                 vocab=404, seed=4)}
+    llm = LLM(kimi_path, dtype="float64", num_kv_blocks=64, block_size=8, speculative_config=spec)
+    assert _greedy(llm, prompt) == want
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0 and (sd.num_accepted_tokens > 0) == (p_right > 0)
