@@ -31,12 +31,15 @@ class ImageSplice:
 
     rows_M: torch.Tensor  # int64: the flat-batch rows of the image tokens
     embeds_MD: torch.Tensor  # their embeddings (the vision tower's merger output), in rows_M's order
-    mrope_3T: torch.Tensor  # int64 [3, T]: temporal, height, width position of each token (text: three equal)
+    # int64 [3, T]: temporal, height, width position of each token (text: three equal); None for a model whose
+    # tokens turn by their sequence positions (Kimi K2.5)
+    mrope_3T: torch.Tensor | None
 
     def select(self, t0: int, t1: int) -> "ImageSplice":
         """Tokens [t0, t1) only (a micro-batch of whole sequences)."""
         keep_M = (self.rows_M >= t0) & (self.rows_M < t1)
-        return ImageSplice(self.rows_M[keep_M] - t0, self.embeds_MD[keep_M], self.mrope_3T[:, t0:t1])
+        mrope_3T = None if self.mrope_3T is None else self.mrope_3T[:, t0:t1]
+        return ImageSplice(self.rows_M[keep_M] - t0, self.embeds_MD[keep_M], mrope_3T)
 
     def splice(self, x_TD: torch.Tensor) -> torch.Tensor:
         """x_TD with the image rows replaced (transformers' masked_scatter of the image features, by index)."""

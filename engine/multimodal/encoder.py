@@ -1,22 +1,23 @@
 """Rank side: the checkpoint's vision tower, and a cache of its outputs by image hash.
 
-The tower is transformers' own module, not a copy: the class transformers builds as the wrapper's `visual`
-submodule (AutoModel.from_config(config.vision_config), as Qwen3_5MoeModel.__init__ does), loaded with the
-checkpoint's model.visual.* tensors. It is the reference and the CPU path; a GPU path (fused patch embedding,
-varlen flash attention) is later work (docs/multimodal.md).
+The tower is transformers' own modules, not a copy: the submodules transformers' multimodal model builds for its
+images (spec.VisionSpec: Qwen3.5's `visual`; Kimi K2.5's `vision_tower` and `mm_projector`), built as its __init__
+builds them and loaded with the checkpoint's tensors under their prefixes; an image is encoded by the model class's
+own get_image_features, called on them alone (the text model is not built). It is the reference and the CPU path; a
+GPU path (fused patch embedding, varlen flash attention) is later work (docs/multimodal.md).
 
-Legend: P patches of one image, C one patch's values, N its tokens after the spatial merge, D the text model's
-hidden size (the merger's out_hidden_size).
+Legend: P patches of one image, N its tokens after the spatial merge, D the text model's hidden size.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from .spec import VISION_TOWERS
+from .spec import VISION_SPECS, VisionModule
 
 
 def _tower_tensors(model_dir: str, prefix: str) -> dict[str, torch.Tensor]:
@@ -32,32 +33,53 @@ def _tower_tensors(model_dir: str, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _build(module: VisionModule, hf, model_cls) -> torch.nn.Module:
+    """One submodule as transformers' model __init__ builds it (AutoModel from its sub-config, a pretrained class by
+    _from_config, a plain module from the config)."""
+    from transformers import AutoModel, PreTrainedModel
+
+    sub = getattr(hf, module.config_field) if module.config_field else hf
+    if module.cls == "AutoModel":
+        return AutoModel.from_config(sub)
+    cls = getattr(sys.modules[model_cls.__module__], module.cls)
+    return cls._from_config(sub) if issubclass(cls, PreTrainedModel) else cls(sub)
+
+
 class VisionTower:
-    """transformers' vision module of a multimodal checkpoint (module docstring), in the engine's dtype."""
+    """transformers' image modules of a multimodal checkpoint (module docstring), in the engine's dtype."""
 
     def __init__(self, model_dir: str, architecture: str, dtype: torch.dtype, device: torch.device):
-        from transformers import AutoConfig, AutoModel
+        import transformers
+        from transformers import AutoConfig
 
+        spec = VISION_SPECS[architecture]
         hf = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        self.module = AutoModel.from_config(hf.vision_config).to(dtype=dtype).eval()
-        tensors = _tower_tensors(model_dir, VISION_TOWERS[architecture])
-        bad = sorted(n for n, t in tensors.items() if not t.is_floating_point())
-        if bad:
-            raise ValueError(f"model={model_dir!r}: the vision tower's tensor {VISION_TOWERS[architecture]}{bad[0]} "
-                             f"is {tensors[bad[0]].dtype}: a quantized vision tower is not supported.")
-        missing, unexpected = self.module.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"model={model_dir!r}: the vision tower's tensors do not match its config (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}).")
+        self._model_cls = getattr(transformers, spec.model_class)
+        # A stand-in for the model: its image submodules and config, what get_image_features reads.
+        self.module = torch.nn.Module()
+        self.module.config = hf
+        for m in spec.modules:
+            part = _build(m, hf, self._model_cls).to(dtype=dtype).eval()
+            tensors = _tower_tensors(model_dir, m.prefix)
+            bad = sorted(n for n, t in tensors.items() if not t.is_floating_point())
+            if bad:
+                raise ValueError(f"model={model_dir!r}: the vision tower's tensor {m.prefix}{bad[0]} is "
+                                 f"{tensors[bad[0]].dtype}: a quantized vision tower is not supported.")
+            missing, unexpected = part.load_state_dict(tensors, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"model={model_dir!r}: the tensors under {m.prefix} do not match its config "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+            setattr(self.module, m.attribute, part)
         self.module.to(device)
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
-    def encode(self, pixels_PC: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        """One image's token embeddings [N, D] (the merger's output)."""
+    def encode(self, pixels_P: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        """One image's token embeddings [N, D]: the model's own get_image_features on its image modules."""
         grid_13 = torch.tensor([grid_thw], dtype=torch.long, device=self.device)
-        out = self.module(pixels_PC.to(self.device, self.dtype), grid_thw=grid_13)
-        return out.pooler_output
+        out = self._model_cls.get_image_features(self.module, pixels_P.to(self.device, self.dtype), grid_13,
+                                                 return_dict=True)
+        return out.pooler_output[0]
 
 
 class EncoderCache:

@@ -1,10 +1,13 @@
 """Driver side: a prompt and its images through the checkpoint's own transformers processor (AutoProcessor from the
 checkpoint directory), into token ids and one MultimodalInputs (inputs.py).
 
-Without torchvision (not installable here) transformers cannot build the processor's video half
-(Qwen2VLVideoProcessor needs it), so AutoProcessor fails on any Qwen-VL checkpoint; the same processor class is then
-built with its image processor's PIL backend (AutoImageProcessor, backend="pil": the slow PIL/numpy path) and no
-video processor. Image preprocessing is the processor's, never moelink's.
+Without torchvision (not installable here: PyPI's wheels are CUDA builds that do not import beside torch's CPU
+build) transformers cannot build the processor's video half (Qwen2VLVideoProcessor needs it), so AutoProcessor fails
+on any Qwen-VL checkpoint; the same processor class is then built with its image processor's PIL backend
+(AutoImageProcessor, backend="pil": the slow PIL/numpy path) and no video processor. Kimi K2.5's image processor has
+no PIL backend (Kimi_K25ImageProcessor imports torchvision): without torchvision its PIL images are refused naming
+the field, and its processor's outputs are taken with token ids (process_preprocessed). Image preprocessing is the
+processor's, never moelink's.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 from ..config.multimodal import MultimodalConfig
 from ..contract.safe_text import shown
 from .inputs import MultimodalInputs
-from .spec import multimodal_architecture
+from .spec import VISION_SPECS, multimodal_architecture
 
 
 def _hashes(pixels_PC: torch.Tensor, grid: tuple[tuple[int, int, int], ...]) -> tuple[bytes, ...]:
@@ -82,13 +85,36 @@ class ImageProcessor:
 
         self.config = config
         self.hf = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        self.processor = load_processor(model_dir)
-        self.image_token = self.processor.image_token
+        arch = multimodal_architecture(model_dir)
+        if arch is None:
+            raise ValueError(f"model={model_dir!r} takes no images (docs/multimodal.md).")
+        self.spec = VISION_SPECS[arch]
         self.image_token_id = int(self.hf.image_token_id)
-        if self.processor.image_token_id != self.image_token_id:
+        # Where the processor cannot be built without a package (Kimi K2.5's needs torchvision), PIL images are
+        # refused naming it (`process`); the processor's own outputs still come in with token ids.
+        self.processor, self.no_processor = None, ""
+        try:
+            self.processor = load_processor(model_dir)
+        except ValueError as e:
+            if "torchvision" not in str(e):
+                raise
+            self.no_processor = (f"the checkpoint's image processor needs torchvision, which is not installed "
+                                 f"({type(self.hf).__name__.removesuffix('Config')})")
+        if self.processor is not None and self.processor.image_token_id != self.image_token_id:
             raise ValueError(f"model={model_dir!r}: the processor's image token {self.image_token!r} is id "
                              f"{self.processor.image_token_id}, config.json's image_token_id is {self.image_token_id}.")
-        self.merge = int(self.hf.vision_config.spatial_merge_size)
+        merge = getattr(self.hf.vision_config, self.spec.merge_field)
+        if isinstance(merge, (list, tuple)):  # a merge kernel [m, m]
+            if len(set(merge)) != 1:
+                raise ValueError(f"model={model_dir!r}: vision_config.{self.spec.merge_field}={list(merge)} is not "
+                                 "square: only a square merge is supported.")
+            merge = merge[0]
+        self.merge = int(merge)
+
+    @property
+    def image_token(self) -> str:
+        """The placeholder's text (the processor's; its id where no processor could be built)."""
+        return self.processor.image_token if self.processor is not None else f"<id {self.image_token_id}>"
 
     # -- checks -----------------------------------------------------------------------
     def images_of(self, data: Any) -> list:
@@ -124,6 +150,10 @@ class ImageProcessor:
     def process(self, prompt: Any, data: Any) -> tuple[list[int], MultimodalInputs]:
         """(prompt token ids with the placeholders expanded, the request's MultimodalInputs)."""
         images = self.images_of(data)
+        if self.processor is None:
+            raise ValueError(f"prompt['multi_modal_data']['image'] as PIL images is not supported here: "
+                             f"{self.no_processor}. Send prompt_token_ids with the processor's pixel_values and "
+                             "image_grid_thw (docs/multimodal.md).")
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt={shown(prompt)} is invalid with multi_modal_data: give the text with one "
                              f"{self.image_token!r} per image (token ids go with the processor's outputs: docs/multimodal.md).")
@@ -140,9 +170,9 @@ class ImageProcessor:
         ids_1L = out["input_ids"]
         grid = tuple(tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist())
         pixels_PC = out["pixel_values"].to(torch.float32)
-        mrope_31L, delta_11 = self.rope_index(ids_1L, out["mm_token_type_ids"], out["image_grid_thw"])
-        mm = MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid), mrope_31L[:, 0].to(torch.int64).contiguous(),
-                              int(delta_11.reshape(-1)[0]), self.image_token_id, self.merge)
+        mrope_3L, delta = self.positions(ids_1L, out["image_grid_thw"])
+        mm = MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid), mrope_3L, delta, self.image_token_id,
+                              self.merge)
         return ids_1L[0].tolist(), mm
 
     def process_preprocessed(self, ids: list[int], data: Any, field: str = "prompt['multi_modal_data']['image']"
@@ -164,10 +194,14 @@ class ImageProcessor:
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{field}: pixel_values and image_grid_thw must be tensors or arrays.") from None
         vc = self.hf.vision_config
-        width = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
-        if not pixels_PC.is_floating_point() or pixels_PC.dim() != 2 or pixels_PC.shape[1] != width:
+        if self.spec.pixels == "flat":
+            patch_C: tuple[int, ...] = (int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2,)
+        else:  # one RGB patch per row, a Conv2d's input (Kimi K2.5's MoonViT)
+            patch_C = (3, int(vc.patch_size), int(vc.patch_size))
+        if not pixels_PC.is_floating_point() or tuple(pixels_PC.shape[1:]) != patch_C:
             raise ValueError(f"{field}['pixel_values'] has shape {tuple(pixels_PC.shape)} and dtype "
-                             f"{pixels_PC.dtype}: must be float [patches, {width}] for this checkpoint.")
+                             f"{pixels_PC.dtype}: must be float [patches, {', '.join(map(str, patch_C))}] for this "
+                             "checkpoint.")
         if grid_N3.dim() != 2 or grid_N3.shape[1] != 3 or grid_N3.is_floating_point() or grid_N3.shape[0] < 1:
             raise ValueError(f"{field}['image_grid_thw'] has shape {tuple(grid_N3.shape)}: must be integer "
                              "[images, 3] (t, h, w), at least one image.")
@@ -195,10 +229,18 @@ class ImageProcessor:
             raise ValueError(f"prompt_token_ids has image placeholder runs (id {self.image_token_id}) of {runs} "
                              f"tokens: the images need runs of {want}, one per image in order.")
         pixels_PC = pixels_PC.to(torch.float32)
-        mrope_31L, delta_11 = self.rope_index(ids_L[None], is_img_L.to(torch.int64)[None], grid_N3.to(torch.long))
-        return MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid),
-                                mrope_31L[:, 0].to(torch.int64).contiguous(), int(delta_11.reshape(-1)[0]),
-                                self.image_token_id, self.merge)
+        mrope_3L, delta = self.positions(ids_L[None], grid_N3.to(torch.long))
+        return MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid), mrope_3L, delta, self.image_token_id,
+                                self.merge)
+
+    def positions(self, ids_1L: torch.Tensor, grid_N3: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """(the prompt's 3-D rotary positions [3, L], the rope delta decode continues from) for a model with Qwen's
+        3-D rotary; (None, 0) for one whose tokens turn by their sequence positions."""
+        if self.spec.positions != "mrope":
+            return None, 0
+        types_1L = (ids_1L == self.image_token_id).to(torch.int64)
+        mrope_31L, delta_11 = self.rope_index(ids_1L, types_1L, grid_N3)
+        return mrope_31L[:, 0].to(torch.int64).contiguous(), int(delta_11.reshape(-1)[0])
 
     def rope_index(self, ids_1L: torch.Tensor, types_1L: torch.Tensor, grid_N3: torch.Tensor):
         """transformers' own get_rope_index (Qwen3_5MoeModel's), called on a stand-in for the model: it reads only

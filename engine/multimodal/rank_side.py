@@ -4,8 +4,9 @@ Each image of a request is encoded once, by the first step that computes one of 
 cache: a preempted request, or another with the same image, encodes nothing again), and kept while the rank holds
 the request; a step encodes only the images its own chunk reaches. A step's rows are the image placeholders it computes, wherever its chunk boundaries fall (a chunk may
 end inside an image: the rest of the image's rows go with the next chunk). Every token of a step that holds any
-image request gets 3-D rotary positions: the processor's for prompt positions, p + rope delta after the prompt
-(decode, and output tokens recomputed after a preemption), p on all three axes for text-only requests.
+image request gets 3-D rotary positions where the model has them (Qwen3.5): the processor's for prompt positions,
+p + rope delta after the prompt (decode, and output tokens recomputed after a preemption), p on all three axes for
+text-only requests; a model with 1-D positions (Kimi K2.5) gets the image rows alone.
 
 Legend: T the step's tokens, M its image tokens, D hidden, L a prompt's tokens, K a request's image tokens.
 """
@@ -20,7 +21,7 @@ from ..config.model import ModelConfig
 from ..config.multimodal import MultimodalConfig
 from .encoder import EncoderCache, VisionTower
 from .inputs import MultimodalInputs
-from .spec import multimodal_architecture
+from .spec import VISION_SPECS, multimodal_architecture
 
 
 @dataclass
@@ -29,7 +30,7 @@ class StepImages:
 
     rows_M: torch.Tensor
     embeds_MD: torch.Tensor
-    mrope_3T: torch.Tensor
+    mrope_3T: torch.Tensor | None  # None: a model with 1-D positions (its tokens turn as text does)
 
 
 @dataclass
@@ -43,8 +44,8 @@ class _Held:
 class ImageRunner:
     """The images of the requests one rank holds (module docstring)."""
 
-    def __init__(self, tower: VisionTower, cache_bytes: int, device: torch.device):
-        self.tower, self.device = tower, device
+    def __init__(self, tower: VisionTower, cache_bytes: int, device: torch.device, mrope: bool = True):
+        self.tower, self.device, self.mrope = tower, device, mrope
         self.cache = EncoderCache(cache_bytes)
         self._held: dict[str, _Held] = {}
         self._taken: tuple[int, int, float] = (0, 0, 0.0)
@@ -93,7 +94,8 @@ class ImageRunner:
 
     def plan(self, seqs: list[tuple[str, int, int]]) -> StepImages | None:
         """`seqs`: (request id, tokens computed before this step, tokens this step) in the flat batch's order.
-        None when no sequence of the step has images (a text step: untouched)."""
+        None when no sequence of the step has images (a text step: untouched), and, for a model with 1-D positions,
+        when the step computes no image token (its decode steps are text steps)."""
         if not any(rid in self._held for rid, _, _ in seqs):
             return None
         pos_parts, rows, embeds = [], [], []
@@ -101,7 +103,7 @@ class ImageRunner:
         for rid, start, n in seqs:
             p_n = torch.arange(start, start + n, dtype=torch.int64)
             h = self._held.get(rid)
-            if h is None:
+            if h is None or h.mm.mrope_3L is None:
                 pos_parts.append(p_n.expand(3, n))
             else:
                 L = h.mm.mrope_3L.shape[1]
@@ -110,15 +112,18 @@ class ImageRunner:
                 if bool(inside.any()):
                     seg_3n[:, inside] = h.mm.mrope_3L[:, p_n[inside]]
                 pos_parts.append(seg_3n)
+            if h is not None:
                 k0, k1 = np.searchsorted(h.placeholders_K, [start, start + n])
                 if k1 > k0:
                     rows.append(torch.from_numpy(h.placeholders_K[k0:k1] - start + t))
                     embeds.append(self._rows(h, int(k0), int(k1)))
             t += n
         dev = self.device
-        mrope_3T = torch.cat(pos_parts, dim=1).to(dev)
+        mrope_3T = torch.cat(pos_parts, dim=1).to(dev) if self.mrope else None
         if rows:
             return StepImages(torch.cat(rows).to(dev), torch.cat(embeds).to(dev), mrope_3T)
+        if mrope_3T is None:
+            return None
         return StepImages(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, 0, device=dev), mrope_3T)
 
 
@@ -129,7 +134,7 @@ def make_image_runner(model_cfg: ModelConfig, config: MultimodalConfig | None, d
     if arch is None or config is None or config.images == 0 or load_format == "dummy":
         return None
     return ImageRunner(VisionTower(model_cfg.model, arch, model_cfg.dtype, device), config.encoder_cache_bytes,
-                       device)
+                       device, mrope=VISION_SPECS[arch].positions == "mrope")
 
 
 __all__ = ["ImageRunner", "StepImages", "make_image_runner"]

@@ -1,12 +1,61 @@
-"""Which published multimodal checkpoints moelink runs with their images, read from config.json. No torch."""
+"""Which published multimodal checkpoints moelink runs with their images, and how each family's images reach its text
+model (a VisionSpec per wrapper architecture), read from config.json. No torch."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-# A multimodal wrapper (config.json architectures) -> the attribute of transformers' model that is its vision tower
-# (Qwen3_5MoeModel.visual) and where its tensors live in the checkpoint.
-VISION_TOWERS = {"Qwen3_5MoeForConditionalGeneration": "model.visual."}
+
+@dataclass(frozen=True)
+class VisionModule:
+    """One submodule of transformers' multimodal model that images go through (a vision tower, a projector): the
+    attribute transformers gives it, its class, the config it is built from and where its tensors live."""
+
+    attribute: str  # the name the model's get_image_features reads it by (self.visual, self.vision_tower)
+    cls: str  # "AutoModel" (AutoModel.from_config), else a class of the model's own transformers module
+    config_field: str  # the sub-config it is built from ("vision_config"); "" for the whole config
+    prefix: str  # its tensors in the checkpoint, as transformers' save_pretrained names them
+
+    def __post_init__(self) -> None:
+        if not self.attribute or not self.cls or not self.prefix.endswith("."):
+            raise ValueError(f"VisionModule({self.attribute!r}, {self.cls!r}, prefix={self.prefix!r}): attribute "
+                             "and class are required and the prefix must end in '.'.")
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """A multimodal family's images, as transformers runs them: its model class (whose own get_image_features
+    encodes, called on the submodules alone), the submodules, how the text model's tokens are positioned, and the
+    layout of the processor's pixel values."""
+
+    model_class: str  # transformers' base model (Qwen3_5MoeModel, Kimi_K25Model): its get_image_features encodes
+    modules: tuple[VisionModule, ...]
+    # "mrope": Qwen's 3-D rotary positions from the model's own get_rope_index; "1d": sequence positions (the
+    # text model rotates as for text: Kimi K2.5's DeepSeek-V3 MLA).
+    positions: str
+    merge_field: str  # the vision_config field of the spatial merge (an int, or a square kernel [m, m])
+    # The processor's pixel rows: "flat" [patches, channels x temporal x patch^2] (Qwen-VL); "chw" [patches, 3,
+    # patch, patch] (Kimi K2.5's MoonViT, a Conv2d patch embedding).
+    pixels: str
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("mrope", "1d") or self.pixels not in ("flat", "chw") or not self.modules:
+            raise ValueError(f"VisionSpec({self.model_class}): positions must be 'mrope' or '1d', pixels 'flat' or "
+                             "'chw', at least one module.")
+
+
+VISION_SPECS = {
+    "Qwen3_5MoeForConditionalGeneration": VisionSpec(
+        "Qwen3_5MoeModel", (VisionModule("visual", "AutoModel", "vision_config", "model.visual."),),
+        positions="mrope", merge_field="spatial_merge_size", pixels="flat"),
+    # Kimi K2.5 as transformers writes it (save_original_format=False; the published remote-code layout,
+    # KimiK25ForConditionalGeneration with a fused, rope-permuted wqkv, is served as its text model).
+    "Kimi_K25ForConditionalGeneration": VisionSpec(
+        "Kimi_K25Model", (VisionModule("vision_tower", "Kimi_K25VisionModel", "vision_config", "model.vision_tower."),
+                          VisionModule("mm_projector", "Kimi_K25MultimodalProjection", "", "model.mm_projector.")),
+        positions="1d", merge_field="merge_kernel_size", pixels="chw"),
+}
 
 
 def multimodal_architecture(model_dir: str) -> str | None:
@@ -19,7 +68,7 @@ def multimodal_architecture(model_dir: str) -> str | None:
         return None
     if not (Path(model_dir) / "preprocessor_config.json").is_file():
         return None
-    return next((a for a in archs if a in VISION_TOWERS), None)
+    return next((a for a in archs if a in VISION_SPECS), None)
 
 
 def published_model_type(model_dir: str) -> str:
@@ -30,4 +79,4 @@ def published_model_type(model_dir: str) -> str:
         return ""
 
 
-__all__ = ["VISION_TOWERS", "multimodal_architecture", "published_model_type"]
+__all__ = ["VISION_SPECS", "VisionModule", "VisionSpec", "multimodal_architecture", "published_model_type"]

@@ -118,8 +118,9 @@ class ModelRunner:
         # The requests' images (None: a text model, or images off): the vision tower, its cache, each step's rows.
         self.images = make_image_runner(model_cfg, multimodal, device, load_format)
         if self.images is not None and self.graph_sizes:
-            # A decode step of an image request turns by its 3-D positions, which a captured forward does not take.
-            logger.info("CUDA graphs off: a multimodal model's steps carry 3-D rotary positions (docs/multimodal.md).")
+            # A decode step of an image request turns by its 3-D positions, which a captured forward does not take
+            # (Qwen3.5; Kimi K2.5's 1-D decode steps carry nothing, but graphs with its images are untested on a GPU).
+            logger.info("CUDA graphs off: a multimodal model's steps carry image rows (docs/multimodal.md).")
             self.graph_sizes = ()
         if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
             # EAGLE-3, DeepSeek-V4's MTP (the hyper-connection streams)

@@ -118,7 +118,7 @@ class Serving:
             # a multimodal checkpoint served as its text model (GLM-5.3-Flash; a Qwen3.5-MoE saved without its processor)
             return (f"this server runs the text model of {self.model.name} ({self.model.architecture}); its vision "
                     "tower is not loaded, so only text and token ids are accepted.")
-        if self.model.text_weights_prefix:  # Qwen3.5-MoE with its processor
+        if self.model.text_weights_prefix:  # a multimodal checkpoint with its processor (Qwen3.5-MoE, Kimi K2.5)
             return (f"{self.model.name} ({self.model.architecture}) takes images as VllmEngine's preprocessed mm_inputs "
                     "(smg's gateway sends them for image_url parts) and through the Python API (multi_modal_data), "
                     "while its images are on (limit_mm_per_prompt); media_refs and video are not built "

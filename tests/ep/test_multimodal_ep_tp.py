@@ -1,4 +1,4 @@
-"""Images into Qwen3.5-MoE across ranks (issue 59, docs/multimodal.md): at EP 2 (Ray, CPU ranks, gloo, float64; each
+"""Images into Qwen3.5-MoE (and Kimi K2.5 at EP 2) across ranks (issue 59, docs/multimodal.md): at EP 2 (Ray, CPU ranks, gloo, float64; each
 rank its own requests, so each encodes its own requests' images: the tower data-parallel over images) and at TP 2
 (every rank of the group encodes the group's images, its heads rotated by the same 3-D positions), two image
 requests beside a text one give transformers' greedy tokens. Two-batch overlap is on: a step's image rows and 3-D
@@ -27,6 +27,30 @@ def test_image_requests_across_ranks_give_transformers_tokens(local_ray, tmp_pat
               **layout)
     try:
         prompts = [{"prompt": t, "multi_modal_data": {"image": i}} if i else t for t, i in reqs]
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+def test_kimi_image_requests_at_ep2_give_transformers_tokens(local_ray, tmp_path):
+    """Kimi K2.5 (MoonViT beside DeepSeek-V3 MLA, 1-D positions) at EP 2: each rank encodes its own requests' images
+    (the processor's outputs with token ids: its image processor needs torchvision, not installable here)."""
+    from tests.helpers.mm_checkpoints import KIMI_IMAGE, hf_kimi_greedy, kimi_ids, kimi_pixels, save_kimi_checkpoint
+
+    path = save_kimi_checkpoint(tmp_path)
+    one, two = kimi_pixels([(1, 8, 8)]), kimi_pixels([(2, 4, 6), (3, 6, 4)])
+    prompts = [{"prompt_token_ids": kimi_ids(path, f"one {KIMI_IMAGE} two", one["image_grid_thw"]),
+                "multi_modal_data": {"image": one}},
+               {"prompt_token_ids": kimi_ids(path, "plain text here", one["image_grid_thw"][:0])},
+               {"prompt_token_ids": kimi_ids(path, f"a {KIMI_IMAGE} b {KIMI_IMAGE} c", two["image_grid_thw"]),
+                "multi_modal_data": {"image": two}}]
+    want = [hf_kimi_greedy(path, p["prompt_token_ids"], p.get("multi_modal_data", {}).get("image"), NEW)
+            for p in prompts]
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4,
+              expert_parallel_size=2, enable_two_batch_overlap=True)
+    try:
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == want
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())

@@ -45,3 +45,62 @@ def hf_mm_greedy(path: str, text: str, images: list, max_new: int) -> list[int]:
         gen = model.generate(**inputs, do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new,
                              eos_token_id=None, pad_token_id=0)
     return gen[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+# -- Kimi K2.5 (engine/models/deepseek/tiny.save_kimi_k25_multimodal) ---------------------------------------------
+KIMI_IMAGE = "<|media_begin|><|media_pad|><|media_end|>"  # one image's place in a Kimi K2.5 prompt
+KIMI_PATCH = 4
+
+
+def save_kimi_checkpoint(out: Path, seed: int = 0) -> str:
+    from moelink.engine.models.deepseek.tiny import save_kimi_k25_multimodal
+
+    return save_kimi_k25_multimodal(out, seed)
+
+
+def has_torchvision() -> bool:
+    """Whether Kimi K2.5's image processor can be built (Kimi_K25ImageProcessor imports torchvision)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - a CUDA build beside CPU torch fails at import with RuntimeError
+        return False
+    return True
+
+
+def kimi_pixels(seeds_grids: list[tuple[int, int, int]]) -> dict:
+    """The processor's outputs for images of (seed, h, w) patch grids, in its layout ([patches, 3, patch, patch]
+    float32, grids [N, 3]): random normalised patches, since Kimi_K25ImageProcessor cannot run without torchvision.
+    Random pixels are as good an input as any for a random tower."""
+    pv, grid = [], []
+    for seed, h, w in seeds_grids:
+        g = torch.Generator().manual_seed(seed)
+        pv.append(torch.randn(h * w, 3, KIMI_PATCH, KIMI_PATCH, generator=g))
+        grid.append([1, h, w])
+    return {"pixel_values": torch.cat(pv), "image_grid_thw": torch.tensor(grid, dtype=torch.long)}
+
+
+def kimi_ids(path: str, text: str, grid_N3: torch.Tensor) -> list[int]:
+    """`text`'s token ids with each <|media_pad|> repeated for its image's tokens (h x w / 4), as
+    Kimi_K25Processor.replace_image_token expands it."""
+    from transformers import AutoTokenizer
+
+    pad, parts = "<|media_pad|>", text.split("<|media_pad|>")
+    assert len(parts) == len(grid_N3) + 1
+    out = parts[0]
+    for (_, h, w), rest in zip(grid_N3.tolist(), parts[1:]):
+        out += pad * (h * w // 4) + rest
+    return AutoTokenizer.from_pretrained(path)(out, add_special_tokens=False)["input_ids"]
+
+
+def hf_kimi_greedy(path: str, ids: list[int], pixels: dict | None, max_new: int) -> list[int]:
+    """transformers' Kimi_K25ForConditionalGeneration.generate in float64."""
+    import transformers
+
+    model = transformers.Kimi_K25ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float64, experts_implementation="eager").eval()
+    extra = {} if pixels is None else {"pixel_values": pixels["pixel_values"].to(torch.float64),
+                                       "image_grid_thw": pixels["image_grid_thw"]}
+    with torch.no_grad():
+        gen = model.generate(input_ids=torch.tensor([ids]), **extra, do_sample=False, max_new_tokens=max_new,
+                             min_new_tokens=max_new, eos_token_id=None, pad_token_id=0)
+    return gen[0, len(ids):].tolist()

@@ -26,4 +26,8 @@ MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 # `language_model.lm_head` -> `lm_head`): the text model is `language_model.model.*`, its head
 # `language_model.lm_head.weight` (checkpoint_headers.text_model_name maps both), beside `vision_tower.*` and
 # `mm_projector.*`.
-TEXT_MODELS = {"KimiK25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model.model.")}
+TEXT_MODELS = {"KimiK25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model.model."),
+               # transformers' own form (its save_pretrained with save_original_format=False): the text model under
+               # model.language_model., the head lm_head, MoonViT and its projector under model.vision_tower. and
+               # model.mm_projector. (engine/multimodal/ reads them).
+               "Kimi_K25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "model.language_model.")}

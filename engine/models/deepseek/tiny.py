@@ -159,4 +159,54 @@ ARCHS = {
                             format_fields={"fp8": {"index_head_dim": 16}}),
 }
 
-__all__ = ["ARCHS", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "kimi_k25_checkpoint"]
+
+
+# Kimi K2.5 in transformers' own form (Kimi_K25ForConditionalGeneration: MoonViT and its projector beside the
+# DeepSeek-V3 text model; docs/multimodal.md): the dsv3_lora text preset, a one-block tower at patch 4, merge 2x2
+# (a 16 x 24 image is 6 tokens), Kimi's media tokens after the tiny tokenizer's own (ids VOCAB..VOCAB+3).
+KIMI_MEDIA_TOKENS = ("<|media_begin|>", "<|media_end|>", "<|media_pad|>", "<|kimi_k25_video_placeholder|>")
+_KIMI_VISION = dict(patch_size=4, pos_emb_height=8, pos_emb_width=8, pos_emb_time=4, num_attention_heads=2,
+                    num_hidden_layers=1, hidden_size=16, intermediate_size=32, merge_kernel_size=[2, 2])
+
+
+def save_kimi_k25_multimodal(out, seed: int = 0, max_side: int = 64) -> str:
+    """A Kimi K2.5 multimodal checkpoint that takes images, written by transformers' save_pretrained in its own
+    tensor names (save_original_format=False: transformers' reverse of the published names is not the published
+    layout), the tiny tokenizer with Kimi's media tokens added, and the image processor's config beside it:
+    Kimi_K25ImageProcessor's own save_pretrained where torchvision is installed; without it (not installable here:
+    the class imports it) the same fields as JSON, which the processor reads where torchvision is."""
+    import json
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from ...tools.tiny_families import MAX_POS, VOCAB, build_hf_model, save_model, save_tokenizer
+
+    out = Path(out)
+    text = {"model_type": "deepseek_v3", "vocab_size": VOCAB + len(KIMI_MEDIA_TOKENS), "max_position_embeddings":
+            MAX_POS, "initializer_range": 0.1, **HF_TINY["dsv3_lora"][2]}
+    begin, end, pad, video = range(VOCAB, VOCAB + len(KIMI_MEDIA_TOKENS))
+    cfg = transformers.Kimi_K25Config(
+        text_config=text, vision_config=_KIMI_VISION, projection_hidden_size=_KIMI_VISION["hidden_size"],
+        image_token_id=pad, video_token_id=video, vision_start_token_id=begin, vision_end_token_id=end,
+        tie_word_embeddings=False)
+    cfg.architectures = ["Kimi_K25ForConditionalGeneration"]
+    save_model(build_hf_model(cfg, seed), out, cfg, torch.float64, fused=True)
+    save_tokenizer(out)  # the tiny tokenizer's own VOCAB tokens, then the media tokens after them
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_special_tokens({"additional_special_tokens": list(KIMI_MEDIA_TOKENS)})
+    tok.save_pretrained(out)
+    fields = dict(patch_size=_KIMI_VISION["patch_size"], merge_size=_KIMI_VISION["merge_kernel_size"][0],
+                  size={"max_height": max_side, "max_width": max_side})
+    try:
+        from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor
+    except ImportError:  # no torchvision
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "Kimi_K25ImageProcessor", "processor_class": "Kimi_K25Processor", **fields}))
+    else:
+        Kimi_K25ImageProcessor(**fields).save_pretrained(out)
+    return str(out)
+
+
+__all__ = ["ARCHS", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "KIMI_MEDIA_TOKENS", "kimi_k25_checkpoint",
+           "save_kimi_k25_multimodal"]
