@@ -84,6 +84,7 @@ def _text(client, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
     out = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == max_tokens
+    assert out.model == model  # the adapter's name, as vLLM answers (smg's says the base: the front renames it)
     return out.choices[0].text.rstrip("\ufffd")
 
 
@@ -117,7 +118,11 @@ def test_adapters_and_the_base_interleaved_each_get_their_tokens(server, case):
     assert got == [want[job] for job in jobs]
     chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                           temperature=0)
-    assert chat.usage.completion_tokens == 4
+    assert chat.usage.completion_tokens == 4 and chat.model == "a"
+    chunks = list(client.completions.create(model="b", prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert {c.model for c in chunks} == {"b"}
+    assert "".join(c.choices[0].text for c in chunks if c.choices).rstrip("\ufffd") == want[("b", PROMPTS[2])]
 
 
 def test_an_unknown_model_is_404_naming_it(server):

@@ -47,6 +47,7 @@ import h11
 from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
 from .lora_routes import forget_adapter, note_adapter
+from .model_name import copy_renamed, renamer
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key, tokenizer_ready
 from .tool_calls import asks_one_call, forget, note_one_call
@@ -280,7 +281,9 @@ class HttpFront:
                      b"connection: close"]
             up.request = b"\r\n".join(head) + b"\r\n\r\n" + body
             up.writer.write(up.request)
-            answer = asyncio.ensure_future(self._answer_from(up, writer))
+            # An adapter's answer says the adapter as its model, as vLLM's does (model_name.py).
+            rename = renamer(self.local.s.served_model_name, adapter) if adapter is not None else None
+            answer = asyncio.ensure_future(self._answer_from(up, writer, rename))
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             forget(relay_id)
@@ -298,7 +301,8 @@ class HttpFront:
         if not answer.cancelled():
             answer.result()  # smg's own failure (it closed early, a head over the limit): the caller's to handle
 
-    async def _answer_from(self, up: "_Upstream", writer: asyncio.StreamWriter) -> None:
+    async def _answer_from(self, up: "_Upstream", writer: asyncio.StreamWriter,
+                           rename: Optional[Callable[[bytes], bytes]] = None) -> None:
         """The request sent on (`up.writer` holds it), then smg's answer copied to the client as it comes until smg
         closes; its head with `connection: close`. A 503 `tokenizer_not_ready` is not copied: the request is sent
         again on a new connection (NOT_READY_RETRY_S)."""
@@ -318,6 +322,9 @@ class HttpFront:
             await asyncio.sleep(NOT_READY_POLL_S)
             up.reader, up.writer = await self._connect_upstream()
             up.writer.write(up.request)
+        if rename is not None:
+            await copy_renamed(_closing(head), up.reader, writer, rename)
+            return
         writer.write(_closing(head))
         await _copy(up.reader, writer)
 
