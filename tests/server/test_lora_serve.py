@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import threading
 
+import grpc
 import pytest
 
 from tests.helpers.grpc_server import ServerProcess, make_stubs
@@ -162,7 +162,7 @@ def test_load_while_requests_run_use_it_unload_it_then_it_is_refused(server, cas
         got = list(pool.map(lambda p: _text(client, "c", p), PROMPTS))
     assert got == [want[("c", p)] for p in PROMPTS]
     # The moelink.v1 gRPC request names it too.
-    with __import__("grpc").insecure_channel(srv.addr) as channel:
+    with grpc.insecure_channel(srv.addr) as channel:
         stubs = make_stubs(channel)
         msgs = list(stubs.native.Generate(stubs.pb.GenerateRequest(
             prompt=PROMPTS[0], lora_name="c", sampling_params=stubs.pb.SamplingParams(
@@ -177,4 +177,10 @@ def test_load_while_requests_run_use_it_unload_it_then_it_is_refused(server, cas
     assert "`c`" in str(exc.value)
     status, out = _post(port, "/v1/unload_lora_adapter", {"lora_name": "c"})
     assert status == 404 and out["error"]["param"] == "lora_name", out
+    with grpc.insecure_channel(srv.addr) as channel:
+        stubs = make_stubs(channel)
+        with pytest.raises(grpc.RpcError) as rpc:
+            list(stubs.native.Generate(stubs.pb.GenerateRequest(prompt="x", lora_name="c"), timeout=60,
+                                       metadata=(("authorization", f"Bearer {KEY}"),)))
+        assert rpc.value.code().name == "INVALID_ARGUMENT" and "lora_name='c'" in rpc.value.details()
     assert _text(client, "a", PROMPTS[1]) == want[("a", PROMPTS[1])]  # the others still served
