@@ -132,6 +132,9 @@ def test_an_unknown_model_is_404_naming_it(server):
     with pytest.raises(openai.NotFoundError) as exc:
         _client(port).completions.create(model="no-such-adapter", prompt="x", max_tokens=1)
     assert "no-such-adapter" in str(exc.value)
+    # smg's other generation routes do not take an adapter's name (docs/lora.md): its own 404, never the base model.
+    status, out = _post(port, "/v1/responses", {"model": "a", "input": "Hi", "max_output_tokens": 2})
+    assert status == 404, out
 
 
 def test_load_while_requests_run_use_it_unload_it_then_it_is_refused(server, case):
