@@ -233,7 +233,7 @@ class HttpFront:
         adapter = self.local.route_model(data) if self.local is not None else None
         new = rewrite(path, data)
         if adapter is not None:
-            new = dict(new if new is not None else data, model=self.local.s.served_model_name)
+            new = dict(new if new is not None else data, model=self.local.base_name)
         one_call = path == CHAT_PATH and asks_one_call(data)
         return body if new is None else json.dumps(new).encode(), one_call, adapter
 
@@ -282,7 +282,7 @@ class HttpFront:
             up.request = b"\r\n".join(head) + b"\r\n\r\n" + body
             up.writer.write(up.request)
             # An adapter's answer says the adapter as its model, as vLLM's does (model_name.py).
-            rename = renamer(self.local.s.served_model_name, adapter) if adapter is not None else None
+            rename = renamer(self.local.base_name, adapter) if adapter is not None else None
             answer = asyncio.ensure_future(self._answer_from(up, writer, rename))
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:

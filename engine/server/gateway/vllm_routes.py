@@ -69,6 +69,11 @@ class VllmRoutes:
         self.lora = lora_routes.LoraRoutes(serving)  # the adapters (lora_routes.py)
 
     @property
+    def base_name(self) -> str:
+        """The base model's first served name: what smg knows the worker as (and answers with)."""
+        return self.s.served_model_name
+
+    @property
     def max_model_len(self) -> int:
         return self.s.info.max_model_len
 
