@@ -181,7 +181,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a request's tokens and logprobs bitwise the same whatever else is in the batch, and a "
                         "decode step's logprob equal to the re-prefilled prompt logprob (docs/rl.md; vLLM's "
                         "VLLM_BATCH_INVARIANT=1 too). GQA, MLA, DSA, gated-DeltaNet and KDA models, one rank or expert-parallel; slower kernels")
+    _add_lora_args(p)
     add_vllm_engine_flags(p)
+
+
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's LoRA engine flags (docs/lora.md); `serve` adds --lora-modules (engine/server/cli.py)."""
+    p.add_argument("--enable-lora", dest="enable_lora", action="store_true", default=False,
+                   help=row("--enable-lora").says)
+    p.add_argument("--disable-lora", dest="enable_lora", action="store_false", help="serve no adapters (the default)")
+    p.add_argument("--max-loras", type=int, default=1, metavar="N", help=row("--max-loras").says)
+    p.add_argument("--max-lora-rank", type=int, default=16, metavar="R", help=row("--max-lora-rank").says)
+    p.add_argument("--max-cpu-loras", type=int, default=None, metavar="N", help=row("--max-cpu-loras").says)
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -213,4 +224,6 @@ def engine_args_from(ns: argparse.Namespace):
         seed=getattr(ns, "engine_seed", None),  # serve's --seed (generate's --seed is per request)
         batch_invariant=ns.batch_invariant, enable_return_routed_experts=ns.enable_return_routed_experts,
         limit_mm_per_prompt=ns.limit_mm_per_prompt, mm_max_pixels=ns.mm_max_pixels,
+        enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
+        max_cpu_loras=ns.max_cpu_loras,
     )

@@ -50,8 +50,7 @@ def refused(says: str) -> VllmFlag:
 
 # Reasons shared by several flags.
 RAY = "moelink places its ranks with Ray (in-process at one rank): --ray-address joins a cluster"
-LORA = ("LoRA adapters are served from the Python API only for now (LLM(enable_lora=True), docs/lora.md); "
-        "`moelink serve` takes no LoRA flags yet: serve a checkpoint with the adapter merged into its weights")
+LORA = "not built for LoRA yet (docs/lora.md#limits): leave it out"
 TEXT = "moelink serves text-only models: leave it out"
 KERNELS = "moelink runs its own kernels (Triton, picked per device; docs/kernels.md): leave it out"
 SLEEP = "sleep mode is not supported: stop the server to free the device"
@@ -79,7 +78,9 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--config",): refused("write the flags on the command line (moelink reads no YAML config)"),
     ("--grpc",): mapped("--no-http", "serve gRPC only (moelink.v1 and vllm.grpc.engine.VllmEngine on --port), no "
                                      "HTTP gateway"),
-    ("--lora-modules",): refused(LORA),
+    ("--lora-modules",): accepted("LoRA adapters served by name from the start (needs --enable-lora): name=path or "
+                                  "vLLM's JSON {\"name\", \"path\", \"base_model_name\"}; a request's model names "
+                                  "one (docs/lora.md)", "--enable-lora --lora-modules sql=/adapters/sql"),
     ("--chat-template",): to_gateway("a Jinja chat template file the managed gateway renders chats with",
                                      "--chat-template t.jinja"),
     ("--chat-template-content-format",): refused(GATEWAY),
@@ -415,12 +416,16 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--mm-processor-device",): refused(TEXT),
     ("--mm-ipc-gpu-memory-gb",): refused(TEXT),
     ("--mm-device-do-normalize", "--no-mm-device-do-normalize"): refused(TEXT),
-    ("--enable-lora", "--disable-lora"): refused(LORA),
-    ("--max-loras",): refused(LORA),
-    ("--max-lora-rank",): refused(LORA),
-    ("--lora-dtype",): refused(LORA),
+    ("--enable-lora", "--disable-lora"): accepted("serve LoRA adapters (--lora-modules, POST /v1/load_lora_adapter "
+                                                  "with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1; docs/lora.md)"),
+    ("--max-loras",): accepted("with --enable-lora: adapters one step may mix, the device slots of every rank "
+                               "(default 1)", "--enable-lora --max-loras 4"),
+    ("--max-lora-rank",): accepted("with --enable-lora: the largest adapter rank served (default 16)",
+                                   "--enable-lora --max-lora-rank 64"),
+    ("--lora-dtype",): refused("adapters run in the model's dtype: leave it out"),
     ("--enable-tower-connector-lora", "--disable-tower-connector-lora"): refused(LORA),
-    ("--max-cpu-loras",): refused(LORA),
+    ("--max-cpu-loras",): accepted("with --enable-lora: adapters each rank keeps read in host memory, least "
+                                   "recently used evicted (default --max-loras)", "--enable-lora --max-cpu-loras 8"),
     ("--fully-sharded-loras", "--no-fully-sharded-loras"): refused(LORA),
     ("--lora-target-modules",): refused(LORA),
     ("--default-mm-loras",): refused(LORA),

@@ -5,7 +5,9 @@ import argparse
 import os
 
 from ..api.cli_args import add_engine_args, engine_args_from
+from ..api.vllm_flag_table import row
 from .config import DEFAULT_MAX_MESSAGE_SIZE, ServerConfig
+from .lora_names import LoRAModule, parse_lora_module
 from .limits import add_limit_args, limits_from
 from ..api.kv_args import add_role_args, role_from_args
 from ..api.vllm_flags import OneValue, RequestLogFilter, add_refused_flags, add_vllm_server_flags
@@ -58,8 +60,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="json: one object per line with request ids, for log pipelines")
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
                    help="largest gRPC message, in bytes, received or sent")
+    p.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=[], metavar="NAME=PATH",
+                   help=row("--lora-modules").says)
     add_limit_args(p)
     add_role_args(p)
+
+
+def _lora_module(text: str) -> LoRAModule:
+    try:
+        return parse_lora_module(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def server_config_from(ns: argparse.Namespace) -> ServerConfig:
@@ -71,13 +82,16 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         gateway_port=ns.gateway_port, gateway_host=ns.gateway_host,
                         http_port=None if ns.no_http else ns.http_port, http_host=ns.http_host,
                         http_metrics_port=ns.http_metrics_port, http_metrics_host=ns.http_metrics_host,
-                        limits=limits_from(ns), gateway=gateway_options(ns))
+                        limits=limits_from(ns), gateway=gateway_options(ns), lora_modules=tuple(ns.lora_modules))
 
 
 def _serve(ns: argparse.Namespace) -> int:
     apply_kv_transfer_config(ns)  # vLLM's --kv-transfer-config onto --role and the --kv-* flags
     check_chat_template(ns.chat_template)  # the gateway reads it at its start: a bad one must stop us before the weights
     config = server_config_from(ns)  # validate server flags before loading any weights
+    if config.lora_modules and not ns.enable_lora:
+        raise ValueError(f"lora_modules={[m.name for m in config.lora_modules]!r} needs --enable-lora: the engine "
+                         "serves adapters only when started with it.")
     args = engine_args_from(ns)
     if ns.disable_log_requests:
         from .serving import logger as request_logger

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Union
 
 from .gateway.options import GatewayOptions, model_alias_refusal
 from .limits import DEFAULT_MAX_MESSAGE_SIZE, RequestLimits
+from .lora_names import LoRAModule
 from .tls import check_server_tls
 
 
@@ -46,6 +47,9 @@ class ServerConfig:
     # What the managed gateway (or the commands printed for one started by hand) is asked for beyond serving the
     # worker: vLLM's --tool-call-parser / --reasoning-parser / --chat-template (engine/server/gateway/options.py).
     gateway: GatewayOptions = field(default_factory=GatewayOptions)
+    # LoRA adapters served by name from the start (vLLM's --lora-modules; the engine needs enable_lora): checked
+    # against the checkpoint when the server is made (engine/server/lora_names.py).
+    lora_modules: tuple[LoRAModule, ...] = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -93,6 +97,11 @@ class ServerConfig:
         if not isinstance(self.gateway, GatewayOptions):
             bad("gateway", "must be a GatewayOptions")
         self._check_names(bad)
+        if not isinstance(self.lora_modules, tuple) or not all(isinstance(m, LoRAModule) for m in self.lora_modules):
+            bad("lora_modules", "must be a tuple of LoRAModule (--lora-modules name=path ...)")
+        names = [m.name for m in self.lora_modules]
+        if len(set(names)) != len(names):
+            bad("lora_modules", f"names an adapter twice ({sorted(n for n in names if names.count(n) > 1)[0]!r})")
 
     def _check_names(self, bad) -> None:
         names = self.served_model_name

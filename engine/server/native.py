@@ -55,10 +55,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _prepare(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
         which = request.WhichOneof("input")
+        # The adapter by its served name (engine/server/lora_names.py); empty: the base model.
+        lora = self.s.adapter(request.lora_name, "lora_name") if request.lora_name else None
         if which == "prompt":
-            return await self.s.prepare(rid, request.prompt, params, "prompt")
+            return await self.s.prepare(rid, request.prompt, params, "prompt", lora=lora)
         if which == "prompt_token_ids":
-            return await self.s.prepare(rid, request.prompt_token_ids.ids, params, "prompt_token_ids")
+            return await self.s.prepare(rid, request.prompt_token_ids.ids, params, "prompt_token_ids", lora=lora)
         raise ValueError("prompt is missing: set either prompt (text) or prompt_token_ids.")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:

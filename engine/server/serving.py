@@ -33,6 +33,7 @@ from ..core.outputs import Logprob, OutputKind, RequestOutput
 from ..core.prompt_bound import NoBound, bytes_per_token
 from ..core.rl_control import ControlDisabled
 from ..core.rl_memory import NotServing
+from ..contract.lora import LoRARequest
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
 from ..multimodal.spec import multimodal_architecture
 from ..contract.sampling_params import SamplingParams
@@ -42,6 +43,7 @@ from .config import ServerConfig
 from .gateway.hangups import Abandoned, Hangups, relay_of
 from .gateway.options import model_alias_refusal
 from .limits import OTHER_FIELD_MAX_BYTES
+from .lora_names import ServedAdapters
 from .registry import Draining, DuplicateRequest, Overloaded, RequestRegistry
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,17 @@ class Serving:
         # Requests being prepared (their grammar may be compiling), and HTTP clients that hung up (hangups.py).
         self.hangups = Hangups()
         self.bytes_per_token, self.max_prompt_bytes = self._prompt_byte_bound()
+        # LoRA adapters by name (--lora-modules, then /v1/load_lora_adapter): checked here, before the server
+        # binds, so a bad one stops the start naming it (lora_names.py).
+        self.adapters = ServedAdapters(getattr(getattr(engine, "engine", None), "lora_checker", None),
+                                       self.served_model_names + self.model_aliases)
+        for module in config.lora_modules:
+            if module.base_model_name is not None and module.base_model_name not in self.served_model_names + \
+                    self.model_aliases:
+                raise ValueError(f"lora_modules base_model_name={module.base_model_name!r} (adapter "
+                                 f"{module.name!r}) is invalid: this server serves "
+                                 f"{', '.join(map(repr, self.served_model_names))}.")
+            self.adapters.add(module.name, module.path, "lora_modules name")
 
     # -- facts (`self.info`) and live numbers ----------------------------------
     def stats(self):
@@ -163,16 +176,27 @@ class Serving:
         self.limits.check("max_request_id_chars", len(given))
         return given
 
+    def adapter(self, name: str, field: str) -> LoRARequest:
+        """The LoRARequest served as `name`; ValueError naming `field` when none is."""
+        request = self.adapters.get(name)
+        if request is None:
+            served = [a.lora_name for a in self.adapters.served()]
+            raise ValueError(f"{field}={shown(name)} is invalid: no LoRA adapter of that name is served "
+                             + (f"(served: {', '.join(map(repr, served))})." if served else
+                                "(none is)." if self.adapters.enabled else
+                                "(start the server with --enable-lora to serve adapters)."))
+        return request
+
     async def prepare(self, request_id: str, prompt, params: SamplingParams, field: str,
-                      keep: Optional[int] = None) -> ProcessedRequest:
+                      keep: Optional[int] = None, lora: Optional[LoRARequest] = None) -> ProcessedRequest:
         """Tokenize (text) and validate a request, once; ValueError names `field` (the proto field).
 
         `prompt`: text, or token ids (a list or a proto repeated field). `keep`: keep only the last
-        `keep` tokens (the VllmEngine protocol's truncate_prompt_tokens). Raises Abandoned when the client hung
-        up (through the managed gateway) or an Abort named the request meanwhile.
+        `keep` tokens (the VllmEngine protocol's truncate_prompt_tokens); `lora`: the request's adapter. Raises
+        Abandoned when the client hung up (through the managed gateway) or an Abort named the request meanwhile.
         """
         with self.hangups.watch(request_id) as watch:
-            processed = await self._prepare(request_id, prompt, params, field, keep)
+            processed = await self._prepare(request_id, prompt, params, field, keep, lora)
             watch.check()  # it may have left while a long prompt was tokenized on a thread
             if processed.params.structured_outputs is None or processed.grammar is not None:
                 return processed
@@ -182,10 +206,10 @@ class Serving:
             return await watch.unless_left(self.engine.with_grammar(processed))
 
     async def _prepare(self, request_id: str, prompt, params: SamplingParams, field: str,
-                       keep: Optional[int]) -> ProcessedRequest:
+                       keep: Optional[int], lora: Optional[LoRARequest] = None) -> ProcessedRequest:
         if isinstance(prompt, dict):  # token ids with images (vllm_engine.py's mm_inputs): checked on a thread
             return await asyncio.to_thread(self.engine.process_inputs, request_id, prompt, params, field,
-                                           compile_grammar=False)
+                                           compile_grammar=False, lora_request=lora)
         if isinstance(prompt, str):
             ids = await self._tokenize(prompt, field, keep)
         else:
@@ -197,9 +221,10 @@ class Serving:
             ids = list(prompt if keep is None else prompt[-keep:])
         process = self.engine.process_inputs
         if len(ids) <= INLINE_MAX_IDS:
-            processed = process(request_id, ids, params, field, compile_grammar=False)
+            processed = process(request_id, ids, params, field, compile_grammar=False, lora_request=lora)
         else:
-            processed = await asyncio.to_thread(process, request_id, ids, params, field, compile_grammar=False)
+            processed = await asyncio.to_thread(process, request_id, ids, params, field, compile_grammar=False,
+                                                lora_request=lora)
         return processed
 
     async def _tokenize(self, text: str, field: str, keep: Optional[int]) -> list[int]:

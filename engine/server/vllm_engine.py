@@ -36,6 +36,7 @@ from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
 from .serving import Serving, abort_rpc, top_logprobs, wire_logprob
 from .gateway.quirks import streamed_abort_as_error
+from .gateway.lora_routes import adapter_of
 from .gateway.tool_calls import one_call
 
 logger = logging.getLogger(__name__)
@@ -135,18 +136,23 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         if request.HasField("kv_transfer_params"):
             raise ValueError("kv_transfer_params (the typed Mooncake message) is not supported: it cannot name the "
                              "saved KV; send kv_transfer_params_json (vLLM's JSON object) instead.")
+        # smg's request has no LoRA field: the OpenAI front noted the adapter the HTTP `model` named under the
+        # request's relay id (gateway/lora_routes.py). Unloaded since: refused naming the model.
+        name = adapter_of(request.request_id)
+        lora = self.s.adapter(name, "model") if name is not None else None
         if request.HasField("mm_inputs"):
-            return await self._prepare_images(rid, request, params)
+            return await self._prepare_images(rid, request, params, lora)
         which = request.WhichOneof("input")
         # Only the kept tail is tokenized (a long text costs no more than it); process_inputs keeps the same.
         keep = kept_prompt_tokens(params, self.s.info.max_model_len)
         if which == "tokenized":
-            return await self.s.prepare(rid, request.tokenized.input_ids, params, "tokenized.input_ids", keep)
+            return await self.s.prepare(rid, request.tokenized.input_ids, params, "tokenized.input_ids", keep, lora)
         if which == "text":
-            return await self.s.prepare(rid, request.text, params, "text", keep)
+            return await self.s.prepare(rid, request.text, params, "text", keep, lora)
         raise ValueError("input is missing: set tokenized.input_ids (or text).")
 
-    async def _prepare_images(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
+    async def _prepare_images(self, rid: str, request: pb.GenerateRequest, params: SamplingParams,
+                              lora=None) -> ProcessedRequest:
         """smg's preprocessed images (engine/server/mm_wire.py) with the expanded token ids, through the engine's
         image processor's checks (docs/multimodal.md)."""
         image_token_id = self.s.engine.image_token_id
@@ -157,7 +163,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         prompt = {"prompt_token_ids": list(request.tokenized.input_ids),
                   "multi_modal_data": {"image": images_from_proto(request.mm_inputs, image_token_id)}}
         try:
-            return await self.s.prepare(rid, prompt, params, "tokenized.input_ids")
+            return await self.s.prepare(rid, prompt, params, "tokenized.input_ids", lora=lora)
         except ValueError as e:  # the Python API's names for what this request calls mm_inputs
             raise ValueError(str(e).replace("prompt['multi_modal_data']['image']", "mm_inputs").replace(
                 "prompt_token_ids", "tokenized.input_ids")) from None

@@ -46,6 +46,8 @@ import h11
 
 from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
+from .lora_routes import forget_adapter, note_adapter
+from .model_name import copy_renamed, renamer
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key, tokenizer_ready
 from .rl_routes import PATHS as RL_PATHS
@@ -72,8 +74,9 @@ NOT_READY_POLL_S = 0.2
 # /ping (answered here).
 PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations",
                  "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
-                 "/v1beta/interactions", "/health", "/health_generate", "/liveness", "/readiness", "/tokenize",
-                 "/detokenize", "/version", "/ping") + RL_PATHS
+                 "/v1beta/interactions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health",
+                 "/health_generate", "/liveness", "/readiness", "/tokenize", "/detokenize", "/version",
+                 "/ping") + RL_PATHS
 PROBES = ("/health", "/health_generate", "/readiness", "/ping")
 VERSION_PATH = "/version"
 PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
@@ -159,12 +162,12 @@ class HttpFront:
                 try:
                     # A large body is parsed off the event loop (every other connection and the engine's
                     # streams share it): 64 MiB of JSON takes a second or more.
-                    body, one_call = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES else \
-                        await asyncio.to_thread(self._inspect, request, body)
+                    body, one_call, adapter = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES \
+                        else await asyncio.to_thread(self._inspect, request, body)
                 except HttpFieldError as e:
-                    await _answer(conn, writer, 400, _error(str(e), e.field))
+                    await _answer(conn, writer, e.status, _error(str(e), e.field))  # 404: an unknown model
                     return
-                await self._relay(conn, request, body, reader, writer, one_call=one_call)
+                await self._relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
             pass  # the client went away or spoke no HTTP: nothing to answer
         finally:
@@ -225,22 +228,27 @@ class HttpFront:
             return True
         return False
 
-    def _inspect(self, request: h11.Request, body: bytes) -> tuple[bytes, bool]:
-        """(the body to relay, whether it asks for one required tool call): the body rewritten when a chat or
-        completions request carries vLLM's structured-output fields; the call's note is for the engine, which closes
-        smg's array of calls after one (tool_calls.py: smg 1.13 drops `parallel_tool_calls: false`)."""
+    def _inspect(self, request: h11.Request, body: bytes) -> tuple[bytes, bool, Optional[str]]:
+        """(the body to relay, whether it asks for one required tool call, the LoRA adapter its `model` names):
+        the body rewritten when a chat or completions request carries vLLM's structured-output fields, or names an
+        adapter (sent to smg under the base model's name: lora_routes.py); the call's note is for the engine, which
+        closes smg's array of calls after one (tool_calls.py: smg 1.13 drops `parallel_tool_calls: false`)."""
         path = request.target.split(b"?", 1)[0].decode("latin-1")
         if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH):
-            return body, False
+            return body, False, None
         refuse_too_deep(body)  # before json.loads and the json.dumps below, which recurse per level
         try:
             data = json.loads(body)
         except ValueError:
-            return body, False  # smg answers malformed JSON itself
+            return body, False, None  # smg answers malformed JSON itself
         if not isinstance(data, dict):
-            return body, False
+            return body, False, None
+        adapter = self.local.route_model(data) if self.local is not None else None
         new = rewrite(path, data)
-        return body if new is None else json.dumps(new).encode(), path == CHAT_PATH and asks_one_call(data)
+        if adapter is not None:
+            new = dict(new if new is not None else data, model=self.local.base_name)
+        one_call = path == CHAT_PATH and asks_one_call(data)
+        return body if new is None else json.dumps(new).encode(), one_call, adapter
 
     def _authorized(self, request: h11.Request) -> bool:
         """Whether the request carries the API key (any request does when there is none)."""
@@ -250,9 +258,10 @@ class HttpFront:
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
     async def _relay(self, conn, request: h11.Request, body: bytes, reader, writer, method: Optional[bytes] = None,
-                     target: Optional[bytes] = None, one_call: bool = False) -> None:
+                     target: Optional[bytes] = None, one_call: bool = False, adapter: Optional[str] = None) -> None:
         """Relay `request` (as `method` `target` when given) with `body` to smg, and its answer back. `one_call`:
-        the request asks for one required tool call (noted for the engine under its relay id, tool_calls.py)."""
+        the request asks for one required tool call (noted for the engine under its relay id, tool_calls.py);
+        `adapter`: the LoRA adapter its `model` named (noted the same way, lora_routes.py)."""
         method, target = method or request.method, target or request.target
         try:
             up = _Upstream(*await self._connect_upstream())
@@ -273,6 +282,8 @@ class HttpFront:
         relay_id = new_relay_id(_ID_KINDS.get(path, "req"), _header(request, b"x-request-id"))
         if one_call:
             note_one_call(relay_id)
+        if adapter is not None:
+            note_adapter(relay_id, adapter)
         # Watched from the start, not from smg's first byte: before it, a grammar may compile for many seconds.
         gone = asyncio.ensure_future(_until_eof(reader))
         answer = None
@@ -283,10 +294,13 @@ class HttpFront:
                      b"connection: close"]
             up.request = b"\r\n".join(head) + b"\r\n\r\n" + body
             up.writer.write(up.request)
-            answer = asyncio.ensure_future(self._answer_from(up, writer))
+            # An adapter's answer says the adapter as its model, as vLLM's does (model_name.py).
+            rename = renamer(self.local.base_name, adapter) if adapter is not None else None
+            answer = asyncio.ensure_future(self._answer_from(up, writer, rename))
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             forget(relay_id)
+            forget_adapter(relay_id)
             gone.cancel()
             if answer is not None and not answer.done():
                 answer.cancel()
@@ -300,7 +314,8 @@ class HttpFront:
         if not answer.cancelled():
             answer.result()  # smg's own failure (it closed early, a head over the limit): the caller's to handle
 
-    async def _answer_from(self, up: "_Upstream", writer: asyncio.StreamWriter) -> None:
+    async def _answer_from(self, up: "_Upstream", writer: asyncio.StreamWriter,
+                           rename: Optional[Callable[[bytes], bytes]] = None) -> None:
         """The request sent on (`up.writer` holds it), then smg's answer copied to the client as it comes until smg
         closes; its head with `connection: close`. A 503 `tokenizer_not_ready` is not copied: the request is sent
         again on a new connection (NOT_READY_RETRY_S)."""
@@ -320,6 +335,9 @@ class HttpFront:
             await asyncio.sleep(NOT_READY_POLL_S)
             up.reader, up.writer = await self._connect_upstream()
             up.writer.write(up.request)
+        if rename is not None:
+            await copy_renamed(_closing(head), up.reader, writer, rename)
+            return
         writer.write(_closing(head))
         await _copy(up.reader, writer)
 

@@ -35,7 +35,10 @@ SMG_CONSTRAINTS = ("regex", "ebnf", "json_schema", "response_format")
 
 
 class HttpFieldError(ValueError):
-    """A request field the gateway cannot pass on: `field` names it (the OpenAI error's `param`)."""
+    """A request field the gateway cannot pass on: `field` names it (the OpenAI error's `param`); `status` the HTTP
+    status it is answered with."""
+
+    status = 400
 
     def __init__(self, field: str, message: str):
         super().__init__(message)

@@ -30,6 +30,7 @@ from typing import Optional
 
 from ...core.no_tokenizer import NoTokenizer
 from ...contract.safe_text import shown
+from . import lora_routes
 from .openai_fields import HttpFieldError, refuse_too_deep
 
 TOKENIZE_PATH = "/tokenize"
@@ -52,6 +53,8 @@ _REFUSED = {"chat_template": "a request's own chat template is not taken (vLLM r
 class NotFound(HttpFieldError):
     """A `model` the server does not serve (HTTP 404, as vLLM answers)."""
 
+    status = 404
+
 
 class VllmRoutes:
     """Answers /v1/models, /tokenize and /detokenize from a Serving (serving.py) on the server's loop."""
@@ -63,6 +66,12 @@ class VllmRoutes:
         self.tokenizer = tok.with_chat_template(chat_template) if chat_template and hasattr(
             tok, "with_chat_template") else tok
         self.names = frozenset(serving.served_model_names) | frozenset(serving.model_aliases)
+        self.lora = lora_routes.LoraRoutes(serving)  # the adapters (lora_routes.py)
+
+    @property
+    def base_name(self) -> str:
+        """The base model's first served name: what smg knows the worker as (and answers with)."""
+        return self.s.served_model_name
 
     @property
     def max_model_len(self) -> int:
@@ -73,6 +82,9 @@ class VllmRoutes:
         request's query string, which these routes do not read.)"""
         if path == MODELS_PATH and method == b"GET":
             return 200, json.dumps(self.models()).encode()
+        if path in lora_routes.ROUTES:
+            status, out = await self.lora.answer(method, path, body)
+            return status, json.dumps(out).encode()
         if path not in ROUTES:
             return None
         if method != b"POST":
@@ -96,17 +108,28 @@ class VllmRoutes:
 
     # -- GET /v1/models ----------------------------------------------------------------
     def models(self) -> dict:
-        """vLLM's model list: one card per served name, the first the name answers report."""
+        """vLLM's model list: one card per served name, the first the name answers report, then one per LoRA
+        adapter (its `parent` the base model, its `root` its directory)."""
         now = int(time.time())
-        cards = [{"id": name, "object": "model", "created": now, "owned_by": "moelink", "root": self.s.model_arg,
-                  "parent": None, "max_model_len": self.max_model_len,
-                  "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
-                                  "created": now, "allow_create_engine": False, "allow_sampling": True,
-                                  "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-                                  "allow_fine_tuning": False, "organization": "*", "group": None,
-                                  "is_blocking": False}]}
-                 for name in self.s.served_model_names]
-        return {"object": "list", "data": cards}
+        cards = [self._card(name, now) for name in self.s.served_model_names]
+        return {"object": "list", "data": cards + self.lora.cards(now, self._card)}
+
+    def _card(self, name: str, now: int) -> dict:
+        return {"id": name, "object": "model", "created": now, "owned_by": "moelink", "root": self.s.model_arg,
+                "parent": None, "max_model_len": self.max_model_len,
+                "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                                "created": now, "allow_create_engine": False, "allow_sampling": True,
+                                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                                "allow_fine_tuning": False, "organization": "*", "group": None,
+                                "is_blocking": False}]}
+
+    def route_model(self, data: dict) -> Optional[str]:
+        """The LoRA adapter a chat or completions request's `model` names (None: the base model); NotFound (404)
+        for a name neither served nor an adapter (lora_routes.py)."""
+        try:
+            return self.lora.route(data.get("model"))
+        except LookupError as e:
+            raise NotFound("model", str(e.args[0])) from None
 
     # -- POST /tokenize ----------------------------------------------------------------
     def tokenize(self, data: dict) -> dict:
@@ -207,7 +230,7 @@ class VllmRoutes:
         model = data.get("model")
         if model is None:  # vLLM's model is optional on these routes
             return
-        if not isinstance(model, str) or model not in self.names:
+        if not isinstance(model, str) or (model not in self.names and self.s.adapters.get(model) is None):
             raise NotFound("model", f"The model `{shown(str(model), quote=False)}` does not exist: this server "
                                     f"serves {', '.join(map(repr, self.s.served_model_names))}.")
 
