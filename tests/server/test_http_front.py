@@ -59,6 +59,14 @@ def test_choice_over_http_is_enforced(http_port, path, field):
         assert status == 200 and text in CHOICES, (status, text)
 
 
+def test_the_rl_control_routes_answer_from_the_engine_on_moelink_serve(http_port):
+    """`moelink serve`'s front answers the RL routes itself (rl_routes.py), beside the tokenizer and LoRA routes:
+    the version read, a weight-changing call refused naming the flag this server was started without."""
+    assert http_request(http_port, "GET", "/get_weight_version") == (200, b'{"weight_version": null}')
+    status, raw = http_request(http_port, "POST", "/pause_generation", {"mode": "wait"})
+    assert status == 403 and "--enable-weight-updates" in json.loads(raw)["message"]
+
+
 def test_regex_grammar_and_json_through_structured_outputs(http_port):
     status, text = _post(http_port, "/v1/completions", seed=1, structured_outputs={"regex": "[a-c]{3}-[0-9]"})
     assert status == 200 and len(text) == 5 and text[3] == "-", text

@@ -213,10 +213,20 @@ class RlRoutes:
 
 
 class ChainedRoutes:
-    """Several local answerers in turn (vllm_routes.VllmRoutes, RlRoutes): the first that answers a path does."""
+    """Several local answerers in turn (vllm_routes.VllmRoutes, RlRoutes): the first that answers a path does. The
+    first is the model's own routes: what the front asks of the served names (`route_model`, `base_name`: which
+    LoRA adapter a request's `model` names, lora_routes.py) is its."""
 
-    def __init__(self, *answerers):
-        self.answerers = answerers
+    def __init__(self, models, *others):
+        self.models = models
+        self.answerers = (models, *others)
+
+    def route_model(self, data: dict) -> Optional[str]:
+        return self.models.route_model(data)
+
+    @property
+    def base_name(self) -> str:
+        return self.models.base_name
 
     async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
         for a in self.answerers:
