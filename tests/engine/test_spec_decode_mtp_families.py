@@ -1,0 +1,120 @@
+"""Speculative decoding with the MTP modules of the 2026 families (method "mtp"), one rank, or the refusal where
+moelink cannot build a family's module faithfully from the locked transformers.
+
+LongCat-Flash (engine/models/longcat_flash/mtp.py, layout "longcat"): transformers does not run the module, so the
+oracle is the engine itself:
+- Greedy outputs with MTP drafts are token-identical to decoding without speculation, k = 1 and 2, with chunked
+  prefill, batching and preemption in play, on a checkpoint whose module guesses the main model's next token
+  (tests.helpers.longcat_mtp_checkpoints.bigram_longcat_mtp): drafts accepted often, rejected too.
+- Every draft equals an independent recomputation (tests.helpers.mtp_oracle: the main model and the module run
+  from scratch over the whole sequence, float64), on random weights and on the bigram with the module's own
+  computation kept.
+- The module reads exactly the tensors the tiny preset writes in the published names, and the main model none.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import open_checkpoint
+from moelink.engine.models.registry import arch_spec
+from moelink.engine.spec.heads import make_mtp_layer, mtp_checkpoint_names
+from moelink.engine.spec.proposer import mtp as mtp_proposer
+from moelink.kernels.ops import ReferenceKernels
+
+from tests.helpers.draft_spy import record_drafts
+from tests.helpers.longcat_mtp_checkpoints import VOCAB, bigram_longcat_mtp, make_longcat_mtp
+from tests.helpers.mtp_oracle import MTPOracle
+
+# bigram_longcat_mtp's module scale per variant ("random": the tiny preset's module itself).
+VARIANTS = {"bigram": 0.0, "bigram_kv": 0.1}
+
+
+@pytest.fixture(scope="module")
+def longcat(tmp_path_factory):
+    built: dict = {}
+
+    def get(variant: str) -> str:
+        if "random" not in built:
+            built["random"] = make_longcat_mtp(tmp_path_factory.mktemp("longcat") / "ckpt")
+        if variant not in built:
+            built[variant] = bigram_longcat_mtp(built["random"], tmp_path_factory.mktemp("longcat") / variant,
+                                                mtp_scale=VARIANTS[variant])
+        return str(built[variant])
+
+    return get
+
+
+def _prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 40))] for _ in range(n)]
+
+
+def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16) -> tuple[list, object]:
+    # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    with LLM(path, dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
+             speculative_config=spec) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+
+
+@pytest.fixture(scope="module")
+def plain(longcat):
+    cache: dict = {}
+
+    def get(variant: str, dtype: str = "float32") -> list:
+        if (variant, dtype) not in cache:
+            cache[variant, dtype] = _generate(longcat(variant), dtype=dtype)[0]
+        return cache[variant, dtype]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+def test_longcat_greedy_with_mtp_drafts_equals_plain_decoding(longcat, plain, k):
+    got, stats = _generate(longcat("bigram"), {"method": "mtp", "num_speculative_tokens": k})
+    assert got == plain("bigram")
+    sd = stats.spec_decode
+    assert stats.num_preemptions_total > 0
+    assert 0.3 < sd.acceptance_rate < 1.0, sd
+    assert sum(sd.accepted_per_position) == sd.num_accepted_tokens
+    assert sd.num_verify_rows <= sd.num_draft_tokens <= k * sd.num_verify_rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["random", "bigram_kv"])
+def test_longcat_mtp_drafts_equal_the_module_run_over_the_whole_sequence(longcat, plain, variant, monkeypatch):
+    path, k = longcat(variant), 3
+    seen = record_drafts(monkeypatch)
+    monkeypatch.setattr(mtp_proposer, "_SCRATCH_ROWS", 1)  # the scratch grows mid-run
+    got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": k}, dtype="float64")
+    assert got == plain(variant, "float64")
+    assert stats.num_preemptions_total > 0 and len(seen) > 30
+    if variant == "bigram_kv":
+        assert stats.spec_decode.num_accepted_tokens > 0
+    oracle = MTPOracle(path)
+    wrong = [(tokens, drafts, want) for tokens, drafts in seen if drafts != (want := oracle.drafts(tokens, k))]
+    assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[0]}"
+
+
+@pytest.mark.slow
+def test_longcat_mtp_reads_the_published_names(longcat):
+    """The tiny preset's model.mtp.* tensors are exactly the module's plan (vLLM's LongCat MTP names: enorm.m,
+    hnorm.m, transformer_layer.mlp, model.mtp.norm), and the main model's loader counts them as MTP tensors."""
+    path = longcat("random")
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.num_nextn_predict_layers == 1
+    names = frozenset(open_checkpoint(cfg, "auto", torch.device("cpu")).keys())
+    mtp_names = set(mtp_checkpoint_names(cfg, names))
+    assert mtp_names == {n for n in names if n.startswith("model.mtp.")}
+    assert {"model.mtp.layers.0.enorm.m.weight", "model.mtp.norm.weight", "model.mtp.embed_tokens.weight",
+            "model.mtp.layers.0.transformer_layer.mlp.down_proj.weight"} <= mtp_names
+    layer = make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, ReferenceKernels(), torch.device("cpu"),
+                           None, names, embed_tokens=None, lm_head=torch.zeros(VOCAB, cfg.hidden_size))
+    assert set(layer.weight_plan(names)) == mtp_names
