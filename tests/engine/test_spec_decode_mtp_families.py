@@ -1,8 +1,9 @@
 """Speculative decoding with the MTP modules of the 2026 families (method "mtp"), one rank, or the refusal where
 moelink cannot build a family's module faithfully from the locked transformers.
 
-LongCat-Flash (engine/models/longcat_flash/mtp.py, layout "longcat"): transformers does not run the module, so the
-oracle is the engine itself:
+LongCat-Flash (engine/models/longcat_flash/mtp.py, layout "longcat") and Ling hybrid (engine/models/bailing_hybrid/
+mtp.py, layout "ling"; its main model's KDA states rolled back past rejected drafts): transformers does not run the
+modules, so the oracle is the engine itself:
 - Greedy outputs with MTP drafts are token-identical to decoding without speculation, k = 1 and 2, with chunked
   prefill, batching and preemption in play, on a checkpoint whose module guesses the main model's next token
   (tests.helpers.longcat_mtp_checkpoints.bigram_longcat_mtp): drafts accepted often, rejected too.
@@ -27,24 +28,27 @@ from moelink.engine.spec.proposer import mtp as mtp_proposer
 from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.draft_spy import record_drafts
-from tests.helpers.longcat_mtp_checkpoints import VOCAB, bigram_longcat_mtp, make_longcat_mtp
+from tests.helpers.family_mtp_checkpoints import VOCAB, bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
 from tests.helpers.mtp_oracle import MTPOracle
 
 # bigram_longcat_mtp's module scale per variant ("random": the tiny preset's module itself).
 VARIANTS = {"bigram": 0.0, "bigram_kv": 0.1}
 
 
+FAMILIES = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp}
+
+
 @pytest.fixture(scope="module")
-def longcat(tmp_path_factory):
+def checkpoints(tmp_path_factory):
     built: dict = {}
 
-    def get(variant: str) -> str:
-        if "random" not in built:
-            built["random"] = make_longcat_mtp(tmp_path_factory.mktemp("longcat") / "ckpt")
-        if variant not in built:
-            built[variant] = bigram_longcat_mtp(built["random"], tmp_path_factory.mktemp("longcat") / variant,
-                                                mtp_scale=VARIANTS[variant])
-        return str(built[variant])
+    def get(arch: str, variant: str) -> str:
+        if (arch, "random") not in built:
+            built[arch, "random"] = make_family_mtp(tmp_path_factory.mktemp(arch) / "ckpt", arch)
+        if (arch, variant) not in built:
+            built[arch, variant] = FAMILIES[arch](built[arch, "random"], tmp_path_factory.mktemp(arch) / variant,
+                                                  mtp_scale=VARIANTS[variant])
+        return str(built[arch, variant])
 
     return get
 
@@ -64,22 +68,23 @@ def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16
 
 
 @pytest.fixture(scope="module")
-def plain(longcat):
+def plain(checkpoints):
     cache: dict = {}
 
-    def get(variant: str, dtype: str = "float32") -> list:
-        if (variant, dtype) not in cache:
-            cache[variant, dtype] = _generate(longcat(variant), dtype=dtype)[0]
-        return cache[variant, dtype]
+    def get(arch: str, variant: str, dtype: str = "float32") -> list:
+        if (arch, variant, dtype) not in cache:
+            cache[arch, variant, dtype] = _generate(checkpoints(arch, variant), dtype=dtype)[0]
+        return cache[arch, variant, dtype]
 
     return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2])
-def test_longcat_greedy_with_mtp_drafts_equals_plain_decoding(longcat, plain, k):
-    got, stats = _generate(longcat("bigram"), {"method": "mtp", "num_speculative_tokens": k})
-    assert got == plain("bigram")
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_greedy_with_mtp_drafts_equals_plain_decoding(checkpoints, plain, arch, k):
+    got, stats = _generate(checkpoints(arch, "bigram"), {"method": "mtp", "num_speculative_tokens": k})
+    assert got == plain(arch, "bigram")
     sd = stats.spec_decode
     assert stats.num_preemptions_total > 0
     assert 0.3 < sd.acceptance_rate < 1.0, sd
@@ -89,25 +94,26 @@ def test_longcat_greedy_with_mtp_drafts_equals_plain_decoding(longcat, plain, k)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["random", "bigram_kv"])
-def test_longcat_mtp_drafts_equal_the_module_run_over_the_whole_sequence(longcat, plain, variant, monkeypatch):
-    path, k = longcat(variant), 3
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_mtp_drafts_equal_the_module_run_over_the_whole_sequence(checkpoints, plain, arch, variant, monkeypatch):
+    path, k = checkpoints(arch, variant), 3
     seen = record_drafts(monkeypatch)
     monkeypatch.setattr(mtp_proposer, "_SCRATCH_ROWS", 1)  # the scratch grows mid-run
     got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": k}, dtype="float64")
-    assert got == plain(variant, "float64")
+    assert got == plain(arch, variant, "float64")
     assert stats.num_preemptions_total > 0 and len(seen) > 30
     if variant == "bigram_kv":
         assert stats.spec_decode.num_accepted_tokens > 0
-    oracle = MTPOracle(path)
+    oracle = MTPOracle(path, hf_states=arch == "bailing_hybrid")  # KDA: transformers' states (mtp_oracle.py)
     wrong = [(tokens, drafts, want) for tokens, drafts in seen if drafts != (want := oracle.drafts(tokens, k))]
     assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[0]}"
 
 
 @pytest.mark.slow
-def test_longcat_mtp_reads_the_published_names(longcat):
+def test_longcat_mtp_reads_the_published_names(checkpoints):
     """The tiny preset's model.mtp.* tensors are exactly the module's plan (vLLM's LongCat MTP names: enorm.m,
     hnorm.m, transformer_layer.mlp, model.mtp.norm), and the main model's loader counts them as MTP tensors."""
-    path = longcat("random")
+    path = checkpoints("longcat_flash", "random")
     cfg = ModelConfig.from_pretrained(path)
     assert cfg.num_nextn_predict_layers == 1
     names = frozenset(open_checkpoint(cfg, "auto", torch.device("cpu")).keys())

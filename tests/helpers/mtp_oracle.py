@@ -16,12 +16,25 @@ CPU = torch.device("cpu")
 
 
 class MTPOracle:
-    """The main model and MTP layer of a checkpoint (float64, reference kernels), run from scratch per question."""
+    """The main model and MTP layer of a checkpoint (float64, reference kernels), run from scratch per question.
+    `hf_states`: the main model's final-normed states from transformers' own model instead of the engine's (a hybrid
+    model: the engine's linear-attention layers need the state pool this oracle does not build)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, hf_states: bool = False):
         self.cfg = ModelConfig.from_pretrained(path, "float64")
         self.model = load_model(self.cfg, ReferenceKernels(), CPU)
         self.mtp = load_mtp_layer(self.cfg, self.model, ReferenceKernels(), CPU)
+        self.hf = None
+        if hf_states:
+            from transformers import AutoModelForCausalLM
+
+            self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
+                                                           experts_implementation="eager").eval()
+
+    def _states(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.hf is not None:
+            return self.hf.model(input_ids=ids[None]).last_hidden_state[0]
+        return self.model(ids, torch.arange(len(ids)), self._ctx(len(ids)))
 
     def _ctx(self, n: int) -> ForwardContext:
         """One sequence of n tokens from position 0 over fresh caches (blocks 0.., the null block after)."""
@@ -40,7 +53,7 @@ class MTPOracle:
         (h_t, x_{t+1}) at position t; each chained step adds a row (the last row's output, the last draft)."""
         m = len(tokens) - 1
         ids = torch.tensor(tokens)
-        h_TD = self.model(ids[:m], torch.arange(m), self._ctx(m))
+        h_TD = self._states(ids[:m])
         rows_h, rows_tok, out = h_TD, ids[1:], []
         for _ in range(k):
             n = len(rows_tok)
