@@ -11,6 +11,7 @@ modules, so the oracle is the engine itself:
   from scratch over the whole sequence, float64), on random weights and on the bigram with the module's own
   computation kept.
 - The module reads exactly the tensors the tiny preset writes in the published names, and the main model none.
+Hy4 and GLM-5.3-Flash: method "mtp" refused, naming the field and why (Architecture.mtp_refused).
 """
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
+from moelink.engine.config.arch_spec import Architecture
+from moelink.engine.config.engine_args import EngineArgs
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.rank.loader import open_checkpoint
 from moelink.engine.models.registry import arch_spec
 from moelink.engine.spec.heads import make_mtp_layer, mtp_checkpoint_names
 from moelink.engine.spec.proposer import mtp as mtp_proposer
+from moelink.engine.tools.tiny_model import make_tiny_model
 from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.draft_spy import record_drafts
@@ -124,3 +128,25 @@ def test_longcat_mtp_reads_the_published_names(checkpoints):
     layer = make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, ReferenceKernels(), torch.device("cpu"),
                            None, names, embed_tokens=None, lm_head=torch.zeros(VOCAB, cfg.hidden_size))
     assert set(layer.weight_plan(names)) == mtp_names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, field", [("hy_v4", "model.mtp_layers")])
+def test_mtp_refused_where_the_module_is_unknown(tmp_path, arch, field):
+    """Hy4 and GLM-5.3-Flash publish MTP weights the locked transformers neither builds nor describes: method "mtp"
+    is refused at configuration, naming the field and why; the other methods still run."""
+    path = make_tiny_model(tmp_path / arch, arch)
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=128)
+    with pytest.raises(ValueError, match=rf"^speculative_config\.method='mtp' is not supported for \w+: its MTP "
+                                         rf"(module|layer) \({field}.*moelink does not guess"):
+        EngineArgs(str(path), speculative_config={"method": "mtp", "num_speculative_tokens": 2},
+                   **args).create_engine_config()
+    EngineArgs(str(path), speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                              "prompt_lookup_max": 2}, **args).create_engine_config()
+
+
+def test_architecture_mtp_fields_are_validated():
+    with pytest.raises(ValueError, match=r"mtp_unstated=-1 is invalid"):
+        Architecture("X", None, mtp_unstated=-1)
+    with pytest.raises(ValueError, match=r"mtp_refused is set, so mtp_layers must be False"):
+        Architecture("X", None, mtp_layers=True, mtp_refused="unknown")
