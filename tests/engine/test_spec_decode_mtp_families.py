@@ -131,7 +131,7 @@ def test_longcat_mtp_reads_the_published_names(checkpoints):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, field", [("hy_v4", "model.mtp_layers")])
+@pytest.mark.parametrize("arch, field", [("hy_v4", "model.mtp_layers"), ("glm5_next", "layers.45")])
 def test_mtp_refused_where_the_module_is_unknown(tmp_path, arch, field):
     """Hy4 and GLM-5.3-Flash publish MTP weights the locked transformers neither builds nor describes: method "mtp"
     is refused at configuration, naming the field and why; the other methods still run."""
