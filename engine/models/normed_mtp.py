@@ -36,7 +36,7 @@ from ..tp.group import TensorParallel
 from ..tp.vocab import VocabShard
 from .blocks.checkpoint import CHECKPOINT
 from .layers import ForwardContext, RMSNorm
-from .linear import FloatLinear, Linear
+from .linear import FloatLinear, Linear, linear_method
 from .moe_decoder import fused_experts_name, layer_weight_plan, lone_layer
 from .rope import RotaryEmbedding
 
@@ -85,7 +85,11 @@ class NormedMTPLayer(nn.Module):
         self.head = self._table(self.own_head, lm_head, "lm_head", device)
         self.enorm = RMSNorm(D, eps, kernels, dt, device)
         self.hnorm = RMSNorm(D, eps, kernels, dt, device)
-        self.eh_proj = Linear(2 * D, D, FloatLinear(), kernels, dt, device)
+        # Float unless the checkpoint ships its FP8 scale (LongCat-Flash-Chat-FP8 quantizes eh_proj; DeepSeek's FP8
+        # release keeps its own float).
+        scale = names.eh_proj.removesuffix("weight") + "weight_scale_inv"
+        method = linear_method(cfg.quantization, names.eh_proj.removesuffix(".weight")) if scale in ckpt else FloatLinear()
+        self.eh_proj = Linear(2 * D, D, method, kernels, dt, device)
         self.norm = RMSNorm(D, eps, kernels, dt, device)
         sparse = L in layer_cfg.sparse_layers
         self.moe_stats = MoEStats(1 if sparse else 0, cfg.num_experts, device)

@@ -150,3 +150,24 @@ def test_architecture_mtp_fields_are_validated():
         Architecture("X", None, mtp_unstated=-1)
     with pytest.raises(ValueError, match=r"mtp_refused is set, so mtp_layers must be False"):
         Architecture("X", None, mtp_layers=True, mtp_refused="unknown")
+
+
+@pytest.mark.slow
+def test_longcat_fp8_release_with_its_fp8_eh_proj(checkpoints, tmp_path):
+    """LongCat-Flash-Chat-FP8 ships the module's linears in FP8, eh_proj too (with its weight_scale_inv): the module
+    reads them so, and greedy with MTP drafts equals greedy without."""
+    from safetensors.torch import load_file, save_file
+
+    from moelink.engine.models.longcat_flash.mtp import LAYER
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import block_quantize
+
+    path = quantize_checkpoint(checkpoints("longcat_flash", "bigram"), tmp_path / "fp8", block=(16, 16))
+    mtp = load_file(path / "mtp.safetensors")
+    assert LAYER + "self_attn.q_b_proj.weight_scale_inv" in mtp and LAYER + "eh_proj.weight_scale_inv" not in mtp
+    mtp[LAYER + "eh_proj.weight"], mtp[LAYER + "eh_proj.weight_scale_inv"] = block_quantize(
+        mtp[LAYER + "eh_proj.weight"], (16, 16))
+    save_file(mtp, str(path / "mtp.safetensors"), metadata={"format": "pt"})
+    want, _ = _generate(str(path), max_tokens=8)
+    got, stats = _generate(str(path), {"method": "mtp", "num_speculative_tokens": 2}, max_tokens=8)
+    assert got == want and stats.spec_decode.num_accepted_tokens > 0
