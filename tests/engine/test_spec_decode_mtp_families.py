@@ -171,3 +171,17 @@ def test_longcat_fp8_release_with_its_fp8_eh_proj(checkpoints, tmp_path):
     want, _ = _generate(str(path), max_tokens=8)
     got, stats = _generate(str(path), {"method": "mtp", "num_speculative_tokens": 2}, max_tokens=8)
     assert got == want and stats.spec_decode.num_accepted_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_dummy_weights_run_the_mtp_module(checkpoints, arch):
+    path = checkpoints(arch, "random")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, detokenize=False)
+    runs = []
+    for spec in (None, {"method": "mtp", "num_speculative_tokens": 2}):
+        with LLM(path, dtype="float32", max_model_len=256, num_kv_blocks=64, block_size=4, load_format="dummy",
+                 speculative_config=spec) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in _prompts(4)], params, use_tqdm=False)
+            runs.append(([o.outputs[0].token_ids for o in outs], llm.engine.stats().spec_decode))
+    assert runs[0][0] == runs[1][0] and runs[1][1].num_draft_tokens > 0
