@@ -128,6 +128,9 @@ def test_longcat_mtp_reads_the_published_names(checkpoints):
     layer = make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, ReferenceKernels(), torch.device("cpu"),
                            None, names, embed_tokens=None, lm_head=torch.zeros(VOCAB, cfg.hidden_size))
     assert set(layer.weight_plan(names)) == mtp_names
+    from moelink.engine.models.longcat_flash import mtp, tiny
+
+    assert (tiny.PREFIX, tiny.LAYER) == (mtp.PREFIX, mtp.LAYER)  # the writer's names are the reader's
 
 
 @pytest.mark.slow

@@ -17,6 +17,10 @@ import torch
 from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, save_model
 
 ARCH = "LongcatFlashForCausalLM"
+# The published prefixes (mtp.py reads them; this module's floor, engine/tools', cannot import it: the names test,
+# tests/engine/test_spec_decode_mtp_families.py, checks that the two agree).
+PREFIX = "model.mtp."
+LAYER = PREFIX + "layers.0."
 FIELDS = dict(
     hidden_size=32, ffn_hidden_size=48, num_layers=2, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16,
     qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=3, n_routed_experts=6, zero_expert_num=2,
@@ -72,7 +76,6 @@ def add_mtp_module(out: str | Path, *, seed: int = 0) -> None:
     from safetensors.torch import save_file
 
     from ...tools.file_modes import umask_mode
-    from .mtp import LAYER, PREFIX
 
     out = Path(out)
     if (out / "model.safetensors.index.json").exists():
