@@ -10,7 +10,9 @@ modules, so the oracle is the engine itself:
 - Every draft equals an independent recomputation (tests.helpers.mtp_oracle: the main model and the module run
   from scratch over the whole sequence, float64), on random weights and on the bigram with the module's own
   computation kept.
+- Greedy with MTP drafts equals transformers' own greedy (float64), with prefix-cache hits, every block freed.
 - The module reads exactly the tensors the tiny preset writes in the published names, and the main model none.
+- FP8 (LongCat-Flash-Chat-FP8's layout, eh_proj included) and load_format "dummy" run the module too.
 Hy4 and GLM-5.3-Flash: method "mtp" refused, naming the field and why (Architecture.mtp_refused).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ from moelink.kernels.ops import ReferenceKernels
 from tests.helpers.draft_spy import record_drafts
 from tests.helpers.family_mtp_checkpoints import VOCAB, bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
 from tests.helpers.mtp_oracle import MTPOracle
+from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
 
 # bigram_longcat_mtp's module scale per variant ("random": the tiny preset's module itself).
 VARIANTS = {"bigram": 0.0, "bigram_kv": 0.1}
@@ -188,3 +191,23 @@ def test_dummy_weights_run_the_mtp_module(checkpoints, arch):
             outs = llm.generate([{"prompt_token_ids": p} for p in _prompts(4)], params, use_tqdm=False)
             runs.append(([o.outputs[0].token_ids for o in outs], llm.engine.stats().spec_decode))
     assert runs[0][0] == runs[1][0] and runs[1][1].num_draft_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_greedy_with_mtp_drafts_equals_transformers_with_prefix_hits(checkpoints, arch):
+    """Bigram module, k = 2, prompts of 1-150 tokens in 64-token steps with preemption, then every prompt again
+    (prefix-cache hits; Ling's KDA states from state checkpoints): greedy equals transformers' own (float64), and
+    every block and state slot comes back."""
+    path = checkpoints(arch, "bigram")
+    ps = prompts(VOCAB, seed=42, n=10, lo=1, hi=150)
+    want = hf_greedy(path, ps)
+    with LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, dtype="float64",
+             max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8, num_state_checkpoints=8) as llm:
+        assert_same(engine_greedy(llm, ps), want, ps)
+        hits = llm.engine.stats().prefix_cache_hits
+        assert_same(engine_greedy(llm, ps), want, ps)
+        stats = llm.engine.stats()
+        assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > hits
+        assert stats.spec_decode.num_accepted_tokens > 0
+        assert_pool_free(llm)
