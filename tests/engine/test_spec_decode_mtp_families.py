@@ -211,3 +211,15 @@ def test_greedy_with_mtp_drafts_equals_transformers_with_prefix_hits(checkpoints
         assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > hits
         assert stats.spec_decode.num_accepted_tokens > 0
         assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_longcat_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
+    """config.json names no count, so a LongCat checkpoint counts one module (vLLM's rule); one saved without it is
+    refused when the drafter loads, naming the first missing tensor."""
+    path = make_tiny_model(tmp_path / "plain", "longcat_flash")
+    assert ModelConfig.from_pretrained(str(path)).num_nextn_predict_layers == 1
+    with pytest.raises(ValueError, match=r"is missing MTP tensor 'model\.mtp\.layers\.0\.eh_proj\.weight' \(and \d+ "
+                                         r"more\): speculative method 'mtp' reads the whole MTP layer"):
+        LLM(str(path), dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
