@@ -78,8 +78,18 @@ class Architecture:
     # engine/spec/heads/qwen_mtp.py) or a family's own, registered by its kinds.py (DeepSeek-V4's: top-level `mtp.{i}.*`
     # over the hyper-connection streams; engine/models/deepseek_v4/mtp.py).
     mtp_layout: str = "nextn"
+    # The MTP modules its checkpoints hold when config.json counts none (LongCat-Flash's config names no count and
+    # its release ships one, as vLLM reads it): 0 for the others, whose files say.
+    mtp_unstated: int = 0
+    # Why speculative method "mtp" is refused for it though its release publishes MTP weights (the field or
+    # tensors moelink cannot build faithfully from the locked transformers): "" where it is served or absent.
+    mtp_refused: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mtp_unstated, int) or self.mtp_unstated < 0:
+            raise ValueError(f"Architecture {self.name}: mtp_unstated={self.mtp_unstated!r} is invalid: an integer >= 0.")
+        if self.mtp_refused and self.mtp_layers:
+            raise ValueError(f"Architecture {self.name}: mtp_refused is set, so mtp_layers must be False.")
         if not isinstance(self.mtp_layout, str) or not self.mtp_layout.isidentifier():
             raise ValueError(f"Architecture {self.name}: mtp_layout={self.mtp_layout!r} is invalid: choose from "
                              f"{', '.join(map(repr, MTP_LAYOUTS))} or a layout a family registers "

@@ -265,7 +265,7 @@ class ModelConfig:
         # Qwen3-Next / Qwen3.5 name the count mtp_num_hidden_layers (their MTP modules: engine/spec/heads/qwen_mtp.py).
         if arch in MTP_ARCHITECTURES:
             fields["num_nextn_predict_layers"] = (raw.get("num_nextn_predict_layers")
-                                                  or raw.get("mtp_num_hidden_layers") or 0)
+                                                  or raw.get("mtp_num_hidden_layers") or REGISTRY[arch].mtp_unstated)
         fields["quantization"] = resolve_quantization(fields.get("quantization"), quantization, fp8_block_size)
         if text_prefix and getattr(fields["quantization"], "method", None) == "int4":
             # its target / ignore names may be spelled as the files name the text model ("language_model.model.")

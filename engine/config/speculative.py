@@ -21,6 +21,7 @@ from moelink.scheduler.config import SchedulerConfig
 if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS)
     from ..contract.spec_decoding import HostDrafter
 
+from .architectures import REGISTRY
 from .eagle3 import check_eagle3_target, read_eagle3_config
 from .model_source import resolve_model_dir
 
@@ -104,7 +105,12 @@ class SpeculativeConfig:
         return 0
 
     def check_model(self, num_nextn_predict_layers: int, architecture: str) -> None:
-        """Refuse method "mtp" for a checkpoint without MTP layers (config.json's num_nextn_predict_layers)."""
+        """Refuse method "mtp" for a checkpoint without MTP layers (config.json's num_nextn_predict_layers), or for
+        an architecture whose published MTP module moelink cannot build faithfully (Architecture.mtp_refused)."""
+        refused = REGISTRY[architecture].mtp_refused if architecture in REGISTRY else ""
+        if self.runs_mtp and refused:
+            raise ValueError(f"speculative_config.method='mtp' is not supported for {architecture}: {refused} "
+                             "Use method 'ngram' (or 'eagle3' with a head trained for it).")
         if self.runs_mtp and num_nextn_predict_layers < 1:
             raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
                              f"num_nextn_predict_layers={num_nextn_predict_layers} ({architecture}: no MTP layers to "

@@ -22,17 +22,12 @@ import torch
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.config.engine_args import EngineArgs
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models.layers import ForwardContext
-from moelink.engine.rank.loader import load_model
 from moelink.engine.spec.proposer import mtp as mtp_proposer
-from moelink.engine.spec.proposer.mtp import load_mtp_layer
-from moelink.kernels.attention import AttentionMetadata
-from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.draft_spy import record_drafts
 from tests.helpers.mtp_checkpoints import VOCAB, bigram_mtp, make_mtp_model
+from tests.helpers.mtp_oracle import MTPOracle as _Oracle
 
-CPU = torch.device("cpu")
 ARCHS = ("deepseek_v3", "glm4_moe")
 
 
@@ -152,42 +147,6 @@ def test_mtp_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatc
                              max_tokens=8)
     assert stats.spec_decode.num_accepted_tokens > 0
     assert counter.count == 0, counter.where
-
-
-class _Oracle:
-    """The main model and MTP layer of a checkpoint (float64, reference kernels), run from scratch per question."""
-
-    def __init__(self, path: str):
-        self.cfg = ModelConfig.from_pretrained(path, "float64")
-        self.model = load_model(self.cfg, ReferenceKernels(), CPU)
-        self.mtp = load_mtp_layer(self.cfg, self.model, ReferenceKernels(), CPU)
-
-    def _ctx(self, n: int) -> ForwardContext:
-        """One sequence of n tokens from position 0 over fresh caches (blocks 0.., the null block after)."""
-        bs = 4
-        blocks = -(-n // bs)
-        caches = [tuple(torch.zeros(s, dtype=torch.float64) for s in self.cfg.attention.cache_shapes(blocks, bs))
-                  for _ in range(self.cfg.num_layers + 1)]
-        meta = AttentionMetadata(torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
-                                 torch.arange(blocks, dtype=torch.int32)[None], torch.arange(n), [n], [n], n, n,
-                                 null_block=blocks)
-        return ForwardContext(meta, caches)
-
-    @torch.no_grad()
-    def drafts(self, tokens: list[int], k: int) -> list[int]:
-        """What the drafter must propose after `tokens` (x_0 .. x_m, x_m just emitted): rows t = 0 .. m-1 read
-        (h_t, x_{t+1}) at position t; each chained step adds a row (the last row's output, the last draft)."""
-        m = len(tokens) - 1
-        ids = torch.tensor(tokens)
-        h_TD = self.model(ids[:m], torch.arange(m), self._ctx(m))
-        rows_h, rows_tok, out = h_TD, ids[1:], []
-        for _ in range(k):
-            n = len(rows_tok)
-            y_TD = self.mtp(torch.arange(n), rows_tok, rows_h, self._ctx(n))
-            d = int(self.mtp.compute_logits(y_TD[-1:]).argmax(dim=-1))
-            out.append(d)
-            rows_h, rows_tok = torch.cat([rows_h, y_TD[-1:]]), torch.cat([rows_tok, torch.tensor([d])])
-        return out
 
 
 @pytest.mark.parametrize("variant", ["random", "bigram_kv"])

@@ -6,9 +6,10 @@ from ...config.arch_spec import PROJ, ArchSpec, Architecture
 ARCHITECTURES = (
     # Ling hybrid as published: the embedding at model.word_embeddings, every attention layer (KDA or MLA) under
     # `attention` with its output projection `dense`, the router's correction bias `mlp.gate.expert_bias` (the
-    # "ling" checkpoint kind maps the names; kinds.py); experts per expert under mlp.experts.
+    # "ling" checkpoint kind maps the names; kinds.py); experts per expert under mlp.experts; its MTP modules
+    # (model.layers.{num_hidden_layers + i}.*, config.json's num_nextn_predict_layers) in the layout "ling" (mtp.py).
     Architecture("BailingHybridForCausalLM",
                  ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ, correction_bias="gate.expert_bias",
                           checkpoint="ling"),
-                 model_type="bailing_hybrid"),
+                 model_type="bailing_hybrid", mtp_layers=True, mtp_layout="ling"),
 )

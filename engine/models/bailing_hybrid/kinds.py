@@ -35,3 +35,4 @@ def _plan(cfg: ModelConfig, spec: ArchSpec, plan: WeightPlan, names: frozenset[s
 CHECKPOINT.add("ling", CheckpointKind(_plan, converted))
 
 __all__ = ["published_name"]
+from . import mtp  # noqa: E402,F401  (registers the MTP layout "ling")

@@ -19,7 +19,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     model dtype) or MLA (interleaved rope, yarn's mscale in the softmax scale, a sigmoid gate per head on its output);
     mlp_layer_types a dense MLP or routed experts (sigmoid, noaux_tc in n_group groups with the correction bias,
     renormalised, scaled) beside n_shared_experts shared ones. Its MTP layers (layers num_hidden_layers and on) are
-    not read (transformers ignores them too)."""
+    the speculative drafter's only (mtp.py; transformers ignores them)."""
     from transformers.models.bailing_hybrid.modeling_bailing_hybrid import yarn_apply_mscale
 
     layer_types = layer_kinds(hf, "layer_types", _LAYER_TYPES, c["num_layers"])

@@ -8,6 +8,11 @@ the correction bias and a shared expert.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
 from ...tools.tiny_families import Preset, TinyArch, preset_writer
 
 BAILING: Preset = ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
@@ -18,10 +23,63 @@ BAILING: Preset = ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
     eos_token_id=None,
     layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"]))
 
+_write_main = preset_writer(BAILING, drawn=True)
+
+
+def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapping) -> object:
+    """TinyArch.write: the preset with `overrides`; with num_nextn_predict_layers=1 (or num_mtp_layers=1) its MTP
+    module too (`add_mtp_module`)."""
+    n = overrides.get("num_nextn_predict_layers", overrides.get("num_mtp_layers", 0))
+    main = {k: v for k, v in overrides.items() if k not in ("num_nextn_predict_layers", "num_mtp_layers")}
+    path = _write_main(out, seed=seed, dtype=dtype, fmt=fmt, overrides={**main, "num_mtp_layers": n})
+    if n:
+        if n != 1:
+            raise ValueError(f"num_nextn_predict_layers={n!r}: the tiny Ling hybrid writes one MTP module (0 or 1).")
+        add_mtp_module(out, seed=seed)
+    return path
+
+
+def add_mtp_module(out: str | Path, *, seed: int = 0) -> None:
+    """Append MTP module 0 in the published names (mtp.py) to the tiny checkpoint in `out` (transformers neither
+    builds nor saves it): `model.layers.{L}.*` in mtp.safetensors, its decoder layer shaped as the last main layer
+    (MLA + routed experts in the preset), drawn from a stream of its own; norms around 1, matrices fan-in scaled,
+    the correction bias small."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ...tools.file_modes import umask_mode
+
+    out = Path(out)
+    if (out / "model.safetensors.index.json").exists():
+        raise ValueError(f"add_mtp_module: {out} is sharded; the tiny writer appends to one model.safetensors only.")
+    L = int(json.loads((out / "config.json").read_text())["num_hidden_layers"])
+    with safe_open(str(out / "model.safetensors"), framework="pt") as st:
+        src = f"model.layers.{L - 1}."
+        template = {f"model.layers.{L}.{n[len(src):]}": st.get_tensor(n) for n in st.keys() if n.startswith(src)}
+        norm = st.get_tensor("model.norm.weight")
+    D, p = norm.shape[0], f"model.layers.{L}."
+    template.update({p + "enorm.weight": norm, p + "hnorm.weight": norm, p + "final_layernorm.weight": norm,
+                     p + "eh_proj.weight": norm.new_zeros(D, 2 * D)})
+    gen = torch.Generator().manual_seed(seed + 7919)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in sorted(template.items()):
+        x = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        if name.endswith("expert_bias"):
+            x = 0.05 * x
+        elif t.dim() == 1:
+            x = 1 + 0.2 * x
+        else:
+            x = x * (2.0 if name.endswith("mlp.gate.weight") else 1.0) / t.shape[-1] ** 0.5
+        tensors[name] = x.to(t.dtype)
+    save_file(tensors, str(out / "mtp.safetensors"), metadata={"format": "pt"})
+    umask_mode([out / "mtp.safetensors"])
+
+
 # Float only for now: the KDA projections run float (gated DeltaNet's rule).
 ARCHS = {
-    "bailing_hybrid": TinyArch("BailingHybridForCausalLM", "Ling hybrid (bailing_hybrid)", ("float",),
-                               write=preset_writer(BAILING, drawn=True)),
+    "bailing_hybrid": TinyArch("BailingHybridForCausalLM", "Ling hybrid (bailing_hybrid)", ("float",), write=write),
 }
 
-__all__ = ["ARCHS", "BAILING"]
+__all__ = ["ARCHS", "BAILING", "add_mtp_module", "write"]

@@ -22,6 +22,13 @@ ALIASES = (
     *((f"hc_head.hc_{p}", f"hc_pre.hc_head.hc_head_{p}") for p in ("fn", "base", "scale")),
 )
 
+# Speculative method "mtp" (engine/config/speculative.py names this reason): the release ships an MTP module, but the
+# locked transformers shows only its prefix, so moelink builds none rather than guess its structure.
+_MTP_REFUSED = ("its MTP module (model.mtp_layers.*) is not built by transformers 5.24 (HYV4ForCausalLM ignores "
+                "model.mtp_layers.* and HYV4Config names no count), so how it meets the main model's hyper-connection "
+                "streams (which state it conditions on, whether it keeps its own hc_pre / hc_head) is unknown; "
+                "moelink does not guess it.")
+
 ARCHITECTURES = (
     # Hy4 (reader.py): MLA + DSA with sinks and an element-wise output gate, independent hyper-connections (kinds.py's
     # residual "independent_hyper" and head "hc_head_rms"; DeepSeek-V4's "hc_streams" embedding), mlp_layer_types'
@@ -31,5 +38,5 @@ ARCHITECTURES = (
                  ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ, residual="independent_hyper",
                           embedding="hc_streams", head="hc_head_rms", unread_prefixes=("model.mtp_layers.",),
                           weight_aliases=ALIASES),
-                 model_type="hy_v4"),
+                 model_type="hy_v4", mtp_refused=_MTP_REFUSED),
 )

@@ -99,3 +99,4 @@ class ShortcutPairLayer(Layer):
 
 
 __all__ = ["ShortcutPairLayer"]
+from . import mtp  # noqa: E402,F401  (registers the MTP layout "longcat")

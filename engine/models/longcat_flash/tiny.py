@@ -17,6 +17,10 @@ import torch
 from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, save_model
 
 ARCH = "LongcatFlashForCausalLM"
+# The published prefixes (mtp.py reads them; this module's floor, engine/tools', cannot import it: the names test,
+# tests/engine/test_spec_decode_mtp_families.py, checks that the two agree).
+PREFIX = "model.mtp."
+LAYER = PREFIX + "layers.0."
 FIELDS = dict(
     hidden_size=32, ffn_hidden_size=48, num_layers=2, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16,
     qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=3, n_routed_experts=6, zero_expert_num=2,
@@ -54,9 +58,54 @@ def tiny_model(cfg, seed: int = 0):
 
 
 def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapping) -> str:
-    """TinyArch.write: the tiny model with `overrides`, saved in `dtype` with the tiny tokenizer."""
+    """TinyArch.write: the tiny model with `overrides`, saved in `dtype` with the tiny tokenizer; with
+    num_nextn_predict_layers=1 (config.json gets it) its MTP module too (`add_mtp_module`)."""
     cfg = tiny_config(VOCAB, MAX_POS, **overrides)
-    return save_model(tiny_model(cfg, seed), out, cfg, dtype)
+    path = save_model(tiny_model(cfg, seed), out, cfg, dtype)
+    if getattr(cfg, "num_nextn_predict_layers", 0):
+        add_mtp_module(path, seed=seed)
+    return path
+
+
+def add_mtp_module(out: str | Path, *, seed: int = 0) -> None:
+    """Append one random MTP module, in the published names (engine/models/longcat_flash/mtp.py), to the tiny
+    checkpoint in `out` (transformers neither builds nor saves it): `model.mtp.*` in mtp.safetensors, the inner layer
+    shaped as main sublayer 0 (its norms, its MLA, its dense MLP), drawn from a stream of its own (the main weights
+    stay as they were); norms around 1, matrices fan-in scaled."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ...tools.file_modes import umask_mode
+
+    out = Path(out)
+    if (out / "model.safetensors.index.json").exists():
+        raise ValueError(f"add_mtp_module: {out} is sharded; the tiny writer appends to one model.safetensors only.")
+    main: dict[str, torch.Tensor] = {}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as st:
+        main = {n: st.get_tensor(n) for n in st.keys()}
+    if any(n.startswith(PREFIX) for n in main):
+        raise ValueError(f"add_mtp_module: {out} already holds {PREFIX}* tensors.")
+    template = {PREFIX + "embed_tokens.weight": "model.embed_tokens.weight",
+                LAYER + "enorm.m.weight": "model.norm.weight", LAYER + "hnorm.m.weight": "model.norm.weight",
+                PREFIX + "norm.weight": "model.norm.weight",
+                LAYER + "input_layernorm.weight": "model.layers.0.input_layernorm.0.weight",
+                LAYER + "post_attention_layernorm.weight": "model.layers.0.post_attention_layernorm.0.weight"}
+    for n in sorted(main):
+        for src, dst in (("model.layers.0.self_attn.0.", "self_attn."), ("model.layers.0.mlps.0.", "transformer_layer.mlp.")):
+            if n.startswith(src):
+                template[LAYER + dst + n[len(src):]] = n
+    gen = torch.Generator().manual_seed(seed + 7919)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, src in sorted(template.items()):
+        t = main[src]
+        if t.dim() == 1:
+            tensors[name] = (1 + 0.2 * torch.randn(t.shape, generator=gen, dtype=torch.float64)).to(t.dtype)
+        else:
+            tensors[name] = (torch.randn(t.shape, generator=gen, dtype=torch.float64) / t.shape[-1] ** 0.5).to(t.dtype)
+    D, dt = main["model.norm.weight"].shape[0], main["model.norm.weight"].dtype
+    tensors[LAYER + "eh_proj.weight"] = (torch.randn(D, 2 * D, generator=gen, dtype=torch.float64) / (2 * D) ** 0.5).to(dt)
+    save_file(tensors, str(out / "mtp.safetensors"), metadata={"format": "pt"})
+    umask_mode([out / "mtp.safetensors"])
 
 
 # Float and FP8 (LongCat-Flash-Chat-FP8's format): the INT4 and NVFP4 writers would also quantize the
@@ -66,4 +115,4 @@ ARCHS = {
                               expert_width="expert_ffn_hidden_size"),
 }
 
-__all__ = ["ARCH", "ARCHS", "FIELDS", "tiny_config", "tiny_model", "write"]
+__all__ = ["ARCH", "ARCHS", "FIELDS", "add_mtp_module", "tiny_config", "tiny_model", "write"]

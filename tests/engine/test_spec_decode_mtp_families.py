@@ -1,0 +1,225 @@
+"""Speculative decoding with the MTP modules of the 2026 families (method "mtp"), one rank, or the refusal where
+moelink cannot build a family's module faithfully from the locked transformers.
+
+LongCat-Flash (engine/models/longcat_flash/mtp.py, layout "longcat") and Ling hybrid (engine/models/bailing_hybrid/
+mtp.py, layout "ling"; its main model's KDA states rolled back past rejected drafts): transformers does not run the
+modules, so the oracle is the engine itself:
+- Greedy outputs with MTP drafts are token-identical to decoding without speculation, k = 1 and 2, with chunked
+  prefill, batching and preemption in play, on a checkpoint whose module guesses the main model's next token
+  (tests.helpers.longcat_mtp_checkpoints.bigram_longcat_mtp): drafts accepted often, rejected too.
+- Every draft equals an independent recomputation (tests.helpers.mtp_oracle: the main model and the module run
+  from scratch over the whole sequence, float64), on random weights and on the bigram with the module's own
+  computation kept.
+- Greedy with MTP drafts equals transformers' own greedy (float64), with prefix-cache hits, every block freed.
+- The module reads exactly the tensors the tiny preset writes in the published names, and the main model none.
+- FP8 (LongCat-Flash-Chat-FP8's layout, eh_proj included) and load_format "dummy" run the module too.
+Hy4 and GLM-5.3-Flash: method "mtp" refused, naming the field and why (Architecture.mtp_refused).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.config.arch_spec import Architecture
+from moelink.engine.config.engine_args import EngineArgs
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.rank.loader import open_checkpoint
+from moelink.engine.models.registry import arch_spec
+from moelink.engine.spec.heads import make_mtp_layer, mtp_checkpoint_names
+from moelink.engine.spec.proposer import mtp as mtp_proposer
+from moelink.engine.tools.tiny_model import make_tiny_model
+from moelink.kernels.ops import ReferenceKernels
+
+from tests.helpers.draft_spy import record_drafts
+from tests.helpers.family_mtp_checkpoints import VOCAB, bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
+from tests.helpers.mtp_oracle import MTPOracle
+from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
+
+# bigram_longcat_mtp's module scale per variant ("random": the tiny preset's module itself).
+VARIANTS = {"bigram": 0.0, "bigram_kv": 0.1}
+
+
+FAMILIES = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    built: dict = {}
+
+    def get(arch: str, variant: str) -> str:
+        if (arch, "random") not in built:
+            built[arch, "random"] = make_family_mtp(tmp_path_factory.mktemp(arch) / "ckpt", arch)
+        if (arch, variant) not in built:
+            built[arch, variant] = FAMILIES[arch](built[arch, "random"], tmp_path_factory.mktemp(arch) / variant,
+                                                  mtp_scale=VARIANTS[variant])
+        return str(built[arch, variant])
+
+    return get
+
+
+def _prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 40))] for _ in range(n)]
+
+
+def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16) -> tuple[list, object]:
+    # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    with LLM(path, dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
+             speculative_config=spec) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+
+
+@pytest.fixture(scope="module")
+def plain(checkpoints):
+    cache: dict = {}
+
+    def get(arch: str, variant: str, dtype: str = "float32") -> list:
+        if (arch, variant, dtype) not in cache:
+            cache[arch, variant, dtype] = _generate(checkpoints(arch, variant), dtype=dtype)[0]
+        return cache[arch, variant, dtype]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_greedy_with_mtp_drafts_equals_plain_decoding(checkpoints, plain, arch, k):
+    got, stats = _generate(checkpoints(arch, "bigram"), {"method": "mtp", "num_speculative_tokens": k})
+    assert got == plain(arch, "bigram")
+    sd = stats.spec_decode
+    assert stats.num_preemptions_total > 0
+    assert 0.3 < sd.acceptance_rate < 1.0, sd
+    assert sum(sd.accepted_per_position) == sd.num_accepted_tokens
+    assert sd.num_verify_rows <= sd.num_draft_tokens <= k * sd.num_verify_rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["random", "bigram_kv"])
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_mtp_drafts_equal_the_module_run_over_the_whole_sequence(checkpoints, plain, arch, variant, monkeypatch):
+    path, k = checkpoints(arch, variant), 3
+    seen = record_drafts(monkeypatch)
+    monkeypatch.setattr(mtp_proposer, "_SCRATCH_ROWS", 1)  # the scratch grows mid-run
+    got, stats = _generate(path, {"method": "mtp", "num_speculative_tokens": k}, dtype="float64")
+    assert got == plain(arch, variant, "float64")
+    assert stats.num_preemptions_total > 0 and len(seen) > 30
+    if variant == "bigram_kv":
+        assert stats.spec_decode.num_accepted_tokens > 0
+    oracle = MTPOracle(path, hf_states=arch == "bailing_hybrid")  # KDA: transformers' states (mtp_oracle.py)
+    wrong = [(tokens, drafts, want) for tokens, drafts in seen if drafts != (want := oracle.drafts(tokens, k))]
+    assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[0]}"
+
+
+@pytest.mark.slow
+def test_longcat_mtp_reads_the_published_names(checkpoints):
+    """The tiny preset's model.mtp.* tensors are exactly the module's plan (vLLM's LongCat MTP names: enorm.m,
+    hnorm.m, transformer_layer.mlp, model.mtp.norm), and the main model's loader counts them as MTP tensors."""
+    path = checkpoints("longcat_flash", "random")
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.num_nextn_predict_layers == 1
+    names = frozenset(open_checkpoint(cfg, "auto", torch.device("cpu")).keys())
+    mtp_names = set(mtp_checkpoint_names(cfg, names))
+    assert mtp_names == {n for n in names if n.startswith("model.mtp.")}
+    assert {"model.mtp.layers.0.enorm.m.weight", "model.mtp.norm.weight", "model.mtp.embed_tokens.weight",
+            "model.mtp.layers.0.transformer_layer.mlp.down_proj.weight"} <= mtp_names
+    layer = make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, ReferenceKernels(), torch.device("cpu"),
+                           None, names, embed_tokens=None, lm_head=torch.zeros(VOCAB, cfg.hidden_size))
+    assert set(layer.weight_plan(names)) == mtp_names
+    from moelink.engine.models.longcat_flash import mtp, tiny
+
+    assert (tiny.PREFIX, tiny.LAYER) == (mtp.PREFIX, mtp.LAYER)  # the writer's names are the reader's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, field", [("hy_v4", "model.mtp_layers"), ("glm5_next", "layers.45")])
+def test_mtp_refused_where_the_module_is_unknown(tmp_path, arch, field):
+    """Hy4 and GLM-5.3-Flash publish MTP weights the locked transformers neither builds nor describes: method "mtp"
+    is refused at configuration, naming the field and why; the other methods still run."""
+    path = make_tiny_model(tmp_path / arch, arch)
+    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=128)
+    with pytest.raises(ValueError, match=rf"^speculative_config\.method='mtp' is not supported for \w+: its MTP "
+                                         rf"(module|layer) \({field}.*moelink does not guess"):
+        EngineArgs(str(path), speculative_config={"method": "mtp", "num_speculative_tokens": 2},
+                   **args).create_engine_config()
+    EngineArgs(str(path), speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                              "prompt_lookup_max": 2}, **args).create_engine_config()
+
+
+def test_architecture_mtp_fields_are_validated():
+    with pytest.raises(ValueError, match=r"mtp_unstated=-1 is invalid"):
+        Architecture("X", None, mtp_unstated=-1)
+    with pytest.raises(ValueError, match=r"mtp_refused is set, so mtp_layers must be False"):
+        Architecture("X", None, mtp_layers=True, mtp_refused="unknown")
+
+
+@pytest.mark.slow
+def test_longcat_fp8_release_with_its_fp8_eh_proj(checkpoints, tmp_path):
+    """LongCat-Flash-Chat-FP8 ships the module's linears in FP8, eh_proj too (with its weight_scale_inv): the module
+    reads them so, and greedy with MTP drafts equals greedy without."""
+    from safetensors.torch import load_file, save_file
+
+    from moelink.engine.models.longcat_flash.mtp import LAYER
+    from moelink.engine.tools.quantize_fp8 import quantize_checkpoint
+    from moelink.kernels.fp8 import block_quantize
+
+    path = quantize_checkpoint(checkpoints("longcat_flash", "bigram"), tmp_path / "fp8", block=(16, 16))
+    mtp = load_file(path / "mtp.safetensors")
+    assert LAYER + "self_attn.q_b_proj.weight_scale_inv" in mtp and LAYER + "eh_proj.weight_scale_inv" not in mtp
+    mtp[LAYER + "eh_proj.weight"], mtp[LAYER + "eh_proj.weight_scale_inv"] = block_quantize(
+        mtp[LAYER + "eh_proj.weight"], (16, 16))
+    save_file(mtp, str(path / "mtp.safetensors"), metadata={"format": "pt"})
+    want, _ = _generate(str(path), max_tokens=8)
+    got, stats = _generate(str(path), {"method": "mtp", "num_speculative_tokens": 2}, max_tokens=8)
+    assert got == want and stats.spec_decode.num_accepted_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_dummy_weights_run_the_mtp_module(checkpoints, arch):
+    path = checkpoints(arch, "random")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, detokenize=False)
+    runs = []
+    for spec in (None, {"method": "mtp", "num_speculative_tokens": 2}):
+        with LLM(path, dtype="float32", max_model_len=256, num_kv_blocks=64, block_size=4, load_format="dummy",
+                 speculative_config=spec) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in _prompts(4)], params, use_tqdm=False)
+            runs.append(([o.outputs[0].token_ids for o in outs], llm.engine.stats().spec_decode))
+    assert runs[0][0] == runs[1][0] and runs[1][1].num_draft_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_greedy_with_mtp_drafts_equals_transformers_with_prefix_hits(checkpoints, arch):
+    """Bigram module, k = 2, prompts of 1-150 tokens in 64-token steps with preemption, then every prompt again
+    (prefix-cache hits; Ling's KDA states from state checkpoints): greedy equals transformers' own (float64), and
+    every block and state slot comes back."""
+    path = checkpoints(arch, "bigram")
+    ps = prompts(VOCAB, seed=42, n=10, lo=1, hi=150)
+    want = hf_greedy(path, ps)
+    with LLM(path, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, dtype="float64",
+             max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=24, block_size=8, num_state_checkpoints=8) as llm:
+        assert_same(engine_greedy(llm, ps), want, ps)
+        hits = llm.engine.stats().prefix_cache_hits
+        assert_same(engine_greedy(llm, ps), want, ps)
+        stats = llm.engine.stats()
+        assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits > hits
+        assert stats.spec_decode.num_accepted_tokens > 0
+        assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_longcat_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
+    """config.json names no count, so a LongCat checkpoint counts one module (vLLM's rule); one saved without it is
+    refused when the drafter loads, naming the first missing tensor."""
+    path = make_tiny_model(tmp_path / "plain", "longcat_flash")
+    assert ModelConfig.from_pretrained(str(path)).num_nextn_predict_layers == 1
+    with pytest.raises(ValueError, match=r"is missing MTP tensor 'model\.mtp\.layers\.0\.eh_proj\.weight' \(and \d+ "
+                                         r"more\): speculative method 'mtp' reads the whole MTP layer"):
+        LLM(str(path), dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})

@@ -1,0 +1,67 @@
+"""The drafts an MTP drafter must propose, recomputed from scratch (tests/engine/test_spec_decode_mtp.py and the
+families' MTP tests): the main model and the MTP layer of a checkpoint in float64 with the reference kernels, each
+run over the request's whole sequence (fresh caches, one prefill each), then chained as the drafter chains."""
+from __future__ import annotations
+
+import torch
+
+from moelink.engine.config.model import ModelConfig
+from moelink.engine.models.layers import ForwardContext
+from moelink.engine.rank.loader import load_model
+from moelink.engine.spec.proposer.mtp import load_mtp_layer
+from moelink.kernels.attention import AttentionMetadata
+from moelink.kernels.ops import ReferenceKernels
+
+CPU = torch.device("cpu")
+
+
+class MTPOracle:
+    """The main model and MTP layer of a checkpoint (float64, reference kernels), run from scratch per question.
+    `hf_states`: the main model's final-normed states from transformers' own model instead of the engine's (a hybrid
+    model: the engine's linear-attention layers need the state pool this oracle does not build)."""
+
+    def __init__(self, path: str, hf_states: bool = False):
+        self.cfg = ModelConfig.from_pretrained(path, "float64")
+        self.model = load_model(self.cfg, ReferenceKernels(), CPU)
+        self.mtp = load_mtp_layer(self.cfg, self.model, ReferenceKernels(), CPU)
+        self.hf = None
+        if hf_states:
+            from transformers import AutoModelForCausalLM
+
+            self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
+                                                           experts_implementation="eager").eval()
+
+    def _states(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.hf is not None:
+            return self.hf.model(input_ids=ids[None]).last_hidden_state[0]
+        return self.model(ids, torch.arange(len(ids)), self._ctx(len(ids)))
+
+    def _ctx(self, n: int) -> ForwardContext:
+        """One sequence of n tokens from position 0 over fresh caches (blocks 0.., the null block after)."""
+        bs = 4
+        blocks = -(-n // bs)
+        caches = [tuple(torch.zeros(s, dtype=torch.float64) for s in self.cfg.attention.cache_shapes(blocks, bs))
+                  for _ in range(self.cfg.num_layers + 1)]
+        meta = AttentionMetadata(torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+                                 torch.arange(blocks, dtype=torch.int32)[None], torch.arange(n), [n], [n], n, n,
+                                 null_block=blocks)
+        return ForwardContext(meta, caches)
+
+    @torch.no_grad()
+    def drafts(self, tokens: list[int], k: int) -> list[int]:
+        """What the drafter must propose after `tokens` (x_0 .. x_m, x_m just emitted): rows t = 0 .. m-1 read
+        (h_t, x_{t+1}) at position t; each chained step adds a row (the last row's output, the last draft)."""
+        m = len(tokens) - 1
+        ids = torch.tensor(tokens)
+        h_TD = self._states(ids[:m])
+        rows_h, rows_tok, out = h_TD, ids[1:], []
+        for _ in range(k):
+            n = len(rows_tok)
+            y_TD = self.mtp(torch.arange(n), rows_tok, rows_h, self._ctx(n))
+            d = int(self.mtp.compute_logits(y_TD[-1:]).argmax(dim=-1))
+            out.append(d)
+            rows_h, rows_tok = torch.cat([rows_h, y_TD[-1:]]), torch.cat([rows_tok, torch.tensor([d])])
+        return out
+
+
+__all__ = ["MTPOracle"]
