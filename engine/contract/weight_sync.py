@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.requantize import Requant
+
 DEFAULT_BUCKET_BYTES = 512 << 20  # what a rank receives before it writes (the most an update holds beside the weights)
 DEFAULT_TIMEOUT_S = 60.0  # a trainer silent this long fails the tensor being received (and drops the group)
 GROUP_BACKENDS = ("gloo", "nccl")
@@ -65,10 +67,9 @@ class DistributedUpdate:
     group_name: str
     tensors: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    # FP8 block-scaled weights sent in float: (weight name, scale name), each block-quantized in `fp8_block` blocks
-    # as it is written (engine/config/requantize.py).
-    requantize: tuple[tuple[str, str], ...] = ()
-    fp8_block: tuple[int, int] = (128, 128)
+    # Quantized weights sent in float: (the float tensor's name, how it becomes the served tensors), each quantized
+    # into the served format as it is written (engine/config/requantize.py).
+    requantize: tuple[tuple[str, Requant], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.bucket_bytes, bool) or not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1:

@@ -16,7 +16,7 @@ import torch
 
 from moelink.comm.process_group import side_group
 
-from ..config.requantize import fp8_pair
+from ..config.requantize import requantize
 from ..contract.weight_sync import DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
 
 logger = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ class UpdateGroups:
                         f"({type(exc).__name__}: {str(exc)[:200]}); the group is destroyed")
                 received += buf.numel() * buf.element_size()
                 tensors[name] = buf
-            for weight, scale in update.requantize:  # a float weight the checkpoint holds as FP8 block-scaled
-                if weight in tensors:
-                    tensors.update(fp8_pair(weight, scale, tensors.pop(weight), update.fp8_block))
             try:
+                for name, spec in update.requantize:  # a float weight the checkpoint holds quantized
+                    if name in tensors:
+                        tensors.update(requantize(name, spec, tensors.pop(name)))
                 write(tensors)
             except Exception as exc:
                 return DistributedUpdateResult(received, written, f"writing {sorted(tensors)[0]!r} failed: {exc}")
