@@ -1,4 +1,4 @@
-"""A trainer's float weights into a quantized deployment at EP 2 on Ray (engine/config/requantize.py; docs/rl.md): the
+"""A trainer's float weights into a quantized deployment at EP 2 (and INT4 at TP 2 x EP 2) on Ray (engine/config/requantize.py; docs/rl.md): the
 trainer (a thread holding rank 0 of its own gloo group) broadcasts every tensor of float checkpoint B, under the float
 checkpoint's names; each Ray rank (group ranks 1 and 2) quantizes what it receives into the served format (gpt-oss's
 MXFP4 experts, ModelOpt's NVFP4, compressed-tensors INT4 as Kimi K2 ships it) and keeps its own experts. The tokens
@@ -19,12 +19,12 @@ from tests.helpers.parity import prompts
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "int4"])
-def test_ep2_broadcast_requantized_equals_the_writers_checkpoint(local_ray, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,tp,ep", [("mxfp4", 1, 2), ("nvfp4", 1, 2), ("int4", 1, 2), ("int4", 2, 2)])
+def test_broadcast_requantized_equals_the_writers_checkpoint(local_ray, tmp_path, fmt, tp, ep):
     qa, qb, fb = quantized_pair(fmt, tmp_path)
     new = list(_tensors(fb).items())
     ps = prompts(vocab(qa), seed=73, n=4, lo=1, hi=30)
-    llm = LLM(qa, expert_parallel_size=2, **KW)
+    llm = LLM(qa, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
     trainer = _Trainer(free_port(), new, world_size=3)
     try:
         before = run(llm, ps)
