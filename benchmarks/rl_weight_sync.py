@@ -2,7 +2,7 @@
 ranks, per GB, beside a bare gloo broadcast of the same tensors.
 
     python -m moelink.benchmarks.rl_weight_sync [--hidden 512] [--experts 8] [--layers 4] [--moe-intermediate 512]
-        [--ep 1,2] [--bucket-mib 16,512] [--repeats 2] [--sleep] [--json PATH]
+        [--ep 1,2] [--bucket-mib 16,512] [--rollback-mib 1024,0] [--repeats 2] [--sleep] [--json PATH]
 
 A Qwen3-MoE checkpoint of the given shape (random, float32) is served at each EP size; the trainer, a thread of this
 process holding rank 0 of its own gloo group (engine/rl/trainer.TrainerGroup), broadcasts every tensor of it whole and
@@ -74,8 +74,9 @@ def time_bare(named, repeats: int) -> float:
     return best
 
 
-def time_engine(path: str, named, ep: int, bucket_bytes: int, repeats: int) -> float:
-    """Best of `repeats` update_weights_from_distributed calls at EP `ep` (one untimed first)."""
+def time_engine(path: str, named, ep: int, bucket_bytes: int, repeats: int, rollback_bytes: int = 1 << 30) -> float:
+    """Best of `repeats` update_weights_from_distributed calls at EP `ep` (one untimed first); `rollback_bytes` the
+    undo log's limit (0: no rollback, nothing saved)."""
     from moelink.engine import LLM
     from moelink.engine.rl.trainer import TrainerGroup
 
@@ -94,7 +95,8 @@ def time_engine(path: str, named, ep: int, bucket_bytes: int, repeats: int) -> f
         for i in range(-1, repeats):
             sender = threading.Thread(target=trainer.broadcast, args=(named,))
             sender.start()
-            info = llm.update_weights_from_distributed(**specs, group_name="sync", bucket_bytes=bucket_bytes)
+            info = llm.update_weights_from_distributed(**specs, group_name="sync", bucket_bytes=bucket_bytes,
+                                                       rollback_bytes=rollback_bytes)
             sender.join()
             if i >= 0:
                 best = min(best, info["seconds"])
@@ -131,16 +133,18 @@ def run(ns) -> list[dict]:
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
         gb = nbytes / 1e9
 
-        def row(what: str, ep: int, bucket_mib, s: float) -> None:
-            rows.append({"what": what, "ep": ep, "bucket_mib": bucket_mib, "tensors": len(named), "bytes": nbytes,
-                         "seconds": s, "s_per_gb": s / gb, "gbps": gb / s})
-            print(f"{what:>7} ep {ep}  bucket {str(bucket_mib):>5} MiB  {len(named):5d} tensors "
+        def row(what: str, ep: int, bucket_mib, s: float, rollback_mib=None) -> None:
+            rows.append({"what": what, "ep": ep, "bucket_mib": bucket_mib, "rollback_mib": rollback_mib,
+                         "tensors": len(named), "bytes": nbytes, "seconds": s, "s_per_gb": s / gb, "gbps": gb / s})
+            print(f"{what:>7} ep {ep}  bucket {str(bucket_mib):>5} MiB  rollback {str(rollback_mib):>5} MiB  "
+                  f"{len(named):5d} tensors "
                   f"{nbytes / 2**20:8.1f} MiB  {s * 1e3:8.1f} ms  {s / gb:7.2f} s/GB  {gb / s:6.2f} GB/s", flush=True)
 
         row("bare", 1, None, time_bare(named, ns.repeats))
         for ep in ns.ep:
             for mib in ns.bucket_mib:
-                row("engine", ep, mib, time_engine(path, named, ep, mib << 20, ns.repeats))
+                for rb in ns.rollback_mib:
+                    row("engine", ep, mib, time_engine(path, named, ep, mib << 20, ns.repeats, rb << 20), rb)
         if ns.sleep:
             s = time_sleep(path, ns.repeats)
             rows.append({"what": "sleep1", "ep": 1, **s})
@@ -157,17 +161,22 @@ def main(argv=None) -> int:
     p.add_argument("--moe-intermediate", type=int, default=512)
     p.add_argument("--ep", default="1,2", help="EP sizes (EP > 1 starts Ray ranks)")
     p.add_argument("--bucket-mib", default="16,512")
+    p.add_argument("--rollback-mib", default="1024",
+                   help="the undo log's limits to time (rollback_bytes in MiB; 0: no rollback)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--sleep", action="store_true", help="also time sleep(1) / wake_up at one rank")
     p.add_argument("--json", default=None, help="write the rows and the machine here")
     ns = p.parse_args(argv)
     ns.ep = [int(x) for x in ns.ep.split(",")]
     ns.bucket_mib = [int(x) for x in ns.bucket_mib.split(",")]
+    ns.rollback_mib = [int(x) for x in ns.rollback_mib.split(",")]
     for name in ("hidden", "experts", "layers", "moe_intermediate", "repeats"):
         if getattr(ns, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if any(e < 1 for e in ns.ep) or any(b < 1 for b in ns.bucket_mib):
         p.error("--ep and --bucket-mib take positive integers")
+    if any(r < 0 for r in ns.rollback_mib):
+        p.error("--rollback-mib takes integers >= 0 (0: no rollback)")
     rows = run(ns)
     if ns.json:
         out = {"benchmark": "rl_weight_sync", "machine": platform.platform(), "cpus": torch.get_num_threads(),

@@ -65,11 +65,13 @@ class LLM:
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
-                                        bucket_bytes: int = 512 << 20) -> dict:
+                                        bucket_bytes: int = 512 << 20, rollback_bytes: int = 1 << 30) -> dict:
         """Receive the tensors the trainer broadcasts in `group_name` (each whole, in the order of `names`), a bucket
-        of at most `bucket_bytes` at a time; every rank keeps its own part. {"bytes_read", "seconds", ...}."""
+        of at most `bucket_bytes` at a time; every rank keeps its own part. All or nothing: a failed update is rolled
+        back on every rank from the old bytes each saved (at most `rollback_bytes` a rank; 0: no rollback).
+        {"bytes_read", "seconds", ...}."""
         return self.engine.update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
-                                                           weight_version, bucket_bytes)
+                                                           weight_version, bucket_bytes, rollback_bytes)
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
         """Leave a trainer's process group."""

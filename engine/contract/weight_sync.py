@@ -4,8 +4,10 @@ docs/rl.md): what the driver sends every rank, and what each rank answers.
 The trainer is rank 0 of a group of its own (comm/process_group.side_group: never the engine's EP/TP groups); engine
 rank r joins it as `rank_offset + r`. The trainer broadcasts each tensor whole, in the order the update names them;
 every rank receives them a bucket at a time (at most `bucket_bytes`, or one tensor when a tensor is larger) and
-writes each bucket in place through the plan its load used (its experts, its TP slice), so an update never holds
-more than one bucket beyond the served weights.
+writes each bucket in place through the plan its load used (its experts, its TP slice), so an update holds one
+bucket beyond the served weights, and the old bytes it overwrote (at most `rollback_bytes` a rank, in host memory) to
+roll it back on every rank if it fails (engine/rank/rollback.py; `finish_weights_update` keeps or restores them once
+every rank answered).
 """
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.requantize import Requant
+
 DEFAULT_BUCKET_BYTES = 512 << 20  # what a rank receives before it writes (the most an update holds beside the weights)
+# Old bytes a rank may hold in host memory to roll a failed update back (engine/rank/rollback.py); 0: no rollback.
+DEFAULT_ROLLBACK_BYTES = 1 << 30
 DEFAULT_TIMEOUT_S = 60.0  # a trainer silent this long fails the tensor being received (and drops the group)
 GROUP_BACKENDS = ("gloo", "nccl")
 
@@ -65,14 +71,19 @@ class DistributedUpdate:
     group_name: str
     tensors: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    # FP8 block-scaled weights sent in float: (weight name, scale name), each block-quantized in `fp8_block` blocks
-    # as it is written (engine/config/requantize.py).
-    requantize: tuple[tuple[str, str], ...] = ()
-    fp8_block: tuple[int, int] = (128, 128)
+    # Quantized weights sent in float: (the float tensor's name, how it becomes the served tensors), each quantized
+    # into the served format as it is written (engine/config/requantize.py).
+    requantize: tuple[tuple[str, Requant], ...] = ()
+    # The most old bytes each rank keeps to roll the update back if it fails (0: no rollback; a failure part way then
+    # leaves the buckets written before it).
+    rollback_bytes: int = DEFAULT_ROLLBACK_BYTES
 
     def __post_init__(self) -> None:
         if isinstance(self.bucket_bytes, bool) or not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={self.bucket_bytes!r} is invalid: must be a positive integer.")
+        if isinstance(self.rollback_bytes, bool) or not isinstance(self.rollback_bytes, int) or self.rollback_bytes < 0:
+            raise ValueError(f"rollback_bytes={self.rollback_bytes!r} is invalid: must be an integer >= 0 (0: no "
+                             "rollback).")
         if not self.tensors:
             raise ValueError("names is empty: an update names at least one tensor.")
 
@@ -93,13 +104,17 @@ class DistributedUpdate:
 @dataclass(frozen=True)
 class DistributedUpdateResult:
     """One rank's answer: bytes received, tensors written in place (whole buckets), and the error that stopped it
-    (None when every tensor landed). A rank reports an error rather than raising: a raised error is a rank's death
-    to the Ray executor, and the trainer's failure is not the rank's."""
+    (None when every tensor landed; the rank then holds its undo log until the driver's finish_weights_update).
+    rolled_back: the rank restored what it had written; group_lost: the group failed (the trainer died or went
+    silent) and the rank left it. A rank reports an error rather than raising: a raised error is a rank's death to the
+    Ray executor, and the trainer's failure is not the rank's."""
 
     bytes_received: int
     tensors_written: int
     error: str | None = None
+    rolled_back: bool = False
+    group_lost: bool = False
 
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "DistributedUpdate", "DistributedUpdateResult",
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_ROLLBACK_BYTES", "DEFAULT_TIMEOUT_S", "DistributedUpdate", "DistributedUpdateResult",
            "UpdateGroupSpec"]

@@ -32,6 +32,7 @@ class RankCall(str, Enum):
     UPDATE_WEIGHTS_FROM_TENSOR = "update_weights_from_tensor"
     INIT_WEIGHTS_UPDATE_GROUP = "init_weights_update_group"
     UPDATE_WEIGHTS_FROM_DISTRIBUTED = "update_weights_from_distributed"
+    FINISH_WEIGHTS_UPDATE = "finish_weights_update"
     DESTROY_WEIGHTS_UPDATE_GROUP = "destroy_weights_update_group"
     SLEEP = "sleep"
     WAKE_UP = "wake_up"
@@ -134,6 +135,10 @@ class RankAPI(Protocol):
 
     def update_weights_from_distributed(self, update: DistributedUpdate) -> DistributedUpdateResult:
         """Receive a trainer's broadcast a bucket at a time, each written in place (the parts this rank holds)."""
+
+    def finish_weights_update(self, commit: bool) -> str | None:
+        """After every rank answered an update: keep it (commit) or restore the bytes it overwrote; None, or why the
+        restore failed."""
 
     def destroy_weights_update_group(self, group_name: str) -> bool:
         """Leave a trainer's group; False when not joined."""

@@ -6,17 +6,20 @@ The driver checks every update against the served checkpoint before any rank wri
 engine/rank/weight_sync.py for a trainer's broadcast), reached only through the executor's typed rank calls
 (engine/contract/worker_api.py).
 
-A broadcast that fails part way (the trainer died or went silent past the group's timeout) leaves the buckets
-received before it written and the rest as they were: a model of two versions. The engine then refuses every new
-request, naming the tensor, until an update covering the names of the failed one lands (`_stale`); the group is
-destroyed.
+A broadcast that fails part way (the trainer died or went silent past the group's timeout, a bucket that cannot be
+written) is rolled back on every rank: each saved the bytes it overwrote (engine/rank/rollback.py, at most
+`rollback_bytes`), so the weights are bitwise as before and the engine serves on. Only without a rollback
+(`rollback_bytes=0`, or a restore that failed) does it leave a model of two versions: the engine then refuses every
+new request, naming the tensor, until an update covering the names of the failed one lands (`_stale`). A group whose
+transport failed is destroyed; after a bucket that could not be written it is kept.
 """
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Callable
 
-from ..contract.weight_sync import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, DistributedUpdate, UpdateGroupSpec
+from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_ROLLBACK_BYTES, DEFAULT_TIMEOUT_S, DistributedUpdate,
+                                    UpdateGroupSpec)
 from ..contract.worker_api import RankCall
 from .rl_memory import MemoryControl, NotServing
 
@@ -117,10 +120,13 @@ class RLControl(MemoryControl):
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
-                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict:
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                                        rollback_bytes: int = DEFAULT_ROLLBACK_BYTES) -> dict:
         """Receive the tensors the trainer broadcasts (rank 0 of `group_name`, each tensor whole, in the order of
         `names`) on every rank, a bucket of at most `bucket_bytes` at a time, each rank writing the parts it holds
-        in place. Checked against the served checkpoint before the trainer is listened to. As the other updates
+        in place. Checked against the served checkpoint before the trainer is listened to. All or nothing: each
+        rank saves the bytes it overwrites (at most `rollback_bytes` of host memory; 0: no rollback), and an update
+        that fails on any rank is rolled back on every rank (engine/rank/rollback.py). As the other updates
         otherwise (refusals, cache flush, weight_version); {"bytes_read", "seconds", "weight_version"}."""
         self._check_enabled("update_weights_from_distributed")
         from ..rl.weights import check_tensor_specs
@@ -130,24 +136,32 @@ class RLControl(MemoryControl):
                              "(init_weights_update_group first; a destroyed or failed group is gone).")
         self._check_update_allowed(flush_cache)
         specs, requantize = check_tensor_specs(self.config.model, self.config.model.model, names, dtypes, shapes)
-        block = getattr(self.config.model.quantization, "block", (128, 128))
-        update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, block)
+        update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes)
         t0 = time.perf_counter()
         self._drain_for_update()
         self._before_write()
         results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISTRIBUTED, update)
-        self.flush_cache()
         failed = [r for r in results if r.error is not None]
+        undo_errors: list[str] = []
+        if rollback_bytes:  # every rank keeps it, or every rank restores what it wrote
+            undo_errors = [e for e in self.executor.collective(RankCall.FINISH_WEIGHTS_UPDATE, not failed) if e]
+        self.flush_cache()
         if failed:
-            self._groups().pop(group_name, None)
-            self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # every rank, also the others
             why = failed[0].error
-            if any(r.tensors_written for r in results):
+            lost = any(r.group_lost for r in results)
+            if lost:
+                self._groups().pop(group_name, None)
+                self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # every rank
+            rolled = bool(rollback_bytes) and not undo_errors and all(r.rolled_back for r in failed)
+            if not rolled and any(r.tensors_written for r in results):
                 self._stale = ((self._stale[0] if self._stale else set()) | {n for n, _, _ in update.tensors},
-                               f"a weight update from group {group_name!r} failed part way: {why}")
+                               f"a weight update from group {group_name!r} failed part way: {why}"
+                               + (f" ({undo_errors[0]})" if undo_errors else ""))
             raise RuntimeError(f"update_weights_from_distributed failed: {why}. The weights are "
                                + ("partly updated: requests are refused until an update of the same tensors lands."
-                                  if self._stale else "as they were."))
+                                  if self._stale else "as they were" + (" (rolled back on every rank)" if rolled
+                                                                         else "") + ", and the engine serves them.")
+                               + ("" if lost else f" Group {group_name!r} is kept for the next update."))
         self.weight_version = weight_version
         self._written({n for n, _, _ in update.tensors})
         return {"bytes_read": sum(r.bytes_received for r in results), "seconds": time.perf_counter() - t0,

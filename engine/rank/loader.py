@@ -244,12 +244,15 @@ def plan_destinations(model: MoEDecoderForCausalLM, cfg: ModelConfig) -> list[to
 
 
 def update_tensors_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
-                            device: torch.device) -> int:
+                            device: torch.device, undo=None) -> int:
     """A weight update from named tensors (engine/rl/weights.py checked them against the served checkpoint): each
     one this rank holds part of (its experts, its TP shard) written in place, the others left to their ranks; the
-    conversions after a load run again for the parameters written only. Returns the bytes read."""
+    conversions after a load run again for the parameters written only. `undo` (engine/rank/rollback.UndoLog): the
+    bytes written are saved to it first. Returns the bytes read."""
     served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())  # the layout the load chose
     plan = {name: entry for name, entry in model_plan(model, cfg, served).items() if name in tensors}
+    if undo is not None:
+        undo.save(plan)
     return _write_in_place(model, TensorsCheckpoint(tensors), plan, device)
 
 

@@ -52,7 +52,14 @@ class RLWorker:
 
         groups = self._update_groups()
         return self._write_weights(lambda model: groups.receive(
-            update, lambda tensors: update_tensors_in_place(model, self.config.model, tensors, self.device)))
+            update, lambda tensors, undo: update_tensors_in_place(model, self.config.model, tensors, self.device,
+                                                                  undo)))
+
+    def finish_weights_update(self, commit: bool) -> str | None:
+        """Keep the last broadcast update (commit) or restore the bytes it overwrote (another rank failed); None, or
+        why the restore failed (engine/rank/rollback.py)."""
+        groups = self._update_groups()
+        return self._write_weights(lambda model: groups.finish(commit))
 
     def destroy_weights_update_group(self, group_name: str) -> bool:
         """Leave a trainer's group; False when this rank had not joined it."""

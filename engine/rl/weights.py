@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..config.checkpoint_headers import checkpoint_tensors, text_model_name
 from ..config.model import ModelConfig
-from ..config.requantize import fp8_pair, fp8_requantizable
+from ..config.requantize import Requant, requantizable, requantize
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,7 @@ def check_named_tensors(cfg: ModelConfig, served_dir: str, named_tensors) -> dic
     import torch
 
     served = _tensors(served_dir, cfg.text_weights_prefix)
-    requant = fp8_requantizable(cfg.quantization, served)  # FP8 weights a float tensor is quantized into
+    requant = requantizable(cfg.quantization, served)  # quantized weights a float tensor is quantized into
     out: dict = {}
     given: set[str] = set()
     named_tensors = list(named_tensors)
@@ -61,27 +61,58 @@ def check_named_tensors(cfg: ModelConfig, served_dir: str, named_tensors) -> dic
         if name in given:
             raise ValueError(f"named_tensors[{i}] names {name!r} a second time.")
         given.add(name)
+        if name in requant and not _own_format(t.dtype, served.get(name)):
+            spec = requant[name]
+            other = _given_part(name, spec, all_names)
+            if other is not None:
+                raise ValueError(f"named_tensors[{i}] {name!r} is float and its {_part(other)} {other!r} is given "
+                                 f"too: send the float weight alone (it is quantized here into {spec.fmt}) or all "
+                                 "its parts in their own format.")
+            try:
+                out.update(requantize(name, spec, t.detach()))
+            except ValueError as exc:
+                raise ValueError(f"named_tensors[{i}]: {exc}") from None
+            continue
         if name not in served:
             raise ValueError(f"named_tensors[{i}] names {name!r}, which is not a tensor of the served checkpoint.")
         dtype, shape = served[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"named_tensors[{i}] {name!r} has shape {list(t.shape)}, the served one {list(shape)}.")
-        if name in requant and t.is_floating_point() and str(t.dtype) != _TORCH_NAMES["F8_E4M3"]:
-            if requant[name] in all_names:
-                raise ValueError(f"named_tensors[{i}] {name!r} is float and its scale {requant[name]!r} is given too: "
-                                 "send the float weight alone (it is block-quantized here) or both in FP8.")
-            out.update(fp8_pair(name, requant[name], t.detach(), cfg.quantization.block))
-            continue
         if dtype not in _FLOAT_DTYPES and str(t.dtype) != str(_TORCH_NAMES.get(dtype)):
             raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}, the served one {dtype}: a quantized tensor is "
-                             "updated in its own format (float values are re-quantized into FP8 block-scaled "
-                             "weights only).")
+                             "updated in its own format, or sent in float under the float checkpoint's name "
+                             "(re-quantized: FP8 block-scaled, MXFP4, NVFP4, compressed-tensors INT4).")
         if dtype in _FLOAT_DTYPES and not t.is_floating_point():
             raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}: the served one is float ({dtype}).")
+        if dtype in _FLOAT_DTYPES and bool(torch.isnan(t).any()):  # host sync: checked before any rank writes
+            raise ValueError(f"named_tensors[{i}] {name!r} holds {int(torch.isnan(t).sum())} NaN value(s).")
         out[name] = t.detach()
     if not out:
         raise ValueError("named_tensors is empty: give at least one (name, tensor) pair.")
     return out
+
+
+def _sent_float(dtype) -> bool:
+    """A float tensor a quantized weight is re-quantized from (an FP8 one is the FP8 format's own)."""
+    import torch
+
+    return dtype.is_floating_point and dtype != torch.float8_e4m3fn
+
+
+def _own_format(dtype, served: tuple | None) -> bool:
+    """A tensor sent under a served quantized name in that tensor's own dtype (FP8 values, NVFP4's packed bytes):
+    written as it is, not re-quantized."""
+    return served is not None and str(dtype) == _TORCH_NAMES.get(served[0])
+
+
+def _given_part(name: str, spec: Requant, names) -> str | None:
+    """A served part of `spec` other than `name` itself that the update names too (a float weight beside its own
+    quantized parts), or None."""
+    return next((n for n in spec.names if n != name and n in names), None)
+
+
+def _part(served: str) -> str:
+    return "scale" if "scale" in served.rsplit(".", 1)[-1] else "part"
 
 
 _TORCH_NAMES = {"F8_E4M3": "torch.float8_e4m3fn", "U8": "torch.uint8", "I8": "torch.int8", "I32": "torch.int32",
@@ -141,11 +172,11 @@ def check_tensor_specs(cfg: ModelConfig, served_dir: str, names, dtypes, shapes)
         raise ValueError(f"names, dtypes and shapes have {len(names)}, {len(dtypes)} and {len(shapes)} entries: "
                          "give one of each per tensor.")
     served = _tensors(served_dir, cfg.text_weights_prefix)
-    requant = fp8_requantizable(cfg.quantization, served)
-    requantized: list[tuple[str, str]] = []
+    requant = requantizable(cfg.quantization, served)
+    requantized: list[tuple[str, Requant]] = []
     out, seen = [], set()
     for i, (name, dt, shape) in enumerate(zip(names, dtypes, shapes)):
-        if not isinstance(name, str) or name not in served:
+        if not isinstance(name, str) or (name not in served and name not in requant):
             raise ValueError(f"names[{i}]={name!r} is invalid: not a tensor of the served checkpoint.")
         if name in seen:
             raise ValueError(f"names[{i}] names {name!r} a second time.")
@@ -156,6 +187,22 @@ def check_tensor_specs(cfg: ModelConfig, served_dir: str, names, dtypes, shapes)
         if not (isinstance(shape, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                                          for n in shape)):
             raise ValueError(f"shapes[{i}]={shape!r} (tensor {name!r}) is invalid: must be a list of sizes.")
+        if name in requant and not _own_format(dtype, served.get(name)):
+            spec = requant[name]
+            if not _sent_float(dtype):
+                raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is quantized into the served "
+                                 f"{spec.fmt} weight from a float tensor only.")
+            if tuple(shape) != spec.shape:
+                raise ValueError(f"shapes[{i}]={list(shape)} is invalid: tensor {name!r} is quantized into the served "
+                                 f"{spec.fmt} weight from a float tensor of shape {list(spec.shape)}.")
+            other = _given_part(name, spec, names)
+            if other is not None:
+                raise ValueError(f"names[{i}] names {name!r} in {dt!r} and its {_part(other)} {other!r} too: send the "
+                                 f"float weight alone (each rank quantizes it into {spec.fmt}) or all its parts in "
+                                 "their own format.")
+            requantized.append((name, spec))  # each rank quantizes it as it writes it
+            out.append((name, dtype, tuple(shape)))
+            continue
         sdtype, sshape = served[name]
         if tuple(shape) != sshape:
             raise ValueError(f"shapes[{i}]={list(shape)} is invalid: tensor {name!r} is {list(sshape)} in the served "
@@ -163,14 +210,9 @@ def check_tensor_specs(cfg: ModelConfig, served_dir: str, names, dtypes, shapes)
         if sdtype in _FLOAT_DTYPES and not dtype.is_floating_point:
             raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is float ({sdtype}) in the served "
                              "checkpoint.")
-        if name in requant and dtype.is_floating_point and str(dtype) != _TORCH_NAMES["F8_E4M3"]:
-            if requant[name] in names:
-                raise ValueError(f"names[{i}] names {name!r} in {dt!r} and its scale {requant[name]!r} too: send the "
-                                 "float weight alone (each rank block-quantizes it) or both in FP8.")
-            requantized.append((name, requant[name]))  # each rank block-quantizes it as it writes it
-        elif sdtype not in _FLOAT_DTYPES and str(dtype) != _TORCH_NAMES.get(sdtype):
+        if sdtype not in _FLOAT_DTYPES and str(dtype) != _TORCH_NAMES.get(sdtype):
             raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is {sdtype} in the served checkpoint (a "
-                             "quantized tensor is updated in its own format; float values are re-quantized into "
-                             "FP8 block-scaled weights only).")
+                             "quantized tensor is updated in its own format, or sent in float under the float "
+                             "checkpoint's name: FP8 block-scaled, MXFP4, NVFP4, compressed-tensors INT4).")
         out.append((name, dtype, tuple(shape)))
     return tuple(out), tuple(requantized)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.quantization_int4 import compress_weight, int4_scheme
 from .file_modes import umask_mode
 
 
@@ -65,34 +66,6 @@ LINEAR = re.compile(r"\.(q|k|v|o|q_a|q_b|kv_b|gate|up|down)_proj\.weight$|\.kv_a
 # Kimi K2 Thinking's ignore list (everything but the routed experts stays bf16), by regex as it publishes it.
 KIMI_IGNORE = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
 INT4_GROUPS = (32, 64, 128)
-
-
-def int4_scheme(symmetric: bool, group: int):
-    """compressed-tensors' W4A16 scheme: 4-bit int weights, group strategy, `symmetric` or with zero points."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, group_size=group, strategy="group")
-    return QuantizationScheme(targets=["Linear"], weights=args)
-
-
-def compress_weight(w: torch.Tensor, symmetric: bool = True, group: int = 32, scale_dtype=torch.float32) -> dict:
-    """One [N, K] weight through compressed-tensors: qparams per group from its min / max (calculate_qparams), then
-    PackedQuantizationCompressor.compress. Scales are rounded to bf16 (Kimi's are bf16) and held in `scale_dtype`:
-    float32 by default, so transformers' decompression ((q - z) * s in the scale's dtype: at most 13 significant
-    bits) is exact and an oracle sees exactly the weights the checkpoint means; bf16 as Kimi ships them."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    scheme = int4_scheme(symmetric, group)
-    n, k = w.shape
-    if k % group:
-        raise ValueError(f"INT4 group {group}: a weight of shape {(n, k)} has K={k}, not a multiple of the group "
-                         f"(hidden and expert widths must be multiples of it).")
-    g = w.to(torch.float32).reshape(n, k // group, group)
-    scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), scheme.weights)
-    scale = scale.to(torch.bfloat16).to(scale_dtype)
-    state = {"weight": w.to(scale_dtype), "weight_scale": scale, "weight_zero_point": zp}
-    return PackedQuantizationCompressor.compress(state, scheme)
 
 
 def quantization_config(symmetric: bool, group: int, ignore: list[str]) -> dict:

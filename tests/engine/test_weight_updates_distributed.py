@@ -4,7 +4,8 @@ thread of the test process holding rank 0 of its own gloo group (engine/rl/train
 rank 1: after the trainer broadcasts perturbed weights of every tensor (in small buckets: several writes), greedy
 tokens equal transformers' with the same tensors in float64. A wrong shape is refused naming the tensor before any
 broadcast, the weights whole; a destroyed group is refused naming it; a trainer that goes silent part way fails the
-tensor it was to send, destroys the group, and the engine refuses requests until a complete update lands."""
+tensor it was to send and destroys the group; without a rollback (rollback_bytes=0) the engine then refuses requests
+until a complete update lands (with one: tests/engine/test_weight_updates_rollback.py)."""
 from __future__ import annotations
 
 import threading
@@ -137,7 +138,8 @@ def test_bad_updates_are_refused_before_any_broadcast(tiny_model):
 
 
 @pytest.mark.slow
-def test_a_trainer_silent_part_way_fails_the_tensor_and_requests_wait_for_a_whole_update(tiny_model):
+def test_without_rollback_a_trainer_silent_part_way_leaves_requests_waiting_for_a_whole_update(tiny_model):
+    """rollback_bytes=0 (engine/rank/rollback.py off): the buckets written before the failure stay written."""
     path = tiny_model("qwen3_e6k3")
     new = list(_perturbed(_tensors(path)).items())
     llm = LLM(path, dtype="float32", num_kv_blocks=32, block_size=8, enable_weight_updates=True)
@@ -149,7 +151,7 @@ def test_a_trainer_silent_part_way_fails_the_tensor_and_requests_wait_for_a_whol
     missing = new[3][0]
     with pytest.raises(RuntimeError, match=rf"receiving tensor '{missing}' from group 'g' failed .*the group is "
                                            r"destroyed.*partly updated"):
-        llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1)
+        llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1, rollback_bytes=0)
     trainer.done.set()
     trainer.join(30.0)
     with pytest.raises(RuntimeError, match="requests are refused: a weight update from group 'g' failed part way"):

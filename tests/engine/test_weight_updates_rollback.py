@@ -1,0 +1,126 @@
+"""A broadcast update that fails part way is rolled back (engine/rank/rollback.py, engine/rank/weight_sync.py;
+docs/rl.md): every tensor of a perturbed model sent one bucket per tensor, so many buckets are written before the
+failure; then the greedy tokens and their logprobs are bitwise those before the update, the error names the tensor,
+the engine serves on, and the next good update lands. Failures: a trainer that dies part way (its group closed), a
+NaN in a later bucket, an update whose old bytes pass rollback_bytes; an unknown name or a wrong shape late in the
+list is refused before any tensor is broadcast."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from moelink.engine import LLM
+from moelink.engine.rl.trainer import TrainerGroup
+
+from tests.engine.test_weight_updates_distributed import _perturbed, _tensors
+from tests.engine.test_weight_updates_quantized import run
+from tests.helpers.net import free_port
+from tests.helpers.parity import assert_pool_free
+
+pytestmark = [pytest.mark.usefixtures("heap_held_frozen"), pytest.mark.slow]
+KW = dict(dtype="float32", max_num_seqs=4, max_num_batched_tokens=40, num_kv_blocks=64, block_size=8,
+          enable_weight_updates=True)
+PS = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(20, 47))]
+
+
+class Trainer(threading.Thread):
+    """Rank 0 of the group in a thread: broadcasts each round in turn (a round of None: closes its group, as a dying
+    trainer's process would, and stops)."""
+
+    def __init__(self, port: int, rounds: list, world_size: int = 2):
+        super().__init__(daemon=True)
+        self.port, self.rounds, self.world_size = port, rounds, world_size
+        self.error: BaseException | None = None
+        self.sent = 0
+
+    def run(self) -> None:
+        try:
+            group = TrainerGroup("127.0.0.1", self.port, self.world_size, "g", "gloo", timeout_s=30.0)
+            for send in self.rounds:
+                if send is None:
+                    group.close()
+                    return
+                group.broadcast(send)
+                self.sent += 1
+            group.close()
+        except BaseException as exc:  # pragma: no cover - reported by the test
+            self.error = exc
+
+
+def _engine(tiny_model, ep: int = 1):
+    path = tiny_model("qwen3_e6k3")
+    new = list(_perturbed(_tensors(path)).items())
+    return path, new, LLM(path, expert_parallel_size=ep, **KW) if ep > 1 else LLM(path, **KW)
+
+
+def _join(llm, rounds, world_size: int = 2) -> Trainer:
+    trainer = Trainer(free_port(), rounds, world_size)
+    trainer.start()
+    llm.init_weights_update_group("127.0.0.1", trainer.port, 1, world_size, "g", "gloo", timeout_s=5.0)
+    return trainer
+
+
+def test_a_trainer_dying_part_way_leaves_the_weights_bitwise_as_before(tiny_model):
+    _, new, llm = _engine(tiny_model)
+    before = run(llm, PS)
+    trainer = _join(llm, [new[:12], None])  # 12 tensors (12 buckets written), then its group closes
+    with pytest.raises(RuntimeError, match=rf"receiving tensor '{new[12][0]}' from group 'g' failed .*the group is "
+                                           r"destroyed\. The weights are as they were \(rolled back on every rank\)"):
+        llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1)
+    trainer.join(30.0)
+    assert run(llm, PS) == before  # tokens and logprobs, bitwise; served
+    assert_pool_free(llm)
+
+    trainer = _join(llm, [new])  # the next good update, through a new group
+    llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1)
+    got = run(llm, PS)
+    llm.update_weights_from_tensor(new)
+    assert got == run(llm, PS) != before
+    trainer.join(30.0)
+    assert trainer.error is None
+
+
+def test_a_nan_in_a_later_bucket_is_rolled_back_and_the_group_serves_the_next_update(tiny_model):
+    _, new, llm = _engine(tiny_model)
+    before = run(llm, PS)
+    name, w = new[20]
+    bad = list(new)
+    nan = w.clone()
+    nan.view(-1)[0] = float("nan")
+    bad[20] = (name, nan)
+    late = list(new)
+    late[-1] = ("model.nope", late[-1][1])
+    trainer = _join(llm, [bad, new])
+    with pytest.raises(ValueError, match=r"names\[\d+\]='model\.nope' is invalid"):  # before any broadcast
+        llm.update_weights_from_distributed(**TrainerGroup.specs(late), group_name="g", bucket_bytes=1)
+    with pytest.raises(ValueError, match=rf"shapes\[3\]=\[1\] is invalid: tensor '{new[3][0]}'"):
+        llm.update_weights_from_distributed(**{**TrainerGroup.specs(new), "shapes": [list(t.shape) for _, t in new[:3]]
+                                               + [[1]] + [list(t.shape) for _, t in new[4:]]}, group_name="g")
+    with pytest.raises(RuntimeError, match=rf"writing the bucket of '{name}' failed: tensor '{name}' holds 1 NaN .* "
+                                           r"as they were \(rolled back on every rank\).*Group 'g' is kept"):
+        llm.update_weights_from_distributed(**TrainerGroup.specs(bad), group_name="g", bucket_bytes=1)
+    assert run(llm, PS) == before
+    with pytest.raises(ValueError, match=rf"named_tensors\[20\] '{name}' holds 1 NaN"):  # checked before any write
+        llm.update_weights_from_tensor(bad)
+    assert run(llm, PS) == before
+    llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1)  # the same group
+    got = run(llm, PS)
+    llm.update_weights_from_tensor(new)
+    assert got == run(llm, PS) != before
+    llm.destroy_weights_update_group("g")
+    trainer.join(30.0)
+    assert trainer.error is None and trainer.sent == 2  # the failed broadcast went to its end
+
+
+def test_an_update_past_rollback_bytes_fails_before_its_bucket_is_written(tiny_model):
+    _, new, llm = _engine(tiny_model)
+    before = run(llm, PS)
+    trainer = _join(llm, [new])
+    with pytest.raises(RuntimeError, match=r"more than rollback_bytes=100000: split the update .*as they were"):
+        llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1 << 14,
+                                            rollback_bytes=100_000)
+    assert run(llm, PS) == before
+    llm.destroy_weights_update_group("g")
+    trainer.join(30.0)
+    assert trainer.error is None
