@@ -142,6 +142,12 @@ class AsyncEngine:
         return self._metrics
 
     @property
+    def takes_control_calls(self) -> bool:
+        """Whether the engine was started to take RL control calls (enable_weight_updates): the wire's gate for the
+        calls the engine itself does not guard (a cache flush)."""
+        return bool(self.engine.config.enable_weight_updates)
+
+    @property
     def dead_error(self) -> BaseException | None:
         """Why the engine cannot run requests any more (None while it can). A lost rank counts at
         once, before the engine thread has noticed."""

@@ -7,6 +7,8 @@ one is set (engine/server/auth.py); a refused update is INVALID_ARGUMENT naming 
 """
 from __future__ import annotations
 
+import grpc
+
 from ..api.async_engine import AsyncEngine
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
@@ -43,6 +45,10 @@ class ControlServicer(pb_grpc.ControlServicer):
         return pb.ContinueGenerationResponse()
 
     async def FlushCache(self, request, context) -> pb.FlushCacheResponse:
+        if not self.engine.takes_control_calls:  # the engine lets its own callers flush; a client only with the flag
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "FlushCache is refused: start the server with --enable-weight-updates to take RL "
+                                "control calls.")
         return pb.FlushCacheResponse(num_blocks_freed=await self._call(context, "flush_cache"))
 
     async def Sleep(self, request: pb.SleepRequest, context) -> pb.SleepResponse:

@@ -50,12 +50,16 @@ def test_the_front_relays_no_control_plane_route(keyless_http):
     rogue = {"url": "http://127.0.0.1:9"}
     for method, path, body in [("POST", "/workers", rogue), ("GET", "/workers", None),
                                ("DELETE", "/workers/x", None), ("GET", "/get_loads", None),
-                               ("POST", "/flush_cache", {}), ("POST", "/v1/../workers", rogue),
+                               ("POST", "/v1/../workers", rogue),
                                ("POST", "/v1/models/../../workers", rogue), ("POST", "//workers", rogue),
                                ("POST", "/%77orkers", rogue), ("POST", "/wasm", {}), ("POST", "/v1/rl/workers", rogue)]:
         status, raw = http_request(port, method, path, body, timeout=10)
         assert status == 404, (method, path, status, raw[:300])
         assert "is not a route of this OpenAI API" in json.loads(raw)["error"]["message"]
+    # smg's /flush_cache is its control plane's: never relayed; the front answers the RL route of that name from
+    # the engine itself, refused without --enable-weight-updates (rl_routes.py).
+    status, raw = http_request(port, "POST", "/flush_cache", {}, timeout=10)
+    assert status == 403 and "--enable-weight-updates" in json.loads(raw)["message"], raw[:300]
     # The OpenAI API itself is relayed as before.
     status, raw = http_request(port, "POST", "/v1/chat/completions", CHAT, timeout=60)
     assert status == 200, raw[:300]
@@ -117,5 +121,5 @@ def test_public_paths():
     assert public_path(b"/v1/models/tiny-moe") == "/v1/models/tiny-moe"
     assert public_path(b"/health") == "/health"
     for bad in (b"/workers", b"/v1/../workers", b"http://127.0.0.1/workers", b"*", b"/v1/chat/completions/../..",
-                b"/v1/models%2f..%2fworkers", b"/v1//models", b"/v1/modelsx", b"/flush_cache", b"/get_loads"):
+                b"/v1/models%2f..%2fworkers", b"/v1//models", b"/v1/modelsx", b"/get_loads"):
         assert public_path(bad) is None, bad

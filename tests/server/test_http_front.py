@@ -63,8 +63,9 @@ def test_the_rl_control_routes_answer_from_the_engine_on_moelink_serve(http_port
     """`moelink serve`'s front answers the RL routes itself (rl_routes.py), beside the tokenizer and LoRA routes:
     the version read, a weight-changing call refused naming the flag this server was started without."""
     assert http_request(http_port, "GET", "/get_weight_version") == (200, b'{"weight_version": null}')
-    status, raw = http_request(http_port, "POST", "/pause_generation", {"mode": "wait"})
-    assert status == 403 and "--enable-weight-updates" in json.loads(raw)["message"]
+    for path, body in (("/pause_generation", {"mode": "wait"}), ("/flush_cache", None)):
+        status, raw = http_request(http_port, "POST", path, body)
+        assert status == 403 and "--enable-weight-updates" in json.loads(raw)["message"], (path, raw)
 
 
 def test_regex_grammar_and_json_through_structured_outputs(http_port):

@@ -35,7 +35,8 @@ def _call(port: int, method: str, path: str, body=None, key: str | None = KEY) -
 @pytest.mark.slow  # an engine and a weight update from disk: about 3 s
 def test_control_routes_over_http(thread_server, model_path):
     srv = thread_server(engine_kw={"enable_weight_updates": True})
-    front = HttpFront("127.0.0.1", free_port(), free_port(), KEY, local=ChainedRoutes(RlRoutes(srv.engine)))
+    front = HttpFront("127.0.0.1", free_port(), free_port(), KEY,
+                      local=ChainedRoutes(_NoModels(), RlRoutes(srv.engine, srv.engine.takes_control_calls)))
     srv.call(front.start())
     port = front.port
     try:
@@ -78,6 +79,13 @@ def test_control_routes_over_http(thread_server, model_path):
         srv.call(front.stop())
 
 
+class _NoModels:
+    """The model's routes of the chain (vllm_routes.VllmRoutes in a server): none answered here."""
+
+    async def answer(self, method, path, body, query=""):
+        return None
+
+
 class _Disabled:
     async def control(self, call, *args):
         from moelink.engine.core.rl_control import ControlDisabled
@@ -87,8 +95,11 @@ class _Disabled:
 
 
 def test_without_the_flag_a_call_is_403_naming_it():
-    routes = RlRoutes(_Disabled())
+    routes = RlRoutes(_Disabled(), True)  # the engine refuses the call itself
     status, body = asyncio.run(routes.answer(b"POST", "/pause_generation", b'{"mode": "wait"}'))
+    assert status == 403 and "--enable-weight-updates" in json.loads(body)["message"]
+    off = RlRoutes(_Disabled(), False)  # the wire refuses what the engine lets its own callers do: the flush
+    status, body = asyncio.run(off.answer(b"POST", "/flush_cache", b""))
     assert status == 403 and "--enable-weight-updates" in json.loads(body)["message"]
     assert asyncio.run(routes.answer(b"POST", "/v1/completions", b"{}")) is None  # not a control route
 

@@ -46,6 +46,8 @@ import h11
 
 from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
+from .http_wire import (READ_CHUNK, Upstream, closing_head, copy_stream, error_body, header_of, status_of,
+                        until_eof, write_answer)
 from .lora_routes import forget_adapter, note_adapter
 from .model_name import copy_renamed, renamer
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
@@ -58,7 +60,6 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 << 20
 INLINE_BODY_BYTES = 256 << 10  # bodies up to this size are inspected on the event loop (well under a millisecond)
 MAX_HEAD_BYTES = 64 << 10
-READ_CHUNK = 64 << 10
 CONNECT_RETRY_S = (0.1, 0.3)  # a failed connect to smg is tried again after these, unless smg is down
 # smg (1.13) may answer 503 `tokenizer_not_ready` for a moment after it lists the model (quirks.
 # MODELS_BEFORE_TOKENIZER), also after a restart: such an answer comes before any engine work, so the front sends
@@ -139,20 +140,20 @@ class HttpFront:
                 if self.metrics is not None and request.method == b"GET" and \
                         request.target.split(b"?", 1)[0] == METRICS_PATH:
                     # Answered here, as vLLM answers it on its API port (no API key: Prometheus sends none).
-                    await _answer(conn, writer, 200, await self.metrics(), METRICS_CONTENT_TYPE)
+                    await write_answer(conn, writer, 200, await self.metrics(), METRICS_CONTENT_TYPE)
                     return
                 path = public_path(request.target)
                 if path is None:
-                    await _answer(conn, writer, 404, _error(
+                    await write_answer(conn, writer, 404, error_body(
                         f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None))
                     return
                 # The RL control routes take the key too, though not under /v1 (vLLM's rule for the others).
                 if (needs_key(path) or path in RL_PATHS) and not self._authorized(request):
-                    await _answer(conn, writer, 401, _error(UNAUTHORIZED, None), extra=_ASK_BEARER)
+                    await write_answer(conn, writer, 401, error_body(UNAUTHORIZED, None), extra=_ASK_BEARER)
                     return
                 reason = self.not_serving() if self.not_serving is not None and path in PROBES else None
                 if reason is not None:
-                    await _answer(conn, writer, 503, _error(reason, None))
+                    await write_answer(conn, writer, 503, error_body(reason, None))
                     return
                 if await self._answer_here(conn, request, path, body, writer):
                     return
@@ -165,7 +166,7 @@ class HttpFront:
                     body, one_call, adapter = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES \
                         else await asyncio.to_thread(self._inspect, request, body)
                 except HttpFieldError as e:
-                    await _answer(conn, writer, e.status, _error(str(e), e.field))  # 404: an unknown model
+                    await write_answer(conn, writer, e.status, error_body(str(e), e.field))  # 404: an unknown model
                     return
                 await self._relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
@@ -192,7 +193,7 @@ class HttpFront:
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY_BYTES:
-                    await _answer(conn, writer, 413, _error(f"the request body is over {MAX_BODY_BYTES} bytes.", None))
+                    await write_answer(conn, writer, 413, error_body(f"the request body is over {MAX_BODY_BYTES} bytes.", None))
                     return None
             elif isinstance(event, h11.EndOfMessage):
                 return request, bytes(body)
@@ -204,25 +205,25 @@ class HttpFront:
         engine (vllm_routes.py) when it is beside the front. Whether it answered."""
         if path == VERSION_PATH:
             if request.method != b"GET":
-                await _answer(conn, writer, 405, _error(f"{path} takes GET.", None))
+                await write_answer(conn, writer, 405, error_body(f"{path} takes GET.", None))
             else:
-                await _answer(conn, writer, 200, json.dumps({"version": moelink_version()}).encode())
+                await write_answer(conn, writer, 200, json.dumps({"version": moelink_version()}).encode())
             return True
         if self.local is not None:
             query = request.target.split(b"?", 1)[1].decode("latin-1") if b"?" in request.target else ""
             got = await self.local.answer(request.method, path, body, query)
             if got is None:
                 return False
-            await _answer(conn, writer, *got)
+            await write_answer(conn, writer, *got)
             return True
         if path in RL_PATHS:
-            await _answer(conn, writer, 404, _error(
+            await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
                 "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC Control "
                 "service.", None))
             return True
         if path in ENGINE_ROUTES:
-            await _answer(conn, writer, 404, _error(
+            await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own OpenAI front, which has the tokenizer; this front "
                 f"(`moelink http-front`) stands before a gateway started by hand: ask smg's /v1{path} instead.", None))
             return True
@@ -264,28 +265,28 @@ class HttpFront:
         `adapter`: the LoRA adapter its `model` named (noted the same way, lora_routes.py)."""
         method, target = method or request.method, target or request.target
         try:
-            up = _Upstream(*await self._connect_upstream())
+            up = Upstream(*await self._connect_upstream())
         except OSError as exc:
             # 503 only while the supervisor has smg down (and restarts it: it logs each restart and its reason);
             # any other failure to reach smg is the front's own error, said and logged as such (issue 54 item 8:
             # a 503 "is restarting" was answered for any connect error, with no restart at all).
             reason = self.not_serving() if self.not_serving is not None else None
             if reason is not None:
-                await _answer(conn, writer, 503, _error(f"{reason} Retry in a few seconds.", None))
+                await write_answer(conn, writer, 503, error_body(f"{reason} Retry in a few seconds.", None))
                 return
             logger.error("the OpenAI front could not reach the smg gateway on 127.0.0.1:%d (%s), and no restart of "
                          "it is under way: answered 502", self.upstream_port, exc)
-            await _answer(conn, writer, 502, _error(f"the OpenAI gateway (smg) on 127.0.0.1:{self.upstream_port} "
+            await write_answer(conn, writer, 502, error_body(f"the OpenAI gateway (smg) on 127.0.0.1:{self.upstream_port} "
                                                     f"could not be reached: {exc}.", None))
             return
         path = target.split(b"?", 1)[0].decode("latin-1")
-        relay_id = new_relay_id(_ID_KINDS.get(path, "req"), _header(request, b"x-request-id"))
+        relay_id = new_relay_id(_ID_KINDS.get(path, "req"), header_of(request, b"x-request-id"))
         if one_call:
             note_one_call(relay_id)
         if adapter is not None:
             note_adapter(relay_id, adapter)
         # Watched from the start, not from smg's first byte: before it, a grammar may compile for many seconds.
-        gone = asyncio.ensure_future(_until_eof(reader))
+        gone = asyncio.ensure_future(until_eof(reader))
         answer = None
         try:
             head = [method + b" " + target + b" HTTP/1.1"]
@@ -314,7 +315,7 @@ class HttpFront:
         if not answer.cancelled():
             answer.result()  # smg's own failure (it closed early, a head over the limit): the caller's to handle
 
-    async def _answer_from(self, up: "_Upstream", writer: asyncio.StreamWriter,
+    async def _answer_from(self, up: "Upstream", writer: asyncio.StreamWriter,
                            rename: Optional[Callable[[bytes], bytes]] = None) -> None:
         """The request sent on (`up.writer` holds it), then smg's answer copied to the client as it comes until smg
         closes; its head with `connection: close`. A 503 `tokenizer_not_ready` is not copied: the request is sent
@@ -323,23 +324,23 @@ class HttpFront:
         while True:
             await up.writer.drain()
             head = await up.reader.readuntil(b"\r\n\r\n")
-            if _status(head) != 503 or asyncio.get_running_loop().time() >= deadline:
+            if status_of(head) != 503 or asyncio.get_running_loop().time() >= deadline:
                 break
             # A 503's body is small and ends the connection (the request said `connection: close`).
             body = await up.reader.read(MAX_HEAD_BYTES)
             if tokenizer_ready(503, body):
-                writer.write(_closing(head) + body)
-                await _copy(up.reader, writer)
+                writer.write(closing_head(head) + body)
+                await copy_stream(up.reader, writer)
                 return
             up.writer.close()
             await asyncio.sleep(NOT_READY_POLL_S)
             up.reader, up.writer = await self._connect_upstream()
             up.writer.write(up.request)
         if rename is not None:
-            await copy_renamed(_closing(head), up.reader, writer, rename)
+            await copy_renamed(closing_head(head), up.reader, writer, rename)
             return
-        writer.write(_closing(head))
-        await _copy(up.reader, writer)
+        writer.write(closing_head(head))
+        await copy_stream(up.reader, writer)
 
     async def _connect_upstream(self):
         """A connection to smg. A failed connect is tried again (CONNECT_RETRY_S) unless the supervisor says smg
@@ -385,60 +386,3 @@ def public_path(target: bytes) -> Optional[str]:
         if path == route or path.startswith(route + "/"):
             return path
     return None
-
-
-class _Upstream:
-    """One relayed request's connection to smg (replaced when the request is sent again) and the bytes sent."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.request = b""
-
-
-def _status(head: bytes) -> int:
-    """The status code of a response head (`HTTP/1.1 503 Service Unavailable...`); 0 if it has none."""
-    parts = head.split(b" ", 2)
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-
-
-def _header(request: h11.Request, name: bytes) -> Optional[str]:
-    """A request header's value (h11 lowercases names), or None."""
-    for key, value in request.headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    while data := await src.read(READ_CHUNK):
-        dst.write(data)
-        await dst.drain()
-
-
-async def _until_eof(reader: asyncio.StreamReader) -> None:
-    """Returns when the client closes; bytes it sends meanwhile (a pipelined request) are dropped: this
-    connection closes after one answer, which says so."""
-    while await reader.read(READ_CHUNK):
-        pass
-
-
-def _closing(head: bytes) -> bytes:
-    """A response head with its Connection header replaced by `connection: close`."""
-    lines = head[:-4].split(b"\r\n")
-    kept = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() != b"connection"]
-    return b"\r\n".join(kept + [b"connection: close"]) + b"\r\n\r\n"
-
-
-def _error(message: str, param: Optional[str]) -> bytes:
-    """An OpenAI-style error body (the shape smg answers with)."""
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                 "code": None}}).encode()
-
-
-async def _answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
-                  content_type: bytes = b"application/json", extra: tuple = ()) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"), *extra]
-    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=body))
-                 + conn.send(h11.EndOfMessage()))
-    await writer.drain()

@@ -9,8 +9,9 @@ verl, slime and the other rollout drivers call a generator's HTTP port: `POST /u
 Python API: `AsyncEngine.control`, on the engine thread between two steps.
 
 Who may call: like every route of the port but the probes, the API key where one is set (the front checks it);
-beyond that, the engine refuses each call that changes weights or holds requests unless the server was started with
-`--enable-weight-updates` (403 naming the flag). A body is a JSON object of the call's fields as SGLang names
+beyond that, every route but the two that read (`/get_weight_version`, `/is_sleeping`) is refused unless the server
+was started with `--enable-weight-updates` (403 naming the flag): the flush too, which would let any client empty every
+user's prefix cache. A body is a JSON object of the call's fields as SGLang names
 them; a field the call does not take is refused (400 naming it), never ignored. vLLM's `/sleep?level=N` and
 `/wake_up?tags=...` take their query string too. Answers: SGLang's `{"success", "message"}` (with the call's
 numbers beside them), 400 with `success: false` for a refused call, 503 when the engine has stopped.
@@ -181,11 +182,21 @@ def _error(message: str, field: Optional[str], status: int) -> tuple[int, bytes]
                                          "param": field, "code": status}}).encode()
 
 
+# Read-only routes: answered whatever the flag. Every other route changes weights, memory, the cache or what runs, and
+# is taken only from a server started with --enable-weight-updates (flush_cache too: a client that may empty every
+# user's prefix cache is a control client).
+READ_ONLY = ("/get_weight_version", "/is_sleeping")
+DISABLED = ("{path} is refused: this server takes RL control calls only when started with --enable-weight-updates "
+            "(and, where one is set, with its API key).")
+
+
 class RlRoutes:
     """Answers the control routes from an AsyncEngine (`engine.control(call, *args)`) on the server's loop."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, enabled: bool):
+        """`enabled`: the server was started with --enable-weight-updates."""
         self.engine = engine
+        self.enabled = enabled
 
     async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
         """(HTTP status, JSON body) of a control route, or None for any other path."""
@@ -197,6 +208,8 @@ class RlRoutes:
             return None
         if method != route.method:
             return _error(f"{path} takes {route.method.decode()}, not {method.decode('latin-1')}.", None, 405)
+        if not self.enabled and path not in READ_ONLY:
+            return _error(DISABLED.format(path=path), None, 403)
         try:
             args = route.args(_body(route, path, body, query))
         except _Refused as e:

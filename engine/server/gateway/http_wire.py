@@ -1,0 +1,68 @@
+"""HTTP/1.1 plumbing of the OpenAI front (http_front.py): the answers it writes itself, the error body smg's shape,
+response heads read and rewritten, bytes copied between the client and smg."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Optional
+
+import h11
+
+READ_CHUNK = 64 << 10
+
+
+class Upstream:
+    """One relayed request's connection to smg (replaced when the request is sent again) and the bytes sent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.request = b""
+
+
+def status_of(head: bytes) -> int:
+    """The status code of a response head (`HTTP/1.1 503 Service Unavailable...`); 0 if it has none."""
+    parts = head.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def header_of(request: h11.Request, name: bytes) -> Optional[str]:
+    """A request header's value (h11 lowercases names), or None."""
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def copy_stream(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    while data := await src.read(READ_CHUNK):
+        dst.write(data)
+        await dst.drain()
+
+
+async def until_eof(reader: asyncio.StreamReader) -> None:
+    """Returns when the client closes; bytes it sends meanwhile (a pipelined request) are dropped: this
+    connection closes after one answer, which says so."""
+    while await reader.read(READ_CHUNK):
+        pass
+
+
+def closing_head(head: bytes) -> bytes:
+    """A response head with its Connection header replaced by `connection: close`."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].strip().lower() != b"connection"]
+    return b"\r\n".join(kept + [b"connection: close"]) + b"\r\n\r\n"
+
+
+def error_body(message: str, param: Optional[str]) -> bytes:
+    """An OpenAI-style error body (the shape smg answers with)."""
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                 "code": None}}).encode()
+
+
+async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
+                  content_type: bytes = b"application/json", extra: tuple = ()) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close"), *extra]
+    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=body))
+                 + conn.send(h11.EndOfMessage()))
+    await writer.drain()
