@@ -245,7 +245,7 @@ def supported_attention_kinds() -> frozenset[str]:
     or `mla_attention` (dense MLA) alone: the kinds a batch-invariant engine serves. The others (DSA's sparse MLA,
     linear attention, compressed, block-sparse, QSA) reduce in their own kernels and are refused by name until each
     has its invariant form."""
-    return frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse", "pooled_dsa"})
+    return frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse", "pooled_dsa", "qsa"})
 
 
 __all__ = ["row_positions", "walk_blocks", "invariant_dsa_topk", "invariant_fused_moe", "invariant_gated_delta_rule", "invariant_mla_attention",

@@ -103,6 +103,7 @@ class BatchInvariantKernels(ReferenceKernels):
 
         from .batch_invariant_block_sparse import invariant_block_sparse_attention, invariant_block_sparse_select
         from .batch_invariant_pooled_dsa import invariant_dsa_pool_topk
+        from .batch_invariant_qsa import invariant_qsa_select, invariant_sparse_gqa_attention
         from .batch_invariant_compressed import (invariant_compressed_indexer_topk, invariant_grouped_linear,
                                                  invariant_paged_compressed_indexer_topk,
                                                  invariant_paged_sink_attention, invariant_sink_attention)
@@ -117,7 +118,8 @@ class BatchInvariantKernels(ReferenceKernels):
                 "grouped_linear": invariant_grouped_linear,
                 "block_sparse_select": invariant_block_sparse_select,
                 "block_sparse_attention": invariant_block_sparse_attention,
-                "dsa_pool_topk": invariant_dsa_pool_topk}
+                "dsa_pool_topk": invariant_dsa_pool_topk,
+                "qsa_select": invariant_qsa_select, "sparse_gqa_attention": invariant_sparse_gqa_attention}
 
     @staticmethod
     def step_context():

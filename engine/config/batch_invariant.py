@@ -17,8 +17,9 @@ ENV = "VLLM_BATCH_INVARIANT"
 BACKEND = "batch_invariant"
 # The attention kinds whose every reduction goes through the invariant kernels (kernels/batch_invariant_kernels.py
 # supported_attention_kinds, kept equal by tests/engine/test_batch_invariant_engine.py): "compressed" is
-# DeepSeek-V4's CSA / HCA (kernels/batch_invariant_compressed.py).
-ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse", "pooled_dsa"})
+# DeepSeek-V4's CSA / HCA (kernels/batch_invariant_compressed.py), "block_sparse" MiniMax-M3's, "pooled_dsa" GLM-5.3's,
+# "qsa" Qwen3.8's (kernels/batch_invariant_*.py).
+ATTENTION_KINDS = frozenset({"gqa", "mla", "linear", "kda", "dsa", "compressed", "block_sparse", "pooled_dsa", "qsa"})
 
 
 def from_env() -> bool:

@@ -106,6 +106,12 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
         if "glm5_next" not in _KIMI:
             _KIMI["glm5_next"] = str(make_tiny_model(tmp_path_factory.mktemp("glm5_next") / "m", arch="glm5_next"))
         return _KIMI["glm5_next"]
+    if model == "qwen4_exp":  # Qwen3.8-Flash-Next: QSA (indexed GQA over pooled blocks) beside gated DeltaNet
+        from moelink.engine.tools.tiny_model import make_tiny_model
+
+        if "qwen4_exp" not in _KIMI:
+            _KIMI["qwen4_exp"] = str(make_tiny_model(tmp_path_factory.mktemp("qwen4_exp") / "m", arch="qwen4_exp"))
+        return _KIMI["qwen4_exp"]
     if model == "dsv4":  # DeepSeek-V4 (CSA / HCA compressed attention, hash routing, hyper-connections)
         from tests.helpers.dsv4_checkpoint import save_dsv4_checkpoint
 
@@ -120,8 +126,9 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
 # DeepSeek-V3.2 (DSA: the lightning indexer's top-k and sparse MLA; prompts past index_topk, so steps run sparse
 # and dense), DeepSeek-V4 (CSA / HCA compressed attention over a window ring and compressed entries, hash-routed
 # layers, hyper-connections), MiniMax-M3 (block-sparse attention: an indexer's blocks per head, past 16 positions),
-# GLM-5.3-Flash (pooled DSA beside KDA)
-MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4", "minimax_m3", "glm5_next"]
+# GLM-5.3-Flash (pooled DSA beside KDA), Qwen3.8-Flash-Next (QSA beside gated DeltaNet)
+MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4", "minimax_m3", "glm5_next",
+          "qwen4_exp"]
 
 
 @pytest.mark.slow
@@ -184,9 +191,15 @@ def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_m
     assert ATTENTION_KINDS == supported_attention_kinds()  # what the engine admits is what the kernels cover
     from moelink.engine.tools.tiny_model import make_tiny_model
 
+    # Every attention kind moelink serves has its invariant kernels now; a kind without them is refused naming it
+    # (shown by taking QSA's away).
+    from moelink.engine.config import batch_invariant as bi
+
     qsa = make_tiny_model(tmp_path / "qwen4_exp", arch="qwen4_exp")  # Qwen3.8-Flash-Next: QSA sparse attention
+    monkeypatch.setattr(bi, "ATTENTION_KINDS", bi.ATTENTION_KINDS - {"qsa"})
     with pytest.raises(ValueError, match=r"attention kind\(s\) qsa have no batch-invariant kernels"):
         LLM(str(qsa), dtype="float32", num_kv_blocks=32, batch_invariant=True)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="kernels='triton' is invalid with batch_invariant=True"):
         LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, batch_invariant=True, kernels="triton")
     with pytest.raises(ValueError, match="batch_invariant='yes' is invalid"):

@@ -169,3 +169,32 @@ def test_graph_decode_matches_eager(tmp_path, kdev):
     assert all(not t[null].any() for pair in runner.state_caches.layers if pair is not None for t in pair)
     stats = engine.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_batch_invariant_forms_equal_the_references(gen):
+    """Batch-invariant mode's QSA (kernels/batch_invariant_qsa.py): the reference's positions (as sets per token)
+    through the invariant DSA top-k, and the reference's attention over random selections with -1 anywhere, in
+    float64."""
+    from moelink.kernels.batch_invariant_qsa import invariant_qsa_select, invariant_sparse_gqa_attention
+
+    meta = meta_of(gen, CTX_Q, "cpu")
+    c, topk, Hi, Di = 4, 2, 3, 16
+    T = sum(meta.query_lens)
+    q = torch.randn(T, Hi, Di, generator=gen, dtype=torch.float64)
+    keys = torch.randn(meta.num_seqs, meta.max_seq_len // c, Di, generator=gen, dtype=torch.float64)
+    want = reference_qsa_select(q, keys, meta, topk, c)
+    got = invariant_qsa_select(q, keys, meta, topk, c)
+    assert got.shape == want.shape
+    for t in range(T):
+        assert sorted(x for x in got[t].tolist() if x >= 0) == sorted(x for x in want[t].tolist() if x >= 0), t
+    N, K, H, X = 4, 2, 8, 21
+    kc, vc = (cache_of(gen, meta, K * H, torch.float64, "cpu").view(-1, L, K, H) for _ in range(2))
+    qa = torch.randn(T, N, H, generator=gen, dtype=torch.float64)
+    rows = []
+    for _, p in positions(meta, "cpu"):
+        picked = torch.randperm(p + 1, generator=gen)[:X - 5].tolist()
+        row = picked + [-1] * (X - len(picked))
+        rows.append([row[i] for i in torch.randperm(X, generator=gen).tolist()])
+    pos = torch.tensor(rows)
+    torch.testing.assert_close(invariant_sparse_gqa_attention(qa, kc, vc, meta, pos, 0.2),
+                               reference_sparse_gqa_attention(qa, kc, vc, meta, pos, 0.2))
