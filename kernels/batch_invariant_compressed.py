@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from .batch_invariant import fixed_bmm
 from .batch_invariant_kernels import walk_blocks
-from .compressed_attention import (entry_rows, gather_paged_rows, index_key_rows, is_fp8_pages, visible_pages,
-                                   window_seen)
+from .compressed_attention import (entry_rows, index_key_rows, is_fp8_pages, visible_pages, window_seen,
+                                   with_paged_entries)
 from .dsa import reference_topk_positions
 
 BLOCK = 16  # keys (and index entries) per step of the walk: fixed, whatever the batch
@@ -76,18 +76,9 @@ def invariant_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor
         if is_fp8_pages(window_PWH):
             keys_TWH = fmt.decode(keys_TWH, q_TNH.dtype)
         seen_TW = window_seen(pos_T, slot_T, W).gather(1, ring_TW)
-        rows = fmt if is_fp8_pages(entries_BLcH) else None
-        if entries_BLcH is None:
-            ent_TEH, seen_TE = keys_TWH[:, :0], seen_TW[:, :0]
-        elif picks_TK is None:
-            ent_TEH, seen_TE = visible_pages(entries_BLcH, table_TM, visible_T, rows, q_TNH.dtype)
-        else:
-            picks = picks_TK.long()
-            seen_TE = picks >= 0
-            got = gather_paged_rows(entries_BLcH, table_TM, picks.clamp(min=0))
-            ent_TEH = torch.where(seen_TE[..., None], rows.decode(got, q_TNH.dtype) if rows is not None else got, 0)
-        keys_TSH = torch.cat([torch.where(seen_TW[..., None], keys_TWH, 0), ent_TEH], dim=1).to(q_TNH.dtype)
-        return _compacted_walk(q_TNH, keys_TSH, torch.cat([seen_TW, seen_TE], dim=1), sinks_N, scale)
+        keys_TSH, seen_TS = with_paged_entries(keys_TWH, seen_TW, entries_BLcH, table_TM, picks_TK, visible_T, fmt,
+                                               q_TNH.dtype)
+        return _compacted_walk(q_TNH, keys_TSH, seen_TS, sinks_N, scale)
 
 
 def invariant_compressed_indexer_topk(q_TnI: torch.Tensor, w_Tn: torch.Tensor, keys_EI: torch.Tensor,

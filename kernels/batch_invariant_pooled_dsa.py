@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionMetadata
 from .batch_invariant import fixed_bmm
-from .dsa import causal_lens, pool_slots, reference_topk_positions
+from .dsa import pool_keys, pool_positions, pool_shape, pool_slots, reference_topk_positions
 
 BLOCK = 16  # pools per scoring product
 
@@ -27,24 +27,15 @@ def invariant_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index
     """`reference_dsa_pool_topk`'s selection (int32 [T, topk + kpool - 1] positions, -1 where none), each row's
     pool scores computed alone."""
     T, H, D = q_THD.shape
-    kp = ape_PD.shape[0]
-    if index_cache_BLX.shape[-1] != 2 * D or weights_TH.shape != (T, H) or ape_PD.shape != (kp, D):
-        raise ValueError(f"dsa_pool_topk: q {tuple(q_THD.shape)}, weights {tuple(weights_TH.shape)}, cache rows "
-                         f"{index_cache_BLX.shape[-1]}, ape {tuple(ape_PD.shape)}: want [T, H, D], [T, H], 2 D, [kpool, D].")
+    kp, P, n_T = pool_shape(q_THD, weights_TH, index_cache_BLX, ape_PD, meta, max_len)
     dev = q_THD.device
-    W = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
-    P = max(W // kp, 1)
-    n_T = causal_lens(meta, dev)
     L, X = index_cache_BLX.shape[1:]
     pos_W = torch.arange(P * kp, device=dev)
     visible_TW = pos_W[None, :] < n_T[:, None]
     slots_TW = pool_slots(meta, slice(0, T), pos_W, visible_TW, L)
     r_TWX = index_cache_BLX.view(-1, X).index_select(0, slots_TW.reshape(-1)).view(T, P * kp, X)
-    key_TPkD = r_TWX[..., :D].reshape(T, P, kp, D)
-    gate_TPkD = r_TWX[..., D:].reshape(T, P, kp, D)
     # On the mode's tiles: a pool's softmax over its kpool positions and the weighted sum, per (row, pool, channel).
-    probs = torch.softmax(gate_TPkD.float() + ape_PD.float()[None, None], dim=2).to(key_TPkD.dtype)
-    pool_TPD = (probs * key_TPkD).sum(dim=2).float()
+    pool_TPD = pool_keys(r_TWX, ape_PD, P).float()
     with torch._C.DisableTorchFunction():
         width = -(-P // BLOCK) * BLOCK
         pool_TPD = F.pad(pool_TPD, (0, 0, 0, width - P))
@@ -55,10 +46,7 @@ def invariant_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index
             dots_THB = fixed_bmm(q_THD32, pool_TPD[:, j:j + BLOCK].transpose(1, 2).contiguous())
             score_TP[:, j:j + BLOCK] = fixed_bmm(w_T1H, torch.relu(dots_THB * scale))[:, 0] + 0.0
         pools_TK = reference_topk_positions(score_TP[:, :P], n_T // kp, topk // kp).long()
-        tok_TKk = torch.where(pools_TK[..., None] >= 0, pools_TK[..., None] * kp + torch.arange(kp, device=dev), -1)
-        tail = torch.arange(kp - 1, device=dev)
-        tail_Tt = torch.where(tail[None, :] < (n_T % kp)[:, None], (n_T - n_T % kp)[:, None] + tail[None, :], -1)
-        return torch.cat([tok_TKk.reshape(T, -1), tail_Tt], dim=1).to(torch.int32)
+        return pool_positions(pools_TK, n_T, kp)
 
 
 __all__ = ["BLOCK", "invariant_dsa_pool_topk"]

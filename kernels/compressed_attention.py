@@ -267,22 +267,33 @@ def reference_paged_sink_attention(q_TNH: torch.Tensor, window_PWH: torch.Tensor
     and window rows (uint8 [B, Lc, X] / [P, W, X]) are decoded as entry_rows(H, rope_dims) lays them out. Here the
     keys are gathered into [T, W + K or E, H] (the oracle); the Triton op reads them in place."""
     fmt = entry_rows(q_TNH.shape[2], rope_dims)
-    rows = fmt if is_fp8_pages(entries_BLcH) else None
     keys_TWH = window_PWH[slot_T.long().clamp(min=0)]
     if is_fp8_pages(window_PWH):
         keys_TWH = fmt.decode(keys_TWH, q_TNH.dtype)
     seen_TW = window_seen(pos_T, slot_T, window_PWH.shape[1])
+    keys_TSH, seen_TS = with_paged_entries(keys_TWH, seen_TW, entries_BLcH, table_TM, picks_TK, visible_T, fmt,
+                                           q_TNH.dtype)
+    return reference_sink_attention(q_TNH, keys_TSH, seen_TS, sinks_N, scale)
+
+
+def with_paged_entries(keys_TWH: torch.Tensor, seen_TW: torch.Tensor, entries_BLcH: torch.Tensor | None,
+                       table_TM: torch.Tensor | None, picks_TK: torch.Tensor | None, visible_T: torch.Tensor | None,
+                       fmt: FP8Rows, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's keys [T, W + K or E, H] and which each query sees: its window rows (unseen ones zeroed), then
+    its entries (the picks, or every visible one; none on a sliding layer), fp8 pages decoded by `fmt`. What the
+    paged sink attention reads, here and in the batch-invariant backend (batch_invariant_compressed.py)."""
+    rows = fmt if is_fp8_pages(entries_BLcH) else None
     if entries_BLcH is None:
         ent_TEH, seen_TE = keys_TWH[:, :0], seen_TW[:, :0]
     elif picks_TK is None:
-        ent_TEH, seen_TE = _visible_pages(entries_BLcH, table_TM, visible_T, rows, q_TNH.dtype)
+        ent_TEH, seen_TE = _visible_pages(entries_BLcH, table_TM, visible_T, rows, dtype)
     else:
         picks = picks_TK.long()
         seen_TE = picks >= 0
         got = gather_paged_rows(entries_BLcH, table_TM, picks.clamp(min=0))
-        ent_TEH = torch.where(seen_TE[..., None], rows.decode(got, q_TNH.dtype) if rows is not None else got, 0)
-    keys_TSH = torch.cat([torch.where(seen_TW[..., None], keys_TWH, 0), ent_TEH], dim=1).to(q_TNH.dtype)
-    return reference_sink_attention(q_TNH, keys_TSH, torch.cat([seen_TW, seen_TE], dim=1), sinks_N, scale)
+        ent_TEH = torch.where(seen_TE[..., None], rows.decode(got, dtype) if rows is not None else got, 0)
+    keys_TSH = torch.cat([torch.where(seen_TW[..., None], keys_TWH, 0), ent_TEH], dim=1).to(dtype)
+    return keys_TSH, torch.cat([seen_TW, seen_TE], dim=1)
 
 
 def reference_grouped_linear(x_TGd: torch.Tensor, w_GoD: torch.Tensor) -> torch.Tensor:
@@ -295,4 +306,4 @@ __all__ = ["ENTRY_SCALE_GROUP", "FP8Rows", "INDEX_SCALE_GROUP", "entry_rows", "g
            "is_fp8_pages", "read_rows", "reference_compress", "reference_grouped_linear",
            "reference_indexer_topk", "reference_paged_indexer_topk", "reference_paged_sink_attention",
            "reference_rms_norm_f32", "reference_rope_tail", "reference_sink_attention", "visible_pages", "window_seen",
-           "write_form"]
+           "with_paged_entries", "write_form"]

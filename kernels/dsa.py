@@ -222,14 +222,8 @@ def reference_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index
     best (all when fewer; ties to the lower pool), their positions ascending, then its incomplete pool's n % kpool
     positions. `max_len` as reference_dsa_topk's."""
     T, H, D = q_THD.shape
-    kp = ape_PD.shape[0]
-    if index_cache_BLX.shape[-1] != 2 * D or weights_TH.shape != (T, H) or ape_PD.shape != (kp, D):
-        raise ValueError(f"dsa_pool_topk: q {tuple(q_THD.shape)}, weights {tuple(weights_TH.shape)}, cache rows "
-                         f"{index_cache_BLX.shape[-1]}, ape {tuple(ape_PD.shape)}: want [T, H, D], [T, H], 2 D, [kpool, D].")
+    kp, P, n_T = pool_shape(q_THD, weights_TH, index_cache_BLX, ape_PD, meta, max_len)
     dev = q_THD.device
-    W = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
-    P = max(W // kp, 1)
-    n_T = causal_lens(meta, dev)
     L, X = index_cache_BLX.shape[1:]
     rows_all = index_cache_BLX.view(-1, X)
     pos_W = torch.arange(P * kp, device=dev)
@@ -241,18 +235,45 @@ def reference_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index
         visible_RW = pos_W[None, :] < n_R[:, None]
         slots_RW = _slots_rows(meta, rows, pos_W, visible_RW, L)
         r_RWX = rows_all.index_select(0, slots_RW.reshape(-1)).view(*slots_RW.shape, X)
-        key_RPkD = r_RWX[..., :D].reshape(-1, P, kp, D)
-        gate_RPkD = r_RWX[..., D:].reshape(-1, P, kp, D)
-        probs = torch.softmax(gate_RPkD.float() + ape_PD.float()[None, None], dim=2).to(key_RPkD.dtype)
-        pool_RPD = (probs * key_RPkD).sum(dim=2)
+        pool_RPD = pool_keys(r_RWX, ape_PD, P)
         dots_RHP = torch.einsum("rhd,rpd->rhp", q_THD[rows].float(), pool_RPD.float())
         score_RP = torch.einsum("rh,rhp->rp", weights_TH[rows].float(), torch.relu(dots_RHP * scale)) + 0.0
         pools_RK = reference_topk_positions(score_RP, n_R // kp, K).long()  # pool ids ascending, -1 past the count
-        tok_RKk = torch.where(pools_RK[..., None] >= 0, pools_RK[..., None] * kp + torch.arange(kp, device=dev), -1)
-        tail = torch.arange(kp - 1, device=dev)
-        tail_Rt = torch.where(tail[None, :] < (n_R % kp)[:, None], (n_R - n_R % kp)[:, None] + tail[None, :], -1)
-        out_TK[rows] = torch.cat([tok_RKk.reshape(tok_RKk.shape[0], -1), tail_Rt], dim=1).to(torch.int32)
+        out_TK[rows] = pool_positions(pools_RK, n_R, kp)
     return out_TK
+
+
+def pool_shape(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLX: torch.Tensor, ape_PD: torch.Tensor,
+               meta: AttentionMetadata, max_len: int | None) -> tuple[int, int, torch.Tensor]:
+    """The pooled selection's inputs checked (ValueError naming the shapes), and (kpool, P the pools scored, n_T each
+    token's visible positions)."""
+    T, H, D = q_THD.shape
+    kp = ape_PD.shape[0]
+    if index_cache_BLX.shape[-1] != 2 * D or weights_TH.shape != (T, H) or ape_PD.shape != (kp, D):
+        raise ValueError(f"dsa_pool_topk: q {tuple(q_THD.shape)}, weights {tuple(weights_TH.shape)}, cache rows "
+                         f"{index_cache_BLX.shape[-1]}, ape {tuple(ape_PD.shape)}: want [T, H, D], [T, H], 2 D, [kpool, D].")
+    W = meta.max_seq_len if max_len is None else min(meta.max_seq_len, max_len)
+    return kp, max(W // kp, 1), causal_lens(meta, q_THD.device)
+
+
+def pool_keys(r_RWX: torch.Tensor, ape_PD: torch.Tensor, P: int) -> torch.Tensor:
+    """[R, P, D]: each pool's key from its rows [key | gate] (the softmax over the pool's positions in float32, its
+    weights cast to the keys' dtype, as transformers)."""
+    kp, D = ape_PD.shape
+    key_RPkD = r_RWX[..., :D].reshape(-1, P, kp, D)
+    gate_RPkD = r_RWX[..., D:].reshape(-1, P, kp, D)
+    probs = torch.softmax(gate_RPkD.float() + ape_PD.float()[None, None], dim=2).to(key_RPkD.dtype)
+    return (probs * key_RPkD).sum(dim=2)
+
+
+def pool_positions(pools_RK: torch.Tensor, n_R: torch.Tensor, kp: int) -> torch.Tensor:
+    """int32 [R, K kpool + kpool - 1]: the chosen pools' positions (pool ids ascending, -1 past the count), then the
+    incomplete pool's n % kpool positions."""
+    dev = pools_RK.device
+    tok_RKk = torch.where(pools_RK[..., None] >= 0, pools_RK[..., None] * kp + torch.arange(kp, device=dev), -1)
+    tail = torch.arange(kp - 1, device=dev)
+    tail_Rt = torch.where(tail[None, :] < (n_R % kp)[:, None], (n_R - n_R % kp)[:, None] + tail[None, :], -1)
+    return torch.cat([tok_RKk.reshape(tok_RKk.shape[0], -1), tail_Rt], dim=1).to(torch.int32)
 
 
 def reference_sparse_mla_attention(q_latent_TNC: torch.Tensor, q_pe_TNP: torch.Tensor, latent_cache_BLR: torch.Tensor,
@@ -291,4 +312,5 @@ __all__ = ["FP8_KEY_DTYPE", "SCALE_GROUP", "causal_lens", "check_index_inputs", 
            "fp8_key_row_bytes", "check_fp8_index_write", "is_fp8_index_cache", "quantize_index_keys",
            "reference_dsa_index_scores",
            "reference_dsa_topk", "reference_sparse_mla_attention", "reference_topk_positions",
-           "reference_write_fp8_index_keys", "pool_slots"]
+           "reference_write_fp8_index_keys", "pool_keys", "pool_positions", "pool_shape",
+           "pool_slots"]
