@@ -28,7 +28,7 @@ def from_env() -> bool:
 
 
 def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, tensor_parallel_size: int,
-                    expert_parallel_size: int) -> str:
+                    expert_parallel_size: int, index_cache_dtype: str = "auto") -> str:
     # expert_parallel_size: any. The all-to-alls move rows whole, each rank's experts run per expert on fixed tiles,
     # and a token's rows come back one per serving rank, summed in rank order (tests/ep/test_ep_batch_invariant.py).
     # tensor_parallel_size: any. The TP group's sums gather the partials and add them in rank order
@@ -50,6 +50,10 @@ def resolve_kernels(batch_invariant: bool, kernels: str, model: ModelConfig, *, 
         raise ValueError(f"batch_invariant=True is not supported for {model.architecture}: its attention kind(s) "
                          f"{', '.join(kinds)} have no batch-invariant kernels yet (supported: "
                          f"{', '.join(sorted(ATTENTION_KINDS))}).")
+    if index_cache_dtype == "fp8" and any(k in ("dsa", "pooled_dsa") for k in {_kind(a) for a in layers}):
+        # The fp8 index keys' dequantize-and-score has no invariant form yet (kernels/batch_invariant_kernels.py).
+        raise ValueError(f"index_cache_dtype={index_cache_dtype!r} is not supported with batch_invariant=True yet: "
+                         "serve index_cache_dtype='auto'.")
     # Quantized weights: any format. FP8's per-token activation scales reduce each row alone (on the mode's tiles),
     # and the INT4 / MXFP4 / NVFP4 references dequantize into the experts' per-expert path.
     return BACKEND

@@ -350,7 +350,8 @@ class EngineArgs:
         graphs = CudaGraphConfig.resolve(self.enforce_eager, self.cuda_graph_sizes, self.max_num_seqs, device)
         kernels = resolve_kernels(self.batch_invariant or batch_invariant_from_env(), self.kernels, model_cfg,
                                   tensor_parallel_size=parallel.tensor_parallel_size,
-                                  expert_parallel_size=self.expert_parallel_size)
+                                  expert_parallel_size=self.expert_parallel_size,
+                                  index_cache_dtype=self.index_cache_dtype)
         return EngineConfig(model_cfg, cache, sched, parallel, device, kernels, self.load_progress,
                             self.gpu_memory_utilization, graphs, self.load_format,
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,

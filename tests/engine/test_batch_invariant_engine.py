@@ -200,6 +200,8 @@ def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_m
     with pytest.raises(ValueError, match=r"attention kind\(s\) qsa have no batch-invariant kernels"):
         LLM(str(qsa), dtype="float32", num_kv_blocks=32, batch_invariant=True)
     monkeypatch.undo()
+    with pytest.raises(ValueError, match="index_cache_dtype='fp8' is not supported with batch_invariant=True"):
+        LLM(hf_tiny_model("dsv32"), dtype="float32", num_kv_blocks=32, batch_invariant=True, index_cache_dtype="fp8")
     with pytest.raises(ValueError, match="kernels='triton' is invalid with batch_invariant=True"):
         LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32, batch_invariant=True, kernels="triton")
     with pytest.raises(ValueError, match="batch_invariant='yes' is invalid"):
