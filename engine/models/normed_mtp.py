@@ -1,5 +1,6 @@
 """A next-n prediction (MTP) module whose output is final-normed: the shared shape of the families' own MTP layouts
-(engine/models/blocks/mtp.py registers them: LongCat-Flash's, Ling hybrid's), built from the main decoder's layer.
+(engine/models/blocks/mtp.py registers them: LongCat-Flash's, Ling hybrid's; Qwen3-Next's and Qwen3.5's `mtp.*`,
+engine/spec/heads/qwen_mtp.py), built from the main decoder's layer.
 
 Legend: T tokens in the flat batch, D hidden, V vocab.
 
@@ -13,7 +14,7 @@ What a family decides (`MTPNames`): the checkpoint names of the five module tens
 embedding or head (read where the checkpoint has them, else the main model's), the inner layer's spec and config
 (its residual kind, dense or routed MLP) and how the inner layer's planned names (`model.layers.{L}.*`) are published.
 
-The inner layer is `moe_decoder.lone_layer` at index L = num_hidden_layers (its KV cache `ctx.kv_caches[L]`, the
+The inner layer is `moe_decoder.lone_layer` at index L = num_hidden_layers + index (its KV cache `ctx.kv_caches[L]`, the
 drafter's cache layer, engine/spec/proposer/chain.py); its routed experts count in a MoEStats of its own. Under
 tensor parallelism it splits as a main layer does, the embedding and head are vocab shards (logits all-gathered),
 and eh_proj is replicated (its input is the same on every rank).
@@ -67,15 +68,17 @@ class NormedMTPLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, names: MTPNames, layer_spec: ArchSpec, layer_cfg: ModelConfig, kernels,
                  device: torch.device, ep: ExpertParallel | None, checkpoint_names: Collection[str] | None, *,
-                 embed_tokens: torch.Tensor | None, lm_head: torch.Tensor | None, tp: TensorParallel | None):
+                 embed_tokens: torch.Tensor | None, lm_head: torch.Tensor | None, tp: TensorParallel | None,
+                 index: int = 0):
+        """`index`: which of the checkpoint's modules (its inner layer and KV cache layer num_hidden_layers + index)."""
         super().__init__()
-        if cfg.num_nextn_predict_layers < 1:
-            raise ValueError(f"{cfg.architecture} has no MTP module: config.json num_nextn_predict_layers="
-                             f"{cfg.num_nextn_predict_layers}.")
+        if not 0 <= index < cfg.num_nextn_predict_layers:
+            raise ValueError(f"{cfg.architecture} has no MTP module {index}: config.json counts "
+                             f"{cfg.num_nextn_predict_layers} (num_nextn_predict_layers / mtp_num_hidden_layers).")
         self.cfg, self.names, self._spec, self._layer_cfg = cfg, names, layer_spec, layer_cfg
         tp = tp if tp is not None and tp.size > 1 else None
         self.vocab = VocabShard(cfg.vocab_size, tp)
-        self.layer_index = L = cfg.num_layers
+        self.layer_index = L = cfg.num_layers + index
         ckpt = frozenset(checkpoint_names or ())
         self.expert_ids = list(range(cfg.num_experts)) if ep is None else list(ep.local_experts)
         dt, D, eps = cfg.dtype, cfg.hidden_size, cfg.rms_norm_eps
