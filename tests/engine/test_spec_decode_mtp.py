@@ -26,7 +26,7 @@ from moelink.engine.spec.proposer import mtp as mtp_proposer
 
 from tests.helpers.draft_spy import record_drafts
 from tests.helpers.mtp_checkpoints import VOCAB, bigram_mtp, make_mtp_model
-from tests.helpers.mtp_oracle import MTPOracle as _Oracle
+from tests.helpers.mtp_oracle import MTPOracle as _Oracle, generate_greedy
 
 ARCHS = ("deepseek_v3", "glm4_moe")
 
@@ -58,14 +58,7 @@ def _prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
 
 
 def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16, **kw) -> tuple[list, object]:
-    # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
-    args = dict(dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
-                speculative_config=spec)
-    args.update(kw)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
-    with LLM(path, **args) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+    return generate_greedy(path, _prompts(), spec, dtype, max_tokens, **kw)
 
 
 @pytest.fixture(scope="module")

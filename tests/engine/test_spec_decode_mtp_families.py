@@ -35,7 +35,7 @@ from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.draft_spy import record_drafts
 from tests.helpers.family_mtp_checkpoints import VOCAB, bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
-from tests.helpers.mtp_oracle import MTPOracle
+from tests.helpers.mtp_oracle import MTPOracle, generate_greedy
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
 
 # bigram_longcat_mtp's module scale per variant ("random": the tiny preset's module itself).
@@ -65,13 +65,8 @@ def _prompts(n: int = 10, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 40))] for _ in range(n)]
 
 
-def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16) -> tuple[list, object]:
-    # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
-    with LLM(path, dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
-             speculative_config=spec) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+def _generate(path: str, spec=None, dtype: str = "float32", max_tokens: int = 16, **kw) -> tuple[list, object]:
+    return generate_greedy(path, _prompts(), spec, dtype, max_tokens, **kw)
 
 
 @pytest.fixture(scope="module")

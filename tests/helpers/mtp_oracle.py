@@ -65,3 +65,20 @@ class MTPOracle:
 
 
 __all__ = ["MTPOracle"]
+
+
+def generate_greedy(path: str, prompts: list[list[int]], spec=None, dtype: str = "float32", max_tokens: int = 16,
+                    **kw) -> tuple[list, object]:
+    """(each prompt's greedy tokens, the engine's stats) with the MTP tests' engine: a 32-token budget chunks the
+    longer prompts, and 40 blocks of 4 tokens cannot hold ten requests at once (preemptions). `spec`: the
+    speculative_config (None: plain decoding); `kw`: more LLM arguments."""
+    from moelink.engine import LLM, SamplingParams
+
+    args = dict(dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
+                speculative_config=spec)
+    args.update(kw)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    with LLM(path, **args) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+
