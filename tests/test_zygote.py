@@ -56,7 +56,8 @@ def test_another_thread_count_or_a_non_module_command_execs():
 
 def test_a_scripts_python_shim_forks_module_runs_and_ends_as_the_child_ended(tmp_path):
     """zygote_shim.py: a shell script's `$PYTHON -m ...` (benchmarks/gpu_session.sh under tests/helpers/
-    gpu_session.py) is forked by the zygote, its output, exit code and end by a signal the plain run's; `-c` execs."""
+    gpu_session.py) is forked by the zygote, its output, exit code and end by a signal the plain run's; so is
+    `-c CODE` that imports torch or moelink, with CPython's argv and path; other code, stdin's or a file's, execs."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PROBE": "yes", "OMP_NUM_THREADS": "1", "PYTHONPATH": root, **zygote.shim_env()}
     assert env["PYTHON"] == zygote.SHIM
@@ -75,9 +76,23 @@ def test_a_scripts_python_shim_forks_module_runs_and_ends_as_the_child_ended(tmp
     # A signal to the shim (as `timeout` sends one) reaches the child, and the shim ends by it too.
     r = script('"$PYTHON" -m tests.helpers.zygote_probe sleep & sleep 3; kill -TERM $!; wait $!; echo "status $?"')
     assert r.stdout.split()[-2:] == ["status", str(128 + signal.SIGTERM)], r.stdout + r.stderr
-    r = script('"$PYTHON" -c "import sys; print(sys.flags.no_site)"')  # not `-m`: the real interpreter, with site
-    assert r.returncode == 0 and r.stdout.strip() == "0"
-
+    zpid = zygote._get().proc.pid
+    show = "import os, sys, torch; print(sys.flags.no_site, sys.argv, repr(sys.path[0]), __name__, os.getppid() == {})"
+    r = script(f'"$PYTHON" -c "{show.format(zpid)}" a "b c"')  # with site, as a plain python -c
+    first = r.stdout.split("\n")[0]
+    assert r.returncode == 0 and first == f"0 ['-c', 'a', 'b c'] '' __main__ True", r.stdout + r.stderr
+    assert script('"$PYTHON" -c "import sys, torch; sys.exit(4)"').returncode == 4
+    r = script('"$PYTHON" -c "from __future__ import annotations; import torch; raise ValueError(\'boom\')"')
+    assert r.returncode == 1 and "ValueError: boom" in r.stderr, r.stderr
+    # No __future__ flag of the zygote's own module leaks into the code it runs.
+    assert script('"$PYTHON" -c "import torch\ndef f(x: int): pass\nassert f.__annotations__ == {\'x\': int}"'
+                  ).returncode == 0
+    # Code that names neither torch nor moelink, the code on stdin and a script file: the real interpreter.
+    not_forked = f"import os; print(os.getppid() == {zpid})"
+    (tmp_path / "probe.py").write_text(not_forked + "\n")
+    for cmd in (f'"$PYTHON" -c "{not_forked}"', f"\"$PYTHON\" - <<'EOF'\n{not_forked}\nEOF\n", '"$PYTHON" probe.py'):
+        r = script(cmd)
+        assert r.returncode == 0 and r.stdout.strip() == "False", (cmd, r.stdout + r.stderr)
 
 def test_a_forked_child_imports_the_sitecustomize_its_pythonpath_brings(tmp_path):
     """Python's start-up imports `sitecustomize` from PYTHONPATH (tests/helpers/interpreter_site: the faster Triton
