@@ -88,16 +88,17 @@ def predicted_per_layer(point: DecodePoint, eff: Efficiency) -> float:
 
 
 def fit_layer_overhead(base: Efficiency, points: tuple[DecodePoint, ...] | None = None) -> float | None:
-    """moelink's per-layer fixed cost: per measured (device, model) series, the smallest batch's measured
-    per-layer time minus the model's per-layer time without its fixed cost (>= 0); the mean over series.
+    """moelink's per-layer fixed cost: per measured series (a device's run of a model: one results file), the
+    smallest batch's measured per-layer time minus the model's per-layer time without its fixed cost (>= 0); the
+    mean over series (two sessions' runs on one kind of GPU count as two).
     None without a usable measurement."""
     pts = [p for p in (points if points is not None else load_engine_decode()) if _profile(p.device)]
     if not pts:
         return None
-    # One fit per measured (device, model) series, from its smallest batch; the mean over series.
-    series: dict[tuple[str, str], DecodePoint] = {}
+    # One fit per measured series (device, model, file), from its smallest batch; the mean over series.
+    series: dict[tuple[str, str, str], DecodePoint] = {}
     for p in pts:
-        key = (p.device, p.model)
+        key = (p.device, p.model, p.source)
         if key not in series or p.batch < series[key].batch:
             series[key] = p
     fits = [max(0.0, p.per_layer_s - (predicted_per_layer(p, base) - base.layer_overhead_s))
