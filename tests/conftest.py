@@ -211,6 +211,22 @@ def listening():
     return net.listening
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_unchanged(request):
+    """Every test leaves torch's intra-op thread count as it found it (one per worker: above). A test that left it at
+    2 (the built-in model's training smoke, through `train`'s `threads`) made every later test of its worker spin
+    OpenMP barriers against the other worker: tests/engine/test_dsa_families.py took 85 s with two workers of two
+    threads against 14 s with one each, and the suite's engine tests ran ~6x slow behind it. Restored here, and the
+    test that changed it fails, naming what to do."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"{request.node.nodeid} left torch's intra-op threads at {after} (was {before}): restore them "
+                    f"(torch.set_num_threads) where the code under test changes them", pytrace=False)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def no_nixl_agent_left_open():
     """Every module closes the NIXL agents it made (its connectors and transports): an agent left open keeps a UCX

@@ -178,7 +178,20 @@ def train(out_dir, cfg: TrainConfig = TrainConfig(), log=print) -> dict:
     """Train the built-in model and write it to `out_dir`; returns the run's record (also in the marker file)."""
     import torch
 
+    # The run's own thread count, given back after: `train` is a library call too (the CLI's, a test's), and a
+    # process left at cfg.threads runs everything after it on that many threads (two such processes on two cores
+    # spin OpenMP barriers against each other).
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _train(out_dir, cfg, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(out_dir, cfg: TrainConfig, log) -> dict:
+    import torch
+
     t0 = time.monotonic()
     docs = list(stdlib_docs(max_files=cfg.max_files))
     train_texts, held_texts = split_documents(docs)
