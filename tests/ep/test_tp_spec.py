@@ -15,7 +15,10 @@
   verify step (each rank's host drafter records the request states it sees), though each rank's own draws differ;
 - DeepSeek-V3.2's MTP layer (a DSA layer with its own indexer) at `-tp 2`; Qwen3-Next with host drafts at `-tp 2`
   (the linear-attention states rolled back by the broadcast accepted counts) and with its own MTP module (split
-  like a main layer).
+  like a main layer);
+- LongCat-Flash's and Ling hybrid's own MTP modules (engine/models/normed_mtp.py) at `-tp 2` and at `-ep 2`, one
+  engine per layout: greedy equals one rank's without drafts, drafted and accepted as on one rank; each rank reads
+  its shard of the module (at `-tp 2 -ep 2` Ling's module's experts by EP rank).
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
