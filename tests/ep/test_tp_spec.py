@@ -15,7 +15,10 @@
   verify step (each rank's host drafter records the request states it sees), though each rank's own draws differ;
 - DeepSeek-V3.2's MTP layer (a DSA layer with its own indexer) at `-tp 2`; Qwen3-Next with host drafts at `-tp 2`
   (the linear-attention states rolled back by the broadcast accepted counts) and with its own MTP module (split
-  like a main layer).
+  like a main layer);
+- LongCat-Flash's and Ling hybrid's own MTP modules (engine/models/normed_mtp.py) at `-tp 2` and at `-ep 2`, one
+  engine per layout: greedy equals one rank's without drafts, drafted and accepted as on one rank; each rank reads
+  its shard of the module (at `-tp 2 -ep 2` Ling's module's experts by EP rank).
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
@@ -70,10 +73,11 @@ def _one_rank_drafts(path: str, prompts, spec: dict) -> tuple[int, int]:
     return sd.num_draft_tokens, sd.num_accepted_tokens
 
 
-def _assert_drafts_as_one_rank(path: str, prompts, want, spec: dict, one_rank: tuple[int, int], ep: int = 1):
-    """A device drafter at `-tp 2 -ep ep`: `want`, and it drafted and accepted as on one rank (float64: the split
+def _assert_drafts_as_one_rank(path: str, prompts, want, spec: dict, one_rank: tuple[int, int], ep: int = 1,
+                               tp: int = 2):
+    """A device drafter at `-tp tp -ep ep`: `want`, and it drafted and accepted as on one rank (float64: the split
     layer's drafts are the whole one's), some drafts accepted."""
-    sd = _assert_tp_equals(path, prompts, want, spec, ep=ep)
+    sd = _assert_tp_equals(path, prompts, want, spec, tp=tp, ep=ep)
     assert sd.num_accepted_tokens > 0
     assert (sd.num_draft_tokens, sd.num_accepted_tokens) == one_rank
 
@@ -113,15 +117,22 @@ def test_tp2_host_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def mtp_paths(tmp_path_factory):
-    """Bigram MTP checkpoints (one per family, made once for the module) and each one's one-rank reference."""
+    """Bigram MTP checkpoints (one per family, made once for the module) and each one's one-rank reference. The 2026
+    families' (tests/helpers/family_mtp_checkpoints.py) keep their module's own attention and MLP at 0.1 (the
+    bigram's `mtp_scale`), so a wrong shard of them changes drafts."""
+    from tests.helpers.family_mtp_checkpoints import bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
     from tests.helpers.mtp_checkpoints import bigram_mtp, make_mtp_model
 
     out: dict[str, tuple[str, list, list, tuple[int, int]]] = {}
+    families = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp}
 
     def get(arch: str):
         if arch not in out:
             root = tmp_path_factory.mktemp(f"mtp_{arch}")
-            path = str(bigram_mtp(make_mtp_model(root / "ckpt", arch), root / "bigram"))
+            if arch in families:
+                path = str(families[arch](make_family_mtp(root / "ckpt", arch), root / "bigram", mtp_scale=0.1))
+            else:
+                path = str(bigram_mtp(make_mtp_model(root / "ckpt", arch), root / "bigram"))
             ps = _prompts(320, seed=3)
             out[arch] = (path, ps, _one_rank(path, ps), _one_rank_drafts(path, ps, MTP_SPEC))
         return out[arch]
@@ -132,6 +143,17 @@ def mtp_paths(tmp_path_factory):
 def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
     path, ps, want, one_rank_drafts = mtp_paths(arch)
     _assert_drafts_as_one_rank(path, ps, want, MTP_SPEC, one_rank_drafts, ep=ep)
+
+
+# The 2026 families' own modules (engine/models/normed_mtp.py), one engine per layout: at -tp 2 the module's MLA (Ling's
+# with its per-head output gate) and MLP split like a main layer's, its embedding / head vocab shards; at -ep 2 each
+# rank drafts for its own requests, Ling's routed experts dispatched over the EP group beside the main layers' (a rank
+# without rows joins the dispatch alone), its KDA states rolled back per rank. LongCat's module is dense (no experts).
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid"])
+def test_family_mtp_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, mtp_paths, arch, tp, ep):
+    path, ps, want, one_rank_drafts = mtp_paths(arch)
+    _assert_drafts_as_one_rank(path, ps, want, MTP_SPEC, one_rank_drafts, tp=tp, ep=ep)
 
 
 def test_tp2_mtp_seeded_sampling_equals_one_rank(local_ray, mtp_paths):
@@ -195,6 +217,71 @@ def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
     for name in full:
         share = 1 if name.endswith(MTP_WHOLE) else 2
         assert reads[0][name] == reads[1][name] == full[name] // share, name
+
+
+def _file_bytes(path: str, names) -> dict[str, int]:
+    from safetensors import safe_open
+
+    from moelink.engine.rank.loader import checkpoint_index
+
+    out = {}
+    for name, f in checkpoint_index(path).items():
+        if name in names:
+            with safe_open(str(f), framework="pt") as st:
+                t = st.get_slice(name)
+                out[name] = math.prod(t.get_shape()) * {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+    return out
+
+
+# The families' module tensors each TP rank reads whole: norms (LongCat's `enorm.m` / `hnorm.m` too), the router and
+# its bias, MLA's a-projections, eh_proj.
+FAMILY_MTP_WHOLE = MTP_WHOLE + ("norm.m.weight", "gate.expert_bias")
+
+
+@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid"])
+def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
+    """The 2026 families' modules at -tp 2: each rank reads half of every split tensor (MLA's q_b / kv_b / o_proj,
+    Ling's output gate `g_proj` and `dense`, the MLP's or experts' and shared expert's channels, LongCat's own
+    embedding rows) and the replicated ones whole; at -tp 2 -ep 2 (Ling's routed experts) each rank reads its
+    experts only, whole, and the shared expert whole. The main model's loader reads none of the module's tensors."""
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.rank.loader import checkpoint_index, load_model
+    from moelink.engine.spec.heads import mtp_checkpoint_names
+    from moelink.engine.spec.proposer.mtp import load_mtp_layer
+    from moelink.kernels.ops import ReferenceKernels
+    from moelink.moe.layer import ExpertParallel
+    from moelink.moe.placement import ExpertPlacement
+
+    from tests.helpers.family_mtp_checkpoints import make_family_mtp
+
+    path = str(make_family_mtp(tmp_path / "ckpt", arch))
+    cfg = ModelConfig.from_pretrained(path, "float64")
+    full = _file_bytes(path, set(mtp_checkpoint_names(cfg, checkpoint_index(path))))
+    assert len(full) > 10
+    cpu, k = torch.device("cpu"), ReferenceKernels()
+    for ep_size in (1, 2) if arch == "bailing_hybrid" else (1,):
+        reads = []
+        for rank in range(2):
+            placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2)
+            ep = ExpertParallel(rank, 2, placement, None, placement.to_tensors(cpu)) if ep_size == 2 else None
+            tp, got, main = _LoadOnlyTP(rank, 2), {}, {}
+            model = load_model(cfg, k, cpu, ep=ep, tp=tp, read_bytes=main)
+            assert not set(main) & set(full)
+            load_mtp_layer(cfg, model, k, cpu, ep=ep, tp=tp, read_bytes=got)
+            reads.append(got)
+        experts = [n for n in full if ".mlp.experts." in n]
+        assert bool(experts) == (arch == "bailing_hybrid")
+        if ep_size == 2:  # each rank its half of the experts, whole; together every one
+            assert not set(reads[0]) & set(reads[1]) & set(experts)
+            assert set(reads[0]) | set(reads[1]) == set(full)
+            assert all(reads[r][n] == full[n] for r in range(2) for n in experts if n in reads[r])
+        else:
+            assert set(reads[0]) == set(reads[1]) == set(full), set(full) ^ set(reads[0])
+        for name in set(full) - set(experts if ep_size == 2 else ()):
+            # Under EP the shared expert is whole on every rank, as a main layer's (tests/engine/test_tp_shards.py).
+            whole = name.endswith(FAMILY_MTP_WHOLE) or (ep_size == 2 and ".shared_experts." in name)
+            share = 1 if whole else 2
+            assert reads[0][name] == reads[1][name] == full[name] // share, name
 
 
 def test_tp2_eagle3_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
