@@ -30,7 +30,7 @@ The reason is logged and kept (`WorkerKVStats.failures`).
 
 Security (docs/security-kv.md): each save is keyed by a fresh capability the scheduler half issues
 (`save_params`) and only that request's output carries (`remote_kv_token`); a fetch needs it and the exact
-prompt. Requests naming a source outside `RemoteKVConfig.peers` are refused when added (`check_params`), before
+prompt, and both sides bind the key to their request's cache salt (auth.salted_key: its images, its adapter). Requests naming a source outside `RemoteKVConfig.peers` are refused when added (`check_params`), before
 any connection; loads are capped per source and in all (scheduler/kv_connector.py) and never hold a sequence
 slot; a decode engine without the deployment secret does not register loaded KV for prefix reuse
 (`trusted_loads`: nothing proved where it came from).
