@@ -165,6 +165,8 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if bad is not None:
         name = f"{field}[{bad}]" if text is None else f"{field} token {bad}"
         raise ValueError(f"{name}={shown(ids[bad])} is out of range: token ids must be integers in [0, {vocab}).")
+    if mm is None and params.kv_transfer_params is not None and params.kv_transfer_params.do_remote_prefill:
+        _check_decode_leg_has_its_images(engine, ids, field)
     bs, blocks = engine.config.cache.block_size, engine.config.cache.num_kv_blocks
     # The prompt and its first sampled token must fit what one sequence may hold alone: the whole pool, or
     # less when the sliding-window layers' blocks come from the same pool (Scheduler.pool_tokens).
@@ -223,15 +225,24 @@ def forced_routing_salt(engine, params: SamplingParams, num_prompt_tokens: int) 
     return b"replay:" + hashlib.sha256(given.tobytes() + repr(given.shape).encode()).digest()
 
 
+def _check_decode_leg_has_its_images(engine, ids: list[int], field: str) -> None:
+    """A decode request (kv_transfer_params.do_remote_prefill) whose prompt holds image placeholders must carry its
+    images: their hashes key the KV it loads (engine/kv_transfer/auth.salted_key) and its prefix cache, and Qwen's
+    decode positions turn by their rope delta, all recomputed here from the images. Without them the load would
+    find nothing (the save is keyed by the images) and the placeholders would be computed as text."""
+    mm = getattr(engine, "multimodal", None)
+    if mm is not None and mm.image_token_id in ids:
+        raise ValueError(f"{field} holds image placeholders (id {mm.image_token_id}) but the request has no "
+                         "multi_modal_data: a decode request of prefill/decode disaggregation must carry the same "
+                         "images as its prefill request (docs/multimodal.md).")
+
+
 def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | None, list[int], MultimodalInputs]:
     """(text, token ids with the image placeholders expanded, the processed images) through the checkpoint's
     processor (engine/multimodal/processor.py); what images cannot run with is refused naming it."""
     if params.truncate_prompt_tokens is not None:  # a cut could fall inside an image's placeholders
         raise ValueError("SamplingParams.truncate_prompt_tokens is not supported with multi_modal_data: the prompt's "
                          "image placeholders must all be kept.")
-    if params.kv_transfer_params is not None:
-        raise ValueError("SamplingParams.kv_transfer_params is not supported with multi_modal_data: a transferred "
-                         "prompt's 3-D positions and image rows do not travel with its KV (docs/multimodal.md).")
     if "prompt_token_ids" in prompt:  # the processor's outputs already (smg's gRPC MultimodalInputs carries them)
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple)) or not ids:

@@ -22,9 +22,14 @@ loads for prefix reuse (the prefill side cannot be told apart from another local
 Capabilities. A prefill engine saves each request's KV under a fresh random 128-bit token (`new_capability`), not
 under anything derived from request ids, and hands it out only in that request's own output
 (kv_transfer_params.remote_kv_token); a fetch must name it and prove the whole prompt (engine/kv_transfer/server.py).
+What a request's KV depends on besides its tokens (its cache salt: its images' hashes, its LoRA adapter) is bound
+into the key the save is stored under and the fetch asks for (`salted_key`): a decode request whose images differ
+from the prefill request's finds no KV under the same capability and is recomputed, so no KV of other images ever
+reaches its blocks (or its prefix cache).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -35,6 +40,7 @@ from typing import Protocol
 
 from moelink.engine.contract.kv_transfer_params import is_kv_token as is_capability
 
+from .tp_shard import CAPABILITY_CHARS
 from .wire import MAX_HELLO_BYTES, VERSION, Deadline, KVFetchError, recv_header, send_header
 
 SECRET_ENV = "MOELINK_KV_SECRET"
@@ -42,6 +48,20 @@ MIN_SECRET_BYTES = 16
 NONCE_BYTES = 32
 CAPABILITY_BYTES = 16  # 128 random bits
 _HMAC = "hmac-sha256"
+
+
+def salted_key(token: str, cache_salt: bytes) -> str:
+    """The key a save of `token` (a capability, with its `-tp<P>` suffix when saved by a TP group: tp_shard.py) is
+    stored under and fetched by, for a request whose KV also depends on `cache_salt` (scheduler Request.cache_salt:
+    its images' hashes, its adapter); `token` itself for a plain prompt. Both sides derive it from their own
+    request, so equal tokens with other images ask for a key nothing is saved under (NO_KV: recomputed). The
+    capability part is replaced by 22 URL-safe characters of SHA-256(capability | salt): the key keeps a token's
+    alphabet and length, so the TP suffix and the shard asks read it as they read a token."""
+    if not cache_salt:
+        return token
+    cap, rest = token[:CAPABILITY_CHARS], token[CAPABILITY_CHARS:]
+    digest = hashlib.sha256(b"moelink-kv salted key|" + cap.encode() + b"|" + cache_salt).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:CAPABILITY_CHARS] + rest
 
 
 class KVRefused(Exception):
@@ -203,4 +223,4 @@ NO_SECRET = SecretAuth(None)
 
 
 __all__ = ["CAPABILITY_BYTES", "KVRefused", "MIN_SECRET_BYTES", "NO_SECRET", "PeerAuth", "SECRET_ENV", "SecretAuth",
-           "is_capability", "load_secret", "new_capability"]
+           "is_capability", "load_secret", "new_capability", "salted_key"]

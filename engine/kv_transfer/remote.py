@@ -30,7 +30,7 @@ The reason is logged and kept (`WorkerKVStats.failures`).
 
 Security (docs/security-kv.md): each save is keyed by a fresh capability the scheduler half issues
 (`save_params`) and only that request's output carries (`remote_kv_token`); a fetch needs it and the exact
-prompt. Requests naming a source outside `RemoteKVConfig.peers` are refused when added (`check_params`), before
+prompt, and both sides bind the key to their request's cache salt (auth.salted_key: its images, its adapter). Requests naming a source outside `RemoteKVConfig.peers` are refused when added (`check_params`), before
 any connection; loads are capped per source and in all (scheduler/kv_connector.py) and never hold a sequence
 slot; a decode engine without the deployment secret does not register loaded KV for prefix reuse
 (`trusted_loads`: nothing proved where it came from).
@@ -58,7 +58,7 @@ from moelink.scheduler.kv_connector import LoadLimits
 from moelink.scheduler.outputs import KVTransfer
 from moelink.scheduler.request import Request
 
-from .auth import new_capability
+from .auth import new_capability, salted_key
 from .config import WILDCARD_HOSTS, RemoteKVConfig, RemoteSource, SaveKey
 from .peers import describe_peers, peer_allowed
 from .remote_worker import RemoteWorkerSide, WorkerKVStats
@@ -181,8 +181,9 @@ class _SchedulerSide:
 
     def load_params(self, req: Request) -> RemoteSource:
         p = _params(req)
-        return RemoteSource(p.remote_host, p.remote_port, p.remote_ranks, p.remote_kv_token,
-                            tuple(req.prompt_token_ids))
+        # The key bound to this request's salt (its images' hashes): a prefill save of other images is not found.
+        return RemoteSource(p.remote_host, p.remote_port, p.remote_ranks, salted_key(p.remote_kv_token,
+                            req.cache_salt), tuple(req.prompt_token_ids))
 
     def load_source(self, req: Request) -> tuple:
         """Which prefill engine a load comes from (scheduler/kv_connector.py's per-source cap)."""
@@ -205,7 +206,9 @@ class _SchedulerSide:
         cap = self._caps[req.request_id] = save_token(new_capability(), self.tp_size)
         while len(self._caps) > self.MAX_PENDING_CAPS:
             self._caps.popitem(last=False)
-        return SaveKey(cap, hold=p is not None and not p.by_role_default, client=tuple(req.client[:1]))
+        # Stored under the capability bound to the request's salt (auth.salted_key); the output names the capability.
+        return SaveKey(salted_key(cap, req.cache_salt), hold=p is not None and not p.by_role_default,
+                       client=tuple(req.client[:1]))
 
     def request_finished(self, req: Request) -> KVTransferParams | None:
         """A saved request's output says where its KV is: this rank's own port (no other rank to ask), or under TP

@@ -160,6 +160,14 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             raise ValueError(f"mm_inputs is not supported: {self.s.text_only_reason()}")
         if request.WhichOneof("input") != "tokenized":
             raise ValueError("mm_inputs needs tokenized input (tokenized.input_ids with the placeholders expanded).")
+        kv = params.kv_transfer_params
+        if kv is not None and kv.do_remote_prefill and not request.mm_inputs.HasField("pixel_values"):
+            # smg's PD mode sends the decode leg its images' grids and hashes without their pixels: the KV is keyed
+            # here by hashes of the pixels, and a failed load is recomputed from them (docs/multimodal.md).
+            raise ValueError("mm_inputs.pixel_values is missing on a decode request (kv_transfer_params "
+                             "do_remote_prefill): a decode engine needs the same pixels as the prefill request "
+                             "(its KV is keyed by their hashes, and a failed load is recomputed from them); a "
+                             "decode leg without pixels is not built (docs/multimodal.md).")
         prompt = {"prompt_token_ids": list(request.tokenized.input_ids),
                   "multi_modal_data": {"image": images_from_proto(request.mm_inputs, image_token_id)}}
         try:

@@ -126,6 +126,35 @@ def test_capabilities_are_random_per_save_not_derived_from_request_ids():
     assert len(caps) == 100 and all(len(c) == 22 and "client" not in c for c in caps)
 
 
+def test_a_salted_requests_save_and_fetch_keys_are_bound_to_its_salt():
+    """A request whose KV depends on more than its tokens (images, an adapter: Request.cache_salt) is saved and
+    fetched under its capability bound to that salt (auth.salted_key): a fetch with other images behind the same
+    tokens asks for a key nothing is saved under. The key keeps a token's shape (its TP suffix read as before)."""
+    from moelink.engine import SamplingParams
+    from moelink.engine.contract.kv_transfer_params import KVTransferParams, is_kv_token
+    from moelink.engine.kv_transfer.auth import salted_key
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+    from moelink.engine.kv_transfer.tp_shard import save_token, token_tp_size
+    from moelink.scheduler.request import Request
+
+    cap = new_capability()
+    assert salted_key(cap, b"") == cap  # a plain prompt: the capability itself
+    a, b = salted_key(cap, b"mm:" + b"a" * 32), salted_key(cap, b"mm:" + b"b" * 32)
+    assert len({cap, a, b}) == 3 and all(is_kv_token(k) and len(k) == 22 for k in (a, b))
+    tp = salted_key(save_token(cap, 2), b"mm:a")
+    assert token_tp_size(tp) == 2 and tp.endswith("-tp2") and tp != save_token(cap, 2)
+    side = RemoteKVConnector(RemoteKVConfig(port=free_port())).scheduler_side(0)
+    save = SamplingParams(kv_transfer_params=KVTransferParams(do_remote_decode=True))
+    req = Request("r", [1, 2, 3], save, cache_salt=b"mm:a")
+    key = side.save_params(req)
+    req.num_computed_tokens = 3
+    out = side.request_finished(req)  # the output names the bare capability, the store the bound key
+    assert out.remote_kv_token != key and salted_key(out.remote_kv_token, b"mm:a") == key
+    load = SamplingParams(kv_transfer_params=out)
+    for salt, same in ((b"mm:a", True), (b"mm:b", False), (b"", False)):
+        assert (side.load_params(Request("d", [1, 2, 3], load, cache_salt=salt)).key == key) is same
+
+
 def test_with_a_secret_only_peers_that_prove_it_get_anything(server):
     store = SavedKVStore(60.0, 1 << 24)
     port = free_port()

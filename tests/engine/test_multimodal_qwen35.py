@@ -194,8 +194,8 @@ def test_token_ids_with_the_processors_pixel_values_give_the_same_tokens(mm_path
 @pytest.mark.slow
 def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
     """VllmEngine.Generate with mm_inputs as smg 1.13 sends them (preprocessed pixel values, image_grid_thw, the
-    placeholders expanded in tokenized.input_ids): the Python API's tokens; video and shared-memory payloads are
-    refused naming the field."""
+    placeholders expanded in tokenized.input_ids): the Python API's tokens; video, mismatched grids and a PD decode
+    leg without pixels (as smg's PD mode sends it) are refused naming the field."""
     import grpc
     import numpy as np
     from smg_grpc_proto.generated import common_pb2
@@ -232,6 +232,13 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
             shape=[1, 3], dtype="int64", inline=np.array([[1, 4, 4]], dtype=np.int64).tobytes()))
         with pytest.raises(grpc.RpcError, match=r"mm_inputs\['pixel_values'\] has 256 patch rows"):
             list(stubs.vllm.Generate(bad))
+        # A decode leg as smg's PD mode sends it (the grids and hashes, no pixels): refused naming the field.
+        leg = request("g-4", mm_hashes=["h"])
+        leg.mm_inputs.ClearField("pixel_values")
+        leg.kv_transfer_params_json = ('{"do_remote_prefill": true, "remote_host": "127.0.0.1", "remote_port": 5600, '
+                                       '"remote_kv_token": "' + "k" * 22 + '"}')
+        with pytest.raises(grpc.RpcError, match=r"mm_inputs.pixel_values is missing on a decode request"):
+            list(stubs.vllm.Generate(leg))
     finally:
         srv.close()
 
