@@ -9,12 +9,15 @@ share one local Ray), and the Ray settings of every Ray the tests start.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from tests.helpers import net
 from tests.helpers.tiny_configs import TINY_CONFIGS
+
+_CPU_AT_SETUP = pytest.StashKey[float]()
 
 # Torch's intra-op threads: `make test` runs two pytest-xdist workers on the 2-core machines, so one thread
 # each. Two each oversubscribe the cores, and the OpenMP barriers of the tiny models' many small ops then spin
@@ -295,6 +298,22 @@ def _rank_counts() -> tuple[int, int]:
 
     pool = sys.modules.get("moelink.engine.cluster.rank_pool")
     return (0, 0) if pool is None else (pool.RANK_POOL.starts_fresh, pool.RANK_POOL.starts_saved)
+
+
+# Each test's CPU in its pytest process (every thread; not its children), beside the wall time junit already keeps:
+# `make test PYTEST_ARGS=--junitxml=OUT.xml` then gives both per test (property cpu_s), so a test slowed by something
+# beside it (a worker left on two threads, a spinning thread) shows as wall far over CPU, or CPU far over its cost
+# alone, and tests/helpers/junit_times.py sums them per file.
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_CPU_AT_SETUP] = time.process_time()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    if call.when == "teardown" and _CPU_AT_SETUP in item.stash:
+        item.user_properties.append(("cpu_s", round(time.process_time() - item.stash[_CPU_AT_SETUP], 3)))
+    yield
 
 
 def pytest_sessionfinish(session):
