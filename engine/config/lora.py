@@ -20,6 +20,9 @@ class LoRAConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Data-parallel attention groups (schedulers): above 1, every rank holds the driver's one slot table of
+    # max_loras x this slots (engine/lora/slot_table.py), so that a dispatched token's slot means one adapter anywhere.
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def positive(v) -> bool:
@@ -34,6 +37,17 @@ class LoRAConfig:
                                                or self.max_cpu_loras < self.max_loras):
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} is invalid: must be None or an integer >= "
                              f"max_loras={self.max_loras}.")
+        if not positive(self.data_parallel_size):
+            raise ValueError(f"LoRAConfig data_parallel_size={self.data_parallel_size!r} is invalid: must be an "
+                             "integer >= 1.")
+        if self.num_slots > MAX_TABLE_SLOTS:  # a token's slot travels as a float column of its dispatch (moe/layer.py)
+            raise ValueError(f"max_loras={self.max_loras} is invalid with {self.data_parallel_size} data-parallel "
+                             f"ranks: their slot table (max_loras x ranks) must be at most {MAX_TABLE_SLOTS} slots.")
+
+    @property
+    def num_slots(self) -> int:
+        """Device slots each rank holds: max_loras, or the driver's table of every data-parallel rank's."""
+        return self.max_loras * self.data_parallel_size
 
     @property
     def cpu_loras(self) -> int:
@@ -48,11 +62,7 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
         raise ValueError(f"enable_lora={enable_lora!r} is invalid: must be True or False.")
     if not enable_lora:
         return None
-    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras)
-    slots = max_loras * parallel.data_parallel_size
-    if slots > MAX_TABLE_SLOTS:  # a token's slot travels as a float column of its dispatch (moe/layer.py)
-        raise ValueError(f"max_loras={max_loras} is invalid with {parallel.data_parallel_size} data-parallel ranks: "
-                         f"their slot table (max_loras x ranks) must be at most {MAX_TABLE_SLOTS} slots.")
+    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, parallel.data_parallel_size)
     # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
     # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
     for flag, on in (("speculative_config", speculative), ("kv_connector", kv_connector),
@@ -93,6 +103,6 @@ def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
         # Online EPLB and elastic EP move experts between ranks: their A / B would have to move with them.
         if parallel.eplb_interval:
             return f"eplb_interval={parallel.eplb_interval}"
-        if parallel.elastic_ep:
-            return "elastic_ep=True"
+        if parallel.elastic_ep and parallel.world_size >= 3:  # a loss recovers from 3 ranks up (ray_runtime.py)
+            return f"elastic_ep=True at expert_parallel_size={parallel.world_size} (pass elastic_ep=False)"
     return None

@@ -115,7 +115,7 @@ class LLMEngine(RLControl):
             for r in range(config.parallel.data_parallel_size)]
         self.router = LeastLoadedRouter(self.schedulers)
         # LoRA with several schedulers: the adapter slot table every rank holds (engine/lora/slot_table.py).
-        self.lora_table = (SlotTable(len(self.schedulers) * config.lora.max_loras)
+        self.lora_table = (SlotTable(config.lora.num_slots)
                            if config.lora is not None and len(self.schedulers) > 1 else None)
         # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
         # that duplicate ids and aborts are decided without reading the output side's states.

@@ -97,7 +97,7 @@ class LoRASlots:
     host: HostAdapters = field(init=False)
 
     def __post_init__(self) -> None:
-        L, R = self.limits.max_loras, self.limits.max_lora_rank
+        L, R = self.limits.num_slots, self.limits.max_lora_rank
         self.step = LoRAStep()
         self.pieces: dict[str, LoRAPiece] = {}
         self.rows_per_slot: dict[str, int] = {}  # E for an expert tensor's stacks, 1 for a linear's
