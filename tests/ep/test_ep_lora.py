@@ -62,11 +62,13 @@ def test_adapters_equal_peft_over_two_ranks(local_ray, case, layout):
     try:
         # The routed-expert adapter alone (under EP its tokens are on both ranks: the router spreads them).
         assert _greedy(llm, ps, reqs["experts"]) == want["experts"]
-        # Three adapters and the base in one batch (max_loras=2 a rank: under EP the ranks' schedulers hold
-        # different adapters, the driver's table holds them all, so a token's slot names one adapter everywhere).
+        # Three adapters and the base in one batch, interleaved (max_loras=2 a rank: under EP the router puts the
+        # base and "experts" on one rank, "attn" and "o_down" on the other, so with slots given per rank a token's
+        # slot would name another adapter at its experts' rank (measured: this fails so); the driver's table holds
+        # them all and a slot names one adapter everywhere).
         names = [None, *reqs]
-        got = _greedy(llm, [p for _ in names for p in ps], [None if n is None else reqs[n] for n in names for _ in ps])
-        assert got == [w for n in names for w in want[n]]
+        got = _greedy(llm, [p for p in ps for _ in names], [None if n is None else reqs[n] for _ in ps for n in names])
+        assert got == [want[n][i] for i in range(len(ps)) for n in names]
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
