@@ -79,6 +79,7 @@ class ExpertsHook(Protocol):
 
     def carries(self) -> bool:
         """Under EP: whether this step's dispatch carries each token's slot (decided alike on every rank)."""
+        ...
 
     def __call__(self, layer: "MoELayer", x_TD: torch.Tensor, weights_TK: torch.Tensor,
                  ids_TK: torch.Tensor, slots_T: torch.Tensor | None = None) -> torch.Tensor: ...
@@ -239,7 +240,9 @@ class MoELayer(nn.Module):
         # measure the exposed communication, not the transfer.
         stats = self.stats
         a2a = self.ep.all_to_all
-        lora = self.lora_experts if self.lora_experts is not None and self.lora_experts.carries() else None
+        lora: ExpertsHook | None = self.lora_experts
+        if lora is not None and not lora.carries():
+            lora = None
         if lora is not None:
             x_TD = _with_slots(x_TD, lora.step.slots_T)
         t0 = stats.clock() if stats else 0.0
@@ -256,7 +259,7 @@ class MoELayer(nn.Module):
             recv_ND, slots_N = recv_ND[:, :-1], recv_ND[:, -1].round().long() - 1
             if not bool((slots_N >= 0).any()):  # host sync: no received row has an adapter, the fast kernels
                 slots_N = None
-        if slots_N is not None:
+        if lora is not None and slots_N is not None:
             y_ND = lora(self, recv_ND, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK, slots_N)
         else:
             y_ND = self.expert_format.run(self.kernels, self, recv_ND, meta.recv_topk_weights_NK,

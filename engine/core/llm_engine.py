@@ -314,11 +314,7 @@ class LLMEngine(RLControl):
         sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
         if self.lora_table is not None:  # one slot table for every rank (DP attention): engine/lora/slot_table.py
-            table = self.lora_table.assign([r.lora for sched, so in zip(self.schedulers, sched_outs)
-                                            for rid in so.num_scheduled_tokens
-                                            if (r := sched.requests[rid]).lora is not None])
-            for so in sched_outs:
-                so.lora_table = table
+            self._agree_lora_slots(self.lora_table, sched_outs)
         if all(so.is_empty for so in sched_outs):
             # Nothing to compute: what is in flight is all there is (its tokens may schedule more). A step that
             # only carries ids for the workers (finished, preempted, a resync) or KV transfers (started or awaited)
@@ -355,6 +351,14 @@ class LLMEngine(RLControl):
             outputs += self._drain_core()
         self.loop_stats.steps += 1
         return outputs
+
+    def _agree_lora_slots(self, table: SlotTable, sched_outs: list[SchedulerOutput]) -> None:
+        """Put the adapters this step runs, on any rank, in the one slot table and give every rank its snapshot."""
+        needed = [lora for sched, so in zip(self.schedulers, sched_outs) for rid in so.num_scheduled_tokens
+                  if isinstance(lora := sched.requests[rid].lora, LoRARequest)]
+        snapshot = table.assign(needed)
+        for so in sched_outs:
+            so.lora_table = snapshot
 
     def _drain(self) -> list[RequestOutput]:
         """Collect the step in flight, if any, and process its outputs (single-thread use: a caller that needs

@@ -12,6 +12,7 @@ order with the steps (`take_loads`): a step still in flight reads the adapter it
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -155,7 +156,7 @@ class LoRASlots:
                     self.slots[i] = _Slot()
                     for piece in self.pieces.values():
                         piece.covered.discard(i)
-                    self._loads.append(lambda i=i: self._write(i, None))
+                    self._loads.append(functools.partial(self._write, i, None))
             elif self.slots[i].lora_int_id != req.lora_int_id:
                 self._load(i, req)
             self.slots[i].last_used = self._clock
