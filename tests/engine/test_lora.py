@@ -298,3 +298,40 @@ def test_fp8_base_with_an_adapter_equals_peft_on_the_dequantized_base(lora_case,
         assert _greedy(llm, ps + ps, [_req(dirs, "attn")] * len(ps) + [None] * len(ps)) == want + want_base
     finally:
         llm.shutdown()
+
+
+def test_mxfp4_base_with_an_adapter_equals_peft_on_the_dequantized_base(tmp_path):
+    """gpt-oss with MXFP4 experts (`moelink quantize-mxfp4` of a float gpt-oss saved by transformers) and an adapter
+    on q/k/v/o made with peft on the float base: alone and beside the base, the greedy tokens of transformers + peft
+    on transformers' own dequantization of the same MXFP4 file (Mxfp4Config(dequantize=True), float64). The experts
+    run the MXFP4 path; an adapter on them is refused (docs/lora.md#limits)."""
+    import transformers
+    from peft import PeftModel
+
+    from moelink.engine import LoRARequest
+    from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+    from tests.helpers.fp8_checkpoints import hf_greedy_with
+    from tests.helpers.gpt_oss_checkpoints import VOCAB, save_gpt_oss
+
+    src = save_gpt_oss(tmp_path / "float", num_hidden_layers=2, intermediate_size=32)
+    mx = str(quantize_mxfp4_checkpoint(src, tmp_path / "mxfp4"))
+    _make_adapter(src, str(tmp_path / "attn"), dict(r=4, lora_alpha=8,
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), 22)
+    req = LoRARequest("attn", 1, str(tmp_path / "attn"))
+
+    def deq():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            mx, dtype=torch.float64, experts_implementation="eager",
+            quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+
+    ps = make_prompts(vocab=VOCAB, seed=10, n=2, lo=3, hi=17)
+    want_base = hf_greedy_with(deq(), ps, MAX_NEW)
+    want = hf_greedy_with(PeftModel.from_pretrained(deq(), req.lora_path).eval(), ps, MAX_NEW)
+    assert want != want_base, "the adapter does not move the greedy tokens: a weak test"
+    llm = _llm(mx, max_loras=1)
+    try:
+        moe = llm.engine.executor.worker.runner.model.layers[0].ffn.moe
+        assert moe.expert_format.name == "mxfp4" and moe.lora_experts is None
+        assert _greedy(llm, ps + ps, [req] * len(ps) + [None] * len(ps)) == want + want_base
+    finally:
+        llm.shutdown()
