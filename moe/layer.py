@@ -6,7 +6,7 @@ experts, G logical experts, I expert intermediate size, F = 2I, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator, Protocol
+from typing import TYPE_CHECKING, Generator, Protocol
 
 import torch
 from torch import nn
@@ -73,9 +73,11 @@ class ExpertsHook(Protocol):
     """What runs a layer's experts in place of its expert format when set (`MoELayer.lora_experts`) and active for
     the step: LoRA adapters on the experts (engine/lora/experts.py). Set only with LoRA enabled."""
 
-    step: Any  # the step's slots (`slots_T`: each token's, long [T], -1 none; None: no row has an adapter)
-
     def active(self) -> bool: ...
+
+    def token_slots(self) -> torch.Tensor | None:
+        """Each of the step's tokens' adapter slot (long [T], -1: none); None: no row has an adapter."""
+        ...
 
     def carries(self) -> bool:
         """Under EP: whether this step's dispatch carries each token's slot (decided alike on every rank)."""
@@ -244,7 +246,7 @@ class MoELayer(nn.Module):
         if lora is not None and not lora.carries():
             lora = None
         if lora is not None:
-            x_TD = _with_slots(x_TD, lora.step.slots_T)
+            x_TD = _with_slots(x_TD, lora.token_slots())
         t0 = stats.clock() if stats else 0.0
         handle = a2a.dispatch_async(x_TD, ids_TK, weights_TK, self.ep_tables)
         t_issue = stats.clock() - t0 if stats else 0.0
@@ -256,7 +258,7 @@ class MoELayer(nn.Module):
         # combine returns one row per (token, rank), not per (token, expert).
         slots_N = None
         if lora is not None:  # the senders' slots: one table on every rank (engine/lora/slot_table.py)
-            recv_ND, slots_N = recv_ND[:, :-1], recv_ND[:, -1].round().long() - 1
+            recv_ND, slots_N = recv_ND[:, :-1].contiguous(), recv_ND[:, -1].round().long() - 1
             if not bool((slots_N >= 0).any()):  # host sync: no received row has an adapter, the fast kernels
                 slots_N = None
         if lora is not None and slots_N is not None:

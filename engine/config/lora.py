@@ -87,8 +87,9 @@ def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
     """What adapters on the routed experts are refused under, or None where they are served (one rank, experts
     held as gate / up / down; under EP each rank its local experts' A / B, a token's slot carried with its dispatch;
     under TP every expert's channel slice): refused under TP and EP together (the token-sliced block), with online
-    EPLB or elastic EP (experts move between ranks, their A / B would have to follow), and for an architecture whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed)
-    would need B's rows read in its load's order."""
+    EPLB or elastic EP (experts move between ranks, their A / B would have to follow), and for an architecture
+    whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed: B's rows would
+    have to be read in its load's order)."""
     from .architectures import REGISTRY
 
     arch = REGISTRY.get(architecture)

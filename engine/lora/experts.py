@@ -37,6 +37,10 @@ class ExpertsLoRA:
         """Whether this step runs the layer's experts with LoRA (a row of an adapter that targets them)."""
         return self.step.slots_T is not None and bool(self.gate_up.covered or self.down.covered)
 
+    def token_slots(self) -> torch.Tensor | None:
+        """The step's tokens' slots (long [T], -1: none; None: no row has an adapter)."""
+        return self.step.slots_T
+
     def carries(self) -> bool:
         """Whether this step's dispatch carries each token's slot to the experts' ranks (EP)."""
         return self.step.carry

@@ -17,10 +17,10 @@ from ..models.linear import lora_targets
 
 def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: torch.device,
                model_dir: str) -> LoRASlots:
-    """`limits.max_loras` slots over every target of `model` a LoRA adapter may reach: its linears applied to
+    """`limits.num_slots` slots over every target of `model` a LoRA adapter may reach: its linears applied to
     activations, float or FP8 (a TP shard's at its rows or columns), and its MoE layers' float experts as this rank
-    holds them (EP: its local experts; TP: every expert's channel slice; not both); adapters are read and checked against the checkpoint at `model_dir`
-    (model_targets)."""
+    holds them (EP: its local experts; TP: every expert's channel slice; not both); adapters are read and checked
+    against the checkpoint at `model_dir` (model_targets)."""
     plan = model.weight_plan()
     targets = {name: LoRATarget(lin, rows, rows.stop - rows.start, lin.in_features, row_sel, col_sel)
                for name, (lin, rows, row_sel, col_sel) in lora_targets(model, plan).items()}

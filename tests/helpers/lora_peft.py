@@ -1,5 +1,6 @@
 """The LoRA tests' oracle: adapters made with peft itself (get_peft_model with random, non-zero A and B, then
-save_pretrained) and transformers + peft's greedy tokens in float64 (tests/engine/test_lora.py, tests/ep/test_ep_lora.py)."""
+save_pretrained) and transformers + peft's greedy tokens in float64 (tests/engine/test_lora.py,
+tests/ep/test_ep_lora.py)."""
 from __future__ import annotations
 
 import torch
