@@ -75,8 +75,16 @@ class ExpertsHook(Protocol):
 
     def active(self) -> bool: ...
 
+    def token_slots(self) -> torch.Tensor | None:
+        """Each of the step's tokens' adapter slot (long [T], -1: none); None: no row has an adapter."""
+        ...
+
+    def carries(self) -> bool:
+        """Under EP: whether this step's dispatch carries each token's slot (decided alike on every rank)."""
+        ...
+
     def __call__(self, layer: "MoELayer", x_TD: torch.Tensor, weights_TK: torch.Tensor,
-                 ids_TK: torch.Tensor) -> torch.Tensor: ...
+                 ids_TK: torch.Tensor, slots_T: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class MoELayer(nn.Module):
@@ -234,6 +242,11 @@ class MoELayer(nn.Module):
         # measure the exposed communication, not the transfer.
         stats = self.stats
         a2a = self.ep.all_to_all
+        lora: ExpertsHook | None = self.lora_experts
+        if lora is not None and not lora.carries():
+            lora = None
+        if lora is not None:
+            x_TD = _with_slots(x_TD, lora.token_slots())
         t0 = stats.clock() if stats else 0.0
         handle = a2a.dispatch_async(x_TD, ids_TK, weights_TK, self.ep_tables)
         t_issue = stats.clock() - t0 if stats else 0.0
@@ -243,7 +256,16 @@ class MoELayer(nn.Module):
         t1 = stats.clock() if stats else 0.0
         # The owner applies the routed weights and sums its experts' outputs, so
         # combine returns one row per (token, rank), not per (token, expert).
-        y_ND = self.expert_format.run(self.kernels, self, recv_ND, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK)
+        slots_N = None
+        if lora is not None:  # the senders' slots: one table on every rank (engine/lora/slot_table.py)
+            recv_ND, slots_N = recv_ND[:, :-1].contiguous(), recv_ND[:, -1].round().long() - 1
+            if not bool((slots_N >= 0).any()):  # host sync: no received row has an adapter, the fast kernels
+                slots_N = None
+        if lora is not None and slots_N is not None:
+            y_ND = lora(self, recv_ND, meta.recv_topk_weights_NK, meta.recv_topk_ids_NK, slots_N)
+        else:
+            y_ND = self.expert_format.run(self.kernels, self, recv_ND, meta.recv_topk_weights_NK,
+                                          meta.recv_topk_ids_NK)
         t2 = stats.clock() if stats else 0.0
         handle = a2a.combine_async(y_ND, meta)
         t_issue_combine = stats.clock() - t2 if stats else 0.0
@@ -260,3 +282,13 @@ class MoELayer(nn.Module):
         if self._plain_experts:
             return {}
         return dict(b13_EF=self.b13_EF, b2_ED=self.b2_ED, activation=self.activation)
+
+
+def _with_slots(x_TD: torch.Tensor, slots_T: torch.Tensor | None) -> torch.Tensor:
+    """x with each token's LoRA slot + 1 as one more column (0: none, as a padded backend's empty rows read; exact
+    in any float dtype for the few slots a table has: at most 256, engine/config/lora.py), so that it travels with
+    the token's dispatch on every backend and mode (each moves rows of x as they are) and the receiver strips it.
+    Combine moves [N, D] back."""
+    col_T1 = ((slots_T[:, None] + 1).to(x_TD.dtype) if slots_T is not None
+              else x_TD.new_zeros((x_TD.shape[0], 1)))
+    return torch.cat([x_TD, col_T1], dim=1)

@@ -162,6 +162,10 @@ class SchedulerOutput:
     # Per-sequence state (scheduler/hybrid_cache.py): per request, the checkpoint slot its state is copied into
     # after this step (its chunk ends at the prompt's last whole block). Empty for models without such state.
     state_saves: dict[str, int] = field(default_factory=dict)
+    # LoRA under DP attention (several schedulers): the driver's adapter slot table (engine/lora/slot_table.py), the
+    # same tuple on every rank's output: slot ids travel with dispatched tokens, so they must mean one adapter
+    # everywhere. Carried, not read, by the scheduler; None with one scheduler (each rank's runner gives slots).
+    lora_table: Optional[tuple] = None
 
     @property
     def is_empty(self) -> bool:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 # vLLM's allowed ranks are powers of two up to 512; any rank up to the limit is read here (padded to it).
 MAX_LORA_RANK_LIMIT = 512
+# The most slots one table may have under DP attention (engine/lora/slot_table.py): a dispatched token's slot + 1 is
+# a column of its hidden state, exact in bfloat16 up to 256.
+MAX_TABLE_SLOTS = 256
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,9 @@ class LoRAConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Data-parallel attention groups (schedulers): above 1, every rank holds the driver's one slot table of
+    # max_loras x this slots (engine/lora/slot_table.py), so that a dispatched token's slot means one adapter anywhere.
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def positive(v) -> bool:
@@ -31,6 +37,17 @@ class LoRAConfig:
                                                or self.max_cpu_loras < self.max_loras):
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} is invalid: must be None or an integer >= "
                              f"max_loras={self.max_loras}.")
+        if not positive(self.data_parallel_size):
+            raise ValueError(f"LoRAConfig data_parallel_size={self.data_parallel_size!r} is invalid: must be an "
+                             "integer >= 1.")
+        if self.num_slots > MAX_TABLE_SLOTS:  # a token's slot travels as a float column of its dispatch (moe/layer.py)
+            raise ValueError(f"max_loras={self.max_loras} is invalid with {self.data_parallel_size} data-parallel "
+                             f"ranks: their slot table (max_loras x ranks) must be at most {MAX_TABLE_SLOTS} slots.")
+
+    @property
+    def num_slots(self) -> int:
+        """Device slots each rank holds: max_loras, or the driver's table of every data-parallel rank's."""
+        return self.max_loras * self.data_parallel_size
 
     @property
     def cpu_loras(self) -> int:
@@ -45,7 +62,7 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
         raise ValueError(f"enable_lora={enable_lora!r} is invalid: must be True or False.")
     if not enable_lora:
         return None
-    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras)
+    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, parallel.data_parallel_size)
     # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
     # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
     for flag, on in (("speculative_config", speculative), ("kv_connector", kv_connector),
@@ -68,10 +85,11 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
 
 def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
     """What adapters on the routed experts are refused under, or None where they are served (one rank, experts
-    held as gate / up / down): under EP a token's adapter would have to travel with its dispatch, under TP each rank
-    holds a slice of every expert (engine/tp/experts.py) that the adapters' per-expert A / B are not cut to yet, and
-    an architecture whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed)
-    would need B's rows read in its load's order."""
+    held as gate / up / down; under EP each rank its local experts' A / B, a token's slot carried with its dispatch;
+    under TP every expert's channel slice): refused under TP and EP together (the token-sliced block), with online
+    EPLB or elastic EP (experts move between ranks, their A / B would have to follow), and for an architecture
+    whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed: B's rows would
+    have to be read in its load's order)."""
     from .architectures import REGISTRY
 
     arch = REGISTRY.get(architecture)
@@ -79,8 +97,13 @@ def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
     if arch is not None and spec is not None and (spec.expert_layout != "auto" or arch.mxfp4_experts
                                                   or tuple(spec.expert_names) != ("gate_proj", "up_proj", "down_proj")):
         return f"{architecture}'s expert layout"
-    if parallel.tensor_parallel_size > 1:
-        return f"tensor_parallel_size={parallel.tensor_parallel_size}"
-    if parallel.world_size > 1:
-        return f"expert_parallel_size={parallel.world_size}"
+    if parallel.tensor_parallel_size > 1 and not parallel.experts_split_by_tp:  # EP over the world, token-sliced
+        return (f"tensor_parallel_size={parallel.tensor_parallel_size} with "
+                f"expert_parallel_size={parallel.expert_parallel_size}")
+    if parallel.world_size > 1 and not parallel.experts_split_by_tp:
+        # Online EPLB and elastic EP move experts between ranks: their A / B would have to move with them.
+        if parallel.eplb_interval:
+            return f"eplb_interval={parallel.eplb_interval}"
+        if parallel.elastic_ep and parallel.world_size >= 3:  # a loss recovers from 3 ranks up (ray_runtime.py)
+            return f"elastic_ep=True at expert_parallel_size={parallel.world_size} (pass elastic_ep=False)"
     return None

@@ -47,6 +47,7 @@ from ..contract.worker_api import LaunchedStep
 from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 from ..lora.checker import AdapterChecker
+from ..lora.slot_table import SlotTable
 from ..config.lora import routed_lora_refusal
 from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
 from .structured_output import GrammarCompilerPool, StructuredOutputManager
@@ -113,6 +114,9 @@ class LLMEngine(RLControl):
             Scheduler(config.scheduler, config.cache, None if kvc is None else kvc.scheduler_side(r))
             for r in range(config.parallel.data_parallel_size)]
         self.router = LeastLoadedRouter(self.schedulers)
+        # LoRA with several schedulers: the adapter slot table every rank holds (engine/lora/slot_table.py).
+        self.lora_table = (SlotTable(config.lora.num_slots)
+                           if config.lora is not None and len(self.schedulers) > 1 else None)
         # The requests the core holds (added, not yet finished), by rank: the engine thread's own record, so
         # that duplicate ids and aborts are decided without reading the output side's states.
         self._rank_of: dict[str, int] = {}
@@ -309,6 +313,8 @@ class LLMEngine(RLControl):
             self._release_held(self.structured.poll())
         sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
+        if self.lora_table is not None:  # one slot table for every rank (DP attention): engine/lora/slot_table.py
+            self._agree_lora_slots(self.lora_table, sched_outs)
         if all(so.is_empty for so in sched_outs):
             # Nothing to compute: what is in flight is all there is (its tokens may schedule more). A step that
             # only carries ids for the workers (finished, preempted, a resync) or KV transfers (started or awaited)
@@ -345,6 +351,14 @@ class LLMEngine(RLControl):
             outputs += self._drain_core()
         self.loop_stats.steps += 1
         return outputs
+
+    def _agree_lora_slots(self, table: SlotTable, sched_outs: list[SchedulerOutput]) -> None:
+        """Put the adapters this step runs, on any rank, in the one slot table and give every rank its snapshot."""
+        needed = [lora for sched, so in zip(self.schedulers, sched_outs) for rid in so.num_scheduled_tokens
+                  if isinstance(lora := sched.requests[rid].lora, LoRARequest)]
+        snapshot = table.assign(needed)
+        for so in sched_outs:
+            so.lora_table = snapshot
 
     def _drain(self) -> list[RequestOutput]:
         """Collect the step in flight, if any, and process its outputs (single-thread use: a caller that needs

@@ -14,9 +14,8 @@ class AdapterChecker:
     many threads)."""
 
     def __init__(self, limits: LoRAConfig, model_dir: str, routed_refused: str | None = None):
-        """routed_refused: the flag under which routed-expert adapters are refused ("expert_parallel_size=2": a
-        token's adapter would have to travel with its dispatch; "tensor_parallel_size=2": each rank holds a slice of
-        every expert); None: served."""
+        """routed_refused: the flag under which routed-expert adapters are refused ("eplb_interval=8": experts move
+        between ranks, their A / B would have to follow; engine/config/lora.py routed_lora_refusal); None: served."""
         self.limits = limits
         self.targets = model_targets(model_dir)
         self.routed_refused = routed_refused

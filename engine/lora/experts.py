@@ -37,9 +37,21 @@ class ExpertsLoRA:
         """Whether this step runs the layer's experts with LoRA (a row of an adapter that targets them)."""
         return self.step.slots_T is not None and bool(self.gate_up.covered or self.down.covered)
 
-    def __call__(self, layer, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        assert self.step.slots_T is not None  # active()
-        return lora_fused_moe(self.kernels, x_TD, layer.w13_EFD, layer.w2_EDI, weights_TK, ids_TK, self.step.slots_T,
+    def token_slots(self) -> torch.Tensor | None:
+        """The step's tokens' slots (long [T], -1: none; None: no row has an adapter)."""
+        return self.step.slots_T
+
+    def carries(self) -> bool:
+        """Whether this step's dispatch carries each token's slot to the experts' ranks (EP)."""
+        return self.step.carry
+
+    def __call__(self, layer, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
+                 slots_T: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's local experts with the adapters of `slots_T` (the received rows' slots under EP; else the
+        step's own tokens')."""
+        slots_T = self.step.slots_T if slots_T is None else slots_T
+        assert slots_T is not None  # active(), or the dispatch's slots
+        return lora_fused_moe(self.kernels, x_TD, layer.w13_EFD, layer.w2_EDI, weights_TK, ids_TK, slots_T,
                               self.gate_up, self.down, self.num_experts, **layer._extras())
 
 

@@ -17,9 +17,12 @@ import torch
 @dataclass
 class LoRAStep:
     """What the coming forward's LoRA work reads: each token's slot (long [T], -1: no adapter; None: no row of the
-    step has one, and the hooks do nothing)."""
+    step has one, and the hooks do nothing). `carry`: under EP, the step's dispatch carries each token's slot to the
+    experts' ranks (a slot of the agreed table targets routed experts: the same on every rank, so every rank's
+    dispatch rows are as wide)."""
 
     slots_T: torch.Tensor | None = None
+    carry: bool = False
 
 
 @dataclass

@@ -12,6 +12,7 @@ order with the steps (`take_loads`): a step still in flight reads the adapter it
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -45,13 +46,17 @@ class LoRATarget:
 
 @dataclass(frozen=True)
 class ExpertTarget:
-    """One MoE layer's float experts, held whole (its `lora_experts` hook is set here): E experts, hidden D,
-    intermediate I."""
+    """One MoE layer's float experts as this rank holds them (its `lora_experts` hook is set here): E local experts,
+    hidden D, intermediate I (a TP shard's). `experts`: the logical expert of each local slot under EP (redundant
+    copies included; None: all, in order); `shard`: (i0, I whole) where TP splits every expert's intermediate
+    channels, this rank's [i0, i0 + I) (gate_up's B rows of gate and of up, down's A columns; None: whole)."""
 
     layer: Any
     e: int
     d: int
     i: int
+    experts: tuple[int, ...] | None = None
+    shard: tuple[int, int] | None = None
 
 
 class HostAdapters:
@@ -93,7 +98,7 @@ class LoRASlots:
     host: HostAdapters = field(init=False)
 
     def __post_init__(self) -> None:
-        L, R = self.limits.max_loras, self.limits.max_lora_rank
+        L, R = self.limits.num_slots, self.limits.max_lora_rank
         self.step = LoRAStep()
         self.pieces: dict[str, LoRAPiece] = {}
         self.rows_per_slot: dict[str, int] = {}  # E for an expert tensor's stacks, 1 for a linear's
@@ -103,11 +108,13 @@ class LoRASlots:
                 t.linear.lora = LinearLoRA(self.step, self.kernels)
             t.linear.lora.pieces.append(piece)
             self.pieces[name], self.rows_per_slot[name] = piece, 1
+        self.expert_of: dict[str, ExpertTarget] = {}  # an expert piece's layer (its local experts, its shard)
         for name, x in self.experts.items():
             gate_up, down = self._piece(None, L * x.e, R, x.d, 2 * x.i), self._piece(None, L * x.e, R, x.i, x.d)
             x.layer.lora_experts = ExpertsLoRA(self.step, self.kernels, x.e, gate_up, down)
             for param, piece in (("gate_up_proj", gate_up), ("down_proj", down)):
                 self.pieces[f"{name}.{param}"], self.rows_per_slot[f"{name}.{param}"] = piece, x.e
+                self.expert_of[f"{name}.{param}"] = x
         self.host = HostAdapters(self.limits.cpu_loras, lambda req: read_adapter(req, self.limits, self.checkpoint))
         self.slots = [_Slot() for _ in range(L)]
         self._clock = 0
@@ -133,6 +140,42 @@ class LoRASlots:
             raise RuntimeError(f"LoRA adapter {req.lora_name!r}: all max_loras={self.limits.max_loras} slots are "
                                "held by running requests (the scheduler admits no more adapters than slots).")
         i = min(free, key=lambda j: (self.slots[j].lora_int_id != 0, self.slots[j].last_used))
+        self._load(i, req)
+        return i
+
+    def sync_table(self, table: tuple[LoRARequest | None, ...]) -> None:
+        """Hold exactly the driver's slot table (engine/lora/slot_table.py: DP attention, every rank the same), the
+        slots that changed written in the next step's device work; the requests' slots then follow the table
+        (`slot_of`)."""
+        if len(table) != len(self.slots):
+            raise RuntimeError(f"LoRA slot table of {len(table)} slots, but this rank holds {len(self.slots)}.")
+        self._clock += 1
+        for i, req in enumerate(table):
+            if req is None:
+                if self.slots[i].lora_int_id:
+                    self.slots[i] = _Slot()
+                    for piece in self.pieces.values():
+                        piece.covered.discard(i)
+                    self._loads.append(functools.partial(self._write, i, None))
+            elif self.slots[i].lora_int_id != req.lora_int_id:
+                self._load(i, req)
+            self.slots[i].last_used = self._clock
+
+    def slot_of(self, lora_int_id: int) -> int:
+        """The slot holding adapter `lora_int_id` (0: the base model, -1)."""
+        if not lora_int_id:
+            return -1
+        for i, s in enumerate(self.slots):
+            if s.lora_int_id == lora_int_id:
+                return i
+        raise RuntimeError(f"LoRA adapter id {lora_int_id} is in no slot of this rank's table.")
+
+    def experts_covered(self) -> bool:
+        """Whether a slot's adapter targets routed experts: under EP the tokens then carry their slots in dispatch
+        (moe/layer.py), decided from the agreed table, so every rank's dispatch rows are the same width."""
+        return any(self.pieces[n].covered for n in self.expert_of)
+
+    def _load(self, i: int, req: LoRARequest) -> None:
         adapter = self.host.get(req)
         missing = sorted(set(adapter.weights) - set(self.pieces))
         if missing:  # the driver's check passed it: this rank's model holds these targets in a form LoRA cannot run
@@ -144,20 +187,22 @@ class LoRASlots:
             if name in adapter.weights:
                 piece.covered.add(i)
         self._loads.append(lambda: self._write(i, adapter))
-        return i
 
-    def _write(self, i: int, adapter: Adapter) -> None:
-        """Slot i's weights: the adapter's A / B where it targets, zeros elsewhere (a device op)."""
+    def _write(self, i: int, adapter: Adapter | None) -> None:
+        """Slot i's weights: the adapter's A / B where it targets, zeros elsewhere (a device op; None: all zeros)."""
         for name, piece in self.pieces.items():
             per = self.rows_per_slot[name]
             rows = slice(i * per, (i + 1) * per)
             piece.a_XRK[rows].zero_()
             piece.b_XNR[rows].zero_()
             piece.scale_X[rows] = 0.0
-            ab = adapter.weights.get(name)
+            ab = adapter.weights.get(name) if adapter is not None else None
             if ab is None:
                 continue
             a, b = (ab[0][None], ab[1][None]) if per == 1 else ab  # a linear's [r, K] / [N, r], an expert's [E, ..]
+            x = self.expert_of.get(name)
+            if x is not None:
+                a, b = _expert_slices(name, a, b, x)
             t = self.targets.get(name)
             if t is not None and t.row_sel is not None:  # B's rows: the checkpoint rows this linear holds
                 b = b[:, t.row_sel]
@@ -179,6 +224,27 @@ class LoRASlots:
             return None
         return np.repeat(np.asarray(slots_S, dtype=np.int64), query_lens)
 
-    def begin_step(self, slots_T: np.ndarray | None) -> None:
-        """Set the forward's per-token slots (a device op: the step's inputs)."""
+    def begin_step(self, slots_T: np.ndarray | None, carry: bool = False) -> None:
+        """Set the forward's per-token slots (a device op: the step's inputs), and whether its dispatch carries them
+        (EP: `experts_covered` of the agreed table, read when the step was launched)."""
         self.step.slots_T = None if slots_T is None else to_device(slots_T, torch.long, self.device)
+        self.step.carry = carry
+
+
+def _expert_slices(name: str, a_GrK: torch.Tensor, b_GNr: torch.Tensor, x: ExpertTarget
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert tensor's A [G, r, K] / B [G, N, r] (all G experts, as stored) cut to what this rank holds: its local
+    experts' rows (EP, redundant copies repeated), and under TP its intermediate channels: gate_up's B rows of gate
+    [i0, i0 + w) and of up [I + i0, I + i0 + w) (column-parallel), down's A columns [i0, i0 + w) (row-parallel: the
+    delta is a partial sum, all-reduced with the experts' output)."""
+    if x.experts is not None:
+        idx = torch.as_tensor(x.experts, dtype=torch.long)
+        a_GrK, b_GNr = a_GrK.index_select(0, idx), b_GNr.index_select(0, idx)
+    if x.shard is not None:
+        i0, whole = x.shard
+        w = x.i
+        if name.endswith("gate_up_proj"):
+            b_GNr = torch.cat([b_GNr[:, i0:i0 + w], b_GNr[:, whole + i0:whole + i0 + w]], dim=1)
+        else:
+            a_GrK = a_GrK[:, :, i0:i0 + w]
+    return a_GrK, b_GNr

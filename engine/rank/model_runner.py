@@ -286,6 +286,7 @@ class ModelRunner:
                 raise ValueError(f"request {new.req_id!r} names LoRA adapter {new.lora.lora_name!r}, but this rank "
                                  "serves none: start the engine with enable_lora=True.")
             st.lora_slot = self.lora.slot_for(new.lora, {r.lora_slot for r in self.requests.values()} - {-1})
+            st.lora_int_id = new.lora.lora_int_id
         if new.sampling_params.prompt_logprobs is not None:
             self._prompt_lp_ids.add(new.req_id)
         if new.sampling_params.return_routed_experts:
@@ -360,6 +361,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         while len(self._in_flight) >= 2:  # at most two: pinned staging is double-buffered (cuda_graph.py)
             self._in_flight.popleft().wait_device()
+        if so.lora_table is not None and self.lora is not None:  # DP attention: the driver's table, every rank's
+            self.lora.sync_table(so.lora_table)
         self._update_states(so)
         ep_step = so.ep_step
         ops = self.batch.take_device_ops()  # batch-state fills the step's device work applies first
@@ -373,8 +376,9 @@ class ModelRunner:
                 # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
                 # so this eager pass makes the same collective calls as its peers' replays.
                 handle.host_s = time.perf_counter() - t0
+                lora = self._lora_moe_only()
                 handle.work = self.stream.submit(self._in_step_context(
-                    lambda: self._device_moe_only(ep_step, ops, run_forward, transfers)))
+                    lambda: self._device_moe_only(ep_step, ops, run_forward, transfers, lora)))
                 self._in_flight.append(handle)
             return handle
         num_scheduled = so.num_scheduled_tokens
@@ -406,7 +410,11 @@ class ModelRunner:
                                       self.model.cfg.top_k) if self._replay_ids else None)
         lora = None
         if self.lora is not None:  # the step's per-token slots and the slot writes owed, run in the device work
-            lora = (self.lora.take_loads(), self.lora.token_slots([st.lora_slot for st in states], query_lens))
+            table = so.lora_table is not None  # DP attention: each request's slot is its adapter's in the table
+            lora = (self.lora.take_loads(),
+                    self.lora.token_slots([self.lora.slot_of(st.lora_int_id) if table else st.lora_slot
+                                           for st in states], query_lens),
+                    self.ep is not None and self.lora.experts_covered())
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
@@ -524,10 +532,19 @@ class ModelRunner:
         res.device_s = time.perf_counter() - t0
         return res
 
-    def _device_moe_only(self, ep_step, ops: list, run_forward: bool, transfers=None) -> DeviceResult:
+    def _lora_moe_only(self):
+        """An empty step's LoRA work under EP: the slot writes owed, and whether its dispatch carries slots (as its
+        peers' do: the agreed table); None without LoRA."""
+        if self.lora is None:
+            return None
+        return self.lora.take_loads(), None, self.ep is not None and self.lora.experts_covered()
+
+    def _device_moe_only(self, ep_step, ops: list, run_forward: bool, transfers=None, lora=None) -> DeviceResult:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
+            if lora is not None:
+                begin_lora_step(self.lora, *lora)
             start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
             if not run_forward:
                 start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)

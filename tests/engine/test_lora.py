@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from tests.helpers.lora_peft import make_adapter, peft_greedy
 from tests.helpers.parity import MAX_NEW, prompts as make_prompts
 
 pytestmark = pytest.mark.slow  # each test builds engines over peft-made adapters (seconds)
@@ -28,33 +29,12 @@ ADAPTERS = {  # name -> (peft LoraConfig fields, seed)
 }
 
 
-def _hf(path: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
-
-
 def _make_adapter(base: str, out: str, fields: dict, seed: int) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(_hf(base), LoraConfig(init_lora_weights=False, **fields))
-    with torch.no_grad():  # big enough to move greedy tokens off the base model's
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(out)
+    make_adapter(base, out, fields, seed)
 
 
 def _peft_greedy(base: str, adapter: str | None, prompts: list[list[int]]) -> list[list[int]]:
-    from peft import PeftModel
-
-    from tests.helpers.fp8_checkpoints import hf_greedy_with
-
-    model = _hf(base)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    return hf_greedy_with(model, prompts, MAX_NEW)
+    return peft_greedy(base, adapter, prompts, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -249,20 +229,29 @@ def test_async_engine_streams_under_an_adapter(lora_case):
 
 
 def test_routed_expert_adapters_are_refused_where_not_served():
-    """One rank with experts held as gate / up / down serves them; EP, TP and gpt-oss's layout (gate and up
-    interleaved on disk) are refused, naming why (the driver's check reads this: engine/lora/checker.py)."""
+    """Experts held as gate / up / down are served at one rank, under EP and under TP; TP and EP together, online
+    EPLB, elastic EP and gpt-oss's layout (gate and up interleaved on disk) are refused, naming why (the driver's
+    check reads this: engine/lora/checker.py)."""
     from types import SimpleNamespace
 
     from moelink.engine.config.lora import routed_lora_refusal
 
-    def par(tp=1, world=1):
-        return SimpleNamespace(tensor_parallel_size=tp, world_size=world)
+    def par(tp=1, world=1, ep=None, eplb=0, elastic=False):
+        ep = world if ep is None and tp == 1 else (ep or 1)
+        return SimpleNamespace(tensor_parallel_size=tp, world_size=world, expert_parallel_size=ep,
+                               experts_split_by_tp=tp > 1 and ep == 1, eplb_interval=eplb, elastic_ep=elastic)
 
     assert routed_lora_refusal(par(), "Qwen3MoeForCausalLM") is None
     assert routed_lora_refusal(par(), "DeepseekV3ForCausalLM") is None
     assert routed_lora_refusal(par(), "GptOssForCausalLM") == "GptOssForCausalLM's expert layout"
-    assert routed_lora_refusal(par(world=2), "Qwen3MoeForCausalLM") == "expert_parallel_size=2"
-    assert routed_lora_refusal(par(tp=2, world=2), "Qwen3MoeForCausalLM") == "tensor_parallel_size=2"
+    assert routed_lora_refusal(par(world=2), "Qwen3MoeForCausalLM") is None  # EP: tests/ep/test_ep_lora.py
+    assert routed_lora_refusal(par(tp=2, world=2), "Qwen3MoeForCausalLM") is None  # TP splits every expert
+    assert routed_lora_refusal(par(tp=2, world=4, ep=4), "Qwen3MoeForCausalLM") == \
+        "tensor_parallel_size=2 with expert_parallel_size=4"
+    assert routed_lora_refusal(par(world=2, eplb=8), "Qwen3MoeForCausalLM") == "eplb_interval=8"
+    assert routed_lora_refusal(par(world=2, elastic=True), "Qwen3MoeForCausalLM") is None  # no recovery at 2
+    assert routed_lora_refusal(par(world=3, elastic=True), "Qwen3MoeForCausalLM") == \
+        "elastic_ep=True at expert_parallel_size=3 (pass elastic_ep=False)"
 
 
 def test_gpt_oss_attention_adapter_equals_peft(tmp_path):
@@ -307,5 +296,42 @@ def test_fp8_base_with_an_adapter_equals_peft_on_the_dequantized_base(lora_case,
         layer = llm.engine.executor.worker.runner.model.layers[1]
         assert layer.self_attn.qkv_proj.method.name == "fp8" and layer.self_attn.qkv_proj.lora is not None
         assert _greedy(llm, ps + ps, [_req(dirs, "attn")] * len(ps) + [None] * len(ps)) == want + want_base
+    finally:
+        llm.shutdown()
+
+
+def test_mxfp4_base_with_an_adapter_equals_peft_on_the_dequantized_base(tmp_path):
+    """gpt-oss with MXFP4 experts (`moelink quantize-mxfp4` of a float gpt-oss saved by transformers) and an adapter
+    on q/k/v/o made with peft on the float base: alone and beside the base, the greedy tokens of transformers + peft
+    on transformers' own dequantization of the same MXFP4 file (Mxfp4Config(dequantize=True), float64). The experts
+    run the MXFP4 path; an adapter on them is refused (docs/lora.md#limits)."""
+    import transformers
+    from peft import PeftModel
+
+    from moelink.engine import LoRARequest
+    from moelink.engine.tools.mxfp4_checkpoint import quantize_mxfp4_checkpoint
+    from tests.helpers.fp8_checkpoints import hf_greedy_with
+    from tests.helpers.gpt_oss_checkpoints import VOCAB, save_gpt_oss
+
+    src = save_gpt_oss(tmp_path / "float", num_hidden_layers=2, intermediate_size=32)
+    mx = str(quantize_mxfp4_checkpoint(src, tmp_path / "mxfp4"))
+    _make_adapter(src, str(tmp_path / "attn"), dict(r=4, lora_alpha=8,
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), 22)
+    req = LoRARequest("attn", 1, str(tmp_path / "attn"))
+
+    def deq():
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            mx, dtype=torch.float64, experts_implementation="eager",
+            quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+
+    ps = make_prompts(vocab=VOCAB, seed=10, n=2, lo=3, hi=17)
+    want_base = hf_greedy_with(deq(), ps, MAX_NEW)
+    want = hf_greedy_with(PeftModel.from_pretrained(deq(), req.lora_path).eval(), ps, MAX_NEW)
+    assert want != want_base, "the adapter does not move the greedy tokens: a weak test"
+    llm = _llm(mx, max_loras=1)
+    try:
+        moe = llm.engine.executor.worker.runner.model.layers[0].ffn.moe
+        assert moe.expert_format.name == "mxfp4" and moe.lora_experts is None
+        assert _greedy(llm, ps + ps, [req] * len(ps) + [None] * len(ps)) == want + want_base
     finally:
         llm.shutdown()

@@ -50,3 +50,21 @@ def test_lora_experts_equal_merged_weights(T, E, K, D, I, L):
     # Rows of no adapter are the base experts' output exactly as the fused reference gives it.
     base = reference_fused_moe(x, w13, w2, weights, ids)
     torch.testing.assert_close(got[slots < 0], base[slots < 0], rtol=1e-12, atol=1e-13)
+
+
+def test_slot_table_keeps_held_slots_and_evicts_the_least_recently_used():
+    """The driver's slot table under DP attention (engine/lora/slot_table.py): an adapter keeps its slot while steps
+    need it, a new one takes an empty slot, then the least recently used one the step does not need; more adapters in
+    one step than slots is an error (the schedulers' max_loras never allow it)."""
+    from moelink.engine.contract.lora import LoRARequest
+    from moelink.engine.lora.slot_table import SlotTable
+
+    a, b, c, d = (LoRARequest(n, i + 1, f"/x/{n}") for i, n in enumerate("abcd"))
+    t = SlotTable(3)
+    assert t.assign([a, a]) == (a, None, None)
+    assert t.assign([b]) == (a, b, None)
+    assert t.assign([c, a]) == (a, b, c)
+    assert t.assign([d, a]) == (a, d, c)  # b least recently used of the slots the step does not need
+    assert t.assign([b, c, d]) == (b, d, c)
+    with pytest.raises(RuntimeError, match="4 adapters in one step, over its 3 slots"):
+        t.assign([a, b, c, d])

@@ -1,13 +1,21 @@
-"""LoRA adapters over several ranks (Ray, CPU ranks, world 2): under EP 2 (DP attention: each rank runs its own
-requests' adapters on its attention linears) and TP 2 (each rank its shards: q/k/v's rows of B, o_proj's columns of
-A, the delta summed with the partial output), a batch mixing two peft adapters and the base gives one rank's greedy
-tokens; a routed-expert adapter is refused there, naming the field (docs/lora.md#limits)."""
+"""LoRA adapters over several ranks (Ray, CPU ranks, world 2) against transformers + peft in float64 (adapters made
+with peft: tests/helpers/lora_peft.py), one engine per parallel layout:
+
+- EP 2 (DP attention, two redundant expert copies, the fixed-capacity all-to-all in both its modes: high-throughput
+  prefill, low-latency decode): each rank runs its own requests' adapters on its attention linears; a routed-expert
+  adapter's tokens carry their slot of the driver's table (engine/lora/slot_table.py) with their dispatch, and each
+  rank applies its local experts' A / B;
+- TP 2: q/k/v's B rows and o_proj's A columns of each rank's shard, and every expert's channel slice (gate_up's B
+  rows, down's A columns, the delta summed with the partial output).
+
+Each routed-expert adapter alone, and a batch mixing three adapters and the base, give peft's greedy tokens."""
 from __future__ import annotations
 
 import pytest
 
 from moelink.engine import LLM, LoRARequest, SamplingParams
 
+from tests.helpers.lora_peft import make_adapter, peft_greedy
 from tests.helpers.parity import prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
@@ -16,75 +24,74 @@ pytestmark = pytest.mark.slow
 KW = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=4,
           enable_lora=True, max_loras=2, max_lora_rank=8)
 NAME = "qwen3_e6k3"
+MAX_NEW = 4
+ADAPTERS = {  # name -> (peft LoraConfig fields, seed)
+    "attn": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), 1),
+    # peft turns gate/up/down targets of a transformers 5 MoE into its experts' target_parameters (gate_up at 2r)
+    "experts": (dict(r=2, lora_alpha=2, target_modules=["gate_proj", "up_proj", "down_proj"]), 3),
+    "o_down": (dict(r=3, lora_alpha=5, target_modules=["o_proj"], target_parameters=["mlp.experts.down_proj"]), 2),
+}
+LAYOUTS = {"ep2": dict(expert_parallel_size=2, num_redundant_experts=2, all_to_all="torch_padded",
+                       ep_decode_capacity=4),
+           "tp2": dict(tensor_parallel_size=2)}
 
 
-def _adapter(base: str, out: str, seed: int, **fields) -> str:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64),
-                           LoraConfig(init_lora_weights=False, **fields))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(out)
-    return out
+@pytest.fixture(scope="module")
+def case(tiny_model, tmp_path_factory):
+    """(base dir, {name: LoRARequest}, prompts, {name or None: peft's greedy tokens per prompt})."""
+    root = tmp_path_factory.mktemp("ep_lora")
+    base = tiny_model(NAME, dtype="float64")
+    reqs = {name: LoRARequest(name, i + 1, make_adapter(base, str(root / name), fields, seed))
+            for i, (name, (fields, seed)) in enumerate(ADAPTERS.items())}
+    ps = prompts(TINY_CONFIGS[NAME]["vocab_size"], seed=3, n=3, lo=1, hi=20)
+    want = {n: peft_greedy(base, None if n is None else reqs[n].lora_path, ps, MAX_NEW) for n in [None, *reqs]}
+    for n in reqs:
+        assert want[n] != want[None], f"adapter {n} does not move the greedy tokens: a weak test"
+    return base, reqs, ps, want
 
 
 def _greedy(llm, ps, loras):
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     return [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False, lora_request=loras)]
 
 
-@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
-def test_mixed_adapters_equal_one_rank(local_ray, tiny_model, tmp_path, tp, ep):
-    base = tiny_model(NAME)
-    a = LoRARequest("a", 1, _adapter(base, str(tmp_path / "a"), 1, r=4, lora_alpha=8,
-                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    b = LoRARequest("b", 2, _adapter(base, str(tmp_path / "b"), 2, r=2, lora_alpha=2, target_modules=["o_proj"]))
-    routed = LoRARequest("r", 3, _adapter(base, str(tmp_path / "r"), 3, r=2, lora_alpha=2,
-                                          target_modules=["gate_proj", "up_proj", "down_proj"]))
-    ps = prompts(TINY_CONFIGS[NAME]["vocab_size"], seed=3, n=3, lo=1, hi=20)
-    all_ps = ps * 3
-    loras = [a] * len(ps) + [b] * len(ps) + [None] * len(ps)
-    one = LLM(base, **KW)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_adapters_equal_peft_over_two_ranks(local_ray, case, layout):
+    base, reqs, ps, want = case
+    llm = LLM(base, **LAYOUTS[layout], **KW)
     try:
-        want = _greedy(one, all_ps, loras)
-    finally:
-        one.shutdown()
-    assert want[:len(ps)] != want[-len(ps):], "adapter a does not move the greedy tokens: a weak test"
-    llm = LLM(base, tensor_parallel_size=tp, expert_parallel_size=ep, **KW)
-    try:
-        assert _greedy(llm, all_ps, loras) == want
-        flag = "tensor_parallel_size=2" if tp > 1 else "expert_parallel_size=2"
-        with pytest.raises(ValueError, match=f"target_parameters=.* not supported with {flag}"):
-            llm.generate(ps[:1], use_tqdm=False, lora_request=routed)
+        # The routed-expert adapter alone (under EP its tokens are on both ranks: the router spreads them).
+        assert _greedy(llm, ps, reqs["experts"]) == want["experts"]
+        # Three adapters and the base in one batch, interleaved (max_loras=2 a rank: under EP the router puts the
+        # base and "experts" on one rank, "attn" and "o_down" on the other, so with slots given per rank a token's
+        # slot would name another adapter at its experts' rank (measured: this fails so); the driver's table holds
+        # them all and a slot names one adapter everywhere).
+        names = [None, *reqs]
+        got = _greedy(llm, [p for p in ps for _ in names], [None if n is None else reqs[n] for _ in ps for n in names])
+        assert got == [want[n][i] for i in range(len(ps)) for n in names]
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
 
 
-def test_tp2_mla_adapter_equals_one_rank(local_ray, tmp_path):
+def test_tp2_mla_and_routed_adapters_equal_peft(local_ray, tmp_path):
     """DeepSeek-V3 at TP 2: MLA's q_b_proj is column-parallel in the rope de-interleave order (B read at this
-    rank's rows of that order), kv_a a whole piece beside q_a, o_proj row-parallel (A at this rank's columns)."""
+    rank's rows of that order), kv_a a whole piece beside q_a, o_proj row-parallel (A at this rank's columns); the
+    routed experts' A / B cut to each rank's channels, beside the shared experts."""
     from moelink.engine.tools.tiny_model import make_tiny_model
 
     base = str(make_tiny_model(tmp_path / "base", "deepseek_v3", dtype="float64"))
-    a = LoRARequest("mla", 1, _adapter(base, str(tmp_path / "mla"), 4, r=4, lora_alpha=8,
-                                       target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]))
+    mla = LoRARequest("mla", 1, make_adapter(base, str(tmp_path / "mla"), dict(
+        r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]), 4))
+    routed = LoRARequest("routed", 2, make_adapter(base, str(tmp_path / "routed"), dict(
+        r=2, lora_alpha=2, target_modules=["q_b_proj"], target_parameters=["gate_up_proj", "down_proj"]), 13))
     ps = prompts(200, seed=5, n=2, lo=2, hi=15)
-    loras = [a] * len(ps) + [None] * len(ps)
-    one = LLM(base, **KW)
-    try:
-        want = _greedy(one, ps * 2, loras)
-    finally:
-        one.shutdown()
-    assert want[:len(ps)] != want[len(ps):], "the adapter does not move the greedy tokens: a weak test"
+    want = {n: peft_greedy(base, None if r is None else r.lora_path, ps, MAX_NEW)
+            for n, r in (("base", None), ("mla", mla), ("routed", routed))}
+    assert want["mla"] != want["base"] and want["routed"] != want["base"], "an adapter does not move the tokens"
     llm = LLM(base, tensor_parallel_size=2, **KW)
     try:
-        assert _greedy(llm, ps * 2, loras) == want
+        got = _greedy(llm, ps * 3, [mla] * len(ps) + [routed] * len(ps) + [None] * len(ps))
+        assert got == want["mla"] + want["routed"] + want["base"]
     finally:
         llm.engine.shutdown()
