@@ -5,6 +5,8 @@ check is paired with what the normal Triton path does (a launch config or a spli
 which gives other bits (so the check can fail)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,14 +30,14 @@ def _row_everywhere(make, run, sizes):
 
 
 @pytest.mark.slow  # over 1 s (interpreter, 2026-11-26: ~1.5 s)
-def test_matmul_matches_linear_and_a_row_is_the_same_in_any_batch():
+def test_matmul_matches_linear_and_a_row_is_the_same_in_any_batch(kdev):
     from moelink.kernels.triton_invariant_matmul import INTERPRETER_CONFIG, triton_invariant_linear
 
     gen = torch.Generator().manual_seed(0)
     K, N = 80, 40  # K not a multiple of the K tile (a masked tail), N not of the N tile
-    w = torch.randn(N, K, generator=gen)
-    bias = torch.randn(N, generator=gen)
-    make = lambda n: torch.randn(n, K, generator=gen)  # noqa: E731
+    w = torch.randn(N, K, generator=gen).to(kdev)
+    bias = torch.randn(N, generator=gen).to(kdev)
+    make = lambda n: torch.randn(n, K, generator=gen).to(kdev)  # noqa: E731
     x = make(23)
     torch.testing.assert_close(triton_invariant_linear(x, w, bias), F.linear(x.double(), w.double(), bias.double()).float(),
                                atol=1e-5, rtol=1e-5)
@@ -46,12 +48,12 @@ def test_matmul_matches_linear_and_a_row_is_the_same_in_any_batch():
     assert not torch.equal(other[0], triton_invariant_linear(x[:1], w)[0])
 
 
-def test_the_triton_mode_sends_products_by_a_weight_to_the_invariant_matmul():
+def test_the_triton_mode_sends_products_by_a_weight_to_the_invariant_matmul(kdev):
     from moelink.kernels.batch_invariant_triton import TritonBatchInvariantMode
     from moelink.kernels.triton_invariant_matmul import triton_invariant_linear
 
     gen = torch.Generator().manual_seed(1)
-    x, w, b = torch.randn(2, 5, 48, generator=gen), torch.randn(24, 48, generator=gen), torch.randn(24, generator=gen)
+    x, w, b = (torch.randn(*s, generator=gen).to(kdev) for s in ((2, 5, 48), (24, 48), (24,)))
     want = triton_invariant_linear(x.reshape(10, 48), w, b).reshape(2, 5, 24)
     with TritonBatchInvariantMode():
         got_linear = F.linear(x, w, b)
@@ -62,13 +64,13 @@ def test_the_triton_mode_sends_products_by_a_weight_to_the_invariant_matmul():
     torch.testing.assert_close(got_double, F.linear(x.double(), w.double()))
 
 
-def test_rms_norm_is_row_local():
+def test_rms_norm_is_row_local(kdev):
     from moelink.kernels.norm import reference_rms_norm
     from moelink.kernels.triton_norm import triton_rms_norm
 
     gen = torch.Generator().manual_seed(2)
-    w = torch.randn(48, generator=gen).to(torch.bfloat16)
-    make = lambda n: torch.randn(n, 48, generator=gen).to(torch.bfloat16)  # noqa: E731
+    w = torch.randn(48, generator=gen).to(kdev, torch.bfloat16)
+    make = lambda n: torch.randn(n, 48, generator=gen).to(kdev, torch.bfloat16)  # noqa: E731
     rows = _row_everywhere(make, lambda b: triton_rms_norm(b, w, 1e-6), (2, 40))
     assert all(torch.equal(r, rows[0]) for r in rows)
     x = make(5)
@@ -76,19 +78,19 @@ def test_rms_norm_is_row_local():
 
 
 @pytest.mark.slow  # over 1 s (interpreter, 2026-11-26: ~4 s)
-def test_fused_moe_on_the_fixed_config_matches_the_reference_and_a_token_is_the_same_in_any_batch():
+def test_fused_moe_on_the_fixed_config_matches_the_reference_and_a_token_is_the_same_in_any_batch(kdev):
     from moelink.kernels.batch_invariant_triton import invariant_triton_fused_moe
     from moelink.kernels.moe_config import lookup_moe_config
     from moelink.kernels.triton_moe import triton_fused_moe
 
     gen = torch.Generator().manual_seed(3)
     E, D, I, K = 8, 256, 32, 2  # D over several K tiles of both the fixed config and the tuned ones
-    w13 = torch.randn(E, 2 * I, D, generator=gen) * 0.1
-    w2 = torch.randn(E, D, I, generator=gen) * 0.1
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.1).to(kdev)
+    w2 = (torch.randn(E, D, I, generator=gen) * 0.1).to(kdev)
 
     def make(n):
         ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(n)]) if n else torch.empty(0, K)
-        return torch.cat([torch.randn(n, D, generator=gen), torch.rand(n, K, generator=gen), ids.float()], 1)
+        return torch.cat([torch.randn(n, D, generator=gen), torch.rand(n, K, generator=gen), ids.float()], 1).to(kdev)
 
     def run(fn, **kw):
         return lambda b: fn(b[:, :D].contiguous(), w13, w2, b[:, D:D + K].contiguous(), b[:, D + K:].long(), **kw)
@@ -112,33 +114,39 @@ def test_fused_moe_on_the_fixed_config_matches_the_reference_and_a_token_is_the_
 @pytest.mark.slow  # over 1 s (interpreter, 2026-11-26: ~6-9 s each)
 @pytest.mark.parametrize("dtype,extras", [(torch.float32, {}),
                                           (torch.bfloat16, dict(window=7, sinks=True))])
-def test_attention_matches_the_reference_and_a_row_is_the_same_as_decode_or_prefill_in_any_batch(dtype, extras):
+def test_attention_matches_the_reference_and_a_row_is_the_same_as_decode_or_prefill_in_any_batch(dtype, extras, kdev):
     from moelink.kernels.triton_attention import triton_paged_attention
     from moelink.kernels.triton_invariant_attention import triton_invariant_paged_attention
 
     gen = torch.Generator().manual_seed(4)
     N, K, H, bs, L = 4, 2, 16, 4, 40
-    sinks_N = torch.randn(N, generator=gen) if extras.get("sinks") else None
+    sinks_N = torch.randn(N, generator=gen).to(kdev) if extras.get("sinks") else None
     window = extras.get("window")
     target = _seq(gen, L, K, H, dtype)
     q_LNH = torch.randn(L, N, H, generator=gen).to(dtype)
     others = [_seq(gen, c, K, H, dtype) for c in (3, 57, 21)]
     k_cache, v_cache, tables, nb = _cache(gen, [target] + others, K, H, bs, dtype)
+    k_cache, v_cache, q_LNH = k_cache.to(kdev), v_cache.to(kdev), q_LNH.to(kdev)
 
     def attend(fn, layout, **kw):
         meta = _meta([tables[s] for s, _, _ in layout], [c for _, c, _ in layout], [q for _, _, q in layout], nb)
+        meta = dataclasses.replace(meta, **{f: getattr(meta, f).to(kdev) for f in (
+            "query_start_loc_S1", "seq_lens_S", "block_tables_SM", "slot_mapping_T")})
         rows, q = [], []
         for s, ctx, ql in layout:
             if s == 0:
                 rows.append((len(q), ctx - ql, ql))
                 q += list(q_LNH[ctx - ql:ctx])
             else:
-                q += list(torch.randn(ql, N, H, generator=gen).to(dtype))
+                q += list(torch.randn(ql, N, H, generator=gen).to(kdev, dtype))
         q_TNH = torch.stack(q)
         out = fn(q_TNH, k_cache, v_cache, meta, H ** -0.5, sinks_N=sinks_N, sliding_window=window, **kw)
         return q_TNH, meta, out, {p0 + i: out[r + i] for r, p0, ql in rows for i in range(ql)}
 
-    inv = lambda *a, **kw: triton_invariant_paged_attention(*a, split_keys=16, **kw)  # noqa: E731
+    # 16 keys a split in the interpreter (its key tile): the target's rows cross two split boundaries. (Compiled,
+    # a split is at least one 64-key tile: one split at these lengths.)
+    keys = 16 if kdev.type == "cpu" else 64
+    inv = lambda *a, **kw: triton_invariant_paged_attention(*a, split_keys=keys, **kw)  # noqa: E731
     q_TNH, meta, got, _ = attend(inv, [(1, 3, 3), (0, L, L), (2, 57, 9)])
     want = reference_paged_attention(q_TNH, k_cache, v_cache, meta, H ** -0.5, sinks_N=sinks_N, sliding_window=window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
