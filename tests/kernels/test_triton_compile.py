@@ -172,33 +172,11 @@ def _ptxas_spills(ptx: str, arch: int) -> dict:
 
 
 def _compile_batch_invariant(arch: int) -> None:
-    """Batch-invariant mode's kernels at Qwen3-30B-A3B's shapes (gpt-oss's heads for the sinks / window variant):
-    the fused MoE on its one config (decode and prefill token counts give the same launch), paged attention's
-    split and merge kernels, the fixed-tile matmul; bf16 on both archs, fp32 (its smaller tiles) on sm_90."""
-    from moelink.kernels.attention import AttentionMetadata
-    from moelink.kernels.batch_invariant_triton import invariant_triton_fused_moe
-    from moelink.kernels.triton_invariant_attention import triton_invariant_paged_attention
-    from moelink.kernels.triton_invariant_matmul import triton_invariant_linear
+    """Batch-invariant mode's kernels (benchmarks/compile_cases_batch_invariant.py): bf16 on both archs, fp32 (its
+    smaller tiles) on sm_90."""
+    from moelink.benchmarks.compile_cases_batch_invariant import launch_batch_invariant
 
-    meta = dict(device="meta")
-    i32 = lambda *s: torch.empty(*s, dtype=torch.int32, **meta)  # noqa: E731
-    dtypes = (torch.bfloat16, torch.float32) if arch == 90 else (torch.bfloat16,)
-    for dt in dtypes:
-        E, K, D, I = 128, 8, 2048, 768
-        for T in (1, 4096):
-            invariant_triton_fused_moe(torch.empty(T, D, dtype=dt, **meta), torch.empty(E, 2 * I, D, dtype=dt, **meta),
-                                       torch.empty(E, D, I, dtype=dt, **meta), torch.empty(T, K, **meta),
-                                       torch.empty(T, K, dtype=torch.long, **meta))
-        for N, Kh, H, extra in [(32, 4, 128, {}), (64, 8, 64, dict(sinks=True, window=128))]:
-            S, T = 8, 40
-            q = torch.empty(T, N, H, dtype=dt, **meta)
-            cache = torch.empty(100, 16, Kh, H, dtype=dt, **meta)
-            mixed = AttentionMetadata(i32(S + 1), i32(S), i32(S, 64), torch.empty(T, dtype=torch.long, **meta),
-                                      [1] * 7 + [33], [1000] * 8, 33, 1000, 99)
-            triton_invariant_paged_attention(
-                q, cache, cache, mixed, 0.1, sinks_N=torch.empty(N, dtype=dt, **meta) if extra else None,
-                sliding_window=extra.get("window"))
-        triton_invariant_linear(torch.empty(33, 2048, dtype=dt, **meta), torch.empty(4096, 2048, dtype=dt, **meta))
+    launch_batch_invariant((torch.bfloat16, torch.float32) if arch == 90 else (torch.bfloat16,))
 
 
 if __name__ == "__main__":
