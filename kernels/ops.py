@@ -131,20 +131,30 @@ class BatchInvariantKernels(ReferenceKernels):
 class BatchInvariantTritonKernels(BatchInvariantKernels):
     """Batch-invariant mode on a GPU: BatchInvariantKernels with Triton kernels of one fixed launch config where the
     GQA decoder and its routed experts spend their time (kernels/batch_invariant_triton.py): paged attention (fixed
-    keys per split, merged in order), the float fused MoE (one config, the ordered top-k sum), RMSNorm (row-local),
-    and every product by a weight matrix on a fixed-tile matmul (`step_context`). Other ops keep the invariant
+    keys per split, merged in order), the float fused MoE (one config, the ordered top-k sum), the row-local kernels
+    (RMSNorm, rotary, KV write, their fused decode input, router top-k, SiLU-mul), and every product by a weight
+    matrix on a fixed-tile matmul (`step_context`). Other ops keep the invariant
     plain-torch forms."""
 
     name = "batch_invariant_triton"
 
     def _implementations(self) -> dict[str, Any]:
         from .batch_invariant_triton import invariant_triton_fused_moe
+        from .triton_attention import triton_write_kv
         from .triton_invariant_attention import triton_invariant_paged_attention
         from .triton_norm import triton_add_rms_norm, triton_rms_norm
+        from .triton_rope_kv import triton_rope_write_kv
+        from .triton_rotary import triton_rotary
+        from .triton_router_topk import triton_route_topk
+        from .triton_silu_mul import triton_silu_mul
 
+        # The normal backend's row-local kernels as they are: one program per token (or row), blocks from the
+        # widths only, so a row's result is its own (the router's expert-load count adds integers: exact).
+        row_local = dict(rms_norm=triton_rms_norm, add_rms_norm=triton_add_rms_norm, rotary=triton_rotary,
+                         write_kv=triton_write_kv, rope_write_kv=triton_rope_write_kv, route_topk=triton_route_topk,
+                         silu_mul=triton_silu_mul)
         return {**super()._implementations(), "paged_attention": triton_invariant_paged_attention,
-                "fused_moe": invariant_triton_fused_moe, "rms_norm": triton_rms_norm,
-                "add_rms_norm": triton_add_rms_norm}
+                "fused_moe": invariant_triton_fused_moe, **row_local}
 
     @staticmethod
     def step_context():

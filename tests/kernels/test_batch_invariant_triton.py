@@ -184,5 +184,46 @@ def test_the_mode_picks_the_triton_backend_on_a_gpu_and_plain_torch_on_a_cpu(mon
     kernels = ops.BatchInvariantTritonKernels()
     from moelink.kernels.batch_invariant_triton import TritonBatchInvariantMode, invariant_triton_fused_moe
 
+    from moelink.kernels.triton_router_topk import triton_route_topk
+
+    assert kernels.route_topk is triton_route_topk
     assert kernels.fused_moe is invariant_triton_fused_moe and isinstance(kernels.step_context(),
                                                                            TritonBatchInvariantMode)
+
+
+@pytest.mark.slow  # over 1 s (interpreter, 2026-11-26: ~1.5 s)
+def test_the_row_local_kernels_the_backend_keeps_give_a_row_the_same_bits_in_any_batch(kdev):
+    """The normal backend's per-token kernels that BatchInvariantTritonKernels keeps as they are (the fused
+    q/k norm + rotary + KV write, router top-k, SiLU-mul): row 0's outputs alone and among 2 and 40 other rows,
+    bitwise; each also the reference's within rounding (kernels/rotary.py, router_topk.py, silu_mul.py)."""
+    from moelink.kernels.rotary import reference_rope_write_kv, rotary_cos_sin_cache
+    from moelink.kernels.router_topk import reference_route_topk
+    from moelink.kernels.silu_mul import reference_silu_mul
+    from moelink.kernels.triton_rope_kv import triton_rope_write_kv
+    from moelink.kernels.triton_router_topk import triton_route_topk
+    from moelink.kernels.triton_silu_mul import triton_silu_mul
+
+    gen = torch.Generator().manual_seed(5)
+    N, K, H, G, I, bs = 4, 2, 16, 16, 24, 4
+    table = rotary_cos_sin_cache(H, 256, 1e4).to(kdev)
+    wq, wk = (1 + 0.1 * torch.randn(H, generator=gen)).to(kdev), (1 + 0.1 * torch.randn(H, generator=gen)).to(kdev)
+    row0 = [torch.randn(1, w, generator=gen) for w in ((N + 2 * K) * H, G, 2 * I)]
+
+    def run(n, fn_rope, fn_route, fn_silu):
+        qkv, logits, gu = (torch.cat([r, torch.randn(n, r.shape[1], generator=gen)]).to(kdev) for r in row0)
+        q = qkv[:, :N * H].view(-1, N, H)
+        k, v = qkv[:, N * H:(N + K) * H].view(-1, K, H), qkv[:, (N + K) * H:].view(-1, K, H)
+        pos = torch.cat([torch.tensor([77]), torch.randint(0, 256, (n,), generator=gen)]).to(kdev)
+        caches = [torch.zeros(n + 2, bs, K, H, device=kdev) for _ in range(2)]
+        slots = (torch.randperm(n + 1, generator=gen) * bs).to(kdev)
+        q_out = fn_rope(q, k, v, pos, table, *caches, slots, wq, wk, 1e-6)
+        weights, ids = fn_route(logits, 3, renormalize=True)
+        s0 = int(slots[0])
+        return (q_out[0], caches[0].view(-1, K, H)[s0], caches[1].view(-1, K, H)[s0], weights[0], ids[0],
+                fn_silu(gu[:, :I], gu[:, I:])[0])
+
+    triton = (triton_rope_write_kv, triton_route_topk, triton_silu_mul)
+    alone, *batched = (run(n, *triton) for n in (0, 2, 40))
+    assert all(torch.equal(a, b) for other in batched for a, b in zip(alone, other))
+    for got, want in zip(alone, run(0, reference_rope_write_kv, reference_route_topk, reference_silu_mul)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
