@@ -13,7 +13,9 @@
 - Dense linears: kernels/triton_invariant_matmul.py (fixed tiles, K in order), entered through
   `TritonBatchInvariantMode`, the mode of kernels/batch_invariant.py with F.linear / mm / matmul-by-a-matrix sent to
   that kernel for float32 / bfloat16 / float16 tensors on a GPU (its reductions and element-wise rules stay).
-- RMSNorm: kernels/triton_norm.py as it is: one program per row, its block set by the row's width only.
+- The normal backend's row-local kernels as they are (kernels/ops.py BatchInvariantTritonKernels): RMSNorm, rotary,
+  KV write, the fused decode input (q/k norm + rotary + KV write), router top-k, SiLU-mul: one program per token (or
+  row), blocks set by the widths only.
 """
 from __future__ import annotations
 
