@@ -11,9 +11,12 @@ that the mode does what it costs: whether one request's logprobs are bitwise the
 (the normal engine's usually are not), and first, op by op, which of the step's ops keep a row's bits on this device
 off and in the mode (benchmarks/batch_invariant_probe.py: where the engine is not invariant, the op that is not).
 Without --model, a tiny Qwen3-MoE made on the fly (random weights,
-transformers' own save_pretrained). On CPU both arms run the plain-torch kernels, so the ratio is the mode's own
-work; on a GPU the normal arm runs the Triton kernels and the invariant arm the plain-torch ones (no batch-invariant
-Triton kernels yet), so the ratio there says how far the GPU path is from the goal.
+transformers' own save_pretrained). On CPU both arms run the plain-torch kernels (the invariant arm's backend is
+`batch_invariant`), so the ratio is the mode's own work; on a GPU the normal arm runs the Triton kernels with decode
+graphs and the invariant arm `batch_invariant_triton` (kernels/batch_invariant_triton.py: Triton attention, fused
+MoE, RMSNorm and linears on fixed launch configs, the other ops on the plain-torch invariant forms, no graphs yet),
+so the ratio there says how far the GPU path is from the goal. Each arm reports the backend class it ran
+(`backend`, kernels/ops.backend_class).
 """
 from __future__ import annotations
 
@@ -63,9 +66,17 @@ def _arm(path: str, batch_invariant: bool, prompts: list[list[int]], max_tokens:
         seconds = statistics.median(times)
         return dict(batch_invariant=batch_invariant, seconds=seconds,
                     output_tokens_per_s=len(prompts) * max_tokens / seconds, rounds=times,
-                    kernels=llm.engine.config.kernels, alone_equals_batched_bitwise=same)
+                    kernels=llm.engine.config.kernels, backend=_backend(llm.engine.config.kernels, device),
+                    alone_equals_batched_bitwise=same)
     finally:
         llm.shutdown()
+
+
+def _backend(kernels: str, device: str) -> str:
+    """The kernel backend class the ranks built for `kernels` on `device` (its `name`): which invariant path ran."""
+    from moelink.kernels.ops import backend_class
+
+    return backend_class(torch.device(device), kernels).name
 
 
 def main(argv=None) -> dict:
@@ -102,9 +113,9 @@ def main(argv=None) -> dict:
                   model=args.model or "tiny qwen3_moe (random)", prompts=args.prompts, prompt_len=args.prompt_len,
                   max_tokens=args.max_tokens, repeats=args.repeats, ops=ops, arms=arms,
                   ratio_invariant_over_normal=arms[1]["seconds"] / arms[0]["seconds"])
-    print(f"{'arm':<16} {'kernels':<16} {'s / round':>10} {'out tok/s':>10} {'alone == batched':>17}")
+    print(f"{'arm':<16} {'backend':<24} {'s / round':>10} {'out tok/s':>10} {'alone == batched':>17}")
     for a in arms:
-        print(f"{'invariant' if a['batch_invariant'] else 'normal':<16} {a['kernels']:<16} {a['seconds']:>10.3f} "
+        print(f"{'invariant' if a['batch_invariant'] else 'normal':<16} {a['backend']:<24} {a['seconds']:>10.3f} "
               f"{a['output_tokens_per_s']:>10.1f} {str(a['alone_equals_batched_bitwise']):>17}")
     print(f"ratio invariant / normal: {result['ratio_invariant_over_normal']:.2f}x (goal on a GPU: <= 1.05x)")
     suffix = "smoke" if args.cpu_smoke else label.replace(" ", "_")

@@ -8,7 +8,8 @@ reductions, the transcendentals, the RMSNorm, the attention kernel over a paged 
 matrix, or sequence) 0 is computed alone and then among 2 .. 2,048 others drawn at random, each time with fresh
 inputs for the others; an op is invariant when every batch gives row 0 the same bits as alone. Each op runs off the
 mode (the library's own choice of kernel by shape: on a GPU these are what moves a request's logprobs with the
-batch) and in it (kernels/batch_invariant.py: its tiles, and the backend's own kernels). The table says where the
+batch) and in it (kernels/batch_invariant.py: its tiles, and the backend's own kernels; on a GPU the Triton
+backend's mode and kernels too, kernels/batch_invariant_triton.py, beside the normal Triton paths). The table says where the
 mode's rules hold on this device, and where one does not, which op to look at: an engine that is not invariant on a
 device shows here which of its ops is not.
 """
@@ -84,7 +85,7 @@ def cases(device: torch.device) -> dict[str, Callable[[int, torch.Generator], to
     k0, v0, q0 = fixed(ctx0, K, H, dtype=torch.bfloat16), fixed(ctx0, K, H, dtype=torch.bfloat16), \
         fixed(N, H, dtype=torch.bfloat16)
 
-    def attention(n, gen):
+    def attention(n, gen, fn=invariant_paged_attention):
         lens = [ctx0] + torch.randint(1, 200, (n - 1,), generator=gen).tolist()
         nblocks = [-(-c // bs) for c in lens]
         total = sum(nblocks)
@@ -107,7 +108,7 @@ def cases(device: torch.device) -> dict[str, Callable[[int, torch.Generator], to
                                  torch.zeros(n, dtype=torch.long, device=device), [1] * n, lens, 1, max(lens),
                                  null_block=total)
         q = _rows(n, gen, q0)
-        return invariant_paged_attention(q, k_cache, v_cache, meta, H ** -0.5)[0]
+        return fn(q, k_cache, v_cache, meta, H ** -0.5)[0]
 
     return {
         "linear bf16": lambda n, gen: F.linear(_rows(n, gen, x_bf16), w_bf16)[0],
@@ -125,16 +126,41 @@ def cases(device: torch.device) -> dict[str, Callable[[int, torch.Generator], to
         "paged attention bf16 (one decode row per sequence)": attention,
         "experts fp32 (reference off, per-expert in the mode)": moe(reference_fused_moe),
         "experts fp32 per-expert path": moe(invariant_fused_moe),
+        **(_triton_cases(device, attention, moe, _rows, x_bf16, w_bf16, x_f32, w_f32, norm_w)
+           if device.type == "cuda" else {}),
+    }
+
+
+def _triton_cases(device, attention, moe, rows, x_bf16, w_bf16, x_f32, w_f32, norm_w):
+    """The GPU's batch-invariant Triton kernels (kernels/batch_invariant_triton.py), beside the normal Triton paths
+    they replace (the tuned MoE configs keyed by the token count, the planned attention splits)."""
+    from moelink.kernels.batch_invariant_triton import invariant_triton_fused_moe
+    from moelink.kernels.triton_attention import triton_paged_attention
+    from moelink.kernels.triton_invariant_attention import triton_invariant_paged_attention
+    from moelink.kernels.triton_invariant_matmul import triton_invariant_linear
+    from moelink.kernels.triton_moe import triton_fused_moe
+    from moelink.kernels.triton_norm import triton_rms_norm
+
+    return {
+        "triton invariant linear bf16": lambda n, gen: triton_invariant_linear(rows(n, gen, x_bf16), w_bf16)[0],
+        "triton invariant linear fp32": lambda n, gen: triton_invariant_linear(rows(n, gen, x_f32), w_f32)[0],
+        "triton rms_norm bf16 [n, 256]": lambda n, gen: triton_rms_norm(rows(n, gen, x_bf16), norm_w, 1e-6)[0],
+        "triton paged attention bf16 (normal: planned splits)": lambda n, gen: attention(n, gen, triton_paged_attention),
+        "triton invariant paged attention bf16": lambda n, gen: attention(n, gen, triton_invariant_paged_attention),
+        "triton experts fp32 (normal: tuned config by tokens)": moe(triton_fused_moe),
+        "triton invariant experts fp32 (one config)": moe(invariant_triton_fused_moe),
     }
 
 
 def probe(device: torch.device) -> list[dict]:
-    from moelink.kernels.batch_invariant import BatchInvariantMode
+    from moelink.kernels.ops import backend_class
 
+    # The mode as the engine enters it on this device: on a GPU the Triton backend's (linears on its matmul).
+    mode = getattr(backend_class(device, "batch_invariant"), "step_context")
     rows = []
     for name, run in cases(device).items():
         row = dict(op=name)
-        for arm, ctx in (("off", contextlib.nullcontext), ("mode", BatchInvariantMode)):
+        for arm, ctx in (("off", contextlib.nullcontext), ("mode", mode)):
             try:
                 with ctx():
                     row[arm] = _probe(run)

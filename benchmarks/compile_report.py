@@ -2,7 +2,7 @@
 compiled for Hopper on a machine without a GPU, with what the compiler made of it.
 
     python -m moelink.benchmarks.compile_report [--out benchmarks/results/compile_report_sm90]
-        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|int4|gdn|dsa|block_sparse|compressed|qsa] [--quick]
+        [--no-published] [--only moe|attention|mla|norm|decode|fp8|mxfp4|nvfp4|int4|gdn|dsa|block_sparse|compressed|qsa|batch_invariant] [--quick]
 
 How: a stand-in Triton driver answers "current target" with GPUTarget("cuda", 90, 32) (arch 90, warp
 size 32: Triton then compiles for sm_90a), and each `kernel[grid](...)` launch in the wrappers becomes
@@ -57,6 +57,7 @@ from .compile_cases_qsa import compile_qsa
 from .compile_cases_mxfp4 import compile_moe_mxfp4
 from .compile_cases_nvfp4 import compile_moe_nvfp4
 from .compile_cases_int4 import compile_moe_int4
+from .compile_cases_batch_invariant import compile_batch_invariant
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -162,6 +163,8 @@ def collect(published: bool = True, quick: bool = False, only: str | None = None
         compile_compressed_attention(rec, quick)
     if only in (None, "qsa"):
         compile_qsa(rec, quick)
+    if only in (None, "batch_invariant"):
+        compile_batch_invariant(rec, quick)
     ptxas, cuobjdump = triton_ptxas(), nvidia_bin("cuobjdump")
     kernels: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +189,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "compile_report_sm90"), help="path without suffix: writes .json and .md")
     ap.add_argument("--no-published", action="store_true", help="skip the published seed configs tune_moe starts from")
     ap.add_argument("--only", choices=["moe", "attention", "mla", "norm", "decode", "fp8", "mxfp4", "nvfp4", "int4", "gdn", "dsa",
-                                          "block_sparse", "compressed", "qsa"],
+                                          "block_sparse", "compressed", "qsa", "batch_invariant"],
                     default=None, help="one kernel family")
     ap.add_argument("--quick", action="store_true", help="one default bucket per shape, bf16 only (tests)")
     ap.add_argument("--merge", action="store_true",
@@ -318,6 +321,8 @@ FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                   "gdn": ("_gdn_recurrent_kernel", "_commit_kernel", "_gating_kernel", "_conv_varlen_kernel",
                           "_conv_state_kernel", "_conv_update_kernel"),
                   "qsa": ("_sparse_gqa_kernel",),
+                  # (its MoE launches share the float MoE's kernels: those stay the moe family's)
+                  "batch_invariant": ("_bi_split_kernel", "_bi_merge_kernel", "_bi_matmul_kernel"),
                   "attention": ("_decode_kernel", "_prefill_kernel", "_merge_splits_kernel", "_merge_plan_kernel",
                                 "_write_kv_kernel")}
 # _plan_kernel (the decode split plan) is shared: attention and MLA both launch it.

@@ -91,8 +91,7 @@ class TritonKernels(_Backend):
 class BatchInvariantKernels(ReferenceKernels):
     """The references, with attention over fixed key blocks in position order and every matmul of a step on fixed
     row tiles (`step_context`): a row's result is bitwise the same in any batch (kernels/batch_invariant.py).
-    The CPU path of batch-invariant mode; a GPU runs it too, at the references' speed (no invariant Triton kernels
-    yet)."""
+    The CPU path of batch-invariant mode (a GPU with Triton runs `BatchInvariantTritonKernels`)."""
 
     name = "batch_invariant"
 
@@ -129,6 +128,41 @@ class BatchInvariantKernels(ReferenceKernels):
         return BatchInvariantMode()
 
 
+class BatchInvariantTritonKernels(BatchInvariantKernels):
+    """Batch-invariant mode on a GPU: BatchInvariantKernels with Triton kernels of one fixed launch config where the
+    GQA decoder and its routed experts spend their time (kernels/batch_invariant_triton.py): paged attention (fixed
+    keys per split, merged in order), the float fused MoE (one config, the ordered top-k sum), the row-local kernels
+    (RMSNorm, rotary, KV write, their fused decode input, router top-k, SiLU-mul), and every product by a weight
+    matrix on a fixed-tile matmul (`step_context`). Other ops keep the invariant
+    plain-torch forms."""
+
+    name = "batch_invariant_triton"
+
+    def _implementations(self) -> dict[str, Any]:
+        from .batch_invariant_triton import invariant_triton_fused_moe
+        from .triton_attention import triton_write_kv
+        from .triton_invariant_attention import triton_invariant_paged_attention
+        from .triton_norm import triton_add_rms_norm, triton_rms_norm
+        from .triton_rope_kv import triton_rope_write_kv
+        from .triton_rotary import triton_rotary
+        from .triton_router_topk import triton_route_topk
+        from .triton_silu_mul import triton_silu_mul
+
+        # The normal backend's row-local kernels as they are: one program per token (or row), blocks from the
+        # widths only, so a row's result is its own (the router's expert-load count adds integers: exact).
+        row_local = dict(rms_norm=triton_rms_norm, add_rms_norm=triton_add_rms_norm, rotary=triton_rotary,
+                         write_kv=triton_write_kv, rope_write_kv=triton_rope_write_kv, route_topk=triton_route_topk,
+                         silu_mul=triton_silu_mul)
+        return {**super()._implementations(), "paged_attention": triton_invariant_paged_attention,
+                "fused_moe": invariant_triton_fused_moe, **row_local}
+
+    @staticmethod
+    def step_context():
+        from .batch_invariant_triton import TritonBatchInvariantMode
+
+        return TritonBatchInvariantMode()
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -138,21 +172,32 @@ def _triton_available() -> bool:
 
 
 _BACKENDS: dict[str, type[_Backend]] = {"reference": ReferenceKernels, "triton": TritonKernels,
-                                         "batch_invariant": BatchInvariantKernels}
+                                         "batch_invariant": BatchInvariantKernels,
+                                         "batch_invariant_triton": BatchInvariantTritonKernels}
+
+
+def backend_class(device: torch.device, name: str = "auto") -> type[_Backend]:
+    """The strategy: which backend class `name` builds on `device`. `auto` is Triton on CUDA, references elsewhere;
+    `batch_invariant` is BatchInvariantTritonKernels on CUDA with Triton, BatchInvariantKernels (plain torch)
+    elsewhere; another name forces that backend (tests)."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda" and _triton_available()
+    if name == "auto":
+        name = "triton" if on_gpu else "reference"
+    if name == "batch_invariant" and on_gpu:
+        name = "batch_invariant_triton"
+    if name not in _BACKENDS:
+        raise ValueError(f"kernels={name!r} is invalid: choose from {sorted(_BACKENDS)} or 'auto'.")
+    if name in ("triton", "batch_invariant_triton") and not _triton_available():
+        raise ValueError(f"kernels={name!r} is not available: the triton package is not installed (use 'reference').")
+    return _BACKENDS[name]
 
 
 def select_kernels(device: torch.device, name: str = "auto") -> Kernels:
-    """Pick the kernel backend: `auto` is Triton on CUDA, references elsewhere; a name forces one (tests)."""
-    device = torch.device(device)
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_available() else "reference"
-    if name not in _BACKENDS:
-        raise ValueError(f"kernels={name!r} is invalid: choose from {sorted(_BACKENDS)} or 'auto'.")
-    if name == "triton" and not _triton_available():
-        raise ValueError("kernels='triton' is not available: the triton package is not installed (use 'reference').")
-    return _BACKENDS[name]()
+    """The kernel backend `backend_class` picks, built."""
+    return backend_class(device, name)()
 
 
-__all__ = ["AttentionMetadata", "BatchInvariantKernels", "FAMILIES", "Kernels", "REFERENCES", "ReferenceKernels",
+__all__ = ["AttentionMetadata", "BatchInvariantKernels", "BatchInvariantTritonKernels", "FAMILIES", "Kernels", "REFERENCES", "ReferenceKernels",
            "TritonKernels",
-           "select_kernels"]
+           "backend_class", "select_kernels"]

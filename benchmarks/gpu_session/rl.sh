@@ -3,18 +3,21 @@
 # resolve_commit / stamp_commit.)
 #
 # rl: benchmarks/batch_invariant.py on the GPU: the engine as it runs normally (the Triton kernels, decode graphs)
-# beside `batch_invariant=True` (the plain-torch kernels on the mode's fixed tiles), the same tiny random Qwen3-MoE
-# and prompts (32 x 64 tokens, 32 out, 3 rounds after a warm-up), and whether a request is bitwise equal alone and
-# batched in each arm: the ratio against the goal of <= 1.05x (docs/rl.md says the mode has no Triton
-# kernels yet, so the ratio is far from it). Its JSON is named by device and commit: batch_invariant_<device>_<commit>.
+# beside `batch_invariant=True` (on CUDA the batch_invariant_triton backend: kernels/batch_invariant_triton.py's
+# fixed-config Triton attention, fused MoE, RMSNorm and linears, the other ops on the mode's plain-torch forms), the
+# same tiny random Qwen3-MoE and prompts (32 x 64 tokens, 32 out, 3 rounds after a warm-up), which backend each arm
+# ran, and whether a request is bitwise equal alone and batched in each arm: the ratio against the goal of
+# <= 1.05x (docs/rl.md). Its JSON is named by device and commit: batch_invariant_<device>_<commit>.
 # Compiles: the normal arm's tiny-model Triton kernels: the MoE up / down at the decode and prefill buckets (4 GEMM),
 #   attention decode split / no split and prefill in the model dtype (4 GEMM-class), KV write, norms, rotary, router
-#   top-k, SiLU-mul, align, sum, merge (~20 other); counted 8 + 24 for margin. The invariant arm compiles nothing.
+#   top-k, SiLU-mul, align, sum, merge (~20 other); the invariant arm's: the MoE up / down on its one config and the
+#   fixed-tile matmul at the model's few (K, N) shape classes (~5 GEMM), attention split + merge, norms, align, sum
+#   (~8 other); counted 14 + 34 for margin.
 #   run 150 s (measured on an H100, 2026-11-26: 47 s, then 60 s with the op probe and the batch tiles, cold
 #   Triton cache included; kept for margin): two engine starts (~20 s each with the normal arm's warm-up and
 #   graphs), 4 rounds each of a 32-request batch; the invariant arm's plain-torch steps are the slow part.
-RL_GEMM=8
-RL_OTHER=24
+RL_GEMM=14
+RL_OTHER=34
 RL_RUN_S=150
 step_rl() {
   local a

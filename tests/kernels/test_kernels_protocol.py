@@ -99,5 +99,5 @@ def test_each_triton_backend_has_its_own_int4_workspace():
 
 def test_select_kernels_names_the_backends():
     assert select_kernels(torch.device("cpu")).name == "reference"
-    with pytest.raises(ValueError, match=r"kernels='cuda' is invalid: choose from \['batch_invariant', 'reference', 'triton'\]"):
+    with pytest.raises(ValueError, match=r"kernels='cuda' is invalid: choose from \['batch_invariant', 'batch_invariant_triton', 'reference', 'triton'\]"):
         select_kernels(torch.device("cpu"), "cuda")

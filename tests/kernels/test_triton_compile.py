@@ -32,6 +32,13 @@ def test_all_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     names = {c["name"] for c in compiled}
+    # Batch-invariant mode's kernels (kernels/batch_invariant_triton.py), for sm_90 and sm_100: no spills.
+    bi = [c for c in compiled if c.get("spill_stores") is not None]
+    assert {(c["name"], c["arch"]) for c in bi} >= {(n, a) for n in ("_bi_split_kernel", "_bi_merge_kernel",
+                                                                       "_bi_matmul_kernel", "_moe_up_kernel",
+                                                                       "_moe_down_kernel") for a in (90, 100)}, bi
+    spilling = [c for c in bi if c["spill_stores"] or c["spill_loads"]]
+    assert not spilling, f"batch-invariant kernels spill: {spilling}"
     assert names >= {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel",
                      "_moe_sum_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel",
                      "_plan_kernel", "_merge_plan_kernel",
@@ -46,25 +53,33 @@ def _compile_all() -> list[dict]:
     from triton.runtime.jit import JITFunction
 
     class StandInDriver:  # what JITFunction.run asks of a driver when it only compiles
+        arch = 90  # the device id too: Triton keeps one kernel cache per device, so another arch compiles anew
+
         def get_current_device(self):
-            return 0
+            return self.arch
 
         def get_current_stream(self, device=None):
             return 0
 
         def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+            return GPUTarget("cuda", self.arch, 32)
 
         def get_active_torch_device(self):
             return torch.device("cpu")
 
-    driver.set_active(StandInDriver())
+    stand_in = StandInDriver()
+    driver.set_active(stand_in)
     compiled = []
+    spills = {"on": False}
 
     def compile_instead_of_launch(self, grid):
         def launch(*args, **kwargs):
             k = self.run(*args, grid=grid, warmup=True, **kwargs)
-            compiled.append(dict(name=self.fn.__name__, shared=k.metadata.shared, num_warps=k.metadata.num_warps))
+            rec = dict(name=self.fn.__name__, shared=k.metadata.shared, num_warps=k.metadata.num_warps,
+                       arch=stand_in.arch)
+            if spills["on"]:
+                rec.update(_ptxas_spills(k.asm["ptx"], stand_in.arch))
+            compiled.append(rec)
         return launch
 
     JITFunction.__getitem__ = compile_instead_of_launch
@@ -129,7 +144,39 @@ def _compile_all() -> list[dict]:
         q, k = qkv[:, :4096].view(33, 32, 128), qkv[:, 4096:4608].view(33, 4, 128)
         triton_rms_norm(q, torch.empty(128, dtype=dt, **meta), 1e-6)
         triton_rotary(q, k, torch.empty(33, dtype=torch.long, **meta), torch.empty(100, 128, **meta))
+    spills["on"] = True
+    for arch in (90, 100):
+        stand_in.arch = arch
+        _compile_batch_invariant(arch)
     return compiled
+
+
+def _ptxas_spills(ptx: str, arch: int) -> dict:
+    """spill_stores / spill_loads of `ptx` from the ptxas Triton runs for `arch` (`ptxas -v`)."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = re.search(r"\.target (\S+)", ptx)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True).stderr
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m is None:
+        raise RuntimeError(f"ptxas -v gave no spill line for {target}: {log[-2000:]}")
+    return dict(spill_stores=int(m[1]), spill_loads=int(m[2]))
+
+
+def _compile_batch_invariant(arch: int) -> None:
+    """Batch-invariant mode's kernels (benchmarks/compile_cases_batch_invariant.py): bf16 on both archs, fp32 (its
+    smaller tiles) on sm_90."""
+    from moelink.benchmarks.compile_cases_batch_invariant import launch_batch_invariant
+
+    launch_batch_invariant((torch.bfloat16, torch.float32) if arch == 90 else (torch.bfloat16,))
 
 
 if __name__ == "__main__":

@@ -41,3 +41,39 @@ def test_engine_with_triton_kernels_matches_reference(tiny_model, hf_tiny_model,
         for lw, lg in zip(lps_w, lps_g):
             assert lw.keys() == lg.keys()
             assert max(abs(lw[t].logprob - lg[t].logprob) for t in lw) < 1e-4
+
+
+@pytest.mark.slow  # over 1 s (interpreter, 2026-11-26: ~8 s)
+def test_engine_on_the_batch_invariant_triton_backend_gives_a_request_the_same_logprobs_alone_and_batched(tiny_model,
+                                                                                                          kdev):
+    """The backend a GPU's batch-invariant mode runs (kernels/batch_invariant_triton.py), forced here on CPU: its
+    attention, fused MoE and RMSNorm, and every linear through its step context's fixed-tile matmul, all in the
+    interpreter. A request alone and among three others (a chunked 17-token prompt beside it) gets bitwise the same
+    logprobs, which are the reference kernels' within float32 noise. (The normal Triton backend's differ in their
+    last bits here: measured 2026-11-26, -0.6514157652854919 alone and -0.6514157056808472 batched.)"""
+    if kdev.type != "cpu":
+        pytest.skip("CPU interpreter smoke")
+    path = tiny_model("qwen3_e6k3")
+    rng = random.Random(0)
+    target = [rng.randrange(3, 400) for _ in range(9)]
+    others = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 17, 5)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=0)
+
+    def logprobs(out):
+        return [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]
+
+    def run(kernels):
+        llm = LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=4, max_num_batched_tokens=16,
+                  num_kv_blocks=32, block_size=16, skip_warmup=True)
+        try:
+            alone = logprobs(llm.generate([target], params, use_tqdm=False)[0])
+            llm.flush_cache()
+            batched = logprobs(llm.generate(others[:2] + [target] + others[2:], params, use_tqdm=False)[2])
+            return alone, batched
+        finally:
+            llm.shutdown()
+
+    alone, batched = run("batch_invariant_triton")
+    assert alone == batched
+    want, _ = run("reference")
+    assert max(abs(a - b) for a, b in zip(alone, want)) < 1e-4

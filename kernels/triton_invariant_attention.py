@@ -1,0 +1,185 @@
+"""Batch-invariant paged attention in Triton (issue 58 item 4): the GPU form of `invariant_paged_attention`.
+
+Legend: T query tokens, S sequences, N query heads, K kv heads, G = N / K, H head dim, Hv value head dim, L block
+size, Z key splits of the launch.
+
+Why the normal kernels (kernels/triton_attention.py) are not invariant: the decode kernel splits a sequence's keys
+among a number of programs planned from the batch (its sequence count and every sequence's tiles), and the prefill
+kernel tiles BLOCK_Q tokens together and may split its keys by a count set by the step; a row's online softmax then
+meets other key boundaries in another batch, and rounds otherwise.
+
+Here nothing depends on the batch:
+- one program per (token, kv head, split): the token's G query heads (padded to BLOCK_G >= 16) as the tile's rows,
+  the same program whether the token is a decode row or a row of a prefill chunk (a prefix-cache hit included);
+- split z holds the keys at absolute positions [z * SPLIT_KEYS, (z + 1) * SPLIT_KEYS), walked in BLOCK_N tiles in
+  position order: a row's splits and tiles follow from its own position only (never from a split count planned for
+  the batch), and a split past the row's position does nothing;
+- the merge reduces each row's splits 0, 1, ... in order, one at a time (never a tree over a width set by the
+  batch): m = max of their log-sum-exps (exact in any order), then acc += e^(lse_z - m) o_z and l += e^(lse_z - m),
+  the sink (if any) joining l once, out = acc * v_scale / l.
+The grid's split dim is the batch's longest context over SPLIT_KEYS (a host int: programs past a row's own splits
+return at once) and the tokens go TOKENS_PER_LAUNCH at a time, which bounds the partials' memory; neither changes
+what a row computes. Same contract as `reference_paged_attention` (sinks, sliding window, fp8 cache scales).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .attention import FP8_CACHE_DTYPES, AttentionMetadata, _check_extras
+from .triton_attention import _attend_tile
+from .triton_common import cast, seq_of_token
+
+# Keys per split (GPU; the interpreter's tests pass a smaller one to cross split boundaries at small shapes):
+# a decode step of a few long sequences still fills the SMs with ceil(context / 512) programs per (token, kv head).
+SPLIT_KEYS = 512
+BLOCK_N = 64  # keys per tile (bf16 / fp16); fp32 tiles are 32 keys on 8 warps (triton_attention._FP32_DECODE)
+TOKENS_PER_LAUNCH = 512
+
+
+@triton.jit
+def _row_of(qsl_ptr, seq_lens_ptr, num_seqs, t):
+    """(sequence, position, ok) of flat token t; ok is False past the batch's last token."""
+    s_idx = seq_of_token(qsl_ptr, num_seqs, t)
+    ok = s_idx < num_seqs
+    s_safe = tl.where(ok, s_idx, 0)
+    q_start = tl.load(qsl_ptr + s_safe)
+    q_len = tl.load(qsl_ptr + s_safe + 1) - q_start
+    pos = tl.load(seq_lens_ptr + s_safe) - q_len + (t - q_start)
+    return s_safe, pos, ok
+
+
+@triton.jit
+def _bi_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr, t0, scale,
+                     window, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_vb, stride_vl,
+                     stride_vk, stride_tb, num_heads, head_dim, v_head_dim, Z, G: tl.constexpr, L: tl.constexpr,
+                     BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_N: tl.constexpr,
+                     SPLIT_KEYS: tl.constexpr, WINDOW: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    t = t0 + tl.program_id(0)
+    kv_head = tl.program_id(1)
+    z = tl.program_id(2)
+    s_idx, pos, ok = _row_of(qsl_ptr, seq_lens_ptr, num_seqs, t)
+    lo = z * SPLIT_KEYS
+    if not ok or lo > pos:
+        return  # past the batch, or a split past the row's own position: the merge never reads it
+    hi = tl.minimum(lo + SPLIT_KEYS, pos + 1)
+    start = lo
+    if WINDOW:
+        first = tl.maximum(pos - window + 1, 0)
+        start = tl.where(first > lo, lo + ((first - lo) // BLOCK_N) * BLOCK_N, lo)
+    g = tl.arange(0, BLOCK_G)
+    head = kv_head * G + g
+    d = tl.arange(0, BLOCK_H)
+    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qn + d[None, :],
+                mask=(g[:, None] < G) & (d[None, :] < head_dim), other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_HV], dtype=tl.float32)
+    table_ptr = tables_ptr + s_idx.to(tl.int64) * stride_tb
+    q_pos = g * 0 + pos
+    for k0 in range(start, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, kv_head, k0, hi, q_pos, scale,
+                                     window, stride_cb, stride_cl, stride_ck, stride_vb, stride_vl, stride_vk,
+                                     head_dim, v_head_dim, BLOCK_G, L, BLOCK_N, BLOCK_H, BLOCK_HV, True, WINDOW,
+                                     INTERPRET, PREC)
+    has = l_i > 0  # a split wholly before a window sees no key: lse -inf, o 0 (the merge adds exactly 0 for it)
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    row = ((t - t0).to(tl.int64) * num_heads + head) * Z + z
+    dv = tl.arange(0, BLOCK_HV)
+    tl.store(part_o_ptr + row[:, None] * BLOCK_HV + dv[None, :], o, mask=g[:, None] < G)
+    tl.store(part_lse_ptr + row, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g < G)
+
+
+@triton.jit
+def _bi_merge_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, seq_lens_ptr, out_ptr, sinks_ptr, t0, v_scale, num_seqs,
+                     stride_ot, stride_on, num_heads, v_head_dim, Z, SPLIT_KEYS: tl.constexpr,
+                     BLOCK_HV: tl.constexpr, SINKS: tl.constexpr, INTERPRET: tl.constexpr):
+    t = t0 + tl.program_id(0)
+    head = tl.program_id(1)
+    _, pos, ok = _row_of(qsl_ptr, seq_lens_ptr, num_seqs, t)
+    n = tl.where(ok, pos // SPLIT_KEYS + 1, 0)  # the row's own splits
+    base = ((t - t0).to(tl.int64) * num_heads + head) * Z
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    for z in range(0, n):  # a max is exact in any order; one split at a time all the same
+        m = tl.maximum(m, tl.load(part_lse_ptr + base + z + tl.zeros([1], dtype=tl.int32)))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    dv = tl.arange(0, BLOCK_HV)
+    acc = tl.zeros([BLOCK_HV], dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    for z in range(0, n):  # in split order, one at a time: the row's sum never depends on the grid
+        w = tl.exp(tl.load(part_lse_ptr + base + z + tl.zeros([1], dtype=tl.int32)) - m)
+        acc += w * tl.load(part_o_ptr + (base + z) * BLOCK_HV + dv)
+        l_i += w
+    if SINKS:
+        sink = tl.load(sinks_ptr + head + tl.zeros([1], dtype=tl.int32)).to(tl.float32)
+        m2 = tl.maximum(m, sink)
+        f = tl.exp(m - m2)
+        l_i = l_i * f + tl.exp(sink - m2)
+        acc = acc * f
+    o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + head * stride_on + dv, cast(o, out_ptr.dtype.element_ty, INTERPRET),
+             mask=dv < v_head_dim)
+
+
+def triton_invariant_paged_attention(
+    q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
+    scale: float, *, sinks_N: torch.Tensor | None = None, sliding_window: int | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None, split_keys: int | None = None,
+) -> torch.Tensor:
+    """`reference_paged_attention`'s contract, each row computed alone (module docstring): [T, N, Hv] in q's dtype.
+    `split_keys` (a multiple of the key tile; tests) replaces SPLIT_KEYS. No device->host sync."""
+    common.check_dtype("q_TNH", q_TNH)
+    T, N, H = q_TNH.shape
+    _, L, K, _ = k_cache_BLKH.shape
+    Hv = v_cache_BLKH.shape[3]
+    if (N % K or k_cache_BLKH.shape[3] != H or v_cache_BLKH.shape[:3] != k_cache_BLKH.shape[:3]
+            or not k_cache_BLKH.is_contiguous() or not v_cache_BLKH.is_contiguous()):
+        raise ValueError(f"q_TNH {tuple(q_TNH.shape)} and caches {tuple(k_cache_BLKH.shape)} / "
+                         f"{tuple(v_cache_BLKH.shape)} do not fit: need contiguous [blocks, L, K, {H}] and "
+                         f"[blocks, L, K, Hv] caches with N a multiple of K.")
+    if k_cache_BLKH.dtype != q_TNH.dtype and (k_cache_BLKH.dtype not in FP8_CACHE_DTYPES
+                                              or v_cache_BLKH.dtype != k_cache_BLKH.dtype):
+        raise ValueError(f"cache dtypes {k_cache_BLKH.dtype} / {v_cache_BLKH.dtype} are invalid for q_TNH "
+                         f"{q_TNH.dtype}: the cache holds the query's dtype, or float8_e4m3fn for both K and V.")
+    _check_extras(q_TNH, sinks_N, sliding_window)
+    out = common.out_buffer(out, "out", (T, N, Hv), q_TNH.dtype, q_TNH.device)
+    if T == 0:
+        return out
+    interp = common.interpreting(q_TNH)
+    fp32 = q_TNH.dtype == torch.float32
+    block_n = 16 if interp else (32 if fp32 else BLOCK_N)
+    keys = split_keys or SPLIT_KEYS
+    if keys < block_n or keys % block_n:
+        raise ValueError(f"split_keys={keys} is invalid: must be a positive multiple of the key tile ({block_n}).")
+    q_TNH = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
+    G = N // K
+    BLOCK_G = max(16, triton.next_power_of_2(G))
+    BLOCK_H, BLOCK_HV = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(Hv))
+    Z = triton.cdiv(max(meta.max_seq_len, 1), keys)
+    chunk = min(T, TOKENS_PER_LAUNCH)
+    part_o = common.workspace((chunk, N, Z, BLOCK_HV), torch.float32, q_TNH.device)
+    part_lse = common.workspace((chunk, N, Z), torch.float32, q_TNH.device)
+    tables = meta.block_tables_SM
+    flags = dict(INTERPRET=interp, PREC=common.dot_precision(q_TNH.dtype))
+    window = sliding_window or 0
+    sinks = sinks_N if sinks_N is not None else out  # a placeholder pointer when there are none (never read)
+    warps = 8 if fp32 or max(BLOCK_H, BLOCK_HV) >= 256 else 4
+    for t0 in range(0, T, chunk):
+        n_tok = min(chunk, T - t0)
+        _bi_split_kernel[(n_tok, K, Z)](
+            q_TNH, k_cache_BLKH, v_cache_BLKH, tables, meta.seq_lens_S, meta.query_start_loc_S1, part_o, part_lse,
+            t0, float(scale) * float(k_scale), window, meta.num_seqs, q_TNH.stride(0), q_TNH.stride(1),
+            k_cache_BLKH.stride(0), k_cache_BLKH.stride(1), k_cache_BLKH.stride(2), v_cache_BLKH.stride(0),
+            v_cache_BLKH.stride(1), v_cache_BLKH.stride(2), tables.stride(0), N, H, Hv, Z, G=G, L=L,
+            BLOCK_G=BLOCK_G, BLOCK_H=BLOCK_H, BLOCK_HV=BLOCK_HV, BLOCK_N=block_n, SPLIT_KEYS=keys,
+            WINDOW=sliding_window is not None, num_warps=warps, **flags)
+        _bi_merge_kernel[(n_tok, N)](
+            part_o, part_lse, meta.query_start_loc_S1, meta.seq_lens_S, out, sinks, t0, float(v_scale),
+            meta.num_seqs, out.stride(0), out.stride(1), N, Hv, Z, SPLIT_KEYS=keys, BLOCK_HV=BLOCK_HV,
+            SINKS=sinks_N is not None, INTERPRET=interp, num_warps=4)
+    return out
+
+
+__all__ = ["SPLIT_KEYS", "TOKENS_PER_LAUNCH", "triton_invariant_paged_attention"]
