@@ -55,6 +55,8 @@ SHARED_SCOPES = ("module", "class", "package")
 
 
 # Module-scoped fixtures that share nothing costly to set up again (a check, a gc setting): no reason to group.
+_GROUP_MODULES = os.environ.get("MOELINK_TEST_GROUP_MODULES", "0") == "1"
+
 UNGROUPED_FIXTURES = {"no_nixl_agent_left_open", "heap_held_frozen", "engines_keep_heap_frozen"}
 
 
@@ -73,7 +75,7 @@ def pytest_collection_modifyitems(config, items):
         path = str(item.path).replace(os.sep, "/")
         if RAY_FIXTURES & fixtures or any(d in path for d in RAY_DIRS):
             item.add_marker(pytest.mark.xdist_group("ray"))
-        elif item.get_closest_marker("xdist_group") is None and _uses_shared_fixture(item):
+        elif item.get_closest_marker("xdist_group") is None and (_GROUP_MODULES or _uses_shared_fixture(item)):
             item.add_marker(pytest.mark.xdist_group(os.path.relpath(item.path, item.config.rootpath)))
     if getattr(config.option, "loadgroup", False):  # a pytest-xdist worker under --dist loadgroup
         _schedule_order(items)
