@@ -251,6 +251,22 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, ou
 _FP32_DECODE = (32, 8)
 
 
+def paged_shapes(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor,
+                 v_cache_BLKH: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """(T, N, H, L, K, Hv) of a paged attention call, its query and caches checked to fit (every paged attention
+    wrapper's contract: contiguous [blocks, L, K, H] / [blocks, L, K, Hv] caches, N a multiple of K)."""
+    common.check_dtype("q_TNH", q_TNH)
+    T, N, H = q_TNH.shape
+    _, L, K, _ = k_cache_BLKH.shape
+    Hv = v_cache_BLKH.shape[3]
+    if (N % K or k_cache_BLKH.shape[3] != H or v_cache_BLKH.shape[:3] != k_cache_BLKH.shape[:3]
+            or not k_cache_BLKH.is_contiguous() or not v_cache_BLKH.is_contiguous()):
+        raise ValueError(f"q_TNH {tuple(q_TNH.shape)} and caches {tuple(k_cache_BLKH.shape)} / "
+                         f"{tuple(v_cache_BLKH.shape)} do not fit: need contiguous [blocks, L, K, {H}] and "
+                         f"[blocks, L, K, Hv] caches with N a multiple of K.")
+    return T, N, H, L, K, Hv
+
+
 def _warps(rows: int, block_h: int) -> int:
     """4 warps for the common tiles (<= 64 query rows x head dim 128); 8 for head dim 256 or 128+ rows,
     where 4 warps run out of registers and spill (seen in the sm_90 compile: 255 registers + stack)."""
@@ -271,15 +287,7 @@ def triton_paged_attention(
     programs per kv head (1: no split), `prefill_splits` the prefill split count (tests; a prefill split > 1
     also takes the batch's decode sequences); `out` receives the result.
     """
-    common.check_dtype("q_TNH", q_TNH)
-    T, N, H = q_TNH.shape
-    _, L, K, _ = k_cache_BLKH.shape
-    Hv = v_cache_BLKH.shape[3]
-    if (N % K or k_cache_BLKH.shape[3] != H or v_cache_BLKH.shape[:3] != k_cache_BLKH.shape[:3]
-            or not k_cache_BLKH.is_contiguous() or not v_cache_BLKH.is_contiguous()):
-        raise ValueError(f"q_TNH {tuple(q_TNH.shape)} and caches {tuple(k_cache_BLKH.shape)} / "
-                         f"{tuple(v_cache_BLKH.shape)} do not fit: need contiguous [blocks, L, K, {H}] and "
-                         f"[blocks, L, K, Hv] caches with N a multiple of K.")
+    T, N, H, L, K, Hv = paged_shapes(q_TNH, k_cache_BLKH, v_cache_BLKH)
     if out is None:
         out = common.workspace((T, N, Hv), q_TNH.dtype, q_TNH.device)
     elif tuple(out.shape) != (T, N, Hv) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from .attention import FP8_CACHE_DTYPES, AttentionMetadata, _check_extras
-from .triton_attention import _attend_tile
+from .triton_attention import _attend_tile, paged_shapes
 from .triton_common import cast, seq_of_token
 
 # Keys per split (GPU; the interpreter's tests pass a smaller one to cross split boundaries at small shapes):
@@ -130,15 +130,7 @@ def triton_invariant_paged_attention(
 ) -> torch.Tensor:
     """`reference_paged_attention`'s contract, each row computed alone (module docstring): [T, N, Hv] in q's dtype.
     `split_keys` (a multiple of the key tile; tests) replaces SPLIT_KEYS. No device->host sync."""
-    common.check_dtype("q_TNH", q_TNH)
-    T, N, H = q_TNH.shape
-    _, L, K, _ = k_cache_BLKH.shape
-    Hv = v_cache_BLKH.shape[3]
-    if (N % K or k_cache_BLKH.shape[3] != H or v_cache_BLKH.shape[:3] != k_cache_BLKH.shape[:3]
-            or not k_cache_BLKH.is_contiguous() or not v_cache_BLKH.is_contiguous()):
-        raise ValueError(f"q_TNH {tuple(q_TNH.shape)} and caches {tuple(k_cache_BLKH.shape)} / "
-                         f"{tuple(v_cache_BLKH.shape)} do not fit: need contiguous [blocks, L, K, {H}] and "
-                         f"[blocks, L, K, Hv] caches with N a multiple of K.")
+    T, N, H, L, K, Hv = paged_shapes(q_TNH, k_cache_BLKH, v_cache_BLKH)
     if k_cache_BLKH.dtype != q_TNH.dtype and (k_cache_BLKH.dtype not in FP8_CACHE_DTYPES
                                               or v_cache_BLKH.dtype != k_cache_BLKH.dtype):
         raise ValueError(f"cache dtypes {k_cache_BLKH.dtype} / {v_cache_BLKH.dtype} are invalid for q_TNH "
