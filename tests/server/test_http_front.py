@@ -20,6 +20,8 @@ from tests.helpers.net import free_port
 from tests.helpers.smg_gateway import http_request, smg_executable
 
 SERVED = "tiny-moe"
+# The longest choice is 10 characters: max_tokens below leaves room for it spelled a byte at a time (at 8 the stream
+# was cut inside it when the sampler chose it: 'up "north').
 CHOICES = ["left", "right", 'up "north"']
 MESSAGES = [{"role": "user", "content": "Which way?"}]
 
@@ -97,7 +99,7 @@ def test_the_front_relays_streams_and_other_paths(http_port):
     conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
     try:
         conn.request("POST", "/v1/completions", body=json.dumps(dict(
-            model=SERVED, prompt="Which way?", stream=True, max_tokens=8, guided_choice=CHOICES)),
+            model=SERVED, prompt="Which way?", stream=True, max_tokens=24, guided_choice=CHOICES)),
             headers={"content-type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200 and resp.getheader("connection") == "close"
