@@ -52,7 +52,8 @@ def test_engine_on_the_batch_invariant_triton_backend_gives_a_request_the_same_l
     logprobs, which are the reference kernels' within float32 noise. (The normal Triton backend's differ in their
     last bits here: measured 2026-11-26, -0.6514157652854919 alone and -0.6514157056808472 batched.)"""
     if kdev.type != "cpu":
-        pytest.skip("CPU interpreter smoke")
+        pytest.skip("CPU interpreter smoke; with a GPU the `rl` step (benchmarks/batch_invariant.py) runs the engine on "
+                    "this backend, alone and batched")
     path = tiny_model("qwen3_e6k3")
     rng = random.Random(0)
     target = [rng.randrange(3, 400) for _ in range(9)]
