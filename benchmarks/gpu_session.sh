@@ -60,7 +60,8 @@
 #                          prefill paths (per-tile, dequantize-once) vs bf16 at one rank's share, and the INT4 GPU
 #                          tests (kernels at Kimi's shape, a tiny Kimi K2.5 served) (issue 44; benchmarks/gpu_session/int4.sh)
 #   rl                     batch_invariant: the engine normally and in batch-invariant mode side by side (issue 58;
-#                          benchmarks/gpu_session/rl.sh): the mode's cost against the goal of <= 1.05x
+#                          benchmarks/gpu_session/rl.sh): the mode's cost against the goal of <= 1.05x; then the GPU
+#                          sleep-mode test (sleep / wake_up with decode graphs, tests/engine/test_gpu_sleep_mode.py)
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   all                    every step in a row (a machine without the 10-minute command limit)

@@ -19,6 +19,15 @@
 RL_GEMM=14
 RL_OTHER=34
 RL_RUN_S=150
+# sleep_mode_gpu: tests/engine/test_gpu_sleep_mode.py (1 test, tiny Qwen3-MoE in fp32 with decode graphs at 1/2/4:
+#   sleep(1) frees the device bytes it reports, wake_up captures the graphs again and gives the same greedy tokens,
+#   sleep(2) + an update from disk + wake_up serve the new checkpoint). Compiles: MoE up/down at the decode and
+#   prefill buckets (4 GEMM), fp32 attention decode split / no split and prefill (3 slow), ~10 other; run 30 s
+#   (measured on an H100, 2026-11-27: 29.7 s with three engine starts), 45 s for margin.
+SLEEP_GEMM=4
+SLEEP_SLOW=3
+SLEEP_OTHER=10
+SLEEP_RUN_S=45
 step_rl() {
   local a
   for a in "$@"; do
@@ -35,5 +44,7 @@ step_rl() {
   cmd batch_invariant "$RL_GEMM" 0 "$RL_OTHER" "$RL_RUN_S" -- "$PY" -m moelink.benchmarks.batch_invariant \
     --out "$OUT/$name.json"
   [[ $MODE == run ]] && stamp_commit "$OUT/$name.json"
+  run_pytest_files "gpu_sleep_mode_${DEV}_${COMMIT}.txt" \
+    sleep_mode_gpu "$SLEEP_GEMM" "$SLEEP_SLOW" "$SLEEP_OTHER" "$SLEEP_RUN_S" tests/engine/test_gpu_sleep_mode.py
   return 0
 }
