@@ -17,9 +17,11 @@ Here nothing depends on the batch:
 - the merge reduces each row's splits 0, 1, ... in order, one at a time (never a tree over a width set by the
   batch): m = max of their log-sum-exps (exact in any order), then acc += e^(lse_z - m) o_z and l += e^(lse_z - m),
   the sink (if any) joining l once, out = acc * v_scale / l.
-The grid's split dim is the batch's longest context over SPLIT_KEYS (a host int: programs past a row's own splits
-return at once) and the tokens go TOKENS_PER_LAUNCH at a time, which bounds the partials' memory; neither changes
-what a row computes. Same contract as `reference_paged_attention` (sinks, sliding window, fp8 cache scales).
+The grid's split dim is meta.max_seq_len over SPLIT_KEYS (a host int: programs past a row's own splits return at
+once): an eager step's longest context, and in a decode CUDA graph max_model_len (engine/rank/graph_policy.py
+`bound_host_lengths`: the graph is captured with the host lengths at their bound, so a replay of any context
+lengths has its splits), and the tokens go TOKENS_PER_LAUNCH at a time, which bounds the partials' memory; neither
+changes what a row computes. Same contract as `reference_paged_attention` (sinks, sliding window, fp8 cache scales).
 """
 from __future__ import annotations
 
