@@ -6,7 +6,7 @@ Kernels a graph may capture (`CAPTURABLE_KERNELS`): those that read every per-st
 - "batch_invariant_triton": batch-invariant mode on a GPU (kernels/batch_invariant_triton.py), for the models whose
   whole decode step runs on its Triton ops (`invariant_graphs_refusal`): GQA attention in every layer (its
   invariant attention sizes its split grid by the metadata's host max_seq_len, which DecodeGraphs sets to the
-  engine's max_model_len for this backend: `bound_host_lengths`), float weights, one rank. Its other ops (MLA, DSA,
+  engine's max_model_len for this backend: `bound_host_lengths`), float weights, one rank (no EP, no TP). Its other ops (MLA, DSA,
   the delta rule, the quantized references) are plain-torch invariant forms that loop over host lengths.
 The plain-torch backends ("reference", "batch_invariant") read the host lists themselves: never captured.
 """
@@ -32,13 +32,16 @@ def bound_host_lengths(kernels) -> bool:
     return getattr(kernels, "name", None) == "batch_invariant_triton"
 
 
-def invariant_graphs_refusal(cfg, ep, quantized: bool = False) -> str | None:
+def invariant_graphs_refusal(cfg, ep, quantized: bool = False, tp_size: int = 1) -> str | None:
     """Why decode graphs stay off for the batch-invariant Triton backend with this model (None: they are captured).
     Its Triton ops cover the GQA decoder and its float routed experts at one rank; every other op of the mode is a
     plain-torch invariant form (kernels/batch_invariant_kernels.py) that reads host lengths or loops on the host."""
     if ep is not None:
         return ("the batch-invariant mode's expert-parallel combine (a token's rows summed in rank order) is not "
                 "captured: batch-invariant EP steps run eagerly")
+    if tp_size > 1:
+        return ("the batch-invariant mode's tensor-parallel sums (an all-gather, then the partials added in rank "
+                "order) are not checked in a captured step: batch-invariant TP steps run eagerly")
     if quantized:
         return ("the batch-invariant Triton backend runs quantized weights on the plain-torch references (host "
                 "syncs); only float weights are captured")
@@ -57,17 +60,17 @@ def invariant_graphs_refusal(cfg, ep, quantized: bool = False) -> str | None:
 
 def graph_sizes_to_capture(sizes: tuple[int, ...], kernels, ep, two_batch_overlap: bool, backend,
                            device: torch.device, quantized: bool, log: logging.Logger = logger,
-                           cfg=None) -> tuple[int, ...]:
+                           cfg=None, tp_size: int = 1) -> tuple[int, ...]:
     """The decode batch sizes a runner captures of the `sizes` asked: none when its kernels, step plan,
     all-to-all, device or quantization rule graphs out (logged on `log`, with why); under EP only those within
-    the low-latency decode capacity. `cfg`: the model's config (engine/config/model.py), which the
-    batch-invariant Triton backend's rule reads (`invariant_graphs_refusal`)."""
+    the low-latency decode capacity. `cfg` (the model's config, engine/config/model.py) and `tp_size` (the rank's
+    tensor-parallel group size): what the batch-invariant Triton backend's rule reads (`invariant_graphs_refusal`)."""
     if not sizes:
         return ()
     why_not = None
     if kernels.name not in CAPTURABLE_KERNELS:
         why_not = f"the {kernels.name} kernels read host-side lengths, which a graph would freeze"
-    elif kernels.name == "batch_invariant_triton" and (why := invariant_graphs_refusal(cfg, ep, quantized)):
+    elif kernels.name == "batch_invariant_triton" and (why := invariant_graphs_refusal(cfg, ep, quantized, tp_size)):
         why_not = why
     elif ep is not None and two_batch_overlap:
         why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "

@@ -218,7 +218,8 @@ class ModelRunner:
 
     def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
         return graph_sizes_to_capture(sizes, self.kernels, ep, isinstance(self.step_plan, TwoBatchOverlap),
-                                      backend, self.device, self.cfg.quantization is not None, logger, cfg=self.cfg)
+                                      backend, self.device, self.cfg.quantization is not None, logger, cfg=self.cfg,
+                                      tp_size=self.tp.size if self.tp is not None else 1)
 
     def _capture_graphs(self) -> None:
         backend = self.graph_backend or CudaGraphCapture(self.device)

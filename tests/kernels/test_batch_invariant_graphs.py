@@ -123,7 +123,7 @@ def test_invariant_decode_graphs_give_a_request_the_eager_bits_alone_and_in_padd
 def test_invariant_triton_graphs_are_captured_only_where_every_op_is_captured(caplog):
     """graph_policy: the batch-invariant Triton backend gets decode graphs for a float GQA model at one rank; the
     plain-torch backends (reference, batch_invariant) keep theirs off for the host lengths they read, and the
-    Triton one keeps them off for other attention kinds, per-sequence state, EP and quantized weights, each with
+    Triton one keeps them off for other attention kinds, per-sequence state, EP, TP and quantized weights, each with
     its reason logged."""
     from moelink.engine.rank.graph_policy import graph_sizes_to_capture
 
@@ -135,9 +135,9 @@ def test_invariant_triton_graphs_are_captured_only_where_every_op_is_captured(ca
                              attention_for=lambda i: (linear, gqa)[i])
     gqa_state = SimpleNamespace(attention=gqa, layer_attention=(), num_layers=2, state_layers=(0,))
 
-    def sizes(name, cfg=qwen3, ep=None, quantized=False):
+    def sizes(name, cfg=qwen3, ep=None, quantized=False, tp_size=1):
         return graph_sizes_to_capture((1, 2), KernelsName(name), ep, False, EagerReplay(), torch.device("cpu"),
-                                      quantized, cfg=cfg)
+                                      quantized, cfg=cfg, tp_size=tp_size)
 
     assert sizes("batch_invariant_triton") == (1, 2)
     assert sizes("triton") == (1, 2)
@@ -147,6 +147,7 @@ def test_invariant_triton_graphs_are_captured_only_where_every_op_is_captured(ca
                (("batch_invariant_triton",), dict(cfg=hybrid), "GQA attention only; linear attention"),
                (("batch_invariant_triton",), dict(cfg=gqa_state), "per-sequence state ops"),
                (("batch_invariant_triton",), dict(ep=object()), "expert-parallel combine"),
+               (("batch_invariant_triton",), dict(tp_size=2), "tensor-parallel sums"),
                (("batch_invariant_triton",), dict(quantized=True), "quantized weights on the plain-torch references")]
     for args, kw, why in refused:
         caplog.clear()
