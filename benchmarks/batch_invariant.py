@@ -1,7 +1,8 @@
 """What batch-invariant mode costs (issue 58 item 4: the goal is <= 1.05x the normal engine's time on a GPU; docs/rl.md).
 
-    python -m moelink.benchmarks.batch_invariant [--model PATH] [--prompts 32] [--prompt-len 64] [--max-tokens 32]
-        [--repeats 3] [--cpu-smoke] [--out benchmarks/results/batch_invariant_<device>.json]
+    python -m moelink.benchmarks.batch_invariant [--model PATH | --shape qwen3-30b-a3b [--layers N]] [--prompts 32]
+        [--prompt-len 64] [--max-tokens 32] [--repeats 3] [--skip-probe] [--cpu-smoke]
+        [--out benchmarks/results/batch_invariant_<device>.json]
 
 Side by side in one run, on the same engine settings and prompts: the engine as it runs normally, and with
 `batch_invariant=True` (kernels/batch_invariant.py: fixed matmul tiles, fixed reduction tiles, fixed element-wise
@@ -14,9 +15,14 @@ Without --model, a tiny Qwen3-MoE made on the fly (random weights,
 transformers' own save_pretrained). On CPU both arms run the plain-torch kernels (the invariant arm's backend is
 `batch_invariant`), so the ratio is the mode's own work; on a GPU the normal arm runs the Triton kernels with decode
 graphs and the invariant arm `batch_invariant_triton` (kernels/batch_invariant_triton.py: Triton attention, fused
-MoE, RMSNorm and linears on fixed launch configs, the other ops on the plain-torch invariant forms, no graphs yet),
-so the ratio there says how far the GPU path is from the goal. Each arm reports the backend class it ran
-(`backend`, kernels/ops.backend_class).
+MoE, RMSNorm and linears on fixed launch configs, with decode graphs too: engine/rank/graph_policy.py), so the ratio
+there says how far the GPU path is from the goal. Each arm reports the backend class it ran (`backend`,
+kernels/ops.backend_class) and whether its decode steps replayed graphs (`decode_graphs`).
+--shape qwen3-30b-a3b: both arms on that model's published shape (benchmarks/e2e_setup.py, as engine_e2e and
+spec_decode build it) with random weights (`load_format="dummy"`, bfloat16), `--layers` of its decoder layers (default:
+as many as fit beside the batch's KV cache, benchmarks/engine_decode.pick_layers): where a step's GPU work, not its
+host launches, sets the time. With --cpu-smoke the shape is the toy one of engine_e2e's smoke (one layer).
+--skip-probe: no op-by-op probe first (a run after the tiny one, which probed this device already).
 """
 from __future__ import annotations
 
@@ -41,14 +47,29 @@ def _tiny_model(out: str) -> str:
     return out
 
 
+def _shape_dir(shape: str, out: Path, layers: int | None, prompts: int, context: int, device: str,
+               smoke: bool) -> tuple[str, int, int]:
+    """(config.json directory, layers built, the shape's layers) of `shape` for random weights: as many layers as fit
+    beside `prompts` sequences of `context` tokens (`layers` overrides), the toy smoke shape with `smoke`."""
+    from .e2e_setup import MODELS, SMOKE_HF, write_model_dir
+    from .engine_decode import pick_layers
+
+    hf = SMOKE_HF if smoke else MODELS[shape][0]
+    total = hf["num_hidden_layers"]
+    n = layers or (pick_layers(hf, prompts, context, torch.device(device)) if device == "cuda" else total)
+    if not 1 <= n <= total:
+        raise SystemExit(f"--layers {n} is invalid for {shape}: must be 1 to {total}.")
+    return str(write_model_dir(out, hf, n, context + 16)), n, total
+
+
 def _arm(path: str, batch_invariant: bool, prompts: list[list[int]], max_tokens: int, repeats: int,
-         device: str, dtype: str) -> dict:
+         device: str, dtype: str, load_format: str = "auto") -> dict:
     from moelink.engine import LLM, SamplingParams
 
     # On CPU a pool that holds the batch (no device memory to size it from); on a GPU the engine sizes it.
     blocks = len(prompts) * -(-(len(prompts[0]) + max_tokens) // 16) + 16 if device == "cpu" else None
     llm = LLM(path, dtype=dtype, device=device, max_num_seqs=len(prompts), num_kv_blocks=blocks, block_size=16,
-              batch_invariant=batch_invariant)
+              batch_invariant=batch_invariant, load_format=load_format)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     try:
         llm.generate(prompts, params, use_tqdm=False)  # warm-up: kernels compiled, caches filled
@@ -67,9 +88,15 @@ def _arm(path: str, batch_invariant: bool, prompts: list[list[int]], max_tokens:
         return dict(batch_invariant=batch_invariant, seconds=seconds,
                     output_tokens_per_s=len(prompts) * max_tokens / seconds, rounds=times,
                     kernels=llm.engine.config.kernels, backend=_backend(llm.engine.config.kernels, device),
-                    alone_equals_batched_bitwise=same)
+                    decode_graphs=_graph_sizes(llm), alone_equals_batched_bitwise=same)
     finally:
         llm.shutdown()
+
+
+def _graph_sizes(llm) -> list[int]:
+    """The decode batch sizes the engine's rank captured as graphs ([]: every step eager)."""
+    graphs = getattr(getattr(llm.engine.executor, "runner", None), "graphs", None)
+    return list(graphs.sizes) if graphs is not None else []
 
 
 def _backend(kernels: str, device: str) -> str:
@@ -82,6 +109,10 @@ def _backend(kernels: str, device: str) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny Qwen3-MoE made here)")
+    ap.add_argument("--shape", default=None, choices=["qwen3-30b-a3b"],
+                    help="a published model shape with random weights (load_format dummy) instead of --model")
+    ap.add_argument("--layers", type=int, default=None, help="--shape's decoder layers (default: as many as fit)")
+    ap.add_argument("--skip-probe", action="store_true", help="no op-by-op probe before the arms")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -90,6 +121,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu-smoke", action="store_true", help="a few short prompts on CPU: checks the script only")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/batch_invariant_<device>.json)")
     args = ap.parse_args(argv)
+    if args.shape and args.model:
+        ap.error("--shape and --model are exclusive: give one.")
+    if args.layers is not None and not args.shape:
+        ap.error("--layers needs --shape.")
     if args.cpu_smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
@@ -98,27 +133,39 @@ def main(argv=None) -> dict:
         torch.set_num_threads(1)
     from .batch_invariant_probe import print_table, probe
 
-    ops = probe(torch.device(device))  # which ops hold row 0's bits on this device, off and in the mode
-    print_table(ops)
+    ops = None
+    if not args.skip_probe:
+        ops = probe(torch.device(device))  # which ops hold row 0's bits on this device, off and in the mode
+        print_table(ops)
+    model, load_format, dtype = args.model or "tiny qwen3_moe (random)", "auto", args.dtype
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or _tiny_model(str(Path(tmp) / "tiny"))
+        if args.shape:
+            path, layers, total = _shape_dir(args.shape, Path(tmp) / args.shape, args.layers, args.prompts,
+                                             args.prompt_len + args.max_tokens, device, args.cpu_smoke)
+            model = f"{args.shape} shape{' (toy smoke)' if args.cpu_smoke else ''}, {layers} of {total} layers, random"
+            load_format, dtype = "dummy", "bfloat16" if dtype == "auto" else dtype
+            print(f"{model} weights, {dtype}", flush=True)
+        else:
+            path = args.model or _tiny_model(str(Path(tmp) / "tiny"))
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(path).get_text_config().vocab_size
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
-        arms = [_arm(path, bi, prompts, args.max_tokens, args.repeats, device, args.dtype) for bi in (False, True)]
+        arms = [_arm(path, bi, prompts, args.max_tokens, args.repeats, device, dtype, load_format)
+                for bi in (False, True)]
     label = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     result = dict(benchmark="batch_invariant", device=label, commit=git_commit(), date=time.strftime("%Y-%m-%d"),
-                  model=args.model or "tiny qwen3_moe (random)", prompts=args.prompts, prompt_len=args.prompt_len,
+                  model=model, prompts=args.prompts, prompt_len=args.prompt_len,
                   max_tokens=args.max_tokens, repeats=args.repeats, ops=ops, arms=arms,
                   ratio_invariant_over_normal=arms[1]["seconds"] / arms[0]["seconds"])
-    print(f"{'arm':<16} {'backend':<24} {'s / round':>10} {'out tok/s':>10} {'alone == batched':>17}")
+    print(f"{'arm':<16} {'backend':<24} {'graphs':>7} {'s / round':>10} {'out tok/s':>10} {'alone == batched':>17}")
     for a in arms:
-        print(f"{'invariant' if a['batch_invariant'] else 'normal':<16} {a['backend']:<24} {a['seconds']:>10.3f} "
-              f"{a['output_tokens_per_s']:>10.1f} {str(a['alone_equals_batched_bitwise']):>17}")
+        print(f"{'invariant' if a['batch_invariant'] else 'normal':<16} {a['backend']:<24} "
+              f"{str(bool(a['decode_graphs'])):>7} {a['seconds']:>10.3f} {a['output_tokens_per_s']:>10.1f} "
+              f"{str(a['alone_equals_batched_bitwise']):>17}")
     print(f"ratio invariant / normal: {result['ratio_invariant_over_normal']:.2f}x (goal on a GPU: <= 1.05x)")
-    suffix = "smoke" if args.cpu_smoke else label.replace(" ", "_")
+    suffix = ("smoke" if args.cpu_smoke else label.replace(" ", "_")) + (f"_{args.shape}" if args.shape else "")
     out = write_result(args.out or RESULTS / f"batch_invariant_{suffix}.json", result)
     print(f"wrote {out}")
     return result

@@ -61,7 +61,9 @@
 #                          tests (kernels at Kimi's shape, a tiny Kimi K2.5 served) (issue 44; benchmarks/gpu_session/int4.sh)
 #   rl                     batch_invariant: the engine normally and in batch-invariant mode side by side (issue 58;
 #                          benchmarks/gpu_session/rl.sh): the mode's cost against the goal of <= 1.05x; then the GPU
-#                          sleep-mode test (sleep / wake_up with decode graphs, tests/engine/test_gpu_sleep_mode.py)
+#                          sleep-mode test (sleep / wake_up with decode graphs, tests/engine/test_gpu_sleep_mode.py),
+#                          the invariant decode graphs' test (tests/engine/test_gpu_batch_invariant_graphs.py) and
+#                          the benchmark again at Qwen3-30B-A3B's shape, 24 layers of random weights
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   all                    every step in a row (a machine without the 10-minute command limit)

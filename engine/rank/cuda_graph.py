@@ -25,7 +25,12 @@ from its batch size, the heads and the SM count only, and how they are shared
 among the sequences is computed on the device from each replay's seq_lens. So
 a replay of b sequences runs the plan an eager step of b decodes runs, bit for
 bit, whatever max_model_len is. The reference kernels read the host lists, so
-they cannot be captured.
+they cannot be captured. Batch-invariant mode's Triton backend is captured too, for
+the models it covers (graph_policy.py), with one difference: its attention sizes its
+grid of fixed key splits by the host max_seq_len, so its decode graphs are captured
+with the host lengths at their bound, max_model_len (`bound_host_lengths`), as verify
+graphs are; a row's splits past its own length return at once. The runner captures
+inside the backend's step context, so the graphs hold the mode's own kernels.
 
 Speculative verify steps (`verify_len` = Q = 1 + k tokens per row): beside each decode graph b, a verify graph b of
 b x Q tokens, replayed for every step whose rows each have 1 to Q query tokens (verify rows of however many
@@ -60,7 +65,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from moelink.kernels.attention import FP8_CACHE_DTYPES, AttentionMetadata
+from moelink.kernels.attention import AttentionMetadata
 
 from ..models.layers import ForwardContext
 from ..state.step import StateStep
@@ -69,76 +74,6 @@ logger = logging.getLogger(__name__)
 
 
 # -- capture backends: one strategy object per way of "replaying" ----------------------------------------------
-
-def graph_sizes_to_capture(sizes: tuple[int, ...], kernels, ep, two_batch_overlap: bool, backend,
-                           device: torch.device, quantized: bool, log: logging.Logger = logger) -> tuple[int, ...]:
-    """The decode batch sizes a runner captures of the `sizes` asked: none when its kernels, step plan,
-    all-to-all, device or quantization rule graphs out (logged on `log`, with why); under EP only those within
-    the low-latency decode capacity."""
-    if not sizes:
-        return ()
-    why_not = None
-    if kernels.name != "triton":
-        why_not = f"the {kernels.name} kernels read host-side lengths, which a graph would freeze"
-    elif ep is not None and two_batch_overlap:
-        why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "
-                   "decode graph captures one: all ranks must make the same collective calls")
-    elif ep is not None and ep.all_to_all.low_latency is None:
-        why_not = (f"the {ep.all_to_all.name} all-to-all sizes its buffers from counts on the host; decode graphs "
-                   "under expert parallelism need a fixed-capacity backend's low-latency mode (nccl)")
-    elif ep is not None and backend is None and ep.all_to_all.name != "nccl":
-        # A capture that fails on one rank mid-collective would leave its peers waiting: only the transport
-        # captured in tests (direct NCCL) is captured under EP (the CPU stand-in replays any).
-        why_not = f"under expert parallelism only the nccl all-to-all is captured, not {ep.all_to_all.name}"
-    elif backend is None and device.type != "cuda":
-        why_not = f"device {device} is not a CUDA device"
-    elif quantized and not all(hasattr(kernels, op) for op in ("fp8_linear", "fused_moe_fp8")):
-        # Until its Triton kernels exist, FP8 runs the references, whose MoE loops over experts on the host.
-        why_not = f"the {kernels.name} kernels have no FP8 GEMMs yet (the references run, with host syncs)"
-    if why_not:
-        log.info("CUDA graphs off: %s.", why_not)
-        return ()
-    if ep is not None:
-        # A graph replays the low-latency dispatch, whose blocks hold at most the decode capacity.
-        cap = ep.all_to_all.decode_capacity
-        if any(s > cap for s in sizes):
-            log.info("decode graphs above the EP decode capacity %d dropped (those steps run eagerly).", cap)
-        sizes = tuple(s for s in sizes if s <= cap)
-    return tuple(sizes)
-
-
-def verify_graph_len(cfg, num_speculative_tokens: int, block_size: int, log: logging.Logger = logger) -> int:
-    """Query tokens per row of the verify graphs a runner captures beside its decode graphs (1 + k), or 1 for
-    none (logged, with why): no speculation, an fp8 MLA cache (its multi-token path widens with host lengths), or
-    1 + k past a block (a padding row must read only its first, null, table column). Under expert parallelism
-    the sizes are those whose b x (1 + k) tokens fit the low-latency capacity (`verify_sizes`)."""
-    k = num_speculative_tokens
-    if k < 1:
-        return 1
-    why_not = None
-    if cfg.attention.kind == "mla" and cfg.cache_dtype in FP8_CACHE_DTYPES:
-        why_not = "an fp8 MLA cache widens a multi-token step's context with host lengths"
-    elif 1 + k > block_size:
-        why_not = f"1 + k = {1 + k} tokens per row exceed a KV block ({block_size})"
-    if why_not:
-        log.info("verify graphs off: %s.", why_not)
-        return 1
-    return 1 + k
-
-
-def verify_sizes(sizes: tuple[int, ...], verify_len: int, ep, log: logging.Logger = logger) -> tuple[int, ...]:
-    """The decode sizes b whose verify graph (b x verify_len tokens) a runner captures: all of them on one rank;
-    under expert parallelism those within the low-latency capacity (a graph replays that mode's dispatch)."""
-    if verify_len < 2:
-        return ()
-    if ep is None:
-        return tuple(sizes)
-    cap = ep.all_to_all.decode_capacity
-    kept = tuple(b for b in sizes if b * verify_len <= cap)
-    if len(kept) < len(sizes):
-        log.info("verify graphs above the EP decode capacity %d tokens dropped (those steps run eagerly).", cap)
-    return kept
-
 
 class CapturedStep:
     """A captured forward: `replay()` runs it on the current static inputs and returns its output."""
@@ -201,14 +136,17 @@ class DecodeGraphs:
 
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, null_block: int,
                  device: torch.device, backend, sliding_table: bool = False, verify_len: int = 1,
-                 max_context: int = 1, verify_batch_sizes: tuple[int, ...] | None = None, state_slots: bool = False):
+                 max_context: int = 1, verify_batch_sizes: tuple[int, ...] | None = None, state_slots: bool = False,
+                 bound_host_lengths: bool = False):
         """`sliding_table`: the sliding-window layers have their own block table (a second static table and
         slot buffer, read by those layers through ForwardContext.attn_sliding). `verify_len`: query tokens per
         row of a speculative verify step (1 + k) to capture beside the decode graphs (1: none); `max_context`:
         the longest context a row can have (max_model_len), the host bound the verify graphs are captured with
         (module docstring); `verify_batch_sizes`: the batch sizes of those (default: every decode size).
         `state_slots`: the model has linear-attention layers: each row's state slot is a static input too (padding
-        rows -1: their states read as zeros, written nowhere), read through ForwardContext.state."""
+        rows -1: their states read as zeros, written nowhere), read through ForwardContext.state.
+        `bound_host_lengths`: the decode graphs' host lengths at max_context too, as the verify graphs' (kernels
+        that size a grid by the host max_seq_len: the batch-invariant Triton attention, graph_policy.py)."""
         if state_slots and verify_len > 1:
             raise ValueError("DecodeGraphs: verify graphs of a model with per-sequence state are not built (its verify "
                              "steps split the batch and replay the accepted tokens: they run eagerly).")
@@ -221,6 +159,7 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         self.null_block = null_block
         self.verify_len, self.max_context = verify_len, max(max_context, verify_len)
+        self.bound_host_lengths = bound_host_lengths
         self.verify_sizes = tuple(sorted(self.sizes if verify_batch_sizes is None else verify_batch_sizes))
         if not set(self.verify_sizes) <= set(self.sizes):
             raise ValueError(f"verify_batch_sizes={self.verify_sizes} must be among the decode sizes {self.sizes}.")
@@ -277,8 +216,9 @@ class DecodeGraphs:
     def _forward(self, b: int, q: int = 1) -> torch.Tensor:
         T = b * q
         # Host lengths as captured (module docstring): decode's are the static padding (its kernels read the
-        # device's); a verify graph's are their bound, so the multi-token kernels plan their splits for it.
-        host_len = 1 if q == 1 else self.max_context
+        # device's); a verify graph's are their bound, so the multi-token kernels plan their splits for it, and so
+        # are a decode graph's with `bound_host_lengths` (the batch-invariant attention's split grid).
+        host_len = 1 if q == 1 and not self.bound_host_lengths else self.max_context
         meta = AttentionMetadata(
             query_start_loc_S1=self.qsl_B1[q][: b + 1], seq_lens_S=self.seq_lens_B[:b],
             block_tables_SM=self.tables_BM[:b], slot_mapping_T=self.slots_T[:T], query_lens=[q] * b,

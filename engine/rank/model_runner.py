@@ -5,6 +5,8 @@ sequence, D hidden, V vocab, R rows that sample this step.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import time
@@ -29,7 +31,8 @@ from ..models.layers import ForwardContext, ImageSplice
 from ..multimodal.rank_side import StepImages, make_image_runner
 from ..tp.attention import tp_local_config
 from ..tp.group import TensorParallel
-from .cuda_graph import CudaGraphCapture, DecodeGraphs, graph_sizes_to_capture, verify_graph_len, verify_sizes
+from .cuda_graph import CudaGraphCapture, DecodeGraphs
+from .graph_policy import bound_host_lengths, graph_sizes_to_capture, verify_graph_len, verify_sizes
 from ..contract.host_copy import to_device, to_host
 from .device_stream import make_stream
 from .kv_cache import make_kv_caches
@@ -215,7 +218,8 @@ class ModelRunner:
 
     def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
         return graph_sizes_to_capture(sizes, self.kernels, ep, isinstance(self.step_plan, TwoBatchOverlap),
-                                      backend, self.device, self.cfg.quantization is not None, logger)
+                                      backend, self.device, self.cfg.quantization is not None, logger, cfg=self.cfg,
+                                      tp_size=self.tp.size if self.tp is not None else 1)
 
     def _capture_graphs(self) -> None:
         backend = self.graph_backend or CudaGraphCapture(self.device)
@@ -233,9 +237,14 @@ class ModelRunner:
                               backend, sliding_table=self.kv_pairs is not None,
                               verify_len=verify_len, max_context=self.cfg.max_model_len,
                               verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger),
-                              state_slots=self.state_caches is not None)
+                              state_slots=self.state_caches is not None,
+                              bound_host_lengths=bound_host_lengths(self.kernels))
         t0 = time.perf_counter()
-        graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
+        # Inside the backend's step context, as every eager step runs: the kernels a graph captures are those its
+        # mode picks (batch-invariant mode's fixed-tile matmuls, not the library's).
+        context = getattr(self.kernels, "step_context", None)
+        with context() if context is not None else contextlib.nullcontext():
+            graphs.capture_all()  # sizes that fail are dropped (and logged): serving goes on eagerly there
         if graphs.steps:
             self.graphs = graphs
             logger.info("decode graphs ready in %.1f s", time.perf_counter() - t0)

@@ -25,3 +25,22 @@ def test_smoke_saves_both_arms_and_the_ratio(tmp_path):
     ops = {r["op"]: r for r in saved["ops"]}
     assert ops and all(r["mode"] is True for r in ops.values()), ops
     assert any(r["off"] is False for r in ops.values())
+
+
+@pytest.mark.slow  # over 1 s (2026-11-27: 1.5 s alone, 0.2 s after the smoke above)
+@pytest.mark.usefixtures("heap_held_frozen")
+def test_shape_smoke_runs_both_arms_on_random_weights_of_the_shape_without_the_probe(tmp_path):
+    """--shape (the full-size run the GPU plan's `rl` step makes after the tiny one): both arms on a config.json
+    directory of the shape with load_format dummy; here engine_e2e's toy smoke shape. --skip-probe leaves the probe out."""
+    from moelink.benchmarks.batch_invariant import main
+
+    out = tmp_path / "bi_shape.json"
+    result = main(["--shape", "qwen3-30b-a3b", "--cpu-smoke", "--skip-probe", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["model"] == "qwen3-30b-a3b shape (toy smoke), 1 of 1 layers, random" and saved["ops"] is None
+    normal, invariant = saved["arms"]
+    assert invariant["alone_equals_batched_bitwise"] is True
+    assert normal["decode_graphs"] == invariant["decode_graphs"] == []  # CPU: every step eager
+    assert result["ratio_invariant_over_normal"] > 0
+    with pytest.raises(SystemExit):
+        main(["--layers", "2", "--cpu-smoke"])  # --layers without --shape

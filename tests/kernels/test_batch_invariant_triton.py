@@ -128,8 +128,10 @@ def test_attention_matches_the_reference_and_a_row_is_the_same_as_decode_or_pref
     k_cache, v_cache, tables, nb = _cache(gen, [target] + others, K, H, bs, dtype)
     k_cache, v_cache, q_LNH = k_cache.to(kdev), v_cache.to(kdev), q_LNH.to(kdev)
 
-    def attend(fn, layout, **kw):
+    def attend(fn, layout, bound=None, **kw):
         meta = _meta([tables[s] for s, _, _ in layout], [c for _, c, _ in layout], [q for _, _, q in layout], nb)
+        if bound is not None:  # a decode graph's host max_seq_len (engine/rank/graph_policy.py): more splits held
+            meta = dataclasses.replace(meta, max_seq_len=bound)
         meta = dataclasses.replace(meta, **{f: getattr(meta, f).to(kdev) for f in (
             "query_start_loc_S1", "seq_lens_S", "block_tables_SM", "slot_mapping_T")})
         rows, q = [], []
@@ -160,14 +162,17 @@ def test_attention_matches_the_reference_and_a_row_is_the_same_as_decode_or_pref
     ]
     if dtype != torch.float32:  # the window and the sinks: the layouts that cross its rows' splits, cheaper
         layouts = [layouts[0], layouts[2], layouts[3], layouts[4]]
+    # As a decode graph runs it: the partials sized for a bound past every context (max_model_len), and one or two
+    # programs per (token, kv head) walking the row's splits in turn instead of one program per split.
+    variants = [([(1, 3, 1), (0, L, 1), (3, 21, 1)], dict(bound=100, programs=2)), ([(0, L, L)], dict(programs=1))]
     seen: dict[int, list] = {}
-    for layout in layouts:
-        for p, row in attend(inv, layout)[3].items():
+    for layout, kw in [(lay, {}) for lay in layouts] + variants:
+        for p, row in attend(inv, layout, **kw)[3].items():
             seen.setdefault(p, []).append(row)
     assert all(torch.equal(r, rows[0]) for rows in seen.values() for r in rows)
     if dtype != torch.float32:
         return
-    assert len(seen[L - 1]) == 6 and len(seen[32]) == 5
+    assert len(seen[L - 1]) == 8 and len(seen[32]) == 6
     # The normal prefill kernel splits the keys by a count the step sets (splits.prefill_splits: the SMs the batch
     # leaves idle): the same row of the same chunk under split counts 1 and 3 differs.
     normal = [attend(triton_paged_attention, [(0, L, L)], prefill_splits=z)[3][L - 1] for z in (1, 3)]

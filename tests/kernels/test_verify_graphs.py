@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.rank.cuda_graph import verify_graph_len, verify_sizes
+from moelink.engine.rank.graph_policy import verify_graph_len, verify_sizes
 
 from moelink.benchmarks.spec_decode import OracleDrafter
 
