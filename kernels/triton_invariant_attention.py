@@ -59,7 +59,8 @@ def _row_of(qsl_ptr, seq_lens_ptr, num_seqs, t):
     return s_safe, pos, ok
 
 
-@triton.jit(do_not_specialize=["Z", "P"])  # one compiled kernel whatever the splits and programs per row
+# Z and P unspecialised: one compiled kernel whatever the splits and programs per row.
+@triton.jit(do_not_specialize=["Z", "P"])
 def _bi_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr, t0, scale,
                      window, num_seqs, stride_qt, stride_qn, stride_cb, stride_cl, stride_ck, stride_vb, stride_vl,
                      stride_vk, stride_tb, num_heads, head_dim, v_head_dim, Z, P, G: tl.constexpr, L: tl.constexpr,

@@ -57,7 +57,7 @@ def kernel_sources() -> set[str]:
     """Every @triton.jit kernel (a name ending in _kernel) defined in kernels/."""
     names = set()
     for p in Path(compile_report.__file__).resolve().parents[1].joinpath("kernels").glob("*.py"):
-        names |= set(re.findall(r"@triton\.jit(?:\([^)]*\))?\s*\ndef (\w+_kernel)\(", p.read_text()))
+        names |= set(re.findall(r"@triton\.jit(?:\([^)]*\))?[ \t]*(?:#[^\n]*)?\ndef (\w+_kernel)\(", p.read_text()))
     return names
 
 
