@@ -107,6 +107,14 @@ def test_generate_matches_the_python_api(front):
     assert text["output_ids"] == want.token_ids and text["text"] == want.text
     assert not {"output_token_logprobs", "routed_experts"} & set(text["meta_info"])
 
+    # top_logprobs_num: the n most likely of each position, by rank, the Python API's
+    tops = ok(port, {"input_ids": PROMPT_IDS, "sampling_params": GREEDY, "return_logprob": True,
+                     "top_logprobs_num": 2})["meta_info"]["output_top_logprobs"]
+    want = _python_api(srv, PROMPT_IDS, temperature=0, max_tokens=6, ignore_eos=True, logprobs=2).outputs[0]
+    assert [[t for _, t, _ in row] for row in tops] == [
+        [t for t, _ in sorted(e.items(), key=lambda kv: kv[1].rank)[:2]] for e in want.logprobs]
+    assert [row[0][1] for row in tops] == want.token_ids  # greedy: the top token is the one sampled
+
     # prompt logprobs from logprob_start_len, SGLang's [logprob, id, null] with null for the first token
     start = ok(port, {"input_ids": PROMPT_IDS, "sampling_params": GREEDY, "return_logprob": True,
                       "logprob_start_len": 0})["meta_info"]["input_token_logprobs"]
@@ -146,5 +154,12 @@ def test_generate_refusals_name_the_field(front):
     assert refused(port, {"input_ids": PROMPT_IDS, "return_logprob": True, "logprob_start_len": 99})[0] == \
         "logprob_start_len"
     assert refused(port, {"input_ids": PROMPT_IDS, "stream": 1})[0] == "stream"
+    assert refused(port, {"input_ids": PROMPT_IDS, "return_logprob": True, "top_logprobs_num": 21})[0] == \
+        "top_logprobs_num"  # --max-logprobs (20)
+    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"stop": ["x"] * 33}})[0] == \
+        "sampling_params.stop"  # --max-stop-strings (32)
+    param, message = refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"max_new_tokens": 0}})
+    assert param == "sampling_params.max_new_tokens" and message.startswith("sampling_params.max_new_tokens=0 is "
+                                                                            "invalid: must be")  # SamplingParams' check
     status, out = post(port, {"input_ids": PROMPT_IDS, "lora_path": "nope"})
     assert status == 400 and "lora_path" in json.loads(out)["error"]["message"]

@@ -8,7 +8,7 @@ answers it itself, in SGLang's request and response shapes, through the same Ser
 
 Request: `text` or `input_ids` (one prompt; a batch is refused naming the field), `sampling_params` (SGLang's names,
 SAMPLING below), `return_logprob`, `logprob_start_len` (-1: output tokens only), `top_logprobs_num`,
-`return_routed_experts`, `stream`, `rid`, `lora_path` (a served adapter's name). Any other field, or a sampling key
+`return_routed_experts`, `stream`, `rid`, `lora_path` (a served adapter's name), `model`. Any other field, or a sampling key
 not listed, is refused (400 naming it), never ignored. Answer: `{"text", "output_ids", "meta_info": {"id",
 "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version", "e2e_latency", ...}}`;
 streamed, the same object so far (text, ids and logprobs cumulative: SGLang's default) per `data:` event, then
@@ -146,6 +146,7 @@ class GenerateRoute:
             raise HttpFieldError("return_logprob", "logprob_start_len and top_logprobs_num need return_logprob: "
                                                    "true.")
         params = _sampling(data.get("sampling_params"))
+        self._within_limits(params, top)
         extra = dict(return_routed_experts=_flag(data, "return_routed_experts"))
         if logprob:
             extra["logprobs"] = top
@@ -154,7 +155,7 @@ class GenerateRoute:
         try:
             params = SamplingParams(**{**params, **extra})
         except ValueError as e:
-            raise HttpFieldError("sampling_params", f"sampling_params: {shown(str(e), quote=False)}") from None
+            raise _renamed(str(e), data.get("sampling_params") or {}) from None
         if params.n != 1:
             raise HttpFieldError("sampling_params.n", "sampling_params.n must be 1 on /generate here: send one "
                                                       "request per sample (each with its own seed).")
@@ -170,9 +171,25 @@ class GenerateRoute:
             raise HttpFieldError("rid", shown(str(e), quote=False)) from None
         return _Request(prompt, field, params, rid, lora, _flag(data, "stream"), None if start == -1 else start)
 
+    def _within_limits(self, params: dict, top: int) -> None:
+        """The server's request limits (limits.py: --max-logprobs, stop lists), as the gRPC services apply them."""
+        lim = self.s.limits
+        if top > lim.max_logprobs:
+            raise HttpFieldError("top_logprobs_num", f"top_logprobs_num={top} is invalid: at most {lim.max_logprobs} "
+                                                     "top logprobs per token (--max-logprobs).")
+        stop = params.get("stop", [])
+        stop = [stop] if isinstance(stop, str) else stop
+        try:
+            lim.check("max_stop_strings", len(stop), "sampling_params.stop")
+            for i, text in enumerate(stop):
+                lim.check("max_stop_string_chars", len(text), f"sampling_params.stop[{i}]")
+            lim.check("max_stop_token_ids", len(params.get("stop_token_ids", [])), "sampling_params.stop_token_ids")
+        except ValueError as e:
+            raise HttpFieldError(str(e).split(" has ", 1)[0], str(e)) from None
+
     async def _answers(self, req: _Request, first, stream) -> AsyncIterator[dict]:
         """SGLang's answer object after each of the engine's deltas, cumulative."""
-        t0, text, ids, lps, input_lps = time.monotonic(), [], [], [], None
+        t0, text, ids, lps, tops, input_lps = time.monotonic(), [], [], [], [], None
         try:
             out = first
             while True:
@@ -181,6 +198,8 @@ class GenerateRoute:
                 ids.extend(comp.token_ids)
                 if req.params.logprobs is not None and comp.logprobs:
                     lps.extend(_triple(entry[t].logprob, t) for t, entry in zip(comp.token_ids, comp.logprobs))
+                    if req.params.logprobs:
+                        tops.extend(_tops(entry, req.params.logprobs) for entry in comp.logprobs)
                 if input_lps is None and req.logprob_start is not None and out.prompt_logprobs is not None:
                     prompt = out.prompt_token_ids
                     input_lps = [[None if e is None else _wire(e[t].logprob), t, None]
@@ -191,6 +210,8 @@ class GenerateRoute:
                 if req.params.logprobs is not None:
                     meta["input_token_logprobs"] = input_lps or []
                     meta["output_token_logprobs"] = list(lps)
+                    if req.params.logprobs:
+                        meta["output_top_logprobs"] = list(tops)
                 if comp.routed_experts is not None:
                     ids_LK = np.ascontiguousarray(comp.routed_experts, dtype=np.dtype("<i4"))
                     meta["routed_experts"] = base64.b64encode(ids_LK.tobytes()).decode("ascii")
@@ -227,6 +248,16 @@ def _sampling(sp: Any) -> dict:
     return out
 
 
+def _renamed(message: str, given: dict) -> HttpFieldError:
+    """SamplingParams' refusal (`SamplingParams.max_tokens=0 is invalid: ...`) under SGLang's name of the field."""
+    name = message.split("=", 1)[0].removeprefix("SamplingParams.")
+    key = next((k for k, (n, _) in SAMPLING.items() if n == name and k in given), None)
+    if key is None:
+        return HttpFieldError("sampling_params", f"sampling_params: {shown(message, quote=False)}")
+    return HttpFieldError(f"sampling_params.{key}", f"sampling_params.{key}={shown(json.dumps(given[key]), quote=False)} is invalid"
+                                                    + shown(message.split(" is invalid", 1)[-1], quote=False))
+
+
 def _finish(comp, ids: list[int]) -> Optional[dict]:
     """SGLang's finish_reason: {"type": "stop", "matched": the stop string or token id} or {"type": "length",
     "length": tokens generated}; None while generating."""
@@ -256,6 +287,13 @@ def _wire(logprob: float) -> float:
     from ..serving import wire_logprob
 
     return wire_logprob(logprob)
+
+
+def _tops(entry: dict, n: int) -> list:
+    """SGLang's top_logprobs_num entries of one position: its n most likely tokens' triples, by rank."""
+    from ..serving import top_logprobs
+
+    return [_triple(lp.logprob, t) for t, lp in top_logprobs(entry, n)]
 
 
 def _triple(logprob: float, token: int) -> list:
