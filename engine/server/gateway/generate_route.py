@@ -2,14 +2,15 @@
 
 slime, verl and AReaL drive an SGLang generator with it: token ids in (`input_ids`), and per generated token its id
 and logprob (`meta_info.output_token_logprobs`) and, for rollout routing replay, the experts every forwarded
-position was routed to (`meta_info.routed_experts`). smg (1.13) has no such route for a gRPC worker, so the front
-answers it itself, in SGLang's request and response shapes, through the same Serving the gRPC services use
-(admission limits, request registry, aborts).
+position was routed to (`meta_info.routed_experts`). smg (1.13) has a /generate of its own, but it reaches the
+worker by the VllmEngine protocol, which has no routed-experts field (nor prompt logprobs), and the front never
+relayed it; so the front answers it itself, in SGLang's request and response shapes, through the same Serving the
+gRPC services use (admission limits, request registry, aborts).
 
 Request: `text` or `input_ids` (one prompt; a batch is refused naming the field), `sampling_params` (SGLang's names,
 SAMPLING below), `return_logprob`, `logprob_start_len` (-1: output tokens only), `top_logprobs_num`,
-`return_routed_experts`, `stream`, `rid`, `lora_path` (a served adapter's name), `model`. Any other field, or a sampling key
-not listed, is refused (400 naming it), never ignored. Answer: `{"text", "output_ids", "meta_info": {"id",
+`return_routed_experts`, `stream`, `rid`, `lora_path` (a served adapter's name), `model`. Any other field, or a
+sampling key not listed, is refused (400 naming it), never ignored. Answer: `{"text", "output_ids", "meta_info": {"id",
 "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version", "e2e_latency", ...}}`;
 streamed, the same object so far (text, ids and logprobs cumulative: SGLang's default) per `data:` event, then
 `data: [DONE]`.
@@ -40,9 +41,10 @@ SAMPLING = {"max_new_tokens": ("max_tokens", "int"), "min_new_tokens": ("min_tok
             "temperature": ("temperature", "number"), "top_p": ("top_p", "number"), "top_k": ("top_k", "int"),
             "min_p": ("min_p", "number"), "repetition_penalty": ("repetition_penalty", "number"),
             "presence_penalty": ("presence_penalty", "number"), "frequency_penalty": ("frequency_penalty", "number"),
-            "stop": ("stop", "strs"), "stop_token_ids": ("stop_token_ids", "ints"), "ignore_eos": ("ignore_eos", "bool"),
-            "skip_special_tokens": ("skip_special_tokens", "bool"), "no_stop_trim": ("include_stop_str_in_output", "bool"),
-            "n": ("n", "int"), "seed": ("seed", "int"), "sampling_seed": ("seed", "int")}
+            "stop": ("stop", "strs"), "stop_token_ids": ("stop_token_ids", "ints"),
+            "ignore_eos": ("ignore_eos", "bool"), "skip_special_tokens": ("skip_special_tokens", "bool"),
+            "no_stop_trim": ("include_stop_str_in_output", "bool"), "n": ("n", "int"), "seed": ("seed", "int"),
+            "sampling_seed": ("seed", "int")}
 SGLANG_MAX_NEW_TOKENS = 128  # SGLang's default when sampling_params has none
 # gRPC status (serving.status_for) -> HTTP status.
 _HTTP = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 403, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
@@ -145,15 +147,15 @@ class GenerateRoute:
         if (start != -1 or top) and not logprob:
             raise HttpFieldError("return_logprob", "logprob_start_len and top_logprobs_num need return_logprob: "
                                                    "true.")
-        params = _sampling(data.get("sampling_params"))
-        self._within_limits(params, top)
+        fields = _sampling(data.get("sampling_params"))
+        self._within_limits(fields, top)
         extra = dict(return_routed_experts=_flag(data, "return_routed_experts"))
         if logprob:
             extra["logprobs"] = top
             if start != -1:
                 extra["prompt_logprobs"] = top
         try:
-            params = SamplingParams(**{**params, **extra})
+            params = SamplingParams(**{**fields, **extra})
         except ValueError as e:
             raise _renamed(str(e), data.get("sampling_params") or {}) from None
         if params.n != 1:
@@ -254,8 +256,9 @@ def _renamed(message: str, given: dict) -> HttpFieldError:
     key = next((k for k, (n, _) in SAMPLING.items() if n == name and k in given), None)
     if key is None:
         return HttpFieldError("sampling_params", f"sampling_params: {shown(message, quote=False)}")
-    return HttpFieldError(f"sampling_params.{key}", f"sampling_params.{key}={shown(json.dumps(given[key]), quote=False)} is invalid"
-                                                    + shown(message.split(" is invalid", 1)[-1], quote=False))
+    value = shown(json.dumps(given[key]), quote=False)
+    return HttpFieldError(f"sampling_params.{key}", f"sampling_params.{key}={value} is invalid"
+                          + shown(message.split(" is invalid", 1)[-1], quote=False))
 
 
 def _finish(comp, ids: list[int]) -> Optional[dict]:

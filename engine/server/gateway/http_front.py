@@ -17,7 +17,9 @@ naming a field). The probes (/health, /liveness, ...) and `GET /metrics` stay op
 do vLLM's own routes outside /v1 (/tokenize, /detokenize, /version, /ping): vLLM's API-key middleware guards
 paths that start with /v1 only.
 
-vLLM's routes that smg lacks are answered here: /version and /ping (vLLM's /health, GET or POST) always;
+SGLang's native `POST /generate` (generate_route.py) and RL control routes (rl_routes.py) are answered from the
+engine beside the front, and ask the key though not under /v1. vLLM's routes that smg lacks are answered here:
+/version and /ping (vLLM's /health, GET or POST) always;
 /tokenize, /detokenize and vLLM's /v1/models cards from the engine when it is beside the front (`local`,
 vllm_routes.py); a front before a gateway started by hand answers /tokenize and /detokenize with 404.
 
