@@ -163,3 +163,29 @@ def test_generate_refusals_name_the_field(front):
                                                                             "invalid: must be")  # SamplingParams' check
     status, out = post(port, {"input_ids": PROMPT_IDS, "lora_path": "nope"})
     assert status == 400 and "lora_path" in json.loads(out)["error"]["message"]
+
+
+def test_a_client_that_leaves_ends_its_request(front):
+    """A streamed and a non-streamed /generate whose client closes its connection end in the engine (nothing left
+    running or holding KV blocks), well before max_new_tokens."""
+    import socket
+
+    from tests.helpers.waits import wait_until
+
+    srv, port = front
+    serving = srv.server.serving
+    for stream in (True, False):
+        body = json.dumps({"input_ids": PROMPT_IDS, "stream": stream, "sampling_params": {
+            "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).encode()
+        before = serving.registry.generated_tokens_total
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /generate HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY.encode()
+                     + b"\r\ncontent-type: application/json\r\ncontent-length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        wait_until(lambda: serving.registry.active, 30, "the request to start")
+        sock.close()
+        wait_until(lambda: not serving.registry.active and serving.stats().num_running == 0, 30,
+                   "the request of the client that left to end")
+        assert serving.registry.generated_tokens_total - before < 400
+    assert wait_until(lambda: serving.stats().num_free_blocks == serving.stats().num_total_blocks, 10,
+                      "every KV block to be free")
