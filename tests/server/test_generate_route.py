@@ -189,3 +189,46 @@ def test_a_client_that_leaves_ends_its_request(front):
         assert serving.registry.generated_tokens_total - before < 400
     assert wait_until(lambda: serving.stats().num_free_blocks == serving.stats().num_total_blocks, 10,
                       "every KV block to be free")
+
+
+def test_abort_request_ends_a_request_by_its_rid(front):
+    """SGLang's /abort_request (what slime sends each worker): `rid` ends that request, its stream closing with
+    finish_reason abort; `abort_all` refused naming --enable-weight-updates on a server without it; the key asked."""
+    import threading
+
+    from tests.helpers.waits import wait_until
+
+    srv, port = front
+    serving = srv.server.serving
+    got: dict = {}
+
+    def run():
+        got["answer"] = post(port, {"input_ids": PROMPT_IDS, "rid": "to-abort", "sampling_params": {
+            "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}})
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(lambda: "to-abort" in serving.registry.active, 30, "the request to start")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/abort_request", body=json.dumps({"rid": "to-abort"}),
+                 headers={"Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert (resp.status, json.loads(resp.read())) == (200, {"success": True, "num_aborted": 1})
+    conn.close()
+    t.join(30)
+    status, out = got["answer"]
+    meta = json.loads(out)["meta_info"]
+    assert status == 200 and meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < 400
+
+    def abort(body, key=KEY):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/abort_request", body=json.dumps(body), headers={"Authorization": f"Bearer {key}"})
+        r = c.getresponse()
+        try:
+            return r.status, json.loads(r.read())
+        finally:
+            c.close()
+    assert abort({"rid": "to-abort"}, key="wrong")[0] == 401
+    status, out = abort({"abort_all": True})
+    assert status == 403 and "--enable-weight-updates" in out["error"]["message"]
+    assert abort({"rid": "gone-already"}) == (200, {"success": True, "num_aborted": 0})
+    assert abort({"rid": 5})[1]["error"]["param"] == "rid" and abort({"all": True})[1]["error"]["param"] == "all"

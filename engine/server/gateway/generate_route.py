@@ -5,7 +5,9 @@ and logprob (`meta_info.output_token_logprobs`) and, for rollout routing replay,
 position was routed to (`meta_info.routed_experts`). smg (1.13) has a /generate of its own, but it reaches the
 worker by the VllmEngine protocol, which has no routed-experts field (nor prompt logprobs), and the front never
 relayed it; so the front answers it itself, in SGLang's request and response shapes, through the same Serving the
-gRPC services use (admission limits, request registry, aborts).
+gRPC services use (admission limits, request registry, aborts). Beside it SGLang's `POST /abort_request`, which
+slime sends each worker to end a rollout: `{"rid"}` ends that request; `{"abort_all": true}` ends every client's,
+and is taken only from a server started with --enable-weight-updates (403 naming it), as the cache flush.
 
 Request: `text` or `input_ids` (one prompt; a batch is refused naming the field), `sampling_params` (SGLang's names,
 SAMPLING below), `return_logprob`, `logprob_start_len` (-1: output tokens only), `top_logprobs_num`,
@@ -34,6 +36,9 @@ from ...contract.sampling_params import SamplingParams
 from .openai_fields import HttpFieldError, refuse_too_deep
 
 GENERATE_PATH = "/generate"
+# SGLang's `POST /abort_request` {"rid"} or {"abort_all": true}: what slime sends every worker to end a rollout.
+ABORT_PATH = "/abort_request"
+PATHS = (GENERATE_PATH, ABORT_PATH)
 FIELDS = ("text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
           "return_routed_experts", "stream", "rid", "lora_path", "model")
 # SGLang's sampling key -> (moelink SamplingParams field, JSON kind).
@@ -79,10 +84,12 @@ class GenerateRoute:
 
     async def answer(self, method: bytes, path: str, body: bytes, query: str = ""):
         """(HTTP status, JSON body), a Streamed answer, or None for another path."""
-        if path != GENERATE_PATH:
+        if path not in PATHS:
             return None
         if method != b"POST":
             return 405, _error(f"{path} takes POST (a JSON body), not {method.decode('latin-1')}.", None, 405)
+        if path == ABORT_PATH:
+            return await self._abort(body)
         try:
             req = self._read(body)
             processed = await self.s.prepare(req.rid, req.prompt, req.params, req.field, lora=(
@@ -107,14 +114,30 @@ class GenerateRoute:
             return _refusal(e)
         return 200, json.dumps(last).encode()
 
-    def _read(self, body: bytes) -> _Request:
-        refuse_too_deep(body)
+    async def _abort(self, body: bytes) -> tuple[int, bytes]:
+        """End one request by its `rid` (any client with the key, as the Abort RPC), or every one (`abort_all`:
+        only on a server that takes RL control calls, --enable-weight-updates, as the cache flush)."""
         try:
-            data = json.loads(body)
-        except ValueError as e:
-            raise HttpFieldError("body", f"the request body is not JSON ({shown(str(e), quote=False)}).") from None
-        if not isinstance(data, dict):
-            raise HttpFieldError("body", "the request body must be a JSON object of /generate's fields.")
+            data = _object(body)
+            for key in data:
+                if key not in ("rid", "abort_all"):
+                    raise HttpFieldError(key, f"{shown(key)} is refused: /abort_request takes rid or abort_all.")
+            every, rid = _flag(data, "abort_all"), data.get("rid")
+            if every == (rid is not None) or (rid is not None and not isinstance(rid, str)):
+                raise HttpFieldError("rid", "give `rid` (a request id, a string) or `abort_all`: true.")
+        except HttpFieldError as e:
+            return e.status, _error(str(e), e.field, e.status)
+        if not every:
+            return 200, json.dumps({"success": True, "num_aborted": await self.s.abort([rid])}).encode()
+        if not self.s.engine.takes_control_calls:
+            return 403, _error("abort_all is refused: this server ends every client's requests only when started "
+                               "with --enable-weight-updates; end your own by `rid`.", "abort_all", 403)
+        running = len(self.s.registry.active)
+        await self.s.abort_all()
+        return 200, json.dumps({"success": True, "num_aborted": running}).encode()
+
+    def _read(self, body: bytes) -> _Request:
+        data = _object(body)
         for key in data:
             if key not in FIELDS:
                 raise HttpFieldError(key, f"{shown(key)} is refused: it is not a field moelink's /generate takes "
@@ -226,6 +249,17 @@ class GenerateRoute:
             await stream.aclose()  # the engine's request ends with it (a client that left, an error)
 
 
+def _object(body: bytes) -> dict:
+    refuse_too_deep(body)
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise HttpFieldError("body", f"the request body is not JSON ({shown(str(e), quote=False)}).") from None
+    if not isinstance(data, dict):
+        raise HttpFieldError("body", "the request body must be a JSON object.")
+    return data
+
+
 def _sampling(sp: Any) -> dict:
     if sp is None:
         sp = {}
@@ -332,4 +366,4 @@ def _error(message: str, param: Optional[str], code: int = 400) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
-__all__ = ["GENERATE_PATH", "GenerateRoute", "Streamed"]
+__all__ = ["ABORT_PATH", "GENERATE_PATH", "GenerateRoute", "PATHS", "Streamed"]

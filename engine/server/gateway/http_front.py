@@ -50,7 +50,7 @@ from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
 from .http_wire import (READ_CHUNK, Upstream, answer_watched, closing_head, copy_stream, error_body, header_of,
                         status_of, until_eof, write_answer)
-from .generate_route import GENERATE_PATH
+from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
 from .lora_routes import forget_adapter, note_adapter
 from .model_name import copy_renamed, renamer
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
@@ -80,15 +80,16 @@ PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/r
                  "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
                  "/v1beta/interactions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health",
                  "/health_generate", "/liveness", "/readiness", "/tokenize", "/detokenize", "/version",
-                 "/ping", GENERATE_PATH) + RL_PATHS
+                 "/ping") + GENERATE_PATHS + RL_PATHS
 PROBES = ("/health", "/health_generate", "/readiness", "/ping")
 VERSION_PATH = "/version"
 PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
 # Answered only where the engine is beside the front: vLLM's tokenizer routes, and the RL control routes
 # (rl_routes.py: never relayed, smg's own /flush_cache is its control plane's).
-ENGINE_ROUTES = ("/tokenize", "/detokenize", GENERATE_PATH) + RL_PATHS
-# Routes outside /v1 that still ask the API key: the RL control routes and SGLang's /generate (a data route).
-KEYED_ROUTES = (GENERATE_PATH,) + RL_PATHS
+ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS
+# Routes outside /v1 that still ask the API key: the RL control routes, SGLang's /generate (a data route) and
+# /abort_request.
+KEYED_ROUTES = GENERATE_PATHS + RL_PATHS
 _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
             b"transfer-encoding", RELAY_HEADER.encode()}
 METRICS_PATH = b"/metrics"
@@ -225,11 +226,11 @@ class HttpFront:
                 return False
             await write_answer(conn, writer, *got)
             return True
-        if path in RL_PATHS or path == GENERATE_PATH:
+        if path in RL_PATHS or path in GENERATE_PATHS:
             await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
                 "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC Control "
-                "service (or the native Generation service for /generate).", None))
+                "service (the native Generation service for /generate and /abort_request).", None))
             return True
         if path in ENGINE_ROUTES:
             await write_answer(conn, writer, 404, error_body(
