@@ -27,7 +27,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import numpy as np
 
@@ -62,6 +62,9 @@ class Streamed:
     `chunks` ends the request in the engine."""
 
     chunks: AsyncIterator[bytes]
+    # Ends the request in the engine: what the front calls last, whether or not `chunks` was ever started (closing
+    # a generator that never ran does not run its cleanup).
+    stop: Callable[[], Awaitable[None]]
     content_type: bytes = b"text/event-stream"
 
 
@@ -105,7 +108,7 @@ class GenerateRoute:
             return _refusal(e)
         answers = self._answers(req, first, stream)
         if req.stream:
-            return Streamed(_events(answers))
+            return Streamed(_events(answers), stream.aclose)
         last = None
         try:
             async for last in answers:

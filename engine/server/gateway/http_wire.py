@@ -88,16 +88,20 @@ async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answ
     if isinstance(got, tuple):
         await write_answer(conn, writer, *got)
         return
+    try:
+        await _write_stream(conn, writer, got)
+    finally:  # also when cancelled (the client left) before a chunk was asked for
+        await got.chunks.aclose()
+        await got.stop()
+
+
+async def _write_stream(conn: h11.Connection, writer: asyncio.StreamWriter, got) -> None:
     # Streamed: no content-length, so h11 frames the body with chunked transfer coding.
     head = h11.Response(status_code=200, headers=[(b"content-type", got.content_type), (b"cache-control", b"no-cache"),
                                                   (b"connection", b"close")])
     writer.write(conn.send(head))
-    chunks = got.chunks
-    try:
-        async for chunk in chunks:
-            writer.write(conn.send(h11.Data(data=chunk)))
-            await writer.drain()
-        writer.write(conn.send(h11.EndOfMessage()))
+    async for chunk in got.chunks:
+        writer.write(conn.send(h11.Data(data=chunk)))
         await writer.drain()
-    finally:
-        await chunks.aclose()
+    writer.write(conn.send(h11.EndOfMessage()))
+    await writer.drain()
