@@ -68,6 +68,12 @@ def test_the_rl_control_routes_answer_from_the_engine_on_moelink_serve(http_port
     for path, body in (("/pause_generation", {"mode": "wait"}), ("/flush_cache", None)):
         status, raw = http_request(http_port, "POST", path, body)
         assert status == 403 and "--enable-weight-updates" in json.loads(raw)["message"], (path, raw)
+    # SGLang's /generate too (generate_route.py; its checks: test_generate_route.py), never smg's own
+    status, raw = http_request(http_port, "POST", "/generate", {"input_ids": [5, 17, 99], "sampling_params": {
+        "max_new_tokens": 3, "temperature": 0, "ignore_eos": True}, "return_logprob": True})
+    out = json.loads(raw)
+    assert status == 200 and len(out["output_ids"]) == 3 and out["meta_info"]["finish_reason"]["type"] == "length"
+    assert [t for _, t, _ in out["meta_info"]["output_token_logprobs"]] == out["output_ids"]
 
 
 def test_regex_grammar_and_json_through_structured_outputs(http_port):

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from moelink.engine.server.gateway.generate_route import GenerateRoute
 from moelink.engine.server.gateway.http_front import HttpFront
 from moelink.engine.server.gateway.rl_routes import ChainedRoutes, RlRoutes
 
@@ -36,13 +37,18 @@ def _call(port: int, method: str, path: str, body=None, key: str | None = KEY) -
 def test_control_routes_over_http(thread_server, model_path):
     srv = thread_server(engine_kw={"enable_weight_updates": True})
     front = HttpFront("127.0.0.1", free_port(), free_port(), KEY,
-                      local=ChainedRoutes(_NoModels(), RlRoutes(srv.engine, srv.engine.takes_control_calls)))
+                      local=ChainedRoutes(_NoModels(), RlRoutes(srv.engine, srv.engine.takes_control_calls),
+                                          GenerateRoute(srv.server.serving)))
     srv.call(front.start())
     port = front.port
     try:
         status, body = _call(port, "POST", "/update_weights_from_disk", {"model_path": model_path}, key=None)
         assert status == 401  # not under /v1, still the key's
         assert _call(port, "GET", "/get_weight_version") == (200, {"weight_version": None})
+        # /generate (test_generate_route.py) on an engine started without --enable-return-routed-experts: the
+        # field refused naming the flag, as the Python API refuses it
+        status, body = _call(port, "POST", "/generate", {"input_ids": [5, 17], "return_routed_experts": True})
+        assert status == 400 and "--enable-return-routed-experts" in body["error"]["message"]
         status, body = _call(port, "POST", "/update_weights_from_disk",
                              {"model_path": model_path, "weight_version": "v2"})
         assert status == 200 and body["success"] is True and body["weight_version"] == "v2" and body["bytes_read"] > 0

@@ -17,7 +17,9 @@ naming a field). The probes (/health, /liveness, ...) and `GET /metrics` stay op
 do vLLM's own routes outside /v1 (/tokenize, /detokenize, /version, /ping): vLLM's API-key middleware guards
 paths that start with /v1 only.
 
-vLLM's routes that smg lacks are answered here: /version and /ping (vLLM's /health, GET or POST) always;
+SGLang's native `POST /generate` (generate_route.py) and RL control routes (rl_routes.py) are answered from the
+engine beside the front, and ask the key though not under /v1. vLLM's routes that smg lacks are answered here:
+/version and /ping (vLLM's /health, GET or POST) always;
 /tokenize, /detokenize and vLLM's /v1/models cards from the engine when it is beside the front (`local`,
 vllm_routes.py); a front before a gateway started by hand answers /tokenize and /detokenize with 404.
 
@@ -46,8 +48,9 @@ import h11
 
 from ...contract.safe_text import shown
 from .hangups import RELAY_HEADER, new_relay_id
-from .http_wire import (READ_CHUNK, Upstream, closing_head, copy_stream, error_body, header_of, status_of,
-                        until_eof, write_answer)
+from .http_wire import (READ_CHUNK, Upstream, answer_watched, closing_head, copy_stream, error_body, header_of,
+                        status_of, until_eof, write_answer)
+from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
 from .lora_routes import forget_adapter, note_adapter
 from .model_name import copy_renamed, renamer
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
@@ -77,13 +80,16 @@ PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/r
                  "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
                  "/v1beta/interactions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health",
                  "/health_generate", "/liveness", "/readiness", "/tokenize", "/detokenize", "/version",
-                 "/ping") + RL_PATHS
+                 "/ping") + GENERATE_PATHS + RL_PATHS
 PROBES = ("/health", "/health_generate", "/readiness", "/ping")
 VERSION_PATH = "/version"
 PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
 # Answered only where the engine is beside the front: vLLM's tokenizer routes, and the RL control routes
 # (rl_routes.py: never relayed, smg's own /flush_cache is its control plane's).
-ENGINE_ROUTES = ("/tokenize", "/detokenize") + RL_PATHS
+ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS
+# Routes outside /v1 that still ask the API key: the RL control routes, SGLang's /generate (a data route) and
+# /abort_request.
+KEYED_ROUTES = GENERATE_PATHS + RL_PATHS
 _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
             b"transfer-encoding", RELAY_HEADER.encode()}
 METRICS_PATH = b"/metrics"
@@ -147,15 +153,16 @@ class HttpFront:
                     await write_answer(conn, writer, 404, error_body(
                         f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None))
                     return
-                # The RL control routes take the key too, though not under /v1 (vLLM's rule for the others).
-                if (needs_key(path) or path in RL_PATHS) and not self._authorized(request):
+                # The RL control routes and /generate take the key too, though not under /v1 (vLLM's rule for the
+                # others).
+                if (needs_key(path) or path in KEYED_ROUTES) and not self._authorized(request):
                     await write_answer(conn, writer, 401, error_body(UNAUTHORIZED, None), extra=_ASK_BEARER)
                     return
                 reason = self.not_serving() if self.not_serving is not None and path in PROBES else None
                 if reason is not None:
                     await write_answer(conn, writer, 503, error_body(reason, None))
                     return
-                if await self._answer_here(conn, request, path, body, writer):
+                if await self._answer_here(conn, request, path, body, writer, reader):
                     return
                 if path == PING_PATH:  # vLLM's /ping is its /health, by GET or POST
                     await self._relay(conn, request, b"", reader, writer, b"GET", b"/health")
@@ -200,7 +207,7 @@ class HttpFront:
             else:  # ConnectionClosed before a whole request
                 return None
 
-    async def _answer_here(self, conn, request: h11.Request, path: str, body: bytes, writer) -> bool:
+    async def _answer_here(self, conn, request: h11.Request, path: str, body: bytes, writer, reader) -> bool:
         """Answer vLLM's routes that smg lacks: /version here, /tokenize, /detokenize and /v1/models from the
         engine (vllm_routes.py) when it is beside the front. Whether it answered."""
         if path == VERSION_PATH:
@@ -211,16 +218,19 @@ class HttpFront:
             return True
         if self.local is not None:
             query = request.target.split(b"?", 1)[1].decode("latin-1") if b"?" in request.target else ""
+            if path == GENERATE_PATH:  # generation: a client that leaves ends it (generate_route.py)
+                await answer_watched(conn, writer, reader, self.local.answer(request.method, path, body, query))
+                return True
             got = await self.local.answer(request.method, path, body, query)
             if got is None:
                 return False
             await write_answer(conn, writer, *got)
             return True
-        if path in RL_PATHS:
+        if path in RL_PATHS or path in GENERATE_PATHS:
             await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
                 "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC Control "
-                "service.", None))
+                "service (the native Generation service for /generate and /abort_request).", None))
             return True
         if path in ENGINE_ROUTES:
             await write_answer(conn, writer, 404, error_body(

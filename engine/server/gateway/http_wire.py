@@ -66,3 +66,42 @@ async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, statu
     writer.write(conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=body))
                  + conn.send(h11.EndOfMessage()))
     await writer.drain()
+
+
+async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                         answering) -> None:
+    """Write the answer the coroutine `answering` gives, (status, body) or a generate_route.Streamed (its chunks
+    sent as they come, chunked), while the client is watched: one that closes its end first cancels the answer,
+    which ends the request in the engine (its stream is closed)."""
+    gone = asyncio.ensure_future(until_eof(reader))
+    work = asyncio.ensure_future(_write_answer(conn, writer, answering))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (work, gone):
+            t.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+
+
+async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answering) -> None:
+    got = await answering
+    if isinstance(got, tuple):
+        await write_answer(conn, writer, *got)
+        return
+    try:
+        await _write_stream(conn, writer, got)
+    finally:  # also when cancelled (the client left) before a chunk was asked for
+        await got.chunks.aclose()
+        await got.stop()
+
+
+async def _write_stream(conn: h11.Connection, writer: asyncio.StreamWriter, got) -> None:
+    # Streamed: no content-length, so h11 frames the body with chunked transfer coding.
+    head = h11.Response(status_code=200, headers=[(b"content-type", got.content_type), (b"cache-control", b"no-cache"),
+                                                  (b"connection", b"close")])
+    writer.write(conn.send(head))
+    async for chunk in got.chunks:
+        writer.write(conn.send(h11.Data(data=chunk)))
+        await writer.drain()
+    writer.write(conn.send(h11.EndOfMessage()))
+    await writer.drain()

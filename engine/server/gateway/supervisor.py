@@ -471,10 +471,12 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     gateway = None
     local = None
     if serving is not None:
+        from .generate_route import GenerateRoute
         from .rl_routes import ChainedRoutes, RlRoutes
         from .vllm_routes import VllmRoutes
 
-        local = ChainedRoutes(VllmRoutes(serving, chat_template_of(options)), RlRoutes(serving.engine, serving.engine.takes_control_calls))
+        local = ChainedRoutes(VllmRoutes(serving, chat_template_of(options)),
+                              RlRoutes(serving.engine, serving.engine.takes_control_calls), GenerateRoute(serving))
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,

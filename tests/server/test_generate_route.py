@@ -1,0 +1,234 @@
+"""SGLang's native `POST /generate` on the HTTP front (engine/server/gateway/generate_route.py; docs/rl.md#over-http),
+answered from the engine beside it: the same tokens, logprobs and routed experts as the Python API (AsyncEngine on
+the same engine) for the same greedy request; streamed as SGLang streams; each refusal names its field; the API key
+asked for though the route is not under /v1. (Without --enable-return-routed-experts the field is refused naming
+the flag: test_rl_http_routes.py, whose engine runs without it.)"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+
+import numpy as np
+import pytest
+
+from moelink.engine import SamplingParams
+from moelink.engine.server.gateway.generate_route import GenerateRoute
+from moelink.engine.server.gateway.http_front import HttpFront
+from moelink.engine.server.gateway.rl_routes import ChainedRoutes
+
+from tests.helpers.grpc_server import ENGINE_KW, ThreadServer
+from tests.helpers.net import free_port
+
+KEY = "generate-key"
+PROMPT_IDS = [5, 17, 99, 23, 42, 7, 300]
+GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+
+
+def post(port: int, body, key: str | None = KEY, raw: bool = False) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        conn.request("POST", "/generate", body=body if raw else json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def ok(port: int, body) -> dict:
+    status, out = post(port, body)
+    assert status == 200, out
+    return json.loads(out)
+
+
+def refused(port: int, body, raw: bool = False) -> tuple[str, str]:
+    status, out = post(port, body, raw=raw)
+    assert status == 400, out
+    err = json.loads(out)["error"]
+    return err["param"], err["message"]
+
+
+class _NoModels:
+    async def answer(self, method, path, body, query=""):
+        return None
+
+
+@pytest.fixture(scope="module")
+def front(model_path):
+    srv = ThreadServer(model_path, {**ENGINE_KW, "enable_return_routed_experts": True})
+    f = HttpFront("127.0.0.1", free_port(), free_port(), KEY,
+                  local=ChainedRoutes(_NoModels(), GenerateRoute(srv.server.serving)))
+    srv.call(f.start())
+    try:
+        yield srv, f.port
+    finally:
+        srv.call(f.stop())
+        srv.close()
+
+
+def _python_api(srv, prompt, **sp):
+    """The finished RequestOutput of the Python API (AsyncEngine.generate) on the same engine."""
+    async def run():
+        last = None
+        async for last in srv.engine.generate("oracle-" + str(hash(str(prompt)) % 1000), prompt, SamplingParams(**sp)):
+            pass
+        return last
+    return srv.call(run(), timeout=60)
+
+
+@pytest.mark.slow  # over 1 s (an engine start and a few short generations)
+def test_generate_matches_the_python_api(front):
+    srv, port = front
+    assert post(port, {"input_ids": PROMPT_IDS}, key=None)[0] == 401  # not under /v1, still the key's
+    got = ok(port, {"input_ids": PROMPT_IDS, "sampling_params": GREEDY, "return_logprob": True,
+                    "return_routed_experts": True, "rid": "r3"})
+    want = _python_api(srv, PROMPT_IDS, temperature=0, max_tokens=6, ignore_eos=True, logprobs=0,
+                       return_routed_experts=True)
+    comp = want.outputs[0]
+    assert got["output_ids"] == comp.token_ids and got["text"] == comp.text
+    meta = got["meta_info"]
+    assert meta["id"] == "r3" and meta["finish_reason"] == {"type": "length", "length": 6}
+    assert (meta["prompt_tokens"], meta["completion_tokens"]) == (len(PROMPT_IDS), 6)
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == comp.token_ids
+    assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(
+        [e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs)], abs=1e-6)
+    assert meta["input_token_logprobs"] == [] and meta["routed_experts_dtype"] == "int32"
+    rx = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype="<i4")  # as slime decodes it
+    assert rx.size == comp.routed_experts.size
+    rx = rx.reshape(comp.routed_experts.shape)
+    assert rx.shape[0] == len(PROMPT_IDS) + 6 - 1 and np.array_equal(rx, comp.routed_experts)
+
+    # text gives the tokens the Python API gives the same text; no logprobs or experts unless asked
+    text = ok(port, {"text": "The quick brown fox", "sampling_params": GREEDY})
+    want = _python_api(srv, "The quick brown fox", temperature=0, max_tokens=6, ignore_eos=True).outputs[0]
+    assert text["output_ids"] == want.token_ids and text["text"] == want.text
+    assert not {"output_token_logprobs", "routed_experts"} & set(text["meta_info"])
+
+    # top_logprobs_num: the n most likely of each position, by rank, the Python API's
+    tops = ok(port, {"input_ids": PROMPT_IDS, "sampling_params": GREEDY, "return_logprob": True,
+                     "top_logprobs_num": 2})["meta_info"]["output_top_logprobs"]
+    want = _python_api(srv, PROMPT_IDS, temperature=0, max_tokens=6, ignore_eos=True, logprobs=2).outputs[0]
+    assert [[t for _, t, _ in row] for row in tops] == [
+        [t for t, _ in sorted(e.items(), key=lambda kv: kv[1].rank)[:2]] for e in want.logprobs]
+    assert [row[0][1] for row in tops] == want.token_ids  # greedy: the top token is the one sampled
+
+    # prompt logprobs from logprob_start_len, SGLang's [logprob, id, null] with null for the first token
+    start = ok(port, {"input_ids": PROMPT_IDS, "sampling_params": GREEDY, "return_logprob": True,
+                      "logprob_start_len": 0})["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in start] == PROMPT_IDS and start[0][0] is None and all(lp < 0 for lp, _, _ in start[1:])
+
+    # streamed: SGLang's `data:` events, cumulative, ending with [DONE]; the last equals the whole answer
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/generate", body=json.dumps({"input_ids": PROMPT_IDS, "sampling_params": GREEDY,
+                                                        "stream": True, "return_routed_experts": True}),
+                 headers={"Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type") == "text/event-stream"
+    events = [e[len("data: "):] for e in resp.read().decode().split("\n\n") if e]
+    conn.close()
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert chunks[-1]["output_ids"] == got["output_ids"] and chunks[-1]["text"] == got["text"]
+    assert chunks[-1]["meta_info"]["routed_experts"] == meta["routed_experts"]
+    assert [len(c["output_ids"]) for c in chunks] == sorted(len(c["output_ids"]) for c in chunks)
+
+
+def test_generate_refusals_name_the_field(front):
+    _, port = front
+    assert refused(port, b"{not json", raw=True)[0] == "body"
+    assert refused(port, {"input_ids": PROMPT_IDS, "image_data": "x"})[0] == "image_data"
+    assert refused(port, {"input_ids": [PROMPT_IDS, PROMPT_IDS]})[0] == "input_ids"  # a batch
+    assert refused(port, {"text": ["a", "b"]})[0] == "text"
+    assert refused(port, {})[0] == "text"
+    param, message = refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"beam_width": 2}})
+    assert param == "sampling_params.beam_width" and "max_new_tokens" in message
+    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"temperature": "hot"}})[0] == \
+        "sampling_params.temperature"
+    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"n": 2}})[0] == "sampling_params.n"
+    assert refused(port, {"input_ids": PROMPT_IDS, "return_logprob": "yes"})[0] == "return_logprob"
+    assert refused(port, {"input_ids": PROMPT_IDS, "logprob_start_len": 0})[0] == "return_logprob"
+    assert refused(port, {"input_ids": PROMPT_IDS, "return_logprob": True, "logprob_start_len": 99})[0] == \
+        "logprob_start_len"
+    assert refused(port, {"input_ids": PROMPT_IDS, "stream": 1})[0] == "stream"
+    assert refused(port, {"input_ids": PROMPT_IDS, "return_logprob": True, "top_logprobs_num": 21})[0] == \
+        "top_logprobs_num"  # --max-logprobs (20)
+    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"stop": ["x"] * 33}})[0] == \
+        "sampling_params.stop"  # --max-stop-strings (32)
+    param, message = refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"max_new_tokens": 0}})
+    assert param == "sampling_params.max_new_tokens" and message.startswith("sampling_params.max_new_tokens=0 is "
+                                                                            "invalid: must be")  # SamplingParams' check
+    status, out = post(port, {"input_ids": PROMPT_IDS, "lora_path": "nope"})
+    assert status == 400 and "lora_path" in json.loads(out)["error"]["message"]
+
+
+def test_a_client_that_leaves_ends_its_request(front):
+    """A streamed and a non-streamed /generate whose client closes its connection end in the engine (nothing left
+    running or holding KV blocks), well before max_new_tokens."""
+    import socket
+
+    from tests.helpers.waits import wait_until
+
+    srv, port = front
+    serving = srv.server.serving
+    for stream in (True, False):
+        body = json.dumps({"input_ids": PROMPT_IDS, "stream": stream, "sampling_params": {
+            "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).encode()
+        before = serving.registry.generated_tokens_total
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /generate HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY.encode()
+                     + b"\r\ncontent-type: application/json\r\ncontent-length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        wait_until(lambda: serving.registry.active, 30, "the request to start")
+        sock.close()
+        wait_until(lambda: not serving.registry.active and serving.stats().num_running == 0, 30,
+                   "the request of the client that left to end")
+        assert serving.registry.generated_tokens_total - before < 400
+    assert wait_until(lambda: serving.stats().num_free_blocks == serving.stats().num_total_blocks, 10,
+                      "every KV block to be free")
+
+
+def test_abort_request_ends_a_request_by_its_rid(front):
+    """SGLang's /abort_request (what slime sends each worker): `rid` ends that request, its stream closing with
+    finish_reason abort; `abort_all` refused naming --enable-weight-updates on a server without it; the key asked."""
+    import threading
+
+    from tests.helpers.waits import wait_until
+
+    srv, port = front
+    serving = srv.server.serving
+    got: dict = {}
+
+    def run():
+        got["answer"] = post(port, {"input_ids": PROMPT_IDS, "rid": "to-abort", "sampling_params": {
+            "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}})
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(lambda: "to-abort" in serving.registry.active, 30, "the request to start")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/abort_request", body=json.dumps({"rid": "to-abort"}),
+                 headers={"Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert (resp.status, json.loads(resp.read())) == (200, {"success": True, "num_aborted": 1})
+    conn.close()
+    t.join(30)
+    status, out = got["answer"]
+    meta = json.loads(out)["meta_info"]
+    assert status == 200 and meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < 400
+
+    def abort(body, key=KEY):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/abort_request", body=json.dumps(body), headers={"Authorization": f"Bearer {key}"})
+        r = c.getresponse()
+        try:
+            return r.status, json.loads(r.read())
+        finally:
+            c.close()
+    assert abort({"rid": "to-abort"}, key="wrong")[0] == 401
+    status, out = abort({"abort_all": True})
+    assert status == 403 and "--enable-weight-updates" in out["error"]["message"]
+    assert abort({"rid": "gone-already"}) == (200, {"success": True, "num_aborted": 0})
+    assert abort({"rid": 5})[1]["error"]["param"] == "rid" and abort({"all": True})[1]["error"]["param"] == "all"
