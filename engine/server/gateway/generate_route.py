@@ -29,11 +29,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
-import numpy as np
-
 from ...contract.safe_text import shown
 from ...contract.sampling_params import SamplingParams
-from .openai_fields import HttpFieldError, refuse_too_deep
+from .json_body import json_flag, json_object
+from .openai_fields import HttpFieldError
 
 GENERATE_PATH = "/generate"
 # SGLang's `POST /abort_request` {"rid"} or {"abort_all": true}: what slime sends every worker to end a rollout.
@@ -121,11 +120,11 @@ class GenerateRoute:
         """End one request by its `rid` (any client with the key, as the Abort RPC), or every one (`abort_all`:
         only on a server that takes RL control calls, --enable-weight-updates, as the cache flush)."""
         try:
-            data = _object(body)
+            data = json_object(body)
             for key in data:
                 if key not in ("rid", "abort_all"):
                     raise HttpFieldError(key, f"{shown(key)} is refused: /abort_request takes rid or abort_all.")
-            every, rid = _flag(data, "abort_all"), data.get("rid")
+            every, rid = json_flag(data, "abort_all"), data.get("rid")
             if every == (rid is not None) or (rid is not None and not isinstance(rid, str)):
                 raise HttpFieldError("rid", "give `rid` (a request id, a string) or `abort_all`: true.")
         except HttpFieldError as e:
@@ -140,7 +139,7 @@ class GenerateRoute:
         return 200, json.dumps({"success": True, "num_aborted": running}).encode()
 
     def _read(self, body: bytes) -> _Request:
-        data = _object(body)
+        data = json_object(body)
         for key in data:
             if key not in FIELDS:
                 raise HttpFieldError(key, f"{shown(key)} is refused: it is not a field moelink's /generate takes "
@@ -162,7 +161,7 @@ class GenerateRoute:
                                   set(self.s.served_model_names) | set(self.s.model_aliases)):
             raise HttpFieldError("model", f"model={shown(repr(model))} is not served here "
                                           f"({', '.join(map(repr, self.s.served_model_names))}).")
-        logprob = _flag(data, "return_logprob")
+        logprob = json_flag(data, "return_logprob")
         start = data.get("logprob_start_len", -1)
         if not _is_int(start) or start < -1:
             raise HttpFieldError("logprob_start_len", "logprob_start_len must be an integer >= -1 (-1: the output "
@@ -175,7 +174,7 @@ class GenerateRoute:
                                                    "true.")
         fields = _sampling(data.get("sampling_params"))
         self._within_limits(fields, top)
-        extra = dict(return_routed_experts=_flag(data, "return_routed_experts"))
+        extra = dict(return_routed_experts=json_flag(data, "return_routed_experts"))
         if logprob:
             extra["logprobs"] = top
             if start != -1:
@@ -197,7 +196,7 @@ class GenerateRoute:
             rid = self.s.request_id(rid or "")
         except ValueError as e:
             raise HttpFieldError("rid", shown(str(e), quote=False)) from None
-        return _Request(prompt, field, params, rid, lora, _flag(data, "stream"), None if start == -1 else start)
+        return _Request(prompt, field, params, rid, lora, json_flag(data, "stream"), None if start == -1 else start)
 
     def _within_limits(self, params: dict, top: int) -> None:
         """The server's request limits (limits.py: --max-logprobs, stop lists), as the gRPC services apply them."""
@@ -241,6 +240,8 @@ class GenerateRoute:
                     if req.params.logprobs:
                         meta["output_top_logprobs"] = list(tops)
                 if comp.routed_experts is not None:
+                    import numpy as np  # here: the serve CLI imports this module, and its parser imports no numpy
+
                     ids_LK = np.ascontiguousarray(comp.routed_experts, dtype=np.dtype("<i4"))
                     meta["routed_experts"] = base64.b64encode(ids_LK.tobytes()).decode("ascii")
                     meta["routed_experts_dtype"] = "int32"
@@ -250,17 +251,6 @@ class GenerateRoute:
                 _, out = await anext(stream)
         finally:
             await stream.aclose()  # the engine's request ends with it (a client that left, an error)
-
-
-def _object(body: bytes) -> dict:
-    refuse_too_deep(body)
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise HttpFieldError("body", f"the request body is not JSON ({shown(str(e), quote=False)}).") from None
-    if not isinstance(data, dict):
-        raise HttpFieldError("body", "the request body must be a JSON object.")
-    return data
 
 
 def _sampling(sp: Any) -> dict:
@@ -339,15 +329,6 @@ def _tops(entry: dict, n: int) -> list:
 def _triple(logprob: float, token: int) -> list:
     """SGLang's logprob entry: [logprob, token id, token text (null: return_text_in_logprobs is not taken)]."""
     return [_wire(logprob), token, None]
-
-
-def _flag(data: dict, name: str) -> bool:
-    v = data.get(name, False)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise HttpFieldError(name, f"{name} must be true or false.")
-    return v
 
 
 def _is_int(v: Any) -> bool:

@@ -31,7 +31,8 @@ from typing import Optional
 from ...core.no_tokenizer import NoTokenizer
 from ...contract.safe_text import shown
 from . import lora_routes
-from .openai_fields import HttpFieldError, refuse_too_deep
+from .json_body import json_flag, json_object, kind_of
+from .openai_fields import HttpFieldError
 
 TOKENIZE_PATH = "/tokenize"
 DETOKENIZE_PATH = "/detokenize"
@@ -93,7 +94,7 @@ class VllmRoutes:
         if isinstance(self.tokenizer, NoTokenizer):
             return 400, _error(str(self.tokenizer.error(f"{path} needs the vocabulary")), "model")
         try:
-            data = _json_object(body)
+            data = json_object(body)
             if path == TOKENIZE_PATH:
                 heavy = len(body) > INLINE_MAX_CHARS
                 out = await asyncio.to_thread(self.tokenize, data) if heavy else self.tokenize(data)
@@ -140,7 +141,7 @@ class VllmRoutes:
             raise HttpFieldError("prompt", "/tokenize takes `prompt` (text) or `messages` (a chat).")
         self._check_fields(data, CHAT_FIELDS if chat else PROMPT_FIELDS, TOKENIZE_PATH)
         self._check_model(data)
-        strs = _flag(data, "return_token_strs", False)
+        strs = json_flag(data, "return_token_strs", False)
         tok = self.tokenizer
         if chat:
             ids = self._chat_ids(data)
@@ -148,9 +149,9 @@ class VllmRoutes:
             prompt = data["prompt"]
             if not isinstance(prompt, str):
                 raise HttpFieldError("prompt", f"prompt must be a string (text to tokenize), not "
-                                               f"{_kind(prompt)}: vLLM's /tokenize takes text.")
+                                               f"{kind_of(prompt)}: vLLM's /tokenize takes text.")
             self._fits_as_text("prompt", prompt)
-            special = _flag(data, "add_special_tokens", True)
+            special = json_flag(data, "add_special_tokens", True)
             ids = tok.encode_without_gil(prompt, special) if len(prompt) > INLINE_MAX_CHARS else \
                 tok.encode(prompt, special)
         self._fits_as_ids("messages" if chat else "prompt", len(ids))
@@ -161,12 +162,12 @@ class VllmRoutes:
         messages = data["messages"]
         if not isinstance(messages, list) or not messages:
             raise HttpFieldError("messages", "messages must be a non-empty list of {\"role\", \"content\"} objects.")
-        generation = _flag(data, "add_generation_prompt", True)
-        continue_final = _flag(data, "continue_final_message", False)
+        generation = json_flag(data, "add_generation_prompt", True)
+        continue_final = json_flag(data, "continue_final_message", False)
         if generation and continue_final:
             raise HttpFieldError("continue_final_message", "continue_final_message and add_generation_prompt cannot "
                                                            "both be true (set add_generation_prompt to false).")
-        special = _flag(data, "add_special_tokens", False)
+        special = json_flag(data, "add_special_tokens", False)
         chat, size = [], 0
         for i, m in enumerate(messages):
             chat.append(_message(m, f"messages[{i}]", self.s.text_only_reason))
@@ -207,7 +208,7 @@ class VllmRoutes:
             raise HttpFieldError("tokens", "/detokenize takes `tokens`, a list of token ids.")
         ids = data["tokens"]
         if not isinstance(ids, list):
-            raise HttpFieldError("tokens", f"tokens must be a list of token ids, not {_kind(ids)}.")
+            raise HttpFieldError("tokens", f"tokens must be a list of token ids, not {kind_of(ids)}.")
         self._fits_as_ids("tokens", len(ids))
         vocab = self.tokenizer.vocab_size
         for i, t in enumerate(ids):
@@ -246,31 +247,11 @@ class VllmRoutes:
             raise HttpFieldError(field, reason)
 
 
-def _json_object(body: bytes) -> dict:
-    refuse_too_deep(body)
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise HttpFieldError("body", f"the request body is not JSON ({shown(str(e), quote=False)}).") from None
-    if not isinstance(data, dict):
-        raise HttpFieldError("body", f"the request body must be a JSON object, not {_kind(data)}.")
-    return data
-
-
-def _flag(data: dict, name: str, default: bool) -> bool:
-    value = data.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise HttpFieldError(name, f"{name} must be true or false, not {_kind(value)}.")
-    return value
-
-
 def _message(m, where: str, text_only) -> dict:
     """One chat message as a template reads it: role and text content (OpenAI text parts joined by newlines,
     as vLLM joins them for a template that takes strings)."""
     if not isinstance(m, dict):
-        raise HttpFieldError(where, f"{where} must be an object with `role` and `content`, not {_kind(m)}.")
+        raise HttpFieldError(where, f"{where} must be an object with `role` and `content`, not {kind_of(m)}.")
     role = m.get("role")
     if not isinstance(role, str) or not role:
         raise HttpFieldError(f"{where}.role", f"{where}.role must be a non-empty string.")
@@ -299,11 +280,6 @@ def _continued(text: str, final: Optional[str]) -> str:
         raise HttpFieldError("continue_final_message", "continue_final_message needs the last message's content in "
                                                        "the rendered chat, and this template does not write it.")
     return text[:at + len(final)]
-
-
-def _kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
 
 
 def _error(message: str, param: Optional[str], kind: str = "BadRequestError", code: int = 400) -> bytes:
