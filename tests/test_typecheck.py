@@ -6,6 +6,7 @@ whole package and this small file beside it in one mypy run."""
 from __future__ import annotations
 
 import re
+import sys
 import textwrap
 
 import pytest
@@ -40,7 +41,7 @@ def checked():
     probe = typecheck.link_tree() / "typecheck_probe.py"
     probe.write_text(PROBE)
     try:
-        out, err, status = typecheck.run("-p", "moelink", "-m", "typecheck_probe")
+        out, err, status = typecheck.run_isolated("-p", "moelink", "-m", "typecheck_probe")
     finally:
         probe.unlink()
     checked = re.search(r"\(checked (\d+) source files\)|Success: no issues found in (\d+) source files", out)
@@ -61,6 +62,9 @@ def test_the_whole_package_type_checks(checked):
     (tests/conftest.py schedules it first)."""
     package_errors, _, output = checked
     assert package_errors == [], f"mypy found errors (make typecheck shows the same):\n{output}"
+    # mypy ran in a child: its build (millions of objects) never joins this worker's heap, which every engine start
+    # after it collects (typecheck.run_isolated).
+    assert "mypy.build" not in sys.modules, "mypy ran inside the pytest worker: use typecheck.run_isolated"
 
 
 @pytest.mark.xdist_group("typecheck")
