@@ -26,6 +26,8 @@ ADAPTERS = {  # name -> (peft LoraConfig fields, seed); "c" is loaded while the 
 }
 PROMPTS = ("Once upon a time", "Hello, my name is", "The quick brown fox")
 MAX_TOKENS = 8
+CHAT = [{"role": "user", "content": "Hi"}]
+CHAT_TOKENS = 6
 _API_LINE = r"moelink: OpenAI API on http://127\.0\.0\.1:(\d+)/v1"
 
 
@@ -45,10 +47,17 @@ def case(tmp_path_factory):
     llm = LLM(base, dtype="float64", enable_lora=True, max_loras=3, max_lora_rank=8, num_kv_blocks=256)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     keys = [(name, p) for name in (None, *ADAPTERS) for p in PROMPTS]
-    loras = [None if n is None else LoRARequest(n, list(ADAPTERS).index(n) + 1, dirs[n]) for n, _ in keys]
-    outs = llm.generate([p for _, p in keys], params, use_tqdm=False, lora_request=loras)
+    # The chat prompt the Responses and Messages APIs send for CHAT (smg applies the model's chat template), for
+    # the base and adapter "a", its first CHAT_TOKENS tokens.
+    templated = llm.get_tokenizer().apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    chat_keys = [(None, templated), ("a", templated)]
+    loras = [None if n is None else LoRARequest(n, list(ADAPTERS).index(n) + 1, dirs[n]) for n, _ in keys + chat_keys]
+    outs = llm.generate([p for _, p in keys], params, use_tqdm=False, lora_request=loras[:len(keys)])
+    outs += llm.generate([p for _, p in chat_keys], SamplingParams(temperature=0.0, max_tokens=CHAT_TOKENS,
+                                                                     ignore_eos=True),
+                         use_tqdm=False, lora_request=loras[len(keys):])
     # A last token that ends inside a UTF-8 character: smg holds its bytes back, the Python API writes U+FFFD.
-    want = {k: o.outputs[0].text.rstrip("\ufffd") for k, o in zip(keys, outs)}
+    want = {k: o.outputs[0].text.rstrip("\ufffd") for k, o in zip(keys + [(n, "chat") for n, _ in chat_keys], outs)}
     del llm
     for p in PROMPTS:  # each adapter moves the base model's text: the checks below tell them apart
         assert len({want[(n, p)] for n in (None, *ADAPTERS)}) == 4, p
@@ -125,6 +134,42 @@ def test_adapters_and_the_base_interleaved_each_get_their_tokens(server, case):
     assert "".join(c.choices[0].text for c in chunks if c.choices).rstrip("\ufffd") == want[("b", PROMPTS[2])]
 
 
+def test_the_responses_and_messages_apis_take_an_adapter(server, case):
+    """smg's /v1/responses and /v1/messages generate too: a `model` naming an adapter runs under it (the front relays
+    it under the base's name, as chat), the answer names the adapter, plain and streamed."""
+    _, port = server
+    _, _, want = case
+    _wait_ready(_client(port))
+    assert want[("a", "chat")] != want[(None, "chat")]
+    for model in (BASE, "a"):
+        text = want[(None if model == BASE else model, "chat")]
+        status, out = _post(port, "/v1/responses", {"model": model, "input": CHAT, "max_output_tokens": CHAT_TOKENS,
+                                                    "temperature": 0})
+        assert status == 200 and out["model"] == model, out
+        assert out["output"][0]["content"][0]["text"].rstrip("\ufffd") == text
+        status, out = _post(port, "/v1/messages", {"model": model, "messages": CHAT, "max_tokens": CHAT_TOKENS,
+                                                   "temperature": 0})
+        assert status == 200 and out["model"] == model, out
+        assert out["content"][0]["text"].rstrip("\ufffd") == text
+    events = _sse(port, "/v1/messages", {"model": "a", "messages": CHAT, "max_tokens": CHAT_TOKENS, "stream": True,
+                                         "temperature": 0})
+    assert events[0]["message"]["model"] == "a"
+    assert "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta").rstrip("\ufffd") \
+        == want[("a", "chat")]
+    events = _sse(port, "/v1/responses", {"model": "a", "input": CHAT, "max_output_tokens": CHAT_TOKENS,
+                                          "stream": True, "temperature": 0})
+    assert events[0]["response"]["model"] == "a"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta").rstrip("\ufffd") \
+        == want[("a", "chat")]
+
+
+def _sse(port: int, path: str, body: dict) -> list[dict]:
+    status, raw = http_request(port, "POST", path, body, AUTH)
+    assert status == 200, raw
+    return [json.loads(line[5:]) for line in raw.decode().splitlines() if line.startswith("data:")
+            and line[5:].strip() != "[DONE]"]
+
+
 def test_an_unknown_model_is_404_naming_it(server):
     import openai
 
@@ -132,9 +177,10 @@ def test_an_unknown_model_is_404_naming_it(server):
     with pytest.raises(openai.NotFoundError) as exc:
         _client(port).completions.create(model="no-such-adapter", prompt="x", max_tokens=1)
     assert "no-such-adapter" in str(exc.value)
-    # smg's other generation routes do not take an adapter's name (docs/lora.md): its own 404, never the base model.
-    status, out = _post(port, "/v1/responses", {"model": "a", "input": "Hi", "max_output_tokens": 2})
-    assert status == 404, out
+    for path, body in (("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+                       ("/v1/messages", {"messages": CHAT, "max_tokens": 2})):
+        status, out = _post(port, path, {"model": "no-such-adapter", **body})
+        assert status == 404 and "no-such-adapter" in json.dumps(out), (path, out)
 
 
 def test_load_while_requests_run_use_it_unload_it_then_it_is_refused(server, case):

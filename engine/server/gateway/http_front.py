@@ -53,7 +53,7 @@ from .http_wire import (READ_CHUNK, Upstream, answer_watched, closing_head, copy
 from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
 from .lora_routes import forget_adapter, note_adapter
 from .model_name import copy_renamed, renamer
-from .openai_fields import CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
+from .openai_fields import ADAPTER_PATHS, CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key, tokenizer_ready
 from .rl_routes import PATHS as RL_PATHS
 from .tool_calls import asks_one_call, forget, note_one_call
@@ -241,11 +241,12 @@ class HttpFront:
 
     def _inspect(self, request: h11.Request, body: bytes) -> tuple[bytes, bool, Optional[str]]:
         """(the body to relay, whether it asks for one required tool call, the LoRA adapter its `model` names):
-        the body rewritten when a chat or completions request carries vLLM's structured-output fields, or names an
-        adapter (sent to smg under the base model's name: lora_routes.py); the call's note is for the engine, which
-        closes smg's array of calls after one (tool_calls.py: smg 1.13 drops `parallel_tool_calls: false`)."""
+        the body rewritten when a chat or completions request carries vLLM's structured-output fields, or when a
+        generation request (chat, completions, responses, messages) names an adapter (sent to smg under the base
+        model's name: lora_routes.py); the call's note is for the engine, which closes smg's array of calls after
+        one (tool_calls.py: smg 1.13 drops `parallel_tool_calls: false`)."""
         path = request.target.split(b"?", 1)[0].decode("latin-1")
-        if request.method != b"POST" or path not in (CHAT_PATH, COMPLETIONS_PATH):
+        if request.method != b"POST" or path not in ADAPTER_PATHS:
             return body, False, None
         refuse_too_deep(body)  # before json.loads and the json.dumps below, which recurse per level
         try:
@@ -255,7 +256,7 @@ class HttpFront:
         if not isinstance(data, dict):
             return body, False, None
         adapter = self.local.route_model(data) if self.local is not None else None
-        new = rewrite(path, data)
+        new = rewrite(path, data) if path in (CHAT_PATH, COMPLETIONS_PATH) else None
         if adapter is not None:
             new = dict(new if new is not None else data, model=self.local.base_name)
         one_call = path == CHAT_PATH and asks_one_call(data)

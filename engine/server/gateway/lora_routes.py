@@ -3,8 +3,8 @@
 `POST /v1/unload_lora_adapter` add and remove one while the server runs, as vLLM serves them.
 
 How an adapter reaches the engine: smg's VllmEngine GenerateRequest (smg_grpc_proto 0.4, smg 1.13) has no LoRA field,
-and smg routes a request by its `model` to the workers serving that name. So the front (http_front.py) reads a chat
-or completions request's `model`; when it is an adapter, the request goes to smg under the base model's name, and
+and smg routes a request by its `model` to the workers serving that name. So the front (http_front.py) reads a
+generation request's `model` (chat, completions, responses, messages: openai_fields.ADAPTER_PATHS); when it is an adapter, the request goes to smg under the base model's name, and
 the adapter's name is noted under the request's relay id (hangups.py: smg makes it the gRPC request id's prefix),
 where the VllmEngine service reads it (`adapter_of`): the same in-process seam as tool_calls.py. A front started by
 hand (`moelink http-front`) runs in another process and knows no adapters: there a request naming one gets smg's

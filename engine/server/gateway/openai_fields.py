@@ -28,6 +28,11 @@ from .quirks import carried_constraint, completions_logprobs_dropped, logit_bias
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API, as smg serves it
+MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API, as smg serves it
+# The generation routes whose `model` may name a LoRA adapter (lora_routes.py): every one smg answers by generating
+# on the worker that serves the model. vLLM's structured-output fields are read on the first two only (rewrite).
+ADAPTER_PATHS = (CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH, MESSAGES_PATH)
 GUIDED = {"guided_choice": "choice", "guided_regex": "regex", "guided_grammar": "grammar", "guided_json": "json"}
 KINDS = ("choice", "regex", "grammar", "json", "json_object")
 # The fields smg forwards as the worker's constraint (a second constraint beside one of them is ambiguous).

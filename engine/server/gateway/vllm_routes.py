@@ -125,7 +125,7 @@ class VllmRoutes:
                                 "is_blocking": False}]}
 
     def route_model(self, data: dict) -> Optional[str]:
-        """The LoRA adapter a chat or completions request's `model` names (None: the base model); NotFound (404)
+        """The LoRA adapter a generation request's `model` names (None: the base model); NotFound (404)
         for a name neither served nor an adapter (lora_routes.py)."""
         try:
             return self.lora.route(data.get("model"))
