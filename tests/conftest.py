@@ -18,6 +18,7 @@ from tests.helpers import net
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
 _CPU_AT_SETUP = pytest.StashKey[float]()
+_SAMPLER = pytest.StashKey[object]()
 
 # Torch's intra-op threads: `make test` runs two pytest-xdist workers on the 2-core machines, so one thread
 # each. Two each oversubscribe the cores, and the OpenMP barriers of the tiny models' many small ops then spin
@@ -306,9 +307,13 @@ def _rank_counts() -> tuple[int, int]:
 # `make test PYTEST_ARGS=--junitxml=OUT.xml` then gives both per test (property cpu_s), so a test slowed by something
 # beside it (a worker left on two threads, a spinning thread) shows as wall far over CPU, or CPU far over its cost
 # alone, and tests/helpers/junit_times.py sums them per file.
+# Each test also gets its start (epoch seconds) and worker, so that a run sampled by tests/helpers/cpu_samples.py
+# (MOELINK_TEST_CPU_SAMPLES=FILE) can say which tests ran while the cores stood idle (junit_times --idle FILE).
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     item.stash[_CPU_AT_SETUP] = time.process_time()
+    item.user_properties.append(("t0", round(time.time(), 2)))
+    item.user_properties.append(("worker", os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -318,11 +323,22 @@ def pytest_runtest_makereport(item, call):
     yield
 
 
+def pytest_sessionstart(session):
+    path = os.environ.get("MOELINK_TEST_CPU_SAMPLES")
+    if path and not hasattr(session.config, "workerinput"):  # the controller (or a run without workers) samples
+        from tests.helpers import cpu_samples
+
+        session.config.stash[_SAMPLER] = cpu_samples.start(path)
+
+
 def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: hand its counts to the controller
         workeroutput["rank_starts"] = list(_rank_counts())
         workeroutput["py_starts"] = list(_py_counts())
+    sampler = session.config.stash.get(_SAMPLER, None)
+    if sampler is not None:
+        sampler.stop()
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
