@@ -214,6 +214,12 @@ class AsyncEngine:
         return self.engine.config.multimodal
 
     @property
+    def paused(self) -> bool:
+        """Whether generation is paused (pause_generation until continue_generation). Read on any thread: one
+        attribute the engine thread writes between two steps, so a reader sees the state before or after a call."""
+        return self.engine.paused is not None
+
+    @property
     def image_token_id(self) -> int | None:
         """The image placeholder's id when this engine takes images (engine/multimodal/), else None."""
         mm = self.engine.multimodal

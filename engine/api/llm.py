@@ -77,11 +77,16 @@ class LLM:
         """Leave a trainer's process group."""
         return self.engine.destroy_weights_update_group(group_name)
 
-    def pause_generation(self, mode: str = "abort") -> dict:
+    def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> dict:
         """Stop generating until continue_generation: "abort" aborts every request, "wait" starts nothing new and
         lets started requests finish, "keep" holds them in place (KV kept; an update meanwhile reaches them, and
-        their outputs name both versions). Requests added while paused wait (LLM.generate is refused)."""
-        return self.engine.pause_generation(mode)
+        their outputs name both versions). Requests added while paused wait (LLM.generate is refused).
+        `clear_cache` (vLLM's): forget every cached prefix once paused; refused with "keep"."""
+        return self.engine.pause_generation(mode, clear_cache)
+
+    def is_paused(self) -> bool:
+        """Whether generation is paused (vLLM's is_paused)."""
+        return self.engine.is_paused()
 
     def continue_generation(self) -> dict:
         """Generate again after pause_generation."""

@@ -13,7 +13,7 @@ from typing import Callable
 # AsyncEngine does, through its output thread, before the engine pauses with nothing left to abort).
 CONTROL_CALLS = ("update_weights_from_disk", "pause_generation", "continue_generation", "flush_cache",
                  "get_weight_version", "sleep", "wake_up", "init_weights_update_group",
-                 "update_weights_from_distributed", "destroy_weights_update_group", "is_sleeping")
+                 "update_weights_from_distributed", "destroy_weights_update_group", "is_sleeping", "is_paused")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def run_control(engine, cmd: ControlCommand, abort: Callable[[list[str]], int]) 
         elif cmd.method == "pause_generation" and (cmd.args or ("abort",))[0] == "abort":
             engine._check_enabled("pause_generation")
             n = abort(engine.request_ids())
-            result = {**engine.pause_generation("abort"), "aborted": n}
+            result = {**engine.pause_generation("abort", *cmd.args[1:2]), "aborted": n}
         else:
             result = getattr(engine, cmd.method)(*cmd.args)
     except BaseException as exc:  # the caller's error (a refusal), delivered to it; the engine goes on

@@ -208,23 +208,34 @@ class RLControl(MemoryControl):
     # with their next output (EngineCoreOutput.earlier_weight_versions).
     _earlier_versions: dict[str, list] | None = None
 
-    def pause_generation(self, mode: str = "abort") -> dict:
+    def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> dict:
         """Stop generating until continue_generation. "abort": every request the engine holds is aborted (finish
         reason "abort"). "wait": nothing new starts; requests already started run on to their end (step the engine
         until `started_requests()` is empty, then update). "keep": nothing is scheduled; started requests keep their
         KV and resume on continue; an update meanwhile is allowed, and they go on with the new weights (SGLang's
         in-place pause): their outputs name every version they came from (RequestOutput.weight_versions). Requests
-        added while paused wait. {"mode", "aborted", "started"}."""
+        added while paused wait. `clear_cache` (vLLM's pause; SGLang's has none, so False by default): forget every
+        cached prefix once paused (flush_cache). With "keep" it is refused: vLLM would recompute the held requests'
+        KV under the new weights, and moelink keeps it. {"mode", "aborted", "started"} (+ "num_blocks_freed")."""
         self._check_enabled("pause_generation")
         if mode not in PAUSE_MODES:
             raise ValueError(f"mode={mode!r} is invalid: choose from {', '.join(PAUSE_MODES)}.")
+        if not isinstance(clear_cache, bool):
+            raise ValueError(f"clear_cache={clear_cache!r} is invalid: must be true or false.")
+        if clear_cache and mode == "keep":
+            raise ValueError("clear_cache=true is not taken with mode='keep': held requests keep their KV here (their "
+                             "tokens after an update name both weight versions), where vLLM would recompute it; pass "
+                             "clear_cache=false, or pause with mode='abort' or 'wait'.")
         aborted: list = []
         if mode == "abort":
             aborted = self.abort_requests(list(self._rank_of))
         self._pause_mode = mode
         for sched in self.schedulers:
             sched.admit_new = False
-        return {"mode": mode, "aborted": len(aborted), "started": len(self.started_requests())}
+        info = {"mode": mode, "aborted": len(aborted), "started": len(self.started_requests())}
+        if clear_cache:
+            info["num_blocks_freed"] = self.flush_cache()
+        return info
 
     def continue_generation(self) -> dict:
         """Generate again after pause_generation (requests held in "keep" resume where they were)."""
@@ -238,6 +249,10 @@ class RLControl(MemoryControl):
     def paused(self) -> str | None:
         """The pause mode in force, or None."""
         return self._pause_mode
+
+    def is_paused(self) -> bool:
+        """Whether generation is paused (vLLM's is_paused): read-only, taken without enable_weight_updates."""
+        return self._pause_mode is not None
 
     def started_requests(self) -> list[str]:
         """Requests that have been scheduled (they hold KV or tokens of the weights they ran with)."""

@@ -285,7 +285,7 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         s = self.s
         return pb.GetServerInfoResponse(
-            active_requests=len(s.registry.active), is_paused=False,
+            active_requests=len(s.registry.active), is_paused=s.engine.paused,
             last_receive_timestamp=s.registry.last_receive_time, uptime_seconds=time.time() - s.start_time,
             server_type=SERVER_TYPE, data_parallel_size=s.info.expert_parallel_size,
             kv_connector=s.info.kv_connector, kv_role=s.info.kv_role,

@@ -128,6 +128,18 @@ def test_abort_mode_and_bad_modes(tiny_model):
     llm.continue_generation()
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 2 and out.weight_version is None
+    # vLLM's clear_cache: the cached prefix is forgotten once paused (a 9-token prompt fills two blocks of 4: a hit before, a miss after)
+    assert not llm.is_paused()
+    llm.generate([list(range(1, 10))], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert llm.generate([list(range(1, 10))], SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 8
+    with pytest.raises(ValueError, match="clear_cache=true is not taken with mode='keep'"):
+        llm.pause_generation("keep", clear_cache=True)
+    assert not llm.is_paused()
+    info = llm.pause_generation("abort", clear_cache=True)
+    assert info["num_blocks_freed"] >= 2 and llm.is_paused()
+    llm.continue_generation()
+    out = llm.generate([list(range(1, 10))], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
     assert_pool_free(llm)
 
 

@@ -76,6 +76,40 @@ def test_the_rl_control_routes_answer_from_the_engine_on_moelink_serve(http_port
     assert [t for _, t, _ in out["meta_info"]["output_token_logprobs"]] == out["output_ids"]
 
 
+@pytest.mark.slow  # an smg of its own (about 2 s)
+def test_smgs_rl_control_plane_fans_its_calls_out_to_the_front(http_port):
+    """smg's RL control plane (`smg launch --enable-rl`) with `moelink serve`'s front registered as an HTTP worker:
+    smg lists it (as a vLLM engine) and its fan-out (`/v1/rl/engine/{path}?selector=...`) reaches the front's RL
+    routes: the reads answered, a weight-changing call the worker's own 403 naming the flag."""
+    from tests.helpers.smg_gateway import launch_smg_with
+
+    with launch_smg_with("--enable-rl", "--worker-urls", f"http://127.0.0.1:{http_port}") as (port, proc, log):
+        def fan_out(method: str, path: str, body=None) -> tuple[int, dict]:
+            status, raw = http_request(port, method, f"/v1/rl/engine/{path}?selector=served_model_name%3D{SERVED}",
+                                       body)
+            return status, json.loads(raw)
+
+        for _ in range(100):  # smg registers the worker after it starts (another process): polled, bounded
+            assert proc.poll() is None, open(log).read()[-3000:]
+            try:
+                status, raw = http_request(port, "GET", "/v1/rl/workers")
+            except OSError:
+                status, raw = 0, b"{}"
+            workers = json.loads(raw).get("workers") if status == 200 else None
+            if workers and workers[0]["health"] == "ready":
+                break
+            __import__("time").sleep(0.2)
+        assert [(w["engine"], w["labels"]["served_model_name"]) for w in workers] == [("vllm", SERVED)]
+        for path, want in (("get_weight_version", {"weight_version": None}), ("is_paused", {"is_paused": False}),
+                           ("is_sleeping", {"is_sleeping": False})):
+            status, out = fan_out("GET", path)
+            assert status == 200 and out["succeeded"] == 1, out
+            assert [r["body"] for r in out["results"].values()] == [want]
+        status, out = fan_out("POST", "pause", {"mode": "wait", "clear_cache": False})
+        assert out["succeeded"] == 0 and [r["status"] for r in out["results"].values()] == [403], out
+        assert "--enable-weight-updates" in json.dumps(out)
+
+
 def test_regex_grammar_and_json_through_structured_outputs(http_port):
     status, text = _post(http_port, "/v1/completions", seed=1, structured_outputs={"regex": "[a-c]{3}-[0-9]"})
     assert status == 200 and len(text) == 5 and text[3] == "-", text

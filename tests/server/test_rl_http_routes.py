@@ -64,6 +64,26 @@ def test_control_routes_over_http(thread_server, model_path):
         assert status == 200 and body["mode"] == "abort"
         assert _call(port, "POST", "/pause_generation", {"mode": "later"})[0] == 400
         assert _call(port, "POST", "/continue_generation")[1]["success"] is True
+        # vLLM's /pause, /resume, /is_paused (what smg's RL control plane fans out to a worker it sees as vLLM)
+        assert _call(port, "GET", "/is_paused") == (200, {"is_paused": False})
+        status, body = _call(port, "POST", "/pause?mode=keep")  # vLLM's default clear_cache=true: refused with keep
+        assert status == 400 and "clear_cache" in body["message"] and _call(port, "GET", "/is_paused")[1] == \
+            {"is_paused": False}
+        status, body = _call(port, "POST", "/pause?mode=keep&clear_cache=false")
+        assert status == 200 and body["mode"] == "keep" and "num_blocks_freed" not in body
+        assert _call(port, "GET", "/is_paused") == (200, {"is_paused": True})
+        assert _call(port, "POST", "/resume")[1]["success"] is True
+        assert _call(port, "GET", "/is_paused") == (200, {"is_paused": False})
+        status, body = _call(port, "POST", "/pause?wait_for_inflight_requests=true")  # vLLM's older form
+        assert status == 200 and body["mode"] == "wait" and body["num_blocks_freed"] >= 0
+        assert _call(port, "POST", "/resume")[0] == 200
+        status, body = _call(port, "POST", "/pause", {"mode": "wait", "wait_for_inflight_requests": True})
+        assert status == 400 and body["error"]["param"] == "wait_for_inflight_requests"
+        status, body = _call(port, "POST", "/pause?clear_cache=maybe")
+        assert status == 400 and body["error"]["param"] == "clear_cache"
+        status, body = _call(port, "POST", "/pause")  # vLLM's defaults: abort, clear the cache
+        assert status == 200 and body["mode"] == "abort" and "num_blocks_freed" in body
+        assert _call(port, "POST", "/resume")[0] == 200
         status, body = _call(port, "POST", "/flush_cache")
         assert status == 200 and body["num_blocks_freed"] >= 0
         assert _call(port, "POST", "/reset_prefix_cache")[0] == 200

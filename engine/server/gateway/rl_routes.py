@@ -5,16 +5,18 @@ verl, slime and the other rollout drivers call a generator's HTTP port: `POST /u
 `/init_weights_update_group`, `/update_weights_from_distributed`, `/destroy_weights_update_group`,
 `/pause_generation`, `/continue_generation`, `/flush_cache`, `/release_memory_occupation`,
 `/resume_memory_occupation`, `GET /get_weight_version` (SGLang's), and vLLM's `POST /sleep`, `/wake_up`,
-`/reset_prefix_cache`, `GET /is_sleeping`. Each runs the same call as the gRPC Control service (control.py) and the
-Python API: `AsyncEngine.control`, on the engine thread between two steps.
+`/reset_prefix_cache`, `/pause`, `/resume`, `GET /is_sleeping`, `/is_paused`. Each runs the same call as the gRPC
+Control service (control.py) and the Python API: `AsyncEngine.control`, on the engine thread between two steps. smg's
+RL control plane (`smg launch --enable-rl`, `/v1/rl/engine/{path}?selector=...`) fans these out to moelink's front
+registered as an HTTP worker (it sees a vLLM engine).
 
 Who may call: like every route of the port but the probes, the API key where one is set (the front checks it);
-beyond that, every route but the two that read (`/get_weight_version`, `/is_sleeping`) is refused unless the server
-was started with `--enable-weight-updates` (403 naming the flag): the flush too, which would let any client empty every
-user's prefix cache. A body is a JSON object of the call's fields as SGLang names
-them; a field the call does not take is refused (400 naming it), never ignored. vLLM's `/sleep?level=N` and
-`/wake_up?tags=...` take their query string too. Answers: SGLang's `{"success", "message"}` (with the call's
-numbers beside them), 400 with `success: false` for a refused call, 503 when the engine has stopped.
+beyond that, every route but the three that read (`/get_weight_version`, `/is_sleeping`, `/is_paused`) is refused
+unless the server was started with `--enable-weight-updates` (403 naming the flag): the flush too, which would let any
+client empty every user's prefix cache. A body is a JSON object of the call's fields as SGLang names them; a field
+the call does not take is refused (400 naming it), never ignored. vLLM's `/sleep?level=N`, `/wake_up?tags=...` and
+`/pause?mode=...&clear_cache=...` take their query string too. Answers: SGLang's `{"success", "message"}` (with the
+call's numbers beside them), 400 with `success: false` for a refused call, 503 when the engine has stopped.
 `update_weights_from_tensor` has no HTTP route: a trainer in the same process or Ray job calls the Python API.
 """
 from __future__ import annotations
@@ -112,6 +114,12 @@ ROUTES: dict[str, Route] = {
     "/pause_generation": Route(
         b"POST", "pause_generation", ("mode",), lambda d: (_str(d, "mode") or "abort",), _ok("paused")),
     "/continue_generation": Route(b"POST", "continue_generation", (), lambda d: (), _ok("continued")),
+    # vLLM's names (its RL dev routes, which smg's RL control plane fans out to a worker it sees as vLLM): the mode
+    # (or the older wait_for_inflight_requests) and clear_cache, vLLM's defaults (abort, true), by query or body.
+    "/pause": Route(b"POST", "pause_generation", ("mode", "wait_for_inflight_requests", "clear_cache"),
+                    lambda d: _vllm_pause(d), _ok("paused")),
+    "/resume": Route(b"POST", "continue_generation", (), lambda d: (), _ok("resumed")),
+    "/is_paused": Route(b"GET", "is_paused", (), lambda d: (), lambda v: {"is_paused": v}),
     "/flush_cache": Route(b"POST", "flush_cache", (), lambda d: (),
                           lambda n: {"success": True, "message": "prefix cache flushed", "num_blocks_freed": n}),
     "/reset_prefix_cache": Route(b"POST", "flush_cache", (), lambda d: (),
@@ -129,6 +137,18 @@ ROUTES: dict[str, Route] = {
 PATHS = tuple(ROUTES)
 
 
+def _vllm_pause(data: dict) -> tuple:
+    """vLLM's /pause fields as pause_generation's arguments: `mode`, or the older `wait_for_inflight_requests`
+    (true: "wait", false: "abort"), not both; `clear_cache` true by default, as vLLM's."""
+    mode = _str(data, "mode")
+    if "wait_for_inflight_requests" in data:
+        if mode is not None:
+            raise _Refused("give mode or wait_for_inflight_requests (vLLM's older form), not both.",
+                           "wait_for_inflight_requests")
+        mode = "wait" if _bool(data, "wait_for_inflight_requests", False) else "abort"
+    return (mode or "abort", _bool(data, "clear_cache", True))
+
+
 def _release(tags: Any) -> tuple:
     if tags is not None:
         raise _Refused(f"tags={shown(repr(tags))} is invalid: release_memory_occupation releases the weights and the "
@@ -142,8 +162,12 @@ class _Refused(ValueError):
         self.field = field
 
 
+_BOOL_QUERY = ("clear_cache", "wait_for_inflight_requests")
+
+
 def _body(route: Route, path: str, body: bytes, query: str) -> dict:
-    """The call's fields: the JSON object body, and for vLLM's /sleep and /wake_up the query string's."""
+    """The call's fields: the JSON object body, and for vLLM's routes (/sleep, /wake_up, /pause) the query
+    string's."""
     data: dict = {}
     if body.strip():
         try:
@@ -166,6 +190,11 @@ def _body(route: Route, path: str, body: bytes, query: str) -> dict:
                 raise _Refused(f"level={shown(values[-1])!r} is invalid: must be an integer.", "level") from None
         elif name == "tags":
             data[name] = values
+        elif name in _BOOL_QUERY:  # vLLM's query booleans: true / false (any case), 1 / 0
+            word = values[-1].lower()
+            if word not in ("true", "false", "1", "0"):
+                raise _Refused(f"{name}={shown(values[-1])!r} is invalid: must be true or false.", name)
+            data[name] = word in ("true", "1")
         else:
             data[name] = values[-1]
     unknown = sorted(set(data) - set(route.fields))
@@ -185,7 +214,7 @@ def _error(message: str, field: Optional[str], status: int) -> tuple[int, bytes]
 # Read-only routes: answered whatever the flag. Every other route changes weights, memory, the cache or what runs, and
 # is taken only from a server started with --enable-weight-updates (flush_cache too: a client that may empty every
 # user's prefix cache is a control client).
-READ_ONLY = ("/get_weight_version", "/is_sleeping")
+READ_ONLY = ("/get_weight_version", "/is_sleeping", "/is_paused")
 DISABLED = ("{path} is refused: this server takes RL control calls only when started with --enable-weight-updates "
             "(and, where one is set, with its API key).")
 
