@@ -12,7 +12,7 @@ import pytest
 from moelink.engine.server.gen import moelink_v1_pb2 as pb
 from moelink.engine.server.gen import moelink_v1_pb2_grpc as pb_grpc
 
-from tests.helpers.grpc_server import ENGINE_KW
+from tests.helpers.grpc_server import ENGINE_KW, make_stubs
 
 KEY = "control-test-key"
 
@@ -54,7 +54,12 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
             timeout=60)
         first = next(stream)  # running
         assert first.token_ids
+        vllm_stubs = make_stubs(ch)
+        server_info = lambda: vllm_stubs.vllm.GetServerInfo(vllm_stubs.vpb.GetServerInfoRequest(), metadata=auth,  # noqa: E731
+                                                            timeout=30)
+        assert not server_info().is_paused
         assert control.PauseGeneration(pb.PauseGenerationRequest(mode="wait"), metadata=auth, timeout=30).started == 1
+        assert server_info().is_paused  # what smg reads from the VllmEngine service (it said false whatever the pause)
         # Asked at once: the update waits for the started request instead of being refused.
         update = control.UpdateWeightsFromDisk.future(pb.UpdateWeightsFromDiskRequest(
             model_path=model_path, weight_version="v2"), metadata=auth, timeout=60)
@@ -65,6 +70,7 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
         assert info.bytes_read > 0 and info.weight_version == "v2"
         assert not any(m.HasField("weight_version") for m in [first, *rest])  # before any labelled update
         control.ContinueGeneration(pb.ContinueGenerationRequest(), metadata=auth, timeout=30)
+        assert not server_info().is_paused
         assert control.GetWeightVersion(pb.GetWeightVersionRequest(), metadata=auth, timeout=30).weight_version == "v2"
         after = list(native.Generate(pb.GenerateRequest(
             prompt_token_ids=pb.TokenIds(ids=[1, 2, 3, 4]), sampling_params=pb.SamplingParams(max_tokens=3)),
