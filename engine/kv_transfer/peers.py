@@ -18,9 +18,8 @@ from __future__ import annotations
 import ipaddress
 
 from moelink.engine.contract.kv_transfer_params import is_host
+from moelink.engine.contract.loopback import is_loopback
 from moelink.engine.contract.safe_text import shown
-
-LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 def _ip(host: str):
@@ -28,12 +27,6 @@ def _ip(host: str):
         return ipaddress.ip_address(host)
     except ValueError:
         return None
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or "localhost" (the name: no lookup)."""
-    ip = _ip(host)
-    return host.lower() in LOOPBACK_NAMES if ip is None else ip.is_loopback
 
 
 def _norm(host: str) -> str:

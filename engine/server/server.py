@@ -45,7 +45,7 @@ from .auth import ApiKeyInterceptor
 from .config import ServerConfig
 from .decoding import DecodingInterceptor
 from .gateway.quirks import needs_keyless_listener
-from .gateway.supervisor import is_loopback
+from ..contract.loopback import is_loopback
 from .gen import moelink_v1_pb2_grpc
 from .native import SERVICE_NAME as NATIVE_SERVICE, GenerationServicer
 from .control import ControlServicer
@@ -263,7 +263,7 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
     gateway_watch = None
     try:
         if config.http_port is not None:
-            from .gateway.supervisor import start_managed_gateway
+            from .gateway.managed import start_managed_gateway
             from .gateway.health import GatewayCollector, watch_gateway
 
             registry = _registry(server.engine)
@@ -288,7 +288,7 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
           f"(gRPC {scheme}, --port; {http}; services {', '.join(SERVICES)})", flush=True)
     if gateway is None:  # what a vLLM user must run by hand for the OpenAI API (vLLM's fields carried)
         from .gateway.front_cli import by_hand_commands
-        from .gateway.supervisor import server_worker_url
+        from .gateway.managed import server_worker_url
 
         worker = server_worker_url(config, port, server.gateway_port)
         # The model's further names (served names, the model argument as given) as the gateway's aliases, as managed;

@@ -14,8 +14,8 @@ from moelink.engine.server.config import ServerConfig
 from moelink.engine.server.gateway.front_cli import by_hand_commands
 from moelink.engine.server.gateway.options import (GATEWAY_FLAGS, GatewayOptions, add_gateway_flags, alias_args,
                                                    gateway_options, model_alias_refusal)
-from moelink.engine.server.gateway.supervisor import (GatewaySpec, GatewaySupervisor, chat_template_of,
-                                                      server_worker_url)
+from moelink.engine.server.gateway.managed import chat_template_of, server_worker_url
+from moelink.engine.server.gateway.supervisor import GatewaySpec, GatewaySupervisor
 
 
 def test_the_table_marks_exactly_the_flags_the_gateway_registers():

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from moelink.engine.core.tokenizer import Tokenizer
-from moelink.engine.server.gateway.supervisor import alias_args
+from moelink.engine.server.gateway.options import alias_args
 
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess, make_stubs
 from tests.helpers.net import free_port

@@ -1,7 +1,7 @@
 """The managed OpenAI HTTP gateway: smg (PyPI `smg`, the Shepherd Model Gateway) run, watched and fronted.
 
-The one place in moelink that knows smg: `supervisor.py` starts, restarts and stops it (`moelink serve
---http-port`), `health.py` mirrors its state into gRPC health and metrics, `admin.py` guards its control plane,
+The one place in moelink that knows smg: `supervisor.py` starts, restarts and stops it, `managed.py` wires it
+for a bound `moelink serve --http-port` (the worker address, the front and the routes answered beside the engine), `health.py` mirrors its state into gRPC health and metrics, `admin.py` guards its control plane,
 `output.py` reads its last words, `http_front.py` (with `openai_fields.py`, `tool_calls.py`, `hangups.py`,
 `vllm_routes.py`, `http_metrics.py`) is the HTTP front before it, `front_cli.py` is `moelink http-front` and the
 commands for an smg started by hand, `options.py` holds what the rest of the server asks of it (`GatewayOptions`,

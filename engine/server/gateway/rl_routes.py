@@ -7,7 +7,7 @@ verl, slime and the other rollout drivers call a generator's HTTP port: `POST /u
 `/resume_memory_occupation`, `GET /get_weight_version` (SGLang's), and vLLM's `POST /sleep`, `/wake_up`,
 `/reset_prefix_cache`, `/pause`, `/resume`, `GET /is_sleeping`, `/is_paused`. Each runs the same call as the gRPC
 Control service (control.py) and the Python API: `AsyncEngine.control`, on the engine thread between two steps. smg's
-RL control plane (`smg launch --enable-rl`, `/v1/rl/engine/{path}?selector=...`) fans these out to moelink's front
+RL control plane (smg's `--enable-rl`, `/v1/rl/engine/{path}?selector=...`) fans these out to moelink's front
 registered as an HTTP worker (it sees a vLLM engine).
 
 Who may call: like every route of the port but the probes, the API key where one is set (the front checks it);

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import http.client
-import ipaddress
 import json
 import logging
 import os
@@ -28,15 +27,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional
+from typing import Optional
 
 from .admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
-from .options import GatewayOptions, alias_args
+from .options import alias_args
 from .output import TAIL_LINES, keep_tail, smg_refusal
 from .quirks import relay_request_id_args, start_crashed, tokenizer_ready
 from .hangups import RELAY_HEADER
 from .http_front import HttpFront
-from .http_metrics import HttpMetrics
 from ..ports import bind_error, listens_on
 
 logger = logging.getLogger(__name__)
@@ -426,92 +424,3 @@ def dying_with_parent(cmd: list[str]) -> list[str]:
     if sys.platform != "linux":
         return list(cmd)
     return [sys.executable, "-c", _DIES_WITH_PARENT, str(os.getpid()), *cmd]
-
-
-def worker_url(host: str, port: int) -> str:
-    """The address smg dials for a listener bound on `host`: a wildcard bind is reached on loopback."""
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host in ("::", "[::]"):
-        host = "[::1]"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"grpc://{host}:{port}"
-
-
-def server_worker_url(config, grpc_port: int, gateway_listener_port: Optional[int]) -> str:
-    """The worker address a gateway dials for a bound server (ServerConfig `config`): its keyless gateway listener
-    when there is one (smg sends workers no key and no TLS), else its main port."""
-    if gateway_listener_port is not None:
-        return worker_url(config.gateway_host, gateway_listener_port)
-    return worker_url(config.host, grpc_port)
-
-
-async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: Optional[int],
-                                on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
-                                registry=None, serving=None) -> GatewaySupervisor:
-    """The supervised smg for a bound server (ServerConfig `config`): in front of the keyless gateway
-    listener when there is one (smg sends workers no key and no TLS), else of the main port. `on_hangup(relay_id)`:
-    the front lost an HTTP client before its answer ended (Serving.hung_up). `registry`: the engine's Prometheus
-    registry, served with smg's own metrics on the HTTP port's /metrics (http_metrics.py). `serving`: the
-    server's Serving: its model names reach smg (aliases of the first), and the front answers vLLM's /v1/models,
-    /tokenize and /detokenize from it (vllm_routes.py)."""
-    options: GatewayOptions = config.gateway
-    target = server_worker_url(config, grpc_port, gateway_listener_port)
-    # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
-    # request fields smg would drop.
-    spec = GatewaySpec(http_host="127.0.0.1", http_port=free_loopback_port(), worker_url=target,
-                       metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
-                       api_key=config.api_key, extra_args=list(options.args()),
-                       served_model_name=getattr(serving, "served_model_name", None),
-                       model_aliases=tuple(getattr(serving, "model_aliases", ())))
-    if not config.api_key and not is_loopback(config.http_host):
-        logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
-                       "(no --api-key)", config.http_host, config.http_port)
-    gateway = None
-    local = None
-    if serving is not None:
-        from .generate_route import GenerateRoute
-        from .rl_routes import ChainedRoutes, RlRoutes
-        from .vllm_routes import VllmRoutes
-
-        local = ChainedRoutes(VllmRoutes(serving, chat_template_of(options)),
-                              RlRoutes(serving.engine, serving.engine.takes_control_calls), GenerateRoute(serving))
-    front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
-                      not_serving=lambda: gateway.not_serving() if gateway is not None else None,
-                      on_hangup=on_hangup,
-                      metrics=HttpMetrics(registry, lambda: gateway.metrics_port if gateway is not None else None).body,
-                      local=local)
-    try:
-        await front.start()
-    except OSError as e:
-        raise GatewayError(f"--http-port {config.http_port}: cannot listen on {config.http_host} ({e.strerror or e})"
-                           ) from None
-    # smg's own log goes where MOELINK_GATEWAY_LOG says (a file), else nowhere: its startup chatter is noise
-    # next to the server's; readiness failures are reported by the supervisor either way.
-    gateway = GatewaySupervisor(spec, log_path=os.environ.get("MOELINK_GATEWAY_LOG"), front=front)
-    try:
-        await gateway.start()
-    except BaseException:
-        await gateway.stop()
-        raise
-    return gateway
-
-
-def chat_template_of(options: GatewayOptions) -> Optional[str]:
-    """The text of the chat template file smg is given (options.chat_template), or None."""
-    if options.chat_template is None:
-        return None
-    from .chat_template import read_chat_template
-
-    return read_chat_template(options.chat_template)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address, IPv6 in brackets or not) stays on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
