@@ -23,7 +23,7 @@ from moelink.comm.process_group import side_group
 
 from ..config.requantize import requantize
 from ..contract.weight_sync import DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
-from .rollback import UndoLog
+from .rollback import UndoLog, finish, roll_back
 
 logger = logging.getLogger(__name__)
 
@@ -112,28 +112,16 @@ class UpdateGroups:
         """The driver's word on the last update, once every rank answered: keep it, or restore the bytes it
         overwrote (another rank failed). None, or why the restore failed."""
         undo, self._pending = self._pending, None
-        if undo is None:
-            return None
-        if commit:
-            undo.clear()
-            return None
-        try:
-            undo.restore()
-        except Exception as exc:  # the weights are then of two versions: the driver stops serving
-            return f"restoring the old weights failed: {exc}"
-        return None
+        return finish(undo, commit)
 
     @staticmethod
     def _failed(undo: UndoLog | None, received: int, written: int, why: str,
                 group_lost: bool) -> DistributedUpdateResult:
         """Roll this rank back at once (where it keeps an undo log); the answer naming why."""
-        rolled = False
-        if undo is not None:
-            try:
-                undo.restore()
-                rolled = True
-            except Exception as exc:
-                why = f"{why}; restoring the old weights failed: {exc}"
+        error = roll_back(undo)
+        rolled = undo is not None and error is None
+        if error is not None:
+            why = f"{why}; {error}"
         return DistributedUpdateResult(received, written, why, rolled_back=rolled, group_lost=group_lost)
 
 
