@@ -137,7 +137,6 @@ def test_generate_matches_the_python_api(front):
     assert [len(c["output_ids"]) for c in chunks] == sorted(len(c["output_ids"]) for c in chunks)
 
 
-@pytest.mark.slow  # over 1 s (8 short sampled generations, then the same streamed, and the 4 oracle samples)
 def test_a_batch_of_prompts_with_n_samples_each(front):
     """SGLang's batch and parallel sampling: 2 prompts x n=2, each prompt its own seed; the answer is a list, prompt
     by prompt with each prompt's samples together, each result the tokens and logprobs the Python API gives that
