@@ -127,11 +127,13 @@ class UpdateGroups:
 
 def _check_nan(tensors: dict[str, torch.Tensor], requantized: set[str]) -> None:
     """Every rank checks every float tensor it received (also those it does not keep), so all ranks fail the same
-    bucket: a NaN weight would answer garbage. Re-quantized ones are checked by their format (requantize)."""
+    bucket: a NaN or inf weight would answer garbage. Re-quantized ones are checked by their format (requantize)."""
     for name, t in tensors.items():
         if name not in requantized and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
-                and bool(torch.isnan(t).any()):  # host sync: an update-time check
-            raise ValueError(f"tensor {name!r} holds {int(torch.isnan(t).sum())} NaN value(s) of {t.numel()}.")
+                and not bool(torch.isfinite(t).all()):  # host sync: an update-time check (inf too, as the loader)
+            nan = int(torch.isnan(t).sum())
+            what = f"{nan} NaN value(s)" if nan else f"{int(torch.isinf(t).sum())} infinite value(s)"
+            raise ValueError(f"tensor {name!r} holds {what} of {t.numel()}.")
 
 
 __all__ = ["UpdateGroups"]

@@ -148,6 +148,8 @@ def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tin
             llm.update_weights_from_disk(where, weight_version="bad")
         assert run(llm, PS) == updated  # bitwise: the tensors written before the bad one are restored
         assert llm.get_weight_version() is None
+    with pytest.raises(ValueError, match=rf"named_tensors\[\d+\] '{late}' holds 1 infinite value"):
+        llm.update_weights_from_tensor(list(bad.items()))  # the inf is found on the driver, before any rank writes
     with pytest.raises(ValueError, match=rf"rollback_bytes=1000 is too small: .* would hold {need} bytes"):
         llm.update_weights_from_disk(path, rollback_bytes=1000)
     with pytest.raises(ValueError, match=r"rollback_bytes=-1 is invalid: must be an integer >= 0"):
