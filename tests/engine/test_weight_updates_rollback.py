@@ -114,7 +114,7 @@ def test_a_nan_in_a_later_bucket_is_rolled_back_and_the_group_serves_the_next_up
     assert trainer.error is None and trainer.sent == 2  # the failed broadcast went to its end
 
 
-def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tiny_model, tmp_path):
+def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tiny_model, tmp_path, monkeypatch):
     from tests.engine.test_weight_updates_distributed import _saved
 
     path, new, llm = _engine(tiny_model)
@@ -148,6 +148,20 @@ def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tin
             llm.update_weights_from_disk(where, weight_version="bad")
         assert run(llm, PS) == updated  # bitwise: the tensors written before the bad one are restored
         assert llm.get_weight_version() is None
+    from moelink.engine.rank import loader  # one rank runs in this process
+
+    read = loader._read
+
+    def gone(st, name, src_idx):  # the file removed (or cut short) while the update reads it
+        if name == late:
+            raise FileNotFoundError("model.safetensors was removed")
+        return read(st, name, src_idx)
+    monkeypatch.setattr(loader, "_read", gone)
+    with pytest.raises(RuntimeError, match=rf"reading checkpoint tensor '{late}' failed: FileNotFoundError: .*as they "
+                                           r"were \(rolled back on every rank\)"):
+        llm.update_weights_from_disk(path)
+    monkeypatch.undo()
+    assert run(llm, PS) == updated
     with pytest.raises(ValueError, match=rf"named_tensors\[\d+\] '{late}' holds 1 infinite value"):
         llm.update_weights_from_tensor(list(bad.items()))  # the inf is found on the driver, before any rank writes
     with pytest.raises(ValueError, match=rf"rollback_bytes=1000 is too small: .* would hold {need} bytes"):
