@@ -44,10 +44,14 @@ class LLM:
 
     # -- RL rollouts (docs/rl.md): SGLang's names ---------------------------------------------------------------
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
-                                 weight_version: str | None = None, flush_cache: bool = True) -> dict:
+                                 weight_version: str | None = None, flush_cache: bool = True,
+                                 rollback_bytes: int = 1 << 30) -> dict:
         """Serve the checkpoint at `model_path` (same architecture, new values) from now on, written in place into
-        every rank's weights; the prefix cache is flushed. {"bytes_read", "seconds", "weight_version"}."""
-        return self.engine.update_weights_from_disk(model_path, load_format, weight_version, flush_cache)
+        every rank's weights; the prefix cache is flushed. All or nothing: a failed update is rolled back on every
+        rank from the old bytes each saved (at most `rollback_bytes` a rank, checked before anything is read; 0: no
+        rollback). {"bytes_read", "seconds", "weight_version"}."""
+        return self.engine.update_weights_from_disk(model_path, load_format, weight_version, flush_cache,
+                                                    rollback_bytes)
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
                                    weight_version: str | None = None, flush_cache: bool = True) -> dict:

@@ -63,6 +63,35 @@ class UpdateGroupSpec:
                              f"engine's {num_ranks} rank(s) needs at least {self.rank_offset + num_ranks}.")
 
 
+def check_rollback_bytes(value) -> None:
+    """`rollback_bytes` of an update (from disk or from a trainer's group): an integer >= 0, 0 for no rollback."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"rollback_bytes={value!r} is invalid: must be an integer >= 0 (0: no rollback).")
+
+
+@dataclass(frozen=True)
+class DiskUpdate:
+    """One update_weights_from_disk call as every rank receives it: the checkpoint (the driver checked its headers
+    against the served one) and the most old bytes each rank keeps to roll it back (0: no rollback)."""
+
+    model_path: str
+    rollback_bytes: int = DEFAULT_ROLLBACK_BYTES
+
+    def __post_init__(self) -> None:
+        check_rollback_bytes(self.rollback_bytes)
+
+
+@dataclass(frozen=True)
+class DiskUpdateResult:
+    """One rank's answer to a DiskUpdate: the bytes read, and the error that stopped it (None when every tensor
+    landed; the rank then holds its undo log until the driver's finish_weights_update). rolled_back: the rank
+    restored what it had written. Answered, not raised, as DistributedUpdateResult."""
+
+    bytes_read: int
+    error: str | None = None
+    rolled_back: bool = False
+
+
 @dataclass(frozen=True)
 class DistributedUpdate:
     """One update_weights_from_distributed call as every rank receives it: (name, dtype, shape) per tensor in the
@@ -81,9 +110,7 @@ class DistributedUpdate:
     def __post_init__(self) -> None:
         if isinstance(self.bucket_bytes, bool) or not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={self.bucket_bytes!r} is invalid: must be a positive integer.")
-        if isinstance(self.rollback_bytes, bool) or not isinstance(self.rollback_bytes, int) or self.rollback_bytes < 0:
-            raise ValueError(f"rollback_bytes={self.rollback_bytes!r} is invalid: must be an integer >= 0 (0: no "
-                             "rollback).")
+        check_rollback_bytes(self.rollback_bytes)
         if not self.tensors:
             raise ValueError("names is empty: an update names at least one tensor.")
 
@@ -116,5 +143,5 @@ class DistributedUpdateResult:
     group_lost: bool = False
 
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_ROLLBACK_BYTES", "DEFAULT_TIMEOUT_S", "DistributedUpdate", "DistributedUpdateResult",
-           "UpdateGroupSpec"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_ROLLBACK_BYTES", "DEFAULT_TIMEOUT_S", "DiskUpdate", "DiskUpdateResult",
+           "DistributedUpdate", "DistributedUpdateResult", "UpdateGroupSpec", "check_rollback_bytes"]

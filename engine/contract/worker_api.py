@@ -13,7 +13,7 @@ from typing import Protocol
 
 from moelink.scheduler.outputs import ModelRunnerOutput
 
-from .weight_sync import DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
+from .weight_sync import DiskUpdate, DiskUpdateResult, DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
 
 
 class RankCall(str, Enum):
@@ -28,6 +28,7 @@ class RankCall(str, Enum):
     EPLB_MOVE = "eplb_move"
     EPLB_COMMIT = "eplb_commit"
     EPLB_STATE = "eplb_state"
+    ROLLBACK_BYTES_NEEDED = "rollback_bytes_needed"
     UPDATE_WEIGHTS_FROM_DISK = "update_weights_from_disk"
     UPDATE_WEIGHTS_FROM_TENSOR = "update_weights_from_tensor"
     INIT_WEIGHTS_UPDATE_GROUP = "init_weights_update_group"
@@ -124,8 +125,13 @@ class RankAPI(Protocol):
     def eplb_test_slow_moves(self, chunk_delay_s: float) -> None:
         """Tests only: later move chunks pause `chunk_delay_s`."""
 
-    def update_weights_from_disk(self, model_path: str) -> int:
-        """Write a checkpoint's values into this rank's weights in place (engine/rl/weights.py); the bytes read."""
+    def rollback_bytes_needed(self, names: tuple[str, ...] | None) -> int:
+        """The old bytes this rank would save to roll back an update of the served tensors `names` (None: all of
+        them, an update from disk): its own parts only (its experts, its TP slice). Nothing is copied."""
+
+    def update_weights_from_disk(self, update: DiskUpdate) -> DiskUpdateResult:
+        """Write a checkpoint's values into this rank's weights in place (engine/rl/weights.py), saving the bytes it
+        overwrites first (at most update.rollback_bytes); a failure is answered, the rank already restored."""
 
     def update_weights_from_tensor(self, tensors: dict) -> int:
         """Write named tensors into this rank's weights in place (the parts it holds); the bytes read."""

@@ -6,9 +6,11 @@ The driver checks every update against the served checkpoint before any rank wri
 engine/rank/weight_sync.py for a trainer's broadcast), reached only through the executor's typed rank calls
 (engine/contract/worker_api.py).
 
-A broadcast that fails part way (the trainer died or went silent past the group's timeout, a bucket that cannot be
-written) is rolled back on every rank: each saved the bytes it overwrote (engine/rank/rollback.py, at most
-`rollback_bytes`), so the weights are bitwise as before and the engine serves on. Only without a rollback
+An update from disk or a broadcast that fails part way (a NaN or inf in a later tensor, a file gone mid-read, the
+trainer died or went silent past the group's timeout, a bucket that cannot be written) is rolled back on every rank:
+each saved the bytes it overwrote (engine/rank/rollback.py, at most `rollback_bytes`; every rank's need is asked for
+and checked against it before anything is read or broadcast), so the weights are bitwise as before and the engine
+serves on. Only without a rollback
 (`rollback_bytes=0`, or a restore that failed) does it leave a model of two versions: the engine then refuses every
 new request, naming the tensor, until an update covering the names of the failed one lands (`_stale`). A group whose
 transport failed is destroyed; after a bucket that could not be written it is kept.
@@ -18,8 +20,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_ROLLBACK_BYTES, DEFAULT_TIMEOUT_S, DistributedUpdate,
-                                    UpdateGroupSpec)
+from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_ROLLBACK_BYTES, DEFAULT_TIMEOUT_S, DiskUpdate,
+                                    DistributedUpdate, UpdateGroupSpec)
 from ..contract.worker_api import RankCall
 from .rl_memory import MemoryControl, NotServing
 
@@ -63,22 +65,40 @@ class RLControl(MemoryControl):
     _update_groups: dict[str, UpdateGroupSpec] | None = None  # groups the ranks joined, by name
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
-                                 weight_version: str | None = None, flush_cache: bool = True) -> dict:
+                                 weight_version: str | None = None, flush_cache: bool = True,
+                                 rollback_bytes: int = DEFAULT_ROLLBACK_BYTES) -> dict:
         """Write the checkpoint at `model_path` (the served architecture, new values) into every rank's weights in
         place (engine/rl/weights.py); the prefix cache (and with it every offload tier's view) is flushed, since KV
         computed with the old weights must never be served with the new. Requests must be done first: one request
-        never mixes weights. Returns {"bytes_read", "seconds", "weight_version"}."""
+        never mixes weights. All or nothing, as update_weights_from_distributed: each rank saves the bytes it
+        overwrites (at most `rollback_bytes` of host memory, checked before anything is read; 0: no rollback), and
+        an update that fails on any rank is rolled back on every rank. Returns {"bytes_read", "seconds",
+        "weight_version"}."""
         self._check_enabled("update_weights_from_disk")
-        from ..rl.weights import check_same_tensors
+        from ..rl.weights import check_same_tensors, served_names
 
         if load_format not in (None, "auto", "safetensors"):
             raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
                              "or 'safetensors'.")
+        update = DiskUpdate(str(model_path), rollback_bytes)
         self._check_update_allowed(flush_cache)
         check_same_tensors(self.config.model, self.config.model.model, model_path)
-        out = self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_DISK, str(model_path), weight_version)
+        self._check_rollback_room(None, rollback_bytes)
+        t0 = time.perf_counter()
+        self._drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
+        self._before_write()
+        results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, update)
+        failed = [r for r in results if r.error is not None]
+        names = served_names(self.config.model, self.config.model.model)
+        if failed:  # no rank says what it wrote: without a rollback every tensor counts as stale
+            self._settle(rollback_bytes, failed, names, True, f"a weight update from {str(model_path)!r} failed part "
+                         "way")
+            raise RuntimeError(f"update_weights_from_disk failed: {failed[0].error}. " + self._after_failure())
+        self._settle(rollback_bytes, failed, names, False, "")
+        self.weight_version = weight_version
         self._stale = None  # every tensor written
-        return out
+        return {"bytes_read": sum(r.bytes_read for r in results), "seconds": time.perf_counter() - t0,
+                "weight_version": weight_version}
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
                                    weight_version: str | None = None, flush_cache: bool = True) -> dict:
@@ -137,35 +157,64 @@ class RLControl(MemoryControl):
         self._check_update_allowed(flush_cache)
         specs, requantize = check_tensor_specs(self.config.model, self.config.model.model, names, dtypes, shapes)
         update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes)
+        quantized = dict(requantize)  # a float weight sent for a quantized one writes the served parts it becomes
+        self._check_rollback_room(tuple(sorted({part for n, _, _ in specs for part in (
+            quantized[n].names if n in quantized else (n,))})), rollback_bytes)
         t0 = time.perf_counter()
         self._drain_for_update()
         self._before_write()
         results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISTRIBUTED, update)
         failed = [r for r in results if r.error is not None]
-        undo_errors: list[str] = []
-        if rollback_bytes:  # every rank keeps it, or every rank restores what it wrote
-            undo_errors = [e for e in self.executor.collective(RankCall.FINISH_WEIGHTS_UPDATE, not failed) if e]
-        self.flush_cache()
+        lost = any(r.group_lost for r in results)
+        self._settle(rollback_bytes, failed, {n for n, _, _ in update.tensors},
+                     any(r.tensors_written for r in results), f"a weight update from group {group_name!r} failed part way")
         if failed:
-            why = failed[0].error
-            lost = any(r.group_lost for r in results)
             if lost:
                 self._groups().pop(group_name, None)
                 self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # every rank
-            rolled = bool(rollback_bytes) and not undo_errors and all(r.rolled_back for r in failed)
-            if not rolled and any(r.tensors_written for r in results):
-                self._stale = ((self._stale[0] if self._stale else set()) | {n for n, _, _ in update.tensors},
-                               f"a weight update from group {group_name!r} failed part way: {why}"
-                               + (f" ({undo_errors[0]})" if undo_errors else ""))
-            raise RuntimeError(f"update_weights_from_distributed failed: {why}. The weights are "
-                               + ("partly updated: requests are refused until an update of the same tensors lands."
-                                  if self._stale else "as they were" + (" (rolled back on every rank)" if rolled
-                                                                         else "") + ", and the engine serves them.")
+            raise RuntimeError(f"update_weights_from_distributed failed: {failed[0].error}. " + self._after_failure()
                                + ("" if lost else f" Group {group_name!r} is kept for the next update."))
         self.weight_version = weight_version
         self._written({n for n, _, _ in update.tensors})
         return {"bytes_read": sum(r.bytes_received for r in results), "seconds": time.perf_counter() - t0,
                 "weight_version": weight_version}
+
+    def _check_rollback_room(self, names: tuple[str, ...] | None, rollback_bytes: int) -> None:
+        """Refuse an update whose old bytes on some rank (its own parts of `names`, None: every served tensor) pass
+        `rollback_bytes`, before anything is read or broadcast: each rank sizes its part (engine/rank/rollback.py)."""
+        if not rollback_bytes:
+            return
+        needed = self.executor.collective(RankCall.ROLLBACK_BYTES_NEEDED, names)
+        rank = max(range(len(needed)), key=needed.__getitem__)
+        if needed[rank] > rollback_bytes:
+            raise ValueError(f"rollback_bytes={rollback_bytes} is too small: rolling this update back would hold "
+                             f"{needed[rank]} bytes of old weights on rank {rank} (its own experts and TP slice); "
+                             f"raise rollback_bytes to at least {needed[rank]}, split the update into smaller calls, "
+                             "or pass rollback_bytes=0 (no rollback). Nothing was written or received.")
+
+    def _settle(self, rollback_bytes: int, failed: list, names: set[str], wrote: bool, stale_why: str) -> None:
+        """Every rank answered an update: each keeps it, or (one failed) each restores what it wrote; the prefix
+        cache is flushed. A failure that could not be rolled back (rollback_bytes=0, a restore that failed) after
+        a rank wrote something leaves `names` stale: requests are refused until an update of them lands."""
+        undo_errors: list[str] = []
+        if rollback_bytes:  # every rank keeps it, or every rank restores what it wrote
+            undo_errors = [e for e in self.executor.collective(RankCall.FINISH_WEIGHTS_UPDATE, not failed) if e]
+        self.flush_cache()
+        if not failed:
+            return
+        self._rolled_back = bool(rollback_bytes) and not undo_errors and all(r.rolled_back for r in failed)
+        if not self._rolled_back and wrote:
+            self._stale = ((self._stale[0] if self._stale else set()) | set(names),
+                           f"{stale_why}: {failed[0].error}" + (f" ({undo_errors[0]})" if undo_errors else ""))
+
+    _rolled_back = False  # the last failed update was rolled back on every rank
+
+    def _after_failure(self) -> str:
+        """What a failed update left, for its error."""
+        if self._stale:
+            return "The weights are partly updated: requests are refused until an update of the same tensors lands."
+        return ("The weights are as they were" + (" (rolled back on every rank)" if self._rolled_back else "")
+                + ", and the engine serves them.")
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
         """Every rank leaves the group; a group not joined is refused naming it."""

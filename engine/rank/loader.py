@@ -187,15 +187,27 @@ def check_complete(plan: WeightPlan, checkpoint, cfg: ModelConfig, where: str) -
         )
 
 
-def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: str, device: torch.device) -> int:
+def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: str, device: torch.device,
+                    undo=None) -> int:
     """A weight update from disk (engine/rl/weights.py: the driver checked the tensors are the served ones): the
     rank's own plan over `model_dir`, written into the tensors `model` holds, one at a time (no second copy; CUDA
     graphs keep their addresses); the conversions after a load run again for the parameters written only
-    (engine/models/blocks/checkpoint.py). Returns the bytes read."""
+    (engine/models/blocks/checkpoint.py). `undo` (engine/rank/rollback.UndoLog): the bytes written are saved to it
+    first. Returns the bytes read."""
     checkpoint = SafetensorsCheckpoint(model_dir, cfg.text_weights_prefix)
     plan = model_plan(model, cfg, frozenset(checkpoint.keys()))
     check_complete(plan, checkpoint, cfg, model_dir)
+    if undo is not None:
+        undo.save(plan)
     return _write_in_place(model, checkpoint, plan, device)
+
+
+def update_plan(model: MoEDecoderForCausalLM, cfg: ModelConfig, names: set[str] | None) -> WeightPlan:
+    """The plan entries an update of the served tensors `names` writes on this rank (None: all of them), laid out
+    as the load laid them out: what its undo log saves (engine/rank/rollback.py)."""
+    served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())
+    plan = model_plan(model, cfg, served)
+    return plan if names is None else {name: entry for name, entry in plan.items() if name in names}
 
 
 def _write_in_place(model: MoEDecoderForCausalLM, checkpoint, plan: WeightPlan, device: torch.device) -> int:
@@ -249,8 +261,7 @@ def update_tensors_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, tens
     one this rank holds part of (its experts, its TP shard) written in place, the others left to their ranks; the
     conversions after a load run again for the parameters written only. `undo` (engine/rank/rollback.UndoLog): the
     bytes written are saved to it first. Returns the bytes read."""
-    served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())  # the layout the load chose
-    plan = {name: entry for name, entry in model_plan(model, cfg, served).items() if name in tensors}
+    plan = update_plan(model, cfg, set(tensors))  # the layout the load chose
     if undo is not None:
         undo.save(plan)
     return _write_in_place(model, TensorsCheckpoint(tensors), plan, device)
@@ -267,7 +278,11 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
         for st, names in checkpoint.open(plan):
             for name in names:
                 param, idx, source = plan[name]
-                src = _read(st, name, source)
+                try:
+                    src = _read(st, name, source)
+                except Exception as exc:  # a file gone or cut short under a weight update: say which tensor
+                    raise ValueError(f"reading checkpoint tensor {name!r} failed: {type(exc).__name__}: "
+                                     f"{str(exc)[:300]}") from exc
                 if read_bytes is not None:
                     read_bytes[name] = src.numel() * src.element_size()
                 if written is not None:
@@ -293,11 +308,11 @@ def _check_shape(name: str, src: torch.Tensor, dest: torch.Tensor) -> None:
 
 
 def _check_values(name: str, src: torch.Tensor) -> None:
-    """A float weight holding NaN would load and then answer garbage (or NaN logits) for every request."""
-    if src.is_floating_point() and src.dtype != FP8_DTYPE and torch.isnan(src).any():  # host sync: a load-time check
-        n = int(torch.isnan(src).sum())
-        raise ValueError(f"checkpoint tensor {name!r} holds {n} NaN value(s) of {src.numel()}: the checkpoint is "
-                         f"corrupt.")
+    """A float weight holding NaN or inf would load and then answer garbage (or NaN logits) for every request."""
+    if src.is_floating_point() and src.dtype != FP8_DTYPE and not torch.isfinite(src).all():  # host sync: load time
+        nan = int(torch.isnan(src).sum())
+        what = f"{nan} NaN value(s)" if nan else f"{int(torch.isinf(src).sum())} infinite value(s)"
+        raise ValueError(f"checkpoint tensor {name!r} holds {what} of {src.numel()}: the checkpoint is corrupt.")
 
 
 def _copy_into(name: str, src: torch.Tensor, dest: torch.Tensor, device) -> None:

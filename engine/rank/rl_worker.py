@@ -24,13 +24,41 @@ class RLWorker:
 
         def _bind_device(self) -> None: ...
 
-    def update_weights_from_disk(self, model_path: str) -> int:
-        """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
-        shard, read as the load read them (loader.update_in_place). The engine checked the tensors first and runs no
-        step meanwhile."""
-        from .loader import update_in_place
+    def rollback_bytes_needed(self, names: tuple[str, ...] | None) -> int:
+        """The old bytes this rank would save to roll back an update of `names` (None: every served tensor): the
+        driver refuses an update past rollback_bytes before anything is written or broadcast."""
+        from .loader import update_plan
+        from .rollback import old_bytes
 
-        return self._write_weights(lambda model: update_in_place(model, self.config.model, model_path, self.device))
+        self._bind_device()
+        return old_bytes(update_plan(self.runner.model, self.config.model, None if names is None else set(names)))
+
+    def update_weights_from_disk(self, update):
+        """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
+        shard, read as the load read them (loader.update_in_place). The engine checked the tensors' headers first
+        and runs no step meanwhile. All or nothing: the bytes overwritten are saved first (at most
+        update.rollback_bytes, engine/rank/rollback.py); a failure (a NaN or inf, a tensor unreadable or of another
+        shape, a file gone) restores them at once and is answered, not raised; a rank that wrote everything keeps
+        them until the driver's finish_weights_update. A DiskUpdateResult."""
+        from ..contract.weight_sync import DiskUpdateResult
+        from .loader import update_in_place
+        from .rollback import UndoLog, roll_back
+
+        undo = UndoLog(update.rollback_bytes) if update.rollback_bytes else None
+        self.__dict__["_disk_undo"] = None
+
+        def write(model) -> DiskUpdateResult:
+            try:
+                read = update_in_place(model, self.config.model, update.model_path, self.device, undo)
+            except Exception as exc:  # answered: a raised error is this rank's death to the Ray executor
+                why = str(exc)
+                error = roll_back(undo)
+                return DiskUpdateResult(0, why if error is None else f"{why}; {error}",
+                                        rolled_back=undo is not None and error is None)
+            self.__dict__["_disk_undo"] = undo
+            return DiskUpdateResult(read)
+
+        return self._write_weights(write)
 
     def update_weights_from_tensor(self, tensors: dict) -> int:
         """Named tensors into this rank's weights, in place: the parts of them this rank holds (its experts, its TP
@@ -58,8 +86,12 @@ class RLWorker:
     def finish_weights_update(self, commit: bool) -> str | None:
         """Keep the last broadcast update (commit) or restore the bytes it overwrote (another rank failed); None, or
         why the restore failed (engine/rank/rollback.py)."""
+        from .rollback import finish
+
         groups = self._update_groups()
-        return self._write_weights(lambda model: groups.finish(commit))
+        disk, self.__dict__["_disk_undo"] = self.__dict__.get("_disk_undo"), None
+        errors = self._write_weights(lambda model: [finish(disk, commit), groups.finish(commit)])
+        return next((e for e in errors if e), None)
 
     def destroy_weights_update_group(self, group_name: str) -> bool:
         """Leave a trainer's group; False when this rank had not joined it."""

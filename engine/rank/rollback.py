@@ -5,8 +5,11 @@ again exactly the bytes it held (converted values included: a zero-centred norm'
 in the saved bytes, and nothing is converted again).
 
 The log holds at most `limit` bytes: a bucket that would pass it fails before any of its bytes is written, and the
-update is rolled back. It lives until the driver commits or rolls back the update on every rank
-(engine/rank/weight_sync.py), so a rank that wrote everything can still undo it when another rank failed.
+update is rolled back. The driver asks every rank first what the whole update would hold (`old_bytes`) and refuses
+it before anything is written or broadcast, so the limit is met here only if a rank's plan changed between the two.
+It lives until the driver commits or rolls back the update on every rank (`finish`: engine/rank/weight_sync.py for a
+trainer's broadcast, engine/rank/rl_worker.py for an update from disk), so a rank that wrote everything can still undo
+it when another rank failed.
 """
 from __future__ import annotations
 
@@ -39,6 +42,33 @@ def _key(tensor: torch.Tensor, idx) -> tuple:
             repr(idx))
 
 
+def _places(plan: dict):
+    """(key, tensor, index, the part written) of every place `plan`'s entries write."""
+    for name, entry in plan.items():
+        for tensor, idx in _targets(name, entry):
+            yield _key(tensor, idx), tensor, idx, (tensor[idx] if idx else tensor)
+
+
+def old_bytes(plan: dict) -> int:
+    """The bytes an undo log of `plan` holds (each place once), nothing copied or read: the driver's check of
+    rollback_bytes before an update starts. Sized on the meta device, so a rank asleep (its weights' storage given
+    back) answers too."""
+    seen: dict[tuple, int] = {}
+    for name, entry in plan.items():
+        for tensor, idx in _targets(name, entry):
+            # asleep, every released storage is at address 0: told apart by the tensor (a tied weight then counts twice)
+            key = _key(tensor, idx) if tensor.untyped_storage().data_ptr() else (id(tensor), repr(idx))
+            seen[key] = _part_bytes(tensor, idx)
+    return sum(seen.values())
+
+
+def _part_bytes(tensor: torch.Tensor, idx) -> int:
+    shape_like = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if idx:
+        shape_like = shape_like[tuple(i.to("meta") if isinstance(i, torch.Tensor) else i for i in idx)]
+    return shape_like.numel() * shape_like.element_size()
+
+
 class UndoLog:
     """The bytes an update overwrote on this rank, in host memory, in the order saved."""
 
@@ -53,15 +83,12 @@ class UndoLog:
         plan, when the log would pass its limit."""
         todo = []
         size = 0
-        for name, entry in plan.items():
-            for tensor, idx in _targets(name, entry):
-                key = _key(tensor, idx)
-                if key in self._seen:
-                    continue
-                self._seen.add(key)
-                part = tensor[idx] if idx else tensor
-                todo.append((tensor, idx, part))
-                size += part.numel() * part.element_size()
+        for key, tensor, idx, part in _places(plan):
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            todo.append((tensor, idx, part))
+            size += part.numel() * part.element_size()
         if self.nbytes + size > self.limit:
             for tensor, idx, _ in todo:
                 self._seen.discard(_key(tensor, idx))
@@ -89,4 +116,25 @@ class UndoLog:
         self.nbytes = 0
 
 
-__all__ = ["UndoLog"]
+def roll_back(undo: "UndoLog | None") -> str | None:
+    """Restore what `undo` saved (None: no rollback, nothing to do); None, or why the restore failed (the weights
+    are then of two versions: the driver stops serving)."""
+    if undo is None:
+        return None
+    try:
+        undo.restore()
+    except Exception as exc:
+        return f"restoring the old weights failed: {exc}"
+    return None
+
+
+def finish(undo: "UndoLog | None", commit: bool) -> str | None:
+    """The driver's word on an update every rank answered: keep it (the log dropped) or restore the old bytes
+    (another rank failed); None, or why the restore failed."""
+    if undo is not None and commit:
+        undo.clear()
+        return None
+    return roll_back(undo)
+
+
+__all__ = ["UndoLog", "finish", "old_bytes", "roll_back"]

@@ -23,7 +23,7 @@ from moelink.comm.process_group import side_group
 
 from ..config.requantize import requantize
 from ..contract.weight_sync import DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
-from .rollback import UndoLog
+from .rollback import UndoLog, finish, roll_back
 
 logger = logging.getLogger(__name__)
 
@@ -112,38 +112,28 @@ class UpdateGroups:
         """The driver's word on the last update, once every rank answered: keep it, or restore the bytes it
         overwrote (another rank failed). None, or why the restore failed."""
         undo, self._pending = self._pending, None
-        if undo is None:
-            return None
-        if commit:
-            undo.clear()
-            return None
-        try:
-            undo.restore()
-        except Exception as exc:  # the weights are then of two versions: the driver stops serving
-            return f"restoring the old weights failed: {exc}"
-        return None
+        return finish(undo, commit)
 
     @staticmethod
     def _failed(undo: UndoLog | None, received: int, written: int, why: str,
                 group_lost: bool) -> DistributedUpdateResult:
         """Roll this rank back at once (where it keeps an undo log); the answer naming why."""
-        rolled = False
-        if undo is not None:
-            try:
-                undo.restore()
-                rolled = True
-            except Exception as exc:
-                why = f"{why}; restoring the old weights failed: {exc}"
+        error = roll_back(undo)
+        rolled = undo is not None and error is None
+        if error is not None:
+            why = f"{why}; {error}"
         return DistributedUpdateResult(received, written, why, rolled_back=rolled, group_lost=group_lost)
 
 
 def _check_nan(tensors: dict[str, torch.Tensor], requantized: set[str]) -> None:
     """Every rank checks every float tensor it received (also those it does not keep), so all ranks fail the same
-    bucket: a NaN weight would answer garbage. Re-quantized ones are checked by their format (requantize)."""
+    bucket: a NaN or inf weight would answer garbage. Re-quantized ones are checked by their format (requantize)."""
     for name, t in tensors.items():
         if name not in requantized and t.is_floating_point() and t.dtype != torch.float8_e4m3fn \
-                and bool(torch.isnan(t).any()):  # host sync: an update-time check
-            raise ValueError(f"tensor {name!r} holds {int(torch.isnan(t).sum())} NaN value(s) of {t.numel()}.")
+                and not bool(torch.isfinite(t).all()):  # host sync: an update-time check (inf too, as the loader)
+            nan = int(torch.isnan(t).sum())
+            what = f"{nan} NaN value(s)" if nan else f"{int(torch.isinf(t).sum())} infinite value(s)"
+            raise ValueError(f"tensor {name!r} holds {what} of {t.numel()}.")
 
 
 __all__ = ["UpdateGroups"]

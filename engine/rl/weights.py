@@ -84,8 +84,10 @@ def check_named_tensors(cfg: ModelConfig, served_dir: str, named_tensors) -> dic
                              "(re-quantized: FP8 block-scaled, MXFP4, NVFP4, compressed-tensors INT4).")
         if dtype in _FLOAT_DTYPES and not t.is_floating_point():
             raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}: the served one is float ({dtype}).")
-        if dtype in _FLOAT_DTYPES and bool(torch.isnan(t).any()):  # host sync: checked before any rank writes
-            raise ValueError(f"named_tensors[{i}] {name!r} holds {int(torch.isnan(t).sum())} NaN value(s).")
+        if dtype in _FLOAT_DTYPES and not bool(torch.isfinite(t).all()):  # host sync: checked before any rank writes
+            nan = int(torch.isnan(t).sum())  # (an inf too: the ranks' loader refuses both, part way)
+            raise ValueError(f"named_tensors[{i}] {name!r} holds " + (f"{nan} NaN value(s)." if nan else
+                                                                      f"{int(torch.isinf(t).sum())} infinite value(s)."))
         out[name] = t.detach()
     if not out:
         raise ValueError("named_tensors is empty: give at least one (name, tensor) pair.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 
 from ..api.async_engine import AsyncEngine
+from ..contract.weight_sync import DEFAULT_BUCKET_BYTES
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 from .serving import abort_rpc, optional
@@ -29,8 +30,10 @@ class ControlServicer(pb_grpc.ControlServicer):
             await abort_rpc(context, exc, what)
 
     async def UpdateWeightsFromDisk(self, request: pb.UpdateWeightsFromDiskRequest, context) -> pb.UpdateWeightsResponse:
-        info = await self._call(context, "update_weights_from_disk", request.model_path,
-                                optional(request, "load_format"), optional(request, "weight_version"))
+        args = [request.model_path, optional(request, "load_format"), optional(request, "weight_version"), True]
+        if request.HasField("rollback_bytes"):
+            args.append(request.rollback_bytes)
+        info = await self._call(context, "update_weights_from_disk", *args)
         resp = pb.UpdateWeightsResponse(bytes_read=info["bytes_read"], seconds=info["seconds"])
         if info["weight_version"] is not None:
             resp.weight_version = info["weight_version"]
@@ -71,8 +74,9 @@ class ControlServicer(pb_grpc.ControlServicer):
                                            context) -> pb.UpdateWeightsResponse:
         args = [list(request.names), list(request.dtypes), [list(s.dims) for s in request.shapes],
                 request.group_name or _GROUP, True, optional(request, "weight_version")]
-        if request.HasField("bucket_bytes"):
-            args.append(request.bucket_bytes)
+        args.append(optional(request, "bucket_bytes", DEFAULT_BUCKET_BYTES))
+        if request.HasField("rollback_bytes"):
+            args.append(request.rollback_bytes)
         info = await self._call(context, "update_weights_from_distributed", *args)
         resp = pb.UpdateWeightsResponse(bytes_read=info["bytes_read"], seconds=info["seconds"])
         if info["weight_version"] is not None:

@@ -2,8 +2,9 @@
 docs/rl.md): every tensor of a perturbed model sent one bucket per tensor, so many buckets are written before the
 failure; then the greedy tokens and their logprobs are bitwise those before the update, the error names the tensor,
 the engine serves on, and the next good update lands. Failures: a trainer that dies part way (its group closed), a
-NaN in a later bucket, an update whose old bytes pass rollback_bytes; an unknown name or a wrong shape late in the
-list is refused before any tensor is broadcast."""
+NaN in a later bucket; an unknown name or a wrong shape late in the list, and an update whose old bytes pass
+rollback_bytes, are refused before any tensor is broadcast. An update from disk is all or nothing the same way: a
+checkpoint whose later tensor holds a NaN or an inf (its headers fine) is rolled back, its limit checked first."""
 from __future__ import annotations
 
 import threading
@@ -113,14 +114,60 @@ def test_a_nan_in_a_later_bucket_is_rolled_back_and_the_group_serves_the_next_up
     assert trainer.error is None and trainer.sent == 2  # the failed broadcast went to its end
 
 
-def test_an_update_past_rollback_bytes_fails_before_its_bucket_is_written(tiny_model):
-    _, new, llm = _engine(tiny_model)
+def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tiny_model, tmp_path, monkeypatch):
+    from tests.engine.test_weight_updates_distributed import _saved
+
+    path, new, llm = _engine(tiny_model)
     before = run(llm, PS)
     trainer = _join(llm, [new])
-    with pytest.raises(RuntimeError, match=r"more than rollback_bytes=100000: split the update .*as they were"):
+    need = sum(t.numel() * 4 for _, t in new)  # every tensor, float32 in the engine (no tied copies in qwen3_e6k3)
+    with pytest.raises(ValueError, match=rf"rollback_bytes=100000 is too small: rolling this update back would hold "
+                                         rf"{need} bytes of old weights on rank 0 .*Nothing was written"):
         llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1 << 14,
                                             rollback_bytes=100_000)
-    assert run(llm, PS) == before
-    llm.destroy_weights_update_group("g")
+    assert trainer.sent == 0  # refused before the broadcast: the trainer's waits for the next call
+    llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1 << 14)
     trainer.join(30.0)
-    assert trainer.error is None
+    assert trainer.error is None and trainer.sent == 1
+    llm.destroy_weights_update_group("g")
+    updated = run(llm, PS)
+    assert updated != before
+
+    # From disk: the old checkpoint's values, but a late tensor (layer 1's o_proj, read after layer 0 and most of
+    # layer 1) holds a NaN, then an inf; the headers are fine, so only the load finds it, part way.
+    old = _tensors(path)
+    late = "model.layers.1.self_attn.o_proj.weight"
+    for i, value in enumerate((float("nan"), float("inf"))):
+        bad = dict(old)
+        bad[late] = bad[late].clone()
+        bad[late].view(-1)[3] = value
+        where = _saved(path, bad, tmp_path / f"bad{i}")
+        what = "1 NaN value" if i == 0 else "1 infinite value"
+        with pytest.raises(RuntimeError, match=rf"update_weights_from_disk failed: checkpoint tensor '{late}' holds "
+                                               rf"{what}.*as they were \(rolled back on every rank\)"):
+            llm.update_weights_from_disk(where, weight_version="bad")
+        assert run(llm, PS) == updated  # bitwise: the tensors written before the bad one are restored
+        assert llm.get_weight_version() is None
+    from moelink.engine.rank import loader  # one rank runs in this process
+
+    read = loader._read
+
+    def gone(st, name, src_idx):  # the file removed (or cut short) while the update reads it
+        if name == late:
+            raise FileNotFoundError("model.safetensors was removed")
+        return read(st, name, src_idx)
+    monkeypatch.setattr(loader, "_read", gone)
+    with pytest.raises(RuntimeError, match=rf"reading checkpoint tensor '{late}' failed: FileNotFoundError: .*as they "
+                                           r"were \(rolled back on every rank\)"):
+        llm.update_weights_from_disk(path)
+    monkeypatch.undo()
+    assert run(llm, PS) == updated
+    with pytest.raises(ValueError, match=rf"named_tensors\[\d+\] '{late}' holds 1 infinite value"):
+        llm.update_weights_from_tensor(list(bad.items()))  # the inf is found on the driver, before any rank writes
+    with pytest.raises(ValueError, match=rf"rollback_bytes=1000 is too small: .* would hold {need} bytes"):
+        llm.update_weights_from_disk(path, rollback_bytes=1000)
+    with pytest.raises(ValueError, match=r"rollback_bytes=-1 is invalid: must be an integer >= 0"):
+        llm.update_weights_from_disk(path, rollback_bytes=-1)
+    llm.update_weights_from_disk(path, weight_version="old")  # a good one lands: the first weights, bitwise
+    assert run(llm, PS) == before and llm.get_weight_version() == "old"
+

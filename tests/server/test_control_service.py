@@ -6,6 +6,8 @@ a trainer's broadcast through InitWeightsUpdateGroup / UpdateWeightsFromDistribu
 engine given the same tensors."""
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 
@@ -80,6 +82,11 @@ def test_update_under_pause_with_the_key(thread_server, model_path):
             control.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path="/nowhere"), metadata=auth,
                                           timeout=30)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "model_path='/nowhere'" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # the limit, checked before anything is read
+            control.UpdateWeightsFromDisk(pb.UpdateWeightsFromDiskRequest(model_path=model_path, rollback_bytes=1000),
+                                          metadata=auth, timeout=30)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "rollback_bytes=1000 is too small" in err.value.details()
         assert control.FlushCache(pb.FlushCacheRequest(), metadata=auth, timeout=30).num_blocks_freed >= 0
         aborted = native.Generate(pb.GenerateRequest(
             prompt_token_ids=pb.TokenIds(ids=[3, 4]), sampling_params=pb.SamplingParams(max_tokens=200,
@@ -123,8 +130,15 @@ def test_a_trainers_broadcast_over_grpc(thread_server, model_path):
             master_address="127.0.0.1", master_port=trainer.port, rank_offset=1, world_size=2, group_name="g"),
             timeout=60)
         assert "joined group 'g'" in msg.message
-        trainer.go.set()
         specs = TrainerGroup.specs(new)
+        request = pb.UpdateWeightsFromDistributedRequest(
+            names=specs["names"], dtypes=specs["dtypes"], shapes=[pb.TensorShape(dims=s) for s in specs["shapes"]],
+            group_name="g", rollback_bytes=1000)
+        with pytest.raises(grpc.RpcError) as err:  # refused before the trainer sends anything
+            control.UpdateWeightsFromDistributed(request, timeout=60)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(r"rollback_bytes=1000 is too small: .* would hold \d+ bytes", err.value.details())
+        trainer.go.set()
         info = control.UpdateWeightsFromDistributed(pb.UpdateWeightsFromDistributedRequest(
             names=specs["names"], dtypes=specs["dtypes"], shapes=[pb.TensorShape(dims=s) for s in specs["shapes"]],
             group_name="g", weight_version="t1"), timeout=60)

@@ -137,18 +137,85 @@ def test_generate_matches_the_python_api(front):
     assert [len(c["output_ids"]) for c in chunks] == sorted(len(c["output_ids"]) for c in chunks)
 
 
+def test_a_batch_of_prompts_with_n_samples_each(front):
+    """SGLang's batch and parallel sampling: 2 prompts x n=2, each prompt its own seed; the answer is a list, prompt
+    by prompt with each prompt's samples together, each result the tokens and logprobs the Python API gives that
+    prompt's sample (SamplingParams(n=2, seed).sample(j): seed + j, as LLM.generate runs n). Streamed, every event
+    carries its result's index, and each index's last event is that result."""
+    srv, port = front
+    prompts = [PROMPT_IDS, [9, 8, 7, 6]]
+    sp = [{"temperature": 0.9, "max_new_tokens": 5, "ignore_eos": True, "n": 2, "seed": seed} for seed in (11, 23)]
+    body = {"input_ids": prompts, "sampling_params": sp, "return_logprob": True, "rid": "b"}
+    got = ok(port, body)
+    assert isinstance(got, list) and len(got) == 4
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0.9, max_tokens=5, ignore_eos=True, n=2, seed=sp[i]["seed"], logprobs=0)
+        for j in range(2):
+            async def run(p=params.sample(j), prompt=prompt, rid=f"oracle-b-{i}-{j}"):
+                last = None
+                async for last in srv.engine.generate(rid, prompt, p):
+                    pass
+                return last.outputs[0]
+            want = srv.call(run(), timeout=60)
+            res = got[2 * i + j]
+            assert res["output_ids"] == want.token_ids and res["meta_info"]["id"] == f"b_{i}"
+            assert res["meta_info"]["prompt_tokens"] == len(prompt)
+            assert [t for _, t, _ in res["meta_info"]["output_token_logprobs"]] == want.token_ids
+            # four requests batched against one alone, float32 without the batch-invariant mode: the last bits move
+            # (2.4e-6 measured here; docs/rl.md, "Batch-invariant mode")
+            assert [lp for lp, _, _ in res["meta_info"]["output_token_logprobs"]] == pytest.approx(
+                [e[t].logprob for t, e in zip(want.token_ids, want.logprobs)], abs=1e-4)
+    # one prompt with n = 2 is a list too (SGLang's is_single is false); text prompts as a batch
+    two = ok(port, {"text": "The quick brown fox", "sampling_params": {**sp[0], "n": 2}})
+    assert isinstance(two, list) and len(two) == 2
+    texts = ok(port, {"text": ["The quick", "brown fox"], "sampling_params": GREEDY})
+    for res, text in zip(texts, ["The quick", "brown fox"]):
+        want = _python_api(srv, text, temperature=0, max_tokens=6, ignore_eos=True).outputs[0]
+        assert res["output_ids"] == want.token_ids and res["text"] == want.text
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/generate", body=json.dumps({**body, "stream": True, "rid": "s"}),
+                 headers={"Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    events = [e[len("data: "):] for e in resp.read().decode().split("\n\n") if e]
+    conn.close()
+    assert resp.status == 200 and events[-1] == "[DONE]"
+    last: dict = {}
+    for e in events[:-1]:
+        chunk = json.loads(e)
+        last[chunk["index"]] = chunk
+    assert sorted(last) == [0, 1, 2, 3]
+    for k, res in last.items():
+        assert res["output_ids"] == got[k]["output_ids"] and res["meta_info"]["finish_reason"] is not None
+        assert res["meta_info"]["id"] == f"s_{k // 2}"
+    assert not srv.server.serving.registry.active
+
+
 def test_generate_refusals_name_the_field(front):
     _, port = front
     assert refused(port, b"{not json", raw=True)[0] == "body"
     assert refused(port, {"input_ids": PROMPT_IDS, "image_data": "x"})[0] == "image_data"
-    assert refused(port, {"input_ids": [PROMPT_IDS, PROMPT_IDS]})[0] == "input_ids"  # a batch
-    assert refused(port, {"text": ["a", "b"]})[0] == "text"
     assert refused(port, {})[0] == "text"
+    assert refused(port, {"text": []})[0] == "text"
+    assert refused(port, {"text": ["a", 3]})[0] == "text[1]"
+    assert refused(port, {"input_ids": [PROMPT_IDS, [1, "x"]]})[0] == "input_ids[1]"
+    assert refused(port, {"input_ids": [1, [2]]})[0] == "input_ids"
+    batch = {"input_ids": [PROMPT_IDS, PROMPT_IDS[:3]]}
+    assert refused(port, {**batch, "sampling_params": [{}]})[0] == "sampling_params"  # one per prompt
+    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": [{}]})[0] == "sampling_params"
+    assert refused(port, {**batch, "sampling_params": [{"n": 2}, {"n": 3}]})[0] == "sampling_params[1].n"
+    assert refused(port, {**batch, "sampling_params": [{}, {"temperature": "hot"}]})[0] == \
+        "sampling_params[1].temperature"
+    assert refused(port, {**batch, "sampling_params": {"n": 65}})[0] == "sampling_params.n"  # --max-n (64)
+    assert refused(port, {**batch, "rid": ["only-one"]})[0] == "rid"
+    assert refused(port, {**batch, "rid": ["same", "same"]})[0] == "rid"
+    assert refused(port, {**batch, "return_logprob": [True, False]})[0] == "return_logprob"
+    assert refused(port, {**batch, "lora_path": ["a"]})[0] == "lora_path"
     param, message = refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"beam_width": 2}})
     assert param == "sampling_params.beam_width" and "max_new_tokens" in message
     assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"temperature": "hot"}})[0] == \
         "sampling_params.temperature"
-    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"n": 2}})[0] == "sampling_params.n"
+    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"n": 0}})[0] == "sampling_params.n"
     assert refused(port, {"input_ids": PROMPT_IDS, "return_logprob": "yes"})[0] == "return_logprob"
     assert refused(port, {"input_ids": PROMPT_IDS, "logprob_start_len": 0})[0] == "return_logprob"
     assert refused(port, {"input_ids": PROMPT_IDS, "return_logprob": True, "logprob_start_len": 99})[0] == \

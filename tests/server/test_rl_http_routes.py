@@ -59,6 +59,9 @@ def test_control_routes_over_http(thread_server, model_path):
         assert status == 400 and "model_path='/nowhere'" in body["message"]
         status, body = _call(port, "POST", "/update_weights_from_disk", {})
         assert status == 400 and body["error"]["param"] == "model_path"
+        status, body = _call(port, "POST", "/update_weights_from_disk", {"model_path": model_path,
+                                                                         "rollback_bytes": 1000})
+        assert status == 400 and "rollback_bytes=1000 is too small" in body["message"]
         assert _call(port, "GET", "/pause_generation")[0] == 405
         status, body = _call(port, "POST", "/pause_generation", {"mode": "abort"})
         assert status == 200 and body["mode"] == "abort"

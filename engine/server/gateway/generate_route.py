@@ -9,13 +9,17 @@ gRPC services use (admission limits, request registry, aborts). Beside it SGLang
 slime sends each worker to end a rollout: `{"rid"}` ends that request; `{"abort_all": true}` ends every client's,
 and is taken only from a server started with --enable-weight-updates (403 naming it), as the cache flush.
 
-Request: `text` or `input_ids` (one prompt; a batch is refused naming the field), `sampling_params` (SGLang's names,
-SAMPLING below), `return_logprob`, `logprob_start_len` (-1: output tokens only), `top_logprobs_num`,
-`return_routed_experts`, `stream`, `rid`, `lora_path` (a served adapter's name), `model`. Any other field, or a
-sampling key not listed, is refused (400 naming it), never ignored. Answer: `{"text", "output_ids", "meta_info": {"id",
-"finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version", "e2e_latency", ...}}`;
-streamed, the same object so far (text, ids and logprobs cumulative: SGLang's default) per `data:` event, then
-`data: [DONE]`.
+Request (generate_request.py reads it): `text` or `input_ids`, one prompt or a batch (a list of them),
+`sampling_params` (SGLang's names, one object or one per prompt; `n` samples of each prompt), `return_logprob`,
+`logprob_start_len` (-1: output tokens only), `top_logprobs_num`, `return_routed_experts`, `stream`, `rid`, `lora_path`
+(a served adapter's name), `model`. Any other field, or a sampling key not listed, is refused (400 naming it), never
+ignored. Answer: `{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens", "completion_tokens",
+"cached_tokens", "weight_version", "e2e_latency", ...}}` for one prompt with n = 1; a list of such objects for a batch
+or n > 1, prompt by prompt with each prompt's n samples together (SGLang's order). Streamed, the same object so far
+(text, ids and logprobs cumulative: SGLang's default) per `data:` event, then `data: [DONE]`; a batch's events come as
+its results move, each with `"index"`, its place in that order (as SGLang streams a batch). Each prompt is one request
+of n samples in the engine (`meta_info.id` its rid for every sample: what `/abort_request` ends); a refusal of any
+prompt (the queue full) ends the others and answers the refusal alone.
 
 `meta_info.routed_experts`: SGLang's encoding, base64 of the flat little-endian int32 array [prompt + generated - 1,
 MoE layers, top_k], with `routed_experts_dtype` "int32" (SGLang's key). Not the gRPC path's int16: slime and the
@@ -23,14 +27,15 @@ RL drivers built on SGLang decode the string as int32 without reading a dtype, a
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ...contract.safe_text import shown
-from ...contract.sampling_params import SamplingParams
+from .generate_request import GenerateRequest, read_request
 from .json_body import json_flag, json_object
 from .openai_fields import HttpFieldError
 
@@ -38,18 +43,6 @@ GENERATE_PATH = "/generate"
 # SGLang's `POST /abort_request` {"rid"} or {"abort_all": true}: what slime sends every worker to end a rollout.
 ABORT_PATH = "/abort_request"
 PATHS = (GENERATE_PATH, ABORT_PATH)
-FIELDS = ("text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-          "return_routed_experts", "stream", "rid", "lora_path", "model")
-# SGLang's sampling key -> (moelink SamplingParams field, JSON kind).
-SAMPLING = {"max_new_tokens": ("max_tokens", "int"), "min_new_tokens": ("min_tokens", "int"),
-            "temperature": ("temperature", "number"), "top_p": ("top_p", "number"), "top_k": ("top_k", "int"),
-            "min_p": ("min_p", "number"), "repetition_penalty": ("repetition_penalty", "number"),
-            "presence_penalty": ("presence_penalty", "number"), "frequency_penalty": ("frequency_penalty", "number"),
-            "stop": ("stop", "strs"), "stop_token_ids": ("stop_token_ids", "ints"),
-            "ignore_eos": ("ignore_eos", "bool"), "skip_special_tokens": ("skip_special_tokens", "bool"),
-            "no_stop_trim": ("include_stop_str_in_output", "bool"), "n": ("n", "int"), "seed": ("seed", "int"),
-            "sampling_seed": ("seed", "int")}
-SGLANG_MAX_NEW_TOKENS = 128  # SGLang's default when sampling_params has none
 # gRPC status (serving.status_for) -> HTTP status.
 _HTTP = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 403, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
          "CANCELLED": 499, "UNAVAILABLE": 503}
@@ -67,17 +60,6 @@ class Streamed:
     content_type: bytes = b"text/event-stream"
 
 
-@dataclass(frozen=True)
-class _Request:
-    prompt: Any  # text or token ids
-    field: str
-    params: SamplingParams
-    rid: str
-    lora: Optional[str]
-    stream: bool
-    logprob_start: Optional[int]  # the first prompt position whose logprob is returned, or None
-
-
 class GenerateRoute:
     """Answers `POST /generate` from a Serving (serving.py) on the server's loop."""
 
@@ -93,28 +75,43 @@ class GenerateRoute:
         if path == ABORT_PATH:
             return await self._abort(body)
         try:
-            req = self._read(body)
-            processed = await self.s.prepare(req.rid, req.prompt, req.params, req.field, lora=(
-                self.s.adapter(req.lora, "lora_path") if req.lora else None))
-            if req.logprob_start is not None and req.logprob_start >= len(processed.prompt_token_ids):
-                raise HttpFieldError("logprob_start_len", f"logprob_start_len={req.logprob_start} is invalid: the "
-                                     f"prompt has {len(processed.prompt_token_ids)} tokens.")
-            stream = self.s.run(req.rid, processed, n=1)
-            _, first = await anext(stream)  # a refusal (queue full, draining) raises here, before any answer
+            req = read_request(body, self.s)
+            runs = await self._start(req)
         except HttpFieldError as e:
             return e.status, _error(str(e), e.field, e.status)
         except Exception as e:  # the engine's or Serving's refusal, mapped as the gRPC services map it
             return _refusal(e)
-        answers = self._answers(req, first, stream)
+        results = _Results(req)
         if req.stream:
-            return Streamed(_events(answers), stream.aclose)
-        last = None
+            return Streamed(_events(req, results, runs), runs.aclose)
         try:
-            async for last in answers:
-                pass
+            async with runs:
+                async for prompt, sample, out in runs:
+                    results.update(prompt, sample, out)
         except Exception as e:  # the engine failed or stopped mid-request
             return _refusal(e)
-        return 200, json.dumps(last).encode()
+        answers = results.answers()
+        return 200, json.dumps(answers[0] if req.single else answers).encode()
+
+    async def _start(self, req: GenerateRequest) -> "_Runs":
+        """Every prompt prepared, then admitted (n samples each) with its first output in hand; a refusal of any
+        (a prompt too long, the queue full) raises after the ones admitted are ended."""
+        processed = []
+        for p in req.prompts:
+            one = await self.s.prepare(p.rid, p.prompt, p.params, p.field,
+                                       lora=self.s.adapter(p.lora, "lora_path") if p.lora else None)
+            if req.logprob_start is not None and req.logprob_start >= len(one.prompt_token_ids):
+                raise HttpFieldError("logprob_start_len", f"logprob_start_len={req.logprob_start} is invalid: "
+                                     f"{p.field} has {len(one.prompt_token_ids)} tokens.")
+            processed.append(one)
+        streams = [self.s.run(p.rid, one, n=req.n) for p, one in zip(req.prompts, processed)]
+        firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+        runs = _Runs(streams, firsts)
+        refused = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if refused is not None:
+            await runs.aclose()
+            raise refused
+        return runs
 
     async def _abort(self, body: bytes) -> tuple[int, bytes]:
         """End one request by its `rid` (any client with the key, as the Abort RPC), or every one (`abort_all`:
@@ -138,154 +135,8 @@ class GenerateRoute:
         await self.s.abort_all()
         return 200, json.dumps({"success": True, "num_aborted": running}).encode()
 
-    def _read(self, body: bytes) -> _Request:
-        data = json_object(body)
-        for key in data:
-            if key not in FIELDS:
-                raise HttpFieldError(key, f"{shown(key)} is refused: it is not a field moelink's /generate takes "
-                                          f"({', '.join(FIELDS)}).")
-        if ("text" in data) == ("input_ids" in data):
-            raise HttpFieldError("text", "give one prompt: `text` (a string) or `input_ids` (a list of token ids).")
-        if "text" in data:
-            prompt, field = data["text"], "text"
-            if not isinstance(prompt, str):
-                raise HttpFieldError("text", "text must be one string (a batch of prompts is not taken: send one "
-                                             "request per prompt).")
-        else:
-            prompt, field = data["input_ids"], "input_ids"
-            if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                raise HttpFieldError("input_ids", "input_ids must be one list of token ids (a batch of lists is not "
-                                                  "taken: send one request per prompt).")
-        model = data.get("model")
-        if model is not None and (not isinstance(model, str) or model not in
-                                  set(self.s.served_model_names) | set(self.s.model_aliases)):
-            raise HttpFieldError("model", f"model={shown(repr(model))} is not served here "
-                                          f"({', '.join(map(repr, self.s.served_model_names))}).")
-        logprob = json_flag(data, "return_logprob")
-        start = data.get("logprob_start_len", -1)
-        if not _is_int(start) or start < -1:
-            raise HttpFieldError("logprob_start_len", "logprob_start_len must be an integer >= -1 (-1: the output "
-                                                      "tokens' logprobs only).")
-        top = data.get("top_logprobs_num", 0)
-        if not _is_int(top) or top < 0:
-            raise HttpFieldError("top_logprobs_num", "top_logprobs_num must be an integer >= 0.")
-        if (start != -1 or top) and not logprob:
-            raise HttpFieldError("return_logprob", "logprob_start_len and top_logprobs_num need return_logprob: "
-                                                   "true.")
-        fields = _sampling(data.get("sampling_params"))
-        self._within_limits(fields, top)
-        extra = dict(return_routed_experts=json_flag(data, "return_routed_experts"))
-        if logprob:
-            extra["logprobs"] = top
-            if start != -1:
-                extra["prompt_logprobs"] = top
-        try:
-            params = SamplingParams(**{**fields, **extra})
-        except ValueError as e:
-            raise _renamed(str(e), data.get("sampling_params") or {}) from None
-        if params.n != 1:
-            raise HttpFieldError("sampling_params.n", "sampling_params.n must be 1 on /generate here: send one "
-                                                      "request per sample (each with its own seed).")
-        rid = data.get("rid")
-        if rid is not None and not isinstance(rid, str):
-            raise HttpFieldError("rid", "rid must be a string (a batch of ids is not taken).")
-        lora = data.get("lora_path")
-        if lora is not None and not isinstance(lora, str):
-            raise HttpFieldError("lora_path", "lora_path must be the name of a served LoRA adapter (a string).")
-        try:
-            rid = self.s.request_id(rid or "")
-        except ValueError as e:
-            raise HttpFieldError("rid", shown(str(e), quote=False)) from None
-        return _Request(prompt, field, params, rid, lora, json_flag(data, "stream"), None if start == -1 else start)
-
-    def _within_limits(self, params: dict, top: int) -> None:
-        """The server's request limits (limits.py: --max-logprobs, stop lists), as the gRPC services apply them."""
-        lim = self.s.limits
-        if top > lim.max_logprobs:
-            raise HttpFieldError("top_logprobs_num", f"top_logprobs_num={top} is invalid: at most {lim.max_logprobs} "
-                                                     "top logprobs per token (--max-logprobs).")
-        stop = params.get("stop", [])
-        stop = [stop] if isinstance(stop, str) else stop
-        try:
-            lim.check("max_stop_strings", len(stop), "sampling_params.stop")
-            for i, text in enumerate(stop):
-                lim.check("max_stop_string_chars", len(text), f"sampling_params.stop[{i}]")
-            lim.check("max_stop_token_ids", len(params.get("stop_token_ids", [])), "sampling_params.stop_token_ids")
-        except ValueError as e:
-            raise HttpFieldError(str(e).split(" has ", 1)[0], str(e)) from None
-
-    async def _answers(self, req: _Request, first, stream) -> AsyncIterator[dict]:
-        """SGLang's answer object after each of the engine's deltas, cumulative."""
-        t0, text, ids, lps, tops, input_lps = time.monotonic(), [], [], [], [], None
-        try:
-            out = first
-            while True:
-                comp = out.outputs[0]
-                text.append(comp.text)
-                ids.extend(comp.token_ids)
-                if req.params.logprobs is not None and comp.logprobs:
-                    lps.extend(_triple(entry[t].logprob, t) for t, entry in zip(comp.token_ids, comp.logprobs))
-                    if req.params.logprobs:
-                        tops.extend(_tops(entry, req.params.logprobs) for entry in comp.logprobs)
-                if input_lps is None and req.logprob_start is not None and out.prompt_logprobs is not None:
-                    prompt = out.prompt_token_ids
-                    input_lps = [[None if e is None else _wire(e[t].logprob), t, None]
-                                 for t, e in zip(prompt[req.logprob_start:], out.prompt_logprobs[req.logprob_start:])]
-                meta = {"id": req.rid, "finish_reason": _finish(comp, ids), "prompt_tokens": len(out.prompt_token_ids),
-                        "completion_tokens": len(ids), "cached_tokens": out.num_cached_tokens,
-                        "weight_version": out.weight_version, "e2e_latency": time.monotonic() - t0}
-                if req.params.logprobs is not None:
-                    meta["input_token_logprobs"] = input_lps or []
-                    meta["output_token_logprobs"] = list(lps)
-                    if req.params.logprobs:
-                        meta["output_top_logprobs"] = list(tops)
-                if comp.routed_experts is not None:
-                    import numpy as np  # here: the serve CLI imports this module, and its parser imports no numpy
-
-                    ids_LK = np.ascontiguousarray(comp.routed_experts, dtype=np.dtype("<i4"))
-                    meta["routed_experts"] = base64.b64encode(ids_LK.tobytes()).decode("ascii")
-                    meta["routed_experts_dtype"] = "int32"
-                yield {"text": "".join(text), "output_ids": list(ids), "meta_info": meta}
-                if out.finished:
-                    return
-                _, out = await anext(stream)
-        finally:
-            await stream.aclose()  # the engine's request ends with it (a client that left, an error)
-
-
-def _sampling(sp: Any) -> dict:
-    if sp is None:
-        sp = {}
-    if not isinstance(sp, dict):
-        raise HttpFieldError("sampling_params", "sampling_params must be a JSON object.")
-    out: dict = {"max_tokens": SGLANG_MAX_NEW_TOKENS}
-    for key, value in sp.items():
-        if key not in SAMPLING:
-            raise HttpFieldError(f"sampling_params.{key}", f"sampling_params.{shown(key)} is refused: moelink's "
-                                                           f"/generate takes {', '.join(SAMPLING)}.")
-        name, kind = SAMPLING[key]
-        if value is None:
-            continue
-        ok = {"int": _is_int(value), "number": _is_int(value) or isinstance(value, float), "bool": isinstance(
-            value, bool), "strs": isinstance(value, str) or (isinstance(value, list) and all(isinstance(
-                v, str) for v in value)), "ints": isinstance(value, list) and all(_is_int(v) for v in value)}[kind]
-        if not ok:
-            raise HttpFieldError(f"sampling_params.{key}", f"sampling_params.{key} must be "
-                                 + {"int": "an integer", "number": "a number", "bool": "true or false",
-                                    "strs": "a string or a list of strings", "ints": "a list of token ids"}[kind] + ".")
-        out[name] = value
-    return out
-
-
-def _renamed(message: str, given: dict) -> HttpFieldError:
-    """SamplingParams' refusal (`SamplingParams.max_tokens=0 is invalid: ...`) under SGLang's name of the field."""
-    name = message.split("=", 1)[0].removeprefix("SamplingParams.")
-    key = next((k for k, (n, _) in SAMPLING.items() if n == name and k in given), None)
-    if key is None:
-        return HttpFieldError("sampling_params", f"sampling_params: {shown(message, quote=False)}")
-    value = shown(json.dumps(given[key]), quote=False)
-    return HttpFieldError(f"sampling_params.{key}", f"sampling_params.{key}={value} is invalid"
-                          + shown(message.split(" is invalid", 1)[-1], quote=False))
+async def _first(stream):
+    return await anext(stream)  # a refusal (the queue full, draining) raises here, before any answer
 
 
 def _finish(comp, ids: list[int]) -> Optional[dict]:
@@ -302,14 +153,136 @@ def _finish(comp, ids: list[int]) -> Optional[dict]:
     return {"type": "abort", "message": f"the request ended: {reason}"}
 
 
-async def _events(answers: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+class _Runs:
+    """The prompts' sample streams (Serving.run, first outputs in hand) merged: (prompt, sample, output) as they
+    come. Closing it ends every request, whether or not it was ever iterated (the front's `stop`)."""
+
+    def __init__(self, streams: list, firsts: list):
+        self.streams, self.firsts = streams, firsts
+        self.tasks: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> "_Runs":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, int, Any]]:
+        for i, (sample, out) in enumerate(self.firsts):
+            yield i, sample, out
+        if len(self.streams) == 1:  # one prompt: no merging task
+            async for sample, out in self.streams[0]:
+                yield 0, sample, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for item in stream:
+                    queue.put_nowait((i, item))
+            except Exception as exc:  # handed to the consumer, which raises it
+                queue.put_nowait((i, exc))
+            finally:
+                queue.put_nowait((i, done))
+
+        self.tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        left = len(self.tasks)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item[0], item[1]
+
+    async def aclose(self) -> None:
+        """End every prompt's request (their engine requests are aborted as their streams close)."""
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for s in self.streams:
+            await s.aclose()
+
+
+@dataclass
+class _Sample:
+    """One result's answer so far (SGLang's object, cumulative)."""
+
+    text: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    lps: list = field(default_factory=list)
+    tops: list = field(default_factory=list)
+    answer: Optional[dict] = None
+
+
+class _Results:
+    """Every result of a request, by its place in the answer (GenerateRequest.index)."""
+
+    def __init__(self, req: GenerateRequest):
+        self.req, self.t0 = req, time.monotonic()
+        self.samples = [_Sample() for _ in range(len(req.prompts) * req.n)]
+        self.input_lps: dict[int, list] = {}  # per prompt, from the sample that scored it (sample 0)
+
+    def update(self, prompt: int, sample: int, out) -> dict:
+        """Result (prompt, sample) after the engine's delta `out`: SGLang's answer object so far."""
+        req, p = self.req, self.req.prompts[prompt]
+        one = self.samples[req.index(prompt, sample)]
+        comp = out.outputs[0]
+        one.text.append(comp.text)
+        one.ids.extend(comp.token_ids)
+        params = p.params
+        if params.logprobs is not None and comp.logprobs:
+            one.lps.extend(_triple(entry[t].logprob, t) for t, entry in zip(comp.token_ids, comp.logprobs))
+            if params.logprobs:
+                one.tops.extend(_tops(entry, params.logprobs) for entry in comp.logprobs)
+        start = req.logprob_start
+        if start is not None and prompt not in self.input_lps and out.prompt_logprobs is not None:
+            self.input_lps[prompt] = [[None if e is None else _wire(e[t].logprob), t, None] for t, e in
+                                      zip(out.prompt_token_ids[start:], out.prompt_logprobs[start:])]
+        meta = {"id": p.rid, "finish_reason": _finish(comp, one.ids), "prompt_tokens": len(out.prompt_token_ids),
+                "completion_tokens": len(one.ids), "cached_tokens": out.num_cached_tokens,
+                "weight_version": out.weight_version, "e2e_latency": time.monotonic() - self.t0}
+        if params.logprobs is not None:
+            meta["input_token_logprobs"] = list(self.input_lps.get(prompt, []))
+            meta["output_token_logprobs"] = list(one.lps)
+            if params.logprobs:
+                meta["output_top_logprobs"] = list(one.tops)
+        if comp.routed_experts is not None:
+            import numpy as np  # here: the serve CLI imports this module, and its parser imports no numpy
+
+            ids_LK = np.ascontiguousarray(comp.routed_experts, dtype=np.dtype("<i4"))
+            meta["routed_experts"] = base64.b64encode(ids_LK.tobytes()).decode("ascii")
+            meta["routed_experts_dtype"] = "int32"
+        one.answer = {"text": "".join(one.text), "output_ids": list(one.ids), "meta_info": meta}
+        return one.answer
+
+    def answers(self) -> list[dict]:
+        """The finished answers, in SGLang's order (a prompt's samples that scored no prompt logprobs get the
+        prompt's, computed once by its sample 0)."""
+        out = []
+        for i, one in enumerate(self.samples):
+            answer = dict(one.answer or {})
+            meta = answer.get("meta_info")
+            if meta is not None and "input_token_logprobs" in meta:
+                meta["input_token_logprobs"] = list(self.input_lps.get(i // self.req.n, []))
+            out.append(answer)
+        return out
+
+
+async def _events(req: GenerateRequest, results: _Results, runs: _Runs) -> AsyncIterator[bytes]:
+    """SGLang's server-sent events: each result's answer so far as it moves (a batch's with its `index`)."""
     try:
-        async for answer in answers:
+        async for prompt, sample, out in runs:
+            answer = results.update(prompt, sample, out)
+            if not req.single:
+                answer = {**answer, "index": req.index(prompt, sample)}
             yield b"data: " + json.dumps(answer).encode() + b"\n\n"
     except Exception as e:  # the engine failed or stopped mid-stream: said in the stream, as SGLang does
         yield b"data: " + _refusal(e)[1] + b"\n\n"
     finally:
-        await answers.aclose()  # type: ignore[attr-defined]
+        await runs.aclose()
     yield b"data: [DONE]\n\n"
 
 
@@ -329,10 +302,6 @@ def _tops(entry: dict, n: int) -> list:
 def _triple(logprob: float, token: int) -> list:
     """SGLang's logprob entry: [logprob, token id, token text (null: return_text_in_logprobs is not taken)]."""
     return [_wire(logprob), token, None]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _refusal(exc: BaseException) -> tuple[int, bytes]:

@@ -37,20 +37,22 @@ class TensorShape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpdateWeightsFromDistributedRequest(_message.Message):
-    __slots__ = ("names", "dtypes", "shapes", "group_name", "weight_version", "bucket_bytes")
+    __slots__ = ("names", "dtypes", "shapes", "group_name", "weight_version", "bucket_bytes", "rollback_bytes")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     SHAPES_FIELD_NUMBER: _ClassVar[int]
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_BYTES_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[str]
     shapes: _containers.RepeatedCompositeFieldContainer[TensorShape]
     group_name: str
     weight_version: str
     bucket_bytes: int
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., group_name: _Optional[str] = ..., weight_version: _Optional[str] = ..., bucket_bytes: _Optional[int] = ...) -> None: ...
+    rollback_bytes: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., group_name: _Optional[str] = ..., weight_version: _Optional[str] = ..., bucket_bytes: _Optional[int] = ..., rollback_bytes: _Optional[int] = ...) -> None: ...
 
 class DestroyWeightsUpdateGroupRequest(_message.Message):
     __slots__ = ("group_name",)
@@ -89,14 +91,16 @@ class WakeUpResponse(_message.Message):
     def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., graphs_recaptured: _Optional[bool] = ...) -> None: ...
 
 class UpdateWeightsFromDiskRequest(_message.Message):
-    __slots__ = ("model_path", "load_format", "weight_version")
+    __slots__ = ("model_path", "load_format", "weight_version", "rollback_bytes")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     load_format: str
     weight_version: str
-    def __init__(self, model_path: _Optional[str] = ..., load_format: _Optional[str] = ..., weight_version: _Optional[str] = ...) -> None: ...
+    rollback_bytes: int
+    def __init__(self, model_path: _Optional[str] = ..., load_format: _Optional[str] = ..., weight_version: _Optional[str] = ..., rollback_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("bytes_read", "seconds", "weight_version")
