@@ -45,11 +45,12 @@ class LLM:
     # -- RL rollouts (docs/rl.md): SGLang's names ---------------------------------------------------------------
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
                                  weight_version: str | None = None, flush_cache: bool = True,
-                                 rollback_bytes: int = 1 << 30) -> dict:
+                                 rollback_bytes: int | None = None) -> dict:
         """Serve the checkpoint at `model_path` (same architecture, new values) from now on, written in place into
         every rank's weights; the prefix cache is flushed. All or nothing: a failed update is rolled back on every
         rank from the old bytes each saved (at most `rollback_bytes` a rank, checked before anything is read; 0: no
-        rollback). {"bytes_read", "seconds", "weight_version"}."""
+        rollback; None: 1 GiB when each rank's part fits in it, else none, logged: docs/rl.md). {"bytes_read",
+        "seconds", "weight_version"}."""
         return self.engine.update_weights_from_disk(model_path, load_format, weight_version, flush_cache,
                                                     rollback_bytes)
 
@@ -69,11 +70,11 @@ class LLM:
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
-                                        bucket_bytes: int = 512 << 20, rollback_bytes: int = 1 << 30) -> dict:
+                                        bucket_bytes: int = 512 << 20, rollback_bytes: int | None = None) -> dict:
         """Receive the tensors the trainer broadcasts in `group_name` (each whole, in the order of `names`), a bucket
         of at most `bucket_bytes` at a time; every rank keeps its own part. All or nothing: a failed update is rolled
-        back on every rank from the old bytes each saved (at most `rollback_bytes` a rank; 0: no rollback).
-        {"bytes_read", "seconds", ...}."""
+        back on every rank from the old bytes each saved (at most `rollback_bytes` a rank; 0: no rollback; None:
+        1 GiB when each rank's part fits in it, else none, logged). {"bytes_read", "seconds", ...}."""
         return self.engine.update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
                                                            weight_version, bucket_bytes, rollback_bytes)
 

@@ -17,6 +17,7 @@ transport failed is destroyed; after a bucket that could not be written it is ke
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -24,6 +25,8 @@ from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_ROLLBACK_BYTES
                                     DistributedUpdate, UpdateGroupSpec)
 from ..contract.worker_api import RankCall
 from .rl_memory import MemoryControl, NotServing
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from moelink.scheduler.interface import SchedulerInterface
@@ -66,24 +69,25 @@ class RLControl(MemoryControl):
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
                                  weight_version: str | None = None, flush_cache: bool = True,
-                                 rollback_bytes: int = DEFAULT_ROLLBACK_BYTES) -> dict:
+                                 rollback_bytes: int | None = None) -> dict:
         """Write the checkpoint at `model_path` (the served architecture, new values) into every rank's weights in
         place (engine/rl/weights.py); the prefix cache (and with it every offload tier's view) is flushed, since KV
         computed with the old weights must never be served with the new. Requests must be done first: one request
         never mixes weights. All or nothing, as update_weights_from_distributed: each rank saves the bytes it
-        overwrites (at most `rollback_bytes` of host memory, checked before anything is read; 0: no rollback), and
-        an update that fails on any rank is rolled back on every rank. Returns {"bytes_read", "seconds",
-        "weight_version"}."""
+        overwrites (at most `rollback_bytes` of host memory, checked before anything is read; 0: no rollback; None:
+        `_rollback_limit`'s default), and an update that fails on any rank is rolled back on every rank. Returns
+        {"bytes_read", "seconds", "weight_version"}."""
         self._check_enabled("update_weights_from_disk")
         from ..rl.weights import check_same_tensors, served_names
 
         if load_format not in (None, "auto", "safetensors"):
             raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
                              "or 'safetensors'.")
-        update = DiskUpdate(str(model_path), rollback_bytes)
+        DiskUpdate(str(model_path), rollback_bytes or 0)  # the fields' own checks, before any rank is asked
         self._check_update_allowed(flush_cache)
         check_same_tensors(self.config.model, self.config.model.model, model_path)
-        self._check_rollback_room(None, rollback_bytes)
+        rollback_bytes = self._rollback_limit(None, rollback_bytes)
+        update = DiskUpdate(str(model_path), rollback_bytes)
         t0 = time.perf_counter()
         self._drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
         self._before_write()
@@ -141,12 +145,13 @@ class RLControl(MemoryControl):
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
                                         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                                        rollback_bytes: int = DEFAULT_ROLLBACK_BYTES) -> dict:
+                                        rollback_bytes: int | None = None) -> dict:
         """Receive the tensors the trainer broadcasts (rank 0 of `group_name`, each tensor whole, in the order of
         `names`) on every rank, a bucket of at most `bucket_bytes` at a time, each rank writing the parts it holds
         in place. Checked against the served checkpoint before the trainer is listened to. All or nothing: each
-        rank saves the bytes it overwrites (at most `rollback_bytes` of host memory; 0: no rollback), and an update
-        that fails on any rank is rolled back on every rank (engine/rank/rollback.py). As the other updates
+        rank saves the bytes it overwrites (at most `rollback_bytes` of host memory; 0: no rollback; None:
+        `_rollback_limit`'s default), and an update that fails on any rank is rolled back on every rank
+        (engine/rank/rollback.py). As the other updates
         otherwise (refusals, cache flush, weight_version); {"bytes_read", "seconds", "weight_version"}."""
         self._check_enabled("update_weights_from_distributed")
         from ..rl.weights import check_tensor_specs
@@ -156,10 +161,11 @@ class RLControl(MemoryControl):
                              "(init_weights_update_group first; a destroyed or failed group is gone).")
         self._check_update_allowed(flush_cache)
         specs, requantize = check_tensor_specs(self.config.model, self.config.model.model, names, dtypes, shapes)
-        update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes)
+        DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes or 0)  # the fields' checks
         quantized = dict(requantize)  # a float weight sent for a quantized one writes the served parts it becomes
-        self._check_rollback_room(tuple(sorted({part for n, _, _ in specs for part in (
+        rollback_bytes = self._rollback_limit(tuple(sorted({part for n, _, _ in specs for part in (
             quantized[n].names if n in quantized else (n,))})), rollback_bytes)
+        update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes)
         t0 = time.perf_counter()
         self._drain_for_update()
         self._before_write()
@@ -179,18 +185,32 @@ class RLControl(MemoryControl):
         return {"bytes_read": sum(r.bytes_received for r in results), "seconds": time.perf_counter() - t0,
                 "weight_version": weight_version}
 
-    def _check_rollback_room(self, names: tuple[str, ...] | None, rollback_bytes: int) -> None:
-        """Refuse an update whose old bytes on some rank (its own parts of `names`, None: every served tensor) pass
-        `rollback_bytes`, before anything is read or broadcast: each rank sizes its part (engine/rank/rollback.py)."""
-        if not rollback_bytes:
-            return
+    def _rollback_limit(self, names: tuple[str, ...] | None, rollback_bytes: int | None) -> int:
+        """The rollback bound every rank gets for an update of `names` (None: every served tensor), settled before
+        anything is read or broadcast: each rank sizes its own part (engine/rank/rollback.py). A bound the caller
+        gave is kept, or the update refused when some rank's old bytes pass it. None (the default; SGLang's and
+        vLLM's callers send none): DEFAULT_ROLLBACK_BYTES when every rank's part fits in it, else no rollback,
+        logged: a whole-model update of a large model would otherwise need a host copy of every rank's weights, and
+        an update that fails part way without one leaves the model refusing requests until a complete update
+        lands, never serving mixed weights."""
+        if not rollback_bytes and rollback_bytes is not None:
+            return 0
         needed = self.executor.collective(RankCall.ROLLBACK_BYTES_NEEDED, names)
         rank = max(range(len(needed)), key=needed.__getitem__)
+        if rollback_bytes is None:
+            if needed[rank] <= DEFAULT_ROLLBACK_BYTES:
+                return DEFAULT_ROLLBACK_BYTES
+            logger.warning("this weight update is not rolled back if it fails: its old bytes on rank %d (%d) pass "
+                           "the default rollback_bytes (%d); a failure part way leaves requests refused until a "
+                           "complete update lands. Pass rollback_bytes=%d or more to roll it back.", rank,
+                           needed[rank], DEFAULT_ROLLBACK_BYTES, needed[rank])
+            return 0
         if needed[rank] > rollback_bytes:
             raise ValueError(f"rollback_bytes={rollback_bytes} is too small: rolling this update back would hold "
                              f"{needed[rank]} bytes of old weights on rank {rank} (its own experts and TP slice); "
                              f"raise rollback_bytes to at least {needed[rank]}, split the update into smaller calls, "
                              "or pass rollback_bytes=0 (no rollback). Nothing was written or received.")
+        return rollback_bytes
 
     def _settle(self, rollback_bytes: int, failed: list, names: set[str], wrote: bool, stale_why: str) -> None:
         """Every rank answered an update: each keeps it, or (one failed) each restores what it wrote; the prefix

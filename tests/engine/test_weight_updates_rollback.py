@@ -7,6 +7,8 @@ rollback_bytes, are refused before any tensor is broadcast. An update from disk 
 checkpoint whose later tensor holds a NaN or an inf (its headers fine) is rolled back, its limit checked first."""
 from __future__ import annotations
 
+import logging
+
 import threading
 
 import pytest
@@ -114,7 +116,8 @@ def test_a_nan_in_a_later_bucket_is_rolled_back_and_the_group_serves_the_next_up
     assert trainer.error is None and trainer.sent == 2  # the failed broadcast went to its end
 
 
-def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tiny_model, tmp_path, monkeypatch):
+def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tiny_model, tmp_path, monkeypatch,
+                                                                             caplog):
     from tests.engine.test_weight_updates_distributed import _saved
 
     path, new, llm = _engine(tiny_model)
@@ -170,4 +173,20 @@ def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tin
         llm.update_weights_from_disk(path, rollback_bytes=-1)
     llm.update_weights_from_disk(path, weight_version="old")  # a good one lands: the first weights, bitwise
     assert run(llm, PS) == before and llm.get_weight_version() == "old"
+
+    # Left out, the limit is the default when every rank's part fits it, and no rollback (logged) when not: a caller
+    # that sends no rollback_bytes (SGLang's, vLLM's) is never refused for a model larger than the default.
+    from moelink.engine.core import rl_control
+
+    monkeypatch.setattr(rl_control, "DEFAULT_ROLLBACK_BYTES", need - 1)
+    with caplog.at_level(logging.WARNING, logger=rl_control.__name__):
+        llm.update_weights_from_disk(path, weight_version="large")
+    assert f"old bytes on rank 0 ({need}) pass the default rollback_bytes ({need - 1})" in caplog.text
+    assert run(llm, PS) == before and llm.get_weight_version() == "large"
+    with pytest.raises(RuntimeError, match=rf"checkpoint tensor '{late}' holds 1 infinite value.*refused until"):
+        llm.update_weights_from_disk(where)  # no rollback: the model refuses requests until a complete update
+    with pytest.raises(Exception, match="requests are refused"):
+        run(llm, PS)
+    llm.update_weights_from_disk(path)
+    assert run(llm, PS) == before
 

@@ -66,6 +66,11 @@ def _int(data: dict, name: str, default: Optional[int] = None) -> int:
     return v
 
 
+def _opt_int(data: dict, name: str) -> Optional[int]:
+    """An integer field that may be left out (None: the engine's default)."""
+    return None if data.get(name) is None else _int(data, name)
+
+
 def _bool(data: dict, name: str, default: bool) -> bool:
     v = data.get(name, default)
     if not isinstance(v, bool):
@@ -89,14 +94,13 @@ def _tags(v: Any) -> Optional[list[str]]:
 
 
 _GROUP = "weight_update_group"  # SGLang's default group name
-_ROLLBACK = 1 << 30  # rollback_bytes' default (engine/contract/weight_sync.py), not imported: the front stays light
 
 ROUTES: dict[str, Route] = {
     "/update_weights_from_disk": Route(
         b"POST", "update_weights_from_disk",
         ("model_path", "load_format", "weight_version", "flush_cache", "rollback_bytes"),
         lambda d: (_str(d, "model_path", True), _str(d, "load_format"), _str(d, "weight_version"),
-                   _bool(d, "flush_cache", True), _int(d, "rollback_bytes", _ROLLBACK)),
+                   _bool(d, "flush_cache", True), _opt_int(d, "rollback_bytes")),
         _ok("weights updated from disk")),
     "/init_weights_update_group": Route(
         b"POST", "init_weights_update_group",
@@ -109,7 +113,7 @@ ROUTES: dict[str, Route] = {
         ("names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version", "bucket_bytes", "rollback_bytes"),
         lambda d: (_list(d, "names"), _list(d, "dtypes"), _list(d, "shapes"), _str(d, "group_name") or _GROUP,
                    _bool(d, "flush_cache", True), _str(d, "weight_version"), _int(d, "bucket_bytes", 512 << 20),
-                   _int(d, "rollback_bytes", _ROLLBACK)),
+                   _opt_int(d, "rollback_bytes")),
         _ok("weights updated from the group")),
     "/destroy_weights_update_group": Route(
         b"POST", "destroy_weights_update_group", ("group_name",),
