@@ -72,7 +72,8 @@ class VisionTower:
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
             setattr(self.module, m.attribute, part)
         if spec.video:  # the model's get_video_features calls self.get_image_features
-            self.module.get_image_features = types.MethodType(self._model_cls.get_image_features, self.module)
+            setattr(self.module, "get_image_features", types.MethodType(self._model_cls.get_image_features,
+                                                                        self.module))
         self.module.to(device)
         self.device, self.dtype = device, dtype
 

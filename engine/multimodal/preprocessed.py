@@ -126,26 +126,30 @@ def check_preprocessed(p: ImageProcessor, ids: list[int], data: Any,
     """The processor's outputs with their token ids (module docstring) as one request's MultimodalInputs."""
     if not isinstance(data, dict) or not data or set(data) - set(KEYS):
         raise ValueError(f"{field} with prompt_token_ids must be {{'image': {{'pixel_values': ..., "
-                         "'image_grid_thw': ...}}} and/or {'video': {'pixel_values_videos': ..., 'video_grid_thw': "
+                         "'image_grid_thw': ...}} and/or {'video': {'pixel_values_videos': ..., 'video_grid_thw': "
                          "...}} (the processor's outputs; docs/multimodal.md).")
     if "video" in data and not p.spec.video:
         raise ValueError(f"{field}['video'] is not supported: this checkpoint's video path is not built "
                          "(docs/multimodal.md).")
-    width = p.hf.vision_config
-    empty_PC = torch.zeros(0, int(width.in_channels) * int(width.temporal_patch_size) * int(width.patch_size) ** 2) \
-        if p.spec.pixels == "flat" else torch.zeros(0, 3, int(width.patch_size), int(width.patch_size))
-    pixels_PC, grid, grid_N3 = (_modality(p, "image", data["image"], f"{field}['image']") if "image" in data
-                                else (empty_PC, (), None))
-    videos_PC, vgrid, vgrid_N3 = (_modality(p, "video", data["video"], f"{field}['video']") if "video" in data
-                                  else (None, (), None))
+    vc = p.hf.vision_config
+    pixels_PC = torch.zeros(0, int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2) \
+        if p.spec.pixels == "flat" else torch.zeros(0, 3, int(vc.patch_size), int(vc.patch_size))
+    grid: tuple = ()
+    grid_N3: torch.Tensor | None = None
+    if "image" in data:
+        pixels_PC, grid, grid_N3 = _modality(p, "image", data["image"], f"{field}['image']")
+    videos_PC: torch.Tensor | None = None
+    vgrid: tuple = ()
+    vgrid_N3: torch.Tensor | None = None
+    if "video" in data:
+        videos_PC, vgrid, vgrid_N3 = _modality(p, "video", data["video"], f"{field}['video']")
     ids_L = torch.tensor(ids, dtype=torch.long)
     _check_runs(p, ids_L, grid, vgrid)
     mrope_3L, delta = p.positions(ids_L[None], grid_N3, vgrid_N3)
-    video_kw = {} if videos_PC is None else dict(
-        pixel_values_videos_PC=videos_PC, video_grid_thw=vgrid, video_hashes=item_hashes(videos_PC, vgrid, True),
-        video_token_id=p.video_token_id)
-    return MultimodalInputs(pixels_PC, grid, item_hashes(pixels_PC, grid), mrope_3L, delta, p.image_token_id,
-                            p.merge, **video_kw)
-
+    return MultimodalInputs(
+        pixels_PC, grid, item_hashes(pixels_PC, grid), mrope_3L, delta, p.image_token_id, p.merge,
+        pixel_values_videos_PC=videos_PC, video_grid_thw=vgrid,
+        video_hashes=() if videos_PC is None else item_hashes(videos_PC, vgrid, video=True),
+        video_token_id=-1 if p.video_token_id is None else p.video_token_id)
 
 __all__ = ["KEYS", "check_preprocessed", "item_hashes"]

@@ -57,7 +57,9 @@ class ImageRunner:
         """Holds a request's images and videos in prompt order (a video's frames are its placeholder runs, next to
         each other: the driver checked that no other item's run falls between them)."""
         ids_L = np.asarray(prompt_token_ids)
-        firsts, parts, items = [], [], []
+        firsts: list[int] = []
+        parts: list[np.ndarray] = []
+        items: list[MediaItem] = []
         for video, token_id in ((False, mm.image_token_id), (True, mm.video_token_id)):
             kind_items = mm.items(video)
             pos_K = np.flatnonzero(ids_L == token_id) if kind_items else np.zeros(0, dtype=np.int64)

@@ -58,16 +58,19 @@ class FixedVideoProcessor:
     ids around them (a timestamp and a run of placeholders per temporal patch). Random pixels are as good an input as
     any for a random tower."""
 
-    def __init__(self, merge_size: int, temporal_patch_size: int, patch_width: int):
-        self.merge_size, self.temporal_patch_size, self.patch_width = merge_size, temporal_patch_size, patch_width
+    def __init__(self, merge_size: int, temporal_patch_size: int, patch_size: int):
+        self.merge_size, self.temporal_patch_size, self.patch_size = merge_size, temporal_patch_size, patch_size
+        self.patch_width = 3 * temporal_patch_size * patch_size ** 2
 
     def __call__(self, videos, **kwargs):
         from transformers.video_utils import VideoMetadata
 
         pv, grid, meta = [], [], []
-        for seed, frames, h, w in videos:  # h, w in patches; frames a multiple of the temporal patch
+        for frames_FHW3 in videos:  # uint8 frames filled with the video's seed (video_inputs)
+            frames, h, w = frames_FHW3.shape[0], frames_FHW3.shape[1] // self.patch_size, \
+                frames_FHW3.shape[2] // self.patch_size
             t = frames // self.temporal_patch_size
-            g = torch.Generator().manual_seed(seed)
+            g = torch.Generator().manual_seed(int(frames_FHW3[0, 0, 0, 0]))
             pv.append(torch.randn(t * h * w, self.patch_width, generator=g))
             grid.append([t, h, w])
             meta.append(VideoMetadata(total_num_frames=frames, fps=2.0, frames_indices=list(range(frames))))
@@ -76,15 +79,15 @@ class FixedVideoProcessor:
 
 
 def video_inputs(path: str, text: str, videos: list[tuple[int, int, int, int]], images: list | None = None) -> dict:
-    """The checkpoint's processor on `text` with videos of (seed, frames, h patches, w patches) and PIL `images`:
+    """The checkpoint's processor on `text` with videos of (seed < 256, frames, h patches, w patches) and PIL `images`:
     input_ids, mm_token_type_ids, pixel_values_videos, video_grid_thw (and pixel_values, image_grid_thw)."""
     from moelink.engine.multimodal.processor import load_processor
 
     proc = load_processor(path)
     ip = proc.image_processor
-    proc.video_processor = FixedVideoProcessor(ip.merge_size, ip.temporal_patch_size,
-                                               3 * ip.temporal_patch_size * ip.patch_size ** 2)
-    return dict(proc(text=[text], images=images or None, videos=videos, return_tensors="pt"))
+    proc.video_processor = FixedVideoProcessor(ip.merge_size, ip.temporal_patch_size, ip.patch_size)
+    frames = [np.full((n, h * ip.patch_size, w * ip.patch_size, 3), seed, dtype=np.uint8) for seed, n, h, w in videos]
+    return dict(proc(text=[text], images=images or None, videos=frames, return_tensors="pt"))
 
 
 def video_prompt(inputs: dict) -> dict:
