@@ -376,13 +376,13 @@ def test_a_video_and_an_image_give_transformers_tokens(mm_path, video_llm):
 
 @pytest.mark.slow  # over 1 s (an engine, transformers' generate twice)
 def test_chunks_cut_inside_a_videos_frames_beside_a_text_request(mm_path):
-    """A step budget of 5 tokens cuts the video's frames (6 placeholders each, a timestamp between them) across
-    chunks, batched with a text-only request; the video is encoded once, the tokens equal transformers'."""
+    """A step budget of 5 tokens cuts the video's three frames (16 placeholders each, a timestamp between them)
+    across chunks, batched with a text-only request; the video is encoded once, the tokens equal transformers'."""
     from tests.helpers.mm_checkpoints import VIDEO, hf_inputs_greedy, hf_mm_greedy, video_inputs, video_prompt
 
-    text, plain = f"v {VIDEO} w", "hello there world"
-    inputs = video_inputs(mm_path, text, [(4, 4, 4, 6)])
-    llm = LLM(mm_path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=5, num_kv_blocks=16, block_size=8,
+    text, plain = f"look {VIDEO} now", "hello there world"
+    inputs = video_inputs(mm_path, text, [(4, 6, 8, 8)])
+    llm = LLM(mm_path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=5, num_kv_blocks=32, block_size=8,
               limit_mm_per_prompt={"video": 1})
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate([plain, video_prompt(inputs)], params, use_tqdm=False)
