@@ -218,7 +218,8 @@ GRAMMAR_OUTCOMES = ("compiled", "failed", "timed_out", "abandoned_queued", "aban
 
 
 def multimodal_families(s):
-    """Images and videos (engine/multimodal/stats.MultimodalStats): per request at intake, the vision towers' work on the ranks."""
+    """Images and videos (engine/multimodal/stats.MultimodalStats): per request at intake, the vision towers' work
+    on the ranks."""
     yield _counter("moelink_mm_requests", "Requests admitted with images or videos.", s.requests)
     yield _counter("moelink_mm_images", "Images those requests carried.", s.images)
     yield _counter("moelink_mm_videos", "Videos those requests carried.", s.videos)

@@ -101,7 +101,8 @@ def _check_runs(p: ImageProcessor, ids_L: torch.Tensor, image_grid: tuple, video
     want = [t * h * w // m2 for t, h, w in image_grid]
     if [n for _, n in image_runs] != want:
         raise ValueError(f"prompt_token_ids has image placeholder runs (id {p.image_token_id}) of "
-                         f"{[n for _, n in image_runs]} tokens: the images need runs of {want}, one per image in order.")
+                         f"{[n for _, n in image_runs]} tokens: the images need runs of {want}, one per image in "
+                         "order.")
     if p.video_token_id is None:
         return
     video_runs = _runs(ids_L, p.video_token_id)

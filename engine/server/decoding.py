@@ -80,9 +80,9 @@ class _Refused:
 
 
 # A GenerateRequest has at most 11 top-level fields (vllm's; moelink's has 4), and a serializer writes each
-# once: the only repeated one, extra_mm_inputs, holds one batch per modality (two at most are taken). So a Generate request
-# with this many top-level occurrences is padding (placed there to push the real fields past the scan) and is
-# refused; for other messages a scan just stops here.
+# once: the only repeated one, extra_mm_inputs, holds one batch per modality (one is taken, beside mm_inputs). So
+# a Generate request with this many top-level occurrences is padding (placed there to push the real fields past
+# the scan) and is refused; for other messages a scan just stops here.
 _SCAN_FIELDS = 64
 _MAX_VARINT_BYTES = 5  # a packed uint32 token id takes 1 to 5 bytes
 

@@ -96,7 +96,8 @@ def test_a_different_image_misses_the_prefix_cache_and_the_same_image_hits(mm_pa
 
     m = {f.name: f.samples[0].value for f in multimodal_families(llm.engine.mm_stats)}
     assert m == {"moelink_mm_requests": 4, "moelink_mm_images": 4, "moelink_mm_videos": 0,
-                 "moelink_mm_encoder_images": 2, "moelink_mm_encoder_cache_hits": 1, "moelink_mm_encoder_seconds": pytest.approx(cache.encode_s)}
+                 "moelink_mm_encoder_images": 2, "moelink_mm_encoder_cache_hits": 1,
+                 "moelink_mm_encoder_seconds": pytest.approx(cache.encode_s)}
 
 
 @pytest.mark.slow
@@ -341,7 +342,7 @@ def video_llm(mm_path):
                limit_mm_per_prompt={"image": 2, "video": 2})
 
 
-@pytest.mark.slow  # over 1 s (the engine, transformers' generate three times)
+@pytest.mark.slow  # over 1 s (builds the module's video engine; transformers' generate twice)
 def test_a_video_gives_transformers_tokens_and_another_video_misses_the_prefix_cache(mm_path, video_llm):
     """pixel_values_videos and video_grid_thw with the processor's ids (a timestamp and a run of placeholders per
     temporal patch): transformers' tokens (the tower on the video's patches, its 3-D positions per frame); another
@@ -365,7 +366,7 @@ def test_a_video_gives_transformers_tokens_and_another_video_misses_the_prefix_c
     assert video_llm.engine.mm_stats.videos >= 3
 
 
-@pytest.mark.slow  # over 1 s (transformers' generate)
+@pytest.mark.slow  # the module's video engine (over 1 s to build where this runs first)
 def test_a_video_and_an_image_give_transformers_tokens(mm_path, video_llm):
     from tests.helpers.mm_checkpoints import IMAGE, VIDEO, hf_inputs_greedy, image, video_inputs, video_prompt
 
@@ -374,7 +375,7 @@ def test_a_video_and_an_image_give_transformers_tokens(mm_path, video_llm):
     assert _greedy(video_llm, video_prompt(inputs)) == hf_inputs_greedy(mm_path, inputs, MAX_NEW)
 
 
-@pytest.mark.slow  # over 1 s (an engine, transformers' generate twice)
+@pytest.mark.slow  # over 1 s (an engine of its own, transformers' generate twice)
 def test_chunks_cut_inside_a_videos_frames_beside_a_text_request(mm_path):
     """A step budget of 5 tokens cuts the video's three frames (16 placeholders each, a timestamp between them)
     across chunks, batched with a text-only request; the video is encoded once, the tokens equal transformers'."""
@@ -393,7 +394,7 @@ def test_chunks_cut_inside_a_videos_frames_beside_a_text_request(mm_path):
     assert stats.num_free_blocks == stats.num_total_blocks
 
 
-@pytest.mark.slow  # over 1 s (the engine)
+@pytest.mark.slow  # the module's video engine (over 1 s to build where this runs first)
 def test_bad_videos_are_refused_naming_the_field(mm_path, video_llm):
     from tests.helpers.mm_checkpoints import VIDEO, image, video_inputs, video_prompt
 
