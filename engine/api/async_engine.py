@@ -225,6 +225,12 @@ class AsyncEngine:
         mm = self.engine.multimodal
         return None if mm is None else mm.image_token_id
 
+    @property
+    def video_token_id(self) -> int | None:
+        """The video placeholder's id when this engine takes videos (limit_mm_per_prompt video above 0), else None."""
+        mm = self.engine.multimodal
+        return None if mm is None or not self.multimodal_config.videos else mm.video_token_id
+
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
                        field: str | None = None, compile_grammar: bool = True,
                        lora_request: LoRARequest | None = None) -> ProcessedRequest:

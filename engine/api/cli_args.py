@@ -79,11 +79,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="DeepSeek Sparse Attention's indexer key cache: fp8 (e4m3 keys, a float32 scale per 128 "
                         "values), model (the model's dtype); auto: fp8 with --kv-cache-dtype fp8, else model")
     p.add_argument("--limit-mm-per-prompt", type=_mm_limits, default=None, metavar="JSON",
-                   help="a multimodal checkpoint's images per prompt, as vLLM takes them ('{\"image\": 4}' or "
-                        "image=4; default 16; 0 serves its text model, the vision tower not loaded; video: 0 only; "
-                        "docs/multimodal.md)")
+                   help="a multimodal checkpoint's images and videos per prompt, as vLLM takes them ('{\"image\": "
+                        "4, \"video\": 1}' or image=4,video=1; images 16 and video 0 by default; both 0 serves its "
+                        "text model, the vision tower not loaded; docs/multimodal.md)")
     p.add_argument("--mm-max-pixels", type=int, default=None, metavar="N",
-                   help="the most pixels (width x height) one image may have as sent (default 33554432)")
+                   help="the most pixels (width x height) one image, or one frame of a video, may have (default "
+                        "33554432)")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences running at once on each rank (a step's decode batch; default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=human_int, default=None)

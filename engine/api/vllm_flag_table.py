@@ -388,11 +388,12 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--offload-prefetch-step",): refused(WEIGHTS_ON_DEVICE),
     ("--offload-params",): refused(WEIGHTS_ON_DEVICE),
     # -- multimodal and LoRA ---------------------------------------------------------------------------------
-    ("--language-model-only",): mapped("--limit-mm-per-prompt image=0", "a multimodal checkpoint served as its "
-                                                                        "text model: its vision tower not loaded"),
+    ("--language-model-only",): mapped("--limit-mm-per-prompt image=0,video=0", "a multimodal checkpoint served "
+                                       "as its text model: its vision tower not loaded"),
     ("--no-language-model-only",): accepted("the default: a multimodal checkpoint takes images where moelink runs "
                                             "them (docs/multimodal.md)"),
-    ("--limit-mm-per-prompt",): accepted("images per prompt, per modality (video: 0 only; docs/multimodal.md)",
+    ("--limit-mm-per-prompt",): accepted("items per prompt, per modality: image (16 by default), video (0 by "
+                                         "default; Qwen3.5, the processor's outputs; docs/multimodal.md)",
                                          "--limit-mm-per-prompt image=4"),
     ("--enable-mm-embeds", "--disable-mm-embeds"): refused(TEXT),
     ("--media-io-kwargs",): refused(TEXT),

@@ -207,10 +207,11 @@ class EngineArgs:
     # RL control calls (docs/rl.md: weight updates, a trainer's process group, pause / continue): refused unless on,
     # naming this flag (--enable-weight-updates); a server takes them only with it.
     enable_weight_updates: bool = False
-    # vLLM's --limit-mm-per-prompt: per modality, the most items one prompt may carry ({"image": 16} by default;
-    # {"image": 0} serves a multimodal checkpoint as its text model, its vision tower not loaded). Video: 0 only.
+    # vLLM's --limit-mm-per-prompt: per modality, the most items one prompt may carry ({"image": 16, "video": 0} by
+    # default; both 0 serves a multimodal checkpoint as its text model, its vision tower not loaded).
     limit_mm_per_prompt: Optional[dict] = None
-    # The most pixels (width x height) one image may have as sent (engine/config/multimodal.py's default: 32 MP).
+    # The most pixels (width x height) one image, or one video frame, may have (engine/config/multimodal.py's
+    # default: 32 MP).
     mm_max_pixels: Optional[int] = None
 
     def __post_init__(self) -> None:

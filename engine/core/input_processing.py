@@ -231,15 +231,17 @@ def _check_decode_leg_has_its_images(engine, ids: list[int], field: str) -> None
     decode positions turn by their rope delta, all recomputed here from the images. Without them the load would
     find nothing (the save is keyed by the images) and the placeholders would be computed as text."""
     mm = getattr(engine, "multimodal", None)
-    if mm is not None and mm.image_token_id in ids:
-        raise ValueError(f"{field} holds image placeholders (id {mm.image_token_id}) but the request has no "
-                         "multi_modal_data: a decode request of prefill/decode disaggregation must carry the same "
-                         "images as its prefill request (docs/multimodal.md).")
+    for token_id in () if mm is None else (mm.image_token_id, mm.video_token_id):
+        if token_id is not None and token_id in ids:
+            raise ValueError(f"{field} holds image or video placeholders (id {token_id}) but the request has no "
+                             "multi_modal_data: a decode request of prefill/decode disaggregation must carry the "
+                             "same images and videos as its prefill request (docs/multimodal.md).")
 
 
 def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | None, list[int], MultimodalInputs]:
-    """(text, token ids with the image placeholders expanded, the processed images) through the checkpoint's
-    processor (engine/multimodal/processor.py); what images cannot run with is refused naming it."""
+    """(text, token ids with the image placeholders expanded, the processed images and videos) through the
+    checkpoint's processor (engine/multimodal/processor.py; token ids come with the processor's outputs,
+    engine/multimodal/preprocessed.py); what they cannot run with is refused naming it."""
     if params.truncate_prompt_tokens is not None:  # a cut could fall inside an image's placeholders
         raise ValueError("SamplingParams.truncate_prompt_tokens is not supported with multi_modal_data: the prompt's "
                          "image placeholders must all be kept.")
@@ -248,16 +250,13 @@ def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | No
         if not isinstance(ids, (list, tuple)) or not ids:
             raise ValueError(f"prompt['prompt_token_ids']={shown(ids)} is invalid: must be a non-empty list of "
                              "token ids.")
-        data = prompt["multi_modal_data"]
-        if not isinstance(data, dict) or set(data) != {"image"}:
-            raise ValueError("prompt['multi_modal_data'] with prompt_token_ids must be {'image': {'pixel_values': "
-                             "..., 'image_grid_thw': ...}} (the processor's outputs; docs/multimodal.md).")
+        data = prompt["multi_modal_data"]  # {"image": ..., "video": ...}: checked by the processor
         vocab = engine.config.model.vocab_size
         bad = _first_bad_id(list(ids), vocab)
         if bad is not None:
             raise ValueError(f"prompt_token_ids[{bad}]={shown(ids[bad])} is out of range: token ids must be "
                              f"integers in [0, {vocab}).")
-        return None, list(ids), engine.multimodal.process_preprocessed(list(ids), data["image"])
+        return None, list(ids), engine.multimodal.process_preprocessed(list(ids), data)
     text = prompt.get("prompt")
     ids, mm = engine.multimodal.process(text, prompt["multi_modal_data"])
     return text, ids, mm

@@ -206,7 +206,7 @@ class LLMEngine(RLControl):
                                  "by process_inputs (no compiled grammar).")
             self.structured.add(req.request_id, req.grammar)
         if req.multimodal is not None:
-            self.mm_stats.add_request(len(req.multimodal.image_grid_thw))
+            self.mm_stats.add_request(len(req.multimodal.image_grid_thw), len(req.multimodal.video_grid_thw))
         rank = self.router.route(req.prompt_token_ids, req.cache_salt)
         self.schedulers[rank].add_request(sched_req)
         self._rank_of[req.request_id] = rank

@@ -218,12 +218,15 @@ GRAMMAR_OUTCOMES = ("compiled", "failed", "timed_out", "abandoned_queued", "aban
 
 
 def multimodal_families(s):
-    """Images (engine/multimodal/stats.MultimodalStats): per request at intake, the vision towers' work on the ranks."""
-    yield _counter("moelink_mm_requests", "Requests admitted with images.", s.requests)
+    """Images and videos (engine/multimodal/stats.MultimodalStats): per request at intake, the vision towers' work
+    on the ranks."""
+    yield _counter("moelink_mm_requests", "Requests admitted with images or videos.", s.requests)
     yield _counter("moelink_mm_images", "Images those requests carried.", s.images)
-    yield _counter("moelink_mm_encoder_images", "Images the ranks' vision towers encoded (under TP, once per rank "
-                                                "of the group).", s.images_encoded)
-    yield _counter("moelink_mm_encoder_cache_hits", "Images the ranks' encoder caches answered.", s.encoder_cache_hits)
+    yield _counter("moelink_mm_videos", "Videos those requests carried.", s.videos)
+    yield _counter("moelink_mm_encoder_images", "Images and videos the ranks' vision towers encoded (under TP, once "
+                                                "per rank of the group).", s.images_encoded)
+    yield _counter("moelink_mm_encoder_cache_hits", "Images and videos the ranks' encoder caches answered.",
+                   s.encoder_cache_hits)
     yield _counter("moelink_mm_encoder_seconds", "Seconds the ranks' vision towers spent encoding.", s.encoder_s)
 
 

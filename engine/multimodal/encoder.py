@@ -1,4 +1,4 @@
-"""Rank side: the checkpoint's vision tower, and a cache of its outputs by image hash.
+"""Rank side: the checkpoint's vision tower, and a cache of its outputs by image (or video) hash.
 
 The tower is transformers' own modules, not a copy: the submodules transformers' multimodal model builds for its
 images (spec.VisionSpec: Qwen3.5's `visual`; Kimi K2.5's `vision_tower` and `mm_projector`), built as its __init__
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -70,15 +71,19 @@ class VisionTower:
                 raise ValueError(f"model={model_dir!r}: the tensors under {m.prefix} do not match its config "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
             setattr(self.module, m.attribute, part)
+        if spec.video:  # the model's get_video_features calls self.get_image_features
+            setattr(self.module, "get_image_features", types.MethodType(self._model_cls.get_image_features,
+                                                                        self.module))
         self.module.to(device)
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
-    def encode(self, pixels_P: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        """One image's token embeddings [N, D]: the model's own get_image_features on its image modules."""
+    def encode(self, pixels_P: torch.Tensor, grid_thw: tuple[int, int, int], video: bool = False) -> torch.Tensor:
+        """One image's (or one video's, all its frames) token embeddings [N, D]: the model's own get_image_features
+        (get_video_features) on its image modules."""
         grid_13 = torch.tensor([grid_thw], dtype=torch.long, device=self.device)
-        out = self._model_cls.get_image_features(self.module, pixels_P.to(self.device, self.dtype), grid_13,
-                                                 return_dict=True)
+        features = self._model_cls.get_video_features if video else self._model_cls.get_image_features
+        out = features(self.module, pixels_P.to(self.device, self.dtype), grid_13, return_dict=True)
         return out.pooler_output[0]
 
 

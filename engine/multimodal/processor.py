@@ -11,7 +11,6 @@ processor's, never moelink's.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import types
 from pathlib import Path
@@ -22,18 +21,8 @@ import torch
 from ..config.multimodal import MultimodalConfig
 from ..contract.safe_text import shown
 from .inputs import MultimodalInputs
+from .preprocessed import check_preprocessed, item_hashes
 from .spec import VISION_SPECS, multimodal_architecture
-
-
-def _hashes(pixels_PC: torch.Tensor, grid: tuple[tuple[int, int, int], ...]) -> tuple[bytes, ...]:
-    """Per image, sha256 of its grid and its float32 patch values: the same image processed the same way hashes the
-    same, whatever prompt it is in."""
-    out, start = [], 0
-    for t, h, w in grid:
-        rows = pixels_PC[start:start + t * h * w].contiguous().numpy()
-        start += t * h * w
-        out.append(hashlib.sha256(repr((t, h, w)).encode() + rows.tobytes()).digest())
-    return tuple(out)
 
 
 def _images_only_processor(model_dir: str):
@@ -90,6 +79,12 @@ class ImageProcessor:
             raise ValueError(f"model={model_dir!r} takes no images (docs/multimodal.md).")
         self.spec = VISION_SPECS[arch]
         self.image_token_id = int(self.hf.image_token_id)
+        # Videos come as the processor's outputs only (preprocessed.py); a family whose video path is not built
+        # refuses a limit that would promise them.
+        self.video_token_id = int(self.hf.video_token_id) if self.spec.video else None
+        if config.videos and not self.spec.video:
+            raise ValueError(f"limit_mm_per_prompt['video']={config.videos} is not supported for {arch}: its video "
+                             "path is not built (docs/multimodal.md); leave it 0.")
         # Where the processor cannot be built without a package (Kimi K2.5's needs torchvision), PIL images are
         # refused naming it (`process`); the processor's own outputs still come in with token ids.
         self.processor, self.no_processor = None, ""
@@ -126,9 +121,14 @@ class ImageProcessor:
             raise ValueError(f"{field}={shown(data)} is invalid: must be a dict such as {{'image': <PIL image or "
                              "list of them>}.")
         for key in data:
+            if key == "video":  # frames would go through transformers' video processor
+                raise ValueError(f"{field}['video'] with a text prompt is not supported: raw video frames need "
+                                 "transformers' video processor, which needs torchvision (not installable here). "
+                                 "Send prompt_token_ids with the processor's pixel_values_videos and video_grid_thw "
+                                 "(docs/multimodal.md).")
             if key != "image":
-                what = "video input is not built" if key == "video" else "the modalities are 'image'"
-                raise ValueError(f"{field}[{shown(key)}] is not supported: {what} (docs/multimodal.md).")
+                raise ValueError(f"{field}[{shown(key)}] is not supported: the modalities are 'image' and 'video' "
+                                 "(docs/multimodal.md).")
         images = data.get("image")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         limit = self.config.images
@@ -168,81 +168,38 @@ class ImageProcessor:
             raise ValueError(f"prompt['multi_modal_data']['image'] was refused by the checkpoint's processor: "
                              f"{shown(str(e))}") from None
         ids_1L = out["input_ids"]
+        if self.video_token_id is not None and bool((ids_1L == self.video_token_id).any()):
+            raise ValueError(f"prompt holds video placeholders (id {self.video_token_id}) but no video: a video comes "
+                             "as the processor's outputs with prompt_token_ids (docs/multimodal.md).")
         grid = tuple(tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist())
         pixels_PC = out["pixel_values"].to(torch.float32)
         mrope_3L, delta = self.positions(ids_1L, out["image_grid_thw"])
-        mm = MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid), mrope_3L, delta, self.image_token_id,
+        mm = MultimodalInputs(pixels_PC, grid, item_hashes(pixels_PC, grid), mrope_3L, delta, self.image_token_id,
                               self.merge)
         return ids_1L[0].tolist(), mm
 
-    def process_preprocessed(self, ids: list[int], data: Any, field: str = "prompt['multi_modal_data']['image']"
+    def process_preprocessed(self, ids: list[int], data: Any, field: str = "prompt['multi_modal_data']"
                              ) -> MultimodalInputs:
-        """Token ids whose placeholders are already expanded, with the processor's own outputs for their images
-        (what smg's gRPC MultimodalInputs carries): {"pixel_values": [P, C] float, "image_grid_thw": [N, 3] int}.
-        Each is checked against the checkpoint (patch width, grid, placeholder runs) and the limits; the images'
-        hashes are computed here from the pixels, never taken from the caller (a hash sent for other pixels would
-        share their KV)."""
-        import numpy as np
+        """Token ids whose placeholders are already expanded, with the processor's own outputs for their images and
+        videos (preprocessed.py: what smg's gRPC MultimodalInputs carries)."""
+        return check_preprocessed(self, ids, data, field)
 
-        if not isinstance(data, dict) or set(data) - {"pixel_values", "image_grid_thw"} or len(data) != 2:
-            raise ValueError(f"{field} is invalid with token ids: give a dict with exactly 'pixel_values' and "
-                             "'image_grid_thw' (the processor's outputs).")
-        try:
-            pixels_PC = torch.as_tensor(np.asarray(data["pixel_values"]) if not isinstance(
-                data["pixel_values"], torch.Tensor) else data["pixel_values"])
-            grid_N3 = torch.as_tensor(data["image_grid_thw"])
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{field}: pixel_values and image_grid_thw must be tensors or arrays.") from None
-        vc = self.hf.vision_config
-        if self.spec.pixels == "flat":
-            patch_C: tuple[int, ...] = (int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2,)
-        else:  # one RGB patch per row, a Conv2d's input (Kimi K2.5's MoonViT)
-            patch_C = (3, int(vc.patch_size), int(vc.patch_size))
-        if not pixels_PC.is_floating_point() or tuple(pixels_PC.shape[1:]) != patch_C:
-            raise ValueError(f"{field}['pixel_values'] has shape {tuple(pixels_PC.shape)} and dtype "
-                             f"{pixels_PC.dtype}: must be float [patches, {', '.join(map(str, patch_C))}] for this "
-                             "checkpoint.")
-        if grid_N3.dim() != 2 or grid_N3.shape[1] != 3 or grid_N3.is_floating_point() or grid_N3.shape[0] < 1:
-            raise ValueError(f"{field}['image_grid_thw'] has shape {tuple(grid_N3.shape)}: must be integer "
-                             "[images, 3] (t, h, w), at least one image.")
-        grid = tuple(tuple(int(v) for v in g) for g in grid_N3.tolist())
-        if len(grid) > self.config.images:
-            raise ValueError(f"{field} has {len(grid)} images, more than limit_mm_per_prompt['image']="
-                             f"{self.config.images} (--limit-mm-per-prompt).")
-        m, patch = self.merge, int(vc.patch_size)
-        for i, (t, h, w) in enumerate(grid):
-            if t != 1 or h < m or w < m or h % m or w % m or h * w * patch * patch > self.config.max_pixels:
-                raise ValueError(f"{field}['image_grid_thw'][{i}]={[t, h, w]} is invalid: t must be 1 (images), h "
-                                 f"and w positive multiples of spatial_merge_size={m}, at most max_pixels="
-                                 f"{self.config.max_pixels} pixels.")
-        if pixels_PC.shape[0] != sum(t * h * w for t, h, w in grid):
-            raise ValueError(f"{field}['pixel_values'] has {pixels_PC.shape[0]} patch rows: the grids "
-                             f"{[list(g) for g in grid]} need {sum(t * h * w for t, h, w in grid)}.")
-        ids_L = torch.tensor(ids, dtype=torch.long)
-        is_img_L = ids_L == self.image_token_id
-        # Each image is one run of placeholder tokens, as long as its merged grid (what get_rope_index assumes).
-        edges = torch.diff(is_img_L.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
-                           append=torch.zeros(1, dtype=torch.int8))
-        runs = (torch.nonzero(edges == -1).flatten() - torch.nonzero(edges == 1).flatten()).tolist()
-        want = [t * h * w // (m * m) for t, h, w in grid]
-        if runs != want:
-            raise ValueError(f"prompt_token_ids has image placeholder runs (id {self.image_token_id}) of {runs} "
-                             f"tokens: the images need runs of {want}, one per image in order.")
-        pixels_PC = pixels_PC.to(torch.float32)
-        mrope_3L, delta = self.positions(ids_L[None], grid_N3.to(torch.long))
-        return MultimodalInputs(pixels_PC, grid, _hashes(pixels_PC, grid), mrope_3L, delta, self.image_token_id,
-                                self.merge)
-
-    def positions(self, ids_1L: torch.Tensor, grid_N3: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    def positions(self, ids_1L: torch.Tensor, grid_N3: torch.Tensor | None, video_grid_N3: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor | None, int]:
         """(the prompt's 3-D rotary positions [3, L], the rope delta decode continues from) for a model with Qwen's
-        3-D rotary; (None, 0) for one whose tokens turn by their sequence positions."""
+        3-D rotary; (None, 0) for one whose tokens turn by their sequence positions. The token types are the
+        processor's (mm_token_type_ids: image 1, video 2). Video timing is not an input here: Qwen3.5 writes each
+        frame's timestamp as text in the ids, and its get_rope_index turns each temporal patch as one frame."""
         if self.spec.positions != "mrope":
             return None, 0
         types_1L = (ids_1L == self.image_token_id).to(torch.int64)
-        mrope_31L, delta_11 = self.rope_index(ids_1L, types_1L, grid_N3)
+        if self.video_token_id is not None:
+            types_1L += 2 * (ids_1L == self.video_token_id).to(torch.int64)
+        mrope_31L, delta_11 = self.rope_index(ids_1L, types_1L, grid_N3, video_grid_N3)
         return mrope_31L[:, 0].to(torch.int64).contiguous(), int(delta_11.reshape(-1)[0])
 
-    def rope_index(self, ids_1L: torch.Tensor, types_1L: torch.Tensor, grid_N3: torch.Tensor):
+    def rope_index(self, ids_1L: torch.Tensor, types_1L: torch.Tensor, grid_N3: torch.Tensor | None,
+                   video_grid_N3: torch.Tensor | None = None):
         """transformers' own get_rope_index (Qwen3_5MoeModel's), called on a stand-in for the model: it reads only
         the config and get_vision_position_ids, which reads nothing of the model."""
         import transformers
@@ -250,13 +207,14 @@ class ImageProcessor:
         model_cls = getattr(transformers, type(self.hf).__name__.replace("Config", "Model"))
         stand_in = types.SimpleNamespace(config=self.hf)
         stand_in.get_vision_position_ids = types.MethodType(model_cls.get_vision_position_ids, stand_in)
-        return model_cls.get_rope_index(stand_in, ids_1L, mm_token_type_ids=types_1L, image_grid_thw=grid_N3)
+        return model_cls.get_rope_index(stand_in, ids_1L, mm_token_type_ids=types_1L, image_grid_thw=grid_N3,
+                                        video_grid_thw=None if video_grid_N3 is None else video_grid_N3.clone())
 
 
 def make_image_processor(config) -> ImageProcessor | None:
-    """The driver's processor for an EngineConfig: None for a text model, images off (limit_mm_per_prompt image 0)
-    or random weights (load_format dummy: no tower on the ranks)."""
-    if (multimodal_architecture(config.model.model) is None or config.multimodal.images == 0
+    """The driver's processor for an EngineConfig: None for a text model, images and video off
+    (limit_mm_per_prompt) or random weights (load_format dummy: no tower on the ranks)."""
+    if (multimodal_architecture(config.model.model) is None or not config.multimodal.media_on
             or config.load_format == "dummy"):
         return None
     return ImageProcessor(config.model.model, config.multimodal)

@@ -1,14 +1,16 @@
-"""Rank side: the requests' images held by a model runner, and what each step splices in.
+"""Rank side: the requests' images and videos held by a model runner, and what each step splices in.
 
-Each image of a request is encoded once, by the first step that computes one of its tokens (through the encoder
-cache: a preempted request, or another with the same image, encodes nothing again), and kept while the rank holds
-the request; a step encodes only the images its own chunk reaches. A step's rows are the image placeholders it computes, wherever its chunk boundaries fall (a chunk may
-end inside an image: the rest of the image's rows go with the next chunk). Every token of a step that holds any
-image request gets 3-D rotary positions where the model has them (Qwen3.5): the processor's for prompt positions,
-p + rope delta after the prompt (decode, and output tokens recomputed after a preemption), p on all three axes for
-text-only requests; a model with 1-D positions (Kimi K2.5) gets the image rows alone.
+Each image (or video: all its frames at once, the model's get_video_features) of a request is encoded once, by the
+first step that computes one of its tokens (through the encoder cache: a preempted request, or another with the same
+item, encodes nothing again), and kept while the rank holds the request; a step encodes only the items its own chunk
+reaches. A step's rows are the placeholders it computes, wherever its chunk boundaries fall (a chunk may end inside
+an image or between a video's frames: the rest of its rows go with the next chunk). Every token of a step that holds
+any image request gets 3-D rotary positions where the model has them (Qwen3.5): the processor's for prompt
+positions, p + rope delta after the prompt (decode, and output tokens recomputed after a preemption), p on all three
+axes for text-only requests; a model with 1-D positions (Kimi K2.5) gets the image rows alone.
 
-Legend: T the step's tokens, M its image tokens, D hidden, L a prompt's tokens, K a request's image tokens.
+Legend: T the step's tokens, M its image and video tokens, D hidden, L a prompt's tokens, K a request's image and
+video tokens.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from ..config.model import ModelConfig
 from ..config.multimodal import MultimodalConfig
 from .encoder import EncoderCache, VisionTower
-from .inputs import MultimodalInputs
+from .inputs import MediaItem, MultimodalInputs
 from .spec import VISION_SPECS, multimodal_architecture
 
 
@@ -36,9 +38,10 @@ class StepImages:
 @dataclass
 class _Held:
     mm: MultimodalInputs
-    placeholders_K: np.ndarray  # prompt positions of the image tokens, ascending
-    starts_I1: np.ndarray  # image i's tokens are placeholders starts_I1[i] .. starts_I1[i + 1] - 1
-    embeds_I: list[torch.Tensor | None]  # image i's [N_i, D], encoded at the first step that computes one of them
+    placeholders_K: np.ndarray  # prompt positions of the image and video tokens, ascending
+    items: list[MediaItem]  # its images and videos in prompt order
+    starts_I1: np.ndarray  # item i's tokens are placeholders starts_I1[i] .. starts_I1[i + 1] - 1
+    embeds_I: list[torch.Tensor | None]  # item i's [N_i, D], encoded at the first step that computes one of them
 
 
 class ImageRunner:
@@ -51,13 +54,31 @@ class ImageRunner:
         self._taken: tuple[int, int, float] = (0, 0, 0.0)
 
     def add(self, req_id: str, mm: MultimodalInputs, prompt_token_ids: list[int]) -> None:
-        pos_K = np.flatnonzero(np.asarray(prompt_token_ids) == mm.image_token_id)
-        want = sum(mm.image_tokens(i) for i in range(len(mm.image_grid_thw)))
-        if len(pos_K) != want:
-            raise ValueError(f"request {req_id!r} has {len(pos_K)} image placeholder tokens (id {mm.image_token_id}) "
-                             f"for images of {want} tokens.")
-        counts = [mm.image_tokens(i) for i in range(len(mm.image_grid_thw))]
-        self._held[req_id] = _Held(mm, pos_K, np.cumsum([0] + counts), [None] * len(counts))
+        """Holds a request's images and videos in prompt order (a video's frames are its placeholder runs, next to
+        each other: the driver checked that no other item's run falls between them)."""
+        ids_L = np.asarray(prompt_token_ids)
+        firsts: list[int] = []
+        parts: list[np.ndarray] = []
+        items: list[MediaItem] = []
+        for video, token_id in ((False, mm.image_token_id), (True, mm.video_token_id)):
+            kind_items = mm.items(video)
+            pos_K = np.flatnonzero(ids_L == token_id) if kind_items else np.zeros(0, dtype=np.int64)
+            want = sum(it.tokens for it in kind_items)
+            if len(pos_K) != want:
+                what = "video" if video else "image"
+                raise ValueError(f"request {req_id!r} has {len(pos_K)} {what} placeholder tokens (id {token_id}) "
+                                 f"for {what}s of {want} tokens.")
+            for it, item_pos in zip(kind_items, np.split(pos_K, np.cumsum([it.tokens for it in kind_items])[:-1])):
+                firsts.append(int(item_pos[0]))
+                parts.append(item_pos)
+                items.append(it)
+        order = sorted(range(len(items)), key=firsts.__getitem__)
+        pos_K = np.concatenate([parts[j] for j in order])
+        if np.any(np.diff(pos_K) <= 0):
+            raise ValueError(f"request {req_id!r}: a video's placeholder runs have another item's between them.")
+        counts = [items[j].tokens for j in order]
+        self._held[req_id] = _Held(mm, pos_K, [items[j] for j in order], np.cumsum([0] + counts),
+                                   [None] * len(counts))
 
     def drop(self, req_id: str) -> None:
         self._held.pop(req_id, None)
@@ -80,14 +101,15 @@ class ImageRunner:
         """The embeddings of placeholders k0 .. k1 - 1, encoding only the images they fall in (a chunk of a request
         with many images encodes the images its own tokens reach: the tower's work per step follows the step's
         token budget, not the request's image count)."""
-        mm, parts = h.mm, []
+        parts = []
         first = int(np.searchsorted(h.starts_I1, k0, side="right")) - 1
         last = int(np.searchsorted(h.starts_I1, k1 - 1, side="right")) - 1
         for i in range(first, last + 1):
             emb_ND = h.embeds_I[i]
             if emb_ND is None:
-                emb_ND = h.embeds_I[i] = self.cache.get(mm.image_hashes[i], lambda i=i: self.tower.encode(
-                    mm.pixel_values_PC[mm.patch_rows(i)], mm.image_grid_thw[i]))
+                it = h.items[i]
+                emb_ND = h.embeds_I[i] = self.cache.get(it.hash, lambda it=it: self.tower.encode(
+                    it.pixels_PC, it.grid_thw, video=it.video))
             lo, hi = max(k0, h.starts_I1[i]) - h.starts_I1[i], min(k1, h.starts_I1[i + 1]) - h.starts_I1[i]
             parts.append(emb_ND[lo:hi])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -129,9 +151,10 @@ class ImageRunner:
 
 def make_image_runner(model_cfg: ModelConfig, config: MultimodalConfig | None, device: torch.device,
                       load_format: str = "auto") -> ImageRunner | None:
-    """The rank's images: None for a text model, with images off (limit_mm_per_prompt image 0) or random weights."""
+    """The rank's images and videos: None for a text model, with images and video off (limit_mm_per_prompt) or random
+    weights."""
     arch = multimodal_architecture(model_cfg.model)
-    if arch is None or config is None or config.images == 0 or load_format == "dummy":
+    if arch is None or config is None or not config.media_on or load_format == "dummy":
         return None
     return ImageRunner(VisionTower(model_cfg.model, arch, model_cfg.dtype, device), config.encoder_cache_bytes,
                        device, mrope=VISION_SPECS[arch].positions == "mrope")

@@ -38,6 +38,9 @@ class VisionSpec:
     # The processor's pixel rows: "flat" [patches, channels x temporal x patch^2] (Qwen-VL); "chw" [patches, 3,
     # patch, patch] (Kimi K2.5's MoonViT, a Conv2d patch embedding).
     pixels: str
+    # Whether its videos run (the processor's pixel_values_videos / video_grid_thw, encoded by the model class's own
+    # get_video_features, placeholders config.video_token_id): Qwen3.5's; Kimi K2.5's video chunks are not built.
+    video: bool = False
 
     def __post_init__(self) -> None:
         if self.positions not in ("mrope", "1d") or self.pixels not in ("flat", "chw") or not self.modules:
@@ -48,7 +51,7 @@ class VisionSpec:
 VISION_SPECS = {
     "Qwen3_5MoeForConditionalGeneration": VisionSpec(
         "Qwen3_5MoeModel", (VisionModule("visual", "AutoModel", "vision_config", "model.visual."),),
-        positions="mrope", merge_field="spatial_merge_size", pixels="flat"),
+        positions="mrope", merge_field="spatial_merge_size", pixels="flat", video=True),
     # Kimi K2.5 as transformers writes it (save_original_format=False; the published remote-code layout,
     # KimiK25ForConditionalGeneration with a fused, rope-permuted wqkv, is served as its text model).
     "Kimi_K25ForConditionalGeneration": VisionSpec(

@@ -80,9 +80,9 @@ class _Refused:
 
 
 # A GenerateRequest has at most 11 top-level fields (vllm's; moelink's has 4), and a serializer writes each
-# once: the only repeated one, extra_mm_inputs, is refused anyway (text-only models). So a Generate request
-# with this many top-level occurrences is padding (placed there to push the real fields past the scan) and is
-# refused; for other messages a scan just stops here.
+# once: the only repeated one, extra_mm_inputs, holds one batch per modality (one is taken, beside mm_inputs). So
+# a Generate request with this many top-level occurrences is padding (placed there to push the real fields past
+# the scan) and is refused; for other messages a scan just stops here.
 _SCAN_FIELDS = 64
 _MAX_VARINT_BYTES = 5  # a packed uint32 token id takes 1 to 5 bytes
 
@@ -163,8 +163,10 @@ class _GenerateCheck:
         self.request_id = fields["request_id"].number
         self.names = {f.number: f.name for f in pb.GenerateRequest.DESCRIPTOR.fields}
         self.bounded = self.inputs | {self.sp}  # checked below
-        # An image model's preprocessed pixels (VllmEngine's mm_inputs) get the budget its limits allow.
-        self.wider = {fields["mm_inputs"].number: mm_bytes} if mm_bytes and "mm_inputs" in fields else {}
+        # An image model's preprocessed pixels (VllmEngine's mm_inputs; a second modality's batch, a video, in
+        # extra_mm_inputs) get the budget its limits allow.
+        self.wider = {fields[f].number: mm_bytes for f in ("mm_inputs", "extra_mm_inputs")
+                      if mm_bytes and f in fields}
         self.truncate = None if truncate_field is None else \
             pb.SamplingParams.DESCRIPTOR.fields_by_name[truncate_field].number
         self.limits, self.sp_limit, self.text_refusal = limits, limits.max_sampling_params_bytes(), text_refusal

@@ -127,8 +127,9 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
         ("`request_id`", f"at most {lim.max_request_id_chars} characters ({flag('max_request_id_chars')}); over "
                          f"{4 * lim.max_request_id_chars} bytes refused before parsing", invalid),
         ("other `Generate` fields (multimodal inputs, KV transfer parameters)",
-         f"at most {OTHER_FIELD_MAX_BYTES >> 10} KiB each, refused before parsing (an image model's `mm_inputs`: "
-         "its image limits' pixels, up to --max-message-size; docs/multimodal.md)", invalid),
+         f"at most {OTHER_FIELD_MAX_BYTES >> 10} KiB each, refused before parsing (an image model's `mm_inputs` "
+         "and `extra_mm_inputs`: its image limits' pixels, up to --max-message-size; with videos on, "
+         "--max-message-size; docs/multimodal.md)", invalid),
         ("`prompt` / `text`", "not empty; at most (max_model_len − 1) × B bytes, where B is the most bytes one "
                               "token of the model's tokenizer can stand for (refused before tokenizing, and before "
                               "parsing); with VllmEngine's `truncate_prompt_tokens` only the text's last "

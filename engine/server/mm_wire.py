@@ -1,11 +1,17 @@
-"""smg's gRPC MultimodalInputs (vllm.grpc.engine, GenerateRequest.mm_inputs) read into the Python API's preprocessed
-form: {"pixel_values": [P, C] float tensor, "image_grid_thw": [N, 3] int64 tensor} (engine/multimodal/processor.py
-ImageProcessor.process_preprocessed checks it against the checkpoint; docs/multimodal.md).
+"""smg's gRPC MultimodalInputs (vllm.grpc.engine, GenerateRequest.mm_inputs, and extra_mm_inputs for a second
+modality's batch) read into the Python API's preprocessed form: {"pixel_values": [P, C] float tensor,
+"image_grid_thw": [N, 3] int64 tensor} for an image batch, {"pixel_values_videos": ..., "video_grid_thw": ...} for a
+video batch (modality VIDEO) (engine/multimodal/preprocessed.py checks it against the checkpoint;
+docs/multimodal.md).
 
-What is read: the inline pixel_values and model_specific_tensors["image_grid_thw"] (and "patches_per_image", smg's
-split of the flat pixel rows, checked against the grids); im_token_id, when set, must be the checkpoint's. What is not taken: video, payloads in shared memory or remote handles, another encoder input key,
-other model tensors, each refused naming the field. Not read: mm_placeholders (recomputed from the ids, which must
-hold one run of placeholders per image), mm_hashes (the prefix cache's salt is hashed from the pixels here: a hash
+What is read: the inline pixel_values and model_specific_tensors["image_grid_thw"] or ["video_grid_thw"] (and
+"patches_per_image" / "patches_per_video", smg's split of the flat pixel rows, checked against the grids);
+im_token_id, when set, must be the checkpoint's placeholder of the batch's modality. Taken, not read: a video
+batch's "second_per_grid_ts" / "video_second_per_grid" (Qwen3.5's positions read no timing: the processor wrote each
+frame's timestamp into the ids). What is not taken: audio, a modality the server has off, payloads in shared memory
+or remote handles, another encoder input key, other model tensors, each refused naming the field. Not read:
+mm_placeholders (recomputed from the ids, which must hold one run of placeholders per image, per video frame),
+mm_hashes (the prefix cache's salt is hashed from the pixels here: a hash
 sent for other pixels would share their KV), batched_keys / flat_keys / keep_on_cpu_keys (their meaning for Qwen-VL
 is fixed).
 """
@@ -34,30 +40,42 @@ def _tensor(td, field: str) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(shape).astype(arr.dtype.newbyteorder("=")))
 
 
-def images_from_proto(mm, image_token_id: int) -> dict:
-    """GenerateRequest.mm_inputs as the Python API's preprocessed images (module docstring)."""
-    if mm.modality not in (0, 1):  # MODALITY_UNSPECIFIED (image) or IMAGE
-        raise ValueError(f"mm_inputs.modality={mm.modality} is not supported: images only (video is not built; "
-                         "docs/multimodal.md).")
-    if mm.HasField("encoder_input_key") and mm.encoder_input_key != "pixel_values":
-        raise ValueError(f"mm_inputs.encoder_input_key={mm.encoder_input_key!r} is not supported: pixel_values only.")
-    if mm.HasField("im_token_id") and mm.im_token_id != image_token_id:
-        raise ValueError(f"mm_inputs.im_token_id={mm.im_token_id} is not this checkpoint's image token "
-                         f"({image_token_id}).")
+# Per modality: the pixel key and grid key of the Python API's form, smg's split of the flat rows, and the
+# tensors taken but not read (Qwen3.5's positions read no timing: each frame's timestamp is text in the ids).
+_WIRE = {"image": ("pixel_values", "image_grid_thw", "patches_per_image", ()),
+         "video": ("pixel_values_videos", "video_grid_thw", "patches_per_video",
+                   ("second_per_grid_ts", "video_second_per_grid"))}
+
+
+def media_from_proto(mm, token_ids: dict[str, int | None], field: str = "mm_inputs") -> tuple[str, dict]:
+    """One MultimodalInputs batch (GenerateRequest.mm_inputs or an extra_mm_inputs entry) as (its modality, the
+    Python API's preprocessed form of it); `token_ids`: the checkpoint's placeholder per modality (None: not
+    taken). Module docstring."""
+    modality = {0: "image", 1: "image", 3: "video"}.get(mm.modality)  # MODALITY_UNSPECIFIED reads as image
+    if modality is None or token_ids.get(modality) is None:
+        taken = ", ".join(k for k, v in token_ids.items() if v is not None)
+        raise ValueError(f"{field}.modality={mm.modality} is not supported: this server takes {taken} "
+                         "(docs/multimodal.md).")
+    pix_key, grid_key, per_key, unread = _WIRE[modality]
+    if mm.HasField("encoder_input_key") and mm.encoder_input_key not in ("pixel_values", pix_key):
+        raise ValueError(f"{field}.encoder_input_key={mm.encoder_input_key!r} is not supported: pixel_values only.")
+    if mm.HasField("im_token_id") and mm.im_token_id != token_ids[modality]:
+        raise ValueError(f"{field}.im_token_id={mm.im_token_id} is not this checkpoint's {modality} token "
+                         f"({token_ids[modality]}).")
     tensors = mm.model_specific_tensors
-    extra = sorted(set(tensors) - {"image_grid_thw", "patches_per_image"})
+    extra = sorted(set(tensors) - {grid_key, per_key, *unread})
     if extra:
-        raise ValueError(f"mm_inputs.model_specific_tensors[{extra[0]!r}] is not supported: image_grid_thw (and "
-                         "patches_per_image) only.")
-    if "image_grid_thw" not in tensors or not mm.HasField("pixel_values"):
-        raise ValueError("mm_inputs needs pixel_values and model_specific_tensors['image_grid_thw'].")
-    grid_N3 = _tensor(tensors["image_grid_thw"], "mm_inputs.model_specific_tensors['image_grid_thw']")
-    if "patches_per_image" in tensors:  # smg's split of the flat pixel rows (flat_keys): the grids' own counts
-        per_N = _tensor(tensors["patches_per_image"], "mm_inputs.model_specific_tensors['patches_per_image']")
+        raise ValueError(f"{field}.model_specific_tensors[{extra[0]!r}] is not supported: {grid_key} (and "
+                         f"{per_key}) only.")
+    if grid_key not in tensors or not mm.HasField("pixel_values"):
+        raise ValueError(f"{field} needs pixel_values and model_specific_tensors[{grid_key!r}].")
+    grid_N3 = _tensor(tensors[grid_key], f"{field}.model_specific_tensors[{grid_key!r}]")
+    if per_key in tensors:  # smg's split of the flat pixel rows (flat_keys): the grids' own counts
+        per_N = _tensor(tensors[per_key], f"{field}.model_specific_tensors[{per_key!r}]")
         if grid_N3.dim() != 2 or per_N.reshape(-1).tolist() != grid_N3.to(torch.int64).prod(-1).tolist():
-            raise ValueError(f"mm_inputs.model_specific_tensors['patches_per_image']={per_N.reshape(-1).tolist()} "
-                             "is not the image grids' t x h x w.")
-    return {"pixel_values": _tensor(mm.pixel_values, "mm_inputs.pixel_values"), "image_grid_thw": grid_N3}
+            raise ValueError(f"{field}.model_specific_tensors[{per_key!r}]={per_N.reshape(-1).tolist()} "
+                             f"is not the {modality} grids' t x h x w.")
+    return modality, {pix_key: _tensor(mm.pixel_values, f"{field}.pixel_values"), grid_key: grid_N3}
 
 
-__all__ = ["images_from_proto"]
+__all__ = ["media_from_proto"]

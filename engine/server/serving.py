@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 INLINE_MAX_CHARS = 2048
 INLINE_MAX_IDS = 4096
 
+# With videos on, mm_inputs has no budget of its own: --max-message-size (the receive limit) bounds it.
+VIDEO_FIELD_BYTES = 1 << 40
+
 
 class Serving:
     """The engine plus the server-side state both services read and write."""
@@ -115,13 +118,17 @@ class Serving:
     # -- inputs ---------------------------------------------------------------
     @property
     def mm_bytes(self) -> int:
-        """The wire budget of VllmEngine's mm_inputs (preprocessed images): twice the float32 pixel values of
-        limit_mm_per_prompt images of mm_max_pixels each (the processor's temporal patch doubles each pixel's three
-        channels), plus an ordinary field's bytes for the grids and framing, so that a request just past its limits
-        is parsed and refused naming the limit (engine/multimodal/processor.py), and a far larger one refused
-        unparsed; 0 when this engine takes no images. The server caps it at --max-message-size."""
+        """The wire budget of VllmEngine's mm_inputs (preprocessed images; with extra_mm_inputs, a video batch):
+        twice the float32 pixel values of limit_mm_per_prompt images of mm_max_pixels each (the processor's temporal
+        patch doubles each pixel's three channels), plus an ordinary field's bytes for the grids and framing, so that
+        a request just past its limits is parsed and refused naming the limit (engine/multimodal/preprocessed.py),
+        and a far larger one refused unparsed; 0 when this engine takes no images. With videos on, the message cap
+        alone: a video's frames are bounded by its placeholder tokens (within max_model_len), far past any cap. The
+        server caps it at --max-message-size."""
         if self.engine.image_token_id is None:
             return 0
+        if self.engine.video_token_id is not None:
+            return VIDEO_FIELD_BYTES
         mm = self.engine.multimodal_config
         return 2 * mm.images * mm.max_pixels * 3 * 2 * 4 + OTHER_FIELD_MAX_BYTES
 
@@ -134,8 +141,8 @@ class Serving:
         if self.model.text_weights_prefix:  # a multimodal checkpoint with its processor (Qwen3.5-MoE, Kimi K2.5)
             return (f"{self.model.name} ({self.model.architecture}) takes images as VllmEngine's preprocessed mm_inputs "
                     "(smg's gateway sends them for image_url parts) and through the Python API (multi_modal_data), "
-                    "while its images are on (limit_mm_per_prompt); media_refs and video are not built "
-                    "(docs/multimodal.md).")
+                    "while its images are on (limit_mm_per_prompt), and videos as the processor's outputs where "
+                    "limit_mm_per_prompt video is above 0; media_refs are not built (docs/multimodal.md).")
         return "this model takes text only."
 
     def _prompt_byte_bound(self) -> tuple[Optional[float], Optional[int]]:

@@ -29,7 +29,7 @@ from ..core.llm_engine import ProcessedRequest
 from ..contract.safe_text import shown
 from ..contract.sampling_params import SamplingParams
 from .limits import RequestLimits
-from .mm_wire import images_from_proto
+from .mm_wire import media_from_proto
 from ..multimodal.spec import multimodal_architecture, published_model_type
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
@@ -131,8 +131,8 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
     async def _prepare(self, rid: str, request: pb.GenerateRequest, params: SamplingParams) -> ProcessedRequest:
         if request.HasField("media_refs"):
             raise ValueError(f"media_refs is not supported: {self.s.text_only_reason()}")
-        if request.extra_mm_inputs:  # a second modality's batch: only images are built
-            raise ValueError(f"extra_mm_inputs is not supported: {self.s.text_only_reason()}")
+        if request.extra_mm_inputs and not request.HasField("mm_inputs"):  # a second modality's batch
+            raise ValueError("extra_mm_inputs is not supported without mm_inputs: the first batch goes in mm_inputs.")
         if request.HasField("kv_transfer_params"):
             raise ValueError("kv_transfer_params (the typed Mooncake message) is not supported: it cannot name the "
                              "saved KV; send kv_transfer_params_json (vLLM's JSON object) instead.")
@@ -153,28 +153,40 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
 
     async def _prepare_images(self, rid: str, request: pb.GenerateRequest, params: SamplingParams,
                               lora=None) -> ProcessedRequest:
-        """smg's preprocessed images (engine/server/mm_wire.py) with the expanded token ids, through the engine's
-        image processor's checks (docs/multimodal.md)."""
-        image_token_id = self.s.engine.image_token_id
-        if image_token_id is None:
+        """smg's preprocessed images and videos (engine/server/mm_wire.py: mm_inputs, and a second modality's batch
+        in extra_mm_inputs) with the expanded token ids, through the engine's processor's checks
+        (docs/multimodal.md)."""
+        token_ids = {"image": self.s.engine.image_token_id, "video": self.s.engine.video_token_id}
+        if token_ids["image"] is None:
             raise ValueError(f"mm_inputs is not supported: {self.s.text_only_reason()}")
         if request.WhichOneof("input") != "tokenized":
             raise ValueError("mm_inputs needs tokenized input (tokenized.input_ids with the placeholders expanded).")
+        batches = [("mm_inputs", request.mm_inputs)] + [
+            (f"extra_mm_inputs[{i}]", b) for i, b in enumerate(request.extra_mm_inputs)]
         kv = params.kv_transfer_params
-        if kv is not None and kv.do_remote_prefill and not request.mm_inputs.HasField("pixel_values"):
-            # smg's PD mode sends the decode leg its images' grids and hashes without their pixels: the KV is keyed
-            # here by hashes of the pixels, and a failed load is recomputed from them (docs/multimodal.md).
-            raise ValueError("mm_inputs.pixel_values is missing on a decode request (kv_transfer_params "
-                             "do_remote_prefill): a decode engine needs the same pixels as the prefill request "
-                             "(its KV is keyed by their hashes, and a failed load is recomputed from them); a "
-                             "decode leg without pixels is not built (docs/multimodal.md).")
-        prompt = {"prompt_token_ids": list(request.tokenized.input_ids),
-                  "multi_modal_data": {"image": images_from_proto(request.mm_inputs, image_token_id)}}
+        for name, batch in batches:
+            if kv is not None and kv.do_remote_prefill and not batch.HasField("pixel_values"):
+                # smg's PD mode sends the decode leg its images' grids and hashes without their pixels: the KV is
+                # keyed here by hashes of the pixels, and a failed load is recomputed from them (docs/multimodal.md).
+                raise ValueError(f"{name}.pixel_values is missing on a decode request (kv_transfer_params "
+                                 "do_remote_prefill): a decode engine needs the same pixels as the prefill request "
+                                 "(its KV is keyed by their hashes, and a failed load is recomputed from them); a "
+                                 "decode leg without pixels is not built (docs/multimodal.md).")
+        data, names = {}, {}
+        for name, batch in batches:
+            modality, item = media_from_proto(batch, token_ids, name)
+            if modality in data:
+                raise ValueError(f"{name} is a second {modality} batch (after {names[modality]}): one batch per "
+                                 "modality.")
+            data[modality], names[modality] = item, name
+        prompt = {"prompt_token_ids": list(request.tokenized.input_ids), "multi_modal_data": data}
         try:
             return await self.s.prepare(rid, prompt, params, "tokenized.input_ids", lora=lora)
         except ValueError as e:  # the Python API's names for what this request calls mm_inputs
-            raise ValueError(str(e).replace("prompt['multi_modal_data']['image']", "mm_inputs").replace(
-                "prompt_token_ids", "tokenized.input_ids")) from None
+            msg = str(e)
+            for modality, name in names.items():
+                msg = msg.replace(f"prompt['multi_modal_data'][{modality!r}]", name)
+            raise ValueError(msg.replace("prompt_token_ids", "tokenized.input_ids")) from None
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -293,10 +305,13 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
             max_num_seqs=s.info.max_num_seqs, **self._media_info())
 
     def _media_info(self) -> dict:
-        """An engine that takes images: its per-prompt limit and the encoder's input dtype, as smg reads them."""
+        """An engine that takes images: its per-prompt limits (video's where it takes videos: smg's sorted
+        "image=8,video=2") and the encoder's input dtype, as smg reads them."""
         if self.s.engine.image_token_id is None:
             return {}
-        return dict(mm_item_limits=f"image={self.s.engine.multimodal_config.images}",
+        limits = self.s.engine.multimodal_config
+        videos = limits.videos if self.s.engine.video_token_id is not None else 0
+        return dict(mm_item_limits=f"image={limits.images}" + (f",video={videos}" if videos else ""),
                     multimodal_encoder_dtype=str(self.s.model.dtype).removeprefix("torch."))
 
     async def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:

@@ -91,6 +91,15 @@ def test_pil_images_without_torchvision_are_refused_naming_the_field(kimi_path):
     flat = {"pixel_values": pixels["pixel_values"].reshape(24, -1), "image_grid_thw": pixels["image_grid_thw"]}
     with pytest.raises(ValueError, match=r"\['pixel_values'\] has shape \(24, 48\).*\[patches, 3, 4, 4\]"):
         llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": flat}}, use_tqdm=False)
+    # Kimi K2.5's video is not built: refused naming the field, and a limit that would promise it at start.
+    video = {"pixel_values_videos": pixels["pixel_values"], "video_grid_thw": pixels["image_grid_thw"]}
+    with pytest.raises(ValueError, match=r"\['video'\] is not supported: this checkpoint's video path"):
+        llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"video": video}}, use_tqdm=False)
+    from moelink.engine.config.multimodal import MultimodalConfig
+    from moelink.engine.multimodal.processor import ImageProcessor
+
+    with pytest.raises(ValueError, match=r"limit_mm_per_prompt\['video'\]=1 is not supported for Kimi"):
+        ImageProcessor(kimi_path, MultimodalConfig(limit_mm_per_prompt={"video": 1}))
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks and not llm.engine.has_unfinished_requests()
 

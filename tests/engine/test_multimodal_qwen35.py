@@ -95,8 +95,9 @@ def test_a_different_image_misses_the_prefix_cache_and_the_same_image_hits(mm_pa
     from moelink.engine.core.metrics import multimodal_families
 
     m = {f.name: f.samples[0].value for f in multimodal_families(llm.engine.mm_stats)}
-    assert m == {"moelink_mm_requests": 4, "moelink_mm_images": 4, "moelink_mm_encoder_images": 2,
-                 "moelink_mm_encoder_cache_hits": 1, "moelink_mm_encoder_seconds": pytest.approx(cache.encode_s)}
+    assert m == {"moelink_mm_requests": 4, "moelink_mm_images": 4, "moelink_mm_videos": 0,
+                 "moelink_mm_encoder_images": 2, "moelink_mm_encoder_cache_hits": 1,
+                 "moelink_mm_encoder_seconds": pytest.approx(cache.encode_s)}
 
 
 @pytest.mark.slow
@@ -120,6 +121,8 @@ def test_chunks_cut_inside_the_image_and_a_text_request_beside_it(mm_path):
 
 @pytest.mark.slow
 def test_bad_images_are_refused_naming_the_field_and_hold_nothing(mm_path):
+    import torch
+
     from tests.helpers.mm_checkpoints import IMAGE, image
 
     llm = LLM(mm_path, dtype="float64", num_kv_blocks=32, block_size=16, limit_mm_per_prompt={"image": 1},
@@ -131,7 +134,10 @@ def test_bad_images_are_refused_naming_the_field_and_hold_nothing(mm_path):
         ({"prompt": IMAGE, "multi_modal_data": {"image": image(1, 32, 32)}}, r"\['image'\]\[0\] is 32x32.*max_pixels=500"),
         ({"prompt": IMAGE, "multi_modal_data": {"image": "x.png"}}, r"\['image'\]\[0\] of type str"),
         ({"prompt": IMAGE, "multi_modal_data": {"image": []}}, r"\['image'\] is empty"),
-        ({"prompt": IMAGE, "multi_modal_data": {"video": [image(1)]}}, r"\['video'\] is not supported"),
+        ({"prompt": IMAGE, "multi_modal_data": {"video": [image(1)]}}, r"\['video'\] with a text prompt.*torchvision"),
+        ({"prompt_token_ids": [1, 2], "multi_modal_data": {"video": {"pixel_values_videos": torch.zeros(24, 96),
+                                                                     "video_grid_thw": torch.tensor([[1, 4, 6]])}}},
+         r"has 1 videos, more than limit_mm_per_prompt\['video'\]=0"),
         ({"prompt": "no placeholder", "multi_modal_data": {"image": image(1)}}, r"0 image placeholders"),
         ({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": image(1)}}, r"is invalid with token ids"),
         ({"prompt": IMAGE, "multi_modal_data": {"image": image(1)}, "mm_processor_kwargs": {}},
@@ -162,7 +168,8 @@ def test_limit_mm_per_prompt_is_read_as_vllm_spells_it():
     from moelink.engine.config.multimodal import MultimodalConfig, parse_limit_mm_per_prompt
 
     assert parse_limit_mm_per_prompt('{"image": 4}') == parse_limit_mm_per_prompt("image=4") == {"image": 4, "video": 0}
-    for bad, field in [({"audio": 1}, "key 'audio'"), ({"image": -1}, r"\['image'\]=-1"), ({"video": 2}, "video")]:
+    assert MultimodalConfig(limit_mm_per_prompt={"video": 2}).videos == 2
+    for bad, field in [({"audio": 1}, "key 'audio'"), ({"image": -1}, r"\['image'\]=-1"), ({"video": -2}, "video")]:
         with pytest.raises(ValueError, match=field):
             MultimodalConfig(limit_mm_per_prompt=bad)
 
@@ -194,19 +201,21 @@ def test_token_ids_with_the_processors_pixel_values_give_the_same_tokens(mm_path
 @pytest.mark.slow
 def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
     """VllmEngine.Generate with mm_inputs as smg 1.13 sends them (preprocessed pixel values, image_grid_thw, the
-    placeholders expanded in tokenized.input_ids): the Python API's tokens; video, mismatched grids and a PD decode
-    leg without pixels (as smg's PD mode sends it) are refused naming the field."""
+    placeholders expanded in tokenized.input_ids): the Python API's tokens; a video batch (modality VIDEO,
+    video_grid_thw) in extra_mm_inputs beside the image's: transformers' tokens; mismatched grids, a second batch of
+    one modality and a PD decode leg without pixels (as smg's PD mode sends it) are refused naming the field."""
     import grpc
     import numpy as np
     from smg_grpc_proto.generated import common_pb2
 
     from moelink.engine.multimodal.processor import load_processor
     from tests.helpers.grpc_server import ThreadServer, make_stubs
-    from tests.helpers.mm_checkpoints import IMAGE, hf_mm_greedy, image
+    from tests.helpers.mm_checkpoints import IMAGE, VIDEO, hf_inputs_greedy, hf_mm_greedy, image, video_inputs
 
     text, img = f"see {IMAGE} here", image(9, 64, 64)  # 256 patches: 98 KiB of pixels, past the 64 KiB of a field
     out = load_processor(mm_path)(text=[text], images=[img], return_tensors="pt")
-    srv = ThreadServer(mm_path, dict(dtype="float64", num_kv_blocks=64, block_size=16))
+    srv = ThreadServer(mm_path, dict(dtype="float64", num_kv_blocks=64, block_size=16,
+                                     limit_mm_per_prompt={"image": 16, "video": 1}))
     try:
         stubs = make_stubs(grpc.insecure_channel(srv.addr))
         vpb = stubs.vpb
@@ -225,8 +234,33 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
         assert pix.nbytes > 64 << 10
         msgs = list(stubs.vllm.Generate(request("g-1", mm_hashes=["not-trusted"])))
         assert list(msgs[-1].complete.output_ids) == hf_mm_greedy(mm_path, text, [img], MAX_NEW)
-        with pytest.raises(grpc.RpcError, match="mm_inputs.modality=3"):
-            list(stubs.vllm.Generate(request("g-2", modality=common_pb2.VIDEO)))
+        # An image in mm_inputs and a video in extra_mm_inputs (smg's batch per modality).
+        both = video_inputs(mm_path, f"see {IMAGE} and {VIDEO}", [(8, 4, 4, 6)], images=[image(10, 16, 24)])
+
+        def tensor(t, dtype):
+            a = t.numpy().astype(dtype)
+            return vpb.TensorData(shape=list(a.shape), dtype=np.dtype(dtype).name, inline=a.tobytes())
+
+        def batch(pix_key, grid_key, **kw):
+            return vpb.MultimodalInputs(pixel_values=tensor(both[pix_key], np.float32), model_specific_tensors={
+                grid_key: tensor(both[grid_key], np.int64)}, **kw)
+
+        def two(rid, extra):
+            return vpb.GenerateRequest(
+                request_id=rid, tokenized=vpb.TokenizedInput(input_ids=both["input_ids"][0].tolist()),
+                mm_inputs=batch("pixel_values", "image_grid_thw"), extra_mm_inputs=extra,
+                sampling_params=vpb.SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True),
+                stream=False)
+
+        video = batch("pixel_values_videos", "video_grid_thw", modality=common_pb2.VIDEO)
+        msgs = list(stubs.vllm.Generate(two("g-v", [video])))
+        assert list(msgs[-1].complete.output_ids) == hf_inputs_greedy(mm_path, both, MAX_NEW)
+        with pytest.raises(grpc.RpcError, match=r"extra_mm_inputs\[0\] is a second image batch"):
+            list(stubs.vllm.Generate(two("g-2", [batch("pixel_values", "image_grid_thw")])))
+        short = batch("pixel_values_videos", "video_grid_thw", modality=common_pb2.VIDEO)
+        short.model_specific_tensors["video_grid_thw"].CopyFrom(tensor(both["video_grid_thw"] * 0 + 1 + 1, np.int64))
+        with pytest.raises(grpc.RpcError, match=r"extra_mm_inputs\[0\]\['pixel_values_videos'\] has 48 patch rows"):
+            list(stubs.vllm.Generate(two("g-5", [short])))
         bad = request("g-3")
         bad.mm_inputs.model_specific_tensors["image_grid_thw"].CopyFrom(vpb.TensorData(
             shape=[1, 3], dtype="int64", inline=np.array([[1, 4, 4]], dtype=np.int64).tobytes()))
@@ -299,3 +333,106 @@ def test_speculative_decoding_verifies_drafts_at_the_images_positions(mm_path, p
     assert _greedy(llm, {"prompt": text, "multi_modal_data": {"image": img}}) == want
     sd = llm.engine.stats().spec_decode
     assert sd is not None and sd.num_draft_tokens > 0 and (sd.num_accepted_tokens > 0) == (p_right > 0)
+
+
+# -- video (the processor's outputs: transformers' video processor needs torchvision) -------------------------------
+@pytest.fixture(scope="module")
+def video_llm(mm_path):
+    return LLM(mm_path, dtype="float64", num_kv_blocks=64, block_size=8, num_state_checkpoints=8,
+               limit_mm_per_prompt={"image": 2, "video": 2})
+
+
+@pytest.mark.slow  # over 1 s (builds the module's video engine; transformers' generate twice)
+def test_a_video_gives_transformers_tokens_and_another_video_misses_the_prefix_cache(mm_path, video_llm):
+    """pixel_values_videos and video_grid_thw with the processor's ids (a timestamp and a run of placeholders per
+    temporal patch): transformers' tokens (the tower on the video's patches, its 3-D positions per frame); another
+    video behind the same ids gives its own tokens and shares no KV; the same video again hits."""
+    from tests.helpers.mm_checkpoints import VIDEO, hf_inputs_greedy, video_inputs, video_prompt
+
+    text = f"watch {VIDEO} and tell"
+    a, b = video_inputs(mm_path, text, [(1, 4, 4, 6)]), video_inputs(mm_path, text, [(2, 4, 4, 6)])
+    assert torch_equal(a["input_ids"], b["input_ids"])
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+
+    def run(inputs):
+        return video_llm.generate(video_prompt(inputs), params, use_tqdm=False)[0]
+
+    first, other, again = run(a), run(b), run(a)
+    want_a, want_b = hf_inputs_greedy(mm_path, a, MAX_NEW), hf_inputs_greedy(mm_path, b, MAX_NEW)
+    assert want_a != want_b
+    assert first.outputs[0].token_ids == want_a == again.outputs[0].token_ids
+    assert other.outputs[0].token_ids == want_b
+    assert other.num_cached_tokens == 0 and again.num_cached_tokens > 0
+    assert video_llm.engine.mm_stats.videos >= 3
+
+
+@pytest.mark.slow  # the module's video engine (over 1 s to build where this runs first)
+def test_a_video_and_an_image_give_transformers_tokens(mm_path, video_llm):
+    from tests.helpers.mm_checkpoints import IMAGE, VIDEO, hf_inputs_greedy, image, video_inputs, video_prompt
+
+    text = f"{IMAGE} then {VIDEO} compare"
+    inputs = video_inputs(mm_path, text, [(3, 6, 4, 4)], images=[image(21, 16, 24)])
+    assert _greedy(video_llm, video_prompt(inputs)) == hf_inputs_greedy(mm_path, inputs, MAX_NEW)
+
+
+@pytest.mark.slow  # over 1 s (an engine of its own, transformers' generate twice)
+def test_chunks_cut_inside_a_videos_frames_beside_a_text_request(mm_path):
+    """A step budget of 5 tokens cuts the video's three frames (16 placeholders each, a timestamp between them)
+    across chunks, batched with a text-only request; the video is encoded once, the tokens equal transformers'."""
+    from tests.helpers.mm_checkpoints import VIDEO, hf_inputs_greedy, hf_mm_greedy, video_inputs, video_prompt
+
+    text, plain = f"look {VIDEO} now", "hello there world"
+    inputs = video_inputs(mm_path, text, [(4, 6, 8, 8)])
+    llm = LLM(mm_path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=5, num_kv_blocks=32, block_size=8,
+              limit_mm_per_prompt={"video": 1})
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([plain, video_prompt(inputs)], params, use_tqdm=False)
+    assert outs[1].outputs[0].token_ids == hf_inputs_greedy(mm_path, inputs, MAX_NEW)
+    assert outs[0].outputs[0].token_ids == hf_mm_greedy(mm_path, plain, [], MAX_NEW)
+    assert llm.engine.executor.worker.runner.images.cache.misses == 1
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+@pytest.mark.slow  # the module's video engine (over 1 s to build where this runs first)
+def test_bad_videos_are_refused_naming_the_field(mm_path, video_llm):
+    from tests.helpers.mm_checkpoints import VIDEO, image, video_inputs, video_prompt
+
+    inputs = video_inputs(mm_path, f"a {VIDEO} b", [(5, 4, 4, 6)])  # grid [2, 4, 6]: two runs of 6
+    good = video_prompt(inputs)
+    ids, video = good["prompt_token_ids"], good["multi_modal_data"]["video"]
+    pix, grid = video["pixel_values_videos"], video["video_grid_thw"]
+    three = video_prompt(video_inputs(mm_path, f"{VIDEO}{VIDEO}{VIDEO}", [(6, 2, 2, 2)] * 3))
+    bad = [
+        ({"video": {"pixel_values_videos": pix[:24], "video_grid_thw": grid.new_tensor([[1, 4, 6]])}},
+         r"video placeholder runs \(id \d+\) of \[6, 6\] tokens: the videos' grids \[\[1, 4, 6\]\] need runs of \[6\]"),
+        ({"video": {"pixel_values_videos": pix.reshape(48, 3, 32), "video_grid_thw": grid}},
+         r"\['video'\]\['pixel_values_videos'\] has shape \(48, 3, 32\)"),
+        ({"video": {"pixel_values_videos": pix[:-1], "video_grid_thw": grid}},
+         r"\['video'\]\['pixel_values_videos'\] has 47 patch rows"),
+        ({"video": {"pixel_values": pix, "video_grid_thw": grid}}, r"exactly 'pixel_values_videos' and"),
+        ({"image": {"pixel_values": pix[:24], "image_grid_thw": grid.new_tensor([[1, 4, 6]])}},  # no video data
+         r"image placeholder runs \(id \d+\) of \[\] tokens"),
+    ]
+    for data, field in bad:
+        with pytest.raises(ValueError, match=field):
+            video_llm.generate({"prompt_token_ids": ids, "multi_modal_data": data}, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"has 3 videos, more than limit_mm_per_prompt\['video'\]=2"):
+        video_llm.generate(three, use_tqdm=False)
+    # An image's placeholders between the video's two frames: refused (a video's runs follow each other).
+    mm = video_llm.engine.multimodal
+    img, vid = [mm.image_token_id] * 6, [mm.video_token_id] * 6
+    with pytest.raises(ValueError, match=r"an image's placeholders \(at 9\) between the frames of video 0"):
+        video_llm.generate({"prompt_token_ids": [1] + vid + [2, 3] + img + [4] + vid, "multi_modal_data": {
+            "video": video, "image": {"pixel_values": pix[:24], "image_grid_thw": grid.new_tensor([[1, 4, 6]])}}},
+            use_tqdm=False)
+    with pytest.raises(ValueError, match=r"\['video'\] with a text prompt is not supported: .*torchvision"):
+        video_llm.generate({"prompt": VIDEO, "multi_modal_data": {"video": [image(1), image(2)]}}, use_tqdm=False)
+    stats = video_llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and not video_llm.engine.has_unfinished_requests()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -47,6 +47,70 @@ def hf_mm_greedy(path: str, text: str, images: list, max_new: int) -> list[int]:
     return gen[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+# -- Qwen3.5 video: the processor's outputs past its video processor (which needs torchvision) --------------------
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"  # one video's place in a prompt, as the chat template writes it
+
+
+class FixedVideoProcessor:
+    """Stands in for transformers' Qwen3VLVideoProcessor, which needs torchvision (not installable here): returns
+    fixed outputs in its layout for each call's videos (pixel_values_videos [t x h x w, 3 x 2 x patch^2] random
+    normalised patches, video_grid_thw, the frames' metadata). The checkpoint's own Qwen3VLProcessor then writes the
+    ids around them (a timestamp and a run of placeholders per temporal patch). Random pixels are as good an input as
+    any for a random tower."""
+
+    def __init__(self, merge_size: int, temporal_patch_size: int, patch_size: int):
+        self.merge_size, self.temporal_patch_size, self.patch_size = merge_size, temporal_patch_size, patch_size
+        self.patch_width = 3 * temporal_patch_size * patch_size ** 2
+
+    def __call__(self, videos, **kwargs):
+        from transformers.video_utils import VideoMetadata
+
+        pv, grid, meta = [], [], []
+        for frames_FHW3 in videos:  # uint8 frames filled with the video's seed (video_inputs)
+            frames, h, w = frames_FHW3.shape[0], frames_FHW3.shape[1] // self.patch_size, \
+                frames_FHW3.shape[2] // self.patch_size
+            t = frames // self.temporal_patch_size
+            g = torch.Generator().manual_seed(int(frames_FHW3[0, 0, 0, 0]))
+            pv.append(torch.randn(t * h * w, self.patch_width, generator=g))
+            grid.append([t, h, w])
+            meta.append(VideoMetadata(total_num_frames=frames, fps=2.0, frames_indices=list(range(frames))))
+        return {"pixel_values_videos": torch.cat(pv), "video_grid_thw": torch.tensor(grid, dtype=torch.long),
+                "video_metadata": meta}
+
+
+def video_inputs(path: str, text: str, videos: list[tuple[int, int, int, int]], images: list | None = None) -> dict:
+    """The checkpoint's processor on `text` with videos of (seed < 256, frames, h patches, w patches) and PIL `images`:
+    input_ids, mm_token_type_ids, pixel_values_videos, video_grid_thw (and pixel_values, image_grid_thw)."""
+    from moelink.engine.multimodal.processor import load_processor
+
+    proc = load_processor(path)
+    ip = proc.image_processor
+    proc.video_processor = FixedVideoProcessor(ip.merge_size, ip.temporal_patch_size, ip.patch_size)
+    frames = [np.full((n, h * ip.patch_size, w * ip.patch_size, 3), seed, dtype=np.uint8) for seed, n, h, w in videos]
+    return dict(proc(text=[text], images=images or None, videos=frames, return_tensors="pt"))
+
+
+def video_prompt(inputs: dict) -> dict:
+    """The Python API's prompt for the processor's outputs (token ids, the video's and the images' tensors)."""
+    data = {"video": {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw")}}
+    if "pixel_values" in inputs:
+        data["image"] = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
+    return {"prompt_token_ids": inputs["input_ids"][0].tolist(), "multi_modal_data": data}
+
+
+def hf_inputs_greedy(path: str, inputs: dict, max_new: int) -> list[int]:
+    """transformers' Qwen3_5MoeForConditionalGeneration.generate in float64 on the processor's outputs."""
+    import transformers
+
+    model = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float64, experts_implementation="eager").eval()
+    kw = {k: v.to(torch.float64) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+    with torch.no_grad():
+        gen = model.generate(**kw, do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new,
+                             eos_token_id=None, pad_token_id=0)
+    return gen[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 # -- Kimi K2.5 (engine/models/deepseek/tiny.save_kimi_k25_multimodal) ---------------------------------------------
 KIMI_IMAGE = "<|media_begin|><|media_pad|><|media_end|>"  # one image's place in a Kimi K2.5 prompt
 KIMI_PATCH = 4
