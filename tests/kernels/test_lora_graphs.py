@@ -57,7 +57,7 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
             for i, (name, (targets, seed)) in enumerate(ADAPTERS.items())}
     prompt = [random.Random(4).randrange(3, 500) for _ in range(7)]
     first = ([prompt] * 3, [reqs["attn"], reqs["qv"], None], [4, 3, 2])
-    second = ([prompt] * 2, [reqs["o"], reqs["attn"]], [3, 3])
+    second = ([prompt] * 2, [reqs["o"], reqs["attn"]], [2, 2])
     eager = _llm(path)
     try:
         want = [_run(eager, *first), _run(eager, *second)]
@@ -79,7 +79,7 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
         loaded = {s.lora_int_id for s in runner.lora.slots}
         assert reqs["o"].lora_int_id not in loaded  # loaded only now, into a slot the graphs already read
         got_second = _run(llm, *second)
-        assert replays[2] >= before[2] + 2, replays  # its two decode steps replayed the size-2 graph
+        assert replays[2] >= before[2] + 1, replays  # its decode step replayed the size-2 graph
         assert reqs["o"].lora_int_id in {s.lora_int_id for s in runner.lora.slots}
     finally:
         llm.shutdown()
