@@ -20,7 +20,8 @@ from tests.helpers.lora_peft import random_adapter
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
 ADAPTERS = {"attn": (("q_proj", "k_proj", "v_proj", "o_proj"), 1), "qv": (("q_proj", "v_proj"), 2),
-            "o": (("o_proj",), 3)}  # "o": the adapter first loaded after the graphs were captured
+            "o": (("o_proj",), 3),  # "o": the adapter first loaded after the graphs were captured
+            "experts": (("q_proj",), 4)}  # and q_proj with the routed experts' down_proj: its steps run eagerly
 
 
 def _llm(path):
@@ -49,22 +50,25 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
     """A batch mixing two adapters and the base (the same prompt under each) replayed through graphs of sizes 4, 2
     and 1 gives every request the eager engine's tokens and logprobs (to 1e-5, float32: test_decode_graphs.py's
     rounding of a padded batch); an adapter loaded into a slot after the
-    capture (evicting one) is what the next replays read; every size served a step."""
+    capture (evicting one) is what the next replays read; every size served a step; a step with an adapter on the
+    routed experts runs eagerly."""
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, tests/engine/test_gpu_lora_graphs.py")
     path = tiny_model("qwen3_e6k3")
-    reqs = {name: LoRARequest(name, i + 1, random_adapter(path, str(tmp_path / name), targets, 4, 8, seed))
+    reqs = {name: LoRARequest(name, i + 1, random_adapter(path, str(tmp_path / name), targets, 4, 8, seed,
+                                                          experts_down=name == "experts"))
             for i, (name, (targets, seed)) in enumerate(ADAPTERS.items())}
     prompt = [random.Random(4).randrange(3, 500) for _ in range(7)]
     first = ([prompt] * 3, [reqs["attn"], reqs["qv"], None], [4, 3, 2])
     second = ([prompt] * 2, [reqs["o"], reqs["attn"]], [2, 2])
+    third = ([prompt] * 2, [reqs["experts"], None], [2, 2])
     eager = _llm(path)
     try:
-        want = [_run(eager, *first), _run(eager, *second)]
+        want = [_run(eager, *first), _run(eager, *second), _run(eager, *third)]
     finally:
         eager.shutdown()
     tokens = [t for run in want for t, _ in run]
-    assert all(tokens[i][:2] != tokens[2] for i in (0, 1, 3)), \
+    assert all(tokens[i][:2] != tokens[2] for i in (0, 1, 3, 5)), \
         f"an adapter does not move the greedy tokens from the base's: a weak test ({tokens})"
     llm = _llm(path)
     try:
@@ -81,9 +85,12 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
         got_second = _run(llm, *second)
         assert replays[2] >= before[2] + 1, replays  # its decode step replayed the size-2 graph
         assert reqs["o"].lora_int_id in {s.lora_int_id for s in runner.lora.slots}
+        before = dict(replays)
+        got_third = _run(llm, *third)
+        assert replays == before, replays  # a row's adapter targets routed experts: eager (their LoRA loops on host)
     finally:
         llm.shutdown()
-    for run_w, run_g in zip(want, [got_first, got_second]):
+    for run_w, run_g in zip(want, [got_first, got_second, got_third]):
         for (tok_w, lps_w), (tok_g, lps_g) in zip(run_w, run_g):
             assert tok_g == tok_w
             for lw, lg in zip(lps_w, lps_g):  # float32: the padded batch's kernels round as the decode graphs' do
