@@ -29,7 +29,7 @@ from ..config.engine_args import EngineArgs, EngineConfig
 from ..contract.engine_info import EngineInfo
 from ..cluster.elastic import ElasticStats, recover_engine
 from ..cluster.rejoin import admit_engine
-from ..cluster.executor import Executor, WorkerDiedError
+from ..cluster.executor import Executor, InProcessExecutor, WorkerDiedError
 from ..cluster.executor_factory import make_executor
 from ..contract.gc_policy import freeze_heap, thaw_heap
 from ..contract.expert_parallel import plan_expert_parallel
@@ -361,6 +361,11 @@ class LLMEngine(RLControl):
             for sched, so in zip(self.schedulers, sched_outs):  # each rank gets the masks of its own rows only
                 so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens, so.scheduled_spec_tokens)
                 sched.held.update(so.grammar_bitmask)
+        if admission is not None and admission.started and not isinstance(self.executor, InProcessExecutor):
+            # Ranks in other processes read the adapters held back too, on their own thread (engine/lora/slots.py).
+            prefetch = admission.take_started()
+            for so in sched_outs:
+                so.lora_prefetch = prefetch
         t0 = time.perf_counter()
         try:
             launched = self.executor.launch(sched_outs)

@@ -9,6 +9,7 @@ from typing import Callable
 
 from moelink.scheduler.engine_output import EngineCoreOutput
 
+from ..contract.lora import LoRARequest
 from ..lora.loader import AdapterLoader
 from .input_processing import ProcessedRequest
 
@@ -22,13 +23,21 @@ class LoRAAdmission:
     def __init__(self, loader: AdapterLoader):
         self.loader = loader
         self.waiting: dict[str, ProcessedRequest] = {}
+        # Adapters whose read started, for the ranks of other processes to read ahead too (`take_started`).
+        self.started: dict[int, LoRARequest] = {}
 
     def hold(self, req: ProcessedRequest) -> bool:
         """Whether `req` waits for its adapter's read (started now if not yet); False: schedule it now."""
         if req.lora is None or self.loader.request(req.lora):
             return False
         self.waiting[req.request_id] = req
+        self.started[req.lora.lora_int_id] = req.lora
         return True
+
+    def take_started(self) -> tuple[LoRARequest, ...]:
+        """The adapters whose read started since the last call (SchedulerOutput.lora_prefetch)."""
+        started, self.started = tuple(self.started.values()), {}
+        return started
 
     def admit(self, schedule: Callable[[ProcessedRequest], None], wait: bool = False) -> list[EngineCoreOutput]:
         """Schedule the requests whose adapter was read since (`schedule`: the engine's add), in arrival order; end

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -62,16 +63,31 @@ class ExpertTarget:
 
 
 class HostAdapters:
-    """Adapters read into host memory, least recently used evicted past `capacity` (max_cpu_loras)."""
+    """Adapters read into host memory, least recently used evicted past `capacity` (max_cpu_loras). `prefetch` reads
+    adapters on a worker thread ahead of their first request (the driver's word: SchedulerOutput.lora_prefetch), so
+    that `get`, on the step loop, finds them read (or waits only for the rest of a read in flight)."""
 
     def __init__(self, capacity: int, read: Callable[[LoRARequest], Adapter]):
         self.capacity, self.read = capacity, read
         self.by_id: OrderedDict[int, Adapter] = OrderedDict()
+        self._reading: dict[int, Future] = {}  # prefetches in flight or done, not yet taken by `get`
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self, reqs) -> None:
+        for req in reqs:
+            if req.lora_int_id in self.by_id or req.lora_int_id in self._reading:
+                continue
+            if self._pool is None:  # made on first use: one thread per rank that reads ahead
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moelink-lora-prefetch")
+            self._reading[req.lora_int_id] = self._pool.submit(self.read, req)
+        while len(self._reading) > self.capacity:  # read ahead for requests that never came here (aborted): dropped
+            self._reading.pop(next(iter(self._reading)))
 
     def get(self, req: LoRARequest) -> Adapter:
         a = self.by_id.get(req.lora_int_id)
         if a is None:
-            a = self.by_id[req.lora_int_id] = self.read(req)
+            pending = self._reading.pop(req.lora_int_id, None)
+            a = self.by_id[req.lora_int_id] = pending.result() if pending is not None else self.read(req)
             while len(self.by_id) > self.capacity:
                 self.by_id.popitem(last=False)
         self.by_id.move_to_end(req.lora_int_id)

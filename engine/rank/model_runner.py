@@ -371,6 +371,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         while len(self._in_flight) >= 2:  # at most two: pinned staging is double-buffered (cuda_graph.py)
             self._in_flight.popleft().wait_device()
+        if so.lora_prefetch and self.lora is not None:  # adapters the driver holds requests for: read them ahead
+            self.lora.host.prefetch(so.lora_prefetch)
         if so.lora_table is not None and self.lora is not None:  # DP attention: the driver's table, every rank's
             self.lora.sync_table(so.lora_table)
         self._update_states(so)
