@@ -15,15 +15,15 @@ class EngineCoreOutput:
     The engine detokenizes `new_token_ids` and streams them; a non-None
     `finish_reason` ("stop" | "length" | "abort" | "error") is the last output
     of that request. `stop_reason` is the stop token id that ended it (None for
-    EOS or length). `num_cached_tokens` is the prefix-cache hit of its first
-    schedule, for usage reporting.
+    EOS or length; the error's message for an "error" that has one). `num_cached_tokens` is the
+    prefix-cache hit of its first schedule, for usage reporting.
     """
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: int | None = None
+    stop_reason: int | str | None = None  # with finish_reason "error": the error (engine/core/lora_admission.py)
     num_cached_tokens: int = 0
     # A finished request's KV-connector parameters for the engine that continues it (a prefill engine's: where a
     # decode engine loads its saved KV; scheduler/kv_connector.py `request_finished`); None without.

@@ -166,6 +166,10 @@ class SchedulerOutput:
     # same tuple on every rank's output: slot ids travel with dispatched tokens, so they must mean one adapter
     # everywhere. Carried, not read, by the scheduler; None with one scheduler (each rank's runner gives slots).
     lora_table: Optional[tuple] = None
+    # LoRA: the adapters (LoRARequests) whose weights the driver started reading (engine/lora/loader.py) for requests it
+    # holds back: a rank in another process starts its own read of them off its step loop (engine/lora/slots.py
+    # HostAdapters.prefetch). Carried, not read, by the scheduler; empty when the ranks share the driver's process.
+    lora_prefetch: tuple = ()
 
     @property
     def is_empty(self) -> bool:

@@ -29,7 +29,7 @@ from ..config.engine_args import EngineArgs, EngineConfig
 from ..contract.engine_info import EngineInfo
 from ..cluster.elastic import ElasticStats, recover_engine
 from ..cluster.rejoin import admit_engine
-from ..cluster.executor import Executor, WorkerDiedError
+from ..cluster.executor import Executor, InProcessExecutor, WorkerDiedError
 from ..cluster.executor_factory import make_executor
 from ..contract.gc_policy import freeze_heap, thaw_heap
 from ..contract.expert_parallel import plan_expert_parallel
@@ -47,6 +47,8 @@ from ..contract.worker_api import LaunchedStep
 from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 from ..lora.checker import AdapterChecker
+from ..lora.loader import AdapterLoader
+from .lora_admission import LoRAAdmission
 from ..lora.slot_table import SlotTable
 from ..config.lora import routed_lora_refusal
 from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
@@ -102,6 +104,9 @@ class LLMEngine(RLControl):
         # LoRA: requests' adapters checked against the checkpoint here, before a rank reads them (engine/lora/).
         self.lora_checker = (AdapterChecker(config.lora, config.model.model, routed_lora_refusal(config.parallel, config.model.architecture))
                              if config.lora is not None else None)
+        # ... and their weights read on a worker thread, the request held back meanwhile (engine/lora/loader.py).
+        self.lora_admission = (LoRAAdmission(AdapterLoader(config.lora, self.lora_checker.targets, config.model.model))
+                               if self.lora_checker is not None else None)
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)
@@ -190,8 +195,15 @@ class LLMEngine(RLControl):
         """Add a validated request to a rank's scheduler, not to the output side (the stepping thread)."""
         self.check_weights_whole()  # a broadcast that failed part way left two versions (engine/core/rl_control.py)
         # Checked here, not per rank: the router may place a duplicate on another rank's scheduler.
-        if req.request_id in self._rank_of:
+        if req.request_id in self._rank_of or (self.lora_admission is not None
+                                               and req.request_id in self.lora_admission.waiting):
             raise ValueError(f"request_id={shown(req.request_id)} is already in use by a running request.")
+        if self.lora_admission is not None and self.lora_admission.hold(req):
+            return  # scheduled once its adapter is in host memory (step_core)
+        self._schedule(req)
+
+    def _schedule(self, req: ProcessedRequest) -> None:
+        """Put a validated request in a rank's scheduler."""
         p = req.params
         sched_req = Request(
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
@@ -215,7 +227,7 @@ class LLMEngine(RLControl):
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
-        if request_id in self._rank_of:
+        if request_id in self.request_ids():
             raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
         self.add_processed(self.process_inputs(request_id, prompt, params), output_kind)
 
@@ -229,10 +241,12 @@ class LLMEngine(RLControl):
     def abort_core(self, request_ids, reason: str = "abort") -> list[str]:
         """End the requests the core holds (blocks freed; finish_reason `reason`: "abort" or "error"), without
         their final outputs (the stepping thread). Returns the ids it ended."""
+        request_ids = list(request_ids)
         ids = [r for r in request_ids if r in self._rank_of]
         status = RequestStatus.FINISHED_ABORTED if reason == "abort" else RequestStatus.FINISHED_ERROR
         self._finish(ids, status)
-        return ids
+        held = self.lora_admission.drop(request_ids) if self.lora_admission is not None else []
+        return ids + held
 
     def finish_stopped(self, request_ids) -> None:
         """End requests the output side found a stop string in (FINISHED_STOPPED, blocks freed; the output side
@@ -240,8 +254,9 @@ class LLMEngine(RLControl):
         self._finish(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def request_ids(self) -> list[str]:
-        """The requests the core holds (added, not finished)."""
-        return list(self._rank_of)
+        """The requests the core holds (added, not finished; those waiting for their adapter's read too)."""
+        held = list(self.lora_admission.waiting) if self.lora_admission is not None else []
+        return list(self._rank_of) + held
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
         self._forget_versions(request_ids)
@@ -253,13 +268,16 @@ class LLMEngine(RLControl):
                 self.schedulers[rank].finish_requests([rid], status)
 
     def has_unfinished_requests(self) -> bool:
-        return any(s.has_unfinished_requests() for s in self.schedulers)
+        return self._lora_waiting() or any(s.has_unfinished_requests() for s in self.schedulers)
+
+    def _lora_waiting(self) -> bool:
+        return self.lora_admission is not None and bool(self.lora_admission.waiting)
 
     def has_requests(self) -> bool:
         """Unfinished requests, a step still in flight, or finished ones the workers have not been told about:
         their ids only travel with the next step, so a loop that stops stepping when the last request finishes
         would leave the workers holding its state."""
-        return self._pending is not None or bool(self._stashed_outputs) or any(
+        return self._pending is not None or bool(self._stashed_outputs) or self._lora_waiting() or any(
             s.has_unfinished_requests() or s.has_finished_requests() for s in self.schedulers)
 
     def hand_off_outputs(self, sink: Callable[[list[EngineCoreOutput]], None]) -> None:
@@ -311,6 +329,11 @@ class LLMEngine(RLControl):
             return outputs
         if self.structured:
             self._release_held(self.structured.poll())
+        admission = self.lora_admission
+        if admission is not None and admission.waiting:  # adapters read since: their requests are scheduled now (or
+            # end: the read failed); with nothing else to run, wait briefly for a read rather than spin
+            outputs += admission.admit(self._schedule, wait=self._pending is None and not any(
+                s.has_unfinished_requests() for s in self.schedulers))
         sched_outs = [s.schedule() for s in self.schedulers]
         self._step_id += 1
         if self.lora_table is not None:  # one slot table for every rank (DP attention): engine/lora/slot_table.py
@@ -338,6 +361,11 @@ class LLMEngine(RLControl):
             for sched, so in zip(self.schedulers, sched_outs):  # each rank gets the masks of its own rows only
                 so.grammar_bitmask = self.structured.bitmasks(so.num_scheduled_tokens, so.scheduled_spec_tokens)
                 sched.held.update(so.grammar_bitmask)
+        if admission is not None and admission.started and not isinstance(self.executor, InProcessExecutor):
+            # Ranks in other processes read the adapters held back too, on their own thread (engine/lora/slots.py).
+            prefetch = admission.take_started()
+            for so in sched_outs:
+                so.lora_prefetch = prefetch
         t0 = time.perf_counter()
         try:
             launched = self.executor.launch(sched_outs)
@@ -480,6 +508,8 @@ class LLMEngine(RLControl):
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        if self.lora_admission is not None:
+            self.lora_admission.shutdown()
         self.grammars.shutdown()
         self.structured.shutdown()
         thaw_heap(self)  # first: the executor's collect then reaches the engine's cycles (gc_policy.py)

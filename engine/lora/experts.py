@@ -35,7 +35,9 @@ class ExpertsLoRA:
 
     def active(self) -> bool:
         """Whether this step runs the layer's experts with LoRA (a row of an adapter that targets them)."""
-        return self.step.slots_T is not None and bool(self.gate_up.covered or self.down.covered)
+        step = self.step
+        return (step.slots_T is not None and step.experts and not step.captured
+                and bool(self.gate_up.covered or self.down.covered))
 
     def token_slots(self) -> torch.Tensor | None:
         """The step's tokens' slots (long [T], -1: none; None: no row has an adapter)."""

@@ -19,10 +19,17 @@ class LoRAStep:
     """What the coming forward's LoRA work reads: each token's slot (long [T], -1: no adapter; None: no row of the
     step has one, and the hooks do nothing). `carry`: under EP, the step's dispatch carries each token's slot to the
     experts' ranks (a slot of the agreed table targets routed experts: the same on every rank, so every rank's
-    dispatch rows are as wide)."""
+    dispatch rows are as wide). `experts`: a row's adapter targets routed experts (one rank: the layers whose experts
+    it targets run them on the experts' LoRA path; a step without one runs the layer's own expert kernels).
+    `captured`: the forward a decode graph captures (engine/rank/cuda_graph.py): `slots_T` is the graph's static
+    slot buffer, written before each replay, and every piece runs, covered or not, since which slots cover a piece
+    is known only when the graph replays (a piece no slot's adapter targets holds zeros: its delta adds 0); the
+    experts' LoRA path (a host loop) is never captured: a step whose rows' adapters target experts runs eagerly."""
 
     slots_T: torch.Tensor | None = None
     carry: bool = False
+    experts: bool = False
+    captured: bool = False
 
 
 @dataclass
@@ -51,8 +58,9 @@ class LinearLoRA:
             return y_TN
         x_TK = x_TK.reshape(-1, x_TK.shape[-1])
         y2 = y_TN.view(-1, y_TN.shape[-1])
+        every = self.step.captured
         for p in self.pieces:
-            if p.covered:
+            if every or p.covered:
                 t_TR = self.kernels.lora_shrink(x_TK, p.a_XRK, slots_T)
                 self.kernels.lora_expand(y2[:, p.rows], t_TR, p.b_XNR, slots_T, p.scale_X)
         return y_TN

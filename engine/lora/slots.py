@@ -12,10 +12,12 @@ order with the steps (`take_loads`): a step still in flight reads the adapter it
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from ..contract.host_copy import to_device
 from ..contract.lora import LoRARequest
 from .adapter import Adapter, ModelTargets, read_adapter
 from .experts import ExpertsLoRA
+from .loader import SHARED, shared_key
 from .layer import LinearLoRA, LoRAPiece, LoRAStep
 
 
@@ -60,16 +63,31 @@ class ExpertTarget:
 
 
 class HostAdapters:
-    """Adapters read into host memory, least recently used evicted past `capacity` (max_cpu_loras)."""
+    """Adapters read into host memory, least recently used evicted past `capacity` (max_cpu_loras). `prefetch` reads
+    adapters on a worker thread ahead of their first request (the driver's word: SchedulerOutput.lora_prefetch), so
+    that `get`, on the step loop, finds them read (or waits only for the rest of a read in flight)."""
 
     def __init__(self, capacity: int, read: Callable[[LoRARequest], Adapter]):
         self.capacity, self.read = capacity, read
         self.by_id: OrderedDict[int, Adapter] = OrderedDict()
+        self._reading: dict[int, Future] = {}  # prefetches in flight or done, not yet taken by `get`
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self, reqs) -> None:
+        for req in reqs:
+            if req.lora_int_id in self.by_id or req.lora_int_id in self._reading:
+                continue
+            if self._pool is None:  # made on first use: one thread per rank that reads ahead
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moelink-lora-prefetch")
+            self._reading[req.lora_int_id] = self._pool.submit(self.read, req)
+        while len(self._reading) > self.capacity:  # read ahead for requests that never came here (aborted): dropped
+            self._reading.pop(next(iter(self._reading)))
 
     def get(self, req: LoRARequest) -> Adapter:
         a = self.by_id.get(req.lora_int_id)
         if a is None:
-            a = self.by_id[req.lora_int_id] = self.read(req)
+            pending = self._reading.pop(req.lora_int_id, None)
+            a = self.by_id[req.lora_int_id] = pending.result() if pending is not None else self.read(req)
             while len(self.by_id) > self.capacity:
                 self.by_id.popitem(last=False)
         self.by_id.move_to_end(req.lora_int_id)
@@ -94,6 +112,7 @@ class LoRASlots:
     dtype: torch.dtype
     device: torch.device
     checkpoint: ModelTargets  # the checkpoint's targets, whole (model_targets): what adapters are checked against
+    model_dir: str = ""  # the checkpoint's directory: the key of the adapters the driver read (loader.py SHARED)
     step: LoRAStep = field(init=False)
     host: HostAdapters = field(init=False)
 
@@ -115,10 +134,16 @@ class LoRASlots:
             for param, piece in (("gate_up_proj", gate_up), ("down_proj", down)):
                 self.pieces[f"{name}.{param}"], self.rows_per_slot[f"{name}.{param}"] = piece, x.e
                 self.expert_of[f"{name}.{param}"] = x
-        self.host = HostAdapters(self.limits.cpu_loras, lambda req: read_adapter(req, self.limits, self.checkpoint))
+        self.host = HostAdapters(self.limits.cpu_loras, self._read)
         self.slots = [_Slot() for _ in range(L)]
         self._clock = 0
         self._loads: list[Callable[[], None]] = []
+
+    def _read(self, req: LoRARequest) -> Adapter:
+        """An adapter's weights: those the driver of this process read off the step loop (loader.py), else read from
+        its files now (a rank in another process; or evicted there before this rank loaded it)."""
+        shared = SHARED.get(shared_key(self.model_dir, req))
+        return shared if shared is not None else read_adapter(req, self.limits, self.checkpoint)
 
     def _piece(self, rows: slice | None, x: int, r: int, k: int, n: int) -> LoRAPiece:
         z = dict(dtype=self.dtype, device=self.device)
@@ -224,11 +249,31 @@ class LoRASlots:
             return None
         return np.repeat(np.asarray(slots_S, dtype=np.int64), query_lens)
 
-    def begin_step(self, slots_T: np.ndarray | None, carry: bool = False) -> None:
-        """Set the forward's per-token slots (a device op: the step's inputs), and whether its dispatch carries them
-        (EP: `experts_covered` of the agreed table, read when the step was launched)."""
+    def rows_cover_experts(self, slots_S: list[int]) -> bool:
+        """Whether an adapter of these rows' slots targets routed experts (the step then runs the experts' LoRA
+        path: eagerly, never a decode graph)."""
+        used = {s for s in slots_S if s >= 0}
+        return any(used & self.pieces[n].covered for n in self.expert_of)
+
+    def begin_step(self, slots_T: np.ndarray | None, carry: bool = False, experts: bool = False) -> None:
+        """Set the forward's per-token slots (a device op: the step's inputs), whether its dispatch carries them
+        (EP: `experts_covered` of the agreed table, read when the step was launched) and whether a row's adapter
+        targets routed experts (`rows_cover_experts`)."""
         self.step.slots_T = None if slots_T is None else to_device(slots_T, torch.long, self.device)
-        self.step.carry = carry
+        self.step.carry, self.step.experts = carry, experts
+
+    @contextlib.contextmanager
+    def captured(self, slots_T: torch.Tensor) -> Iterator[None]:
+        """The forward a decode graph captures (engine/rank/cuda_graph.py): the hooks read `slots_T`, the graph's
+        static per-token slot buffer (the runner writes each replay's slots there first; padding rows -1), and every
+        linear piece runs (LoRAStep.captured). The slots' A / B / scales are fixed device tensors written in place
+        (`_write`), so an adapter loaded into a slot after the capture is what the next replay reads."""
+        step = self.step
+        step.slots_T, step.captured, step.carry, step.experts = slots_T, True, False, False
+        try:
+            yield
+        finally:
+            step.slots_T, step.captured = None, False
 
 
 def _expert_slices(name: str, a_GrK: torch.Tensor, b_GNr: torch.Tensor, x: ExpertTarget

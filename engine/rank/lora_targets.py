@@ -2,6 +2,7 @@
 per-token slots run in its device work."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -37,16 +38,48 @@ def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: t
             held = tuple(moe.ep.local_experts) if moe.ep is not None else None
             shard = (tp.rank * (f // 2), tp.size * (f // 2)) if tp is not None else None
             experts[m.group("p")] = ExpertTarget(moe, e, d, f // 2, held, shard)
-    return LoRASlots(limits, targets, experts, kernels, dtype, device, model_targets(model_dir))
+    return LoRASlots(limits, targets, experts, kernels, dtype, device, model_targets(model_dir), str(model_dir))
 
 
-def begin_lora_step(slots: LoRASlots, loads: list[Callable[[], None]], slots_T: np.ndarray | None,
-                    carry: bool = False) -> None:
-    """In the step's device work, before its forward: the slot writes owed (stream order: a step launched before
-    them read the slots' old adapters), then the step's per-token slots and whether its dispatch carries them."""
-    for load in loads:
+@dataclass
+class LoRAStepPlan:
+    """A step's LoRA work, planned on the host when it is launched: the slot writes owed (run first in its device
+    work, in stream order: a step launched before them read the slots' old adapters), each token's slot (None: no
+    row has an adapter), whether its dispatch carries them (EP: the agreed table) and whether a row's adapter
+    targets routed experts."""
+
+    loads: list[Callable[[], None]]
+    slots_T: np.ndarray | None = None
+    carry: bool = False
+    experts: bool = False
+
+    @property
+    def graphable(self) -> bool:
+        """Whether the step may replay a decode graph: a graph captures the linears' LoRA (its slots a static
+        input), not the experts' LoRA path (a host loop over experts) nor a dispatch carrying slots."""
+        return not (self.carry or self.experts)
+
+
+def plan_lora_step(slots: LoRASlots, slots_S: list[int] | None, query_lens: list[int] | None,
+                   ep: bool) -> LoRAStepPlan:
+    """The plan of a step of these rows' slots (None: a rank with no tokens of its own, under EP)."""
+    loads = slots.take_loads()
+    carry = ep and slots.experts_covered()
+    if slots_S is None or query_lens is None:
+        return LoRAStepPlan(loads, None, carry)
+    return LoRAStepPlan(loads, slots.token_slots(slots_S, query_lens), carry, slots.rows_cover_experts(slots_S))
+
+
+def begin_lora_step(slots: LoRASlots, plan: LoRAStepPlan, replay: bool = False) -> None:
+    """In the step's device work, before its forward: the slot writes owed, then the step's per-token slots and
+    whether its dispatch carries them; `replay`: a decode graph runs the step, reading the slots staged with its
+    inputs (cuda_graph.DecodeGraphs), so only the writes run here."""
+    for load in plan.loads:
         load()
-    slots.begin_step(slots_T, carry)
+    if replay:
+        slots.begin_step(None)
+    else:
+        slots.begin_step(plan.slots_T, plan.carry, plan.experts)
 
 
-__all__ = ["LoRASlots", "begin_lora_step", "lora_slots"]
+__all__ = ["LoRASlots", "LoRAStepPlan", "begin_lora_step", "lora_slots", "plan_lora_step"]

@@ -45,7 +45,7 @@ from .step_handle import DeviceResult, StepHandle
 from .step_inputs import StepInputs, build_step_inputs, device_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
 from .weight_memory import describe_memory, weight_bytes_by_format
-from .lora_targets import LoRASlots, begin_lora_step, lora_slots
+from .lora_targets import LoRASlots, LoRAStepPlan, begin_lora_step, lora_slots, plan_lora_step
 
 logger = logging.getLogger(__name__)
 
@@ -205,11 +205,12 @@ class ModelRunner:
     # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
     def enable_lora(self, limits) -> None:
         """Serve LoRA adapters (engine/lora/): hooks on the model's target linears and `limits.max_loras` device
-        slots; before warm-up. Decode graphs are off (eager steps): a replay would not read the step's slots."""
+        slots; before warm-up and graph capture (decode graphs read each replay's per-token slots from a static
+        buffer: cuda_graph.DecodeGraphs)."""
         self.lora = lora_slots(self.model, limits, self.kernels, self.cfg.dtype, self.device, self.cfg.model)
-        if self.graph_sizes:
-            logger.info("CUDA graphs off: LoRA steps run eagerly (docs/lora.md#limits).")
-            self.graph_sizes, self.graphs = (), None
+        if self.graphs is not None:  # captured with the cache (num_kv_blocks given): again, with the slots' input
+            self.graphs = None
+            self._capture_graphs()
 
     def enable_routing_capture(self) -> None:
         """Record every step's routed experts (`--enable-return-routed-experts`, moe/routing_capture.py): before
@@ -238,7 +239,7 @@ class ModelRunner:
                               verify_len=verify_len, max_context=self.cfg.max_model_len,
                               verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger),
                               state_slots=self.state_caches is not None,
-                              bound_host_lengths=bound_host_lengths(self.kernels))
+                              bound_host_lengths=bound_host_lengths(self.kernels), lora=self.lora)
         t0 = time.perf_counter()
         # Inside the backend's step context, as every eager step runs: the kernels a graph captures are those its
         # mode picks (batch-invariant mode's fixed-tile matmuls, not the library's).
@@ -370,6 +371,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         while len(self._in_flight) >= 2:  # at most two: pinned staging is double-buffered (cuda_graph.py)
             self._in_flight.popleft().wait_device()
+        if so.lora_prefetch and self.lora is not None:  # adapters the driver holds requests for: read them ahead
+            self.lora.host.prefetch(so.lora_prefetch)
         if so.lora_table is not None and self.lora is not None:  # DP attention: the driver's table, every rank's
             self.lora.sync_table(so.lora_table)
         self._update_states(so)
@@ -420,10 +423,8 @@ class ModelRunner:
         lora = None
         if self.lora is not None:  # the step's per-token slots and the slot writes owed, run in the device work
             table = so.lora_table is not None  # DP attention: each request's slot is its adapter's in the table
-            lora = (self.lora.take_loads(),
-                    self.lora.token_slots([self.lora.slot_of(st.lora_int_id) if table else st.lora_slot
-                                           for st in states], query_lens),
-                    self.ep is not None and self.lora.experts_covered())
+            lora = plan_lora_step(self.lora, [self.lora.slot_of(st.lora_int_id) if table else st.lora_slot
+                                              for st in states], query_lens, self.ep is not None)
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
@@ -447,13 +448,15 @@ class ModelRunner:
             for r, st in enumerate(picked):
                 st.pending = (handle, r)  # the next step reads this token on the device
         # Given routing runs eagerly (a graph does not replay it; under EP with graphs the engine refuses it).
-        graph_batch = self._graph_batch(so, query_lens, inp.seq_lens) if replay is None else None
+        # LoRA: a graph replays the linears' adapters, not the experts' LoRA path (LoRAStepPlan.graphable).
+        graph_batch = (self._graph_batch(so, query_lens, inp.seq_lens)
+                       if replay is None and (lora is None or lora.graphable) else None)
         staged = None
         if graph_batch is not None:
             staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
                                        inp.sliding, batch=graph_batch,
                                        state_slots=state_plan.slots if state_plan is not None else None,
-                                       query_lens=query_lens)
+                                       query_lens=query_lens, lora_slots=lora.slots_T if lora is not None else None)
         if images is not None:
             handle.encoder_counts = self.images.take_counts()
         handle.host_s = time.perf_counter() - t0
@@ -479,7 +482,7 @@ class ModelRunner:
                      ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,
                      prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None,
                      routed: routed_experts.RoutedExpertsPlan | None = None,
-                     replay: np.ndarray | None = None, lora=None,
+                     replay: np.ndarray | None = None, lora: LoRAStepPlan | None = None,
                      images: StepImages | None = None) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
         device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
@@ -504,7 +507,7 @@ class ModelRunner:
                 if staged is None:  # a replayed graph reads its own static slots (cuda_graph.DecodeGraphs.stage)
                     state = state_plan.state_step(x.attn.query_start_loc_S1, inp.pure_decode, dev)
             if lora is not None:
-                begin_lora_step(self.lora, *lora)
+                begin_lora_step(self.lora, lora, replay=staged is not None)
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
@@ -546,14 +549,15 @@ class ModelRunner:
         peers' do: the agreed table); None without LoRA."""
         if self.lora is None:
             return None
-        return self.lora.take_loads(), None, self.ep is not None and self.lora.experts_covered()
+        return plan_lora_step(self.lora, None, None, self.ep is not None)
 
-    def _device_moe_only(self, ep_step, ops: list, run_forward: bool, transfers=None, lora=None) -> DeviceResult:
+    def _device_moe_only(self, ep_step, ops: list, run_forward: bool, transfers=None,
+                         lora: LoRAStepPlan | None = None) -> DeviceResult:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
             if lora is not None:
-                begin_lora_step(self.lora, *lora)
+                begin_lora_step(self.lora, lora)
             start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
             if not run_forward:
                 start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)

@@ -117,6 +117,53 @@ def test_mixed_batch_gives_each_request_its_own_tokens(lora_case, max_loras):
         llm.shutdown()
 
 
+def test_adapter_weights_are_read_off_the_step_loop(lora_case, monkeypatch):
+    """A request naming an adapter not yet in host memory is held back while a worker thread reads it (made slow
+    here): the base model's requests behind it keep stepping meanwhile (counted), no rank reads the files on its step
+    loop, and then it gives peft's tokens. A read that fails ends its request with an error naming the adapter, and
+    leaves nothing held."""
+    import time
+
+    from moelink.engine import LoRARequest, SamplingParams
+    from moelink.engine.lora import loader, slots
+
+    base, dirs, ps, want = lora_case
+    llm = _llm(base, max_loras=1)
+    real, window, rank_reads = loader.read_adapter, {}, []
+
+    def slow_read(req, *args, **kw):
+        if req.lora_name == "broken":
+            raise OSError("the disk is gone")
+        window["start"] = llm.engine.loop_stats.steps
+        time.sleep(0.5)
+        window["steps"] = llm.engine.loop_stats.steps - window["start"]
+        return real(req, *args, **kw)
+
+    def rank_read(req, *args, **kw):  # a rank's own read: it would run between two steps
+        rank_reads.append(req.lora_name)
+        return slow_read(req, *args, **kw)
+
+    monkeypatch.setattr(loader, "read_adapter", slow_read)
+    monkeypatch.setattr(slots, "read_adapter", rank_read)
+    try:
+        # The adapter's request first: held apart, it keeps no place in the waiting queue before the others.
+        got = _greedy(llm, [ps[0], ps[1], ps[2]], [_req(dirs, "attn"), None, None])
+        assert got == [want["attn"][0], want[None][1], want[None][2]]
+        assert window["steps"] >= 3, f"the base requests did not step while the adapter was read: {window}"
+        assert rank_reads == [], "a rank read the adapter's files on its step loop"
+        broken = LoRARequest("broken", 9, dirs["attn"])  # its files check out; its read fails
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        outs = llm.generate([ps[0], ps[1]], params, use_tqdm=False, lora_request=[broken, None])
+        failed = outs[0].outputs[0]
+        assert failed.finish_reason == "error" and failed.token_ids == []
+        assert "LoRA adapter 'broken'" in str(failed.stop_reason) and "the disk is gone" in str(failed.stop_reason)
+        assert outs[1].outputs[0].token_ids == want[None][1]
+        assert not llm.engine.has_requests() and not llm.engine.lora_admission.waiting
+        assert llm.engine.lora_admission.loader.reading() == 0
+    finally:
+        llm.shutdown()
+
+
 def test_refusals_name_the_field(lora_case, tmp_path):
     from moelink.engine import LLM, LoRARequest, SamplingParams
 

@@ -68,3 +68,33 @@ def test_slot_table_keeps_held_slots_and_evicts_the_least_recently_used():
     assert t.assign([b, c, d]) == (b, d, c)
     with pytest.raises(RuntimeError, match="4 adapters in one step, over its 3 slots"):
         t.assign([a, b, c, d])
+
+
+def test_a_rank_reads_ahead_the_adapters_the_driver_announces():
+    """A rank in another process (Ray) reads the adapters the driver holds requests for on its own thread
+    (engine/lora/slots.py HostAdapters.prefetch, SchedulerOutput.lora_prefetch): the step loop's `get` then takes the
+    read (waiting only for its rest) and never reads again; reads ahead for requests that never come are dropped past
+    the LRU's capacity."""
+    import threading
+
+    from moelink.engine.contract.lora import LoRARequest
+    from moelink.engine.lora.slots import HostAdapters
+
+    a, b, c = (LoRARequest(n, i + 1, f"/x/{n}") for i, n in enumerate("abc"))
+    release, reads = threading.Event(), []
+
+    def read(req):
+        reads.append((req.lora_name, threading.current_thread().name))
+        release.wait(5)
+        return req.lora_name
+
+    host = HostAdapters(2, read)
+    host.prefetch([a])
+    host.prefetch([a])  # once
+    release.set()
+    assert host.get(a) == "a" and host.get(a) == "a"
+    assert reads == [("a", reads[0][1])] and reads[0][1] != threading.current_thread().name
+    host.prefetch([b, c, a])  # a is held: only b and c are read
+    assert host.get(c) == "c" and sorted(n for n, _ in reads) == ["a", "b", "c"]
+    host.prefetch([LoRARequest(n, i + 10, f"/x/{n}") for i, n in enumerate("defg")])
+    assert len(host._reading) <= 2

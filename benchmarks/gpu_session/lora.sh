@@ -1,0 +1,23 @@
+# Sourced by benchmarks/gpu_session.sh: the `lora` step (issue 60's LoRA adapters on a GPU), one device command.
+# (Not a script of its own: it uses the main script's REPO, OUT, PY, MODE, DEV and run_pytest_files.)
+#
+# lora: tests/engine/test_gpu_lora_graphs.py (1 test, the tiny Qwen3-MoE in fp32 with two LoRA slots: an eager engine,
+#   then one with decode graphs at 1/2/4/8; one prompt under two adapters and the base in one batch replayed through
+#   padded graphs, then a third adapter loaded into a slot after the capture, each request the eager engine's tokens
+#   and logprobs: docs/lora.md). Compiles: the MoE up / down at the decode and prefill buckets (4 GEMM), fp32
+#   attention decode split / no split and prefill (3 slow), LoRA shrink and expand, align, sum, merge, KV write,
+#   norms, rotary, router top-k, SiLU-mul (12 other); run 45 s (an estimate, not yet run on a GPU: two tiny engine
+#   starts with warm-up, the second capturing 4 graphs, ~40 decode steps).
+LORA_GEMM=4
+LORA_SLOW=3
+LORA_OTHER=12
+LORA_RUN_S=45
+step_lora() {
+  local a
+  for a in "$@"; do
+    echo "lora: unknown argument '$a' (none taken)" >&2
+    exit 2
+  done
+  run_pytest_files "gpu_lora_${DEV}.txt" \
+    lora_graphs_gpu "$LORA_GEMM" "$LORA_SLOW" "$LORA_OTHER" "$LORA_RUN_S" tests/engine/test_gpu_lora_graphs.py
+}

@@ -1,0 +1,98 @@
+"""Decode CUDA graphs with LoRA adapters (engine/rank/cuda_graph.py `lora`, engine/lora/slots.py `LoRASlots.captured`;
+docs/lora.md#how-it-runs) on CPU: the capture replaced by the stand-in (`Replay`, the forward re-run on the graph's
+static buffers), the kernels (LoRA's shrink / expand too) in the Triton interpreter.
+
+One pair of engines on the tiny Qwen3-MoE with two LoRA slots: eager, and with decode graphs at 1 / 2 / 4. The oracle
+is the eager engine (the same kernels, each step's slots its own inputs): one prompt under two adapters and the base
+in one batch (3 rows on the size-4 graph, one padding row, then sizes 2 and 1 as they finish), then a third adapter,
+loaded into a slot after the capture, beside the first. tests/engine/test_gpu_lora_graphs.py captures real graphs."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from moelink.engine import LLM, LoRARequest, SamplingParams
+
+from tests.helpers.graph_replays import Replay, count_replays
+from tests.helpers.lora_peft import random_adapter
+
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
+ADAPTERS = {"attn": (("q_proj", "k_proj", "v_proj", "o_proj"), 1), "qv": (("q_proj", "v_proj"), 2),
+            "o": (("o_proj",), 3),  # "o": the adapter first loaded after the graphs were captured
+            "experts": (("q_proj",), 4)}  # and q_proj with the routed experts' down_proj: its steps run eagerly
+
+
+def _llm(path):
+    return LLM(path, dtype="float32", device="cpu", kernels="triton", enable_lora=True, max_loras=2, max_lora_rank=4,
+               max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=24, block_size=16,
+               enable_prefix_caching=False, skip_warmup=True)  # warm-up: test_triton_warmup.py
+
+
+def _run(llm, prompts, loras, max_tokens):
+    # The adapters read into host memory first (engine/lora/loader.py: otherwise a request waits for its adapter's
+    # read while the base's start), so that every request is scheduled at once and the steps fall on known sizes.
+    loader = llm.engine.lora_admission.loader
+    for r in loras:
+        if r is not None:
+            loader.request(r)
+    while loader.reading():
+        loader.poll(0.05)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=2) for m in max_tokens]
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in pos.items()} for pos in o.outputs[0].logprobs])
+            for o in outs]
+
+
+@pytest.mark.slow  # over 1 s (interpreter: two engines, about ten steps each)
+def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_path, kdev):
+    """A batch mixing two adapters and the base (the same prompt under each) replayed through graphs of sizes 4, 2
+    and 1 gives every request the eager engine's tokens and logprobs (to 1e-5, float32: test_decode_graphs.py's
+    rounding of a padded batch); an adapter loaded into a slot after the
+    capture (evicting one) is what the next replays read; every size served a step; a step with an adapter on the
+    routed experts runs eagerly."""
+    if kdev.type != "cpu":
+        pytest.skip("CPU stand-in for the capture; with a GPU, tests/engine/test_gpu_lora_graphs.py")
+    path = tiny_model("qwen3_e6k3")
+    reqs = {name: LoRARequest(name, i + 1, random_adapter(path, str(tmp_path / name), targets, 4, 8, seed,
+                                                          experts_down=name == "experts"))
+            for i, (name, (targets, seed)) in enumerate(ADAPTERS.items())}
+    prompt = [random.Random(4).randrange(3, 500) for _ in range(7)]
+    first = ([prompt] * 3, [reqs["attn"], reqs["qv"], None], [4, 3, 2])
+    second = ([prompt] * 2, [reqs["o"], reqs["attn"]], [2, 2])
+    third = ([prompt] * 2, [reqs["experts"], None], [2, 2])
+    eager = _llm(path)
+    try:
+        want = [_run(eager, *first), _run(eager, *second), _run(eager, *third)]
+    finally:
+        eager.shutdown()
+    tokens = [t for run in want for t, _ in run]
+    assert all(tokens[i][:2] != tokens[2] for i in (0, 1, 3, 5)), \
+        f"an adapter does not move the greedy tokens from the base's: a weak test ({tokens})"
+    llm = _llm(path)
+    try:
+        runner = llm.engine.executor.worker.runner
+        runner.graph_sizes, runner.graph_backend = (1, 2, 4), Replay()
+        runner._capture_graphs()
+        assert runner.graphs is not None and set(runner.graphs.steps) == {1, 2, 4}
+        replays = count_replays(runner.graphs)
+        got_first = _run(llm, *first)
+        assert replays[4] >= 1 and replays[2] >= 1 and replays[1] >= 1, replays
+        before = dict(replays)
+        loaded = {s.lora_int_id for s in runner.lora.slots}
+        assert reqs["o"].lora_int_id not in loaded  # loaded only now, into a slot the graphs already read
+        got_second = _run(llm, *second)
+        assert replays[2] >= before[2] + 1, replays  # its decode step replayed the size-2 graph
+        assert reqs["o"].lora_int_id in {s.lora_int_id for s in runner.lora.slots}
+        before = dict(replays)
+        got_third = _run(llm, *third)
+        assert replays == before, replays  # a row's adapter targets routed experts: eager (their LoRA loops on host)
+    finally:
+        llm.shutdown()
+    for run_w, run_g in zip(want, [got_first, got_second, got_third]):
+        for (tok_w, lps_w), (tok_g, lps_g) in zip(run_w, run_g):
+            assert tok_g == tok_w
+            for lw, lg in zip(lps_w, lps_g):  # float32: the padded batch's kernels round as the decode graphs' do
+                assert lw.keys() == lg.keys()
+                assert max(abs(lw[t] - lg[t]) for t in lw) < 1e-5
