@@ -161,7 +161,11 @@ class NormedMTPLayer(nn.Module):
             plan[n.embed] = self.vocab.plan_entry(self.embed_tokens)
         if self.own_head and n.head is not None:
             plan[n.head] = self.vocab.plan_entry(self.head)
-        inner = layer_weight_plan(self.layer, self.layer_index, self._layer_cfg, self._spec, self.expert_ids, ckpt)
+        # The inner layer's plan reads its experts' layout under its planned name (Hy4 publishes them fused under
+        # model.mtp_layers.0.).
+        fused = fused_experts_name(self.layer_index)
+        planned = ckpt | {fused} if n.publish(fused) in ckpt else ckpt
+        inner = layer_weight_plan(self.layer, self.layer_index, self._layer_cfg, self._spec, self.expert_ids, planned)
         inner = {n.publish(name): entry for name, entry in inner.items()}
         plan.update(CHECKPOINT.get(self._spec.checkpoint).plan(self._layer_cfg, self._spec, inner, ckpt))
         return plan

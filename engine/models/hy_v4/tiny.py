@@ -10,7 +10,8 @@ note); 4 hyper-connection streams with hc_magnitude 1.5; 10 experts, top-3, one 
 limit the tiny activations cross). Constants transformers initialises (norm weights, the indexer's LayerNorm, the
 correction bias: tiny_families._randomize_constants; the sinks and the hyper-connections' scales and biases here) are
 drawn, so a weight loaded into the wrong place shows. With num_nextn_predict_layers=1 its MTP module too (mtp.py), in
-the published names (model.mtp_layers.0.*) shaped as the last layer with no hyper-connection tensors.
+the published names (model.mtp_layers.0.*) shaped as layer 1 (a full indexer, routed) with no hyper-connection
+tensors.
 """
 from __future__ import annotations
 
@@ -65,7 +66,10 @@ def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapp
             raise ValueError(f"num_nextn_predict_layers={n!r}: the tiny Hy4 writes one MTP module (0 or 1).")
         from .mtp import PREFIX
 
-        write_mtp_module(out, f"model.layers.{cfg.num_hidden_layers - 1}.", PREFIX,
+        # The template: a layer that runs an indexer of its own and routed experts, as the module does.
+        j = next(i for i, (it, mt) in enumerate(zip(cfg.indexer_types, cfg.mlp_layer_types))
+                 if it == "full" and mt == "sparse")
+        write_mtp_module(out, f"model.layers.{j}.", PREFIX,
                          {"enorm.weight": "norm", "hnorm.weight": "norm", "final_layernorm.weight": "norm",
                           "eh_proj.weight": "eh_proj"}, seed=seed, skip=("hc_pre.",))
     return path
