@@ -157,6 +157,9 @@ def test_hy_v4_and_glm5_next_mtp_read_the_published_names(checkpoints, arch, pre
                            lm_head=torch.zeros(VOCAB, cfg.hidden_size))
     assert set(layer.weight_plan(names)) == mtp_names
     assert layer.layer.self_attn.indexer is not None  # a full indexer of its own, never a shared selection
+    from moelink.engine.models.hy_v4 import mtp, tiny
+
+    assert tiny.MTP_PREFIX == mtp.PREFIX  # the writer's names are the reader's
 
 
 def test_mtp_refused_names_the_field_and_why(monkeypatch):

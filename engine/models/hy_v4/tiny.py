@@ -23,6 +23,7 @@ import torch
 from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, build_hf_model, save_model, write_mtp_module
 
 ARCH = "HYV4ForCausalLM"
+MTP_PREFIX = "model.mtp_layers.0."  # mtp.PREFIX (a tool does not import the model: tests check the two agree)
 FIELDS = dict(
     hidden_size=48, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
     q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=10,
@@ -64,12 +65,10 @@ def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapp
     if n:
         if n != 1:
             raise ValueError(f"num_nextn_predict_layers={n!r}: the tiny Hy4 writes one MTP module (0 or 1).")
-        from .mtp import PREFIX
-
         # The template: a layer that runs an indexer of its own and routed experts, as the module does.
         j = next(i for i, (it, mt) in enumerate(zip(cfg.indexer_types, cfg.mlp_layer_types))
                  if it == "full" and mt == "sparse")
-        write_mtp_module(out, f"model.layers.{j}.", PREFIX,
+        write_mtp_module(out, f"model.layers.{j}.", MTP_PREFIX,
                          {"enorm.weight": "norm", "hnorm.weight": "norm", "final_layernorm.weight": "norm",
                           "eh_proj.weight": "eh_proj"}, seed=seed, skip=("hc_pre.",))
     return path
@@ -81,4 +80,4 @@ ARCHS = {
                       format_fields={"fp8": {"index_head_dim": 16}}),
 }
 
-__all__ = ["ARCH", "ARCHS", "FIELDS", "tiny_config", "tiny_model", "write"]
+__all__ = ["ARCH", "ARCHS", "FIELDS", "MTP_PREFIX", "tiny_config", "tiny_model", "write"]
