@@ -160,6 +160,13 @@ def test_hy_v4_and_glm5_next_mtp_read_the_published_names(checkpoints, arch, pre
     from moelink.engine.models.hy_v4 import mtp, tiny
 
     assert tiny.MTP_PREFIX == mtp.PREFIX  # the writer's names are the reader's
+    # vLLM's rule for both modules: the row at position 0 reads no token embedding (its token changes nothing there;
+    # at position 1 it does).
+    oracle = MTPOracle(path)
+    h_TD = torch.randn(2, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a_TD, b_TD = (oracle.mtp(torch.arange(2), torch.tensor(ids), h_TD, oracle._ctx(2)) for ids in ([5, 7], [9, 8]))
+    assert torch.equal(a_TD[0], b_TD[0]) and not torch.allclose(a_TD[1], b_TD[1])
 
 
 def test_mtp_refused_names_the_field_and_why(monkeypatch):
