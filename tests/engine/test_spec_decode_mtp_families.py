@@ -14,7 +14,9 @@ back too): transformers does not run the modules, so the oracle is the engine it
   (LongCat, Ling: Hy4's and GLM-5.3's DeepSeek Sparse Attention is defined by transformers' forward without a cache,
   which tests/engine/test_hy_v4.py and test_glm5_next.py hold the main models to; here their drafts are checked
   against plain decoding and the recomputation).
-- The module reads exactly the tensors the tiny preset writes in the published names, and the main model none.
+- The module reads exactly the tensors the tiny preset writes in the published names, and the main model none;
+  Hy4's and GLM-5.3's module equals the one composed from transformers' own layer classes (tests/helpers/
+  hf_mtp_layer.py), and reads no token embedding at position 0 (vLLM's rule).
 - FP8 (LongCat-Flash-Chat-FP8's layout, eh_proj included) and load_format "dummy" run the module too.
 - Architecture.mtp_refused (no family sets it now) refuses method "mtp" naming the field and why.
 """
@@ -167,6 +169,28 @@ def test_hy_v4_and_glm5_next_mtp_read_the_published_names(checkpoints, arch, pre
     with torch.no_grad():
         a_TD, b_TD = (oracle.mtp(torch.arange(2), torch.tensor(ids), h_TD, oracle._ctx(2)) for ids in ([5, 7], [9, 8]))
     assert torch.equal(a_TD[0], b_TD[0]) and not torch.allclose(a_TD[1], b_TD[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, template", [("hy_v4", 1), ("glm5_next", 4)])
+def test_hy_v4_and_glm5_next_mtp_equal_transformers_layers(checkpoints, arch, template):
+    """The module, run from scratch over 30 rows (past index_topk: the indexer selects), equals the one composed from
+    transformers' own layer classes holding its tensors (tests/helpers/hf_mtp_layer.py: a main layer of the same
+    shape run without hyper-connections, the norms and eh_proj around it), float64: its structure is checked against
+    transformers' layers, not against itself (transformers' float32 parts aside)."""
+    from tests.helpers.hf_mtp_layer import HFComposedMTP
+
+    path = checkpoints(arch, "random")
+    oracle, want = MTPOracle(path), HFComposedMTP(path, template)
+    g = torch.Generator().manual_seed(1)
+    ids_T = torch.randint(3, VOCAB, (30,), generator=g)
+    h_TD = torch.randn(30, oracle.cfg.hidden_size, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        got_TD = oracle.mtp(torch.arange(30), ids_T, h_TD, oracle._ctx(30))
+    # 1e-4: transformers scores the router in float32 and GLM-5.3's RMSNorms compute in float32 (Glm5NextTextRMSNorm)
+    # whatever the model's dtype, off by about 1e-5 here; a wrong structure is off by O(1).
+    torch.testing.assert_close(got_TD, want.forward(ids_T, h_TD), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(oracle.mtp.compute_logits(got_TD), want.logits(got_TD), rtol=1e-9, atol=1e-9)
 
 
 def test_mtp_refused_names_the_field_and_why(monkeypatch):
