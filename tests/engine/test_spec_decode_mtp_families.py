@@ -282,3 +282,15 @@ def test_longcat_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
                                          r"more\): speculative method 'mtp' reads the whole MTP layer"):
         LLM(str(path), dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
             speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+
+
+@pytest.mark.slow
+def test_hy_v4_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
+    """Hy4's config names no count, so a checkpoint counts one module (vLLM's and RTP-LLM's default); one saved
+    without it is refused when the drafter loads, naming a missing tensor of model.mtp_layers.0."""
+    path = make_tiny_model(tmp_path / "plain", "hy_v4")
+    assert ModelConfig.from_pretrained(str(path)).num_nextn_predict_layers == 1
+    with pytest.raises(ValueError, match=r"is missing MTP tensor 'model\.mtp_layers\.0\.\S+' \(and \d+ more\): "
+                                         r"speculative method 'mtp' reads the whole MTP layer"):
+        LLM(str(path), dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
