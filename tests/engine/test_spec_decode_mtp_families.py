@@ -273,6 +273,24 @@ def test_greedy_with_mtp_drafts_equals_transformers_with_prefix_hits(checkpoints
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch", ["hy_v4", "glm5_next"])
+def test_hy_v4_and_glm5_next_mtp_with_prefix_hits_equal_plain_decoding(checkpoints, plain, arch):
+    """The prompts twice on one engine with MTP drafts (k = 2; GLM-5.3's KDA states from state checkpoints the
+    second time): both passes equal plain decoding, the second hits the prefix cache, every block and slot comes
+    back."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, detokenize=False)
+    with LLM(checkpoints(arch, "bigram"), dtype="float32", max_model_len=256, max_num_batched_tokens=32,
+             num_kv_blocks=64, block_size=4, num_state_checkpoints=10,
+             speculative_config={"method": "mtp", "num_speculative_tokens": 2}) as llm:
+        for _ in range(2):
+            outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == plain(arch, "bigram")
+        stats = llm.engine.stats()
+        assert stats.prefix_cache_hits > 0 and stats.spec_decode.num_accepted_tokens > 0
+        assert_pool_free(llm)
+
+
+@pytest.mark.slow
 def test_longcat_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
     """config.json names no count, so a LongCat checkpoint counts one module (vLLM's rule); one saved without it is
     refused when the drafter loads, naming the first missing tensor."""
