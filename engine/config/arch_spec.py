@@ -78,8 +78,8 @@ class Architecture:
     # engine/spec/heads/qwen_mtp.py) or a family's own, registered by its kinds.py (DeepSeek-V4's: top-level `mtp.{i}.*`
     # over the hyper-connection streams; engine/models/deepseek_v4/mtp.py).
     mtp_layout: str = "nextn"
-    # The MTP modules its checkpoints hold when config.json counts none (LongCat-Flash's config names no count and
-    # its release ships one, as vLLM reads it): 0 for the others, whose files say.
+    # The MTP modules its checkpoints hold when config.json counts none (LongCat-Flash's and Hy4's configs name no
+    # count and their releases ship one, as vLLM reads them): 0 for the others, whose files say.
     mtp_unstated: int = 0
     # Why speculative method "mtp" is refused for it though its release publishes MTP weights (the field or
     # tensors moelink cannot build faithfully from the locked transformers): "" where it is served or absent.

@@ -1,6 +1,6 @@
 """A next-n prediction (MTP) module whose output is final-normed: the shared shape of the families' own MTP layouts
-(engine/models/blocks/mtp.py registers them: LongCat-Flash's, Ling hybrid's; Qwen3-Next's and Qwen3.5's `mtp.*`,
-engine/spec/heads/qwen_mtp.py), built from the main decoder's layer.
+(engine/models/blocks/mtp.py registers them: LongCat-Flash's, Ling hybrid's, Hy4's, GLM-5.3-Flash's; Qwen3-Next's
+and Qwen3.5's `mtp.*`, engine/spec/heads/qwen_mtp.py), built from the main decoder's layer.
 
 Legend: T tokens in the flat batch, D hidden, V vocab.
 
@@ -11,8 +11,10 @@ tok_{t+1}:
 and `out` (final-normed, as vLLM's LongCat and Bailing-V3 MTP modules return it) conditions the next chained draft.
 DeepSeek-V3's module (engine/spec/heads/mtp.py) differs only there: it chains the state before its shared_head.norm.
 What a family decides (`MTPNames`): the checkpoint names of the five module tensors, whether it ships its own
-embedding or head (read where the checkpoint has them, else the main model's), the inner layer's spec and config
-(its residual kind, dense or routed MLP) and how the inner layer's planned names (`model.layers.{L}.*`) are published.
+embedding or head (read where the checkpoint has them, else the main model's), whether the row at position 0 reads a
+zero embedding (`mask_position0`: vLLM's Hy4 and GLM-5.3-Flash modules zero it, as its DeepSeek module does), the
+inner layer's spec and config (its residual kind, dense or routed MLP) and how the inner layer's planned names
+(`model.layers.{L}.*`) are published.
 
 The inner layer is `moe_decoder.lone_layer` at index L = num_hidden_layers + index (its KV cache `ctx.kv_caches[L]`, the
 drafter's cache layer, engine/spec/proposer/chain.py); its routed experts count in a MoEStats of its own. Under
@@ -46,7 +48,8 @@ from .rope import RotaryEmbedding
 class MTPNames:
     """A family's checkpoint names for its MTP module: the norms', eh_proj's, the final norm's; `embed` / `head`
     its own copies where published (None: always the main model's); `publish` maps an inner-layer plan name
-    (`model.layers.{L}.<rest>`) to the published one."""
+    (`model.layers.{L}.<rest>`) to the published one; `mask_position0`: the token embedding of a row at position 0
+    is zeroed before enorm (the module's definition in vLLM for Hy4 and GLM-5.3-Flash)."""
 
     enorm: str
     hnorm: str
@@ -55,6 +58,7 @@ class MTPNames:
     embed: str | None
     head: str | None
     publish: Callable[[str], str]
+    mask_position0: bool = False
 
     def __post_init__(self) -> None:
         for field in ("enorm", "hnorm", "eh_proj", "norm"):
@@ -123,7 +127,10 @@ class NormedMTPLayer(nn.Module):
 
     def stages(self, positions_T, input_ids_T, hidden_TD, ctx: ForwardContext) -> Stages:
         """`forward` as stages: yields while its MoE all-to-all is in flight (under expert parallelism)."""
-        e_TD = self.enorm(self.vocab.embed(input_ids_T, self.embed_tokens))
+        e_TD = self.vocab.embed(input_ids_T, self.embed_tokens)
+        if self.names.mask_position0:
+            e_TD = e_TD.masked_fill((positions_T == 0)[:, None], 0)
+        e_TD = self.enorm(e_TD)
         x_TD = self.eh_proj(torch.cat([e_TD, self.hnorm(hidden_TD)], dim=-1))
         y_TD, residual_TD = yield from self.layer.stages(positions_T, (x_TD, None), None, ctx)
         out_TD, _ = self.norm.add_forward(y_TD, residual_TD)
@@ -135,8 +142,9 @@ class NormedMTPLayer(nn.Module):
             yield from self.layer.moe.stages(self.embed_tokens.new_zeros(0, self.cfg.hidden_size))
 
     def compute_logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
-        """[T, V] logits of the token after the next, from `forward`'s (already normed) rows."""
-        return self.vocab.logits(hidden_TD, self.head)
+        """[T, V] logits of the token after the next, from `forward`'s (already normed) rows (in the head's dtype:
+        Hy4 keeps its LM head in float32 under a half model)."""
+        return self.vocab.logits(hidden_TD.to(self.head.dtype), self.head)
 
     def process_weights_after_loading(self) -> None:
         """The checkpoint kind's conversions, as the main model's (MLA's kv_b_proj split, zero-centred norms)."""
@@ -153,7 +161,11 @@ class NormedMTPLayer(nn.Module):
             plan[n.embed] = self.vocab.plan_entry(self.embed_tokens)
         if self.own_head and n.head is not None:
             plan[n.head] = self.vocab.plan_entry(self.head)
-        inner = layer_weight_plan(self.layer, self.layer_index, self._layer_cfg, self._spec, self.expert_ids, ckpt)
+        # The inner layer's plan reads its experts' layout under its planned name (Hy4 publishes them fused under
+        # model.mtp_layers.0.).
+        fused = fused_experts_name(self.layer_index)
+        planned = ckpt | {fused} if n.publish(fused) in ckpt else ckpt
+        inner = layer_weight_plan(self.layer, self.layer_index, self._layer_cfg, self._spec, self.expert_ids, planned)
         inner = {n.publish(name): entry for name, entry in inner.items()}
         plan.update(CHECKPOINT.get(self._spec.checkpoint).plan(self._layer_cfg, self._spec, inner, ckpt))
         return plan

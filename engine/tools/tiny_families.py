@@ -185,6 +185,47 @@ def save_drawn_preset(out: Path, preset: Preset, seed: int = 0, dtype: torch.dty
     return save_model(model, out, cfg, dtype, fused)
 
 
+def write_mtp_module(out: str | Path, template: str, prefix: str, own: Mapping[str, str], *, seed: int,
+                     skip: tuple[str, ...] = (), count_in: str = "") -> None:
+    """Append one MTP module to the tiny checkpoint in `out` (transformers neither builds nor saves the 2026
+    families' modules), in mtp.safetensors beside model.safetensors: the tensors of the main layer under `template`,
+    in the names save_pretrained published for it, renamed under `prefix` (those whose rest starts with one of `skip`
+    left out: the hyper-connection weights a module does not have), plus the module's own tensors, `own` (name under
+    `prefix` -> "norm" [D] or "eh_proj" [D, 2D]); every value drawn from a stream of its own (`seed`): norms around 1,
+    matrices fan-in scaled, a correction bias small. `count_in`: config.json's key whose dict takes
+    num_nextn_predict_layers 1 ("text_config"; "" the top level)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if (out / "model.safetensors.index.json").exists():
+        raise ValueError(f"write_mtp_module: {out} is sharded; the tiny writer appends to one model.safetensors only.")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as st:
+        shapes = {prefix + n[len(template):]: st.get_tensor(n) for n in st.keys()
+                  if n.startswith(template) and not n[len(template):].startswith(skip)}
+    norm = shapes[prefix + "input_layernorm.weight"]
+    D = norm.shape[0]
+    shapes.update({prefix + n: norm if kind == "norm" else norm.new_zeros(D, 2 * D) for n, kind in own.items()})
+    gen = torch.Generator().manual_seed(seed + 7919)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in sorted(shapes.items()):
+        x = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        if name.endswith(("expert_bias", "e_score_correction_bias")):
+            x = 0.05 * x
+        elif t.dim() == 1:
+            x = 1 + 0.2 * x
+        else:
+            x = x * (2.0 if name.endswith("mlp.gate.weight") else 1.0) / t.shape[-1] ** 0.5
+        tensors[name] = x.to(t.dtype)
+    save_file(tensors, str(out / "mtp.safetensors"), metadata={"format": "pt"})
+    umask_mode([out / "mtp.safetensors"])
+    raw = json.loads((out / "config.json").read_text())
+    (raw[count_in] if count_in else raw)["num_nextn_predict_layers"] = 1
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
 # -- Qwen3-MoE / DeepSeek-V3 shapes for the quantized formats (tests/helpers/{fp8,nvfp4,int4}_checkpoints.py) ---------
 
 # FP8 blocks of 16 x 16 (tiny_formats.FP8_BLOCK): in the first three every stacked piece starts on a block boundary
@@ -268,4 +309,4 @@ INT4_TINY: dict[str, tuple[str, str, dict]] = {
 
 __all__ = ["FP8_TINY", "INT4_TINY", "MAX_POS", "NVFP4_TINY", "Preset", "QUANT_FORMATS", "TinyArch", "VOCAB", "WINDOW",
            "build_hf_model", "preset_config", "preset_writer", "save_drawn_preset", "save_model", "save_preset",
-           "save_tokenizer"]
+           "save_tokenizer", "write_mtp_module"]

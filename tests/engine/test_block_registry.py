@@ -30,7 +30,8 @@ def test_every_architecture_names_registered_kinds():
                                      "gated_hyper"}
     assert REGISTRY["DeepseekV4ForCausalLM"].spec.residual == "hyper"
     # MTP layouts other than the draft heads' own (engine/spec/heads/: "nextn", "qwen") are a family's
-    assert {a.mtp_layout for a in REGISTRY.values()} - {"nextn", "qwen"} == set(MTP_LAYOUTS.names()) == {"dsv4", "ling", "longcat"}
+    assert {a.mtp_layout for a in REGISTRY.values()} - {"nextn", "qwen"} == set(MTP_LAYOUTS.names()) == {
+        "dsv4", "ling", "longcat", "hy_v4", "glm5_next"}
 
 
 def test_unknown_name_is_one_error_naming_kind_and_choices():
@@ -55,5 +56,6 @@ def test_an_mtp_layout_is_built_in_or_a_family_registers_it():
     with pytest.raises(ValueError, match=r"mtp_layout='not a name' is invalid: choose from 'nextn', 'qwen' or a "
                                          r"layout a family registers"):
         Architecture("X", None, mtp_layout="not a name")
-    with pytest.raises(ValueError, match=r"^mtp layout block 'bogus' is not registered: choose from 'dsv4', 'ling', 'longcat'\.$"):
+    with pytest.raises(ValueError, match=r"^mtp layout block 'bogus' is not registered: choose from 'dsv4', "
+                                         r"'glm5_next', 'hy_v4', 'ling', 'longcat'\.$"):
         MTP_LAYOUTS.get("bogus")

@@ -1,19 +1,24 @@
-"""Speculative decoding with the MTP modules of the 2026 families (method "mtp"), one rank, or the refusal where
-moelink cannot build a family's module faithfully from the locked transformers.
+"""Speculative decoding with the MTP modules of the 2026 families (method "mtp"), one rank.
 
-LongCat-Flash (engine/models/longcat_flash/mtp.py, layout "longcat") and Ling hybrid (engine/models/bailing_hybrid/
-mtp.py, layout "ling"; its main model's KDA states rolled back past rejected drafts): transformers does not run the
-modules, so the oracle is the engine itself:
+LongCat-Flash (engine/models/longcat_flash/mtp.py, layout "longcat"), Ling hybrid (engine/models/bailing_hybrid/
+mtp.py, layout "ling"; its main model's KDA states rolled back past rejected drafts), Hunyuan Hy4 (engine/models/
+hy_v4/mtp.py, layout "hy_v4") and GLM-5.3-Flash (engine/models/glm5_next/mtp.py, layout "glm5_next"; KDA states rolled
+back too): transformers does not run the modules, so the oracle is the engine itself:
 - Greedy outputs with MTP drafts are token-identical to decoding without speculation, k = 1 and 2, with chunked
   prefill, batching and preemption in play, on a checkpoint whose module guesses the main model's next token
   (tests.helpers.longcat_mtp_checkpoints.bigram_longcat_mtp): drafts accepted often, rejected too.
 - Every draft equals an independent recomputation (tests.helpers.mtp_oracle: the main model and the module run
   from scratch over the whole sequence, float64), on random weights and on the bigram with the module's own
   computation kept.
-- Greedy with MTP drafts equals transformers' own greedy (float64), with prefix-cache hits, every block freed.
-- The module reads exactly the tensors the tiny preset writes in the published names, and the main model none.
+- Greedy with MTP drafts equals transformers' own greedy (float64), with prefix-cache hits, every block freed
+  (LongCat, Ling: Hy4's and GLM-5.3's DeepSeek Sparse Attention is defined by transformers' forward without a cache,
+  which tests/engine/test_hy_v4.py and test_glm5_next.py hold the main models to; here their drafts are checked
+  against plain decoding and the recomputation).
+- The module reads exactly the tensors the tiny preset writes in the published names, and the main model none;
+  Hy4's and GLM-5.3's module equals the one composed from transformers' own layer classes (tests/helpers/
+  hf_mtp_layer.py), and reads no token embedding at position 0 (vLLM's rule).
 - FP8 (LongCat-Flash-Chat-FP8's layout, eh_proj included) and load_format "dummy" run the module too.
-Hy4 and GLM-5.3-Flash: method "mtp" refused, naming the field and why (Architecture.mtp_refused).
+- Architecture.mtp_refused (no family sets it now) refuses method "mtp" naming the field and why.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ import torch
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.config.arch_spec import Architecture
-from moelink.engine.config.engine_args import EngineArgs
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.rank.loader import open_checkpoint
 from moelink.engine.models.registry import arch_spec
@@ -34,7 +38,8 @@ from moelink.engine.tools.tiny_model import make_tiny_model
 from moelink.kernels.ops import ReferenceKernels
 
 from tests.helpers.draft_spy import record_drafts
-from tests.helpers.family_mtp_checkpoints import VOCAB, bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
+from tests.helpers.family_mtp_checkpoints import (VOCAB, bigram_glm5_next_mtp, bigram_hy_v4_mtp, bigram_ling_mtp,
+                                                  bigram_longcat_mtp, make_family_mtp)
 from tests.helpers.mtp_oracle import MTPOracle, generate_greedy
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
 
@@ -42,7 +47,11 @@ from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, h
 VARIANTS = {"bigram": 0.0, "bigram_kv": 0.1}
 
 
-FAMILIES = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp}
+FAMILIES = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp, "hy_v4": bigram_hy_v4_mtp,
+            "glm5_next": bigram_glm5_next_mtp}
+# The main model's states for the recomputation from transformers (mtp_oracle.py): KDA layers (the engine's need a state
+# pool), DeepSeek Sparse Attention (transformers' forward is the definition).
+HF_STATES = ("bailing_hybrid", "hy_v4", "glm5_next")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +115,7 @@ def test_mtp_drafts_equal_the_module_run_over_the_whole_sequence(checkpoints, pl
     assert stats.num_preemptions_total > 0 and len(seen) > 30
     if variant == "bigram_kv":
         assert stats.spec_decode.num_accepted_tokens > 0
-    oracle = MTPOracle(path, hf_states=arch == "bailing_hybrid")  # KDA: transformers' states (mtp_oracle.py)
+    oracle = MTPOracle(path, hf_states=arch in HF_STATES)
     wrong = [(tokens, drafts, want) for tokens, drafts in seen if drafts != (want := oracle.drafts(tokens, k))]
     assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[0]}"
 
@@ -132,18 +141,73 @@ def test_longcat_mtp_reads_the_published_names(checkpoints):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, field", [("hy_v4", "model.mtp_layers"), ("glm5_next", "layers.45")])
-def test_mtp_refused_where_the_module_is_unknown(tmp_path, arch, field):
-    """Hy4 and GLM-5.3-Flash publish MTP weights the locked transformers neither builds nor describes: method "mtp"
-    is refused at configuration, naming the field and why; the other methods still run."""
-    path = make_tiny_model(tmp_path / arch, arch)
-    args = dict(dtype="float32", block_size=4, num_kv_blocks=64, max_model_len=128)
-    with pytest.raises(ValueError, match=rf"^speculative_config\.method='mtp' is not supported for \w+: its MTP "
-                                         rf"(module|layer) \({field}.*moelink does not guess"):
-        EngineArgs(str(path), speculative_config={"method": "mtp", "num_speculative_tokens": 2},
-                   **args).create_engine_config()
-    EngineArgs(str(path), speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                              "prompt_lookup_max": 2}, **args).create_engine_config()
+@pytest.mark.parametrize("arch, prefix, unread", [("hy_v4", "model.mtp_layers.0.", "hc_pre."),
+                                                  ("glm5_next", "model.layers.6.", "hc_")])
+def test_hy_v4_and_glm5_next_mtp_read_the_published_names(checkpoints, arch, prefix, unread):
+    """The module's plan is exactly the tensors the tiny checkpoint holds under its published prefix (vLLM's and
+    SGLang's names: enorm, hnorm, eh_proj, one decoder layer in a main layer's names, final_layernorm / shared_head.norm),
+    none of them a hyper-connection weight; the main model's loader counts them all as MTP tensors."""
+    path = checkpoints(arch, "random")
+    cfg = ModelConfig.from_pretrained(path)
+    assert cfg.num_nextn_predict_layers == 1
+    names = frozenset(open_checkpoint(cfg, "auto", torch.device("cpu")).keys())
+    mtp_names = set(mtp_checkpoint_names(cfg, names))
+    assert mtp_names == {n for n in names if n.startswith(prefix)} and len(mtp_names) > 20
+    assert not any(n[len(prefix):].startswith(unread) for n in mtp_names)
+    layer = make_mtp_layer(cfg, arch_spec(cfg.architecture), 0, ReferenceKernels(), torch.device("cpu"),
+                           None, names, embed_tokens=torch.zeros(VOCAB, cfg.hidden_size),
+                           lm_head=torch.zeros(VOCAB, cfg.hidden_size))
+    assert set(layer.weight_plan(names)) == mtp_names
+    assert layer.layer.self_attn.indexer is not None  # a full indexer of its own, never a shared selection
+    from moelink.engine.models.hy_v4 import mtp, tiny
+
+    assert tiny.MTP_PREFIX == mtp.PREFIX  # the writer's names are the reader's
+    # vLLM's rule for both modules: the row at position 0 reads no token embedding (its token changes nothing there;
+    # at position 1 it does).
+    oracle = MTPOracle(path)
+    h_TD = torch.randn(2, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a_TD, b_TD = (oracle.mtp(torch.arange(2), torch.tensor(ids), h_TD, oracle._ctx(2)) for ids in ([5, 7], [9, 8]))
+    assert torch.equal(a_TD[0], b_TD[0]) and not torch.allclose(a_TD[1], b_TD[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, template", [("hy_v4", 1), ("glm5_next", 4)])
+def test_hy_v4_and_glm5_next_mtp_equal_transformers_layers(checkpoints, arch, template):
+    """The module, run from scratch over 30 rows (past index_topk: the indexer selects), equals the one composed from
+    transformers' own layer classes holding its tensors (tests/helpers/hf_mtp_layer.py: a main layer of the same
+    shape run without hyper-connections, the norms and eh_proj around it), float64: its structure is checked against
+    transformers' layers, not against itself (transformers' float32 parts aside)."""
+    from tests.helpers.hf_mtp_layer import HFComposedMTP
+
+    path = checkpoints(arch, "random")
+    oracle, want = MTPOracle(path), HFComposedMTP(path, template)
+    g = torch.Generator().manual_seed(1)
+    ids_T = torch.randint(3, VOCAB, (30,), generator=g)
+    h_TD = torch.randn(30, oracle.cfg.hidden_size, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        got_TD = oracle.mtp(torch.arange(30), ids_T, h_TD, oracle._ctx(30))
+    # 1e-4: transformers scores the router in float32 and GLM-5.3's RMSNorms compute in float32 (Glm5NextTextRMSNorm)
+    # whatever the model's dtype, off by about 1e-5 here; a wrong structure is off by O(1).
+    torch.testing.assert_close(got_TD, want.forward(ids_T, h_TD), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(oracle.mtp.compute_logits(got_TD), want.logits(got_TD), rtol=1e-9, atol=1e-9)
+
+
+def test_mtp_refused_names_the_field_and_why(monkeypatch):
+    """An architecture whose published MTP module moelink cannot build (Architecture.mtp_refused) refuses method "mtp"
+    at configuration, naming the field and the reason; the other methods still run."""
+    from dataclasses import replace
+
+    from moelink.engine.config import speculative
+    from moelink.engine.config.speculative import SpeculativeConfig
+
+    arch = "HYV4ForCausalLM"
+    monkeypatch.setitem(speculative.REGISTRY, arch, replace(speculative.REGISTRY[arch], mtp_layers=False,
+                                                            mtp_refused="its module is unknown."))
+    with pytest.raises(ValueError, match=r"^speculative_config\.method='mtp' is not supported for HYV4ForCausalLM: "
+                                         r"its module is unknown\. Use method 'ngram'"):
+        SpeculativeConfig(method="mtp", num_speculative_tokens=2).check_model(1, arch)
+    SpeculativeConfig(method="ngram", num_speculative_tokens=2, prompt_lookup_max=2).check_model(1, arch)
 
 
 def test_architecture_mtp_fields_are_validated():
@@ -189,7 +253,7 @@ def test_dummy_weights_run_the_mtp_module(checkpoints, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", list(FAMILIES))
+@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid"])
 def test_greedy_with_mtp_drafts_equals_transformers_with_prefix_hits(checkpoints, arch):
     """Bigram module, k = 2, prompts of 1-150 tokens in 64-token steps with preemption, then every prompt again
     (prefix-cache hits; Ling's KDA states from state checkpoints): greedy equals transformers' own (float64), and
@@ -209,6 +273,24 @@ def test_greedy_with_mtp_drafts_equals_transformers_with_prefix_hits(checkpoints
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("arch", ["hy_v4", "glm5_next"])
+def test_hy_v4_and_glm5_next_mtp_with_prefix_hits_equal_plain_decoding(checkpoints, plain, arch):
+    """The prompts twice on one engine with MTP drafts (k = 2; GLM-5.3's KDA states from state checkpoints the
+    second time): both passes equal plain decoding, the second hits the prefix cache, every block and slot comes
+    back."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, detokenize=False)
+    with LLM(checkpoints(arch, "bigram"), dtype="float32", max_model_len=256, max_num_batched_tokens=32,
+             num_kv_blocks=64, block_size=4, num_state_checkpoints=10,
+             speculative_config={"method": "mtp", "num_speculative_tokens": 2}) as llm:
+        for _ in range(2):
+            outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == plain(arch, "bigram")
+        stats = llm.engine.stats()
+        assert stats.prefix_cache_hits > 0 and stats.spec_decode.num_accepted_tokens > 0
+        assert_pool_free(llm)
+
+
+@pytest.mark.slow
 def test_longcat_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
     """config.json names no count, so a LongCat checkpoint counts one module (vLLM's rule); one saved without it is
     refused when the drafter loads, naming the first missing tensor."""
@@ -216,5 +298,17 @@ def test_longcat_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
     assert ModelConfig.from_pretrained(str(path)).num_nextn_predict_layers == 1
     with pytest.raises(ValueError, match=r"is missing MTP tensor 'model\.mtp\.layers\.0\.eh_proj\.weight' \(and \d+ "
                                          r"more\): speculative method 'mtp' reads the whole MTP layer"):
+        LLM(str(path), dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+
+
+@pytest.mark.slow
+def test_hy_v4_without_its_mtp_module_is_refused_naming_the_tensor(tmp_path):
+    """Hy4's config names no count, so a checkpoint counts one module (vLLM's and RTP-LLM's default); one saved
+    without it is refused when the drafter loads, naming a missing tensor of model.mtp_layers.0."""
+    path = make_tiny_model(tmp_path / "plain", "hy_v4")
+    assert ModelConfig.from_pretrained(str(path)).num_nextn_predict_layers == 1
+    with pytest.raises(ValueError, match=r"is missing MTP tensor 'model\.mtp_layers\.0\.\S+' \(and \d+ more\): "
+                                         r"speculative method 'mtp' reads the whole MTP layer"):
         LLM(str(path), dtype="float32", max_model_len=128, num_kv_blocks=32, block_size=4,
             speculative_config={"method": "mtp", "num_speculative_tokens": 1})

@@ -2,11 +2,14 @@
 a random module (the family's tiny preset, `make_tiny_model(..., extra={"num_nextn_predict_layers": 1})`), and a
 "bigram" copy whose module guesses the main model's next token, so drafts are accepted often and rejected too.
 
-Ling hybrid (engine/models/bailing_hybrid/mtp.py) shares the main embedding and head, so its bigram is DeepSeek's
-(tests/helpers/mtp_checkpoints.py): the main layers' outputs scaled down (`main_scale`: every attention.dense and
-down_proj, KDA's and MLA's, dense and experts'), the main model's greedy token after x is nearly
-argmax(lm_head(norm(emb(x)))); the module computes that of its input token: eh_proj = [I | 0], enorm = 1, its dense
-and down_proj zero, final_layernorm the main model's final norm.
+Ling hybrid (engine/models/bailing_hybrid/mtp.py), Hy4 (engine/models/hy_v4/mtp.py) and GLM-5.3-Flash
+(engine/models/glm5_next/mtp.py) share the main embedding and head, so their bigram is DeepSeek's
+(tests/helpers/mtp_checkpoints.py, `bigram_shared_head_mtp`): the main layers' outputs scaled down (`main_scale`:
+every attention output projection and down_proj, linear attention's and MLA's, dense, shared and routed experts'),
+the main model's greedy token after x is nearly argmax(lm_head(norm(emb(x)))) (Hy4's and GLM-5.3's hyper-connection
+streams then all carry about emb(x), and their collapse, a positive mix of them, normalises to the same state); the
+module computes that of its input token: eh_proj = [I | 0], enorm = 1, its output projections zero, its final norm
+the main model's.
 
 LongCat-Flash's bigram (engine/models/longcat_flash/mtp.py): with the main layers' attention outputs scaled down (`main_scale`, every o_proj: attention is the only
 part of a layer that mixes positions; the MLPs, the experts and the zero-computation ones act per token), the main
@@ -36,31 +39,62 @@ def make_family_mtp(out: Path, arch: str, seed: int = 0) -> Path:
     return make_tiny_model(out, arch, seed=seed, extra={"num_nextn_predict_layers": 1})
 
 
-def bigram_ling_mtp(src: Path, dst: Path, main_scale: float = 0.02, mtp_scale: float = 0.0) -> Path:
-    """A copy of the Ling hybrid checkpoint `src` whose MTP module guesses the main model's next token."""
+def bigram_shared_head_mtp(src: Path, dst: Path, *, outputs: tuple[str, ...], main_norm: str, eh_proj: str,
+                           enorm: str, final_norm: str, main_scale: float = 0.02, mtp_scale: float = 0.0) -> Path:
+    """A copy of the checkpoint `src` (model.safetensors + mtp.safetensors) whose MTP module guesses the main model's
+    next token (module docstring): tensors ending with one of `outputs` scaled by `main_scale` in the main model and
+    `mtp_scale` in the module; the module's `eh_proj` [I | mtp_scale * W_h], `enorm` 1, `final_norm` the main
+    model's `main_norm`."""
     dst = Path(dst)
     shutil.copytree(src, dst)
-    L = json.loads((dst / "config.json").read_text())["num_hidden_layers"]
-    p = f"model.layers.{L}."
     main = load_file(dst / "model.safetensors")
-    norm = main["model.norm.weight"]
+    norm = main[main_norm]
     for name, t in main.items():
-        if name.endswith(("attention.dense.weight", "down_proj.weight")):
+        if name.endswith(outputs):
             main[name] = t * main_scale
     save_file(main, str(dst / "model.safetensors"), metadata={"format": "pt"})
     mtp = load_file(dst / "mtp.safetensors")
     for name, t in mtp.items():
-        if name.endswith(("attention.dense.weight", "down_proj.weight")):
+        if name.endswith(outputs):
             mtp[name] = t * mtp_scale
-        elif name == p + "eh_proj.weight":
+        elif name == eh_proj:
             D = t.shape[0]
             mtp[name] = torch.cat([torch.eye(D, dtype=t.dtype), mtp_scale * t[:, D:]], dim=1)
-        elif name == p + "enorm.weight":
+        elif name == enorm:
             mtp[name] = torch.ones_like(t)
-        elif name == p + "final_layernorm.weight":
+        elif name == final_norm:
             mtp[name] = norm.clone()
     save_file(mtp, str(dst / "mtp.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+def bigram_ling_mtp(src: Path, dst: Path, main_scale: float = 0.02, mtp_scale: float = 0.0) -> Path:
+    """A copy of the Ling hybrid checkpoint `src` whose MTP module guesses the main model's next token."""
+    L = json.loads((Path(src) / "config.json").read_text())["num_hidden_layers"]
+    p = f"model.layers.{L}."
+    return bigram_shared_head_mtp(src, dst, outputs=("attention.dense.weight", "down_proj.weight"),
+                                  main_norm="model.norm.weight", eh_proj=p + "eh_proj.weight", enorm=p + "enorm.weight",
+                                  final_norm=p + "final_layernorm.weight", main_scale=main_scale, mtp_scale=mtp_scale)
+
+
+def bigram_hy_v4_mtp(src: Path, dst: Path, main_scale: float = 0.02, mtp_scale: float = 0.0) -> Path:
+    """A copy of the Hy4 checkpoint `src` whose MTP module guesses the main model's next token (the routed experts'
+    fused down_proj scaled too)."""
+    from moelink.engine.models.hy_v4.mtp import PREFIX as p
+
+    return bigram_shared_head_mtp(src, dst, outputs=("o_proj.weight", "down_proj.weight", "experts.down_proj"),
+                                  main_norm="model.norm.weight", eh_proj=p + "eh_proj.weight", enorm=p + "enorm.weight",
+                                  final_norm=p + "final_layernorm.weight", main_scale=main_scale, mtp_scale=mtp_scale)
+
+
+def bigram_glm5_next_mtp(src: Path, dst: Path, main_scale: float = 0.02, mtp_scale: float = 0.0) -> Path:
+    """A copy of the GLM-5.3-Flash checkpoint `src` whose MTP module guesses the main model's next token."""
+    L = json.loads((Path(src) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    p = f"model.language_model.layers.{L}."
+    return bigram_shared_head_mtp(src, dst, outputs=("o_proj.weight", "down_proj.weight"),
+                                  main_norm="model.language_model.norm.weight", eh_proj=p + "eh_proj.weight",
+                                  enorm=p + "enorm.weight", final_norm=p + "shared_head.norm.weight",
+                                  main_scale=main_scale, mtp_scale=mtp_scale)
 
 
 def bigram_longcat_mtp(src: Path, dst: Path, main_scale: float = 0.05, mtp_scale: float = 0.0) -> Path:
@@ -93,4 +127,5 @@ def bigram_longcat_mtp(src: Path, dst: Path, main_scale: float = 0.05, mtp_scale
     return dst
 
 
-__all__ = ["VOCAB", "bigram_ling_mtp", "bigram_longcat_mtp", "make_family_mtp"]
+__all__ = ["VOCAB", "bigram_glm5_next_mtp", "bigram_hy_v4_mtp", "bigram_ling_mtp", "bigram_longcat_mtp",
+           "bigram_shared_head_mtp", "make_family_mtp"]

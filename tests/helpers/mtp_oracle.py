@@ -18,7 +18,8 @@ CPU = torch.device("cpu")
 class MTPOracle:
     """The main model and MTP layer of a checkpoint (float64, reference kernels), run from scratch per question.
     `hf_states`: the main model's final-normed states from transformers' own model instead of the engine's (a hybrid
-    model: the engine's linear-attention layers need the state pool this oracle does not build)."""
+    model: the engine's linear-attention layers need the state pool this oracle does not build; DeepSeek Sparse
+    Attention models, whose definition is transformers' forward without a cache)."""
 
     def __init__(self, path: str, hf_states: bool = False):
         self.cfg = ModelConfig.from_pretrained(path, "float64")
@@ -26,10 +27,9 @@ class MTPOracle:
         self.mtp = load_mtp_layer(self.cfg, self.model, ReferenceKernels(), CPU)
         self.hf = None
         if hf_states:
-            from transformers import AutoModelForCausalLM
+            from tests.helpers.parity import _hf_model
 
-            self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64,
-                                                           experts_implementation="eager").eval()
+            self.hf = _hf_model(path)  # AutoModelForCausalLM's, or a multimodal checkpoint's own class
 
     def _states(self, ids: torch.Tensor) -> torch.Tensor:
         if self.hf is not None:

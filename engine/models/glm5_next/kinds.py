@@ -42,3 +42,4 @@ class MeanHyperHeadBlock(Head):
 
 
 __all__ = ["MeanHyperHeadBlock"]
+from . import mtp  # noqa: E402,F401  (registers the MTP layout "glm5_next")

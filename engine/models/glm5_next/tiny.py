@@ -8,7 +8,9 @@ its own incomplete one, so prompts past 11 tokens are sparse; 16 index heads kee
 sharing layer 1's selection; 4 hyper-connection streams; a dense first layer, then 8 routed experts in 2 groups
 (top-2 of the best group) and a shared one. What transformers initialises to constants (norm weights, the correction
 bias, the hyper-connections' base and scale, the forget gate's A_log, the indexer's pool table and gate) is drawn,
-so a weight loaded into the wrong place shows.
+so a weight loaded into the wrong place shows. With num_nextn_predict_layers=1 its MTP layer too (mtp.py), in the
+published names (model.language_model.layers.6.*) shaped as layer 4 (a full indexer, routed) with no hyper-connection
+tensors.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-from ...tools.tiny_families import TinyArch, build_hf_model, preset_config, save_model
+from ...tools.tiny_families import TinyArch, build_hf_model, preset_config, save_model, write_mtp_module
 
 _TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32, patch_size=4,
                     temporal_patch_size=2, spatial_merge_size=2)
@@ -49,9 +51,20 @@ def tiny_model(cfg, seed: int = 0):
 
 def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapping) -> str:
     """TinyArch.write: the tiny model with `overrides` (text_config fields), saved in `dtype` with the tiny
-    tokenizer."""
-    cfg = preset_config(PRESET, **overrides)
-    return save_model(tiny_model(cfg, seed), out, cfg, dtype)
+    tokenizer; with num_nextn_predict_layers=1 its MTP layer, drawn (write_mtp_module), and the count in
+    text_config."""
+    n = overrides.get("num_nextn_predict_layers", 0)
+    cfg = preset_config(PRESET, **{k: v for k, v in overrides.items() if k != "num_nextn_predict_layers"})
+    path = save_model(tiny_model(cfg, seed), out, cfg, dtype)
+    if n:
+        text = cfg.text_config
+        if n != 1:
+            raise ValueError(f"num_nextn_predict_layers={n!r}: the tiny GLM-5.3-Flash writes one MTP layer (0 or 1).")
+        p = "model.language_model.layers."
+        write_mtp_module(out, f"{p}{text.num_hidden_layers - 2}.", f"{p}{text.num_hidden_layers}.",
+                         {"enorm.weight": "norm", "hnorm.weight": "norm", "shared_head.norm.weight": "norm",
+                          "eh_proj.weight": "eh_proj"}, seed=seed, skip=("hc_",), count_in="text_config")
+    return path
 
 
 ARCHS = {

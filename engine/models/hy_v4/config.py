@@ -22,21 +22,14 @@ ALIASES = (
     *((f"hc_head.hc_{p}", f"hc_pre.hc_head.hc_head_{p}") for p in ("fn", "base", "scale")),
 )
 
-# Speculative method "mtp" (engine/config/speculative.py names this reason): the release ships an MTP module, but the
-# locked transformers shows only its prefix, so moelink builds none rather than guess its structure.
-_MTP_REFUSED = ("its MTP module (model.mtp_layers.*) is not built by transformers 5.24 (HYV4ForCausalLM ignores "
-                "model.mtp_layers.* and HYV4Config names no count), so how it meets the main model's hyper-connection "
-                "streams (which state it conditions on, whether it keeps its own hc_pre / hc_head) is unknown; "
-                "moelink does not guess it.")
-
 ARCHITECTURES = (
     # Hy4 (reader.py): MLA + DSA with sinks and an element-wise output gate, independent hyper-connections (kinds.py's
     # residual "independent_hyper" and head "hc_head_rms"; DeepSeek-V4's "hc_streams" embedding), mlp_layer_types'
-    # dense MLPs and routed experts (fused gate_up_proj as saved) with shared experts; the MTP layers
-    # (model.mtp_layers.*, which transformers does not load either) are not read.
+    # dense MLPs and routed experts (fused gate_up_proj as saved) with shared experts; its MTP module
+    # (model.mtp_layers.0.*, which transformers does not load) is read by speculative method "mtp" only, in the layout
+    # "hy_v4" (mtp.py: vLLM's and SGLang's structure); config.json's num_nextn_predict_layers, else one (vLLM's rule).
     Architecture("HYV4ForCausalLM",
                  ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ, residual="independent_hyper",
-                          embedding="hc_streams", head="hc_head_rms", unread_prefixes=("model.mtp_layers.",),
-                          weight_aliases=ALIASES),
-                 model_type="hy_v4", mtp_refused=_MTP_REFUSED),
+                          embedding="hc_streams", head="hc_head_rms", weight_aliases=ALIASES),
+                 model_type="hy_v4", mtp_layers=True, mtp_layout="hy_v4", mtp_unstated=1),
 )

@@ -69,3 +69,4 @@ class HyperHeadRMS(Head):
 
 
 __all__ = ["HyperHeadRMS", "IndependentHyperLayer"]
+from . import mtp  # noqa: E402,F401  (registers the MTP layout "hy_v4")

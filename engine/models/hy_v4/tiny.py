@@ -9,7 +9,9 @@ indexer's 16 heads of 12 (its rope on the last 8 of each), index_topk 12, so pro
 note); 4 hyper-connection streams with hc_magnitude 1.5; 10 experts, top-3, one shared, the SwiGLU clamped at 0.5 (a
 limit the tiny activations cross). Constants transformers initialises (norm weights, the indexer's LayerNorm, the
 correction bias: tiny_families._randomize_constants; the sinks and the hyper-connections' scales and biases here) are
-drawn, so a weight loaded into the wrong place shows.
+drawn, so a weight loaded into the wrong place shows. With num_nextn_predict_layers=1 its MTP module too (mtp.py), in
+the published names (model.mtp_layers.0.*) shaped as layer 1 (a full indexer, routed) with no hyper-connection
+tensors.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from typing import Mapping
 
 import torch
 
-from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, build_hf_model, save_model
+from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, build_hf_model, save_model, write_mtp_module
 
 ARCH = "HYV4ForCausalLM"
+MTP_PREFIX = "model.mtp_layers.0."  # mtp.PREFIX (a tool does not import the model: tests check the two agree)
 FIELDS = dict(
     hidden_size=48, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
     q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=10,
@@ -54,9 +57,21 @@ def tiny_model(cfg, seed: int = 0):
 
 
 def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapping) -> str:
-    """TinyArch.write: the tiny model with `overrides`, saved in `dtype` with the tiny tokenizer."""
-    cfg = tiny_config(VOCAB, MAX_POS, **overrides)
-    return save_model(tiny_model(cfg, seed), out, cfg, dtype)
+    """TinyArch.write: the tiny model with `overrides`, saved in `dtype` with the tiny tokenizer; with
+    num_nextn_predict_layers=1 its MTP module, drawn (write_mtp_module), and the count in config.json."""
+    n = overrides.get("num_nextn_predict_layers", 0)
+    cfg = tiny_config(VOCAB, MAX_POS, **{k: v for k, v in overrides.items() if k != "num_nextn_predict_layers"})
+    path = save_model(tiny_model(cfg, seed), out, cfg, dtype)
+    if n:
+        if n != 1:
+            raise ValueError(f"num_nextn_predict_layers={n!r}: the tiny Hy4 writes one MTP module (0 or 1).")
+        # The template: a layer that runs an indexer of its own and routed experts, as the module does.
+        j = next(i for i, (it, mt) in enumerate(zip(cfg.indexer_types, cfg.mlp_layer_types))
+                 if it == "full" and mt == "sparse")
+        write_mtp_module(out, f"model.layers.{j}.", MTP_PREFIX,
+                         {"enorm.weight": "norm", "hnorm.weight": "norm", "final_layernorm.weight": "norm",
+                          "eh_proj.weight": "eh_proj"}, seed=seed, skip=("hc_pre.",))
+    return path
 
 
 ARCHS = {
@@ -65,4 +80,4 @@ ARCHS = {
                       format_fields={"fp8": {"index_head_dim": 16}}),
 }
 
-__all__ = ["ARCH", "ARCHS", "FIELDS", "tiny_config", "tiny_model", "write"]
+__all__ = ["ARCH", "ARCHS", "FIELDS", "MTP_PREFIX", "tiny_config", "tiny_model", "write"]
