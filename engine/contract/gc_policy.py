@@ -30,19 +30,19 @@ _lock = threading.RLock()
 _holders: set[int] = set()
 
 
-def freeze_heap(holder: object | None = None) -> int:
+def freeze_heap(holder: object | None = None) -> None:
     """Collect, then freeze every object alive now. `holder` (an engine) keeps the heap frozen until it calls
-    `thaw_heap`; without one (a worker process's own start-up) the freeze lasts for the process. Returns how
-    many objects are frozen."""
+    `thaw_heap`; without one (a worker process's own start-up) the freeze lasts for the process."""
     # Collect outside the lock: finalizers of dead engines run here and take the lock themselves.
     gc.collect()
     with _lock:
         gc.freeze()
         if holder is not None:
             _holders.add(id(holder))
-        n = gc.get_freeze_count()
-    logger.debug("gc: %d start-up objects frozen", n)
-    return n
+    # Counted only for the debug log: gc.get_freeze_count() walks the whole permanent generation (CPython keeps no
+    # count), 20-50 ms with torch and transformers imported, paid at every engine start otherwise.
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("gc: %d start-up objects frozen", gc.get_freeze_count())
 
 
 def thaw_heap(holder: object) -> None:
