@@ -18,6 +18,7 @@ the ones described (another Triton version), or without TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import threading
 
@@ -60,6 +61,73 @@ def _memo_np_dtype(interp) -> None:
 
     get_np_dtype._moelink_fast = True
     interp._get_np_dtype = get_np_dtype
+
+
+def _cheap_types(core) -> None:
+    """Two per-op costs of the interpreter's type objects, made lazy or memoized (~15 % of an interpreter engine
+    test, py-spy, Triton 3.9): every block type formats its name (`f'<{shape}, {element_ty}>'`: a tuple and a
+    dtype to text) and checks its shape, and every tensor's shape is a `tl.tuple` whose type is worked out per
+    element (`_type_for_tuple_values`), though the interpreter reads neither for most of them. Here a block type's
+    name is made when first read (then kept), the shape check's answer is memoized by shape (a bad shape still
+    raises, each time), and a `tl.tuple` built without a type gets it when first read: the same values as the
+    original's, computed from the same tuple. A tensor's shape constexprs and numel are made once per shape."""
+    block_type, ttuple = core.block_type, core.tuple
+    validate, unwrap, type_for = core.validate_block_shape, core._unwrap_shape, core._type_for_tuple_values
+    numel_of: dict[tuple, int] = {}
+
+    def block_init(self, element_ty, shape):
+        self.element_ty = element_ty
+        assert isinstance(shape, (list, tuple))
+        shape = tuple(unwrap(shape))
+        if not shape:
+            raise TypeError('0d block_type is forbidden')
+        self.shape = shape
+        numel = numel_of.get(shape)
+        if numel is None:
+            numel = numel_of[shape] = validate(shape)
+        self.numel = numel
+
+    def get_name(self):
+        name = self.__dict__.get("_moelink_name")
+        if name is None:
+            name = self.__dict__["_moelink_name"] = f'<{self.shape}, {self.element_ty}>'
+        return name
+
+    def set_name(self, value):
+        self.__dict__["_moelink_name"] = value
+
+    tuple_init = ttuple.__init__
+
+    def tuple_lazy_init(self, args, type=None):
+        if type is not None:
+            return tuple_init(self, args, type)
+        self.values = [i for i in args]
+
+    def get_type(self):
+        found = self.__dict__.get("_moelink_type")
+        if found is None:
+            found = self.__dict__["_moelink_type"] = type_for(self.values)
+        return found
+
+    def set_type(self, value):
+        self.__dict__["_moelink_type"] = value
+
+    # A tensor's shape as constexprs and its numel, per shape (the original makes both anew for every tensor): the
+    # constexprs and the numel are shared (never changed in place), each tensor still gets a tuple of its own.
+    constexpr, tensor_shapes = core.constexpr, {}
+
+    def tensor_init(self, handle, type):
+        self.handle, self.type, self.dtype = handle, type, type.scalar
+        dims = type.shape if type.is_block() else ()
+        memo = tensor_shapes.get(dims)
+        if memo is None:
+            memo = tensor_shapes[dims] = ([constexpr(d) for d in dims], constexpr(math.prod(dims)))
+        self.shape, self.numel = ttuple(memo[0]), memo[1]
+
+    block_init._moelink_fast = True
+    block_type.__init__, block_type.name = block_init, property(get_name, set_name)
+    ttuple.__init__, ttuple.type = tuple_lazy_init, property(get_type, set_type)
+    core.tensor.__init__ = tensor_init
 
 
 def install() -> bool:
@@ -106,6 +174,13 @@ def install() -> bool:
     executor.__call__, function.__call__ = launch_call, helper_call
     if callable(getattr(interp, "_get_np_dtype", None)) and hasattr(getattr(interp, "tl", None), "block_type"):
         _memo_np_dtype(interp)
+    core = tl.core
+    if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
+                                                       "_type_for_tuple_values", "block_type", "tuple",
+                                                       "tensor", "constexpr")) \
+            and not getattr(core.block_type.__init__, "_moelink_fast", False) \
+            and "name" not in vars(core.block_type) and "type" not in vars(core.tuple):
+        _cheap_types(core)
     return True
 
 
