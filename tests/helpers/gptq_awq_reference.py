@@ -6,7 +6,8 @@ GPTQ (AutoGPTQ `Quantizer.find_params`, then `QuantLinear.pack`): per group of G
 xmax = max(max w, 0); symmetric: xmax = max(|xmin|, xmax), xmin = -xmax if xmin < 0, zero 8; an all-zero range is
 [-1, 1]; scale = (xmax - xmin) / 15; asymmetric zero = round(-xmin / scale); q = clamp(round(w / scale) + zero, 0, 15).
 qweight [K/8, N]: bits 4j of word r hold input channel 8r + j; qzeros [K/G, N/8] (stored zero - 1: checkpoint_format
-"gptq"; a zero of 0 has no such code and is raised to 1) hold output channel 8c + j at bits 4j; scales float16 [K/G, N]; g_idx [K] = k // G.
+"gptq"; a zero of 0 has no such code and is raised to 1) hold output channel 8c + j at bits 4j; scales float16
+[K/G, N]; g_idx [K] = k // G.
 AWQ (AutoAWQ `pseudo_quantize_tensor`, then `WQLinear_GEMM.from_linear`): scale = max(max w - min w, 1e-5) / 15,
 zero = clamp(-round(min w / scale), 0, 15); qweight [K, N/8] and qzeros [K/G, N/8] hold output channel
 8c + [0, 2, 4, 6, 1, 3, 5, 7][j] at bits 4j; scales float16 [K/G, N]. Integers from the float32 scale."""
