@@ -1,10 +1,11 @@
-"""A trainer's float weights into a GPTQ (symmetric, asymmetric v1) or AWQ INT4 deployment (engine/config/
-requantize_gptq_awq.py; docs/rl.md): round-to-nearest per served group with the format's own conventions. Two float
-DeepSeek-V3 checkpoints A and B, each written in the served layout offline by the plain-torch reference writer
-(tests/helpers/gptq_awq_reference.py); the engine serving A takes every tensor of float B under the float checkpoint's
-names, by update_weights_from_tensor and by a gloo broadcast (each rank quantizes), and then gives exactly the tokens and
-logprobs of an engine started on B's offline checkpoint; the packed tensors the update writes equal the offline
-writer's bitwise. A tensor the format cannot encode (NaN, another shape) is refused before any rank writes."""
+"""A trainer's float weights into a GPTQ (symmetric with every projection INT4, asymmetric v1 with the routed experts)
+or AWQ INT4 deployment (engine/config/requantize_gptq_awq.py; docs/rl.md): round-to-nearest per served group with
+the format's own conventions. Two float DeepSeek-V3 checkpoints A and B, each written in the served layout offline by
+the plain-torch reference writer (tests/helpers/gptq_awq_reference.py); the engine serving A takes every tensor of
+float B under the float checkpoint's names, by update_weights_from_tensor and by a gloo broadcast (each rank
+quantizes), and then gives exactly the tokens and logprobs of an engine started on B's offline checkpoint; the packed
+tensors the update writes equal the offline writer's bitwise. A tensor the format cannot encode (NaN, another shape)
+is refused before any rank writes."""
 from __future__ import annotations
 
 import pytest
@@ -36,10 +37,10 @@ def test_float_weights_requantized_into_gptq_awq_equal_the_offline_checkpoint(tm
 
     w = dict(new)[NAME]
     layout = fmt[:4]
-    with pytest.raises(ValueError, match=rf"'{NAME}' has shape \[{w.shape[0]}, {w.shape[1] + 1}\]: the served "
-                                         rf"{layout} weight takes a float tensor of shape \[{w.shape[0]}, {w.shape[1]}\]"):
-        llm.update_weights_from_tensor([(n, torch.zeros(w.shape[0], w.shape[1] + 1) if n == NAME else t)
-                                        for n, t in new])
+    n, k = w.shape
+    with pytest.raises(ValueError, match=rf"'{NAME}' has shape \[{n}, {k + 1}\]: the served {layout} weight takes "
+                                         rf"a float tensor of shape \[{n}, {k}\]"):
+        llm.update_weights_from_tensor([(m, torch.zeros(n, k + 1) if m == NAME else t) for m, t in new])
     nan = w.clone()
     nan[3, 5] = float("nan")
     with pytest.raises(ValueError, match=rf"'{NAME}' holds NaN or inf: the served {layout} weight cannot encode"):
@@ -48,10 +49,10 @@ def test_float_weights_requantized_into_gptq_awq_equal_the_offline_checkpoint(tm
 
     cfg = llm.engine.config.model  # the driver's re-quantized tensors are the offline writer's, bitwise
     made, offline = check_named_tensors(cfg, cfg.model, new), _tensors(qb)
-    packed = [n for n in made if n.endswith((".qweight", ".qzeros", ".scales"))]
-    assert len(packed) == sum(n.endswith((".qweight", ".qzeros", ".scales")) for n in offline) > 0
-    for n in packed:
-        assert made[n].dtype == offline[n].dtype and torch.equal(made[n], offline[n]), n
+    packed = [m for m in made if m.endswith((".qweight", ".qzeros", ".scales"))]
+    assert len(packed) == sum(m.endswith((".qweight", ".qzeros", ".scales")) for m in offline) > 0
+    for m in packed:
+        assert made[m].dtype == offline[m].dtype and torch.equal(made[m], offline[m]), m
 
     llm.update_weights_from_tensor(new)
     assert run(llm, ps) == want  # tokens and logprobs, bitwise

@@ -43,7 +43,7 @@ def quantized_pair(fmt: str, tmp: Path) -> tuple[str, str, str]:
             from tests.helpers.int4_checkpoints import save_tiny as save_int4
 
             src = save_int4(tmp / f"f{seed}", "dsv3", seed)
-            q = rtn_checkpoint(src, tmp / f"q{seed}", fmt[:4], fmt == "gptq", 32)
+            q = rtn_checkpoint(src, tmp / f"q{seed}", fmt[:4], fmt == "gptq", 32, "all" if fmt == "gptq" else "experts")
         else:  # Kimi K2's recipe: DeepSeek-V3's routed experts, symmetric, group 32
             from tests.helpers.int4_checkpoints import int4_checkpoint, save_tiny as save_int4
 

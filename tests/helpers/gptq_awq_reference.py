@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moelink.engine.tools.tiny_formats import EXPERT, rewrite_checkpoint
+from moelink.engine.tools.tiny_formats import EXPERT, LINEAR, rewrite_checkpoint
 
 _AWQ_SLOTS = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -79,12 +79,15 @@ def rtn_quantize(w: torch.Tensor, layout: str, symmetric: bool, group: int) -> d
     return out
 
 
-def rtn_checkpoint(src: str, out: Path, layout: str, symmetric: bool = True, group: int = 32) -> str:
-    """Float checkpoint `src` with its routed experts written in GPTQ's or AWQ's layout by rtn_quantize."""
+def rtn_checkpoint(src: str, out: Path, layout: str, symmetric: bool = True, group: int = 32,
+                   scope: str = "experts") -> str:
+    """Float checkpoint `src` with its routed experts (scope "experts") or every projection ("all": attention, dense
+    and shared MLPs too, as GPTQ / AWQ releases quantize them; the router and lm_head stay float) written in GPTQ's or
+    AWQ's layout by rtn_quantize."""
     def tensors(ts: dict) -> dict:
         new = {}
         for name, t in ts.items():
-            if EXPERT.search(name):
+            if EXPERT.search(name) or (scope == "all" and LINEAR.search(name)):
                 base = name[: -len("weight")]
                 new.update({base + p: v for p, v in rtn_quantize(t, layout, symmetric, group).items()})
             else:
