@@ -71,3 +71,37 @@ def test_float_weights_requantized_into_gptq_awq_equal_the_offline_checkpoint(tm
         trainer.done.set()
         trainer.join(30.0)
     assert trainer.error is None
+
+
+@pytest.mark.parametrize("layout,symmetric", [("gptq", True), ("gptq", False), ("awq", False)])
+def test_re_quantized_tensors_read_back_by_the_loader_within_a_step(layout, symmetric):
+    """What a re-quantized GPTQ / AWQ weight means, read by the loader's own unpacking (kernels/int4.py, checked against
+    compressed-tensors in tests/engine/test_int4_checkpoint.py): within half a scale step of the float weight (and the
+    float16 scale's rounding) wherever a group has values of both signs, so the packing order, the v1 zero offset
+    and the group of each value are the loader's. Rows 8-16 hold a group with no negative value: there the
+    libraries' own rules clamp the top (GPTQ symmetric keeps zero 8 and scale max / 15, so values above 7 steps
+    reach code 15 only; GPTQ v1's zero 0 is raised to 1; AWQ's rounded zero shifts the grid by up to half a step). A
+    group of zeros dequantizes to zeros."""
+    from moelink.engine.config.quantization_int4 import Int4Config
+    from moelink.engine.config.requantize import requantizable, requantize
+    from moelink.kernels.int4 import awq_to_rows, gptq_qweight_rows, gptq_zeros_rows, int4_dequantize
+
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w[:8, :32] = 0.0
+    w[8:16, 32:] = w[8:16, 32:].abs()
+    words = (8, 24) if layout == "gptq" else (64, 3)  # qweight [K/8, N] or [K, N/8]
+    served = {"x.qweight": ("I32", words), "x.qzeros": ("I32", (2, 3)), "x.scales": ("F16", (2, 24))}
+    spec = requantizable(Int4Config(32, symmetric, layout, gptq_v1=True), served)["x.weight"]
+    assert spec.shape == (24, 64)
+    out = requantize("x.weight", spec, w)
+    q, z, s = out["x.qweight"], out["x.qzeros"], out["x.scales"].transpose(0, 1).float()
+    if layout == "gptq":
+        q, z = gptq_qweight_rows(q), gptq_zeros_rows(z, True)
+    else:
+        q, z = awq_to_rows(q, pack=True), awq_to_rows(z, pack=False)
+    deq = int4_dequantize(q, s, z, torch.float64)
+    steps = (deq - w).abs() / s.repeat_interleave(32, dim=1).double()
+    both_signs = torch.cat([steps[:8], steps[16:]])
+    assert both_signs.max() <= 0.5 + 8 * 2**-11  # half a step, and 7.5 steps times the float16 scale's rounding
+    assert steps[8:16].max() <= (8.0 if symmetric else 1.0) + 16 * 2**-11  # up to 15 steps times that rounding
+    assert torch.equal(deq[:8, :32], torch.zeros(8, 32, dtype=torch.float64))
