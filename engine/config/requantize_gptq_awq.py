@@ -1,8 +1,8 @@
 """A trainer's float weight re-quantized into a served GPTQ or AWQ INT4 layout (config/requantize.py; docs/rl.md).
 
 Round-to-nearest per served group with each format's own scale / zero conventions, not GPTQ's Hessian-based error
-feedback nor AWQ's activation-aware scale search: both need calibration activations and a pass over the layer (seconds
-to minutes a layer), while a trainer's update must land in the time of a copy, bucket by bucket, on every rank's own
+feedback nor AWQ's activation-aware scale search: both need calibration activations and a pass over each layer
+with them, while a trainer's update must land in the time of a copy, bucket by bucket, on every rank's own
 shard. What the integers mean is what the served checkpoint's kernels read, so the engine serves exactly the RTN
 weights below (a deployment loaded from a checkpoint written offline by the same rules gives the same tokens).
 
