@@ -10,9 +10,11 @@ broadcast it receives (the broadcast carries float; each rank quantizes what it 
 | MXFP4 experts (gpt-oss) | `X_blocks` U8 [E, N, K/32, 16], `X_scales` | `X` [E, K, N] (transformers' layout) | kernels/mxfp4.mxfp4_quantize (`moelink quantize-mxfp4`) |
 | NVFP4 (ModelOpt) | `B.weight` U8 [N, K/2], `B.weight_scale`, `B.weight_scale_2` | `B.weight` [N, K] | kernels/nvfp4.nvfp4_quantize (`--format nvfp4`) |
 | INT4 W4A16 (compressed-tensors) | `B.weight_packed` I32 [N, K/8], `B.weight_scale`, `B.weight_shape` (, `B.weight_zero_point`) | `B.weight` [N, K] | compressed-tensors (quantization_int4.compress_weight, `--format int4`) |
+| INT4 GPTQ | `B.qweight` I32 [K/8, N], `B.qzeros`, `B.scales` (`B.g_idx` kept) | `B.weight` [N, K] | RTN per served group, GPTQ's conventions (requantize_gptq_awq.gptq_quantize) |
+| INT4 AWQ (GEMM) | `B.qweight` I32 [K, N/8] in AWQ's order, `B.qzeros`, `B.scales` | `B.weight` [N, K] | RTN per served group, AWQ's conventions (requantize_gptq_awq.awq_quantize) |
 
-NVFP4's `input_scale` (a static activation scale, not applied by W4A16) keeps its served value. GPTQ and AWQ INT4
-layouts are not re-quantized (their tensors are taken in their own format).
+NVFP4's `input_scale` (a static activation scale, not applied by W4A16) keeps its served value. GPTQ and AWQ are
+re-quantized round-to-nearest (no calibration data reaches a rollout engine; requantize_gptq_awq.py says why).
 """
 from __future__ import annotations
 
@@ -25,18 +27,19 @@ from moelink.kernels.mxfp4 import mxfp4_quantize
 from moelink.kernels.nvfp4 import nvfp4_quantize
 
 from .quantization_int4 import compress_weight
+from .requantize_gptq_awq import awq_quantize, gptq_quantize
 
 _FLOAT = {"F64", "F32", "F16", "BF16"}
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
-FORMATS = ("fp8", "mxfp4", "nvfp4", "int4")
+FORMATS = ("fp8", "mxfp4", "nvfp4", "int4", "gptq", "awq")
 
 
 @dataclass(frozen=True)
 class Requant:
     """How one float tensor a trainer sends becomes served tensors: `fmt` (FORMATS), the float tensor's `shape`,
     the served tensors it makes, (name, safetensors dtype, shape) each, and the format's parameters (FP8's `block`,
-    INT4's `group` and `symmetric`)."""
+    INT4's `group` and `symmetric`, GPTQ's `gptq_v1`: zero points stored minus one)."""
 
     fmt: str
     shape: tuple[int, ...]
@@ -44,6 +47,7 @@ class Requant:
     block: tuple[int, int] = (128, 128)
     group: int = 32
     symmetric: bool = True
+    gptq_v1: bool = False
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -84,6 +88,14 @@ def requantizable(quantization, served: dict[str, tuple]) -> dict[str, Requant]:
                 "int4", (shape[0], shape[1] * 8), tuple((base + k, *served[base + k]) for k in parts
                                                         if base + k in served),
                 group=quantization.group_size, symmetric=quantization.symmetric))
+        elif (method == "int4" and getattr(quantization, "layout", None) in ("gptq", "awq")
+              and name.endswith(".qweight") and len(shape) == 2 and name[:-7] + "scales" in served):
+            base, layout = name[: -len("qweight")], quantization.layout
+            n, k = (shape[1], shape[0] * 8) if layout == "gptq" else (shape[1] * 8, shape[0])
+            spec = (base + "weight", Requant(
+                layout, (n, k), tuple((base + p, *served[base + p]) for p in ("qweight", "qzeros", "scales")
+                                      if base + p in served),
+                group=quantization.group_size, symmetric=quantization.symmetric, gptq_v1=quantization.gptq_v1))
         if spec is not None:
             out[spec[0]] = spec[1]
     return out
@@ -107,6 +119,12 @@ def requantize(name: str, spec: Requant, w: torch.Tensor) -> dict[str, torch.Ten
             made = dict(zip(spec.names, mxfp4_quantize(w.transpose(1, 2))))
         elif spec.fmt == "nvfp4":
             made = dict(zip(spec.names, nvfp4_quantize(w)))
+        elif spec.fmt in ("gptq", "awq"):
+            base = spec.names[0][: -len("qweight")]
+            scale_dtype = _DTYPES[dict((n[len(base):], d) for n, d, _ in spec.outputs)["scales"]]
+            made = (gptq_quantize(w, spec.group, spec.symmetric, spec.gptq_v1, scale_dtype) if spec.fmt == "gptq"
+                    else awq_quantize(w, spec.group, scale_dtype))
+            made = {base + k: v for k, v in made.items() if base + k in spec.names}
         else:
             scale_dtype = _DTYPES[dict((n[n.rindex(".") + 1:], d) for n, d, _ in spec.outputs)["weight_scale"]]
             base = spec.names[0][: -len("weight_packed")]

@@ -81,7 +81,7 @@ def check_named_tensors(cfg: ModelConfig, served_dir: str, named_tensors) -> dic
         if dtype not in _FLOAT_DTYPES and str(t.dtype) != str(_TORCH_NAMES.get(dtype)):
             raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}, the served one {dtype}: a quantized tensor is "
                              "updated in its own format, or sent in float under the float checkpoint's name "
-                             "(re-quantized: FP8 block-scaled, MXFP4, NVFP4, compressed-tensors INT4).")
+                             "(re-quantized: FP8 block-scaled, MXFP4, NVFP4, INT4 (compressed-tensors, GPTQ, AWQ)).")
         if dtype in _FLOAT_DTYPES and not t.is_floating_point():
             raise ValueError(f"named_tensors[{i}] {name!r} is {t.dtype}: the served one is float ({dtype}).")
         if dtype in _FLOAT_DTYPES and not bool(torch.isfinite(t).all()):  # host sync: checked before any rank writes
@@ -215,6 +215,6 @@ def check_tensor_specs(cfg: ModelConfig, served_dir: str, names, dtypes, shapes)
         if sdtype not in _FLOAT_DTYPES and str(dtype) != _TORCH_NAMES.get(sdtype):
             raise ValueError(f"dtypes[{i}]={dt!r} is invalid: tensor {name!r} is {sdtype} in the served checkpoint (a "
                              "quantized tensor is updated in its own format, or sent in float under the float "
-                             "checkpoint's name: FP8 block-scaled, MXFP4, NVFP4, compressed-tensors INT4).")
+                             "checkpoint's name: FP8 block-scaled, MXFP4, NVFP4, INT4 (compressed-tensors, GPTQ, AWQ)).")
         out.append((name, dtype, tuple(shape)))
     return tuple(out), tuple(requantized)

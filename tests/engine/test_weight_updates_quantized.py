@@ -38,6 +38,12 @@ def quantized_pair(fmt: str, tmp: Path) -> tuple[str, str, str]:
 
             src = save_nvfp4(tmp / f"f{seed}", "qwen3", seed)
             q = nvfp4_checkpoint(src, tmp / f"q{seed}")
+        elif fmt in ("gptq", "gptq_asym", "awq"):  # round-to-nearest by the plain-torch reference writer
+            from tests.helpers.gptq_awq_reference import rtn_checkpoint
+            from tests.helpers.int4_checkpoints import save_tiny as save_int4
+
+            src = save_int4(tmp / f"f{seed}", "dsv3", seed)
+            q = rtn_checkpoint(src, tmp / f"q{seed}", fmt[:4], fmt == "gptq", 32, "all" if fmt == "gptq" else "experts")
         else:  # Kimi K2's recipe: DeepSeek-V3's routed experts, symmetric, group 32
             from tests.helpers.int4_checkpoints import int4_checkpoint, save_tiny as save_int4
 

@@ -1,9 +1,10 @@
-"""A trainer's float weights into a quantized deployment at EP 2 (and INT4 at TP 2 x EP 2) on Ray (engine/config/requantize.py; docs/rl.md): the
+"""A trainer's float weights into a quantized deployment at EP 2 (and INT4, GPTQ, AWQ at TP 2 x EP 2) on Ray (engine/config/requantize.py; docs/rl.md): the
 trainer (a thread holding rank 0 of its own gloo group) broadcasts every tensor of float checkpoint B, under the float
 checkpoint's names; each Ray rank (group ranks 1 and 2) quantizes what it receives into the served format (gpt-oss's
-MXFP4 experts, ModelOpt's NVFP4, compressed-tensors INT4 as Kimi K2 ships it) and keeps its own experts. The tokens
-and logprobs then equal, bitwise, those of the same engine after update_weights_from_disk of B quantized by the
-format's own writer."""
+MXFP4 experts, ModelOpt's NVFP4, compressed-tensors INT4 as Kimi K2 ships it, GPTQ asymmetric and AWQ by
+round-to-nearest) and keeps its own experts. The tokens and logprobs then equal, bitwise, those of the same engine
+after update_weights_from_disk of B quantized by the format's own writer (GPTQ / AWQ: the plain-torch reference
+writer, tests/helpers/gptq_awq_reference.py)."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,8 @@ from tests.helpers.parity import prompts
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("fmt,tp,ep", [("mxfp4", 1, 2), ("nvfp4", 1, 2), ("int4", 1, 2), ("int4", 2, 2)])
+@pytest.mark.parametrize("fmt,tp,ep", [("mxfp4", 1, 2), ("nvfp4", 1, 2), ("int4", 1, 2), ("int4", 2, 2),
+                                       ("gptq_asym", 1, 2), ("gptq_asym", 2, 2), ("awq", 1, 2), ("awq", 2, 2)])
 def test_broadcast_requantized_equals_the_writers_checkpoint(local_ray, tmp_path, fmt, tp, ep):
     qa, qb, fb = quantized_pair(fmt, tmp_path)
     new = list(_tensors(fb).items())
