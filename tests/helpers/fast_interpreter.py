@@ -76,15 +76,17 @@ def _cheap_types(core) -> None:
     numel_of: dict[tuple, int] = {}
 
     def block_init(self, element_ty, shape):
+        # As the original: `tuple` in triton.language.core is its own tl.tuple, so the shape is one (of ints).
         self.element_ty = element_ty
-        assert isinstance(shape, (list, tuple))
-        shape = tuple(unwrap(shape))
+        assert isinstance(shape, (list, ttuple))
+        shape = ttuple(unwrap(shape))
         if not shape:
             raise TypeError('0d block_type is forbidden')
         self.shape = shape
-        numel = numel_of.get(shape)
+        key = tuple(shape.values)
+        numel = numel_of.get(key)
         if numel is None:
-            numel = numel_of[shape] = validate(shape)
+            numel = numel_of[key] = validate(shape)
         self.numel = numel
 
     def get_name(self):
@@ -118,7 +120,7 @@ def _cheap_types(core) -> None:
 
     def tensor_init(self, handle, type):
         self.handle, self.type, self.dtype = handle, type, type.scalar
-        dims = type.shape if type.is_block() else ()
+        dims = tuple(type.shape) if type.is_block() else ()
         memo = tensor_shapes.get(dims)
         if memo is None:
             memo = tensor_shapes[dims] = ([constexpr(d) for d in dims], constexpr(math.prod(dims)))
