@@ -12,6 +12,10 @@ positions (its rope delta recomputed from the images it carries).
   engine/kv_transfer/auth.salted_key), is recomputed with its own image and gives transformers' tokens for it; the
   decode side's prefix cache then holds both prompts' blocks apart;
 - a decode request whose ids hold placeholders but no images is refused naming the field;
+- a decode request as smg's PD mode sends it (ids and grids, no pixels) with the prefill's kv_transfer_params (their
+  mm_hashes: the prefill's own hashes) loads and gives transformers' tokens; with another image's hash it finds no
+  KV and ends with an error naming mm_hashes (never computed as text); without mm_hashes, with a hash count the grids
+  do not take, or with its last prompt token inside the image it is refused naming the field;
 - both engines end with every block free.
 
 Offload: the device evicts the prompt's blocks to the host tier; the same text with the other image misses there
