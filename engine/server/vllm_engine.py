@@ -34,7 +34,7 @@ from ..multimodal.spec import multimodal_architecture, published_model_type
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
-from .serving import Serving, abort_rpc, top_logprobs, wire_logprob
+from .serving import Serving, abort_rpc, top_logprobs, wire_logprob, wire_message
 from .gateway.quirks import streamed_abort_as_error
 from .gateway.lora_routes import adapter_of
 from .gateway.tool_calls import one_call
@@ -228,6 +228,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                             cached_tokens=out.num_cached_tokens, index=index,
                             output_logprobs=output_logprobs(comp.token_ids, comp.logprobs, params.logprobs),
                             input_logprobs=fresh)))
+                    if comp.finish_reason == "error" and processed.must_load:
+                        # A decode leg without pixels that cannot be served (its load failed, it was preempted:
+                        # scheduler/load_only.py): an error status naming why, not a completion a router would relay
+                        # as an answer.
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire_message(str(comp.stop_reason)))
                     if comp.finish_reason == "abort" and streamed_abort_as_error(request.stream,
                                                                                  self.s.registry.draining):
                         # Cut short by the shutdown: an error, not a last message (gateway/quirks.py
