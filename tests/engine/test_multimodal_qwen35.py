@@ -203,7 +203,8 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
     """VllmEngine.Generate with mm_inputs as smg 1.13 sends them (preprocessed pixel values, image_grid_thw, the
     placeholders expanded in tokenized.input_ids): the Python API's tokens; a video batch (modality VIDEO,
     video_grid_thw) in extra_mm_inputs beside the image's: transformers' tokens; mismatched grids, a second batch of
-    one modality and a PD decode leg without pixels (as smg's PD mode sends it) are refused naming the field."""
+    one modality and a PD decode leg without pixels whose kv_transfer_params carry no mm_hashes are refused naming
+    the field (served with them: tests/engine/test_multimodal_kv.py)."""
     import grpc
     import numpy as np
     from smg_grpc_proto.generated import common_pb2
@@ -266,7 +267,7 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
             shape=[1, 3], dtype="int64", inline=np.array([[1, 4, 4]], dtype=np.int64).tobytes()))
         with pytest.raises(grpc.RpcError, match=r"mm_inputs\['pixel_values'\] has 256 patch rows"):
             list(stubs.vllm.Generate(bad))
-        # A decode leg as smg's PD mode sends it (the grids and hashes, no pixels): refused naming the field.
+        # A decode leg without pixels whose kv_transfer_params name no mm_hashes (the prefill's): refused naming it.
         leg = request("g-4", mm_hashes=["h"])
         leg.mm_inputs.ClearField("pixel_values")
         leg.kv_transfer_params_json = ('{"do_remote_prefill": true, "remote_host": "127.0.0.1", "remote_port": 5600, '
