@@ -215,8 +215,13 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
 
     text, img = f"see {IMAGE} here", image(9, 64, 64)  # 256 patches: 98 KiB of pixels, past the 64 KiB of a field
     out = load_processor(mm_path)(text=[text], images=[img], return_tensors="pt")
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+    from tests.helpers.net import free_port
+
+    # A decode engine's connector (it loads, serves nothing): a decode leg takes kv_transfer_params.
     srv = ThreadServer(mm_path, dict(dtype="float64", num_kv_blocks=64, block_size=16,
-                                     limit_mm_per_prompt={"image": 16, "video": 1}))
+                                     limit_mm_per_prompt={"image": 16, "video": 1},
+                                     kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))))
     try:
         stubs = make_stubs(grpc.insecure_channel(srv.addr))
         vpb = stubs.vpb
@@ -274,6 +279,15 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
                                        '"remote_kv_token": "' + "k" * 22 + '"}')
         with pytest.raises(grpc.RpcError, match=r"mm_inputs.pixel_values is missing on a decode request"):
             list(stubs.vllm.Generate(leg))
+        # With mm_hashes (as a prefill server returns them) it is taken; its load fails here (no prefill server on
+        # that port): it ends with FAILED_PRECONDITION naming why, no token computed without its pixels.
+        leg.kv_transfer_params_json = leg.kv_transfer_params_json.replace(
+            '"remote_port": 5600', f'"remote_port": {free_port()}')[:-1] + ', "mm_hashes": ["' + "ab" * 32 + '"]}'
+        with pytest.raises(grpc.RpcError) as err:
+            list(stubs.vllm.Generate(leg))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert "KV load failed" in err.value.details() and "without pixels" in err.value.details()
+        assert srv.engine.engine.stats().num_free_blocks == srv.engine.engine.stats().num_total_blocks
     finally:
         srv.close()
 
