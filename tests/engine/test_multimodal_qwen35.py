@@ -451,3 +451,29 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_grids_without_pixels_with_the_prefills_hashes_give_the_same_positions_and_salt(mm_path):
+    """A PD decode leg without pixels (smg's PD mode; docs/multimodal.md): an image and a video as grids alone, with
+    the hashes the prefill computed from their pixels, get the same 3-D positions, rope delta and cache salt as with
+    the pixels, and load only (MultimodalInputs.pixels False); pixels for one modality and not the other, and
+    grids alone without relayed hashes, are refused."""
+    from moelink.engine.config.multimodal import MultimodalConfig
+    from moelink.engine.multimodal.processor import ImageProcessor
+    from tests.helpers.mm_checkpoints import IMAGE, VIDEO, image, video_inputs
+
+    both = video_inputs(mm_path, f"see {IMAGE} and {VIDEO}", [(8, 4, 4, 6)], images=[image(10, 16, 24)])
+    p = ImageProcessor(mm_path, MultimodalConfig(limit_mm_per_prompt={"image": 16, "video": 1}))
+    ids = both["input_ids"][0].tolist()
+    img = {k: both[k] for k in ("pixel_values", "image_grid_thw")}
+    vid = {k: both[k] for k in ("pixel_values_videos", "video_grid_thw")}
+    full = p.process_preprocessed(ids, {"image": img, "video": vid})
+    relayed = tuple(h.hex() for h in (*full.image_hashes, *full.video_hashes))
+    grids = {"image": {"image_grid_thw": both["image_grid_thw"]}, "video": {"video_grid_thw": both["video_grid_thw"]}}
+    bare = p.process_preprocessed(ids, grids, relayed=relayed)
+    assert not bare.pixels and bare.cache_salt == full.cache_salt and bare.mrope_delta == full.mrope_delta
+    assert bare.mrope_3L.tolist() == full.mrope_3L.tolist()
+    with pytest.raises(ValueError, match="some items come with pixels and some without"):
+        p.process_preprocessed(ids, {"image": img, "video": grids["video"]}, relayed=relayed)
+    with pytest.raises(ValueError, match="without 'pixel_values'.*mm_hashes"):
+        p.process_preprocessed(ids, grids)
