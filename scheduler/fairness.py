@@ -196,15 +196,15 @@ class FairStep:
 
     def _latest_running(self, client: Client) -> Request | None:
         for r in reversed(self.sched.running):  # sorted by priority: the latest admitted last
-            if r.client == client:
+            if r.client == client and not r.must_load:  # a load-only request would end (scheduler/load_only.py)
                 return r
         return None
 
     def _preempt(self, req: Request, out) -> None:
         sched = self.sched
         sched.running.remove(req)
-        sched._preempt(req)
-        out.preempted_req_ids.add(req.request_id)
+        if sched._preempt(req):
+            out.preempted_req_ids.add(req.request_id)
         self.usage[req.client] -= 1
         self.num_preempted += 1
 
@@ -234,10 +234,11 @@ class FairStep:
         this step (index >= `start`), the latest admitted of the client furthest above its share (relative to
         it), so a newcomer is not the one always pushed out because it came last."""
         running, parts, usage = self.sched.running, self.parts, self.usage
-        best_j, best = len(running) - 1, -1.0
+        best_j, best = len(running) - 1, (False, -1.0)
         for j in range(len(running) - 1, start - 1, -1):  # latest first: a client's first seen is its latest
             c = running[j].client
-            over = usage.get(c, 0) / parts.get(c, 1.0)
+            # A load-only request only when nothing else is left (it would end: scheduler/load_only.py).
+            over = (not running[j].must_load, usage.get(c, 0) / parts.get(c, 1.0))
             if over > best:
                 best_j, best = j, over
         victim = running.pop(best_j)

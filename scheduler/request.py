@@ -76,6 +76,7 @@ class Request:
         lora_id: int = 0,
         lora: object = None,
         multimodal: Any = None,
+        must_load: str = "",
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
@@ -165,6 +166,11 @@ class Request:
         # Carried to the worker, not read here: the request's processed images (engine/multimodal/inputs.py); None
         # for text. Its image hashes are in cache_salt.
         self.multimodal = multimodal
+        # Non-empty: why this request cannot be computed here, only its prompt's KV loaded (a decode request whose
+        # images came without pixels: docs/multimodal.md). What would recompute its prompt (a failed load, a
+        # preemption, a requeue) ends it with finish_reason "error" and this reason instead; after a load it
+        # computes only its last prompt token and its outputs.
+        self.must_load = must_load
 
     @classmethod
     def from_sampling_params(

@@ -47,6 +47,7 @@ from .hybrid_cache import HybridCacheManager
 from .sliding_kv import SlidingKVCacheManager
 from .spec_decode import SpecDecodeCounters, take_drafts
 from .outputs import CachedRequestData, NewRequestData, RequestResync, SchedulerOutput
+from .load_only import LoadOnlyMixin
 from .recovery import RecoveryMixin
 from .request import Request, RequestStatus
 from .step_output import StepOutputMixin
@@ -65,7 +66,7 @@ def _chunk_limits(*limits):
     return limit
 
 
-class Scheduler(StepOutputMixin, RecoveryMixin):
+class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
     """Decides, each step, which requests compute how many tokens on one rank.
 
     Typical loop (the engine's)::
@@ -119,6 +120,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         self._num_added = 0
         # Finished or aborted since the last schedule(); the worker drops them.
         self._finished_req_ids: set[str] = set()
+        # Load-only requests ended since the last update_from_output (scheduler/load_only.py): their outputs.
+        self._ended: list = []
         self._step_id = 0
         self.num_preemptions_total = 0
         self._resync: RequestResync | None = None  # elastic EP: sent with the next step (rewind)
@@ -197,7 +200,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         return self.requests.get(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self._ended)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -276,9 +279,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                 # The victim is the latest arrival, always at index >= i (the
                 # list is sorted), so nothing already scheduled is undone. Several clients: the latest of the one
                 # furthest above its share, also at index >= i (the list is in fair order: scheduler/fairness.py).
-                victim = self.running.pop() if fair is None else fair.kv_victim(i)
-                self._preempt(victim)
-                out.preempted_req_ids.add(victim.request_id)
+                victim = self._kv_victim(i) if fair is None else fair.kv_victim(i)
+                if self._preempt(victim):
+                    out.preempted_req_ids.add(victim.request_id)
                 if victim is req:
                     break
                 new_blocks = self.kv.allocate_slots(req, n)
@@ -361,6 +364,13 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
                     req.num_cached_tokens = num_hit
                     kvt.start_load(req, num_hit, k)
                     continue
+                if req.must_load and not k and kvt.connector.num_loadable_tokens(req):
+                    break  # past a load bound: it waits for a load in flight to end (it cannot be computed instead)
+            if req.must_load and num_hit < req.num_prompt_tokens - 1:
+                # Its prompt not loaded (a requeue after a lost rank): computing it would need its images' pixels.
+                self.waiting.popleft()
+                self._end_load_only(req, "its prompt's KV was not loaded here")
+                continue
             n = min(req.num_tokens - num_hit, budget)
             if self._fair_step is not None:  # within its client's token share (scheduler/fairness.py)
                 n = self._fair_step.cap(req, n)
@@ -404,14 +414,23 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         return new
 
     def _recompute(self, req: Request) -> None:
-        """A request whose KV load failed: its blocks freed, recomputed like a preempted request (at the front)."""
+        """A request whose KV load failed: its blocks freed, recomputed like a preempted request (at the front); a
+        load-only one ends (scheduler/load_only.py)."""
+        if req.must_load:
+            self._end_load_only(req, "its KV load failed (nothing saved under its kv_transfer_params: the prefill "
+                                     "engine's remote_kv_token and mm_hashes, or that engine unreachable)")
+            return
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         self.waiting.appendleft(req)
 
-    def _preempt(self, req: Request) -> None:
-        """Preempt by recompute: drop its KV, keep its tokens, requeue at the front."""
+    def _preempt(self, req: Request) -> bool:
+        """Preempt by recompute: drop its KV, keep its tokens, requeue at the front. A load-only request ends instead
+        (scheduler/load_only.py): False."""
+        if req.must_load:
+            self._end_load_only(req, "preempted (the KV pool ran out of blocks), its prompt cannot be recomputed")
+            return False
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -419,6 +438,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin):
         req.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(req)
+        return True
 
     def _release(self, req: Request) -> None:
         """Forget a finished request (already out of running/waiting)."""

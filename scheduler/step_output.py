@@ -51,6 +51,7 @@ class StepOutputMixin:
         spec_counters: SpecDecodeCounters
         _pool_tokens: int
         _scheduled: dict[int, list[tuple[Request, int]]]
+        _ended: list[EngineCoreOutput]
 
         def _recompute(self, req: Request) -> None: ...
         def _release(self, req: Request) -> None: ...
@@ -67,6 +68,8 @@ class StepOutputMixin:
             for req in self.kv_transfers.take_report(runner_out.kv_transfers_done):
                 self._recompute(req)  # its KV load failed
         outputs: list[EngineCoreOutput] = []
+        if self._ended:  # load-only requests ended since the last update (scheduler/load_only.py)
+            outputs, self._ended = self._ended, []
         finished: list = []
         sampled, all_logprobs = runner_out.sampled_token_ids, runner_out.logprobs
         prompt_lp = runner_out.prompt_logprobs  # None unless a request that asked for them computed prompt tokens

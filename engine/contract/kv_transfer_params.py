@@ -25,6 +25,8 @@ from .safe_text import shown
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _KV_TOKEN = re.compile(r"[A-Za-z0-9_-]{22,128}\Z")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
+MAX_MM_HASHES = 128  # images and videos of one prompt (limit_mm_per_prompt is 16 images by default): ~8.5 KiB of JSON
 
 
 def is_host(host) -> bool:
@@ -57,6 +59,12 @@ class KVTransferParams:
     remote_ranks: int = 1
     remote_request_id: Optional[str] = None  # the prefill request's id: informational (vLLM's key), not the key
     remote_kv_token: Optional[str] = None  # the capability the KV was saved under (module docstring)
+    # A multimodal prompt's item hashes as the prefill engine computed them from the pixels (sha256 hex, its images
+    # then its videos, in order: what salts its KV, engine/kv_transfer/auth.salted_key), relayed to a decode
+    # request that comes without the pixels (smg's PD mode sends the decode leg the grids alone): its KV is then
+    # fetched under these hashes. Forged ones open no save (the salted key binds the capability to the prefill's
+    # own) and such a request can never be recomputed (docs/multimodal.md). None: not a multimodal save.
+    mm_hashes: Optional[tuple[str, ...]] = None
     # Set by a prefill server's role default (engine/server/pd_role.py), never by a client: the request did not ask
     # for a handoff itself, so its save is copied to host memory rather than held in the cache (a client that never
     # fetches must not hold the pool: docs/security-kv.md). Not part of vLLM's JSON shape.
@@ -70,6 +78,14 @@ class KVTransferParams:
                "cannot be set with do_remote_decode (one engine prefills, the other decodes)")
         _check(_is_int(self.remote_ranks) and 1 <= self.remote_ranks <= 1024, "remote_ranks", self.remote_ranks,
                "must be an integer in [1, 1024]")
+        if isinstance(self.mm_hashes, list):  # vLLM's JSON shape has arrays
+            object.__setattr__(self, "mm_hashes", tuple(self.mm_hashes))
+        _check(self.mm_hashes is None or (isinstance(self.mm_hashes, tuple) and 1 <= len(self.mm_hashes)
+               <= MAX_MM_HASHES and all(isinstance(h, str) and _SHA256_HEX.match(h) for h in self.mm_hashes)),
+               "mm_hashes", self.mm_hashes, f"must be None or 1 to {MAX_MM_HASHES} lowercase sha256 hex digests (64 "
+               "characters each), as the prefill engine returned them")
+        _check(self.mm_hashes is None or self.do_remote_prefill, "mm_hashes", self.mm_hashes,
+               "is set only with do_remote_prefill (the prefill engine's output names its images' hashes)")
         if not self.do_remote_prefill:
             return
         _check(is_host(self.remote_host), "remote_host", self.remote_host,
@@ -107,7 +123,7 @@ class KVTransferParams:
                 continue
             v = getattr(self, f.name)
             if v is not None and v != f.default:
-                out[f.name] = v
+                out[f.name] = list(v) if isinstance(v, tuple) else v
         if self.do_remote_prefill:
             out["remote_ranks"] = self.remote_ranks  # always said: the decode side asks ports port + [0, ranks)
         return out
@@ -130,4 +146,4 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"KVTransferParams.{name}={shown(value)} is invalid: {allowed}.")
 
 
-__all__ = ["KVTransferParams", "VLLM_IGNORED_KEYS", "is_host", "is_kv_token"]
+__all__ = ["KVTransferParams", "MAX_MM_HASHES", "VLLM_IGNORED_KEYS", "is_host", "is_kv_token"]

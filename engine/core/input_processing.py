@@ -71,6 +71,9 @@ class ProcessedRequest:
     lora: LoRARequest | None = None
     # Its images, processed (engine/multimodal/inputs.MultimodalInputs), carried to its rank; None: text only.
     multimodal: MultimodalInputs | None = None
+    # Why it can only load its prompt's KV, never compute it (a decode request without its pixels); "" otherwise
+    # (scheduler Request.must_load).
+    must_load: str = ""
 
 
 # The keys of vLLM's prompt dicts (TextPrompt / TokensPrompt) the engine reads; "multi_modal_data" only where a
@@ -196,7 +199,7 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     salt = ((lora.cache_salt if lora is not None else b"") + (mm.cache_salt if mm is not None else b"")
             + forced_routing_salt(engine, params, len(ids)))
     return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, lora=lora, cache_salt=salt,
-                            multimodal=mm)
+                            multimodal=mm, must_load=NO_PIXELS if mm is not None and not mm.pixels else "")
 
 
 def forced_routing_salt(engine, params: SamplingParams, num_prompt_tokens: int) -> bytes:
@@ -238,6 +241,21 @@ def _check_decode_leg_has_its_images(engine, ids: list[int], field: str) -> None
                              "same images and videos as its prefill request (docs/multimodal.md).")
 
 
+# Why a decode request without its pixels can never be computed here (scheduler Request.must_load): the message a
+# failed load, a preemption or anything else that would recompute it ends it with.
+NO_PIXELS = ("its images came without pixels (a decode request of prefill/decode disaggregation, its hashes the "
+             "prefill engine's kv_transfer_params.mm_hashes): it cannot be computed here, only loaded")
+
+
+def _check_load_only(params: SamplingParams) -> None:
+    """A request sent without its pixels loads its prompt's KV or ends: what would compute its whole prompt here
+    is refused naming the field."""
+    if params.prompt_logprobs is not None or params.return_routed_experts:
+        field = "prompt_logprobs" if params.prompt_logprobs is not None else "return_routed_experts"
+        raise ValueError(f"SamplingParams.{field} is not supported on a decode request without pixels: it computes "
+                         "every prompt token here (their images' rows need the pixels).")
+
+
 def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | None, list[int], MultimodalInputs]:
     """(text, token ids with the image placeholders expanded, the processed images and videos) through the
     checkpoint's processor (engine/multimodal/processor.py; token ids come with the processor's outputs,
@@ -256,7 +274,12 @@ def _with_images(engine, prompt: dict, params: SamplingParams) -> tuple[str | No
         if bad is not None:
             raise ValueError(f"prompt_token_ids[{bad}]={shown(ids[bad])} is out of range: token ids must be "
                              f"integers in [0, {vocab}).")
-        return None, list(ids), engine.multimodal.process_preprocessed(list(ids), data)
+        kv = params.kv_transfer_params
+        relayed = kv.mm_hashes if kv is not None and kv.do_remote_prefill else None
+        mm = engine.multimodal.process_preprocessed(list(ids), data, relayed=relayed)
+        if not mm.pixels:
+            _check_load_only(params)
+        return None, list(ids), mm
     text = prompt.get("prompt")
     ids, mm = engine.multimodal.process(text, prompt["multi_modal_data"])
     return text, ids, mm

@@ -210,7 +210,7 @@ class LLMEngine(RLControl):
             eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
             stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens, client=req.client,
             cache_salt=req.cache_salt, lora_id=req.lora.lora_int_id if req.lora is not None else 0, lora=req.lora,
-            multimodal=req.multimodal,
+            multimodal=req.multimodal, must_load=req.must_load,
         )
         if p.structured_outputs is not None:
             if req.grammar is None:

@@ -52,7 +52,7 @@ import logging
 import secrets
 from collections import OrderedDict
 
-from moelink.engine.contract.kv_transfer_params import KVTransferParams
+from moelink.engine.contract.kv_transfer_params import MAX_MM_HASHES, KVTransferParams
 from moelink.engine.contract.safe_text import shown
 from moelink.scheduler.kv_connector import LoadLimits
 from moelink.scheduler.outputs import KVTransfer
@@ -161,6 +161,16 @@ def _params(req: Request) -> KVTransferParams | None:
     return getattr(req.sampling_params, "kv_transfer_params", None)
 
 
+def _mm_hashes(req: Request) -> tuple[str, ...] | None:
+    """A multimodal request's item hashes (engine/multimodal/inputs.MultimodalInputs: its images', then its
+    videos'), hex, for its output: a decode request sent without the pixels fetches its KV under them (smg's PD
+    mode, docs/multimodal.md); None for a text request."""
+    mm = req.multimodal
+    hashes = () if mm is None else tuple(h.hex() for h in (*mm.image_hashes, *mm.video_hashes))
+    # Past the field's bound (a limit_mm_per_prompt above it) none are named: the decode leg must carry the pixels.
+    return hashes if 0 < len(hashes) <= MAX_MM_HASHES else None
+
+
 class _SchedulerSide:
     MAX_PENDING_CAPS = 1 << 16  # saves whose request has not finished yet (an abort may never finish one)
 
@@ -221,7 +231,7 @@ class _SchedulerSide:
             return None  # not saved: not asked to, nowhere to serve it, or ended before its prompt was computed
         return KVTransferParams(do_remote_prefill=True, remote_host=self.config.reachable_host,
                                 remote_port=self.config.port + self.rank * self.tp_size, remote_ranks=self.tp_size,
-                                remote_request_id=req.request_id, remote_kv_token=cap)
+                                remote_request_id=req.request_id, remote_kv_token=cap, mm_hashes=_mm_hashes(req))
 
     def transfer_done(self, transfer: KVTransfer, ok: bool) -> None:
         pass  # the worker half counts and logs; the scheduler recomputes a failed load

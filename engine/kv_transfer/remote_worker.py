@@ -240,7 +240,7 @@ class RemoteWorkerSide:
         raise KVFetchError("; ".join(reasons))
 
     def _fail(self, t: KVTransfer, reason: str, generation: int | None = None) -> None:
-        logger.warning("KV load of request %s failed (it is recomputed): %s", shown(t.req_id), reason)
+        logger.warning("KV load of request %s failed (it is recomputed, or ends if it can only load): %s", shown(t.req_id), reason)
         with self._lock:
             if generation is not None and generation != self._generation:
                 return  # dropped: the scheduler awaits no report of it

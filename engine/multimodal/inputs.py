@@ -22,11 +22,11 @@ class MediaItem(NamedTuple):
     tokens: int  # its placeholder tokens (a video's over all its frames)
 
 
-def _check(kind: str, pixels_PC: torch.Tensor, grids: tuple, hashes: tuple) -> None:
+def _check(kind: str, pixels_PC: torch.Tensor, grids: tuple, hashes: tuple, pixels: bool) -> None:
     if len(hashes) != len(grids):
         raise ValueError(f"MultimodalInputs: {len(grids)} {kind} grids and {len(hashes)} hashes: one of each per "
                          f"{kind}.")
-    patches = sum(t * h * w for t, h, w in grids)
+    patches = sum(t * h * w for t, h, w in grids) if pixels else 0
     if pixels_PC.dim() < 2 or pixels_PC.shape[0] != patches:
         raise ValueError(f"{kind} pixel values have shape {tuple(pixels_PC.shape)}: the grids {list(grids)} need "
                          f"{patches} patch rows.")
@@ -52,15 +52,20 @@ class MultimodalInputs:
     video_grid_thw: tuple[tuple[int, int, int], ...] = ()
     video_hashes: tuple[bytes, ...] = ()
     video_token_id: int = -1
+    # False: a decode request of prefill/decode disaggregation sent without its pixels (smg's PD mode: the grids
+    # alone), its hashes the prefill engine's (KVTransferParams.mm_hashes). No pixel rows (the tensors hold none):
+    # its KV must load, and it computes no placeholder token (the scheduler ends it rather than recompute it:
+    # scheduler Request.must_load).
+    pixels: bool = True
 
     def __post_init__(self) -> None:
         if not self.image_grid_thw and not self.video_grid_thw:
             raise ValueError("MultimodalInputs: no image and no video: at least one item.")
-        _check("image", self.pixel_values_PC, self.image_grid_thw, self.image_hashes)
+        _check("image", self.pixel_values_PC, self.image_grid_thw, self.image_hashes, self.pixels)
         if self.video_grid_thw or self.pixel_values_videos_PC is not None:
             videos_PC = self.pixel_values_videos_PC
-            _check("video", videos_PC if videos_PC is not None else torch.zeros(0), self.video_grid_thw,
-                   self.video_hashes)
+            _check("video", videos_PC if videos_PC is not None else torch.zeros(0, 1), self.video_grid_thw,
+                   self.video_hashes, self.pixels)
         if self.mrope_3L is not None and (self.mrope_3L.dim() != 2 or self.mrope_3L.shape[0] != 3):
             raise ValueError(f"mrope positions have shape {tuple(self.mrope_3L.shape)}: must be [3, prompt tokens].")
 
@@ -73,7 +78,8 @@ class MultimodalInputs:
             assert pixels_PC is not None
             out.append(MediaItem(video, (t, h, w), key, pixels_PC[start:start + t * h * w],
                                  t * h * w // self.spatial_merge_size ** 2))
-            start += t * h * w
+            if self.pixels:
+                start += t * h * w
         return out
 
     @property

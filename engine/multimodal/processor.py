@@ -178,11 +178,12 @@ class ImageProcessor:
                               self.merge)
         return ids_1L[0].tolist(), mm
 
-    def process_preprocessed(self, ids: list[int], data: Any, field: str = "prompt['multi_modal_data']"
-                             ) -> MultimodalInputs:
+    def process_preprocessed(self, ids: list[int], data: Any, field: str = "prompt['multi_modal_data']",
+                             relayed: tuple[str, ...] | None = None) -> MultimodalInputs:
         """Token ids whose placeholders are already expanded, with the processor's own outputs for their images and
-        videos (preprocessed.py: what smg's gRPC MultimodalInputs carries)."""
-        return check_preprocessed(self, ids, data, field)
+        videos (preprocessed.py: what smg's gRPC MultimodalInputs carries); `relayed`, a decode request's item
+        hashes from its prefill engine, lets the grids come without pixels (check_preprocessed)."""
+        return check_preprocessed(self, ids, data, field, relayed)
 
     def positions(self, ids_1L: torch.Tensor, grid_N3: torch.Tensor | None, video_grid_N3: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor | None, int]:

@@ -108,6 +108,9 @@ class ImageRunner:
             emb_ND = h.embeds_I[i]
             if emb_ND is None:
                 it = h.items[i]
+                if not h.mm.pixels:  # the scheduler never computes such a request's placeholders (must_load)
+                    raise RuntimeError(f"a step computes a placeholder of a request sent without its pixels "
+                                       f"(item {i}): it can only load its KV (docs/multimodal.md).")
                 emb_ND = h.embeds_I[i] = self.cache.get(it.hash, lambda it=it: self.tower.encode(
                     it.pixels_PC, it.grid_thw, video=it.video))
             lo, hi = max(k0, h.starts_I1[i]) - h.starts_I1[i], min(k1, h.starts_I1[i + 1]) - h.starts_I1[i]

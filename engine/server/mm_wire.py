@@ -12,7 +12,8 @@ frame's timestamp into the ids). What is not taken: audio, a modality the server
 or remote handles, another encoder input key, other model tensors, each refused naming the field. Not read:
 mm_placeholders (recomputed from the ids, which must hold one run of placeholders per image, per video frame),
 mm_hashes (the prefix cache's salt is hashed from the pixels here: a hash
-sent for other pixels would share their KV), batched_keys / flat_keys / keep_on_cpu_keys (their meaning for Qwen-VL
+sent for other pixels would share their KV; a decode leg without pixels is keyed by the hashes the prefill server
+itself computed, relayed in kv_transfer_params_json's mm_hashes, never by these), batched_keys / flat_keys / keep_on_cpu_keys (their meaning for Qwen-VL
 is fixed).
 """
 from __future__ import annotations
@@ -47,10 +48,12 @@ _WIRE = {"image": ("pixel_values", "image_grid_thw", "patches_per_image", ()),
                    ("second_per_grid_ts", "video_second_per_grid"))}
 
 
-def media_from_proto(mm, token_ids: dict[str, int | None], field: str = "mm_inputs") -> tuple[str, dict]:
+def media_from_proto(mm, token_ids: dict[str, int | None], field: str = "mm_inputs",
+                     grids_alone: bool = False) -> tuple[str, dict]:
     """One MultimodalInputs batch (GenerateRequest.mm_inputs or an extra_mm_inputs entry) as (its modality, the
     Python API's preprocessed form of it); `token_ids`: the checkpoint's placeholder per modality (None: not
-    taken). Module docstring."""
+    taken). `grids_alone`: a decode request whose kv_transfer_params relay the prefill server's item hashes may
+    come without pixel_values (smg's PD mode): its form then holds the grids alone. Module docstring."""
     modality = {0: "image", 1: "image", 3: "video"}.get(mm.modality)  # MODALITY_UNSPECIFIED reads as image
     if modality is None or token_ids.get(modality) is None:
         taken = ", ".join(k for k, v in token_ids.items() if v is not None)
@@ -67,7 +70,7 @@ def media_from_proto(mm, token_ids: dict[str, int | None], field: str = "mm_inpu
     if extra:
         raise ValueError(f"{field}.model_specific_tensors[{extra[0]!r}] is not supported: {grid_key} (and "
                          f"{per_key}) only.")
-    if grid_key not in tensors or not mm.HasField("pixel_values"):
+    if grid_key not in tensors or not (mm.HasField("pixel_values") or grids_alone):
         raise ValueError(f"{field} needs pixel_values and model_specific_tensors[{grid_key!r}].")
     grid_N3 = _tensor(tensors[grid_key], f"{field}.model_specific_tensors[{grid_key!r}]")
     if per_key in tensors:  # smg's split of the flat pixel rows (flat_keys): the grids' own counts
@@ -75,6 +78,8 @@ def media_from_proto(mm, token_ids: dict[str, int | None], field: str = "mm_inpu
         if grid_N3.dim() != 2 or per_N.reshape(-1).tolist() != grid_N3.to(torch.int64).prod(-1).tolist():
             raise ValueError(f"{field}.model_specific_tensors[{per_key!r}]={per_N.reshape(-1).tolist()} "
                              f"is not the {modality} grids' t x h x w.")
+    if not mm.HasField("pixel_values"):
+        return modality, {grid_key: grid_N3}
     return modality, {pix_key: _tensor(mm.pixel_values, f"{field}.pixel_values"), grid_key: grid_N3}
 
 

@@ -34,7 +34,7 @@ from ..multimodal.spec import multimodal_architecture, published_model_type
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
 from .proto_params import ProtoReading, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
-from .serving import Serving, abort_rpc, top_logprobs, wire_logprob
+from .serving import Serving, abort_rpc, top_logprobs, wire_logprob, wire_message
 from .gateway.quirks import streamed_abort_as_error
 from .gateway.lora_routes import adapter_of
 from .gateway.tool_calls import one_call
@@ -164,17 +164,18 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
         batches = [("mm_inputs", request.mm_inputs)] + [
             (f"extra_mm_inputs[{i}]", b) for i, b in enumerate(request.extra_mm_inputs)]
         kv = params.kv_transfer_params
+        relayed = kv is not None and kv.do_remote_prefill and kv.mm_hashes is not None
         for name, batch in batches:
-            if kv is not None and kv.do_remote_prefill and not batch.HasField("pixel_values"):
-                # smg's PD mode sends the decode leg its images' grids and hashes without their pixels: the KV is
-                # keyed here by hashes of the pixels, and a failed load is recomputed from them (docs/multimodal.md).
-                raise ValueError(f"{name}.pixel_values is missing on a decode request (kv_transfer_params "
-                                 "do_remote_prefill): a decode engine needs the same pixels as the prefill request "
-                                 "(its KV is keyed by their hashes, and a failed load is recomputed from them); a "
-                                 "decode leg without pixels is not built (docs/multimodal.md).")
+            if kv is not None and kv.do_remote_prefill and not batch.HasField("pixel_values") and not relayed:
+                # smg's PD mode sends the decode leg its images' grids and its own hashes without the pixels: the KV
+                # is keyed by moelink's hashes of the pixels, which the prefill server returns in its
+                # kv_transfer_params (mm_hashes) for the router to relay (docs/multimodal.md).
+                raise ValueError(f"{name}.pixel_values is missing on a decode request whose kv_transfer_params_json "
+                                 "has no mm_hashes: send the pixels, or the prefill server's kv_transfer_params "
+                                 "unchanged (its mm_hashes key the KV of images sent without pixels).")
         data, names = {}, {}
         for name, batch in batches:
-            modality, item = media_from_proto(batch, token_ids, name)
+            modality, item = media_from_proto(batch, token_ids, name, grids_alone=relayed)
             if modality in data:
                 raise ValueError(f"{name} is a second {modality} batch (after {names[modality]}): one batch per "
                                  "modality.")
@@ -227,6 +228,11 @@ class VllmEngineServicer(pb_grpc.VllmEngineServicer):
                             cached_tokens=out.num_cached_tokens, index=index,
                             output_logprobs=output_logprobs(comp.token_ids, comp.logprobs, params.logprobs),
                             input_logprobs=fresh)))
+                    if comp.finish_reason == "error" and processed.must_load:
+                        # A decode leg without pixels that cannot be served (its load failed, it was preempted:
+                        # scheduler/load_only.py): an error status naming why, not a completion a router would relay
+                        # as an answer.
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire_message(str(comp.stop_reason)))
                     if comp.finish_reason == "abort" and streamed_abort_as_error(request.stream,
                                                                                  self.s.registry.draining):
                         # Cut short by the shutdown: an error, not a last message (gateway/quirks.py

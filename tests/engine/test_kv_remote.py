@@ -67,6 +67,15 @@ def test_sampling_params_take_kv_transfer_params_typed_or_as_vllm_dicts():
         SamplingParams(kv_transfer_params=dict(d, bootstrap_room=7))
     with pytest.raises(ValueError, match=r"SamplingParams\.kv_transfer_params="):
         SamplingParams(kv_transfer_params="p0")
+    # A multimodal save's item hashes (docs/multimodal.md): a JSON array in, the same array out; sha256 hex only.
+    h = "ab" * 32
+    got = KVTransferParams.from_dict(dict(d, mm_hashes=[h, h]))
+    assert got.mm_hashes == (h, h) and got.to_dict()["mm_hashes"] == [h, h]
+    for bad in ([], ["AB" * 32], ["ab" * 31], [h] * 129, h, [7]):
+        with pytest.raises(ValueError, match=r"^KVTransferParams\.mm_hashes="):
+            KVTransferParams.from_dict(dict(d, mm_hashes=bad))
+    with pytest.raises(ValueError, match=r"mm_hashes=.* only with do_remote_prefill"):
+        KVTransferParams(do_remote_decode=True, mm_hashes=(h,))
     with pytest.raises(ValueError, match=r"SamplingParams\.n=2 .*kv_transfer_params"):
         SamplingParams(n=2, kv_transfer_params=d)
 

@@ -12,6 +12,10 @@ positions (its rope delta recomputed from the images it carries).
   engine/kv_transfer/auth.salted_key), is recomputed with its own image and gives transformers' tokens for it; the
   decode side's prefix cache then holds both prompts' blocks apart;
 - a decode request whose ids hold placeholders but no images is refused naming the field;
+- a decode request as smg's PD mode sends it (ids and grids, no pixels) with the prefill's kv_transfer_params (their
+  mm_hashes: the prefill's own hashes) loads and gives transformers' tokens; with another image's hash it finds no
+  KV and ends with an error naming mm_hashes (never computed as text); without mm_hashes, with a hash count the grids
+  do not take, or with its last prompt token inside the image it is refused naming the field;
 - both engines end with every block free.
 
 Offload: the device evicts the prompt's blocks to the host tier; the same text with the other image misses there
@@ -83,6 +87,7 @@ def test_an_image_prompt_through_a_pd_pair_gives_transformers_tokens_keyed_by_it
         # A decode request whose ids hold placeholders but carries no images: refused naming the field.
         with pytest.raises(ValueError, match="no multi_modal_data"):
             dec.generate([{"prompt_token_ids": ids}], load, use_tqdm=False)
+        _decode_legs_without_pixels(pre, dec, prompt, ids, want_a, proc.process(text, {"image": b})[1].image_hashes[0])
         for llm in (pre, dec):
             s = llm.engine.stats()
             assert s.num_free_blocks == s.num_total_blocks
@@ -90,6 +95,36 @@ def test_an_image_prompt_through_a_pd_pair_gives_transformers_tokens_keyed_by_it
         for llm in (dec, pre):
             if llm is not None:
                 llm.engine.shutdown()
+
+
+def _decode_legs_without_pixels(pre, dec, prompt, ids, want, other_hash: bytes):
+    """Decode requests as smg's PD mode sends them: the ids and grids, no pixels, the prefill's kv_transfer_params
+    (its mm_hashes: moelink's hashes of the pixels). Served from the loaded KV; other hashes, none, or a last prompt
+    token inside the image: refused or ended with an error naming the field, never computed as text."""
+    import dataclasses
+
+    saves = pre.generate([prompt, prompt], _greedy(max_tokens=1, kv_transfer_params=KVTransferParams(
+        do_remote_decode=True)), use_tqdm=False)
+    mm = dec.engine.multimodal.process(prompt["prompt"], prompt["multi_modal_data"])[1]
+    p0, p1 = (s.kv_transfer_params for s in saves)
+    assert p0.mm_hashes == tuple(h.hex() for h in mm.image_hashes)  # the prefill's own, relayed in its output
+    grids = {"image": {"image_grid_thw": [list(g) for g in mm.image_grid_thw]}}  # no pixel_values
+    leg = {"prompt_token_ids": ids, "multi_modal_data": grids}
+    [got] = dec.generate([leg], _greedy(kv_transfer_params=p0), use_tqdm=False)
+    assert got.outputs[0].token_ids == want and got.num_cached_tokens == len(ids) - 1
+    # Another image's hash with a real capability: the salted key opens nothing, the load fails, the request ends.
+    forged = dataclasses.replace(p1, mm_hashes=(other_hash.hex(),))
+    [bad] = dec.generate([leg], _greedy(kv_transfer_params=forged), use_tqdm=False)
+    assert bad.outputs[0].finish_reason == "error" and bad.outputs[0].token_ids == []
+    assert "mm_hashes" in str(bad.outputs[0].stop_reason) and "KV load failed" in str(bad.outputs[0].stop_reason)
+    for params, match in ((dataclasses.replace(p1, mm_hashes=None), "mm_hashes"),
+                          (dataclasses.replace(p1, mm_hashes=p1.mm_hashes * 2), "mm_hashes has 2 hashes")):
+        with pytest.raises(ValueError, match=match):
+            dec.generate([leg], _greedy(kv_transfer_params=params), use_tqdm=False)
+    end = max(i for i, t in enumerate(ids) if t == dec.engine.multimodal.image_token_id) + 1
+    with pytest.raises(ValueError, match="last token is an image or video placeholder"):
+        dec.generate([{"prompt_token_ids": ids[:end], "multi_modal_data": grids}], _greedy(kv_transfer_params=p1),
+                     use_tqdm=False)
 
 
 def test_the_host_tier_keys_an_image_prompts_blocks_by_its_image(case):

@@ -203,7 +203,8 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
     """VllmEngine.Generate with mm_inputs as smg 1.13 sends them (preprocessed pixel values, image_grid_thw, the
     placeholders expanded in tokenized.input_ids): the Python API's tokens; a video batch (modality VIDEO,
     video_grid_thw) in extra_mm_inputs beside the image's: transformers' tokens; mismatched grids, a second batch of
-    one modality and a PD decode leg without pixels (as smg's PD mode sends it) are refused naming the field."""
+    one modality and a PD decode leg without pixels whose kv_transfer_params carry no mm_hashes are refused naming
+    the field (served with them: tests/engine/test_multimodal_kv.py)."""
     import grpc
     import numpy as np
     from smg_grpc_proto.generated import common_pb2
@@ -214,8 +215,13 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
 
     text, img = f"see {IMAGE} here", image(9, 64, 64)  # 256 patches: 98 KiB of pixels, past the 64 KiB of a field
     out = load_processor(mm_path)(text=[text], images=[img], return_tensors="pt")
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+    from tests.helpers.net import free_port
+
+    # A decode engine's connector (it loads, serves nothing): a decode leg takes kv_transfer_params.
     srv = ThreadServer(mm_path, dict(dtype="float64", num_kv_blocks=64, block_size=16,
-                                     limit_mm_per_prompt={"image": 16, "video": 1}))
+                                     limit_mm_per_prompt={"image": 16, "video": 1},
+                                     kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp"))))
     try:
         stubs = make_stubs(grpc.insecure_channel(srv.addr))
         vpb = stubs.vpb
@@ -266,13 +272,22 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
             shape=[1, 3], dtype="int64", inline=np.array([[1, 4, 4]], dtype=np.int64).tobytes()))
         with pytest.raises(grpc.RpcError, match=r"mm_inputs\['pixel_values'\] has 256 patch rows"):
             list(stubs.vllm.Generate(bad))
-        # A decode leg as smg's PD mode sends it (the grids and hashes, no pixels): refused naming the field.
+        # A decode leg without pixels whose kv_transfer_params name no mm_hashes (the prefill's): refused naming it.
         leg = request("g-4", mm_hashes=["h"])
         leg.mm_inputs.ClearField("pixel_values")
         leg.kv_transfer_params_json = ('{"do_remote_prefill": true, "remote_host": "127.0.0.1", "remote_port": 5600, '
                                        '"remote_kv_token": "' + "k" * 22 + '"}')
         with pytest.raises(grpc.RpcError, match=r"mm_inputs.pixel_values is missing on a decode request"):
             list(stubs.vllm.Generate(leg))
+        # With mm_hashes (as a prefill server returns them) it is taken; its load fails here (no prefill server on
+        # that port): it ends with FAILED_PRECONDITION naming why, no token computed without its pixels.
+        leg.kv_transfer_params_json = leg.kv_transfer_params_json.replace(
+            '"remote_port": 5600', f'"remote_port": {free_port()}')[:-1] + ', "mm_hashes": ["' + "ab" * 32 + '"]}'
+        with pytest.raises(grpc.RpcError) as err:
+            list(stubs.vllm.Generate(leg))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert "KV load failed" in err.value.details() and "without pixels" in err.value.details()
+        assert srv.engine.engine.stats().num_free_blocks == srv.engine.engine.stats().num_total_blocks
     finally:
         srv.close()
 
@@ -436,3 +451,29 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_grids_without_pixels_with_the_prefills_hashes_give_the_same_positions_and_salt(mm_path):
+    """A PD decode leg without pixels (smg's PD mode; docs/multimodal.md): an image and a video as grids alone, with
+    the hashes the prefill computed from their pixels, get the same 3-D positions, rope delta and cache salt as with
+    the pixels, and load only (MultimodalInputs.pixels False); pixels for one modality and not the other, and
+    grids alone without relayed hashes, are refused."""
+    from moelink.engine.config.multimodal import MultimodalConfig
+    from moelink.engine.multimodal.processor import ImageProcessor
+    from tests.helpers.mm_checkpoints import IMAGE, VIDEO, image, video_inputs
+
+    both = video_inputs(mm_path, f"see {IMAGE} and {VIDEO}", [(8, 4, 4, 6)], images=[image(10, 16, 24)])
+    p = ImageProcessor(mm_path, MultimodalConfig(limit_mm_per_prompt={"image": 16, "video": 1}))
+    ids = both["input_ids"][0].tolist()
+    img = {k: both[k] for k in ("pixel_values", "image_grid_thw")}
+    vid = {k: both[k] for k in ("pixel_values_videos", "video_grid_thw")}
+    full = p.process_preprocessed(ids, {"image": img, "video": vid})
+    relayed = tuple(h.hex() for h in (*full.image_hashes, *full.video_hashes))
+    grids = {"image": {"image_grid_thw": both["image_grid_thw"]}, "video": {"video_grid_thw": both["video_grid_thw"]}}
+    bare = p.process_preprocessed(ids, grids, relayed=relayed)
+    assert not bare.pixels and bare.cache_salt == full.cache_salt and bare.mrope_delta == full.mrope_delta
+    assert bare.mrope_3L.tolist() == full.mrope_3L.tolist()
+    with pytest.raises(ValueError, match="some items come with pixels and some without"):
+        p.process_preprocessed(ids, {"image": img, "video": grids["video"]}, relayed=relayed)
+    with pytest.raises(ValueError, match="without 'pixel_values'.*mm_hashes"):
+        p.process_preprocessed(ids, grids)

@@ -326,3 +326,42 @@ def test_with_per_sequence_state_a_prefix_hit_reaching_the_save_point_is_not_use
     (new,) = so.scheduled_new_reqs
     assert (new.num_computed_tokens, new.state_copy_from) == (0, -1)
     s.check_invariants()
+
+
+def test_a_load_only_request_ends_with_an_error_where_it_would_be_recomputed():
+    """A request that can only load its KV (Request.must_load: a decode request whose images came without pixels,
+    scheduler/load_only.py): a failed load ends it with an error naming why, its blocks freed; a KV preemption takes
+    a recomputable request first and ends it only when it is the last candidate."""
+    store = {"ld": [5, 6, 7], "x": [8, 9, 10]}
+    conn = FakeConnector(store, prompts=dict(store))
+    s = _scheduler(conn)
+    s.add_request(make_request("x", [8, 9, 10], max_tokens=2, must_load="it has no pixels"))
+    so = s.schedule()
+    (t,) = so.kv_transfers.loads
+    outs = _report(s, so, {t.transfer_id: False})
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("x", "error")]
+    assert "KV load failed" in outs[0].stop_reason and "it has no pixels" in outs[0].stop_reason
+    assert s.get_request("x") is None and s.stats().num_free_blocks == 16 and not s.has_unfinished_requests()
+    s.check_invariants()
+    # Preemption: a (oldest, plain), ld (load-only, loaded), b (newest, plain); the pool runs dry.
+    s = _scheduler(FakeConnector(store, prompts=dict(store)), num_blocks=5, block_size=2)
+    s.add_request(make_request("a", [1, 2], max_tokens=20))
+    s.add_request(make_request("ld", [5, 6, 7], max_tokens=20, must_load="it has no pixels"))
+    s.add_request(make_request("b", [3, 4], max_tokens=20))
+    so = s.schedule()  # a and b computed (a block each), ld loading (two blocks)
+    (t,) = so.kv_transfers.loads
+    ended: list = []
+    ended += _report(s, so, {t.transfer_id: True}, {"a": [1], "b": [1]})
+    preempted: set = set()
+    for _ in range(12):
+        so = s.schedule()
+        preempted |= so.preempted_req_ids
+        ended += _report(s, so, None, {r: [1] for r in so.num_scheduled_tokens})
+        s.check_invariants()
+        if s.get_request("ld") is None:
+            break
+    assert "b" in preempted and "ld" not in preempted  # b (recomputable) went first, though ld came before it
+    errors = [o for o in ended if o.finish_reason == "error"]
+    assert [o.request_id for o in errors] == ["ld"] and "preempted" in errors[0].stop_reason
+    s.finish_requests(["a", "b"], RequestStatus.FINISHED_ABORTED)
+    assert s.stats().num_free_blocks == 5
