@@ -37,14 +37,15 @@ from .triton_moe_float import FloatFormat
 
 @triton.jit
 def _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts, BLOCK_M: tl.constexpr):
-    """(pair, token, stack row or -1) of sorted row `row`: -1 for a padding row, a dead block or no adapter."""
+    """(pair, token, stack row or -1, expert or -1) of sorted row `row`: stack -1 for a padding row, a dead block or
+    no adapter; expert -1 for a padding row or a dead block."""
     pair = tl.load(sorted_ptr + row).to(tl.int64)
     expert = tl.load(expert_ids_ptr + row // BLOCK_M).to(tl.int64)
     live = (pair < num_pairs) & (expert >= 0)
     tok = tl.where(live, pair, 0) // top_k
     slot = tl.load(slots_ptr + tok).to(tl.int64)
     stack = tl.where(live & (slot >= 0), slot * num_experts + expert, -1)
-    return pair, tok, stack
+    return pair, tok, stack, tl.where(live, expert, -1)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -55,7 +56,8 @@ def _sorted_lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, sorted_ptr, expert_ids_p
     row = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok_r = offs_r < R
-    pair, tok, stack = _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts, BLOCK_M)
+    pair, tok, stack, _ = _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts,
+                                      BLOCK_M)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     if stack >= 0:
         src = tok if GATHER else row  # gate_up reads x's token row; down the activation's sorted row
@@ -71,13 +73,15 @@ def _sorted_lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, sorted_ptr, expert_ids_p
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _sorted_lora_expand_kernel(y_ptr, t_ptr, b_ptr, scale_ptr, slots_ptr, sorted_ptr, expert_ids_ptr, weights_ptr,
-                               num_pairs, top_k, num_experts, N, R, stride_yr, stride_tr, stride_bx, stride_bn,
-                               BLOCK_M: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
+                               bias_ptr, num_pairs, top_k, num_experts, N, R, stride_yr, stride_tr, stride_bx,
+                               stride_bn, stride_be, BLOCK_M: tl.constexpr, ROUTED: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                               INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_n = offs_n < N
-    pair, tok, stack = _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts, BLOCK_M)
+    pair, tok, stack, expert = _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts,
+                                           BLOCK_M)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if stack >= 0:
         for r0 in range(0, R, BLOCK_R):
@@ -95,6 +99,9 @@ def _sorted_lora_expand_kernel(y_ptr, t_ptr, b_ptr, scale_ptr, slots_ptr, sorted
             y = tl.load(y_at, mask=ok_n, other=0.0).to(tl.float32)
             tl.store(y_at, cast(y + w * acc, y_ptr.dtype.element_ty, INTERPRET), mask=ok_n)
     else:  # gate_up: the sorted row's pre-activation delta, zeros where none (every row written: no memset)
+        if HAS_BIAS:  # the expert's gate-up bias too: the GEMM's bias slot carries this row's sum
+            if expert >= 0:
+                acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=ok_n, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * stride_yr + offs_n, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ok_n)
 
 
@@ -128,8 +135,10 @@ def triton_sorted_lora_shrink(x_MK: torch.Tensor, a_XRK: torch.Tensor, slots_T: 
 
 def triton_sorted_lora_expand(y_MN: torch.Tensor, t_SR: torch.Tensor, b_XNR: torch.Tensor, scale_X: torch.Tensor,
                               slots_T: torch.Tensor, sorted_S: torch.Tensor, expert_ids_B: torch.Tensor,
-                              weights_P: torch.Tensor | None, top_k: int, num_experts: int) -> torch.Tensor:
-    """Same contract as `reference_sorted_lora_expand` (y's rows contiguous): in place; returns y."""
+                              weights_P: torch.Tensor | None, top_k: int, num_experts: int,
+                              bias_EN: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as `reference_sorted_lora_expand` (y's rows contiguous): in place; returns y. `bias_EN` (only
+    with `weights_P` None): each live row's expert bias added to its delta (gate_up's b13 rides the same slot)."""
     if y_MN.stride(-1) != 1 or t_SR.stride(-1) != 1:
         raise ValueError("y_MN and t_SR must have a unit last stride.")
     S, (N, R) = sorted_S.numel(), b_XNR.shape[1:]
@@ -140,9 +149,10 @@ def triton_sorted_lora_expand(y_MN: torch.Tensor, t_SR: torch.Tensor, b_XNR: tor
     BLOCK_R = min(64, triton.next_power_of_2(R))
     _sorted_lora_expand_kernel[(S, triton.cdiv(N, BLOCK_N))](
         y_MN, t_SR, b_XNR, scale_X, slots_T, sorted_S, expert_ids_B, slots_T if weights_P is None else weights_P,
-        num_pairs, top_k, num_experts, N, R, y_MN.stride(0), t_SR.stride(0), b_XNR.stride(0), b_XNR.stride(1),
-        BLOCK_M=S // expert_ids_B.numel(), ROUTED=weights_P is not None, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-        INTERPRET=common.interpreting(y_MN), num_warps=4)
+        scale_X if bias_EN is None else bias_EN, num_pairs, top_k, num_experts, N, R, y_MN.stride(0), t_SR.stride(0),
+        b_XNR.stride(0), b_XNR.stride(1), 0 if bias_EN is None else bias_EN.stride(0),
+        BLOCK_M=S // expert_ids_B.numel(), ROUTED=weights_P is not None, HAS_BIAS=bias_EN is not None,
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, INTERPRET=common.interpreting(y_MN), num_warps=4)
     return y_MN
 
 
@@ -156,6 +166,7 @@ class SortedLoRA:
     down: ExpertLoRA | None
     num_experts: int
     top_k: int
+    b13_EF: torch.Tensor | None = None  # the experts' gate-up bias, added with the delta (the GEMM's bias slot)
 
     def gate_up_rows(self, x_TD: torch.Tensor, sorted_S: torch.Tensor, expert_ids_B: torch.Tensor,
                      inter: int) -> torch.Tensor | None:
@@ -168,7 +179,7 @@ class SortedLoRA:
                                          self.num_experts, gather=True)
         d_SF = common.workspace((S, 2 * inter), torch.float32, x_TD.device)
         return triton_sorted_lora_expand(d_SF, t_SR, self.gate_up.b_XNR, self.gate_up.scale_X, self.slots_T, sorted_S,
-                                         expert_ids_B, None, self.top_k, self.num_experts)
+                                         expert_ids_B, None, self.top_k, self.num_experts, self.b13_EF)
 
     def add_down(self, h_SI: torch.Tensor, y_PD: torch.Tensor, weights_P: torch.Tensor, sorted_S: torch.Tensor,
                  expert_ids_B: torch.Tensor) -> None:
@@ -191,9 +202,6 @@ def triton_lora_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: tor
     _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK)
     E, F, D = w13_EFD.shape
     I = F // 2
-    if gate_up is not None and b13_EF is not None:
-        raise ValueError("b13_EF with a gate_up adapter is not supported: the gate-up GEMM's bias slot carries the "
-                         "adapter's per-row delta (expert adapters are refused on models with expert biases).")
     for name, lora, k_in, n_out in (("gate_up", gate_up, D, F), ("down", down, I, D)):
         if lora is not None:
             _check_lora(name, lora, lora.a_XRK.shape[0], k_in, n_out)
@@ -206,5 +214,7 @@ def triton_lora_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: tor
         return r.out
     w13_EFD, w2_EDI = (t if t.stride(-1) == 1 else t.contiguous() for t in (w13_EFD, w2_EDI))
     cfg = config or get_moe_config(E, I, r.T, r.K, r.x_TD.device)
-    lora = SortedLoRA(slots_T, gate_up, down, E, r.K)
+    lora = SortedLoRA(slots_T, gate_up, down, E, r.K, r.b13_EF)
+    if gate_up is not None:  # b13 rides in gate_up's per-row delta (the GEMM's one bias slot)
+        r = r._replace(b13_EF=None)
     return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), None, cfg, "sum", lora=lora)

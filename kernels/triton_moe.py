@@ -166,7 +166,8 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
                      lora: Any = None) -> torch.Tensor:
     """The sorted path for weights in format `fmt`: x_TD [T, D] (T >= 1, rows contiguous), the flat routing
     weights_P / ids_P [T*K], checked biases and `activation_args`; writes and returns out [T, D] (x's dtype).
-    Module docstring. `lora` (kernels/triton_lora_moe.py `SortedLoRA`, with combine "sum" and no b13): per-expert
+    Module docstring. `lora` (kernels/triton_lora_moe.py `SortedLoRA`, with combine "sum"; b13 None when it has a gate_up delta, which
+    then carries b13): per-expert
     LoRA deltas on the sorted rows, gate_up's added in the gate-up GEMM's epilogue (`ROW_BIAS`), down's to each
     pair's row before the top-k sum."""
     T, D = x_TD.shape
@@ -185,6 +186,8 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
 
     h = fmt.hidden(R, x_TD)
     d_RF = None if lora is None else lora.gate_up_rows(x_TD, sorted_R, expert_ids_B, I)
+    if d_RF is not None and b13_EF is not None:
+        raise ValueError("b13_EF with a gate_up LoRA delta: pass it to the delta (SortedLoRA.b13_EF), not here.")
     bias, has_bias = (b13_EF, b13_EF is not None) if d_RF is None else (d_RF, ROW_BIAS)
     kernel, operands = fmt.up_launch(up, a, h)
     kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](

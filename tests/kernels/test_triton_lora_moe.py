@@ -8,7 +8,7 @@ import torch
 
 from moelink.kernels.lora_moe import (ExpertLoRA, reference_lora_fused_moe, reference_sorted_lora_expand,
                                       reference_sorted_lora_shrink)
-from moelink.kernels.moe import reference_fused_moe
+from moelink.kernels.moe import MoEActivation, reference_fused_moe
 from moelink.kernels.moe_align import moe_align_block_size
 from moelink.kernels.moe_config import MoELaunchConfig
 from moelink.kernels.triton_lora_moe import (triton_lora_fused_moe, triton_sorted_lora_expand,
@@ -108,6 +108,23 @@ def test_lora_fused_moe_matches_merged_weights(R, gen, kdev, check):
     base = triton_lora_fused_moe(dev(x), dev(w13), dev(w2), dev(weights), dev(ids), dev(torch.full((T,), -1)),
                                  on(gate_up), on(down), config=CFG)
     check(base.cpu(), reference_fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids), dtype, "no adapter")
+
+
+def test_lora_fused_moe_with_expert_biases_and_swiglu(gen, kdev, check):
+    """gpt-oss's expert biases and clamped SwiGLU beside both deltas: b13 rides in gate_up's per-row delta (the
+    gate-up GEMM's one bias slot), b2 in the down GEMM; against the plain-torch loop in float64."""
+    dtype = torch.float32
+    x, w13, w2, weights, ids, slots, gate_up, down = _case(gen, 4, dtype)
+    b13, b2 = torch.randn(E, 2 * I, generator=gen), torch.randn(E, D, generator=gen)
+    act = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
+    dbl = lambda lo: ExpertLoRA(lo.a_XRK.double(), lo.b_XNR.double(), lo.scale_X)  # noqa: E731
+    want = reference_lora_fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids, slots, dbl(gate_up),
+                                    dbl(down), b13_EF=b13.double(), b2_ED=b2.double(), activation=act)
+    dev = lambda t: t.to(kdev)  # noqa: E731
+    on = lambda lo: ExpertLoRA(*(dev(t) for t in lo))  # noqa: E731
+    got = triton_lora_fused_moe(dev(x), dev(w13), dev(w2), dev(weights), dev(ids), dev(slots), on(gate_up), on(down),
+                                b13_EF=dev(b13), b2_ED=dev(b2), activation=act, config=CFG)
+    check(got.cpu(), want, dtype, "biases + swiglu_oai")
 
 
 def test_lora_fused_moe_refuses_bad_input(kdev):
