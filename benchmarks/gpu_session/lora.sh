@@ -4,7 +4,7 @@
 # lora: tests/engine/test_gpu_lora_graphs.py (1 test, the tiny Qwen3-MoE in fp32 with two LoRA slots: an eager engine,
 #   then one with decode graphs at 1/2/4/8; one prompt under two adapters and the base in one batch replayed through
 #   padded graphs, then a third adapter loaded into a slot after the capture, then an adapter on the routed experts'
-#   down_proj beside the base (its decode steps replayed: kernels/triton_lora_moe.py captured), each request the
+#   gate_up_proj and down_proj beside the base (its decode steps replayed: kernels/triton_lora_moe.py captured), each request the
 #   eager engine's tokens and logprobs: docs/lora.md). Compiles: the MoE up / down at the decode and prefill buckets
 #   and the LoRA experts' up (ROW_BIAS) / down (6 GEMM), fp32 attention decode split / no split and prefill (3 slow),
 #   LoRA shrink and expand, the experts' sorted shrink and expand, align, sum, merge, KV write, norms, rotary, router

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 
 ADAPTERS = {"attn": (("q_proj", "k_proj", "v_proj", "o_proj"), 1), "qv": (("q_proj", "v_proj"), 2),
             "o": (("o_proj",), 3),  # "o": the adapter first loaded after the graphs were captured
-            "experts": (("q_proj",), 4)}  # and q_proj with the routed experts' down_proj: Triton's path replayed
+            "experts": (("q_proj",), 4)}  # and q_proj with the routed experts' gate_up and down: Triton's path replayed
 
 
 def _llm(path):
@@ -60,7 +60,8 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
         pytest.skip("CPU stand-in for the capture; with a GPU, tests/engine/test_gpu_lora_graphs.py")
     path = tiny_model("qwen3_e6k3")
     reqs = {name: LoRARequest(name, i + 1, random_adapter(path, str(tmp_path / name), targets, 4, 8, seed,
-                                                          experts_down=name == "experts"))
+                                                          experts_down=name == "experts",
+                                                          experts_gate_up=name == "experts"))
             for i, (name, (targets, seed)) in enumerate(ADAPTERS.items())}
     prompt = [random.Random(4).randrange(3, 500) for _ in range(7)]
     first = ([prompt] * 3, [reqs["attn"], reqs["qv"], None], [4, 3, 2])
