@@ -5,7 +5,8 @@ Each GEMM is a scheduler (`sorted_up_gemm`, `sorted_down_gemm`: one program per 
 or PERSISTENT programs that stride over the live tiles only, kernels/moe_schedule.py) around a tile function
 (`_up_tile`, `_down_tile`: one [BLOCK_M, BLOCK_N] output tile). A tile is the same for every format: the block's
 expert (nothing to do for -1) and pair ids, the row and column masks, then the format's K loop, then the epilogue:
-- gate-up: the expert's biases (or, HAS_BIAS = ROW_BIAS, a bias per sorted row: LoRA's deltas), the gated activation (`activation_epilogue`), h stored in sorted row order;
+- gate-up: the expert's biases (or, HAS_BIAS = ROW_BIAS, a bias per sorted row: LoRA's deltas), the gated
+  activation (`activation_epilogue`), h stored in sorted row order;
 - down: the bias, times the routed weight (which scales the bias too), one row per pair (plain stores, summed
   later) or fp32 atomics into the token's row.
 

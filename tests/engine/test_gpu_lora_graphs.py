@@ -2,8 +2,9 @@
 batch mixing two adapters and the base replays padded graphs (each token's slot a static input written before the
 replay, the Triton shrink / expand captured) and gives every request the eager engine's tokens and logprobs; an
 adapter loaded into a slot after the capture is what the next replays read; an adapter on the routed experts'
-gate_up_proj and down_proj beside the base replays too (the experts' LoRA path, kernels/triton_lora_moe.py, captured). The CPU form (Triton interpreter, the
-capture stand-in): tests/kernels/test_lora_graphs.py. Run by the GPU plan's `tests-engine` step."""
+gate_up_proj and down_proj beside the base replays too (the experts' LoRA path, kernels/triton_lora_moe.py,
+captured). The CPU form (Triton interpreter, the capture stand-in): tests/kernels/test_lora_graphs.py. Run by the GPU
+plan's `tests-engine` step."""
 from __future__ import annotations
 
 import os

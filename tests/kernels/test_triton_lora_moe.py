@@ -21,7 +21,8 @@ T, E, K, D, I, L = 11, 4, 2, 24, 20, 3
 
 def _case(gen, R, dtype):
     """Routing with uneven counts (expert 3 none, expert 0 most), a padding pick, slots 0, 1, 2 and -1 mixed."""
-    ids = torch.stack([torch.tensor([0, 0, 0, 1, 2, 0, 1, 0, 2, 0, 1]), torch.tensor([1, 2, 1, 2, 0, 1, 0, 2, 1, 2, -1])], 1)
+    ids = torch.stack([torch.tensor([0, 0, 0, 1, 2, 0, 1, 0, 2, 0, 1]),
+                       torch.tensor([1, 2, 1, 2, 0, 1, 0, 2, 1, 2, -1])], 1)
     weights = torch.rand(T, K, generator=gen)
     slots = torch.tensor([0, 1, 2, -1, 0, 2, 1, -1, 2, 1, 0])
     x = torch.randn(T, D, generator=gen).to(dtype)
@@ -65,7 +66,8 @@ def test_sorted_shrink_expand_match_reference(R, gen, kdev, check):
                                       gather=True)
     check(t_got.cpu(), t_ref, dtype, "sorted shrink (gather)")
     d_ref = reference_sorted_lora_expand(torch.zeros(sorted_S.numel(), 2 * I, dtype=torch.float64), t_ref,
-                                         gate_up.b_XNR.double(), gate_up.scale_X, slots, sorted_S, experts_B, None, K, E)
+                                         gate_up.b_XNR.double(), gate_up.scale_X, slots, sorted_S, experts_B, None,
+                                         K, E)
     d_got = torch.full((sorted_S.numel(), 2 * I), float("nan"), device=kdev)  # every row written, zeros where none
     triton_sorted_lora_expand(d_got, t_ref.float().to(kdev), dev(gate_up.b_XNR), dev(gate_up.scale_X), dev(slots),
                               dev(sorted_S), dev(experts_B), None, K, E)
@@ -107,7 +109,8 @@ def test_lora_fused_moe_matches_merged_weights(R, gen, kdev, check):
                                                  dbl(gate_up), None), dtype, "gate_up only")
     base = triton_lora_fused_moe(dev(x), dev(w13), dev(w2), dev(weights), dev(ids), dev(torch.full((T,), -1)),
                                  on(gate_up), on(down), config=CFG)
-    check(base.cpu(), reference_fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids), dtype, "no adapter")
+    check(base.cpu(), reference_fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids), dtype,
+          "no adapter")
 
 
 def test_lora_fused_moe_with_expert_biases_and_swiglu(gen, kdev, check):
