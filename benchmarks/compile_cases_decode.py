@@ -66,9 +66,31 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
                                       slots_T)
             triton_lora_expand(torch.empty(T, 4096, dtype=dt, **meta), t_TR, torch.empty(L_, 4096, R_, dtype=dt, **meta),
                                slots_T, torch.empty(L_, **meta))
+    with rec.labelled("qwen3-30b-a3b routed experts' LoRA (4 slots of rank 16; decode and prefill)"):
+        launch_lora_moe()
     for name, G, K, logit_dt, args in routers[:1] if quick else routers:
         bias = torch.empty(G, **meta) if args.get("method") == "noaux_tc" else None
         with rec.labelled(f"{name} router top-k ({G} experts, top-{K}), padding mask + expert counts"):
             triton_route_topk(torch.empty(T, G, dtype=logit_dt, **meta), K, **args, bias_G=bias,
                               valid_T=torch.empty(T, dtype=torch.bool, **meta),
                               counts_G=torch.empty(G, dtype=torch.int64, **meta))
+
+
+def launch_lora_moe() -> None:
+    """The routed experts with per-expert LoRA (kernels/triton_lora_moe.py) at qwen3-30b-a3b (128 experts, top-8,
+    D 2048, I 768), 4 slots of rank 16, bf16: a decode batch and a prefill one (the gate-up GEMM's ROW_BIAS variant,
+    the sorted shrink / expand of both tensors)."""
+    from moelink.kernels.lora_moe import ExpertLoRA
+    from moelink.kernels.triton_lora_moe import triton_lora_fused_moe
+
+    meta, dt = dict(device="meta"), torch.bfloat16
+    E, K, D, I, L, R = 128, 8, 2048, 768, 4, 16
+    gate_up = ExpertLoRA(torch.empty(L * E, R, D, dtype=dt, **meta), torch.empty(L * E, 2 * I, R, dtype=dt, **meta),
+                         torch.empty(L * E, **meta))
+    down = ExpertLoRA(torch.empty(L * E, R, I, dtype=dt, **meta), torch.empty(L * E, D, R, dtype=dt, **meta),
+                      torch.empty(L * E, **meta))
+    for T in (8, 2048):
+        triton_lora_fused_moe(torch.empty(T, D, dtype=dt, **meta), torch.empty(E, 2 * I, D, dtype=dt, **meta),
+                              torch.empty(E, D, I, dtype=dt, **meta), torch.empty(T, K, **meta),
+                              torch.empty(T, K, dtype=torch.long, **meta), torch.empty(T, dtype=torch.long, **meta),
+                              gate_up, down)

@@ -44,7 +44,7 @@ No device→host sync anywhere: grids come from shapes only.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -58,7 +58,7 @@ from .moe_config import DEFAULT_TINY, GemmConfig, MoELaunchConfig, get_moe_confi
 from .moe_schedule import gemm_grid
 from .triton_common import cast
 from .triton_moe_float import FloatFormat
-from .triton_moe_gemm import WeightFormat
+from .triton_moe_gemm import ROW_BIAS, WeightFormat
 
 ACT_SILU, ACT_SWIGLU_OAI, ACT_SILU_CLAMP = 0, 1, 2  # the ACT constexpr of the gate-up epilogue
 _ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI, "silu_clamp": ACT_SILU_CLAMP}
@@ -132,10 +132,10 @@ class Routed(NamedTuple):
     K: int
 
     def sorted(self, fmt: WeightFormat, expert_map_G: torch.Tensor | None, cfg: MoELaunchConfig,
-               combine: str) -> torch.Tensor:
+               combine: str, lora: Any = None) -> torch.Tensor:
         """`sorted_fused_moe` of these inputs with weights in format `fmt`."""
         return sorted_fused_moe(fmt, self.x_TD, self.weights_P, self.ids_P, expert_map_G, self.K, cfg, self.out, combine,
-                                self.b13_EF, self.b2_ED, self.act_args)
+                                self.b13_EF, self.b2_ED, self.act_args, lora)
 
 
 def routed(x_TD: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int, inter: int,
@@ -162,10 +162,14 @@ def _gemm_constexprs(bm: int, g: GemmConfig, k_dim: int) -> dict:
 def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Tensor, ids_P: torch.Tensor,
                      expert_map_G: torch.Tensor | None, top_k: int, cfg: MoELaunchConfig, out: torch.Tensor,
                      combine: str, b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
-                     act_args: tuple[int, float, float] = (ACT_SILU, SILU.alpha, SILU.limit)) -> torch.Tensor:
+                     act_args: tuple[int, float, float] = (ACT_SILU, SILU.alpha, SILU.limit),
+                     lora: Any = None) -> torch.Tensor:
     """The sorted path for weights in format `fmt`: x_TD [T, D] (T >= 1, rows contiguous), the flat routing
     weights_P / ids_P [T*K], checked biases and `activation_args`; writes and returns out [T, D] (x's dtype).
-    Module docstring."""
+    Module docstring. `lora` (kernels/triton_lora_moe.py `SortedLoRA`, with combine "sum"; b13 None when it has a gate_up delta, which
+    then carries b13): per-expert
+    LoRA deltas on the sorted rows, gate_up's added in the gate-up GEMM's epilogue (`ROW_BIAS`), down's to each
+    pair's row before the top-k sum."""
     T, D = x_TD.shape
     E, I = fmt.num_experts, fmt.inter
     dev, dt = x_TD.device, x_TD.dtype
@@ -181,13 +185,19 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
                  num_experts=E, top_k=top_k)
 
     h = fmt.hidden(R, x_TD)
+    d_RF = None if lora is None else lora.gate_up_rows(x_TD, sorted_R, expert_ids_B, I)
+    if d_RF is not None and b13_EF is not None:
+        raise ValueError("b13_EF with a gate_up LoRA delta: pass it to the delta (SortedLoRA.b13_EF), not here.")
+    bias, has_bias = (b13_EF, b13_EF is not None) if d_RF is None else (d_RF, ROW_BIAS)
     kernel, operands = fmt.up_launch(up, a, h)
     kernel[(gemm_grid(R // BM * triton.cdiv(I, up.BLOCK_SIZE_N), up.PERSISTENT, dev),)](
-        **align, inter=I, hidden=D, b13_ptr=x_TD if b13_EF is None else b13_EF,
-        stride_be=0 if b13_EF is None else b13_EF.stride(0), alpha=alpha, limit=limit,
-        **{**_gemm_constexprs(BM, up, D), "HAS_BIAS": b13_EF is not None, "ACT": act, **flags, **operands})
+        **align, inter=I, hidden=D, b13_ptr=x_TD if bias is None else bias,
+        stride_be=0 if bias is None else bias.stride(0), alpha=alpha, limit=limit,
+        **{**_gemm_constexprs(BM, up, D), "HAS_BIAS": has_bias, "ACT": act, **flags, **operands})
 
     atomic = combine == "atomic"
+    if lora is not None and atomic:
+        raise ValueError("combine='atomic' is invalid with LoRA deltas: they are added to each pair's row.")
     if atomic:
         y = out if (dt == torch.float32 and out.is_contiguous()) else common.workspace((T, D), torch.float32, dev)
         y.zero_()
@@ -198,6 +208,8 @@ def sorted_fused_moe(fmt: WeightFormat, x_TD: torch.Tensor, weights_P: torch.Ten
         **align, hidden=D, inter=I, b2_ptr=weights_P if b2_ED is None else b2_ED,
         stride_be=0 if b2_ED is None else b2_ED.stride(0), weights_ptr=weights_P, y_ptr=y, stride_yr=y.stride(0),
         **{**_gemm_constexprs(BM, down, I), "ATOMIC": atomic, "HAS_BIAS": b2_ED is not None, **flags, **operands})
+    if lora is not None:
+        lora.add_down(h[0], y, weights_P, sorted_R, expert_ids_B)
     if atomic:
         if y is not out:
             out.copy_(y)

@@ -5,7 +5,8 @@ Each GEMM is a scheduler (`sorted_up_gemm`, `sorted_down_gemm`: one program per 
 or PERSISTENT programs that stride over the live tiles only, kernels/moe_schedule.py) around a tile function
 (`_up_tile`, `_down_tile`: one [BLOCK_M, BLOCK_N] output tile). A tile is the same for every format: the block's
 expert (nothing to do for -1) and pair ids, the row and column masks, then the format's K loop, then the epilogue:
-- gate-up: the expert's biases, the gated activation (`activation_epilogue`), h stored in sorted row order;
+- gate-up: the expert's biases (or, HAS_BIAS = ROW_BIAS, a bias per sorted row: LoRA's deltas), the gated
+  activation (`activation_epilogue`), h stored in sorted row order;
 - down: the bias, times the routed weight (which scales the bias too), one row per pair (plain stores, summed
   later) or fp32 atomics into the token's row.
 
@@ -43,6 +44,9 @@ from . import triton_common as common
 from .moe_config import GemmConfig, MoELaunchConfig
 from .moe_schedule import _grouped_pids, _tile_pids
 from .triton_common import activation_epilogue, cast
+
+
+ROW_BIAS = 2  # HAS_BIAS of the gate-up GEMM: a bias per sorted row [R, F] (LoRA's deltas), not per expert
 
 
 @triton.jit
@@ -146,7 +150,11 @@ def _up_tile(pid_m, pid_n, rows, epi, x_ops, w_ops, h_ops, UP_LOOP: tl.constexpr
         a_ptrs = x_ops[0] + tok_m[:, None] * x_ops[1] + tl.arange(0, BLOCK_K)[None, :]
         acc_g, acc_u = UP_LOOP(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pid_n, inter, hidden,
                                BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, FMT, INTERPRET, PREC)
-        if HAS_BIAS:
+        if HAS_BIAS == 2:  # ROW_BIAS: each sorted row's own (kernels/triton_lora_moe.py's pre-activation deltas)
+            b_rows = b_ptr + offs_m[:, None].to(tl.int64) * stride_be + offs_n[None, :]
+            acc_g += tl.load(b_rows, mask=n_ok[None, :], other=0.0).to(tl.float32)
+            acc_u += tl.load(b_rows + inter, mask=n_ok[None, :], other=0.0).to(tl.float32)
+        elif HAS_BIAS:
             b_row = b_ptr + expert.to(tl.int64) * stride_be
             acc_g = _add_bias(acc_g, b_row, offs_n, n_ok)
             acc_u = _add_bias(acc_u, b_row + inter, offs_n, n_ok)

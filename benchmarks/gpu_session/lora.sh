@@ -3,15 +3,17 @@
 #
 # lora: tests/engine/test_gpu_lora_graphs.py (1 test, the tiny Qwen3-MoE in fp32 with two LoRA slots: an eager engine,
 #   then one with decode graphs at 1/2/4/8; one prompt under two adapters and the base in one batch replayed through
-#   padded graphs, then a third adapter loaded into a slot after the capture, each request the eager engine's tokens
-#   and logprobs: docs/lora.md). Compiles: the MoE up / down at the decode and prefill buckets (4 GEMM), fp32
-#   attention decode split / no split and prefill (3 slow), LoRA shrink and expand, align, sum, merge, KV write,
-#   norms, rotary, router top-k, SiLU-mul (12 other); run 45 s (an estimate, not yet run on a GPU: two tiny engine
-#   starts with warm-up, the second capturing 4 graphs, ~40 decode steps).
-LORA_GEMM=4
+#   padded graphs, then a third adapter loaded into a slot after the capture, then an adapter on the routed experts'
+#   gate_up_proj and down_proj beside the base (its decode steps replayed: kernels/triton_lora_moe.py captured), each request the
+#   eager engine's tokens and logprobs: docs/lora.md). Compiles: the MoE up / down at the decode and prefill buckets
+#   and the LoRA experts' up (ROW_BIAS) / down (6 GEMM), fp32 attention decode split / no split and prefill (3 slow),
+#   LoRA shrink and expand, the experts' sorted shrink and expand, align, sum, merge, KV write, norms, rotary, router
+#   top-k, SiLU-mul (14 other); run 60 s (an estimate, not yet run on a GPU: two tiny engine starts with warm-up,
+#   the second capturing 4 graphs, ~50 decode steps).
+LORA_GEMM=6
 LORA_SLOW=3
-LORA_OTHER=12
-LORA_RUN_S=45
+LORA_OTHER=14
+LORA_RUN_S=60
 step_lora() {
   local a
   for a in "$@"; do

@@ -1,13 +1,16 @@
-"""Routed experts with per-expert LoRA, the plain-torch path (kernels/moe.py's reference loop with the adapters'
-deltas inside): for each local expert e and the (token, e) pairs routed to it, gate_up = x W13_e^T + LoRA(gate_up)
-and y = act(gate_up) W2_e^T + LoRA(down), each pair's adapter its token's. The LoRA deltas run through the kernels'
-shrink / expand over the stacks of a piece (slot s, expert e at row s E + e), so a batch mixes adapters per pair.
+"""Routed experts with per-expert LoRA: the hook a MoE layer runs in place of its expert kernels for a step whose
+rows' adapters target its experts. The work is the kernel backend's `lora_fused_moe` (kernels/ops_lora.py), the one
+strategy chosen with the backend: on a GPU (Triton) the sorted fused MoE with the deltas on its sorted rows
+(kernels/triton_lora_moe.py: no host loop, no sync, so a decode CUDA graph captures it); on a CPU the plain-torch
+loop over the local experts with the deltas inside (kernels/lora_moe.py). Either way, for expert e's (token, e)
+pairs, gate_up = x W13_e^T + LoRA(gate_up), the activation, y = act W2_e^T + LoRA(down), each pair's adapter its
+token's; an expert tensor's stacks hold slot s, expert e at row s E + e.
 
-Legend: T tokens, K experts per token, E local experts, D hidden, I expert intermediate, F = 2I, n an expert's pairs.
+Legend: T tokens, K experts per token, E local experts, D hidden, I expert intermediate, F = 2I.
 
-Why a path of its own, not the fused expert kernels: their grouped GEMMs take one weight per expert; the adapters'
-deltas sit between the two GEMMs (before the activation), so a fused LoRA expert kernel is its own kernel (the GPU
-plan: docs/lora.md). Used only for a step where a row's adapter targets this layer's experts.
+Why a path of its own, not the layer's expert kernels: the adapters' deltas sit inside the expert, between the two
+GEMMs (before the activation), and each pair's adapter is its token's. Used only for a step where a row's adapter
+targets this layer's experts, or (a backend whose path graphs capture) every forward a decode graph captures.
 """
 from __future__ import annotations
 
@@ -15,9 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from moelink.kernels.moe import SILU, MoEActivation, per_expert, sort_pairs
+from moelink.kernels.lora_moe import ExpertLoRA
 
 from .layer import LoRAPiece, LoRAStep
 
@@ -34,10 +36,12 @@ class ExpertsLoRA:
     down: LoRAPiece
 
     def active(self) -> bool:
-        """Whether this step runs the layer's experts with LoRA (a row of an adapter that targets them)."""
+        """Whether this forward runs the layer's experts with LoRA: a row of an adapter that targets them, or the
+        forward a decode graph captures when the backend's path has no host loop (`in_graphs`)."""
         step = self.step
-        return (step.slots_T is not None and step.experts and not step.captured
-                and bool(self.gate_up.covered or self.down.covered))
+        if step.captured:
+            return in_graphs(self.kernels)
+        return step.slots_T is not None and step.experts and bool(self.gate_up.covered or self.down.covered)
 
     def token_slots(self) -> torch.Tensor | None:
         """The step's tokens' slots (long [T], -1: none; None: no row has an adapter)."""
@@ -54,33 +58,21 @@ class ExpertsLoRA:
         slots_T = self.step.slots_T if slots_T is None else slots_T
         assert slots_T is not None  # active(), or the dispatch's slots
         return lora_fused_moe(self.kernels, x_TD, layer.w13_EFD, layer.w2_EDI, weights_TK, ids_TK, slots_T,
-                              self.gate_up, self.down, self.num_experts, **layer._extras())
+                              self.gate_up, self.down, every=self.step.captured, **layer._extras())
+
+
+def in_graphs(kernels: Any) -> bool:
+    """Whether the backend's `lora_fused_moe` may be captured by a decode CUDA graph (kernels/ops_lora.py)."""
+    return bool(getattr(kernels, "lora_experts_in_graphs", False))
 
 
 def lora_fused_moe(kernels: Any, x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor,
                    weights_TK: torch.Tensor, ids_TK: torch.Tensor, slots_T: torch.Tensor, gate_up: LoRAPiece,
-                   down: LoRAPiece, num_experts: int, *, b13_EF: torch.Tensor | None = None,
-                   b2_ED: torch.Tensor | None = None, activation: MoEActivation = SILU) -> torch.Tensor:
+                   down: LoRAPiece, *, every: bool = False, **extras: Any) -> torch.Tensor:
     """out[t] = Σ_k w[t,k] · expert_{ids[t,k]}(x[t]) with each expert's gate_up_proj and down_proj carrying the
-    adapter of slots[t] (none where -1); [T, D] in x's dtype. Ids -1 (padding) contribute nothing."""
-    top_k = ids_TK.shape[1]
-    out_TD = torch.zeros_like(x_TD)
-    _, order_P, counts_E = sort_pairs(ids_TK, num_experts)
-    weights_P = weights_TK.reshape(-1)
-    for e, pairs_n, tok_n in per_expert(order_P, counts_E.tolist(), top_k):  # host sync: the counts drive the loop
-        x_nD = x_TD.index_select(0, tok_n)
-        slot_n = slots_T.index_select(0, tok_n)
-        row_n = torch.where(slot_n >= 0, slot_n * num_experts + e, torch.full_like(slot_n, -1))  # its stack row
-        h_nF = F.linear(x_nD, w13_EFD[e], None if b13_EF is None else b13_EF[e])
-        if gate_up.covered:
-            t_nR = kernels.lora_shrink(x_nD, gate_up.a_XRK, row_n)
-            kernels.lora_expand(h_nF, t_nR, gate_up.b_XNR, row_n, gate_up.scale_X)
-        gate_nI, up_nI = h_nF.chunk(2, dim=-1)
-        a_nI = activation(gate_nI, up_nI)
-        y_nD = F.linear(a_nI, w2_EDI[e], None if b2_ED is None else b2_ED[e])
-        if down.covered:
-            t_nR = kernels.lora_shrink(a_nI, down.a_XRK, row_n)
-            kernels.lora_expand(y_nD, t_nR, down.b_XNR, row_n, down.scale_X)
-        y_nD = y_nD * weights_P.index_select(0, pairs_n)[:, None].to(y_nD.dtype)
-        out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
-    return out_TD
+    adapter of slots[t] (none where -1); [T, D] in x's dtype. A piece no slot's adapter covers adds nothing and is
+    skipped, unless `every` (a captured forward: which slots cover it is known only at replay; it holds zeros)."""
+    def of(p: LoRAPiece) -> ExpertLoRA | None:
+        return ExpertLoRA(p.a_XRK, p.b_XNR, p.scale_X) if every or p.covered else None
+
+    return kernels.lora_fused_moe(x_TD, w13_EFD, w2_EDI, weights_TK, ids_TK, slots_T, of(gate_up), of(down), **extras)

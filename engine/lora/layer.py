@@ -24,7 +24,9 @@ class LoRAStep:
     `captured`: the forward a decode graph captures (engine/rank/cuda_graph.py): `slots_T` is the graph's static
     slot buffer, written before each replay, and every piece runs, covered or not, since which slots cover a piece
     is known only when the graph replays (a piece no slot's adapter targets holds zeros: its delta adds 0); the
-    experts' LoRA path (a host loop) is never captured: a step whose rows' adapters target experts runs eagerly."""
+    experts' LoRA path is captured (every layer's, both tensors) only on a backend whose path has no host loop
+    (Triton, engine/lora/experts.py `in_graphs`); with the plain-torch loop a step whose rows' adapters target
+    experts runs eagerly."""
 
     slots_T: torch.Tensor | None = None
     carry: bool = False

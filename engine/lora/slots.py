@@ -251,7 +251,7 @@ class LoRASlots:
 
     def rows_cover_experts(self, slots_S: list[int]) -> bool:
         """Whether an adapter of these rows' slots targets routed experts (the step then runs the experts' LoRA
-        path: eagerly, never a decode graph)."""
+        path: in a decode graph only on a backend whose path has no host loop, engine/lora/experts.py `in_graphs`)."""
         used = {s for s in slots_S if s >= 0}
         return any(used & self.pieces[n].covered for n in self.expert_of)
 

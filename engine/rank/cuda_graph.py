@@ -52,8 +52,10 @@ no adapter -1: the shrink / expand kernels skip them), as vLLM captures its LoRA
 adapter index an input. The captured forward runs every targeted piece's shrink / expand whatever the slots then
 held (a piece no slot's adapter targets holds zeros and adds 0), and the adapters' A / B / scales are fixed device
 slots written in place, so an adapter loaded into a slot after the capture is what the next replay reads: nothing is
-re-captured. A step without adapters replays the same graphs (its LoRA kernels see only -1 rows); a step whose
-rows' adapters target routed experts runs eagerly (the experts' LoRA path loops over experts on the host).
+re-captured. A step without adapters replays the same graphs (its LoRA kernels see only -1 rows). With the Triton
+kernels the captured forward runs the routed experts' LoRA path too (kernels/triton_lora_moe.py: no host loop), so a
+step whose rows' adapters target routed experts replays as well; with the plain-torch path (its loop over experts
+syncs on the host) such a step runs eagerly (engine/rank/lora_targets.py `LoRAStepPlan.graphable`).
 
 Memory: graphs are captured after the KV cache took its share of
 gpu_memory_utilization, so they (a shared pool of tens of MB for decode

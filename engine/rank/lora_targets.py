@@ -12,6 +12,7 @@ from moelink.moe.expert_weights import FloatExperts
 
 from ..config.lora import LoRAConfig
 from ..lora.adapter import EXPERT_NAME, model_targets
+from ..lora.experts import in_graphs
 from ..lora.slots import ExpertTarget, LoRASlots, LoRATarget
 from ..models.linear import lora_targets
 
@@ -52,12 +53,15 @@ class LoRAStepPlan:
     slots_T: np.ndarray | None = None
     carry: bool = False
     experts: bool = False
+    experts_in_graphs: bool = False
 
     @property
     def graphable(self) -> bool:
         """Whether the step may replay a decode graph: a graph captures the linears' LoRA (its slots a static
-        input), not the experts' LoRA path (a host loop over experts) nor a dispatch carrying slots."""
-        return not (self.carry or self.experts)
+        input) and, on a backend whose experts' LoRA path has no host loop (Triton: engine/lora/experts.py
+        `in_graphs`), the experts'; not the plain-torch experts' path (a host loop over experts) nor a dispatch
+        carrying slots (EP)."""
+        return not (self.carry or (self.experts and not self.experts_in_graphs))
 
 
 def plan_lora_step(slots: LoRASlots, slots_S: list[int] | None, query_lens: list[int] | None,
@@ -67,7 +71,8 @@ def plan_lora_step(slots: LoRASlots, slots_S: list[int] | None, query_lens: list
     carry = ep and slots.experts_covered()
     if slots_S is None or query_lens is None:
         return LoRAStepPlan(loads, None, carry)
-    return LoRAStepPlan(loads, slots.token_slots(slots_S, query_lens), carry, slots.rows_cover_experts(slots_S))
+    return LoRAStepPlan(loads, slots.token_slots(slots_S, query_lens), carry, slots.rows_cover_experts(slots_S),
+                        in_graphs(slots.kernels))
 
 
 def begin_lora_step(slots: LoRASlots, plan: LoRAStepPlan, replay: bool = False) -> None:

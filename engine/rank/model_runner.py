@@ -448,7 +448,7 @@ class ModelRunner:
             for r, st in enumerate(picked):
                 st.pending = (handle, r)  # the next step reads this token on the device
         # Given routing runs eagerly (a graph does not replay it; under EP with graphs the engine refuses it).
-        # LoRA: a graph replays the linears' adapters, not the experts' LoRA path (LoRAStepPlan.graphable).
+        # LoRA: a graph replays the linears' adapters, and the experts' with the Triton path (LoRAStepPlan.graphable).
         graph_batch = (self._graph_batch(so, query_lens, inp.seq_lens)
                        if replay is None and (lora is None or lora.graphable) else None)
         staged = None

@@ -40,12 +40,13 @@ def peft_greedy(base: str, adapter: str | None, prompts: list[list[int]], max_ne
 
 
 def random_adapter(base: str, out: str, targets: tuple[str, ...], r: int, alpha: float, seed: int,
-                   experts_down: bool = False) -> str:
+                   experts_down: bool = False, experts_gate_up: bool = False) -> str:
     """An adapter in peft's published layout (adapter_config.json, adapter_model.safetensors: `base_model.model.<module>
     .lora_A.weight` [r, K], `.lora_B.weight` [N, r]) on every linear of `base` whose name ends in one of `targets`, A and
     B random (N(0, 0.3), float32), written without peft: for tests whose oracle is another engine run (the graph tests),
     not peft's math. `experts_down`: on every MoE layer's routed experts' down_proj too (peft's fused-expert layout:
-    A [r E, I], B [D, r E], target_parameters)."""
+    A [r E, I], B [D, r E], target_parameters); `experts_gate_up`: on their gate_up_proj (A [r E, D], B [2I, r E];
+    with both, nested under `base_layer` as peft nests the first of two target_parameters)."""
     import json
     from pathlib import Path
 
@@ -60,6 +61,10 @@ def random_adapter(base: str, out: str, targets: tuple[str, ...], r: int, alpha:
         if module.rsplit(".", 1)[-1] in targets:
             tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, k, generator=g) * 0.3
             tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n, r, generator=g) * 0.3
+    for module, (e, d, i) in sorted(held.experts.items()) if experts_gate_up else ():
+        nested = f"{module}.base_layer" if experts_down else module
+        tensors[f"base_model.model.{nested}.lora_A.weight"] = torch.randn(r * e, d, generator=g) * 0.3
+        tensors[f"base_model.model.{nested}.lora_B.weight"] = torch.randn(2 * i, r * e, generator=g) * 0.3
     for module, (e, d, i) in sorted(held.experts.items()) if experts_down else ():
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r * e, i, generator=g) * 0.3
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(d, r * e, generator=g) * 0.3
@@ -68,5 +73,6 @@ def random_adapter(base: str, out: str, targets: tuple[str, ...], r: int, alpha:
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps(dict(
         peft_type="LORA", r=r, lora_alpha=alpha, target_modules=list(targets),
-        target_parameters=["mlp.experts.down_proj"] if experts_down else [])))
+        target_parameters=(["mlp.experts.gate_up_proj"] if experts_gate_up else [])
+        + (["mlp.experts.down_proj"] if experts_down else []))))
     return out

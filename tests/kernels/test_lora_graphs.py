@@ -5,7 +5,9 @@ static buffers), the kernels (LoRA's shrink / expand too) in the Triton interpre
 One pair of engines on the tiny Qwen3-MoE with two LoRA slots: eager, and with decode graphs at 1 / 2 / 4. The oracle
 is the eager engine (the same kernels, each step's slots its own inputs): one prompt under two adapters and the base
 in one batch (3 rows on the size-4 graph, one padding row, then sizes 2 and 1 as they finish), then a third adapter,
-loaded into a slot after the capture, beside the first. tests/engine/test_gpu_lora_graphs.py captures real graphs."""
+loaded into a slot after the capture, beside the first, then an adapter on the routed experts beside the base (the
+experts' LoRA path through kernels/triton_lora_moe.py, replayed too; its eager run equals the plain-torch path's).
+tests/engine/test_gpu_lora_graphs.py captures real graphs."""
 from __future__ import annotations
 
 import random
@@ -13,6 +15,7 @@ import random
 import pytest
 
 from moelink.engine import LLM, LoRARequest, SamplingParams
+from moelink.kernels.lora_moe import reference_lora_fused_moe
 
 from tests.helpers.graph_replays import Replay, count_replays
 from tests.helpers.lora_peft import random_adapter
@@ -21,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 
 ADAPTERS = {"attn": (("q_proj", "k_proj", "v_proj", "o_proj"), 1), "qv": (("q_proj", "v_proj"), 2),
             "o": (("o_proj",), 3),  # "o": the adapter first loaded after the graphs were captured
-            "experts": (("q_proj",), 4)}  # and q_proj with the routed experts' down_proj: its steps run eagerly
+            "experts": (("q_proj",), 4)}  # and q_proj with the routed experts' gate_up and down: Triton's path replayed
 
 
 def _llm(path):
@@ -51,12 +54,14 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
     and 1 gives every request the eager engine's tokens and logprobs (to 1e-5, float32: test_decode_graphs.py's
     rounding of a padded batch); an adapter loaded into a slot after the
     capture (evicting one) is what the next replays read; every size served a step; a step with an adapter on the
-    routed experts runs eagerly."""
+    routed experts replays its graph too (the Triton experts' LoRA path: no host loop), and eagerly that adapter's
+    tokens and logprobs through the Triton path equal the plain-torch loop's (kernels/lora_moe.py)."""
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, tests/engine/test_gpu_lora_graphs.py")
     path = tiny_model("qwen3_e6k3")
     reqs = {name: LoRARequest(name, i + 1, random_adapter(path, str(tmp_path / name), targets, 4, 8, seed,
-                                                          experts_down=name == "experts"))
+                                                          experts_down=name == "experts",
+                                                          experts_gate_up=name == "experts"))
             for i, (name, (targets, seed)) in enumerate(ADAPTERS.items())}
     prompt = [random.Random(4).randrange(3, 500) for _ in range(7)]
     first = ([prompt] * 3, [reqs["attn"], reqs["qv"], None], [4, 3, 2])
@@ -64,9 +69,20 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
     third = ([prompt] * 2, [reqs["experts"], None], [2, 2])
     eager = _llm(path)
     try:
-        want = [_run(eager, *first), _run(eager, *second), _run(eager, *third)]
+        want = [_run(eager, *first), _run(eager, *second)]
+        kernels = eager.engine.executor.worker.runner.lora.kernels
+        fused = kernels.lora_fused_moe
+        calls = []
+        kernels.lora_fused_moe = lambda *a, **k: calls.append(1) or fused(*a, **k)
+        want.append(_run(eager, *third))
+        assert calls, "the experts' LoRA path did not run the Triton kernels"
+        kernels.lora_fused_moe = reference_lora_fused_moe  # the plain-torch loop, the CPU path
+        plain = _run(eager, *third)
     finally:
         eager.shutdown()
+    for (tok_w, lps_w), (tok_p, lps_p) in zip(want[2], plain):
+        assert tok_w == tok_p
+        assert max(abs(lw[t] - lp[t]) for lw, lp in zip(lps_w, lps_p) for t in lw) < 1e-5
     tokens = [t for run in want for t, _ in run]
     assert all(tokens[i][:2] != tokens[2] for i in (0, 1, 3, 5)), \
         f"an adapter does not move the greedy tokens from the base's: a weak test ({tokens})"
@@ -87,7 +103,7 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
         assert reqs["o"].lora_int_id in {s.lora_int_id for s in runner.lora.slots}
         before = dict(replays)
         got_third = _run(llm, *third)
-        assert replays == before, replays  # a row's adapter targets routed experts: eager (their LoRA loops on host)
+        assert replays[2] >= before[2] + 1, replays  # a row's adapter targets routed experts: replayed all the same
     finally:
         llm.shutdown()
     for run_w, run_g in zip(want, [got_first, got_second, got_third]):

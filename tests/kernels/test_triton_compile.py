@@ -32,13 +32,16 @@ def test_all_kernels_compile_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     names = {c["name"] for c in compiled}
-    # Batch-invariant mode's kernels (kernels/batch_invariant_triton.py), for sm_90 and sm_100: no spills.
+    # Batch-invariant mode's kernels (kernels/batch_invariant_triton.py) and the experts' LoRA pipeline
+    # (kernels/triton_lora_moe.py), for sm_90 and sm_100: no spills.
     bi = [c for c in compiled if c.get("spill_stores") is not None]
     assert {(c["name"], c["arch"]) for c in bi} >= {(n, a) for n in ("_bi_split_kernel", "_bi_merge_kernel",
                                                                        "_bi_matmul_kernel", "_moe_up_kernel",
                                                                        "_moe_down_kernel") for a in (90, 100)}, bi
     spilling = [c for c in bi if c["spill_stores"] or c["spill_loads"]]
     assert not spilling, f"batch-invariant kernels spill: {spilling}"
+    assert {(c["name"], c["arch"]) for c in bi} >= {(n, a) for n in ("_sorted_lora_shrink_kernel",
+                                                                       "_sorted_lora_expand_kernel") for a in (90, 100)}
     assert names >= {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel",
                      "_moe_sum_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel",
                      "_plan_kernel", "_merge_plan_kernel",
@@ -148,6 +151,7 @@ def _compile_all() -> list[dict]:
     for arch in (90, 100):
         stand_in.arch = arch
         _compile_batch_invariant(arch)
+        _compile_lora_moe()
     return compiled
 
 
@@ -169,6 +173,15 @@ def _ptxas_spills(ptx: str, arch: int) -> dict:
     if m is None:
         raise RuntimeError(f"ptxas -v gave no spill line for {target}: {log[-2000:]}")
     return dict(spill_stores=int(m[1]), spill_loads=int(m[2]))
+
+
+def _compile_lora_moe() -> None:
+    """The routed experts with per-expert LoRA (kernels/triton_lora_moe.py: the sorted shrink / expand and the
+    gate-up GEMM's ROW_BIAS variant) at Qwen3-30B-A3B (128 experts, top-8, D 2048, I 768), 4 slots of rank 16, bf16,
+    a decode and a prefill batch."""
+    from moelink.benchmarks.compile_cases_decode import launch_lora_moe
+
+    launch_lora_moe()
 
 
 def _compile_batch_invariant(arch: int) -> None:
