@@ -208,9 +208,11 @@ def test_an_http_port_another_server_holds_is_one_clear_error_before_weights_loa
 
 
 def test_worker_url_dials_wildcard_binds_on_loopback():
-    assert gateway_mod.worker_url("0.0.0.0", 5) == "grpc://127.0.0.1:5"
-    assert gateway_mod.worker_url("::", 5) == "grpc://[::1]:5"
-    assert gateway_mod.worker_url("10.0.0.2", 5) == "grpc://10.0.0.2:5"
+    from moelink.engine.server.gateway.managed import worker_url
+
+    assert worker_url("0.0.0.0", 5) == "grpc://127.0.0.1:5"
+    assert worker_url("::", 5) == "grpc://[::1]:5"
+    assert worker_url("10.0.0.2", 5) == "grpc://10.0.0.2:5"
 
 
 def test_make_serve_uses_the_managed_gateway_and_prints_both_client_examples():
