@@ -1,7 +1,8 @@
 """The machine's CPU use through a test run, for finding where the cores stand idle (issue 55).
 
 `MOELINK_TEST_CPU_SAMPLES=FILE make test PYTEST_ARGS=--junitxml=OUT.xml` makes the pytest controller (tests/conftest.py)
-append one line per second to FILE: the epoch time and the busy cores over that second, from /proc/stat (every
+write one line per second to FILE (a new file: a pytest that a test runs, with the variable inherited, finds it
+there and samples nothing): the epoch time and the busy cores over that second, from /proc/stat (every
 process of the machine: the workers, their Ray ranks, servers and forked children). `python -m
 tests.helpers.junit_times OUT.xml --idle FILE` then gives each file the idle core-seconds of the seconds its tests
 ran, shared among the tests running at that moment (a test that waits on a subprocess while the other worker runs a
@@ -38,7 +39,11 @@ class Sampler:
         last = _jiffies()
         if last is None:
             return
-        with open(self.path, "w") as out:
+        try:  # the first sampler of the run owns the file: a pytest a test runs (its env inherited) samples nothing
+            out = open(self.path, "x")
+        except FileExistsError:
+            return
+        with out:
             while not self._stop.wait(self.every_s):
                 now = _jiffies()
                 if now is None:
@@ -62,8 +67,9 @@ def start(path: str) -> Sampler:
 def read(path: str) -> list[tuple[float, float]]:
     """(epoch, busy cores over the second before it), in order."""
     rows = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
-            t, busy = line.split()
-            rows.append((float(t), float(busy)))
+            fields = line.replace("\0", "").split()
+            if len(fields) == 2:  # a line cut by a crash is skipped
+                rows.append((float(fields[0]), float(fields[1])))
     return rows
