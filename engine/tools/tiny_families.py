@@ -185,6 +185,24 @@ def save_drawn_preset(out: Path, preset: Preset, seed: int = 0, dtype: torch.dty
     return save_model(model, out, cfg, dtype, fused)
 
 
+def random_module(template: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random values for an MTP module's tensors, shaped and typed as `template`'s (name -> a tensor of that shape):
+    norms near 1, matrices fan-in scaled (the router's twice as large, so routing is decided), correction and
+    expert biases small; the module's own generator (seed + 7919), so the main model's values are untouched."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in sorted(template.items()):
+        x = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        if name.endswith(("expert_bias", "e_score_correction_bias")):
+            x = 0.05 * x
+        elif t.dim() == 1:
+            x = 1 + 0.2 * x
+        else:
+            x = x * (2.0 if name.endswith("mlp.gate.weight") else 1.0) / t.shape[-1] ** 0.5
+        tensors[name] = x.to(t.dtype)
+    return tensors
+
+
 def write_mtp_module(out: str | Path, template: str, prefix: str, own: Mapping[str, str], *, seed: int,
                      skip: tuple[str, ...] = (), count_in: str = "") -> None:
     """Append one MTP module to the tiny checkpoint in `out` (transformers neither builds nor saves the 2026
@@ -208,18 +226,7 @@ def write_mtp_module(out: str | Path, template: str, prefix: str, own: Mapping[s
     norm = shapes[prefix + "input_layernorm.weight"]
     D = norm.shape[0]
     shapes.update({prefix + n: norm if kind == "norm" else norm.new_zeros(D, 2 * D) for n, kind in own.items()})
-    gen = torch.Generator().manual_seed(seed + 7919)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in sorted(shapes.items()):
-        x = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-        if name.endswith(("expert_bias", "e_score_correction_bias")):
-            x = 0.05 * x
-        elif t.dim() == 1:
-            x = 1 + 0.2 * x
-        else:
-            x = x * (2.0 if name.endswith("mlp.gate.weight") else 1.0) / t.shape[-1] ** 0.5
-        tensors[name] = x.to(t.dtype)
-    save_file(tensors, str(out / "mtp.safetensors"), metadata={"format": "pt"})
+    save_file(random_module(shapes, seed), str(out / "mtp.safetensors"), metadata={"format": "pt"})
     umask_mode([out / "mtp.safetensors"])
     raw = json.loads((out / "config.json").read_text())
     (raw[count_in] if count_in else raw)["num_nextn_predict_layers"] = 1
@@ -307,6 +314,6 @@ INT4_TINY: dict[str, tuple[str, str, dict]] = {
 }
 
 
-__all__ = ["FP8_TINY", "INT4_TINY", "MAX_POS", "NVFP4_TINY", "Preset", "QUANT_FORMATS", "TinyArch", "VOCAB", "WINDOW",
+__all__ = ["FP8_TINY", "INT4_TINY", "MAX_POS", "NVFP4_TINY", "Preset", "QUANT_FORMATS", "random_module", "TinyArch", "VOCAB", "WINDOW",
            "build_hf_model", "preset_config", "preset_writer", "save_drawn_preset", "save_model", "save_preset",
            "save_tokenizer", "write_mtp_module"]

@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from moelink.engine import LLM
-from moelink.engine.rl.trainer import TrainerGroup
 from moelink.engine.rl.weights import check_named_tensors
 
-from tests.engine.test_weight_updates_distributed import _tensors, _Trainer
-from tests.engine.test_weight_updates_quantized import KW, quantized_pair, run, vocab
-from tests.helpers.net import free_port
+from tests.engine.test_weight_updates_distributed import _tensors
+from tests.engine.test_weight_updates_quantized import KW, quantized_pair, run, tensor_then_broadcast, vocab
 from tests.helpers.parity import prompts
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")
@@ -54,23 +52,7 @@ def test_float_weights_requantized_into_gptq_awq_equal_the_offline_checkpoint(tm
     for m in packed:
         assert made[m].dtype == offline[m].dtype and torch.equal(made[m], offline[m]), m
 
-    llm.update_weights_from_tensor(new)
-    assert run(llm, ps) == want  # tokens and logprobs, bitwise
-
-    llm.update_weights_from_disk(qa)  # back, then the same through a broadcast (the rank quantizes)
-    assert run(llm, ps) == before
-    trainer = _Trainer(free_port(), new)
-    trainer.start()
-    try:
-        llm.init_weights_update_group("127.0.0.1", trainer.port, 1, 2, "g", "gloo")
-        trainer.go.set()
-        llm.update_weights_from_distributed(**TrainerGroup.specs(new), group_name="g", bucket_bytes=1 << 14)
-        assert run(llm, ps) == want
-        llm.destroy_weights_update_group("g")
-    finally:
-        trainer.done.set()
-        trainer.join(30.0)
-    assert trainer.error is None
+    tensor_then_broadcast(llm, qa, new, ps, before, want)
 
 
 @pytest.mark.parametrize("layout,symmetric", [("gptq", True), ("gptq", False), ("awq", False)])

@@ -78,6 +78,13 @@ def test_float_weights_requantized_equal_the_writers_checkpoint(tmp_path, fmt):
     llm = LLM(qa, **KW)
     before = run(llm, ps)
     assert before != want
+    tensor_then_broadcast(llm, qa, new, ps, before, want)
+
+
+def tensor_then_broadcast(llm, qa: str, new, ps, before, want) -> None:
+    """`new` (float tensors) into the quantized engine `llm` (started on `qa`) by update_weights_from_tensor, then,
+    after going back to `qa` from disk, through a trainer's gloo broadcast (each rank re-quantizes): both times
+    `want`'s tokens and logprobs, bitwise."""
     llm.update_weights_from_tensor(new)
     assert run(llm, ps) == want  # tokens and logprobs, bitwise
 

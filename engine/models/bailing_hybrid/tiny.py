@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from ...tools.tiny_families import Preset, TinyArch, preset_writer
+from ...tools.tiny_families import Preset, TinyArch, preset_writer, random_module
 
 BAILING: Preset = ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
     hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=5, num_attention_heads=4,
@@ -62,18 +62,7 @@ def add_mtp_module(out: str | Path, *, seed: int = 0) -> None:
     D, p = norm.shape[0], f"model.layers.{L}."
     template.update({p + "enorm.weight": norm, p + "hnorm.weight": norm, p + "final_layernorm.weight": norm,
                      p + "eh_proj.weight": norm.new_zeros(D, 2 * D)})
-    gen = torch.Generator().manual_seed(seed + 7919)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in sorted(template.items()):
-        x = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-        if name.endswith("expert_bias"):
-            x = 0.05 * x
-        elif t.dim() == 1:
-            x = 1 + 0.2 * x
-        else:
-            x = x * (2.0 if name.endswith("mlp.gate.weight") else 1.0) / t.shape[-1] ** 0.5
-        tensors[name] = x.to(t.dtype)
-    save_file(tensors, str(out / "mtp.safetensors"), metadata={"format": "pt"})
+    save_file(random_module(template, seed), str(out / "mtp.safetensors"), metadata={"format": "pt"})
     umask_mode([out / "mtp.safetensors"])
 
 
