@@ -120,11 +120,13 @@ def mtp_paths(tmp_path_factory):
     """Bigram MTP checkpoints (one per family, made once for the module) and each one's one-rank reference. The 2026
     families' (tests/helpers/family_mtp_checkpoints.py) keep their module's own attention and MLP at 0.1 (the
     bigram's `mtp_scale`), so a wrong shard of them changes drafts."""
-    from tests.helpers.family_mtp_checkpoints import bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
+    from tests.helpers.family_mtp_checkpoints import (bigram_glm5_next_mtp, bigram_hy_v4_mtp, bigram_ling_mtp,
+                                                      bigram_longcat_mtp, make_family_mtp)
     from tests.helpers.mtp_checkpoints import bigram_mtp, make_mtp_model
 
     out: dict[str, tuple[str, list, list, tuple[int, int]]] = {}
-    families = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp}
+    families = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp, "hy_v4": bigram_hy_v4_mtp,
+                "glm5_next": bigram_glm5_next_mtp}
 
     def get(arch: str):
         if arch not in out:
@@ -150,7 +152,7 @@ def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
 # rank drafts for its own requests, Ling's routed experts dispatched over the EP group beside the main layers' (a rank
 # without rows joins the dispatch alone), its KDA states rolled back per rank. LongCat's module is dense (no experts).
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
-@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid"])
+@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid", "hy_v4", "glm5_next"])
 def test_family_mtp_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, mtp_paths, arch, tp, ep):
     path, ps, want, one_rank_drafts = mtp_paths(arch)
     _assert_drafts_as_one_rank(path, ps, want, MTP_SPEC, one_rank_drafts, tp=tp, ep=ep)
@@ -219,16 +221,17 @@ def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
         assert reads[0][name] == reads[1][name] == full[name] // share, name
 
 
-def _file_bytes(path: str, names) -> dict[str, int]:
+def _file_bytes(path: str, names, text_prefix: str = "") -> dict[str, int]:
+    """Bytes of each tensor of `names` (as the model names them: a multimodal checkpoint's `text_prefix` stripped)."""
     from safetensors import safe_open
 
-    from moelink.engine.rank.loader import checkpoint_index
+    from moelink.engine.rank.loader import SafetensorsCheckpoint
 
-    out = {}
-    for name, f in checkpoint_index(path).items():
+    ckpt, out = SafetensorsCheckpoint(path, text_prefix), {}
+    for name, f in ckpt.index.items():
         if name in names:
             with safe_open(str(f), framework="pt") as st:
-                t = st.get_slice(name)
+                t = st.get_slice(ckpt._real.get(name, name))
                 out[name] = math.prod(t.get_shape()) * {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
     return out
 
@@ -238,14 +241,14 @@ def _file_bytes(path: str, names) -> dict[str, int]:
 FAMILY_MTP_WHOLE = MTP_WHOLE + ("norm.m.weight", "gate.expert_bias")
 
 
-@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid"])
+@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid", "hy_v4", "glm5_next"])
 def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
     """The 2026 families' modules at -tp 2: each rank reads half of every split tensor (MLA's q_b / kv_b / o_proj,
     Ling's output gate `g_proj` and `dense`, the MLP's or experts' and shared expert's channels, LongCat's own
     embedding rows) and the replicated ones whole; at -tp 2 -ep 2 (Ling's routed experts) each rank reads its
     experts only, whole, and the shared expert whole. The main model's loader reads none of the module's tensors."""
     from moelink.engine.config.model import ModelConfig
-    from moelink.engine.rank.loader import checkpoint_index, load_model
+    from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model
     from moelink.engine.spec.heads import mtp_checkpoint_names
     from moelink.engine.spec.proposer.mtp import load_mtp_layer
     from moelink.kernels.ops import ReferenceKernels
@@ -256,10 +259,11 @@ def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
 
     path = str(make_family_mtp(tmp_path / "ckpt", arch))
     cfg = ModelConfig.from_pretrained(path, "float64")
-    full = _file_bytes(path, set(mtp_checkpoint_names(cfg, checkpoint_index(path))))
+    names = SafetensorsCheckpoint(path, cfg.text_weights_prefix).keys()
+    full = _file_bytes(path, set(mtp_checkpoint_names(cfg, names)), cfg.text_weights_prefix)
     assert len(full) > 10
     cpu, k = torch.device("cpu"), ReferenceKernels()
-    for ep_size in (1, 2) if arch == "bailing_hybrid" else (1,):
+    for ep_size in (1, 2) if arch != "longcat_flash" else (1,):
         reads = []
         for rank in range(2):
             placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2)
@@ -269,17 +273,22 @@ def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
             assert not set(main) & set(full)
             load_mtp_layer(cfg, model, k, cpu, ep=ep, tp=tp, read_bytes=got)
             reads.append(got)
-        experts = [n for n in full if ".mlp.experts." in n]
-        assert bool(experts) == (arch == "bailing_hybrid")
+        # Hy4 publishes its experts fused ([E, ...] tensors: `experts.gate_up_proj`), the others one by one.
+        fused = [n for n in full if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]
+        experts = [n for n in full if ".mlp.experts." in n and n not in fused]
+        assert bool(experts or fused) == (arch != "longcat_flash") and bool(fused) == (arch == "hy_v4")
         if ep_size == 2:  # each rank its half of the experts, whole; together every one
             assert not set(reads[0]) & set(reads[1]) & set(experts)
             assert set(reads[0]) | set(reads[1]) == set(full)
             assert all(reads[r][n] == full[n] for r in range(2) for n in experts if n in reads[r])
+            # A fused tensor: each rank its experts' rows, every channel (half of it, as under TP, though other half).
+            assert all(reads[r][n] == full[n] // 2 for r in range(2) for n in fused)
         else:
             assert set(reads[0]) == set(reads[1]) == set(full), set(full) ^ set(reads[0])
-        for name in set(full) - set(experts if ep_size == 2 else ()):
+        for name in set(full) - set(experts + fused if ep_size == 2 else ()):
             # Under EP the shared expert is whole on every rank, as a main layer's (tests/engine/test_tp_shards.py).
-            whole = name.endswith(FAMILY_MTP_WHOLE) or (ep_size == 2 and ".shared_experts." in name)
+            whole = (name.endswith(FAMILY_MTP_WHOLE) or ".indexer." in name
+                     or (ep_size == 2 and ".shared_experts." in name))
             share = 1 if whole else 2
             assert reads[0][name] == reads[1][name] == full[name] // share, name
 
