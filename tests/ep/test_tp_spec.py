@@ -236,6 +236,15 @@ def _file_bytes(path: str, names, text_prefix: str = "") -> dict[str, int]:
     return out
 
 
+def _file_tensor(path: str, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    from moelink.engine.rank.loader import checkpoint_index
+
+    with safe_open(str(checkpoint_index(path)[name]), framework="pt") as st:
+        return st.get_tensor(name)
+
+
 # The families' module tensors each TP rank reads whole: norms (LongCat's `enorm.m` / `hnorm.m` too), the router and
 # its bias, MLA's a-projections, eh_proj.
 FAMILY_MTP_WHOLE = MTP_WHOLE + ("norm.m.weight", "gate.expert_bias")
@@ -255,6 +264,8 @@ def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
     from moelink.moe.layer import ExpertParallel
     from moelink.moe.placement import ExpertPlacement
 
+    from moelink.engine.models.hy_v4.mtp import PREFIX
+
     from tests.helpers.family_mtp_checkpoints import make_family_mtp
 
     path = str(make_family_mtp(tmp_path / "ckpt", arch))
@@ -271,8 +282,11 @@ def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
             tp, got, main = _LoadOnlyTP(rank, 2), {}, {}
             model = load_model(cfg, k, cpu, ep=ep, tp=tp, read_bytes=main)
             assert not set(main) & set(full)
-            load_mtp_layer(cfg, model, k, cpu, ep=ep, tp=tp, read_bytes=got)
+            mtp = load_mtp_layer(cfg, model, k, cpu, ep=ep, tp=tp, read_bytes=got)
             reads.append(got)
+            if ep is not None and arch == "hy_v4":  # a fused tensor's bytes read do not say which rows: the values do
+                down_EDI = _file_tensor(path, PREFIX + "mlp.experts.down_proj")[list(ep.local_experts)]
+                assert torch.equal(mtp.layer.moe.w2_EDI, down_EDI)
         # Hy4 publishes its experts fused ([E, ...] tensors: `experts.gate_up_proj`), the others one by one.
         fused = [n for n in full if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]
         experts = [n for n in full if ".mlp.experts." in n and n not in fused]
