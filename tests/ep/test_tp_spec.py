@@ -16,9 +16,9 @@
 - DeepSeek-V3.2's MTP layer (a DSA layer with its own indexer) at `-tp 2`; Qwen3-Next with host drafts at `-tp 2`
   (the linear-attention states rolled back by the broadcast accepted counts) and with its own MTP module (split
   like a main layer);
-- LongCat-Flash's and Ling hybrid's own MTP modules (engine/models/normed_mtp.py) at `-tp 2` and at `-ep 2`, one
-  engine per layout: greedy equals one rank's without drafts, drafted and accepted as on one rank; each rank reads
-  its shard of the module (at `-tp 2 -ep 2` Ling's module's experts by EP rank).
+- LongCat-Flash's, Ling hybrid's, Hy4's and GLM-5.3-Flash's own MTP modules (engine/models/normed_mtp.py) at
+  `-tp 2` and at `-ep 2`, one engine per layout: greedy equals one rank's without drafts, drafted and accepted as on
+  one rank; each rank reads its shard of the module (at `-tp 2 -ep 2` the routed experts by EP rank).
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
@@ -151,6 +151,10 @@ def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
 # with its per-head output gate) and MLP split like a main layer's, its embedding / head vocab shards; at -ep 2 each
 # rank drafts for its own requests, Ling's routed experts dispatched over the EP group beside the main layers' (a rank
 # without rows joins the dispatch alone), its KDA states rolled back per rank. LongCat's module is dense (no experts).
+# Hy4's and GLM-5.3-Flash's: their MLA (Hy4's sinks and output gate) split by heads, their own DSA indexer whole on
+# every rank, routed and shared experts as Ling's. A module built whole on every rank drafts the same (the read test
+# below catches it); one whose vocab shard ignores TP, or a rank without rows that skips the module's dispatch, fails
+# here.
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
 @pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid", "hy_v4", "glm5_next"])
 def test_family_mtp_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, mtp_paths, arch, tp, ep):
@@ -222,16 +226,19 @@ def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
 
 
 def _file_bytes(path: str, names, text_prefix: str = "") -> dict[str, int]:
-    """Bytes of each tensor of `names` (as the model names them: a multimodal checkpoint's `text_prefix` stripped)."""
+    """Bytes of each tensor of `names`, named as the model names them (a multimodal checkpoint's `text_prefix`
+    stripped: GLM-5.3-Flash's `model.language_model.`)."""
     from safetensors import safe_open
 
-    from moelink.engine.rank.loader import SafetensorsCheckpoint
+    from moelink.engine.config.checkpoint_headers import text_model_name
+    from moelink.engine.rank.loader import checkpoint_index
 
-    ckpt, out = SafetensorsCheckpoint(path, text_prefix), {}
-    for name, f in ckpt.index.items():
+    out = {}
+    for real, f in checkpoint_index(path).items():
+        name = text_model_name(real, text_prefix) if text_prefix else real
         if name in names:
             with safe_open(str(f), framework="pt") as st:
-                t = st.get_slice(ckpt._real.get(name, name))
+                t = st.get_slice(real)
                 out[name] = math.prod(t.get_shape()) * {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
     return out
 
