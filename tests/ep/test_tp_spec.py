@@ -153,8 +153,8 @@ def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
 # without rows joins the dispatch alone), its KDA states rolled back per rank. LongCat's module is dense (no experts).
 # Hy4's and GLM-5.3-Flash's: their MLA (Hy4's sinks and output gate) split by heads, their own DSA indexer whole on
 # every rank, routed and shared experts as Ling's. A module built whole on every rank drafts the same (the read test
-# below catches it); one whose vocab shard ignores TP, or a rank without rows that skips the module's dispatch, fails
-# here.
+# below catches it); one whose vocab shard ignores TP fails here, and so does a rank without rows that skips the
+# module's dispatch (GLM-5.3's -ep 2 run has such a step; Hy4's prompts keep both ranks drafting).
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
 @pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid", "hy_v4", "glm5_next"])
 def test_family_mtp_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, mtp_paths, arch, tp, ep):
