@@ -16,9 +16,9 @@
 - DeepSeek-V3.2's MTP layer (a DSA layer with its own indexer) at `-tp 2`; Qwen3-Next with host drafts at `-tp 2`
   (the linear-attention states rolled back by the broadcast accepted counts) and with its own MTP module (split
   like a main layer);
-- LongCat-Flash's and Ling hybrid's own MTP modules (engine/models/normed_mtp.py) at `-tp 2` and at `-ep 2`, one
-  engine per layout: greedy equals one rank's without drafts, drafted and accepted as on one rank; each rank reads
-  its shard of the module (at `-tp 2 -ep 2` Ling's module's experts by EP rank).
+- LongCat-Flash's, Ling hybrid's, Hy4's and GLM-5.3-Flash's own MTP modules (engine/models/normed_mtp.py) at
+  `-tp 2` and at `-ep 2`, one engine per layout: greedy equals one rank's without drafts, drafted and accepted as on
+  one rank; each rank reads its shard of the module (at `-tp 2 -ep 2` the routed experts by EP rank).
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
@@ -120,11 +120,13 @@ def mtp_paths(tmp_path_factory):
     """Bigram MTP checkpoints (one per family, made once for the module) and each one's one-rank reference. The 2026
     families' (tests/helpers/family_mtp_checkpoints.py) keep their module's own attention and MLP at 0.1 (the
     bigram's `mtp_scale`), so a wrong shard of them changes drafts."""
-    from tests.helpers.family_mtp_checkpoints import bigram_ling_mtp, bigram_longcat_mtp, make_family_mtp
+    from tests.helpers.family_mtp_checkpoints import (bigram_glm5_next_mtp, bigram_hy_v4_mtp, bigram_ling_mtp,
+                                                      bigram_longcat_mtp, make_family_mtp)
     from tests.helpers.mtp_checkpoints import bigram_mtp, make_mtp_model
 
     out: dict[str, tuple[str, list, list, tuple[int, int]]] = {}
-    families = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp}
+    families = {"longcat_flash": bigram_longcat_mtp, "bailing_hybrid": bigram_ling_mtp, "hy_v4": bigram_hy_v4_mtp,
+                "glm5_next": bigram_glm5_next_mtp}
 
     def get(arch: str):
         if arch not in out:
@@ -149,8 +151,12 @@ def test_tp2_mtp_drafts_equal_one_rank(local_ray, mtp_paths, arch, ep):
 # with its per-head output gate) and MLP split like a main layer's, its embedding / head vocab shards; at -ep 2 each
 # rank drafts for its own requests, Ling's routed experts dispatched over the EP group beside the main layers' (a rank
 # without rows joins the dispatch alone), its KDA states rolled back per rank. LongCat's module is dense (no experts).
+# Hy4's and GLM-5.3-Flash's: their MLA (Hy4's sinks and output gate) split by heads, their own DSA indexer whole on
+# every rank, routed and shared experts as Ling's. A module built whole on every rank drafts the same (the read test
+# below catches it); one whose vocab shard ignores TP fails here, and so does a rank without rows that skips the
+# module's dispatch (GLM-5.3's -ep 2 run has such a step; Hy4's prompts keep both ranks drafting).
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
-@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid"])
+@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid", "hy_v4", "glm5_next"])
 def test_family_mtp_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, mtp_paths, arch, tp, ep):
     path, ps, want, one_rank_drafts = mtp_paths(arch)
     _assert_drafts_as_one_rank(path, ps, want, MTP_SPEC, one_rank_drafts, tp=tp, ep=ep)
@@ -219,18 +225,31 @@ def test_mtp_layer_each_rank_reads_its_shard(tmp_path, arch):
         assert reads[0][name] == reads[1][name] == full[name] // share, name
 
 
-def _file_bytes(path: str, names) -> dict[str, int]:
+def _file_bytes(path: str, names, text_prefix: str = "") -> dict[str, int]:
+    """Bytes of each tensor of `names`, named as the model names them (a multimodal checkpoint's `text_prefix`
+    stripped: GLM-5.3-Flash's `model.language_model.`)."""
+    from safetensors import safe_open
+
+    from moelink.engine.config.checkpoint_headers import text_model_name
+    from moelink.engine.rank.loader import checkpoint_index
+
+    out = {}
+    for real, f in checkpoint_index(path).items():
+        name = text_model_name(real, text_prefix) if text_prefix else real
+        if name in names:
+            with safe_open(str(f), framework="pt") as st:
+                t = st.get_slice(real)
+                out[name] = math.prod(t.get_shape()) * {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+    return out
+
+
+def _file_tensor(path: str, name: str) -> torch.Tensor:
     from safetensors import safe_open
 
     from moelink.engine.rank.loader import checkpoint_index
 
-    out = {}
-    for name, f in checkpoint_index(path).items():
-        if name in names:
-            with safe_open(str(f), framework="pt") as st:
-                t = st.get_slice(name)
-                out[name] = math.prod(t.get_shape()) * {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
-    return out
+    with safe_open(str(checkpoint_index(path)[name]), framework="pt") as st:
+        return st.get_tensor(name)
 
 
 # The families' module tensors each TP rank reads whole: norms (LongCat's `enorm.m` / `hnorm.m` too), the router and
@@ -238,28 +257,31 @@ def _file_bytes(path: str, names) -> dict[str, int]:
 FAMILY_MTP_WHOLE = MTP_WHOLE + ("norm.m.weight", "gate.expert_bias")
 
 
-@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid"])
+@pytest.mark.parametrize("arch", ["longcat_flash", "bailing_hybrid", "hy_v4", "glm5_next"])
 def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
     """The 2026 families' modules at -tp 2: each rank reads half of every split tensor (MLA's q_b / kv_b / o_proj,
     Ling's output gate `g_proj` and `dense`, the MLP's or experts' and shared expert's channels, LongCat's own
     embedding rows) and the replicated ones whole; at -tp 2 -ep 2 (Ling's routed experts) each rank reads its
     experts only, whole, and the shared expert whole. The main model's loader reads none of the module's tensors."""
     from moelink.engine.config.model import ModelConfig
-    from moelink.engine.rank.loader import checkpoint_index, load_model
+    from moelink.engine.rank.loader import SafetensorsCheckpoint, load_model
     from moelink.engine.spec.heads import mtp_checkpoint_names
     from moelink.engine.spec.proposer.mtp import load_mtp_layer
     from moelink.kernels.ops import ReferenceKernels
     from moelink.moe.layer import ExpertParallel
     from moelink.moe.placement import ExpertPlacement
 
+    from moelink.engine.models.hy_v4.mtp import PREFIX
+
     from tests.helpers.family_mtp_checkpoints import make_family_mtp
 
     path = str(make_family_mtp(tmp_path / "ckpt", arch))
     cfg = ModelConfig.from_pretrained(path, "float64")
-    full = _file_bytes(path, set(mtp_checkpoint_names(cfg, checkpoint_index(path))))
+    names = SafetensorsCheckpoint(path, cfg.text_weights_prefix).keys()
+    full = _file_bytes(path, set(mtp_checkpoint_names(cfg, names)), cfg.text_weights_prefix)
     assert len(full) > 10
     cpu, k = torch.device("cpu"), ReferenceKernels()
-    for ep_size in (1, 2) if arch == "bailing_hybrid" else (1,):
+    for ep_size in (1, 2) if arch != "longcat_flash" else (1,):
         reads = []
         for rank in range(2):
             placement = ExpertPlacement(num_experts=cfg.num_experts, ep_size=2)
@@ -267,19 +289,27 @@ def test_family_mtp_module_each_rank_reads_its_shard(tmp_path, arch):
             tp, got, main = _LoadOnlyTP(rank, 2), {}, {}
             model = load_model(cfg, k, cpu, ep=ep, tp=tp, read_bytes=main)
             assert not set(main) & set(full)
-            load_mtp_layer(cfg, model, k, cpu, ep=ep, tp=tp, read_bytes=got)
+            mtp = load_mtp_layer(cfg, model, k, cpu, ep=ep, tp=tp, read_bytes=got)
             reads.append(got)
-        experts = [n for n in full if ".mlp.experts." in n]
-        assert bool(experts) == (arch == "bailing_hybrid")
+            if ep is not None and arch == "hy_v4":  # a fused tensor's bytes read do not say which rows: the values do
+                down_EDI = _file_tensor(path, PREFIX + "mlp.experts.down_proj")[list(ep.local_experts)]
+                assert torch.equal(mtp.layer.moe.w2_EDI, down_EDI)
+        # Hy4 publishes its experts fused ([E, ...] tensors: `experts.gate_up_proj`), the others one by one.
+        fused = [n for n in full if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]
+        experts = [n for n in full if ".mlp.experts." in n and n not in fused]
+        assert bool(experts or fused) == (arch != "longcat_flash") and bool(fused) == (arch == "hy_v4")
         if ep_size == 2:  # each rank its half of the experts, whole; together every one
             assert not set(reads[0]) & set(reads[1]) & set(experts)
             assert set(reads[0]) | set(reads[1]) == set(full)
             assert all(reads[r][n] == full[n] for r in range(2) for n in experts if n in reads[r])
+            # A fused tensor: each rank its experts' rows, every channel (half of it, as under TP, though other half).
+            assert all(reads[r][n] == full[n] // 2 for r in range(2) for n in fused)
         else:
             assert set(reads[0]) == set(reads[1]) == set(full), set(full) ^ set(reads[0])
-        for name in set(full) - set(experts if ep_size == 2 else ()):
+        for name in set(full) - set(experts + fused if ep_size == 2 else ()):
             # Under EP the shared expert is whole on every rank, as a main layer's (tests/engine/test_tp_shards.py).
-            whole = name.endswith(FAMILY_MTP_WHOLE) or (ep_size == 2 and ".shared_experts." in name)
+            whole = (name.endswith(FAMILY_MTP_WHOLE) or ".indexer." in name
+                     or (ep_size == 2 and ".shared_experts." in name))
             share = 1 if whole else 2
             assert reads[0][name] == reads[1][name] == full[name] // share, name
 
