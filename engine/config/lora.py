@@ -55,7 +55,7 @@ class LoRAConfig:
 
 
 def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, speculative: bool,
-                kv_connector: bool, attention, quantization=None) -> LoRAConfig | None:
+                kv_connector=None, attention, quantization=None) -> LoRAConfig | None:
     """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
     refused naming the flag (never silently served without the adapter)."""
     if not isinstance(enable_lora, bool):
@@ -65,11 +65,18 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
     cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, parallel.data_parallel_size)
     # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
     # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
-    for flag, on in (("speculative_config", speculative), ("kv_connector", kv_connector),
+    for flag, on in (("speculative_config", speculative),
                      ("enable_two_batch_overlap", parallel.enable_two_batch_overlap and parallel.world_size > 1)):
         if on:
             raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs without speculative "
-                             "decoding, a KV connector or two-batch overlap for now (docs/lora.md#limits).")
+                             "decoding or two-batch overlap for now (docs/lora.md#limits).")
+    # A connector serves adapters only where it keys KV by the request's cache salt (the adapter is part of it):
+    # the offload tiers by the salted block hashes, PD transfer by the salted key (engine/kv_transfer/auth.py).
+    # One keyed by anything else (the in-host reference keys by request id) could hand A's KV to B's request.
+    if kv_connector is not None and getattr(kv_connector, "keys_kv_by_cache_salt", False) is not True:
+        raise ValueError(f"enable_lora is not supported with kv_connector={type(kv_connector).__name__}: it does not "
+                         "key KV by the request's cache salt (its adapter); LoRA runs with RemoteKVConnector, "
+                         "OffloadKVConnector and WithOffload (docs/lora.md#limits).")
     if quantization is not None and getattr(quantization, "online", False):
         raise ValueError("enable_lora is not supported with quantization (online FP8) yet: adapters run on float "
                          "weights (docs/lora.md#limits).")

@@ -95,6 +95,8 @@ class OffloadKVConnector:
     """The factory (engine/contract/kv_connector.py): one `OffloadConfig`, a scheduler and a worker half per rank."""
 
     name = "offload"
+    # A block's tier key is its prefix-cache hash, chained from the request's salted root (engine/config/lora.py).
+    keys_kv_by_cache_salt = True
 
     def __init__(self, config: OffloadConfig) -> None:
         if not isinstance(config, OffloadConfig):

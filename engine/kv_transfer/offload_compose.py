@@ -54,6 +54,10 @@ class WithOffload:
     def __init__(self, pd, offload: OffloadKVConnector) -> None:
         self.pd, self.offload = pd, offload
 
+    @property
+    def keys_kv_by_cache_salt(self) -> bool:  # both halves must (engine/config/lora.py)
+        return getattr(self.pd, "keys_kv_by_cache_salt", False) is True and self.offload.keys_kv_by_cache_salt
+
     def __getattr__(self, name):  # the PD connector's factory attributes (name, kv_role, check_params, ...)
         if name in ("pd", "offload"):
             raise AttributeError(name)

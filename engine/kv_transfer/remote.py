@@ -72,6 +72,9 @@ class RemoteKVConnector:
     (`SamplingParams.kv_transfer_params`)."""
 
     name = "MoelinkRemoteKVConnector"  # what GetServerInfo reports as kv_connector
+    # A save and a fetch are keyed by auth.salted_key(capability, cache salt): KV never crosses adapters or images
+    # (engine/config/lora.py lets LoRA run with it for this).
+    keys_kv_by_cache_salt = True
 
     def __init__(self, config: RemoteKVConfig | None = None, kv_role: str | None = None) -> None:
         self.config = config or RemoteKVConfig()

@@ -56,8 +56,8 @@ def lora_case(tmp_path_factory):
 def _llm(base: str, **kw):
     from moelink.engine import LLM
 
-    return LLM(base, dtype="float64", enable_lora=True, max_lora_rank=8, num_kv_blocks=64, block_size=4,
-               max_num_batched_tokens=32, **kw)
+    return LLM(base, **{**dict(dtype="float64", enable_lora=True, max_lora_rank=8, num_kv_blocks=64, block_size=4,
+                               max_num_batched_tokens=32), **kw})
 
 
 def _req(dirs: dict, name: str):
@@ -380,5 +380,73 @@ def test_mxfp4_base_with_an_adapter_equals_peft_on_the_dequantized_base(tmp_path
         moe = llm.engine.executor.worker.runner.model.layers[0].ffn.moe
         assert moe.expert_format.name == "mxfp4" and moe.lora_experts is None
         assert _greedy(llm, ps + ps, [req] * len(ps) + [None] * len(ps)) == want + want_base
+    finally:
+        llm.shutdown()
+
+
+def test_pd_transfer_and_the_host_tier_key_kv_by_adapter(lora_case):
+    """KV beyond the device pool is keyed by the adapter (its cache salt): a prefill engine's save under adapter A,
+    loaded by a decode engine, gives peft's tokens for A; a decode request under B or the base naming A's save finds
+    no KV (engine/kv_transfer/auth.salted_key) and is recomputed (its own tokens). The host tier: A's blocks evicted
+    there are found by A's prompt again and missed by the same prompt under B. Every block free after. A connector
+    that keys by anything else (the in-host reference: request ids) is refused naming the flag."""
+    from moelink.engine import SamplingParams
+    from moelink.engine.contract.kv_transfer_params import KVTransferParams
+    from moelink.engine.kv_transfer.inhost import InHostKVConnector, InHostKVStore
+    from moelink.engine.kv_transfer.offload import OffloadConfig, OffloadKVConnector
+    from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
+    from tests.helpers.net import free_port
+
+    base, dirs, ps, want = lora_case
+    i = max(range(len(ps)), key=lambda k: len(ps[k]))
+    p, a, b = ps[i], _req(dirs, "attn"), _req(dirs, "qv_rs")
+    with pytest.raises(ValueError, match="kv_connector=InHostKVConnector"):
+        _llm(base, kv_connector=InHostKVConnector(InHostKVStore()))
+
+    def run(llm, lora, **kw):
+        params = SamplingParams(temperature=0.0, ignore_eos=True, **{"max_tokens": MAX_NEW, **kw})
+        [out] = llm.generate([p], params, use_tqdm=False, lora_request=lora)
+        return out
+
+    secret = b"lora-pd-test-secret-0123456789ab"
+    pre = _llm(base, kv_connector=RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="tcp", secret=secret)))
+    dec = None
+    try:
+        saved = run(pre, a, max_tokens=1, kv_transfer_params=KVTransferParams(do_remote_decode=True))
+        assert saved.outputs[0].token_ids == want["attn"][i][:1]
+        dec = _llm(base, kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp", secret=secret)))
+        stats = dec.engine.executor.runner.kv_connector.stats
+        for lora, name in ((b, "qv_rs"), (None, None)):  # A's save named under B / the base: nothing under its key
+            wrong = run(dec, lora, kv_transfer_params=saved.kv_transfer_params)
+            assert wrong.outputs[0].token_ids == want[name][i] and wrong.num_cached_tokens == 0
+        assert stats.num_loaded == 0
+        got = run(dec, a, kv_transfer_params=saved.kv_transfer_params)
+        assert got.outputs[0].token_ids == want["attn"][i] and got.num_cached_tokens == len(p) - 1
+        assert stats.num_loaded == 1
+        for llm in (pre, dec):
+            s = llm.engine.stats()
+            assert s.num_free_blocks == s.num_total_blocks
+    finally:
+        for llm in (dec, pre):
+            if llm is not None:
+                llm.shutdown()
+
+    conn = OffloadKVConnector(OffloadConfig(host_bytes=1 << 30))
+    llm = _llm(base, kv_connector=conn, **{"num_kv_blocks": 16})
+    try:
+        out = run(llm, a)
+        assert out.outputs[0].token_ids == want["attn"][i] and out.num_cached_tokens == 0
+        for q in make_prompts(vocab=200, seed=61, n=3, lo=40, hi=41):  # each fills the pool: A's blocks go to host
+            llm.generate([q], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+        host = conn.offload_tier_stats()["host"]
+        assert host.stored > 0 and host.hits == 0
+        out = run(llm, b)  # the same prompt under B: missed in the tier
+        assert out.outputs[0].token_ids == want["qv_rs"][i] and out.num_cached_tokens == 0
+        assert conn.offload_tier_stats()["host"].hits == 0
+        out = run(llm, a)  # A again: loaded back from the tier
+        assert out.outputs[0].token_ids == want["attn"][i] and out.num_cached_tokens > 0
+        assert conn.offload_tier_stats()["host"].hits > 0
+        s = llm.engine.stats()
+        assert s.num_free_blocks == s.num_total_blocks
     finally:
         llm.shutdown()
