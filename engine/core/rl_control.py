@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_ROLLBACK_BYTES, DEFAULT_TIMEOUT_S, DiskUpdate,
-                                    DistributedUpdate, UpdateGroupSpec)
+                                    DistributedUpdate, UpdateGroupSpec, check_rollback_bytes)
 from ..contract.worker_api import RankCall
 from .rl_memory import MemoryControl, NotServing
 
@@ -83,7 +83,8 @@ class RLControl(MemoryControl):
         if load_format not in (None, "auto", "safetensors"):
             raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
                              "or 'safetensors'.")
-        DiskUpdate(str(model_path), rollback_bytes or 0)  # the fields' own checks, before any rank is asked
+        if rollback_bytes is not None:  # checked before any rank is asked (None: _rollback_limit's default)
+            check_rollback_bytes(rollback_bytes)
         self._check_update_allowed(flush_cache)
         check_same_tensors(self.config.model, self.config.model.model, model_path)
         rollback_bytes = self._rollback_limit(None, rollback_bytes)
@@ -161,7 +162,8 @@ class RLControl(MemoryControl):
                              "(init_weights_update_group first; a destroyed or failed group is gone).")
         self._check_update_allowed(flush_cache)
         specs, requantize = check_tensor_specs(self.config.model, self.config.model.model, names, dtypes, shapes)
-        DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes or 0)  # the fields' checks
+        DistributedUpdate(group_name, specs, bucket_bytes, requantize,  # the fields' checks, before any rank
+                          0 if rollback_bytes is None else rollback_bytes)
         quantized = dict(requantize)  # a float weight sent for a quantized one writes the served parts it becomes
         rollback_bytes = self._rollback_limit(tuple(sorted({part for n, _, _ in specs for part in (
             quantized[n].names if n in quantized else (n,))})), rollback_bytes)
