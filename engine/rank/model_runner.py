@@ -130,6 +130,9 @@ class ModelRunner:
             logger.info("CUDA graphs off: the drafter reads states that a captured forward does not keep.")
             self.graph_sizes = ()
         self.graph_backend = graph_backend
+        # enable_lora: the adapters' slots and hooks. Before the cache: a cache given here captures the decode graphs,
+        # which read it (2026-11-27's lease found every CUDA-graph engine failing on its absence).
+        self.lora: LoRASlots | None = None
         self.graphs: DecodeGraphs | None = None
         # Before the cache: capturing graphs there sizes the verify graphs by it (cuda_graph.verify_graph_len).
         self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
@@ -152,7 +155,6 @@ class ModelRunner:
         # Preempted requests keep their generator so a seeded request draws the
         # same tokens whether or not it was preempted.
         self._parked_generators: dict[str, torch.Generator | None] = {}
-        self.lora: LoRASlots | None = None  # enable_lora: the adapters' slots and hooks
 
     # -- KV cache -------------------------------------------------------------------
     def available_kv_blocks(self, memory_utilization: float) -> int:
