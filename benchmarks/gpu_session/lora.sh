@@ -8,8 +8,8 @@
 #   eager engine's tokens and logprobs: docs/lora.md). Compiles: the MoE up / down at the decode and prefill buckets
 #   and the LoRA experts' up (ROW_BIAS) / down (6 GEMM), fp32 attention decode split / no split and prefill (3 slow),
 #   LoRA shrink and expand, the experts' sorted shrink and expand, align, sum, merge, KV write, norms, rotary, router
-#   top-k, SiLU-mul (14 other); run 60 s (an estimate, not yet run on a GPU: two tiny engine starts with warm-up,
-#   the second capturing 4 graphs, ~50 decode steps).
+#   top-k, SiLU-mul (14 other); run 60 s (measured on an H100, 2026-11-27: 47 s for the whole test with its cold compiles: two
+#   tiny engine starts with warm-up, the second capturing 4 graphs, ~50 decode steps).
 LORA_GEMM=6
 LORA_SLOW=3
 LORA_OTHER=14
@@ -20,6 +20,7 @@ step_lora() {
     echo "lora: unknown argument '$a' (none taken)" >&2
     exit 2
   done
-  run_pytest_files "gpu_lora_${DEV}.txt" \
+  resolve_commit
+  run_pytest_files "gpu_lora_${DEV}_${COMMIT}.txt" \
     lora_graphs_gpu "$LORA_GEMM" "$LORA_SLOW" "$LORA_OTHER" "$LORA_RUN_S" tests/engine/test_gpu_lora_graphs.py
 }

@@ -248,3 +248,17 @@ def test_replayed_decode_steps_record_routed_experts(tiny_model):
 
     for e, g in zip(run(False), run(True)):
         assert e.token_ids == g.token_ids and (e.routed_experts == g.routed_experts).all()
+
+
+def test_a_runner_given_its_cache_size_captures_its_graphs_at_construction(tiny_model):
+    """`num_kv_blocks` given to ModelRunner allocates the cache in the constructor, and with it captures the decode
+    graphs: everything the capture reads must exist by then. (The engine's executors size the cache later, so only
+    a GPU run saw this: 2026-11-27's lease found every CUDA-graph engine failing on `self.lora`, set after it.)"""
+    import torch
+
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.rank.model_runner import ModelRunner
+
+    cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float32")
+    runner = ModelRunner(cfg, 16, 8, torch.device("cpu"), kernels="triton", cuda_graph_sizes=(1, 2), graph_backend=EagerReplay())
+    assert runner.graphs is not None and runner.lora is None
