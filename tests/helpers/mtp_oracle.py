@@ -48,12 +48,13 @@ class MTPOracle:
         return ForwardContext(meta, caches)
 
     @torch.no_grad()
-    def drafts(self, tokens: list[int], k: int) -> list[int]:
+    def drafts(self, tokens: list[int], k: int, h_TD: torch.Tensor | None = None) -> list[int]:
         """What the drafter must propose after `tokens` (x_0 .. x_m, x_m just emitted): rows t = 0 .. m-1 read
-        (h_t, x_{t+1}) at position t; each chained step adds a row (the last row's output, the last draft)."""
+        (h_t, x_{t+1}) at position t; each chained step adds a row (the last row's output, the last draft).
+        `h_TD`: the main model's states over x_0 .. x_{m-1} (at least m rows; computed here when None)."""
         m = len(tokens) - 1
         ids = torch.tensor(tokens)
-        h_TD = self._states(ids[:m])
+        h_TD = self._states(ids[:m]) if h_TD is None else h_TD[:m]
         rows_h, rows_tok, out = h_TD, ids[1:], []
         for _ in range(k):
             n = len(rows_tok)
@@ -62,6 +63,24 @@ class MTPOracle:
             out.append(d)
             rows_h, rows_tok = torch.cat([rows_h, y_TD[-1:]]), torch.cat([rows_tok, torch.tensor([d])])
         return out
+
+    @torch.no_grad()
+    def all_drafts(self, seqs: list[list[int]], k: int) -> list[list[int]]:
+        """drafts() of each token list, the main model run from scratch once per longest list (one no other list
+        extends) instead of once per list: a causal model's first rows over a sequence are its states over that
+        sequence's prefix (a row reads only the rows before it), so the states of a request's every draft step come
+        from one run over its last. The MTP chain still runs from scratch per list."""
+        longest: list[tuple[int, ...]] = []
+        for seq in sorted({tuple(s) for s in seqs}, key=len, reverse=True):
+            if not any(seq == whole[:len(seq)] for whole in longest):
+                longest.append(seq)
+        states = {whole: self._states(torch.tensor(whole)) for whole in longest}
+        memo: dict[tuple[int, ...], list[int]] = {}
+        for seq in map(tuple, seqs):
+            if seq not in memo:
+                whole = next(w for w in longest if seq == w[:len(seq)])
+                memo[seq] = self.drafts(list(seq), k, states[whole])
+        return [memo[tuple(s)] for s in seqs]
 
 
 __all__ = ["MTPOracle"]
