@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 
 from .cli_args import add_engine_args, engine_args_from
@@ -94,6 +95,16 @@ class SubcommandParser(argparse.ArgumentParser):
     """A subcommand's parser, which refuses arguments it does not know itself: argparse would hand them up to
     the top-level parser, whose error shows `usage: moelink [-h] {generate,serve,...}` instead of the usage
     of the subcommand that was mistyped."""
+
+    _width: int | None = None
+
+    def _get_formatter(self):
+        """argparse builds a formatter for each add_argument (to check the metavar) and each asks the terminal's
+        size (environment reads, a syscall): with `serve`'s hundreds of flags, most of building the parser. The
+        width is asked once per parser."""
+        if self._width is None:
+            self._width = shutil.get_terminal_size().columns - 2  # HelpFormatter's own default
+        return self.formatter_class(prog=self.prog, width=self._width)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)

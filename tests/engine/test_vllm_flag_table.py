@@ -5,6 +5,7 @@ refused in exactly one line naming the flag), docs/vllm-compat.md prints the tab
 connectors map onto moelink's transports, and `moelink serve --help` imports no torch. Parsing only."""
 from __future__ import annotations
 
+import functools
 import shlex
 import subprocess
 import sys
@@ -33,14 +34,20 @@ def _no_nixl_env(monkeypatch):
     monkeypatch.delenv(NIXL_HOST_ENV, raising=False)
 
 
+@functools.cache
+def _parser():
+    """`moelink serve`'s parser, built once for the module's 500 parses (argparse keeps no state between parses;
+    building it is most of a parse's cost)."""
+    return build_parser("serve")
+
+
 def serve_parser():
-    parser = build_parser("serve")
-    return parser._subparsers._group_actions[0].choices["serve"]
+    return _parser()._subparsers._group_actions[0].choices["serve"]
 
 
 def parse(words: list[str]):
     """`moelink serve MODEL <words>` as `_serve` reads it before anything loads."""
-    ns = build_parser("serve").parse_args(["serve", "MODEL", *words])
+    ns = _parser().parse_args(["serve", "MODEL", *words])
     apply_kv_transfer_config(ns)
     apply_vllm_engine_flags(ns)
     ns.gateway_args = gateway_args(ns)
