@@ -17,6 +17,7 @@ from moelink.engine import LLM, SamplingParams
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 from moelink.engine.contract.kv_transfer_params import KVTransferParams
 
+from . import zygote
 from .local_ray import LOOPBACK_ENV
 
 MAX_NEW = 6
@@ -36,9 +37,10 @@ class PrefillProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", LOOPBACK_ENV: "0", "MOELINK_MASTER_ADDR": "127.0.0.1",
                **(env or {})}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT)) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.kv_prefill_process", json.dumps(spec)],
-                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
+        # Forked from the test zygote (tests/helpers/zygote.py: torch imported once for all of them), else exec'd.
+        self.proc = zygote.popen([sys.executable, "-m", "tests.helpers.kv_prefill_process", json.dumps(spec)],
+                                 cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                 env=env)
         self.pid = self.proc.pid
         self.lines: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)

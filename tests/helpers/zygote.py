@@ -123,7 +123,7 @@ class ZygoteChild:
         self.send_signal(signal.SIGKILL)
 
     def communicate(self, input=None, timeout: float | None = None):
-        assert input is None, "the zygote's children get no stdin pipe"
+        assert input is None, "communicate() writes no input to a zygote's child: write to its stdin"
         out = self.stdout.read() if self.stdout is not None else None
         err = self.stderr.read() if self.stderr is not None else None
         self.wait(timeout)
@@ -133,7 +133,7 @@ class ZygoteChild:
         return self
 
     def __exit__(self, *exc):
-        for f in (self.stdout, self.stderr):
+        for f in (self.stdin, self.stdout, self.stderr):
             if f is not None:
                 f.close()
         self.wait()
@@ -215,7 +215,7 @@ def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text
     """`subprocess.Popen(cmd, ...)`, forked from the zygote when `cmd` is `[sys.executable, "-m", module, ...]` and
     the environment allows (module docstring)."""
     env = dict(os.environ if env is None else env)
-    use = (zygote and os.environ.get(ENV_SWITCH, "1") != "0" and not kw and stdin in (None, subprocess.DEVNULL)
+    use = (zygote and os.environ.get(ENV_SWITCH, "1") != "0" and not kw and stdin in (None, subprocess.DEVNULL, subprocess.PIPE)
            and isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1] == "-m"
            and not (stderr == subprocess.STDOUT and stdout is None))
     z = _get() if use else None
@@ -223,7 +223,7 @@ def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text
         starts["exec"] += 1
         return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, stdin=stdin, env=env, cwd=cwd, text=text, **kw)
     ours = []
-    fd_in, _, close_in = _fd(stdin, "w", True)
+    fd_in, keep_in, close_in = _fd(stdin, "w", True)
     fd_out, keep_out, close_out = _fd(stdout, "r", False)
     fd_err, keep_err, close_err = (fd_out, None, False) if stderr == subprocess.STDOUT else _fd(stderr, "r", False)
     # None: the child writes where this process does (as Popen's inherit).
@@ -238,7 +238,10 @@ def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text
         ours.append(None if keep is None else
                     (io.open(keep, "r", encoding="utf-8", errors="replace") if text else io.open(keep, "rb")))
     starts["zygote"] += 1
-    return ZygoteChild(cmd, pid, status, ours[0], ours[1])
+    child = ZygoteChild(cmd, pid, status, ours[0], ours[1])
+    if keep_in is not None:  # stdin=PIPE: ours to write, closed for its EOF (as Popen's)
+        child.stdin = io.open(keep_in, "w", encoding="utf-8") if text else io.open(keep_in, "wb")
+    return child
 
 
 def run(cmd, *, capture_output: bool = False, timeout: float | None = None, check: bool = False, text: bool = False,
