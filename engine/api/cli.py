@@ -11,6 +11,7 @@ import argparse
 import logging
 import shutil
 import sys
+from typing import Callable
 
 from .cli_args import add_engine_args, engine_args_from
 from .vllm_flags import add_refused_flags
@@ -104,7 +105,8 @@ class SubcommandParser(argparse.ArgumentParser):
         width is asked once per parser."""
         if self._width is None:
             self._width = shutil.get_terminal_size().columns - 2  # HelpFormatter's own default
-        return self.formatter_class(prog=self.prog, width=self._width)
+        make: Callable[..., argparse.HelpFormatter] = self.formatter_class  # every HelpFormatter takes width=
+        return make(prog=self.prog, width=self._width)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
