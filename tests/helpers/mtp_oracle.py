@@ -1,6 +1,8 @@
 """The drafts an MTP drafter must propose, recomputed from scratch (tests/engine/test_spec_decode_mtp.py and the
 families' MTP tests): the main model and the MTP layer of a checkpoint in float64 with the reference kernels, each
-run over the request's whole sequence (fresh caches, one prefill each), then chained as the drafter chains."""
+run over the request's whole sequence (fresh caches, one prefill each), then chained as the drafter chains
+(`MTPOracle.all_drafts`: the main model runs once per request's longest sequence, whose first rows are each
+shorter prefix's states, as tests/engine/test_spec_decode_eagle3.py's oracle does)."""
 from __future__ import annotations
 
 import torch
