@@ -95,7 +95,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_context(device: str, prefill_device: str) -> mp.context.BaseContext:
+def _child_context(device: str, prefill_device: str) -> mp.context.SpawnContext | mp.context.ForkServerContext:
     """How the prefill process starts. On a GPU spawned: a fresh CUDA context in the child. On CPU (`--device cpu`,
     the suite's smoke) from a fork server that imported this module, torch included, once: each transport's child
     is then a fork of a process that never ran a torch op (as clean as a spawned one) instead of a Python start
