@@ -88,11 +88,13 @@ class Timer:
 def measure_ceilings(device: torch.device, timer: Timer) -> dict:
     """Copy bandwidth (GB/s, read + write) and dense bf16 matmul TFLOP/s, measured now."""
     n = (2 << 30) if device.type == "cuda" else (64 << 20)
+    # On CPU (the --cpu-smoke runs, whose times mean nothing) 3 timed runs, not 20: 0.64 -> ~0.1 s of CPU a run.
+    iters = 20 if device.type == "cuda" else 3
     src = torch.empty(n // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    t_copy = timer(lambda: dst.copy_(src), [()], iters=20)
+    t_copy = timer(lambda: dst.copy_(src), [()], iters=iters)
     m = 8192 if device.type == "cuda" else 512
     a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
     b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-    t_mm = timer(lambda: a @ b, [()], iters=20)
+    t_mm = timer(lambda: a @ b, [()], iters=iters)
     return dict(copy_GBps=2 * n / t_copy / 1e9, matmul_TFLOPs=2 * m**3 / t_mm / 1e12, copy_bytes=n, matmul_n=m)

@@ -71,6 +71,7 @@ SMOKE_DSV2 = dict(DEEPSEEK_V2_LITE, hidden_size=128, intermediate_size=256, moe_
 MODELS = {"qwen3-30b-a3b": (QWEN3_30B_A3B, SMOKE, "Qwen3-30B-A3B"),
           "deepseek-v2-lite": (DEEPSEEK_V2_LITE, SMOKE_DSV2, "DeepSeek-V2-Lite")}
 SMOKE_BATCHES, SMOKE_CONTEXT = (1, 4), 64
+STEPS, SMOKE_STEPS = 20, 3  # (the smoke checks the script, not the timing: a median of 3 steps is enough)
 BLOCK = 16
 
 
@@ -209,7 +210,8 @@ def main(argv=None) -> dict:
                          "with --cpu-smoke)")
     ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
     ap.add_argument("--layers", default="auto", help="decoder layers to build ('auto': as many as fit, up to the model's)")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per batch size (median reported)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"timed steps per batch size (median reported; default {STEPS}, {SMOKE_STEPS} with --cpu-smoke)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time the step as the engine runs decode on CUDA: its captured graph for the batch "
                          "(engine/rank/cuda_graph.py), inputs copied in each step (needs the Triton kernels)")
@@ -218,6 +220,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
     args = ap.parse_args(argv)
     batches = [int(b) for b in (args.batches or "1,16,64,256").split(",")]
+    args.steps = args.steps or (SMOKE_STEPS if args.cpu_smoke else STEPS)
     full_hf, smoke_hf, model_name = MODELS[args.model]
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined (--kernels triton)

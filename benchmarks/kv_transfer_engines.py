@@ -35,6 +35,8 @@ from moelink.scheduler.outputs import KVTransfer
 
 from .kv_transfer import BLOCK, SHAPES
 
+SHAPES_MODULE = f"{__package__}.kv_transfer" if __package__ else "kv_transfer"
+
 
 def paged_cache(shape: str, num_tokens: int, device: str) -> tuple[PagedKVBlocks, list[int]]:
     """A rank's bf16 paged cache of `shape` with room for the request twice, random; the request's blocks."""
@@ -93,12 +95,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _child_context(device: str, prefill_device: str) -> mp.context.SpawnContext | mp.context.ForkServerContext:
+    """How the prefill process starts. On a GPU spawned: a fresh CUDA context in the child. On CPU (`--device cpu`,
+    the suite's smoke) from a fork server that imported this module, torch included, once: each transport's child
+    is then a fork of a process that never ran a torch op (as clean as a spawned one) instead of a Python start
+    that imports torch again (~1.9 s of CPU per transport)."""
+    if _gpu(device) is not None or _gpu(prefill_device) is not None:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # What this module imports (not the module itself: the child runs it as __mp_main__, which would warn that it
+    # was imported already).
+    ctx.set_forkserver_preload(["torch", *sorted({f.__module__ for f in (ArrivalWriter, RemoteWorkerSide, SecretAuth,
+                                                                          make_transport, PagedKVBlocks, KVTransfer)}),
+                                SHAPES_MODULE])
+    return ctx
+
+
 def time_handoff(transport: str, shape: str, num_tokens: int, device: str, repeats: int,
                  prefill_device: str | None = None) -> dict:
     """Best save and best load seconds over `repeats` handoffs, and the bytes moved. `prefill_device`: the child's
     (default `device`)."""
     port = _free_port()
-    ctx = mp.get_context("spawn")  # a fresh CUDA context in the child
+    ctx = _child_context(device, prefill_device or device)
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_prefill, args=(child, transport, port, shape, num_tokens, prefill_device or device),
                        daemon=True)

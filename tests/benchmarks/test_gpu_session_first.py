@@ -20,6 +20,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from tests.helpers import zygote
 from tests.helpers.gpu_session import PLAN, ROOT, SAFE_NAME, session
 
 DOC = ROOT / "docs" / "gpu-sessions.md"
@@ -129,8 +130,8 @@ def test_first_2_selects_tests_that_exist():
     targets = []
     for p in dry_run(2)[0]:
         targets += p[7].split(" -m gpu ", 1)[1].split()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                           *targets], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = zygote.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                       *targets], cwd=str(ROOT), capture_output=True, text=True, timeout=120)  # (torch imported once)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^8 tests collected", proc.stdout, re.M), proc.stdout[-2000:]
 

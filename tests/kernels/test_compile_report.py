@@ -170,9 +170,12 @@ def test_compile_report_script_runs_without_a_gpu(tmp_path):
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as e:
         pytest.skip(f"no Triton NVIDIA backend: {e}")
+    from triton import knobs
+
     out = tmp_path / "r"
+    # Triton's own cache, not a fresh one per run (test_mla.py's compile test says why).
     proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "norm", "--quick",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                       "--cache-dir", knobs.cache.dir, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = json.loads(Path(f"{out}.json").read_text())
     assert {k["name"] for k in rep["kernels"]} == {"_rms_norm_kernel", "_rotary_kernel"}

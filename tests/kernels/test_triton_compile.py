@@ -15,8 +15,14 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.helpers import zygote
+
+ROOT = Path(__file__).resolve().parents[2]
 
 H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 
@@ -26,7 +32,9 @@ H100_SMEM = 227 * 1024  # max dynamic shared memory per block on sm_90
 def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    # As `python -m` of this file from the repository root, forked by the test zygote (torch imported once).
+    proc = zygote.run([sys.executable, "-m", "tests.kernels.test_triton_compile"], capture_output=True, text=True,
+                      env=env, timeout=900, cwd=str(ROOT))
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stderr[-4000:]
