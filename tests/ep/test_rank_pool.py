@@ -9,7 +9,7 @@ import os
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.rank_pool import RANK_POOL
+from moelink.engine.cluster.rank_pool import RANK_POOL, Parked, RankPool
 
 from tests.helpers.waits import wait_until
 
@@ -56,3 +56,12 @@ def test_an_engine_of_as_many_ranks_reuses_the_parked_processes(local_ray, tiny_
     assert len(RANK_POOL) == 0
     total = local_ray.cluster_resources().get("CPU", 0)
     wait_until(lambda: local_ray.available_resources().get("CPU", 0) == total, 30.0, "the parked ranks' CPUs back")
+
+
+def test_a_parked_engine_not_taken_in_time_is_cleared():
+    """An idle Ray worker wakes every 10 ms (its signal check): a parked engine nobody takes within idle_s is cleared,
+    its resources back. (No Ray here: a pool entry with no processes; clearing one with Ray down kills nothing.)"""
+    pool = RankPool(enabled=True, idle_s=0.05)
+    pool.put(Parked("session", 2, False, None, []))
+    assert len(pool) == 1
+    wait_until(lambda: len(pool) == 0, 10.0, "the untaken parked engine to be cleared")
