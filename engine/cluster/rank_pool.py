@@ -10,11 +10,11 @@ the old engine's objects are collected.
 
 Off unless asked: `MOELINK_REUSE_RANK_PROCESSES=1` (or `RANK_POOL.enabled = True`), because a parked rank holds its
 Ray resources (a placement group's CPU or GPU bundles) until it is taken, the pool is cleared (`clear`: a start of
-another size clears it first, so the resources are there), it has waited PARKED_IDLE_S untaken, or Ray shuts down. Only an executor that connected to a
-Ray it did not start itself parks (one that started its own Ray stops it at shutdown); only a healthy one (no rank
-lost, never regrouped, no step still out: a frozen rank or a hung collective would keep its park from answering):
-anything else is killed as before. Entries are keyed by the Ray session (its GCS address),
-the rank count and the device kind, so a new Ray never gets another's handles.
+another size clears it first, so the resources are there), it has waited PARKED_IDLE_S untaken, or Ray shuts down.
+Only an executor that connected to a Ray it did not start itself parks (one that started its own Ray stops it at
+shutdown); only a healthy one (no rank lost, never regrouped, no step still out: a frozen rank or a hung collective
+would keep its park from answering): anything else is killed as before. Entries are keyed by the Ray session (its GCS
+address), the rank count and the device kind, so a new Ray never gets another's handles.
 """
 from __future__ import annotations
 

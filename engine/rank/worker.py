@@ -5,6 +5,7 @@ or CPU bundle); only the transport of `execute` differs.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -50,14 +51,8 @@ class Worker(RLWorker):
         self._keeping = False  # a survivor keeping its runner (reconfigure_keep); `load` grows it to the new share
         self._refuse_keep: str | None = None  # tests only (elastic_test_refuse_keep)
         self._launched: dict[int, StepHandle] = {}  # step id -> StepHandle, launched and not yet collected
-        if self._own_process():
-            # A rank process's imports (torch, Ray, moelink: ~200,000 objects) live as long as it does: frozen now,
-            # without a collection, the loader's collections and the freeze after start-up (freeze_heap's
-            # collection) walk only what the engine builds, not the imports too (~0.1 s of CPU a walk). A parked
-            # process taken again (`reinit`) is frozen already: nothing new is frozen here then.
-            import gc
-
-            gc.freeze()
+        if self._own_process():  # a rank process's imports (~200,000 objects) live as long as it does: frozen now,
+            gc.freeze()  # the engine's collections (freeze_heap's too) walk only what it builds (~0.1 s a walk less)
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -377,20 +372,15 @@ class Worker(RLWorker):
         start-up kept the engine's objects from cycle collection), give the device's cached memory back. Returns the
         process id (the parked process the next `reinit` finds)."""
         self.shutdown()
-        if self.runner is not None:
-            # Its stream thread (a CPU rank's ThreadStream) would otherwise wait on its queue for the process's
-            # life: one more idle thread per engine the process served.
+        if self.runner is not None:  # a CPU rank's ThreadStream: else one idle thread more per engine served
             self.runner.stream.shutdown()
         self.release_runner()
         self.tp = None
-        import gc
-
         gc.unfreeze()  # this process's own start-up freeze (_freeze_if_own_process): the old engine is collectable
         gc.collect()
         if self._own_process():
-            # Frozen again at once: what survives is the process's own (imports, Ray's state), so the next engine's
-            # freeze (freeze_heap's collection) walks only what that engine built, not the whole heap again: one
-            # full collection per reuse instead of two (each ~0.1 s of CPU with torch imported).
+            # Frozen again at once (what survives is the process's own: imports, Ray's state), so the next engine's
+            # freeze walks only what it built: one full collection per reuse instead of two (~0.1 s each).
             gc.freeze()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
