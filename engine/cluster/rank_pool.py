@@ -10,23 +10,28 @@ the old engine's objects are collected.
 
 Off unless asked: `MOELINK_REUSE_RANK_PROCESSES=1` (or `RANK_POOL.enabled = True`), because a parked rank holds its
 Ray resources (a placement group's CPU or GPU bundles) until it is taken, the pool is cleared (`clear`: a start of
-another size clears it first, so the resources are there), or Ray shuts down. Only an executor that connected to a
-Ray it did not start itself parks (one that started its own Ray stops it at shutdown); only a healthy one (no rank
-lost, never regrouped, no step still out: a frozen rank or a hung collective would keep its park from answering):
-anything else is killed as before. Entries are keyed by the Ray session (its GCS address),
-the rank count and the device kind, so a new Ray never gets another's handles.
+another size clears it first, so the resources are there), it has waited PARKED_IDLE_S untaken, or Ray shuts down.
+Only an executor that connected to a Ray it did not start itself parks (one that started its own Ray stops it at
+shutdown); only a healthy one (no rank lost, never regrouped, no step still out: a frozen rank or a hung collective
+would keep its park from answering): anything else is killed as before. Entries are keyed by the Ray session (its GCS
+address), the rank count and the device kind, so a new Ray never gets another's handles.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
 ENV = "MOELINK_REUSE_RANK_PROCESSES"
 PARK_TIMEOUT_S = 10.0  # a rank that cannot release its engine within this is killed instead
+# A parked engine not taken within this is cleared. An idle Ray worker process is not free: its task loop wakes
+# every 10 ms to check for signals (~0.008 s of CPU a second, measured on the 2-core machines), so a parked process
+# costs as much CPU as its fresh start (~2.5 s) after ~5 minutes, and it holds its bundle's CPU or GPU meanwhile.
+PARKED_IDLE_S = 180.0
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Parked:
     pg: object
     workers: list
     cpus: int = 0  # the CPUs its bundles hold (what a caller counting free resources adds back)
+    parked_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -50,10 +56,23 @@ class RankPool:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     starts_saved: int = 0  # rank processes an engine start took from here instead of starting them
     starts_fresh: int = 0  # rank processes Ray executors of this process started (counted with the pool off too)
+    idle_s: float = PARKED_IDLE_S  # how long a parked engine waits to be taken before it is cleared
 
     def put(self, parked: Parked) -> None:
         with self._lock:
             self._parked.append(parked)
+        timer = threading.Timer(self.idle_s, self._expire)
+        timer.daemon = True  # never keeps the interpreter alive: Ray's shutdown takes parked ranks anyway
+        timer.start()
+
+    def _expire(self) -> None:
+        """Clear the parked engines that waited `idle_s` or more (a timer started at each `put`)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [p for p in self._parked if now - p.parked_at >= self.idle_s]
+            self._parked = [p for p in self._parked if now - p.parked_at < self.idle_s]
+        for p in stale:
+            _kill(p)
 
     def take(self, session: str, num_ranks: int, gpu: bool, free: int) -> Parked | None:
         """A parked engine of `num_ranks` ranks on this Ray session, or None. Without one, parked engines are

@@ -5,6 +5,7 @@ or CPU bundle); only the transport of `execute` differs.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -50,6 +51,8 @@ class Worker(RLWorker):
         self._keeping = False  # a survivor keeping its runner (reconfigure_keep); `load` grows it to the new share
         self._refuse_keep: str | None = None  # tests only (elastic_test_refuse_keep)
         self._launched: dict[int, StepHandle] = {}  # step id -> StepHandle, launched and not yet collected
+        if self._own_process():  # a rank process's imports (~200,000 objects) live as long as it does: frozen now,
+            gc.freeze()  # the engine's collections (freeze_heap's too) walk only what it builds (~0.1 s a walk less)
 
     @staticmethod
     def _pick_device(device: torch.device) -> torch.device:
@@ -225,11 +228,16 @@ class Worker(RLWorker):
         return report
 
     @staticmethod
-    def _freeze_if_own_process() -> None:
+    def _own_process() -> bool:
+        """Whether this worker is a Ray actor (a process of its own), not an in-process rank of the engine's."""
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+    @classmethod
+    def _freeze_if_own_process(cls) -> None:
         """A Ray worker process is started once its cache (and warm-up) is in place: freeze its heap so the step
         loop's collections skip it (engine/contract/gc_policy.py). An in-process worker leaves that to its engine."""
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        if cls._own_process():
             freeze_heap()
 
     # -- steps ----------------------------------------------------------------
@@ -364,12 +372,16 @@ class Worker(RLWorker):
         start-up kept the engine's objects from cycle collection), give the device's cached memory back. Returns the
         process id (the parked process the next `reinit` finds)."""
         self.shutdown()
+        if self.runner is not None:  # a CPU rank's ThreadStream: else one idle thread more per engine served
+            self.runner.stream.shutdown()
         self.release_runner()
         self.tp = None
-        import gc
-
-        gc.unfreeze()  # this process's own start-up freeze (_freeze_if_own_process): the next engine freezes anew
+        gc.unfreeze()  # this process's own start-up freeze (_freeze_if_own_process): the old engine is collectable
         gc.collect()
+        if self._own_process():
+            # Frozen again at once (what survives is the process's own: imports, Ray's state), so the next engine's
+            # freeze walks only what it built: one full collection per reuse instead of two (~0.1 s each).
+            gc.freeze()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return os.getpid()

@@ -22,11 +22,13 @@ from tests.helpers import local_ray as ray_helpers
 os.environ.setdefault(ray_helpers.LOOPBACK_ENV, "0")
 os.environ.setdefault("MOELINK_MASTER_ADDR", "127.0.0.1")
 
-FREE_AGAIN_S = 15.0
-# The shared Ray's logical CPUs (one per rank bundle; the machine has 2 real cores either way): 8, so that the
-# rank processes parked for reuse by an engine of one size (engine/cluster/rank_pool.py) can wait beside a running
-# engine of another (2 + 4 + 2).
-SHARED_CPUS = 8  # how long a module's Ray may take to get its CPUs back before it is not handed on
+FREE_AGAIN_S = 15.0  # how long a module's Ray may take to get its CPUs back before it is not handed on
+# The shared Ray's logical CPUs (one per rank bundle; the machine has 2 real cores either way): 20, so that the
+# rank processes parked for reuse (engine/cluster/rank_pool.py) by an engine of every size these modules start
+# (2, 3, 4 and 8 ranks: 17) can all wait at once. With 8, a start of another size cleared the parked ones to make
+# room, and the next engine of the cleared size started its processes again (~2.5 s of CPU each: importing
+# torch, Ray and moelink); a parked process holds ~0.3 GB and no CPU.
+SHARED_CPUS = 20
 
 
 class _SharedRay:
@@ -83,7 +85,7 @@ def shared_ray():
 
 @pytest.fixture(scope="module")
 def local_ray(shared_ray):
-    """A local Ray for this module (tests.helpers.local_ray.local_ray: own temp dir, 127.0.0.1, 4 CPUs), the
+    """A local Ray for this module (tests.helpers.local_ray.local_ray: own temp dir, 127.0.0.1, SHARED_CPUS CPUs), the
     one the module before used when that one gave every CPU back, else a new one."""
     pytest.importorskip("ray")
     yield shared_ray.get()

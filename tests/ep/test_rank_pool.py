@@ -4,10 +4,12 @@ re-initialized (same greedy tokens as a fresh start); one of another size clears
 engine that started its own Ray parks nothing."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.cluster.rank_pool import RANK_POOL
+from moelink.engine.cluster.rank_pool import RANK_POOL, Parked, RankPool
 
 from tests.helpers.waits import wait_until
 
@@ -24,6 +26,10 @@ def _run(path, ep: int):
     return pids, tokens
 
 
+def _threads(pids) -> list[int]:
+    return [len(os.listdir(f"/proc/{pid}/task")) for pid in pids]
+
+
 def test_an_engine_of_as_many_ranks_reuses_the_parked_processes(local_ray, tiny_model):
     assert RANK_POOL.enabled  # the shared Ray of tests/ep turns it on
     RANK_POOL.clear()
@@ -31,8 +37,12 @@ def test_an_engine_of_as_many_ranks_reuses_the_parked_processes(local_ray, tiny_
     saved = RANK_POOL.starts_saved
     pids, tokens = _run(path, 2)
     assert len(RANK_POOL) == 1  # parked, not killed
+    threads = _threads(pids)
     again, tokens_again = _run(path, 2)
     assert again == pids and tokens_again == tokens and RANK_POOL.starts_saved == saved + 2
+    # A parked process keeps none of the engine's threads (its step stream's thread ends at park): as many as after
+    # the first engine, not one more per engine served.
+    assert _threads(pids) == threads
     # Another size: four fresh processes start beside the parked pair (room for both), then both sizes are parked;
     # an engine of two takes the pair back.
     four, tokens_four = _run(path, 4)
@@ -46,3 +56,12 @@ def test_an_engine_of_as_many_ranks_reuses_the_parked_processes(local_ray, tiny_
     assert len(RANK_POOL) == 0
     total = local_ray.cluster_resources().get("CPU", 0)
     wait_until(lambda: local_ray.available_resources().get("CPU", 0) == total, 30.0, "the parked ranks' CPUs back")
+
+
+def test_a_parked_engine_not_taken_in_time_is_cleared():
+    """An idle Ray worker wakes every 10 ms (its signal check): a parked engine nobody takes within idle_s is cleared,
+    its resources back. (No Ray here: a pool entry with no processes; clearing one with Ray down kills nothing.)"""
+    pool = RankPool(enabled=True, idle_s=0.05)
+    pool.put(Parked("session", 2, False, None, []))
+    assert len(pool) == 1
+    wait_until(lambda: len(pool) == 0, 10.0, "the untaken parked engine to be cleared")
