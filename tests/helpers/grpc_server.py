@@ -50,16 +50,19 @@ def child_env(extra: dict | None = None) -> dict:
 
 
 def _drop_default_inductor_cache_dir(env: dict) -> None:
-    """torch writes TORCHINDUCTOR_CACHE_DIR into the test process's os.environ the first time anything asks for
-    inductor's cache dir (its default, per user): from then on every server's environment differed from the
-    zygote's in an import variable, and each one exec'd and imported torch again (32 of 43 starts of a
-    tests/server run). The default is what the server computes itself when the variable is unset, so it is dropped;
-    any other value is passed on."""
+    """torch writes TORCHINDUCTOR_CACHE_DIR (its default, per user) into the test process's os.environ the first
+    time anything asks for inductor's cache dir: a zygote started before that lacks it, one started after has it,
+    and every server whose environment differed from the zygote's in it exec'd and imported torch again (32 of 43
+    starts of a tests/server run). The default is what the server computes itself when the variable is unset, so
+    it is passed on only as the zygote has it; any other value is passed on as it is."""
     value = env.get("TORCHINDUCTOR_CACHE_DIR")
-    if value is not None and "torch._inductor.runtime.cache_dir_utils" in sys.modules:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    if value is None or "torch._inductor.runtime.cache_dir_utils" not in sys.modules:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-        if value == default_cache_dir():
+    if value == default_cache_dir():
+        z = zygote._get()  # started on first use: here rather than in popen() below
+        if z is None or "TORCHINDUCTOR_CACHE_DIR" not in z.import_env:
             del env["TORCHINDUCTOR_CACHE_DIR"]
 
 
