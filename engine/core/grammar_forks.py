@@ -170,7 +170,8 @@ def prefork() -> bool:
         try:
             import gc
 
-            gc.freeze()  # the parent's objects are never collected here (no finalizer of theirs runs; pages stay shared)
+            # The parent's objects are never collected here: no finalizer of theirs runs, their pages stay shared.
+            gc.freeze()
             parent.close()
             null = os.open(os.devnull, os.O_RDONLY)  # as the exec'd one: stdin from /dev/null
             os.dup2(null, 0)
@@ -202,7 +203,8 @@ class ForkServerClosed(RuntimeError):
 
 
 class ForkServer:
-    """Starts the fork server on the first `fork` (seconds: it imports xgrammar), and again if it died."""
+    """Starts the fork server on the first `fork` (seconds: it imports xgrammar; one `prefork()` forked is adopted
+    instead), and again if it died."""
 
     def __init__(self, tokenizer_info_json: Callable[[], str], start_timeout_s: float):
         self._info_json = tokenizer_info_json
