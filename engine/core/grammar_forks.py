@@ -11,6 +11,11 @@ process). For each fork it is sent one end of a new socket pair and answers the 
 pool signals the child through the pidfd, which names that process and no other even after it exits (the fork
 server reaps its children, so a bare PID could be reused). Where pidfds do not exist, `supported()` is False
 and the pool starts each process itself (grammar_compile.py).
+
+`moelink serve` forks its fork server instead (`prefork()`, while the process is still single-threaded, before the
+engine is built): an exec'd one imports torch, transformers and xgrammar again (2.1 s of CPU per server start, as
+much as the rest of the start), which the server process has imported anyway. The fork runs the same
+`grammar_child.main` as the exec'd one; a fork server that dies later is exec'd as before.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Callable, Optional
@@ -103,18 +109,108 @@ def _readable(fd: int, timeout: Optional[float]) -> bool:
     return bool(p.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
+class _Child:
+    """A direct child forked by `prefork()`: what ForkServer asks of its subprocess.Popen (pid, poll, kill, wait)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> Optional[int]:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): gone, status unknown
+                    self.returncode = -signal.SIGKILL
+                else:
+                    if pid:
+                        self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"grammar compile fork server {self.pid}", timeout)
+            time.sleep(0.01)
+        return code
+
+
+_preforked: Optional[tuple[_Child, socket.socket]] = None
+
+
+def prefork() -> bool:
+    """Fork the fork server from this process now, for the next ForkServer to adopt (module docstring). Only while
+    this process has one thread (a fork copies no other thread, and a lock another thread holds stays held in the
+    child); without xgrammar or pidfds, nothing. Returns whether it forked."""
+    global _preforked
+    import importlib.util
+
+    if _preforked is not None or not supported() or importlib.util.find_spec("xgrammar") is None:
+        return _preforked is not None
+    import xgrammar  # noqa: F401  (the fork inherits it: the point of forking; the engine imports it anyway)
+
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        return False
+    parent, child = socket.socketpair()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the fork server: never returns into the caller
+        code = 1
+        try:
+            import gc
+
+            # The parent's objects are never collected here: no finalizer of theirs runs, their pages stay shared.
+            gc.freeze()
+            parent.close()
+            null = os.open(os.devnull, os.O_RDONLY)  # as the exec'd one: stdin from /dev/null
+            os.dup2(null, 0)
+            os.close(null)
+            from . import grammar_child
+
+            grammar_child.main(child.detach(), fork_server=True)
+            code = 0
+        finally:
+            os._exit(code)
+    child.close()
+    _preforked = (_Child(pid), parent)
+    return True
+
+
+def discard_prefork() -> None:
+    """End a preforked fork server no ForkServer adopted (a server without a tokenizer compiles no grammar)."""
+    global _preforked
+    taken, _preforked = _preforked, None
+    if taken is not None:
+        proc, sock = taken
+        sock.close()  # it reads EOF and exits
+        proc.kill()
+        proc.wait(5)
+
+
 class ForkServerClosed(RuntimeError):
     """The fork server was closed (the pool shuts down): no fork, and nothing to report."""
 
 
 class ForkServer:
-    """Starts the fork server on the first `fork` (seconds: it imports xgrammar), and again if it died."""
+    """Starts the fork server on the first `fork` (seconds: it imports xgrammar; one `prefork()` forked is adopted
+    instead), and again if it died."""
 
     def __init__(self, tokenizer_info_json: Callable[[], str], start_timeout_s: float):
         self._info_json = tokenizer_info_json
         self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()  # one fork at a time: the requests and answers share one socket
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: Optional[subprocess.Popen | _Child] = None
         self._conn: Optional[Connection] = None
         self._closed = False
 
@@ -152,16 +248,21 @@ class ForkServer:
             raise AssertionError("unreachable: the second failed attempt raised")
 
     def _start(self) -> None:
+        global _preforked
         self._stop()
-        parent, child = socket.socketpair()
-        # It imports moelink the way this process did (a checkout on sys.path, or the installed package).
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "moelink.engine.core.grammar_child", "--fork-server", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
-        finally:
-            child.close()
+        taken, _preforked = _preforked, None
+        if taken is not None:  # forked by prefork(): xgrammar imported already
+            self._proc, parent = taken
+        else:
+            parent, child = socket.socketpair()
+            # It imports moelink the way this process did (a checkout on sys.path, or the installed package).
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "moelink.engine.core.grammar_child", "--fork-server", str(child.fileno())],
+                    pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            finally:
+                child.close()
         self._conn = Connection(parent.detach())
         # After the start: building the info here (importing xgrammar, the first time) overlaps its imports.
         self._conn.send_bytes(self._info_json().encode())

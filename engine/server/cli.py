@@ -99,6 +99,11 @@ def _serve(ns: argparse.Namespace) -> int:
         request_logger.addFilter(RequestLogFilter())
     # Every rank serves KV on its own port: the world is expert_parallel_size, or one TP group when that is 1.
     role = role_from_args(ns, num_ranks=max(args.expert_parallel_size, args.tensor_parallel_size))
+    # The grammar compile fork server, forked now while this process has one thread (not exec'd later, which
+    # imports torch, transformers and xgrammar again: engine/core/grammar_forks.py).
+    from ..core.grammar_forks import prefork
+
+    prefork()
     connector = role.connector()  # PD's remote KV plane, or the offload tiers (--kv-offload-*), or None
     if connector is not None:
         args.kv_connector = connector

@@ -433,6 +433,10 @@ def serve(engine_args, config: ServerConfig) -> int:
     # The directory the engine read: the one given, or a Hugging Face id's snapshot in the cache.
     tokenizer_path = (None if isinstance(engine.tokenizer, NoTokenizer)
                       else os.path.abspath(engine.info.model.model))
+    if tokenizer_path is None:  # no grammar is ever compiled: the fork server forked at the start is not needed
+        from ..core.grammar_forks import discard_prefork
+
+        discard_prefork()
     try:
         asyncio.run(_serve(engine, config, tokenizer_path))
     finally:

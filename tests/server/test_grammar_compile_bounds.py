@@ -11,6 +11,7 @@ A schema over the time limit, one over the size limit and a full queue each get 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import threading
@@ -69,6 +70,22 @@ def _leave(stub, pb, seeds) -> list[threading.Thread]:
     return leavers
 
 
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def _assert_fork_server_forked(server_pid: int) -> None:
+    """The grammar compile fork server is a fork of `moelink serve` (its command line the server's), not a fresh
+    `python -m ...grammar_child --fork-server` that imports torch, transformers and xgrammar again (2.1 s of CPU)."""
+    children = []
+    for task in os.listdir(f"/proc/{server_pid}/task"):  # a child is listed under the thread that started it
+        with open(f"/proc/{server_pid}/task/{task}/children") as f:
+            children += [int(p) for p in f.read().split()]
+    lines = [_cmdline(p) for p in children]
+    assert lines and all(line == _cmdline(server_pid) for line in lines), lines
+
+
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_abandoned_schemas_do_not_stall_other_clients():
     srv = ServerProcess(BUILTIN, FLAGS + ["--grammar-compile-timeout", "60", "--shutdown-grace", "5"])
@@ -79,6 +96,7 @@ def test_abandoned_schemas_do_not_stall_other_clients():
             # The compile process starts with the first grammar: not part of what is measured.
             list(s.native.Generate(pb.GenerateRequest(prompt="Hi", sampling_params=pb.SamplingParams(
                 max_tokens=4, regex="[a-z]{3}")), timeout=120))
+            _assert_fork_server_forked(srv.pid)
             _worst_gap(s.native, pb)  # warm
             base, n = min(_worst_gap(s.native, pb) for _ in range(2))
             assert n == STREAM_TOKENS

@@ -15,6 +15,7 @@ import pytest
 from moelink.engine.server.gateway.front_cli import PD_ROLES, hand_gateway_commands, hand_pd_gateway_commands
 from tests.helpers.net import free_port
 from tests.helpers import zygote
+from tests.helpers.grpc_server import child_env
 
 
 class _Upstream(http.server.BaseHTTPRequestHandler):
@@ -47,7 +48,7 @@ def front():
     port = free_port()
     proc = zygote.popen([sys.executable, "-m", "moelink.engine.api.cli", "http-front", "--port", str(port),
                              "--upstream-port", str(up), "--upstream-metrics-port", str(up)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"moelink: OpenAI API front on http://127.0.0.1:{port}/v1"), line

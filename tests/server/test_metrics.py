@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.grpc_server import make_stubs, pool_is_free
+from tests.helpers.grpc_server import child_env, make_stubs, pool_is_free
 from tests.helpers.tiny_configs import TINY_CONFIGS
 from tests.helpers.waits import join_threads, wait_until
 from tests.helpers import zygote
@@ -69,7 +69,7 @@ def test_metrics_move_with_the_workload(spawn_server, tmp_path, model_path):
     # The raw counts behind it, through the RPC and `moelink stats`.
     out = tmp_path / "load.json"
     proc = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "stats", "--target", srv.addr, "--out", str(out)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, env=child_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
     load = json.loads(out.read_text())
     assert sum(map(sum, load["tokens_per_expert"])) == m["moelink_expert_tokens_total"]

@@ -4,6 +4,7 @@ text prompt is refused with the one sentence that says so."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,6 +22,10 @@ def test_dummy_server_warns_and_serves_token_ids(tiny_model, tmp_path):
         srv.wait_for_line(r"moelink: WARNING: --load-format dummy: the weights are RANDOM", 5, "the banner")
         assert not any(line.startswith("moelink: tokenizer:") for line in srv.stdout_lines)
         assert "WARNING moelink.engine.core.llm_engine: --load-format dummy: the weights are RANDOM" in srv.logs()
+        # No tokenizer, no grammar: the grammar fork server `moelink serve` forks at its start is ended (a server
+        # with --no-http starts no other process).
+        tasks = Path(f"/proc/{srv.pid}/task").iterdir()
+        assert not "".join((t / "children").read_text() for t in tasks).split()
         with grpc.insecure_channel(srv.addr) as ch:
             s = make_stubs(ch)
             sp = s.pb.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)

@@ -15,6 +15,7 @@ import pytest
 
 from moelink.engine.server.config import ServerConfig
 from tests.helpers import zygote
+from tests.helpers.grpc_server import child_env
 
 
 def _openssl(*args: str) -> None:
@@ -123,7 +124,7 @@ def test_serve_refuses_bad_tls_before_loading_anything(pki, tmp_path):
     proc = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "serve", str(tmp_path / "no-such-model"),
                            "--host", "127.0.0.1", "--port", "0", "--tls-cert", pki["server.pem"],
                            "--tls-key", pki["other.key"]],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, env=child_env(), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"tls_key={pki['other.key']!r} is invalid: it does not match the certificate" in proc.stderr, proc.stderr
     assert "could not bind" not in proc.stderr and "no-such-model" not in proc.stderr
@@ -132,6 +133,7 @@ def test_serve_refuses_bad_tls_before_loading_anything(pki, tmp_path):
 
 def test_stats_names_a_bad_ca(pki):
     proc = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "stats", "--target", "127.0.0.1:1",
-                           "--tls-ca", pki["server.der"], "--timeout", "2"], capture_output=True, text=True, timeout=120)
+                           "--tls-ca", pki["server.der"], "--timeout", "2"],
+                          capture_output=True, text=True, env=child_env(), timeout=120)
     assert proc.returncode == 2
     assert f"tls_ca={pki['server.der']!r} is invalid: not a PEM file" in proc.stderr, proc.stderr
