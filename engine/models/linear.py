@@ -109,6 +109,21 @@ def _check_block_preserving(name: str, order: torch.Tensor, bn: int) -> None:
 LinearMethod = FloatLinear | Fp8Linear
 
 
+def keeps_blocks(method: LinearMethod, *orders: tuple) -> LinearMethod:
+    """`method`, or FloatLinear where it is an FP8 checkpoint's and one of the checkpoint row orders `orders` (a
+    plan's `rows`: (order,) or ()) moves a row out of its block (a de-interleave whose rope part straddles a block):
+    that weight is then held float, dequantized as it loads (engine/rank/fp8_linears.py). Online quantization
+    reorders the float rows before quantizing, so it keeps FP8."""
+    if not isinstance(method, Fp8Linear) or method.online:
+        return method
+    bn = method.block[0]
+    for rows in orders:
+        order = rows[0] if rows else None
+        if isinstance(order, torch.Tensor) and not torch.equal(order // bn, torch.arange(len(order)) // bn):
+            return FloatLinear()
+    return method
+
+
 def linear_method(quant: QuantConfig | None, *modules: str) -> LinearMethod:
     """The method of a linear made of the checkpoint modules `modules` (one, or the pieces of a stack, e.g.
     ".q_proj", ".k_proj", ".v_proj" under a layer): FP8 when the model is quantized and the modules are not
