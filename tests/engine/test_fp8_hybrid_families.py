@@ -1,15 +1,16 @@
 """FP8 block-scaled checkpoints of the 2026 hybrid MoE families (issue 57): GLM-5.3-Flash (NoPE MLA + KDA), Qwen3.8-Flash-Next
 (gated DeltaNet + gated QSA attention) and Ling's hybrid (KDA + MLA with an output gate, in Ling's published names),
-each family's tiny preset converted by `moelink quantize-fp8` (16 x 16 blocks), loaded and served.
+and Qwen3-Next / Qwen3.5-MoE (gated DeltaNet, fused or split, + gated attention), each family's tiny preset converted
+by `moelink quantize-fp8` (16 x 16 blocks), loaded and served.
 
 Oracle: transformers' own float64 model holding the dequantized weights (tests/helpers/fp8_checkpoints.
 dequantized_copy), with the W8A8 activation rounding at the inputs of the linears and expert GEMMs the engine runs in
 FP8 (fake_quant_hf_model); the linears whose load-time layout moves rows across FP8 blocks run float in moelink
-(engine/rank/fp8_linears.py: GLM-5.3-Flash's NoPE MLA q_a / kv_a / q_b, Qwen3.8's gated q/k/v stack, Ling's KDA
-full-rank output gate, which shares `attention.g_proj` with MLA's FP8 gate), so their inputs are not rounded there.
-Prompts of 1-40 tokens together under a 16-token budget (chunked prefill, batches), one engine per family. Each test
-also asserts which weights the engine holds FP8 (experts, the block-preserving attention projections) and which
-float, so it cannot pass by dequantizing everything.
+(engine/rank/fp8_linears.py: GLM-5.3-Flash's NoPE MLA q_a / kv_a / q_b, gated attention's q/k/v stack, Qwen3-Next's
+fused in_proj_qkvz, Ling's KDA full-rank output gate, which shares `attention.g_proj` with MLA's FP8 gate), so their
+inputs are not rounded there. Prompts of 1-40 tokens together under a 16-token budget (chunked prefill, batches),
+one engine per family. Each test also asserts which weights the engine holds FP8 (experts, the block-preserving
+attention projections) and which float, so it cannot pass by dequantizing everything.
 """
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def _ling(out: Path) -> str:
     return write(out, seed=0, dtype=torch.float64, fmt="float", overrides={})
 
 
+def _tiny(arch: str):
+    def write(out: Path) -> str:
+        from moelink.engine.tools.tiny_model import make_tiny_model
+        return str(make_tiny_model(out, arch))
+    return write
+
+
 def _ling_published(name: str) -> str:
     """transformers' module name -> Ling's (`self_attn.o_proj` -> `attention.dense`: renamed as a tensor name)."""
     from moelink.engine.models.bailing_hybrid.kinds import published_name
@@ -56,6 +64,7 @@ def _layer(name: str) -> int:
     return int(re.search(r"layers\.(\d+)\.", name).group(1))
 
 
+_GATED_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 # family -> (writer, transformers' linears the FP8 checkpoint holds but moelink runs float, transformers' name ->
 # published, the engine's FP8 parameters, its float ones, the log-prob tolerance in nats: the test's docstring).
 FAMILIES = {
@@ -76,6 +85,15 @@ FAMILIES = {
                         "layers.1.self_attn.q_b_proj.weight", "layers.1.self_attn.g_proj.weight",
                         "layers.1.self_attn.o_proj.weight", "layers.0.mlp.gate_up_proj.weight"],
                        ["layers.0.self_attn.g_proj.weight", "layers.0.self_attn.f_proj.weight"], 1e-5),
+    # Qwen3-Next's fused in_proj_qkvz (rows regrouped at load) and both families' gated q/k/v run float.
+    "qwen3_next": (_tiny("qwen3_next"), lambda n: n.endswith(_GATED_QKV + ("linear_attn.in_proj_qkvz",)), lambda n: n,
+                   ["layers.0.moe.w13_EFD", "layers.0.linear_attn.out_proj.weight", "layers.2.self_attn.o_proj.weight",
+                    "layers.0.mlp.shared.gate_up_proj.weight", "layers.4.mlp.gate_up_proj.weight"],
+                   ["layers.0.linear_attn.in_proj_qkvz.weight", "layers.2.self_attn.qkv_proj.weight"], 0.05),
+    "qwen3_5_moe": (_tiny("qwen3_5_moe"), lambda n: n.endswith(_GATED_QKV), lambda n: n,
+                    ["layers.0.moe.w13_EFD", "layers.0.linear_attn.in_proj_qkvz.weight",
+                     "layers.0.linear_attn.out_proj.weight", "layers.3.self_attn.o_proj.weight"],
+                    ["layers.3.self_attn.qkv_proj.weight", "layers.0.linear_attn.in_proj_ba.weight"], 1e-5),
 }
 
 
@@ -91,12 +109,14 @@ def _teacher_forced(model, prompt: list[int], out: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fp8_checkpoint_serves_transformers_greedy_tokens(tmp_path, family):
     """Every greedy step of the engine is transformers' argmax, and the engine's log-prob of its token equals
-    transformers' (to the float32 log-probs the engine returns: 1e-5 nat), or, for GLM-5.3-Flash, within 0.15 nat, a
-    step a near-tie within that of the argmax, most steps (3 in 4) the exact argmax. Why GLM-5.3-Flash apart: its
-    hyper-connections' Sinkhorn, KDA's chunked rule and the pooled indexer run float32 steps in both implementations,
-    whose last-bit differences (1e-6 relative: its float checkpoint's log-probs differ by that) flip an activation's
-    e4m3 rounding downstream now and then; measured on these prompts: prompts of 1 and 3 tokens to 1e-5, 24 and 40
-    tokens up to 0.1 nat, where a misplaced block scale or a row in the wrong block is off by nats."""
+    transformers' (to the float32 log-probs the engine returns: 1e-5 nat), or, for GLM-5.3-Flash and Qwen3-Next, within
+    the family's tolerance, a step a near-tie within it of the argmax, most steps (3 in 4) the exact argmax. Why those
+    two apart: they run float32 steps in both implementations (GLM-5.3-Flash's hyper-connections' Sinkhorn, KDA's
+    chunked rule and the pooled indexer; Qwen3-Next's gated norm and chunked rule), whose last-bit differences (1e-6
+    relative: their float checkpoints' log-probs differ by that) flip an activation's e4m3 rounding downstream now
+    and then, while each linear, expert and MLP alone equals transformers' to 1e-16. Measured on these prompts: 1e-5
+    up to 11 tokens, up to 0.1 nat (GLM-5.3-Flash) and 0.02 (Qwen3-Next) at 24 and 40 tokens, where a misplaced block
+    scale or a row in the wrong block is off by nats."""
     write, runs_float, published, fp8_params, float_params, tol = FAMILIES[family]
     src = write(tmp_path / "float")
     dst = str(quantize_checkpoint(src, tmp_path / "fp8", BLOCK))
