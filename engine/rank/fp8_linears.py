@@ -20,7 +20,7 @@ online quantization's `QuantizeOnLoad` entries stay as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 import torch
 
@@ -32,11 +32,13 @@ _PARTS = ("weight", "weight_scale_inv")
 
 @dataclass
 class Fp8Dequant:
-    """The float destination of one FP8 checkpoint weight (`dest` at `index`, or a Rearranged) and the parts read so
-    far; `source`: what of the dequantized tensor the plan reads (() = all)."""
+    """The float destination of one FP8 checkpoint weight and the parts read so far. `dest`: the tensor written (a
+    parameter at the plan's index: what a rollback saves, engine/rank/rollback.py); `rearranged`: the plan's
+    Rearranged destination, when it has one (it writes `dest` after its own rearrangement); `source`: what of the
+    dequantized tensor the plan reads (() = all)."""
 
-    dest: Any
-    index: tuple
+    dest: torch.Tensor
+    rearranged: Rearranged | None
     source: tuple
     name: str
     block: tuple[int, int]
@@ -51,19 +53,16 @@ class Fp8Dequant:
         if w.dtype != FP8_DTYPE or s.dtype != torch.float32:
             raise ValueError(f"checkpoint tensor {self.name!r} is not FP8 as quantization_config says: weight is "
                              f"{w.dtype} (float8_e4m3fn expected) and weight_scale_inv {s.dtype} (float32 expected).")
-        target = self.dest.dest if isinstance(self.dest, Rearranged) else self.dest
         # float64 when the model is: an e4m3 value times a float32 scale is exact there (and in float32)
-        wide = torch.promote_types(target.dtype, torch.float32)
-        full = block_dequantize(w, s, self.block, wide)  # ValueError naming the shapes on a bad scale shape
-        part = _select(full, self.source)
-        if isinstance(self.dest, Rearranged):
-            self.dest.put(part, device)
+        wide = torch.promote_types(self.dest.dtype, torch.float32)
+        part = _select(block_dequantize(w, s, self.block, wide), self.source)  # ValueError on a bad scale shape
+        if self.rearranged is not None:
+            self.rearranged.put(part, device)
             return
-        dest = self.dest[self.index] if self.index else self.dest
-        if tuple(part.shape) != tuple(dest.shape):
+        if tuple(part.shape) != tuple(self.dest.shape):
             raise ValueError(f"checkpoint tensor {self.name!r} read as {tuple(part.shape)}, expected "
-                             f"{tuple(dest.shape)} from config.json.")
-        dest.copy_(part.to(dtype=dest.dtype))
+                             f"{tuple(self.dest.shape)} from config.json.")
+        self.dest.copy_(part.to(dtype=self.dest.dtype))
 
 
 def _select(t: torch.Tensor, source: tuple) -> torch.Tensor:
@@ -94,10 +93,11 @@ def fp8_linear_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, in
         scale = base + "weight_scale_inv"
         if not name.endswith(".weight") or scale not in names or scale in plan:
             continue
-        held = dest.dest if isinstance(dest, Rearranged) else dest
+        rearranged = dest if isinstance(dest, Rearranged) else None
+        held = dest.dest if rearranged is not None else dest
         if not isinstance(held, torch.Tensor) or not held.is_floating_point() or held.dtype == FP8_DTYPE:
             continue  # an FP8 linear, the experts, QuantizeOnLoad, or a destination of another kind
-        target = Fp8Dequant(dest, idx, tuple(source), name, block)
+        target = Fp8Dequant(held[idx] if idx and rearranged is None else held, rearranged, tuple(source), name, block)
         out[name] = PlanEntry(Fp8Piece(target, "weight"), (), ())
         out[scale] = PlanEntry(Fp8Piece(target, "weight_scale_inv"), (), ())
     return out

@@ -159,3 +159,30 @@ def test_quantize_fp8_writes_lings_published_names(tmp_path):
               "model.layers.2.mlp.gate.weight", "model.layers.1.attention.q_a_layernorm.weight"):
         assert n not in fp8, n
     assert not any(".self_attn." in n for n in names)
+
+
+@pytest.mark.slow  # over 1 s (two tiny models written, converted and loaded whole and as a TP rank)
+def test_float_held_fp8_weights_load_sharded(tmp_path):
+    """At TP 2 (loading only, one process; 8 x 8 blocks, so the tiny experts' and KDA's halves are whole blocks) a
+    rank's float-held weights are its rows of the dequantized whole ones (GLM-5.3-Flash's NoPE q_b_proj by head, its
+    whole q_a / kv_a stack; Ling's KDA output gate by head), and its KDA q/k/v and o_proj stay FP8."""
+    from types import SimpleNamespace
+
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.rank.loader import load_model
+    from moelink.kernels.ops import ReferenceKernels
+
+    def load(path, rank=None):
+        cfg = ModelConfig.from_pretrained(path, "float64")
+        tp = SimpleNamespace(rank=rank, size=2) if rank is not None else None
+        return dict(load_model(cfg, ReferenceKernels(), torch.device("cpu"), tp=tp).named_parameters())
+
+    glm = {"layers.1.self_attn.q_b_proj.weight": 0, "layers.1.self_attn.fused_a_proj.weight": None}
+    for write, checks in ((_glm, glm), (_ling, {"layers.0.self_attn.g_proj.weight": 0})):
+        path = str(quantize_checkpoint(write(tmp_path / write.__name__), tmp_path / f"{write.__name__}_fp8", (8, 8)))
+        whole, rank1 = load(path), load(path, rank=1)
+        for name, dim in checks.items():
+            want = whole[name] if dim is None else whole[name].chunk(2, dim)[1]
+            assert rank1[name].dtype == torch.float64 and torch.equal(rank1[name], want), name
+        assert rank1["layers.0.self_attn.qkv_proj.weight"].dtype == rank1["layers.0.self_attn.out_proj.weight"].dtype \
+            == FP8_DTYPE
