@@ -15,6 +15,10 @@ gap (DeepSeek-V3: q_a 1536 rows then kv_a 576; Qwen3: q 4096, k 512, v 512); Dee
 does (intermediate_size 10944 = 85.5 blocks: up starts at 11008, 64 zero rows, +0.3 % of its matmul).
 Quantized apart (as the checkpoint ships them, or as online quantization reads them), each piece keeps
 exactly its own blocks and scales.
+
+A weight read in a row order that moves rows out of their blocks (`keeps_blocks`: a rope de-interleave across a block,
+gated attention's q / gate regrouping; a family's own cases: GLM-5.3-Flash's NoPE MLA, gated DeltaNet's fused rows)
+is built FloatLinear: an FP8 checkpoint's weight is dequantized as it loads (engine/rank/fp8_linears.py).
 """
 from __future__ import annotations
 
