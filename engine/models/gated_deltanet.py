@@ -36,7 +36,7 @@ from ..tp.attention import shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import OwnRows, RowParallel
 from .layers import ForwardContext, param
-from .linear import FloatLinear, Linear
+from .linear import FloatLinear, Linear, linear_method
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -97,12 +97,14 @@ class GatedDeltaNet(nn.Module):
     """One linear-attention layer (module docstring)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, la: LinearAttentionConfig, rms_norm_eps: float,
-                 kernels: Kernels, dtype, device=None, tp: TensorParallel | None = None):
+                 kernels: Kernels, dtype, device=None, tp: TensorParallel | None = None, quant=None):
         """tp: the rank's TensorParallel (engine/tp/group.py; None: whole). Under TP this rank holds
         num_k_heads / size q/k heads and the value heads of their groups (engine/tp/attention.
         shard_attention): their rows of the input projections, their conv channels, dt_bias and A_log, and
         out_proj's columns (row-parallel: one all-reduce). Every head's conv and delta rule is its own, so nothing
-        else crosses ranks, and the state pools (sized from the rank's config) hold the rank's heads only."""
+        else crosses ranks, and the state pools (sized from the rank's config) hold the rank's heads only.
+        quant: engine/config/quantization.py's config (None = float): out_proj and the split in_proj_qkv / in_proj_z
+        run FP8 where it quantizes them (below: which are held float)."""
         super().__init__()
         full, size = la, (tp.size if tp is not None else 1)
         la = shard_attention(la, size)
@@ -114,15 +116,23 @@ class GatedDeltaNet(nn.Module):
         self.n0 = self.g0 * (N // la.num_k_heads)
         col, row = (OwnRows(), RowParallel(tp, self.n0 * V, self.value_dim)) if size > 1 else (None, None)
         self.sharded = size > 1
-        # Float weights only for now: the row permutation of the fused projections does not keep FP8 blocks whole.
-        self.in_proj_qkvz = Linear(hidden_size, (2 * self.key_dim + self.value_dim, self.value_dim), FloatLinear(),
+        # The fused in_proj_qkvz's rows are regrouped per head kind at load (fused_qkvz_rows), and a TP rank reads
+        # three runs of the split in_proj_qkv (split_qkv_rows): FP8 blocks follow neither, so those are held float,
+        # an FP8 checkpoint's dequantized as they load (engine/rank/fp8_linears.py). The split, unsharded in_proj_qkv /
+        # in_proj_z stack keeps every block: FP8 where the checkpoint is. in_proj_ba (2 N rows, float in Qwen's FP8
+        # releases) is held float (dequantized at load where a checkpoint ships it FP8).
+        p = f"model.layers.{layer_idx}.linear_attn."
+        qkvz = (linear_method(quant, p + "in_proj_qkv", p + "in_proj_z")
+                if la.projection == "split" and size == 1 else FloatLinear())
+        self.in_proj_qkvz = Linear(hidden_size, (2 * self.key_dim + self.value_dim, self.value_dim), qkvz,
                                    kernels, dtype, device, parallel=col)
         self.in_proj_ba = Linear(hidden_size, (N, N), FloatLinear(), kernels, dtype, device, parallel=col)
         self.conv_weight_CW = param(la.conv_dim, la.conv_kernel, dtype=dtype, device=device)
         self.dt_bias_N = param(N, dtype=dtype, device=device)
         self.A_log_N = param(N, dtype=dtype, device=device)
         self.norm = GatedRMSNorm(V, rms_norm_eps, dtype, device, la.output_gate_act)
-        self.out_proj = Linear(self.value_dim, hidden_size, FloatLinear(), kernels, dtype, device, parallel=row)
+        self.out_proj = Linear(self.value_dim, hidden_size, linear_method(quant, p + "out_proj"), kernels, dtype,
+                               device, parallel=row)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """positions_T is unused (no rotary: the recurrence orders the tokens); kept for the token mixers' one

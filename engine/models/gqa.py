@@ -19,7 +19,7 @@ from ..tp.attention import kv_head_start, shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .layers import ForwardContext, RMSNorm, param
-from .linear import Linear, linear_method
+from .linear import Linear, keeps_blocks, linear_method
 from .rope import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class GQAAttention(nn.Module):
         # With an output gate (Qwen3-Next) q_proj's rows hold each head's query then its gate: read as [queries |
         # gates] (gate_rows), so the first piece splits into two contiguous halves.
         self.output_gate = attn.output_gate
+        if attn.output_gate:  # that regrouping moves rows across FP8 blocks: the stack is held float (keeps_blocks)
+            qkv_method = keeps_blocks(qkv_method, (gate_rows(attn.num_heads * size, attn.head_dim, size),))
         q_rows = 2 * self.q_size if attn.output_gate else self.q_size
         col = row = None
         self.q_head0, self.kv_head0, self.tp = 0, 0, tp if size > 1 else None

@@ -30,7 +30,7 @@ from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .gated_deltanet import GatedDeltaNet
 from .layers import param
-from .linear import FloatLinear, Linear
+from .linear import FloatLinear, Linear, linear_method
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -55,7 +55,7 @@ class KimiDeltaAttention(GatedDeltaNet):
     """One KDA layer (module docstring)."""
 
     def __init__(self, layer_idx: int, hidden_size: int, la: KimiDeltaConfig, rms_norm_eps: float, kernels: Kernels,
-                 dtype, device=None, tp: TensorParallel | None = None):
+                 dtype, device=None, tp: TensorParallel | None = None, quant=None):
         nn.Module.__init__(self)
         full, size = la, (tp.size if tp is not None else 1)
         la = shard_attention(la, size)
@@ -72,8 +72,12 @@ class KimiDeltaAttention(GatedDeltaNet):
         heads = ColumnParallel((self.n0,), (H,)) if size > 1 else None
         row = RowParallel(tp, h0, H * K) if size > 1 else None
         f = dict(dtype=dtype, device=device)
-        # Float weights only for now (as gated DeltaNet): the low-rank gates' head_dim-wide middles stay whole.
-        self.qkv_proj = Linear(hidden_size, (H * K,) * 3, FloatLinear(), kernels, **f, parallel=col)
+        # quant (engine/config/quantization.py's config, None = float): q/k/v and o_proj run FP8 where it quantizes
+        # them (as `moelink quantize-fp8` and DeepSeek-style releases do); the gates and b_proj are held float, a
+        # checkpoint's FP8 ones dequantized as they load (engine/rank/fp8_linears.py).
+        p = f"model.layers.{layer_idx}.self_attn."
+        self.qkv_proj = Linear(hidden_size, (H * K,) * 3, linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj"),
+                               kernels, **f, parallel=col)
         self.conv_weight_CW = param(la.conv_dim, la.conv_kernel, **f)
         if la.forget_gate == "low_rank":  # through head_dim, whole on every rank, then this rank's heads' rows
             self.f_a_proj = Linear(hidden_size, K, FloatLinear(), kernels, **f)
@@ -89,7 +93,7 @@ class KimiDeltaAttention(GatedDeltaNet):
         else:
             self.g_proj = Linear(hidden_size, H * K, FloatLinear(), kernels, **f, parallel=one)
         self.norm = SigmoidGatedRMSNorm(K, rms_norm_eps, dtype, device)
-        self.out_proj = Linear(H * K, hidden_size, FloatLinear(), kernels, **f, parallel=row)
+        self.out_proj = Linear(H * K, hidden_size, linear_method(quant, p + "o_proj"), kernels, **f, parallel=row)
 
     def project(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         la, T, H, K = self.kda, x_TD.shape[0], self.la.num_v_heads, self.la.head_k_dim

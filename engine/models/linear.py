@@ -15,6 +15,10 @@ gap (DeepSeek-V3: q_a 1536 rows then kv_a 576; Qwen3: q 4096, k 512, v 512); Dee
 does (intermediate_size 10944 = 85.5 blocks: up starts at 11008, 64 zero rows, +0.3 % of its matmul).
 Quantized apart (as the checkpoint ships them, or as online quantization reads them), each piece keeps
 exactly its own blocks and scales.
+
+A weight read in a row order that moves rows out of their blocks (`keeps_blocks`: a rope de-interleave across a block,
+gated attention's q / gate regrouping; a family's own cases: GLM-5.3-Flash's NoPE MLA, gated DeltaNet's fused rows)
+is built FloatLinear: an FP8 checkpoint's weight is dequantized as it loads (engine/rank/fp8_linears.py).
 """
 from __future__ import annotations
 
@@ -107,6 +111,21 @@ def _check_block_preserving(name: str, order: torch.Tensor, bn: int) -> None:
 
 
 LinearMethod = FloatLinear | Fp8Linear
+
+
+def keeps_blocks(method: LinearMethod, *orders: tuple) -> LinearMethod:
+    """`method`, or FloatLinear where it is an FP8 checkpoint's and one of the checkpoint row orders `orders` (a
+    plan's `rows`: (order,) or ()) moves a row out of its block (a de-interleave whose rope part straddles a block):
+    that weight is then held float, dequantized as it loads (engine/rank/fp8_linears.py). Online quantization
+    reorders the float rows before quantizing, so it keeps FP8."""
+    if not isinstance(method, Fp8Linear) or method.online:
+        return method
+    bn = method.block[0]
+    for rows in orders:
+        order = rows[0] if rows else None
+        if isinstance(order, torch.Tensor) and not torch.equal(order // bn, torch.arange(len(order)) // bn):
+            return FloatLinear()
+    return method
 
 
 def linear_method(quant: QuantConfig | None, *modules: str) -> LinearMethod:

@@ -39,7 +39,7 @@ from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .dsa import LightningIndexer
 from .layers import ForwardContext, RMSNorm, param
-from .linear import FloatLinear, Linear, linear_method
+from .linear import FloatLinear, Linear, keeps_blocks, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
 
 if TYPE_CHECKING:
@@ -80,16 +80,26 @@ class MLAAttention(nn.Module):
         # quant: engine/config/quantization.py's config (None = float); each linear's method by its checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         q_first = p + ("q_a_proj" if attn.q_lora_rank is not None else "q_proj")
-        self.fused_a_proj = Linear(hidden_size, (self.q_rows, C + P),
-                                   linear_method(quant, q_first, p + "kv_a_proj_with_mqa"), kernels, **f,
-                                   parallel=fused)
+        fused_method = linear_method(quant, q_first, p + "kv_a_proj_with_mqa")
+        qb_method = linear_method(quant, p + "q_b_proj")
+        if not attn.rope_in_checkpoint:
+            if attn.q_lora_rank is None:
+                raise ValueError(f"layer {layer_idx}: MLA without a rope part in the checkpoint (qk_rope_head_dim 0) "
+                                 "needs a q_lora_rank (config.json q_lora_rank is null).")
+            # The NoPE rows move into a zero-padded layout with a rope part, which FP8 blocks cannot follow: these
+            # projections are held float, an FP8 checkpoint's dequantized as they load (engine/rank/fp8_linears.py).
+            fused_method = qb_method = FloatLinear()
+        else:  # a row order that moves rows across FP8 blocks (the rope de-interleave) holds the weight float too
+            q_order, kv_order = self._row_orders(attn, size)
+            fused_method = keeps_blocks(fused_method, *kv_order, *(() if attn.q_lora_rank is not None else q_order))
+            qb_method = keeps_blocks(qb_method, *q_order)
+        self.fused_a_proj = Linear(hidden_size, (self.q_rows, C + P), fused_method, kernels, **f, parallel=fused)
         # attention_bias puts biases on q_a_proj and kv_a_proj_with_mqa (never q_proj): zeros where none loads.
         self.fused_a_bias = (nn.Parameter(torch.zeros(self.fused_a_proj.rows, **f), requires_grad=False)
                              if attn.attention_bias else None)
         if attn.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(attn.q_lora_rank, _LATENT_NORM_EPS, kernels, dtype, device)
-            self.q_b_proj = Linear(attn.q_lora_rank, N * attn.qk_head_dim, linear_method(quant, p + "q_b_proj"),
-                                   kernels, **f, parallel=qb)
+            self.q_b_proj = Linear(attn.q_lora_rank, N * attn.qk_head_dim, qb_method, kernels, **f, parallel=qb)
         self.kv_a_layernorm = RMSNorm(C, _LATENT_NORM_EPS, kernels, dtype, device)
         # Absorbed into the query and the output (never applied to activations): an FP8 kv_b_proj is
         # dequantized once at load.
@@ -112,11 +122,6 @@ class MLAAttention(nn.Module):
         # DeepSeek Sparse Attention: this layer's lightning indexer (engine/models/dsa.py), None in a dense MLA layer and
         # in a GLM-5 "shared" layer, which attends to the positions the previous indexer chose (ctx.dsa_topk).
         if not attn.rope_in_checkpoint:  # GLM-5.3-Flash: the rope part held as zeros (MLAConfig.rope_in_checkpoint)
-            if attn.q_lora_rank is None or not all(isinstance(m.method, FloatLinear)
-                                                   for m in (self.fused_a_proj, self.q_b_proj)):
-                raise ValueError(f"layer {layer_idx}: MLA without a rope part in the checkpoint (qk_rope_head_dim 0) "
-                                 "runs float q_a_proj / kv_a_proj_with_mqa / q_b_proj weights with a q_lora_rank; "
-                                 "quantization_config quantizes them (list them in its ignored modules).")
             with torch.no_grad():
                 self.fused_a_proj.weight.zero_()
                 self.q_b_proj.weight.zero_()
@@ -187,7 +192,7 @@ class MLAAttention(nn.Module):
     def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.self_attn.") → (parameter, index[, checkpoint rows])."""
         a = self.attn
-        q_order, kv_order = self._row_orders()
+        q_order, kv_order = self._row_orders(a, self.tp_size)
         q_rows, kv_rows = (self.fused_a_proj.piece_rows(0),), (self.fused_a_proj.piece_rows(1),)
         if not a.rope_in_checkpoint:
             return self._nope_plan(p)
@@ -239,17 +244,17 @@ class MLAAttention(nn.Module):
             raise ValueError("MLA without a rope part in the checkpoint has no attention_bias or output gate here.")
         return plan
 
-    def _row_orders(self) -> tuple[tuple, tuple]:
-        """Checkpoint row orders of the q projection that makes q_pe and of kv_a_proj_with_mqa: () as stored,
-        or, for DeepSeek-V3's interleaved rope, each rope part de-interleaved (rope.deinterleave_rows) so the
-        neox rotary kernel computes transformers' interleaved rotation."""
-        a = self.attn
+    @staticmethod
+    def _row_orders(a: MLAConfig, tp_size: int) -> tuple[tuple, tuple]:
+        """Checkpoint row orders of the q projection that makes q_pe and of kv_a_proj_with_mqa (`a`: this rank's
+        config): () as stored, or, for DeepSeek-V3's interleaved rope, each rope part de-interleaved
+        (rope.deinterleave_rows) so the neox rotary kernel computes transformers' interleaved rotation."""
         if a.rope.style != "interleaved":
             return (), ()
         X, Dn, P, C = a.qk_head_dim, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
         head_X = torch.cat([torch.arange(Dn), Dn + deinterleave_rows(P)])
         # Every head's (the global layout); a TP shard's Linear cuts its own heads' rows out of it.
-        heads = a.num_heads * self.tp_size
+        heads = a.num_heads * tp_size
         q_order = (torch.arange(heads)[:, None] * X + head_X[None, :]).reshape(-1)
         kv_order = torch.cat([torch.arange(C), C + deinterleave_rows(P)])
         return ((q_order,),), ((kv_order,),)

@@ -40,6 +40,7 @@ from ..models.registry import MoEDecoderForCausalLM, arch_spec
 from ..spec.heads import mtp_checkpoint_names
 from ..tp.group import TensorParallel
 from .dummy_weights import DummyCheckpoint
+from .fp8_linears import fp8_linear_plan
 from .int4_linears import int4_linear_plan
 from .nvfp4_linears import nvfp4_linear_plan
 
@@ -167,8 +168,12 @@ def load_model(cfg: ModelConfig, kernels, device: torch.device, ep=None,
 
 def model_plan(model: MoEDecoderForCausalLM, cfg: ModelConfig, names: frozenset[str]) -> WeightPlan:
     """The plan the loader reads `model`'s weights by from a checkpoint holding `names` (also a weight update's,
-    engine/rl/weights.py): the model's own, NVFP4 / INT4 linears outside the experts dequantized as they load."""
+    engine/rl/weights.py): the model's own, NVFP4 / INT4 linears outside the experts dequantized as they load, and FP8
+    weights of the linears moelink holds float (engine/rank/fp8_linears.py)."""
     plan = model.weight_plan(names)
+    q = cfg.quantization
+    if getattr(q, "method", None) == "fp8" and not q.online:  # FP8 weights of float-held linears: float at load
+        plan = fp8_linear_plan(plan, names, q.block)
     if getattr(cfg.quantization, "method", None) == "nvfp4":  # NVFP4 linears outside the experts: float at load
         plan = nvfp4_linear_plan(plan, names)
     if getattr(cfg.quantization, "method", None) == "int4":  # INT4 linears outside the experts: float at load

@@ -148,11 +148,18 @@ def test_prefill_on_one_engine_decode_on_another(glm53_path):
     check_pd_transfer(glm53_path, prompts(VOCAB, seed=59, n=4, lo=2, hi=60))
 
 
-def test_quantized_mla_linears_are_refused_naming_the_field(glm53_path):
-    """The NoPE MLA rows are moved into a zero-padded layout at load, which block-quantized weights cannot follow:
-    online FP8 over the float checkpoint is refused at build, naming what to do."""
-    with pytest.raises(ValueError, match=r"MLA without a rope part .* quantization_config quantizes them"):
-        LLM(glm53_path, dtype="float64", quantization="fp8", num_kv_blocks=16, block_size=8, skip_warmup=True)
+def test_online_fp8_holds_the_nope_mla_projections_float(glm53_path):
+    """The NoPE MLA rows are moved into a zero-padded layout at load, which FP8 blocks cannot follow: online FP8 over
+    the float checkpoint holds q_a / kv_a / q_b float and quantizes the rest (o_proj, the experts); an FP8 checkpoint
+    is tests/engine/test_fp8_hybrid_families.py's."""
+    from moelink.engine.rank.loader import load_model
+    from moelink.kernels.fp8 import FP8_DTYPE
+    from moelink.kernels.ops import ReferenceKernels
+
+    cfg = ModelConfig.from_pretrained(glm53_path, "float64", quantization="fp8", fp8_block_size=(16, 16))
+    attn = load_model(cfg, ReferenceKernels(), torch.device("cpu")).layers[1].self_attn
+    assert attn.fused_a_proj.weight.dtype == attn.q_b_proj.weight.dtype == torch.float64
+    assert attn.o_proj.weight.dtype == FP8_DTYPE
 
 
 def test_each_tp_rank_reads_its_shard(glm53_path):

@@ -72,7 +72,7 @@ def test_cli_writes_a_preset_family_in_a_format(tmp_path, capsys):
     (dict(arch="qwen3_next", num_layers=3), "num_layers"),
     (dict(arch="deepseek_v4", hidden_size=64), "hidden_size"),
     (dict(arch="gpt_oss", format="int4"), "format"),
-    (dict(arch="qwen3_5_moe", format="fp8"), "format"),
+    (dict(arch="kimi_linear", format="fp8"), "format"),
     (dict(arch="qwen3_moe", format="published"), "format"),
     (dict(arch="minimax_m2", vocab_size=10), "vocab_size"),
     (dict(arch="mimo_v2_flash", mlp_only_layers=(1,)), "mlp_only_layers"),

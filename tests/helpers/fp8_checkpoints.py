@@ -68,16 +68,20 @@ def dequantized_copy(fp8_dir: str, out: Path) -> str:
     return str(out)
 
 
-def fake_quant_hf_model(path: str, block: tuple[int, int], published=lambda name: name):
+def fake_quant_hf_model(path: str, block: tuple[int, int], published=lambda name: name, runs_float=lambda name: False):
     """transformers' float64 model of `path` (a dequantized_copy) with the W8A8 activation rounding applied
     where the FP8 engine applies it: the input of every linear the checkpoint holds in FP8 (kv_b_proj apart:
     moelink absorbs it into the query and the output, so no activation of its own is quantized, as in vLLM and
     SGLang's MLA), and both GEMM inputs of every routed expert (hidden state, then silu(gate) * up, or the experts'
     own gated activation where they have one, `_apply_gate`: Hy4's clamped SwiGLU). `published(name)`: the
-    checkpoint's name of transformers' module `name` where they differ (Hy4's `linear_gate` for `gate_proj`)."""
+    checkpoint's name of transformers' module `name` where they differ (Hy4's `linear_gate` for `gate_proj`).
+    `runs_float(name)`: an FP8 checkpoint linear moelink holds float, dequantized at load (engine/rank/fp8_linears.py:
+    GLM-5.3-Flash's NoPE MLA projections, KDA's gates), whose input is not rounded. A multimodal checkpoint served as
+    its text model is built by the class config.json names (as tests/helpers/parity.py does)."""
     import types
 
-    from transformers import AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from moelink.engine.tools.quantize_fp8 import is_quantized_name
     from moelink.kernels.fp8 import fake_quant_activation
@@ -87,10 +91,13 @@ def fake_quant_hf_model(path: str, block: tuple[int, int], published=lambda name
     def fq(x):
         return fake_quant_activation(x.reshape(-1, x.shape[-1]), bk).to(x.dtype).view_as(x)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
+    cfg = AutoConfig.from_pretrained(path)
+    cls = (AutoModelForCausalLM if type(cfg) in AutoModelForCausalLM._model_mapping
+           else getattr(transformers, cfg.architectures[0]))
+    model = cls.from_pretrained(path, dtype=torch.float64, experts_implementation="eager").eval()
     for name, mod in model.named_modules():
         if (isinstance(mod, torch.nn.Linear) and is_quantized_name(published(name) + ".weight")
-                and not name.endswith("kv_b_proj")):
+                and not name.endswith("kv_b_proj") and not runs_float(name)):
             mod.register_forward_pre_hook(lambda m, args: (fq(args[0]),) + tuple(args[1:]))
         elif name.endswith("mlp.experts"):
             mod.forward = types.MethodType(_fake_quant_experts_forward(fq), mod)

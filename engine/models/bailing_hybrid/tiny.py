@@ -66,9 +66,9 @@ def add_mtp_module(out: str | Path, *, seed: int = 0) -> None:
     umask_mode([out / "mtp.safetensors"])
 
 
-# Float only for now: the KDA projections run float (gated DeltaNet's rule).
+# fp8: `moelink quantize-fp8` in Ling's published names (tests/engine/test_fp8_hybrid_families.py).
 ARCHS = {
-    "bailing_hybrid": TinyArch("BailingHybridForCausalLM", "Ling hybrid (bailing_hybrid)", ("float",), write=write),
+    "bailing_hybrid": TinyArch("BailingHybridForCausalLM", "Ling hybrid (bailing_hybrid)", ("float", "fp8"), write=write),
 }
 
 __all__ = ["ARCHS", "BAILING", "add_mtp_module", "write"]

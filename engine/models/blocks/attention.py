@@ -65,13 +65,14 @@ def _mla(ctx: BuildContext, i: int, attn) -> nn.Module:
 
 def _linear(ctx: BuildContext, i: int, attn) -> nn.Module:
     cfg = ctx.cfg
-    return GatedDeltaNet(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device, tp=ctx.tp)
+    return GatedDeltaNet(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device, tp=ctx.tp,
+                         quant=cfg.quantization)
 
 
 def _kda(ctx: BuildContext, i: int, attn) -> nn.Module:
     cfg = ctx.cfg
     return KimiDeltaAttention(i, cfg.hidden_size, attn, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device,
-                              tp=ctx.tp)
+                              tp=ctx.tp, quant=cfg.quantization)
 
 
 class _ReplayLinear:

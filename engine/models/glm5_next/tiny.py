@@ -69,7 +69,7 @@ def write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Mapp
 
 ARCHS = {
     "glm5_next": TinyArch("Glm5NextForConditionalGeneration", "GLM-5.3-Flash as published (the text model of a "
-                          "multimodal checkpoint)", ("float",), write=write),
+                          "multimodal checkpoint)", ("float", "fp8"), write=write),
 }
 
 __all__ = ["ARCHS", "PRESET", "tiny_model", "write"]

@@ -17,8 +17,8 @@ KIMI_LINEAR: Preset = ("KimiLinearConfig", "KimiLinearForCausalLM", dict(
     layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"],
     eos_token_id=None, pad_token_id=None))
 
-# Float only for now: the KDA and MLA projections run float (gated DeltaNet's rule), and the quantized formats'
-# writers would quantize them.
+# Float only: Moonshot publishes Kimi Linear in bfloat16 alone (docs/models.md: Test models), so no FP8 format is
+# offered.
 ARCHS = {
     "kimi_linear": TinyArch("KimiLinearForCausalLM", "Kimi-Linear-48B-A3B (-Instruct)", ("float",),
                             write=preset_writer(KIMI_LINEAR, drawn=True)),

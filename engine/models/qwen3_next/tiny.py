@@ -86,8 +86,9 @@ def save_multimodal(out, seed: int = 0, vision: dict | None = None, patch_size: 
     return str(out)
 
 
-# No fp8: the q / gate split of gated attention moves rows across FP8 blocks, which the loader refuses.
-_FORMATS = ("float", "int4", "gptq", "awq", "nvfp4")
+# fp8: gated attention's q / gate regrouping and Qwen3-Next's fused in_proj_qkvz move rows across FP8 blocks, so those
+# are held float, dequantized at load (engine/rank/fp8_linears.py; tests/engine/test_fp8_hybrid_families.py).
+_FORMATS = ("float", "fp8", "int4", "gptq", "awq", "nvfp4")
 ARCHS = {
     "qwen3_next": TinyArch("Qwen3NextForCausalLM", "Qwen3-Next-80B-A3B", _FORMATS,
                            write=preset_writer(HF_HYBRID["qwen3_next"])),

@@ -56,7 +56,7 @@ def _write(out: Path, *, seed: int, dtype: torch.dtype, fmt: str, overrides: Map
 
 ARCHS = {
     "qwen4_exp": TinyArch("Qwen4ExpForConditionalGeneration", "Qwen3.8-Flash-Next as published (the text model of a "
-                          "multimodal checkpoint)", ("float",), write=_write),
+                          "multimodal checkpoint)", ("float", "fp8"), write=_write),
 }
 
 __all__ = ["ARCHS", "EOS", "PRESET", "save_tiny", "tiny_model"]
