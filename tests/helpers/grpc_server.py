@@ -43,27 +43,9 @@ class CallDetails(grpc.HandlerCallDetails):
 
 
 def child_env(extra: dict | None = None) -> dict:
-    """os.environ with `extra` over it, for a `python -m moelink...` child the zygote can fork (below)."""
-    env = {**os.environ, **(extra or {})}
-    _drop_default_inductor_cache_dir(env)
-    return env
-
-
-def _drop_default_inductor_cache_dir(env: dict) -> None:
-    """torch writes TORCHINDUCTOR_CACHE_DIR (its default, per user) into the test process's os.environ the first
-    time anything asks for inductor's cache dir: a zygote started before that lacks it, one started after has it,
-    and every server whose environment differed from the zygote's in it exec'd and imported torch again (32 of 43
-    starts of a tests/server run). The default is what the server computes itself when the variable is unset, so
-    it is passed on only as the zygote has it; any other value is passed on as it is."""
-    value = env.get("TORCHINDUCTOR_CACHE_DIR")
-    if value is None or "torch._inductor.runtime.cache_dir_utils" not in sys.modules:
-        return
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    if value == default_cache_dir():
-        z = zygote._get()  # started on first use: here rather than in popen() below
-        if z is None or "TORCHINDUCTOR_CACHE_DIR" not in z.import_env:
-            del env["TORCHINDUCTOR_CACHE_DIR"]
+    """os.environ with `extra` over it, for a `python -m moelink...` child the zygote can fork (tests/helpers/zygote.py
+    compares only what an import reads, torch's default inductor cache dir aside)."""
+    return {**os.environ, **(extra or {})}
 
 
 class ServerProcess:

@@ -2,12 +2,12 @@
 CPU is mostly process starts; importing torch is ~1.9 s of CPU of every `python -m ...` the tests start).
 
 `popen(cmd, ...)` is `subprocess.Popen` for `[sys.executable, "-m", module, *args]`: the process is forked by a
-zygote (one per test process, started on first use, `python tests/helpers/zygote.py SOCKET`) that imported torch and numpy
-once, and then runs `module` as `python -m` would (`runpy`, `__main__`, its argv, environment, working directory,
+zygote (one per test process, started on first use, `python tests/helpers/zygote.py SOCKET`) that imported torch, numpy
+and transformers once (PRELOAD), and then runs `module` as `python -m` would (`runpy`, `__main__`, its argv, environment, working directory,
 stdin/stdout/stderr, sys.path with the child's PYTHONPATH), exiting through the interpreter's normal shutdown
 (atexit handlers and finalizers run). It is a real process: its pid takes signals, its exit status is Popen's
 (negative for a signal). Anything else, and any environment that differs from the zygote's in what an import of
-torch reads (OpenMP/MKL thread counts, TORCH_*, LD_*, ...), gets a plain `subprocess.Popen`: nothing about what is
+torch or transformers reads (OpenMP/MKL thread counts, TORCH_*, LD_*, HF_*, ...), gets a plain `subprocess.Popen`: nothing about what is
 tested changes, only the CPU a start costs.
 
 What the tests check is unchanged: the same module's `__main__` runs with the same arguments and environment. What
@@ -38,12 +38,31 @@ ENV_SWITCH = "MOELINK_TEST_ZYGOTE"
 _IMPORT_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TORCH", "PYTORCH", "LD_", "CUDA_",
                         "MALLOC_", "PYTHONHASHSEED", "PYTHONMALLOC", "PYTHONDEVMODE", "PYTHONWARNINGS",
                         "PYTHONOPTIMIZE", "PYTHONFAULTHANDLER", "PYTHONNOUSERSITE", "PYTHONUSERBASE", "PYTHONHOME",
-                        "PYTHONSAFEPATH", "PYTHONIOENCODING", "PYTHONUTF8", "LC_", "LANG")
-PRELOAD = ("torch", "numpy")
+                        "PYTHONSAFEPATH", "PYTHONIOENCODING", "PYTHONUTF8", "LC_", "LANG",
+                        # transformers and huggingface_hub read these at import (cache paths, offline mode,
+                        # verbosity): the zygote imports them too (PRELOAD)
+                        "HF_", "HUGGINGFACE", "TRANSFORMERS", "XDG_CACHE_HOME", "TOKENIZERS_")
+# What the zygote imports before it forks: torch (~1.9 s of CPU a start), and transformers with the classes every
+# engine start resolves through its lazy module (configs, tokenizers: ~0.8 s more; a `moelink serve`, a KV prefill
+# process and most script smokes read a checkpoint's config).
+PRELOAD = ("torch", "numpy", "transformers")
+PRELOAD_ATTRS = (("transformers", ("AutoConfig", "PreTrainedConfig", "AutoTokenizer", "PreTrainedTokenizerFast")),)
 
 
 def _import_env(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV_PREFIXES)}
+    out = {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV_PREFIXES)}
+    if out.get("TORCHINDUCTOR_CACHE_DIR") is not None and out["TORCHINDUCTOR_CACHE_DIR"] == _default_inductor_dir():
+        # torch writes its per-user default into os.environ the first time anything asks for inductor's cache dir
+        # (cache_dir_utils.cache_dir): a zygote started before that lacks it, a child's environment copied after
+        # has it, and every such child was exec'd (32 of 43 server starts of a tests/server run). The default is
+        # what a process computes itself when the variable is unset: the same either way.
+        del out["TORCHINDUCTOR_CACHE_DIR"]
+    return out
+
+
+def _default_inductor_dir() -> str | None:
+    utils = sys.modules.get("torch._inductor.runtime.cache_dir_utils")  # only torch itself sets the default
+    return None if utils is None else utils.default_cache_dir()
 
 
 # A script the tests run (benchmarks/gpu_session.sh) calls `$PYTHON -m ...`: given `shim_env()`, its $PYTHON is the
@@ -356,6 +375,9 @@ def _serve(path: str) -> int:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    for name, attrs in PRELOAD_ATTRS:  # a lazy module's classes: each getattr imports the submodule that holds it
+        for attr in attrs:
+            getattr(sys.modules[name], attr, None)
     # Everything imported so far moves to the collector's permanent generation: a child's collections (its exit's
     # included) no longer walk torch's objects, which a forked child's exit spent ~0.4 s of CPU on (a `pass`
     # child: 0.59 s before, 0.21 s after); nothing is freed or finalized differently (Python's advice for forking
