@@ -52,6 +52,13 @@ def test_another_thread_count_or_a_non_module_command_execs():
     zygote.run(PROBE + ["show"], env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, timeout=60)
     zygote.run([sys.executable, "-c", "pass"], timeout=60)
     assert zygote.starts["exec"] == before["exec"] + 2 and zygote.starts["zygote"] == before["zygote"]
+    # An HF_* variable transformers reads at import (the zygote imported it) execs too; inductor's cache dir, which
+    # torch writes into this process's environment on first use and reads at each use, does not.
+    zygote.run(PROBE + ["show"], env={**os.environ, "HF_HUB_CACHE": "/nonexistent"}, capture_output=True, timeout=60)
+    assert zygote.starts["exec"] == before["exec"] + 3
+    r = zygote.run(PROBE + ["show"], env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": "/tmp/elsewhere"},
+                   capture_output=True, text=True, timeout=60)
+    assert zygote.starts["exec"] == before["exec"] + 3 and json.loads(r.stdout)["ppid"] == zygote._get().proc.pid
 
 
 def test_a_scripts_python_shim_forks_module_runs_and_ends_as_the_child_ended(tmp_path):

@@ -50,19 +50,12 @@ PRELOAD_ATTRS = (("transformers", ("AutoConfig", "PreTrainedConfig", "AutoTokeni
 
 
 def _import_env(env: dict) -> dict:
-    out = {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV_PREFIXES)}
-    if out.get("TORCHINDUCTOR_CACHE_DIR") is not None and out["TORCHINDUCTOR_CACHE_DIR"] == _default_inductor_dir():
-        # torch writes its per-user default into os.environ the first time anything asks for inductor's cache dir
-        # (cache_dir_utils.cache_dir): a zygote started before that lacks it, a child's environment copied after
-        # has it, and every such child was exec'd (32 of 43 server starts of a tests/server run). The default is
-        # what a process computes itself when the variable is unset: the same either way.
-        del out["TORCHINDUCTOR_CACHE_DIR"]
-    return out
-
-
-def _default_inductor_dir() -> str | None:
-    utils = sys.modules.get("torch._inductor.runtime.cache_dir_utils")  # only torch itself sets the default
-    return None if utils is None else utils.default_cache_dir()
+    # TORCHINDUCTOR_CACHE_DIR aside: inductor reads it from os.environ at each use (cache_dir_utils.cache_dir), never
+    # at import, and a forked child runs with its own environment. torch also writes its per-user default there the
+    # first time anything asks for the cache dir, so a zygote started before that lacked it, a child's environment
+    # copied after had it, and every such child was exec'd (32 of 43 server starts of a tests/server run; the
+    # script shim, which has no torch to compute the default, too).
+    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV_PREFIXES) and k != "TORCHINDUCTOR_CACHE_DIR"}
 
 
 # A script the tests run (benchmarks/gpu_session.sh) calls `$PYTHON -m ...`: given `shim_env()`, its $PYTHON is the
