@@ -66,6 +66,9 @@
 #                          the benchmark again at Qwen3-30B-A3B's shape, 24 layers of random weights
 #   lora                   LoRA adapters with decode CUDA graphs against eager (tests/engine/test_gpu_lora_graphs.py;
 #                          issue 60, benchmarks/gpu_session/lora.sh)
+#   mm                     images into Qwen3.5-MoE on the GPU (issue 59; benchmarks/gpu_session/mm.sh): the tiny
+#                          multimodal checkpoint's GPU test (tests/engine/test_gpu_multimodal.py), then mm_encoder
+#                          --device cuda: the tower's time per image and what the encoder / prefix caches save
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   all                    every step in a row (a machine without the 10-minute command limit)
@@ -836,7 +839,7 @@ step_plan() {  # the first plan, then the full session, one device command per l
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
-  steps+=("kv-transfer" "hybrid" "dsa" "int4" "dsv4" "rl" "lora")
+  steps+=("kv-transfer" "hybrid" "dsa" "int4" "dsv4" "rl" "lora" "mm")
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -892,6 +895,7 @@ source "$REPO/benchmarks/gpu_session/int4.sh"
 source "$REPO/benchmarks/gpu_session/dsv4.sh"
 source "$REPO/benchmarks/gpu_session/rl.sh"
 source "$REPO/benchmarks/gpu_session/lora.sh"
+source "$REPO/benchmarks/gpu_session/mm.sh"
 
 # -- main ---------------------------------------------------------------------------------------------------------------
 case "$STEP" in
@@ -902,9 +906,9 @@ case "$STEP" in
   unpack)
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,71p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|mm|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,74p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, mm, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -935,6 +939,7 @@ case "$STEP" in
   dsv4) step_dsv4 "$@" ;;
   rl) step_rl "$@" ;;
   lora) step_lora "$@" ;;
+  mm) step_mm "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine
@@ -955,7 +960,8 @@ case "$STEP" in
     step_int4
     step_dsv4
     step_rl
-    step_lora ;;
+    step_lora
+    step_mm ;;
 esac
 [[ $STEP != all && $STEP != tests ]] && finish_step
 exit "$STATUS"

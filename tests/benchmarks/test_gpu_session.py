@@ -37,7 +37,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
          + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid",
-            "dsa", "int4", "dsv4", "rl"]
+            "dsa", "int4", "dsv4", "rl", "lora", "mm"]
          + [f"first {n}" for n in range(1, 7)])  # the first plan (test_gpu_session_first.py)
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
@@ -151,7 +151,7 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"]
-                                    + ["hybrid", "dsa", "int4", "dsv4", "rl", "lora"])
+                                    + ["hybrid", "dsa", "int4", "dsv4", "rl", "lora", "mm"])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"\ntotal {sum(int(b) for _, b, _ in rows)} s" in full
 
