@@ -93,15 +93,16 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
 def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
     """What adapters on the routed experts are refused under, or None where they are served (one rank, experts
     held as gate / up / down; under EP each rank its local experts' A / B, a token's slot carried with its dispatch;
-    under TP every expert's channel slice): refused under TP and EP together (the token-sliced block), with online
-    EPLB or elastic EP (experts move between ranks, their A / B would have to follow), and for an architecture
-    whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed: B's rows would
-    have to be read in its load's order)."""
+    under TP every expert's channel slice; gpt-oss's float experts too, gate_up's B rows read in the load's
+    de-interleaving order: engine/lora/adapter.py): refused under TP and EP together (the token-sliced block), with
+    online EPLB or elastic EP (experts move between ranks, their A / B would have to follow), and for an
+    architecture whose experts are laid out otherwise on disk (Mixtral's w1 / w3 / w2). Quantized experts (gpt-oss's
+    MXFP4) are no targets: the adapter's check refuses them (no float routed experts)."""
     from .architectures import REGISTRY
 
     arch = REGISTRY.get(architecture)
     spec = arch.spec if arch is not None else None
-    if arch is not None and spec is not None and (spec.expert_layout != "auto" or arch.mxfp4_experts
+    if arch is not None and spec is not None and (spec.expert_layout not in ("auto", "gpt_oss")
                                                   or tuple(spec.expert_names) != ("gate_proj", "up_proj", "down_proj")):
         return f"{architecture}'s expert layout"
     if parallel.tensor_parallel_size > 1 and not parallel.experts_split_by_tp:  # EP over the world, token-sliced
