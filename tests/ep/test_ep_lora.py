@@ -95,3 +95,27 @@ def test_tp2_mla_and_routed_adapters_equal_peft(local_ray, tmp_path):
         assert got == want["mla"] + want["routed"] + want["base"]
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("layout", [dict(expert_parallel_size=2, num_redundant_experts=1, all_to_all="torch_padded",
+                                         ep_decode_capacity=4)], ids=["ep2"])
+def test_gpt_oss_expert_adapter_equals_peft_over_two_ranks(local_ray, tmp_path, layout):
+    """gpt-oss (5 experts with biases and the clamped SwiGLU, gate and up interleaved on disk) at EP 2 with one
+    redundant copy: an adapter on the routed experts' gate_up_proj and down_proj (and q_proj) beside the base, each
+    rank holding its local experts' A / B (gate_up's B rows in the load's de-interleaving order), equals peft."""
+    from tests.helpers.gpt_oss_checkpoints import VOCAB, save_gpt_oss
+
+    base = save_gpt_oss(tmp_path / "base", num_hidden_layers=2)
+    req = LoRARequest("experts", 1, make_adapter(base, str(tmp_path / "experts"), dict(
+        r=4, lora_alpha=8, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), 22))
+    ps = prompts(VOCAB, seed=9, n=2, lo=3, hi=17)
+    want = {n: peft_greedy(base, p, ps, MAX_NEW) for n, p in (("base", None), ("experts", req.lora_path))}
+    assert want["experts"] != want["base"], "the adapter does not move the greedy tokens: a weak test"
+    llm = LLM(base, **layout, **KW)
+    try:
+        got = _greedy(llm, [p for p in ps for _ in range(2)], [req, None] * len(ps))
+        assert got == [want[n][i] for i in range(len(ps)) for n in ("experts", "base")]
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
