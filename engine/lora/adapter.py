@@ -37,8 +37,19 @@ _UNSUPPORTED = re.compile(r"(\.experts\.|\.mlp\.gate$|embed_tokens|lm_head|kv_b_
 # routed experts float only (the experts' LoRA path runs float GEMMs: docs/lora.md#limits).
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _LINEAR_DTYPES = _FLOAT_DTYPES + ("F8_E4M3",)
-EXPERT_NAME = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight|"
+EXPERT_NAME = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight|"
                      r"(?P<fused>gate_up_proj|down_proj))$")
+_DOWN = ("down_proj", "w2")  # a per-expert down projection's name: Qwen's, Mixtral's
+
+
+def experts_name(m: re.Match) -> str:
+    """The name an adapter gives the experts of an EXPERT_NAME match: transformers 5's module, which peft wraps.
+    Mixtral's per-expert w1 / w3 / w2 under `block_sparse_moe` are one `mlp.experts` there (gate_up_proj = [w1; w3]
+    [E, 2I, D], down_proj = w2 [E, D, I]: Qwen's layout, under another name)."""
+    p = m.group("p")
+    if m.group("w") in ("w1", "w3", "w2") and p.endswith(".block_sparse_moe.experts"):
+        return p[: -len(".block_sparse_moe.experts")] + ".mlp.experts"
+    return p
 
 
 @dataclass(frozen=True)
@@ -274,10 +285,10 @@ def model_targets(model_dir: str) -> ModelTargets:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if m is None or not isinstance(shape, list) or entry.get("dtype") not in _FLOAT_DTYPES:
             continue
-        seen = experts.setdefault(m.group("p"), {"ids": set()})
+        seen = experts.setdefault(experts_name(m), {"ids": set()})
         if m.group("fused") in ("down_proj", "gate_up_proj") and len(shape) == 3:
             seen[m.group("fused")] = tuple(int(n) for n in shape)
-        elif m.group("w") == "down_proj" and len(shape) == 2:  # [D, I] per expert
+        elif m.group("w") in _DOWN and len(shape) == 2:  # [D, I] per expert
             seen["ids"].add(int(m.group("e")))
             seen["di"] = (shape[0], shape[1])
     dims, interleaved = {}, set()

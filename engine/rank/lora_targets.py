@@ -11,7 +11,7 @@ import torch
 from moelink.moe.expert_weights import FloatExperts
 
 from ..config.lora import LoRAConfig
-from ..lora.adapter import EXPERT_NAME, model_targets
+from ..lora.adapter import EXPERT_NAME, experts_name, model_targets
 from ..lora.experts import in_graphs
 from ..lora.slots import ExpertTarget, LoRASlots, LoRATarget
 from ..models.linear import lora_targets
@@ -38,7 +38,7 @@ def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: t
             # EP: the logical expert of each local slot (redundant copies too); TP: every expert's channel slice.
             held = tuple(moe.ep.local_experts) if moe.ep is not None else None
             shard = (tp.rank * (f // 2), tp.size * (f // 2)) if tp is not None else None
-            experts[m.group("p")] = ExpertTarget(moe, e, d, f // 2, held, shard)
+            experts[experts_name(m)] = ExpertTarget(moe, e, d, f // 2, held, shard)
     return LoRASlots(limits, targets, experts, kernels, dtype, device, model_targets(model_dir), str(model_dir))
 
 
