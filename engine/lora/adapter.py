@@ -296,9 +296,10 @@ def model_targets(model_dir: str) -> ModelTargets:
         if "down_proj" in v:
             E, d1, d2 = v["down_proj"]
             # gpt-oss's gate_up_proj [E, D, 2I] beside down_proj [E, I, D] (a Qwen-style [E, 2I, D] beside
-            # [E, D, I] never matches: it would need D = 2D).
+            # [E, D, I] never matches: it would need I = 2I).
             if v.get("gate_up_proj", (0, 0, 0))[1:] == (d2, 2 * d1):
-                dims[p], _ = (E, d2, d1), interleaved.add(p)
+                dims[p] = (E, d2, d1)
+                interleaved.add(p)
             else:
                 dims[p] = (E, d1, d2)
         elif "di" in v:
