@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from moelink.moe.expert_weights import FloatExperts
+from moelink.moe.weight_plan import Rearranged
 
 from ..config.lora import LoRAConfig
 from ..lora.adapter import EXPERT_NAME, experts_name, model_targets
@@ -32,7 +33,9 @@ def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: t
             if getattr(layer, "moe", None) is not None and not (layer.moe.ep is not None and tp is not None)
             and isinstance(layer.moe.expert_format, FloatExperts)}
     for name, entry in plan.items():  # each MoE layer's experts by the checkpoint's name for them
-        moe, m = moes.get(id(entry.dest)), EXPERT_NAME.match(name)
+        # A TP rank's gpt-oss experts are read through a Rearranged destination (engine/tp/experts.py): its tensor.
+        dest = entry.dest.dest if isinstance(entry.dest, Rearranged) else entry.dest
+        moe, m = moes.get(id(dest)), EXPERT_NAME.match(name)
         if moe is not None and m is not None:
             e, f, d = moe.w13_EFD.shape
             # EP: the logical expert of each local slot (redundant copies too); TP: every expert's channel slice.
