@@ -93,16 +93,22 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
 def routed_lora_refusal(parallel, architecture: str = "") -> str | None:
     """What adapters on the routed experts are refused under, or None where they are served (one rank, experts
     held as gate / up / down; under EP each rank its local experts' A / B, a token's slot carried with its dispatch;
-    under TP every expert's channel slice): refused under TP and EP together (the token-sliced block), with online
-    EPLB or elastic EP (experts move between ranks, their A / B would have to follow), and for an architecture
-    whose experts are laid out otherwise on disk (gpt-oss: gate and up interleaved, transposed: B's rows would
-    have to be read in its load's order)."""
+    under TP every expert's channel slice; gpt-oss's float experts too, gate_up's B rows read in the load's
+    de-interleaving order: engine/lora/adapter.py): refused under TP and EP together (the token-sliced block), with
+    online EPLB or elastic EP (experts move between ranks, their A / B would have to follow), and for an
+    architecture whose experts are laid out otherwise on disk (w1 / w3 / w2 served for Mixtral, whose transformers
+    module is Qwen's layout under `mlp.experts`: engine/lora/adapter.py experts_name; not yet for the others of those
+    names, MiniMax-M2, ..., untested against peft). Quantized experts (gpt-oss's
+    MXFP4) are no targets: the adapter's check refuses them (no float routed experts)."""
     from .architectures import REGISTRY
 
     arch = REGISTRY.get(architecture)
     spec = arch.spec if arch is not None else None
-    if arch is not None and spec is not None and (spec.expert_layout != "auto" or arch.mxfp4_experts
-                                                  or tuple(spec.expert_names) != ("gate_proj", "up_proj", "down_proj")):
+    names = tuple(spec.expert_names) if spec is not None else ()
+    if arch is not None and spec is not None and (
+            spec.expert_layout not in ("auto", "gpt_oss")
+            or not (names == ("gate_proj", "up_proj", "down_proj")
+                    or (names == ("w1", "w3", "w2") and architecture == "MixtralForCausalLM"))):
         return f"{architecture}'s expert layout"
     if parallel.tensor_parallel_size > 1 and not parallel.experts_split_by_tp:  # EP over the world, token-sliced
         return (f"tensor_parallel_size={parallel.tensor_parallel_size} with "

@@ -37,8 +37,19 @@ _UNSUPPORTED = re.compile(r"(\.experts\.|\.mlp\.gate$|embed_tokens|lm_head|kv_b_
 # routed experts float only (the experts' LoRA path runs float GEMMs: docs/lora.md#limits).
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _LINEAR_DTYPES = _FLOAT_DTYPES + ("F8_E4M3",)
-EXPERT_NAME = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight|"
+EXPERT_NAME = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight|"
                      r"(?P<fused>gate_up_proj|down_proj))$")
+_DOWN = ("down_proj", "w2")  # a per-expert down projection's name: Qwen's, Mixtral's
+
+
+def experts_name(m: re.Match) -> str:
+    """The name an adapter gives the experts of an EXPERT_NAME match: transformers 5's module, which peft wraps.
+    Mixtral's per-expert w1 / w3 / w2 under `block_sparse_moe` are one `mlp.experts` there (gate_up_proj = [w1; w3]
+    [E, 2I, D], down_proj = w2 [E, D, I]: Qwen's layout, under another name)."""
+    p = m.group("p")
+    if m.group("w") in ("w1", "w3", "w2") and p.endswith(".block_sparse_moe.experts"):
+        return p[: -len(".block_sparse_moe.experts")] + ".mlp.experts"
+    return p
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,9 @@ class ModelTargets:
 
     linears: dict[str, tuple[int, int]]
     experts: dict[str, tuple[int, int, int]]
+    # Experts held as gpt-oss holds them (gate_up_proj [E, D, 2I] with gate and up interleaved on the last dim,
+    # down_proj [E, I, D]): an adapter's gate_up B rows are read in the load's de-interleaving order.
+    interleaved: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -210,7 +224,7 @@ def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets, load
             ok = a.dim() == 2 and b.dim() == 2 and a.shape == (r, k) and b.shape == (n, r)
             want = f"[{n}, {k}] at rank r={r}"
         else:
-            name, a, b, want = _expert_factors(module, ab["A"], ab["B"], model.experts[_experts_of(module)], cfg)
+            name, a, b, want = _expert_factors(module, ab["A"], ab["B"], model, cfg)
             ok = name is not None
             r = a.shape[1] if ok else 0
         if not ok:
@@ -235,20 +249,29 @@ def _experts_of(module: str) -> str:
     return module
 
 
-def _expert_factors(module: str, a: torch.Tensor, b: torch.Tensor, dims: tuple[int, int, int], cfg: AdapterConfig):
+def _expert_factors(module: str, a: torch.Tensor, b: torch.Tensor, model: ModelTargets, cfg: AdapterConfig):
     """peft's ParamWrapper factors of one fused expert tensor as (target name, A [E, r, K], B [E, N, r], what the
     model holds): A is [r E, K] (expert e's rows e r .. e r + r), B [N, r E] (expert e's columns r_i E + e). Which
-    tensor it is, gate_up_proj [E, 2I, D] or down_proj [E, D, I], its shapes say (the nesting order is peft's)."""
-    E, D, I = dims
-    want = f"gate_up_proj [{E}, {2 * I}, {D}] or down_proj [{E}, {D}, {I}] with A [r * {E}, in], B [out, r * {E}]"
+    tensor it is, gate_up_proj or down_proj, its shapes say (the nesting order is peft's). ParamWrapper's in / out
+    are the tensor's last two dims as transformers holds them: Qwen's [E, 2I, D] / [E, D, I] are out, in (peft
+    swaps them), gpt-oss's `is_transposed` [E, D, 2I] / [E, I, D] in, out; either way K is the input's width and N
+    the output's, so A and B are the same shapes. gpt-oss's gate_up output interleaves gate and up (2i gate, 2i + 1
+    up): B's rows are read in the load's order [gate; up] (moe/expert_weights.py gate_up_order), as w13's are."""
+    experts = _experts_of(module)
+    E, D, I = model.experts[experts]
+    held = (f"gate_up_proj [{E}, {D}, {2 * I}] or down_proj [{E}, {I}, {D}]" if experts in model.interleaved else
+            f"gate_up_proj [{E}, {2 * I}, {D}] or down_proj [{E}, {D}, {I}]")
+    want = f"{held} with A [r * {E}, in], B [out, r * {E}]"
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] % E:
         return None, a, b, want
     r = a.shape[0] // E
     for param, (n, k) in (("gate_up_proj", (2 * I, D)), ("down_proj", (D, I))):
         if a.shape[1] == k and b.shape[0] == n and any(t.rsplit(".", 1)[-1] == param for t in cfg.target_parameters):
             a_ERK = a.reshape(E, r, k)
+            if param == "gate_up_proj" and experts in model.interleaved:
+                b = b.index_select(0, torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)]))
             b_ENR = b.reshape(n, r, E).permute(2, 0, 1).contiguous()
-            return f"{_experts_of(module)}.{param}", a_ERK, b_ENR, want
+            return f"{experts}.{param}", a_ERK, b_ENR, want
     return None, a, b, want
 
 
@@ -262,15 +285,26 @@ def model_targets(model_dir: str) -> ModelTargets:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if m is None or not isinstance(shape, list) or entry.get("dtype") not in _FLOAT_DTYPES:
             continue
-        seen = experts.setdefault(m.group("p"), {"ids": set()})
-        if m.group("fused") == "down_proj" and len(shape) == 3:  # [E, D, I]
-            seen["dims"] = (shape[0], shape[1], shape[2])
-        elif m.group("w") == "down_proj" and len(shape) == 2:  # [D, I] per expert
+        seen = experts.setdefault(experts_name(m), {"ids": set()})
+        if m.group("fused") in ("down_proj", "gate_up_proj") and len(shape) == 3:
+            seen[m.group("fused")] = tuple(int(n) for n in shape)
+        elif m.group("w") in _DOWN and len(shape) == 2:  # [D, I] per expert
             seen["ids"].add(int(m.group("e")))
             seen["di"] = (shape[0], shape[1])
-    dims = {p: v["dims"] if "dims" in v else (len(v["ids"]), *v["di"]) for p, v in experts.items()
-            if "dims" in v or "di" in v}
-    return ModelTargets(lora_targets(model_dir, tensors), dims)
+    dims, interleaved = {}, set()
+    for p, v in experts.items():
+        if "down_proj" in v:
+            E, d1, d2 = v["down_proj"]
+            # gpt-oss's gate_up_proj [E, D, 2I] beside down_proj [E, I, D] (a Qwen-style [E, 2I, D] beside
+            # [E, D, I] never matches: it would need I = 2I).
+            if v.get("gate_up_proj", (0, 0, 0))[1:] == (d2, 2 * d1):
+                dims[p] = (E, d2, d1)
+                interleaved.add(p)
+            else:
+                dims[p] = (E, d1, d2)
+        elif "di" in v:
+            dims[p] = (len(v["ids"]), *v["di"])
+    return ModelTargets(lora_targets(model_dir, tensors), dims, frozenset(interleaved))
 
 
 def lora_targets(model_dir: str, tensors: dict | None = None) -> dict[str, tuple[int, int]]:

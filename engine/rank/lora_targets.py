@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from moelink.moe.expert_weights import FloatExperts
+from moelink.moe.weight_plan import Rearranged
 
 from ..config.lora import LoRAConfig
-from ..lora.adapter import EXPERT_NAME, model_targets
+from ..lora.adapter import EXPERT_NAME, experts_name, model_targets
 from ..lora.experts import in_graphs
 from ..lora.slots import ExpertTarget, LoRASlots, LoRATarget
 from ..models.linear import lora_targets
@@ -32,13 +33,15 @@ def lora_slots(model, limits: LoRAConfig, kernels, dtype: torch.dtype, device: t
             if getattr(layer, "moe", None) is not None and not (layer.moe.ep is not None and tp is not None)
             and isinstance(layer.moe.expert_format, FloatExperts)}
     for name, entry in plan.items():  # each MoE layer's experts by the checkpoint's name for them
-        moe, m = moes.get(id(entry.dest)), EXPERT_NAME.match(name)
+        # A TP rank's gpt-oss experts are read through a Rearranged destination (engine/tp/experts.py): its tensor.
+        dest = entry.dest.dest if isinstance(entry.dest, Rearranged) else entry.dest
+        moe, m = moes.get(id(dest)), EXPERT_NAME.match(name)
         if moe is not None and m is not None:
             e, f, d = moe.w13_EFD.shape
             # EP: the logical expert of each local slot (redundant copies too); TP: every expert's channel slice.
             held = tuple(moe.ep.local_experts) if moe.ep is not None else None
             shard = (tp.rank * (f // 2), tp.size * (f // 2)) if tp is not None else None
-            experts[m.group("p")] = ExpertTarget(moe, e, d, f // 2, held, shard)
+            experts[experts_name(m)] = ExpertTarget(moe, e, d, f // 2, held, shard)
     return LoRASlots(limits, targets, experts, kernels, dtype, device, model_targets(model_dir), str(model_dir))
 
 

@@ -277,7 +277,7 @@ def test_async_engine_streams_under_an_adapter(lora_case):
 
 def test_routed_expert_adapters_are_refused_where_not_served():
     """Experts held as gate / up / down are served at one rank, under EP and under TP; TP and EP together, online
-    EPLB, elastic EP and gpt-oss's layout (gate and up interleaved on disk) are refused, naming why (the driver's
+    EPLB, elastic EP and MiniMax-M2's w1 / w3 / w2 (not tested against peft) are refused, naming why (the driver's
     check reads this: engine/lora/checker.py)."""
     from types import SimpleNamespace
 
@@ -290,7 +290,9 @@ def test_routed_expert_adapters_are_refused_where_not_served():
 
     assert routed_lora_refusal(par(), "Qwen3MoeForCausalLM") is None
     assert routed_lora_refusal(par(), "DeepseekV3ForCausalLM") is None
-    assert routed_lora_refusal(par(), "GptOssForCausalLM") == "GptOssForCausalLM's expert layout"
+    assert routed_lora_refusal(par(), "GptOssForCausalLM") is None  # float experts: test_gpt_oss_..._equal_peft
+    assert routed_lora_refusal(par(), "MixtralForCausalLM") is None  # w1 / w3 / w2: test_mixtral_expert_...
+    assert routed_lora_refusal(par(), "MiniMaxM2ForCausalLM") == "MiniMaxM2ForCausalLM's expert layout"
     assert routed_lora_refusal(par(world=2), "Qwen3MoeForCausalLM") is None  # EP: tests/ep/test_ep_lora.py
     assert routed_lora_refusal(par(tp=2, world=2), "Qwen3MoeForCausalLM") is None  # TP splits every expert
     assert routed_lora_refusal(par(tp=2, world=4, ep=4), "Qwen3MoeForCausalLM") == \
@@ -301,22 +303,53 @@ def test_routed_expert_adapters_are_refused_where_not_served():
         "elastic_ep=True at expert_parallel_size=3 (pass elastic_ep=False)"
 
 
-def test_gpt_oss_attention_adapter_equals_peft(tmp_path):
-    """gpt-oss: GQA with sinks, q/k/v and o biases, sliding layers: an adapter on q/k/v/o equals peft alone and beside
-    the base in one batch (its routed experts' layout is refused: test_routed_expert_adapters_...)."""
+def test_gpt_oss_attention_and_expert_adapters_equal_peft(tmp_path):
+    """gpt-oss: GQA with sinks, q/k/v and o biases, sliding layers, experts with biases and a clamped SwiGLU whose
+    gate and up are interleaved on disk: an adapter on the routed experts' gate_up_proj and down_proj (peft's
+    target_parameters, with q_proj) alone, then beside an adapter on q/k/v/o and the base in one batch, each equal
+    to transformers + peft (float64; the experts' gate_up B rows read in the load's de-interleaving order)."""
     from moelink.engine import LoRARequest
     from tests.helpers.gpt_oss_checkpoints import VOCAB, save_gpt_oss
 
     base = save_gpt_oss(tmp_path / "base", num_hidden_layers=2)
     _make_adapter(base, str(tmp_path / "attn"), dict(r=4, lora_alpha=8,
                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), 21)
-    req = LoRARequest("attn", 1, str(tmp_path / "attn"))
+    _make_adapter(base, str(tmp_path / "experts"), dict(
+        r=4, lora_alpha=8, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), 22)
+    attn, experts = LoRARequest("attn", 1, str(tmp_path / "attn")), LoRARequest("experts", 2, str(tmp_path / "experts"))
     ps = make_prompts(vocab=VOCAB, seed=9, n=2, lo=3, hi=17)
-    want = {None: _peft_greedy(base, None, ps), "attn": _peft_greedy(base, req.lora_path, ps)}
-    assert want["attn"] != want[None], "the adapter does not move the greedy tokens: a weak test"
+    want = {None: _peft_greedy(base, None, ps), "attn": _peft_greedy(base, attn.lora_path, ps),
+            "experts": _peft_greedy(base, experts.lora_path, ps)}
+    assert want["attn"] != want[None] and want["experts"] != want[None], "an adapter does not move the tokens"
+    llm = _llm(base, max_loras=2)
+    try:
+        assert _greedy(llm, ps, [experts] * len(ps)) == want["experts"]
+        assert _greedy(llm, ps * 3, [experts] * len(ps) + [attn] * len(ps) + [None] * len(ps)) == \
+            want["experts"] + want["attn"] + want[None]
+    finally:
+        llm.shutdown()
+
+
+def test_mixtral_expert_adapter_equals_peft(tmp_path):
+    """Mixtral: experts as w1 / w3 / w2 per expert under block_sparse_moe on disk, one `mlp.experts` module with
+    Qwen's fused layout in transformers 5 (what peft wraps): an adapter on its gate_up_proj and down_proj (and
+    q_proj) alone and beside the base in one batch equals transformers + peft (float64)."""
+    from moelink.engine import LoRARequest
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    base = str(make_tiny_model(tmp_path / "base", "mixtral", dtype="float64", num_layers=2))
+    _make_adapter(base, str(tmp_path / "experts"), dict(
+        r=4, lora_alpha=8, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), 23)
+    req = LoRARequest("experts", 1, str(tmp_path / "experts"))
+    ps = make_prompts(vocab=200, seed=9, n=2, lo=3, hi=17)
+    want = {None: _peft_greedy(base, None, ps), "experts": _peft_greedy(base, req.lora_path, ps)}
+    assert want["experts"] != want[None], "the adapter does not move the greedy tokens: a weak test"
     llm = _llm(base, max_loras=1)
     try:
-        assert _greedy(llm, ps + ps, [req] * len(ps) + [None] * len(ps)) == want["attn"] + want[None]
+        assert _greedy(llm, ps * 2, [req] * len(ps) + [None] * len(ps)) == want["experts"] + want[None]
+        assert llm.engine.executor.worker.runner.lora.experts, "Mixtral's experts are no LoRA target"
     finally:
         llm.shutdown()
 

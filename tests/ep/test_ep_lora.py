@@ -6,7 +6,8 @@ with peft: tests/helpers/lora_peft.py), one engine per parallel layout:
   adapter's tokens carry their slot of the driver's table (engine/lora/slot_table.py) with their dispatch, and each
   rank applies its local experts' A / B;
 - TP 2: q/k/v's B rows and o_proj's A columns of each rank's shard, and every expert's channel slice (gate_up's B
-  rows, down's A columns, the delta summed with the partial output).
+  rows, down's A columns, the delta summed with the partial output);
+- gpt-oss's experts (transposed, gate and up interleaved on disk) at EP 2 and at TP 2.
 
 Each routed-expert adapter alone, and a batch mixing three adapters and the base, give peft's greedy tokens."""
 from __future__ import annotations
@@ -93,5 +94,30 @@ def test_tp2_mla_and_routed_adapters_equal_peft(local_ray, tmp_path):
     try:
         got = _greedy(llm, ps * 3, [mla] * len(ps) + [routed] * len(ps) + [None] * len(ps))
         assert got == want["mla"] + want["routed"] + want["base"]
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("layout", [dict(expert_parallel_size=2, num_redundant_experts=1, all_to_all="torch_padded",
+                                         ep_decode_capacity=4), dict(tensor_parallel_size=2)], ids=["ep2", "tp2"])
+def test_gpt_oss_expert_adapter_equals_peft_over_two_ranks(local_ray, tmp_path, layout):
+    """gpt-oss (5 experts with biases and the clamped SwiGLU, gate and up interleaved on disk) at EP 2 with one
+    redundant copy, and at TP 2 (each rank its experts' channels, read through engine/tp/experts.py's Rearranged
+    destination): an adapter on the routed experts' gate_up_proj and down_proj (and q_proj) beside the base equals
+    peft (gate_up's B rows in the load's de-interleaving order, then cut to the rank's experts or channels)."""
+    from tests.helpers.gpt_oss_checkpoints import VOCAB, save_gpt_oss
+
+    base = save_gpt_oss(tmp_path / "base", num_hidden_layers=2)
+    req = LoRARequest("experts", 1, make_adapter(base, str(tmp_path / "experts"), dict(
+        r=4, lora_alpha=8, target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), 22))
+    ps = prompts(VOCAB, seed=9, n=2, lo=3, hi=17)
+    want = {n: peft_greedy(base, p, ps, MAX_NEW) for n, p in (("base", None), ("experts", req.lora_path))}
+    assert want["experts"] != want["base"], "the adapter does not move the greedy tokens: a weak test"
+    llm = LLM(base, **layout, **KW)
+    try:
+        got = _greedy(llm, [p for p in ps for _ in range(2)], [req, None] * len(ps))
+        assert got == [want[n][i] for i in range(len(ps)) for n in ("experts", "base")]
+        assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()

@@ -112,3 +112,35 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
             for lw, lg in zip(lps_w, lps_g):  # float32: the padded batch's kernels round as the decode graphs' do
                 assert lw.keys() == lg.keys()
                 assert max(abs(lw[t] - lg[t]) for t in lw) < 1e-5
+
+
+@pytest.mark.slow  # over 1 s (interpreter: one engine, a few steps twice)
+def test_gpt_oss_expert_adapter_through_triton_equals_the_plain_loop(tmp_path, kdev):
+    """gpt-oss's float experts (biases, the clamped SwiGLU, gate and up interleaved on disk) with an adapter on their
+    gate_up_proj and down_proj (and q_proj) beside the base: the engine's Triton experts' LoRA path
+    (kernels/triton_lora_moe.py) gives the plain-torch loop's tokens and logprobs (kernels/lora_moe.py); peft's
+    tokens for the same adapter: tests/engine/test_lora.py::test_gpt_oss_attention_and_expert_adapters_equal_peft."""
+    if kdev.type != "cpu":
+        pytest.skip("the Triton interpreter on CPU")
+    from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
+
+    path = save_gpt_oss(tmp_path / "base", num_hidden_layers=2)
+    req = LoRARequest("experts", 1, random_adapter(path, str(tmp_path / "experts"), ("q_proj",), 4, 8, 5,
+                                                   experts_down=True, experts_gate_up=True))
+    prompt = [random.Random(5).randrange(3, 200) for _ in range(7)]
+    case = ([prompt] * 2, [req, None], [3, 3])
+    llm = _llm(path)
+    try:
+        kernels = llm.engine.executor.worker.runner.lora.kernels
+        fused, calls = kernels.lora_fused_moe, []
+        kernels.lora_fused_moe = lambda *a, **k: calls.append(k) or fused(*a, **k)
+        triton = _run(llm, *case)
+        assert calls and all(k.get("b13_EF") is not None for k in calls), "gpt-oss's experts ran no Triton LoRA path"
+        kernels.lora_fused_moe = reference_lora_fused_moe
+        plain = _run(llm, *case)
+    finally:
+        llm.shutdown()
+    assert triton[0][0] != triton[1][0], "the adapter does not move the greedy tokens: a weak test"
+    for (tok_t, lps_t), (tok_p, lps_p) in zip(triton, plain):
+        assert tok_t == tok_p
+        assert max(abs(lt[t] - lp[t]) for lt, lp in zip(lps_t, lps_p) for t in lt) < 1e-5
