@@ -54,8 +54,8 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
 
-def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, speculative: bool,
-                kv_connector=None, attention, quantization=None) -> LoRAConfig | None:
+def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, kv_connector=None,
+                attention, quantization=None) -> LoRAConfig | None:
     """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
     refused naming the flag (never silently served without the adapter)."""
     if not isinstance(enable_lora, bool):
@@ -65,10 +65,9 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
     cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, parallel.data_parallel_size)
     # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
     # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
-    # Speculative decoding is served (docs/lora.md, Speculative decoding): a verify step's 1 + k rows of a request
-    # carry its slot (plan_lora_step by query length), the drafter runs with none (the runner clears the step's
-    # slots after the forward); `speculative` is kept in the signature for the flags still refused beside it.
-    del speculative
+    # Speculative decoding is served (docs/lora.md#how-it-runs): a verify step's 1 + k rows of a request carry its
+    # slot (plan_lora_step repeats it over the query length), the drafter runs with none (the runner clears the
+    # step's slots after the main forward).
     if parallel.enable_two_batch_overlap and parallel.world_size > 1:
         raise ValueError("enable_lora is not supported with enable_two_batch_overlap set yet: LoRA runs without "
                          "two-batch overlap for now (docs/lora.md#limits).")
