@@ -52,7 +52,11 @@ def test_ngram_drafts_with_two_adapters_and_the_base_interleaved_equal_peft(tmp_
               speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})
     try:
         got = _generate(llm, [ps[i // len(reqs)] for i in range(len(order))], [reqs[n] for n in order])
-        sd = llm.engine.stats().spec_decode
+        stats = llm.engine.stats()
+        sd = stats.spec_decode
+        # Rejected drafts leave nothing held: every KV block free, no request, no slot held by a request.
+        assert stats.num_free_blocks == stats.num_total_blocks and not llm.engine.has_requests()
+        assert not llm.engine.executor.worker.runner.requests
     finally:
         llm.shutdown()
     assert got == [want[n][i // len(reqs)] for i, n in enumerate(order)]
