@@ -7,7 +7,8 @@ is the eager engine (the same kernels, each step's slots its own inputs): one pr
 in one batch (3 rows on the size-4 graph, one padding row, then sizes 2 and 1 as they finish), then a third adapter,
 loaded into a slot after the capture, beside the first, then an adapter on the routed experts beside the base (the
 experts' LoRA path through kernels/triton_lora_moe.py, replayed too; its eager run equals the plain-torch path's).
-tests/engine/test_gpu_lora_graphs.py captures real graphs."""
+Speculative verify steps (1 + k tokens a row, ragged) with
+adapters replay the verify graphs the same way. tests/engine/test_gpu_lora_graphs.py captures real graphs."""
 from __future__ import annotations
 
 import random
