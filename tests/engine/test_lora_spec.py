@@ -85,3 +85,32 @@ def test_mtp_drafts_under_an_mla_adapter_equal_peft(tmp_path):
         llm.shutdown()
     assert got == want
     assert sd is not None and sd.num_accepted_tokens > 0, sd
+
+
+@pytest.mark.slow  # over 1 s (peft oracle and an engine)
+def test_eagle3_drafts_under_an_attention_adapter_equal_peft(tmp_path):
+    """An EAGLE-3 head (tests.helpers.eagle3_heads.bigram_head over a scaled Qwen3-MoE) reads the main model's
+    auxiliary layers' states, the adapter's; its own layer runs no adapter. Greedy equals peft, drafts accepted."""
+    from moelink.engine import LLM, LoRARequest
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    from tests.helpers.eagle3_heads import bigram_head, scaled_target
+
+    src = make_tiny_model(tmp_path / "src", "qwen3_moe", dtype="float64", num_layers=2, mlp_only_layers=[0])
+    base = str(scaled_target(src, tmp_path / "base"))
+    head = str(bigram_head(base, tmp_path / "head", aux_layer_ids=[0, 0, 1]))
+    path = make_adapter(base, str(tmp_path / "q"), dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                        seed=6)
+    ps = _repetitive(200, seed=6, n=2)
+    want = peft_greedy(base, path, ps, MAX_NEW)
+    assert want != peft_greedy(base, None, ps, MAX_NEW), "the adapter moves nothing: a weak test"
+    llm = LLM(base, dtype="float64", enable_lora=True, max_loras=1, max_lora_rank=4, num_kv_blocks=64, block_size=4,
+              max_num_batched_tokens=64, speculative_config={"method": "eagle3", "model": head,
+                                                             "num_speculative_tokens": 2})
+    try:
+        got = _generate(llm, ps, LoRARequest("q", 1, path))
+        sd = llm.engine.stats().spec_decode
+    finally:
+        llm.shutdown()
+    assert got == want
+    assert sd is not None and sd.num_accepted_tokens > 0, sd
