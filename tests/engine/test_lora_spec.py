@@ -2,7 +2,8 @@
 drafter runs without the adapter, the verify step's 1 + k rows of a request carry its adapter's slot, so greedy
 output is the adapter's own, drafts accepted or not. A tiny Qwen3-MoE with two adapters (attention; the routed
 experts) and the base interleaved under the n-gram drafter (k=2, repetitive prompts: drafts are accepted), and a
-tiny DeepSeek-V3 with its MTP layer (the device drafter) under an adapter on MLA's projections."""
+tiny DeepSeek-V3 with its MTP layer (a device drafter) under an adapter on MLA's q_b_proj, and a Qwen3-MoE with an
+EAGLE-3 head under a q/v adapter."""
 from __future__ import annotations
 
 import random
