@@ -336,7 +336,7 @@ class EngineArgs:
             spec_min_draft_acceptance=spec.min_draft_acceptance, spec_max_verify_fraction=spec.max_verify_fraction,
             spec_probe_interval=spec.draft_probe_interval)
         lora = lora_config(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras,
-                           parallel=parallel, speculative=spec is not None, kv_connector=self.kv_connector,
+                           parallel=parallel, kv_connector=self.kv_connector,
                            attention=model_cfg.attention, quantization=model_cfg.quantization)
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling,

@@ -54,8 +54,8 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
 
-def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, speculative: bool,
-                kv_connector=None, attention, quantization=None) -> LoRAConfig | None:
+def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, kv_connector=None,
+                attention, quantization=None) -> LoRAConfig | None:
     """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
     refused naming the flag (never silently served without the adapter)."""
     if not isinstance(enable_lora, bool):
@@ -65,11 +65,12 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
     cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, parallel.data_parallel_size)
     # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
     # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
-    for flag, on in (("speculative_config", speculative),
-                     ("enable_two_batch_overlap", parallel.enable_two_batch_overlap and parallel.world_size > 1)):
-        if on:
-            raise ValueError(f"enable_lora is not supported with {flag} set yet: LoRA runs without speculative "
-                             "decoding or two-batch overlap for now (docs/lora.md#limits).")
+    # Speculative decoding is served (docs/lora.md#how-it-runs): a verify step's 1 + k rows of a request carry its
+    # slot (plan_lora_step repeats it over the query length), the drafter runs with none (the runner clears the
+    # step's slots after the main forward).
+    if parallel.enable_two_batch_overlap and parallel.world_size > 1:
+        raise ValueError("enable_lora is not supported with enable_two_batch_overlap set yet: LoRA runs without "
+                         "two-batch overlap for now (docs/lora.md#limits).")
     # A connector serves adapters only where it keys KV by the request's cache salt (the adapter is part of it):
     # the offload tiers by the salted block hashes, PD transfer by the salted key (engine/kv_transfer/auth.py).
     # One keyed by anything else (the in-host reference keys by request id) could hand A's KV to B's request.

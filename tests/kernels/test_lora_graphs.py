@@ -7,7 +7,8 @@ is the eager engine (the same kernels, each step's slots its own inputs): one pr
 in one batch (3 rows on the size-4 graph, one padding row, then sizes 2 and 1 as they finish), then a third adapter,
 loaded into a slot after the capture, beside the first, then an adapter on the routed experts beside the base (the
 experts' LoRA path through kernels/triton_lora_moe.py, replayed too; its eager run equals the plain-torch path's).
-tests/engine/test_gpu_lora_graphs.py captures real graphs."""
+Speculative verify steps (1 + k tokens a row, ragged) with
+adapters replay the verify graphs the same way. tests/engine/test_gpu_lora_graphs.py captures real graphs."""
 from __future__ import annotations
 
 import random
@@ -144,3 +145,51 @@ def test_gpt_oss_expert_adapter_through_triton_equals_the_plain_loop(tmp_path, k
     for (tok_t, lps_t), (tok_p, lps_p) in zip(triton, plain):
         assert tok_t == tok_p
         assert max(abs(lt[t] - lp[t]) for lt, lp in zip(lps_t, lps_p) for t in lt) < 1e-5
+
+
+@pytest.mark.slow  # over 1 s (interpreter: two engines, a few steps each)
+def test_lora_verify_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_path, kdev):
+    """Speculative verify steps (1 + k tokens a row, ragged: the uneven drafter of test_verify_graphs.py) with two
+    adapters and the base in one batch replay the verify graphs, each token's slot staged where its token is (a
+    ragged row front-padded), and give each request the eager engine's tokens and logprobs without speculation
+    (verify rows and decode rows agree to float32 rounding)."""
+    if kdev.type != "cpu":
+        pytest.skip("CPU stand-in for the capture; with a GPU, tests/engine/test_gpu_lora_graphs.py")
+    import functools
+
+    from tests.kernels.test_verify_graphs import K, UnevenDrafter
+
+    path = tiny_model("qwen3_e6k3")
+    reqs = {name: LoRARequest(name, i + 1, random_adapter(path, str(tmp_path / name), targets, 4, 8, seed))
+            for i, (name, (targets, seed)) in enumerate(list(ADAPTERS.items())[:2])}
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (6, 9, 4)]  # a prompt each: the drafter's key
+    loras = [reqs["attn"], None, reqs["qv"]]
+    eager = _llm(path)
+    try:
+        want = _run(eager, prompts, loras, [5, 5, 5])
+    finally:
+        eager.shutdown()
+    ref = {tuple(p): t for p, (t, _) in zip(prompts, want)}
+    spec = {"method": "ngram", "num_speculative_tokens": K,
+            "drafter_factory": functools.partial(UnevenDrafter, ref, 0.7, vocab=500, seed=5)}
+    llm = LLM(path, dtype="float32", device="cpu", kernels="triton", enable_lora=True, max_loras=2, max_lora_rank=4,
+              max_num_seqs=4, max_num_batched_tokens=48, num_kv_blocks=24, block_size=16,
+              enable_prefix_caching=False, skip_warmup=True, speculative_config=spec)
+    try:
+        runner = llm.engine.executor.worker.runner
+        runner.graph_sizes, runner.graph_backend = (4,), Replay()  # one size: the 3 rows padded to 4, CPU saved
+        runner._capture_graphs()
+        assert runner.graphs is not None and runner.graphs.verify_len == 1 + K
+        verify = count_replays(runner.graphs, verify=True)
+        got = _run(llm, prompts, loras, [5, 5, 5])
+        sd = llm.engine.stats().spec_decode
+    finally:
+        llm.shutdown()
+    assert sum(verify.values()) > 0, f"no verify step replayed a graph: {verify}"
+    assert sd.num_accepted_tokens > 0, sd
+    for (tok_w, lps_w), (tok_g, lps_g) in zip(want, got):
+        assert tok_g == tok_w
+        for lw, lg in zip(lps_w, lps_g):
+            assert lw.keys() == lg.keys()
+            assert max(abs(lw[t] - lg[t]) for t in lw) < 1e-4
