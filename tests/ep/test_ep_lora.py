@@ -75,22 +75,32 @@ def test_adapters_equal_peft_over_two_ranks(local_ray, case, layout):
         llm.engine.shutdown()
 
 
-def test_tp2_mla_and_routed_adapters_equal_peft(local_ray, tmp_path):
-    """DeepSeek-V3 at TP 2: MLA's q_b_proj is column-parallel in the rope de-interleave order (B read at this
-    rank's rows of that order), kv_a a whole piece beside q_a, o_proj row-parallel (A at this rank's columns); the
-    routed experts' A / B cut to each rank's channels, beside the shared experts."""
+@pytest.fixture(scope="module")
+def dsv3_case(tmp_path_factory):
+    """(base dir, the two adapters, prompts, peft's greedy tokens for the base and each adapter)."""
     from moelink.engine.tools.tiny_model import make_tiny_model
 
-    base = str(make_tiny_model(tmp_path / "base", "deepseek_v3", dtype="float64"))
-    mla = LoRARequest("mla", 1, make_adapter(base, str(tmp_path / "mla"), dict(
+    root = tmp_path_factory.mktemp("dsv3_lora")
+    base = str(make_tiny_model(root / "base", "deepseek_v3", dtype="float64"))
+    mla = LoRARequest("mla", 1, make_adapter(base, str(root / "mla"), dict(
         r=4, lora_alpha=8, target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]), 4))
-    routed = LoRARequest("routed", 2, make_adapter(base, str(tmp_path / "routed"), dict(
+    routed = LoRARequest("routed", 2, make_adapter(base, str(root / "routed"), dict(
         r=2, lora_alpha=2, target_modules=["q_b_proj"], target_parameters=["gate_up_proj", "down_proj"]), 13))
     ps = prompts(200, seed=5, n=2, lo=2, hi=15)
     want = {n: peft_greedy(base, None if r is None else r.lora_path, ps, MAX_NEW)
             for n, r in (("base", None), ("mla", mla), ("routed", routed))}
     assert want["mla"] != want["base"] and want["routed"] != want["base"], "an adapter does not move the tokens"
-    llm = LLM(base, tensor_parallel_size=2, **KW)
+    return base, mla, routed, ps, want
+
+
+@pytest.mark.parametrize("layout", ["tp2", "ep2"])
+def test_mla_and_routed_adapters_equal_peft_over_two_ranks(local_ray, dsv3_case, layout):
+    """DeepSeek-V3 at TP 2: MLA's q_b_proj is column-parallel in the rope de-interleave order (B read at this
+    rank's rows of that order), kv_a a whole piece beside q_a, o_proj row-parallel (A at this rank's columns); the
+    routed experts' A / B cut to each rank's channels, beside the shared experts. At EP 2 (DP attention): each rank
+    runs its own requests' MLA adapters whole and its local experts' A / B for every rank's tokens."""
+    base, mla, routed, ps, want = dsv3_case
+    llm = LLM(base, **LAYOUTS[layout], **KW)
     try:
         got = _greedy(llm, ps * 3, [mla] * len(ps) + [routed] * len(ps) + [None] * len(ps))
         assert got == want["mla"] + want["routed"] + want["base"]
