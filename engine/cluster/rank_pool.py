@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Parked:
     parked_at: float = field(default_factory=time.monotonic)
     bundles: tuple[int, ...] | None = None
 
-    def by_bundle(self) -> dict[int, object]:
+    def by_bundle(self) -> dict[int, Any]:  # Ray actor handles (their remote methods are untyped)
         """{bundle: parked actor}; a bundle missing here is free (its rank was lost): the taker starts a fresh one."""
         bundles = self.bundles if self.bundles is not None else tuple(range(len(self.workers)))
         return dict(zip(bundles, self.workers))
