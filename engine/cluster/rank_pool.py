@@ -12,8 +12,13 @@ Off unless asked: `MOELINK_REUSE_RANK_PROCESSES=1` (or `RANK_POOL.enabled = True
 Ray resources (a placement group's CPU or GPU bundles) until it is taken, the pool is cleared (`clear`: a start of
 another size clears it first, so the resources are there), it has waited PARKED_IDLE_S untaken, or Ray shuts down.
 Only an executor that connected to a Ray it did not start itself parks (one that started its own Ray stops it at
-shutdown); only a healthy one (no rank lost, never regrouped, no step still out: a frozen rank or a hung collective
-would keep its park from answering): anything else is killed as before. Entries are keyed by the Ray session (its GCS
+shutdown), and only ranks that are provably idle: no loss recorded and not yet recovered (a survivor may still sit in a
+collective with the lost rank), no failure, no step still out, the rejoiner stopped first (its spares are killed), and
+each rank answers its `park` within PARK_TIMEOUT_S. `park` runs on the rank's step thread (the one a step or a
+collective holds), so an answer proves that thread is free; a rank that does not answer (frozen, stuck in a
+collective) is killed as before, never parked. An engine that lost ranks and recovered (elastic EP) parks its
+survivors: each keeps its placement-group bundle, the lost ranks' bundles are free (their actors were killed), and
+the next engine of the original size re-initializes the survivors and starts fresh ranks only in the free bundles. Entries are keyed by the Ray session (its GCS
 address), the rank count and the device kind, so a new Ray never gets another's handles.
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,8 @@ PARKED_IDLE_S = 180.0
 
 @dataclass
 class Parked:
-    """One engine's rank actors (in rank order) and the placement group their bundles are in."""
+    """One engine's rank actors and the placement group their bundles are in: `workers[i]` is in bundle `bundles[i]`
+    (None: every bundle, in order). After a loss only the survivors are here; the others' bundles are free."""
 
     session: str
     num_ranks: int
@@ -45,6 +52,12 @@ class Parked:
     workers: list
     cpus: int = 0  # the CPUs its bundles hold (what a caller counting free resources adds back)
     parked_at: float = field(default_factory=time.monotonic)
+    bundles: tuple[int, ...] | None = None
+
+    def by_bundle(self) -> dict[int, Any]:  # Ray actor handles (their remote methods are untyped)
+        """{bundle: parked actor}; a bundle missing here is free (its rank was lost): the taker starts a fresh one."""
+        bundles = self.bundles if self.bundles is not None else tuple(range(len(self.workers)))
+        return dict(zip(bundles, self.workers))
 
 
 @dataclass
@@ -84,7 +97,7 @@ class RankPool:
             match = next((p for p in live if (p.num_ranks, p.gpu) == (num_ranks, gpu)), None)
             if match is not None:
                 live.remove(match)
-                self.starts_saved += match.num_ranks
+                self.starts_saved += len(match.workers)
             else:
                 while live and free < num_ranks:
                     oldest = live.pop(0)
@@ -162,26 +175,50 @@ def take_parked(state, n: int, gpu: bool) -> Parked | None:
     return RANK_POOL.take(session, n, gpu, free)
 
 
-def park(state, group, n: int) -> None:
-    """Hand a cleanly shut down executor's ranks to the pool instead of killing them: only on a Ray it did not
-    start, with every rank of its start healthy (no loss, no regroup, no spare); a rank that cannot release its
-    engine within PARK_TIMEOUT_S leaves them to be killed as before. `group`: its EPGroup."""
+def park(state, group, n: int, rejoiner=None) -> None:
+    """Hand a cleanly shut down executor's ranks to the pool instead of killing them (module docstring): only on a
+    Ray it did not start, with no loss pending and no failure; after a recovery, its survivors (each in its
+    bundle of the start's `n`). `rejoiner` (engine/cluster/rejoin.py) is stopped first and its spares killed; one
+    that does not stop in time parks nothing. A rank that does not answer its park within PARK_TIMEOUT_S stays in
+    `state.workers`, which the executor's release kills. `group`: its EPGroup."""
     if not _may_pool(state):
         return
     with state.lock:
         healthy = state.dead_error is None and state.lost is None and not state.released
-    workers, session = list(state.workers), ray_session()
-    if not healthy or session is None or group.epoch != 0 or state.spares or len(workers) != n:
+    session = ray_session()
+    if not healthy or session is None:
+        logger.debug("rank processes not parked: %s", "no Ray session" if healthy else "a loss or failure pending")
+        return
+    if rejoiner is not None and not rejoiner.stop(PARK_TIMEOUT_S):
+        logger.warning("rank processes not parked: the rejoiner did not stop within %.0f s", PARK_TIMEOUT_S)
+        return
+    state.kill_spares()
+    workers, bundles = list(state.workers), tuple(group.bundles)
+    if not workers or len(workers) != len(bundles) or len(set(bundles)) != len(bundles) \
+            or not all(0 <= b < n for b in bundles):
+        logger.warning("rank processes not parked: ranks %d in bundles %s of %d", len(workers), bundles, n)
         return
     import ray
 
-    try:
-        ray.get([w.park.remote() for w in workers], timeout=PARK_TIMEOUT_S)
-    except Exception as exc:
-        logger.warning("rank processes not parked (%s): killed instead", exc)
+    refs = [w.park.remote() for w in workers]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PARK_TIMEOUT_S)
+    answered = []
+    for i, ref in enumerate(refs):
+        try:
+            if ref in ready:
+                ray.get(ref, timeout=0)
+                answered.append(i)
+        except Exception as exc:  # its park raised: not provably idle
+            logger.warning("rank in bundle %d not parked (%s): killed instead", bundles[i], exc)
+    if len(answered) < len(workers):
+        logger.warning("rank(s) in bundle(s) %s did not answer park within %.0f s: killed instead",
+                       [bundles[i] for i in range(len(workers)) if i not in answered], PARK_TIMEOUT_S)
+    if not answered:
         return
     with state.lock:
-        pg, state.pg, state.workers = state.pg, None, []
-    RANK_POOL.put(Parked(session, n, group.config.device.type == "cuda", pg, workers, cpus=n))
+        pg, state.pg = state.pg, None
+        state.workers = [w for i, w in enumerate(workers) if i not in answered]  # the release kills these
+    RANK_POOL.put(Parked(session, n, group.config.device.type == "cuda", pg, [workers[i] for i in answered],
+                         cpus=n, bundles=tuple(bundles[i] for i in answered)))
 
 __all__ = ["ENV", "PARK_TIMEOUT_S", "Parked", "RANK_POOL", "RankPool", "park", "ray_session", "take_parked"]

@@ -166,12 +166,18 @@ class RayExecutor(Executor):
                 # The node-aware all-to-all's default node map: ranks on one Ray node share an NVLink domain.
                 plan = replace(plan, node_of_rank=node_numbers(node_ids))
             start = functools.partial(start_worker, state, gpu, config.worker_config(), plan)  # pickled per rank
-            if parked is not None:  # the same processes, each made this engine's rank r as a new actor would be
-                state.workers = workers = list(parked.workers)
+            if parked is not None:
+                # The same processes, each made this engine's rank r (the bundle it is in) as a new actor would be;
+                # a bundle whose rank the parked engine lost (elastic EP) is free: a fresh rank starts there.
+                kept = parked.by_bundle()
+                state.workers = workers = [kept[r] if r in kept else start(r) for r in range(n)]
+                RANK_POOL.starts_fresh += n - len(kept)
                 cfg = config.worker_config()
                 from ..spec.api import SPEC_DECODING
 
-                pids = self._get([w.reinit.remote(cfg, r, plan, SPEC_DECODING) for r, w in enumerate(workers)])
+                pids = self._get([w.reinit.remote(cfg, r, plan, SPEC_DECODING) if r in kept
+                                  else w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote()
+                                  for r, w in enumerate(workers)])
             else:
                 state.workers = workers = [start(r) for r in range(n)]
                 RANK_POOL.starts_fresh += n
@@ -223,6 +229,9 @@ class RayExecutor(Executor):
         """Adopt a group that formed (its ranks rendezvoused and loaded): clear the loss it answered and start
         the heartbeats of its generation."""
         self.adopt(group)
+        # Its ranks rendezvoused and loaded on their step threads, so no step sent before is still running there:
+        # one the loss broke and no collect ever waited for counts no more (rank_pool.py parks only with none out).
+        self._steps_in_flight = 0
         state = self._state
         with state.lock:
             state.lost = None
@@ -403,9 +412,12 @@ class RayExecutor(Executor):
     # -- teardown -------------------------------------------------------------------
     def shutdown(self) -> None:
         """Kill the actors, remove the placement group, shut down a Ray we started (idempotent). With the rank pool
-        on (rank_pool.py), a healthy engine on a Ray it did not start parks its rank processes instead."""
+        on (rank_pool.py), an engine on a Ray it did not start parks its idle rank processes instead (after a
+        recovery, its survivors)."""
         if getattr(self, "_formed", False):
             self._formed = False
-            if self._steps_in_flight == 0:  # a step still out may hold a rank (a frozen one, a hung collective)
-                park(self._state, self.group, self.full_config.parallel.world_size)
+            if self._steps_in_flight != 0:  # a step still out may hold a rank (a frozen one, a hung collective)
+                logger.debug("rank processes not parked: %d step(s) still out", self._steps_in_flight)
+            else:
+                park(self._state, self.group, self.full_config.parallel.world_size, self.rejoiner)
         self._finalizer()

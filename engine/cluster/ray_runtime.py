@@ -218,6 +218,17 @@ class _RayState:
             except Exception:  # already gone, or Ray is down
                 pass
 
+    def kill_spares(self) -> None:
+        """Kill the replacements not admitted (a parked engine keeps only its group's ranks; rank_pool.py)."""
+        import ray
+
+        spares, self.spares = list(self.spares), []
+        for w in spares:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already gone, or Ray is down
+                pass
+
     def release(self) -> None:
         with self.lock:
             if self.released:

@@ -162,6 +162,19 @@ class Rejoiner:
                 self._thread.start()
         self._wake.set()
 
+    def stop(self, timeout_s: float) -> bool:
+        """Stop starting replacements (the executor parks its ranks, engine/cluster/rank_pool.py): the thread ends
+        at its next check, and one waiting on a replacement's answer ends when that spare is killed. True when no
+        thread runs any more (so no spare can appear after the caller kills them)."""
+        self._state.stopping.set()
+        self._wake.set()
+        self._state.kill_spares()  # a start waiting on its heartbeat or its preload fails now
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            return not thread.is_alive()
+        return True
+
     @property
     def phase(self) -> Phase:
         return self.tracker.phase

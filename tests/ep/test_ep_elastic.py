@@ -13,16 +13,51 @@ import time
 import pytest
 
 from moelink.engine import EngineArgs
+from moelink.engine.cluster import rank_pool
 from moelink.engine.cluster.executor import WorkerDiedError
+from moelink.engine.cluster.rank_pool import RANK_POOL
 
 pytestmark = pytest.mark.slow
 
 from tests.helpers.elastic import (CHUNKED, KW, LATE_PROMPTS, PARAMS, PROMPTS, STREAM,
                                    drain as _drain, engine as _engine, kill as _kill, loss_fails_fast,
                                    reference as _reference)
+from tests.helpers.waits import wait_until
+
+# The ranks a test's engine parked after a loss, by its size ({bundle: pid}): the next test's engine of that size
+# (when it runs after it) takes them (engine/cluster/rank_pool.py) and checks its outputs on them.
+_HANDED: dict[int, dict[int, int]] = {}
 
 
-def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_model):
+def _handed_on(size: int, ranks: dict[int, int]) -> None:
+    _HANDED[size] = dict(ranks)
+
+
+def _reused(size: int) -> dict[int, int]:
+    """The ranks an earlier test parked for an engine of `size` and still parked ({bundle: pid}), or {}: the next
+    engine of that size must take them."""
+    ranks = _HANDED.pop(size, {})
+    return ranks if ranks and _parked(ranks.values()) == ranks else {}
+
+
+def _assert_reused(eng, reused: dict[int, int]) -> None:
+    pids = eng.executor.rank_pids
+    assert all(pids[b] == pid for b, pid in reused.items()), (reused, pids)
+    assert len(set(pids)) == len(pids)
+
+
+def _parked(pids) -> dict[int, int]:
+    """{bundle: pid} of the parked engine holding these pids (the pool's entry), or {}."""
+    import ray
+
+    for p in RANK_POOL._parked:
+        got = dict(zip(p.by_bundle(), ray.get([w.heartbeat.remote() for w in p.workers], timeout=30)))
+        if set(got.values()) & set(pids):
+            return got
+    return {}
+
+
+def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_model, monkeypatch):
     """EP 4, SIGKILL rank 1 mid-stream: EP 3 at once (the survivors keep their runners and requests, only rank
     1's are requeued), while requests keep arriving;
     a replacement rank starts in rank 1's bundle, pre-loads, and is admitted at a step boundary with requests
@@ -136,6 +171,7 @@ def test_sigkill_one_rank_mid_stream_then_a_replacement_rejoins(local_ray, tiny_
         for s in eng.rank_stats():
             assert s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks, s
         assert not eng.output_processor.states and not eng._rank_of
+        _a_rank_that_does_not_answer_park_is_killed(eng, monkeypatch)
     finally:
         eng.shutdown()
 
@@ -243,7 +279,10 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
 
     path = tiny_model("qwen3_e6k3")
     want = _reference(path)
+    # After the rejoin test, the three ranks it parked are three of these (one fresh in the frozen rank's bundle).
+    reused = _reused(4)
     engine = AsyncEngine.from_engine_args(EngineArgs(model=path, expert_parallel_size=4, elastic_ep=True, **KW))
+    _assert_reused(engine.engine, reused)
     ex = engine.engine.executor
     victims = [ex.rank_pids[3], ex.rank_pids[1]]
     health: list[bool] = []
@@ -300,6 +339,34 @@ def test_async_engine_stays_serving_through_two_losses(local_ray, tiny_model):
         engine.shutdown()
 
 
+def _a_rank_that_does_not_answer_park_is_killed(eng, monkeypatch) -> None:
+    """At the shutdown of an engine that lost a rank and regrouped (engine/cluster/rank_pool.py): a rank frozen
+    (SIGSTOP: its park cannot answer) is killed, never parked; the ranks that answer are parked, each in its bundle,
+    for the next engine of this size. (On the engine the test leaves.)"""
+    ex = eng.executor
+    frozen = ex.rank_pids[2]
+    others = {b: pid for b, pid in zip(ex.bundles, ex.rank_pids) if pid != frozen}
+    monkeypatch.setattr(rank_pool, "PARK_TIMEOUT_S", 1.0)  # the frozen one's park is never answered
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        eng.shutdown()
+        assert _parked(others.values()) == others and not _parked([frozen])
+        wait_until(lambda: _zombie(frozen), 30.0, "the frozen rank killed")
+        _handed_on(ex.full_config.parallel.world_size, others)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, sig)
+
+
+def _zombie(pid: int) -> bool:
+    """The process is gone (or dead, not yet reaped)."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    return True
+
+
 def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_model):
     """SIGSTOP (a wedged process, not a dead one): the heartbeats lose it after --heartbeat-timeout, the step
     waiting on it ends then (not at --step-timeout), it is killed, and the survivors go on at EP 2. Rank 0 is
@@ -330,6 +397,13 @@ def test_frozen_rank_is_dropped_after_its_heartbeat_timeout(local_ray, tiny_mode
         assert stats.requests_requeued == 9 and stats.requests_on_lost_ranks < 9  # all, not only rank 1's
         assert elapsed < 3.0 + 30.0  # one heartbeat timeout, the recovery and the rest of the requests
         assert got == {f"r{i}": want[f"r{i}"] for i in range(9)}
+        # Its shutdown parks the two survivors, each in its bundle (engine/cluster/rank_pool.py): the frozen rank's
+        # bundle is free for the next EP-3 engine's one fresh rank.
+        survivors = dict(zip(ex.bundles, ex.rank_pids))
+        assert sorted(survivors) == [0, 2]
+        eng.shutdown()
+        assert _parked(survivors.values()) == survivors
+        _handed_on(3, survivors)
     finally:
         for sig in (signal.SIGCONT, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
@@ -345,7 +419,11 @@ def test_sigkill_during_chunked_prefill(local_ray, tiny_model):
     ref = _reference(path)  # the one-rank run: these prompts unchunked (outputs are the same chunked)
     want = {f"c{i}": ref[f"c{i}"] for i in range(len(CHUNKED))}
     kw = dict(max_num_batched_tokens=32, max_num_seqs=4)
+    # After the frozen-rank test, its parked survivors are ranks 0 and 2 again, re-initialized, and rank 1 starts
+    # fresh in the bundle the frozen rank freed: the outputs below are checked on them.
+    reused = _reused(3)
     eng = _engine(path, expert_parallel_size=3, elastic_ep=True, **kw)
+    _assert_reused(eng, reused)
     try:
         for i, p in enumerate(CHUNKED):
             eng.add_request(f"c{i}", p, PARAMS)

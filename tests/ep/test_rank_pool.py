@@ -1,7 +1,8 @@
 """Rank processes reused across engines (engine/cluster/rank_pool.py, issue 55): a Ray executor that shuts down
 cleanly on a Ray it did not start parks its ranks, and the next engine of as many ranks takes the same processes,
-re-initialized (same greedy tokens as a fresh start); one of another size clears them first; a rank lost or an
-engine that started its own Ray parks nothing."""
+re-initialized (same greedy tokens as a fresh start); one of another size clears them first; an engine with a rank
+loss not yet recovered, or one that started its own Ray, parks nothing (survivors parked after a recovery, and a rank
+that does not answer its park: tests/ep/test_ep_elastic.py)."""
 from __future__ import annotations
 
 import os
