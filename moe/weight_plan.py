@@ -36,4 +36,16 @@ class Rearranged:
         self.dest.copy_(t.to(device=device, dtype=self.dest.dtype))
 
 
-__all__ = ["PlanEntry", "Rearranged", "WeightPlan"]
+class Part(NamedTuple):
+    """A destination that is one named part (`role`) of a tensor assembled from several checkpoint tensors: a weight
+    and its scales dequantized together once all are read (engine/rank/fp8_linears.py, nvfp4_linears.py,
+    int4_linears.py, DeepSeek-V4's FP8 weights). `target.put(role, src, device)` keeps it until the rest arrive."""
+
+    target: Any
+    role: str
+
+    def put(self, src, device) -> None:
+        self.target.put(self.role, src, device)
+
+
+__all__ = ["Part", "PlanEntry", "Rearranged", "WeightPlan"]

@@ -20,12 +20,12 @@ online quantization's `QuantizeOnLoad` entries stay as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import torch
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
-from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
+from moelink.moe.weight_plan import Part, PlanEntry, Rearranged, WeightPlan
 
 _PARTS = ("weight", "weight_scale_inv")
 
@@ -73,15 +73,6 @@ def _select(t: torch.Tensor, source: tuple) -> torch.Tensor:
     return t
 
 
-class Fp8Piece(NamedTuple):
-    """A plan destination: part `role` of `target` (engine/rank/loader.load_plan calls `put`)."""
-
-    target: Fp8Dequant
-    role: str
-
-    def put(self, src: torch.Tensor, device) -> None:
-        self.target.put(self.role, src, device)
-
 
 def fp8_linear_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, int]) -> WeightPlan:
     """`plan` with every float destination whose checkpoint weight `X.weight` has an `X.weight_scale_inv` in `names`
@@ -98,9 +89,9 @@ def fp8_linear_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, in
         if not isinstance(held, torch.Tensor) or not held.is_floating_point() or held.dtype == FP8_DTYPE:
             continue  # an FP8 linear, the experts, QuantizeOnLoad, or a destination of another kind
         target = Fp8Dequant(held[idx] if idx and rearranged is None else held, rearranged, tuple(source), name, block)
-        out[name] = PlanEntry(Fp8Piece(target, "weight"), (), ())
-        out[scale] = PlanEntry(Fp8Piece(target, "weight_scale_inv"), (), ())
+        out[name] = PlanEntry(Part(target, "weight"), (), ())
+        out[scale] = PlanEntry(Part(target, "weight_scale_inv"), (), ())
     return out
 
 
-__all__ = ["Fp8Dequant", "Fp8Piece", "fp8_linear_plan"]
+__all__ = ["Fp8Dequant", "fp8_linear_plan"]

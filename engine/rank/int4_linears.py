@@ -19,12 +19,12 @@ its rows kept after dequantizing).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from moelink.kernels.int4 import awq_to_rows, gptq_qweight_rows, gptq_zeros_rows, int4_dequantize, unpack_rows
-from moelink.moe.weight_plan import PlanEntry, WeightPlan
+from moelink.moe.weight_plan import Part, PlanEntry, WeightPlan
 
 from .nvfp4_linears import column_range
 
@@ -71,15 +71,6 @@ class Int4Dequant:
                              f"{tuple(self.dest.shape)} from config.json.")
         self.dest.copy_(w.to(self.dest.dtype))
 
-
-class Int4Piece(NamedTuple):
-    """A plan destination: part `role` of `target`."""
-
-    target: Int4Dequant
-    role: str
-
-    def put(self, src: torch.Tensor, device) -> None:
-        self.target.put(self.role, src, device)
 
 
 def _column_parts(name: str, source: tuple, quant) -> dict[str, tuple]:
@@ -141,5 +132,5 @@ def int4_linear_plan(plan: WeightPlan, names: Iterable[str], quant) -> WeightPla
         target = Int4Dequant(dest[idx] if idx else dest, base + packed, quant, source)
         del out[name]
         for role in target.needed():
-            out[base + role] = PlanEntry(Int4Piece(target, role), (), parts.get(role, ()))
+            out[base + role] = PlanEntry(Part(target, role), (), parts.get(role, ()))
     return out

@@ -296,7 +296,7 @@ def load_plan(checkpoint: Checkpoint, plan: WeightPlan, device: torch.device, pr
                     _quantize_into(name, src, param, idx, device)
                 elif isinstance(param, Rearranged):  # a TP rank's columns, put in the model's layout after the read
                     param.put(src, device)
-                elif not isinstance(param, torch.Tensor):  # a piece rewritten as read (Nvfp4Piece, Repack, Int4Piece,
+                elif not isinstance(param, torch.Tensor):  # a piece rewritten as read (Part, Repack,
                     # a family's own: its `put`)
                     param.put(src, device)
                 else:

@@ -18,12 +18,12 @@ and their scales, whole groups of 16 (`column_range`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import torch
 
 from moelink.kernels.nvfp4 import nvfp4_dequantize
-from moelink.moe.weight_plan import PlanEntry, WeightPlan
+from moelink.moe.weight_plan import Part, PlanEntry, WeightPlan
 
 _PARTS = ("weight", "weight_scale", "weight_scale_2")
 GROUP = 16  # values per e4m3 scale
@@ -65,15 +65,6 @@ class Nvfp4Dequant:
         self.dest.copy_(w)
 
 
-class Nvfp4Piece(NamedTuple):
-    """A plan destination: part `role` of `target`."""
-
-    target: Nvfp4Dequant
-    role: str
-
-    def put(self, src: torch.Tensor, device) -> None:
-        self.target.put(self.role, src, device)
-
 
 def nvfp4_linear_plan(plan: WeightPlan, names: Iterable[str]) -> WeightPlan:
     """`plan` with every float destination whose checkpoint weight is NVFP4 (an `X.weight_scale_2` in `names`)
@@ -91,7 +82,7 @@ def nvfp4_linear_plan(plan: WeightPlan, names: Iterable[str]) -> WeightPlan:
             a, b = column_range(name, source, GROUP)
             source, scale_source = (slice(None), slice(a // 2, b // 2)), (slice(None), slice(a // GROUP, b // GROUP))
         target = Nvfp4Dequant(dest[idx] if idx else dest, name)
-        out[name] = PlanEntry(Nvfp4Piece(target, "weight"), (), source)
-        out[base + "weight_scale"] = PlanEntry(Nvfp4Piece(target, "weight_scale"), (), scale_source)
-        out[base + "weight_scale_2"] = PlanEntry(Nvfp4Piece(target, "weight_scale_2"), (), ())
+        out[name] = PlanEntry(Part(target, "weight"), (), source)
+        out[base + "weight_scale"] = PlanEntry(Part(target, "weight_scale"), (), scale_source)
+        out[base + "weight_scale_2"] = PlanEntry(Part(target, "weight_scale_2"), (), ())
     return out

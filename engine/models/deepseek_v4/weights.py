@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
 import torch
 
 from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
-from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
+from moelink.moe.weight_plan import Part, PlanEntry, Rearranged, WeightPlan
 
 from .reader import DSV4Quantization
 from ...tp.linear import ColumnParallel
@@ -79,15 +79,6 @@ class Fp8Dequant:
         self.dest.copy_(block_dequantize(w, s.to(torch.float32), self.block, wide))  # ValueError on a bad scale shape
 
 
-class Fp8Piece(NamedTuple):
-    """A plan destination: part `role` of `target` (engine/rank/loader.load_plan calls `put`)."""
-
-    target: Fp8Dequant
-    role: str
-
-    def put(self, src: torch.Tensor, device) -> None:
-        self.target.put(self.role, src, device)
-
 
 def fp8_dequant_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, int]) -> WeightPlan:
     """`plan` with every float destination whose checkpoint weight `X.weight` has an `X.scale` in `names` read
@@ -102,8 +93,8 @@ def fp8_dequant_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, i
         if not isinstance(dest, torch.Tensor) or not dest.is_floating_point() or dest.dtype == FP8_DTYPE:
             continue  # FP4 bytes, or an FP8 linear that reads its weight and scale itself (published_linear_plan)
         target = Fp8Dequant(dest[idx] if idx else dest, name, block)
-        out[name] = PlanEntry(Fp8Piece(target, "weight"), (), source)
-        out[base + "scale"] = PlanEntry(Fp8Piece(target, "scale"), (), block_source(name, source, block))
+        out[name] = PlanEntry(Part(target, "weight"), (), source)
+        out[base + "scale"] = PlanEntry(Part(target, "scale"), (), block_source(name, source, block))
     return out
 
 
@@ -183,5 +174,5 @@ def grouped_fp8_linear(linear: Linear, x_TGd: torch.Tensor, float_grouped: Calla
     return out_TGO
 
 
-__all__ = ["Fp8Dequant", "Fp8Piece", "block_source", "dsv4_linear_method", "fp8_dequant_plan", "grouped_fp8_linear",
+__all__ = ["Fp8Dequant", "block_source", "dsv4_linear_method", "fp8_dequant_plan", "grouped_fp8_linear",
            "published_linear_plan"]
