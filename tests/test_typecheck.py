@@ -85,3 +85,64 @@ def test_the_link_tree_is_the_package_dir_mapping():
                     "benchmarks": "benchmarks", "planner": "planner"}
     links = typecheck.link_tree() / "moelink"
     assert {p.name: p.resolve() for p in links.iterdir()} == {s: typecheck.ROOT / f for s, f in dirs.items()}
+
+
+def _skip_patterns() -> tuple[list[str], list[str]]:
+    """pyproject's mypy overrides: (module patterns mypy does not follow, patterns read again inside those)."""
+    import tomllib
+
+    overrides = tomllib.loads((typecheck.ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["overrides"]
+    skipped = [m for o in overrides if o.get("follow_imports") == "skip" for m in o["module"]]
+    read = [m for o in overrides if o.get("follow_imports") == "normal" for m in o["module"]]
+    return skipped, read
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """mypy's override matching: `a.b.*` is a.b and every module under it; otherwise the exact name."""
+    if pattern.endswith(".*"):
+        return name == pattern[:-2] or name.startswith(pattern[:-1])
+    return name == pattern
+
+
+def _unread(name: str, skipped: list[str], read: list[str]) -> bool:
+    """Whether mypy leaves `name` unread: it, or the longest module above it that an override names (an attribute
+    chain `torch._dynamo.config` starts with its module), is skipped and not read again by a more specific pattern."""
+    parts = name.split(".")
+    for prefix in (".".join(parts[:i]) for i in range(len(parts), 0, -1)):
+        if any(_matches(prefix, p) for p in read):
+            return False
+        if any(_matches(prefix, p) for p in skipped):
+            return True
+    return False
+
+
+def test_no_module_mypy_skips_is_named_by_moelink():
+    """The modules pyproject tells mypy not to follow (docs/testing.md#the-type-check) are those moelink never names:
+    a name read from one would be Any, unchecked. Every dotted name in the package's source that starts with a top
+    package of those overrides (imports, `torch._dynamo.x`, strings like "transformers.models.x.y") is checked."""
+    skipped, read = _skip_patterns()
+    assert skipped and read, "pyproject's mypy overrides changed shape: update this test"
+    tops = sorted({p.split(".")[0] for p in skipped})
+    dotted = re.compile(r"\b((?:%s)(?:\.[A-Za-z_][A-Za-z0-9_]*)+)" % "|".join(map(re.escape, tops)))
+    named = set()
+    for folder in typecheck.package_dirs().values():
+        for path in (typecheck.ROOT / folder).rglob("*.py"):
+            for match in dotted.finditer(path.read_text()):
+                named.add((match.group(1), str(path.relative_to(typecheck.ROOT))))
+    assert len(named) > 20, named  # the scan sees moelink's torch / transformers / ray names
+
+    bad = sorted((name, where) for name, where in named if _unread(name, skipped, read))
+    assert bad == [], f"moelink names modules pyproject's mypy overrides skip (read them: add to the normal list): {bad}"
+
+
+def test_the_skip_guard_sees_a_skipped_name():
+    """The guard above is not vacuous: names under a skipped model package or torch compiler count as unread, the
+    model packages moelink reads and torch's core do not."""
+    skipped, read = _skip_patterns()
+    assert _unread("transformers.models.mixtral.modeling_mixtral", skipped, read)
+    assert _unread("torch._dynamo.config.cache_size_limit", skipped, read)
+    assert _unread("ray.data.Dataset", skipped, read)
+    assert not _unread("transformers.models.qwen3_moe.modeling_qwen3_moe", skipped, read)
+    assert not _unread("transformers.models.auto.configuration_auto.CONFIG_MAPPING", skipped, read)
+    assert not _unread("transformers.models", skipped, read)  # its star imports carry the read packages' names
+    assert not _unread("torch.nn.functional", skipped, read)
