@@ -56,7 +56,7 @@ serve: setup
 
 # mypy over the whole package, GPU-only code included (docs/testing.md#the-type-check; [tool.mypy] in pyproject.toml).
 # `make test` runs it as its first test (tests/test_typecheck.py) on one pytest worker while the other runs tests:
-# seconds on its cache (.mypy_cache/), about a minute of CPU cold.
+# seconds on its cache (.mypy_cache/), about 40 s of CPU cold.
 typecheck: setup
 	$(PY) -m tests.helpers.typecheck
 

@@ -54,7 +54,7 @@ def checked():
     return [e for e in errors if e not in mine], [e.split(f"{probe.name}:", 1)[1] for e in mine], out + err
 
 
-@pytest.mark.slow  # a minute of CPU cold; `make test-quick` runs the check before its tests instead
+@pytest.mark.slow  # ~40 s of CPU cold; `make test-quick` runs the check before its tests instead
 @pytest.mark.xdist_group("typecheck")
 def test_the_whole_package_type_checks(checked):
     """`make test`'s type check: mypy over the whole package, GPU-only code included (docs/testing.md#the-type-check).
