@@ -65,7 +65,8 @@ SHIM_SOCKET, SHIM_PYTHON, SHIM_IMPORT_ENV = "MOELINK_ZYGOTE_SOCKET", "MOELINK_ZY
 
 
 def spawn_at(path: str, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int]) -> tuple[int, socket.socket]:
-    """Ask the zygote listening at `path` to fork `python -m ...` (module_argv; or `-c CODE ...`) with these
+    """Ask the zygote listening at `path` to fork `python -m ...` (module_argv; or `-c CODE ...`, or `- CODE ...` for
+    code read from stdin) with these
     stdio fds: (its pid, the
     connection its exit status will arrive on)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -355,6 +356,13 @@ def _become_child(req: dict, fds: list[int], base_path: list[str]) -> None:
         main = type(sys)("__main__")
         sys.modules["__main__"] = main
         exec(compile(argv[1], "<string>", "exec", dont_inherit=True), main.__dict__)  # not this module's __future__
+        return
+    if argv[0] == "-":  # `python - ...`: the code the shim read from stdin, run as CPython runs stdin's
+        sys.argv = ["-", *argv[2:]]
+        sys.path[0] = ""
+        main = type(sys)("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(argv[1], "<stdin>", "exec", dont_inherit=True), main.__dict__)
         return
     assert argv[0] == "-m"
     sys.argv = [argv[1], *argv[2:]]  # runpy replaces argv[0] with the module's file
