@@ -153,10 +153,11 @@ class ZygoteChild:
 
 
 class _Zygote:
-    def __init__(self):
+    def __init__(self, env: dict | None = None):
         self.dir = tempfile.mkdtemp(prefix="moelink-zygote-")
         self.path = os.path.join(self.dir, "sock")
-        self.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.env = ({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if env is None
+                    else dict(env))
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         # Run as a script, not `-m tests.helpers.zygote`: a child must not find the `tests` package already
@@ -208,6 +209,18 @@ def _get() -> _Zygote | None:
             except Exception:  # no zygote: every start execs, as before
                 _zygote = None
         return _zygote
+
+
+def start_for(env: dict) -> _Zygote | None:
+    """A zygote of its own whose imports see `env` (for scripts whose environment differs from this process's in
+    what an import reads, e.g. HF_HUB_OFFLINE): the caller hands its `shim_env()` to them and closes it. None where
+    zygotes are off or it cannot start (the scripts then exec as before)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    try:
+        return _Zygote(env)
+    except Exception:
+        return None
 
 
 def _fd(spec, mode: str, default_null: bool) -> tuple[int, object | None, bool]:
