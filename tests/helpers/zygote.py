@@ -237,12 +237,15 @@ def _fd(spec, mode: str, default_null: bool) -> tuple[int, object | None, bool]:
     return spec.fileno(), None, False
 
 
-def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text=False, zygote: bool = True, **kw):
-    """`subprocess.Popen(cmd, ...)`, forked from the zygote when `cmd` is `[sys.executable, "-m", module, ...]` and
-    the environment allows (module docstring)."""
+def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text=False, zygote: bool = True,
+          fork_code: bool = False, **kw):
+    """`subprocess.Popen(cmd, ...)`, forked from the zygote when `cmd` is `[sys.executable, "-m", module, ...]` (or,
+    with `fork_code`, `[sys.executable, "-c", code, ...]`: code that imports torch, which an exec'd start imports
+    again) and the environment allows (module docstring)."""
     env = dict(os.environ if env is None else env)
     use = (zygote and os.environ.get(ENV_SWITCH, "1") != "0" and not kw and stdin in (None, subprocess.DEVNULL, subprocess.PIPE)
-           and isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1] == "-m"
+           and isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable
+           and (cmd[1] == "-m" or (fork_code and cmd[1] == "-c"))
            and not (stderr == subprocess.STDOUT and stdout is None))
     z = _get() if use else None
     if z is None or _import_env(env) != z.import_env:
@@ -271,11 +274,12 @@ def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text
 
 
 def run(cmd, *, capture_output: bool = False, timeout: float | None = None, check: bool = False, text: bool = False,
-        env=None, cwd=None, stdout=None, stderr=None, zygote: bool = True) -> subprocess.CompletedProcess:
+        env=None, cwd=None, stdout=None, stderr=None, zygote: bool = True,
+        fork_code: bool = False) -> subprocess.CompletedProcess:
     """`subprocess.run` over `popen` (capture_output, timeout, check as there)."""
     if capture_output:
         stdout = stderr = subprocess.PIPE
-    proc = popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, text=text, zygote=zygote)
+    proc = popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, text=text, zygote=zygote, fork_code=fork_code)
     if not isinstance(proc, ZygoteChild):
         with proc:
             try:
