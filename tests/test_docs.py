@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import zygote
+
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,13 +91,41 @@ def _venv_bin() -> Path:
     return venv if (venv / "python").exists() else Path(sys.executable).parent
 
 
+@pytest.fixture(scope="module")
+def sh_env(tmp_path_factory):
+    """The blocks' environment: .venv/bin first on PATH, offline. Before it, `python` and `moelink` that start the
+    same interpreter on the same code (`python ARGS` as given; `moelink ARGS` as .venv/bin/moelink's entry point
+    runs, its argv[0] that script) forked from a zygote with torch and transformers imported, started with this
+    environment (tests/helpers/zygote.py; zygote_shim.py execs the real interpreter for anything it does not
+    fork): most blocks are `moelink ...` or `python -m moelink...` starts, ~1.8 s of CPU each exec'd."""
+    env = {**os.environ, "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    z = zygote.start_for(env)
+    if z is None:
+        yield env
+        return
+    shims = tmp_path_factory.mktemp("sh_bin")
+    helpers = ROOT / "tests" / "helpers"
+    entry = (f"import sys; sys.argv[0] = {str(_venv_bin() / 'moelink')!r}; "
+             "from moelink.engine.api.cli import main; sys.exit(main())")
+    (shims / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(str(helpers / "zygote_python"))} "$@"\n')
+    (shims / "moelink").write_text(f'#!/bin/sh\nexec {shlex.quote(str(helpers / "zygote_python"))} -c '
+                                   f'{shlex.quote(entry)} "$@"\n')
+    for f in shims.iterdir():
+        f.chmod(0o755)
+    try:
+        where = {k: v for k, v in z.shim_env().items() if k != "PYTHON"}  # the shims find the zygote; no $PYTHON set
+        yield {**env, **where, "PATH": f"{shims}{os.pathsep}{env['PATH']}"}
+    finally:
+        z.close()
+
+
 @pytest.mark.parametrize("doc,index", _all_blocks("sh"), ids=lambda v: str(v))
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
-def test_sh_block_runs_as_pasted(doc, index):
+def test_sh_block_runs_as_pasted(doc, index, sh_env):
     """With bash from the repository root, .venv/bin first on PATH (what `source .venv/bin/activate` gives),
-    stopping at the first failing command (pipefail too), offline."""
+    stopping at the first failing command (pipefail too), offline (`sh_env`)."""
     code = runnable_blocks(doc)[index][1]
-    env = {**os.environ, "PATH": f"{_venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    env = sh_env
     proc = subprocess.run([shutil.which("bash") or "bash", "-euo", "pipefail", "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=SH_TIMEOUT_S)
     assert proc.returncode == 0, f"{doc} runnable block {index + 1} exited {proc.returncode}:\n{code}\n" \

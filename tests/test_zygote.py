@@ -94,7 +94,12 @@ def test_a_scripts_python_shim_forks_module_runs_and_ends_as_the_child_ended(tmp
     # No __future__ flag of the zygote's own module leaks into the code it runs.
     assert script('"$PYTHON" -c "import torch\ndef f(x: int): pass\nassert f.__annotations__ == {\'x\': int}"'
                   ).returncode == 0
-    # Code that names neither torch nor moelink, the code on stdin and a script file: the real interpreter.
+    # The code on stdin that names torch (gpu_session.sh's heredocs): forked too, as CPython runs `-`.
+    r = script(f"\"$PYTHON\" - a 'b c' <<'EOF'\n{show.format(zpid)}\nEOF\n")
+    assert r.returncode == 0 and r.stdout.split("\n")[0] == f"0 ['-', 'a', 'b c'] '' __main__ True", r.stdout + r.stderr
+    r = script("\"$PYTHON\" - transformers <<'EOF'\nimport sys\nraise SystemExit(sys.argv[1] + ' boom')\nEOF\n")
+    assert r.returncode == 1 and r.stderr.strip() == "transformers boom", r.stderr
+    # Code that names neither torch nor moelink (-c or stdin) and a script file: the real interpreter.
     not_forked = f"import os; print(os.getppid() == {zpid})"
     (tmp_path / "probe.py").write_text(not_forked + "\n")
     for cmd in (f'"$PYTHON" -c "{not_forked}"', f"\"$PYTHON\" - <<'EOF'\n{not_forked}\nEOF\n", '"$PYTHON" probe.py'):

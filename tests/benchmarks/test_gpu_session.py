@@ -22,6 +22,7 @@ from moelink.benchmarks import moe_kernels
 from moelink.benchmarks.moe_kernels_fp8 import FP8_SHAPES
 from moelink.kernels import moe_config
 
+from tests.helpers import zygote
 from tests.helpers.gpu_session import PLAN, SAFE_NAME, SCRIPT, session
 
 DEVICE_TOOL_LIMIT_S = 600
@@ -78,7 +79,9 @@ def all_module_help() -> dict[str, str]:
     text = SCRIPT.read_text() + "".join(p.read_text() for p in sorted((SCRIPT.parent / "gpu_session").glob("*.sh")))
     modules = sorted(set(re.findall(r"-m (moelink\.benchmarks\.\w+)", text)))
     # (what it could not print, even if it died part way, module_help asks of the module alone)
-    out = subprocess.run([sys.executable, "-c", HELP_ALL, *modules], capture_output=True, text=True, timeout=300).stdout
+    # Forked from the test zygote (torch imported there already: tests/helpers/zygote.py), as `python -c` runs it.
+    out = zygote.run([sys.executable, "-c", HELP_ALL, *modules], capture_output=True, text=True, timeout=300,
+                     fork_code=True).stdout
     helps = dict(re.findall(r"^=== (\S+)\n(.*?)(?=^=== |\Z)", out, re.M | re.S))
     return {m: h for m, h in helps.items() if "usage:" in h}
 

@@ -65,7 +65,8 @@ SHIM_SOCKET, SHIM_PYTHON, SHIM_IMPORT_ENV = "MOELINK_ZYGOTE_SOCKET", "MOELINK_ZY
 
 
 def spawn_at(path: str, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int]) -> tuple[int, socket.socket]:
-    """Ask the zygote listening at `path` to fork `python -m ...` (module_argv; or `-c CODE ...`) with these
+    """Ask the zygote listening at `path` to fork `python -m ...` (module_argv; or `-c CODE ...`, or `- CODE ...` for
+    code read from stdin) with these
     stdio fds: (its pid, the
     connection its exit status will arrive on)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -152,10 +153,11 @@ class ZygoteChild:
 
 
 class _Zygote:
-    def __init__(self):
+    def __init__(self, env: dict | None = None):
         self.dir = tempfile.mkdtemp(prefix="moelink-zygote-")
         self.path = os.path.join(self.dir, "sock")
-        self.env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.env = ({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if env is None
+                    else dict(env))
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         # Run as a script, not `-m tests.helpers.zygote`: a child must not find the `tests` package already
@@ -209,6 +211,18 @@ def _get() -> _Zygote | None:
         return _zygote
 
 
+def start_for(env: dict) -> _Zygote | None:
+    """A zygote of its own whose imports see `env` (for scripts whose environment differs from this process's in
+    what an import reads, e.g. HF_HUB_OFFLINE): the caller hands its `shim_env()` to them and closes it. None where
+    zygotes are off or it cannot start (the scripts then exec as before)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    try:
+        return _Zygote(env)
+    except Exception:
+        return None
+
+
 def _fd(spec, mode: str, default_null: bool) -> tuple[int, object | None, bool]:
     """(fd to hand over, the parent's end to keep or None, whether to close fd after handing it over)."""
     if spec is None:
@@ -223,12 +237,15 @@ def _fd(spec, mode: str, default_null: bool) -> tuple[int, object | None, bool]:
     return spec.fileno(), None, False
 
 
-def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text=False, zygote: bool = True, **kw):
-    """`subprocess.Popen(cmd, ...)`, forked from the zygote when `cmd` is `[sys.executable, "-m", module, ...]` and
-    the environment allows (module docstring)."""
+def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text=False, zygote: bool = True,
+          fork_code: bool = False, **kw):
+    """`subprocess.Popen(cmd, ...)`, forked from the zygote when `cmd` is `[sys.executable, "-m", module, ...]` (or,
+    with `fork_code`, `[sys.executable, "-c", code, ...]`: code that imports torch, which an exec'd start imports
+    again) and the environment allows (module docstring)."""
     env = dict(os.environ if env is None else env)
     use = (zygote and os.environ.get(ENV_SWITCH, "1") != "0" and not kw and stdin in (None, subprocess.DEVNULL, subprocess.PIPE)
-           and isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable and cmd[1] == "-m"
+           and isinstance(cmd, (list, tuple)) and len(cmd) >= 3 and cmd[0] == sys.executable
+           and (cmd[1] == "-m" or (fork_code and cmd[1] == "-c"))
            and not (stderr == subprocess.STDOUT and stdout is None))
     z = _get() if use else None
     if z is None or _import_env(env) != z.import_env:
@@ -257,11 +274,12 @@ def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text
 
 
 def run(cmd, *, capture_output: bool = False, timeout: float | None = None, check: bool = False, text: bool = False,
-        env=None, cwd=None, stdout=None, stderr=None, zygote: bool = True) -> subprocess.CompletedProcess:
+        env=None, cwd=None, stdout=None, stderr=None, zygote: bool = True,
+        fork_code: bool = False) -> subprocess.CompletedProcess:
     """`subprocess.run` over `popen` (capture_output, timeout, check as there)."""
     if capture_output:
         stdout = stderr = subprocess.PIPE
-    proc = popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, text=text, zygote=zygote)
+    proc = popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, text=text, zygote=zygote, fork_code=fork_code)
     if not isinstance(proc, ZygoteChild):
         with proc:
             try:
@@ -355,6 +373,13 @@ def _become_child(req: dict, fds: list[int], base_path: list[str]) -> None:
         main = type(sys)("__main__")
         sys.modules["__main__"] = main
         exec(compile(argv[1], "<string>", "exec", dont_inherit=True), main.__dict__)  # not this module's __future__
+        return
+    if argv[0] == "-":  # `python - ...`: the code the shim read from stdin, run as CPython runs stdin's
+        sys.argv = ["-", *argv[2:]]
+        sys.path[0] = ""
+        main = type(sys)("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(argv[1], "<stdin>", "exec", dont_inherit=True), main.__dict__)
         return
     assert argv[0] == "-m"
     sys.argv = [argv[1], *argv[2:]]  # runpy replaces argv[0] with the module's file

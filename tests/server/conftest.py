@@ -8,6 +8,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from tests.helpers.net import free_port
+from tests.helpers.smg_gateway import smg_executable
+
 from tests.helpers.grpc_server import (
     ENGINE_FLAGS, ENGINE_KW, MAX_MESSAGE_SIZE, MODEL, SERVED_NAME, ServerProcess, Stubs, ThreadServer, make_stubs,
 )
@@ -29,6 +32,23 @@ def server(model_path):
     try:
         assert rc == 0, f"server exited with {rc}:\n{srv.logs()[-4000:]}"
     finally:
+        srv.close()
+
+
+@pytest.fixture(scope="session")
+def openai_server(model_path):
+    """(server, HTTP port): one `moelink serve --http-port` (its managed smg, no --api-key) for the HTTP tests that
+    only send requests to it (test_http_front.py, test_http_metrics.py: the same flags, one start instead of two;
+    their modules are in xdist group `openai_server`, so that one worker starts it for both). A test that changes the server (a worker removed, smg killed) starts
+    its own."""
+    if smg_executable() is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    srv = ServerProcess(model_path, ENGINE_FLAGS + ["--served-model-name", SERVED_NAME, "--http-port", str(free_port())])
+    try:
+        m = srv.wait_for_line(r"moelink: OpenAI API on http://127\.0\.0\.1:(\d+)/v1 ", 60, "the OpenAI API line")
+        yield srv, int(m.group(1))
+    finally:
+        srv.stop()
         srv.close()
 
 

@@ -15,29 +15,21 @@ import pytest
 
 from moelink.engine.server.gateway.openai_fields import HttpFieldError, rewrite
 
-from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess
 from tests.helpers.net import free_port
-from tests.helpers.smg_gateway import http_request, smg_executable
+from tests.helpers.net import free_port
+from tests.helpers.smg_gateway import http_request
 
 SERVED = "tiny-moe"
 # The longest choice is 10 characters: max_tokens below leaves room for it spelled a byte at a time (at 8 the stream
 # was cut inside it when the sampler chose it: 'up "north').
 CHOICES = ["left", "right", 'up "north"']
 MESSAGES = [{"role": "user", "content": "Which way?"}]
+pytestmark = pytest.mark.xdist_group("openai_server")  # one worker starts `openai_server` (tests/server/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def http_port(model_path):
-    if smg_executable() is None:
-        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    port = free_port()
-    srv = ServerProcess(model_path, ENGINE_FLAGS + ["--served-model-name", SERVED, "--http-port", str(port)])
-    try:
-        srv.wait_for_line(r".*OpenAI API on http://127\.0\.0\.1:(\d+)/v1", 60, "the OpenAI API line")
-        yield port
-    finally:
-        srv.stop()
-        srv.close()
+@pytest.fixture
+def http_port(openai_server):
+    return openai_server[1]
 
 
 def _post(port, path, **body):

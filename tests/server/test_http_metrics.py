@@ -1,6 +1,8 @@
 """`GET /metrics` on the OpenAI HTTP port (issue 48): Prometheus text with moelink's series, vLLM's names beside
 them, and the managed smg gateway's own; the start-up line says --port is gRPC. One `moelink serve --http-port`
-(no --metrics-port: the HTTP port alone serves them), real HTTP GETs."""
+(no --metrics-port: the HTTP port alone serves them), real HTTP GETs; the server is the one test_http_front.py sends
+its requests to (tests/server/conftest.py's `openai_server`), so the counts are read before and after this test's
+request."""
 from __future__ import annotations
 
 import http.client
@@ -8,25 +10,10 @@ import re
 
 import pytest
 
-from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess
-from tests.helpers.net import free_port
-from tests.helpers.smg_gateway import smg_executable
-
 SERVED = "tiny-moe"
-_API_LINE = r"moelink: OpenAI API on http://127\.0\.0\.1:(\d+)/v1 "
 
 
-@pytest.fixture(scope="module")
-def http_server(model_path):
-    if smg_executable() is None:
-        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
-    srv = ServerProcess(model_path, ENGINE_FLAGS + ["--served-model-name", SERVED, "--http-port", str(free_port())])
-    try:
-        port = int(srv.wait_for_line(_API_LINE, 30, "the OpenAI API line").group(1))
-        yield srv, port
-    finally:
-        srv.stop()
-        srv.close()
+pytestmark = pytest.mark.xdist_group("openai_server")  # one worker starts `openai_server` (tests/server/conftest.py)
 
 
 def _get(port: int, path: str, body: bytes | None = None) -> tuple[int, dict, bytes]:
@@ -47,10 +34,20 @@ def _value(text: str, series: str) -> float:
 
 
 @pytest.mark.slow
-def test_metrics_on_the_http_port_with_vllm_names_and_smgs(http_server):
-    srv, port = http_server
+def test_metrics_on_the_http_port_with_vllm_names_and_smgs(openai_server):
+    srv, port = openai_server
     line = next(x for x in srv.stdout_lines if x.startswith("moelink: serving"))
     assert f"(gRPC plaintext, --port; the OpenAI API (vLLM's --port) is --http-port {port};" in line
+    label = f'{{model_name="{SERVED}"}}'
+    counted = [f"vllm:generation_tokens_total{label}", "moelink_generation_tokens_total", "moelink_prompt_tokens_total",
+               f"vllm:prompt_tokens_total{label}", f"vllm:e2e_request_latency_seconds_count{label}",
+               f"vllm:time_to_first_token_seconds_count{label}",
+               f'vllm:request_success_total{{finished_reason="length",model_name="{SERVED}"}}']
+
+    def values(text: str) -> dict[str, float]:  # a series not yet exported (no request yet) counts 0
+        return {s: _value(text, s) if re.search(rf"^{re.escape(s)} ", text, re.M) else 0.0 for s in counted}
+
+    before = values(_get(port, "/metrics")[2].decode())
     status, _, body = _get(port, "/v1/completions", b'{"model": "tiny-moe", "prompt": "Hello there", '
                                                     b'"max_tokens": 5, "temperature": 0, "ignore_eos": true}')
     assert status == 200, body
@@ -58,14 +55,16 @@ def test_metrics_on_the_http_port_with_vllm_names_and_smgs(http_server):
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
     text = body.decode()
-    label = f'{{model_name="{SERVED}"}}'
+    for s in counted:
+        _value(text, s)  # each is exported once a request has finished
+    new = {s: v - before[s] for s, v in values(text).items()}
     # vLLM's names are moelink's numbers: the one request's 5 tokens, its prompt, its latency histograms.
-    assert _value(text, f"vllm:generation_tokens_total{label}") == _value(text, "moelink_generation_tokens_total") == 5
-    prompt = _value(text, "moelink_prompt_tokens_total")
-    assert prompt > 0 and _value(text, f"vllm:prompt_tokens_total{label}") == prompt
-    assert _value(text, f"vllm:e2e_request_latency_seconds_count{label}") == 1
-    assert _value(text, f"vllm:time_to_first_token_seconds_count{label}") == 1
-    assert _value(text, f'vllm:request_success_total{{finished_reason="length",model_name="{SERVED}"}}') == 1
+    assert new[f"vllm:generation_tokens_total{label}"] == new["moelink_generation_tokens_total"] == 5
+    prompt = new["moelink_prompt_tokens_total"]
+    assert prompt > 0 and new[f"vllm:prompt_tokens_total{label}"] == prompt
+    assert new[f"vllm:e2e_request_latency_seconds_count{label}"] == 1
+    assert new[f"vllm:time_to_first_token_seconds_count{label}"] == 1
+    assert new[f'vllm:request_success_total{{finished_reason="length",model_name="{SERVED}"}}'] == 1
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc",
                   "vllm:kv_cache_usage_perc"):
         assert _value(text, gauge + label) >= 0
