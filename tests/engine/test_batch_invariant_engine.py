@@ -30,15 +30,40 @@ def _record(out) -> tuple[list[int], list[float], list[dict]]:
             [{t: v.logprob for t, v in lp.items()} for lp in c.logprobs])
 
 
+def _main_llm(path: str, batch_invariant: bool, max_num_seqs: int) -> LLM:
+    return LLM(path, dtype="float32", max_num_seqs=max_num_seqs, max_num_batched_tokens=96, num_kv_blocks=512,
+               block_size=8, batch_invariant=batch_invariant)
+
+
+@pytest.fixture(scope="module")
+def invariant_llms():
+    """invariant_llms(path) -> the batch-invariant engine of _runs' first conditions for that checkpoint, started
+    once for the module: the re-prefill test runs on the same engine (its 96-token budget still chunks the
+    re-prefilled sequences beside each other), not on one more engine of its own per model."""
+    built: dict[str, LLM] = {}
+
+    def get(path: str, max_num_seqs: int) -> LLM:
+        if path not in built:
+            built[path] = _main_llm(path, True, max_num_seqs)
+        assert built[path].engine.config.scheduler.max_num_seqs == max_num_seqs
+        return built[path]
+
+    yield get
+    for llm in built.values():
+        llm.shutdown()
+
+
 def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list[int]],
-          sizes: tuple[int, ...] = (4, 16, 64), full: bool = True) -> list[tuple]:
+          sizes: tuple[int, ...] = (4, 16, 64), full: bool = True, llm: LLM | None = None) -> list[tuple]:
     """The target's record in each condition: alone; in batches of `sizes` at different places; chunked at other
     boundaries (a smaller token budget); after its first 40 tokens were cached by another request; with speculative
     decoding (n-gram drafts, verify steps); preempted (a KV pool too small for the batch). `full=False`: alone and
-    batched only (what shows that the engine without the mode differs)."""
+    batched only, up to the first batch whose logprobs differ from alone (what shows that the engine without the
+    mode differs: one such batch is enough). `llm`: the engine of the first conditions, when the caller holds one
+    (kept running), else one started here."""
     records = []
-    llm = LLM(path, dtype="float32", max_num_seqs=max(sizes), max_num_batched_tokens=96, num_kv_blocks=512,
-              block_size=8, batch_invariant=batch_invariant)
+    own = llm is None
+    llm = _main_llm(path, batch_invariant, max(sizes)) if llm is None else llm
     try:
         records.append(_record(llm.generate([target], _params(), use_tqdm=False)[0]))
         for size in sizes:
@@ -47,6 +72,8 @@ def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list
             batch = batch[:at] + [target] + batch[at:]
             outs = llm.generate(batch, _params(), use_tqdm=False)
             records.append(_record(outs[at]))
+            if not full and records[-1][1] != records[0][1]:
+                return records
         if not full:
             return records
         llm.flush_cache()
@@ -56,7 +83,8 @@ def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list
         records.append(_record(hit))
         assert_pool_free(llm)
     finally:
-        llm.shutdown()
+        if own:
+            llm.shutdown()
     # Speculative decoding: each accepted token's logprob comes from a verify step's rows, beside its drafts.
     spec = LLM(path, dtype="float32", max_num_seqs=16, max_num_batched_tokens=96, num_kv_blocks=256, block_size=8,
                batch_invariant=batch_invariant,
@@ -71,7 +99,9 @@ def _runs(path: str, batch_invariant: bool, target: list[int], others: list[list
     small = LLM(path, dtype="float32", max_num_seqs=16, max_num_batched_tokens=40, num_kv_blocks=26, block_size=8,
                 batch_invariant=batch_invariant)
     try:
-        longest = sorted(others, key=len)[-7:]
+        # Five requests of 90-odd tokens (12 blocks each with their tokens) cannot all hold 26 blocks, however their
+        # chunks interleave: one is preempted and recomputed (asserted below); more of them only preempt more often.
+        longest = sorted(others, key=len)[-4:]
         outs = small.generate(longest + [target], _params(), use_tqdm=False)
         assert small.engine.stats().num_preemptions_total > 0
         records.append(_record(outs[-1]))
@@ -131,17 +161,22 @@ MODELS = ["qwen3_e6k3", "dsv3_lora", "qwen3_next", "kimi_linear", "dsv32", "dsv4
           "qwen4_exp"]
 
 
+def _sizes(model: str) -> tuple[int, ...]:
+    """The batch sizes the target runs in: the 64-request batch on the first model; 4 and 16 on the others (the
+    same rules, a quarter of the work)."""
+    return (4, 16, 64) if model == MODELS[0] else (4, 16)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(model, tiny_model, hf_tiny_model,
-                                                                          tmp_path_factory):
+                                                                          tmp_path_factory, invariant_llms):
     path = _path(model, tiny_model, hf_tiny_model, tmp_path_factory)
     ps = prompts(128, seed=51, n=64, lo=3, hi=90)
     target, others = ps[1], ps[2:] + ps[:1]
     random.Random(5).shuffle(others)
-    # The 64-request batch on the first model; 4 and 16 on the others (the same rules, a quarter of the work).
-    sizes = (4, 16, 64) if model == MODELS[0] else (4, 16)
-    on = _runs(path, True, target, others, sizes)
+    sizes = _sizes(model)
+    on = _runs(path, True, target, others, sizes, llm=invariant_llms(path, max(sizes)))
     assert all(r == on[0] for r in on), [i for i, r in enumerate(on) if r != on[0]]
     off = _runs(path, False, target, others, sizes, full=False)
     assert any(r[1] != off[0][1] for r in off), "without the mode the logprobs were bitwise equal as well"
@@ -164,23 +199,21 @@ def test_quantized_weights_give_a_request_the_same_bits_in_any_batch(arch, fmt, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
-def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_model, hf_tiny_model, tmp_path_factory):
+def test_decode_logprobs_equal_the_prompt_logprobs_of_a_re_prefill(model, tiny_model, hf_tiny_model, tmp_path_factory,
+                                                                   invariant_llms):
     """A trainer's recompute: the sequence prompt + generated tokens prefilled again (in chunks, beside others)
     scores each generated token with exactly the logprob the decode step reported."""
     path = _path(model, tiny_model, hf_tiny_model, tmp_path_factory)
     ps = prompts(128, seed=52, n=8, lo=5, hi=60)
-    llm = LLM(path, dtype="float32", max_num_seqs=8, max_num_batched_tokens=32, num_kv_blocks=256, block_size=8,
-              batch_invariant=True)
-    try:
-        outs = llm.generate(ps, _params(), use_tqdm=False)
-        seqs = [p + list(o.outputs[0].token_ids) for p, o in zip(ps, outs)]
-        again = llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        for p, o, a in zip(ps, outs, again):
-            tokens, logprobs, _ = _record(o)
-            rescored = [a.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(tokens)]
-            assert rescored == logprobs
-    finally:
-        llm.shutdown()
+    llm = invariant_llms(path, max(_sizes(model)))
+    outs = llm.generate(ps, _params(), use_tqdm=False)
+    seqs = [p + list(o.outputs[0].token_ids) for p, o in zip(ps, outs)]
+    again = llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    for p, o, a in zip(ps, outs, again):
+        tokens, logprobs, _ = _record(o)
+        rescored = [a.prompt_logprobs[len(p) + i][t].logprob for i, t in enumerate(tokens)]
+        assert rescored == logprobs
+    assert_pool_free(llm)
 
 
 def test_the_mode_is_refused_where_it_has_no_kernels_and_honours_vllm_env(tiny_model, hf_tiny_model, monkeypatch,

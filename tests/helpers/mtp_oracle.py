@@ -1,8 +1,8 @@
 """The drafts an MTP drafter must propose, recomputed from scratch (tests/engine/test_spec_decode_mtp.py and the
 families' MTP tests): the main model and the MTP layer of a checkpoint in float64 with the reference kernels, each
 run over the request's whole sequence (fresh caches, one prefill each), then chained as the drafter chains
-(`MTPOracle.all_drafts`: the main model runs once per request's longest sequence, whose first rows are each
-shorter prefix's states, as tests/engine/test_spec_decode_eagle3.py's oracle does)."""
+(`MTPOracle.all_drafts`: the main model, and the MTP layer's first step, run once per request's longest sequence,
+whose first rows are each shorter prefix's, as tests/engine/test_spec_decode_eagle3.py's oracle does)."""
 from __future__ import annotations
 
 import torch
@@ -49,18 +49,23 @@ class MTPOracle:
                                  null_block=blocks)
         return ForwardContext(meta, caches)
 
+    def _mtp_rows(self, rows_tok: torch.Tensor, rows_h: torch.Tensor) -> torch.Tensor:
+        n = len(rows_tok)
+        return self.mtp(torch.arange(n), rows_tok, rows_h, self._ctx(n))
+
     @torch.no_grad()
-    def drafts(self, tokens: list[int], k: int, h_TD: torch.Tensor | None = None) -> list[int]:
+    def drafts(self, tokens: list[int], k: int, h_TD: torch.Tensor | None = None,
+               y1_TD: torch.Tensor | None = None) -> list[int]:
         """What the drafter must propose after `tokens` (x_0 .. x_m, x_m just emitted): rows t = 0 .. m-1 read
         (h_t, x_{t+1}) at position t; each chained step adds a row (the last row's output, the last draft).
-        `h_TD`: the main model's states over x_0 .. x_{m-1} (at least m rows; computed here when None)."""
+        `h_TD`: the main model's states over x_0 .. x_{m-1} (at least m rows; computed here when None). `y1_TD`: the
+        first step's MTP outputs over a sequence these tokens begin (at least m rows; computed here when None)."""
         m = len(tokens) - 1
         ids = torch.tensor(tokens)
         h_TD = self._states(ids[:m]) if h_TD is None else h_TD[:m]
         rows_h, rows_tok, out = h_TD, ids[1:], []
-        for _ in range(k):
-            n = len(rows_tok)
-            y_TD = self.mtp(torch.arange(n), rows_tok, rows_h, self._ctx(n))
+        for step in range(k):
+            y_TD = y1_TD[:m] if step == 0 and y1_TD is not None else self._mtp_rows(rows_tok, rows_h)
             d = int(self.mtp.compute_logits(y_TD[-1:]).argmax(dim=-1))
             out.append(d)
             rows_h, rows_tok = torch.cat([rows_h, y_TD[-1:]]), torch.cat([rows_tok, torch.tensor([d])])
@@ -68,20 +73,23 @@ class MTPOracle:
 
     @torch.no_grad()
     def all_drafts(self, seqs: list[list[int]], k: int) -> list[list[int]]:
-        """drafts() of each token list, the main model run from scratch once per longest list (one no other list
-        extends) instead of once per list: a causal model's first rows over a sequence are its states over that
-        sequence's prefix (a row reads only the rows before it), so the states of a request's every draft step come
-        from one run over its last. The MTP chain still runs from scratch per list."""
+        """drafts() of each token list, the main model and the MTP layer's first step run from scratch once per
+        longest list (one no other list extends) instead of once per list: a causal model's first rows over a
+        sequence are its rows over that sequence's prefix (a row reads only the rows before it), so the states and
+        first-step outputs of a request's every draft step come from one run over its last. The chained steps after
+        the first (each a row the longest list does not hold) still run from scratch per list."""
         longest: list[tuple[int, ...]] = []
         for seq in sorted({tuple(s) for s in seqs}, key=len, reverse=True):
             if not any(seq == whole[:len(seq)] for whole in longest):
                 longest.append(seq)
         states = {whole: self._states(torch.tensor(whole)) for whole in longest}
+        # The first step's rows over the longest list x_0 .. x_M: (h_t, x_{t+1}) for t < M, as drafts() builds them.
+        first = {whole: self._mtp_rows(torch.tensor(whole[1:]), states[whole][:len(whole) - 1]) for whole in longest}
         memo: dict[tuple[int, ...], list[int]] = {}
         for seq in map(tuple, seqs):
             if seq not in memo:
                 whole = next(w for w in longest if seq == w[:len(seq)])
-                memo[seq] = self.drafts(list(seq), k, states[whole])
+                memo[seq] = self.drafts(list(seq), k, states[whole], first[whole])
         return [memo[tuple(s)] for s in seqs]
 
 
