@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from moelink.engine import LLM, SamplingParams
 
-from tests.helpers import zygote
 from tests.helpers.local_ray import RAY, RayHead
 
 pytestmark = pytest.mark.slow
@@ -32,29 +33,15 @@ def test_generate_on_ray_head_started_by_ray_start(tiny_model, tmp_path):
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     # Waits until the head answers (`ray status --address`, 90 s) before the driver joins it.
     with RayHead(tmp_path / "head.log", env, num_cpus=4) as head:
-        # The driver is another process (this module's __main__ below), forked from the test zygote (torch imported
-        # once: tests/helpers/zygote.py), else exec'd. Its output goes to files: Ray logs much on stderr.
-        out, err = tmp_path / "client.out", tmp_path / "client.err"
-        with open(out, "w") as fo, open(err, "w") as fe:
-            client = zygote.popen([sys.executable, "-m", "tests.ep.test_ray_cluster", path, head.address,
-                                   json.dumps(prompts)], env=env, stdout=fo, stderr=fe)
-        try:
-            assert client.wait(240) == 0, err.read_text()[-3000:]
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait(30)
-        line = next(ln for ln in out.read_text().splitlines() if ln.startswith("RESULT "))
+        client = textwrap.dedent(f"""
+            import json
+            from moelink.engine import LLM, SamplingParams
+            llm = LLM({path!r}, dtype="float64", expert_parallel_size=2, ray_address={head.address!r})
+            outs = llm.generate({prompts!r}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+            print("RESULT", json.dumps([o.outputs[0].token_ids for o in outs]))
+            llm.engine.shutdown()
+        """)
+        last = subprocess.run([sys.executable, "-c", client], env=env, capture_output=True, text=True, timeout=240)
+        assert last.returncode == 0, last.stderr[-3000:]
+        line = next(ln for ln in last.stdout.splitlines() if ln.startswith("RESULT "))
         assert json.loads(line[len("RESULT "):]) == want
-
-
-def _drive(path: str, address: str, prompts: list) -> None:
-    """The driver joining the head by its address (run as `python -m tests.ep.test_ray_cluster PATH ADDRESS PROMPTS`)."""
-    llm = LLM(path, dtype="float64", expert_parallel_size=2, ray_address=address)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    print("RESULT", json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
-    llm.engine.shutdown()
-
-
-if __name__ == "__main__":
-    _drive(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
