@@ -18,6 +18,11 @@ from tests.helpers.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
+# The tests without a Ray come first: a module whose first test is not on the suite's shared Ray runs after every
+# module that is (tests/conftest.py orders the Ray group so), so the `RANK_POOL.clear()`s of the Ray test below no
+# longer kill the ranks the modules after it had parked (8 fresh rank starts of tests/ep/test_tp_*.py, ~2.4 s of CPU
+# each), for one more start of the shared Ray (~4 s).
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13]]
 
@@ -31,34 +36,6 @@ def _run(path, ep: int):
 
 def _threads(pids) -> list[int]:
     return [len(os.listdir(f"/proc/{pid}/task")) for pid in pids]
-
-
-def test_an_engine_of_as_many_ranks_reuses_the_parked_processes(local_ray, tiny_model):
-    assert RANK_POOL.enabled  # the shared Ray of tests/ep turns it on
-    RANK_POOL.clear()
-    path = tiny_model("qwen3_e6k3")
-    saved = RANK_POOL.starts_saved
-    pids, tokens = _run(path, 2)
-    assert len(RANK_POOL) == 1  # parked, not killed
-    threads = _threads(pids)
-    again, tokens_again = _run(path, 2)
-    assert again == pids and tokens_again == tokens and RANK_POOL.starts_saved == saved + 2
-    # A parked process keeps none of the engine's threads (its step stream's thread ends at park): as many as after
-    # the first engine, not one more per engine served.
-    assert _threads(pids) == threads
-    # Another size: four fresh processes start beside the parked pair (room for both), then both sizes are parked;
-    # an engine of two takes the pair back.
-    four, tokens_four = _run(path, 4)
-    assert not set(four) & set(pids) and tokens_four == tokens and len(RANK_POOL) == 2
-    assert _run(path, 2)[0] == pids and _run(path, 4)[0] == four
-    # No room (a fresh start of three with two CPUs free beside the six parked): the oldest parked (the pair) are
-    # cleared first, as many as make room; the four stay.
-    assert RANK_POOL.take(RANK_POOL._parked[0].session, 3, False, free=2) is None
-    assert [p.num_ranks for p in RANK_POOL._parked] == [4]
-    RANK_POOL.clear()
-    assert len(RANK_POOL) == 0
-    total = local_ray.cluster_resources().get("CPU", 0)
-    wait_until(lambda: local_ray.available_resources().get("CPU", 0) == total, 30.0, "the parked ranks' CPUs back")
 
 
 def test_a_parked_engine_not_taken_in_time_is_cleared():
@@ -126,3 +103,31 @@ def test_a_park_collects_the_whole_heap_only_when_the_engine_is_not_gone(monkeyp
         calls.clear()
         Worker.park(_ParkingRank(cycle=True))
         assert calls == ["unfreeze", "collect", "freeze"]
+
+
+def test_an_engine_of_as_many_ranks_reuses_the_parked_processes(local_ray, tiny_model):
+    assert RANK_POOL.enabled  # the shared Ray of tests/ep turns it on
+    RANK_POOL.clear()
+    path = tiny_model("qwen3_e6k3")
+    saved = RANK_POOL.starts_saved
+    pids, tokens = _run(path, 2)
+    assert len(RANK_POOL) == 1  # parked, not killed
+    threads = _threads(pids)
+    again, tokens_again = _run(path, 2)
+    assert again == pids and tokens_again == tokens and RANK_POOL.starts_saved == saved + 2
+    # A parked process keeps none of the engine's threads (its step stream's thread ends at park): as many as after
+    # the first engine, not one more per engine served.
+    assert _threads(pids) == threads
+    # Another size: four fresh processes start beside the parked pair (room for both), then both sizes are parked;
+    # an engine of two takes the pair back.
+    four, tokens_four = _run(path, 4)
+    assert not set(four) & set(pids) and tokens_four == tokens and len(RANK_POOL) == 2
+    assert _run(path, 2)[0] == pids and _run(path, 4)[0] == four
+    # No room (a fresh start of three with two CPUs free beside the six parked): the oldest parked (the pair) are
+    # cleared first, as many as make room; the four stay.
+    assert RANK_POOL.take(RANK_POOL._parked[0].session, 3, False, free=2) is None
+    assert [p.num_ranks for p in RANK_POOL._parked] == [4]
+    RANK_POOL.clear()
+    assert len(RANK_POOL) == 0
+    total = local_ray.cluster_resources().get("CPU", 0)
+    wait_until(lambda: local_ray.available_resources().get("CPU", 0) == total, 30.0, "the parked ranks' CPUs back")
