@@ -369,9 +369,10 @@ class Worker(RLWorker):
     # -- reuse (engine/cluster/rank_pool.py) -----------------------------------------------------------------
     def park(self) -> int:
         """Release this engine from the process and keep the process for the next engine: leave the group, close
-        the KV connector, drop the runner (model, KV cache, streams), unfreeze and collect the heap (the freeze at
-        start-up kept the engine's objects from cycle collection), give the device's cached memory back. Returns the
-        process id (the parked process the next `reinit` finds)."""
+        the KV connector, drop the runner (model, KV cache, streams), unfreeze and collect the heap when the engine's
+        state outlived the release or at one park in gc_policy.PARK_FULL_COLLECTION_EVERY (the freeze at start-up
+        kept the engine's objects from cycle collection), give the device's cached memory back. Returns the process id
+        (the parked process the next `reinit` finds)."""
         self.shutdown()
         if self.runner is not None:  # a CPU rank's ThreadStream: else one idle thread more per engine served
             self.runner.stream.shutdown()
