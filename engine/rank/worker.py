@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import threading
+import weakref
 
 import torch
 
@@ -20,7 +21,7 @@ from ..contract.expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
 from .rl_worker import RLWorker
 from .device_stream import make_stream
-from ..contract.gc_policy import freeze_heap
+from ..contract.gc_policy import freeze_heap, park_keeps_heap_frozen
 from ..contract.spec_decoding import SpecDecoding
 from .step_handle import StepHandle
 from .step_plan import make_step_plan
@@ -368,20 +369,26 @@ class Worker(RLWorker):
     # -- reuse (engine/cluster/rank_pool.py) -----------------------------------------------------------------
     def park(self) -> int:
         """Release this engine from the process and keep the process for the next engine: leave the group, close
-        the KV connector, drop the runner (model, KV cache, streams), unfreeze and collect the heap (the freeze at
-        start-up kept the engine's objects from cycle collection), give the device's cached memory back. Returns the
-        process id (the parked process the next `reinit` finds)."""
+        the KV connector, drop the runner (model, KV cache, streams), unfreeze and collect the heap when the engine's
+        state outlived the release or at one park in gc_policy.PARK_FULL_COLLECTION_EVERY (the freeze at start-up
+        kept the engine's objects from cycle collection), give the device's cached memory back. Returns the process id
+        (the parked process the next `reinit` finds)."""
         self.shutdown()
         if self.runner is not None:  # a CPU rank's ThreadStream: else one idle thread more per engine served
             self.runner.stream.shutdown()
+        state = engine_state_refs(self.runner)
         self.release_runner()
         self.tp = None
-        gc.unfreeze()  # this process's own start-up freeze (_freeze_if_own_process): the old engine is collectable
-        gc.collect()
-        if self._own_process():
-            # Frozen again at once (what survives is the process's own: imports, Ray's state), so the next engine's
-            # freeze walks only what it built: one full collection per reuse instead of two (~0.1 s each).
-            gc.freeze()
+        own = self._own_process()
+        # The old engine's state gone by reference counting (the usual case): the heap may stay frozen, its few
+        # cyclic leftovers with it, bounded (engine/contract/gc_policy.py park_keeps_heap_frozen).
+        if not (own and park_keeps_heap_frozen(all(r() is None for r in state))):
+            gc.unfreeze()  # this process's own start-up freeze (_freeze_if_own_process): the old engine is collectable
+            gc.collect()
+            if own:
+                # Frozen again at once (what survives is the process's own: imports, Ray's state), so the next
+                # engine's freeze walks only what it built: one full collection per reuse instead of two.
+                gc.freeze()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return os.getpid()
@@ -392,6 +399,17 @@ class Worker(RLWorker):
         constructor would have made it (the caller then runs init_distributed and load). Returns the process id."""
         self.__init__(config, rank, plan, spec_decoding)  # type: ignore[misc]  # re-run the constructor on purpose
         return os.getpid()
+
+
+def engine_state_refs(runner) -> list[weakref.ref]:
+    """Weak references to what holds an engine's memory in a rank (its runner, model and KV cache tensors): all dead
+    once it is released means it went by reference counting, nothing of it waits for the cycle collector."""
+    if runner is None:
+        return []
+    caches = getattr(runner, "kv_caches", None) or []
+    tensors = [t for c in caches for t in (c if isinstance(c, (list, tuple)) else (c,)) if isinstance(t, torch.Tensor)]
+    held = [runner, getattr(runner, "model", None), *tensors]
+    return [weakref.ref(o) for o in held if o is not None]
 
 
 def _same_plan(a: ExpertParallelPlan, b: ExpertParallelPlan) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import zygote
 from tests.helpers.grpc_server import ENGINE_FLAGS
 from tests.helpers.net import free_port
 from tests.helpers.smg_gateway import http_request, smg_executable
@@ -31,11 +32,15 @@ def test_serve_pd_sh_serves_through_smg_and_stops_everything(tmp_path, tiny_mode
     if smg is None:
         pytest.skip("the smg gateway (PyPI `smg`) is not installed")
     model = tiny_model("qwen3_e6k3")
+    # The two servers' `python -m moelink.engine.api.cli` go through the test zygote's shim (tests/helpers/zygote.py:
+    # forked with torch imported, ~2 s of CPU less each; the shim stays the script's child and passes its signals on),
+    # else the plain interpreter.
+    shim = zygote.shim_env()
     wrapper = tmp_path / "moelink"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m moelink.engine.api.cli \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\nexec {shim.get('PYTHON', sys.executable)} -m moelink.engine.api.cli \"$@\"\n")
     wrapper.chmod(0o755)
     http_port = free_port()
-    env = {**os.environ, "MOELINK": str(wrapper), "SMG": smg, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    env = {**os.environ, **shim, "MOELINK": str(wrapper), "SMG": smg, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     cmd = [str(ROOT / "deploy/ray/serve_pd.sh"), model, "--kv-port", str(free_port()), "--http-port", str(http_port),
            "--prefill-port", str(free_port()), "--decode-port", str(free_port()), "--", *ENGINE_FLAGS,
            "--served-model-name", "tiny-moe"]
