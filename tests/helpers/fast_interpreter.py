@@ -109,7 +109,9 @@ def _cheap_types(core) -> None:
         # As the original: `tuple` in triton.language.core is its own tl.tuple, so the shape is one (of ints).
         self.element_ty = element_ty
         assert isinstance(shape, (list, ttuple))
-        shape = ttuple(unwrap(shape))
+        # Plain ints (nearly every shape) are what `_unwrap_shape` would return: its two walks are skipped for them.
+        dims = shape.values if isinstance(shape, ttuple) else shape
+        shape = ttuple(list(dims) if all(type(d) is int for d in dims) else unwrap(shape))
         if not shape:
             raise TypeError('0d block_type is forbidden')
         self.shape = shape
@@ -162,6 +164,25 @@ def _cheap_types(core) -> None:
     core.tensor.__init__ = tensor_init
 
 
+def _no_discarded_overflow_checks(interp) -> None:
+    """The interpreter's integer `+`, `-`, `*` check for overflow (`sanitize_overflow`, on by default): each casts both
+    operands to int64, redoes the operation, compares with the type's bounds and hands the answer to `device_assert`,
+    which drops it unless the interpreter runs with `debug` (its `InterpreterOptions`, never set by the tests). So
+    without `debug` the check computes values nobody reads (19 % of an interpreter LoRA graph test, py-spy): it is
+    skipped then, and runs as before with `debug`. Same program: the check's asserts hold for every call (its caller
+    has cast both operands to one integer type), and numpy's int64 array operations never raise."""
+    sem = interp.interpreter_semantic
+    original = type(sem).binary_op_sanitize_overflow_impl
+
+    def sanitize(lhs, rhs, binary_op):
+        if sem.builder.options.debug:
+            return original(sem, lhs, rhs, binary_op)
+        return None
+
+    sanitize._moelink_fast = True
+    sem.binary_op_sanitize_overflow_impl = sanitize
+
+
 def install() -> bool:
     """Patch the interpreter once per process, when TRITON_INTERPRET=1; True when installed (or already). (Not
     before the variable is set: importing Triton's interpreter first makes Triton define compiled kernels.)"""
@@ -209,6 +230,11 @@ def install() -> bool:
     if callable(getattr(interp, "_convert_float", None)) and hasattr(interp, "np") \
             and not getattr(interp._convert_float, "_moelink_fast", False):
         _fast_bf16_casts(interp)
+    sem = getattr(interp, "interpreter_semantic", None)
+    if callable(getattr(type(sem), "binary_op_sanitize_overflow_impl", None)) \
+            and hasattr(getattr(sem, "builder", None), "options") \
+            and not getattr(vars(sem).get("binary_op_sanitize_overflow_impl"), "_moelink_fast", False):
+        _no_discarded_overflow_checks(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",
