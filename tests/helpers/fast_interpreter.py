@@ -183,6 +183,43 @@ def _no_discarded_overflow_checks(interp) -> None:
     sem.binary_op_sanitize_overflow_impl = sanitize
 
 
+def _reads_only_the_shape(create_splat) -> bool:
+    """Whether the interpreter's `create_splat(ret_ty, arg)` reads nothing of `ret_ty` but `ret_ty.shape`."""
+    try:
+        src = inspect.getsource(create_splat)
+    except (OSError, TypeError):
+        return False
+    return src.count("ret_ty") == src.count("ret_ty.shape") + 1  # + the parameter itself
+
+
+def _cheap_broadcasts(interp) -> None:
+    """The interpreter's `broadcast_impl_value` (every binary op's operands, 10 % of an interpreter graph test) with
+    its two commonest cases done directly: two blocks of one shape (the original walks both shapes, builds the same
+    shape again and compares: nothing changes) and a block beside a scalar (the scalar splat to the block's shape:
+    the original hands `create_splat` the block type's `to_ir`, a new equal block type, of which the interpreter's
+    `create_splat` reads only the shape; here the type itself). Every other case goes to the original."""
+    sem = interp.interpreter_semantic
+    original, builder = type(sem).broadcast_impl_value, sem.builder
+    make = sem.make_tensor
+
+    def broadcast(lhs, rhs):
+        lhs_ty, rhs_ty = lhs.type, rhs.type
+        lhs_block, rhs_block = lhs_ty.is_block(), rhs_ty.is_block()
+        if lhs_block and rhs_block:
+            if lhs_ty.shape.values == rhs_ty.shape.values:
+                return lhs, rhs
+        elif lhs_block:
+            ty = lhs_ty.with_element_ty(rhs_ty.scalar)
+            return lhs, make(builder.create_splat(ty, rhs.handle), ty)
+        elif rhs_block:
+            ty = rhs_ty.with_element_ty(lhs_ty.scalar)
+            return make(builder.create_splat(ty, lhs.handle), ty), rhs
+        return original(sem, lhs, rhs)
+
+    broadcast._moelink_fast = True
+    sem.broadcast_impl_value = broadcast
+
+
 def install() -> bool:
     """Patch the interpreter once per process, when TRITON_INTERPRET=1; True when installed (or already). (Not
     before the variable is set: importing Triton's interpreter first makes Triton define compiled kernels.)"""
@@ -235,6 +272,11 @@ def install() -> bool:
             and hasattr(getattr(sem, "builder", None), "options") \
             and not getattr(vars(sem).get("binary_op_sanitize_overflow_impl"), "_moelink_fast", False):
         _no_discarded_overflow_checks(interp)
+    splat = getattr(getattr(interp, "InterpreterBuilder", None), "create_splat", None)
+    if callable(getattr(type(sem), "broadcast_impl_value", None)) and callable(splat) \
+            and _reads_only_the_shape(splat) \
+            and not getattr(vars(sem).get("broadcast_impl_value"), "_moelink_fast", False):
+        _cheap_broadcasts(interp)  # (only where create_splat reads nothing of its type but the shape)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",
