@@ -12,7 +12,11 @@ never restores a helper call's patch before the launch ends): the attributes it 
 interpreted program is the same. A helper that sees a module not yet patched is patched as before. The launch's own patch and restore are untouched. Two more costs of every step go: which language modules a helper sees is worked
 out once per module of helpers, not per call, and the interpreter's numpy dtype of a Triton type is looked up in a
 memo instead of a table built anew per call (`_memo_np_dtype`), and a bf16 <-> fp32 cast is the bit shift the
-interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). Installed by tests/kernels/conftest.py and by
+interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). And three per-op costs: the integer
+overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
+broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
+builtin's stand-in built per call (`_lean_patched_builtins`): tests/kernels/test_fast_interpreter_ops.py compares the
+bits with the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
 """
@@ -220,6 +224,37 @@ def _cheap_broadcasts(interp) -> None:
     sem.broadcast_impl_value = broadcast
 
 
+def _makes_the_known_stand_in(patch_attr) -> bool:
+    """Whether the interpreter's `_patch_attr` is the one `_lean_patched_builtins` stands in for (Triton 3.9's)."""
+    try:
+        src = " ".join(inspect.getsource(patch_attr).split())
+    except (OSError, TypeError):
+        return False
+    return ('new_member = lambda *args, member=member, **kwargs: (member(*args, ** {k: v for k, v in kwargs.items() '
+            'if k != "_semantic"}, _semantic=interpreter_semantic)) scope.set_attr(obj, name, new_member)') in src
+
+
+def _lean_patched_builtins(interp) -> None:
+    """The interpreter's `_patch_attr`, which makes the stand-in for each builtin of a patched language module, with a
+    stand-in that does the same per call without the dict comprehension the original builds from the keywords (every
+    interpreted op goes through one: 4 % of an interpreter attention test, py-spy): the keywords the builtin gets are
+    the caller's without `_semantic`, then `_semantic=interpreter_semantic` (read per call, as the original's global)
+    last, in the same order; `member` can be passed by keyword as before."""
+    original = interp._patch_attr
+
+    def patch_attr(obj, name, member, builder, scope):
+        def new_member(*args, member=member, **kwargs):
+            kwargs.pop("_semantic", None)
+            kwargs["_semantic"] = interp.interpreter_semantic
+            return member(*args, **kwargs)
+
+        scope.set_attr(obj, name, new_member)
+
+    patch_attr._moelink_fast = True
+    patch_attr._moelink_original = original
+    interp._patch_attr = patch_attr
+
+
 def install() -> bool:
     """Patch the interpreter once per process, when TRITON_INTERPRET=1; True when installed (or already). (Not
     before the variable is set: importing Triton's interpreter first makes Triton define compiled kernels.)"""
@@ -277,6 +312,9 @@ def install() -> bool:
             and _reads_only_the_shape(splat) \
             and not getattr(vars(sem).get("broadcast_impl_value"), "_moelink_fast", False):
         _cheap_broadcasts(interp)  # (only where create_splat reads nothing of its type but the shape)
+    attr = getattr(interp, "_patch_attr", None)
+    if callable(attr) and not getattr(attr, "_moelink_fast", False) and _makes_the_known_stand_in(attr):
+        _lean_patched_builtins(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",

@@ -1,7 +1,7 @@
-"""tests/helpers/fast_interpreter.py skips the interpreter's integer overflow check only where it is discarded, and
-broadcasts equal shapes and scalars directly: a kernel's integer and float arithmetic (splats on either side, 2-D
-broadcasts, masks) gives the same bits as the interpreter's own code, and with `debug` on the overflow check still
-runs and still catches an overflow."""
+"""tests/helpers/fast_interpreter.py skips the interpreter's integer overflow check only where it is discarded,
+broadcasts equal shapes and scalars directly, and its builtins' stand-ins pass the keywords without a new dict: a
+kernel's integer and float arithmetic (splats on either side, 2-D broadcasts, masks) gives the same bits as the
+interpreter's own code, and with `debug` on the overflow check still runs and still catches an overflow."""
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +45,8 @@ SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value")
 
 def _fast_sem():
     sem = interp.interpreter_semantic
-    if not all(getattr(vars(sem).get(n), "_moelink_fast", False) for n in SHORTCUTS):
+    if not all(getattr(vars(sem).get(n), "_moelink_fast", False) for n in SHORTCUTS) \
+            or not getattr(interp._patch_attr, "_moelink_fast", False):
         pytest.skip("this Triton's interpreter is not the one fast_interpreter patches")
     return sem
 
@@ -53,6 +54,7 @@ def _fast_sem():
 def _unpatched(monkeypatch, sem):
     for name in SHORTCUTS:  # the interpreter's own methods again
         monkeypatch.delattr(sem, name)
+    monkeypatch.setattr(interp, "_patch_attr", interp._patch_attr._moelink_original)  # and its builtins' stand-ins
 
 
 def _run(x, scale):
