@@ -12,7 +12,11 @@ never restores a helper call's patch before the launch ends): the attributes it 
 interpreted program is the same. A helper that sees a module not yet patched is patched as before. The launch's own patch and restore are untouched. Two more costs of every step go: which language modules a helper sees is worked
 out once per module of helpers, not per call, and the interpreter's numpy dtype of a Triton type is looked up in a
 memo instead of a table built anew per call (`_memo_np_dtype`), and a bf16 <-> fp32 cast is the bit shift the
-interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). Installed by tests/kernels/conftest.py and by
+interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). And three per-op costs: the integer
+overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
+broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
+builtin's stand-in built per call (`_lean_patched_builtins`): tests/kernels/test_fast_interpreter_ops.py compares the
+bits with the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
 """
@@ -109,7 +113,9 @@ def _cheap_types(core) -> None:
         # As the original: `tuple` in triton.language.core is its own tl.tuple, so the shape is one (of ints).
         self.element_ty = element_ty
         assert isinstance(shape, (list, ttuple))
-        shape = ttuple(unwrap(shape))
+        # Plain ints (nearly every shape) are what `_unwrap_shape` would return: its two walks are skipped for them.
+        dims = shape.values if isinstance(shape, ttuple) else shape
+        shape = ttuple(list(dims) if all(type(d) is int for d in dims) else unwrap(shape))
         if not shape:
             raise TypeError('0d block_type is forbidden')
         self.shape = shape
@@ -162,6 +168,93 @@ def _cheap_types(core) -> None:
     core.tensor.__init__ = tensor_init
 
 
+def _no_discarded_overflow_checks(interp) -> None:
+    """The interpreter's integer `+`, `-`, `*` check for overflow (`sanitize_overflow`, on by default): each casts both
+    operands to int64, redoes the operation, compares with the type's bounds and hands the answer to `device_assert`,
+    which drops it unless the interpreter runs with `debug` (its `InterpreterOptions`, never set by the tests). So
+    without `debug` the check computes values nobody reads (19 % of an interpreter LoRA graph test, py-spy): it is
+    skipped then, and runs as before with `debug`. Same program: the check's asserts hold for every call (its caller
+    has cast both operands to one integer type), and numpy's int64 array operations never raise."""
+    sem = interp.interpreter_semantic
+    original = type(sem).binary_op_sanitize_overflow_impl
+
+    def sanitize(lhs, rhs, binary_op):
+        if sem.builder.options.debug:
+            return original(sem, lhs, rhs, binary_op)
+        return None
+
+    sanitize._moelink_fast = True
+    sem.binary_op_sanitize_overflow_impl = sanitize
+
+
+def _reads_only_the_shape(create_splat) -> bool:
+    """Whether the interpreter's `create_splat(ret_ty, arg)` reads nothing of `ret_ty` but `ret_ty.shape`."""
+    try:
+        src = inspect.getsource(create_splat)
+    except (OSError, TypeError):
+        return False
+    return src.count("ret_ty") == src.count("ret_ty.shape") + 1  # + the parameter itself
+
+
+def _cheap_broadcasts(interp) -> None:
+    """The interpreter's `broadcast_impl_value` (every binary op's operands, 10 % of an interpreter graph test) with
+    its two commonest cases done directly: two blocks of one shape (the original walks both shapes, builds the same
+    shape again and compares: nothing changes) and a block beside a scalar (the scalar splat to the block's shape:
+    the original hands `create_splat` the block type's `to_ir`, a new equal block type, of which the interpreter's
+    `create_splat` reads only the shape; here the type itself). Every other case goes to the original."""
+    sem = interp.interpreter_semantic
+    original, builder = type(sem).broadcast_impl_value, sem.builder
+    make = sem.make_tensor
+
+    def broadcast(lhs, rhs):
+        lhs_ty, rhs_ty = lhs.type, rhs.type
+        lhs_block, rhs_block = lhs_ty.is_block(), rhs_ty.is_block()
+        if lhs_block and rhs_block:
+            if lhs_ty.shape.values == rhs_ty.shape.values:
+                return lhs, rhs
+        elif lhs_block:
+            ty = lhs_ty.with_element_ty(rhs_ty.scalar)
+            return lhs, make(builder.create_splat(ty, rhs.handle), ty)
+        elif rhs_block:
+            ty = rhs_ty.with_element_ty(lhs_ty.scalar)
+            return make(builder.create_splat(ty, lhs.handle), ty), rhs
+        return original(sem, lhs, rhs)
+
+    broadcast._moelink_fast = True
+    sem.broadcast_impl_value = broadcast
+
+
+def _makes_the_known_stand_in(patch_attr) -> bool:
+    """Whether the interpreter's `_patch_attr` is the one `_lean_patched_builtins` stands in for (Triton 3.9's)."""
+    try:
+        src = " ".join(inspect.getsource(patch_attr).split())
+    except (OSError, TypeError):
+        return False
+    return ('new_member = lambda *args, member=member, **kwargs: (member(*args, ** {k: v for k, v in kwargs.items() '
+            'if k != "_semantic"}, _semantic=interpreter_semantic)) scope.set_attr(obj, name, new_member)') in src
+
+
+def _lean_patched_builtins(interp) -> None:
+    """The interpreter's `_patch_attr`, which makes the stand-in for each builtin of a patched language module, with a
+    stand-in that does the same per call without the dict comprehension the original builds from the keywords (every
+    interpreted op goes through one: 4 % of an interpreter attention test, py-spy): the keywords the builtin gets are
+    the caller's without `_semantic`, then `_semantic=interpreter_semantic` (read per call, as the original's global)
+    last, in the same order; `member` can be passed by keyword as before."""
+    original = interp._patch_attr
+
+    def patch_attr(obj, name, member, builder, scope):
+        def new_member(*args, member=member, **kwargs):
+            kwargs.pop("_semantic", None)
+            kwargs["_semantic"] = interp.interpreter_semantic
+            return member(*args, **kwargs)
+
+        scope.set_attr(obj, name, new_member)
+
+    patch_attr._moelink_fast = True
+    patch_attr._moelink_original = original
+    interp._patch_attr = patch_attr
+
+
 def install() -> bool:
     """Patch the interpreter once per process, when TRITON_INTERPRET=1; True when installed (or already). (Not
     before the variable is set: importing Triton's interpreter first makes Triton define compiled kernels.)"""
@@ -209,6 +302,19 @@ def install() -> bool:
     if callable(getattr(interp, "_convert_float", None)) and hasattr(interp, "np") \
             and not getattr(interp._convert_float, "_moelink_fast", False):
         _fast_bf16_casts(interp)
+    sem = getattr(interp, "interpreter_semantic", None)
+    if callable(getattr(type(sem), "binary_op_sanitize_overflow_impl", None)) \
+            and hasattr(getattr(sem, "builder", None), "options") \
+            and not getattr(vars(sem).get("binary_op_sanitize_overflow_impl"), "_moelink_fast", False):
+        _no_discarded_overflow_checks(interp)
+    splat = getattr(getattr(interp, "InterpreterBuilder", None), "create_splat", None)
+    if callable(getattr(type(sem), "broadcast_impl_value", None)) and callable(splat) \
+            and _reads_only_the_shape(splat) \
+            and not getattr(vars(sem).get("broadcast_impl_value"), "_moelink_fast", False):
+        _cheap_broadcasts(interp)  # (only where create_splat reads nothing of its type but the shape)
+    attr = getattr(interp, "_patch_attr", None)
+    if callable(attr) and not getattr(attr, "_moelink_fast", False) and _makes_the_known_stand_in(attr):
+        _lean_patched_builtins(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",

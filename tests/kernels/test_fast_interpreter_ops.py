@@ -1,0 +1,98 @@
+"""tests/helpers/fast_interpreter.py skips the interpreter's integer overflow check only where it is discarded,
+broadcasts equal shapes and scalars directly, and its builtins' stand-ins pass the keywords without a new dict: a
+kernel's integer and float arithmetic (splats on either side, 2-D broadcasts, masks) gives the same bits as the
+interpreter's own code, and with `debug` on the overflow check still runs and still catches an overflow."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.kernels.conftest import INTERPRET
+
+if not INTERPRET:
+    pytest.skip("the interpreter is not in use (a GPU machine)", allow_module_level=True)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime import interpreter as interp  # noqa: E402
+
+
+@triton.jit
+def _int_ops(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0)
+    y = x * scale + offs - 7
+    tl.store(y_ptr + offs, y * 2 - x, mask=mask)
+
+
+@triton.jit
+def _broadcasts(x_ptr, w_ptr, y_ptr, n, m, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    mask = (rows[:, None] < n) & (cols[None, :] < m)
+    x = tl.load(x_ptr + rows[:, None] * m + cols[None, :], mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=cols < m, other=0.0)
+    y = (2.0 * x + w[None, :]) * 0.5 - x / 3.0 + 1.5
+    y = tl.where(y > 0, y, 0.25 * y) + tl.sum(x, axis=1)[:, None]
+    tl.store(y_ptr + rows[:, None] * m + cols[None, :], y.to(tl.bfloat16).to(tl.float32), mask=mask)
+
+
+SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value")
+
+
+def _fast_sem():
+    sem = interp.interpreter_semantic
+    if not all(getattr(vars(sem).get(n), "_moelink_fast", False) for n in SHORTCUTS) \
+            or not getattr(interp._patch_attr, "_moelink_fast", False):
+        pytest.skip("this Triton's interpreter is not the one fast_interpreter patches")
+    return sem
+
+
+def _unpatched(monkeypatch, sem):
+    for name in SHORTCUTS:  # the interpreter's own methods again
+        monkeypatch.delattr(sem, name)
+    monkeypatch.setattr(interp, "_patch_attr", interp._patch_attr._moelink_original)  # and its builtins' stand-ins
+
+
+def _run(x, scale):
+    y = torch.empty_like(x)
+    _int_ops[(triton.cdiv(x.numel(), 8),)](x, y, x.numel(), scale, BLOCK=8)
+    return y
+
+
+def test_integer_arithmetic_has_the_bits_of_the_checked_interpreter(monkeypatch):
+    sem = _fast_sem()
+    x = torch.randint(-2**20, 2**20, (21,), dtype=torch.int32)
+    fast = _run(x, 5)
+    _unpatched(monkeypatch, sem)
+    checked = _run(x, 5)
+    assert torch.equal(fast, checked)
+    assert torch.equal(fast, (x * 5 + torch.arange(21, dtype=torch.int32) - 7) * 2 - x)
+
+
+def test_float_broadcasts_have_the_bits_of_the_interpreter(monkeypatch):
+    sem = _fast_sem()
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(11, 6, generator=g), torch.randn(6, generator=g)
+
+    def run():
+        y = torch.full_like(x, float("nan"))
+        _broadcasts[(triton.cdiv(11, 4),)](x, w, y, 11, 6, BLOCK_N=4, BLOCK_M=8)
+        return y
+
+    fast = run()
+    _unpatched(monkeypatch, sem)
+    own = run()
+    assert torch.isfinite(fast).all()
+    assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
+
+
+def test_with_debug_the_check_runs_and_catches_an_overflow(monkeypatch):
+    sem = _fast_sem()
+    monkeypatch.setattr(sem.builder, "options", dataclasses.replace(sem.builder.options, debug=True))
+    x = torch.full((3,), 2**30, dtype=torch.int32)
+    with pytest.raises(Exception, match="overflow"):
+        _run(x, 4)
