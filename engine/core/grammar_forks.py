@@ -16,11 +16,22 @@ and the pool starts each process itself (grammar_compile.py).
 engine is built): an exec'd one imports torch, transformers and xgrammar again (2.1 s of CPU per server start, as
 much as the rest of the start), which the server process has imported anyway. The fork runs the same
 `grammar_child.main` as the exec'd one; a fork server that dies later is exec'd as before.
+
+A pool that shuts down keeps its fork server (idle: no compile process of its own left) for the next pool of this
+process with the same tokenizer info, at most IDLE_MAX of them (the oldest ended first), and ended at exit: a
+process that builds engine after engine (a notebook, the test suite: 14 fork servers exec'd in 7 test files, ~2.7 s
+of CPU each) imports xgrammar once per tokenizer, not once per engine. The exec'd ones are started from a
+thread that lives as long as the process (`_keeper_popen`): the kernel's parent-death signal (grammar_child.py's
+PR_SET_PDEATHSIG) follows the *thread* that started a child, so one started from a compile worker's thread died
+with that thread.
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import math
 import os
+import queue
 import select
 import signal
 import socket
@@ -30,6 +41,7 @@ import threading
 import time
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
+from concurrent.futures import Future
 from typing import Callable, Optional
 
 FORK_ANSWER_TIMEOUT_S = 30.0  # a fork takes milliseconds; the server is broken past this
@@ -198,6 +210,81 @@ def discard_prefork() -> None:
         proc.wait(5)
 
 
+IDLE_MAX = 2  # kept fork servers of shut-down pools (module docstring); each holds xgrammar's imports in memory
+_idle: collections.OrderedDict[str, tuple] = collections.OrderedDict()  # tokenizer info JSON -> (process, socket)
+_idle_lock = threading.Lock()
+_keeper: Optional[queue.SimpleQueue] = None
+
+
+def _end(proc, conn: Connection) -> None:
+    conn.close()  # it reads EOF and exits
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _park(info: str, proc, conn: Connection) -> None:
+    """Keep an idle fork server for the next pool with tokenizer info `info`."""
+    with _idle_lock:
+        old = _idle.pop(info, None)
+        _idle[info] = (proc, conn)
+        evicted = [_idle.popitem(last=False)[1] for _ in range(len(_idle) - IDLE_MAX)]
+    for p, c in evicted + ([old] if old is not None else []):
+        _end(p, c)
+
+
+def _take_idle(info_json: Callable[[], str]) -> Optional[tuple[str, object, Connection]]:
+    """A kept fork server for this tokenizer info (built only when some are kept), alive, or None."""
+    if not _idle:
+        return None
+    info = info_json()
+    with _idle_lock:
+        kept = _idle.pop(info, None)
+    if kept is None:
+        return None
+    if kept[0].poll() is not None:  # died while kept (killed from outside)
+        _end(*kept)
+        return None
+    return (info, *kept)
+
+
+def discard_idle() -> None:
+    """End every kept fork server (at exit; a caller that wants none left now)."""
+    with _idle_lock:
+        kept = list(_idle.values())
+        _idle.clear()
+    for proc, conn in kept:
+        _end(proc, conn)
+
+
+atexit.register(discard_idle)
+
+
+def _keeper_popen(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen run on a daemon thread that lives as long as the process (module docstring)."""
+    global _keeper
+    with _idle_lock:
+        if _keeper is None:
+            _keeper = queue.SimpleQueue()
+            threading.Thread(target=_keep, args=(_keeper,), name="grammar-fork-keeper", daemon=True).start()
+        jobs = _keeper
+    done: Future = Future()
+    jobs.put((done, args, kwargs))
+    return done.result()
+
+
+def _keep(jobs: queue.SimpleQueue) -> None:
+    while True:
+        done, args, kwargs = jobs.get()
+        try:
+            done.set_result(subprocess.Popen(*args, **kwargs))
+        except BaseException as e:  # handed to the caller's thread
+            done.set_exception(e)
+
+
 class ForkServerClosed(RuntimeError):
     """The fork server was closed (the pool shuts down): no fork, and nothing to report."""
 
@@ -212,6 +299,7 @@ class ForkServer:
         self._lock = threading.Lock()  # one fork at a time: the requests and answers share one socket
         self._proc: Optional[subprocess.Popen | _Child] = None
         self._conn: Optional[Connection] = None
+        self._info: Optional[str] = None  # the tokenizer info the running fork server was sent
         self._closed = False
 
     def fork(self) -> tuple[Forked, Connection]:
@@ -251,6 +339,10 @@ class ForkServer:
         global _preforked
         self._stop()
         taken, _preforked = _preforked, None
+        kept = _take_idle(self._info_json) if taken is None else None
+        if kept is not None:  # a shut-down pool's, for the same tokenizer info: ready already
+            self._info, self._proc, self._conn = kept
+            return
         if taken is not None:  # forked by prefork(): xgrammar imported already
             self._proc, parent = taken
         else:
@@ -258,14 +350,15 @@ class ForkServer:
             # It imports moelink the way this process did (a checkout on sys.path, or the installed package).
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             try:
-                self._proc = subprocess.Popen(
+                self._proc = _keeper_popen(
                     [sys.executable, "-m", "moelink.engine.core.grammar_child", "--fork-server", str(child.fileno())],
                     pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
             finally:
                 child.close()
         self._conn = Connection(parent.detach())
         # After the start: building the info here (importing xgrammar, the first time) overlaps its imports.
-        self._conn.send_bytes(self._info_json().encode())
+        self._info = self._info_json()
+        self._conn.send_bytes(self._info.encode())
         try:
             ready = self._conn.poll(self.start_timeout_s) and self._conn.recv_bytes() == b"ready"
         except (EOFError, OSError):
@@ -282,7 +375,7 @@ class ForkServer:
                                "(its log is the server's stderr)")
 
     def _stop(self) -> None:
-        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        proc, conn, self._proc, self._conn, self._info = self._proc, self._conn, None, None, None
         if conn is not None:
             conn.close()
         if proc is not None:
@@ -294,9 +387,20 @@ class ForkServer:
                 pass
 
     def close(self) -> None:
-        """Kill the fork server (its children die with it); any thread may call it."""
+        """Kill the fork server (its children die with it), or keep it for the next pool (module docstring) when it
+        is idle: up and no fork in progress; any thread may call it."""
         self._closed = True
         proc = self._proc
+        if proc is not None and proc.poll() is None and self._lock.acquire(blocking=False):
+            try:  # holding the lock: no fork and no start in progress, so a running fork server answered `ready`
+                if self._proc is proc and self._info is not None:
+                    info, conn, self._proc, self._conn, self._info = self._info, self._conn, None, None, None
+                    _park(info, proc, conn)
+                    return
+                self._stop()
+            finally:
+                self._lock.release()
+            return
         if proc is not None and proc.poll() is None:
             proc.kill()
         if self._lock.acquire(timeout=5):  # a fork in progress reads EOF and gives up
