@@ -184,3 +184,33 @@ def test_a_fork_server_closed_while_it_starts_is_not_reported_as_a_failure(token
         w.thread.join(10)
     assert not raised, raised
     assert not records, [(r.getMessage(), r.exc_info and str(r.exc_info[1])) for r in records]
+
+
+@pytest.mark.slow  # over 1 s (one fork server start: xgrammar imported once, ~2.7 s of CPU)
+def test_a_shut_down_pools_fork_server_serves_the_next_pool(tokenizer):
+    """An engine's pool that shuts down keeps its idle fork server for the next pool with the same tokenizer (one
+    xgrammar import per process, not per engine: ~2.7 s of CPU each), even when the thread that started it has
+    ended (the parent-death signal follows the starting thread: grammar_forks._keeper_popen)."""
+    pytest.importorskip("xgrammar")
+    grammar_forks.discard_idle()
+    first, second = _pool(tokenizer), _pool(tokenizer)
+    got = []
+    starter = threading.Thread(target=lambda: got.append(first._forks.fork()))  # as a compile worker's thread
+    starter.start()
+    starter.join(60)
+    forked, conn = got[0]
+    server = first._forks._proc
+    assert conn.poll(30) and conn.recv_bytes() == b"ready"
+    forked.kill()
+    conn.close()
+    first.shutdown()
+    try:
+        forked, conn = second._forks.fork()
+        assert second._forks._proc is server and server.poll() is None, "the kept fork server was not reused"
+        assert conn.poll(30) and conn.recv_bytes() == b"ready"
+        forked.kill()
+        conn.close()
+    finally:
+        second.shutdown()
+        grammar_forks.discard_idle()
+    assert server.poll() is not None
