@@ -16,7 +16,8 @@ around each step's forward, applies the first three to every call the forward ma
    by the batch count too.
 2. Reductions over a dim (sum, mean, amax, logsumexp, softmax, log-softmax, cumsum, top-k) run on tiles of TILE_R
    rows: a reduction's strategy (along the row, or across many short rows) is chosen by its shape and sums in
-   another order; top-k's order of the k (sorted=False) is its algorithm's.
+   another order; top-k's order of the k (sorted=False) is its algorithm's. A sum or mean over at most SMALL_W
+   elements runs as element-wise adds of its slices in index order instead (exact in any layout, and cheaper).
 3. Element-wise transcendentals (exp, sigmoid, silu, gelu, tanh, softplus, log, erf) run in fixed chunks of CHUNK_E
    elements: the CPU loops round an element's vectorized form and its scalar tail form differently, and which
    elements fall in the tail depends on the tensor's size. Adds, products, divisions and square roots are exact
