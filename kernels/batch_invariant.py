@@ -16,7 +16,8 @@ around each step's forward, applies the first three to every call the forward ma
    by the batch count too.
 2. Reductions over a dim (sum, mean, amax, logsumexp, softmax, log-softmax, cumsum, top-k) run on tiles of TILE_R
    rows: a reduction's strategy (along the row, or across many short rows) is chosen by its shape and sums in
-   another order; top-k's order of the k (sorted=False) is its algorithm's.
+   another order; top-k's order of the k (sorted=False) is its algorithm's. A sum or mean over at most SMALL_W
+   elements runs as element-wise adds of its slices in index order instead (exact in any layout, and cheaper).
 3. Element-wise transcendentals (exp, sigmoid, silu, gelu, tanh, softplus, log, erf) run in fixed chunks of CHUNK_E
    elements: the CPU loops round an element's vectorized form and its scalar tail form differently, and which
    elements fall in the tail depends on the tensor's size. Adds, products, divisions and square roots are exact
@@ -179,6 +180,26 @@ def _reduce_rows(fn: Callable[..., torch.Tensor], x: torch.Tensor, dim: int | No
     return out.unsqueeze(d) if keepdim else out
 
 
+# Widths up to which a sum or mean over one dim runs as explicit adds of its slices, in index order (a hyper-connection's
+# Sinkhorn normalisation sums 4-wide rows 40 times a layer): each add is element-wise, exact whatever the batch's
+# layout, so a row's result is its own in a fixed order, for a few torch calls instead of row tiles' dozen.
+SMALL_W = 8
+
+
+def _small_sum(x: torch.Tensor, d: int, keepdim: bool, mean: bool) -> torch.Tensor:
+    """sum (or mean) of x over dim d (2 <= width <= SMALL_W) as slice 0 + slice 1 + ...; half inputs accumulate in
+    float32 and round once at the end, as torch's sum does."""
+    acc = x.float() if x.dtype.itemsize < 4 else x
+    parts = acc.unbind(d)
+    out = parts[0] + parts[1]
+    for part in parts[2:]:
+        out = out + part
+    if mean:
+        out = out / len(parts)
+    out = out.to(x.dtype)
+    return out.unsqueeze(d) if keepdim else out
+
+
 def _reduction(op: Callable[..., torch.Tensor], keeps_dim: bool = False) -> Callable[..., torch.Tensor]:
     """The row-tiled form of a reduction over one dim (`op(x, dim, keepdim=..., dtype=...)` as torch spells it)."""
     def run(x: torch.Tensor, dim: Any = None, *args: Any, keepdim: bool = False, **kw: Any) -> torch.Tensor:
@@ -196,6 +217,10 @@ def _reduction(op: Callable[..., torch.Tensor], keeps_dim: bool = False) -> Call
                 kw["dtype"] = args[0]
             else:
                 keepdim = bool(args[0])
+        if (op is torch.sum or op is torch.mean) and not kw and x.is_floating_point() and x.dim() > 0:
+            d = dim % x.dim()
+            if 2 <= x.shape[d] <= SMALL_W:
+                return _small_sum(x, d, keepdim, op is torch.mean)
         call = (lambda t, d, **k: op(t, d, **k)) if keeps_dim else (lambda t, d, **k: op(t, d, keepdim=False, **k))
         return _reduce_rows(call, x, dim, keepdim, keeps_dim, **kw)
     return run
@@ -332,5 +357,5 @@ def mode() -> AbstractContextManager:
     return BatchInvariantMode()
 
 
-__all__ = ["BatchInvariantMode", "CHUNK_E", "TILE_M", "TILE_R", "TILE_X", "batch_tile", "chunked_exp", "fixed_bmm",
+__all__ = ["BatchInvariantMode", "CHUNK_E", "SMALL_W", "TILE_M", "TILE_R", "TILE_X", "batch_tile", "chunked_exp", "fixed_bmm",
            "mode", "tiled_amax", "tiled_sum"]

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .batch_invariant import fixed_bmm
+
 L2NORM_EPS = 1e-6  # transformers' l2norm (and fla's kernels)
 CHUNK = 64  # the chunked form's block (transformers' and fla's chunk_size)
 # Sequences up to this long run the per-token recurrence, batched across sequences (decodes, drafts, short
@@ -129,6 +131,18 @@ def _initial_states(state_pool_PNKV, slot_ids_S, has_initial_state_S, cdt) -> to
     return init * read_S.to(cdt)[:, None, None, None]
 
 
+def _row_products(a_SNK: torch.Tensor, h_SNKV: torch.Tensor) -> torch.Tensor:
+    """h^T a per (sequence, head), [S, N, V]: one-row matrices in one batched product. The row count is 1 by
+    construction (not the batch's), so batch-invariant mode's TILE_M-row tiles would only pad each product to 16
+    rows (16 times the work): the products run as the mode runs a batched product's tile, fixed_bmm (the batch
+    whole on CPU, fixed tiles of matrices on CUDA), on contiguous operands (a kernel may depend on strides).
+    Not einsum: the mode refuses it."""
+    S, N, K = a_SNK.shape
+    with torch._C.DisableTorchFunction():
+        a_X1K = a_SNK.contiguous().view(S * N, 1, K)
+        return fixed_bmm(a_X1K, h_SNKV.contiguous().view(S * N, K, -1)).view(S, N, -1)
+
+
 def recurrent_batch(q_SLNK, k_SLNK, v_SLNV, g_SLN, beta_SLN, lens_S, state_SNKV, keep_Q: int = 0):
     """The per-token recurrence over padded [S, L, ...] inputs, vectorized across sequences: rows past a
     sequence's length leave its state as it is. Returns (o_SLNV, final state_SNKV, states after each token
@@ -140,11 +154,10 @@ def recurrent_batch(q_SLNK, k_SLNK, v_SLNV, g_SLN, beta_SLN, lens_S, state_SNKV,
         live = (j < lens_S)[:, None, None, None]
         decay = g_SLN[:, j].exp()  # [S, N], or [S, N, K] per key channel (KDA)
         h = state_SNKV * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
-        # h^T k and h^T q per (sequence, head) as one-row matmuls: batch-invariant mode tiles matmuls, not einsum.
-        kv_mem = torch.matmul(k_SLNK[:, j, :, None, :], h)[:, :, 0]
+        kv_mem = _row_products(k_SLNK[:, j], h)
         delta = (v_SLNV[:, j] - kv_mem) * beta_SLN[:, j, :, None]
         h = h + k_SLNK[:, j, :, :, None] * delta[:, :, None, :]
-        o[:, j] = torch.matmul(q_SLNK[:, j, :, None, :], h)[:, :, 0]
+        o[:, j] = _row_products(q_SLNK[:, j], h)
         state_SNKV = torch.where(live, h, state_SNKV)
         if kept is not None and j < keep_Q:
             kept.append(state_SNKV)

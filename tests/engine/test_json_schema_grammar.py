@@ -73,11 +73,13 @@ def test_random_schemas_random_walks_end_in_valid_json(pool):
     """120 random schemas x 4 walks: every walk that ends parses strictly and validates."""
     rng = random.Random(27)
     ended = 0
+    vocab = None  # every grammar here is compiled on the pool's one tokenizer: its vocabulary, decoded once
     for _ in range(120):
         schema = random_schema(rng)
         compiled = _compile(pool, schema)
+        vocab = compiled.tokenizer_info.decoded_vocab if vocab is None else vocab
         for _ in range(4):
-            out, done = random_walk(compiled, rng)
+            out, done = random_walk(compiled, rng, vocab=vocab)
             if done:
                 ended += 1
                 try:

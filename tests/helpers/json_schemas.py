@@ -80,15 +80,17 @@ def _vocab_masks(vocab: list[bytes], stop_ids) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_walk(compiled, rng: random.Random, max_steps: int = 600, close_bias: float = 0.2,
-                stop_bias: float = 0.5) -> tuple[bytes, bool]:
+                stop_bias: float = 0.5, vocab: list[bytes] | None = None) -> tuple[bytes, bool]:
     """(the bytes written, whether the grammar ended) for one walk over the compiled grammar's own vocabulary.
     Each step takes any token the mask allows; with probability `close_bias` it prefers one that can close
     something (a quote, a bracket, a comma), and an allowed stop token with probability `stop_bias`, so most walks
-    end. With both 0 it is adversarial: a stop token only when nothing else is allowed."""
+    end. With both 0 it is adversarial: a stop token only when nothing else is allowed. `vocab`: the grammar's
+    tokenizer's decoded vocabulary when the caller holds it (reading `decoded_vocab` converts the whole vocabulary
+    again, on every call: most of a short walk's cost)."""
     import xgrammar as xgr
 
     info = compiled.tokenizer_info
-    vocab = info.decoded_vocab
+    vocab = info.decoded_vocab if vocab is None else vocab
     is_stop, closing = _vocab_masks(vocab, info.stop_token_ids)
     matcher = xgr.GrammarMatcher(compiled)
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
