@@ -46,7 +46,8 @@ SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value")
 def _fast_sem():
     sem = interp.interpreter_semantic
     if not all(getattr(vars(sem).get(n), "_moelink_fast", False) for n in SHORTCUTS) \
-            or not getattr(interp._patch_attr, "_moelink_fast", False):
+            or not getattr(interp._patch_attr, "_moelink_fast", False) \
+            or not getattr(interp._patch_builtin, "_moelink_fast", False):
         pytest.skip("this Triton's interpreter is not the one fast_interpreter patches")
     return sem
 
@@ -55,6 +56,7 @@ def _unpatched(monkeypatch, sem):
     for name in SHORTCUTS:  # the interpreter's own methods again
         monkeypatch.delattr(sem, name)
     monkeypatch.setattr(interp, "_patch_attr", interp._patch_attr._moelink_original)  # and its builtins' stand-ins
+    monkeypatch.setattr(interp, "_patch_builtin", interp._patch_builtin._moelink_original)  # and its scan
 
 
 def _run(x, scale):
@@ -96,3 +98,27 @@ def test_with_debug_the_check_runs_and_catches_an_overflow(monkeypatch):
     x = torch.full((3,), 2**30, dtype=torch.int32)
     with pytest.raises(Exception, match="overflow"):
         _run(x, 4)
+
+
+def test_the_memoized_scan_patches_what_getmembers_finds_whatever_ran_before():
+    _fast_sem()
+    fast, own = interp._patch_builtin, interp._patch_builtin._moelink_original
+    objs = (tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base)
+
+    def changes(patch, obj):
+        scope = interp._LangPatchScope()
+        patch(obj, interp.interpreter_builder, scope)
+        found = [(name, old) for _, name, old in scope._changes]
+        scope.restore()
+        return found
+
+    left = interp._LangPatchScope()  # a helper call's patch, left in place as the interpreter does
+    for step in range(4):
+        for obj in objs:
+            assert changes(fast, obj) == changes(own, obj)  # same builtins, same order, (a hit from step 1 on)
+        if step == 1:
+            own(tl.core, interp.interpreter_builder, left)  # tl.core's builtins are stand-ins now: none found
+            assert changes(fast, tl.core) == changes(own, tl.core) == []
+        if step == 2:
+            left.restore()  # and builtins again
+    assert changes(fast, tl.core) and changes(fast, tl.core) == changes(own, tl.core)
