@@ -15,8 +15,8 @@ memo instead of a table built anew per call (`_memo_np_dtype`), and a bf16 <-> f
 interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). And three per-op costs: the integer
 overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
 broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
-builtin's stand-in built per call (`_lean_patched_builtins`), and the `inspect.getmembers` scan of each language
-module and class at every launch, memoized while their dicts hold the same objects (`_memo_patch_builtin`): tests/kernels/test_fast_interpreter_ops.py compares the
+builtin's stand-in built per call (`_lean_patched_builtins`), the promotion rule and same-type casts of every binary op (`_memo_type_rules`),
+and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (`_memo_patch_builtin`): tests/kernels/test_fast_interpreter_ops.py compares the
 bits with the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
@@ -188,6 +188,36 @@ def _no_discarded_overflow_checks(interp) -> None:
 
     sanitize._moelink_fast = True
     sem.binary_op_sanitize_overflow_impl = sanitize
+
+
+def _memo_type_rules(interp) -> None:
+    """Two type checks every interpreted binary op makes (7 % of an interpreter graph test with what they call,
+    py-spy): `computation_type_impl`, the promotion rule for the operands' scalar types (a dozen `is_fp64()`-style
+    calls per op), memoized for plain `tl.dtype`s by their identity and the flags (the rule reads nothing else: the
+    types' names, kinds and widths, fixed at creation; the memo keeps them alive, and a pair that raises is not
+    memoized, so it raises again); and `cast` to the type a value has already, which the original answers with the
+    value itself after `dtype.__eq__` compares the names: here when the scalar types are one `tl.dtype` object."""
+    sem, dtype = interp.interpreter_semantic, interp.tl.dtype
+    rule, cast = type(sem).computation_type_impl, type(sem).cast
+    memo: dict[tuple, tuple] = {}
+
+    def computation_type(a_ty, a_is_scalar, b_ty, b_is_scalar, div_or_mod):
+        if type(a_ty) is not dtype or type(b_ty) is not dtype:
+            return rule(sem, a_ty, a_is_scalar, b_ty, b_is_scalar, div_or_mod)
+        key = (id(a_ty), a_is_scalar, id(b_ty), b_is_scalar, div_or_mod)
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = (a_ty, b_ty, rule(sem, a_ty, a_is_scalar, b_ty, b_is_scalar, div_or_mod))
+        return hit[2]
+
+    def same_type_cast(input, dst_ty, fp_downcast_rounding=None):
+        src = input.type.scalar
+        if src is dst_ty.scalar and type(src) is dtype:
+            return input
+        return cast(sem, input, dst_ty, fp_downcast_rounding)
+
+    computation_type._moelink_fast = same_type_cast._moelink_fast = True
+    sem.computation_type_impl, sem.cast = computation_type, same_type_cast
 
 
 def _reads_only_the_shape(create_splat) -> bool:
@@ -380,6 +410,9 @@ def install() -> bool:
             and hasattr(getattr(sem, "builder", None), "options") \
             and not getattr(vars(sem).get("binary_op_sanitize_overflow_impl"), "_moelink_fast", False):
         _no_discarded_overflow_checks(interp)
+    if all(callable(getattr(type(sem), n, None)) and not getattr(vars(sem).get(n), "_moelink_fast", False)
+           for n in ("computation_type_impl", "cast")) and isinstance(getattr(interp, "tl", None), types.ModuleType):
+        _memo_type_rules(interp)
     splat = getattr(getattr(interp, "InterpreterBuilder", None), "create_splat", None)
     if callable(getattr(type(sem), "broadcast_impl_value", None)) and callable(splat) \
             and _reads_only_the_shape(splat) \

@@ -40,7 +40,19 @@ def _broadcasts(x_ptr, w_ptr, y_ptr, n, m, BLOCK_N: tl.constexpr, BLOCK_M: tl.co
     tl.store(y_ptr + rows[:, None] * m + cols[None, :], y.to(tl.bfloat16).to(tl.float32), mask=mask)
 
 
-SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value")
+@triton.jit
+def _promotions(i_ptr, h_ptr, b_ptr, y_ptr, k, f, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.load(i_ptr + offs)  # int32
+    h = tl.load(h_ptr + offs)  # fp16
+    b = tl.load(b_ptr + offs)  # bf16 (the interpreter computes on bf16 bits as integers: cast first)
+    wide = i.to(tl.int64) * k + i  # int64 beside int32, an int scalar
+    half = h * 3 + h * 1.5 + h / 2 + (h * f).to(tl.float16)  # fp16 with scalars (fp16), an fp32 value (fp32)
+    mixed = half + b.to(tl.float32) + wide.to(tl.float32) / k + (i % 5).to(tl.float16)  # fp16+fp32, int div/mod
+    tl.store(y_ptr + offs, mixed.to(tl.float32) + i.to(tl.float32, bitcast=False) * 0.5)
+
+
+SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value", "computation_type_impl", "cast")
 
 
 def _fast_sem():
@@ -83,6 +95,24 @@ def test_float_broadcasts_have_the_bits_of_the_interpreter(monkeypatch):
     def run():
         y = torch.full_like(x, float("nan"))
         _broadcasts[(triton.cdiv(11, 4),)](x, w, y, 11, 6, BLOCK_N=4, BLOCK_M=8)
+        return y
+
+    fast = run()
+    _unpatched(monkeypatch, sem)
+    own = run()
+    assert torch.isfinite(fast).all()
+    assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
+
+
+def test_type_promotions_and_casts_have_the_bits_of_the_interpreter(monkeypatch):
+    sem = _fast_sem()
+    g = torch.Generator().manual_seed(1)
+    i = torch.randint(-1000, 1000, (16,), dtype=torch.int32, generator=g)
+    h, b = torch.randn(16, generator=g).half(), torch.randn(16, generator=g).bfloat16()
+
+    def run():
+        y = torch.empty(16)
+        _promotions[(2,)](i, h, b, y, 7, 1.25, BLOCK=8)  # two programs: the second reads the memo
         return y
 
     fast = run()
