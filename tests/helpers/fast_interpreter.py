@@ -231,19 +231,35 @@ def _reads_only_the_shape(create_splat) -> bool:
 
 def _cheap_broadcasts(interp) -> None:
     """The interpreter's `broadcast_impl_value` (every binary op's operands, 10 % of an interpreter graph test) with
-    its two commonest cases done directly: two blocks of one shape (the original walks both shapes, builds the same
-    shape again and compares: nothing changes) and a block beside a scalar (the scalar splat to the block's shape:
+    its three commonest cases done directly: two blocks of one shape (the original walks both shapes, builds the same
+    shape again and compares: nothing changes), two blocks of one rank (the same walk over the shapes' ints, without
+    the original's `tl.tuple` indexing and comparisons: the same shape, broadcasts and types) and a block beside a scalar (the scalar splat to the block's shape:
     the original hands `create_splat` the block type's `to_ir`, a new equal block type, of which the interpreter's
     `create_splat` reads only the shape; here the type itself). Every other case goes to the original."""
     sem = interp.interpreter_semantic
     original, builder = type(sem).broadcast_impl_value, sem.builder
-    make = sem.make_tensor
+    make, block_type = sem.make_tensor, interp.tl.block_type
 
     def broadcast(lhs, rhs):
         lhs_ty, rhs_ty = lhs.type, rhs.type
         lhs_block, rhs_block = lhs_ty.is_block(), rhs_ty.is_block()
         if lhs_block and rhs_block:
-            if lhs_ty.shape.values == rhs_ty.shape.values:
+            lhs_dims, rhs_dims = lhs_ty.shape.values, rhs_ty.shape.values
+            if lhs_dims == rhs_dims:
+                return lhs, rhs
+            if len(lhs_dims) == len(rhs_dims):  # the original's walk over plain ints; a mismatch raises there
+                ret = []
+                for left, right in zip(lhs_dims, rhs_dims):
+                    if left == 1:
+                        ret.append(right)
+                    elif right == 1 or right == left:
+                        ret.append(left)
+                    else:
+                        return original(sem, lhs, rhs)
+                if lhs_dims != ret:
+                    lhs = make(builder.create_broadcast(lhs.handle, ret), block_type(lhs_ty.scalar, ret))
+                if rhs_dims != ret:
+                    rhs = make(builder.create_broadcast(rhs.handle, ret), block_type(rhs_ty.scalar, ret))
                 return lhs, rhs
         elif lhs_block:
             ty = lhs_ty.with_element_ty(rhs_ty.scalar)

@@ -122,6 +122,30 @@ def test_type_promotions_and_casts_have_the_bits_of_the_interpreter(monkeypatch)
     assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
 
 
+@pytest.mark.parametrize("shapes", [((4, 1), (1, 8)), ((1, 8), (4, 8)), ((4, 8), (4, 1)), ((2, 1, 4), (2, 8, 1)),
+                                    ((8,), (2, 8)), ((4, 8), (8, 4)), ((4,), (4,)), ((4, 2), ())])
+def test_broadcasts_give_the_interpreters_types_and_values(shapes):
+    sem = _fast_sem()
+    g = torch.Generator().manual_seed(2)
+
+    def value(shape, dtype):  # a block (or a scalar for ()) the interpreter would make
+        data = (torch.randn(shape or (1,), generator=g) * 100).numpy().astype(interp._get_np_dtype(dtype))
+        ty = tl.block_type(dtype, list(shape)) if shape else dtype
+        return tl.core.tensor(interp.TensorHandle(data, dtype), ty)
+
+    lhs, rhs = value(shapes[0], tl.float32), value(shapes[1], tl.int32)
+    try:
+        own = type(sem).broadcast_impl_value(sem, lhs, rhs)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=str(e)):
+            sem.broadcast_impl_value(lhs, rhs)
+        return
+    fast = sem.broadcast_impl_value(lhs, rhs)
+    for f, o in zip(fast, own):
+        assert f.type == o.type and f.handle.dtype == o.handle.dtype and f.handle.data.dtype == o.handle.data.dtype
+        assert f.handle.data.shape == o.handle.data.shape and f.handle.data.tobytes() == o.handle.data.tobytes()
+
+
 def test_with_debug_the_check_runs_and_catches_an_overflow(monkeypatch):
     sem = _fast_sem()
     monkeypatch.setattr(sem.builder, "options", dataclasses.replace(sem.builder.options, debug=True))
