@@ -16,7 +16,7 @@ interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). A
 overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
 broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
 builtin's stand-in built per call (`_lean_patched_builtins`), the promotion rule and same-type casts of every binary op (`_memo_type_rules`),
-and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (`_memo_patch_builtin`): tests/kernels/test_fast_interpreter_ops.py compares the
+and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (fast_interpreter_scan.py): tests/kernels/test_fast_interpreter_ops.py compares the
 bits with the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 import os
 import threading
 import types
@@ -304,76 +303,6 @@ def _lean_patched_builtins(interp) -> None:
     interp._patch_attr = patch_attr
 
 
-def _scans_with_getmembers(patch_builtin) -> bool:
-    """Whether the interpreter's `_patch_builtin` is the one `_memo_patch_builtin` stands in for (Triton 3.9's)."""
-    try:
-        src = " ".join(inspect.getsource(patch_builtin).split())
-    except (OSError, TypeError):
-        return False
-    return src.endswith("for name, member in inspect.getmembers(pkg): if tl.core.is_builtin(member): "
-                        "_patch_attr(pkg, name, member, builder, scope)")
-
-
-def _snapshot(obj) -> tuple | None:
-    """What `inspect.getmembers(obj)`'s builtins depend on, compared by identity: the names and values of a plain
-    module's dict, or of each class's dict along a plain class's MRO (`object`'s cannot change). None where that is
-    not all (a module or metaclass with its own `__dir__` / `__getattr__`, a class holding another descriptor)."""
-    if type(obj) is types.ModuleType:
-        d = vars(obj)
-        if "__dir__" in d or "__getattr__" in d:
-            return None
-        return (tuple(d), tuple(d.values()))
-    if type(obj) is not type:
-        return None
-    parts: list = [obj.__mro__]
-    for c in obj.__mro__[:-1]:
-        d = vars(c)
-        values = tuple(d.values())
-        if not all(type(v) in _PLAIN for v in values):
-            return None
-        parts += (tuple(d), values)
-    return tuple(parts)
-
-
-# Values whose lookup on a class has no side effect and gives a function only where the dict holds that function.
-_PLAIN = frozenset((types.FunctionType, property, staticmethod, str, type(None), int, float, bool, tuple, dict,
-                    frozenset, types.GetSetDescriptorType, types.MemberDescriptorType, types.MappingProxyType))
-
-
-def _memo_patch_builtin(interp) -> None:
-    """The interpreter's `_patch_builtin`, run at every launch and at a helper call for each language module and
-    class (`tl`, `tl.core`, `tl.math`, `tensor`, `tensor_descriptor_base`), with `inspect.getmembers` (5 % of an
-    interpreter graph test: ~470 us a launch, `tensor_descriptor_base` alone 210) replaced by a memo of the builtins
-    it found, used while the object's dicts hold the same names bound to the same objects (compared by identity:
-    the memo keeps them alive). The interpreter leaves a helper call's patches in place, so the builtins found
-    depend on what ran before: any change of a dict (a stand-in set, a builtin restored) scans again with
-    `getmembers`. Same pairs in the same (sorted) order, each patched by the interpreter's `_patch_attr` as before;
-    a member's `__triton_builtin__` mark is set once when `@builtin` makes it and never removed."""
-    memo: dict[int, tuple] = {}  # id(obj) -> (obj, snapshot, [(name, member) that are builtins])
-
-    def patch_builtin(pkg, builder, scope):
-        snap, hit = _snapshot(pkg), memo.get(id(pkg))
-        if snap is not None and hit is not None and hit[0] is pkg and _same(hit[1], snap):
-            found = hit[2]
-        else:
-            is_builtin = interp.tl.core.is_builtin
-            found = [(name, member) for name, member in inspect.getmembers(pkg) if is_builtin(member)]
-            if snap is not None and all(type(m) is types.FunctionType for _, m in found):
-                memo[id(pkg)] = (pkg, snap, found)
-        patch_attr = interp._patch_attr
-        for name, member in found:
-            patch_attr(pkg, name, member, builder, scope)
-
-    patch_builtin._moelink_fast = True
-    patch_builtin._moelink_original = interp._patch_builtin
-    interp._patch_builtin = patch_builtin
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """Two snapshots hold the same objects (identity, never a value's own `__eq__`)."""
-    return len(a) == len(b) and all(len(x) == len(y) and all(map(operator.is_, x, y)) for x, y in zip(a, b))
-
-
 def install() -> bool:
     """Patch the interpreter once per process, when TRITON_INTERPRET=1; True when installed (or already). (Not
     before the variable is set: importing Triton's interpreter first makes Triton define compiled kernels.)"""
@@ -437,9 +366,8 @@ def install() -> bool:
     attr = getattr(interp, "_patch_attr", None)
     if callable(attr) and not getattr(attr, "_moelink_fast", False) and _makes_the_known_stand_in(attr):
         _lean_patched_builtins(interp)
-    builtin = getattr(interp, "_patch_builtin", None)
-    if callable(builtin) and not getattr(builtin, "_moelink_fast", False) and _scans_with_getmembers(builtin):
-        _memo_patch_builtin(interp)
+    from tests.helpers.fast_interpreter_scan import install_memo_scan
+    install_memo_scan(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",
