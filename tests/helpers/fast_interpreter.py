@@ -15,7 +15,8 @@ memo instead of a table built anew per call (`_memo_np_dtype`), and a bf16 <-> f
 interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). And three per-op costs: the integer
 overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
 broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
-builtin's stand-in built per call (`_lean_patched_builtins`): tests/kernels/test_fast_interpreter_ops.py compares the
+builtin's stand-in built per call (`_lean_patched_builtins`), the promotion rule and same-type casts of every binary op (`_memo_type_rules`),
+and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (fast_interpreter_scan.py): tests/kernels/test_fast_interpreter_ops.py compares the
 bits with the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
@@ -26,6 +27,7 @@ import inspect
 import math
 import os
 import threading
+import types
 
 _state = threading.local()  # per thread: the language modules patched by the launch running now (None: none)
 
@@ -187,6 +189,36 @@ def _no_discarded_overflow_checks(interp) -> None:
     sem.binary_op_sanitize_overflow_impl = sanitize
 
 
+def _memo_type_rules(interp) -> None:
+    """Two type checks every interpreted binary op makes (7 % of an interpreter graph test with what they call,
+    py-spy): `computation_type_impl`, the promotion rule for the operands' scalar types (a dozen `is_fp64()`-style
+    calls per op), memoized for plain `tl.dtype`s by their identity and the flags (the rule reads nothing else: the
+    types' names, kinds and widths, fixed at creation; the memo keeps them alive, and a pair that raises is not
+    memoized, so it raises again); and `cast` to the type a value has already, which the original answers with the
+    value itself after `dtype.__eq__` compares the names: here when the scalar types are one `tl.dtype` object."""
+    sem, dtype = interp.interpreter_semantic, interp.tl.dtype
+    rule, cast = type(sem).computation_type_impl, type(sem).cast
+    memo: dict[tuple, tuple] = {}
+
+    def computation_type(a_ty, a_is_scalar, b_ty, b_is_scalar, div_or_mod):
+        if type(a_ty) is not dtype or type(b_ty) is not dtype:
+            return rule(sem, a_ty, a_is_scalar, b_ty, b_is_scalar, div_or_mod)
+        key = (id(a_ty), a_is_scalar, id(b_ty), b_is_scalar, div_or_mod)
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = (a_ty, b_ty, rule(sem, a_ty, a_is_scalar, b_ty, b_is_scalar, div_or_mod))
+        return hit[2]
+
+    def same_type_cast(input, dst_ty, fp_downcast_rounding=None):
+        src = input.type.scalar
+        if src is dst_ty.scalar and type(src) is dtype:
+            return input
+        return cast(sem, input, dst_ty, fp_downcast_rounding)
+
+    computation_type._moelink_fast = same_type_cast._moelink_fast = True
+    sem.computation_type_impl, sem.cast = computation_type, same_type_cast
+
+
 def _reads_only_the_shape(create_splat) -> bool:
     """Whether the interpreter's `create_splat(ret_ty, arg)` reads nothing of `ret_ty` but `ret_ty.shape`."""
     try:
@@ -198,19 +230,35 @@ def _reads_only_the_shape(create_splat) -> bool:
 
 def _cheap_broadcasts(interp) -> None:
     """The interpreter's `broadcast_impl_value` (every binary op's operands, 10 % of an interpreter graph test) with
-    its two commonest cases done directly: two blocks of one shape (the original walks both shapes, builds the same
-    shape again and compares: nothing changes) and a block beside a scalar (the scalar splat to the block's shape:
+    its three commonest cases done directly: two blocks of one shape (the original walks both shapes, builds the same
+    shape again and compares: nothing changes), two blocks of one rank (the same walk over the shapes' ints, without
+    the original's `tl.tuple` indexing and comparisons: the same shape, broadcasts and types) and a block beside a scalar (the scalar splat to the block's shape:
     the original hands `create_splat` the block type's `to_ir`, a new equal block type, of which the interpreter's
     `create_splat` reads only the shape; here the type itself). Every other case goes to the original."""
     sem = interp.interpreter_semantic
     original, builder = type(sem).broadcast_impl_value, sem.builder
-    make = sem.make_tensor
+    make, block_type = sem.make_tensor, interp.tl.block_type
 
     def broadcast(lhs, rhs):
         lhs_ty, rhs_ty = lhs.type, rhs.type
         lhs_block, rhs_block = lhs_ty.is_block(), rhs_ty.is_block()
         if lhs_block and rhs_block:
-            if lhs_ty.shape.values == rhs_ty.shape.values:
+            lhs_dims, rhs_dims = lhs_ty.shape.values, rhs_ty.shape.values
+            if lhs_dims == rhs_dims:
+                return lhs, rhs
+            if len(lhs_dims) == len(rhs_dims):  # the original's walk over plain ints; a mismatch raises there
+                ret = []
+                for left, right in zip(lhs_dims, rhs_dims):
+                    if left == 1:
+                        ret.append(right)
+                    elif right == 1 or right == left:
+                        ret.append(left)
+                    else:
+                        return original(sem, lhs, rhs)
+                if lhs_dims != ret:
+                    lhs = make(builder.create_broadcast(lhs.handle, ret), block_type(lhs_ty.scalar, ret))
+                if rhs_dims != ret:
+                    rhs = make(builder.create_broadcast(rhs.handle, ret), block_type(rhs_ty.scalar, ret))
                 return lhs, rhs
         elif lhs_block:
             ty = lhs_ty.with_element_ty(rhs_ty.scalar)
@@ -307,6 +355,9 @@ def install() -> bool:
             and hasattr(getattr(sem, "builder", None), "options") \
             and not getattr(vars(sem).get("binary_op_sanitize_overflow_impl"), "_moelink_fast", False):
         _no_discarded_overflow_checks(interp)
+    if all(callable(getattr(type(sem), n, None)) and not getattr(vars(sem).get(n), "_moelink_fast", False)
+           for n in ("computation_type_impl", "cast")) and isinstance(getattr(interp, "tl", None), types.ModuleType):
+        _memo_type_rules(interp)
     splat = getattr(getattr(interp, "InterpreterBuilder", None), "create_splat", None)
     if callable(getattr(type(sem), "broadcast_impl_value", None)) and callable(splat) \
             and _reads_only_the_shape(splat) \
@@ -315,6 +366,8 @@ def install() -> bool:
     attr = getattr(interp, "_patch_attr", None)
     if callable(attr) and not getattr(attr, "_moelink_fast", False) and _makes_the_known_stand_in(attr):
         _lean_patched_builtins(interp)
+    from tests.helpers.fast_interpreter_scan import install_memo_scan
+    install_memo_scan(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",

@@ -40,13 +40,26 @@ def _broadcasts(x_ptr, w_ptr, y_ptr, n, m, BLOCK_N: tl.constexpr, BLOCK_M: tl.co
     tl.store(y_ptr + rows[:, None] * m + cols[None, :], y.to(tl.bfloat16).to(tl.float32), mask=mask)
 
 
-SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value")
+@triton.jit
+def _promotions(i_ptr, h_ptr, b_ptr, y_ptr, k, f, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.load(i_ptr + offs)  # int32
+    h = tl.load(h_ptr + offs)  # fp16
+    b = tl.load(b_ptr + offs)  # bf16 (the interpreter computes on bf16 bits as integers: cast first)
+    wide = i.to(tl.int64) * k + i  # int64 beside int32, an int scalar
+    half = h * 3 + h * 1.5 + h / 2 + (h * f).to(tl.float16)  # fp16 with scalars (fp16), an fp32 value (fp32)
+    mixed = half + b.to(tl.float32) + wide.to(tl.float32) / k + (i % 5).to(tl.float16)  # fp16+fp32, int div/mod
+    tl.store(y_ptr + offs, mixed.to(tl.float32) + i.to(tl.float32, bitcast=False) * 0.5)
+
+
+SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value", "computation_type_impl", "cast")
 
 
 def _fast_sem():
     sem = interp.interpreter_semantic
     if not all(getattr(vars(sem).get(n), "_moelink_fast", False) for n in SHORTCUTS) \
-            or not getattr(interp._patch_attr, "_moelink_fast", False):
+            or not getattr(interp._patch_attr, "_moelink_fast", False) \
+            or not getattr(interp._patch_builtin, "_moelink_fast", False):
         pytest.skip("this Triton's interpreter is not the one fast_interpreter patches")
     return sem
 
@@ -55,6 +68,7 @@ def _unpatched(monkeypatch, sem):
     for name in SHORTCUTS:  # the interpreter's own methods again
         monkeypatch.delattr(sem, name)
     monkeypatch.setattr(interp, "_patch_attr", interp._patch_attr._moelink_original)  # and its builtins' stand-ins
+    monkeypatch.setattr(interp, "_patch_builtin", interp._patch_builtin._moelink_original)  # and its scan
 
 
 def _run(x, scale):
@@ -90,9 +104,75 @@ def test_float_broadcasts_have_the_bits_of_the_interpreter(monkeypatch):
     assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
 
 
+def test_type_promotions_and_casts_have_the_bits_of_the_interpreter(monkeypatch):
+    sem = _fast_sem()
+    g = torch.Generator().manual_seed(1)
+    i = torch.randint(-1000, 1000, (16,), dtype=torch.int32, generator=g)
+    h, b = torch.randn(16, generator=g).half(), torch.randn(16, generator=g).bfloat16()
+
+    def run():
+        y = torch.empty(16)
+        _promotions[(2,)](i, h, b, y, 7, 1.25, BLOCK=8)  # two programs: the second reads the memo
+        return y
+
+    fast = run()
+    _unpatched(monkeypatch, sem)
+    own = run()
+    assert torch.isfinite(fast).all()
+    assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
+
+
+@pytest.mark.parametrize("shapes", [((4, 1), (1, 8)), ((1, 8), (4, 8)), ((4, 8), (4, 1)), ((2, 1, 4), (2, 8, 1)),
+                                    ((8,), (2, 8)), ((4, 8), (8, 4)), ((4,), (4,)), ((4, 2), ())])
+def test_broadcasts_give_the_interpreters_types_and_values(shapes):
+    sem = _fast_sem()
+    g = torch.Generator().manual_seed(2)
+
+    def value(shape, dtype):  # a block (or a scalar for ()) the interpreter would make
+        data = (torch.randn(shape or (1,), generator=g) * 100).numpy().astype(interp._get_np_dtype(dtype))
+        ty = tl.block_type(dtype, list(shape)) if shape else dtype
+        return tl.core.tensor(interp.TensorHandle(data, dtype), ty)
+
+    lhs, rhs = value(shapes[0], tl.float32), value(shapes[1], tl.int32)
+    try:
+        own = type(sem).broadcast_impl_value(sem, lhs, rhs)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=str(e)):
+            sem.broadcast_impl_value(lhs, rhs)
+        return
+    fast = sem.broadcast_impl_value(lhs, rhs)
+    for f, o in zip(fast, own):
+        assert f.type == o.type and f.handle.dtype == o.handle.dtype and f.handle.data.dtype == o.handle.data.dtype
+        assert f.handle.data.shape == o.handle.data.shape and f.handle.data.tobytes() == o.handle.data.tobytes()
+
+
 def test_with_debug_the_check_runs_and_catches_an_overflow(monkeypatch):
     sem = _fast_sem()
     monkeypatch.setattr(sem.builder, "options", dataclasses.replace(sem.builder.options, debug=True))
     x = torch.full((3,), 2**30, dtype=torch.int32)
     with pytest.raises(Exception, match="overflow"):
         _run(x, 4)
+
+
+def test_the_memoized_scan_patches_what_getmembers_finds_whatever_ran_before():
+    _fast_sem()
+    fast, own = interp._patch_builtin, interp._patch_builtin._moelink_original
+    objs = (tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base)
+
+    def changes(patch, obj):
+        scope = interp._LangPatchScope()
+        patch(obj, interp.interpreter_builder, scope)
+        found = [(name, old) for _, name, old in scope._changes]
+        scope.restore()
+        return found
+
+    left = interp._LangPatchScope()  # a helper call's patch, left in place as the interpreter does
+    for step in range(4):
+        for obj in objs:
+            assert changes(fast, obj) == changes(own, obj)  # same builtins, same order, (a hit from step 1 on)
+        if step == 1:
+            own(tl.core, interp.interpreter_builder, left)  # tl.core's builtins are stand-ins now: none found
+            assert changes(fast, tl.core) == changes(own, tl.core) == []
+        if step == 2:
+            left.restore()  # and builtins again
+    assert changes(fast, tl.core) and changes(fast, tl.core) == changes(own, tl.core)
