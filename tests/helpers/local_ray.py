@@ -21,6 +21,7 @@ from pathlib import Path
 # unless this is "0" (a one-node cluster); ray_on_loopback sets it (and Ray's constant) while a Ray starts.
 from moelink.engine.cluster.ray_executor import RAY_LOOPBACK_ENV as LOOPBACK_ENV, ray_on_loopback
 
+from . import zygote
 from .net import free_port
 from .waits import wait_until
 
@@ -60,7 +61,7 @@ def local_ray(num_cpus: int = 4):
         raise RuntimeError("a Ray instance is already initialized in this process (left behind by a test?)")
     with ray_temp_dir("mlray-") as temp_dir:
         try:
-            with ray_on_loopback():
+            with ray_on_loopback(), zygote.ray_workers():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
             yield ray

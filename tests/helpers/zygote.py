@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import contextlib
 import io
 import json
 import os
@@ -64,14 +65,14 @@ SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_python")
 SHIM_SOCKET, SHIM_PYTHON, SHIM_IMPORT_ENV = "MOELINK_ZYGOTE_SOCKET", "MOELINK_ZYGOTE_PYTHON", "MOELINK_ZYGOTE_IMPORT_ENV"
 
 
-def spawn_at(path: str, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int]) -> tuple[int, socket.socket]:
+def spawn_at(path: str, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int],
+             pgid: int | None = None) -> tuple[int, socket.socket]:
     """Ask the zygote listening at `path` to fork `python -m ...` (module_argv; or `-c CODE ...`, or `- CODE ...` for
-    code read from stdin) with these
-    stdio fds: (its pid, the
+    code read from stdin) with these stdio fds, in process group `pgid` if given (else the zygote's): (its pid, the
     connection its exit status will arrive on)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    msg = json.dumps({"argv": module_argv, "env": env, "cwd": cwd}).encode()
+    msg = json.dumps({"argv": module_argv, "env": env, "cwd": cwd, "pgid": pgid}).encode()
     socket.send_fds(sock, [len(msg).to_bytes(8, "big") + msg], list(fds))
     reply = b""
     while not reply.endswith(b"\n"):
@@ -87,6 +88,38 @@ def shim_env() -> dict:
     """`_Zygote.shim_env` of this process's zygote (started if need be); {} where there is none (or it is off)."""
     z = _get() if os.environ.get(ENV_SWITCH, "1") != "0" else None
     return z.shim_env() if z is not None else {}
+
+
+RAY_SWITCH = "MOELINK_TEST_RAY_ZYGOTE"
+
+
+@contextlib.contextmanager
+def ray_workers():
+    """While a test's `ray.init` starts its Ray: the raylet's Python workers (the EP ranks, Ray's idle workers) are
+    forked by this process's zygote, torch already imported (~1.9 s of CPU a worker), instead of exec'd. Ray builds
+    the worker command from sys.executable and hands the raylet this process's environment, so both name the shim
+    here (zygote_shim.py: it forks `default_worker.py` and stays as the raylet's child, in one process group with
+    the worker); the rest of Ray's Python processes (agents, monitors) exec through it as before. The raylet
+    registers a worker by the worker ID it passed on the command line, and its pid by what the worker reports
+    (the forked one, which the tests signal). Off with MOELINK_TEST_RAY_ZYGOTE=0 (or MOELINK_TEST_ZYGOTE=0)."""
+    env = shim_env() if os.environ.get(RAY_SWITCH, "1") != "0" else {}
+    if not env:
+        yield
+        return
+    env.pop("PYTHON")
+    saved = {k: os.environ.get(k) for k in env}
+    executable = sys.executable
+    os.environ.update(env)
+    sys.executable = SHIM
+    try:
+        yield
+    finally:
+        sys.executable = executable
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # -- the client side (the test process) ------------------------------------------------------------------------------
@@ -330,9 +363,24 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(msg[8:8 + int.from_bytes(msg[:8], "big")]), list(fds)
 
 
+def _join_group(pid: int, pgid: int | None) -> None:
+    """Put the child in the requester's process group (a Ray worker's shim: the raylet made it a group of its own
+    and cleans a worker up by that group), from both sides of the fork as a shell does (whichever runs first);
+    a group that is gone or in another session leaves the child in a group of its own, never in the zygote's (the
+    test process's: a raylet's kill of the group must not reach it)."""
+    if pgid is None:
+        return
+    try:
+        os.setpgid(pid, pgid)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, 0)
+
+
 def _become_child(req: dict, fds: list[int], base_path: list[str]) -> None:
     """In the forked child: take the request's stdio, environment, directory and argv, then run the module (or the
     `-c` code)."""
+    _join_group(0, req.get("pgid"))
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
     for fd in fds:
@@ -467,6 +515,7 @@ def _serve(path: str) -> int:
                     traceback.print_exc()
                     raise SystemExit(1)
                 raise SystemExit(0)
+            _join_group(pid, req.get("pgid"))
             for fd in fds:
                 os.close(fd)
             children[pid] = conn
