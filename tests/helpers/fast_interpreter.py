@@ -54,7 +54,7 @@ def _memo_np_dtype(interp) -> None:
     calls in one engine test. Same answers: each is the original's, for the same scalar type."""
     original = interp._get_np_dtype
     memo: dict[str, object] = {}
-    block_type = interp.tl.block_type
+    block_type = interp.tl.core.block_type
 
     def get_np_dtype(tt_dtype):
         scalar = tt_dtype.element_ty if isinstance(tt_dtype, block_type) else tt_dtype
@@ -196,7 +196,7 @@ def _memo_type_rules(interp) -> None:
     types' names, kinds and widths, fixed at creation; the memo keeps them alive, and a pair that raises is not
     memoized, so it raises again); and `cast` to the type a value has already, which the original answers with the
     value itself after `dtype.__eq__` compares the names: here when the scalar types are one `tl.dtype` object."""
-    sem, dtype = interp.interpreter_semantic, interp.tl.dtype
+    sem, dtype = interp.interpreter_semantic, interp.tl.core.dtype
     rule, cast = type(sem).computation_type_impl, type(sem).cast
     memo: dict[tuple, tuple] = {}
 
@@ -237,7 +237,7 @@ def _cheap_broadcasts(interp) -> None:
     `create_splat` reads only the shape; here the type itself). Every other case goes to the original."""
     sem = interp.interpreter_semantic
     original, builder = type(sem).broadcast_impl_value, sem.builder
-    make, block_type = sem.make_tensor, interp.tl.block_type
+    make, block_type = sem.make_tensor, interp.tl.core.block_type
 
     def broadcast(lhs, rhs):
         lhs_ty, rhs_ty = lhs.type, rhs.type
@@ -366,8 +366,7 @@ def install() -> bool:
     attr = getattr(interp, "_patch_attr", None)
     if callable(attr) and not getattr(attr, "_moelink_fast", False) and _makes_the_known_stand_in(attr):
         _lean_patched_builtins(interp)
-    from tests.helpers.fast_interpreter_scan import install_memo_scan
-    install_memo_scan(interp)
+    _scan_module().install_memo_scan(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",
@@ -397,3 +396,23 @@ def lazy_interpreter_env(env: dict) -> dict:
     out = dict(env, MOELINK_FAST_INTERPRETER="1")
     out["PYTHONPATH"] = os.pathsep.join(p for p in (out.get("PYTHONPATH", ""), SITE_DIR) if p)
     return out
+
+
+def _scan_module():
+    """fast_interpreter_scan.py, this file's sibling, found by path as this module may be: interpreter_site's
+    sitecustomize loads this file by path in children where `tests` is not importable (benchmark smokes run with
+    their own cwd and PYTHONPATH)."""
+    import importlib.util
+    import sys
+
+    name = "_moelink_fast_interpreter_scan"
+    module = sys.modules.get(name)
+    if module is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_interpreter_scan.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None, path
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
