@@ -216,8 +216,12 @@ _idle_lock = threading.Lock()
 _keeper: Optional[queue.SimpleQueue] = None
 
 
-def _end(proc, conn: Connection) -> None:
-    conn.close()  # it reads EOF and exits
+def _end(proc, conn: Optional[Connection]) -> None:
+    """End a fork server: close its pipe (it reads EOF and exits), kill it if it has not, reap it."""
+    if conn is not None:
+        conn.close()
+    if proc is None:
+        return
     if proc.poll() is None:
         proc.kill()
     try:
@@ -376,15 +380,7 @@ class ForkServer:
 
     def _stop(self) -> None:
         proc, conn, self._proc, self._conn, self._info = self._proc, self._conn, None, None, None
-        if conn is not None:
-            conn.close()
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        _end(proc, conn)
 
     def close(self) -> None:
         """Kill the fork server (its children die with it), or keep it for the next pool (module docstring) when it

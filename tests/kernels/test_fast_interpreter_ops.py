@@ -97,11 +97,7 @@ def test_float_broadcasts_have_the_bits_of_the_interpreter(monkeypatch):
         _broadcasts[(triton.cdiv(11, 4),)](x, w, y, 11, 6, BLOCK_N=4, BLOCK_M=8)
         return y
 
-    fast = run()
-    _unpatched(monkeypatch, sem)
-    own = run()
-    assert torch.isfinite(fast).all()
-    assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
+    _assert_same_bits_unpatched(run, monkeypatch, sem)
 
 
 def test_type_promotions_and_casts_have_the_bits_of_the_interpreter(monkeypatch):
@@ -115,11 +111,7 @@ def test_type_promotions_and_casts_have_the_bits_of_the_interpreter(monkeypatch)
         _promotions[(2,)](i, h, b, y, 7, 1.25, BLOCK=8)  # two programs: the second reads the memo
         return y
 
-    fast = run()
-    _unpatched(monkeypatch, sem)
-    own = run()
-    assert torch.isfinite(fast).all()
-    assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
+    _assert_same_bits_unpatched(run, monkeypatch, sem)
 
 
 @pytest.mark.parametrize("shapes", [((4, 1), (1, 8)), ((1, 8), (4, 8)), ((4, 8), (4, 1)), ((2, 1, 4), (2, 8, 1)),
@@ -176,3 +168,12 @@ def test_the_memoized_scan_patches_what_getmembers_finds_whatever_ran_before():
         if step == 2:
             left.restore()  # and builtins again
     assert changes(fast, tl.core) and changes(fast, tl.core) == changes(own, tl.core)
+
+
+def _assert_same_bits_unpatched(run, monkeypatch, sem) -> None:
+    """`run()` with the fast paths, then with the interpreter's own methods put back: finite, and bit for bit equal."""
+    fast = run()
+    _unpatched(monkeypatch, sem)
+    own = run()
+    assert torch.isfinite(fast).all()
+    assert torch.equal(fast.view(torch.int32), own.view(torch.int32))
