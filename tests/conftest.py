@@ -14,11 +14,12 @@ import time
 import pytest
 import torch
 
-from tests.helpers import net
+from tests.helpers import cpu_samples_tree, net
 from tests.helpers.tiny_configs import TINY_CONFIGS
 
 _CPU_AT_SETUP = pytest.StashKey[float]()
 _SAMPLER = pytest.StashKey[object]()
+_TREE_CPU_AT_SETUP = pytest.StashKey[float]()
 
 # Torch's intra-op threads: `make test` runs two pytest-xdist workers on the 2-core machines, so one thread
 # each. Two each oversubscribe the cores, and the OpenMP barriers of the tiny models' many small ops then spin
@@ -312,9 +313,14 @@ def _rank_counts() -> tuple[int, int]:
 # alone, and tests/helpers/junit_times.py sums them per file.
 # Each test also gets its start (epoch seconds) and worker, so that a run sampled by tests/helpers/cpu_samples.py
 # (MOELINK_TEST_CPU_SAMPLES=FILE) can say which tests ran while the cores stood idle (junit_times --idle FILE).
+# With MOELINK_TEST_CGROUPS=1 (root, cgroup v1 `cpuacct`) each xdist worker runs in its own cgroup, so each test also
+# gets `tree_cpu_s`: the CPU of every process of its worker's tree in its time (its servers, Ray daemons and ranks,
+# forked children), which `cpu_s` misses; junit_times shows it as a column.
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     item.stash[_CPU_AT_SETUP] = time.process_time()
+    if cpu_samples_tree.active():
+        item.stash[_TREE_CPU_AT_SETUP] = cpu_samples_tree.usage()
     item.user_properties.append(("t0", round(time.time(), 2)))
     item.user_properties.append(("worker", os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
@@ -323,7 +329,14 @@ def pytest_runtest_setup(item):
 def pytest_runtest_makereport(item, call):
     if call.when == "teardown" and _CPU_AT_SETUP in item.stash:
         item.user_properties.append(("cpu_s", round(time.process_time() - item.stash[_CPU_AT_SETUP], 3)))
+        if _TREE_CPU_AT_SETUP in item.stash:
+            item.user_properties.append(("tree_cpu_s", round(cpu_samples_tree.usage() - item.stash[_TREE_CPU_AT_SETUP], 3)))
     yield
+
+
+def pytest_configure(config):
+    if os.environ.get("MOELINK_TEST_CGROUPS") == "1" and hasattr(config, "workerinput"):
+        cpu_samples_tree.enter(f"moelink_test_{config.workerinput['workerid']}_{os.getpid()}")
 
 
 def pytest_sessionstart(session):

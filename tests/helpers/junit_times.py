@@ -63,10 +63,12 @@ def idle_by_key(path: str, samples_path: str, by: str = "file") -> tuple[collect
     return idle, outside, total
 
 
-def summarize(path: str, by: str = "file") -> list[tuple[str, float, float, int]]:
-    """(key, wall seconds, CPU seconds, tests), largest wall first."""
+def summarize(path: str, by: str = "file") -> list[tuple[str, float, float, float, int]]:
+    """(key, wall seconds, CPU seconds, whole-tree CPU seconds (0 without MOELINK_TEST_CGROUPS=1), tests), largest
+    wall first."""
     wall: collections.Counter = collections.Counter()
     cpu: collections.Counter = collections.Counter()
+    tree: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
     for case in ET.parse(path).getroot().iter("testcase"):
         k = key_of(case.get("classname", ""), case.get("name", ""), by)
@@ -75,7 +77,9 @@ def summarize(path: str, by: str = "file") -> list[tuple[str, float, float, int]
         for prop in case.iter("property"):
             if prop.get("name") == "cpu_s":
                 cpu[k] += float(prop.get("value", 0) or 0)
-    return [(k, w, cpu[k], count[k]) for k, w in wall.most_common()]
+            elif prop.get("name") == "tree_cpu_s":
+                tree[k] += float(prop.get("value", 0) or 0)
+    return [(k, w, cpu[k], tree[k], count[k]) for k, w in wall.most_common()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("junit")
     ap.add_argument("--by", choices=("file", "dir", "test"), default="file")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--sort", choices=("wall", "tree"), default="wall", help="tree: by the CPU of each key's whole "
+                    "process tree (a run with MOELINK_TEST_CGROUPS=1)")
     ap.add_argument("--idle", metavar="SAMPLES", help="tests/helpers/cpu_samples.py's file of the same run: rank by "
                     "the idle core-seconds while each key's tests ran")
     args = ap.parse_args(argv)
@@ -93,10 +99,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{v:8.1f}  {k}")
         return
     rows = summarize(args.junit, args.by)
-    print(f"{'wall s':>8} {'cpu s':>8} {'tests':>6}  ({sum(r[1] for r in rows):.0f} s wall, "
-          f"{sum(r[2] for r in rows):.0f} s CPU, {sum(r[3] for r in rows)} tests)")
-    for k, w, c, n in rows[:args.top]:
-        print(f"{w:8.1f} {c:8.1f} {n:6d}  {k}")
+    if args.sort == "tree":
+        rows.sort(key=lambda r: -r[3])
+    print(f"{'wall s':>8} {'cpu s':>8} {'tree s':>8} {'tests':>6}  ({sum(r[1] for r in rows):.0f} s wall, "
+          f"{sum(r[2] for r in rows):.0f} s CPU, {sum(r[3] for r in rows):.0f} s tree CPU, {sum(r[4] for r in rows)} "
+          f"tests)")
+    for k, w, c, t, n in rows[:args.top]:
+        print(f"{w:8.1f} {c:8.1f} {t:8.1f} {n:6d}  {k}")
 
 
 if __name__ == "__main__":
