@@ -81,7 +81,8 @@ def test_a_scripts_python_shim_forks_module_runs_and_ends_as_the_child_ended(tmp
     assert script('"$PYTHON" -m tests.helpers.zygote_probe exit 3').returncode == 3
     assert "ValueError: boom" in script('"$PYTHON" -m tests.helpers.zygote_probe fail').stderr
     # A signal to the shim (as `timeout` sends one) reaches the child, and the shim ends by it too.
-    r = script('"$PYTHON" -m tests.helpers.zygote_probe sleep & sleep 3; kill -TERM $!; wait $!; echo "status $?"')
+    r = script('"$PYTHON" -m tests.helpers.zygote_probe sleep > up & for i in $(seq 600); do grep -q up up && break; '
+               'sleep 0.05; done; kill -TERM $!; wait $!; echo "status $?"')  # signalled once it is up (<= 30 s)
     assert r.stdout.split()[-2:] == ["status", str(128 + signal.SIGTERM)], r.stdout + r.stderr
     zpid = zygote._get().proc.pid
     show = "import os, sys, torch; print(sys.flags.no_site, sys.argv, repr(sys.path[0]), __name__, os.getppid() == {})"
