@@ -2,6 +2,8 @@
 RopeConfig and a GQAConfig from the common fields engine/config/hf_readers.read_fields reads first."""
 from __future__ import annotations
 
+import math
+
 from moelink.moe.router_config import RouterConfig
 
 from .layer_configs import GQAConfig, MoEConfig, RopeConfig, unsupported
@@ -26,6 +28,22 @@ def rotary_dim(head_dim: int, factor, field_name: str = "partial_rotary_factor")
 def rope_config(rope: dict, c: dict, rotary_dim: int, style: str = "neox") -> RopeConfig:
     return RopeConfig(rotary_dim, c["rope_theta"], rope["rope_type"], style)
 
+
+
+def yarn_apply_mscale(rope: dict, scaling: float) -> float:
+    """An MLA family's softmax scale with yarn's mscale_all_dim folded in, as transformers computes it
+    (`yarn_apply_mscale` and `yarn_get_mscale`, one identical copy in each MLA family's modeling file: DeepSeek-V2/V3,
+    LongCat-Flash, Bailing-hybrid, Hy4, ...). Written here rather than imported: importing any modeling file imports
+    transformers' whole modeling stack (torch._dynamo, torch.distributed.tensor, generation: ~3 s of CPU and its
+    memory at every `moelink serve` and rank start of these families) for five lines. tests/engine/test_hf_config.py
+    compares this with every family's copy."""
+    if rope.get("rope_type", "default") != "default":
+        mscale_all_dim = rope.get("mscale_all_dim", 0)
+        if mscale_all_dim:
+            factor = rope["factor"]
+            mscale = 1.0 if factor <= 1 else 0.1 * mscale_all_dim * math.log(factor) + 1.0
+            scaling = scaling * mscale * mscale
+    return scaling
 
 
 def gqa(c: dict, rope: RopeConfig, **kw) -> GQAConfig:

@@ -192,6 +192,38 @@ def test_mla_scale_and_rope_are_transformers(tmp_path, arch, rope):
     torch.testing.assert_close(ours.table_PR[pos], want, rtol=2e-7, atol=2e-7)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2", "longcat_flash", "bailing_hybrid", "hy_v4"])
+def test_the_yarn_softmax_scale_is_each_familys_own(family):
+    """engine/config/reader_parts.yarn_apply_mscale is, bit for bit, the copy in each MLA family's modeling file
+    that the readers used to import (factor above, at and below 1; mscale_all_dim set, zero, absent; no rope_type)."""
+    import importlib
+    import itertools
+
+    from moelink.engine.config.reader_parts import yarn_apply_mscale
+
+    theirs = importlib.import_module(f"transformers.models.{family}.modeling_{family}").yarn_apply_mscale
+    for rope_type, factor, mscale_all_dim, dims in itertools.product(
+            ("yarn", "default", None), (40, 4.0, 1, 0.5), (1.0, 0.707, 0.8, 0, None), (192, 96, 80)):
+        rope = {k: v for k, v in (("rope_type", rope_type), ("factor", factor), ("mscale_all_dim", mscale_all_dim))
+                if v is not None}
+        assert yarn_apply_mscale(rope, dims ** -0.5) == theirs(rope, dims ** -0.5), rope
+
+
+def test_config_readers_stay_off_transformers_modeling_files():
+    """A config reader imports no transformers modeling file: one import of any pulls in transformers' whole
+    modeling stack (torch._dynamo, torch.distributed.tensor, generation), ~3 s of CPU at every server and rank
+    start of the family, as the MLA readers did for yarn's softmax scale."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "engine"
+    offenders = []
+    for path in [*root.glob("models/*/reader.py"), *root.glob("config/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and ".modeling_" in f".{node.module}":
+                offenders.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.module}")
+    assert not offenders, offenders
+
+
 def test_deepseek_v2_and_glm4_moe_configs(tmp_path):
     v2 = ModelConfig.from_pretrained(_config_dir(tmp_path / "v2", "deepseek_v2"), require_runnable=False)
     assert v2.moe.router == RouterConfig(12, 4, "softmax", "group_limited_greedy", 3, 1, False, 16.0, True)

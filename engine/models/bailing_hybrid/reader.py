@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ...config.layer_configs import MLAConfig, unsupported
 from ...config.linear_attention import KimiDeltaConfig
-from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe, rope_config
+from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe, rope_config, yarn_apply_mscale
 
 _LAYER_TYPES = ("full_attention", "linear_attention")
 
@@ -20,8 +20,6 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     mlp_layer_types a dense MLP or routed experts (sigmoid, noaux_tc in n_group groups with the correction bias,
     renormalised, scaled) beside n_shared_experts shared ones. Its MTP layers (layers num_hidden_layers and on) are
     the speculative drafter's only (mtp.py; transformers ignores them)."""
-    from transformers.models.bailing_hybrid.modeling_bailing_hybrid import yarn_apply_mscale
-
     layer_types = layer_kinds(hf, "layer_types", _LAYER_TYPES, c["num_layers"])
     mlp_types = layer_kinds(hf, "mlp_layer_types", MLP_TYPES, c["num_layers"])
     if getattr(hf, "mlp_bias", False):

@@ -9,7 +9,7 @@ from moelink.moe.router_config import RouterConfig
 
 from ...config.hf_dsa import dsa_attention, dsa_sparse_layers
 from ...config.layer_configs import MLAConfig, MoEConfig, unsupported
-from ...config.reader_parts import gqa, rope_config, rotary_dim
+from ...config.reader_parts import gqa, rope_config, rotary_dim, yarn_apply_mscale
 from .config import ARCHITECTURES, DSA_ARCHITECTURES
 
 # The architectures of multi-head latent attention (ArchSpec.latent_attention).
@@ -77,13 +77,11 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
 def _mla(arch: str, hf, c: dict, rope: dict) -> MLAConfig:
     # The softmax scale exactly as transformers' model computes it (yarn's mscale_all_dim folded in).
     if arch == "DeepseekV3ForCausalLM" or arch in DSA_ARCHITECTURES:
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
         # rope_interleave: DeepSeek's checkpoints pair rope dims (2i, 2i+1); transformers reads the flag (DeepSeek-V3.2
         # and GLM-5 always interleave, whatever the file says).
         interleave = arch in DSA_ARCHITECTURES or getattr(hf, "rope_interleave", True)
         style = "interleaved" if interleave else "neox"
     else:
-        from transformers.models.deepseek_v2.modeling_deepseek_v2 import yarn_apply_mscale
         style = "complex"  # transformers' DeepSeek-V2 rotates (2i, 2i+1) pairs as complex64 numbers
     nope, pe = int(hf.qk_nope_head_dim), int(hf.qk_rope_head_dim)
     q_lora = getattr(hf, "q_lora_rank", None)

@@ -22,15 +22,13 @@ import dataclasses
 from ...config.hf_dsa import dsa_attention
 from ...config.hyper_connections import HyperConnectionConfig
 from ...config.layer_configs import MLAConfig, unsupported
-from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe, rope_config
+from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe, rope_config, yarn_apply_mscale
 
 LAYER_TYPES = ("indexed_attention",)
 
 
 def read(arch: str, hf, c: dict, rope: dict) -> dict:
     """Hy4's fields (module docstring)."""
-    from transformers.models.hy_v4.modeling_hy_v4 import yarn_apply_mscale
-
     layers = c["num_layers"]
     if getattr(hf, "hidden_act", "silu") != "silu":
         raise unsupported("hidden_act", hf.hidden_act, ("silu",))

@@ -10,7 +10,7 @@ import math
 from moelink.moe.router_config import RouterConfig
 
 from ...config.layer_configs import MLAConfig, MoEConfig, unsupported
-from ...config.reader_parts import mla_fields, rope_config
+from ...config.reader_parts import mla_fields, rope_config, yarn_apply_mscale
 
 
 def read(arch: str, hf, c: dict, rope: dict) -> dict:
@@ -22,8 +22,6 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     the first sublayer of each layer (the even engine layers), over n_routed_experts + zero_expert_num: softmax
     scores in float32, the top moe_topk of scores + e_score_correction_bias, their unbiased scores times
     routed_scaling_factor (never renormalised), a pick of a zero-computation expert the token itself."""
-    from transformers.models.longcat_flash.modeling_longcat_flash import yarn_apply_mscale
-
     if c["num_layers"] % 2:
         raise unsupported("num_hidden_layers", c["num_layers"], "an even number (2 * num_layers: two sublayers each)")
     if getattr(hf, "mlp_bias", False):
