@@ -5,6 +5,7 @@ kernels/split_planning.py did not have: an ImportError on every GPU launch, neve
 whole package and this small file beside it in one mypy run."""
 from __future__ import annotations
 
+
 import re
 import sys
 import textwrap
@@ -119,19 +120,23 @@ def _unread(name: str, skipped: list[str], read: list[str]) -> bool:
 def test_no_module_mypy_skips_is_named_by_moelink():
     """The modules pyproject tells mypy not to follow (docs/testing.md#the-type-check) are those moelink never names:
     a name read from one would be Any, unchecked. Every dotted name in the package's source that starts with a top
-    package of those overrides (imports, `torch._dynamo.x`, strings like "transformers.models.x.y") is checked."""
+    package of those overrides (imports, `torch._dynamo.x`, strings like "transformers.models.x.y") is checked, and
+    every module an import statement names (`import rich` too)."""
     skipped, read = _skip_patterns()
     assert skipped and read, "pyproject's mypy overrides changed shape: update this test"
     tops = sorted({p.split(".")[0] for p in skipped})
     dotted = re.compile(r"\b((?:%s)(?:\.[A-Za-z_][A-Za-z0-9_]*)+)" % "|".join(map(re.escape, tops)))
-    named = set()
+    # and every module an import statement names, dotted or not (`import rich`, `from pydantic import X`)
+    imports = re.compile(r"^\s*(?:import|from)\s+((?:%s)\b[\w.]*)" % "|".join(map(re.escape, tops)), re.M)
+    named, imported = set(), set()
     for folder in typecheck.package_dirs().values():
         for path in (typecheck.ROOT / folder).rglob("*.py"):
-            for match in dotted.finditer(path.read_text()):
-                named.add((match.group(1), str(path.relative_to(typecheck.ROOT))))
+            text, where = path.read_text(), str(path.relative_to(typecheck.ROOT))
+            named.update((m.group(1), where) for m in dotted.finditer(text))
+            imported.update((m.group(1), where) for m in imports.finditer(text))
     assert len(named) > 20, named  # the scan sees moelink's torch / transformers / ray names
-
-    bad = sorted((name, where) for name, where in named if _unread(name, skipped, read))
+    assert any(n == "torch" for n, _ in imported), imported  # and its plain `import torch`
+    bad = sorted((name, where) for name, where in named | imported if _unread(name, skipped, read))
     assert bad == [], f"moelink names modules pyproject's mypy overrides skip (read them: add to the normal list): {bad}"
 
 

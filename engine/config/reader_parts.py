@@ -34,7 +34,7 @@ def yarn_apply_mscale(rope: dict, scaling: float) -> float:
     """An MLA family's softmax scale with yarn's mscale_all_dim folded in, as transformers computes it
     (`yarn_apply_mscale` and `yarn_get_mscale`, one identical copy in each MLA family's modeling file: DeepSeek-V2/V3,
     LongCat-Flash, Bailing-hybrid, Hy4, ...). Written here rather than imported: importing any modeling file imports
-    transformers' whole modeling stack (torch._dynamo, torch.distributed.tensor, generation: ~3 s of CPU and its
+    transformers' whole modeling stack (torch's compiler and distributed tensors, generation: ~3 s of CPU and its
     memory at every `moelink serve` and rank start of these families) for five lines. tests/engine/test_hf_config.py
     compares this with every family's copy."""
     if rope.get("rope_type", "default") != "default":

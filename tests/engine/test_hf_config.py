@@ -211,7 +211,7 @@ def test_the_yarn_softmax_scale_is_each_familys_own(family):
 
 def test_config_readers_stay_off_transformers_modeling_files():
     """A config reader imports no transformers modeling file: one import of any pulls in transformers' whole
-    modeling stack (torch._dynamo, torch.distributed.tensor, generation), ~3 s of CPU at every server and rank
+    modeling stack (torch's compiler and distributed tensors, generation), ~3 s of CPU at every server and rank
     start of the family, as the MLA readers did for yarn's softmax scale."""
     import ast
 
