@@ -2,13 +2,16 @@
 each collective checked against the values worked out by hand; token_rows and tp_group_ranks without a group."""
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from moelink.engine.tp.group import TensorParallel, tp_group_ranks
+
+from tests.helpers import zygote
 
 
 def test_token_rows_and_groups_by_hand():
@@ -26,49 +29,30 @@ def test_token_rows_and_groups_by_hand():
         TensorParallel(0, 2)
 
 
-def _rank(rank: int, port: int, out) -> None:
-    import torch.distributed as dist
-
-    from moelink.comm.process_group import init_process_group
-    from moelink.engine.tp.group import make_tp_group
-
-    torch.set_num_threads(1)
-    init_process_group(rank, 4, "127.0.0.1", port, "gloo", 30.0)
-    tp = make_tp_group(rank, 4, 2)
-    g = rank // 2  # group index
-    got = {"tp_rank": tp.rank, "ranks": tp.ranks}
-    x = torch.full((2, 3), float(rank + 1), dtype=torch.float64)
-    got["all_reduce"] = tp.all_reduce(x.clone())  # group {0,1}: 1 + 2 = 3; {2,3}: 3 + 4 = 7
-    got["gather_last"] = tp.all_gather_last(torch.tensor([[10.0 * rank, 10.0 * rank + 1]]))
-    lo, hi = tp.token_rows(3)  # rank 0 of a group rows [0, 2), rank 1 row [2, 3)
-    rows = torch.arange(3, dtype=torch.float64)[lo:hi, None] + 100 * g
-    got["gather_rows"] = tp.gather_rows(rows, 3)
-    tokens = torch.tensor([rank, rank], dtype=torch.int64)
-    got["broadcast"] = tp.broadcast_first(tokens)  # every rank of a group: its first rank's
-    got["bytes"] = (tp.all_reduce_bytes, tp.all_gather_bytes)
-    out.put((rank, got))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow  # four processes
-def test_collectives_over_two_groups_of_two():
+def test_collectives_over_two_groups_of_two(tmp_path):
     from moelink.comm import find_free_port
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     port = find_free_port("127.0.0.1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    procs = [ctx.Process(target=_rank, args=(r, port, out)) for r in range(4)]
-    for p in procs:
-        p.start()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    procs = []
     try:
-        results = dict(out.get(timeout=60) for _ in range(4))
+        for r in range(4):  # forked by the test zygote (torch imported once), else exec'd: tests/helpers/zygote.py
+            procs.append(zygote.popen([sys.executable, "-m", "tests.helpers.tp_group_worker", str(r), str(port),
+                                       str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env))
+        codes = [p.wait(timeout=60) for p in procs]
     finally:
         for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
+            if p.poll() is None:
                 p.kill()
+                p.wait()
+    logs = [p.stdout.read().decode(errors="replace")[-2000:] for p in procs]
+    for p in procs:
+        p.stdout.close()
+    assert codes == [0, 0, 0, 0], logs
+    results = {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)}
     for rank, got in results.items():
         g, r = divmod(rank, 2)
         assert got["tp_rank"] == r and got["ranks"] == (2 * g, 2 * g + 1)
