@@ -116,3 +116,54 @@ def test_a_forked_child_imports_the_sitecustomize_its_pythonpath_brings(tmp_path
     for fork in (True, False):
         r = zygote.run(PROBE + ["env"], capture_output=True, text=True, env=env, timeout=60, zygote=fork)
         assert json.loads(r.stdout)["env"] == "from sitecustomize", (fork, r.stderr)
+
+
+def test_a_child_with_another_moelink_on_its_path_imports_that_one(tmp_path):
+    """The zygote preloads moelink's serving modules (PRELOAD_OPTIONAL): a plain child starts with them, and a child
+    whose PYTHONPATH brings another `moelink` package (a worktree's link tree) gets that one, as an exec'd start."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plain = zygote.run(PROBE + ["moelink"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
+    seen = json.loads(plain.stdout)
+    assert seen["served"] and seen["ppid"] == zygote._get().proc.pid, plain.stderr
+    (tmp_path / "moelink").mkdir()
+    (tmp_path / "moelink" / "__init__.py").write_text("")
+    other = zygote.run(PROBE + ["moelink"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), root])})
+    seen = json.loads(other.stdout)
+    assert seen["moelink"] == str(tmp_path / "moelink" / "__init__.py") and not seen["served"], other.stderr
+    assert seen["ppid"] == zygote._get().proc.pid  # still forked: only moelink's modules were dropped
+
+
+def test_the_preloaded_moelink_modules_read_no_environment_at_import():
+    """A forked child's moelink modules were imported by the zygote under its environment: none of them may read
+    the environment at import (module level, class bodies, default values), or a child's own setting would be
+    missed. Reads inside functions (lambdas included) happen in the child and are fine."""
+    import ast
+    import importlib
+
+    for name in zygote.PRELOAD_OPTIONAL:
+        importlib.import_module(name)
+    modules = [m for n, m in sorted(sys.modules.items()) if n.startswith("moelink") and getattr(m, "__file__", None)]
+    assert len(modules) > 100, len(modules)
+    reads = []
+
+    def scan(node, path):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for d in [*child.args.defaults, *child.args.kw_defaults, *child.decorator_list]:
+                    if d is not None:
+                        scan(ast.Expression(d), path)
+                continue
+            if isinstance(child, ast.Lambda):
+                continue
+            if isinstance(child, (ast.Subscript, ast.Call)):
+                src = ast.unparse(child.value if isinstance(child, ast.Subscript) else child.func)
+                if src in ("os.environ", "os.getenv", "os.environ.get", "environ.get", "getenv"):
+                    reads.append(f"{path}:{child.lineno} {ast.unparse(child)[:80]}")
+            scan(child, path)
+
+    for m in modules:
+        with open(m.__file__) as f:
+            scan(ast.parse(f.read()), m.__name__)
+    assert reads == [], reads

@@ -10,7 +10,7 @@ collection only walks what serving created since.
 
 Frozen objects are never collected while frozen: garbage cycles among them would stay until `gc.unfreeze()`.
 The engine thaws the heap when the last engine of the process shuts down (tests build hundreds of engines in one
-process), and freezes again after every start; a process that exits thaws it first, so interpreter shutdown
+process), and freezes again after every start; a process that froze it thaws it at exit, so interpreter shutdown
 frees everything as it would have (extension modules such as Triton's report objects still alive then as leaks).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ def freeze_heap(holder: object | None = None) -> None:
         gc.freeze()
         if holder is not None:
             _holders.add(id(holder))
+        _thaw_at_exit()
     # Counted only for the debug log: gc.get_freeze_count() walks the whole permanent generation (CPython keeps no
     # count), 20-50 ms with torch and transformers imported, paid at every engine start otherwise.
     if logger.isEnabledFor(logging.DEBUG):
@@ -76,6 +77,17 @@ def park_keeps_heap_frozen(engine_state_gone: bool) -> bool:
         return False
 
 
-atexit.register(gc.unfreeze)
+_thaw_registered = False
+
+
+def _thaw_at_exit() -> None:
+    """A process that froze its heap here thaws it at exit (the module docstring), registered at its first freeze, not
+    at import: a process that imports this module and never freezes (a forked child of a process that imported it,
+    tests/helpers/zygote.py's) keeps its exit as cheap as it was (the thaw makes interpreter shutdown's collection
+    walk every module's objects: torch's, transformers', ~0.5 s of CPU)."""
+    global _thaw_registered
+    if not _thaw_registered:
+        _thaw_registered = True
+        atexit.register(gc.unfreeze)
 
 __all__ = ["freeze_heap", "thaw_heap", "park_keeps_heap_frozen"]

@@ -85,3 +85,22 @@ def test_an_llm_dropped_in_a_cycle_is_finalized_by_the_next_engine_start(tiny_mo
         second.shutdown()
 
     assert _finishes(scenario, timeout_s=120.0), "an engine start deadlocked on another engine's finalizer"
+
+
+def test_the_thaw_at_exit_is_registered_by_the_first_freeze_not_by_the_import(monkeypatch):
+    """A process that froze its heap here thaws it at exit (interpreter shutdown then frees everything as it would
+    have); one that only imported the module (a child forked from a process that imported it: the test zygote's)
+    keeps its exit's collection to what it made itself, so nothing is registered before a freeze."""
+    import atexit
+
+    registered = []
+    monkeypatch.setattr(gc_policy, "_thaw_registered", False)
+    monkeypatch.setattr(atexit, "register", lambda fn, *a, **kw: registered.append(fn))
+    gc_policy.thaw_heap(object())  # a thaw alone registers nothing
+    assert registered == []
+    token = object()
+    gc_policy.freeze_heap(token)
+    gc_policy.thaw_heap(token)
+    gc_policy.freeze_heap(token)  # once only
+    gc_policy.thaw_heap(token)
+    assert registered == [gc.unfreeze]

@@ -3,7 +3,7 @@ CPU is mostly process starts; importing torch is ~1.9 s of CPU of every `python 
 
 `popen(cmd, ...)` is `subprocess.Popen` for `[sys.executable, "-m", module, *args]`: the process is forked by a
 zygote (one per test process, started on first use, `python tests/helpers/zygote.py SOCKET`) that imported torch, numpy
-and transformers once (PRELOAD), and then runs `module` as `python -m` would (`runpy`, `__main__`, its argv, environment, working directory,
+and transformers once (PRELOAD; and moelink's serving modules, PRELOAD_OPTIONAL), and then runs `module` as `python -m` would (`runpy`, `__main__`, its argv, environment, working directory,
 stdin/stdout/stderr, sys.path with the child's PYTHONPATH), exiting through the interpreter's normal shutdown
 (atexit handlers and finalizers run). It is a real process: its pid takes signals, its exit status is Popen's
 (negative for a signal). Anything else, and any environment that differs from the zygote's in what an import of
@@ -48,6 +48,31 @@ _IMPORT_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "TORCH", "
 # process and most script smokes read a checkpoint's config).
 PRELOAD = ("torch", "numpy", "transformers")
 PRELOAD_ATTRS = (("transformers", ("AutoConfig", "PreTrainedConfig", "AutoTokenizer", "PreTrainedTokenizerFast")),)
+# Then, where they import, moelink's serving modules and xgrammar: what every `moelink serve`, Ray rank and most
+# benchmark children import before their first step (~0.7 s of CPU a server start: 1.98 -> 1.3 CPU-s for a
+# built-in-model server's start and stop, measured with a cgroup over 1 and 5 starts). None of moelink's modules
+# reads the environment at import (tests/test_zygote.py checks), so the import environment above still decides.
+# A child whose sys.path finds another moelink (a PYTHONPATH or working directory with its own `moelink/`) gets
+# none of these: they are dropped before its code runs (_own_moelink).
+PRELOAD_OPTIONAL = ("xgrammar", "moelink.engine.api.cli", "moelink.engine.server.cli", "moelink.engine.server.server",
+                    "moelink.engine.rank.worker")
+
+
+def _moelink_on_path(path: list[str]) -> str | None:
+    """Where `import moelink` resolves through sys.path entries `path` (a folder's `moelink/`), or None (then the
+    editable install's finder decides: the same for every child)."""
+    from importlib.machinery import PathFinder
+
+    spec = PathFinder.find_spec("moelink", path)
+    return None if spec is None else str(spec.origin or list(spec.submodule_search_locations or ()))
+
+
+def _own_moelink(preloaded_from: str | None) -> None:
+    """In a forked child whose sys.path is set: if its `moelink` is not the one the zygote imported, forget the
+    zygote's moelink modules so that the child imports its own, as an exec'd start would."""
+    if "moelink" in sys.modules and _moelink_on_path(sys.path) != preloaded_from:
+        for name in [n for n in sys.modules if n == "moelink" or n.startswith("moelink.")]:
+            del sys.modules[name]
 
 
 def _import_env(env: dict) -> dict:
@@ -377,7 +402,7 @@ def _join_group(pid: int, pgid: int | None) -> None:
             os.setpgid(pid, 0)
 
 
-def _become_child(req: dict, fds: list[int], base_path: list[str]) -> None:
+def _become_child(req: dict, fds: list[int], base_path: list[str], moelink_from: str | None) -> None:
     """In the forked child: take the request's stdio, environment, directory and argv, then run the module (or the
     `-c` code)."""
     _join_group(0, req.get("pgid"))
@@ -408,6 +433,7 @@ def _become_child(req: dict, fds: list[int], base_path: list[str]) -> None:
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [req["cwd"], *extra, *base_path]
+    _own_moelink(moelink_from)
     # Python's start-up imports `sitecustomize` from the path; the zygote's own start-up imported its own (if any),
     # so a child whose PYTHONPATH brings one (tests/helpers/interpreter_site: the faster Triton interpreter) imports
     # that one now, as its exec'd start-up would.
@@ -444,6 +470,12 @@ def _serve(path: str) -> int:
     for name, attrs in PRELOAD_ATTRS:  # a lazy module's classes: each getattr imports the submodule that holds it
         for attr in attrs:
             getattr(sys.modules[name], attr, None)
+    moelink_from = _moelink_on_path(sys.path)
+    for name in PRELOAD_OPTIONAL:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # not installed (the GPU image has no xgrammar): the child imports what it needs
+            pass
     # Everything imported so far moves to the collector's permanent generation: a child's collections (its exit's
     # included) no longer walk torch's objects, which a forked child's exit spent ~0.4 s of CPU on (a `pass`
     # child: 0.59 s before, 0.21 s after); nothing is freed or finalized differently (Python's advice for forking
@@ -502,7 +534,7 @@ def _serve(path: str) -> int:
                     os.close(wake_r)
                     os.close(wake_w)
                     signal.set_wakeup_fd(-1)
-                    _become_child(req, fds, base_path)
+                    _become_child(req, fds, base_path, moelink_from)
                 except SystemExit:
                     raise  # the module's own exit: the interpreter shuts down as `python -m` would
                 except KeyboardInterrupt:  # uncaught: CPython then ends by SIGINT (exit status -2)

@@ -17,6 +17,12 @@ if __name__ == "__main__":
         raise ValueError("boom")
     elif what == "exit":
         sys.exit(int(sys.argv[2]))
+    elif what == "moelink":  # where this child's moelink comes from, and whether the zygote's serving modules are in
+        import moelink
+
+        print(json.dumps({"moelink": moelink.__file__, "served": "moelink.engine.server.server" in sys.modules,
+                          "ppid": os.getppid()}))
+        sys.exit(0)
     elif what == "env":
         print(json.dumps({"env": os.environ.get("PROBE"), "ppid": os.getppid()}))
         sys.exit(0)
