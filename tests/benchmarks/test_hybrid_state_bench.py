@@ -4,11 +4,8 @@ session's `hybrid` step (the JSON's shape, not speed), and the step's budget lin
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,21 +13,14 @@ import torch
 from moelink.benchmarks import hybrid_state
 from moelink.engine.config.linear_attention import LinearAttentionConfig
 from tests.helpers import zygote
+# The script run as the other gpu_session tests run it: its `python -m` children forked from the test zygote (torch
+# imported there once), not a fresh interpreter importing torch and transformers per run (~2 s of CPU each).
+from tests.helpers.gpu_session import session
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool returns
 PLAN = re.compile(r"^PLAN step=(\S+) cmd=(\S+) gemm_compiles=(\d+) slow_compiles=(\d+) other_compiles=(\d+) "
                   r"run_s=(\d+) budget_s=(\d+) :: (.*)$", re.M)
 STEP_BUDGET_S = 570  # test_gpu_session.py holds the script to it
-
-
-def session(*args: str, out: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("TRITON_INTERPRET", None)
-    if out is not None:
-        env["OUT"] = str(out)
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def check_memory_rows(rows: dict) -> None:
