@@ -9,6 +9,7 @@ Legend: T tokens (query rows), N query heads, K KV heads, R = N / K, H head dim,
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import torch
@@ -82,11 +83,22 @@ def _invariant_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N
     return walk_blocks(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks(), scale, sinks_N, k_scale, v_scale, acc_floor)
 
 
+# Key slots (rows x blocks x block size) one group of the walk gathers at most: the blocks of a group run their
+# products, maxima, exponentials and sums as one batch each (a bounded copy of the keys, not the whole context).
+WALK_GROUP_SLOTS = 1 << 15
+
+
 def walk_blocks(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_scale, v_scale,
-          acc_floor: torch.dtype | None) -> torch.Tensor:
+                acc_floor: torch.dtype | None) -> torch.Tensor:
     """The online softmax over `blocks`: (slots_TB, seen_TB) per step, B key slots per row and which of them the
     row sees, [T, B] or per head [T, N, B] (the others count -inf: an exact no-op). Shared by every attention of the backend (GQA, MLA, DSA here;
-    compressed attention in kernels/batch_invariant_compressed.py)."""
+    compressed attention in kernels/batch_invariant_compressed.py).
+
+    The blocks run in groups of G (up to WALK_GROUP_SLOTS key slots), each step of the walk batched across the
+    group with the bits of a block-at-a-time walk: a block's products are matrices of the same shape in a larger
+    batch (fixed_bmm: a matrix's result does not depend on the batch count), its maximum over the keys is a running
+    maximum (cummax: exact), the exponentials are chunked element-wise ops and the sums row-tiled ones (an element's
+    or a row's result is its own); only the recurrences l' = l·α + Σp and acc' = acc·α + p·v run block by block."""
     T, N, H = q_TNH.shape
     block_size, num_kv, _ = k_cache_BLKH.shape[1:]
     hv = v_cache_BLKH.shape[-1]
@@ -103,27 +115,45 @@ def walk_blocks(q_TNH, k_cache_BLKH, v_cache_BLKH, blocks, scale, sinks_N, k_sca
         m_TN = sinks_N.to(acc_dtype)[None, :].expand(T, N).clone()
         l_TN = torch.ones((T, N), dtype=acc_dtype, device=dev)
     acc_TNV = torch.zeros((T, N, hv), dtype=acc_dtype, device=dev)
-    for slots_TB, seen_TB in blocks:
-        B = slots_TB.shape[1]
-        k_TBKH = dequantize_from_cache(k_cache_BLKH.flatten(0, 1).index_select(0, slots_TB.reshape(-1)), acc_dtype,
-                                       k_scale).to(acc_dtype).view(T, B, num_kv, -1)
-        v_TBKV = dequantize_from_cache(v_cache_BLKH.flatten(0, 1).index_select(0, slots_TB.reshape(-1)), acc_dtype,
-                                       v_scale).to(acc_dtype).view(T, B, num_kv, hv)
+    k_flat = k_cache_BLKH.flatten(0, 1)
+    v_flat = v_cache_BLKH.flatten(0, 1)
+    it = iter(blocks)
+    while True:
+        first = next(it, None)
+        if first is None:
+            break
+        group = [first]
+        per_group = max(1, WALK_GROUP_SLOTS // max(1, T * first[0].shape[1]))
+        group.extend(itertools.islice(it, per_group - 1))
+        G = len(group)
+        slots_GTB = torch.stack([slots for slots, _ in group])
+        seen = torch.stack([seen for _, seen in group])  # [G, T, B] or [G, T, N, B]
+        B = slots_GTB.shape[-1]
+        idx = slots_GTB.reshape(-1)
+        k_GTBKH = dequantize_from_cache(k_flat.index_select(0, idx), acc_dtype, k_scale).to(acc_dtype).view(
+            G, T, B, num_kv, -1)
+        v_GTBKV = dequantize_from_cache(v_flat.index_select(0, idx), acc_dtype, v_scale).to(acc_dtype).view(
+            G, T, B, num_kv, hv)
         # Contiguous operands: a batched matmul's kernel may depend on its operands' strides.
-        k_XHB = k_TBKH.permute(0, 2, 3, 1).reshape(T * num_kv, -1, B).contiguous()
-        v_XBV = v_TBKV.permute(0, 2, 1, 3).reshape(T * num_kv, B, hv).contiguous()
-        s_TNB = (fixed_bmm(q_XRH, k_XHB) * scale).view(T, N, B)
-        # seen per row [T, B], or per row and head [T, N, B] (block-sparse attention selects per head)
-        s_TNB = s_TNB.masked_fill(~(seen_TB[:, None, :] if seen_TB.dim() == 2 else seen_TB), float("-inf"))
-        m_new_TN = torch.maximum(m_TN, tiled_amax(s_TNB, -1))
+        k_YHB = k_GTBKH.permute(0, 1, 3, 4, 2).reshape(G * T * num_kv, -1, B).contiguous()
+        v_YBV = v_GTBKV.permute(0, 1, 3, 2, 4).reshape(G * T * num_kv, B, hv).contiguous()
+        q_YRH = q_XRH[None].expand(G, -1, -1, -1).reshape(G * T * num_kv, rep, H)
+        s_GTNB = (fixed_bmm(q_YRH, k_YHB) * scale).view(G, T, N, B)
+        # seen per row [G, T, B], or per row and head [G, T, N, B] (block-sparse attention selects per head)
+        s_GTNB = s_GTNB.masked_fill(~(seen[:, :, None, :] if seen.dim() == 3 else seen), float("-inf"))
+        # m after each block of the group: the running maximum from the group's m (max is exact in any order)
+        m_all = torch.cat([m_TN[None], tiled_amax(s_GTNB, -1)]).cummax(dim=0).values
+        m_new_GTN = m_all[1:]
         # A row that has seen no key yet (m' = -inf: a window not reached) subtracts 0, not -inf (no NaN).
-        shift_TN = torch.where(torch.isinf(m_new_TN), torch.zeros_like(m_new_TN), m_new_TN)
-        p_TNB = chunked_exp(s_TNB - shift_TN[..., None])
-        alpha_TN = chunked_exp(m_TN - shift_TN)
-        l_TN = l_TN * alpha_TN + tiled_sum(p_TNB, -1)
-        pv_TNV = fixed_bmm(p_TNB.view(T * num_kv, rep, B), v_XBV).view(T, N, hv)
-        acc_TNV = acc_TNV * alpha_TN[..., None] + pv_TNV
-        m_TN = m_new_TN
+        shift_GTN = torch.where(torch.isinf(m_new_GTN), torch.zeros_like(m_new_GTN), m_new_GTN)
+        p_GTNB = chunked_exp(s_GTNB - shift_GTN[..., None])
+        alpha_GTN = chunked_exp(m_all[:-1] - shift_GTN)
+        sum_GTN = tiled_sum(p_GTNB, -1)
+        pv_GTNV = fixed_bmm(p_GTNB.view(G * T * num_kv, rep, B), v_YBV).view(G, T, N, hv)
+        for g in range(G):
+            l_TN = l_TN * alpha_GTN[g] + sum_GTN[g]
+            acc_TNV = acc_TNV * alpha_GTN[g][..., None] + pv_GTNV[g]
+        m_TN = m_all[-1]
     return (acc_TNV / l_TN[..., None]).to(q_TNH.dtype)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from moelink.engine import LLM, SamplingParams
 
@@ -271,3 +272,54 @@ def test_a_prefix_loaded_back_from_the_offload_tier_gives_the_same_bits(tiny_mod
         assert _record(loaded) == _record(computed) == _record(beside)
     finally:
         llm.shutdown()
+
+
+
+def _walk_block_by_block(q_TNH, k_cache, v_cache, blocks, scale, sinks_N):
+    """The online softmax one key block at a time, written out with the kernels' own tiled ops (what walk_blocks
+    ran before it batched a group of blocks): the bits walk_blocks must keep."""
+    from moelink.kernels.batch_invariant import chunked_exp, fixed_bmm, tiled_amax, tiled_sum
+
+    T, N, H = q_TNH.shape
+    K, hv = k_cache.shape[2], v_cache.shape[-1]
+    acc = torch.float32
+    q_XRH = q_TNH.to(acc).reshape(T * K, N // K, H)
+    m_TN, l_TN = sinks_N.to(acc)[None, :].expand(T, N).clone(), torch.ones(T, N, dtype=acc)
+    acc_TNV = torch.zeros(T, N, hv, dtype=acc)
+    for slots_TB, seen_TNB in blocks:
+        B = slots_TB.shape[1]
+        k_TBKH = k_cache.flatten(0, 1).index_select(0, slots_TB.reshape(-1)).to(acc).view(T, B, K, H)
+        v_TBKV = v_cache.flatten(0, 1).index_select(0, slots_TB.reshape(-1)).to(acc).view(T, B, K, hv)
+        s_TNB = (fixed_bmm(q_XRH, k_TBKH.permute(0, 2, 3, 1).reshape(T * K, H, B).contiguous()) * scale).view(T, N, B)
+        s_TNB = s_TNB.masked_fill(~seen_TNB, float("-inf"))
+        m_new_TN = torch.maximum(m_TN, tiled_amax(s_TNB, -1))
+        shift_TN = torch.where(torch.isinf(m_new_TN), torch.zeros_like(m_new_TN), m_new_TN)
+        p_TNB = chunked_exp(s_TNB - shift_TN[..., None])
+        alpha_TN = chunked_exp(m_TN - shift_TN)
+        l_TN = l_TN * alpha_TN + tiled_sum(p_TNB, -1)
+        pv_TNV = fixed_bmm(p_TNB.view(T * K, N // K, B), v_TBKV.permute(0, 2, 1, 3).reshape(T * K, B, hv).contiguous())
+        acc_TNV = acc_TNV * alpha_TN[..., None] + pv_TNV.view(T, N, hv)
+        m_TN = m_new_TN
+    return (acc_TNV / l_TN[..., None]).to(q_TNH.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_grouped_walk_gives_the_bits_of_a_block_at_a_time(dtype, monkeypatch):
+    """walk_blocks batches a group of key blocks' products, maxima, exponentials and sums (kernels/
+    batch_invariant_kernels.py): the result is bitwise the walk one block at a time, with sinks, a per-head selection,
+    a block no row sees and groups cut mid-walk, whatever the group size."""
+    from moelink.kernels import batch_invariant_kernels as bik
+
+    g = torch.Generator().manual_seed(3)
+    T, N, K, H, B, J = 9, 4, 2, 16, 8, 7
+    k_cache, v_cache = (torch.randn(20, B, K, H, generator=g).to(dtype) for _ in range(2))
+    q_TNH, sinks_N = torch.randn(T, N, H, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    blocks = [(torch.randint(0, 20 * B, (T, B), generator=g), torch.rand(T, N, B, generator=g) < 0.5) for _ in range(J)]
+    blocks[0][1][:] = False
+    outs = [_walk_block_by_block(q_TNH, k_cache, v_cache, blocks, 0.25, sinks_N)]
+    for slots in (1, T * B * 3, 1 << 15):  # one block a group, groups of 3 (cut mid-walk), all at once
+        monkeypatch.setattr(bik, "WALK_GROUP_SLOTS", slots)
+        outs.append(bik.walk_blocks(q_TNH, k_cache, v_cache, iter(blocks), 0.25, sinks_N, 1.0, 1.0, None))
+    assert all(torch.equal(o.view(torch.int16) if dtype == torch.bfloat16 else o.view(torch.int32),
+                           outs[0].view(torch.int16) if dtype == torch.bfloat16 else outs[0].view(torch.int32))
+               for o in outs[1:])

@@ -2,7 +2,8 @@
 families' MTP tests): the main model and the MTP layer of a checkpoint in float64 with the reference kernels, each
 run over the request's whole sequence (fresh caches, one prefill each), then chained as the drafter chains
 (`MTPOracle.all_drafts`: the main model, and the MTP layer's first step, run once per request's longest sequence,
-whose first rows are each shorter prefix's, as tests/engine/test_spec_decode_eagle3.py's oracle does)."""
+whose first rows are each shorter prefix's, as tests/engine/test_spec_decode_eagle3.py's oracle does; each chained step
+after it runs every list's sequence from scratch, side by side in one forward)."""
 from __future__ import annotations
 
 import torch
@@ -40,13 +41,24 @@ class MTPOracle:
 
     def _ctx(self, n: int) -> ForwardContext:
         """One sequence of n tokens from position 0 over fresh caches (blocks 0.., the null block after)."""
+        return self._ctx_many([n])
+
+    def _ctx_many(self, lens: list[int]) -> ForwardContext:
+        """Sequences of `lens` tokens, each from position 0 over fresh blocks of its own (one prefill each, side by
+        side in one forward; the null block after them all)."""
         bs = 4
-        blocks = -(-n // bs)
+        counts = [-(-n // bs) for n in lens]
+        blocks = sum(counts)
         caches = [tuple(torch.zeros(s, dtype=torch.float64) for s in self.cfg.attention.cache_shapes(blocks, bs))
                   for _ in range(self.cfg.num_layers + 1)]
-        meta = AttentionMetadata(torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
-                                 torch.arange(blocks, dtype=torch.int32)[None], torch.arange(n), [n], [n], n, n,
-                                 null_block=blocks)
+        firsts = [sum(counts[:i]) for i in range(len(lens))]
+        tables = torch.full((len(lens), max(counts)), blocks, dtype=torch.int32)
+        for i, (first, c) in enumerate(zip(firsts, counts)):
+            tables[i, :c] = torch.arange(first, first + c, dtype=torch.int32)
+        starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        slots = torch.cat([first * bs + torch.arange(n) for first, n in zip(firsts, lens)])
+        meta = AttentionMetadata(starts, torch.tensor(lens, dtype=torch.int32), tables, slots, list(lens), list(lens),
+                                 max(lens), max(lens), null_block=blocks)
         return ForwardContext(meta, caches)
 
     def _mtp_rows(self, rows_tok: torch.Tensor, rows_h: torch.Tensor) -> torch.Tensor:
@@ -77,7 +89,8 @@ class MTPOracle:
         longest list (one no other list extends) instead of once per list: a causal model's first rows over a
         sequence are its rows over that sequence's prefix (a row reads only the rows before it), so the states and
         first-step outputs of a request's every draft step come from one run over its last. The chained steps after
-        the first (each a row the longest list does not hold) still run from scratch per list."""
+        the first (each a row the longest list does not hold) still run from scratch per list: every list's sequence
+        of a step side by side in one forward, each over caches of its own (_ctx_many)."""
         longest: list[tuple[int, ...]] = []
         for seq in sorted({tuple(s) for s in seqs}, key=len, reverse=True):
             if not any(seq == whole[:len(seq)] for whole in longest):
@@ -85,12 +98,30 @@ class MTPOracle:
         states = {whole: self._states(torch.tensor(whole)) for whole in longest}
         # The first step's rows over the longest list x_0 .. x_M: (h_t, x_{t+1}) for t < M, as drafts() builds them.
         first = {whole: self._mtp_rows(torch.tensor(whole[1:]), states[whole][:len(whole) - 1]) for whole in longest}
-        memo: dict[tuple[int, ...], list[int]] = {}
+        # Each list's chain as drafts() runs it, step by step; a chained step's from-scratch runs (one sequence per
+        # list, each from position 0 over caches of its own) go through the layer side by side in one forward.
+        chains: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
         for seq in map(tuple, seqs):
-            if seq not in memo:
+            if seq not in chains:
                 whole = next(w for w in longest if seq == w[:len(seq)])
-                memo[seq] = self.drafts(list(seq), k, states[whole], first[whole])
-        return [memo[tuple(s)] for s in seqs]
+                m = len(seq) - 1
+                y_TD = first[whole][:m]
+                d = int(self.mtp.compute_logits(y_TD[-1:]).argmax(dim=-1))
+                chains[seq] = (torch.cat([states[whole][:m], y_TD[-1:]]), torch.tensor(seq[1:] + (d,)), [d])
+        todo = list(chains)
+        for _ in range(1, k):
+            lens = [len(chains[seq][1]) for seq in todo]
+            pos = torch.cat([torch.arange(n) for n in lens])
+            y_TD = self.mtp(pos, torch.cat([chains[seq][1] for seq in todo]),
+                            torch.cat([chains[seq][0] for seq in todo]), self._ctx_many(lens))
+            ends = torch.tensor(lens).cumsum(0)
+            for seq, end in zip(todo, ends.tolist()):
+                rows_h, rows_tok, out = chains[seq]
+                last_1D = y_TD[end - 1:end]
+                d = int(self.mtp.compute_logits(last_1D).argmax(dim=-1))
+                out.append(d)
+                chains[seq] = (torch.cat([rows_h, last_1D]), torch.cat([rows_tok, torch.tensor([d])]), out)
+        return [list(chains[tuple(s)][2]) for s in seqs]
 
 
 __all__ = ["MTPOracle"]
