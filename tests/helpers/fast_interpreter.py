@@ -289,11 +289,23 @@ def _lean_patched_builtins(interp) -> None:
     the caller's without `_semantic`, then `_semantic=interpreter_semantic` (read per call, as the original's global)
     last, in the same order; `member` can be passed by keyword as before."""
     original = interp._patch_attr
+    # A `@builtin`'s wrapper only refuses a call without `_semantic` and calls the function it wraps: the stand-in
+    # calls that function itself where the semantic it passes is not None (the wrapper's check passes then).
+    wrapper_code = interp.tl.core.builtin(lambda: None).__code__
+    if "fn" not in wrapper_code.co_freevars:
+        wrapper_code = None
 
     def patch_attr(obj, name, member, builder, scope):
+        own = member
+        wrapped = None
+        if wrapper_code is not None and getattr(member, "__code__", None) is wrapper_code:  # the function the wrapper calls: its closure's `fn`
+            wrapped = member.__closure__[wrapper_code.co_freevars.index("fn")].cell_contents
+
         def new_member(*args, member=member, **kwargs):
             kwargs.pop("_semantic", None)
-            kwargs["_semantic"] = interp.interpreter_semantic
+            kwargs["_semantic"] = sem = interp.interpreter_semantic
+            if wrapped is not None and sem is not None and member is own:
+                return wrapped(*args, **kwargs)
             return member(*args, **kwargs)
 
         scope.set_attr(obj, name, new_member)
@@ -366,7 +378,8 @@ def install() -> bool:
     attr = getattr(interp, "_patch_attr", None)
     if callable(attr) and not getattr(attr, "_moelink_fast", False) and _makes_the_known_stand_in(attr):
         _lean_patched_builtins(interp)
-    _scan_module().install_memo_scan(interp)
+    _sibling("fast_interpreter_scan").install_memo_scan(interp)
+    _sibling("fast_interpreter_binary").install_binary_checks(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",
@@ -398,21 +411,20 @@ def lazy_interpreter_env(env: dict) -> dict:
     return out
 
 
-def _scan_module():
-    """fast_interpreter_scan.py, this file's sibling, found by path as this module may be: interpreter_site's
-    sitecustomize loads this file by path in children where `tests` is not importable (benchmark smokes run with
-    their own cwd and PYTHONPATH)."""
+def _sibling(stem: str):
+    """This file's sibling `stem`.py (fast_interpreter_scan, fast_interpreter_binary), found by path as this module
+    may be: interpreter_site's sitecustomize loads this file by path in children where `tests` is not importable
+    (benchmark smokes run with their own cwd and PYTHONPATH)."""
     import importlib.util
     import sys
 
-    name = "_moelink_fast_interpreter_scan"
+    name = f"_moelink_{stem}"
     module = sys.modules.get(name)
     if module is None:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_interpreter_scan.py")
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{stem}.py")
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None, path
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return module
-

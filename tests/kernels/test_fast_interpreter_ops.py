@@ -52,7 +52,8 @@ def _promotions(i_ptr, h_ptr, b_ptr, y_ptr, k, f, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, mixed.to(tl.float32) + i.to(tl.float32, bitcast=False) * 0.5)
 
 
-SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value", "computation_type_impl", "cast")
+SHORTCUTS = ("binary_op_sanitize_overflow_impl", "broadcast_impl_value", "computation_type_impl", "cast",
+             "binary_op_type_checking_impl")
 
 
 def _fast_sem():
@@ -138,6 +139,39 @@ def test_broadcasts_give_the_interpreters_types_and_values(shapes):
         assert f.handle.data.shape == o.handle.data.shape and f.handle.data.tobytes() == o.handle.data.tobytes()
 
 
+@pytest.mark.parametrize("case", ["same", "scalars", "fp16 div", "int div", "ptr", "shapes", "no arithmetic check",
+                                  "int1", "mixed", "number"])
+def test_binary_checks_give_the_interpreters_operands(case):
+    """Two tensors of one type and shape pass through the checks as they are; every other pair (another type, a
+    rule that widens, a pointer, a broadcast, a number) gets what the interpreter's own checks give."""
+    sem = _fast_sem()
+    g = torch.Generator().manual_seed(3)
+
+    def value(dtype, shape):
+        data = (torch.randn(shape or (1,), generator=g) * 100).numpy().astype(interp._get_np_dtype(dtype))
+        return tl.core.tensor(interp.TensorHandle(data, dtype), tl.block_type(dtype, list(shape)) if shape else dtype)
+
+    f16, f32, i32, ptr = tl.float16, tl.float32, tl.int32, tl.pointer_type(tl.float32)
+    lhs, rhs, kw = {"same": (value(f32, (4, 8)), value(f32, (4, 8)), {}),
+                    "scalars": (value(i32, ()), value(i32, ()), {}),
+                    "fp16 div": (value(f16, (8,)), value(f16, (8,)), dict(div_or_mod=True)),
+                    "int div": (value(i32, (8,)), value(i32, (8,)), dict(div_or_mod=True)),
+                    "ptr": (value(ptr, (8,)), value(i32, (8,)), dict(allow_lhs_ptr=True)),
+                    "shapes": (value(f32, (4, 1)), value(f32, (1, 8)), {}),
+                    "no arithmetic check": (value(i32, (2, 4)), value(i32, (2, 4)), dict(arithmetic_check=False)),
+                    "int1": (value(tl.int1, (8,)), value(tl.int1, (8,)), {}),
+                    "mixed": (value(f16, (8,)), value(f32, (8,)), {}),
+                    "number": (value(f32, (8,)), 1.5, {})}[case]
+    fast = sem.binary_op_type_checking_impl(lhs, rhs, **kw)
+    own = type(sem).binary_op_type_checking_impl(sem, lhs, rhs, **kw)
+    assert getattr(sem.binary_op_type_checking_impl, "_moelink_fast", False)
+    for f, o in zip(fast, own):
+        assert f.type == o.type and f.handle.dtype == o.handle.dtype and f.handle.data.dtype == o.handle.data.dtype
+        assert f.handle.data.shape == o.handle.data.shape and f.handle.data.tobytes() == o.handle.data.tobytes()
+    if case in ("same", "scalars", "int div", "no arithmetic check", "int1"):
+        assert fast[0] is lhs and fast[1] is rhs  # passed through, as the interpreter's checks pass them
+
+
 def test_with_debug_the_check_runs_and_catches_an_overflow(monkeypatch):
     sem = _fast_sem()
     monkeypatch.setattr(sem.builder, "options", dataclasses.replace(sem.builder.options, debug=True))
@@ -168,6 +202,32 @@ def test_the_memoized_scan_patches_what_getmembers_finds_whatever_ran_before():
         if step == 2:
             left.restore()  # and builtins again
     assert changes(fast, tl.core) and changes(fast, tl.core) == changes(own, tl.core)
+
+
+def test_a_builtins_stand_in_calls_it_as_the_interpreters_does(monkeypatch):
+    """The stand-in calls a `@builtin`'s function past its wrapper: the same positional and keyword arguments
+    (`_semantic` the interpreter's, last), the same result; without a semantic the wrapper's refusal as before."""
+    _fast_sem()
+    calls = []
+
+    @tl.core.builtin
+    def op(x, y=1, *, z=2, _semantic=None):
+        calls.append((x, y, z, list(locals())))
+        return (x, y, z, _semantic)
+
+    stand_ins = []
+    for patch in (interp._patch_attr, interp._patch_attr._moelink_original):
+        holder = type("Holder", (), {"op": staticmethod(op)})
+        scope = interp._LangPatchScope()
+        patch(holder, "op", op, interp.interpreter_builder, scope)
+        stand_ins.append(holder.op)
+    fast, own = stand_ins
+    assert fast(3, z=5, _semantic="caller's") == own(3, z=5, _semantic="caller's") == (3, 1, 5, interp.interpreter_semantic)
+    assert fast(4, 6) == own(4, 6) and calls[-1] == calls[-2]
+    monkeypatch.setattr(interp, "interpreter_semantic", None)
+    for stand_in in (fast, own):
+        with pytest.raises(ValueError, match="_semantic"):
+            stand_in(3)
 
 
 def _assert_same_bits_unpatched(run, monkeypatch, sem) -> None:
