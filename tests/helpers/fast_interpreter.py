@@ -154,17 +154,29 @@ def _cheap_types(core) -> None:
 
     # A tensor's shape as constexprs and its numel, per shape (the original makes both anew for every tensor): the
     # constexprs and the numel are shared (never changed in place), each tensor still gets a tuple of its own.
-    constexpr, tensor_shapes = core.constexpr, {}
+    # A block type's or a plain dtype's scalar and dims are read directly (`scalar` is `element_ty` / the dtype
+    # itself, iterating a shape iterates its values); the shape's tuple is made as `tuple_lazy_init` makes it.
+    constexpr, tensor_shapes, plain, new = core.constexpr, {}, core.dtype, object.__new__
 
     def tensor_init(self, handle, type):
-        self.handle, self.type, self.dtype = handle, type, type.scalar
-        dims = tuple(type.shape) if type.is_block() else ()
+        self.handle, self.type = handle, type
+        cls = type.__class__
+        if cls is block_type:
+            self.dtype, dims = type.element_ty, tuple(type.shape.values)
+        elif cls is plain:
+            self.dtype, dims = type, ()
+        else:
+            self.dtype = type.scalar
+            dims = tuple(type.shape) if type.is_block() else ()
         memo = tensor_shapes.get(dims)
         if memo is None:
             memo = tensor_shapes[dims] = ([constexpr(d) for d in dims], constexpr(math.prod(dims)))
-        self.shape, self.numel = ttuple(memo[0]), memo[1]
+        shape = new(ttuple)
+        shape.values = memo[0][:]
+        self.shape, self.numel = shape, memo[1]
 
-    block_init._moelink_fast = True
+    block_init._moelink_fast = tensor_init._moelink_fast = True
+    tensor_init._moelink_original = core.tensor.__init__
     block_type.__init__, block_type.name = block_init, property(get_name, set_name)
     ttuple.__init__, ttuple.type = tuple_lazy_init, property(get_type, set_type)
     core.tensor.__init__ = tensor_init
@@ -380,6 +392,7 @@ def install() -> bool:
         _lean_patched_builtins(interp)
     _sibling("fast_interpreter_scan").install_memo_scan(interp)
     _sibling("fast_interpreter_binary").install_binary_checks(interp)
+    _sibling("fast_interpreter_binary").install_lean_unwrap(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",

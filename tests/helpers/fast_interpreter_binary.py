@@ -1,6 +1,6 @@
 """The type checks the Triton interpreter makes before every binary op (`binary_op_type_checking_impl`), answered
 directly where they change nothing: part of tests/helpers/fast_interpreter.py (why the interpreter is patched there),
-split out for size; loaded by path as that module may be (interpreter_site's children)."""
+and the constexpr unwrap of every builtin's operands (`_lean_unwrap`), split out for size; loaded by path as that module may be (interpreter_site's children)."""
 from __future__ import annotations
 
 
@@ -41,3 +41,30 @@ def install_binary_checks(interp) -> None:
             and isinstance(getattr(core, "tensor", None), type) and isinstance(getattr(core, "dtype", None), type) \
             and not getattr(vars(sem).get("binary_op_type_checking_impl"), "_moelink_fast", False):
         _same_operands_pass_through(interp)
+
+
+def _lean_unwrap(core) -> None:
+    """`triton.language.core._unwrap_if_constexpr`, which every builtin runs on each operand (3 % of an interpreter
+    kernel test, py-spy), answering a tensor, an int, a float or None at once: the original's four `isinstance`
+    walks (list, tuple, `tl.tuple`, constexpr) find none of these, so it returns the operand itself; anything else
+    goes to the original (whose own recursion, by the module's global name, comes back here)."""
+    original, tensor = core._unwrap_if_constexpr, core.tensor
+
+    def unwrap(o):
+        cls = o.__class__
+        if cls is tensor or cls is int or cls is float or o is None:
+            return o
+        return original(o)
+
+    unwrap._moelink_fast = True
+    unwrap._moelink_original = original
+    core._unwrap_if_constexpr = unwrap
+
+
+def install_lean_unwrap(interp) -> None:
+    """`_lean_unwrap` on the interpreter's language core where it has the function, once."""
+    core = getattr(getattr(interp, "tl", None), "core", None)
+    unwrap = getattr(core, "_unwrap_if_constexpr", None)
+    if callable(unwrap) and isinstance(getattr(core, "tensor", None), type) \
+            and not getattr(unwrap, "_moelink_fast", False):
+        _lean_unwrap(core)

@@ -230,6 +230,42 @@ def test_a_builtins_stand_in_calls_it_as_the_interpreters_does(monkeypatch):
             stand_in(3)
 
 
+def test_the_lean_unwrap_answers_as_the_interpreters_own():
+    """A tensor, an int, a float, None pass through as the original returns them; constexprs, lists, tuples and
+    everything else get the original's answer (its recursion through the fast one included)."""
+    _fast_sem()
+    fast = tl.core._unwrap_if_constexpr
+    if not getattr(fast, "_moelink_fast", False):
+        pytest.skip("this Triton's core is not the one fast_interpreter patches")
+    own, c = fast._moelink_original, tl.core.constexpr
+    t = tl.core.tensor(interp.TensorHandle(interp.np.zeros(4, interp.np.float32), tl.float32),
+                       tl.block_type(tl.float32, [4]))
+    for value in (t, 3, 2.5, None, True, c(4), c(t), [c(1), 2, [c(3)]], (c(1), 2.0), tl.core.tuple([c(2), 5]), "s"):
+        got, want = fast(value), own(value)
+        assert type(got) is type(want) and repr(got) == repr(want), value
+        if value is t or type(value) in (int, float, bool, str) or value is None:
+            assert got is value
+
+
+def test_a_tensor_gets_the_interpreters_types_shape_and_numel():
+    """The lean tensor construction: the same dtype, shape values (constexprs) and numel as the original's for a
+    block, a plain dtype and a pointer; each tensor's shape a tuple of its own."""
+    _fast_sem()
+    cls = tl.core.tensor
+    own = getattr(cls.__init__, "_moelink_original", None)
+    if own is None:
+        pytest.skip("this Triton's core is not the one fast_interpreter patches")
+    handle = interp.TensorHandle(interp.np.zeros(1, interp.np.float32), tl.float32)
+    for ty in (tl.block_type(tl.float16, [2, 8]), tl.block_type(tl.int32, [4]), tl.float32,
+               tl.pointer_type(tl.float32), tl.block_type(tl.pointer_type(tl.int8), [1, 2, 4])):
+        fast, want = cls(handle, ty), cls.__new__(cls)
+        own(want, handle, ty)
+        assert fast.handle is want.handle and fast.type is want.type and fast.dtype is want.dtype
+        assert [d.value for d in fast.shape] == [d.value for d in want.shape] and fast.numel.value == want.numel.value
+        other = cls(handle, ty).shape
+        assert fast.shape.type == want.shape.type and fast.shape is not other and fast.shape.values is not other.values
+
+
 def _assert_same_bits_unpatched(run, monkeypatch, sem) -> None:
     """`run()` with the fast paths, then with the interpreter's own methods put back: finite, and bit for bit equal."""
     fast = run()
