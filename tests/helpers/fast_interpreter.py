@@ -114,11 +114,18 @@ def _cheap_types(core) -> None:
     def block_init(self, element_ty, shape):
         # As the original: `tuple` in triton.language.core is its own tl.tuple, so the shape is one (of ints).
         self.element_ty = element_ty
-        assert isinstance(shape, (list, ttuple))
-        # Plain ints (nearly every shape) are what `_unwrap_shape` would return: its two walks are skipped for them.
+        cls = shape.__class__
+        if cls is not list and cls is not ttuple:
+            assert isinstance(shape, (list, ttuple))
+        # Plain ints (nearly every shape) are what `_unwrap_shape` would return: its two walks are skipped for them
+        # (and the tuple is made as `tuple_lazy_init` makes it: its values a list of their own).
         dims = shape.values if isinstance(shape, ttuple) else shape
-        shape = ttuple(list(dims) if all(type(d) is int for d in dims) else unwrap(shape))
-        if not shape:
+        if all(type(d) is int for d in dims):
+            shape = object.__new__(ttuple)
+            shape.values = list(dims)
+        else:
+            shape = ttuple(unwrap(shape))
+        if not shape.values:
             raise TypeError('0d block_type is forbidden')
         self.shape = shape
         key = tuple(shape.values)
@@ -176,7 +183,7 @@ def _cheap_types(core) -> None:
         self.shape, self.numel = shape, memo[1]
 
     block_init._moelink_fast = tensor_init._moelink_fast = True
-    tensor_init._moelink_original = core.tensor.__init__
+    tensor_init._moelink_original, block_init._moelink_original = core.tensor.__init__, block_type.__init__
     block_type.__init__, block_type.name = block_init, property(get_name, set_name)
     ttuple.__init__, ttuple.type = tuple_lazy_init, property(get_type, set_type)
     core.tensor.__init__ = tensor_init

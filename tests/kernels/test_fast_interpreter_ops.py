@@ -266,6 +266,27 @@ def test_a_tensor_gets_the_interpreters_types_shape_and_numel():
         assert fast.shape.type == want.shape.type and fast.shape is not other and fast.shape.values is not other.values
 
 
+def test_a_block_type_gets_the_interpreters_shape_and_numel():
+    """The lean block type: from a list or a `tl.tuple` of ints or constexprs, the original's shape values, numel
+    and name, a shape of its own; no dims is refused as before."""
+    _fast_sem()
+    cls, c = tl.block_type, tl.constexpr
+    own = getattr(cls.__init__, "_moelink_original", None)
+    if own is None:
+        pytest.skip("this Triton's core is not the one fast_interpreter patches")
+    dims = [4, 8]
+    for shape in (dims, [c(2), 16], tl.core.tuple([1, 2, 4]), tl.core.tuple([c(8)]), [512, 1024]):
+        fast, want = cls(tl.float32, shape), cls.__new__(cls)
+        own(want, tl.float32, shape)
+        assert fast.shape.values == want.shape.values and all(type(d) is int for d in fast.shape.values)
+        assert fast.numel == want.numel and fast.name == want.name and fast == want
+    fast = cls(tl.float32, dims)
+    assert fast.shape.values is not dims and fast.shape.values is not cls(tl.float32, dims).shape.values
+    for make in (lambda: cls(tl.float32, []), lambda: own(cls.__new__(cls), tl.float32, [])):
+        with pytest.raises(TypeError, match="0d block_type"):
+            make()
+
+
 def _assert_same_bits_unpatched(run, monkeypatch, sem) -> None:
     """`run()` with the fast paths, then with the interpreter's own methods put back: finite, and bit for bit equal."""
     fast = run()
