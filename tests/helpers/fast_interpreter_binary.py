@@ -11,13 +11,18 @@ def _same_operands_pass_through(interp) -> None:
     operands as they are, which is what the original returns for them: no number to type, no pointer to check, the
     promotion rule's type (asked of the interpreter's own `computation_type_impl`, so a pair it rejects raises the
     same) is the operands' type, so both casts give back their input, and equal shapes broadcast to themselves.
-    Where the rule picks another type (an fp16 division), and every other case, the original runs."""
+    A tensor beside an int or a float (not a bool) whose promotion with the number's type is the tensor's own type
+    (`x + 1`, `0.5 * y`) skips the same no-op checks (no pointer, the tensor's cast gives it back): the number is
+    made a tensor and broadcast by the same `_cast_to_computation_type` and `broadcast_impl_value` calls, in the
+    same order. Where the rule picks another type (an fp16 division, an int32 tensor beside a 2**40), and every
+    other case, the original runs."""
     sem = interp.interpreter_semantic
     original = type(sem).binary_op_type_checking_impl
     tensor, dtype = interp.tl.core.tensor, interp.tl.core.dtype
 
     def checked(lhs, rhs, allow_lhs_ptr=False, allow_rhs_ptr=False, arithmetic_check=True, div_or_mod=False):
-        if type(lhs) is tensor and type(rhs) is tensor:
+        lhs_cls, rhs_cls = lhs.__class__, rhs.__class__
+        if lhs_cls is tensor and rhs_cls is tensor:
             lhs_ty, rhs_ty = lhs.type, rhs.type
             scalar = lhs_ty.scalar
             if scalar is rhs_ty.scalar and type(scalar) is dtype and (
@@ -26,6 +31,16 @@ def _same_operands_pass_through(interp) -> None:
                     not arithmetic_check
                     or sem.computation_type_impl(scalar, False, scalar, False, div_or_mod) is scalar):
                 return lhs, rhs
+        elif arithmetic_check and lhs_cls is tensor and (rhs_cls is int or rhs_cls is float):
+            scalar = lhs.type.scalar  # a number beside a tensor of its computation type: no pointer, no cast
+            if type(scalar) is dtype \
+                    and sem.computation_type_impl(scalar, False, sem.to_tensor_type(rhs), True, div_or_mod) is scalar:
+                return sem.broadcast_impl_value(lhs, sem._cast_to_computation_type(rhs, scalar))
+        elif arithmetic_check and rhs_cls is tensor and (lhs_cls is int or lhs_cls is float):
+            scalar = rhs.type.scalar
+            if type(scalar) is dtype \
+                    and sem.computation_type_impl(sem.to_tensor_type(lhs), True, scalar, False, div_or_mod) is scalar:
+                return sem.broadcast_impl_value(sem._cast_to_computation_type(lhs, scalar), rhs)
         return original(sem, lhs, rhs, allow_lhs_ptr, allow_rhs_ptr, arithmetic_check, div_or_mod)
 
     checked._moelink_fast = True

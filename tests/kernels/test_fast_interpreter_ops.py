@@ -5,6 +5,7 @@ interpreter's own code, and with `debug` on the overflow check still runs and st
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -140,7 +141,9 @@ def test_broadcasts_give_the_interpreters_types_and_values(shapes):
 
 
 @pytest.mark.parametrize("case", ["same", "scalars", "fp16 div", "int div", "ptr", "shapes", "no arithmetic check",
-                                  "int1", "mixed", "number"])
+                                  "int1", "mixed", "number", "int number", "number left", "fp16 number", "wide int",
+                                  "negative unsigned", "out of range", "bool", "ptr number", "scalar number",
+                                  "int div number", "int number left"])
 def test_binary_checks_give_the_interpreters_operands(case):
     """Two tensors of one type and shape pass through the checks as they are; every other pair (another type, a
     rule that widens, a pointer, a broadcast, a number) gets what the interpreter's own checks give."""
@@ -161,9 +164,25 @@ def test_binary_checks_give_the_interpreters_operands(case):
                     "no arithmetic check": (value(i32, (2, 4)), value(i32, (2, 4)), dict(arithmetic_check=False)),
                     "int1": (value(tl.int1, (8,)), value(tl.int1, (8,)), {}),
                     "mixed": (value(f16, (8,)), value(f32, (8,)), {}),
-                    "number": (value(f32, (8,)), 1.5, {})}[case]
+                    "number": (value(f32, (8,)), 1.5, {}),
+                    "int number": (value(i32, (2, 4)), 3, {}),
+                    "number left": (-2.5, value(f32, (4,)), {}),
+                    "fp16 number": (value(f16, (8,)), 0.1, {}),
+                    "wide int": (value(i32, (8,)), 2**40, {}),
+                    "negative unsigned": (value(tl.uint32, (8,)), -1, {}),
+                    "out of range": (value(tl.int8, (8,)), 300, {}),
+                    "bool": (value(i32, (8,)), True, {}),
+                    "ptr number": (value(ptr, (8,)), 4, dict(allow_lhs_ptr=True)),
+                    "scalar number": (7, value(i32, ()), {}),
+                    "int div number": (value(i32, (8,)), 3, dict(div_or_mod=True)),
+                    "int number left": (3, value(f16, (2, 4)), {})}[case]
+    try:
+        own = type(sem).binary_op_type_checking_impl(sem, lhs, rhs, **kw)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+            sem.binary_op_type_checking_impl(lhs, rhs, **kw)
+        return
     fast = sem.binary_op_type_checking_impl(lhs, rhs, **kw)
-    own = type(sem).binary_op_type_checking_impl(sem, lhs, rhs, **kw)
     assert getattr(sem.binary_op_type_checking_impl, "_moelink_fast", False)
     for f, o in zip(fast, own):
         assert f.type == o.type and f.handle.dtype == o.handle.dtype and f.handle.data.dtype == o.handle.data.dtype
