@@ -16,8 +16,10 @@ interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). A
 overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
 broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
 builtin's stand-in built per call (`_lean_patched_builtins`), the promotion rule and same-type casts of every binary op (`_memo_type_rules`),
-and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (fast_interpreter_scan.py): tests/kernels/test_fast_interpreter_ops.py compares the
-bits with the interpreter's own code. Installed by tests/kernels/conftest.py and by
+and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (fast_interpreter_scan.py),
+the binary ops' type checks where they change nothing and the constexpr unwrap of each builtin's operands
+(fast_interpreter_binary.py), and the `@builtin` wrapper's check, which the stand-in's `_semantic` passes:
+tests/kernels/test_fast_interpreter_ops.py compares the bits (and types, errors) with the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
 """
