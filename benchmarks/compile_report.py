@@ -103,7 +103,8 @@ def analyze(kernel, workdir: Path, ptxas: str | None, cuobjdump: str | None) -> 
     name = md.name
     d = dict(name=name, num_warps=md.num_warps, num_stages=md.num_stages, shared=md.shared,
              target=f"sm_{md.target.arch}", ptx_wgmma=count_at_word_start(r"wgmma\.mma_async", ptx),
-             ptx_mma_sync=count_at_word_start(r"mma\.sync", ptx), ptx_tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+             ptx_mma_sync=count_at_word_start(r"mma\.sync", ptx),
+             ptx_tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
              wgmma_n=max(map(int, re.findall(r"wgmma\.mma_async\.sync\.aligned\.m\d+n(\d+)k", ptx)), default=0),
              ptx_cp_async=count_at_word_start(r"cp\.async\.(?:ca|cg)", ptx))
     cub = workdir / f"{kernel.hash}.cubin"

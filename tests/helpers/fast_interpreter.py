@@ -16,10 +16,11 @@ interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). A
 overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
 broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
 builtin's stand-in built per call (`_lean_patched_builtins`), the promotion rule and same-type casts of every binary op (`_memo_type_rules`),
-and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (fast_interpreter_scan.py),
-the binary ops' type checks where they change nothing and the constexpr unwrap of each builtin's operands
-(fast_interpreter_binary.py), and the `@builtin` wrapper's check, which the stand-in's `_semantic` passes:
-tests/kernels/test_fast_interpreter_ops.py compares the bits (and types, errors) with the interpreter's own code. Installed by tests/kernels/conftest.py and by
+and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold
+the same objects (fast_interpreter_scan.py), the binary ops' type checks where they change nothing and the constexpr
+unwrap of each builtin's operands (fast_interpreter_binary.py), and the `@builtin` wrapper's check, which the
+stand-in's `_semantic` passes: tests/kernels/test_fast_interpreter_ops.py compares the bits (and types, errors) with
+the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
 """
@@ -234,7 +235,8 @@ def _lean_patched_builtins(interp) -> None:
     def patch_attr(obj, name, member, builder, scope):
         own = member
         wrapped = None
-        if wrapper_code is not None and getattr(member, "__code__", None) is wrapper_code:  # the function the wrapper calls: its closure's `fn`
+        # The function the wrapper calls: its closure's `fn`.
+        if wrapper_code is not None and getattr(member, "__code__", None) is wrapper_code:
             wrapped = member.__closure__[wrapper_code.co_freevars.index("fn")].cell_contents
 
         def new_member(*args, member=member, **kwargs):

@@ -1,6 +1,7 @@
 """The type checks the Triton interpreter makes before every binary op (`binary_op_type_checking_impl`), answered
-directly where they change nothing: part of tests/helpers/fast_interpreter.py (why the interpreter is patched there),
-and the constexpr unwrap of every builtin's operands (`_lean_unwrap`), split out for size; loaded by path as that module may be (interpreter_site's children)."""
+directly where they change nothing, and the constexpr unwrap of every builtin's operands (`_lean_unwrap`): part of
+tests/helpers/fast_interpreter.py (why the interpreter is patched there), split out for size; loaded by path as that
+module may be (interpreter_site's children)."""
 from __future__ import annotations
 
 

@@ -283,7 +283,8 @@ def test_merge_keeps_one_record_per_key():
 def test_instruction_counts_equal_the_word_boundary_findall(pattern):
     r"""The report's one-pass instruction count gives `re.findall(r"\b" + pattern)`'s count: at the text's start,
     after spaces, dots, tabs, braces and non-ASCII letters (not after a letter, digit or underscore)."""
-    text = ("HGMMA.64x128 R0; xHGMMA _HGMMA 9HGMMA HGMMAB HGMMA_ \tHGMMA\n{HGMMA} éHGMMA .HGMMA HMMA.16816 QHMMA HMMA\n"
+    text = ("HGMMA.64x128 R0; xHGMMA _HGMMA 9HGMMA HGMMAB HGMMA_ \tHGMMA\n{HGMMA} éHGMMA .HGMMA HMMA.16816 "
+            "QHMMA HMMA\n"
             "LDGSTS.E [R1]; ULDGSTS LDGSTS\nwgmma.mma_async.sync.aligned.m64n128k16 xwgmma.mma_async wgmma.mma_async\n"
             "mma.sync.aligned @p mma.sync wgmma.mma.sync _mma.sync cp.async.ca.shared cp.async.cg x.cp.async.cg "
             "bcp.async.ca cp.async.bulk.tensor\n")
