@@ -16,15 +16,17 @@ interpreter's bit-by-bit conversion works out (`_fast_bf16_casts`: same bits). A
 overflow check whose answer the interpreter drops without `debug` (`_no_discarded_overflow_checks`), the general
 broadcast walk for operands of one shape or a scalar beside a block (`_cheap_broadcasts`), and the keyword dict each
 builtin's stand-in built per call (`_lean_patched_builtins`), the promotion rule and same-type casts of every binary op (`_memo_type_rules`),
-and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold the same objects (fast_interpreter_scan.py): tests/kernels/test_fast_interpreter_ops.py compares the
-bits with the interpreter's own code. Installed by tests/kernels/conftest.py and by
+and the `inspect.getmembers` scan of each language module and class at every launch, memoized while their dicts hold
+the same objects (fast_interpreter_scan.py), the binary ops' type checks where they change nothing and the constexpr
+unwrap of each builtin's operands (fast_interpreter_binary.py), and the `@builtin` wrapper's check, which the
+stand-in's `_semantic` passes: tests/kernels/test_fast_interpreter_ops.py compares the bits (and types, errors) with
+the interpreter's own code. Installed by tests/kernels/conftest.py and by
 the scripts the tests run with TRITON_INTERPRET=1 (`install()`); a no-op when the interpreter's internals are not
 the ones described (another Triton version), or without TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import threading
 import types
@@ -100,74 +102,9 @@ def _fast_bf16_casts(interp) -> None:
 
 
 def _cheap_types(core) -> None:
-    """Two per-op costs of the interpreter's type objects, made lazy or memoized (~15 % of an interpreter engine
-    test, py-spy, Triton 3.9): every block type formats its name (`f'<{shape}, {element_ty}>'`: a tuple and a
-    dtype to text) and checks its shape, and every tensor's shape is a `tl.tuple` whose type is worked out per
-    element (`_type_for_tuple_values`), though the interpreter reads neither for most of them. Here a block type's
-    name is made when first read (then kept), the shape check's answer is memoized by shape (a bad shape still
-    raises, each time), and a `tl.tuple` built without a type gets it when first read: the same values as the
-    original's, computed from the same tuple. A tensor's shape constexprs and numel are made once per shape."""
-    block_type, ttuple = core.block_type, core.tuple
-    validate, unwrap, type_for = core.validate_block_shape, core._unwrap_shape, core._type_for_tuple_values
-    numel_of: dict[tuple, int] = {}
-
-    def block_init(self, element_ty, shape):
-        # As the original: `tuple` in triton.language.core is its own tl.tuple, so the shape is one (of ints).
-        self.element_ty = element_ty
-        assert isinstance(shape, (list, ttuple))
-        # Plain ints (nearly every shape) are what `_unwrap_shape` would return: its two walks are skipped for them.
-        dims = shape.values if isinstance(shape, ttuple) else shape
-        shape = ttuple(list(dims) if all(type(d) is int for d in dims) else unwrap(shape))
-        if not shape:
-            raise TypeError('0d block_type is forbidden')
-        self.shape = shape
-        key = tuple(shape.values)
-        numel = numel_of.get(key)
-        if numel is None:
-            numel = numel_of[key] = validate(shape)
-        self.numel = numel
-
-    def get_name(self):
-        name = self.__dict__.get("_moelink_name")
-        if name is None:
-            name = self.__dict__["_moelink_name"] = f'<{self.shape}, {self.element_ty}>'
-        return name
-
-    def set_name(self, value):
-        self.__dict__["_moelink_name"] = value
-
-    tuple_init = ttuple.__init__
-
-    def tuple_lazy_init(self, args, type=None):
-        if type is not None:
-            return tuple_init(self, args, type)
-        self.values = [i for i in args]
-
-    def get_type(self):
-        found = self.__dict__.get("_moelink_type")
-        if found is None:
-            found = self.__dict__["_moelink_type"] = type_for(self.values)
-        return found
-
-    def set_type(self, value):
-        self.__dict__["_moelink_type"] = value
-
-    # A tensor's shape as constexprs and its numel, per shape (the original makes both anew for every tensor): the
-    # constexprs and the numel are shared (never changed in place), each tensor still gets a tuple of its own.
-    constexpr, tensor_shapes = core.constexpr, {}
-
-    def tensor_init(self, handle, type):
-        self.handle, self.type, self.dtype = handle, type, type.scalar
-        dims = tuple(type.shape) if type.is_block() else ()
-        memo = tensor_shapes.get(dims)
-        if memo is None:
-            memo = tensor_shapes[dims] = ([constexpr(d) for d in dims], constexpr(math.prod(dims)))
-        self.shape, self.numel = ttuple(memo[0]), memo[1]
-
-    block_init._moelink_fast = True
-    block_type.__init__, block_type.name = block_init, property(get_name, set_name)
-    ttuple.__init__, ttuple.type = tuple_lazy_init, property(get_type, set_type)
-    core.tensor.__init__ = tensor_init
+    """The interpreter's type objects made lazy or memoized: a block type's name and shape check, a tensor's shape
+    tuple and numel (fast_interpreter_types.py, split out for size)."""
+    _sibling("fast_interpreter_types").cheap_types(core)
 
 
 def _no_discarded_overflow_checks(interp) -> None:
@@ -289,11 +226,24 @@ def _lean_patched_builtins(interp) -> None:
     the caller's without `_semantic`, then `_semantic=interpreter_semantic` (read per call, as the original's global)
     last, in the same order; `member` can be passed by keyword as before."""
     original = interp._patch_attr
+    # A `@builtin`'s wrapper only refuses a call without `_semantic` and calls the function it wraps: the stand-in
+    # calls that function itself where the semantic it passes is not None (the wrapper's check passes then).
+    wrapper_code = interp.tl.core.builtin(lambda: None).__code__
+    if "fn" not in wrapper_code.co_freevars:
+        wrapper_code = None
 
     def patch_attr(obj, name, member, builder, scope):
+        own = member
+        wrapped = None
+        # The function the wrapper calls: its closure's `fn`.
+        if wrapper_code is not None and getattr(member, "__code__", None) is wrapper_code:
+            wrapped = member.__closure__[wrapper_code.co_freevars.index("fn")].cell_contents
+
         def new_member(*args, member=member, **kwargs):
             kwargs.pop("_semantic", None)
-            kwargs["_semantic"] = interp.interpreter_semantic
+            kwargs["_semantic"] = sem = interp.interpreter_semantic
+            if wrapped is not None and sem is not None and member is own:
+                return wrapped(*args, **kwargs)
             return member(*args, **kwargs)
 
         scope.set_attr(obj, name, new_member)
@@ -366,7 +316,9 @@ def install() -> bool:
     attr = getattr(interp, "_patch_attr", None)
     if callable(attr) and not getattr(attr, "_moelink_fast", False) and _makes_the_known_stand_in(attr):
         _lean_patched_builtins(interp)
-    _scan_module().install_memo_scan(interp)
+    _sibling("fast_interpreter_scan").install_memo_scan(interp)
+    _sibling("fast_interpreter_binary").install_binary_checks(interp)
+    _sibling("fast_interpreter_binary").install_lean_unwrap(interp)
     core = tl.core
     if all(callable(getattr(core, n, None)) for n in ("validate_block_shape", "_unwrap_shape",
                                                        "_type_for_tuple_values", "block_type", "tuple",
@@ -398,21 +350,20 @@ def lazy_interpreter_env(env: dict) -> dict:
     return out
 
 
-def _scan_module():
-    """fast_interpreter_scan.py, this file's sibling, found by path as this module may be: interpreter_site's
-    sitecustomize loads this file by path in children where `tests` is not importable (benchmark smokes run with
-    their own cwd and PYTHONPATH)."""
+def _sibling(stem: str):
+    """This file's sibling `stem`.py (fast_interpreter_scan, fast_interpreter_binary), found by path as this module
+    may be: interpreter_site's sitecustomize loads this file by path in children where `tests` is not importable
+    (benchmark smokes run with their own cwd and PYTHONPATH)."""
     import importlib.util
     import sys
 
-    name = "_moelink_fast_interpreter_scan"
+    name = f"_moelink_{stem}"
     module = sys.modules.get(name)
     if module is None:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fast_interpreter_scan.py")
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{stem}.py")
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None, path
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return module
-

@@ -276,3 +276,18 @@ def test_merge_keeps_one_record_per_key():
                kernels=[dict(base, hash="bbb", cases=["a", "b"]), dict(base, hash="ccc", dtypes="*fp32", cases=["c"])])
     merged = compile_report.merge_into(old, new, "moe")
     assert [(k["hash"], k["cases"]) for k in merged["kernels"]] == [("aaa", ["a", "b"]), ("ccc", ["c"])]
+
+
+@pytest.mark.parametrize("pattern", [r"HGMMA\b", r"HMMA\b", r"LDGSTS\b", r"wgmma\.mma_async", r"mma\.sync",
+                                     r"cp\.async\.(?:ca|cg)"])
+def test_instruction_counts_equal_the_word_boundary_findall(pattern):
+    r"""The report's one-pass instruction count gives `re.findall(r"\b" + pattern)`'s count: at the text's start,
+    after spaces, dots, tabs, braces and non-ASCII letters (not after a letter, digit or underscore)."""
+    text = ("HGMMA.64x128 R0; xHGMMA _HGMMA 9HGMMA HGMMAB HGMMA_ \tHGMMA\n{HGMMA} éHGMMA .HGMMA HMMA.16816 "
+            "QHMMA HMMA\n"
+            "LDGSTS.E [R1]; ULDGSTS LDGSTS\nwgmma.mma_async.sync.aligned.m64n128k16 xwgmma.mma_async wgmma.mma_async\n"
+            "mma.sync.aligned @p mma.sync wgmma.mma.sync _mma.sync cp.async.ca.shared cp.async.cg x.cp.async.cg "
+            "bcp.async.ca cp.async.bulk.tensor\n")
+    for t in (text, text[1:], text * 3, ""):
+        assert compile_report.count_at_word_start(pattern, t) == len(re.findall(r"\b" + pattern, t)), (pattern, t)
+    assert compile_report.count_at_word_start(pattern, text) > 0

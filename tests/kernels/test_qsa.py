@@ -16,6 +16,15 @@ from moelink.kernels.qsa import reference_qsa_select, reference_sparse_gqa_atten
 from tests.helpers.dsa_cases import CTX_Q, L, cache_of, meta_of, meta_to, positions
 
 
+@pytest.fixture(scope="module")
+def qwen4_exp_path(tmp_path_factory) -> str:
+    """The tiny Qwen3.8-Flash-Next checkpoint (seed 0), built once for the module's two engine tests (transformers
+    builds and saves it: about half of an engine test here); each test only reads it."""
+    from tests.helpers.qwen4_exp_checkpoints import save_qwen4_exp_checkpoint
+
+    return save_qwen4_exp_checkpoint(tmp_path_factory.mktemp("qwen4_exp"))
+
+
 def test_reference_selection_is_transformers_indexer_formula(gen):
     """Per query: the top block_topk complete blocks by sum_h relu(q . key) / sqrt(Di), their positions, then the
     incomplete block's (transformers' loop, written out)."""
@@ -101,7 +110,7 @@ def test_triton_sparse_gqa_equals_reference(gen, kdev, dtype):
 
 
 @pytest.mark.slow
-def test_engine_with_triton_kernels_matches_reference(tmp_path, kdev):
+def test_engine_with_triton_kernels_matches_reference(qwen4_exp_path, kdev):
     """Qwen3.8-Flash-Next's tiny model on CPU with every kernel forced to Triton (interpreter; float32): the QSA
     attention kernel, the hyper-connections' residual step (an identity stream mixing), gated DeltaNet's kernels
     beside the PLE: the reference kernels' tokens and logprobs."""
@@ -109,11 +118,9 @@ def test_engine_with_triton_kernels_matches_reference(tmp_path, kdev):
 
     from moelink.engine import LLM, SamplingParams
 
-    from tests.helpers.qwen4_exp_checkpoints import save_qwen4_exp_checkpoint
-
     if kdev.type != "cpu":
         pytest.skip("CPU interpreter smoke; with a GPU the engine tests run on Triton")
-    path = save_qwen4_exp_checkpoint(tmp_path)
+    path = qwen4_exp_path
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (1, 21, 9)]  # 21: QSA selects (budget 8)
 
@@ -131,7 +138,7 @@ def test_engine_with_triton_kernels_matches_reference(tmp_path, kdev):
 
 
 @pytest.mark.slow  # Triton in the interpreter, eager and replayed
-def test_graph_decode_matches_eager(tmp_path, kdev):
+def test_graph_decode_matches_eager(qwen4_exp_path, kdev):
     """Decode graphs (engine/rank/cuda_graph.py, EagerReplay on CPU) of Qwen3.8-Flash-Next: QSA decode steps pool
     max_model_len // c blocks (no host length read), the PLE's states per static slot; a replayed decode equals the
     eager engine on the same Triton kernels, the null state slot stays zero (padded rows write zeros) and every
@@ -140,11 +147,10 @@ def test_graph_decode_matches_eager(tmp_path, kdev):
     from moelink.engine.rank.cuda_graph import EagerReplay
 
     from tests.helpers.graph_replays import count_replays
-    from tests.helpers.qwen4_exp_checkpoints import save_qwen4_exp_checkpoint
 
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, real graphs are captured by the engine itself")
-    path = save_qwen4_exp_checkpoint(tmp_path)
+    path = qwen4_exp_path
     prompts = [[5, 9, 13, 7, 22, 31, 4, 2, 8, 8, 11, 17, 3, 30, 21, 6, 9], [3, 3, 40]]
 
     def llm():
