@@ -69,6 +69,12 @@ SHIM_SOCKET, SHIM_PYTHON, SHIM_IMPORT_ENV = "MOELINK_ZYGOTE_SOCKET", "MOELINK_ZY
 EXECUTABLE_ENV = "MOELINK_ZYGOTE_EXECUTABLE"
 
 
+def real_python() -> str:
+    """This process's interpreter: sys.executable, or the one the shim runs where sys.executable is the shim (a
+    child started with EXECUTABLE_ENV; a zygote it starts must not run the shim, which would exec itself)."""
+    return os.environ.get(SHIM_PYTHON, sys.executable) if sys.executable == SHIM else sys.executable
+
+
 def spawn_at(path: str, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int],
              pgid: int | None = None, new_session: bool = False) -> tuple[int, socket.socket]:
     """Ask the zygote listening at `path` to fork `python -m ...` (module_argv; or `-c CODE ...`, or `- CODE ...` for
@@ -167,7 +173,7 @@ class _Zygote:
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         # Run as a script, not `-m tests.helpers.zygote`: a child must not find the `tests` package already
         # imported (an exec'd `python -m` elsewhere would not).
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], env=self.env,
+        self.proc = subprocess.Popen([real_python(), os.path.abspath(__file__), self.path], env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=root)
         line = self.proc.stdout.readline()  # bounded: the zygote prints it once imported, or exits
         self.proc.stdout.close()
@@ -186,7 +192,7 @@ class _Zygote:
 
     def shim_env(self) -> dict:
         """What a script's environment needs for its `$PYTHON -m ...` to be forked here too (zygote_shim.py)."""
-        return {"PYTHON": SHIM, SHIM_SOCKET: self.path, SHIM_PYTHON: sys.executable,
+        return {"PYTHON": SHIM, SHIM_SOCKET: self.path, SHIM_PYTHON: real_python(),
                 SHIM_IMPORT_ENV: json.dumps(self.import_env, sort_keys=True)}
 
     def close(self) -> None:

@@ -32,8 +32,15 @@ RAY_WORKER_MODULE = "ray._private.workers.default_worker"
 
 
 def _shim_vars() -> dict:
-    """The shim's variables (zygote.shim_env) without PYTHON; {} where Ray's workers are not to be forked."""
-    env = zygote.shim_env() if os.environ.get(RAY_SWITCH, "1") != "0" else {}
+    """The shim's variables (zygote.shim_env) without PYTHON; {} where Ray's workers are not to be forked. A
+    process started with `node_env` (its sys.executable the shim) has them already: its Ray's workers fork from
+    the zygote that forked it (no zygote of its own started: ~3 s of CPU importing torch)."""
+    if os.environ.get(RAY_SWITCH, "1") == "0":
+        return {}
+    names = (zygote.SHIM_SOCKET, zygote.SHIM_PYTHON, zygote.SHIM_IMPORT_ENV)
+    if sys.executable == zygote.SHIM and all(os.environ.get(k) for k in names):
+        return {k: os.environ[k] for k in names}
+    env = zygote.shim_env()
     env.pop("PYTHON", None)
     return env
 
