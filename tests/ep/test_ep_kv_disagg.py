@@ -15,6 +15,7 @@ import pytest
 from moelink.engine import LLM
 from moelink.engine.kv_transfer.remote import RemoteKVConfig, RemoteKVConnector
 
+from tests.helpers import zygote_ray
 from tests.helpers.kv_disagg import KW, MAX_NEW, READY_S, Decoder, PrefillProcess, decode_params, one_engine
 from tests.helpers.net import free_port
 from tests.helpers.parity import prompts
@@ -61,7 +62,8 @@ def test_prefill_at_ep2_in_another_process_decode_on_one_rank(tiny_model, want):
     path = tiny_model("qwen3_e6k3")
     ps, want = PROMPTS[21], want[21]
     port = free_port(2)  # its two ranks listen on port and port + 1
-    pre = PrefillProcess({"model": path, "port": port, "prompts": ps, "llm": KW, "ep": 2})
+    # Its Ray's workers (the two ranks) fork from the test zygote, as the test Ray's do (tests/helpers/zygote_ray.py).
+    pre = PrefillProcess({"model": path, "port": port, "prompts": ps, "llm": KW, "ep": 2}, env=zygote_ray.node_env({}))
     try:
         ready = pre.expect("ready", READY_S)
         assert ready["first"] == [w[:1] for w in want]

@@ -10,6 +10,7 @@ import pytest
 from moelink.engine import LLM, EngineArgs, SamplingParams
 from moelink.engine.cluster.ray_guard import processes_using
 
+from tests.helpers import zygote_ray
 from tests.helpers.grpc_server import ServerProcess
 from tests.helpers.waits import wait_until
 
@@ -87,7 +88,9 @@ def test_sigkilled_ep_server_leaves_no_ray_behind(tiny_model, ray_tmpdir, listen
     within seconds (before: every Ray server on all interfaces; agents lived ~65 s, the session folder for good)."""
     # (ServerProcess: `moelink serve --host 127.0.0.1 --port 0`, OMP_NUM_THREADS=1, ready within 90 s.)
     server = ServerProcess(tiny_model("qwen3_e6k3"), ["--expert-parallel-size", "2", "--dtype", "float32",
-                                                      "--num-kv-blocks", "64"], env={"RAY_TMPDIR": ray_tmpdir})
+                                                      "--num-kv-blocks", "64"],
+                           # its Ray's workers (the ranks) fork from the test zygote (tests/helpers/zygote_ray.py)
+                           env=zygote_ray.node_env({"RAY_TMPDIR": ray_tmpdir}))
     try:
         # Issue 54 item 10: Ray's token-auth warning at every start, and its record mark on every log line.
         logs = server.logs()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 import textwrap
 
@@ -16,6 +15,7 @@ import pytest
 
 from moelink.engine import LLM, SamplingParams
 
+from tests.helpers import zygote
 from tests.helpers.local_ray import RAY, RayHead
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,9 @@ def test_generate_on_ray_head_started_by_ray_start(tiny_model, tmp_path):
             print("RESULT", json.dumps([o.outputs[0].token_ids for o in outs]))
             llm.engine.shutdown()
         """)
-        last = subprocess.run([sys.executable, "-c", client], env=env, capture_output=True, text=True, timeout=240)
+        # The driver is a process of its own (forked by the test zygote: torch imported once, tests/helpers/zygote.py).
+        last = zygote.run([sys.executable, "-c", client], env=env, capture_output=True, text=True, timeout=240,
+                          fork_code=True)
         assert last.returncode == 0, last.stderr[-3000:]
         line = next(ln for ln in last.stdout.splitlines() if ln.startswith("RESULT "))
         assert json.loads(line[len("RESULT "):]) == want

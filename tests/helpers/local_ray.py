@@ -21,7 +21,7 @@ from pathlib import Path
 # unless this is "0" (a one-node cluster); ray_on_loopback sets it (and Ray's constant) while a Ray starts.
 from moelink.engine.cluster.ray_executor import RAY_LOOPBACK_ENV as LOOPBACK_ENV, ray_on_loopback
 
-from . import zygote
+from . import zygote, zygote_ray
 from .net import free_port
 from .waits import wait_until
 
@@ -61,7 +61,7 @@ def local_ray(num_cpus: int = 4):
         raise RuntimeError("a Ray instance is already initialized in this process (left behind by a test?)")
     with ray_temp_dir("mlray-") as temp_dir:
         try:
-            with ray_on_loopback(), zygote.ray_workers():
+            with ray_on_loopback(), zygote_ray.ray_workers():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
             yield ray
@@ -81,7 +81,7 @@ RAY_STARTED = "Ray runtime started."
 RAY_STATUS_EVERY_S = 5.0
 
 
-def stop_process_group(proc: subprocess.Popen | None, grace: float = STOP_GRACE_S) -> None:
+def stop_process_group(proc: subprocess.Popen | zygote.ZygoteChild | None, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM `proc`'s process group (started with start_new_session=True), SIGKILL it after `grace` seconds;
     returns once `proc` is reaped (bounded)."""
     if proc is None:
@@ -117,11 +117,16 @@ class RayHead:
         self.log = log
         with open(log, "w") as out:
             # Unbuffered: its "Ray runtime started." line reaches the log when it is printed (see _wait_ready).
-            self.proc = subprocess.Popen(
-                [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+            # `ray start` is Ray's CLI module run by this interpreter (the `ray` command runs the same `main`),
+            # forked by the test zygote with its sys.executable the shim: the head's Ray workers (the driver's EP
+            # ranks, Ray's idle workers) fork from the zygote too (tests/helpers/zygote_ray.py), each a process
+            # of its own as before.
+            self.proc = zygote.popen(
+                [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                 "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                  "--num-cpus", str(num_cpus), "--include-dashboard", "false", "--disable-usage-stats",
                  "--temp-dir", self.temp_dir],
-                env={**self.env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+                env=zygote_ray.node_env({**self.env, "PYTHONUNBUFFERED": "1"}), stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
         try:
             self._wait_ready(ready_timeout)

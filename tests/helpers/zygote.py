@@ -88,16 +88,26 @@ def _import_env(env: dict) -> dict:
 # shim, which has the zygote named here fork those too (tests/helpers/zygote_shim.py).
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_python")
 SHIM_SOCKET, SHIM_PYTHON, SHIM_IMPORT_ENV = "MOELINK_ZYGOTE_SOCKET", "MOELINK_ZYGOTE_PYTHON", "MOELINK_ZYGOTE_IMPORT_ENV"
+# A child whose environment names an interpreter here runs with it as sys.executable (taken out of its environment,
+# so that its own children do not inherit it): a `ray start` whose Ray workers are to run through the shim
+# (tests/helpers/zygote_ray.py `node_env`), as an exec'd one started by that interpreter would build them.
+EXECUTABLE_ENV = "MOELINK_ZYGOTE_EXECUTABLE"
+
+
+def real_python() -> str:
+    """This process's interpreter: sys.executable, or the one the shim runs where sys.executable is the shim (a
+    child started with EXECUTABLE_ENV; a zygote it starts must not run the shim, which would exec itself)."""
+    return os.environ.get(SHIM_PYTHON, sys.executable) if sys.executable == SHIM else sys.executable
 
 
 def spawn_at(path: str, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int],
-             pgid: int | None = None) -> tuple[int, socket.socket]:
+             pgid: int | None = None, new_session: bool = False) -> tuple[int, socket.socket]:
     """Ask the zygote listening at `path` to fork `python -m ...` (module_argv; or `-c CODE ...`, or `- CODE ...` for
-    code read from stdin) with these stdio fds, in process group `pgid` if given (else the zygote's): (its pid, the
-    connection its exit status will arrive on)."""
+    code read from stdin) with these stdio fds, in process group `pgid` if given (else the zygote's), or in a session
+    of its own (Popen's start_new_session): (its pid, the connection its exit status will arrive on)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    msg = json.dumps({"argv": module_argv, "env": env, "cwd": cwd, "pgid": pgid}).encode()
+    msg = json.dumps({"argv": module_argv, "env": env, "cwd": cwd, "pgid": pgid, "setsid": new_session}).encode()
     socket.send_fds(sock, [len(msg).to_bytes(8, "big") + msg], list(fds))
     reply = b""
     while not reply.endswith(b"\n"):
@@ -113,38 +123,6 @@ def shim_env() -> dict:
     """`_Zygote.shim_env` of this process's zygote (started if need be); {} where there is none (or it is off)."""
     z = _get() if os.environ.get(ENV_SWITCH, "1") != "0" else None
     return z.shim_env() if z is not None else {}
-
-
-RAY_SWITCH = "MOELINK_TEST_RAY_ZYGOTE"
-
-
-@contextlib.contextmanager
-def ray_workers():
-    """While a test's `ray.init` starts its Ray: the raylet's Python workers (the EP ranks, Ray's idle workers) are
-    forked by this process's zygote, torch already imported (~1.9 s of CPU a worker), instead of exec'd. Ray builds
-    the worker command from sys.executable and hands the raylet this process's environment, so both name the shim
-    here (zygote_shim.py: it forks `default_worker.py` and stays as the raylet's child, in one process group with
-    the worker); the rest of Ray's Python processes (agents, monitors) exec through it as before. The raylet
-    registers a worker by the worker ID it passed on the command line, and its pid by what the worker reports
-    (the forked one, which the tests signal). Off with MOELINK_TEST_RAY_ZYGOTE=0 (or MOELINK_TEST_ZYGOTE=0)."""
-    env = shim_env() if os.environ.get(RAY_SWITCH, "1") != "0" else {}
-    if not env:
-        yield
-        return
-    env.pop("PYTHON")
-    saved = {k: os.environ.get(k) for k in env}
-    executable = sys.executable
-    os.environ.update(env)
-    sys.executable = SHIM
-    try:
-        yield
-    finally:
-        sys.executable = executable
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # -- the client side (the test process) ------------------------------------------------------------------------------
@@ -220,7 +198,7 @@ class _Zygote:
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         # Run as a script, not `-m tests.helpers.zygote`: a child must not find the `tests` package already
         # imported (an exec'd `python -m` elsewhere would not).
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], env=self.env,
+        self.proc = subprocess.Popen([real_python(), os.path.abspath(__file__), self.path], env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=root)
         line = self.proc.stdout.readline()  # bounded: the zygote prints it once imported, or exits
         self.proc.stdout.close()
@@ -233,12 +211,13 @@ class _Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def spawn(self, args, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int]) -> tuple[int, socket.socket]:
-        return spawn_at(self.path, module_argv, env, cwd, fds)
+    def spawn(self, args, module_argv: list[str], env: dict, cwd: str, fds: tuple[int, int, int],
+              new_session: bool = False) -> tuple[int, socket.socket]:
+        return spawn_at(self.path, module_argv, env, cwd, fds, new_session=new_session)
 
     def shim_env(self) -> dict:
         """What a script's environment needs for its `$PYTHON -m ...` to be forked here too (zygote_shim.py)."""
-        return {"PYTHON": SHIM, SHIM_SOCKET: self.path, SHIM_PYTHON: sys.executable,
+        return {"PYTHON": SHIM, SHIM_SOCKET: self.path, SHIM_PYTHON: real_python(),
                 SHIM_IMPORT_ENV: json.dumps(self.import_env, sort_keys=True)}
 
     def close(self) -> None:
@@ -296,7 +275,7 @@ def _fd(spec, mode: str, default_null: bool) -> tuple[int, object | None, bool]:
 
 
 def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text=False, zygote: bool = True,
-          fork_code: bool = False, **kw):
+          fork_code: bool = False, start_new_session: bool = False, **kw):
     """`subprocess.Popen(cmd, ...)`, forked from the zygote when `cmd` is `[sys.executable, "-m", module, ...]` (or,
     with `fork_code`, `[sys.executable, "-c", code, ...]`: code that imports torch, which an exec'd start imports
     again) and the environment allows (module docstring)."""
@@ -308,7 +287,9 @@ def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text
     z = _get() if use else None
     if z is None or _import_env(env) != z.import_env:
         starts["exec"] += 1
-        return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, stdin=stdin, env=env, cwd=cwd, text=text, **kw)
+        env.pop(EXECUTABLE_ENV, None)  # (an exec'd child's sys.executable is the interpreter it runs)
+        return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, stdin=stdin, env=env, cwd=cwd, text=text,
+                                start_new_session=start_new_session, **kw)
     ours = []
     fd_in, keep_in, close_in = _fd(stdin, "w", True)
     fd_out, keep_out, close_out = _fd(stdout, "r", False)
@@ -316,7 +297,7 @@ def popen(cmd, *, stdout=None, stderr=None, stdin=None, env=None, cwd=None, text
     # None: the child writes where this process does (as Popen's inherit).
     fds = (fd_in, fd_out if fd_out >= 0 else sys.stdout.fileno(), fd_err if fd_err >= 0 else sys.stderr.fileno())
     try:
-        pid, status = z.spawn(cmd, list(cmd[1:]), env, os.path.abspath(cwd or os.getcwd()), fds)
+        pid, status = z.spawn(cmd, list(cmd[1:]), env, os.path.abspath(cwd or os.getcwd()), fds, start_new_session)
     finally:
         for fd, close in ((fd_in, close_in), (fd_out, close_out), (fd_err, close_err)):
             if close:
@@ -405,6 +386,8 @@ def _join_group(pid: int, pgid: int | None) -> None:
 def _become_child(req: dict, fds: list[int], base_path: list[str], moelink_from: str | None) -> None:
     """In the forked child: take the request's stdio, environment, directory and argv, then run the module (or the
     `-c` code)."""
+    if req.get("setsid"):
+        os.setsid()
     _join_group(0, req.get("pgid"))
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
@@ -418,6 +401,9 @@ def _become_child(req: dict, fds: list[int], base_path: list[str], moelink_from:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
     os.environ.update(req["env"])
+    executable = os.environ.pop(EXECUTABLE_ENV, None)
+    if executable:
+        sys.executable = executable
     os.chdir(req["cwd"])
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
 
@@ -547,7 +533,8 @@ def _serve(path: str) -> int:
                     traceback.print_exc()
                     raise SystemExit(1)
                 raise SystemExit(0)
-            _join_group(pid, req.get("pgid"))
+            if not req.get("setsid"):
+                _join_group(pid, req.get("pgid"))
             for fd in fds:
                 os.close(fd)
             children[pid] = conn

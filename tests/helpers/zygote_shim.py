@@ -19,9 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zygote  # noqa: E402  (tests/helpers/zygote.py: standard library only)
+import zygote_ray  # noqa: E402  (tests/helpers/zygote_ray.py: the same)
 
-RAY_WORKER_SCRIPT = os.path.join("ray", "_private", "workers", "default_worker.py")
-RAY_WORKER_MODULE = "ray._private.workers.default_worker"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -60,13 +59,10 @@ def main(argv: list[str]) -> int:
         # `-` with that code (the zygote runs it as <stdin>, argv[0] "-"), else exec'd with the code on a pipe.
         code = sys.stdin.buffer.read()
         argv = ["-", code.decode("utf-8", "surrogateescape"), *argv[1:]]
-    # A Ray worker the raylet starts (`python .../ray/_private/workers/default_worker.py ARGS`, the command Ray built
-    # from sys.executable: tests/helpers/local_ray.py) runs as the module that file is, in this process's group: the
-    # raylet made it a group of its own, and stops a worker by its group (the shim and the worker, as one exec'd
-    # worker would be).
-    pgid, given = None, argv
-    if argv[:1] and argv[0].endswith(RAY_WORKER_SCRIPT):
-        argv, pgid = ["-m", RAY_WORKER_MODULE, *argv[1:]], os.getpgid(0)
+    # A Ray worker the raylet starts (tests/helpers/zygote_ray.py) runs as the module that file is, in this
+    # process's group.
+    given = argv
+    argv, pgid = zygote_ray.worker_argv(argv)
     # Code that names none of the preloaded packages is cheaper exec'd (~0.04 s of CPU) than forked (~0.2 s).
     forkable = len(argv) >= 2 and (argv[0] == "-m" or (argv[0] in ("-c", "-") and _names_preloaded(argv[1:])))
     read_stdin = argv[0] == "-" and len(argv) >= 2
