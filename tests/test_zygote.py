@@ -133,15 +133,25 @@ def test_a_child_with_another_moelink_on_its_path_imports_that_one(tmp_path):
     seen = json.loads(other.stdout)
     assert seen["moelink"] == str(tmp_path / "moelink" / "__init__.py") and not seen["served"], other.stderr
     assert seen["ppid"] == zygote._get().proc.pid  # still forked: only moelink's modules were dropped
+    # A `-m` child of a preloaded module runs a fresh copy as __main__, as an exec'd start (runpy warns otherwise).
+    cli = zygote.run([sys.executable, "-m", "moelink.engine.api.cli", "--help"], capture_output=True, text=True,
+                     timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 0 and "usage" in cli.stdout and cli.stderr == "", cli.stderr
 
 
-def test_the_preloaded_moelink_modules_read_no_environment_at_import():
-    """A forked child's moelink modules were imported by the zygote under its environment: none of them may read
-    the environment at import (module level, class bodies, default values), or a child's own setting would be
-    missed. Reads inside functions (lambdas included) happen in the child and are fine."""
+def test_the_preloaded_moelink_modules_import_no_optional_dependency_and_read_no_environment():
+    """The zygote's moelink preload imports none of the optional dependencies a child may lack or have hidden (a
+    fresh interpreter imports them and lists what it has); and none of those modules reads the environment at
+    import (module level, class bodies, default values), or a child's own setting would be missed. Reads inside
+    functions (lambdas included) happen in the child and are fine."""
     import ast
     import importlib
 
+    code = ("import sys, importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in zygote.PRELOAD_OPTIONAL)
+            + "print(sorted({n.split('.')[0] for n in sys.modules}))")
+    tops = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    optional = sorted(set(eval(tops.stdout)) & set(zygote.OPTIONAL_DEPENDENCIES))
+    assert optional == [], f"the zygote's preload imports optional dependencies a child may lack: {optional}"
     for name in zygote.PRELOAD_OPTIONAL:
         importlib.import_module(name)
     modules = [m for n, m in sorted(sys.modules.items()) if n.startswith("moelink") and getattr(m, "__file__", None)]

@@ -20,7 +20,7 @@ if __name__ == "__main__":
     elif what == "moelink":  # where this child's moelink comes from, and whether the zygote's serving modules are in
         import moelink
 
-        print(json.dumps({"moelink": moelink.__file__, "served": "moelink.engine.server.server" in sys.modules,
+        print(json.dumps({"moelink": moelink.__file__, "served": "moelink.engine.rank.worker" in sys.modules,
                           "ppid": os.getppid()}))
         sys.exit(0)
     elif what == "env":
