@@ -1,9 +1,9 @@
 """The machine's CPU use through a test run, for finding where the cores stand idle (issue 55).
 
-`MOELINK_TEST_CPU_SAMPLES=FILE make test PYTEST_ARGS=--junitxml=OUT.xml` makes the pytest controller (tests/conftest.py)
-write one line per second to FILE (a new file: a pytest that a test runs, with the variable inherited, finds it
-there and samples nothing): the epoch time and the busy cores over that second, from /proc/stat (every
-process of the machine: the workers, their Ray ranks, servers and forked children). `python -m
+`MOELINK_TEST_CPU_SAMPLES=FILE make test PYTEST_ARGS=--junitxml=OUT.xml` makes the pytest controller
+(tests/helpers/run_records.py) write one line per second to FILE (a new file: a pytest that a test runs, with the
+variable inherited, finds it there and samples nothing): the epoch time and the busy cores over that second, from
+/proc/stat (every process of the machine: the workers, their Ray ranks, servers and forked children). `python -m
 tests.helpers.junit_times OUT.xml --idle FILE` then gives each file the idle core-seconds of the seconds its tests
 ran, shared among the tests running at that moment (a test that waits on a subprocess while the other worker runs a
 one-core test leaves a core idle: that is what a third worker could fill, or what a shorter wait saves).

@@ -1,4 +1,4 @@
-"""The CPU of a whole process tree, for the suite's own measurements (tests/conftest.py, MOELINK_TEST_CGROUPS=1).
+"""The CPU of a whole process tree, for the suite's own measurements (tests/helpers/run_records.py, MOELINK_TEST_CGROUPS=1).
 
 `enter(name)` puts this process in a new cgroup-v1 `cpuacct` group (root only); every process it starts from then on
 is in it too, also those that leave its process tree by daemonizing (Ray's GCS, raylet and workers, servers), so

@@ -3,7 +3,7 @@
     python -m tests.helpers.junit_times OUT.xml [--by file|dir|test] [--top N] [--idle SAMPLES]
 
 Per file (or folder, or test function): junit's wall seconds, the tests' CPU seconds in their pytest process
-(tests/conftest.py records `cpu_s` per test: every thread of the worker, not its subprocesses) and the count. A row
+(tests/helpers/run_records.py records `cpu_s` per test: every thread of the worker, not its subprocesses) and the count. A row
 whose CPU is far over its cost run alone, or whose wall is far over its CPU without subprocesses to explain it, was
 slowed by something beside it (docs/testing.md: a worker left on two threads made such rows ~5x their cost alone).
 With `--idle SAMPLES` (a run with MOELINK_TEST_CPU_SAMPLES=SAMPLES, tests/helpers/cpu_samples.py): the idle
