@@ -55,9 +55,17 @@ def cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def dot(a, b, acc, INTERPRET: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b with fp32 accumulation; bf16/fp16 products are exact in fp32, so
-    widening first (interpreter only) gives what a tensor-core MMA gives."""
+    widening first (interpreter only) gives what a tensor-core MMA gives.
+
+    In the interpreter the tile product is element-wise products summed over K by numpy's reduction, not
+    `tl.dot` (numpy's matmul, i.e. the host BLAS): the BLAS picks its micro-kernel by the CPU (OpenBLAS's
+    DYNAMIC_ARCH, `OPENBLAS_CORETYPE`), and some (Haswell's, on AVX2 machines) round an output row by where it
+    falls in the tile, which a tensor-core MMA never does. A reduction over K alone keeps each output element's
+    arithmetic to its own row and column on any CPU, so what the interpreter shows of a kernel's invariance is
+    the kernel's own tile order and split (issue 82)."""
     if INTERPRET:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        prod = a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
+        return acc + tl.sum(prod, axis=1)
     return acc + tl.dot(a, b, input_precision=PREC)
 
 

@@ -2,14 +2,18 @@
 a target request's tokens and logprobs are bitwise the same alone and in batches of 1-64 mixed requests, across
 chunked-prefill boundaries, a prefix-cache hit, an offload-tier hit and preemption; the logprob a decode step reports for a token equals,
 bitwise, that token's prompt logprob when the whole sequence is prefilled again (what a trainer recomputes). The same
-runs without the mode differ (so the checks can fail). float32, where the reduction order shows (float64 hides it
-to ~1e-14 only); GQA (Qwen3-MoE) and MLA (DeepSeek-V3)."""
+runs without the mode, under a matmul that splits its reduction by the batch's rows as BLAS libraries do, differ (so
+the checks can fail, on any CPU: whether this machine's own BLAS moves these shapes' bits is its kernel choice, not a
+property of the engine; issue 82). float32, where the reduction order shows (float64 hides it to ~1e-14 only); GQA
+(Qwen3-MoE) and MLA (DeepSeek-V3)."""
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from moelink.engine import LLM, SamplingParams
 
@@ -29,6 +33,27 @@ def _record(out) -> tuple[list[int], list[float], list[dict]]:
     c = out.outputs[0]
     return (list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
             [{t: v.logprob for t, v in lp.items()} for lp in c.logprobs])
+
+
+class _SplitKByRows(TorchFunctionMode):
+    """The negative control's matmul: `F.linear` / `matmul` of more than one row sum their reduction in two halves,
+    the second first; one row sums it whole. What a BLAS does when it picks a split-K kernel by the problem's shape,
+    made certain: the host BLAS alone may or may not move these shapes' bits on a given CPU (an AVX2 machine's MKL
+    kept qwen4_exp's logprobs bitwise without the mode), so a control that relied on it failed there."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and not kwargs:
+            x, w = args[0], args[1]
+            bias = args[2] if func is F.linear and len(args) > 2 else None
+            K = x.shape[-1]
+            if w.dim() == 2 and x.dim() >= 2 and x.numel() // max(K, 1) > 1 and K >= 2 and x.is_floating_point():
+                wt = w.t() if func is F.linear else w
+                h = K // 2
+                # The mode is off inside its own handler: the halves' products run on the plain ops.
+                y = torch.matmul(x[..., h:], wt[h:]) + torch.matmul(x[..., :h], wt[:h])
+                return y if bias is None else y + bias
+        return func(*args, **kwargs)
 
 
 def _main_llm(path: str, batch_invariant: bool, max_num_seqs: int) -> LLM:
@@ -141,7 +166,11 @@ def _path(model, tiny_model, hf_tiny_model, tmp_path_factory) -> str:
         from moelink.engine.tools.tiny_model import make_tiny_model
 
         if "qwen4_exp" not in _KIMI:
-            _KIMI["qwen4_exp"] = str(make_tiny_model(tmp_path_factory.mktemp("qwen4_exp") / "m", arch="qwen4_exp"))
+            # Weights drawn wider than the preset's 0.1: at 0.1 its logits are so flat that a reduction-order change
+            # of the hidden states does not reach a logprob's bits (an AVX2 CPU's BLAS, without the mode, gave bitwise
+            # equal logprobs; issue 82), and the invariance checks would pass without the mode.
+            _KIMI["qwen4_exp"] = str(make_tiny_model(tmp_path_factory.mktemp("qwen4_exp") / "m", arch="qwen4_exp",
+                                                     extra={"initializer_range": 0.5}))
         return _KIMI["qwen4_exp"]
     if model == "dsv4":  # DeepSeek-V4 (CSA / HCA compressed attention, hash routing, hyper-connections)
         from tests.helpers.dsv4_checkpoint import save_dsv4_checkpoint
@@ -179,7 +208,13 @@ def test_a_request_gets_the_same_bits_in_any_batch_and_not_without_the_mode(mode
     sizes = _sizes(model)
     on = _runs(path, True, target, others, sizes, llm=invariant_llms(path, max(sizes)))
     assert all(r == on[0] for r in on), [i for i, r in enumerate(on) if r != on[0]]
-    off = _runs(path, False, target, others, sizes, full=False)
+    # The control's matmul, entered where the engine runs a step's forward (the plain-torch backend's step context,
+    # on the stream's thread: torch's function modes are per thread).
+    from moelink.kernels.ops import ReferenceKernels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ReferenceKernels, "step_context", staticmethod(_SplitKByRows), raising=False)
+        off = _runs(path, False, target, others, sizes, full=False)
     assert any(r[1] != off[0][1] for r in off), "without the mode the logprobs were bitwise equal as well"
     assert on[0][0] == off[0][0]  # the same tokens: only the last bits moved
 
