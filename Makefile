@@ -66,9 +66,17 @@ TEST_WORKERS ?= 2
 # The checkout's own modules compiled once first: this machine sets PYTHONDONTWRITEBYTECODE=1, so without it every
 # process the suite starts (EP ranks, servers, script smokes: hundreds) compiles moelink's sources again, ~0.2 s of
 # CPU each (pip compiles site-packages at install; an editable checkout is not).
+# CPU_ISA=avx2 runs the suite as an AVX2 machine without AVX-512 would (docs/testing.md#other-cpus): OpenBLAS's Haswell
+# kernels (numpy, the Triton interpreter), MKL and oneDNN at AVX2 (torch), ATen's AVX2 kernels, numpy's AVX-512 loops
+# off. Empty (the default): whatever this CPU picks.
+CPU_ISA ?=
+ISA_ENV_avx2 := OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+	NPY_DISABLE_CPU_FEATURES=X86_V4,AVX512_ICL,AVX512_SPR
+ISA_ENV := $(if $(CPU_ISA),$(or $(ISA_ENV_$(CPU_ISA)),$(error CPU_ISA=$(CPU_ISA) is invalid: empty or avx2)))
+
 test: setup
 	$(PY) -m compileall -q -j 2 engine scheduler moe comm kernels planner benchmarks deploy tests > /dev/null
-	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
+	$(ISA_ENV) MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # The quick loop to run after each change (docs/testing.md#the-quick-loop): the type check (seconds on its cache) and
 # every test not marked `slow` (no Ray, no server subprocess, nothing measured over 1 s), on the same two workers.

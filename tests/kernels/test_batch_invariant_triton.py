@@ -232,3 +232,25 @@ def test_the_row_local_kernels_the_backend_keeps_give_a_row_the_same_bits_in_any
     assert all(torch.equal(a, b) for other in batched for a, b in zip(alone, other))
     for got, want in zip(alone, run(0, reference_rope_write_kv, reference_route_topk, reference_silu_mul)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_interpreters_dot_never_asks_the_host_blas(kdev, monkeypatch):
+    """Issue 82: the interpreter's tile products are numpy's element-wise products and reduction, not numpy's matmul
+    (OpenBLAS picks its kernel by the CPU, and its AVX2 Haswell kernel rounds a row by its place in the tile), so the
+    invariance the tests above see is the kernel's own on any CPU. `make test CPU_ISA=avx2` runs them as such a CPU."""
+    import numpy as np
+
+    from moelink.kernels.triton_invariant_matmul import triton_invariant_linear
+
+    if kdev.type != "cpu":
+        pytest.skip("compiled kernels: the GPU's MMA, no host BLAS")
+
+    def no_blas(*args, **kwargs):
+        raise AssertionError("the interpreter's dot called numpy.matmul (the host BLAS)")
+
+    gen = torch.Generator().manual_seed(6)
+    x, w = torch.randn(5, 40, generator=gen), torch.randn(24, 40, generator=gen)
+    monkeypatch.setattr(np, "matmul", no_blas)
+    got = triton_invariant_linear(x, w)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, F.linear(x.double(), w.double()).float(), atol=1e-5, rtol=1e-5)
