@@ -17,6 +17,7 @@ import torch
 
 from ..config.checkpoint_headers import HeaderBounds
 from ..config.requantize import Requant
+from .safe_text import shown
 from ..config.timeouts import (DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S, MAX_GROUP_TIMEOUT_S,
                                MAX_JOIN_TIMEOUT_S, check_bounded_seconds)
 
@@ -62,18 +63,20 @@ class UpdateGroupSpec:
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
-            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}.")
+            raise ValueError(f"{field}={shown(getattr(self, field))} is invalid: {allowed}.")
 
-        if not isinstance(self.master_address, str) or not self.master_address:
-            bad("master_address", "must be a host name or IP address")
+        if not isinstance(self.master_address, str) or not 0 < len(self.master_address) <= 253 \
+                or not self.master_address.isprintable():
+            bad("master_address", "must be a host name or IP address (at most 253 printable characters)")
         for name, low in (("master_port", 1), ("rank_offset", 1), ("world_size", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 bad(name, f"must be an integer >= {low}" + (" (the trainer is rank 0)" if name == "rank_offset" else ""))
         if self.master_port > 65535:
             bad("master_port", "must be at most 65535")
-        if not isinstance(self.group_name, str) or not self.group_name or "/" in self.group_name:
-            bad("group_name", "must be a non-empty string without '/'")
+        if not isinstance(self.group_name, str) or not 0 < len(self.group_name) <= 128 or "/" in self.group_name \
+                or not self.group_name.isprintable():
+            bad("group_name", "must be a non-empty string of at most 128 printable characters, without '/'")
         if self.backend not in GROUP_BACKENDS:
             bad("backend", f"choose from {', '.join(GROUP_BACKENDS)} (gloo on CPU ranks, nccl on GPUs)")
         check_bounded_seconds("timeout_s", self.timeout_s, MAX_GROUP_TIMEOUT_S)
