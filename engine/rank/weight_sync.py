@@ -46,6 +46,10 @@ WriteBucket = Callable[[dict[str, torch.Tensor], "UndoLog | None"], int]
 # threads and sockets, never more.
 MAX_JOIN_THREADS = 4
 _CONNECT_RETRY_S = 0.2  # between two connects refused (the trainer's store may be about to listen)
+# A port refused this long (or the join's timeout, if shorter) fails the join: the trainer makes its store as it asks
+# the engine to join, seconds apart at most.
+REFUSED_GRACE_S = 10.0
+_FIRST_WORD_S = 0.05  # a listener that speaks within this of the connect is not a torch store (which waits)
 
 
 @dataclass
@@ -223,30 +227,46 @@ class _Unreachable(Exception):
 
 
 def _reachable(spec: UpdateGroupSpec, entry: _Join, deadline: float) -> None:
-    """Resolve the trainer's address and wait for its port to accept a connection (closed at once), in Python with
-    real timeouts, before torch's store client (which retries a refused port past its timeout, and waits for ever on
-    a listener that never answers): a name that does not resolve fails at once, naming it."""
+    """Resolve the trainer's address and wait for its port to accept a connection, in Python with real timeouts,
+    before torch's store client (which retries a refused port past its timeout, and waits for ever on a listener that
+    never answers): a name that does not resolve fails at once; a port refused for REFUSED_GRACE_S (the trainer makes
+    its store as it asks the engine to join: seconds apart at most) fails then; a listener that speaks first (a torch
+    store never does: its client speaks first) or hangs up at once is not a trainer's store, and fails at once."""
+    where = f"{spec.master_address}:{spec.master_port}"
     try:
         infos = socket.getaddrinfo(spec.master_address, spec.master_port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise _Unreachable(f"master_address={spec.master_address!r} does not resolve "
                            f"({getattr(exc, 'strerror', None) or exc}).") from None
     entry.phase = "connecting"
-    refused = None
+    family, kind, proto, _, addr = infos[0]
+    refused_since: float | None = None
+    grace = min(REFUSED_GRACE_S, spec.join_timeout_s)
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Unreachable(f"nothing accepted a connection at {spec.master_address}:{spec.master_port} within "
-                               f"{spec.join_timeout_s:g} s ({refused or 'no answer'}): is the trainer listening?")
-        family, kind, proto, _, addr = infos[0]
+        now = time.monotonic()
+        if refused_since is not None and (now - refused_since >= grace or now >= deadline):
+            raise _Unreachable(f"nothing listens at {where} (connection refused for {now - refused_since:.1f} s): is "
+                               "the trainer listening?")
+        if now >= deadline:
+            raise _Unreachable(f"nothing accepted a connection at {where} within {spec.join_timeout_s:g} s: is the "
+                               "trainer listening?")
         try:
             with socket.socket(family, kind, proto) as sock:
-                sock.settimeout(min(left, 5.0))
+                sock.settimeout(min(deadline - now, 5.0))
                 sock.connect(addr)
-            return
-        except OSError as exc:
-            refused = exc.strerror or type(exc).__name__
-            time.sleep(min(_CONNECT_RETRY_S, max(deadline - time.monotonic(), 0)))
+                sock.settimeout(_FIRST_WORD_S)
+                try:
+                    said = sock.recv(1)
+                except (socket.timeout, BlockingIOError):
+                    return  # silent until spoken to, as a torch store is
+                raise _Unreachable(f"the listener at {where} is not a torch.distributed store: it "
+                                   + ("sent data before it was asked anything." if said else
+                                      "closed the connection at once."))
+        except ConnectionRefusedError:
+            refused_since = now if refused_since is None else refused_since
+        except OSError:  # no route, a timeout: tried again until the deadline
+            refused_since = None
+        time.sleep(min(_CONNECT_RETRY_S, max(deadline - time.monotonic(), 0)))
 
 
-__all__ = ["MAX_JOIN_THREADS", "UpdateGroups"]
+__all__ = ["MAX_JOIN_THREADS", "REFUSED_GRACE_S", "UpdateGroups"]

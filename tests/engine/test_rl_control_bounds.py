@@ -137,14 +137,16 @@ def test_bad_trainer_addresses_fail_clearly_and_a_real_trainer_joins_after(serve
     # A name that does not resolve fails at once, long before its 20 s join timeout.
     msg, elapsed = asyncio.run(join(*_join_args(1234, "g", 20.0, host="no-such-host.invalid")))
     assert "does not resolve" in msg and elapsed < 10, (msg, elapsed)
-    # A closed port: retried (a trainer may be about to listen), then refused naming it, at join_timeout_s.
+    # A closed port: retried (a trainer may be about to listen), then refused naming it, at join_timeout_s or
+    # REFUSED_GRACE_S (10 s), whichever comes first.
     closed = free_port()
     msg, elapsed = asyncio.run(join(*_join_args(closed, "g", 1.5)))
-    assert "nothing accepted a connection" in msg and "refused" in msg.lower() and elapsed < 10, (msg, elapsed)
-    # A listener that answers garbage: torch's store client refuses it, or the join times out; either said.
+    assert "nothing listens" in msg and "connection refused" in msg and elapsed < 10, (msg, elapsed)
+    # A listener that speaks first (a torch store waits for its client): not a trainer's store, said at once, long
+    # before its 20 s join timeout (or, were the banner late, torch's client refuses it or the join times out).
     with _listener("garbage") as port:
-        msg, elapsed = asyncio.run(join(*_join_args(port, "g", 3.0)))
-    assert "group 'g'" in msg and elapsed < 12, (msg, elapsed)
+        msg, elapsed = asyncio.run(join(*_join_args(port, "g", 20.0)))
+    assert "group 'g'" in msg and elapsed < 25, (msg, elapsed)
     # Bad fields are refused before any rank begins: the join timeout is bounded and finite.
     for bad in (0.0, float("inf"), 1e9):
         with pytest.raises(ValueError, match="join_timeout_s"):
