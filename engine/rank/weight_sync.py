@@ -13,8 +13,9 @@ failure stay written, and the driver refuses to serve until a complete update la
 
 A join runs on a thread of its own (`join` returns at once; the driver polls `join_status` between steps): the rank
 steps on meanwhile, and a trainer's address that never answers holds that thread only. The name is resolved and the
-port connected to in Python first (a name that does not resolve fails at once; a refused port is retried until the
-join's timeout, the trainer may be about to listen), then torch's rendezvous runs: its store client ignores its
+port connected to in Python first (a name that does not resolve fails at once; a refused port is retried for up to
+REFUSED_GRACE_S, the trainer may be about to listen; a listener that speaks first is no torch store and fails at
+once), then torch's rendezvous runs: its store client ignores its
 timeout against a listener that accepts and never answers (torch 2.13), so the driver's join_timeout_s is the bound
 the caller sees, and a join the driver dropped (`destroy`) discards its group if it ever forms.
 """
