@@ -135,20 +135,23 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
 
 
 def side_group(master_addr: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str,
-               timeout_s: float, device: torch.device | str | None = None):
+               timeout_s: float, device: torch.device | str | None = None, store_timeout_s: float | None = None):
     """A group of its own beside the process's default one (a trainer and the engine's ranks exchanging weights,
     docs/rl.md): never the default group, so the engine's EP/TP groups are untouched. Rank 0 serves the store on
     master_addr:master_port (bound to that address only); its keys live under "<group_name>/<device>/", the prefixes
     torch's own `new_group` (and SGLang's `init_custom_process_group`) put them under, so a trainer that makes its
     group either way meets the engine's ranks. Returns (the backend's group, its store): keep the store while the
-    group lives. gloo raises in the caller once `timeout_s` passes without a peer; NCCL's watchdog aborts."""
+    group lives. gloo raises in the caller once `timeout_s` passes without a peer; NCCL's watchdog aborts.
+    `store_timeout_s` (default `timeout_s`): the store's, for the rendezvous (torch's store client does not honour it
+    against a listener that accepts and never answers: the caller bounds its own wait, engine/rank/weight_sync.py)."""
     _check_int("world_size", world_size, 2)
     _check_int("rank", rank, 0, world_size - 1)
     _check_int("master_port", master_port, 1, 65535)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: choose from {', '.join(BACKENDS)}.")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = rendezvous_store(rank, world_size, master_addr, master_port, timeout)
+    store = rendezvous_store(rank, world_size, master_addr, master_port,
+                             timeout if store_timeout_s is None else datetime.timedelta(seconds=store_timeout_s))
     kind = "cuda" if backend == "nccl" else "cpu"
     prefixed = dist.PrefixStore(f"{kind}/", dist.PrefixStore(f"{group_name}/", store))
     if backend == "nccl":

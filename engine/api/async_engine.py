@@ -23,6 +23,7 @@ caller's side, when the engine thread cannot (a drain whose grace ran out during
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import queue
@@ -37,7 +38,7 @@ from ..contract.engine_info import EngineInfo
 from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
 from ..core.moe_metrics import ExpertLoadReport
 from ..core.no_tokenizer import NoTokenizer
-from .rl_calls import ControlCommand, check_call, run_control, waits
+from .rl_calls import ControlCommand, check_call, drive, run_control, waits
 from .output_thread import AddOutputs, FinishOutputs, OutputQueue, OutputThread, StepOutputs, Stream
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.safe_text import shown
@@ -103,6 +104,8 @@ class AsyncEngine:
             metrics.attach(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._deferred: list[ControlCommand] = []  # control calls waiting for started requests (rl_calls.waits)
+        # The control calls' check thread (_control_checks), made at the first call that needs it.
+        self._checks: concurrent.futures.ThreadPoolExecutor | None = None
         self._wakeup = threading.Event()
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
@@ -297,20 +300,35 @@ class AsyncEngine:
         self._outputs.close()
         self._output.join(timeout)
         self._watchdog.close(timeout)
+        if self._checks is not None:  # a check still reading files ends on its own; its caller got EngineDeadError
+            self._checks.shutdown(wait=False, cancel_futures=True)
 
     # -- engine thread ----------------------------------------------------------
     async def control(self, method: str, *args):
         """An RL control call (engine/api/rl_calls.py: update_weights_from_disk, pause_generation, ...) run on the
-        engine thread between two steps; its result, or the ValueError of its refusal."""
-        import concurrent.futures
-
+        engine thread between two steps, what its arguments make costly off it (rl_calls.drive); its result, or the
+        ValueError of its refusal."""
         check_call(method)
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine is not running: {self.dead_error}")
+        return await drive(self.engine, method, args, self._submit_control, self._control_checks())
+
+    def _submit_control(self, method: str, args: tuple, call: str | None, ordered: bool) -> asyncio.Future:
+        """Queue one ControlCommand for the engine thread (rl_calls.drive's `submit`); the future of its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self.dead_error is not None:
                 raise EngineDeadError(f"engine is not running: {self.dead_error}")
-            self._send(ControlCommand(method, args, future))
-        return await asyncio.wrap_future(future)
+            self._send(ControlCommand(method, args, future, call, ordered))
+        return asyncio.wrap_future(future)
+
+    def _control_checks(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread control calls check their files on (an update's checkpoint headers): one, so checks queue
+        rather than pile up, and never the engine thread (rl_calls.drive)."""
+        with self._lock:
+            if self._checks is None:
+                self._checks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moelink-control-check")
+            return self._checks
 
     def _send(self, cmd: AddCommand | AbortCommand | StopCommand | ControlCommand) -> None:
         self._commands.put(cmd)
@@ -354,7 +372,7 @@ class AsyncEngine:
 
     def _run_control(self, cmd: ControlCommand) -> None:
         """Run a control call now, or keep it for a later pass while it waits for started requests."""
-        if self._deferred or waits(self.engine, cmd):  # behind an earlier waiting call, or waiting itself
+        if cmd.ordered and (self._deferred or waits(self.engine, cmd)):  # behind an earlier waiting call, or waiting
             self._deferred.append(cmd)
             return
         run_control(self.engine, cmd, lambda ids: len(self._end_counted(ids)))

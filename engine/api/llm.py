@@ -62,11 +62,12 @@ class LLM:
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "gloo",
-                                  timeout_s: float = 60.0) -> dict:
+                                  timeout_s: float = 60.0, join_timeout_s: float = 30.0) -> dict:
         """Join a trainer's process group (the trainer is rank 0 and serves the rendezvous at master_address:
-        master_port; engine rank r joins as rank_offset + r); the trainer makes its group at the same time."""
+        master_port; engine rank r joins as rank_offset + r); the trainer makes its group at the same time.
+        `timeout_s`: the group's (each broadcast); `join_timeout_s`: the most the join may take."""
         return self.engine.init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
-                                                     backend, timeout_s)
+                                                     backend, timeout_s, join_timeout_s)
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,

@@ -9,6 +9,12 @@ Only headers are read (8 bytes of length, then the JSON header, at most MAX_HEAD
 safetensors itself checks it (every tensor's bytes inside the data, the data covering the rest of the file: a file
 cut short is refused here, naming it, not left to raise safetensors' own error in the loader), and no tensor data
 but INT4's `weight_shape` pairs (16 bytes each, compressed-tensors).
+
+A checkpoint a request names (a weight update from disk, engine/rl/weights.py) is read under `HeaderBounds`: its
+headers, index and tensor count at most about twice the served checkpoint's (`bounds_like`; an update holds the same
+tensors), each checked before the bytes are read or parsed, and every file it names inside its directory (`confined`:
+no `..`, no absolute path, no link out of it), so a request cannot make the server parse gigabytes of JSON or read
+(and quote) a file of someone else's.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import os
 import re
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from .architectures import REGISTRY
@@ -39,6 +46,140 @@ _INT4_PACKED = {"compressed-tensors": "weight_packed", "gptq": "qweight", "awq":
 # A routed expert's linear (compressed-tensors' weight_shape is [out, in]): which config.json sizes make its shape.
 _EXPERT_LINEAR = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight_shape$")
 _SHAPE_DTYPES = {"I64": "<q", "I32": "<i"}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class HeaderBounds:
+    """What reading a checkpoint's headers may cost (a checkpoint a request names: a weight update). Each is checked
+    before the bytes it bounds are read: `max_header_bytes` the JSON headers of every file together (the 8-byte
+    length of each read first), `max_index_bytes` model.safetensors.index.json's size, `max_tensors` the tensors
+    the headers and the index's weight_map name, `max_files` the files. `confined`: every file must lie inside the
+    checkpoint's directory (`checkpoint_file`)."""
+
+    max_tensors: int
+    max_header_bytes: int
+    max_index_bytes: int
+    max_files: int
+    confined: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_tensors", "max_header_bytes", "max_index_bytes", "max_files"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid: must be a positive integer.")
+
+
+# What bounds_like allows beyond twice the served checkpoint's own: room for metadata and other file names.
+_SLACK_BYTES = 1 << 20
+_SLACK_TENSORS = 64
+
+
+def bounds_like(model_dir: str | Path) -> HeaderBounds:
+    """HeaderBounds for a checkpoint that must hold the tensors of the one at `model_dir` (the served checkpoint,
+    trusted: the server loaded it): twice its tensors, files, header and index bytes, plus a little."""
+    path = Path(model_dir)
+    files = _files(path, None)
+    header_bytes = tensors = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+        header_bytes += struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+    tensors = len(checkpoint_tensors(path))
+    index = path / INDEX_NAME
+    index_bytes = index.stat().st_size if index.is_file() else 0
+    return HeaderBounds(max_tensors=2 * tensors + _SLACK_TENSORS, max_header_bytes=2 * header_bytes + _SLACK_BYTES,
+                        max_index_bytes=2 * index_bytes + _SLACK_BYTES, max_files=2 * len(files) + 8)
+
+
+def _roots(path: Path) -> tuple[Path, ...]:
+    """Where a confined checkpoint's files may resolve to: its directory, and for a Hugging Face cache snapshot
+    (models--org--name/snapshots/<revision>, whose files are links to ../../blobs/<hash>) its repository's blobs."""
+    roots = [path.resolve()]
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        roots.append((path.parent.parent / "blobs").resolve())
+    return tuple(roots)
+
+
+def checkpoint_file(path: Path, fname, roots: tuple[Path, ...] | None) -> Path:
+    """The file a checkpoint's index names (`fname`, from its weight_map) or lists: a plain name relative to the
+    checkpoint directory `path` (no absolute path, no '..', no empty or NUL part); with `roots` (a confined
+    checkpoint) it must also resolve, links followed, inside one of them. ValueError naming the entry and the rule,
+    never anything of the file it points at."""
+    if not isinstance(fname, str) or not fname or "\x00" in fname or os.path.isabs(fname) \
+            or any(part in ("", "..") for part in fname.split("/")):
+        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} names file {fname!r:.200}: a "
+                         "checkpoint names its files relative to its directory (no absolute path, no '..').")
+    f = path / fname
+    if roots is not None:
+        real = f.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise ValueError(f"checkpoint {str(path)!r} is invalid: its file {fname!r:.200} is a link out of the "
+                             "checkpoint's directory: an update reads files inside it only.")
+    return f
+
+
+def _weight_map(path: Path, bounds: HeaderBounds | None) -> dict | None:
+    """model.safetensors.index.json's weight_map (None when there is no index), its size checked before it is
+    read."""
+    index = path / INDEX_NAME
+    if not index.is_file():
+        return None
+    if bounds is not None:
+        if bounds.confined:
+            checkpoint_file(path, INDEX_NAME, _roots(path))
+        if index.stat().st_size > bounds.max_index_bytes:
+            raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} is larger than this update "
+                             f"may be ({bounds.max_index_bytes} bytes: twice the served checkpoint's index and "
+                             "1 MiB).")
+        with open(index, "rb") as f:
+            raw = f.read(bounds.max_index_bytes + 1)
+        if len(raw) > bounds.max_index_bytes:  # grew since its stat
+            raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} is larger than this update may "
+                             f"be ({bounds.max_index_bytes} bytes).")
+    else:
+        raw = index.read_bytes()
+    try:
+        weight_map = json.loads(raw).get("weight_map", {})
+    except (ValueError, AttributeError):
+        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} is not a JSON object.") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME}'s weight_map is not an object.")
+    if bounds is not None and len(weight_map) > bounds.max_tensors:
+        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} names {len(weight_map)} tensors, "
+                         f"more than this update may ({bounds.max_tensors}: twice the served checkpoint's).")
+    return weight_map
+
+
+def _files(path: Path, bounds: HeaderBounds | None) -> list[Path]:
+    """The checkpoint's safetensors files: those its index names, or every *.safetensors of the directory."""
+    roots = _roots(path) if bounds is not None and bounds.confined else None
+    weight_map = _weight_map(path, bounds)
+    names = sorted(set(weight_map.values()), key=str) if weight_map is not None \
+        else sorted(f.name for f in path.glob("*.safetensors"))
+    if bounds is not None and len(names) > bounds.max_files:
+        raise ValueError(f"checkpoint {str(path)!r} is invalid: it names {len(names)} safetensors files, more than "
+                         f"this update may ({bounds.max_files}: twice the served checkpoint's).")
+    return [checkpoint_file(path, n, roots) for n in names]
+
+
+def index_of(model_dir: str | Path, bounds: HeaderBounds | None = None) -> dict[str, Path] | None:
+    """Tensor name -> file from the checkpoint's index (None when it has none), every file checked by
+    `checkpoint_file` (and confined, with `bounds`)."""
+    path = Path(model_dir)
+    weight_map = _weight_map(path, bounds)
+    if weight_map is None:
+        return None
+    roots = _roots(path) if bounds is not None and bounds.confined else None
+    files: dict[str, Path] = {}
+    for fname in set(weight_map.values()):
+        files[fname] = checkpoint_file(path, fname, roots)
+    return {name: files[fname] for name, fname in weight_map.items()}
+
+
+def glob_files(model_dir: str | Path, bounds: HeaderBounds | None = None) -> list[Path]:
+    """The *.safetensors files of a checkpoint without an index (confined and counted, with `bounds`)."""
+    return _files(Path(model_dir), bounds)
 
 
 def read_header(path: Path) -> dict:
@@ -46,8 +187,9 @@ def read_header(path: Path) -> dict:
     return _read_header(path)[0]
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(read_header's header, the byte at which the file's tensor data starts)."""
+def _read_header(path: Path, most: int = MAX_HEADER_BYTES) -> tuple[dict, int]:
+    """(read_header's header, the byte at which the file's tensor data starts). `most`: the most header bytes read
+    (a bounded read's budget left, checked against the 8-byte length before the header is read)."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -59,9 +201,12 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if len(raw) < 8:
             raise ValueError(f"checkpoint file {str(path)!r} is not a safetensors file: {st.st_size} bytes, no header.")
         (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > st.st_size:
+        if n > min(most, MAX_HEADER_BYTES) and 8 + n <= st.st_size:
+            raise ValueError(f"checkpoint file {str(path)!r} is invalid: its header is larger than a checkpoint "
+                             f"header read here may be ({min(most, MAX_HEADER_BYTES)} bytes).")
+        if 8 + n > st.st_size:  # the length prefix is the file's first bytes: never quoted
             raise ValueError(f"checkpoint file {str(path)!r} is truncated or not a safetensors file: its header "
-                             f"claims {n} bytes (the file has {st.st_size}).")
+                             "length runs past the end of the file.")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
@@ -103,17 +248,20 @@ def _check_offsets(path: Path, header: dict, data_bytes: int) -> None:
                          f"bytes of data, the file holds {data_bytes} after the header.")
 
 
-def checkpoint_tensors(model_dir: str | Path) -> dict[str, dict]:
-    """Tensor name → its header entry (dtype, shape), over every safetensors file of the checkpoint."""
+def checkpoint_tensors(model_dir: str | Path, bounds: HeaderBounds | None = None) -> dict[str, dict]:
+    """Tensor name → its header entry (dtype, shape), over every safetensors file of the checkpoint. `bounds`: a
+    checkpoint a request names, read within them (its files inside its directory, HeaderBounds.confined)."""
     path = Path(model_dir)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({path / f for f in json.loads(index.read_text()).get("weight_map", {}).values()})
-    else:
-        files = sorted(path.glob("*.safetensors"))
+    files = _files(path, bounds)
+    budget = bounds.max_header_bytes if bounds is not None else MAX_HEADER_BYTES * max(len(files), 1)
+    most_tensors = bounds.max_tensors if bounds is not None else None
     tensors: dict[str, dict] = {}
     for f in files:
-        header, start = _read_header(f)
+        header, start = _read_header(f, budget)
+        budget -= start - 8
+        if most_tensors is not None and len(tensors) + len(header) > most_tensors:
+            raise ValueError(f"checkpoint {str(path)!r} is invalid: its headers name more tensors than this update "
+                             f"may ({most_tensors}: twice the served checkpoint's).")
         for entry in header.values():  # where its bytes are in the file, for the few tensors whose values are read
             entry["_at"] = (f, start + entry["data_offsets"][0], start + entry["data_offsets"][1])
         tensors.update(header)

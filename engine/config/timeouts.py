@@ -33,3 +33,21 @@ def check_rejoin(ep_rejoin, delay_s, elastic_ep: bool, flag: str = "ep_rejoin") 
                          "serving without the lost rank (drop --no-elastic-ep, or pass --no-ep-rejoin).")
     if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) or not math.isfinite(delay_s) or delay_s < 0:
         raise ValueError(f"{flag}_delay_s={delay_s!r} is invalid: must be a finite number of seconds >= 0.")
+
+
+# Joining a trainer's weight-update group (engine/rank/weight_sync.py): the rendezvous at the trainer's address,
+# which a trainer makes at the same time as it asks the engine to join, so seconds are plenty; the join runs on a
+# thread of each rank, never the engine's, and the caller is answered by this bound even where torch's own store
+# client ignores its timeout (a listener that accepts and never answers holds it until the listener closes).
+DEFAULT_JOIN_TIMEOUT_S = 30.0
+DEFAULT_GROUP_TIMEOUT_S = 60.0  # a trainer silent this long fails the tensor being received (and drops the group)
+MAX_JOIN_TIMEOUT_S = 600.0
+# A trainer's group's timeout (each broadcast a rank waits for): at most a day, so torch's timedelta never overflows.
+MAX_GROUP_TIMEOUT_S = 86400.0
+
+
+def check_bounded_seconds(name: str, value, most: float) -> None:
+    """check_seconds, and at most `most`: one ValueError naming `name` and what is allowed."""
+    check_seconds(name, value)
+    if value > most:
+        raise ValueError(f"{name}={value!r} is invalid: must be a positive number of seconds, at most {most:g}.")

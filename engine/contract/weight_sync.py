@@ -15,13 +15,34 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config.checkpoint_headers import HeaderBounds
 from ..config.requantize import Requant
+from .safe_text import shown
+from ..config.timeouts import (DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S, MAX_GROUP_TIMEOUT_S,
+                               MAX_JOIN_TIMEOUT_S, check_bounded_seconds)
 
 DEFAULT_BUCKET_BYTES = 512 << 20  # what a rank receives before it writes (the most an update holds beside the weights)
 # Old bytes a rank may hold in host memory to roll a failed update back (engine/rank/rollback.py); 0: no rollback.
 DEFAULT_ROLLBACK_BYTES = 1 << 30
-DEFAULT_TIMEOUT_S = 60.0  # a trainer silent this long fails the tensor being received (and drops the group)
+DEFAULT_TIMEOUT_S = DEFAULT_GROUP_TIMEOUT_S  # a trainer silent this long fails the tensor being received
 GROUP_BACKENDS = ("gloo", "nccl")
+# A weight_version is echoed with every output of every request (each streamed chunk): a label, not a payload.
+MAX_WEIGHT_VERSION_CHARS = 256
+
+
+def check_weight_version(value) -> None:
+    """`weight_version` of an update: None (no label) or a string of at most MAX_WEIGHT_VERSION_CHARS printable ASCII
+    characters (space to '~'): it goes out with every later output of every user (a 60 MB label made another user's
+    16-token stream 960 MB), and into logs and headers, where control characters do not belong."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"weight_version={type(value).__name__} is invalid: must be a string (a version label).")
+    if len(value) > MAX_WEIGHT_VERSION_CHARS or not all(" " <= c <= "~" for c in value):
+        what = (f"{len(value)} characters" if len(value) > MAX_WEIGHT_VERSION_CHARS
+                else "it holds a character outside printable ASCII")
+        raise ValueError(f"weight_version is invalid ({what}): must be at most {MAX_WEIGHT_VERSION_CHARS} printable "
+                         "ASCII characters (space to '~').")
 
 
 @dataclass(frozen=True)
@@ -36,25 +57,30 @@ class UpdateGroupSpec:
     group_name: str
     backend: str = "gloo"
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # The most the join may take (the rendezvous with the trainer), after which the caller is answered and the ranks
+    # drop the join (engine/rank/weight_sync.py), whatever torch's store client does meanwhile.
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
-            raise ValueError(f"{field}={getattr(self, field)!r} is invalid: {allowed}.")
+            raise ValueError(f"{field}={shown(getattr(self, field))} is invalid: {allowed}.")
 
-        if not isinstance(self.master_address, str) or not self.master_address:
-            bad("master_address", "must be a host name or IP address")
+        if not isinstance(self.master_address, str) or not 0 < len(self.master_address) <= 253 \
+                or not self.master_address.isprintable():
+            bad("master_address", "must be a host name or IP address (at most 253 printable characters)")
         for name, low in (("master_port", 1), ("rank_offset", 1), ("world_size", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 bad(name, f"must be an integer >= {low}" + (" (the trainer is rank 0)" if name == "rank_offset" else ""))
         if self.master_port > 65535:
             bad("master_port", "must be at most 65535")
-        if not isinstance(self.group_name, str) or not self.group_name or "/" in self.group_name:
-            bad("group_name", "must be a non-empty string without '/'")
+        if not isinstance(self.group_name, str) or not 0 < len(self.group_name) <= 128 or "/" in self.group_name \
+                or not self.group_name.isprintable():
+            bad("group_name", "must be a non-empty string of at most 128 printable characters, without '/'")
         if self.backend not in GROUP_BACKENDS:
             bad("backend", f"choose from {', '.join(GROUP_BACKENDS)} (gloo on CPU ranks, nccl on GPUs)")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
-            bad("timeout_s", "must be a positive number of seconds")
+        check_bounded_seconds("timeout_s", self.timeout_s, MAX_GROUP_TIMEOUT_S)
+        check_bounded_seconds("join_timeout_s", self.join_timeout_s, MAX_JOIN_TIMEOUT_S)
 
     def check_ranks(self, num_ranks: int) -> None:
         """The engine's ranks fit in the group after the offset."""
@@ -69,13 +95,31 @@ def check_rollback_bytes(value) -> None:
         raise ValueError(f"rollback_bytes={value!r} is invalid: must be an integer >= 0 (0: no rollback).")
 
 
+# What a rank answers about its end of a join (`UpdateGroups.join_status`): still joining, joined, or failed.
+JOIN_STATES = ("joining", "joined", "failed")
+
+
+@dataclass(frozen=True)
+class JoinStatus:
+    """One rank's end of a pending join: `state` one of JOIN_STATES; `phase` what a joining rank waits for
+    ("resolving", "connecting": nothing answered the TCP connect yet, "rendezvous": connected, waiting for the
+    trainer's store and group); `error` why it failed."""
+
+    state: str
+    phase: str = ""
+    error: str | None = None
+
+
 @dataclass(frozen=True)
 class DiskUpdate:
     """One update_weights_from_disk call as every rank receives it: the checkpoint (the driver checked its headers
-    against the served one) and the most old bytes each rank keeps to roll it back (0: no rollback)."""
+    against the served one) and the most old bytes each rank keeps to roll it back (0: no rollback). `bounds`: what
+    the rank's own read of the checkpoint's index may cost, and that its files lie inside its directory (the driver
+    checked them: the rank checks again, the files may have changed since)."""
 
     model_path: str
     rollback_bytes: int = DEFAULT_ROLLBACK_BYTES
+    bounds: HeaderBounds | None = None
 
     def __post_init__(self) -> None:
         check_rollback_bytes(self.rollback_bytes)
@@ -143,5 +187,7 @@ class DistributedUpdateResult:
     group_lost: bool = False
 
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_ROLLBACK_BYTES", "DEFAULT_TIMEOUT_S", "DiskUpdate", "DiskUpdateResult",
-           "DistributedUpdate", "DistributedUpdateResult", "UpdateGroupSpec", "check_rollback_bytes"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_JOIN_TIMEOUT_S", "DEFAULT_ROLLBACK_BYTES", "DEFAULT_TIMEOUT_S",
+           "DiskUpdate", "DiskUpdateResult", "DistributedUpdate", "DistributedUpdateResult", "JOIN_STATES",
+           "JoinStatus", "MAX_WEIGHT_VERSION_CHARS", "UpdateGroupSpec", "check_rollback_bytes",
+           "check_weight_version"]

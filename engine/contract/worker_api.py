@@ -13,7 +13,8 @@ from typing import Protocol
 
 from moelink.scheduler.outputs import ModelRunnerOutput
 
-from .weight_sync import DiskUpdate, DiskUpdateResult, DistributedUpdate, DistributedUpdateResult, UpdateGroupSpec
+from .weight_sync import (DiskUpdate, DiskUpdateResult, DistributedUpdate, DistributedUpdateResult, JoinStatus,
+                          UpdateGroupSpec)
 
 
 class RankCall(str, Enum):
@@ -32,6 +33,7 @@ class RankCall(str, Enum):
     UPDATE_WEIGHTS_FROM_DISK = "update_weights_from_disk"
     UPDATE_WEIGHTS_FROM_TENSOR = "update_weights_from_tensor"
     INIT_WEIGHTS_UPDATE_GROUP = "init_weights_update_group"
+    WEIGHTS_UPDATE_GROUP_STATUS = "weights_update_group_status"
     UPDATE_WEIGHTS_FROM_DISTRIBUTED = "update_weights_from_distributed"
     FINISH_WEIGHTS_UPDATE = "finish_weights_update"
     DESTROY_WEIGHTS_UPDATE_GROUP = "destroy_weights_update_group"
@@ -137,7 +139,11 @@ class RankAPI(Protocol):
         """Write named tensors into this rank's weights in place (the parts it holds); the bytes read."""
 
     def init_weights_update_group(self, spec: UpdateGroupSpec) -> str | None:
-        """Join a trainer's group as spec.rank_offset + this rank; None, or why it failed."""
+        """Begin joining a trainer's group as spec.rank_offset + this rank, on a thread of the rank's own (answers at
+        once); None, or why it cannot begin."""
+
+    def weights_update_group_status(self, group_name: str) -> JoinStatus:
+        """How this rank's end of a group stands: joining (and what it waits for), joined, or failed (why)."""
 
     def update_weights_from_distributed(self, update: DistributedUpdate) -> DistributedUpdateResult:
         """Receive a trainer's broadcast a bucket at a time, each written in place (the parts this rank holds)."""
@@ -147,7 +153,7 @@ class RankAPI(Protocol):
         restore failed."""
 
     def destroy_weights_update_group(self, group_name: str) -> bool:
-        """Leave a trainer's group; False when not joined."""
+        """Leave a trainer's group, or drop a join still pending; False when neither."""
 
     def sleep(self, level: int) -> int:
         """Release this rank's weights (level 1 to host memory, level 2 dropped) and KV cache; the bytes freed."""

@@ -14,15 +14,25 @@ serves on. Only without a rollback
 (`rollback_bytes=0`, or a restore that failed) does it leave a model of two versions: the engine then refuses every
 new request, naming the tensor, until an update covering the names of the failed one lands (`_stale`). A group whose
 transport failed is destroyed; after a bucket that could not be written it is kept.
+
+Nothing a caller names runs unbounded on the engine thread: an update from disk is checked in two halves,
+`check_disk_update` (the new checkpoint's headers and index, read within bounds the served checkpoint sets, its files
+inside its directory: any thread, a served engine runs it on one of its own) and `apply_disk_update` (the engine
+thread: the ranks write); a join of a trainer's group is begun on every rank (`begin_weights_update_group`: each rank
+joins on a thread of its own) and polled between steps (`poll_weights_update_group`), failed at its join_timeout_s
+whatever torch's store client does; every weight_version is a bounded label (check_weight_version).
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_ROLLBACK_BYTES, DEFAULT_TIMEOUT_S, DiskUpdate,
-                                    DistributedUpdate, UpdateGroupSpec, check_rollback_bytes)
+from ..config.checkpoint_headers import HeaderBounds
+from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_JOIN_TIMEOUT_S, DEFAULT_ROLLBACK_BYTES,
+                                    DEFAULT_TIMEOUT_S, DiskUpdate, DistributedUpdate, UpdateGroupSpec,
+                                    check_rollback_bytes, check_weight_version)
 from ..contract.worker_api import RankCall
 from .rl_memory import MemoryControl, NotServing
 
@@ -36,10 +46,38 @@ if TYPE_CHECKING:
 
 
 PAUSE_MODES = ("abort", "wait", "keep")
+# Between two looks at a pending join's ranks (the Python API's own wait; a served engine polls from its loop).
+JOIN_POLL_S = 0.02
 
 
 class ControlDisabled(ValueError):
     """A control call on an engine started without enable_weight_updates (a server answers FAILED_PRECONDITION)."""
+
+
+class GroupJoinFailed(ValueError):
+    """A join of a trainer's group failed or ran past its join_timeout_s: the address the caller gave led to no
+    trainer (a server answers 400 / INVALID_ARGUMENT naming why); every rank dropped its end."""
+
+
+@dataclass(frozen=True)
+class CheckedDiskUpdate:
+    """An update_weights_from_disk whose arguments and checkpoint headers were checked (`check_disk_update`, any
+    thread), for `apply_disk_update` on the engine thread."""
+
+    model_path: str
+    weight_version: str | None
+    flush_cache: bool
+    rollback_bytes: int | None
+    bounds: HeaderBounds  # the rank's own read of the checkpoint's index is bounded and confined too
+
+
+@dataclass(frozen=True)
+class GroupJoin:
+    """A join every rank has begun (`begin_weights_update_group`), until `poll_weights_update_group` says it is done,
+    failed or past `deadline` (time.monotonic())."""
+
+    spec: UpdateGroupSpec
+    deadline: float
 
 
 class RLControl(MemoryControl):
@@ -76,34 +114,63 @@ class RLControl(MemoryControl):
         never mixes weights. All or nothing, as update_weights_from_distributed: each rank saves the bytes it
         overwrites (at most `rollback_bytes` of host memory, checked before anything is read; 0: no rollback; None:
         `_rollback_limit`'s default), and an update that fails on any rank is rolled back on every rank. Returns
-        {"bytes_read", "seconds", "weight_version"}."""
+        {"bytes_read", "seconds", "weight_version"}. `check_disk_update` then `apply_disk_update`."""
+        return self.apply_disk_update(self.check_disk_update(model_path, load_format, weight_version, flush_cache,
+                                                             rollback_bytes))
+
+    def check_disk_update(self, model_path: str, load_format: str | None = None, weight_version: str | None = None,
+                          flush_cache: bool = True, rollback_bytes: int | None = None) -> CheckedDiskUpdate:
+        """update_weights_from_disk's checks that read files: its arguments, and the new checkpoint's headers against
+        the served one's (within the served checkpoint's bounds, its files inside its directory). Reads the engine's
+        configuration and the files only, so any thread may run it: a served engine runs it on a thread of its own,
+        never the engine thread (a 1.4M-entry header stalled every user 18 s there before)."""
         self._check_enabled("update_weights_from_disk")
-        from ..rl.weights import check_same_tensors, served_names
+        from ..rl.weights import check_same_tensors
 
         if load_format not in (None, "auto", "safetensors"):
             raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
                              "or 'safetensors'.")
         if rollback_bytes is not None:  # checked before any rank is asked (None: _rollback_limit's default)
             check_rollback_bytes(rollback_bytes)
-        self._check_update_allowed(flush_cache)
-        check_same_tensors(self.config.model, self.config.model.model, model_path)
-        rollback_bytes = self._rollback_limit(None, rollback_bytes)
-        update = DiskUpdate(str(model_path), rollback_bytes)
+        check_weight_version(weight_version)
+        if not isinstance(model_path, str) or not model_path:
+            raise ValueError("model_path is invalid: must be a checkpoint directory's path.")
+        served = self._served_checkpoint()
+        check_same_tensors(self.config.model, self.config.model.model, model_path, served)
+        return CheckedDiskUpdate(model_path, weight_version, flush_cache, rollback_bytes, served[1])
+
+    def apply_disk_update(self, checked: CheckedDiskUpdate) -> dict:
+        """The engine thread's half of update_weights_from_disk: the refusals that depend on what runs, then every
+        rank writes (its own read of the checkpoint bounded and confined as the check's)."""
+        self._check_enabled("update_weights_from_disk")
+        self._check_update_allowed(checked.flush_cache)
+        model_path, weight_version = checked.model_path, checked.weight_version
+        rollback_bytes = self._rollback_limit(None, checked.rollback_bytes)
+        update = DiskUpdate(model_path, rollback_bytes, checked.bounds)
         t0 = time.perf_counter()
         self._drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
         self._before_write()
         results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, update)
         failed = [r for r in results if r.error is not None]
-        names = served_names(self.config.model, self.config.model.model)
+        names = set(self._served_checkpoint()[0])
         if failed:  # no rank says what it wrote: without a rollback every tensor counts as stale
-            self._settle(rollback_bytes, failed, names, True, f"a weight update from {str(model_path)!r} failed part "
-                         "way")
+            self._settle(rollback_bytes, failed, names, True, f"a weight update from {model_path!r} failed part way")
             raise RuntimeError(f"update_weights_from_disk failed: {failed[0].error}. " + self._after_failure())
         self._settle(rollback_bytes, failed, names, False, "")
         self.weight_version = weight_version
         self._stale = None  # every tensor written
         return {"bytes_read": sum(r.bytes_read for r in results), "seconds": time.perf_counter() - t0,
                 "weight_version": weight_version}
+
+    _served: tuple | None = None  # the served checkpoint's tensors and the bounds an update is read within
+
+    def _served_checkpoint(self) -> tuple[dict[str, tuple], HeaderBounds]:
+        """engine/rl/weights.served_tensors of the served checkpoint, read once (any thread: a race reads it twice)."""
+        if self._served is None:
+            from ..rl.weights import served_tensors
+
+            self._served = served_tensors(self.config.model, self.config.model.model)
+        return self._served
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
                                    weight_version: str | None = None, flush_cache: bool = True) -> dict:
@@ -115,6 +182,7 @@ class RLControl(MemoryControl):
 
         if load_format not in (None, "auto"):
             raise ValueError(f"load_format={load_format!r} is invalid for a tensor update: choose None or 'auto'.")
+        check_weight_version(weight_version)
         self._check_update_allowed(flush_cache)
         tensors = check_named_tensors(self.config.model, self.config.model.model, named_tensors)
         out = self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors, weight_version)
@@ -124,24 +192,92 @@ class RLControl(MemoryControl):
     # -- a trainer's process group ------------------------------------------------------------------------------
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "gloo",
-                                  timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+                                  timeout_s: float = DEFAULT_TIMEOUT_S,
+                                  join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> dict:
         """Every rank joins the trainer's group (the trainer is its rank 0 and serves the rendezvous at
         master_address:master_port; engine rank r is rank_offset + r); the trainer makes its group at the same
-        time. {"success", "message"} as SGLang answers; a failed join raises naming why."""
+        time. `timeout_s`: the group's (a broadcast a rank waits for); `join_timeout_s`: the most the join may take.
+        {"success", "message"} as SGLang answers; a failed join raises GroupJoinFailed naming why. Waits here, on
+        the caller's thread (a served engine polls between steps instead: engine/api/rl_calls.py)."""
+        join = self.begin_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
+                                               backend, timeout_s, join_timeout_s)
+        try:
+            while True:
+                done = self.poll_weights_update_group(join)
+                if done is not None:
+                    return done
+                time.sleep(JOIN_POLL_S)
+        except BaseException:
+            self.abandon_weights_update_group(join)  # KeyboardInterrupt too: no rank keeps a join nobody awaits
+            raise
+
+    def begin_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                   group_name: str = "weight_update_group", backend: str = "gloo",
+                                   timeout_s: float = DEFAULT_TIMEOUT_S,
+                                   join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> GroupJoin:
+        """Check the call and start the join on every rank (each on a thread of its own: the rendezvous never runs
+        on a rank's step thread or the engine thread, engine/rank/weight_sync.py); returns at once."""
         self._check_enabled("init_weights_update_group")
-        spec = UpdateGroupSpec(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s)
+        spec = UpdateGroupSpec(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s,
+                               join_timeout_s)
         spec.check_ranks(self.config.parallel.world_size)
-        groups = self._groups()
-        if group_name in groups:
+        if group_name in self._groups():
             raise ValueError(f"group_name={group_name!r} is invalid: a group of that name is joined already "
                              "(destroy_weights_update_group first).")
+        if group_name in self._joins():
+            raise ValueError(f"group_name={group_name!r} is invalid: a join of that group is still pending.")
         errors = [e for e in self.executor.collective(RankCall.INIT_WEIGHTS_UPDATE_GROUP, spec) if e is not None]
         if errors:
-            self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # the ranks that joined
-            raise RuntimeError(f"init_weights_update_group: {errors[0]}")
-        groups[group_name] = spec
-        return {"success": True, "message": f"joined group {group_name!r} as ranks {rank_offset}.."
-                                            f"{rank_offset + self.config.parallel.world_size - 1} of {world_size}"}
+            self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # the ranks that began
+            raise GroupJoinFailed(f"init_weights_update_group: {errors[0]}")
+        join = GroupJoin(spec, time.monotonic() + join_timeout_s)
+        self._joins()[group_name] = join
+        return join
+
+    def poll_weights_update_group(self, join: GroupJoin) -> dict | None:
+        """Ask every rank how its end of `join` stands: the call's answer once every rank joined, None while one is
+        still joining; GroupJoinFailed (every rank's end dropped) when one failed or the join ran past its
+        join_timeout_s."""
+        spec = join.spec
+        if self._joins().get(spec.group_name) is not join:
+            raise GroupJoinFailed(f"init_weights_update_group: the join of group {spec.group_name!r} was dropped.")
+        statuses = self.executor.collective(RankCall.WEIGHTS_UPDATE_GROUP_STATUS, spec.group_name)
+        failed = next((s for s in statuses if s.state == "failed"), None)
+        where = f"group {spec.group_name!r} at {spec.master_address}:{spec.master_port}"
+        if failed is None and all(s.state == "joined" for s in statuses):
+            del self._joins()[spec.group_name]
+            self._groups()[spec.group_name] = spec
+            return {"success": True, "message": f"joined group {spec.group_name!r} as ranks {spec.rank_offset}.."
+                                                f"{spec.rank_offset + self.config.parallel.world_size - 1} of "
+                                                f"{spec.world_size}"}
+        if failed is None and time.monotonic() < join.deadline:
+            return None
+        self.abandon_weights_update_group(join)
+        if failed is not None:
+            raise GroupJoinFailed(f"init_weights_update_group: joining {where} failed: {failed.error}")
+        waiting = next(s for s in statuses if s.state == "joining")
+        why = {"resolving": f"the name {spec.master_address!r} did not resolve",
+               "connecting": "nothing accepted a connection there (no trainer listening: connection refused or no "
+                             "answer)",
+               }.get(waiting.phase, "a listener there accepted the connection, but the trainer's store and group "
+                                    "never answered (not a torch.distributed store, or a trainer that never made its "
+                                    "group)")
+        raise GroupJoinFailed(f"init_weights_update_group: joining {where} timed out after {spec.join_timeout_s:g} s "
+                              f"(join_timeout_s): {why}. Every rank dropped its end.")
+
+    def abandon_weights_update_group(self, join: GroupJoin) -> None:
+        """Drop a pending join on every rank (its caller left, or it failed): a rank whose join is still inside
+        torch's rendezvous leaves its thread there, and drops the group if it ever forms."""
+        if self._joins().get(join.spec.group_name) is join:
+            del self._joins()[join.spec.group_name]
+            self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, join.spec.group_name)
+
+    _pending_joins: dict[str, GroupJoin] | None = None
+
+    def _joins(self) -> dict[str, GroupJoin]:
+        if self._pending_joins is None:
+            self._pending_joins = {}
+        return self._pending_joins
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
@@ -157,6 +293,7 @@ class RLControl(MemoryControl):
         self._check_enabled("update_weights_from_distributed")
         from ..rl.weights import check_tensor_specs
 
+        check_weight_version(weight_version)
         if group_name not in self._groups():
             raise ValueError(f"group_name={group_name!r} is invalid: no such weight update group "
                              "(init_weights_update_group first; a destroyed or failed group is gone).")

@@ -21,7 +21,6 @@ Where tensors come from is a checkpoint object (`open_checkpoint`): the safetens
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,7 +32,7 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.weight_plan import Rearranged, WeightPlan
 
-from ..config.checkpoint_headers import text_model_name
+from ..config.checkpoint_headers import HeaderBounds, glob_files, index_of, text_model_name
 from ..config.model import ModelConfig
 from ..config.worker_config import LOAD_FORMATS
 from ..models.registry import MoEDecoderForCausalLM, arch_spec
@@ -57,14 +56,16 @@ def _open_file(fname: Path):
                          f"({e}).") from None
 
 
-def checkpoint_index(model_dir: str | Path) -> dict[str, Path]:
-    """Tensor name → safetensors file, from model.safetensors.index.json or the files themselves."""
+def checkpoint_index(model_dir: str | Path, bounds: HeaderBounds | None = None) -> dict[str, Path]:
+    """Tensor name → safetensors file, from model.safetensors.index.json or the files themselves; every file a plain
+    name inside the directory (engine/config/checkpoint_headers.checkpoint_file). `bounds`: a checkpoint a request
+    named (a weight update), its index's size bounded and its files confined to the directory, checked here again
+    (the driver checked them; they may have changed since)."""
     path = Path(model_dir)
-    index_file = path / "model.safetensors.index.json"
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text()).get("weight_map", {})
-        return {name: path / fname for name, fname in weight_map.items()}
-    files = sorted(path.glob("*.safetensors"))
+    mapped = index_of(path, bounds)
+    if mapped is not None:
+        return mapped
+    files = glob_files(path, bounds)
     if not files:
         raise ValueError(f"model={str(path)!r} has no *.safetensors files: moelink loads safetensors checkpoints only.")
     index: dict[str, Path] = {}
@@ -81,12 +82,12 @@ class SafetensorsCheckpoint:
     for Qwen3.5-MoE): its tensors are named as the text model's own ("model.layers..."), the other towers' are
     not listed (ModelConfig.text_weights_prefix)."""
 
-    def __init__(self, model_dir: str | Path, text_prefix: str = ""):
-        index = checkpoint_index(model_dir)
+    def __init__(self, model_dir: str | Path, text_prefix: str = "", bounds: HeaderBounds | None = None):
+        index = checkpoint_index(model_dir, bounds)
         self._real: dict[str, str] = {}  # name as the model plans it -> name in the file, where they differ
         if text_prefix:
-            index = {}
-            for real, f in checkpoint_index(model_dir).items():
+            full, index = index, {}
+            for real, f in full.items():
                 name = text_model_name(real, text_prefix)
                 if name is not None:
                     index[name] = f
@@ -193,13 +194,13 @@ def check_complete(plan: WeightPlan, checkpoint, cfg: ModelConfig, where: str) -
 
 
 def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: str, device: torch.device,
-                    undo=None) -> int:
+                    undo=None, bounds: HeaderBounds | None = None) -> int:
     """A weight update from disk (engine/rl/weights.py: the driver checked the tensors are the served ones): the
     rank's own plan over `model_dir`, written into the tensors `model` holds, one at a time (no second copy; CUDA
     graphs keep their addresses); the conversions after a load run again for the parameters written only
     (engine/models/blocks/checkpoint.py). `undo` (engine/rank/rollback.UndoLog): the bytes written are saved to it
-    first. Returns the bytes read."""
-    checkpoint = SafetensorsCheckpoint(model_dir, cfg.text_weights_prefix)
+    first. `bounds`: the update's (its index bounded, its files inside `model_dir`). Returns the bytes read."""
+    checkpoint = SafetensorsCheckpoint(model_dir, cfg.text_weights_prefix, bounds)
     plan = model_plan(model, cfg, frozenset(checkpoint.keys()))
     check_complete(plan, checkpoint, cfg, model_dir)
     if undo is not None:

@@ -49,7 +49,8 @@ class RLWorker:
 
         def write(model) -> DiskUpdateResult:
             try:
-                read = update_in_place(model, self.config.model, update.model_path, self.device, undo)
+                read = update_in_place(model, self.config.model, update.model_path, self.device, undo,
+                                       update.bounds)
             except Exception as exc:  # answered: a raised error is this rank's death to the Ray executor
                 why = str(exc)
                 error = roll_back(undo)
@@ -69,8 +70,13 @@ class RLWorker:
             lambda model: update_tensors_in_place(model, self.config.model, tensors, self.device))
 
     def init_weights_update_group(self, spec) -> str | None:
-        """Join a trainer's group as spec.rank_offset + this rank (engine/rank/weight_sync.py); None, or why not."""
+        """Begin joining a trainer's group as spec.rank_offset + this rank, on a thread of its own
+        (engine/rank/weight_sync.py): the rank's steps run on meanwhile. None, or why it cannot begin."""
         return self._update_groups().join(spec, self.rank)
+
+    def weights_update_group_status(self, group_name: str):
+        """A JoinStatus: this rank's end of `group_name` joining, joined or failed."""
+        return self._update_groups().join_status(group_name)
 
     def update_weights_from_distributed(self, update):
         """A trainer's broadcast of `update`'s tensors, received a bucket at a time, each bucket written in place
@@ -94,7 +100,7 @@ class RLWorker:
         return next((e for e in errors if e), None)
 
     def destroy_weights_update_group(self, group_name: str) -> bool:
-        """Leave a trainer's group; False when this rank had not joined it."""
+        """Leave a trainer's group, or drop a join still pending; False when this rank had neither."""
         return self._update_groups().destroy(group_name)
 
     def sleep(self, level: int) -> int:

@@ -3,7 +3,10 @@ with new values, written in place into every rank's weights.
 
 Driver side, before any rank writes (`check_same_tensors`): the new checkpoint's tensors are the served one's, name
 for name, shape for shape, dtype for dtype (its safetensors headers: nothing read), so no copy can fail half way on
-a shape; one error names the first difference otherwise, and the served weights are untouched.
+a shape; one error names the first difference otherwise, and the served weights are untouched. The new checkpoint is
+a request's: its headers and index are read within bounds the served checkpoint sets (`update_bounds`), and only
+files inside its directory (engine/config/checkpoint_headers.py); a served engine runs this check on a thread of its
+own, never the engine's (engine/api/rl_calls.py).
 
 Rank side (engine/rank/loader.update_in_place): the rank's own plan (its experts under EP, its TP shard: the same plan the
 load used, engine/rank/loader.model_plan) over the new checkpoint, one tensor at a time into the tensors the model
@@ -16,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config.checkpoint_headers import checkpoint_tensors, text_model_name
+from ..config.checkpoint_headers import HeaderBounds, bounds_like, checkpoint_tensors, text_model_name
 from ..config.model import ModelConfig
 from ..config.requantize import Requant, requantizable, requantize
 
@@ -24,10 +27,10 @@ if TYPE_CHECKING:
     import torch
 
 
-def _tensors(model_dir: str, text_prefix: str) -> dict[str, tuple]:
-    """{name as the model plans it: (dtype, shape)} from the checkpoint's headers."""
+def _tensors(model_dir: str, text_prefix: str, bounds: HeaderBounds | None = None) -> dict[str, tuple]:
+    """{name as the model plans it: (dtype, shape)} from the checkpoint's headers (read within `bounds`)."""
     out = {}
-    for real, entry in checkpoint_tensors(model_dir).items():
+    for real, entry in checkpoint_tensors(model_dir, bounds).items():
         name = text_model_name(real, text_prefix) if text_prefix else real
         if name is not None:
             out[name] = (entry.get("dtype"), tuple(entry.get("shape", ())))
@@ -121,13 +124,29 @@ _TORCH_NAMES = {"F8_E4M3": "torch.float8_e4m3fn", "U8": "torch.uint8", "I8": "to
                 "I64": "torch.int64"}
 
 
-def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str) -> None:
+def served_tensors(cfg: ModelConfig, served_dir: str) -> tuple[dict[str, tuple], HeaderBounds]:
+    """The served checkpoint's tensors ({name: (dtype, shape)}) and the bounds an update's headers are read within
+    (twice the served checkpoint's: engine/config/checkpoint_headers.bounds_like); the engine reads them once."""
+    return _tensors(served_dir, cfg.text_weights_prefix), bounds_like(served_dir)
+
+
+def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str,
+                       served: tuple[dict[str, tuple], HeaderBounds] | None = None) -> None:
     """Refuse, naming the first difference, a checkpoint whose tensors are not the served one's (names, shapes,
-    dtypes): an update changes values, not the architecture."""
+    dtypes): an update changes values, not the architecture. Its headers are read within the served checkpoint's
+    bounds, its files inside its directory. `served`: served_tensors' answer, where the caller keeps it."""
     if not Path(new_dir).is_dir():
         raise ValueError(f"model_path={new_dir!r} is invalid: not a directory.")
     prefix = cfg.text_weights_prefix
-    served, new = _tensors(served_dir, prefix), _tensors(new_dir, prefix)
+    served_map, bounds = served if served is not None else served_tensors(cfg, served_dir)
+    try:
+        new = _tensors(new_dir, prefix, bounds)
+    except ValueError as exc:  # the checkpoint's own error names it (and never another file's content)
+        raise ValueError(f"model_path is invalid: {exc}") from None
+    _check_same(new_dir, served_map, new)
+
+
+def _check_same(new_dir: str, served: dict[str, tuple], new: dict[str, tuple]) -> None:
     if not new:
         raise ValueError(f"model_path={new_dir!r} is invalid: it holds no safetensors tensors.")
     missing = sorted(set(served) - set(new))

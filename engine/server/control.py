@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from ..api.async_engine import AsyncEngine
-from ..contract.weight_sync import DEFAULT_BUCKET_BYTES
+from ..contract.weight_sync import DEFAULT_BUCKET_BYTES, DEFAULT_JOIN_TIMEOUT_S, DEFAULT_TIMEOUT_S
 from .gen import moelink_v1_pb2 as pb
 from .gen import moelink_v1_pb2_grpc as pb_grpc
 from .serving import abort_rpc, optional
@@ -65,9 +65,13 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     async def InitWeightsUpdateGroup(self, request: pb.InitWeightsUpdateGroupRequest,
                                      context) -> pb.WeightsUpdateGroupResponse:
+        # The join is bounded by the default join_timeout_s, or by the caller's deadline where that comes first.
+        remaining = context.time_remaining()
+        join_timeout = DEFAULT_JOIN_TIMEOUT_S if remaining is None else max(min(DEFAULT_JOIN_TIMEOUT_S, remaining), 0.1)
         info = await self._call(context, "init_weights_update_group", request.master_address, request.master_port,
                                 request.rank_offset, request.world_size, request.group_name or _GROUP,
-                                request.backend or "gloo", optional(request, "timeout_s", 60.0))
+                                request.backend or "gloo", optional(request, "timeout_s", DEFAULT_TIMEOUT_S),
+                                join_timeout)
         return pb.WeightsUpdateGroupResponse(message=info["message"])
 
     async def UpdateWeightsFromDistributed(self, request: pb.UpdateWeightsFromDistributedRequest,

@@ -143,3 +143,43 @@ def test_a_front_with_no_engine_beside_it_never_relays_them():
             await front.stop()
     status, body = asyncio.run(run())
     assert status == 404 and "gRPC Control" in body["error"]["message"]
+
+
+class _Recording:
+    """An engine that answers every control call, noting it: what the route refuses never reaches it."""
+
+    def __init__(self):
+        self.calls: list = []
+
+    async def control(self, call, *args):
+        self.calls.append((call, args))
+        return {"bytes_read": 0, "seconds": 0.0, "weight_version": None, "message": "ok"}
+
+
+def test_a_weight_version_is_a_bounded_label_refused_before_the_engine():
+    """issue 76 item 7: a 60 MB weight_version was echoed into every user's outputs; at most 256 printable ASCII
+    characters now, refused (400 naming the field) before the engine is asked."""
+    engine = _Recording()
+    routes = RlRoutes(engine, True)
+    for path, body in (("/update_weights_from_disk", {"model_path": "/m"}),
+                       ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]]})):
+        for bad in ("v" * 257, "v2\r\nX-Injected: 1", "v\u00e9"):
+            status, raw = asyncio.run(routes.answer(b"POST", path, json.dumps({**body, "weight_version": bad}).encode()))
+            err = json.loads(raw)["error"]
+            assert status == 400 and err["param"] == "weight_version" and "256 printable ASCII" in err["message"]
+            assert len(raw) < 2000  # the label is not echoed back whole
+        status, _ = asyncio.run(routes.answer(b"POST", path, json.dumps({**body, "weight_version": "v" * 256}).encode()))
+        assert status == 200
+    assert [c for c, _ in engine.calls] == ["update_weights_from_disk", "update_weights_from_distributed"]
+
+
+def test_a_join_takes_its_timeout_and_refuses_a_bad_one():
+    engine = _Recording()
+    routes = RlRoutes(engine, True)
+    body = {"master_address": "127.0.0.1", "master_port": 29500, "rank_offset": 1, "world_size": 2}
+    status, _ = asyncio.run(routes.answer(b"POST", "/init_weights_update_group",
+                                          json.dumps({**body, "join_timeout_s": 5}).encode()))
+    assert status == 200 and engine.calls[-1][1][-1] == 5
+    status, raw = asyncio.run(routes.answer(b"POST", "/init_weights_update_group",
+                                            json.dumps({**body, "join_timeout_s": "forever"}).encode()))
+    assert status == 400 and json.loads(raw)["error"]["param"] == "join_timeout_s" and len(engine.calls) == 1

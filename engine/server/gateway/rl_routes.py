@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs
 
+from ...config.timeouts import DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S
 from ...contract.safe_text import shown
 
 
@@ -66,6 +67,26 @@ def _int(data: dict, name: str, default: Optional[int] = None) -> int:
     return v
 
 
+def _version(data: dict) -> Optional[str]:
+    """weight_version: a bounded label (it is echoed with every user's outputs), refused here naming the field."""
+    from ...contract.weight_sync import check_weight_version
+
+    v = _str(data, "weight_version")
+    try:
+        check_weight_version(v)
+    except ValueError as e:
+        raise _Refused(str(e), "weight_version") from None
+    return v
+
+
+def _seconds(data: dict, name: str, default: float) -> float:
+    """A number of seconds (the engine checks its range, naming the field)."""
+    v = data.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Refused(f"{name}={shown(repr(v))} is invalid: must be a number of seconds.", name)
+    return v
+
+
 def _opt_int(data: dict, name: str) -> Optional[int]:
     """An integer field that may be left out (None: the engine's default)."""
     return None if data.get(name) is None else _int(data, name)
@@ -99,20 +120,21 @@ ROUTES: dict[str, Route] = {
     "/update_weights_from_disk": Route(
         b"POST", "update_weights_from_disk",
         ("model_path", "load_format", "weight_version", "flush_cache", "rollback_bytes"),
-        lambda d: (_str(d, "model_path", True), _str(d, "load_format"), _str(d, "weight_version"),
+        lambda d: (_str(d, "model_path", True), _str(d, "load_format"), _version(d),
                    _bool(d, "flush_cache", True), _opt_int(d, "rollback_bytes")),
         _ok("weights updated from disk")),
     "/init_weights_update_group": Route(
         b"POST", "init_weights_update_group",
-        ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"),
+        ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend", "join_timeout_s"),
         lambda d: (_str(d, "master_address", True), _int(d, "master_port"), _int(d, "rank_offset"),
-                   _int(d, "world_size"), _str(d, "group_name") or _GROUP, _str(d, "backend") or "gloo"),
+                   _int(d, "world_size"), _str(d, "group_name") or _GROUP, _str(d, "backend") or "gloo",
+                   DEFAULT_GROUP_TIMEOUT_S, _seconds(d, "join_timeout_s", DEFAULT_JOIN_TIMEOUT_S)),
         _ok("joined")),
     "/update_weights_from_distributed": Route(
         b"POST", "update_weights_from_distributed",
         ("names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version", "bucket_bytes", "rollback_bytes"),
         lambda d: (_list(d, "names"), _list(d, "dtypes"), _list(d, "shapes"), _str(d, "group_name") or _GROUP,
-                   _bool(d, "flush_cache", True), _str(d, "weight_version"), _int(d, "bucket_bytes", 512 << 20),
+                   _bool(d, "flush_cache", True), _version(d), _int(d, "bucket_bytes", 512 << 20),
                    _opt_int(d, "rollback_bytes")),
         _ok("weights updated from the group")),
     "/destroy_weights_update_group": Route(
