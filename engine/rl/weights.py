@@ -13,7 +13,7 @@ converted again for the parameters written, and only those.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import TYPE_CHECKING
 
 from ..config.checkpoint_headers import checkpoint_tensors, text_model_name
@@ -121,15 +121,26 @@ _TORCH_NAMES = {"F8_E4M3": "torch.float8_e4m3fn", "U8": "torch.uint8", "I8": "to
                 "I64": "torch.int64"}
 
 
+def _not_a_checkpoint(new_dir: str) -> ValueError:
+    """One error for a path that is missing, not a directory, unreadable or holds no safetensors tensors: the answer
+    must not tell a client which directories exist on the server (issue 76)."""
+    cut = "..." if len(new_dir) > 200 else ""  # a client's string, bounded (engine/contract/safe_text.py's rule)
+    return ValueError(f"model_path={new_dir[:200]!r}{cut} is invalid: not a directory holding a readable safetensors "
+                      "checkpoint.")
+
+
 def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str) -> None:
     """Refuse, naming the first difference, a checkpoint whose tensors are not the served one's (names, shapes,
     dtypes): an update changes values, not the architecture."""
-    if not Path(new_dir).is_dir():
-        raise ValueError(f"model_path={new_dir!r} is invalid: not a directory.")
+    if not os.path.isdir(new_dir):  # False for a name too long, or with a NUL byte, too
+        raise _not_a_checkpoint(new_dir)
     prefix = cfg.text_weights_prefix
-    served, new = _tensors(served_dir, prefix), _tensors(new_dir, prefix)
+    try:
+        served, new = _tensors(served_dir, prefix), _tensors(new_dir, prefix)
+    except OSError:  # a directory it may not list or enter
+        raise _not_a_checkpoint(new_dir) from None
     if not new:
-        raise ValueError(f"model_path={new_dir!r} is invalid: it holds no safetensors tensors.")
+        raise _not_a_checkpoint(new_dir)
     missing = sorted(set(served) - set(new))
     if missing:
         raise ValueError(f"model_path={new_dir!r} is missing tensor {missing[0]!r}"
