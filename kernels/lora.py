@@ -7,7 +7,9 @@ Legend: T tokens, K in features, N out features, R the slots' rank (the largest 
 zero-padded), L adapter slots.
 
 A row's slot is its request's adapter slot, -1 for none: shrink gives zeros there and expand adds nothing, so a
-mixed batch runs one launch each whatever it mixes.
+mixed batch runs one launch each whatever it mixes. "Nothing" exactly: a row of no adapter gathers slot 0's A / B (a
+gather needs an index), and slot 0's values never reach it: its product is dropped by a select, never multiplied by
+a zero scale (0 · inf is NaN: one inf in another request's adapter made every base-model row NaN).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def reference_lora_expand(y_TN: torch.Tensor, t_TR: torch.Tensor, b_LNR: torch.T
     stacked projection's output); returns y."""
     slot_T = slots_T.clamp_min(0)
     d_TN = torch.bmm(b_LNR[slot_T], t_TR.unsqueeze(-1)).squeeze(-1)
-    scale_T = torch.where(slots_T >= 0, scale_L[slot_T], torch.zeros_like(scale_L[slot_T]))
-    y_TN += (d_TN * scale_T.unsqueeze(-1).to(d_TN.dtype)).to(y_TN.dtype)
+    d_TN = d_TN * scale_L[slot_T].unsqueeze(-1).to(d_TN.dtype)
+    # Selected, not scaled by 0: a row of no adapter read slot 0's B, whose inf or NaN times 0 would be NaN.
+    y_TN += torch.where((slots_T >= 0).unsqueeze(-1), d_TN, torch.zeros_like(d_TN)).to(y_TN.dtype)
     return y_TN

@@ -109,8 +109,8 @@ class SchedulerConfig:
     # the client furthest above its share, by preemption (recompute), instead of waiting for one to finish.
     client_fair_preemption: bool = True
     # LoRA (engine/lora/): at most this many distinct adapters run at once (the ranks' device slots); a waiting
-    # request whose adapter would be one more waits, first come first served, until a running adapter's last
-    # request leaves. 0: no adapters are served.
+    # request whose adapter would be one more waits until a running adapter's last request leaves, while the
+    # requests behind it that need no new slot go on (scheduler.py _LoRASlotWait). 0: no adapters are served.
     max_loras: int = 0
 
     def __post_init__(self) -> None:

@@ -66,6 +66,43 @@ def _chunk_limits(*limits):
     return limit
 
 
+# Requests waiting for a LoRA slot one step looks past (and puts back): the scan's bound per step.
+MAX_LORA_SKIPS = 4096
+
+
+class _LoRASlotWait:
+    """One step's view of the LoRA slots for the waiting queue (scheduler.max_loras adapters at most run at once).
+
+    A request whose adapter is not running while every slot is held waits (skipped, kept in order); requests behind
+    it that need no new slot go on: the base model's always, a running adapter's as long as the first request
+    waiting for a slot has been overtaken fewer than max_num_seqs times by them. Past that bound a running adapter's
+    new requests wait behind it too, so that adapter drains and its slot goes to the waiting one, first come first
+    served among adapters (without the bound an adapter kept busy would hold its slot forever)."""
+
+    def __init__(self, sched: "Scheduler"):
+        self.sched = sched
+        self.running = {r.lora_id for r in sched.running if r.lora_id}
+        self.first: Request | None = None  # the first request skipped this step for want of a slot
+
+    def waits(self, req: Request) -> bool:
+        sched = self.sched
+        if req.lora_id not in self.running:
+            if len(self.running) < sched.scheduler_config.max_loras:
+                return False  # a free slot: the first of the waiting adapters' requests (in order) takes it
+            if self.first is None:
+                self.first = req
+                if sched._lora_overtakes[0] != req.request_id:
+                    sched._lora_overtakes = (req.request_id, 0)
+            return True
+        if self.first is None:
+            return False
+        rid, count = sched._lora_overtakes
+        if count >= sched.scheduler_config.max_num_seqs:
+            return True  # the waiting adapter's turn: this running adapter drains
+        sched._lora_overtakes = (rid, count + 1)
+        return False
+
+
 class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
     """Decides, each step, which requests compute how many tokens on one rank.
 
@@ -137,6 +174,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         self.draft_control = DraftControl(scheduler_config)  # how many drafts each step verifies (draft_control.py)
         self.fairness = ClientFairness(scheduler_config)  # per-client shares of slots and tokens (fairness.py)
         self._fair_step = None  # this step's shares while schedule() runs; None: one client (or fairness off)
+        # LoRA: (the request that first waited for a slot, how many requests of running adapters overtook it since):
+        # _LoRASlotWait bounds the overtaking.
+        self._lora_overtakes: tuple[str, int] = ("", 0)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, req: Request) -> None:
@@ -338,6 +378,19 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
                 kvt.ready.popleft()
                 budget -= self._start_running(req, out, n, req.num_computed_tokens, scheduled)
             max_seqs -= len(kvt.ready)
+        # Requests of an adapter waiting for a LoRA slot this step, taken off the queue's front in order and put
+        # back there after the loop (`finally`): the requests behind them that need no slot run meanwhile.
+        skipped: list[Request] = []
+        try:
+            self._schedule_waiting_fcfs(out, budget, scheduled, max_seqs, skipped)
+        finally:
+            if skipped:
+                self.waiting.extendleft(reversed(skipped))
+
+    def _schedule_waiting_fcfs(self, out: SchedulerOutput, budget: int, scheduled: list, max_seqs: int,
+                               skipped: list[Request]) -> None:
+        kvt = self.kv_transfers
+        slots = _LoRASlotWait(self) if self.scheduler_config.max_loras else None
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             req = self.waiting[0]
             if not self.admit_new and req.status is RequestStatus.WAITING:
@@ -346,8 +399,14 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
                 # Preempted with its token in flight: recomputed once the token is known; or held by the engine
                 # (its grammar mask is being filled: milliseconds). FCFS: all wait.
                 break
-            if req.lora_id and self._no_lora_slot(req.lora_id):
-                break  # its adapter would be one more than the ranks' slots: FCFS, all wait until one frees
+            if req.lora_id and slots is not None and slots.waits(req):
+                # Its adapter would be one more than the ranks' slots: it waits, and the requests behind it that
+                # need no new slot (the base model's, a resident adapter's) go on in order (vLLM skips it too).
+                self.waiting.popleft()
+                skipped.append(req)
+                if len(skipped) >= MAX_LORA_SKIPS:
+                    break  # a bounded scan a step: past this many, the rest waits as FCFS
+                continue
             if not req.computes_whole_prompt:
                 hits, num_hit = self.kv.get_computed_blocks(req)
             else:  # prompt logprobs, routed experts: every prompt token is computed here (as vLLM's prompt logprobs)
@@ -383,11 +442,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
             if req.status is RequestStatus.WAITING:  # not for a resumed preemption
                 req.num_cached_tokens = num_hit
             budget -= self._start_running(req, out, n, num_hit, scheduled)
-
-    def _no_lora_slot(self, lora_id: int) -> bool:
-        """Whether admitting a request of adapter `lora_id` would run more distinct adapters than max_loras."""
-        running = {r.lora_id for r in self.running if r.lora_id}
-        return lora_id not in running and len(running) >= self.scheduler_config.max_loras
+            if slots is not None and req.lora_id:
+                slots.running.add(req.lora_id)
 
     def _start_running(self, req: Request, out: SchedulerOutput, n: int, num_computed: int, scheduled: list) -> int:
         """Admit `req` (its blocks allocated, `num_computed` tokens of KV in them) computing `n` tokens this step;

@@ -6,7 +6,8 @@ checkpoint's headers (rank, target modules, shapes, files: one error naming the 
 adapters, an LRU of adapters read into host memory and `max_loras` device slots of stacked, zero-padded A / B per
 target, and the step's per-token slot index; `layer.py` is the hook each target linear runs (shrink and expand
 through the kernels' LoRA family, kernels/ops_lora.py), `experts.py` the routed experts' path with per-expert A / B;
-`checker.py` the driver's check of a request's adapter, `loader.py` its read of the adapter's weights on a worker
+`patterns.py` peft's rank_pattern / alpha_pattern keys matched by a linear-time NFA; `checker.py` the driver's check of
+a request's adapter (whole: config, headers, values), `loader.py` its read of the adapter's weights on a worker
 thread (off the step loop: the engine holds the request meanwhile, engine/core/lora_admission.py). The models name
 only the hooks' protocols (engine/models/linear.py `Linear.lora`, moe/layer.py `MoELayer.lora_experts`); the rank
 attaches them and fills the slots (engine/rank/lora_targets.py); the scheduler never runs more adapters at once than slots (scheduler/scheduler.py).

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
-from dataclasses import dataclass
+import stat
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ..config.checkpoint_headers import checkpoint_tensors
-from ..config.lora import LoRAConfig
+from ..config.checkpoint_headers import checkpoint_tensors, read_header
+from ..config.lora import MAX_LORA_RANK_LIMIT, LoRAConfig
 from ..contract.lora import LoRARequest
+from ..contract.safe_text import shown
+from .patterns import MatchBudget, PatternKey, compile_pattern
 
 CONFIG_FILE = "adapter_config.json"
 # The fused expert tensors an adapter's target_parameters may name (transformers 5's MoE experts).
@@ -40,6 +45,16 @@ _LINEAR_DTYPES = _FLOAT_DTYPES + ("F8_E4M3",)
 EXPERT_NAME = re.compile(r"^(?P<p>.+\.experts)\.(?:(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight|"
                      r"(?P<fused>gate_up_proj|down_proj))$")
 _DOWN = ("down_proj", "w2")  # a per-expert down projection's name: Qwen's, Mixtral's
+# Bounds on what an adapter's files may make the check read and hold (a published adapter is far inside each).
+MAX_CONFIG_BYTES = 4 << 20  # adapter_config.json (peft's EVA writes a rank_pattern key per module)
+MAX_HEADER_BYTES = 16 << 20  # adapter_model.safetensors' JSON header (~150 bytes a tensor)
+MAX_TARGET_NAMES = 4096  # names in target_modules / target_parameters
+MAX_NAME_CHARS = 512  # of one of those names (a module's full name is ~60)
+# |lora_alpha / r| (peft's scaling) at most: published adapters use ~0.5 to ~64; past this the delta overflows the
+# half-precision activations it is added to.
+MAX_LORA_SCALE = 1e4
+# |value| of an A or B tensor at most: float16's largest finite value, so its cast to any served dtype is finite.
+MAX_WEIGHT_ABS = 65504.0
 
 
 def experts_name(m: re.Match) -> str:
@@ -52,10 +67,28 @@ def experts_name(m: re.Match) -> str:
     return p
 
 
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    """A real number whose float is finite (an int of 400 digits is not: float() overflows)."""
+    try:
+        return _real(v) and math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _rank_ok(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_LORA_RANK_LIMIT
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The fields of adapter_config.json moelink runs. scale = lora_alpha / r (lora_alpha / sqrt(r) with
-    use_rslora), as peft scales B A x."""
+    use_rslora), as peft scales B A x. Every scalar is bounded here (ranks in [1, MAX_LORA_RANK_LIMIT], alphas finite,
+    every scale within MAX_LORA_SCALE): a value a step would overflow on (a float32 slot scale of 1e308) never
+    reaches a rank."""
 
     r: int
     lora_alpha: float
@@ -67,67 +100,120 @@ class AdapterConfig:
     target_parameters: tuple[str, ...] = ()
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    # The patterns' keys compiled (engine/lora/patterns.py: matched without a backtracking engine).
+    _rank_keys: tuple[PatternKey, ...] = field(default=(), init=False, repr=False, compare=False)
+    _alpha_keys: tuple[PatternKey, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"adapter_config.json r={self.r!r} is invalid: must be an integer >= 1.")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise ValueError(f"adapter_config.json lora_alpha={self.lora_alpha!r} is invalid: must be a number.")
+        if not _rank_ok(self.r):
+            raise ValueError(f"adapter_config.json r={shown(self.r)} is invalid: must be an integer in "
+                             f"[1, {MAX_LORA_RANK_LIMIT}].")
+        if not _finite(self.lora_alpha):
+            raise ValueError(f"adapter_config.json lora_alpha={shown(self.lora_alpha)} is invalid: must be a finite "
+                             "number.")
+        _check_scale(self.lora_alpha, self.r, self.use_rslora, "lora_alpha / r")
+        for key, value in self.rank_pattern:
+            if not _rank_ok(value):
+                raise ValueError(f"adapter_config.json rank_pattern[{shown(key)}]={shown(value)} is invalid: must be "
+                                 f"an integer in [1, {MAX_LORA_RANK_LIMIT}].")
+        for key, value in self.alpha_pattern:
+            if not _finite(value):
+                raise ValueError(f"adapter_config.json alpha_pattern[{shown(key)}]={shown(value)} is invalid: must "
+                                 "be a finite number.")
+        object.__setattr__(self, "_rank_keys", compile_pattern("rank_pattern", self.rank_pattern))
+        object.__setattr__(self, "_alpha_keys", compile_pattern("alpha_pattern", self.alpha_pattern))
 
     @property
     def scale(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-    def rank_alpha(self, target: str) -> tuple[int, float]:
-        """(r, lora_alpha) of one target ("model.layers.1.mlp.experts.gate_up_proj"), peft's patterns first (a key
-        matches a target ending in it, as peft's get_pattern_key)."""
-        def find(pattern, default):
-            for key, value in pattern:
-                if re.fullmatch(rf"(.*\.)?({key})", target):
+    def rank_alpha(self, target: str, budget: MatchBudget | None = None) -> tuple[int, float]:
+        """(r, lora_alpha) of one target ("model.layers.1.mlp.experts.gate_up_proj"), peft's patterns first (the
+        first key, in the config's order, matching a dot-delimited suffix of the target: peft's get_pattern_key).
+        `budget`: the matching work left to this adapter (a fresh MAX_MATCH_STEPS when None)."""
+        budget = budget if budget is not None else MatchBudget()
+
+        def find(field, keys, pattern, default):
+            budget.field = field
+            for compiled, (_, value) in zip(keys, pattern):
+                if compiled.matches(target, budget):
                     return value
             return default
-        return int(find(self.rank_pattern, self.r)), float(find(self.alpha_pattern, self.lora_alpha))
+        return (int(find("rank_pattern", self._rank_keys, self.rank_pattern, self.r)),
+                float(find("alpha_pattern", self._alpha_keys, self.alpha_pattern, self.lora_alpha)))
 
-    def target_scale(self, target: str) -> float:
-        r, alpha = self.rank_alpha(target)
-        return alpha / (math.sqrt(r) if self.use_rslora else r)
+    def target_scale(self, target: str, budget: MatchBudget | None = None) -> float:
+        r, alpha = self.rank_alpha(target, budget)
+        return _check_scale(alpha, r, self.use_rslora, f"the scale of {target!r} (lora_alpha / alpha_pattern over "
+                                                     "r / rank_pattern)")
 
     @classmethod
-    def from_json(cls, raw: dict) -> "AdapterConfig":
+    def from_json(cls, raw: object) -> "AdapterConfig":
         """From adapter_config.json's fields; a field that changes the math and is not run here is refused."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"adapter_config.json is invalid: must be a JSON object (peft's LoraConfig), not "
+                             f"{type(raw).__name__}.")
         if raw.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"adapter_config.json peft_type={raw.get('peft_type')!r} is invalid: only 'LORA' "
+            raise ValueError(f"adapter_config.json peft_type={shown(raw.get('peft_type'))} is invalid: only 'LORA' "
                              "adapters are served.")
         refused = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
-        for field, plain in refused.items():
-            if raw.get(field, plain) not in (plain, None):
-                raise ValueError(f"adapter_config.json {field}={raw[field]!r} is not supported: moelink serves "
-                                 f"plain LoRA ({field}={plain!r}).")
-        for field in ("modules_to_save", "layers_to_transform", "trainable_token_indices", "layer_replication"):
-            if raw.get(field):
-                raise ValueError(f"adapter_config.json {field}={raw[field]!r} is not supported yet: moelink serves "
-                                 "LoRA on the attention and dense linears (docs/lora.md#limits).")
+        for field_, plain in refused.items():
+            if raw.get(field_, plain) not in (plain, None):
+                raise ValueError(f"adapter_config.json {field_}={shown(raw[field_])} is not supported: moelink serves "
+                                 f"plain LoRA ({field_}={plain!r}).")
+        for field_ in ("modules_to_save", "layers_to_transform", "trainable_token_indices", "layer_replication"):
+            if raw.get(field_):
+                raise ValueError(f"adapter_config.json {field_}={shown(raw[field_])} is not supported yet: moelink "
+                                 "serves LoRA on the attention and dense linears (docs/lora.md#limits).")
         targets = raw.get("target_modules")
         if isinstance(targets, list):
-            targets = tuple(targets)
-        params = tuple(raw.get("target_parameters") or ())
+            targets = _names("target_modules", targets)
+        elif isinstance(targets, str) and len(targets) > MAX_NAME_CHARS:
+            raise ValueError(f"adapter_config.json target_modules={shown(targets)} is invalid: at most "
+                             f"{MAX_NAME_CHARS} characters.")
+        params = raw.get("target_parameters") or []
+        if not isinstance(params, list):
+            raise ValueError(f"adapter_config.json target_parameters={shown(params)} is invalid: must be a list of "
+                             "parameter names.")
+        params = _names("target_parameters", params)
         if not isinstance(targets, (tuple, str)) or not (targets or params):
-            raise ValueError(f"adapter_config.json target_modules={targets!r} is invalid: must name the modules.")
-        bad = [p for p in params if not isinstance(p, str) or p.rsplit(".", 1)[-1] not in EXPERT_PARAMETERS]
+            raise ValueError(f"adapter_config.json target_modules={shown(targets)} is invalid: must name the "
+                             "modules.")
+        bad = [p for p in params if p.rsplit(".", 1)[-1] not in EXPERT_PARAMETERS]
         if bad:
-            raise ValueError(f"adapter_config.json target_parameters={list(params)!r} is not supported: moelink runs "
-                             f"per-expert LoRA on {', '.join(EXPERT_PARAMETERS)} (transformers 5's fused experts).")
+            raise ValueError(f"adapter_config.json target_parameters={shown(list(params))} is not supported: moelink "
+                             f"runs per-expert LoRA on {', '.join(EXPERT_PARAMETERS)} (transformers 5's fused "
+                             "experts).")
         patterns = {}
-        for field in ("rank_pattern", "alpha_pattern"):
-            value = raw.get(field) or {}
+        for field_ in ("rank_pattern", "alpha_pattern"):
+            value = raw.get(field_) or {}
             if not isinstance(value, dict):
-                raise ValueError(f"adapter_config.json {field}={value!r} is invalid: must map module patterns to "
-                                 "values.")
-            patterns[field] = tuple(value.items())
+                raise ValueError(f"adapter_config.json {field_}={shown(value)} is invalid: must map module patterns "
+                                 "to values.")
+            patterns[field_] = tuple(value.items())
+        base = raw.get("base_model_name_or_path")
         return cls(r=raw.get("r"), lora_alpha=raw.get("lora_alpha", 8), target_modules=targets,
                    use_rslora=bool(raw.get("use_rslora", False)),
-                   base_model_name_or_path=raw.get("base_model_name_or_path"), target_parameters=params,
+                   base_model_name_or_path=base if isinstance(base, str) else None, target_parameters=params,
                    rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"])
+
+
+def _names(field_: str, values: list) -> tuple[str, ...]:
+    """A list of module / parameter names from adapter_config.json, bounded in count and length."""
+    if len(values) > MAX_TARGET_NAMES or not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS for v in values):
+        raise ValueError(f"adapter_config.json {field_}={shown(values)} is invalid: must be a list of at most "
+                         f"{MAX_TARGET_NAMES} names of at most {MAX_NAME_CHARS} characters.")
+    return tuple(values)
+
+
+def _check_scale(alpha: float, r: int, rslora: bool, what: str) -> float:
+    """alpha / r (/ sqrt(r) with use_rslora), refused outside [-MAX_LORA_SCALE, MAX_LORA_SCALE]."""
+    scale = float(alpha) / (math.sqrt(r) if rslora else r)
+    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+        raise ValueError(f"adapter_config.json {what} is {shown(scale)}: must be within [-{MAX_LORA_SCALE:g}, "
+                         f"{MAX_LORA_SCALE:g}] (peft's scaling of B A x; larger overflows the step's half-precision "
+                         "arithmetic).")
+    return scale
 
 
 @dataclass(frozen=True)
@@ -159,68 +245,164 @@ class Adapter:
 
 
 def _files(req: LoRARequest) -> tuple[Path, Path]:
-    path = Path(req.lora_path)
+    """The adapter's two files. One error for every way a path is not an adapter's (missing, not a directory,
+    unreadable, a file missing or not a regular file): the answer must not tell a client which directories exist."""
+    path = req.lora_path
+    files = []
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise ValueError(f"LoRARequest.lora_path={req.lora_path!r} is invalid: it holds no {name} (a peft "
-                             "adapter directory, as save_pretrained writes it).")
-    return path / CONFIG_FILE, path / WEIGHTS_FILE
+        try:
+            st = os.stat(os.path.join(path, name))
+            ok = stat.S_ISREG(st.st_mode) and os.access(os.path.join(path, name), os.R_OK)
+        except (OSError, ValueError):  # ENOENT, EACCES, ENAMETOOLONG, ...; a NUL byte
+            ok = False
+        if not ok:
+            raise ValueError(f"LoRARequest.lora_path={shown(path)} is invalid: not a readable peft adapter directory "
+                             f"(one holding {CONFIG_FILE} and {WEIGHTS_FILE}, as save_pretrained writes them).")
+        files.append(Path(path) / name)
+    return files[0], files[1]
 
 
 def read_config(req: LoRARequest, limits: LoRAConfig) -> AdapterConfig:
     cfg_file, _ = _files(req)
     try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"LoRARequest.lora_path={req.lora_path!r}: {CONFIG_FILE} is not readable JSON ({e}).") from e
+        with open(cfg_file, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError:
+        raise ValueError(f"LoRARequest.lora_path={shown(req.lora_path)} is invalid: not a readable peft adapter "
+                         f"directory (one holding {CONFIG_FILE} and {WEIGHTS_FILE}).") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"adapter {shown(req.lora_name)}: {CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes.")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested past the parser's depth
+        why = "nested too deeply" if isinstance(e, RecursionError) else shown(str(e), quote=False)
+        raise ValueError(f"adapter {shown(req.lora_name)}: {CONFIG_FILE} is not readable JSON ({why}).") from None
     cfg = AdapterConfig.from_json(raw)
     if cfg.r > limits.max_lora_rank:
-        raise ValueError(f"adapter {req.lora_name!r}: adapter_config.json r={cfg.r} is over max_lora_rank="
+        raise ValueError(f"adapter {shown(req.lora_name)}: adapter_config.json r={cfg.r} is over max_lora_rank="
                          f"{limits.max_lora_rank}: start the engine with max_lora_rank >= {cfg.r} (--max-lora-rank).")
     return cfg
+
+
+def _weights_header(req: LoRARequest, weights_file: Path, model: ModelTargets) -> dict:
+    """adapter_model.safetensors' header, checked before safetensors opens the file: bounded (MAX_HEADER_BYTES, at
+    most as many tensors as the model has LoRA targets' A and B), every tensor's bytes inside the file (a file cut
+    short is refused here, not in safetensors' reader), every tensor a float."""
+    name = shown(req.lora_name)
+    try:
+        with open(weights_file, "rb") as f:
+            raw = f.read(8)
+    except OSError:
+        raise ValueError(f"LoRARequest.lora_path={shown(req.lora_path)} is invalid: not a readable peft adapter "
+                         f"directory (one holding {CONFIG_FILE} and {WEIGHTS_FILE}).") from None
+    if len(raw) == 8 and struct.unpack("<Q", raw)[0] > MAX_HEADER_BYTES:
+        raise ValueError(f"adapter {name}: {WEIGHTS_FILE}'s header is over {MAX_HEADER_BYTES} bytes.")
+    try:
+        header = read_header(weights_file)
+    except ValueError as e:  # names the file: truncated, not safetensors, a header that is not JSON
+        raise ValueError(f"adapter {name}: {WEIGHTS_FILE} is not a whole safetensors file "
+                         f"({shown(str(e).split(': ', 1)[-1], quote=False)})") from None
+    most = 2 * len(model.linears) + 8 * len(model.experts)  # A and B per target (experts nested per parameter)
+    if len(header) > most:
+        raise ValueError(f"adapter {name}: {WEIGHTS_FILE} holds {len(header)} tensors; this model has LoRA targets "
+                         f"for at most {most}.")
+    for key, entry in header.items():
+        if len(key) > MAX_NAME_CHARS:
+            raise ValueError(f"adapter {name}: {WEIGHTS_FILE} tensor {shown(key)} has a name over {MAX_NAME_CHARS} "
+                             "characters: no module of this model has one.")
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"adapter {name}: {WEIGHTS_FILE} tensor {shown(key)} is {shown(dtype)}: LoRA weights "
+                             f"are floats ({', '.join(_FLOAT_DTYPES)}).")
+    return header
+
+
+def _check_values(req: LoRARequest, key: str, t: torch.Tensor) -> None:
+    """An A or B tensor's values: every one finite and within MAX_WEIGHT_ABS. One NaN in a B would make every row of
+    its adapter NaN, and a value past float16's range an inf once cast to the served dtype."""
+    if t.numel() == 0:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"adapter {shown(req.lora_name)}: {WEIGHTS_FILE} tensor {shown(key)} holds a non-finite "
+                         "value (NaN or inf): refused.")
+    if float(t.abs().max()) > MAX_WEIGHT_ABS:
+        raise ValueError(f"adapter {shown(req.lora_name)}: {WEIGHTS_FILE} tensor {shown(key)} holds a value over "
+                         f"{MAX_WEIGHT_ABS:g} in magnitude (float16's range): refused.")
 
 
 def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets, load: bool = True) -> Adapter:
     """The adapter of `req`, read and checked against the served checkpoint's targets (`model`: `model_targets`):
     ValueError naming the field for a missing file, a rank over the limit, a target module the model lacks, or
-    tensors of another base model's shapes. load False: the same checks on the tensors' headers alone (meta
-    tensors of their shapes: the driver's check reads no weights)."""
+    tensors of another base model's shapes, a value that is not finite or past MAX_WEIGHT_ABS, a file cut short.
+    load False: the same checks, each tensor's values read for them and dropped (meta tensors of their shapes are
+    returned: the driver's check keeps no weights). Only ValueError for anything in the adapter's files."""
     cfg = read_config(req, limits)
     _, weights_file = _files(req)
+    header = _weights_header(req, weights_file, model)
+    budget = MatchBudget()  # all of this adapter's pattern matching (engine/lora/patterns.py)
     names = set(model.linears)
     if isinstance(cfg.target_modules, tuple):
+        # Every dot-delimited suffix of the model's linears ("q_proj", "self_attn.q_proj", ...): a target is one.
+        suffixes = {n.split(".", i)[-1] for n in names for i in range(n.count(".") + 1)}
         for t in cfg.target_modules:
-            if not any(n == t or n.endswith("." + t) for n in names):
-                raise ValueError(f"adapter {req.lora_name!r}: adapter_config.json target_modules lists {t!r}, which "
-                                 f"this model has no LoRA-able linear of (it has: "
+            if t not in suffixes:
+                raise ValueError(f"adapter {shown(req.lora_name)}: adapter_config.json target_modules lists "
+                                 f"{shown(t)}, which this model has no LoRA-able linear of (it has: "
                                  f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}).")
     if cfg.target_parameters and not model.experts:
-        raise ValueError(f"adapter {req.lora_name!r}: adapter_config.json target_parameters="
-                         f"{list(cfg.target_parameters)!r}, but this model has no float routed experts (LoRA on "
+        raise ValueError(f"adapter {shown(req.lora_name)}: adapter_config.json target_parameters="
+                         f"{shown(list(cfg.target_parameters))}, but this model has no float routed experts (LoRA on "
                          "quantized experts is not run yet: docs/lora.md#limits).")
+    keys: dict[str, tuple[str, str]] = {}  # safetensors key -> (module, "A" / "B")
+    for key in header:  # names first: nothing is read of an adapter for another model
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"adapter {shown(req.lora_name)}: {WEIGHTS_FILE} holds {shown(key)}, not a LoRA A or B "
+                             "weight of a module (target_modules, modules_to_save).")
+        module = m.group("module")
+        if module not in model.linears and _experts_of(module) not in model.experts:
+            raise ValueError(f"adapter {shown(req.lora_name)}: target_modules reach {shown(module)}, which this "
+                             "model has no LoRA-able linear of (LoRA runs on attention, dense linears and routed "
+                             "experts: docs/lora.md).")
+        keys[key] = (module, m.group("ab"))
+    # Shapes next, from the header (meta tensors): nothing is read of an adapter of another model's shapes.
+    meta: dict[str, dict[str, torch.Tensor]] = {}
+    for key, (module, ab) in keys.items():
+        meta.setdefault(module, {})[ab] = torch.empty(header[key]["shape"], device="meta")
+    weights, scales = _assemble(req, cfg, meta, limits, model, budget)
+    # Then the values, one tensor at a time: each finite and bounded (_check_values); kept only with `load`.
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_file), "pt") as f:
-        for key in f.keys():
-            m = _KEY.match(key)
-            if m is None:
-                raise ValueError(f"adapter {req.lora_name!r}: {WEIGHTS_FILE} holds {key!r}, not a LoRA A or B "
-                                 "weight of a module (target_modules, modules_to_save).")
-            module = m.group("module")
-            if module not in model.linears and _experts_of(module) not in model.experts:
-                raise ValueError(f"adapter {req.lora_name!r}: target_modules reach {module!r}, which this model has "
-                                 "no LoRA-able linear of (LoRA runs on attention, dense linears and routed experts: "
-                                 "docs/lora.md).")
-            parts.setdefault(module, {})[m.group("ab")] = (
-                f.get_tensor(key) if load else torch.empty(f.get_slice(key).get_shape(), device="meta"))
+    try:
+        with safe_open(str(weights_file), "pt") as f:
+            for key, (module, ab) in keys.items():
+                t = f.get_tensor(key)
+                _check_values(req, key, t)
+                if load:
+                    parts.setdefault(module, {})[ab] = t
+                del t
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001  (safetensors' own error for a file it cannot read: changed meanwhile)
+        raise ValueError(f"adapter {shown(req.lora_name)}: {WEIGHTS_FILE} could not be read "
+                         f"({type(e).__name__}).") from None
+    if load:
+        weights, scales = _assemble(req, cfg, parts, limits, model, budget)
+    return Adapter(req, cfg, weights, scales)
+
+
+def _assemble(req: LoRARequest, cfg: AdapterConfig, parts: dict[str, dict[str, torch.Tensor]], limits: LoRAConfig,
+              model: ModelTargets, budget: MatchBudget) -> tuple[dict, dict[str, float]]:
+    """Each target's (A, B) and scale from the file's tensors by module (`read_adapter`'s), checked against the
+    model's shapes and the rank limit."""
     weights, scales = {}, {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"adapter {req.lora_name!r}: {WEIGHTS_FILE} holds lora_{''.join(ab)} of {module!r} "
-                             "without its pair.")
+            raise ValueError(f"adapter {shown(req.lora_name)}: {WEIGHTS_FILE} holds lora_{''.join(ab)} of "
+                             f"{shown(module)} without its pair.")
         if module in model.linears:
             name, a, b = module, ab["A"], ab["B"]
             n, k = model.linears[module]
-            r = cfg.rank_alpha(name)[0]
+            r = cfg.rank_alpha(name, budget)[0]
             ok = a.dim() == 2 and b.dim() == 2 and a.shape == (r, k) and b.shape == (n, r)
             want = f"[{n}, {k}] at rank r={r}"
         else:
@@ -228,25 +410,26 @@ def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets, load
             ok = name is not None
             r = a.shape[1] if ok else 0
         if not ok:
-            raise ValueError(f"adapter {req.lora_name!r}: base_model_name_or_path={cfg.base_model_name_or_path!r} "
-                             f"does not match the served model: {module!r} has A {tuple(ab['A'].shape)} and B "
-                             f"{tuple(ab['B'].shape)}, the model's is {want}.")
+            raise ValueError(f"adapter {shown(req.lora_name)}: base_model_name_or_path="
+                             f"{shown(cfg.base_model_name_or_path)} does not match the served model: {shown(module)} "
+                             f"has A {tuple(ab['A'].shape)} and B {tuple(ab['B'].shape)}, the model's is {want}.")
         if r > limits.max_lora_rank:
-            raise ValueError(f"adapter {req.lora_name!r}: {name!r} has rank {r} (adapter_config.json r / "
+            raise ValueError(f"adapter {shown(req.lora_name)}: {name!r} has rank {r} (adapter_config.json r / "
                              f"rank_pattern), over max_lora_rank={limits.max_lora_rank}: start the engine with "
                              f"max_lora_rank >= {r} (--max-lora-rank).")
-        weights[name], scales[name] = (a, b), cfg.target_scale(name)
+        weights[name], scales[name] = (a, b), cfg.target_scale(name, budget)
     if not weights:
-        raise ValueError(f"adapter {req.lora_name!r}: {WEIGHTS_FILE} holds no LoRA weights.")
-    return Adapter(req, cfg, weights, scales)
+        raise ValueError(f"adapter {shown(req.lora_name)}: {WEIGHTS_FILE} holds no LoRA weights.")
+    return weights, scales
 
 
 def _experts_of(module: str) -> str:
     """peft's module of a fused expert tensor's LoRA, nested once per targeted parameter ("...experts.base_layer"),
     as the experts' name ("...experts")."""
-    while module.endswith(".base_layer"):
-        module = module[: -len(".base_layer")]
-    return module
+    end = len(module)
+    while module.endswith(".base_layer", 0, end):  # an index, not a copy per level: linear in the name
+        end -= len(".base_layer")
+    return module[:end]
 
 
 def _expert_factors(module: str, a: torch.Tensor, b: torch.Tensor, model: ModelTargets, cfg: AdapterConfig):

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..config.lora import LoRAConfig
 from ..contract.lora import LoRARequest
+from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
 from .adapter import Adapter, ModelTargets, read_adapter
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class AdapterLoader:
         try:
             adapter = read_adapter(req, self.limits, self.targets)
         except Exception as e:  # noqa: BLE001  (any failure ends the requests waiting on it, naming the adapter)
-            error = f"LoRA adapter {req.lora_name!r} (lora_path={req.lora_path!r}) could not be read: {e}"
+            error = (f"LoRA adapter {shown(req.lora_name)} (lora_path={shown(req.lora_path)}) could not be read: "
+                     f"{shown(str(e), MAX_MESSAGE_CHARS, quote=False)}")
             logger.error("%s", error)
         with self._lock:
             self._reading.pop(req.lora_int_id, None)

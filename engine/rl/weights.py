@@ -16,7 +16,7 @@ converted again for the parameters written, and only those.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import TYPE_CHECKING
 
 from ..config.checkpoint_headers import HeaderBounds, bounds_like, checkpoint_tensors, text_model_name
@@ -124,6 +124,14 @@ _TORCH_NAMES = {"F8_E4M3": "torch.float8_e4m3fn", "U8": "torch.uint8", "I8": "to
                 "I64": "torch.int64"}
 
 
+def _not_a_checkpoint(new_dir: str) -> ValueError:
+    """One error for a path that is missing, not a directory, unreadable or holds no safetensors tensors: the answer
+    must not tell a client which directories exist on the server (issue 76)."""
+    cut = "..." if len(new_dir) > 200 else ""  # a client's string, bounded (engine/contract/safe_text.py's rule)
+    return ValueError(f"model_path={new_dir[:200]!r}{cut} is invalid: not a directory holding a readable safetensors "
+                      "checkpoint.")
+
+
 def served_tensors(cfg: ModelConfig, served_dir: str) -> tuple[dict[str, tuple], HeaderBounds]:
     """The served checkpoint's tensors ({name: (dtype, shape)}) and the bounds an update's headers are read within
     (twice the served checkpoint's: engine/config/checkpoint_headers.bounds_like); the engine reads them once."""
@@ -135,12 +143,14 @@ def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str,
     """Refuse, naming the first difference, a checkpoint whose tensors are not the served one's (names, shapes,
     dtypes): an update changes values, not the architecture. Its headers are read within the served checkpoint's
     bounds, its files inside its directory. `served`: served_tensors' answer, where the caller keeps it."""
-    if not Path(new_dir).is_dir():
-        raise ValueError(f"model_path={new_dir!r} is invalid: not a directory.")
+    if not os.path.isdir(new_dir):  # False for a name too long, or with a NUL byte, too
+        raise _not_a_checkpoint(new_dir)
     prefix = cfg.text_weights_prefix
     served_map, bounds = served if served is not None else served_tensors(cfg, served_dir)
     try:
         new = _tensors(new_dir, prefix, bounds)
+    except OSError:  # a directory it may not list or enter
+        raise _not_a_checkpoint(new_dir) from None
     except ValueError as exc:  # the checkpoint's own error names it (and never another file's content)
         raise ValueError(f"model_path is invalid: {exc}") from None
     _check_same(new_dir, served_map, new)
@@ -148,7 +158,7 @@ def check_same_tensors(cfg: ModelConfig, served_dir: str, new_dir: str,
 
 def _check_same(new_dir: str, served: dict[str, tuple], new: dict[str, tuple]) -> None:
     if not new:
-        raise ValueError(f"model_path={new_dir!r} is invalid: it holds no safetensors tensors.")
+        raise _not_a_checkpoint(new_dir)
     missing = sorted(set(served) - set(new))
     if missing:
         raise ValueError(f"model_path={new_dir!r} is missing tensor {missing[0]!r}"

@@ -12,14 +12,50 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
+import unicodedata
 from dataclasses import dataclass
 from typing import Optional
 
 from ..contract.lora import LoRARequest
 from ..contract.safe_text import shown
 
+logger = logging.getLogger(__name__)
+
 _MODULE_FIELDS = ("name", "path", "base_model_name")
+# An adapter's name is listed to every client (/v1/models) and echoed in answers: bounded, printable.
+MAX_NAME_CHARS = 256
+# An adapter's directory: the longest path the OS resolves (PATH_MAX).
+MAX_PATH_CHARS = 4096
+
+
+def name_key(name: str) -> str:
+    """What two names collide under: NFKC-normalised and case-folded ("Base" and "ｂａｓｅ" are "base")."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def check_name(name: object, field: str) -> str:
+    """`name` as an adapter's name; ValueError naming `field`: a non-empty string of at most MAX_NAME_CHARS printable
+    characters (no control, format such as a zero-width space, or separator other than the space), no leading or
+    trailing space."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"{field}={shown(str(name))} is invalid: must be a non-empty name without leading or "
+                         "trailing spaces.")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"{field}={shown(name)} is invalid: at most {MAX_NAME_CHARS} characters.")
+    if not name.isprintable():  # C* (controls, U+200B and other format characters) and Z* but the space
+        raise ValueError(f"{field}={shown(name)} is invalid: it holds a control, format (zero-width) or separator "
+                         "character; give a name of printable characters.")
+    return name
+
+
+def check_path(path: object, field: str) -> str:
+    """`path` as an adapter's directory: a non-empty string of at most MAX_PATH_CHARS characters, no NUL."""
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH_CHARS or "\0" in path:
+        raise ValueError(f"{field}={shown(str(path))} is invalid: must be the adapter's directory (at most "
+                         f"{MAX_PATH_CHARS} characters).")
+    return path
 
 
 @dataclass(frozen=True)
@@ -31,9 +67,7 @@ class LoRAModule:
     base_model_name: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
-            raise ValueError(f"lora_modules name={self.name!r} is invalid: must be a non-empty name without "
-                             "leading or trailing spaces.")
+        check_name(self.name, "lora_modules name")
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"lora_modules path={self.path!r} (adapter {self.name!r}) is invalid: must be the "
                              "adapter's directory (adapter_config.json, adapter_model.safetensors).")
@@ -76,9 +110,10 @@ class ServedAdapters:
 
     def __init__(self, checker, base_names: tuple[str, ...]):
         """`checker`: the engine's AdapterChecker (None: the engine serves no adapters); `base_names`: the names
-        the base model is served under (an adapter may not take one)."""
+        the base model is served under (an adapter may not take one, in any case or Unicode form: `name_key`)."""
         self.checker = checker
         self.base_names = frozenset(base_names)
+        self._base_keys = frozenset(name_key(n) for n in base_names)
         self._by_name: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -101,21 +136,28 @@ class ServedAdapters:
         if self.checker is None:
             raise ValueError(f"{field}={shown(str(name))} is refused: this server serves no LoRA adapters; start it "
                              "with --enable-lora.")
-        if not isinstance(name, str) or not name or name != name.strip():
-            raise ValueError(f"{field}={shown(str(name))} is invalid: must be a non-empty name without leading or "
-                             "trailing spaces.")
-        if name in self.base_names:
-            raise ValueError(f"{field}={shown(name)} is invalid: it is a name of the base model; give the adapter "
-                             "its own.")
+        check_name(name, field)
+        check_path(path, "lora_path")
+        key = name_key(name)
+        if key in self._base_keys:
+            raise ValueError(f"{field}={shown(name)} is invalid: it is a name of the base model (names are compared "
+                             "ignoring case and Unicode form); give the adapter its own.")
         with self._lock:  # held through the check: a second load of one name waits, then is refused
-            if name in self._by_name:
-                raise ValueError(f"{field}={shown(name)} is invalid: the adapter {shown(name)} has already been "
-                                 "loaded; unload it first.")
+            taken = next((n for n in self._by_name if name_key(n) == key), None)
+            if taken is not None:
+                raise ValueError(f"{field}={shown(name)} is invalid: the adapter {shown(taken)} has already been "
+                                 "loaded under that name (compared ignoring case); unload it first.")
             request = LoRARequest(name, next(self._ids), path)
             try:
                 self.checker.check(request)
             except ValueError as e:
-                raise ValueError(f"adapter {shown(name)} (lora_path={shown(path)}) is refused: {e}") from None
+                raise ValueError(f"adapter {shown(name)} (lora_path={shown(path)}) is refused: "
+                                 f"{shown(str(e), 800, quote=False)}") from None
+            except Exception as e:  # noqa: BLE001  (one clear refusal, never a dropped connection)
+                logger.warning("adapter %s (lora_path=%s): the check failed: %s", shown(name), shown(path),
+                               shown(repr(e)))
+                raise ValueError(f"adapter {shown(name)} (lora_path={shown(path)}) is refused: it could not be "
+                                 "read as a peft adapter.") from None
             self._by_name[name] = request
             return request
 

@@ -141,3 +141,31 @@ def test_bad_named_tensors_are_refused(tiny_model):
     ]:
         with pytest.raises(ValueError, match=match):
             llm.update_weights_from_tensor(bad)
+
+
+def test_model_path_errors_do_not_tell_which_directories_exist(tmp_path):
+    """Issue 76 item 12: update_weights_from_disk answered "not a directory" for a missing path and "holds no
+    safetensors tensors" for an existing one (/etc, /root): a client could map the server's directories. Missing,
+    a file, empty, full of other files, a 10 MB path: one error. Checked on the driver's check alone (no engine)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from moelink.engine.rl.weights import check_same_tensors
+
+    served = tmp_path / "served"
+    served.mkdir()
+    save_file({"w": torch.zeros(2)}, str(served / "model.safetensors"))
+    cfg = SimpleNamespace(text_weights_prefix="")
+    empty, other, a_file = tmp_path / "empty", tmp_path / "other", tmp_path / "file"
+    empty.mkdir()
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    a_file.write_text("x")
+    errors = set()
+    for p in (tmp_path / "missing", empty, other, a_file, "/etc", "x" * 10_000_000):
+        with pytest.raises(ValueError) as e:
+            check_same_tensors(cfg, str(served), str(p))
+        assert len(str(e.value)) < 400
+        errors.add(str(e.value).split(" is invalid: ", 1)[1])
+    assert errors == {"not a directory holding a readable safetensors checkpoint."}, errors

@@ -119,28 +119,102 @@ def test_a_cache_salt_keeps_kv_apart():
         make_request("e", [1], cache_salt="text")
 
 
+_LORA: dict[str, object] = {}  # request id -> its adapter, as the LoRA tests added it
+
+
+def _add(s, rid, prompt, max_tokens, lora=None, lora_id=0):
+    _LORA[rid] = lora
+    s.add_request(make_request(rid, prompt, max_tokens=max_tokens, lora_id=lora_id, lora=lora))
+
+
 def test_no_more_adapters_run_at_once_than_lora_slots():
-    """max_loras: a waiting request whose adapter would be one more than the slots waits (FCFS: the queue behind it
-    too) until the last request of a running adapter leaves; the base model's requests count no slot; the adapter
-    rides to the worker on NewRequestData.lora."""
+    """max_loras: a waiting request whose adapter would be one more than the slots waits until the last request of a
+    running adapter leaves (the requests behind it that need no slot go on: test_a_request_waiting_for_a_lora_slot_
+    blocks_no_other); the base model's requests count no slot; the adapter rides to the worker on
+    NewRequestData.lora."""
     s = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=256, max_loras=1)
     sim = Sim(s)
-    s.add_request(make_request("a1", [1, 2, 3], max_tokens=2, lora_id=1, lora="A"))
-    s.add_request(make_request("base", [4, 5], max_tokens=2))
-    s.add_request(make_request("a2", [6, 7], max_tokens=4, lora_id=1, lora="A"))
-    s.add_request(make_request("b", [8, 9], max_tokens=1, lora_id=2, lora="B"))
-    s.add_request(make_request("late", [3], max_tokens=1))
+    _add(s, "a1", [1, 2, 3], 2, "A", 1)
+    _add(s, "base", [4, 5], 2)
+    _add(s, "a2", [6, 7], 4, "A", 1)
+    _add(s, "b", [8, 9], 1, "B", 2)
+    _add(s, "late", [3], 1)
     so = sim.step()
-    assert [n.req_id for n in so.scheduled_new_reqs] == ["a1", "base", "a2"]
-    assert [n.lora for n in so.scheduled_new_reqs] == ["A", None, "A"]
+    assert [n.req_id for n in so.scheduled_new_reqs] == ["a1", "base", "a2", "late"]
+    assert [n.lora for n in so.scheduled_new_reqs] == ["A", None, "A", None]
     while "b" not in {n.req_id for n in so.scheduled_new_reqs}:
-        assert "late" not in {n.req_id for n in so.scheduled_new_reqs}, "the queue behind b overtook it"
+        assert {_LORA[r] for r in so.num_scheduled_tokens} <= {None, "A"}
         so = sim.step()
     # a2 (adapter 1, four tokens) had finished before b (adapter 2) started: one adapter at a time.
     assert s.get_request("a2") is None and sim.tokens["a2"] and len(sim.tokens["a2"]) == 4
     sim.run()
     with pytest.raises(ValueError, match="lora_id"):
         make_request("bad", [1], lora_id=1)
+
+
+def test_a_request_waiting_for_a_lora_slot_blocks_no_other():
+    """Issue 76 item 5: with --max-loras 1 held by a long adapter-A generation, one queued adapter-B request kept
+    every later request (another user's base-model request) waiting the whole A generation (FCFS). Now the
+    requests behind B that need no new slot run at once, in order: the base model's and A's (resident). B keeps its
+    place among the adapters: when A's slot frees, B takes it before a later adapter-C request. And A cannot hold
+    its slot forever: past max_num_seqs requests of A overtaking B, A's new requests wait behind B (A drains)."""
+    s = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=256, max_loras=1)
+    sim = Sim(s)
+    _add(s, "a-long", [1, 2, 3], 30, "A", 1)
+    sim.step()
+    _add(s, "b", [8, 9], 2, "B", 2)
+    _add(s, "base", [4, 5], 2)
+    _add(s, "a2", [6, 7], 2, "A", 1)
+    _add(s, "c", [5, 6], 2, "C", 3)
+    so = sim.step()
+    assert [n.req_id for n in so.scheduled_new_reqs] == ["base", "a2"]  # not behind b: no new slot needed
+    assert [r.request_id for r in s.waiting] == ["b", "c"]  # b and c keep their order
+    started = {}
+    for i in range(200):
+        if "c" in started:
+            break
+        so = sim.step()
+        for n in so.scheduled_new_reqs:
+            started[n.req_id] = i
+        assert len({_LORA[r] for r in so.num_scheduled_tokens} - {None}) <= 1
+    assert started["b"] < started["c"], started  # the slot went to b, the first adapter waiting for one
+    assert sim.finish["a-long"][0] == "length"
+    sim.run()
+
+    # Overtaking bounded: A kept busy by a new request every step would hold the slot forever.
+    s = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=256, max_loras=1)
+    sim = Sim(s)
+    _add(s, "a0", [1, 2], 3, "A", 1)
+    sim.step()
+    _add(s, "b", [8, 9], 1, "B", 2)
+    for i in range(40):
+        _add(s, f"a{i + 1}", [3, 4], 3, "A", 1)
+        so = sim.step()
+        if "b" in {n.req_id for n in so.scheduled_new_reqs}:
+            break
+    else:
+        raise AssertionError("b never got the slot: adapter A held it with a new request every step")
+    overtook = sum(1 for st in sim.steps for n in st.scheduled_new_reqs if n.req_id != "a0" and n.lora == "A"
+                   and st.step_id < so.step_id)
+    assert overtook <= s.scheduler_config.max_num_seqs, overtook
+    sim.run()
+
+
+def test_the_lora_slot_scan_is_bounded_and_keeps_the_queue():
+    """A wall of requests waiting for a LoRA slot is looked past at most MAX_LORA_SKIPS a step, and put back in
+    order."""
+    from moelink.scheduler import scheduler as sched_mod
+
+    s = make_scheduler(num_blocks=256, block_size=4, max_num_seqs=4, max_num_batched_tokens=256, max_loras=1)
+    sim = Sim(s)
+    _add(s, "a", [1, 2], 5, "A", 1)
+    sim.step()
+    ids = [f"b{i}" for i in range(sched_mod.MAX_LORA_SKIPS + 5)]
+    for rid in ids:
+        _add(s, rid, [3], 1, "B", 2)
+    _add(s, "base", [4], 1)
+    so = sim.step()
+    assert not so.scheduled_new_reqs and [r.request_id for r in s.waiting] == ids + ["base"]
 
 
 def test_full_prompt_hit_still_computes_last_token():

@@ -159,3 +159,28 @@ def test_serve_refuses_lora_modules_without_enable_lora_before_anything_loads(ca
         main(["serve", "MODEL", "--enable-lora", "--lora-modules", "no-equals-sign"])
     err = capsys.readouterr().err
     assert "argument --lora-modules: lora_modules 'no-equals-sign' is invalid" in err, err
+
+
+def test_adapter_names_are_bounded_printable_and_never_the_base_models():
+    """Issue 76 item 12: `Base`, `base\\u200b` and a 100,000-character name were accepted and listed to every client
+    beside the base model "base". A name is now at most MAX_NAME_CHARS printable characters, and no name collides,
+    ignoring case and Unicode form, with the base model's names or another adapter's."""
+    from moelink.engine.server.lora_names import MAX_NAME_CHARS
+
+    adapters = _Serving().adapters
+    for name, says in [("Base", "name of the base model"), ("BASE-ALIAS", "name of the base model"),
+                       ("\uff42\uff41\uff53\uff45", "name of the base model"),  # fullwidth "base"
+                       ("base\u200b", "format \\(zero-width\\)"), ("a\u2028b", "format"), ("a\nb", "format"),
+                       ("\u202eesab", "format"), ("x" * 100_000, f"at most {MAX_NAME_CHARS} characters")]:
+        with pytest.raises(ValueError, match=says) as e:
+            adapters.add(name, "/x")
+        assert len(str(e.value)) < 600
+    assert adapters.served() == []
+    adapters.add("sql", "/x")
+    with pytest.raises(ValueError, match="'sql' has already been loaded"):
+        adapters.add("SQL", "/y")
+    assert adapters.add("x" * MAX_NAME_CHARS, "/x") and adapters.add("sql-v2 beta", "/x")
+    with pytest.raises(ValueError, match="lora_path=.* is invalid"):
+        adapters.add("p", "/" + "x" * 10_000_000)
+    with pytest.raises(ValueError, match="lora_modules name='Base\\\\u200b' is invalid"):
+        LoRAModule("Base\u200b", "/x")

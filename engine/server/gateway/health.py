@@ -6,11 +6,19 @@ HTTP_SERVICE ("moelink.http.OpenAI": SERVING while the gateway serves, NOT_SERVI
 lost its worker), and the server's --metrics-port shows `moelink_http_gateway_up`, the gateway's crashes
 and the worker's re-registrations. Liveness ("") and the gRPC services' readiness are left alone: gRPC
 still serves, and the supervisor keeps bringing the gateway back.
+
+The engine's death is another matter (its loop died, a rank was lost, a step hung): nothing brings it back but a
+restart, so every probe says so at once, on both faces: gRPC health goes NOT_SERVING (server.py `_watch_engine`) and
+the HTTP front answers 503 to /health, /health_generate, /readiness, /ping and /liveness (`engine_down`, asked at
+each probe: no poll between the death and the answer). /liveness too, unlike a gateway restart: a load balancer
+must stop sending traffic to the replica and an orchestrator restart it, as vLLM's /health answers 503 once its
+engine is dead.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable, Optional
 
 from grpc_health.v1 import health_pb2
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 HTTP_SERVICE = "moelink.http.OpenAI"
 POLL_S = 0.5
+
+
+def engine_down(engine) -> Callable[[], Optional[str]]:
+    """What the HTTP front asks at each probe: why `engine` (an AsyncEngine) cannot serve any more, or None while
+    it can."""
+    def reason() -> Optional[str]:
+        if engine.is_healthy:
+            return None
+        return f"the engine is not running ({engine.dead_error}); retry on another replica."
+    return reason
 
 
 async def watch_gateway(gateway, health_servicer) -> None:

@@ -82,6 +82,7 @@ PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/r
                  "/health_generate", "/liveness", "/readiness", "/tokenize", "/detokenize", "/version",
                  "/ping") + GENERATE_PATHS + RL_PATHS
 PROBES = ("/health", "/health_generate", "/readiness", "/ping")
+LIVENESS_PATH = "/liveness"  # 503 only once the engine died (health.py engine_down), not while smg restarts
 VERSION_PATH = "/version"
 PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
 # Answered only where the engine is beside the front: vLLM's tokenizer routes, and the RL control routes
@@ -107,8 +108,11 @@ class HttpFront:
     def __init__(self, host: str, port: int, upstream_port: int, api_key: Optional[str] = None,
                  not_serving: Optional[Callable[[], Optional[str]]] = None,
                  on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
-                 metrics: Optional[Callable[[], Awaitable[bytes]]] = None, local=None):
+                 metrics: Optional[Callable[[], Awaitable[bytes]]] = None, local=None,
+                 engine_down: Optional[Callable[[], Optional[str]]] = None):
         """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
+        `engine_down()`: why the engine beside the front cannot serve any more (health.py engine_down: every probe,
+        /liveness too, answers 503 with it at once), or None.
         `on_hangup(relay_id)`: the client of the request relayed under `relay_id` left before its answer ended.
         `metrics()`: the Prometheus text `GET /metrics` answers (http_metrics.py), or None: 404 as any route.
         `local`: what answers vLLM's routes and the RL control routes from the engine (vllm_routes.VllmRoutes and
@@ -120,6 +124,7 @@ class HttpFront:
         self.on_hangup = on_hangup
         self.metrics = metrics
         self.local = local
+        self.engine_down = engine_down
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -158,7 +163,11 @@ class HttpFront:
                 if (needs_key(path) or path in KEYED_ROUTES) and not self._authorized(request):
                     await write_answer(conn, writer, 401, error_body(UNAUTHORIZED, None), extra=_ASK_BEARER)
                     return
-                reason = self.not_serving() if self.not_serving is not None and path in PROBES else None
+                reason = None
+                if self.engine_down is not None and (path in PROBES or path == LIVENESS_PATH):
+                    reason = self.engine_down()  # the engine died: every probe, at once (health.py)
+                if reason is None and self.not_serving is not None and path in PROBES:
+                    reason = self.not_serving()
                 if reason is not None:
                     await write_answer(conn, writer, 503, error_body(reason, None))
                     return

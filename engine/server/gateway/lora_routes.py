@@ -93,6 +93,8 @@ class LoraRoutes:
                              f"{RUNTIME_ENV}=1 in its environment, as vLLM).", None, 404)
         try:
             data = json.loads(body)
+        except RecursionError:  # nested past the parser's depth: one 400, not a dropped connection
+            return 400, _err("the request body is JSON nested too deeply.", "body")
         except ValueError:
             data = None
         if not isinstance(data, dict):
@@ -124,8 +126,10 @@ class LoraRoutes:
         try:
             # Its headers are read and checked on a worker thread: the event loop and the step loop go on.
             await asyncio.to_thread(self.s.adapters.add, name, lora_path)
-        except ValueError as e:
+        except ValueError as e:  # the name, the path or the adapter's files: one error naming the field
             return 400, _err(str(e), "lora_path" if "lora_path" in str(e) else "lora_name")
+        except Exception as e:  # noqa: BLE001  (ServedAdapters.add turns the files' errors into ValueError)
+            return 400, _err(f"adapter {shown(name)} is refused: {type(e).__name__}.", "lora_path")
         return 200, {"message": f"Success: LoRA adapter '{name}' added successfully.",
                      "seconds": round(time.monotonic() - t0, 3)}
 

@@ -9,6 +9,7 @@ import os
 from typing import Awaitable, Callable, Optional
 
 from ...contract.loopback import is_loopback
+from .health import engine_down
 from .http_front import HttpFront
 from .http_metrics import HttpMetrics
 from .options import GatewayOptions
@@ -70,7 +71,7 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,
                       metrics=HttpMetrics(registry, lambda: gateway.metrics_port if gateway is not None else None).body,
-                      local=local)
+                      local=local, engine_down=engine_down(serving.engine) if serving is not None else None)
     try:
         await front.start()
     except OSError as e:
