@@ -6,7 +6,7 @@ checkpoint's headers (rank, target modules, shapes, files: one error naming the 
 adapters, an LRU of adapters read into host memory and `max_loras` device slots of stacked, zero-padded A / B per
 target, and the step's per-token slot index; `layer.py` is the hook each target linear runs (shrink and expand
 through the kernels' LoRA family, kernels/ops_lora.py), `experts.py` the routed experts' path with per-expert A / B;
-`patterns.py` peft's rank_pattern / alpha_pattern keys matched by a linear-time NFA; `checker.py` the driver's check of
+`patterns.py` peft's rank_pattern / alpha_pattern keys matched by RE2 (linear time, google-re2); `checker.py` the driver's check of
 a request's adapter (whole: config, headers, values), `loader.py` its read of the adapter's weights on a worker
 thread (off the step loop: the engine holds the request meanwhile, engine/core/lora_admission.py). The models name
 only the hooks' protocols (engine/models/linear.py `Linear.lora`, moe/layer.py `MoELayer.lora_experts`); the rank

@@ -100,7 +100,7 @@ class AdapterConfig:
     target_parameters: tuple[str, ...] = ()
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
-    # The patterns' keys compiled (engine/lora/patterns.py: matched without a backtracking engine).
+    # The patterns' keys compiled (engine/lora/patterns.py: matched by RE2, without backtracking).
     _rank_keys: tuple[PatternKey, ...] = field(default=(), init=False, repr=False, compare=False)
     _alpha_keys: tuple[PatternKey, ...] = field(default=(), init=False, repr=False, compare=False)
 

@@ -1,36 +1,55 @@
-"""peft's `rank_pattern` / `alpha_pattern` keys matched without a backtracking regex engine.
+"""peft's `rank_pattern` / `alpha_pattern` keys matched by RE2, Google's linear-time regex engine (google-re2).
 
 peft gives a module the value of the first key (in the config's order) for which
 `re.match(rf"(.*\\.)?({key})$", module)` matches (peft/utils/other.py `get_pattern_key`): a key is a Python regular
 expression, matched against a dot-delimited suffix of the module's name. Python's `re` backtracks: a key such as
 `(.|.){0,22}#` took 24 s to fail against one module name, in C, holding the GIL (every user waited), and each +1
-doubles it. So a key is parsed here into a Thompson NFA and simulated one character at a time over the set of its
-live states (as RE2 does): time linear in the module name's length times the key's states, never exponential.
+doubles it. RE2 (what vLLM-class servers run untrusted regexes on) never backtracks: a match costs time linear in
+the name's length times the compiled program's size, and RE2's `max_mem` option bounds that size.
 
-What is accepted (what peft users write: module names, `.*\\.name`, `layers\\.[0-9]+\\.q_proj`, `(q|v)_proj`):
-literals, escapes of punctuation, `.`, classes `[...]` (ranges, negation, `\\d \\w \\s` and their negations), groups
-`(...)`, `(?:...)`, `(?P<name>...)`, alternation, the quantifiers `* + ? {m} {m,} {,n} {m,n}` (lazy or greedy: the
-same match or not), anchors `^ $ \\A \\Z`. Refused with an error naming the key: backreferences, lookarounds, inline
-flags, possessive quantifiers, word boundaries, a stray `{` or `}`, and keys over MAX_KEY_CHARS characters or
-MAX_KEY_STATES states (a counted repeat is expanded). A key with no quantifier and no alternation (a module name:
-the usual key) has one length and no choice point: it is matched by `re` on the one suffix of that length, which
-cannot backtrack. Every match spends from a `MatchBudget` shared by one adapter's keys and targets: an adapter
-whose keys would cost more than MAX_MATCH_STEPS is refused, naming the field.
+How a key is run, so that it matches exactly the modules peft's `re.match` matches:
+- A plain key (letters, digits, `_` and `.`: a module name, the usual key, one per module in peft's EVA configs) is
+  compared character by character with the name's suffix of its length (`.` matching any character, as in the
+  regex), without any regex engine: it needs no RE2.
+- Any other key: Python's own parser (`re._parser`, what peft's `re.match` reads) parses peft's whole pattern
+  `(.*\\.)?(KEY)$`, and the parse is written out in RE2's syntax, one unambiguous spelling per node (characters as
+  `\\x{..}`, classes as their explicit ASCII members, groups non-capturing, `\\Z` as `\\z`, lazy quantifiers greedy:
+  the same match or not). So RE2 never reads a key's own spelling, where the two dialects differ (`\\12` an octal
+  escape in RE2, a backreference in Python; `[[:alpha:]]` a POSIX class in RE2, a set and a `]` in Python; `x{,3}`
+  a literal in RE2, `x{0,3}` in Python; `\\s` without `\\v` in RE2). Module names are ASCII without newlines (the
+  engine's own names, checked at every match), so a class is exactly its ASCII members, `$` is `\\z` and `.` is `.`.
+
+Refused with an error naming the field and the key: what Python's `re` cannot compile (peft could not run it
+either); backreferences, lookarounds, conditionals `(?(1)..)`, atomic groups and possessive quantifiers (RE2 runs
+none of them, and the last two change which names match); a counted repeat over 1000, or nested ones multiplying
+past RE2's limit; a non-ASCII character under `(?i)` (Python's and RE2's Unicode case folding may differ); keys over
+MAX_KEY_CHARS characters, over MAX_PATTERN_KEYS keys, a compiled key over MAX_KEY_MEM bytes, or one field's keys over
+MAX_FIELD_PROGRAM instructions (compiling costs time too). Where the google-re2 package is missing (the GPU image), an
+adapter with a key that is not plain is refused, saying to install it; plain keys keep working.
+
+Every match spends from a `MatchBudget` shared by one adapter's keys and targets (the keys times the targets, each
+linear): an adapter whose matching would cost more than MAX_MATCH_STEPS is refused, naming the field.
 """
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Optional
 
 MAX_PATTERN_KEYS = 4096  # keys of one rank_pattern / alpha_pattern (peft's EVA writes one per module)
 MAX_KEY_CHARS = 512
-MAX_KEY_STATES = 512  # NFA states of one key, counted repeats expanded
-MAX_MATCH_STEPS = 2_000_000  # NFA state visits (and characters compared) for all of one adapter's matching
+MAX_KEY_MEM = 1 << 20  # RE2's max_mem for one key: its program (~40k instructions at most) and DFA cache
+MAX_FIELD_PROGRAM = 500_000  # RE2 instructions of one field's keys together (compiling: ~0.5 us each)
+MAX_REPEAT = 1000  # RE2's largest counted repeat
+# The matching work of one adapter, in steps: a call costs MATCH_CALL_STEPS (the Python around it: ~1-3 us) plus, for
+# RE2, the name's length times the program's size (RE2's worst case, its NFA: every instruction once per character).
+# 10^9 steps is about a second of CPU on the 2-core machines (2026-12; tests/engine/test_lora_checks.py).
+MAX_MATCH_STEPS = 1_000_000_000
+MATCH_CALL_STEPS = 2_000
 
-_ANY = object()  # `.`: every character but a newline
-
-Pred = Callable[[str], bool]
+_PLAIN = re.compile(r"[A-Za-z0-9_.]+")
+_INSTALL = "install google-re2 (`pip install google-re2`, a dependency of moelink: docs/dependencies.md)"
 
 
 class MatchBudget:
@@ -48,363 +67,208 @@ class MatchBudget:
                              "(`.*\\.q_proj`, `layers\\.[0-9]+\\.`).")
 
 
-# -- parsing: a key to a small AST --------------------------------------------------------------------------------
-# Nodes: ("char", pred), ("cat", [nodes]), ("alt", [nodes]), ("rep", node, lo, hi|None), ("bol",), ("eol",)
+def _re2() -> Any:
+    """The `re2` module (google-re2), or None where it is not installed."""
+    try:
+        return importlib.import_module("re2")
+    except ImportError:
+        return None
 
 
-class _Parser:
-    def __init__(self, text: str):
-        self.s, self.i = text, 0
+def _sre() -> tuple[Any, Any]:
+    """Python's regex parser and its constants (`re._parser` since 3.11, `sre_parse` before)."""
+    try:
+        return importlib.import_module("re._parser"), importlib.import_module("re._constants")
+    except ImportError:  # Python 3.10
+        return importlib.import_module("sre_parse"), importlib.import_module("sre_constants")
 
-    def fail(self, what: str) -> ValueError:
-        return ValueError(f"{what} at character {self.i}")
 
-    def peek(self) -> Optional[str]:
-        return self.s[self.i] if self.i < len(self.s) else None
+def _ascii_set(pattern: str, flags: int = 0) -> frozenset[int]:
+    return frozenset(c for c in range(128) if re.fullmatch(pattern, chr(c), flags))
 
-    def take(self) -> str:
-        c = self.s[self.i]
-        self.i += 1
-        return c
 
-    def parse(self):
-        node = self.alt()
-        if self.i != len(self.s):
-            raise self.fail("unbalanced ')'")
-        return node
+# Python's categories on ASCII characters, read from Python itself: \s holds \v and \x1c-\x1f (Unicode), RE2's not.
+_CATEGORIES = {(name, ascii_): _ascii_set(rx, re.ASCII if ascii_ else 0)
+               for name, rx in (("DIGIT", r"\d"), ("NOT_DIGIT", r"\D"), ("SPACE", r"\s"), ("NOT_SPACE", r"\S"),
+                                ("WORD", r"\w"), ("NOT_WORD", r"\W"))
+               for ascii_ in (False, True)}
+_EVERYTHING = frozenset(range(128))
 
-    def alt(self):
-        branches = [self.cat()]
-        while self.peek() == "|":
-            self.i += 1
-            branches.append(self.cat())
-        return branches[0] if len(branches) == 1 else ("alt", branches)
 
-    def cat(self):
-        items = []
-        while self.peek() not in (None, "|", ")"):
-            atom = self.atom()
-            items.append(self.quantified(atom))
-        return ("cat", items)
+class _Refused(ValueError):
+    pass
 
-    def quantified(self, atom):
-        while True:
-            c = self.peek()
-            if c in ("*", "+", "?"):
-                self.i += 1
-                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-            elif c == "{":
-                m = re.compile(r"\{(\d*)(,?)(\d*)\}").match(self.s, self.i)
-                if m is None or (not m.group(1) and not m.group(2)):
-                    raise self.fail("unescaped '{' (write \\{ for the character)")
-                lo = int(m.group(1) or 0)
-                hi = lo if not m.group(2) else (int(m.group(3)) if m.group(3) else None)
-                if hi is not None and hi < lo:
-                    raise self.fail(f"repeat {{{lo},{hi}}} with max < min")
-                if max(lo, hi or 0) > MAX_KEY_STATES:
-                    raise self.fail(f"repeat count over {MAX_KEY_STATES}")
-                self.i = m.end()
-            else:
-                return atom
-            if atom[0] in ("bol", "eol"):
-                raise self.fail("a repeated anchor")
-            if self.peek() == "?":  # lazy: the same match or not as greedy
-                self.i += 1
-            elif self.peek() == "+":
-                raise self.fail("a possessive quantifier")
-            elif self.peek() in ("*", "{"):
-                raise self.fail("multiple repeat")
-            atom = ("rep", atom, lo, hi)
 
-    def atom(self):
-        c = self.take()
-        if c == "(":
-            if self.peek() == "?":
-                if self.s.startswith("?:", self.i):
-                    self.i += 2
-                elif self.s.startswith("?P<", self.i):
-                    end = self.s.find(">", self.i)
-                    if end < 0 or not self.s[self.i + 3:end].isidentifier():
-                        raise self.fail("a bad group name")
-                    self.i = end + 1
+class _NoRE2(ValueError):
+    """A key that needs RE2 where the google-re2 package is not installed."""
+
+
+class _ToRE2:
+    """Python's parse of a pattern written out in RE2's syntax (see the module's docstring)."""
+
+    def __init__(self, constants: Any):
+        self.c = constants
+
+    def pattern(self, items, flags: int) -> str:
+        return "".join(self.node(op, av, flags) for op, av in items)
+
+    def node(self, op, av, flags: int) -> str:
+        c, name = self.c, op.name
+        fold = bool(flags & c.SRE_FLAG_IGNORECASE)
+        if name == "LITERAL":
+            return self.klass(self.literal(av, fold))
+        if name == "NOT_LITERAL":
+            return self.klass(_EVERYTHING - self.literal(av, fold))
+        if name == "IN":
+            return self.klass(self.members(av, flags))
+        if name == "ANY":
+            return "(?s:.)" if flags & c.SRE_FLAG_DOTALL else "."
+        if name == "AT":
+            multi = bool(flags & c.SRE_FLAG_MULTILINE)
+            at = {"AT_BEGINNING": "(?m:^)" if multi else r"\A", "AT_BEGINNING_STRING": r"\A",
+                  # Python's `$`: the end, or before a newline ending the text; names have no newline.
+                  "AT_END": "(?m:$)" if multi else r"\z", "AT_END_STRING": r"\z",
+                  "AT_BOUNDARY": r"\b", "AT_NON_BOUNDARY": r"\B"}.get(av.name)  # ASCII names: both engines agree
+            if at is None:
+                raise _Refused(f"the anchor {av.name}, which is not run")
+            return at
+        if name == "BRANCH":
+            return "(?:" + "|".join(self.pattern(alt, flags) for alt in av[1]) + ")"
+        if name == "SUBPATTERN":
+            _, add, remove, sub = av
+            return "(?:" + self.pattern(sub, (flags | add) & ~remove) + ")"
+        if name in ("MAX_REPEAT", "MIN_REPEAT"):  # greedy or lazy: the same match or not
+            lo, hi, sub = av
+            open_ = hi == c.MAXREPEAT
+            if lo > MAX_REPEAT or (not open_ and hi > MAX_REPEAT):
+                raise _Refused(f"a counted repeat over {MAX_REPEAT} (RE2's limit)")
+            body = "(?:" + self.pattern(sub, flags) + ")"
+            return body + ("{%d,}" % lo if open_ else "{%d,%d}" % (lo, hi))
+        refused = {"GROUPREF": "a backreference", "GROUPREF_EXISTS": "a conditional group (?(...)...)",
+                   "ASSERT": "a lookaround", "ASSERT_NOT": "a lookaround", "ATOMIC_GROUP": "an atomic group",
+                   "POSSESSIVE_REPEAT": "a possessive quantifier"}.get(name, f"the construct {name}")
+        raise _Refused(f"{refused}, which RE2 does not run")
+
+    @staticmethod
+    def check_fold(code: int) -> None:
+        if code > 127:
+            raise _Refused(f"the non-ASCII character {chr(code)!r} under (?i) (Python's and RE2's case folding "
+                           "may differ)")
+
+    def literal(self, code: int, fold: bool) -> frozenset[int]:
+        if fold:
+            self.check_fold(code)
+            return frozenset({code, ord(chr(code).swapcase())})
+        return frozenset({code} if code < 128 else ())
+
+    def members(self, items, flags: int) -> frozenset[int]:
+        """The ASCII characters a Python class `[...]` matches (the names are ASCII)."""
+        c = self.c
+        fold = bool(flags & c.SRE_FLAG_IGNORECASE)
+        negate = False
+        got: set[int] = set()
+        for op, av in items:
+            name = op.name
+            if name == "NEGATE":
+                negate = True
+            elif name == "LITERAL":
+                got |= self.literal(av, fold)
+            elif name == "RANGE":
+                lo, hi = av
+                if fold:
+                    self.check_fold(lo)
+                    self.check_fold(hi)
+                    got |= {x for x in range(128) if lo <= x <= hi or lo <= ord(chr(x).swapcase()) <= hi}
                 else:
-                    raise self.fail("a '(?' construct (lookaround, flags, backreference) that is not run")
-            node = self.alt()
-            if self.peek() != ")":
-                raise self.fail("missing ')'")
-            self.i += 1
-            return node
-        if c in ("*", "+", "?"):
-            raise self.fail("nothing to repeat")
-        if c == "{" or c == "}":
-            raise self.fail(f"unescaped {c!r} (write \\{c} for the character)")
-        if c == ")":
-            raise self.fail("unbalanced ')'")
-        if c == ".":
-            return ("char", _ANY)
-        if c == "^":
-            return ("bol",)
-        if c == "$":
-            return ("eol",)
-        if c == "[":
-            return ("char", self.klass())
-        if c == "\\":
-            return self.escape(in_class=False)
-        return ("char", c)
-
-    def escape(self, in_class: bool):
-        if self.peek() is None:
-            raise self.fail("a trailing backslash")
-        c = self.take()
-        classes: dict[str, Pred] = {
-            "d": str.isdecimal, "D": lambda x: not x.isdecimal(),
-            "w": lambda x: x.isalnum() or x == "_", "W": lambda x: not (x.isalnum() or x == "_"),
-            "s": str.isspace, "S": lambda x: not x.isspace()}
-        if c in classes:
-            return ("char", classes[c])
-        if not in_class and c == "A":
-            return ("bol",)
-        if not in_class and c == "Z":
-            return ("eoz",)
-        plain = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}
-        if c in plain:
-            return ("char", plain[c])
-        if c.isalnum():  # \b, \B, backreferences \1, \x.., \u....: not run
-            raise self.fail(f"the escape \\{c}, which is not run")
-        return ("char", c)  # an escaped punctuation character is itself
-
-    def klass(self) -> Pred:
-        negate = self.peek() == "^"
-        if negate:
-            self.i += 1
-        chars: set[str] = set()
-        ranges: list[tuple[str, str]] = []
-        preds: list[Pred] = []
-        first = True
-        while True:
-            c = self.peek()
-            if c is None:
-                raise self.fail("an unterminated character set")
-            if c == "]" and not first:
-                self.i += 1
-                break
-            first = False
-            self.i += 1
-            if c == "\\":
-                node = self.escape(in_class=True)
-                if callable(node[1]):
-                    preds.append(node[1])
-                    continue
-                c = node[1]
-            elif c == "[" and self.peek() in (":", ".", "="):
-                raise self.fail("a POSIX class, which is not run")
-            if self.peek() == "-" and self.i + 1 < len(self.s) and self.s[self.i + 1] != "]":
-                self.i += 1
-                hi = self.take()
-                if hi == "\\":
-                    node = self.escape(in_class=True)
-                    if callable(node[1]):
-                        raise self.fail("a bad character range")
-                    hi = node[1]
-                if hi < c:
-                    raise self.fail("a bad character range")
-                ranges.append((c, hi))
+                    got |= set(range(lo, min(hi, 127) + 1))
+            elif name == "CATEGORY":
+                key = (av.name.replace("CATEGORY_", ""), bool(flags & c.SRE_FLAG_ASCII))
+                if key not in _CATEGORIES:
+                    raise _Refused(f"the class {av.name}, which is not run")
+                got |= _CATEGORIES[key]
             else:
-                chars.add(c)
+                raise _Refused(f"the class item {name}, which is not run")
+        return _EVERYTHING - got if negate else frozenset(got)
 
-        def pred(x: str) -> bool:
-            hit = x in chars or any(lo <= x <= hi for lo, hi in ranges) or any(p(x) for p in preds)
-            return hit != negate
-        return pred
-
-
-def _fixed_length(node) -> Optional[int]:
-    """The length every match of `node` has when it has no quantifier and no alternation (no choice point), else
-    None."""
-    kind = node[0]
-    if kind == "char":
-        return 1
-    if kind in ("bol", "eol", "eoz"):
-        return 0
-    if kind == "cat":
-        total = 0
-        for n in node[1]:
-            k = _fixed_length(n)
-            if k is None:
-                return None
-            total += k
-        return total
-    return None
-
-
-# -- the NFA ------------------------------------------------------------------------------------------------------
-# States: ("char", pred, next), ("split", a, b), ("bol", next), ("eol", next), ("eoz", next), ("match",).
-
-
-class _Builder:
-    def __init__(self):
-        self.states: list[list] = []
-
-    def new(self, *state) -> int:
-        if len(self.states) >= MAX_KEY_STATES + 8:  # the key's states and peft's `(.*\.)?` around it
-            raise ValueError(f"more than {MAX_KEY_STATES} states (a long key or a large counted repeat)")
-        self.states.append(list(state))
-        return len(self.states) - 1
-
-    def build(self, node) -> tuple[int, list[tuple[int, int]]]:
-        """(start state, the dangling outs: (state, slot) to patch with the next state)."""
-        kind = node[0]
-        if kind == "char":
-            s = self.new("char", node[1], None)
-            return s, [(s, 2)]
-        if kind in ("bol", "eol", "eoz"):
-            s = self.new(kind, None)
-            return s, [(s, 1)]
-        if kind == "cat":
-            if not node[1]:  # an empty branch: epsilon
-                s = self.new("split", None, None)
-                return s, [(s, 1), (s, 2)]
-            start, outs = self.build(node[1][0])
-            for n in node[1][1:]:
-                s, o = self.build(n)
-                self.patch(outs, s)
-                outs = o
-            return start, outs
-        if kind == "alt":
-            start, outs = self.build(node[1][0])
-            for n in node[1][1:]:
-                s, o = self.build(n)
-                split = self.new("split", start, s)
-                start, outs = split, outs + o
-            return start, outs
-        _, sub, lo, hi = node  # rep: lo copies, then (hi - lo) optional ones (or a loop when hi is None)
-        start, outs = None, []
-        for _ in range(lo):
-            s, o = self.build(sub)
-            if start is None:
-                start = s
+    @staticmethod
+    def klass(codes: frozenset[int]) -> str:
+        if not codes:
+            return r"[^\x00-\x{10FFFF}]"  # matches nothing
+        runs: list[list[int]] = []
+        for x in sorted(codes):
+            if runs and runs[-1][1] == x - 1:
+                runs[-1][1] = x
             else:
-                self.patch(outs, s)
-            outs = o
-        if hi is None:
-            s, o = self.build(sub)
-            split = self.new("split", s, None)
-            self.patch(o, split)
-            if start is None:
-                start = split
-            else:
-                self.patch(outs, split)
-            return start, [(split, 2)]
-        tail: list[tuple[int, int]] = []
-        for _ in range(hi - lo):
-            s, o = self.build(sub)
-            split = self.new("split", s, None)
-            if start is None:
-                start = split
-            else:
-                self.patch(outs, split)
-            tail.append((split, 2))
-            outs = o
-        if start is None:  # {0} / {0,0}: matches the empty string
-            s = self.new("split", None, None)
-            return s, [(s, 1), (s, 2)]
-        return start, outs + tail
-
-    def patch(self, outs: list[tuple[int, int]], target: int) -> None:
-        for s, slot in outs:
-            self.states[s][slot] = target
+                runs.append([x, x])
+        if len(runs) == 1 and runs[0][0] == runs[0][1]:
+            x = runs[0][0]
+            return chr(x) if chr(x).isalnum() else "\\x{%x}" % x
+        return "[" + "".join("\\x{%x}" % lo if lo == hi else "\\x{%x}-\\x{%x}" % (lo, hi) for lo, hi in runs) + "]"
 
 
 @dataclass(frozen=True)
 class PatternKey:
-    """One compiled key: `fixed` (a key of one length with no choice point: `re` on that one suffix) or an NFA."""
+    """One compiled key: `plain` (a module name, compared without regex) or `program` (RE2's compiled pattern)."""
 
     key: str
-    fixed: Optional[re.Pattern]
-    length: int
-    states: tuple
+    plain: bool
+    program: Any = None  # re2's compiled pattern (peft's whole `(.*\.)?(KEY)$`, in RE2's syntax)
+    size: int = 0  # its RE2 program's instructions
 
     def matches(self, module: str, budget: MatchBudget) -> bool:
         """peft's `re.match(rf"(.*\\.)?({key})$", module)`."""
-        if self.fixed is not None:
-            n = len(module) - self.length
-            if n < 0 or (n > 0 and (module[n - 1] != "." or "\n" in module[:n])):
+        if not module.isascii() or "\n" in module:  # the engine's names never are: the translation assumes it
+            raise ValueError(f"module name {module!r} is not ASCII without newlines: pattern keys are not matched "
+                             "against it")
+        if self.plain:
+            n = len(module) - len(self.key)
+            if n < 0 or (n > 0 and module[n - 1] != "."):
                 return False
-            budget.spend(self.length + 1)
-            return self.fixed.fullmatch(module, n) is not None
-        return _run(self.states, module, budget)
+            budget.spend(MATCH_CALL_STEPS + len(self.key))
+            return all(k == "." or k == m for k, m in zip(self.key, module[n:]))
+        budget.spend(MATCH_CALL_STEPS + (len(module) + 1) * self.size)
+        return self.program.match(module) is not None
+
+
+def translate(key: str) -> str:
+    """peft's pattern for `key`, `(.*\\.)?(KEY)$`, as Python reads it, in RE2's syntax; ValueError saying what in
+    the key is refused."""
+    whole = rf"(.*\.)?({key})$"  # what peft runs: the key pasted in (`a)|(b` is a valid key, `(?i)q` is not)
+    parser, constants = _sre()
+    try:
+        try:
+            re.compile(whole)  # compiling matches nothing
+        except re.error as e:
+            re.compile(key)  # the key's own error first (positions in the key)
+            raise _Refused(f"{e} (in peft's pattern {whole!r})") from None
+        parsed = parser.parse(whole)
+        return _ToRE2(constants).pattern(parsed, parsed.state.flags)
+    except re.error as e:
+        raise _Refused(str(e)) from None
+    except RecursionError:
+        raise _Refused("nested too deeply") from None
 
 
 def compile_key(key: str) -> PatternKey:
     """`key` compiled; ValueError saying what in it is not run (the caller names the field)."""
     if len(key) > MAX_KEY_CHARS:
-        raise ValueError(f"{len(key)} characters, over {MAX_KEY_CHARS}")
-    ast = _Parser(key).parse()
+        raise _Refused(f"{len(key)} characters, over {MAX_KEY_CHARS}")
+    if _PLAIN.fullmatch(key):
+        return PatternKey(key, plain=True)
+    pattern = translate(key)
+    re2 = _re2()
+    if re2 is None:
+        raise _NoRE2(f"it is a regular expression, which moelink matches with RE2: {_INSTALL}")
+    options = re2.Options()
+    options.max_mem = MAX_KEY_MEM
+    options.log_errors = False
     try:
-        fixed = re.compile(key)  # compiling matches nothing; what Python refuses, peft could not run either
-    except re.error as e:
-        raise ValueError(str(e)) from None
-    length = _fixed_length(ast)
-    if length is not None:
-        # No quantifier, no alternation: `re` has no choice point to backtrack into (at most one pass of the key).
-        return PatternKey(key, fixed, length, ())
-    # peft's whole pattern, textually: (.*\.)?(KEY)$, re.match (anchored at the start, a match may end anywhere
-    # unless `$` ends it, as with a top-level `|` in the key).
-    whole = _Parser(rf"(?:.*\.)?(?:{key})$").parse()
-    b = _Builder()
-    start, outs = b.build(whole)
-    b.patch(outs, b.new("match"))
-    return PatternKey(key, None, 0, (start, tuple(tuple(s) for s in b.states)))
-
-
-def _run(nfa: tuple, text: str, budget: MatchBudget) -> bool:
-    """Whether the NFA matches a prefix of `text` (re.match): one pass over `text` with the set of live states."""
-    start, states = nfa
-    n = len(text)
-
-    def closure(seeds: list[int], pos: int) -> tuple[list[int], bool]:
-        seen: set[int] = set()
-        live: list[int] = []
-        stack = list(seeds)
-        matched = False
-        while stack:
-            s = stack.pop()
-            if s is None or s in seen:
-                continue
-            seen.add(s)
-            st = states[s]
-            kind = st[0]
-            if kind == "split":
-                stack.append(st[2])
-                stack.append(st[1])
-            elif kind == "char":
-                live.append(s)
-            elif kind == "match":
-                matched = True
-            elif kind == "bol":
-                if pos == 0:
-                    stack.append(st[1])
-            elif kind == "eol":  # Python's $: the end, or before a newline that ends the text
-                if pos == n or (pos == n - 1 and text[pos] == "\n"):
-                    stack.append(st[1])
-            elif kind == "eoz":
-                if pos == n:
-                    stack.append(st[1])
-        budget.spend(len(seen) + 1)
-        return live, matched
-
-    live, matched = closure([start], 0)
-    pos = 0
-    while not matched and live and pos < n:
-        c = text[pos]
-        nxt = []
-        for s in live:
-            pred = states[s][1]
-            if (c != "\n" if pred is _ANY else (c == pred if isinstance(pred, str) else pred(c))):
-                nxt.append(states[s][2])
-        pos += 1
-        live, matched = closure(nxt, pos)
-    return matched
+        program = re2.compile(pattern, options)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise _Refused(f"RE2 cannot compile it ({why}; counted repeats go to {MAX_REPEAT}, nested ones' product "
+                       f"too, and a key's program is at most {MAX_KEY_MEM >> 10} KiB)") from None
+    return PatternKey(key, plain=False, program=program, size=program.programsize)
 
 
 def compile_pattern(field: str, items: tuple) -> tuple[PatternKey, ...]:
@@ -414,13 +278,22 @@ def compile_pattern(field: str, items: tuple) -> tuple[PatternKey, ...]:
     if len(items) > MAX_PATTERN_KEYS:
         raise ValueError(f"adapter_config.json {field} has {len(items)} keys: at most {MAX_PATTERN_KEYS}.")
     out = []
+    program = 0
     for key, _ in items:
         if not isinstance(key, str) or not key:
             raise ValueError(f"adapter_config.json {field} key {shown(key)} is invalid: must be a module name or "
                              "pattern.")
         try:
-            out.append(compile_key(key))
+            compiled = compile_key(key)
+        except _NoRE2 as e:
+            raise ValueError(f"adapter_config.json {field} key {shown(key)} needs the google-re2 package, which is "
+                             f"not installed: {e}.") from None
         except ValueError as e:
             raise ValueError(f"adapter_config.json {field} key {shown(key)} is not supported: {e} (keys are module "
-                             "names or simple regular expressions: docs/lora.md#limits).") from None
+                             "names or regular expressions RE2 runs: docs/lora.md#limits).") from None
+        program += compiled.size
+        if program > MAX_FIELD_PROGRAM:
+            raise ValueError(f"adapter_config.json {field}: its keys compile to over {MAX_FIELD_PROGRAM} RE2 "
+                             "instructions: give module names or simple patterns (`.*\\.q_proj`).")
+        out.append(compiled)
     return tuple(out)

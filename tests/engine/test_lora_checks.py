@@ -7,7 +7,7 @@ but as the oracle of the pattern rules).
   row of no adapter, then scaled it by 0: 0 * inf = NaN); such an adapter is now refused, and the rows never mix.
 - item 4: lora_alpha 1e308 loaded, then killed the engine loop at its first step (a float32 slot scale): refused.
 - item 6: rank_pattern keys compiled by Python's backtracking `re` (24 s under the GIL for `(.|.){0,22}#`): matched
-  by a linear-time NFA, as peft matches them.
+  by RE2 (google-re2, linear time), as peft matches them; without google-re2 a regex key is refused, saying so.
 - item 12: each malformed adapter (a bad regex, rank_pattern 0, a list as config, JSON nested past the parser, a
   safetensors file cut short, a header of a million keys, a 10 MB path) is one ValueError naming the field, through
   the load route a 400; a missing, unreadable or file-less directory are one and the same error.
@@ -158,13 +158,19 @@ KEYS = ["q_proj", "layers.0.self_attn.q_proj", r"model\.layers\.1\.mlp\.experts\
         r"layers\.[0-9]+\.self_attn\.(q|v)_proj", "(q|k)_proj", "^model.layers.0.self_attn.k_proj", "proj$",
         r"layers\.\d+\.mlp", "a|q_proj", "self_attn.o_proj|layers.1.self_attn.q_proj", ".*", "[^q]_proj",
         "layers.1?0.self_attn.v_proj", "q_p{1,2}roj", "(?P<n>o)_proj", r"self_attn\.[kq]_proj", "[a-z]+_proj",
-        r"\w+", r"\Aq_proj", r"q_proj\Z", "(a|)q_proj", "(?:layers)\\.1\\..*", "x*"]
+        r"\w+", r"\Aq_proj", r"q_proj\Z", "(a|)q_proj", "(?:layers)\\.1\\..*", "x*",
+        # Where RE2's dialect reads the same text otherwise (Python's reading is what runs): `{,2}` a literal in RE2,
+        # `[[:alpha:]]` a POSIX class in RE2 (a set and a `]` in Python), `\Z` an error in RE2; flags; a key that
+        # closes peft's group (`(.*\.)?(m)|(xq_proj)$`: every name starting with `m`); `q{` a literal in Python.
+        "q_p{,2}roj", "[[:alpha:]]_proj", "(?i:Q_PROJ)", "(?i:[A-Z])_proj", "m)|(xq_proj", r"\bq_proj", "q{",
+        "layersX1"]
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
            "model.layers.10.self_attn.v_proj", "model.layers.1.mlp.experts.gate_up_proj",
            "model.layers.1.mlp.experts.down_proj", "model.layers.0.mlp.down_proj", "q_proj",
-           "model.layers.1.self_attn.o_proj", "xq_proj", "model.layers.1.self_attnXo_proj"]
+           "model.layers.1.self_attn.o_proj", "xq_proj", "model.layers.1.self_attnXo_proj", "q{", "layers.1"]
 
 
+@pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")  # `[[:alpha:]]`: Python warns, as in peft
 def test_pattern_keys_match_as_peft_matches_them():
     """Each key alone, and all of them in order (the first match wins), against peft's own get_pattern_key."""
     from peft.utils.other import get_pattern_key
@@ -182,12 +188,14 @@ def test_pattern_keys_match_as_peft_matches_them():
 
 
 def test_a_catastrophic_pattern_key_is_matched_in_linear_time():
-    """`(.|.){0,22}#` took 24 s to fail in Python's re (each +1 doubled it), holding the GIL. The NFA's steps grow
-    linearly with the repeat count (counted, not timed), and a generous wall bound holds."""
+    """`(.|.){0,22}#` took 24 s to fail in Python's re (each +1 doubled it), holding the GIL. RE2's program, and so
+    the steps counted, grow linearly with the repeat count, and a generous wall bound holds for keys Python's re
+    would need 24 s and 2^66 times that for."""
     from moelink.engine.lora.patterns import MatchBudget, compile_key
 
     module = "model.layers.0.self_attn.q_proj" * 4
     steps = []
+    t0 = time.monotonic()
     for n in (22, 44, 88):
         budget = MatchBudget()
         assert not compile_key(f"(.|.){{0,{n}}}#").matches(module, budget)
@@ -195,32 +203,59 @@ def test_a_catastrophic_pattern_key_is_matched_in_linear_time():
     assert steps[2] < 4.5 * steps[0] and steps[1] < 2.5 * steps[0], steps  # linear, not 2^n
     cfg = AdapterConfig.from_json({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
                                    "rank_pattern": {"(.|.){0,22}#": 4}})
-    t0 = time.monotonic()
     assert cfg.rank_alpha(module) == (2, 4.0)
-    assert time.monotonic() - t0 < 5.0  # 24 s in Python's re
+    assert time.monotonic() - t0 < 5.0  # 24 s in Python's re for n=22 alone
 
 
 @pytest.mark.parametrize("key, says", [
-    ("(", "missing '\\)'"), ("(?=q)_proj", "lookaround"), (r"(q)\1", r"escape \\1"), ("q++", "possessive"),
-    ("q{", "unescaped '{'"), (r"\bq", r"escape \\b"), ("(?i)q", "lookaround, flags"), ("q" * 600, "over 512"),
-    ("(q{0,400}){0,400}", "states"),
+    ("(", r"missing \), unterminated subpattern at position 0"), ("(?=q)_proj", "a lookaround"),
+    (r"(q)\1", "a backreference"), (r"(a)(b)(c)(d)(e)(f)(g)(h)(i)(j)\12", "a backreference"),  # RE2: octal \012
+    ("q++", "a possessive quantifier"), ("(?>q)", "an atomic group"), ("(?(1)a|b)", "a conditional group"),
+    ("(?i)q", "global flags not at the start"), ("(?i:\u212a)_proj", "non-ASCII character .* under \\(\\?i\\)"),
+    ("q{1001}", "a counted repeat over 1000"), ("(q{0,400}){0,400}", "RE2 cannot compile it .*repetition"),
+    ("q" * 600, "over 512"),
 ])
 def test_pattern_keys_that_are_not_run_are_refused_naming_the_field(key, says):
     with pytest.raises(ValueError, match=r"rank_pattern key .* is not supported: .*" + says):
         AdapterConfig.from_json({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "rank_pattern": {key: 4}})
 
 
+def test_without_google_re2_a_regex_key_is_refused_and_module_names_still_match(monkeypatch):
+    """The GPU image may lack google-re2: a key that is not a plain module name is refused, naming the field and the
+    package; module-name keys (`.` a wildcard, as in peft) are matched without it, as peft matches them."""
+    import sys
+
+    from peft.utils.other import get_pattern_key
+
+    monkeypatch.setitem(sys.modules, "re2", None)  # `import re2` raises ImportError
+    with pytest.raises(ValueError, match=r"alpha_pattern key '\(q\|v\)_proj' needs the google-re2 package, which "
+                                         r"is not installed: .*install google-re2"):
+        AdapterConfig.from_json({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                                 "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"(q|v)_proj": 8}})
+    plain = ["q_proj", "layers.0.self_attn.q_proj", "layersX1", "layers.1", "o_proj", "self_attn.v_proj", "proj"]
+    cfg = AdapterConfig(r=2, lora_alpha=4, target_modules=("q_proj",),
+                        rank_pattern=tuple((k, i + 3) for i, k in enumerate(plain)))
+    for m in MODULES:
+        key = get_pattern_key(plain, m)
+        assert cfg.rank_alpha(m)[0] == (plain.index(key) + 3 if key in plain else 2), m
+
+
 def test_matching_work_is_bounded_per_adapter():
-    """Keys within their own bounds but costly together (many NFA keys against every target) are refused, naming
-    the field, once the adapter's match budget is spent: never minutes of matching."""
-    from moelink.engine.lora.patterns import MatchBudget
+    """Keys within their own bounds but costly together (many regex keys against every target) are refused, naming
+    the field, once the adapter's match budget is spent: never minutes of matching. Compiling is bounded too."""
+    from moelink.engine.lora.patterns import MAX_FIELD_PROGRAM, MatchBudget
 
     keys = {f"(.|x){{0,100}}{i}#": 4 for i in range(200)}
     cfg = AdapterConfig.from_json({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "alpha_pattern": keys})
     budget = MatchBudget()
+    t0 = time.monotonic()
     with pytest.raises(ValueError, match="alpha_pattern: matching its keys .* costs over"):
         for i in range(1000):
             cfg.rank_alpha(f"model.layers.{i}.self_attn.q_proj", budget)
+    assert time.monotonic() - t0 < 30  # about 0.3 s; a budget of keys x targets would be minutes
+    keys = {f"(.|x){{0,100}}{i}#": 4 for i in range(2000)}
+    with pytest.raises(ValueError, match=f"rank_pattern: its keys compile to over {MAX_FIELD_PROGRAM} RE2 instr"):
+        AdapterConfig.from_json({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "rank_pattern": keys})
 
 
 # -- item 12 ------------------------------------------------------------------------------------------------------
