@@ -348,11 +348,25 @@ class AsyncEngine:
         deferred, self._deferred = self._deferred, []
         for cmd in deferred:  # control calls waiting for started requests (rl_calls.waits): in their order
             self._run_control(cmd)
+        # Aborts are gathered and ended together (`_end` of them all: one pass over each scheduler's queues), not
+        # one by one: a client that hangs up a batch of B prompts x n samples sends B x n aborts at once, and ending
+        # them one at a time rescanned the waiting queue per abort (quadratic, on this thread, every user's steps
+        # stalled: issue 76 item 2). Their order against the other commands is kept where it matters: they are
+        # ended before an add of an id among them (that add is a new request), a stop, or a control call.
+        aborts: dict[str, None] = {}
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
+                if aborts:
+                    self._end(list(aborts), "abort")
                 return
+            if isinstance(cmd, AbortCommand):
+                aborts[cmd.request_id] = None
+                continue
+            if aborts and (not isinstance(cmd, AddCommand) or cmd.processed.request_id in aborts):
+                self._end(list(aborts), "abort")
+                aborts = {}
             if isinstance(cmd, AddCommand):
                 try:
                     self.engine.add_core(cmd.processed)
@@ -367,8 +381,6 @@ class AsyncEngine:
                 if self._in_core.get(cmd.request_id) is cmd.stream:
                     del self._in_core[cmd.request_id]
                     self.engine.finish_stopped([cmd.request_id])
-            else:
-                self._end([cmd.request_id], "abort")
 
     def _run_control(self, cmd: ControlCommand) -> None:
         """Run a control call now, or keep it for a later pass while it waits for started requests."""

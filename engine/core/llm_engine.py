@@ -259,13 +259,20 @@ class LLMEngine(RLControl):
         return list(self._rank_of) + held
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
+        request_ids = list(request_ids)
         self._forget_versions(request_ids)
+        by_rank: dict[int, list[str]] = {}
         for rid in request_ids:
             self.structured.remove(rid)
             rank = self._rank_of.pop(rid, None)
             if rank is not None:
                 self.schedulers[rank].held.discard(rid)
-                self.schedulers[rank].finish_requests([rid], status)
+                by_rank.setdefault(rank, []).append(rid)
+        # One call per rank for the whole batch: a scheduler filters its waiting and running queues once per call,
+        # so ending a batch id by id was quadratic (128,000 sequences of a hung-up /generate held the engine thread
+        # for minutes: issue 76 item 2).
+        for rank, ids in by_rank.items():
+            self.schedulers[rank].finish_requests(ids, status)
 
     def has_unfinished_requests(self) -> bool:
         return self._lora_waiting() or any(s.has_unfinished_requests() for s in self.schedulers)
