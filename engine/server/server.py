@@ -107,11 +107,10 @@ class MoelinkServer:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         cfg = self.config
         self._stopped = asyncio.Event()
-        mm_bytes = min(self.serving.mm_bytes, cfg.max_message_size)
-        options = channel_options(cfg, self.serving.max_prompt_bytes, self.serving.info.max_model_len, mm_bytes)
+        options = channel_options(cfg, self.serving.max_prompt_bytes, self.serving.info.max_model_len,
+                                  self._mm_bytes())
         interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
-        interceptors.append(DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal,
-                                                mm_bytes))
+        interceptors.append(self._decoding())
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         moelink_v1_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.serving), self.server)
         # RL control calls (engine/server/control.py): refused unless the engine takes them (--enable-weight-updates).
@@ -152,6 +151,17 @@ class MoelinkServer:
             self._start_metrics()
         return port
 
+    def _mm_bytes(self) -> int:
+        """The wire budget of a request's preprocessed images (Serving.mm_bytes), at most --max-message-size."""
+        return min(self.serving.mm_bytes, self.config.max_message_size)
+
+    def _decoding(self) -> DecodingInterceptor:
+        """The decoding and wire prechecks of a listener: built the same for both, so that what one takes the other
+        does (the gateway's was built without the image budget: behind --api-key every image over ~52x52 was
+        refused on it, issue 76 item 11)."""
+        return DecodingInterceptor(self.config.limits, self.serving.text_refusal, self.serving.ids_refusal,
+                                   self._mm_bytes())
+
     def _bind_gateway(self, vllm_servicer: VllmEngineServicer, options) -> None:
         """The gateway listener: VllmEngine and health, plaintext, no API key (see ServerConfig.gateway_port).
 
@@ -163,8 +173,7 @@ class MoelinkServer:
         cfg = self.config
         # The same decoding and wire prechecks as the main port (INVALID_ARGUMENT for corrupt bytes, large
         # requests refused before parsing, memory given back): behind the gateway this port takes all the traffic.
-        decoding = DecodingInterceptor(cfg.limits, self.serving.text_refusal, self.serving.ids_refusal)
-        self.gateway_server = grpc.aio.server(interceptors=[decoding], options=options)
+        self.gateway_server = grpc.aio.server(interceptors=[self._decoding()], options=options)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(vllm_servicer, self.gateway_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.gateway_server)
         try:
