@@ -10,6 +10,11 @@ What a client is, widest name first:
   (loopback) are still two clients. A Unix-socket or unparsed peer is one client by its peer string.
 The n samples of a request are sequences of the same client. The OpenAI `user` field reaches a gRPC server only if
 the gateway forwards it as `x-client-id`; the vLLM protocol has no field for it.
+
+The routes the HTTP front answers from the engine (SGLang's /generate) name their client the same way
+(`http_client`): the `x-client-id` header under `--api-key`, else the TCP peer, ("host:H", "conn:P") with an IPv6
+host in brackets as gRPC writes it, so one machine's gRPC and HTTP requests share its host's part. Without it every
+/generate user was one client: one user's 20,000-prompt batch kept another waiting 261 s (issue 76 item 10).
 """
 from __future__ import annotations
 
@@ -48,3 +53,17 @@ def client_of(context, authenticated: bool) -> tuple[str, ...]:
         if name is not None:
             return (f"user:{name}",)
     return peer_client(context.peer())
+
+
+def http_client(peer, claimed: str | None, authenticated: bool) -> tuple[str, ...]:
+    """The client path of an HTTP request: `peer` is the socket's peer address (asyncio's "peername": (host, port)
+    or (host, port, flow, scope)), `claimed` its `x-client-id` header, trusted only when `authenticated` (the front
+    requires an API key and the request carried it)."""
+    if authenticated:
+        name = claimed_client([(CLIENT_ID_HEADER, claimed)])
+        if name is not None:
+            return (f"user:{name}",)
+    if isinstance(peer, (tuple, list)) and len(peer) >= 2:
+        host = str(peer[0])
+        return (f"host:[{host}]" if ":" in host else f"host:{host}", f"conn:{peer[1]}")
+    return (f"peer:{str(peer or '')[:MAX_CLIENT_ID_CHARS]}",)

@@ -45,6 +45,17 @@ class RequestLimits:
     max_abort_ids: int = _limit(1024, "AbortRequest.request_ids", "ids", "most request ids in one Abort")
     # vLLM's --max-logprobs: at most the engine's own bound (MAX_LOGPROBS), checked in __post_init__.
     max_logprobs: int = _limit(20, "sampling_params.logprobs", "top logprobs", "most top logprobs per token")
+    # SGLang's /generate on the HTTP port (gateway/generate_route.py): one request is a batch of prompts x n
+    # samples, each an engine sequence. Unbounded, a 0.2 MB body asked for 128,000 sequences; every one is a task, a
+    # queue entry and, when the client hangs up, an abort (issue 76 item 2).
+    max_batch_sequences: int = _limit(4096, "/generate prompts x n", "sequences",
+                                      "most sequences (prompts x n samples) in one HTTP /generate request")
+    # The body of a route the HTTP front answers from the engine (/generate, /abort_request, the RL control routes):
+    # read whole, then parsed (on a worker thread past 256 KiB). json.loads holds the GIL while it parses, about
+    # 16 ms per MB of token ids on a 2-core machine, so its size is what bounds every other stream's pause.
+    max_http_body_bytes: int = _limit(8 << 20, "HTTP /generate and RL route bodies", "bytes",
+                                      "largest body of /generate, /abort_request and the RL control routes on the "
+                                      "HTTP port (HTTP 413 beyond it)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -178,6 +189,12 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
                                       "levels (measured before it is parsed)", invalid),
         ("HTTP request body (chat, completions)", f"JSON nested at most {MAX_JSON_DEPTH} levels, measured before "
                                                   "it is parsed", "HTTP 400, `param` the top-level field"),
+        ("HTTP request body of `/generate`, `/abort_request` and the RL control routes",
+         f"at most {lim.max_http_body_bytes >> 20} MiB ({flag('max_http_body_bytes')}), refused from its "
+         "Content-Length before it is read; parsed on a worker thread past 256 KiB", "HTTP 413"),
+        ("HTTP `/generate` prompts x `sampling_params.n`", f"at most {lim.max_batch_sequences} sequences "
+                                                           f"({flag('max_batch_sequences')})",
+         "HTTP 400, `param` the prompts' field"),
         ("grammars waiting to compile", f"at most {DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES} "
                                         f"({flag('max_queued_grammar_compiles')})", "RESOURCE_EXHAUSTED"),
         ("requests waiting for their first token", "`--max-queued-requests` (counts sequences: a request with n "

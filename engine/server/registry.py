@@ -24,7 +24,13 @@ class Draining(Exception):
 
 
 class DuplicateRequest(Exception):
-    """The request id is already running: answer ALREADY_EXISTS."""
+    """The request id is already running (in the caller's scope): answer ALREADY_EXISTS."""
+
+
+# A request's key: (scope, the id its client gave). The gRPC services use the scope "" (one namespace: their Abort
+# RPC ends any id, as vLLM's does); HTTP /generate uses its client's (gateway/generate_route.py), so two clients may
+# use the same `rid` without either learning that the other's runs, and /abort_request ends the caller's own.
+RequestKey = tuple[str, str]
 
 
 @dataclass
@@ -36,13 +42,18 @@ class Entry:
     sequences: int = 1  # n: what --max-queued-requests counts
     aborted: bool = False  # an Abort asked for it (samples not yet in the engine are aborted on arrival)
     admitted_at: float = field(default_factory=time.monotonic)
+    scope: str = ""  # whose namespace its id is in (RequestKey)
+
+    @property
+    def key(self) -> RequestKey:
+        return (self.scope, self.request_id)
 
 
 class RequestRegistry:
     def __init__(self, max_queued_requests: Optional[int] = None, max_queued_tokens: Optional[int] = None):
         self.max_queued_requests = max_queued_requests
         self.max_queued_tokens = max_queued_tokens
-        self.active: dict[str, Entry] = {}
+        self.active: dict[RequestKey, Entry] = {}
         self.queued_requests = 0
         self.queued_sequences = 0  # requests x their n: what --max-queued-requests bounds
         self.queued_tokens = 0
@@ -57,13 +68,15 @@ class RequestRegistry:
         self._token_buckets: deque[list] = deque()  # [second, tokens], last ~10 s
 
     # -- admission ------------------------------------------------------------
-    def admit(self, request_id: str, engine_ids: list[str], queued_tokens: int) -> Entry:
+    def admit(self, request_id: str, engine_ids: list[str], queued_tokens: int, scope: str = "") -> Entry:
+        """Admit a request whose id is `request_id` in `scope` (RequestKey); raises Draining, DuplicateRequest (an
+        id of the same scope still running) or Overloaded."""
         self.last_receive_time = time.time()
         if self.draining:
             raise Draining("the server is shutting down and takes no new requests; retry on another replica.")
         if self.unavailable_reason is not None:
             raise Draining(self.unavailable_reason)
-        if request_id in self.active:
+        if (scope, request_id) in self.active:
             raise DuplicateRequest(f"request_id={request_id!r} is already running: give each request its own id.")
         # Sequences, not requests: n=64 is 64 sequences for the scheduler and the KV cache, so counting it as
         # one let `--max-queued-requests 4` hold 240 waiting sequences. An empty queue admits one request of
@@ -84,8 +97,8 @@ class RequestRegistry:
             raise Overloaded(
                 f"server overloaded: {self.queued_tokens} prompt tokens are queued and this request adds "
                 f"{queued_tokens}, over the limit (--max-queued-tokens) of {self.max_queued_tokens}; retry later.")
-        entry = Entry(request_id, list(engine_ids), queued_tokens, sequences=sequences)
-        self.active[request_id] = entry
+        entry = Entry(request_id, list(engine_ids), queued_tokens, sequences=sequences, scope=scope)
+        self.active[entry.key] = entry
         self.queued_requests += 1
         self.queued_sequences += sequences
         self.queued_tokens += queued_tokens
@@ -102,15 +115,20 @@ class RequestRegistry:
 
     def release(self, entry: Entry) -> None:
         self.mark_started(entry)
-        if self.active.get(entry.request_id) is entry:
-            del self.active[entry.request_id]
+        if self.active.get(entry.key) is entry:
+            del self.active[entry.key]
         if not self.active:
             self._idle.set()
 
-    def engine_ids(self, request_ids) -> list[str]:
+    def running(self, request_id: str, scope: str = "") -> bool:
+        """Whether the request `request_id` of `scope` is in flight."""
+        return (scope, request_id) in self.active
+
+    def engine_ids(self, keys) -> list[str]:
+        """The engine requests (samples) of the requests `keys` (RequestKey) still in flight."""
         out = []
-        for rid in request_ids:
-            entry = self.active.get(rid)
+        for key in keys:
+            entry = self.active.get(key)
             if entry is not None:
                 out.extend(entry.engine_ids)
         return out

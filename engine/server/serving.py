@@ -195,14 +195,16 @@ class Serving:
         return request
 
     async def prepare(self, request_id: str, prompt, params: SamplingParams, field: str,
-                      keep: Optional[int] = None, lora: Optional[LoRARequest] = None) -> ProcessedRequest:
+                      keep: Optional[int] = None, lora: Optional[LoRARequest] = None,
+                      scope: str = "") -> ProcessedRequest:
         """Tokenize (text) and validate a request, once; ValueError names `field` (the proto field).
 
         `prompt`: text, or token ids (a list or a proto repeated field). `keep`: keep only the last
-        `keep` tokens (the VllmEngine protocol's truncate_prompt_tokens); `lora`: the request's adapter. Raises
-        Abandoned when the client hung up (through the managed gateway) or an Abort named the request meanwhile.
+        `keep` tokens (the VllmEngine protocol's truncate_prompt_tokens); `lora`: the request's adapter; `scope`:
+        whose namespace `request_id` is in (registry.RequestKey: "" for the gRPC services). Raises Abandoned when
+        the client hung up (through the managed gateway) or an Abort named the request meanwhile.
         """
-        with self.hangups.watch(request_id) as watch:
+        with self.hangups.watch(request_id, scope) as watch:
             processed = await self._prepare(request_id, prompt, params, field, keep, lora)
             watch.check()  # it may have left while a long prompt was tokenized on a thread
             if processed.params.structured_outputs is None or processed.grammar is not None:
@@ -253,11 +255,14 @@ class Serving:
 
     # -- running --------------------------------------------------------------
     async def run(self, request_id: str, prompt: ProcessedRequest | list[int], params: SamplingParams | None = None,
-                  n: int = 1, client: tuple[str, ...] = ()) -> AsyncIterator[tuple[int, RequestOutput]]:
+                  n: int = 1, client: tuple[str, ...] = (),
+                  scope: str = "") -> AsyncIterator[tuple[int, RequestOutput]]:
         """Admit and stream one request's `n` samples as deltas; raises before yielding anything if refused.
 
         `prompt`: what `prepare` returned (then `params` is already in it), or token ids to validate here.
         `client`: who sent it (`client_of`), which every sample carries to the scheduler's fair shares.
+        `scope`: whose namespace `request_id` is in (registry.RequestKey: "" for the gRPC services, the client for
+        HTTP /generate).
         Always OutputKind.DELTA, even for a caller that answers once at the end:
         the first delta is what ends a request's time in the queue.
         """
@@ -272,7 +277,7 @@ class Serving:
             replace(processed, request_id=f"{base}#{i}", params=params.sample(i), client=client) for i in range(n)]
         if not self.engine.is_healthy:
             raise Draining(f"the engine is not running ({self.engine.dead_error}); retry on another replica.")
-        entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n)
+        entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n, scope)
         t0, generated, reasons, cached = time.monotonic(), 0, [], 0
         logger.info("request admitted", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids), "n": n})
         try:
@@ -344,26 +349,32 @@ class Serving:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def abort(self, request_ids) -> int:
-        """Abort by client request id (every sample); returns how many were running.
+    async def abort(self, request_ids, scope: str = "") -> int:
+        """Abort by client request id (every sample) in `scope` (registry.RequestKey: "" for the gRPC services);
+        returns how many were running.
 
         Uncapped: --max-abort-ids bounds what one Abort RPC may ask (`abort_requested`), not the server's
         own drain, which aborts everything running, however many that is."""
         ids = list(request_ids)
-        preparing = self.hangups.abort(ids)  # not admitted yet: a grammar compile may be all they wait for
-        running = [rid for rid in ids if rid in self.registry.active]
-        for rid in running:
-            self.registry.active[rid].aborted = True
+        preparing = self.hangups.abort(ids, scope)  # not admitted yet: a grammar compile may be all they wait for
+        return await self._abort_keys([(scope, rid) for rid in ids]) + preparing
+
+    async def _abort_keys(self, keys) -> int:
+        """Abort the requests `keys` (RequestKey) still in flight; returns how many were."""
+        running = [key for key in keys if key in self.registry.active]
+        for key in running:
+            self.registry.active[key].aborted = True
         for eid in self.registry.engine_ids(running):
             await self.engine.abort(eid)
-        return len(running) + preparing
+        return len(running)
 
     async def hung_up(self, relay_id: str) -> int:
         """The managed gateway's front lost the HTTP client of `relay_id` before its answer ended (hangups.py):
         end every request under it, those being prepared and those generating. Returns how many."""
         preparing = self.hangups.hung_up(relay_id)
-        running = [rid for rid in self.registry.active if relay_of(rid) == relay_id]
-        aborted = await self.abort(running) if running else 0
+        # Relay ids are smg's gRPC request ids (scope ""); an HTTP /generate id of the same spelling is another's.
+        running = [key for key in self.registry.active if not key[0] and relay_of(key[1]) == relay_id]
+        aborted = await self._abort_keys(running) if running else 0
         if preparing or aborted:
             logger.info("HTTP client hung up: %d request(s) of relay id %s ended (%d being prepared, %d generating)",
                         preparing + aborted, relay_id, preparing, aborted)
@@ -375,14 +386,14 @@ class Serving:
         return await self.abort(request_ids)
 
     async def abort_all(self) -> None:
-        await self.abort(list(self.registry.active))
+        await self._abort_keys(list(self.registry.active))
 
     def end_all(self, reason: str = "abort") -> int:
         """End every running stream now with finish_reason `reason`, without waiting for the engine thread
         (it may be stuck in a step); the engine frees the requests when it can. Returns how many ended."""
         running = list(self.registry.active)
-        for rid in running:
-            self.registry.active[rid].aborted = True
+        for key in running:
+            self.registry.active[key].aborted = True
         return self.engine.end_streams(self.registry.engine_ids(running), reason)
 
 

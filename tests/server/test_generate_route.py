@@ -52,7 +52,7 @@ def refused(port: int, body, raw: bool = False) -> tuple[str, str]:
 
 
 class _NoModels:
-    async def answer(self, method, path, body, query=""):
+    async def answer(self, method, path, body, query="", client=()):
         return None
 
 
@@ -274,7 +274,7 @@ def test_abort_request_ends_a_request_by_its_rid(front):
             "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}})
     t = threading.Thread(target=run)
     t.start()
-    wait_until(lambda: "to-abort" in serving.registry.active, 30, "the request to start")
+    wait_until(lambda: serving.registry.running("to-abort", "host:127.0.0.1"), 30, "the request to start")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("POST", "/abort_request", body=json.dumps({"rid": "to-abort"}),
                  headers={"Authorization": f"Bearer {KEY}"})

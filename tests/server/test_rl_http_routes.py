@@ -111,7 +111,7 @@ def test_control_routes_over_http(thread_server, model_path):
 class _NoModels:
     """The model's routes of the chain (vllm_routes.VllmRoutes in a server): none answered here."""
 
-    async def answer(self, method, path, body, query=""):
+    async def answer(self, method, path, body, query="", client=()):
         return None
 
 

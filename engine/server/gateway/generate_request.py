@@ -70,7 +70,8 @@ def read_request(body: bytes, serving) -> GenerateRequest:
         if key not in FIELDS:
             raise HttpFieldError(key, f"{shown(key)} is refused: it is not a field moelink's /generate takes "
                                       f"({', '.join(FIELDS)}).")
-    prompts, field, batch = _prompts(data)
+    most = serving.limits.max_batch_sequences
+    prompts, field, batch = _prompts(data, most)
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or model not in
                               set(serving.served_model_names) | set(serving.model_aliases)):
@@ -97,6 +98,8 @@ def read_request(body: bytes, serving) -> GenerateRequest:
         if start != -1:
             extra["prompt_logprobs"] = top
     params, n = _params(data.get("sampling_params"), len(prompts), batch, extra, serving.limits)
+    if len(prompts) * n > most:
+        raise HttpFieldError(field, _too_many(field, len(prompts), n, most))
     rids = _rids(data.get("rid"), len(prompts), batch, serving)
     loras = _loras(data.get("lora_path"), len(prompts), batch)
     items = tuple(Prompt(p, f"{field}[{i}]" if batch else field, params[i], rids[i], loras[i])
@@ -104,8 +107,14 @@ def read_request(body: bytes, serving) -> GenerateRequest:
     return GenerateRequest(items, n, not batch and n == 1, json_flag(data, "stream"), None if start == -1 else start)
 
 
-def _prompts(data: dict) -> tuple[list, str, bool]:
-    """(the prompts, their field, whether the request is a batch)."""
+def _too_many(field: str, prompts: int, n: int, most: int) -> str:
+    return (f"{field} has {prompts} prompt{'s' if prompts > 1 else ''} x n={n} samples = {prompts * n} sequences: at "
+            f"most {most} in one /generate request (--max-batch-sequences); send the rest in further requests.")
+
+
+def _prompts(data: dict, most: int) -> tuple[list, str, bool]:
+    """(the prompts, their field, whether the request is a batch); a batch of more than `most` prompts is refused by
+    its length before any entry is looked at."""
     if ("text" in data) == ("input_ids" in data):
         raise HttpFieldError("text", "give the prompt(s): `text` (a string, or a list of strings) or `input_ids` (a "
                                      "list of token ids, or a list of such lists).")
@@ -116,6 +125,8 @@ def _prompts(data: dict) -> tuple[list, str, bool]:
         if not isinstance(text, list) or not text:
             raise HttpFieldError("text", f"text must be a string or a non-empty list of strings, not "
                                          f"{kind_of(text)}.")
+        if len(text) > most:
+            raise HttpFieldError("text", _too_many("text", len(text), 1, most))
         for i, t in enumerate(text):
             if not isinstance(t, str):
                 raise HttpFieldError(f"text[{i}]", f"text[{i}] must be a string, not {kind_of(t)}.")
@@ -128,6 +139,8 @@ def _prompts(data: dict) -> tuple[list, str, bool]:
             raise HttpFieldError("input_ids", "input_ids must be a list of token ids (integers), or a list of such "
                                               "lists.")
         return [ids], "input_ids", False
+    if len(ids) > most:
+        raise HttpFieldError("input_ids", _too_many("input_ids", len(ids), 1, most))
     for i, one in enumerate(ids):
         if not isinstance(one, list) or not all(_is_int(t) for t in one):
             raise HttpFieldError(f"input_ids[{i}]", f"input_ids[{i}] must be a list of token ids (integers): a "

@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ...contract.safe_text import shown
 from .generate_request import GenerateRequest, read_request
-from .json_body import json_flag, json_object
+from .json_body import json_flag, json_object, off_loop
 from .openai_fields import HttpFieldError
 
 GENERATE_PATH = "/generate"
@@ -66,17 +66,25 @@ class GenerateRoute:
     def __init__(self, serving):
         self.s = serving
 
-    async def answer(self, method: bytes, path: str, body: bytes, query: str = ""):
-        """(HTTP status, JSON body), a Streamed answer, or None for another path."""
+    def body_limit(self, path: str) -> Optional[int]:
+        """The largest body the front reads for `path` (413 beyond it), or None for another path."""
+        return self.s.limits.max_http_body_bytes if path in PATHS else None
+
+    async def answer(self, method: bytes, path: str, body: bytes, query: str = "", client: tuple[str, ...] = ()):
+        """(HTTP status, JSON body), a Streamed answer, or None for another path. `client`: who sent it
+        (client_identity.http_client): its requests' share of the scheduler, and the scope of its `rid`s (its
+        first part, the user or the host: registry.RequestKey)."""
         if path not in PATHS:
             return None
         if method != b"POST":
             return 405, _error(f"{path} takes POST (a JSON body), not {method.decode('latin-1')}.", None, 405)
+        scope = client[0] if client else ""
         if path == ABORT_PATH:
-            return await self._abort(body)
+            return await self._abort(body, scope)
         try:
-            req = read_request(body, self.s)
-            runs = await self._start(req)
+            # Parsed and checked off the event loop when large (json_body.off_loop).
+            req = await off_loop(body, read_request, body, self.s)
+            runs = await self._start(req, client, scope)
         except HttpFieldError as e:
             return e.status, _error(str(e), e.field, e.status)
         except Exception as e:  # the engine's or Serving's refusal, mapped as the gRPC services map it
@@ -93,18 +101,20 @@ class GenerateRoute:
         answers = results.answers()
         return 200, json.dumps(answers[0] if req.single else answers).encode()
 
-    async def _start(self, req: GenerateRequest) -> "_Runs":
+    async def _start(self, req: GenerateRequest, client: tuple[str, ...], scope: str) -> "_Runs":
         """Every prompt prepared, then admitted (n samples each) with its first output in hand; a refusal of any
         (a prompt too long, the queue full) raises after the ones admitted are ended."""
         processed = []
         for p in req.prompts:
             one = await self.s.prepare(p.rid, p.prompt, p.params, p.field,
-                                       lora=self.s.adapter(p.lora, "lora_path") if p.lora else None)
+                                       lora=self.s.adapter(p.lora, "lora_path") if p.lora else None, scope=scope)
             if req.logprob_start is not None and req.logprob_start >= len(one.prompt_token_ids):
                 raise HttpFieldError("logprob_start_len", f"logprob_start_len={req.logprob_start} is invalid: "
                                      f"{p.field} has {len(one.prompt_token_ids)} tokens.")
             processed.append(one)
-        streams = [self.s.run(p.rid, one, n=req.n) for p, one in zip(req.prompts, processed)]
+            await asyncio.sleep(0)  # a short prompt is checked on the loop: other streams move between prompts
+        streams = [self.s.run(p.rid, one, n=req.n, client=client, scope=scope)
+                   for p, one in zip(req.prompts, processed)]
         firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
         runs = _Runs(streams, firsts)
         refused = next((f for f in firsts if isinstance(f, BaseException)), None)
@@ -113,9 +123,10 @@ class GenerateRoute:
             raise refused
         return runs
 
-    async def _abort(self, body: bytes) -> tuple[int, bytes]:
-        """End one request by its `rid` (any client with the key, as the Abort RPC), or every one (`abort_all`:
-        only on a server that takes RL control calls, --enable-weight-updates, as the cache flush)."""
+    async def _abort(self, body: bytes, scope: str) -> tuple[int, bytes]:
+        """End one request by its `rid`, among the caller's own (`scope`: the ids of other clients are not theirs to
+        end, nor to learn of), or every one (`abort_all`: only on a server that takes RL control calls,
+        --enable-weight-updates, as the cache flush)."""
         try:
             data = json_object(body)
             for key in data:
@@ -127,7 +138,7 @@ class GenerateRoute:
         except HttpFieldError as e:
             return e.status, _error(str(e), e.field, e.status)
         if not every:
-            return 200, json.dumps({"success": True, "num_aborted": await self.s.abort([rid])}).encode()
+            return 200, json.dumps({"success": True, "num_aborted": await self.s.abort([rid], scope)}).encode()
         if not self.s.engine.takes_control_calls:
             return 403, _error("abort_all is refused: this server ends every client's requests only when started "
                                "with --enable-weight-updates; end your own by `rid`.", "abort_all", 403)
@@ -218,12 +229,19 @@ class _Sample:
 
 
 class _Results:
-    """Every result of a request, by its place in the answer (GenerateRequest.index)."""
+    """Every result of a request, by its place in the answer (GenerateRequest.index).
+
+    A prompt's logprobs (logprob_start_len) are the same for its n samples, and are computed once, by its sample 0
+    (SamplingParams.sample): they are sent once too, in sample 0's `meta_info.input_token_logprobs` (streamed: in
+    the first event that has them), and the prompt's other samples (and sample 0's later events) carry null there.
+    Repeated with each sample and each streamed event, a 0.09 MB request was answered with 85.5 MB (issue 76 item
+    10). Without logprob_start_len the field is [] for every result, as before."""
 
     def __init__(self, req: GenerateRequest):
         self.req, self.t0 = req, time.monotonic()
         self.samples = [_Sample() for _ in range(len(req.prompts) * req.n)]
         self.input_lps: dict[int, list] = {}  # per prompt, from the sample that scored it (sample 0)
+        self.streamed_input: set[int] = set()  # prompts whose logprobs a streamed event already carried
 
     def update(self, prompt: int, sample: int, out) -> dict:
         """Result (prompt, sample) after the engine's delta `out`: SGLang's answer object so far."""
@@ -245,7 +263,7 @@ class _Results:
                 "completion_tokens": len(one.ids), "cached_tokens": out.num_cached_tokens,
                 "weight_version": out.weight_version, "e2e_latency": time.monotonic() - self.t0}
         if params.logprobs is not None:
-            meta["input_token_logprobs"] = list(self.input_lps.get(prompt, []))
+            meta["input_token_logprobs"] = self._input_logprobs(prompt, sample)
             meta["output_token_logprobs"] = list(one.lps)
             if params.logprobs:
                 meta["output_top_logprobs"] = list(one.tops)
@@ -258,15 +276,28 @@ class _Results:
         one.answer = {"text": "".join(one.text), "output_ids": list(one.ids), "meta_info": meta}
         return one.answer
 
+    def _input_logprobs(self, prompt: int, sample: int) -> Optional[list]:
+        """What `meta_info.input_token_logprobs` of result (prompt, sample) carries now (the class docstring)."""
+        if self.req.logprob_start is None:
+            return []
+        lps = self.input_lps.get(prompt)
+        if sample or lps is None:
+            return None
+        if self.req.stream:
+            if prompt in self.streamed_input:
+                return None
+            self.streamed_input.add(prompt)
+        return lps
+
     def answers(self) -> list[dict]:
-        """The finished answers, in SGLang's order (a prompt's samples that scored no prompt logprobs get the
-        prompt's, computed once by its sample 0)."""
+        """The finished answers, in SGLang's order (a prompt's logprobs with its sample 0 alone: the class
+        docstring)."""
         out = []
         for i, one in enumerate(self.samples):
             answer = dict(one.answer or {})
             meta = answer.get("meta_info")
             if meta is not None and "input_token_logprobs" in meta:
-                meta["input_token_logprobs"] = list(self.input_lps.get(i // self.req.n, []))
+                meta["input_token_logprobs"] = self._input_logprobs(i // self.req.n, i % self.req.n)
             out.append(answer)
         return out
 

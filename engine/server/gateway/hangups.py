@@ -105,21 +105,23 @@ class Hangups:
         self.ttl_s = ttl_s
         self.max_gone = max_gone
         self._gone: collections.OrderedDict[str, float] = collections.OrderedDict()  # relay id -> when
-        self._by_id: dict[str, set[Watch]] = {}
+        self._by_id: dict[tuple[str, str], set[Watch]] = {}  # (scope, request id): registry.RequestKey
         self._by_relay: dict[str, set[Watch]] = {}
         self.hangups_total = 0  # hang-ups the front reported
         self.abandoned_total = 0  # requests ended while being prepared (hang-ups and Aborts)
 
     @contextlib.contextmanager
-    def watch(self, request_id: str) -> Iterator[Watch]:
-        """Track `request_id` while it is prepared. Abandoned at once when its relay id already hung up."""
-        relay = relay_of(request_id)
+    def watch(self, request_id: str, scope: str = "") -> Iterator[Watch]:
+        """Track `request_id` (of `scope`: registry.RequestKey) while it is prepared. Abandoned at once when its
+        relay id already hung up."""
+        key = (scope, request_id)
+        relay = relay_of(request_id) if not scope else None  # relay ids come from smg, over gRPC (scope "")
         w = Watch(request_id, relay)
         if relay is not None and self._is_gone(relay):
             w.leave(f"request {shown(request_id)} was abandoned: its HTTP client hung up before it arrived")
             self.abandoned_total += 1
             w.check()
-        self._by_id.setdefault(request_id, set()).add(w)
+        self._by_id.setdefault(key, set()).add(w)
         if relay is not None:
             self._by_relay.setdefault(relay, set()).add(w)
         try:
@@ -128,7 +130,7 @@ class Hangups:
             self.abandoned_total += 1
             raise
         finally:
-            _discard(self._by_id, request_id, w)
+            _discard(self._by_id, key, w)
             if relay is not None:
                 _discard(self._by_relay, relay, w)
 
@@ -141,10 +143,10 @@ class Hangups:
         return sum(w.leave(f"request {shown(w.request_id)} was abandoned: {why}")
                    for w in list(self._by_relay.get(relay_id, ())))
 
-    def abort(self, request_ids: Iterable[str]) -> int:
-        """An Abort named these ids: those being prepared end now. Returns how many."""
+    def abort(self, request_ids: Iterable[str], scope: str = "") -> int:
+        """An Abort named these ids (of `scope`): those being prepared end now. Returns how many."""
         return sum(w.leave(f"request {shown(rid)} was aborted (an Abort call named it) before it was admitted")
-                   for rid in request_ids for w in list(self._by_id.get(rid, ())))
+                   for rid in request_ids for w in list(self._by_id.get((scope, rid), ())))
 
     def preparing(self) -> int:
         return sum(len(ws) for ws in self._by_id.values())
@@ -165,7 +167,7 @@ class Hangups:
         return relay_id in self._gone
 
 
-def _discard(index: dict[str, set[Watch]], key: str, w: Watch) -> None:
+def _discard(index: dict, key, w: Watch) -> None:
     ws = index.get(key)
     if ws is not None:
         ws.discard(w)

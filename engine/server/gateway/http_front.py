@@ -47,10 +47,12 @@ from typing import Awaitable, Callable, Optional
 import h11
 
 from ...contract.safe_text import shown
+from ..client_identity import CLIENT_ID_HEADER, http_client
 from .hangups import RELAY_HEADER, new_relay_id
 from .http_wire import (READ_CHUNK, Upstream, answer_watched, closing_head, copy_stream, error_body, header_of,
                         status_of, until_eof, write_answer)
 from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
+from .json_body import INLINE_BODY_BYTES
 from .lora_routes import forget_adapter, note_adapter
 from .model_name import copy_renamed, renamer
 from .openai_fields import ADAPTER_PATHS, CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
@@ -60,9 +62,11 @@ from .tool_calls import asks_one_call, forget, note_one_call
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 << 20
-INLINE_BODY_BYTES = 256 << 10  # bodies up to this size are inspected on the event loop (well under a millisecond)
+MAX_BODY_BYTES = 64 << 20  # a relayed body's cap; a route answered here may set a smaller one (`local.body_limit`)
 MAX_HEAD_BYTES = 64 << 10
+# After a 413 sent before the body was read, the rest of it is read and dropped for at most this long, so the
+# client, still sending, reads the answer instead of a reset connection (nginx's lingering close).
+LINGER_S = 1.0
 CONNECT_RETRY_S = (0.1, 0.3)  # a failed connect to smg is tried again after these, unless smg is down
 # smg (1.13) may answer 503 `tokenizer_not_ready` for a moment after it lists the model (quirks.
 # MODELS_BEFORE_TOKENIZER), also after a restart: such an answer comes before any engine work, so the front sends
@@ -143,58 +147,81 @@ class HttpFront:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        head = False
         try:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
             got = await self._read_request(conn, reader, writer)
             if got is not None:
                 request, body = got
-                if self.metrics is not None and request.method == b"GET" and \
-                        request.target.split(b"?", 1)[0] == METRICS_PATH:
-                    # Answered here, as vLLM answers it on its API port (no API key: Prometheus sends none).
-                    await write_answer(conn, writer, 200, await self.metrics(), METRICS_CONTENT_TYPE)
-                    return
-                path = public_path(request.target)
-                if path is None:
-                    await write_answer(conn, writer, 404, error_body(
-                        f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None))
-                    return
-                # The RL control routes and /generate take the key too, though not under /v1 (vLLM's rule for the
-                # others).
-                if (needs_key(path) or path in KEYED_ROUTES) and not self._authorized(request):
-                    await write_answer(conn, writer, 401, error_body(UNAUTHORIZED, None), extra=_ASK_BEARER)
-                    return
-                reason = None
-                if self.engine_down is not None and (path in PROBES or path == LIVENESS_PATH):
-                    reason = self.engine_down()  # the engine died: every probe, at once (health.py)
-                if reason is None and self.not_serving is not None and path in PROBES:
-                    reason = self.not_serving()
-                if reason is not None:
-                    await write_answer(conn, writer, 503, error_body(reason, None))
-                    return
-                if await self._answer_here(conn, request, path, body, writer, reader):
-                    return
-                if path == PING_PATH:  # vLLM's /ping is its /health, by GET or POST
-                    await self._relay(conn, request, b"", reader, writer, b"GET", b"/health")
-                    return
-                try:
-                    # A large body is parsed off the event loop (every other connection and the engine's
-                    # streams share it): 64 MiB of JSON takes a second or more.
-                    body, one_call, adapter = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES \
-                        else await asyncio.to_thread(self._inspect, request, body)
-                except HttpFieldError as e:
-                    await write_answer(conn, writer, e.status, error_body(str(e), e.field))  # 404: an unknown model
-                    return
-                await self._relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
+                head = request.method == b"HEAD"
+                await self._route(conn, request, body, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
             pass  # the client went away or spoke no HTTP: nothing to answer
+        except Exception:
+            # A bug of the front's own: logged once, and the client gets a 500 rather than a dropped connection
+            # (as uvicorn and nginx answer a handler's failure), unless its answer had already begun.
+            logger.exception("the OpenAI front failed answering a request")
+            if conn.our_state is h11.SEND_RESPONSE:
+                with contextlib.suppress(Exception):
+                    await write_answer(conn, writer, 500, error_body("internal error of the HTTP front.", None),
+                                       head_only=head)
         finally:
             self._connections.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def _route(self, conn, request: h11.Request, body: bytes, reader, writer) -> None:
+        """Answer one whole request: here, from the engine (`local`), or relayed to smg."""
+        head = request.method == b"HEAD"  # answered as GET without the body (RFC 9110 9.3.2), never a body
+        method = b"GET" if head else request.method
+        if self.metrics is not None and method == b"GET" and request.target.split(b"?", 1)[0] == METRICS_PATH:
+            # Answered here, as vLLM answers it on its API port (no API key: Prometheus sends none).
+            await write_answer(conn, writer, 200, await self.metrics(), METRICS_CONTENT_TYPE, head_only=head)
+            return
+        path = public_path(request.target)
+        if path is None:
+            await write_answer(conn, writer, 404, error_body(
+                f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None), head_only=head)
+            return
+        # The RL control routes and /generate take the key too, though not under /v1 (vLLM's rule for the others).
+        if (needs_key(path) or path in KEYED_ROUTES) and not self._authorized(request):
+            await write_answer(conn, writer, 401, error_body(UNAUTHORIZED, None), extra=_ASK_BEARER, head_only=head)
+            return
+        reason = None
+        if self.engine_down is not None and (path in PROBES or path == LIVENESS_PATH):
+            reason = self.engine_down()  # the engine died: every probe, at once (health.py)
+        if reason is None and self.not_serving is not None and path in PROBES:
+            reason = self.not_serving()
+        if reason is not None:
+            await write_answer(conn, writer, 503, error_body(reason, None), head_only=head)
+            return
+        if await self._answer_here(conn, request, method, path, body, writer, reader):
+            return
+        if path == PING_PATH:  # vLLM's /ping is its /health, by GET or POST
+            await self._relay(conn, request, b"", reader, writer, b"HEAD" if head else b"GET", b"/health")
+            return
+        try:
+            # A large body is parsed off the event loop (every other connection and the engine's
+            # streams share it): 64 MiB of JSON takes a second or more.
+            body, one_call, adapter = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES \
+                else await asyncio.to_thread(self._inspect, request, body)
+        except HttpFieldError as e:
+            await write_answer(conn, writer, e.status, error_body(str(e), e.field))  # 404: an unknown model
+            return
+        await self._relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
+
+    def _body_limit(self, request: h11.Request) -> int:
+        """The most body bytes read for `request`: a route answered from the engine bounds its own (the
+        /generate and RL routes: --max-http-body-bytes, whose JSON is parsed in this process), the rest
+        MAX_BODY_BYTES."""
+        limit = getattr(self.local, "body_limit", None)
+        path = public_path(request.target)
+        most = limit(path) if limit is not None and path is not None else None
+        return MAX_BODY_BYTES if most is None else min(most, MAX_BODY_BYTES)
+
     async def _read_request(self, conn, reader, writer) -> Optional[tuple[h11.Request, bytes]]:
-        request, body = None, bytearray()
+        request, body, most = None, bytearray(), MAX_BODY_BYTES
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -205,46 +232,68 @@ class HttpFront:
                 if not data and request is None:
                     return None
             elif isinstance(event, h11.Request):
-                request = event
+                request, most = event, self._body_limit(event)
+                length = header_of(event, b"content-length")
+                if length is not None and length.strip().isdigit() and int(length) > most:
+                    # Refused from its head, before a byte of the body is read (nginx's client_max_body_size).
+                    await self._too_large(conn, reader, writer, most, event.method == b"HEAD")
+                    return None
             elif isinstance(event, h11.Data):
                 body += event.data
-                if len(body) > MAX_BODY_BYTES:
-                    await write_answer(conn, writer, 413, error_body(f"the request body is over {MAX_BODY_BYTES} bytes.", None))
+                if len(body) > most:
+                    await self._too_large(conn, reader, writer, most, request.method == b"HEAD")
                     return None
             elif isinstance(event, h11.EndOfMessage):
                 return request, bytes(body)
             else:  # ConnectionClosed before a whole request
                 return None
 
-    async def _answer_here(self, conn, request: h11.Request, path: str, body: bytes, writer, reader) -> bool:
+    async def _too_large(self, conn, reader, writer, most: int, head: bool) -> None:
+        """413 naming the limit, then what the client still sends is dropped for at most LINGER_S."""
+        flag = " (--max-http-body-bytes)" if most < MAX_BODY_BYTES else ""
+        await write_answer(conn, writer, 413, error_body(f"the request body is over {most} bytes{flag}.", None),
+                           head_only=head)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(until_eof(reader), LINGER_S)
+
+    async def _answer_here(self, conn, request: h11.Request, method: bytes, path: str, body: bytes, writer,
+                           reader) -> bool:
         """Answer vLLM's routes that smg lacks: /version here, /tokenize, /detokenize and /v1/models from the
-        engine (vllm_routes.py) when it is beside the front. Whether it answered."""
+        engine (vllm_routes.py) when it is beside the front. Whether it answered. `method`: the request's, GET for
+        a HEAD (answered without its body)."""
+        head = request.method == b"HEAD"
         if path == VERSION_PATH:
-            if request.method != b"GET":
+            if method != b"GET":
                 await write_answer(conn, writer, 405, error_body(f"{path} takes GET.", None))
             else:
-                await write_answer(conn, writer, 200, json.dumps({"version": moelink_version()}).encode())
+                await write_answer(conn, writer, 200, json.dumps({"version": moelink_version()}).encode(),
+                                   head_only=head)
             return True
         if self.local is not None:
             query = request.target.split(b"?", 1)[1].decode("latin-1") if b"?" in request.target else ""
+            # Who sent it: its /generate requests' fair share and the scope of its ids (client_identity.py).
+            client = http_client(writer.get_extra_info("peername"), header_of(request, CLIENT_ID_HEADER.encode()),
+                                 authenticated=bool(self.api_key))
             if path == GENERATE_PATH:  # generation: a client that leaves ends it (generate_route.py)
-                await answer_watched(conn, writer, reader, self.local.answer(request.method, path, body, query))
+                await answer_watched(conn, writer, reader, self.local.answer(method, path, body, query, client=client),
+                                     head_only=head)
                 return True
-            got = await self.local.answer(request.method, path, body, query)
+            got = await self.local.answer(method, path, body, query, client=client)
             if got is None:
                 return False
-            await write_answer(conn, writer, *got)
+            await write_answer(conn, writer, *got, head_only=head)
             return True
         if path in RL_PATHS or path in GENERATE_PATHS:
             await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
                 "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC Control "
-                "service (the native Generation service for /generate and /abort_request).", None))
+                "service (the native Generation service for /generate and /abort_request).", None), head_only=head)
             return True
         if path in ENGINE_ROUTES:
             await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own OpenAI front, which has the tokenizer; this front "
-                f"(`moelink http-front`) stands before a gateway started by hand: ask smg's /v1{path} instead.", None))
+                f"(`moelink http-front`) stands before a gateway started by hand: ask smg's /v1{path} instead.", None),
+                head_only=head)
             return True
         return False
 

@@ -60,21 +60,25 @@ def error_body(message: str, param: Optional[str]) -> bytes:
 
 
 async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
-                  content_type: bytes = b"application/json", extra: tuple = ()) -> None:
+                       content_type: bytes = b"application/json", extra: tuple = (), head_only: bool = False) -> None:
+    """The whole answer; `head_only` for a HEAD request: the headers it would have, no body (h11 refuses one, and a
+    HEAD answered with a body dropped the connection with a traceback: issue 76 item 12)."""
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close"), *extra]
-    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) + conn.send(h11.Data(data=body))
-                 + conn.send(h11.EndOfMessage()))
+    data = conn.send(h11.Response(status_code=status, headers=headers))
+    if not head_only:
+        data += conn.send(h11.Data(data=body))
+    writer.write(data + conn.send(h11.EndOfMessage()))
     await writer.drain()
 
 
 async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-                         answering) -> None:
+                         answering, head_only: bool = False) -> None:
     """Write the answer the coroutine `answering` gives, (status, body) or a generate_route.Streamed (its chunks
     sent as they come, chunked), while the client is watched: one that closes its end first cancels the answer,
-    which ends the request in the engine (its stream is closed)."""
+    which ends the request in the engine (its stream is closed). `head_only`: a HEAD request's (write_answer)."""
     gone = asyncio.ensure_future(until_eof(reader))
-    work = asyncio.ensure_future(_write_answer(conn, writer, answering))
+    work = asyncio.ensure_future(_write_answer(conn, writer, answering, head_only))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -83,10 +87,10 @@ async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, rea
         await asyncio.gather(work, gone, return_exceptions=True)
 
 
-async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answering) -> None:
+async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answering, head_only: bool) -> None:
     got = await answering
     if isinstance(got, tuple):
-        await write_answer(conn, writer, *got)
+        await write_answer(conn, writer, *got, head_only=head_only)
         return
     try:
         await _write_stream(conn, writer, got)

@@ -66,7 +66,8 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
         from .vllm_routes import VllmRoutes
 
         local = ChainedRoutes(VllmRoutes(serving, chat_template_of(options)),
-                              RlRoutes(serving.engine, serving.engine.takes_control_calls), GenerateRoute(serving))
+                              RlRoutes(serving.engine, serving.engine.takes_control_calls,
+                                       serving.limits.max_http_body_bytes), GenerateRoute(serving))
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 
 from ...config.timeouts import DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S
 from ...contract.safe_text import shown
+from .json_body import off_loop
 
 
 @dataclass(frozen=True)
@@ -251,13 +252,21 @@ DISABLED = ("{path} is refused: this server takes RL control calls only when sta
 class RlRoutes:
     """Answers the control routes from an AsyncEngine (`engine.control(call, *args)`) on the server's loop."""
 
-    def __init__(self, engine, enabled: bool):
-        """`enabled`: the server was started with --enable-weight-updates."""
+    def __init__(self, engine, enabled: bool, max_body_bytes: Optional[int] = None):
+        """`enabled`: the server was started with --enable-weight-updates. `max_body_bytes`: the largest body the
+        front reads for these routes (--max-http-body-bytes; None: the front's own cap)."""
         self.engine = engine
         self.enabled = enabled
+        self.max_body_bytes = max_body_bytes
 
-    async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
-        """(HTTP status, JSON body) of a control route, or None for any other path."""
+    def body_limit(self, path: str) -> Optional[int]:
+        """The largest body the front reads for `path` (413 beyond it), or None for another path."""
+        return self.max_body_bytes if path in ROUTES else None
+
+    async def answer(self, method: bytes, path: str, body: bytes, query: str = "",
+                     client: tuple[str, ...] = ()) -> Optional[tuple[int, bytes]]:
+        """(HTTP status, JSON body) of a control route, or None for any other path. `client` is not read: who may
+        call is the key's and the flag's question."""
         from ...api.async_engine import EngineDeadError
         from ...core.rl_control import ControlDisabled
 
@@ -269,7 +278,8 @@ class RlRoutes:
         if not self.enabled and path not in READ_ONLY:
             return _error(DISABLED.format(path=path), None, 403)
         try:
-            args = route.args(_body(route, path, body, query))
+            # Parsed off the event loop when large (json_body.off_loop): every stream shares the loop.
+            args = route.args(await off_loop(body, _body, route, path, body, query))
         except _Refused as e:
             return _error(str(e), e.field, 400)
         try:
@@ -299,9 +309,20 @@ class ChainedRoutes:
     def base_name(self) -> str:
         return self.models.base_name
 
-    async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
+    def body_limit(self, path: str) -> Optional[int]:
+        """The largest body an answerer reads for `path` (the first that bounds it), or None."""
         for a in self.answerers:
-            got = await a.answer(method, path, body, query)
+            limit = getattr(a, "body_limit", None)
+            most = limit(path) if limit is not None else None
+            if most is not None:
+                return most
+        return None
+
+    async def answer(self, method: bytes, path: str, body: bytes, query: str = "",
+                     client: tuple[str, ...] = ()) -> Optional[tuple[int, bytes]]:
+        """The first answer of an answerer for the request; `client` (client_identity.http_client): who sent it."""
+        for a in self.answerers:
+            got = await a.answer(method, path, body, query, client=client)
             if got is not None:
                 return got
         return None

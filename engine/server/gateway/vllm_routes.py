@@ -78,9 +78,10 @@ class VllmRoutes:
     def max_model_len(self) -> int:
         return self.s.info.max_model_len
 
-    async def answer(self, method: bytes, path: str, body: bytes, query: str = "") -> Optional[tuple[int, bytes]]:
-        """(HTTP status, JSON body) of a request this answers, or None: the front relays it to smg. (`query`: the
-        request's query string, which these routes do not read.)"""
+    async def answer(self, method: bytes, path: str, body: bytes, query: str = "",
+                     client: tuple[str, ...] = ()) -> Optional[tuple[int, bytes]]:
+        """(HTTP status, JSON body) of a request this answers, or None: the front relays it to smg. (`query`, the
+        request's query string, and `client`, who sent it: these routes read neither.)"""
         if path == MODELS_PATH and method == b"GET":
             return 200, json.dumps(self.models()).encode()
         if path in lora_routes.ROUTES:
