@@ -72,9 +72,16 @@ def test_undecodable_requests_are_invalid_argument_on_both_services(stubs):
     assert stubs.vllm.HealthCheck(vpb.HealthCheckRequest(), timeout=5).healthy
 
 
-def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_server):
+def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_server, monkeypatch):
     """Behind smg (--api-key with --gateway-port) all traffic comes through the gateway listener: corrupt bytes
-    get INVALID_ARGUMENT there too, and sampling_params too large for the limits are refused before parsing."""
+    get INVALID_ARGUMENT there too, and sampling_params too large for the limits are refused before parsing. An
+    image model's mm_inputs get the same budget on both ports (issue 76 item 11: the gateway's was an ordinary
+    field's 64 KiB, so behind --api-key every image over ~52x52 was refused): with a budget of 1 MiB (the tiny text
+    model has none, so it is set here), 100 KB of mm_inputs pass the wire checks of both and are refused by the
+    same later check, naming what the model takes."""
+    from moelink.engine.server.serving import Serving
+
+    monkeypatch.setattr(Serving, "mm_bytes", property(lambda self: 1 << 20))
     srv = thread_server(api_key="k", gateway_port=0)
     with grpc.insecure_channel(f"127.0.0.1:{srv.server.gateway_port}") as ch:
         s = make_stubs(ch)
@@ -84,6 +91,14 @@ def test_the_gateway_listener_decodes_and_prechecks_like_the_main_port(thread_se
         err = refused(vllm(s, sampling_params=s.vpb.SamplingParams(stop_token_ids=[1] * 150_000)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling_params is" in err.details(), err.details()
         assert s.vllm.HealthCheck(s.vpb.HealthCheckRequest(), timeout=5).healthy
+        image = s.vpb.MultimodalInputs(mm_hashes=["x" * 100_000])
+        gateway = refused(vllm(s, mm_inputs=image)).details()
+    with grpc.insecure_channel(srv.addr) as ch:
+        s = make_stubs(ch)
+        main = refused(lambda: s.vllm.Generate(s.vpb.GenerateRequest(
+            request_id="bad", stream=True, tokenized=s.vpb.TokenizedInput(input_ids=[1, 2, 3]), mm_inputs=image),
+            timeout=10, metadata=[("authorization", "Bearer k")])).details()
+    assert "bytes: at most" not in gateway and gateway == main, (gateway, main)
 
 
 # -- item 2: capped lists, validated once -----------------------------------------------------

@@ -299,3 +299,214 @@ def test_abort_request_ends_a_request_by_its_rid(front):
     assert status == 403 and "--enable-weight-updates" in out["error"]["message"]
     assert abort({"rid": "gone-already"}) == (200, {"success": True, "num_aborted": 0})
     assert abort({"rid": 5})[1]["error"]["param"] == "rid" and abort({"all": True})[1]["error"]["param"] == "all"
+
+
+# -- issue 76 (hardening round 6) ---------------------------------------------------------------------------------
+def _send_raw(port: int, body: bytes, headers: dict | None = None, method: bytes = b"POST",
+              path: bytes = b"/generate"):
+    """A connection that sent one request (the key, `headers`), for a test to read from or to hang up."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = [method + b" " + path + b" HTTP/1.1", b"host: x", b"authorization: Bearer " + KEY.encode(),
+            b"content-type: application/json", b"content-length: " + str(len(body)).encode()]
+    head += [k.encode() + b": " + v.encode() for k, v in (headers or {}).items()]
+    sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    return sock
+
+
+def test_a_hung_up_batch_is_aborted_in_one_pass(front):
+    """Issue 76 item 2: a client sends a batch of B prompts x n samples and hangs up; its B x n aborts reach the
+    engine thread together and end in one pass over the scheduler's queues (one finish_requests for all of them),
+    not one pass per sequence (quadratic: 128,000 sequences held every user's steps for over 25 minutes). The
+    engine thread is held inside a step while the aborts queue up, so they are all there when it drains them."""
+    from tests.helpers.engine_steps import EngineSteps
+    from tests.helpers.waits import wait_until
+
+    srv, port = front
+    llm = srv.engine.engine
+    sched = llm.schedulers[0]
+    calls: list[int] = []
+    real = sched.finish_requests
+
+    def counting(ids, status):
+        ids = list(ids)
+        calls.append(len(ids))
+        return real(ids, status)
+
+    sched.finish_requests = counting
+    steps = EngineSteps(llm)
+    total = 2 * 64
+    try:
+        body = json.dumps({"input_ids": [PROMPT_IDS, PROMPT_IDS[:4]], "sampling_params": {
+            "n": 64, "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).encode()
+        sock = _send_raw(port, body)
+        wait_until(lambda: sched.get_num_unfinished_requests() == total, 60, "the batch's sequences to be added")
+        steps.hold()
+        assert steps.wait_parked(30)
+        sock.close()  # the hang-up: every sequence's abort is sent while the engine thread is parked
+        wait_until(lambda: srv.engine._commands.qsize() >= total, 30, "every sequence's abort to be queued")
+        calls.clear()
+        steps.release()
+        wait_until(lambda: sched.get_num_unfinished_requests() == 0, 30, "the batch to be aborted")
+    finally:
+        steps.close()
+        del sched.finish_requests
+    assert calls == [total], f"finish_requests calls (ids in each): {calls[:8]}... ({len(calls)} calls)"
+
+
+def test_prompt_logprobs_are_sent_once_per_prompt(front):
+    """Issue 76 item 10: a prompt's logprobs (logprob_start_len) are the same for its n samples; they come once, in
+    its sample 0's meta_info (streamed: the first event that has them), never once per sample or per event (a 0.09 MB
+    request was answered with 85.5 MB)."""
+    _, port = front
+    body = {"input_ids": PROMPT_IDS, "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"n": 3, "max_new_tokens": 3, "ignore_eos": True, "temperature": 0.8, "seed": 5}}
+    got = ok(port, body)
+    lps = [r["meta_info"]["input_token_logprobs"] for r in got]
+    assert [t for _, t, _ in lps[0]] == PROMPT_IDS and lps[1:] == [None, None]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/generate", body=json.dumps({**body, "stream": True}),
+                 headers={"Authorization": f"Bearer {KEY}"})
+    events = [json.loads(e[len("data: "):]) for e in conn.getresponse().read().decode().split("\n\n")
+              if e and e != "data: [DONE]"]
+    conn.close()
+    carrying = [e for e in events if e["meta_info"]["input_token_logprobs"] is not None]
+    assert len(events) >= 6 and len(carrying) == 1 and carrying[0]["index"] == 0
+    assert carrying[0]["meta_info"]["input_token_logprobs"] == lps[0]
+
+
+def test_generate_requests_carry_their_client(front):
+    """Issue 76 item 10: a /generate request carries who sent it to the scheduler's fair shares, as a gRPC call
+    does: the user its `x-client-id` names (the server requires a key), else its host and connection. Before, every
+    /generate user was one client: a 20,000-prompt batch kept another waiting 261 s."""
+    srv, port = front
+    llm = srv.engine.engine
+    seen: list[tuple] = []
+    real = llm.add_core
+
+    def recording(processed):
+        seen.append(processed.client)
+        return real(processed)
+
+    llm.add_core = recording
+    try:
+        assert post(port, {"input_ids": PROMPT_IDS, "sampling_params": GREEDY})[0] == 200
+        sock = _send_raw(port, json.dumps({"input_ids": PROMPT_IDS, "sampling_params": GREEDY}).encode(),
+                         {"x-client-id": "alice"})
+        assert sock.recv(12) == b"HTTP/1.1 200"
+        sock.close()
+    finally:
+        del llm.add_core
+    assert seen[0][0] == "host:127.0.0.1" and seen[0][1].startswith("conn:") and seen[1] == ("user:alice",)
+
+
+def test_a_rid_is_scoped_to_its_client(front):
+    """Issue 76 item 12: two clients may use the same `rid` at once; neither learns that the other's runs (a 409
+    said it), and /abort_request ends the caller's own request, never another's."""
+    import threading
+
+    from tests.helpers.waits import wait_until
+
+    srv, port = front
+    serving = srv.server.serving
+    long_body = json.dumps({"input_ids": PROMPT_IDS, "rid": "same", "sampling_params": {
+        "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).encode()
+    got: dict = {}
+
+    def alice():
+        sock = _send_raw(port, long_body, {"x-client-id": "alice"})
+        got["alice"] = b"".join(iter(lambda: sock.recv(1 << 16), b""))
+        sock.close()
+    t = threading.Thread(target=alice)
+    t.start()
+    wait_until(lambda: serving.registry.running("same", "user:alice"), 30, "alice's request to start")
+
+    def as_bob(body, path=b"/generate"):
+        sock = _send_raw(port, json.dumps(body).encode(), {"x-client-id": "bob"}, path=path)
+        answer = b"".join(iter(lambda: sock.recv(1 << 16), b""))
+        sock.close()
+        head, _, out = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(out.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+                                                if b"chunked" in head.lower() else out)
+    status, out = as_bob({"input_ids": PROMPT_IDS, "rid": "same", "sampling_params": GREEDY})
+    assert status == 200 and out["meta_info"]["id"] == "same", out
+    assert as_bob({"rid": "same"}, b"/abort_request") == (200, {"success": True, "num_aborted": 0})
+    assert serving.registry.running("same", "user:alice")  # bob's abort did not reach it
+    sock = _send_raw(port, json.dumps({"rid": "same"}).encode(), {"x-client-id": "alice"}, path=b"/abort_request")
+    assert b'"num_aborted": 1' in b"".join(iter(lambda: sock.recv(1 << 16), b""))
+    sock.close()
+    t.join(30)
+    meta = json.loads(got["alice"].partition(b"\r\n\r\n")[2])["meta_info"]
+    assert meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < 400
+
+
+def test_batch_and_body_bounds(front):
+    """Issue 76 items 2 and 8: a /generate batch over --max-batch-sequences (prompts x n) is refused with a 400
+    naming the prompts' field and the flag, before anything runs; a body over --max-http-body-bytes gets a 413 from
+    its Content-Length, before a byte of it is read."""
+    srv, port = front
+    limits = srv.server.serving.limits
+    param, message = refused(port, {"text": ["a"] * 65, "sampling_params": {"n": 64}})
+    assert param == "text" and "4160 sequences" in message and "--max-batch-sequences" in message
+    param, message = refused(port, {"input_ids": [[1]] * (limits.max_batch_sequences + 1)})
+    assert param == "input_ids" and "--max-batch-sequences" in message
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /generate HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY.encode()
+                 + b"\r\ncontent-length: " + str(limits.max_http_body_bytes + 1).encode() + b"\r\n\r\n")
+    answer = sock.recv(1 << 16)  # no body was sent: the answer comes from the head alone
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and b"--max-http-body-bytes" in answer, answer[:300]
+
+
+def test_head_requests_get_an_answer(front):
+    """Issue 76 item 12: HEAD on a route the front answers itself gets the GET's status and headers without a body
+    (or 404 / 405), never a dropped connection with a traceback in the log."""
+    _, port = front
+    for path, status in (("/version", 200), ("/generate", 405), ("/nope", 404), ("/metrics", 404)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("HEAD", path, headers={"Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (status, b""), path
+        assert int(resp.getheader("content-length")) > 0  # the headers a GET would get
+        conn.close()
+
+
+def test_large_bodies_are_parsed_off_the_event_loop(monkeypatch):
+    """Issue 76 item 8: the body of /generate and of an RL control route, when large, is parsed and checked on a
+    worker thread, not on the event loop every stream shares (a 60 MB body paused every stream 9.5 s); a small one
+    stays on the loop. In process: the parsers are wrapped to say which thread they ran on."""
+    import asyncio
+    import threading
+
+    from moelink.engine.server.gateway import generate_route, rl_routes
+    from moelink.engine.server.gateway.json_body import INLINE_BODY_BYTES
+    from moelink.engine.server.gateway.openai_fields import HttpFieldError
+
+    threads: list[str] = []
+
+    def generate_parse(body, serving):
+        threads.append(threading.current_thread().name)
+        raise HttpFieldError("text", "stop here")
+
+    def rl_parse(route, path, body, query):
+        threads.append(threading.current_thread().name)
+        raise rl_routes._Refused("stop here", None)
+
+    monkeypatch.setattr(generate_route, "read_request", generate_parse)
+    monkeypatch.setattr(rl_routes, "_body", rl_parse)
+    big, small = b" " * (INLINE_BODY_BYTES + 1) + b"{}", b"{}"
+
+    async def run():
+        loop_thread = threading.current_thread().name
+        route, rl = generate_route.GenerateRoute(serving=None), rl_routes.RlRoutes(engine=None, enabled=True)
+        for body in (big, small):
+            assert (await route.answer(b"POST", "/generate", body))[0] == 400
+            assert (await rl.answer(b"POST", "/update_weights_from_disk", body))[0] == 400
+        return loop_thread
+
+    loop_thread = asyncio.run(run())
+    assert threads[0] != loop_thread and threads[1] != loop_thread, threads
+    assert threads[2:] == [loop_thread, loop_thread]

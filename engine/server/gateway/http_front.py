@@ -341,12 +341,13 @@ class HttpFront:
             # a 503 "is restarting" was answered for any connect error, with no restart at all).
             reason = self.not_serving() if self.not_serving is not None else None
             if reason is not None:
-                await write_answer(conn, writer, 503, error_body(f"{reason} Retry in a few seconds.", None))
+                await write_answer(conn, writer, 503, error_body(f"{reason} Retry in a few seconds.", None),
+                                   head_only=method == b"HEAD")
                 return
             logger.error("the OpenAI front could not reach the smg gateway on 127.0.0.1:%d (%s), and no restart of "
                          "it is under way: answered 502", self.upstream_port, exc)
             await write_answer(conn, writer, 502, error_body(f"the OpenAI gateway (smg) on 127.0.0.1:{self.upstream_port} "
-                                                    f"could not be reached: {exc}.", None))
+                                                    f"could not be reached: {exc}.", None), head_only=method == b"HEAD")
             return
         path = target.split(b"?", 1)[0].decode("latin-1")
         relay_id = new_relay_id(_ID_KINDS.get(path, "req"), header_of(request, b"x-request-id"))
