@@ -105,7 +105,10 @@ def test_the_managed_front_is_given_the_engines_health(monkeypatch):
             raise OSError(98, "in use")  # ends the start here: only the front's construction is looked at
 
     class _Serving:
+        from moelink.engine.server.limits import RequestLimits
+
         engine = _Engine()
+        limits = RequestLimits()
 
     monkeypatch.setattr(managed, "HttpFront", _Front)
     for module, name in ((vllm_routes, "VllmRoutes"), (rl_routes, "RlRoutes"), (rl_routes, "ChainedRoutes"),
