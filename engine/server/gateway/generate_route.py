@@ -6,8 +6,15 @@ position was routed to (`meta_info.routed_experts`). smg (1.13) has a /generate 
 worker by the VllmEngine protocol, which has no routed-experts field (nor prompt logprobs), and the front never
 relayed it; so the front answers it itself, in SGLang's request and response shapes, through the same Serving the
 gRPC services use (admission limits, request registry, aborts). Beside it SGLang's `POST /abort_request`, which
-slime sends each worker to end a rollout: `{"rid"}` ends that request; `{"abort_all": true}` ends every client's,
-and is taken only from a server started with --enable-weight-updates (403 naming it), as the cache flush.
+slime sends each worker to end a rollout: `{"rid"}` ends that request of the caller's; `{"abort_all": true}` ends
+every client's, and is taken only from a server started with --enable-weight-updates (403 naming it), as the cache
+flush.
+
+Who sent a request (client_identity.http_client: the user an `x-client-id` names under --api-key, else the host and
+connection) is its share of the scheduler, as for a gRPC call, and the scope of its `rid`s (the user, or the host):
+two clients may run the same rid at once, and neither learns of the other's (registry.RequestKey). A request is at
+most --max-batch-sequences sequences (prompts x n) and its body at most --max-http-body-bytes (the front answers 413
+from its Content-Length); a large body is parsed off the event loop (json_body.off_loop).
 
 Request (generate_request.py reads it): `text` or `input_ids`, one prompt or a batch (a list of them),
 `sampling_params` (SGLang's names, one object or one per prompt; `n` samples of each prompt), `return_logprob`,
