@@ -281,7 +281,8 @@ class HttpFront:
             got = await self.local.answer(method, path, body, query, client=client)
             if got is None:
                 return False
-            await write_answer(conn, writer, *got, head_only=head)
+            status, answer = got  # (HTTP status, JSON body)
+            await write_answer(conn, writer, status, answer, head_only=head)
             return True
         if path in RL_PATHS or path in GENERATE_PATHS:
             await write_answer(conn, writer, 404, error_body(

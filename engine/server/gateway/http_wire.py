@@ -90,7 +90,8 @@ async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, rea
 async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answering, head_only: bool) -> None:
     got = await answering
     if isinstance(got, tuple):
-        await write_answer(conn, writer, *got, head_only=head_only)
+        status, body = got  # (HTTP status, JSON body)
+        await write_answer(conn, writer, status, body, head_only=head_only)
         return
     try:
         await _write_stream(conn, writer, got)
