@@ -107,7 +107,11 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value in allowed, name, value, f"must be a finite number in {allowed}")
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "must be -1 (disabled), 0 (disabled) or a positive integer")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be an integer or None")
+        # An int64, as both gRPC protos carry it and vLLM's OpenAI server bounds it: a larger one from JSON (HTTP
+        # /generate, the Python API) overflowed torch's generator seed at the rank and killed the engine loop for every
+        # user (issue 76, found beside item 12). Sample i draws with seed + i, within torch's [-2^63, 2^64).
+        _check(self.seed is None or (_is_int(self.seed) and -(1 << 63) <= self.seed < 1 << 63), "seed", self.seed,
+               "must be an integer in [-2^63, 2^63) (an int64) or None")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens", self.max_tokens, "must be an integer >= 1 or None")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be an integer >= 0")
         if self.max_tokens is not None:

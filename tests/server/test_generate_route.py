@@ -230,6 +230,12 @@ def test_generate_refusals_name_the_field(front):
                                                                             "invalid: must be")  # SamplingParams' check
     status, out = post(port, {"input_ids": PROMPT_IDS, "lora_path": "nope"})
     assert status == 400 and "lora_path" in json.loads(out)["error"]["message"]
+    # Issue 76 (found beside item 12): a seed past int64 killed the engine loop at the rank (torch's generator
+    # overflowed: every user 503 after it); a lone surrogate in text was a 500 from the tokenizer.
+    param, message = refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"seed": 1 << 70}})
+    assert param == "sampling_params.seed" and "[-2^63, 2^63)" in message
+    assert refused(port, b'{"text": ["ok", "a\\udfff"]}', raw=True)[0] == "text[1]"
+    assert ok(port, {"input_ids": PROMPT_IDS, "sampling_params": {**GREEDY, "seed": (1 << 63) - 1, "n": 2}})
 
 
 def test_a_client_that_leaves_ends_its_request(front):

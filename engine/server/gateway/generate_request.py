@@ -112,6 +112,16 @@ def _too_many(field: str, prompts: int, n: int, most: int) -> str:
             f"most {most} in one /generate request (--max-batch-sequences); send the rest in further requests.")
 
 
+def _check_unicode(text: str, field: str) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: the tokenizer failed on it (an internal
+    error); a gRPC string is valid UTF-8 by the protocol."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HttpFieldError(field, f"{field} is not valid Unicode text: it holds a lone surrogate "
+                                    f"(\\u{ord(text[e.start]):04x}) at character {e.start}.") from None
+
+
 def _prompts(data: dict, most: int) -> tuple[list, str, bool]:
     """(the prompts, their field, whether the request is a batch); a batch of more than `most` prompts is refused by
     its length before any entry is looked at."""
@@ -121,6 +131,7 @@ def _prompts(data: dict, most: int) -> tuple[list, str, bool]:
     if "text" in data:
         text = data["text"]
         if isinstance(text, str):
+            _check_unicode(text, "text")
             return [text], "text", False
         if not isinstance(text, list) or not text:
             raise HttpFieldError("text", f"text must be a string or a non-empty list of strings, not "
@@ -130,6 +141,7 @@ def _prompts(data: dict, most: int) -> tuple[list, str, bool]:
         for i, t in enumerate(text):
             if not isinstance(t, str):
                 raise HttpFieldError(f"text[{i}]", f"text[{i}] must be a string, not {kind_of(t)}.")
+            _check_unicode(t, f"text[{i}]")
         return text, "text", True
     ids = data["input_ids"]
     if not isinstance(ids, list) or not ids:
