@@ -135,7 +135,7 @@ class GenerateRoute:
         end, nor to learn of), or every one (`abort_all`: only on a server that takes RL control calls,
         --enable-weight-updates, as the cache flush)."""
         try:
-            data = json_object(body)
+            data = await off_loop(body, json_object, body)
             for key in data:
                 if key not in ("rid", "abort_all"):
                     raise HttpFieldError(key, f"{shown(key)} is refused: /abort_request takes rid or abort_all.")
