@@ -49,8 +49,8 @@ import h11
 from ...contract.safe_text import shown
 from ..client_identity import CLIENT_ID_HEADER, http_client
 from .hangups import RELAY_HEADER, new_relay_id
-from .http_wire import (READ_CHUNK, Upstream, answer_watched, closing_head, copy_stream, error_body, header_of,
-                        status_of, until_eof, write_answer)
+from .http_wire import (Upstream, answer_watched, closing_head, copy_stream, error_body, header_of,
+                        read_request, status_of, until_eof, write_answer)
 from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
 from .json_body import INLINE_BODY_BYTES
 from .lora_routes import forget_adapter, note_adapter
@@ -64,9 +64,6 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20  # a relayed body's cap; a route answered here may set a smaller one (`local.body_limit`)
 MAX_HEAD_BYTES = 64 << 10
-# After a 413 sent before the body was read, the rest of it is read and dropped for at most this long, so the
-# client, still sending, reads the answer instead of a reset connection (nginx's lingering close).
-LINGER_S = 1.0
 CONNECT_RETRY_S = (0.1, 0.3)  # a failed connect to smg is tried again after these, unless smg is down
 # smg (1.13) may answer 503 `tokenizer_not_ready` for a moment after it lists the model (quirks.
 # MODELS_BEFORE_TOKENIZER), also after a restart: such an answer comes before any engine work, so the front sends
@@ -150,7 +147,7 @@ class HttpFront:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         head = False
         try:
-            got = await self._read_request(conn, reader, writer)
+            got = await read_request(conn, reader, writer, self._body_limit, MAX_BODY_BYTES)
             if got is not None:
                 request, body = got
                 head = request.method == b"HEAD"
@@ -219,42 +216,6 @@ class HttpFront:
         path = public_path(request.target)
         most = limit(path) if limit is not None and path is not None else None
         return MAX_BODY_BYTES if most is None else min(most, MAX_BODY_BYTES)
-
-    async def _read_request(self, conn, reader, writer) -> Optional[tuple[h11.Request, bytes]]:
-        request, body, most = None, bytearray(), MAX_BODY_BYTES
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if conn.they_are_waiting_for_100_continue:
-                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-                data = await reader.read(READ_CHUNK)
-                conn.receive_data(data)
-                if not data and request is None:
-                    return None
-            elif isinstance(event, h11.Request):
-                request, most = event, self._body_limit(event)
-                length = header_of(event, b"content-length")
-                if length is not None and length.strip().isdigit() and int(length) > most:
-                    # Refused from its head, before a byte of the body is read (nginx's client_max_body_size).
-                    await self._too_large(conn, reader, writer, most, event.method == b"HEAD")
-                    return None
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > most:
-                    await self._too_large(conn, reader, writer, most, request.method == b"HEAD")
-                    return None
-            elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
-            else:  # ConnectionClosed before a whole request
-                return None
-
-    async def _too_large(self, conn, reader, writer, most: int, head: bool) -> None:
-        """413 naming the limit, then what the client still sends is dropped for at most LINGER_S."""
-        flag = " (--max-http-body-bytes)" if most < MAX_BODY_BYTES else ""
-        await write_answer(conn, writer, 413, error_body(f"the request body is over {most} bytes{flag}.", None),
-                           head_only=head)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(until_eof(reader), LINGER_S)
 
     async def _answer_here(self, conn, request: h11.Request, method: bytes, path: str, body: bytes, writer,
                            reader) -> bool:

@@ -3,8 +3,9 @@ response heads read and rewritten, bytes copied between the client and smg."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import Optional
+from typing import Callable, Optional
 
 import h11
 
@@ -57,6 +58,56 @@ def error_body(message: str, param: Optional[str]) -> bytes:
     """An OpenAI-style error body (the shape smg answers with)."""
     return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                  "code": None}}).encode()
+
+
+# After a 413 sent before the body was read, the rest of it is read and dropped for at most this long, so the
+# client, still sending, reads the answer instead of a reset connection (nginx's lingering close).
+LINGER_S = 1.0
+
+
+async def read_request(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       body_limit: Callable[[h11.Request], int], max_body: int
+                       ) -> Optional[tuple[h11.Request, bytes]]:
+    """One whole request (its head and body), or None when the client left first or its body was too large (then
+    answered 413). `body_limit(request)`: the most body bytes read for it, at most `max_body` (the front's cap)."""
+    request, body, most = None, bytearray(), max_body
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if conn.they_are_waiting_for_100_continue:
+                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            data = await reader.read(READ_CHUNK)
+            conn.receive_data(data)
+            if not data and request is None:
+                return None
+        elif isinstance(event, h11.Request):
+            request, most = event, body_limit(event)
+            length = header_of(event, b"content-length")
+            if length is not None and length.strip().isdigit() and int(length) > most:
+                # Refused from its head, before a byte of the body is read (nginx's client_max_body_size).
+                await _too_large(conn, reader, writer, most, most < max_body, event.method == b"HEAD")
+                return None
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > most:
+                head = request is not None and request.method == b"HEAD"
+                await _too_large(conn, reader, writer, most, most < max_body, head)
+                return None
+        elif isinstance(event, h11.EndOfMessage):
+            return request, bytes(body)
+        else:  # ConnectionClosed before a whole request
+            return None
+
+
+async def _too_large(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, most: int,
+                     route_bound: bool, head: bool) -> None:
+    """413 naming the limit (the flag when it is a route's own), then what the client still sends is dropped for at
+    most LINGER_S."""
+    flag = " (--max-http-body-bytes)" if route_bound else ""
+    await write_answer(conn, writer, 413, error_body(f"the request body is over {most} bytes{flag}.", None),
+                       head_only=head)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(until_eof(reader), LINGER_S)
 
 
 async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
