@@ -180,11 +180,19 @@ def test_pattern_keys_match_as_peft_matches_them():
         for m in MODULES:
             want = 8 if get_pattern_key([key], m) == key else 2
             assert cfg.rank_alpha(m)[0] == want, (key, m)
+    _assert_first_key_wins_as_in_peft(KEYS)
+
+
+def _assert_first_key_wins_as_in_peft(keys: list[str]) -> None:
+    """Every key of `keys` in one rank_pattern (values 3, 4, ...): each module gets the value of the key peft's own
+    get_pattern_key picks (the first that matches, in the config's order), or r where none does."""
+    from peft.utils.other import get_pattern_key
+
     cfg = AdapterConfig(r=2, lora_alpha=4, target_modules=("q_proj",),
-                        rank_pattern=tuple((k, i + 3) for i, k in enumerate(KEYS)))
+                        rank_pattern=tuple((k, i + 3) for i, k in enumerate(keys)))
     for m in MODULES:
-        key = get_pattern_key(KEYS, m)
-        assert cfg.rank_alpha(m)[0] == (KEYS.index(key) + 3 if key in KEYS else 2), m
+        key = get_pattern_key(keys, m)
+        assert cfg.rank_alpha(m)[0] == (keys.index(key) + 3 if key in keys else 2), m
 
 
 def test_a_catastrophic_pattern_key_is_matched_in_linear_time():
@@ -225,19 +233,13 @@ def test_without_google_re2_a_regex_key_is_refused_and_module_names_still_match(
     package; module-name keys (`.` a wildcard, as in peft) are matched without it, as peft matches them."""
     import sys
 
-    from peft.utils.other import get_pattern_key
-
     monkeypatch.setitem(sys.modules, "re2", None)  # `import re2` raises ImportError
     with pytest.raises(ValueError, match=r"alpha_pattern key '\(q\|v\)_proj' needs the google-re2 package, which "
                                          r"is not installed: .*install google-re2"):
         AdapterConfig.from_json({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
                                  "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"(q|v)_proj": 8}})
-    plain = ["q_proj", "layers.0.self_attn.q_proj", "layersX1", "layers.1", "o_proj", "self_attn.v_proj", "proj"]
-    cfg = AdapterConfig(r=2, lora_alpha=4, target_modules=("q_proj",),
-                        rank_pattern=tuple((k, i + 3) for i, k in enumerate(plain)))
-    for m in MODULES:
-        key = get_pattern_key(plain, m)
-        assert cfg.rank_alpha(m)[0] == (plain.index(key) + 3 if key in plain else 2), m
+    _assert_first_key_wins_as_in_peft(["q_proj", "layers.0.self_attn.q_proj", "layersX1", "layers.1", "o_proj",
+                                       "self_attn.v_proj", "proj"])
 
 
 def test_matching_work_is_bounded_per_adapter():
