@@ -110,7 +110,7 @@ class SchedulerConfig:
     client_fair_preemption: bool = True
     # LoRA (engine/lora/): at most this many distinct adapters run at once (the ranks' device slots); a waiting
     # request whose adapter would be one more waits until a running adapter's last request leaves, while the
-    # requests behind it that need no new slot go on (scheduler.py _LoRASlotWait). 0: no adapters are served.
+    # requests behind it that need no new slot go on (scheduler/lora_slots.py LoRASlotWait). 0: no adapters are served.
     max_loras: int = 0
 
     def __post_init__(self) -> None:

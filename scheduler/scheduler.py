@@ -48,6 +48,7 @@ from .sliding_kv import SlidingKVCacheManager
 from .spec_decode import SpecDecodeCounters, take_drafts
 from .outputs import CachedRequestData, NewRequestData, RequestResync, SchedulerOutput
 from .load_only import LoadOnlyMixin
+from .lora_slots import MAX_LORA_SKIPS, LoRAOvertakes, LoRASlotWait
 from .recovery import RecoveryMixin
 from .request import Request, RequestStatus
 from .step_output import StepOutputMixin
@@ -64,43 +65,6 @@ def _chunk_limits(*limits):
             n = f(req, start, n)
         return n
     return limit
-
-
-# Requests waiting for a LoRA slot one step looks past (and puts back): the scan's bound per step.
-MAX_LORA_SKIPS = 4096
-
-
-class _LoRASlotWait:
-    """One step's view of the LoRA slots for the waiting queue (scheduler.max_loras adapters at most run at once).
-
-    A request whose adapter is not running while every slot is held waits (skipped, kept in order); requests behind
-    it that need no new slot go on: the base model's always, a running adapter's as long as the first request
-    waiting for a slot has been overtaken fewer than max_num_seqs times by them. Past that bound a running adapter's
-    new requests wait behind it too, so that adapter drains and its slot goes to the waiting one, first come first
-    served among adapters (without the bound an adapter kept busy would hold its slot forever)."""
-
-    def __init__(self, sched: "Scheduler"):
-        self.sched = sched
-        self.running = {r.lora_id for r in sched.running if r.lora_id}
-        self.first: Request | None = None  # the first request skipped this step for want of a slot
-
-    def waits(self, req: Request) -> bool:
-        sched = self.sched
-        if req.lora_id not in self.running:
-            if len(self.running) < sched.scheduler_config.max_loras:
-                return False  # a free slot: the first of the waiting adapters' requests (in order) takes it
-            if self.first is None:
-                self.first = req
-                if sched._lora_overtakes[0] != req.request_id:
-                    sched._lora_overtakes = (req.request_id, 0)
-            return True
-        if self.first is None:
-            return False
-        rid, count = sched._lora_overtakes
-        if count >= sched.scheduler_config.max_num_seqs:
-            return True  # the waiting adapter's turn: this running adapter drains
-        sched._lora_overtakes = (rid, count + 1)
-        return False
 
 
 class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
@@ -174,9 +138,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         self.draft_control = DraftControl(scheduler_config)  # how many drafts each step verifies (draft_control.py)
         self.fairness = ClientFairness(scheduler_config)  # per-client shares of slots and tokens (fairness.py)
         self._fair_step = None  # this step's shares while schedule() runs; None: one client (or fairness off)
-        # LoRA: (the request that first waited for a slot, how many requests of running adapters overtook it since):
-        # _LoRASlotWait bounds the overtaking.
-        self._lora_overtakes: tuple[str, int] = ("", 0)
+        # Across steps: how long the first request waiting for a LoRA slot was overtaken (lora_slots.py).
+        self.lora_overtakes = LoRAOvertakes()
 
     # ---------------------------------------------------------------- requests
     def add_request(self, req: Request) -> None:
@@ -390,7 +353,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
     def _schedule_waiting_fcfs(self, out: SchedulerOutput, budget: int, scheduled: list, max_seqs: int,
                                skipped: list[Request]) -> None:
         kvt = self.kv_transfers
-        slots = _LoRASlotWait(self) if self.scheduler_config.max_loras else None
+        slots = (LoRASlotWait(self.running, self.scheduler_config, self.lora_overtakes)
+                 if self.scheduler_config.max_loras else None)
         while self.waiting and budget > 0 and len(self.running) < max_seqs:
             req = self.waiting[0]
             if not self.admit_new and req.status is RequestStatus.WAITING:

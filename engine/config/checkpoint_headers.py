@@ -10,11 +10,10 @@ safetensors itself checks it (every tensor's bytes inside the data, the data cov
 cut short is refused here, naming it, not left to raise safetensors' own error in the loader), and no tensor data
 but INT4's `weight_shape` pairs (16 bytes each, compressed-tensors).
 
-A checkpoint a request names (a weight update from disk, engine/rl/weights.py) is read under `HeaderBounds`: its
-headers, index and tensor count at most about twice the served checkpoint's (`bounds_like`; an update holds the same
-tensors), each checked before the bytes are read or parsed, and every file it names inside its directory (`confined`:
-no `..`, no absolute path, no link out of it), so a request cannot make the server parse gigabytes of JSON or read
-(and quote) a file of someone else's.
+A checkpoint a request names (a weight update from disk, engine/rl/weights.py) is read under `HeaderBounds`
+(engine/config/checkpoint_files.py: which files, confined to its directory): its headers and tensor count at most
+about twice the served checkpoint's (`bounds_like`; an update holds the same tensors), each checked before the bytes
+are read or parsed.
 """
 from __future__ import annotations
 
@@ -24,10 +23,10 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from .architectures import REGISTRY
+from .checkpoint_files import INDEX_NAME, HeaderBounds, safetensors_files
 from .fp4_experts import packed_fp4_expert
 
 # safetensors' own reader refuses headers above 100 MB.
@@ -46,30 +45,6 @@ _INT4_PACKED = {"compressed-tensors": "weight_packed", "gptq": "qweight", "awq":
 # A routed expert's linear (compressed-tensors' weight_shape is [out, in]): which config.json sizes make its shape.
 _EXPERT_LINEAR = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight_shape$")
 _SHAPE_DTYPES = {"I64": "<q", "I32": "<i"}
-INDEX_NAME = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class HeaderBounds:
-    """What reading a checkpoint's headers may cost (a checkpoint a request names: a weight update). Each is checked
-    before the bytes it bounds are read: `max_header_bytes` the JSON headers of every file together (the 8-byte
-    length of each read first), `max_index_bytes` model.safetensors.index.json's size, `max_tensors` the tensors
-    the headers and the index's weight_map name, `max_files` the files. `confined`: every file must lie inside the
-    checkpoint's directory (`checkpoint_file`)."""
-
-    max_tensors: int
-    max_header_bytes: int
-    max_index_bytes: int
-    max_files: int
-    confined: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_tensors", "max_header_bytes", "max_index_bytes", "max_files"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} is invalid: must be a positive integer.")
-
-
 # What bounds_like allows beyond twice the served checkpoint's own: room for metadata and other file names.
 _SLACK_BYTES = 1 << 20
 _SLACK_TENSORS = 64
@@ -79,7 +54,7 @@ def bounds_like(model_dir: str | Path) -> HeaderBounds:
     """HeaderBounds for a checkpoint that must hold the tensors of the one at `model_dir` (the served checkpoint,
     trusted: the server loaded it): twice its tensors, files, header and index bytes, plus a little."""
     path = Path(model_dir)
-    files = _files(path, None)
+    files = safetensors_files(path, None)
     header_bytes = tensors = 0
     for f in files:
         with open(f, "rb") as fh:
@@ -90,96 +65,6 @@ def bounds_like(model_dir: str | Path) -> HeaderBounds:
     index_bytes = index.stat().st_size if index.is_file() else 0
     return HeaderBounds(max_tensors=2 * tensors + _SLACK_TENSORS, max_header_bytes=2 * header_bytes + _SLACK_BYTES,
                         max_index_bytes=2 * index_bytes + _SLACK_BYTES, max_files=2 * len(files) + 8)
-
-
-def _roots(path: Path) -> tuple[Path, ...]:
-    """Where a confined checkpoint's files may resolve to: its directory, and for a Hugging Face cache snapshot
-    (models--org--name/snapshots/<revision>, whose files are links to ../../blobs/<hash>) its repository's blobs."""
-    roots = [path.resolve()]
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-        roots.append((path.parent.parent / "blobs").resolve())
-    return tuple(roots)
-
-
-def checkpoint_file(path: Path, fname, roots: tuple[Path, ...] | None) -> Path:
-    """The file a checkpoint's index names (`fname`, from its weight_map) or lists: a plain name relative to the
-    checkpoint directory `path` (no absolute path, no '..', no empty or NUL part); with `roots` (a confined
-    checkpoint) it must also resolve, links followed, inside one of them. ValueError naming the entry and the rule,
-    never anything of the file it points at."""
-    if not isinstance(fname, str) or not fname or "\x00" in fname or os.path.isabs(fname) \
-            or any(part in ("", "..") for part in fname.split("/")):
-        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} names file {fname!r:.200}: a "
-                         "checkpoint names its files relative to its directory (no absolute path, no '..').")
-    f = path / fname
-    if roots is not None:
-        real = f.resolve()
-        if not any(real.is_relative_to(root) for root in roots):
-            raise ValueError(f"checkpoint {str(path)!r} is invalid: its file {fname!r:.200} is a link out of the "
-                             "checkpoint's directory: an update reads files inside it only.")
-    return f
-
-
-def _weight_map(path: Path, bounds: HeaderBounds | None) -> dict | None:
-    """model.safetensors.index.json's weight_map (None when there is no index), its size checked before it is
-    read."""
-    index = path / INDEX_NAME
-    if not index.is_file():
-        return None
-    if bounds is not None:
-        if bounds.confined:
-            checkpoint_file(path, INDEX_NAME, _roots(path))
-        if index.stat().st_size > bounds.max_index_bytes:
-            raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} is larger than this update "
-                             f"may be ({bounds.max_index_bytes} bytes: twice the served checkpoint's index and "
-                             "1 MiB).")
-        with open(index, "rb") as f:
-            raw = f.read(bounds.max_index_bytes + 1)
-        if len(raw) > bounds.max_index_bytes:  # grew since its stat
-            raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} is larger than this update may "
-                             f"be ({bounds.max_index_bytes} bytes).")
-    else:
-        raw = index.read_bytes()
-    try:
-        weight_map = json.loads(raw).get("weight_map", {})
-    except (ValueError, AttributeError):
-        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} is not a JSON object.") from None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME}'s weight_map is not an object.")
-    if bounds is not None and len(weight_map) > bounds.max_tensors:
-        raise ValueError(f"checkpoint {str(path)!r} is invalid: its {INDEX_NAME} names {len(weight_map)} tensors, "
-                         f"more than this update may ({bounds.max_tensors}: twice the served checkpoint's).")
-    return weight_map
-
-
-def _files(path: Path, bounds: HeaderBounds | None) -> list[Path]:
-    """The checkpoint's safetensors files: those its index names, or every *.safetensors of the directory."""
-    roots = _roots(path) if bounds is not None and bounds.confined else None
-    weight_map = _weight_map(path, bounds)
-    names = sorted(set(weight_map.values()), key=str) if weight_map is not None \
-        else sorted(f.name for f in path.glob("*.safetensors"))
-    if bounds is not None and len(names) > bounds.max_files:
-        raise ValueError(f"checkpoint {str(path)!r} is invalid: it names {len(names)} safetensors files, more than "
-                         f"this update may ({bounds.max_files}: twice the served checkpoint's).")
-    return [checkpoint_file(path, n, roots) for n in names]
-
-
-def index_of(model_dir: str | Path, bounds: HeaderBounds | None = None) -> dict[str, Path] | None:
-    """Tensor name -> file from the checkpoint's index (None when it has none), every file checked by
-    `checkpoint_file` (and confined, with `bounds`)."""
-    path = Path(model_dir)
-    weight_map = _weight_map(path, bounds)
-    if weight_map is None:
-        return None
-    roots = _roots(path) if bounds is not None and bounds.confined else None
-    files: dict[str, Path] = {}
-    for fname in set(weight_map.values()):
-        files[fname] = checkpoint_file(path, fname, roots)
-    return {name: files[fname] for name, fname in weight_map.items()}
-
-
-def glob_files(model_dir: str | Path, bounds: HeaderBounds | None = None) -> list[Path]:
-    """The *.safetensors files of a checkpoint without an index (confined and counted, with `bounds`)."""
-    return _files(Path(model_dir), bounds)
 
 
 def read_header(path: Path) -> dict:
@@ -252,7 +137,7 @@ def checkpoint_tensors(model_dir: str | Path, bounds: HeaderBounds | None = None
     """Tensor name → its header entry (dtype, shape), over every safetensors file of the checkpoint. `bounds`: a
     checkpoint a request names, read within them (its files inside its directory, HeaderBounds.confined)."""
     path = Path(model_dir)
-    files = _files(path, bounds)
+    files = safetensors_files(path, bounds)
     budget = bounds.max_header_bytes if bounds is not None else MAX_HEADER_BYTES * max(len(files), 1)
     most_tensors = bounds.max_tensors if bounds is not None else None
     tensors: dict[str, dict] = {}

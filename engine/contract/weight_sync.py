@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config.checkpoint_headers import HeaderBounds
+from ..config.checkpoint_files import HeaderBounds
 from ..config.requantize import Requant
 from .safe_text import shown
 from ..config.timeouts import (DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S, MAX_GROUP_TIMEOUT_S,

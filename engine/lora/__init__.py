@@ -1,7 +1,7 @@
 """moelink.engine.lora: LoRA adapters served over one base model, many mixed in a batch (issue 60; docs/lora.md).
 
 One feature package beside the per-sequence state: `adapter.py` reads a published peft adapter (adapter_config.json +
-adapter_model.safetensors) into a validated `AdapterConfig` and its A / B tensors, and checks it against the served
+adapter_model.safetensors) into a validated `AdapterConfig` (adapter_config.py) and its A / B tensors, and checks it against the served
 checkpoint's headers (rank, target modules, shapes, files: one error naming the field); `slots.py` holds a rank's
 adapters, an LRU of adapters read into host memory and `max_loras` device slots of stacked, zero-padded A / B per
 target, and the step's per-token slot index; `layer.py` is the hook each target linear runs (shrink and expand
@@ -10,6 +10,6 @@ through the kernels' LoRA family, kernels/ops_lora.py), `experts.py` the routed 
 a request's adapter (whole: config, headers, values), `loader.py` its read of the adapter's weights on a worker
 thread (off the step loop: the engine holds the request meanwhile, engine/core/lora_admission.py). The models name
 only the hooks' protocols (engine/models/linear.py `Linear.lora`, moe/layer.py `MoELayer.lora_experts`); the rank
-attaches them and fills the slots (engine/rank/lora_targets.py); the scheduler never runs more adapters at once than slots (scheduler/scheduler.py).
+attaches them and fills the slots (engine/rank/lora_targets.py); the scheduler never runs more adapters at once than slots (scheduler/lora_slots.py).
 Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.multimodal, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

@@ -32,7 +32,8 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_quantize
 from moelink.moe.expert_weights import QuantizeOnLoad
 from moelink.moe.weight_plan import Rearranged, WeightPlan
 
-from ..config.checkpoint_headers import HeaderBounds, glob_files, index_of, text_model_name
+from ..config.checkpoint_files import HeaderBounds, glob_files, index_of
+from ..config.checkpoint_headers import text_model_name
 from ..config.model import ModelConfig
 from ..config.worker_config import LOAD_FORMATS
 from ..models.registry import MoEDecoderForCausalLM, arch_spec
@@ -58,7 +59,7 @@ def _open_file(fname: Path):
 
 def checkpoint_index(model_dir: str | Path, bounds: HeaderBounds | None = None) -> dict[str, Path]:
     """Tensor name → safetensors file, from model.safetensors.index.json or the files themselves; every file a plain
-    name inside the directory (engine/config/checkpoint_headers.checkpoint_file). `bounds`: a checkpoint a request
+    name inside the directory (engine/config/checkpoint_files.checkpoint_file). `bounds`: a checkpoint a request
     named (a weight update), its index's size bounded and its files confined to the directory, checked here again
     (the driver checked them; they may have changed since)."""
     path = Path(model_dir)

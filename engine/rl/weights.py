@@ -5,7 +5,7 @@ Driver side, before any rank writes (`check_same_tensors`): the new checkpoint's
 for name, shape for shape, dtype for dtype (its safetensors headers: nothing read), so no copy can fail half way on
 a shape; one error names the first difference otherwise, and the served weights are untouched. The new checkpoint is
 a request's: its headers and index are read within bounds the served checkpoint sets (`update_bounds`), and only
-files inside its directory (engine/config/checkpoint_headers.py); a served engine runs this check on a thread of its
+files inside its directory (engine/config/checkpoint_files.py); a served engine runs this check on a thread of its
 own, never the engine's (engine/api/rl_calls.py).
 
 Rank side (engine/rank/loader.update_in_place): the rank's own plan (its experts under EP, its TP shard: the same plan the
@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ..config.checkpoint_headers import HeaderBounds, bounds_like, checkpoint_tensors, text_model_name
+from ..config.checkpoint_files import HeaderBounds
+from ..config.checkpoint_headers import bounds_like, checkpoint_tensors, text_model_name
 from ..config.model import ModelConfig
 from ..config.requantize import Requant, requantizable, requantize
 

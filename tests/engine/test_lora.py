@@ -76,7 +76,7 @@ def _greedy(llm, prompts, loras) -> list[list[int]]:
 def test_adapter_config_reads_as_peft_reads_it(lora_case):
     from peft import LoraConfig
 
-    from moelink.engine.lora.adapter import AdapterConfig
+    from moelink.engine.lora.adapter_config import AdapterConfig
 
     for name, d in lora_case[1].items():
         want = LoraConfig.from_pretrained(d)

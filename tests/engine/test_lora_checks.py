@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from moelink.engine.config.lora import LoRAConfig
 from moelink.engine.contract.lora import LoRARequest
-from moelink.engine.lora.adapter import AdapterConfig, ModelTargets, read_adapter
+from moelink.engine.lora.adapter import ModelTargets, read_adapter
+from moelink.engine.lora.adapter_config import AdapterConfig
 
 Q, O = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
 D = 8  # the linears are [D, D]
