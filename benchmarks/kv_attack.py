@@ -73,7 +73,7 @@ def own_fetch(llm, out, prompt, secret) -> tuple[socket.socket, dict]:
     (the prefill rank keeps what it registered for the fetch until "read" or the socket closes)."""
     p = out.kv_transfer_params
     sock = socket.create_connection(("127.0.0.1", p.remote_port), timeout=10)
-    reply = request_kv(sock, "attack", p.remote_kv_token, llm.engine.executor.runner.kv_blocks.layout, prompt,
+    reply = request_kv(sock, "attack", p.remote_kv_token, llm.engine.executor.runner.plugin("kv_transfer").kv_blocks.layout, prompt,
                        Deadline(20.0, "attack"), 5.0, SecretAuth(secret), max_blocks=1 << 14)
     if reply.get("ok") is not True:
         sock.close()
@@ -85,7 +85,7 @@ def cache_tensors(llm) -> list[torch.Tensor]:
     """The rank's paged cache tensors, each once."""
     from moelink.engine.kv_transfer.nixl_inplace import cache_tensors as unique
 
-    return unique(llm.engine.executor.runner.kv_blocks)
+    return unique(llm.engine.executor.runner.plugin("kv_transfer").kv_blocks)
 
 
 def _engine(model: str, secret, fraction: float, client_fraction: float, hold_s: float, blocks: int) -> LLM:

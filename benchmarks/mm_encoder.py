@@ -60,7 +60,7 @@ def run(side: int, repeats: int, device: str = "auto") -> dict:
         llm = LLM(path, dtype="float32", num_kv_blocks=256, block_size=16, max_num_batched_tokens=1024,
                   device=device)
         runner = llm.engine.executor.worker.runner
-        cache = runner.images.cache
+        cache = runner.plugin("images").images.cache
         _ttft(llm, f"warm {IMAGE} up", _image(10_000, side))  # first-call costs out of the numbers
         cache.encode_s, cache.misses, cache.hits = 0.0, 0, 0
         times: dict[str, list[float]] = {"new_image": [], "same_image_new_text": [], "same_prompt_and_image": []}
@@ -79,7 +79,7 @@ def run(side: int, repeats: int, device: str = "auto") -> dict:
         for _ in range(repeats):  # the tower alone, its kernels waited for (on CUDA the cache's clock stops early)
             _sync(runner.device)
             t0 = time.perf_counter()
-            runner.images.tower.encode(mm.pixel_values_PC, grid)
+            runner.plugin("images").images.tower.encode(mm.pixel_values_PC, grid)
             _sync(runner.device)
             tower_s.append(time.perf_counter() - t0)
         return {"side": side, "patches": grid[0] * grid[1] * grid[2], "image_tokens": grid[0] * grid[1] * grid[2] // 4,

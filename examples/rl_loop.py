@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TOLERANCE = 1e-4  # the engine scores prompt logprobs in float32 (engine/rank/prompt_logprobs.py)
+TOLERANCE = 1e-4  # the engine scores prompt logprobs in float32 (engine/prompt_logprobs/scoring.py)
 
 
 def _free_port() -> int:

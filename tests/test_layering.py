@@ -32,7 +32,8 @@ ALLOWED: dict[str, frozenset[str]] = {
                          "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.core": frozenset({"engine.lora", "engine.cluster", "engine.rl", "engine.multimodal", "engine.contract", "engine.config",
                               "planner", "scheduler", "moe", "comm", "kernels"}),
-    "engine.cluster": frozenset({"engine.lora", "engine.spec", "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.contract",
+    # The cluster hands every rank the features its step takes as plug-ins (engine/cluster/step_features.py).
+    "engine.cluster": frozenset({"engine.lora", "engine.lora.rank", "engine.prompt_logprobs", "engine.rl", "engine.spec", "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.contract",
                                  "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # Speculative decoding (engine/spec/) sits above the rank: its proposers load with the rank's loader, its verify
     # step samples with the rank's sampler. The rank reaches it only through engine/contract/spec_decoding.py's
@@ -55,13 +56,18 @@ ALLOWED: dict[str, frozenset[str]] = {
                                 "kernels"}),
     # Images into a multimodal checkpoint (engine/multimodal/): the driver's processor (engine/core calls it) and the
     # rank's vision tower (engine/rank calls it), one package on the configuration and the contract: the decoder's
-    # seam (models/layers.ImageSplice) is filled by the rank from what this package returns.
+    # seam (contract/forward_inputs.ImageSplice) is filled by the rank from what this package returns.
     "engine.multimodal": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                                     "kernels"}),
     "engine.tools": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # RL rollouts' driver side (engine/rl/: a weight update's checks), on the configuration: the engine core calls it,
     # the ranks write with their own loader.
-    "engine.rl": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
+    # Its rank side's step plug-ins (routed experts, routing replay) are on the contract (engine/contract/step_plugin.py).
+    "engine.rl": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
+                            "kernels"}),
+    # Prompt logprobs (engine/prompt_logprobs/): a step plug-in on the contract, scored with the decoder's LM head.
+    "engine.prompt_logprobs": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe",
+                                         "comm", "kernels"}),
     # The per-sequence layer state (engine/state/: the state pools, a step's StateStep) sits below the models that
     # read it and the rank that fills it, on the contract (its host-to-device copies).
     "engine.state": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
@@ -69,6 +75,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # LoRA adapters (engine/lora/: adapter reading and checks, the host LRU, the device slots, the linears' hook) sit
     # beside the per-sequence state, on the contract: the driver checks requests with it, the rank fills its slots,
     # the models name only the hook's protocol (engine/models/linear.py).
+    # LoRA's rank side (engine/lora/rank/plugin.py: its step plug-in) finds an adapter's targets in the models.
+    "engine.lora.rank": frozenset({"engine.lora", "engine.models", "engine.state", "engine.contract", "engine.tp",
+                                        "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     "engine.lora": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                               "kernels"}),
     "engine.contract": frozenset({"engine.tp", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),

@@ -3,5 +3,5 @@ the EP group's membership (`EPGroup`) and its transitions: elastic loss, rejoin,
 that move KV between engines live in engine/kv_transfer, below the runner.)
 
 Ray is imported here and above only; the rank side below imports without it.
-Must not import: benchmarks, engine, engine.api, engine.core, engine.models, engine.server, engine.spec.heads, engine.state, engine.tools, engine.tp, engine.rl.
+Must not import: benchmarks, engine, engine.api, engine.core, engine.models, engine.server, engine.spec.heads, engine.state, engine.tools, engine.tp.
 """

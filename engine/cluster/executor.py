@@ -125,9 +125,11 @@ class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         from ..rank.worker import Worker
         from ..spec.api import SPEC_DECODING
+        from .step_features import STEP_FEATURES
 
         self.plan = plan if plan is not None else plan_expert_parallel(config)
-        self.worker = Worker(config.worker_config(), rank=0, plan=self.plan, spec_decoding=SPEC_DECODING)
+        self.worker = Worker(config.worker_config(), rank=0, plan=self.plan, spec_decoding=SPEC_DECODING,
+                             step_features=STEP_FEATURES)
         self.worker.load()
 
     @property
@@ -161,8 +163,7 @@ class InProcessExecutor(Executor):
         if runner is None:
             return
         runner.stream.shutdown()
-        if runner.kv_connector is not None:  # its server socket and threads (engine/kv_transfer/remote.py)
-            runner.kv_connector.close()
+        runner.close_plugins()  # a KV connector's server socket and threads (engine/kv_transfer/remote.py)
         self.worker.release_runner()
         del runner
         if self.worker.device.type == "cuda":

@@ -138,7 +138,7 @@ class VerifyResult(Protocol):
     num_draft: list[int]  # per verifying row
     # (packed [B, 3 + 2N] per verified position, N), or None: no verifying row asked for logprobs.
     verify_logprobs: tuple[torch.Tensor, int] | None
-    # (packed [L, X], num_logprobs, max) of the plain rows (engine/rank/sampler.unpack_logprobs), or None.
+    # (packed [L, X], num_logprobs, max) of the plain rows (engine/contract/logprob_rows.unpack_logprobs), or None.
     plain_logprobs: tuple[torch.Tensor, list[int], int] | None
     sampled_R: torch.Tensor | None  # long [R]: each row's last emitted token
     emitted_R: torch.Tensor | None  # long [R_verify]: tokens each verifying row emits (accepted drafts + 1)

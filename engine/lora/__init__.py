@@ -10,6 +10,6 @@ through the kernels' LoRA family, kernels/ops_lora.py), `experts.py` the routed 
 a request's adapter (whole: config, headers, values), `loader.py` its read of the adapter's weights on a worker
 thread (off the step loop: the engine holds the request meanwhile, engine/core/lora_admission.py). The models name
 only the hooks' protocols (engine/models/linear.py `Linear.lora`, moe/layer.py `MoELayer.lora_experts`); the rank
-attaches them and fills the slots (engine/rank/lora_targets.py); the scheduler never runs more adapters at once than slots (scheduler/lora_slots.py).
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.models, engine.multimodal, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
+attaches them and fills the slots (engine/lora/rank/plugin.py); the scheduler never runs more adapters at once than slots (scheduler/lora_slots.py).
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

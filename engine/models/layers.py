@@ -14,6 +14,7 @@ from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.silu_mul import reference_silu_mul
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
+from ..contract.forward_inputs import ImageSplice
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .linear import Linear, linear_method
@@ -21,31 +22,6 @@ from ..state.step import StateStep
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
-
-
-@dataclass
-class ImageSplice:
-    """A step's image tokens, as the decoder reads them (engine/multimodal/ builds it on the rank): the vision
-    tower's embeddings written over the placeholder tokens' embeddings, and every token's 3-D rotary positions.
-    Legend: M image tokens of this step, T its tokens."""
-
-    rows_M: torch.Tensor  # int64: the flat-batch rows of the image tokens
-    embeds_MD: torch.Tensor  # their embeddings (the vision tower's merger output), in rows_M's order
-    # int64 [3, T]: temporal, height, width position of each token (text: three equal); None for a model whose
-    # tokens turn by their sequence positions (Kimi K2.5)
-    mrope_3T: torch.Tensor | None
-
-    def select(self, t0: int, t1: int) -> "ImageSplice":
-        """Tokens [t0, t1) only (a micro-batch of whole sequences)."""
-        keep_M = (self.rows_M >= t0) & (self.rows_M < t1)
-        mrope_3T = None if self.mrope_3T is None else self.mrope_3T[:, t0:t1]
-        return ImageSplice(self.rows_M[keep_M] - t0, self.embeds_MD[keep_M], mrope_3T)
-
-    def splice(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """x_TD with the image rows replaced (transformers' masked_scatter of the image features, by index)."""
-        if self.rows_M.numel() == 0:
-            return x_TD
-        return x_TD.index_copy(0, self.rows_M, self.embeds_MD.to(x_TD.dtype))
 
 
 @dataclass

@@ -11,7 +11,7 @@ their prefixes, the positions, the pixel layout, whether its videos run):
   Kimi K2.5's `vision_tower` and `mm_projector`, loaded with the checkpoint's tensors; the model class's own
   get_image_features runs them, get_video_features a video: the reference and the CPU path) encodes each item
   once (an LRU cache by item hash, bounded in bytes); each step gets the rows to splice over the placeholders and,
-  for Qwen's 3-D rotary, every token's positions (models/layers.ImageSplice).
+  for Qwen's 3-D rotary, every token's positions (contract/forward_inputs.ImageSplice).
 
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora, engine.models, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

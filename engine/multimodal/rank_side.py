@@ -21,18 +21,10 @@ import torch
 
 from ..config.model import ModelConfig
 from ..config.multimodal import MultimodalConfig
+from ..contract.forward_inputs import ImageSplice
 from .encoder import EncoderCache, VisionTower
 from .inputs import MediaItem, MultimodalInputs
 from .spec import VISION_SPECS, multimodal_architecture
-
-
-@dataclass
-class StepImages:
-    """A step's image rows and positions (the decoder reads them as models/layers.ImageSplice)."""
-
-    rows_M: torch.Tensor
-    embeds_MD: torch.Tensor
-    mrope_3T: torch.Tensor | None  # None: a model with 1-D positions (its tokens turn as text does)
 
 
 @dataclass
@@ -117,7 +109,7 @@ class ImageRunner:
             parts.append(emb_ND[lo:hi])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def plan(self, seqs: list[tuple[str, int, int]]) -> StepImages | None:
+    def plan(self, seqs: list[tuple[str, int, int]]) -> ImageSplice | None:
         """`seqs`: (request id, tokens computed before this step, tokens this step) in the flat batch's order.
         None when no sequence of the step has images (a text step: untouched), and, for a model with 1-D positions,
         when the step computes no image token (its decode steps are text steps)."""
@@ -146,10 +138,10 @@ class ImageRunner:
         dev = self.device
         mrope_3T = torch.cat(pos_parts, dim=1).to(dev) if self.mrope else None
         if rows:
-            return StepImages(torch.cat(rows).to(dev), torch.cat(embeds).to(dev), mrope_3T)
+            return ImageSplice(torch.cat(rows).to(dev), torch.cat(embeds).to(dev), mrope_3T)
         if mrope_3T is None:
             return None
-        return StepImages(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, 0, device=dev), mrope_3T)
+        return ImageSplice(torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, 0, device=dev), mrope_3T)
 
 
 def make_image_runner(model_cfg: ModelConfig, config: MultimodalConfig | None, device: torch.device,
@@ -163,4 +155,4 @@ def make_image_runner(model_cfg: ModelConfig, config: MultimodalConfig | None, d
                        device, mrope=VISION_SPECS[arch].positions == "mrope")
 
 
-__all__ = ["ImageRunner", "StepImages", "make_image_runner"]
+__all__ = ["ImageRunner", "make_image_runner"]

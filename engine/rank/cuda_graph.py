@@ -47,7 +47,8 @@ lengths at capture, so the verify graphs are captured with the host lengths at t
 replay over a short context leaves most splits empty, never walks a long one with too few programs. An fp8 MLA
 cache widens a multi-token step's context with host lengths (kernels/triton_mla_wide.py): no verify graphs there.
 
-LoRA adapters (engine/lora/, `lora`): each token's adapter slot is one more static input (padding rows and rows of
+A feature's per-token input (`token_input`, engine/contract/step_plugin.GraphTokenInput; LoRA adapters,
+engine/lora/): each token's adapter slot is one more static input (padding rows and rows of
 no adapter -1: the shrink / expand kernels skip them), as vLLM captures its LoRA decode graphs with the per-row
 adapter index an input. The captured forward runs every targeted piece's shrink / expand whatever the slots then
 held (a piece no slot's adapter targets holds zeros and adds 0), and the adapters' A / B / scales are fixed device
@@ -55,7 +56,7 @@ slots written in place, so an adapter loaded into a slot after the capture is wh
 re-captured. A step without adapters replays the same graphs (its LoRA kernels see only -1 rows). With the Triton
 kernels the captured forward runs the routed experts' LoRA path too (kernels/triton_lora_moe.py: no host loop), so a
 step whose rows' adapters target routed experts replays as well; with the plain-torch path (its loop over experts
-syncs on the host) such a step runs eagerly (engine/rank/lora_targets.py `LoRAStepPlan.graphable`).
+syncs on the host) such a step runs eagerly (engine/lora/rank/plugin.py `LoRAStepPlan.graphable`).
 
 Memory: graphs are captured after the KV cache took its share of
 gpu_memory_utilization, so they (a shared pool of tens of MB for decode
@@ -77,6 +78,7 @@ import torch
 
 from moelink.kernels.attention import AttentionMetadata
 
+from ..contract.step_plugin import GraphTokenInput
 from ..models.layers import ForwardContext
 from ..state.step import StateStep
 
@@ -147,7 +149,7 @@ class DecodeGraphs:
     def __init__(self, model, kv_caches, sizes: tuple[int, ...], max_blocks_per_seq: int, null_block: int,
                  device: torch.device, backend, sliding_table: bool = False, verify_len: int = 1,
                  max_context: int = 1, verify_batch_sizes: tuple[int, ...] | None = None, state_slots: bool = False,
-                 bound_host_lengths: bool = False, lora=None):
+                 bound_host_lengths: bool = False, token_input: GraphTokenInput | None = None):
         """`sliding_table`: the sliding-window layers have their own block table (a second static table and
         slot buffer, read by those layers through ForwardContext.attn_sliding). `verify_len`: query tokens per
         row of a speculative verify step (1 + k) to capture beside the decode graphs (1: none); `max_context`:
@@ -157,10 +159,10 @@ class DecodeGraphs:
         rows -1: their states read as zeros, written nowhere), read through ForwardContext.state.
         `bound_host_lengths`: the decode graphs' host lengths at max_context too, as the verify graphs' (kernels
         that size a grid by the host max_seq_len: the batch-invariant Triton attention, graph_policy.py).
-        `lora`: the rank's LoRA slots (engine/lora/slots.py `LoRASlots`; None: no LoRA): each token's adapter slot is
-        a static input too (padding rows -1: no adapter), read by the captured forward's LoRA hooks
-        (`LoRASlots.captured`); the adapters' weights sit in fixed device slots, so a slot loaded after the capture
-        needs none again."""
+        `token_input`: a step plug-in's per-token input (LoRA: engine/lora/slots.py `LoRASlots`, each token's adapter
+        slot; None: none): a static input too (padding rows -1), read by the captured forward inside
+        `token_input.captured`; LoRA's adapters sit in fixed device slots, so a slot loaded after the capture needs
+        none again."""
         if state_slots and verify_len > 1:
             raise ValueError("DecodeGraphs: verify graphs of a model with per-sequence state are not built (its verify "
                              "steps split the batch and replay the accepted tokens: they run eagerly).")
@@ -200,9 +202,9 @@ class DecodeGraphs:
         if sliding_table:
             self.sliding_slots_T = torch.full((TB,), -1, **i64)
             self.sliding_tables_BM = torch.full((B, M), null_block, **i32)
-        self.lora = lora
-        if lora is not None:
-            self.lora_slots_T = torch.full((TB,), -1, **i64)
+        self.token_input = token_input
+        if token_input is not None:
+            self.token_values_T = torch.full((TB,), -1, **i64)
         self.steps: dict[int, CapturedStep] = {}  # decode graphs, by batch size
         self.verify_steps: dict[int, CapturedStep] = {}  # verify graphs (Q tokens per row), by batch size
         # Host staging, pinned on CUDA so the copies are asynchronous; two sets, used in turn. The overlapped
@@ -224,8 +226,8 @@ class DecodeGraphs:
                          sliding_tables=host((B, M), torch.int32, null_block))
             if state_slots:
                 h.update(state_slots=host((B,), torch.int32, -1))
-            if lora is not None:
-                h.update(lora=host((TB,), torch.long, -1))
+            if token_input is not None:
+                h.update(token_values=host((TB,), torch.long, -1))
             return h
 
         self._staging = [staging(), staging()]
@@ -252,9 +254,10 @@ class DecodeGraphs:
             state = StateStep(self.state_slots_B[:b], self.continues_B[:b], self.qsl_B1[q][: b + 1], True)
         self.model.set_valid_rows(self.valid_T[:T])
         self.model.begin_routing_capture()  # the graph's routed-id copies write rows 0 .. T (moe/routing_capture.py)
-        lora = self.lora.captured(self.lora_slots_T[:T]) if self.lora is not None else contextlib.nullcontext()
+        extra = (self.token_input.captured(self.token_values_T[:T]) if self.token_input is not None
+                 else contextlib.nullcontext())
         try:
-            with lora:
+            with extra:
                 return self.model(self.input_ids_T[:T], self.positions_T[:T],
                                   ForwardContext(meta, self.kv_caches, meta_sliding, state=state))
         finally:
@@ -311,12 +314,12 @@ class DecodeGraphs:
     def run(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
             tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
             batch: int | None = None, state_slots: list[int] | None = None,
-            query_lens: list[int] | None = None, lora_slots: np.ndarray | None = None) -> torch.Tensor:
+            query_lens: list[int] | None = None, token_values: np.ndarray | None = None) -> torch.Tensor:
         """One step of n = len(seq_lens) sequences (n <= max_batch): hidden states [len(input_ids), D] in the
         eager order. `stage` then `replay` (the runner calls them apart: the host stages while the device runs
         the step before)."""
         return self.replay(self.stage(input_ids, positions_T, slots_T, seq_lens, tables_SM, sliding, batch,
-                                      state_slots, query_lens, lora_slots))
+                                      state_slots, query_lens, token_values))
 
     def verify_fits(self, query_lens: list[int], seq_lens: list[int]) -> bool:
         """Whether a step of these rows can replay a verify graph (module docstring): each row 1 to Q tokens,
@@ -328,14 +331,14 @@ class DecodeGraphs:
     def stage(self, input_ids, positions_T: np.ndarray, slots_T: np.ndarray, seq_lens: list[int],
               tables_SM: np.ndarray, sliding: tuple[np.ndarray, np.ndarray] | None = None,
               batch: int | None = None, state_slots: list[int] | None = None,
-              query_lens: list[int] | None = None, lora_slots: np.ndarray | None = None) -> tuple:
+              query_lens: list[int] | None = None, token_values: np.ndarray | None = None) -> tuple:
         """Host work of a step: its inputs written into the next pinned staging set (rows n..b padding). The
         flat token inputs hold each sequence's tokens in order: 1 each (decode), or `query_lens` (1 to
         verify_len each, some more than 1: a verify graph, rows shorter than verify_len padded at the front;
         None: len(input_ids) / n each). `sliding`: the sliding group's (tables [n, m'], slots [t]) when it has
         its own table. `batch`: the captured size to replay (>= n; expert parallelism: the size the driver chose
-        for every rank); default the smallest holding n. `lora_slots`: each token's LoRA slot [t] (None: no row has
-        an adapter), with `lora`. Returns what `replay` needs."""
+        for every rank); default the smallest holding n. `token_values`: each token's value of `token_input` [t]
+        (None: -1 for every row: LoRA, no row has an adapter). Returns what `replay` needs."""
         n = len(seq_lens)
         t = len(input_ids)
         if query_lens is None:
@@ -397,10 +400,10 @@ class DecodeGraphs:
                 raise ValueError(f"a graph step of a model with per-sequence state needs each of its {n} sequences' "
                                  "state slot (state_slots).")
             h["state_slots"][:n], h["state_slots"][n:b] = state_slots, -1
-        if self.lora is not None:  # each real token's adapter slot; padding (and rows of no adapter) -1
-            h["lora"][:T] = -1
-            if lora_slots is not None:
-                h["lora"][dst if ragged else slice(0, t)] = lora_slots
+        if self.token_input is not None:  # each real token's value (LoRA: its slot); padding (and no adapter) -1
+            h["token_values"][:T] = -1
+            if token_values is not None:
+                h["token_values"][dst if ragged else slice(0, t)] = token_values
         return k, n, b, q, m, ms, t if ragged else None
 
     def replay(self, staged: tuple, pending_P: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -426,8 +429,8 @@ class DecodeGraphs:
             self.sliding_tables_BM[:b, :ms].copy_(t["sliding_tables"][:b, :ms], non_blocking=True)
         if self.state_slots:
             self.state_slots_B[:b].copy_(t["state_slots"][:b], non_blocking=True)
-        if self.lora is not None:
-            self.lora_slots_T[:T].copy_(t["lora"][:T], non_blocking=True)
+        if self.token_input is not None:
+            self.token_values_T[:T].copy_(t["token_values"][:T], non_blocking=True)
         steps = self.steps if q == 1 else self.verify_steps
         out_TD = steps[b].replay()
         if ragged_t is not None:

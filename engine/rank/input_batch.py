@@ -59,10 +59,6 @@ class CachedRequestState:
     batch: PersistentBatch | None = None
     # The request's per-sequence state slot (linear attention: engine/state/cache.py); -1: the model has none.
     state_slot: int = -1
-    # Its LoRA adapter's device slot (engine/lora/slots.py); -1: no adapter.
-    lora_slot: int = -1
-    # Its adapter's id (0: none): under DP attention its slot is looked up in the driver's table each step.
-    lora_int_id: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = self.prompt_token_ids + self.output_token_ids

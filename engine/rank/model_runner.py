@@ -1,5 +1,10 @@
 """The worker's model runner: keeps per-request state, builds one flat batch per step, runs the model, samples.
 
+It knows no feature: LoRA, images, prompt logprobs, routed experts, routing replay and KV transfer join the step as
+plug-ins (engine/contract/step_plugin.py), made for the rank by the features the cluster hands it
+(engine/rank/step_features.py); one not configured is not in the list and costs no step anything. Speculative
+decoding's drafter and verify step still run here, behind engine/contract/spec_decoding.py's protocols.
+
 Legend: T scheduled tokens in the flat batch, S sequences, M max blocks per
 sequence, D hidden, V vocab, R rows that sample this step.
 """
@@ -10,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence
 from collections import deque
 
 import numpy as np
@@ -21,14 +26,13 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
-from ..config.multimodal import MultimodalConfig
 from ..config.speculative import SpeculativeConfig
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
-from ..contract.kv_blocks import PagedKVBlocks, WorkerKVConnector, start_transfers
+from ..contract.kv_blocks import PagedKVBlocks
 from ..contract.sampling_params import SamplingParams
 from ..contract.spec_decoding import DeviceDrafter, DraftRollback, HostDrafter, SpecDecoding, VerifyStep
-from ..models.layers import ForwardContext, ImageSplice
-from ..multimodal.rank_side import StepImages, make_image_runner
+from ..contract.step_plugin import DeviceStep, GraphTokenInput, RankModel, StepBatch, StepPlugin, StepWork, overrides
+from ..models.layers import ForwardContext
 from ..tp.attention import tp_local_config
 from ..tp.group import TensorParallel
 from .cuda_graph import CudaGraphCapture, DecodeGraphs
@@ -37,7 +41,6 @@ from ..contract.host_copy import to_device, to_host
 from .device_stream import make_stream
 from .kv_cache import make_kv_caches
 from .loader import load_model
-from . import prompt_logprobs, routed_experts, routing_replay
 from .input_batch import CachedRequestState, PersistentBatch, SlidingTable  # noqa: F401  (re-exported)
 from .sampler import Sampler, SamplingMetadata
 from ..state.cache import StateCaches, StatePlan
@@ -45,7 +48,6 @@ from .step_handle import DeviceResult, StepHandle
 from .step_inputs import StepInputs, build_step_inputs, device_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
 from .weight_memory import describe_memory, weight_bytes_by_format
-from .lora_targets import LoRASlots, LoRAStepPlan, begin_lora_step, lora_slots, plan_lora_step
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +58,10 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
-                 load_format: str = "auto", kv_connector: WorkerKVConnector | None = None,
-                 speculative: SpeculativeConfig | None = None, num_state_slots: int = 0,
+                 load_format: str = "auto", speculative: SpeculativeConfig | None = None, num_state_slots: int = 0,
                  num_state_checkpoints: int = 0, tp: TensorParallel | None = None,
-                 spec_decoding: SpecDecoding | None = None, multimodal: MultimodalConfig | None = None):
+                 spec_decoding: SpecDecoding | None = None,
+                 plugins: Callable[[RankModel], Sequence[StepPlugin]] | None = None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
 
@@ -69,15 +71,14 @@ class ModelRunner:
         `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default the
         serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
-        `kv_connector`: the worker half of a KV connector (engine/contract/kv_blocks.py), which runs the KV loads
-        and saves a step plans (`SchedulerOutput.kv_transfers`); None: no connector.
         `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step;
         `spec_decoding`: the feature that runs it (engine/spec/api.SPEC_DECODING, behind
         engine/contract/spec_decoding.py's protocols), required with `speculative`.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
         layers (scheduler/hybrid_cache.py hands out the slots; engine/state/cache.py holds them).
-        `multimodal`: a multimodal checkpoint's images (engine/multimodal/): its vision tower is loaded when they are
-        on (MultimodalConfig.limit_mm_per_prompt)."""
+        `plugins`: the rank's step plug-ins, made from the loaded model (engine/rank/step_features.py's
+        `step_plugins`, handed over by the worker); None: none (a bare runner: no LoRA, images, prompt logprobs,
+        routed experts, routing replay or KV connector)."""
         # Under TP (`tp`, engine/tp/group.py) the rank's view: its attention heads, so its KV cache holds
         # only its heads' K/V (engine/tp/attention.py); the model is built from the whole config + tp.
         self.tp = tp if tp is not None and tp.size > 1 else None
@@ -100,8 +101,6 @@ class ModelRunner:
         self.kv_pairs = model_cfg.kv_layer_pairs()
         self.sliding_window = model_cfg.attention.sliding_window if self.kv_pairs is not None else None
         self.null_block = -1
-        self.kv_connector = kv_connector
-        self.kv_blocks: PagedKVBlocks | None = None  # the cache as the connector copies it (set with the cache)
         self.ep = ep
         # Speculative decoding's drafter: a host one, or a draft layer (MTP, EAGLE-3) drafting in the device work
         # (built here, before the KV cache: its weights count and it keeps a cache layer); None: off.
@@ -117,22 +116,22 @@ class ModelRunner:
             self.device_drafter = self.spec_decoding.device_drafter(speculative, model_cfg, self.model, self.kernels,
                                                                     device, ep, block_size, load_format, tp=self.tp)
             self.drafter = self.device_drafter or self.spec_decoding.host_drafter(speculative)
+        # The step's plug-ins, made before warm-up, the KV cache and graph capture (they may hook the model, give
+        # the graphs an input, or bind the cache: engine/contract/step_plugin.py).
+        self._set_plugins(plugins(RankModel(self.cfg, self.model, self.kernels, device, ep,
+                                            self.tp.size if self.tp is not None else 1, load_format))
+                          if plugins is not None else ())
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
-        # The requests' images (None: a text model, or images off): the vision tower, its cache, each step's rows.
-        self.images = make_image_runner(model_cfg, multimodal, device, load_format)
-        if self.images is not None and self.graph_sizes:
-            # A decode step of an image request turns by its 3-D positions, which a captured forward does not take
-            # (Qwen3.5; Kimi K2.5's 1-D decode steps carry nothing, but graphs with its images are untested on a GPU).
-            logger.info("CUDA graphs off: a multimodal model's steps carry image rows (docs/multimodal.md).")
+        no_graphs = [p.name for p in self.plugins if not p.allows_graphs]
+        if no_graphs and self.graph_sizes:
+            logger.info("CUDA graphs off: a decode graph cannot run the steps of %s (docs/multimodal.md).",
+                        ", ".join(no_graphs))
             self.graph_sizes = ()
         if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
             # EAGLE-3, DeepSeek-V4's MTP (the hyper-connection streams)
             logger.info("CUDA graphs off: the drafter reads states that a captured forward does not keep.")
             self.graph_sizes = ()
         self.graph_backend = graph_backend
-        # enable_lora: the adapters' slots and hooks. Before the cache: a cache given here captures the decode graphs,
-        # which read it (2026-11-27's lease found every CUDA-graph engine failing on its absence).
-        self.lora: LoRASlots | None = None
         self.graphs: DecodeGraphs | None = None
         # Before the cache: capturing graphs there sizes the verify graphs by it (cuda_graph.verify_graph_len).
         self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
@@ -143,18 +142,38 @@ class ModelRunner:
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
-        # The requests held that asked for prompt logprobs: a step plans their scoring only while there are some.
-        self._prompt_lp_ids: set[str] = set()
-        # Rollout routing replay (enable_routing_capture): the capture, and the requests held that asked.
-        self.routing_capture = None
-        self._routed_ids: set[str] = set()
-        # Requests that give their prompt's routing (SamplingParams.forced_routed_experts, engine/rank/routing_replay.py).
-        self._replay_ids: set[str] = set()
         # Every held request's row: block table, sampling parameters, penalty counts (engine/rank/input_batch.py).
         self.batch = PersistentBatch(model_cfg.vocab_size, device)
         # Preempted requests keep their generator so a seeded request draws the
         # same tokens whether or not it was preempted.
         self._parked_generators: dict[str, torch.Generator | None] = {}
+
+    # -- step plug-ins (engine/contract/step_plugin.py) ---------------------------------
+    def _set_plugins(self, plugins: Sequence[StepPlugin]) -> None:
+        """The plug-ins, and for each point of a step the ones that act there (the others cost no call)."""
+        self.plugins: tuple[StepPlugin, ...] = tuple(plugins)
+        names = [p.name for p in self.plugins]
+        if len(set(names)) != len(names):
+            raise ValueError(f"step plug-ins {names} name one feature twice.")
+
+        def acting(hook: str) -> tuple[StepPlugin, ...]:
+            return tuple(p for p in self.plugins if overrides(p, StepPlugin, hook))
+        self._before_step, self._admit, self._release = acting("before_step"), acting("admit"), acting("release")
+        self._planners, self._idle_planners = acting("plan"), acting("plan_idle")
+        self._collectors = tuple(p.collect for p in acting("collect"))
+        inputs = [i for p in self.plugins if (i := p.graph_input()) is not None]
+        if len(inputs) > 1:
+            raise ValueError(f"step plug-ins {names} give a decode graph {len(inputs)} per-token inputs; it takes one.")
+        self._graph_input: GraphTokenInput | None = inputs[0] if inputs else None
+
+    def plugin(self, name: str) -> StepPlugin | None:
+        """The rank's plug-in of feature `name` (e.g. "lora", "images", "kv_transfer"); None: not configured."""
+        return next((p for p in self.plugins if p.name == name), None)
+
+    def close_plugins(self) -> None:
+        """Release what the plug-ins hold (a KV connector's server socket and threads): the rank shuts down."""
+        for p in self.plugins:
+            p.close()
 
     # -- KV cache -------------------------------------------------------------------
     def available_kv_blocks(self, memory_utilization: float) -> int:
@@ -196,29 +215,12 @@ class ModelRunner:
                    else torch.nn.ModuleList([self.model, self.device_drafter.layer]))
         logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(weights), num_kv_blocks,
                                                        self.block_size, kv_bytes))
-        if self.kv_connector is not None:
-            self.kv_blocks = PagedKVBlocks(self.kv_caches, self.kv_pairs, self.block_size, self.state_caches)
-            allocated = getattr(self.kv_connector, "cache_allocated", None)  # e.g. NIXL registers it now, at start
-            if allocated is not None:
-                allocated(self.kv_blocks)
+        for p in self.plugins:  # e.g. a KV connector binds the cache (NIXL registers it now, at start)
+            p.cache_allocated(lambda: PagedKVBlocks(self.kv_caches, self.kv_pairs, self.block_size, self.state_caches))
         if self.graph_sizes:
             self._capture_graphs()
 
     # -- CUDA graphs (engine/rank/cuda_graph.py) ---------------------------------------
-    def enable_lora(self, limits) -> None:
-        """Serve LoRA adapters (engine/lora/): hooks on the model's target linears and `limits.max_loras` device
-        slots; before warm-up and graph capture (decode graphs read each replay's per-token slots from a static
-        buffer: cuda_graph.DecodeGraphs)."""
-        self.lora = lora_slots(self.model, limits, self.kernels, self.cfg.dtype, self.device, self.cfg.model)
-        if self.graphs is not None:  # captured with the cache (num_kv_blocks given): again, with the slots' input
-            self.graphs = None
-            self._capture_graphs()
-
-    def enable_routing_capture(self) -> None:
-        """Record every step's routed experts (`--enable-return-routed-experts`, moe/routing_capture.py): before
-        warm-up and graph capture, so that the largest step sizes the buffer and the graphs replay the copies."""
-        self.routing_capture = self.model.enable_routing_capture()
-
     def _graph_sizes(self, sizes: tuple[int, ...], ep, backend) -> tuple[int, ...]:
         return graph_sizes_to_capture(sizes, self.kernels, ep, isinstance(self.step_plan, TwoBatchOverlap),
                                       backend, self.device, self.cfg.quantization is not None, logger, cfg=self.cfg,
@@ -241,7 +243,8 @@ class ModelRunner:
                               verify_len=verify_len, max_context=self.cfg.max_model_len,
                               verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger),
                               state_slots=self.state_caches is not None,
-                              bound_host_lengths=bound_host_lengths(self.kernels), lora=self.lora)
+                              bound_host_lengths=bound_host_lengths(self.kernels),
+                              token_input=self._graph_input)
         t0 = time.perf_counter()
         # Inside the backend's step context, as every eager step runs: the kernels a graph captures are those its
         # mode picks (batch-invariant mode's fixed-tile matmuls, not the library's).
@@ -257,25 +260,19 @@ class ModelRunner:
         if so.resync is not None:
             self._resync(so.resync)
         for rid in so.finished_req_ids:
-            self._prompt_lp_ids.discard(rid)
-            self._routed_ids.discard(rid)
-            self._replay_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
             self._parked_generators.pop(rid, None)
-            if self.images is not None:
-                self.images.drop(rid)
+            for p in self._release:
+                p.release(rid, False)
         for rid in so.preempted_req_ids:
-            self._prompt_lp_ids.discard(rid)
-            self._routed_ids.discard(rid)
-            self._replay_ids.discard(rid)
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
                 self._parked_generators[rid] = st.generator
-            if self.images is not None:  # resent whole when it resumes (its images from the encoder cache)
-                self.images.drop(rid)
+            for p in self._release:  # resent whole when it resumes
+                p.release(rid, True)
         for new in so.scheduled_new_reqs:
             if new.req_id in self._parked_generators:
                 gen = self._parked_generators.pop(new.req_id)
@@ -293,27 +290,8 @@ class ModelRunner:
             new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
             list(new.block_ids), new.num_computed_tokens, gen,
         )
-        if new.lora is not None:
-            if self.lora is None:  # the engine refuses these without enable_lora; a rank cannot answer them
-                raise ValueError(f"request {new.req_id!r} names LoRA adapter {new.lora.lora_name!r}, but this rank "
-                                 "serves none: start the engine with enable_lora=True.")
-            st.lora_slot = self.lora.slot_for(new.lora, {r.lora_slot for r in self.requests.values()} - {-1})
-            st.lora_int_id = new.lora.lora_int_id
-        if new.sampling_params.prompt_logprobs is not None:
-            self._prompt_lp_ids.add(new.req_id)
-        if new.sampling_params.return_routed_experts:
-            if self.routing_capture is None:  # the engine refuses these without the flag; a rank cannot answer them
-                raise ValueError(f"request {new.req_id!r} asks return_routed_experts, but this rank records no routing: "
-                                 "start the engine with enable_return_routed_experts.")
-            self._routed_ids.add(new.req_id)
-        if new.sampling_params.forced_routed_experts is not None:
-            self.model.routing_replay()  # made on first use (ValueError for a model that cannot replay)
-            self._replay_ids.add(new.req_id)
-        if new.multimodal is not None:
-            if self.images is None:  # the engine processes images only for a model whose ranks load the tower
-                raise ValueError(f"request {new.req_id!r} carries images, but this rank has no vision tower "
-                                 "(a text model, or limit_mm_per_prompt image=0).")
-            self.images.add(new.req_id, new.multimodal, new.prompt_token_ids)
+        for p in self._admit:  # the engine refused what no configured feature answers (LoRA, images, routing)
+            p.admit(new, st)
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
         if self.state_caches is not None:
@@ -326,15 +304,10 @@ class ModelRunner:
         """Elastic EP (scheduler.Scheduler.rewind): hold exactly the scheduler's requests, as it holds them. A
         request keeps its generator (a seeded one may have drawn once in the broken step)."""
         gens = {**self._parked_generators, **{rid: st.generator for rid, st in self.requests.items()}}
-        if self.kv_connector is not None:  # the rewind counted its transfers in flight failed
-            self.kv_connector.drop_pending()
+        for p in self.plugins:  # hold none (a KV connector: the rewind counted its transfers in flight failed)
+            p.reset()
         self.requests = {}
-        self._prompt_lp_ids = set()
-        self._routed_ids = set()
-        self._replay_ids = set()
         self.batch.clear()
-        if self.images is not None:
-            self.images.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
         for new in rs.running:
             self._add_request(new, gens[new.req_id] if new.req_id in gens else
@@ -373,100 +346,105 @@ class ModelRunner:
         t0 = time.perf_counter()
         while len(self._in_flight) >= 2:  # at most two: pinned staging is double-buffered (cuda_graph.py)
             self._in_flight.popleft().wait_device()
-        if so.lora_prefetch and self.lora is not None:  # adapters the driver holds requests for: read them ahead
-            self.lora.host.prefetch(so.lora_prefetch)
-        if so.lora_table is not None and self.lora is not None:  # DP attention: the driver's table, every rank's
-            self.lora.sync_table(so.lora_table)
+        for p in self._before_step:
+            p.before_step(so)
         self._update_states(so)
-        ep_step = so.ep_step
-        ops = self.batch.take_device_ops()  # batch-state fills the step's device work applies first
-        transfers = so.kv_transfers
-        if transfers is not None and self.kv_connector is None:
-            raise RuntimeError(f"step {so.step_id} plans KV transfers, but this rank has no KV connector: give the "
-                               "engine's kv_connector to every rank (WorkerConfig.kv_connector).")
         if so.total_num_scheduled_tokens == 0:
-            handle = StepHandle(so.step_id, [], 0, 0, 0.0, (self.kv_connector.poll if self.kv_connector is not None else None))
-            if run_forward or ops or transfers is not None:
-                # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
-                # so this eager pass makes the same collective calls as its peers' replays.
-                handle.host_s = time.perf_counter() - t0
-                lora = self._lora_moe_only()
-                handle.work = self.stream.submit(self._in_step_context(
-                    lambda: self._device_moe_only(ep_step, ops, run_forward, transfers, lora)))
-                self._in_flight.append(handle)
-            return handle
+            return self._launch_idle(so, run_forward, t0)
         num_scheduled = so.num_scheduled_tokens
         states = [self.requests[r] for r in num_scheduled]
         query_lens = list(num_scheduled.values())
-        # Per-sequence state: each sequence's slot and whether it continues a state (read before the step moves
-        # num_computed_tokens on); the copies this step owes (prefix hits before the forward, saves after it).
-        state_plan = None
-        if self.state_caches is not None:
-            saves = so.state_saves
-            state_plan = StatePlan([st.state_slot for st in states], [st.num_computed_tokens > 0 for st in states],
-                                   query_lens, self._state_copies,
-                                   [(ck, self.requests[rid].state_slot) for rid, ck in saves.items()],
-                                   [bool(so.scheduled_spec_tokens.get(st.req_id)) for st in states]
-                                   if so.scheduled_spec_tokens else None)
-            self._state_copies = []
+        state_plan = self._plan_states(so, states, query_lens)
         rows_S = self.batch.rows_of(states)
         spec = so.scheduled_spec_tokens
         inp = build_step_inputs(states, query_lens, self.block_size, self.sliding_window, self.null_block,
                                 tables_SM=self.batch.tables(rows_S),
                                 spec_tokens=[spec.get(st.req_id) for st in states] if spec else None)
-        # A step holding image requests: their rows to splice and every token's 3-D positions (before the
-        # computed counts move on: the rows are read by prompt position).
-        images = self.images.plan([(st.req_id, st.num_computed_tokens, n) for st, n in zip(states, query_lens)]
-                                  ) if self.images is not None and self.images.holds_images() else None
-        prompt_lp = prompt_logprobs.plan(states, query_lens, inp.qsl_S1) if self._prompt_lp_ids else None
-        routed = routed_experts.plan(states, query_lens, inp.qsl_S1) if self._routed_ids else None
-        replay = (routing_replay.plan(states, query_lens, inp.qsl_S1, self.model.routing_replay().num_layers,
-                                      self.model.cfg.top_k) if self._replay_ids else None)
-        lora = None
-        if self.lora is not None:  # the step's per-token slots and the slot writes owed, run in the device work
-            table = so.lora_table is not None  # DP attention: each request's slot is its adapter's in the table
-            lora = plan_lora_step(self.lora, [self.lora.slot_of(st.lora_int_id) if table else st.lora_slot
-                                              for st in states], query_lens, self.ep is not None)
+        # The plug-ins plan before the computed counts move on (their rows are read by position).
+        works = self._plan_works(StepBatch(so, states, query_lens, inp.qsl_S1, inp.num_tokens))
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
         draft_plan = self.device_drafter.plan(inp, states, picked, spec) if self.device_drafter is not None else None
-        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, (self.kv_connector.poll if self.kv_connector is not None else None), self.drafter,
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._collectors, self.drafter,
                             spec, self.num_speculative_tokens, so.no_draft_req_ids,
                             self.spec_decoding.may_draft if self.spec_decoding is not None else None)
-        meta: SamplingMetadata | VerifyStep | None = None
-        if picked and spec:  # a verify step (speculative decoding: engine/spec/verify.py)
+        handle.works = works
+        meta = self._sampling(so, handle, inp, rows_S, picked, spec)
+        # A graph replays a step whose plug-ins it can carry (LoRA's linears, and its experts with the Triton
+        # path: LoRAStepPlan.graphable; never given routing or image rows).
+        graph_batch = (self._graph_batch(so, query_lens, inp.seq_lens)
+                       if all(w.graphable for w in works) else None)
+        staged = None
+        if graph_batch is not None:
+            tokens = [w.graph_tokens_T for w in works if w.graph_tokens_T is not None]
+            staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
+                                       inp.sliding, batch=graph_batch,
+                                       state_slots=state_plan.slots if state_plan is not None else None,
+                                       query_lens=query_lens, token_values=tokens[0] if tokens else None)
+        handle.host_s = time.perf_counter() - t0
+        ep_step, ops = so.ep_step, self.batch.take_device_ops()  # batch-state fills the device work applies first
+        handle.work = self.stream.submit(self._in_step_context(
+            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, draft_plan, state_plan, works)))
+        self._in_flight.append(handle)
+        return handle
+
+    def _launch_idle(self, so: SchedulerOutput, run_forward: bool, t0: float) -> StepHandle:
+        """A step with no tokens of this rank's own. Under EP it still runs the MoE layers' collectives when
+        `run_forward` says a peer has tokens; its plug-ins' idle work (LoRA's slot writes, KV transfers) runs too."""
+        handle = StepHandle(so.step_id, [], 0, 0, 0.0, self._collectors)
+        ops = self.batch.take_device_ops()
+        runs = run_forward or bool(ops)
+        works = [w for p in self._idle_planners if (w := p.plan_idle(so, runs)) is not None]
+        if runs or works:
+            # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
+            # so this eager pass makes the same collective calls as its peers' replays.
+            handle.host_s = time.perf_counter() - t0
+            handle.works = works
+            ep_step = so.ep_step
+            handle.work = self.stream.submit(self._in_step_context(
+                lambda: self._device_moe_only(ep_step, ops, run_forward, works)))
+            self._in_flight.append(handle)
+        return handle
+
+    def _plan_works(self, batch: StepBatch) -> list[StepWork]:
+        return [w for p in self._planners if (w := p.plan(batch)) is not None]
+
+    def _plan_states(self, so: SchedulerOutput, states: list[CachedRequestState], query_lens: list[int]
+                     ) -> StatePlan | None:
+        """Per-sequence state: each sequence's slot and whether it continues a state (read before the step moves
+        num_computed_tokens on); the copies this step owes (prefix hits before the forward, saves after it)."""
+        if self.state_caches is None:
+            return None
+        saves = so.state_saves
+        plan = StatePlan([st.state_slot for st in states], [st.num_computed_tokens > 0 for st in states],
+                         query_lens, self._state_copies,
+                         [(ck, self.requests[rid].state_slot) for rid, ck in saves.items()],
+                         [bool(so.scheduled_spec_tokens.get(st.req_id)) for st in states]
+                         if so.scheduled_spec_tokens else None)
+        self._state_copies = []
+        return plan
+
+    def _sampling(self, so: SchedulerOutput, handle: StepHandle, inp: StepInputs, rows_S, picked: list,
+                  spec: dict[str, list[int]] | None) -> SamplingMetadata | VerifyStep | None:
+        """How the step's sampling rows sample: a verify step (speculative decoding: engine/spec/verify.py), the
+        sampler's metadata, or None (no row samples). Each picked row's next token is then read on the device."""
+        if not picked:
+            return None
+        meta: SamplingMetadata | VerifyStep
+        if spec:
             assert self.spec_decoding is not None, "drafts to verify without speculative decoding"
             meta = self.spec_decoding.verify_step(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec,
                                                   self.eos_token_ids, self.device, so.grammar_bitmask,
                                                   inp.num_pending)
-            for r, st in enumerate(picked):
-                st.pending = (handle, r)
-        elif picked:
+        else:
             bitmasks = so.grammar_bitmask
             meta = SamplingMetadata.from_batch(
                 self.batch, rows_S[inp.sample_rows], picked, self.eos_token_ids, self.device,
                 [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
-            for r, st in enumerate(picked):
-                st.pending = (handle, r)  # the next step reads this token on the device
-        # Given routing runs eagerly (a graph does not replay it; under EP with graphs the engine refuses it).
-        # LoRA: a graph replays the linears' adapters, and the experts' with the Triton path (LoRAStepPlan.graphable).
-        graph_batch = (self._graph_batch(so, query_lens, inp.seq_lens)
-                       if replay is None and (lora is None or lora.graphable) else None)
-        staged = None
-        if graph_batch is not None:
-            staged = self.graphs.stage(inp.tokens_T, inp.positions_T, inp.slots_T, inp.seq_lens, inp.tables_SM,
-                                       inp.sliding, batch=graph_batch,
-                                       state_slots=state_plan.slots if state_plan is not None else None,
-                                       query_lens=query_lens, lora_slots=lora.slots_T if lora is not None else None)
-        if images is not None:
-            handle.encoder_counts = self.images.take_counts()
-        handle.host_s = time.perf_counter() - t0
-        handle.work = self.stream.submit(self._in_step_context(
-            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, transfers, draft_plan, state_plan,
-                                      prompt_lp, routed, replay, lora, images)))
-        self._in_flight.append(handle)
-        return handle
+        for r, st in enumerate(picked):
+            st.pending = (handle, r)  # the next step reads this token on the device
+        return meta
 
     def _in_step_context(self, fn: Callable[[], DeviceResult]) -> Callable[[], DeviceResult]:
         """fn inside the kernel backend's step context where it has one (batch-invariant mode's matmul tiles:
@@ -481,19 +459,19 @@ class ModelRunner:
         return run
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | VerifyStep | None, staged,
-                     ep_step, ops: list, transfers=None, draft_plan=None, state_plan=None,
-                     prompt_lp: prompt_logprobs.PromptLogprobsPlan | None = None,
-                     routed: routed_experts.RoutedExpertsPlan | None = None,
-                     replay: np.ndarray | None = None, lora: LoRAStepPlan | None = None,
-                     images: StepImages | None = None) -> DeviceResult:
-        """The step's device work, in stream order: batch-state fills, KV loads, inputs in (tokens still on the
-        device from the steps before it), forward, sampling, the device drafter's drafts, KV saves, results out
-        to host memory. Waits for nothing on the host side."""
+                     ep_step, ops: list, draft_plan, state_plan: StatePlan | None,
+                     works: list[StepWork]) -> DeviceResult:
+        """The step's device work, in stream order: batch-state fills, the plug-ins' work before the forward (KV
+        loads, adapter slots, given routing), inputs in (tokens still on the device from the steps before it),
+        forward, the plug-ins' work on its hidden states, sampling, the device drafter's drafts, the plug-ins' last
+        work (KV saves), results out to host memory. Waits for nothing on the host side."""
         t0 = time.perf_counter()
         dev = self.device
+        step = DeviceStep(self.model, dev, replay=staged is not None)
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
-            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
+            for w in works:
+                w.before_forward(step)
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
@@ -508,26 +486,17 @@ class ModelRunner:
                 self.state_caches.zero(state_plan.fresh_decodes)  # one-token first chunks (StatePlan.fresh_decodes)
                 if staged is None:  # a replayed graph reads its own static slots (cuda_graph.DecodeGraphs.stage)
                     state = state_plan.state_step(x.attn.query_start_loc_S1, inp.pure_decode, dev)
-            if lora is not None:
-                begin_lora_step(self.lora, lora, replay=staged is not None)
             if staged is not None:
                 h_TD = self.graphs.replay(staged, pending_P)
             else:
-                self.model.begin_routing_capture()
-                self.model.begin_routing_replay(None if replay is None else routing_replay.to_device(replay, dev))
-                splice = None if images is None else ImageSplice(images.rows_M, images.embeds_MD, images.mrope_3T)
+                extras = {k: v for w in works for k, v in w.forward_extras().items()}
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
                                               ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state,
-                                                             images=splice))
-            if lora is not None:
-                self.lora.begin_step(None)  # warm-up and other forwards run no adapter
+                                                             **extras))
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
                 self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
-            res = DeviceResult(read_moe=self._take_moe())
-            if routed is not None:
-                res.routed_experts = (routed, to_host(routed_experts.gather(self.routing_capture, routed, dev)))
-            if prompt_lp is not None:  # scored from the same hidden states, before sampling (which may not run)
-                res.prompt_logprobs = (prompt_lp, to_host(prompt_logprobs.score(self.model, h_TD, prompt_lp)))
+            # The plug-ins' work on the hidden states comes before sampling (which may not run: a prompt's chunk).
+            res = DeviceResult(read_moe=self._take_moe(), payloads=[w.after_forward(step, h_TD) for w in works])
             if meta is not None and not isinstance(meta, SamplingMetadata):  # a verify step
                 res.spec = meta.run(self.model, h_TD, self.tp)  # TP: the group's first rank's tokens
                 handle.sampled_R = res.spec.sampled_R
@@ -542,35 +511,28 @@ class ModelRunner:
                 res.drafts_RK = self.device_drafter.draft(draft_plan, h_TD, x.input_ids_T, x.positions_T, x.attn,
                                                           handle.sampled_R,
                                                           res.spec.emitted_R if res.spec is not None else None, aux)
-            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
+            for w in works:
+                w.after_step(step)
         res.device_s = time.perf_counter() - t0
         return res
 
-    def _lora_moe_only(self):
-        """An empty step's LoRA work under EP: the slot writes owed, and whether its dispatch carries slots (as its
-        peers' do: the agreed table); None without LoRA."""
-        if self.lora is None:
-            return None
-        return plan_lora_step(self.lora, None, None, self.ep is not None)
-
-    def _device_moe_only(self, ep_step, ops: list, run_forward: bool, transfers=None,
-                         lora: LoRAStepPlan | None = None) -> DeviceResult:
+    def _device_moe_only(self, ep_step, ops: list, run_forward: bool, works: list[StepWork]) -> DeviceResult:
         t0 = time.perf_counter()
+        step = DeviceStep(self.model, self.device, replay=False, run_forward=run_forward)
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
-            if lora is not None:
-                begin_lora_step(self.lora, lora)
-            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=False)
-            if not run_forward:
-                start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
-                return DeviceResult()
-            if self.ep is not None:
-                self.ep.all_to_all.begin_step(ep_step)
-            self.step_plan.forward_moe_only(self.model)
-            if self.device_drafter is not None:  # the draft layer's collectives, as its peers run them
-                self.device_drafter.draft_moe_only()
-            res = DeviceResult(read_moe=self._take_moe())
-            start_transfers(self.kv_connector, transfers, self.kv_blocks, saves=True)
+            for w in works:
+                w.before_forward(step)
+            res = DeviceResult(payloads=[None] * len(works))
+            if run_forward:
+                if self.ep is not None:
+                    self.ep.all_to_all.begin_step(ep_step)
+                self.step_plan.forward_moe_only(self.model)
+                if self.device_drafter is not None:  # the draft layer's collectives, as its peers run them
+                    self.device_drafter.draft_moe_only()
+                res.read_moe = self._take_moe()
+            for w in works:
+                w.after_step(step)
         res.device_s = time.perf_counter() - t0
         return res
 

@@ -9,9 +9,10 @@ the sampled tokens to the request states, and returns the step's `ModelRunnerOut
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -19,10 +20,9 @@ from moelink.moe.stats import MoECounters
 from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 
 from ..contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter, VerifyResult
+from ..contract.step_plugin import StepWork
 from .device_stream import DeviceWork
-from .prompt_logprobs import PromptLogprobsPlan, unpack as unpack_prompt_logprobs
-from .routed_experts import RoutedExpertsPlan, unpack as unpack_routed_experts
-from .sampler import unpack_logprobs
+from ..contract.logprob_rows import unpack_logprobs
 
 
 @dataclass
@@ -30,24 +30,22 @@ class DeviceResult:
     """What a step's device work hands back, in host memory once its DeviceWork is waited for."""
 
     tokens_R: Optional[torch.Tensor] = None  # long [R], host copy of the sampled ids
-    logprobs_LX: Optional[torch.Tensor] = None  # float32 [L, 3 + 2N], host copy (sampler.unpack_logprobs)
+    logprobs_LX: Optional[torch.Tensor] = None  # float32 [L, 3 + 2N], host copy (engine/contract/logprob_rows.py)
     num_logprobs: Optional[list] = None
     max_num_logprobs: int = 0
     read_moe: Optional[Callable[[], MoECounters]] = None  # MoEStats.take()'s reader
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
     spec: Optional[VerifyResult] = None  # a verify step's sampling (engine/spec/verify.py)
     drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row
-    # Prompt logprobs: the step's plan and its packed rows, host copy (engine/rank/prompt_logprobs.py)
-    prompt_logprobs: Optional[tuple[PromptLogprobsPlan, torch.Tensor]] = None
-    # Routed experts: the step's plan and the rows' ids, host copy (engine/rank/routed_experts.py)
-    routed_experts: Optional[tuple[RoutedExpertsPlan, torch.Tensor]] = None
+    # The step plug-ins' payloads (StepWork.after_forward), one per StepHandle.works entry, in host memory.
+    payloads: list = dataclasses.field(default_factory=list)
 
 
 class StepHandle:
     """One launched step of one rank (see the module docstring)."""
 
     def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float,
-                 kv_poll: Optional[Callable[[], Optional[dict]]] = None,
+                 collectors: Sequence[Callable[[ModelRunnerOutput], None]] = (),
                  drafter: HostDrafter | DeviceDrafter | None = None,
                  spec_tokens: Optional[dict[str, list[int]]] = None, num_speculative_tokens: int = 0,
                  no_draft: frozenset[str] | set[str] = frozenset(),
@@ -61,12 +59,13 @@ class StepHandle:
         # Requests the next step verifies no drafts of (the scheduler's SchedulerOutput.no_draft_req_ids): a host
         # drafter skips them.
         self.no_draft = no_draft
-        self.kv_poll = kv_poll  # the KV connector's poll (engine/contract/kv_blocks.py); None without one
+        # The plug-ins that report with every collected step (a KV connector's ended transfers), and the plug-ins'
+        # work of this step (engine/contract/step_plugin.py), whose payloads come back in DeviceResult.payloads.
+        self.collectors = collectors
+        self.works: Sequence[StepWork] = ()
         self.states = states  # the request states of the rows that sample, in row order
         self.num_tokens, self.num_seqs = num_tokens, num_seqs
         self.host_s = host_s
-        # The vision tower's work in this step: (images encoded, encoder cache hits, seconds); None: none.
-        self.encoder_counts: Optional[tuple[int, int, float]] = None
         # long [R] on the device, set by the device work (stream order: a later step's device work reads it).
         self.sampled_R: Optional[torch.Tensor] = None
         self.work: Optional[DeviceWork] = None
@@ -85,15 +84,11 @@ class StepHandle:
         out = ModelRunnerOutput(step_id=self.step_id)
         res: DeviceResult | None = self.work.wait() if self.work is not None else None
         wait_s = time.perf_counter() - t0
-        if self.kv_poll is not None:
-            out.kv_transfers_done = self.kv_poll()
+        for collect in self.collectors:
+            collect(out)
         if res is None:  # the rank ran no model code
             self._output = out
             return out
-        if res.prompt_logprobs is not None:
-            out.prompt_logprobs = unpack_prompt_logprobs(*res.prompt_logprobs)
-        if res.routed_experts is not None:
-            out.routed_experts = unpack_routed_experts(*res.routed_experts)
         if res.spec is not None:
             self._collect_verified(res.spec, out)
         elif res.tokens_R is not None:
@@ -115,9 +110,9 @@ class StepHandle:
         if self.drafter is not None and self.states:
             self._draft(out, res.drafts_RK)
         moe = res.read_moe() if res.read_moe is not None else None
-        enc = self.encoder_counts or (0, 0, 0.0)
-        out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s,
-                              images_encoded=enc[0], encoder_cache_hits=enc[1], encoder_s=enc[2])
+        out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
+        for work, payload in zip(self.works, res.payloads):  # what each plug-in adds to the output
+            work.collect(payload, out)
         self._output = out
         return out
 

@@ -12,6 +12,8 @@ import socket
 import sys
 import threading
 import weakref
+from typing import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -23,6 +25,7 @@ from .rl_worker import RLWorker
 from .device_stream import make_stream
 from ..contract.gc_policy import freeze_heap, park_keeps_heap_frozen
 from ..contract.spec_decoding import SpecDecoding
+from ..contract.step_plugin import StepFeature, step_plugins
 from .step_handle import StepHandle
 from .step_plan import make_step_plan
 from ..config.worker_config import WorkerConfig
@@ -32,12 +35,16 @@ logger = logging.getLogger(__name__)
 
 class Worker(RLWorker):
     def __init__(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
-                 spec_decoding: SpecDecoding | None = None):
+                 spec_decoding: SpecDecoding | None = None, step_features: Sequence[StepFeature] = ()):
         """`spec_decoding`: speculative decoding's implementation (engine/spec/api.SPEC_DECODING, handed over by the
         cluster: the rank reaches it only through engine/contract/spec_decoding.py); needed with
-        `config.speculative`."""
+        `config.speculative`. `step_features`: the features the step takes as plug-ins (engine/cluster/
+        step_features.STEP_FEATURES, handed over by the cluster); each makes its plug-in when `config` turns it
+        on (engine/contract/step_plugin.py). Empty: a bare step (no LoRA, images, KV connector, prompt logprobs,
+        routed experts or routing replay)."""
         self.config = config
         self.spec_decoding = spec_decoding
+        self.step_features = tuple(step_features)
         self.rank = rank
         self.plan = plan  # the engine's, the same on every rank (engine/contract/expert_parallel.py)
         self.world_size = config.world_size
@@ -122,7 +129,7 @@ class Worker(RLWorker):
         self._build_runner(ep, self.config.num_kv_blocks)
 
     def _build_runner(self, ep, num_kv_blocks: int | None) -> None:
-        cfg = self.config
+        cfg, rank = self.config, self.rank
         if self.device.type == "cpu" and self.world_size > 1:
             # Several ranks share this machine's cores: one intra-op thread each.
             torch.set_num_threads(1)
@@ -132,15 +139,13 @@ class Worker(RLWorker):
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size),
                                   stream=make_stream(self.device, cfg.async_scheduling),
                                   load_format=cfg.load_format,
-                                  kv_connector=cfg.kv_connector.worker_side(self.rank) if cfg.kv_connector else None,
                                   speculative=cfg.speculative, num_state_slots=cfg.num_state_slots,
                                   num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp,
-                                  multimodal=cfg.multimodal,
-                                  spec_decoding=self.spec_decoding)
-        if cfg.return_routed_experts:  # before warm-up and graph capture (moe/routing_capture.py)
-            self.runner.enable_routing_capture()
-        if cfg.lora is not None:  # LoRA adapters' slots and hooks (engine/lora/), before warm-up
-            self.runner.enable_lora(cfg.lora)
+                                  spec_decoding=self.spec_decoding,
+                                  # The features this configuration turns on, as the step's plug-ins (LoRA, images,
+                                  # KV transfer, ...: engine/rank/step_features.py), made from the loaded model.
+                                  plugins=lambda rank_model: step_plugins(self.step_features,
+                                                                          replace(rank_model, rank=rank), cfg))
 
     def preload(self) -> bool:
         """A replacement rank, before it joins (engine/cluster/rejoin.py): load its share of `plan` (weights, placement
@@ -171,14 +176,12 @@ class Worker(RLWorker):
         the old process group and drop the model runner (weights, KV cache), so that `init_distributed` and `load`
         build this rank's share of `plan` afresh. Runs after the old group's last step ended on this rank. A
         replacement that pre-loaded exactly this share keeps it."""
-        from dataclasses import replace
-
         self.shutdown(keep_connector=True)
         self._eplb_abort()  # a move the lost rank broke: its staging goes with it
         if self._preloaded and (rank, world_size) == (self.rank, self.world_size) and _same_plan(plan, self.plan):
             return  # (its runner, and the KV connector half bound to its cache, stay)
-        if self.runner is not None and self.runner.kv_connector is not None:
-            self.runner.kv_connector.close()  # the cache it is bound to goes with the runner
+        if self.runner is not None:
+            self.runner.close_plugins()  # a KV connector's half: the cache it is bound to goes with the runner
         self.runner = None  # freed before the new share loads: the budget holds one copy, not two
         self._preloaded = self._keeping = False
         self.rank, self.world_size, self.plan = rank, world_size, plan
@@ -189,7 +192,6 @@ class Worker(RLWorker):
         and become rank `rank` of `world_size`; `load` then only grows the runner's experts to its share of
         `plan`. Returns None when it keeps, else why it cannot (then nothing but the group changed: the driver
         calls `reconfigure` on every rank, a full rebuild)."""
-        from dataclasses import replace
 
         from .keep_runner import free_device_bytes, keep_blocker
 
@@ -351,8 +353,8 @@ class Worker(RLWorker):
         self._launched.clear()
         if self.runner is not None:
             self.runner.quiesce(self.config.comm_timeout_s)
-            if self.runner.kv_connector is not None and not keep_connector:
-                self.runner.kv_connector.close()  # its server socket and threads (engine/kv_transfer/remote.py)
+            if not keep_connector:
+                self.runner.close_plugins()  # a KV connector's server socket and threads (engine/kv_transfer/remote.py)
         if self.group is not None:
             from moelink.comm.process_group import destroy
 
@@ -394,10 +396,10 @@ class Worker(RLWorker):
         return os.getpid()
 
     def reinit(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
-               spec_decoding: SpecDecoding | None = None) -> int:
+               spec_decoding: SpecDecoding | None = None, step_features: Sequence[StepFeature] = ()) -> int:
         """A parked process taken by a new engine: this rank of `config` from now on, exactly as a new actor's
         constructor would have made it (the caller then runs init_distributed and load). Returns the process id."""
-        self.__init__(config, rank, plan, spec_decoding)  # type: ignore[misc]  # re-run the constructor on purpose
+        self.__init__(config, rank, plan, spec_decoding, step_features)  # type: ignore[misc]  # re-run the constructor on purpose
         return os.getpid()
 
 

@@ -30,7 +30,7 @@ def test_images_on_cuda_give_transformers_tokens_and_hit_the_caches(tmp_path):
     llm = LLM(path, **KW)
     runner = llm.engine.executor.worker.runner
     assert runner.kernels.name == "triton" and runner.device.type == "cuda"
-    cache = runner.images.cache
+    cache = runner.plugin("images").images.cache
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 
     def run(text, imgs):

@@ -13,6 +13,7 @@ import torch
 
 from moelink.engine import EngineArgs, SamplingParams
 from moelink.engine.cluster.elastic import survivor_placement
+from moelink.engine.cluster.step_features import STEP_FEATURES
 from moelink.engine.contract.expert_parallel import plan_expert_parallel
 from moelink.engine.rank.keep_runner import growth_bytes, keep_blocker, keep_runner
 from moelink.engine.config.model import ModelConfig
@@ -209,7 +210,7 @@ def test_worker_keeps_only_when_it_can_and_otherwise_changes_nothing(tiny_model,
     config = EngineArgs(model=path, expert_parallel_size=3, **KW).create_engine_config()
     plan = plan_expert_parallel(config)
     new_plan = replace(plan, placement=survivor_placement(plan.placement, [0, 2]))
-    worker = Worker(config.worker_config(), 2, plan)
+    worker = Worker(config.worker_config(), 2, plan, step_features=STEP_FEATURES)
     worker.runner = _runner(path, 3, 2, plan.placement)
     monkeypatch.setattr(kr, "free_device_bytes", lambda device, util: 0)  # nothing fits beside the old slots
     why = worker.reconfigure_keep(1, 2, new_plan)

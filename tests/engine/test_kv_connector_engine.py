@@ -117,7 +117,7 @@ def test_serial_loop_and_no_connector_by_default(tiny_model):
     assert len(store) == len(ps)  # saving and loading: B saved the prompts it loaded again
     with LLM(path, dtype="float64", num_kv_blocks=32, block_size=4, skip_warmup=True) as llm:
         assert all(s.kv_transfers is None for s in llm.engine.schedulers)
-        assert llm.engine.executor.runner.kv_connector is None
+        assert llm.engine.executor.runner.plugin("kv_transfer") is None
 
 
 def test_the_in_host_connector_stays_in_its_process():

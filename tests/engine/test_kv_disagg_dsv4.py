@@ -41,7 +41,7 @@ def test_compressed_entries_and_states_travel_and_decode_equals_transformers(tmp
     try:
         outs = pre.generate(ps, SAVE, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == [w[:1] for w in want]
-        saved = pre.engine.executor.runner.kv_connector.store.peek(outs[1].kv_transfer_params.remote_kv_token)
+        saved = pre.engine.executor.runner.plugin("kv_transfer").connector.store.peek(outs[1].kv_transfer_params.remote_kv_token)
         kinds = [kind for kind, _ in saved.layout]
         assert kinds.count(STATE) == 4 and kinds.count("full") == 3  # every layer's state; 3 compressed layers' entries
         _all_free(pre)

@@ -70,7 +70,7 @@ def test_state_travels_with_the_kv_and_decode_equals_one_engine(case, transport)
     try:
         assert [o.outputs[0].token_ids for o in outs] == [w[:1] for w in want]
         assert [o.kv_transfer_params is None for o in outs] == [len(p) == 1 for p in ps]
-        store = pre.engine.executor.runner.kv_connector.store
+        store = pre.engine.executor.runner.plugin("kv_transfer").connector.store
         saved = store.peek(outs[1].kv_transfer_params.remote_kv_token)  # the 40-token prompt
         kinds = [kind for kind, _ in saved.layout]
         assert kinds.count(STATE) == 3 and kinds.count("full") == 2  # 3 linear layers' states, 2 full layers' KV

@@ -173,7 +173,7 @@ def test_a_read_cut_midway_frees_every_block_on_both_sides_and_recomputes(tiny_m
         save = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                               kv_transfer_params=KVTransferParams(do_remote_decode=True))
         outs = pre.generate(ps, save, use_tqdm=False)
-        side = pre.engine.executor.runner.kv_connector
+        side = pre.engine.executor.runner.plugin("kv_transfer").connector
         count = _Counted(side.transport.agent(serving=True), monkeypatch)
         real_wait, waits = NixlAgent.wait, []
 

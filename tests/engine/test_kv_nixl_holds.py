@@ -175,7 +175,7 @@ def test_a_client_that_never_fetches_cannot_starve_admission(tiny_model):
             steps += 1
         assert steps == idle_steps and [outs[f"v{i}"] for i in range(len(victims))] == want
         # A prefill server's role default (smg's PD mode sends the prefill leg no parameters): copied, not held.
-        side = pre.engine.executor.runner.kv_connector
+        side = pre.engine.executor.runner.plugin("kv_transfer").connector
         held_before = side.store.counters.num_held
         by_role = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                                  kv_transfer_params=KVTransferParams(do_remote_decode=True, by_role_default=True))

@@ -65,7 +65,7 @@ def test_greedy_pd_parity_reading_the_prefill_blocks_in_place(kind, tiny_model, 
         monkeypatch.setattr(PagedKVBlocks, name, lambda self, t, _r=real: copies.append(t) or _r(self, t))
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", secret=SECRET))
     with LLM(path, kv_connector=conn, **KW) as pre:
-        side = pre.engine.executor.runner.kv_connector
+        side = pre.engine.executor.runner.plugin("kv_transfer").connector
         # Nothing of the cache is registered with the serving agent, ever (a peer never gets a key to it).
         assert side.transport.agent(serving=True).regions.num_registered == 0
         outs = pre.generate(ps, SAVE, use_tqdm=False)
@@ -103,7 +103,7 @@ def test_a_hold_past_its_deadline_frees_the_blocks_and_a_late_fetch_recomputes(t
     want = one_engine(path, ps)
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.2))
     with LLM(path, kv_connector=conn, **KW) as pre:
-        side = pre.engine.executor.runner.kv_connector
+        side = pre.engine.executor.runner.plugin("kv_transfer").connector
         outs = pre.generate(ps, SAVE, use_tqdm=False)
         total = _free(pre)[1]
         # The server's sweeper expires holds while the engine is idle (every ServerLimits.sweep_s).
@@ -251,7 +251,7 @@ def test_an_aborted_prefill_and_a_shutdown_leave_no_block_held(tiny_model):
                             kv_transfer_params=KVTransferParams(do_remote_decode=True))
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport="nixl", nixl_hold_s=0.5, secret=SECRET))
     with LLM(path, kv_connector=conn, **KW) as pre:
-        side = pre.engine.executor.runner.kv_connector
+        side = pre.engine.executor.runner.plugin("kv_transfer").connector
         total = _free(pre)[1]
         pre.engine.add_request("a0", ps[0], longer)
         while side.store.counters.num_held == 0:  # until the step that computes its prompt has saved it

@@ -58,7 +58,7 @@ def test_without_the_secret_a_fetch_gets_its_bytes_on_the_socket_and_no_key_to_a
         sock, reply = own_fetch(pre, mine, ATTACKER, None)
         sock.close()
         assert "nixl" not in reply  # no agent name, no metadata, no address: nothing to READ or WRITE with
-        serving = pre.engine.executor.runner.kv_connector.transport.agent(serving=True)
+        serving = pre.engine.executor.runner.plugin("kv_transfer").connector.transport.agent(serving=True)
         assert exposed == [] and serving.regions.num_registered == 0
         # A decode engine (no secret either) still loads the victim's KV, over the socket.
         (victim,) = pre.generate([VICTIM[:-1] + [46]], SAVE, use_tqdm=False)
@@ -112,7 +112,7 @@ def test_with_the_secret_a_fetch_reaches_only_a_copy_of_its_own_rows_for_its_one
             for x in cache:
                 n = min(x.numel() * x.element_size(), buf.numel())
                 assert raw_transfer(attacker, remote, "READ", buf, x.data_ptr(), n) == "refused"
-            serving = pre.engine.executor.runner.kv_connector.transport.agent(serving=True)
+            serving = pre.engine.executor.runner.plugin("kv_transfer").connector.transport.agent(serving=True)
             assert serving.regions.num_registered == 0
     finally:
         attacker.close()

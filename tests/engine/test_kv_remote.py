@@ -203,7 +203,7 @@ def _decode(path, ps, params, **kw):
         outs = [o.outputs[0].token_ids for o in llm.generate(ps, sps, use_tqdm=False)]
         stats = llm.engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks
-        return outs, llm.engine.executor.runner.kv_connector.stats
+        return outs, llm.engine.executor.runner.plugin("kv_transfer").connector.stats
 
 
 def test_another_block_size_is_refused_by_name_and_recomputed(tiny_model):
@@ -217,7 +217,7 @@ def test_another_block_size_is_refused_by_name_and_recomputed(tiny_model):
         outs = pre.generate(ps, SAVE, use_tqdm=False)
         params = [o.kv_transfer_params for o in outs]
         assert params == [conn.decode_params(p) for p in params]  # one rank: the same
-        store = pre.engine.executor.runner.kv_connector.store
+        store = pre.engine.executor.runner.plugin("kv_transfer").connector.store
         got, stats = _decode(path, ps, params, block_size=8)
         assert got == want and stats.num_failed == len(ps) and stats.num_loaded == 0
         assert all("block size 4 vs 8" in reason for _, reason in stats.failures)
@@ -231,7 +231,7 @@ def test_the_prefill_store_stays_bounded_by_ttl_and_bytes(tiny_model):
     # The host-copy store's bounds: NIXL in place holds blocks, not bytes (tests/engine/test_kv_nixl_inplace.py).
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), ttl_s=30.0, nixl_in_place=False))
     with LLM(path, kv_connector=conn, **KW) as pre:
-        worker = pre.engine.executor.runner.kv_connector
+        worker = pre.engine.executor.runner.plugin("kv_transfer").connector
         store = worker.store
         store._clock = lambda: now[0]  # the test's clock: no sleeping for a TTL
         pre.generate(ps[:2], SAVE, use_tqdm=False)
@@ -249,7 +249,7 @@ def test_a_save_request_on_an_engine_that_serves_nothing_is_not_saved(tiny_model
     path = tiny_model("qwen3_e6k3")
     with LLM(path, kv_connector=RemoteKVConnector(), **KW) as llm:
         out = llm.generate(prompts(200, seed=13, n=1, lo=5, hi=5), SAVE, use_tqdm=False)[0]
-        assert len(llm.engine.executor.runner.kv_connector.store) == 0 and out.kv_transfer_params is None
+        assert len(llm.engine.executor.runner.plugin("kv_transfer").connector.store) == 0 and out.kv_transfer_params is None
     assert "RemoteKVConfig.port is None" in caplog.text
 
 
@@ -338,13 +338,13 @@ def test_an_fp8_cache_over_each_transport(transport, hf_tiny_model):
     conn = RemoteKVConnector(RemoteKVConfig(port=free_port(), transport=transport))
     with LLM(path, kv_connector=conn, **kw) as pre:
         outs = pre.generate(ps, SAVE, use_tqdm=False)
-        assert "float8" in str(pre.engine.executor.runner.kv_connector.store.peek(
+        assert "float8" in str(pre.engine.executor.runner.plugin("kv_transfer").connector.store.peek(
             outs[0].kv_transfer_params.remote_kv_token).layout)
         with LLM(path, kv_connector=RemoteKVConnector(RemoteKVConfig(transport=transport)), **kw) as dec:
             sps = [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, kv_transfer_params=o.kv_transfer_params)
                    for o in outs]
             got = [o.outputs[0].token_ids for o in dec.generate(ps, sps, use_tqdm=False)]
-            stats = dec.engine.executor.runner.kv_connector.stats
+            stats = dec.engine.executor.runner.plugin("kv_transfer").connector.stats
     assert got == want and stats.num_loaded == len(ps) and stats.num_failed == 0
     # Both engines shut down: their servers' and fetches' threads are gone, the port or socket file closed.
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("kv-server", "kv-tcp", "kv-fetch"))]

@@ -79,7 +79,7 @@ def test_loaded_kv_reaches_the_prefix_cache_only_when_authenticated(tiny_model, 
         loaded = dec.generate(ps, [SamplingParams(**GREEDY, kv_transfer_params=o.kv_transfer_params) for o in outs],
                               use_tqdm=False)
         assert [o.outputs[0].token_ids for o in loaded] == want
-        assert dec.engine.executor.runner.kv_connector.stats.num_loaded == len(ps)
+        assert dec.engine.executor.runner.plugin("kv_transfer").connector.stats.num_loaded == len(ps)
         again = dec.generate(ps, SamplingParams(**GREEDY), use_tqdm=False)  # ordinary requests, same prompts
         assert [o.outputs[0].token_ids for o in again] == want
         hits = [o.num_cached_tokens for o in again]
@@ -101,7 +101,7 @@ def test_loads_from_a_silent_source_hold_no_slot_and_end_at_the_first_byte_deadl
             for i, p in enumerate(ps[:8]):  # twice max_num_seqs, all waiting on the silent source
                 engine.add_request(f"silent{i}", p, SamplingParams(**GREEDY, kv_transfer_params=decode_kv(port=src)))
             engine.add_request("other", ps[8], SamplingParams(**GREEDY))
-            worker = engine.executor.runner.kv_connector
+            worker = engine.executor.runner.plugin("kv_transfer").connector
             t0, done = time.monotonic(), {}
             while "other" not in done:
                 done.update({o.request_id: o for o in engine.step() if o.finished})

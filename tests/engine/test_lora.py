@@ -349,7 +349,7 @@ def test_mixtral_expert_adapter_equals_peft(tmp_path):
     llm = _llm(base, max_loras=1)
     try:
         assert _greedy(llm, ps * 2, [req] * len(ps) + [None] * len(ps)) == want["experts"] + want[None]
-        assert llm.engine.executor.worker.runner.lora.experts, "Mixtral's experts are no LoRA target"
+        assert llm.engine.executor.worker.runner.plugin("lora").slots.experts, "Mixtral's experts are no LoRA target"
     finally:
         llm.shutdown()
 
@@ -448,7 +448,7 @@ def test_pd_transfer_and_the_host_tier_key_kv_by_adapter(lora_case):
         saved = run(pre, a, max_tokens=1, kv_transfer_params=KVTransferParams(do_remote_decode=True))
         assert saved.outputs[0].token_ids == want["attn"][i][:1]
         dec = _llm(base, kv_connector=RemoteKVConnector(RemoteKVConfig(transport="tcp", secret=secret)))
-        stats = dec.engine.executor.runner.kv_connector.stats
+        stats = dec.engine.executor.runner.plugin("kv_transfer").connector.stats
         for lora, name in ((b, "qv_rs"), (None, None)):  # A's save named under B / the base: nothing under its key
             wrong = run(dec, lora, kv_transfer_params=saved.kv_transfer_params)
             assert wrong.outputs[0].token_ids == want[name][i] and wrong.num_cached_tokens == 0

@@ -31,7 +31,7 @@ def _greedy(llm, prompt):
 @pytest.mark.slow
 def test_one_and_two_images_give_transformers_tokens(kimi_path):
     llm = LLM(kimi_path, dtype="float64", num_kv_blocks=64, block_size=16)
-    assert llm.engine.executor.worker.runner.images is not None
+    assert llm.engine.executor.worker.runner.plugin("images") is not None
     for text, grids in [(f"describe {KIMI_IMAGE} now", [(1, 4, 6)]),
                         (f"first {KIMI_IMAGE} then {KIMI_IMAGE} compare", [(2, 4, 6), (3, 6, 4)])]:
         pixels = kimi_pixels(grids)
@@ -59,7 +59,7 @@ def test_a_different_image_misses_the_prefix_cache_and_the_same_image_hits(kimi_
     assert first.outputs[0].token_ids == want_a == again.outputs[0].token_ids
     assert other.outputs[0].token_ids == want_b
     assert other.num_cached_tokens == 0 and again.num_cached_tokens > 0
-    cache = llm.engine.executor.worker.runner.images.cache
+    cache = llm.engine.executor.worker.runner.plugin("images").images.cache
     assert (cache.misses, cache.hits) == (2, 0)  # the prefix hit covered the image tokens: nothing to encode
 
 

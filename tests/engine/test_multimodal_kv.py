@@ -72,7 +72,7 @@ def test_an_image_prompt_through_a_pd_pair_gives_transformers_tokens_keyed_by_it
         # Image b behind the same tokens, naming image a's save: nothing under its key; recomputed with b.
         [wrong] = dec.generate([other], load, use_tqdm=False)
         assert wrong.outputs[0].token_ids == want_b and wrong.num_cached_tokens == 0
-        stats = dec.engine.executor.runner.kv_connector.stats
+        stats = dec.engine.executor.runner.plugin("kv_transfer").connector.stats
         assert stats.num_failed == 1 and stats.num_loaded == 0
         # Image a with its own save: loaded (n - 1 tokens), the last prompt token and the rest computed here.
         [got] = dec.generate([prompt], load, use_tqdm=False)

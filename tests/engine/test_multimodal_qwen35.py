@@ -86,7 +86,7 @@ def test_a_different_image_misses_the_prefix_cache_and_the_same_image_hits(mm_pa
     assert first.outputs[0].token_ids == want_a and again.outputs[0].token_ids == want_a
     assert other.outputs[0].token_ids == want_b
     assert other.num_cached_tokens == 0 and again.num_cached_tokens > 0
-    cache = llm.engine.executor.worker.runner.images.cache
+    cache = llm.engine.executor.worker.runner.plugin("images").images.cache
     assert (cache.misses, cache.hits) == (2, 0)  # the prefix hit covered the image tokens: nothing to encode
     text2 = f"then {IMAGE} again"  # another prefix, the same image: the encoder's cache answers
     got = llm.generate({"prompt": text2, "multi_modal_data": {"image": a}}, params, use_tqdm=False)[0]
@@ -159,7 +159,7 @@ def test_images_off_serves_the_text_model_without_its_tower(mm_path):
     from tests.helpers.mm_checkpoints import IMAGE, image
 
     llm = LLM(mm_path, dtype="float64", num_kv_blocks=32, block_size=16, limit_mm_per_prompt={"image": 0})
-    assert llm.engine.multimodal is None and llm.engine.executor.worker.runner.images is None
+    assert llm.engine.multimodal is None and llm.engine.executor.worker.runner.plugin("images") is None
     with pytest.raises(ValueError, match=r"prompt\['multi_modal_data'\] is not supported"):
         llm.generate({"prompt": IMAGE, "multi_modal_data": {"image": image(1)}}, use_tqdm=False)
 
@@ -295,7 +295,7 @@ def test_smgs_grpc_mm_inputs_give_the_python_apis_tokens(mm_path):
 def test_a_micro_batch_takes_its_own_image_rows_and_positions():
     import torch
 
-    from moelink.engine.models.layers import ImageSplice
+    from moelink.engine.contract.forward_inputs import ImageSplice
 
     emb_MD = torch.arange(6.0).reshape(3, 2)
     pos_3T = torch.arange(24).reshape(3, 8)
@@ -317,7 +317,7 @@ def test_a_chunk_encodes_only_the_images_it_reaches(mm_path):
     eng = llm.engine
     eng.add_request("r", {"prompt": text, "multi_modal_data": {"image": imgs}},
                     SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
-    cache = eng.executor.worker.runner.images.cache
+    cache = eng.executor.worker.runner.plugin("images").images.cache
     seen, out = [], None
     while eng.has_unfinished_requests():
         for o in eng.step():
@@ -404,7 +404,7 @@ def test_chunks_cut_inside_a_videos_frames_beside_a_text_request(mm_path):
     outs = llm.generate([plain, video_prompt(inputs)], params, use_tqdm=False)
     assert outs[1].outputs[0].token_ids == hf_inputs_greedy(mm_path, inputs, MAX_NEW)
     assert outs[0].outputs[0].token_ids == hf_mm_greedy(mm_path, plain, [], MAX_NEW)
-    assert llm.engine.executor.worker.runner.images.cache.misses == 1
+    assert llm.engine.executor.worker.runner.plugin("images").images.cache.misses == 1
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
 

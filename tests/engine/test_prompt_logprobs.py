@@ -1,4 +1,4 @@
-"""Prompt logprobs (vLLM's `SamplingParams.prompt_logprobs`, engine/rank/prompt_logprobs.py) against transformers'
+"""Prompt logprobs (vLLM's `SamplingParams.prompt_logprobs`, engine/prompt_logprobs/scoring.py) against transformers'
 own forward in float64: for every prompt token after the first, its logprob given the tokens before it, its rank,
 and the top-n, on GQA (Qwen3-MoE), MLA (DeepSeek-V3 with q LoRA) and a hybrid with linear-attention state
 (Qwen3-Next); computed over chunked prefills beside other requests, under preemption, never from the prefix cache

@@ -1,5 +1,5 @@
 """Rollout routing replay's other half (issue 58 item 3; SamplingParams.forced_routed_experts, moe/routing_replay.py,
-engine/rank/routing_replay.py): a prefill told which experts its prompt's tokens use in every MoE layer.
+engine/rl/routing_replay.py): a prefill told which experts its prompt's tokens use in every MoE layer.
 
 - Replaying the routing a request was recorded with (return_routed_experts) gives the same tokens and prompt
   logprobs (Qwen3-MoE's softmax router; DeepSeek-V3's grouped sigmoid router with its correction bias).

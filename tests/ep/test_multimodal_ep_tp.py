@@ -3,7 +3,7 @@ float64; each rank its own requests, so each encodes its own requests' images: t
 and at TP 2 (every rank of the group encodes the group's images, its heads rotated by the same positions), two
 image requests (one of two images) beside a text one give transformers' greedy tokens, and the pools are free
 after. Two-batch overlap is on: a step's image rows and 3-D positions split with its micro-batches
-(models/layers.ImageSplice.select). Lean: one engine per (checkpoint, layout), 3 prompts, 4 new tokens each; each
+(contract/forward_inputs.ImageSplice.select). Lean: one engine per (checkpoint, layout), 3 prompts, 4 new tokens each; each
 checkpoint and transformers' tokens on it made once for the module."""
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def _check_pairs(engines, ps, pairs=PAIRS, reference=("prefill", 1)) -> None:
         assert [o.outputs[0].token_ids for o in outs] == want, (p, d)
         assert [o.num_cached_tokens for o in outs] == [len(x) - 1 for x in ps], (p, d)  # every prompt loaded
         if d == 1:  # in this process: its worker half's counters (one fetch per prefill rank holding its heads)
-            stats = dec.engine.executor.runner.kv_connector.stats
+            stats = dec.engine.executor.runner.plugin("kv_transfer").connector.stats
             assert stats.num_failed == 0 and stats.num_loaded == len(ps) * pairs.count((p, 1)), (p, d)
         pre.engine.step()  # the save reports of the group's last rank, if they came after the request ended
         _all_free(pre)

@@ -123,7 +123,7 @@ class Decoder:
 
     @property
     def worker(self):
-        return self.llm.engine.executor.runner.kv_connector
+        return self.llm.engine.executor.runner.plugin("kv_transfer").connector
 
     def free_blocks(self) -> tuple[int, int]:
         s = self.llm.engine.stats()

@@ -75,7 +75,7 @@ def main(spec: dict) -> None:
               flush=True)
         sys.stdin.read()  # serve until the test closes our stdin
         runner = getattr(llm.engine.executor, "runner", None)
-        store = runner.kv_connector.store if runner is not None else None
+        store = runner.plugin("kv_transfer").connector.store if runner is not None else None
         counters = dataclasses.asdict(store.counters) | {"held": len(store)} if store is not None else None
     print(json.dumps({"closed": True, "store": counters}), flush=True)
 

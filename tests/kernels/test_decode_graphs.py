@@ -261,4 +261,4 @@ def test_a_runner_given_its_cache_size_captures_its_graphs_at_construction(tiny_
 
     cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float32")
     runner = ModelRunner(cfg, 16, 8, torch.device("cpu"), kernels="triton", cuda_graph_sizes=(1, 2), graph_backend=EagerReplay())
-    assert runner.graphs is not None and runner.lora is None
+    assert runner.graphs is not None and runner.plugin("lora") is None

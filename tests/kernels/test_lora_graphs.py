@@ -71,7 +71,7 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
     eager = _llm(path)
     try:
         want = [_run(eager, *first), _run(eager, *second)]
-        kernels = eager.engine.executor.worker.runner.lora.kernels
+        kernels = eager.engine.executor.worker.runner.plugin("lora").slots.kernels
         fused = kernels.lora_fused_moe
         calls = []
         kernels.lora_fused_moe = lambda *a, **k: calls.append(1) or fused(*a, **k)
@@ -97,11 +97,11 @@ def test_lora_decode_graphs_give_each_request_the_eager_tokens(tiny_model, tmp_p
         got_first = _run(llm, *first)
         assert replays[4] >= 1 and replays[2] >= 1 and replays[1] >= 1, replays
         before = dict(replays)
-        loaded = {s.lora_int_id for s in runner.lora.slots}
+        loaded = {s.lora_int_id for s in runner.plugin("lora").slots.slots}
         assert reqs["o"].lora_int_id not in loaded  # loaded only now, into a slot the graphs already read
         got_second = _run(llm, *second)
         assert replays[2] >= before[2] + 1, replays  # its decode step replayed the size-2 graph
-        assert reqs["o"].lora_int_id in {s.lora_int_id for s in runner.lora.slots}
+        assert reqs["o"].lora_int_id in {s.lora_int_id for s in runner.plugin("lora").slots.slots}
         before = dict(replays)
         got_third = _run(llm, *third)
         assert replays[2] >= before[2] + 1, replays  # a row's adapter targets routed experts: replayed all the same
@@ -132,7 +132,7 @@ def test_gpt_oss_expert_adapter_through_triton_equals_the_plain_loop(tmp_path, k
     case = ([prompt] * 2, [req, None], [3, 3])
     llm = _llm(path)
     try:
-        kernels = llm.engine.executor.worker.runner.lora.kernels
+        kernels = llm.engine.executor.worker.runner.plugin("lora").slots.kernels
         fused, calls = kernels.lora_fused_moe, []
         kernels.lora_fused_moe = lambda *a, **k: calls.append(k) or fused(*a, **k)
         triton = _run(llm, *case)

@@ -23,7 +23,7 @@ import torch
 
 from moelink.scheduler.outputs import PromptLogprobs
 
-from .sampler import pack_token_logprobs, unpack_logprobs
+from ..contract.logprob_rows import pack_token_logprobs, unpack_logprobs
 
 # Rows of logits scored together: [SLICE_ROWS, V] float32 at a time (256 x 152k vocab: 156 MB).
 SLICE_ROWS = 256
@@ -66,7 +66,7 @@ def plan(states: list, query_lens: list[int], qsl_S1: np.ndarray) -> PromptLogpr
 
 
 def score(model, h_TD: torch.Tensor, p: PromptLogprobsPlan) -> torch.Tensor:
-    """float32 [P, 3 + 2N] on the device (sampler.pack_token_logprobs' layout), in slices of SLICE_ROWS rows."""
+    """float32 [P, 3 + 2N] on the device (engine/contract/logprob_rows.py), in slices of SLICE_ROWS rows."""
     dev = h_TD.device
     rows_P = torch.from_numpy(p.rows_P).to(dev, non_blocking=True)
     targets_P = torch.from_numpy(p.targets_P).to(dev, non_blocking=True)
