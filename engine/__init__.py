@@ -7,7 +7,7 @@ and outputs; `cluster/` executors, Ray, the EP group and its transitions; `rank/
 runner, sampler, CUDA graphs and loader; `models/` the decoder; `tools/` offline checkpoint tools;
 `contract/` what driver and ranks exchange; `config/` configuration. Scheduling policy belongs to
 scheduler/, the MoE layer to moe/. This root only re-exports the public names.
-Must not import: benchmarks, engine.cluster, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools, engine.tp.
+Must not import: benchmarks, engine.cluster, engine.grammar, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools, engine.tp.
 """
 from .core.outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
 from .contract.lora import LoRARequest

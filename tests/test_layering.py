@@ -33,7 +33,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "engine.core": frozenset({"engine.lora", "engine.cluster", "engine.rl", "engine.multimodal", "engine.contract", "engine.config",
                               "planner", "scheduler", "moe", "comm", "kernels"}),
     # The cluster hands every rank the features its step takes as plug-ins (engine/cluster/step_features.py).
-    "engine.cluster": frozenset({"engine.lora", "engine.lora.rank", "engine.prompt_logprobs", "engine.rl", "engine.spec", "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.contract",
+    "engine.cluster": frozenset({"engine.lora", "engine.lora.rank", "engine.prompt_logprobs", "engine.grammar", "engine.rl", "engine.spec", "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.contract",
                                  "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # Speculative decoding (engine/spec/) sits above the rank: its proposers load with the rank's loader, its verify
     # step samples with the rank's sampler. The rank reaches it only through engine/contract/spec_decoding.py's
@@ -65,6 +65,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Its rank side's step plug-ins (routed experts, routing replay) are on the contract (engine/contract/step_plugin.py).
     "engine.rl": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                             "kernels"}),
+    # Structured output's rank half (engine/grammar/): a step plug-in on the contract.
+    "engine.grammar": frozenset({"engine.contract", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # Prompt logprobs (engine/prompt_logprobs/): a step plug-in on the contract, scored with the decoder's LM head.
     "engine.prompt_logprobs": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe",
                                          "comm", "kernels"}),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..grammar.step_plugin import FEATURE as GRAMMAR
 from ..kv_transfer.step_plugin import FEATURE as KV_TRANSFER
 from ..lora.rank.plugin import FEATURE as LORA
 from ..multimodal.step_plugin import FEATURE as IMAGES
@@ -25,6 +26,7 @@ STEP_FEATURES: tuple[StepFeature, ...] = (
     ROUTING_REPLAY,
     ROUTED_EXPERTS,
     PROMPT_LOGPROBS,
+    GRAMMAR,
 )
 
 

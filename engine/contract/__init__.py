@@ -5,5 +5,5 @@ EP plan, the typed calls the driver makes on every rank (`worker_api`), the engi
 and three process-wide helpers both sides use (log-safe text, the garbage-collector policy, the host/device copies
 of `host_copy` that never make the host wait). Small and
 torch-light: a module here holds data and pure functions, never a thread, a device or a Ray handle.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

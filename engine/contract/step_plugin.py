@@ -20,8 +20,8 @@ device work, in stream order, engine/rank/device_stream.py):
   host    `StepWork.collect(payload, out)` when the step is collected: what it adds to the ModelRunnerOutput
   host    `collect(out)`          every collected step, planned or not (a connector's transfers that ended)
 
-A `StepWork` says whether a replayed decode graph may run its step (`graphable`), and may give the graph one
-per-token input (`graph_tokens_T`: LoRA's slots) that the captured forward reads from a static buffer; a plug-in
+A `StepWork` may restrict what the step's rows sample (`token_masks`: structured output's grammars), says whether a
+replayed decode graph may run its step (`graphable`), and may give the graph one per-token input (`graph_tokens_T`: LoRA's slots) that the captured forward reads from a static buffer; a plug-in
 whose steps a graph can never run says so once (`allows_graphs`). Payloads cross threads as the step's other
 results do: tensors copied to host memory in stream order (engine/contract/host_copy.py), read after the one wait.
 """
@@ -94,6 +94,9 @@ class StepWork(Generic[Payload]):
     graphable: bool = True
     # int64 [T] per-token input a replayed graph reads from its static buffer (None: none, or an eager step).
     graph_tokens_T: np.ndarray | None = None
+    # The tokens each request may sample this step, packed little-endian bits per request id (structured output);
+    # None: this work restricts nothing.
+    token_masks: dict[str, bytes] | None = None
 
     def before_forward(self, dev: DeviceStep) -> None:
         return None

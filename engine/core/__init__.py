@@ -4,5 +4,5 @@ logprobs), engine metrics.
 
 It drives ranks only through an `Executor` (cluster/) and the typed calls of contract/worker_api.py; it never
 imports the rank side (worker, model runner, models).
-Must not import: benchmarks, engine, engine.api, engine.kv_transfer, engine.lora.rank, engine.models, engine.prompt_logprobs, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools, engine.tp.
+Must not import: benchmarks, engine, engine.api, engine.grammar, engine.kv_transfer, engine.lora.rank, engine.models, engine.prompt_logprobs, engine.rank, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools, engine.tp.
 """

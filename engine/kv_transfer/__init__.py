@@ -6,5 +6,5 @@ format (`wire.py`), the side channel's handshake, trusted peers and settings (`a
 and the decode side's layer-pipelined arrival (`arrival.py`).
 
 Below the runner: `engine/rank` calls its worker half, `engine/api` builds a connector from flags. Imports without Ray.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

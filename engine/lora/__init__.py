@@ -11,5 +11,5 @@ a request's adapter (whole: config, headers, values), `loader.py` its read of th
 thread (off the step loop: the engine holds the request meanwhile, engine/core/lora_admission.py). The models name
 only the hooks' protocols (engine/models/linear.py `Linear.lora`, moe/layer.py `MoELayer.lora_experts`); the rank
 attaches them and fills the slots (engine/lora/rank/plugin.py); the scheduler never runs more adapters at once than slots (scheduler/lora_slots.py).
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.kv_transfer, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

@@ -3,5 +3,5 @@ gated_deltanet.py, linear.py, rope.py), the architecture registry's models side 
 arch_spec) and one package per model family (engine/models/<family>/: its registry entries, config reader, block
 kinds and tiny checkpoints; engine/config/families.py lists them). Imports nothing: engine/config imports the
 families' config modules, which sit under this package, before any model code.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora.rank, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.kv_transfer, engine.lora.rank, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.tools.
 """

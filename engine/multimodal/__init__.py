@@ -13,5 +13,5 @@ their prefixes, the positions, the pixel layout, whether its videos run):
   once (an LRU cache by item hash, bounded in bytes); each step gets the rows to splice over the placeholders and,
   for Qwen's 3-D rotary, every token's positions (contract/forward_inputs.ImageSplice).
 
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

@@ -2,5 +2,5 @@
 inputs, sampler, CUDA graphs, device streams, start-up warm-up, and checkpoint loading (real or dummy weights).
 
 Imports without Ray (the GPU image has none): tests/engine/test_rank_without_ray.py checks it.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.lora.rank, engine.prompt_logprobs, engine.rl, engine.server, engine.spec, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.lora.rank, engine.prompt_logprobs, engine.rl, engine.server, engine.spec, engine.tools.
 """

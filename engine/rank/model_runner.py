@@ -370,7 +370,8 @@ class ModelRunner:
                             spec, self.num_speculative_tokens, so.no_draft_req_ids,
                             self.spec_decoding.may_draft if self.spec_decoding is not None else None)
         handle.works = works
-        meta = self._sampling(so, handle, inp, rows_S, picked, spec)
+        masks = next((w.token_masks for w in works if w.token_masks), None)
+        meta = self._sampling(handle, inp, rows_S, picked, spec, masks)
         # A graph replays a step whose plug-ins it can carry (LoRA's linears, and its experts with the Triton
         # path: LoRAStepPlan.graphable; never given routing or image rows).
         graph_batch = (self._graph_batch(so, query_lens, inp.seq_lens)
@@ -425,23 +426,22 @@ class ModelRunner:
         self._state_copies = []
         return plan
 
-    def _sampling(self, so: SchedulerOutput, handle: StepHandle, inp: StepInputs, rows_S, picked: list,
-                  spec: dict[str, list[int]] | None) -> SamplingMetadata | VerifyStep | None:
+    def _sampling(self, handle: StepHandle, inp: StepInputs, rows_S, picked: list, spec: dict[str, list[int]] | None,
+                  masks: dict[str, bytes] | None) -> SamplingMetadata | VerifyStep | None:
         """How the step's sampling rows sample: a verify step (speculative decoding: engine/spec/verify.py), the
-        sampler's metadata, or None (no row samples). Each picked row's next token is then read on the device."""
+        sampler's metadata, or None (no row samples), each row within its allowed tokens where a plug-in gives them
+        (`masks`: structured output). Each picked row's next token is then read on the device."""
         if not picked:
             return None
         meta: SamplingMetadata | VerifyStep
         if spec:
             assert self.spec_decoding is not None, "drafts to verify without speculative decoding"
             meta = self.spec_decoding.verify_step(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec,
-                                                  self.eos_token_ids, self.device, so.grammar_bitmask,
-                                                  inp.num_pending)
+                                                  self.eos_token_ids, self.device, masks, inp.num_pending)
         else:
-            bitmasks = so.grammar_bitmask
             meta = SamplingMetadata.from_batch(
                 self.batch, rows_S[inp.sample_rows], picked, self.eos_token_ids, self.device,
-                [bitmasks.get(st.req_id) for st in picked] if bitmasks else None, inp.num_pending)
+                [masks.get(st.req_id) for st in picked] if masks else None, inp.num_pending)
         for r, st in enumerate(picked):
             st.pending = (handle, r)  # the next step reads this token on the device
         return meta

@@ -9,5 +9,5 @@ engine/models/deepseek_v4/rollback.py's rings). Its other halves: the flag (engi
 scheduler's (scheduler/spec_decode.py, scheduler/draft_control.py). ARCHITECTURE.md: Speculative decoding.
 
 This file imports nothing: the rank imports `engine.spec.heads`, and Python runs this file first.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.lora.rank, engine.prompt_logprobs, engine.rl, engine.server, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.lora.rank, engine.prompt_logprobs, engine.rl, engine.server, engine.tools.
 """

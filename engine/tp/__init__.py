@@ -11,5 +11,5 @@ heads (engine/kv_transfer/tp_shard.py, tp_join.py) and the executors' groups (en
 
 A floor of its own above the configuration: the contract (engine/contract/spec_decoding.py) and everything above it
 name a `TensorParallel`. This file imports nothing.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.contract, engine.core, engine.grammar, engine.kv_transfer, engine.lora, engine.lora.rank, engine.models, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.spec.heads, engine.state, engine.tools.
 """

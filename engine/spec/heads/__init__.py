@@ -4,7 +4,7 @@ Qwen3.5's (`qwen_mtp.py`: `mtp.*`), a family's own layout's from its package (en
 `mtp.{i}.*`); `mtp.make_mtp_layer` picks by the registry's `mtp_layout`; and an EAGLE-3 head from a checkpoint of its own (`eagle3.py`). A floor of their own, below
 the rank: the rank's loader leaves the MTP tensors of a checkpoint unread (`mtp_checkpoint_names`) and its dummy
 checkpoints make them (`make_mtp_layer`), while the proposers that run them (engine/spec/proposer/) sit above it.
-Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.kv_transfer, engine.lora.rank, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.tools.
+Must not import: benchmarks, engine, engine.api, engine.cluster, engine.core, engine.grammar, engine.kv_transfer, engine.lora.rank, engine.multimodal, engine.prompt_logprobs, engine.rank, engine.rl, engine.server, engine.spec, engine.tools.
 """
 from __future__ import annotations
 
