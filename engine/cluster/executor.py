@@ -124,12 +124,10 @@ class InProcessExecutor(Executor):
 
     def __init__(self, config: EngineConfig, plan: ExpertParallelPlan | None = None):
         from ..rank.worker import Worker
-        from ..spec.api import SPEC_DECODING
         from .step_features import STEP_FEATURES
 
         self.plan = plan if plan is not None else plan_expert_parallel(config)
-        self.worker = Worker(config.worker_config(), rank=0, plan=self.plan, spec_decoding=SPEC_DECODING,
-                             step_features=STEP_FEATURES)
+        self.worker = Worker(config.worker_config(), rank=0, plan=self.plan, step_features=STEP_FEATURES)
         self.worker.load()
 
     @property

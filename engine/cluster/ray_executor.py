@@ -67,13 +67,12 @@ def start_worker(state, gpu: bool, worker_config, plan: ExpertParallelPlan, bund
     """A Worker actor for rank `bundle` in that bundle of the placement group (at start, and a replacement)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from ..spec.api import SPEC_DECODING
     from .step_features import STEP_FEATURES
 
     return _worker_actor_class().options(
         num_cpus=1, num_gpus=1 if gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(state.pg, placement_group_bundle_index=bundle),
-    ).remote(worker_config, bundle, plan, SPEC_DECODING, STEP_FEATURES)
+    ).remote(worker_config, bundle, plan, STEP_FEATURES)
 
 
 def check_tp_nodes(node_ids, tp: int) -> None:
@@ -174,10 +173,9 @@ class RayExecutor(Executor):
                 state.workers = workers = [kept[r] if r in kept else start(r) for r in range(n)]
                 RANK_POOL.starts_fresh += n - len(kept)
                 cfg = config.worker_config()
-                from ..spec.api import SPEC_DECODING
                 from .step_features import STEP_FEATURES
 
-                pids = self._get([w.reinit.remote(cfg, r, plan, SPEC_DECODING, STEP_FEATURES) if r in kept
+                pids = self._get([w.reinit.remote(cfg, r, plan, STEP_FEATURES) if r in kept
                                   else w.heartbeat.options(concurrency_group=_HEARTBEAT_GROUP).remote()
                                   for r, w in enumerate(workers)])
             else:

@@ -15,12 +15,14 @@ from ..multimodal.step_plugin import FEATURE as IMAGES
 from ..prompt_logprobs.plugin import FEATURE as PROMPT_LOGPROBS
 from ..rl.routed_experts import FEATURE as ROUTED_EXPERTS
 from ..rl.routing_replay import FEATURE as ROUTING_REPLAY
+from ..spec.step_plugin import FEATURE as SPECULATIVE
 
 if TYPE_CHECKING:
     from ..contract.step_plugin import StepFeature
 
 STEP_FEATURES: tuple[StepFeature, ...] = (
     KV_TRANSFER,
+    SPECULATIVE,
     LORA,
     IMAGES,
     ROUTING_REPLAY,

@@ -13,10 +13,13 @@ device work, in stream order, engine/rank/device_stream.py):
   host    `before_step(so)`      the scheduler's step, before the held requests change (LoRA: adapters to read ahead)
   host    `admit` / `release`    a request joins the rank / leaves it (finished, preempted); `reset`: hold none
   host    `plan(batch)`          the step's rows, before their computed counts move on -> a `StepWork` or None
+  host    `StepWork.plan_rows(rows)`   the step's inputs built and its sampling rows picked (a drafter's plan)
+  host    `StepWork.sampling(ctx)`     a work may take over the sampling rows' sampling (a verify step)
   host    `plan_idle(so, runs)`  a step with no tokens of the rank's own (EP: its peers' MoE collectives)
   device  `StepWork.before_forward(dev)`   after the batch-state fills, before the inputs and the forward
   device  `StepWork.after_forward(dev, h_TD)` after the forward, before sampling -> a payload, in host memory
-  device  `StepWork.after_step(dev)`       after sampling and drafting (KV saves)
+  device  `StepWork.after_sampling(dev, h_TD)` after sampling (a device drafter's drafts) -> a payload
+  device  `StepWork.after_step(dev)`       the step's last device work, in reverse plug-in order (KV saves last)
   host    `StepWork.collect(payload, out)` when the step is collected: what it adds to the ModelRunnerOutput
   host    `collect(out)`          every collected step, planned or not (a connector's transfers that ended)
 
@@ -35,15 +38,18 @@ import numpy as np
 import torch
 
 from .forward_inputs import ImageSplice
+from .spec_decoding import CapturedStates, DraftRequest, DraftStepInputs, SamplingBatch, VerifyStep
 
 if TYPE_CHECKING:
     from moelink.scheduler.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 
+    from moelink.kernels.attention import AttentionMetadata
     from moelink.kernels.ops import Kernels
     from moelink.moe.layer import ExpertParallel
 
     from ..config.model import ModelConfig
     from ..config.worker_config import WorkerConfig
+    from ..tp.group import TensorParallel
     from .kv_blocks import PagedKVBlocks
 
 
@@ -53,6 +59,43 @@ class HeldRequest(Protocol):
     req_id: str
     prompt_token_ids: list[int]
     num_computed_tokens: int
+
+
+@dataclass
+class SampledRows:
+    """The host's view of a planned step once its inputs are built: the flat batch, its sequences and the ones
+    that sample (in row order), the drafts each verifies."""
+
+    inputs: DraftStepInputs
+    states: Sequence[DraftRequest]
+    picked: Sequence[DraftRequest]
+    spec_tokens: dict[str, list[int]]
+
+
+@dataclass
+class SamplingContext:
+    """What a step's sampling rows sample from (rows `rows_S[sample_rows]` of the runner's batch, each row's last
+    token at `qsl_S1[1:][sample_rows] - 1`), for a plug-in that takes their sampling over (a verify step)."""
+
+    batch: SamplingBatch
+    rows_S: np.ndarray
+    sample_rows: list[int]
+    qsl_S1: np.ndarray
+    picked: Sequence[DraftRequest]
+    spec_tokens: dict[str, list[int]]
+    eos_token_ids: set[int]
+    device: torch.device
+    token_masks: dict[str, bytes] | None
+    num_pending: list[int]
+
+
+@dataclass
+class DeviceInputs:
+    """The step's eager device inputs (engine/rank/step_inputs.device_inputs), for the work that reads them."""
+
+    input_ids_T: torch.Tensor
+    positions_T: torch.Tensor
+    attn: AttentionMetadata
 
 
 @dataclass
@@ -76,12 +119,17 @@ class DeviceStep:
     device: torch.device
     replay: bool
     run_forward: bool = True  # False: a rank with no tokens whose peers run none either (EP): transfers only
+    inputs: DeviceInputs | None = None  # the eager inputs, built when a forward or a work reads them
+    sampled_R: torch.Tensor | None = None  # long [R] each sampling row's (last) token, once sampled
+    emitted_R: torch.Tensor | None = None  # long [R_verify] tokens each verifying row emitted (a verify step)
+    idle: bool = False  # a step with no tokens of the rank's own (EP: its peers' MoE collectives)
 
 
 class ForwardExtras(TypedDict, total=False):
     """What a step's plug-ins add to its forward's context (engine/models/layers.ForwardContext)."""
 
     images: ImageSplice  # the image rows to splice and the step's 3-D positions
+    aux: CapturedStates | None  # the states the forward keeps for a drafter (EAGLE-3's)
 
 
 Payload = TypeVar("Payload")
@@ -97,16 +145,30 @@ class StepWork(Generic[Payload]):
     # The tokens each request may sample this step, packed little-endian bits per request id (structured output);
     # None: this work restricts nothing.
     token_masks: dict[str, bytes] | None = None
+    # The step's eager device inputs are built even when a graph replays it (a drafter reads them after).
+    needs_inputs: bool = False
+
+    def plan_rows(self, rows: SampledRows) -> None:
+        return None
+
+    def sampling(self, ctx: SamplingContext) -> VerifyStep | None:
+        """A sampling of the step's sampling rows that replaces the sampler's (None: the sampler's)."""
+        return None
 
     def before_forward(self, dev: DeviceStep) -> None:
         return None
 
     def forward_extras(self) -> ForwardExtras:
-        """What this step adds to the forward's context (images: the rows to splice)."""
+        """What this step adds to the forward's context (images: the rows to splice; a drafter: the states the
+        forward keeps for it)."""
         return {}
 
     def after_forward(self, dev: DeviceStep, h_TD: torch.Tensor) -> Payload | None:
         """A payload for `collect`, in host memory once the step is waited for (None: nothing to collect)."""
+        return None
+
+    def after_sampling(self, dev: DeviceStep, h_TD: torch.Tensor) -> Payload | None:
+        """A payload for `collect` (replacing after_forward's when not None)."""
         return None
 
     def after_step(self, dev: DeviceStep) -> None:
@@ -148,6 +210,27 @@ class StepPlugin:
         """The rank's KV cache was (re)allocated; `blocks()` describes it as a connector copies it."""
         return None
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache this feature keeps per token beside the model's (a draft layer's)."""
+        return 0
+
+    def allocate_cache(self, num_kv_blocks: int) -> int:
+        """Its cache on the engine's block ids, with the model's; returns its bytes."""
+        return 0
+
+    def weights(self) -> torch.nn.Module | None:
+        """Weights it holds beside the model's (a draft layer), for the rank's memory accounting."""
+        return None
+
+    def graph_query_len(self) -> int:
+        """Tokens per row of the multi-token steps a verify graph should run (1 + k drafts); 1: none."""
+        return 1
+
+    def regroup_blocker(self) -> str | None:
+        """Why the rank's runner cannot be kept through an expert-parallel regroup with this feature on (its
+        experts are not grown in place: the runner is rebuilt), or None (engine/rank/keep_runner.py)."""
+        return None
+
     def graph_input(self) -> GraphTokenInput | None:
         """The per-token input this feature's steps give a replayed graph (StepWork.graph_tokens_T), captured
         with the graphs; None: none."""
@@ -180,6 +263,9 @@ class RankModel:
     tp_size: int
     load_format: str
     rank: int = 0  # the worker's rank in the engine (a KV connector's worker half is made per rank)
+    model_cfg: ModelConfig | None = None  # the whole model's config (`cfg` is this rank's view under TP)
+    block_size: int = 16
+    tp: TensorParallel | None = None
 
 
 class StepFeature(Protocol):
@@ -201,5 +287,6 @@ def overrides(plugin: StepPlugin | StepWork[Payload], base: type, hook: str) -> 
     return getattr(type(plugin), hook) is not getattr(base, hook)
 
 
-__all__ = ["DeviceStep", "ForwardExtras", "GraphTokenInput", "HeldRequest", "RankModel", "StepBatch", "StepFeature", "StepPlugin",
-           "StepWork", "overrides", "step_plugins"]
+__all__ = ["DeviceInputs", "DeviceStep", "ForwardExtras", "GraphTokenInput", "HeldRequest", "RankModel",
+           "SampledRows", "SamplingContext", "StepBatch", "StepFeature", "StepPlugin", "StepWork", "overrides",
+           "step_plugins"]

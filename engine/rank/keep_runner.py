@@ -59,9 +59,9 @@ def keep_blocker(runner, old_rank: int, new_experts: Sequence[int], free_bytes: 
     `free_bytes`: what it may still allocate (`free_device_bytes`)."""
     if runner is None or runner.ep is None:
         return "the rank has no expert-parallel model runner to keep"
-    drafter = getattr(runner, "device_drafter", None)
-    if drafter is not None and drafter.has_experts:
-        return "its MTP drafter's MoE layer (speculative method 'mtp') is not grown in place: the runner is rebuilt"
+    refusal = next((why for p in runner.plugins if (why := p.regroup_blocker()) is not None), None)
+    if refusal is not None:  # e.g. an MTP drafter's MoE layer
+        return refusal
     layers = moe_layers(runner.model)
     for layer in layers:
         held = layer.placement.experts_on_rank(old_rank)

@@ -1,9 +1,9 @@
 """The worker's model runner: keeps per-request state, builds one flat batch per step, runs the model, samples.
 
-It knows no feature: LoRA, images, prompt logprobs, routed experts, routing replay and KV transfer join the step as
-plug-ins (engine/contract/step_plugin.py), made for the rank by the features the cluster hands it
-(engine/rank/step_features.py); one not configured is not in the list and costs no step anything. Speculative
-decoding's drafter and verify step still run here, behind engine/contract/spec_decoding.py's protocols.
+It knows no feature: speculative decoding, LoRA, images, structured output, prompt logprobs, routed experts, routing
+replay and KV transfer join the step as plug-ins (engine/contract/step_plugin.py), made for the rank by the features
+the cluster hands it (engine/cluster/step_features.py); one not configured is not in the list and costs no step
+anything.
 
 Legend: T scheduled tokens in the flat batch, S sequences, M max blocks per
 sequence, D hidden, V vocab, R rows that sample this step.
@@ -26,12 +26,12 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
 from ..config.model import ModelConfig
-from ..config.speculative import SpeculativeConfig
 from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from ..contract.kv_blocks import PagedKVBlocks
 from ..contract.sampling_params import SamplingParams
-from ..contract.spec_decoding import DeviceDrafter, DraftRollback, HostDrafter, SpecDecoding, VerifyStep
-from ..contract.step_plugin import DeviceStep, GraphTokenInput, RankModel, StepBatch, StepPlugin, StepWork, overrides
+from ..contract.spec_decoding import DraftRollback, VerifyStep
+from ..contract.step_plugin import (DeviceInputs, DeviceStep, GraphTokenInput, RankModel, SampledRows, SamplingContext,
+                                    StepBatch, StepPlugin, StepWork, overrides)
 from ..models.layers import ForwardContext
 from ..tp.attention import tp_local_config
 from ..tp.group import TensorParallel
@@ -58,9 +58,8 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, block_size: int, num_kv_blocks: int | None, device: torch.device,
                  kernels: str = "auto", ep=None, load_progress: bool = False, cuda_graph_sizes: tuple[int, ...] = (),
                  graph_backend=None, step_plan: SingleBatch | TwoBatchOverlap | None = None, stream=None,
-                 load_format: str = "auto", speculative: SpeculativeConfig | None = None, num_state_slots: int = 0,
+                 load_format: str = "auto", num_state_slots: int = 0,
                  num_state_checkpoints: int = 0, tp: TensorParallel | None = None,
-                 spec_decoding: SpecDecoding | None = None,
                  plugins: Callable[[RankModel], Sequence[StepPlugin]] | None = None):
         """`num_kv_blocks` None: the cache is sized later, from the memory left once the
         weights are loaded (`available_kv_blocks`, then `allocate_kv_cache`).
@@ -71,14 +70,11 @@ class ModelRunner:
         `stream`: where device work runs relative to the host (engine/rank/device_stream.py; default the
         serial loop).
         `load_format`: where the weights come from (engine/loader.open_checkpoint; "dummy": random).
-        `speculative`: a SpeculativeConfig (engine/config/speculative.py): its drafter proposes after each step;
-        `spec_decoding`: the feature that runs it (engine/spec/api.SPEC_DECODING, behind
-        engine/contract/spec_decoding.py's protocols), required with `speculative`.
         `num_state_slots`, `num_state_checkpoints`: the per-sequence state pools of a model with linear-attention
         layers (scheduler/hybrid_cache.py hands out the slots; engine/state/cache.py holds them).
         `plugins`: the rank's step plug-ins, made from the loaded model (engine/rank/step_features.py's
-        `step_plugins`, handed over by the worker); None: none (a bare runner: no LoRA, images, prompt logprobs,
-        routed experts, routing replay or KV connector)."""
+        `step_plugins`, handed over by the worker); None: none (a bare runner: no speculative decoding, LoRA, images,
+        structured output, prompt logprobs, routed experts, routing replay or KV connector)."""
         # Under TP (`tp`, engine/tp/group.py) the rank's view: its attention heads, so its KV cache holds
         # only its heads' K/V (engine/tp/attention.py); the model is built from the whole config + tp.
         self.tp = tp if tp is not None and tp.size > 1 else None
@@ -102,24 +98,12 @@ class ModelRunner:
         self.sliding_window = model_cfg.attention.sliding_window if self.kv_pairs is not None else None
         self.null_block = -1
         self.ep = ep
-        # Speculative decoding's drafter: a host one, or a draft layer (MTP, EAGLE-3) drafting in the device work
-        # (built here, before the KV cache: its weights count and it keeps a cache layer); None: off.
-        # Under TP every rank of the group builds it with the group (its layers split as the main ones:
-        # engine/spec/proposer/).
-        if speculative is not None and spec_decoding is None:
-            raise ValueError("ModelRunner(speculative=...) needs spec_decoding: the feature that runs it "
-                             "(moelink.engine.spec.api.SPEC_DECODING).")
-        self.spec_decoding = spec_decoding if speculative is not None else None
-        self.device_drafter: DeviceDrafter | None = None
-        self.drafter: HostDrafter | DeviceDrafter | None = None
-        if self.spec_decoding is not None:
-            self.device_drafter = self.spec_decoding.device_drafter(speculative, model_cfg, self.model, self.kernels,
-                                                                    device, ep, block_size, load_format, tp=self.tp)
-            self.drafter = self.device_drafter or self.spec_decoding.host_drafter(speculative)
         # The step's plug-ins, made before warm-up, the KV cache and graph capture (they may hook the model, give
         # the graphs an input, or bind the cache: engine/contract/step_plugin.py).
+        # (A draft layer among them is loaded here too: its weights count and it keeps a cache layer.)
         self._set_plugins(plugins(RankModel(self.cfg, self.model, self.kernels, device, ep,
-                                            self.tp.size if self.tp is not None else 1, load_format))
+                                            self.tp.size if self.tp is not None else 1, load_format,
+                                            model_cfg=model_cfg, block_size=block_size, tp=self.tp))
                           if plugins is not None else ())
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         no_graphs = [p.name for p in self.plugins if not p.allows_graphs]
@@ -127,14 +111,8 @@ class ModelRunner:
             logger.info("CUDA graphs off: a decode graph cannot run the steps of %s (docs/multimodal.md).",
                         ", ".join(no_graphs))
             self.graph_sizes = ()
-        if self.graph_sizes and self.device_drafter is not None and self.device_drafter.aux_layers:
-            # EAGLE-3, DeepSeek-V4's MTP (the hyper-connection streams)
-            logger.info("CUDA graphs off: the drafter reads states that a captured forward does not keep.")
-            self.graph_sizes = ()
         self.graph_backend = graph_backend
         self.graphs: DecodeGraphs | None = None
-        # Before the cache: capturing graphs there sizes the verify graphs by it (cuda_graph.verify_graph_len).
-        self.num_speculative_tokens = speculative.num_speculative_tokens if speculative is not None else 0
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
@@ -186,7 +164,7 @@ class ModelRunner:
         else:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = kv_sizing.cpu_kv_budget_bytes(avail, memory_utilization)
-        draft = self.device_drafter.kv_bytes_per_token() if self.device_drafter is not None else 0
+        draft = sum(p.kv_bytes_per_token() for p in self.plugins)  # a draft layer's cache
         budget -= kv_sizing.state_pool_bytes(self.cfg, self.num_state_slots, self.num_state_checkpoints)
         return kv_sizing.blocks_in_budget(budget, kv_sizing.kv_cache_bytes_per_block(self.cfg, self.block_size, draft))
 
@@ -209,10 +187,9 @@ class ModelRunner:
             for i in stateful:  # linear attention has no paged tensors (gated_deltanet.py); DeepSeek-V4 has both
                 self.kv_caches[i] = tuple(self.kv_caches[i]) + self.state_caches.layers[i]
             kv_bytes += self.state_caches.nbytes
-        if self.device_drafter is not None:  # its draft layer's cache, on the same block ids (engine/spec/proposer/chain.py)
-            kv_bytes += self.device_drafter.allocate(num_kv_blocks)
-        weights = (self.model if self.device_drafter is None
-                   else torch.nn.ModuleList([self.model, self.device_drafter.layer]))
+        kv_bytes += sum(p.allocate_cache(num_kv_blocks) for p in self.plugins)  # a draft layer's, same block ids
+        extra = [w for p in self.plugins if (w := p.weights()) is not None]
+        weights = torch.nn.ModuleList([self.model, *extra]) if extra else self.model
         logger.info("rank memory: %s", describe_memory(weight_bytes_by_format(weights), num_kv_blocks,
                                                        self.block_size, kv_bytes))
         for p in self.plugins:  # e.g. a KV connector binds the cache (NIXL registers it now, at start)
@@ -233,7 +210,8 @@ class ModelRunner:
             # executor), each forward in the low-latency mode, so their dispatches pair up.
             self.ep.all_to_all.begin_step(EPStepPlan(LOW_LATENCY, max(self.graph_sizes)))
         max_blocks = -(-self.cfg.max_model_len // self.block_size)
-        verify_len = verify_graph_len(self.cfg, self.num_speculative_tokens, self.block_size, logger)
+        query_len = max((p.graph_query_len() for p in self.plugins), default=1)  # speculative decoding's 1 + k
+        verify_len = verify_graph_len(self.cfg, query_len - 1, self.block_size, logger)
         if self.state_caches is not None and verify_len > 1:
             logger.info("verify graphs off: a verify step of %s splits its batch and replays the accepted tokens "
                         "into the linear-attention states (eager); decode steps replay graphs.", self.cfg.architecture)
@@ -365,13 +343,15 @@ class ModelRunner:
         for st, n in zip(states, query_lens):
             st.num_computed_tokens += n
         picked = [states[s] for s in inp.sample_rows]
-        draft_plan = self.device_drafter.plan(inp, states, picked, spec) if self.device_drafter is not None else None
-        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._collectors, self.drafter,
-                            spec, self.num_speculative_tokens, so.no_draft_req_ids,
-                            self.spec_decoding.may_draft if self.spec_decoding is not None else None)
+        rows = SampledRows(inp, states, picked, spec)
+        for w in works:  # e.g. a device drafter plans its drafts of the sampling rows
+            w.plan_rows(rows)
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._collectors, spec)
         handle.works = works
         masks = next((w.token_masks for w in works if w.token_masks), None)
-        meta = self._sampling(handle, inp, rows_S, picked, spec, masks)
+        meta = self._sampling(handle, SamplingContext(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec,
+                                                      self.eos_token_ids, self.device, masks, inp.num_pending),
+                              picked, works)
         # A graph replays a step whose plug-ins it can carry (LoRA's linears, and its experts with the Triton
         # path: LoRAStepPlan.graphable; never given routing or image rows).
         graph_batch = (self._graph_batch(so, query_lens, inp.seq_lens)
@@ -386,7 +366,7 @@ class ModelRunner:
         handle.host_s = time.perf_counter() - t0
         ep_step, ops = so.ep_step, self.batch.take_device_ops()  # batch-state fills the device work applies first
         handle.work = self.stream.submit(self._in_step_context(
-            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, draft_plan, state_plan, works)))
+            lambda: self._device_step(handle, inp, meta, staged, ep_step, ops, state_plan, works)))
         self._in_flight.append(handle)
         return handle
 
@@ -426,22 +406,24 @@ class ModelRunner:
         self._state_copies = []
         return plan
 
-    def _sampling(self, handle: StepHandle, inp: StepInputs, rows_S, picked: list, spec: dict[str, list[int]] | None,
-                  masks: dict[str, bytes] | None) -> SamplingMetadata | VerifyStep | None:
-        """How the step's sampling rows sample: a verify step (speculative decoding: engine/spec/verify.py), the
-        sampler's metadata, or None (no row samples), each row within its allowed tokens where a plug-in gives them
-        (`masks`: structured output). Each picked row's next token is then read on the device."""
+    def _sampling(self, handle: StepHandle, ctx: SamplingContext, picked: list[CachedRequestState],
+                  works: list[StepWork]) -> SamplingMetadata | VerifyStep | None:
+        """How the step's sampling rows sample: a plug-in's sampling that takes them over (speculative decoding's
+        verify step: engine/spec/verify.py), the sampler's metadata, or None (no row samples), each row within its
+        allowed tokens where a plug-in gives them (`ctx.token_masks`: structured output). Each picked row's next
+        token is then read on the device."""
+        masks = ctx.token_masks
         if not picked:
             return None
-        meta: SamplingMetadata | VerifyStep
-        if spec:
-            assert self.spec_decoding is not None, "drafts to verify without speculative decoding"
-            meta = self.spec_decoding.verify_step(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec,
-                                                  self.eos_token_ids, self.device, masks, inp.num_pending)
-        else:
+        meta: SamplingMetadata | VerifyStep | None = next(
+            (m for w in works if (m := w.sampling(ctx)) is not None), None)
+        if meta is None:
+            if ctx.spec_tokens:
+                raise RuntimeError(f"step {handle.step_id} verifies drafts, but this rank runs no speculative "
+                                   "decoding: give the engine's speculative config to every rank.")
             meta = SamplingMetadata.from_batch(
-                self.batch, rows_S[inp.sample_rows], picked, self.eos_token_ids, self.device,
-                [masks.get(st.req_id) for st in picked] if masks else None, inp.num_pending)
+                self.batch, ctx.rows_S[ctx.sample_rows], picked, self.eos_token_ids, self.device,
+                [masks.get(st.req_id) for st in picked] if masks else None, ctx.num_pending)
         for r, st in enumerate(picked):
             st.pending = (handle, r)  # the next step reads this token on the device
         return meta
@@ -459,8 +441,7 @@ class ModelRunner:
         return run
 
     def _device_step(self, handle: StepHandle, inp: StepInputs, meta: SamplingMetadata | VerifyStep | None, staged,
-                     ep_step, ops: list, draft_plan, state_plan: StatePlan | None,
-                     works: list[StepWork]) -> DeviceResult:
+                     ep_step, ops: list, state_plan: StatePlan | None, works: list[StepWork]) -> DeviceResult:
         """The step's device work, in stream order: batch-state fills, the plug-ins' work before the forward (KV
         loads, adapter slots, given routing), inputs in (tokens still on the device from the steps before it),
         forward, the plug-ins' work on its hidden states, sampling, the device drafter's drafts, the plug-ins' last
@@ -475,10 +456,10 @@ class ModelRunner:
             if self.ep is not None:
                 self.ep.all_to_all.begin_step(ep_step)  # the step's dispatch mode (engine/contract/ep_step.py)
             pending_P = self._pending_tokens(inp)
-            eager_inputs = staged is None or draft_plan is not None  # a drafter reads them after a replay too
+            eager_inputs = staged is None or any(w.needs_inputs for w in works)  # a drafter reads them after a replay
             x = device_inputs(inp, pending_P, dev, self.null_block) if eager_inputs else None
-            # The states an EAGLE-3 head reads, kept by the forward itself (None: nothing kept, the normal path).
-            aux = self.device_drafter.capture() if draft_plan is not None else None
+            if x is not None:
+                step.inputs = DeviceInputs(x.input_ids_T, x.positions_T, x.attn)
             state = None
             if state_plan is not None:
                 copies = state_plan.copies_in  # prefix hits: before the forward
@@ -491,7 +472,7 @@ class ModelRunner:
             else:
                 extras = {k: v for w in works for k, v in w.forward_extras().items()}
                 h_TD = self.step_plan.forward(self.model, x.input_ids_T, x.positions_T,
-                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding, aux, state,
+                                              ForwardContext(x.attn, self.kv_caches, x.attn_sliding, state=state,
                                                              **extras))
             if state_plan is not None:  # checkpoints of the states this step ended at a block boundary: after
                 self.state_caches.copy([ck for ck, _ in state_plan.saves], [slot for _, slot in state_plan.saves])
@@ -500,6 +481,7 @@ class ModelRunner:
             if meta is not None and not isinstance(meta, SamplingMetadata):  # a verify step
                 res.spec = meta.run(self.model, h_TD, self.tp)  # TP: the group's first rank's tokens
                 handle.sampled_R = res.spec.sampled_R
+                step.emitted_R = res.spec.emitted_R
                 if state is not None and state.split is not None:
                     # The verifying sequences' states take only their accepted tokens (the last known one and the
                     # accepted drafts: what each emits), on the device: no sync.
@@ -507,18 +489,19 @@ class ModelRunner:
                     rollback.replay_states(res.spec.emitted_R)
             elif meta is not None:
                 self._sample(handle, inp, meta, h_TD, res)
-            if draft_plan is not None:  # after the acceptance rule: it drafts from the last accepted position
-                res.drafts_RK = self.device_drafter.draft(draft_plan, h_TD, x.input_ids_T, x.positions_T, x.attn,
-                                                          handle.sampled_R,
-                                                          res.spec.emitted_R if res.spec is not None else None, aux)
-            for w in works:
+            step.sampled_R = handle.sampled_R
+            for i, w in enumerate(works):  # e.g. a device drafter drafts from the last accepted position
+                drafted = w.after_sampling(step, h_TD)
+                if drafted is not None:
+                    res.payloads[i] = drafted
+            for w in reversed(works):  # the last to start ends first: KV saves after the others' work
                 w.after_step(step)
         res.device_s = time.perf_counter() - t0
         return res
 
     def _device_moe_only(self, ep_step, ops: list, run_forward: bool, works: list[StepWork]) -> DeviceResult:
         t0 = time.perf_counter()
-        step = DeviceStep(self.model, self.device, replay=False, run_forward=run_forward)
+        step = DeviceStep(self.model, self.device, replay=False, run_forward=run_forward, idle=True)
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
             for w in works:
@@ -528,10 +511,8 @@ class ModelRunner:
                 if self.ep is not None:
                     self.ep.all_to_all.begin_step(ep_step)
                 self.step_plan.forward_moe_only(self.model)
-                if self.device_drafter is not None:  # the draft layer's collectives, as its peers run them
-                    self.device_drafter.draft_moe_only()
                 res.read_moe = self._take_moe()
-            for w in works:
+            for w in reversed(works):  # a draft layer's collectives, as its peers run them; KV saves last
                 w.after_step(step)
         res.device_s = time.perf_counter() - t0
         return res

@@ -19,7 +19,7 @@ import torch
 from moelink.moe.stats import MoECounters
 from moelink.scheduler.outputs import ModelRunnerOutput, StepStats
 
-from ..contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter, VerifyResult
+from ..contract.spec_decoding import VerifyResult
 from ..contract.step_plugin import StepWork
 from .device_stream import DeviceWork
 from ..contract.logprob_rows import unpack_logprobs
@@ -36,7 +36,6 @@ class DeviceResult:
     read_moe: Optional[Callable[[], MoECounters]] = None  # MoEStats.take()'s reader
     device_s: float = 0.0  # seconds the device work took to run (CPU) or to launch (CUDA), host clock
     spec: Optional[VerifyResult] = None  # a verify step's sampling (engine/spec/verify.py)
-    drafts_RK: Optional[torch.Tensor] = None  # long [R, k], host copy: a device drafter's drafts per sampled row
     # The step plug-ins' payloads (StepWork.after_forward), one per StepHandle.works entry, in host memory.
     payloads: list = dataclasses.field(default_factory=list)
 
@@ -46,19 +45,11 @@ class StepHandle:
 
     def __init__(self, step_id: int, states: list, num_tokens: int, num_seqs: int, host_s: float,
                  collectors: Sequence[Callable[[ModelRunnerOutput], None]] = (),
-                 drafter: HostDrafter | DeviceDrafter | None = None,
-                 spec_tokens: Optional[dict[str, list[int]]] = None, num_speculative_tokens: int = 0,
-                 no_draft: frozenset[str] | set[str] = frozenset(),
-                 may_draft: Optional[Callable[[DraftRequest], bool]] = None):
+                 spec_tokens: Optional[dict[str, list[int]]] = None):
         self.step_id = step_id
-        # Speculative decoding (engine/contract/spec_decoding.py): the rank's drafter, asked once the tokens are in,
-        # for the requests `may_draft` lets draft; and the drafts this step verifies per request (their rejected tail
-        # is rolled back at collect).
-        self.drafter, self.spec_tokens, self.drafter_k = drafter, spec_tokens, num_speculative_tokens
-        self.may_draft = may_draft
-        # Requests the next step verifies no drafts of (the scheduler's SchedulerOutput.no_draft_req_ids): a host
-        # drafter skips them.
-        self.no_draft = no_draft
+        # The drafts this step verifies per request (speculative decoding: their rejected tail is rolled back at
+        # collect).
+        self.spec_tokens = spec_tokens
         # The plug-ins that report with every collected step (a KV connector's ended transfers), and the plug-ins'
         # work of this step (engine/contract/step_plugin.py), whose payloads come back in DeviceResult.payloads.
         self.collectors = collectors
@@ -107,8 +98,6 @@ class StepHandle:
                 sampled[st.req_id] = [tok]
                 if logprobs is not None and logprobs[r] is not None:
                     out.logprobs[st.req_id] = [logprobs[r]]
-        if self.drafter is not None and self.states:
-            self._draft(out, res.drafts_RK)
         moe = res.read_moe() if res.read_moe is not None else None
         out.stats = StepStats(self.num_tokens, self.num_seqs, self.host_s + res.device_s, moe, wait_s=wait_s)
         for work, payload in zip(self.works, res.payloads):  # what each plug-in adds to the output
@@ -144,22 +133,6 @@ class StepHandle:
                 out.logprobs[st.req_id] = verify_lp[r][: len(tokens)]
             elif logprobs is not None and logprobs.get(r) is not None:
                 out.logprobs[st.req_id] = [logprobs[r]]
-
-    def _draft(self, out: ModelRunnerOutput, drafts_RK: Optional[torch.Tensor]) -> None:
-        """Drafts for the next step of each request that sampled here and may draft (engine/spec/proposer/): a
-        host drafter proposes now; a device drafter's are in `drafts_RK` (host memory already: no sync)."""
-        may_draft = self.may_draft
-        assert self.drafter is not None and may_draft is not None, "a drafter comes with its may_draft"
-        if getattr(self.drafter, "on_device", False):
-            if drafts_RK is not None:
-                rows = drafts_RK.tolist()
-                out.draft_token_ids = {st.req_id: rows[r] for r, st in enumerate(self.states) if may_draft(st)}
-            return
-        skip = self.no_draft
-        states = [st for st in self.states if may_draft(st) and st.req_id not in skip]
-        if states:
-            proposed = self.drafter.propose(states, self.drafter_k)  # a host drafter (not on_device)
-            out.draft_token_ids = {st.req_id: d for st, d in zip(states, proposed) if d}
 
 
 __all__ = ["DeviceResult", "StepHandle"]

@@ -24,7 +24,6 @@ from .model_runner import ModelRunner
 from .rl_worker import RLWorker
 from .device_stream import make_stream
 from ..contract.gc_policy import freeze_heap, park_keeps_heap_frozen
-from ..contract.spec_decoding import SpecDecoding
 from ..contract.step_plugin import StepFeature, step_plugins
 from .step_handle import StepHandle
 from .step_plan import make_step_plan
@@ -35,15 +34,12 @@ logger = logging.getLogger(__name__)
 
 class Worker(RLWorker):
     def __init__(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
-                 spec_decoding: SpecDecoding | None = None, step_features: Sequence[StepFeature] = ()):
-        """`spec_decoding`: speculative decoding's implementation (engine/spec/api.SPEC_DECODING, handed over by the
-        cluster: the rank reaches it only through engine/contract/spec_decoding.py); needed with
-        `config.speculative`. `step_features`: the features the step takes as plug-ins (engine/cluster/
-        step_features.STEP_FEATURES, handed over by the cluster); each makes its plug-in when `config` turns it
-        on (engine/contract/step_plugin.py). Empty: a bare step (no LoRA, images, KV connector, prompt logprobs,
-        routed experts or routing replay)."""
+                 step_features: Sequence[StepFeature] = ()):
+        """`step_features`: the features the step takes as plug-ins (engine/cluster/step_features.STEP_FEATURES,
+        handed over by the cluster, so the rank imports none of them); each makes its plug-in when `config` turns it
+        on (engine/contract/step_plugin.py). Empty: a bare step (no speculative decoding, LoRA, images, structured
+        output, KV connector, prompt logprobs, routed experts or routing replay)."""
         self.config = config
-        self.spec_decoding = spec_decoding
         self.step_features = tuple(step_features)
         self.rank = rank
         self.plan = plan  # the engine's, the same on every rank (engine/contract/expert_parallel.py)
@@ -139,9 +135,8 @@ class Worker(RLWorker):
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size),
                                   stream=make_stream(self.device, cfg.async_scheduling),
                                   load_format=cfg.load_format,
-                                  speculative=cfg.speculative, num_state_slots=cfg.num_state_slots,
+                                  num_state_slots=cfg.num_state_slots,
                                   num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp,
-                                  spec_decoding=self.spec_decoding,
                                   # The features this configuration turns on, as the step's plug-ins (LoRA, images,
                                   # KV transfer, ...: engine/rank/step_features.py), made from the loaded model.
                                   plugins=lambda rank_model: step_plugins(self.step_features,
@@ -396,10 +391,10 @@ class Worker(RLWorker):
         return os.getpid()
 
     def reinit(self, config: WorkerConfig, rank: int, plan: ExpertParallelPlan,
-               spec_decoding: SpecDecoding | None = None, step_features: Sequence[StepFeature] = ()) -> int:
+               step_features: Sequence[StepFeature] = ()) -> int:
         """A parked process taken by a new engine: this rank of `config` from now on, exactly as a new actor's
         constructor would have made it (the caller then runs init_distributed and load). Returns the process id."""
-        self.__init__(config, rank, plan, spec_decoding, step_features)  # type: ignore[misc]  # re-run the constructor on purpose
+        self.__init__(config, rank, plan, step_features)  # type: ignore[misc]  # re-run the constructor on purpose
         return os.getpid()
 
 

@@ -108,7 +108,7 @@ def test_published_formats_draft_and_decode_as_without_drafts(checkpoints, tmp_p
     ps = prompts(VOCAB, seed=5, n=4, lo=1, hi=100)
     want = engine_greedy(LLM(pub, **_kw()), ps, 8)
     llm = LLM(pub, speculative_config={"method": "mtp", "num_speculative_tokens": 2}, **_kw())
-    assert llm.engine.executor.worker.runner.device_drafter.layer.e_proj.weight.dtype == torch.float8_e4m3fn
+    assert llm.engine.executor.worker.runner.plugin("speculative").device.layer.e_proj.weight.dtype == torch.float8_e4m3fn
     assert_same(engine_greedy(llm, ps, 8), want, ps)
     assert llm.engine.stats().spec_decode.acceptance_rate > 0.3
     assert_pool_free(llm)

@@ -65,7 +65,7 @@ def test_rejected_drafts_shrink_and_outputs_stay_exact(tiny_model, monkeypatch):
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                            use_tqdm=False)]
         sd = llm.engine.stats().spec_decode
-        asked = llm.engine.executor.worker.runner.drafter.asked
+        asked = llm.engine.executor.worker.runner.plugin("speculative").drafter.asked
     assert got == want
     for p in prompts:
         rows = verified.get(tuple(p), [])

@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import random
 
 import pytest
@@ -281,7 +283,7 @@ def test_head_rope_covers_the_targets_max_model_len(checkpoints):
     path, head = checkpoints("qwen3", "random")
     with LLM(path, dtype="float32", max_model_len=300, num_kv_blocks=64, block_size=4,
              speculative_config=_spec(head, 2)) as llm:
-        drafter = llm.engine.executor.worker.runner.device_drafter
+        drafter = llm.engine.executor.worker.runner.plugin("speculative").device
         assert drafter.layer.self_attn.rope.table_PR.shape[0] == 300 and drafter.aux_layers == (2, 2, 1)
         prompt = list(range(3, 103))  # positions past 64
         out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=4),
@@ -295,13 +297,15 @@ def test_graphs_are_not_captured_for_a_head(checkpoints):
     from moelink.engine.config.speculative import SpeculativeConfig
     from moelink.engine.rank.cuda_graph import EagerReplay
     from moelink.engine.rank.model_runner import ModelRunner
-    from moelink.engine.spec.api import SPEC_DECODING
+    from moelink.engine.contract.step_plugin import step_plugins
+    from moelink.engine.spec.step_plugin import FEATURE
 
     path, head = checkpoints("qwen3", "random")
     cfg = ModelConfig.from_pretrained(path, "float32")
     for spec, sizes in ((None, (1, 2)), (_spec(head, 2), ())):
+        config = SimpleNamespace(speculative=SpeculativeConfig.parse(spec))  # the worker's, as the feature reads it
         runner = ModelRunner(cfg, 4, None, CPU, kernels="triton", cuda_graph_sizes=(1, 2), graph_backend=EagerReplay(),
-                             speculative=SpeculativeConfig.parse(spec), spec_decoding=SPEC_DECODING)
+                             plugins=lambda rank: step_plugins((FEATURE,), rank, config))
         assert runner.graph_sizes == sizes
 
 
