@@ -12,7 +12,7 @@ Legend: T tokens, D hidden, E experts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -85,7 +85,9 @@ class FFNBlock(ABC):
     `expert_shard`: the experts split over a TP group by channels (engine/tp/experts.py), else None."""
 
     modules: dict[str, nn.Module]
-    moe: MoELayer | None = None
+    # A MoELayer, or a family's subclass whose stages take more (DeepSeek-V4's TokenRoutedMoELayer: the token ids):
+    # typed loosely so that a family's block calls its own layer's stages without a cast.
+    moe: Any = None
     expert_shard: ExpertShard | None = None
 
     @abstractmethod
