@@ -158,62 +158,10 @@ def _label(mode: bool | None) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seqs", type=int, default=256, help="concurrent sequences (the decode batch)")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per setting (median of medians)")
-    ap.add_argument("--device-time-ms", type=float, default=None,
-                    help="also run with the stubbed forward taking this many ms (see 3. above)")
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help=f"a few sequences and tokens ({SMOKE}): checks the script, fast")
-    ap.add_argument("--out", default=str(RESULTS / "host_overhead_cpu.json"))
-    args = ap.parse_args(argv)
-    if args.cpu_smoke:
-        for k, v in SMOKE.items():
-            if k != "device_time_ms" or getattr(args, k) is None:
-                setattr(args, k, v)
-    for name in ("seqs", "tokens", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be a positive integer")
-    if args.device_time_ms is not None and args.device_time_ms <= 0:
-        ap.error("--device-time-ms must be > 0")
+    args = _parse_args(argv)
     modes = _async_modes()
     T = args.device_time_ms
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # host work is single-threaded Python; keep torch's small ops from fanning out
-    try:
-        # The tiny checkpoints live only for this run (the folder used to be left in /tmp by every run).
-        with tempfile.TemporaryDirectory(prefix="moelink-host-") as tmp, ExitStack() as stack:
-            def make(name, **kw):
-                llm, stub = build_llm(args.seqs, args.tokens, f"{tmp}/{name}", **kw)
-                stack.enter_context(llm)
-                return llm, stub
-
-            text_llm, _ = make("two-layer")
-            # On the simulated stream at T = 0 when the engine has one: launched on the host as on CUDA, so the host
-            # time is not blurred by a CPU stream thread's hand-over.
-            loop_llms = {m: make(f"loop-{_label(m)}", layers=1, async_scheduling=m, device_ms=0.0) for m in modes}
-            timed_llms = {m: make(f"timed-{_label(m)}", layers=1, async_scheduling=m, device_ms=T)
-                          for m in modes} if T else {}
-            runs = {True: [], False: []}
-            loop_runs = {m: [] for m in modes}
-            loop_device = {m: [] for m in modes}
-            loop_cpu = {m: [] for m in modes}
-            timed_runs = {m: [] for m in timed_llms}
-            for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every setting
-                for detok in (True, False):
-                    runs[detok].append(decode_ms_per_step(text_llm, args.seqs, args.tokens, detok))
-                for m in modes:
-                    step_ms, step_device_ms, step_cpu_ms = decode_step_ms(loop_llms[m][0], args.seqs, args.tokens,
-                                                                          False, loop_llms[m][1])
-                    loop_runs[m].append(step_ms)
-                    loop_device[m].append(step_device_ms)
-                    loop_cpu[m].append(step_cpu_ms)
-                for m in timed_llms:
-                    timed_runs[m].append(decode_ms_per_step(timed_llms[m][0], args.seqs, args.tokens, False))
-            forward_threads = {m: sorted(stub.threads) for m, (_, stub) in timed_llms.items()}
-    finally:
-        torch.set_num_threads(threads)
+    runs, loop_runs, loop_device, loop_cpu, timed_runs, forward_threads = _measure(args, modes)
     text_ms, ids_ms = statistics.median(runs[True]), statistics.median(runs[False])
     loop_ms = {_label(m): statistics.median(v) for m, v in loop_runs.items()}
     device_ms = {_label(m): statistics.median(v) for m, v in loop_device.items()}
@@ -253,26 +201,99 @@ def main(argv=None) -> dict:
             f"{k} {v * 1e3 / args.seqs:.1f} us, host alone {(loop_ms[k] - v) * 1e3 / args.seqs:.1f} us"
             for k, v in device_ms.items()))
     if T:
-        rows = []
-        for m, v in timed_runs.items():
-            step, host = statistics.median(v), loop_ms[_label(m)]
-            rows.append(dict(loop=_label(m), step_ms=step, host_ms=host, max_device_host_ms=max(T, host),
-                             device_plus_host_ms=T + host, forward_thread=forward_threads[m], runs=v))
-            print(f"device {T:g} ms, {_label(m)}: step {step:.2f} ms vs max(T, host) {max(T, host):.2f}, "
-                  f"T + host {T + host:.2f} (host {host:.2f}; forward on {', '.join(forward_threads[m])})")
-        if simulated_stream() is not None:
-            stand_in = "SimulatedStream: launched on the host thread, then a simulated device busy T ms per step"
-        elif any("another thread" in r["forward_thread"] for r in rows):
-            stand_in = "the stubbed forward sleeps T ms on the engine's device-stream thread"
-        else:
-            stand_in = None
-        result["device_time"] = dict(ms=T, rows=rows, stand_in=stand_in, note=(
-            f"device stand-in: {stand_in}" if stand_in else
-            "missing: the engine has no SimulatedStream and ran every forward on the host thread, so the device "
-            "time cannot overlap the host's work here"))
-        print("note: " + result["device_time"]["note"])
+        result["device_time"] = _device_time(T, timed_runs, loop_ms, forward_threads)
     print(f"wrote {write_result(args.out, result)}")
     return result
+
+
+def _parse_args(argv) -> argparse.Namespace:
+    """The command line, checked (argparse's error and exit on a bad value); --cpu-smoke's sizes filled in."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, default=256, help="concurrent sequences (the decode batch)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per setting (median of medians)")
+    ap.add_argument("--device-time-ms", type=float, default=None,
+                    help="also run with the stubbed forward taking this many ms (see 3. above)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help=f"a few sequences and tokens ({SMOKE}): checks the script, fast")
+    ap.add_argument("--out", default=str(RESULTS / "host_overhead_cpu.json"))
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        for k, v in SMOKE.items():
+            if k != "device_time_ms" or getattr(args, k) is None:
+                setattr(args, k, v)
+    for name in ("seqs", "tokens", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be a positive integer")
+    if args.device_time_ms is not None and args.device_time_ms <= 0:
+        ap.error("--device-time-ms must be > 0")
+    return args
+
+
+def _measure(args: argparse.Namespace, modes: list) -> tuple[dict, dict, dict, dict, dict, dict]:
+    """The timed runs, settings alternated: (decode ms per step with and without text, the step loop's ms / device ms
+    / CPU ms per step by loop mode, the runs with device time T by mode, the threads their forwards ran on)."""
+    T = args.device_time_ms
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host work is single-threaded Python; keep torch's small ops from fanning out
+    try:
+        # The tiny checkpoints live only for this run (the folder used to be left in /tmp by every run).
+        with tempfile.TemporaryDirectory(prefix="moelink-host-") as tmp, ExitStack() as stack:
+            def make(name, **kw):
+                llm, stub = build_llm(args.seqs, args.tokens, f"{tmp}/{name}", **kw)
+                stack.enter_context(llm)
+                return llm, stub
+
+            text_llm, _ = make("two-layer")
+            # On the simulated stream at T = 0 when the engine has one: launched on the host as on CUDA, so the host
+            # time is not blurred by a CPU stream thread's hand-over.
+            loop_llms = {m: make(f"loop-{_label(m)}", layers=1, async_scheduling=m, device_ms=0.0) for m in modes}
+            timed_llms = {m: make(f"timed-{_label(m)}", layers=1, async_scheduling=m, device_ms=T)
+                          for m in modes} if T else {}
+            runs = {True: [], False: []}
+            loop_runs = {m: [] for m in modes}
+            loop_device = {m: [] for m in modes}
+            loop_cpu = {m: [] for m in modes}
+            timed_runs = {m: [] for m in timed_llms}
+            for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every setting
+                for detok in (True, False):
+                    runs[detok].append(decode_ms_per_step(text_llm, args.seqs, args.tokens, detok))
+                for m in modes:
+                    step_ms, step_device_ms, step_cpu_ms = decode_step_ms(loop_llms[m][0], args.seqs, args.tokens,
+                                                                          False, loop_llms[m][1])
+                    loop_runs[m].append(step_ms)
+                    loop_device[m].append(step_device_ms)
+                    loop_cpu[m].append(step_cpu_ms)
+                for m in timed_llms:
+                    timed_runs[m].append(decode_ms_per_step(timed_llms[m][0], args.seqs, args.tokens, False))
+            forward_threads = {m: sorted(stub.threads) for m, (_, stub) in timed_llms.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return runs, loop_runs, loop_device, loop_cpu, timed_runs, forward_threads
+
+
+def _device_time(T: float, timed_runs: dict, loop_ms: dict, forward_threads: dict) -> dict:
+    """The runs with a device stand-in busy T ms per step against max(T, host) and T + host (printed), and what the
+    stand-in was."""
+    rows = []
+    for m, v in timed_runs.items():
+        step, host = statistics.median(v), loop_ms[_label(m)]
+        rows.append(dict(loop=_label(m), step_ms=step, host_ms=host, max_device_host_ms=max(T, host),
+                         device_plus_host_ms=T + host, forward_thread=forward_threads[m], runs=v))
+        print(f"device {T:g} ms, {_label(m)}: step {step:.2f} ms vs max(T, host) {max(T, host):.2f}, "
+              f"T + host {T + host:.2f} (host {host:.2f}; forward on {', '.join(forward_threads[m])})")
+    if simulated_stream() is not None:
+        stand_in = "SimulatedStream: launched on the host thread, then a simulated device busy T ms per step"
+    elif any("another thread" in r["forward_thread"] for r in rows):
+        stand_in = "the stubbed forward sleeps T ms on the engine's device-stream thread"
+    else:
+        stand_in = None
+    device_time = dict(ms=T, rows=rows, stand_in=stand_in, note=(
+        f"device stand-in: {stand_in}" if stand_in else
+        "missing: the engine has no SimulatedStream and ran every forward on the host thread, so the device "
+        "time cannot overlap the host's work here"))
+    print("note: " + device_time["note"])
+    return device_time
 
 
 if __name__ == "__main__":

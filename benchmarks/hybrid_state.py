@@ -319,44 +319,11 @@ def _ints(s: str | None) -> tuple[int, ...] | None:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu-smoke", action="store_true", help="toy models and lengths on CPU (seconds): the script only")
-    ap.add_argument("--size", choices=["cpu", "gpu"], default=None,
-                    help="the measured pair (default: gpu on a CUDA device, else cpu)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers of both models (a multiple of 4)")
-    ap.add_argument("--lengths", default=None, help="prefill prompt lengths, comma list (default 2048,8192,32768)")
-    ap.add_argument("--batches", default=None, help="decode batch sizes, comma list (default 1,8)")
-    ap.add_argument("--prompt", type=int, default=None, help="decode prompt tokens (default 512)")
-    ap.add_argument("--output", type=int, default=None, help="decode output tokens (default 64)")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="runs per point, best reported (default: decode 5 on CPU, 3 on a GPU; prefill 3, fewer at "
-                         "long prompts)")
-    ap.add_argument("--parts", default="memory,decode,prefill", help="comma list of memory, decode, prefill")
-    ap.add_argument("--time-budget-s", type=float, default=None,
-                    help="start no measurement point after this many seconds from the start (the rest is skipped, "
-                         "listed in the JSON)")
-    ap.add_argument("--json", default=None, help="result path (default benchmarks/results/hybrid_state_<device>.json)")
-    args = ap.parse_args(argv)
+    args = _parse_args(argv)
     t_start = time.monotonic()
     device = args.device or ("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     size_name = "smoke" if args.cpu_smoke else (args.size or ("gpu" if device.startswith("cuda") else "cpu"))
-    size: dict[str, Any] = dict(SIZES[size_name])
-    for k in ("lengths", "batches"):
-        v = _ints(getattr(args, k))
-        if v:
-            size[k] = v
-    for k in ("prompt", "output", "repeats"):
-        if getattr(args, k) is not None:
-            size[k] = getattr(args, k)
-    if args.repeats is not None:
-        size["decode_repeats"] = args.repeats
-    models = {k: (mt, dict(f)) for k, (mt, f) in size["pair"].items()}
-    if args.layers:
-        if args.layers % 4:
-            sys.exit("hybrid_state: --layers must be a multiple of 4 (3 linear : 1 full)")
-        for _, f in models.values():
-            f["num_hidden_layers"] = args.layers
+    size, models = _workload(args, size_name)
     parts = [p for p in args.parts.split(",") if p]
     max_len = max(max(size["lengths"]), size["prompt"] + size["output"]) + 16
     for _, f in models.values():
@@ -415,54 +382,118 @@ def main(argv=None) -> dict:
                 return False
 
             if "decode" in parts:
-                result["decode"] = []
-                for b in size["batches"]:
-                    if out_of_time(f"decode batch {b}"):
-                        continue
-                    samples = {k: [] for k in llms}
-                    for _ in range(size["decode_repeats"]):
-                        for k, llm in llms.items():
-                            samples[k].append(time_decode(llm, b, size["prompt"], size["output"], rng, vocab))
-                    row = dict(batch=b, prompt=size["prompt"], output=size["output"], load_average=load_average(),
-                               **{k: best_decode(s) for k, s in samples.items()})
-                    row["hybrid_over_moe_tok_s"] = row["hybrid"]["decode_tok_s"] / row["moe"]["decode_tok_s"]
-                    row["hybrid_over_moe_tok_per_cpu_s"] = (row["hybrid"]["decode_tok_per_cpu_s"]
-                                                            / row["moe"]["decode_tok_per_cpu_s"])
-                    result["decode"].append(row)
-                    print(f"decode batch {b}: hybrid {row['hybrid']['decode_tok_s']:.1f} tok/s, MoE "
-                          f"{row['moe']['decode_tok_s']:.1f} tok/s, ratio {row['hybrid_over_moe_tok_s']:.3f}",
-                          flush=True)
-                    write_result(out, result)
+                _decode_points(llms, size, result, out, rng, vocab, out_of_time)
             if "prefill" in parts:
-                result["prefill"] = []
-                for n in size["lengths"]:
-                    if out_of_time(f"prefill {n}"):
-                        continue
-                    reps = max(1, min(size["repeats"], PREFILL_TOKENS_PER_POINT // n))
-                    samples = {k: [] for k in llms}
-                    for _ in range(reps):
-                        for k, llm in llms.items():
-                            samples[k].append(time_prefill(llm, n, rng, vocab))
-                    row = dict(length=n, repeats=reps, load_average=load_average(),
-                               **{k: best_prefill(s) for k, s in samples.items()})
-                    row["hybrid_over_moe_time"] = row["hybrid"]["s"] / row["moe"]["s"]
-                    row["hybrid_over_moe_cpu_time"] = row["hybrid"]["cpu_s"] / row["moe"]["cpu_s"]
-                    result["prefill"].append(row)
-                    h, m = row["hybrid"], row["moe"]
-                    print(f"prefill {n}: hybrid {h['s']:.3f} s ({h['ms_per_token']:.4f} ms/token), "
-                          f"MoE {m['s']:.3f} s ({m['ms_per_token']:.4f} ms/token)", flush=True)
-                    rows = result["prefill"]
-                    if len(rows) > 1:
-                        result["prefill_growth"] = dict(
-                            **{"from": rows[0]["length"], "to": rows[-1]["length"]},
-                            **{k: rows[-1][k]["ms_per_token"] / rows[0][k]["ms_per_token"] for k in llms},
-                            **{f"{k}_cpu_time": rows[-1][k]["cpu_ms_per_token"] / rows[0][k]["cpu_ms_per_token"]
-                               for k in llms})
-                    write_result(out, result)
+                _prefill_points(llms, size, result, out, rng, vocab, out_of_time)
         finally:
             for llm in llms.values():
                 llm.shutdown()
 
+    _print_summary(result, size_name, size, dev_name)
+    result["wall_s"] = time.monotonic() - t_start
+    print(f"wrote {write_result(out, result)}")
+    return result
+
+
+def _parse_args(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", help="toy models and lengths on CPU (seconds): the script only")
+    ap.add_argument("--size", choices=["cpu", "gpu"], default=None,
+                    help="the measured pair (default: gpu on a CUDA device, else cpu)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of both models (a multiple of 4)")
+    ap.add_argument("--lengths", default=None, help="prefill prompt lengths, comma list (default 2048,8192,32768)")
+    ap.add_argument("--batches", default=None, help="decode batch sizes, comma list (default 1,8)")
+    ap.add_argument("--prompt", type=int, default=None, help="decode prompt tokens (default 512)")
+    ap.add_argument("--output", type=int, default=None, help="decode output tokens (default 64)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="runs per point, best reported (default: decode 5 on CPU, 3 on a GPU; prefill 3, fewer at "
+                         "long prompts)")
+    ap.add_argument("--parts", default="memory,decode,prefill", help="comma list of memory, decode, prefill")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="start no measurement point after this many seconds from the start (the rest is skipped, "
+                         "listed in the JSON)")
+    ap.add_argument("--json", default=None, help="result path (default benchmarks/results/hybrid_state_<device>.json)")
+    return ap.parse_args(argv)
+
+
+def _workload(args: argparse.Namespace, size_name: str) -> tuple[dict[str, Any], dict]:
+    """The size's workload with the command line's overrides, and the two models' configs ({name: (model_type,
+    config.json fields)}); exits on a --layers the 3:1 layout cannot take."""
+    size: dict[str, Any] = dict(SIZES[size_name])
+    for k in ("lengths", "batches"):
+        v = _ints(getattr(args, k))
+        if v:
+            size[k] = v
+    for k in ("prompt", "output", "repeats"):
+        if getattr(args, k) is not None:
+            size[k] = getattr(args, k)
+    if args.repeats is not None:
+        size["decode_repeats"] = args.repeats
+    models = {k: (mt, dict(f)) for k, (mt, f) in size["pair"].items()}
+    if args.layers:
+        if args.layers % 4:
+            sys.exit("hybrid_state: --layers must be a multiple of 4 (3 linear : 1 full)")
+        for _, f in models.values():
+            f["num_hidden_layers"] = args.layers
+    return size, models
+
+
+def _decode_points(llms: dict, size: dict[str, Any], result: dict, out: Path, rng: random.Random, vocab: int,
+                   out_of_time) -> None:
+    """Decode throughput of both models at each batch size, best of decode_repeats (written after each point)."""
+    result["decode"] = []
+    for b in size["batches"]:
+        if out_of_time(f"decode batch {b}"):
+            continue
+        samples = {k: [] for k in llms}
+        for _ in range(size["decode_repeats"]):
+            for k, llm in llms.items():
+                samples[k].append(time_decode(llm, b, size["prompt"], size["output"], rng, vocab))
+        row = dict(batch=b, prompt=size["prompt"], output=size["output"], load_average=load_average(),
+                   **{k: best_decode(s) for k, s in samples.items()})
+        row["hybrid_over_moe_tok_s"] = row["hybrid"]["decode_tok_s"] / row["moe"]["decode_tok_s"]
+        row["hybrid_over_moe_tok_per_cpu_s"] = (row["hybrid"]["decode_tok_per_cpu_s"]
+                                                / row["moe"]["decode_tok_per_cpu_s"])
+        result["decode"].append(row)
+        print(f"decode batch {b}: hybrid {row['hybrid']['decode_tok_s']:.1f} tok/s, MoE "
+              f"{row['moe']['decode_tok_s']:.1f} tok/s, ratio {row['hybrid_over_moe_tok_s']:.3f}",
+              flush=True)
+        write_result(out, result)
+
+
+def _prefill_points(llms: dict, size: dict[str, Any], result: dict, out: Path, rng: random.Random, vocab: int,
+                    out_of_time) -> None:
+    """One unchunked prefill of both models at each prompt length, and the per-token time's growth from the
+    shortest to the longest (written after each point)."""
+    result["prefill"] = []
+    for n in size["lengths"]:
+        if out_of_time(f"prefill {n}"):
+            continue
+        reps = max(1, min(size["repeats"], PREFILL_TOKENS_PER_POINT // n))
+        samples = {k: [] for k in llms}
+        for _ in range(reps):
+            for k, llm in llms.items():
+                samples[k].append(time_prefill(llm, n, rng, vocab))
+        row = dict(length=n, repeats=reps, load_average=load_average(),
+                   **{k: best_prefill(s) for k, s in samples.items()})
+        row["hybrid_over_moe_time"] = row["hybrid"]["s"] / row["moe"]["s"]
+        row["hybrid_over_moe_cpu_time"] = row["hybrid"]["cpu_s"] / row["moe"]["cpu_s"]
+        result["prefill"].append(row)
+        h, m = row["hybrid"], row["moe"]
+        print(f"prefill {n}: hybrid {h['s']:.3f} s ({h['ms_per_token']:.4f} ms/token), "
+              f"MoE {m['s']:.3f} s ({m['ms_per_token']:.4f} ms/token)", flush=True)
+        rows = result["prefill"]
+        if len(rows) > 1:
+            result["prefill_growth"] = dict(
+                **{"from": rows[0]["length"], "to": rows[-1]["length"]},
+                **{k: rows[-1][k]["ms_per_token"] / rows[0][k]["ms_per_token"] for k in llms},
+                **{f"{k}_cpu_time": rows[-1][k]["cpu_ms_per_token"] / rows[0][k]["cpu_ms_per_token"]
+                   for k in llms})
+        write_result(out, result)
+
+
+def _print_summary(result: dict, size_name: str, size: dict[str, Any], dev_name: str) -> None:
     print(f"\n{NAMES['hybrid']} vs {NAMES['moe']}: size {size_name} ({size['dtype']}), device {dev_name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {result['commit']}")
     if result.get("decode"):
@@ -472,9 +503,6 @@ def main(argv=None) -> dict:
             for k, v in result["decode_graph_sizes"].items()))
     if result.get("prefill"):
         print_prefill(result["prefill"], result.get("prefill_growth", {}))
-    result["wall_s"] = time.monotonic() - t_start
-    print(f"wrote {write_result(out, result)}")
-    return result
 
 
 if __name__ == "__main__":

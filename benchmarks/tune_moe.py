@@ -215,22 +215,7 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
 
 def main(argv=None) -> dict[str, dict]:
     """Returns {config file path: {tokens: MoELaunchConfig}}, the buckets tuned in this run."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=None,
-                    help=f"comma list of {', '.join(SHAPES)} (default: all; with --cpu-smoke: of {', '.join(SMOKE_SHAPES)})")
-    ap.add_argument("--tokens", default=None, help="comma list of token-count buckets (default: "
-                    f"{','.join(map(str, TOKENS))}; with --cpu-smoke {','.join(map(str, SMOKE_TOKENS))})")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
-                    help="fp8: the FP8 block-scaled fused MoE (W8A8, 128x128 weight blocks; tune_moe_fp8.py) against "
-                    "the bf16 one, into fp8_w8a8,E=..,N=..,device_name=..json")
-    ap.add_argument("--space", default="quick", choices=sorted(SPACES), help="values per axis and sweeps")
-    ap.add_argument("--iters", type=int, default=None,
-                    help=f"timed iterations per candidate (default {ITERS}, {SMOKE_ITERS} with --cpu-smoke)")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds (results so far are kept)")
-    ap.add_argument("--out-dir", default=None, help="where the JSON goes (default: the package's kernels/configs)")
-    ap.add_argument("--merge-from", default=None,
-                    help="where an existing file to merge into is read when --out-dir has none (default: kernels/configs)")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
+    ap = _parser()
     args = ap.parse_args(argv)
     if args.dtype == "fp8":
         from .tune_moe_fp8 import Fp8Kind
@@ -238,18 +223,7 @@ def main(argv=None) -> dict[str, dict]:
         kind = Fp8Kind()
     else:
         kind = Bf16Kind()
-    known = kind.shapes(args.cpu_smoke)
-    names = args.shapes.split(",") if args.shapes else list(known)
-    unknown = [s for s in names if s not in known]
-    if unknown:
-        ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(known)}")
-    shapes = {s: known[s] for s in names}
-    try:
-        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(SMOKE_TOKENS if args.cpu_smoke else TOKENS)
-    except ValueError:
-        ap.error(f"--tokens: {args.tokens!r} is not a comma list of positive integers")
-    if not tokens or min(tokens) < 1:
-        ap.error(f"--tokens: {args.tokens!r} is not a comma list of positive integers")
+    shapes, tokens = _shapes_and_tokens(ap, args, kind)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device, space = torch.device("cpu"), kind.space("smoke")
@@ -302,27 +276,76 @@ def main(argv=None) -> dict[str, dict]:
                 print(f"{name} T={T}: {why}, not tuned")
                 continue
             configs[T] = best
-            tuning[str(T)] = dict(seed=info["seed"], seed_ms=info["seed_ms"], tuned_ms=info["tuned_ms"],
-                                  tried=info["tried"], failed=info["failed"], pruned=info["pruned"])
-            if info["same"]:  # (FP8: candidates the wrapper launches as one already timed)
-                tuning[str(T)]["same_launch"] = info["same"]
-            if "bf16_ms" in info:
-                tuning[str(T)]["bf16_ms"] = info["bf16_ms"]
+            tuning[str(T)] = _tuning_row(info)
             write_config_file(path, {**fallback, **configs},
                               meta=dict(shape=dict(model=name, E=E, top_k=K, D=D, I=I), **kind.meta(args),
                                         tuned_on=meta["device"], date=meta["date"], commit=meta["commit"],
                                         triton=meta["triton"], tuning={k: tuning[k] for k in sorted(tuning, key=int)}))
             tuned.setdefault(str(path), {})[T] = best
-            cut = " (search cut short by its share of --budget-s: best found so far)" if time.monotonic() > deadline else ""
-            kept = "the seed, nothing beat it" if info["kept_seed"] else f"{info['seed_ms'] / info['tuned_ms']:.3f}x the seed"
-            print(f"  {name} T={T}: seed {info['seed']} {info['seed_ms']:.3f} ms; {info['tried']} timed, "
-                  f"{info['failed']} failed, {info['pruned']} pruned; kept {kept}{cut}")
-            print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}", flush=True)
-            if "bf16_ms" in info:  # the goal is this ratio (issue 31: bf16/fp8 >= 1.5 at 4096-16384 tokens)
-                print(f"RATIO {name} T={T}: fp8 {t * 1e3:.4f} ms / bf16 {info['bf16_ms']:.4f} ms = "
-                      f"{t * 1e3 / info['bf16_ms']:.3f} (bf16/fp8 {info['bf16_ms'] / (t * 1e3):.2f}x)", flush=True)
+            _print_bucket(name, T, t, best, info, deadline)
         print(f"wrote {path}" if str(path) in tuned else f"{name}: nothing tuned, {path} left as it was")
     return tuned
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None,
+                    help=f"comma list of {', '.join(SHAPES)} (default: all; with --cpu-smoke: of {', '.join(SMOKE_SHAPES)})")
+    ap.add_argument("--tokens", default=None, help="comma list of token-count buckets (default: "
+                    f"{','.join(map(str, TOKENS))}; with --cpu-smoke {','.join(map(str, SMOKE_TOKENS))})")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
+                    help="fp8: the FP8 block-scaled fused MoE (W8A8, 128x128 weight blocks; tune_moe_fp8.py) against "
+                    "the bf16 one, into fp8_w8a8,E=..,N=..,device_name=..json")
+    ap.add_argument("--space", default="quick", choices=sorted(SPACES), help="values per axis and sweeps")
+    ap.add_argument("--iters", type=int, default=None,
+                    help=f"timed iterations per candidate (default {ITERS}, {SMOKE_ITERS} with --cpu-smoke)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds (results so far are kept)")
+    ap.add_argument("--out-dir", default=None, help="where the JSON goes (default: the package's kernels/configs)")
+    ap.add_argument("--merge-from", default=None,
+                    help="where an existing file to merge into is read when --out-dir has none (default: kernels/configs)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpreter): checks the script only")
+    return ap
+
+
+def _shapes_and_tokens(ap: argparse.ArgumentParser, args: argparse.Namespace, kind) -> tuple[dict, list[int]]:
+    """The shapes and token-count buckets to tune, from the command line (argparse's error on an unknown shape or a
+    bad bucket list)."""
+    known = kind.shapes(args.cpu_smoke)
+    names = args.shapes.split(",") if args.shapes else list(known)
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        ap.error(f"--shapes: {unknown[0]!r} is not one of {', '.join(known)}")
+    shapes = {s: known[s] for s in names}
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(SMOKE_TOKENS if args.cpu_smoke else TOKENS)
+    except ValueError:
+        ap.error(f"--tokens: {args.tokens!r} is not a comma list of positive integers")
+    if not tokens or min(tokens) < 1:
+        ap.error(f"--tokens: {args.tokens!r} is not a comma list of positive integers")
+    return shapes, tokens
+
+
+def _tuning_row(info: dict) -> dict:
+    """What the config file records of one bucket's search (its `tuning` entry)."""
+    row = dict(seed=info["seed"], seed_ms=info["seed_ms"], tuned_ms=info["tuned_ms"],
+               tried=info["tried"], failed=info["failed"], pruned=info["pruned"])
+    if info["same"]:  # (FP8: candidates the wrapper launches as one already timed)
+        row["same_launch"] = info["same"]
+    if "bf16_ms" in info:
+        row["bf16_ms"] = info["bf16_ms"]
+    return row
+
+
+def _print_bucket(name: str, T: int, t: float, best, info: dict, deadline: float) -> None:
+    """One tuned bucket: its search, its result, and under FP8 the ratio to the bf16 MoE."""
+    cut = " (search cut short by its share of --budget-s: best found so far)" if time.monotonic() > deadline else ""
+    kept = "the seed, nothing beat it" if info["kept_seed"] else f"{info['seed_ms'] / info['tuned_ms']:.3f}x the seed"
+    print(f"  {name} T={T}: seed {info['seed']} {info['seed_ms']:.3f} ms; {info['tried']} timed, "
+          f"{info['failed']} failed, {info['pruned']} pruned; kept {kept}{cut}")
+    print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}", flush=True)
+    if "bf16_ms" in info:  # the goal is this ratio (issue 31: bf16/fp8 >= 1.5 at 4096-16384 tokens)
+        print(f"RATIO {name} T={T}: fp8 {t * 1e3:.4f} ms / bf16 {info['bf16_ms']:.4f} ms = "
+              f"{t * 1e3 / info['bf16_ms']:.3f} (bf16/fp8 {info['bf16_ms'] / (t * 1e3):.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

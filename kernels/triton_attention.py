@@ -273,6 +273,24 @@ def _warps(rows: int, block_h: int) -> int:
     return 8 if block_h >= 256 or rows >= 128 else 4
 
 
+def _paged_out(q_TNH: torch.Tensor, out: torch.Tensor | None, T: int, N: int, Hv: int) -> torch.Tensor:
+    """The result's buffer: the caller's `out` once checked to be [T, N, Hv] in q's dtype (rows contiguous), else a
+    workspace."""
+    if out is None:
+        return common.workspace((T, N, Hv), q_TNH.dtype, q_TNH.device)
+    if tuple(out.shape) != (T, N, Hv) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {Hv}] {q_TNH.dtype}.")
+    return out
+
+
+def _check_cache_dtypes(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor) -> None:
+    """The kernels read a cache in the query's dtype, or an fp8 one (K and V both) scaled by k_scale / v_scale."""
+    if k_cache_BLKH.dtype != q_TNH.dtype and (k_cache_BLKH.dtype not in FP8_CACHE_DTYPES
+                                              or v_cache_BLKH.dtype != k_cache_BLKH.dtype):
+        raise ValueError(f"cache dtypes {k_cache_BLKH.dtype} / {v_cache_BLKH.dtype} are invalid for q_TNH "
+                         f"{q_TNH.dtype}: the cache holds the query's dtype, or float8_e4m3fn for both K and V.")
+
+
 def triton_paged_attention(
     q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, meta: AttentionMetadata,
     scale: float, *, sinks_N: torch.Tensor | None = None, sliding_window: int | None = None,
@@ -288,10 +306,7 @@ def triton_paged_attention(
     also takes the batch's decode sequences); `out` receives the result.
     """
     T, N, H, L, K, Hv = paged_shapes(q_TNH, k_cache_BLKH, v_cache_BLKH)
-    if out is None:
-        out = common.workspace((T, N, Hv), q_TNH.dtype, q_TNH.device)
-    elif tuple(out.shape) != (T, N, Hv) or out.dtype != q_TNH.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is invalid: must be [{T}, {N}, {Hv}] {q_TNH.dtype}.")
+    out = _paged_out(q_TNH, out, T, N, Hv)
     _check_extras(q_TNH, sinks_N, sliding_window)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits={num_splits} is invalid: must be >= 1 (or None to plan).")
@@ -300,10 +315,7 @@ def triton_paged_attention(
     q_TNH = q_TNH if q_TNH.stride(-1) == 1 else q_TNH.contiguous()
     extras = dict(WINDOW=sliding_window is not None, SINKS=sinks_N is not None)
     window = sliding_window or 0
-    if k_cache_BLKH.dtype != q_TNH.dtype and (k_cache_BLKH.dtype not in FP8_CACHE_DTYPES
-                                              or v_cache_BLKH.dtype != k_cache_BLKH.dtype):
-        raise ValueError(f"cache dtypes {k_cache_BLKH.dtype} / {v_cache_BLKH.dtype} are invalid for q_TNH "
-                         f"{q_TNH.dtype}: the cache holds the query's dtype, or float8_e4m3fn for both K and V.")
+    _check_cache_dtypes(q_TNH, k_cache_BLKH, v_cache_BLKH)
     scale, v_scale = float(scale) * float(k_scale), float(v_scale)  # k_scale folds into the softmax scale
     sinks = sinks_N if sinks_N is not None else out  # a placeholder pointer when there are none (never read)
     G = N // K

@@ -23,7 +23,7 @@ class EngineCoreOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: int | str | None = None  # with finish_reason "error": the error (engine/core/lora_admission.py)
+    stop_reason: int | str | None = None  # with finish_reason "error": the error (engine/lora/admission.py)
     num_cached_tokens: int = 0
     # A finished request's KV-connector parameters for the engine that continues it (a prefill engine's: where a
     # decode engine loads its saved KV; scheduler/kv_connector.py `request_finished`); None without.

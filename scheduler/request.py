@@ -78,19 +78,22 @@ class Request:
         multimodal: Any = None,
         must_load: str = "",
     ) -> None:
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
-        if len(prompt_token_ids) == 0:
-            raise ValueError(f"Request.prompt_token_ids of {request_id!r} is invalid: must hold at least one token.")
-        if max_tokens is not None and not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1):
-            raise ValueError(f"Request.max_tokens={max_tokens!r} is invalid: must be an integer >= 1 or None.")
-        if not (isinstance(min_tokens, int) and min_tokens >= 0):
-            raise ValueError(f"Request.min_tokens={min_tokens!r} is invalid: must be an integer >= 0.")
-        if not (isinstance(client, tuple) and all(isinstance(c, str) for c in client)):
-            raise ValueError(f"Request.client={client!r} is invalid: must be a tuple of strings (() for anonymous).")
+        _check_args(request_id, prompt_token_ids, max_tokens, min_tokens, client, cache_salt, lora_id, lora)
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        self._init_feature_records(sampling_params)
+        self._init_stop_rules(max_tokens, eos_token_ids, ignore_eos, stop_token_ids, min_tokens)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # Who sent it, widest name first (e.g. ("host:10.0.0.5", "conn:51234"); the server sets it,
+        # engine/server/client_identity.py): the scheduler shares slots and tokens fairly among clients
+        # (scheduler/fairness.py). The n samples of one request share their parent's. (): anonymous (offline use).
+        self.client = client
+        self._init_progress()
+        self._init_kv_keys(cache_salt, lora_id, lora, multimodal, must_load)
+
+    def _init_feature_records(self, sampling_params: Optional[SamplingOptions]) -> None:
+        """What the request's optional outputs gather while its steps run (prompt logprobs, routed experts)."""
         # Prompt logprobs asked: every prompt token is computed (no prefix-cache or KV-load hit), and what the steps
         # score gathers here by prompt position until the first output carries it (scheduler/step_output.py).
         self.prompt_logprobs: dict[int, TokenLogprobs] | None = (
@@ -103,6 +106,10 @@ class Request:
         # Every prompt token computed by this request's own steps: no prefix-cache or KV-load hit (prompt logprobs
         # and routed experts come from the forward, not from KV another request computed).
         self.computes_whole_prompt = self.prompt_logprobs is not None or self.routed_pending is not None
+
+    def _init_stop_rules(self, max_tokens: int | None, eos_token_ids: Iterable[int], ignore_eos: bool,
+                         stop_token_ids: Iterable[int], min_tokens: int) -> None:
+        """What ends the request: its length limit, EOS and stop ids (as the scheduler's fast checks read them)."""
         self.max_tokens = max_tokens
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
         self.ignore_eos = ignore_eos
@@ -114,12 +121,9 @@ class Request:
         # Token ids that may end the request by value (EOS unless ignored, stop ids), as one set: the
         # scheduler's decode loop tests each sampled token once; `_check_stop` applies the full rules.
         self.stop_check_ids: frozenset[int] = self.stop_token_ids | (frozenset() if ignore_eos else self.eos_token_ids)
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        # Who sent it, widest name first (e.g. ("host:10.0.0.5", "conn:51234"); the server sets it,
-        # engine/server/client_identity.py): the scheduler shares slots and tokens fairly among clients
-        # (scheduler/fairness.py). The n samples of one request share their parent's. (): anonymous (offline use).
-        self.client = client
 
+    def _init_progress(self) -> None:
+        """Where the request stands: its tokens so far, its state and counters, its drafts and block hashes."""
         self.output_token_ids: list[int] = []
         # Prompt followed by output tokens, kept as one list and appended to, so that reading it every step
         # costs nothing (a `prompt + output` property would copy). A plain attribute, not a property: the
@@ -151,17 +155,17 @@ class Request:
         # the KV cache manager. Tokens are only ever appended, so a hash once
         # computed stays valid, preemptions included.
         self.block_hashes: list[bytes] = []
+
+    def _init_kv_keys(self, cache_salt: bytes, lora_id: int, lora: object, multimodal: Any, must_load: str) -> None:
+        """What its KV depends on besides the token ids (the salt, the adapter, the images), and whether it may only
+        load its prompt's KV. Checked by _check_args."""
         # What the KV depends on besides the token ids, as tagged parts (b"lora:<name>", the images' hashes, a
         # tenant's salt): the block hash chain starts from a root of its own (block_pool.root_block_hash), so KV
         # is shared only between requests with the same salt. Set before the first schedule; never changes.
-        if not isinstance(cache_salt, bytes):
-            raise ValueError(f"Request.cache_salt={cache_salt!r} is invalid: must be bytes (b'' for none).")
         self.cache_salt = cache_salt
         self.cache_root: bytes = root_block_hash(cache_salt)
         # Its LoRA adapter: the id the scheduler counts against max_loras (0: the base model), and the engine's
         # adapter (a LoRARequest) carried to the ranks, not read here.
-        if not (isinstance(lora_id, int) and lora_id >= 0) or (lora_id == 0) != (lora is None):
-            raise ValueError(f"Request.lora_id={lora_id!r} is invalid: an integer >= 1 with its adapter, 0 without.")
         self.lora_id, self.lora = lora_id, lora
         # Carried to the worker, not read here: the request's processed images (engine/multimodal/inputs.py); None
         # for text. Its image hashes are in cache_salt.
@@ -221,3 +225,22 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, outputs={self.num_output_tokens})")
+
+
+def _check_args(request_id, prompt_token_ids, max_tokens, min_tokens, client, cache_salt, lora_id, lora) -> None:
+    """Refuse a request the scheduler could not run (each error names the argument and what is allowed)."""
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"Request.request_id={request_id!r} is invalid: must be a non-empty string.")
+    if len(prompt_token_ids) == 0:
+        raise ValueError(f"Request.prompt_token_ids of {request_id!r} is invalid: must hold at least one token.")
+    if max_tokens is not None and not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1):
+        raise ValueError(f"Request.max_tokens={max_tokens!r} is invalid: must be an integer >= 1 or None.")
+    if not (isinstance(min_tokens, int) and min_tokens >= 0):
+        raise ValueError(f"Request.min_tokens={min_tokens!r} is invalid: must be an integer >= 0.")
+    if not (isinstance(client, tuple) and all(isinstance(c, str) for c in client)):
+        raise ValueError(f"Request.client={client!r} is invalid: must be a tuple of strings (() for anonymous).")
+    if not isinstance(cache_salt, bytes):
+        raise ValueError(f"Request.cache_salt={cache_salt!r} is invalid: must be bytes (b'' for none).")
+    if not (isinstance(lora_id, int) and lora_id >= 0) or (lora_id == 0) != (lora is None):
+        raise ValueError(f"Request.lora_id={lora_id!r} is invalid: an integer >= 1 with its adapter, 0 without.")
+

@@ -51,7 +51,19 @@ def _mm_limits(text: str) -> dict:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags, named as vLLM names them."""
+    """Engine flags, named as vLLM names them, one group of concerns after the other (the order `--help` shows)."""
+    _add_model_args(p)
+    _add_memory_args(p)
+    _add_parallel_args(p)
+    _add_step_loop_args(p)
+    _add_request_feature_args(p)
+    _add_lora_args(p)
+    add_vllm_engine_flags(p)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """What is served and in what precision: the checkpoint, its dtype and quantization, the KV cache's
+    dtype, the longest sequence, a multimodal model's image limits."""
     p.add_argument("model", help="a local Hugging Face checkpoint directory, or a Hugging Face repo id ('org/name'): "
                                  "read from the Hugging Face cache, downloaded when missing unless HF_HUB_OFFLINE=1")
     p.add_argument("--revision", default=None,
@@ -85,6 +97,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mm-max-pixels", type=int, default=None, metavar="N",
                    help="the most pixels (width x height) one image, or one frame of a video, may have (default "
                         "33554432)")
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    """How much runs at once and in how much memory: sequences and tokens per step, the KV cache's blocks
+    and share of device memory, the prefix cache, the device."""
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences running at once on each rank (a step's decode batch; default %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=human_int, default=None)
@@ -98,6 +115,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-enable-prefix-caching", "--disable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false")
     p.add_argument("--device", default="auto")
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Expert and tensor parallelism: the group sizes, the Ray cluster, the all-to-all, redundant experts
+    and online load balancing."""
     # -ep: vLLM's short for --enable-expert-parallel, bare, and moelink's size with a number (add_vllm_engine_flags).
     p.add_argument(*(f for f in EP_FLAGS if f != "-ep"), dest="expert_parallel_size", type=int, default=1, metavar="N",
                    help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1); with -tp, the whole "
@@ -121,6 +143,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "fixed-capacity all-to-alls (torch_padded, nccl): fixed buffers, no counts exchange, CUDA-graph "
                         "safe; larger or mixed steps run high-throughput, sized from the step (default: --max-num-seqs, "
                         "times 1 + k with k speculative tokens)")
+
+
+def _add_step_loop_args(p: argparse.ArgumentParser) -> None:
+    """How the step loop runs and what ends it: overlap, timeouts, a lost rank (elastic EP, rejoin), CUDA
+    graphs, warm-up."""
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="overlap the host's work for step N+1 (scheduling, inputs, sampling set-up, outputs) with "
                         "the device's step N (default on; --no-async-scheduling: the serial loop)")
@@ -146,9 +173,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=f"how long after a rank loss the replacement is started (default {DEFAULT_REJOIN_DELAY_S:g})")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="never replay CUDA graphs (default: decode steps on CUDA replay captured graphs)")
+    p.add_argument("--cuda-graph-sizes", "--cudagraph-capture-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
+                        "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
     p.add_argument("--skip-warmup", action="store_true",
                    help="serve without first compiling and running every kernel variant a request can hit (a "
                         "faster restart; the first requests then pay the compiles)")
+
+
+def _add_request_feature_args(p: argparse.ArgumentParser) -> None:
+    """What requests may ask for beyond plain generation: speculative decoding, fair shares among
+    clients, RL weight updates, structured outputs (grammars), routed experts, batch-invariant results."""
     p.add_argument("--speculative-config", "-sc", default=None, metavar="JSON",
                    help="speculative decoding, as vLLM spells it: '{\"method\": \"ngram\", "
                         "\"num_speculative_tokens\": 3}' (prompt lookup; prompt_lookup_max / prompt_lookup_min "
@@ -171,9 +206,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(default %(default)d)")
     p.add_argument("--grammar-compile-workers", type=int, default=DEFAULT_GRAMMAR_COMPILE_WORKERS, metavar="N",
                    help="processes that compile grammars, one compile each at a time (default %(default)d)")
-    p.add_argument("--cuda-graph-sizes", "--cudagraph-capture-sizes", type=int, nargs="+", default=None, metavar="N",
-                   help="decode batch sizes to capture (default: 1 2 4 8, every 8 to 64, every 16 to 256, every 32 "
-                        "to 512, capped at --max-num-seqs; larger batches decode eagerly)")
     p.add_argument("--enable-return-routed-experts", dest="enable_return_routed_experts", action="store_true",
                    default=False, help=row("--enable-return-routed-experts").says)
     p.add_argument("--disable-return-routed-experts", dest="enable_return_routed_experts", action="store_false",
@@ -182,8 +214,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a request's tokens and logprobs bitwise the same whatever else is in the batch, and a "
                         "decode step's logprob equal to the re-prefilled prompt logprob (docs/rl.md; vLLM's "
                         "VLLM_BATCH_INVARIANT=1 too). GQA, MLA, DSA, gated-DeltaNet and KDA models, one rank or expert-parallel; slower kernels")
-    _add_lora_args(p)
-    add_vllm_engine_flags(p)
 
 
 def _add_lora_args(p: argparse.ArgumentParser) -> None:

@@ -4,11 +4,20 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from .kv_transfer_params import KVTransferParams
 from .safe_text import shown
 from .structured_output_params import StructuredOutputParams
+
+if TYPE_CHECKING:  # types only: `moelink serve`'s flag parsing imports this module, and neither numpy nor torch
+    import numpy as np
+    import torch
+
+    # What forced_routed_experts takes: an integer array [positions, MoE layers, top_k] as numpy, torch or nested
+    # lists; validation leaves an int32 numpy array in its place.
+    ForcedRouting = Union[np.ndarray, torch.Tensor, Sequence[Sequence[Sequence[int]]]]
+
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -83,7 +92,7 @@ class SamplingParams:
     # top-k, int [n <= prompt length, MoE layers, top_k] of logical expert ids (a row of -1: that position's router
     # decides; MaxText's forced_routed_experts, tunix's -1 sentinel). Their weights are the router's scores at
     # those experts (moe/routing_replay.py). Read into an int32 numpy array.
-    forced_routed_experts: Optional[Any] = None
+    forced_routed_experts: Optional[ForcedRouting] = None
     # Keep only the prompt's last k tokens; -1: as many as fit beside max_tokens (vLLM's "the model's limit").
     truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True

@@ -102,6 +102,25 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     passes the name of the proto field it came from). `compile_grammar=False`: leave `grammar` unset for a
     caller that awaits the compile itself (AsyncEngine.compile_grammar), holding no thread while it runs.
     """
+    params = _checked_params(engine, request_id, params)
+    lora = _checked_lora(engine, lora_request)
+    text, ids, mm, field = _prompt_token_ids(engine, prompt, params, field)
+    ids = _fitted_prompt(engine, ids, params, field, text, mm)
+    max_tokens = _max_tokens(engine, ids, params, field)
+    grammar = None
+    if params.structured_outputs is not None and compile_grammar:
+        # Compiled on the grammar pool; this caller waits, the engine loop does not.
+        grammar = engine.grammars.compile(params.structured_outputs)
+    # The KV's salt: each feature's tagged part (an adapter's, the images', the given routing's), concatenated.
+    salt = ((lora.cache_salt if lora is not None else b"") + (mm.cache_salt if mm is not None else b"")
+            + forced_routing_salt(engine, params, len(ids)))
+    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, lora=lora, cache_salt=salt,
+                            multimodal=mm, must_load=NO_PIXELS if mm is not None and not mm.pixels else "")
+
+
+def _checked_params(engine, request_id: str, params: SamplingParams | None) -> SamplingParams:
+    """The request id and the sampling parameters this engine can honour (None: the defaults); what it was not
+    started for (routed experts, a KV transfer) is refused, never silently dropped."""
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id={shown(request_id)} is invalid: must be a non-empty string.")
     params = SamplingParams() if params is None else params
@@ -123,12 +142,23 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
     if params.kv_transfer_params is not None and hasattr(engine.config.kv_connector, "check_params"):
         # A KV source outside the engine's peers is refused here, before any connection (engine/kv_transfer/peers.py).
         engine.config.kv_connector.check_params(params.kv_transfer_params)
-    lora = None
-    if lora_request is not None:
-        if engine.lora_checker is None:  # refused, not served by the base model
-            raise ValueError(f"lora_request={lora_request!r} is invalid: this engine serves no LoRA adapters; start "
-                             "it with enable_lora=True (--enable-lora).")
-        lora = engine.lora_checker.check(lora_request)
+    return params
+
+
+def _checked_lora(engine, lora_request: LoRARequest | None) -> LoRARequest | None:
+    """The request's adapter checked against the checkpoint (engine/lora/checker.py); None: the base model."""
+    if lora_request is None:
+        return None
+    if engine.lora_checker is None:  # refused, not served by the base model
+        raise ValueError(f"lora_request={lora_request!r} is invalid: this engine serves no LoRA adapters; start "
+                         "it with enable_lora=True (--enable-lora).")
+    return engine.lora_checker.check(lora_request)
+
+
+def _prompt_token_ids(engine, prompt: PromptType, params: SamplingParams, field: str | None
+                      ) -> tuple[str | None, list[int], MultimodalInputs | None, str]:
+    """(its text or None, its token ids, its processed images or None, what messages call it) of a prompt given as
+    text, token ids or a vLLM prompt dict (with images: their placeholders expanded in the ids)."""
     text = None
     mm = None
     if isinstance(prompt, dict):
@@ -157,6 +187,13 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         raise ValueError(f"{field} of type {type(prompt).__name__} is invalid: pass a string or a list of token ids.")
     if not ids:
         raise ValueError(f"{field} is empty: give at least one character or token id.")
+    return text, ids, mm, field
+
+
+def _fitted_prompt(engine, ids: list[int], params: SamplingParams, field: str, text: str | None,
+                   mm: MultimodalInputs | None) -> list[int]:
+    """The prompt's ids truncated as asked (truncate_prompt_tokens), checked to fit the model and the KV cache and
+    to be token ids of its vocabulary (cheapest check first: a long list is refused before each id is read)."""
     max_len = engine.config.scheduler.max_model_len
     keep = kept_prompt_tokens(params, max_len)
     if keep is not None:
@@ -181,6 +218,13 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
             f"{field} has {len(ids)} tokens, more than the KV cache holds ({blocks} blocks of {bs} tokens"
             f"{alone}): raise num_kv_blocks / kv_cache_memory_bytes or shorten the prompt."
         )
+    return ids
+
+
+def _max_tokens(engine, ids: list[int], params: SamplingParams, field: str) -> int:
+    """The most tokens the request may generate: its max_tokens, or what the context leaves after the prompt when
+    unset; its stop token ids checked against the vocabulary first."""
+    vocab, max_len = engine.config.model.vocab_size, engine.config.scheduler.max_model_len
     bad = _first_bad_id(params.stop_token_ids, vocab)
     if bad is not None:
         raise ValueError(f"SamplingParams.stop_token_ids contains {shown(params.stop_token_ids[bad])}: "
@@ -190,16 +234,7 @@ def process_inputs(engine, request_id: str, prompt: PromptType, params: Sampling
         # Refused, not clamped (vLLM answers 400): a client that asked for N tokens and silently got fewer
         # would read finish_reason="length" as its own limit.
         raise max_tokens_too_large(field, params.max_tokens, len(ids), max_len)
-    max_tokens = room if params.max_tokens is None else params.max_tokens
-    grammar = None
-    if params.structured_outputs is not None and compile_grammar:
-        # Compiled on the grammar pool; this caller waits, the engine loop does not.
-        grammar = engine.grammars.compile(params.structured_outputs)
-    # The KV's salt: each feature's tagged part (an adapter's, the images', the given routing's), concatenated.
-    salt = ((lora.cache_salt if lora is not None else b"") + (mm.cache_salt if mm is not None else b"")
-            + forced_routing_salt(engine, params, len(ids)))
-    return ProcessedRequest(request_id, text, ids, params, max_tokens, grammar, lora=lora, cache_salt=salt,
-                            multimodal=mm, must_load=NO_PIXELS if mm is not None and not mm.pixels else "")
+    return room if params.max_tokens is None else params.max_tokens
 
 
 def forced_routing_salt(engine, params: SamplingParams, num_prompt_tokens: int) -> bytes:

@@ -48,7 +48,7 @@ from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 from ..lora.checker import AdapterChecker
 from ..lora.loader import AdapterLoader
-from .lora_admission import LoRAAdmission
+from ..lora.admission import LoRAAdmission
 from ..lora.slot_table import SlotTable
 from ..config.lora import routed_lora_refusal
 from .startup import set_eplb_slot_bytes, size_kv_cache, warm_up_ranks
@@ -105,8 +105,9 @@ class LLMEngine(RLControl):
         self.lora_checker = (AdapterChecker(config.lora, config.model.model, routed_lora_refusal(config.parallel, config.model.architecture))
                              if config.lora is not None else None)
         # ... and their weights read on a worker thread, the request held back meanwhile (engine/lora/loader.py).
-        self.lora_admission = (LoRAAdmission(AdapterLoader(config.lora, self.lora_checker.targets, config.model.model))
-                               if self.lora_checker is not None else None)
+        self.lora_admission: LoRAAdmission[ProcessedRequest] | None = (
+            LoRAAdmission(AdapterLoader(config.lora, self.lora_checker.targets, config.model.model))
+            if self.lora_checker is not None else None)
         # Data-parallel attention: one scheduler (and KV pool) per rank.
         self.world_size = config.parallel.world_size
         kvc = config.kv_connector  # a KV connector's scheduler half per rank (engine/contract/kv_connector.py)

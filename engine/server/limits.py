@@ -113,19 +113,39 @@ def limits_from(ns: argparse.Namespace) -> RequestLimits:
 # -- the table of docs/serving.md --------------------------------------------------
 def bad_input_table(limits: RequestLimits | None = None) -> str:
     """Markdown: field -> limit -> status, from the limits the servers enforce."""
-    from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
-                                         DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
-    from ..contract.json_depth import MAX_JSON_DEPTH
-    from ..contract.sampling_params import FLOAT_RANGES, MAX_LOGPROBS
-    from .pd_role import MAX_KV_PARAMS_JSON
-
     lim = limits or RequestLimits()
+    rows = _request_rows(lim) + _sampling_rows(lim) + _other_rows(lim)
+    lines = ["| field | limit | refused with |", "|---|---|---|"]
+    lines += [f"| {f} | {limit} | {status} |" for f, limit, status in rows]
+    lines.append("")
+    lines.append("Every list is checked by its length before any of its entries is looked at, and every field of "
+                 "every RPC is measured on the wire before the request is parsed (`engine/server/wire_bounds.py`). "
+                 "The same checks hold on `--port` and on `--gateway-port`, with or without `--api-key`; a request "
+                 "without a valid `--api-key` is refused unparsed. Client values quoted in error messages and logs are "
+                 "cut to "
+                 f"{MAX_SHOWN_CHARS} characters, with control characters escaped (text logs quote fields "
+                 "logfmt-style).")
+    lines.append("")
+    lines.append("B is the tokenizer's longest token (times what normalization can shrink), so the text bound is "
+                 "loose for large vocabularies: with 128-byte tokens and max_model_len 40960 it is about 5 MB, and "
+                 "text under it is tokenized (on a worker thread, about 1 s per MB, never on the event loop) "
+                 "before its token count can refuse it; cap request sizes with `--max-message-size` where that "
+                 "matters.")
+    return "\n".join(lines)
 
-    def flag(name):
-        return f"`--{name.replace('_', '-')}`"
 
-    invalid = "INVALID_ARGUMENT"
-    rows = [
+_INVALID = "INVALID_ARGUMENT"
+Row = tuple[str, str, str]  # (field, limit, refused with)
+
+
+def _flag(name: str) -> str:
+    return f"`--{name.replace('_', '-')}`"
+
+
+def _request_rows(lim: RequestLimits) -> list[Row]:
+    """The table's rows on a request as a whole (its size, metadata, encoding) and its id and prompt."""
+    invalid, flag = _INVALID, _flag
+    return [
         ("any request", f"at most {DEFAULT_MAX_MESSAGE_SIZE >> 20} MiB (`--max-message-size`), and at most what the "
                         f"largest request within these limits needs (at least {RECEIVE_FLOOR_BYTES >> 20} MiB): "
                         "refused by gRPC from the message's length prefix, before it is received",
@@ -150,6 +170,15 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
                                                            "(-1 keeps what fits beside max_tokens); "
                                                            "refused by the count alone, and before parsing when "
                                                            "the packed ids' bytes / 5 reach max_model_len", invalid),
+    ]
+
+
+def _sampling_rows(lim: RequestLimits) -> list[Row]:
+    """The table's rows on its sampling parameters."""
+    from ..contract.sampling_params import FLOAT_RANGES, MAX_LOGPROBS
+
+    invalid, flag = _INVALID, _flag
+    rows = [
         ("`sampling_params`", f"at most {lim.max_sampling_params_bytes()} bytes, what the limits below allow "
                               "(refused before parsing)", invalid),
         ("`sampling_params.max_tokens`", "at least 1, and prompt tokens + max_tokens at most max_model_len, as in "
@@ -164,10 +193,23 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
     ]
     rows += [(f"`sampling_params.{name}`", f"a finite number in {allowed}", invalid)
              for name, allowed in FLOAT_RANGES.items()]
-    rows += [
+    rows.append(
         ("`sampling_params.logprobs`, VllmEngine's `prompt_logprobs`",
          f"0 to {lim.max_logprobs} (`--max-logprobs`, at most {MAX_LOGPROBS}; prompt logprobs: no prefix-cache hit)",
-         invalid),
+         invalid))
+    return rows
+
+
+def _other_rows(lim: RequestLimits) -> list[Row]:
+    """The table's rows on the other methods, the HTTP gateway's bodies, grammars, KV transfer parameters and the
+    queues."""
+    from ..config.grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS,
+                                         DEFAULT_MAX_GRAMMAR_CHARS, DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES)
+    from ..contract.json_depth import MAX_JSON_DEPTH
+    from .pd_role import MAX_KV_PARAMS_JSON
+
+    invalid, flag = _INVALID, _flag
+    return [
         ("`AbortRequest.request_ids`", f"at most {lim.max_abort_ids} ids ({flag('max_abort_ids')}), each at most "
                                        f"{4 * lim.max_request_id_chars} bytes: counted and measured before parsing",
          invalid),
@@ -202,23 +244,6 @@ def bad_input_table(limits: RequestLimits | None = None) -> str:
                                                    "an empty queue admits one request of any size",
          "RESOURCE_EXHAUSTED"),
     ]
-    lines = ["| field | limit | refused with |", "|---|---|---|"]
-    lines += [f"| {f} | {limit} | {status} |" for f, limit, status in rows]
-    lines.append("")
-    lines.append("Every list is checked by its length before any of its entries is looked at, and every field of "
-                 "every RPC is measured on the wire before the request is parsed (`engine/server/wire_bounds.py`). "
-                 "The same checks hold on `--port` and on `--gateway-port`, with or without `--api-key`; a request "
-                 "without a valid `--api-key` is refused unparsed. Client values quoted in error messages and logs are "
-                 "cut to "
-                 f"{MAX_SHOWN_CHARS} characters, with control characters escaped (text logs quote fields "
-                 "logfmt-style).")
-    lines.append("")
-    lines.append("B is the tokenizer's longest token (times what normalization can shrink), so the text bound is "
-                 "loose for large vocabularies: with 128-byte tokens and max_model_len 40960 it is about 5 MB, and "
-                 "text under it is tokenized (on a worker thread, about 1 s per MB, never on the event loop) "
-                 "before its token count can refuse it; cap request sizes with `--max-message-size` where that "
-                 "matters.")
-    return "\n".join(lines)
 
 
 DOC_PAGE = "docs/serving.md"  # the page that holds the table, relative to the repository root

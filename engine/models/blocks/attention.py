@@ -7,7 +7,7 @@ Attention, kimi_delta.py: gated DeltaNet with a decay per key channel). A family
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,14 @@ from ..layers import ForwardContext
 from ..mla import MLAAttention
 from .context import BuildContext
 from .registry import Registry
+
+
+class LayerAttentionConfig(Protocol):
+    """What every layer's attention config has (GQAConfig, MLAConfig, LinearAttentionConfig, a family's own): its
+    `kind`, the key of ATTENTION; the rest is its kind's (each builder reads its own config class)."""
+
+    @property
+    def kind(self) -> str: ...
 
 
 class StateHook(Protocol):
@@ -38,7 +46,7 @@ class AttentionKind:
     `module.weight_plan(prefix)`. state_hook(the model's modules of this kind) -> its StateHook, or None."""
 
     module_name: str
-    build: Callable[[BuildContext, int, Any], nn.Module]
+    build: Callable[[BuildContext, int, LayerAttentionConfig], nn.Module]
     state_hook: Callable[[Sequence[nn.Module]], StateHook | None] = lambda mixers: None
 
 
@@ -96,4 +104,4 @@ ATTENTION.add("block_sparse", AttentionKind("self_attn", _block_sparse))
 ATTENTION.add("linear", AttentionKind("linear_attn", _linear, _ReplayLinear))
 ATTENTION.add("kda", AttentionKind("self_attn", _kda, _ReplayLinear))
 
-__all__ = ["ATTENTION", "AttentionKind", "StateHook"]
+__all__ = ["ATTENTION", "AttentionKind", "LayerAttentionConfig", "StateHook"]

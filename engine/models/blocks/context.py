@@ -3,7 +3,7 @@ parts several layers share (rotary tables, a family's quantization reading)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar, cast
 
 import torch
 
@@ -15,6 +15,9 @@ from ...config.model import ModelConfig
 from ...tp.group import TensorParallel
 from ..rope import RotaryEmbedding
 
+if TYPE_CHECKING:  # a type only, as engine/models/layers.py names it
+    from moelink.kernels.ops import Kernels
+
 T = TypeVar("T")
 
 
@@ -24,7 +27,7 @@ class BuildContext:
 
     cfg: ModelConfig
     spec: ArchSpec
-    kernels: Any
+    kernels: Kernels
     device: torch.device
     ep: ExpertParallel | None
     stats: MoEStats
@@ -33,13 +36,14 @@ class BuildContext:
     rope_override: RotaryEmbedding | None = None  # an MTP layer's own table (engine/spec/heads/mtp.py)
     # An MTP layer's row in its own MoEStats (its index is past the main layers'); None: its index in sparse_layers.
     moe_index: int | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
+    # The shared parts by key, each whatever its maker made (`shared` hands it back as that type).
+    cache: dict[str, object] = field(default_factory=dict)
 
     def shared(self, key: str, make: Callable[[], T]) -> T:
         """The model's one `key` part, made on first use: layers that share it hold the same object."""
         if key not in self.cache:
             self.cache[key] = make()
-        return self.cache[key]
+        return cast(T, self.cache[key])  # made by `make` under this key: one key, one maker
 
     def rope(self, layer_idx: int) -> RotaryEmbedding | None:
         """One table per distinct rope: one for most models, one per layer kind where the kinds rotate differently

@@ -12,7 +12,7 @@ Legend: T tokens, D hidden, E experts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -72,12 +72,21 @@ def overlapped(routed: Stages, shared: Callable[[], torch.Tensor]) -> Stages:
     return routed_TD + shared_TD
 
 
+class TokenSlice(Protocol):
+    """What a routed block runs on this rank's token slice under TP with EP (engine/tp/experts.token_sliced_stages):
+    its MoE layer, or the layer with what else the block needs (shared experts, the slice's token ids)."""
+
+    def stages(self, h_tD: torch.Tensor) -> Stages: ...
+
+
 class FFNBlock(ABC):
     """One layer's FFN block. `modules`: what the layer holds, by attribute name, in registration order.
     `moe`: its routed experts (None in a dense layer): expert parallelism, valid rows and the counters act on them.
     `expert_shard`: the experts split over a TP group by channels (engine/tp/experts.py), else None."""
 
     modules: dict[str, nn.Module]
+    # A MoELayer, or a family's subclass whose stages take more (DeepSeek-V4's TokenRoutedMoELayer: the token ids):
+    # typed loosely so that a family's block calls its own layer's stages without a cast.
     moe: Any = None
     expert_shard: ExpertShard | None = None
 
@@ -85,8 +94,8 @@ class FFNBlock(ABC):
     def stages(self, h_TD: torch.Tensor, input_ids_T: torch.Tensor | None) -> Stages:
         """The block on h's rows (their token ids beside them, for the kinds that route by them)."""
 
-    def sliced(self, input_ids_T: torch.Tensor | None, tp: TensorParallel) -> Any:
-        """What token_sliced_stages runs on this rank's token slice: an object with `stages(h_tD)`. Only a block
+    def sliced(self, input_ids_T: torch.Tensor | None, tp: TensorParallel) -> TokenSlice:
+        """What token_sliced_stages runs on this rank's token slice. Only a block
         with routed experts is sliced (ffn_stages asks for it when `moe` is set)."""
         raise TypeError(f"{type(self).__name__} has no routed experts: it is never run token-sliced.")
 
@@ -169,8 +178,8 @@ class RoutedFFN(FFNBlock):
     def stages(self, h_TD: torch.Tensor, input_ids_T: torch.Tensor | None) -> Stages:
         return (yield from self.mlp.stages(h_TD))  # MoELayer / SharedExpertsMoE
 
-    def sliced(self, input_ids_T: torch.Tensor | None, tp: TensorParallel) -> Any:
-        return self.mlp
+    def sliced(self, input_ids_T: torch.Tensor | None, tp: TensorParallel) -> TokenSlice:
+        return self.mlp  # MoELayer / SharedExpertsMoE
 
     def moe_only_stages(self, x_0D: torch.Tensor) -> Stages:
         return (yield from self.moe.stages(x_0D))
@@ -313,4 +322,4 @@ def _expert_rows(expert_ids: list[int], num_experts: int) -> tuple:
     return (torch.tensor(expert_ids, dtype=torch.long),)
 
 
-__all__ = ["FFN", "FFNBlock", "SharedExpertsMoE", "ffn_kind", "ffn_stages", "fused_experts_name", "overlapped"]
+__all__ = ["FFN", "FFNBlock", "SharedExpertsMoE", "TokenSlice", "ffn_kind", "ffn_stages", "fused_experts_name", "overlapped"]

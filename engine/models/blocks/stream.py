@@ -15,7 +15,7 @@ Legend: T tokens, D hidden.
 from __future__ import annotations
 
 from abc import ABC, ABCMeta, abstractmethod
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol, Union
 
 import torch
 from torch import nn
@@ -26,12 +26,18 @@ from moelink.moe.weight_plan import WeightPlan
 from ...config.architectures import ArchSpec
 from ...config.model import ModelConfig
 from ..layers import AuxCapture, ForwardContext, RMSNorm
-from .attention import AttentionKind
+from .attention import AttentionKind, LayerAttentionConfig, StateHook
 from .context import BuildContext
 from .ffn import FFNBlock, ffn_stages
 from .registry import Registry
 
-EMBEDDING: Registry[Callable[[ModelConfig, torch.Tensor], Any]] = Registry("embedding")
+# The residual stream between layers, in its residual kind's form: the prenorm kinds' (x_TD, residual_TD), residual
+# None before the first layer (the deferred add), or the hyper-connection kinds' n streams x_TnD. An embedding kind
+# makes it, each layer passes it on, a head kind ends it.
+PreNormState = tuple[torch.Tensor, Union[torch.Tensor, None]]
+StreamState = Union[PreNormState, torch.Tensor]
+
+EMBEDDING: Registry[Callable[[ModelConfig, torch.Tensor], StreamState]] = Registry("embedding")
 EMBEDDING.add("plain", lambda cfg, x_TD: (x_TD, None))  # PreNormLayer's (x, residual), no residual yet
 
 
@@ -47,7 +53,7 @@ class Head(ABC):
     lm_head_float32 = False
 
     @abstractmethod
-    def finish(self, state: Any) -> torch.Tensor:
+    def finish(self, state: StreamState) -> torch.Tensor:
         """The last layer's stream -> the final-normed hidden states [T, D]."""
 
     @abstractmethod
@@ -67,7 +73,7 @@ class PlainHead(Head):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device)
         self.modules = {"norm": self.norm}
 
-    def finish(self, state: Any) -> torch.Tensor:
+    def finish(self, state: StreamState) -> torch.Tensor:
         h_TD, _ = self.norm.add_forward(*state)
         return h_TD
 
@@ -86,7 +92,7 @@ class Layer(nn.Module, metaclass=ABCMeta):
         super().__init__()
         self.tp = ctx.tp
 
-    def install(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+    def install(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: LayerAttentionConfig,
                 ffn: Callable[[BuildContext, int], FFNBlock]) -> None:
         """Build the mixer and the FFN block and hold their modules (attention first, as the checkpoint lists them)."""
         self.mixer_name = attention.module_name
@@ -101,16 +107,16 @@ class Layer(nn.Module, metaclass=ABCMeta):
     def mixer(self) -> nn.Module:
         return getattr(self, self.mixer_name)
 
-    def state_hook(self) -> Any:
+    def state_hook(self) -> StateHook | None:
         """What the layer's own per-sequence state beside its mixer's does around a verify step (a StateHook:
         blocks/attention.py), or None: most layers keep none (Qwen3.8-Flash-Next's PLE does)."""
         return None
 
-    def forward(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None, ctx: ForwardContext):
+    def forward(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None, ctx: ForwardContext):
         return run_stages(self.stages(positions_T, state, input_ids_T, ctx))
 
     @abstractmethod
-    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
+    def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
         """The layer as stages (moe.layer.MoELayer.stages): yields while its MoE all-to-all is in flight, returns
         the stream after it. A dense layer never yields."""
@@ -122,15 +128,15 @@ class Layer(nn.Module, metaclass=ABCMeta):
 
     @staticmethod
     @abstractmethod
-    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+    def capture(aux: AuxCapture, n: int, state: StreamState) -> None:
         """Keep the stream after `n` layers for a drafter (ForwardContext.aux)."""
 
 
 class LayerClass(Protocol):
-    def __call__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+    def __call__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: LayerAttentionConfig,
                  ffn: Callable[[BuildContext, int], FFNBlock]) -> Layer: ...
 
-    def capture(self, aux: AuxCapture, n: int, state: Any) -> None: ...
+    def capture(self, aux: AuxCapture, n: int, state: StreamState) -> None: ...
 
 
 RESIDUAL: Registry[LayerClass] = Registry("residual")
@@ -150,7 +156,7 @@ class PreNormLayer(Layer):
     """h = x + attn(norm1(x));  out = h + ffn(norm2(h)), the residual add fused into the next norm: the stream is
     (x_TD, residual_TD), residual None before the first layer."""
 
-    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: LayerAttentionConfig,
                  ffn: Callable[[BuildContext, int], FFNBlock]):
         super().__init__(ctx)
         cfg = ctx.cfg
@@ -159,7 +165,7 @@ class PreNormLayer(Layer):
         self.is_sparse = i in cfg.sparse_layers
         self.install(ctx, i, attention, attn_cfg, ffn)
 
-    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
+    def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
         h_TD, residual_TD = prenorm(self.input_layernorm, *state)
         h_TD = self.mixer(positions_T, h_TD, ctx)
@@ -176,7 +182,7 @@ class PreNormLayer(Layer):
         return plan
 
     @staticmethod
-    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+    def capture(aux: AuxCapture, n: int, state: StreamState) -> None:
         aux.take(n, *state)
 
 
@@ -201,7 +207,7 @@ class HyperConnectedLayer(Layer):
     def norms(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """(the norm before the attention, the norm before the FFN block)."""
 
-    def stages(self, positions_T: torch.Tensor, state: Any, input_ids_T: torch.Tensor | None,
+    def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
         attn_norm, ffn_norm = self.norms()
         x_TnD = state
@@ -212,7 +218,7 @@ class HyperConnectedLayer(Layer):
         return self.ffn_hc.residual(x_TnD, y_TD, mix)
 
     @staticmethod
-    def capture(aux: AuxCapture, n: int, state: Any) -> None:
+    def capture(aux: AuxCapture, n: int, state: StreamState) -> None:
         """The streams flat, [T, n D] (an MTP drafter conditions on them before the hyper-head)."""
         aux.take(n, state.flatten(1), None)
 
@@ -223,7 +229,7 @@ class HyperPreNormLayer(HyperConnectedLayer):
     checkpoint's RMSNorm as the prenorm layer's (input_layernorm, post_attention_layernorm). GLM-5.3-Flash's; Hy4
     names its hyper-connection weights its own way (`hc_plan`, engine/models/hy_v4/kinds.py)."""
 
-    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: Any,
+    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: LayerAttentionConfig,
                  ffn: Callable[[BuildContext, int], FFNBlock]):
         super().__init__(ctx)
         self._hyper_connections(ctx)
@@ -250,5 +256,5 @@ class HyperPreNormLayer(HyperConnectedLayer):
         return plan
 
 
-__all__ = ["EMBEDDING", "HEAD", "Head", "HyperConnectedLayer", "HyperPreNormLayer", "Layer", "LayerClass", "PreNormLayer", "RESIDUAL",
-           "prenorm"]
+__all__ = ["EMBEDDING", "HEAD", "Head", "HyperConnectedLayer", "HyperPreNormLayer", "Layer", "LayerClass", "PreNormLayer",
+           "PreNormState", "RESIDUAL", "StreamState", "prenorm"]

@@ -5,28 +5,42 @@ or ends with finish_reason "error" and the read's error (naming the adapter) as 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generic, Protocol, TypeVar
 
 from moelink.scheduler.engine_output import EngineCoreOutput
 
 from ..contract.lora import LoRARequest
-from ..lora.loader import AdapterLoader
-from .input_processing import ProcessedRequest
+from .loader import AdapterLoader
 
 # How long a step with only held requests left waits for a read to end (it would otherwise spin on empty steps).
 IDLE_WAIT_S = 0.05
 
 
-class LoRAAdmission:
-    """Requests waiting for their adapter's read, by request id (the engine thread's; the reads end on the loader's)."""
+class HeldRequest(Protocol):
+    """What admission reads of a request (the engine's ProcessedRequest: engine/core/input_processing.py, named here by
+    what it has, the driver's core being above this package)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def lora(self) -> LoRARequest | None: ...
+
+
+R = TypeVar("R", bound=HeldRequest)
+
+
+class LoRAAdmission(Generic[R]):
+    """Requests waiting for their adapter's read, by request id (the engine thread's; the reads end on the loader's).
+    `R`: the engine's request type, handed back as it came to `schedule`."""
 
     def __init__(self, loader: AdapterLoader):
         self.loader = loader
-        self.waiting: dict[str, ProcessedRequest] = {}
+        self.waiting: dict[str, R] = {}
         # Adapters whose read started, for the ranks of other processes to read ahead too (`take_started`).
         self.started: dict[int, LoRARequest] = {}
 
-    def hold(self, req: ProcessedRequest) -> bool:
+    def hold(self, req: R) -> bool:
         """Whether `req` waits for its adapter's read (started now if not yet); False: schedule it now."""
         if req.lora is None or self.loader.request(req.lora):
             return False
@@ -39,7 +53,7 @@ class LoRAAdmission:
         started, self.started = tuple(self.started.values()), {}
         return started
 
-    def admit(self, schedule: Callable[[ProcessedRequest], None], wait: bool = False) -> list[EngineCoreOutput]:
+    def admit(self, schedule: Callable[[R], None], wait: bool = False) -> list[EngineCoreOutput]:
         """Schedule the requests whose adapter was read since (`schedule`: the engine's add), in arrival order; end
         those whose read failed. `wait`: nothing else to do, so wait briefly for a read to end. Returns the ended
         requests' outputs."""
