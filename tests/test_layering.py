@@ -103,6 +103,9 @@ FAMILY_CONFIG_PARTS = ("config", "reader")
 # A family's tiny checkpoints (engine/models/<family>/tiny.py: its `moelink make-tiny-model` presets) are
 # engine/tools': engine/tools/tiny_archs.py imports them (by computed name) and they build on its generic writers.
 FAMILY_TOOL_PARTS = ("tiny",)
+# A multimodal family's images (engine/models/<family>/vision.py: the VisionSpec of each wrapper it publishes) are
+# engine/multimodal's: its VISION_SPECS registry imports them (by computed name) and they register into it.
+FAMILY_MULTIMODAL_PARTS = ("vision",)
 
 
 def unit_of(module: str) -> str:
@@ -111,6 +114,8 @@ def unit_of(module: str) -> str:
         return "engine.config"
     if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_TOOL_PARTS:
         return "engine.tools"
+    if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_MULTIMODAL_PARTS:
+        return "engine.multimodal"
     return max((u for u in ALLOWED if module == u or module.startswith(u + ".")), key=len)
 
 
