@@ -1,4 +1,4 @@
-"""Block-sparse attention (MiniMax-M3's sparse layers; engine/config/block_sparse_attention.py has the definition):
+"""Block-sparse attention (MiniMax-M3's sparse layers; engine/models/block_sparse_config.py has the definition):
 the plain-torch references, the contract and the oracle of kernels/triton_block_sparse.py.
 
 Two ops over the paged cache:

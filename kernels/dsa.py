@@ -6,7 +6,7 @@ Legend: T query tokens in the flat batch, S sequences, H index heads, D index he
 least every query's causal length), X context, L block size, and N, C, P, R as in mla.py.
 
 The indexer's key cache sits beside the latent cache on the same block ids: token p of a sequence has its key row at
-slot `block_table[p // L] * L + p % L`, in one of two layouts (engine/config/sparse_attention.py chooses):
+slot `block_table[p // L] * L + p % L`, in one of two layouts (engine/models/dsa_config.py chooses):
 - float, index_cache_BLD [B + 1, L, D] in a float dtype (written like a latent row, `write_latent`; an e4m3 tensor of
   this shape is read as key / 1.0);
 - fp8 with scales, index_cache_BLX uint8 [B + 1, L, X], X = fp8_key_row_bytes(D): the key in e4m3 (D bytes, padded to
@@ -36,7 +36,7 @@ from .mla import check_mla_inputs, check_sinks, softmax_with_sinks
 
 # Query rows per gathered chunk of the references (bounds their [rows, K or X, ...] temporaries).
 _ROWS = 256
-# The fp8 key layout (engine/config/sparse_attention.py has the same numbers: tests/kernels/test_dsa.py holds them
+# The fp8 key layout (engine/models/dsa_config.py has the same numbers: tests/kernels/test_dsa.py holds them
 # equal, as kernels import nothing of the engine).
 SCALE_GROUP = 128
 FP8_KEY_DTYPE = torch.float8_e4m3fn
@@ -212,7 +212,7 @@ pool_slots = _slots_rows  # the batch-invariant pooled selection gathers the sam
 def reference_dsa_pool_topk(q_THD: torch.Tensor, weights_TH: torch.Tensor, index_cache_BLX: torch.Tensor,
                             ape_PD: torch.Tensor, meta: AttentionMetadata, topk: int, scale: float,
                             max_len: int | None = None) -> torch.Tensor:
-    """GLM-5.3-Flash's pooled selection (engine/config/sparse_attention.py; transformers' Glm5NextTextIndexer without
+    """GLM-5.3-Flash's pooled selection (engine/models/dsa_config.py; transformers' Glm5NextTextIndexer without
     a cache is the definition): int32 [T, topk + kpool - 1] positions per query token, -1 where none.
 
     index_cache_BLX rows are [key (D) | gate (D)] (X = 2 D); kpool = ape_PD.shape[0]. Pool p holds positions

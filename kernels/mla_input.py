@@ -5,7 +5,7 @@ in one launch.
 
 Legend: T tokens, N heads, C kv_lora_rank, P qk_rope_head_dim (the rope part), P' positions.
 
-Rope styles (engine/config/layer_configs.ROPE_STYLES): "neox" (and DeepSeek-V3's "interleaved", whose rope rows
+Rope styles (engine/models/rope_config.ROPE_STYLES): "neox" (and DeepSeek-V3's "interleaved", whose rope rows
 are de-interleaved at load so that it runs as neox) rotates pairs (j, j + P/2) with a float32 [P', P] table
 (cos | sin); "complex" (DeepSeek-V2, V2-Lite) rotates pairs (2i, 2i+1) as complex64 numbers with a complex64
 [P', P/2] table, as transformers does.

@@ -136,7 +136,7 @@ DEFAULT_TINY = TinyConfig(64, TinyGemm(16, 256, 4, 2), TinyGemm(8, 128, 4, 2))
 @dataclass(frozen=True)
 class MoELaunchConfig:
     """One fused-MoE launch: the up and down GEMMs' tiles (and the tiny-batch path's). Named apart from the model's
-    MoE layer config (engine/config/layer_configs.MoEConfig). BLOCK_SIZE_M is shared: the token alignment pads every
+    MoE layer config (engine/models/blocks/ffn_config.MoEConfig). BLOCK_SIZE_M is shared: the token alignment pads every
     expert's rows to it."""
 
     BLOCK_SIZE_M: int

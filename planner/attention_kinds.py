@@ -29,7 +29,7 @@ class DSA:
 
     `shared_layers` of the model's DSA layers have no indexer of their own and attend to the positions the previous
     full layer selected (GLM-5 / Hunyuan Hy4 `indexer_types` "shared": no indexer weights, no index key cached, no
-    scoring). `kpool` > 1: GLM-5.3-Flash's pooled selection (engine/config/sparse_attention.py): each token caches a
+    scoring). `kpool` > 1: GLM-5.3-Flash's pooled selection (engine/models/dsa_config.py): each token caches a
     [key | gate] row (2 x index_head_dim), a query scores one pooled key per `kpool` tokens (pooled from the rows it
     reads) and attends to the tokens of the topk / kpool best pools plus its own incomplete pool (topk + kpool - 1)."""
 
@@ -57,7 +57,7 @@ class DSA:
 
 @dataclass(frozen=True)
 class CompressedMQA:
-    """Compressed attention, DeepSeek-V4's (engine/config/compressed_attention.py): one shared KV head of `head_dim`
+    """Compressed attention, DeepSeek-V4's (engine/models/compressed_attention_config.py): one shared KV head of `head_dim`
     that is its own value (MQA, all heads), a window of the last `window` raw tokens in every layer, and per layer
     kind compressed entries:
     `csa_layers` compressed sparse layers (an entry per `csa_rate` tokens, a lightning indexer of `index_heads` x

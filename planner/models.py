@@ -53,7 +53,7 @@ MODELS["glm-5"] = ModelShape("glm-5", num_layers=78, first_dense=3, hidden=6144,
 for _name in ("kimi-k2.5", "kimi-k2-thinking"):
     MODELS[_name] = replace(MODELS["kimi-k2"], name=_name)
 
-# DeepSeek-V4 (issue 45; engine/config/compressed_attention.py). Shapes from transformers 5.24's DeepseekV4Config
+# DeepSeek-V4 (issue 45; engine/models/compressed_attention_config.py). Shapes from transformers 5.24's DeepseekV4Config
 # docstring (heads, head_dim 512, o_groups, o_lora_rank) and the public model cards (V4-Flash: 43 layers, hidden
 # 4096, 256 experts of 2048, top-6, q LoRA 1024, layers 0-1 window only then CSA / HCA alternating from CSA, index
 # top-512; V4-Pro: 61 layers, hidden 7168, 384 experts of 3072, q LoRA 1536, layers 0-1 HCA then HCA / CSA

@@ -1,9 +1,9 @@
 """The 2026 kinds of the cluster model's shapes (planner/model_shape.ModelShape holds them): the indexed GQA layers
 that read a selection of the context (block-sparse attention, MiniMax-M3; QSA, Qwen3.8-Flash-Next), hyper-connections
 (several residual streams mixed around every block) and hashed n-gram embedding tables (Qwen3.8's PLE, the table
-shape of DeepSeek-V4.1's Engram). Each as the engine lays it out: engine/config/block_sparse_attention.py,
-engine/models/qwen4_exp/reader.py (QSAIndexerConfig), engine/config/hyper_connections.py,
-engine/config/ngram_embedding.py. Pure data and the arithmetic of each kind alone.
+shape of DeepSeek-V4.1's Engram). Each as the engine lays it out: engine/models/block_sparse_config.py,
+engine/models/qwen4_exp/reader.py (QSAIndexerConfig), engine/models/hyper_connections_config.py,
+engine/models/ngram_embedding_config.py. Pure data and the arithmetic of each kind alone.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ NGRAM_PLACEMENTS = ("device", "host")
 @dataclass(frozen=True)
 class NgramTables:
     """Hashed n-gram embedding tables before `layers` of the decoder layers (Qwen3.8-Flash-Next's PLE,
-    engine/config/ngram_embedding.py). Per layer (ngram_size - 1) x heads_per_ngram heads, each a table of about
+    engine/models/ngram_embedding_config.py). Per layer (ngram_size - 1) x heads_per_ngram heads, each a table of about
     `vocab_base` rows (the first primes above it) of embed_dim / heads values: vocab_base x embed_dim weights a layer
     (20,000,000 x 2048 = 41B for Qwen3.8's defaults). A token reads one row per head (embed_dim values a layer, a
     lookup like the embedding's), then the key and value projections (embed_dim to `key_out`, to hidden) run.

@@ -114,14 +114,32 @@ FAMILY_CONFIG_PARTS = ("config", "reader")
 # A family's tiny checkpoints (engine/models/<family>/tiny.py: its `moelink make-tiny-model` presets) are
 # engine/tools': engine/tools/tiny_archs.py imports them (by computed name) and they build on its generic writers.
 FAMILY_TOOL_PARTS = ("tiny",)
+# A multimodal family's images (engine/models/<family>/vision.py: the VisionSpec of each wrapper it publishes) are
+# engine/multimodal's: its VISION_SPECS registry imports them (by computed name) and they register into it.
+FAMILY_MULTIMODAL_PARTS = ("vision",)
+# A block kind's config module sits beside the kind's module (engine/models/gqa.py + gqa_config.py,
+# engine/models/blocks/ffn.py + ffn_config.py; its config.json reader, where it is the kind's alone, + _reader.py:
+# dsa_reader.py): ModelConfig and the families' readers import them, so they are engine/config's and may import only
+# what engine/config may (no model code: test_reading_the_registry_and_the_readers_loads_no_model_code).
+BLOCK_CONFIG_SUFFIXES = ("_config", "_reader")
+
+
+def is_block_config(module: str) -> bool:
+    parts = module.split(".")
+    return (len(parts) in (3, 4) and parts[:2] == ["engine", "models"] and parts[-1].endswith(BLOCK_CONFIG_SUFFIXES)
+            and (len(parts) == 3 or parts[2] == "blocks"))
 
 
 def unit_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_CONFIG_PARTS:
         return "engine.config"
+    if is_block_config(module):
+        return "engine.config"
     if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_TOOL_PARTS:
         return "engine.tools"
+    if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_MULTIMODAL_PARTS:
+        return "engine.multimodal"
     return max((u for u in ALLOWED if module == u or module.startswith(u + ".")), key=len)
 
 
@@ -217,7 +235,7 @@ def test_every_family_package_is_one_registry_line_and_has_its_config_modules():
 def test_the_models_package_and_family_packages_import_nothing(graph):
     """engine/config imports the families' config modules, and with them their parent packages: those must stay
     empty of imports, or reading a config would load the decoder."""
-    packages = ["engine.models"] + [f"engine.models.{name}" for name in sorted(_family_packages())]
+    packages = ["engine.models", "engine.models.blocks"] + [f"engine.models.{name}" for name in sorted(_family_packages())]
     assert {p: sorted(graph.edges[p]) for p in packages if graph.edges.get(p)} == {}
 
 
@@ -237,6 +255,11 @@ def test_reading_the_registry_and_the_readers_loads_no_model_code():
 
     expected = {"moelink.engine.models"} | {f"moelink.engine.models.{f}" for f in FAMILIES} | {
         f"moelink.engine.models.{f}.{part}" for f in FAMILIES for part in FAMILY_CONFIG_PARTS}
+    # The block kinds' config modules the readers build from (gqa_config.py, ...; the blocks package for
+    # blocks/ffn_config.py, its __init__ empty of imports), and nothing else of the models.
+    kinds = {m for m in loaded if is_block_config(m.removeprefix("moelink."))}
+    assert "moelink.engine.models.gqa_config" in kinds and "moelink.engine.models.blocks.ffn_config" in kinds
+    expected |= kinds | {"moelink.engine.models.blocks"}
     assert loaded == expected, sorted(loaded ^ expected)
 
 

@@ -26,7 +26,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .layer_configs import ROPE_TYPES, GQAConfig, RopeConfig
+from ..models.rope_config import ROPE_TYPES, RopeConfig
+from ..models.gqa_config import GQAConfig
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 

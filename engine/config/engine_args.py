@@ -12,20 +12,20 @@ from moelink.scheduler.config import CacheConfig, SchedulerConfig
 
 from .model import KV_CACHE_DTYPES, ModelConfig
 from .parallel import ParallelConfig
-from .sparse_attention import INDEX_CACHE_DTYPES
+from ..models.dsa_config import INDEX_CACHE_DTYPES
 from .quantization import ONLINE_METHODS
 from .checkpoint_headers import check_checkpoint
 from .graph_config import CudaGraphConfig
 from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_COMPILE_WORKERS, DEFAULT_MAX_GRAMMAR_CHARS,
                              DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
-from .layer_configs import MLAConfig
-from .linear_attention import LinearAttentionConfig
+from ..models.mla_config import MLAConfig
+from ..models.gated_deltanet_config import LinearAttentionConfig
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .multimodal import MultimodalConfig
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
-from .compressed_attention import CompressedAttentionConfig, check_ring_rollback
+from ..models.compressed_attention_config import CompressedAttentionConfig, check_ring_rollback
 from .speculative import SpeculativeConfig
 from .tensor_parallel import check_tensor_parallel
 from .batch_invariant import from_env as batch_invariant_from_env, resolve_kernels
@@ -144,7 +144,7 @@ class EngineArgs:
     # bf16 cache in the same memory); "auto": the model's dtype.
     kv_cache_dtype: str = "auto"
     # DeepSeek Sparse Attention's indexer key cache: "auto" (fp8 keys with a float32 scale per 128 values when
-    # kv_cache_dtype is fp8, else the model's dtype), "fp8" or "model" (engine/config/sparse_attention.py).
+    # kv_cache_dtype is fp8, else the model's dtype), "fp8" or "model" (engine/models/dsa_config.py).
     index_cache_dtype: str = "auto"
     # Each step as two micro-batches (split by sequences, balanced by tokens) whose attention and experts run
     # while the other's all-to-all is in flight (engine/rank/step_plan.py). Expert parallelism only: at

@@ -14,7 +14,8 @@ from typing import Callable
 from .architectures import MLA_ARCHITECTURES  # noqa: F401  (latent attention, ArchSpec.latent_attention)
 from .families import FAMILIES, family_module
 from .quantization import check_architecture, read_quantization
-from .layer_configs import ROPE_TYPES, unsupported
+from ..models.rope_config import ROPE_TYPES
+from .refusals import unsupported
 from .reader_parts import LAYER_TYPES
 
 _ROPE_FIELD = "rope_parameters.rope_type (rope_scaling.rope_type or rope_scaling.type in older files)"

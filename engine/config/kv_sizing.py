@@ -62,7 +62,7 @@ def kv_cache_bytes_per_block(cfg: "ModelConfig", block_size: int, draft_bytes_pe
 
 def state_bytes_per_sequence(cfg: "ModelConfig") -> int:
     """What one sequence's per-sequence state takes in all the linear-attention layers together (their conv and
-    recurrent states: engine/config/linear_attention.py); 0 for a model without such layers."""
+    recurrent states: engine/models/gated_deltanet_config.py); 0 for a model without such layers."""
     return sum(cfg.attention_for(i).state_bytes_per_sequence(cfg.dtype) for i in cfg.state_layers)
 
 

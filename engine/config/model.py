@@ -17,16 +17,19 @@ import torch
 from moelink.moe.router_config import RouterConfig
 
 from .awaited import awaited_refusal
-from .linear_attention import LinearAttentionConfig
+from ..models.gated_deltanet_config import LinearAttentionConfig
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
-from .compressed_attention import resolve_compressed_cache
-from .hyper_connections import HyperConnectionConfig
+from ..models.compressed_attention_config import resolve_compressed_cache
+from ..models.hyper_connections_config import HyperConnectionConfig
 from .hf_readers import read_fields
 from .quantization import (QuantConfig, check_architecture, read_hf_quant_config, read_quantization,
                            resolve_quantization)
-from .sparse_attention import resolve_index_cache
-from .layer_configs import ROPE_TYPES, AttentionConfig, GQAConfig, MoEConfig, RopeConfig  # noqa: F401 (ModelConfig's parts)
+from ..models.dsa_config import resolve_index_cache
+from ..models.rope_config import ROPE_TYPES, RopeConfig  # noqa: F401 (ModelConfig's parts)
+from .layer_configs import AttentionConfig
+from ..models.gqa_config import GQAConfig
+from ..models.blocks.ffn_config import MoEConfig
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -71,7 +74,7 @@ class ModelConfig:
 
     `moe` holds the routing scheme and the MoE layout; a ModelConfig built by hand without one gets
     softmax top-k routing over num_experts (renormalised when norm_topk_prob). `attention` is the attention
-    kind (layer_configs.GQAConfig or MLAConfig: the layers' shape, rope, and what the KV cache holds per
+    kind (models/gqa_config.GQAConfig or mla_config.MLAConfig: the layers' shape, rope, and what the KV cache holds per
     token); built by hand without one it is GQA over num_heads / num_kv_heads / head_dim with plain RoPE.
     num_kv_heads and head_dim are GQA's; an MLA model reads its shape from `attention` alone. `hf_config`
     is the config as transformers reads it (`PretrainedConfig.to_dict()`: aliases resolved, defaults filled).
@@ -129,7 +132,7 @@ class ModelConfig:
     # "model." tensors live in the files ("model.language_model." for Qwen3.5-MoE); "" for a text checkpoint.
     text_weights_prefix: str = ""
     # The MoE layers that route by a fixed token-id table (DeepSeek-V4's hash_moe layers), and the hyper-connections
-    # (engine/config/hyper_connections.py: hc_mult residual streams); () and None for a model without them.
+    # (engine/models/hyper_connections_config.py: hc_mult residual streams); () and None for a model without them.
     hash_layers: tuple[int, ...] = ()
     hyper_connections: HyperConnectionConfig | None = None
 
@@ -159,7 +162,7 @@ class ModelConfig:
             if len(self.layer_attention) != self.num_layers:
                 raise ValueError(f"ModelConfig layer_attention has {len(self.layer_attention)} configs for "
                                  f"num_hidden_layers={self.num_layers} layers.")
-            # Linear-attention layers (engine/config/linear_attention.py: gated DeltaNet, KDA) sit beside the model's
+            # Linear-attention layers (engine/models/gated_deltanet_config.py: gated DeltaNet, KDA) sit beside the model's
             # attention kind.
             kinds = {a.kind for a in self.layer_attention if not isinstance(a, LinearAttentionConfig)}
             if kinds != {self.attention.kind}:
@@ -201,7 +204,7 @@ class ModelConfig:
         return tuple(i for i, a in enumerate(self.layer_attention) if isinstance(a, LinearAttentionConfig))
 
     def kv_layer_pairs(self) -> tuple[tuple[int, int], ...] | None:
-        """(full, sliding) layer pairs that share one set of cache tensors (layer_configs.GQAConfig.kv_layer_pairs),
+        """(full, sliding) layer pairs that share one set of cache tensors (models/gqa_config.GQAConfig.kv_layer_pairs),
         or None. Layers pair only when their caches have one shape: a pair whose layers differ (MiMo-V2-Flash's
         sliding layers hold twice the kv heads) keeps a tensor set per layer and the one shared block table."""
         pairs = self.attention.kv_layer_pairs(self.num_layers)

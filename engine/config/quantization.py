@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .architectures import MXFP4_ARCHITECTURES  # experts in MXFP4 as published (gpt-oss's layout)
-from .layer_configs import unsupported
+from .refusals import unsupported
 from .quantization_int4 import Int4Config, _read_awq, _read_compressed_tensors, _read_gptq
 
 # Every quant_method a reader exists for (_READERS).

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from .layer_configs import unsupported
+from .refusals import unsupported
 
 _CT = "quantization_config"
 

@@ -6,7 +6,10 @@ import math
 
 from moelink.moe.router_config import RouterConfig
 
-from .layer_configs import GQAConfig, MoEConfig, RopeConfig, unsupported
+from ..models.gqa_config import GQAConfig
+from ..models.blocks.ffn_config import MoEConfig
+from ..models.rope_config import RopeConfig
+from .refusals import unsupported
 
 # The widest MLP config.json may name: intermediate_size's bound (engine/config/model.py _DIMS), 2^18, far above any
 # published model's (18,432 for DeepSeek-V3's dense layers) and far below a typo's allocation.

@@ -8,10 +8,11 @@ shards, its vocab rows and expert channels, the group's collectives) is the pack
 """
 from __future__ import annotations
 
-from .compressed_attention import CompressedAttentionConfig
+from ..models.compressed_attention_config import CompressedAttentionConfig
 from .fp4_experts import published_expert_dtype
-from .layer_configs import GQAConfig, MLAConfig
-from .linear_attention import LinearAttentionConfig
+from ..models.gqa_config import GQAConfig
+from ..models.mla_config import MLAConfig
+from ..models.gated_deltanet_config import LinearAttentionConfig
 
 # The quantization formats TP runs: float and FP8 block-scaled linears load sharded (each rank reads its rows or
 # columns and their block scales); MXFP4 (gpt-oss), INT4 (compressed-tensors, GPTQ, AWQ: Kimi K2.5's experts) and

@@ -7,7 +7,7 @@ size for GQA's k and v; kv_lora_rank + rope dim for MLA's latent; 1 byte per val
 
 `PagedKVBlocks` sees the runner's cache as *groups*, one per (cache tensors, block table) pair: each layer's
 tensors with the request's one table (GQA: (k, v); MLA: (latent,)), or, for a model whose sliding and full
-layers share tensors (gpt-oss, engine/config/layer_configs.py `kv_layer_pairs`), each shared set twice, once with
+layers share tensors (gpt-oss, engine/models/gqa_config.py `kv_layer_pairs`), each shared set twice, once with
 the full table and once with the sliding table. A model with per-sequence state (linear attention's conv and
 recurrent states, engine/state/cache.py) adds one "state" group per such layer: its state pools, whose one
 "block" is the request's state slot (`KVTransfer.state_slot`), copied whatever `first_block` says (a prefix hit

@@ -1,5 +1,5 @@
 """Block-sparse attention (MiniMax-M3's sparse layers): GQA whose queries attend only to the key blocks a block
-indexer keeps (engine/config/block_sparse_attention.py has the definition; kernels/block_sparse.py the ops).
+indexer keeps (engine/models/block_sparse_config.py has the definition; kernels/block_sparse.py the ops).
 
 Legend: T tokens in the flat batch, D hidden, N query heads (this rank's), H index heads, I index head dim, S
 topk_blocks.
@@ -25,7 +25,7 @@ from torch import nn
 from moelink.kernels.attention import AttentionMetadata
 from moelink.moe.weight_plan import WeightPlan
 
-from ..config.block_sparse_attention import BlockIndexerConfig, BlockSparseConfig
+from .block_sparse_config import BlockIndexerConfig, BlockSparseConfig
 from ..tp.group import TensorParallel
 from .gqa import GQAAttention
 from .layers import ForwardContext, RMSNorm

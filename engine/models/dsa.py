@@ -1,5 +1,5 @@
 """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, GLM-5): which cached positions each query of an MLA
-layer attends to (engine/config/sparse_attention.py has the definition; kernels/dsa.py the selection's contract).
+layer attends to (engine/models/dsa_config.py has the definition; kernels/dsa.py the selection's contract).
 
 Legend: T tokens in the flat batch, D hidden, Q q_lora_rank, H index heads, Di index head dim, K index_topk.
 
@@ -35,7 +35,7 @@ from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.dsa import is_fp8_index_cache
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.sparse_attention import IndexerConfig
+from .dsa_config import IndexerConfig
 from .layers import param
 from .linear import Linear, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
@@ -58,7 +58,7 @@ class LightningIndexer(nn.Module):
         # float32 for half models, as transformers keeps it (_keep_in_fp32_modules); float64 runs stay float64.
         w_dt = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         self.weights_proj = param(H, hidden_size, dtype=w_dt, device=device)
-        if cfg.pooled:  # GLM-5.3-Flash's pooled selection (engine/config/sparse_attention.py): the pools' weights
+        if cfg.pooled:  # GLM-5.3-Flash's pooled selection (engine/models/dsa_config.py): the pools' weights
             self.ape_PI = param(cfg.kpool, Di, **f)
             self.compress_gate_ID = param(Di, hidden_size, **f)
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
-from ..config.linear_attention import LinearAttentionConfig
+from .gated_deltanet_config import LinearAttentionConfig
 from ..tp.attention import shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import OwnRows, RowParallel

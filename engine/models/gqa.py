@@ -14,7 +14,7 @@ from torch import nn
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.layer_configs import GQAConfig
+from .gqa_config import GQAConfig
 from ..tp.attention import kv_head_start, shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel

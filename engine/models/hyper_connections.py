@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC: DeepSeek-V4, GLM-5.3-Flash; engine/config/hyper_connections.py):
+"""Manifold-constrained hyper-connections (mHC: DeepSeek-V4, GLM-5.3-Flash; engine/models/hyper_connections_config.py):
 the residual stream is `hc_mult` parallel streams. Before a block (attention or MLP) a learned projection of the
 normalised streams gives three mixes: `pre` collapses the streams into the block's input, `post` spreads the
 block's output back over the streams, `comb` (made doubly stochastic by Sinkhorn-Knopp) mixes the input streams
@@ -22,7 +22,7 @@ from torch import nn
 from moelink.kernels.hyper_connection import reference_hc_expand
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.hyper_connections import HyperConnectionConfig
+from .hyper_connections_config import HyperConnectionConfig
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels

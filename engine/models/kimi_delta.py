@@ -24,7 +24,7 @@ from torch import nn
 
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
-from ..config.linear_attention import KimiDeltaConfig
+from .kimi_delta_config import KimiDeltaConfig
 from ..tp.attention import shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel

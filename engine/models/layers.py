@@ -29,7 +29,7 @@ class ForwardContext:
     """Per-step inputs every layer needs besides its activations."""
 
     attn: AttentionMetadata
-    # Per layer, the cache tensors of its attention kind (layer_configs: cache_shapes): (k_cache_BLKH,
+    # Per layer, the cache tensors of its attention kind (its `<module>_config.py`: cache_shapes): (k_cache_BLKH,
     # v_cache_BLKH) for GQA, (latent_cache_BLR,) for MLA.
     kv_caches: list[tuple[torch.Tensor, ...]]
     # The sliding-window layers' metadata when their group has its own block table (its block tables and KV

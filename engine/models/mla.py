@@ -33,7 +33,7 @@ from torch import nn
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
-from ..config.layer_configs import MLAConfig
+from .mla_config import MLAConfig
 from ..tp.attention import shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel

@@ -1,4 +1,4 @@
-"""Hashed n-gram embedding tables, a reusable block (engine/config/ngram_embedding.py has the definition: Qwen3.8-Flash-
+"""Hashed n-gram embedding tables, a reusable block (engine/models/ngram_embedding_config.py has the definition: Qwen3.8-Flash-
 Next's PLE, the table shape DeepSeek-V4.1's Engram uses), and `causal_rows`, the per-sequence window of earlier rows
 that such blocks (and short convolutions over a flat batch) read from a state pool.
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ..config.ngram_embedding import NGramEmbeddingConfig
+from .ngram_embedding_config import NGramEmbeddingConfig
 from ..tp.group import TensorParallel
 from .layers import ForwardContext
 
@@ -105,7 +105,7 @@ def _write_state(x_TC: torch.Tensor, pool_PRC: torch.Tensor, start_S: torch.Tens
 
 
 class NGramEmbedding(nn.Module):
-    """One hashed n-gram table (engine/config/ngram_embedding.py): `forward(ids_T, ctx_pool_PK, ctx)` -> [T, E].
+    """One hashed n-gram table (engine/models/ngram_embedding_config.py): `forward(ids_T, ctx_pool_PK, ctx)` -> [T, E].
 
     Under tensor parallelism (`tp`) each rank holds its 1/size of every row's columns (transformers'
     "embedding_colwise" plan: the published tables are ~90 GiB), looks its columns up and the rows are all-gathered

@@ -1,5 +1,5 @@
 """Rotary position embedding of an attention kind: its table (from transformers' rope init for scaled types)
-and the rotation in each pairing style (layer_configs.ROPE_STYLES).
+and the rotation in each pairing style (rope_config.ROPE_STYLES).
 
 Legend: T tokens, N query heads, K key heads (1 for MLA's shared rope key), H head width, R rotary dims
 (a prefix of the head: GLM's partial rotary; MLA passes the rope part alone), h = R/2, P positions.
@@ -17,7 +17,7 @@ from torch import nn
 
 from moelink.kernels.rotary import reference_rotary_complex
 
-from ..config.layer_configs import RopeConfig
+from .rope_config import RopeConfig
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels

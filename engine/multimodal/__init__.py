@@ -1,6 +1,7 @@
 """Images and videos into a multimodal MoE checkpoint (Qwen3.5-MoE, Kimi K2.5; docs/multimodal.md), one feature
-package with a typed seam; what differs between families is one VisionSpec each (`spec.py`: the image submodules,
-their prefixes, the positions, the pixel layout, whether its videos run):
+package with a typed seam; what differs between families is one VisionSpec each, which the family registers from
+its own package (engine/models/<family>/vision.py, into `spec.py`'s VISION_SPECS: the image submodules, their
+prefixes, the positions, the pixel layout, whether its videos run):
 
 - driver side (`processor.py`): the checkpoint's own transformers processor turns a prompt and its images into
   token ids (placeholders expanded), pixel patches, grids, per-image hashes and (Qwen) 3-D rotary positions, one

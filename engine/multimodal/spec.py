@@ -1,10 +1,15 @@
 """Which published multimodal checkpoints moelink runs with their images, and how each family's images reach its text
-model (a VisionSpec per wrapper architecture), read from config.json. No torch."""
+model (a VisionSpec per wrapper architecture, registered by the family's own package), read from config.json.
+No torch."""
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..config.families import FAMILIES, family_module, has_part
 
 
 @dataclass(frozen=True)
@@ -48,17 +53,43 @@ class VisionSpec:
                              "'chw', at least one module.")
 
 
-VISION_SPECS = {
-    "Qwen3_5MoeForConditionalGeneration": VisionSpec(
-        "Qwen3_5MoeModel", (VisionModule("visual", "AutoModel", "vision_config", "model.visual."),),
-        positions="mrope", merge_field="spatial_merge_size", pixels="flat", video=True),
-    # Kimi K2.5 as transformers writes it (save_original_format=False; the published remote-code layout,
-    # KimiK25ForConditionalGeneration with a fused, rope-permuted wqkv, is served as its text model).
-    "Kimi_K25ForConditionalGeneration": VisionSpec(
-        "Kimi_K25Model", (VisionModule("vision_tower", "Kimi_K25VisionModel", "vision_config", "model.vision_tower."),
-                          VisionModule("mm_projector", "Kimi_K25MultimodalProjection", "", "model.mm_projector.")),
-        positions="1d", merge_field="merge_kernel_size", pixels="chw"),
-}
+class VisionRegistry(Mapping[str, VisionSpec]):
+    """Wrapper architecture -> its VisionSpec, registered by the families: each multimodal family's `vision.py`
+    (engine/models/<family>/vision.py, optional) calls `VISION_SPECS.add(...)` for the wrappers it publishes, as its
+    kinds.py registers its block kinds. The families' modules are imported by computed name at the first lookup
+    (engine/config/families.py's order), so this package names no family and adding one touches no file here."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, VisionSpec] = {}
+        self._loaded = False
+
+    def add(self, architecture: str, spec: VisionSpec) -> VisionSpec:
+        if not isinstance(spec, VisionSpec):
+            raise TypeError(f"{architecture}: a family registers a VisionSpec, not {type(spec).__name__}.")
+        if architecture in self._specs:  # two families fighting over one name: never decided by import order
+            raise ValueError(f"multimodal architecture {architecture!r} is registered twice.")
+        self._specs[architecture] = spec
+        return spec
+
+    def _load(self) -> dict[str, VisionSpec]:
+        if not self._loaded:
+            self._loaded = True
+            for family in FAMILIES:
+                if has_part(family, "vision"):
+                    importlib.import_module(family_module(family, "vision"))
+        return self._specs
+
+    def __getitem__(self, architecture: str) -> VisionSpec:
+        return self._load()[architecture]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+VISION_SPECS = VisionRegistry()
 
 
 def multimodal_architecture(model_dir: str) -> str | None:
@@ -82,4 +113,4 @@ def published_model_type(model_dir: str) -> str:
         return ""
 
 
-__all__ = ["VISION_SPECS", "VisionModule", "VisionSpec", "multimodal_architecture", "published_model_type"]
+__all__ = ["VISION_SPECS", "VisionModule", "VisionRegistry", "VisionSpec", "multimodal_architecture", "published_model_type"]

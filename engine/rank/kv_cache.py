@@ -1,4 +1,4 @@
-"""A rank's paged KV cache tensors, as each attention kind lays them out (engine/config/layer_configs.py).
+"""A rank's paged KV cache tensors, as each attention kind lays them out (its config beside its module: engine/models/gqa_config.py, ...).
 
 Legend: B blocks (the null block, one more, last), L block size.
 """

@@ -1,5 +1,5 @@
 """A rank's per-sequence state pools: the conv and recurrent states of every linear-attention layer
-(engine/config/linear_attention.py), indexed by the slots the scheduler hands out (scheduler/hybrid_cache.py).
+(engine/models/gated_deltanet_config.py), indexed by the slots the scheduler hands out (scheduler/hybrid_cache.py).
 
 Slots [0, num_slots) belong to running requests, [num_slots, num_slots + num_checkpoints) hold prefix-cache
 checkpoints, the last one is the null slot (padded rows of a captured graph read and write it). A step's copies

@@ -8,7 +8,7 @@ and the value heads of their groups (the conv and recurrent states are per head:
 heads only). `shard_attention` gives the config one rank runs: its KV cache and state pools are sized from it
 (engine/rank/kv_cache.py, engine/state/cache.py), and the layers are built from it (engine/models/gqa.py, mla.py,
 gated_deltanet.py), reading their shard of each checkpoint tensor. Compressed attention (DeepSeek-V4's,
-engine/config/compressed_attention.py) splits its heads and its output groups (o_groups) N ways; its one shared KV
+engine/models/compressed_attention_config.py) splits its heads and its output groups (o_groups) N ways; its one shared KV
 head, compressed entries, indexer keys and window ring are every head's and stay whole on each rank
 (engine/models/deepseek_v4/attention.py).
 
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config.compressed_attention import CompressedAttentionConfig
-from ..config.layer_configs import GQAConfig, MLAConfig
-from ..config.linear_attention import LinearAttentionConfig
+from ..models.compressed_attention_config import CompressedAttentionConfig
+from ..models.gqa_config import GQAConfig
+from ..models.mla_config import MLAConfig
+from ..models.gated_deltanet_config import LinearAttentionConfig
 
 
 def kv_head_start(rank: int, size: int, num_kv_heads: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moelink.benchmarks import hybrid_state
-from moelink.engine.config.linear_attention import LinearAttentionConfig
+from moelink.engine.models.gated_deltanet_config import LinearAttentionConfig
 from tests.helpers import zygote
 # The script run as the other gpu_session tests run it: its `python -m` children forked from the test zygote (torch
 # imported there once), not a fresh interpreter importing torch and transformers per run (~2 s of CPU each).

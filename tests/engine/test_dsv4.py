@@ -180,7 +180,7 @@ def test_hyper_connection_equals_transformers_module():
     on random weights far from their initial values."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
 
-    from moelink.engine.config.hyper_connections import HyperConnectionConfig
+    from moelink.engine.models.hyper_connections_config import HyperConnectionConfig
     from moelink.engine.models.hyper_connections import HyperConnection, HyperHead
 
     cfg = dsv4_config()

@@ -1,6 +1,6 @@
 """DeepSeek-V4 with an fp8 KV cache (issue 45: --kv-cache-dtype fp8): the compressed entries and CSA's index keys
 paged as fp8 rows (kernels/compressed_attention.FP8Rows), each sequence's window ring in fp8 rows too (ModelConfig resolves every V4
-layer's cache dtype: engine/config/compressed_attention.resolve_compressed_cache), the compressor rows float32.
+layer's cache dtype: engine/models/compressed_attention_config.resolve_compressed_cache), the compressor rows float32.
 
 The oracle is transformers' own V4 (float64, no cache: its forward over the whole sequence for every new token) with
 what the engine caches rounded the same way: its rope call rounds every window kv and every compressor's entry (e4m3
@@ -17,9 +17,9 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
-from moelink.engine.config.compressed_attention import (ENTRY_SCALE_GROUP, INDEX_SCALE_GROUP, CompressedAttentionConfig,
-                                                      fp8_row_bytes)
-from moelink.engine.config.layer_configs import RopeConfig
+from moelink.engine.models.compressed_attention_config import (ENTRY_SCALE_GROUP, INDEX_SCALE_GROUP,
+                                                               CompressedAttentionConfig, fp8_row_bytes)
+from moelink.engine.models.rope_config import RopeConfig
 from moelink.engine.config.model import ModelConfig
 from moelink.kernels.compressed_attention import entry_rows, index_key_rows
 

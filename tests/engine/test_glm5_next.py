@@ -21,7 +21,7 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
-from moelink.engine.config.linear_attention import KimiDeltaConfig
+from moelink.engine.models.kimi_delta_config import KimiDeltaConfig
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.dsa import LightningIndexer
 from moelink.engine.models.glm5_next.reader import NOPE_PAD_DIMS

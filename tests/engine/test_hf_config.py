@@ -17,7 +17,9 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config.model import CONFIG_ONLY_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelConfig
-from moelink.engine.config.layer_configs import GQAConfig, MLAConfig, RopeConfig
+from moelink.engine.models.gqa_config import GQAConfig
+from moelink.engine.models.mla_config import MLAConfig
+from moelink.engine.models.rope_config import RopeConfig
 from moelink.engine.rank.loader import checkpoint_index, load_model
 from moelink.engine.models.registry import ARCHITECTURES
 from moelink.engine.tools.tiny_corpus import train_tiny_tokenizer, write_tokenizer_configs

@@ -79,8 +79,8 @@ def test_shared_option_refusals():
     """The options Hy4 added to the shared configs refuse what they cannot mean, naming the field."""
     import dataclasses
 
-    from moelink.engine.config.hyper_connections import HyperConnectionConfig
-    from moelink.engine.config.sparse_attention import IndexerConfig
+    from moelink.engine.models.hyper_connections_config import HyperConnectionConfig
+    from moelink.engine.models.dsa_config import IndexerConfig
 
     with pytest.raises(ValueError, match="rope_position='middle' is invalid"):
         IndexerConfig(4, 16, 8, 8, rope_position="middle")

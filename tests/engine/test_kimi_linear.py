@@ -13,7 +13,7 @@ import pytest
 
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
-from moelink.engine.config.linear_attention import KimiDeltaConfig
+from moelink.engine.models.kimi_delta_config import KimiDeltaConfig
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.kimi_linear.tiny import KIMI_LINEAR
 

@@ -16,7 +16,7 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config import kv_sizing
-from moelink.engine.config.block_sparse_attention import BlockSparseConfig
+from moelink.engine.models.block_sparse_config import BlockSparseConfig
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.minimax_m3.tiny import BLOCK, LOCAL, MINIMAX_M3, MINIMAX_M3_TEXT, TOPK
 

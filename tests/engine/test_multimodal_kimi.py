@@ -220,3 +220,23 @@ def test_speculative_decoding_with_an_image_gives_transformers_tokens(kimi_path,
     assert _greedy(llm, prompt) == want
     sd = llm.engine.stats().spec_decode
     assert sd is not None and sd.num_draft_tokens > 0 and (sd.num_accepted_tokens > 0) == (p_right > 0)
+
+
+def test_each_multimodal_family_registers_its_vision_spec_from_its_own_package():
+    """The wrappers' VisionSpecs come from the families' vision.py (engine/models/<family>/), gathered at the first
+    lookup; the registry refuses a second spec for one wrapper and anything but a VisionSpec."""
+    import sys
+
+    from moelink.engine.multimodal.spec import VISION_SPECS, VisionModule, VisionRegistry, VisionSpec
+
+    assert sorted(VISION_SPECS) == ["Kimi_K25ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"]
+    assert "moelink.engine.models.deepseek.vision" in sys.modules
+    assert "moelink.engine.models.qwen3_next.vision" in sys.modules
+    spec = VisionSpec("M", (VisionModule("v", "AutoModel", "vision_config", "model.v."),), positions="1d",
+                      merge_field="m", pixels="chw")
+    registry = VisionRegistry()
+    registry.add("M", spec)
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.add("M", spec)
+    with pytest.raises(TypeError, match="VisionSpec"):
+        registry.add("N", object())  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine.config.ngram_embedding import NGramEmbeddingConfig
+from moelink.engine.models.ngram_embedding_config import NGramEmbeddingConfig
 from moelink.engine.models.layers import ForwardContext
 from moelink.engine.models.ngram_embedding import NGramEmbedding, causal_rows
 from moelink.engine.state.step import StateStep
@@ -58,7 +58,7 @@ def test_ngram_rows_equal_transformers_in_chunks():
 
 
 def test_host_placement_keeps_the_table_in_host_memory_with_the_same_rows():
-    """placement "host" (the seam for tables larger than a device: engine/config/ngram_embedding.py): the table is a
+    """placement "host" (the seam for tables larger than a device: engine/models/ngram_embedding_config.py): the table is a
     host tensor whatever the model's device, looked up there; the rows equal the device placement's."""
     import dataclasses
 

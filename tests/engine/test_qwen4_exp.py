@@ -75,7 +75,7 @@ def test_ngram_constants_match_transformers():
     every table of a model (the primes numbered across tables)."""
     from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextNGramEmbedding
 
-    from moelink.engine.config.ngram_embedding import NGramEmbeddingConfig
+    from moelink.engine.models.ngram_embedding_config import NGramEmbeddingConfig
 
     text = qwen4_exp_config(ple_layer_ids=[1, 2, 4], ngram_size=4, heads_per_ngram=3, ple_embed_dim=18).text_config
     for table in range(3):
@@ -120,7 +120,7 @@ def test_an_fp8_kv_cache_is_refused_naming_the_qsa_layers(q38_path):
 
 
 def test_ngram_config_refusals():
-    from moelink.engine.config.ngram_embedding import NGramEmbeddingConfig
+    from moelink.engine.models.ngram_embedding_config import NGramEmbeddingConfig
 
     with pytest.raises(ValueError, match=r"ple_embed_dim=10 is not supported: .*multiple of the n-gram heads"):
         NGramEmbeddingConfig(VOCAB, 3, 2, 10, 61, 8, 1, EOS, 0)

@@ -18,7 +18,7 @@ from tests.helpers.dsa_cases import (CTX_Q, L, assert_same_sets, cache_of, fp8_i
 
 def test_fp8_key_layout_matches_the_engine_config():
     """kernels/ imports nothing of the engine: the layout's numbers are held equal here."""
-    from moelink.engine.config import sparse_attention as cfg
+    from moelink.engine.models import dsa_config as cfg
 
     assert dsa.SCALE_GROUP == cfg.INDEX_SCALE_GROUP and dsa.FP8_KEY_DTYPE == cfg.INDEX_FP8_DTYPE
     for D in (12, 16, 64, 128, 130, 256):

@@ -5,8 +5,9 @@ after the common fields); a value moelink cannot run is refused naming the field
 """
 from __future__ import annotations
 
-from ...config.layer_configs import MLAConfig, unsupported
-from ...config.linear_attention import KimiDeltaConfig
+from ..mla_config import MLAConfig
+from ...config.refusals import unsupported
+from ..kimi_delta_config import KimiDeltaConfig
 from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe, rope_config, yarn_apply_mscale
 
 _LAYER_TYPES = ("full_attention", "linear_attention")

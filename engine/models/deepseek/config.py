@@ -8,7 +8,7 @@ ARCHITECTURES = (
     Architecture("DeepseekV3ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ), model_type="deepseek_v3",
                  mtp_layers=True),
     Architecture("DeepseekV2ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ), model_type="deepseek_v2"),
-    # DeepSeek Sparse Attention (engine/config/sparse_attention.py): DeepSeek-V3.2 and GLM-5 (GLM-MoE-DSA) are MLA with a
+    # DeepSeek Sparse Attention (engine/models/dsa_config.py): DeepSeek-V3.2 and GLM-5 (GLM-MoE-DSA) are MLA with a
     # lightning indexer per layer (GLM-5's "shared" layers reuse the previous one's selection) and DeepSeek-V3's MoE.
     Architecture("DeepseekV32ForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ),
                  model_type="deepseek_v32", mtp_layers=True),

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.hf_dsa import dsa_attention, dsa_sparse_layers
-from ...config.layer_configs import MLAConfig, MoEConfig, unsupported
+from ..dsa_reader import dsa_attention, dsa_sparse_layers
+from ..mla_config import MLAConfig
+from ..blocks.ffn_config import MoEConfig
+from ...config.refusals import unsupported
 from ...config.reader_parts import gqa, rope_config, rotary_dim, yarn_apply_mscale
 from .config import ARCHITECTURES, DSA_ARCHITECTURES
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V4's attention layer (engine/config/compressed_attention.py has the cache layout;
+"""DeepSeek-V4's attention layer (engine/models/compressed_attention_config.py has the cache layout;
 kernels/compressed_attention.py the math): MQA over one shared head that is key and value, per-head sinks, a sliding
 window of raw KV, and under CSA / HCA the compressed entries, all read and written through the engine's cache: the paged
 entries on the step's block tables, the window and the compressors' running rows in each sequence's state slot
@@ -18,7 +18,7 @@ work per sequence, queries at positions p0..p1-1:
 4. each query attends to its window (positions p - W < k <= p) and to the entries it may see (entry w summarises
    positions < (w + 1) m, so query p sees w < (p + 1) / m): all of them (HCA) or the indexer's top-k (CSA);
 5. the output's rope slice is rotated back by the query's position, then the grouped output projection.
-Under an fp8 KV cache (engine/config/compressed_attention.py) the paged entries and index keys, and the window ring
+Under an fp8 KV cache (engine/models/compressed_attention_config.py) the paged entries and index keys, and the window ring
 where the layer's config says so (`window_fp8`), are uint8 rows (kernels/compressed_attention.FP8Rows): written
 quantized (`write_form`), read back dequantized into the activations' dtype (`read_rows`; the decode ops dequantize
 inside their kernels); a prefill chunk's own keys are attended to as the ring holds them (quantized), as a decode step
@@ -52,7 +52,7 @@ from moelink.kernels.compressed_attention import (entry_rows, index_key_rows, is
                                                   reference_rms_norm_f32, reference_rope_tail, write_form)
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ...config.compressed_attention import CompressedAttentionConfig
+from ..compressed_attention_config import CompressedAttentionConfig
 from .reader import DSV4Quantization
 from ...tp.attention import shard_attention
 from ...tp.group import TensorParallel

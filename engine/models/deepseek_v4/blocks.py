@@ -39,7 +39,7 @@ from moelink.moe.token_routing import TokenRoutedMoELayer
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.architectures import ArchSpec
-from ...config.compressed_attention import CompressedAttentionConfig
+from ..compressed_attention_config import CompressedAttentionConfig
 from .reader import DSV4Quantization, read_dsv4_quantization
 from ...config.model import ModelConfig
 from ...tp.experts import ExpertShard

@@ -1,6 +1,6 @@
 """DeepSeek-V4's config.json reader (engine/config/hf_readers.py calls `read`): its layers' attention
-(engine/config/compressed_attention.py's CompressedAttentionConfig, one per layer), its hyper-connections
-(engine/config/hyper_connections.py), its MoE facts, and its published weight formats (below). Counted in
+(engine/models/compressed_attention_config.py's CompressedAttentionConfig, one per layer), its hyper-connections
+(engine/models/hyper_connections_config.py), its MoE facts, and its published weight formats (below). Counted in
 engine/config's floor (tests/test_layering.py): no model code, no device.
 
 Its published weight formats (issue 45): what V4-Flash / V4-Pro's config.json says, read and checked.
@@ -31,9 +31,11 @@ from dataclasses import dataclass
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.compressed_attention import ATTENTION_BOUNDS, LAYER_KINDS, CompressedAttentionConfig, positive_int
-from ...config.hyper_connections import HC_BOUNDS, HyperConnectionConfig
-from ...config.layer_configs import ROPE_TYPES, MoEConfig, RopeConfig, unsupported
+from ..compressed_attention_config import ATTENTION_BOUNDS, LAYER_KINDS, CompressedAttentionConfig, positive_int
+from ..hyper_connections_config import HC_BOUNDS, HyperConnectionConfig
+from ..rope_config import ROPE_TYPES, RopeConfig
+from ..blocks.ffn_config import MoEConfig
+from ...config.refusals import unsupported
 
 MLP_KINDS = ("hash_moe", "moe")
 SCORING_FUNCS = ("sqrtsoftplus",)

@@ -5,7 +5,7 @@ layer as any chunk does: each token's raw KV goes into the window ring at slot p
 the indexer compressor's) into their rings at p % R. Once the sampler knows that n of them stand (the last known token
 plus the accepted drafts), the state must be what running only those n tokens would have left: the slots of the rejected
 positions p0 + n .. p0 + k must hold again what they held before the step (the tokens W, or R, positions back, which the
-next tokens' windows still read). With k + 1 <= R (engine/config/compressed_attention.check_ring_rollback) each slot is
+next tokens' windows still read). With k + 1 <= R (engine/models/compressed_attention_config.check_ring_rollback) each slot is
 written once a step, so restoring those slots from a copy taken before the step is exact; the accepted positions' slots
 keep what the step wrote. The paged compressed entries need nothing: an entry a rejected draft completed is written
 again, from the right rows, by the step whose token completes that window, before any query can see it (dsv4_attention's

@@ -5,7 +5,7 @@ after the common fields); a value moelink cannot run is refused naming the field
 """
 from __future__ import annotations
 
-from ...config.layer_configs import unsupported
+from ...config.refusals import unsupported
 from ...config.reader_parts import LAYER_TYPES, MLP_TYPES, gqa, layer_kinds, noaux_tc_moe, rope_config
 
 

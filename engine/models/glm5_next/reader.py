@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...config.hyper_connections import HyperConnectionConfig
-from ...config.layer_configs import MLAConfig, RopeConfig, unsupported
-from ...config.linear_attention import KimiDeltaConfig
+from ..hyper_connections_config import HyperConnectionConfig
+from ..mla_config import MLAConfig
+from ..rope_config import RopeConfig
+from ...config.refusals import unsupported
+from ..kimi_delta_config import KimiDeltaConfig
 from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe
-from ...config.sparse_attention import IndexerConfig
+from ..dsa_config import IndexerConfig
 
 _LAYER_TYPES = ("linear_attention", "indexed_attention")
 _INDEXER_TYPES = ("full", "shared")

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...config.hf_dsa import dsa_attention
-from ...config.hyper_connections import HyperConnectionConfig
-from ...config.layer_configs import MLAConfig, unsupported
+from ..dsa_reader import dsa_attention
+from ..hyper_connections_config import HyperConnectionConfig
+from ..mla_config import MLAConfig
+from ...config.refusals import unsupported
 from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe, rope_config, yarn_apply_mscale
 
 LAYER_TYPES = ("indexed_attention",)

@@ -5,8 +5,10 @@ after the common fields); a value moelink cannot run is refused naming the field
 """
 from __future__ import annotations
 
-from ...config.layer_configs import MLAConfig, RopeConfig, unsupported
-from ...config.linear_attention import KimiDeltaConfig
+from ..mla_config import MLAConfig
+from ..rope_config import RopeConfig
+from ...config.refusals import unsupported
+from ..kimi_delta_config import KimiDeltaConfig
 from ...config.reader_parts import MLP_TYPES, layer_kinds, mla_fields, noaux_tc_moe
 
 _LAYER_TYPES = ("full_attention", "linear_attention")

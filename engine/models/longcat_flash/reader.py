@@ -9,7 +9,9 @@ import math
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.layer_configs import MLAConfig, MoEConfig, unsupported
+from ..mla_config import MLAConfig
+from ..blocks.ffn_config import MoEConfig
+from ...config.refusals import unsupported
 from ...config.reader_parts import mla_fields, rope_config, yarn_apply_mscale
 
 

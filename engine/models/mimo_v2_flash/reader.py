@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.layer_configs import GQAConfig, MoEConfig, RopeConfig, unsupported
+from ..gqa_config import GQAConfig
+from ..blocks.ffn_config import MoEConfig
+from ..rope_config import RopeConfig
+from ...config.refusals import unsupported
 from ...config.reader_parts import LAYER_TYPES, rotary_dim
 
 

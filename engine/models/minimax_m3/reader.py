@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.block_sparse_attention import BlockIndexerConfig, BlockSparseConfig
-from ...config.layer_configs import MoEConfig, unsupported
+from ..block_sparse_config import BlockIndexerConfig, BlockSparseConfig
+from ..blocks.ffn_config import MoEConfig
+from ...config.refusals import unsupported
 from ...config.reader_parts import MLP_TYPES, layer_kinds, rope_config, rotary_dim
 
 ATTENTION_TYPES = ("full_attention", "minimax_m3_sparse")
@@ -20,7 +21,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     RMS-normed per head before rotary, rotary over int(head_dim * partial_rotary_factor) dims (transformers 5.24's
     MiniMax-M3 config, unlike MiniMax-M2's, does not turn a rotary_dim field into that factor: moelink reads the file
     as transformers does); layer_types minimax_m3_sparse adds the block indexer
-    (engine/config/block_sparse_attention.py: index_n_heads heads of index_head_dim, blocks of index_block_size
+    (engine/models/block_sparse_config.py: index_n_heads heads of index_head_dim, blocks of index_block_size
     positions, index_topk_blocks kept of which index_local_blocks the query's own and those before it);
     mlp_layer_types a dense MLP dense_intermediate_size wide, or intermediate_size-wide routed experts (sigmoid
     scores, the top-k of scores + e_score_correction_bias, the unbiased weights renormalised and times

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.layer_configs import MoEConfig, unsupported
+from ..blocks.ffn_config import MoEConfig
+from ...config.refusals import unsupported
 from ...config.reader_parts import gqa, rope_config
 
 

@@ -9,8 +9,9 @@ import dataclasses
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.layer_configs import MoEConfig, unsupported
-from ...config.linear_attention import LinearAttentionConfig
+from ..blocks.ffn_config import MoEConfig
+from ...config.refusals import unsupported
+from ..gated_deltanet_config import LinearAttentionConfig
 from ...config.reader_parts import MAX_WIDTH, gqa, rope_config, rotary_dim
 
 

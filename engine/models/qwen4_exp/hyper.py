@@ -1,4 +1,4 @@
-"""Gated hyper-connections (engine/config/hyper_connections.py, mixing "gated"; transformers'
+"""Gated hyper-connections (engine/models/hyper_connections_config.py, mixing "gated"; transformers'
 Qwen4ExpTextGatedResidual): over hc_count residual streams x [T, n, D],
     normed = RMSNorm per stream (one weight of n * D)
     w = sigmoid(up(silu(down(normed) / n)))         [T, n * D]: a weight per stream and channel
@@ -20,7 +20,7 @@ from torch import nn
 from moelink.kernels.hyper_connection import reference_hc_expand
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
-from ...config.hyper_connections import HyperConnectionConfig
+from ..hyper_connections_config import HyperConnectionConfig
 from ..layers import RMSNorm, param
 
 if TYPE_CHECKING:

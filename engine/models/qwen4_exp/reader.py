@@ -14,14 +14,16 @@ import torch
 
 from moelink.moe.router_config import RouterConfig
 
-from ...config.hyper_connections import HyperConnectionConfig
-from ...config.layer_configs import GQAConfig, MoEConfig, unsupported
-from ...config.linear_attention import LinearAttentionConfig
-from ...config.ngram_embedding import NGramEmbeddingConfig
+from ..hyper_connections_config import HyperConnectionConfig
+from ..gqa_config import GQAConfig
+from ..blocks.ffn_config import MoEConfig
+from ...config.refusals import unsupported
+from ..gated_deltanet_config import LinearAttentionConfig
+from ..ngram_embedding_config import NGramEmbeddingConfig
 from ...config.reader_parts import MAX_WIDTH, layer_kinds, rope_config, rotary_dim
 
 _LAYER_TYPES = ("linear_attention", "indexed_attention")
-# The most each may be (engine/config/linear_attention.py's LINEAR_BOUNDS say why).
+# The most each may be (engine/models/gated_deltanet_config.py's LINEAR_BOUNDS say why).
 QSA_BOUNDS = {"indexer_n_heads": 1 << 10, "indexer_head_dim": 1 << 12, "indexer_budget": 1 << 20,
               "indexer_compress_ratio": 1 << 12, "ple_conv_kernel_size": 64, "split_ngram_parts": 1 << 16}
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .layer_configs import MLAConfig, unsupported
-from .sparse_attention import IndexerConfig
+from .mla_config import MLAConfig
+from ..config.refusals import unsupported
+from .dsa_config import IndexerConfig
 
 _INDEXER_TYPES = ("full", "shared")
 _MLP_TYPES = ("dense", "sparse")

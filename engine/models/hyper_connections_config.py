@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .compressed_attention import positive_int
-from .layer_configs import unsupported
+from .compressed_attention_config import positive_int
+from ..config.refusals import unsupported
 
-# The most each may be, checked as config.json is read (engine/config/compressed_attention.py's ATTENTION_BOUNDS say
+# The most each may be, checked as config.json is read (engine/models/compressed_attention_config.py's ATTENTION_BOUNDS say
 # why): the largest published value (DeepSeek-V4-Flash / V4-Pro) times a margin, far below what a typo asks for.
 HC_BOUNDS = {
     "hc_mult": 64,

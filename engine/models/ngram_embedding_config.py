@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .layer_configs import unsupported
+from ..config.refusals import unsupported
 
 NGRAM_PLACEMENTS = ("device", "host")
-# The most each may be (engine/config/linear_attention.py's LINEAR_BOUNDS say why): published values times a margin.
+# The most each may be (engine/models/gated_deltanet_config.py's LINEAR_BOUNDS say why): published values times a margin.
 NGRAM_BOUNDS = {
     "ngram_size": 16,  # published 3
     "heads_per_ngram": 1 << 8,  # published 8

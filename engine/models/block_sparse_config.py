@@ -20,7 +20,8 @@ from typing import ClassVar
 
 import torch
 
-from .layer_configs import GQAConfig, unsupported
+from .gqa_config import GQAConfig
+from ..config.refusals import unsupported
 
 
 @dataclass(frozen=True)

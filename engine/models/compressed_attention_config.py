@@ -44,7 +44,8 @@ from typing import ClassVar
 
 import torch
 
-from .layer_configs import RopeConfig, unsupported
+from .rope_config import RopeConfig
+from ..config.refusals import unsupported
 
 # config.json layer_types values and the compressor each one runs.
 LAYER_KINDS = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
@@ -53,7 +54,7 @@ LAYER_KINDS = {"sliding_attention": "sliding", "compressed_sparse_attention": "c
 
 # The most each size may be, checked as config.json is read, before anything is sized from it: the window ring, the
 # compressor rings, the index top-k's selection are all allocated (or looped over) from these alone
-# (engine/config/hyper_connections.py bounds the hyper-connection streams alike). Each bound is the largest published
+# (engine/models/hyper_connections_config.py bounds the hyper-connection streams alike). Each bound is the largest published
 # value (DeepSeek-V4-Flash / V4-Pro, transformers' DeepseekV4Config defaults) times a margin of 8 or more, and far below
 # what a typo or a hostile file asks for (1e9 of them: a hang or a terabyte allocation).
 ATTENTION_BOUNDS = {
@@ -161,7 +162,7 @@ class CompressedAttentionConfig:
                              f"compress rate (this model's include {self.compress_rate}).")
 
     def kv_layer_pairs(self, num_layers: int) -> None:
-        """No sliding/full pairing of tensors (layer_configs.GQAConfig.kv_layer_pairs): the window is state."""
+        """No sliding/full pairing of tensors (gqa_config.GQAConfig.kv_layer_pairs): the window is state."""
         return None
 
     def fp8_row_bytes(self) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
 """DeepSeek Sparse Attention (DSA: DeepSeek-V3.2, GLM-5) as config: the lightning indexer an MLA layer runs beside its
-attention, and what the indexer caches per token. Pure data (engine/config/layer_configs.MLAConfig holds one).
+attention, and what the indexer caches per token. Pure data (mla_config.MLAConfig holds one).
 
 What it computes (transformers' DeepseekV32Indexer without a cache is the definition): per query token t and head h
 of the indexer, q[t, h] = rope(wq_b(q_resid[t]))[h] (q_resid = q_a_layernorm(q_a_proj(x)), MLA's own q latent), one
