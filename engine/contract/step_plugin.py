@@ -185,6 +185,10 @@ class StepPlugin:
     name: ClassVar[str]
     # False: a decode graph can never run this feature's steps (images: 3-D positions a graph does not take).
     allows_graphs: bool = True
+    # A SamplingParams field: the plug-in hears only of the requests that set it (not None, not False), and plans
+    # a step only while the rank holds one (engine/rank/plugin_set.py). None: it hears of every request and plans
+    # every step.
+    wakes_on: ClassVar[str | None] = None
 
     def before_step(self, so: SchedulerOutput) -> None:
         return None

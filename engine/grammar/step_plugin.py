@@ -18,7 +18,10 @@ class _Masks(StepWork[None]):
 
 
 class GrammarPlugin(StepPlugin):
+    """Planned only while the rank holds a constrained request (`wakes_on`)."""
+
     name = "grammar"
+    wakes_on = "structured_outputs"
 
     def plan(self, batch: StepBatch) -> StepWork | None:
         masks = batch.so.grammar_bitmask

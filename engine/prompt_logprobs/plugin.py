@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..contract.host_copy import to_host
-from ..contract.step_plugin import DeviceStep, HeldRequest, RankModel, StepBatch, StepPlugin, StepWork
+from ..contract.step_plugin import DeviceStep, RankModel, StepBatch, StepPlugin, StepWork
 from . import scoring
 
 if TYPE_CHECKING:
-    from moelink.scheduler.outputs import ModelRunnerOutput, NewRequestData
+    from moelink.scheduler.outputs import ModelRunnerOutput
 
     from ..config.worker_config import WorkerConfig
 
@@ -30,24 +30,13 @@ class _Scoring(StepWork[torch.Tensor]):
 
 
 class PromptLogprobsPlugin(StepPlugin):
+    """Planned only while the rank holds a request that asked (`wakes_on`); its prompt positions scored until the
+    prompt is computed."""
+
     name = "prompt_logprobs"
-
-    def __init__(self) -> None:
-        self._ids: set[str] = set()
-
-    def admit(self, new: NewRequestData, state: HeldRequest) -> None:
-        if new.sampling_params.prompt_logprobs is not None:
-            self._ids.add(new.req_id)
-
-    def release(self, req_id: str, preempted: bool) -> None:
-        self._ids.discard(req_id)
-
-    def reset(self) -> None:
-        self._ids = set()
+    wakes_on = "prompt_logprobs"
 
     def plan(self, batch: StepBatch) -> StepWork | None:
-        if not self._ids:
-            return None
         p = scoring.plan(list(batch.states), batch.query_lens, batch.qsl_S1)
         return _Scoring(p) if p is not None else None
 

@@ -30,8 +30,8 @@ from ..contract.ep_step import LOW_LATENCY, EPStepPlan
 from ..contract.kv_blocks import PagedKVBlocks
 from ..contract.sampling_params import SamplingParams
 from ..contract.spec_decoding import DraftRollback, VerifyStep
-from ..contract.step_plugin import (DeviceInputs, DeviceStep, GraphTokenInput, RankModel, SampledRows, SamplingContext,
-                                    StepBatch, StepPlugin, StepWork, overrides)
+from ..contract.step_plugin import (DeviceInputs, DeviceStep, RankModel, SampledRows, SamplingContext, StepBatch,
+                                    StepPlugin, StepWork)
 from ..models.layers import ForwardContext
 from ..tp.attention import tp_local_config
 from ..tp.group import TensorParallel
@@ -44,6 +44,7 @@ from .loader import load_model
 from .input_batch import CachedRequestState, PersistentBatch, SlidingTable  # noqa: F401  (re-exported)
 from .sampler import Sampler, SamplingMetadata
 from ..state.cache import StateCaches, StatePlan
+from .plugin_set import PluginSet
 from .step_handle import DeviceResult, StepHandle
 from .step_inputs import StepInputs, build_step_inputs, device_inputs
 from .step_plan import SingleBatch, TwoBatchOverlap
@@ -101,10 +102,11 @@ class ModelRunner:
         # The step's plug-ins, made before warm-up, the KV cache and graph capture (they may hook the model, give
         # the graphs an input, or bind the cache: engine/contract/step_plugin.py).
         # (A draft layer among them is loaded here too: its weights count and it keeps a cache layer.)
-        self._set_plugins(plugins(RankModel(self.cfg, self.model, self.kernels, device, ep,
+        self.step_plugins = PluginSet(plugins(RankModel(self.cfg, self.model, self.kernels, device, ep,
                                             self.tp.size if self.tp is not None else 1, load_format,
                                             model_cfg=model_cfg, block_size=block_size, tp=self.tp))
-                          if plugins is not None else ())
+                                      if plugins is not None else ())
+        self.plugins = self.step_plugins.plugins
         self.graph_sizes = self._graph_sizes(cuda_graph_sizes, ep, graph_backend)
         no_graphs = [p.name for p in self.plugins if not p.allows_graphs]
         if no_graphs and self.graph_sizes:
@@ -127,31 +129,13 @@ class ModelRunner:
         self._parked_generators: dict[str, torch.Generator | None] = {}
 
     # -- step plug-ins (engine/contract/step_plugin.py) ---------------------------------
-    def _set_plugins(self, plugins: Sequence[StepPlugin]) -> None:
-        """The plug-ins, and for each point of a step the ones that act there (the others cost no call)."""
-        self.plugins: tuple[StepPlugin, ...] = tuple(plugins)
-        names = [p.name for p in self.plugins]
-        if len(set(names)) != len(names):
-            raise ValueError(f"step plug-ins {names} name one feature twice.")
-
-        def acting(hook: str) -> tuple[StepPlugin, ...]:
-            return tuple(p for p in self.plugins if overrides(p, StepPlugin, hook))
-        self._before_step, self._admit, self._release = acting("before_step"), acting("admit"), acting("release")
-        self._planners, self._idle_planners = acting("plan"), acting("plan_idle")
-        self._collectors = tuple(p.collect for p in acting("collect"))
-        inputs = [i for p in self.plugins if (i := p.graph_input()) is not None]
-        if len(inputs) > 1:
-            raise ValueError(f"step plug-ins {names} give a decode graph {len(inputs)} per-token inputs; it takes one.")
-        self._graph_input: GraphTokenInput | None = inputs[0] if inputs else None
-
     def plugin(self, name: str) -> StepPlugin | None:
         """The rank's plug-in of feature `name` (e.g. "lora", "images", "kv_transfer"); None: not configured."""
-        return next((p for p in self.plugins if p.name == name), None)
+        return self.step_plugins.get(name)
 
     def close_plugins(self) -> None:
         """Release what the plug-ins hold (a KV connector's server socket and threads): the rank shuts down."""
-        for p in self.plugins:
-            p.close()
+        self.step_plugins.close()
 
     # -- KV cache -------------------------------------------------------------------
     def available_kv_blocks(self, memory_utilization: float) -> int:
@@ -222,7 +206,7 @@ class ModelRunner:
                               verify_batch_sizes=verify_sizes(self.graph_sizes, verify_len, self.ep, logger),
                               state_slots=self.state_caches is not None,
                               bound_host_lengths=bound_host_lengths(self.kernels),
-                              token_input=self._graph_input)
+                              token_input=self.step_plugins.graph_input)
         t0 = time.perf_counter()
         # Inside the backend's step context, as every eager step runs: the kernels a graph captures are those its
         # mode picks (batch-invariant mode's fixed-tile matmuls, not the library's).
@@ -242,15 +226,13 @@ class ModelRunner:
             if st is not None:
                 self.batch.remove(st)
             self._parked_generators.pop(rid, None)
-            for p in self._release:
-                p.release(rid, False)
+            self.step_plugins.release(rid, False)
         for rid in so.preempted_req_ids:
             st = self.requests.pop(rid, None)
             if st is not None:
                 self.batch.remove(st)
                 self._parked_generators[rid] = st.generator
-            for p in self._release:  # resent whole when it resumes
-                p.release(rid, True)
+            self.step_plugins.release(rid, True)  # resent whole when it resumes
         for new in so.scheduled_new_reqs:
             if new.req_id in self._parked_generators:
                 gen = self._parked_generators.pop(new.req_id)
@@ -268,8 +250,7 @@ class ModelRunner:
             new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), new.sampling_params,
             list(new.block_ids), new.num_computed_tokens, gen,
         )
-        for p in self._admit:  # the engine refused what no configured feature answers (LoRA, images, routing)
-            p.admit(new, st)
+        self.step_plugins.admit(new, st)  # the engine refused what no configured feature answers (LoRA, images)
         if self.kv_pairs is not None:
             st.sliding = SlidingTable(new.sliding_block_ids, self.null_block)
         if self.state_caches is not None:
@@ -282,8 +263,7 @@ class ModelRunner:
         """Elastic EP (scheduler.Scheduler.rewind): hold exactly the scheduler's requests, as it holds them. A
         request keeps its generator (a seeded one may have drawn once in the broken step)."""
         gens = {**self._parked_generators, **{rid: st.generator for rid, st in self.requests.items()}}
-        for p in self.plugins:  # hold none (a KV connector: the rewind counted its transfers in flight failed)
-            p.reset()
+        self.step_plugins.reset()  # hold none (a KV connector: the rewind counted its transfers in flight failed)
         self.requests = {}
         self.batch.clear()
         self._parked_generators = {rid: gens[rid] for rid in rs.waiting_ids if rid in gens}
@@ -324,7 +304,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         while len(self._in_flight) >= 2:  # at most two: pinned staging is double-buffered (cuda_graph.py)
             self._in_flight.popleft().wait_device()
-        for p in self._before_step:
+        for p in self.step_plugins.before_step:
             p.before_step(so)
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
@@ -346,7 +326,7 @@ class ModelRunner:
         rows = SampledRows(inp, states, picked, spec)
         for w in works:  # e.g. a device drafter plans its drafts of the sampling rows
             w.plan_rows(rows)
-        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self._collectors, spec)
+        handle = StepHandle(so.step_id, picked, inp.num_tokens, len(states), 0.0, self.step_plugins.collectors, spec)
         handle.works = works
         masks = next((w.token_masks for w in works if w.token_masks), None)
         meta = self._sampling(handle, SamplingContext(self.batch, rows_S, inp.sample_rows, inp.qsl_S1, picked, spec,
@@ -373,10 +353,10 @@ class ModelRunner:
     def _launch_idle(self, so: SchedulerOutput, run_forward: bool, t0: float) -> StepHandle:
         """A step with no tokens of this rank's own. Under EP it still runs the MoE layers' collectives when
         `run_forward` says a peer has tokens; its plug-ins' idle work (LoRA's slot writes, KV transfers) runs too."""
-        handle = StepHandle(so.step_id, [], 0, 0, 0.0, self._collectors)
+        handle = StepHandle(so.step_id, [], 0, 0, 0.0, self.step_plugins.collectors)
         ops = self.batch.take_device_ops()
         runs = run_forward or bool(ops)
-        works = [w for p in self._idle_planners if (w := p.plan_idle(so, runs)) is not None]
+        works = self.step_plugins.plan_idle(so, runs)
         if runs or works:
             # Under graphs too: a low-latency dispatch moves R blocks of the decode capacity whatever T is,
             # so this eager pass makes the same collective calls as its peers' replays.
@@ -389,7 +369,7 @@ class ModelRunner:
         return handle
 
     def _plan_works(self, batch: StepBatch) -> list[StepWork]:
-        return [w for p in self._planners if (w := p.plan(batch)) is not None]
+        return self.step_plugins.plan(batch)
 
     def _plan_states(self, so: SchedulerOutput, states: list[CachedRequestState], query_lens: list[int]
                      ) -> StatePlan | None:

@@ -73,29 +73,19 @@ class _Forced(StepWork[None]):
 
 
 class RoutingReplayPlugin(StepPlugin):
-    """The step plug-in: the requests held that give their routing; a step plans the given rows only while there
-    are some."""
+    """The step plug-in: it hears of the requests that give their routing alone (`wakes_on`), and a step plans the
+    given rows only while the rank holds some."""
 
     name = "routing_replay"
+    wakes_on = "forced_routed_experts"
 
     def __init__(self, model: ReplayingModel, top_k: int):
         self.model, self.top_k = model, top_k
-        self._ids: set[str] = set()
 
     def admit(self, new: NewRequestData, state: HeldRequest) -> None:
-        if new.sampling_params.forced_routed_experts is not None:
-            self.model.routing_replay()  # made on first use (ValueError for a model that cannot replay)
-            self._ids.add(new.req_id)
-
-    def release(self, req_id: str, preempted: bool) -> None:
-        self._ids.discard(req_id)
-
-    def reset(self) -> None:
-        self._ids = set()
+        self.model.routing_replay()  # made on first use (ValueError for a model that cannot replay)
 
     def plan(self, batch: StepBatch) -> StepWork | None:
-        if not self._ids:
-            return None
         forced = plan(list(batch.states), batch.query_lens, batch.qsl_S1, self.model.routing_replay().num_layers,
                       self.top_k)
         return _Forced(self.model, forced) if forced is not None else None

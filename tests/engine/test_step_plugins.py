@@ -99,8 +99,35 @@ def test_features_left_off_are_not_in_the_step(tiny_model):
         runner = llm.engine.executor.worker.runner
         assert [p.name for p in runner.plugins] == ["routing_replay", "prompt_logprobs", "grammar"]
         assert all(runner.plugin(name) is None for name in ("lora", "images", "kv_transfer", "speculative"))
-        assert runner._before_step == () and runner._idle_planners == () and runner._collectors == ()
-        assert [p.name for p in runner._admit] == ["routing_replay", "prompt_logprobs"]
+        assert runner.step_plugins.before_step == () and runner.step_plugins.idle_planners == ()
+        assert runner.step_plugins.collectors == ()
+        assert runner.step_plugins._admit == () and runner.step_plugins._planners == ()  # woken by requests only
+    finally:
+        llm.shutdown()
+
+
+def test_a_per_request_feature_wakes_for_the_requests_that_ask_and_sleeps_after(tiny_model, monkeypatch):
+    """Prompt logprobs plan steps only while the rank holds a request that asked: a plain request's steps never
+    call the plug-in, an asking request's do, and none once it finished."""
+    from moelink.engine.prompt_logprobs.plugin import PromptLogprobsPlugin
+
+    calls: list[int] = []
+    plan = PromptLogprobsPlugin.plan
+
+    def counted(self, batch):
+        calls.append(len(batch.states))
+        return plan(self, batch)
+
+    monkeypatch.setattr(PromptLogprobsPlugin, "plan", counted)
+    llm = LLM(tiny_model("qwen3_e6k3"), dtype="float32", num_kv_blocks=32)
+    try:
+        llm.generate(["hello there"], SamplingParams(max_tokens=3, temperature=0.0))
+        assert calls == []
+        out = llm.generate(["hello there"], SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=1))
+        assert out[0].prompt_logprobs and calls, "the asking request's steps planned its scoring"
+        asked = len(calls)
+        llm.generate(["hello there"], SamplingParams(max_tokens=3, temperature=0.0))
+        assert len(calls) == asked, "asleep again once the asking request left the rank"
     finally:
         llm.shutdown()
 
