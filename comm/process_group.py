@@ -143,7 +143,8 @@ def side_group(master_addr: str, master_port: int, rank: int, world_size: int, g
     group either way meets the engine's ranks. Returns (the backend's group, its store): keep the store while the
     group lives. gloo raises in the caller once `timeout_s` passes without a peer; NCCL's watchdog aborts.
     `store_timeout_s` (default `timeout_s`): the store's, for the rendezvous (torch's store client does not honour it
-    against a listener that accepts and never answers: the caller bounds its own wait, engine/rank/weight_sync.py)."""
+    against a listener that accepts and never answers: the caller bounds its own wait,
+    engine/rl/rank/weight_sync.py)."""
     _check_int("world_size", world_size, 2)
     _check_int("rank", rank, 0, world_size - 1)
     _check_int("master_port", master_port, 1, 65535)

@@ -32,9 +32,9 @@ class EngineCoreOutput:
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
     # Routed experts recorded since the request's last output (scheduler/outputs.RoutedExperts, in step order).
     routed_experts: Optional[list[RoutedExperts]] = None
-    # The weight version (LLMEngine.weight_version) of the weights that computed these tokens, set by the engine; and,
-    # only for a request an update reached while it was held (pause_generation("keep")), the versions its earlier
-    # KV and tokens came from, oldest first.
+    # The weight version (LLMEngine.rl.weight_version) of the weights that computed these tokens, set by the engine;
+    # and, only for a request an update reached while it was held (pause_generation("keep")), the versions its
+    # earlier KV and tokens came from, oldest first.
     weight_version: Optional[str] = None
     earlier_weight_versions: Optional[tuple] = None
 

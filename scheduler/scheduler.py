@@ -114,7 +114,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         # Requests the engine holds back from scheduling for now (their next grammar mask is still being filled,
         # engine/core/structured_output.py); the engine adds and removes ids, the scheduler only reads them.
         self.held: set[str] = set()
-        # False while the engine's generation is paused (engine/core/rl_control.py): requests never scheduled wait;
+        # False while the engine's generation is paused (engine/rl/control.py): requests never scheduled wait;
         # started ones (running, preempted, loading) go on.
         self.admit_new: bool = True
         self._priority: dict[str, tuple[float, int]] = {}
@@ -494,7 +494,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
 
     def exclude_from_prefix_cache(self, request_ids: Iterable[str]) -> None:
         """Never cache these requests' blocks from now on (their KV mixes weight versions: an update while they
-        were held, engine/core/rl_control.py)."""
+        were held, engine/rl/control.py)."""
         for rid in request_ids:
             req = self.requests.get(rid)
             if req is not None:

@@ -41,7 +41,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "engine.spec": frozenset({"engine.lora", "engine.rank", "engine.multimodal", "engine.kv_transfer", "engine.spec.heads", "engine.models",
                               "engine.state", "engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                              "kernels"}),
-    "engine.rank": frozenset({"engine.lora", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.multimodal", "engine.state",
+    "engine.rank": frozenset({"engine.lora", "engine.rl", "engine.kv_transfer", "engine.spec.heads", "engine.models", "engine.multimodal", "engine.state",
                               "engine.contract",
                               "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
     # The KV data plane (connectors, transports, wire format, store, auth) sits below the runner, beside the models:
@@ -60,9 +60,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "engine.multimodal": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                                     "kernels"}),
     "engine.tools": frozenset({"engine.config", "planner", "scheduler", "moe", "comm", "kernels"}),
-    # RL rollouts' driver side (engine/rl/: a weight update's checks), on the configuration: the engine core calls it,
-    # the ranks write with their own loader.
-    # Its rank side's step plug-ins (routed experts, routing replay) are on the contract (engine/contract/step_plugin.py).
+    # RL rollouts (engine/rl/), on the contract: the engine's control calls (held by LLMEngine, reaching the ranks
+    # through the contract's rank calls), a weight update's checks and the re-quantizers (the engine core calls them,
+    # the ranks re-quantize a broadcast with them), and its step plug-ins (routed experts, routing replay:
+    # engine/contract/step_plugin.py). Its rank side (engine/rl/rank/) is engine/rank's (RL_RANK_PART below).
     "engine.rl": frozenset({"engine.contract", "engine.tp", "engine.config", "planner", "scheduler", "moe", "comm",
                             "kernels"}),
     # Structured output's rank half (engine/grammar/): a step plug-in on the contract.
@@ -130,8 +131,16 @@ def is_block_config(module: str) -> bool:
             and (len(parts) == 3 or parts[2] == "blocks"))
 
 
+# RL's rank side (engine/rl/rank/: the Worker's RL calls, the broadcast's receive, sleep, rollback) is engine/rank's:
+# the Worker takes its calls from it and it writes through the rank's loader, so it may import only what
+# engine/rank may, and the RL package keeps all of RL in one place.
+RL_RANK_PART = "engine.rl.rank"
+
+
 def unit_of(module: str) -> str:
     parts = module.split(".")
+    if module == RL_RANK_PART or module.startswith(RL_RANK_PART + "."):
+        return "engine.rank"
     if len(parts) == 4 and parts[:2] == ["engine", "models"] and parts[3] in FAMILY_CONFIG_PARTS:
         return "engine.config"
     if is_block_config(module):

@@ -220,7 +220,7 @@ class AsyncEngine:
     def paused(self) -> bool:
         """Whether generation is paused (pause_generation until continue_generation). Read on any thread: one
         attribute the engine thread writes between two steps, so a reader sees the state before or after a call."""
-        return self.engine.paused is not None
+        return self.engine.rl.paused is not None
 
     @property
     def image_token_id(self) -> int | None:

@@ -51,14 +51,14 @@ class LLM:
         rank from the old bytes each saved (at most `rollback_bytes` a rank, checked before anything is read; 0: no
         rollback; None: 1 GiB when each rank's part fits in it, else none, logged: docs/rl.md). {"bytes_read",
         "seconds", "weight_version"}."""
-        return self.engine.update_weights_from_disk(model_path, load_format, weight_version, flush_cache,
-                                                    rollback_bytes)
+        return self.engine.rl.update_weights_from_disk(model_path, load_format, weight_version, flush_cache,
+                                                       rollback_bytes)
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
                                    weight_version: str | None = None, flush_cache: bool = True) -> dict:
         """Write [(checkpoint name, tensor)] (any subset of the served checkpoint's tensors) into every rank's weights
         in place (a trainer in the same process or Ray job); the prefix cache is flushed."""
-        return self.engine.update_weights_from_tensor(named_tensors, load_format, weight_version, flush_cache)
+        return self.engine.rl.update_weights_from_tensor(named_tensors, load_format, weight_version, flush_cache)
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str = "weight_update_group", backend: str = "gloo",
@@ -66,8 +66,8 @@ class LLM:
         """Join a trainer's process group (the trainer is rank 0 and serves the rendezvous at master_address:
         master_port; engine rank r joins as rank_offset + r); the trainer makes its group at the same time.
         `timeout_s`: the group's (each broadcast); `join_timeout_s`: the most the join may take."""
-        return self.engine.init_weights_update_group(master_address, master_port, rank_offset, world_size, group_name,
-                                                     backend, timeout_s, join_timeout_s)
+        return self.engine.rl.init_weights_update_group(master_address, master_port, rank_offset, world_size,
+                                                        group_name, backend, timeout_s, join_timeout_s)
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
@@ -76,52 +76,52 @@ class LLM:
         of at most `bucket_bytes` at a time; every rank keeps its own part. All or nothing: a failed update is rolled
         back on every rank from the old bytes each saved (at most `rollback_bytes` a rank; 0: no rollback; None:
         1 GiB when each rank's part fits in it, else none, logged). {"bytes_read", "seconds", ...}."""
-        return self.engine.update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
-                                                           weight_version, bucket_bytes, rollback_bytes)
+        return self.engine.rl.update_weights_from_distributed(names, dtypes, shapes, group_name, flush_cache,
+                                                              weight_version, bucket_bytes, rollback_bytes)
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
         """Leave a trainer's process group."""
-        return self.engine.destroy_weights_update_group(group_name)
+        return self.engine.rl.destroy_weights_update_group(group_name)
 
     def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> dict:
         """Stop generating until continue_generation: "abort" aborts every request, "wait" starts nothing new and
         lets started requests finish, "keep" holds them in place (KV kept; an update meanwhile reaches them, and
         their outputs name both versions). Requests added while paused wait (LLM.generate is refused).
         `clear_cache` (vLLM's): forget every cached prefix once paused; refused with "keep"."""
-        return self.engine.pause_generation(mode, clear_cache)
+        return self.engine.rl.pause_generation(mode, clear_cache)
 
     def is_paused(self) -> bool:
         """Whether generation is paused (vLLM's is_paused)."""
-        return self.engine.is_paused()
+        return self.engine.rl.is_paused()
 
     def continue_generation(self) -> dict:
         """Generate again after pause_generation."""
-        return self.engine.continue_generation()
+        return self.engine.rl.continue_generation()
 
     def sleep(self, level: int = 1) -> dict:
         """Give the devices back to a trainer (vLLM's sleep): level 1 keeps the weights in host memory and frees the
         KV cache; level 2 drops the weights too (an update fills them again). Requests are refused until wake_up."""
-        return self.engine.sleep(level)
+        return self.engine.rl.memory.sleep(level)
 
     def wake_up(self, tags=None) -> dict:
         """Give the released memory back (`tags`: "weights", "kv_cache"; None: both)."""
-        return self.engine.wake_up(tags)
+        return self.engine.rl.memory.wake_up(tags)
 
     def release_memory_occupation(self, tags=None) -> dict:
         """SGLang's name for sleep(level=1)."""
-        return self.engine.release_memory_occupation(tags)
+        return self.engine.rl.memory.release_memory_occupation(tags)
 
     def resume_memory_occupation(self, tags=None) -> dict:
         """SGLang's name for wake_up."""
-        return self.engine.resume_memory_occupation(tags)
+        return self.engine.rl.memory.resume_memory_occupation(tags)
 
     def get_weight_version(self) -> str | None:
         """The weight_version the last update set (None before any)."""
-        return self.engine.weight_version
+        return self.engine.rl.weight_version
 
     def flush_cache(self) -> int:
         """Forget every cached prefix (SGLang's flush_cache; vLLM's reset_prefix_cache): blocks freed."""
-        return self.engine.flush_cache()
+        return self.engine.rl.flush_cache()
 
     reset_prefix_cache = flush_cache
 
@@ -157,8 +157,9 @@ class LLM:
             raise RuntimeError("this LLM is shut down: create a new one.")
         if not prompts:
             raise ValueError("prompts is empty: pass at least one prompt.")
-        if self.engine.paused is not None:
-            raise ValueError(f"generation is paused (mode={self.engine.paused!r}): LLM.generate would wait for ever; "
+        paused = self.engine.rl.paused
+        if paused is not None:
+            raise ValueError(f"generation is paused (mode={paused!r}): LLM.generate would wait for ever; "
                              "call continue_generation first.")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)

@@ -5,10 +5,11 @@ update (or sleep) waits for the started requests to end (`waits`) rather than be
 
 What a call's arguments make costly never runs on the engine thread (`drive`): the reads (`READ_ONLY_CALLS`) are
 answered at once from the caller's side, also while an update waits or runs; an update from disk reads and checks
-the new checkpoint's headers on a thread of its own (RLControl.check_disk_update) and only the ranks' write runs
-between two steps; a join of a trainer's group is begun on every rank (each on a thread of its own) and polled
-between steps until it is done, failed, or past its join_timeout_s, so steps run on while a trainer's address keeps
-the rendezvous waiting.
+the new checkpoint's headers on a thread of its own (engine/rl/control.RLControl.check_disk_update) and only the
+ranks' write runs between two steps; a join of a trainer's group is begun on every rank (each on a thread of its own)
+and polled between steps until it is done, failed, or past its join_timeout_s, so steps run on while a trainer's
+address keeps the rendezvous waiting. Each call is the engine's RL control's (`engine.rl`, engine/rl/control.py) or
+its memory control's (`engine.rl.memory`: MEMORY_CALLS).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ CONTROL_CALLS = ("update_weights_from_disk", "pause_generation", "continue_gener
 # Calls that only read one attribute the engine thread writes between two steps: answered on the caller's thread,
 # never queued behind an update that waits for started requests (or one that runs).
 READ_ONLY_CALLS = ("get_weight_version", "is_sleeping", "is_paused")
+# The calls the engine's memory control answers (engine.rl.memory, engine/rl/memory.py); the others are engine.rl's
+# own (engine/rl/control.py).
+MEMORY_CALLS = ("sleep", "wake_up", "is_sleeping")
 # Between two polls of a pending join, at first and at most (a join on loopback takes a few milliseconds).
 JOIN_POLL_S = (0.01, 0.2)
 
@@ -49,7 +53,7 @@ WAIT_FOR_STARTED = ("update_weights_from_disk", "update_weights_from_distributed
 
 def waits(engine, cmd: ControlCommand) -> bool:
     """Whether `cmd` must wait (engine thread): paused in "wait" mode with started requests still running."""
-    return cmd.method in WAIT_FOR_STARTED and engine.paused == "wait" and bool(engine.started_requests())
+    return cmd.method in WAIT_FOR_STARTED and engine.rl.paused == "wait" and bool(engine.rl.started_requests())
 
 
 def check_call(method: str) -> None:
@@ -61,10 +65,15 @@ def read_now(engine, method: str):
     """A read-only call's answer (any thread): one attribute the engine thread writes between two steps, so the
     answer is the state before or after a call, never half of one."""
     if method == "get_weight_version":
-        return engine.weight_version
+        return engine.rl.weight_version
     if method == "is_sleeping":
-        return engine.is_sleeping()
-    return engine.is_paused()
+        return engine.rl.memory.is_sleeping()
+    return engine.rl.is_paused()
+
+
+def bound(engine, name: str) -> Callable:
+    """The engine's RL call of that name: its memory control's for MEMORY_CALLS, its RL control's otherwise."""
+    return getattr(engine.rl.memory if name in MEMORY_CALLS else engine.rl, name)
 
 
 # submit(method, args, call, ordered): queue a ControlCommand for the engine thread now; the future of its result.
@@ -79,7 +88,7 @@ async def drive(engine, method: str, args: tuple, submit: Submit, checks: concur
         return read_now(engine, method)
     if method == "update_weights_from_disk":
         loop = asyncio.get_running_loop()
-        checked = await loop.run_in_executor(checks, lambda: engine.check_disk_update(*args))
+        checked = await loop.run_in_executor(checks, lambda: engine.rl.check_disk_update(*args))
         return await submit(method, (checked,), "apply_disk_update", True)
     if method == "init_weights_update_group":
         join = await submit(method, args, "begin_weights_update_group", True)
@@ -108,15 +117,15 @@ def run_control(engine, cmd: ControlCommand, abort: Callable[[list[str]], int]) 
         return
     try:
         if cmd.call is not None:
-            result = getattr(engine, cmd.call)(*cmd.args)
+            result = bound(engine, cmd.call)(*cmd.args)
         elif cmd.method in READ_ONLY_CALLS:
             result = read_now(engine, cmd.method)
         elif cmd.method == "pause_generation" and (cmd.args or ("abort",))[0] == "abort":
-            engine._check_enabled("pause_generation")
+            engine.rl.check_enabled("pause_generation")
             n = abort(engine.request_ids())
-            result = {**engine.pause_generation("abort", *cmd.args[1:2]), "aborted": n}
+            result = {**engine.rl.pause_generation("abort", *cmd.args[1:2]), "aborted": n}
         else:
-            result = getattr(engine, cmd.method)(*cmd.args)
+            result = bound(engine, cmd.method)(*cmd.args)
     except BaseException as exc:  # the caller's error (a refusal), delivered to it; the engine goes on
         cmd.future.set_exception(exc)
         return

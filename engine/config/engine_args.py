@@ -63,7 +63,7 @@ class EngineConfig:
     # Rollout routing replay: every rank records its steps' routed experts (EngineArgs.enable_return_routed_experts).
     return_routed_experts: bool = False
     lora: LoRAConfig | None = None  # LoRA adapters (EngineArgs.enable_lora); None: off
-    # RL control calls taken (EngineArgs.enable_weight_updates; engine/core/rl_control.py).
+    # RL control calls taken (EngineArgs.enable_weight_updates; engine/rl/control.py).
     enable_weight_updates: bool = False
     # What a multimodal checkpoint may be sent, and its rank's encoder cache (engine/config/multimodal.py).
     multimodal: MultimodalConfig = MultimodalConfig()

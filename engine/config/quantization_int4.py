@@ -103,7 +103,7 @@ class Int4Config:
 
 
 # -- the writer's quantizer: what llm-compressor's W4A16 recipe does, through compressed-tensors ------------------
-# (engine/tools/tiny_formats.py writes checkpoints with it; engine/config/requantize.py re-quantizes a trainer's float
+# (engine/tools/tiny_formats.py writes checkpoints with it; engine/rl/requantize.py re-quantizes a trainer's float
 # weights with it, so both give the same integers.)
 
 def int4_scheme(symmetric: bool, group: int):

@@ -35,7 +35,7 @@ def check_rejoin(ep_rejoin, delay_s, elastic_ep: bool, flag: str = "ep_rejoin") 
         raise ValueError(f"{flag}_delay_s={delay_s!r} is invalid: must be a finite number of seconds >= 0.")
 
 
-# Joining a trainer's weight-update group (engine/rank/weight_sync.py): the rendezvous at the trainer's address,
+# Joining a trainer's weight-update group (engine/rl/rank/weight_sync.py): the rendezvous at the trainer's address,
 # which a trainer makes at the same time as it asks the engine to join, so seconds are plenty; the join runs on a
 # thread of each rank, never the engine's, and the caller is answered by this bound even where torch's own store
 # client ignores its timeout (a listener that accepts and never answers holds it until the listener closes).

@@ -6,7 +6,7 @@ rank r joins it as `rank_offset + r`. The trainer broadcasts each tensor whole, 
 every rank receives them a bucket at a time (at most `bucket_bytes`, or one tensor when a tensor is larger) and
 writes each bucket in place through the plan its load used (its experts, its TP slice), so an update holds one
 bucket beyond the served weights, and the old bytes it overwrote (at most `rollback_bytes` a rank, in host memory) to
-roll it back on every rank if it fails (engine/rank/rollback.py; `finish_weights_update` keeps or restores them once
+roll it back on every rank if it fails (engine/rl/rank/rollback.py; `finish_weights_update` keeps or restores them once
 every rank answered).
 """
 from __future__ import annotations
@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from ..config.checkpoint_files import HeaderBounds
-from ..config.requantize import Requant
 from .safe_text import shown
 from ..config.timeouts import (DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S, MAX_GROUP_TIMEOUT_S,
                                MAX_JOIN_TIMEOUT_S, check_bounded_seconds)
 
 DEFAULT_BUCKET_BYTES = 512 << 20  # what a rank receives before it writes (the most an update holds beside the weights)
-# Old bytes a rank may hold in host memory to roll a failed update back (engine/rank/rollback.py); 0: no rollback.
+# Old bytes a rank may hold in host memory to roll a failed update back (engine/rl/rank/rollback.py); 0: no rollback.
 DEFAULT_ROLLBACK_BYTES = 1 << 30
 DEFAULT_TIMEOUT_S = DEFAULT_GROUP_TIMEOUT_S  # a trainer silent this long fails the tensor being received
 GROUP_BACKENDS = ("gloo", "nccl")
@@ -45,6 +44,34 @@ def check_weight_version(value) -> None:
                          "ASCII characters (space to '~').")
 
 
+# The formats a trainer's float weight is re-quantized into (engine/rl/requantize.py does it, on the driver for a
+# tensor update, on each rank for a broadcast: the plan of it travels to the ranks in a DistributedUpdate).
+FORMATS = ("fp8", "mxfp4", "nvfp4", "int4", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class Requant:
+    """How one float tensor a trainer sends becomes served tensors: `fmt` (FORMATS), the float tensor's `shape`,
+    the served tensors it makes, (name, safetensors dtype, shape) each, and the format's parameters (FP8's `block`,
+    INT4's `group` and `symmetric`, GPTQ's `gptq_v1`: zero points stored minus one)."""
+
+    fmt: str
+    shape: tuple[int, ...]
+    outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    block: tuple[int, int] = (128, 128)
+    group: int = 32
+    symmetric: bool = True
+    gptq_v1: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"Requant.fmt={self.fmt!r} is invalid: choose from {', '.join(FORMATS)}.")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _, _ in self.outputs)
+
+
 @dataclass(frozen=True)
 class UpdateGroupSpec:
     """A trainer's group as the engine joins it: rank 0 (the trainer) serves the rendezvous at
@@ -58,7 +85,7 @@ class UpdateGroupSpec:
     backend: str = "gloo"
     timeout_s: float = DEFAULT_TIMEOUT_S
     # The most the join may take (the rendezvous with the trainer), after which the caller is answered and the ranks
-    # drop the join (engine/rank/weight_sync.py), whatever torch's store client does meanwhile.
+    # drop the join (engine/rl/rank/weight_sync.py), whatever torch's store client does meanwhile.
     join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
 
     def __post_init__(self) -> None:
@@ -145,7 +172,7 @@ class DistributedUpdate:
     tensors: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     # Quantized weights sent in float: (the float tensor's name, how it becomes the served tensors), each quantized
-    # into the served format as it is written (engine/config/requantize.py).
+    # into the served format as it is written (engine/rl/requantize.py).
     requantize: tuple[tuple[str, Requant], ...] = ()
     # The most old bytes each rank keeps to roll the update back if it fails (0: no rollback; a failure part way then
     # leaves the buckets written before it).

@@ -95,7 +95,7 @@ class WarmupReport:
 
 class RankAPI(Protocol):
     """What each `RankCall` takes and returns on one rank (engine/rank/worker.py implements it; its RL calls in
-    engine/rank/rl_worker.py)."""
+    engine/rl/rank/worker.py)."""
 
     def available_kv_blocks(self) -> int:
         """KV blocks this rank can hold after its weights."""

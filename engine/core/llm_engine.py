@@ -9,6 +9,9 @@ Two halves: the core (scheduler, executor, structured output: `add_core`, `abort
 `add_processed`, `abort_requests` and `step` do both on the calling thread (LLM.generate). An AsyncEngine calls
 `hand_off_outputs` once and then only the core half from its engine thread: its output thread owns
 `output_processor` from then on.
+
+RL's control calls (weight updates, a trainer's group, pause / continue, sleep / wake_up) are held, not inherited:
+`engine.rl` (engine/rl/control.py), which reaches the engine only through engine/rl/host.RLHost.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from ..contract.expert_parallel import plan_expert_parallel
 from ..cluster.eplb_controller import make_eplb_controller, step_expert_load
 from .moe_metrics import ExpertLoadReport, MoEMetrics
 from .output_processor import OutputProcessor
-from .rl_control import RLControl
+from ..rl.control import RLControl
 from .input_processing import (  # noqa: F401  (re-exported: the server and callers import them from here)
     ProcessedRequest, PromptType, process_inputs, too_long,
 )
@@ -79,7 +82,7 @@ class LoopStats:
     wait_s: float = 0.0
 
 
-class LLMEngine(RLControl):
+class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None,
                  tokenizer: Tokenizer | NoTokenizer | None = None):
         if config.load_format == "dummy":
@@ -148,6 +151,12 @@ class LLMEngine(RLControl):
         self._pending: tuple[list[SchedulerOutput], LaunchedStep] | None = None
         self.async_scheduling = config.scheduler.async_scheduling
         self.loop_stats = LoopStats()
+        # Single-thread use: outputs of a step a weight update or sleep drained (drain_for_update), returned by the
+        # next `step`.
+        self._stashed_outputs: list[RequestOutput] | None = None
+        # RL's control calls (engine/rl/control.py: weight updates, the trainer's group, pause, versions; its
+        # `memory`: sleep / wake_up), held, reaching the engine through what engine/rl/host.RLHost names.
+        self.rl = RLControl(self)
         warm_up_ranks(self.executor, config)  # KV cache in place: compile what steps hit, before serving
         # Started: what exists now lives as long as the engine; the step loop's collections skip it.
         freeze_heap(self)
@@ -194,7 +203,7 @@ class LLMEngine(RLControl):
 
     def add_core(self, req: ProcessedRequest) -> None:
         """Add a validated request to a rank's scheduler, not to the output side (the stepping thread)."""
-        self.check_weights_whole()  # a broadcast that failed part way left two versions (engine/core/rl_control.py)
+        self.rl.check_weights_whole()  # asleep, or a failed update left two versions (engine/rl/control.py)
         # Checked here, not per rank: the router may place a duplicate on another rank's scheduler.
         if req.request_id in self._rank_of or (self.lora_admission is not None
                                                and req.request_id in self.lora_admission.waiting):
@@ -257,11 +266,15 @@ class LLMEngine(RLControl):
     def request_ids(self) -> list[str]:
         """The requests the core holds (added, not finished; those waiting for their adapter's read too)."""
         held = list(self.lora_admission.waiting) if self.lora_admission is not None else []
-        return list(self._rank_of) + held
+        return self.scheduled_request_ids() + held
+
+    def scheduled_request_ids(self) -> list[str]:
+        """The requests the ranks' schedulers hold (added, not finished; not those waiting for an adapter)."""
+        return list(self._rank_of)
 
     def _finish(self, request_ids, status: RequestStatus) -> None:
         request_ids = list(request_ids)
-        self._forget_versions(request_ids)
+        self.rl.forget_versions(request_ids)
         by_rank: dict[int, list[str]] = {}
         for rid in request_ids:
             self.structured.remove(rid)
@@ -302,7 +315,7 @@ class LLMEngine(RLControl):
         if self._output_sink is not None:
             self._output_sink(core_outputs)
             return []
-        stashed, self._stashed_outputs = self._stashed_outputs, None  # drained by a weight update (rl_control.py)
+        stashed, self._stashed_outputs = self._stashed_outputs, None  # drained by a weight update (drain_for_update)
         return (stashed or []) + self._process(core_outputs)
 
     def _process(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
@@ -330,7 +343,7 @@ class LLMEngine(RLControl):
             outputs += self._drain_core()
             if self._eplb_act():
                 return outputs
-        if self._pause_mode == "keep":  # held in place (engine/core/rl_control.py): nothing is scheduled
+        if self.rl.paused == "keep":  # held in place (engine/rl/control.py): nothing is scheduled
             outputs += self._drain_core()
             if not outputs:
                 time.sleep(PAUSED_POLL_S)  # a stepping loop waiting for continue_generation does not spin
@@ -358,7 +371,7 @@ class LLMEngine(RLControl):
                 if not outputs and self.structured.filling():
                     # Only held requests are left: wait (briefly) for a mask rather than spin on empty steps.
                     self._release_held(self.structured.poll(timeout=0.05))
-                elif not outputs and self._pause_mode is not None:
+                elif not outputs and self.rl.paused is not None:
                     time.sleep(PAUSED_POLL_S)  # only requests the pause keeps waiting are left
                 return outputs
             self._pending = (sched_outs, self.executor.launch(sched_outs))
@@ -396,6 +409,18 @@ class LLMEngine(RLControl):
         for so in sched_outs:
             so.lora_table = snapshot
 
+    def drain_for_update(self) -> None:
+        """Collect the step in flight before any rank writes (a weight update, sleep: engine/rl/); its outputs go
+        where a step's go (the output thread's sink, or the next `step`'s return), never lost: a request may have
+        finished in it."""
+        core_outputs = self._drain_core()
+        if not core_outputs:
+            return
+        if self._output_sink is not None:
+            self._output_sink(core_outputs)
+        else:
+            self._stashed_outputs = (self._stashed_outputs or []) + self._process(core_outputs)
+
     def _drain(self) -> list[RequestOutput]:
         """Collect the step in flight, if any, and process its outputs (single-thread use: a caller that needs
         nothing in flight between two steps)."""
@@ -430,7 +455,7 @@ class LLMEngine(RLControl):
         if self.eplb is not None:
             counts_LG, pairs_LR = step_expert_load(runner_outs, self.moe_metrics)
             self.eplb.record(counts_LG, pairs_LR)
-        self._stamp_versions(core_outputs)
+        self.rl.stamp_versions(core_outputs)  # the weight version that computed them
         structured = self.structured
         constrained = bool(structured)
         for co in core_outputs:

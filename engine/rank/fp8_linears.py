@@ -33,7 +33,7 @@ _PARTS = ("weight", "weight_scale_inv")
 @dataclass
 class Fp8Dequant:
     """The float destination of one FP8 checkpoint weight and the parts read so far. `dest`: the tensor written (a
-    parameter at the plan's index: what a rollback saves, engine/rank/rollback.py); `rearranged`: the plan's
+    parameter at the plan's index: what a rollback saves, engine/rl/rank/rollback.py); `rearranged`: the plan's
     Rearranged destination, when it has one (it writes `dest` after its own rearrangement); `source`: what of the
     dequantized tensor the plan reads (() = all)."""
 

@@ -199,7 +199,7 @@ def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: s
     """A weight update from disk (engine/rl/weights.py: the driver checked the tensors are the served ones): the
     rank's own plan over `model_dir`, written into the tensors `model` holds, one at a time (no second copy; CUDA
     graphs keep their addresses); the conversions after a load run again for the parameters written only
-    (engine/models/blocks/checkpoint.py). `undo` (engine/rank/rollback.UndoLog): the bytes written are saved to it
+    (engine/models/blocks/checkpoint.py). `undo` (engine/rl/rank/rollback.UndoLog): the bytes written are saved to it
     first. `bounds`: the update's (its index bounded, its files inside `model_dir`). Returns the bytes read."""
     checkpoint = SafetensorsCheckpoint(model_dir, cfg.text_weights_prefix, bounds)
     plan = model_plan(model, cfg, frozenset(checkpoint.keys()))
@@ -211,7 +211,7 @@ def update_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, model_dir: s
 
 def update_plan(model: MoEDecoderForCausalLM, cfg: ModelConfig, names: set[str] | None) -> WeightPlan:
     """The plan entries an update of the served tensors `names` writes on this rank (None: all of them), laid out
-    as the load laid them out: what its undo log saves (engine/rank/rollback.py)."""
+    as the load laid them out: what its undo log saves (engine/rl/rank/rollback.py)."""
     served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())
     plan = model_plan(model, cfg, served)
     return plan if names is None else {name: entry for name, entry in plan.items() if name in names}
@@ -252,7 +252,7 @@ class TensorsCheckpoint:
 
 def plan_destinations(model: MoEDecoderForCausalLM, cfg: ModelConfig) -> list[torch.Tensor]:
     """The tensors an update from disk writes (the load plan's destinations): what sleep level 2 drops and the next
-    update fills again (engine/rank/sleep_mode.py)."""
+    update fills again (engine/rl/rank/sleep_mode.py)."""
     served = frozenset(SafetensorsCheckpoint(cfg.model, cfg.text_weights_prefix).keys())
     out = []
     for param, _, _ in model_plan(model, cfg, served).values():
@@ -266,7 +266,7 @@ def update_tensors_in_place(model: MoEDecoderForCausalLM, cfg: ModelConfig, tens
                             device: torch.device, undo=None) -> int:
     """A weight update from named tensors (engine/rl/weights.py checked them against the served checkpoint): each
     one this rank holds part of (its experts, its TP shard) written in place, the others left to their ranks; the
-    conversions after a load run again for the parameters written only. `undo` (engine/rank/rollback.UndoLog): the
+    conversions after a load run again for the parameters written only. `undo` (engine/rl/rank/rollback.UndoLog): the
     bytes written are saved to it first. Returns the bytes read."""
     plan = update_plan(model, cfg, set(tensors))  # the layout the load chose
     if undo is not None:

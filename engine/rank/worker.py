@@ -21,7 +21,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..contract.expert_parallel import ExpertParallelPlan
 from .model_runner import ModelRunner
-from .rl_worker import RLWorker
+from ..rl.rank.worker import RLWorker
 from .device_stream import make_stream
 from ..contract.gc_policy import freeze_heap, park_keeps_heap_frozen
 from ..contract.step_plugin import StepFeature, step_plugins

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from ..config.checkpoint_files import HeaderBounds
 from ..config.checkpoint_headers import bounds_like, checkpoint_tensors, text_model_name
 from ..config.model import ModelConfig
-from ..config.requantize import Requant, requantizable, requantize
+from ..contract.weight_sync import Requant
+from .requantize import requantizable, requantize
 
 if TYPE_CHECKING:
     import torch

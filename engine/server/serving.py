@@ -31,8 +31,7 @@ from ..core.llm_engine import ProcessedRequest, too_long
 from ..core.no_tokenizer import NoTokenizer
 from ..core.outputs import Logprob, OutputKind, RequestOutput
 from ..core.prompt_bound import NoBound, bytes_per_token
-from ..core.rl_control import ControlDisabled
-from ..core.rl_memory import NotServing
+from ..rl.errors import ControlDisabled, NotServing
 from ..contract.lora import LoRARequest
 from ..contract.safe_text import MAX_MESSAGE_CHARS, shown
 from ..multimodal.spec import multimodal_architecture

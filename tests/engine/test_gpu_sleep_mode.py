@@ -1,4 +1,4 @@
-"""Sleep and wake on a GPU with decode CUDA graphs (engine/rank/sleep_mode.py; docs/rl.md): sleep(1) gives the
+"""Sleep and wake on a GPU with decode CUDA graphs (engine/rl/rank/sleep_mode.py; docs/rl.md): sleep(1) gives the
 device back (torch's allocated bytes fall by at least the bytes the engine reports freed), wake_up brings the weights
 back from host memory and the greedy tokens equal those before (graphs captured again where a storage moved, so no
 graph reads freed memory); sleep(2), an update from disk and wake_up serve the new checkpoint as an engine started on

@@ -1,5 +1,5 @@
-"""Pausing generation around a weight update (SGLang's pause_generation / continue_generation; engine/core/
-rl_control.py, docs/rl.md), on an engine stepped by hand with requests in every state: every RequestOutput names the
+"""Pausing generation around a weight update (SGLang's pause_generation / continue_generation; engine/rl/control.py,
+docs/rl.md), on an engine stepped by hand with requests in every state: every RequestOutput names the
 weight version its tokens came from (RequestOutput.weight_version). "wait" lets started requests finish on the old
 weights and starts nothing new; the update then lands, continue starts the rest on the new weights, and no request is
 lost. "keep" holds started requests in place (their KV kept); an update reaches them and their outputs name both
@@ -44,19 +44,19 @@ def test_update_under_load_with_pause_wait_loses_no_request(tiny_model, tmp_path
     finished: dict = {}
     for _ in range(3):
         _run(eng, finished)
-    eng.pause_generation("wait")
-    started = set(eng.started_requests())
+    eng.rl.pause_generation("wait")
+    started = set(eng.rl.started_requests())
     assert 0 < len(started) < len(ps), "some requests must have started and some not"
     eng.add_request("late", ps[0], params)  # added while paused: waits
     with pytest.raises(ValueError, match="refused while started requests run .* mode='wait'"):
         llm.update_weights_from_disk(b)
     with pytest.raises(ValueError, match="generation is paused"):
         llm.generate(ps[:1], params, use_tqdm=False)
-    while eng.started_requests():
+    while eng.rl.started_requests():
         _run(eng, finished)
     assert set(finished) == started, "only the started requests ran while paused"
     llm.update_weights_from_disk(b, weight_version="v1")
-    eng.continue_generation()
+    eng.rl.continue_generation()
     while eng.has_requests():
         _run(eng, finished)
     assert set(finished) == {str(i) for i in range(len(ps))} | {"late"}
@@ -82,7 +82,7 @@ def test_keep_holds_requests_through_an_update_and_says_so(tiny_model, tmp_path)
     finished: dict = {}
     for _ in range(4):  # its prompt (3 chunks) and a first token or so
         _run(eng, finished)
-    eng.pause_generation("keep")
+    eng.rl.pause_generation("keep")
     _run(eng, finished)  # the step in flight (the overlapped loop) is collected
     held = eng.schedulers[0].requests["held"]
     n_before = len(held.output_token_ids)
@@ -91,7 +91,7 @@ def test_keep_holds_requests_through_an_update_and_says_so(tiny_model, tmp_path)
         assert eng.step() == []  # held: nothing scheduled
     assert len(held.output_token_ids) == n_before
     llm.update_weights_from_disk(b, weight_version="v1")
-    eng.continue_generation()
+    eng.rl.continue_generation()
     while eng.has_requests():
         _run(eng, finished)
     out = finished["held"]
@@ -153,10 +153,10 @@ def test_an_update_that_drains_a_step_keeps_its_outputs(tiny_model):
     finished: dict = {}
     _run(eng, finished)
     _run(eng, finished)  # the prefill collected; the decode step of its last token in flight
-    eng.pause_generation("keep")
+    eng.rl.pause_generation("keep")
     assert eng._pending is not None and "r" not in finished, "the test needs the final step in flight"
     llm.update_weights_from_disk(path)
-    eng.continue_generation()
+    eng.rl.continue_generation()
     while eng.has_requests():
         _run(eng, finished)
     assert len(finished["r"].outputs[0].token_ids) == 2

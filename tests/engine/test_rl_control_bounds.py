@@ -1,5 +1,5 @@
 """What an RL control call carries never runs unbounded on the engine thread (issue 76: engine/api/rl_calls.py,
-engine/core/rl_control.py, engine/rank/weight_sync.py, engine/config/checkpoint_headers.py; docs/security.md, round 6).
+engine/rl/control.py, engine/rl/rank/weight_sync.py, engine/config/checkpoint_headers.py; docs/security.md, round 6).
 
 A join of a trainer's group at an address that accepts and never answers (torch's store client ignores its timeout
 there) runs on the ranks' own threads: steps go on meanwhile, and the caller is answered at join_timeout_s naming
@@ -27,7 +27,7 @@ import pytest
 from moelink.engine import AsyncEngine, EngineArgs, SamplingParams
 from moelink.engine.contract.weight_sync import MAX_WEIGHT_VERSION_CHARS, UpdateGroupSpec, check_weight_version
 from moelink.engine.core.outputs import OutputKind
-from moelink.engine.core.rl_control import GroupJoinFailed
+from moelink.engine.rl.errors import GroupJoinFailed
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")
 
@@ -168,7 +168,7 @@ def test_bad_trainer_addresses_fail_clearly_and_a_real_trainer_joins_after(serve
 def test_a_rank_holds_a_few_join_threads_at_most_and_drops_a_join_nobody_waits_for():
     import torch
 
-    from moelink.engine.rank.weight_sync import MAX_JOIN_THREADS, UpdateGroups
+    from moelink.engine.rl.rank.weight_sync import MAX_JOIN_THREADS, UpdateGroups
 
     groups = UpdateGroups(torch.device("cpu"))
     with _listener("silent") as port:
@@ -250,9 +250,9 @@ def test_weight_version_is_a_bounded_printable_label(served):
         with pytest.raises(ValueError, match="weight_version"):
             asyncio.run(engine.control("update_weights_from_disk", path, None, bad))
         with pytest.raises(ValueError, match="weight_version"):
-            engine.engine.update_weights_from_tensor([], None, bad)
+            engine.engine.rl.update_weights_from_tensor([], None, bad)
         with pytest.raises(ValueError, match="weight_version"):
-            engine.engine.update_weights_from_distributed(["x"], ["float32"], [[1]], "none", True, bad)
+            engine.engine.rl.update_weights_from_distributed(["x"], ["float32"], [[1]], "none", True, bad)
     assert asyncio.run(engine.control("get_weight_version")) != "x" * 100_000
 
 
@@ -275,7 +275,7 @@ def _index(out: Path, path: str, fname: str) -> None:
 
 def test_an_updates_files_stay_inside_its_directory_and_errors_quote_no_other_file(served, tmp_path):
     engine, path = served
-    check = engine.engine.check_disk_update
+    check = engine.engine.rl.check_disk_update
     secret = tmp_path / "secret"
     secret.write_bytes(b"SECRETXY" + b"s" * 12337)  # 12,345 bytes
     leaked = (str(struct.unpack("<Q", b"SECRETXY")[0]), "SECRETXY", "12345", "12337")
@@ -326,7 +326,7 @@ def test_an_updates_headers_and_index_are_bounded_by_the_served_checkpoint(serve
     import moelink.engine.config.checkpoint_headers as headers
 
     engine, path = served
-    check = engine.engine.check_disk_update
+    check = engine.engine.rl.check_disk_update
     bounds = check(path).bounds
     # A header of 8 MiB (the served one's are a few KiB): refused from its 8-byte length, never parsed.
     out = _copy(path, tmp_path / "big-header", weights=False)

@@ -1,5 +1,5 @@
 """Memory back to the trainer (`LLM.sleep` / `wake_up`, SGLang's release / resume_memory_occupation;
-engine/core/rl_memory.py, engine/rank/sleep_mode.py; docs/rl.md). The tensors stay the same objects, their storages
+engine/rl/memory.py, engine/rl/rank/sleep_mode.py; docs/rl.md). The tensors stay the same objects, their storages
 emptied and given back: sleep(1) frees every weight and KV byte (their nbytes measured) and wake_up gives the same
 greedy tokens; requests are refused while asleep, naming why; sleep(2) drops the weights, an update from disk fills
 them, and after wake_up the new model answers (equal to the new checkpoint's own engine). Requests are refused after

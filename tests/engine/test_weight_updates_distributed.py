@@ -1,5 +1,5 @@
 """Weights from a trainer's process group (`init_weights_update_group`, `update_weights_from_distributed`,
-`destroy_weights_update_group`; engine/core/rl_control.py, engine/rank/weight_sync.py; docs/rl.md). The trainer is a
+`destroy_weights_update_group`; engine/rl/control.py, engine/rl/rank/weight_sync.py; docs/rl.md). The trainer is a
 thread of the test process holding rank 0 of its own gloo group (engine/rl/trainer.TrainerGroup), the engine's rank
 rank 1: after the trainer broadcasts perturbed weights of every tensor (in small buckets: several writes), greedy
 tokens equal transformers' with the same tensors in float64. A wrong shape is refused naming the tensor before any
@@ -139,7 +139,7 @@ def test_bad_updates_are_refused_before_any_broadcast(tiny_model):
 
 @pytest.mark.slow
 def test_without_rollback_a_trainer_silent_part_way_leaves_requests_waiting_for_a_whole_update(tiny_model):
-    """rollback_bytes=0 (engine/rank/rollback.py off): the buckets written before the failure stay written."""
+    """rollback_bytes=0 (engine/rl/rank/rollback.py off): the buckets written before the failure stay written."""
     path = tiny_model("qwen3_e6k3")
     new = list(_perturbed(_tensors(path)).items())
     llm = LLM(path, dtype="float32", num_kv_blocks=32, block_size=8, enable_weight_updates=True)

@@ -1,4 +1,4 @@
-"""A trainer's float weights into an FP8 block-scaled deployment (engine/config/requantize.py; docs/rl.md): the served
+"""A trainer's float weights into an FP8 block-scaled deployment (engine/rl/requantize.py; docs/rl.md): the served
 checkpoint is FP8 (engine/tools/quantize_fp8.py in 16 x 16 blocks); the trainer sends every weight of a new float
 checkpoint in float32, by update_weights_from_tensor and by a gloo broadcast (each rank block-quantizes what it
 receives); greedy tokens then equal an engine started on the new checkpoint quantized by the same tool. Sending a

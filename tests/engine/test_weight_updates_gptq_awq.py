@@ -1,5 +1,5 @@
 """A trainer's float weights into a GPTQ (symmetric with every projection INT4, asymmetric v1 with the routed experts)
-or AWQ INT4 deployment (engine/config/requantize_gptq_awq.py; docs/rl.md): round-to-nearest per served group with
+or AWQ INT4 deployment (engine/rl/requantize_gptq_awq.py; docs/rl.md): round-to-nearest per served group with
 the format's own conventions. Two float DeepSeek-V3 checkpoints A and B, each written in the served layout offline by
 the plain-torch reference writer (tests/helpers/gptq_awq_reference.py); the engine serving A takes every tensor of
 float B under the float checkpoint's names, by update_weights_from_tensor and by a gloo broadcast (each rank
@@ -65,7 +65,7 @@ def test_re_quantized_tensors_read_back_by_the_loader_within_a_step(layout, symm
     reach code 15 only; GPTQ v1's zero 0 is raised to 1; AWQ's rounded zero shifts the grid by up to half a step). A
     group of zeros dequantizes to zeros."""
     from moelink.engine.config.quantization_int4 import Int4Config
-    from moelink.engine.config.requantize import requantizable, requantize
+    from moelink.engine.rl.requantize import requantizable, requantize
     from moelink.kernels.int4 import awq_to_rows, gptq_qweight_rows, gptq_zeros_rows, int4_dequantize
 
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -1,5 +1,5 @@
 """A trainer's float weights into an MXFP4 (gpt-oss), NVFP4 (ModelOpt) or INT4 (compressed-tensors W4A16, Kimi K2's
-recipe) deployment (engine/config/requantize.py; docs/rl.md). Two float checkpoints A and B, each quantized by the
+recipe) deployment (engine/rl/requantize.py; docs/rl.md). Two float checkpoints A and B, each quantized by the
 format's own writer; the engine serving quantized A takes every tensor of float B (under the float checkpoint's
 names and shapes) by update_weights_from_tensor and by a gloo broadcast, and then gives exactly the tokens and
 logprobs of an engine started on quantized B. A float tensor the format cannot take (wrong shape, an integer dtype,

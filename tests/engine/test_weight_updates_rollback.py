@@ -1,4 +1,4 @@
-"""A broadcast update that fails part way is rolled back (engine/rank/rollback.py, engine/rank/weight_sync.py;
+"""A broadcast update that fails part way is rolled back (engine/rl/rank/rollback.py, engine/rl/rank/weight_sync.py;
 docs/rl.md): every tensor of a perturbed model sent one bucket per tensor, so many buckets are written before the
 failure; then the greedy tokens and their logprobs are bitwise those before the update, the error names the tensor,
 the engine serves on, and the next good update lands. Failures: a trainer that dies part way (its group closed), a
@@ -176,7 +176,7 @@ def test_rollback_bytes_is_checked_up_front_and_a_disk_update_is_rolled_back(tin
 
     # Left out, the limit is the default when every rank's part fits it, and no rollback (logged) when not: a caller
     # that sends no rollback_bytes (SGLang's, vLLM's) is never refused for a model larger than the default.
-    from moelink.engine.core import rl_control
+    from moelink.engine.rl import control as rl_control
 
     monkeypatch.setattr(rl_control, "DEFAULT_ROLLBACK_BYTES", need - 1)
     with caplog.at_level(logging.WARNING, logger=rl_control.__name__):

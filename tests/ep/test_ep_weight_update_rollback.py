@@ -1,4 +1,4 @@
-"""Updates at EP 2 on Ray are all or nothing on both ranks (engine/rank/rollback.py; docs/rl.md), one engine:
+"""Updates at EP 2 on Ray are all or nothing on both ranks (engine/rl/rank/rollback.py; docs/rl.md), one engine:
 
 - a broadcast of an attention projection (held by both ranks) and experts 3-5 (rank 1's, placement "contiguous")
   with rollback_bytes the projection's bytes is refused before the trainer sends anything, naming rollback_bytes and

@@ -1,4 +1,4 @@
-"""A trainer's float weights into a quantized deployment at EP 2 (and INT4, GPTQ, AWQ at TP 2 x EP 2) on Ray (engine/config/requantize.py; docs/rl.md): the
+"""A trainer's float weights into a quantized deployment at EP 2 (and INT4, GPTQ, AWQ at TP 2 x EP 2) on Ray (engine/rl/requantize.py; docs/rl.md): the
 trainer (a thread holding rank 0 of its own gloo group) broadcasts every tensor of float checkpoint B, under the float
 checkpoint's names; each Ray rank (group ranks 1 and 2) quantizes what it receives into the served format (gpt-oss's
 MXFP4 experts, ModelOpt's NVFP4, compressed-tensors INT4 as Kimi K2 ships it, GPTQ asymmetric and AWQ by

@@ -1,5 +1,5 @@
 """A plain-torch offline writer of GPTQ and AWQ INT4 checkpoints by round-to-nearest, the oracle of
-tests/engine/test_weight_updates_gptq_awq.py (independent of engine/config/requantize_gptq_awq.py: written from the
+tests/engine/test_weight_updates_gptq_awq.py (independent of engine/rl/requantize_gptq_awq.py: written from the
 libraries' own rules, group by group and nibble by nibble).
 
 GPTQ (AutoGPTQ `Quantizer.find_params`, then `QuantLinear.pack`): per group of G input channels, xmin = min(min w, 0),

@@ -117,7 +117,7 @@ class _NoModels:
 
 class _Disabled:
     async def control(self, call, *args):
-        from moelink.engine.core.rl_control import ControlDisabled
+        from moelink.engine.rl.errors import ControlDisabled
 
         raise ControlDisabled(f"{call} is refused: start the engine with enable_weight_updates=True "
                               "(--enable-weight-updates) to take RL control calls.")

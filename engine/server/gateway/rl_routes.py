@@ -268,7 +268,7 @@ class RlRoutes:
         """(HTTP status, JSON body) of a control route, or None for any other path. `client` is not read: who may
         call is the key's and the flag's question."""
         from ...api.async_engine import EngineDeadError
-        from ...core.rl_control import ControlDisabled
+        from ...rl.errors import ControlDisabled
 
         route = ROUTES.get(path)
         if route is None:

@@ -3,12 +3,12 @@ by name, and the receive of one update, a bucket at a time, each bucket written 
 (loader.update_tensors_in_place: its experts, its TP slice; nothing else is kept).
 
 Failures are answered, not raised (a raised error is a rank's death to the Ray executor). Before a bucket is written,
-the bytes it overwrites are saved to the update's undo log (engine/rank/rollback.py, at most `rollback_bytes`); a
+the bytes it overwrites are saved to the update's undo log (engine/rl/rank/rollback.py, at most `rollback_bytes`); a
 failed update restores them, so the weights are bitwise as before: a trainer that dies or stays silent past the
 group's timeout (the tensor being received is named, and the group is dropped: a gloo or NCCL group that failed once
 is not reused), or a bucket that cannot be written (a NaN, the undo log's limit: the rest of the broadcast is received
 and dropped, and the group stays). A rank that wrote everything keeps its log until the driver's `finish`: it rolls
-back too when another rank failed (engine/core/rl_control.py). With `rollback_bytes=0` the buckets written before a
+back too when another rank failed (engine/rl/control.py). With `rollback_bytes=0` the buckets written before a
 failure stay written, and the driver refuses to serve until a complete update lands.
 
 A join runs on a thread of its own (`join` returns at once; the driver polls `join_status` between steps): the rank
@@ -32,8 +32,8 @@ import torch
 
 from moelink.comm.process_group import side_group
 
-from ..config.requantize import requantize
-from ..contract.weight_sync import DistributedUpdate, DistributedUpdateResult, JoinStatus, UpdateGroupSpec
+from ..requantize import requantize
+from ...contract.weight_sync import DistributedUpdate, DistributedUpdateResult, JoinStatus, UpdateGroupSpec
 from .rollback import UndoLog, finish, roll_back
 
 logger = logging.getLogger(__name__)

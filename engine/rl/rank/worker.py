@@ -1,6 +1,6 @@
 """A rank's RL calls (docs/rl.md), a mixin of Worker: weight updates written in place through the rank's load plan
-(from disk, from tensors, from a trainer's broadcast: engine/rank/weight_sync.py), and sleep / wake-up
-(engine/rank/sleep_mode.py). The engine checks each call first and runs no step meanwhile.
+(from disk, from tensors, from a trainer's broadcast: engine/rl/rank/weight_sync.py), and sleep / wake-up
+(engine/rl/rank/sleep_mode.py). The engine checks each call first and runs no step meanwhile.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from ..config.worker_config import WorkerConfig
-    from .model_runner import ModelRunner
+    from ...config.worker_config import WorkerConfig
+    from ...rank.model_runner import ModelRunner
 
 
 class RLWorker:
@@ -27,7 +27,7 @@ class RLWorker:
     def rollback_bytes_needed(self, names: tuple[str, ...] | None) -> int:
         """The old bytes this rank would save to roll back an update of `names` (None: every served tensor): the
         driver refuses an update past rollback_bytes before anything is written or broadcast."""
-        from .loader import update_plan
+        from ...rank.loader import update_plan
         from .rollback import old_bytes
 
         self._bind_device()
@@ -37,11 +37,11 @@ class RLWorker:
         """A checkpoint's values into this rank's weights, in place (engine/rl/weights.py): its own experts and TP
         shard, read as the load read them (loader.update_in_place). The engine checked the tensors' headers first
         and runs no step meanwhile. All or nothing: the bytes overwritten are saved first (at most
-        update.rollback_bytes, engine/rank/rollback.py); a failure (a NaN or inf, a tensor unreadable or of another
+        update.rollback_bytes, engine/rl/rank/rollback.py); a failure (a NaN or inf, a tensor unreadable or of another
         shape, a file gone) restores them at once and is answered, not raised; a rank that wrote everything keeps
         them until the driver's finish_weights_update. A DiskUpdateResult."""
-        from ..contract.weight_sync import DiskUpdateResult
-        from .loader import update_in_place
+        from ...contract.weight_sync import DiskUpdateResult
+        from ...rank.loader import update_in_place
         from .rollback import UndoLog, roll_back
 
         undo = UndoLog(update.rollback_bytes) if update.rollback_bytes else None
@@ -64,14 +64,14 @@ class RLWorker:
     def update_weights_from_tensor(self, tensors: dict) -> int:
         """Named tensors into this rank's weights, in place: the parts of them this rank holds (its experts, its TP
         shard; loader.update_tensors_in_place). The engine checked them first and runs no step meanwhile."""
-        from .loader import update_tensors_in_place
+        from ...rank.loader import update_tensors_in_place
 
         return self._write_weights(
             lambda model: update_tensors_in_place(model, self.config.model, tensors, self.device))
 
     def init_weights_update_group(self, spec) -> str | None:
         """Begin joining a trainer's group as spec.rank_offset + this rank, on a thread of its own
-        (engine/rank/weight_sync.py): the rank's steps run on meanwhile. None, or why it cannot begin."""
+        (engine/rl/rank/weight_sync.py): the rank's steps run on meanwhile. None, or why it cannot begin."""
         return self._update_groups().join(spec, self.rank)
 
     def weights_update_group_status(self, group_name: str):
@@ -82,7 +82,7 @@ class RLWorker:
         """A trainer's broadcast of `update`'s tensors, received a bucket at a time, each bucket written in place
         (the parts this rank holds: loader.update_tensors_in_place). The engine checked the names first and runs no
         step meanwhile. A DistributedUpdateResult (its error set, not raised, when the trainer failed)."""
-        from .loader import update_tensors_in_place
+        from ...rank.loader import update_tensors_in_place
 
         groups = self._update_groups()
         return self._write_weights(lambda model: groups.receive(
@@ -91,7 +91,7 @@ class RLWorker:
 
     def finish_weights_update(self, commit: bool) -> str | None:
         """Keep the last broadcast update (commit) or restore the bytes it overwrote (another rank failed); None, or
-        why the restore failed (engine/rank/rollback.py)."""
+        why the restore failed (engine/rl/rank/rollback.py)."""
         from .rollback import finish
 
         groups = self._update_groups()
@@ -104,9 +104,9 @@ class RLWorker:
         return self._update_groups().destroy(group_name)
 
     def sleep(self, level: int) -> int:
-        """Give this rank's device memory back (engine/rank/sleep_mode.py): level 1 the weights to host memory and
+        """Give this rank's device memory back (engine/rl/rank/sleep_mode.py): level 1 the weights to host memory and
         the KV cache freed, level 2 the weights dropped too; the bytes freed. The engine runs no step meanwhile."""
-        from .loader import plan_destinations
+        from ...rank.loader import plan_destinations
         from .sleep_mode import SleepState
 
         self._bind_device()

@@ -1,19 +1,23 @@
 """The engine's RL control calls (docs/rl.md), SGLang's names: weight updates from disk, from tensors and from a
-trainer's process group, the weight version, the prefix-cache flush. `LLMEngine` takes them from `RLControl`.
+trainer's process group, pause / continue, the weight version, the prefix-cache flush: `RLControl`, which `LLMEngine`
+holds as `engine.rl` (with the memory calls as `engine.rl.memory`, engine/rl/memory.py) and builds with itself as the
+`RLHost` (engine/rl/host.py: exactly what these calls need of the engine). The engine's step calls in only where it
+must: a request's admission checks the weights are whole, a step stamps its outputs' weight version, a paused engine
+schedules nothing.
 
 The driver checks every update against the served checkpoint before any rank writes or any tensor is broadcast
 (engine/rl/weights.py); the ranks write in place through the plan their load used (engine/rank/loader.py, and
-engine/rank/weight_sync.py for a trainer's broadcast), reached only through the executor's typed rank calls
+engine/rl/rank/weight_sync.py for a trainer's broadcast), reached only through the executor's typed rank calls
 (engine/contract/worker_api.py).
 
 An update from disk or a broadcast that fails part way (a NaN or inf in a later tensor, a file gone mid-read, the
 trainer died or went silent past the group's timeout, a bucket that cannot be written) is rolled back on every rank:
-each saved the bytes it overwrote (engine/rank/rollback.py, at most `rollback_bytes`; every rank's need is asked for
-and checked against it before anything is read or broadcast), so the weights are bitwise as before and the engine
-serves on. Only without a rollback
-(`rollback_bytes=0`, or a restore that failed) does it leave a model of two versions: the engine then refuses every
-new request, naming the tensor, until an update covering the names of the failed one lands (`_stale`). A group whose
-transport failed is destroyed; after a bucket that could not be written it is kept.
+each saved the bytes it overwrote (engine/rl/rank/rollback.py, at most `rollback_bytes`; every rank's need is asked
+for and checked against it before anything is read or broadcast), so the weights are bitwise as before and the
+engine serves on. Only without a rollback (`rollback_bytes=0`, or a restore that failed) does it leave a model of two
+versions: the engine then refuses every new request, naming the tensor, until an update covering the names of the
+failed one lands (engine/rl/stale.py). A group whose transport failed is destroyed; after a bucket that could not be
+written it is kept.
 
 Nothing a caller names runs unbounded on the engine thread: an update from disk is checked in two halves,
 `check_disk_update` (the new checkpoint's headers and index, read within bounds the served checkpoint sets, its files
@@ -27,36 +31,29 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ..config.checkpoint_headers import HeaderBounds
 from ..contract.weight_sync import (DEFAULT_BUCKET_BYTES, DEFAULT_JOIN_TIMEOUT_S, DEFAULT_ROLLBACK_BYTES,
                                     DEFAULT_TIMEOUT_S, DiskUpdate, DistributedUpdate, UpdateGroupSpec,
                                     check_rollback_bytes, check_weight_version)
 from ..contract.worker_api import RankCall
-from .rl_memory import MemoryControl, NotServing
+from .errors import GroupJoinFailed, check_enabled
+from .memory import MemoryControl
+from .stale import StaleWeights
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from moelink.scheduler.interface import SchedulerInterface
+    from moelink.scheduler.engine_output import EngineCoreOutput
 
-    from ..cluster.executor import Executor
-    from ..config.engine_args import EngineConfig
+    from ..config.model import ModelConfig
+    from .host import RLHost
 
 
 PAUSE_MODES = ("abort", "wait", "keep")
 # Between two looks at a pending join's ranks (the Python API's own wait; a served engine polls from its loop).
 JOIN_POLL_S = 0.02
-
-
-class ControlDisabled(ValueError):
-    """A control call on an engine started without enable_weight_updates (a server answers FAILED_PRECONDITION)."""
-
-
-class GroupJoinFailed(ValueError):
-    """A join of a trainer's group failed or ran past its join_timeout_s: the address the caller gave led to no
-    trainer (a server answers 400 / INVALID_ARGUMENT naming why); every rank dropped its end."""
 
 
 @dataclass(frozen=True)
@@ -80,30 +77,24 @@ class GroupJoin:
     deadline: float
 
 
-class RLControl(MemoryControl):
-    """The RL control calls of LLMEngine (a mixin: the engine's executor, config and schedulers are its state)."""
+class RLControl:
+    """The RL control calls of an engine (`host`): its weight version, the trainer's groups, the pause, what a
+    failed update left stale; `memory` is its sleep / wake_up."""
 
-    if TYPE_CHECKING:
-        executor: Executor
-        config: EngineConfig
-        schedulers: list[SchedulerInterface]
-
-        def _drain_core(self) -> list: ...
-
-        def _process(self, core_outputs: list) -> list: ...
-
-        _output_sink: Callable[[list], None] | None
-
-        def has_unfinished_requests(self) -> bool: ...
-
-        def abort_requests(self, request_ids, reason: str = "abort") -> list: ...
-
-        _rank_of: dict[str, int]
-
-    weight_version: str | None = None  # set by the caller with each weight update (SGLang's weight_version)
-    # After a broadcast that failed part way: the names it was to write that no later update has written, and why.
-    _stale: tuple[set[str], str] | None = None
-    _update_groups: dict[str, UpdateGroupSpec] | None = None  # groups the ranks joined, by name
+    def __init__(self, host: RLHost) -> None:
+        self._host = host
+        # After an update that failed part way (or sleep(level=2)): the names no later update has written, and why.
+        self._stale = StaleWeights()
+        self.memory = MemoryControl(host, self._stale, self.flush_cache)
+        self.weight_version: str | None = None  # set by the caller with each weight update (SGLang's weight_version)
+        self._update_groups: dict[str, UpdateGroupSpec] = {}  # groups the ranks joined, by name
+        self._pending_joins: dict[str, GroupJoin] = {}  # joins begun and not yet polled done, by group name
+        self._served: tuple | None = None  # the served checkpoint's tensors and the bounds an update is read within
+        self._rolled_back = False  # the last failed update was rolled back on every rank
+        self._pause_mode: str | None = None
+        # Requests an update reached while held ("keep"): the versions their KV and tokens so far came from, sent
+        # once with their next output (EngineCoreOutput.earlier_weight_versions).
+        self._earlier_versions: dict[str, list[str | None]] = {}
 
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
                                  weight_version: str | None = None, flush_cache: bool = True,
@@ -124,8 +115,8 @@ class RLControl(MemoryControl):
         the served one's (within the served checkpoint's bounds, its files inside its directory). Reads the engine's
         configuration and the files only, so any thread may run it: a served engine runs it on a thread of its own,
         never the engine thread (a 1.4M-entry header stalled every user 18 s there before)."""
-        self._check_enabled("update_weights_from_disk")
-        from ..rl.weights import check_same_tensors
+        self.check_enabled("update_weights_from_disk")
+        from .weights import check_same_tensors
 
         if load_format not in (None, "auto", "safetensors"):
             raise ValueError(f"load_format={load_format!r} is invalid for a weight update: choose from None, 'auto' "
@@ -136,21 +127,21 @@ class RLControl(MemoryControl):
         if not isinstance(model_path, str) or not model_path:
             raise ValueError("model_path is invalid: must be a checkpoint directory's path.")
         served = self._served_checkpoint()
-        check_same_tensors(self.config.model, self.config.model.model, model_path, served)
+        check_same_tensors(*self._checkpoint(), model_path, served)
         return CheckedDiskUpdate(model_path, weight_version, flush_cache, rollback_bytes, served[1])
 
     def apply_disk_update(self, checked: CheckedDiskUpdate) -> dict:
         """The engine thread's half of update_weights_from_disk: the refusals that depend on what runs, then every
         rank writes (its own read of the checkpoint bounded and confined as the check's)."""
-        self._check_enabled("update_weights_from_disk")
+        self.check_enabled("update_weights_from_disk")
         self._check_update_allowed(checked.flush_cache)
         model_path, weight_version = checked.model_path, checked.weight_version
         rollback_bytes = self._rollback_limit(None, checked.rollback_bytes)
         update = DiskUpdate(model_path, rollback_bytes, checked.bounds)
         t0 = time.perf_counter()
-        self._drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
+        self._host.drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
         self._before_write()
-        results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, update)
+        results = self._host.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISK, update)
         failed = [r for r in results if r.error is not None]
         names = set(self._served_checkpoint()[0])
         if failed:  # no rank says what it wrote: without a rollback every tensor counts as stale
@@ -158,18 +149,22 @@ class RLControl(MemoryControl):
             raise RuntimeError(f"update_weights_from_disk failed: {failed[0].error}. " + self._after_failure())
         self._settle(rollback_bytes, failed, names, False, "")
         self.weight_version = weight_version
-        self._stale = None  # every tensor written
+        self._stale.clear()  # every tensor written
         return {"bytes_read": sum(r.bytes_read for r in results), "seconds": time.perf_counter() - t0,
                 "weight_version": weight_version}
 
-    _served: tuple | None = None  # the served checkpoint's tensors and the bounds an update is read within
+    def _checkpoint(self) -> tuple[ModelConfig, str]:
+        """The served model's configuration and its checkpoint's directory (what engine/rl/weights.py checks
+        against)."""
+        model = self._host.config.model
+        return model, model.model
 
     def _served_checkpoint(self) -> tuple[dict[str, tuple], HeaderBounds]:
         """engine/rl/weights.served_tensors of the served checkpoint, read once (any thread: a race reads it twice)."""
         if self._served is None:
-            from ..rl.weights import served_tensors
+            from .weights import served_tensors
 
-            self._served = served_tensors(self.config.model, self.config.model.model)
+            self._served = served_tensors(*self._checkpoint())
         return self._served
 
     def update_weights_from_tensor(self, named_tensors, load_format: str | None = None,
@@ -177,16 +172,16 @@ class RLControl(MemoryControl):
         """SGLang's update_weights_from_tensor: [(checkpoint name, tensor)] of the served checkpoint (any subset, a
         float tensor in any float dtype) written in place on every rank that holds part of it; the rest of the weights
         stay. As update_weights_from_disk otherwise (refusals, cache flush, weight_version)."""
-        self._check_enabled("update_weights_from_tensor")
-        from ..rl.weights import check_named_tensors
+        self.check_enabled("update_weights_from_tensor")
+        from .weights import check_named_tensors
 
         if load_format not in (None, "auto"):
             raise ValueError(f"load_format={load_format!r} is invalid for a tensor update: choose None or 'auto'.")
         check_weight_version(weight_version)
         self._check_update_allowed(flush_cache)
-        tensors = check_named_tensors(self.config.model, self.config.model.model, named_tensors)
+        tensors = check_named_tensors(*self._checkpoint(), named_tensors)
         out = self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors, weight_version)
-        self._written(set(tensors))
+        self._stale.written(set(tensors))
         return out
 
     # -- a trainer's process group ------------------------------------------------------------------------------
@@ -216,22 +211,22 @@ class RLControl(MemoryControl):
                                    timeout_s: float = DEFAULT_TIMEOUT_S,
                                    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> GroupJoin:
         """Check the call and start the join on every rank (each on a thread of its own: the rendezvous never runs
-        on a rank's step thread or the engine thread, engine/rank/weight_sync.py); returns at once."""
-        self._check_enabled("init_weights_update_group")
+        on a rank's step thread or the engine thread, engine/rl/rank/weight_sync.py); returns at once."""
+        self.check_enabled("init_weights_update_group")
         spec = UpdateGroupSpec(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s,
                                join_timeout_s)
-        spec.check_ranks(self.config.parallel.world_size)
-        if group_name in self._groups():
+        spec.check_ranks(self._host.config.parallel.world_size)
+        if group_name in self._update_groups:
             raise ValueError(f"group_name={group_name!r} is invalid: a group of that name is joined already "
                              "(destroy_weights_update_group first).")
-        if group_name in self._joins():
+        if group_name in self._pending_joins:
             raise ValueError(f"group_name={group_name!r} is invalid: a join of that group is still pending.")
-        errors = [e for e in self.executor.collective(RankCall.INIT_WEIGHTS_UPDATE_GROUP, spec) if e is not None]
+        errors = [e for e in self._host.executor.collective(RankCall.INIT_WEIGHTS_UPDATE_GROUP, spec) if e is not None]
         if errors:
-            self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # the ranks that began
+            self._host.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # the ranks that began
             raise GroupJoinFailed(f"init_weights_update_group: {errors[0]}")
         join = GroupJoin(spec, time.monotonic() + join_timeout_s)
-        self._joins()[group_name] = join
+        self._pending_joins[group_name] = join
         return join
 
     def poll_weights_update_group(self, join: GroupJoin) -> dict | None:
@@ -239,16 +234,16 @@ class RLControl(MemoryControl):
         still joining; GroupJoinFailed (every rank's end dropped) when one failed or the join ran past its
         join_timeout_s."""
         spec = join.spec
-        if self._joins().get(spec.group_name) is not join:
+        if self._pending_joins.get(spec.group_name) is not join:
             raise GroupJoinFailed(f"init_weights_update_group: the join of group {spec.group_name!r} was dropped.")
-        statuses = self.executor.collective(RankCall.WEIGHTS_UPDATE_GROUP_STATUS, spec.group_name)
+        statuses = self._host.executor.collective(RankCall.WEIGHTS_UPDATE_GROUP_STATUS, spec.group_name)
         failed = next((s for s in statuses if s.state == "failed"), None)
         where = f"group {spec.group_name!r} at {spec.master_address}:{spec.master_port}"
         if failed is None and all(s.state == "joined" for s in statuses):
-            del self._joins()[spec.group_name]
-            self._groups()[spec.group_name] = spec
+            del self._pending_joins[spec.group_name]
+            self._update_groups[spec.group_name] = spec
             return {"success": True, "message": f"joined group {spec.group_name!r} as ranks {spec.rank_offset}.."
-                                                f"{spec.rank_offset + self.config.parallel.world_size - 1} of "
+                                                f"{spec.rank_offset + self._host.config.parallel.world_size - 1} of "
                                                 f"{spec.world_size}"}
         if failed is None and time.monotonic() < join.deadline:
             return None
@@ -268,16 +263,9 @@ class RLControl(MemoryControl):
     def abandon_weights_update_group(self, join: GroupJoin) -> None:
         """Drop a pending join on every rank (its caller left, or it failed): a rank whose join is still inside
         torch's rendezvous leaves its thread there, and drops the group if it ever forms."""
-        if self._joins().get(join.spec.group_name) is join:
-            del self._joins()[join.spec.group_name]
-            self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, join.spec.group_name)
-
-    _pending_joins: dict[str, GroupJoin] | None = None
-
-    def _joins(self) -> dict[str, GroupJoin]:
-        if self._pending_joins is None:
-            self._pending_joins = {}
-        return self._pending_joins
+        if self._pending_joins.get(join.spec.group_name) is join:
+            del self._pending_joins[join.spec.group_name]
+            self._host.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, join.spec.group_name)
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
@@ -288,17 +276,17 @@ class RLControl(MemoryControl):
         in place. Checked against the served checkpoint before the trainer is listened to. All or nothing: each
         rank saves the bytes it overwrites (at most `rollback_bytes` of host memory; 0: no rollback; None:
         `_rollback_limit`'s default), and an update that fails on any rank is rolled back on every rank
-        (engine/rank/rollback.py). As the other updates
+        (engine/rl/rank/rollback.py). As the other updates
         otherwise (refusals, cache flush, weight_version); {"bytes_read", "seconds", "weight_version"}."""
-        self._check_enabled("update_weights_from_distributed")
-        from ..rl.weights import check_tensor_specs
+        self.check_enabled("update_weights_from_distributed")
+        from .weights import check_tensor_specs
 
         check_weight_version(weight_version)
-        if group_name not in self._groups():
+        if group_name not in self._update_groups:
             raise ValueError(f"group_name={group_name!r} is invalid: no such weight update group "
                              "(init_weights_update_group first; a destroyed or failed group is gone).")
         self._check_update_allowed(flush_cache)
-        specs, requantize = check_tensor_specs(self.config.model, self.config.model.model, names, dtypes, shapes)
+        specs, requantize = check_tensor_specs(*self._checkpoint(), names, dtypes, shapes)
         DistributedUpdate(group_name, specs, bucket_bytes, requantize,  # the fields' checks, before any rank
                           0 if rollback_bytes is None else rollback_bytes)
         quantized = dict(requantize)  # a float weight sent for a quantized one writes the served parts it becomes
@@ -306,27 +294,28 @@ class RLControl(MemoryControl):
             quantized[n].names if n in quantized else (n,))})), rollback_bytes)
         update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes)
         t0 = time.perf_counter()
-        self._drain_for_update()
+        self._host.drain_for_update()
         self._before_write()
-        results = self.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISTRIBUTED, update)
+        results = self._host.executor.collective(RankCall.UPDATE_WEIGHTS_FROM_DISTRIBUTED, update)
         failed = [r for r in results if r.error is not None]
         lost = any(r.group_lost for r in results)
         self._settle(rollback_bytes, failed, {n for n, _, _ in update.tensors},
-                     any(r.tensors_written for r in results), f"a weight update from group {group_name!r} failed part way")
+                     any(r.tensors_written for r in results),
+                     f"a weight update from group {group_name!r} failed part way")
         if failed:
             if lost:
-                self._groups().pop(group_name, None)
-                self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # every rank
+                self._update_groups.pop(group_name, None)
+                self._host.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)  # every rank
             raise RuntimeError(f"update_weights_from_distributed failed: {failed[0].error}. " + self._after_failure()
                                + ("" if lost else f" Group {group_name!r} is kept for the next update."))
         self.weight_version = weight_version
-        self._written({n for n, _, _ in update.tensors})
+        self._stale.written({n for n, _, _ in update.tensors})
         return {"bytes_read": sum(r.bytes_received for r in results), "seconds": time.perf_counter() - t0,
                 "weight_version": weight_version}
 
     def _rollback_limit(self, names: tuple[str, ...] | None, rollback_bytes: int | None) -> int:
         """The rollback bound every rank gets for an update of `names` (None: every served tensor), settled before
-        anything is read or broadcast: each rank sizes its own part (engine/rank/rollback.py). A bound the caller
+        anything is read or broadcast: each rank sizes its own part (engine/rl/rank/rollback.py). A bound the caller
         gave is kept, or the update refused when some rank's old bytes pass it. None (the default; SGLang's and
         vLLM's callers send none): DEFAULT_ROLLBACK_BYTES when every rank's part fits in it, else no rollback,
         logged: a whole-model update of a large model would otherwise need a host copy of every rank's weights, and
@@ -334,7 +323,7 @@ class RLControl(MemoryControl):
         lands, never serving mixed weights."""
         if not rollback_bytes and rollback_bytes is not None:
             return 0
-        needed = self.executor.collective(RankCall.ROLLBACK_BYTES_NEEDED, names)
+        needed = self._host.executor.collective(RankCall.ROLLBACK_BYTES_NEEDED, names)
         rank = max(range(len(needed)), key=needed.__getitem__)
         if rollback_bytes is None:
             if needed[rank] <= DEFAULT_ROLLBACK_BYTES:
@@ -357,16 +346,14 @@ class RLControl(MemoryControl):
         a rank wrote something leaves `names` stale: requests are refused until an update of them lands."""
         undo_errors: list[str] = []
         if rollback_bytes:  # every rank keeps it, or every rank restores what it wrote
-            undo_errors = [e for e in self.executor.collective(RankCall.FINISH_WEIGHTS_UPDATE, not failed) if e]
+            undo_errors = [e for e in self._host.executor.collective(RankCall.FINISH_WEIGHTS_UPDATE, not failed) if e]
         self.flush_cache()
         if not failed:
             return
         self._rolled_back = bool(rollback_bytes) and not undo_errors and all(r.rolled_back for r in failed)
         if not self._rolled_back and wrote:
-            self._stale = ((self._stale[0] if self._stale else set()) | set(names),
-                           f"{stale_why}: {failed[0].error}" + (f" ({undo_errors[0]})" if undo_errors else ""))
-
-    _rolled_back = False  # the last failed update was rolled back on every rank
+            self._stale.add(set(names), f"{stale_why}: {failed[0].error}"
+                            + (f" ({undo_errors[0]})" if undo_errors else ""))
 
     def _after_failure(self) -> str:
         """What a failed update left, for its error."""
@@ -377,45 +364,23 @@ class RLControl(MemoryControl):
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
         """Every rank leaves the group; a group not joined is refused naming it."""
-        self._check_enabled("destroy_weights_update_group")
-        if self._groups().pop(group_name, None) is None:
+        self.check_enabled("destroy_weights_update_group")
+        if self._update_groups.pop(group_name, None) is None:
             raise ValueError(f"group_name={group_name!r} is invalid: no such weight update group.")
-        self.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)
+        self._host.executor.collective(RankCall.DESTROY_WEIGHTS_UPDATE_GROUP, group_name)
         return {"success": True, "message": f"destroyed group {group_name!r}"}
 
-    def _check_enabled(self, call: str) -> None:
-        """The control calls that change weights or hold requests are taken only when the engine was started to."""
-        if not self.config.enable_weight_updates:
-            raise ControlDisabled(f"{call} is refused: start the engine with enable_weight_updates=True "
-                             "(--enable-weight-updates) to take RL control calls.")
-
-    def _groups(self) -> dict[str, UpdateGroupSpec]:
-        if self._update_groups is None:
-            self._update_groups = {}
-        return self._update_groups
-
-    def _written(self, names: set[str]) -> None:
-        """An update wrote `names`: the tensors a failed broadcast left stale are fewer (none: serve again)."""
-        if self._stale is not None:
-            left = self._stale[0] - names
-            self._stale = (left, self._stale[1]) if left else None
+    def check_enabled(self, call: str) -> None:
+        """Refuse `call` (ControlDisabled) unless the engine was started with enable_weight_updates."""
+        check_enabled(self._host.config, call)
 
     def check_weights_whole(self) -> None:
         """Refuse a request while the engine is asleep, or a failed broadcast (or sleep level 2) left the weights
         incomplete."""
-        self.check_awake()
-        if self._stale is not None:
-            left, why = self._stale
-            raise NotServing(f"requests are refused: {why}; {len(left)} tensor(s) (e.g. {sorted(left)[0]!r}) are "
-                               "still to be written by a complete update (update_weights_from_disk, or the same names "
-                               "again).")
+        self.memory.check_awake()
+        self._stale.check()
 
     # -- pause / continue (SGLang's pause_generation, continue_generation) ---------------------------------------
-    _pause_mode: str | None = None
-    # Requests an update reached while held ("keep"): the versions their KV and tokens so far came from, sent once
-    # with their next output (EngineCoreOutput.earlier_weight_versions).
-    _earlier_versions: dict[str, list] | None = None
-
     def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> dict:
         """Stop generating until continue_generation. "abort": every request the engine holds is aborted (finish
         reason "abort"). "wait": nothing new starts; requests already started run on to their end (step the engine
@@ -425,7 +390,7 @@ class RLControl(MemoryControl):
         added while paused wait. `clear_cache` (vLLM's pause; SGLang's has none, so False by default): forget every
         cached prefix once paused (flush_cache). With "keep" it is refused: vLLM would recompute the held requests'
         KV under the new weights, and moelink keeps it. {"mode", "aborted", "started"} (+ "num_blocks_freed")."""
-        self._check_enabled("pause_generation")
+        self.check_enabled("pause_generation")
         if mode not in PAUSE_MODES:
             raise ValueError(f"mode={mode!r} is invalid: choose from {', '.join(PAUSE_MODES)}.")
         if not isinstance(clear_cache, bool):
@@ -434,11 +399,11 @@ class RLControl(MemoryControl):
             raise ValueError("clear_cache=true is not taken with mode='keep': held requests keep their KV here (their "
                              "tokens after an update name both weight versions), where vLLM would recompute it; pass "
                              "clear_cache=false, or pause with mode='abort' or 'wait'.")
-        aborted: list = []
+        aborted: Sequence[object] = ()
         if mode == "abort":
-            aborted = self.abort_requests(list(self._rank_of))
+            aborted = self._host.abort_requests(self._host.scheduled_request_ids())
         self._pause_mode = mode
-        for sched in self.schedulers:
+        for sched in self._host.schedulers:
             sched.admit_new = False
         info = {"mode": mode, "aborted": len(aborted), "started": len(self.started_requests())}
         if clear_cache:
@@ -447,9 +412,9 @@ class RLControl(MemoryControl):
 
     def continue_generation(self) -> dict:
         """Generate again after pause_generation (requests held in "keep" resume where they were)."""
-        self._check_enabled("continue_generation")
+        self.check_enabled("continue_generation")
         was, self._pause_mode = self._pause_mode, None
-        for sched in self.schedulers:
+        for sched in self._host.schedulers:
             sched.admit_new = True
         return {"resumed_from": was}
 
@@ -464,9 +429,9 @@ class RLControl(MemoryControl):
 
     def started_requests(self) -> list[str]:
         """Requests that have been scheduled (they hold KV or tokens of the weights they ran with)."""
-        return [rid for sched in self.schedulers for rid in sched.started_request_ids()]
+        return [rid for sched in self._host.schedulers for rid in sched.started_request_ids()]
 
-    def _stamp_versions(self, core_outputs) -> None:
+    def stamp_versions(self, core_outputs: list[EngineCoreOutput]) -> None:
         """Each core output is labelled with the version of the weights that computed it (the step loop's collect)."""
         earlier = self._earlier_versions
         for co in core_outputs:
@@ -474,36 +439,21 @@ class RLControl(MemoryControl):
             if earlier:
                 co.earlier_weight_versions = tuple(earlier.pop(co.request_id, ())) or None
 
-    def _forget_versions(self, request_ids) -> None:
+    def forget_versions(self, request_ids: Iterable[str]) -> None:
+        """Requests that ended: no output of theirs is left to name earlier versions."""
         if self._earlier_versions:
             for rid in request_ids:
                 self._earlier_versions.pop(rid, None)
 
-    # Single-thread use: outputs of a step an update drained, returned by the next `step` (LLMEngine.step).
-    _stashed_outputs: list | None = None
-
-    def _drain_for_update(self) -> None:
-        """Collect the step in flight before any rank writes; its outputs go where a step's go (the output thread's
-        sink, or the next `step`'s return), never lost: a request may have finished in it."""
-        core_outputs = self._drain_core()
-        if not core_outputs:
-            return
-        if self._output_sink is not None:
-            self._output_sink(core_outputs)
-        else:
-            self._stashed_outputs = (self._stashed_outputs or []) + self._process(core_outputs)
-
     def _before_write(self) -> None:
         """Requests held across this update (pause "keep"): their KV is of the old weights. They are noted (their
         outputs will say so) and their blocks never enter the prefix cache."""
-        self._weights_written_while_asleep()
-        started = {i: sched.started_request_ids() for i, sched in enumerate(self.schedulers)}
+        self.memory.weights_written()
+        started = {i: sched.started_request_ids() for i, sched in enumerate(self._host.schedulers)}
         if not any(started.values()):
             return
-        if self._earlier_versions is None:
-            self._earlier_versions = {}
         for i, ids in started.items():
-            self.schedulers[i].exclude_from_prefix_cache(ids)
+            self._host.schedulers[i].exclude_from_prefix_cache(ids)
             for rid in ids:
                 seen = self._earlier_versions.setdefault(rid, [])
                 if not seen or seen[-1] != self.weight_version:
@@ -514,9 +464,9 @@ class RLControl(MemoryControl):
         """Every rank writes its part of a checked update (`call` with `arg`), then the prefix cache is flushed and
         the version set: {"bytes_read", "seconds", "weight_version"}."""
         t0 = time.perf_counter()
-        self._drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
+        self._host.drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
         self._before_write()
-        read = self.executor.collective(call, arg)
+        read = self._host.executor.collective(call, arg)
         self.flush_cache()
         self.weight_version = weight_version
         return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
@@ -526,7 +476,7 @@ class RLControl(MemoryControl):
         requests."""
         if not flush_cache:
             raise ValueError("flush_cache=False is not supported: the prefix cache holds KV of the old weights.")
-        kvc = self.config.kv_connector
+        kvc = self._host.config.kv_connector
         if kvc is not None and getattr(kvc, "name", None) != "offload":
             # A PD peer computes KV with its own weights: two engines' versions would mix. (The offload tiers forget
             # their KV when the prefix cache is reset: engine/kv_transfer/offload.py.)
@@ -541,11 +491,11 @@ class RLControl(MemoryControl):
                 raise ValueError(f"a weight update is refused while started requests run ({len(started)}, e.g. "
                                  f"{started[0]!r}): paused with mode={self._pause_mode!r}, step the engine until they "
                                  "finish, or pause with mode='keep' to update them in place.")
-        elif self.has_unfinished_requests():
+        elif self._host.has_unfinished_requests():
             raise ValueError("a weight update is refused while requests run: let them finish (or abort them) "
                              "first, so that no request mixes weights; or pause_generation first.")
 
     def flush_cache(self) -> int:
         """Forget every cached prefix on every rank (SGLang's flush_cache, vLLM's reset_prefix_cache); the number of
         blocks freed. Blocks of running requests stay theirs."""
-        return sum(sched.reset_prefix_cache() for sched in self.schedulers)
+        return sum(sched.reset_prefix_cache() for sched in self._host.schedulers)

@@ -18,44 +18,19 @@ re-quantized round-to-nearest (no calibration data reaches a rollout engine; req
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from moelink.kernels.fp8 import block_quantize
 from moelink.kernels.mxfp4 import mxfp4_quantize
 from moelink.kernels.nvfp4 import nvfp4_quantize
 
-from .quantization_int4 import compress_weight
+from ..config.quantization_int4 import compress_weight
+from ..contract.weight_sync import Requant
 from .requantize_gptq_awq import awq_quantize, gptq_quantize
 
 _FLOAT = {"F64", "F32", "F16", "BF16"}
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
-FORMATS = ("fp8", "mxfp4", "nvfp4", "int4", "gptq", "awq")
-
-
-@dataclass(frozen=True)
-class Requant:
-    """How one float tensor a trainer sends becomes served tensors: `fmt` (FORMATS), the float tensor's `shape`,
-    the served tensors it makes, (name, safetensors dtype, shape) each, and the format's parameters (FP8's `block`,
-    INT4's `group` and `symmetric`, GPTQ's `gptq_v1`: zero points stored minus one)."""
-
-    fmt: str
-    shape: tuple[int, ...]
-    outputs: tuple[tuple[str, str, tuple[int, ...]], ...]
-    block: tuple[int, int] = (128, 128)
-    group: int = 32
-    symmetric: bool = True
-    gptq_v1: bool = False
-
-    def __post_init__(self) -> None:
-        if self.fmt not in FORMATS:
-            raise ValueError(f"Requant.fmt={self.fmt!r} is invalid: choose from {', '.join(FORMATS)}.")
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(n for n, _, _ in self.outputs)
 
 
 def requantizable(quantization, served: dict[str, tuple]) -> dict[str, Requant]:
@@ -141,4 +116,4 @@ def requantize(name: str, spec: Requant, w: torch.Tensor) -> dict[str, torch.Ten
     return out
 
 
-__all__ = ["FORMATS", "Requant", "requantizable", "requantize"]
+__all__ = ["requantizable", "requantize"]

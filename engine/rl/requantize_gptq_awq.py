@@ -1,4 +1,4 @@
-"""A trainer's float weight re-quantized into a served GPTQ or AWQ INT4 layout (config/requantize.py; docs/rl.md).
+"""A trainer's float weight re-quantized into a served GPTQ or AWQ INT4 layout (engine/rl/requantize.py; docs/rl.md).
 
 Round-to-nearest per served group with each format's own scale / zero conventions, not GPTQ's Hessian-based error
 feedback nor AWQ's activation-aware scale search: both need calibration activations and a pass over each layer

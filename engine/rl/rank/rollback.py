@@ -7,8 +7,8 @@ in the saved bytes, and nothing is converted again).
 The log holds at most `limit` bytes: a bucket that would pass it fails before any of its bytes is written, and the
 update is rolled back. The driver asks every rank first what the whole update would hold (`old_bytes`) and refuses
 it before anything is written or broadcast, so the limit is met here only if a rank's plan changed between the two.
-It lives until the driver commits or rolls back the update on every rank (`finish`: engine/rank/weight_sync.py for a
-trainer's broadcast, engine/rank/rl_worker.py for an update from disk), so a rank that wrote everything can still undo
+It lives until the driver commits or rolls back the update on every rank (`finish`: engine/rl/rank/weight_sync.py for a
+trainer's broadcast, engine/rl/rank/worker.py for an update from disk), so a rank that wrote everything can still undo
 it when another rank failed.
 """
 from __future__ import annotations
