@@ -377,8 +377,9 @@ class RLControl:
     def check_weights_whole(self) -> None:
         """Refuse a request while the engine is asleep, or a failed broadcast (or sleep level 2) left the weights
         incomplete."""
-        self.memory.check_awake()
-        self._stale.check()
+        if self.memory.released or self._stale.state is not None:  # plain reads: a served engine's admission
+            self.memory.check_awake()  # enters no other RL module
+            self._stale.check()
 
     # -- pause / continue (SGLang's pause_generation, continue_generation) ---------------------------------------
     def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> dict:

@@ -32,7 +32,8 @@ class MemoryControl:
         self._host = host
         self._stale = stale
         self._flush_cache = flush_cache
-        self._released: tuple[str, ...] = ()  # the parts every rank has given back ("weights", "kv_cache")
+        # The parts every rank has given back ("weights", "kv_cache"); empty: awake. Read by the admission check.
+        self.released: tuple[str, ...] = ()
         self._sleep_level = 0
 
     def sleep(self, level: int = 1) -> dict:
@@ -44,16 +45,16 @@ class MemoryControl:
         check_enabled(host.config, "sleep")
         if isinstance(level, bool) or level not in SLEEP_LEVELS:
             raise ValueError(f"level={level!r} is invalid: choose from {', '.join(map(str, SLEEP_LEVELS))}.")
-        if self._released:
+        if self.released:
             raise ValueError(f"sleep(level={level}) is refused: the engine is asleep already (level "
-                             f"{self._sleep_level}; {', '.join(self._released)} released): wake_up first.")
+                             f"{self._sleep_level}; {', '.join(self.released)} released): wake_up first.")
         if host.has_unfinished_requests():
             raise ValueError("sleep is refused while requests run: let them finish, or pause_generation('abort').")
         t0 = time.perf_counter()
         host.drain_for_update()
         freed = host.executor.collective(RankCall.SLEEP, level)
         self._flush_cache()  # the KV cache's contents are gone
-        self._released, self._sleep_level = MEMORY_TAGS, level
+        self.released, self._sleep_level = MEMORY_TAGS, level
         if level == 2:
             self._stale.add(served_names(host.config.model, host.config.model.model),
                             "the weights were dropped by sleep(level=2)")
@@ -69,13 +70,13 @@ class MemoryControl:
             if tag not in MEMORY_TAGS:
                 raise ValueError(f"tags={list(tags)!r} is invalid: each tag is one of {', '.join(MEMORY_TAGS)}.")
         infos = self._host.executor.collective(RankCall.WAKE_UP, tags)
-        self._released = tuple(t for t in self._released if t not in tags)
+        self.released = tuple(t for t in self.released if t not in tags)
         return {"bytes": sum(i["bytes"] for i in infos), "seconds": max(i["seconds"] for i in infos),
                 "graphs_recaptured": any(i["graphs_recaptured"] for i in infos)}
 
     def is_sleeping(self) -> bool:
         """Whether any part is released (vLLM's is_sleeping): read-only, taken without enable_weight_updates."""
-        return bool(self._released)
+        return bool(self.released)
 
     def release_memory_occupation(self, tags=None) -> dict:
         """SGLang's name: sleep(level=1) (the weights kept in host memory, the KV cache freed)."""
@@ -90,9 +91,9 @@ class MemoryControl:
 
     def weights_written(self) -> None:
         """An update gave every rank's weights their bytes back (engine/rl/rank/worker.RLWorker._write_weights)."""
-        self._released = tuple(t for t in self._released if t != "weights")
+        self.released = tuple(t for t in self.released if t != "weights")
 
     def check_awake(self) -> None:
-        if self._released:
+        if self.released:
             raise NotServing(f"requests are refused: the engine is asleep (sleep(level={self._sleep_level}); "
-                             f"{', '.join(self._released)} released): wake_up first.")
+                             f"{', '.join(self.released)} released): wake_up first.")

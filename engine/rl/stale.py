@@ -12,29 +12,30 @@ class StaleWeights:
     """The stale tensors' names and why they are stale, or nothing (the weights are whole)."""
 
     def __init__(self) -> None:
-        self._state: tuple[set[str], str] | None = None
+        # (the stale names, why) or None: whole. Read by the admission check.
+        self.state: tuple[set[str], str] | None = None
 
     def __bool__(self) -> bool:
-        return self._state is not None
+        return self.state is not None
 
     def add(self, names: set[str], why: str) -> None:
         """`names` are stale too; `why` is the latest reason (the one a refusal names)."""
-        self._state = ((self._state[0] if self._state else set()) | names, why)
+        self.state = ((self.state[0] if self.state else set()) | names, why)
 
     def written(self, names: set[str]) -> None:
         """An update wrote `names`: fewer are stale (none: serve again)."""
-        if self._state is not None:
-            left = self._state[0] - names
-            self._state = (left, self._state[1]) if left else None
+        if self.state is not None:
+            left = self.state[0] - names
+            self.state = (left, self.state[1]) if left else None
 
     def clear(self) -> None:
         """An update wrote every served tensor."""
-        self._state = None
+        self.state = None
 
     def check(self) -> None:
         """Refuse a request while a tensor is stale, naming one and why."""
-        if self._state is not None:
-            left, why = self._state
+        if self.state is not None:
+            left, why = self.state
             raise NotServing(f"requests are refused: {why}; {len(left)} tensor(s) (e.g. {sorted(left)[0]!r}) are "
                              "still to be written by a complete update (update_weights_from_disk, or the same names "
                              "again).")
