@@ -14,6 +14,10 @@ Decoding both from the same `prefix_offset` keeps context-dependent decoders
 (SentencePiece's leading-space rule) consistent. A byte-level BPE token can end
 inside a multi-byte UTF-8 character; the decoder then yields U+FFFD, so such a
 window is held back until a later token completes the character.
+
+With a `tokenizers` tokenizer the same window runs in Rust (`DecodeStream`, as vLLM's fast incremental
+detokenizer does: one call per token instead of two decodes and the list slicing in Python, decode_stream.py);
+the Python window above serves every other tokenizer, and takes over a stream the Rust one refuses.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from moelink.scheduler.outputs import TokenLogprobs
 
 from .outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
 from ..contract.sampling_params import SamplingParams
+from .decode_stream import StreamDecoder, stream_decoder
 from .tokenizer import Tokenizer
 
 
@@ -79,6 +84,9 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         self._text = ""          # decoded output text (cut at a stop string once one matched)
         self._emitted_len = 0    # how much of _text the caller has received
+        self._context = context
+        # The Rust window (decode_stream.py) where the tokenizer has one; None: the Python window below.
+        self._stream: StreamDecoder | None = stream_decoder(tokenizer, skip_special_tokens, context)
 
     @property
     def output_text(self) -> str:
@@ -94,7 +102,14 @@ class IncrementalDetokenizer:
         if self.stop_reason is not None:
             return ""
         self.output_token_ids.extend(new_token_ids)
-        self._ids.extend(new_token_ids)
+        if self._stream is not None:
+            delta = self._stream.step(new_token_ids)
+            if delta is not None:
+                self._text += delta
+                return self._release(final=False)
+            self._leave_stream()  # refused: the Python window takes the stream over, these ids in it already
+        else:
+            self._ids.extend(new_token_ids)
         self._text += self._decode_window(final=False)
         return self._release(final=False)
 
@@ -102,8 +117,33 @@ class IncrementalDetokenizer:
         """End of generation: return text held back for UTF-8 or stop-string reasons."""
         if self.stop_reason is not None:
             return ""
+        if self._stream is not None:  # the bytes of an unfinished character, and any text still held
+            full = self._whole_text()
+            if full.startswith(self._text):
+                self._text = full
+            return self._release(final=True)
         self._text += self._decode_window(final=True)
         return self._release(final=True)
+
+    def _whole_text(self) -> str:
+        """The output's text as the windows render it: decoded after the prompt context, that context's own text
+        cut off (SentencePiece's leading space of the first output token kept)."""
+        if not self._context:
+            return self._decode(self.output_token_ids)
+        return self._decode(self._context + self.output_token_ids)[len(self._decode(self._context)):]
+
+    def _leave_stream(self) -> None:
+        """Hand the stream to the Python window (rare: ids no tokenizer would produce), once, in O(output): the
+        window's read offset goes where the text decoded so far ends (the fewest output tokens whose text it is;
+        the Rust window holds back only an unfinished character's few), so its next delta is the rest."""
+        self._stream = None
+        ctx, out = self._context, self.output_token_ids
+        base = len(self._decode(ctx))
+        k = len(out)
+        while k > 0 and self._decode(ctx + out[:k])[base:] != self._text:
+            k -= 1
+        self._ids = ctx + out
+        self._prefix_offset, self._read_offset = 0, len(ctx) + k
 
     # ---- internals -------------------------------------------------------
 

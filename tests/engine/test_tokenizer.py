@@ -267,3 +267,49 @@ def test_stop_string_inside_multibyte_and_special_tokens(tok):
 def test_invalid_stop_rejected(tok):
     with pytest.raises(ValueError, match="stop"):
         IncrementalDetokenizer(tok, [], True, [""], False)
+
+
+def _deltas_both_ways(tok, prompt, ids, skip, monkeypatch, rng_seed):
+    """The deltas of the Rust window (DecodeStream) and of the Python one, fed the same random chunks."""
+    from moelink.engine.core import output_processor
+
+    rust = IncrementalDetokenizer(tok, prompt, skip, [], False)
+    assert rust._stream is not None, "a tokenizers tokenizer decodes in Rust"
+    got = _stream(rust, ids, random.Random(rng_seed))
+    with monkeypatch.context() as m:
+        m.setattr(output_processor, "stream_decoder", lambda *a: None)
+        python = IncrementalDetokenizer(tok, prompt, skip, [], False)
+        assert python._stream is None
+        want = _stream(python, ids, random.Random(rng_seed))
+    return got, want
+
+
+def test_the_rust_window_gives_the_python_windows_text(tok, monkeypatch):
+    """decode_stream.py: the same text as the Python window, never a partial character, for texts with multi-byte
+    characters and special tokens, after a prompt context or none, and for random ids (which can make the stream
+    refuse a window: the Python window then takes over mid-stream). The two may release a held-back piece a chunk
+    apart (their windows start at different tokens after a release), never different text."""
+    rng = random.Random(7)
+    cases = [(tok.encode(t), skip) for t in TEXTS for skip in (True, False)]
+    cases += [([rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))], rng.random() < 0.5)
+              for _ in range(100)]
+    for n, (ids, skip) in enumerate(cases):
+        prompt = tok.encode("Some prompt: ") if n % 2 else []
+        got, want = _deltas_both_ways(tok, prompt, ids, skip, monkeypatch, n)
+        assert "".join(got) == "".join(want) == tok.decode(ids, skip_special_tokens=skip), (n, ids)
+        if n < 2 * len(TEXTS):  # real text: no delta ends inside a character (random ids may hold lone bytes)
+            assert not any(d.endswith("\ufffd") for d in got[:-1]), (n, got)
+
+
+def test_a_stream_the_rust_window_refuses_continues_in_python(tok):
+    """A refusal mid-stream (DecodeStream raises) hands over to the Python window, no text lost or doubled."""
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 3)
+    detok = IncrementalDetokenizer(tok, [], True, [], False)
+    out = [detok.update(ids[:7])]
+
+    class Refusing:
+        def step(self, ids):
+            return None
+    detok._stream = Refusing()  # type: ignore[assignment]
+    out += [detok.update([i]) for i in ids[7:]] + [detok.flush()]
+    assert "".join(out) == tok.decode(ids) and detok._stream is None
