@@ -125,6 +125,11 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="ranks for data-parallel attention + expert-parallel MoE (Ray beyond 1); with -tp, the whole "
                         "world (a multiple of -tp)")
     add_tp_flag(p)
+    p.add_argument("--cpu-reserved-cores", type=int, default=None, metavar="N",
+                   help="a CPU engine leaves N cores to the processes serving beside it (HTTP front, gateway, "
+                        "tokenizer): its torch threads are the cores it may use less N, at least 1 (vLLM's "
+                        "VLLM_CPU_NUM_OF_RESERVED_CPU; OMP_NUM_THREADS in the environment wins); default: 1 for "
+                        "`serve`, 0 offline")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)
@@ -242,6 +247,7 @@ def engine_args_from(ns: argparse.Namespace):
         ep_nvlink_domain_size=ns.ep_nvlink_domain_size,
         ep_decode_capacity=ns.ep_decode_capacity,
         enforce_eager=ns.enforce_eager,
+        cpu_reserved_cores=ns.cpu_reserved_cores if ns.cpu_reserved_cores is not None else 0,
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype, index_cache_dtype=ns.index_cache_dtype,

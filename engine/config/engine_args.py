@@ -67,6 +67,8 @@ class EngineConfig:
     enable_weight_updates: bool = False
     # What a multimodal checkpoint may be sent, and its rank's encoder cache (engine/config/multimodal.py).
     multimodal: MultimodalConfig = MultimodalConfig()
+    # A CPU engine's cores left to the serving processes beside it (EngineArgs.cpu_reserved_cores).
+    cpu_reserved_cores: int = 0
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -81,7 +83,7 @@ class EngineConfig:
             kv_connector=self.kv_connector, speculative=self.speculative,
             num_state_slots=self.cache.num_state_slots, num_state_checkpoints=self.cache.num_state_checkpoints,
             tensor_parallel_size=self.parallel.tensor_parallel_size, return_routed_experts=self.return_routed_experts,
-            lora=self.lora, multimodal=self.multimodal)
+            lora=self.lora, multimodal=self.multimodal, cpu_reserved_cores=self.cpu_reserved_cores)
 
 
 @dataclass
@@ -105,6 +107,11 @@ class EngineArgs:
     num_state_checkpoints: Optional[int] = None
     device: str = "auto"
     kernels: str = "auto"
+    # On a CPU device (one rank), cores the engine's compute leaves to the processes serving beside it (the HTTP
+    # front, the gateway, the gRPC threads, the tokenizer): torch's intra-op threads are the cores this process may
+    # run on less these, at least one. vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU. `moelink serve` reserves 1; offline, 0
+    # (every core computes); OMP_NUM_THREADS set in the environment wins.
+    cpu_reserved_cores: int = 0
     load_progress: bool = False
     expert_parallel_size: int = 1
     # Ranks per tensor-parallel group (vLLM's --tensor-parallel-size / -tp; ParallelConfig.tensor_parallel_size).
@@ -256,6 +263,9 @@ class EngineArgs:
             bad("load_format", f"choose from {', '.join(map(repr, LOAD_FORMATS))}")
         if not isinstance(self.skip_warmup, bool):
             bad("skip_warmup", "must be True or False")
+        if isinstance(self.cpu_reserved_cores, bool) or not isinstance(self.cpu_reserved_cores, int) \
+                or self.cpu_reserved_cores < 0:
+            bad("cpu_reserved_cores", "must be an integer >= 0")
         if not isinstance(self.client_fairness, bool):
             bad("client_fairness", "must be True or False")
         if self.kv_connector is not None and not all(
@@ -358,7 +368,8 @@ class EngineArgs:
                             skip_warmup=self.skip_warmup, kv_connector=kv_connector,
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed,
                             return_routed_experts=self._routed_experts(parallel), lora=lora,
-                            enable_weight_updates=self.enable_weight_updates, multimodal=self.multimodal_config())
+                            enable_weight_updates=self.enable_weight_updates, multimodal=self.multimodal_config(),
+                            cpu_reserved_cores=self.cpu_reserved_cores)
 
     def multimodal_config(self) -> MultimodalConfig:
         kw = {} if self.mm_max_pixels is None else {"max_pixels": self.mm_max_pixels}

@@ -64,6 +64,8 @@ class WorkerConfig:
     lora: LoRAConfig | None = None
     # A multimodal checkpoint's images (engine/multimodal/): whether the rank loads the vision tower, its cache.
     multimodal: MultimodalConfig = MultimodalConfig()
+    # A CPU rank's cores left to the serving processes beside it (EngineArgs.cpu_reserved_cores).
+    cpu_reserved_cores: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):

@@ -129,6 +129,10 @@ class Worker(RLWorker):
         if self.device.type == "cpu" and self.world_size > 1:
             # Several ranks share this machine's cores: one intra-op thread each.
             torch.set_num_threads(1)
+        elif self.device.type == "cpu" and cfg.cpu_reserved_cores and "OMP_NUM_THREADS" not in os.environ:
+            # Cores left to the serving processes: torch's threads spin waiting for each other, so a thread that
+            # shares its core with the front, the gateway or the client stalls every op of the step.
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - cfg.cpu_reserved_cores))
         self.runner = ModelRunner(cfg.model, cfg.block_size, num_kv_blocks, self.device,
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
                                   cuda_graph_sizes=cfg.cuda_graph_sizes,

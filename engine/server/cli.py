@@ -93,6 +93,8 @@ def _serve(ns: argparse.Namespace) -> int:
         raise ValueError(f"lora_modules={[m.name for m in config.lora_modules]!r} needs --enable-lora: the engine "
                          "serves adapters only when started with it.")
     args = engine_args_from(ns)
+    if ns.cpu_reserved_cores is None:  # a server leaves a core to its front, gateway and streams (EngineArgs)
+        args.cpu_reserved_cores = 1
     if ns.disable_log_requests:
         from .serving import logger as request_logger
 
