@@ -182,7 +182,7 @@ def _prompts(prompt: Any, n: int, most: int, serving, base_id: str) -> tuple[Pro
     for i, one in enumerate(given):
         field = f"prompt[{i}]" if batch else "prompt"
         ok = (isinstance(one, str) and one) or (isinstance(one, list) and one and all(_is_int(t) for t in one))
-        if not ok or (batch and isinstance(one, list) and isinstance(given[0], str) != isinstance(one, str)):
+        if not ok or (batch and isinstance(given[0], str) != isinstance(one, str)):
             raise HttpFieldError(field, f"{field} must be a non-empty string or a non-empty list of token ids, and "
                                         "a batch's prompts all of one kind.")
         if isinstance(one, list) and any(t < 0 for t in one):
