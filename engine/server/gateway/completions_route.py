@@ -36,8 +36,12 @@ class CompletionsRoute:
 
     def __init__(self, serving):
         self.s = serving
-        tok = serving.tokenizer
-        self.tokenizer = None if isinstance(tok, NoTokenizer) else tok
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer, None on a server without a vocabulary."""
+        tok = self.s.tokenizer
+        return None if isinstance(tok, NoTokenizer) else tok
 
     async def claim(self, body: bytes, client: tuple[str, ...] = ()) -> Optional[Awaitable]:
         """The coroutine answering this completions body here ((status, body) or a Streamed), or None: relayed to
