@@ -226,7 +226,6 @@ def test_refusals_name_the_field_and_an_unknown_model_is_404(port):
     assert status == 400 and json.loads(raw)["error"]["param"] == "prompt", raw
 
 
-@pytest.mark.slow  # over 1 s
 def test_the_openai_client_parses_the_answer(port):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
