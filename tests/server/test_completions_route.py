@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -235,3 +237,34 @@ def test_the_openai_client_parses_the_answer(port):
     chunks = list(client.completions.create(model=SERVED, prompt=[5, 17, 99], max_tokens=3, temperature=0,
                                             stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def _finished(srv, prompt_tokens: int, within_s: float = 20.0) -> str:
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return srv.finished_line(prompt_tokens)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_client_that_hangs_up_ends_its_request_in_the_engine(openai_server):
+    """Streamed or not, a client that closes its connection ends the request (http_wire.answer_watched), as on
+    /generate: the server's request line says it ended long before its max_tokens."""
+    srv, port = openai_server
+    for stream, n in ((True, 61), (False, 67)):
+        body = {"model": SERVED, "prompt": [7] * n, "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+                "stream": stream}
+        raw = json.dumps(body).encode()
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+        if stream:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")  # the head (and perhaps a first event): generating
+        else:
+            time.sleep(0.3)  # admitted and generating
+        s.close()
+        line = _finished(srv, n)
+        assert "finish_reason=cancelled" in line or "finish_reason=abort" in line, line
