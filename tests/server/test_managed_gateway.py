@@ -108,12 +108,13 @@ def test_one_command_gives_the_openai_api_and_supervises_smg(http_server):
 
 
 @pytest.mark.slow
-def test_completions_logprobs_leave_moelink_and_smg_drops_them(http_server, offline):  # the front: 400
-    """Issue 14: completions `logprobs` vanish through the gateway. They leave moelink: the VllmEngine answer to
+def test_completions_logprobs_leave_moelink_and_the_front_answers_them(http_server, offline):
+    """Issue 14: completions `logprobs` vanished through the gateway. They leave moelink: the VllmEngine answer to
     the request smg sends (smg's token ids, `logprobs: 2`) carries them, equal to the offline engine's. smg
     (1.13) drops them itself: its /v1/completions builds every choice, streamed or not, with `logprobs: None`
-    (its source marks it a TODO), while /v1/chat/completions passes the same fields on. So docs/serving.md says
-    so (OpenAI API); tests/server/test_smg_gateway.py holds the strict xfail that fails the day smg passes them."""
+    (its source marks it a TODO; tests/server/test_smg_gateway.py holds the strict xfail that fails the day smg
+    passes them). So `moelink serve`'s front answers /v1/completions itself from the engine (issue 79,
+    completions_route.py): the same logprobs, streamed or not."""
     from moelink.engine import SamplingParams
     import grpc
     from smg_grpc_proto.generated import vllm_engine_pb2 as vpb, vllm_engine_pb2_grpc as vpb_grpc
@@ -133,15 +134,13 @@ def test_completions_logprobs_leave_moelink_and_smg_drops_them(http_server, offl
     lps = msgs[-1].complete.output_logprobs
     assert list(lps.token_ids) == ref.token_ids and list(lps.token_logprobs) == pytest.approx(want, abs=1e-4)
     assert [len(top.values) for top in lps.top_logprobs] == [2] * 4
-    # The same request through the managed gateway: smg would answer it without the logprobs, so the front
-    # refuses it naming the field (issue 48: nothing dropped in silence), streamed or not.
-    import openai
-
+    # The same request through the managed gateway: answered by the front from the engine, streamed or not.
     for stream in (False, True):
-        with pytest.raises(openai.BadRequestError) as exc:
-            client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
-                                      stream=stream, extra_body={"ignore_eos": True})
-        assert exc.value.body["param"] == "logprobs" and "/v1/chat/completions" in exc.value.body["message"]
+        got = client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                        stream=stream, extra_body={"ignore_eos": True})
+        chunks = list(got) if stream else [got]
+        token_lps = sum((c.choices[0].logprobs.token_logprobs for c in chunks if c.choices), [])
+        assert token_lps == pytest.approx(want, abs=1e-4)
     out = client.completions.create(model=SERVED, prompt=prompt, max_tokens=4, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 4

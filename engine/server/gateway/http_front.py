@@ -17,6 +17,8 @@ naming a field). The probes (/health, /liveness, ...) and `GET /metrics` stay op
 do vLLM's own routes outside /v1 (/tokenize, /detokenize, /version, /ping): vLLM's API-key middleware guards
 paths that start with /v1 only.
 
+vLLM's `POST /v1/completions` is answered from the engine beside the front (completions_route.py: logprobs, echo,
+prompt logprobs and token-id prompts, which smg 1.13 drops or refuses), unless it carries a field only smg carries.
 SGLang's native `POST /generate` (generate_route.py) and RL control routes (rl_routes.py) are answered from the
 engine beside the front, and ask the key though not under /v1. vLLM's routes that smg lacks are answered here:
 /version and /ping (vLLM's /health, GET or POST) always;
@@ -110,7 +112,7 @@ class HttpFront:
                  not_serving: Optional[Callable[[], Optional[str]]] = None,
                  on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
                  metrics: Optional[Callable[[], Awaitable[bytes]]] = None, local=None,
-                 engine_down: Optional[Callable[[], Optional[str]]] = None):
+                 engine_down: Optional[Callable[[], Optional[str]]] = None, completions=None):
         """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
         `engine_down()`: why the engine beside the front cannot serve any more (health.py engine_down: every probe,
         /liveness too, answers 503 with it at once), or None.
@@ -118,7 +120,10 @@ class HttpFront:
         `metrics()`: the Prometheus text `GET /metrics` answers (http_metrics.py), or None: 404 as any route.
         `local`: what answers vLLM's routes and the RL control routes from the engine (vllm_routes.VllmRoutes and
         rl_routes.RlRoutes, chained: `await local.answer(method, path, body, query)` -> (status, body) or None to
-        relay), or None (a front before a gateway started by hand)."""
+        relay), or None (a front before a gateway started by hand).
+        `completions`: what answers `POST /v1/completions` from the engine beside `local`
+        (completions_route.CompletionsRoute: `await completions.claim(body, client)` -> the answer, or None to relay),
+        or None: relayed to smg."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
         self.not_serving = not_serving
@@ -126,6 +131,7 @@ class HttpFront:
         self.metrics = metrics
         self.local = local
         self.engine_down = engine_down
+        self.completions = completions if local is not None else None
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -235,6 +241,12 @@ class HttpFront:
             # Who sent it: its /generate requests' fair share and the scope of its ids (client_identity.py).
             client = http_client(writer.get_extra_info("peername"), header_of(request, CLIENT_ID_HEADER.encode()),
                                  authenticated=bool(self.api_key))
+            if path == COMPLETIONS_PATH and method == b"POST" and self.completions is not None:
+                # vLLM's completions from the engine (completions_route.py), unless a field only smg carries
+                answering = await self.completions.claim(body, client)
+                if answering is not None:
+                    await answer_watched(conn, writer, reader, answering, head_only=head)
+                    return True
             if path == GENERATE_PATH:  # generation: a client that leaves ends it (generate_route.py)
                 await answer_watched(conn, writer, reader, self.local.answer(method, path, body, query, client=client),
                                      head_only=head)

@@ -9,10 +9,13 @@ a request it enforces as vLLM would; one it cannot carry, or a value the engine 
 `HttpFieldError` (HTTP 400 naming the field). A constraint is never dropped in silence.
 
 Completions' `logprobs` too: smg (1.13) answers /v1/completions without them (chat keeps them), so a
-completions request that asks for them is HTTP 400 naming the field, never answered as if it had not.
+completions request relayed to smg that asks for them is HTTP 400 naming the field, never answered as if it had
+not. `moelink serve`'s front answers /v1/completions itself from the engine (completions_route.py: logprobs, echo,
+prompt logprobs, token-id prompts) and relays only a request with a field smg alone carries (a structured-output
+field): these refusals hold for those, and for every request through a front before a hand-started gateway.
 
-`prompt_logprobs` too: smg drops it and answers without them, so it is HTTP 400 naming the field (the gRPC
-VllmEngine service and the Python API return them).
+`prompt_logprobs` too: smg drops it and answers without them, so on a relayed request it is HTTP 400 naming the field
+(the front's /v1/completions, the gRPC VllmEngine service and the Python API return them).
 
 `logit_bias` too: smg drops it, and the engine does not apply it (the gRPC services refuse it), so a request
 that sets a bias is HTTP 400 naming the field rather than answered as if it had none.

@@ -1,0 +1,161 @@
+"""vLLM's `POST /v1/completions` answered by the HTTP front from the engine beside it (docs/vllm-compat.md#v1completions).
+
+Why: smg (1.13) answers completions without `logprobs` (its legacy logprobs object is a TODO), without `echo` and
+`prompt_logprobs`, and refuses token-id prompts (`"prompt": [1817, 366]`: "did not match any variant of untagged
+enum"), while vLLM answers all of them; lm-eval's `local-completions` scores a model with exactly those
+(`echo`, `logprobs`, `max_tokens` 0 or 1, token-id prompts). So `moelink serve`'s front answers the route itself, in
+vLLM 0.32's request and response shapes (completions_request.py reads the request, completions_answer.py builds the
+answer), through the same Serving the gRPC services and `/generate` use: admission limits, the request registry, the
+client's fair share, and an abort in the engine when the client hangs up (http_wire.answer_watched).
+
+A body with a field only smg carries (vLLM's structured-output fields, `response_format`, SGLang's `regex` / `ebnf`)
+or one neither knows is relayed to smg as before (`claim` answers None), and so is every body on a server without a
+vocabulary; a front before a gateway started by hand (`moelink http-front`) relays every one.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Optional
+
+from ...contract.safe_text import shown
+from ...core.no_tokenizer import NoTokenizer
+from .completions_answer import CompletionAnswer
+from .completions_request import CompletionRequest, claims, read_request
+from .generate_route import Streamed, _Runs, _error, _first, _refusal
+from .json_body import json_object, off_loop
+from .openai_fields import COMPLETIONS_PATH, HttpFieldError
+
+PATH = COMPLETIONS_PATH
+
+
+class CompletionsRoute:
+    """Answers `POST /v1/completions` from a Serving (serving.py) on the server's loop."""
+
+    def __init__(self, serving):
+        self.s = serving
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer, None on a server without a vocabulary."""
+        tok = self.s.tokenizer
+        return None if isinstance(tok, NoTokenizer) else tok
+
+    async def claim(self, body: bytes, client: tuple[str, ...] = ()) -> Optional[Awaitable]:
+        """The coroutine answering this completions body here ((status, body) or a Streamed), or None: relayed to
+        smg (a field only smg carries, or no vocabulary here). `client`: who sent it (client_identity.http_client)."""
+        if self.tokenizer is None:
+            return None
+        try:
+            data = await off_loop(body, json_object, body)
+        except HttpFieldError as e:
+            return _answered(e.status, _error(str(e), e.field, e.status))
+        if not claims(data):
+            return None
+        return self._answer(data, client)
+
+    async def _answer(self, data: dict, client: tuple[str, ...]):
+        scope = client[0] if client else ""
+        base = data.get("request_id") if isinstance(data.get("request_id"), str) and data.get("request_id") \
+            else uuid.uuid4().hex
+        try:
+            lora = self._adapter(data.get("model"))
+            req = read_request(data, self.s, lora, base)
+            runs = await self._start(req, client, scope)
+        except HttpFieldError as e:
+            return e.status, _error(str(e), e.field, e.status)
+        except Exception as e:  # the engine's or Serving's refusal, mapped as the gRPC services map it
+            return _refusal(e)
+        answer = CompletionAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one,
+                                  self._decode_prompt)
+        if req.stream:
+            return Streamed(_events(req, answer, runs), runs.aclose)
+        try:
+            async with runs:
+                async for prompt, sample, out in runs:
+                    answer.add(prompt, sample, out)
+        except Exception as e:  # the engine failed or stopped mid-request
+            return _refusal(e)
+        body = answer.body()
+        if any(c["finish_reason"] == "error" for c in body["choices"]):
+            return 500, _error("the engine failed the request.", None, 500)
+        return 200, _dumps(body)
+
+    def _adapter(self, model: Any) -> Optional[str]:
+        """The LoRA adapter `model` names, None for the base model (a served name, an alias, or none given, as vLLM
+        takes it); 404 for another name, as vLLM answers."""
+        if model is None:
+            return None
+        if not isinstance(model, str):
+            raise HttpFieldError("model", "model must be a string (a served model's name).")
+        if model in self.s.served_model_names or model in self.s.model_aliases:
+            return None
+        if self.s.adapters.get(model) is not None:
+            return model
+        from .vllm_routes import NotFound
+
+        raise NotFound("model", f"The model `{shown(model, quote=False)}` does not exist.")
+
+    async def _start(self, req: CompletionRequest, client: tuple[str, ...], scope: str) -> _Runs:
+        """Every prompt prepared, then admitted (n samples each) with its first output in hand; a refusal of any (a
+        prompt too long, the queue full) raises after the ones admitted are ended."""
+        lora = self.s.adapter(req.lora, "model") if req.lora else None
+        processed = []
+        for p in req.prompts:
+            try:
+                one = await self.s.prepare(p.rid, p.prompt, req.params, p.field, keep=req.keep, lora=lora,
+                                           scope=scope)
+            except ValueError as e:  # the prompt's own fault (too long, a token outside the vocabulary)
+                raise HttpFieldError(p.field, shown(str(e), quote=False)) from None
+            processed.append(one)
+            await asyncio.sleep(0)  # a short prompt is checked on the loop: other streams move between prompts
+        streams = [self.s.run(p.rid, one, n=req.n, client=client, scope=scope)
+                   for p, one in zip(req.prompts, processed)]
+        firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+        runs = _Runs(streams, firsts)
+        refused = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if refused is not None:
+            await runs.aclose()
+            raise refused
+        return runs
+
+    def _decode_one(self, token: int) -> str:
+        """One token's own text (vLLM's decoded token: special tokens kept)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _decode_prompt(self, ids: list) -> str:
+        """A token-id prompt's text, for `echo` (special tokens kept, as vLLM decodes it)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+async def _answered(status: int, body: bytes) -> tuple[int, bytes]:
+    return status, body
+
+
+def _dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, as vLLM's server writes it."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def _events(req: CompletionRequest, answer: CompletionAnswer, runs: _Runs) -> AsyncIterator[bytes]:
+    """vLLM's server-sent events: each choice's deltas, the usage when asked, then [DONE]."""
+    try:
+        async for prompt, sample, out in runs:
+            for event in answer.chunks(prompt, sample, out):
+                if event["choices"][0]["finish_reason"] == "error":
+                    raise RuntimeError("the engine failed the request")
+                yield b"data: " + _dumps(event) + b"\n\n"
+        for event in answer.flush():
+            yield b"data: " + _dumps(event) + b"\n\n"
+        if req.include_usage:
+            yield b"data: " + _dumps(answer.usage_event()) + b"\n\n"
+    except Exception as e:  # the engine failed or stopped mid-stream: said in the stream, as vLLM does
+        yield b"data: " + _refusal(e)[1] + b"\n\n"
+    finally:
+        await runs.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+__all__ = ["CompletionsRoute", "PATH"]
