@@ -269,11 +269,12 @@ class Plan:
     # served
     def moelink_serve_cmd(self, port: int) -> list[str]:
         return [sys.executable, "-m", "moelink.engine.api.cli", "serve", self.model_arg, "--host", "127.0.0.1",
-                "--port", "0", "--http-port", str(port), "--max-model-len", str(self.ns.max_model_len)]
+                "--port", "0", "--http-port", str(port), "--dtype", self.ns.dtype,
+                "--max-model-len", str(self.ns.max_model_len)]
 
     def vllm_serve_cmd(self, port: int) -> list[str]:
         return [self.peer_vllm, "serve", self.model_arg, "--host", "127.0.0.1", "--port", str(port),
-                "--max-model-len", str(self.ns.max_model_len), "--seed", "0"]
+                "--dtype", self.ns.dtype, "--max-model-len", str(self.ns.max_model_len), "--seed", "0"]
 
     def bench_cmd(self, port: int, endpoint: str, conc: int, result_dir: str, filename: str) -> list[str]:
         backend, path = ENDPOINTS[endpoint]
@@ -289,8 +290,9 @@ class Plan:
 def run_offline(plan: Plan, tmp: Path) -> dict:
     ns = plan.ns
     n = max(ns.full_batch, ns.batch1)
-    prompts = random_prompts(ROOT / plan.model, n, ns.input_len, ns.seed) if not plan.dry else [[0]]
-    spec = {"prompts": prompts, "max_tokens": ns.output_len, "batch1": ns.batch1,
+    prompts = random_prompts(ROOT / plan.model, 2 * n, ns.input_len, ns.seed) if not plan.dry else [[0], [0]]
+    spec = {"prompts": prompts[:n], "warmup_prompts": prompts[n:], "max_tokens": ns.output_len, "batch1": ns.batch1,
+            "dtype": ns.dtype,
             "max_model_len": ns.max_model_len, "max_num_seqs": max(256, ns.full_batch)}
     spec_path = tmp / "offline_spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -327,7 +329,7 @@ def run_offline(plan: Plan, tmp: Path) -> dict:
     if g.get("compared", 1):
         print(f"greedy outputs: batch1 {g['batch1']['identical']}/{g['batch1']['of']} identical, "
               f"full batch {g['full']['identical']}/{g['full']['of']} identical", flush=True)
-    return {"spec": {k: v for k, v in spec.items() if k != "prompts"}, "prompt_seed": ns.seed,
+    return {"spec": {k: v for k, v in spec.items() if "prompts" not in k}, "prompt_seed": ns.seed,
             "runs": runs, "summary": summary}
 
 
@@ -435,6 +437,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--batch1", type=int, default=16, help="offline requests run one at a time")
     ap.add_argument("--full-batch", type=int, default=64, help="offline prompts in one generate call")
     ap.add_argument("--max-model-len", type=int, default=1024)
+    # vLLM's CPU backend casts a float32 checkpoint to bfloat16 under --dtype auto ("Downcasting torch.float32 to
+    # torch.bfloat16"); moelink keeps the checkpoint's float32. Both get the same dtype, named.
+    ap.add_argument("--dtype", default="float32", help="both engines' dtype (vLLM's CPU auto is bfloat16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout-s", type=float, default=900.0, help="bound on each process and server start")
     ap.add_argument("--out", default="benchmarks/results/peer_vllm_cpu.json")
@@ -464,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
            "machine": machine(), "moelink_commit": git_commit(), "peer": peer_versions(plan),
            "model": ns.model, "command": "python -m moelink.benchmarks.peer_vllm " + shlex.join(argv or sys.argv[1:]),
            "config": {k: getattr(ns, k) for k in ("rounds", "input_len", "output_len", "batch1", "full_batch",
-                                                  "concurrency", "max_model_len", "seed", "chat")},
+                                                  "concurrency", "dtype", "max_model_len", "seed", "chat")},
            "peer_env": PEER_ENV, **result}
     out = ns.out if Path(ns.out).is_absolute() else ROOT / ns.out
     print(f"wrote {write_result(out, doc)}")

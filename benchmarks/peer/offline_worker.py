@@ -4,7 +4,8 @@
 
 Run by moelink's python (--engine moelink) or by the peer venv's (--engine vllm), so it imports nothing of moelink's
 at the top and nothing outside the standard library but the engine it runs. SPEC.json: {"prompts": [[ids], ...],
-"max_tokens", "batch1": how many of the prompts go one at a time, "max_model_len", "max_num_seqs"}. Each phase is
+"warmup_prompts": [[ids], ...], "max_tokens",
+"batch1": how many of the prompts go one at a time, "dtype", "max_model_len", "max_num_seqs"}. Each phase is
 warmed once untimed (vLLM compiles at start and its first shapes; moelink warms its kernels), then timed:
   batch1: the first `batch1` prompts, one generate call each (sequential requests);
   full:   every prompt in one generate call (a full batch).
@@ -21,11 +22,12 @@ import time
 def make_llm(engine: str, model: str, spec: dict):
     if engine == "vllm":
         from vllm import LLM, SamplingParams
-        llm = LLM(model=model, max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"],
-                  seed=0, disable_log_stats=True)
+        llm = LLM(model=model, dtype=spec["dtype"], max_model_len=spec["max_model_len"],
+                  max_num_seqs=spec["max_num_seqs"], seed=0, disable_log_stats=True)
     else:
         from moelink.engine import LLM, SamplingParams
-        llm = LLM(model=model, max_model_len=spec["max_model_len"], max_num_seqs=spec["max_num_seqs"])
+        llm = LLM(model=model, dtype=spec["dtype"], max_model_len=spec["max_model_len"],
+                  max_num_seqs=spec["max_num_seqs"])
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
     return llm, params
 
@@ -42,14 +44,15 @@ def run(engine: str, model: str, spec: dict) -> dict:
     llm, params = make_llm(engine, model, spec)
     load_s = time.perf_counter() - t0
     prompts = token_prompts(engine, spec["prompts"])
+    warm = token_prompts(engine, spec["warmup_prompts"])
     n1 = spec["batch1"]
 
     def gen(batch):
         return llm.generate(batch, params, use_tqdm=False)
 
-    # Warm-up: one single request and one full batch, untimed.
-    gen(prompts[:1])
-    gen(prompts)
+    # Warm-up on other prompts (nothing timed may hit the prefix cache): one request alone, one full batch.
+    gen(warm[:1])
+    gen(warm)
 
     t = time.perf_counter()
     single = [gen([p])[0] for p in prompts[:n1]]
@@ -65,7 +68,7 @@ def run(engine: str, model: str, spec: dict) -> dict:
     batch1_tokens = sum(len(ids(o)) for o in single)
     full_tokens = sum(len(ids(o)) for o in full)
     return {
-        "engine": engine, "pid": os.getpid(), "load_s": round(load_s, 3),
+        "engine": engine, "pid": os.getpid(), "load_s": round(load_s, 3), "dtype": spec["dtype"],
         "batch1": {"requests": n1, "seconds": round(batch1_s, 4), "output_tokens": batch1_tokens,
                    "output_tok_s": round(batch1_tokens / batch1_s, 2)},
         "full": {"requests": len(prompts), "seconds": round(full_s, 4), "output_tokens": full_tokens,
