@@ -277,15 +277,17 @@ class Plan:
         return [self.peer_vllm, "serve", self.model_arg, "--host", "127.0.0.1", "--port", str(port),
                 "--dtype", self.ns.dtype, "--max-model-len", str(self.ns.max_model_len), "--seed", "0"]
 
-    def bench_cmd(self, port: int, endpoint: str, conc: int, result_dir: str, filename: str) -> list[str]:
+    def bench_cmd(self, port: int, endpoint: str, conc: int, result_dir: str, filename: str,
+                  prompts: Optional[int] = None) -> list[str]:
+        """`vllm bench serve` at one level; without a result_dir, an untimed warm-up run that saves nothing."""
         backend, path = ENDPOINTS[endpoint]
+        save = ["--save-result", "--result-dir", result_dir, "--result-filename", filename] if result_dir else []
         return [self.peer_vllm, "bench", "serve", "--backend", backend, "--base-url", f"http://127.0.0.1:{port}",
                 "--endpoint", path, "--model", self.model_arg, "--tokenizer", self.model_arg,
                 "--dataset-name", "random", "--random-input-len", str(self.ns.input_len),
                 "--random-output-len", str(self.ns.output_len), "--ignore-eos", "--temperature", "0",
-                "--num-prompts", str(num_prompts(conc)), "--max-concurrency", str(conc),
-                "--seed", str(self.ns.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm",
-                "--save-result", "--result-dir", result_dir, "--result-filename", filename]
+                "--num-prompts", str(prompts or num_prompts(conc)), "--max-concurrency", str(conc),
+                "--seed", str(self.ns.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm", *save]
 
 
 def run_offline(plan: Plan, tmp: Path) -> dict:
@@ -365,6 +367,17 @@ def run_served(plan: Plan, tmp: Path) -> dict:
             print(f"{engine} server round {rnd} did not start: {e}", flush=True)
             continue
         try:
+            # Untimed warm-up, once per server: a freshly started vLLM sent the whole of each completion in its
+            # last events to the first level it was asked for (TPOT p50 0.01 ms at concurrency 1, TTFT = E2E),
+            # and per token after that. Seed + 1: other prompts than the measured ones (no prefix-cache hits).
+            top = max(ns.concurrency)
+            warm = plan.bench_cmd(port, endpoints[0], top, "", "", prompts=max(16, top))
+            warm[warm.index("--seed") + 1] = str(ns.seed + 1)
+            plan.show(warm)
+            if not plan.dry:
+                rc = run_logged(warm, tmp / f"warmup_{engine}_{rnd}.log", ns.timeout_s, plan.peer_env())
+                if rc != 0:
+                    print(f"  {engine} warm-up exited {rc}:\n{tail(tmp / f'warmup_{engine}_{rnd}.log')}", flush=True)
             for endpoint in endpoints:
                 for conc in ns.concurrency:
                     rdir = str(tmp / "bench")
@@ -485,16 +498,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return {"commands": plan.printed}
 
     from moelink.engine.api.provenance import git_commit, write_result
-    doc = {"benchmark": "peer_vllm", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine(), "moelink_commit": git_commit(), "peer": peer_versions(plan),
-           "model": ns.model, "command": "python -m moelink.benchmarks.peer_vllm " + shlex.join(argv or sys.argv[1:]),
+    now, commit = datetime.now(timezone.utc).isoformat(timespec="seconds"), git_commit()
+    command = "python -m moelink.benchmarks.peer_vllm " + shlex.join(sys.argv[1:] if argv is None else argv)
+    for part in result.values():  # each part says when, at which commit and by which command it was measured
+        part.update({"date": now, "moelink_commit": commit, "command": command})
+    out = Path(ns.out) if Path(ns.out).is_absolute() else ROOT / ns.out
+    # --only offline|served replaces that part of an existing result and keeps the other.
+    kept = {}
+    if ns.only and out.exists():
+        old = json.loads(out.read_text())
+        kept = {k: old[k] for k in ("offline", "served") if k in old and k not in result}
+    doc = {"benchmark": "peer_vllm", "date": now, "machine": machine(), "moelink_commit": commit,
+           "peer": peer_versions(plan), "model": ns.model, "command": command,
            "config": {k: getattr(ns, k) for k in ("rounds", "input_len", "output_len", "batch1", "full_batch",
                                                   "concurrency", "dtype", "max_model_len", "seed", "chat")},
-           "peer_env": PEER_ENV, **result}
-    out = ns.out if Path(ns.out).is_absolute() else ROOT / ns.out
+           "peer_env": PEER_ENV, **kept, **result}
     print(f"wrote {write_result(out, doc)}")
     return doc
-
 
 if __name__ == "__main__":
     main()
