@@ -79,7 +79,12 @@ def test_dry_run_prints_each_engine_alternating_and_the_peer_client(capsys):
     servers = [c for c in cmds if " serve builtin-model" in c]
     assert len(servers) == 4 and "moelink.engine.api.cli serve" in servers[0] and "/opt/peer/bin/vllm serve" in servers[1]
     assert all("--host 127.0.0.1" in c for c in servers)
-    bench = [c for c in cmds if "/opt/peer/bin/vllm bench serve" in c]
+    every = [c for c in cmds if "/opt/peer/bin/vllm bench serve" in c]
+    warmups = [c for c in every if "--save-result" not in c]
+    bench = [c for c in every if "--save-result" in c]
+    # One untimed warm-up per server (other prompts: seed 1), then each level measured.
+    assert len(warmups) == 4 and all("--seed 1 " in c and "--max-concurrency 64" in c for c in warmups)
+    assert every.index(warmups[0]) == 0 and every.index(warmups[1]) == 7
     assert len(bench) == 2 * 2 * 3 * 2  # rounds x engines x concurrency x (completions, chat)
     first = bench[0]
     for flag in ("--backend openai ", "--dataset-name random", "--random-input-len 64", "--random-output-len 32",
