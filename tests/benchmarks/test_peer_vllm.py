@@ -29,7 +29,8 @@ def test_parse_reads_vllms_names_and_refuses_a_result_without_them():
     r = peer_vllm.parse_bench_result(CANNED)
     assert r["output_throughput"] == 819.2 and r["median_ttft_ms"] == 38.5
     assert r["median_itl_ms"] == 6.5 and r["request_throughput"] == 25.6
-    assert r["completed"] == 32 and r["failed"] == 0 and "input_lens" not in r
+    assert r["completed"] == 32 and r["failed"] == 0 and "input_lens" not in r and r["burst"] is False
+    assert peer_vllm.parse_bench_result({**CANNED, "median_itl_ms": 0.004})["burst"] is True
     with pytest.raises(ValueError, match="median_itl_ms"):
         peer_vllm.parse_bench_result({k: v for k, v in CANNED.items() if k != "median_itl_ms"})
 
@@ -46,6 +47,10 @@ def test_served_medians_over_rounds_and_ratios_moelink_over_vllm():
     assert c8["moelink"]["rounds"] == 3 and rows[0]["vllm"]["rounds"] == 1  # the failed run is left out
     assert c8["ratio"]["output_throughput"] == 0.5
     assert c8["ratio"]["median_itl_ms"] == 2.0  # latency: moelink/vLLM > 1 is moelink slower
+    assert c8["vllm"]["burst_rounds"] == 0
+    runs.append({**_served("vllm", 3, 8, 1.0), "median_itl_ms": 0.0, "burst": True})
+    assert peer_vllm.summarize_served(runs)[1]["vllm"]["burst_rounds"] == 1
+    assert "| completions | 8 | vllm* |" in peer_vllm.format_served(peer_vllm.summarize_served(runs))
     table = peer_vllm.format_served(rows)
     assert "| completions | 8 | moelink/vLLM | 0.50x | 1.00x | 2.00x | 1.00x | 1.00x |" in table
     assert "| completions | 8 | vllm | 819.2 | 38.5 | 6.50 | 8.00 | 25.6 |" in table
