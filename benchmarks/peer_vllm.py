@@ -157,7 +157,9 @@ def format_served(rows: list[dict]) -> str:
 
             def cell(k):
                 v = m.get(k)
-                return "-" if v is None else (f"{v:.2f}x" if engine == "ratio" else f"{v:.2f}" if v < 10 else f"{v:.1f}")
+                if v is None:
+                    return "-"
+                return f"{v:.2f}x" if engine == "ratio" else f"{v:.2f}" if v < 10 else f"{v:.1f}"
             lines.append(f"| {row['endpoint']} | {row['concurrency']} | {name} | {cell('output_throughput')} | "
                          f"{cell('median_ttft_ms')} | {cell('median_itl_ms')} | {cell('median_tpot_ms')} | "
                          f"{cell('request_throughput')} |")
@@ -345,12 +347,12 @@ def run_offline(plan: Plan, tmp: Path) -> dict:
             "runs": runs, "summary": summary}
 
 
-def start_engine_server(plan: Plan, engine: str, port: int, log: Path) -> subprocess.Popen:
+def start_engine_server(plan: Plan, engine: str, port: int, log: Path) -> Optional[subprocess.Popen]:
     cmd = plan.moelink_serve_cmd(port) if engine == "moelink" else plan.vllm_serve_cmd(port)
     env = plan.peer_env() if engine == "vllm" else None
     plan.show(cmd, PEER_ENV if engine == "vllm" else None)
     if plan.dry:
-        return None  # type: ignore[return-value]
+        return None
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
     try:

@@ -82,7 +82,8 @@ def test_dry_run_prints_each_engine_alternating_and_the_peer_client(capsys):
     assert [("--engine vllm" in c) for c in offline] == [False, True, False, True]
     assert all(c.startswith("VLLM_CPU_KVCACHE_SPACE=1 /opt/peer/bin/python") for c in offline if "vllm" in c.split()[3])
     servers = [c for c in cmds if " serve builtin-model" in c]
-    assert len(servers) == 4 and "moelink.engine.api.cli serve" in servers[0] and "/opt/peer/bin/vllm serve" in servers[1]
+    assert len(servers) == 4 and "moelink.engine.api.cli serve" in servers[0]
+    assert "/opt/peer/bin/vllm serve" in servers[1] and all("--dtype float32" in c for c in servers)
     assert all("--host 127.0.0.1" in c for c in servers)
     every = [c for c in cmds if "/opt/peer/bin/vllm bench serve" in c]
     warmups = [c for c in every if "--save-result" not in c]
