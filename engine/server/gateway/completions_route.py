@@ -24,7 +24,7 @@ from ...contract.safe_text import shown
 from ...core.no_tokenizer import NoTokenizer
 from .completions_answer import CompletionAnswer
 from .completions_request import CompletionRequest, claims, read_request
-from .generate_route import Streamed, _Runs, _error, _first, _refusal
+from .generate_route import Streamed, _Runs, _error, _refusal, admit_runs
 from .json_body import json_object, off_loop
 from .openai_fields import COMPLETIONS_PATH, HttpFieldError
 
@@ -111,15 +111,7 @@ class CompletionsRoute:
                 raise HttpFieldError(p.field, shown(str(e), quote=False)) from None
             processed.append(one)
             await asyncio.sleep(0)  # a short prompt is checked on the loop: other streams move between prompts
-        streams = [self.s.run(p.rid, one, n=req.n, client=client, scope=scope)
-                   for p, one in zip(req.prompts, processed)]
-        firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
-        runs = _Runs(streams, firsts)
-        refused = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if refused is not None:
-            await runs.aclose()
-            raise refused
-        return runs
+        return await admit_runs(self.s, [p.rid for p in req.prompts], processed, req.n, client, scope)
 
     def _decode_one(self, token: int) -> str:
         """One token's own text (vLLM's decoded token: special tokens kept)."""

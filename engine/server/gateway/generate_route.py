@@ -120,15 +120,7 @@ class GenerateRoute:
                                      f"{p.field} has {len(one.prompt_token_ids)} tokens.")
             processed.append(one)
             await asyncio.sleep(0)  # a short prompt is checked on the loop: other streams move between prompts
-        streams = [self.s.run(p.rid, one, n=req.n, client=client, scope=scope)
-                   for p, one in zip(req.prompts, processed)]
-        firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
-        runs = _Runs(streams, firsts)
-        refused = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if refused is not None:
-            await runs.aclose()
-            raise refused
-        return runs
+        return await admit_runs(self.s, [p.rid for p in req.prompts], processed, req.n, client, scope)
 
     async def _abort(self, body: bytes, scope: str) -> tuple[int, bytes]:
         """End one request by its `rid`, among the caller's own (`scope`: the ids of other clients are not theirs to
@@ -152,6 +144,20 @@ class GenerateRoute:
         running = len(self.s.registry.active)
         await self.s.abort_all()
         return 200, json.dumps({"success": True, "num_aborted": running}).encode()
+
+async def admit_runs(serving, rids: list[str], processed: list, n: int, client: tuple[str, ...], scope: str
+                     ) -> "_Runs":
+    """Prepared prompts admitted (n samples each), each with its first output in hand: a refusal of any (the queue
+    full) ends the ones admitted and raises (the /generate and /v1/completions routes)."""
+    streams = [serving.run(rid, one, n=n, client=client, scope=scope) for rid, one in zip(rids, processed)]
+    firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+    runs = _Runs(streams, firsts)
+    refused = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if refused is not None:
+        await runs.aclose()
+        raise refused
+    return runs
+
 
 async def _first(stream):
     return await anext(stream)  # a refusal (the queue full, draining) raises here, before any answer
