@@ -19,7 +19,7 @@ import pytest
 from moelink.engine import SamplingParams
 from moelink.engine.core.outputs import CompletionOutput, Logprob, RequestOutput
 from moelink.engine.server.gateway.completions_answer import CompletionAnswer, completion_logprobs
-from moelink.engine.server.gateway.completions_request import claims, read_request
+from moelink.engine.server.gateway.completions_request import claims, read_request, unknown_field
 from moelink.engine.server.gateway.openai_fields import HttpFieldError
 from moelink.engine.server.limits import RequestLimits
 
@@ -117,9 +117,12 @@ def test_the_request_reader_refuses_what_the_engine_cannot_do_naming_the_field()
             _request(**body)
         assert e.value.field == field, (body, str(e.value))
     assert _request(suffix=None, logit_bias={}, use_beam_search=False, top_k=0).params.top_k == -1
-    # vLLM's structured-output fields and unknown fields stay smg's (relayed as before); the rest is answered here
+    # vLLM's structured-output fields stay smg's (relayed as before); the rest is answered here; a field nobody reads
+    # is named (the front answers 400), never relayed to be dropped
     assert claims({"prompt": "x", "logprobs": 1, "echo": True}) and not claims({"prompt": "x", "guided_choice": ["a"]})
     assert not claims({"prompt": "x", "response_format": {"type": "json_object"}}) and not claims([1])
+    assert unknown_field({"prompt": "x", "guided_choice": ["a"], "response_format": {}}) is None
+    assert unknown_field({"prompt": "x", "guided_choice": ["a"], "temprature": 0.5}) == "temprature"
 
 
 # -- against `moelink serve` ----------------------------------------------------------------------------------------
@@ -222,6 +225,8 @@ def test_refusals_name_the_field_and_an_unknown_model_is_404(port):
                                                                                        "prompt[1]")):
         status, raw = http_request(port, "POST", "/v1/completions", {"model": SERVED, "prompt": "x", **body})
         assert status == 400 and json.loads(raw)["error"]["param"] == field, raw
+    status, raw = http_request(port, "POST", "/v1/completions", {"model": SERVED, "prompt": "x", "temprature": 0})
+    assert status == 400 and json.loads(raw)["error"]["param"] == "temprature", raw  # a typo is named, not ignored
     status, raw = http_request(port, "POST", "/v1/completions", {"model": "nope", "prompt": "x"})
     assert status == 404 and json.loads(raw)["error"]["param"] == "model", raw
     status, raw = http_request(port, "POST", "/v1/completions", {"model": SERVED, "prompt": [10 ** 9]})

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from ...contract.safe_text import shown
 from ...contract.sampling_params import SamplingParams
 from .json_body import json_flag, kind_of
-from .openai_fields import HttpFieldError
+from .openai_fields import GUIDED, SMG_CONSTRAINTS, HttpFieldError
 
 VLLM_MAX_TOKENS = 16  # vLLM's default max_tokens for /v1/completions
 # Request field -> (SamplingParams field, JSON kind): read as given.
@@ -90,6 +90,20 @@ class CompletionRequest:
     def index(self, prompt: int, sample: int) -> int:
         """A choice's place: prompt by prompt, each prompt's samples together (vLLM's)."""
         return prompt * self.n + sample
+
+
+# The structured-output fields smg builds its constraint from, which the front carries to it (openai_fields.py): a
+# completions body with one of them is relayed, the gateway's answer shape with it.
+RELAYED_FIELDS = frozenset({"structured_outputs", *GUIDED, *SMG_CONSTRAINTS, "guided_decoding_backend",
+                            "guided_whitespace_pattern"})
+
+
+def unknown_field(data: Any) -> Optional[str]:
+    """The first field of a completions body that neither the front (LOCAL_FIELDS, REFUSED) nor the gateway
+    (RELAYED_FIELDS) reads: answered 400 naming it, never dropped (vLLM logs such a field and ignores it)."""
+    if not isinstance(data, dict):
+        return None
+    return next((k for k in data if k not in LOCAL_FIELDS and k not in REFUSED and k not in RELAYED_FIELDS), None)
 
 
 def claims(data: Any) -> bool:
@@ -240,5 +254,5 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-__all__ = ["CompletionRequest", "LOCAL_FIELDS", "Prompt", "REFUSED", "SAMPLING", "VLLM_MAX_TOKENS", "claims",
+__all__ = ["CompletionRequest", "LOCAL_FIELDS", "RELAYED_FIELDS", "unknown_field", "Prompt", "REFUSED", "SAMPLING", "VLLM_MAX_TOKENS", "claims",
            "read_request"]

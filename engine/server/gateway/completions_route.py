@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional
 from ...contract.safe_text import shown
 from ...core.no_tokenizer import NoTokenizer
 from .completions_answer import CompletionAnswer
-from .completions_request import CompletionRequest, claims, read_request
+from .completions_request import CompletionRequest, claims, read_request, unknown_field
 from .generate_route import Streamed, _Runs, _error, _refusal, admit_runs
 from .json_body import json_object, off_loop
 from .openai_fields import COMPLETIONS_PATH, HttpFieldError
@@ -53,6 +53,10 @@ class CompletionsRoute:
         except HttpFieldError as e:
             return _answered(e.status, _error(str(e), e.field, e.status))
         if not claims(data):
+            unknown = unknown_field(data)
+            if unknown is not None:  # read by nobody: refused by name, not relayed to be dropped by the gateway
+                return _answered(400, _error(f"{shown(unknown)} is not a field of /v1/completions (vLLM's fields: "
+                                             "docs/vllm-compat.md#v1completions).", unknown, 400))
             return None
         return self._answer(data, client)
 
