@@ -248,6 +248,7 @@ def engine_args_from(ns: argparse.Namespace):
         ep_decode_capacity=ns.ep_decode_capacity,
         enforce_eager=ns.enforce_eager,
         cpu_reserved_cores=ns.cpu_reserved_cores if ns.cpu_reserved_cores is not None else 0,
+        generation_config=getattr(ns, "generation_config", "auto"),
         cuda_graph_sizes=ns.cuda_graph_sizes, step_timeout=ns.step_timeout, heartbeat_timeout=ns.heartbeat_timeout,
         revision=ns.revision, download_dir=ns.download_dir, quantization=ns.quantization,
         fp8_block_size=ns.fp8_block_size, kv_cache_dtype=ns.kv_cache_dtype, index_cache_dtype=ns.index_cache_dtype,

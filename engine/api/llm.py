@@ -139,6 +139,13 @@ class LLM:
                                                         **template_kwargs)
         return self.generate([ids], sampling_params, use_tqdm=use_tqdm)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling parameters a request without its own gets (vLLM's): SamplingParams' defaults overlaid with
+        the checkpoint's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
+        max_new_tokens as max_tokens), unless the engine was started with generation_config="vllm"
+        (engine/config/generation_defaults.py)."""
+        return SamplingParams(**self.engine.config.sampling_defaults)
+
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],
@@ -161,7 +168,9 @@ class LLM:
         if paused is not None:
             raise ValueError(f"generation is paused (mode={paused!r}): LLM.generate would wait for ever; "
                              "call continue_generation first.")
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        if sampling_params is None:  # vLLM's: the checkpoint's generation_config.json (get_default_sampling_params)
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
             params_list = list(sampling_params)

@@ -219,10 +219,12 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--hf-overrides",): refused(CONFIG_JSON),
     ("--model-class-overrides",): refused("moelink builds its own model for each architecture it runs"),
     ("--pooler-config",): refused("moelink serves generative models only: leave it out"),
-    ("--generation-config",): accepted("auto only: the checkpoint's generation_config.json (its EOS ids)",
+    ("--generation-config",): accepted("auto (the checkpoint's generation_config.json: its EOS ids and the sampling "
+                                       "defaults of the fields a request leaves out) or vllm; not a folder",
                                        "--generation-config auto"),
     ("--override-generation-config",): refused(
-        "moelink takes sampling defaults from each request: pass temperature, top_p, ... per request"),
+        "moelink's sampling defaults are the checkpoint's generation_config.json (--generation-config auto) or "
+        "SamplingParams' own (vllm): pass other values per request"),
     ("--enable-sleep-mode", "--disable-sleep-mode"): refused(SLEEP),
     ("--sleep-mode-backend",): refused(SLEEP),
     ("--sleep-mode-offload-cudagraph", "--no-sleep-mode-offload-cudagraph"): refused(SLEEP),

@@ -160,8 +160,9 @@ def add_vllm_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="accepted: moelink always chunks prompts longer than --max-num-batched-tokens; "
                         "--no-enable-chunked-prefill is refused")
     g.add_argument("--generation-config", default="auto",
-                   help="auto (the only value taken): moelink reads the checkpoint's generation_config.json "
-                        "(its EOS ids); sampling defaults come from each request")
+                   help="auto (default): the checkpoint's generation_config.json gives the sampling fields a request "
+                        "leaves out (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM; vllm: "
+                        "SamplingParams' own defaults")
     _add(g, "--use-tqdm-on-load", action=argparse.BooleanOptionalAction, default=True)  # and --no-
     _add(g, "--enable-dbo", dest="enable_two_batch_overlap", action="store_true", default=argparse.SUPPRESS)
     _add(g, "--disable-dbo", dest="enable_two_batch_overlap", action="store_false", default=argparse.SUPPRESS)
@@ -215,9 +216,9 @@ def apply_vllm_engine_flags(ns: argparse.Namespace) -> None:
         raise ValueError("--no-enable-chunked-prefill is not supported: moelink always chunks prompts longer than "
                          "--max-num-batched-tokens; set --max-num-batched-tokens to --max-model-len to prefill "
                          "prompts whole.")
-    if ns.generation_config != "auto":
-        raise ValueError(f"--generation-config={ns.generation_config!r} is not supported: moelink takes auto only "
-                         "(the checkpoint's generation_config.json); pass sampling parameters per request.")
+    if ns.generation_config not in ("auto", "vllm"):
+        raise ValueError(f"--generation-config={ns.generation_config!r} is not supported: moelink takes auto (the "
+                         "checkpoint's generation_config.json) or vllm (SamplingParams' defaults), not a folder.")
     if ns.tokenizer is not None and not _same_path(ns.tokenizer, ns.model):
         raise ValueError(f"--tokenizer={ns.tokenizer!r} is not supported: moelink reads the tokenizer from the "
                          f"checkpoint ({ns.model!r}); copy the tokenizer files into a copy of it instead.")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import torch
@@ -31,6 +31,7 @@ from .tensor_parallel import check_tensor_parallel
 from .batch_invariant import from_env as batch_invariant_from_env, resolve_kernels
 from .lora import LoRAConfig, lora_config
 from .worker_config import LOAD_FORMATS, WorkerConfig
+from .generation_defaults import check_generation_config, generation_defaults
 
 if TYPE_CHECKING:  # typing only (tests/test_layering.py TYPING_SEAMS): the configuration runs without the contract
     from ..contract.kv_connector import KVConnectorFactory, TensorParallelKVConnector
@@ -69,6 +70,9 @@ class EngineConfig:
     multimodal: MultimodalConfig = MultimodalConfig()
     # A CPU engine's cores left to the serving processes beside it (EngineArgs.cpu_reserved_cores).
     cpu_reserved_cores: int = 0
+    # The checkpoint's sampling defaults (EngineArgs.generation_config; engine/config/generation_defaults.py): the
+    # SamplingParams fields a request leaves out; empty: SamplingParams' own.
+    sampling_defaults: dict = field(default_factory=dict)
 
     def worker_config(self) -> WorkerConfig:
         """What every rank's Worker gets: the only place a WorkerConfig is made from the engine's config."""
@@ -112,6 +116,9 @@ class EngineArgs:
     # run on less these, at least one. vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU. `moelink serve` reserves 1; offline, 0
     # (every core computes); OMP_NUM_THREADS set in the environment wins.
     cpu_reserved_cores: int = 0
+    # "auto": the checkpoint's generation_config.json gives the sampling fields a request leaves out (vLLM's
+    # --generation-config auto, its default); "vllm": SamplingParams' own defaults.
+    generation_config: str = "auto"
     load_progress: bool = False
     expert_parallel_size: int = 1
     # Ranks per tensor-parallel group (vLLM's --tensor-parallel-size / -tp; ParallelConfig.tensor_parallel_size).
@@ -266,6 +273,7 @@ class EngineArgs:
         if isinstance(self.cpu_reserved_cores, bool) or not isinstance(self.cpu_reserved_cores, int) \
                 or self.cpu_reserved_cores < 0:
             bad("cpu_reserved_cores", "must be an integer >= 0")
+        check_generation_config(self.generation_config)
         if not isinstance(self.client_fairness, bool):
             bad("client_fairness", "must be True or False")
         if self.kv_connector is not None and not all(
@@ -369,7 +377,8 @@ class EngineArgs:
                             speculative=spec, grammar=self.grammar_config(), seed=self.seed,
                             return_routed_experts=self._routed_experts(parallel), lora=lora,
                             enable_weight_updates=self.enable_weight_updates, multimodal=self.multimodal_config(),
-                            cpu_reserved_cores=self.cpu_reserved_cores)
+                            cpu_reserved_cores=self.cpu_reserved_cores,
+                            sampling_defaults=generation_defaults(model_cfg.model, self.generation_config))
 
     def multimodal_config(self) -> MultimodalConfig:
         kw = {} if self.mm_max_pixels is None else {"max_pixels": self.mm_max_pixels}

@@ -2,7 +2,7 @@
 against, fixed once the engine has started, so that it never reaches into the engine's internals."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,9 @@ class EngineInfo:
     kv_connector: str = ""
     kv_role: str = ""
     kv_cache_dtype: str = "auto"
+    # The checkpoint's sampling defaults (engine/config/generation_defaults.py): SamplingParams fields a request
+    # leaves out; empty: SamplingParams' own (generation_config="vllm", or no generation_config.json).
+    sampling_defaults: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "block_size", "num_kv_blocks", "expert_parallel_size"):

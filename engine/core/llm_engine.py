@@ -173,7 +173,8 @@ class LLMEngine:
                           num_kv_blocks=cfg.cache.num_kv_blocks, expert_parallel_size=cfg.parallel.expert_parallel_size,
                           eos_token_ids=tuple(sorted(self.eos_token_ids)), device=cfg.device,
                           load_format=cfg.load_format, kv_cache_dtype="auto" if cfg.model.kv_cache_dtype is None else "fp8_e4m3",
-                          kv_connector=getattr(cfg.kv_connector, "name", ""), kv_role=getattr(cfg.kv_connector, "kv_role", ""))
+                          kv_connector=getattr(cfg.kv_connector, "name", ""), kv_role=getattr(cfg.kv_connector, "kv_role", ""),
+                          sampling_defaults=dict(cfg.sampling_defaults))
 
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,

@@ -288,7 +288,7 @@ HEAVY = ("torch", "numpy", "ray", "transformers", "triton", "safetensors")
 
 @pytest.mark.parametrize("argv", [["serve", "--help"], ["serve", "MODEL", "--swap-space", "4"],
                                   ["serve", "MODEL", "--max-model-len", "x"],
-                                  ["serve", "MODEL", "--generation-config", "vllm"],
+                                  ["serve", "MODEL", "--generation-config", "./dir"],
                                   ["serve", "MODEL", "--kv-transfer-config", '{"kv_connector": "LMCacheConnectorV1", '
                                                                              '"kv_role": "kv_both"}']])
 def test_the_serve_parser_imports_no_torch(argv):

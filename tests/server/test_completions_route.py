@@ -31,7 +31,7 @@ pytestmark = pytest.mark.xdist_group("openai_server")  # one worker starts `open
 
 # -- the answer's builder, without a server -------------------------------------------------------------------------
 
-_SERVING = SimpleNamespace(limits=RequestLimits(), request_id=lambda rid: rid)
+_SERVING = SimpleNamespace(limits=RequestLimits(), request_id=lambda rid: rid, info=SimpleNamespace(sampling_defaults={}))
 _TEXTS = {1: "A", 2: " b", 3: "c", 4: "dd", 5: "<s>"}
 
 
@@ -102,6 +102,18 @@ def test_a_stream_holds_a_samples_echo_until_the_prompts_logprobs_come():
     last = ans.chunks(0, 0, _out([2], [{2: Logprob(-0.5, 1, " b")}], " b", "length"))[0]["choices"][0]
     assert last["text"] == " b" and last["finish_reason"] == "length" and last["logprobs"]["text_offset"] == [7]
     assert ans.usage_event()["usage"] == {"prompt_tokens": 3, "total_tokens": 6, "completion_tokens": 3}
+
+
+def test_fields_left_out_take_the_checkpoints_generation_config():
+    """vLLM's --generation-config auto: the checkpoint's temperature / top_p / ... for the fields a body leaves out;
+    max_tokens stays the route's 16; a field given wins."""
+    serving = SimpleNamespace(limits=RequestLimits(), request_id=lambda rid: rid,
+                              info=SimpleNamespace(sampling_defaults={"temperature": 0.7, "top_p": 0.9,
+                                                                      "max_tokens": 300}))
+    params = read_request({"prompt": [5, 1, 2]}, serving, None, "x").params
+    assert (params.temperature, params.top_p, params.max_tokens) == (0.7, 0.9, 16)
+    params = read_request({"prompt": [5, 1, 2], "temperature": 0.0}, serving, None, "x").params
+    assert (params.temperature, params.top_p) == (0.0, 0.9)
 
 
 def test_the_request_reader_refuses_what_the_engine_cannot_do_naming_the_field():

@@ -137,6 +137,9 @@ def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> Comp
         raise HttpFieldError("max_tokens", f"max_tokens={shown(json.dumps(max_tokens))} is invalid: an integer >= 1 "
                                            "(0 only with echo: the prompt alone is answered).")
     fields = _sampling(data)
+    for key, value in serving.info.sampling_defaults.items():  # the checkpoint's, for the fields left out (vLLM's)
+        if key != "max_tokens" and key not in fields:
+            fields[key] = value
     _check_stops(limits, fields)
     fields.update(max_tokens=max(max_tokens, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
