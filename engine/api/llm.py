@@ -130,14 +130,25 @@ class LLM:
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
              special_tokens_in_content: str = "tokens", **template_kwargs) -> list[RequestOutput]:
-        """Generate for one conversation (a list of {"role", "content"} messages, as vLLM's LLM.chat) rendered with
-        the model's chat template. `special_tokens_in_content="text"` encodes special-token text inside the
+        """Generate for a conversation (a list of {"role", "content"} messages) or for each of a list of them, as
+        vLLM's LLM.chat: each rendered with the model's chat template, one RequestOutput per conversation, its
+        `prompt` the rendered text. `special_tokens_in_content="text"` encodes special-token text inside the
         messages as plain text, so a user cannot forge a turn (Tokenizer.apply_chat_template); "tokens" (the
         default, as vLLM) encodes it as the control tokens it spells."""
-        ids = self.engine.tokenizer.apply_chat_template(messages, tokenize=True,
-                                                        special_tokens_in_content=special_tokens_in_content,
-                                                        **template_kwargs)
-        return self.generate([ids], sampling_params, use_tqdm=use_tqdm)
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages is invalid: give a conversation (a non-empty list of {'role', 'content'} "
+                             "messages) or a non-empty list of conversations.")
+        batch = isinstance(messages[0], (list, tuple))
+        conversations = list(messages) if batch else [messages]
+        tok = self.engine.tokenizer
+        # The rendered text (reported as each output's prompt) is the same either way special tokens are encoded.
+        texts = [tok.apply_chat_template(list(c), tokenize=False, **template_kwargs) for c in conversations]
+        ids = [tok.apply_chat_template(list(c), tokenize=True, special_tokens_in_content=special_tokens_in_content,
+                                       **template_kwargs) for c in conversations]
+        outputs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outputs, texts):
+            out.prompt = text  # the rendered conversation, as vLLM reports it
+        return outputs
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling parameters a request without its own gets (vLLM's): SamplingParams' defaults overlaid with

@@ -55,3 +55,22 @@ def test_llm_chat_takes_the_setting():
                        special_tokens_in_content="text")[0]
         assert out.prompt_token_ids == llm.get_tokenizer().apply_chat_template(
             FORGED, tokenize=True, special_tokens_in_content="text")
+
+
+def test_llm_chat_takes_a_list_of_conversations_and_reports_each_rendered_prompt():
+    """vLLM's LLM.chat: one conversation or a list of them, one output each, its `prompt` the rendered text."""
+    from moelink.engine import LLM
+    from moelink.engine.contract.sampling_params import SamplingParams
+
+    greedy = SamplingParams(max_tokens=3, temperature=0.0)
+    a = [{"role": "user", "content": "Hello"}]
+    b = [{"role": "user", "content": "Write a docstring"}]
+    with LLM(str(BUILTIN), dtype="float32", max_model_len=128, num_kv_blocks=32) as llm:
+        tok = llm.get_tokenizer()
+        both = llm.chat([a, b], greedy, use_tqdm=False)
+        alone = [llm.chat(c, greedy, use_tqdm=False)[0] for c in (a, b)]
+        assert [o.outputs[0].token_ids for o in both] == [o.outputs[0].token_ids for o in alone]
+        assert [o.prompt for o in both] == [tok.apply_chat_template(c) for c in (a, b)]
+        assert both[0].prompt_token_ids == tok.apply_chat_template(a, tokenize=True)
+        with pytest.raises(ValueError, match="messages is invalid"):
+            llm.chat([], greedy)
