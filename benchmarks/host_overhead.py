@@ -25,8 +25,8 @@ host with a core of its own (a GPU server) pays. Both are saved; the CPU figure 
 3. with --device-time-ms T, each step's device work takes T ms on a stand-in for the GPU stream: the engine's
    `SimulatedStream` (engine/rank/device_stream.py: the work is launched from the host thread as on CUDA, then a
    simulated device is busy T ms per step) put on the model runner of both loops; on an engine without it, the
-   stubbed forward sleeps T ms (releasing the GIL) wherever the engine runs device work (with async scheduling,
-   its CPU device-stream thread). Reported per loop: the step time against max(T, host) (host work fully
+   stubbed forward sleeps T ms (releasing the GIL) wherever the engine runs device work (older engines ran it
+   on a CPU device-stream thread under async scheduling). Reported per loop: the step time against max(T, host) (host work fully
    hidden) and T + host (nothing hidden), with host the same loop's step time at T = 0.
 """
 from __future__ import annotations

@@ -6,13 +6,16 @@ out). The host prepares step N+1 while the device runs step N; a strategy decide
 
 * `CudaStream`: the device work is *launched* from the host thread, and CUDA runs it asynchronously on the
   current stream; results come back through pinned host buffers and an event the host waits on a step later.
-* `ThreadStream`: CPU devices have no queue of their own, so one worker thread plays the stream: device work
-  is submitted in order and runs there (torch ops release the GIL), while the host thread goes on.
-* `InlineStream`: device work runs at once, in the host thread (the serial loop, `async_scheduling=False`, on a
-  device whose ops block: the CPU). On CUDA the serial loop takes `CudaStream` too: there "at once" only enqueues,
+* `InlineStream`: device work runs at once, in the host thread: a CPU rank's stream in both loops. On CUDA the serial loop takes `CudaStream` too: there "at once" only enqueues,
   and the host must wait on the step's event before it reads the sampled tokens from pinned memory (without it,
   garbage ids reached an embedding gather at batch 256, seen on an H200 on 2026-11-25). The serial loop differs
   from the overlapped one in when the engine waits, not in the stream.
+* `ThreadStream`: one worker thread plays a CPU device's queue: device work is submitted in order and runs
+  there while the host thread goes on. Tests and benchmarks put it on a runner to see the overlapped loop
+  overlap on a CPU; `make_stream` never picks it. A CPU rank's forward is many small torch ops with Python
+  between them, so the two threads fight for the GIL (and torch's OpenMP threads for the cores): on 2 cores
+  `LLM.generate` of 256 x 64 tokens on the 1-layer tiny model took 1.33 s with it against 0.48 s inline, and
+  batch 1 2.47 against 1.08 ms a token (2026-11-28; vLLM's CPU worker does not overlap either).
 * `SimulatedStream`: a test double of a GPU stream (benchmarks and tests on CPU): launched from the host
   thread like `CudaStream`, then busy for a fixed time per step.
 
@@ -72,7 +75,7 @@ class InlineStream:
 
 
 class ThreadStream:
-    """One thread runs submitted work in order: a CPU device's stand-in for a CUDA stream."""
+    """One thread runs submitted work in order: a CPU device's stand-in for a CUDA stream (tests, benchmarks)."""
 
     name = "thread"
     asynchronous = True
@@ -163,14 +166,13 @@ class SimulatedStream:
         pass
 
 
-def make_stream(device: torch.device, asynchronous: bool):
-    """The stream strategy for a rank: CUDA -> its stream (both loops: module docstring); other devices: serial
-    loop -> inline, overlapped -> a thread."""
+def make_stream(device: torch.device):
+    """The stream strategy for a rank: CUDA -> its stream (both loops: module docstring); other devices ->
+    inline in both loops (the overlapped loop's bookkeeping runs as on CUDA, with nothing to overlap: a thread
+    costs a CPU rank more than it hides, see `ThreadStream`)."""
     if device.type == "cuda":
         return CudaStream(device)
-    if not asynchronous:
-        return InlineStream()
-    return ThreadStream()
+    return InlineStream()
 
 
 __all__ = ["CudaStream", "DeviceWork", "InlineStream", "SimulatedStream", "ThreadStream", "make_stream"]

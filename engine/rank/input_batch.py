@@ -112,7 +112,7 @@ class PenaltyCounts:
 
     The host hands out slots at once, but every change to the tensors runs as device work, in stream order
     (`take_ops` at a step's launch, `apply` at the start of that step's device work): a slot freed by a finished
-    request may still be counted into by a step in flight, and a CPU stream runs that step on another thread."""
+    request may still be counted into by a step in flight, and a GPU (or a test's ThreadStream) runs that step after the host went on."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         self.V, self.device = vocab_size, device

@@ -118,7 +118,7 @@ class ModelRunner:
         if num_kv_blocks is not None:
             self.allocate_kv_cache(num_kv_blocks)
         self.sampler = Sampler()
-        self.stream = stream if stream is not None else make_stream(device, False)
+        self.stream = stream if stream is not None else make_stream(device)
         self._in_flight: deque[StepHandle] = deque()  # launched, maybe not finished on the device
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}

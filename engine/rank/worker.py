@@ -137,7 +137,7 @@ class Worker(RLWorker):
                                   kernels=cfg.kernels, ep=ep, load_progress=cfg.load_progress and self.rank == 0,
                                   cuda_graph_sizes=cfg.cuda_graph_sizes,
                                   step_plan=make_step_plan(cfg.two_batch_overlap, self.world_size),
-                                  stream=make_stream(self.device, cfg.async_scheduling),
+                                  stream=make_stream(self.device),
                                   load_format=cfg.load_format,
                                   num_state_slots=cfg.num_state_slots,
                                   num_state_checkpoints=cfg.num_state_checkpoints, tp=self.tp,
@@ -375,7 +375,7 @@ class Worker(RLWorker):
         kept the engine's objects from cycle collection), give the device's cached memory back. Returns the process id
         (the parked process the next `reinit` finds)."""
         self.shutdown()
-        if self.runner is not None:  # a CPU rank's ThreadStream: else one idle thread more per engine served
+        if self.runner is not None:  # a stream with a thread (tests' ThreadStream): else one idle thread more per engine
             self.runner.stream.shutdown()
         state = engine_state_refs(self.runner)
         self.release_runner()

@@ -29,9 +29,8 @@ def fake_cuda_events(monkeypatch):
     return FakeEvent.log
 
 
-@pytest.mark.parametrize("asynchronous", [False, True])
-def test_on_cuda_wait_synchronizes_on_an_event_recorded_after_the_work(fake_cuda_events, asynchronous):
-    stream = make_stream(torch.device("cuda"), asynchronous)
+def test_on_cuda_wait_synchronizes_on_an_event_recorded_after_the_work(fake_cuda_events):
+    stream = make_stream(torch.device("cuda"))
     order = []
     work = stream.submit(lambda: order.append("enqueued") or 7)
     assert order == ["enqueued"] and fake_cuda_events == ["record"], "the event is recorded after the work"
@@ -39,8 +38,8 @@ def test_on_cuda_wait_synchronizes_on_an_event_recorded_after_the_work(fake_cuda
     assert fake_cuda_events == ["record", "synchronize"], f"{stream.name}: wait() must wait for the GPU"
 
 
-def test_on_the_cpu_the_serial_stream_records_no_event(fake_cuda_events):
-    stream = make_stream(torch.device("cpu"), False)
+def test_on_the_cpu_the_stream_is_inline_and_records_no_event(fake_cuda_events):
+    stream = make_stream(torch.device("cpu"))
     assert isinstance(stream, InlineStream)
     assert stream.submit(lambda: 3).wait() == 3
     assert fake_cuda_events == []

@@ -117,9 +117,9 @@ def test_two_mode_engine_matches_the_engine_without_dispatch(tiny_model, name, d
 
 
 def test_a_low_latency_step_makes_no_host_sync_in_its_moe_layers(tiny_model):
-    # The serial loop: exactly one forward per `step()`, in this thread. Under the overlapped loop a CPU device's
-    # forward runs on the stream thread and may still be in flight when the layers are wrapped (CI once counted
-    # the second layer of a step launched before the wrap: three entries); the MoE layers' code is the same.
+    # The serial loop: exactly one forward per `step()`, in this thread. Under the overlapped loop a step's
+    # forward may still be in flight when the layers are wrapped (CI once counted the second layer of a step
+    # launched before the wrap, on the stream thread CPU ranks had then); the MoE layers' code is the same.
     llm = LLM(tiny_model("qwen3_e6k3"), all_to_all="torch_padded", async_scheduling=False, **KW)
     llm.generate(PROMPTS[:3], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     engine = llm.engine

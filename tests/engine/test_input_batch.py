@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moelink.engine import LLM, SamplingParams
+from moelink.engine.rank.device_stream import ThreadStream
 from moelink.engine.rank.input_batch import PersistentBatch
 from moelink.engine.rank.input_batch import CachedRequestState
 from moelink.engine.rank.sampler import Sampler, SamplingMetadata
@@ -153,7 +154,7 @@ def test_penalty_counts_follow_sampled_tokens_on_the_device():
 
 @pytest.mark.slow
 def test_penalties_from_device_counts_match_the_lists_across_reused_slots(tiny_model, monkeypatch):
-    """End to end: penalised requests through the overlapped loop (CPU stream thread, rows and penalty slots
+    """End to end: penalised requests through the overlapped loop (a stream thread, rows and penalty slots
     reused as requests finish and others start) give the tokens of a serial engine whose metadata is built from
     the request lists each step (SamplingMetadata.build, the pre-batch path)."""
     path = tiny_model("qwen3_e6k3")
@@ -166,6 +167,8 @@ def test_penalties_from_device_counts_match_the_lists_across_reused_slots(tiny_m
                                      presence_penalty=rng.choice([0.0, 0.5])))
     args = dict(dtype="float64", max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=64, block_size=4)
     with LLM(path, async_scheduling=True, **args) as overlapped:
+        # a CPU rank runs device work inline; a stream thread puts each step's device work out of the host's order
+        overlapped.engine.executor.worker.runner.stream = ThreadStream()
         got = overlapped.generate(prompts, params, use_tqdm=False)
     with LLM(path, async_scheduling=False, **args) as serial:
         def from_lists(batch, rows_B, states, eos, device, bitmasks=None, num_pending=None):
