@@ -211,6 +211,11 @@ _DECODE_GROUP = 32
 
 def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
                   window=None, kv_scales=(1.0, 1.0)) -> None:
+    if sinks_N is None and window is None and len(seqs) == len(meta.query_lens) <= _DECODE_GROUP:
+        # A decode step of a small batch (every sequence one query token, batch 1 included): one group, in the
+        # batch's own order, straight from the metadata's tensors.
+        _decode_all(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, out_TNH, kv_scales)
+        return
     seqs = sorted(seqs, key=lambda s: meta.seq_lens[s])
     for i in range(0, len(seqs), _DECODE_GROUP):
         _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs[i : i + _DECODE_GROUP], starts, out_TNH,
@@ -252,6 +257,12 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
                                                                                       v_head_dim)
     k_SCKH = dequantize_from_cache(k_SCKH, q_TNH.dtype, kv_scales[0])
     v_SCKH = dequantize_from_cache(v_SCKH, q_TNH.dtype, kv_scales[1])
+    if sinks_N is None:
+        q_SN1H = q_TNH.index_select(0, tok_idx_S).unsqueeze(2)
+        out_SN1H = F.scaled_dot_product_attention(q_SN1H, k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2),
+                                                  attn_mask=valid_SC[:, None, None, :], scale=scale, enable_gqa=True)
+        out_TNH.index_copy_(0, tok_idx_S, out_SN1H.squeeze(2))
+        return
     # GQA without copying K/V per query head: one batched matmul per kv head, over
     # strided views of the gathered K/V (BLAS reads them in place).
     rep = q_TNH.shape[1] // num_kv_heads
@@ -268,6 +279,30 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
             probs_SRC = _with_sinks_softmax(scores_SRC, sinks_KR[h][None, :, None]).to(v_SCKH.dtype)
         out_SKRH[:, h] = torch.bmm(probs_SRC, v_SCKH[:, :, h])
     out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, v_head_dim))
+
+
+def _decode_all(q_SNH, k_cache_BLKH, v_cache_BLKH, meta, scale, out_SNH, kv_scales=(1.0, 1.0)) -> None:
+    """Every sequence of the batch decodes one token (row s of q is sequence s): gather each one's context up to
+    the longest and run one SDPA call over the batch, padded positions masked. A dozen torch ops in all where the
+    grouped path spends about fifty: at batch 1 a CPU decode step is op dispatch, not arithmetic."""
+    block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
+    v_head_dim = v_cache_BLKH.shape[-1]
+    S, max_ctx = q_SNH.shape[0], meta.max_seq_len
+    pos_C = torch.arange(max_ctx, device=q_SNH.device)
+    valid_SC = pos_C[None, :] < meta.seq_lens_S[:, None]
+    blocks_SC = meta.block_tables_SM.index_select(1, pos_C // block_size).long()
+    # Past a sequence's end: the null block (all zeros), so stale or NaN values are never read.
+    slots_C = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
+    flat = slots_C.reshape(-1)
+    k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
+    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads,
+                                                                                      v_head_dim)
+    k_SCKH = dequantize_from_cache(k_SCKH, q_SNH.dtype, kv_scales[0])
+    v_SCKH = dequantize_from_cache(v_SCKH, q_SNH.dtype, kv_scales[1])
+    out_SN1H = F.scaled_dot_product_attention(
+        q_SNH.unsqueeze(2), k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2), attn_mask=valid_SC[:, None, None, :],
+        scale=scale, enable_gqa=True)
+    out_SNH.copy_(out_SN1H.squeeze(2))
 
 
 def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int, lo: int = 0):

@@ -87,8 +87,11 @@ def fused_moe_torch(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Ten
     batch, since the two paths round differently).
     """
     top_k = topk_ids_TK.shape[1]
-    out_TD = torch.zeros_like(x_TD)
     num_local = w13_EFD.shape[0]
+    num_pairs = topk_ids_TK.numel()
+    if expert_map_G is None and 0 < num_pairs <= min(GATHERED_MAX_PAIRS, num_local, padded_max_pairs):
+        return _gathered_experts(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, b13_EF, b2_ED, activation)
+    out_TD = torch.zeros_like(x_TD)
     sort_key_P, order_P, counts_E = sort_pairs(topk_ids_TK, num_local, expert_map_G)
     counts = counts_E.tolist()  # host sync: per-expert token counts drive the loop
     weights_P = topk_weights_TK.reshape(-1)
@@ -103,6 +106,32 @@ def fused_moe_torch(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Ten
         y_nD = y_nD * weights_P.index_select(0, pairs_n)[:, None].to(y_nD.dtype)
         out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
     return out_TD
+
+
+# A batch of at most this many (token, expert) pairs (batch 1 to 4 at top-2) gathers its experts' weights
+# (_gathered_experts); never more pairs than local experts, so it copies at most the layer's weights once.
+GATHERED_MAX_PAIRS = 8
+
+
+def _gathered_experts(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, b13_EF=None, b2_ED=None,
+                      activation: MoEActivation = SILU) -> torch.Tensor:
+    """A few pairs (a small decode batch): each pair's expert weights gathered ([P, F, D], [P, D, I]) and two
+    batched matmuls, about ten torch ops where sorting the pairs and one matmul pair per expert take forty: on a
+    CPU a batch-1 MoE layer is op dispatch. Ids are local (no expert map); a pair with none (-1) adds nothing."""
+    T, K = topk_ids_TK.shape
+    ids_P = topk_ids_TK.reshape(-1).long()
+    none_TK1 = (topk_ids_TK < 0)[:, :, None]
+    ids_P = ids_P.clamp(min=0)
+    x_P1D = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[1]).reshape(T * K, 1, x_TD.shape[1])
+    h_P1F = torch.bmm(x_P1D, w13_EFD.index_select(0, ids_P).transpose(1, 2))
+    if b13_EF is not None:
+        h_P1F = h_P1F + b13_EF.index_select(0, ids_P)[:, None, :]
+    gate_P1I, up_P1I = h_P1F.chunk(2, dim=-1)
+    y_P1D = torch.bmm(activation(gate_P1I, up_P1I), w2_EDI.index_select(0, ids_P).transpose(1, 2))
+    if b2_ED is not None:
+        y_P1D = y_P1D + b2_ED.index_select(0, ids_P)[:, None, :]
+    y_TKD = y_P1D.view(T, K, -1) * topk_weights_TK[:, :, None].to(y_P1D.dtype)
+    return y_TKD.masked_fill(none_TK1, 0).sum(1).to(x_TD.dtype)
 
 
 def sort_pairs(topk_ids_TK: torch.Tensor, num_local: int, expert_map_G: torch.Tensor | None = None
