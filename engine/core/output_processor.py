@@ -57,11 +57,19 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         min_tokens: int = 0,
+        deferred: bool = False,
     ) -> None:
         if isinstance(stop, str):
             stop = [stop]
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop={list(stop)!r} is invalid: stop strings must be non-empty strings.")
+        if deferred and stop:
+            raise ValueError("IncrementalDetokenizer(deferred=True) is invalid with stop strings: their search needs "
+                             "the text as it grows.")
+        # Deferred: no text until flush(), which decodes the whole output once (a request whose output is seen
+        # only when it ends and that no stop string can end: LLM.generate's common case). Per token it is then a
+        # list append instead of a decode step.
+        self.deferred = deferred
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = list(stop)
@@ -86,7 +94,8 @@ class IncrementalDetokenizer:
         self._emitted_len = 0    # how much of _text the caller has received
         self._context = context
         # The Rust window (decode_stream.py) where the tokenizer has one; None: the Python window below.
-        self._stream: StreamDecoder | None = stream_decoder(tokenizer, skip_special_tokens, context)
+        self._stream: StreamDecoder | None = None if deferred else stream_decoder(tokenizer, skip_special_tokens,
+                                                                                  context)
 
     @property
     def output_text(self) -> str:
@@ -102,10 +111,15 @@ class IncrementalDetokenizer:
         if self.stop_reason is not None:
             return ""
         self.output_token_ids.extend(new_token_ids)
+        if self.deferred:
+            return ""
         if self._stream is not None:
             delta = self._stream.step(new_token_ids)
             if delta is not None:
                 self._text += delta
+                if not self.stop:  # nothing to hold back or search: the delta is final (the common case)
+                    self._emitted_len = len(self._text)
+                    return delta
                 return self._release(final=False)
             self._leave_stream()  # refused: the Python window takes the stream over, these ids in it already
         else:
@@ -117,6 +131,9 @@ class IncrementalDetokenizer:
         """End of generation: return text held back for UTF-8 or stop-string reasons."""
         if self.stop_reason is not None:
             return ""
+        if self.deferred:
+            self._text = self._whole_text()
+            return self._release(final=True)
         if self._stream is not None:  # the bytes of an unfinished character, and any text still held
             full = self._whole_text()
             if full.startswith(self._text):
@@ -234,6 +251,8 @@ class RequestState:
     first_token_time: float | None = None
     # Text emitted so far (for cumulative outputs); deltas are tracked by the detokenizer.
     text: str = ""
+    # OutputProcessor.add_request: an unfinished output of this request is only its tokens, counted (no output).
+    quiet: bool = False
     # RequestOutput.metrics: one dict per request, made again only when first_token_time is set (every output
     # of a request shares it; readers treat it as read-only).
     metrics: dict = field(init=False)
@@ -255,11 +274,15 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, output_kind: OutputKind) -> None:
+        final_only = output_kind is OutputKind.FINAL_ONLY
         detok = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output,
-            min_tokens=params.min_tokens,
+            min_tokens=params.min_tokens, deferred=final_only and not params.stop,
         ) if params.detokenize else None
         st = RequestState(request_id, prompt, prompt_token_ids, params, output_kind, detok)
+        # Nothing to compute for its unfinished outputs: seen only when it ends, no text to grow (none, or decoded
+        # whole at the end), no logprob entries to make.
+        st.quiet = final_only and (detok is None or detok.deferred) and params.logprobs is None
         if params.logprobs is not None:
             st.logprobs, st.cumulative_logprob = [], 0.0
         if params.return_routed_experts:
@@ -282,7 +305,13 @@ class OutputProcessor:
                 st._make_metrics()
             st.token_ids.extend(new_ids)
             st.num_cached_tokens = co.num_cached_tokens
-            _note_versions(st, co)
+            versions = st.versions
+            if co.earlier_weight_versions is not None or not versions or versions[-1] != co.weight_version:
+                _note_versions(st, co)  # a version it has not seen (this check is _note_versions' common no-op)
+            if st.quiet and co.finish_reason is None and co.prompt_logprobs is None and co.routed_experts is None:
+                if st.detok is not None:
+                    st.detok.update(new_ids)  # deferred: the ids kept for the one decode at the end
+                continue
             if co.routed_experts is not None and st.routed is not None:
                 st.routed.extend(co.routed_experts)
             if st.detok is None and co.finish_reason is None and st.logprobs is None and co.prompt_logprobs is None:
