@@ -99,6 +99,12 @@ def _serve(ns: argparse.Namespace) -> int:
     args = engine_args_from(ns)
     if ns.cpu_reserved_cores is None:  # a server leaves a core to its front, gateway and streams (EngineArgs)
         args.cpu_reserved_cores = 1
+    if getattr(ns, "uvicorn_log_level", None) is not None:  # vLLM's HTTP server's level: the HTTP front's lines here
+        import logging
+
+        from ..api.vllm_flags import UVICORN_LEVELS
+
+        logging.getLogger(__package__ + ".gateway").setLevel(UVICORN_LEVELS[ns.uvicorn_log_level])
     if ns.disable_log_requests:
         from .serving import logger as request_logger
 
