@@ -270,10 +270,10 @@ def test_with_an_api_key_every_v1_path_asks_it_and_the_probes_do_not():
             assert status == 401 and raw == b'{"error":"Unauthorized"}', (path, name, raw)  # vLLM's body
     assert out["chat"][0] == 401
     assert out["health"][0] == 200 and out["liveness"][0] == 200
-    # Only the keyed requests and /liveness reached smg (/health is answered here, as vLLM answers it).
+    # Only the keyed requests and the probes reached smg.
     assert sorted(seen) == sorted([b"GET %s HTTP/1.1" % p.encode() for p in ("/v1/models", "/v1/models/tiny-moe",
                                                                             "/v1beta/interactions", "/v1/tokenize",
-                                                                            "/liveness")])
+                                                                            "/health", "/liveness")])
 
 
 def test_without_an_api_key_v1_paths_are_relayed_as_before():

@@ -200,14 +200,17 @@ class HttpFront:
         if reason is not None:
             await write_answer(conn, writer, 503, error_body(reason, None, 503), head_only=head)
             return
-        if path in HEALTH_PATHS:
-            # vLLM's /health and /ping: 200 with an empty body while the engine and the gateway serve (both
-            # checked above), not smg's "OK".
+        if path in HEALTH_PATHS and self.not_serving is not None:
+            # vLLM's /health and /ping: 200 with an empty body while the engine and the managed gateway serve (both
+            # checked above), not smg's "OK". A front before a gateway started by hand asks that gateway (below).
             ok = method == b"GET" or (method == b"POST" and path == PING_PATH)  # vLLM's methods for each
             await write_answer(conn, writer, 200 if ok else 405, b"" if ok else METHOD_NOT_ALLOWED_BODY,
                                head_only=head)
             return
         if await self._answer_here(conn, request, method, path, body, writer, reader):
+            return
+        if path == PING_PATH:  # vLLM's /ping is its /health, by GET or POST
+            await self._relay(conn, request, b"", reader, writer, b"HEAD" if head else b"GET", b"/health")
             return
         try:
             # A large body is parsed off the event loop (every other connection and the engine's
