@@ -135,10 +135,12 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--dp-supervisor-probe-timeout-s",): refused(RAY),
     ("--dp-supervisor-probe-failure-threshold",): refused(RAY),
     ("--uds",): refused("moelink listens on TCP: --host / --http-host"),
-    ("--uvicorn-log-level",): refused("no uvicorn: the managed HTTP gateway serves HTTP and logs its warnings and "
-                                      "errors; moelink's own lines: --log-format"),
-    ("--disable-uvicorn-access-log", "--enable-uvicorn-access-log"): refused(
-        "no uvicorn: the managed HTTP gateway serves HTTP and logs no access lines; leave it out"),
+    ("--uvicorn-log-level",): accepted("the level of the OpenAI HTTP front's log lines (moelink serves HTTP without "
+                                       "uvicorn; its front logs what uvicorn would: failures, the gateway's restarts)",
+                                       "--uvicorn-log-level warning",
+                                       ("critical", "error", "warning", "info", "debug", "trace")),
+    ("--disable-uvicorn-access-log",): accepted("accepted, nothing to do: moelink's HTTP front writes no access lines"),
+    ("--enable-uvicorn-access-log",): refused("moelink's HTTP front writes no access lines: leave it out"),
     ("--disable-access-log-for-endpoints",): refused(
         "no uvicorn: the managed HTTP gateway serves HTTP and logs no access lines; leave it out"),
     ("--allow-credentials", "--no-allow-credentials"): refused(NO_CORS),
@@ -425,7 +427,8 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
                                "(default 1)", "--enable-lora --max-loras 4"),
     ("--max-lora-rank",): accepted("with --enable-lora: the largest adapter rank served (default 16)",
                                    "--enable-lora --max-lora-rank 64"),
-    ("--lora-dtype",): refused("adapters run in the model's dtype: leave it out"),
+    ("--lora-dtype",): accepted("auto (vLLM's default), or the model's own --dtype: adapters run in the model's "
+                                "dtype; another dtype is refused", "--enable-lora --lora-dtype auto"),
     ("--enable-tower-connector-lora", "--disable-tower-connector-lora"): refused(LORA),
     ("--max-cpu-loras",): accepted("with --enable-lora: adapters each rank keeps read in host memory, least "
                                    "recently used evicted (default --max-loras)", "--enable-lora --max-cpu-loras 8"),

@@ -181,6 +181,7 @@ def add_vllm_engine_flags(p: argparse.ArgumentParser) -> None:
         _add(g, *no_op, dest=f"vllm_{no_op[0][2:].replace('-', '_')}", action="store_true",
              default=argparse.SUPPRESS)
     _add(g, "--mamba-cache-mode", default=argparse.SUPPRESS, metavar="MODE")
+    _add(g, "--lora-dtype", default=None, metavar="DTYPE")
     # vLLM's text-only switch: images off (= --limit-mm-per-prompt image=0).
     _add(g, "--language-model-only", dest="limit_mm_per_prompt", action="store_const",
          const={"image": 0, "video": 0}, default=argparse.SUPPRESS)
@@ -222,6 +223,10 @@ def apply_vllm_engine_flags(ns: argparse.Namespace) -> None:
     if ns.tokenizer is not None and not _same_path(ns.tokenizer, ns.model):
         raise ValueError(f"--tokenizer={ns.tokenizer!r} is not supported: moelink reads the tokenizer from the "
                          f"checkpoint ({ns.model!r}); copy the tokenizer files into a copy of it instead.")
+    lora_dtype = getattr(ns, "lora_dtype", None)
+    if lora_dtype not in (None, "auto") and lora_dtype != getattr(ns, "dtype", None):
+        raise ValueError(f"--lora-dtype={lora_dtype!r} is not supported: adapters run in the model's dtype (--dtype "
+                         f"{getattr(ns, 'dtype', 'auto')}); give auto or leave it out.")
     if ns.max_model_len == -1:
         raise ValueError("--max-model-len auto (or -1) is not supported: moelink serves the model's "
                          "max_position_embeddings when the flag is left out, or the number given.")
@@ -309,7 +314,15 @@ def add_vllm_server_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup
     _add(g, "--max-log-len", type=int, default=argparse.SUPPRESS, metavar="N")
     _add(g, "--enable-prompt-tokens-details", dest="vllm_enable_prompt_tokens_details", action="store_true",
          default=argparse.SUPPRESS)
+    _add(g, "--uvicorn-log-level", action=_Values, dest="uvicorn_log_level")
+    _add(g, "--disable-uvicorn-access-log", dest="vllm_disable_uvicorn_access_log", action="store_true",
+         default=argparse.SUPPRESS)
     return g
+
+
+# vLLM's --uvicorn-log-level values -> Python's logging levels (uvicorn's "trace" is below DEBUG: DEBUG here).
+UVICORN_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
+                  "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}
 
 
 class RequestLogFilter(logging.Filter):

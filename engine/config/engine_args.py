@@ -325,6 +325,10 @@ class EngineArgs:
                                                 index_cache_dtype=self.index_cache_dtype)
         if path != self.model:
             model_cfg.model_id = self.model
+        elif model_cfg.model != path:
+            # A directory as typed ("./builtin-model", "models//x/"): pathlib normalized it, and the argument as given
+            # is the name vLLM serves (and this server's default served name): kept.
+            model_cfg.model = path
         if self.load_format != "dummy":
             check_checkpoint(model_cfg)  # headers against config.json, before any rank sizes a tensor from either
         spec = self.speculative_config

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .metrics_server import BoundedMetricsServer, start_metrics_server as _start
+from .vllm_metrics import VllmMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -63,6 +64,14 @@ class EngineMetrics:
                                       "took (a request's blocks found there, copied back to the device), per tier.", ["tier"],
                                       buckets=_OFFLOAD_LOAD_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(self))
+        self.vllm: VllmMetrics | None = None  # vLLM's series (attach_vllm), observed beside moelink's own
+
+    def attach_vllm(self, model_name: str, max_model_len: int) -> VllmMetrics:
+        """vLLM 0.32's series (engine/core/vllm_metrics.py) on this registry, labelled `model_name`, observed from
+        now on beside moelink's own; once."""
+        if self.vllm is None:
+            self.vllm = VllmMetrics(self.registry, model_name, max_model_len, self.engine)
+        return self.vllm
 
     def attach(self, engine) -> None:
         """The engine (an LLMEngine) whose counters the scrape reads; called once by the AsyncEngine. A KV
@@ -74,6 +83,8 @@ class EngineMetrics:
             if isinstance(kvc, OffloadLoadObserved):
                 kvc.observe_offload_loads(self.observe_offload_load)
         self.engine = engine
+        if self.vllm is not None:
+            self.vllm.engine = engine
 
     def observe_offload_load(self, tier: str, seconds: float) -> None:
         """One load from offload tier `tier` ("host" or "disk") took `seconds` (any thread)."""
@@ -83,6 +94,7 @@ class EngineMetrics:
         """Observe RequestOutputs just produced (cumulative or delta kind)."""
         now = time.monotonic()
         new_total = 0
+        vllm = self.vllm
         for out in outputs:
             comp = out.outputs[0]
             arrival = out.metrics.get("arrival_time") or now
@@ -94,20 +106,34 @@ class EngineMetrics:
                 new_total += gained
                 if prev_t is None:
                     self.ttft.observe(max(now - arrival, 0.0))
+                    if vllm is not None:
+                        vllm.first_token(max(now - arrival, 0.0), out.num_cached_tokens)
                 else:
                     gap = (now - prev_t) / gained
                     for _ in range(gained):
                         self.itl.observe(gap)
+                    if vllm is not None:
+                        vllm.token_gaps(gap, gained)
                 self._last_token[out.request_id] = (now, n_now)
             if out.finished:
-                self._last_token.pop(out.request_id, None)
-                self.requests.labels(comp.finish_reason or "unknown").inc()
-                self.prompt_tokens.inc(len(out.prompt_token_ids))
-                self.e2e.observe(max(now - arrival, 0.0))
+                self._finished(out, now, arrival, n_now)
         if new_total:
             self.generation_tokens.inc(new_total)
+            if vllm is not None:
+                vllm.generated(new_total)
             with self._lock:
                 self._recent.append((now, new_total))
+
+    def _finished(self, out, now: float, arrival: float, generated: int) -> None:
+        self._last_token.pop(out.request_id, None)
+        reason = out.outputs[0].finish_reason
+        self.requests.labels(reason or "unknown").inc()
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.e2e.observe(max(now - arrival, 0.0))
+        if self.vllm is not None:
+            first = out.metrics.get("first_token_time")
+            self.vllm.finished(reason, len(out.prompt_token_ids), out.num_cached_tokens, generated,
+                               max(now - arrival, 0.0), max(now - first, 0.0) if first is not None else 0.0)
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()

@@ -36,6 +36,11 @@ class MemoryControl:
         self.released: tuple[str, ...] = ()
         self._sleep_level = 0
 
+    @property
+    def sleep_level(self) -> int:
+        """0 while awake, else the level of the sleep the engine is in (1: weights on the host, 2: dropped)."""
+        return self._sleep_level if self.released else 0
+
     def sleep(self, level: int = 1) -> dict:
         """Give the devices back: level 1 the weights to host memory and the KV cache freed, level 2 the weights
         dropped too (an update fills them again). Refused while requests run. {"bytes_freed", "seconds", "level"}."""

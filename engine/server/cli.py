@@ -56,6 +56,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="the gateway's Prometheus port (default: a free port; always on --http-metrics-host)")
     p.add_argument("--http-metrics-host", default="127.0.0.1",
                    help="address of the gateway's Prometheus port (default loopback)")
+    p.add_argument("--http-upstream-port", type=int, default=None,
+                   help="the managed gateway's own HTTP port behind the front on --http-port, always on 127.0.0.1 "
+                        "(default: a free loopback port)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one object per line with request ids, for log pipelines")
     p.add_argument("--max-message-size", type=int, default=DEFAULT_MAX_MESSAGE_SIZE,
@@ -82,6 +85,7 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         gateway_port=ns.gateway_port, gateway_host=ns.gateway_host,
                         http_port=None if ns.no_http else ns.http_port, http_host=ns.http_host,
                         http_metrics_port=ns.http_metrics_port, http_metrics_host=ns.http_metrics_host,
+                        http_upstream_port=ns.http_upstream_port,
                         limits=limits_from(ns), gateway=gateway_options(ns), lora_modules=tuple(ns.lora_modules))
 
 
@@ -95,6 +99,12 @@ def _serve(ns: argparse.Namespace) -> int:
     args = engine_args_from(ns)
     if ns.cpu_reserved_cores is None:  # a server leaves a core to its front, gateway and streams (EngineArgs)
         args.cpu_reserved_cores = 1
+    if getattr(ns, "uvicorn_log_level", None) is not None:  # vLLM's HTTP server's level: the HTTP front's lines here
+        import logging
+
+        from ..api.vllm_flags import UVICORN_LEVELS
+
+        logging.getLogger(__package__ + ".gateway").setLevel(UVICORN_LEVELS[ns.uvicorn_log_level])
     if ns.disable_log_requests:
         from .serving import logger as request_logger
 

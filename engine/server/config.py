@@ -41,6 +41,9 @@ class ServerConfig:
     http_port: Optional[int] = None
     http_host: str = "127.0.0.1"
     http_metrics_port: Optional[int] = None  # the managed gateway's Prometheus port; None = a free loopback port
+    # The managed gateway's own HTTP port, behind the front on --http-port: always on loopback (only the front reaches
+    # it); None = a free loopback port.
+    http_upstream_port: Optional[int] = None
     http_metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" or "json" (one JSON object per line, with request ids)
     limits: RequestLimits = field(default_factory=RequestLimits)  # per-request caps (docs/serving.md: bad input)
@@ -131,10 +134,17 @@ class ServerConfig:
             if not _is_int(self.http_port) or not 1 <= self.http_port <= 65535:
                 bad("http_port", "must be an integer in [1, 65535] (or --no-http for gRPC only)")
             taken = {"--port": self.port, "--metrics-port": self.metrics_port, "--gateway-port": self.gateway_port,
-                     "--http-metrics-port": self.http_metrics_port}
+                     "--http-metrics-port": self.http_metrics_port, "--http-upstream-port": self.http_upstream_port}
             for flag, v in taken.items():
                 if v == self.http_port:
                     bad("http_port", f"must differ from {flag} ({v})")
+        if self.http_upstream_port is not None:
+            if not _is_int(self.http_upstream_port) or not 1 <= self.http_upstream_port <= 65535:
+                bad("http_upstream_port", "must be an integer in [1, 65535] (or unset for a free loopback port)")
+            for flag, v in {"--port": self.port, "--metrics-port": self.metrics_port, "--gateway-port": self.gateway_port,
+                            "--http-metrics-port": self.http_metrics_port}.items():
+                if v == self.http_upstream_port:
+                    bad("http_upstream_port", f"must differ from {flag} ({v})")
         if self.http_metrics_port is not None:
             if not _is_int(self.http_metrics_port) or not 1 <= self.http_metrics_port <= 65535:
                 bad("http_metrics_port", "must be an integer in [1, 65535] (or unset for a free loopback port)")

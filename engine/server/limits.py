@@ -38,7 +38,8 @@ class RequestLimits:
     """Caps on one request's lists and strings (each is the `--max-...` flag of the same name)."""
 
     max_request_id_chars: int = _limit(256, "request_id", "characters", "longest request_id")
-    max_n: int = _limit(64, "sampling_params.n", "samples", "most samples (n) per request")
+    # vLLM's bound (VLLM_MAX_N_SEQUENCES, 16384): a request vLLM answers is not refused here.
+    max_n: int = _limit(16384, "sampling_params.n", "samples", "most samples (n) per request")
     max_stop_strings: int = _limit(32, "sampling_params.stop", "strings", "most stop strings per request")
     max_stop_string_chars: int = _limit(256, "sampling_params.stop[i]", "characters", "longest stop string")
     max_stop_token_ids: int = _limit(1024, "sampling_params.stop_token_ids", "ids", "most stop token ids per request")
@@ -48,7 +49,8 @@ class RequestLimits:
     # SGLang's /generate on the HTTP port (gateway/generate_route.py): one request is a batch of prompts x n
     # samples, each an engine sequence. Unbounded, a 0.2 MB body asked for 128,000 sequences; every one is a task, a
     # queue entry and, when the client hangs up, an abort (issue 76 item 2).
-    max_batch_sequences: int = _limit(4096, "/generate prompts x n", "sequences",
+    # Its default is vLLM's n bound, so one prompt may ask vLLM's most samples.
+    max_batch_sequences: int = _limit(16384, "/generate prompts x n", "sequences",
                                       "most sequences (prompts x n samples) in one HTTP /generate request")
     # The body of a route the HTTP front answers from the engine (/generate, /abort_request, the RL control routes):
     # read whole, then parsed (on a worker thread past 256 KiB). json.loads holds the GIL while it parses, about

@@ -16,7 +16,12 @@ from typing import Optional
 
 
 class Overloaded(Exception):
-    """The queue is full: answer RESOURCE_EXHAUSTED."""
+    """The queue is full: answer RESOURCE_EXHAUSTED. `reason`: which limit (vLLM's admission_rejections label:
+    "max_num_queued_reqs" or "max_num_queued_tokens")."""
+
+    def __init__(self, message: str, reason: str = "max_num_queued_reqs"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Draining(Exception):
@@ -96,7 +101,8 @@ class RequestRegistry:
             self.rejected_total += 1
             raise Overloaded(
                 f"server overloaded: {self.queued_tokens} prompt tokens are queued and this request adds "
-                f"{queued_tokens}, over the limit (--max-queued-tokens) of {self.max_queued_tokens}; retry later.")
+                f"{queued_tokens}, over the limit (--max-queued-tokens) of {self.max_queued_tokens}; retry later.",
+                "max_num_queued_tokens")
         entry = Entry(request_id, list(engine_ids), queued_tokens, sequences=sequences, scope=scope)
         self.active[entry.key] = entry
         self.queued_requests += 1

@@ -37,8 +37,8 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from ..api.async_engine import AsyncEngine
 from ..tools.builtin_model import describe as describe_builtin_model
+from ..core.metrics import EngineMetrics
 from ..core.no_tokenizer import NoTokenizer
-from ..core.vllm_metrics import VllmAliasCollector
 from ..config.worker_config import DUMMY_WARNING
 from ..contract.safe_text import MAX_LOG_LINE_CHARS, shown
 from .auth import ApiKeyInterceptor
@@ -266,8 +266,10 @@ async def _serve(engine: AsyncEngine, config: ServerConfig, tokenizer_path: Opti
                            "pays its start", why)
     server = MoelinkServer(engine, config)
     port = await server.start()
-    if server.engine.metrics is not None:  # vLLM's metric names beside moelink's (engine/core/vllm_metrics.py)
-        _registry(server.engine).register(VllmAliasCollector(server.engine.metrics, server.serving.served_model_name))
+    sink = server.engine.metrics
+    if isinstance(sink, EngineMetrics):  # vLLM's series beside moelink's (engine/core/vllm_metrics.py)
+        server.serving.vllm_metrics = sink.attach_vllm(server.serving.served_model_name,
+                                                       server.serving.info.max_model_len)
     gateway = None
     gateway_watch = None
     try:

@@ -90,6 +90,8 @@ class Serving:
         self._admissions = itertools.count()
         # Requests being prepared (their grammar may be compiling), and HTTP clients that hung up (hangups.py).
         self.hangups = Hangups()
+        # vLLM's Prometheus series (engine/core/vllm_metrics.py), when the server serves metrics: set by server.py.
+        self.vllm_metrics = None
         self.bytes_per_token, self.max_prompt_bytes = self._prompt_byte_bound()
         # LoRA adapters by name (--lora-modules, then /v1/load_lora_adapter): checked here, before the server
         # binds, so a bad one stops the start naming it (lora_names.py).
@@ -276,8 +278,14 @@ class Serving:
             replace(processed, request_id=f"{base}#{i}", params=params.sample(i), client=client) for i in range(n)]
         if not self.engine.is_healthy:
             raise Draining(f"the engine is not running ({self.engine.dead_error}); retry on another replica.")
-        entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n, scope)
+        try:
+            entry = self.registry.admit(request_id, [p.request_id for p in samples], len(prompt_ids) * n, scope)
+        except Overloaded as e:
+            if self.vllm_metrics is not None:
+                self.vllm_metrics.rejected(e.reason)
+            raise
         t0, generated, reasons, cached = time.monotonic(), 0, [], 0
+        per_sample = [0] * n  # tokens each sample generated (vLLM's request_max_num_generation_tokens)
         logger.info("request admitted", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids), "n": n})
         try:
             if n == 1:
@@ -289,12 +297,15 @@ class Serving:
                     self.registry.mark_started(entry)
                     self.registry.record_tokens(len(out.outputs[0].token_ids))
                     generated += len(out.outputs[0].token_ids)
+                    per_sample[index] += len(out.outputs[0].token_ids)
                     cached = max(cached, out.num_cached_tokens)
                     if out.finished:
                         reasons.append(out.outputs[0].finish_reason)
                     yield index, out
         finally:
             self.registry.release(entry)
+            if self.vllm_metrics is not None and len(reasons) == n:  # every sample ended, as vLLM records them
+                self.vllm_metrics.request_params(n, params.max_tokens, max(per_sample))
             # One structured line per request (with --log-format json, one JSON object).
             logger.info("request finished", extra={
                 "request_id": request_id, "prompt_tokens": len(prompt_ids), "completion_tokens": generated,

@@ -224,6 +224,8 @@ def test_a_multi_connector_maps_each_of_its_connectors():
     (["--disable-log-stats"], "vllm_disable_log_stats", True),
     (["--max-log-len", "100"], "max_log_len", 100),
     (["--enable-log-requests"], "disable_log_requests", False),
+    (["--uvicorn-log-level", "debug"], "uvicorn_log_level", "debug"),  # the HTTP front's level (engine/server/cli.py)
+    (["--lora-dtype", "bfloat16", "--dtype", "bfloat16"], "lora_dtype", "bfloat16"),
 ])
 def test_item_4_flags_that_work_with_vllms_meaning(words, field, value):
     assert getattr(parse(words), field) == value
@@ -231,7 +233,9 @@ def test_item_4_flags_that_work_with_vllms_meaning(words, field, value):
 
 @pytest.mark.parametrize("words,flag,instead", [
     (["--all2all-backend", "deepep_low_latency"], "--all2all-backend", "--all-to-all"),
-    (["--uvicorn-log-level", "debug"], "--uvicorn-log-level", "--log-format"),
+    (["--uvicorn-log-level", "verbose"], "--uvicorn-log-level", "critical"),
+    (["--enable-uvicorn-access-log"], "--enable-uvicorn-access-log", "no access lines"),
+    (["--lora-dtype", "float16", "--dtype", "bfloat16"], "--lora-dtype", "auto"),
     (["--kv-events-config", "{}"], "--kv-events-config", "cache-aware routing"),
     (["--override-generation-config", '{"temperature": 0.5}'], "--override-generation-config", "per request"),
     (["--enable-force-include-usage"], "--enable-force-include-usage", "stream_options.include_usage"),

@@ -38,11 +38,12 @@ def test_metrics_on_the_http_port_with_vllm_names_and_smgs(openai_server):
     srv, port = openai_server
     line = next(x for x in srv.stdout_lines if x.startswith("moelink: serving"))
     assert f"(gRPC plaintext, --port; the OpenAI API (vLLM's --port) is --http-port {port};" in line
-    label = f'{{model_name="{SERVED}"}}'
+    label = f'{{engine="0",model_name="{SERVED}"}}'  # vLLM's labels, in prometheus_client's (sorted) order
     counted = [f"vllm:generation_tokens_total{label}", "moelink_generation_tokens_total", "moelink_prompt_tokens_total",
                f"vllm:prompt_tokens_total{label}", f"vllm:e2e_request_latency_seconds_count{label}",
                f"vllm:time_to_first_token_seconds_count{label}",
-               f'vllm:request_success_total{{finished_reason="length",model_name="{SERVED}"}}']
+               f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{SERVED}"}}',
+               f"vllm:request_params_n_count{label}"]
 
     def values(text: str) -> dict[str, float]:  # a series not yet exported (no request yet) counts 0
         return {s: _value(text, s) if re.search(rf"^{re.escape(s)} ", text, re.M) else 0.0 for s in counted}
@@ -64,9 +65,9 @@ def test_metrics_on_the_http_port_with_vllm_names_and_smgs(openai_server):
     assert prompt > 0 and new[f"vllm:prompt_tokens_total{label}"] == prompt
     assert new[f"vllm:e2e_request_latency_seconds_count{label}"] == 1
     assert new[f"vllm:time_to_first_token_seconds_count{label}"] == 1
-    assert new[f'vllm:request_success_total{{finished_reason="length",model_name="{SERVED}"}}'] == 1
-    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc",
-                  "vllm:kv_cache_usage_perc"):
+    assert new[f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{SERVED}"}}'] == 1
+    assert new[f"vllm:request_params_n_count{label}"] == 1  # the server's request loop reports n once
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert _value(text, gauge + label) >= 0
     assert _value(text, "moelink_http_gateway_up") == 1
     assert re.search(r"^smg_\w+", text, re.M), "smg's own metrics are missing"  # merged from its loopback port

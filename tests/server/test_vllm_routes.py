@@ -152,7 +152,7 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(vllm_server, tokenizer):
      "messages[0].content[0]"),
     ("/tokenize", dict(messages=[{"role": "user", "content": "x"}], continue_final_message=True), "continue_final_message"),
     ("/detokenize", dict(tokens=[1] * MAX_MODEL_LEN), "tokens"),
-    ("/detokenize", dict(tokens=[1, 10 ** 9]), "tokens[1]"),
+    ("/detokenize", dict(tokens=[1, -1]), "tokens[1]"),  # an id past the vocabulary decodes to nothing (below)
     ("/detokenize", dict(tokens=[1, True]), "tokens[1]"),
     ("/detokenize", dict(prompt="x"), "prompt"),
 ])
@@ -230,9 +230,24 @@ def test_a_front_before_a_hand_started_smg_answers_what_it_can():
 
     out = asyncio.run(scenario())
     assert out["GET", "/version"][0] == 200 and "version" in json.loads(out["GET", "/version"][1])
+    # Before a gateway started by hand, /ping asks its /health (the managed front answers vLLM's empty 200 itself).
     assert out["GET", "/ping"] == (200, b"OK") and out["POST", "/ping"] == (200, b"OK")
     for path in ("/tokenize", "/detokenize"):
         status, raw = out["POST", path]
         assert status == 404 and b"/v1" + path.encode() in raw, raw
     assert out["GET", "/v1/models"][0] == 401
     assert seen == [b"GET /health HTTP/1.1", b"GET /health HTTP/1.1"]
+
+
+def test_detokenize_of_an_id_the_vocabulary_lacks_decodes_to_nothing_as_vllms():
+    """vLLM 0.32 answers `{"prompt": ""}` (HTTP 200) for /detokenize of [99999999]: its tokenizer skips the id."""
+    from types import SimpleNamespace
+
+    from moelink.engine.server.gateway.vllm_routes import VllmRoutes
+
+    decoded = []
+    tok = SimpleNamespace(vocab_size=100, decode=lambda ids, skip_special_tokens: decoded.append(ids) or "x" * len(ids))
+    routes = VllmRoutes.__new__(VllmRoutes)
+    routes.tokenizer, routes.names = tok, frozenset({"m"})
+    routes._fits_as_ids = lambda field, n: None
+    assert routes.detokenize({"tokens": [99999999, 5, 100]}) == {"prompt": "x"} and decoded == [[5]]

@@ -248,9 +248,10 @@ def _check_stops(limits, params: dict) -> None:
 
 def _renamed(message: str, given: dict) -> HttpFieldError:
     """SamplingParams' refusal (`SamplingParams.top_p=2 is invalid: ...`) under the request's name of the field."""
-    name = message.split("=", 1)[0].removeprefix("SamplingParams.")
+    prefix = message.split("=", 1)[0]
+    name = prefix.removeprefix("SamplingParams.").removeprefix("sampling_params.")  # limits.py says the gRPC name
     key = next((k for k, (n, _) in SAMPLING.items() if n == name and k in given), name)
-    return HttpFieldError(key, shown(message.replace(f"SamplingParams.{name}", key, 1), quote=False))
+    return HttpFieldError(key, shown(message.replace(prefix, key, 1), quote=False))
 
 
 def _is_int(v: Any) -> bool:

@@ -25,6 +25,7 @@ from ...core.no_tokenizer import NoTokenizer
 from .completions_answer import CompletionAnswer
 from .completions_request import CompletionRequest, claims, read_request, unknown_field
 from .generate_route import Streamed, _Runs, _error, _refusal, admit_runs
+from .smg_errors import http_message, http_param
 from .json_body import json_object, off_loop
 from .openai_fields import COMPLETIONS_PATH, HttpFieldError
 
@@ -111,8 +112,10 @@ class CompletionsRoute:
             try:
                 one = await self.s.prepare(p.rid, p.prompt, req.params, p.field, keep=req.keep, lora=lora,
                                            scope=scope)
-            except ValueError as e:  # the prompt's own fault (too long, a token outside the vocabulary)
-                raise HttpFieldError(p.field, shown(str(e), quote=False)) from None
+            except ValueError as e:  # the prompt's own fault (too long, a token outside the vocabulary), or max_tokens'
+                named = http_param(str(e), None)  # `SamplingParams.max_tokens=... is too large`: vLLM's param max_tokens
+                field = named if named is not None and named != "prompt" else p.field
+                raise HttpFieldError(field, shown(http_message(str(e)), quote=False)) from None
             processed.append(one)
             await asyncio.sleep(0)  # a short prompt is checked on the loop: other streams move between prompts
         return await admit_runs(self.s, [p.rid for p in req.prompts], processed, req.n, client, scope)

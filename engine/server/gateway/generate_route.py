@@ -43,6 +43,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ...contract.safe_text import shown
 from .generate_request import GenerateRequest, read_request
+from .http_wire import error_body
 from .json_body import json_flag, json_object, off_loop
 from .openai_fields import HttpFieldError
 
@@ -357,10 +358,8 @@ def _refusal(exc: BaseException) -> tuple[int, bytes]:
 
 
 def _error(message: str, param: Optional[str], code: int = 400) -> bytes:
-    """The error body the front's other routes answer: {"error": {"message", "type", "param", "code"}}."""
-    kind = {400: "BadRequestError", 403: "ForbiddenError", 404: "NotFoundError", 405: "MethodNotAllowed",
-            429: "RateLimitError", 503: "ServiceUnavailableError"}.get(code, "InternalServerError")
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+    """vLLM's error body (http_wire.error_body): {"error": {"message", "type", "param", "code"}}."""
+    return error_body(message, param, code)
 
 
 __all__ = ["ABORT_PATH", "GENERATE_PATH", "GenerateRoute", "PATHS", "Streamed"]

@@ -48,18 +48,19 @@ from typing import Awaitable, Callable, Optional
 
 import h11
 
-from ...contract.safe_text import shown
 from ..client_identity import CLIENT_ID_HEADER, http_client
 from .hangups import RELAY_HEADER, new_relay_id
-from .http_wire import (Upstream, answer_watched, closing_head, copy_stream, error_body, header_of,
-                        read_request, status_of, until_eof, write_answer)
+from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, Upstream, answer_watched,
+                        closing_head, copy_stream, error_body, header_of, read_request, status_of, until_eof,
+                        write_answer)
 from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
 from .json_body import INLINE_BODY_BYTES
 from .lora_routes import forget_adapter, note_adapter
-from .model_name import copy_renamed, renamer
+from .model_name import copy_renamed, header_value, renamer, with_content_length
 from .openai_fields import ADAPTER_PATHS, CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key, tokenizer_ready
 from .rl_routes import PATHS as RL_PATHS
+from .smg_errors import MAX_ERROR_BYTES, vllm_error
 from .tool_calls import asks_one_call, forget, note_one_call
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ PROBES = ("/health", "/health_generate", "/readiness", "/ping")
 LIVENESS_PATH = "/liveness"  # 503 only once the engine died (health.py engine_down), not while smg restarts
 VERSION_PATH = "/version"
 PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
+HEALTH_PATHS = ("/health", PING_PATH)  # answered here as vLLM answers them: 200, an empty body
 # Answered only where the engine is beside the front: vLLM's tokenizer routes, and the RL control routes
 # (rl_routes.py: never relayed, smg's own /flush_cache is its control plane's).
 ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS
@@ -98,8 +100,6 @@ _DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer"
             b"transfer-encoding", RELAY_HEADER.encode()}
 METRICS_PATH = b"/metrics"
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
-UNAUTHORIZED = ("this OpenAI API requires the server's API key (--api-key): send the header "
-                "`Authorization: Bearer <key>`.")
 _ASK_BEARER = ((b"www-authenticate", b"Bearer"),)  # RFC 6750: what a 401 asks for
 # The start of a relay id without the client's X-Request-Id: the id OpenAI (and smg) give each kind of answer.
 _ID_KINDS = {CHAT_PATH: "chatcmpl", COMPLETIONS_PATH: "cmpl"}
@@ -166,7 +166,7 @@ class HttpFront:
             logger.exception("the OpenAI front failed answering a request")
             if conn.our_state is h11.SEND_RESPONSE:
                 with contextlib.suppress(Exception):
-                    await write_answer(conn, writer, 500, error_body("internal error of the HTTP front.", None),
+                    await write_answer(conn, writer, 500, error_body("internal error of the HTTP front.", None, 500),
                                        head_only=head)
         finally:
             self._connections.discard(task)
@@ -184,12 +184,13 @@ class HttpFront:
             return
         path = public_path(request.target)
         if path is None:
-            await write_answer(conn, writer, 404, error_body(
-                f"{shown(request.target.decode('latin-1'))} is not a route of this OpenAI API.", None), head_only=head)
+            # vLLM's FastAPI answers a path it has no route for with its framework's body (so does this front).
+            await write_answer(conn, writer, 404, NOT_FOUND_BODY, head_only=head)
             return
         # The RL control routes and /generate take the key too, though not under /v1 (vLLM's rule for the others).
         if (needs_key(path) or path in KEYED_ROUTES) and not self._authorized(request):
-            await write_answer(conn, writer, 401, error_body(UNAUTHORIZED, None), extra=_ASK_BEARER, head_only=head)
+            # vLLM's API-key middleware's body ({"error": "Unauthorized"}); the header says what to send.
+            await write_answer(conn, writer, 401, UNAUTHORIZED_BODY, extra=_ASK_BEARER, head_only=head)
             return
         reason = None
         if self.engine_down is not None and (path in PROBES or path == LIVENESS_PATH):
@@ -197,7 +198,14 @@ class HttpFront:
         if reason is None and self.not_serving is not None and path in PROBES:
             reason = self.not_serving()
         if reason is not None:
-            await write_answer(conn, writer, 503, error_body(reason, None), head_only=head)
+            await write_answer(conn, writer, 503, error_body(reason, None, 503), head_only=head)
+            return
+        if path in HEALTH_PATHS and self.not_serving is not None:
+            # vLLM's /health and /ping: 200 with an empty body while the engine and the managed gateway serve (both
+            # checked above), not smg's "OK". A front before a gateway started by hand asks that gateway (below).
+            ok = method == b"GET" or (method == b"POST" and path == PING_PATH)  # vLLM's methods for each
+            await write_answer(conn, writer, 200 if ok else 405, b"" if ok else METHOD_NOT_ALLOWED_BODY,
+                               head_only=head)
             return
         if await self._answer_here(conn, request, method, path, body, writer, reader):
             return
@@ -210,7 +218,7 @@ class HttpFront:
             body, one_call, adapter = self._inspect(request, body) if len(body) <= INLINE_BODY_BYTES \
                 else await asyncio.to_thread(self._inspect, request, body)
         except HttpFieldError as e:
-            await write_answer(conn, writer, e.status, error_body(str(e), e.field))  # 404: an unknown model
+            await write_answer(conn, writer, e.status, error_body(str(e), e.field, e.status))  # 404: an unknown model
             return
         await self._relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
 
@@ -231,7 +239,7 @@ class HttpFront:
         head = request.method == b"HEAD"
         if path == VERSION_PATH:
             if method != b"GET":
-                await write_answer(conn, writer, 405, error_body(f"{path} takes GET.", None))
+                await write_answer(conn, writer, 405, METHOD_NOT_ALLOWED_BODY)
             else:
                 await write_answer(conn, writer, 200, json.dumps({"version": moelink_version()}).encode(),
                                    head_only=head)
@@ -261,12 +269,13 @@ class HttpFront:
             await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
                 "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC Control "
-                "service (the native Generation service for /generate and /abort_request).", None), head_only=head)
+                "service (the native Generation service for /generate and /abort_request).", None, 404), head_only=head)
             return True
         if path in ENGINE_ROUTES:
             await write_answer(conn, writer, 404, error_body(
                 f"{path} is answered by `moelink serve`'s own OpenAI front, which has the tokenizer; this front "
-                f"(`moelink http-front`) stands before a gateway started by hand: ask smg's /v1{path} instead.", None),
+                f"(`moelink http-front`) stands before a gateway started by hand: ask smg's /v1{path} instead.", None,
+                404),
                 head_only=head)
             return True
         return False
@@ -315,13 +324,14 @@ class HttpFront:
             # a 503 "is restarting" was answered for any connect error, with no restart at all).
             reason = self.not_serving() if self.not_serving is not None else None
             if reason is not None:
-                await write_answer(conn, writer, 503, error_body(f"{reason} Retry in a few seconds.", None),
+                await write_answer(conn, writer, 503, error_body(f"{reason} Retry in a few seconds.", None, 503),
                                    head_only=method == b"HEAD")
                 return
             logger.error("the OpenAI front could not reach the smg gateway on 127.0.0.1:%d (%s), and no restart of "
                          "it is under way: answered 502", self.upstream_port, exc)
             await write_answer(conn, writer, 502, error_body(f"the OpenAI gateway (smg) on 127.0.0.1:{self.upstream_port} "
-                                                    f"could not be reached: {exc}.", None), head_only=method == b"HEAD")
+                                                    f"could not be reached: {exc}.", None, 502),
+                               head_only=method == b"HEAD")
             return
         path = target.split(b"?", 1)[0].decode("latin-1")
         relay_id = new_relay_id(_ID_KINDS.get(path, "req"), header_of(request, b"x-request-id"))
@@ -380,6 +390,8 @@ class HttpFront:
             await asyncio.sleep(NOT_READY_POLL_S)
             up.reader, up.writer = await self._connect_upstream()
             up.writer.write(up.request)
+        if status_of(head) >= 400 and await _rewrite_error(head, up.reader, writer):
+            return
         if rename is not None:
             await copy_renamed(closing_head(head), up.reader, writer, rename)
             return
@@ -405,6 +417,22 @@ class HttpFront:
             await self.on_hangup(relay_id)
         except Exception:  # a bug there must not turn into a connection error here
             logger.exception("ending the request of an HTTP client that hung up failed (relay id %s)", relay_id)
+
+
+async def _rewrite_error(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """smg's JSON error answer (`head` read) to the client in vLLM's shape (smg_errors.py); whether it was one.
+    Only a body of known length, at most MAX_ERROR_BYTES: smg's errors are; anything else is copied as it is."""
+    length = header_value(head, b"content-length")
+    kind = header_value(head, b"content-type") or b""
+    if length is None or not length.isdigit() or int(length) > MAX_ERROR_BYTES or b"json" not in kind.lower():
+        return False
+    body = await reader.readexactly(int(length))
+    new = vllm_error(status_of(head), body)
+    if new is not None:
+        head = with_content_length(head, len(new))
+    writer.write(closing_head(head) + (body if new is None else new))
+    await writer.drain()
+    return True
 
 
 def moelink_version() -> str:

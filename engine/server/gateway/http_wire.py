@@ -1,10 +1,11 @@
-"""HTTP/1.1 plumbing of the OpenAI front (http_front.py): the answers it writes itself, the error body smg's shape,
+"""HTTP/1.1 plumbing of the OpenAI front (http_front.py): the answers it writes itself, the error body in vLLM's shape,
 response heads read and rewritten, bytes copied between the client and smg."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+from http import HTTPStatus
 from typing import Callable, Optional
 
 import h11
@@ -54,10 +55,38 @@ def closing_head(head: bytes) -> bytes:
     return b"\r\n".join(kept + [b"connection: close"]) + b"\r\n\r\n"
 
 
-def error_body(message: str, param: Optional[str]) -> bytes:
-    """An OpenAI-style error body (the shape smg answers with)."""
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                 "code": None}}).encode()
+# vLLM 0.32's error `type` per status (vllm/entrypoints/serve/exception_handling/error_response.py: its own errors);
+# any other status is named by its HTTP phrase, as vLLM's HTTPException handler names it ("Method Not Allowed").
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 422: "UnprocessableEntityError",
+               500: "InternalServerError", 501: "NotImplementedError", 503: "ServiceUnavailableError"}
+
+
+def error_type(status: int) -> str:
+    """vLLM's error `type` for an HTTP status."""
+    known = ERROR_TYPES.get(status)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "InternalServerError"
+
+
+def error_object(message: str, param: Optional[str], status: int = 400) -> dict:
+    """vLLM's error body as a dict: {"error": {"message", "type", "param", "code": the HTTP status}}."""
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": status}}
+
+
+def error_body(message: str, param: Optional[str], status: int = 400) -> bytes:
+    """vLLM's error body (ErrorResponse: `param` the request field at fault, `code` the HTTP status as an int)."""
+    return json.dumps(error_object(message, param, status)).encode()
+
+
+# What vLLM's FastAPI app answers for a path it has no route for, and for a route asked with another method (the
+# framework's own bodies, not an ErrorResponse), and its API-key middleware's 401.
+NOT_FOUND_BODY = b'{"detail":"Not Found"}'
+METHOD_NOT_ALLOWED_BODY = b'{"detail":"Method Not Allowed"}'
+UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 
 
 # After a 413 sent before the body was read, the rest of it is read and dropped for at most this long, so the
@@ -104,7 +133,7 @@ async def _too_large(conn: h11.Connection, reader: asyncio.StreamReader, writer:
     """413 naming the limit (the flag when it is a route's own), then what the client still sends is dropped for at
     most LINGER_S."""
     flag = " (--max-http-body-bytes)" if route_bound else ""
-    await write_answer(conn, writer, 413, error_body(f"the request body is over {most} bytes{flag}.", None),
+    await write_answer(conn, writer, 413, error_body(f"the request body is over {most} bytes{flag}.", None, 413),
                        head_only=head)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(until_eof(reader), LINGER_S)

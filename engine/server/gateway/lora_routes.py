@@ -26,6 +26,7 @@ import time
 from typing import Optional
 
 from ...contract.safe_text import shown
+from .http_wire import error_object
 
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
@@ -135,5 +136,4 @@ class LoraRoutes:
 
 
 def _err(message: str, param: Optional[str], code: int = 400) -> dict:
-    kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(code, "BadRequestError")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return error_object(message, param, code)

@@ -48,9 +48,10 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
     /tokenize and /detokenize from it (vllm_routes.py)."""
     options: GatewayOptions = config.gateway
     target = server_worker_url(config, grpc_port, gateway_listener_port)
-    # smg listens on a loopback port of its own; --http-port is the front's (http_front.py), which carries the
-    # request fields smg would drop.
-    spec = GatewaySpec(http_host="127.0.0.1", http_port=free_loopback_port(), worker_url=target,
+    # smg listens on a loopback port of its own (--http-upstream-port, else a free one); --http-port is the front's
+    # (http_front.py), which carries the request fields smg would drop.
+    upstream = config.http_upstream_port or free_loopback_port()
+    spec = GatewaySpec(http_host="127.0.0.1", http_port=upstream, worker_url=target,
                        metrics_host=config.http_metrics_host, metrics_port=config.http_metrics_port,
                        api_key=config.api_key, extra_args=list(options.args()),
                        served_model_name=getattr(serving, "served_model_name", None),

@@ -23,7 +23,8 @@ def renamer(base: str, adapter: str) -> Callable[[bytes], bytes]:
     return lambda data: data.replace(old, new)
 
 
-def _header(head: bytes, name: bytes):
+def header_value(head: bytes, name: bytes):
+    """A response head's header value (`name` lowercase), or None."""
     for line in head.split(b"\r\n")[1:]:
         key, _, value = line.partition(b":")
         if key.strip().lower() == name:
@@ -31,10 +32,18 @@ def _header(head: bytes, name: bytes):
     return None
 
 
+def with_content_length(head: bytes, length: int) -> bytes:
+    """A response head (ending in a blank line) with its Content-Length set to `length`."""
+    lines = head[:-4].split(b"\r\n")
+    lines = [lines[0]] + [line for line in lines[1:] if line.partition(b":")[0].strip().lower()
+                          != b"content-length"] + [b"content-length: " + str(length).encode()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 async def copy_renamed(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        rename: Callable[[bytes], bytes]) -> None:
     """smg's answer (`head` read, ending in a blank line, with `connection: close` already) to the client, renamed."""
-    if (_header(head, b"transfer-encoding") or b"").lower() == b"chunked":
+    if (header_value(head, b"transfer-encoding") or b"").lower() == b"chunked":
         writer.write(head)
         pending = b""
         while True:
@@ -54,14 +63,11 @@ async def copy_renamed(head: bytes, reader: asyncio.StreamReader, writer: asynci
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return
-    length = _header(head, b"content-length")
+    length = header_value(head, b"content-length")
     body = rename(await reader.readexactly(int(length)) if length is not None and length.isdigit()
                   else await reader.read())
     if length is not None:
-        lines = head[:-4].split(b"\r\n")
-        lines = [lines[0]] + [line for line in lines[1:] if line.partition(b":")[0].strip().lower()
-                              != b"content-length"] + [b"content-length: " + str(len(body)).encode()]
-        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        head = with_content_length(head, len(body))
     writer.write(head + body)
     await writer.drain()
 

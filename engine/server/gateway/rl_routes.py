@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 
 from ...config.timeouts import DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S
 from ...contract.safe_text import shown
+from .http_wire import error_object
 from .json_body import off_loop
 
 
@@ -236,9 +237,7 @@ def _body(route: Route, path: str, body: bytes, query: str) -> dict:
 
 def _error(message: str, field: Optional[str], status: int) -> tuple[int, bytes]:
     return status, json.dumps({"success": False, "message": message,
-                               "error": {"message": message, "type": "BadRequestError" if status == 400 else
-                                         "ForbiddenError" if status == 403 else "ServiceUnavailableError",
-                                         "param": field, "code": status}}).encode()
+                               **error_object(message, field, status)}).encode()
 
 
 # Read-only routes: answered whatever the flag. Every other route changes weights, memory, the cache or what runs, and

@@ -16,7 +16,8 @@ gateway's front (http_front.py) answers them here, in vLLM's request and respons
 A `model` that is not a name the server takes is 404, as vLLM answers. Bounds: a tokenize request is bounded as a
 completion prompt is: text that cannot fit `max_model_len` is refused by its size before it is tokenized (or its
 messages rendered), and one whose tokens do not fit is refused after; a detokenize request's tokens as a prompt of
-token ids (fewer than max_model_len, each in the vocabulary). Each refusal is HTTP 400 naming the field; a field
+token ids (fewer than max_model_len, each >= 0; an id the vocabulary lacks decodes to nothing, as vLLM's tokenizer
+decodes it). Each refusal is HTTP 400 naming the field; a field
 vLLM does not take, or one moelink does not (`chat_template`: a client's own Jinja; `mm_processor_kwargs`: text
 only), is refused too rather than ignored. Large inputs are tokenized on a worker thread.
 """
@@ -31,6 +32,7 @@ from typing import Optional
 from ...core.no_tokenizer import NoTokenizer
 from ...contract.safe_text import shown
 from . import lora_routes
+from .http_wire import METHOD_NOT_ALLOWED_BODY, error_body
 from .json_body import json_flag, json_object, kind_of
 from .openai_fields import HttpFieldError
 
@@ -90,8 +92,7 @@ class VllmRoutes:
         if path not in ROUTES:
             return None
         if method != b"POST":
-            return 405, _error(f"{path} takes POST (a JSON body), not {method.decode('latin-1')}.", None,
-                               "MethodNotAllowed", 405)
+            return 405, METHOD_NOT_ALLOWED_BODY  # FastAPI's own answer on vLLM
         if isinstance(self.tokenizer, NoTokenizer):
             return 400, _error(str(self.tokenizer.error(f"{path} needs the vocabulary")), "model")
         try:
@@ -103,7 +104,7 @@ class VllmRoutes:
                 heavy = len(body) > INLINE_MAX_IDS * 2
                 out = await asyncio.to_thread(self.detokenize, data) if heavy else self.detokenize(data)
         except NotFound as e:
-            return 404, _error(str(e), e.field, "NotFoundError", 404)
+            return 404, _error(str(e), e.field, 404)
         except HttpFieldError as e:
             return 400, _error(str(e), e.field)
         return 200, json.dumps(out).encode()
@@ -213,10 +214,11 @@ class VllmRoutes:
         self._fits_as_ids("tokens", len(ids))
         vocab = self.tokenizer.vocab_size
         for i, t in enumerate(ids):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise HttpFieldError(f"tokens[{i}]", f"tokens[{i}]={shown(json.dumps(t))} is not a token id of this "
-                                                     f"model: an integer in [0, {vocab}).")
-        return {"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)}
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise HttpFieldError(f"tokens[{i}]", f"tokens[{i}]={shown(json.dumps(t))} is invalid: a token id is "
+                                                     "an integer >= 0.")
+        # An id the vocabulary lacks decodes to nothing, as vLLM's tokenizer decodes it ({"prompt": ""}, HTTP 200).
+        return {"prompt": self.tokenizer.decode([t for t in ids if t < vocab], skip_special_tokens=False)}
 
     # -- checks -------------------------------------------------------------------------
     def _check_fields(self, data: dict, allowed: tuple[str, ...], route: str) -> None:
@@ -283,6 +285,6 @@ def _continued(text: str, final: Optional[str]) -> str:
     return text[:at + len(final)]
 
 
-def _error(message: str, param: Optional[str], kind: str = "BadRequestError", code: int = 400) -> bytes:
-    """vLLM's error body: {"error": {"message", "type", "param", "code"}}."""
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+def _error(message: str, param: Optional[str], code: int = 400) -> bytes:
+    """vLLM's error body: {"error": {"message", "type", "param", "code"}} (http_wire.error_body)."""
+    return error_body(message, param, code)
