@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import importlib
 import json
 import os
 import platform
@@ -26,8 +27,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+# The cases beside this script (standard library only), imported by name: the peer venv has no moelink package.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vllm_compat_cases as cases  # noqa: E402  (beside this script; standard library only)
+cases = importlib.import_module("vllm_compat_cases")
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache, as benchmarks/peer_vllm.py gives it
@@ -102,7 +104,7 @@ def record_served(model: str, log: Path, timeout_s: float) -> dict:
 
 def offline_worker(model: str, out: Path) -> None:
     """In a subprocess: vLLM's LLM on the built-in model, every offline case."""
-    import vllm  # the peer venv's
+    vllm = importlib.import_module("vllm")  # the peer venv's alone has it (not a dependency of this package)
 
     llm = vllm.LLM(model=model, dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0, disable_log_stats=True)
     fixtures = [{"case": c, "vllm": cases.run_offline_case(llm, vllm.SamplingParams, c)} for c in cases.offline_cases()]

@@ -5,7 +5,7 @@ A difference is (fixture, field path, vLLM's value, moelink's). Paths are dotted
 (`body.choices.0.logprobs.token_logprobs.3`), so a table's field globs are plain fnmatch patterns. Compared: the
 status, the set of fields at every level (a field one side lacks is `<absent>`), and the values: numbers that are
 not both integers to 1e-4 (logprobs), everything else exactly (token ids, text, finish reasons); the keys of a
-logprobs mapping in order too (vLLM puts the sampled token first). What is fresh per request (ids, creation
+logprobs mapping in order too (vLLM puts the sampled token first); a stream's events choice by choice. What is fresh per request (ids, creation
 times, fingerprints) was dropped when recorded and is dropped from moelink's answer by the same client.
 """
 from __future__ import annotations
@@ -67,6 +67,21 @@ def load_fixtures() -> dict[str, dict]:
         for rec in json.loads((FIXTURES / f"{family}.json").read_text()):
             out[rec["case"]["name"]] = rec
     return out
+
+
+def by_choice(answer: Any) -> Any:
+    """A streamed answer's events ordered choice by choice (stable: each choice's own order kept), then the events
+    of no choice (the usage), then [DONE]. With n > 1 vLLM interleaves the choices' events as its steps end: two
+    recordings of the same request differed in that order, and so may two moelink runs."""
+    if not (isinstance(answer, dict) and isinstance(answer.get("body"), list)):
+        return answer
+
+    def key(event: Any) -> tuple[int, int]:
+        if not isinstance(event, dict):
+            return (2, 0)
+        choices = event.get("choices") or []
+        return (0, choices[0].get("index", 0)) if choices else (1, 0)
+    return {**answer, "body": sorted(answer["body"], key=key)}
 
 
 def compare(fixture: str, vllm: Any, moelink: Any, path: str = "") -> list[Diff]:

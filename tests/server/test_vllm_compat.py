@@ -23,7 +23,9 @@ from moelink.benchmarks.peer import vllm_compat_cases as cases
 
 from tests.helpers.net import free_port
 from tests.helpers.smg_gateway import smg_executable
-from tests.helpers.vllm_compat import FIXTURES, ROOT, Diff, Known, compare, load_fixtures, same_value, sort_diffs
+from tests.helpers.vllm_compat import (
+    FIXTURES, ROOT, Diff, Known, by_choice, compare, load_fixtures, same_value, sort_diffs,
+)
 
 RECORDED = load_fixtures()
 pytestmark = pytest.mark.xdist_group("vllm_compat")  # one worker: one server and one LLM for every fixture
@@ -254,6 +256,10 @@ def test_compare_finds_values_fields_and_order():
     assert not same_value(1, True) and not same_value(1, 1.5) and same_value(1, 1.00001)
     assert compare("f", [1, 2], [1]) == [Diff("f", "length", 2, 1)]
     assert compare("f", {"body": {"error": {"message": "a"}}}, {"body": {"error": {"message": "b"}}}) == []
+    events = [{"choices": [{"index": 1, "t": "a"}]}, {"choices": [{"index": 0, "t": "b"}]},
+              {"choices": [{"index": 1, "t": "c"}]}, {"choices": [], "usage": {}}, "[DONE]"]
+    assert [e if isinstance(e, str) else [c["t"] for c in e["choices"]] for e in by_choice({"body": events})["body"]] \
+        == [["b"], ["a"], ["c"], [], "[DONE]"]
 
 
 def test_tables_sort_differences_and_name_what_is_left():
@@ -315,6 +321,9 @@ def moelink_answer(rec: dict, request: pytest.FixtureRequest) -> dict:
         return cases.run_offline_case(request.getfixturevalue("llm"), SamplingParams, case)
     port = request.getfixturevalue("http_port")
     if case["path"] == "/metrics":
+        # vLLM's were read after every other case: one request first, so that a selected run (-k) sees the
+        # per-request series too
+        cases.send(port, cases.cmpl("metrics_warm_up"))
         answer = cases.send(port, case)
         return {"status": answer["status"], "families": cases.metric_families(answer["body"])}
     return cases.send(port, case)
@@ -323,7 +332,7 @@ def moelink_answer(rec: dict, request: pytest.FixtureRequest) -> dict:
 @pytest.mark.parametrize("name", list(RECORDED))
 def test_replay_matches_vllm(name, request):
     rec = RECORDED[name]
-    diffs = compare(name, rec["vllm"], moelink_answer(rec, request))
+    diffs = compare(name, by_choice(rec["vllm"]), by_choice(moelink_answer(rec, request)))
     unexplained, used = sort_diffs(diffs, INTENDED, PENDING)
     if os.environ.get("VLLM_COMPAT_DUMP"):  # every difference as a JSON line, for reading (and the tables' upkeep)
         covered = {id(d): n for n, ds in used.items() for d in ds}
