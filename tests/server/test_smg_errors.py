@@ -40,3 +40,13 @@ def test_smgs_own_param_is_kept_and_other_bodies_pass():
     assert http_param("SamplingParams.top_p=2 is invalid", None) == "top_p"
     assert http_message("SamplingParams.top_p=2 is invalid") == "top_p=2 is invalid"
     assert http_param("no field named here", None) is None
+
+
+def test_a_route_or_method_smg_lacks_gets_fastapis_body_and_a_missing_model_stays_an_error_object():
+    routed = json.dumps({"error": {"type": "invalid_request_error", "code": "x", "param": None,
+                                   "message": "Invalid URL (GET /v1/chat/completions)"}}).encode()
+    assert vllm_error(405, routed) == b'{"detail":"Method Not Allowed"}'
+    assert vllm_error(404, routed) == b'{"detail":"Not Found"}'
+    missing = json.dumps({"error": {"type": "invalid_request_error", "code": "model_not_found", "param": None,
+                                    "message": "The model `x` does not exist."}}).encode()
+    assert json.loads(vllm_error(404, missing))["error"]["type"] == "NotFoundError"

@@ -147,11 +147,9 @@ PENDING: dict[str, Known] = {
         'vLLM\'s `reasoning`, `matched_stop`, service_tier "default", annotations [], logprobs.refusal, '
         'prompt_tokens_details', part='A'),
     'chat-error-shape': Known(
-        ('chat/max_tokens_past_context', 'chat/bad_logit_bias_bad_key', 'chat/bad_max_tokens_negative',
-         'chat/bad_messages_empty', 'chat/bad_messages_missing', 'chat/bad_min_tokens_above_max', 'chat/bad_n_0',
+        ('chat/bad_messages_empty', 'chat/bad_messages_missing', 'chat/bad_n_0',
          'chat/bad_prompt_too_long', 'chat/bad_role_missing', 'chat/bad_stream_options_without_stream',
-         'chat/bad_temperature_negative', 'chat/bad_top_logprobs_25', 'chat/bad_top_logprobs_without_logprobs',
-         'chat/bad_top_p_0', 'chat/bad_unknown_model'),
+         'chat/bad_top_logprobs_25', 'chat/bad_top_logprobs_without_logprobs'),
         ('body.error.type', 'body.error.code', 'body.error.param'),
         "chat errors are smg's: type invalid_request_error, a string code, other params, where vLLM sends "
         'BadRequestError / NotFoundError and the integer status', part='A'),
@@ -221,7 +219,7 @@ PENDING: dict[str, Known] = {
         ('completions/bad_body_not_object', 'completions/bad_json_body', 'completions/bad_max_tokens_string',
          'completions/bad_prompt_too_long', 'completions/bad_seed_string', 'completions/bad_stop_int',
          'completions/bad_temperature_string', 'completions/bad_truncate_prompt_tokens_minus_2',
-         'completions/max_tokens_past_context', 'routes/detokenize_negative_id'),
+         'routes/detokenize_negative_id'),
         ('body.error.type', 'body.error.param'),
         'vLLM\'s pydantic errors say type "Bad Request" and param as pydantic\'s loc (`body.max_tokens`); '
         'max_tokens past the context names `prompt` where vLLM says max_tokens, a too-long prompt `prompt` where '
@@ -230,14 +228,6 @@ PENDING: dict[str, Known] = {
         ('routes/health', 'routes/ping_*'),
         ('content_type', 'body'),
         '/health and /ping answer "OK" as text/plain; vLLM an empty body', part='C'),
-    'detokenize-unknown-id': Known(
-        ('routes/detokenize_unknown_id',),
-        ('status', 'body.*'),
-        '/detokenize of an id past the vocabulary: 400; vLLM decodes it to nothing', part='C'),
-    'not-found-shape': Known(
-        ('routes/not_found*', 'routes/*_405'),
-        ('body.detail', 'body.error'),
-        '404 and 405 carry an OpenAI error body; vLLM (FastAPI) sends {"detail": "Not Found"}', part='C'),
     'metrics-names-and-labels': Known(
         ('routes/metrics',),
         ('families.*',),

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Optional
 
-from .http_wire import error_object
+from .http_wire import METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, error_object
 
 # The most bytes of an error body read to rewrite it: smg's are a few hundred; a larger body is passed on as it is.
 MAX_ERROR_BYTES = 64 << 10
@@ -22,6 +22,11 @@ _SMG_PREFIXES = ("Failed to start generation: ",)
 # (the Python API's spelling, `SamplingParams.max_tokens`, too: the engine's own refusals name it so.)
 _GRPC_FIELD = re.compile(r"\b(?:sampling_params|SamplingParams)\.([a-z_]+)")
 _GRPC_PROMPT = "tokenized.input_ids"
+
+
+# What vLLM's FastAPI answers for a path or a method no route has, whoever refuses it (the front, or smg).
+_ROUTING_BODIES = {404: NOT_FOUND_BODY, 405: METHOD_NOT_ALLOWED_BODY}
+_SMG_ROUTING = "Invalid URL"  # how smg's message begins then (a 404 for an unknown model is an error object)
 
 
 def http_message(message: str) -> str:
@@ -55,4 +60,6 @@ def vllm_error(status: int, body: bytes) -> Optional[bytes]:
     if not isinstance(err, dict) or not isinstance(err.get("message"), str):
         return None
     message = err["message"]
+    if status in _ROUTING_BODIES and message.startswith(_SMG_ROUTING):
+        return _ROUTING_BODIES[status]  # a method or path smg has no route for (GET /v1/chat/completions)
     return json.dumps(error_object(http_message(message), http_param(message, err.get("param")), status)).encode()
