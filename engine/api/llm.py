@@ -225,8 +225,9 @@ class LLM:
         request_id = str(next(self._counter))
         n = params.n if isinstance(params, SamplingParams) else 1  # anything else: process_inputs says what
         if n == 1:
-            return [self.engine.process_inputs(request_id, prompt, params, lora_request=lora)]
-        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0), lora_request=lora)
+            return [self.engine.process_inputs(request_id, prompt, params, lora_request=lora, cap_max_tokens=True)]
+        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0), lora_request=lora,
+                                           cap_max_tokens=True)
         return [first] + [dataclasses.replace(first, request_id=f"{request_id}-{i}", params=params.sample(i))
                           for i in range(1, n)]
 
