@@ -216,7 +216,13 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [_gathered([finished[r.request_id] for r in group]) for group in groups]
+        outputs = [_gathered([finished[r.request_id] for r in group]) for group in groups]
+        for out, lora in zip(outputs, loras):
+            if lora is not None:  # vLLM's RequestOutput.lora_request and CompletionOutput.lora_request
+                out.lora_request = lora
+                for comp in out.outputs:
+                    comp.lora_request = lora
+        return outputs
 
     def _samples(self, prompt: PromptType, params: Optional[SamplingParams],
                  lora: Optional[LoRARequest] = None) -> list[ProcessedRequest]:
