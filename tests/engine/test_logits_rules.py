@@ -60,6 +60,25 @@ def test_bad_words_tokenized_with_and_without_a_leading_space_as_vllm():
         bad_words_token_ids(_Tok(), ["z"], 20)
 
 
+def test_refused_with_speculative_decoding_not_ignored():
+    from types import SimpleNamespace
+
+    from moelink.engine.core.logits_rules import checked_logits_rules
+
+    engine = SimpleNamespace(config=SimpleNamespace(model=SimpleNamespace(vocab_size=V), speculative=object()),
+                             tokenizer=_Tok())
+    plain = SamplingParams()
+    assert checked_logits_rules(engine, plain) is plain
+    for kw, field in ((dict(logit_bias={1: 1.0}), "logit_bias"), (dict(allowed_token_ids=[1]), "allowed_token_ids"),
+                      (dict(bad_words=["ab"]), "bad_words")):
+        with pytest.raises(ValueError, match=rf"^SamplingParams\.{field} is not supported with speculative decoding"):
+            checked_logits_rules(engine, SamplingParams(**kw))
+    engine.config.speculative = None
+    shared = SamplingParams(bad_words=["ab"])
+    got = checked_logits_rules(engine, shared)
+    assert got.bad_words_token_ids == [[1, 2]] and shared.bad_words_token_ids is None  # the caller's is not changed
+
+
 # -- the sampler against a plain-torch reference ----------------------------------------------------------------------
 def _reference(logits_BV, params, outputs):
     """Each rule's effect as vLLM's processors have it, row by row in plain torch."""
