@@ -216,7 +216,13 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [_gathered([finished[r.request_id] for r in group]) for group in groups]
+        outputs = [_gathered([finished[r.request_id] for r in group]) for group in groups]
+        for out, lora in zip(outputs, loras):
+            if lora is not None:  # vLLM's RequestOutput.lora_request and CompletionOutput.lora_request
+                out.lora_request = lora
+                for comp in out.outputs:
+                    comp.lora_request = lora
+        return outputs
 
     def _samples(self, prompt: PromptType, params: Optional[SamplingParams],
                  lora: Optional[LoRARequest] = None) -> list[ProcessedRequest]:
@@ -225,8 +231,9 @@ class LLM:
         request_id = str(next(self._counter))
         n = params.n if isinstance(params, SamplingParams) else 1  # anything else: process_inputs says what
         if n == 1:
-            return [self.engine.process_inputs(request_id, prompt, params, lora_request=lora)]
-        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0), lora_request=lora)
+            return [self.engine.process_inputs(request_id, prompt, params, lora_request=lora, cap_max_tokens=True)]
+        first = self.engine.process_inputs(f"{request_id}-0", prompt, params.sample(0), lora_request=lora,
+                                           cap_max_tokens=True)
         return [first] + [dataclasses.replace(first, request_id=f"{request_id}-{i}", params=params.sample(i))
                           for i in range(1, n)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from .kv_transfer_params import KVTransferParams
 from .safe_text import shown
@@ -68,7 +68,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1  # -1 (or 0) disables
+    top_k: int = 0  # 0 (or -1, still accepted) disables, as vLLM 0.32
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -105,6 +105,20 @@ class SamplingParams:
     # Prefill/decode disaggregation (engine/contract/kv_transfer_params.py): save this request's prompt KV for a
     # decode engine, or load it from the prefill engine that saved it. A dict in vLLM's shape is converted.
     kv_transfer_params: Optional[KVTransferParams] = None
+    # vLLM's logits processors, applied by the rank's sampler after the logprobs are taken, before the penalties
+    # (engine/rank/logits_rules.py): {token id: bias} added to the logits (a dict of token-id strings, as JSON
+    # carries it, is read as ids); the only token ids the request may sample; words it may never complete (each
+    # tokenized at intake with and without a leading space: `bad_words_token_ids`).
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    # Whether the text puts a space between two added (special) tokens when skip_special_tokens=False (vLLM's).
+    spaces_between_special_tokens: bool = True
+    # Arbitrary data for custom sampling code (vLLM's): carried, read by nothing in the engine.
+    extra_args: Optional[dict[str, Any]] = None
+    # Set at intake (engine/core/input_processing.py) from bad_words and the tokenizer: the token-id sequences the
+    # sampler keeps the output from completing; None when there are no bad words.
+    bad_words_token_ids: Optional[list[list[int]]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -115,7 +129,7 @@ class SamplingParams:
         for name, allowed in FLOAT_RANGES.items():
             value = getattr(self, name)
             _check(value in allowed, name, value, f"must be a finite number in {allowed}")
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "must be -1 (disabled), 0 (disabled) or a positive integer")
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "must be 0 (disabled), -1 (disabled) or a positive integer")
         # An int64, as both gRPC protos carry it and vLLM's OpenAI server bounds it: a larger one from JSON (HTTP
         # /generate, the Python API) overflowed torch's generator seed at the rank and killed the engine loop for every
         # user (issue 76, found beside item 12). Sample i draws with seed + i, within torch's [-2^63, 2^64).
@@ -153,11 +167,40 @@ class SamplingParams:
                or not self.return_routed_experts, "return_routed_experts", self.return_routed_experts,
                "must be False with kv_transfer_params' do_remote_prefill (the prompt is prefilled elsewhere)")
         self._check_forced_routing()
+        self._check_logits_rules()
         # A remote prefill's KV is loaded, not computed here: nothing would score the prompt.
         _check(self.kv_transfer_params is None or not self.kv_transfer_params.do_remote_prefill
                or self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs,
                "must be None with kv_transfer_params' do_remote_prefill (the prompt is prefilled elsewhere: ask the "
                "prefill engine)")
+
+    def _check_logits_rules(self) -> None:
+        """logit_bias, allowed_token_ids, bad_words, extra_args: their shapes here; their token ids against the
+        vocabulary at intake (engine/core/input_processing.py), where the model is known."""
+        _check(isinstance(self.spaces_between_special_tokens, bool), "spaces_between_special_tokens",
+               self.spaces_between_special_tokens, "must be True or False")
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
+                   "must be a dict of {token id: bias} or None")
+            self.logit_bias = {_token_key(k): _bias(k, v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            _check(isinstance(ids, (list, tuple)) and len(ids) > 0 and all(_is_int(t) and t >= 0 for t in ids),
+                   "allowed_token_ids", ids, "must be a non-empty list of token ids (integers >= 0) or None")
+            self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            words = self.bad_words
+            _check(isinstance(words, (list, tuple)) and all(isinstance(w, str) and w for w in words), "bad_words",
+                   words, "must be a list of non-empty strings or None")
+            self.bad_words = list(dict.fromkeys(words))  # vLLM drops repeats, keeping the first's place
+        _check(self.extra_args is None or (isinstance(self.extra_args, dict) and _int64_leaves(self.extra_args)),
+               "extra_args", self.extra_args, "must be a dict or None, its integers in [-2^63, 2^64) (vLLM's)")
+
+    @property
+    def logits_rules(self) -> bool:
+        """Whether the rank's sampler edits this request's logits (a bias, allowed ids or bad words): what the
+        persistent batch reads once per request (engine/rank/input_batch.py)."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or bool(self.bad_words_token_ids)
 
     def _check_forced_routing(self) -> None:
         if self.forced_routed_experts is None:
@@ -201,6 +244,35 @@ def _shape_of(value) -> str:
     """What a message shows of an array-like: its shape and dtype, not its values."""
     shape = getattr(value, "shape", None)
     return f"<{type(value).__name__} shape {tuple(shape)}>" if shape is not None else f"<{type(value).__name__}>"
+
+
+def _token_key(key) -> int:
+    """A logit_bias key as a token id: an int, or a string of one (JSON's object keys are strings)."""
+    if isinstance(key, str):
+        try:
+            key = int(key)
+        except ValueError:
+            key = None
+    _check(_is_int(key) and key >= 0, "logit_bias", key, "keys must be token ids (integers >= 0, or strings of one)")
+    return key
+
+
+def _bias(key, value) -> float:
+    # Finite only: inf - inf is NaN, and a NaN logit poisons the row's softmax. vLLM's offline SamplingParams takes
+    # any float; its OpenAI server clamps to [-100, 100] (the front does too).
+    _check(_is_num(value) and math.isfinite(value), f"logit_bias[{key}]", value, "must be a finite number")
+    return float(value)
+
+
+def _int64_leaves(value, depth: int = 0) -> bool:
+    """Every integer inside (keys included) fits vLLM's msgpack transport, [-2^63, 2^64); nesting bounded."""
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return all(_int64_leaves(k, depth + 1) and _int64_leaves(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_int64_leaves(v, depth + 1) for v in value)
+    return not _is_int(value) or -(1 << 63) <= value < 1 << 64
 
 
 def _is_int(v) -> bool:

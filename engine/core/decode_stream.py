@@ -17,26 +17,47 @@ from tokenizers.decoders import DecodeStream  # tokenizers >= 0.21 (pyproject.to
 
 
 class StreamDecoder:
-    """One request's DecodeStream over the tokenizer's Rust backend."""
+    """One request's DecodeStream over the tokenizer's Rust backend.
 
-    def __init__(self, backend, skip_special_tokens: bool, context: Sequence[int]):
+    `spaces_between_special_tokens=False` (SamplingParams', with skip_special_tokens=False) writes an added token
+    that follows another as its bare content, without the space a decoder may put before it (vLLM's fast
+    detokenizer's rule; a byte-level BPE or Metaspace decoder puts none, so there it changes nothing)."""
+
+    def __init__(self, backend, skip_special_tokens: bool, context: Sequence[int],
+                 spaces_between_special_tokens: bool = True):
         self._backend = backend
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         for tid in context:  # primed: their text is the prompt's, not output
             self._stream.step(backend, tid)
+        # id -> content of the added tokens, only when their spaces are to be dropped; None otherwise (the usual).
+        self._added: dict[int, str] | None = None
+        self._last_added = False
+        if not (skip_special_tokens or spaces_between_special_tokens):
+            added = {tid: tok.content for tid, tok in backend.get_added_tokens_decoder().items()}
+            self._added = added or None
 
     def step(self, ids: Sequence[int]) -> str | None:
         """The text `ids` release (possibly ""), or None when the stream refused them (the caller falls back)."""
         step, backend = self._stream.step, self._backend
         try:
+            if self._added is not None:
+                return "".join(self._unspaced(tid, step(backend, tid)) for tid in ids)
             if len(ids) == 1:
                 return step(backend, ids[0]) or ""
             return "".join(piece for tid in ids if (piece := step(backend, tid)))
         except Exception:  # noqa: BLE001  (DecodeStream's InvalidPrefix and friends: the Python window takes over)
             return None
 
+    def _unspaced(self, tid: int, piece: str | None) -> str:
+        content = self._added.get(tid) if self._added is not None else None
+        if content is not None and self._last_added:
+            piece = content
+        self._last_added = content is not None
+        return piece or ""
 
-def stream_decoder(tokenizer, skip_special_tokens: bool, context: Sequence[int]) -> StreamDecoder | None:
+
+def stream_decoder(tokenizer, skip_special_tokens: bool, context: Sequence[int],
+                   spaces_between_special_tokens: bool = True) -> StreamDecoder | None:
     """A StreamDecoder for `tokenizer` where it has a Rust backend and decodes without a clean-up pass; else None."""
     if getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return None
@@ -44,7 +65,7 @@ def stream_decoder(tokenizer, skip_special_tokens: bool, context: Sequence[int])
     if backend is None or not hasattr(backend, "decode"):
         return None
     try:
-        return StreamDecoder(backend, skip_special_tokens, context)
+        return StreamDecoder(backend, skip_special_tokens, context, spaces_between_special_tokens)
     except Exception:  # noqa: BLE001  (a prompt context the stream refuses: the Python window)
         return None
 

@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
+from .logits_rules import checked_logits_rules
 from .no_tokenizer import NoTokenizer
 from ..contract.safe_text import shown
 from ..contract.lora import LoRARequest
@@ -95,18 +96,20 @@ def check_prompt_dict(prompt: dict, multimodal) -> None:
 
 def process_inputs(engine, request_id: str, prompt: PromptType, params: SamplingParams | None,
                field: str | None = None, compile_grammar: bool = True,
-               lora_request: LoRARequest | None = None) -> ProcessedRequest:
+               lora_request: LoRARequest | None = None, cap_max_tokens: bool = False) -> ProcessedRequest:
     """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
     `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
     passes the name of the proto field it came from). `compile_grammar=False`: leave `grammar` unset for a
     caller that awaits the compile itself (AsyncEngine.compile_grammar), holding no thread while it runs.
+    `cap_max_tokens`: a max_tokens past the context generates up to the context (vLLM's offline LLM), instead of
+    the servers' refusal (vLLM's OpenAI server answers 400).
     """
-    params = _checked_params(engine, request_id, params)
+    params = checked_logits_rules(engine, _checked_params(engine, request_id, params))
     lora = _checked_lora(engine, lora_request)
     text, ids, mm, field = _prompt_token_ids(engine, prompt, params, field)
     ids = _fitted_prompt(engine, ids, params, field, text, mm)
-    max_tokens = _max_tokens(engine, ids, params, field)
+    max_tokens = _max_tokens(engine, ids, params, field, cap_max_tokens)
     grammar = None
     if params.structured_outputs is not None and compile_grammar:
         # Compiled on the grammar pool; this caller waits, the engine loop does not.
@@ -221,15 +224,19 @@ def _fitted_prompt(engine, ids: list[int], params: SamplingParams, field: str, t
     return ids
 
 
-def _max_tokens(engine, ids: list[int], params: SamplingParams, field: str) -> int:
+def _max_tokens(engine, ids: list[int], params: SamplingParams, field: str, cap: bool = False) -> int:
     """The most tokens the request may generate: its max_tokens, or what the context leaves after the prompt when
-    unset; its stop token ids checked against the vocabulary first."""
+    unset (or, with `cap`, when max_tokens asks more); its stop token ids checked against the vocabulary first."""
     vocab, max_len = engine.config.model.vocab_size, engine.config.scheduler.max_model_len
     bad = _first_bad_id(params.stop_token_ids, vocab)
     if bad is not None:
         raise ValueError(f"SamplingParams.stop_token_ids contains {shown(params.stop_token_ids[bad])}: "
                          f"token ids must be in [0, {vocab}).")
     room = max_len - len(ids)
+    if cap:
+        # vLLM's offline LLM neither refuses nor rewrites such a max_tokens: its scheduler stops the request when
+        # the sequence reaches max_model_len (finish_reason "length"); SamplingParams.max_tokens stays as given.
+        return room if params.max_tokens is None else min(params.max_tokens, room)
     if params.max_tokens is not None and params.max_tokens > room:
         # Refused, not clamped (vLLM answers 400): a client that asked for N tokens and silently got fewer
         # would read finish_reason="length" as its own limit.

@@ -179,14 +179,14 @@ class LLMEngine:
     # -- input validation -----------------------------------------------------
     def process_inputs(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
                        field: str | None = None, compile_grammar: bool = True,
-                       lora_request: LoRARequest | None = None) -> ProcessedRequest:
+                       lora_request: LoRARequest | None = None, cap_max_tokens: bool = False) -> ProcessedRequest:
         """Tokenize and validate; raises ValueError naming the bad field. Thread-safe (reads only).
 
         `field`: what messages call the prompt (default "prompt", or "prompt_token_ids" for ids; a server
         passes the name of the proto field it came from). The rules: engine/core/input_processing.py."""
         if self.config.seed is not None and (params is None or params.seed is None):
             params = self._seeded(params)
-        return process_inputs(self, request_id, prompt, params, field, compile_grammar, lora_request)
+        return process_inputs(self, request_id, prompt, params, field, compile_grammar, lora_request, cap_max_tokens)
 
     def _seeded(self, params: SamplingParams | None) -> SamplingParams:
         """vLLM's --seed: a request without a seed gets one from the engine's seed and its arrival number, so

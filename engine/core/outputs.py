@@ -31,6 +31,8 @@ class CompletionOutput:
     # SamplingParams.return_routed_experts, on the finished output: int [prompt + generated - 1, MoE layers, top_k],
     # the logical expert ids each forwarded position was routed to (int16 when they fit); None otherwise.
     routed_experts: Optional[Any] = None
+    # The LoRA adapter that generated it (vLLM's; LLM.generate sets it); None: the base model.
+    lora_request: Optional[Any] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -59,3 +61,10 @@ class RequestOutput:
     # first.
     weight_version: Optional[str] = None
     weight_versions: Optional[tuple] = None
+    # vLLM's other attributes: the LoRA adapter that served it (LLM.generate sets it; None: the base model); the
+    # encoder prompt of an encoder-decoder model (moelink serves decoder-only models: always None, as vLLM's for
+    # them); prompt tokens written to the prefix cache (vLLM's num_cache_creation_tokens: not counted here, None).
+    lora_request: Optional[Any] = None
+    encoder_prompt: Optional[str] = None
+    encoder_prompt_token_ids: Optional[list[int]] = None
+    num_cache_creation_tokens: Optional[int] = None

@@ -13,6 +13,8 @@ parameters and (when it uses penalties) its token counts live in that row, writt
 * sampling parameters as arrays (temperature, top-k, top-p, min-p, penalties), neutral on greedy rows exactly as
   `SamplingMetadata.build` makes them, plus counts of rows using each feature so an all-greedy batch builds
   nothing;
+* logit biases, allowed ids and bad words (engine/rank/logits_rules.py): per request that sets one, a slot on
+  the device filled once, as the penalties' are;
 * penalties (`PenaltyCounts`): per penalised request, its output-token counts and prompt-seen mask on the device
   (float32 / bool [P, V]), filled once when the row is added and then advanced on the device by every step's
   sampled ids, in stream order: the host never rebuilds a [B, V] tensor from token lists, and tokens still on the
@@ -32,6 +34,7 @@ from moelink.scheduler.sliding_kv import NULL_BLOCK
 
 from ..contract.host_copy import to_device
 from ..contract.sampling_params import SamplingParams
+from .logits_rules import LogitsRules, RuleFill
 
 
 @dataclass
@@ -192,6 +195,10 @@ class PersistentBatch:
         self.presence_R = np.zeros(capacity, dtype=np.float32)
         self.penalty_slot_R = np.full(capacity, -1, dtype=np.int64)
         self.penalties: PenaltyCounts | None = None  # made by the first penalised request
+        # vLLM's logits processors (logit_bias, allowed_token_ids, bad_words): engine/rank/logits_rules.py.
+        self.rules_slot_R = np.full(capacity, -1, dtype=np.int64)
+        self.rules: LogitsRules | None = None  # made by the first request that sets one
+        self.num_rules = 0
         # Rows using each feature: a step whose batch has none of them skips that feature's work.
         self.num_random = self.num_top_k = self.num_top_p = self.num_min_p = 0
         self.num_penalised = self.num_repetition = self.num_seeded = self.num_min_tokens = self.num_logprobs = 0
@@ -240,6 +247,11 @@ class PersistentBatch:
             self.presence_R[r] = p.presence_penalty
             self.num_penalised += 1
             self.num_repetition += p.repetition_penalty != 1.0
+        if p.logits_rules:
+            if self.rules is None:
+                self.rules = LogitsRules(self.V, self.device)
+            self.rules_slot_R[r] = self.rules.add(p, st.output_token_ids)
+            self.num_rules += 1
         self.num_min_tokens += p.min_tokens > 0
         self.num_logprobs += p.logprobs is not None
         return r
@@ -261,6 +273,11 @@ class PersistentBatch:
             self.penalties.remove(slot)
             self.num_penalised -= 1
             self.num_repetition -= bool(self.repetition_R[r] != 1.0)
+        rule_slot = int(self.rules_slot_R[r])
+        if rule_slot >= 0:
+            self.rules.remove(rule_slot)
+            self.num_rules -= 1
+            self.rules_slot_R[r] = -1
         self.num_min_tokens -= p.min_tokens > 0
         self.num_logprobs -= p.logprobs is not None
         self.greedy_R[r], self.temperature_R[r], self.top_k_R[r] = True, 1.0, self.V
@@ -288,13 +305,19 @@ class PersistentBatch:
 
     # -- one step ------------------------------------------------------------------
     def take_device_ops(self) -> list:
-        """What the next step's device work must apply first (`apply_device_ops`): the penalty slots filled
-        since the last step."""
-        return self.penalties.take_ops() if self.penalties is not None else []
+        """What the next step's device work must apply first (`apply_device_ops`): the penalty and logits-rule
+        slots filled since the last step (empty when none)."""
+        ops: list = self.penalties.take_ops() if self.penalties is not None else []
+        return ops + self.rules.take_ops() if self.rules is not None else ops
 
     def apply_device_ops(self, ops: list) -> None:
-        if ops:
-            self.penalties.apply(ops)
+        if not ops:
+            return
+        fills = [op for op in ops if isinstance(op, RuleFill)]
+        if len(fills) < len(ops):
+            self.penalties.apply([op for op in ops if not isinstance(op, RuleFill)])
+        if fills:
+            self.rules.apply(fills)
 
     def rows_of(self, states: list[CachedRequestState]) -> np.ndarray:
         return np.fromiter((st.row for st in states), dtype=np.intp, count=len(states))
@@ -308,7 +331,7 @@ class PersistentBatch:
     def _grow_rows(self) -> None:
         R = len(self.states)
         for name in ("block_table_RM", "num_blocks_R", "greedy_R", "temperature_R", "top_k_R", "top_p_R", "min_p_R",
-                     "repetition_R", "frequency_R", "presence_R", "penalty_slot_R"):
+                     "repetition_R", "frequency_R", "presence_R", "penalty_slot_R", "rules_slot_R"):
             old = getattr(self, name)
             new = np.empty((2 * R,) + old.shape[1:], dtype=old.dtype)
             new[:R] = old
@@ -332,7 +355,8 @@ class PersistentBatch:
 
 
 # What a grown row holds before a request takes it (the neutral sampling values; top_k_R: V).
-_NEUTRAL = {"greedy_R": True, "temperature_R": 1.0, "top_p_R": 1.0, "repetition_R": 1.0, "penalty_slot_R": -1}
+_NEUTRAL = {"greedy_R": True, "temperature_R": 1.0, "top_p_R": 1.0, "repetition_R": 1.0, "penalty_slot_R": -1,
+            "rules_slot_R": -1}
 
 
 __all__ = ["PenaltyCounts", "PersistentBatch"]

@@ -13,7 +13,9 @@ Order of a step:
        before its sampler, so a logprob never names a token the grammar forbids;
     2. logprobs of that *raw* distribution (before any other processing, as in vLLM v1, so a client sees what the
        model thought among what it could emit);
-    3. penalties (repetition, frequency, presence), then min_tokens blocking;
+    3. the requests' logits processors (logit_bias, allowed_token_ids, bad_words: engine/rank/logits_rules.py,
+       vLLM's order: after the logprobs, before the penalties), penalties (repetition, frequency, presence), then
+       min_tokens blocking;
     4. greedy rows take the argmax here;
     5. other rows: temperature, min-p, top-k, top-p, then an exponential race.
 
@@ -37,6 +39,7 @@ from moelink.engine.rank.sampling_metadata import SamplingMetadata
 from moelink.scheduler.outputs import TokenLogprobs
 
 from ..contract.logprob_rows import pack_token_logprobs, unpack_logprobs
+from .logits_rules import apply_logits_rules
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingMetadata"]
 
@@ -80,7 +83,7 @@ class Sampler:
                 f"({meta.num_rows} rows, vocab {meta.vocab_size})."
             )
         if (meta.all_greedy and meta.no_penalties and meta.no_min_tokens and meta.no_logprobs
-                and meta.grammar_allowed_BV is None):
+                and meta.grammar_allowed_BV is None and meta.logits_rules is None):
             # Casting to float32 is monotone and exact, so argmax needs no cast.
             return SamplerOutput(logits_BV.argmax(dim=-1))
 
@@ -92,6 +95,8 @@ class Sampler:
         if not meta.no_logprobs:
             logprobs_LV = torch.log_softmax(logits[meta.logprob_rows_L], dim=-1)
 
+        if meta.logits_rules is not None:
+            apply_logits_rules(logits, meta.logits_rules)
         if not meta.no_penalties:
             apply_penalties(logits, meta)
         if not meta.no_min_tokens:

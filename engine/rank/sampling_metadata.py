@@ -19,6 +19,8 @@ import torch
 from moelink.engine.contract.host_copy import to_device
 from moelink.engine.contract.sampling_params import SamplingParams
 
+from .logits_rules import StepRules, record_tails
+
 if TYPE_CHECKING:
     from moelink.engine.rank.input_batch import PenaltyCounts, PersistentBatch
 
@@ -83,6 +85,8 @@ class SamplingMetadata:
 
     # bool [B, V]: False where a constrained row's grammar forbids the token; None when no row is constrained.
     grammar_allowed_BV: Optional[torch.Tensor] = None
+    # The rows with a logit bias, allowed ids or bad words (engine/rank/logits_rules.py); None when no row sets one.
+    logits_rules: Optional[StepRules] = None
 
     @property
     def no_logprobs(self) -> bool:
@@ -182,6 +186,11 @@ class SamplingMetadata:
                 meta.penalty_needs_seen = bool((batch.repetition_R[rows_B] != 1.0).any())
                 meta.penalised_rows_Q = to_device(np.flatnonzero(has_B), torch.long, device)
                 meta.penalised_slots_Q = to_device(slots_B[has_B], torch.long, device)
+        if batch.num_rules:
+            slots_B = batch.rules_slot_R[rows_B]
+            has_B = slots_B >= 0
+            if has_B.any():
+                meta.logits_rules = batch.rules.for_step(np.flatnonzero(has_B), slots_B[has_B])
         if batch.num_min_tokens:
             meta._build_min_tokens([st.params for st in states], [len(st.output_token_ids) for st in states],
                                    num_pending, eos_token_ids, device)
@@ -272,7 +281,10 @@ class SamplingMetadata:
         return counts_BV, seen_BV
 
     def record_penalised(self, token_ids_B: torch.Tensor) -> None:
-        """After sampling (`from_batch` metadata): count the penalised rows' new tokens on the device."""
+        """After sampling (`from_batch` metadata): count the penalised rows' new tokens on the device, and move the
+        bad words' tails on (logits_rules.record_tails)."""
+        if self.logits_rules is not None:
+            record_tails(self.logits_rules, token_ids_B)
         if self.penalised_rows_Q is not None:
             self.penalty_counts.record(self.penalised_slots_Q, token_ids_B.index_select(0, self.penalised_rows_Q))
 

@@ -32,7 +32,7 @@ from .limits import RequestLimits
 from .mm_wire import media_from_proto
 from ..multimodal.spec import multimodal_architecture, published_model_type
 from .pd_role import kv_params_from_json, kv_params_to_json, with_role_default
-from .proto_params import ProtoReading, listed, plain, present, zero_means
+from .proto_params import ProtoReading, as_sent, listed, plain, present, zero_means
 from .proto_params import sampling_params_from_proto as params_from_proto
 from .serving import Serving, abort_rpc, top_logprobs, wire_logprob, wire_message
 from .gateway.quirks import streamed_abort_as_error
@@ -57,7 +57,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # repetition_penalty), as vLLM reads them.
 VLLM_READING = ProtoReading(
     fields=dict(
-        temperature=present("temperature", 1.0), top_p=zero_means("top_p", 1.0), top_k=zero_means("top_k", -1),
+        temperature=present("temperature", 1.0), top_p=zero_means("top_p", 1.0), top_k=plain("top_k"),
         min_p=plain("min_p"), frequency_penalty=plain("frequency_penalty"), presence_penalty=plain("presence_penalty"),
         repetition_penalty=zero_means("repetition_penalty", 1.0),
         max_tokens=present("max_tokens"),  # unset: until the context is full, as in vLLM
@@ -69,9 +69,10 @@ VLLM_READING = ProtoReading(
         # This protocol carries token ids only (the gateway detokenizes): text is needed here just to match
         # stop strings.
         detokenize=lambda sp: bool(sp.stop),
+        # map<int32, float>: a bias is a float32 on the wire, read as its sender wrote it (proto_params.as_sent).
+        logit_bias=lambda sp: {t: as_sent(b) for t, b in sp.logit_bias.items()} or None,
     ),
     n=zero_means("n", 1),
-    refuse=((lambda sp: bool(sp.logit_bias), "sampling_params.logit_bias is not supported yet."),),
 )
 
 

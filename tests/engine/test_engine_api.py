@@ -96,16 +96,20 @@ def test_bad_prompts_raise_and_leak_nothing(llm, prompt, params, field):
     assert _free(llm)
 
 
-def test_max_tokens_beyond_the_context_is_refused_not_clamped(llm):
-    """vLLM answers 400 where prompt + max_tokens > max_model_len; clamping hid it (finish_reason "length" at a
-    count the client never asked for). Unset max_tokens still means "up to the context"."""
+def test_max_tokens_beyond_the_context_is_capped_offline_and_refused_by_the_servers(llm):
+    """vLLM's offline LLM generates up to the context where prompt + max_tokens > max_model_len (its scheduler
+    stops the request at max_model_len, finish_reason "length"); its OpenAI server answers 400, and so do the
+    servers' intake (engine.process_inputs) here. Unset max_tokens means "up to the context" for both."""
     msg = (r"SamplingParams\.max_tokens=13 is too large: this model's maximum context length is 512 tokens and the "
            r"prompt_token_ids has 500 tokens \(13 > 512 - 500\); ask for at most 12")
     with pytest.raises(ValueError, match=msg):
-        llm.generate(["a fine prompt", [1] * 500], SamplingParams(max_tokens=13), use_tqdm=False)
-    assert _free(llm)
-    exact = llm.generate([[1] * 500], SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0]
-    assert len(exact.token_ids) == 12 and exact.finish_reason == "length"
+        llm.engine.process_inputs("too-long", [1] * 500, SamplingParams(max_tokens=13))
+    capped = llm.generate([[1] * 500], SamplingParams(max_tokens=13, ignore_eos=True, temperature=0),
+                         use_tqdm=False)[0].outputs[0]
+    assert len(capped.token_ids) == 12 and capped.finish_reason == "length"
+    exact = llm.generate([[1] * 500], SamplingParams(max_tokens=12, ignore_eos=True, temperature=0),
+                         use_tqdm=False)[0].outputs[0]
+    assert exact.token_ids == capped.token_ids and exact.finish_reason == "length"
     unset = llm.generate([[1] * 505], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert len(unset.token_ids) == 7 and unset.finish_reason == "length"
     assert _free(llm)

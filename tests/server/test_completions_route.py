@@ -118,7 +118,9 @@ def test_fields_left_out_take_the_checkpoints_generation_config():
 
 def test_the_request_reader_refuses_what_the_engine_cannot_do_naming_the_field():
     for body, field in (({"suffix": "x"}, "suffix"), ({"use_beam_search": True}, "use_beam_search"),
-                        ({"logit_bias": {"1": 5}}, "logit_bias"), ({"max_tokens": 0}, "max_tokens"),
+                        ({"logit_bias": {"a": 5}}, "logit_bias"), ({"logit_bias": {"1": "x"}}, "logit_bias"),
+                        ({"allowed_token_ids": [-1]}, "allowed_token_ids"), ({"bad_words": [""]}, "bad_words"),
+                        ({"max_tokens": 0}, "max_tokens"),
                         ({"logprobs": -1}, "logprobs"), ({"logprobs": 21}, "logprobs"),
                         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
                         ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -128,7 +130,12 @@ def test_the_request_reader_refuses_what_the_engine_cannot_do_naming_the_field()
         with pytest.raises(HttpFieldError) as e:
             _request(**body)
         assert e.value.field == field, (body, str(e.value))
-    assert _request(suffix=None, logit_bias={}, use_beam_search=False, top_k=0).params.top_k == -1
+    assert _request(suffix=None, logit_bias={}, use_beam_search=False, top_k=0).params.top_k == 0
+    # vLLM's logits processors are read as its server reads them: biases clamped to [-100, 100], keys token ids
+    params = _request(logit_bias={"7": 300, "9": -2.5}, allowed_token_ids=[7, 9], bad_words=["no"],
+                      spaces_between_special_tokens=False).params
+    assert params.logit_bias == {7: 100.0, 9: -2.5} and params.allowed_token_ids == [7, 9]
+    assert params.bad_words == ["no"] and params.spaces_between_special_tokens is False
     # vLLM's structured-output fields stay smg's (relayed as before); the rest is answered here; a field nobody reads
     # is named (the front answers 400), never relayed to be dropped
     assert claims({"prompt": "x", "logprobs": 1, "echo": True}) and not claims({"prompt": "x", "guided_choice": ["a"]})
@@ -230,6 +237,23 @@ def test_top_logprobs_streams_and_n(port, offline):
     for i in (0, 1):
         assert "".join(e["choices"][0]["text"] for e in streamed if e["choices"][0]["index"] == i) == \
             two["choices"][i]["text"]
+
+
+@pytest.mark.slow  # over 1 s
+def test_logit_bias_allowed_token_ids_and_bad_words_as_the_python_api(port, offline):
+    """vLLM's logits processors over HTTP (issue 79): the same tokens as the Python API's with the same fields."""
+    body = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    cases = ((dict(logit_bias={"7": 100}), dict(logit_bias={7: 100.0})),
+             (dict(logit_bias={"7": 5.5, "9": -100}, allowed_token_ids=[7, 9, 11, 300]),
+              dict(logit_bias={7: 5.5, 9: -100.0}, allowed_token_ids=[7, 9, 11, 300])),
+             (dict(bad_words=["the", "of"]), dict(bad_words=["the", "of"])))
+    for http_fields, api_fields in cases:
+        want = offline.generate(PROMPT, SamplingParams(**body, **api_fields), use_tqdm=False)[0].outputs[0]
+        got = _ok(port, prompt=PROMPT, return_token_ids=True, **body, **http_fields)["choices"][0]
+        assert got["token_ids"] == want.token_ids, http_fields
+    status, raw = http_request(port, "POST", "/v1/completions",
+                               {"model": SERVED, "prompt": "x", "logit_bias": {"999999": 1}})
+    assert status == 400 and "logit_bias" in json.loads(raw)["error"]["message"], raw
 
 
 def test_refusals_name_the_field_and_an_unknown_model_is_404(port):

@@ -5,7 +5,8 @@ vLLM's request (its `CompletionRequest`, vLLM 0.32): `prompt` a string, a list o
 list of token-id lists (each one prompt, `n` samples each); `max_tokens` (default 16; 0 only with `echo`: the prompt
 alone is answered, the engine still runs one step, as vLLM runs it), the sampling fields (`temperature`, `top_p`,
 `top_k`, `min_p`, `seed`, penalties, `min_tokens`, `stop`, `stop_token_ids`, `ignore_eos`,
-`include_stop_str_in_output`, `skip_special_tokens`), `logprobs` (top-n per token), `echo`, `prompt_logprobs`
+`include_stop_str_in_output`, `skip_special_tokens`, `spaces_between_special_tokens`, `logit_bias` (keys token-id
+strings, biases clamped to [-100, 100] as vLLM's server does), `allowed_token_ids`, `bad_words`), `logprobs` (top-n per token), `echo`, `prompt_logprobs`
 (`echo` with `logprobs` asks them as vLLM does: prompt_logprobs = logprobs), `stream`, `stream_options`
 (`include_usage`, `continuous_usage_stats`), `return_token_ids`, `truncate_prompt_tokens`, `request_id`, `user`
 (taken, not used: vLLM logs it), `model` (a served name, an alias or a served LoRA adapter; another name is 404).
@@ -35,24 +36,22 @@ SAMPLING = {"temperature": ("temperature", "number"), "top_p": ("top_p", "number
             "presence_penalty": ("presence_penalty", "number"), "frequency_penalty": ("frequency_penalty", "number"),
             "min_tokens": ("min_tokens", "int"), "stop": ("stop", "strs"), "stop_token_ids": ("stop_token_ids", "ints"),
             "ignore_eos": ("ignore_eos", "bool"), "include_stop_str_in_output": ("include_stop_str_in_output", "bool"),
-            "skip_special_tokens": ("skip_special_tokens", "bool")}
+            "skip_special_tokens": ("skip_special_tokens", "bool"),
+            "spaces_between_special_tokens": ("spaces_between_special_tokens", "bool"),
+            "allowed_token_ids": ("allowed_token_ids", "ints"), "bad_words": ("bad_words", "strs")}
 LOCAL_FIELDS = frozenset(SAMPLING) | {"model", "prompt", "max_tokens", "logprobs", "echo", "prompt_logprobs", "stream",
                                       "stream_options", "user", "return_token_ids", "truncate_prompt_tokens",
-                                      "request_id"}
+                                      "request_id", "logit_bias"}
 # vLLM's fields the engine cannot honour: field -> (its neutral values, why). Neutral: taken; anything else: 400.
 REFUSED = {
     "suffix": ((None, ""), "moelink's models take no suffix (vLLM refuses it for every model it serves too)"),
     "use_beam_search": ((None, False), "moelink has no beam search"),
     "length_penalty": ((None, 1, 1.0), "it applies to beam search, which moelink has not"),
-    "logit_bias": ((None, {}), "moelink does not apply logit biases"),
-    "allowed_token_ids": ((None,), "moelink does not restrict the vocabulary per request"),
-    "bad_words": ((None, []), "moelink has no bad-words filter"),
     "logprob_token_ids": ((None,), "moelink returns the top-n logprobs (`logprobs`), not chosen tokens'"),
     "return_tokens_as_token_ids": ((None, False), "tokens are answered as text"),
     "prompt_embeds": ((None,), "moelink takes text or token ids"),
     "add_special_tokens": ((None, True), "text prompts are tokenized with the model's special tokens; send token "
                                          "ids for another tokenization"),
-    "spaces_between_special_tokens": ((None, True), "the detokenizer always puts them"),
     "priority": ((None, 0), "moelink's scheduler shares by client, not by priority"),
     "cache_salt": ((None,), "moelink's prefix cache takes no salt"),
     "kv_transfer_params": ((None,), "a prefill/decode pair is driven through the gateway's PD mode"),
@@ -137,6 +136,9 @@ def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> Comp
         raise HttpFieldError("max_tokens", f"max_tokens={shown(json.dumps(max_tokens))} is invalid: an integer >= 1 "
                                            "(0 only with echo: the prompt alone is answered).")
     fields = _sampling(data)
+    bias = _logit_bias(data.get("logit_bias"))
+    if bias:
+        fields["logit_bias"] = bias
     for key, value in serving.info.sampling_defaults.items():  # the checkpoint's, for the fields left out (vLLM's)
         if key != "max_tokens" and key not in fields:
             fields[key] = value
@@ -230,9 +232,25 @@ def _sampling(data: dict) -> dict:
                                                             "strs": "a string or a list of strings",
                                                             "ints": "a list of token ids"}[kind] + ".")
         out[name] = [value] if kind == "strs" and isinstance(value, str) else value
-    if out.get("top_k") == 0:
-        out["top_k"] = -1  # vLLM's 0: disabled
+    if out.get("bad_words") == []:
+        del out["bad_words"]  # vLLM's default
     return out
+
+
+def _logit_bias(value: Any) -> Optional[dict]:
+    """vLLM's reading (SamplingParams.from_optional): keys token-id strings, values clamped to [-100, 100]."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise HttpFieldError("logit_bias", f"logit_bias must be an object of {{token id: bias}}, not {kind_of(value)}.")
+    bad = [k for k in value if not k.lstrip("-").isdigit()]
+    if bad:
+        raise HttpFieldError("logit_bias", "logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                                           f"{shown(bad[:8])}")
+    for k, v in value.items():
+        if not ((_is_int(v) or isinstance(v, float)) and math.isfinite(v)):
+            raise HttpFieldError("logit_bias", f"logit_bias[{shown(k)}] must be a number.")
+    return {int(k): min(100.0, max(-100.0, float(v))) for k, v in value.items()}
 
 
 def _check_stops(limits, params: dict) -> None:

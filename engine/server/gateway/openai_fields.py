@@ -17,8 +17,8 @@ field): these refusals hold for those, and for every request through a front bef
 `prompt_logprobs` too: smg drops it and answers without them, so on a relayed request it is HTTP 400 naming the field
 (the front's /v1/completions, the gRPC VllmEngine service and the Python API return them).
 
-`logit_bias` too: smg drops it, and the engine does not apply it (the gRPC services refuse it), so a request
-that sets a bias is HTTP 400 naming the field rather than answered as if it had none.
+`logit_bias` too: smg drops it, so a relayed request that sets a bias is HTTP 400 naming the field rather than
+answered as if it had none (the front's own /v1/completions, the gRPC VllmEngine service and the Python API apply it).
 """
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def rewrite(path: str, body: dict) -> Optional[dict]:
                                                 "gRPC VllmEngine service (sampling_params.prompt_logprobs) or the "
                                                 "Python API, which return them.")
     if logit_bias_dropped(body):
-        raise HttpFieldError("logit_bias", f"logit_bias={shown(body['logit_bias'])} is not supported: moelink does "
-                                           "not apply logit biases; leave it out (null or {} is accepted).")
+        raise HttpFieldError("logit_bias", f"logit_bias={shown(body['logit_bias'])} is not supported: the smg "
+                                           "gateway (1.13) drops it on this route; leave it out (null or {} is "
+                                           "accepted).")
     found = []  # (field as the client named it, kind, value)
     so = body.get("structured_outputs")
     if so is not None:
