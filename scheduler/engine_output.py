@@ -37,6 +37,9 @@ class EngineCoreOutput:
     # earlier KV and tokens came from, oldest first.
     weight_version: Optional[str] = None
     earlier_weight_versions: Optional[tuple] = None
+    # A finished request's (first scheduled time, preemptions): Request.first_scheduled_time and num_preemptions, for
+    # vLLM's per-request phase metrics (engine/core/vllm_metrics.py); None on the outputs before.
+    timing: Optional[tuple[Optional[float], int]] = None
 
     @property
     def finished(self) -> bool:

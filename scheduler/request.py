@@ -138,6 +138,8 @@ class Request:
         self.stop_reason: int | None = None  # the stop token id; None for EOS / length
         self.num_cached_tokens = 0  # prefix-cache hit tokens at the first schedule
         self.num_preemptions = 0
+        # When a step first computed it (time.monotonic(); None before): vLLM's queue / prefill / inference times.
+        self.first_scheduled_time: float | None = None
         self.num_requeues = 0  # taken over from a lost rank and recomputed (elastic EP: Scheduler.requeue)
         # Speculative decoding: the draft tokens the worker proposed after the last step, verified by the next
         # step that schedules this request (scheduler/spec_decode.py); empty without a drafter.

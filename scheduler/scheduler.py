@@ -31,6 +31,7 @@ prompt KV is saved after the step that computes it. Without one (`kv_connector=N
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from bisect import insort
 from collections import deque
@@ -414,6 +415,8 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         returns n."""
         rid = req.request_id
         req.status = RequestStatus.RUNNING
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
         out.scheduled_new_reqs.append(self._new_request_data(req, num_computed))
         out.num_scheduled_tokens[rid] = n
         req.num_computed_tokens = num_computed + n

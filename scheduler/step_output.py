@@ -132,6 +132,7 @@ class StepOutputMixin:
                     req.status = stop
                     eco.finish_reason = stop.finish_reason
                     eco.stop_reason = req.stop_reason
+                    eco.timing = (req.first_scheduled_time, req.num_preemptions)
                     finished.append((req, status))
         if finished:
             gone = {id(r) for r, was in finished if was is RequestStatus.RUNNING}
@@ -196,6 +197,7 @@ class StepOutputMixin:
             req.status = stop
             eco.finish_reason = stop.finish_reason
             eco.stop_reason = req.stop_reason
+            eco.timing = (req.first_scheduled_time, req.num_preemptions)
             finished.append((req, status))
         return eco
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, cast
 
 from moelink.scheduler.engine_output import EngineCoreOutput, SchedulerStats
@@ -38,6 +38,7 @@ from ..contract.gc_policy import freeze_heap, thaw_heap
 from ..contract.expert_parallel import plan_expert_parallel
 from ..cluster.eplb_controller import make_eplb_controller, step_expert_load
 from .moe_metrics import ExpertLoadReport, MoEMetrics
+from .loop_stats import LoopStats
 from .output_processor import OutputProcessor
 from ..rl.control import RLControl
 from .input_processing import (  # noqa: F401  (re-exported: the server and callers import them from here)
@@ -68,18 +69,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAUSED_POLL_S = 0.01  # how long a step with nothing to do while generation is paused waits
-
-
-@dataclass
-class LoopStats:
-    """Where the engine loop's time went, summed since start (seconds, host clock): `launch_s` in launching
-    steps (the ranks' host work when in process), `collect_s` in collecting them, of which `wait_s` the ranks
-    spent waiting for their device (the device time the host's work did not cover)."""
-
-    steps: int = 0
-    launch_s: float = 0.0
-    collect_s: float = 0.0
-    wait_s: float = 0.0
 
 
 class LLMEngine:
@@ -394,6 +383,9 @@ class LLMEngine:
         except WorkerDiedError as err:
             return outputs + self._recover([p for p in (self._pending, (sched_outs, None)) if p is not None], err)
         self.loop_stats.launch_s += time.perf_counter() - t0
+        tokens = sum(so.total_num_scheduled_tokens for so in sched_outs)
+        if tokens:
+            self.loop_stats.note_step_tokens(tokens)
         done, self._pending = self._pending, (sched_outs, launched)
         if done is not None:
             outputs += self._collect(done)

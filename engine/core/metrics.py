@@ -134,6 +134,10 @@ class EngineMetrics:
             first = out.metrics.get("first_token_time")
             self.vllm.finished(reason, len(out.prompt_token_ids), out.num_cached_tokens, generated,
                                max(now - arrival, 0.0), max(now - first, 0.0) if first is not None else 0.0)
+            scheduled = out.metrics.get("scheduled_time")
+            if scheduled is not None:
+                self.vllm.phases(scheduled - arrival, (first - scheduled) if first is not None else None,
+                                 now - scheduled, out.metrics.get("num_preemptions", 0))
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()

@@ -58,6 +58,7 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
         min_tokens: int = 0,
         deferred: bool = False,
+        spaces_between_special_tokens: bool = True,
     ) -> None:
         if isinstance(stop, str):
             stop = [stop]
@@ -94,8 +95,8 @@ class IncrementalDetokenizer:
         self._emitted_len = 0    # how much of _text the caller has received
         self._context = context
         # The Rust window (decode_stream.py) where the tokenizer has one; None: the Python window below.
-        self._stream: StreamDecoder | None = None if deferred else stream_decoder(tokenizer, skip_special_tokens,
-                                                                                  context)
+        self._stream: StreamDecoder | None = None if deferred else stream_decoder(
+            tokenizer, skip_special_tokens, context, spaces_between_special_tokens)
 
     @property
     def output_text(self) -> str:
@@ -261,6 +262,8 @@ class RequestState:
         self._make_metrics()
 
     def _make_metrics(self) -> None:
+        # A finished request's last output adds "scheduled_time" and "num_preemptions" (the scheduler's; absent when
+        # a stop string or an abort ended it), vLLM's queue / prefill / inference phases.
         self.metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                         "output_kind": self.output_kind.value}
 
@@ -277,7 +280,11 @@ class OutputProcessor:
         final_only = output_kind is OutputKind.FINAL_ONLY
         detok = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.skip_special_tokens, params.stop, params.include_stop_str_in_output,
-            min_tokens=params.min_tokens, deferred=final_only and not params.stop,
+            min_tokens=params.min_tokens,
+            # the whole decode at the end knows no spaces_between_special_tokens=False (the Rust window's rule)
+            deferred=final_only and not params.stop and (params.skip_special_tokens
+                                                         or params.spaces_between_special_tokens),
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
         ) if params.detokenize else None
         st = RequestState(request_id, prompt, prompt_token_ids, params, output_kind, detok)
         # Nothing to compute for its unfinished outputs: seen only when it ends, no text to grow (none, or decoded
@@ -335,6 +342,8 @@ class OutputProcessor:
                 st.prompt_logprobs = scored
                 st.prompt_logprobs_new = True
             finish_reason, stop_reason = co.finish_reason, co.stop_reason
+            if co.timing is not None:  # its last output: when it was first scheduled, how often preempted
+                st.metrics = {**st.metrics, "scheduled_time": co.timing[0], "num_preemptions": co.timing[1]}
             delta = ""
             if st.detok is not None:
                 delta = st.detok.update(new_ids) if new_ids else ""
@@ -374,8 +383,11 @@ class OutputProcessor:
         # Token texts only when the request wants text (decoded_token None otherwise, as in vLLM).
         text = (lambda tid: self.tokenizer.decode([tid], skip_special_tokens=False)) if st.detok is not None \
             else (lambda tid: None)
-        entry = {tid: Logprob(v, rank + 1, text(tid)) for rank, (tid, v) in enumerate(lp.top)}
-        entry[lp.token_id] = Logprob(lp.logprob, lp.rank, text(lp.token_id))
+        # The chosen token first, then the top-n (vLLM's order, also when it is among them).
+        entry = {lp.token_id: Logprob(lp.logprob, lp.rank, text(lp.token_id))}
+        for rank, (tid, v) in enumerate(lp.top):
+            if tid != lp.token_id:
+                entry[tid] = Logprob(v, rank + 1, text(tid))
         return entry
 
     def _make_output(self, st: RequestState, new_ids, delta, finish_reason, stop_reason, force=False):

@@ -8,10 +8,10 @@ output thread's `EngineMetrics.on_outputs` (engine/core/metrics.py) calls `first
 `request_params` when a request's samples are done (vLLM records `n`, `max_tokens` and the most tokens a sample
 generated once per request, as here). Engine-level gauges and counters are read from the engine at scrape time.
 
-Not exported (no same number here; docs/vllm-compat.md#metrics lists each with its reason): the queue, prefill and
-inference phase times and the per-request preemption count (the scheduler records no first-schedule time or
-preemptions per request: they need a field on RequestOutput.metrics), `iteration_tokens_total` (tokens scheduled per
-step: not on the outputs), the prompt tokens by source and cached tokens by tier (the split is not recorded per
+The phase times and preemptions of a request come from its last output's `RequestOutput.metrics` (the scheduler's
+`scheduled_time` and `num_preemptions`: `phases`); `iteration_tokens_total` from the engine loop's counts
+(engine/core/loop_stats.py), read at scrape time. Not exported (no same number here; docs/vllm-compat.md#metrics
+lists each with its reason): the prompt tokens by source and cached tokens by tier (the split is not recorded per
 request), `lora_requests_info`, and the series vLLM makes only with a flag moelink refuses (the MFU estimates,
 KV-block residency, the KV connector's NIXL series).
 """
@@ -20,7 +20,9 @@ from __future__ import annotations
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .loop_stats import ITERATION_TOKENS_BUCKETS
 
 # vllm/v1/metrics/buckets.py (vLLM 0.32), family by family.
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
@@ -30,6 +32,7 @@ TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 
 INTER_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                                20.0, 40.0, 80.0)
 REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 # vLLM's finish reasons (vllm.v1.engine.FinishReason): every label made at start, as vLLM makes them.
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
@@ -89,6 +92,15 @@ class VllmMetrics:
                         REQUEST_LATENCY_BUCKETS)
         self.decode = hist("vllm:request_decode_time_seconds",
                            "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+                          REQUEST_LATENCY_BUCKETS)
+        self.prefill = hist("vllm:request_prefill_time_seconds",
+                            "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.inference = hist("vllm:request_inference_time_seconds",
+                              "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.preemptions = hist("vllm:request_num_preemptions",
+                                "Histogram of the number of times a request was preempted.",
+                                REQUEST_NUM_PREEMPTIONS_BUCKETS)
         self.prefill_kv = hist("vllm:request_prefill_kv_computed_tokens",
                                "Histogram of new KV tokens computed during prefill (excluding cached tokens).", tokens)
         rejections = Counter("vllm:admission_rejections", "Number of admission attempts rejected by a queue limit, "
@@ -121,6 +133,15 @@ class VllmMetrics:
         self.decode.observe(decode_s)
         # vLLM's mean time per output token leaves the first (the prefill's) out
         self.tpot.observe(decode_s / (generated - 1) if generated > 1 else 0.0)
+
+    def phases(self, queue_s: float, prefill_s: Optional[float], inference_s: float, preemptions: int) -> None:
+        """A request that the scheduler ended (its last output carried the scheduler's timing): its wait before a
+        step first computed it, from then to its first token, from then to its end, and its preemptions."""
+        self.queue.observe(max(queue_s, 0.0))
+        if prefill_s is not None:
+            self.prefill.observe(max(prefill_s, 0.0))
+        self.inference.observe(max(inference_s, 0.0))
+        self.preemptions.observe(preemptions)
 
     def request_params(self, n: int, max_tokens: Optional[int], max_generated: int) -> None:
         """A request's samples are done: its `n`, its `max_tokens` and the most tokens one sample generated."""
@@ -162,6 +183,16 @@ class _EngineSeries:
         waiting.add_metric(values + ["capacity"], st.num_waiting)
         waiting.add_metric(values + ["deferred"], 0)
         yield waiting
+        # The tokens each step computed (prompt and generated), counted by the engine loop (LLMEngine.loop_stats).
+        counts, total = eng.loop_stats.step_tokens_counts, eng.loop_stats.step_tokens_sum
+        cumulative, running = [], 0
+        for bound, c in zip((*ITERATION_TOKENS_BUCKETS, float("inf")), counts):
+            running += c
+            cumulative.append(("+Inf" if bound == float("inf") else str(float(bound)), running))
+        steps = HistogramMetricFamily("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                      labels=list(LABELS))
+        steps.add_metric(values, cumulative, total)
+        yield steps
         yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                      st.kv_usage)
         yield family(CounterMetricFamily, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "

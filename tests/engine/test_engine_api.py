@@ -49,6 +49,23 @@ def test_outputs_shape_and_text(llm):
     assert out.prompt == "hello world" and out.prompt_token_ids == llm.get_tokenizer().encode("hello world")
 
 
+def test_a_finished_output_says_when_it_was_first_scheduled_and_the_deferred_text_is_the_streamed_one(llm):
+    """The last output's metrics carry the scheduler's first-schedule time and preemptions (vLLM's phase metrics);
+    LLM.generate's text (decoded once at the end: no stop strings) equals a stream's joined deltas."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    out = llm.generate("hello world", params, use_tqdm=False)[0]
+    m = out.metrics
+    assert m["arrival_time"] <= m["scheduled_time"] <= m["first_token_time"] and m["num_preemptions"] == 0
+    from moelink.engine.core.outputs import OutputKind
+    eng = llm.engine
+    eng.add_request("streamed", llm.get_tokenizer().encode("hello world"), params, output_kind=OutputKind.DELTA)
+    deltas = []
+    while eng.has_requests():
+        deltas += [o.outputs[0].text for o in eng.step() if o.request_id == "streamed"]
+    assert "".join(deltas) == out.outputs[0].text and out.outputs[0].text
+    assert _free(llm)
+
+
 def test_detokenize_false_gives_the_same_tokens_and_no_text(llm):
     """Token ids only (what the smg gateway asks for): same ids and logprob values, empty text, no token texts."""
     kw = dict(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True)

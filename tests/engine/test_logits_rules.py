@@ -223,9 +223,6 @@ def test_max_tokens_past_the_context_is_capped_as_vllms_offline_llm(llm):
     assert len(out.outputs[0].token_ids) == 8 and out.outputs[0].finish_reason == "length"
 
 
-@pytest.mark.xfail(strict=True, reason="engine/core/output_processor.py's OutputProcessor._entry puts the top-n first "
-                                       "and the chosen token last; vLLM's dict holds the chosen token first (issue "
-                                       "79 item 9: the lead's rewrite of that file, issue 78)")
 def test_the_chosen_token_comes_first_in_the_logprob_dicts(llm):
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logprobs=1,
                                                   prompt_logprobs=1), use_tqdm=False)[0]

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from moelink.engine.core.metrics import EngineMetrics
 from moelink.engine.core.outputs import CompletionOutput, RequestOutput
+from moelink.engine.core.loop_stats import LoopStats
 from moelink.engine.core.vllm_metrics import VllmMetrics, request_tokens_buckets
 
 # name (as the text format's TYPE line names it) -> the labels beside model_name and engine.
@@ -37,11 +38,6 @@ VLLM_032_SERIES = {
     "vllm:estimated_write_bytes_per_gpu_total": (),
 }
 NOT_MEASURED = {
-    "vllm:request_queue_time_seconds": "the scheduler records no first-schedule time per request",
-    "vllm:request_prefill_time_seconds": "the scheduler records no first-schedule time per request",
-    "vllm:request_inference_time_seconds": "the scheduler records no first-schedule time per request",
-    "vllm:request_num_preemptions": "preemptions are counted per engine, not per request",
-    "vllm:iteration_tokens_total": "the tokens scheduled per step are not on the outputs",
     "vllm:prompt_tokens_by_source": "the split of a prompt's tokens by source is not recorded per request",
     "vllm:prompt_tokens_cached_by_source": "cached tokens are not recorded per tier",
     "vllm:estimated_flops_per_gpu_total": "no model-shape FLOP estimate",
@@ -61,7 +57,10 @@ def _engine():
                             num_preemptions_total=0, num_total_blocks=64, kv_transfer=None)
     config = SimpleNamespace(cache=SimpleNamespace(block_size=16, enable_prefix_caching=True),
                              model=SimpleNamespace(kv_cache_dtype=None), gpu_memory_utilization=0.9)
-    return SimpleNamespace(stats=lambda: stats, config=config, multimodal=None,
+    loop = LoopStats()
+    for tokens in (1, 9, 9, 20000):  # buckets le 1, le 16 (twice), past the last
+        loop.note_step_tokens(tokens)
+    return SimpleNamespace(stats=lambda: stats, config=config, multimodal=None, loop_stats=loop,
                            rl=SimpleNamespace(memory=SimpleNamespace(sleep_level=1)))
 
 
@@ -70,6 +69,7 @@ def _scrape() -> tuple[dict, str]:
     m = VllmMetrics(registry, "./builtin-model", 512, _engine())
     m.first_token(0.003, 2)
     m.finished("length", 5, 2, 3, 0.5, 0.2)
+    m.phases(0.01, 0.02, 0.4, 2)
     m.request_params(1, 3, 3)
     return {f.name: f for f in registry.collect()}, generate_latest(registry).decode()
 
@@ -121,3 +121,15 @@ def test_engine_metrics_observe_vllms_series_from_the_outputs():
     metrics.on_outputs([out])
     assert vllm.req_prompt._sum.get() == 4 and vllm.req_generation._sum.get() == 2
     assert vllm.success["stop"]._value.get() == 1 and vllm.prompt_tokens_cached._value.get() == 1
+
+
+def test_the_step_and_phase_series_count_what_they_were_given():
+    _, text = _scrape()
+    line = lambda name: next(ln for ln in text.splitlines() if ln.startswith(name))  # noqa: E731
+    assert line('vllm:iteration_tokens_total_bucket{engine="0",le="1.0"').endswith(" 1.0")
+    assert line('vllm:iteration_tokens_total_bucket{engine="0",le="16.0"').endswith(" 3.0")
+    assert line('vllm:iteration_tokens_total_bucket{engine="0",le="+Inf"').endswith(" 4.0")
+    assert line("vllm:iteration_tokens_total_sum").endswith(" 20019.0")
+    assert line('vllm:request_num_preemptions_bucket{engine="0",le="2.0"').endswith(" 1.0")
+    assert line('vllm:request_num_preemptions_bucket{engine="0",le="1.0"').endswith(" 0.0")
+    assert line("vllm:request_queue_time_seconds_sum").endswith(" 0.01")

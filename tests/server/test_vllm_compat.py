@@ -66,10 +66,7 @@ INTENDED: dict[str, Known] = {
         ('body.version',),
         "/version reports the serving engine's version, moelink's"),
     'weight-version-attribute': Known(
-        ('offline/chat_continue_final_message', 'offline/chat_list', 'offline/chat_no_generation_prompt',
-         'offline/chat_one', 'offline/generate_batch', 'offline/generate_logprobs', 'offline/generate_min_tokens',
-         'offline/generate_n_2_seeded', 'offline/generate_prompt_logprobs', 'offline/generate_stop',
-         'offline/generate_stop_include', 'offline/generate_text', 'offline/generate_token_ids'),
+        ('offline/chat_*', 'offline/generate_*'),
         ('outputs.*.attrs.weight_version', 'outputs.*.attrs.weight_versions'),
         "RequestOutput and CompletionOutput carry moelink's RL weight version (weight_version, weight_versions); "
         'vLLM has no such attribute on RequestOutput'),
@@ -165,16 +162,12 @@ PENDING: dict[str, Known] = {
         'vLLM 0.32 refuses n > 1 at temperature 0 (`n must be 1 when using greedy sampling`); moelink answers n '
         'copies', part='B'),
     'offline-attributes': Known(
-        ('offline/chat_continue_final_message', 'offline/chat_list', 'offline/chat_no_generation_prompt',
-         'offline/chat_one', 'offline/generate_batch', 'offline/generate_logprobs', 'offline/generate_min_tokens',
-         'offline/generate_n_2_seeded', 'offline/generate_prompt_logprobs', 'offline/generate_stop',
-         'offline/generate_stop_include', 'offline/generate_text', 'offline/generate_token_ids'),
+        ('offline/chat_*', 'offline/generate_*'),
         ('outputs.*.attrs.*', 'outputs.*.lora_request', 'outputs.*.outputs.*.attrs.*'),
         'RequestOutput lacks encoder_prompt, lora_request, num_cache_creation_tokens, prompt_token_id_logprobs; '
         'CompletionOutput lacks lora_request, sampling_mask, spec_decode_metrics, weight_versions', part='B'),
     'sampling-params-fields': Known(
-        ('offline/default_sampling_params', 'offline/generate_bad_words', 'offline/generate_allowed_token_ids',
-         'offline/generate_logit_bias', 'offline/sampling_params_defaults', 'offline/sampling_params_new_fields'),
+        ('offline/default_sampling_params', 'offline/sampling_params_defaults', 'offline/sampling_params_new_fields'),
         ('params.*', 'params', 'error', 'outputs'),
         'SamplingParams: top_k default -1 (vLLM 0), no spaces_between_special_tokens, bad_words, '
         "allowed_token_ids, logit_bias, extra_args (TypeError); truncate_prompt_tokens is vLLM's tokenization "
@@ -184,14 +177,6 @@ PENDING: dict[str, Known] = {
         ('body.choices.*.text',),
         "a stop_token_ids token's text stays in the output; vLLM leaves it out (without "
         'include_stop_str_in_output)', part='B'),
-    'offline-max-tokens-past-context': Known(
-        ('offline/generate_max_tokens_past_context',),
-        ('error', 'outputs'),
-        "max_tokens past the context raises ValueError where vLLM's LLM caps it", part='B'),
-    'prompt-logprobs-order': Known(
-        ('offline/generate_prompt_logprobs',),
-        ('outputs.*.prompt_logprobs.*',),
-        "in prompt_logprobs the prompt's own token comes last when not in the top-k; vLLM puts it first", part='B'),
     'offline-chat-continue-final-message': Known(
         ('offline/chat_continue_final_message',),
         ('outputs.*',),
