@@ -89,9 +89,6 @@ class ChatRequest:
     rendered: RenderedChat
     role: str  # the answer's role: "assistant", or the last message's without a generation prompt (vLLM's)
 
-    def index(self, prompt: int, sample: int) -> int:
-        return sample
-
     @property
     def echoed(self) -> str:
         """What `echo` puts before each choice's content: the last message's, when it has the answer's role."""
