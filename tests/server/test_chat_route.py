@@ -240,6 +240,18 @@ def test_the_stream_adds_up_to_the_whole_answer_in_vllms_chunks(port):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
 
 
+@pytest.mark.slow  # over 1 s: 495 tokens
+def test_max_tokens_past_the_prompts_room_are_capped_and_past_the_context_refused(port):
+    """vLLM 0.32's chat: max_tokens over what the prompt leaves of max_model_len (512 here) runs to the context;
+    over max_model_len itself it is 400 naming max_tokens."""
+    usage = _ok(port, max_tokens=510, temperature=0, ignore_eos=True)["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 512, usage
+    status, raw = http_request(port, "POST", "/v1/chat/completions", {"model": SERVED, "messages": MESSAGES,
+                                                                     "max_tokens": 600})
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "max_tokens" and "max_model_len=512" in error["message"], raw
+
+
 def test_a_body_needing_smg_is_still_relayed(port):
     """response_format is smg's (it builds the engine's constraint): smg's answer, which names `reasoning_content`
     where the front's chat says vLLM's `reasoning`."""
