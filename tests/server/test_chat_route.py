@@ -276,6 +276,14 @@ def test_refusals_name_the_field_and_an_unknown_model_is_404(port):
     assert status == 404 and json.loads(raw)["error"]["param"] == "model", raw
 
 
+def test_the_answers_id_is_the_x_request_id_header_as_vllms(port):
+    status, raw = http_request(port, "POST", "/v1/chat/completions", {"model": SERVED, "messages": MESSAGES,
+                                                                     "max_tokens": 1, "request_id": "body-id"},
+                               headers={"x-request-id": "trace-7"})
+    assert status == 200 and json.loads(raw)["id"] == "chatcmpl-trace-7", raw
+    assert _ok(port, max_tokens=1, request_id="body-id")["id"] == "chatcmpl-body-id"
+
+
 def test_the_openai_client_parses_the_answer(port):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")

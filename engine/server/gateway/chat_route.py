@@ -15,13 +15,12 @@ structured outputs and response_format, image/video/audio parts; and every body 
 from __future__ import annotations
 
 import time
-import uuid
 from typing import AsyncIterator, Awaitable, Optional
 
 from ...contract.safe_text import shown
 from .chat_answer import ChatAnswer
 from .chat_request import ChatRequest, claims, read_request, refused_field, unknown_field
-from .completions_route import CompletionsRoute, _answered, _dumps
+from .completions_route import CompletionsRoute, _answered, _dumps, base_request_id
 from .generate_route import Streamed, _Runs, _error, _refusal
 from .json_body import json_object, off_loop
 from .openai_fields import CHAT_PATH, HttpFieldError
@@ -41,9 +40,11 @@ class ChatRoute(CompletionsRoute):
         self.renderer = tok.with_chat_template(chat_template) if tok is not None and chat_template else tok
         self.relay_all = relay_all
 
-    async def claim(self, body: bytes, client: tuple[str, ...] = ()) -> Optional[Awaitable]:
+    async def claim(self, body: bytes, client: tuple[str, ...] = (), header_id: Optional[str] = None
+                    ) -> Optional[Awaitable]:
         """The coroutine answering this chat body here ((status, body) or a Streamed), or None: relayed to smg.
-        A field the engine cannot honour is 400 either way; one nobody reads is 400 naming it."""
+        A field the engine cannot honour is 400 either way; one nobody reads is 400 naming it. `header_id`: the
+        X-Request-Id header (the answer's id, as vLLM's)."""
         if self.tokenizer is None:
             return None
         try:
@@ -57,12 +58,10 @@ class ChatRoute(CompletionsRoute):
                 return _answered(400, _error(f"{shown(unknown)} is not a field of /v1/chat/completions (vLLM's "
                                              "fields: docs/vllm-compat.md#v1chatcompletions).", unknown, 400))
             return None
-        return self._answer_chat(body, data, client)
+        return self._answer_chat(body, data, client, base_request_id(data, header_id))
 
-    async def _answer_chat(self, body: bytes, data: dict, client: tuple[str, ...]):
+    async def _answer_chat(self, body: bytes, data: dict, client: tuple[str, ...], base: str):
         scope = client[0] if client else ""
-        base = data.get("request_id") if isinstance(data.get("request_id"), str) and data.get("request_id") \
-            else uuid.uuid4().hex
         try:
             lora = self._adapter(data.get("model"))
             # The template renders on a worker thread for a large body (json_body.off_loop).

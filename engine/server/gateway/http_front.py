@@ -247,7 +247,7 @@ class HttpFront:
             if path in self.claimed and method == b"POST":
                 # vLLM's completions and chat from the engine (completions_route.py, chat_route.py), unless a
                 # field only smg carries
-                answering = await self.claimed[path].claim(body, client)
+                answering = await self.claimed[path].claim(body, client, header_of(request, b"x-request-id"))
                 if answering is not None:
                     await answer_watched(conn, writer, reader, answering, head_only=head)
                     return True
