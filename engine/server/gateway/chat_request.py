@@ -138,6 +138,7 @@ def read_request(data: dict, serving, tokenizer, lora: Optional[str], base_id: s
     if options and not stream:  # vLLM's test: an empty object is taken
         raise HttpFieldError("stream_options", "Stream options can only be defined when `stream=True`.")
     include_usage, continuous = read_stream_options(options or None)
+    continuous = continuous and include_usage  # vLLM's should_include_usage
     limits = serving.limits
     logprobs = json_flag(data, "logprobs")
     top = logprob_count(data, "top_logprobs", limits.max_logprobs) or 0
