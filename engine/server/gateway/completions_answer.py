@@ -30,11 +30,11 @@ from .completions_request import CompletionRequest
 MIN_WIRE_LOGPROB = -9999.0  # vLLM's (and serving.wire_logprob's) clamp of -inf, which JSON cannot carry
 
 
-def _wire(logprob: float) -> float:
+def wire(logprob: float) -> float:
     return max(logprob, MIN_WIRE_LOGPROB)
 
 
-def _ordered(entry: dict, token: int) -> list:
+def vllm_order(entry: dict, token: int) -> list:
     """A position's (token id, Logprob) pairs in vLLM's order: the token itself, then the rest by rank."""
     rest = sorted(((t, lp) for t, lp in entry.items() if t != token), key=lambda kv: kv[1].rank)
     return ([(token, entry[token])] if token in entry else []) + rest
@@ -56,8 +56,8 @@ def completion_logprobs(token_ids, entries, decode: Callable[[int], str], offset
             tops.append(None)
         else:
             text = _text(entry[tid], tid, decode)
-            logprobs.append(_wire(entry[tid].logprob))
-            tops.append({_text(lp, t, decode): _wire(lp.logprob) for t, lp in _ordered(entry, tid)})
+            logprobs.append(wire(entry[tid].logprob))
+            tops.append({_text(lp, t, decode): wire(lp.logprob) for t, lp in vllm_order(entry, tid)})
         tokens.append(text)
         offsets.append(offset if not offsets else offsets[-1] + last)
         last = len(text)
@@ -70,8 +70,8 @@ def prompt_logprobs_json(entries: Optional[list], token_ids: list) -> Optional[l
     if entries is None:
         return None
     return [None if entry is None else
-            {str(t): {"logprob": _wire(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
-             for t, lp in _ordered(entry, tid)} for tid, entry in zip(token_ids, entries)]
+            {str(t): {"logprob": wire(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in vllm_order(entry, tid)} for tid, entry in zip(token_ids, entries)]
 
 
 def _text(lp, token: int, decode: Callable[[int], str]) -> str:
@@ -229,4 +229,4 @@ class CompletionAnswer:
                 "choices": [], "usage": usage}
 
 
-__all__ = ["CompletionAnswer", "MIN_WIRE_LOGPROB", "completion_logprobs", "prompt_logprobs_json"]
+__all__ = ["CompletionAnswer", "MIN_WIRE_LOGPROB", "completion_logprobs", "prompt_logprobs_json", "vllm_order", "wire"]

@@ -113,52 +113,57 @@ def claims(data: Any) -> bool:
 def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> CompletionRequest:
     """The request, checked against the server's limits (`serving`: --max-logprobs, --max-n, stop lists). `lora`: the
     adapter `model` names (already looked up)."""
-    for key, (neutral, why) in REFUSED.items():
-        value = data.get(key)
-        if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
-            raise HttpFieldError(key, f"{key}={shown(json.dumps(value))} is not supported: {why}.")
+    refuse_non_neutral(data, REFUSED)
     stream = json_flag(data, "stream")
     echo = json_flag(data, "echo")
     options = data.get("stream_options")
     if options is not None and not stream:
         raise HttpFieldError("stream_options", "Stream options can only be defined when `stream=True`.")
-    include_usage, continuous = _stream_options(options)
+    include_usage, continuous = read_stream_options(options)
     limits = serving.limits
-    logprobs = _count(data, "logprobs", limits.max_logprobs)
-    prompt_logprobs = _count(data, "prompt_logprobs", limits.max_logprobs)
+    logprobs = logprob_count(data, "logprobs", limits.max_logprobs)
+    prompt_logprobs = logprob_count(data, "prompt_logprobs", limits.max_logprobs)
     if prompt_logprobs is not None and stream and prompt_logprobs > 0:
         raise HttpFieldError("prompt_logprobs", "`prompt_logprobs` are not available when `stream=True`.")
     if prompt_logprobs is None and echo:
         prompt_logprobs = logprobs  # vLLM: echo scores the prompt as it scores the output
     max_tokens = data.get("max_tokens")
     max_tokens = VLLM_MAX_TOKENS if max_tokens is None else max_tokens
-    if not _is_int(max_tokens) or max_tokens < 0 or (max_tokens == 0 and not echo):
+    if not is_int(max_tokens) or max_tokens < 0 or (max_tokens == 0 and not echo):
         raise HttpFieldError("max_tokens", f"max_tokens={shown(json.dumps(max_tokens))} is invalid: an integer >= 1 "
                                            "(0 only with echo: the prompt alone is answered).")
-    fields = _sampling(data)
-    bias = _logit_bias(data.get("logit_bias"))
+    fields = sampling_fields(data)
+    bias = logit_bias_field(data.get("logit_bias"))
     if bias:
         fields["logit_bias"] = bias
     for key, value in serving.info.sampling_defaults.items():  # the checkpoint's, for the fields left out (vLLM's)
         if key != "max_tokens" and key not in fields:
             fields[key] = value
-    _check_stops(limits, fields)
+    check_stops(limits, fields)
     fields.update(max_tokens=max(max_tokens, 1), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
         params = SamplingParams(**fields)
         limits.check_n(params.n)
     except ValueError as e:
-        raise _renamed(str(e), data) from None
+        raise renamed_error(str(e), data) from None
     prompts = _prompts(data.get("prompt"), params.n, limits.max_batch_sequences, serving, base_id)
     keep = data.get("truncate_prompt_tokens")
-    if keep is not None and (not _is_int(keep) or keep < 1):
+    if keep is not None and (not is_int(keep) or keep < 1):
         raise HttpFieldError("truncate_prompt_tokens", "truncate_prompt_tokens must be an integer >= 1 (the last N "
                                                        "prompt tokens are kept).")
     return CompletionRequest(prompts, params.sample(0), params.n, echo, logprobs, max_tokens == 0, stream,
                              include_usage, continuous, json_flag(data, "return_token_ids"), keep, lora, base_id)
 
 
-def _stream_options(options: Any) -> tuple[bool, bool]:
+def refuse_non_neutral(data: dict, refused: dict) -> None:
+    """HTTP 400 naming the first field of `refused` (field -> (its neutral values, why)) set to another value."""
+    for key, (neutral, why) in refused.items():
+        value = data.get(key)
+        if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
+            raise HttpFieldError(key, f"{key}={shown(json.dumps(value))} is not supported: {why}.")
+
+
+def read_stream_options(options: Any) -> tuple[bool, bool]:
     if options is None:
         return False, False
     if not isinstance(options, dict):
@@ -170,12 +175,12 @@ def _stream_options(options: Any) -> tuple[bool, bool]:
     return json_flag(options, "include_usage"), json_flag(options, "continuous_usage_stats")
 
 
-def _count(data: dict, name: str, most: int) -> Optional[int]:
+def logprob_count(data: dict, name: str, most: int) -> Optional[int]:
     """`logprobs` / `prompt_logprobs`: None, or an integer 0..most (-1, the whole vocabulary, is refused)."""
     value = data.get(name)
     if value is None:
         return None
-    if not _is_int(value) or not 0 <= value <= most:
+    if not is_int(value) or not 0 <= value <= most:
         raise HttpFieldError(name, f"{name}={shown(json.dumps(value))} is invalid: an integer from 0 to {most} (the "
                                    f"top logprobs per token, --max-logprobs).")
     return value
@@ -187,7 +192,7 @@ def _prompts(prompt: Any, n: int, most: int, serving, base_id: str) -> tuple[Pro
         if not prompt:
             raise HttpFieldError("prompt", "Either prompt or prompt_embeds must be provided and non-empty.")
         given, batch = [prompt], False
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         given, batch = [prompt], False
     elif isinstance(prompt, list) and prompt:
         given, batch = prompt, True
@@ -200,7 +205,7 @@ def _prompts(prompt: Any, n: int, most: int, serving, base_id: str) -> tuple[Pro
     out = []
     for i, one in enumerate(given):
         field = f"prompt[{i}]" if batch else "prompt"
-        ok = (isinstance(one, str) and one) or (isinstance(one, list) and one and all(_is_int(t) for t in one))
+        ok = (isinstance(one, str) and one) or (isinstance(one, list) and one and all(is_int(t) for t in one))
         if not ok or (batch and isinstance(given[0], str) != isinstance(one, str)):
             raise HttpFieldError(field, f"{field} must be a non-empty string or a non-empty list of token ids, and "
                                         "a batch's prompts all of one kind.")
@@ -215,17 +220,17 @@ def _prompts(prompt: Any, n: int, most: int, serving, base_id: str) -> tuple[Pro
     return tuple(out)
 
 
-def _sampling(data: dict) -> dict:
+def sampling_fields(data: dict) -> dict:
     """The sampling fields given (null: the default), each of its JSON kind."""
     out: dict = {}
     for key, (name, kind) in SAMPLING.items():
         value = data.get(key)
         if value is None:
             continue
-        ok = {"int": _is_int(value), "number": (_is_int(value) or isinstance(value, float)) and math.isfinite(value),
+        ok = {"int": is_int(value), "number": (is_int(value) or isinstance(value, float)) and math.isfinite(value),
               "bool": isinstance(value, bool),
               "strs": isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-              "ints": isinstance(value, list) and all(_is_int(v) for v in value)}[kind]
+              "ints": isinstance(value, list) and all(is_int(v) for v in value)}[kind]
         if not ok:
             raise HttpFieldError(key, f"{key} must be " + {"int": "an integer", "number": "a number",
                                                             "bool": "true or false",
@@ -237,7 +242,7 @@ def _sampling(data: dict) -> dict:
     return out
 
 
-def _logit_bias(value: Any) -> Optional[dict]:
+def logit_bias_field(value: Any) -> Optional[dict]:
     """vLLM's reading (SamplingParams.from_optional): keys token-id strings, values clamped to [-100, 100]."""
     if value is None:
         return None
@@ -253,7 +258,7 @@ def _logit_bias(value: Any) -> Optional[dict]:
     return {int(k): min(100.0, max(-100.0, float(v))) for k, v in value.items()}
 
 
-def _check_stops(limits, params: dict) -> None:
+def check_stops(limits, params: dict) -> None:
     """The server's stop-list limits (limits.py), as the gRPC services apply them."""
     try:
         limits.check("max_stop_strings", len(params.get("stop", [])), "stop")
@@ -264,7 +269,7 @@ def _check_stops(limits, params: dict) -> None:
         raise HttpFieldError(str(e).split(" has ", 1)[0], str(e)) from None
 
 
-def _renamed(message: str, given: dict) -> HttpFieldError:
+def renamed_error(message: str, given: dict) -> HttpFieldError:
     """SamplingParams' refusal (`SamplingParams.top_p=2 is invalid: ...`) under the request's name of the field."""
     prefix = message.split("=", 1)[0]
     name = prefix.removeprefix("SamplingParams.").removeprefix("sampling_params.")  # limits.py says the gRPC name
@@ -272,9 +277,10 @@ def _renamed(message: str, given: dict) -> HttpFieldError:
     return HttpFieldError(key, shown(message.replace(prefix, key, 1), quote=False))
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 __all__ = ["CompletionRequest", "LOCAL_FIELDS", "RELAYED_FIELDS", "unknown_field", "Prompt", "REFUSED", "SAMPLING", "VLLM_MAX_TOKENS", "claims",
-           "read_request"]
+           "check_stops", "is_int", "logprob_count", "read_request", "read_stream_options", "renamed_error",
+           "refuse_non_neutral", "sampling_fields"]

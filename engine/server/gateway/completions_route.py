@@ -26,6 +26,7 @@ from .completions_answer import CompletionAnswer
 from .completions_request import CompletionRequest, claims, read_request, unknown_field
 from .generate_route import Streamed, _Runs, _error, _refusal, admit_runs
 from .smg_errors import http_message, http_param
+from .hangups import MAX_CLIENT_ID_CHARS
 from .json_body import json_object, off_loop
 from .openai_fields import COMPLETIONS_PATH, HttpFieldError
 
@@ -44,9 +45,11 @@ class CompletionsRoute:
         tok = self.s.tokenizer
         return None if isinstance(tok, NoTokenizer) else tok
 
-    async def claim(self, body: bytes, client: tuple[str, ...] = ()) -> Optional[Awaitable]:
+    async def claim(self, body: bytes, client: tuple[str, ...] = (), header_id: Optional[str] = None
+                    ) -> Optional[Awaitable]:
         """The coroutine answering this completions body here ((status, body) or a Streamed), or None: relayed to
-        smg (a field only smg carries, or no vocabulary here). `client`: who sent it (client_identity.http_client)."""
+        smg (a field only smg carries, or no vocabulary here). `client`: who sent it (client_identity.http_client);
+        `header_id`: the request's X-Request-Id header, the answer's id when given (vLLM's _base_request_id)."""
         if self.tokenizer is None:
             return None
         try:
@@ -59,12 +62,11 @@ class CompletionsRoute:
                 return _answered(400, _error(f"{shown(unknown)} is not a field of /v1/completions (vLLM's fields: "
                                              "docs/vllm-compat.md#v1completions).", unknown, 400))
             return None
-        return self._answer(data, client)
+        return self._answer(data, client, header_id)
 
-    async def _answer(self, data: dict, client: tuple[str, ...]):
+    async def _answer(self, data: dict, client: tuple[str, ...], header_id: Optional[str] = None):
         scope = client[0] if client else ""
-        base = data.get("request_id") if isinstance(data.get("request_id"), str) and data.get("request_id") \
-            else uuid.uuid4().hex
+        base = base_request_id(data, header_id)
         try:
             lora = self._adapter(data.get("model"))
             req = read_request(data, self.s, lora, base)
@@ -129,6 +131,16 @@ class CompletionsRoute:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def base_request_id(data: dict, header_id: Optional[str]) -> str:
+    """The id an answer is named by (`cmpl-<id>`, `chatcmpl-<id>`): the X-Request-Id header, else the body's
+    `request_id`, else a fresh one (vLLM's order). A header of other than 1 to MAX_CLIENT_ID_CHARS visible ASCII
+    characters is not taken (it would reach the server's logs)."""
+    if header_id and len(header_id) <= MAX_CLIENT_ID_CHARS and all("!" <= c <= "~" for c in header_id):
+        return header_id
+    given = data.get("request_id")
+    return given if isinstance(given, str) and given else uuid.uuid4().hex
+
+
 async def _answered(status: int, body: bytes) -> tuple[int, bytes]:
     return status, body
 
@@ -157,4 +169,4 @@ async def _events(req: CompletionRequest, answer: CompletionAnswer, runs: _Runs)
     yield b"data: [DONE]\n\n"
 
 
-__all__ = ["CompletionsRoute", "PATH"]
+__all__ = ["CompletionsRoute", "PATH", "base_request_id"]

@@ -17,8 +17,9 @@ naming a field). The probes (/health, /liveness, ...) and `GET /metrics` stay op
 do vLLM's own routes outside /v1 (/tokenize, /detokenize, /version, /ping): vLLM's API-key middleware guards
 paths that start with /v1 only.
 
-vLLM's `POST /v1/completions` is answered from the engine beside the front (completions_route.py: logprobs, echo,
-prompt logprobs and token-id prompts, which smg 1.13 drops or refuses), unless it carries a field only smg carries.
+vLLM's `POST /v1/completions` and `POST /v1/chat/completions` are answered from the engine beside the front
+(completions_route.py: logprobs, echo, prompt logprobs and token-id prompts, which smg 1.13 drops or refuses;
+chat_route.py: the chat rendered here, vLLM's fields and shapes), unless a body needs what only smg carries.
 SGLang's native `POST /generate` (generate_route.py) and RL control routes (rl_routes.py) are answered from the
 engine beside the front, and ask the key though not under /v1. vLLM's routes that smg lacks are answered here:
 /version and /ping (vLLM's /health, GET or POST) always;
@@ -112,7 +113,7 @@ class HttpFront:
                  not_serving: Optional[Callable[[], Optional[str]]] = None,
                  on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
                  metrics: Optional[Callable[[], Awaitable[bytes]]] = None, local=None,
-                 engine_down: Optional[Callable[[], Optional[str]]] = None, completions=None):
+                 engine_down: Optional[Callable[[], Optional[str]]] = None, completions=None, chat=None):
         """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
         `engine_down()`: why the engine beside the front cannot serve any more (health.py engine_down: every probe,
         /liveness too, answers 503 with it at once), or None.
@@ -123,7 +124,7 @@ class HttpFront:
         relay), or None (a front before a gateway started by hand).
         `completions`: what answers `POST /v1/completions` from the engine beside `local`
         (completions_route.CompletionsRoute: `await completions.claim(body, client)` -> the answer, or None to relay),
-        or None: relayed to smg."""
+        or None: relayed to smg. `chat`: the same for `POST /v1/chat/completions` (chat_route.ChatRoute)."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
         self.not_serving = not_serving
@@ -131,7 +132,9 @@ class HttpFront:
         self.metrics = metrics
         self.local = local
         self.engine_down = engine_down
-        self.completions = completions if local is not None else None
+        # The routes answered from the engine unless a body needs smg (claim answers None): path -> route.
+        self.claimed = {p: r for p, r in ((COMPLETIONS_PATH, completions), (CHAT_PATH, chat))
+                        if r is not None and local is not None}
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -249,9 +252,10 @@ class HttpFront:
             # Who sent it: its /generate requests' fair share and the scope of its ids (client_identity.py).
             client = http_client(writer.get_extra_info("peername"), header_of(request, CLIENT_ID_HEADER.encode()),
                                  authenticated=bool(self.api_key))
-            if path == COMPLETIONS_PATH and method == b"POST" and self.completions is not None:
-                # vLLM's completions from the engine (completions_route.py), unless a field only smg carries
-                answering = await self.completions.claim(body, client)
+            if path in self.claimed and method == b"POST":
+                # vLLM's completions and chat from the engine (completions_route.py, chat_route.py), unless a
+                # field only smg carries
+                answering = await self.claimed[path].claim(body, client, header_of(request, b"x-request-id"))
                 if answering is not None:
                     await answer_watched(conn, writer, reader, answering, head_only=head)
                     return True

@@ -60,23 +60,27 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
         logger.warning("--http-host %s: the OpenAI API on port %d takes requests from anyone who reaches it "
                        "(no --api-key)", config.http_host, config.http_port)
     gateway = None
-    local = completions = None
+    local = completions = chat = None
     if serving is not None:
+        from .chat_route import ChatRoute
         from .completions_route import CompletionsRoute
         from .generate_route import GenerateRoute
         from .rl_routes import ChainedRoutes, RlRoutes
         from .vllm_routes import VllmRoutes
 
-        local = ChainedRoutes(VllmRoutes(serving, chat_template_of(options)),
+        template = chat_template_of(options)
+        local = ChainedRoutes(VllmRoutes(serving, template),
                               RlRoutes(serving.engine, serving.engine.takes_control_calls,
                                        serving.limits.max_http_body_bytes), GenerateRoute(serving))
         completions = CompletionsRoute(serving)
+        # A reasoning parser is smg's: every chat goes there while one is set (chat_route.py).
+        chat = ChatRoute(serving, template, relay_all=options.reasoning_parser is not None)
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,
                       metrics=HttpMetrics(registry, lambda: gateway.metrics_port if gateway is not None else None).body,
                       local=local, engine_down=engine_down(serving.engine) if serving is not None else None,
-                      completions=completions)
+                      completions=completions, chat=chat)
     try:
         await front.start()
     except OSError as e:

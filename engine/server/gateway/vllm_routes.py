@@ -33,6 +33,7 @@ from ...core.no_tokenizer import NoTokenizer
 from ...contract.safe_text import shown
 from . import lora_routes
 from .http_wire import METHOD_NOT_ALLOWED_BODY, error_body
+from .chat_render import render_chat
 from .json_body import json_flag, json_object, kind_of
 from .openai_fields import HttpFieldError
 
@@ -161,46 +162,10 @@ class VllmRoutes:
                 "token_strs": tok.convert_ids_to_tokens(ids) if strs else None}
 
     def _chat_ids(self, data: dict) -> list[int]:
-        messages = data["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise HttpFieldError("messages", "messages must be a non-empty list of {\"role\", \"content\"} objects.")
-        generation = json_flag(data, "add_generation_prompt", True)
-        continue_final = json_flag(data, "continue_final_message", False)
-        if generation and continue_final:
-            raise HttpFieldError("continue_final_message", "continue_final_message and add_generation_prompt cannot "
-                                                           "both be true (set add_generation_prompt to false).")
-        special = json_flag(data, "add_special_tokens", False)
-        chat, size = [], 0
-        for i, m in enumerate(messages):
-            chat.append(_message(m, f"messages[{i}]", self.s.text_only_reason))
-            size += len(chat[-1]["content"].encode("utf-8", "surrogatepass")) if chat[-1]["content"] else 0
-        # The contents alone already too long to fit: refused before the template renders them.
-        self._fits_as_text("messages", size)
-        kwargs = {}
         tools = data.get("tools")
-        if tools is not None:
-            if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-                raise HttpFieldError("tools", "tools must be a list of tool objects.")
-            kwargs["tools"] = tools
-        extra = data.get("chat_template_kwargs")
-        if extra is not None:
-            if not isinstance(extra, dict) or not all(isinstance(k, str) and k.isidentifier() for k in extra):
-                raise HttpFieldError("chat_template_kwargs", "chat_template_kwargs must be an object of template "
-                                                             "variables (names are identifiers).")
-            clash = {"messages", "add_generation_prompt", "tools"} & set(extra)
-            if clash:
-                raise HttpFieldError("chat_template_kwargs", f"chat_template_kwargs cannot set {sorted(clash)[0]!r}: "
-                                                             "it is a field of the request.")
-            kwargs.update(extra)
-        try:
-            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=generation, **kwargs)
-        except ValueError as e:  # no template, or it raised (a role it does not know, ...)
-            raise HttpFieldError("messages", shown(str(e), quote=False)) from None
-        if continue_final:
-            text = _continued(text, chat[-1]["content"])
-        self._fits_as_text("messages", text)
-        return self.tokenizer.encode_without_gil(text, special) if len(text) > INLINE_MAX_CHARS else \
-            self.tokenizer.encode(text, special)
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise HttpFieldError("tools", "tools must be a list of tool objects.")
+        return render_chat(self.tokenizer, self.s, data, tools).ids
 
     # -- POST /detokenize --------------------------------------------------------------
     def detokenize(self, data: dict) -> dict:
@@ -248,41 +213,6 @@ class VllmRoutes:
         reason = self.s.ids_refusal(field, count)
         if reason is not None:
             raise HttpFieldError(field, reason)
-
-
-def _message(m, where: str, text_only) -> dict:
-    """One chat message as a template reads it: role and text content (OpenAI text parts joined by newlines,
-    as vLLM joins them for a template that takes strings)."""
-    if not isinstance(m, dict):
-        raise HttpFieldError(where, f"{where} must be an object with `role` and `content`, not {kind_of(m)}.")
-    role = m.get("role")
-    if not isinstance(role, str) or not role:
-        raise HttpFieldError(f"{where}.role", f"{where}.role must be a non-empty string.")
-    content = m.get("content")
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else None
-                why = text_only() if isinstance(kind, str) and kind != "text" else "a part must be {\"type\": " \
-                                                                                   "\"text\", \"text\": \"...\"}"
-                raise HttpFieldError(f"{where}.content[{j}]", f"{where}.content[{j}] is refused: {why}")
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    elif content is not None and not isinstance(content, str):
-        raise HttpFieldError(f"{where}.content", f"{where}.content must be a string, a list of text parts, or null.")
-    return {**m, "content": content}
-
-
-def _continued(text: str, final: Optional[str]) -> str:
-    """The rendered chat cut just after the final message's content, as transformers' continue_final_message
-    does: the model continues that message instead of starting a new turn."""
-    final = (final or "").strip()
-    at = text.rfind(final) if final else -1
-    if at < 0:
-        raise HttpFieldError("continue_final_message", "continue_final_message needs the last message's content in "
-                                                       "the rendered chat, and this template does not write it.")
-    return text[:at + len(final)]
 
 
 def _error(message: str, param: Optional[str], code: int = 400) -> bytes:
