@@ -90,8 +90,8 @@ def test_the_reader_takes_vllms_chat_fields():
 
 
 def test_the_reader_refuses_naming_the_field():
-    for body, field in (({"use_beam_search": True}, "use_beam_search"), ({"logit_bias": {"1": 5}}, "logit_bias"),
-                        ({"bad_words": ["x"]}, "bad_words"), ({"allowed_token_ids": [1]}, "allowed_token_ids"),
+    for body, field in (({"use_beam_search": True}, "use_beam_search"), ({"logit_bias": {"x": 5}}, "logit_bias"),
+                        ({"bad_words": [1]}, "bad_words"), ({"allowed_token_ids": "x"}, "allowed_token_ids"),
                         ({"chat_template": "{{x}}"}, "chat_template"), ({"top_logprobs": 2}, "top_logprobs"),
                         ({"stream_options": {"include_usage": True}}, "stream_options"),
                         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
@@ -262,7 +262,7 @@ def test_a_body_needing_smg_is_still_relayed(port):
 
 
 def test_refusals_name_the_field_and_an_unknown_model_is_404(port):
-    for body, field in (({"use_beam_search": True}, "use_beam_search"), ({"logit_bias": {"7": 100}}, "logit_bias"),
+    for body, field in (({"use_beam_search": True}, "use_beam_search"), ({"logit_bias": {"7": "high"}}, "logit_bias"),
                         ({"top_logprobs": 2}, "top_logprobs"), ({"temprature": 0}, "temprature"),
                         ({"max_tokens": 100000}, "max_tokens"), ({"messages": "hi"}, "messages")):
         status, raw = http_request(port, "POST", "/v1/chat/completions", {"model": SERVED, "messages": MESSAGES,

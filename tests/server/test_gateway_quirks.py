@@ -22,6 +22,7 @@ WHERE_DRIVEN = {
     "carried_constraint": "tests/server/test_http_front.py, tests/server/test_smg_gateway.py",
     "completions_logprobs_dropped": "tests/server/test_http_front.py",
     "logit_bias_dropped": "tests/server/test_http_front.py",
+    "dropped_field": "tests/server/test_chat_route.py",
     "prompt_logprobs_dropped": "tests/server/test_http_front.py",
     "needs_key": "tests/server/test_http_front.py",
     "control_plane_key": "tests/server/test_gateway_admin.py",
@@ -101,6 +102,9 @@ def test_dropped_request_fields():
     assert not quirks.completions_logprobs_dropped(True, {"logprobs": None})
     assert quirks.logit_bias_dropped({"logit_bias": {"5": 1.0}})
     assert not quirks.logit_bias_dropped({"logit_bias": {}}) and not quirks.logit_bias_dropped({})
+    assert quirks.dropped_field({"bad_words": ["x"], "min_tokens": 2}) == "bad_words"
+    assert quirks.dropped_field({"add_generation_prompt": False}) == "add_generation_prompt"
+    assert quirks.dropped_field({"bad_words": [], "min_tokens": 0, "echo": False, "add_generation_prompt": True}) is None
     assert quirks.prompt_logprobs_dropped({"prompt_logprobs": 0})
     assert not quirks.prompt_logprobs_dropped({"prompt_logprobs": None}) and not quirks.prompt_logprobs_dropped({})
 

@@ -203,11 +203,13 @@ def test_prompt_logprobs_are_refused_naming_the_field_not_ignored():
 
 
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
-def test_logit_bias_over_http_is_400(http_port):
-    status, out = _post(http_port, "/v1/chat/completions", logit_bias={"7": 100})
-    assert status == 400 and out["error"]["param"] == "logit_bias", out
-    # the front's completions route applies it (issue 79; its effect: tests/server/test_completions_route.py)
+def test_logit_bias_is_applied_by_the_front_and_refused_where_smg_would_drop_it(http_port):
+    # the front's chat and completions routes apply it (issue 79; its effect: tests/server/test_completions_route.py)
+    assert _post(http_port, "/v1/chat/completions", logit_bias={"7": 100})[0] == 200
     assert _post(http_port, "/v1/completions", logit_bias={"7": 100})[0] == 200
+    # relayed to smg (a field only smg carries beside it), which would drop it: refused naming it
+    status, out = _post(http_port, "/v1/chat/completions", logit_bias={"7": 100}, guided_choice=CHOICES)
+    assert status == 400 and out["error"]["param"] == "logit_bias", out
     # completions' prompt logprobs are answered from the engine (completions_route.py); relayed to smg (a field only
     # smg carries beside them) they are still refused, smg would drop them
     assert _post(http_port, "/v1/completions", prompt_logprobs=1)[0] == 200

@@ -35,9 +35,10 @@ PARTS = {"A": "chat route", "B": "sampling and the offline API", "C": "metrics, 
 # -- what moelink answers otherwise on purpose (docs/vllm-compat.md#the-compatibility-suite) -------------------------
 INTENDED: dict[str, Known] = {
     'unknown-field-400': Known(
-        ('completions/bad_unknown_field',),
+        ('completions/bad_unknown_field', 'chat/bad_unknown_field'),
         ('*',),
-        'moelink answers HTTP 400 naming a /v1/completions field it does not read (a typo such as `temprature`); '
+        'moelink answers HTTP 400 naming a /v1/completions or chat field it does not read (a typo such as '
+        '`temprature`); '
         'vLLM logs it and answers without it'),
     'no-beam-search-400': Known(
         ('completions/bad_use_beam_search',),
@@ -49,14 +50,27 @@ INTENDED: dict[str, Known] = {
          'completions/bad_min_tokens_above_max', 'completions/bad_min_tokens_negative', 'completions/bad_n_0',
          'completions/bad_presence_penalty_3', 'completions/bad_prompt_empty_list',
          'completions/bad_prompt_token_out_of_vocab', 'completions/bad_repetition_penalty_0',
-         'completions/bad_top_k_minus_2'),
+         'completions/bad_top_k_minus_2', 'chat/bad_n_0', 'chat/bad_messages_empty', 'chat/bad_min_tokens_above_max',
+         'chat/bad_continue_and_add_generation_prompt', 'chat/bad_top_logprobs_25'),
         ('body.error.param',),
-        "where vLLM's error has param null, moelink's names the field (one clear error naming the field)"),
+        "where vLLM's error has param null (or names another field: `logprobs` for a top_logprobs past the limit), "
+        "moelink's names the field at fault (one clear error naming the field)"),
     'validation-error-class': Known(
         ('offline/sampling_params_bad_*',),
         ('error',),
         "a bad SamplingParams value raises ValueError (Python's class for a bad argument); vLLM 0.32 raises its "
         'own VLLMValidationError, not a ValueError subclass'),
+    'error-shape': Known(
+        ('completions/bad_body_not_object', 'completions/bad_json_body', 'completions/bad_max_tokens_string',
+         'completions/bad_prompt_too_long', 'completions/bad_seed_string', 'completions/bad_stop_int',
+         'completions/bad_temperature_string', 'completions/bad_truncate_prompt_tokens_minus_2',
+         'routes/detokenize_negative_id', 'chat/bad_messages_missing', 'chat/bad_role_missing',
+         'chat/bad_prompt_too_long'),
+        ('body.error.type', 'body.error.param'),
+        'a body that does not parse (a wrong JSON kind, a missing field) is one 400 in the shape of every other '
+        "refusal (type BadRequestError, param the request's field as the client wrote it: `messages[0].role`), where "
+        'vLLM passes on pydantic\'s (type "Bad Request", param its location `body.messages.0.<class>.role`); a '
+        'too-long prompt names `prompt` / `messages`, the field the client can shorten, where vLLM says input_tokens'),
     'owned-by-moelink': Known(
         ('routes/models',),
         ('body.data.*.owned_by',),
@@ -83,73 +97,12 @@ PENDING: dict[str, Known] = {
     'seeded-sampling': Known(
         ('completions/n_2_seeded', 'completions/seed_*', 'completions/stream_n_2', 'chat/n_2_seeded',
          'chat/seed_sampling', 'chat/stream_n_2', 'offline/generate_n_2_seeded',
-         'completions/max_tokens_omitted_default_sampling'),
+         'completions/max_tokens_omitted_default_sampling', 'chat/default_sampling'),
         ('body.choices.*.text', 'body.choices.*.message.content', 'body.choices.*.finish_reason',
          'body.choices.*.stop_reason', 'body.usage.*', 'body.*.choices.*.text', 'body.*.choices.*.finish_reason',
          'body.*.choices.*.index', 'body.*.choices.*.delta.content', 'outputs.*.outputs.*'),
         "the same seed draws other tokens than vLLM's (temperature > 0, seeded; defaults from "
         'generation_config.json)', part='B'),
-    'chat-defaults-from-generation-config': Known(
-        ('chat/default_sampling',),
-        ('body.choices.*.message.content',),
-        "chat goes through smg, which sends its own sampling defaults, not the checkpoint's "
-        'generation_config.json', part='A'),
-    'chat-logprobs-last-entry': Known(
-        ('chat/logprobs_stop_*',),
-        ('body.choices.*.logprobs.content.length',),
-        "chat logprobs lose the last entry when the last token is a stop token, EOS or a stop string's", part='A'),
-    'chat-stream-chunks': Known(
-        ('chat/stream*',),
-        ('body.length', 'body.*.choices.*.finish_reason', 'body.*', 'body.*.usage', 'body.*.choices.length',
-         'body.*.choices.*.index', 'body.*.choices.*.delta.*', 'body.*.choices.*.delta'),
-        'streamed chat sends finish_reason in an extra empty chunk (and the usage chunk after it), n > 1 choices '
-        'not as vLLM orders them', part='A'),
-    'chat-fields-ignored': Known(
-        ('chat/min_tokens', 'chat/truncate_prompt_tokens', 'chat/bad_words', 'chat/allowed_token_ids',
-         'chat/return_token_ids', 'chat/stop_include', 'chat/add_generation_prompt_false', 'chat/echo',
-         'chat/continue_final_message'),
-        ('body.choices.*.message.content', 'body.choices.*.message.role', 'body.choices.*.finish_reason',
-         'body.usage.*', 'body.prompt_token_ids', 'body.choices.*.token_ids', 'body.prompt_logprobs'),
-        'chat ignores min_tokens, truncate_prompt_tokens, bad_words, allowed_token_ids, return_token_ids, '
-        'include_stop_str_in_output, add_generation_prompt false, echo', part='A'),
-    'chat-refused-fields': Known(
-        ('chat/logit_bias', 'chat/prompt_logprobs', 'chat/role_wizard'),
-        ('status', 'body.*'),
-        "chat refuses logit_bias, prompt_logprobs and a role vLLM's template renders (`wizard`)", part='A'),
-    'chat-refusals-vllm-makes': Known(
-        ('chat/n_3_greedy_refused', 'chat/bad_continue_and_add_generation_prompt'),
-        ('status', 'body.*'),
-        'vLLM refuses n > 1 at temperature 0 and continue_final_message with add_generation_prompt; chat answers '
-        'them', part='A'),
-    'chat-vllm-response-fields': Known(
-        ('chat/add_generation_prompt_false', 'chat/allowed_token_ids', 'chat/bad_unknown_field', 'chat/bad_words',
-         'chat/basic', 'chat/content_parts', 'chat/continue_final_message', 'chat/default_sampling', 'chat/echo',
-         'chat/eos_stop', 'chat/ignore_eos', 'chat/logprobs', 'chat/logprobs_ignore_eos',
-         'chat/logprobs_stop_string_last', 'chat/logprobs_stop_token_last', 'chat/max_completion_tokens',
-         'chat/max_tokens_1', 'chat/max_tokens_default', 'chat/min_tokens', 'chat/multi_turn', 'chat/n_2_seeded',
-         'chat/penalties', 'chat/return_token_ids', 'chat/seed_sampling', 'chat/skip_special_tokens_false',
-         'chat/stop', 'chat/stop_include', 'chat/stop_token_ids', 'chat/system', 'chat/top_logprobs_3',
-         'chat/truncate_prompt_tokens', 'chat/user_field'),
-        ('body.prompt_logprobs', 'body.prompt_token_ids', 'body.prompt_text', 'body.kv_transfer_params',
-         'body.choices.*.stop_reason', 'body.choices.*.token_ids', 'body.choices.*.matched_stop',
-         'body.choices.*.message.audio', 'body.choices.*.message.function_call', 'body.choices.*.message.reasoning',
-         'body.choices.*.message.reasoning_content', 'body.choices.*.message.annotations',
-         'body.choices.*.message.refusal', 'body.choices.*.logprobs.refusal', 'body.service_tier',
-         'body.usage.prompt_tokens_details', 'body.*.choices.*.delta.refusal', 'body.*.choices.*.token_ids',
-         'body.*.usage.prompt_tokens_details', 'body.*.choices.*.stop_reason', 'body.*.choices.*.matched_stop',
-         'body.ec_transfer_params', 'body.metrics', 'body.choices.*.routed_experts',
-         'body.usage.completion_tokens_details', 'body.*.usage.completion_tokens_details'),
-        "chat answers in smg's shape: no "
-        'stop_reason/token_ids/prompt_token_ids/prompt_logprobs/kv_transfer_params, `reasoning_content` for '
-        'vLLM\'s `reasoning`, `matched_stop`, service_tier "default", annotations [], logprobs.refusal, '
-        'prompt_tokens_details', part='A'),
-    'chat-error-shape': Known(
-        ('chat/bad_messages_empty', 'chat/bad_messages_missing', 'chat/bad_n_0',
-         'chat/bad_prompt_too_long', 'chat/bad_role_missing', 'chat/bad_stream_options_without_stream',
-         'chat/bad_top_logprobs_25', 'chat/bad_top_logprobs_without_logprobs'),
-        ('body.error.type', 'body.error.code', 'body.error.param'),
-        "chat errors are smg's: type invalid_request_error, a string code, other params, where vLLM sends "
-        'BadRequestError / NotFoundError and the integer status', part='A'),
     'completions-refused-sampling-fields': Known(
         ('completions/bad_words', 'completions/allowed_token_ids', 'completions/logit_bias',
          'completions/spaces_between_special_tokens', 'completions/n_100'),
@@ -157,7 +110,7 @@ PENDING: dict[str, Known] = {
         'refused where vLLM answers: bad_words, allowed_token_ids, logit_bias, spaces_between_special_tokens '
         'false, n 100', part='B'),
     'greedy-n-refused-by-vllm': Known(
-        ('completions/n_3_greedy_refused',),
+        ('completions/n_3_greedy_refused', 'chat/n_3_greedy_refused'),
         ('status', 'body.*'),
         'vLLM 0.32 refuses n > 1 at temperature 0 (`n must be 1 when using greedy sampling`); moelink answers n '
         'copies', part='B'),
@@ -173,8 +126,8 @@ PENDING: dict[str, Known] = {
         "allowed_token_ids, logit_bias, extra_args (TypeError); truncate_prompt_tokens is vLLM's tokenization "
         'param', part='B'),
     'stop-token-text': Known(
-        ('completions/stop_token_ids*',),
-        ('body.choices.*.text',),
+        ('completions/stop_token_ids*', 'chat/stop_token_ids', 'chat/min_tokens'),
+        ('body.choices.*.text', 'body.choices.*.message.content'),
         "a stop_token_ids token's text stays in the output; vLLM leaves it out (without "
         'include_stop_str_in_output)', part='B'),
     'offline-chat-continue-final-message': Known(
@@ -200,15 +153,6 @@ PENDING: dict[str, Known] = {
          'body.usage.completion_tokens_details'),
         "vLLM 0.32's completion answer carries ec_transfer_params, metrics, choices[].routed_experts, "
         "usage.completion_tokens_details (null); moelink's route leaves them out", part='other'),
-    'error-shape': Known(
-        ('completions/bad_body_not_object', 'completions/bad_json_body', 'completions/bad_max_tokens_string',
-         'completions/bad_prompt_too_long', 'completions/bad_seed_string', 'completions/bad_stop_int',
-         'completions/bad_temperature_string', 'completions/bad_truncate_prompt_tokens_minus_2',
-         'routes/detokenize_negative_id'),
-        ('body.error.type', 'body.error.param'),
-        'vLLM\'s pydantic errors say type "Bad Request" and param as pydantic\'s loc (`body.max_tokens`); '
-        'max_tokens past the context names `prompt` where vLLM says max_tokens, a too-long prompt `prompt` where '
-        'vLLM says input_tokens', part='C'),
     'health-body': Known(
         ('routes/health', 'routes/ping_*'),
         ('content_type', 'body'),

@@ -253,7 +253,7 @@ def logit_bias_field(value: Any) -> Optional[dict]:
         raise HttpFieldError("logit_bias", "logit_bias contains key(s) that cannot be converted to integer token IDs: "
                                            f"{shown(bad[:8])}")
     for k, v in value.items():
-        if not ((_is_int(v) or isinstance(v, float)) and math.isfinite(v)):
+        if not ((is_int(v) or isinstance(v, float)) and math.isfinite(v)):
             raise HttpFieldError("logit_bias", f"logit_bias[{shown(k)}] must be a number.")
     return {int(k): min(100.0, max(-100.0, float(v))) for k, v in value.items()}
 

@@ -27,7 +27,8 @@ from typing import Optional
 from ...contract.json_depth import MAX_JSON_DEPTH, deep_path, text_depth, too_deep
 from ...contract.safe_text import shown
 from ...contract.structured_output_params import PREFIX, StructuredOutputParams
-from .quirks import carried_constraint, completions_logprobs_dropped, logit_bias_dropped, prompt_logprobs_dropped
+from .quirks import (carried_constraint, completions_logprobs_dropped, dropped_field, logit_bias_dropped,
+                     prompt_logprobs_dropped)
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -80,6 +81,11 @@ def rewrite(path: str, body: dict) -> Optional[dict]:
         raise HttpFieldError("logit_bias", f"logit_bias={shown(body['logit_bias'])} is not supported: the smg "
                                            "gateway (1.13) drops it on this route; leave it out (null or {} is "
                                            "accepted).")
+    dropped = dropped_field(body)
+    if dropped is not None:
+        raise HttpFieldError(dropped, f"{dropped}={shown(body[dropped])} is not supported on a request the smg gateway "
+                                      "(1.13) answers (one with structured output, tool calls, or on a server with a "
+                                      "reasoning parser): smg drops it; leave it out there.")
     found = []  # (field as the client named it, kind, value)
     so = body.get("structured_outputs")
     if so is not None:

@@ -67,6 +67,10 @@ STRUCTURED_OUTPUTS_DROPPED = Quirk(
 COMPLETIONS_LOGPROBS_DROPPED = Quirk(
     "smg answers /v1/completions without the logprobs the request asked for (chat keeps them)", *SEEN_1_13)
 LOGIT_BIAS_DROPPED = Quirk("smg drops `logit_bias` before it calls the worker", *SEEN_1_13)
+FIELDS_DROPPED = Quirk(
+    "smg drops vLLM's extra request fields before it calls the worker (bad_words, allowed_token_ids, min_tokens, "
+    "truncate_prompt_tokens, include_stop_str_in_output, return_token_ids, spaces_between_special_tokens; on a "
+    "chat add_generation_prompt false and echo): the answer is as if they were not sent", *SEEN_1_13)
 PROMPT_LOGPROBS_DROPPED = Quirk(
     "smg drops vLLM's `prompt_logprobs` before it calls the worker and answers without them", *SEEN_1_13)
 MODELS_WITHOUT_KEY = Quirk(
@@ -184,6 +188,22 @@ def completions_logprobs_dropped(completions: bool, body: dict) -> bool:
     """smg 1.13: whether smg would answer this request (`completions`: to /v1/completions) without the logprobs it
     asks for: the front refuses it (HTTP 400 naming the field) rather than let it be answered as if it had not."""
     return completions and body.get("logprobs") is not None
+
+
+# What smg 1.13 drops of a request relayed to it (compared by the fixtures of tests/server/test_vllm_compat.py):
+# field -> its values that ask nothing (absent, null, or vLLM's default).
+_DROPPED_NEUTRAL: dict[str, tuple] = {
+    "bad_words": (None, []), "allowed_token_ids": (None,), "min_tokens": (None, 0), "truncate_prompt_tokens": (None,),
+    "include_stop_str_in_output": (None, False), "return_token_ids": (None, False),
+    "spaces_between_special_tokens": (None, True), "add_generation_prompt": (None, True), "echo": (None, False)}
+
+
+@works_around(FIELDS_DROPPED)
+def dropped_field(body: dict) -> Optional[str]:
+    """smg 1.13: the first field of a request relayed to it (structured output, tool calls, a reasoning parser) that
+    smg would drop, set to a value that asks something; None when there is none. The front refuses it (HTTP 400
+    naming the field) rather than let it be answered as if it had not been sent."""
+    return next((k for k, neutral in _DROPPED_NEUTRAL.items() if body.get(k) not in neutral), None)
 
 
 @works_around(LOGIT_BIAS_DROPPED)
