@@ -250,13 +250,7 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
     if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
         lens_S1 = meta.seq_lens_S.index_select(0, torch.tensor(seqs, device=q_TNH.device)).long()[:, None]
         valid_SC = valid_SC & (torch.arange(slots_SC.shape[1], device=q_TNH.device)[None, :] >= lens_S1 - window)
-    max_ctx = slots_SC.shape[1]
-    flat = slots_SC.reshape(-1)
-    k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
-    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads,
-                                                                                      v_head_dim)
-    k_SCKH = dequantize_from_cache(k_SCKH, q_TNH.dtype, kv_scales[0])
-    v_SCKH = dequantize_from_cache(v_SCKH, q_TNH.dtype, kv_scales[1])
+    k_SCKH, v_SCKH = _gather_slots(k_cache_BLKH, v_cache_BLKH, slots_SC, q_TNH.dtype, kv_scales)
     if sinks_N is None:
         q_SN1H = q_TNH.index_select(0, tok_idx_S).unsqueeze(2)
         out_SN1H = F.scaled_dot_product_attention(q_SN1H, k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2),
@@ -285,24 +279,29 @@ def _decode_all(q_SNH, k_cache_BLKH, v_cache_BLKH, meta, scale, out_SNH, kv_scal
     """Every sequence of the batch decodes one token (row s of q is sequence s): gather each one's context up to
     the longest and run one SDPA call over the batch, padded positions masked. A dozen torch ops in all where the
     grouped path spends about fifty: at batch 1 a CPU decode step is op dispatch, not arithmetic."""
-    block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
-    v_head_dim = v_cache_BLKH.shape[-1]
-    S, max_ctx = q_SNH.shape[0], meta.max_seq_len
-    pos_C = torch.arange(max_ctx, device=q_SNH.device)
+    block_size = k_cache_BLKH.shape[1]
+    pos_C = torch.arange(meta.max_seq_len, device=q_SNH.device)
     valid_SC = pos_C[None, :] < meta.seq_lens_S[:, None]
     blocks_SC = meta.block_tables_SM.index_select(1, pos_C // block_size).long()
     # Past a sequence's end: the null block (all zeros), so stale or NaN values are never read.
-    slots_C = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
-    flat = slots_C.reshape(-1)
-    k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads, head_dim)
-    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_select(0, flat).view(S, max_ctx, num_kv_heads,
-                                                                                      v_head_dim)
-    k_SCKH = dequantize_from_cache(k_SCKH, q_SNH.dtype, kv_scales[0])
-    v_SCKH = dequantize_from_cache(v_SCKH, q_SNH.dtype, kv_scales[1])
+    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
+    k_SCKH, v_SCKH = _gather_slots(k_cache_BLKH, v_cache_BLKH, slots_SC, q_SNH.dtype, kv_scales)
     out_SN1H = F.scaled_dot_product_attention(
         q_SNH.unsqueeze(2), k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2), attn_mask=valid_SC[:, None, None, :],
         scale=scale, enable_gqa=True)
     out_SNH.copy_(out_SN1H.squeeze(2))
+
+
+def _gather_slots(k_cache_BLKH, v_cache_BLKH, slots_SC: torch.Tensor, dtype: torch.dtype, kv_scales=(1.0, 1.0)
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values at flat cache slots [S, C] as [S, C, K, H] / [S, C, K, Hv] of `dtype` (an fp8 cache's
+    widened and scaled back)."""
+    S, C = slots_SC.shape
+    num_kv_heads, head_dim, v_head_dim = k_cache_BLKH.shape[2], k_cache_BLKH.shape[3], v_cache_BLKH.shape[3]
+    flat = slots_SC.reshape(-1)
+    k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, C, num_kv_heads, head_dim)
+    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_select(0, flat).view(S, C, num_kv_heads, v_head_dim)
+    return dequantize_from_cache(k_SCKH, dtype, kv_scales[0]), dequantize_from_cache(v_SCKH, dtype, kv_scales[1])
 
 
 def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int, lo: int = 0):
