@@ -67,7 +67,10 @@ def test_masked_rows_reach_no_expert_and_count_nothing():
     want_counts = stats.snapshot().tokens_per_expert
     layer.valid_rows_T = torch.tensor([True, True, True, False, False])
     got_TD = layer(x_TD)
-    assert torch.equal(got_TD[:3], want_TD) and not got_TD[3:].any()
+    # Equal to rounding: the reference picks its path by the batch's pair count (kernels/moe.py: experts' weights
+    # gathered at <= 8 pairs, padded or per expert past that), and the paths round differently; bitwise equality
+    # whatever the batch is the batch-invariant mode's (tests/kernels/test_batch_invariant.py).
+    assert torch.allclose(got_TD[:3], want_TD, rtol=1e-12, atol=1e-12) and not got_TD[3:].any()
     assert np.array_equal(stats.snapshot().tokens_per_expert, want_counts)
 
 

@@ -93,7 +93,7 @@ def test_a_gateway_restart_leaves_liveness_alone():
 def test_the_managed_front_is_given_the_engines_health(monkeypatch):
     """start_managed_gateway wires the engine's health into its front (the wiring the 200s lacked)."""
     from moelink.engine.server.config import ServerConfig
-    from moelink.engine.server.gateway import generate_route, managed, rl_routes, vllm_routes
+    from moelink.engine.server.gateway import chat_route, generate_route, managed, rl_routes, vllm_routes
 
     seen = {}
 
@@ -112,7 +112,7 @@ def test_the_managed_front_is_given_the_engines_health(monkeypatch):
 
     monkeypatch.setattr(managed, "HttpFront", _Front)
     for module, name in ((vllm_routes, "VllmRoutes"), (rl_routes, "RlRoutes"), (rl_routes, "ChainedRoutes"),
-                         (generate_route, "GenerateRoute")):
+                         (generate_route, "GenerateRoute"), (chat_route, "ChatRoute")):
         monkeypatch.setattr(module, name, lambda *a, **k: None)
     monkeypatch.setattr(_Engine, "takes_control_calls", False, raising=False)
     config = ServerConfig(http_port=free_port())

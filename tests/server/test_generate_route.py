@@ -206,7 +206,8 @@ def test_generate_refusals_name_the_field(front):
     assert refused(port, {**batch, "sampling_params": [{"n": 2}, {"n": 3}]})[0] == "sampling_params[1].n"
     assert refused(port, {**batch, "sampling_params": [{}, {"temperature": "hot"}]})[0] == \
         "sampling_params[1].temperature"
-    assert refused(port, {**batch, "sampling_params": {"n": 65}})[0] == "sampling_params.n"  # --max-n (64)
+    max_n = front[0].server.serving.limits.max_n  # --max-n (vLLM's 16384)
+    assert refused(port, {**batch, "sampling_params": {"n": max_n + 1}})[0] == "sampling_params.n"
     assert refused(port, {**batch, "rid": ["only-one"]})[0] == "rid"
     assert refused(port, {**batch, "rid": ["same", "same"]})[0] == "rid"
     assert refused(port, {**batch, "return_logprob": [True, False]})[0] == "return_logprob"
@@ -453,8 +454,9 @@ def test_batch_and_body_bounds(front):
     its Content-Length, before a byte of it is read."""
     srv, port = front
     limits = srv.server.serving.limits
-    param, message = refused(port, {"text": ["a"] * 65, "sampling_params": {"n": 64}})
-    assert param == "text" and "4160 sequences" in message and "--max-batch-sequences" in message
+    n = limits.max_batch_sequences // 2 + 1  # two prompts x n: one sequence past the bound
+    param, message = refused(port, {"text": ["a"] * 2, "sampling_params": {"n": n}})
+    assert param == "text" and f"{2 * n} sequences" in message and "--max-batch-sequences" in message
     param, message = refused(port, {"input_ids": [[1]] * (limits.max_batch_sequences + 1)})
     assert param == "input_ids" and "--max-batch-sequences" in message
     import socket

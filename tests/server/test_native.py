@@ -188,7 +188,7 @@ def _bad_native(pb):
         (dict(prompt="x", sampling_params=sp(stop=[""])), "sampling_params.stop"),
         (dict(prompt="x", sampling_params=sp(stop_token_ids=[99999])), "sampling_params.stop_token_ids"),
         (dict(prompt="x", sampling_params=sp(n=0)), "sampling_params.n"),
-        (dict(prompt="x", sampling_params=sp(n=1000)), "sampling_params.n"),
+        (dict(prompt="x", sampling_params=sp(n=16385)), "sampling_params.n"),  # past --max-n (vLLM's 16384)
         (dict(prompt="x", request_id="r" * 300), "request_id"),
     ]
 

@@ -157,7 +157,7 @@ def _bad_vllm(vpb):
         (dict(tokenized=ok, sampling_params=sp(regex="(a+")), "sampling_params.regex"),
         (dict(tokenized=ok, sampling_params=sp(structural_tag="{}")), "sampling_params.structural_tag"),
         (dict(tokenized=ok, sampling_params=sp(logit_bias={100000: 1.0})), "sampling_params.logit_bias"),
-        (dict(tokenized=ok, sampling_params=sp(n=500)), "sampling_params.n"),
+        (dict(tokenized=ok, sampling_params=sp(n=16385)), "sampling_params.n"),  # --max-n: vLLM's 16384
         (dict(tokenized=ok, sampling_params=sp(truncate_prompt_tokens=0)), "sampling_params.truncate_prompt_tokens"),
         (dict(tokenized=ok, mm_inputs=vpb.MultimodalInputs(mm_hashes=["x"])), "mm_inputs"),
         (dict(tokenized=ok, sampling_params=sp(stop_token_ids=[100000])), "sampling_params.stop_token_ids"),
