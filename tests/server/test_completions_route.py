@@ -106,6 +106,24 @@ def test_a_stream_holds_a_samples_echo_until_the_prompts_logprobs_come():
     assert ans.usage_event()["usage"] == {"prompt_tokens": 3, "total_tokens": 6, "completion_tokens": 3}
 
 
+def test_tokens_as_ids_name_each_logprobs_token_token_id_n():
+    """--return-tokens-as-token-ids (or a request's return_tokens_as_token_ids, which wins): the logprobs' tokens and
+    top_logprobs keys `token_id:N` (the echo's first token too), text_offset counting those strings, the text text."""
+    req = _request(echo=True, logprobs=1, max_tokens=1, return_tokens_as_token_ids=True)
+    assert req.tokens_as_ids is True and _request().tokens_as_ids is None
+    ans = CompletionAnswer(req, SERVED, 0, _decode_one, lambda ids: "".join(map(_decode_one, ids)), as_ids=True)
+    ans.add(0, 0, _out([3], _GEN_LPS, "c", "length", _PROMPT_LPS))
+    choice = ans.body()["choices"][0]
+    assert choice["text"] == "<s>A bc"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["token_id:5", "token_id:1", "token_id:2", "token_id:3"]
+    assert lp["text_offset"] == [0, 10, 20, 30]
+    assert lp["top_logprobs"][1] == {"token_id:1": -1.5, "token_id:4": -0.5}
+    with pytest.raises(HttpFieldError) as err:
+        _request(return_tokens_as_token_ids="yes")
+    assert err.value.field == "return_tokens_as_token_ids"
+
+
 class _FailingRuns:
     """The engine's outputs of one choice, then a failure: `error` raised, or an output whose finish_reason is
     "error" (the engine failed the request)."""
