@@ -229,6 +229,8 @@ def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=1, metavar="N", help=row("--max-loras").says)
     p.add_argument("--max-lora-rank", type=int, default=16, metavar="R", help=row("--max-lora-rank").says)
     p.add_argument("--max-cpu-loras", type=int, default=None, metavar="N", help=row("--max-cpu-loras").says)
+    p.add_argument("--lora-target-modules", nargs="+", default=None, metavar="MODULE",
+                   help=row("--lora-target-modules").says)
 
 
 def engine_args_from(ns: argparse.Namespace):
@@ -263,5 +265,5 @@ def engine_args_from(ns: argparse.Namespace):
         batch_invariant=ns.batch_invariant, enable_return_routed_experts=ns.enable_return_routed_experts,
         limit_mm_per_prompt=ns.limit_mm_per_prompt, mm_max_pixels=ns.mm_max_pixels,
         enable_lora=ns.enable_lora, max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank,
-        max_cpu_loras=ns.max_cpu_loras,
+        max_cpu_loras=ns.max_cpu_loras, lora_target_modules=ns.lora_target_modules,
     )

@@ -90,8 +90,9 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--default-chat-template-kwargs",): refused(GATEWAY),
     ("--reasoning-effort-map",): refused(GATEWAY),
     ("--response-role",): refused("the assistant role is the chat template's: leave it out"),
-    ("--return-tokens-as-token-ids", "--no-return-tokens-as-token-ids"): refused(
-        "not supported: ask the gRPC services for token ids"),
+    ("--return-tokens-as-token-ids", "--no-return-tokens-as-token-ids"): accepted(
+        "with logprobs: each token of /v1/completions' logprobs named `token_id:N` (a request's "
+        "return_tokens_as_token_ids wins), the text unchanged, as vLLM", "--return-tokens-as-token-ids"),
     ("--enable-auto-tool-choice",): to_gateway("with --tool-call-parser: the gateway parses tool calls whenever a "
                                                "parser is set", "--enable-auto-tool-choice --tool-call-parser qwen"),
     ("--disable-auto-tool-choice",): to_gateway("accepted (vLLM's default): no tool-call parsing unless "
@@ -102,8 +103,8 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--tool-parser-plugin",): refused("the gateway's built-in parsers only: --tool-call-parser NAME"),
     ("--tool-strict-level",): refused(GATEWAY),
     ("--tool-server",): refused("no built-in tools: leave it out"),
-    ("--max-log-len",): accepted("accepted: moelink's request lines carry ids and token counts, never prompt text "
-                                 "(nothing to shorten)", "--max-log-len 100"),
+    ("--max-log-len",): accepted("with --enable-log-outputs: the most characters of an output logged (moelink's "
+                                 "request lines carry no prompt text)", "--max-log-len 100"),
     ("--enable-prompt-tokens-details",): accepted("accepted: usage.prompt_tokens_details.cached_tokens is always "
                                                   "reported"),
     ("--disable-prompt-tokens-details",): refused("usage.prompt_tokens_details.cached_tokens is always reported"),
@@ -114,10 +115,13 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
         "request"),
     ("--sse-keep-alive-interval",): refused(GATEWAY),
     ("--enable-tokenizer-info-endpoint", "--disable-tokenizer-info-endpoint"): refused(NOT_SUPPORTED),
-    ("--enable-log-outputs", "--disable-log-outputs"): refused(
-        "not supported: request lines carry ids and token counts (--log-format json)"),
+    ("--enable-log-outputs", "--disable-log-outputs"): accepted(
+        "each 'request finished' line carries the output text (`output`, at most --max-log-len characters), as "
+        "vLLM logs it with --enable-log-requests (moelink's default; refused with --disable-log-requests)",
+        "--enable-log-outputs"),
     ("--enable-log-deltas", "--disable-log-deltas"): refused(
-        "not supported: request lines carry ids and token counts (--log-format json)"),
+        "moelink logs an output once, when its request finishes (--enable-log-outputs), never per streamed delta: "
+        "leave it out"),
     ("--cohere-is-reasoning-model", "--no-cohere-is-reasoning-model"): refused("the OpenAI API only: leave it out"),
     ("--cohere-format",): refused("the OpenAI API only: leave it out"),
     ("--anthropic-disabled-thinking-effort",): refused("the OpenAI API only: leave it out"),
@@ -433,7 +437,10 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--max-cpu-loras",): accepted("with --enable-lora: adapters each rank keeps read in host memory, least "
                                    "recently used evicted (default --max-loras)", "--enable-lora --max-cpu-loras 8"),
     ("--fully-sharded-loras", "--no-fully-sharded-loras"): refused(LORA),
-    ("--lora-target-modules",): refused(LORA),
+    ("--lora-target-modules",): accepted("with --enable-lora: the modules LoRA runs on, by name or suffix (vLLM's "
+                                         "packed qkv_proj / gate_up_proj, experts for the routed experts); an "
+                                         "adapter's other targets are skipped, as vLLM's",
+                                         "--enable-lora --lora-target-modules o_proj qkv_proj"),
     ("--default-mm-loras",): refused(LORA),
     ("--specialize-active-lora", "--no-specialize-active-lora"): refused(LORA),
     ("--enable-mixed-moe-lora-format", "--disable-mixed-moe-lora-format"): refused(LORA),

@@ -312,6 +312,9 @@ def add_vllm_server_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup
                    help="no 'request admitted' / 'request finished' log lines")
     _add(g, "--enable-log-requests", dest="disable_log_requests", action="store_false", default=argparse.SUPPRESS)
     _add(g, "--max-log-len", type=int, default=argparse.SUPPRESS, metavar="N")
+    _add(g, "--enable-log-outputs", dest="enable_log_outputs", action="store_true", default=False)
+    _add(g, "--disable-log-outputs", dest="enable_log_outputs", action="store_false", default=argparse.SUPPRESS)
+    _add(g, "--return-tokens-as-token-ids", action=argparse.BooleanOptionalAction, default=False)  # and --no-
     _add(g, "--enable-prompt-tokens-details", dest="vllm_enable_prompt_tokens_details", action="store_true",
          default=argparse.SUPPRESS)
     _add(g, "--uvicorn-log-level", action=_Values, dest="uvicorn_log_level")

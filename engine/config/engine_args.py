@@ -218,6 +218,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    # vLLM's --lora-target-modules: the module names (suffixes, e.g. o_proj, qkv_proj, experts) LoRA runs on; an
+    # adapter's other targets are skipped, as vLLM's are. None: every target.
+    lora_target_modules: Optional[list[str]] = None
     # RL control calls (docs/rl.md: weight updates, a trainer's process group, pause / continue): refused unless on,
     # naming this flag (--enable-weight-updates); a server takes them only with it.
     enable_weight_updates: bool = False
@@ -281,8 +284,18 @@ class EngineArgs:
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
         self.grammar_config()  # validated here, where the user set it
         if self.enable_lora:  # the limits too (the modes LoRA runs with are checked with the model's config)
-            LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+            LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras, target_modules=self._target_modules())
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+
+    def _target_modules(self) -> Optional[tuple]:
+        """lora_target_modules as LoRAConfig takes it (a tuple), checked there; without enable_lora it is refused."""
+        given = self.lora_target_modules
+        if given is None:
+            return None
+        if not self.enable_lora:
+            raise ValueError("lora_target_modules is set without enable_lora: it restricts the adapters an engine "
+                             "started with --enable-lora runs (add it, or leave --lora-target-modules out).")
+        return tuple(given) if isinstance(given, (list, tuple)) else given
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -358,7 +371,7 @@ class EngineArgs:
             spec_min_draft_acceptance=spec.min_draft_acceptance, spec_max_verify_fraction=spec.max_verify_fraction,
             spec_probe_interval=spec.draft_probe_interval)
         lora = lora_config(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras,
-                           parallel=parallel, kv_connector=self.kv_connector,
+                           parallel=parallel, kv_connector=self.kv_connector, target_modules=self._target_modules(),
                            attention=model_cfg.attention, quantization=model_cfg.quantization)
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling,

@@ -23,6 +23,10 @@ class LoRAConfig:
     # Data-parallel attention groups (schedulers): above 1, every rank holds the driver's one slot table of
     # max_loras x this slots (engine/lora/slot_table.py), so that a dispatched token's slot means one adapter anywhere.
     data_parallel_size: int = 1
+    # vLLM's --lora-target-modules: the model's modules LoRA runs on, by name or name suffix (`o_proj`, vLLM's
+    # packed `qkv_proj` / `gate_up_proj` for their pieces, `experts` for the routed experts); an adapter's targets
+    # outside them are skipped (engine/lora/adapter.py in_target_modules). None: every target.
+    target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         def positive(v) -> bool:
@@ -37,6 +41,11 @@ class LoRAConfig:
                                                or self.max_cpu_loras < self.max_loras):
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} is invalid: must be None or an integer >= "
                              f"max_loras={self.max_loras}.")
+        tm = self.target_modules
+        if tm is not None and (not isinstance(tm, tuple) or not tm
+                               or not all(isinstance(t, str) and t and len(t) <= 256 for t in tm)):
+            raise ValueError(f"lora_target_modules={tm!r} is invalid: must be a non-empty list of module names "
+                             "(e.g. q_proj o_proj, vLLM's qkv_proj, experts) or None.")
         if not positive(self.data_parallel_size):
             raise ValueError(f"LoRAConfig data_parallel_size={self.data_parallel_size!r} is invalid: must be an "
                              "integer >= 1.")
@@ -55,14 +64,14 @@ class LoRAConfig:
 
 
 def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, kv_connector=None,
-                attention, quantization=None) -> LoRAConfig | None:
+                attention, quantization=None, target_modules=None) -> LoRAConfig | None:
     """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
     refused naming the flag (never silently served without the adapter)."""
     if not isinstance(enable_lora, bool):
         raise ValueError(f"enable_lora={enable_lora!r} is invalid: must be True or False.")
     if not enable_lora:
         return None
-    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, parallel.data_parallel_size)
+    cfg = LoRAConfig(max_loras, max_lora_rank, max_cpu_loras, parallel.data_parallel_size, target_modules)
     # Under EP (DP attention) every rank runs its own requests' adapters on its attention and dense linears, under
     # TP on its shards of them; routed experts' adapters are refused there (routed_lora_refusal).
     # Speculative decoding is served (docs/lora.md#how-it-runs): a verify step's 1 + k rows of a request carry its

@@ -47,6 +47,39 @@ MAX_HEADER_BYTES = 16 << 20  # adapter_model.safetensors' JSON header (~150 byte
 MAX_WEIGHT_ABS = 65504.0
 
 
+# vLLM's packed modules: one runtime linear holding several checkpoint linears (vLLM's packed_modules_mapping), whose
+# names --lora-target-modules may give for their pieces, and the pieces' for them.
+PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+                  "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa")}
+
+
+def in_target_modules(module: str, targets: tuple[str, ...] | None) -> bool:
+    """Whether LoRA runs on `module` (a checkpoint linear's name, or an MoE layer's experts "...mlp.experts") under
+    --lora-target-modules `targets`: vLLM's is_in_target_modules. None: every module; else its name or its last part
+    is listed, or a packed module holding it (`qkv_proj` for q_proj), or one of the pieces a packed name holds."""
+    if targets is None:
+        return True
+    suffix = module.rsplit(".", 1)[-1]
+    if suffix in targets or module in targets:
+        return True
+    if any(child in targets for child in PACKED_MODULES.get(suffix, ())):
+        return True
+    return any(suffix in children and parent in targets for parent, children in PACKED_MODULES.items())
+
+
+def check_target_modules(targets: tuple[str, ...] | None, model: "ModelTargets") -> None:
+    """Each --lora-target-modules entry names a LoRA-able module of the served model (a name there that matches
+    nothing is a typo: refused naming it, where vLLM would run LoRA on nothing)."""
+    if targets is None:
+        return
+    modules = list(model.linears) + list(model.experts)
+    for t in targets:
+        if not any(in_target_modules(m, (t,)) for m in modules):
+            names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+            raise ValueError(f"lora_target_modules lists {shown(t)}, which names no LoRA-able module of this model "
+                             f"(it has: {', '.join(names)}; vLLM's packed names {', '.join(PACKED_MODULES)} too).")
+
+
 def experts_name(m: re.Match) -> str:
     """The name an adapter gives the experts of an EXPERT_NAME match: transformers 5's module, which peft wraps.
     Mixtral's per-expert w1 / w3 / w2 under `block_sparse_moe` are one `mlp.experts` there (gate_up_proj = [w1; w3]
@@ -228,7 +261,23 @@ def read_adapter(req: LoRARequest, limits: LoRAConfig, model: ModelTargets, load
                          f"({type(e).__name__}).") from None
     if load:
         weights, scales = _assemble(req, cfg, parts, limits, model, budget)
-    return Adapter(req, cfg, weights, scales)
+    return Adapter(req, cfg, *_kept(req, weights, scales, limits, model))
+
+
+def _kept(req: LoRARequest, weights: dict, scales: dict, limits: LoRAConfig, model: ModelTargets
+          ) -> tuple[dict, dict]:
+    """The targets LoRA runs on under --lora-target-modules (`limits.target_modules`): the adapter's others are
+    skipped, as vLLM wraps only the listed modules; an adapter left with none is refused (it would change
+    nothing: never served as if it applied)."""
+    targets = limits.target_modules
+    if targets is None:
+        return weights, scales
+    keep = [n for n in weights if in_target_modules(n.rsplit(".", 1)[0] if n.rsplit(".", 1)[0] in model.experts
+                                                    else n, targets)]
+    if not keep:
+        raise ValueError(f"adapter {shown(req.lora_name)}: none of its targets ({shown(sorted(weights))}) is among "
+                         f"--lora-target-modules {shown(list(targets))}: it would change nothing.")
+    return {n: weights[n] for n in keep}, {n: scales[n] for n in keep}
 
 
 def _assemble(req: LoRARequest, cfg: AdapterConfig, parts: dict[str, dict[str, torch.Tensor]], limits: LoRAConfig,

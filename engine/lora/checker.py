@@ -10,7 +10,7 @@ import threading
 from ..config.lora import LoRAConfig
 from ..contract.lora import LoRARequest
 from ..contract.safe_text import shown
-from .adapter import model_targets, read_adapter
+from .adapter import check_target_modules, model_targets, read_adapter
 
 
 class AdapterChecker:
@@ -22,6 +22,7 @@ class AdapterChecker:
         between ranks, their A / B would have to follow; engine/config/lora.py routed_lora_refusal); None: served."""
         self.limits = limits
         self.targets = model_targets(model_dir)
+        check_target_modules(limits.target_modules, self.targets)  # at the engine's start: a typo stops it
         self.routed_refused = routed_refused
         self._known: dict[int, LoRARequest] = {}
         self._lock = threading.Lock()

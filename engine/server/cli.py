@@ -77,6 +77,10 @@ def _lora_module(text: str) -> LoRAModule:
 
 
 def server_config_from(ns: argparse.Namespace) -> ServerConfig:
+    log_outputs = getattr(ns, "enable_log_outputs", False)
+    if log_outputs and getattr(ns, "disable_log_requests", False):
+        # vLLM's rule: the outputs are logged on the request lines, which --disable-log-requests drops.
+        raise ValueError("--enable-log-outputs needs the request log lines: leave out --disable-log-requests.")
     return ServerConfig(host=ns.host, port=ns.port, served_model_name=ns.served_model_name,
                         max_queued_requests=ns.max_queued_requests, max_queued_tokens=ns.max_queued_tokens,
                         shutdown_grace=ns.shutdown_grace, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
@@ -86,7 +90,9 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         http_port=None if ns.no_http else ns.http_port, http_host=ns.http_host,
                         http_metrics_port=ns.http_metrics_port, http_metrics_host=ns.http_metrics_host,
                         http_upstream_port=ns.http_upstream_port,
-                        limits=limits_from(ns), gateway=gateway_options(ns), lora_modules=tuple(ns.lora_modules))
+                        limits=limits_from(ns), gateway=gateway_options(ns), lora_modules=tuple(ns.lora_modules),
+                        return_tokens_as_token_ids=getattr(ns, "return_tokens_as_token_ids", False),
+                        enable_log_outputs=log_outputs, max_log_len=getattr(ns, "max_log_len", None))
 
 
 def _serve(ns: argparse.Namespace) -> int:

@@ -53,6 +53,13 @@ class ServerConfig:
     # LoRA adapters served by name from the start (vLLM's --lora-modules; the engine needs enable_lora): checked
     # against the checkpoint when the server is made (engine/server/lora_names.py).
     lora_modules: tuple[LoRAModule, ...] = ()
+    # vLLM's --return-tokens-as-token-ids: the logprobs' tokens of /v1/completions as `token_id:N`
+    # (gateway/completions_answer.token_text; a request's return_tokens_as_token_ids wins).
+    return_tokens_as_token_ids: bool = False
+    # vLLM's --enable-log-outputs: each "request finished" line carries the output text (serving.py), at most
+    # max_log_len characters of it (vLLM's --max-log-len; None: all of it, up to the log line's own bound).
+    enable_log_outputs: bool = False
+    max_log_len: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str):
@@ -102,6 +109,11 @@ class ServerConfig:
         self._check_names(bad)
         if not isinstance(self.lora_modules, tuple) or not all(isinstance(m, LoRAModule) for m in self.lora_modules):
             bad("lora_modules", "must be a tuple of LoRAModule (--lora-modules name=path ...)")
+        for name in ("return_tokens_as_token_ids", "enable_log_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
+        if self.max_log_len is not None and (not _is_int(self.max_log_len) or self.max_log_len < 0):
+            bad("max_log_len", "must be an integer >= 0 (characters of a logged output) or unset")
         names = [m.name for m in self.lora_modules]
         if len(set(names)) != len(names):
             bad("lora_modules", f"names an adapter twice ({sorted(n for n in names if names.count(n) > 1)[0]!r})")

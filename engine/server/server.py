@@ -40,7 +40,7 @@ from ..tools.builtin_model import describe as describe_builtin_model
 from ..core.metrics import EngineMetrics
 from ..core.no_tokenizer import NoTokenizer
 from ..config.worker_config import DUMMY_WARNING
-from ..contract.safe_text import MAX_LOG_LINE_CHARS, shown
+from ..contract.safe_text import MAX_LOG_LINE_CHARS, MAX_SHOWN_CHARS, shown
 from .auth import ApiKeyInterceptor
 from .config import ServerConfig
 from .decoding import DecodingInterceptor
@@ -356,11 +356,16 @@ def gateway_exposure(cfg: ServerConfig) -> Optional[str]:
 _STANDARD_RECORD_KEYS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+# `extra` fields cut longer than one client value: a request's output text (--enable-log-outputs, serving.py, already
+# cut at --max-log-len there), bounded as a whole log message is.
+_LONG_FIELDS = {"output": MAX_LOG_LINE_CHARS}
+
+
 def _extras(record: logging.LogRecord) -> dict:
     # `extra` fields carry client values (request ids): escaped and cut, like every client value in a log.
     # A name with a leading underscore is no `extra` field but a library's own mark on every record (Ray's
     # log-record factory adds `_ray_timestamp_ns` to each one once it is imported): left out.
-    return {k: shown(v, quote=False) if isinstance(v, str) else v
+    return {k: shown(v, _LONG_FIELDS.get(k, MAX_SHOWN_CHARS), quote=False) if isinstance(v, str) else v
             for k, v in record.__dict__.items() if k not in _STANDARD_RECORD_KEYS and not k.startswith("_")}
 
 

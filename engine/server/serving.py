@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -286,6 +287,7 @@ class Serving:
             raise
         t0, generated, reasons, cached = time.monotonic(), 0, [], 0
         per_sample = [0] * n  # tokens each sample generated (vLLM's request_max_num_generation_tokens)
+        texts: Optional[list[list[str]]] = [[] for _ in range(n)] if self.config.enable_log_outputs else None
         logger.info("request admitted", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids), "n": n})
         try:
             if n == 1:
@@ -299,6 +301,8 @@ class Serving:
                     generated += len(out.outputs[0].token_ids)
                     per_sample[index] += len(out.outputs[0].token_ids)
                     cached = max(cached, out.num_cached_tokens)
+                    if texts is not None:
+                        texts[index].append(out.outputs[0].text)
                     if out.finished:
                         reasons.append(out.outputs[0].finish_reason)
                     yield index, out
@@ -307,12 +311,14 @@ class Serving:
             if self.vllm_metrics is not None and len(reasons) == n:  # every sample ended, as vLLM records them
                 self.vllm_metrics.request_params(n, params.max_tokens, max(per_sample))
             # One structured line per request (with --log-format json, one JSON object).
-            logger.info("request finished", extra={
-                "request_id": request_id, "prompt_tokens": len(prompt_ids), "completion_tokens": generated,
-                # prefix-cache hits and KV loaded from a prefill server (prefill/decode disaggregation)
-                "cached_tokens": cached,
-                "finish_reason": ",".join(r or "" for r in reasons) or "cancelled",
-                "latency_s": round(time.monotonic() - t0, 4)})
+            extra = {"request_id": request_id, "prompt_tokens": len(prompt_ids), "completion_tokens": generated,
+                     # prefix-cache hits and KV loaded from a prefill server (prefill/decode disaggregation)
+                     "cached_tokens": cached,
+                     "finish_reason": ",".join(r or "" for r in reasons) or "cancelled",
+                     "latency_s": round(time.monotonic() - t0, 4)}
+            if texts is not None:
+                extra["output"] = logged_output(texts, self.config.max_log_len)
+            logger.info("request finished", extra=extra)
 
     async def _one(self, sample: ProcessedRequest, kind):
         gen = self.engine.generate_processed(sample, kind)
@@ -432,6 +438,14 @@ def structured_from_proto(sp) -> StructuredOutputParams | None:
         return StructuredOutputParams(**{which: getattr(sp, which)})
     raise ValueError(f"sampling_params.{which} is not supported: moelink serves json_schema, json_object, regex, "
                      f"grammar, choice and structural_tag.")
+
+
+def logged_output(texts: list[list[str]], max_chars: Optional[int]) -> str:
+    """The output a "request finished" line carries under --enable-log-outputs (vLLM's "Generated response ...:
+    output: ..." line, which it writes with --enable-log-requests): one sample's text, or n samples' as a JSON list,
+    at most `max_chars` characters of each (--max-log-len, vLLM's cut; None: whole, up to the log's own bound)."""
+    whole = ["".join(t)[:max_chars] if max_chars is not None else "".join(t) for t in texts]
+    return whole[0] if len(whole) == 1 else json.dumps(whole, ensure_ascii=False)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

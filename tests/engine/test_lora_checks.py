@@ -67,6 +67,30 @@ def test_a_clean_adapter_reads_with_its_scales(tmp_path):
     assert meta.weights[Q][0].device.type == "meta" and meta.scales == a.scales
 
 
+# -- --lora-target-modules (issue 79 item 10) -----------------------------------------------------------------------
+def test_lora_target_modules_skip_an_adapters_other_targets_as_vllm(tmp_path):
+    """vLLM's --lora-target-modules wraps only the listed modules (a name or a suffix; vLLM's packed qkv_proj for
+    q / k / v): an adapter's targets outside them are skipped, one left with none is refused, and an entry naming
+    no module of the model is refused at the start (a typo)."""
+    from moelink.engine.lora.adapter import check_target_modules, in_target_modules
+
+    path = _adapter(tmp_path / "a")
+    for targets, kept in ((("o_proj",), {O}), (("qkv_proj",), {Q}), ((Q, "o_proj"), {Q, O}), (None, {Q, O})):
+        limits = LoRAConfig(max_loras=2, max_lora_rank=8, target_modules=targets)
+        a = read_adapter(LoRARequest("a", 1, path), limits, MODEL)
+        assert set(a.weights) == set(a.scales) == kept, targets
+    with pytest.raises(ValueError, match="none of its targets"):
+        read_adapter(LoRARequest("a", 1, path), LoRAConfig(target_modules=("v_proj",)), MODEL)
+    assert in_target_modules("model.layers.0.mlp.gate_up_proj", ("up_proj",))  # a piece names its packed module
+    assert in_target_modules("model.layers.1.mlp.experts", ("experts",))
+    assert not in_target_modules("model.layers.1.mlp.experts", ("gate_up_proj",))  # vLLM's experts are `experts`
+    check_target_modules(("o_proj", "qkv_proj"), MODEL)
+    with pytest.raises(ValueError, match="o_prj"):
+        check_target_modules(("o_prj",), MODEL)
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        LoRAConfig(target_modules=())
+
+
 # -- item 3 -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e5])
 @pytest.mark.parametrize("which", ["lora_A", "lora_B"])

@@ -106,6 +106,25 @@ def test_disable_log_requests_drops_the_request_lines():
     assert keep.filter(record("%s refused: %s %s"))
 
 
+def test_log_outputs_and_tokens_as_ids_reach_the_server_config():
+    """--enable-log-outputs (with --max-log-len) and --return-tokens-as-token-ids: the server's config (serving.py
+    logs the output, the completions route names tokens `token_id:N`); --enable-log-outputs needs the request lines,
+    vLLM's rule; --lora-target-modules reaches the engine's LoRA config."""
+    from moelink.engine.api.cli_args import engine_args_from
+    from moelink.engine.server.cli import server_config_from
+
+    cfg = server_config_from(parse_serve("--enable-log-outputs --max-log-len 5 --return-tokens-as-token-ids"))
+    assert (cfg.enable_log_outputs, cfg.max_log_len, cfg.return_tokens_as_token_ids) == (True, 5, True)
+    cfg = server_config_from(parse_serve(""))
+    assert (cfg.enable_log_outputs, cfg.max_log_len, cfg.return_tokens_as_token_ids) == (False, None, False)
+    with pytest.raises(ValueError, match="--enable-log-outputs"):
+        server_config_from(parse_serve("--enable-log-outputs --disable-log-requests"))
+    args = engine_args_from(parse_serve("--enable-lora --lora-target-modules o_proj qkv_proj"))
+    assert args.lora_target_modules == ["o_proj", "qkv_proj"]
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        engine_args_from(parse_serve("--lora-target-modules o_proj"))._target_modules()
+
+
 def test_kv_transfer_config_errors_name_the_key():
     for cfg, words in [('{"kv_connector":"MoelinkConnector","kv_role":"kv_producer"}', "kv_port"),
                        ('{"kv_connector":"MoelinkConnector","kv_role":"x"}', "kv_role"),

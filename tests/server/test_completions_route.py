@@ -77,7 +77,9 @@ def test_echo_with_logprobs_puts_the_prompt_first_and_max_tokens_0_answers_the_p
     assert choice["prompt_logprobs"][1] == {"1": {"logprob": -1.5, "rank": 2, "decoded_token": "A"},
                                             "4": {"logprob": -0.5, "rank": 1, "decoded_token": "dd"}}
     assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1,
-                             "prompt_tokens_details": None}
+                             "prompt_tokens_details": None, "completion_tokens_details": None}
+    # vLLM 0.32's fields filled only under flags moelink does not serve: null, as vLLM answers them
+    assert (body["ec_transfer_params"], body["metrics"], choice["routed_experts"]) == (None, None, None)
     assert body["object"] == "text_completion" and body["id"] == "cmpl-x" and body["model"] == SERVED
 
     zero = _request(echo=True, logprobs=0, max_tokens=0)
@@ -102,6 +104,64 @@ def test_a_stream_holds_a_samples_echo_until_the_prompts_logprobs_come():
     last = ans.chunks(0, 0, _out([2], [{2: Logprob(-0.5, 1, " b")}], " b", "length"))[0]["choices"][0]
     assert last["text"] == " b" and last["finish_reason"] == "length" and last["logprobs"]["text_offset"] == [7]
     assert ans.usage_event()["usage"] == {"prompt_tokens": 3, "total_tokens": 6, "completion_tokens": 3}
+
+
+def test_tokens_as_ids_name_each_logprobs_token_token_id_n():
+    """--return-tokens-as-token-ids (or a request's return_tokens_as_token_ids, which wins): the logprobs' tokens and
+    top_logprobs keys `token_id:N` (the echo's first token too), text_offset counting those strings, the text text."""
+    req = _request(echo=True, logprobs=1, max_tokens=1, return_tokens_as_token_ids=True)
+    assert req.tokens_as_ids is True and _request().tokens_as_ids is None
+    ans = CompletionAnswer(req, SERVED, 0, _decode_one, lambda ids: "".join(map(_decode_one, ids)), as_ids=True)
+    ans.add(0, 0, _out([3], _GEN_LPS, "c", "length", _PROMPT_LPS))
+    choice = ans.body()["choices"][0]
+    assert choice["text"] == "<s>A bc"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["token_id:5", "token_id:1", "token_id:2", "token_id:3"]
+    assert lp["text_offset"] == [0, 10, 20, 30]
+    assert lp["top_logprobs"][1] == {"token_id:1": -1.5, "token_id:4": -0.5}
+    with pytest.raises(HttpFieldError) as err:
+        _request(return_tokens_as_token_ids="yes")
+    assert err.value.field == "return_tokens_as_token_ids"
+
+
+class _FailingRuns:
+    """The engine's outputs of one choice, then a failure: `error` raised, or an output whose finish_reason is
+    "error" (the engine failed the request)."""
+
+    def __init__(self, error: Exception | None):
+        self.error, self.closed = error, False
+
+    async def __aiter__(self):
+        yield 0, 0, _out([3], None, "c")
+        if self.error is not None:
+            raise self.error
+        yield 0, 0, _out([1], None, "A", "error")
+
+    async def aclose(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("error, status", [(None, 500), (RuntimeError("boom"), 500), (ValueError("bad"), 400)])
+def test_an_error_in_a_stream_that_has_begun_is_vllms_error_event_then_done(error, status):
+    """vLLM's completion stream: an error after the first event is `data: {"error": {...}}` then `data: [DONE]`
+    (serving_completion's GenerationError: InternalServerError 500; a client's fault 400), the request ended."""
+    import asyncio
+
+    from moelink.engine.server.gateway.completions_route import _events
+
+    req = _request(stream=True)
+    ans = CompletionAnswer(req, SERVED, 0, _decode_one, lambda ids: "".join(map(_decode_one, ids)))
+    runs = _FailingRuns(error)
+
+    async def collect():
+        return [chunk async for chunk in _events(req, ans, runs)]
+
+    chunks = asyncio.run(collect())
+    assert chunks[0].startswith(b"data: {") and json.loads(chunks[0][6:])["choices"][0]["text"] == "c"
+    assert chunks[-1] == b"data: [DONE]\n\n" and runs.closed
+    err = json.loads(chunks[-2][6:])["error"]
+    assert (err["code"], err["param"]) == (status, None) and err["message"]
+    assert err["type"] == ("InternalServerError" if status == 500 else "BadRequestError")
 
 
 def test_fields_left_out_take_the_checkpoints_generation_config():
@@ -177,7 +237,8 @@ def test_text_and_token_id_prompts_give_the_python_apis_tokens(port, offline):
     assert choice["token_ids"] == want.outputs[0].token_ids and choice["text"] == want.outputs[0].text
     assert choice["finish_reason"] == "length" and choice["logprobs"] is None and choice["stop_reason"] is None
     assert got["usage"] == {"prompt_tokens": len(want.prompt_token_ids), "completion_tokens": 8,
-                            "total_tokens": len(want.prompt_token_ids) + 8, "prompt_tokens_details": None}
+                            "total_tokens": len(want.prompt_token_ids) + 8, "prompt_tokens_details": None,
+                            "completion_tokens_details": None}
     assert got["id"].startswith("cmpl-") and got["object"] == "text_completion" and got["model"] == SERVED
     # the prompt as token ids (smg refused them: "did not match any variant of untagged enum")
     ids = _ok(port, prompt=want.prompt_token_ids, max_tokens=8, temperature=0, ignore_eos=True)

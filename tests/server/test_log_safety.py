@@ -74,3 +74,19 @@ def test_json_log_fields_are_bounded():
     record.request_id = "a\n" * 100_000
     doc = json.loads(JsonFormatter().format(record))
     assert len(doc["request_id"]) < MAX_SHOWN_CHARS + 40
+
+
+def test_a_logged_output_is_escaped_and_bounded():
+    """--enable-log-outputs: the "request finished" line's `output` (one sample's text, n samples' as a JSON list,
+    each cut at --max-log-len), escaped like every client value and bounded as a whole log message, not at one
+    value's 200 characters."""
+    from moelink.engine.contract.safe_text import MAX_LOG_LINE_CHARS
+    from moelink.engine.server.server import JsonFormatter
+    from moelink.engine.server.serving import logged_output
+
+    assert logged_output([["ab", "c"]], None) == "abc" and logged_output([["abc"]], 2) == "ab"
+    assert json.loads(logged_output([["a"], ["b\n"]], None)) == ["a", "b\n"]
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "request finished", (), None)
+    record.output = "word\n2099-01-01 FORGED " * 1000
+    doc = json.loads(JsonFormatter().format(record))
+    assert MAX_LOG_LINE_CHARS <= len(doc["output"]) < MAX_LOG_LINE_CHARS + 40 and "\n" not in doc["output"]

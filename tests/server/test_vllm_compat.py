@@ -95,7 +95,8 @@ INTENDED: dict[str, Known] = {
 # -- what issue 79's parts are fixing: remove an entry when its part lands (the test fails until it is removed) ------
 PENDING: dict[str, Known] = {
     'seeded-sampling': Known(
-        ('completions/n_2_seeded', 'completions/seed_*', 'completions/stream_n_2', 'chat/n_2_seeded',
+        ('completions/n_2_seeded', 'completions/n_100', 'completions/seed_*', 'completions/stream_n_2',
+         'chat/n_2_seeded',
          'chat/seed_sampling', 'chat/stream_n_2', 'offline/generate_n_2_seeded',
          'completions/max_tokens_omitted_default_sampling', 'chat/default_sampling'),
         ('body.choices.*.text', 'body.choices.*.message.content', 'body.choices.*.finish_reason',
@@ -103,12 +104,6 @@ PENDING: dict[str, Known] = {
          'body.*.choices.*.index', 'body.*.choices.*.delta.content', 'outputs.*.outputs.*'),
         "the same seed draws other tokens than vLLM's (temperature > 0, seeded; defaults from "
         'generation_config.json)', part='B'),
-    'completions-refused-sampling-fields': Known(
-        ('completions/bad_words', 'completions/allowed_token_ids', 'completions/logit_bias',
-         'completions/spaces_between_special_tokens', 'completions/n_100'),
-        ('status', 'body.*'),
-        'refused where vLLM answers: bad_words, allowed_token_ids, logit_bias, spaces_between_special_tokens '
-        'false, n 100', part='B'),
     'greedy-n-refused-by-vllm': Known(
         ('completions/n_3_greedy_refused', 'chat/n_3_greedy_refused'),
         ('status', 'body.*'),
@@ -135,24 +130,6 @@ PENDING: dict[str, Known] = {
         ('outputs.*',),
         'LLM.chat(continue_final_message=True) renders the closing <|im_end|> of the last message; vLLM stops the'
         ' prompt at its content', part='B'),
-    'completions-vllm-null-fields': Known(
-        ('completions/echo', 'completions/echo_logprobs_0_tokens', 'completions/echo_logprobs_lm_eval',
-         'completions/echo_logprobs_text', 'completions/eos_stop', 'completions/ignore_eos',
-         'completions/logprobs_0', 'completions/logprobs_1', 'completions/logprobs_5', 'completions/logprobs_batch',
-         'completions/max_tokens_0_echo', 'completions/max_tokens_1', 'completions/max_tokens_default',
-         'completions/max_tokens_omitted_default_sampling', 'completions/min_tokens',
-         'completions/model_omitted_prompt_ok', 'completions/n_2_seeded', 'completions/penalties',
-         'completions/prompt_logprobs_0', 'completions/prompt_logprobs_2',
-         'completions/prompt_logprobs_and_logprobs', 'completions/return_token_ids', 'completions/seed_min_p',
-         'completions/seed_sampling', 'completions/seed_top_k_top_p', 'completions/skip_special_tokens_false',
-         'completions/stop_include', 'completions/stop_string', 'completions/stop_string_scalar',
-         'completions/stop_token_ids', 'completions/stop_token_ids_logprobs', 'completions/text',
-         'completions/text_batch', 'completions/token_id_batch', 'completions/token_ids',
-         'completions/truncate_prompt_tokens', 'completions/user_field'),
-        ('body.ec_transfer_params', 'body.metrics', 'body.choices.*.routed_experts',
-         'body.usage.completion_tokens_details'),
-        "vLLM 0.32's completion answer carries ec_transfer_params, metrics, choices[].routed_experts, "
-        "usage.completion_tokens_details (null); moelink's route leaves them out", part='other'),
     'health-body': Known(
         ('routes/health', 'routes/ping_*'),
         ('content_type', 'body'),

@@ -3,10 +3,12 @@
 The shapes are vLLM 0.32's (`vllm/entrypoints/openai/serving_completion.py` and `protocol.py`):
 
 - answered whole: `{"id": "cmpl-...", "object": "text_completion", "created", "model", "choices": [{"index", "text",
-  "logprobs", "finish_reason", "stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids"}], "service_tier":
-  null, "system_fingerprint": null, "usage": {"prompt_tokens", "total_tokens", "completion_tokens",
-  "prompt_tokens_details": null}, "kv_transfer_params": null}`, choices prompt by prompt, each prompt's n samples
-  together;
+  "logprobs", "finish_reason", "stop_reason", "token_ids", "prompt_logprobs", "prompt_token_ids", "routed_experts":
+  null}], "service_tier": null, "system_fingerprint": null, "usage": {"prompt_tokens", "total_tokens",
+  "completion_tokens", "prompt_tokens_details": null, "completion_tokens_details": null}, "kv_transfer_params": null,
+  "ec_transfer_params": null, "metrics": null}` (the last two, `routed_experts` and `completion_tokens_details`: vLLM
+  0.32's fields for encoder-cache transfer, per-request metrics, routed experts and reasoning tokens, null as vLLM
+  answers them without the flags that fill them), choices prompt by prompt, each prompt's n samples together;
 - `logprobs`: `{"text_offset", "token_logprobs", "tokens", "top_logprobs"}`, one entry per token; each token as its
   own decoded text (the engine's `decoded_token`), `top_logprobs` the position's whole entry (the token itself
   first, then the top-n by rank: n + 1 names at most, as vLLM keeps them), logprobs clamped at -9999.0; a position
@@ -40,9 +42,11 @@ def vllm_order(entry: dict, token: int) -> list:
     return ([(token, entry[token])] if token in entry else []) + rest
 
 
-def completion_logprobs(token_ids, entries, decode: Callable[[int], str], offset: int = 0) -> dict:
+def completion_logprobs(token_ids, entries, decode: Callable[[int], str], offset: int = 0,
+                        as_ids: bool = False) -> dict:
     """vLLM's CompletionLogProbs of `token_ids` (`entries[i]`: position i's {token id: Logprob}, or None).
-    `decode(token_id)`: a token's own text, where the engine gave none; `offset`: the first token's text_offset."""
+    `decode(token_id)`: a token's own text, where the engine gave none; `offset`: the first token's text_offset;
+    `as_ids`: each token named `token_id:N` (token_text)."""
     offsets: list[int] = []
     logprobs: list[Optional[float]] = []
     tokens: list[str] = []
@@ -51,16 +55,16 @@ def completion_logprobs(token_ids, entries, decode: Callable[[int], str], offset
     for i, tid in enumerate(token_ids):
         entry = entries[i] if i < len(entries) else None
         if entry is None or tid not in entry:
-            text = decode(tid)
+            text = token_text(tid, None, decode, as_ids)
             logprobs.append(None)
             tops.append(None)
         else:
-            text = _text(entry[tid], tid, decode)
+            text = token_text(tid, entry[tid], decode, as_ids)
             logprobs.append(wire(entry[tid].logprob))
-            tops.append({_text(lp, t, decode): wire(lp.logprob) for t, lp in vllm_order(entry, tid)})
+            tops.append({token_text(t, lp, decode, as_ids): wire(lp.logprob) for t, lp in vllm_order(entry, tid)})
         tokens.append(text)
         offsets.append(offset if not offsets else offsets[-1] + last)
-        last = len(text)
+        last = len(text)  # vLLM's: the token string's length, `token_id:N`'s too
     return {"text_offset": offsets, "token_logprobs": logprobs, "tokens": tokens, "top_logprobs": tops}
 
 
@@ -74,8 +78,18 @@ def prompt_logprobs_json(entries: Optional[list], token_ids: list) -> Optional[l
              for t, lp in vllm_order(entry, tid)} for tid, entry in zip(token_ids, entries)]
 
 
-def _text(lp, token: int, decode: Callable[[int], str]) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else decode(token)
+TOKEN_ID_PREFIX = "token_id:"  # vLLM's format_token_id_placeholder
+
+
+def token_text(token: int, lp, decode: Callable[[int], str], as_ids: bool = False) -> str:
+    """How a logprobs entry names its token: the one place, for /v1/completions' `tokens` and `top_logprobs` keys and
+    chat's `token` (vLLM's `_get_decoded_token`). `as_ids` (--return-tokens-as-token-ids, or a request's
+    `return_tokens_as_token_ids`, which wins): `token_id:N`, so that a token that is no whole UTF-8 text (a byte
+    piece) is named; else the token's own text, the engine's `decoded_token` (`lp`, a Logprob or None), else
+    `decode(token)`. The answer's `text` is text either way, as vLLM's."""
+    if as_ids:
+        return f"{TOKEN_ID_PREFIX}{token}"
+    return lp.decoded_token if lp is not None and lp.decoded_token is not None else decode(token)
 
 
 @dataclass
@@ -104,8 +118,9 @@ class CompletionAnswer:
     sent whole, `chunks` for a stream)."""
 
     def __init__(self, req: CompletionRequest, model: str, created: int, decode_one: Callable[[int], str],
-                 decode_prompt: Callable[[list], str]):
-        self.req, self.model, self.created = req, model, created
+                 decode_prompt: Callable[[list], str], as_ids: bool = False):
+        """`as_ids`: the logprobs' tokens as `token_id:N` (token_text)."""
+        self.req, self.model, self.created, self.as_ids = req, model, created, as_ids
         self.id = f"cmpl-{req.base_id}"
         self.decode_one, self.decode_prompt = decode_one, decode_prompt
         self.prompts = [_Prompt(p.prompt if isinstance(p.prompt, str) else None) for p in req.prompts]
@@ -150,20 +165,21 @@ class CompletionAnswer:
                     text, ids, entries = prompt_text + text, p.ids + ids, list(prompt_entries) + entries
             choices.append({
                 "index": i, "text": text,
-                "logprobs": completion_logprobs(ids, entries, self.decode_one) if req.logprobs is not None else None,
+                "logprobs": completion_logprobs(ids, entries, self.decode_one, 0, self.as_ids)
+                if req.logprobs is not None else None,
                 "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
                 "token_ids": list(ch.ids) if req.return_token_ids else None,
                 "prompt_logprobs": prompt_logprobs_json(p.logprobs, p.ids),
-                "prompt_token_ids": list(p.ids) if req.return_token_ids else None})
+                "prompt_token_ids": list(p.ids) if req.return_token_ids else None, "routed_experts": None})
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "service_tier": None, "system_fingerprint": None, "usage": self.usage(),
-                "kv_transfer_params": None}
+                "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
     def usage(self) -> dict:
         prompt = sum(len(p.ids) for p in self.prompts)
         done = sum(len(ch.ids) + ch.generated for ch in self.choices)  # kept whole, or streamed
         return {"prompt_tokens": prompt, "total_tokens": prompt + done, "completion_tokens": done,
-                "prompt_tokens_details": None}
+                "prompt_tokens_details": None, "completion_tokens_details": None}
 
     def chunks(self, prompt: int, sample: int, out) -> list[dict]:
         """The stream events (as dicts) this delta output of choice (prompt, sample) makes: none while its echo waits
@@ -208,7 +224,7 @@ class CompletionAnswer:
                 prompt_ids, ch.echoed = p.ids, True
             if not text and not ids and not ch.generated and comp.finish_reason is None:
                 return None
-        logprobs = completion_logprobs(ids, entries, self.decode_one, ch.sent_chars) \
+        logprobs = completion_logprobs(ids, entries, self.decode_one, ch.sent_chars, self.as_ids) \
             if req.logprobs is not None else None
         ch.sent_chars += len(text)
         ch.generated += len(comp.token_ids)
@@ -229,4 +245,5 @@ class CompletionAnswer:
                 "choices": [], "usage": usage}
 
 
-__all__ = ["CompletionAnswer", "MIN_WIRE_LOGPROB", "completion_logprobs", "prompt_logprobs_json", "vllm_order", "wire"]
+__all__ = ["CompletionAnswer", "MIN_WIRE_LOGPROB", "TOKEN_ID_PREFIX", "completion_logprobs", "prompt_logprobs_json",
+           "token_text", "vllm_order", "wire"]

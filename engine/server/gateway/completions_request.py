@@ -9,7 +9,8 @@ alone is answered, the engine still runs one step, as vLLM runs it), the samplin
 strings, biases clamped to [-100, 100] as vLLM's server does), `allowed_token_ids`, `bad_words`), `logprobs` (top-n per token), `echo`, `prompt_logprobs`
 (`echo` with `logprobs` asks them as vLLM does: prompt_logprobs = logprobs), `stream`, `stream_options`
 (`include_usage`, `continuous_usage_stats`), `return_token_ids`, `truncate_prompt_tokens`, `request_id`, `user`
-(taken, not used: vLLM logs it), `model` (a served name, an alias or a served LoRA adapter; another name is 404).
+(taken, not used: vLLM logs it), `model` (a served name, an alias or a served LoRA adapter; another name is 404),
+`return_tokens_as_token_ids` (the logprobs' tokens as `token_id:N`; null: the server's --return-tokens-as-token-ids).
 
 What the front answers here and what it relays (`claims`): a body whose every field is one of LOCAL_FIELDS or
 REFUSED is answered here; one with another field (the structured-output fields smg carries, `response_format`,
@@ -41,13 +42,15 @@ SAMPLING = {"temperature": ("temperature", "number"), "top_p": ("top_p", "number
             "allowed_token_ids": ("allowed_token_ids", "ints"), "bad_words": ("bad_words", "strs")}
 LOCAL_FIELDS = frozenset(SAMPLING) | {"model", "prompt", "max_tokens", "logprobs", "echo", "prompt_logprobs", "stream",
                                       "stream_options", "user", "return_token_ids", "truncate_prompt_tokens",
-                                      "request_id", "logit_bias"}
+                                      "request_id", "logit_bias", "return_tokens_as_token_ids"}
 # vLLM's fields the engine cannot honour: field -> (its neutral values, why). Neutral: taken; anything else: 400.
 REFUSED = {
     "suffix": ((None, ""), "moelink's models take no suffix (vLLM refuses it for every model it serves too)"),
     "use_beam_search": ((None, False), "moelink has no beam search"),
     "length_penalty": ((None, 1, 1.0), "it applies to beam search, which moelink has not"),
     "logprob_token_ids": ((None,), "moelink returns the top-n logprobs (`logprobs`), not chosen tokens'"),
+    # Read here (the logprobs' tokens as `token_id:N`, completions_answer.token_text); kept in this table for the
+    # chat route, which refuses it (chat_request.REFUSED takes its entries from here) until it calls token_text too.
     "return_tokens_as_token_ids": ((None, False), "tokens are answered as text"),
     "prompt_embeds": ((None,), "moelink takes text or token ids"),
     "add_special_tokens": ((None, True), "text prompts are tokenized with the model's special tokens; send token "
@@ -85,6 +88,9 @@ class CompletionRequest:
     keep: Optional[int]  # truncate_prompt_tokens: the last `keep` prompt tokens
     lora: Optional[str]  # the served adapter `model` names, or None
     base_id: str  # the answer's id is `cmpl-{base_id}`
+    # return_tokens_as_token_ids: the logprobs' tokens as `token_id:N` (true), as text (false), or the server's
+    # --return-tokens-as-token-ids (None, vLLM's default)
+    tokens_as_ids: Optional[bool] = None
 
     def index(self, prompt: int, sample: int) -> int:
         """A choice's place: prompt by prompt, each prompt's samples together (vLLM's)."""
@@ -113,7 +119,7 @@ def claims(data: Any) -> bool:
 def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> CompletionRequest:
     """The request, checked against the server's limits (`serving`: --max-logprobs, --max-n, stop lists). `lora`: the
     adapter `model` names (already looked up)."""
-    refuse_non_neutral(data, REFUSED)
+    refuse_non_neutral(data, {k: v for k, v in REFUSED.items() if k not in LOCAL_FIELDS})
     stream = json_flag(data, "stream")
     echo = json_flag(data, "echo")
     options = data.get("stream_options")
@@ -151,8 +157,12 @@ def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> Comp
     if keep is not None and (not is_int(keep) or keep < 1):
         raise HttpFieldError("truncate_prompt_tokens", "truncate_prompt_tokens must be an integer >= 1 (the last N "
                                                        "prompt tokens are kept).")
+    as_ids = data.get("return_tokens_as_token_ids")
+    if as_ids is not None and not isinstance(as_ids, bool):
+        raise HttpFieldError("return_tokens_as_token_ids", "return_tokens_as_token_ids must be true, false or null.")
     return CompletionRequest(prompts, params.sample(0), params.n, echo, logprobs, max_tokens == 0, stream,
-                             include_usage, continuous, json_flag(data, "return_token_ids"), keep, lora, base_id)
+                             include_usage, continuous, json_flag(data, "return_token_ids"), keep, lora, base_id,
+                             as_ids)
 
 
 def refuse_non_neutral(data: dict, refused: dict) -> None:

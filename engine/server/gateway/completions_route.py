@@ -36,8 +36,10 @@ PATH = COMPLETIONS_PATH
 class CompletionsRoute:
     """Answers `POST /v1/completions` from a Serving (serving.py) on the server's loop."""
 
-    def __init__(self, serving):
+    def __init__(self, serving, tokens_as_ids: bool = False):
+        """`tokens_as_ids`: --return-tokens-as-token-ids (a request's return_tokens_as_token_ids wins)."""
         self.s = serving
+        self.tokens_as_ids = tokens_as_ids
 
     @property
     def tokenizer(self):
@@ -75,8 +77,9 @@ class CompletionsRoute:
             return e.status, _error(str(e), e.field, e.status)
         except Exception as e:  # the engine's or Serving's refusal, mapped as the gRPC services map it
             return _refusal(e)
+        as_ids = self.tokens_as_ids if req.tokens_as_ids is None else req.tokens_as_ids
         answer = CompletionAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one,
-                                  self._decode_prompt)
+                                  self._decode_prompt, as_ids)
         if req.stream:
             return Streamed(_events(req, answer, runs), runs.aclose)
         try:

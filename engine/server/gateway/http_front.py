@@ -7,8 +7,9 @@ the ones smg forwards (or answers 400 naming the field), and relays everything e
 
 How: one request per connection. The request is read whole (h11: Content-Length or chunked, bounded by
 MAX_BODY_BYTES), sent to smg on loopback with `connection: close`, and smg's answer is copied back as it comes
-(streams included) until smg closes; the response head gets `connection: close` too, so the client knows to
-open a new connection for its next request.
+(streams included) until smg closes (relay.py: the relay, and the rewriting of smg's errors into vLLM's shape on
+the way back); the response head gets `connection: close` too, so the client knows to open a new connection for
+its next request.
 
 The API key (`--api-key`): the front asks it (`Authorization: Bearer KEY`, as smg and vLLM do) of every path
 under /v1 (and /v1beta) itself, before a field is looked at, as vLLM guards all of /v1: smg (1.13) asked it of
@@ -27,7 +28,7 @@ engine beside the front, and ask the key though not under /v1. vLLM's routes tha
 vllm_routes.py); a front before a gateway started by hand answers /tokenize and /detokenize with 404.
 
 A client that goes away (its connection reads EOF) before smg's answer has ended is reported to the server
-(`on_hangup`), which ends the request itself: smg would not (hangups.py), and a request whose grammar still
+(`on_hangup`, relay.py), which ends the request itself: smg would not (hangups.py), and a request whose grammar still
 compiled, or a non-streamed one, ran to its end. Each relayed request carries a relay id of the front's own in
 hangups.RELAY_HEADER (smg makes it the gRPC request id's prefix); a client's own copy of that header is dropped.
 
@@ -50,32 +51,19 @@ from typing import Awaitable, Callable, Optional
 import h11
 
 from ..client_identity import CLIENT_ID_HEADER, http_client
-from .hangups import RELAY_HEADER, new_relay_id
-from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, Upstream, answer_watched,
-                        closing_head, copy_stream, error_body, header_of, read_request, status_of, until_eof,
-                        write_answer)
+from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, answer_watched, error_body,
+                        header_of, read_request, write_answer)
 from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
 from .json_body import INLINE_BODY_BYTES
-from .lora_routes import forget_adapter, note_adapter
-from .model_name import copy_renamed, header_value, renamer, with_content_length
 from .openai_fields import ADAPTER_PATHS, CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
-from .quirks import needs_key, tokenizer_ready
+from .quirks import needs_key
+from .relay import MAX_HEAD_BYTES, SmgRelay
 from .rl_routes import PATHS as RL_PATHS
-from .smg_errors import MAX_ERROR_BYTES, vllm_error
-from .tool_calls import asks_one_call, forget, note_one_call
+from .tool_calls import asks_one_call
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20  # a relayed body's cap; a route answered here may set a smaller one (`local.body_limit`)
-MAX_HEAD_BYTES = 64 << 10
-CONNECT_RETRY_S = (0.1, 0.3)  # a failed connect to smg is tried again after these, unless smg is down
-# smg (1.13) may answer 503 `tokenizer_not_ready` for a moment after it lists the model (quirks.
-# MODELS_BEFORE_TOKENIZER), also after a restart: such an answer comes before any engine work, so the front sends
-# the (buffered) request again, every NOT_READY_POLL_S for at most NOT_READY_RETRY_S, rather than hand a client a
-# 503 for a server that said it was on.
-NOT_READY_RETRY_S = 10.0
-NOT_READY_POLL_S = 0.2
-# Hop-by-hop headers the front sets itself (RFC 9110 section 7.6.1), and the framing it recomputes.
 # What clients reach through the front: the OpenAI API (each route and what lies under it, e.g.
 # /v1/models/ID) and the probes. smg's control plane (/workers, /flush_cache, /get_loads, profiling, /wasm,
 # /parse, /v1/rl) is not among them.
@@ -97,13 +85,9 @@ ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS
 # Routes outside /v1 that still ask the API key: the RL control routes, SGLang's /generate (a data route) and
 # /abort_request.
 KEYED_ROUTES = GENERATE_PATHS + RL_PATHS
-_DROPPED = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade", b"content-length",
-            b"transfer-encoding", RELAY_HEADER.encode()}
 METRICS_PATH = b"/metrics"
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 _ASK_BEARER = ((b"www-authenticate", b"Bearer"),)  # RFC 6750: what a 401 asks for
-# The start of a relay id without the client's X-Request-Id: the id OpenAI (and smg) give each kind of answer.
-_ID_KINDS = {CHAT_PATH: "chatcmpl", COMPLETIONS_PATH: "cmpl"}
 
 
 class HttpFront:
@@ -135,6 +119,8 @@ class HttpFront:
         # The routes answered from the engine unless a body needs smg (claim answers None): path -> route.
         self.claimed = {p: r for p, r in ((COMPLETIONS_PATH, completions), (CHAT_PATH, chat))
                         if r is not None and local is not None}
+        # What sends a request on to smg and its answer back (relay.py).
+        self.relay = SmgRelay(upstream_port, not_serving, on_hangup, local)
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
 
@@ -213,7 +199,7 @@ class HttpFront:
         if await self._answer_here(conn, request, method, path, body, writer, reader):
             return
         if path == PING_PATH:  # vLLM's /ping is its /health, by GET or POST
-            await self._relay(conn, request, b"", reader, writer, b"HEAD" if head else b"GET", b"/health")
+            await self.relay.relay(conn, request, b"", reader, writer, b"HEAD" if head else b"GET", b"/health")
             return
         try:
             # A large body is parsed off the event loop (every other connection and the engine's
@@ -223,7 +209,7 @@ class HttpFront:
         except HttpFieldError as e:
             await write_answer(conn, writer, e.status, error_body(str(e), e.field, e.status))  # 404: an unknown model
             return
-        await self._relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
+        await self.relay.relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
 
     def _body_limit(self, request: h11.Request) -> int:
         """The most body bytes read for `request`: a route answered from the engine bounds its own (the
@@ -313,131 +299,6 @@ class HttpFront:
             return True
         given = dict(request.headers).get(b"authorization", b"")
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
-
-    async def _relay(self, conn, request: h11.Request, body: bytes, reader, writer, method: Optional[bytes] = None,
-                     target: Optional[bytes] = None, one_call: bool = False, adapter: Optional[str] = None) -> None:
-        """Relay `request` (as `method` `target` when given) with `body` to smg, and its answer back. `one_call`:
-        the request asks for one required tool call (noted for the engine under its relay id, tool_calls.py);
-        `adapter`: the LoRA adapter its `model` named (noted the same way, lora_routes.py)."""
-        method, target = method or request.method, target or request.target
-        try:
-            up = Upstream(*await self._connect_upstream())
-        except OSError as exc:
-            # 503 only while the supervisor has smg down (and restarts it: it logs each restart and its reason);
-            # any other failure to reach smg is the front's own error, said and logged as such (issue 54 item 8:
-            # a 503 "is restarting" was answered for any connect error, with no restart at all).
-            reason = self.not_serving() if self.not_serving is not None else None
-            if reason is not None:
-                await write_answer(conn, writer, 503, error_body(f"{reason} Retry in a few seconds.", None, 503),
-                                   head_only=method == b"HEAD")
-                return
-            logger.error("the OpenAI front could not reach the smg gateway on 127.0.0.1:%d (%s), and no restart of "
-                         "it is under way: answered 502", self.upstream_port, exc)
-            await write_answer(conn, writer, 502, error_body(f"the OpenAI gateway (smg) on 127.0.0.1:{self.upstream_port} "
-                                                    f"could not be reached: {exc}.", None, 502),
-                               head_only=method == b"HEAD")
-            return
-        path = target.split(b"?", 1)[0].decode("latin-1")
-        relay_id = new_relay_id(_ID_KINDS.get(path, "req"), header_of(request, b"x-request-id"))
-        if one_call:
-            note_one_call(relay_id)
-        if adapter is not None:
-            note_adapter(relay_id, adapter)
-        # Watched from the start, not from smg's first byte: before it, a grammar may compile for many seconds.
-        gone = asyncio.ensure_future(until_eof(reader))
-        answer = None
-        try:
-            head = [method + b" " + target + b" HTTP/1.1"]
-            head += [name + b": " + value for name, value in request.headers if name not in _DROPPED]
-            head += [RELAY_HEADER.encode() + b": " + relay_id.encode(), b"content-length: " + str(len(body)).encode(),
-                     b"connection: close"]
-            up.request = b"\r\n".join(head) + b"\r\n\r\n" + body
-            up.writer.write(up.request)
-            # An adapter's answer says the adapter as its model, as vLLM's does (model_name.py).
-            rename = renamer(self.local.base_name, adapter) if adapter is not None else None
-            answer = asyncio.ensure_future(self._answer_from(up, writer, rename))
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            forget(relay_id)
-            forget_adapter(relay_id)
-            gone.cancel()
-            if answer is not None and not answer.done():
-                answer.cancel()
-            await asyncio.gather(*(t for t in (answer, gone) if t is not None), return_exceptions=True)
-            up.writer.close()
-            with contextlib.suppress(Exception):
-                await up.writer.wait_closed()
-            # Unless smg's whole answer reached the client, no one reads the rest: the server ends the request.
-            if answer is None or answer.cancelled() or answer.exception() is not None:
-                await self._hung_up(relay_id)
-        if not answer.cancelled():
-            answer.result()  # smg's own failure (it closed early, a head over the limit): the caller's to handle
-
-    async def _answer_from(self, up: "Upstream", writer: asyncio.StreamWriter,
-                           rename: Optional[Callable[[bytes], bytes]] = None) -> None:
-        """The request sent on (`up.writer` holds it), then smg's answer copied to the client as it comes until smg
-        closes; its head with `connection: close`. A 503 `tokenizer_not_ready` is not copied: the request is sent
-        again on a new connection (NOT_READY_RETRY_S)."""
-        deadline = asyncio.get_running_loop().time() + NOT_READY_RETRY_S
-        while True:
-            await up.writer.drain()
-            head = await up.reader.readuntil(b"\r\n\r\n")
-            if status_of(head) != 503 or asyncio.get_running_loop().time() >= deadline:
-                break
-            # A 503's body is small and ends the connection (the request said `connection: close`).
-            body = await up.reader.read(MAX_HEAD_BYTES)
-            if tokenizer_ready(503, body):
-                writer.write(closing_head(head) + body)
-                await copy_stream(up.reader, writer)
-                return
-            up.writer.close()
-            await asyncio.sleep(NOT_READY_POLL_S)
-            up.reader, up.writer = await self._connect_upstream()
-            up.writer.write(up.request)
-        if status_of(head) >= 400 and await _rewrite_error(head, up.reader, writer):
-            return
-        if rename is not None:
-            await copy_renamed(closing_head(head), up.reader, writer, rename)
-            return
-        writer.write(closing_head(head))
-        await copy_stream(up.reader, writer)
-
-    async def _connect_upstream(self):
-        """A connection to smg. A failed connect is tried again (CONNECT_RETRY_S) unless the supervisor says smg
-        is down: smg that just exited is seen by `not_serving` a moment later, and a transient error is not
-        worth a client's error."""
-        for delay in CONNECT_RETRY_S + (None,):
-            try:
-                return await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=MAX_HEAD_BYTES)
-            except OSError:
-                if delay is None or (self.not_serving is not None and self.not_serving() is not None):
-                    raise
-            await asyncio.sleep(delay)
-
-    async def _hung_up(self, relay_id: str) -> None:
-        if self.on_hangup is None:
-            return
-        try:
-            await self.on_hangup(relay_id)
-        except Exception:  # a bug there must not turn into a connection error here
-            logger.exception("ending the request of an HTTP client that hung up failed (relay id %s)", relay_id)
-
-
-async def _rewrite_error(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """smg's JSON error answer (`head` read) to the client in vLLM's shape (smg_errors.py); whether it was one.
-    Only a body of known length, at most MAX_ERROR_BYTES: smg's errors are; anything else is copied as it is."""
-    length = header_value(head, b"content-length")
-    kind = header_value(head, b"content-type") or b""
-    if length is None or not length.isdigit() or int(length) > MAX_ERROR_BYTES or b"json" not in kind.lower():
-        return False
-    body = await reader.readexactly(int(length))
-    new = vllm_error(status_of(head), body)
-    if new is not None:
-        head = with_content_length(head, len(new))
-    writer.write(closing_head(head) + (body if new is None else new))
-    await writer.drain()
-    return True
-
 
 def moelink_version() -> str:
     """moelink's version (what GET /version answers, as vLLM's answers vLLM's)."""

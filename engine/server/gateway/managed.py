@@ -72,7 +72,7 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
         local = ChainedRoutes(VllmRoutes(serving, template),
                               RlRoutes(serving.engine, serving.engine.takes_control_calls,
                                        serving.limits.max_http_body_bytes), GenerateRoute(serving))
-        completions = CompletionsRoute(serving)
+        completions = CompletionsRoute(serving, config.return_tokens_as_token_ids)
         # A reasoning parser is smg's: every chat goes there while one is set (chat_route.py).
         chat = ChatRoute(serving, template, relay_all=options.reasoning_parser is not None)
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,

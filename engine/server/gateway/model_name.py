@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Callable
+from typing import Callable, Optional
 
 _FLUSH_BYTES = 1 << 20  # a chunked body with no newline for this long is passed on as it is (renamed)
+_READ_BYTES = 64 << 10
 
 
 def renamer(base: str, adapter: str) -> Callable[[bytes], bytes]:
@@ -41,8 +42,10 @@ def with_content_length(head: bytes, length: int) -> bytes:
 
 
 async def copy_renamed(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       rename: Callable[[bytes], bytes]) -> None:
-    """smg's answer (`head` read, ending in a blank line, with `connection: close` already) to the client, renamed."""
+                       rename: Callable[[bytes], bytes], end: Optional[Callable[[], bytes]] = None) -> None:
+    """smg's answer (`head` read, ending in a blank line, with `connection: close` already) to the client, renamed
+    (`rename` is given whole lines, so it may be any line-wise rewrite: smg_errors.StreamedErrors too); `end()`: bytes
+    written after the last of smg's (an ending smg left out)."""
     if (header_value(head, b"transfer-encoding") or b"").lower() == b"chunked":
         writer.write(head)
         pending = b""
@@ -53,23 +56,34 @@ async def copy_renamed(head: bytes, reader: asyncio.StreamReader, writer: asynci
                     pass
                 break
             pending += (await reader.readexactly(size + 2))[:-2]
-            cut = pending.rfind(b"\n") + 1 if len(pending) < _FLUSH_BYTES else len(pending)
-            if cut:
-                _chunk(writer, rename(pending[:cut]))
-                pending = pending[cut:]
-            await writer.drain()
-        if pending:
-            _chunk(writer, rename(pending))
+            pending = await _flush_lines(pending, rename, lambda data: _chunk(writer, data), writer)
+        _chunk(writer, (rename(pending) if pending else b"") + (end() if end is not None else b""))
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return
     length = header_value(head, b"content-length")
-    body = rename(await reader.readexactly(int(length)) if length is not None and length.isdigit()
-                  else await reader.read())
-    if length is not None:
-        head = with_content_length(head, len(body))
-    writer.write(head + body)
+    if length is None or not length.isdigit():  # a body that ends when smg closes: passed on as it comes
+        writer.write(head)
+        pending = b""
+        while data := await reader.read(_READ_BYTES):
+            pending = await _flush_lines(pending + data, rename, writer.write, writer)
+        writer.write((rename(pending) if pending else b"") + (end() if end is not None else b""))
+        await writer.drain()
+        return
+    body = rename(await reader.readexactly(int(length))) + (end() if end is not None else b"")
+    writer.write(with_content_length(head, len(body)) + body)
     await writer.drain()
+
+
+async def _flush_lines(pending: bytes, rename: Callable[[bytes], bytes], write: Callable[[bytes], None],
+                       writer: asyncio.StreamWriter) -> bytes:
+    """The whole lines of `pending` renamed and written (all of it past _FLUSH_BYTES without a newline); the rest."""
+    cut = pending.rfind(b"\n") + 1 if len(pending) < _FLUSH_BYTES else len(pending)
+    if cut:
+        write(rename(pending[:cut]))
+        pending = pending[cut:]
+    await writer.drain()
+    return pending
 
 
 def _chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
