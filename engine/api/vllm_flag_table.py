@@ -91,7 +91,7 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--reasoning-effort-map",): refused(GATEWAY),
     ("--response-role",): refused("the assistant role is the chat template's: leave it out"),
     ("--return-tokens-as-token-ids", "--no-return-tokens-as-token-ids"): accepted(
-        "with logprobs: each token of /v1/completions' logprobs named `token_id:N` (a request's "
+        "with logprobs: each token of /v1/completions' and chat's logprobs named `token_id:N` (a request's "
         "return_tokens_as_token_ids wins), the text unchanged, as vLLM", "--return-tokens-as-token-ids"),
     ("--enable-auto-tool-choice",): to_gateway("with --tool-call-parser: the gateway parses tool calls whenever a "
                                                "parser is set", "--enable-auto-tool-choice --tool-call-parser qwen"),

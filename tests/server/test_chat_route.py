@@ -159,6 +159,21 @@ def test_every_generated_token_has_its_logprobs_entry_the_stop_token_too():
     assert body["prompt_token_ids"] == [5, 1, 2] and body["object"] == "chat.completion" and body["id"] == "chatcmpl-x"
 
 
+def test_tokens_as_ids_name_each_logprobs_token_by_its_id_and_keep_its_texts_bytes():
+    """--return-tokens-as-token-ids (or the request's return_tokens_as_token_ids, which wins over it), as vLLM."""
+    req = _request(logprobs=True, top_logprobs=2, return_tokens_as_token_ids=True)
+    assert req.tokens_as_ids is True and _request().tokens_as_ids is None
+    with pytest.raises(HttpFieldError) as e:
+        _request(return_tokens_as_token_ids="yes")
+    assert e.value.field == "return_tokens_as_token_ids"
+    ans = ChatAnswer(req, SERVED, 0, _decode_one, as_ids=True)
+    ans.add(0, _out([1, 2], [_lp(1, -0.5, 1, (3, -1.5, 2)), _lp(2, -2.0, 3, (1, -0.25, 1))], "A b", "length"))
+    content = ans.body()["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == ["token_id:1", "token_id:2"] and content[1]["bytes"] == list(b" b")
+    assert [t["token"] for t in content[1]["top_logprobs"]] == ["token_id:2", "token_id:1"]
+    assert ans.body()["choices"][0]["message"]["content"] == "A b"  # the text stays text
+
+
 def test_a_stream_opens_each_choice_and_carries_finish_reason_in_its_last_content_chunk():
     req = _request(stream=True, stream_options={"include_usage": True}, n=2, return_token_ids=True)
     ans = ChatAnswer(req, SERVED, 0, _decode_one)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .chat_request import ChatRequest
-from .completions_answer import MIN_WIRE_LOGPROB, prompt_logprobs_json, vllm_order, wire
+from .completions_answer import MIN_WIRE_LOGPROB, prompt_logprobs_json, token_text, vllm_order, wire
 
 CHUNK = "chat.completion.chunk"
 
@@ -34,24 +34,23 @@ def _entry(token: str, logprob: float, decoded: Optional[str]) -> dict:
             "bytes": None if decoded is None else list(decoded.encode("utf-8", errors="replace"))}
 
 
-def chat_logprobs(token_ids, entries, top: int, decode: Callable[[int], str]) -> dict:
-    """vLLM's ChatCompletionLogProbs of `token_ids` (`entries[i]`: position i's {token id: Logprob}, or None)."""
+def chat_logprobs(token_ids, entries, top: int, decode: Callable[[int], str], as_ids: bool = False) -> dict:
+    """vLLM's ChatCompletionLogProbs of `token_ids` (`entries[i]`: position i's {token id: Logprob}, or None).
+    `as_ids`: each `token` named `token_id:N` (completions_answer.token_text); `bytes` are its text's either way."""
     content = []
     for i, tid in enumerate(token_ids):
         entry = entries[i] if i < len(entries) else None
         if entry is None or entry.get(tid) is None:
             text = decode(tid)
-            content.append({**_entry(text, MIN_WIRE_LOGPROB, text), "top_logprobs": []})
+            content.append({**_entry(token_text(tid, None, decode, as_ids), MIN_WIRE_LOGPROB, text),
+                            "top_logprobs": []})
             continue
         lp = entry[tid]
-        tops = [_entry(_text(o, t, decode), wire(o.logprob), _text(o, t, decode))
+        tops = [_entry(token_text(t, o, decode, as_ids), wire(o.logprob), token_text(t, o, decode))
                 for t, o in vllm_order(entry, tid)[:top]]
-        content.append({**_entry(_text(lp, tid, decode), wire(lp.logprob), lp.decoded_token), "top_logprobs": tops})
+        content.append({**_entry(token_text(tid, lp, decode, as_ids), wire(lp.logprob), lp.decoded_token),
+                        "top_logprobs": tops})
     return {"content": content}
-
-
-def _text(lp, token: int, decode: Callable[[int], str]) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else decode(token)
 
 
 @dataclass
@@ -69,8 +68,10 @@ class ChatAnswer:
     """Every choice of one chat request, fed the engine's delta outputs as they come (`add` for an answer sent
     whole, `chunks` for a stream)."""
 
-    def __init__(self, req: ChatRequest, model: str, created: int, decode_one: Callable[[int], str]):
-        self.req, self.model, self.created, self.decode_one = req, model, created, decode_one
+    def __init__(self, req: ChatRequest, model: str, created: int, decode_one: Callable[[int], str],
+                 as_ids: bool = False):
+        """`as_ids`: the logprobs' tokens as `token_id:N` (chat_logprobs)."""
+        self.req, self.model, self.created, self.decode_one, self.as_ids = req, model, created, decode_one, as_ids
         self.id = f"chatcmpl-{req.base_id}"
         self.choices = [_Choice() for _ in range(req.n)]
         self.prompt_ids: list = []
@@ -83,8 +84,9 @@ class ChatAnswer:
             self.prompt_lps = out.prompt_logprobs
 
     def _logprobs(self, ids, entries) -> Optional[dict]:
-        return chat_logprobs(ids, entries or [], self.req.top_logprobs, self.decode_one) if self.req.logprobs \
-            else None
+        if not self.req.logprobs:
+            return None
+        return chat_logprobs(ids, entries or [], self.req.top_logprobs, self.decode_one, self.as_ids)
 
     def add(self, sample: int, out) -> None:
         """One delta output of choice `sample`, kept for the whole answer."""

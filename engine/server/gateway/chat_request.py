@@ -38,11 +38,10 @@ LOCAL_FIELDS = frozenset(SAMPLING) | {
     "stream", "stream_options", "user", "session_id", "return_token_ids", "return_prompt_text",
     "truncate_prompt_tokens", "request_id", "add_generation_prompt", "continue_final_message", "add_special_tokens",
     "chat_template_kwargs", "documents", "reasoning_effort", "include_reasoning", "tools", "tool_choice",
-    "parallel_tool_calls", "logit_bias",
+    "parallel_tool_calls", "logit_bias", "return_tokens_as_token_ids",
     # vLLM reads these on its /render routes only and takes them on a chat, without effect: so does the front
     "return_token_offsets", "mm_payload", "return_mm_kwargs"}
-_SAME_AS_COMPLETIONS = ("use_beam_search", "length_penalty", "logprob_token_ids", "return_tokens_as_token_ids",
-                        "priority", "cache_salt", "kv_transfer_params", "vllm_xargs",
+_SAME_AS_COMPLETIONS = ("use_beam_search", "length_penalty", "logprob_token_ids", "priority", "cache_salt", "kv_transfer_params", "vllm_xargs",
                         "watermarking", "stream_interval")
 # vLLM's fields the front cannot honour: field -> (its neutral values, why). Neutral: taken; anything else: 400.
 REFUSED = {key: COMPLETIONS_REFUSED[key] for key in _SAME_AS_COMPLETIONS} | {
@@ -79,6 +78,9 @@ class ChatRequest:
     base_id: str  # the answer's id is `chatcmpl-{base_id}`
     rendered: RenderedChat
     role: str  # the answer's role: "assistant", or the last message's without a generation prompt (vLLM's)
+    # return_tokens_as_token_ids: the logprobs' tokens as `token_id:N` (true), as text (false), or the server's
+    # --return-tokens-as-token-ids (None)
+    tokens_as_ids: Optional[bool] = None
 
     @property
     def echoed(self) -> str:
@@ -158,9 +160,12 @@ def read_request(data: dict, serving, tokenizer, lora: Optional[str], base_id: s
         raise renamed_error(str(e), data) from None
     role = "assistant" if rendered.add_generation_prompt else rendered.messages[-1]["role"]
     prompt = Prompt(list(rendered.ids), "messages", serving.request_id(f"chatcmpl-{base_id}"))
+    as_ids = data.get("return_tokens_as_token_ids")
+    if as_ids is not None and not isinstance(as_ids, bool):
+        raise HttpFieldError("return_tokens_as_token_ids", "return_tokens_as_token_ids must be true, false or null.")
     return ChatRequest((prompt,), params.sample(0), params.n, logprobs, top, echo, stream, include_usage,
                        continuous, json_flag(data, "return_token_ids"), json_flag(data, "return_prompt_text"), keep,
-                       lora, base_id, rendered, role)
+                       lora, base_id, rendered, role, as_ids)
 
 
 def _keep(value: Any) -> Optional[int]:

@@ -32,10 +32,12 @@ class ChatRoute(CompletionsRoute):
     """Answers `POST /v1/chat/completions` from a Serving (serving.py) on the server's loop; the admission, the
     adapter lookup and the token texts are the completions route's."""
 
-    def __init__(self, serving, chat_template: Optional[str] = None, relay_all: bool = False):
+    def __init__(self, serving, chat_template: Optional[str] = None, relay_all: bool = False,
+                 tokens_as_ids: bool = False):
         """`chat_template`: the server's --chat-template text (else the checkpoint's); `relay_all`: every chat goes
-        to smg (the server has a --reasoning-parser, which smg applies)."""
-        super().__init__(serving)
+        to smg (the server has a --reasoning-parser, which smg applies); `tokens_as_ids`:
+        --return-tokens-as-token-ids (a request's return_tokens_as_token_ids wins)."""
+        super().__init__(serving, tokens_as_ids)
         tok = self.tokenizer
         self.renderer = tok.with_chat_template(chat_template) if tok is not None and chat_template else tok
         self.relay_all = relay_all
@@ -71,7 +73,8 @@ class ChatRoute(CompletionsRoute):
             return e.status, _error(str(e), e.field, e.status)
         except Exception as e:  # the engine's or Serving's refusal, mapped as the gRPC services map it
             return _refusal(e)
-        answer = ChatAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one)
+        as_ids = self.tokens_as_ids if req.tokens_as_ids is None else req.tokens_as_ids
+        answer = ChatAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one, as_ids)
         if req.stream:
             return Streamed(_events(req, answer, runs), runs.aclose)
         try:

@@ -74,7 +74,8 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
                                        serving.limits.max_http_body_bytes), GenerateRoute(serving))
         completions = CompletionsRoute(serving, config.return_tokens_as_token_ids)
         # A reasoning parser is smg's: every chat goes there while one is set (chat_route.py).
-        chat = ChatRoute(serving, template, relay_all=options.reasoning_parser is not None)
+        chat = ChatRoute(serving, template, relay_all=options.reasoning_parser is not None,
+                         tokens_as_ids=config.return_tokens_as_token_ids)
     front = HttpFront(config.http_host, config.http_port, spec.http_port, config.api_key,
                       not_serving=lambda: gateway.not_serving() if gateway is not None else None,
                       on_hangup=on_hangup,
