@@ -71,6 +71,14 @@ INTENDED: dict[str, Known] = {
         "refusal (type BadRequestError, param the request's field as the client wrote it: `messages[0].role`), where "
         'vLLM passes on pydantic\'s (type "Bad Request", param its location `body.messages.0.<class>.role`); a '
         'too-long prompt names `prompt` / `messages`, the field the client can shorten, where vLLM says input_tokens'),
+    'metrics-not-measured': Known(
+        ('routes/metrics',),
+        ('families.vllm:estimated_*', 'families.vllm:prompt_tokens_by_source_total',
+         'families.vllm:prompt_tokens_cached_by_source_total', 'families.vllm:cache_config_info.labels.*'),
+        "moelink makes no model-shape FLOP / byte estimates (vllm:estimated_*_per_gpu_total) and does not record a "
+        "prompt's tokens by source or tier (prompt_tokens_by_source, prompt_tokens_cached_by_source); "
+        "vllm:cache_config_info labels moelink's own cache settings (block_size, cache_dtype, "
+        "enable_prefix_caching, gpu_memory_utilization, num_gpu_blocks), not vLLM's 37 CacheConfig fields"),
     'owned-by-moelink': Known(
         ('routes/models',),
         ('body.data.*.owned_by',),
@@ -130,15 +138,6 @@ PENDING: dict[str, Known] = {
         ('outputs.*',),
         'LLM.chat(continue_final_message=True) renders the closing <|im_end|> of the last message; vLLM stops the'
         ' prompt at its content', part='B'),
-    'health-body': Known(
-        ('routes/health', 'routes/ping_*'),
-        ('content_type', 'body'),
-        '/health and /ping answer "OK" as text/plain; vLLM an empty body', part='C'),
-    'metrics-names-and-labels': Known(
-        ('routes/metrics',),
-        ('families.*',),
-        "/metrics lacks 26 of vLLM's 39 vllm: families, has no `engine` label, and keeps "
-        'vllm:gpu_cache_usage_perc', part='C'),
 }
 
 

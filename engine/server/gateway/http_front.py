@@ -194,7 +194,7 @@ class HttpFront:
             # checked above), not smg's "OK". A front before a gateway started by hand asks that gateway (below).
             ok = method == b"GET" or (method == b"POST" and path == PING_PATH)  # vLLM's methods for each
             await write_answer(conn, writer, 200 if ok else 405, b"" if ok else METHOD_NOT_ALLOWED_BODY,
-                               head_only=head)
+                               content_type=None if ok else b"application/json", head_only=head)
             return
         if await self._answer_here(conn, request, method, path, body, writer, reader):
             return

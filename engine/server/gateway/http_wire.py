@@ -140,11 +140,13 @@ async def _too_large(conn: h11.Connection, reader: asyncio.StreamReader, writer:
 
 
 async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
-                       content_type: bytes = b"application/json", extra: tuple = (), head_only: bool = False) -> None:
+                       content_type: Optional[bytes] = b"application/json", extra: tuple = (),
+                       head_only: bool = False) -> None:
     """The whole answer; `head_only` for a HEAD request: the headers it would have, no body (h11 refuses one, and a
-    HEAD answered with a body dropped the connection with a traceback: issue 76 item 12)."""
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"), *extra]
+    HEAD answered with a body dropped the connection with a traceback: issue 76 item 12). `content_type` None: no
+    such header (an empty answer, as vLLM's /health)."""
+    headers = ([(b"content-type", content_type)] if content_type is not None else []) + [
+        (b"content-length", str(len(body)).encode()), (b"connection", b"close"), *extra]
     data = conn.send(h11.Response(status_code=status, headers=headers))
     if not head_only:
         data += conn.send(h11.Data(data=body))
