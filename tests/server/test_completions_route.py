@@ -147,14 +147,14 @@ def test_an_error_in_a_stream_that_has_begun_is_vllms_error_event_then_done(erro
     (serving_completion's GenerationError: InternalServerError 500; a client's fault 400), the request ended."""
     import asyncio
 
-    from moelink.engine.server.gateway.completions_route import _events
+    from moelink.engine.server.gateway.completions_route import _events, sse_events
 
     req = _request(stream=True)
     ans = CompletionAnswer(req, SERVED, 0, _decode_one, lambda ids: "".join(map(_decode_one, ids)))
     runs = _FailingRuns(error)
 
     async def collect():
-        return [chunk async for chunk in _events(req, ans, runs)]
+        return [chunk async for chunk in sse_events(_events(req, ans, runs), runs)]
 
     chunks = asyncio.run(collect())
     assert chunks[0].startswith(b"data: {") and json.loads(chunks[0][6:])["choices"][0]["text"] == "c"

@@ -20,11 +20,11 @@ writes them:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .chat_request import ChatRequest
-from .completions_answer import MIN_WIRE_LOGPROB, prompt_logprobs_json, token_text, vllm_order, wire
+from .completions_answer import MIN_WIRE_LOGPROB, ChoiceSoFar, prompt_logprobs_json, token_text, vllm_order, wire
 
 CHUNK = "chat.completion.chunk"
 
@@ -54,12 +54,7 @@ def chat_logprobs(token_ids, entries, top: int, decode: Callable[[int], str], as
 
 
 @dataclass
-class _Choice:
-    text: list = field(default_factory=list)
-    ids: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    stop_reason: Any = None
+class _Choice(ChoiceSoFar):
     started: bool = False  # streamed: its role chunk sent
     done: bool = False  # streamed: its finish sent
 
@@ -91,13 +86,7 @@ class ChatAnswer:
     def add(self, sample: int, out) -> None:
         """One delta output of choice `sample`, kept for the whole answer."""
         self._seen(out)
-        ch, comp = self.choices[sample], out.outputs[0]
-        ch.text.append(comp.text)
-        ch.ids.extend(comp.token_ids)
-        if comp.logprobs:
-            ch.logprobs.extend(comp.logprobs)
-        if comp.finish_reason is not None:
-            ch.finish_reason, ch.stop_reason = comp.finish_reason, comp.stop_reason
+        self.choices[sample].take(out.outputs[0])
 
     def body(self) -> dict:
         """The whole answer (vLLM's ChatCompletionResponse)."""

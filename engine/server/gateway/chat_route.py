@@ -20,7 +20,7 @@ from typing import AsyncIterator, Awaitable, Optional
 from ...contract.safe_text import shown
 from .chat_answer import ChatAnswer
 from .chat_request import ChatRequest, claims, read_request, refused_field, unknown_field
-from .completions_route import CompletionsRoute, _answered, _dumps, base_request_id
+from .completions_route import CompletionsRoute, _answered, _dumps, base_request_id, sse_events
 from .generate_route import Streamed, _Runs, _error, _refusal
 from .json_body import json_object, off_loop
 from .openai_fields import CHAT_PATH, HttpFieldError
@@ -76,7 +76,7 @@ class ChatRoute(CompletionsRoute):
         as_ids = self.tokens_as_ids if req.tokens_as_ids is None else req.tokens_as_ids
         answer = ChatAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one, as_ids)
         if req.stream:
-            return Streamed(_events(req, answer, runs), runs.aclose)
+            return Streamed(sse_events(_events(req, answer, runs), runs), runs.aclose)
         try:
             async with runs:
                 async for _, sample, out in runs:
@@ -89,21 +89,15 @@ class ChatRoute(CompletionsRoute):
         return 200, _dumps(body_out)
 
 
-async def _events(req: ChatRequest, answer: ChatAnswer, runs: _Runs) -> AsyncIterator[bytes]:
-    """vLLM's server-sent events: each choice's chunks, the usage when asked, then [DONE]."""
-    try:
-        async for _, sample, out in runs:
-            if out.outputs[0].finish_reason == "error":
-                raise RuntimeError("the engine failed the request")
-            for event in answer.chunks(sample, out):
-                yield b"data: " + _dumps(event) + b"\n\n"
-        if req.include_usage:
-            yield b"data: " + _dumps(answer.usage_event()) + b"\n\n"
-    except Exception as e:  # the engine failed or stopped mid-stream: said in the stream, as vLLM does
-        yield b"data: " + _refusal(e)[1] + b"\n\n"
-    finally:
-        await runs.aclose()
-    yield b"data: [DONE]\n\n"
+async def _events(req: ChatRequest, answer: ChatAnswer, runs: _Runs) -> AsyncIterator[dict]:
+    """Each choice's chunks, then the usage when asked (completions_route.sse_events frames them)."""
+    async for _, sample, out in runs:
+        if out.outputs[0].finish_reason == "error":
+            raise RuntimeError("the engine failed the request")
+        for event in answer.chunks(sample, out):
+            yield event
+    if req.include_usage:
+        yield answer.usage_event()
 
 
 __all__ = ["ChatRoute", "PATH"]

@@ -101,12 +101,27 @@ class _Prompt:
 
 
 @dataclass
-class _Choice:
+class ChoiceSoFar:
+    """One choice's outputs so far (completions' and chat's): texts, token ids, logprob entries, how it ended."""
+
     text: list = field(default_factory=list)
     ids: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: Any = None
+
+    def take(self, comp) -> None:
+        """One delta CompletionOutput of this choice."""
+        self.text.append(comp.text)
+        self.ids.extend(comp.token_ids)
+        if comp.logprobs:
+            self.logprobs.extend(comp.logprobs)
+        if comp.finish_reason is not None:
+            self.finish_reason, self.stop_reason = comp.finish_reason, comp.stop_reason
+
+
+@dataclass
+class _Choice(ChoiceSoFar):
     echoed: bool = False  # streamed: the echo (or the prompt's ids) sent
     sent_chars: int = 0  # streamed: the text sent so far (the next text_offset)
     generated: int = 0  # streamed: the tokens generated so far
@@ -142,13 +157,7 @@ class CompletionAnswer:
     def add(self, prompt: int, sample: int, out) -> None:
         """One delta output of choice (prompt, sample), kept for the whole answer."""
         self._seen(prompt, out)
-        ch, comp = self.choices[self.req.index(prompt, sample)], out.outputs[0]
-        ch.text.append(comp.text)
-        ch.ids.extend(comp.token_ids)
-        if comp.logprobs:
-            ch.logprobs.extend(comp.logprobs)
-        if comp.finish_reason is not None:
-            ch.finish_reason, ch.stop_reason = comp.finish_reason, comp.stop_reason
+        self.choices[self.req.index(prompt, sample)].take(out.outputs[0])
 
     def body(self) -> dict:
         """The whole answer (vLLM's CompletionResponse)."""
@@ -245,5 +254,5 @@ class CompletionAnswer:
                 "choices": [], "usage": usage}
 
 
-__all__ = ["CompletionAnswer", "MIN_WIRE_LOGPROB", "TOKEN_ID_PREFIX", "completion_logprobs", "prompt_logprobs_json",
-           "token_text", "vllm_order", "wire"]
+__all__ = ["ChoiceSoFar", "CompletionAnswer", "MIN_WIRE_LOGPROB", "TOKEN_ID_PREFIX", "completion_logprobs",
+           "prompt_logprobs_json", "token_text", "vllm_order", "wire"]

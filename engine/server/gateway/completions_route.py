@@ -81,7 +81,7 @@ class CompletionsRoute:
         answer = CompletionAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one,
                                   self._decode_prompt, as_ids)
         if req.stream:
-            return Streamed(_events(req, answer, runs), runs.aclose)
+            return Streamed(sse_events(_events(req, answer, runs), runs), runs.aclose)
         try:
             async with runs:
                 async for prompt, sample, out in runs:
@@ -153,23 +153,31 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-async def _events(req: CompletionRequest, answer: CompletionAnswer, runs: _Runs) -> AsyncIterator[bytes]:
-    """vLLM's server-sent events: each choice's deltas, the usage when asked, then [DONE]."""
+async def sse_events(events: AsyncIterator[dict], runs: _Runs) -> AsyncIterator[bytes]:
+    """vLLM's server-sent events of a streamed answer (completions' and chat's): each event as `data: JSON`, an
+    error raised meanwhile (the engine failed or stopped mid-stream) as vLLM's error event, then [DONE]; the
+    request's runs closed either way."""
     try:
-        async for prompt, sample, out in runs:
-            for event in answer.chunks(prompt, sample, out):
-                if event["choices"][0]["finish_reason"] == "error":
-                    raise RuntimeError("the engine failed the request")
-                yield b"data: " + _dumps(event) + b"\n\n"
-        for event in answer.flush():
+        async for event in events:
             yield b"data: " + _dumps(event) + b"\n\n"
-        if req.include_usage:
-            yield b"data: " + _dumps(answer.usage_event()) + b"\n\n"
-    except Exception as e:  # the engine failed or stopped mid-stream: said in the stream, as vLLM does
+    except Exception as e:
         yield b"data: " + _refusal(e)[1] + b"\n\n"
     finally:
         await runs.aclose()
     yield b"data: [DONE]\n\n"
 
 
-__all__ = ["CompletionsRoute", "PATH", "base_request_id"]
+async def _events(req: CompletionRequest, answer: CompletionAnswer, runs: _Runs) -> AsyncIterator[dict]:
+    """Each choice's deltas, then the usage when asked (sse_events frames them)."""
+    async for prompt, sample, out in runs:
+        for event in answer.chunks(prompt, sample, out):
+            if event["choices"][0]["finish_reason"] == "error":
+                raise RuntimeError("the engine failed the request")
+            yield event
+    for event in answer.flush():
+        yield event
+    if req.include_usage:
+        yield answer.usage_event()
+
+
+__all__ = ["CompletionsRoute", "PATH", "base_request_id", "sse_events"]
