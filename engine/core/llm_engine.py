@@ -82,6 +82,12 @@ class LLMEngine:
         # The workers' samplers hold EOS back under min_tokens: they must know every
         # EOS id the schedulers stop on (generation_config.json, tokenizer too).
         config = replace(config, model=replace(config.model, eos_token_ids=tuple(sorted(self.eos_token_ids))))
+        # vLLM's split of them: the tokenizer's EOS ends a request as EOS (stop_reason None); the others
+        # (generation_config.json's list) are stop token ids, unless ignore_eos: stop_reason the id, as vLLM's
+        # SamplingParams.update_from_generation_config makes them.
+        primary = getattr(self.tokenizer, "eos_token_id", None)
+        self._eos_ids = frozenset({primary} if primary is not None else self.eos_token_ids)
+        self._eos_stop_ids = frozenset(self.eos_token_ids - self._eos_ids)
         self._arrivals = itertools.count()  # arrival numbers of requests that --seed seeds (_seeded)
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids, config.grammar)
         if config.grammar.prestart and not isinstance(self.tokenizer, NoTokenizer):
@@ -207,8 +213,9 @@ class LLMEngine:
         p = req.params
         sched_req = Request(
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
-            eos_token_ids=frozenset(self.eos_token_ids), ignore_eos=p.ignore_eos,
-            stop_token_ids=frozenset(p.stop_token_ids), min_tokens=p.min_tokens, client=req.client,
+            eos_token_ids=self._eos_ids, ignore_eos=p.ignore_eos,
+            stop_token_ids=frozenset(p.stop_token_ids) | (self._eos_stop_ids if not p.ignore_eos else frozenset()),
+            min_tokens=p.min_tokens, client=req.client,
             cache_salt=req.cache_salt, lora_id=req.lora.lora_int_id if req.lora is not None else 0, lora=req.lora,
             multimodal=req.multimodal, must_load=req.must_load,
         )

@@ -346,7 +346,12 @@ class OutputProcessor:
                 st.metrics = {**st.metrics, "scheduled_time": co.timing[0], "num_preemptions": co.timing[1]}
             delta = ""
             if st.detok is not None:
-                delta = st.detok.update(new_ids) if new_ids else ""
+                if finish_reason == "stop" and new_ids and not st.params.include_stop_str_in_output:
+                    # The scheduler's stop (EOS or a stop token id) is the last id: vLLM leaves its text out.
+                    new_text_ids = new_ids[:-1]
+                else:
+                    new_text_ids = new_ids
+                delta = st.detok.update(new_text_ids) if new_text_ids else ""
                 if st.detok.stop_reason is not None:
                     finish_reason, stop_reason = "stop", st.detok.stop_reason
                     if co.finish_reason is None:

@@ -17,7 +17,9 @@ Order of a step:
        vLLM's order: after the logprobs, before the penalties), penalties (repetition, frequency, presence), then
        min_tokens blocking;
     4. greedy rows take the argmax here;
-    5. other rows: temperature, min-p, top-k, top-p, then an exponential race.
+    5. other rows: temperature, min-p, top-k, top-p, then an exponential race (vLLM's GPU draw); on a CPU a
+       seeded row draws as vLLM 0.32's CPU sampler does instead (engine/rank/seeded_draw.py), so a seed gives
+       vLLM's tokens there.
 
 The step's inputs come batched per row in a SamplingMetadata (engine/rank/sampling_metadata.py: the host-side
 bookkeeping of which row wants what); this module is the math on the logits, and the packing of the logprob
@@ -40,6 +42,7 @@ from moelink.scheduler.outputs import TokenLogprobs
 
 from ..contract.logprob_rows import pack_token_logprobs, unpack_logprobs
 from .logits_rules import apply_logits_rules
+from .seeded_draw import draw_seeds, gumbel_argmax
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingMetadata"]
 
@@ -117,13 +120,29 @@ class Sampler:
 
     @staticmethod
     def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        return _exponential_race(processed_probs(logits, meta), meta)
+        logits = processed_logits(logits, meta)
+        if not meta.generators or logits.device.type != "cpu":
+            return _exponential_race(logits.softmax(dim=-1), meta, meta.generators)
+        # On a CPU a seeded row draws as vLLM 0.32's CPU sampler does (engine/rank/seeded_draw.py), so a seed gives
+        # vLLM's tokens; the other random rows keep the race.
+        rows = list(meta.generators)
+        seeded_S = gumbel_argmax(logits[rows], draw_seeds(list(meta.generators.values())))
+        if len(rows) == meta.num_rows:
+            return seeded_S
+        token_ids_B = _exponential_race(logits.softmax(dim=-1), meta, {})
+        token_ids_B[rows] = seeded_S
+        return token_ids_B
 
 
 def processed_probs(logits: torch.Tensor, meta) -> torch.Tensor:
-    """The distribution a random row samples from: temperature, min-p, top-k, top-p applied to float32 `logits`
-    (in place), then softmax. `meta` needs temperature_B, min_p_B, top_k_B, top_p_B, max_top_k (a
-    SamplingMetadata, or speculative decoding's per-position expansion of one: engine/spec/verify.py)."""
+    """The distribution a random row samples from: `processed_logits`, then softmax."""
+    return processed_logits(logits, meta).softmax(dim=-1)
+
+
+def processed_logits(logits: torch.Tensor, meta) -> torch.Tensor:
+    """Temperature, min-p, top-k, top-p applied to float32 `logits` (in place, vLLM's order; a token filtered out
+    is -inf). `meta` needs temperature_B, min_p_B, top_k_B, top_p_B, max_top_k (a SamplingMetadata, or
+    speculative decoding's per-position expansion of one: engine/spec/verify.py)."""
     logits.div_(meta.temperature_B.unsqueeze(1))
     if meta.min_p_B is not None:
         probs = logits.softmax(dim=-1)
@@ -133,7 +152,7 @@ def processed_probs(logits: torch.Tensor, meta) -> torch.Tensor:
         logits = _apply_top_k_top_p_sorted(logits, meta.top_k_B, meta.top_p_B)
     elif meta.top_k_B is not None:
         _apply_top_k_only(logits, meta.top_k_B, meta.max_top_k)
-    return logits.softmax(dim=-1)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
@@ -175,14 +194,16 @@ def _apply_top_k_top_p_sorted(logits: torch.Tensor, top_k_B, top_p_B: torch.Tens
     return logits.scatter_(1, idx_BV, sorted_BV)
 
 
-def _exponential_race(probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """argmax(p / q), q ~ Exp(1), picks token i with probability p_i, with no cumsum or sync."""
+def _exponential_race(probs: torch.Tensor, meta: SamplingMetadata,
+                      generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """argmax(p / q), q ~ Exp(1), picks token i with probability p_i, with no cumsum or sync (vLLM's GPU
+    `random_sample`). Rows in `generators` draw q from their own; the others from the device's default."""
     q_BV = torch.empty_like(probs)
     if meta.any_unseeded_random:
         q_BV.exponential_()  # one draw from the device's default generator for unseeded rows
-    elif not meta.all_random:
-        q_BV.fill_(1.0)  # greedy rows' results are discarded; keep them finite
-    for row, gen in meta.generators.items():
+    elif not meta.all_random or len(generators) < len(meta.generators):
+        q_BV.fill_(1.0)  # greedy rows' (and rows drawn apart) results are discarded; keep them finite
+    for row, gen in generators.items():
         # Each seeded row draws exactly V values from its own generator, so its
         # tokens are the same whatever else shares the batch.
         q_BV[row].exponential_(generator=gen)

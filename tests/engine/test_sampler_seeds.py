@@ -62,9 +62,9 @@ def test_generator_advances_only_when_row_is_sampled():
     # Greedy with a generator: untouched.
     sample([SamplingParams(temperature=0.0, seed=9), SamplingParams()], logits_BV, gens=[g, None])
     assert torch.equal(g.get_state(), ref.get_state())
-    # Sampled: advances by exactly one draw of V exponentials.
+    # Sampled on a CPU: advances by exactly one integer, vLLM's CPU draw (engine/rank/seeded_draw.py).
     sample([SamplingParams(seed=9), SamplingParams()], logits_BV, gens=[g, None])
-    torch.empty(V).exponential_(generator=ref)
+    torch.randint(0, 2**31, (1,), generator=ref)
     assert torch.equal(g.get_state(), ref.get_state())
 
 

@@ -102,16 +102,6 @@ INTENDED: dict[str, Known] = {
 
 # -- what issue 79's parts are fixing: remove an entry when its part lands (the test fails until it is removed) ------
 PENDING: dict[str, Known] = {
-    'seeded-sampling': Known(
-        ('completions/n_2_seeded', 'completions/n_100', 'completions/seed_*', 'completions/stream_n_2',
-         'chat/n_2_seeded',
-         'chat/seed_sampling', 'chat/stream_n_2', 'offline/generate_n_2_seeded',
-         'completions/max_tokens_omitted_default_sampling', 'chat/default_sampling'),
-        ('body.choices.*.text', 'body.choices.*.message.content', 'body.choices.*.finish_reason',
-         'body.choices.*.stop_reason', 'body.usage.*', 'body.*.choices.*.text', 'body.*.choices.*.finish_reason',
-         'body.*.choices.*.index', 'body.*.choices.*.delta.content', 'outputs.*.outputs.*'),
-        "the same seed draws other tokens than vLLM's (temperature > 0, seeded; defaults from "
-        'generation_config.json)', part='B'),
     'greedy-n-refused-by-vllm': Known(
         ('completions/n_3_greedy_refused', 'chat/n_3_greedy_refused'),
         ('status', 'body.*'),
@@ -128,11 +118,6 @@ PENDING: dict[str, Known] = {
         'SamplingParams: top_k default -1 (vLLM 0), no spaces_between_special_tokens, bad_words, '
         "allowed_token_ids, logit_bias, extra_args (TypeError); truncate_prompt_tokens is vLLM's tokenization "
         'param', part='B'),
-    'stop-token-text': Known(
-        ('completions/stop_token_ids*', 'chat/stop_token_ids', 'chat/min_tokens'),
-        ('body.choices.*.text', 'body.choices.*.message.content'),
-        "a stop_token_ids token's text stays in the output; vLLM leaves it out (without "
-        'include_stop_str_in_output)', part='B'),
     'offline-chat-continue-final-message': Known(
         ('offline/chat_continue_final_message',),
         ('outputs.*',),
