@@ -130,6 +130,8 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value in allowed, name, value, f"must be a finite number in {allowed}")
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k, "must be 0 (disabled), -1 (disabled) or a positive integer")
+        # vLLM 0.32's rule (SamplingParams._verify_greedy_sampling): n greedy samples would be n copies.
+        _check(self.n == 1 or not self.greedy, "n", self.n, "must be 1 when using greedy sampling (temperature 0)")
         # An int64, as both gRPC protos carry it and vLLM's OpenAI server bounds it: a larger one from JSON (HTTP
         # /generate, the Python API) overflowed torch's generator seed at the rank and killed the engine loop for every
         # user (issue 76, found beside item 12). Sample i draws with seed + i, within torch's [-2^63, 2^64).

@@ -40,12 +40,22 @@ def test_n_samples_per_prompt_with_seeds_derived_as_the_servers_do(llm):
     assert [_tokens(o) for o in again] == [_tokens(o) for o in outs]
 
 
-def test_n_per_prompt_params_and_greedy(llm):
+def test_n_per_prompt_params(llm):
     greedy = SamplingParams(temperature=0, max_tokens=6)
-    one, two = llm.generate(PROMPTS, [SamplingParams(n=2, temperature=0, max_tokens=6), greedy], use_tqdm=False)
+    seeded = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    one, two = llm.generate(PROMPTS, [seeded, greedy], use_tqdm=False)
     assert len(one.outputs) == 2 and len(two.outputs) == 1
-    want = llm.generate(PROMPTS[0], greedy, use_tqdm=False)[0].outputs[0].token_ids
-    assert _tokens(one) == [want, want]
+    want = [llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, seed=3 + i, max_tokens=6, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].token_ids for i in range(2)]
+    assert _tokens(one) == want
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, 1e-6])
+def test_n_greedy_samples_are_refused_as_vllm_refuses_them(temperature):
+    """vLLM 0.32 (SamplingParams._verify_greedy_sampling): n > 1 at temperature 0 would be n copies."""
+    with pytest.raises(ValueError, match=r"SamplingParams.n=2 is invalid: must be 1 when using greedy sampling"):
+        SamplingParams(n=2, temperature=temperature)
+    assert SamplingParams(n=1, temperature=temperature).n == 1
 
 
 def test_a_bad_prompt_among_n_samples_adds_nothing(llm):

@@ -236,7 +236,10 @@ def test_generate_refusals_name_the_field(front):
     param, message = refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {"seed": 1 << 70}})
     assert param == "sampling_params.seed" and "[-2^63, 2^63)" in message
     assert refused(port, b'{"text": ["ok", "a\\udfff"]}', raw=True)[0] == "text[1]"
-    assert ok(port, {"input_ids": PROMPT_IDS, "sampling_params": {**GREEDY, "seed": (1 << 63) - 1, "n": 2}})
+    assert ok(port, {"input_ids": PROMPT_IDS, "sampling_params": {**GREEDY, "temperature": 0.8, "seed": (1 << 63) - 1,
+                                                                  "n": 2}})
+    # n greedy samples are refused, as vLLM 0.32's SamplingParams refuses them (n copies)
+    assert refused(port, {"input_ids": PROMPT_IDS, "sampling_params": {**GREEDY, "n": 2}})[0] == "sampling_params.n"
 
 
 def test_a_client_that_leaves_ends_its_request(front):
@@ -346,7 +349,7 @@ def test_a_hung_up_batch_is_aborted_in_one_pass(front):
     total = 2 * 64
     try:
         body = json.dumps({"input_ids": [PROMPT_IDS, PROMPT_IDS[:4]], "sampling_params": {
-            "n": 64, "max_new_tokens": 400, "ignore_eos": True, "temperature": 0}}).encode()
+            "n": 64, "max_new_tokens": 400, "ignore_eos": True, "temperature": 0.8}}).encode()
         sock = _send_raw(port, body)
         wait_until(lambda: sched.get_num_unfinished_requests() == total, 60, "the batch's sequences to be added")
         steps.hold()

@@ -51,7 +51,8 @@ INTENDED: dict[str, Known] = {
          'completions/bad_presence_penalty_3', 'completions/bad_prompt_empty_list',
          'completions/bad_prompt_token_out_of_vocab', 'completions/bad_repetition_penalty_0',
          'completions/bad_top_k_minus_2', 'chat/bad_n_0', 'chat/bad_messages_empty', 'chat/bad_min_tokens_above_max',
-         'chat/bad_continue_and_add_generation_prompt', 'chat/bad_top_logprobs_25'),
+         'chat/bad_continue_and_add_generation_prompt', 'chat/bad_top_logprobs_25',
+         'completions/n_3_greedy_refused', 'chat/n_3_greedy_refused'),
         ('body.error.param',),
         "where vLLM's error has param null (or names another field: `logprobs` for a top_logprobs past the limit), "
         "moelink's names the field at fault (one clear error naming the field)"),
@@ -102,11 +103,6 @@ INTENDED: dict[str, Known] = {
 
 # -- what issue 79's parts are fixing: remove an entry when its part lands (the test fails until it is removed) ------
 PENDING: dict[str, Known] = {
-    'greedy-n-refused-by-vllm': Known(
-        ('completions/n_3_greedy_refused', 'chat/n_3_greedy_refused'),
-        ('status', 'body.*'),
-        'vLLM 0.32 refuses n > 1 at temperature 0 (`n must be 1 when using greedy sampling`); moelink answers n '
-        'copies', part='B'),
     'offline-attributes': Known(
         ('offline/chat_*', 'offline/generate_*'),
         ('outputs.*.attrs.*', 'outputs.*.lora_request', 'outputs.*.outputs.*.attrs.*'),
