@@ -10,6 +10,7 @@ from ..config.engine_args import EngineArgs
 from ..core.llm_engine import LLMEngine, ProcessedRequest, PromptType
 from ..core.outputs import OutputKind, RequestOutput
 from ..contract.lora import LoRARequest
+from ..contract.safe_text import shown
 from ..contract.sampling_params import SamplingParams
 
 
@@ -129,12 +130,15 @@ class LLM:
         return self.engine.tokenizer
 
     def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
-             special_tokens_in_content: str = "tokens", **template_kwargs) -> list[RequestOutput]:
+             special_tokens_in_content: str = "tokens", tokenization_kwargs: Optional[dict] = None,
+             **template_kwargs) -> list[RequestOutput]:
         """Generate for a conversation (a list of {"role", "content"} messages) or for each of a list of them, as
         vLLM's LLM.chat: each rendered with the model's chat template, one RequestOutput per conversation, its
         `prompt` the rendered text. `special_tokens_in_content="text"` encodes special-token text inside the
         messages as plain text, so a user cannot forge a turn (Tokenizer.apply_chat_template); "tokens" (the
-        default, as vLLM) encodes it as the control tokens it spells."""
+        default, as vLLM) encodes it as the control tokens it spells. `continue_final_message=True` (with
+        `add_generation_prompt=False`) renders the last message without its end of turn, for the model to continue
+        (transformers' and vLLM's); `tokenization_kwargs` as `generate`'s."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages is invalid: give a conversation (a non-empty list of {'role', 'content'} "
                              "messages) or a non-empty list of conversations.")
@@ -145,7 +149,7 @@ class LLM:
         texts = [tok.apply_chat_template(list(c), tokenize=False, **template_kwargs) for c in conversations]
         ids = [tok.apply_chat_template(list(c), tokenize=True, special_tokens_in_content=special_tokens_in_content,
                                        **template_kwargs) for c in conversations]
-        outputs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
+        outputs = self.generate(ids, sampling_params, use_tqdm=use_tqdm, tokenization_kwargs=tokenization_kwargs)
         for out, text in zip(outputs, texts):
             out.prompt = text  # the rendered conversation, as vLLM reports it
         return outputs
@@ -163,11 +167,14 @@ class LLM:
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
         lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
+        tokenization_kwargs: Optional[dict] = None,
     ) -> list[RequestOutput]:
         """Returns one finished RequestOutput per prompt, in input order; with SamplingParams.n > 1 its
         `outputs` are the n samples, CompletionOutput.index 0 to n-1 (as vLLM's LLM returns them).
         lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model); needs an LLM
-        made with enable_lora=True (docs/lora.md)."""
+        made with enable_lora=True (docs/lora.md).
+        tokenization_kwargs: vLLM 0.32's place for `truncate_prompt_tokens` (keep the prompt's last N tokens; -1: as
+        many as fit), which this LLM also takes in SamplingParams; any other key is refused by name."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -196,6 +203,7 @@ class LLM:
             if len(loras) != len(prompts):
                 raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts: give one, or one "
                                  "per prompt.")
+        params_list = _with_tokenization(params_list, tokenization_kwargs)
         # Validate everything before adding anything, so a bad prompt leaves no request behind.
         groups = [self._samples(p, sp, lr) for p, sp, lr in zip(prompts, params_list, loras)]
         processed = [req for group in groups for req in group]
@@ -236,6 +244,29 @@ class LLM:
                                            cap_max_tokens=True)
         return [first] + [dataclasses.replace(first, request_id=f"{request_id}-{i}", params=params.sample(i))
                           for i in range(1, n)]
+
+
+def _with_tokenization(params_list: list, tokenization_kwargs: Optional[dict]) -> list:
+    """Each prompt's parameters with vLLM's tokenization_kwargs applied: `truncate_prompt_tokens` (and
+    `truncation_side` "left", vLLM's default: the last tokens are kept). vLLM logs the keys its renderer does not
+    read and goes on; here they are refused by name, as every other unknown field."""
+    if not tokenization_kwargs:
+        return params_list
+    if not isinstance(tokenization_kwargs, dict):
+        raise ValueError(f"tokenization_kwargs={shown(tokenization_kwargs)} is invalid: give a dict or None.")
+    kw = dict(tokenization_kwargs)
+    keep = kw.pop("truncate_prompt_tokens", None)
+    side = kw.pop("truncation_side", "left")
+    if kw:
+        raise ValueError(f"tokenization_kwargs {shown(sorted(kw))} are not supported: LLM.generate takes "
+                         "truncate_prompt_tokens (and truncation_side 'left').")
+    if side != "left":
+        raise ValueError(f"tokenization_kwargs truncation_side={shown(side)} is not supported: the prompt's last "
+                         "tokens are kept ('left', vLLM's default).")
+    if keep is None:
+        return params_list
+    return [dataclasses.replace(p, truncate_prompt_tokens=keep) if isinstance(p, SamplingParams) else p
+            for p in params_list]
 
 
 def _gathered(samples: list[RequestOutput]) -> RequestOutput:

@@ -111,7 +111,7 @@ class SamplingParams:
     # tokenized at intake with and without a leading space: `bad_words_token_ids`).
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
-    bad_words: Optional[list[str]] = None
+    bad_words: Optional[list[str]] = None  # None is taken and read as [] (vLLM's)
     # Whether the text puts a space between two added (special) tokens when skip_special_tokens=False (vLLM's).
     spaces_between_special_tokens: bool = True
     # Arbitrary data for custom sampling code (vLLM's): carried, read by nothing in the engine.
@@ -190,7 +190,9 @@ class SamplingParams:
             _check(isinstance(ids, (list, tuple)) and len(ids) > 0 and all(_is_int(t) and t >= 0 for t in ids),
                    "allowed_token_ids", ids, "must be a non-empty list of token ids (integers >= 0) or None")
             self.allowed_token_ids = list(ids)
-        if self.bad_words is not None:
+        if self.bad_words is None:
+            self.bad_words = []  # vLLM's default: no bad words is an empty list
+        else:
             words = self.bad_words
             _check(isinstance(words, (list, tuple)) and all(isinstance(w, str) and w for w in words), "bad_words",
                    words, "must be a list of non-empty strings or None")

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 from moelink.scheduler.outputs import TokenLogprobs
 
-from .outputs import CompletionOutput, Logprob, OutputKind, RequestOutput
+from .outputs import CompletionOutput, Logprob, OutputKind, RequestOutput, WeightVersionSpan
 from ..contract.sampling_params import SamplingParams
 from .decode_stream import StreamDecoder, stream_decoder
 from .tokenizer import Tokenizer
@@ -249,6 +249,8 @@ class RequestState:
     num_cached_tokens: int = 0
     # The weight versions its outputs came from, oldest first (RequestOutput.weight_version / weight_versions).
     versions: list = field(default_factory=list)
+    # Where each labelled version's output tokens begin, (version, index): CompletionOutput.weight_versions' spans.
+    version_starts: list = field(default_factory=list)
     first_token_time: float | None = None
     # Text emitted so far (for cumulative outputs); deltas are tracked by the detokenizer.
     text: str = ""
@@ -408,6 +410,8 @@ class OutputProcessor:
         else:
             text, ids, logprobs = st.text, list(st.token_ids), st.logprobs
         comp = CompletionOutput(0, text, ids, st.cumulative_logprob, logprobs, finish_reason, stop_reason)
+        if finished and st.version_starts:
+            comp.weight_versions = _version_spans(st)
         if finished and st.routed is not None and finish_reason != "abort":
             comp.routed_experts = _routed_array(st.routed, len(st.prompt_token_ids) + len(st.token_ids) - 1)
         out = _versioned(RequestOutput(st.request_id, st.prompt, st.prompt_token_ids, [comp], finished,
@@ -426,6 +430,18 @@ def _note_versions(st: RequestState, co) -> None:
     for v in (*(co.earlier_weight_versions or ()), co.weight_version):
         if not st.versions or st.versions[-1] != v:
             st.versions.append(v)
+    # vLLM's span starts (OutputProcessor.track_weight_version): the first of these tokens is that version's; weights
+    # no update labelled are vLLM's "default" (EngineCore._weight_version)
+    v = "default" if co.weight_version is None else co.weight_version
+    if co.new_token_ids and (not st.version_starts or st.version_starts[-1][0] != v):
+        st.version_starts.append((v, len(st.token_ids) - len(co.new_token_ids)))
+
+
+def _version_spans(st: RequestState) -> list[WeightVersionSpan]:
+    """vLLM's CompletionOutput.weight_versions: each labelled version's [start, end) over the output tokens."""
+    starts = st.version_starts
+    ends = [start for _, start in starts[1:]] + [len(st.token_ids)]
+    return [WeightVersionSpan(v, start, end) for (v, start), end in zip(starts, ends)]
 
 
 def _versioned(out: RequestOutput, st: RequestState) -> RequestOutput:

@@ -20,6 +20,15 @@ class Logprob:
 
 
 @dataclass
+class WeightVersionSpan:
+    """Output tokens [start, end) were sampled by the weights labelled `version` (vLLM's)."""
+
+    version: str
+    start: int
+    end: int
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -33,6 +42,14 @@ class CompletionOutput:
     routed_experts: Optional[Any] = None
     # The LoRA adapter that generated it (vLLM's; LLM.generate sets it); None: the base model.
     lora_request: Optional[Any] = None
+    # vLLM 0.32's other attributes. On the finished output, the weight versions (RL, docs/rl.md) of its tokens as
+    # vLLM's spans, [WeightVersionSpan(version, start, end)] over output token indexes ("default": weights no update
+    # labelled, vLLM's name for them); None on the outputs before and without tokens. With vLLM's value for what moelink does not compute: `sampling_mask` (vLLM's per-token support sets
+    # after top-k/top-p/min-p, made only when asked) and `spec_decode_metrics` (per request only under vLLM's
+    # --per-request-spec-decode-metrics), always None.
+    weight_versions: Optional[list["WeightVersionSpan"]] = None
+    sampling_mask: Optional[Any] = None
+    spec_decode_metrics: Optional[Any] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -68,3 +85,8 @@ class RequestOutput:
     encoder_prompt: Optional[str] = None
     encoder_prompt_token_ids: Optional[list[int]] = None
     num_cache_creation_tokens: Optional[int] = None
+    # vLLM's too, always None here: the encoder-cache transfer of an encoder-decoder or multimodal disaggregation
+    # (vLLM's ec_transfer_params; moelink's images are encoded where they are prefilled) and the logprobs of the
+    # prompt at given token ids (vLLM's prompt_logprob_token_ids, which moelink's SamplingParams does not take).
+    ec_transfer_params: Optional[dict] = None
+    prompt_token_id_logprobs: Optional[Any] = None

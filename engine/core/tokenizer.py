@@ -250,6 +250,10 @@ class Tokenizer:
         turn; "text" (tokenize=True only) encodes the contents' special-token text as plain text, and only the
         template's own writing yields control tokens.
         """
+        continue_final = template_kwargs.get("continue_final_message", False)
+        if continue_final and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: set "
+                             "add_generation_prompt=False to continue the last message (transformers' rule).")
         if special_tokens_in_content not in SPECIAL_TOKENS_IN_CONTENT:
             raise ValueError(f"special_tokens_in_content={special_tokens_in_content!r} is invalid: choose from "
                              f"{', '.join(map(repr, SPECIAL_TOKENS_IN_CONTENT))}.")
@@ -266,12 +270,15 @@ class Tokenizer:
             self._chat_env = _compile_chat_template(self.chat_template)
         variables = dict(self.special_tokens_map)
         variables.update(template_kwargs)
+        variables.pop("continue_final_message", None)  # an argument of the rendering, not a template variable
         if self.sort_tool_keys and variables.get("tools") is not None:
             variables["tools"] = _deep_sorted(variables["tools"])
         try:
             text = self._chat_env.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise ValueError(f"Chat template failed to render the messages: {e}") from e
+        if continue_final:
+            text = _continued(text, messages[-1].get("content") if messages else None)
         if tokenize:
             return self.encode(text, add_special_tokens=False)
         return text
@@ -319,6 +326,22 @@ class Tokenizer:
 
 
 SPECIAL_TOKENS_IN_CONTENT = ("tokens", "text")
+
+
+def _continued(text: str, final: Any) -> str:
+    """The rendered chat cut just after the last message's content (its closing end-of-turn and what follows
+    dropped), so the model continues that message: transformers' continue_final_message, which vLLM's LLM.chat
+    and chat route pass on. A content of parts continues its last text part."""
+    if isinstance(final, (list, tuple)):
+        final = next((p["text"] for p in reversed(final) if isinstance(p, dict) and isinstance(p.get("text"), str)),
+                     None)
+    if not isinstance(final, str) or final.strip() not in text:
+        raise ValueError("continue_final_message is set but the last message's content does not appear in the "
+                         "rendered chat: this template does not write it.")
+    at = text.rindex(final.strip())
+    # Where the template kept the content's own spacing, cut after all of it; else after its stripped text.
+    kept = len(final.lstrip()) if text[at:at + len(final.lstrip())] == final else len(final.strip())
+    return text[:at + kept]
 
 
 class _TemplateRaise(jinja2.TemplateError):

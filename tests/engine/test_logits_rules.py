@@ -31,6 +31,7 @@ def test_fields_are_taken_and_read_as_vllm_reads_them():
     assert p.spaces_between_special_tokens is False and p.extra_args == {"k": [1, 2]}
     assert SamplingParams().top_k == 0 and SamplingParams(top_k=-1).top_k == -1  # vLLM 0.32: 0 off, -1 taken
     assert not SamplingParams().logits_rules and SamplingParams(logit_bias={1: 1.0}).logits_rules
+    assert SamplingParams().bad_words == [] and SamplingParams(bad_words=None).bad_words == []  # vLLM 0.32's default
 
 
 @pytest.mark.parametrize("kw, field", [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM, SamplingParams
+from moelink.engine.core.outputs import WeightVersionSpan
 from moelink.engine.tools.tiny_model import make_tiny_model
 
 from tests.helpers.parity import assert_pool_free, engine_greedy, prompts
@@ -97,9 +98,13 @@ def test_keep_holds_requests_through_an_update_and_says_so(tiny_model, tmp_path)
     out = finished["held"]
     assert len(out.outputs[0].token_ids) == NEW
     assert out.weight_version == "v1" and out.weight_versions == ("v0", "v1")
+    # vLLM's spans over the output tokens: the held ones v0's, the rest v1's
+    assert out.outputs[0].weight_versions == [WeightVersionSpan("v0", 0, n_before),
+                                              WeightVersionSpan("v1", n_before, NEW)]
     # The same prompt now: computed whole (no KV of the old weights served), with the new weights alone.
     again = llm.generate([p], params, use_tqdm=False)[0]
     assert again.num_cached_tokens == 0 and again.weight_version == "v1" and again.weight_versions is None
+    assert again.outputs[0].weight_versions == [WeightVersionSpan("v1", 0, NEW)]
     assert again.outputs[0].token_ids == engine_greedy(_engine(b), [p], NEW)[0]
     assert_pool_free(llm)
 

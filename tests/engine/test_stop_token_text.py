@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine.core.output_processor import OutputProcessor
-from moelink.engine.core.outputs import OutputKind
+from moelink.engine.core.outputs import OutputKind, WeightVersionSpan
 from moelink.engine.core.tokenizer import Tokenizer
 from moelink.engine.contract.sampling_params import SamplingParams
 from moelink.engine.tools.builtin_model import BUILTIN_MODEL_DIR
@@ -62,7 +62,8 @@ def test_eos_text_is_left_out_with_special_tokens_shown(tok):
 
 
 def test_generation_configs_other_eos_ids_are_stop_token_ids():
-    """builtin-model: the tokenizer's EOS is 0, generation_config.json lists [0, 2]."""
+    """builtin-model: the tokenizer's EOS is 0, generation_config.json lists [0, 2]. Each value below is what the
+    real vLLM 0.32 answered offline to the same request (2026-11-28)."""
     from moelink.engine import LLM
 
     llm = LLM(str(BUILTIN_MODEL_DIR), dtype="float32", max_model_len=128, seed=0)
@@ -73,9 +74,12 @@ def test_generation_configs_other_eos_ids_are_stop_token_ids():
 
         two = first(allowed_token_ids=[2], skip_special_tokens=False)
         assert (two.token_ids, two.finish_reason, two.stop_reason, two.text) == ([2], "stop", 2, "")
+        assert first(allowed_token_ids=[2], skip_special_tokens=False, include_stop_str_in_output=True).text == \
+            "<|im_end|>"
+        assert two.weight_versions == [WeightVersionSpan("default", 0, 1)]  # vLLM's name for unlabelled weights
         eos = first(allowed_token_ids=[0])
         assert (eos.token_ids, eos.finish_reason, eos.stop_reason) == ([0], "stop", None)
         ignored = first(allowed_token_ids=[2], ignore_eos=True)
-        assert (ignored.token_ids, ignored.finish_reason) == ([2, 2, 2], "length")
+        assert (ignored.token_ids, ignored.finish_reason, ignored.text) == ([2, 2, 2], "length", "")
     finally:
         llm.shutdown()

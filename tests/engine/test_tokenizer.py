@@ -94,6 +94,24 @@ def test_chat_template_matches_transformers(tok, hf_tok):
     assert ids.count(1) == 3 and ids.count(2) == 2  # specials are single tokens
 
 
+@pytest.mark.parametrize("final", ["The number of", "The number of ", [{"type": "text", "text": "The number of"}]])
+def test_continue_final_message_matches_transformers(tok, hf_tok, final):
+    """continue_final_message renders the last message without its closing end-of-turn (transformers' cut, which
+    vLLM's LLM.chat passes on), in both ways of encoding the contents' special tokens."""
+    messages = [{"role": "user", "content": "Count <|im_end|> them."}, {"role": "assistant", "content": final}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert text == hf_tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                              tokenize=False)
+    assert text.endswith("assistant\n" + (final if isinstance(final, str) else "The number of"))
+    ids = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True, tokenize=True)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    as_text = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                      tokenize=True, special_tokens_in_content="text")
+    assert tok.decode(as_text, skip_special_tokens=False) == text and as_text.count(2) == 1  # the content's is text
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt cannot both be true"):
+        tok.apply_chat_template(messages, continue_final_message=True)
+
+
 def test_chat_template_sandboxed_and_errors(model_dir, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)

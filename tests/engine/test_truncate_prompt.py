@@ -41,3 +41,20 @@ def test_minus_one_keeps_what_fits_beside_max_tokens(llm):
 def test_bad_values_name_the_field(value):
     with pytest.raises(ValueError, match=r"SamplingParams.truncate_prompt_tokens=.* is invalid: must be None, -1"):
         SamplingParams(truncate_prompt_tokens=value)
+
+
+def test_vllms_tokenization_kwargs_truncate_too(llm):
+    """vLLM 0.32 moved truncate_prompt_tokens out of SamplingParams into LLM.generate's tokenization_kwargs: taken
+    there too; a key it does not read is refused by name (vLLM logs it and goes on)."""
+    ids = list(range(5, 45))
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cut = llm.generate([ids], greedy, use_tqdm=False, tokenization_kwargs={"truncate_prompt_tokens": 10})[0]
+    tail = llm.generate([ids[-10:]], greedy, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-10:] and cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    assert greedy.truncate_prompt_tokens is None  # the caller's parameters are left as they were
+    with pytest.raises(ValueError, match=r"tokenization_kwargs \['padding'\] are not supported"):
+        llm.generate([ids], greedy, use_tqdm=False, tokenization_kwargs={"padding": True})
+    with pytest.raises(ValueError, match="truncation_side='right' is not supported"):
+        llm.generate([ids], greedy, use_tqdm=False,
+                     tokenization_kwargs={"truncate_prompt_tokens": 10, "truncation_side": "right"})
+    assert not llm.engine.has_requests()

@@ -91,8 +91,15 @@ INTENDED: dict[str, Known] = {
     'weight-version-attribute': Known(
         ('offline/chat_*', 'offline/generate_*'),
         ('outputs.*.attrs.weight_version', 'outputs.*.attrs.weight_versions'),
-        "RequestOutput and CompletionOutput carry moelink's RL weight version (weight_version, weight_versions); "
-        'vLLM has no such attribute on RequestOutput'),
+        "RequestOutput carries moelink's RL weight version (weight_version, and weight_versions after an update "
+        "reached a held request); vLLM has no such attribute on RequestOutput (CompletionOutput.weight_versions is "
+        "vLLM's spans on both)"),
+    'sampling-params-truncate-prompt-tokens': Known(
+        ('offline/default_sampling_params', 'offline/sampling_params_defaults', 'offline/sampling_params_new_fields'),
+        ('params.truncate_prompt_tokens',),
+        "SamplingParams keeps truncate_prompt_tokens, which vLLM 0.32 moved to LLM.generate's tokenization_kwargs "
+        "(taken there too): vLLM's gRPC VllmEngine protocol still carries it in sampling_params, and the servers' "
+        'requests reach the engine through it'),
     'stream-chunks-at-stop-strings': Known(
         ('completions/stream_stop', 'chat/stream_stop'),
         ('body.*.choices.*.text', 'body.*.choices.*.delta.content'),
@@ -103,22 +110,6 @@ INTENDED: dict[str, Known] = {
 
 # -- what issue 79's parts are fixing: remove an entry when its part lands (the test fails until it is removed) ------
 PENDING: dict[str, Known] = {
-    'offline-attributes': Known(
-        ('offline/chat_*', 'offline/generate_*'),
-        ('outputs.*.attrs.*', 'outputs.*.lora_request', 'outputs.*.outputs.*.attrs.*'),
-        'RequestOutput lacks encoder_prompt, lora_request, num_cache_creation_tokens, prompt_token_id_logprobs; '
-        'CompletionOutput lacks lora_request, sampling_mask, spec_decode_metrics, weight_versions', part='B'),
-    'sampling-params-fields': Known(
-        ('offline/default_sampling_params', 'offline/sampling_params_defaults', 'offline/sampling_params_new_fields'),
-        ('params.*', 'params', 'error', 'outputs'),
-        'SamplingParams: top_k default -1 (vLLM 0), no spaces_between_special_tokens, bad_words, '
-        "allowed_token_ids, logit_bias, extra_args (TypeError); truncate_prompt_tokens is vLLM's tokenization "
-        'param', part='B'),
-    'offline-chat-continue-final-message': Known(
-        ('offline/chat_continue_final_message',),
-        ('outputs.*',),
-        'LLM.chat(continue_final_message=True) renders the closing <|im_end|> of the last message; vLLM stops the'
-        ' prompt at its content', part='B'),
 }
 
 
