@@ -42,10 +42,22 @@ def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _splitmix64(z: torch.Tensor) -> torch.Tensor:
-    # int64 products wrap modulo 2^64 in torch, as the kernel's uint64 ones do.
-    z = (z ^ _shr(z, 30)) * _MUL1
-    z = (z ^ _shr(z, 27)) * _MUL2
-    return z ^ _shr(z, 31)
+    """SplitMix64's finaliser, in place on `z` (int64 holding uint64 bits; products wrap modulo 2^64 in torch, as
+    the kernel's uint64 ones do)."""
+    z ^= _shr(z, 30)
+    z *= _MUL1
+    z ^= _shr(z, 27)
+    z *= _MUL2
+    z ^= _shr(z, 31)
+    return z
+
+
+def _gumbel(state: torch.Tensor) -> torch.Tensor:
+    """float64 Gumbel noise -log(-log u) of each token's SplitMix64 state (consumed), u = (53 bits + 0.5) / 2^53, in
+    (0, 1) and never 0 or 1."""
+    u = _shr(_splitmix64(state), 11).to(torch.float64)
+    u.add_(0.5).mul_(2.0 ** -53)
+    return u.log_().neg_().log_().neg_()
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,7 +76,14 @@ def gumbel_argmax(logits_SV: torch.Tensor, seeds_S: torch.Tensor) -> torch.Tenso
     """long [S]: argmax over each row of float32 `logits_SV` (CPU) plus the SplitMix64 Gumbel noise its seed keys;
     a row of only -inf picks token 0, as the kernel does."""
     S, V = logits_SV.shape
-    key_S1 = _splitmix64(seeds_S.to(torch.int64)).unsqueeze(1)
-    bits_SV = _shr(_splitmix64(key_S1 + _token_steps(V)), 11)  # 53 bits: a double's mantissa
-    u_SV = (bits_SV.to(torch.float64) + 0.5) * 2.0 ** -53  # in (0, 1), never 0 or 1
-    return (logits_SV.to(torch.float64) - torch.log(-torch.log(u_SV))).argmax(dim=-1)
+    key_S = _splitmix64(seeds_S.to(torch.int64, copy=True))
+    finite_SV = logits_SV > float("-inf")
+    rows, cols = finite_SV.nonzero(as_tuple=True)
+    if 2 * rows.numel() < S * V:
+        # top-k / top-p / min-p left few tokens: noise for those alone (a masked token's score is -inf either way)
+        scores_SV = torch.full((S, V), float("-inf"), dtype=torch.float64)
+        state = key_S[rows] + (cols + 1) * _GAMMA
+        scores_SV[rows, cols] = logits_SV[rows, cols].to(torch.float64) + _gumbel(state)
+        return scores_SV.argmax(dim=-1)
+    scores_SV = _gumbel(key_S.unsqueeze(1) + _token_steps(V))
+    return scores_SV.add_(logits_SV.to(torch.float64)).argmax(dim=-1)

@@ -38,6 +38,8 @@ def test_gumbel_argmax_draws_vllms_tokens():
         for want in steps:
             step_seed = draw_seeds([gen])
             assert gumbel_argmax(logits_4V, step_seed.expand(4)).tolist() == want, (seed, want)
+            # the masked rows alone: few finite tokens, their noise alone is made (the sparse path)
+            assert gumbel_argmax(logits_4V[2:], step_seed.expand(2)).tolist() == want[2:], (seed, want)
     base = _logits_4V()[0].expand(4, V)
     assert gumbel_argmax(base, torch.tensor([0, 1, 2**31 - 1, 123456789])).tolist() == [838, 464, 396, 751]
 
