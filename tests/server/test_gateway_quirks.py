@@ -23,6 +23,7 @@ WHERE_DRIVEN = {
     "completions_logprobs_dropped": "tests/server/test_http_front.py",
     "logit_bias_dropped": "tests/server/test_http_front.py",
     "dropped_field": "tests/server/test_chat_route.py",
+    "vllm_reasoning_key": "tests/server/test_tool_calls.py",
     "prompt_logprobs_dropped": "tests/server/test_http_front.py",
     "needs_key": "tests/server/test_http_front.py",
     "control_plane_key": "tests/server/test_gateway_admin.py",
@@ -103,6 +104,10 @@ def test_dropped_request_fields():
     assert quirks.logit_bias_dropped({"logit_bias": {"5": 1.0}})
     assert not quirks.logit_bias_dropped({"logit_bias": {}}) and not quirks.logit_bias_dropped({})
     assert quirks.dropped_field({"bad_words": ["x"], "min_tokens": 2}) == "bad_words"
+    said = b'data: {"choices":[{"delta":{"reasoning_content":"say \\"reasoning_content\\": x"}}]}\n\n'
+    assert quirks.vllm_reasoning_key(said) == \
+        b'data: {"choices":[{"delta":{"reasoning":"say \\"reasoning_content\\": x"}}]}\n\n'
+    assert quirks.vllm_reasoning_key(b'{"content":"hi"}') == b'{"content":"hi"}'
     assert quirks.dropped_field({"add_generation_prompt": False}) == "add_generation_prompt"
     assert quirks.dropped_field({"bad_words": [], "min_tokens": 0, "echo": False, "add_generation_prompt": True}) is None
     assert quirks.prompt_logprobs_dropped({"prompt_logprobs": 0})

@@ -88,7 +88,7 @@ def add_gateway_flags(g: argparse._ActionsContainer) -> None:
     g.add_argument("--reasoning-parser", default=None, metavar="NAME",
                    help="the managed gateway's reasoning parser (smg's names: deepseek_r1, qwen3, glm45, kimi, "
                         "minimax, ...; vLLM's where they differ: kimi_k2, minimax_m2, openai_gptoss for gpt-oss): "
-                        "reasoning_content split out of chat responses")
+                        "the reasoning split out of chat responses (as vLLM's `reasoning`)")
 
 
 def model_alias_refusal(name: str) -> Optional[str]:

@@ -67,6 +67,9 @@ STRUCTURED_OUTPUTS_DROPPED = Quirk(
 COMPLETIONS_LOGPROBS_DROPPED = Quirk(
     "smg answers /v1/completions without the logprobs the request asked for (chat keeps them)", *SEEN_1_13)
 LOGIT_BIAS_DROPPED = Quirk("smg drops `logit_bias` before it calls the worker", *SEEN_1_13)
+REASONING_CONTENT = Quirk(
+    "smg names a chat answer's reasoning `reasoning_content` (message and stream deltas); vLLM 0.32 names it "
+    "`reasoning`", *SEEN_1_13)
 FIELDS_DROPPED = Quirk(
     "smg drops vLLM's extra request fields before it calls the worker (bad_words, allowed_token_ids, min_tokens, "
     "truncate_prompt_tokens, include_stop_str_in_output, return_token_ids, spaces_between_special_tokens; on a "
@@ -188,6 +191,16 @@ def completions_logprobs_dropped(completions: bool, body: dict) -> bool:
     """smg 1.13: whether smg would answer this request (`completions`: to /v1/completions) without the logprobs it
     asks for: the front refuses it (HTTP 400 naming the field) rather than let it be answered as if it had not."""
     return completions and body.get("logprobs") is not None
+
+
+@works_around(REASONING_CONTENT)
+def vllm_reasoning_key(block: bytes) -> bytes:
+    """smg 1.13: a relayed chat answer's whole lines (a body or stream events) with smg's `"reasoning_content":` key
+    renamed vLLM's `"reasoning":`. Byte-wise and safe: inside a JSON string a quote is escaped (`\\"`), so the
+    key with its closing quote and colon is found only as a key."""
+    if b'"reasoning_content"' not in block:
+        return block
+    return block.replace(b'"reasoning_content":', b'"reasoning":')
 
 
 # What smg 1.13 drops of a request relayed to it (compared by the fixtures of tests/server/test_vllm_compat.py):

@@ -25,7 +25,7 @@ from .http_wire import Upstream, closing_head, copy_stream, error_body, header_o
 from .lora_routes import forget_adapter, note_adapter
 from .model_name import copy_renamed, header_value, renamer, with_content_length
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH
-from .quirks import tokenizer_ready
+from .quirks import tokenizer_ready, vllm_reasoning_key
 from .smg_errors import MAX_ERROR_BYTES, StreamedErrors, vllm_error
 from .tool_calls import forget, note_one_call
 
@@ -90,6 +90,8 @@ class SmgRelay:
             up.writer.write(up.request)
             # An adapter's answer says the adapter as its model, as vLLM's does (model_name.py).
             rename = renamer(self.local.base_name, adapter) if adapter is not None else None
+            if path == CHAT_PATH:  # smg's reasoning_content named vLLM's reasoning (quirks.vllm_reasoning_key)
+                rename = vllm_reasoning_key if rename is None else _then(rename, vllm_reasoning_key)
             answer = asyncio.ensure_future(self._answer_from(up, writer, rename, path in _VLLM_STREAMS))
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -177,6 +179,10 @@ class SmgRelay:
             await self.on_hangup(relay_id)
         except Exception:  # a bug there must not turn into a connection error here
             logger.exception("ending the request of an HTTP client that hung up failed (relay id %s)", relay_id)
+
+
+def _then(first: Callable[[bytes], bytes], second: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    return lambda data: second(first(data))
 
 
 async def _rewrite_error(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
