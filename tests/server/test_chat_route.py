@@ -268,12 +268,13 @@ def test_max_tokens_past_the_prompts_room_are_capped_and_past_the_context_refuse
 
 
 def test_a_body_needing_smg_is_still_relayed(port):
-    """response_format is smg's (it builds the engine's constraint): smg's answer, which names `reasoning_content`
-    where the front's chat says vLLM's `reasoning`."""
+    """response_format is smg's (it builds the engine's constraint): smg's answer, told from the front's by smg's
+    `annotations: []` where vLLM's (and the front's) is null; its reasoning renamed vLLM's `reasoning` on the way
+    back (quirks.vllm_reasoning_key)."""
     front = _ok(port, max_tokens=2, temperature=0)["choices"][0]["message"]
     relayed = _ok(port, max_tokens=2, temperature=0, response_format={"type": "json_object"})["choices"][0]["message"]
-    assert "reasoning" in front and "reasoning_content" not in front
-    assert "reasoning_content" in relayed
+    assert front["annotations"] is None and "reasoning" in front and "reasoning_content" not in front
+    assert relayed["annotations"] == [] and "reasoning_content" not in relayed
 
 
 def test_refusals_name_the_field_and_an_unknown_model_is_404(port):

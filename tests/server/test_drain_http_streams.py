@@ -56,7 +56,9 @@ def test_a_drain_ends_streamed_completions_as_aborted(model_path):
         srv.wait_for_line(r".*OpenAI API on http://127\.0\.0\.1:(\d+)/v1", 60, "the OpenAI API line")
         body = dict(model=SERVED, stream=True, max_tokens=LONG, ignore_eos=True, temperature=0)
         paths = {"completions": ("/v1/completions", dict(body, prompt="a long story")),
-                 "completions n=2": ("/v1/completions", dict(body, prompt="another story", n=2)),
+                 # n > 1 samples (vLLM refuses n > 1 at temperature 0: seeded)
+                 "completions n=2": ("/v1/completions", dict(body, prompt="another story", n=2, temperature=1.0,
+                                                             seed=5)),
                  "completions usage": ("/v1/completions", dict(body, prompt="a story",
                                                                stream_options={"include_usage": True})),
                  "completions sampled": ("/v1/completions", dict(body, prompt="a fable", temperature=1.0, seed=3)),
