@@ -51,6 +51,8 @@ from .ray_runtime import (  # noqa: F401  (re-exported: tests and callers import
 from ..config.timeouts import FIRST_STEP_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
+# After a rank's step raised, how long the other ranks' answers are awaited for one whose actor died (the cause).
+_PEER_DEATH_WAIT_S = 5.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,14 +374,22 @@ class RayExecutor(Executor):
         return outs if self._tp == 1 else tp_group_outputs(outs, self._tp, merge=self.plan.world_size > 1)
 
     def _get(self, refs, timeout: float = _PG_TIMEOUT_S, late: str | None = None) -> list:
-        """ray.get over one ref per rank that names the first rank to fail, and never hangs."""
+        """ray.get over one ref per rank that names the first rank to fail, and never hangs. A rank whose actor died
+        is named before one whose step raised: when a rank is killed, its peers' collectives fail too (gloo's
+        "Connection reset by peer"), and a peer's error may come back first; the others are awaited
+        _PEER_DEATH_WAIT_S more to find the one that died."""
         import ray
 
         rank_of = {ref: r for r, ref in enumerate(refs)}
         results: list = [None] * len(refs)
         pending = list(refs)
         deadline = time.monotonic() + timeout
+        raised: tuple[int, str] | None = None  # the first rank whose step raised, blamed unless a rank died
         while pending:
+            if raised is not None:  # a step raised: a peer's broken collective, whose cause may be a rank that died
+                deadline = min(deadline, time.monotonic() + _PEER_DEATH_WAIT_S)
+                if time.monotonic() >= deadline:
+                    break
             # Elastic: a rank the heartbeats lost ends the wait now (its peers may sit in a collective with it).
             wait_s = max(deadline - time.monotonic(), 0.0)
             ready, pending = ray.wait(pending, num_returns=1,
@@ -388,6 +398,8 @@ class RayExecutor(Executor):
                 raise self._state.lost
             if not ready and time.monotonic() < deadline:
                 continue
+            if not ready and raised is not None:
+                break
             if not ready:
                 late_ranks = sorted(rank_of[ref] for ref in pending)
                 self._fail(late_ranks[0], (late or f"no answer within {timeout:.0f} s")
@@ -398,7 +410,10 @@ class RayExecutor(Executor):
             except ray.exceptions.RayActorError as exc:
                 self._fail(rank_of[ref], f"its actor died ({type(exc).__name__})")
             except ray.exceptions.RayTaskError as exc:
-                self._fail(rank_of[ref], f"its step raised {exc.cause!r}" if hasattr(exc, "cause") else str(exc))
+                if raised is None:
+                    raised = (rank_of[ref], f"its step raised {exc.cause!r}" if hasattr(exc, "cause") else str(exc))
+        if raised is not None:
+            self._fail(*raised)
         return results
 
     def _fail(self, rank: int, reason: str, what: str = "died"):
