@@ -20,7 +20,7 @@ from typing import AsyncIterator, Awaitable, Optional
 from ...contract.safe_text import shown
 from .chat_answer import ChatAnswer
 from .chat_request import ChatRequest, claims, read_request, refused_field, unknown_field
-from .completions_route import CompletionsRoute, _answered, _dumps, base_request_id, sse_events
+from .completions_route import CompletionsRoute, _answered, base_request_id, sse_events, whole_answer
 from .generate_route import Streamed, _Runs, _error, _refusal
 from .json_body import json_object, off_loop
 from .openai_fields import CHAT_PATH, HttpFieldError
@@ -77,16 +77,7 @@ class ChatRoute(CompletionsRoute):
         answer = ChatAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one, as_ids)
         if req.stream:
             return Streamed(sse_events(_events(req, answer, runs), runs), runs.aclose)
-        try:
-            async with runs:
-                async for _, sample, out in runs:
-                    answer.add(sample, out)
-        except Exception as e:  # the engine failed or stopped mid-request
-            return _refusal(e)
-        body_out = answer.body()
-        if any(c["finish_reason"] == "error" for c in body_out["choices"]):
-            return 500, _error("the engine failed the request.", None, 500)
-        return 200, _dumps(body_out)
+        return await whole_answer(runs, lambda _, sample, out: answer.add(sample, out), answer.body)
 
 
 async def _events(req: ChatRequest, answer: ChatAnswer, runs: _Runs) -> AsyncIterator[dict]:

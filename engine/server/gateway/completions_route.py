@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ...contract.safe_text import shown
 from ...core.no_tokenizer import NoTokenizer
@@ -82,16 +82,7 @@ class CompletionsRoute:
                                   self._decode_prompt, as_ids)
         if req.stream:
             return Streamed(sse_events(_events(req, answer, runs), runs), runs.aclose)
-        try:
-            async with runs:
-                async for prompt, sample, out in runs:
-                    answer.add(prompt, sample, out)
-        except Exception as e:  # the engine failed or stopped mid-request
-            return _refusal(e)
-        body = answer.body()
-        if any(c["finish_reason"] == "error" for c in body["choices"]):
-            return 500, _error("the engine failed the request.", None, 500)
-        return 200, _dumps(body)
+        return await whole_answer(runs, answer.add, answer.body)
 
     def _adapter(self, model: Any) -> Optional[str]:
         """The LoRA adapter `model` names, None for the base model (a served name, an alias, or none given, as vLLM
@@ -153,6 +144,23 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+async def whole_answer(runs: _Runs, take: Callable[[int, int, Any], None], body: Callable[[], dict]
+                       ) -> tuple[int, bytes]:
+    """A non-streamed answer (completions' and chat's): every output of the request's runs taken
+    (`take(prompt, sample, out)`), then `body()`; the engine's failure as the gRPC services map it, 500 when it
+    failed a choice."""
+    try:
+        async with runs:
+            async for prompt, sample, out in runs:
+                take(prompt, sample, out)
+    except Exception as e:  # the engine failed or stopped mid-request
+        return _refusal(e)
+    answer = body()
+    if any(c["finish_reason"] == "error" for c in answer["choices"]):
+        return 500, _error("the engine failed the request.", None, 500)
+    return 200, _dumps(answer)
+
+
 async def sse_events(events: AsyncIterator[dict], runs: _Runs) -> AsyncIterator[bytes]:
     """vLLM's server-sent events of a streamed answer (completions' and chat's): each event as `data: JSON`, an
     error raised meanwhile (the engine failed or stopped mid-stream) as vLLM's error event, then [DONE]; the
@@ -180,4 +188,4 @@ async def _events(req: CompletionRequest, answer: CompletionAnswer, runs: _Runs)
         yield answer.usage_event()
 
 
-__all__ = ["CompletionsRoute", "PATH", "base_request_id", "sse_events"]
+__all__ = ["CompletionsRoute", "PATH", "base_request_id", "sse_events", "whole_answer"]
