@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_reads import cpu_item, cpu_nonzero
+from .step_memo import STEP_MEMO
+
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
 
 
@@ -102,13 +105,8 @@ def reference_write_kv(
     padding tokens whose K/V go nowhere, as in the Triton kernel. An fp8 cache stores k / k_scale and
     v / v_scale (module docstring)."""
     num_kv_heads, head_dim, v_head_dim = k_TKH.shape[1], k_TKH.shape[2], v_TKH.shape[2]
-    # No host sync: padding rows write zeros into the null block (the cache's last block), which
-    # stays all zeros as every reader expects.
-    keep_T = slot_mapping_T >= 0
-    null_slot = (k_cache_BLKH.shape[0] - 1) * k_cache_BLKH.shape[1]
-    slot_mapping_T = torch.where(keep_T, slot_mapping_T, torch.full_like(slot_mapping_T, null_slot))
-    k_TKH = torch.where(keep_T[:, None, None], k_TKH, torch.zeros((), dtype=k_TKH.dtype, device=k_TKH.device))
-    v_TKH = torch.where(keep_T[:, None, None], v_TKH, torch.zeros((), dtype=v_TKH.dtype, device=v_TKH.device))
+    if not _all_slots_valid(slot_mapping_T):
+        k_TKH, v_TKH, slot_mapping_T = _null_padding(k_TKH, v_TKH, slot_mapping_T, k_cache_BLKH)
     k_TKH = quantize_for_cache(k_TKH, k_cache_BLKH.dtype, k_scale)
     v_TKH = quantize_for_cache(v_TKH, v_cache_BLKH.dtype, v_scale)
     if k_cache_BLKH.dtype in FP8_CACHE_DTYPES:  # torch has no fp8 index_copy_ on CPU: copy the bytes
@@ -116,6 +114,26 @@ def reference_write_kv(
         v_cache_BLKH, v_TKH = v_cache_BLKH.view(torch.uint8), v_TKH.view(torch.uint8)
     k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping_T, k_TKH)
     v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_copy_(0, slot_mapping_T, v_TKH)
+
+
+def _all_slots_valid(slot_mapping_T: torch.Tensor) -> bool:
+    """Whether no token of the step is padding (slot < 0), known without a device sync: on a CPU it is read once
+    per step (kernels/step_memo.py); elsewhere the answer is "maybe not" and the masked write runs."""
+    if slot_mapping_T.device.type != "cpu":
+        return False
+    return STEP_MEMO.get("slots_valid", (slot_mapping_T,), None,
+                         lambda: slot_mapping_T.numel() == 0 or cpu_item(slot_mapping_T.min()) >= 0)
+
+
+def _null_padding(k_TKH, v_TKH, slot_mapping_T, k_cache_BLKH):
+    """Padding tokens (slot < 0) pointed at the null block with zero K/V. No host sync: padding rows write zeros
+    into the null block (the cache's last block), which stays all zeros as every reader expects."""
+    keep_T = slot_mapping_T >= 0
+    null_slot = (k_cache_BLKH.shape[0] - 1) * k_cache_BLKH.shape[1]
+    slot_mapping_T = torch.where(keep_T, slot_mapping_T, torch.full_like(slot_mapping_T, null_slot))
+    k_TKH = torch.where(keep_T[:, None, None], k_TKH, torch.zeros((), dtype=k_TKH.dtype, device=k_TKH.device))
+    v_TKH = torch.where(keep_T[:, None, None], v_TKH, torch.zeros((), dtype=v_TKH.dtype, device=v_TKH.device))
+    return k_TKH, v_TKH, slot_mapping_T
 
 
 def reference_paged_attention(
@@ -141,14 +159,12 @@ def reference_paged_attention(
     """
     _check_extras(q_TNH, sinks_N, sliding_window)
     out_TNH = q_TNH.new_empty(*q_TNH.shape[:2], v_cache_BLKH.shape[-1])
-    starts = list(itertools.accumulate(meta.query_lens, initial=0))
-    decode_seqs = [s for s, n in enumerate(meta.query_lens) if n == 1]
+    starts, decode_seqs, chunk_seqs = step_partition(meta)
     if decode_seqs:
         _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, decode_seqs, starts, out_TNH, sinks_N,
                       sliding_window, (k_scale, v_scale))
-    for s, qlen in enumerate(meta.query_lens):
-        if qlen == 1:
-            continue
+    for s in chunk_seqs:
+        qlen = meta.query_lens[s]
         start, ctx = starts[s], meta.seq_lens[s]
         # A window needs only the keys the chunk's first query sees onwards: a long context is not gathered whole.
         lo = 0 if sliding_window is None else max(0, ctx - qlen - sliding_window + 1)
@@ -209,17 +225,120 @@ def _attend_with_sinks(q_BNQH, k_BKCH, v_BKCH, mask_QC, scale: float, sinks_N) -
 _DECODE_GROUP = 32
 
 
+def step_partition(meta: AttentionMetadata) -> tuple[list[int], list[int], list[int]]:
+    """(starts: each sequence's first row in the flat batch, then the total; decode_seqs: the sequences of one
+    query token; chunk_seqs: the others), the step's for every layer (kernels/step_memo.py)."""
+    def make():
+        starts = list(itertools.accumulate(meta.query_lens, initial=0))
+        decode = [s for s, n in enumerate(meta.query_lens) if n == 1]
+        chunks = [s for s, n in enumerate(meta.query_lens) if n != 1] if len(decode) < len(meta.query_lens) else []
+        return starts, decode, chunks
+    return STEP_MEMO.get("partition", (meta.query_start_loc_S1,), (len(meta.query_lens), meta.max_query_len), make)
+
+
 def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
                   window=None, kv_scales=(1.0, 1.0)) -> None:
-    if sinks_N is None and window is None and len(seqs) == len(meta.query_lens) <= _DECODE_GROUP:
-        # A decode step of a small batch (every sequence one query token, batch 1 included): one group, in the
-        # batch's own order, straight from the metadata's tensors.
-        _decode_all(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, out_TNH, kv_scales)
-        return
+    block_size = k_cache_BLKH.shape[1]
+    plans = STEP_MEMO.get(
+        "decode_groups", (meta.seq_lens_S, meta.block_tables_SM, meta.query_start_loc_S1),
+        (block_size, meta.null_block, window, meta.max_seq_len, len(seqs)),
+        lambda: _decode_group_plans(meta, seqs, starts, block_size, window, q_TNH.device))
+    for plan in plans:
+        _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan, out_TNH, sinks_N, kv_scales)
+
+
+@dataclass
+class _GroupPlan:
+    """A group of decode sequences (one query token each) and where its context is: built once per step
+    (kernels/step_memo.py), read by every layer. `tok_idx_S` None: the group is the whole batch in its own order
+    (row s of q is sequence s). The keys and values are gathered by flat slots (`slots_SC`, positions past a
+    sequence's end at the null block) or, on a CPU, by whole blocks (`blocks_X`, 15x less copying: a block's
+    tokens are one contiguous row), the positions past a sequence's end in its last block then zeroed
+    (`stale_Y`, flat in the gathered [S * C]): stale or NaN values are never read either way."""
+
+    tok_idx_S: torch.Tensor | None
+    valid_SC: torch.Tensor
+    slots_SC: torch.Tensor | None = None
+    blocks_X: torch.Tensor | None = None
+    stale_Y: torch.Tensor | None = None
+
+    @property
+    def mask_S11C(self) -> torch.Tensor:
+        return self.valid_SC[:, None, None, :]
+
+    def gather(self, k_cache_BLKH, v_cache_BLKH, dtype: torch.dtype, kv_scales) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's keys and values [S, C, K, H] / [S, C, K, Hv] of `dtype`."""
+        if self.slots_SC is not None:
+            return _gather_slots(k_cache_BLKH, v_cache_BLKH, self.slots_SC, dtype, kv_scales)
+        S, C = self.valid_SC.shape
+        out = []
+        for cache, kv_scale in ((k_cache_BLKH, kv_scales[0]), (v_cache_BLKH, kv_scales[1])):
+            x_SCKH = dequantize_from_cache(cache.index_select(0, self.blocks_X).view(S, C, *cache.shape[2:]), dtype,
+                                           kv_scale)
+            if self.stale_Y is not None:
+                x_SCKH.view(S * C, *cache.shape[2:]).index_fill_(0, self.stale_Y, 0)
+            out.append(x_SCKH)
+        return out[0], out[1]
+
+
+def _decode_group_plans(meta, seqs, starts, block_size: int, window: int | None, device) -> list[_GroupPlan]:
+    """The step's decode sequences: a small all-decode batch as one group in its own order, else groups of
+    similar length (padding each group to its longest context wastes little)."""
+    if len(seqs) == len(meta.query_lens) <= _DECODE_GROUP:
+        return [_group_plan(meta, None, starts, block_size, window, device)]
     seqs = sorted(seqs, key=lambda s: meta.seq_lens[s])
-    for i in range(0, len(seqs), _DECODE_GROUP):
-        _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs[i : i + _DECODE_GROUP], starts, out_TNH,
-                      sinks_N, window, kv_scales)
+    return [_group_plan(meta, seqs[i : i + _DECODE_GROUP], starts, block_size, window, device)
+            for i in range(0, len(seqs), _DECODE_GROUP)]
+
+
+def _group_plan(meta, group: list[int] | None, starts, block_size: int, window: int | None, device) -> _GroupPlan:
+    """The plan of one group (`group` None: the whole batch in order), a window's bound applied to its mask."""
+    if device.type != "cpu":
+        if group is None:
+            tok_idx_S, slots_SC, valid_SC = None, *_all_slots(meta, block_size, device)
+        else:
+            tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, group, starts, block_size, device)
+        plan = _GroupPlan(tok_idx_S, valid_SC, slots_SC=slots_SC)
+    else:
+        plan = _block_plan(meta, group, starts, block_size, device)
+    if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
+        lens_S = meta.seq_lens_S if group is None else meta.seq_lens_S.index_select(0, torch.tensor(group, device=device))
+        C = plan.valid_SC.shape[1]
+        plan.valid_SC = plan.valid_SC & (torch.arange(C, device=device)[None, :] >= lens_S.long()[:, None] - window)
+    return plan
+
+
+def _all_slots(meta, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots_SC, valid_SC) of the whole batch in order: each sequence's flat cache slots up to the longest
+    context (past its end: the null block), and which are inside it."""
+    pos_C = torch.arange(meta.max_seq_len, device=device)
+    valid_SC = pos_C[None, :] < meta.seq_lens_S[:, None]
+    blocks_SC = meta.block_tables_SM.index_select(1, pos_C // block_size).long()
+    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
+    return slots_SC, valid_SC
+
+
+def _block_plan(meta, group: list[int] | None, starts, block_size: int, device) -> _GroupPlan:
+    """A CPU group gathered by whole blocks (_GroupPlan). Reading values on the host waits for nothing on a CPU:
+    the stale positions are found with nonzero (kernels/cpu_reads.py). The host lengths bound the width only
+    (they may be upper bounds: AttentionMetadata)."""
+    if group is None:
+        tok_idx_S, lens_S, tables_SM, max_len = None, meta.seq_lens_S.long(), meta.block_tables_SM, meta.max_seq_len
+    else:
+        seq_idx_S = torch.tensor(group, device=device, dtype=torch.long)
+        tok_idx_S = torch.tensor([starts[s] for s in group], device=device, dtype=torch.long)
+        lens_S = meta.seq_lens_S.index_select(0, seq_idx_S).long()
+        tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S)
+        max_len = max(meta.seq_lens[s] for s in group)
+    M = min(-(-max_len // block_size), tables_SM.shape[1])
+    C = M * block_size
+    blocks_S1 = (lens_S[:, None] + block_size - 1) // block_size
+    blocks_SM = torch.where(torch.arange(M, device=device)[None, :] < blocks_S1, tables_SM[:, :M].long(),
+                            meta.null_block)
+    pos_C = torch.arange(C, device=device)
+    valid_SC = pos_C[None, :] < lens_S[:, None]
+    stale_Y = cpu_nonzero(((pos_C[None, :] < blocks_S1 * block_size) & ~valid_SC).reshape(-1))
+    return _GroupPlan(tok_idx_S, valid_SC, blocks_X=blocks_SM.reshape(-1), stale_Y=stale_Y if stale_Y.numel() else None)
 
 
 def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int], block_size: int,
@@ -241,27 +360,27 @@ def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[in
     return tok_idx_S, slots_SC, valid_SC
 
 
-def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
-                  window=None, kv_scales=(1.0, 1.0)) -> None:
-    block_size, num_kv_heads, head_dim = k_cache_BLKH.shape[1:]
+def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: _GroupPlan, out_TNH, sinks_N=None,
+                  kv_scales=(1.0, 1.0)) -> None:
+    num_kv_heads, head_dim = k_cache_BLKH.shape[2:]
     v_head_dim = v_cache_BLKH.shape[-1]
-    S = len(seqs)
-    tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, seqs, starts, block_size, q_TNH.device)
-    if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
-        lens_S1 = meta.seq_lens_S.index_select(0, torch.tensor(seqs, device=q_TNH.device)).long()[:, None]
-        valid_SC = valid_SC & (torch.arange(slots_SC.shape[1], device=q_TNH.device)[None, :] >= lens_S1 - window)
-    k_SCKH, v_SCKH = _gather_slots(k_cache_BLKH, v_cache_BLKH, slots_SC, q_TNH.dtype, kv_scales)
+    tok_idx_S = plan.tok_idx_S
+    S = plan.valid_SC.shape[0]
+    k_SCKH, v_SCKH = plan.gather(k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
+    q_SNH = q_TNH if tok_idx_S is None else q_TNH.index_select(0, tok_idx_S)
     if sinks_N is None:
-        q_SN1H = q_TNH.index_select(0, tok_idx_S).unsqueeze(2)
-        out_SN1H = F.scaled_dot_product_attention(q_SN1H, k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2),
-                                                  attn_mask=valid_SC[:, None, None, :], scale=scale, enable_gqa=True)
-        out_TNH.index_copy_(0, tok_idx_S, out_SN1H.squeeze(2))
+        out_SN1H = F.scaled_dot_product_attention(q_SNH.unsqueeze(2), k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2),
+                                                  attn_mask=plan.mask_S11C, scale=scale, enable_gqa=True)
+        if tok_idx_S is None:
+            out_TNH.copy_(out_SN1H.squeeze(2))
+        else:
+            out_TNH.index_copy_(0, tok_idx_S, out_SN1H.squeeze(2))
         return
     # GQA without copying K/V per query head: one batched matmul per kv head, over
     # strided views of the gathered K/V (BLAS reads them in place).
     rep = q_TNH.shape[1] // num_kv_heads
-    q_SKRH = q_TNH.index_select(0, tok_idx_S).view(S, num_kv_heads, rep, head_dim)
-    mask_S1C = ~valid_SC[:, None, :]
+    q_SKRH = q_SNH.reshape(S, num_kv_heads, rep, head_dim)
+    mask_S1C = ~plan.valid_SC[:, None, :]
     out_SKRH = q_SKRH.new_empty(S, num_kv_heads, rep, v_head_dim)
     sinks_KR = None if sinks_N is None else sinks_N.view(num_kv_heads, rep)
     for h in range(num_kv_heads):
@@ -272,24 +391,10 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, 
         else:
             probs_SRC = _with_sinks_softmax(scores_SRC, sinks_KR[h][None, :, None]).to(v_SCKH.dtype)
         out_SKRH[:, h] = torch.bmm(probs_SRC, v_SCKH[:, :, h])
-    out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, v_head_dim))
-
-
-def _decode_all(q_SNH, k_cache_BLKH, v_cache_BLKH, meta, scale, out_SNH, kv_scales=(1.0, 1.0)) -> None:
-    """Every sequence of the batch decodes one token (row s of q is sequence s): gather each one's context up to
-    the longest and run one SDPA call over the batch, padded positions masked. A dozen torch ops in all where the
-    grouped path spends about fifty: at batch 1 a CPU decode step is op dispatch, not arithmetic."""
-    block_size = k_cache_BLKH.shape[1]
-    pos_C = torch.arange(meta.max_seq_len, device=q_SNH.device)
-    valid_SC = pos_C[None, :] < meta.seq_lens_S[:, None]
-    blocks_SC = meta.block_tables_SM.index_select(1, pos_C // block_size).long()
-    # Past a sequence's end: the null block (all zeros), so stale or NaN values are never read.
-    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
-    k_SCKH, v_SCKH = _gather_slots(k_cache_BLKH, v_cache_BLKH, slots_SC, q_SNH.dtype, kv_scales)
-    out_SN1H = F.scaled_dot_product_attention(
-        q_SNH.unsqueeze(2), k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2), attn_mask=valid_SC[:, None, None, :],
-        scale=scale, enable_gqa=True)
-    out_SNH.copy_(out_SN1H.squeeze(2))
+    if tok_idx_S is None:
+        out_TNH.copy_(out_SKRH.view(S, -1, v_head_dim))
+    else:
+        out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, v_head_dim))
 
 
 def _gather_slots(k_cache_BLKH, v_cache_BLKH, slots_SC: torch.Tensor, dtype: torch.dtype, kv_scales=(1.0, 1.0)

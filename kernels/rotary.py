@@ -18,6 +18,7 @@ import torch
 
 from .attention import reference_write_kv
 from .norm import reference_rms_norm
+from .step_memo import STEP_MEMO
 
 
 def rotary_cos_sin_cache(head_dim: int, max_positions: int, base: float, device=None) -> torch.Tensor:
@@ -36,11 +37,21 @@ def reference_rotary(
     q_TNH: torch.Tensor, k_TKH: torch.Tensor, positions_T: torch.Tensor, cos_sin_PH: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k by their token positions; returns new tensors of the inputs' dtype."""
-    half = cos_sin_PH.shape[-1] // 2
-    cs_TH = cos_sin_PH.index_select(0, positions_T)
-    cos_T1H = torch.cat([cs_TH[:, :half], cs_TH[:, :half]], dim=-1).to(q_TNH.dtype)[:, None, :]
-    sin_T1H = torch.cat([cs_TH[:, half:], cs_TH[:, half:]], dim=-1).to(q_TNH.dtype)[:, None, :]
+    cos_T1H, sin_T1H = rotary_rows(positions_T, cos_sin_PH, q_TNH.dtype)
     return _rotate(q_TNH, cos_T1H, sin_T1H), _rotate(k_TKH, cos_T1H, sin_T1H)
+
+
+def rotary_rows(positions_T: torch.Tensor, cos_sin_PH: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos_T1H, sin_T1H) of `dtype`: each token's table row, each half repeated to the rotary width. The same
+    for every layer of a step: built by its first (kernels/step_memo.py)."""
+    def make():
+        half = cos_sin_PH.shape[-1] // 2
+        cs_TH = cos_sin_PH.index_select(0, positions_T)
+        cos_T1H = torch.cat([cs_TH[:, :half], cs_TH[:, :half]], dim=-1).to(dtype)[:, None, :]
+        sin_T1H = torch.cat([cs_TH[:, half:], cs_TH[:, half:]], dim=-1).to(dtype)[:, None, :]
+        return cos_T1H, sin_T1H
+    return STEP_MEMO.get("rotary_rows", (positions_T, cos_sin_PH), dtype, make)
 
 
 def _rotate(x_TXH: torch.Tensor, cos_T1H: torch.Tensor, sin_T1H: torch.Tensor) -> torch.Tensor:
@@ -84,6 +95,20 @@ def reference_rope_write_kv(
     H = q_TNH.shape[-1]
     if R % 2 or R > H:
         raise ValueError(f"cos_sin_PR has {R} columns: the rotary dims must be even and at most head_dim={H}.")
+    N = q_TNH.shape[1]
+    if R == H and q_TNH.dtype == k_TKH.dtype and (q_norm_H is None or q_norm_H.dtype == k_norm_H.dtype
+                                                  == q_TNH.dtype):
+        # q and k as one [T, N + K, H] tensor: one norm and one rotation where there were two of each (a CPU
+        # decode layer is op dispatch); each part takes its norm's weight after (the same products).
+        qk_TXH = torch.cat([q_TNH, k_TKH], dim=1)
+        if q_norm_H is not None:
+            qk_TXH = reference_rms_norm(qk_TXH, None, eps)
+            qk_TXH[:, :N].mul_(q_norm_H)
+            qk_TXH[:, N:].mul_(k_norm_H)
+        cos_T1H, sin_T1H = rotary_rows(positions_T, cos_sin_PR, qk_TXH.dtype)
+        qk_TXH = _rotate(qk_TXH, cos_T1H, sin_T1H)
+        reference_write_kv(qk_TXH[:, N:], v_TKH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T, k_scale, v_scale)
+        return qk_TXH[:, :N].contiguous()
     if q_norm_H is not None:
         q_TNH, k_TKH = reference_rms_norm(q_TNH, q_norm_H, eps), reference_rms_norm(k_TKH, k_norm_H, eps)
     q_rot, k_rot = reference_rotary(q_TNH[..., :R], k_TKH[..., :R], positions_T, cos_sin_PR)
@@ -92,3 +117,4 @@ def reference_rope_write_kv(
     reference_write_kv(k_rot.contiguous(), v_TKH.contiguous(), k_cache_BLKH, v_cache_BLKH, slot_mapping_T,
                        k_scale, v_scale)
     return q_rot.contiguous()
+

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from moelink.kernels.ops import select_kernels
+from moelink.kernels.step_memo import STEP_MEMO
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 from ..config import kv_sizing
@@ -427,6 +428,7 @@ class ModelRunner:
         forward, the plug-ins' work on its hidden states, sampling, the device drafter's drafts, the plug-ins' last
         work (KV saves), results out to host memory. Waits for nothing on the host side."""
         t0 = time.perf_counter()
+        STEP_MEMO.clear()  # the plain-torch kernels' per-step memos start empty (kernels/step_memo.py)
         dev = self.device
         step = DeviceStep(self.model, dev, replay=staged is not None)
         with torch.inference_mode():
@@ -481,6 +483,7 @@ class ModelRunner:
 
     def _device_moe_only(self, ep_step, ops: list, run_forward: bool, works: list[StepWork]) -> DeviceResult:
         t0 = time.perf_counter()
+        STEP_MEMO.clear()
         step = DeviceStep(self.model, self.device, replay=False, run_forward=run_forward, idle=True)
         with torch.inference_mode():
             self.batch.apply_device_ops(ops)
