@@ -3,10 +3,10 @@ and the dense MLPs take it wherever they take an activation: act(gate, up) = bet
 lb tanh(up / lb), with config.json's activation_situ_beta (beta) and activation_situ_linear_beta (lb; null: up as it
 is), computed in float32 (or wider) and cast back once, as vLLM's, SGLang's and mlx-lm's SituAndMul do.
 
-Reference only: the Triton fused MoE (kernels/triton_moe.py) has no SiTU epilogue yet, so a model with SiTU experts
-runs on the plain-torch kernels (engine/models/kimi_k3/kinds.py refuses CUDA naming this). Its own kind, not one of
-MoEActivation's, because kernels/moe.py validates its kinds (a change there is asked of its owner: docs/models.md,
-Kimi K3).
+Reference only: the Triton fused MoE (kernels/triton_moe.py) has no SiTU epilogue yet, so SiTU experts run the
+plain-torch reference on every device (engine/models/kimi_k3/latent_moe.py); the dense and shared MLPs call it as
+their activation. Its own kind, not one of MoEActivation's, because kernels/moe.py validates its kinds (a change
+there is asked of its owner: docs/models.md, Kimi K3).
 
 Legend: T tokens, I intermediate size.
 """

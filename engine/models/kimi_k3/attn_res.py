@@ -33,7 +33,7 @@ from ..blocks.context import BuildContext
 from ..blocks.ffn import FFNBlock, ffn_stages
 from ..blocks.stream import EMBEDDING, HEAD, RESIDUAL, Head, Layer
 from ..layers import AuxCapture, ForwardContext, RMSNorm, param
-from .kimi_k3_config import KimiK3Fields
+from .reader import KimiK3Fields
 
 AttnResState = tuple[torch.Tensor, torch.Tensor]
 

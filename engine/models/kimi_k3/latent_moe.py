@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelink.kernels.moe import reference_fused_moe
+from moelink.kernels.situ import SiTU
 from moelink.moe.layer import MoELayer, Stages
 from moelink.moe.router import make_router
 from moelink.moe.expert_weights import make_expert_format
@@ -29,7 +31,20 @@ from ..layers import DenseMLP, RMSNorm
 from ..linear import FloatLinear, Linear
 from ...config.architectures import ArchSpec
 from ...config.model import ModelConfig
-from .kimi_k3_config import KimiK3Fields
+from .reader import KimiK3Fields
+
+
+class _ReferenceExperts:
+    """The device's kernels, the experts' fused MoE excepted: the plain-torch reference, which takes any activation
+    (the Triton fused MoE has no SiTU epilogue yet: kernels/situ.py). Correct on a GPU, not fast."""
+
+    fused_moe = staticmethod(reference_fused_moe)
+
+    def __init__(self, kernels):
+        self._kernels = kernels
+
+    def __getattr__(self, name: str):
+        return getattr(self._kernels, name)
 
 
 class LatentMoELayer(MoELayer):
@@ -38,6 +53,8 @@ class LatentMoELayer(MoELayer):
 
     def __init__(self, hidden_size: int, latent: int, intermediate_size: int, num_experts: int, router, kernels,
                  dtype, device, *, latent_norm: bool, eps: float, **kw):
+        if isinstance(kw.get("activation"), SiTU):
+            kernels = _ReferenceExperts(kernels)
         super().__init__(latent, intermediate_size, num_experts, router, kernels, dtype, device, **kw)
         gate_dtype = self.gate_GD.dtype
         self.gate_GD = nn.Parameter(torch.empty(self.gate_GD.shape[0], hidden_size, dtype=gate_dtype, device=device),
@@ -70,9 +87,6 @@ class LatentSharedFFN(RoutedSharedFFN):
             raise ValueError("Kimi K3's latent MoE under tensor_parallel_size > 1 needs expert parallelism "
                              "(enable_expert_parallel): the experts' channel split would sum partial latents after "
                              "its norm.")
-        if ctx.device.type == "cuda" and m.activation == "situ":
-            raise ValueError("Kimi K3's SiTU experts run on the plain-torch kernels only in this build (the Triton "
-                             "fused MoE has no SiTU epilogue yet): serve it with device='cpu'.")
         k3 = KimiK3Fields.read(cfg.hf_config, cfg.hidden_size, cfg.num_layers)
         quant = cfg.quantization
         experts = f"model.layers.{i}.{ctx.spec.moe_prefix}.experts"
