@@ -93,9 +93,12 @@ def test_published_config_at_full_size(tmp_path):
     assert (cfg.moe.situ_beta, cfg.moe.situ_linear_beta, cfg.hf_config["routed_expert_hidden_size"]) == (4.0, 25.0, 3584)
 
 
-def test_published_mxfp4_experts_are_refused_naming_the_format(tmp_path):
-    with pytest.raises(ValueError, match=r"quantization_config.format='mxfp4-pack-quantized' is not supported"):
-        ModelConfig.from_pretrained(_published(tmp_path, quantized=True))
+def test_published_mxfp4_config_reads(tmp_path):
+    """As published: the routed experts MXFP4 (compressed-tensors' ignore list keeps attention, shared experts, the
+    dense MLP and the head float)."""
+    q = ModelConfig.from_pretrained(_published(tmp_path, quantized=True)).quantization
+    assert q.method == "mxfp4" and q.is_quantized("model.layers.7.block_sparse_moe.experts")
+    assert not q.is_quantized("model.layers.7.self_attn.experts")  # an ignore pattern wins
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -168,3 +171,39 @@ def test_first_step_logprobs(k3_path):
         assert len(got) >= 5
         for token, lp in got.items():
             assert abs(lp.logprob - float(want[token])) < 1e-5, (token, lp.logprob, float(want[token]))
+
+
+@pytest.fixture(scope="module")
+def k3_mxfp4_paths(tmp_path_factory) -> tuple[str, str]:
+    """Kimi K3 as published (MXFP4 experts in compressed-tensors) and the same model in float64 with its experts'
+    weights the MXFP4 values dequantized (kernels/mxfp4.py, checked against transformers' dequantization)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moelink.engine.models.kimi_k3.tiny import ARCHS, write_published
+    from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
+
+    root = tmp_path_factory.mktemp("kimi_k3_mxfp4")
+    float_dir = write_k3(root / "float", seed=1, overrides=ARCHS["kimi_k3"].format_fields["published"])
+    write_published(float_dir, root / "published")
+    tensors = load_file(str(Path(float_dir) / "model.safetensors"))
+    for name, t in tensors.items():
+        if ".experts." in name:
+            tensors[name] = mxfp4_dequantize(*mxfp4_quantize(t), dtype=torch.float64)
+    save_file(tensors, str(Path(float_dir) / "model.safetensors"))
+    return str(root / "published"), float_dir
+
+
+@pytest.mark.slow
+def test_published_mxfp4_experts_equal_their_dequantized_values(k3_mxfp4_paths):
+    """The published layout (per expert weight_packed / weight_scale, the latent of 32 one MXFP4 group) served
+    token for token as the float model whose experts hold the same values (chunked prefill, batches)."""
+    published, dequantized = k3_mxfp4_paths
+    cfg = ModelConfig.from_pretrained(published)
+    assert cfg.quantization.method == "mxfp4" and cfg.quantization.is_quantized("model.layers.1.block_sparse_moe.experts")
+    assert not cfg.quantization.is_quantized("model.layers.1.block_sparse_moe.shared_experts")
+    ps = [c["prompt"] for c in CASES[:6]]
+    kw = dict(dtype="float64", max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=256, block_size=8)
+    want = engine_greedy(LLM(dequantized, **kw), ps, MAX_NEW)
+    assert len({t for out in want for t in out}) > 10
+    assert_same(engine_greedy(LLM(published, **kw), ps, MAX_NEW), want, ps)

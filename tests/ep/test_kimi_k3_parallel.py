@@ -5,7 +5,8 @@ reference.json, the float64 oracle of tests/engine/test_kimi_k3.py), token for t
 - TP 2: KDA's and MLA's heads split (their gates' rows with them), every expert's intermediate channels and the
   shared experts' split, the partial latents all-reduced before the latent norm (which is not linear) and the
   attention-residual mixes whole on every rank;
-- TP 2 with EP 2: the MoE block on each rank's token slice.
+- TP 2 with EP 2: the MoE block on each rank's token slice;
+- EP 2 on the published layout (MXFP4 experts), against one rank.
 Lean: 4 prompts of 1-150 tokens (chunked prefill under a 24-token budget), their first 4 reference tokens."""
 from __future__ import annotations
 
@@ -37,5 +38,21 @@ def test_two_ranks_match_the_reference(local_ray, tmp_path, parallel):
     try:
         assert_same(engine_greedy(llm, ps, max_new=NEW), [c["greedy"][:NEW] for c in cases], ps)
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
+    finally:
+        llm.engine.shutdown()
+
+
+def test_ep_2_published_mxfp4_matches_one_rank(local_ray, tmp_path):
+    """As published (MXFP4 experts, compressed-tensors' per-expert layout): each rank reads its 4 experts' packed
+    values and scales; greedy tokens equal one rank's."""
+    from moelink.engine.models.kimi_k3.tiny import ARCHS, write_published
+
+    float_dir = write_k3(tmp_path / "float", seed=1, overrides=ARCHS["kimi_k3"].format_fields["published"])
+    write_published(float_dir, tmp_path / "published")
+    ps = [c["prompt"] for c in REFERENCE["cases"][:4]]
+    want = engine_greedy(LLM(str(tmp_path / "published"), **KW), ps, max_new=NEW)
+    llm = LLM(str(tmp_path / "published"), expert_parallel_size=2, **KW)
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=NEW), want, ps)
     finally:
         llm.engine.shutdown()

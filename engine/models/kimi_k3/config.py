@@ -10,11 +10,12 @@ ARCHITECTURES = (
     # ("attn_res": every layer's input a softmax mix of the finished blocks' sums; kinds.py), MoE layers whose routed
     # experts run in a latent space ("latent_shared": routed_expert_down_proj / _norm / _up_proj around them, the
     # router and the shared experts on the hidden states), every MLP SiTU-gated. The experts per expert under
-    # block_sparse_moe (w1 / w3 / w2, Kimi Linear's names), the dense first layer under mlp.
+    # block_sparse_moe (w1 / w3 / w2, Kimi Linear's names; in MXFP4 as published: compressed-tensors'
+    # mxfp4-pack-quantized, weight_packed / weight_scale), the dense first layer under mlp.
     Architecture("KimiK3ForCausalLM",
                  ArchSpec("mla", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"), residual="attn_res",
                           ffn="latent_shared", embedding="attn_res", head="attn_res"),
-                 model_type="kimi_linear", hidden_acts=("situ", "silu")),
+                 model_type="kimi_linear", hidden_acts=("situ", "silu"), mxfp4_experts=True),
 )
 # Published as a multimodal checkpoint (KimiK3ForConditionalGeneration, model_type kimi_k3): the text model under
 # language_model.model., its head language_model.lm_head, MoonViT and its projector (vision_tower., mm_projector.)

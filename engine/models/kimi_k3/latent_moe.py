@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.moe import reference_fused_moe
+from moelink.kernels.mxfp4 import reference_fused_moe_mxfp4
 from moelink.kernels.situ import SiTU
 from moelink.moe.layer import MoELayer, Stages
 from moelink.moe.router import make_router
@@ -40,10 +41,11 @@ from .reader import KimiK3Fields
 
 
 class _ReferenceExperts:
-    """The device's kernels, the experts' fused MoE excepted: the plain-torch reference, which takes any activation
-    (the Triton fused MoE has no SiTU epilogue yet: kernels/situ.py). Correct on a GPU, not fast."""
+    """The device's kernels, the experts' fused MoE excepted (float or MXFP4): the plain-torch references, which take
+    any activation (the Triton fused MoE has no SiTU epilogue yet: kernels/situ.py). Correct on a GPU, not fast."""
 
     fused_moe = staticmethod(reference_fused_moe)
+    fused_moe_mxfp4 = staticmethod(reference_fused_moe_mxfp4)
 
     def __init__(self, kernels):
         self._kernels = kernels

@@ -113,11 +113,10 @@ def k3_tensors(text: Mapping, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def write_k3(out: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float64, fmt: str = "float",
              overrides: Mapping | None = None) -> str:
-    """The tiny Kimi K3 as published (module docstring) into `out`, with the tiny tokenizer."""
+    """The tiny Kimi K3 as published (module docstring) into `out`, with the tiny tokenizer, in float (`fmt`: the
+    format it is then rewritten in, whose config fields `overrides` carries: TinyArch.format_fields)."""
     from safetensors.torch import save_file
 
-    if fmt != "float":
-        raise ValueError(f"make_tiny_model: format={fmt!r} is not offered for kimi_k3: 'float' only.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = k3_config(**dict(overrides or {}))
@@ -134,9 +133,51 @@ def write_k3(out: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float
     return str(out)
 
 
+# Kimi K3's quantization_config as published (its text_config's): MXFP4 routed experts, everything else bf16.
+K3_MXFP4 = {
+    "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {"format": "mxfp4-pack-quantized", "targets": ["Linear"], "input_activations": None,
+                                  "output_activations": None,
+                                  "weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32,
+                                              "symmetric": True, "dynamic": False, "scale_dtype": "torch.uint8"}}},
+    "ignore": ["re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*",
+               "re:.*lm_head.*", "re:.*vision_tower.*", "re:.*mm_projector.*"],
+    "kv_cache_scheme": None}
+
+
+def write_published(src: str, out: Path) -> None:
+    """The float checkpoint `src` with its routed experts in MXFP4 as Moonshot publishes K3 (compressed-tensors'
+    mxfp4-pack-quantized: per expert `weight_packed` uint8 [N, K/2], `weight_scale` E8M0 uint8 [N, K/32])."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moelink.kernels.mxfp4 import mxfp4_quantize
+
+    out = Path(out)
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    tensors = {}
+    for name, t in load_file(str(Path(src) / "model.safetensors")).items():
+        if ".experts." in name and name.endswith(".weight"):
+            blocks, scales = mxfp4_quantize(t)
+            tensors[name.removesuffix("weight") + "weight_packed"] = blocks.reshape(t.shape[0], -1)
+            tensors[name.removesuffix("weight") + "weight_scale"] = scales
+        else:
+            tensors[name] = t
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["text_config"]["quantization_config"] = K3_MXFP4
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    umask_mode([out / "model.safetensors", out / "config.json"])
+
+
 ARCHS = {
-    "kimi_k3": TinyArch("KimiK3ForConditionalGeneration", "Kimi K3 (its text model)", ("float",), write=write_k3,
-                        model_type="kimi_k3"),
+    "kimi_k3": TinyArch("KimiK3ForConditionalGeneration", "Kimi K3 (its text model)", ("float", "published"),
+                        write=write_k3, model_type="kimi_k3",
+                        # MXFP4 groups of 32 along each expert's reduction dims: the latent and the intermediate size
+                        format_fields={"published": {"routed_expert_hidden_size": 32, "moe_intermediate_size": 32}},
+                        own_formats={"published": ("Kimi K3 as Moonshot publishes it: MXFP4 routed experts in "
+                                                   "compressed-tensors (mxfp4-pack-quantized)", write_published)}),
 }
 
-__all__ = ["ARCHS", "K3_TINY", "k3_config", "k3_tensors", "write_k3"]
+__all__ = ["ARCHS", "K3_MXFP4", "K3_TINY", "k3_config", "k3_tensors", "write_k3", "write_published"]
