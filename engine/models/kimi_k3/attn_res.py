@@ -18,7 +18,7 @@ Legend: T tokens, k finished blocks, S = k + 1 sources, D hidden.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from ...config.model import ModelConfig
 from ..blocks.attention import AttentionKind, LayerAttentionConfig
 from ..blocks.context import BuildContext
 from ..blocks.ffn import FFNBlock, ffn_stages
-from ..blocks.stream import EMBEDDING, HEAD, RESIDUAL, Head, Layer
+from ..blocks.stream import EMBEDDING, HEAD, RESIDUAL, Head, Layer, StreamState
 from ..layers import AuxCapture, ForwardContext, RMSNorm, param
 from .reader import KimiK3Fields
 
@@ -86,9 +86,9 @@ class AttnResLayer(Layer):
         self.mlp_res = AttnResMix(D, eps, **f)
         self.install(ctx, i, attention, attn_cfg, ffn)
 
-    def stages(self, positions_T: torch.Tensor, state: AttnResState, input_ids_T: torch.Tensor | None,
+    def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
-        blocks_TkD, partial_TD = state
+        blocks_TkD, partial_TD = cast(AttnResState, state)  # this kind's stream (its embedding kind made it)
         h_TD = self.self_attention_res(blocks_TkD, partial_TD)
         y_TD = self.mixer(positions_T, self.input_layernorm(h_TD), ctx)
         if self.closes_block:
@@ -111,9 +111,9 @@ class AttnResLayer(Layer):
         return plan
 
     @staticmethod
-    def capture(aux: AuxCapture, n: int, state: AttnResState) -> None:
+    def capture(aux: AuxCapture, n: int, state: StreamState) -> None:
         """The current block's running sum (a drafter conditioning on K3's stream: none is published yet)."""
-        aux.take(n, state[1], None)
+        aux.take(n, cast(AttnResState, state)[1], None)
 
 
 @HEAD.register("attn_res")
@@ -127,8 +127,8 @@ class AttnResHead(Head):
         self.output_attn_res = AttnResMix(cfg.hidden_size, cfg.rms_norm_eps, **f)
         self.modules = {"norm": self.norm, "output_attn_res": self.output_attn_res}
 
-    def finish(self, state: AttnResState) -> torch.Tensor:  # type: ignore[override]
-        return self.norm(self.output_attn_res(*state))
+    def finish(self, state: StreamState) -> torch.Tensor:
+        return self.norm(self.output_attn_res(*cast(AttnResState, state)))
 
     def weight_plan(self) -> WeightPlan:
         return {**self.norm.weight_plan("model.norm.weight"),
