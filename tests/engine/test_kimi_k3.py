@@ -207,3 +207,36 @@ def test_published_mxfp4_experts_equal_their_dequantized_values(k3_mxfp4_paths):
     want = engine_greedy(LLM(dequantized, **kw), ps, MAX_NEW)
     assert len({t for out in want for t in out}) > 10
     assert_same(engine_greedy(LLM(published, **kw), ps, MAX_NEW), want, ps)
+
+
+@pytest.mark.parametrize("fmt", ["float", "published"])
+def test_dummy_checkpoint_has_the_real_checkpoints_tensors_and_generates(tmp_path, fmt):
+    """load_format="dummy" from config.json alone: the tensors it makes are those `moelink make-tiny-model --arch
+    kimi_k3 [--format published]` writes (the text model's names, language_model. off), shape for shape, in the
+    loader's dtypes (MXFP4 experts' packed values and E8M0 scales as bytes); and an engine generates from it."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+
+    from moelink.engine.rank.dummy_weights import DummyCheckpoint
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "k3", "kimi_k3", format=None if fmt == "float" else fmt)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as st:
+        real = {n.removeprefix("language_model."): (tuple(st.get_slice(n).get_shape()), st.get_slice(n).get_dtype())
+                for n in st.keys()}
+    cfg = ModelConfig.from_pretrained(str(path), "float32")
+    dummy = DummyCheckpoint.for_model(cfg, torch.device("cpu")).specs
+    assert sorted(dummy) == sorted(real)
+    held = {"F32": {torch.float32}, "U8": {torch.uint8}}
+    for name, (shape, dtype) in real.items():
+        assert dummy[name].shape == shape and dummy[name].dtype in held[dtype], (name, dummy[name], shape, dtype)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(path / f, alone / f)
+    with LLM(str(alone), dtype="float32", load_format="dummy", num_kv_blocks=32, block_size=8) as llm:
+        out = llm.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                           use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 3 for o in out)
