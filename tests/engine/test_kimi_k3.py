@@ -4,7 +4,9 @@ tests/fixtures/kimi_k3/reference.json (made by make_reference.py beside it, a pl
 published model written from the peers' math: transformers has no Kimi K3) on the tiny checkpoint
 (engine/models/kimi_k3/tiny.py, seed 0, as Moonshot publishes K3): prompts of 1-150 tokens together under a small
 token budget (chunked prefill, batches), prefix-cache hits over a shared 64-token prefix, preemption with the same
-prompts again resuming from KDA state checkpoints, and the first step's top logprobs. What the family adds: the
+prompts again resuming from KDA state checkpoints, speculative decoding rolling the KDA states back past rejected
+drafts, prefill/decode over TCP, and the first step's top logprobs; the published config at full size, its MXFP4
+experts, load_format dummy. What the family adds: the
 block attention residuals ("attn_res"), the latent MoE ("latent_shared"), SiTU (kernels/situ.py), KDA's full-rank
 output gate with the bounded forget gate and NoPE MLA's element-wise output gate (shared kinds' variants). Measured:
 with any one of them undone (the residual mix uniform, the latent norm skipped, SiLU for SiTU) the first prompts
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collec
 REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures" / "kimi_k3" / "reference.json").read_text())
 CASES = REFERENCE["cases"]
 MAX_NEW = REFERENCE["max_new"]
+REFERENCE_VOCAB = 400  # the tiny checkpoint's (engine/tools/tiny_families.VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +243,34 @@ def test_dummy_checkpoint_has_the_real_checkpoints_tensors_and_generates(tmp_pat
         out = llm.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
                            use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 3 for o in out)
+
+
+@pytest.mark.slow
+def test_speculative_decoding_rolls_kda_states_back_past_rejected_drafts(k3_path):
+    """Drafts right with probability 0.7 (the reference's tokens): the verifying sequences' KDA states take only
+    their accepted tokens, the attention-residual stream is per token (nothing to roll back), so greedy outputs
+    equal the reference."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+
+    cases = CASES[:6]
+    ps, want = [c["prompt"] for c in cases], _want(cases)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(p): w for p, w in zip(ps, want)}, 0.7,
+                                                 vocab=REFERENCE_VOCAB, seed=4)}
+    llm = LLM(k3_path, speculative_config=spec, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=96, block_size=8, num_state_checkpoints=8)
+    assert_same(engine_greedy(llm, ps, MAX_NEW), want, ps)
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0 and sd.num_accepted_tokens > 0
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_pd_transfer_equals_one_engine(k3_path):
+    """The KDA layers' conv and recurrent states travel beside the MLA layers' latents (prefill on one engine,
+    decode on another; prompts of 2 tokens, a one-token prompt moving nothing, up to its engines' 128 tokens)."""
+    from tests.helpers.kv_disagg import check_pd_transfer
+
+    check_pd_transfer(k3_path, [c["prompt"] for c in CASES[:12] if 2 <= len(c["prompt"]) <= 100][:4])
