@@ -64,7 +64,8 @@ def test_config(tmp_path):
     assert [a.kind for a in kinds] == ["kda", "kda", "mla", "kda", "kda", "mla"] and cfg.linear_layers == (0, 1, 3, 4)
     kda, mla = kinds[0], kinds[2]
     assert isinstance(kda, KimiDeltaConfig)
-    assert (kda.forget_gate, kda.output_gate, kda.gate_lower_bound, kda.a_log_float32) == ("low_rank", "full", -5.0, True)
+    assert (kda.forget_gate, kda.output_gate, kda.gate_lower_bound, kda.a_log_float32) == (
+        "low_rank", "full", -5.0, True)
     assert not mla.rotary and mla.output_gate and mla.output_gate_values and mla.softmax_scale == 16 ** -0.5
     r, m = cfg.moe.router, cfg.moe
     assert (r.scoring_func, r.topk_method, r.n_group, r.norm_topk_prob, r.routed_scaling_factor) == (
@@ -93,7 +94,8 @@ def test_published_config_at_full_size(tmp_path):
     assert len(cfg.linear_layers) == 69 and cfg.attention_for(3).kind == "mla" and cfg.attention_for(92).kind == "mla"
     assert cfg.sparse_layers == tuple(range(1, 93)) and cfg.intermediate_size == 33792
     assert kv_sizing.kv_cache_bytes_per_token(cfg) == 24 * 576 * 2  # bf16
-    assert (cfg.moe.situ_beta, cfg.moe.situ_linear_beta, cfg.hf_config["routed_expert_hidden_size"]) == (4.0, 25.0, 3584)
+    assert (cfg.moe.situ_beta, cfg.moe.situ_linear_beta, cfg.hf_config["routed_expert_hidden_size"]) == (
+        4.0, 25.0, 3584)
 
 
 def test_published_mxfp4_config_reads(tmp_path):
@@ -106,7 +108,8 @@ def test_published_mxfp4_config_reads(tmp_path):
 
 @pytest.mark.parametrize("fields,match", [
     (dict(attn_res_block_size=0), r"attn_res_block_size=0 is not supported: allowed: a positive integer"),
-    (dict(routed_expert_hidden_size=64), r"routed_expert_hidden_size=64 is not supported: allowed: at most hidden_size"),
+    (dict(routed_expert_hidden_size=64),
+     r"routed_expert_hidden_size=64 is not supported: allowed: at most hidden_size"),
     (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported for KimiK3ForCausalLM: allowed: 'situ', 'silu'"),
     (dict(mla_use_nope=False), r"mla_use_nope=False is not supported for Kimi K3"),
     (dict(moe_router_activation_func="softmax"), r"moe_router_activation_func='softmax' is not supported"),
@@ -203,7 +206,8 @@ def test_published_mxfp4_experts_equal_their_dequantized_values(k3_mxfp4_paths):
     token for token as the float model whose experts hold the same values (chunked prefill, batches)."""
     published, dequantized = k3_mxfp4_paths
     cfg = ModelConfig.from_pretrained(published)
-    assert cfg.quantization.method == "mxfp4" and cfg.quantization.is_quantized("model.layers.1.block_sparse_moe.experts")
+    assert cfg.quantization.method == "mxfp4"
+    assert cfg.quantization.is_quantized("model.layers.1.block_sparse_moe.experts")
     assert not cfg.quantization.is_quantized("model.layers.1.block_sparse_moe.shared_experts")
     ps = [c["prompt"] for c in CASES[:6]]
     kw = dict(dtype="float64", max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=256, block_size=8)
