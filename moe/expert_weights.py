@@ -39,7 +39,7 @@ from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape, reference_fused_mo
 from moelink.kernels.moe import SILU
 from moelink.kernels.mxfp4 import GROUP as MXFP4_GROUP
 from moelink.kernels.nvfp4 import GROUP as NVFP4_GROUP, SCALE_DTYPE as NVFP4_SCALE_DTYPE
-from .weight_plan import PlanEntry, WeightPlan
+from .weight_plan import PlanEntry, Rearranged, WeightPlan
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -192,9 +192,10 @@ def gate_up_order(inter: int) -> torch.Tensor:
 
 class Mxfp4Experts:
     """MXFP4 expert weights as gpt-oss publishes them (kernels/mxfp4.py: e2m1 pairs per byte, one E8M0 scale per
-    32 along the reduction dim), with gpt-oss's expert biases and clamped SwiGLU. Only the fused layout exists
-    on disk: `experts.{gate_up,down}_proj_{blocks,scales}` [E, N, K/32(, 16)] (output-channel major, gate/up rows
-    interleaved) and `experts.{gate_up,down}_proj_bias`."""
+    32 along the reduction dim), with gpt-oss's expert biases and clamped SwiGLU: the fused layout
+    `experts.{gate_up,down}_proj_{blocks,scales}` [E, N, K/32(, 16)] (output-channel major, gate/up rows
+    interleaved) and `experts.{gate_up,down}_proj_bias`; or per expert as compressed-tensors writes them (Kimi K3:
+    `_per_expert_plan`)."""
 
     name = "mxfp4"
     supports_extras = True
@@ -221,8 +222,7 @@ class Mxfp4Experts:
         (`()` all, a slice for a contiguous run, else the ids as a tensor): a slice stays a slice (basic
         indexing beside the advanced row order), so the loader reads only this rank's experts from the file."""
         if not fused:
-            raise ValueError(f"MXFP4 experts under {m!r} must be fused (experts.gate_up_proj_blocks ...), as gpt-oss "
-                             "publishes them: per-expert MXFP4 tensors are not a published layout.")
+            return self._per_expert_plan(layer, m, expert_ids, names)
         f = gate_up_order(layer.w2_blocks_EDSQ.shape[2] * MXFP4_GROUP)
         if rows and not isinstance(rows[0], slice):
             e = torch.as_tensor(rows[0], dtype=torch.long)
@@ -238,6 +238,24 @@ class Mxfp4Experts:
             plan[x + "gate_up_proj_bias"] = PlanEntry(layer.b13_EF, (), gu)
         if getattr(layer, "b2_ED", None) is not None:
             plan[x + "down_proj_bias"] = PlanEntry(layer.b2_ED, (), dn)
+        return plan
+
+    @staticmethod
+    def _per_expert_plan(layer: nn.Module, m: str, expert_ids: list[int], names: tuple[str, str, str]) -> WeightPlan:
+        """compressed-tensors' per-expert layout (Kimi K3's `mxfp4-pack-quantized`): `experts.{e}.{name}.weight_packed`
+        uint8 [N, K/2] (two e2m1 values a byte, low nibble first, as gpt-oss's blocks) and `weight_scale` E8M0 uint8
+        [N, K/32]; the gate's rows fill w13's first I rows, the up's the next I, without interleaving."""
+        inter = layer.w2_blocks_EDSQ.shape[2] * MXFP4_GROUP
+        plan: WeightPlan = {}
+        for j, e in enumerate(expert_ids):
+            x = f"{m}experts.{e}."
+            for name, blocks, scales in ((names[0], layer.w13_blocks_EFSQ[j, :inter], layer.w13_scales_EFS[j, :inter]),
+                                         (names[1], layer.w13_blocks_EFSQ[j, inter:], layer.w13_scales_EFS[j, inter:]),
+                                         (names[2], layer.w2_blocks_EDSQ[j], layer.w2_scales_EDS[j])):
+                n, s, q = blocks.shape
+                plan[f"{x}{name}.weight_packed"] = PlanEntry(Rearranged(
+                    blocks, lambda t, s=s, q=q: t.reshape(t.shape[0], s, q), ((n, s * q), torch.uint8)), ())
+                plan[f"{x}{name}.weight_scale"] = PlanEntry(scales, ())
         return plan
 
     def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:

@@ -173,12 +173,15 @@ class MoELayer(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return run_stages(self.stages(x_TD))
 
-    def stages(self, x_TD: torch.Tensor) -> Stages:
+    def stages(self, x_TD: torch.Tensor, route_TX: torch.Tensor | None = None) -> Stages:
         """This layer as stages: a generator that yields each time an all-to-all is in flight (after
         dispatch_async, after combine_async; never without `ep`) and returns out_TD [T, D]. Whoever drives it
-        runs other work at the yields: the shared experts, the other micro-batch (engine/rank/step_plan.py)."""
+        runs other work at the yields: the shared experts, the other micro-batch (engine/rank/step_plan.py).
+        route_TX: what the router reads when it is not x itself (Kimi K3's latent MoE routes the hidden states
+        and sends their projection to the experts; gate_GD is then [G, X])."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
-        logits_TG = F.linear(x_TD.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
+        route_TX = x_TD if route_TX is None else route_TX
+        logits_TG = F.linear(route_TX.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
         # Zero-computation experts take the unfused path: the fused op would count their ids as experts' load.
         route = self.router.route_args() if not self.zero_experts else None
         identity_T1 = None  # the zero-computation experts' weight per row (None: the layer has none)

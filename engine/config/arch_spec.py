@@ -84,6 +84,9 @@ class Architecture:
     # Why speculative method "mtp" is refused for it though its release publishes MTP weights (the field or
     # tensors moelink cannot build faithfully from the locked transformers): "" where it is served or absent.
     mtp_refused: str = ""
+    # config.json hidden_act values its reader builds (the MLPs' gated activation: MoEConfig.activation /
+    # dense_activation); every other value is refused when the config is read. Kimi K3's "situ" besides SiLU.
+    hidden_acts: tuple[str, ...] = ("silu",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.mtp_unstated, int) or self.mtp_unstated < 0:

@@ -12,6 +12,7 @@ import importlib
 from typing import Callable
 
 from .architectures import MLA_ARCHITECTURES  # noqa: F401  (latent attention, ArchSpec.latent_attention)
+from .architectures import REGISTRY
 from .families import FAMILIES, family_module
 from .quantization import check_architecture, read_quantization
 from ..models.rope_config import ROPE_TYPES
@@ -36,8 +37,10 @@ def read_fields(arch: str, hf) -> dict:
     check_architecture(quantization, arch)
     hidden_act = getattr(hf, "hidden_act", "silu")
     # gpt-oss's experts run their clamped SwiGLU whatever hidden_act says (transformers never reads it there).
-    if hidden_act != "silu" and arch != "GptOssForCausalLM":
-        raise unsupported("hidden_act", hidden_act, ("silu",), " (moelink's MLPs are SiLU-gated)")
+    acts = REGISTRY[arch].hidden_acts if arch in REGISTRY else ("silu",)
+    if hidden_act not in acts and arch != "GptOssForCausalLM":
+        raise unsupported("hidden_act", hidden_act, acts, " (moelink's MLPs are SiLU-gated)" if acts == ("silu",)
+                          else f" for {arch}")
     rope = _rope_parameters(hf)
     num_layers, num_heads = int(hf.num_hidden_layers), int(hf.num_attention_heads)
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0)

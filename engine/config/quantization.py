@@ -98,9 +98,12 @@ class Mxfp4Config:
     else, attention and router included, is float in the checkpoint whatever the list says).
 
     modules_to_not_convert: module names, dotted prefixes or runs of components, `*` matching one component.
+    ignore: compressed-tensors' list (Kimi K3's `mxfp4-pack-quantized`): module names or `re:` and a regular
+    expression matched from the name's start; a listed experts module is float.
     """
 
     modules_to_not_convert: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
 
     method = "mxfp4"
     online = False  # MXFP4 is read as published; nothing quantizes it at load
@@ -112,6 +115,8 @@ class Mxfp4Config:
         """Whether `module` ("model.layers.3.mlp.experts") holds MXFP4 weights: a routed-experts module not
         listed in modules_to_not_convert. Linears are never MXFP4 (engine/models/linear.py runs them float)."""
         if module.rsplit(".", 1)[-1] != "experts":
+            return False
+        if any(re.match(e[3:], module) if e.startswith("re:") else e == module for e in self.ignore):
             return False
         return not any(_skip_pattern(m).search(module) for m in self.modules_to_not_convert)
 
@@ -209,8 +214,8 @@ def check_architecture(quant: QuantConfig | None, arch: str) -> None:
     """Refuse a quantization the architecture's weights cannot be in (MXFP4 is gpt-oss's experts only)."""
     if quant is not None and quant.method == "mxfp4" and arch not in MXFP4_ARCHITECTURES:
         raise ValueError(f"config.json quantization_config.quant_method='mxfp4' is not supported for {arch}: "
-                         f"MXFP4 experts run for {', '.join(MXFP4_ARCHITECTURES)} only (gpt-oss's published "
-                         f"layout); use a bf16 or fp8 checkpoint of this model.")
+                         f"MXFP4 experts run for {', '.join(MXFP4_ARCHITECTURES)} only (gpt-oss's and Kimi K3's "
+                         f"published layouts); use a bf16 or fp8 checkpoint of this model.")
 
 
 def _read_modelopt(quant: Mapping) -> Nvfp4Config:
@@ -256,9 +261,37 @@ def read_hf_quant_config(model_dir: str | Path) -> dict | None:
     return {"quant_method": "modelopt", "quantization": dict(raw["quantization"])}
 
 
+def _read_compressed(quant: Mapping) -> QuantConfig:
+    """compressed-tensors: its MXFP4 experts (`mxfp4-pack-quantized`, as Moonshot publishes Kimi K3: per expert
+    `weight_packed` uint8 [N, K/2] and `weight_scale` E8M0 uint8 [N, K/32], group 32) or its INT4 W4A16 layout."""
+    if quant.get("format") != "mxfp4-pack-quantized":
+        return _read_compressed_tensors(quant)
+    from compressed_tensors.quantization import QuantizationConfig
+
+    try:
+        qc = QuantizationConfig.model_validate(dict(quant))
+    except Exception as e:  # noqa: BLE001  (pydantic's ValidationError and the library's ValueErrors)
+        raise ValueError(f"config.json quantization_config is not a valid compressed-tensors config: {e}") from None
+    for name, group in qc.config_groups.items():
+        w = getattr(group, "weights", None)
+        scheme = None if w is None else (str(w.type), w.num_bits, str(w.strategy), w.group_size, bool(w.dynamic))
+        if scheme != ("float", 4, "group", 32, False) or group.input_activations is not None:
+            raise unsupported(f"quantization_config.config_groups.{name}.weights", scheme,
+                              ("('float', 4, 'group', 32, False)",), " (MXFP4: static e2m1 weights, one E8M0 scale "
+                              "per 32, activations in the model dtype)")
+    for entry in qc.ignore or ():
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise unsupported("quantization_config.ignore", entry, "names or 're:' and a Python regular "
+                                  "expression", f" (its pattern does not compile: {e})") from None
+    return Mxfp4Config(ignore=tuple(qc.ignore or ()))
+
+
 # ("modelopt_fp4": vLLM's name for the same format, which some exports write as their quant_method)
 _READERS = {"fp8": _read_fp8, "mxfp4": _read_mxfp4, "modelopt": _read_modelopt, "modelopt_fp4": _read_modelopt,
-            "compressed-tensors": _read_compressed_tensors, "gptq": _read_gptq, "awq": _read_awq}
+            "compressed-tensors": _read_compressed, "gptq": _read_gptq, "awq": _read_awq}
 
 
 def resolve_quantization(checkpoint: QuantConfig | None, requested: str | None,

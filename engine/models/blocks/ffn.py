@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.moe import MoEActivation
+from moelink.kernels.situ import SiTU
 from moelink.moe.expert_weights import gate_up_order, make_expert_format
 from moelink.moe.layer import MoELayer, Stages, run_stages
 from moelink.moe.router import make_router
@@ -166,7 +167,7 @@ class RoutedFFN(FFNBlock):
         self.moe = MoELayer(cfg.hidden_size, inter, cfg.num_experts, make_router(m.router),
                             ctx.kernels, cfg.dtype, ctx.device, ep=ctx.ep, moe_index=ctx.moe_row(i),
                             stats=ctx.stats, expert_format=fmt, router_bias=m.router_bias, expert_bias=m.expert_bias,
-                            activation=MoEActivation(m.activation, m.swiglu_alpha, m.swiglu_limit),
+                            activation=moe_activation(m, m.activation),
                             zero_experts=m.zero_experts)
         if self.expert_shard and self.moe.b2_ED is not None:
             self.moe.b2_ED.zero_()  # gpt-oss's down bias: the group's first rank loads it, the others add none
@@ -245,7 +246,14 @@ def dense_activation(cfg: ModelConfig) -> MoEActivation | None:
     m = cfg.moe
     if m is None or m.dense_activation == "silu":
         return None
-    return MoEActivation(m.dense_activation, m.swiglu_alpha, m.swiglu_limit)
+    return moe_activation(m, m.dense_activation)
+
+
+def moe_activation(m, kind: str) -> MoEActivation:
+    """The gated activation `kind` with the MoEConfig `m`'s constants (SiTU's, or the clamped SwiGLUs')."""
+    if kind == "situ":
+        return SiTU(beta=m.situ_beta, linear_beta=m.situ_linear_beta)
+    return MoEActivation(kind, m.swiglu_alpha, m.swiglu_limit)
 
 
 def ffn_kind(cfg: ModelConfig, spec: ArchSpec, layer_idx: int) -> str:
@@ -322,4 +330,5 @@ def _expert_rows(expert_ids: list[int], num_experts: int) -> tuple:
     return (torch.tensor(expert_ids, dtype=torch.long),)
 
 
-__all__ = ["FFN", "FFNBlock", "SharedExpertsMoE", "TokenSlice", "ffn_kind", "ffn_stages", "fused_experts_name", "overlapped"]
+__all__ = ["FFN", "FFNBlock", "SharedExpertsMoE", "TokenSlice", "ffn_kind", "ffn_stages", "fused_experts_name",
+           "moe_activation", "overlapped"]

@@ -9,8 +9,8 @@ from moelink.moe.router_config import RouterConfig
 
 from ...config.refusals import unsupported
 
-# The experts' gated activations (kernels.moe.MoEActivation's kinds).
-MOE_ACTIVATIONS = ("silu", "swiglu_oai", "silu_clamp")
+# The experts' gated activations (kernels.moe.MoEActivation's kinds, and Kimi K3's SiTU: kernels/situ.py).
+MOE_ACTIVATIONS = ("silu", "swiglu_oai", "silu_clamp", "situ")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class MoEConfig:
     # The gated activation of the dense layers' MLP and the shared experts, with the experts' swiglu_alpha /
     # swiglu_limit: MiniMax-M3's "swiglu_oai", GLM-5.3-Flash's "silu_clamp"; "silu" for every other family.
     dense_activation: str = "silu"
+    # SiTU's constants (activation "situ", Kimi K3): config.json's activation_situ_beta and
+    # activation_situ_linear_beta (None: the up half as it is); kernels.situ.SiTU validates them.
+    situ_beta: float = 1.0
+    situ_linear_beta: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
