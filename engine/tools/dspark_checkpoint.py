@@ -73,4 +73,46 @@ def write_dspark_checkpoint(out: str | Path, cfg: dict, tensors: dict[str, torch
     return out
 
 
-__all__ = ["dspark_config", "dspark_tensors", "write_dspark_checkpoint"]
+def bigram_target(src: str | Path, dst: str | Path, scale: float = 0.0) -> Path:
+    """A copy of checkpoint `src` with every layer's output projection (o_proj, expert and dense down projections)
+    times `scale`: at 0 its greedy next token is exactly argmax(lm_head(norm(emb(x)))) of the last token x, a
+    bigram that `agreeing_draft` drafts; small scales keep it nearly so."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    downs = ("o_proj.weight", "down_proj.weight", ".w2.weight", "experts.down_proj")
+    for f in sorted(dst.glob("*.safetensors")):
+        ts = load_file(f)
+        save_file({n: t * scale if n.endswith(downs) else t for n, t in ts.items()}, str(f), metadata={"format": "pt"})
+        umask_mode([f])
+    return dst
+
+
+def agreeing_draft(target: str | Path, out: str | Path, *, block_size: int, target_layer_ids: list[int],
+                   mask_token_id: int = 0) -> Path:
+    """A draft for Qwen3-style checkpoint `target` (model.embed_tokens, model.norm, lm_head) built to draft its
+    bigram: the Markov head is W1[x] = norm * rms(emb(x)), W2 = lm_head (rank D), so bias(x) = lm_head(norm(emb(x)));
+    the draft's final norm is zero, so its base logits are zero and the stages only run. On a `bigram_target` its
+    drafts are the target's own tokens (a constructed case of full acceptance; the stages are random)."""
+    from safetensors.torch import load_file
+
+    target = Path(target)
+    ts: dict = {}
+    for f in sorted(target.glob("*.safetensors")):
+        ts.update(load_file(f))
+    raw = json.loads((target / "config.json").read_text())
+    embed = ts["model.embed_tokens.weight"].double()
+    head, norm = ts.get("lm_head.weight", embed).double(), ts["model.norm.weight"].double()
+    V, D = embed.shape
+    w1 = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + raw.get("rms_norm_eps", 1e-6)) * norm
+    cfg = dspark_config(hidden_size=D, vocab_size=V, target_layer_ids=target_layer_ids,
+                        num_target_layers=raw["num_hidden_layers"], mask_token_id=mask_token_id,
+                        block_size=block_size, markov_rank=D)
+    return write_dspark_checkpoint(out, cfg, {"norm.weight": torch.zeros(D), "markov_head.markov_w1.weight": w1.float(),
+                                              "markov_head.markov_w2.weight": head.float()})
+
+
+__all__ = ["agreeing_draft", "bigram_target", "dspark_config", "dspark_tensors", "write_dspark_checkpoint"]

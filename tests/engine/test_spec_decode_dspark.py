@@ -1,10 +1,11 @@
 """Speculative decoding with DSpark draft layers (method "dspark", engine/spec/proposer/dspark.py), one rank, on a
 tiny Qwen3-MoE target with DFlash-format drafts (engine/tools/dspark_checkpoint.py).
 
-- A draft constructed to agree with the target (`agreeing_draft`: its Markov head is the target's bigram, its base
-  logits zero, over a target whose layers are scaled down so that its next token is nearly that bigram): drafts are
-  accepted often (the spec metrics' acceptance rate), and greedy outputs equal decoding without speculation, token
-  for token, with chunked prefill, preemption and prefix-cache hits in play.
+- A draft constructed to agree with the target (engine/tools/dspark_checkpoint.agreeing_draft: its Markov head is
+  the target's bigram, its base logits zero, over a target whose layers are scaled down so that its next token is
+  nearly that bigram): drafts are accepted often (the spec metrics' acceptance rate), and greedy outputs equal
+  decoding without speculation, token for token, with chunked prefill, preemption and prefix-cache hits in play;
+  over a target whose layers are zeroed (exactly the bigram) nearly every draft is accepted.
 - A random draft: outputs still exact, drafts seldom accepted.
 - Every draft the engine proposed equals an independent recomputation: the target run from scratch by transformers
   in float64 over the request's tokens (its residual stream at the tap layers read by hooks), the draft's stages
@@ -23,17 +24,16 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.config.dspark import read_bundled_dspark, read_dspark_draft
 from moelink.engine.config.speculative import SpeculativeConfig
 from moelink.engine.spec.heads.dspark import DSparkGQAStages
 from moelink.engine.spec.proposer.dspark import load_dspark
-from moelink.engine.tools.dspark_checkpoint import dspark_config, write_dspark_checkpoint
+from moelink.engine.tools.dspark_checkpoint import agreeing_draft, dspark_config, write_dspark_checkpoint
 
 from tests.helpers.draft_spy import record_drafts
-from tests.helpers.eagle3_heads import scaled_target
+from moelink.engine.tools.dspark_checkpoint import bigram_target
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -42,25 +42,9 @@ TAPS = [0, 2]  # layer outputs (DFlash format): the states after 1 and 3 of the 
 MASK = 7
 
 
-def _target_tables(path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    ts: dict = {}
-    for f in sorted(path.glob("*.safetensors")):
-        ts.update(load_file(f))
-    cfg = json.loads((path / "config.json").read_text())
-    embed = ts["model.embed_tokens.weight"].double()
-    return embed, ts.get("lm_head.weight", embed).double(), ts["model.norm.weight"].double(), cfg["rms_norm_eps"]
-
-
-def agreeing_draft(target, out, k: int = 4):
-    """A draft whose Markov head is the target's bigram: W1[x] = norm * rms(emb(x)), W2 = lm_head (rank D), so
-    bias(x) = lm_head(norm(emb(x))); its final norm zero, so its base logits are zero (module docstring)."""
-    embed, head, norm, eps = _target_tables(target)
-    V, D = embed.shape
-    w1 = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + eps) * norm
-    cfg = dspark_config(hidden_size=D, vocab_size=V, target_layer_ids=TAPS, num_target_layers=4, mask_token_id=MASK,
-                        block_size=k, markov_rank=D)
-    return write_dspark_checkpoint(out, cfg, {"norm.weight": torch.zeros(D), "markov_head.markov_w1.weight": w1.float(),
-                                              "markov_head.markov_w2.weight": head.float()})
+def agreeing(target, out, k: int = 4):
+    """engine/tools/dspark_checkpoint.agreeing_draft: the Markov head is the target's bigram, the base logits zero."""
+    return agreeing_draft(target, out, block_size=k, target_layer_ids=TAPS, mask_token_id=MASK)
 
 
 def random_draft(target, out, k: int = 4, layers: int = 2):
@@ -75,8 +59,10 @@ def checkpoints(tiny_model, tmp_path_factory):
     from pathlib import Path
 
     src = Path(tiny_model("qwen3_e6k3", num_layers=4))
-    target = scaled_target(src, tmp_path_factory.mktemp("target") / "t")
-    return {"target": target, "agree": agreeing_draft(target, tmp_path_factory.mktemp("agree") / "d"),
+    target = bigram_target(src, tmp_path_factory.mktemp("target") / "t", scale=0.1)
+    exact = bigram_target(src, tmp_path_factory.mktemp("exact") / "t", scale=0.0)
+    return {"target": target, "agree": agreeing(target, tmp_path_factory.mktemp("agree") / "d"), "exact": exact,
+            "exact_agree": agreeing(exact, tmp_path_factory.mktemp("exact_agree") / "d"),
             "random": random_draft(target, tmp_path_factory.mktemp("random") / "d")}
 
 
@@ -128,6 +114,15 @@ def test_agreeing_draft_is_accepted_and_outputs_are_exact(checkpoints, plain):
     assert 0.5 < sd.acceptance_rate < 1.0, sd  # accepted often, rejected too (the target is nearly a bigram)
     assert sd.accepted_per_position[1] > 0.3 * sd.num_verify_rows, sd  # whole runs of a block, not slot 0 alone
     assert sum(sd.accepted_per_position) == sd.num_accepted_tokens
+
+
+@pytest.mark.slow
+def test_a_draft_of_the_exact_bigram_is_accepted_nearly_always(checkpoints):
+    got, stats = _generate(checkpoints["exact"], _spec(checkpoints["exact_agree"]))
+    assert got == _generate(checkpoints["exact"])[0]
+    sd = stats.spec_decode
+    print(f"exact-bigram DSpark draft: acceptance rate {sd.acceptance_rate:.3f}")
+    assert sd.acceptance_rate > 0.95, sd
 
 
 @pytest.mark.slow
