@@ -376,3 +376,17 @@ def test_tp2_hybrid_host_drafts_equal_one_rank(local_ray, hf_tiny_model):
             "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, VOCAB, 7)}
     sd = _assert_tp_equals(path, ps, want, spec)
     assert 0 < sd.num_accepted_tokens < sd.num_draft_tokens
+
+
+def test_tp2_dspark_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
+    """DSpark's DFlash-format stages (engine/spec/proposer/dspark.py), replicated whole on every rank, the target's
+    embedding and LM head gathered whole from the ranks' vocab shards at load: a draft constructed to agree with the
+    near-bigram target drafts and is accepted as on one rank."""
+    from moelink.engine.tools.dspark_checkpoint import agreeing_draft, bigram_target
+
+    path = str(bigram_target(tiny_model("qwen3_e6k3", num_layers=4), tmp_path / "target", scale=0.1))
+    draft = agreeing_draft(path, tmp_path / "draft", block_size=3, target_layer_ids=[0, 2], mask_token_id=7)
+    ps = _prompts(512, seed=5)
+    spec = {"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "min_draft_acceptance": 0,
+            "max_verify_fraction": 1}
+    _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), spec, _one_rank_drafts(path, ps, spec))
