@@ -507,7 +507,7 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--moe-backend",): refused(KERNELS),
     ("--linear-backend",): refused(KERNELS),
     ("--sparse-indexer-topk-backend",): refused(KERNELS),
-    ("--speculative-config", "-sc"): accepted("speculative decoding, vLLM's JSON (ngram, mtp, eagle3; "
+    ("--speculative-config", "-sc"): accepted("speculative decoding, vLLM's JSON (ngram, mtp, eagle3, dspark; "
                                               "docs/speculative-decoding.md)",
                                               "--speculative-config '{\"method\": \"ngram\", "
                                               "\"num_speculative_tokens\": 3}'"),

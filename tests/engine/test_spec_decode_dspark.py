@@ -289,3 +289,22 @@ def test_a_target_without_dspark_stages_is_refused(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="DSPARK_STAGES"):
         LLM(str(bundled), dtype="float32", max_model_len=64, num_kv_blocks=16,
             speculative_config={"method": "dspark", "num_speculative_tokens": 2})
+
+
+def test_dspark_drafting_reads_nothing_back_from_the_device(checkpoints, monkeypatch):
+    """The drafter's device work (context rows written, accepted offsets, gathers, block, Markov loop) makes no
+    device→host sync: counted on CPU by tests.helpers.host_syncs."""
+    from moelink.engine.spec.proposer.dspark import DSparkDrafter
+
+    from tests.helpers.host_syncs import HostSyncCounter
+
+    draft = DSparkDrafter.draft
+    with HostSyncCounter() as counter:
+        def counted(self, *args, **kwargs):
+            with counter.counting():
+                return draft(self, *args, **kwargs)
+
+        monkeypatch.setattr(DSparkDrafter, "draft", counted)
+        _, stats = _generate(checkpoints["target"], _spec(checkpoints["agree"]), max_tokens=8)
+    assert stats.spec_decode.num_accepted_tokens > 0
+    assert counter.count == 0, counter.where
