@@ -18,11 +18,15 @@ from typing import Any, Callable, Collection, Protocol
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
-from moelink.moe.weight_plan import WeightPlan
+from moelink.moe.layer import ExpertParallel
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.dspark import DSparkConfig
 from ...config.model import ModelConfig
+from ...tp.group import TensorParallel
+from ..layers import param
 from .registry import Registry
 
 
@@ -55,11 +59,32 @@ class DSparkStages(Protocol):
         """The stages' collectives alone (an expert-parallel rank with no rows); asked only when `has_experts`."""
 
 
-# builder(cfg, dspark, kernels, device, embed_tokens [V, D], lm_head [V, D], checkpoint names) -> DSparkStages
-DSparkBuilder = Callable[[ModelConfig, DSparkConfig, Any, torch.device, torch.Tensor, torch.Tensor, Collection[str]],
-                         DSparkStages]
+class MarkovHead(nn.Module):
+    """DSpark's "vanilla" Markov head, every form's: bias(prev) = W2 W1[prev], a rank-Rk bigram correction of the
+    base logits (SGLang's markov_w1 [V, Rk] embedding and markov_w2 [V, Rk] projection; DeepSeek's own inference
+    code calls them markov_head.embed and markov_head.head)."""
+
+    def __init__(self, vocab_size: int, rank: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.w1_VR = param(vocab_size, rank, dtype=dtype, device=device)
+        self.w2_VR = param(vocab_size, rank, dtype=dtype, device=device)
+
+    def forward(self, prev_R: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.embedding(prev_R, self.w1_VR), self.w2_VR).float()
+
+    def weight_plan(self, prefix: str, names: Collection[str] = ()) -> WeightPlan:
+        """`{prefix}markov_w1.weight` / `markov_w2.weight`, or DeepSeek's `embed.weight` / `head.weight` where the
+        checkpoint's `names` hold those."""
+        w1, w2 = ("embed", "head") if prefix + "embed.weight" in names else ("markov_w1", "markov_w2")
+        return {f"{prefix}{w1}.weight": PlanEntry(self.w1_VR, ()), f"{prefix}{w2}.weight": PlanEntry(self.w2_VR, ())}
+
+
+# builder(cfg, dspark, kernels, device, embed_tokens [V, D], lm_head [V, D], checkpoint names, ep, tp)
+# -> DSparkStages; the tables whole on every rank (the drafter gathered them under TP).
+DSparkBuilder = Callable[[ModelConfig, DSparkConfig, Any, torch.device, torch.Tensor, torch.Tensor, Collection[str],
+                          ExpertParallel | None, TensorParallel | None], DSparkStages]
 
 # Families whose config.json bundles DSpark stages register their builder under their architecture name.
 DSPARK_STAGES: Registry[DSparkBuilder] = Registry("dspark stages")
 
-__all__ = ["DSPARK_STAGES", "DSparkBuilder", "DSparkStages"]
+__all__ = ["DSPARK_STAGES", "DSparkBuilder", "DSparkStages", "MarkovHead"]

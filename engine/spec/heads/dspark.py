@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.dspark import DSparkConfig, DSparkGQAConfig
+from ...models.blocks.dspark import MarkovHead
 from ...models.layers import param
 
 # Tensors a DFlash-format checkpoint may carry that moelink does not read (module docstring).
@@ -56,22 +57,6 @@ def rope_neox(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.T
     cos, sin = ang.cos()[..., None, :], ang.sin()[..., None, :]  # one per head
     x1, x2 = x.to(ft).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-class MarkovHead(nn.Module):
-    """The "vanilla" Markov head: bias(prev) = W2 W1[prev], a rank-Rk bigram correction of the base logits."""
-
-    def __init__(self, vocab_size: int, rank: int, dtype: torch.dtype, device: torch.device):
-        super().__init__()
-        self.w1_VR = param(vocab_size, rank, dtype=dtype, device=device)
-        self.w2_VR = param(vocab_size, rank, dtype=dtype, device=device)
-
-    def forward(self, prev_R: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.embedding(prev_R, self.w1_VR), self.w2_VR).float()
-
-    def weight_plan(self, prefix: str) -> WeightPlan:
-        return {prefix + "markov_w1.weight": PlanEntry(self.w1_VR, ()),
-                prefix + "markov_w2.weight": PlanEntry(self.w2_VR, ())}
 
 
 class GQAStage(nn.Module):
@@ -198,4 +183,4 @@ def check_names(path: str, names: Collection[str], plan: WeightPlan) -> None:
                          + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "") + ".")
 
 
-__all__ = ["DSparkGQAStages", "GQAStage", "MarkovHead", "UNREAD_PREFIXES", "check_names", "rms", "rope_neox"]
+__all__ = ["DSparkGQAStages", "GQAStage", "UNREAD_PREFIXES", "check_names", "rms", "rope_neox"]

@@ -184,16 +184,18 @@ class DSparkDrafter:
 
 
 def load_dspark(path: str | None, cfg: ModelConfig, model, kernels, device: torch.device,
-                load_format: str = "auto", tp: TensorParallel | None = None) -> tuple[DSparkStages, DSparkConfig]:
+                load_format: str = "auto", tp: TensorParallel | None = None,
+                ep=None) -> tuple[DSparkStages, DSparkConfig]:
     """The DSpark stages for served model `cfg` / `model`: from the DFlash-format checkpoint in directory `path`, or
     (path None) the ones the served checkpoint bundles, built by its family's registered builder; random with
-    load_format "dummy". The target's embedding and LM head are shared, gathered whole under TP."""
+    load_format "dummy". The target's embedding and LM head are shared, gathered whole under TP; `ep`: the rank's
+    expert parallelism (a family's stages with routed experts hold this rank's share)."""
     embed, head = model.embed_tokens, model.lm_head
     if tp is not None and tp.size > 1:
         embed = whole_vocab_table(model.embed_tokens, cfg.vocab_size, tp)
         head = embed if model.lm_head is model.embed_tokens else whole_vocab_table(model.lm_head, cfg.vocab_size, tp)
     if path is None:
-        return _bundled(cfg, kernels, device, embed, head, load_format)
+        return _bundled(cfg, kernels, device, embed, head, load_format, ep, tp)
     dspark, g = read_dspark_draft(path)
     if g.hidden_size != cfg.hidden_size or g.vocab_size != cfg.vocab_size:
         raise ValueError(f"speculative_config.model: the DSpark draft's config.json hidden_size={g.hidden_size}, "
@@ -213,7 +215,8 @@ def load_dspark(path: str | None, cfg: ModelConfig, model, kernels, device: torc
     return stages.eval(), dspark
 
 
-def _bundled(cfg: ModelConfig, kernels, device, embed, head, load_format: str) -> tuple[DSparkStages, DSparkConfig]:
+def _bundled(cfg: ModelConfig, kernels, device, embed, head, load_format: str, ep,
+             tp: TensorParallel | None) -> tuple[DSparkStages, DSparkConfig]:
     if not bundles_dspark(cfg.hf_config):
         raise ValueError(f"speculative_config.method='dspark' needs speculative_config.model (a DSpark draft "
                          f"checkpoint) for {cfg.architecture}: its config.json carries no dspark_* fields.")
@@ -225,18 +228,25 @@ def _bundled(cfg: ModelConfig, kernels, device, embed, head, load_format: str) -
                          f"stages (mtp.* in its checkpoint), but no DSpark stage builder is registered for it "
                          f"(engine/models/blocks/dspark.DSPARK_STAGES; registered: "
                          f"{', '.join(DSPARK_STAGES.names()) or 'none'}).")
-    if load_format == "dummy":
-        names: frozenset[str] = frozenset()
-    else:
-        names = frozenset(open_checkpoint(cfg, load_format, device).keys())
-    stages = DSPARK_STAGES.get(cfg.architecture)(cfg, dspark, kernels, device, embed, head, names)
+    checkpoint = open_checkpoint(cfg, load_format, device) if load_format != "dummy" else None
+    names = frozenset(checkpoint.keys()) if checkpoint is not None else frozenset()
+    build = DSPARK_STAGES.get(cfg.architecture)
+    stages = build(cfg, dspark, kernels, device, embed, head, names, ep, tp if tp is not None and tp.size > 1 else None)
     plan = stages.weight_plan()
-    if load_format == "dummy":
-        specs = {n: TensorSpec(tuple(e.dest.shape), e.dest.dtype) for n, e in plan.items()}
-        load_plan(DummyCheckpoint(specs, device), plan, device)
+    if checkpoint is None:  # the checkpoint's shapes: the stages' plan at one rank, on the meta device
+        meta = torch.device("meta")
+        whole = build(cfg, dspark, kernels, meta, embed.to(meta), head.to(meta), names, None, None).weight_plan()
+        specs = {n: TensorSpec(tuple((e.dest[e.index] if e.index else e.dest).shape), e.dest.dtype)
+                 for n, e in whole.items()}
+        checkpoint = DummyCheckpoint(specs, device)
     else:
-        load_plan(open_checkpoint(cfg, load_format, device), plan, device)
-    return stages, dspark
+        missing = sorted(n for n in plan if n not in checkpoint)
+        if missing:
+            raise ValueError(f"checkpoint {cfg.model!r} is missing DSpark tensor {missing[0]!r}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                             + ": speculative method 'dspark' reads every stage.")
+    load_plan(checkpoint, plan, device)
+    return stages.eval(), dspark
 
 
 class DSparkProposer(DSparkDrafter):
@@ -245,7 +255,7 @@ class DSparkProposer(DSparkDrafter):
 
     def __init__(self, path: str | None, cfg: ModelConfig, model, kernels, device: torch.device, ep, k: int,
                  block_size: int, load_format: str = "auto", tp: TensorParallel | None = None):
-        stages, dspark = load_dspark(path, cfg, model, kernels, device, load_format, tp)
+        stages, dspark = load_dspark(path, cfg, model, kernels, device, load_format, tp, ep)
         super().__init__(stages, dspark, cfg, device, ep, k, block_size)
 
 
