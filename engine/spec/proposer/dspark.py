@@ -246,7 +246,8 @@ def _bundled(cfg: ModelConfig, kernels, device, embed, head, load_format: str, e
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                              + ": speculative method 'dspark' reads every stage.")
     load_plan(checkpoint, plan, device)
-    return stages.eval(), dspark
+    stages.module.eval()
+    return stages, dspark
 
 
 class DSparkProposer(DSparkDrafter):
