@@ -119,9 +119,10 @@ class SpeculativeConfig:
         if self.runs_dspark and self.model is not None:  # each stage keeps [2, K, H] a token, in the model dtype
             _, g = read_dspark_draft(self.model)
             return g.num_layers * 2 * g.num_kv_heads * g.head_dim * model_cfg.dtype.itemsize
-        if self.runs_dspark:  # a bundled stage keeps a main layer's row a token (its window of the family's kind)
+        if self.runs_dspark:  # DeepSeek's bundled stages: one shared KV head (MQA) of head_dim values a token each
+            raw = model_cfg.hf_config.get("text_config") or model_cfg.hf_config
             stages = read_bundled_dspark(model_cfg.hf_config).num_stages
-            return stages * model_cfg.attention.kv_bytes_per_token(model_cfg.dtype)
+            return stages * int(raw.get("head_dim") or model_cfg.hidden_size) * model_cfg.dtype.itemsize
         return 0
 
     def check_model(self, num_nextn_predict_layers: int, architecture: str, hf_config: dict | None = None) -> None:

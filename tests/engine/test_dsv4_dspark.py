@@ -127,3 +127,25 @@ def test_v4_dspark_drafts_equal_the_stages_run_from_scratch(ckpts, monkeypatch):
     oracle = _Oracle(ckpts["random"])
     wrong = [(t, d, w) for t, d in seen if d != (w := oracle.drafts(t, 3))]
     assert not wrong, f"{len(wrong)} of {len(seen)} drafts differ, e.g. {wrong[0]}"
+
+
+def test_kv_sizing_counts_the_stages_context_rows(ckpts):
+    """Each bundled stage keeps one shared KV head a token (the drafter's kv_bytes_per_token), counted before the
+    ranks size their caches."""
+    import torch
+
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.config.speculative import SpeculativeConfig
+    from moelink.engine.spec.proposer.dspark import DSparkDrafter, load_dspark
+    from moelink.kernels.ops import ReferenceKernels
+
+    cfg = ModelConfig.from_pretrained(ckpts["random"], dtype="float32")
+
+    class _Model:
+        embed_tokens = torch.zeros(cfg.vocab_size, cfg.hidden_size)
+        lm_head = embed_tokens
+
+    stages, dspark = load_dspark(None, cfg, _Model(), ReferenceKernels(), torch.device("cpu"), load_format="dummy")
+    drafter = DSparkDrafter(stages, dspark, cfg, torch.device("cpu"), None, 3, 8)
+    want = SpeculativeConfig(method="dspark", num_speculative_tokens=3).draft_kv_bytes_per_token(cfg)
+    assert drafter.kv_bytes_per_token() == want == 2 * 16 * 4

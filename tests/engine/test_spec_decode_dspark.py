@@ -89,10 +89,10 @@ def _prompts(vocab: int, n: int = 10, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def _generate(path, spec=None, dtype: str = "float32", max_tokens: int = 16) -> tuple[list, object]:
+def _generate(path, spec=None, dtype: str = "float32", max_tokens: int = 16, **kw) -> tuple[list, object]:
     # A 32-token budget chunks the longer prompts; 40 blocks of 4 tokens cannot hold all ten requests: preemptions.
     args = dict(dtype=dtype, max_model_len=256, max_num_batched_tokens=32, num_kv_blocks=40, block_size=4,
-                enable_prefix_caching=True, speculative_config=spec)
+                enable_prefix_caching=True, speculative_config=spec, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
     with LLM(str(path), **args) as llm:
         prompts = _prompts(llm.engine.config.model.vocab_size)
@@ -326,3 +326,16 @@ def test_dspark_drafting_reads_nothing_back_from_the_device(checkpoints, monkeyp
         _, stats = _generate(checkpoints["target"], _spec(checkpoints["agree"]), max_tokens=8)
     assert stats.spec_decode.num_accepted_tokens > 0
     assert counter.count == 0, counter.where
+
+
+def test_dummy_draft_and_kv_sizing(checkpoints):
+    """load_format "dummy" runs a random draft of the config.json; KV sizing counts its stages' [2, K, H] rows."""
+    from moelink.engine.config.model import ModelConfig
+
+    got, stats = _generate(checkpoints["target"], {**_spec(checkpoints["random"]), "num_speculative_tokens": 2},
+                           max_tokens=4, load_format="dummy")
+    assert len(got) == 10 and stats.spec_decode.num_draft_tokens > 0
+    cfg = ModelConfig.from_pretrained(str(checkpoints["target"]), dtype="float32")
+    spec = SpeculativeConfig.parse(_spec(checkpoints["random"]))
+    _, g = read_dspark_draft(checkpoints["random"])
+    assert spec.draft_kv_bytes_per_token(cfg) == g.num_layers * 2 * g.num_kv_heads * g.head_dim * 4
