@@ -339,3 +339,17 @@ def test_dummy_draft_and_kv_sizing(checkpoints):
     spec = SpeculativeConfig.parse(_spec(checkpoints["random"]))
     _, g = read_dspark_draft(checkpoints["random"])
     assert spec.draft_kv_bytes_per_token(cfg) == g.num_layers * 2 * g.num_kv_heads * g.head_dim * 4
+
+
+@pytest.mark.slow
+def test_rows_drafted_in_groups_draft_the_same(checkpoints, monkeypatch):
+    """With the gather budget so small that every row drafts alone, the drafts and outputs are the same."""
+    from moelink.engine.spec.proposer import dspark
+
+    spec = _spec(checkpoints["mixed"])
+    seen = record_drafts(monkeypatch)
+    out_whole, _ = _generate(checkpoints["target"], spec)
+    n = len(seen)
+    monkeypatch.setattr(dspark, "MAX_GATHERED", 1)
+    out_split, _ = _generate(checkpoints["target"], spec)
+    assert out_split == out_whole and seen[n:] == seen[:n] and n > 20

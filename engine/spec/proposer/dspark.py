@@ -17,7 +17,8 @@ Every step, all in the step's device work (no host sync: what depends on the acc
    position, a the drafts it accepted, on the device); the block [anchor, mask, ...] at positions P .. P + B - 1
    attends over the context before P (the last `window` positions, or all) and over itself whole. The context is
    gathered from the stage caches by the row's block table, C entries a row (host bound: p + k_r + 1, or the
-   window), the ones not before P masked out.
+   window), the ones not before P masked out; rows are drafted in groups where the gathered context would pass
+   MAX_GATHERED values (stages without a window read every earlier position).
 3. Markov: base logits of the B slots, then left to right the greedy draft of base_i + bias(prev_i), prev_0 the
    anchor. Greedy: the acceptance rule treats the drafts as deterministic (engine/spec/rejection.py), so sampled
    requests stay exact too.
@@ -53,6 +54,10 @@ from ..heads.dspark import DSparkGQAStages, check_names
 from .eagle3 import whole_vocab_table
 
 logger = logging.getLogger(__name__)
+
+# Context values gathered for one forward of the stages at most (rows are drafted in groups past it): full-context
+# stages read every earlier position, R x C x X values, which long prompts and many rows would make huge.
+MAX_GATHERED = 1 << 26
 
 
 @dataclass
@@ -153,17 +158,30 @@ class DSparkDrafter:
             a_R[to_device(plan.verify_rows, torch.long, dev)] = accepted - 1
         anchor_R = to_device(plan.pos_R, torch.long, dev) + a_R + 1  # the emitted token's position, P
         ctx_RC, valid_RC = self._context_slots(plan, anchor_R)
-        ctx = [cache[ctx_RC] for cache in self.caches]
         ids_RB = torch.full((R, self.k), self.dspark.mask_token_id, dtype=torch.long, device=dev)
         ids_RB[:, 0] = sampled_R
         offs = torch.arange(self.k, device=dev)
         positions_RB = (anchor_R[:, None] + offs).clamp_(max=self.max_model_len - 1)
-        base_RBV = st.base_logits(ids_RB, positions_RB, ctx, valid_RC)
+        parts = []
+        for r0, r1 in self._row_chunks(R, ctx_RC.shape[1]):
+            ctx = [cache[ctx_RC[r0:r1]] for cache in self.caches]
+            parts.append(st.base_logits(ids_RB[r0:r1], positions_RB[r0:r1], ctx, valid_RC[r0:r1]))
+        base_RBV = torch.cat(parts) if len(parts) > 1 else parts[0]
         prev, drafts = sampled_R, []
         for i in range(self.k):
             prev = (base_RBV[:, i] + st.markov_bias(prev)).argmax(dim=-1)
             drafts.append(prev)
         return to_host(torch.stack(drafts, dim=1))
+
+    def _row_chunks(self, R: int, C: int) -> list[tuple[int, int]]:
+        """Rows drafted together: all of them, unless their gathered context (whole, for stages without a window)
+        would pass MAX_GATHERED values; then groups that stay under it. Stages with routed experts always run
+        once (a window bounds their context, and under EP every rank must run the same number of forwards)."""
+        per_row = C * sum(int(np.prod(s)) for s in self.stages.row_shapes())
+        if self.stages.has_experts or R * per_row <= MAX_GATHERED:
+            return [(0, R)]
+        n = max(1, MAX_GATHERED // max(per_row, 1))
+        return [(r0, min(r0 + n, R)) for r0 in range(0, R, n)]
 
     def _context_slots(self, plan: DSparkPlan, anchor_R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cache rows int64 [R, C], which exist bool [R, C]): each row's context before its anchor, newest first;
