@@ -1,7 +1,8 @@
 """Speculative decoding's speed against its acceptance: tokens per step, step time and decode tokens/s vs p.
 
     python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy] | --shape NAME] [--batch 1 4 16]
-        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--eagle3 HEAD_DIR] [--dspark DRAFT_DIR|agree]
+        [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--eagle3 HEAD_DIR]
+        [--dspark DRAFT_DIR|agree|bundled]
         [--out benchmarks/results/spec_decode_<device>.json]
 
 A drafter of chosen acceptance (`OracleDrafter`: it proposes each request's known continuation, each draft right
@@ -18,7 +19,9 @@ p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size
    engine/spec/proposer/dspark.py); --dspark agree constructs the case where DSpark's drafts are right: the model's
    layers zeroed (engine/tools/dspark_checkpoint.bigram_target: its next token is its bigram, so every row, plain
    ones included, runs that model) and a draft whose Markov head is that bigram (agreeing_draft), so the row prices
-   DSpark's drafting at full acceptance against plain decoding of the same model.
+   DSpark's drafting at full acceptance against plain decoding of the same model; --dspark bundled runs the stages
+   the served checkpoint bundles (DeepSeek-V4's dspark_* fields; random under --load-format dummy: the row then
+   prices the drafter's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
 step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
 on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape
@@ -101,8 +104,9 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
         runs.append(("mtp", None, {"method": "mtp", "num_speculative_tokens": k}))
     if eagle3 is not None:
         runs.append(("eagle3", None, {"method": "eagle3", "model": eagle3, "num_speculative_tokens": k}))
-    if dspark is not None:
-        runs.append(("dspark", None, {"method": "dspark", "model": dspark, "num_speculative_tokens": k}))
+    if dspark is not None:  # "bundled": the served checkpoint's own stages (DeepSeek-V4's dspark_* fields)
+        runs.append(("dspark", None, {"method": "dspark", "num_speculative_tokens": k,
+                                      **({} if dspark == "bundled" else {"model": dspark})}))
     for name, p, spec in runs:
         with LLM(model, speculative_config=spec, **engine_kw) as llm:
             _run(llm, prompts, params)
@@ -173,9 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mtp", action="store_true", help="also the checkpoint's MTP drafter (method mtp)")
     ap.add_argument("--eagle3", default=None, metavar="HEAD_DIR",
                     help="also an EAGLE-3 head for --model (method eagle3): its checkpoint directory")
-    ap.add_argument("--dspark", default=None, metavar="DRAFT_DIR|agree",
-                    help="also a DSpark draft for --model (method dspark): its checkpoint directory, or 'agree': "
-                         "the constructed case of full acceptance (module docstring)")
+    ap.add_argument("--dspark", default=None, metavar="DRAFT_DIR|agree|bundled",
+                    help="also a DSpark draft for --model (method dspark): its checkpoint directory, 'agree': the "
+                         "constructed case of full acceptance, or 'bundled': the model's own stages (module docstring)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if any(not 0.0 <= p <= 1.0 for p in args.p):
