@@ -353,3 +353,19 @@ def test_rows_drafted_in_groups_draft_the_same(checkpoints, monkeypatch):
     monkeypatch.setattr(dspark, "MAX_GATHERED", 1)
     out_split, _ = _generate(checkpoints["target"], spec)
     assert out_split == out_whole and seen[n:] == seen[:n] and n > 20
+
+
+@pytest.mark.slow
+def test_seeded_sampling_with_dspark_drafts_is_reproducible(checkpoints):
+    """Sampled requests verify DSpark's greedy drafts by the rejection rule (engine/spec/rejection.py: deterministic
+    drafts keep the target distribution); a seeded request's tokens are the same run after run, drafts accepted."""
+    params = SamplingParams(temperature=0.1, seed=11, max_tokens=12, ignore_eos=True, detokenize=False)
+
+    def run():
+        with LLM(str(checkpoints["target"]), dtype="float32", max_model_len=128, num_kv_blocks=64, block_size=4,
+                 speculative_config={**_spec(checkpoints["agree"]), "min_draft_acceptance": 0}) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in _prompts(512, n=4)], params, use_tqdm=False)
+            return [o.outputs[0].token_ids for o in outs], llm.engine.stats().spec_decode
+
+    first, sd = run()
+    assert run()[0] == first and sd.num_accepted_tokens > 0, sd
