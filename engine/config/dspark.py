@@ -129,9 +129,13 @@ class DSparkGQAConfig:
 
 
 def bundles_dspark(hf_config: Any) -> bool:
-    """Whether a target's config.json carries DeepSeek's bundled DSpark stages (module docstring)."""
-    get = hf_config.get if isinstance(hf_config, dict) else (lambda k: getattr(hf_config, k, None))
-    return any(get(k) is not None for k in BUNDLED_FIELDS)
+    """Whether a target's config.json carries DeepSeek's bundled DSpark stages (module docstring), at its top level
+    or in its text_config (a composite file: DeepSeek-V4.1's)."""
+    def get(cfg: Any, key: str) -> Any:
+        return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+    text = get(hf_config, "text_config")
+    return any(get(c, k) is not None for c in (hf_config, text) if c is not None for k in BUNDLED_FIELDS)
 
 
 def read_bundled_dspark(hf_config: dict) -> DSparkConfig:

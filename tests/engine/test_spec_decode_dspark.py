@@ -285,6 +285,8 @@ def test_config_errors_name_the_field(tmp_path, checkpoints):
                                                    "dspark_target_layer_ids": [37, 38, 39], "dspark_markov_rank": 256,
                                                    "num_nextn_predict_layers": 3}})
     assert bundled.tap_counts(40) == (37, 38, 39) and bundled.num_stages == 3
+    from moelink.engine.config.dspark import bundles_dspark
+    assert bundles_dspark({"text_config": {"dspark_block_size": 5}}) and not bundles_dspark({"text_config": {}})
     with pytest.raises(ValueError, match="dspark_target_layer_ids"):
         read_bundled_dspark({"dspark_block_size": 5, "dspark_noise_token_id": 1, "dspark_target_layer_ids": [],
                              "dspark_markov_rank": 8, "num_nextn_predict_layers": 1})
