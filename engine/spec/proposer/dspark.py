@@ -147,8 +147,11 @@ class DSparkDrafter:
         assert isinstance(plan, DSparkPlan), plan  # this drafter's own `plan`
         dev, R, st = self.device, plan.num_rows, self.stages
         rows = st.context_rows(self._taps(aux), positions_T)
+        slot_T = attn.slot_mapping_T.long()
+        # A padding token (slot -1) writes the null block's first row, which only masked entries read.
+        slot_T = torch.where(slot_T >= 0, slot_T, torch.full_like(slot_T, self.num_kv_blocks * self.block_size))
         for cache, row in zip(self.caches, rows):
-            cache.index_copy_(0, attn.slot_mapping_T, row.to(cache.dtype))
+            cache.index_copy_(0, slot_T, row.to(cache.dtype))
         if not R:
             self.draft_moe_only()
             return None
