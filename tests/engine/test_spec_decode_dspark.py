@@ -371,3 +371,34 @@ def test_seeded_sampling_with_dspark_drafts_is_reproducible(checkpoints):
 
     first, sd = run()
     assert run()[0] == first and sd.num_accepted_tokens > 0, sd
+
+
+def test_a_model_prefixed_draft_loads_and_bad_inventories_are_named(checkpoints, tmp_path):
+    """Tensor names with a "model." prefix load as the plain ones; a missing and an unexpected tensor are named."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from moelink.engine.config.model import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(str(checkpoints["target"]), dtype="float32")
+
+    class _Model:
+        embed_tokens = torch.zeros(cfg.vocab_size, cfg.hidden_size)
+        lm_head = embed_tokens
+
+    plain, _ = load_dspark(str(checkpoints["random"]), cfg, _Model(), None, CPU)
+    for name, change in [("prefixed", lambda n, t: {"model." + n: t}),
+                         ("missing", lambda n, t: {} if n == "fc.weight" else {n: t}),
+                         ("unexpected", lambda n, t: {n: t, **({"extra.weight": t.clone()} if n == "fc.weight" else {})})]:
+        d = tmp_path / name
+        shutil.copytree(checkpoints["random"], d)
+        ts = load_file(d / "model.safetensors")
+        save_file({k: v for n, t in ts.items() for k, v in change(n, t).items()}, str(d / "model.safetensors"))
+        if name == "prefixed":
+            got, _ = load_dspark(str(d), cfg, _Model(), None, CPU)
+            assert all(torch.equal(a, b) for a, b in zip(got.parameters(), plain.parameters()))
+        else:
+            with pytest.raises(ValueError, match="missing 'fc.weight'" if name == "missing" else "unexpected 'extra"):
+                load_dspark(str(d), cfg, _Model(), None, CPU)

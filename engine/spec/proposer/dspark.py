@@ -231,7 +231,10 @@ def load_dspark(path: str | None, cfg: ModelConfig, model, kernels, device: torc
         load_plan(DummyCheckpoint(specs, device), plan, device)
     else:
         ckpt = SafetensorsCheckpoint(path)
-        check_names(path, ckpt.keys(), plan)
+        have = frozenset(ckpt.keys())
+        # Some exports keep a "model." prefix on the stages' names (SGLang's loader reads both).
+        plan = {("model." + n if n not in have and "model." + n in have else n): e for n, e in plan.items()}
+        check_names(path, have, plan)
         load_plan(ckpt, plan, device)
     return stages.eval(), dspark
 
