@@ -138,6 +138,10 @@ class SpeculativeConfig:
                              "draft layers DeepSeek-V4 / V4.1 bundle).")
         if self.runs_dspark and self.model is None:
             read_bundled_dspark(hf_config or {})  # its fields validated before anything is sized
+        if self.runs_mtp and bundles_dspark(hf_config or {}):
+            raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its next-n layers "
+                             f"(mtp.*) are DSpark stages ({architecture}'s config.json has dspark_* fields), not MTP "
+                             "modules; use method 'dspark'.")
         if self.runs_mtp and num_nextn_predict_layers < 1:
             raise ValueError(f"speculative_config.method='mtp' is invalid for this checkpoint: its config.json has "
                              f"num_nextn_predict_layers={num_nextn_predict_layers} ({architecture}: no MTP layers to "

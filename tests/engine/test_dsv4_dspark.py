@@ -149,3 +149,9 @@ def test_kv_sizing_counts_the_stages_context_rows(ckpts):
     drafter = DSparkDrafter(stages, dspark, cfg, torch.device("cpu"), None, 3, 8)
     want = SpeculativeConfig(method="dspark", num_speculative_tokens=3).draft_kv_bytes_per_token(cfg)
     assert drafter.kv_bytes_per_token() == want == 2 * 16 * 4
+
+
+def test_method_mtp_on_dspark_stages_is_refused(ckpts):
+    with pytest.raises(ValueError, match="are DSpark stages .* use method 'dspark'"):
+        LLM(ckpts["random"], dtype="float32", max_model_len=64, num_kv_blocks=16, block_size=8,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
