@@ -2,6 +2,7 @@
 
     python -m moelink.benchmarks.spec_decode [--model DIR [--load-format dummy] | --shape NAME] [--batch 1 4 16]
         [--p 0 0.5 0.8 1.0] [--k 2] [--tokens 64] [--repeats 3] [--mtp] [--eagle3 HEAD_DIR]
+        [--dspark DRAFT_DIR|agree|bundled]
         [--out benchmarks/results/spec_decode_<device>.json]
 
 A drafter of chosen acceptance (`OracleDrafter`: it proposes each request's known continuation, each draft right
@@ -13,7 +14,14 @@ p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size
 3. with --mtp (a checkpoint with MTP layers: DeepSeek-V3, GLM-4.5), the checkpoint's own drafter (method "mtp",
    engine/spec/proposer/mtp.py): its acceptance is the weights' (random under --load-format dummy: ~0, so the row
    then prices the drafter's cost); with --eagle3 HEAD_DIR, an EAGLE-3 head for the model (method "eagle3",
-   engine/spec/proposer/eagle3.py; random under --load-format dummy, so the row prices the head's cost).
+   engine/spec/proposer/eagle3.py; random under --load-format dummy, so the row prices the head's cost);
+   with --dspark DRAFT_DIR, a DFlash-format DSpark draft for the model (method "dspark",
+   engine/spec/proposer/dspark.py); --dspark agree constructs the case where DSpark's drafts are right: the model's
+   layers zeroed (engine/tools/dspark_checkpoint.bigram_target: its next token is its bigram, so every row, plain
+   ones included, runs that model) and a draft whose Markov head is that bigram (agreeing_draft), so the row prices
+   DSpark's drafting at full acceptance against plain decoding of the same model; --dspark bundled runs the stages
+   the served checkpoint bundles (DeepSeek-V4's dspark_* fields; random under --load-format dummy: the row then
+   prices the drafter's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
 step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
 on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape
@@ -74,7 +82,7 @@ def _run(llm, prompts, params, repeats: int = 1) -> tuple[list[list[int]], float
 
 
 def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine_kw: dict, repeats: int = 3,
-            mtp: bool = False, eagle3: str | None = None) -> dict:
+            mtp: bool = False, eagle3: str | None = None, dspark: str | None = None) -> dict:
     from moelink.engine import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -96,6 +104,9 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
         runs.append(("mtp", None, {"method": "mtp", "num_speculative_tokens": k}))
     if eagle3 is not None:
         runs.append(("eagle3", None, {"method": "eagle3", "model": eagle3, "num_speculative_tokens": k}))
+    if dspark is not None:  # "bundled": the served checkpoint's own stages (DeepSeek-V4's dspark_* fields)
+        runs.append(("dspark", None, {"method": "dspark", "num_speculative_tokens": k,
+                                      **({} if dspark == "bundled" else {"model": dspark})}))
     for name, p, spec in runs:
         with LLM(model, speculative_config=spec, **engine_kw) as llm:
             _run(llm, prompts, params)
@@ -138,6 +149,19 @@ def _shape_dir(shape: str, tmp: Path, max_batch: int, max_len: int) -> str:
     return str(write_model_dir(tmp / shape, hf, layers, max_len))
 
 
+def _agreeing_dspark(model: str, tmp: Path, k: int) -> tuple[str, str]:
+    """(the model's bigram copy, a DSpark draft of that bigram): the --dspark agree case (module docstring)."""
+    import json
+
+    from moelink.engine.tools.dspark_checkpoint import agreeing_draft, bigram_target
+
+    target = bigram_target(model, tmp / "bigram_target")
+    L = json.loads((target / "config.json").read_text())["num_hidden_layers"]
+    draft = agreeing_draft(target, tmp / "dspark_draft", block_size=k, target_layer_ids=sorted({max(L // 2 - 1, 0),
+                                                                                                L - 1}))
+    return str(target), str(draft)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m moelink.benchmarks.spec_decode", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny Qwen3-MoE made here)")
@@ -153,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mtp", action="store_true", help="also the checkpoint's MTP drafter (method mtp)")
     ap.add_argument("--eagle3", default=None, metavar="HEAD_DIR",
                     help="also an EAGLE-3 head for --model (method eagle3): its checkpoint directory")
+    ap.add_argument("--dspark", default=None, metavar="DRAFT_DIR|agree|bundled",
+                    help="also a DSpark draft for --model (method dspark): its checkpoint directory, 'agree': the "
+                         "constructed case of full acceptance, or 'bundled': the model's own stages (module docstring)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if any(not 0.0 <= p <= 1.0 for p in args.p):
@@ -169,21 +196,23 @@ def main(argv: list[str] | None = None) -> None:
         elif model is None:
             from moelink.engine.tools.tiny_model import make_tiny_model
             model = str(make_tiny_model(Path(tmp) / "tiny", arch="qwen3_moe"))
+        if args.dspark == "agree":
+            model, args.dspark = _agreeing_dspark(model, Path(tmp), args.k)
         kw = dict(dtype=args.dtype, max_model_len=16 + args.tokens + 8, load_format=args.load_format,
                   max_num_seqs=max(args.batch))
         result = dict(commit=git_commit(), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                       model=args.model or (f"{args.shape} shape, random weights" if args.shape else "tiny qwen3_moe"),
-                      k=args.k, tokens=args.tokens, mtp=args.mtp, eagle3=args.eagle3, batches={})
+                      k=args.k, tokens=args.tokens, mtp=args.mtp, eagle3=args.eagle3, dspark=args.dspark, batches={})
         tag = "cpu" if result["device"] == "cpu" else result["device"].replace(" ", "_").lower()
         out = args.out or RESULTS / f"spec_decode_{tag}.json"
         for b in args.batch:
-            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp, args.eagle3)
+            rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp, args.eagle3, args.dspark)
             result["batches"][str(b)] = rows
             write_result(out, result)  # after every batch: a run stopped at its time limit keeps what it measured
             print(f"batch {b}: plain {rows['plain']['tokens_per_s']:.0f} tok/s ({rows['plain']['ms_per_step']:.2f} "
                   f"ms/step), serial {rows['plain_serial']['tokens_per_s']:.0f} tok/s")
             for name, r in rows.items():
-                if name.startswith("p=") or name in ("mtp", "eagle3"):
+                if name.startswith("p=") or name in ("mtp", "eagle3", "dspark"):
                     expected = f"{r['expected_length']:.2f}" if r["expected_length"] is not None else "-"
                     print(f"  {name}: {r['tokens_per_s']:.0f} tok/s, {r['mean_accepted_length']:.2f} tokens/row "
                           f"(expected {expected}), {r['ms_per_step']:.2f} ms/step, x{r['speedup_vs_plain']:.2f} "

@@ -507,14 +507,14 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--moe-backend",): refused(KERNELS),
     ("--linear-backend",): refused(KERNELS),
     ("--sparse-indexer-topk-backend",): refused(KERNELS),
-    ("--speculative-config", "-sc"): accepted("speculative decoding, vLLM's JSON (ngram, mtp, eagle3; "
+    ("--speculative-config", "-sc"): accepted("speculative decoding, vLLM's JSON (ngram, mtp, eagle3, dspark; "
                                               "docs/speculative-decoding.md)",
                                               "--speculative-config '{\"method\": \"ngram\", "
                                               "\"num_speculative_tokens\": 3}'"),
     ("--spec-method",): mapped("--speculative-config '{\"method\": \"ngram\", \"num_speculative_tokens\": 3}'",
                                "speculative_config.method", "--spec-method ngram --spec-tokens 3"),
     ("--spec-model",): mapped("--speculative-config '{\"method\": \"eagle3\", \"model\": \"/heads/e3\", "
-                              "\"num_speculative_tokens\": 3}'", "speculative_config.model (an EAGLE-3 head)",
+                              "\"num_speculative_tokens\": 3}'", "speculative_config.model (an EAGLE-3 head, a DSpark draft)",
                               "--spec-method eagle3 --spec-model /heads/e3 --spec-tokens 3"),
     ("--spec-tokens",): mapped("--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": 2}'",
                                "speculative_config.num_speculative_tokens", "--spec-method mtp --spec-tokens 2"),

@@ -347,7 +347,7 @@ class EngineArgs:
         spec = self.speculative_config
         assert spec is None or isinstance(spec, SpeculativeConfig)  # parsed by __post_init__
         if spec is not None:
-            spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture)
+            spec.check_model(model_cfg.num_nextn_predict_layers, model_cfg.architecture, model_cfg.hf_config)
             # An EAGLE-3 head's directory, fetched and checked against this model before anything is sized.
             spec = spec.resolve_draft_model(model_cfg, self.download_dir, weights=self.load_format != "dummy")
         check_tensor_parallel(model_cfg, parallel.tensor_parallel_size, parallel.experts_split_by_tp)

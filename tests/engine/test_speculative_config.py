@@ -28,7 +28,9 @@ def test_vllm_spellings_parse():
      r"prompt_lookup_min=5 is invalid: must be an integer in \[1, 3\]"),
     ({"method": "ngram", "num_speculative_tokens": 2, "draft_tp": 2}, "unknown key.*draft_tp"),
     ({"method": "eagle3", "num_speculative_tokens": 2}, "model is required for method 'eagle3'"),
-    ({"method": "mtp", "num_speculative_tokens": 2, "model": "x"}, "model is only for method 'eagle3'"),
+    ({"method": "mtp", "num_speculative_tokens": 2, "model": "x"},
+     "model='x' is invalid for method 'mtp': it names a draft checkpoint directory for 'eagle3' or 'dspark' only"),
+    ({"method": "dspark", "num_speculative_tokens": 2, "model": ""}, "model='' is invalid for method 'dspark'"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(value, message):
     with pytest.raises(ValueError, match=message):

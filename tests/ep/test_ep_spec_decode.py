@@ -80,3 +80,22 @@ def test_ep3_eagle3_drafts_greedy_equals_one_rank_without(local_ray, tiny_model,
         want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
     spec = {"method": "eagle3", "model": head, "num_speculative_tokens": 2}
     _assert_ep3_equals(path, prompts, params, spec, dict(kw, enable_two_batch_overlap=True), want)
+
+
+def test_ep3_dspark_drafts_greedy_equals_one_rank_without(local_ray, tiny_model, tmp_path):
+    """Method "dspark" (engine/spec/proposer/dspark.py) under EP 3 with two-batch overlap: each rank's forward keeps
+    the tapped states (each micro-batch its own, joined back), writes its requests' context rows and drafts their
+    blocks with the dense DFlash-format stages, no collective; greedy outputs equal one rank's without
+    speculation."""
+    from moelink.engine.tools.dspark_checkpoint import agreeing_draft, bigram_target
+
+    path = str(bigram_target(tiny_model("qwen3_e6k3", num_layers=4), tmp_path / "target", scale=0.1))
+    draft = str(agreeing_draft(path, tmp_path / "draft", block_size=3, target_layer_ids=[0, 2], mask_token_id=7))
+    kw = dict(dtype="float64", max_num_seqs=8, max_num_batched_tokens=40, num_kv_blocks=96, block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, detokenize=False)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(2, 30))] for _ in range(N_PROMPTS)]
+    with LLM(path, **kw) as one:
+        want = [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)]
+    spec = {"method": "dspark", "model": draft, "num_speculative_tokens": 3}
+    _assert_ep3_equals(path, prompts, params, spec, dict(kw, enable_two_batch_overlap=True), want)

@@ -376,3 +376,31 @@ def test_tp2_hybrid_host_drafts_equal_one_rank(local_ray, hf_tiny_model):
             "drafter_factory": functools.partial(OracleDrafter, ref, 0.6, VOCAB, 7)}
     sd = _assert_tp_equals(path, ps, want, spec)
     assert 0 < sd.num_accepted_tokens < sd.num_draft_tokens
+
+
+def test_tp2_dspark_drafts_equal_one_rank(local_ray, tiny_model, tmp_path):
+    """DSpark's DFlash-format stages (engine/spec/proposer/dspark.py), replicated whole on every rank, the target's
+    embedding and LM head gathered whole from the ranks' vocab shards at load: a draft constructed to agree with the
+    near-bigram target drafts and is accepted as on one rank."""
+    from moelink.engine.tools.dspark_checkpoint import agreeing_draft, bigram_target
+
+    path = str(bigram_target(tiny_model("qwen3_e6k3", num_layers=4), tmp_path / "target", scale=0.1))
+    draft = agreeing_draft(path, tmp_path / "draft", block_size=3, target_layer_ids=[0, 2], mask_token_id=7)
+    ps = _prompts(512, seed=5)
+    spec = {"method": "dspark", "model": str(draft), "num_speculative_tokens": 3, "min_draft_acceptance": 0,
+            "max_verify_fraction": 1}
+    _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), spec, _one_rank_drafts(path, ps, spec))
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
+def test_dsv4_dspark_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, tmp_path, tp, ep):
+    """DeepSeek-V4's bundled DSpark stages (engine/models/deepseek_v4/dspark.py), constructed to agree with the
+    target: at `-tp 2` each stage splits its heads and experts as the MTP block does, at `-ep 2` its experts
+    dispatch like a main layer's (a rank without rows runs the stages' collectives alone); greedy equals one rank's
+    without drafts, drafted and accepted as on one rank."""
+    from tests.helpers.dsv4_dspark_checkpoint import save_dsv4_with_dspark
+
+    path = save_dsv4_with_dspark(tmp_path / "c", agree=True)
+    ps = _prompts(400, seed=7)  # the tiny V4's vocabulary
+    spec = {"method": "dspark", "num_speculative_tokens": 3, "min_draft_acceptance": 0, "max_verify_fraction": 1}
+    _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), spec, _one_rank_drafts(path, ps, spec), ep=ep, tp=tp)

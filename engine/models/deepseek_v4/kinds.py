@@ -1,3 +1,3 @@
 """DeepSeek-V4's registrations on the models side (engine/models/blocks/registry.py imports this module of every
-family that has one): its block kinds (blocks.py) and its MTP layout (mtp.py)."""
-from . import blocks, mtp  # noqa: F401
+family that has one): its block kinds (blocks.py), its MTP layout (mtp.py) and its DSpark stages (dspark.py)."""
+from . import blocks, dspark, mtp  # noqa: F401

@@ -17,7 +17,9 @@ states: "ngram" (prompt lookup, engine/spec/proposer/ngram.py), or a `drafter_fa
 (`DeviceDrafter`) drafts inside the step's device work, after the acceptance rule, and its drafts come back with the
 step's tokens by the same non-blocking copies: a ChainDrafter (engine/spec/proposer/chain.py) over one draft layer,
 "mtp" the checkpoint's next-n prediction layer (engine/spec/proposer/mtp.py) or "eagle3" a head from its own
-checkpoint (engine/spec/proposer/eagle3.py), built for the model runner (`make_device_drafter`, through
+checkpoint (engine/spec/proposer/eagle3.py); or "dspark", block drafting with a Markov head
+(engine/spec/proposer/dspark.py: its own drafter, not a chain); each built for the model runner
+(`make_device_drafter`, through
 engine/spec/api.SPEC_DECODING) because it needs the model.
 Either way the drafts reach the scheduler as `ModelRunnerOutput.draft_token_ids` (engine/rank/step_handle.py).
 
@@ -44,6 +46,7 @@ from ...config.speculative import SpeculativeConfig
 from ...contract.spec_decoding import DeviceDrafter, DraftRequest, HostDrafter
 from ...tp.group import TensorParallel
 
+from .dspark import DSparkProposer
 from .eagle3 import Eagle3Drafter
 from .mtp import MTPDrafter
 from .ngram import NgramProposer
@@ -86,4 +89,6 @@ def make_device_drafter(spec: SpeculativeConfig | None, cfg: ModelConfig, model:
     k = spec.num_speculative_tokens
     if spec.runs_mtp:
         return MTPDrafter(cfg, model, kernels, device, ep, k, block_size, load_format, tp)
+    if spec.runs_dspark:
+        return DSparkProposer(spec.model, cfg, model, kernels, device, ep, k, block_size, load_format, tp)
     return Eagle3Drafter(spec.model, cfg, model, kernels, device, ep, k, block_size, load_format, tp)
