@@ -113,6 +113,8 @@ def _segmented_experts(x_TD, w13_EFD, w2_EDI, weights_P, order_P, counts: list[i
     GEMM over the same inputs, a token's pairs added in expert order) in about 10 + 2E torch ops where the loop
     takes 9E: the mid-size decode batches of a CPU step are op dispatch."""
     n_valid = sum(counts)  # remote pairs (another rank's experts) sort last: left out
+    if n_valid == 0:  # no token here (T = 0, or every pair another rank's)
+        return out_TD
     pairs_n = order_P[:n_valid]
     tok_n = pairs_n // top_k
     x_nD = x_TD.index_select(0, tok_n)
