@@ -39,7 +39,7 @@ def quantize_for_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) 
     """What a cache of `cache_dtype` stores for x: x itself (cast), or for fp8 x / scale saturated to the
     format's range (a bare cast would turn an out-of-range value into NaN)."""
     if cache_dtype not in FP8_CACHE_DTYPES:
-        return x.to(cache_dtype)
+        return x if x.dtype == cache_dtype else x.to(cache_dtype)  # (a same-dtype .to is still an op to dispatch)
     fp8_max = torch.finfo(cache_dtype).max
     return (x.to(torch.float32) / scale).clamp(-fp8_max, fp8_max).to(cache_dtype)
 
@@ -158,8 +158,12 @@ def reference_paged_attention(
     Returns [T, N, Hv] in q's dtype (Hv: the V cache's head dim, H but for narrower values).
     """
     _check_extras(q_TNH, sinks_N, sliding_window)
-    out_TNH = q_TNH.new_empty(*q_TNH.shape[:2], v_cache_BLKH.shape[-1])
     starts, decode_seqs, chunk_seqs = step_partition(meta)
+    if decode_seqs and not chunk_seqs and sinks_N is None:
+        plans = _decode_plans(q_TNH, k_cache_BLKH, meta, decode_seqs, starts, sliding_window)
+        if len(plans) == 1 and plans[0].tok_idx_S is None:  # the batch in its order, one group: SDPA's output is it
+            return _decode_sdpa(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plans[0], (k_scale, v_scale)).squeeze(2)
+    out_TNH = q_TNH.new_empty(*q_TNH.shape[:2], v_cache_BLKH.shape[-1])
     if decode_seqs:
         _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, decode_seqs, starts, out_TNH, sinks_N,
                       sliding_window, (k_scale, v_scale))
@@ -238,13 +242,25 @@ def step_partition(meta: AttentionMetadata) -> tuple[list[int], list[int], list[
 
 def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
                   window=None, kv_scales=(1.0, 1.0)) -> None:
+    for plan in _decode_plans(q_TNH, k_cache_BLKH, meta, seqs, starts, window):
+        _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan, out_TNH, sinks_N, kv_scales)
+
+
+def _decode_plans(q_TNH, k_cache_BLKH, meta, seqs, starts, window) -> list["_GroupPlan"]:
+    """The step's decode groups (`_decode_group_plans`), built by its first layer (kernels/step_memo.py)."""
     block_size = k_cache_BLKH.shape[1]
-    plans = STEP_MEMO.get(
+    return STEP_MEMO.get(
         "decode_groups", (meta.seq_lens_S, meta.block_tables_SM, meta.query_start_loc_S1),
         (block_size, meta.null_block, window, meta.max_seq_len, len(seqs)),
         lambda: _decode_group_plans(meta, seqs, starts, block_size, window, q_TNH.device))
-    for plan in plans:
-        _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan, out_TNH, sinks_N, kv_scales)
+
+
+def _decode_sdpa(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: "_GroupPlan", kv_scales) -> torch.Tensor:
+    """One group's attention without sinks: [S, N, 1, Hv] (rows in the group's order)."""
+    k_SCKH, v_SCKH = plan.gather(k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
+    q_SNH = q_TNH if plan.tok_idx_S is None else q_TNH.index_select(0, plan.tok_idx_S)
+    return F.scaled_dot_product_attention(q_SNH.unsqueeze(2), k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2),
+                                          attn_mask=plan.mask_S11C, scale=scale, enable_gqa=True)
 
 
 @dataclass
@@ -395,16 +411,15 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: _GroupPlan, ou
     v_head_dim = v_cache_BLKH.shape[-1]
     tok_idx_S = plan.tok_idx_S
     S = plan.valid_SC.shape[0]
-    k_SCKH, v_SCKH = plan.gather(k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
-    q_SNH = q_TNH if tok_idx_S is None else q_TNH.index_select(0, tok_idx_S)
     if sinks_N is None:
-        out_SN1H = F.scaled_dot_product_attention(q_SNH.unsqueeze(2), k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2),
-                                                  attn_mask=plan.mask_S11C, scale=scale, enable_gqa=True)
+        out_SN1H = _decode_sdpa(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan, kv_scales)
         if tok_idx_S is None:
             out_TNH.copy_(out_SN1H.squeeze(2))
         else:
             out_TNH.index_copy_(0, tok_idx_S, out_SN1H.squeeze(2))
         return
+    k_SCKH, v_SCKH = plan.gather(k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
+    q_SNH = q_TNH if tok_idx_S is None else q_TNH.index_select(0, tok_idx_S)
     # GQA without copying K/V per query head: one batched matmul per kv head, over
     # strided views of the gathered K/V (BLAS reads them in place).
     rep = q_TNH.shape[1] // num_kv_heads

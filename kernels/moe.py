@@ -128,10 +128,9 @@ def _segmented_experts(x_TD, w13_EFD, w2_EDI, weights_P, order_P, counts: list[i
     a_nI = activation(gate_nI, up_nI)
     y_nD = torch.cat([F.linear(a_nI[o: o + n], w2_EDI[e], None if b2_ED is None else b2_ED[e])
                       for e, o, n in segments])
-    y_nD = y_nD * weights_P.index_select(0, pairs_n)[:, None].to(y_nD.dtype)
-    out_TD.index_add_(0, tok_n, y_nD.to(out_TD.dtype))
+    y_nD = y_nD * _cast(weights_P.index_select(0, pairs_n)[:, None], y_nD.dtype)
+    out_TD.index_add_(0, tok_n, _cast(y_nD, out_TD.dtype))
     return out_TD
-
 
 
 # A batch of at most this many (token, expert) pairs (batch 1 to 4 at top-2) gathers its experts' weights
@@ -156,8 +155,13 @@ def _gathered_experts(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, b13_E
     y_P1D = torch.bmm(activation(gate_P1I, up_P1I), w2_EDI.index_select(0, ids_P).transpose(1, 2))
     if b2_ED is not None:
         y_P1D = y_P1D + b2_ED.index_select(0, ids_P)[:, None, :]
-    y_TKD = y_P1D.view(T, K, -1) * topk_weights_TK[:, :, None].to(y_P1D.dtype)
-    return y_TKD.masked_fill(none_TK1, 0).sum(1).to(x_TD.dtype)
+    y_TKD = y_P1D.view(T, K, -1) * _cast(topk_weights_TK[:, :, None], y_P1D.dtype)
+    return _cast(y_TKD.masked_fill(none_TK1, 0).sum(1), x_TD.dtype)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as `dtype` (itself when it is: a same-dtype cast is still an op to dispatch on a CPU step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def sort_pairs(topk_ids_TK: torch.Tensor, num_local: int, expert_map_G: torch.Tensor | None = None

@@ -23,6 +23,8 @@ def reference_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor | None, eps: f
     float32 input takes the weight inside it (the product commutes: the same bits)."""
     D = x_TD.shape[-1]
     if weight_D is None:
+        if x_TD.dtype == torch.float32:
+            return F.rms_norm(x_TD, (D,), None, eps)
         return F.rms_norm(x_TD.to(torch.float32), (D,), None, eps).to(x_TD.dtype)
     if x_TD.dtype == torch.float32 and weight_D.dtype == torch.float32:
         return F.rms_norm(x_TD, (D,), weight_D, eps)

@@ -59,14 +59,18 @@ def reference_route_topk(
     if valid_T is not None:
         ids_TK = ids_TK.masked_fill(~valid_T[:, None], -1)
     if counts_G is not None and ids_TK.numel():
-        # index_add_, not bincount (a host sync on CUDA); ids < 0 count for nothing.
+        # index_add_, not bincount (a host sync on CUDA); ids < 0 count for nothing. Without padding rows every
+        # id is an expert's (top-k picks one per slot): ones, two ops where the masked count takes four.
         ids = ids_TK.reshape(-1)
-        counts_G.index_add_(0, ids.clamp(min=0), (ids >= 0).to(counts_G.dtype))
+        if valid_T is None:
+            counts_G.index_add_(0, ids, torch.ones(ids.shape, dtype=counts_G.dtype, device=ids.device))
+        else:
+            counts_G.index_add_(0, ids.clamp(min=0), (ids >= 0).to(counts_G.dtype))
     return weights_TK, ids_TK
 
 
 def _greedy(logits_TG, top_k, renormalize, scale):
-    probs_TG = torch.softmax(logits_TG.float(), dim=-1)
+    probs_TG = torch.softmax(_f32(logits_TG), dim=-1)
     weights_TK, ids_TK = torch.topk(probs_TG, top_k, dim=-1)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -76,7 +80,7 @@ def _greedy(logits_TG, top_k, renormalize, scale):
 
 
 def _softmax_grouped(logits_TG, top_k, renormalize, scale, n_group, topk_group):
-    scores_TG = torch.softmax(logits_TG.float(), dim=-1)
+    scores_TG = torch.softmax(_f32(logits_TG), dim=-1)
     T, G = scores_TG.shape
     group_TP = scores_TG.view(T, n_group, G // n_group).amax(dim=-1)
     keep_TG = _group_mask(group_TP, topk_group, G)
@@ -128,7 +132,7 @@ def reference_softmax_biased_topk(logits_TG: torch.Tensor, top_k: int, bias_G: t
     """LongCat-Flash's router, op for op as transformers': softmax scores over all experts in float32, then noaux_tc's
     selection on scores + bias_G (`_select_biased`). (weights_TK float32, ids_TK int64). No fused form yet: the layer
     calls it (moe/router.py SoftmaxBiasedRouter)."""
-    return _select_biased(torch.softmax(logits_TG.float(), dim=-1), top_k, renormalize, scale, n_group, topk_group,
+    return _select_biased(torch.softmax(_f32(logits_TG), dim=-1), top_k, renormalize, scale, n_group, topk_group,
                           bias_G)
 
 
@@ -140,3 +144,8 @@ def _group_mask(group_TP: torch.Tensor, topk_group: int, num_experts: int) -> to
     group_idx_TK = torch.topk(group_TP, k=topk_group, dim=-1, sorted=False)[1]
     keep_TP = torch.zeros_like(group_TP, dtype=torch.bool).scatter_(1, group_idx_TK, True)
     return keep_TP.unsqueeze(-1).expand(T, P, num_experts // P).reshape(T, num_experts)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 (itself when it is: a same-dtype cast is still an op to dispatch)."""
+    return x if x.dtype == torch.float32 else x.float()

@@ -181,7 +181,9 @@ class MoELayer(nn.Module):
         and sends their projection to the experts; gate_GD is then [G, X])."""
         # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         route_TX = x_TD if route_TX is None else route_TX
-        logits_TG = F.linear(route_TX.to(self.gate_GD.dtype), self.gate_GD, self.gate_bias_G)
+        if route_TX.dtype != self.gate_GD.dtype:
+            route_TX = route_TX.to(self.gate_GD.dtype)
+        logits_TG = F.linear(route_TX, self.gate_GD, self.gate_bias_G)
         # Zero-computation experts take the unfused path: the fused op would count their ids as experts' load.
         route = self.router.route_args() if not self.zero_experts else None
         identity_T1 = None  # the zero-computation experts' weight per row (None: the layer has none)

@@ -210,7 +210,9 @@ class MoEDecoderForCausalLM(nn.Module):
 
     def compute_logits(self, h_SD: torch.Tensor) -> torch.Tensor:
         """[S, V] on every rank (under TP each rank's vocab shard, all-gathered: every rank samples the same)."""
-        return self.vocab.logits(h_SD.to(self.lm_head.dtype), self.lm_head)  # (a float32 head: Head.lm_head_float32)
+        if h_SD.dtype != self.lm_head.dtype:  # a float32 head: Head.lm_head_float32
+            h_SD = h_SD.to(self.lm_head.dtype)
+        return self.vocab.logits(h_SD, self.lm_head)
 
     # -- checkpoint mapping ---------------------------------------------------
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
