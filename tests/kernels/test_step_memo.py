@@ -129,3 +129,16 @@ def test_rope_write_kv_one_norm_and_rotation_for_q_and_k_is_the_same_bits(dtype)
     assert torch.equal(q_out, q_ref)
     assert torch.equal(kc.view(-1, K, H)[slots], k_ref)
     assert torch.equal(vc.view(-1, K, H)[slots], v)
+
+
+def test_cpu_reads_refuse_a_tensor_off_the_cpu():
+    """kernels/cpu_reads.py reads values on the host only for CPU tensors: on another device it would be the
+    device->host sync its callers' branches must not make (a meta tensor stands in for one)."""
+    from moelink.kernels.cpu_reads import cpu_item, cpu_nonzero
+
+    assert cpu_nonzero(torch.tensor([False, True, True])).tolist() == [1, 2]
+    assert cpu_item(torch.tensor(3)) == 3
+    with pytest.raises(RuntimeError, match="CPU tensor only"):
+        cpu_nonzero(torch.zeros(3, dtype=torch.bool, device="meta"))
+    with pytest.raises(RuntimeError, match="CPU tensor only"):
+        cpu_item(torch.zeros((), device="meta"))
