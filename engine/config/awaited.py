@@ -22,9 +22,6 @@ class Awaited:
 
 
 AWAITED: tuple[Awaited, ...] = (
-    Awaited("DeepSeek-V4.1", "CSA2 attention, lagged hyper-connections and Engram n-gram tables",
-            ("deepseek_v4_1", "deepseek_v41", "deepseek_v4.1"),
-            ("DeepseekV41ForCausalLM", "DeepseekV4_1ForCausalLM")),
     Awaited("Kimi K3", "LatentMoE with Kimi Delta Attention beside MLA",
             ("kimi_k3",), ("KimiK3ForCausalLM", "KimiK3ForConditionalGeneration")),
 )

@@ -1,0 +1,108 @@
+"""DeepSeek-V4.1 (issue 81) against transformers' main-branch modeling code, whose greedy tokens for a tiny
+checkpoint it wrote itself are recorded in tests/fixtures/deepseek_v41/ (make_fixtures.py made them; the locked
+transformers has no V4.1, so the oracle ran in a scratch environment and the fixture is what the tests read): float64,
+token for token, plain, chunked and batched, under preemption and from prefix-cache hits; its config read by moelink's
+own config class, its roles per layer, and its refusals naming the field."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelink.engine import LLM
+from moelink.engine.config.model import ModelConfig
+from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_v41"
+TINY = str(FIXTURES / "tiny")
+REF = json.loads((FIXTURES / "reference.json").read_text())
+PROMPTS = [c["prompt"] for c in REF["cases"]]
+WANT = [c["greedy"] for c in REF["cases"]]
+N = REF["new_tokens"]
+
+
+def test_fixture_checkpoint_is_the_one_the_reference_was_made_from():
+    import hashlib
+
+    assert hashlib.sha256((FIXTURES / "tiny" / "model.safetensors").read_bytes()).hexdigest() == REF["weights_sha256"]
+
+
+def test_config_is_read_by_moelinks_own_class_with_each_layers_role():
+    cfg = ModelConfig.from_pretrained(TINY, "float64")
+    roles = [(a.compress_rate, a.source, a.index, a.candidates, a.engram_context) for a in cfg.layer_attention]
+    assert roles == [(0, -1, "none", "none", 0), (2, 1, "keys", "none", 2), (2, 1, "reuse", "none", 0),
+                     (2, 1, "reuse", "none", 0), (1, 4, "keys", "publish", 0), (1, 4, "reuse", "none", 2),
+                     (1, 4, "reindex", "use", 0), (1, 4, "reuse", "none", 0)]
+    assert type(cfg).__name__ == "ModelConfig" and cfg.hf_config["model_type"] == "deepseek_v41_text"
+    # only the KV sources hold pages: entries and index keys per compress_rate tokens
+    assert [a.kv_values_per_token() for a in cfg.layer_attention] == [0, 48, 0, 0, 96, 0, 0, 0]
+
+
+def test_the_released_composite_config_is_read_flat(tmp_path):
+    raw = json.loads((FIXTURES / "tiny" / "config.json").read_text())
+    text = {k: v for k, v in raw.items() if k not in ("architectures",)}
+    composite = {"architectures": ["DeepseekV41ForCausalLM"], "model_type": "deepseek_v41", "text_config": text,
+                 "vision_config": {"num_hidden_layers": 2}}
+    (tmp_path / "config.json").write_text(json.dumps(composite))
+    cfg = ModelConfig.from_pretrained(str(tmp_path), "float64")
+    assert cfg.num_layers == 8 and cfg.hidden_size == 32 and cfg.hyper_connections.hc_mult == 3
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("gate_temp", 2.0, "gate_temp=2.0"),
+    ("index_source_layer_ids", [4, 6], "index_source_layer_ids"),
+    ("scoring_func", "softmax", "scoring_func='softmax'"),
+    ("compress_ratios", [0, 2, 1, 2, 1, 1, 1, 1], r"compress_ratios\[2\]=1"),
+])
+def test_an_unsupported_field_is_refused_naming_it(tmp_path, field, value, match):
+    shutil.copytree(TINY, tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    raw[field] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_pretrained(str(tmp_path / "m"), "float64")
+
+
+def test_greedy_parity_one_at_a_time():
+    llm = LLM(TINY, dtype="float64", max_num_seqs=1, num_kv_blocks=64, block_size=8)
+    assert_same(engine_greedy(llm, PROMPTS, N), WANT, PROMPTS)
+    assert_pool_free(llm)
+
+
+def test_greedy_parity_chunked_batched():
+    """Seven prompts at once in chunks of 13 tokens: chunks start mid-group (rate 2) and mid-window."""
+    llm = LLM(TINY, dtype="float64", max_num_seqs=7, max_num_batched_tokens=13, num_kv_blocks=96, block_size=8)
+    assert_same(engine_greedy(llm, PROMPTS, N), WANT, PROMPTS)
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
+def test_greedy_parity_under_preemption_then_prefix_hits():
+    """A pool small enough to preempt, then the same prompts again from state checkpoints at block boundaries and
+    the KV sources' pages before them (hits asserted)."""
+    llm = LLM(TINY, dtype="float64", max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=20, block_size=8,
+              num_state_checkpoints=16)
+    assert_same(engine_greedy(llm, PROMPTS, N), WANT, PROMPTS)
+    assert llm.engine.stats().num_preemptions_total > 0
+    hits = llm.engine.stats().prefix_cache_hits
+    assert_same(engine_greedy(llm, PROMPTS, N), WANT, PROMPTS)
+    assert llm.engine.stats().prefix_cache_hits > hits
+    assert_pool_free(llm)
+
+
+def test_fake_quantization_points_round_as_published():
+    """FP8 with a power-of-two scale per 32, FP4 with an e4m3 scale per 16 (ties to the even e2m1 code)."""
+    from moelink.engine.models.deepseek_v41.fake_quant import fp4_block, fp8_block, pow2_ceil
+
+    assert pow2_ceil(torch.tensor([1.0, 1.5, 0.3, 2.0**-126])).tolist() == [1.0, 2.0, 0.5, 2.0**-126]
+    ties = torch.tensor([[0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2], dtype=torch.float64)
+    # amax 6: e4m3 scale 1, so the values are their own codes
+    assert fp4_block(ties, 16, e4m3_scales=True).tolist() == [[0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0] * 2]
+    x = torch.linspace(-3, 3, 64, dtype=torch.float64)[None]
+    y = fp8_block(x, 32)
+    # amax 3: scale 2^-7, so e4m3 steps of 0.25 near 3 (half a step at most off)
+    assert y.dtype == torch.float64 and not torch.equal(x, y) and (x - y).abs().max() <= 0.125
+    assert torch.equal(fp8_block(x[:, :30], 32), x[:, :30])  # not a whole block: unquantized
