@@ -27,7 +27,7 @@ MODEL_TYPE_ALIASES: dict[str, str] = {}
 TEXT_MODEL_OF: dict[str, str] = {}
 TEXT_WEIGHTS_PREFIX: dict[str, str] = {}
 # config.json model_type -> the family module whose `read_config(raw, transformers_knows, path)` reads it, for a
-# family whose config the locked transformers may lack (DeepSeek-V4.1's, engine/models/deepseek_v41/hf_config.py).
+# family whose config the locked transformers may lack (DeepSeek-V4.1's, engine/models/deepseek_v41/reader.py).
 OWN_CONFIGS: dict[str, str] = {}
 for _family in FAMILIES:
     _config = importlib.import_module(family_module(_family, "config"))

@@ -106,3 +106,42 @@ def test_fake_quantization_points_round_as_published():
     # amax 3: scale 2^-7, so e4m3 steps of 0.25 near 3 (half a step at most off)
     assert y.dtype == torch.float64 and not torch.equal(x, y) and (x - y).abs().max() <= 0.125
     assert torch.equal(fp8_block(x[:, :30], 32), x[:, :30])  # not a whole block: unquantized
+
+
+def test_make_tiny_model_writes_what_transformers_writes(tmp_path):
+    """`moelink make-tiny-model --arch deepseek_v41`: the tensors (names, shapes) of the checkpoint transformers'
+    main-branch classes wrote for the same config; it loads and generates."""
+    from safetensors import safe_open
+
+    from moelink.engine.tools.tiny_model import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "v41", "deepseek_v41")
+    shapes = {}
+    for d in (path, FIXTURES / "tiny"):
+        with safe_open(str(Path(d) / "model.safetensors"), framework="pt") as st:
+            shapes[str(d)] = {n: tuple(st.get_slice(n).get_shape()) for n in st.keys()}
+    assert shapes[str(path)] == shapes[str(FIXTURES / "tiny")]
+    llm = LLM(str(path), dtype="float32", max_num_seqs=2, num_kv_blocks=32, block_size=8)
+    assert len(engine_greedy(llm, PROMPTS[:2], 4)[1]) == 4
+
+
+def test_load_format_dummy_from_config_json_alone(tmp_path):
+    """--load-format dummy: the tensors DummyCheckpoint makes are the real checkpoint's, and an engine runs from
+    config.json alone (no tokenizer: the Engram hashes ids by remainder, said in the log)."""
+    from safetensors import safe_open
+
+    from moelink.engine.rank.dummy_weights import DummyCheckpoint
+
+    with safe_open(str(FIXTURES / "tiny" / "model.safetensors"), framework="pt") as st:
+        real = {n: tuple(st.get_slice(n).get_shape()) for n in st.keys()}
+    dummy = DummyCheckpoint.for_model(ModelConfig.from_pretrained(TINY, "float32"), torch.device("cpu")).specs
+    assert set(dummy) <= set(real)  # the float tables' per-row scales and the gates' image bias are not read
+    assert set(real) - set(dummy) == {n for n in real if n.endswith(("engram.embed.scale", "gate.bias_vl"))}
+    assert all(dummy[n].shape == real[n] for n in dummy)
+    shutil.copy(FIXTURES / "tiny" / "config.json", tmp_path / "config.json")
+    llm = LLM(str(tmp_path), dtype="float32", load_format="dummy", max_num_seqs=2, num_kv_blocks=32, block_size=8)
+    from moelink.engine import SamplingParams
+
+    out = llm.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=4, detokenize=False, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

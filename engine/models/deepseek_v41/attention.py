@@ -1,5 +1,5 @@
-"""DeepSeek-V4.1's attention layer, kind "shared_compressed" (attention_config.py has the cache layout): V4's latent
-shared-KV attention (one KV head that is its own value, per-head sinks, a sliding window of raw KV, the output's rope
+"""DeepSeek-V4.1's attention layer, kind "shared_compressed" (its cache layout:
+engine/models/shared_compressed_attention_config.py): V4's latent shared-KV attention (one KV head that is its own value, per-head sinks, a sliding window of raw KV, the output's rope
 tail rotated back, a grouped low-rank output projection), with CSA2's shared compressed KV: a KV-source layer writes
 its group's entries (and index keys) into its pages, the layers after it read them from there, and each query attends
 to the entries its group's latest index source picked.
@@ -35,7 +35,7 @@ from torch import nn
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..layers import ForwardContext, param
-from .attention_config import SharedCompressedAttentionConfig
+from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
 from .fake_quant import fp4_block, fp8_block
 from .rope import RopeTable
 
@@ -88,9 +88,11 @@ class Indexer(nn.Module):
             self.k_norm = Norm(I, cfg.rms_norm_eps, dtype, device)
 
     def weight_plan(self, p: str) -> WeightPlan:
-        plan = {p + "wq_b.weight": PlanEntry(self.wq_b, ()), p + "weights_proj.weight": PlanEntry(self.weights_proj, ())}
+        plan = {p + "wq_b.weight": PlanEntry(self.wq_b, ()),
+                p + "weights_proj.weight": PlanEntry(self.weights_proj, ())}
         if self.owns_keys:
-            plan.update({p + "wk.weight": PlanEntry(self.wk, ()), p + "k_norm.weight": PlanEntry(self.k_norm.weight, ())})
+            plan.update({p + "wk.weight": PlanEntry(self.wk, ()),
+                         p + "k_norm.weight": PlanEntry(self.k_norm.weight, ())})
         return plan
 
 
@@ -283,7 +285,8 @@ class V41Attention(nn.Module):
         """transformers' names under `p` = "model.layers.{i}.attn."."""
         plan = {p + f"{n}.weight": PlanEntry(getattr(self, n), ()) for n in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")}
         plan.update({p + "q_norm.weight": PlanEntry(self.q_norm.weight, ()),
-                     p + "kv_norm.weight": PlanEntry(self.kv_norm.weight, ()), p + "attn_sink": PlanEntry(self.sinks_N, ())})
+                     p + "kv_norm.weight": PlanEntry(self.kv_norm.weight, ()),
+                     p + "attn_sink": PlanEntry(self.sinks_N, ())})
         if self.compressor is not None:
             plan.update(self.compressor.weight_plan(p + "compressor."))
         if self.indexer is not None:

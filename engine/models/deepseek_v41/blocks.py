@@ -16,6 +16,7 @@ Legend: T tokens, n streams, D hidden.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -32,9 +33,11 @@ from ..blocks.stream import EMBEDDING, HEAD, RESIDUAL, Head, Layer
 from ..hyper_connections import HyperConnection
 from ..layers import AuxCapture, ForwardContext
 from .attention import Norm, V41Attention
-from .attention_config import SharedCompressedAttentionConfig
+from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
 from .engram import Engram, EngramHash, EngramLayout, compressed_token_map
 from .rope import RopeTable
+
+logger = logging.getLogger(__name__)
 
 
 def collapse(x_TnD: torch.Tensor, pre_Tn: torch.Tensor) -> torch.Tensor:
@@ -72,25 +75,28 @@ ATTENTION.add("shared_compressed", AttentionKind("attn", _attention))
 
 # -- residual: "lagged_hyper" ----------------------------------------------------------------------------------------
 def _engram_hash(ctx: BuildContext) -> EngramHash:
-    cfg = ctx.cfg
-    hf = cfg.hf_config
-    tokenizer = ctx_tokenizer(cfg)
-    token_map, vocab = compressed_token_map(tokenizer)
-    want = hf.get("engram_compressed_vocab_size")
-    if vocab != want:
-        raise ValueError(f"config.json engram_compressed_vocab_size={want!r} does not match the {vocab} normalised "
-                         f"tokens of {tokenizer}: every Engram hash would differ from the trained one.")
-    return EngramHash(EngramLayout.from_config(hf, vocab), token_map, ctx.device)
-
-
-def ctx_tokenizer(cfg: ModelConfig):
+    """The hashing constants from the checkpoint's tokenizer; a directory with config.json alone (--load-format
+    dummy: random weights, nothing a trained hash could match) hashes ids mapped onto the compressed vocabulary by
+    their remainder, said in the log."""
     from pathlib import Path
 
-    path = Path(cfg.model) / "tokenizer.json"
-    if not path.is_file():
+    cfg = ctx.cfg
+    hf = cfg.hf_config
+    want = int(hf["engram_compressed_vocab_size"])
+    tokenizer = Path(cfg.model) / "tokenizer.json"
+    if tokenizer.is_file():
+        token_map, vocab = compressed_token_map(tokenizer)
+        if vocab != want:
+            raise ValueError(f"config.json engram_compressed_vocab_size={want!r} does not match the {vocab} "
+                             f"normalised tokens of {tokenizer}: every Engram hash would differ from the trained one.")
+    elif not any(Path(cfg.model).glob("*.safetensors")):
+        logger.warning("%s: no tokenizer.json beside config.json: the Engram layers hash token ids mod "
+                       "engram_compressed_vocab_size=%d (random weights: no trained hash to match).", cfg.model, want)
+        token_map, vocab = [i % want for i in range(cfg.vocab_size)], want
+    else:
         raise ValueError(f"model={cfg.model!r} has no tokenizer.json: {cfg.architecture}'s Engram layers hash token "
                          "ids through the tokenizer's normalised vocabulary (engram_layer_ids needs it).")
-    return path
+    return EngramHash(EngramLayout.from_config(hf, vocab), token_map, ctx.device)
 
 
 @RESIDUAL.register("lagged_hyper")

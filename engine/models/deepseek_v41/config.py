@@ -18,5 +18,5 @@ ARCHITECTURES = (
                                                     unread_prefixes=("mtp.", "model.mtp.", "vision.", "aligner.")),
                  model_type="deepseek_v41_text"),
 )
-# Both config.json shapes (the released composite, transformers' flat text config) are read by hf_config.read_config.
-OWN_CONFIGS = {"deepseek_v41": "hf_config", "deepseek_v41_text": "hf_config"}
+# Both config.json shapes (the released composite, transformers' flat text config) are read by reader.read_config.
+OWN_CONFIGS = {"deepseek_v41": "reader", "deepseek_v41_text": "reader"}

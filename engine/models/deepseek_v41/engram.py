@@ -13,7 +13,8 @@ drawn in order above engram_vocab_size and never reused, each head's bucket rang
 Where the look-back passes the sequence's start the pad token's id stands in.
 
 Per-sequence state: the last max_ngram_size - 1 mapped ids (as id + 1, 0 meaning none: a fresh slot), in the layer's
-state pool (attention_config.py), read and written by engine/models/ngram_embedding.causal_rows.
+state pool (engine/models/shared_compressed_attention_config.py), read and written by
+engine/models/ngram_embedding.causal_rows.
 
 The table lives in host memory when it is larger than HOST_TABLE_BYTES (the published tables are ~98 GB each), rows
 gathered there and copied to the device; in device memory otherwise.

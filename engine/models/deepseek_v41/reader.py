@@ -1,11 +1,15 @@
 """DeepSeek-V4.1's config.json reader (engine/config/hf_readers.py calls `read`): its layers' attention
-(attention_config.py, one per layer: who owns the compressed entries, who indexes, who reuses), its hyper-connections,
+(engine/models/shared_compressed_attention_config.py, one per layer: who owns the compressed entries, who indexes,
+who reuses), its hyper-connections,
 its MoE facts (V4's block: sqrtsoftplus routing with a correction bias, one shared expert, SwiGLU clamped at
 swiglu_limit) and its Engram layers. What moelink cannot run is refused naming the field. Counted in engine/config's
-floor (tests/test_layering.py): no model code, no device. `hf`: the flat text config (hf_config.read_config), or
+floor (tests/test_layering.py): no model code, no device. `hf`: the flat text config (read_config, below), or
 its to_dict() (ModelConfig.hf_config).
 """
 from __future__ import annotations
+
+import copy
+import functools
 
 from moelink.moe.router_config import RouterConfig
 
@@ -14,7 +18,7 @@ from ..compressed_attention_config import positive_int
 from ..hyper_connections_config import HyperConnectionConfig
 from ..rope_config import ROPE_TYPES, RopeConfig
 from ...config.refusals import unsupported
-from .attention_config import SharedCompressedAttentionConfig
+from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
 
 
 def _get(hf, name: str, default=None):
@@ -40,7 +44,7 @@ def rope(hf, label: str, rotary_dim: int) -> RopeConfig:
 
 
 def layer_roles(hf, n: int) -> list[dict]:
-    """Per layer: its rate, its KV source, its index and candidate roles (attention_config.py's docstring)."""
+    """Per layer: its rate, its KV source, its index and candidate roles (shared_compressed_attention_config.py)."""
     ratios = _get(hf, "compress_ratios")
     if not isinstance(ratios, (list, tuple)) or len(ratios) < n or any(
             isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ratios[:n]):
@@ -134,4 +138,152 @@ def read(arch: str, hf, c: dict, rope_params: dict) -> dict:
                 moe=moe, attention=layers[0], layer_attention=tuple(layers), hash_layers=(), hyper_connections=hc)
 
 
-__all__ = ["layer_roles", "read", "rope"]
+
+# -- config.json as a transformers config ------------------------------------------------------------------------
+# DeepSeek-V4.1's config.json as a transformers config object, read by moelink's own class while the locked
+# transformers has none (engine/config/model.py asks `read_config` through the family's OWN_CONFIGS), by transformers'
+# own once a release defines `deepseek_v41` / `deepseek_v41_text` (its text config then, flat, as the readers expect).
+#
+# Two shapes of config.json reach here: the released composite one (model_type `deepseek_v41`, the text model under
+# `text_config`, the vision tower under `vision_config`, `quantization_config` at the top) and the flat text config
+# transformers' `DeepseekV41ForCausalLM.save_pretrained` writes (model_type `deepseek_v41_text`). Either way the result
+# is flat: the text model's fields at the top, the composite's quantization_config carried over.
+#
+# The defaults are the published model's (DeepSeek-V4.1-Flash, as transformers' main branch documents its
+# configuration), and the derived fields follow the same rules: a schedule `compress_ratios` when none is given, the
+# KV sources (the first layer of each run of equal nonzero ratios) and index sources (the KV sources) when not given,
+# the candidate source (the last KV source), and the two ropes: "main" (rope_theta, no scaling) for sliding-only layers
+# and "compress" (compress_rope_theta with rope_scaling, yarn's attention factor 1) for the rest.
+
+# The published schedule (40 layers): 2 sliding-only layers, 18 at ratio 2, 20 at ratio 1.
+PUBLISHED_RATIOS = [0, 0] + [2] * 18 + [1] * 20
+PUBLISHED_KV_SOURCES = [2, 8, 14, 20]
+PUBLISHED_INDEX_SOURCES = [2, 8, 14, 20, 24, 28, 32, 36]
+
+DEFAULTS = dict(
+    vocab_size=129280, hidden_size=5120, num_hidden_layers=40, num_attention_heads=64, num_key_value_heads=1,
+    head_dim=512, q_lora_rank=1280, qk_rope_head_dim=64, rope_theta=10000.0, compress_rope_theta=160000.0,
+    rope_parameters=None, rope_scaling=None, max_position_embeddings=1048576, attention_bias=False,
+    sliding_window=128, compress_ratios=None, kv_source_layer_ids=None, index_source_layer_ids=None,
+    candidate_source_layer_id=None, candidate_topk_blocks=2048, candidate_block_size=8, index_n_heads=32,
+    index_head_dim=128, index_topk=512, o_groups=8, o_lora_rank=1024, moe_intermediate_size=2304,
+    n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", gate_temp=1.0,
+    norm_topk_prob=True, routed_scaling_factor=1.5, topk_method="noaux_tc", swiglu_limit=10.0, hc_mult=4,
+    hc_sinkhorn_iters=20, hc_eps=1.0e-6, engram_layer_ids=None, engram_vocab_size=16000000,
+    engram_num_embeddings=None, engram_max_ngram_size=4, engram_n_heads=8, engram_head_dim=256, engram_pad_id=2,
+    engram_compressed_vocab_size=99092, num_nextn_predict_layers=3, dspark_block_size=5,
+    dspark_noise_token_id=128799, dspark_target_layer_ids=None, dspark_markov_rank=256, dspark_n_routed_experts=128,
+    dspark_num_experts_per_tok=3, hidden_act="silu", rms_norm_eps=1.0e-20, tie_word_embeddings=False,
+    eos_token_id=1,
+)
+
+
+@functools.cache
+def text_config_class() -> type:
+    """moelink's DeepseekV41TextConfig (a transformers PreTrainedConfig), made on first use: importing transformers
+    costs a second, paid when a V4.1 config is read, not by every config reader's import."""
+    from transformers import PreTrainedConfig
+
+    class DeepseekV41TextConfig(PreTrainedConfig):
+        """The text model's fields (DEFAULTS, then config.json's), the derived ones filled (module docstring)."""
+
+        model_type = "deepseek_v41_text"
+
+        def __init__(self, **kwargs):
+            fields = {**DEFAULTS, **kwargs}
+            fields.pop("layer_types", None)  # derived from kv_source_layer_ids (_derive)
+            rope_scaling = fields.pop("rope_scaling", None)
+            rope_parameters = fields.pop("rope_parameters", None)
+            base = {k: fields.pop(k) for k in ("tie_word_embeddings", "eos_token_id") if k in fields}
+            for k in ("bos_token_id", "pad_token_id", "dtype", "torch_dtype", "architectures", "quantization_config",
+                      "transformers_version", "name_or_path", "_name_or_path", "output_hidden_states", "return_dict"):
+                if k in fields:
+                    base[k] = fields.pop(k)
+            self.__dict__.update(fields)
+            super().__init__(**base)
+            self._derive(rope_scaling, rope_parameters)
+
+        def validate_layer_type(self) -> None:
+            """V4.1's layer types ("shared_compressed_attention") are derived here and read by reader.py, which refuses
+            what it cannot run naming the field; the locked transformers' list of types does not know them."""
+
+        def validate_rope(self) -> None:
+            """Two ropes by label ("main", "compress"), checked by reader.py as DeepSeek-V4's are."""
+
+        def _derive(self, rope_scaling, rope_parameters) -> None:
+            n, mtp = self.num_hidden_layers, int(self.num_nextn_predict_layers or 0)
+            if self.compress_ratios is None:
+                if n == len(PUBLISHED_RATIOS):
+                    self.compress_ratios = list(PUBLISHED_RATIOS)
+                else:  # the published shape scaled to n layers: 2 sliding, half the rest at 2, the others at 1
+                    slide = min(2, n)
+                    enc = max(0, (n - slide + 1) // 2)
+                    self.compress_ratios = [0] * slide + [2] * enc + [1] * max(0, n - slide - enc)
+            main = list(self.compress_ratios)[:n]
+            if self.kv_source_layer_ids is None:
+                self.kv_source_layer_ids = (list(PUBLISHED_KV_SOURCES) if main == PUBLISHED_RATIOS[:n] else
+                                            [i for i, r in enumerate(main) if r > 0 and (i == 0 or main[i - 1] != r)])
+            if self.index_source_layer_ids is None:
+                self.index_source_layer_ids = (list(PUBLISHED_INDEX_SOURCES)
+                                               if self.kv_source_layer_ids == PUBLISHED_KV_SOURCES
+                                               else list(self.kv_source_layer_ids))
+            if self.candidate_source_layer_id is None:
+                self.candidate_source_layer_id = self.kv_source_layer_ids[-1] if self.kv_source_layer_ids else -1
+            if self.engram_layer_ids is None:
+                self.engram_layer_ids = []
+            if self.engram_num_embeddings is None:
+                self.engram_num_embeddings = [0] * len(self.engram_layer_ids)
+            if self.dspark_target_layer_ids is None:
+                self.dspark_target_layer_ids = sorted(i for i in range(n) if i not in self.kv_source_layer_ids)[-3:]
+            # the draft layers' entries (always sliding-only) past the main layers
+            ratios = list(self.compress_ratios)
+            self.compress_ratios = ratios[:n] + (ratios[n:n + mtp] + [0] * mtp)[:mtp]
+            self.layer_types = ["shared_compressed_attention" if i in self.kv_source_layer_ids else "sliding_attention"
+                                for i in range(n)]
+            rp = rope_parameters if isinstance(rope_parameters, dict) else {}
+            if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
+                self.rope_parameters = {"main": dict(rp["main"]), "compress": dict(rp["compress"])}
+                return
+            partial = self.qk_rope_head_dim / self.head_dim
+            scaling = {k: v for k, v in (rope_scaling or rp or {}).items()
+                       if k not in ("main", "compress", "rope_theta", "partial_rotary_factor")}
+            compress = {"rope_type": "default", **scaling, "rope_theta": self.compress_rope_theta,
+                        "partial_rotary_factor": partial}
+            if compress.get("type") and "rope_type" not in scaling:
+                compress["rope_type"] = compress.pop("type")
+            if compress["rope_type"] == "yarn":
+                compress.setdefault("attention_factor", 1.0)
+            self.rope_parameters = {"main": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                             "partial_rotary_factor": partial}, "compress": compress}
+
+        def to_dict(self) -> dict:
+            out = copy.deepcopy(self.__dict__)
+            out["model_type"] = self.model_type
+            return {k: v for k, v in out.items() if not k.startswith("_")}
+
+    return DeepseekV41TextConfig
+
+
+def read_config(raw: dict, transformers_knows: bool, path: str):
+    """The flat text config of config.json `raw` (module docstring): transformers' own classes where
+    `transformers_knows` its model_type, else DeepseekV41TextConfig; the composite's top-level quantization_config
+    carried into it."""
+    text = raw.get("text_config") if raw.get("model_type") == "deepseek_v41" else raw
+    if not isinstance(text, dict):
+        raise ValueError(f"config.json model_type='deepseek_v41' needs a text_config object (the text model's "
+                         f"config); got {type(text).__name__}.")
+    quant = raw.get("quantization_config", text.get("quantization_config"))
+    fields = {k: v for k, v in text.items() if k not in ("model_type", "auto_map")}
+    if transformers_knows:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False).get_text_config()
+    else:
+        hf = text_config_class()(**fields)
+    if quant is not None and getattr(hf, "quantization_config", None) is None:
+        hf.quantization_config = quant
+    hf.architectures = raw.get("architectures") or ["DeepseekV41ForCausalLM"]
+    return hf
+
+
+__all__ = ["DEFAULTS", "layer_roles", "read", "read_config", "rope", "text_config_class"]

@@ -1,4 +1,4 @@
-"""DeepSeek-V4.1's two ropes (hf_config.py: "main" for sliding-only layers, "compress" for the rest, the entries and
+"""DeepSeek-V4.1's two ropes (reader.py: "main" for sliding-only layers, "compress" for the rest, the entries and
 the indexer), as transformers' main-branch V4.1 applies them: angles position * inv_freq in float32, cos / sin cast to
 the activations' dtype, the rope tail's adjacent pairs (2i, 2i + 1) rotated in at least float32 and cast back; the
 leading channels pass. Yarn's frequencies come from transformers' own rope functions (attention factor 1).
@@ -20,9 +20,9 @@ def inv_freq(rope: RopeConfig, hf_config: dict) -> tuple[torch.Tensor, float]:
         return 1.0 / (rope.theta ** (torch.arange(0, R, 2, dtype=torch.float32) / R)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from .hf_config import DeepseekV41TextConfig
+    from .reader import text_config_class
 
-    cfg = DeepseekV41TextConfig(**{k: v for k, v in hf_config.items() if k != "model_type"})
+    cfg = text_config_class()(**{k: v for k, v in hf_config.items() if k != "model_type"})
     freq, factor = ROPE_INIT_FUNCTIONS[rope.rope_type](cfg, None, layer_type=rope.layer_type)
     return freq.to(torch.float32), float(factor)
 

@@ -1,5 +1,6 @@
-"""DeepSeek-V4.1's attention as config (issue 81): one config per layer, its cache layout and its per-sequence state.
-Pure data: no model code, no device (attention.py runs it).
+"""Shared compressed attention as config (issue 81; DeepSeek-V4.1 runs it, engine/models/deepseek_v41/ reads its
+config.json into these): one config per layer, its cache layout and its per-sequence state. Pure data: no model code,
+no device (engine/models/deepseek_v41/attention.py runs it).
 
 Every layer is V4's latent shared-KV attention (one KV head that is its own value, per-head sinks, a sliding window of
 raw KV, a grouped low-rank output projection). What V4.1 changes is who owns the compressed KV (CSA2): the layers
@@ -29,9 +30,9 @@ from typing import ClassVar
 
 import torch
 
-from ..compressed_attention_config import positive_int
-from ..rope_config import RopeConfig
-from ...config.refusals import unsupported
+from .compressed_attention_config import positive_int
+from .rope_config import RopeConfig
+from ..config.refusals import unsupported
 
 INDEX_ROLES = ("none", "keys", "reindex", "reuse")  # no entries / owns keys / scores its group's keys / reuses picks
 CANDIDATE_ROLES = ("none", "publish", "use")
