@@ -34,6 +34,8 @@ from torch import nn
 
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
+from ...tp.attention import shard_attention
+from ...tp.group import TensorParallel
 from ..layers import ForwardContext, param
 from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
 from .fake_quant import fp4_block, fp8_block
@@ -119,10 +121,21 @@ class V41Attention(nn.Module):
     model's V4.1 layers share."""
 
     def __init__(self, cfg: SharedCompressedAttentionConfig, hidden: int, ropes: dict, scratch: dict,
-                 kernels: Kernels, dtype, device):
+                 kernels: Kernels, dtype, device, tp: TensorParallel | None = None):
         super().__init__()
         self.cfg, self.layer_idx, self.scratch = cfg, cfg.layer_idx, scratch
-        N, H, Q, G, O = cfg.num_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
+        # Under TP a rank holds num_heads / size heads (their wq_b rows and sinks) and o_groups / size output groups
+        # (engine/tp/attention.shard_attention: a group's channels are its heads', so wo_a's rows of those groups and
+        # wo_b's columns, the output summed over the group); the shared KV head, the compressor, the indexer, the
+        # window and the entries are whole on every rank (engine/config/tensor_parallel.py checks the sizes).
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        rank = self.tp.rank if self.tp else 0
+        local = shard_attention(cfg, self.tp.size if self.tp else 1)
+        N, H, Q, G, O = local.num_heads, cfg.head_dim, cfg.q_lora_rank, local.o_groups, cfg.o_lora_rank
+        self.N, self.G = N, G
+        self.heads = (slice(rank * N * H, (rank + 1) * N * H),)  # wq_b's rows of this rank's heads
+        self.sink_heads = (slice(rank * N, (rank + 1) * N),)
+        self.groups = (slice(rank * G * O, (rank + 1) * G * O),)  # wo_a's rows, wo_b's columns
         self.rope = ropes["compress" if cfg.compress_rate else "main"]
         self.compress_rope: RopeTable = ropes["compress"]
         self.wq_a = param(Q, hidden, dtype=dtype, device=device)
@@ -139,7 +152,7 @@ class V41Attention(nn.Module):
 
     def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         cfg = self.cfg
-        T, N, H = h_TD.shape[0], cfg.num_heads, cfg.head_dim
+        T, N, H = h_TD.shape[0], self.N, cfg.head_dim
         q_res_TQ = self.q_norm(F.linear(h_TD, self.wq_a))
         q_TNH = self.rope.rotate(F.linear(q_res_TQ, self.wq_b).view(T, N, H), positions_T)
         kv_TH = self.rope.rotate(self.kv_norm(F.linear(h_TD, self.wkv)), positions_T)
@@ -158,10 +171,11 @@ class V41Attention(nn.Module):
             out_TNH[sl] = self._sequence(s, p1 - q_len, p1, q_TNH[sl], kv_TH[sl], h_TD[sl], q_res_TQ[sl], ctx, pages)
             t0 += q_len
         out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
-        G = cfg.o_groups
+        G = self.G
         x_GTd = out_TNH.reshape(T, G, -1).transpose(0, 1)
         o_TGO = torch.bmm(x_GTd, self.wo_a.view(G, -1, x_GTd.shape[-1]).transpose(1, 2)).transpose(0, 1)
-        return F.linear(o_TGO.reshape(T, -1), self.wo_b)
+        y_TD = F.linear(o_TGO.reshape(T, -1), self.wo_b)
+        return self.tp.all_reduce(y_TD) if self.tp is not None else y_TD
 
     def _sequence(self, s: int, p0: int, p1: int, q_qNH, kv_qH, h_qD, q_res_qQ, ctx: ForwardContext,
                   pages: tuple) -> torch.Tensor:
@@ -283,10 +297,14 @@ class V41Attention(nn.Module):
 
     def weight_plan(self, p: str) -> WeightPlan:
         """transformers' names under `p` = "model.layers.{i}.attn."."""
-        plan = {p + f"{n}.weight": PlanEntry(getattr(self, n), ()) for n in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")}
-        plan.update({p + "q_norm.weight": PlanEntry(self.q_norm.weight, ()),
-                     p + "kv_norm.weight": PlanEntry(self.kv_norm.weight, ()),
-                     p + "attn_sink": PlanEntry(self.sinks_N, ())})
+        whole = () if self.tp is None else None
+        plan = {p + "wq_a.weight": PlanEntry(self.wq_a, ()), p + "wkv.weight": PlanEntry(self.wkv, ()),
+                p + "wq_b.weight": PlanEntry(self.wq_b, (), whole if whole is not None else self.heads),
+                p + "wo_a.weight": PlanEntry(self.wo_a, (), whole if whole is not None else self.groups),
+                p + "wo_b.weight": PlanEntry(self.wo_b, (), whole if whole is not None else (slice(None),) + self.groups),
+                p + "q_norm.weight": PlanEntry(self.q_norm.weight, ()),
+                p + "kv_norm.weight": PlanEntry(self.kv_norm.weight, ()),
+                p + "attn_sink": PlanEntry(self.sinks_N, (), whole if whole is not None else self.sink_heads)}
         if self.compressor is not None:
             plan.update(self.compressor.weight_plan(p + "compressor."))
         if self.indexer is not None:

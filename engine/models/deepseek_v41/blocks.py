@@ -64,10 +64,7 @@ def _attention(ctx: BuildContext, i: int, attn: SharedCompressedAttentionConfig)
     ropes = ctx.shared("v41_ropes", lambda: _ropes(ctx))
     scratch = ctx.shared("v41_scratch", dict)
     cfg = ctx.cfg
-    if ctx.tp is not None:
-        raise ValueError(f"tensor_parallel_size={ctx.tp.size} is not supported for {cfg.architecture} yet: its "
-                         "attention runs whole on one rank (expert parallelism is).")
-    return V41Attention(attn, cfg.hidden_size, ropes, scratch, ctx.kernels, cfg.dtype, ctx.device)
+    return V41Attention(attn, cfg.hidden_size, ropes, scratch, ctx.kernels, cfg.dtype, ctx.device, tp=ctx.tp)
 
 
 ATTENTION.add("shared_compressed", AttentionKind("attn", _attention))
