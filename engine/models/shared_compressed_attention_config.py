@@ -44,6 +44,8 @@ class SharedCompressedAttentionConfig:
     index at a source), -1 for a sliding-only layer."""
 
     kind: ClassVar[str] = "shared_compressed"
+    # A decode CUDA graph would freeze the per-sequence host lengths its attention reads (engine/rank/graph_policy.py).
+    graphable: ClassVar[bool] = False
     num_heads: int
     head_dim: int
     q_lora_rank: int

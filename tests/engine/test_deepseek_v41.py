@@ -145,3 +145,43 @@ def test_load_format_dummy_from_config_json_alone(tmp_path):
     out = llm.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=4, detokenize=False, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_what_v41_does_not_run_yet_is_refused_naming_it():
+    """Speculative decoding (no rollback of its rings and Engram look-back yet) and decode CUDA graphs (its attention
+    reads host lengths) are refused or turned off, each saying why."""
+    from moelink.engine.rank.graph_policy import graph_sizes_to_capture
+    from moelink.kernels.ops import ReferenceKernels
+
+    with pytest.raises(ValueError, match="speculative_config is not supported for DeepseekV41ForCausalLM yet"):
+        LLM(TINY, dtype="float32", max_num_seqs=2, num_kv_blocks=16, block_size=8,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    cfg = ModelConfig.from_pretrained(TINY, "float32")
+
+    class Triton(ReferenceKernels):
+        name = "triton"
+
+    assert graph_sizes_to_capture((1, 2), Triton(), None, False, None, torch.device("cuda"), False, cfg=cfg) == ()
+
+
+def test_the_published_shape_is_read_at_full_size(tmp_path):
+    """DeepSeek-V4.1-Flash's shape (the defaults of the config class: 40 layers, sources 2 / 8 / 14 / 20, index
+    sources every 4th of the rate-1 layers, the candidate source 20, Engram at 1 and 14), from a composite config.json
+    as released: only the four KV sources hold pages (entry 512 + index key 128 per rate tokens)."""
+    from moelink.engine.config import kv_sizing
+
+    text = {"engram_layer_ids": [1, 14], "engram_num_embeddings": [384006168, 384016682],
+            "rope_scaling": {"rope_type": "yarn", "factor": 16, "beta_fast": 32, "beta_slow": 1,
+                             "original_max_position_embeddings": 65536}, "num_nextn_predict_layers": 3}
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekV41ForCausalLM"],
+                                                      "model_type": "deepseek_v41", "text_config": text,
+                                                      "vision_config": {}}))
+    cfg = ModelConfig.from_pretrained(str(tmp_path), "bfloat16", max_model_len=65536)
+    layers = cfg.layer_attention
+    assert [a.layer_idx for a in layers if a.is_source] == [2, 8, 14, 20]
+    assert [a.layer_idx for a in layers if a.index == "reindex"] == [24, 28, 32, 36]
+    assert [a.layer_idx for a in layers if a.candidates == "use"] == [24, 28, 32, 36]
+    assert [a.layer_idx for a in layers if a.engram_context] == [1, 14] and layers[1].engram_context == 3
+    assert layers[20].candidates == "publish" and layers[20].compress_rate == 1
+    # bf16 bytes of paged KV per token of context: three rate-2 sources (640 / 2 values) and one rate-1 source (640)
+    assert kv_sizing.kv_cache_bytes_per_token(cfg) == (3 * 320 + 640) * 2
