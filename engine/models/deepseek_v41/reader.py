@@ -178,6 +178,54 @@ DEFAULTS = dict(
 )
 
 
+def derive(f: dict, rope_scaling, rope_parameters) -> None:
+    """config.json's fields `f` with the derived ones filled (the section above), in place."""
+    n, mtp = f["num_hidden_layers"], int(f["num_nextn_predict_layers"] or 0)
+    if f["compress_ratios"] is None:
+        if n == len(PUBLISHED_RATIOS):
+            f["compress_ratios"] = list(PUBLISHED_RATIOS)
+        else:  # the published shape scaled to n layers: 2 sliding, half the rest at 2, the others at 1
+            slide = min(2, n)
+            enc = max(0, (n - slide + 1) // 2)
+            f["compress_ratios"] = [0] * slide + [2] * enc + [1] * max(0, n - slide - enc)
+    main = list(f["compress_ratios"])[:n]
+    if f["kv_source_layer_ids"] is None:
+        f["kv_source_layer_ids"] = (list(PUBLISHED_KV_SOURCES) if main == PUBLISHED_RATIOS[:n] else
+                                    [i for i, r in enumerate(main) if r > 0 and (i == 0 or main[i - 1] != r)])
+    if f["index_source_layer_ids"] is None:
+        f["index_source_layer_ids"] = (list(PUBLISHED_INDEX_SOURCES)
+                                       if f["kv_source_layer_ids"] == PUBLISHED_KV_SOURCES
+                                       else list(f["kv_source_layer_ids"]))
+    if f["candidate_source_layer_id"] is None:
+        f["candidate_source_layer_id"] = f["kv_source_layer_ids"][-1] if f["kv_source_layer_ids"] else -1
+    if f["engram_layer_ids"] is None:
+        f["engram_layer_ids"] = []
+    if f["engram_num_embeddings"] is None:
+        f["engram_num_embeddings"] = [0] * len(f["engram_layer_ids"])
+    if f["dspark_target_layer_ids"] is None:
+        f["dspark_target_layer_ids"] = sorted(i for i in range(n) if i not in f["kv_source_layer_ids"])[-3:]
+    # the draft layers' entries (always sliding-only) past the main layers
+    ratios = list(f["compress_ratios"])
+    f["compress_ratios"] = ratios[:n] + (ratios[n:n + mtp] + [0] * mtp)[:mtp]
+    f["layer_types"] = ["shared_compressed_attention" if i in f["kv_source_layer_ids"] else "sliding_attention"
+                        for i in range(n)]
+    rp = rope_parameters if isinstance(rope_parameters, dict) else {}
+    if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
+        f["rope_parameters"] = {"main": dict(rp["main"]), "compress": dict(rp["compress"])}
+        return
+    partial = f["qk_rope_head_dim"] / f["head_dim"]
+    scaling = {k: v for k, v in (rope_scaling or rp or {}).items()
+               if k not in ("main", "compress", "rope_theta", "partial_rotary_factor")}
+    compress = {"rope_type": "default", **scaling, "rope_theta": f["compress_rope_theta"],
+                "partial_rotary_factor": partial}
+    if compress.get("type") and "rope_type" not in scaling:
+        compress["rope_type"] = compress.pop("type")
+    if compress["rope_type"] == "yarn":
+        compress.setdefault("attention_factor", 1.0)
+    f["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": f["rope_theta"],
+                                     "partial_rotary_factor": partial}, "compress": compress}
+
+
 @functools.cache
 def text_config_class() -> type:
     """moelink's DeepseekV41TextConfig (a transformers PreTrainedConfig), made on first use: importing transformers
@@ -199,9 +247,11 @@ def text_config_class() -> type:
                       "transformers_version", "name_or_path", "_name_or_path", "output_hidden_states", "return_dict"):
                 if k in fields:
                     base[k] = fields.pop(k)
-            self.__dict__.update(fields)
+            derive(fields, rope_scaling, rope_parameters)
+            # the layer types after the base class's checks, whose list of types does not know V4.1's
+            self.__dict__.update({k: v for k, v in fields.items() if k != "layer_types"})
             super().__init__(**base)
-            self._derive(rope_scaling, rope_parameters)
+            self.__dict__.update(fields)
 
         def validate_layer_type(self) -> None:
             """V4.1's layer types ("shared_compressed_attention") are derived here and read by reader.py, which refuses
@@ -209,52 +259,6 @@ def text_config_class() -> type:
 
         def validate_rope(self) -> None:
             """Two ropes by label ("main", "compress"), checked by reader.py as DeepSeek-V4's are."""
-
-        def _derive(self, rope_scaling, rope_parameters) -> None:
-            n, mtp = self.num_hidden_layers, int(self.num_nextn_predict_layers or 0)
-            if self.compress_ratios is None:
-                if n == len(PUBLISHED_RATIOS):
-                    self.compress_ratios = list(PUBLISHED_RATIOS)
-                else:  # the published shape scaled to n layers: 2 sliding, half the rest at 2, the others at 1
-                    slide = min(2, n)
-                    enc = max(0, (n - slide + 1) // 2)
-                    self.compress_ratios = [0] * slide + [2] * enc + [1] * max(0, n - slide - enc)
-            main = list(self.compress_ratios)[:n]
-            if self.kv_source_layer_ids is None:
-                self.kv_source_layer_ids = (list(PUBLISHED_KV_SOURCES) if main == PUBLISHED_RATIOS[:n] else
-                                            [i for i, r in enumerate(main) if r > 0 and (i == 0 or main[i - 1] != r)])
-            if self.index_source_layer_ids is None:
-                self.index_source_layer_ids = (list(PUBLISHED_INDEX_SOURCES)
-                                               if self.kv_source_layer_ids == PUBLISHED_KV_SOURCES
-                                               else list(self.kv_source_layer_ids))
-            if self.candidate_source_layer_id is None:
-                self.candidate_source_layer_id = self.kv_source_layer_ids[-1] if self.kv_source_layer_ids else -1
-            if self.engram_layer_ids is None:
-                self.engram_layer_ids = []
-            if self.engram_num_embeddings is None:
-                self.engram_num_embeddings = [0] * len(self.engram_layer_ids)
-            if self.dspark_target_layer_ids is None:
-                self.dspark_target_layer_ids = sorted(i for i in range(n) if i not in self.kv_source_layer_ids)[-3:]
-            # the draft layers' entries (always sliding-only) past the main layers
-            ratios = list(self.compress_ratios)
-            self.compress_ratios = ratios[:n] + (ratios[n:n + mtp] + [0] * mtp)[:mtp]
-            self.layer_types = ["shared_compressed_attention" if i in self.kv_source_layer_ids else "sliding_attention"
-                                for i in range(n)]
-            rp = rope_parameters if isinstance(rope_parameters, dict) else {}
-            if isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict):
-                self.rope_parameters = {"main": dict(rp["main"]), "compress": dict(rp["compress"])}
-                return
-            partial = self.qk_rope_head_dim / self.head_dim
-            scaling = {k: v for k, v in (rope_scaling or rp or {}).items()
-                       if k not in ("main", "compress", "rope_theta", "partial_rotary_factor")}
-            compress = {"rope_type": "default", **scaling, "rope_theta": self.compress_rope_theta,
-                        "partial_rotary_factor": partial}
-            if compress.get("type") and "rope_type" not in scaling:
-                compress["rope_type"] = compress.pop("type")
-            if compress["rope_type"] == "yarn":
-                compress.setdefault("attention_factor", 1.0)
-            self.rope_parameters = {"main": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                             "partial_rotary_factor": partial}, "compress": compress}
 
         def to_dict(self) -> dict:
             out = copy.deepcopy(self.__dict__)
