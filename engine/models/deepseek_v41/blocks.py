@@ -34,7 +34,8 @@ from ..hyper_connections import HyperConnection
 from ..layers import AuxCapture, ForwardContext
 from .attention import Norm, V41Attention
 from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
-from .engram import Engram, EngramHash, EngramLayout, compressed_token_map
+from .engram import Engram, EngramHash
+from .reader import EngramLayout, compressed_token_map
 from .rope import RopeTable
 
 logger = logging.getLogger(__name__)

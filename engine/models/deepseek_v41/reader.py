@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from moelink.moe.router_config import RouterConfig
 
@@ -290,4 +295,78 @@ def read_config(raw: dict, transformers_knows: bool, path: str):
     return hf
 
 
-__all__ = ["DEFAULTS", "layer_roles", "read", "read_config", "rope", "text_config_class"]
+# -- Engram's hashing layout (engram.py runs it; make-tiny-model sizes the tables from it) ----------------------------
+def _is_prime(v: int) -> bool:
+    if v < 2:
+        return False
+    if v % 2 == 0:
+        return v == 2
+    return all(v % d for d in range(3, math.isqrt(v) + 1, 2))
+
+
+@dataclass(frozen=True)
+class EngramLayout:
+    """Every Engram layer's primes [(N - 1) x heads], bucket offsets and multipliers [N] (module docstring)."""
+
+    layers: tuple[int, ...]
+    primes: tuple[tuple[tuple[int, ...], ...], ...]
+    multipliers: tuple[tuple[int, ...], ...]
+    max_ngram: int
+    heads: int
+    head_dim: int
+    pad_id: int
+
+    @classmethod
+    def from_config(cls, hf: dict, vocab: int) -> "EngramLayout":
+        layers = tuple(hf["engram_layer_ids"])
+        N, heads, start = int(hf["engram_max_ngram_size"]), int(hf["engram_n_heads"]), int(hf["engram_vocab_size"])
+        taken: set[int] = set()
+        primes = []
+        for _ in layers:
+            per_layer = []
+            for _ in range(N - 1):
+                row, v = [], start - 1
+                for _ in range(heads):
+                    v += 1
+                    while not _is_prime(v) or v in taken:
+                        v += 1
+                    taken.add(v)
+                    row.append(v)
+                per_layer.append(tuple(row))
+            primes.append(tuple(per_layer))
+        bound = max(1, (np.iinfo(np.int64).max // vocab) // 2)
+        mults = tuple(tuple(int(x) * 2 + 1 for x in np.random.default_rng(10007 * layer).integers(
+            low=0, high=bound, size=(N,), dtype=np.int64)) for layer in layers)
+        return cls(layers, tuple(primes), mults, N, heads, int(hf["engram_head_dim"]), int(hf["engram_pad_id"]))
+
+    def columns(self) -> int:
+        return (self.max_ngram - 1) * self.heads
+
+    def offsets(self, j: int) -> list[int]:
+        flat = [p for per in self.primes[j] for p in per]
+        return [sum(flat[:c]) for c in range(len(flat))]
+
+
+def compressed_token_map(tokenizer_file: Path) -> tuple[list[int], int]:
+    """(each token id's normalised id, how many there are): a token decoded alone, NFKC / NFD, accents stripped,
+    lowercased, whitespace runs one space, stripped unless it is exactly one space; a token that decodes to a broken
+    UTF-8 sequence keyed by its raw form; ids given in order of first appearance."""
+    from tokenizers import Regex, Tokenizer, normalizers
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    keep_space = "\ue000"  # a private-use character holds a lone space through Strip()
+    norm = normalizers.Sequence([normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(),
+                                 normalizers.Lowercase(), normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+                                 normalizers.Replace(Regex(r"^ $"), keep_space), normalizers.Strip(),
+                                 normalizers.Replace(keep_space, " ")])
+    ids: dict[str, int] = {}
+    out = []
+    for i in range(tok.get_vocab_size(with_added_tokens=True)):
+        text = tok.decode([i], skip_special_tokens=False)
+        key = tok.id_to_token(i) if "\ufffd" in text else (norm.normalize_str(text) or text)
+        out.append(ids.setdefault(key, len(ids)))
+    return out, len(ids)
+
+
+__all__ = ["DEFAULTS", "EngramLayout", "compressed_token_map", "layer_roles", "read", "read_config", "rope",
+           "text_config_class"]

@@ -97,8 +97,7 @@ def write_tiny(out: Path, *, seed: int = 0, dtype: torch.dtype = torch.float64, 
     """The tiny V4.1 (module docstring) into `out`: config.json, model.safetensors, the tiny tokenizer."""
     from safetensors.torch import save_file
 
-    from .engram import EngramLayout, compressed_token_map
-    from .reader import read_config
+    from .reader import EngramLayout, compressed_token_map, read_config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
