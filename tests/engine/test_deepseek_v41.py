@@ -185,3 +185,17 @@ def test_the_published_shape_is_read_at_full_size(tmp_path):
     assert layers[20].candidates == "publish" and layers[20].compress_rate == 1
     # bf16 bytes of paged KV per token of context: three rate-2 sources (640 / 2 values) and one rate-1 source (640)
     assert kv_sizing.kv_cache_bytes_per_token(cfg) == (3 * 320 + 640) * 2
+
+
+def test_what_a_dspark_drafter_reads():
+    """The released shape's DSpark facts (three draft layers of sliding attention, blocks of 5, conditioned on layers
+    37-39), and the streams the decoder keeps for a drafter (after n layers: [T, hc_mult * D])."""
+    from moelink.engine.models.deepseek_v41.reader import draft_attention, read_config, read_dspark
+
+    hf = read_config({"model_type": "deepseek_v41", "text_config": {}}, False, "").to_dict()
+    d = read_dspark(hf)
+    assert d is not None and (d.num_layers, d.block_size, d.target_layers, d.top_k) == (3, 5, (37, 38, 39), 3)
+    cfg = ModelConfig.from_pretrained(TINY, "float64")
+    assert read_dspark(cfg.hf_config) is None  # the tiny checkpoint has none
+    a = draft_attention(cfg.layer_attention, cfg.num_layers)
+    assert a.compress_rate == 0 and a.rope.layer_type == "main" and a.cache_shapes(4, 8) == ()

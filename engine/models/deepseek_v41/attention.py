@@ -181,7 +181,7 @@ class V41Attention(nn.Module):
                   pages: tuple) -> torch.Tensor:
         cfg, dev = self.cfg, kv_qH.device
         state = ctx.kv_caches[self.layer_idx][self.num_paged:]
-        slot = int(ctx.state.slots_S[s])  # sync: the row's state slot (this path reads host lengths anyway)
+        slot = ctx.state.slots_S[s].long()  # a 0-d device index: no sync
         key = (id(ctx.attn), s)
         W = cfg.sliding_window
         window_PWH = state[0]
@@ -222,7 +222,7 @@ class V41Attention(nn.Module):
         """(blocks, rows) of entries `entries` in the pages (block_rows entries per block)."""
         return table_M[entries // block_rows], entries % block_rows
 
-    def _compress(self, h_qD, p0: int, p1: int, slot: int, table_M, state, paged) -> None:
+    def _compress(self, h_qD, p0: int, p1: int, slot: torch.Tensor, table_M, state, paged) -> None:
         """The entries (and index keys) of the groups completing in [p0, p1), written into this source's pages."""
         comp, m, dev = self.compressor, self.cfg.compress_rate, h_qD.device
         assert comp is not None

@@ -368,5 +368,44 @@ def compressed_token_map(tokenizer_file: Path) -> tuple[list[int], int]:
     return out, len(ids)
 
 
-__all__ = ["DEFAULTS", "EngramLayout", "compressed_token_map", "layer_roles", "read", "read_config", "rope",
+# -- what a DSpark drafter reads (engine/spec/; the draft layers' modeling is not in transformers' main branch yet) ---
+@dataclass(frozen=True)
+class DSparkConfig:
+    """V4.1's DSpark draft layers as config.json states them: `num_layers` draft layers (num_nextn_predict_layers,
+    their tensors `mtp.{i}.*`, sliding-window attention only: `draft_attention`), drafting `block_size` tokens per
+    block from an anchor, the block's other positions filled with `noise_token_id`; conditioned on the attention
+    inputs of `target_layers` (each the mean over the hyper-connection streams entering that layer: the decoder's
+    `ForwardContext.aux` capture after n layers gives the streams [T, hc_mult * D], blocks.LaggedHyperLayer.capture);
+    a Markov head of rank `markov_rank`; an MoE of `n_routed_experts`, top `top_k`."""
+
+    num_layers: int
+    block_size: int
+    noise_token_id: int
+    target_layers: tuple[int, ...]
+    markov_rank: int
+    n_routed_experts: int
+    top_k: int
+
+
+def read_dspark(hf) -> DSparkConfig | None:
+    """The DSpark facts of `hf` (the flat text config or its dict), or None where it has no draft layers."""
+    n = int(_get(hf, "num_nextn_predict_layers", 0) or 0)
+    if n <= 0:
+        return None
+    return DSparkConfig(n, int(_get(hf, "dspark_block_size", 5)), int(_get(hf, "dspark_noise_token_id", 0)),
+                        tuple(_get(hf, "dspark_target_layer_ids") or ()), int(_get(hf, "dspark_markov_rank", 0)),
+                        int(_get(hf, "dspark_n_routed_experts", 0)), int(_get(hf, "dspark_num_experts_per_tok", 0)))
+
+
+def draft_attention(layers: tuple, i: int) -> SharedCompressedAttentionConfig:
+    """Draft layer `i`'s attention (its index past the main layers): sliding only, the "main" rope, the main layers'
+    heads, ranks and window (compress_ratios' entries past num_hidden_layers are 0)."""
+    a = layers[0]
+    main = next((x.rope for x in layers if not x.compress_rate), a.rope)
+    return SharedCompressedAttentionConfig(a.num_heads, a.head_dim, a.q_lora_rank, a.o_groups, a.o_lora_rank,
+                                           a.sliding_window, main, a.compress_rope, layer_idx=i,
+                                           rms_norm_eps=a.rms_norm_eps)
+
+
+__all__ = ["DEFAULTS", "DSparkConfig", "EngramLayout", "draft_attention", "read_dspark", "compressed_token_map", "layer_roles", "read", "read_config", "rope",
            "text_config_class"]
