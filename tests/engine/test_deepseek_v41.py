@@ -199,3 +199,36 @@ def test_what_a_dspark_drafter_reads():
     assert read_dspark(cfg.hf_config) is None  # the tiny checkpoint has none
     a = draft_attention(cfg.layer_attention, cfg.num_layers)
     assert a.compress_rate == 0 and a.rope.layer_type == "main" and a.cache_shapes(4, 8) == ()
+
+
+def test_published_fp8_format_equals_transformers_on_its_dequantized_twin(tmp_path):
+    """DeepSeek's FP8 files (tests/helpers/dsv41_published.py: DeepSeek's names, the composite config.json with
+    quantization_config at the top, FP8 linears and experts in ue8m0 blocks of 16 x 16, FP8 Engram tables with a scale
+    per row per 32): every FP8 weight dequantized as it loads (the shared expert held FP8 and run W8A8 by V4's MoE
+    block), tokens equal transformers' main-branch V4.1 on the dequantized twin with that W8A8 rounding
+    (reference_published.json), and differ from the float model's."""
+    from tests.helpers.dsv41_published import write_published
+
+    ref = json.loads((FIXTURES / "reference_published.json").read_text())
+    ps, want = [c["prompt"] for c in ref["cases"]], [c["greedy"] for c in ref["cases"]]
+    write_published(FIXTURES / "tiny", tmp_path / "published", tmp_path / "twin")
+    cfg = ModelConfig.from_pretrained(str(tmp_path / "published"), "float64")
+    assert cfg.quantization is not None and cfg.quantization.method == "fp8"
+    llm = LLM(str(tmp_path / "published"), dtype="float64", max_num_seqs=4, max_num_batched_tokens=16,
+              num_kv_blocks=64, block_size=8)
+    got = engine_greedy(llm, ps, N)
+    assert_same(got, want, ps)
+    assert got != WANT[:len(ps)]
+    assert_pool_free(llm)
+
+
+@pytest.mark.parametrize("expert_dtype,match", [("fp4", "expert_dtype='fp4'")])
+def test_a_published_format_not_read_yet_is_refused_naming_it(tmp_path, expert_dtype, match):
+    from tests.helpers.dsv41_published import write_published
+
+    write_published(FIXTURES / "tiny", tmp_path / "published", tmp_path / "twin")
+    raw = json.loads((tmp_path / "published" / "config.json").read_text())
+    raw["quantization_config"]["expert_dtype"] = expert_dtype
+    (tmp_path / "published" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_pretrained(str(tmp_path / "published"), "float64")

@@ -35,8 +35,9 @@ from ..layers import AuxCapture, ForwardContext
 from .attention import Norm, V41Attention
 from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
 from .engram import Engram, EngramHash
-from .reader import EngramLayout, compressed_token_map
+from .reader import EngramLayout, compressed_token_map, published_format
 from .rope import RopeTable
+from .weights import dequant_plan
 
 logger = logging.getLogger(__name__)
 
@@ -183,11 +184,13 @@ class LaggedHead(Head):
 
 # -- checkpoint: "v41" ----------------------------------------------------------------------------------------------
 def _plan(cfg: ModelConfig, spec: ArchSpec, plan: WeightPlan, names: frozenset[str]) -> WeightPlan:
-    """transformers' names (the embedding is `model.embed`), or DeepSeek's where the checkpoint holds those."""
+    """transformers' names (the embedding is `model.embed`), or DeepSeek's where the checkpoint holds those; with
+    DeepSeek's FP8 files, every FP8 weight dequantized as it loads (weights.py)."""
     out = {("model.embed.weight" if n == "model.embed_tokens.weight" else n): e for n, e in plan.items()}
     if names and "model.embed.weight" not in names and "embed.weight" in names:
         out = {published_name(n): e for n, e in out.items()}
-    return out
+    block = published_format(cfg.architecture, cfg.hf_config, cfg.quantization)
+    return dequant_plan(out, names, block) if block is not None else out
 
 
 def published_name(name: str) -> str:

@@ -88,6 +88,31 @@ def layer_roles(hf, n: int) -> list[dict]:
     return roles
 
 
+EXPERT_DTYPES = ("fp8",)
+
+
+def published_format(arch: str, hf, quant) -> tuple[int, int] | None:
+    """The FP8 block of DeepSeek's published files (`quantization_config`: quant_method fp8, block-scaled e4m3
+    weights with a `.scale` beside each, ue8m0 or float32), or None for a float checkpoint. moelink dequantizes every
+    FP8 tensor as it loads (weights.py); FP4 experts (`expert_dtype` fp4) are refused naming the field."""
+    if quant is None:
+        return None
+    if quant.method != "fp8" or getattr(quant, "online", False):
+        raise unsupported("quantization_config.quant_method", quant.method, ("fp8",),
+                          f" for {arch}: DeepSeek's FP8 block-scaled files are the quantized format moelink reads")
+    if quant.modules_to_not_convert:
+        raise ValueError(f"quantization_config.modules_to_not_convert={list(quant.modules_to_not_convert)!r} is not "
+                         f"supported for {arch}: which weights are FP8 follows the files (a `.scale` beside a "
+                         "weight); leave it unset.")
+    raw = _get(hf, "quantization_config") or {}
+    raw = raw if isinstance(raw, dict) else (raw.to_dict() if hasattr(raw, "to_dict") else {})
+    expert = raw.get("expert_dtype") or _get(hf, "expert_dtype") or "fp8"
+    if expert not in EXPERT_DTYPES:
+        raise unsupported("quantization_config.expert_dtype", expert, EXPERT_DTYPES,
+                          f" for {arch} yet (FP4 experts: not read yet; FP8 ones are dequantized as they load)")
+    return tuple(quant.block)
+
+
 def _check_moe(arch: str, hf, c: dict) -> MoEConfig:
     if (scoring := _get(hf, "scoring_func", "sqrtsoftplus")) != "sqrtsoftplus":
         raise unsupported("scoring_func", scoring, ("sqrtsoftplus",), f" for {arch}")
@@ -117,9 +142,7 @@ def read(arch: str, hf, c: dict, rope_params: dict) -> dict:
         raise unsupported("num_key_value_heads", c["num_kv_heads"], (1,), " (V4.1's attention is one shared KV head)")
     if _get(hf, "attention_bias", False):
         raise unsupported("attention_bias", True, (False,), f" for {arch}")
-    if c.get("quantization") is not None:
-        raise unsupported("quantization_config", getattr(c["quantization"], "method", "?"), ("absent",),
-                          f": {arch}'s published FP8 / FP4 files are not read yet; a float (bf16) checkpoint is")
+    published_format(arch, hf, c.get("quantization"))
     head_dim = c["head_dim"]
     rotary_dim = int(_get(hf, "qk_rope_head_dim") or 0)
     ropes = {"main": rope(hf, "main", rotary_dim), "compress": rope(hf, "compress", rotary_dim)}
@@ -407,5 +430,5 @@ def draft_attention(layers: tuple, i: int) -> SharedCompressedAttentionConfig:
                                            rms_norm_eps=a.rms_norm_eps)
 
 
-__all__ = ["DEFAULTS", "DSparkConfig", "EngramLayout", "draft_attention", "read_dspark", "compressed_token_map", "layer_roles", "read", "read_config", "rope",
+__all__ = ["DEFAULTS", "DSparkConfig", "EXPERT_DTYPES", "published_format", "EngramLayout", "draft_attention", "read_dspark", "compressed_token_map", "layer_roles", "read", "read_config", "rope",
            "text_config_class"]
