@@ -201,17 +201,19 @@ def test_what_a_dspark_drafter_reads():
     assert a.compress_rate == 0 and a.rope.layer_type == "main" and a.cache_shapes(4, 8) == ()
 
 
-def test_published_fp8_format_equals_transformers_on_its_dequantized_twin(tmp_path):
+@pytest.mark.parametrize("expert_dtype", ["fp8", "fp4"])
+def test_published_format_equals_transformers_on_its_dequantized_twin(tmp_path, expert_dtype):
     """DeepSeek's FP8 files (tests/helpers/dsv41_published.py: DeepSeek's names, the composite config.json with
     quantization_config at the top, FP8 linears and experts in ue8m0 blocks of 16 x 16, FP8 Engram tables with a scale
-    per row per 32): every FP8 weight dequantized as it loads (the shared expert held FP8 and run W8A8 by V4's MoE
-    block), tokens equal transformers' main-branch V4.1 on the dequantized twin with that W8A8 rounding
+    per row per 32; the routed experts FP8, or FP4 as V4.1-Flash ships them): every FP8 weight dequantized as it loads
+    (the shared expert held FP8 and run W8A8 by V4's MoE block), the FP4 experts held packed (W4A16), tokens equal transformers' main-branch V4.1 on the dequantized twin with that W8A8 rounding
     (reference_published.json), and differ from the float model's."""
     from tests.helpers.dsv41_published import write_published
 
     ref = json.loads((FIXTURES / "reference_published.json").read_text())
-    ps, want = [c["prompt"] for c in ref["cases"]], [c["greedy"] for c in ref["cases"]]
-    write_published(FIXTURES / "tiny", tmp_path / "published", tmp_path / "twin")
+    cases = ref["expert_dtype"][expert_dtype]
+    ps, want = [c["prompt"] for c in cases], [c["greedy"] for c in cases]
+    write_published(FIXTURES / "tiny", tmp_path / "published", tmp_path / "twin", expert_dtype=expert_dtype)
     cfg = ModelConfig.from_pretrained(str(tmp_path / "published"), "float64")
     assert cfg.quantization is not None and cfg.quantization.method == "fp8"
     llm = LLM(str(tmp_path / "published"), dtype="float64", max_num_seqs=4, max_num_batched_tokens=16,
@@ -222,7 +224,7 @@ def test_published_fp8_format_equals_transformers_on_its_dequantized_twin(tmp_pa
     assert_pool_free(llm)
 
 
-@pytest.mark.parametrize("expert_dtype,match", [("fp4", "expert_dtype='fp4'")])
+@pytest.mark.parametrize("expert_dtype,match", [("int4", "expert_dtype='int4'")])
 def test_a_published_format_not_read_yet_is_refused_naming_it(tmp_path, expert_dtype, match):
     from tests.helpers.dsv41_published import write_published
 

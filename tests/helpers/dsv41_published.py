@@ -8,8 +8,10 @@ serves to moelink.
 Published: names without `model.` (`embed.weight`, `layers.{i}....`, `norm.weight`, `head.weight`); the composite
 config.json (`model_type` deepseek_v41, `text_config`, `quantization_config` at the top with `expert_dtype` fp8);
 FP8 (`X.weight` float8_e4m3fn + `X.scale` float8_e8m0fnu per `block`): attention's wq_a, wq_b, wkv, wo_a, wo_b, the
-indexer's wq_b, the shared and routed experts' w1 / w2 / w3; the Engram tables FP8 with one ue8m0 scale per row per
-32 values (`engram.embed.scale`). The rest stays float.
+indexer's wq_b, the shared expert's w1 / w2 / w3 and, with `expert_dtype` "fp8", the routed experts'; with "fp4" (as
+V4.1-Flash ships them) the routed experts e2m1 packed two a byte along K, the low nibble the even element (int8
+[N, K/2]), `X.scale` float8_e8m0fnu [N, K/32] (kernels/mxfp4.mxfp4_quantize's rounding); the Engram tables FP8 with
+one ue8m0 scale per row per 32 values (`engram.embed.scale`). The rest stays float.
 """
 from __future__ import annotations
 
@@ -44,7 +46,17 @@ def published_name(name: str) -> str:
     return "head.weight" if name == "lm_head.weight" else name.removeprefix("model.")
 
 
-def write_published(float_dir: Path, out_dir: Path, twin_dir: Path, block: tuple[int, int] = BLOCK) -> None:
+def _fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 [N, K/2] packed e2m1, float8_e8m0fnu [N, K/32] scales, the dequantized float64 weight)."""
+    from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
+
+    blocks, scales = mxfp4_quantize(w)
+    return (blocks.reshape(w.shape[0], -1).view(torch.int8), scales.view(torch.float8_e8m0fnu),
+            mxfp4_dequantize(blocks, scales, torch.float64))
+
+
+def write_published(float_dir: Path, out_dir: Path, twin_dir: Path, block: tuple[int, int] = BLOCK,
+                    expert_dtype: str = "fp8") -> None:
     """`out_dir`: the published format of `float_dir`; `twin_dir`: its dequantized twin (module docstring)."""
     from safetensors.torch import load_file, save_file
 
@@ -56,6 +68,8 @@ def write_published(float_dir: Path, out_dir: Path, twin_dir: Path, block: tuple
             continue  # written with its table below
         if name.endswith(".engram.embed.weight"):
             q, s, deq = _fp8(t, (1, 32))
+        elif expert_dtype == "fp4" and ".ffn.experts." in name and name.endswith(".weight"):
+            q, s, deq = _fp4(t)
         elif name.endswith(".weight") and any(k in name for k in FP8_LINEARS):
             q, s, deq = _fp8(t, block)
         else:
@@ -72,7 +86,7 @@ def write_published(float_dir: Path, out_dir: Path, twin_dir: Path, block: tuple
     raw = {"architectures": ["DeepseekV41ForCausalLM"], "model_type": "deepseek_v41", "text_config": text,
            "vision_config": {"num_hidden_layers": 1},
            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                   "scale_fmt": "ue8m0", "weight_block_size": list(block), "expert_dtype": "fp8"}}
+                                   "scale_fmt": "ue8m0", "weight_block_size": list(block), "expert_dtype": expert_dtype}}
     (Path(out_dir) / "config.json").write_text(json.dumps(raw, indent=2))
 
 

@@ -88,13 +88,13 @@ def layer_roles(hf, n: int) -> list[dict]:
     return roles
 
 
-EXPERT_DTYPES = ("fp8",)
+EXPERT_DTYPES = ("fp4", "fp8")
 
 
 def published_format(arch: str, hf, quant) -> tuple[int, int] | None:
     """The FP8 block of DeepSeek's published files (`quantization_config`: quant_method fp8, block-scaled e4m3
     weights with a `.scale` beside each, ue8m0 or float32), or None for a float checkpoint. moelink dequantizes every
-    FP8 tensor as it loads (weights.py); FP4 experts (`expert_dtype` fp4) are refused naming the field."""
+    FP8 tensor as it loads (weights.py); FP4 experts (`expert_dtype` fp4) stay packed (V4's MoE block runs them)."""
     if quant is None:
         return None
     if quant.method != "fp8" or getattr(quant, "online", False):
@@ -109,7 +109,7 @@ def published_format(arch: str, hf, quant) -> tuple[int, int] | None:
     expert = raw.get("expert_dtype") or _get(hf, "expert_dtype") or "fp8"
     if expert not in EXPERT_DTYPES:
         raise unsupported("quantization_config.expert_dtype", expert, EXPERT_DTYPES,
-                          f" for {arch} yet (FP4 experts: not read yet; FP8 ones are dequantized as they load)")
+                          f" for {arch} (FP4 experts held packed, FP8 ones dequantized as they load)")
     return tuple(quant.block)
 
 

@@ -10,7 +10,9 @@ blocks of 32, the entries' FP4 blocks of 16; index_head_dim 32: the indexer's FP
 (0), a rate-2 group (source 1: compressor and indexer; 2 and 3 reuse its entries and picks), a rate-1 group (source 4,
 the two-level top-k's candidate source; 5 reuses; 6 re-indexes inside the candidates; 7 reuses 6's picks), Engram
 tables at layers 1 and 5 (3-grams, 2 heads), three hyper-connection streams, yarn on the compress rope, a window of
-6 tokens and an index top-4.
+6 tokens and an index top-4 over 16 index heads (an entry every head scores 0 ties with others: with few heads such
+ties reach the top-k boundary, where transformers and moelink may keep different ones); experts 32 wide (the
+published FP4 format packs 32 values a scale).
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ V41_TINY = dict(
                   "original_max_position_embeddings": 128},
     max_position_embeddings=MAX_POS, sliding_window=6, compress_ratios=[0, 2, 2, 2, 1, 1, 1, 1],
     kv_source_layer_ids=[1, 4], index_source_layer_ids=[1, 4, 6], candidate_source_layer_id=4,
-    candidate_topk_blocks=2, candidate_block_size=4, index_n_heads=4, index_head_dim=32, index_topk=4,
-    o_groups=2, o_lora_rank=8, moe_intermediate_size=16, n_routed_experts=6, n_shared_experts=1,
+    candidate_topk_blocks=2, candidate_block_size=4, index_n_heads=16, index_head_dim=32, index_topk=4,
+    o_groups=2, o_lora_rank=8, moe_intermediate_size=32, n_routed_experts=6, n_shared_experts=1,
     num_experts_per_tok=2, routed_scaling_factor=1.5, swiglu_limit=0.6, hc_mult=3, hc_sinkhorn_iters=6,
     engram_layer_ids=[1, 5], engram_vocab_size=40, engram_max_ngram_size=3, engram_n_heads=2, engram_head_dim=32,
     engram_pad_id=2, num_nextn_predict_layers=0, dspark_noise_token_id=VOCAB - 1, rms_norm_eps=1e-6,
