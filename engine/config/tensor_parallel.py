@@ -102,6 +102,8 @@ def check_tensor_parallel(cfg, size: int, experts_split: bool = False) -> None:
             a = cfg.attention_for(layer)
             if isinstance(a, LinearAttentionConfig):  # float only (engine/models/gated_deltanet.py)
                 continue
+            if isinstance(a, SharedCompressedAttentionConfig):  # dequantized at load from the blocks covering a shard
+                continue
             if isinstance(a, GQAConfig):  # a gated q_proj holds each head's gate rows beside its query rows
                 rows = {"q heads": a.num_heads // size * a.head_dim * (2 if a.output_gate else 1),
                         "kv heads": max(1, a.num_kv_heads // size) * a.head_dim,

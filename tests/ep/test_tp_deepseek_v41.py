@@ -25,3 +25,23 @@ def test_deepseek_v41_tp2_matches_transformers(local_ray, ep):
         assert all(s.num_free_blocks == s.num_total_blocks for s in llm.engine.rank_stats())
     finally:
         llm.engine.shutdown()
+
+
+def test_deepseek_v41_published_fp8_tp2_matches_transformers(local_ray, tmp_path):
+    """DeepSeek's FP8 files at -tp 2: each rank dequantizes its rows of wq_b / wo_a (wo_a's 8 rows a rank start
+    mid-block: blocks of 16) and its columns of wo_b from the scale blocks covering them; the FP8 experts split by
+    channels too. Tokens equal transformers' on the dequantized twin (reference_published.json)."""
+    import json
+
+    from tests.engine.test_deepseek_v41 import FIXTURES
+    from tests.helpers.dsv41_published import write_published
+
+    cases = json.loads((FIXTURES / "reference_published.json").read_text())["expert_dtype"]["fp8"]
+    ps, want = [c["prompt"] for c in cases], [c["greedy"] for c in cases]
+    write_published(FIXTURES / "tiny", tmp_path / "published", tmp_path / "twin", expert_dtype="fp8")
+    llm = LLM(str(tmp_path / "published"), tensor_parallel_size=2, dtype="float64", max_num_seqs=4,
+              max_num_batched_tokens=24, num_kv_blocks=96, block_size=8)
+    try:
+        assert_same(engine_greedy(llm, ps, N), want, ps)
+    finally:
+        llm.engine.shutdown()

@@ -28,6 +28,7 @@ class Dequant:
     dest: torch.Tensor
     name: str
     block: tuple[int, int]
+    offset: tuple[int, int] = (0, 0)  # where the weight read starts inside its first scale block (a TP rank's slice)
     parts: dict = field(default_factory=dict)
 
     def put(self, role: str, src: torch.Tensor, device) -> None:
@@ -43,13 +44,21 @@ class Dequant:
             raise ValueError(f"checkpoint tensor {self.name!r} has shape {tuple(w.shape)}, expected "
                              f"{tuple(self.dest.shape)} from config.json.")
         wide = torch.promote_types(self.dest.dtype, torch.float32)
-        self.dest.copy_(block_dequantize(w, s.to(torch.float32), self.block, wide))
+        if self.offset == (0, 0):
+            self.dest.copy_(block_dequantize(w, s.to(torch.float32), self.block, wide))
+            return
+        (bn, bk), (r0, c0), (n, k) = self.block, self.offset, w.shape
+        full = s.to(torch.float32).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[r0:r0 + n, c0:c0 + k]
+        if tuple(full.shape) != (n, k):
+            raise ValueError(f"checkpoint tensor {self.name[:-len('weight')]}scale does not cover the rows / columns "
+                             f"of {self.name!r} read (weight_block_size {list(self.block)}).")
+        self.dest.copy_((w.to(torch.float32) * full).to(wide))
 
 
 def dequant_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, int]) -> WeightPlan:
     """`plan` with every float destination whose `X.weight` has an `X.scale` in `names` read through a Dequant
-    (an Engram table's in blocks of ENGRAM_BLOCK, the rest in the file's `block`); the others stay. A destination
-    read in part (a TP rank's rows) is refused: nothing V4.1 splits is published FP8 in the shapes seen so far."""
+    (an Engram table's in blocks of ENGRAM_BLOCK, the rest in the file's `block`); the others stay. A destination read
+    in part (a TP rank's rows or columns) reads the scale blocks covering its part, which may start mid-block."""
     names = set(names)
     out = dict(plan)
     for name, (dest, idx, source) in plan.items():
@@ -58,13 +67,30 @@ def dequant_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, int])
             continue
         if not isinstance(dest, torch.Tensor) or not dest.is_floating_point() or dest.dtype == FP8_DTYPE:
             continue
-        if source:
-            raise ValueError(f"checkpoint tensor {name!r} is FP8 and read in part ({source!r}): a split FP8 weight is "
-                             "not read for DeepSeek-V4.1 yet; run it with -tp 1.")
-        target = Dequant(dest[idx] if idx else dest, name, ENGRAM_BLOCK if ".engram.embed." in name else block)
-        out[name] = PlanEntry(Part(target, "weight"), ())
-        out[base + "scale"] = PlanEntry(Part(target, "scale"), ())
+        b = ENGRAM_BLOCK if ".engram.embed." in name else block
+        scale_source, offset = _covering(name, source, b)
+        target = Dequant(dest[idx] if idx else dest, name, b, offset)
+        out[name] = PlanEntry(Part(target, "weight"), (), source)
+        out[base + "scale"] = PlanEntry(Part(target, "scale"), (), scale_source)
     return out
+
+
+def _covering(name: str, source: tuple, block: tuple[int, int]) -> tuple[tuple, tuple[int, int]]:
+    """The scale blocks covering the rows / columns `source` reads of a weight (a TP rank's: contiguous slices), and
+    where the read starts inside the first of them."""
+    scale, offset = [], [0, 0]
+    for dim, part in enumerate(source):
+        b = block[dim]
+        if not isinstance(part, slice) or part.step not in (None, 1):
+            raise ValueError(f"checkpoint tensor {name!r} is FP8 and read through {source!r}: only contiguous slices "
+                             "of an FP8 weight are read.")
+        if part.start is None and part.stop is None:
+            scale.append(slice(None))
+            continue
+        a = part.start or 0
+        scale.append(slice(a // b, None if part.stop is None else -(-part.stop // b)))
+        offset[dim] = a - (a // b) * b
+    return tuple(scale), (offset[0], offset[1])
 
 
 __all__ = ["Dequant", "ENGRAM_BLOCK", "dequant_plan"]
