@@ -234,3 +234,20 @@ def test_a_published_format_not_read_yet_is_refused_naming_it(tmp_path, expert_d
     (tmp_path / "published" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_pretrained(str(tmp_path / "published"), "float64")
+
+
+def test_load_format_dummy_from_a_published_config(tmp_path):
+    """--load-format dummy from the published composite config.json alone (FP8 block scales, FP4 experts): the FP8
+    tensors made dequantize as real ones do, and tokens come out."""
+    from tests.helpers.dsv41_published import write_published
+
+    write_published(FIXTURES / "tiny", tmp_path / "published", tmp_path / "twin", expert_dtype="fp4")
+    only = tmp_path / "config_only"
+    only.mkdir()
+    shutil.copy(tmp_path / "published" / "config.json", only / "config.json")
+    llm = LLM(str(only), dtype="float32", load_format="dummy", max_num_seqs=2, num_kv_blocks=32, block_size=8)
+    from moelink.engine import SamplingParams
+
+    out = llm.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=4, detokenize=False, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
