@@ -26,6 +26,9 @@ MODEL_TYPE_ALIASES: dict[str, str] = {}
 # with an image is refused where requests are checked).
 TEXT_MODEL_OF: dict[str, str] = {}
 TEXT_WEIGHTS_PREFIX: dict[str, str] = {}
+# config.json model_type -> the family module whose `read_config(raw, transformers_knows, path)` reads it, for a
+# family whose config the locked transformers may lack (DeepSeek-V4.1's, engine/models/deepseek_v41/reader.py).
+OWN_CONFIGS: dict[str, str] = {}
 for _family in FAMILIES:
     _config = importlib.import_module(family_module(_family, "config"))
     for _arch in _config.ARCHITECTURES:
@@ -33,6 +36,8 @@ for _family in FAMILIES:
             raise ValueError(f"architecture {_arch.name} is registered twice (family {_family}).")
         REGISTRY[_arch.name] = _arch
     MODEL_TYPE_ALIASES.update(getattr(_config, "MODEL_TYPE_ALIASES", {}))
+    for _model_type, _part in getattr(_config, "OWN_CONFIGS", {}).items():
+        OWN_CONFIGS[_model_type] = family_module(_family, _part)
     for _wrapper, (_text_arch, _prefix) in getattr(_config, "TEXT_MODELS", {}).items():
         TEXT_MODEL_OF[_wrapper] = _text_arch
         TEXT_WEIGHTS_PREFIX[_wrapper] = _prefix
@@ -45,5 +50,5 @@ MXFP4_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mxfp4_experts)
 MTP_ARCHITECTURES = tuple(n for n, a in REGISTRY.items() if a.mtp_layers)
 
 __all__ = ["ArchSpec", "Architecture", "MTP_LAYOUTS", "CONFIG_ONLY_ARCHITECTURES", "MLA_ARCHITECTURES", "MODEL_TYPE_ALIASES",
-           "MTP_ARCHITECTURES", "MXFP4_ARCHITECTURES", "REGISTRY", "SUPPORTED_ARCHITECTURES", "TEXT_MODEL_OF",
+           "MTP_ARCHITECTURES", "MXFP4_ARCHITECTURES", "OWN_CONFIGS", "REGISTRY", "SUPPORTED_ARCHITECTURES", "TEXT_MODEL_OF",
            "TEXT_WEIGHTS_PREFIX"]

@@ -22,11 +22,9 @@ class Awaited:
 
 
 AWAITED: tuple[Awaited, ...] = (
-    Awaited("DeepSeek-V4.1", "CSA2 attention, lagged hyper-connections and Engram n-gram tables",
-            ("deepseek_v4_1", "deepseek_v41", "deepseek_v4.1"),
-            ("DeepseekV41ForCausalLM", "DeepseekV4_1ForCausalLM")),
-    # Kimi K3 is served (engine/models/kimi_k3/: its text_config read by transformers' KimiLinearConfig, what K3
-    # adds validated by the family's KimiK3Fields; its oracle a float64 reimplementation from the peers' math).
+    # DeepSeek-V4.1 and Kimi K3, once here, are served: engine/models/deepseek_v41/ (its config read by the family's
+    # own class until a transformers release defines it) and engine/models/kimi_k3/ (its text_config read by
+    # transformers' KimiLinearConfig).
 )
 
 

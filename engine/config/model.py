@@ -7,6 +7,7 @@ naming the field, any value moelink cannot run.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import json
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from moelink.moe.router_config import RouterConfig
 
 from .awaited import awaited_refusal
 from ..models.gated_deltanet_config import LinearAttentionConfig
-from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, REGISTRY,  # noqa: F401
+from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, OWN_CONFIGS, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
 from ..models.compressed_attention_config import resolve_compressed_cache
 from ..models.hyper_connections_config import HyperConnectionConfig
@@ -340,6 +341,9 @@ def _auto_config(path: Path, raw: dict, arch: str, *, whole_file: bool = True):
     file_type = raw.get("model_type")
     model_type = MODEL_TYPE_ALIASES.get(file_type) if isinstance(file_type, str) else None
     try:
+        if isinstance(file_type, str) and file_type in OWN_CONFIGS:  # the family reads it (transformers' class or its own)
+            return importlib.import_module(OWN_CONFIGS[file_type]).read_config(
+                raw, file_type in CONFIG_MAPPING_NAMES, str(path))
         if model_type is None and file_type in CONFIG_MAPPING_NAMES:
             if whole_file:
                 return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

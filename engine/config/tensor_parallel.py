@@ -9,6 +9,7 @@ shards, its vocab rows and expert channels, the group's collectives) is the pack
 from __future__ import annotations
 
 from ..models.compressed_attention_config import CompressedAttentionConfig
+from ..models.shared_compressed_attention_config import SharedCompressedAttentionConfig
 from .fp4_experts import published_expert_dtype
 from ..models.gqa_config import GQAConfig
 from ..models.mla_config import MLAConfig
@@ -84,6 +85,9 @@ def check_tensor_parallel(cfg, size: int, experts_split: bool = False) -> None:
             k = a.num_kv_heads
             if k % size and size % k:
                 raise bad(f"num_key_value_heads={k} neither divides nor is a multiple of {size}.")
+        elif isinstance(a, SharedCompressedAttentionConfig):  # a rank's heads feed exactly its output groups
+            if a.o_groups % size:
+                raise bad(f"o_groups={a.o_groups} is not a multiple of {size}.")
         elif not isinstance(a, MLAConfig):
             raise bad(f"{a.kind} attention is not sharded yet.")
     if cfg.intermediate_size % size and len(cfg.sparse_layers) < cfg.num_layers:
@@ -97,6 +101,8 @@ def check_tensor_parallel(cfg, size: int, experts_split: bool = False) -> None:
         for layer in range(cfg.num_layers):
             a = cfg.attention_for(layer)
             if isinstance(a, LinearAttentionConfig):  # float only (engine/models/gated_deltanet.py)
+                continue
+            if isinstance(a, SharedCompressedAttentionConfig):  # dequantized at load from the blocks covering a shard
                 continue
             if isinstance(a, GQAConfig):  # a gated q_proj holds each head's gate rows beside its query rows
                 rows = {"q heads": a.num_heads // size * a.head_dim * (2 if a.output_gate else 1),

@@ -258,6 +258,10 @@ def check_ring_rollback(spec, layers: tuple, arch: str) -> None:
     copy taken before the step). That needs each ring slot written once a step: num_speculative_tokens + 1 <= the
     smallest ring (the window, a compressor's rate, 2 x rate under CSA). `layers`: every layer's attention config,
     those of other kinds passed over."""
+    if spec is not None and any(getattr(a, "kind", "") == "shared_compressed" for a in layers):
+        raise ValueError(f"speculative_config is not supported for {arch} yet: its verify steps would leave rejected "
+                         "drafts in the window and compressor rings and the Engram look-back (no rollback built); "
+                         "serve it without --speculative-config.")
     rings = [min(a.sliding_window, a.compressor_ring or a.sliding_window) for a in layers
              if isinstance(a, CompressedAttentionConfig)]
     if spec is None or not rings:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..models.compressed_attention_config import CompressedAttentionConfig
+from ..models.shared_compressed_attention_config import SharedCompressedAttentionConfig
 from ..models.gqa_config import GQAConfig
 from ..models.mla_config import MLAConfig
 from ..models.gated_deltanet_config import LinearAttentionConfig
@@ -43,7 +44,7 @@ def shard_attention(attn, size: int):
                                    num_kv_heads=max(1, attn.num_kv_heads // size))
     if isinstance(attn, MLAConfig):
         return dataclasses.replace(attn, num_heads=attn.num_heads // size)
-    if isinstance(attn, CompressedAttentionConfig):  # a rank's heads feed exactly its output groups
+    if isinstance(attn, (CompressedAttentionConfig, SharedCompressedAttentionConfig)):  # heads feed their groups
         return dataclasses.replace(attn, num_heads=attn.num_heads // size, o_groups=attn.o_groups // size)
     raise ValueError(f"attention kind {attn.kind!r} has no tensor-parallel layout.")
 
