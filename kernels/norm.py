@@ -14,18 +14,21 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """y = weight * (x / rms(x)); x [T, D] any float dtype → [T, D] same dtype (weight None: x / rms(x), for a
-    caller that multiplies its own weights in after, as the non-float32 path does here).
+def rms_normalize(x_TD: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) in float32, back in x's dtype: the norm without its weight, for a caller that multiplies its own
+    weights in after (as reference_rms_norm's non-float32 path does; the product commutes: the same bits)."""
+    if x_TD.dtype == torch.float32:
+        return F.rms_norm(x_TD, (x_TD.shape[-1],), None, eps)
+    return F.rms_norm(x_TD.to(torch.float32), (x_TD.shape[-1],), None, eps).to(x_TD.dtype)
+
+
+def reference_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = weight * (x / rms(x)); x [T, D] any float dtype → [T, D] same dtype.
 
     torch's rms_norm runs the same ops as the three-line definition (x * rsqrt(mean(x^2) + eps), bitwise equal) from
     C++: on a CPU a small batch's norm is op dispatch, and this is one Python call where there were six. A
     float32 input takes the weight inside it (the product commutes: the same bits)."""
     D = x_TD.shape[-1]
-    if weight_D is None:
-        if x_TD.dtype == torch.float32:
-            return F.rms_norm(x_TD, (D,), None, eps)
-        return F.rms_norm(x_TD.to(torch.float32), (D,), None, eps).to(x_TD.dtype)
     if x_TD.dtype == torch.float32 and weight_D.dtype == torch.float32:
         return F.rms_norm(x_TD, (D,), weight_D, eps)
     return weight_D * F.rms_norm(x_TD.to(torch.float32), (D,), None, eps).to(x_TD.dtype)

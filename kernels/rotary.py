@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .attention import reference_write_kv
-from .norm import reference_rms_norm
+from .norm import reference_rms_norm, rms_normalize
 from .step_memo import STEP_MEMO
 
 
@@ -102,7 +102,7 @@ def reference_rope_write_kv(
         # decode layer is op dispatch); each part takes its norm's weight after (the same products).
         qk_TXH = torch.cat([q_TNH, k_TKH], dim=1)
         if q_norm_H is not None:
-            qk_TXH = reference_rms_norm(qk_TXH, None, eps)
+            qk_TXH = rms_normalize(qk_TXH, eps)
             qk_TXH[:, :N].mul_(q_norm_H)
             qk_TXH[:, N:].mul_(k_norm_H)
         cos_T1H, sin_T1H = rotary_rows(positions_T, cos_sin_PR, qk_TXH.dtype)
