@@ -73,7 +73,7 @@ class Recorder:
                 consts = {a: b for a, b in kwargs.items()
                           if isinstance(b, (int, bool, str)) and a != "PREC" and a not in runtime}
                 rec.records.append(dict(case=rec.case, kernel=k, seconds=cpu_seconds() - t0, constexprs=consts,
-                                        **specialisation(k)))
+                                        grid=grid, **specialisation(k)))
             return launch
 
         JITFunction.__getitem__ = compile_instead_of_launch
