@@ -38,12 +38,14 @@ from .triton_common import activation_epilogue, cast
 @triton.jit(do_not_specialize=["num_pairs"])
 def _tiny_up_kernel(x_ptr, w13_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs, num_ids, inter, hidden, top_k,
                     stride_xt, stride_we, stride_wf, stride_hp, stride_be, alpha, limit,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr,
-                    HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
-    # The K loop is unrolled (static_range): no tile's loads wait on an earlier tile's products, so ptxas issues
-    # them back to back and a program keeps most of its rows' bytes in flight (Triton does not pipeline loads that
-    # feed no dot: a rolled loop waits one DRAM round trip per tile). x's row is loaded as [1, BK], in the weight
-    # tile's own layout: a 1-D load needs a shared-memory layout conversion and two barriers every tile.
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_STEP: tl.constexpr,
+                    EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    # K in steps of K_TILES tiles, each step unrolled (static_range): no tile's loads wait on an earlier tile's
+    # products, so ptxas issues them back to back and a program keeps most of its rows' bytes in flight (Triton does
+    # not pipeline loads that feed no dot: a rolled loop of one tile a step waits one DRAM round trip per tile). x's
+    # row is loaded as [1, BK], in the weight tile's own layout: a 1-D load needs a shared-memory layout conversion
+    # and two barriers every tile.
     pair, expert = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP)
     if expert < 0:
         return
@@ -54,19 +56,20 @@ def _tiny_up_kernel(x_ptr, w13_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs,
     u_ptrs = g_ptrs + inter * stride_wf
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for kt in tl.static_range(K_TILES):
-        k0 = kt * BLOCK_K
-        if EVEN_K or kt < K_TILES - 1:  # (compile-time: only a ragged last tile is masked along K)
-            a = tl.load(x_ptrs + k0).to(tl.float32)
-            bg = tl.load(g_ptrs + k0, mask=n_ok[:, None], other=0.0)
-            bu = tl.load(u_ptrs + k0, mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = offs_k < hidden - k0
-            a = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
-            bg = tl.load(g_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
-            bu = tl.load(u_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
-        acc_g += bg.to(tl.float32) * a
-        acc_u += bu.to(tl.float32) * a
+    for k_step in range(0, hidden, BLOCK_K * K_TILES):
+        for kt in tl.static_range(K_TILES):
+            k0 = k_step + kt * BLOCK_K
+            if EVEN_K or (ONE_STEP and kt < K_TILES - 1):  # (compile-time: which tiles may be ragged along K)
+                a = tl.load(x_ptrs + k0).to(tl.float32)
+                bg = tl.load(g_ptrs + k0, mask=n_ok[:, None], other=0.0)
+                bu = tl.load(u_ptrs + k0, mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = offs_k < hidden - k0
+                a = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
+                bg = tl.load(g_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
+                bu = tl.load(u_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
+            acc_g += bg.to(tl.float32) * a
+            acc_u += bu.to(tl.float32) * a
     tiny_up_epilogue(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), pair, expert, offs_n, n_ok, h_ptr, stride_hp,
                      b13_ptr, stride_be, inter, alpha, limit, HAS_BIAS, ACT, INTERPRET)
 
@@ -88,9 +91,9 @@ def tiny_up_epilogue(gate, up, pair, expert, offs_n, n_ok, h_ptr, stride_hp, b13
 def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_ptr, num_pairs, num_ids, hidden,
                       inter, stride_hp, stride_we, stride_wd, stride_ot, stride_be,
                       TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      K_TILES: tl.constexpr, EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      INTERPRET: tl.constexpr):
-    # The token's K pairs one after another and each pair's I in K_TILES tiles, all unrolled: every load is
+                      K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    # Each step: the token's K pairs one after another, K_TILES tiles of I each, all unrolled: every load is
     # independent of the products before it (see the gate-up kernel), and the pairs are summed into one [BN, BK]
     # fp32 tile in a fixed order (pair 0 first), reduced along BK once at the end: no per-tile cross-warp sum.
     # A remote or invalid pair's lanes are masked off: its memory is never read.
@@ -98,26 +101,27 @@ def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_
                                                                        num_ids, hidden, BLOCK_N, TOP_K, KP, HAS_MAP)
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        pair = t * TOP_K + k
-        expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
-        w = tl.load(weights_ptr + pair, mask=expert >= 0, other=0.0).to(tl.float32)
-        h_ptrs = h_ptr + pair.to(tl.int64) * stride_hp + offs_k
-        b_ptrs = (w2_ptr + tl.maximum(expert, 0).to(tl.int64) * stride_we
-                  + offs_n[:, None].to(tl.int64) * stride_wd + offs_k)
-        # (the expert broadcast before the compare: the interpreter refuses a scalar bool combined with a tile mask)
-        h_ok = (tl.zeros([1, BLOCK_K], dtype=tl.int32) + expert) >= 0
-        row_ok = n_ok[:, None] & h_ok
-        for kt in tl.static_range(K_TILES):
-            k0 = kt * BLOCK_K
-            if EVEN_K or kt < K_TILES - 1:
-                a = tl.load(h_ptrs + k0, mask=h_ok, other=0.0).to(tl.float32)
-                b = tl.load(b_ptrs + k0, mask=row_ok, other=0.0)
-            else:
-                k_ok = offs_k < inter - k0
-                a = tl.load(h_ptrs + k0, mask=h_ok & k_ok, other=0.0).to(tl.float32)
-                b = tl.load(b_ptrs + k0, mask=row_ok & k_ok, other=0.0)
-            acc += b.to(tl.float32) * (a * w)  # the routed weight scales h: linear, so the same sum
+    for k_step in range(0, inter, BLOCK_K * K_TILES):
+        for k in tl.static_range(TOP_K):
+            pair = t * TOP_K + k
+            expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
+            w = tl.load(weights_ptr + pair, mask=expert >= 0, other=0.0).to(tl.float32)
+            h_ptrs = h_ptr + pair.to(tl.int64) * stride_hp + offs_k
+            b_ptrs = (w2_ptr + tl.maximum(expert, 0).to(tl.int64) * stride_we
+                      + offs_n[:, None].to(tl.int64) * stride_wd + offs_k)
+            # (the expert broadcast before the compare: the interpreter refuses a scalar bool with a tile mask)
+            h_ok = (tl.zeros([1, BLOCK_K], dtype=tl.int32) + expert) >= 0
+            row_ok = n_ok[:, None] & h_ok
+            for kt in tl.static_range(K_TILES):
+                k0 = k_step + kt * BLOCK_K
+                if EVEN_K or (ONE_STEP and kt < K_TILES - 1):
+                    a = tl.load(h_ptrs + k0, mask=h_ok, other=0.0).to(tl.float32)
+                    b = tl.load(b_ptrs + k0, mask=row_ok, other=0.0)
+                else:
+                    k_ok = offs_k < inter - k0
+                    a = tl.load(h_ptrs + k0, mask=h_ok & k_ok, other=0.0).to(tl.float32)
+                    b = tl.load(b_ptrs + k0, mask=row_ok & k_ok, other=0.0)
+                acc += b.to(tl.float32) * (a * w)  # the routed weight scales h: linear, so the same sum
     tiny_down_epilogue(tl.sum(acc, axis=1), t, expert_p, live_p, w_p, offs_n, n_ok, b2_ptr, stride_be, out_ptr,
                        stride_ot, HAS_BIAS, INTERPRET)
 
@@ -203,8 +207,8 @@ class RolledK:
     """How the packed formats' GEMVs (MXFP4, INT4) walk K: a loop of BLOCK_K steps (their dequantization keeps a
     step's registers busy), the down width narrowed by `down_block_n`."""
 
-    def tiles(self, block_k: int, dim: int) -> tuple[int, dict]:
-        return block_k, {}
+    def tiles(self, block_k: int, dim: int, copies: int = 1) -> tuple[int, dict]:
+        return block_k, {"EVEN_K": dim % block_k == 0}
 
     def down_block_n(self, widest: int, num_tokens: int, hidden: int, sms: int, num_warps: int) -> int:
         return down_block_n(widest, num_tokens, hidden, sms)
@@ -212,12 +216,20 @@ class RolledK:
 
 @dataclass(frozen=True)
 class UnrolledK:
-    """How the float GEMVs walk K: K_TILES tiles unrolled at compile time (BLOCK_K no wider than the dimension), so
-    their loads are all in flight together; the down width narrowed by `gemv_block_n`."""
+    """How the float GEMVs walk K: steps of K_TILES tiles, each step unrolled at compile time (BLOCK_K no wider than
+    the dimension), so a step's loads are all in flight together; the down width narrowed by `gemv_block_n`.
 
-    def tiles(self, block_k: int, dim: int) -> tuple[int, dict]:
+    `max_bodies` caps the unrolled tile bodies of a step (K_TILES times the `copies` a step makes of them: the down
+    GEMV's top-k pairs): ptxas keeps ~20 loads of a thread in flight whatever the unrolling, while Mixtral's down
+    GEMV fully unrolled (2 pairs x 56 tiles) took 237 registers and 5.3 s to compile."""
+
+    max_bodies: int = 16
+
+    def tiles(self, block_k: int, dim: int, copies: int = 1) -> tuple[int, dict]:
         bk = min(block_k, triton.next_power_of_2(dim))
-        return bk, {"K_TILES": triton.cdiv(dim, bk)}
+        total = triton.cdiv(dim, bk)
+        per_step = max(1, min(total, self.max_bodies // max(1, copies)))
+        return bk, {"K_TILES": per_step, "ONE_STEP": total <= per_step, "EVEN_K": dim % (bk * per_step) == 0}
 
     def down_block_n(self, widest: int, num_tokens: int, hidden: int, sms: int, num_warps: int) -> int:
         return gemv_block_n(widest, num_tokens, hidden, sms, num_warps)
@@ -261,13 +273,13 @@ def run_tiny(up_kernel, up_weight: dict, down_kernel, down_weight: dict, x_TD, w
     num_ids = expert_map_G.numel() if has_map else num_experts
     up, down = tiny.up, tiny.down
     up_bk, up_tiles = k_loop.tiles(up.BLOCK_SIZE_K, D)
-    down_bk, down_tiles = k_loop.tiles(down.BLOCK_SIZE_K, I)
+    down_bk, down_tiles = k_loop.tiles(down.BLOCK_SIZE_K, I, top_k)
     h_PI = common.workspace((P, I), dt, dev)
     up_kernel[(P, triton.cdiv(I, up.BLOCK_SIZE_N))](
         x_ptr=x_TD, h_ptr=h_PI, ids_ptr=ids_P, map_ptr=map_G, b13_ptr=x_TD if b13_EF is None else b13_EF,
         num_pairs=P, num_ids=num_ids, inter=I, hidden=D, top_k=top_k, stride_xt=x_TD.stride(0),
         stride_hp=h_PI.stride(0), stride_be=0 if b13_EF is None else b13_EF.stride(0), alpha=alpha, limit=limit,
-        BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up_bk, EVEN_K=D % up_bk == 0, HAS_MAP=has_map,
+        BLOCK_N=up.BLOCK_SIZE_N, BLOCK_K=up_bk, HAS_MAP=has_map,
         HAS_BIAS=b13_EF is not None, ACT=act, INTERPRET=interp, num_warps=up.num_warps, num_stages=up.num_stages,
         **up_tiles, **up_weight,
     )
@@ -277,7 +289,7 @@ def run_tiny(up_kernel, up_weight: dict, down_kernel, down_weight: dict, x_TD, w
         b2_ptr=weights_P if b2_ED is None else b2_ED, num_pairs=P, num_ids=num_ids, hidden=D, inter=I,
         stride_hp=h_PI.stride(0), stride_ot=out.stride(0), stride_be=0 if b2_ED is None else b2_ED.stride(0),
         TOP_K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=down_bk,
-        EVEN_K=I % down_bk == 0, HAS_MAP=has_map, HAS_BIAS=b2_ED is not None, INTERPRET=interp,
+        HAS_MAP=has_map, HAS_BIAS=b2_ED is not None, INTERPRET=interp,
         num_warps=down.num_warps, num_stages=down.num_stages, **down_tiles, **down_weight,
     )
     return out

@@ -137,6 +137,23 @@ def test_default_float_blocks_match_reference(T, D, I, gen, kdev, check, nan_buf
     assert DEFAULT_TINY_FLOAT.down.BLOCK_SIZE_N == 2 and (triton_moe_tiny.gemv_block_n(2, T, D, 4, 1) == 1) == (T == 1)
 
 
+@pytest.mark.parametrize("max_bodies", [1, 2, 5])
+def test_k_in_several_unrolled_steps_matches_reference(max_bodies, gen, kdev, check, nan_buffer, monkeypatch):
+    """Where a dimension has more tiles than a step unrolls (UnrolledK.max_bodies over the down GEMV's pairs), K runs
+    in several steps, every tile masked when the steps do not divide it: ragged D and I, 2 and 3 steps."""
+    monkeypatch.setattr(triton_moe_tiny, "UNROLLED", triton_moe_tiny.UnrolledK(max_bodies=max_bodies))
+    T, E, K, D, I = 3, 6, 3, 40, 24
+    x, w13, w2, weights, ids, _, b13, b2 = _inputs(gen, T, E, E, K, D, I, "rand", torch.bfloat16, "both")
+    ids[1, 0] = -1
+    out = nan_buffer((T, D), torch.bfloat16, kdev)
+    dev = lambda t: t.to(kdev)  # noqa: E731
+    got = triton_fused_moe(dev(x), dev(w13), dev(w2), dev(weights), dev(ids), out=out, config=WITH_TINY, path="tiny",
+                           b13_EF=dev(b13), b2_ED=dev(b2), activation=OAI)
+    check(got, _want(x, w13, w2, weights, ids, None, b13, b2, OAI), torch.bfloat16, f"tiny in steps of {max_bodies}")
+    bk, extra = triton_moe_tiny.UNROLLED.tiles(16, D)
+    assert (bk, extra["K_TILES"], extra["ONE_STEP"]) == (16, min(3, max_bodies), max_bodies >= 3)
+
+
 def test_tiny_config_round_trip_and_errors():
     assert TinyConfig.from_dict(TINY.to_dict()) == TINY and TINY.down.BLOCK_SIZE_N == 32 and TINY.up.BLOCK_SIZE_N == 16
     assert TINY.down.num_warps == 4  # down inherits what it does not override
