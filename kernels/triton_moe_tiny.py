@@ -56,22 +56,36 @@ def _tiny_up_kernel(x_ptr, w13_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs,
     u_ptrs = g_ptrs + inter * stride_wf
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k_step in range(0, hidden, BLOCK_K * K_TILES):
-        for kt in tl.static_range(K_TILES):
-            k0 = k_step + kt * BLOCK_K
-            if EVEN_K or (ONE_STEP and kt < K_TILES - 1):  # (compile-time: which tiles may be ragged along K)
-                a = tl.load(x_ptrs + k0).to(tl.float32)
-                bg = tl.load(g_ptrs + k0, mask=n_ok[:, None], other=0.0)
-                bu = tl.load(u_ptrs + k0, mask=n_ok[:, None], other=0.0)
-            else:
-                k_ok = offs_k < hidden - k0
-                a = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
-                bg = tl.load(g_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
-                bu = tl.load(u_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
-            acc_g += bg.to(tl.float32) * a
-            acc_u += bu.to(tl.float32) * a
+    if ONE_STEP:  # (no loop at all: ptxas hoists loads less far inside a runtime loop, compile_report_tiny)
+        acc_g, acc_u = _up_step(acc_g, acc_u, x_ptrs, g_ptrs, u_ptrs, n_ok, offs_k, 0, hidden, BLOCK_K, K_TILES,
+                                ONE_STEP, EVEN_K)
+    else:
+        for k_step in range(0, hidden, BLOCK_K * K_TILES):
+            acc_g, acc_u = _up_step(acc_g, acc_u, x_ptrs, g_ptrs, u_ptrs, n_ok, offs_k, k_step, hidden, BLOCK_K,
+                                    K_TILES, ONE_STEP, EVEN_K)
     tiny_up_epilogue(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), pair, expert, offs_n, n_ok, h_ptr, stride_hp,
                      b13_ptr, stride_be, inter, alpha, limit, HAS_BIAS, ACT, INTERPRET)
+
+
+@triton.jit
+def _up_step(acc_g, acc_u, x_ptrs, g_ptrs, u_ptrs, n_ok, offs_k, k_step, hidden, BLOCK_K: tl.constexpr,
+             K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, EVEN_K: tl.constexpr):
+    """One K step of the gate-up GEMV: K_TILES tiles from column k_step, unrolled; only tiles that may be ragged
+    are masked along K (compile-time)."""
+    for kt in tl.static_range(K_TILES):
+        k0 = k_step + kt * BLOCK_K
+        if EVEN_K or (ONE_STEP and kt < K_TILES - 1):
+            a = tl.load(x_ptrs + k0).to(tl.float32)
+            bg = tl.load(g_ptrs + k0, mask=n_ok[:, None], other=0.0)
+            bu = tl.load(u_ptrs + k0, mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < hidden - k0
+            a = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32)
+            bg = tl.load(g_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
+            bu = tl.load(u_ptrs + k0, mask=n_ok[:, None] & k_ok, other=0.0)
+        acc_g += bg.to(tl.float32) * a
+        acc_u += bu.to(tl.float32) * a
+    return acc_g, acc_u
 
 
 @triton.jit
@@ -101,29 +115,45 @@ def _tiny_down_kernel(h_ptr, w2_ptr, out_ptr, ids_ptr, map_ptr, weights_ptr, b2_
                                                                        num_ids, hidden, BLOCK_N, TOP_K, KP, HAS_MAP)
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k_step in range(0, inter, BLOCK_K * K_TILES):
-        for k in tl.static_range(TOP_K):
-            pair = t * TOP_K + k
-            expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
-            w = tl.load(weights_ptr + pair, mask=expert >= 0, other=0.0).to(tl.float32)
-            h_ptrs = h_ptr + pair.to(tl.int64) * stride_hp + offs_k
-            b_ptrs = (w2_ptr + tl.maximum(expert, 0).to(tl.int64) * stride_we
-                      + offs_n[:, None].to(tl.int64) * stride_wd + offs_k)
-            # (the expert broadcast before the compare: the interpreter refuses a scalar bool with a tile mask)
-            h_ok = (tl.zeros([1, BLOCK_K], dtype=tl.int32) + expert) >= 0
-            row_ok = n_ok[:, None] & h_ok
-            for kt in tl.static_range(K_TILES):
-                k0 = k_step + kt * BLOCK_K
-                if EVEN_K or (ONE_STEP and kt < K_TILES - 1):
-                    a = tl.load(h_ptrs + k0, mask=h_ok, other=0.0).to(tl.float32)
-                    b = tl.load(b_ptrs + k0, mask=row_ok, other=0.0)
-                else:
-                    k_ok = offs_k < inter - k0
-                    a = tl.load(h_ptrs + k0, mask=h_ok & k_ok, other=0.0).to(tl.float32)
-                    b = tl.load(b_ptrs + k0, mask=row_ok & k_ok, other=0.0)
-                acc += b.to(tl.float32) * (a * w)  # the routed weight scales h: linear, so the same sum
+    if ONE_STEP:
+        acc = _down_step(acc, t, 0, h_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, inter, stride_hp,
+                         stride_we, stride_wd, offs_n, n_ok, offs_k, TOP_K, BLOCK_K, K_TILES, ONE_STEP, EVEN_K, HAS_MAP)
+    else:
+        for k_step in range(0, inter, BLOCK_K * K_TILES):
+            acc = _down_step(acc, t, k_step, h_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, inter,
+                             stride_hp, stride_we, stride_wd, offs_n, n_ok, offs_k, TOP_K, BLOCK_K, K_TILES, ONE_STEP,
+                             EVEN_K, HAS_MAP)
     tiny_down_epilogue(tl.sum(acc, axis=1), t, expert_p, live_p, w_p, offs_n, n_ok, b2_ptr, stride_be, out_ptr,
                        stride_ot, HAS_BIAS, INTERPRET)
+
+
+@triton.jit
+def _down_step(acc, t, k_step, h_ptr, w2_ptr, ids_ptr, map_ptr, weights_ptr, num_pairs, num_ids, inter, stride_hp,
+               stride_we, stride_wd, offs_n, n_ok, offs_k, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+               K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr):
+    """One K step of the down GEMV: token t's pairs in order, K_TILES tiles of I from column k_step each, unrolled,
+    each scaled by its routed weight and added into acc."""
+    for k in tl.static_range(TOP_K):
+        pair = t * TOP_K + k
+        expert = _local_expert(ids_ptr, map_ptr, pair, num_pairs, num_ids, HAS_MAP)
+        w = tl.load(weights_ptr + pair, mask=expert >= 0, other=0.0).to(tl.float32)
+        h_ptrs = h_ptr + pair.to(tl.int64) * stride_hp + offs_k
+        b_ptrs = (w2_ptr + tl.maximum(expert, 0).to(tl.int64) * stride_we
+                  + offs_n[:, None].to(tl.int64) * stride_wd + offs_k)
+        # (the expert broadcast before the compare: the interpreter refuses a scalar bool with a tile mask)
+        h_ok = (tl.zeros([1, BLOCK_K], dtype=tl.int32) + expert) >= 0
+        row_ok = n_ok[:, None] & h_ok
+        for kt in tl.static_range(K_TILES):
+            k0 = k_step + kt * BLOCK_K
+            if EVEN_K or (ONE_STEP and kt < K_TILES - 1):
+                a = tl.load(h_ptrs + k0, mask=h_ok, other=0.0).to(tl.float32)
+                b = tl.load(b_ptrs + k0, mask=row_ok, other=0.0)
+            else:
+                k_ok = offs_k < inter - k0
+                a = tl.load(h_ptrs + k0, mask=h_ok & k_ok, other=0.0).to(tl.float32)
+                b = tl.load(b_ptrs + k0, mask=row_ok & k_ok, other=0.0)
+            acc += b.to(tl.float32) * (a * w)  # the routed weight scales h: linear, so the same sum
+    return acc
 
 
 @triton.jit
@@ -220,15 +250,18 @@ class UnrolledK:
     the dimension), so a step's loads are all in flight together; the down width narrowed by `gemv_block_n`.
 
     `max_bodies` caps the unrolled tile bodies of a step (K_TILES times the `copies` a step makes of them: the down
-    GEMV's top-k pairs): ptxas keeps ~20 loads of a thread in flight whatever the unrolling, while Mixtral's down
-    GEMV fully unrolled (2 pairs x 56 tiles) took 237 registers and 5.3 s to compile."""
+    GEMV's top-k pairs; K_TILES the largest divisor of the tile count that fits, so the steps are whole): Mixtral's
+    down GEMV fully unrolled (2 pairs x 56 tiles) took 237 registers and 5.3 s to compile. One step is no loop at
+    all (every Qwen3 GEMV, and every gate-up GEMV of the model shapes); more run a loop, where ptxas keeps fewer
+    loads in flight (compile_report_tiny: 9 against 17 for DeepSeek-V3's down GEMV)."""
 
-    max_bodies: int = 16
+    max_bodies: int = 24
 
     def tiles(self, block_k: int, dim: int, copies: int = 1) -> tuple[int, dict]:
         bk = min(block_k, triton.next_power_of_2(dim))
         total = triton.cdiv(dim, bk)
-        per_step = max(1, min(total, self.max_bodies // max(1, copies)))
+        fit = max(1, self.max_bodies // max(1, copies))
+        per_step = total if total <= fit else max(d for d in range(1, fit + 1) if total % d == 0)
         return bk, {"K_TILES": per_step, "ONE_STEP": total <= per_step, "EVEN_K": dim % (bk * per_step) == 0}
 
     def down_block_n(self, widest: int, num_tokens: int, hidden: int, sms: int, num_warps: int) -> int:

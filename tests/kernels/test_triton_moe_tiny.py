@@ -137,21 +137,25 @@ def test_default_float_blocks_match_reference(T, D, I, gen, kdev, check, nan_buf
     assert DEFAULT_TINY_FLOAT.down.BLOCK_SIZE_N == 2 and (triton_moe_tiny.gemv_block_n(2, T, D, 4, 1) == 1) == (T == 1)
 
 
-@pytest.mark.parametrize("max_bodies", [1, 2, 5])
-def test_k_in_several_unrolled_steps_matches_reference(max_bodies, gen, kdev, check, nan_buffer, monkeypatch):
-    """Where a dimension has more tiles than a step unrolls (UnrolledK.max_bodies over the down GEMV's pairs), K runs
-    in several steps, every tile masked when the steps do not divide it: ragged D and I, 2 and 3 steps."""
+@pytest.mark.parametrize("max_bodies,D,I,up_steps", [(1, 40, 72, (1, 3)), (2, 64, 72, (2, 2)), (2, 40, 64, (1, 3)),
+                                                    (5, 40, 24, (3, 1))])
+def test_k_in_several_unrolled_steps_matches_reference(max_bodies, D, I, up_steps, gen, kdev, check, nan_buffer,
+                                                       monkeypatch):
+    """Where a dimension has more tiles than a step unrolls (UnrolledK.max_bodies, the down GEMV's 3 pairs counted),
+    K runs in several whole steps, every tile masked when they do not divide the dimension: ragged and even D and
+    I, one to three steps each (I = 72: three steps of one 32-wide tile, the last ragged)."""
     monkeypatch.setattr(triton_moe_tiny, "UNROLLED", triton_moe_tiny.UnrolledK(max_bodies=max_bodies))
-    T, E, K, D, I = 3, 6, 3, 40, 24
+    T, E, K = 3, 6, 3
     x, w13, w2, weights, ids, _, b13, b2 = _inputs(gen, T, E, E, K, D, I, "rand", torch.bfloat16, "both")
     ids[1, 0] = -1
     out = nan_buffer((T, D), torch.bfloat16, kdev)
     dev = lambda t: t.to(kdev)  # noqa: E731
     got = triton_fused_moe(dev(x), dev(w13), dev(w2), dev(weights), dev(ids), out=out, config=WITH_TINY, path="tiny",
                            b13_EF=dev(b13), b2_ED=dev(b2), activation=OAI)
-    check(got, _want(x, w13, w2, weights, ids, None, b13, b2, OAI), torch.bfloat16, f"tiny in steps of {max_bodies}")
+    check(got, _want(x, w13, w2, weights, ids, None, b13, b2, OAI), torch.bfloat16, f"tiny in steps, {max_bodies} bodies")
     bk, extra = triton_moe_tiny.UNROLLED.tiles(16, D)
-    assert (bk, extra["K_TILES"], extra["ONE_STEP"]) == (16, min(3, max_bodies), max_bodies >= 3)
+    assert (extra["K_TILES"], -(-D // (bk * extra["K_TILES"]))) == up_steps
+    assert extra["ONE_STEP"] == (up_steps[1] == 1) and extra["EVEN_K"] == (D % (bk * extra["K_TILES"]) == 0)
 
 
 def test_tiny_config_round_trip_and_errors():
