@@ -202,24 +202,29 @@ def time_engine_graph(model, caches, args_, batch, device, timer, steps) -> floa
     return t
 
 
-def turn_on_tiny(max_pairs: int) -> None:
+def turn_on_tiny(max_pairs: int) -> Path:
     """The float fused MoE's tiny path (kernels/triton_moe_tiny.py) on for calls of up to `max_pairs` (token,
-    expert) pairs, with DEFAULT_TINY_FLOAT's blocks wherever the device's table has no TINY entry: what a tuned
-    config with a TINY entry does, measured before a tuner writes one (issue 80's batch-1 decode). In this process
-    only: every launch-config pick goes through moe_config._pick."""
-    from dataclasses import replace
+    expert) pairs, with DEFAULT_TINY_FLOAT's blocks where a bucket has no TINY entry: what a tuned config with a
+    TINY entry does, measured before a tuner writes one (issue 80's batch-1 decode). A copy of kernels/configs/ with
+    the entries added to every float table (default.json, interpreter.json, the tuned E=..,N=..,device_name=..
+    files) becomes this process's config directory; the other formats' files are copied as they are."""
+    import shutil
 
     from moelink.kernels import moe_config
 
-    pick = moe_config._pick
-
-    def with_tiny(*a, **k):
-        cfg = pick(*a, **k)
-        if getattr(cfg, "tiny", False) is None:  # (float configs: the FP8 / packed tables have their own paths)
-            cfg = replace(cfg, tiny=replace(moe_config.DEFAULT_TINY_FLOAT, max_pairs=max_pairs))
-        return cfg
-
-    moe_config._pick = with_tiny
+    tiny = {**moe_config.DEFAULT_TINY_FLOAT.to_dict(), "max_pairs": max_pairs}
+    root = Path(tempfile.mkdtemp(prefix="moelink-tiny-configs-"))
+    for src in moe_config.CONFIG_DIR.glob("*.json"):
+        float_table = src.name in ("default.json", "interpreter.json") or src.name.startswith("E=")
+        if not float_table:
+            shutil.copy(src, root / src.name)
+            continue
+        data = json.loads(src.read_text())
+        for cfg in data["configs"].values():
+            cfg.setdefault("TINY", tiny)
+        (root / src.name).write_text(json.dumps(data, indent=1))
+    moe_config.CONFIG_DIR = root
+    return root
 
 
 def main(argv=None) -> dict:
