@@ -98,12 +98,12 @@ def test_report_covers_every_config_as_it_is_now():
 
 def test_report_covers_the_tiny_path():
     """The float tiny-batch GEMVs (kernels/triton_moe_tiny.py) at every model shape with DEFAULT_TINY_FLOAT's blocks,
-    K unrolled in whole tiles (K_TILES, BLOCK_K clamped to the dimension), and (Qwen3, one token: 2048 / 2 = 1,024
+    K in steps of unrolled tiles (K_TILES, BLOCK_K clamped to the dimension), and (Qwen3, one token: 2048 / 2 = 1,024
     one-warp programs < 16 x 132) the down GEMV narrowed to one row. Spills are checked with every kernel below."""
     import triton
 
     from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT as TINY
-    from moelink.kernels.triton_moe_tiny import gemv_block_n
+    from moelink.kernels.triton_moe_tiny import UNROLLED, gemv_block_n
 
     kernels = report()["kernels"]
 
@@ -116,13 +116,15 @@ def test_report_covers_the_tiny_path():
         for T in (1, 8):
             case = f"{shape} T={T} tiny DEFAULT_TINY_FLOAT"
             up, down = launched("_tiny_up_kernel", case), launched("_tiny_down_kernel", case)
-            bk = min(TINY.up.BLOCK_SIZE_K, triton.next_power_of_2(D))
+            bk, tiles = UNROLLED.tiles(TINY.up.BLOCK_SIZE_K, D)
             assert (up["constexprs"]["BLOCK_N"], up["constexprs"]["BLOCK_K"], up["constexprs"]["K_TILES"],
-                    up["num_warps"]) == (TINY.up.BLOCK_SIZE_N, bk, -(-D // bk), TINY.up.num_warps), REGENERATE
+                    up["num_warps"]) == (TINY.up.BLOCK_SIZE_N, bk, tiles["K_TILES"], TINY.up.num_warps), REGENERATE
+            assert bk == min(TINY.up.BLOCK_SIZE_K, triton.next_power_of_2(D)) and tiles["ONE_STEP"]  # (no K loop)
             c = down["constexprs"]
             assert c["BLOCK_N"] == gemv_block_n(TINY.down.BLOCK_SIZE_N, T, D, 132, TINY.down.num_warps), REGENERATE
-            bk = min(TINY.down.BLOCK_SIZE_K, triton.next_power_of_2(I))
-            assert (c["BLOCK_K"], c["K_TILES"], c["TOP_K"]) == (bk, -(-I // bk), K), REGENERATE
+            bk, tiles = UNROLLED.tiles(TINY.down.BLOCK_SIZE_K, I, K)
+            assert (c["BLOCK_K"], c["K_TILES"], c["ONE_STEP"], c["TOP_K"]) == (bk, tiles["K_TILES"], tiles["ONE_STEP"],
+                                                                                K), REGENERATE
     assert gemv_block_n(TINY.down.BLOCK_SIZE_N, 1, 2048, 132, 1) == 1  # (the narrowing this report shows)
 
 
