@@ -73,7 +73,7 @@ class Recorder:
                 consts = {a: b for a, b in kwargs.items()
                           if isinstance(b, (int, bool, str)) and a != "PREC" and a not in runtime}
                 rec.records.append(dict(case=rec.case, kernel=k, seconds=cpu_seconds() - t0, constexprs=consts,
-                                        **specialisation(k)))
+                                        grid=grid, **specialisation(k)))
             return launch
 
         JITFunction.__getitem__ = compile_instead_of_launch
@@ -119,7 +119,7 @@ NEW_KEY_VARIANTS = (("persistent", dict(PERSISTENT=1)), ("tma", dict(TMA=True)),
 
 def moe_cases(published: bool, quick: bool):
     """(label, shape name, (E, K, D, I), T, MoELaunchConfig, dtype, map?, combine) for every config moelink or the tuner uses."""
-    from moelink.kernels.moe_config import (CONFIG_DIR, DEFAULT_TINY, MoELaunchConfig, TinyGemm, committed_config,
+    from moelink.kernels.moe_config import (CONFIG_DIR, DEFAULT_TINY_FLOAT, MoELaunchConfig, TinyGemm, committed_config,
                                             load_config_file)
 
     key, default = committed_config("default.json")
@@ -159,19 +159,20 @@ def moe_cases(published: bool, quick: bool):
         yield f"variant {str(dt)[6:]}", "qwen3-30b-a3b", (E, K, D, I), 64, None, dt, False, "sum"
     yield "variant expert map", "qwen3-30b-a3b", (E, K, D, I), 64, None, torch.bfloat16, True, "sum"
     yield "variant atomic", "qwen3-30b-a3b", (E, K, D, I), 4096, None, torch.bfloat16, False, "atomic"
-    # The tiny-batch path (kernels/triton_moe_tiny.py) with DEFAULT_TINY at decode sizes of every shape: one
-    # token (the down GEMV narrowed to fill 132 SMs where D / BN is too few programs) and eight; fp32 activations
-    # and an expert map; and the widest GEMV tiles tune_moe's tiny axis keeps (its register rule, 8 warps).
+    # The tiny-batch path (kernels/triton_moe_tiny.py) with DEFAULT_TINY_FLOAT at decode sizes of every shape: one
+    # token (the down GEMV narrowed to one row where D / BN one-warp programs are too few for 132 SMs) and eight;
+    # fp32 activations and an expert map; and the widest GEMV tiles tune_moe's tiny axis keeps (its register and lane
+    # rules, 8 warps up, 4 down).
     base = committed_config("default.json")[1][0][1]
-    tiny = MoELaunchConfig(base.BLOCK_SIZE_M, base.up, base.down, DEFAULT_TINY)
+    tiny = MoELaunchConfig(base.BLOCK_SIZE_M, base.up, base.down, DEFAULT_TINY_FLOAT)
     for name, shape in MODEL_SHAPES.items():
         for T in (1, 8):
-            yield "tiny DEFAULT_TINY", name, shape, T, tiny, torch.bfloat16, False, "sum"
+            yield "tiny DEFAULT_TINY_FLOAT", name, shape, T, tiny, torch.bfloat16, False, "sum"
     yield "tiny variant float32", "qwen3-30b-a3b", (E, K, D, I), 1, tiny, torch.float32, False, "sum"
     yield "tiny variant expert map", "qwen3-30b-a3b", (E, K, D, I), 1, tiny, torch.bfloat16, True, "sum"
     if not quick:
-        wide = replace(DEFAULT_TINY, up=TinyGemm(32, 512, 8, 2), down=TinyGemm(16, 128, 8, 2))
-        yield "tiny up 32x512 down 16x128 8 warps", "qwen3-30b-a3b", (E, K, D, I), 8, replace(tiny, tiny=wide), \
+        wide = replace(DEFAULT_TINY_FLOAT, up=TinyGemm(4, 2048, 8, 1), down=TinyGemm(4, 1024, 4, 1))
+        yield "tiny up 4x2048/8w down 4x1024/4w", "qwen3-30b-a3b", (E, K, D, I), 8, replace(tiny, tiny=wide), \
             torch.bfloat16, False, "sum"
 
 
@@ -190,7 +191,7 @@ def compile_moe(rec: Recorder, published: bool, quick: bool) -> None:
 
     E, K, D, I = 128, 4, 2880, 2880
     bf = dict(dtype=torch.bfloat16, **meta)
-    with rec.labelled("gpt-oss-120b T=1 tiny DEFAULT_TINY + biases + swiglu_oai"):
+    with rec.labelled("gpt-oss-120b T=1 tiny DEFAULT_TINY_FLOAT + biases + swiglu_oai"):
         triton_fused_moe(torch.empty(1, D, **bf), torch.empty(E, 2 * I, D, **bf), torch.empty(E, D, I, **bf),
                          torch.empty(1, K, **meta), torch.empty(1, K, dtype=torch.long, **meta),
                          b13_EF=torch.empty(E, 2 * I, **bf), b2_ED=torch.empty(E, D, **bf),

@@ -317,7 +317,7 @@ def merge_into(old: dict, new: dict, only: str) -> dict:
 FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
                   "mla": ("_mla_kernel", "_mla_merge_kernel", "_mla_merge_plan_kernel", "_write_latent_kernel",
                           "_widen_kernel"),
-                  "moe": ("_moe_up_kernel", "_moe_down_kernel"),
+                  "moe": ("_moe_up_kernel", "_moe_down_kernel", "_tiny_up_kernel", "_tiny_down_kernel"),
                   "mxfp4": ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"),
                   "nvfp4": ("_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel"),
                   "int4": ("_moe_int4_up_kernel", "_moe_int4_down_kernel", "_tiny_int4_up_kernel",

@@ -202,6 +202,31 @@ def time_engine_graph(model, caches, args_, batch, device, timer, steps) -> floa
     return t
 
 
+def turn_on_tiny(max_pairs: int) -> Path:
+    """The float fused MoE's tiny path (kernels/triton_moe_tiny.py) on for calls of up to `max_pairs` (token,
+    expert) pairs, with DEFAULT_TINY_FLOAT's blocks where a bucket has no TINY entry: what a tuned config with a
+    TINY entry does, measured before a tuner writes one (issue 80's batch-1 decode). A copy of kernels/configs/ with
+    the entries added to every float table (default.json, interpreter.json, the tuned E=..,N=..,device_name=..
+    files) becomes this process's config directory; the other formats' files are copied as they are."""
+    import shutil
+
+    from moelink.kernels import moe_config
+
+    tiny = {**moe_config.DEFAULT_TINY_FLOAT.to_dict(), "max_pairs": max_pairs}
+    root = Path(tempfile.mkdtemp(prefix="moelink-tiny-configs-"))
+    for src in moe_config.CONFIG_DIR.glob("*.json"):
+        float_table = src.name in ("default.json", "interpreter.json") or src.name.startswith("E=")
+        if not float_table:
+            shutil.copy(src, root / src.name)
+            continue
+        data = json.loads(src.read_text())
+        for cfg in data["configs"].values():
+            cfg.setdefault("TINY", tiny)
+        (root / src.name).write_text(json.dumps(data, indent=1))
+    moe_config.CONFIG_DIR = root
+    return root
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODELS), help="model shape (random weights)")
@@ -216,9 +241,14 @@ def main(argv=None) -> dict:
                     help="also time the step as the engine runs decode on CUDA: its captured graph for the batch "
                          "(engine/rank/cuda_graph.py), inputs copied in each step (needs the Triton kernels)")
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"], help="kernel backend")
+    ap.add_argument("--tiny-max-pairs", type=int, default=None,
+                    help="turn the float MoE's tiny GEMV path on for calls of up to N (token, expert) pairs "
+                    "(DEFAULT_TINY_FLOAT's blocks where the tuned table has no TINY entry)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_decode_<gpu>.json)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
     args = ap.parse_args(argv)
+    if args.tiny_max_pairs is not None:
+        turn_on_tiny(args.tiny_max_pairs)
     batches = [int(b) for b in (args.batches or "1,16,64,256").split(",")]
     args.steps = args.steps or (SMOKE_STEPS if args.cpu_smoke else STEPS)
     full_hf, smoke_hf, model_name = MODELS[args.model]
@@ -284,7 +314,8 @@ def main(argv=None) -> dict:
                       flush=True)
     result = dict(benchmark="engine_decode", **run_meta(device), model=f"{model_name} shape, random bf16 weights",
                   model_key=args.model,
-                  kernels=kernels.name, note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
+                  kernels=kernels.name, tiny_max_pairs=args.tiny_max_pairs,
+                  note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
     tag = ("cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")) + (
         "" if args.model == "qwen3-30b-a3b" else f"_{args.model}")
     print(f"wrote {write_result(args.out or RESULTS / f'engine_decode_{tag}.json', result)}")

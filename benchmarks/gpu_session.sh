@@ -69,6 +69,9 @@
 #   mm                     images into Qwen3.5-MoE on the GPU (issue 59; benchmarks/gpu_session/mm.sh): the tiny
 #                          multimodal checkpoint's GPU test (tests/engine/test_gpu_multimodal.py), then mm_encoder
 #                          --device cuda: the tower's time per image and what the encoder / prefix caches save
+#   round3 N               issue 80's table, one row group per command (1-5): decode-size MoE and the batch-1 decode
+#                          graph with the tiny GEMVs, large-batch MoE every shape (bf16, FP8), batch-invariant and
+#                          speculative verify, MXFP4, prefill (benchmarks/gpu_session/round3.sh)
 #   compile-report         offline sm_90 compile report (benchmarks/compile_report.py; needs no GPU)
 #   unpack FILE...         (here, after the session) tuned tarballs -> kernels/configs/, each file checked
 #   all                    every step in a row (a machine without the 10-minute command limit)
@@ -846,6 +849,7 @@ step_plan() {  # the first plan, then the full session, one device command per l
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
   steps+=("kv-transfer" "hybrid" "dsa" "int4" "dsv4" "rl" "lora" "mm")
+  for ((s = 1; s <= ROUND3_COUNT; s++)); do steps+=("round3 $s"); done
   for s in "${steps[@]}"; do
     line=$(bash "$REPO/benchmarks/gpu_session.sh" --dry-run $s | grep '^STEP ')
     b=$(sed -E 's/.*total_budget_s=([0-9]+).*/\1/' <<<"$line")
@@ -901,6 +905,7 @@ source "$REPO/benchmarks/gpu_session/int4.sh"
 source "$REPO/benchmarks/gpu_session/dsv4.sh"
 source "$REPO/benchmarks/gpu_session/rl.sh"
 source "$REPO/benchmarks/gpu_session/lora.sh"
+source "$REPO/benchmarks/gpu_session/round3.sh"
 source "$REPO/benchmarks/gpu_session/mm.sh"
 
 # -- main ---------------------------------------------------------------------------------------------------------------
@@ -912,9 +917,9 @@ case "$STEP" in
   unpack)
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|mm|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,74p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, mm, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|mm|round3|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,77p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, mm, round3 N, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -946,6 +951,7 @@ case "$STEP" in
   rl) step_rl "$@" ;;
   lora) step_lora "$@" ;;
   mm) step_mm "$@" ;;
+  round3) step_round3 "$@" ;;
   compile-report) step_compile_report ;;
   all)
     step_tests_kernels; step_tests_engine

@@ -34,16 +34,23 @@ SPACES = {
 # The tiny-batch path (kernels/triton_moe_tiny.py) as an axis: tried in buckets of at most this many pairs; a
 # bucket that keeps it turns it on for pair counts up to its own T*K (tune 1,2,4,8 to cover decode sizes).
 TINY_TUNE_MAX_PAIRS = 64
-TINY_AXES = {"quick": dict(up_BLOCK_SIZE_N=(8, 16, 32), up_BLOCK_SIZE_K=(128, 256, 512), up_num_warps=(4, 8),
-                           down_BLOCK_SIZE_N=(8, 16, 32), down_BLOCK_SIZE_K=(64, 128, 256), down_num_warps=(4, 8)),
-             "smoke": dict(up_BLOCK_SIZE_K=(16, 32))}
+# The float GEMVs' rows a program, columns a tile and warps (kernels/triton_moe_tiny.py, DEFAULT_TINY_FLOAT in the
+# middle of each axis: up 2 x 1024 at 4 warps, down 2 x 256 at 1).
+TINY_AXES = {"quick": dict(up_BLOCK_SIZE_N=(1, 2, 4), up_BLOCK_SIZE_K=(512, 1024, 2048), up_num_warps=(2, 4, 8),
+                           down_BLOCK_SIZE_N=(1, 2, 4), down_BLOCK_SIZE_K=(256, 512, 1024), down_num_warps=(1, 2, 4)),
+             "smoke": dict(up_BLOCK_SIZE_N=(1, 4))}
 TINY_AXES["full"] = TINY_AXES["quick"]
 SMEM_LIMIT = 200 * 1024  # of sm_90's 227 KB per block: headroom for the epilogue and barriers
 MAX_ACC_REGS = 128  # fp32 accumulator registers per thread above which the GEMM spills (255 in all)
 # The tiny path's GEMVs hold their tiles in registers: the gate-up GEMV two fp32 [BN, BK] accumulators, the down
-# GEMV a [top-k, BN, BK] tile of weights (widened to fp32) per step; values per thread above these spill on
-# sm_90 (compile report: a [8, 32, 512] down tile at 8 warps spilled 3.4 KB; [8, 8, 128] at 4 warps: 128 regs).
+# GEMV one, beside the unrolled tiles' loads in flight (compile_report_tiny_sm90: 2 x [2, 1024] at 4 warps, 56
+# registers; [2, 256] at one warp, 112-122); values per thread above these leave the loads no registers.
 MAX_TINY_UP_VALUES, MAX_TINY_DOWN_VALUES = 128, 64
+# A float GEMV's tile needs BLOCK_K >= 16 bytes x 32 lanes x warps of columns: its warps then lie along K, and the
+# activation row ([1, BLOCK_K]) has the weight tile's own layout; narrower, the warps go along N and every tile
+# pays a shared-memory layout conversion with two barriers (compile report: 15 BAR at [4, 512] / 4 warps, 7 at
+# [4, 1024]).
+TINY_LANE_BYTES = 16 * 32
 
 # Published tuned configs, as data: vLLM's fused_moe tuned configs for NVIDIA_H100_80GB_HBM3, bf16
 # (vllm/model_executor/layers/fused_moe/configs/, read 2026-11-22), token bucket ->
@@ -87,17 +94,28 @@ def published_seeds(E: int, I: int, D: int, tokens: int | None = None, all_bucke
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------------
+def tiny_feasible(tiny, elem: int) -> str | None:
+    """Why the float tiny GEMVs' blocks cannot be good (None: try them): accumulators past the register rule, or a
+    tile too narrow for its warps to lie along K."""
+    up, down = tiny.up, tiny.down
+    for part, g, acc in (("up", up, 2), ("down", down, 1)):
+        vals = acc * g.BLOCK_SIZE_N * g.BLOCK_SIZE_K // (32 * g.num_warps)
+        limit = MAX_TINY_UP_VALUES if part == "up" else MAX_TINY_DOWN_VALUES
+        if vals > limit:
+            return f"tiny {part}: {vals} fp32 accumulator values per thread > {limit}"
+        lanes = TINY_LANE_BYTES // elem * g.num_warps
+        if g.BLOCK_SIZE_K < lanes:
+            return (f"tiny {part}: BLOCK_SIZE_K {g.BLOCK_SIZE_K} < {lanes} columns ({g.num_warps} warps of 16-byte "
+                    "lanes): the warps would lie along N and every tile convert the activation row")
+    return None
+
+
 def feasible(cfg, D: int, I: int, elem: int = 2, top_k: int = 1) -> str | None:
     """Why `cfg` cannot be a good config for this shape (None: try it). Cheap, before any compile."""
     if cfg.tiny is not None:
-        up, down = cfg.tiny.up, cfg.tiny.down
-        vals = 2 * up.BLOCK_SIZE_N * up.BLOCK_SIZE_K // (32 * up.num_warps)
-        if vals > MAX_TINY_UP_VALUES:
-            return f"tiny up: {vals} fp32 accumulator values per thread > {MAX_TINY_UP_VALUES}"
-        kp = 1 << max(0, top_k - 1).bit_length()
-        vals = kp * down.BLOCK_SIZE_N * down.BLOCK_SIZE_K // (32 * down.num_warps)
-        if vals > MAX_TINY_DOWN_VALUES:
-            return f"tiny down: a [{kp}, {down.BLOCK_SIZE_N}, {down.BLOCK_SIZE_K}] tile is {vals} values per thread > {MAX_TINY_DOWN_VALUES}"
+        why = tiny_feasible(cfg.tiny, elem)
+        if why:
+            return why
     for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
         why = gemm_fits(part, g, cfg.BLOCK_SIZE_M, n, k, elem)
         if why:
@@ -134,14 +152,14 @@ def block_m_candidates(tokens: int, top_k: int, num_experts: int, space=None) ->
 
 
 def tiny_neighbours(cfg, pairs: int, tiny_axes: dict):
-    """The tiny path's axis: off -> on (DEFAULT_TINY's blocks, max_pairs = `pairs`); on -> off, and each GEMV
+    """The tiny path's axis: off -> on (DEFAULT_TINY_FLOAT's blocks, max_pairs = `pairs`); on -> off, and each GEMV
     block / warp count of tiny_axes moved one at a time."""
-    from moelink.kernels.moe_config import DEFAULT_TINY
+    from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT
 
     if pairs > TINY_TUNE_MAX_PAIRS:
         return
     if cfg.tiny is None:
-        yield replace(cfg, tiny=replace(DEFAULT_TINY, max_pairs=pairs))
+        yield replace(cfg, tiny=replace(DEFAULT_TINY_FLOAT, max_pairs=pairs))
         return
     yield replace(cfg, tiny=None)
     for key, values in tiny_axes.items():

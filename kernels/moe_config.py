@@ -114,7 +114,10 @@ class TinyConfig:
             raise ValueError(f"{where}: max_pairs={mp!r} is invalid: must be an integer >= 0 (0 turns the path off).")
 
         def gemv(src: dict, fallback: dict) -> TinyGemm:
-            return TinyGemm(**_tile_ints(src, fallback, _TINY_KEYS, 8, "", where))
+            vals = _tile_ints(src, fallback, _TINY_KEYS, 1, "", where)
+            if vals["BLOCK_SIZE_K"] < 8:  # (a row of BLOCK_N may be one: the float GEMVs take few rows, whole tiles wide)
+                raise ValueError(f"{where}: BLOCK_SIZE_K={vals['BLOCK_SIZE_K']} is invalid: must be a power of two >= 8.")
+            return TinyGemm(**vals)
 
         up = gemv(d, {})
         return cls(mp, up, gemv(d.get("down", {}), asdict(up)))
@@ -131,6 +134,12 @@ _TINY_KEYS = ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
 # The down GEMV's tile is [K, BN, BK] (all of a token's pairs at once): BN * BK = 1024 keeps 8 pairs of it at
 # 64 bf16 values a thread (4 warps), the same bytes in flight as the gate-up GEMV's two [16, 256] tiles.
 DEFAULT_TINY = TinyConfig(64, TinyGemm(16, 256, 4, 2), TinyGemm(8, 128, 4, 2))
+# The float path's (kernels/triton_moe_tiny.py's unrolled GEMVs), from the sm_90 compile report's loads in flight
+# (benchmarks/results/compile_report_tiny_sm90.md): gate-up 2 rows x 1024 columns a tile at 4 warps (warps along K,
+# so x's row shares the weight tile's layout: no conversion; 56 registers, ~18 KB in flight a program, 9 programs
+# an SM); down 2 rows x 256 at one warp (no barrier at all; ~7 KB in flight, 19 programs an SM), narrowed to 1 row
+# where one token's grid is short of GEMV_WARPS_PER_SM.
+DEFAULT_TINY_FLOAT = TinyConfig(64, TinyGemm(2, 1024, 4, 1), TinyGemm(2, 256, 1, 1))
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,11 @@ def _tables(shape: MoEShape) -> list:
 
 
 def _tiny_variant(tiny: TinyConfig, shape: MoEShape, num_tokens: int) -> MoEVariant:
-    from .triton_moe_tiny import down_block_n
+    from .triton_moe_tiny import ROLLED, UNROLLED
 
-    return MoEVariant("tiny", tiny, down_block_n=down_block_n(tiny.down.BLOCK_SIZE_N, num_tokens, shape.hidden,
-                                                              shape.num_sms))
+    k_loop = ROLLED if shape.fmt in ("mxfp4", "int4") else UNROLLED  # (as each format's wrapper launches it)
+    return MoEVariant("tiny", tiny, down_block_n=k_loop.down_block_n(tiny.down.BLOCK_SIZE_N, num_tokens, shape.hidden,
+                                                                     shape.num_sms, tiny.down.num_warps))
 
 
 def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:

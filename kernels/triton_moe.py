@@ -54,7 +54,7 @@ from . import triton_common as common
 from . import triton_moe_tiny
 from .moe import SILU, MoEActivation
 from .moe_align import _local_expert, moe_align_block_size
-from .moe_config import DEFAULT_TINY, GemmConfig, MoELaunchConfig, get_moe_config
+from .moe_config import DEFAULT_TINY_FLOAT, GemmConfig, MoELaunchConfig, get_moe_config
 from .moe_schedule import gemm_grid
 from .triton_common import cast
 from .triton_moe_float import FloatFormat
@@ -246,7 +246,7 @@ def triton_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Te
     `out` (optional [T, D], x's dtype) receives the result; `config` overrides
     the JSON launch config; `combine` is "sum" or "atomic" (module docstring); `path` is "auto" (the
     config's TINY.max_pairs decides), "tiny" (always the two-launch tiny path; the config's TINY blocks, else
-    DEFAULT_TINY's; it sums deterministically whatever `combine` says) or "sorted" (never the tiny path).
+    DEFAULT_TINY_FLOAT's; it sums deterministically whatever `combine` says) or "sorted" (never the tiny path).
     No device→host sync: grids come from shapes only.
     """
     _check(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK)
@@ -261,5 +261,5 @@ def triton_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Te
     cfg = config or get_moe_config(E, I, r.T, r.K, r.x_TD.device)
     if path == "tiny" or (path == "auto" and cfg.uses_tiny(r.T * r.K)):
         return triton_moe_tiny.tiny_fused_moe(r.x_TD, w13_EFD, w2_EDI, r.weights_P, r.ids_P, expert_map_G, r.b13_EF,
-                                              r.b2_ED, *r.act_args, r.out, cfg.tiny or DEFAULT_TINY, r.K)
+                                              r.b2_ED, *r.act_args, r.out, cfg.tiny or DEFAULT_TINY_FLOAT, r.K)
     return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)

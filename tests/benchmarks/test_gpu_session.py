@@ -39,6 +39,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
          + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid",
             "dsa", "int4", "dsv4", "rl", "lora", "mm"]
+         + [f"round3 {n}" for n in range(1, 6)]  # issue 80's table (benchmarks/gpu_session/round3.sh)
          + [f"first {n}" for n in range(1, 7)])  # the first plan (test_gpu_session_first.py)
 E2E_MODELS = ("qwen3-30b-a3b", "deepseek-v2-lite")
 
@@ -154,7 +155,8 @@ def test_plan_lists_one_device_command_per_step():
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"]
-                                    + ["hybrid", "dsa", "int4", "dsv4", "rl", "lora", "mm"])
+                                    + ["hybrid", "dsa", "int4", "dsv4", "rl", "lora", "mm"]
+                                    + [f"round3 {n}" for n in range(1, 6)])
     assert all(int(b) <= constants()["STEP_BUDGET_S"] for _, b, _ in rows)
     assert f"\ntotal {sum(int(b) for _, b, _ in rows)} s" in full
 
@@ -276,3 +278,18 @@ def test_per_compile_costs_cover_the_compile_report():
         mean = sum(times[cls]) / len(times[cls])
         assert c[key] - c["LAUNCHER_S"] >= 2 * mean, (cls, mean)
         assert c[key] >= max(times[cls]), (cls, max(times[cls]))
+
+
+def test_round3_names_each_row_result_by_device_and_commit_and_refuses_other_numbers():
+    """Issue 80's plan: five commands; each result named <benchmark>_<device>_<commit>_round3_..., the decode
+    command with the tiny GEMVs on (and their GPU tests after it), the large-batch one on every shape (no --shapes:
+    the min over all of them)."""
+    cmds = {n: [p[7] for p in PLAN.findall(session("--dry-run", "round3", str(n)).stdout)] for n in range(1, 6)}
+    assert [len(c) for c in cmds.values()] == [4, 2, 2, 1, 1]
+    assert all(re.search(r"_cpu_\S+_round3", c) for cs in cmds.values() for c in cs if "-m pytest" not in c)
+    assert "tests/kernels/test_triton_moe_tiny_gpu.py" in cmds[1][3]  # the rebuilt GEMVs checked on the GPU too
+    assert "--tiny-max-pairs 64" in cmds[1][2] and "--batches 1,256" in cmds[1][2]
+    assert "--shapes" not in cmds[2][0] and "--tokens 4096,16384" in cmds[2][0]
+    for bad in ([], ["0"], ["6"], ["1", "2"]):
+        proc = session("--dry-run", "round3", *bad)
+        assert proc.returncode == 2 and "round3: give one command number" in proc.stderr

@@ -127,12 +127,12 @@ def test_tune_tiny_axis_moves_one_step_at_a_time():
     with it on, the sorted path's axes are not searched (they do not run); none of it above TINY_TUNE_MAX_PAIRS."""
     from dataclasses import replace
 
-    from moelink.kernels.moe_config import DEFAULT_TINY
+    from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT
 
     base = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))
     space, axes = tune_moe.SPACES["quick"], tune_moe.TINY_AXES["quick"]
     off = list(tune_moe.neighbours(base, space, [16], 8, axes))
-    assert off[0] == replace(base, tiny=replace(DEFAULT_TINY, max_pairs=8))
+    assert off[0] == replace(base, tiny=replace(DEFAULT_TINY_FLOAT, max_pairs=8))
     assert all(c.tiny is None for c in off[1:]) and len(off) > 1  # the sorted axes follow
     on = off[0]
     moved = list(tune_moe.neighbours(on, space, [16], 8, axes))
@@ -144,19 +144,22 @@ def test_tune_tiny_axis_moves_one_step_at_a_time():
     assert all(c.tiny is None for c in tune_moe.neighbours(base, space, [16], tune_moe.TINY_TUNE_MAX_PAIRS + 1, axes))
 
 
-def test_tune_prunes_tiny_tiles_that_would_spill():
-    """The tiny GEMVs hold their tiles in registers: the [8, 32, 512] down tile the compile report saw spill is
-    pruned at top-8 (fine at top-1), DEFAULT_TINY is not."""
+def test_tune_prunes_tiny_tiles_that_would_spill_or_convert():
+    """The float tiny GEMVs hold fp32 accumulators in registers beside their unrolled loads, and need a tile at least
+    as wide as their warps' 16-byte lanes (else the activation row converts layout every tile): DEFAULT_TINY_FLOAT
+    passes, every value of the quick axes around it is either tried or pruned by one of the two rules."""
     from dataclasses import replace
 
-    from moelink.kernels.moe_config import DEFAULT_TINY, TinyGemm
+    from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT, TinyGemm
 
-    base = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY)
+    base = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY_FLOAT)
     assert tune_moe.feasible(base, 2048, 768, 2, 8) is None
-    wide = replace(base, tiny=replace(DEFAULT_TINY, down=TinyGemm(32, 512, 8, 2)))
-    assert "tiny down" in tune_moe.feasible(wide, 2048, 768, 2, 8)
-    assert tune_moe.feasible(wide, 2048, 768, 2, 1) is None
-    fat_up = replace(base, tiny=replace(DEFAULT_TINY, up=TinyGemm(32, 512, 4, 2)))
+    fat_down = replace(base, tiny=replace(DEFAULT_TINY_FLOAT, down=TinyGemm(4, 1024, 1, 1)))
+    assert "tiny down: 128 fp32 accumulator" in tune_moe.feasible(fat_down, 2048, 768, 2, 8)
+    narrow_up = replace(base, tiny=replace(DEFAULT_TINY_FLOAT, up=TinyGemm(2, 512, 4, 1)))
+    assert "warps would lie along N" in tune_moe.feasible(narrow_up, 2048, 768, 2, 8)
+    assert tune_moe.feasible(narrow_up, 2048, 768, 4, 8) is None  # fp32 activations: 4 values a lane, 512 columns
+    fat_up = replace(base, tiny=replace(DEFAULT_TINY_FLOAT, up=TinyGemm(4, 2048, 2, 1)))
     assert "tiny up" in tune_moe.feasible(fat_up, 2048, 768, 2, 8)
 
 

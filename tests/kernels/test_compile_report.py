@@ -97,11 +97,13 @@ def test_report_covers_every_config_as_it_is_now():
 
 
 def test_report_covers_the_tiny_path():
-    """The tiny-batch GEMVs (kernels/triton_moe_tiny.py) at every model shape with DEFAULT_TINY's blocks, the down
-    GEMV's top-k lanes padded to a power of two, and (Qwen3, one token: 2048 / 8 = 256 programs) the narrowing
-    floor. Spills are checked with every kernel below."""
-    from moelink.kernels.moe_config import DEFAULT_TINY
-    from moelink.kernels.triton_moe_tiny import down_block_n
+    """The float tiny-batch GEMVs (kernels/triton_moe_tiny.py) at every model shape with DEFAULT_TINY_FLOAT's blocks,
+    K in steps of unrolled tiles (K_TILES, BLOCK_K clamped to the dimension), and (Qwen3, one token: 2048 / 2 = 1,024
+    one-warp programs < 16 x 132) the down GEMV narrowed to one row. Spills are checked with every kernel below."""
+    import triton
+
+    from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT as TINY
+    from moelink.kernels.triton_moe_tiny import UNROLLED, gemv_block_n
 
     kernels = report()["kernels"]
 
@@ -112,13 +114,18 @@ def test_report_covers_the_tiny_path():
 
     for shape, (E, K, D, I) in compile_report.MODEL_SHAPES.items():
         for T in (1, 8):
-            case = f"{shape} T={T} tiny DEFAULT_TINY"
+            case = f"{shape} T={T} tiny DEFAULT_TINY_FLOAT"
             up, down = launched("_tiny_up_kernel", case), launched("_tiny_down_kernel", case)
-            assert (up["constexprs"]["BLOCK_N"], up["constexprs"]["BLOCK_K"], up["num_warps"]) == (
-                DEFAULT_TINY.up.BLOCK_SIZE_N, DEFAULT_TINY.up.BLOCK_SIZE_K, DEFAULT_TINY.up.num_warps), REGENERATE
+            bk, tiles = UNROLLED.tiles(TINY.up.BLOCK_SIZE_K, D)
+            assert (up["constexprs"]["BLOCK_N"], up["constexprs"]["BLOCK_K"], up["constexprs"]["K_TILES"],
+                    up["num_warps"]) == (TINY.up.BLOCK_SIZE_N, bk, tiles["K_TILES"], TINY.up.num_warps), REGENERATE
+            assert bk == min(TINY.up.BLOCK_SIZE_K, triton.next_power_of_2(D)) and tiles["ONE_STEP"]  # (no K loop)
             c = down["constexprs"]
-            assert c["BLOCK_N"] == down_block_n(DEFAULT_TINY.down.BLOCK_SIZE_N, T, D, 132), REGENERATE
-            assert (c["BLOCK_K"], c["TOP_K"], c["KP"]) == (DEFAULT_TINY.down.BLOCK_SIZE_K, K, 1 << (K - 1).bit_length())
+            assert c["BLOCK_N"] == gemv_block_n(TINY.down.BLOCK_SIZE_N, T, D, 132, TINY.down.num_warps), REGENERATE
+            bk, tiles = UNROLLED.tiles(TINY.down.BLOCK_SIZE_K, I, K)
+            assert (c["BLOCK_K"], c["K_TILES"], c["ONE_STEP"], c["TOP_K"]) == (bk, tiles["K_TILES"], tiles["ONE_STEP"],
+                                                                                K), REGENERATE
+    assert gemv_block_n(TINY.down.BLOCK_SIZE_N, 1, 2048, 132, 1) == 1  # (the narrowing this report shows)
 
 
 def test_report_covers_the_mxfp4_paths():

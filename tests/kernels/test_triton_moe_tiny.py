@@ -8,7 +8,7 @@ import torch
 
 from moelink.kernels import moe_align, triton_moe_tiny
 from moelink.kernels.moe import SILU, MoEActivation, reference_fused_moe
-from moelink.kernels.moe_config import DEFAULT_TINY, MoELaunchConfig, TinyConfig
+from moelink.kernels.moe_config import DEFAULT_TINY, DEFAULT_TINY_FLOAT, MoELaunchConfig, TinyConfig
 from moelink.kernels.triton_moe import triton_fused_moe
 
 from tests.helpers.moe_cases import DTYPES, SMALL, expert_map as _expert_map, routing as _routing
@@ -117,6 +117,47 @@ def test_down_block_n_narrows_to_fill_the_sms():
     assert triton_moe_tiny.down_block_n(8, 1, 64, 132) == 8  # never below 8
 
 
+def test_gemv_block_n_narrows_to_fill_the_sms_with_warps():
+    """The float down GEMV narrows to one row a program until its grid gives GEMV_WARPS_PER_SM (16) warps an SM."""
+    assert triton_moe_tiny.gemv_block_n(2, 1, 2048, 132, 1) == 1  # qwen3 decode: 1,024 one-warp programs < 2,112
+    assert triton_moe_tiny.gemv_block_n(2, 1, 7168, 132, 1) == 2  # deepseek-v3: 3,584 programs, enough
+    assert triton_moe_tiny.gemv_block_n(8, 1, 4096, 132, 4) == 4  # 4 warps a program: 1,024 x 4 >= 2,112
+    assert triton_moe_tiny.gemv_block_n(2, 8, 2048, 132, 1) == 2  # eight tokens: the config's width
+    assert triton_moe_tiny.gemv_block_n(1, 1, 64, 132, 1) == 1  # never below one row
+
+
+@pytest.mark.parametrize("T,D,I", [(1, 40, 24), (3, 72, 40)])  # D, I off every power of two: ragged last tiles
+def test_default_float_blocks_match_reference(T, D, I, gen, kdev, check, nan_buffer):
+    """DEFAULT_TINY_FLOAT (what path="tiny" runs without a TINY entry): few-row programs, BLOCK_K clamped to the
+    dimension's power of two; at one token the down width narrows to one row on the interpreter's 4 'SMs'."""
+    x, w13, w2, weights, ids, _, _, _ = _inputs(gen, T, 6, 6, 3, D, I, "rand", torch.bfloat16)
+    out = nan_buffer((T, D), torch.bfloat16, kdev)
+    got = triton_fused_moe(*(t.to(kdev) for t in (x, w13, w2, weights, ids)), out=out, config=SMALL, path="tiny")
+    check(got, _want(x, w13, w2, weights, ids, None, None, None), torch.bfloat16, f"default float tiny T={T} D={D}")
+    assert DEFAULT_TINY_FLOAT.down.BLOCK_SIZE_N == 2 and (triton_moe_tiny.gemv_block_n(2, T, D, 4, 1) == 1) == (T == 1)
+
+
+@pytest.mark.parametrize("max_bodies,D,I,up_steps", [(1, 40, 72, (1, 3)), (2, 64, 72, (2, 2)), (2, 40, 64, (1, 3)),
+                                                    (5, 40, 24, (3, 1))])
+def test_k_in_several_unrolled_steps_matches_reference(max_bodies, D, I, up_steps, gen, kdev, check, nan_buffer,
+                                                       monkeypatch):
+    """Where a dimension has more tiles than a step unrolls (UnrolledK.max_bodies, the down GEMV's 3 pairs counted),
+    K runs in several whole steps, every tile masked when they do not divide the dimension: ragged and even D and
+    I, one to three steps each (I = 72: three steps of one 32-wide tile, the last ragged)."""
+    monkeypatch.setattr(triton_moe_tiny, "UNROLLED", triton_moe_tiny.UnrolledK(max_bodies=max_bodies))
+    T, E, K = 3, 6, 3
+    x, w13, w2, weights, ids, _, b13, b2 = _inputs(gen, T, E, E, K, D, I, "rand", torch.bfloat16, "both")
+    ids[1, 0] = -1
+    out = nan_buffer((T, D), torch.bfloat16, kdev)
+    dev = lambda t: t.to(kdev)  # noqa: E731
+    got = triton_fused_moe(dev(x), dev(w13), dev(w2), dev(weights), dev(ids), out=out, config=WITH_TINY, path="tiny",
+                           b13_EF=dev(b13), b2_ED=dev(b2), activation=OAI)
+    check(got, _want(x, w13, w2, weights, ids, None, b13, b2, OAI), torch.bfloat16, f"tiny in steps, {max_bodies} bodies")
+    bk, extra = triton_moe_tiny.UNROLLED.tiles(16, D)
+    assert (extra["K_TILES"], -(-D // (bk * extra["K_TILES"]))) == up_steps
+    assert extra["ONE_STEP"] == (up_steps[1] == 1) and extra["EVEN_K"] == (D % (bk * extra["K_TILES"]) == 0)
+
+
 def test_tiny_config_round_trip_and_errors():
     assert TinyConfig.from_dict(TINY.to_dict()) == TINY and TINY.down.BLOCK_SIZE_N == 32 and TINY.up.BLOCK_SIZE_N == 16
     assert TINY.down.num_warps == 4  # down inherits what it does not override
@@ -124,13 +165,15 @@ def test_tiny_config_round_trip_and_errors():
     assert cfg.tiny == TINY and MoELaunchConfig.from_dict(cfg.to_dict()) == cfg and "TINY" not in SMALL.to_dict()
     assert cfg.uses_tiny(12) and not cfg.uses_tiny(13) and not cfg.uses_tiny(0) and not SMALL.uses_tiny(1)
     for bad, field in (({"max_pairs": -1}, "max_pairs"), ({"max_pairs": True}, "max_pairs"),
-                       ({"BLOCK_SIZE_N": 12}, "BLOCK_SIZE_N"), ({"BLOCK_SIZE_K": 4}, "BLOCK_SIZE_K"),
+                       ({"BLOCK_SIZE_N": 12}, "BLOCK_SIZE_N"), ({"BLOCK_SIZE_N": 0}, "BLOCK_SIZE_N"),
+                       ({"BLOCK_SIZE_K": 4}, "BLOCK_SIZE_K"),
                        ({"num_warps": 0}, "num_warps")):
         with pytest.raises(ValueError, match=field):
             MoELaunchConfig.from_dict({**SMALL.to_dict(), "TINY": {**TINY.to_dict(), **bad}})
     with pytest.raises(ValueError, match="TINY"):
         MoELaunchConfig.from_dict({**SMALL.to_dict(), "TINY": 16})
     assert DEFAULT_TINY.max_pairs > 0
+    assert TinyConfig.from_dict({**TINY.to_dict(), "BLOCK_SIZE_N": 1}).up.BLOCK_SIZE_N == 1  # one row a program is fine
 
 
 def test_bad_path_is_named(kdev):

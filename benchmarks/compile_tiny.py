@@ -1,0 +1,218 @@
+"""Offline compile of the MoE at issue 80's two ends for sm_90 and sm_100, no GPU needed.
+
+- `--cases tiny` (default): the decode-size MoE (the float tiny path's two GEMVs, and the sorted path it replaces at
+  one token): registers, spills, shared memory, barriers, and what decides a GEMV's bandwidth, the bytes each
+  program keeps in flight (benchmarks/compile_sass.py) times the programs an SM holds.
+- `--cases large`: the sorted GEMMs at 4,096 and 16,384 tokens of every shape, bf16 (the H100's tuned tables) and
+  FP8 (DeepSeek-V3, Qwen3): which tensor-core instructions each compiles to (wgmma / HGMMA / QGMMA on sm_90,
+  tcgen05.mma on sm_100, else mma.sync), TMA, registers, spills and shared memory.
+
+    python -m moelink.benchmarks.compile_tiny [--cases tiny|large] [--arch 90,100] [--out PREFIX]
+
+Writes <out>_sm<arch>.json and .md per arch (default out: benchmarks/results/compile_report_<cases>). Run with the
+GPU image's Triton (3.6: `PYTHONPATH=/path/to/triton36`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .compile_sass import count_ops, loads_in_flight, resident_programs
+
+RESULTS = Path(__file__).parent / "results"
+# (label, (E, K, D, I), T, gpt-oss biases + clamped swiglu?) at the engine's decode sizes.
+CASES = (("qwen3-30b-a3b", (128, 8, 2048, 768), 1, False), ("qwen3-30b-a3b", (128, 8, 2048, 768), 8, False),
+         ("deepseek-v3", (256, 8, 7168, 2048), 1, False), ("mixtral-8x7b", (8, 2, 4096, 14336), 1, False),
+         ("gpt-oss-120b", (128, 4, 2880, 2880), 1, True))
+SMS = 132  # the H100's (an H200 has as many; a B200 148): programs an SM gets = grid / SMS
+
+
+def launch_cases(rec) -> None:
+    """The float tiny path at every case (DEFAULT_TINY_FLOAT), and the sorted path at Qwen3's one token."""
+    from moelink.kernels.moe import MoEActivation
+    from moelink.kernels.triton_moe import triton_fused_moe
+
+    meta, bf = dict(device="meta"), dict(device="meta", dtype=torch.bfloat16)
+    for name, (E, K, D, I), T, oai in CASES:
+        extra = dict(b13_EF=torch.empty(E, 2 * I, **bf), b2_ED=torch.empty(E, D, **bf),
+                     activation=MoEActivation("swiglu_oai")) if oai else {}
+        for path in ("tiny", "sorted") if (name, T) == ("qwen3-30b-a3b", 1) else ("tiny",):
+            with rec.labelled(f"{name} T={T} {path}"):
+                triton_fused_moe(torch.empty(T, D, **bf), torch.empty(E, 2 * I, D, **bf), torch.empty(E, D, I, **bf),
+                                 torch.empty(T, K, **meta), torch.empty(T, K, dtype=torch.long, **meta), path=path,
+                                 **extra)
+
+
+LARGE_TOKENS = (4096, 16384)
+
+
+def launch_large(rec) -> None:
+    """The sorted fused MoE at LARGE_TOKENS: bf16 at every shape (the configs the H100's tables pick: the Recorder
+    names the device so), FP8 block-scaled at DeepSeek-V3 and Qwen3-30B-A3B (fp8_moe_default.json's buckets)."""
+    from moelink.kernels.fp8 import block_scale_shape
+    from moelink.kernels.triton_moe import triton_fused_moe
+    from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
+
+    from .compile_cases import MODEL_SHAPES
+
+    meta, bf, f8 = dict(device="meta"), dict(device="meta", dtype=torch.bfloat16), torch.float8_e4m3fn
+    for name, (E, K, D, I) in MODEL_SHAPES.items():
+        for T in LARGE_TOKENS:
+            routing = (torch.empty(T, K, **meta), torch.empty(T, K, dtype=torch.long, **meta))
+            with rec.labelled(f"{name} T={T} bf16"):
+                triton_fused_moe(torch.empty(T, D, **bf), torch.empty(E, 2 * I, D, **bf), torch.empty(E, D, I, **bf),
+                                 *routing, path="sorted")
+            if name == "mixtral-8x7b":  # (no FP8 checkpoint of this shape is served)
+                continue
+            with rec.labelled(f"{name} T={T} fp8"):
+                triton_fused_moe_fp8(torch.empty(T, D, **bf), torch.empty(E, 2 * I, D, dtype=f8, **meta),
+                                     torch.empty(E, *block_scale_shape(2 * I, D), **meta),
+                                     torch.empty(E, D, I, dtype=f8, **meta),
+                                     torch.empty(E, *block_scale_shape(D, I), **meta), *routing)
+
+
+def tensor_cores(ptx: str, sass: str) -> dict:
+    """Tensor-core instructions of one kernel: PTX wgmma (sm_90), tcgen05.mma (sm_100), mma.sync; SASS HGMMA / QGMMA
+    (sm_90 wgmma, bf16 / fp8), UTCHMMA / UTCQMMA (sm_100 tcgen05), HMMA; TMA loads (UTMALDG)."""
+    from .compile_report import count_at_word_start
+
+    return dict(wgmma=count_at_word_start(r"wgmma\.mma_async", ptx), tcgen05=len(re.findall(r"tcgen05\.mma\b", ptx)),
+                mma_sync=count_at_word_start(r"mma\.sync", ptx), sass_gmma=count_ops(sass, "HGMMA") + count_ops(sass, "QGMMA"),
+                sass_utc=count_ops(sass, "UTC"), sass_hmma=count_ops(sass, "HMMA"), tma=count_ops(sass, "UTMALDG"))
+
+
+def ptxas_for(arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def analyze(r: dict, arch: int, tmp: Path) -> dict:
+    """One launch's compiled kernel: resources from ptxas -v and cuobjdump, loads in flight from its SASS."""
+    from .compile_report import nvidia_bin
+
+    k = r["kernel"]
+    ptx = k.asm["ptx"]
+    target = re.search(r"\.target (\S+)", ptx)[1]
+    if not target.startswith(f"sm_{arch}"):
+        raise RuntimeError(f"compile_tiny: {k.metadata.name} was compiled for {target}, not sm_{arch}")
+    (tmp / "k.ptx").write_text(ptx)
+    log = subprocess.run([ptxas_for(arch), "-v", f"--gpu-name={target}", str(tmp / "k.ptx"), "-o", str(tmp / "x.cubin")],
+                         capture_output=True, text=True, timeout=300)
+    log_text = log.stdout + log.stderr
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log_text)
+    regs = int(re.search(r"Used (\d+) registers", log_text)[1])
+    (tmp / "k.cubin").write_bytes(k.asm["cubin"])
+    sass = subprocess.run([nvidia_bin("cuobjdump"), "-sass", str(tmp / "k.cubin")], capture_output=True, text=True,
+                          timeout=120).stdout
+    n, per_thread = loads_in_flight(sass)
+    warps = k.metadata.num_warps
+    grid = [int(g) for g in r.get("grid", (1,))] if not callable(r.get("grid")) else [0]
+    programs = 1
+    for g in grid:
+        programs *= g
+    resident = resident_programs(regs, warps, k.metadata.shared)
+    per_program_kb = per_thread * 32 * warps / 1024
+    c = r["constexprs"]
+    return dict(case=r["case"], name=k.metadata.name, target=target, warps=warps, stages=k.metadata.num_stages,
+                **tensor_cores(ptx, sass),
+                blocks={a: c[a] for a in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "K_TILES") if a in c},
+                registers=regs, spill_stores=int(spill[1]) if spill else None,
+                spill_loads=int(spill[2]) if spill else None, shared=k.metadata.shared,
+                ldg=count_ops(sass, "LDG") - count_ops(sass, "LDGSTS"), ldgsts=count_ops(sass, "LDGSTS"),
+                barriers=count_ops(sass, "BAR"), loads_in_flight=n, bytes_in_flight_thread=per_thread,
+                kb_in_flight_program=round(per_program_kb, 2), programs=programs, resident_per_sm=resident,
+                kb_in_flight_sm=round(min(resident, -(-programs // SMS)) * per_program_kb, 1))
+
+
+def markdown_large(rep: dict) -> str:
+    rows = ["| case | kernel | blocks | warps | stages | regs | spills st/ld | shared KB | wgmma / tcgen05 / mma.sync (PTX) "
+            "| SASS GMMA / UTC*MMA / HMMA | TMA loads |", "|---|---|---|---:|---:|---:|---|---:|---|---|---:|"]
+    for k in rep["kernels"]:
+        if k["wgmma"] + k["tcgen05"] + k["mma_sync"] == 0:
+            continue  # (align, sum, quantization: the GEMMs are the point here)
+        blocks = "x".join(f"{v}" for v in k["blocks"].values())
+        rows.append(f"| {k['case']} | {k['name']} | {blocks} | {k['warps']} | {k['stages']} | {k['registers']} | "
+                    f"{k['spill_stores']}/{k['spill_loads']} | {k['shared'] / 1024:.0f} | {k['wgmma']} / {k['tcgen05']} / "
+                    f"{k['mma_sync']} | {k['sass_gmma']} / {k['sass_utc']} / {k['sass_hmma']} | {k['tma']} |")
+    head = (f"# MoE GEMMs at >= 4,096 tokens, compiled offline for {rep['target']} (no GPU)\n\n"
+            f"`python -m moelink.benchmarks.compile_tiny --cases large`, {rep['date']}, commit {rep['commit']}, Triton "
+            f"{rep['triton']}. The configs the H100's tables pick (a B200 has no tuned table yet: the same blocks), "
+            "bf16 at every shape, FP8 block-scaled at DeepSeek-V3 and Qwen3-30B-A3B. Blocks: BLOCK_M x BLOCK_N x "
+            "BLOCK_K.\n\n")
+    return head + "\n".join(rows) + "\n"
+
+
+def markdown(rep: dict) -> str:
+    if rep.get("cases") == "large":
+        return markdown_large(rep)
+    rows = ["| case | kernel | blocks | warps | regs | spills st/ld | shared B | LDG | LDGSTS | BAR | loads in flight "
+            "(n / B a thread / KB a program) | programs | resident / SM | KB in flight / SM |",
+            "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for k in rep["kernels"]:
+        blocks = "x".join(f"{v}" for v in k["blocks"].values())
+        rows.append(f"| {k['case']} | {k['name']} | {blocks} | {k['warps']} | {k['registers']} | "
+                    f"{k['spill_stores']}/{k['spill_loads']} | {k['shared']} | {k['ldg']} | {k['ldgsts']} | "
+                    f"{k['barriers']} | {k['loads_in_flight']} / {k['bytes_in_flight_thread']} / "
+                    f"{k['kb_in_flight_program']} | {k['programs']} | {k['resident_per_sm']} | {k['kb_in_flight_sm']} |")
+    head = (f"# Decode-size MoE, compiled offline for {rep['target']} (no GPU)\n\n"
+            f"`python -m moelink.benchmarks.compile_tiny`, {rep['date']}, commit {rep['commit']}, Triton "
+            f"{rep['triton']}. Blocks: BLOCK_M x BLOCK_N x BLOCK_K (x K_TILES, the unrolled K tiles). KB in flight / SM: "
+            f"the bytes a program issues before its first wait, times min(resident programs, programs / {SMS} SMs); an "
+            "H100 SM needs ~20 KB in flight to stream at full bandwidth, an H200 SM ~35-40 KB "
+            "(benchmarks/compile_sass.py). LDGSTS loads (cp.async, the sorted GEMMs') are pipelined by stages and not "
+            "counted in flight.\n\n")
+    return head + "\n".join(rows) + "\n"
+
+
+def collect(arch: int, cases: str = "tiny") -> dict:
+    import triton
+
+    from moelink.engine.api.provenance import git_commit
+    from datetime import date
+
+    from .compile_cases import Recorder
+
+    rec = Recorder()
+    rec.install(arch)
+    (launch_large if cases == "large" else launch_cases)(rec)
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels = [analyze(r, arch, Path(tmp)) for r in rec.records]
+    return dict(target=f"sm_{arch}", cases=cases, triton=triton.__version__, date=str(date.today()),
+                commit=git_commit(), kernels=kernels)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="90,100", help="comma-separated compute capabilities (90: H100/H200, 100: B200)")
+    ap.add_argument("--cases", default="tiny", choices=["tiny", "large"], help="which end of issue 80's table")
+    ap.add_argument("--out", default=None, help="path prefix: writes <out>_sm<arch>.* (default "
+                    "benchmarks/results/compile_report_<cases>)")
+    args = ap.parse_args(argv)
+    prefix = args.out or str(RESULTS / f"compile_report_{args.cases}")
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="moelink-tiny-"))
+    archs = [int(a) for a in args.arch.split(",")]
+    if len(archs) > 1:  # one process per target: a JIT function keeps its compiled kernels per device, not per target,
+        for arch in archs:  # so a second target in this process would get the first one's cubins back
+            subprocess.run([sys.executable, "-m", "moelink.benchmarks.compile_tiny", "--arch", str(arch), "--cases",
+                            args.cases, "--out", prefix], check=True)
+        return
+    for arch in archs:
+        rep = collect(arch, args.cases)
+        out = Path(f"{prefix}_sm{arch}")
+        Path(f"{out}.json").write_text(json.dumps(rep, indent=1) + "\n")
+        Path(f"{out}.md").write_text(markdown(rep))
+        print(markdown(rep))
+
+
+if __name__ == "__main__":
+    main()
