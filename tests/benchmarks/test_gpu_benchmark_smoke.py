@@ -86,7 +86,12 @@ def test_moe_kernels_smoke_rows_checks_summary_and_plot(tmp_path):
 
     s = res["summary"]
     assert set(s) == {"geomean_speedup_vs_grouped_mm", "min_frac_copy_bw_le64_tokens", "min_frac_matmul_ge4096_tokens",
-                      "tiny_speedup_vs_moelink_triton", "targets"}
+                      "tiny_speedup_vs_moelink_triton", "frac_copy_bw_1_token", "targets"}
+    # each system's fraction of copy bandwidth at one token, per shape: the rows' own value
+    one = {f"{r['shape']} {r['system']}": r["frac_copy_bw"] for r in res["results"]
+           if r["tokens"] == 1 and r["system"].startswith("moelink")}
+    assert s["frac_copy_bw_1_token"].keys() == one.keys()
+    assert all(abs(s["frac_copy_bw_1_token"][k] - v) <= 5e-5 for k, v in one.items())
     # every smoke point is within the tiny path's pair limit: one ratio per (shape, tokens), each the rows' quotient
     assert set(s["tiny_speedup_vs_moelink_triton"]) == {f"{n} T={T}" for n, T in
                                                         itertools.product(moe_kernels.SMOKE_SHAPES, moe_kernels.SMOKE_TOKENS)}
