@@ -23,13 +23,13 @@ readers widen the stored values to the query's dtype and multiply the scales bac
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .cpu_reads import cpu_item, cpu_nonzero
+from .cpu_reads import cpu_item
+from .decode_plan import GroupPlan, decode_plans, step_partition
 from .step_memo import STEP_MEMO
 
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
@@ -160,7 +160,7 @@ def reference_paged_attention(
     _check_extras(q_TNH, sinks_N, sliding_window)
     starts, decode_seqs, chunk_seqs = step_partition(meta)
     if decode_seqs and not chunk_seqs and sinks_N is None:
-        plans = _decode_plans(q_TNH, k_cache_BLKH, meta, decode_seqs, starts, sliding_window)
+        plans = decode_plans(meta, decode_seqs, starts, k_cache_BLKH.shape[1], sliding_window, q_TNH.device)
         if len(plans) == 1 and plans[0].tok_idx_S is None:  # the batch in its order, one group: SDPA's output is it
             return _decode_sdpa(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plans[0], (k_scale, v_scale)).squeeze(2)
     out_TNH = q_TNH.new_empty(*q_TNH.shape[:2], v_cache_BLKH.shape[-1])
@@ -224,188 +224,28 @@ def _attend_with_sinks(q_BNQH, k_BKCH, v_BKCH, mask_QC, scale: float, sinks_N) -
     return torch.matmul(probs_BNQC.to(v_BKCH.dtype), v_BKCH)
 
 
-# Decode sequences are processed in groups of similar length, so padding each
-# group to its longest context wastes little.
-_DECODE_GROUP = 32
-
-
-def step_partition(meta: AttentionMetadata) -> tuple[list[int], list[int], list[int]]:
-    """(starts: each sequence's first row in the flat batch, then the total; decode_seqs: the sequences of one
-    query token; chunk_seqs: the others), the step's for every layer (kernels/step_memo.py)."""
-    def make():
-        starts = list(itertools.accumulate(meta.query_lens, initial=0))
-        decode = [s for s, n in enumerate(meta.query_lens) if n == 1]
-        chunks = [s for s, n in enumerate(meta.query_lens) if n != 1] if len(decode) < len(meta.query_lens) else []
-        return starts, decode, chunks
-    return STEP_MEMO.get("partition", (meta.query_start_loc_S1,), (len(meta.query_lens), meta.max_query_len), make)
-
-
 def _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, seqs, starts, out_TNH, sinks_N=None,
                   window=None, kv_scales=(1.0, 1.0)) -> None:
-    for plan in _decode_plans(q_TNH, k_cache_BLKH, meta, seqs, starts, window):
+    for plan in decode_plans(meta, seqs, starts, k_cache_BLKH.shape[1], window, q_TNH.device):
         _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan, out_TNH, sinks_N, kv_scales)
 
 
-def _decode_plans(q_TNH, k_cache_BLKH, meta, seqs, starts, window) -> list["_GroupPlan"]:
-    """The step's decode groups (`_decode_group_plans`), built by its first layer (kernels/step_memo.py)."""
-    block_size = k_cache_BLKH.shape[1]
-    return STEP_MEMO.get(
-        "decode_groups", (meta.seq_lens_S, meta.block_tables_SM, meta.query_start_loc_S1),
-        (block_size, meta.null_block, window, meta.max_seq_len, len(seqs)),
-        lambda: _decode_group_plans(meta, seqs, starts, block_size, window, q_TNH.device))
+def _gathered(plan: GroupPlan, k_cache_BLKH, v_cache_BLKH, dtype: torch.dtype, kv_scales
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's keys and values [S, C, K, H] / [S, C, K, Hv] of `dtype` (an fp8 cache's widened and scaled back)."""
+    k_SCKH, v_SCKH = plan.gather(k_cache_BLKH, v_cache_BLKH)
+    return dequantize_from_cache(k_SCKH, dtype, kv_scales[0]), dequantize_from_cache(v_SCKH, dtype, kv_scales[1])
 
 
-def _decode_sdpa(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: "_GroupPlan", kv_scales) -> torch.Tensor:
+def _decode_sdpa(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: GroupPlan, kv_scales) -> torch.Tensor:
     """One group's attention without sinks: [S, N, 1, Hv] (rows in the group's order)."""
-    k_SCKH, v_SCKH = plan.gather(k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
+    k_SCKH, v_SCKH = _gathered(plan, k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
     q_SNH = q_TNH if plan.tok_idx_S is None else q_TNH.index_select(0, plan.tok_idx_S)
     return F.scaled_dot_product_attention(q_SNH.unsqueeze(2), k_SCKH.transpose(1, 2), v_SCKH.transpose(1, 2),
                                           attn_mask=plan.mask_S11C, scale=scale, enable_gqa=True)
 
 
-@dataclass
-class _GroupPlan:
-    """A group of decode sequences (one query token each) and where its context is: built once per step
-    (kernels/step_memo.py), read by every layer. `tok_idx_S` None: the group is the whole batch in its own order
-    (row s of q is sequence s). The keys and values are gathered by flat slots (`slots_SC`, positions past a
-    sequence's end at the null block) or, on a CPU, by whole blocks (`blocks_X`, 15x less copying: a block's
-    tokens are one contiguous row), the positions past a sequence's end in its last block then zeroed
-    (`stale_Y`, flat in the gathered [S * C]): stale or NaN values are never read either way."""
-
-    tok_idx_S: torch.Tensor | None
-    valid_SC: torch.Tensor
-    slots_SC: torch.Tensor | None = None
-    blocks_X: torch.Tensor | None = None
-    stale_Y: torch.Tensor | None = None
-
-    @property
-    def mask_S11C(self) -> torch.Tensor:
-        return self.valid_SC[:, None, None, :]
-
-    def gather(self, k_cache_BLKH, v_cache_BLKH, dtype: torch.dtype, kv_scales) -> tuple[torch.Tensor, torch.Tensor]:
-        """The group's keys and values [S, C, K, H] / [S, C, K, Hv] of `dtype`."""
-        if self.slots_SC is not None:
-            return _gather_slots(k_cache_BLKH, v_cache_BLKH, self.slots_SC, dtype, kv_scales)
-        S, C = self.valid_SC.shape
-        out = []
-        for cache, kv_scale in ((k_cache_BLKH, kv_scales[0]), (v_cache_BLKH, kv_scales[1])):
-            x_SCKH = dequantize_from_cache(cache.index_select(0, self.blocks_X).view(S, C, *cache.shape[2:]), dtype,
-                                           kv_scale)
-            if self.stale_Y is not None:
-                x_SCKH.view(S * C, *cache.shape[2:]).index_fill_(0, self.stale_Y, 0)
-            out.append(x_SCKH)
-        return out[0], out[1]
-
-
-def _decode_group_plans(meta, seqs, starts, block_size: int, window: int | None, device) -> list[_GroupPlan]:
-    """The step's decode sequences: a small all-decode batch as one group in its own order, else groups of
-    similar length (padding each group to its longest context wastes little)."""
-    if len(seqs) == len(meta.query_lens) <= _DECODE_GROUP:
-        return [_group_plan(meta, None, starts, block_size, window, device)]
-    seqs = sorted(seqs, key=lambda s: meta.seq_lens[s])
-    if device.type == "cpu":
-        return _block_plans(meta, seqs, starts, block_size, window, device)
-    return [_group_plan(meta, seqs[i : i + _DECODE_GROUP], starts, block_size, window, device)
-            for i in range(0, len(seqs), _DECODE_GROUP)]
-
-
-def _block_plans(meta, seqs: list[int], starts, block_size: int, window: int | None, device) -> list[_GroupPlan]:
-    """`_block_plan` for every group of `seqs` (sorted by length) at once: the tables, lengths, masks and stale
-    positions derived over the whole batch in a dozen ops, each group a slice of them (three ops more), where a
-    plan per group took a dozen each (a CPU step of hundreds of sequences, one layer: the plan is its cost)."""
-    seq_idx_S = torch.tensor(seqs, device=device, dtype=torch.long)
-    tok_idx_S = torch.tensor([starts[s] for s in seqs], device=device, dtype=torch.long)
-    lens_S = meta.seq_lens_S.index_select(0, seq_idx_S).long()
-    groups = [(i, min(i + _DECODE_GROUP, len(seqs))) for i in range(0, len(seqs), _DECODE_GROUP)]
-    widths = [min(-(-meta.seq_lens[seqs[r1 - 1]] // block_size), meta.block_tables_SM.shape[1]) for _, r1 in groups]
-    M = max(widths)
-    blocks_S1 = (lens_S[:, None] + block_size - 1) // block_size
-    tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S)[:, :M].long()
-    blocks_SM = torch.where(torch.arange(M, device=device)[None, :] < blocks_S1, tables_SM, meta.null_block)
-    pos_C = torch.arange(M * block_size, device=device)
-    valid_SC = pos_C[None, :] < lens_S[:, None]
-    stale_SC = (pos_C[None, :] < blocks_S1 * block_size) & ~valid_SC
-    if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
-        valid_SC = valid_SC & (pos_C[None, :] >= lens_S[:, None] - window)
-    plans = []
-    for (r0, r1), m in zip(groups, widths):
-        C = m * block_size
-        stale_Y = cpu_nonzero(stale_SC[r0:r1, :C].reshape(-1))
-        plans.append(_GroupPlan(tok_idx_S[r0:r1], valid_SC[r0:r1, :C], blocks_X=blocks_SM[r0:r1, :m].reshape(-1),
-                                stale_Y=stale_Y if stale_Y.numel() else None))
-    return plans
-
-
-def _group_plan(meta, group: list[int] | None, starts, block_size: int, window: int | None, device) -> _GroupPlan:
-    """The plan of one group (`group` None: the whole batch in order), a window's bound applied to its mask."""
-    if device.type != "cpu":
-        if group is None:
-            tok_idx_S, slots_SC, valid_SC = None, *_all_slots(meta, block_size, device)
-        else:
-            tok_idx_S, slots_SC, valid_SC = decode_group_slots(meta, group, starts, block_size, device)
-        plan = _GroupPlan(tok_idx_S, valid_SC, slots_SC=slots_SC)
-    else:
-        plan = _block_plan(meta, group, starts, block_size, device)
-    if window is not None:  # the decode query sits at seq_len - 1: it sees keys > seq_len - 1 - window
-        lens_S = meta.seq_lens_S if group is None else meta.seq_lens_S.index_select(0, torch.tensor(group, device=device))
-        C = plan.valid_SC.shape[1]
-        plan.valid_SC = plan.valid_SC & (torch.arange(C, device=device)[None, :] >= lens_S.long()[:, None] - window)
-    return plan
-
-
-def _all_slots(meta, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slots_SC, valid_SC) of the whole batch in order: each sequence's flat cache slots up to the longest
-    context (past its end: the null block), and which are inside it."""
-    pos_C = torch.arange(meta.max_seq_len, device=device)
-    valid_SC = pos_C[None, :] < meta.seq_lens_S[:, None]
-    blocks_SC = meta.block_tables_SM.index_select(1, pos_C // block_size).long()
-    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
-    return slots_SC, valid_SC
-
-
-def _block_plan(meta, group: list[int] | None, starts, block_size: int, device) -> _GroupPlan:
-    """A CPU group gathered by whole blocks (_GroupPlan). Reading values on the host waits for nothing on a CPU:
-    the stale positions are found with nonzero (kernels/cpu_reads.py). The host lengths bound the width only
-    (they may be upper bounds: AttentionMetadata)."""
-    if group is None:
-        tok_idx_S, lens_S, tables_SM, max_len = None, meta.seq_lens_S.long(), meta.block_tables_SM, meta.max_seq_len
-    else:
-        seq_idx_S = torch.tensor(group, device=device, dtype=torch.long)
-        tok_idx_S = torch.tensor([starts[s] for s in group], device=device, dtype=torch.long)
-        lens_S = meta.seq_lens_S.index_select(0, seq_idx_S).long()
-        tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S)
-        max_len = max(meta.seq_lens[s] for s in group)
-    M = min(-(-max_len // block_size), tables_SM.shape[1])
-    C = M * block_size
-    blocks_S1 = (lens_S[:, None] + block_size - 1) // block_size
-    blocks_SM = torch.where(torch.arange(M, device=device)[None, :] < blocks_S1, tables_SM[:, :M].long(),
-                            meta.null_block)
-    pos_C = torch.arange(C, device=device)
-    valid_SC = pos_C[None, :] < lens_S[:, None]
-    stale_Y = cpu_nonzero(((pos_C[None, :] < blocks_S1 * block_size) & ~valid_SC).reshape(-1))
-    return _GroupPlan(tok_idx_S, valid_SC, blocks_X=blocks_SM.reshape(-1), stale_Y=stale_Y if stale_Y.numel() else None)
-
-
-def decode_group_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int], block_size: int,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a group of decode sequences sorted by length (reference paths of GQA and MLA attention):
-    (tok_idx_S: each sequence's query row, slots_SC: the flat cache slot of every context position up to the
-    longest, valid_SC: which positions are inside their sequence). Positions past a sequence's end point
-    at the null block, which is all zeros, so stale or NaN data is never read. The lengths are the device's
-    (`seq_lens_S`); the host's bound the gathered width only (they may be upper bounds: AttentionMetadata)."""
-    max_ctx = meta.seq_lens[seqs[-1]]
-    seq_idx_S = torch.tensor(seqs, device=device, dtype=torch.long)
-    tok_idx_S = torch.tensor([starts[s] for s in seqs], device=device, dtype=torch.long)
-    lens_S = meta.seq_lens_S.index_select(0, seq_idx_S).long()
-    pos_C = torch.arange(max_ctx, device=device)
-    tables_SM = meta.block_tables_SM.index_select(0, seq_idx_S).long()
-    blocks_SC = tables_SM.index_select(1, pos_C // block_size)
-    valid_SC = pos_C[None, :] < lens_S[:, None]
-    slots_SC = torch.where(valid_SC, blocks_SC * block_size + pos_C % block_size, meta.null_block * block_size)
-    return tok_idx_S, slots_SC, valid_SC
-
-
-def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: _GroupPlan, out_TNH, sinks_N=None,
+def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: GroupPlan, out_TNH, sinks_N=None,
                   kv_scales=(1.0, 1.0)) -> None:
     num_kv_heads, head_dim = k_cache_BLKH.shape[2:]
     v_head_dim = v_cache_BLKH.shape[-1]
@@ -418,7 +258,7 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: _GroupPlan, ou
         else:
             out_TNH.index_copy_(0, tok_idx_S, out_SN1H.squeeze(2))
         return
-    k_SCKH, v_SCKH = plan.gather(k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
+    k_SCKH, v_SCKH = _gathered(plan, k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
     q_SNH = q_TNH if tok_idx_S is None else q_TNH.index_select(0, tok_idx_S)
     # GQA without copying K/V per query head: one batched matmul per kv head, over
     # strided views of the gathered K/V (BLAS reads them in place).
@@ -439,18 +279,6 @@ def _decode_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, plan: _GroupPlan, ou
         out_TNH.copy_(out_SKRH.view(S, -1, v_head_dim))
     else:
         out_TNH.index_copy_(0, tok_idx_S, out_SKRH.view(S, -1, v_head_dim))
-
-
-def _gather_slots(k_cache_BLKH, v_cache_BLKH, slots_SC: torch.Tensor, dtype: torch.dtype, kv_scales=(1.0, 1.0)
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values at flat cache slots [S, C] as [S, C, K, H] / [S, C, K, Hv] of `dtype` (an fp8 cache's
-    widened and scaled back)."""
-    S, C = slots_SC.shape
-    num_kv_heads, head_dim, v_head_dim = k_cache_BLKH.shape[2], k_cache_BLKH.shape[3], v_cache_BLKH.shape[3]
-    flat = slots_SC.reshape(-1)
-    k_SCKH = k_cache_BLKH.view(-1, num_kv_heads, head_dim).index_select(0, flat).view(S, C, num_kv_heads, head_dim)
-    v_SCKH = v_cache_BLKH.view(-1, num_kv_heads, v_head_dim).index_select(0, flat).view(S, C, num_kv_heads, v_head_dim)
-    return dequantize_from_cache(k_SCKH, dtype, kv_scales[0]), dequantize_from_cache(v_SCKH, dtype, kv_scales[1])
 
 
 def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int, lo: int = 0):

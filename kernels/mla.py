@@ -33,7 +33,8 @@ import itertools
 
 import torch
 
-from .attention import FP8_CACHE_DTYPES, AttentionMetadata, decode_group_slots, quantize_for_cache
+from .attention import FP8_CACHE_DTYPES, AttentionMetadata, quantize_for_cache
+from .decode_plan import decode_group_slots
 
 # A cache may hold its rows in float8 e4m3 (`--kv-cache-dtype fp8`): a row is stored as row / kv_scale and
 # read back as stored * kv_scale, with one float scale per layer (1.0 unless the checkpoint ships one). Both

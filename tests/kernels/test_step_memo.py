@@ -70,11 +70,11 @@ def test_cpu_decode_reads_no_stale_or_nan_position(lens, window):
 
 def test_every_layer_of_a_step_reuses_the_first_ones_plan(monkeypatch):
     q_SNH, k_cache, v_cache, meta, _ = _decode_step([3, 9, 14])
-    import moelink.kernels.attention as attention
+    import moelink.kernels.decode_plan as decode_plan
 
     built = []
-    real = attention._decode_group_plans
-    monkeypatch.setattr(attention, "_decode_group_plans", lambda *a: built.append(1) or real(*a))
+    real = decode_plan._plans
+    monkeypatch.setattr(decode_plan, "_plans", lambda *a: built.append(1) or real(*a))
     STEP_MEMO.clear()
     first = reference_paged_attention(q_SNH, k_cache, v_cache, meta, 0.3)
     for _ in range(3):  # the step's other layers
