@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--graphs", action="store_true",
                     help="also time the step as the engine runs decode on CUDA: its captured graph for the batch "
                          "(engine/rank/cuda_graph.py), inputs copied in each step (needs the Triton kernels)")
-    ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"], help="kernel backend")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "cpu_native", "reference"], help="kernel backend")
     ap.add_argument("--tiny-max-pairs", type=int, default=None,
                     help="turn the float MoE's tiny GEMV path on for calls of up to N (token, expert) pairs "
                     "(DEFAULT_TINY_FLOAT's blocks where the tuned table has no TINY entry)")

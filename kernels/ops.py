@@ -74,6 +74,21 @@ class ReferenceKernels(_Backend):
         return dict(REFERENCES)
 
 
+class NativeCpuKernels(ReferenceKernels):
+    """The references, with the row-local ops of a small CPU step in native code (kernels/cpu_native.py: RMSNorm
+    alone and with the residual add, the greedy router top-k, a few tokens' routed experts): one ctypes call each
+    where torch dispatches several ops. Each op takes only CPU float32 / bfloat16 inputs of a small step and runs its
+    reference for anything else (float64, a prefill's size, other router methods). The CPU's `auto` backend when the
+    native library builds here (kernels/cpu_native_build.py; MOELINK_CPU_NATIVE=0 turns it off)."""
+
+    name = "cpu_native"
+
+    def _implementations(self) -> dict[str, Any]:
+        from .cpu_native import NATIVE_OPS
+
+        return {**super()._implementations(), **NATIVE_OPS}
+
+
 class TritonKernels(_Backend):
     """Triton kernels (moelink.kernels.triton_*): the GPU path. Same signatures as the references.
 
@@ -171,23 +186,34 @@ def _triton_available() -> bool:
     return True
 
 
-_BACKENDS: dict[str, type[_Backend]] = {"reference": ReferenceKernels, "triton": TritonKernels,
+def _native_cpu_available() -> bool:
+    from .cpu_native_build import library
+
+    return library() is not None
+
+
+_BACKENDS: dict[str, type[_Backend]] = {"reference": ReferenceKernels, "cpu_native": NativeCpuKernels,
+                                         "triton": TritonKernels,
                                          "batch_invariant": BatchInvariantKernels,
                                          "batch_invariant_triton": BatchInvariantTritonKernels}
 
 
 def backend_class(device: torch.device, name: str = "auto") -> type[_Backend]:
-    """The strategy: which backend class `name` builds on `device`. `auto` is Triton on CUDA, references elsewhere;
+    """The strategy: which backend class `name` builds on `device`. `auto` is Triton on CUDA, the native CPU kernels
+    on a CPU where they build (kernels/cpu_native_build.py), references elsewhere;
     `batch_invariant` is BatchInvariantTritonKernels on CUDA with Triton, BatchInvariantKernels (plain torch)
     elsewhere; another name forces that backend (tests)."""
     device = torch.device(device)
     on_gpu = device.type == "cuda" and _triton_available()
     if name == "auto":
-        name = "triton" if on_gpu else "reference"
+        name = "triton" if on_gpu else "cpu_native" if device.type == "cpu" and _native_cpu_available() else "reference"
     if name == "batch_invariant" and on_gpu:
         name = "batch_invariant_triton"
     if name not in _BACKENDS:
         raise ValueError(f"kernels={name!r} is invalid: choose from {sorted(_BACKENDS)} or 'auto'.")
+    if name == "cpu_native" and not _native_cpu_available():
+        raise ValueError("kernels='cpu_native' is not available: the native CPU kernels did not build here (see the "
+                         "log's warning; MOELINK_CPU_NATIVE=0 turns them off) (use 'reference').")
     if name in ("triton", "batch_invariant_triton") and not _triton_available():
         raise ValueError(f"kernels={name!r} is not available: the triton package is not installed (use 'reference').")
     return _BACKENDS[name]

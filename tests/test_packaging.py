@@ -64,6 +64,7 @@ def test_the_wheel_holds_every_package_folder(tmp_path):
     assert not expected - shipped, f"package folders missing from the wheel: {sorted(expected - shipped)}"
     assert not {n for n in names if n.startswith(("tests/", "moelink/tests/"))}
     assert "moelink/kernels/configs/default.json" in names  # package data (pyproject's package-data)
+    assert "moelink/kernels/csrc/cpu_ops.c" in names  # the native CPU kernels' source, built at first use
 
 
 def test_the_installed_package_imports_every_package_folder_from_the_checkout():

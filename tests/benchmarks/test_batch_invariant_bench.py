@@ -18,8 +18,9 @@ def test_smoke_saves_both_arms_and_the_ratio(tmp_path):
     normal, invariant = saved["arms"]
     assert (normal["batch_invariant"], invariant["batch_invariant"]) == (False, True)
     assert invariant["kernels"] == "batch_invariant" and invariant["alone_equals_batched_bitwise"] is True
-    # Which backend ran (on a GPU the mode's is batch_invariant_triton): the CPU's plain-torch ones here.
-    assert (normal["backend"], invariant["backend"]) == ("reference", "batch_invariant")
+    # Which backend ran (on a GPU the mode's is batch_invariant_triton): the CPU's native kernels and the mode's
+    # plain-torch ones here.
+    assert (normal["backend"], invariant["backend"]) == ("cpu_native", "batch_invariant")
     assert saved["ratio_invariant_over_normal"] == pytest.approx(invariant["seconds"] / normal["seconds"])
     # The op probe ran first: every op keeps row 0's bits in the mode on this CPU, and at least one op does not off it.
     ops = {r["op"]: r for r in saved["ops"]}

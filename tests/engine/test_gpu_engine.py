@@ -83,7 +83,7 @@ def step_gaps(a, b) -> list[float]:
 
 def test_auto_kernels_on_cuda_are_triton():
     assert select_kernels(torch.device("cuda")).name == "triton"
-    assert select_kernels(torch.device("cpu")).name == "reference"
+    assert select_kernels(torch.device("cpu")).name in ("cpu_native", "reference")  # the GPU image may lack a compiler
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))

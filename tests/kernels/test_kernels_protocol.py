@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from moelink.kernels import registry
-from moelink.kernels.ops import FAMILIES, REFERENCES, Kernels, ReferenceKernels, TritonKernels, select_kernels
+from moelink.kernels.ops import (FAMILIES, REFERENCES, Kernels, NativeCpuKernels, ReferenceKernels, TritonKernels,
+                                 select_kernels)
 
 
 def ops_of_protocol() -> set[str]:
@@ -68,7 +69,7 @@ def test_no_triton_module_is_imported_until_a_triton_backend_is_built():
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("backend", [ReferenceKernels, TritonKernels], ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", [ReferenceKernels, NativeCpuKernels, TritonKernels], ids=lambda b: b.name)
 def test_each_backend_takes_the_references_arguments(backend):
     kernels = backend()
     assert isinstance(kernels.name, str)
@@ -97,7 +98,12 @@ def test_each_triton_backend_has_its_own_int4_workspace():
     assert a.fused_moe_int4.keywords["workspace"] is a.int4_workspace
 
 
-def test_select_kernels_names_the_backends():
+def test_select_kernels_names_the_backends(monkeypatch):
+    # auto on a CPU: the native kernels where they build (this machine has a C compiler), else the references.
+    assert select_kernels(torch.device("cpu")).name == "cpu_native"
+    monkeypatch.setenv("MOELINK_CPU_NATIVE", "0")
     assert select_kernels(torch.device("cpu")).name == "reference"
-    with pytest.raises(ValueError, match=r"kernels='cuda' is invalid: choose from \['batch_invariant', 'batch_invariant_triton', 'reference', 'triton'\]"):
+    with pytest.raises(ValueError, match="kernels='cpu_native' is not available"):
+        select_kernels(torch.device("cpu"), "cpu_native")
+    with pytest.raises(ValueError, match=r"kernels='cuda' is invalid: choose from \['batch_invariant', 'batch_invariant_triton', 'cpu_native', 'reference', 'triton'\]"):
         select_kernels(torch.device("cpu"), "cuda")

@@ -1,0 +1,218 @@
+"""The native CPU kernels' ops (kernels/csrc/cpu_ops.c, built by kernels/cpu_native_build.py): RMSNorm alone and with
+the residual add, the greedy router top-k, and the routed experts of a few tokens, each under its reference's
+signature and falling back to that reference for anything it does not take.
+
+Why: on a CPU a small batch's decode step is op dispatch. torch's RMSNorm is ~10 us for one 128-wide row (it runs
+its six ops from C++), the router's softmax / top-k / renormalise / count are seven ops, and the few-token experts
+gather their weights and run ~25 ops (views included) per layer; each of these is one ctypes call here (~2 us) that
+reads each weight row once and copies none. The GPU runs its Triton kernels for the same ops (kernels/ops.py); these
+are the CPU backend's counterparts, and what they save is CPU step time only.
+
+What each takes (anything else runs the reference, unchanged):
+- CPU tensors, contiguous, float32 (weights float32) or bfloat16 (weights bfloat16); float64 and float16 stay on the
+  references (float64 is the parity tests' dtype: its results are the references' bit for bit);
+- at most NATIVE_MAX_ELEMENTS activation values (a prefill's norm runs torch's two-thread kernel);
+- the router's "greedy" method without a bias; the experts with at most NATIVE_MOE_MAX_PAIRS (token, expert) pairs.
+Results match the references up to the order of float32 sums within a row (bfloat16 rounded where torch rounds), and
+a row's result is the same in any batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata, _check_extras, reference_paged_attention
+from .cpu_native_build import library
+from .moe import SILU, MoEActivation, reference_fused_moe
+from .norm import reference_add_rms_norm, reference_rms_norm
+from .rotary import reference_rope_write_kv
+from .router_topk import check_method, reference_route_topk
+
+# Above this many activation values (a prefill chunk) torch's own kernels, on every intra-op thread, are faster.
+NATIVE_MAX_ELEMENTS = 1 << 18
+# Above this many (token, expert) pairs the references' per-expert GEMMs (BLAS, all threads, each expert's weights
+# read once for all its tokens) are faster than reading each pair's expert rows again.
+NATIVE_MOE_MAX_PAIRS = 16
+# Attention: steps whose tokens each read at most this many (key + value) elements in all (a decode or verify step
+# of short contexts); longer ones run SDPA on every intra-op thread.
+NATIVE_ATTENTION_MAX_WORK = 1 << 25
+NATIVE_ATTENTION_MAX_QUERY = 16
+_FLOATS = (torch.float32, torch.bfloat16)
+_ACTIVATION_KIND = {"silu": 0, "swiglu_oai": 1, "silu_clamp": 2}
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A CPU tensor of `dtype` laid out densely (a ctypes pointer walks it row by row)."""
+    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def native_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x_TD.dtype
+    lib = library() if dtype in _FLOATS else None
+    D = x_TD.shape[-1]
+    if (lib is None or not _plain(x_TD, dtype) or not _plain(weight_D, dtype) or weight_D.numel() != D
+            or x_TD.numel() > NATIVE_MAX_ELEMENTS or x_TD.numel() == 0):
+        return reference_rms_norm(x_TD, weight_D, eps)
+    out = torch.empty_like(x_TD)
+    rows = x_TD.numel() // D
+    if dtype == torch.float32:
+        lib.ml_rms_norm_f32(x_TD.data_ptr(), weight_D.data_ptr(), out.data_ptr(), rows, D, eps)
+    elif lib.ml_rms_norm_bf16(x_TD.data_ptr(), None, weight_D.data_ptr(), out.data_ptr(), None, rows, D, eps):
+        raise MemoryError("native rms_norm: no memory for its row buffer")
+    return out
+
+
+def native_add_rms_norm(x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = x_TD.dtype
+    lib = library() if dtype in _FLOATS else None
+    D = x_TD.shape[-1]
+    if (lib is None or not _plain(x_TD, dtype) or not _plain(residual_TD, dtype) or residual_TD.shape != x_TD.shape
+            or not _plain(weight_D, dtype) or weight_D.numel() != D or x_TD.numel() > NATIVE_MAX_ELEMENTS
+            or x_TD.numel() == 0):
+        return reference_add_rms_norm(x_TD, residual_TD, weight_D, eps)
+    out = torch.empty_like(x_TD)
+    summed = torch.empty_like(x_TD)
+    rows = x_TD.numel() // D
+    if dtype == torch.float32:
+        lib.ml_add_rms_norm_f32(x_TD.data_ptr(), residual_TD.data_ptr(), weight_D.data_ptr(), out.data_ptr(),
+                                summed.data_ptr(), rows, D, eps)
+    elif lib.ml_rms_norm_bf16(x_TD.data_ptr(), residual_TD.data_ptr(), weight_D.data_ptr(), out.data_ptr(),
+                              summed.data_ptr(), rows, D, eps):
+        raise MemoryError("native add_rms_norm: no memory for its row buffer")
+    return out, summed
+
+
+def native_route_topk(logits_TG: torch.Tensor, top_k: int, method: str = "greedy", renormalize: bool = False,
+                      scale: float = 1.0, n_group: int = 1, topk_group: int = 1, bias_G: torch.Tensor | None = None,
+                      valid_T: torch.Tensor | None = None,
+                      counts_G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    check_method(method, bias_G)
+    dtype = logits_TG.dtype
+    lib = library() if method == "greedy" and dtype in _FLOATS else None
+    if (lib is None or logits_TG.dim() != 2 or not _plain(logits_TG, dtype) or not 0 < top_k <= logits_TG.shape[1]
+            or (valid_T is not None and not _plain(valid_T, torch.bool))
+            or (counts_G is not None and (not _plain(counts_G, torch.int64) or counts_G.numel() < logits_TG.shape[1]))
+            or logits_TG.numel() > NATIVE_MAX_ELEMENTS):
+        return reference_route_topk(logits_TG, top_k, method, renormalize, scale, n_group, topk_group, bias_G,
+                                    valid_T, counts_G)
+    T, G = logits_TG.shape
+    weights_TK = torch.empty((T, top_k), dtype=torch.float32)
+    ids_TK = torch.empty((T, top_k), dtype=torch.int64)
+    if T and lib.ml_route_greedy(logits_TG.data_ptr(), int(dtype == torch.bfloat16), weights_TK.data_ptr(),
+                                 ids_TK.data_ptr(), T, G, top_k, int(renormalize), scale, _ptr(valid_T),
+                                 _ptr(counts_G)):
+        raise MemoryError("native route_topk: no memory for its row buffer")
+    return weights_TK, ids_TK
+
+
+def native_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,
+                     topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
+                     b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
+                     activation: MoEActivation = SILU) -> torch.Tensor:
+    dtype = x_TD.dtype
+    lib = library() if dtype in _FLOATS else None
+    if (lib is None or x_TD.dim() != 2 or topk_ids_TK.numel() > NATIVE_MOE_MAX_PAIRS or activation.kind not in
+            _ACTIVATION_KIND or not all(_plain(t, dtype) for t in (x_TD, w13_EFD, w2_EDI))
+            or any(b is not None and not _plain(b, dtype) for b in (b13_EF, b2_ED))
+            or (expert_map_G is not None and not _plain(expert_map_G, torch.int32))
+            or topk_ids_TK.device.type != "cpu" or topk_weights_TK.device.type != "cpu"):
+        return reference_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, b13_EF=b13_EF,
+                                   b2_ED=b2_ED, activation=activation)
+    T, D = x_TD.shape
+    E, F, _ = w13_EFD.shape
+    inter = w2_EDI.shape[2]
+    if w13_EFD.shape != (E, 2 * inter, D) or w2_EDI.shape != (E, D, inter) or topk_ids_TK.shape[0] != T:
+        raise ValueError(f"fused_moe: w13 {tuple(w13_EFD.shape)}, w2 {tuple(w2_EDI.shape)} and x {tuple(x_TD.shape)} "
+                         "do not fit ([E, 2I, D], [E, D, I], [T, D])")
+    ids = topk_ids_TK if _plain(topk_ids_TK, torch.int64) else topk_ids_TK.to(torch.int64).contiguous()
+    weights = topk_weights_TK if _plain(topk_weights_TK, torch.float32) else (
+        topk_weights_TK.to(torch.float32).contiguous())
+    out_TD = torch.empty_like(x_TD)
+    K = ids.shape[1] if ids.dim() == 2 else 1
+    num_map = expert_map_G.numel() if expert_map_G is not None else 0
+    if lib.ml_moe_small(x_TD.data_ptr(), w13_EFD.data_ptr(), w2_EDI.data_ptr(), _ptr(b13_EF), _ptr(b2_ED),
+                        weights.data_ptr(), ids.data_ptr(), _ptr(expert_map_G), num_map, out_TD.data_ptr(), T, K, D,
+                        inter, E, int(dtype == torch.bfloat16), _ACTIVATION_KIND[activation.kind], activation.alpha,
+                        activation.limit):
+        raise MemoryError("native fused_moe: no memory for its row buffers")
+    return out_TD
+
+
+def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
+                           meta: AttentionMetadata, scale: float, *, sinks_N: torch.Tensor | None = None,
+                           sliding_window: int | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
+    _check_extras(q_TNH, sinks_N, sliding_window)
+    dtype = q_TNH.dtype
+    lib = library() if dtype in _FLOATS else None
+    T, N, H = q_TNH.shape
+    Hv = v_cache_BLKH.shape[-1]
+    if (lib is None or q_TNH.device.type != "cpu" or q_TNH.stride(2) != 1 or k_scale != 1.0 or v_scale != 1.0
+            or not _plain(k_cache_BLKH, dtype) or not _plain(v_cache_BLKH, dtype)
+            or meta.max_query_len > NATIVE_ATTENTION_MAX_QUERY
+            or T * meta.max_seq_len * N * (H + Hv) > NATIVE_ATTENTION_MAX_WORK
+            or not _plain(meta.seq_lens_S, torch.int32) or not _plain(meta.query_start_loc_S1, torch.int32)
+            or meta.block_tables_SM.dtype != torch.int32 or meta.block_tables_SM.device.type != "cpu"
+            or meta.block_tables_SM.stride(-1) != 1 or T == 0):
+        return reference_paged_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N=sinks_N,
+                                         sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
+    _, L, K, _ = k_cache_BLKH.shape
+    sinks = None if sinks_N is None else sinks_N.to(torch.float32).contiguous()
+    out_TNH = q_TNH.new_empty(T, N, Hv)
+    tables = meta.block_tables_SM
+    if lib.ml_paged_attention(q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_cache_BLKH.data_ptr(),
+                              v_cache_BLKH.data_ptr(), tables.data_ptr(), tables.stride(0), meta.seq_lens_S.data_ptr(),
+                              meta.query_start_loc_S1.data_ptr(), out_TNH.data_ptr(), _ptr(sinks),
+                              meta.seq_lens_S.numel(), N, K, H, Hv, L, sliding_window or 0, scale,
+                              int(dtype == torch.bfloat16)):
+        raise MemoryError("native paged_attention: no memory for its score buffer")
+    return out_TNH
+
+
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A CPU [T, heads, width] view of `dtype` whose rows are dense (the q, k, v views of a qkv projection)."""
+    return t.dtype == dtype and t.device.type == "cpu" and t.dim() == 3 and t.stride(2) == 1 and not t.requires_grad
+
+
+def native_rope_write_kv(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, positions_T: torch.Tensor,
+                         cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
+                         slot_mapping_T: torch.Tensor, q_norm_H: torch.Tensor | None = None,
+                         k_norm_H: torch.Tensor | None = None, eps: float = 1e-6, k_scale: float = 1.0,
+                         v_scale: float = 1.0) -> torch.Tensor:
+    dtype = q_TNH.dtype
+    lib = library() if dtype in _FLOATS else None
+    if (lib is None or (q_norm_H is None) != (k_norm_H is None) or k_scale != 1.0 or v_scale != 1.0
+            or not all(_rows(t, dtype) for t in (q_TNH, k_TKH, v_TKH))
+            or not _plain(k_cache_BLKH, dtype) or not _plain(v_cache_BLKH, dtype)
+            or any(w is not None and not _plain(w, dtype) for w in (q_norm_H, k_norm_H))
+            or not _plain(cos_sin_PR, torch.float32) or cos_sin_PR.dim() != 2
+            or cos_sin_PR.shape[-1] % 2 or cos_sin_PR.shape[-1] > q_TNH.shape[-1]
+            or not _plain(positions_T, torch.int64) or not _plain(slot_mapping_T, torch.int64)
+            or q_TNH.numel() > NATIVE_MAX_ELEMENTS):
+        return reference_rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, cos_sin_PR, k_cache_BLKH, v_cache_BLKH,
+                                       slot_mapping_T, q_norm_H, k_norm_H, eps, k_scale, v_scale)
+    T, N, H = q_TNH.shape
+    K, Hv = v_TKH.shape[1], v_TKH.shape[2]
+    q_out = torch.empty((T, N, H), dtype=dtype)
+    if T and lib.ml_rope_write_kv(q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_TKH.data_ptr(),
+                                  k_TKH.stride(0), k_TKH.stride(1), v_TKH.data_ptr(), v_TKH.stride(0), v_TKH.stride(1),
+                                  positions_T.data_ptr(), cos_sin_PR.data_ptr(), cos_sin_PR.shape[-1],
+                                  k_cache_BLKH.data_ptr(), v_cache_BLKH.data_ptr(), slot_mapping_T.data_ptr(),
+                                  _ptr(q_norm_H), _ptr(k_norm_H), eps, q_out.data_ptr(), T, N, K, H, Hv,
+                                  int(dtype == torch.bfloat16)):
+        raise MemoryError("native rope_write_kv: no memory for its row buffer")
+    return q_out
+
+
+# The ops the native CPU backend (kernels/ops.NativeCpuKernels) takes from here, under the protocol's names.
+NATIVE_OPS = dict(rms_norm=native_rms_norm, add_rms_norm=native_add_rms_norm, route_topk=native_route_topk,
+                  fused_moe=native_fused_moe, paged_attention=native_paged_attention,
+                  rope_write_kv=native_rope_write_kv)
+
+__all__ = ["NATIVE_ATTENTION_MAX_QUERY", "NATIVE_ATTENTION_MAX_WORK", "NATIVE_MAX_ELEMENTS", "NATIVE_MOE_MAX_PAIRS",
+           "NATIVE_OPS", "native_add_rms_norm", "native_fused_moe", "native_paged_attention", "native_rms_norm",
+           "native_rope_write_kv", "native_route_topk"]

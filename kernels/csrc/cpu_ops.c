@@ -1,0 +1,400 @@
+/* moelink's native CPU kernels: the row-local ops of a decode step that plain torch runs as several dispatched ops
+ * each (kernels/cpu_native.py says which, when, and why). Built at first use by kernels/cpu_native_build.py with the
+ * machine's C compiler, loaded with ctypes; every function takes raw pointers and sizes, validated by the Python
+ * wrappers (contiguous CPU tensors of the dtypes named here).
+ *
+ * No -ffast-math: the sums run in a fixed order (8 interleaved partial sums, then those in order), so a row's result
+ * is the same in any batch and on any run, and NaN/Inf propagate as IEEE says. bfloat16 values are rounded to
+ * nearest-even from float32 where torch rounds them (the references' op boundaries), so a bf16 result differs from
+ * the reference only by the order of the float32 sums inside a row.
+ *
+ * Legend: T rows (tokens), D hidden, K top-k, E experts, I expert intermediate, G router experts.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16_t;
+
+static inline float bf16_to_f32(bf16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u); /* NaN stays a (quiet) NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                          /* round to nearest, ties to even */
+    return (bf16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* Σ a[i] b[i] in float32, 8 interleaved partial sums (vectorisable without reassociating anything). */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.f;
+    for (int j = 0; j < 8; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* The same with b in bfloat16 (a weight row), a in float32. */
+static inline float dot_f32_bf16(const float *a, const bf16_t *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * bf16_to_f32(b[i + j]);
+    float s = 0.f;
+    for (int j = 0; j < 8; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * bf16_to_f32(b[i]);
+    return s;
+}
+
+static inline float inv_rms(const float *x, int64_t d, float eps) {
+    return 1.0f / sqrtf(dot_f32(x, x, d) / (float)d + eps);
+}
+
+/* ---- RMSNorm ------------------------------------------------------------------------------------------------- */
+
+/* out = w * x / rms(x), float32 rows. */
+void ml_rms_norm_f32(const float *x, const float *w, float *out, int64_t rows, int64_t d, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *o = out + r * d;
+        float inv = inv_rms(xr, d, eps);
+        for (int64_t i = 0; i < d; i++) o[i] = xr[i] * inv * w[i];
+    }
+}
+
+/* The residual add fused: s = x + res (written to sum_out), out = w * s / rms(s), float32 rows. */
+void ml_add_rms_norm_f32(const float *x, const float *res, const float *w, float *out, float *sum_out, int64_t rows,
+                         int64_t d, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *s = sum_out + r * d;
+        for (int64_t i = 0; i < d; i++) s[i] = x[r * d + i] + res[r * d + i];
+        float inv = inv_rms(s, d, eps);
+        float *o = out + r * d;
+        for (int64_t i = 0; i < d; i++) o[i] = s[i] * inv * w[i];
+    }
+}
+
+/* bfloat16 rows: n = bf16(x / rms(x)) in float32, then out = bf16(n * w) (the reference's two roundings). With
+ * `res` (not NULL) the row is first s = bf16(x + res), written to sum_out. Returns 0, or -1 when out of memory (nothing written). */
+int ml_rms_norm_bf16(const bf16_t *x, const bf16_t *res, const bf16_t *w, bf16_t *out, bf16_t *sum_out,
+                     int64_t rows, int64_t d, float eps) {
+    float *scratch = malloc(sizeof(float) * (size_t)d);
+    if (!scratch) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16_t *xr = x + r * d;
+        for (int64_t i = 0; i < d; i++) {
+            float v = bf16_to_f32(xr[i]);
+            if (res) {
+                bf16_t s = f32_to_bf16(v + bf16_to_f32(res[r * d + i]));
+                sum_out[r * d + i] = s;
+                v = bf16_to_f32(s);
+            }
+            scratch[i] = v;
+        }
+        float inv = inv_rms(scratch, d, eps);
+        bf16_t *o = out + r * d;
+        for (int64_t i = 0; i < d; i++) o[i] = f32_to_bf16(round_bf16(scratch[i] * inv) * bf16_to_f32(w[i]));
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---- router: greedy (softmax, top-k, renormalise, scale) ---------------------------------------------------------- */
+
+/* logits [T, G] (float32 or, with is_bf16, bfloat16) -> weights [T, K] float32, ids [T, K] int64: softmax in float32,
+ * the K largest in descending order (ties: the lower index first), optionally w / Σw, times scale. valid (bool [T] or
+ * NULL): a row that is 0 gets ids -1. counts (int64 [G] or NULL): += 1 per chosen id >= 0. Returns 0, or -1 when out of memory (nothing written). */
+int ml_route_greedy(const void *logits, int is_bf16, float *weights, int64_t *ids, int64_t rows, int64_t g,
+                    int64_t k, int renormalize, float scale, const uint8_t *valid, int64_t *counts) {
+    float *scratch = malloc(sizeof(float) * (size_t)g);
+    if (!scratch) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        float mx = -INFINITY;
+        for (int64_t e = 0; e < g; e++) {
+            float v = is_bf16 ? bf16_to_f32(((const bf16_t *)logits)[r * g + e]) : ((const float *)logits)[r * g + e];
+            scratch[e] = v;
+            if (v > mx || v != v) mx = v != v ? v : (mx != mx ? mx : v); /* a NaN row softmaxes to NaN, as torch's */
+        }
+        float sum = 0.f;
+        for (int64_t e = 0; e < g; e++) {
+            scratch[e] = expf(scratch[e] - mx);
+            sum += scratch[e];
+        }
+        for (int64_t e = 0; e < g; e++) scratch[e] /= sum;
+        float *wr = weights + r * k;
+        int64_t *ir = ids + r * k;
+        for (int64_t j = 0; j < k; j++) { /* selection: K is small (top-2 .. top-10) */
+            int64_t best = -1;
+            float bv = 0.f;
+            for (int64_t e = 0; e < g; e++) {
+                int taken = 0;
+                for (int64_t q = 0; q < j; q++) taken |= (ir[q] == e);
+                if (taken) continue;
+                float v = scratch[e];
+                if (best < 0 || v > bv || (v != v && bv == bv)) {
+                    best = e;
+                    bv = v;
+                }
+            }
+            ir[j] = best;
+            wr[j] = bv;
+        }
+        if (renormalize) {
+            float s = 0.f;
+            for (int64_t j = 0; j < k; j++) s += wr[j];
+            for (int64_t j = 0; j < k; j++) wr[j] /= s;
+        }
+        if (scale != 1.0f)
+            for (int64_t j = 0; j < k; j++) wr[j] *= scale;
+        if (valid && !valid[r])
+            for (int64_t j = 0; j < k; j++) ir[j] = -1;
+        if (counts)
+            for (int64_t j = 0; j < k; j++)
+                if (ir[j] >= 0) counts[ir[j]] += 1;
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---- a few tokens' routed experts ------------------------------------------------------------------------------- */
+
+/* act kinds: 0 silu(g) * u; 1 swiglu_oai (gpt-oss); 2 silu_clamp (DeepSeek-V4). */
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static inline float activate(float g, float u, int kind, float alpha, float limit, int bf16_round) {
+    if (kind != 0) {
+        g = g < limit ? g : limit;
+        u = u < -limit ? -limit : (u > limit ? limit : u);
+    }
+    if (kind == 1) { /* (u + 1) * (g * sigmoid(g * alpha)), each op rounded in bf16 as torch's */
+        if (!bf16_round) return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * alpha)))));
+        float sg = round_bf16(1.0f / (1.0f + expf(-round_bf16(g * alpha))));
+        return round_bf16(round_bf16(u + 1.0f) * round_bf16(g * sg));
+    }
+    if (bf16_round) return round_bf16(round_bf16(silu(g)) * u);
+    return silu(g) * u;
+}
+
+/* out[t] = Σ_k w[t,k] · (w2_e · act(w13_e · x[t] (+ b13_e)) (+ b2_e)), e = ids[t,k] (through `map` when given: a global
+ * id -> local, -1 elsewhere); a pair with no local expert adds nothing. Each pair reads its expert's rows once, no
+ * copy. float32 (is_bf16 0) or bfloat16 (1: x, weights, biases and out; each product rounded where torch rounds).
+ * ids: int64 [T, K]; topk_w: float32 [T, K]. Returns 0, or -1 when out of memory (nothing written). */
+int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13, const void *b2,
+                  const float *topk_w, const int64_t *ids, const int32_t *map, int64_t num_map, void *out,
+                  int64_t t_rows, int64_t k, int64_t d, int64_t inter, int64_t num_local, int is_bf16, int act_kind,
+                 float alpha, float limit) {
+    float *scratch = malloc(sizeof(float) * (size_t)(3 * inter + 2 * d));
+    if (!scratch) return -1;
+    float *h = scratch;             /* [2I] */
+    float *a = h + 2 * inter;       /* [I]  */
+    float *xf = a + inter;          /* [D]  */
+    float *acc = xf + d;            /* [D]  */
+    for (int64_t t = 0; t < t_rows; t++) {
+        for (int64_t i = 0; i < d; i++) {
+            xf[i] = is_bf16 ? bf16_to_f32(((const bf16_t *)x)[t * d + i]) : ((const float *)x)[t * d + i];
+            acc[i] = 0.f;
+        }
+        for (int64_t j = 0; j < k; j++) {
+            int64_t e = ids[t * k + j];
+            if (e >= 0 && map) e = e < num_map ? map[e] : -1;
+            if (e < 0 || e >= num_local) continue;
+            float rw = topk_w[t * k + j];
+            if (is_bf16) rw = round_bf16(rw);
+            for (int64_t f = 0; f < 2 * inter; f++) {
+                float v;
+                if (is_bf16) {
+                    v = dot_f32_bf16(xf, (const bf16_t *)w13 + (e * 2 * inter + f) * d, d);
+                    if (b13) v = round_bf16(v) + bf16_to_f32(((const bf16_t *)b13)[e * 2 * inter + f]);
+                    v = round_bf16(v);
+                } else {
+                    v = dot_f32(xf, (const float *)w13 + (e * 2 * inter + f) * d, d);
+                    if (b13) v += ((const float *)b13)[e * 2 * inter + f];
+                }
+                h[f] = v;
+            }
+            for (int64_t i = 0; i < inter; i++) a[i] = activate(h[i], h[inter + i], act_kind, alpha, limit, is_bf16);
+            for (int64_t o = 0; o < d; o++) {
+                float y;
+                if (is_bf16) {
+                    y = dot_f32_bf16(a, (const bf16_t *)w2 + (e * d + o) * inter, inter);
+                    if (b2) y = round_bf16(y) + bf16_to_f32(((const bf16_t *)b2)[e * d + o]);
+                    acc[o] += round_bf16(round_bf16(y) * rw);
+                } else {
+                    y = dot_f32(a, (const float *)w2 + (e * d + o) * inter, inter);
+                    if (b2) y += ((const float *)b2)[e * d + o];
+                    acc[o] += y * rw;
+                }
+            }
+        }
+        for (int64_t i = 0; i < d; i++) {
+            if (is_bf16)
+                ((bf16_t *)out)[t * d + i] = f32_to_bf16(acc[i]);
+            else
+                ((float *)out)[t * d + i] = acc[i];
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---- paged attention ------------------------------------------------------------------------------------------ */
+
+/* Causal attention of each query token to its sequence's cached keys: token t = qsl[s] + i of sequence s sits at
+ * position p = seq_lens[s] - (qsl[s+1] - qsl[s]) + i and sees keys [lo, p], lo = max(0, p - window + 1) with a window
+ * (window 0: none). Caches [blocks, block_size, kv_heads, hd] (values hdv wide), rows located through
+ * block_tables [num_seqs, m_stride] (int32). q [T, n_heads, hd] with strides (q_st, q_sn) in elements; out [T, n_heads,
+ * hdv] contiguous. sinks (float32 [n_heads] or NULL): each head's sink logit joins the softmax's max and denominator.
+ * Scores, softmax and the value sums in float32; bfloat16 (is_bf16) inputs widened, the output rounded once.
+ * Returns 0, or -1 when out of memory (nothing written past the rows done). */
+int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc, const void *vc,
+                       const int32_t *block_tables, int64_t m_stride, const int32_t *seq_lens, const int32_t *qsl,
+                       void *out, const float *sinks, int64_t num_seqs, int64_t n_heads, int64_t kv_heads, int64_t hd,
+                       int64_t hdv, int64_t block_size, int64_t window, float scale, int is_bf16) {
+    int64_t rep = n_heads / kv_heads;
+    int64_t max_ctx = 0;
+    for (int64_t s = 0; s < num_seqs; s++) max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
+    float *buf = malloc(sizeof(float) * (size_t)(max_ctx + hd + hdv + 1));
+    if (!buf) return -1;
+    float *qf = buf, *acc = buf + hd, *scores = buf + hd + hdv;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        int64_t q0 = qsl[s], qlen = qsl[s + 1] - qsl[s], ctx = seq_lens[s];
+        const int32_t *table = block_tables + s * m_stride;
+        for (int64_t i = 0; i < qlen; i++) {
+            int64_t t = q0 + i, p = ctx - qlen + i;
+            int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+            for (int64_t n = 0; n < n_heads; n++) {
+                int64_t kvh = n / rep;
+                for (int64_t d = 0; d < hd; d++) {
+                    int64_t at = t * q_st + n * q_sn + d;
+                    qf[d] = is_bf16 ? bf16_to_f32(((const bf16_t *)q)[at]) : ((const float *)q)[at];
+                }
+                float mx = sinks ? sinks[n] : -INFINITY;
+                for (int64_t j = lo; j <= p; j++) {
+                    int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
+                    float sc = is_bf16 ? dot_f32_bf16(qf, (const bf16_t *)kc + row * hd, hd)
+                                       : dot_f32(qf, (const float *)kc + row * hd, hd);
+                    sc *= scale;
+                    scores[j - lo] = sc;
+                    if (sc > mx || sc != sc) mx = sc != sc ? sc : (mx != mx ? mx : sc);
+                }
+                float denom = sinks ? expf(sinks[n] - mx) : 0.f;
+                for (int64_t d = 0; d < hdv; d++) acc[d] = 0.f;
+                for (int64_t j = lo; j <= p; j++) {
+                    float e = expf(scores[j - lo] - mx);
+                    denom += e;
+                    int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
+                    if (is_bf16) {
+                        const bf16_t *v = (const bf16_t *)vc + row * hdv;
+                        for (int64_t d = 0; d < hdv; d++) acc[d] += e * bf16_to_f32(v[d]);
+                    } else {
+                        const float *v = (const float *)vc + row * hdv;
+                        for (int64_t d = 0; d < hdv; d++) acc[d] += e * v[d];
+                    }
+                }
+                float inv = p >= lo ? 1.0f / denom : 0.f;
+                for (int64_t d = 0; d < hdv; d++) {
+                    int64_t at = (t * n_heads + n) * hdv + d;
+                    if (is_bf16)
+                        ((bf16_t *)out)[at] = f32_to_bf16(acc[d] * inv);
+                    else
+                        ((float *)out)[at] = acc[d] * inv;
+                }
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* ---- the GQA attention input: q/k norm, rotary, KV write ---------------------------------------------------------- */
+
+/* One head row in float32 (`x`, hd values): the per-head RMSNorm when w is not NULL (x / rms(x), rounded to bf16
+ * under is_bf16, times w, rounded), then the NeoX rotation of the first r dims by (c, s) = cos_sin[pos] (rounded to
+ * bf16 under is_bf16, each product and sum rounded as torch's x * cos + rotate_half(x) * sin). */
+static void norm_rope_row(float *x, int64_t hd, const void *w, float eps, const float *cs, int64_t r, int is_bf16) {
+    if (w) {
+        float inv = inv_rms(x, hd, eps);
+        for (int64_t d = 0; d < hd; d++) {
+            float n = x[d] * inv;
+            if (is_bf16)
+                x[d] = round_bf16(round_bf16(n) * bf16_to_f32(((const bf16_t *)w)[d]));
+            else
+                x[d] = n * ((const float *)w)[d];
+        }
+    }
+    int64_t half = r / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float c = cs[i], s = cs[half + i], x1 = x[i], x2 = x[half + i];
+        if (is_bf16) {
+            c = round_bf16(c);
+            s = round_bf16(s);
+            x[i] = round_bf16(round_bf16(x1 * c) + round_bf16(-x2 * s));
+            x[half + i] = round_bf16(round_bf16(x2 * c) + round_bf16(x1 * s));
+        } else {
+            x[i] = x1 * c + (-x2) * s;
+            x[half + i] = x2 * c + x1 * s;
+        }
+    }
+}
+
+static inline void load_row(float *dst, const void *src, int64_t at, int64_t n, int is_bf16) {
+    for (int64_t d = 0; d < n; d++)
+        dst[d] = is_bf16 ? bf16_to_f32(((const bf16_t *)src)[at + d]) : ((const float *)src)[at + d];
+}
+
+static inline void store_row(void *dst, int64_t at, const float *src, int64_t n, int is_bf16) {
+    for (int64_t d = 0; d < n; d++) {
+        if (is_bf16)
+            ((bf16_t *)dst)[at + d] = f32_to_bf16(src[d]);
+        else
+            ((float *)dst)[at + d] = src[d];
+    }
+}
+
+/* q [T, N, hd], k [T, K, hd], v [T, K, hdv] with strides (token, head) in elements, the last dim dense; positions
+ * int64 [T]; cos_sin float32 [P, r] (cos in the first r/2 columns); caches [blocks, block_size, K, hd / hdv]
+ * addressed by slots int64 [T] (slot < 0: written nowhere); q_norm / k_norm (NULL: no norm) [hd]. Writes the normed,
+ * roped k and v into the caches and the normed, roped q into q_out [T, N, hd] (dense). Returns 0 or -1 (no memory). */
+int ml_rope_write_kv(const void *q, int64_t q_st, int64_t q_sn, const void *k, int64_t k_st, int64_t k_sk,
+                     const void *v, int64_t v_st, int64_t v_sk, const int64_t *positions, const float *cos_sin,
+                     int64_t r, void *kc, void *vc, const int64_t *slots, const void *q_norm, const void *k_norm,
+                     float eps, void *q_out, int64_t t_rows, int64_t n_heads, int64_t kv_heads, int64_t hd,
+                     int64_t hdv, int is_bf16) {
+    float *x = malloc(sizeof(float) * (size_t)(hd > hdv ? hd : hdv));
+    if (!x) return -1;
+    for (int64_t t = 0; t < t_rows; t++) {
+        const float *cs = cos_sin + positions[t] * r;
+        for (int64_t n = 0; n < n_heads; n++) {
+            load_row(x, q, t * q_st + n * q_sn, hd, is_bf16);
+            norm_rope_row(x, hd, q_norm, eps, cs, r, is_bf16);
+            store_row(q_out, (t * n_heads + n) * hd, x, hd, is_bf16);
+        }
+        int64_t slot = slots[t];
+        if (slot < 0) continue;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            load_row(x, k, t * k_st + h * k_sk, hd, is_bf16);
+            norm_rope_row(x, hd, k_norm, eps, cs, r, is_bf16);
+            store_row(kc, (slot * kv_heads + h) * hd, x, hd, is_bf16);
+            load_row(x, v, t * v_st + h * v_sk, hdv, is_bf16);
+            store_row(vc, (slot * kv_heads + h) * hdv, x, hdv, is_bf16);
+        }
+    }
+    free(x);
+    return 0;
+}
+
+/* The ABI this file offers; cpu_native_build.py refuses a library that reports another. */
+int64_t ml_abi_version(void) { return 1; }

@@ -1,0 +1,253 @@
+"""The native CPU kernels (kernels/cpu_native.py, kernels/csrc/cpu_ops.c) against their plain-torch references at
+small ragged shapes: float32 to float32 rounding (the sums inside a row run in another order), bfloat16 to one
+rounding step, and every input they do not take (float64, strided rows, other router methods, many pairs) handed to
+the reference unchanged. The build: its cache, its switches, and a machine without a compiler."""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+
+import pytest
+import torch
+
+from moelink.kernels import cpu_native as cn
+from moelink.kernels import cpu_native_build as build
+from moelink.kernels.attention import AttentionMetadata, reference_paged_attention
+from moelink.kernels.moe import MoEActivation, reference_fused_moe
+from moelink.kernels.norm import reference_add_rms_norm, reference_rms_norm
+from moelink.kernels.rotary import reference_rope_write_kv, rotary_cos_sin_cache
+from moelink.kernels.router_topk import reference_route_topk
+
+pytestmark = pytest.mark.skipif(build.library() is None, reason="no C compiler here: the references run")
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32: a few ulps of the row's scale; bfloat16: one rounding step (2^-7 of the row's scale)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    scale = want.float().abs().max().clamp(min=1.0).item()
+    tol = 2e-6 * scale if dtype == torch.float32 else 2 ** -7 * scale
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(1, 128), (3, 37), (17, 8)])
+def test_norms_match_the_references(dtype, rows, width):
+    g = torch.Generator().manual_seed(rows * width)
+    x, res = (torch.randn(rows, width, generator=g).to(dtype) * 3 for _ in range(2))
+    w = torch.randn(width, generator=g).to(dtype)
+    close(cn.native_rms_norm(x, w, 1e-6), reference_rms_norm(x, w, 1e-6), dtype)
+    (out, summed), (want, want_sum) = cn.native_add_rms_norm(x, res, w, 1e-5), reference_add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(summed, want_sum)  # one add per value, rounded once: the same bits
+    close(out, want, dtype)
+    # A row's result is its own: the same alone as in the batch.
+    assert torch.equal(cn.native_rms_norm(x[-1:], w, 1e-6)[0], cn.native_rms_norm(x, w, 1e-6)[-1])
+
+
+def test_norm_inputs_it_does_not_take_run_the_reference():
+    x64, w64 = torch.randn(4, 16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    assert torch.equal(cn.native_rms_norm(x64, w64, 1e-6), reference_rms_norm(x64, w64, 1e-6))
+    strided = torch.randn(16, 4).t()  # [4, 16], not dense
+    w = torch.randn(16)
+    assert torch.equal(cn.native_rms_norm(strided, w, 1e-6), reference_rms_norm(strided, w, 1e-6))
+    big, w64 = torch.randn(cn.NATIVE_MAX_ELEMENTS // 64 + 1, 64), torch.randn(64)  # a prefill's size: torch's threads
+    assert torch.equal(cn.native_rms_norm(big, w64, 1e-6), reference_rms_norm(big, w64, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_greedy_router_matches_the_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    for T, G, K in [(1, 8, 2), (5, 11, 3), (9, 64, 8)]:
+        logits = torch.randn(T, G, generator=g).to(dtype)
+        valid = torch.rand(T, generator=g) > 0.3
+        for renorm, scale, use_valid in itertools.product((False, True), (1.0, 2.5), (False, True)):
+            c_got, c_want = torch.zeros(G, dtype=torch.long), torch.zeros(G, dtype=torch.long)
+            v = valid if use_valid else None
+            w_got, i_got = cn.native_route_topk(logits, K, renormalize=renorm, scale=scale, valid_T=v, counts_G=c_got)
+            w_want, i_want = reference_route_topk(logits, K, renormalize=renorm, scale=scale, valid_T=v,
+                                                  counts_G=c_want)
+            assert torch.equal(i_got, i_want) and torch.equal(c_got, c_want)
+            close(w_got, w_want, torch.float32)
+
+
+def test_other_router_methods_run_the_reference():
+    logits = torch.randn(3, 16)
+    bias = torch.randn(16)
+    got = cn.native_route_topk(logits, 4, "noaux_tc", True, 1.0, 4, 2, bias)
+    want = reference_route_topk(logits, 4, "noaux_tc", True, 1.0, 4, 2, bias)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="bias_G is only taken"):
+        cn.native_route_topk(logits, 4, "greedy", bias_G=bias)
+
+
+ACTIVATIONS = [MoEActivation(), MoEActivation("swiglu_oai", 1.702, 1.0), MoEActivation("silu_clamp", limit=0.8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.kind)
+def test_few_token_experts_match_the_reference(dtype, activation):
+    g = torch.Generator().manual_seed(7)
+    E, D, I = 6, 40, 24
+    w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=g) * 0.2).to(dtype)
+    for T, K, biased in [(1, 2, False), (3, 2, True), (5, 3, False), (8, 2, True)]:
+        x = torch.randn(T, D, generator=g).to(dtype)
+        ids = torch.randint(-1, E, (T, K), generator=g)  # -1: no expert (adds nothing)
+        weights = torch.rand(T, K, generator=g)
+        b13 = torch.randn(E, 2 * I, generator=g).to(dtype) if biased else None
+        b2 = torch.randn(E, D, generator=g).to(dtype) if biased else None
+        got = cn.native_fused_moe(x, w13, w2, weights, ids, b13_EF=b13, b2_ED=b2, activation=activation)
+        close(got, reference_fused_moe(x, w13, w2, weights, ids, b13_EF=b13, b2_ED=b2, activation=activation), dtype)
+        # Under EP's expert map: global ids, -1 for another rank's experts.
+        expert_map = torch.tensor([-1, 0, -1, 1, 2, -1, 3, 4, 5, -1], dtype=torch.int32)
+        gids = torch.randint(-1, 10, (T, K), generator=g)
+        close(cn.native_fused_moe(x, w13, w2, weights, gids, expert_map),
+              reference_fused_moe(x, w13, w2, weights, gids, expert_map), dtype)
+
+
+def test_many_pairs_and_float64_experts_run_the_reference():
+    E, D, I = 4, 16, 8
+    for dtype, T in [(torch.float32, cn.NATIVE_MOE_MAX_PAIRS), (torch.float64, 2)]:  # T x 2 pairs > the bound
+        w13, w2 = torch.randn(E, 2 * I, D, dtype=dtype), torch.randn(E, D, I, dtype=dtype)
+        x, ids, weights = torch.randn(T, D, dtype=dtype), torch.randint(0, E, (T, 2)), torch.rand(T, 2)
+        assert torch.equal(cn.native_fused_moe(x, w13, w2, weights, ids), reference_fused_moe(x, w13, w2, weights, ids))
+
+
+def attention_case(dtype, query_lens, ctxs, num_heads=4, kv_heads=2, head_dim=16, v_dim=16, block=4, seed=0):
+    """Caches full of NaN but where the sequences' keys sit (blocks in shuffled order) and in the null block (zeros,
+    where the tables' padding points), q, and the metadata."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    blocks = 64
+    kc = torch.full((blocks, block, kv_heads, head_dim), float("nan"), dtype=dtype)
+    vc = torch.full((blocks, block, kv_heads, v_dim), float("nan"), dtype=dtype)
+    free = list(range(blocks - 1))
+    rng.shuffle(free)
+    width = max(-(-c // block) for c in ctxs) + 1
+    kc[blocks - 1], vc[blocks - 1] = 0, 0
+    tables = torch.full((len(ctxs), width), blocks - 1, dtype=torch.int32)
+    for s, ctx in enumerate(ctxs):
+        for b in range(-(-ctx // block)):
+            tables[s, b] = blk = free.pop()
+            n = min(block, ctx - b * block)
+            kc[blk, :n] = torch.randn(n, kv_heads, head_dim, generator=g).to(dtype)
+            vc[blk, :n] = torch.randn(n, kv_heads, v_dim, generator=g).to(dtype)
+    T = sum(query_lens)
+    q = torch.randn(T, num_heads, head_dim, generator=g).to(dtype)
+    qsl = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
+    meta = AttentionMetadata(qsl, torch.tensor(ctxs, dtype=torch.int32), tables, torch.zeros(T, dtype=torch.long),
+                             list(query_lens), list(ctxs), max(query_lens), max(ctxs), blocks - 1)
+    return q, kc, vc, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 3, 7])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_paged_attention_matches_the_reference(dtype, window, sinks):
+    for query_lens, ctxs, heads in [([1, 1, 1], [5, 9, 1], (4, 2, 16, 16)), ([1, 3, 1, 4], [6, 3, 13, 10], (4, 2, 16, 16)),
+                                    ([2], [2], (8, 1, 16, 8))]:
+        N, K, H, Hv = heads
+        q, kc, vc, meta = attention_case(dtype, query_lens, ctxs, N, K, H, Hv)
+        sinks_N = torch.randn(N) if sinks else None
+        got = cn.native_paged_attention(q, kc, vc, meta, 0.3, sinks_N=sinks_N, sliding_window=window)
+        assert not got.isnan().any()  # only the sequences' own keys are read
+        close(got, reference_paged_attention(q, kc, vc, meta, 0.3, sinks_N=sinks_N, sliding_window=window), dtype)
+
+
+def test_attention_rows_are_their_own_and_long_steps_run_the_reference():
+    q, kc, vc, meta = attention_case(torch.float32, [1, 1, 1], [7, 12, 3])
+    alone = cn.native_paged_attention(q[1:2], kc, vc, meta.select(1, 2), 0.5)
+    assert torch.equal(alone[0], cn.native_paged_attention(q, kc, vc, meta, 0.5)[1])
+    q, kc, vc, meta = attention_case(torch.float32, [cn.NATIVE_ATTENTION_MAX_QUERY + 1], [20])
+    got = cn.native_paged_attention(q, kc, vc, meta, 0.5)
+    assert torch.equal(got, reference_paged_attention(q, kc, vc, meta, 0.5))
+    with pytest.raises(ValueError, match="sinks_N"):
+        cn.native_paged_attention(q, kc, vc, meta, 0.5, sinks_N=torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("rotary_dims", [16, 8])
+def test_rope_write_kv_is_the_reference_bit_for_bit(dtype, normed, rotary_dims):
+    g = torch.Generator().manual_seed(rotary_dims)
+    T, N, K, H = 5, 4, 2, 16
+    qkv = torch.randn(T, (N + 2 * K) * H, generator=g).to(dtype)  # q, k, v: strided views of one projection
+    q, k, v = qkv[:, :N * H].view(T, N, H), qkv[:, N * H:(N + K) * H].view(T, K, H), qkv[:, (N + K) * H:].view(T, K, H)
+    positions = torch.tensor([3, 0, 7, 2, 9])
+    table = rotary_cos_sin_cache(rotary_dims, 16, 10000.0)
+    slots = torch.tensor([5, -1, 0, 17, 2])  # -1: a padding token, written nowhere
+    qn, kn = (torch.randn(H, generator=g).to(dtype) if normed else None for _ in range(2))
+    caches = [[torch.zeros(8, 4, K, H, dtype=dtype) for _ in range(2)] for _ in range(2)]
+    got = cn.native_rope_write_kv(q, k, v, positions, table, *caches[0], slots, qn, kn, 1e-6)
+    want = reference_rope_write_kv(q, k, v, positions, table, *caches[1], slots, qn, kn, 1e-6)
+    assert torch.equal(got, want) and got.is_contiguous()
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A build cache of its own and no library loaded yet in this process."""
+    monkeypatch.setenv("MOELINK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "_loaded", {})
+    return tmp_path
+
+
+def test_the_library_is_built_once_per_key_into_its_cache(fresh_build, monkeypatch):
+    assert build.library() is not None
+    first = sorted((fresh_build / "cpu_native").glob("cpu_ops-*.so"))
+    assert len(first) == 1
+    monkeypatch.setattr(build, "_loaded", {})
+    assert build.library() is not None  # loaded from the cache
+    assert sorted((fresh_build / "cpu_native").glob("cpu_ops-*.so")) == first
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # torch held at AVX2: a build for AVX2 beside it
+    assert build.isa_flags() == ("-mavx2", "-mfma")
+    assert build.library() is not None
+    assert len(list((fresh_build / "cpu_native").glob("cpu_ops-*.so"))) == 2
+    assert not list((fresh_build / "cpu_native").glob(".build-*"))  # no temporary file left
+
+
+def test_without_a_compiler_the_references_run(fresh_build, monkeypatch, caplog):
+    from moelink.kernels.ops import select_kernels
+
+    monkeypatch.setenv("CC", "moelink-no-such-compiler")
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        assert build.library() is None
+    assert "no C compiler 'moelink-no-such-compiler'" in caplog.text
+    assert select_kernels(torch.device("cpu")).name == "reference"
+    x, w = torch.randn(2, 8), torch.randn(8)
+    assert torch.equal(cn.native_rms_norm(x, w, 1e-6), reference_rms_norm(x, w, 1e-6))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        assert build.library() is None
+    assert "native CPU kernels unavailable" in caplog.text
+
+
+def test_switched_off_nothing_is_built(fresh_build, monkeypatch):
+    monkeypatch.setenv("MOELINK_CPU_NATIVE", "0")
+    assert build.library() is None
+    assert not (fresh_build / "cpu_native").exists()
+
+
+def test_an_engine_on_the_native_kernels_decodes_as_on_the_references():
+    """The built-in model served in float32 by each CPU backend: the same greedy tokens, batched and alone (the
+    native kernels' rows are their own), chunked prefill included."""
+    from pathlib import Path
+
+    from moelink.engine import LLM, SamplingParams
+
+    model = Path(__file__).resolve().parents[2] / "builtin-model"
+    prompts = [{"prompt_token_ids": list(range(5 + 7 * i, 30 + 9 * i))} for i in range(3)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for kernels in ("cpu_native", "reference"):
+        llm = LLM(str(model), dtype="float32", kernels=kernels, max_num_seqs=4, max_num_batched_tokens=16,
+                  num_kv_blocks=32)
+        try:
+            assert llm.engine.executor.worker.runner.kernels.name == kernels
+            batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        finally:
+            llm.engine.shutdown()
+        assert [list(t) for t in batched] == [list(t) for t in alone]
+        outs[kernels] = [list(t) for t in batched]
+    assert outs["cpu_native"] == outs["reference"]
