@@ -18,6 +18,8 @@ a row's result is the same in any batch.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .attention import AttentionMetadata, _check_extras, reference_paged_attention
@@ -42,16 +44,22 @@ _ACTIVATION_KIND = {"silu": 0, "swiglu_oai": 1, "silu_clamp": 2}
 
 def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """A CPU tensor of `dtype` laid out densely (a ctypes pointer walks it row by row)."""
-    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+    return t.dtype == dtype and t.is_cpu and t.is_contiguous() and not t.requires_grad
+
+
+def _library(lib: ctypes.CDLL | None) -> ctypes.CDLL | None:
+    """The library a backend bound (kernels/ops.NativeCpuKernels: resolved once, not per call), else this process's."""
+    return lib if lib is not None else library()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def native_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
+def native_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, *,
+                    lib: ctypes.CDLL | None = None) -> torch.Tensor:
     dtype = x_TD.dtype
-    lib = library() if dtype in _FLOATS else None
+    lib = _library(lib) if dtype in _FLOATS else None
     D = x_TD.shape[-1]
     if (lib is None or not _plain(x_TD, dtype) or not _plain(weight_D, dtype) or weight_D.numel() != D
             or x_TD.numel() > NATIVE_MAX_ELEMENTS or x_TD.numel() == 0):
@@ -66,9 +74,9 @@ def native_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> t
 
 
 def native_add_rms_norm(x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        eps: float, *, lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = x_TD.dtype
-    lib = library() if dtype in _FLOATS else None
+    lib = _library(lib) if dtype in _FLOATS else None
     D = x_TD.shape[-1]
     if (lib is None or not _plain(x_TD, dtype) or not _plain(residual_TD, dtype) or residual_TD.shape != x_TD.shape
             or not _plain(weight_D, dtype) or weight_D.numel() != D or x_TD.numel() > NATIVE_MAX_ELEMENTS
@@ -89,10 +97,11 @@ def native_add_rms_norm(x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D:
 def native_route_topk(logits_TG: torch.Tensor, top_k: int, method: str = "greedy", renormalize: bool = False,
                       scale: float = 1.0, n_group: int = 1, topk_group: int = 1, bias_G: torch.Tensor | None = None,
                       valid_T: torch.Tensor | None = None,
-                      counts_G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      counts_G: torch.Tensor | None = None, *,
+                      lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_method(method, bias_G)
     dtype = logits_TG.dtype
-    lib = library() if method == "greedy" and dtype in _FLOATS else None
+    lib = _library(lib) if method == "greedy" and dtype in _FLOATS else None
     if (lib is None or logits_TG.dim() != 2 or not _plain(logits_TG, dtype) or not 0 < top_k <= logits_TG.shape[1]
             or (valid_T is not None and not _plain(valid_T, torch.bool))
             or (counts_G is not None and (not _plain(counts_G, torch.int64) or counts_G.numel() < logits_TG.shape[1]))
@@ -112,14 +121,14 @@ def native_route_topk(logits_TG: torch.Tensor, top_k: int, method: str = "greedy
 def native_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor, topk_weights_TK: torch.Tensor,
                      topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None, *,
                      b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
-                     activation: MoEActivation = SILU) -> torch.Tensor:
+                     activation: MoEActivation = SILU, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     dtype = x_TD.dtype
-    lib = library() if dtype in _FLOATS else None
+    lib = _library(lib) if dtype in _FLOATS else None
     if (lib is None or x_TD.dim() != 2 or topk_ids_TK.numel() > NATIVE_MOE_MAX_PAIRS or activation.kind not in
-            _ACTIVATION_KIND or not all(_plain(t, dtype) for t in (x_TD, w13_EFD, w2_EDI))
-            or any(b is not None and not _plain(b, dtype) for b in (b13_EF, b2_ED))
+            _ACTIVATION_KIND or not _plain(x_TD, dtype) or not _plain(w13_EFD, dtype) or not _plain(w2_EDI, dtype)
+            or (b13_EF is not None and not _plain(b13_EF, dtype)) or (b2_ED is not None and not _plain(b2_ED, dtype))
             or (expert_map_G is not None and not _plain(expert_map_G, torch.int32))
-            or topk_ids_TK.device.type != "cpu" or topk_weights_TK.device.type != "cpu"):
+            or not topk_ids_TK.is_cpu or not topk_weights_TK.is_cpu):
         return reference_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, b13_EF=b13_EF,
                                    b2_ED=b2_ED, activation=activation)
     T, D = x_TD.shape
@@ -145,18 +154,18 @@ def native_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Te
 def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
                            meta: AttentionMetadata, scale: float, *, sinks_N: torch.Tensor | None = None,
                            sliding_window: int | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           v_scale: float = 1.0, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     _check_extras(q_TNH, sinks_N, sliding_window)
     dtype = q_TNH.dtype
-    lib = library() if dtype in _FLOATS else None
+    lib = _library(lib) if dtype in _FLOATS else None
     T, N, H = q_TNH.shape
     Hv = v_cache_BLKH.shape[-1]
-    if (lib is None or q_TNH.device.type != "cpu" or q_TNH.stride(2) != 1 or k_scale != 1.0 or v_scale != 1.0
+    if (lib is None or not q_TNH.is_cpu or q_TNH.stride(2) != 1 or k_scale != 1.0 or v_scale != 1.0
             or not _plain(k_cache_BLKH, dtype) or not _plain(v_cache_BLKH, dtype)
             or meta.max_query_len > NATIVE_ATTENTION_MAX_QUERY
             or T * meta.max_seq_len * N * (H + Hv) > NATIVE_ATTENTION_MAX_WORK
             or not _plain(meta.seq_lens_S, torch.int32) or not _plain(meta.query_start_loc_S1, torch.int32)
-            or meta.block_tables_SM.dtype != torch.int32 or meta.block_tables_SM.device.type != "cpu"
+            or meta.block_tables_SM.dtype != torch.int32 or not meta.block_tables_SM.is_cpu
             or meta.block_tables_SM.stride(-1) != 1 or T == 0):
         return reference_paged_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N=sinks_N,
                                          sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
@@ -164,31 +173,34 @@ def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_ca
     sinks = None if sinks_N is None else sinks_N.to(torch.float32).contiguous()
     out_TNH = q_TNH.new_empty(T, N, Hv)
     tables = meta.block_tables_SM
-    if lib.ml_paged_attention(q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_cache_BLKH.data_ptr(),
-                              v_cache_BLKH.data_ptr(), tables.data_ptr(), tables.stride(0), meta.seq_lens_S.data_ptr(),
-                              meta.query_start_loc_S1.data_ptr(), out_TNH.data_ptr(), _ptr(sinks),
-                              meta.seq_lens_S.numel(), N, K, H, Hv, L, sliding_window or 0, scale,
-                              int(dtype == torch.bfloat16)):
+    code = lib.ml_paged_attention(q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_cache_BLKH.data_ptr(),
+                                  v_cache_BLKH.data_ptr(), tables.data_ptr(), tables.stride(0), tables.shape[1],
+                                  k_cache_BLKH.shape[0], meta.seq_lens_S.data_ptr(), meta.query_start_loc_S1.data_ptr(),
+                                  out_TNH.data_ptr(), _ptr(sinks), meta.seq_lens_S.numel(), T, N, K, H, Hv, L,
+                                  sliding_window or 0, scale, int(dtype == torch.bfloat16))
+    if code == -2:
+        raise IndexError("paged_attention: a sequence's length, its tokens or a block of its table is out of range")
+    if code:
         raise MemoryError("native paged_attention: no memory for its score buffer")
     return out_TNH
 
 
 def _rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """A CPU [T, heads, width] view of `dtype` whose rows are dense (the q, k, v views of a qkv projection)."""
-    return t.dtype == dtype and t.device.type == "cpu" and t.dim() == 3 and t.stride(2) == 1 and not t.requires_grad
+    return t.dtype == dtype and t.is_cpu and t.dim() == 3 and t.stride(2) == 1 and not t.requires_grad
 
 
 def native_rope_write_kv(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, positions_T: torch.Tensor,
                          cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
                          slot_mapping_T: torch.Tensor, q_norm_H: torch.Tensor | None = None,
                          k_norm_H: torch.Tensor | None = None, eps: float = 1e-6, k_scale: float = 1.0,
-                         v_scale: float = 1.0) -> torch.Tensor:
+                         v_scale: float = 1.0, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     dtype = q_TNH.dtype
-    lib = library() if dtype in _FLOATS else None
+    lib = _library(lib) if dtype in _FLOATS else None
     if (lib is None or (q_norm_H is None) != (k_norm_H is None) or k_scale != 1.0 or v_scale != 1.0
-            or not all(_rows(t, dtype) for t in (q_TNH, k_TKH, v_TKH))
+            or not _rows(q_TNH, dtype) or not _rows(k_TKH, dtype) or not _rows(v_TKH, dtype)
             or not _plain(k_cache_BLKH, dtype) or not _plain(v_cache_BLKH, dtype)
-            or any(w is not None and not _plain(w, dtype) for w in (q_norm_H, k_norm_H))
+            or (q_norm_H is not None and not (_plain(q_norm_H, dtype) and _plain(k_norm_H, dtype)))
             or not _plain(cos_sin_PR, torch.float32) or cos_sin_PR.dim() != 2
             or cos_sin_PR.shape[-1] % 2 or cos_sin_PR.shape[-1] > q_TNH.shape[-1]
             or not _plain(positions_T, torch.int64) or not _plain(slot_mapping_T, torch.int64)
@@ -198,12 +210,15 @@ def native_rope_write_kv(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.
     T, N, H = q_TNH.shape
     K, Hv = v_TKH.shape[1], v_TKH.shape[2]
     q_out = torch.empty((T, N, H), dtype=dtype)
-    if T and lib.ml_rope_write_kv(q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_TKH.data_ptr(),
-                                  k_TKH.stride(0), k_TKH.stride(1), v_TKH.data_ptr(), v_TKH.stride(0), v_TKH.stride(1),
-                                  positions_T.data_ptr(), cos_sin_PR.data_ptr(), cos_sin_PR.shape[-1],
-                                  k_cache_BLKH.data_ptr(), v_cache_BLKH.data_ptr(), slot_mapping_T.data_ptr(),
-                                  _ptr(q_norm_H), _ptr(k_norm_H), eps, q_out.data_ptr(), T, N, K, H, Hv,
-                                  int(dtype == torch.bfloat16)):
+    code = 0 if T == 0 else lib.ml_rope_write_kv(
+        q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_TKH.data_ptr(), k_TKH.stride(0), k_TKH.stride(1),
+        v_TKH.data_ptr(), v_TKH.stride(0), v_TKH.stride(1), positions_T.data_ptr(), cos_sin_PR.data_ptr(),
+        cos_sin_PR.shape[-1], cos_sin_PR.shape[0], k_cache_BLKH.data_ptr(), v_cache_BLKH.data_ptr(),
+        slot_mapping_T.data_ptr(), k_cache_BLKH.shape[0] * k_cache_BLKH.shape[1], _ptr(q_norm_H), _ptr(k_norm_H), eps,
+        q_out.data_ptr(), T, N, K, H, Hv, int(dtype == torch.bfloat16))
+    if code == -2:
+        raise IndexError("rope_write_kv: a position is outside the rotary table or a slot outside the cache")
+    if code:
         raise MemoryError("native rope_write_kv: no memory for its row buffer")
     return q_out
 

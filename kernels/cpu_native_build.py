@@ -32,7 +32,7 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.c"
-ABI_VERSION = 1  # ml_abi_version() of the source this module's signatures describe
+ABI_VERSION = 2  # ml_abi_version() of the source this module's signatures describe
 BUILD_TIMEOUT_S = 120.0
 # No -ffast-math: cpu_ops.c's sums keep their order (the same result in any batch) and NaN propagates.
 # No contraction into FMAs either: the elementwise ops round as torch's do.
@@ -54,10 +54,10 @@ SIGNATURES: dict[str, tuple] = {
     "ml_route_greedy": (_INT, [_P, _INT, _P, _P, _I64, _I64, _I64, _INT, _F, _P, _P]),
     "ml_moe_small": (_INT, [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _F,
                             _F]),
-    "ml_rope_write_kv": (_INT, [_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _F,
-                                _P, _I64, _I64, _I64, _I64, _I64, _INT]),
-    "ml_paged_attention": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
-                                  _I64, _F, _INT]),
+    "ml_rope_write_kv": (_INT, [_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64,
+                                _P, _P, _F, _P, _I64, _I64, _I64, _I64, _I64, _INT]),
+    "ml_paged_attention": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
+                                  _I64, _I64, _I64, _I64, _F, _INT]),
 }
 
 

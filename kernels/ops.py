@@ -84,9 +84,14 @@ class NativeCpuKernels(ReferenceKernels):
     name = "cpu_native"
 
     def _implementations(self) -> dict[str, Any]:
-        from .cpu_native import NATIVE_OPS
+        import functools
 
-        return {**super()._implementations(), **NATIVE_OPS}
+        from .cpu_native import NATIVE_OPS
+        from .cpu_native_build import library
+
+        # The library resolved once for the backend (each call would otherwise read the environment's switches).
+        lib = library()
+        return {**super()._implementations(), **{op: functools.partial(fn, lib=lib) for op, fn in NATIVE_OPS.items()}}
 
 
 class TritonKernels(_Backend):

@@ -258,14 +258,22 @@ int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13
  * block_tables [num_seqs, m_stride] (int32). q [T, n_heads, hd] with strides (q_st, q_sn) in elements; out [T, n_heads,
  * hdv] contiguous. sinks (float32 [n_heads] or NULL): each head's sink logit joins the softmax's max and denominator.
  * Scores, softmax and the value sums in float32; bfloat16 (is_bf16) inputs widened, the output rounded once.
- * Returns 0, or -1 when out of memory (nothing written past the rows done). */
+ * num_blocks: the caches' blocks; m_width: the tables' columns; t_rows: q's tokens. Returns 0; -1 when out of memory; -2 when a sequence's
+ * length or a block it reads is out of range (checked first: nothing is written). */
 int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc, const void *vc,
-                       const int32_t *block_tables, int64_t m_stride, const int32_t *seq_lens, const int32_t *qsl,
-                       void *out, const float *sinks, int64_t num_seqs, int64_t n_heads, int64_t kv_heads, int64_t hd,
-                       int64_t hdv, int64_t block_size, int64_t window, float scale, int is_bf16) {
+                       const int32_t *block_tables, int64_t m_stride, int64_t m_width, int64_t num_blocks,
+                       const int32_t *seq_lens, const int32_t *qsl, void *out, const float *sinks, int64_t num_seqs,
+                       int64_t t_rows, int64_t n_heads, int64_t kv_heads, int64_t hd, int64_t hdv, int64_t block_size, int64_t window,
+                       float scale, int is_bf16) {
     int64_t rep = n_heads / kv_heads;
     int64_t max_ctx = 0;
-    for (int64_t s = 0; s < num_seqs; s++) max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        int64_t ctx = seq_lens[s], used = (ctx + block_size - 1) / block_size;
+        if (ctx < 0 || used > m_width || qsl[s] < 0 || qsl[s + 1] < qsl[s] || qsl[s + 1] > t_rows) return -2;
+        for (int64_t b = 0; b < used; b++)
+            if (block_tables[s * m_stride + b] < 0 || block_tables[s * m_stride + b] >= num_blocks) return -2;
+        max_ctx = ctx > max_ctx ? ctx : max_ctx;
+    }
     float *buf = malloc(sizeof(float) * (size_t)(max_ctx + hd + hdv + 1));
     if (!buf) return -1;
     float *qf = buf, *acc = buf + hd, *scores = buf + hd + hdv;
@@ -367,12 +375,16 @@ static inline void store_row(void *dst, int64_t at, const float *src, int64_t n,
 /* q [T, N, hd], k [T, K, hd], v [T, K, hdv] with strides (token, head) in elements, the last dim dense; positions
  * int64 [T]; cos_sin float32 [P, r] (cos in the first r/2 columns); caches [blocks, block_size, K, hd / hdv]
  * addressed by slots int64 [T] (slot < 0: written nowhere); q_norm / k_norm (NULL: no norm) [hd]. Writes the normed,
- * roped k and v into the caches and the normed, roped q into q_out [T, N, hd] (dense). Returns 0 or -1 (no memory). */
+ * roped k and v into the caches and the normed, roped q into q_out [T, N, hd] (dense). num_positions: the table's
+ * rows; num_slots: the caches' slots. Returns 0; -1 when out of memory; -2 when a position or a slot is out of range
+ * (checked first: nothing is written). */
 int ml_rope_write_kv(const void *q, int64_t q_st, int64_t q_sn, const void *k, int64_t k_st, int64_t k_sk,
                      const void *v, int64_t v_st, int64_t v_sk, const int64_t *positions, const float *cos_sin,
-                     int64_t r, void *kc, void *vc, const int64_t *slots, const void *q_norm, const void *k_norm,
-                     float eps, void *q_out, int64_t t_rows, int64_t n_heads, int64_t kv_heads, int64_t hd,
-                     int64_t hdv, int is_bf16) {
+                     int64_t r, int64_t num_positions, void *kc, void *vc, const int64_t *slots, int64_t num_slots,
+                     const void *q_norm, const void *k_norm, float eps, void *q_out, int64_t t_rows, int64_t n_heads,
+                     int64_t kv_heads, int64_t hd, int64_t hdv, int is_bf16) {
+    for (int64_t t = 0; t < t_rows; t++)
+        if (positions[t] < 0 || positions[t] >= num_positions || slots[t] >= num_slots) return -2;
     float *x = malloc(sizeof(float) * (size_t)(hd > hdv ? hd : hdv));
     if (!x) return -1;
     for (int64_t t = 0; t < t_rows; t++) {
@@ -397,4 +409,4 @@ int ml_rope_write_kv(const void *q, int64_t q_st, int64_t q_sn, const void *k, i
 }
 
 /* The ABI this file offers; cpu_native_build.py refuses a library that reports another. */
-int64_t ml_abi_version(void) { return 1; }
+int64_t ml_abi_version(void) { return 2; }

@@ -251,3 +251,20 @@ def test_an_engine_on_the_native_kernels_decodes_as_on_the_references():
         assert [list(t) for t in batched] == [list(t) for t in alone]
         outs[kernels] = [list(t) for t in batched]
     assert outs["cpu_native"] == outs["reference"]
+
+
+def test_out_of_range_inputs_raise_before_anything_is_written():
+    """A position past the rotary table, a slot past the cache, a block past the cache: an IndexError (as the
+    references' index ops raise), never a read or write outside the tensors."""
+    T, N, K, H = 2, 2, 1, 8
+    q, k, v = torch.randn(T, N, H), torch.randn(T, K, H), torch.randn(T, K, H)
+    table = rotary_cos_sin_cache(H, 4, 10000.0)
+    kc, vc = torch.zeros(2, 2, K, H), torch.zeros(2, 2, K, H)
+    for positions, slots in [([0, 4], [0, 1]), ([0, 1], [0, 4])]:
+        with pytest.raises(IndexError, match="rope_write_kv"):
+            cn.native_rope_write_kv(q, k, v, torch.tensor(positions), table, kc, vc, torch.tensor(slots))
+        assert not kc.any() and not vc.any()
+    q, kc, vc, meta = attention_case(torch.float32, [1, 1], [5, 3])
+    meta.block_tables_SM[1, 0] = kc.shape[0]
+    with pytest.raises(IndexError, match="paged_attention"):
+        cn.native_paged_attention(q, kc, vc, meta, 0.5)
