@@ -250,6 +250,57 @@ int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13
     return 0;
 }
 
+static inline void load_row(float *dst, const void *src, int64_t at, int64_t n, int is_bf16) {
+    for (int64_t d = 0; d < n; d++)
+        dst[d] = is_bf16 ? bf16_to_f32(((const bf16_t *)src)[at + d]) : ((const float *)src)[at + d];
+}
+
+static inline void store_row(void *dst, int64_t at, const float *src, int64_t n, int is_bf16) {
+    for (int64_t d = 0; d < n; d++) {
+        if (is_bf16)
+            ((bf16_t *)dst)[at + d] = f32_to_bf16(src[d]);
+        else
+            ((float *)dst)[at + d] = src[d];
+    }
+}
+
+/* e^x for x <= 0 (a softmax's scores less their max) in float32 without a libm call or a branch, so a loop of them
+ * vectorises: x = n ln2 + r (Cody-Waite), |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (truncation < 1e-8
+ * relative), times 2^n built in the exponent bits. Within a few ulps of expf; x below -87.3 counts as -87.3 (e^x <
+ * 1.2e-38, the smallest normal float: nothing a softmax sum can see); NaN stays NaN. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    float n = rintf(x * 1.44269504088896341f);
+    float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+    float p = 1.f / 5040.f;
+    p = p * r + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    float shifted = n + 12582912.f; /* 1.5 * 2^23: n (|n| <= 127) sits in the mantissa's low bits */
+    uint32_t nbits, magic = 0x4b400000u, sbits;
+    memcpy(&nbits, &shifted, 4);
+    sbits = (nbits - magic + 127u) << 23;
+    float scale;
+    memcpy(&scale, &sbits, 4);
+    return p * scale;
+}
+
+/* sc[j] = e^(sc[j] - m) for n values (each <= m, or NaN); returns their sum, in order. */
+static float exp_shift_sum(float *restrict sc, int64_t n, float m) {
+    for (int64_t j = 0; j < n; j++) sc[j] = exp_nonpositive(sc[j] - m);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; j++) sum += sc[j];
+    return sum;
+}
+
+static void axpy(float *restrict a, float w, const float *restrict v, int64_t n) {
+    for (int64_t e = 0; e < n; e++) a[e] += w * v[e];
+}
+
 /* ---- paged attention ------------------------------------------------------------------------------------------ */
 
 /* Causal attention of each query token to its sequence's cached keys: token t = qsl[s] + i of sequence s sits at
@@ -263,8 +314,8 @@ int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13
 int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc, const void *vc,
                        const int32_t *block_tables, int64_t m_stride, int64_t m_width, int64_t num_blocks,
                        const int32_t *seq_lens, const int32_t *qsl, void *out, const float *sinks, int64_t num_seqs,
-                       int64_t t_rows, int64_t n_heads, int64_t kv_heads, int64_t hd, int64_t hdv, int64_t block_size, int64_t window,
-                       float scale, int is_bf16) {
+                       int64_t t_rows, int64_t n_heads, int64_t kv_heads, int64_t hd, int64_t hdv, int64_t block_size,
+                       int64_t window, float scale, int is_bf16) {
     int64_t rep = n_heads / kv_heads;
     int64_t max_ctx = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
@@ -274,51 +325,65 @@ int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc
             if (block_tables[s * m_stride + b] < 0 || block_tables[s * m_stride + b] >= num_blocks) return -2;
         max_ctx = ctx > max_ctx ? ctx : max_ctx;
     }
-    float *buf = malloc(sizeof(float) * (size_t)(max_ctx + hd + hdv + 1));
+    /* Per (token, kv head): its rep query heads together, so each key and value row is read once for all of them. */
+    float *buf = malloc(sizeof(float) * (size_t)(rep * (max_ctx + hd + hdv) + hd + hdv));
     if (!buf) return -1;
-    float *qf = buf, *acc = buf + hd, *scores = buf + hd + hdv;
+    float *qf = buf, *acc = qf + rep * hd, *scores = acc + rep * hdv, *kf = scores + rep * max_ctx, *vf = kf + hd;
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t q0 = qsl[s], qlen = qsl[s + 1] - qsl[s], ctx = seq_lens[s];
         const int32_t *table = block_tables + s * m_stride;
         for (int64_t i = 0; i < qlen; i++) {
             int64_t t = q0 + i, p = ctx - qlen + i;
-            int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-            for (int64_t n = 0; n < n_heads; n++) {
-                int64_t kvh = n / rep;
-                for (int64_t d = 0; d < hd; d++) {
-                    int64_t at = t * q_st + n * q_sn + d;
-                    qf[d] = is_bf16 ? bf16_to_f32(((const bf16_t *)q)[at]) : ((const float *)q)[at];
-                }
-                float mx = sinks ? sinks[n] : -INFINITY;
-                for (int64_t j = lo; j <= p; j++) {
-                    int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
-                    float sc = is_bf16 ? dot_f32_bf16(qf, (const bf16_t *)kc + row * hd, hd)
-                                       : dot_f32(qf, (const float *)kc + row * hd, hd);
-                    sc *= scale;
-                    scores[j - lo] = sc;
-                    if (sc > mx || sc != sc) mx = sc != sc ? sc : (mx != mx ? mx : sc);
-                }
-                float denom = sinks ? expf(sinks[n] - mx) : 0.f;
-                for (int64_t d = 0; d < hdv; d++) acc[d] = 0.f;
-                for (int64_t j = lo; j <= p; j++) {
-                    float e = expf(scores[j - lo] - mx);
-                    denom += e;
-                    int64_t row = ((int64_t)table[j / block_size] * block_size + j % block_size) * kv_heads + kvh;
-                    if (is_bf16) {
-                        const bf16_t *v = (const bf16_t *)vc + row * hdv;
-                        for (int64_t d = 0; d < hdv; d++) acc[d] += e * bf16_to_f32(v[d]);
-                    } else {
-                        const float *v = (const float *)vc + row * hdv;
-                        for (int64_t d = 0; d < hdv; d++) acc[d] += e * v[d];
+            int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n_keys = p >= lo ? p - lo + 1 : 0;
+            for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+                for (int64_t r = 0; r < rep; r++) load_row(qf + r * hd, q, t * q_st + (kvh * rep + r) * q_sn, hd, is_bf16);
+                /* Key rows walked block by block: no division per key. */
+                int64_t blk = lo / block_size, off = lo % block_size;
+                for (int64_t j = 0; j < n_keys; j++, off++) {
+                    if (off == block_size) {
+                        off = 0;
+                        blk++;
                     }
+                    int64_t row = ((int64_t)table[blk] * block_size + off) * kv_heads + kvh;
+                    const float *k;
+                    if (is_bf16) {
+                        load_row(kf, kc, row * hd, hd, 1);
+                        k = kf;
+                    } else {
+                        k = (const float *)kc + row * hd;
+                    }
+                    for (int64_t r = 0; r < rep; r++) scores[r * max_ctx + j] = dot_f32(qf + r * hd, k, hd) * scale;
                 }
-                float inv = p >= lo ? 1.0f / denom : 0.f;
-                for (int64_t d = 0; d < hdv; d++) {
-                    int64_t at = (t * n_heads + n) * hdv + d;
-                    if (is_bf16)
-                        ((bf16_t *)out)[at] = f32_to_bf16(acc[d] * inv);
-                    else
-                        ((float *)out)[at] = acc[d] * inv;
+                float denom[rep];
+                for (int64_t r = 0; r < rep; r++) {
+                    float *sc = scores + r * max_ctx, m = sinks ? sinks[kvh * rep + r] : -INFINITY;
+                    for (int64_t j = 0; j < n_keys; j++)
+                        if (sc[j] > m || sc[j] != sc[j]) m = sc[j] != sc[j] ? sc[j] : (m != m ? m : sc[j]);
+                    float d = sinks ? exp_nonpositive(sinks[kvh * rep + r] - m) : 0.f;
+                    denom[r] = d + exp_shift_sum(sc, n_keys, m);
+                    for (int64_t e = 0; e < hdv; e++) acc[r * hdv + e] = 0.f;
+                }
+                blk = lo / block_size;
+                off = lo % block_size;
+                for (int64_t j = 0; j < n_keys; j++, off++) {
+                    if (off == block_size) {
+                        off = 0;
+                        blk++;
+                    }
+                    int64_t row = ((int64_t)table[blk] * block_size + off) * kv_heads + kvh;
+                    const float *v;
+                    if (is_bf16) {
+                        load_row(vf, vc, row * hdv, hdv, 1);
+                        v = vf;
+                    } else {
+                        v = (const float *)vc + row * hdv;
+                    }
+                    for (int64_t r = 0; r < rep; r++) axpy(acc + r * hdv, scores[r * max_ctx + j], v, hdv);
+                }
+                for (int64_t r = 0; r < rep; r++) {
+                    float inv = n_keys ? 1.0f / denom[r] : 0.f;
+                    for (int64_t e = 0; e < hdv; e++) acc[r * hdv + e] *= inv;
+                    store_row(out, (t * n_heads + kvh * rep + r) * hdv, acc + r * hdv, hdv, is_bf16);
                 }
             }
         }
@@ -355,20 +420,6 @@ static void norm_rope_row(float *x, int64_t hd, const void *w, float eps, const 
             x[i] = x1 * c + (-x2) * s;
             x[half + i] = x2 * c + x1 * s;
         }
-    }
-}
-
-static inline void load_row(float *dst, const void *src, int64_t at, int64_t n, int is_bf16) {
-    for (int64_t d = 0; d < n; d++)
-        dst[d] = is_bf16 ? bf16_to_f32(((const bf16_t *)src)[at + d]) : ((const float *)src)[at + d];
-}
-
-static inline void store_row(void *dst, int64_t at, const float *src, int64_t n, int is_bf16) {
-    for (int64_t d = 0; d < n; d++) {
-        if (is_bf16)
-            ((bf16_t *)dst)[at + d] = f32_to_bf16(src[d]);
-        else
-            ((float *)dst)[at + d] = src[d];
     }
 }
 
