@@ -195,6 +195,10 @@ def reads_and_writes(model: str, secret, blocks: int) -> dict:
     probe = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
     with LLM(model, dtype="float32", num_kv_blocks=blocks, block_size=16, max_model_len=1024,
              skip_warmup=True) as ref:
+        # The victim first, as in the attacked engine: the later user's prompt then hits the same cached prefix and
+        # runs the same chunk, so an untouched cache gives its logprobs bit for bit (a cold prefill computes the
+        # same values through other kernels and can differ in the last bits).
+        ref.generate([victim], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
         want = ref.generate([later], probe, use_tqdm=False)[0].outputs[0]
     agent = NixlAgent(progress_thread=False)
     result = {"secret": secret is not None}
