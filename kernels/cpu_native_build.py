@@ -32,7 +32,7 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.c"
-ABI_VERSION = 2  # ml_abi_version() of the source this module's signatures describe
+ABI_VERSION = 3  # ml_abi_version() of the source this module's signatures describe
 BUILD_TIMEOUT_S = 120.0
 # No -ffast-math: cpu_ops.c's sums keep their order (the same result in any batch) and NaN propagates.
 # No contraction into FMAs either: the elementwise ops round as torch's do.
@@ -56,6 +56,8 @@ SIGNATURES: dict[str, tuple] = {
                             _F]),
     "ml_rope_write_kv": (_INT, [_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64,
                                 _P, _P, _F, _P, _I64, _I64, _I64, _I64, _I64, _INT]),
+    "ml_silu_mul": (None, [_P, _I64, _P, _I64, _P, _I64, _I64, _INT]),
+    "ml_argmax_rows": (None, [_P, _INT, _P, _I64, _I64]),
     "ml_paged_attention": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
                                   _I64, _I64, _I64, _I64, _F, _INT]),
 }

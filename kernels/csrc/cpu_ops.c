@@ -459,5 +459,93 @@ int ml_rope_write_kv(const void *q, int64_t q_st, int64_t q_sn, const void *k, i
     return 0;
 }
 
+/* ---- SiLU-mul and the greedy pick ------------------------------------------------------------------------------ */
+
+/* out [T, I] = silu(gate) * up, rounded as torch's two ops (silu rounded to bf16, then the product) under is_bf16;
+ * gate and up rows at strides g_st / u_st (elements), their last dim dense. */
+void ml_silu_mul(const void *gate, int64_t g_st, const void *up, int64_t u_st, void *out, int64_t rows, int64_t inter,
+                 int is_bf16) {
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t i = 0; i < inter; i++) {
+            if (is_bf16) {
+                float g = bf16_to_f32(((const bf16_t *)gate)[t * g_st + i]);
+                float u = bf16_to_f32(((const bf16_t *)up)[t * u_st + i]);
+                ((bf16_t *)out)[t * inter + i] = f32_to_bf16(round_bf16(silu(g)) * u);
+            } else {
+                float g = ((const float *)gate)[t * g_st + i];
+                ((float *)out)[t * inter + i] = silu(g) * ((const float *)up)[t * u_st + i];
+            }
+        }
+}
+
+/* ids [rows] = the index of each row's largest value, the first of equals; a NaN counts as the largest (the first
+ * NaN), as torch.argmax. float32 or bfloat16 rows of v values, dense. One pass over 16 independent lanes (lane j sees
+ * values j, j + 16, ...; each keeps its largest and the first index holding it), which the compiler vectorises, then
+ * the lanes merged: the largest, the lowest index among equals. */
+#define ARGMAX_LANES 16
+static int64_t argmax_f32(const float *row, int64_t v) {
+    float m[ARGMAX_LANES];
+    int64_t at[ARGMAX_LANES];
+    int32_t nan[ARGMAX_LANES];
+    for (int j = 0; j < ARGMAX_LANES; j++) {
+        m[j] = -INFINITY;
+        at[j] = -1;
+        nan[j] = 0;
+    }
+    int64_t i = 0;
+    for (; i + ARGMAX_LANES <= v; i += ARGMAX_LANES)
+        for (int j = 0; j < ARGMAX_LANES; j++) {
+            float f = row[i + j];
+            int take = f > m[j] || (at[j] < 0 && f == m[j]);
+            m[j] = take ? f : m[j];
+            at[j] = take ? i + j : at[j];
+            nan[j] |= f != f;
+        }
+    int any_nan = 0;
+    for (int j = 0; j < ARGMAX_LANES; j++) any_nan |= nan[j];
+    for (int64_t k = i; k < v; k++) any_nan |= row[k] != row[k];
+    if (any_nan) {
+        for (int64_t k = 0; k < v; k++)
+            if (row[k] != row[k]) return k;
+    }
+    float best = -INFINITY;
+    int64_t best_at = -1;
+    for (int j = 0; j < ARGMAX_LANES; j++)
+        if (at[j] >= 0 && (m[j] > best || (m[j] == best && at[j] < best_at) || best_at < 0)) {
+            best = m[j];
+            best_at = at[j];
+        }
+    for (int64_t k = i; k < v; k++)
+        if (row[k] > best || best_at < 0) {
+            best = row[k];
+            best_at = k;
+        }
+    return best_at < 0 ? 0 : best_at;
+}
+
+void ml_argmax_rows(const void *x, int is_bf16, int64_t *ids, int64_t rows, int64_t v) {
+    float *tmp = NULL;
+    for (int64_t r = 0; r < rows; r++) {
+        if (!is_bf16) {
+            ids[r] = argmax_f32((const float *)x + r * v, v);
+            continue;
+        }
+        if (!tmp && !(tmp = malloc(sizeof(float) * (size_t)v))) { /* no memory: the scalar walk */
+            const bf16_t *row = (const bf16_t *)x + r * v;
+            int64_t best = 0;
+            for (int64_t k = 0; k < v; k++) {
+                float f = bf16_to_f32(row[k]), b = bf16_to_f32(row[best]);
+                if (f != f) { best = k; break; }
+                if (f > b) best = k;
+            }
+            ids[r] = best;
+            continue;
+        }
+        for (int64_t k = 0; k < v; k++) tmp[k] = bf16_to_f32(((const bf16_t *)x)[r * v + k]);
+        ids[r] = argmax_f32(tmp, v);
+    }
+    free(tmp);
+}
+
 /* The ABI this file offers; cpu_native_build.py refuses a library that reports another. */
-int64_t ml_abi_version(void) { return 2; }
+int64_t ml_abi_version(void) { return 3; }

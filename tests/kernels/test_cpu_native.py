@@ -268,3 +268,22 @@ def test_out_of_range_inputs_raise_before_anything_is_written():
     meta.block_tables_SM[1, 0] = kc.shape[0]
     with pytest.raises(IndexError, match="paged_attention"):
         cn.native_paged_attention(q, kc, vc, meta, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ids_and_silu_mul_match_torch(dtype):
+    g = torch.Generator().manual_seed(11)
+    for width in (1, 5, 17, 4096, 4099):
+        x = torch.randn(9, width, generator=g).to(dtype)
+        x[1, width // 2] = x[1].max() + 1
+        x[1, width - 1] = x[1, width // 2]  # equal maxima: the first
+        x[2, width - 1] = float("nan")  # a NaN is the largest (the first NaN)
+        x[3, 0] = float("nan")
+        x[4] = float("-inf")
+        x[5] = 3.0
+        assert torch.equal(cn.greedy_ids(x), x.argmax(dim=-1))
+    assert torch.equal(cn.greedy_ids(x.double()), x.double().argmax(dim=-1))  # float64: torch's
+    h = torch.randn(6, 48, generator=g).to(dtype)
+    gate, up = h.chunk(2, dim=-1)  # strided halves, as a gate_up projection's output
+    from moelink.kernels.silu_mul import reference_silu_mul
+    close(cn.native_silu_mul(gate, up), reference_silu_mul(gate, up), dtype)
