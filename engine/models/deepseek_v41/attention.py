@@ -149,6 +149,29 @@ class V41Attention(nn.Module):
         self.compressor = Compressor(cfg, hidden, dtype, device) if cfg.is_source else None
         self.indexer = Indexer(cfg, hidden, dtype, device) if cfg.index in ("keys", "reindex") else None
         self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
+        self._steps: dict | None = None  # a verify step's ring rows, kept for rollback.py (record_steps)
+
+    # -- a verify step's rings (rollback.py) -----------------------------------------------------------------------
+    def rings(self, ctx: ForwardContext) -> list[torch.Tensor]:
+        """The state tensors indexed by position mod their length: the window [P, W, H], at a source with m > 1 the
+        filling group's rows [P, m, 2 H] (the Engram look-back, the layer's last state, is not a ring)."""
+        state = ctx.kv_caches[self.layer_idx][self.num_paged:]
+        return list(state[:2] if self.compressor is not None and self.cfg.compress_rate > 1 else state[:1])
+
+    def record_steps(self, steps: dict | None) -> dict | None:
+        """From the next forward on, keep each step's ring rows in `steps` (None: keep nothing); returns what the
+        last forward kept."""
+        kept, self._steps = self._steps, steps
+        return kept
+
+    def step_rows(self, steps: dict | None) -> list[torch.Tensor]:
+        """What a forward kept, T-aligned, one per ring (`rings`' order): the window KV, the compressor rows."""
+        if not steps:
+            raise RuntimeError(f"V4.1 layer {self.layer_idx} kept no rows of the verify step it should roll back.")
+        out = [steps["kv"]]
+        if self.compressor is not None and self.cfg.compress_rate > 1:
+            out.append(torch.cat(steps["ring"]))
+        return out
 
     def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         cfg = self.cfg
@@ -157,6 +180,8 @@ class V41Attention(nn.Module):
         q_TNH = self.rope.rotate(F.linear(q_res_TQ, self.wq_b).view(T, N, H), positions_T)
         kv_TH = self.rope.rotate(self.kv_norm(F.linear(h_TD, self.wkv)), positions_T)
         kv_TH = fp8_block(kv_TH, 32)
+        if self._steps is not None:
+            self._steps["kv"], self._steps["ring"] = kv_TH, []
         out_TNH = torch.empty_like(q_TNH)
         attn, t0 = ctx.attn, 0
         if self.layer_idx == 0:
@@ -233,6 +258,8 @@ class V41Attention(nn.Module):
             ring_PmC = state[1]
             H = self.cfg.head_dim
             rows = torch.cat([F.linear(h_qD.float(), comp.wkv.float()), F.linear(h_qD.float(), comp.wgate.float())], -1)
+            if self._steps is not None:
+                self._steps["ring"].append(rows)
             base = (p0 // m) * m
             old = ring_PmC[slot][torch.arange(base, p0, device=dev) % m].float()
             allrows = torch.cat([old, rows])  # positions base..p1-1

@@ -36,6 +36,7 @@ from .attention import Norm, V41Attention
 from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
 from .engram import Engram, EngramHash
 from .reader import EngramLayout, compressed_token_map, published_format
+from .rollback import RingRollback
 from .rope import RopeTable
 from .weights import dequant_plan
 
@@ -69,7 +70,7 @@ def _attention(ctx: BuildContext, i: int, attn: SharedCompressedAttentionConfig)
     return V41Attention(attn, cfg.hidden_size, ropes, scratch, ctx.kernels, cfg.dtype, ctx.device, tp=ctx.tp)
 
 
-ATTENTION.add("shared_compressed", AttentionKind("attn", _attention))
+ATTENTION.add("shared_compressed", AttentionKind("attn", _attention, RingRollback))
 
 
 # -- residual: "lagged_hyper" ----------------------------------------------------------------------------------------
@@ -133,6 +134,10 @@ class LaggedHyperLayer(Layer):
         ffn_pre, post, comb = self.ffn_hc.mixes(x_TnD)
         y_TD = yield from ffn_stages(self.ffn, self.tp, self.ffn_norm(collapse(x_TnD, attn_pre)), input_ids_T)
         return expand(y_TD, x_TnD, post, comb), ffn_pre
+
+    def state_hook(self) -> Engram | None:
+        """The Engram look-back around a verify step (engram.py), where the layer has one."""
+        return self.engram
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
                     names: frozenset[str]) -> WeightPlan:
