@@ -173,13 +173,27 @@ class V41Attention(nn.Module):
             out.append(torch.cat(steps["ring"]))
         return out
 
-    def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        cfg = self.cfg
-        T, N, H = h_TD.shape[0], self.N, cfg.head_dim
+    def project(self, positions_T: torch.Tensor, h_TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The queries [T, N, H] (low-rank, roped), the tokens' window KV [T, H] (normed, roped, FP8 fake-quantized)
+        and the q latent [T, Q] (an index source's query input)."""
+        T, N, H = h_TD.shape[0], self.N, self.cfg.head_dim
         q_res_TQ = self.q_norm(F.linear(h_TD, self.wq_a))
         q_TNH = self.rope.rotate(F.linear(q_res_TQ, self.wq_b).view(T, N, H), positions_T)
-        kv_TH = self.rope.rotate(self.kv_norm(F.linear(h_TD, self.wkv)), positions_T)
-        kv_TH = fp8_block(kv_TH, 32)
+        kv_TH = fp8_block(self.rope.rotate(self.kv_norm(F.linear(h_TD, self.wkv)), positions_T), 32)
+        return q_TNH, kv_TH, q_res_TQ
+
+    def output(self, out_TNH: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs, their rope tail rotated back, through the grouped low-rank projection [T, D]."""
+        T, G = out_TNH.shape[0], self.G
+        out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
+        x_GTd = out_TNH.reshape(T, G, -1).transpose(0, 1)
+        o_TGO = torch.bmm(x_GTd, self.wo_a.view(G, -1, x_GTd.shape[-1]).transpose(1, 2)).transpose(0, 1)
+        y_TD = F.linear(o_TGO.reshape(T, -1), self.wo_b)
+        return self.tp.all_reduce(y_TD) if self.tp is not None else y_TD
+
+    def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        cfg = self.cfg
+        q_TNH, kv_TH, q_res_TQ = self.project(positions_T, h_TD)
         if self._steps is not None:
             self._steps["kv"], self._steps["ring"] = kv_TH, []
         out_TNH = torch.empty_like(q_TNH)
@@ -195,12 +209,7 @@ class V41Attention(nn.Module):
             sl = slice(t0, t0 + q_len)
             out_TNH[sl] = self._sequence(s, p1 - q_len, p1, q_TNH[sl], kv_TH[sl], h_TD[sl], q_res_TQ[sl], ctx, pages)
             t0 += q_len
-        out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
-        G = self.G
-        x_GTd = out_TNH.reshape(T, G, -1).transpose(0, 1)
-        o_TGO = torch.bmm(x_GTd, self.wo_a.view(G, -1, x_GTd.shape[-1]).transpose(1, 2)).transpose(0, 1)
-        y_TD = F.linear(o_TGO.reshape(T, -1), self.wo_b)
-        return self.tp.all_reduce(y_TD) if self.tp is not None else y_TD
+        return self.output(out_TNH, positions_T)
 
     def _sequence(self, s: int, p0: int, p1: int, q_qNH, kv_qH, h_qD, q_res_qQ, ctx: ForwardContext,
                   pages: tuple) -> torch.Tensor:

@@ -157,7 +157,7 @@ class LaggedHyperLayer(Layer):
 
 
 # -- ends: "hc_lagged", "hc_lagged_head" -----------------------------------------------------------------------------
-def _embedding(cfg: ModelConfig, x_TD: torch.Tensor):
+def embed_streams(cfg: ModelConfig, x_TD: torch.Tensor):
     """hc_mult copies of the embedding, and the first collapse's mix: stream 0 alone."""
     assert cfg.hyper_connections is not None
     n = cfg.hyper_connections.hc_mult
@@ -166,7 +166,7 @@ def _embedding(cfg: ModelConfig, x_TD: torch.Tensor):
     return x_TD.unsqueeze(1).expand(-1, n, -1).contiguous(), pre_Tn
 
 
-EMBEDDING.add("hc_lagged", _embedding)
+EMBEDDING.add("hc_lagged", embed_streams)
 
 
 @HEAD.register("hc_lagged_head")
@@ -205,4 +205,4 @@ def published_name(name: str) -> str:
 
 CHECKPOINT.add("v41", CheckpointKind(_plan, lambda cfg, model, updated=None: None))
 
-__all__ = ["LaggedHead", "LaggedHyperLayer", "collapse", "expand", "published_name"]
+__all__ = ["LaggedHead", "LaggedHyperLayer", "collapse", "embed_streams", "expand", "published_name"]
