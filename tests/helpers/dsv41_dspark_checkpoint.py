@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moelink.engine.config.dspark import read_bundled_dspark
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.deepseek_v41.dspark import V41DSparkStages
 from moelink.engine.models.deepseek_v41.tiny import write_tiny
-from moelink.kernels.ops import ReferenceKernels
+
+from tests.helpers.dspark_draws import agree as bigram, draw_stages
 
 _ZEROED = (".attn.wo_b.weight", ".w2.weight", ".engram.wkv.weight")
 
@@ -42,26 +42,11 @@ def save_dsv41_with_dspark(out: Path, *, stages: int = 2, taps: tuple[int, ...] 
         ts = {n: torch.zeros_like(t) if n.endswith(_ZEROED) else t for n, t in ts.items()}
         save_file(ts, str(main), metadata={"format": "pt"})
     cfg = ModelConfig.from_pretrained(str(path), dtype=str(dtype)[6:])
-    dspark = read_bundled_dspark(cfg.hf_config)
-    V, D = cfg.vocab_size, cfg.hidden_size
-    assert not agree or D == 32
-    meta = torch.device("meta")
-    plan = V41DSparkStages(cfg, dspark, ReferenceKernels(), meta, torch.empty(V, D, device=meta),
-                           torch.empty(V, D, device=meta)).weight_plan()
-    g = torch.Generator().manual_seed(seed + 11)
-    draft = {}
-    for name, entry in plan.items():
-        shape = tuple((entry.dest[entry.index] if entry.index else entry.dest).shape)
-        t = torch.randn(shape, generator=g, dtype=torch.float64)
-        flat = len(shape) == 1 and not name.endswith(("gate.bias", "attn_sink", "_base"))
-        draft[name] = (1 + 0.1 * t if flat else 0.2 * t).to(entry.dest.dtype)
+    assert not agree or cfg.hidden_size == 32
+    draft = draw_stages(V41DSparkStages, cfg, seed + 11)
     if agree:
-        last = f"mtp.{stages - 1}."
-        embed, head, norm = ts["model.embed.weight"].double(), ts["lm_head.weight"].double(), ts["model.norm.weight"]
-        x = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * norm.double()
-        draft[last + "norm.weight"] = torch.zeros(D, dtype=dtype)
-        draft[last + "markov_head.markov_w1.weight"] = x.to(dtype)
-        draft[last + "markov_head.markov_w2.weight"] = head.to(dtype)
+        bigram(draft, f"mtp.{stages - 1}.", ts["model.embed.weight"], ts["lm_head.weight"], ts["model.norm.weight"],
+               cfg.rms_norm_eps, dtype)
     save_file({n: t.contiguous() for n, t in draft.items()}, str(path / "dspark.safetensors"),
               metadata={"format": "pt"})
     return str(path)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelink.moe.layer import ExpertParallel, run_stages
+from moelink.moe.layer import ExpertParallel
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
@@ -48,7 +48,7 @@ from ...config.model import ModelConfig
 from ...tp.group import TensorParallel
 from ..blocks.attention import AttentionKind
 from ..blocks.context import BuildContext
-from ..blocks.dspark import DSPARK_STAGES, MarkovHead
+from ..blocks.dspark import DSPARK_STAGES, BundledStages
 from ..blocks.ffn import FFN
 from ..layers import ForwardContext, param
 from ..registry import arch_spec
@@ -93,16 +93,13 @@ def stage_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, num_experts=E, top_k=K, moe=dataclasses.replace(cfg.moe, router=router))
 
 
-class V41DSparkStages(nn.Module):
+class V41DSparkStages(BundledStages):
     """The S draft layers of a V4.1 checkpoint (module docstring), a `DSparkStages`."""
 
-    has_experts = True  # its MoE dispatches like a main layer's
-
-    def __init__(self, cfg: ModelConfig, dspark: DSparkConfig, kernels, device: torch.device, embed_VD: torch.Tensor,
-                 head_VD: torch.Tensor, names: Collection[str] = (), ep: ExpertParallel | None = None,
-                 tp: TensorParallel | None = None):
-        super().__init__()
-        spec = arch_spec(cfg.architecture)
+    def __init__(self, cfg: ModelConfig, dspark: DSparkConfig, kernels, device: torch.device, embed_VD, head_VD,
+                 names: Collection[str] = (), ep: ExpertParallel | None = None, tp: TensorParallel | None = None):
+        super().__init__(cfg, dspark, device, embed_VD, head_VD, names)
+        self.spec = spec = arch_spec(cfg.architecture)
         D, dt, eps, S, L = cfg.hidden_size, cfg.dtype, cfg.rms_norm_eps, dspark.num_stages, cfg.num_layers
         scfg = stage_config(cfg)
         if ep is not None and scfg.num_experts != cfg.num_experts:
@@ -110,7 +107,7 @@ class V41DSparkStages(nn.Module):
                              f"{cfg.num_experts}: {cfg.architecture}'s DSpark layers under expert parallelism place "
                              "their experts as the main layers' (serve without EP, or without speculative method "
                              "'dspark').")
-        self.cfg, self.scfg, self.spec, self.names = cfg, scfg, spec, frozenset(names)
+        self.scfg = scfg
         attn = [draft_attention(cfg.layer_attention, L + i) for i in range(S)]
         self.window: int | None = attn[0].sliding_window
         self.head_dim = attn[0].head_dim
@@ -126,40 +123,15 @@ class V41DSparkStages(nn.Module):
             self.blocks.append(LaggedHyperLayer(ctx, L + i, kind, attn[i], FFN.get(spec.ffn)))
         self.main_proj = param(D, len(dspark.target_layer_ids) * D, dtype=dt, device=device)
         self.main_norm, self.norm = Norm(D, eps, dt, device), Norm(D, eps, dt, device)
-        self.markov = MarkovHead(cfg.vocab_size, dspark.markov_rank, dt, device)
-        self.tables = (embed_VD, head_VD)  # the drafter's whole tables (a tuple: not this module's parameters)
 
-    @property
-    def module(self) -> nn.Module:
-        return self
+    def project_taps(self, taps_TX: torch.Tensor) -> torch.Tensor:
+        return self.main_norm(F.linear(taps_TX, self.main_proj))
 
-    def row_shapes(self) -> list[tuple[int, ...]]:
-        return [(self.head_dim,)] * len(self.blocks)
+    def streams(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return embed_streams(self.cfg, x_TD)
 
-    def context_rows(self, taps_TD: list[torch.Tensor], positions_T: torch.Tensor) -> list[torch.Tensor]:
-        x_TD = self.main_norm(F.linear(torch.cat(taps_TD, dim=-1).to(self.cfg.dtype), self.main_proj))
-        return [b.mixer.context_row(x_TD, positions_T) for b in self.blocks]
-
-    def base_logits(self, ids_RB: torch.Tensor, positions_RB: torch.Tensor, ctx_RCX: list[torch.Tensor],
-                    valid_RC: torch.Tensor) -> torch.Tensor:
-        embed_VD, head_VD = self.tables
-        R, B = ids_RB.shape
-        ids_T, pos_T = ids_RB.reshape(-1), positions_RB.reshape(-1)
-        state = embed_streams(self.cfg, F.embedding(ids_T, embed_VD).to(self.cfg.dtype))
-        caches: list = [()] * self.cfg.num_layers + [(c, valid_RC) for c in ctx_RCX]
-        ctx = ForwardContext(None, caches)  # type: ignore[arg-type]  # the block's attention reads no metadata
-        for b in self.blocks:
-            state = run_stages(b.stages(pos_T, state, ids_T, ctx))
-        h_TD = self.norm(collapse(*state))
-        return F.linear(h_TD.to(head_VD.dtype), head_VD).float().view(R, B, -1)
-
-    def markov_bias(self, prev_R: torch.Tensor) -> torch.Tensor:
-        return self.markov(prev_R)
-
-    def run_idle(self) -> None:
-        x_0D = self.tables[0].new_zeros(0, self.cfg.hidden_size, dtype=self.cfg.dtype)
-        for b in self.blocks:
-            run_stages(b.moe.stages(x_0D, torch.zeros(0, dtype=torch.long, device=x_0D.device)))
+    def finish(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.norm(collapse(*state))
 
     def weight_plan(self) -> WeightPlan:
         last, L = f"mtp.{len(self.blocks) - 1}.", self.cfg.num_layers
