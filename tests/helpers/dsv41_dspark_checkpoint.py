@@ -2,7 +2,8 @@
 num_nextn_predict_layers and dspark_* fields, `mtp.{i}.*` tensors beside the main ones:
 engine/models/deepseek_v41/dspark.py lists them), for the V4.1 DSpark tests. The main model is make-tiny-model's
 (engine/models/deepseek_v41/tiny.py: every V4.1 mechanism, Engram included); its draft layers route over their own
-smaller expert bank (dspark_n_routed_experts 4, top 1, against the main layers' 6, top 2).
+smaller expert bank (dspark_n_routed_experts 4, top 1, against the main layers' 6, top 2; `draft_experts` (6, 2) for
+an expert-parallel run, where the draft layers' experts are placed as the main layers').
 
 The draft tensors are random (std 0.2 matrices, norms and hyper-connection scales around 1), named and shaped by the
 stages' own weight plan at one rank. `agree=True` constructs the case where DSpark drafts the target's next token:
@@ -30,11 +31,12 @@ _ZEROED = (".attn.wo_b.weight", ".w2.weight", ".engram.wkv.weight")
 
 
 def save_dsv41_with_dspark(out: Path, *, stages: int = 2, taps: tuple[int, ...] = (2, 5, 7), block_size: int = 4,
-                           rank: int = 8, agree: bool = False, seed: int = 0, dtype=torch.float64) -> str:
-    """The checkpoint directory (module docstring)."""
+                           rank: int = 8, agree: bool = False, seed: int = 0, dtype=torch.float64,
+                           draft_experts: tuple[int, int] = (4, 1)) -> str:
+    """The checkpoint directory (module docstring); `draft_experts`: the draft layers' (experts, top k)."""
     overrides = dict(num_nextn_predict_layers=stages, dspark_block_size=block_size, dspark_target_layer_ids=list(taps),
-                     dspark_markov_rank=32 if agree else rank, dspark_n_routed_experts=4,
-                     dspark_num_experts_per_tok=1)
+                     dspark_markov_rank=32 if agree else rank, dspark_n_routed_experts=draft_experts[0],
+                     dspark_num_experts_per_tok=draft_experts[1])
     path = Path(write_tiny(Path(out), seed=seed, dtype=dtype, overrides=overrides))
     main = path / "model.safetensors"
     ts = load_file(main)

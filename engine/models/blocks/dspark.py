@@ -29,6 +29,7 @@ from ...config.model import ModelConfig
 from ...tp.group import TensorParallel
 from ..layers import ForwardContext, param
 from .registry import Registry
+from .stream import StreamState
 
 
 class DSparkStages(Protocol):
@@ -126,11 +127,11 @@ class BundledStages(nn.Module):
         """[T, D]: the target's tap states, concatenated, projected and normed (main_norm(main_proj(.)))."""
         raise NotImplementedError
 
-    def streams(self, x_TD: torch.Tensor) -> Any:
+    def streams(self, x_TD: torch.Tensor) -> StreamState:
         """The block's residual stream entering the first stage, from its tokens' embeddings."""
         raise NotImplementedError
 
-    def finish(self, state: Any) -> torch.Tensor:
+    def finish(self, state: StreamState) -> torch.Tensor:
         """[T, D]: the last stage's stream collapsed and normed, what the head reads."""
         raise NotImplementedError
 

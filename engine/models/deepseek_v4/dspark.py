@@ -41,6 +41,7 @@ from ...config.dspark import DSparkConfig
 from ...config.model import ModelConfig
 from ...tp.group import TensorParallel
 from ..blocks.dspark import DSPARK_STAGES, BundledStages
+from ..blocks.stream import StreamState
 from ..hyper_connections import HyperHead
 from ..layers import ForwardContext
 from ..linear import Linear
@@ -115,8 +116,9 @@ class DSV4DSparkStages(BundledStages):
         n = self.cfg.hyper_connections.hc_mult
         return x_TD[:, None, :].expand(-1, n, -1).contiguous()
 
-    def finish(self, x_TnD: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.hc_head(x_TnD))
+    def finish(self, state: StreamState) -> torch.Tensor:
+        assert isinstance(state, torch.Tensor)  # streams(): the n streams x_TnD
+        return self.norm(self.hc_head(state))
 
     def weight_plan(self) -> WeightPlan:
         S, last = len(self.blocks), f"mtp.{len(self.blocks) - 1}."

@@ -49,6 +49,7 @@ from ...tp.group import TensorParallel
 from ..blocks.attention import AttentionKind
 from ..blocks.context import BuildContext
 from ..blocks.dspark import DSPARK_STAGES, BundledStages
+from ..blocks.stream import StreamState
 from ..blocks.ffn import FFN
 from ..layers import ForwardContext, param
 from ..registry import arch_spec
@@ -130,7 +131,8 @@ class V41DSparkStages(BundledStages):
     def streams(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return embed_streams(self.cfg, x_TD)
 
-    def finish(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def finish(self, state: StreamState) -> torch.Tensor:
+        assert isinstance(state, tuple)  # streams(): (x_TnD, pre_Tn)
         return self.norm(collapse(*state))
 
     def weight_plan(self) -> WeightPlan:
