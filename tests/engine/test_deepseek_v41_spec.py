@@ -148,3 +148,29 @@ def test_the_draft_layers_route_over_their_own_experts(ckpts):
     with pytest.raises(ValueError, match="dspark_n_routed_experts=4 differs"):
         V41DSparkStages(cfg, read_bundled_dspark(cfg.hf_config), ReferenceKernels(), meta,
                         torch.empty(V, D, device=meta), torch.empty(V, D, device=meta), ep=object())
+
+
+def test_kv_sizing_counts_the_draft_layers_context_rows(ckpts):
+    """Each draft layer keeps one shared KV head a token (the drafter's kv_bytes_per_token), counted before the ranks
+    size their caches."""
+    from moelink.engine.config.model import ModelConfig
+    from moelink.engine.config.speculative import SpeculativeConfig
+    from moelink.engine.spec.proposer.dspark import DSparkDrafter, load_dspark
+    from moelink.kernels.ops import ReferenceKernels
+
+    cfg = ModelConfig.from_pretrained(ckpts["random"], dtype="float32")
+
+    class _Model:
+        embed_tokens = torch.zeros(cfg.vocab_size, cfg.hidden_size)
+        lm_head = embed_tokens
+
+    stages, dspark = load_dspark(None, cfg, _Model(), ReferenceKernels(), torch.device("cpu"), load_format="dummy")
+    drafter = DSparkDrafter(stages, dspark, cfg, torch.device("cpu"), None, 3, 8)
+    want = SpeculativeConfig(method="dspark", num_speculative_tokens=3).draft_kv_bytes_per_token(cfg)
+    assert drafter.kv_bytes_per_token() == want == 2 * 64 * 4
+
+
+def test_method_mtp_on_the_draft_layers_is_refused(ckpts):
+    with pytest.raises(ValueError, match="are DSpark stages .* use method 'dspark'"):
+        LLM(ckpts["random"], dtype="float32", max_model_len=64, num_kv_blocks=16, block_size=8,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
