@@ -30,6 +30,8 @@ REF = json.loads((FIXTURES / "reference.json").read_text())
 PROMPTS = [c["prompt"] for c in REF["cases"]]
 WANT = [c["greedy"] for c in REF["cases"]]
 
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # it starts many engines
+
 
 @pytest.mark.parametrize("ring,q", [(2, 5), (6, 4), (3, 3)])
 def test_every_ring_slot_takes_its_newest_accepted_row(ring, q):
@@ -90,7 +92,6 @@ def _generate(path: str, spec=None, prompts: int = 6, rounds: int = 1, **kw) -> 
 SPEC = {"method": "dspark", "num_speculative_tokens": 3}  # blocks of 4: the anchor and 3 drafts
 
 
-@pytest.mark.slow
 def test_agreeing_v41_draft_layers_are_accepted_and_outputs_exact(ckpts):
     got, stats = _generate(ckpts["agree"], SPEC)
     assert got == _generate(ckpts["agree"])[0]
@@ -127,7 +128,7 @@ def test_dummy_v41_draft_layers_load_and_draft(ckpts):
 def test_the_draft_layers_route_over_their_own_experts(ckpts):
     """dspark_n_routed_experts / dspark_num_experts_per_tok: the draft layers' MoE is 4 experts, top 1 (the main
     layers' 6, top 2); a count past them is refused naming the field, and so is an expert-parallel run whose
-    draft experts differ from the main layers'."""
+    draft experts differ from the main layers'. The Markov head is read under either published name."""
     from moelink.engine.config.dspark import read_bundled_dspark
     from moelink.engine.config.model import ModelConfig
     from moelink.engine.models.deepseek_v41.dspark import V41DSparkStages, stage_config
@@ -142,6 +143,11 @@ def test_the_draft_layers_route_over_their_own_experts(ckpts):
     plan = stages.weight_plan()
     assert "mtp.1.ffn.experts.3.w1.weight" in plan and "mtp.1.ffn.experts.4.w1.weight" not in plan
     assert "mtp.0.attn.q_norm.weight" in plan and "mtp.1.hc_head_fn" not in plan  # no hyper-head: a collapse
+    assert "mtp.1.markov_head.markov_w1.weight" in plan
+    published = V41DSparkStages(cfg, read_bundled_dspark(cfg.hf_config), ReferenceKernels(), meta,
+                                torch.empty(V, D, device=meta), torch.empty(V, D, device=meta),
+                                names={"mtp.1.markov_head.embed.weight", "mtp.1.markov_head.head.weight"})
+    assert {"mtp.1.markov_head.embed.weight", "mtp.1.markov_head.head.weight"} <= set(published.weight_plan())
     bad = dict(cfg.hf_config, dspark_num_experts_per_tok=5)
     with pytest.raises(ValueError, match="dspark_num_experts_per_tok=5"):
         stage_config(dataclasses.replace(cfg, hf_config=bad))
