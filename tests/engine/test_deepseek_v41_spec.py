@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from moelink.engine import LLM, SamplingParams
-from moelink.engine.models.deepseek_v41.rollback import _rewrite
+from moelink.engine import LLM
+from moelink.engine.models.deepseek_v41.rollback import rewrite_ring
+from tests.helpers.dspark_draws import acceptance, generate, kv_bytes
 from tests.helpers.dsv41_dspark_checkpoint import save_dsv41_with_dspark
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy
 
@@ -52,7 +52,7 @@ def test_every_ring_slot_takes_its_newest_accepted_row(ring, q):
         for v in range(2):  # the step wrote every token, rejected ones included
             for j in range(q):
                 pool[slots[v], (int(p0[v]) + j) % ring] = step[v * q + j]
-        _rewrite(pool, copy, step, slots, torch.tensor([0, q, 2 * q]), torch.arange(2 * q), p0, torch.tensor(n))
+        rewrite_ring(pool, copy, step, slots, torch.tensor([0, q, 2 * q]), torch.arange(2 * q), p0, torch.tensor(n))
         assert torch.equal(pool, want), (ring, q, n)
 
 
@@ -75,37 +75,21 @@ def ckpts(tmp_path_factory):
             "random": save_dsv41_with_dspark(tmp_path_factory.mktemp("random") / "c")}
 
 
-def _generate(path: str, spec=None, prompts: int = 6, rounds: int = 1, **kw) -> tuple[list, object]:
-    args = dict(dtype="float64", max_model_len=128, max_num_batched_tokens=32, num_kv_blocks=64, block_size=8,
-                enable_prefix_caching=True, speculative_config=spec)
-    args.update(kw)
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, detokenize=False)
-    rng = random.Random(0)
-    with LLM(path, **args) as llm:
-        vocab = llm.engine.config.model.vocab_size
-        ps = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 20))] for _ in range(prompts)]
-        for _ in range(rounds):
-            outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
+def _generate(path: str, spec=None, **kw) -> tuple[list, object]:
+    return generate(path, spec, **{"dtype": "float64", **kw})
 
 
 SPEC = {"method": "dspark", "num_speculative_tokens": 3}  # blocks of 4: the anchor and 3 drafts
 
 
 def test_agreeing_v41_draft_layers_are_accepted_and_outputs_exact(ckpts):
-    got, stats = _generate(ckpts["agree"], SPEC)
-    assert got == _generate(ckpts["agree"])[0]
-    sd = stats.spec_decode
-    print(f"V4.1 DSpark, agreeing draft layers: acceptance rate {sd.acceptance_rate:.3f}")
+    sd = acceptance(ckpts["agree"], SPEC, "V4.1 DSpark, agreeing draft layers", dtype="float64")
     assert sd.acceptance_rate > 0.9, sd
 
 
 @pytest.mark.slow
 def test_random_v41_draft_layers_keep_outputs_exact(ckpts):
-    got, stats = _generate(ckpts["random"], SPEC)
-    assert got == _generate(ckpts["random"])[0]
-    sd = stats.spec_decode
-    print(f"V4.1 DSpark, random draft layers: acceptance rate {sd.acceptance_rate:.3f}")
+    sd = acceptance(ckpts["random"], SPEC, "V4.1 DSpark, random draft layers", dtype="float64")
     assert sd.num_verify_rows > 5 and sd.acceptance_rate < 0.5, sd
 
 
@@ -128,7 +112,8 @@ def test_dummy_v41_draft_layers_load_and_draft(ckpts):
 def test_the_draft_layers_route_over_their_own_experts(ckpts):
     """dspark_n_routed_experts / dspark_num_experts_per_tok: the draft layers' MoE is 4 experts, top 1 (the main
     layers' 6, top 2); a count past them is refused naming the field, and so is an expert-parallel run whose
-    draft experts differ from the main layers'. The Markov head is read under either published name."""
+    draft experts differ from the main layers', and method "mtp" on them. The Markov head is read under either
+    published name."""
     from moelink.engine.config.dspark import read_bundled_dspark
     from moelink.engine.config.model import ModelConfig
     from moelink.engine.models.deepseek_v41.dspark import V41DSparkStages, stage_config
@@ -154,29 +139,13 @@ def test_the_draft_layers_route_over_their_own_experts(ckpts):
     with pytest.raises(ValueError, match="dspark_n_routed_experts=4 differs"):
         V41DSparkStages(cfg, read_bundled_dspark(cfg.hf_config), ReferenceKernels(), meta,
                         torch.empty(V, D, device=meta), torch.empty(V, D, device=meta), ep=object())
+    with pytest.raises(ValueError, match="are DSpark stages .* use method 'dspark'"):  # not MTP modules
+        LLM(ckpts["random"], dtype="float32", max_model_len=64, num_kv_blocks=16, block_size=8,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
 
 
 def test_kv_sizing_counts_the_draft_layers_context_rows(ckpts):
     """Each draft layer keeps one shared KV head a token (the drafter's kv_bytes_per_token), counted before the ranks
     size their caches."""
-    from moelink.engine.config.model import ModelConfig
-    from moelink.engine.config.speculative import SpeculativeConfig
-    from moelink.engine.spec.proposer.dspark import DSparkDrafter, load_dspark
-    from moelink.kernels.ops import ReferenceKernels
-
-    cfg = ModelConfig.from_pretrained(ckpts["random"], dtype="float32")
-
-    class _Model:
-        embed_tokens = torch.zeros(cfg.vocab_size, cfg.hidden_size)
-        lm_head = embed_tokens
-
-    stages, dspark = load_dspark(None, cfg, _Model(), ReferenceKernels(), torch.device("cpu"), load_format="dummy")
-    drafter = DSparkDrafter(stages, dspark, cfg, torch.device("cpu"), None, 3, 8)
-    want = SpeculativeConfig(method="dspark", num_speculative_tokens=3).draft_kv_bytes_per_token(cfg)
-    assert drafter.kv_bytes_per_token() == want == 2 * 64 * 4
-
-
-def test_method_mtp_on_the_draft_layers_is_refused(ckpts):
-    with pytest.raises(ValueError, match="are DSpark stages .* use method 'dspark'"):
-        LLM(ckpts["random"], dtype="float32", max_model_len=64, num_kv_blocks=16, block_size=8,
-            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    got, want = kv_bytes(ckpts["random"])
+    assert got == want == 2 * 64 * 4

@@ -66,10 +66,10 @@ class RingRollback:
         for m, (rings, copy) in zip(self.mixers, copies):
             steps = m.record_steps(None)
             for ring_PRC, copy_VRC, step_TC in zip(rings, copy, m.step_rows(steps), strict=True):
-                _rewrite(ring_PRC, copy_VRC, step_TC, slots_V, qsl_V1, rows_T, p0_V, n_V)
+                rewrite_ring(ring_PRC, copy_VRC, step_TC, slots_V, qsl_V1, rows_T, p0_V, n_V)
 
 
-def _rewrite(ring_PRC: torch.Tensor, copy_VRC: torch.Tensor, step_TC: torch.Tensor, slots_V: torch.Tensor,
+def rewrite_ring(ring_PRC: torch.Tensor, copy_VRC: torch.Tensor, step_TC: torch.Tensor, slots_V: torch.Tensor,
              qsl_V1: torch.Tensor, rows_T: torch.Tensor, p0_V: torch.Tensor, n_V: torch.Tensor) -> None:
     """Every slot of each verifying sequence's ring from its newest accepted position (module docstring)."""
     R, dev = ring_PRC.shape[1], ring_PRC.device
@@ -84,4 +84,4 @@ def _rewrite(ring_PRC: torch.Tensor, copy_VRC: torch.Tensor, step_TC: torch.Tens
     ring_PRC.index_copy_(0, slots_V, torch.where(mask, step_VRC, copy_VRC))
 
 
-__all__ = ["RingRollback"]
+__all__ = ["RingRollback", "rewrite_ring"]
