@@ -257,11 +257,8 @@ def check_ring_rollback(spec, layers: tuple, arch: str) -> None:
     (DeepSeek-V4's: engine/models/deepseek_v4/rollback.py, the ring rows the rejected drafts overwrote restored from a
     copy taken before the step). That needs each ring slot written once a step: num_speculative_tokens + 1 <= the
     smallest ring (the window, a compressor's rate, 2 x rate under CSA). `layers`: every layer's attention config,
-    those of other kinds passed over."""
-    if spec is not None and any(getattr(a, "kind", "") == "shared_compressed" for a in layers):
-        raise ValueError(f"speculative_config is not supported for {arch} yet: its verify steps would leave rejected "
-                         "drafts in the window and compressor rings and the Engram look-back (no rollback built); "
-                         "serve it without --speculative-config.")
+    those of other kinds passed over (DeepSeek-V4.1's shared compressed layers rewrite every ring slot from the
+    accepted tokens, engine/models/deepseek_v41/rollback.py: no bound)."""
     rings = [min(a.sliding_window, a.compressor_ring or a.sliding_window) for a in layers
              if isinstance(a, CompressedAttentionConfig)]
     if spec is None or not rings:

@@ -8,12 +8,11 @@ hyper-connection streams; top-k routed MoE in the stages):
 """
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from moelink.engine import LLM, SamplingParams
+from moelink.engine import LLM
 
+from tests.helpers.dspark_draws import acceptance, generate, kv_bytes
 from tests.helpers.dsv4_dspark_checkpoint import save_dsv4_with_dspark
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")
@@ -25,42 +24,23 @@ def ckpts(tmp_path_factory):
             "random": save_dsv4_with_dspark(tmp_path_factory.mktemp("random") / "c")}
 
 
-def _generate(path: str, spec=None, **kw) -> tuple[list, object]:
-    args = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=32, num_kv_blocks=64, block_size=8,
-                enable_prefix_caching=True, speculative_config=spec)
-    args.update(kw)
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, detokenize=False)
-    rng = random.Random(0)
-    with LLM(path, **args) as llm:
-        vocab = llm.engine.config.model.vocab_size
-        prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 20))] for _ in range(6)]
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs], llm.engine.stats()
-
-
 SPEC = {"method": "dspark", "num_speculative_tokens": 3}  # the tiny V4's smallest ring: 4 slots
 
 
 @pytest.mark.slow
 def test_agreeing_v4_stages_are_accepted_and_outputs_exact(ckpts):
-    got, stats = _generate(ckpts["agree"], SPEC)
-    assert got == _generate(ckpts["agree"])[0]
-    sd = stats.spec_decode
-    print(f"V4 DSpark, agreeing stages: acceptance rate {sd.acceptance_rate:.3f}")
+    sd = acceptance(ckpts["agree"], SPEC, "V4 DSpark, agreeing stages")
     assert sd.acceptance_rate > 0.9, sd
 
 
 @pytest.mark.slow
 def test_random_v4_stages_keep_outputs_exact(ckpts):
-    got, stats = _generate(ckpts["random"], SPEC)
-    assert got == _generate(ckpts["random"])[0]
-    sd = stats.spec_decode
-    print(f"V4 DSpark, random stages: acceptance rate {sd.acceptance_rate:.3f}")
+    sd = acceptance(ckpts["random"], SPEC, "V4 DSpark, random stages")
     assert sd.num_verify_rows > 10 and sd.acceptance_rate < 0.5, sd
 
 
 def test_dummy_v4_stages_load_and_draft(ckpts):
-    got, stats = _generate(ckpts["random"], SPEC, load_format="dummy")
+    got, stats = generate(ckpts["random"], SPEC, load_format="dummy")
     assert len(got) == 6 and stats.spec_decode.num_draft_tokens > 0
 
 
@@ -122,7 +102,7 @@ def test_v4_dspark_drafts_equal_the_stages_run_from_scratch(ckpts, monkeypatch):
     from tests.helpers.draft_spy import record_drafts
 
     seen = record_drafts(monkeypatch)
-    _generate(ckpts["random"], SPEC, dtype="float64")
+    generate(ckpts["random"], SPEC, dtype="float64")
     assert len(seen) > 20
     oracle = _Oracle(ckpts["random"])
     wrong = [(t, d, w) for t, d in seen if d != (w := oracle.drafts(t, 3))]
@@ -132,23 +112,8 @@ def test_v4_dspark_drafts_equal_the_stages_run_from_scratch(ckpts, monkeypatch):
 def test_kv_sizing_counts_the_stages_context_rows(ckpts):
     """Each bundled stage keeps one shared KV head a token (the drafter's kv_bytes_per_token), counted before the
     ranks size their caches."""
-    import torch
-
-    from moelink.engine.config.model import ModelConfig
-    from moelink.engine.config.speculative import SpeculativeConfig
-    from moelink.engine.spec.proposer.dspark import DSparkDrafter, load_dspark
-    from moelink.kernels.ops import ReferenceKernels
-
-    cfg = ModelConfig.from_pretrained(ckpts["random"], dtype="float32")
-
-    class _Model:
-        embed_tokens = torch.zeros(cfg.vocab_size, cfg.hidden_size)
-        lm_head = embed_tokens
-
-    stages, dspark = load_dspark(None, cfg, _Model(), ReferenceKernels(), torch.device("cpu"), load_format="dummy")
-    drafter = DSparkDrafter(stages, dspark, cfg, torch.device("cpu"), None, 3, 8)
-    want = SpeculativeConfig(method="dspark", num_speculative_tokens=3).draft_kv_bytes_per_token(cfg)
-    assert drafter.kv_bytes_per_token() == want == 2 * 16 * 4
+    got, want = kv_bytes(ckpts["random"])
+    assert got == want == 2 * 16 * 4
 
 
 def test_method_mtp_on_dspark_stages_is_refused(ckpts):

@@ -18,7 +18,9 @@
   like a main layer);
 - LongCat-Flash's, Ling hybrid's, Hy4's and GLM-5.3-Flash's own MTP modules (engine/models/normed_mtp.py) at
   `-tp 2` and at `-ep 2`, one engine per layout: greedy equals one rank's without drafts, drafted and accepted as on
-  one rank; each rank reads its shard of the module (at `-tp 2 -ep 2` the routed experts by EP rank).
+  one rank; each rank reads its shard of the module (at `-tp 2 -ep 2` the routed experts by EP rank);
+- DeepSeek-V4's and DeepSeek-V4.1's bundled DSpark stages at `-tp 2` and `-ep 2`, drafted and accepted as on one
+  rank.
 Lean: 4 prompts of 2-24 tokens, 6 new tokens (several verify steps per request)."""
 from __future__ import annotations
 
@@ -402,5 +404,20 @@ def test_dsv4_dspark_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, tmp_path, t
 
     path = save_dsv4_with_dspark(tmp_path / "c", agree=True)
     ps = _prompts(400, seed=7)  # the tiny V4's vocabulary
+    spec = {"method": "dspark", "num_speculative_tokens": 3, "min_draft_acceptance": 0, "max_verify_fraction": 1}
+    _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), spec, _one_rank_drafts(path, ps, spec), ep=ep, tp=tp)
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
+def test_dsv41_dspark_drafts_at_tp2_and_ep2_equal_one_rank(local_ray, tmp_path, tp, ep):
+    """DeepSeek-V4.1's DSpark draft layers (engine/models/deepseek_v41/dspark.py), constructed to agree with the
+    target: at `-tp 2` each layer splits its heads, output groups and experts as a main layer does, at `-ep 2` its
+    experts (the main layers' count there) dispatch like a main layer's; the verify steps roll the target's rings and
+    Engram look-back back on every rank; greedy equals one rank's without drafts, drafted and accepted as on one
+    rank."""
+    from tests.helpers.dsv41_dspark_checkpoint import save_dsv41_with_dspark
+
+    path = save_dsv41_with_dspark(tmp_path / "c", agree=True, draft_experts=(4, 1) if ep == 1 else (6, 2))
+    ps = _prompts(400, seed=7)  # the tiny V4.1's vocabulary
     spec = {"method": "dspark", "num_speculative_tokens": 3, "min_draft_acceptance": 0, "max_verify_fraction": 1}
     _assert_drafts_as_one_rank(path, ps, _one_rank(path, ps), spec, _one_rank_drafts(path, ps, spec), ep=ep, tp=tp)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moelink.engine.config.dspark import read_bundled_dspark
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.deepseek_v4.dspark import DSV4DSparkStages
 from moelink.engine.models.deepseek_v4.tiny import save_dsv4_checkpoint
-from moelink.kernels.ops import ReferenceKernels
+
+from tests.helpers.dspark_draws import agree as bigram, draw_stages
 
 MASK = 5
 _ZEROED = (".attn.wo_b.weight", ".w2.weight")
@@ -41,25 +41,10 @@ def save_dsv4_with_dspark(out: Path, *, stages: int = 2, taps: tuple[int, ...] =
               for n, t in ts.items()}
         save_file(ts, str(main), metadata={"format": "pt"})
     cfg = ModelConfig.from_pretrained(str(path), dtype="float32")
-    dspark = read_bundled_dspark(cfg.hf_config)
-    V, D = cfg.vocab_size, cfg.hidden_size
-    meta = torch.device("meta")
-    plan = DSV4DSparkStages(cfg, dspark, ReferenceKernels(), meta, torch.empty(V, D, device=meta),
-                            torch.empty(V, D, device=meta)).weight_plan()
-    g = torch.Generator().manual_seed(seed + 11)
-    draft = {}
-    for name, entry in plan.items():
-        shape = tuple((entry.dest[entry.index] if entry.index else entry.dest).shape)
-        t = torch.randn(shape, generator=g, dtype=torch.float64)
-        flat = len(shape) == 1 and not name.endswith(("gate.bias", "attn_sink", "_base"))
-        draft[name] = (1 + 0.1 * t if flat else 0.2 * t).to(entry.dest.dtype)
+    draft = draw_stages(DSV4DSparkStages, cfg, seed + 11)
     if agree:
-        last = f"mtp.{stages - 1}."
-        embed, head, norm = ts["model.embed_tokens.weight"].double(), ts["head.weight"].double(), ts["model.norm.weight"]
-        x = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * norm.double()
-        draft[last + "norm.weight"] = torch.zeros(D)
-        draft[last + "markov_head.markov_w1.weight"] = x.float()
-        draft[last + "markov_head.markov_w2.weight"] = head.float()
+        bigram(draft, f"mtp.{stages - 1}.", ts["model.embed_tokens.weight"], ts["head.weight"], ts["model.norm.weight"],
+               cfg.rms_norm_eps, torch.float32)
     save_file({n: t.contiguous() for n, t in draft.items()}, str(path / "dspark.safetensors"),
               metadata={"format": "pt"})
     return str(path)

@@ -31,18 +31,17 @@ from typing import Collection
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.compressed_attention import reference_rms_norm_f32
-from moelink.moe.layer import ExpertParallel, run_stages
+from moelink.moe.layer import ExpertParallel
 from moelink.moe.stats import MoEStats
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ...config.dspark import DSparkConfig
 from ...config.model import ModelConfig
 from ...tp.group import TensorParallel
-from ..blocks.dspark import DSPARK_STAGES, MarkovHead
+from ..blocks.dspark import DSPARK_STAGES, BundledStages
+from ..blocks.stream import StreamState
 from ..hyper_connections import HyperHead
 from ..layers import ForwardContext
 from ..linear import Linear
@@ -85,18 +84,14 @@ class DSparkAttention(DSV4Attention):
                                    seen_RS.repeat_interleave(B, 0), self.sinks_N, self.cfg.softmax_scale)
 
 
-class DSV4DSparkStages(nn.Module):
+class DSV4DSparkStages(BundledStages):
     """The S stages of a V4 checkpoint (module docstring), a `DSparkStages`."""
 
-    has_experts = True  # its MoE dispatches like a main layer's
-
-    def __init__(self, cfg: ModelConfig, dspark: DSparkConfig, kernels, device: torch.device, embed_VD: torch.Tensor,
-                 head_VD: torch.Tensor, names: Collection[str] = (), ep: ExpertParallel | None = None,
-                 tp: TensorParallel | None = None):
-        super().__init__()
-        spec = arch_spec(cfg.architecture)
+    def __init__(self, cfg: ModelConfig, dspark: DSparkConfig, kernels, device: torch.device, embed_VD, head_VD,
+                 names: Collection[str] = (), ep: ExpertParallel | None = None, tp: TensorParallel | None = None):
+        super().__init__(cfg, dspark, device, embed_VD, head_VD, names)
+        self.spec = spec = arch_spec(cfg.architecture)
         D, dt, eps, S = cfg.hidden_size, cfg.dtype, cfg.rms_norm_eps, dspark.num_stages
-        self.cfg, self.spec, self.dspark, self.names = cfg, spec, dspark, frozenset(names)
         self.quant = read_dsv4_quantization(cfg.architecture, cfg.hf_config, cfg.quantization)
         attention = mtp_attention(cfg.layer_attention, cfg.hf_config)
         self.window: int | None = attention.sliding_window
@@ -113,41 +108,17 @@ class DSV4DSparkStages(nn.Module):
                                 device)
         self.main_norm, self.norm = Norm(D, eps, device), Norm(D, eps, device)
         self.hc_head = HyperHead(cfg.hyper_connections, D, eps, device)
-        self.markov = MarkovHead(cfg.vocab_size, dspark.markov_rank, dt, device)
-        self.tables = (embed_VD, head_VD)  # the drafter's whole tables (a tuple: not this module's parameters)
 
-    @property
-    def module(self) -> nn.Module:
-        return self
+    def project_taps(self, taps_TX: torch.Tensor) -> torch.Tensor:
+        return self.main_norm(self.main_proj(taps_TX)).to(self.dtype)
 
-    def row_shapes(self) -> list[tuple[int, ...]]:
-        return [(self.head_dim,)] * len(self.blocks)
-
-    def context_rows(self, taps_TD: list[torch.Tensor], positions_T: torch.Tensor) -> list[torch.Tensor]:
-        x_TD = self.main_norm(self.main_proj(torch.cat(taps_TD, dim=-1).to(self.cfg.dtype))).to(self.cfg.dtype)
-        return [b.mixer.context_row(x_TD, positions_T) for b in self.blocks]
-
-    def base_logits(self, ids_RB: torch.Tensor, positions_RB: torch.Tensor, ctx_RCX: list[torch.Tensor],
-                    valid_RC: torch.Tensor) -> torch.Tensor:
-        embed_VD, head_VD = self.tables
-        R, B = ids_RB.shape
-        ids_T, pos_T = ids_RB.reshape(-1), positions_RB.reshape(-1)
+    def streams(self, x_TD: torch.Tensor) -> torch.Tensor:
         n = self.cfg.hyper_connections.hc_mult
-        x_TnD = F.embedding(ids_T, embed_VD).to(self.cfg.dtype)[:, None, :].expand(-1, n, -1).contiguous()
-        caches = [()] * self.cfg.num_layers + [(c, valid_RC) for c in ctx_RCX]
-        ctx = ForwardContext(_block_meta(R, B, ids_T.device), caches)
-        for b in self.blocks:
-            x_TnD = run_stages(b.stages(pos_T, x_TnD, ids_T, ctx))
-        h_TD = self.norm(self.hc_head(x_TnD))
-        return F.linear(h_TD.to(head_VD.dtype), head_VD).float().view(R, B, -1)
+        return x_TD[:, None, :].expand(-1, n, -1).contiguous()
 
-    def markov_bias(self, prev_R: torch.Tensor) -> torch.Tensor:
-        return self.markov(prev_R)
-
-    def run_idle(self) -> None:
-        x_0D = self.tables[0].new_zeros(0, self.cfg.hidden_size, dtype=self.cfg.dtype)
-        for b in self.blocks:
-            run_stages(b.moe.stages(x_0D, torch.zeros(0, dtype=torch.long, device=x_0D.device)))
+    def finish(self, state: StreamState) -> torch.Tensor:
+        assert isinstance(state, torch.Tensor)  # streams(): the n streams x_TnD
+        return self.norm(self.hc_head(state))
 
     def weight_plan(self) -> WeightPlan:
         S, last = len(self.blocks), f"mtp.{len(self.blocks) - 1}."
@@ -166,15 +137,6 @@ class DSV4DSparkStages(nn.Module):
         if self.quant is not None:
             plan = fp8_dequant_plan(plan, self.names, self.quant.block)
         return plan
-
-
-def _block_meta(R: int, B: int, device: torch.device) -> AttentionMetadata:
-    """Metadata of R rows of B queries: DSparkAttention reads its keys from the context it is handed, so only the
-    shape of the batch matters (the block tables and slots are never read)."""
-    qsl = torch.arange(0, (R + 1) * B, B, dtype=torch.int32, device=device)
-    return AttentionMetadata(qsl, torch.full((R,), B, dtype=torch.int32, device=device),
-                             torch.zeros(R, 1, dtype=torch.int32, device=device),
-                             torch.zeros(R * B, dtype=torch.long, device=device), [B] * R, [B] * R, B, B, 0)
 
 
 def _build(cfg: ModelConfig, dspark: DSparkConfig, kernels, device, embed_VD, head_VD, names, ep, tp):

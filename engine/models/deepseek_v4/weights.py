@@ -18,98 +18,35 @@ models: O = 8 in blocks of 16; published: O = 1024 in blocks of 128, already who
 rows of gcd(O, Bn), each file scale row repeated over the finer rows it covers: the same numbers, so still exact.
 
 Dequantized at load (`fp8_dequant_plan`): what stays float in moelink, the MTP layer's e_proj / h_proj and FP8 routed
-experts (held in the model dtype): e4m3 x its block's scale (kernels/fp8.block_dequantize: exact in float32 and
-float64, the scales being powers of two; one rounding into bf16). The FP4 experts, nearly all of V4's bytes, stay
+experts (held in the model dtype): e4m3 x its block's scale (engine/models/blocks/fp8_dequant.py, shared with
+DeepSeek-V4.1: exact in float32 and float64, the scales being powers of two; one rounding into bf16). The FP4 experts, nearly all of V4's bytes, stay
 packed (moe/expert_weights_mxfp4_split.py).
 
 Under tensor parallelism a rank reads its shard of each FP8 linear (engine/tp/linear.py: wq_b's and wo_a's rows,
 wo_b's columns, the split shared expert's) with the block rows / columns of the scales that cover it; wo_a's rank rows
 may start inside a file block (its finer held rows: the file rows covering them, repeated, the leading ones dropped).
-FP8 routed experts split by intermediate size read their slice and its scale blocks (`block_source`).
+FP8 routed experts split by intermediate size read their slice and the scale blocks covering it.
 
-How: `fp8_dequant_plan` rewrites a weight plan so that each float destination whose checkpoint tensor `X.weight` has
-an `X.scale` beside it reads both into one `Fp8Dequant`, which writes the destination when it has both (the loader
-reads tensors one at a time, file by file); FP8 destinations (the linears above) it leaves as they are.
+How: `fp8_dequant_plan` (blocks/fp8_dequant.py) rewrites a weight plan so that each float destination whose
+checkpoint tensor `X.weight` has an `X.scale` beside it reads both into one `Fp8Dequant`, which writes the destination
+when it has both (the loader reads tensors one at a time, file by file); FP8 destinations (the linears above) it
+leaves as they are.
 
 Legend: T tokens, G groups, O rows per group, d channels per group, N rows, K channels.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
-from moelink.kernels.fp8 import FP8_DTYPE, block_dequantize
-from moelink.moe.weight_plan import Part, PlanEntry, Rearranged, WeightPlan
+from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from .reader import DSV4Quantization
 from ...tp.linear import ColumnParallel
+from ..blocks.fp8_dequant import fp8_dequant_plan
 from ..linear import FloatLinear, Fp8Linear, Linear, LinearMethod
-
-_PARTS = ("weight", "scale")
-_SCALE_DTYPES = (torch.float32, getattr(torch, "float8_e8m0fnu", torch.float32))
-
-
-@dataclass
-class Fp8Dequant:
-    """The float destination of one FP8 checkpoint weight and the parts read so far."""
-
-    dest: torch.Tensor
-    name: str
-    block: tuple[int, int]
-    parts: dict = field(default_factory=dict)
-
-    def put(self, role: str, src: torch.Tensor, device) -> None:
-        """Keep one part; with both, dequantize into the destination (and drop them)."""
-        self.parts[role] = src.to(device)
-        if len(self.parts) < len(_PARTS):
-            return
-        w, s = (self.parts.pop(p) for p in _PARTS)
-        if w.dtype != FP8_DTYPE or s.dtype not in _SCALE_DTYPES:
-            raise ValueError(f"checkpoint tensor {self.name!r} is not FP8 as DeepSeek-V4 publishes it: weight is "
-                             f"{w.dtype} (float8_e4m3fn expected) and its scale {s.dtype} (float8_e8m0fnu or "
-                             "float32 expected).")
-        if tuple(w.shape) != tuple(self.dest.shape):
-            raise ValueError(f"checkpoint tensor {self.name!r} has shape {tuple(w.shape)}, expected "
-                             f"{tuple(self.dest.shape)} from config.json.")
-        # float64 when the model is: an e4m3 value times a power of two is exact there (and in float32)
-        wide = torch.promote_types(self.dest.dtype, torch.float32)
-        self.dest.copy_(block_dequantize(w, s.to(torch.float32), self.block, wide))  # ValueError on a bad scale shape
-
-
-
-def fp8_dequant_plan(plan: WeightPlan, names: Iterable[str], block: tuple[int, int]) -> WeightPlan:
-    """`plan` with every float destination whose checkpoint weight `X.weight` has an `X.scale` in `names` read
-    through an Fp8Dequant (module docstring). Destinations of another kind (the FP4 experts' bytes, the FP8
-    linears' float8_e4m3fn weights with their own `X.scale` entries) stay."""
-    names = set(names)
-    out = dict(plan)
-    for name, (dest, idx, source) in plan.items():
-        base = name[: -len("weight")]
-        if not name.endswith(".weight") or base + "scale" not in names:
-            continue
-        if not isinstance(dest, torch.Tensor) or not dest.is_floating_point() or dest.dtype == FP8_DTYPE:
-            continue  # FP4 bytes, or an FP8 linear that reads its weight and scale itself (published_linear_plan)
-        target = Fp8Dequant(dest[idx] if idx else dest, name, block)
-        out[name] = PlanEntry(Part(target, "weight"), (), source)
-        out[base + "scale"] = PlanEntry(Part(target, "scale"), (), block_source(name, source, block))
-    return out
-
-
-def block_source(name: str, source: tuple, block: tuple[int, int]) -> tuple:
-    """The block scales' slices of a weight read by `source` (slices per dimension: a TP rank's rows or columns of a
-    split expert, engine/tp/experts.py), each starting on a block boundary; () for the whole weight."""
-    out = []
-    for dim, part in enumerate(source):
-        b = block[dim]
-        if not isinstance(part, slice) or part.step not in (None, 1) or (part.start or 0) % b:
-            raise ValueError(f"checkpoint tensor {name!r} is FP8 and read through {source!r}: its block scales follow "
-                             f"only slices starting on a block boundary (weight_block_size {list(block)}).")
-        out.append(slice(None) if part.stop is None else slice((part.start or 0) // b, -(-part.stop // b)))
-    return tuple(out)
-
 
 def dsv4_linear_method(quant: DSV4Quantization | None, group_rows: int | None = None) -> LinearMethod:
     """How a V4 linear holds its weight: float for a float checkpoint, FP8 in the checkpoint's blocks for a published
@@ -174,5 +111,4 @@ def grouped_fp8_linear(linear: Linear, x_TGd: torch.Tensor, float_grouped: Calla
     return out_TGO
 
 
-__all__ = ["Fp8Dequant", "block_source", "dsv4_linear_method", "fp8_dequant_plan", "grouped_fp8_linear",
-           "published_linear_plan"]
+__all__ = ["dsv4_linear_method", "fp8_dequant_plan", "grouped_fp8_linear", "published_linear_plan"]

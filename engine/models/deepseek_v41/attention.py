@@ -149,14 +149,53 @@ class V41Attention(nn.Module):
         self.compressor = Compressor(cfg, hidden, dtype, device) if cfg.is_source else None
         self.indexer = Indexer(cfg, hidden, dtype, device) if cfg.index in ("keys", "reindex") else None
         self.num_paged = len(cfg.cache_shapes(1, cfg.compress_rate or 1))
+        self._steps: dict | None = None  # a verify step's ring rows, kept for rollback.py (record_steps)
+
+    # -- a verify step's rings (rollback.py) -----------------------------------------------------------------------
+    def rings(self, ctx: ForwardContext) -> list[torch.Tensor]:
+        """The state tensors indexed by position mod their length: the window [P, W, H], at a source with m > 1 the
+        filling group's rows [P, m, 2 H] (the Engram look-back, the layer's last state, is not a ring)."""
+        state = ctx.kv_caches[self.layer_idx][self.num_paged:]
+        return list(state[:2] if self.compressor is not None and self.cfg.compress_rate > 1 else state[:1])
+
+    def record_steps(self, steps: dict | None) -> dict | None:
+        """From the next forward on, keep each step's ring rows in `steps` (None: keep nothing); returns what the
+        last forward kept."""
+        kept, self._steps = self._steps, steps
+        return kept
+
+    def step_rows(self, steps: dict | None) -> list[torch.Tensor]:
+        """What a forward kept, T-aligned, one per ring (`rings`' order): the window KV, the compressor rows."""
+        if not steps:
+            raise RuntimeError(f"V4.1 layer {self.layer_idx} kept no rows of the verify step it should roll back.")
+        out = [steps["kv"]]
+        if self.compressor is not None and self.cfg.compress_rate > 1:
+            out.append(torch.cat(steps["ring"]))
+        return out
+
+    def project(self, positions_T: torch.Tensor, h_TD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The queries [T, N, H] (low-rank, roped), the tokens' window KV [T, H] (normed, roped, FP8 fake-quantized)
+        and the q latent [T, Q] (an index source's query input)."""
+        T, N, H = h_TD.shape[0], self.N, self.cfg.head_dim
+        q_res_TQ = self.q_norm(F.linear(h_TD, self.wq_a))
+        q_TNH = self.rope.rotate(F.linear(q_res_TQ, self.wq_b).view(T, N, H), positions_T)
+        kv_TH = fp8_block(self.rope.rotate(self.kv_norm(F.linear(h_TD, self.wkv)), positions_T), 32)
+        return q_TNH, kv_TH, q_res_TQ
+
+    def output(self, out_TNH: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs, their rope tail rotated back, through the grouped low-rank projection [T, D]."""
+        T, G = out_TNH.shape[0], self.G
+        out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
+        x_GTd = out_TNH.reshape(T, G, -1).transpose(0, 1)
+        o_TGO = torch.bmm(x_GTd, self.wo_a.view(G, -1, x_GTd.shape[-1]).transpose(1, 2)).transpose(0, 1)
+        y_TD = F.linear(o_TGO.reshape(T, -1), self.wo_b)
+        return self.tp.all_reduce(y_TD) if self.tp is not None else y_TD
 
     def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         cfg = self.cfg
-        T, N, H = h_TD.shape[0], self.N, cfg.head_dim
-        q_res_TQ = self.q_norm(F.linear(h_TD, self.wq_a))
-        q_TNH = self.rope.rotate(F.linear(q_res_TQ, self.wq_b).view(T, N, H), positions_T)
-        kv_TH = self.rope.rotate(self.kv_norm(F.linear(h_TD, self.wkv)), positions_T)
-        kv_TH = fp8_block(kv_TH, 32)
+        q_TNH, kv_TH, q_res_TQ = self.project(positions_T, h_TD)
+        if self._steps is not None:
+            self._steps["kv"], self._steps["ring"] = kv_TH, []
         out_TNH = torch.empty_like(q_TNH)
         attn, t0 = ctx.attn, 0
         if self.layer_idx == 0:
@@ -170,12 +209,7 @@ class V41Attention(nn.Module):
             sl = slice(t0, t0 + q_len)
             out_TNH[sl] = self._sequence(s, p1 - q_len, p1, q_TNH[sl], kv_TH[sl], h_TD[sl], q_res_TQ[sl], ctx, pages)
             t0 += q_len
-        out_TNH = self.rope.rotate(out_TNH, positions_T, inverse=True)
-        G = self.G
-        x_GTd = out_TNH.reshape(T, G, -1).transpose(0, 1)
-        o_TGO = torch.bmm(x_GTd, self.wo_a.view(G, -1, x_GTd.shape[-1]).transpose(1, 2)).transpose(0, 1)
-        y_TD = F.linear(o_TGO.reshape(T, -1), self.wo_b)
-        return self.tp.all_reduce(y_TD) if self.tp is not None else y_TD
+        return self.output(out_TNH, positions_T)
 
     def _sequence(self, s: int, p0: int, p1: int, q_qNH, kv_qH, h_qD, q_res_qQ, ctx: ForwardContext,
                   pages: tuple) -> torch.Tensor:
@@ -233,6 +267,8 @@ class V41Attention(nn.Module):
             ring_PmC = state[1]
             H = self.cfg.head_dim
             rows = torch.cat([F.linear(h_qD.float(), comp.wkv.float()), F.linear(h_qD.float(), comp.wgate.float())], -1)
+            if self._steps is not None:
+                self._steps["ring"].append(rows)
             base = (p0 // m) * m
             old = ring_PmC[slot][torch.arange(base, p0, device=dev) % m].float()
             allrows = torch.cat([old, rows])  # positions base..p1-1

@@ -36,6 +36,7 @@ from .attention import Norm, V41Attention
 from ..shared_compressed_attention_config import SharedCompressedAttentionConfig
 from .engram import Engram, EngramHash
 from .reader import EngramLayout, compressed_token_map, published_format
+from .rollback import RingRollback
 from .rope import RopeTable
 from .weights import dequant_plan
 
@@ -69,7 +70,7 @@ def _attention(ctx: BuildContext, i: int, attn: SharedCompressedAttentionConfig)
     return V41Attention(attn, cfg.hidden_size, ropes, scratch, ctx.kernels, cfg.dtype, ctx.device, tp=ctx.tp)
 
 
-ATTENTION.add("shared_compressed", AttentionKind("attn", _attention))
+ATTENTION.add("shared_compressed", AttentionKind("attn", _attention, RingRollback))
 
 
 # -- residual: "lagged_hyper" ----------------------------------------------------------------------------------------
@@ -134,6 +135,10 @@ class LaggedHyperLayer(Layer):
         y_TD = yield from ffn_stages(self.ffn, self.tp, self.ffn_norm(collapse(x_TnD, attn_pre)), input_ids_T)
         return expand(y_TD, x_TnD, post, comb), ffn_pre
 
+    def state_hook(self) -> Engram | None:
+        """The Engram look-back around a verify step (engram.py), where the layer has one."""
+        return self.engram
+
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
                     names: frozenset[str]) -> WeightPlan:
         plan: WeightPlan = {**self.attn_hc.weight_plan(p + "hc_attn"), **self.ffn_hc.weight_plan(p + "hc_ffn"),
@@ -152,7 +157,7 @@ class LaggedHyperLayer(Layer):
 
 
 # -- ends: "hc_lagged", "hc_lagged_head" -----------------------------------------------------------------------------
-def _embedding(cfg: ModelConfig, x_TD: torch.Tensor):
+def embed_streams(cfg: ModelConfig, x_TD: torch.Tensor):
     """hc_mult copies of the embedding, and the first collapse's mix: stream 0 alone."""
     assert cfg.hyper_connections is not None
     n = cfg.hyper_connections.hc_mult
@@ -161,7 +166,7 @@ def _embedding(cfg: ModelConfig, x_TD: torch.Tensor):
     return x_TD.unsqueeze(1).expand(-1, n, -1).contiguous(), pre_Tn
 
 
-EMBEDDING.add("hc_lagged", _embedding)
+EMBEDDING.add("hc_lagged", embed_streams)
 
 
 @HEAD.register("hc_lagged_head")
@@ -200,4 +205,4 @@ def published_name(name: str) -> str:
 
 CHECKPOINT.add("v41", CheckpointKind(_plan, lambda cfg, model, updated=None: None))
 
-__all__ = ["LaggedHead", "LaggedHyperLayer", "collapse", "expand", "published_name"]
+__all__ = ["LaggedHead", "LaggedHyperLayer", "collapse", "embed_streams", "expand", "published_name"]

@@ -9,8 +9,8 @@ ARCHITECTURES = (
     # layers after it reusing its entries and its top-k, a two-level candidate top-k), hyper-connections whose
     # collapse uses the previous site's mix (lagged), Engram n-gram memory at some layers, V4's MoE block. Its
     # checkpoint names are transformers' (model.layers.{i}.attn.wq_a, ffn.experts.{e}.w1, hc_attn_fn, model.embed,
-    # lm_head) or DeepSeek's (the same without `model.`, embed, head). The DSpark draft layers (mtp.*) and the
-    # vision tower (vision.*, aligner.*) are not read.
+    # lm_head) or DeepSeek's (the same without `model.`, embed, head). The vision tower (vision.*, aligner.*) is
+    # not read; the DSpark draft layers (mtp.*) are read by speculative method "dspark" alone (dspark.py).
     Architecture("DeepseekV41ForCausalLM", ArchSpec("shared_compressed", moe_prefix="ffn",
                                                     expert_names=("w1", "w3", "w2"), correction_bias="gate.bias",
                                                     residual="lagged_hyper", ffn="token_routed",

@@ -14,7 +14,8 @@ Where the look-back passes the sequence's start the pad token's id stands in.
 
 Per-sequence state: the last max_ngram_size - 1 mapped ids (as id + 1, 0 meaning none: a fresh slot), in the layer's
 state pool (engine/models/shared_compressed_attention_config.py), read and written by
-engine/models/ngram_embedding.causal_rows.
+engine/models/ngram_embedding.causal_rows; after a verify step, `replay_rows` writes the accepted tokens' ids (the
+Engram is its own StateHook, blocks.LaggedHyperLayer.state_hook).
 
 The table lives in host memory when it is larger than HOST_TABLE_BYTES (the published tables are ~98 GB each), rows
 gathered there and copied to the device; in device memory otherwise.
@@ -30,7 +31,7 @@ from torch import nn
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from ..layers import ForwardContext, param
-from ..ngram_embedding import causal_rows
+from ..ngram_embedding import causal_rows, replay_rows
 from .reader import EngramLayout
 
 HOST_TABLE_BYTES = 1 << 30
@@ -50,11 +51,13 @@ class EngramHash(nn.Module):
         self.register_buffer("offsets_LC", torch.tensor([layout.offsets(j) for j in range(len(layout.layers))],
                                                         **long), persistent=False)
 
-    def rows(self, j: int, ids_T: torch.Tensor, pool_PK: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Engram layer j's table rows of each token [T, C], its look-back read from (and written to) `pool_PK`."""
+    def rows(self, j: int, ids_T: torch.Tensor, pool_PK: torch.Tensor, ctx: ForwardContext,
+             pending: list) -> torch.Tensor:
+        """Engram layer j's table rows of each token [T, C], its look-back read from (and written to) `pool_PK`; a
+        verify step's verifying sequences leave it as it is and append to `pending` what their replay needs."""
         lay = self.layout
         mapped_T = self.token_map_V[ids_T.long()]
-        earlier_TK = causal_rows((mapped_T + 1)[:, None], pool_PK.unsqueeze(-1), ctx, [])[..., 0]  # 0: none
+        earlier_TK = causal_rows((mapped_T + 1)[:, None], pool_PK.unsqueeze(-1), ctx, pending)[..., 0]  # 0: none
         pad = self.token_map_V[lay.pad_id]
         tokens, blocked = [mapped_T], torch.zeros_like(mapped_T, dtype=torch.bool)
         for s in range(1, lay.max_ngram):
@@ -83,10 +86,20 @@ class Engram(nn.Module):
         self.wkv = param(hidden * (streams + 1), lay.columns() * lay.head_dim, dtype=dtype, device=device)
         self.q_weight = param(streams, hidden, dtype=dtype, device=device)
         self.k_weight = param(streams, hidden, dtype=dtype, device=device)
+        self.pending: list = []  # a verify step's look-backs to replay after sampling (ngram_embedding.causal_rows)
+
+    def before(self, ctx: ForwardContext, positions_T: torch.Tensor) -> None:
+        """A step's start (blocks/attention.StateHook): nothing to copy, the verifying look-backs are left as
+        they are; what an earlier verify step left unreplayed (it never sampled) is dropped."""
+        self.pending.clear()
+
+    def replay(self, num_accepted_S: torch.Tensor) -> None:
+        """After a verify step's sampling: each verifying sequence's look-back takes its accepted tokens only."""
+        replay_rows(self.pending, num_accepted_S)
 
     def forward(self, x_TnD: torch.Tensor, ids_T: torch.Tensor, pool_PK: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        rows_TC = self.hashing.rows(self.j, ids_T, pool_PK, ctx)
+        rows_TC = self.hashing.rows(self.j, ids_T, pool_PK, ctx, self.pending)
         emb = self.table_VE.index_select(0, rows_TC.reshape(-1).to(self.table_VE.device)).to(x_TnD.device)
         kv = F.linear(emb.view(rows_TC.shape[0], -1).to(self.wkv.dtype), self.wkv)
         key, value = kv.split([self.n * self.D, self.D], dim=-1)
