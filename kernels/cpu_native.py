@@ -14,7 +14,11 @@ What each takes (anything else runs the reference, unchanged):
 - at most NATIVE_MAX_ELEMENTS activation values (a prefill's norm runs torch's two-thread kernel);
 - the router's "greedy" method without a bias; the experts with at most NATIVE_MOE_MAX_PAIRS (token, expert) pairs.
 Results match the references up to the order of float32 sums within a row (bfloat16 rounded where torch rounds), and
-a row's result is the same in any batch.
+a row's result is the same in any batch. The router's picks are the reference's exactly: a call with a tie among a
+row's chosen experts or at the cut (frequent with bfloat16 logits) runs the reference, whose torch.topk orders ties
+its own way. Shapes that do not agree with each other (heads, widths, caches, metadata, routing weights) run the
+reference too, which raises where it must; the C code also checks every index it follows (positions, slots, blocks,
+expert ids) and raises IndexError before writing anything.
 """
 from __future__ import annotations
 
@@ -104,7 +108,7 @@ def native_route_topk(logits_TG: torch.Tensor, top_k: int, method: str = "greedy
     dtype = logits_TG.dtype
     lib = _library(lib) if method == "greedy" and dtype in _FLOATS else None
     if (lib is None or logits_TG.dim() != 2 or not _plain(logits_TG, dtype) or not 0 < top_k <= logits_TG.shape[1]
-            or (valid_T is not None and not _plain(valid_T, torch.bool))
+            or (valid_T is not None and (not _plain(valid_T, torch.bool) or valid_T.shape != logits_TG.shape[:1]))
             or (counts_G is not None and (not _plain(counts_G, torch.int64) or counts_G.numel() < logits_TG.shape[1]))
             or logits_TG.numel() > NATIVE_MAX_ELEMENTS):
         return reference_route_topk(logits_TG, top_k, method, renormalize, scale, n_group, topk_group, bias_G,
@@ -112,9 +116,13 @@ def native_route_topk(logits_TG: torch.Tensor, top_k: int, method: str = "greedy
     T, G = logits_TG.shape
     weights_TK = torch.empty((T, top_k), dtype=torch.float32)
     ids_TK = torch.empty((T, top_k), dtype=torch.int64)
-    if T and lib.ml_route_greedy(logits_TG.data_ptr(), int(dtype == torch.bfloat16), weights_TK.data_ptr(),
-                                 ids_TK.data_ptr(), T, G, top_k, int(renormalize), scale, _ptr(valid_T),
-                                 _ptr(counts_G)):
+    code = 0 if T == 0 else lib.ml_route_greedy(logits_TG.data_ptr(), int(dtype == torch.bfloat16),
+                                                weights_TK.data_ptr(), ids_TK.data_ptr(), T, G, top_k,
+                                                int(renormalize), scale, _ptr(valid_T), _ptr(counts_G))
+    if code == -3:  # a tie (or a NaN) torch.topk orders its own way: its order, as the reference's (nothing counted)
+        return reference_route_topk(logits_TG, top_k, method, renormalize, scale, n_group, topk_group, bias_G,
+                                    valid_T, counts_G)
+    if code:
         raise MemoryError("native route_topk: no memory for its row buffer")
     return weights_TK, ids_TK
 
@@ -135,21 +143,39 @@ def native_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Te
     T, D = x_TD.shape
     E, F, _ = w13_EFD.shape
     inter = w2_EDI.shape[2]
-    if w13_EFD.shape != (E, 2 * inter, D) or w2_EDI.shape != (E, D, inter) or topk_ids_TK.shape[0] != T:
-        raise ValueError(f"fused_moe: w13 {tuple(w13_EFD.shape)}, w2 {tuple(w2_EDI.shape)} and x {tuple(x_TD.shape)} "
-                         "do not fit ([E, 2I, D], [E, D, I], [T, D])")
+    if (w13_EFD.dim() != 3 or w2_EDI.dim() != 3 or w13_EFD.shape != (E, 2 * inter, D) or w2_EDI.shape != (E, D, inter)
+            or topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != T or topk_weights_TK.shape != topk_ids_TK.shape
+            or (b13_EF is not None and b13_EF.shape != (E, 2 * inter))
+            or (b2_ED is not None and b2_ED.shape != (E, D))):
+        # What the reference makes of it (its error, or a broadcast this op does not take).
+        return reference_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G, b13_EF=b13_EF,
+                                   b2_ED=b2_ED, activation=activation)
     ids = topk_ids_TK if _plain(topk_ids_TK, torch.int64) else topk_ids_TK.to(torch.int64).contiguous()
     weights = topk_weights_TK if _plain(topk_weights_TK, torch.float32) else (
         topk_weights_TK.to(torch.float32).contiguous())
     out_TD = torch.empty_like(x_TD)
-    K = ids.shape[1] if ids.dim() == 2 else 1
+    K = ids.shape[1]
     num_map = expert_map_G.numel() if expert_map_G is not None else 0
-    if lib.ml_moe_small(x_TD.data_ptr(), w13_EFD.data_ptr(), w2_EDI.data_ptr(), _ptr(b13_EF), _ptr(b2_ED),
+    code = lib.ml_moe_small(x_TD.data_ptr(), w13_EFD.data_ptr(), w2_EDI.data_ptr(), _ptr(b13_EF), _ptr(b2_ED),
                         weights.data_ptr(), ids.data_ptr(), _ptr(expert_map_G), num_map, out_TD.data_ptr(), T, K, D,
                         inter, E, int(dtype == torch.bfloat16), _ACTIVATION_KIND[activation.kind], activation.alpha,
-                        activation.limit):
+                        activation.limit)
+    if code == -2:
+        raise IndexError(f"fused_moe: an expert id is outside the {num_map or E} experts "
+                         f"{'of the expert map' if num_map else 'of this layer'} (or the map names one past {E})")
+    if code:
         raise MemoryError("native fused_moe: no memory for its row buffers")
     return out_TD
+
+
+def _attention_shapes_fit(q_TNH, k_cache_BLKH, v_cache_BLKH, meta: AttentionMetadata) -> bool:
+    """Heads, widths and metadata sizes that agree (anything else: the reference, which raises where it must)."""
+    N, K = q_TNH.shape[1], k_cache_BLKH.shape[2] if k_cache_BLKH.dim() == 4 else 0
+    S = meta.seq_lens_S.numel()
+    return (k_cache_BLKH.dim() == 4 and v_cache_BLKH.dim() == 4 and K > 0 and N >= K and N % K == 0
+            and q_TNH.shape[2] == k_cache_BLKH.shape[3] and v_cache_BLKH.shape[:3] == k_cache_BLKH.shape[:3]
+            and meta.block_tables_SM.dim() == 2 and meta.block_tables_SM.shape[0] >= S
+            and meta.query_start_loc_S1.numel() == S + 1)
 
 
 def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
@@ -167,7 +193,8 @@ def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_ca
             or T * meta.max_seq_len * N * (H + Hv) > NATIVE_ATTENTION_MAX_WORK
             or not _plain(meta.seq_lens_S, torch.int32) or not _plain(meta.query_start_loc_S1, torch.int32)
             or meta.block_tables_SM.dtype != torch.int32 or not meta.block_tables_SM.is_cpu
-            or meta.block_tables_SM.stride(-1) != 1 or T == 0):
+            or meta.block_tables_SM.stride(-1) != 1 or T == 0 or not _attention_shapes_fit(q_TNH, k_cache_BLKH,
+                                                                                          v_cache_BLKH, meta)):
         return reference_paged_attention(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N=sinks_N,
                                          sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
     _, L, K, _ = k_cache_BLKH.shape
@@ -191,6 +218,17 @@ def _rows(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.dtype == dtype and t.is_cpu and t.dim() == 3 and t.stride(2) == 1 and not t.requires_grad
 
 
+def _rope_shapes_fit(q_TNH, k_TKH, v_TKH, positions_T, k_cache_BLKH, v_cache_BLKH, slot_mapping_T, q_norm_H,
+                     k_norm_H) -> bool:
+    """q, k, v, the caches, positions, slots and norms of one step's shapes (anything else: the reference)."""
+    T, _, H = q_TNH.shape
+    K, Hv = v_TKH.shape[1], v_TKH.shape[2]
+    return (k_TKH.shape == (T, K, H) and v_TKH.shape[0] == T and k_cache_BLKH.dim() == 4
+            and k_cache_BLKH.shape[2:] == (K, H) and v_cache_BLKH.shape == (*k_cache_BLKH.shape[:3], Hv)
+            and positions_T.shape == (T,) and slot_mapping_T.shape == (T,)
+            and (q_norm_H is None or (q_norm_H.numel() == H and k_norm_H.numel() == H)))
+
+
 def native_rope_write_kv(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, positions_T: torch.Tensor,
                          cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,
                          slot_mapping_T: torch.Tensor, q_norm_H: torch.Tensor | None = None,
@@ -205,7 +243,9 @@ def native_rope_write_kv(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.
             or not _plain(cos_sin_PR, torch.float32) or cos_sin_PR.dim() != 2
             or cos_sin_PR.shape[-1] % 2 or cos_sin_PR.shape[-1] > q_TNH.shape[-1]
             or not _plain(positions_T, torch.int64) or not _plain(slot_mapping_T, torch.int64)
-            or q_TNH.numel() > NATIVE_MAX_ELEMENTS):
+            or q_TNH.numel() > NATIVE_MAX_ELEMENTS or not _rope_shapes_fit(q_TNH, k_TKH, v_TKH, positions_T,
+                                                                            k_cache_BLKH, v_cache_BLKH,
+                                                                            slot_mapping_T, q_norm_H, k_norm_H)):
         return reference_rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, cos_sin_PR, k_cache_BLKH, v_cache_BLKH,
                                        slot_mapping_T, q_norm_H, k_norm_H, eps, k_scale, v_scale)
     T, N, H = q_TNH.shape

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.c"
-ABI_VERSION = 3  # ml_abi_version() of the source this module's signatures describe
+ABI_VERSION = 4  # ml_abi_version() of the source this module's signatures describe
 BUILD_TIMEOUT_S = 120.0
 # No -ffast-math: cpu_ops.c's sums keep their order (the same result in any batch) and NaN propagates.
 # No contraction into FMAs either: the elementwise ops round as torch's do.
@@ -100,30 +101,37 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compiler_version(cc: str) -> Optional[str]:
+def _compiler_version(cc: list[str]) -> Optional[str]:
+    if not cc or shutil.which(cc[0]) is None:
+        return None
     try:
-        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        done = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout if done.returncode == 0 else None
 
 
-def _build(cc: str, flags: tuple[str, ...], target: Path) -> Optional[str]:
-    """Compile SOURCE into `target`; None, or what went wrong."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=target.parent)
-    os.close(fd)
+def _build(cc: list[str], flags: tuple[str, ...], target: Path) -> Optional[str]:
+    """Compile SOURCE into `target` (readable by everyone who shares the cache, as the umask allows); None, or what
+    went wrong (an unwritable cache folder included)."""
+    tmp = None
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=target.parent)
+        os.close(fd)
+        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
-            return (done.stderr or done.stdout).strip()[-2000:] or f"{cc} exited with {done.returncode}"
+            return (done.stderr or done.stdout).strip()[-2000:] or f"{cc[0]} exited with {done.returncode}"
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp's file is the owner's alone
         os.replace(tmp, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -143,32 +151,48 @@ def library() -> Optional[ctypes.CDLL]:
     when they are switched off or cannot be built here (no compiler: a warning once, the references run)."""
     if not enabled():
         return None
-    cc = os.environ.get("CC", "cc")
+    cc_text = os.environ.get("CC", "cc")
     flags = BASE_FLAGS + isa_flags()
-    memo_key = f"{cc}|{' '.join(flags)}"
+    memo_key = f"{cc_text}|{' '.join(flags)}"
     with _lock:
         if memo_key in _loaded:
             return _loaded[memo_key]
-        lib = None
-        why = None
-        version = _compiler_version(cc) if shutil.which(cc) else None
-        if version is None:
-            why = f"no C compiler {cc!r} (set CC to one)"
-        else:
-            key = hashlib.sha256("\n".join([SOURCE.read_text(), version, " ".join(flags), _cpu_features(),
-                                            platform.machine()]).encode()).hexdigest()[:24]
-            target = cache_dir() / f"cpu_ops-{key}.so"
-            if not target.exists():
-                why = _build(cc, flags, target)
-            if why is None:
-                try:
-                    lib = _load(target)
-                except (OSError, AttributeError) as exc:
-                    why = f"{target}: {exc}"
+        lib, why = None, None
+        try:
+            lib, why = _build_and_load(shlex.split(cc_text), flags)
+        except Exception as exc:  # noqa: BLE001  (anything here leaves the references running, never the engine down)
+            why = f"{type(exc).__name__}: {exc}"
         if lib is None:
             logger.warning("native CPU kernels unavailable (%s): the plain-torch references run instead", why)
         _loaded[memo_key] = lib
         return lib
+
+
+def _build_and_load(cc: list[str], flags: tuple[str, ...]) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """(the library, None) or (None, why not). A cached file that does not load (another libc, a damaged file) is
+    built again once, in place."""
+    version = _compiler_version(cc)
+    if version is None:
+        return None, f"no C compiler {' '.join(cc)!r} (set CC to one)"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), version, " ".join(flags), _cpu_features(),
+                                    platform.machine()]).encode()).hexdigest()[:24]
+    target = cache_dir() / f"cpu_ops-{key}.so"
+    built = False
+    if not target.exists():
+        if (why := _build(cc, flags, target)) is not None:
+            return None, why
+        built = True
+    try:
+        return _load(target), None
+    except (OSError, AttributeError) as exc:
+        if built:
+            return None, f"{target}: {exc}"
+    if (why := _build(cc, flags, target)) is not None:
+        return None, why
+    try:
+        return _load(target), None
+    except (OSError, AttributeError) as exc:
+        return None, f"{target}: {exc}"
 
 
 __all__ = ["ABI_VERSION", "SOURCE", "cache_dir", "enabled", "isa_flags", "library"]

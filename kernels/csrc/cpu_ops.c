@@ -116,7 +116,9 @@ int ml_rms_norm_bf16(const bf16_t *x, const bf16_t *res, const bf16_t *w, bf16_t
 
 /* logits [T, G] (float32 or, with is_bf16, bfloat16) -> weights [T, K] float32, ids [T, K] int64: softmax in float32,
  * the K largest in descending order (ties: the lower index first), optionally w / Σw, times scale. valid (bool [T] or
- * NULL): a row that is 0 gets ids -1. counts (int64 [G] or NULL): += 1 per chosen id >= 0. Returns 0, or -1 when out of memory (nothing written). */
+ * NULL): a row that is 0 gets ids -1. counts (int64 [G] or NULL): += 1 per chosen id >= 0. Returns 0; -1 when out of
+ * memory; -3 when a row has a tie among its chosen experts or at the cut, or a NaN (torch.topk's order of equal values
+ * is its own: the caller runs the reference). On -1 / -3 nothing is counted (counts are added after every row). */
 int ml_route_greedy(const void *logits, int is_bf16, float *weights, int64_t *ids, int64_t rows, int64_t g,
                     int64_t k, int renormalize, float scale, const uint8_t *valid, int64_t *counts) {
     float *scratch = malloc(sizeof(float) * (size_t)g);
@@ -152,6 +154,23 @@ int ml_route_greedy(const void *logits, int is_bf16, float *weights, int64_t *id
             ir[j] = best;
             wr[j] = bv;
         }
+        /* A tie among the chosen or at the cut (a chosen value equal to another chosen one, or to the best one left
+         * out): torch.topk orders ties its own way, so the caller runs the reference for this call. */
+        for (int64_t j = 0; j < k; j++) {
+            for (int64_t q = j + 1; q < k; q++)
+                if (wr[j] == wr[q]) {
+                    free(scratch);
+                    return -3;
+                }
+            for (int64_t e = 0; e < g; e++) {
+                int taken = 0;
+                for (int64_t q = 0; q < k; q++) taken |= (ir[q] == e);
+                if (!taken && (scratch[e] == wr[j] || scratch[e] != scratch[e])) {
+                    free(scratch);
+                    return -3;
+                }
+            }
+        }
         if (renormalize) {
             float s = 0.f;
             for (int64_t j = 0; j < k; j++) s += wr[j];
@@ -161,11 +180,11 @@ int ml_route_greedy(const void *logits, int is_bf16, float *weights, int64_t *id
             for (int64_t j = 0; j < k; j++) wr[j] *= scale;
         if (valid && !valid[r])
             for (int64_t j = 0; j < k; j++) ir[j] = -1;
-        if (counts)
-            for (int64_t j = 0; j < k; j++)
-                if (ir[j] >= 0) counts[ir[j]] += 1;
     }
     free(scratch);
+    if (counts)
+        for (int64_t j = 0; j < rows * k; j++)
+            if (ids[j] >= 0) counts[ids[j]] += 1;
     return 0;
 }
 
@@ -176,7 +195,7 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 static inline float activate(float g, float u, int kind, float alpha, float limit, int bf16_round) {
     if (kind != 0) {
-        g = g < limit ? g : limit;
+        g = g > limit ? limit : g; /* a NaN gate stays NaN, as torch.clamp keeps it */
         u = u < -limit ? -limit : (u > limit ? limit : u);
     }
     if (kind == 1) { /* (u + 1) * (g * sigmoid(g * alpha)), each op rounded in bf16 as torch's */
@@ -191,11 +210,16 @@ static inline float activate(float g, float u, int kind, float alpha, float limi
 /* out[t] = Σ_k w[t,k] · (w2_e · act(w13_e · x[t] (+ b13_e)) (+ b2_e)), e = ids[t,k] (through `map` when given: a global
  * id -> local, -1 elsewhere); a pair with no local expert adds nothing. Each pair reads its expert's rows once, no
  * copy. float32 (is_bf16 0) or bfloat16 (1: x, weights, biases and out; each product rounded where torch rounds).
- * ids: int64 [T, K]; topk_w: float32 [T, K]. Returns 0, or -1 when out of memory (nothing written). */
+ * ids: int64 [T, K]; topk_w: float32 [T, K]. Returns 0; -1 when out of memory; -2 when an id is past the experts (or
+ * the map), or the map names a local expert past them (checked first: nothing written). */
 int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13, const void *b2,
                   const float *topk_w, const int64_t *ids, const int32_t *map, int64_t num_map, void *out,
                   int64_t t_rows, int64_t k, int64_t d, int64_t inter, int64_t num_local, int is_bf16, int act_kind,
                  float alpha, float limit) {
+    for (int64_t j = 0; j < t_rows * k; j++) { /* ids past the experts (or the map) raise, as the references' indexing */
+        int64_t e = ids[j];
+        if (e >= (map ? num_map : num_local) || (map && e >= 0 && map[e] >= num_local)) return -2;
+    }
     float *scratch = malloc(sizeof(float) * (size_t)(3 * inter + 2 * d));
     if (!scratch) return -1;
     float *h = scratch;             /* [2I] */
@@ -548,4 +572,4 @@ void ml_argmax_rows(const void *x, int is_bf16, int64_t *ids, int64_t rows, int6
 }
 
 /* The ABI this file offers; cpu_native_build.py refuses a library that reports another. */
-int64_t ml_abi_version(void) { return 3; }
+int64_t ml_abi_version(void) { return 4; }

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import platform
 import random
 
 import pytest
@@ -22,6 +24,17 @@ from moelink.kernels.router_topk import reference_route_topk
 pytestmark = pytest.mark.skipif(build.library() is None, reason="no C compiler here: the references run")
 
 
+@pytest.fixture
+def native_only(monkeypatch):
+    """The native ops' fallbacks raise: a parity check that passes ran the native code, not the reference it is
+    compared with (the references are imported here under their own names, untouched)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the native op fell back to its reference")
+    for name in ("reference_rms_norm", "reference_add_rms_norm", "reference_route_topk", "reference_fused_moe",
+                 "reference_paged_attention", "reference_rope_write_kv", "reference_silu_mul"):
+        monkeypatch.setattr(cn, name, refuse)
+
+
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     """float32: a few ulps of the row's scale; bfloat16: one rounding step (2^-7 of the row's scale)."""
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -32,7 +45,7 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,width", [(1, 128), (3, 37), (17, 8)])
-def test_norms_match_the_references(dtype, rows, width):
+def test_norms_match_the_references(dtype, rows, width, native_only):
     g = torch.Generator().manual_seed(rows * width)
     x, res = (torch.randn(rows, width, generator=g).to(dtype) * 3 for _ in range(2))
     w = torch.randn(width, generator=g).to(dtype)
@@ -55,10 +68,11 @@ def test_norm_inputs_it_does_not_take_run_the_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_greedy_router_matches_the_reference(dtype):
+def test_the_greedy_router_matches_the_reference(dtype, native_only):
     g = torch.Generator().manual_seed(3)
     for T, G, K in [(1, 8, 2), (5, 11, 3), (9, 64, 8)]:
-        logits = torch.randn(T, G, generator=g).to(dtype)
+        # Distinct values in every row (bfloat16 too): ties go to the reference (the tie test below).
+        logits = torch.stack([torch.randperm(G, generator=g) for _ in range(T)]).to(dtype) * 0.0625
         valid = torch.rand(T, generator=g) > 0.3
         for renorm, scale, use_valid in itertools.product((False, True), (1.0, 2.5), (False, True)):
             c_got, c_want = torch.zeros(G, dtype=torch.long), torch.zeros(G, dtype=torch.long)
@@ -85,7 +99,7 @@ ACTIVATIONS = [MoEActivation(), MoEActivation("swiglu_oai", 1.702, 1.0), MoEActi
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.kind)
-def test_few_token_experts_match_the_reference(dtype, activation):
+def test_few_token_experts_match_the_reference(dtype, activation, native_only):
     g = torch.Generator().manual_seed(7)
     E, D, I = 6, 40, 24
     w13 = (torch.randn(E, 2 * I, D, generator=g) * 0.2).to(dtype)
@@ -143,7 +157,7 @@ def attention_case(dtype, query_lens, ctxs, num_heads=4, kv_heads=2, head_dim=16
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 3, 7])
 @pytest.mark.parametrize("sinks", [False, True])
-def test_paged_attention_matches_the_reference(dtype, window, sinks):
+def test_paged_attention_matches_the_reference(dtype, window, sinks, native_only):
     for query_lens, ctxs, heads in [([1, 1, 1], [5, 9, 1], (4, 2, 16, 16)), ([1, 3, 1, 4], [6, 3, 13, 10], (4, 2, 16, 16)),
                                     ([2], [2], (8, 1, 16, 8))]:
         N, K, H, Hv = heads
@@ -168,7 +182,7 @@ def test_attention_rows_are_their_own_and_long_steps_run_the_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("normed", [False, True])
 @pytest.mark.parametrize("rotary_dims", [16, 8])
-def test_rope_write_kv_is_the_reference_bit_for_bit(dtype, normed, rotary_dims):
+def test_rope_write_kv_is_the_reference_bit_for_bit(dtype, normed, rotary_dims, native_only):
     g = torch.Generator().manual_seed(rotary_dims)
     T, N, K, H = 5, 4, 2, 16
     qkv = torch.randn(T, (N + 2 * K) * H, generator=g).to(dtype)  # q, k, v: strided views of one projection
@@ -199,11 +213,22 @@ def test_the_library_is_built_once_per_key_into_its_cache(fresh_build, monkeypat
     monkeypatch.setattr(build, "_loaded", {})
     assert build.library() is not None  # loaded from the cache
     assert sorted((fresh_build / "cpu_native").glob("cpu_ops-*.so")) == first
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # torch held at AVX2: a build for AVX2 beside it
-    assert build.isa_flags() == ("-mavx2", "-mfma")
-    assert build.library() is not None
-    assert len(list((fresh_build / "cpu_native").glob("cpu_ops-*.so"))) == 2
+    assert all(p.stat().st_mode & 0o044 == 0o044 & ~_umask() for p in first)  # readable where the umask allows
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # torch held at AVX2: a build for AVX2 beside it
+        assert build.isa_flags() == ("-mavx2", "-mfma")
+        assert build.library() is not None
+        assert len(list((fresh_build / "cpu_native").glob("cpu_ops-*.so"))) == 2
     assert not list((fresh_build / "cpu_native").glob(".build-*"))  # no temporary file left
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setenv("CC", "env cc")  # a compiler command with arguments
+    assert build.library() is not None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_without_a_compiler_the_references_run(fresh_build, monkeypatch, caplog):
@@ -216,10 +241,34 @@ def test_without_a_compiler_the_references_run(fresh_build, monkeypatch, caplog)
     assert select_kernels(torch.device("cpu")).name == "reference"
     x, w = torch.randn(2, 8), torch.randn(8)
     assert torch.equal(cn.native_rms_norm(x, w, 1e-6), reference_rms_norm(x, w, 1e-6))
-    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    failing = fresh_build / "failing-cc"  # answers --version, then cannot compile
+    failing.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo failing-cc 1.0; exit 0; fi\n"
+                       "echo 'failing-cc: cannot compile' >&2; exit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger=build.__name__):
         assert build.library() is None
-    assert "native CPU kernels unavailable" in caplog.text
+    assert "failing-cc: cannot compile" in caplog.text
+    assert not list((fresh_build / "cpu_native").glob("*"))  # nothing half-built left
+
+
+def test_an_unwritable_cache_leaves_the_references_running(monkeypatch, tmp_path, caplog):
+    """A cache folder that cannot be made: one warning, auto picks the references, and the sampler's greedy pick
+    (which asks for the library at every step) still answers."""
+    from moelink.kernels.ops import select_kernels
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MOELINK_CACHE_DIR", str(blocker / "under-a-file"))
+    monkeypatch.setattr(build, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        assert build.library() is None
+        assert build.library() is None  # memoised: one warning
+    assert caplog.text.count("native CPU kernels unavailable") == 1
+    assert select_kernels(torch.device("cpu")).name == "reference"
+    logits = torch.randn(3, 17)
+    assert torch.equal(cn.greedy_ids(logits), logits.argmax(dim=-1))
 
 
 def test_switched_off_nothing_is_built(fresh_build, monkeypatch):
@@ -287,3 +336,76 @@ def test_greedy_ids_and_silu_mul_match_torch(dtype):
     gate, up = h.chunk(2, dim=-1)  # strided halves, as a gate_up projection's output
     from moelink.kernels.silu_mul import reference_silu_mul
     close(cn.native_silu_mul(gate, up), reference_silu_mul(gate, up), dtype)
+
+
+def test_router_ties_take_torch_topk_order_and_count_once():
+    """Equal logits (frequent in bfloat16): torch.topk's order, as the reference and transformers pick them; the
+    expert-load count added once (the native pass counts nothing when it hands a call over)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.tensor([[0.5, 2.0, 2.0, 1.0, 2.0, -1.0], [3.0, 1.0, 0.0, 1.0, 2.0, 2.5],
+                               [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]).to(dtype)
+        c_got, c_want = torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long)
+        got = cn.native_route_topk(logits, 2, renormalize=True, counts_G=c_got)
+        want = reference_route_topk(logits, 2, renormalize=True, counts_G=c_want)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]) and torch.equal(c_got, c_want)
+        assert int(c_got.sum()) == 6
+
+
+def test_a_nan_gate_stays_nan_through_every_activation():
+    E, D, I = 2, 8, 4
+    w13, w2 = torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    w13[0, 0] = float("nan")  # expert 0's first gate row
+    x, ids, weights = torch.randn(1, D), torch.tensor([[0, 1]]), torch.tensor([[0.6, 0.4]])
+    for activation in ACTIVATIONS:
+        got = cn.native_fused_moe(x, w13, w2, weights, ids, activation=activation)
+        want = reference_fused_moe(x, w13, w2, weights, ids, activation=activation)
+        assert got.isnan().all() and want.isnan().all(), activation.kind
+
+
+def same_outcome(native, reference) -> None:
+    """Both raise the same error type, or both return equal results (and leave equal tensors behind)."""
+    outcomes = []
+    for fn in (native, reference):
+        try:
+            outcomes.append(("ok", fn()))
+        except Exception as exc:  # noqa: BLE001
+            outcomes.append(("raised", type(exc)))
+    (kind_a, a), (kind_b, b) = outcomes
+    assert kind_a == kind_b, outcomes
+    if kind_a == "raised":
+        assert a is b
+    else:
+        flat = lambda r: [t for t in (r if isinstance(r, (tuple, list)) else (r,))]  # noqa: E731
+        assert all(torch.equal(x, y) for x, y in zip(flat(a), flat(b)))
+
+
+def test_shapes_that_do_not_fit_get_the_references_answer():
+    """Mismatched heads, widths, caches, norms, metadata or routing shapes: what the reference does (its error, or
+    its answer), never a read or write outside a tensor."""
+    T, N, K, H = 2, 4, 2, 8
+    q, k, v = torch.randn(T, N, H), torch.randn(T, K, H), torch.randn(T, K, H)
+    table, slots, positions = rotary_cos_sin_cache(H, 8, 10000.0), torch.tensor([0, 1]), torch.tensor([0, 1])
+
+    def rope(fn, cache_shape, **kw):
+        caches = [torch.zeros(cache_shape), torch.zeros(cache_shape)]
+        return lambda: (fn(q, k, v, kw.get("positions", positions), table, *caches, kw.get("slots", slots),
+                           kw.get("qn"), kw.get("kn")), *caches)
+    for shape, kw in [((4, 2, 1, H), {}),  # one KV head where k and v have two
+                      ((4, 2, 2, H), dict(qn=torch.ones(4), kn=torch.ones(4))),  # norms of another width
+                      ((4, 2, 2, H), dict(slots=slots[:1])), ((4, 2, 2, H), dict(positions=positions[:1]))]:
+        same_outcome(rope(cn.native_rope_write_kv, shape, **kw), rope(reference_rope_write_kv, shape, **kw))
+    q6, kc, vc, meta = attention_case(torch.float32, [1, 1], [5, 3], num_heads=6, kv_heads=4)  # 6 heads over 4
+    same_outcome(lambda: cn.native_paged_attention(q6, kc, vc, meta, 0.5),
+                 lambda: reference_paged_attention(q6, kc, vc, meta, 0.5))
+    q, kc, vc, meta = attention_case(torch.float32, [1, 1], [5, 3], head_dim=16)
+    same_outcome(lambda: cn.native_paged_attention(q[..., :8].contiguous(), kc, vc, meta, 0.5),  # q narrower
+                 lambda: reference_paged_attention(q[..., :8].contiguous(), kc, vc, meta, 0.5))
+    E, D, I = 3, 8, 4
+    w13, w2, x = torch.randn(E, 2 * I, D), torch.randn(E, D, I), torch.randn(2, D)
+    ids, w1 = torch.tensor([[0, 1], [2, 0]]), torch.rand(2, 1)
+    same_outcome(lambda: cn.native_fused_moe(x, w13, w2, w1, ids), lambda: reference_fused_moe(x, w13, w2, w1, ids))
+    with pytest.raises(IndexError):  # an expert past the layer's three
+        cn.native_fused_moe(x, w13, w2, torch.rand(2, 2), torch.tensor([[0, 3], [1, 2]]))
+    logits, valid = torch.randn(3, 6), torch.tensor([True])  # a [1] mask broadcasts in the reference
+    same_outcome(lambda: cn.native_route_topk(logits, 2, valid_T=valid),
+                 lambda: reference_route_topk(logits, 2, valid_T=valid))
