@@ -23,6 +23,7 @@ expert ids) and raises IndexError before writing anything.
 from __future__ import annotations
 
 import ctypes
+from typing import Any, Callable
 
 import torch
 
@@ -294,9 +295,9 @@ def greedy_ids(logits_BV: torch.Tensor) -> torch.Tensor:
 
 
 # The ops the native CPU backend (kernels/ops.NativeCpuKernels) takes from here, under the protocol's names.
-NATIVE_OPS = dict(rms_norm=native_rms_norm, add_rms_norm=native_add_rms_norm, route_topk=native_route_topk,
-                  fused_moe=native_fused_moe, paged_attention=native_paged_attention,
-                  rope_write_kv=native_rope_write_kv, silu_mul=native_silu_mul)
+NATIVE_OPS: dict[str, Callable[..., Any]] = dict(
+    rms_norm=native_rms_norm, add_rms_norm=native_add_rms_norm, route_topk=native_route_topk, fused_moe=native_fused_moe,
+    paged_attention=native_paged_attention, rope_write_kv=native_rope_write_kv, silu_mul=native_silu_mul)
 
 __all__ = ["greedy_ids", "NATIVE_ATTENTION_MAX_QUERY", "NATIVE_ATTENTION_MAX_WORK", "NATIVE_MAX_ELEMENTS", "NATIVE_MOE_MAX_PAIRS",
            "NATIVE_OPS", "native_add_rms_norm", "native_fused_moe", "native_paged_attention", "native_rms_norm",
