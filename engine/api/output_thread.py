@@ -211,11 +211,24 @@ class OutputThread:
             return
         if self._on_outputs is not None:
             self._on_outputs(outputs)
+        # One wake-up of each consumer loop for the whole batch (a server's streams share one loop): each
+        # call_soon_threadsafe writes the loop's self-pipe, a syscall and a GIL hand-off per token otherwise.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, RequestOutput]]] = {}
         for out in outputs:
-            rid = out.request_id
-            stream = self._streams.pop(rid) if out.finished else self._streams[rid]
+            stream = self._streams.pop(out.request_id) if out.finished else self._streams[out.request_id]
             if not send or not stream.listening:
                 continue
             stream.last = out
-            if not stream.put(out):
-                self._on_lost(rid, stream, out.finished)
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_each, [(stream.queue, out) for stream, out in items])
+            except RuntimeError:  # the consumers' loop is closed: nobody will ever read
+                for stream, out in items:
+                    self._on_lost(out.request_id, stream, out.finished)
+
+
+def _put_each(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """On the consumers' loop: each output into its stream's queue, in the engine's order."""
+    for queue, out in items:
+        queue.put_nowait(out)

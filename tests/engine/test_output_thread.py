@@ -91,6 +91,36 @@ def test_output_work_runs_on_the_output_thread(tiny_model):
         engine.shutdown()
 
 
+def test_a_steps_outputs_wake_the_consumers_loop_once(tiny_model):
+    """Four streams on one event loop: each step's outputs reach their queues through one call_soon_threadsafe (one
+    wake-up of the loop, not one a token), in the engine's order, every token delivered."""
+    from moelink.engine.api import output_thread
+
+    engine = _engine(tiny_model)
+    calls: list[int] = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kw):
+            if callback is output_thread._put_each:
+                calls.append(len(args[0]))
+            return real(callback, *args, **kw)
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        params = SamplingParams(max_tokens=6, **_GREEDY)
+        return await asyncio.gather(*(_all(engine, f"s{i}", [1, 2, 3 + i], params) for i in range(4)))
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(run(), 60))
+        assert [sum(len(o.outputs[0].token_ids) for o in stream) for stream in outs] == [6] * 4
+        assert all(stream[-1].finished for stream in outs)
+        assert sum(calls) == sum(len(stream) for stream in outs)  # every output went through the batched put
+        assert max(calls) > 1 and len(calls) < sum(calls)  # a step's outputs shared one wake-up
+    finally:
+        engine.shutdown()
+
+
 def _token_stop(engine: AsyncEngine, ids: list[int]) -> tuple[str, int]:
     """A stop string that first appears in the text of token k (k >= 2, small): that token's own text."""
     tok = engine.tokenizer
