@@ -352,6 +352,12 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
         names = [n for n in ("deepseek-v3", "qwen3-30b-a3b") if (MODEL_SHAPES[n][0], MODEL_SHAPES[n][3]) == (int(m[1]), int(m[2]))]
         if names:
             moe += [(f"{path.name}[{b}]", names[0], b, c, False, "sum") for b, c in load_config_file(str(path))[1]]
+    for name in ("qwen3-30b-a3b", "deepseek-v3"):  # the tiny path's e4m3 GEMVs (DEFAULT_TINY_FP8) at one token
+        E, K, D, I = MODEL_SHAPES[name]
+        with rec.labelled(f"{name} T=1 fp8 tiny DEFAULT_TINY_FP8"):
+            from moelink.benchmarks.compile_tiny import launch_fp8_tiny
+
+            launch_fp8_tiny(E, K, D, I, 1)
     if not quick:
         moe += [("fp8 variant expert map", "deepseek-v3", 64, None, True, "sum"),
                 ("fp8 variant atomic", "deepseek-v3", 4096, None, False, "atomic")]

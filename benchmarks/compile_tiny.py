@@ -49,6 +49,9 @@ def launch_cases(rec) -> None:
                 triton_fused_moe(torch.empty(T, D, **bf), torch.empty(E, 2 * I, D, **bf), torch.empty(E, D, I, **bf),
                                  torch.empty(T, K, **meta), torch.empty(T, K, dtype=torch.long, **meta), path=path,
                                  **extra)
+        if name in ("qwen3-30b-a3b", "deepseek-v3") and T == 1:  # the FP8 checkpoints' shapes: e4m3 GEMVs
+            with rec.labelled(f"{name} T={T} fp8 tiny"):
+                launch_fp8_tiny(E, K, D, I, T)
 
 
 LARGE_TOKENS = (4096, 16384)
@@ -87,6 +90,18 @@ def tensor_cores(ptx: str, sass: str) -> dict:
     return dict(wgmma=count_at_word_start(r"wgmma\.mma_async", ptx), tcgen05=len(re.findall(r"tcgen05\.mma\b", ptx)),
                 mma_sync=count_at_word_start(r"mma\.sync", ptx), sass_gmma=count_ops(sass, "HGMMA") + count_ops(sass, "QGMMA"),
                 sass_utc=count_ops(sass, "UTC"), sass_hmma=count_ops(sass, "HMMA"), tma=count_ops(sass, "UTMALDG"))
+
+
+def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int) -> None:
+    """kernels/triton_moe_fp8_tiny.py's four launches (DEFAULT_TINY_FP8) on meta tensors, 128 x 128 blocks."""
+    from moelink.kernels.fp8 import block_scale_shape
+    from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
+
+    meta, f8 = dict(device="meta"), torch.float8_e4m3fn
+    triton_fused_moe_fp8(torch.empty(T, D, dtype=torch.bfloat16, **meta), torch.empty(E, 2 * I, D, dtype=f8, **meta),
+                         torch.empty(E, *block_scale_shape(2 * I, D), **meta), torch.empty(E, D, I, dtype=f8, **meta),
+                         torch.empty(E, *block_scale_shape(D, I), **meta), torch.empty(T, K, **meta),
+                         torch.empty(T, K, dtype=torch.long, **meta), path="tiny")
 
 
 def ptxas_for(arch: int) -> str:

@@ -112,6 +112,11 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
         from .triton_moe_fp8 import _blocks
 
         cfg = _pick(*_table(shape), T, K, E)
+        if cfg.uses_tiny(P):  # (kernels/triton_moe_fp8_tiny.py: the float GEMVs' narrowing, its own kernels)
+            from .triton_moe_tiny import gemv_block_n
+
+            return MoEVariant("tiny", cfg.tiny, down_block_n=gemv_block_n(cfg.tiny.down.BLOCK_SIZE_N, T, D,
+                                                                          shape.num_sms, cfg.tiny.down.num_warps))
         bk = shape.fp8_block_k
         up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
         launched = MoELaunchConfig(cfg.BLOCK_SIZE_M,
