@@ -369,3 +369,25 @@ def test_fused_moe_fp8_tiny_matches_reference(T, E, G, K, D, I, mode, dtype, blo
     _check_rows(got, want, dtype, f"fused_moe_fp8 tiny T={T} E={E} K={K} {mode} {blocks}", seed, flips=2)
     if mode == "map":
         assert (got.cpu()[(emap[ids] < 0).all(1)] == 0).all()
+
+
+def test_fused_moe_fp8_tiny_narrows_rows_to_one_scale_block(gen, kdev, seed, nan_buffer):
+    """Weight blocks of 24 rows (Bn any size) and I = 40 (up rows start mid-block) with 16-row GEMV tiles: the
+    kernels fold one weight scale a K group into a tile, so BLOCK_N is narrowed to rows that share it (8 here,
+    both GEMVs); without the narrowing a tile's rows past a block boundary would take their neighbour block's scale."""
+    from moelink.kernels.triton_moe_fp8_tiny import fp8_tiny_down_block_n, fp8_tiny_up_block_n
+
+    assert fp8_tiny_up_block_n(16, 24, 40) == 8 and fp8_tiny_up_block_n(2, 128, 2048) == 2
+    assert fp8_tiny_down_block_n(16, 8, 200, 4, 1, 24) == 8  # (8 tokens x 13 programs: no grid narrowing)
+    T, E, K, D, I, block = 8, 4, 2, 200, 40, (24, 32)
+    x = _x(gen, T, D, torch.float32)
+    w13q, w13s = _weight(gen, E, 2 * I, D, block=block)
+    w2q, w2s = _weight(gen, E, D, I, block=block)
+    ids, weights = _routing(gen, T, E, K, "rand"), torch.rand(T, K, generator=gen)
+    want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, None, block)
+    wide = moe_config.TinyConfig.from_dict({"max_pairs": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "num_warps": 1,
+                                            "num_stages": 1, "down": {"BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16}})
+    cfg = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), wide)
+    got = triton_fused_moe_fp8(*_to(kdev, x, w13q, w13s, w2q, w2s, weights, ids, None), block,
+                               out=nan_buffer((T, D), torch.float32, kdev), config=cfg)
+    _check_rows(got, want, torch.float32, "fused_moe_fp8 tiny Bn=24", seed, flips=2)
