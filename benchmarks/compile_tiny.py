@@ -36,7 +36,8 @@ SMS = 132  # the H100's (an H200 has as many; a B200 148): programs an SM gets =
 
 
 def launch_cases(rec) -> None:
-    """The float tiny path at every case (DEFAULT_TINY_FLOAT), and the sorted path at Qwen3's one token."""
+    """The float tiny path and the FP8 one (DEFAULT_TINY_FLOAT, DEFAULT_TINY_FP8) at every case, and the sorted path at
+    Qwen3's one token."""
     from moelink.kernels.moe import MoEActivation
     from moelink.kernels.triton_moe import triton_fused_moe
 
@@ -49,9 +50,8 @@ def launch_cases(rec) -> None:
                 triton_fused_moe(torch.empty(T, D, **bf), torch.empty(E, 2 * I, D, **bf), torch.empty(E, D, I, **bf),
                                  torch.empty(T, K, **meta), torch.empty(T, K, dtype=torch.long, **meta), path=path,
                                  **extra)
-        if name in ("qwen3-30b-a3b", "deepseek-v3") and T == 1:  # the FP8 checkpoints' shapes: e4m3 GEMVs
-            with rec.labelled(f"{name} T={T} fp8 tiny"):
-                launch_fp8_tiny(E, K, D, I, T)
+        with rec.labelled(f"{name} T={T} fp8 tiny"):  # the e4m3 GEMVs at every shape: spill-free everywhere
+            launch_fp8_tiny(E, K, D, I, T, extra.get("activation"))
 
 
 LARGE_TOKENS = (4096, 16384)
@@ -92,8 +92,9 @@ def tensor_cores(ptx: str, sass: str) -> dict:
                 sass_utc=count_ops(sass, "UTC"), sass_hmma=count_ops(sass, "HMMA"), tma=count_ops(sass, "UTMALDG"))
 
 
-def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int) -> None:
-    """kernels/triton_moe_fp8_tiny.py's four launches (DEFAULT_TINY_FP8) on meta tensors, 128 x 128 blocks."""
+def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int, activation=None) -> None:
+    """kernels/triton_moe_fp8_tiny.py's four launches (DEFAULT_TINY_FP8) on meta tensors, 128 x 128 blocks
+    (`activation`: gpt-oss's clamped SwiGLU, else SiLU)."""
     from moelink.kernels.fp8 import block_scale_shape
     from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
 
@@ -101,7 +102,7 @@ def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int) -> None:
     triton_fused_moe_fp8(torch.empty(T, D, dtype=torch.bfloat16, **meta), torch.empty(E, 2 * I, D, dtype=f8, **meta),
                          torch.empty(E, *block_scale_shape(2 * I, D), **meta), torch.empty(E, D, I, dtype=f8, **meta),
                          torch.empty(E, *block_scale_shape(D, I), **meta), torch.empty(T, K, **meta),
-                         torch.empty(T, K, dtype=torch.long, **meta), path="tiny")
+                         torch.empty(T, K, dtype=torch.long, **meta), path="tiny", activation=activation)
 
 
 def ptxas_for(arch: int) -> str:
