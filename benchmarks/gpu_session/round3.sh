@@ -12,7 +12,8 @@
 #             (summary.min_frac_matmul_ge4096_tokens), and FP8 at the same counts on both FP8 shapes
 #   round3 3  modes: batch-invariant mode beside the normal engine at Qwen3-30B-A3B's shape, 24 layers
 #             (ratio_invariant_over_normal), and the speculative verify step beside the decode step at batch 4
-#   round3 4  MXFP4 against bf16 at gpt-oss-20b's experts, 1-4,096 tokens (bf16 / MXFP4 per count)
+#   round3 4  MXFP4 against bf16 at gpt-oss-20b's experts, 1-4,096 tokens (bf16 / MXFP4 per count), then the FP8 tiny
+#             GEMVs' GPU tests (round3 1 times them; 1 has no room left for their first compiled run)
 #   round3 5  prefill of 64 x 2,048 tokens (the prefill rows' total_tok_s in engine_e2e's rows)
 #
 # Budgets (the header's compile model; run seconds from the last leases' logs with margin):
@@ -31,6 +32,9 @@
 #   moe_fp8_large: 2 counts x 2 shapes x (FP8 + bf16) = 16 GEMM, ~16 other (quantization), run 150 s.
 # round3 3: the rl step's batch_invariant_full counts (13 GEMM + 18 other, run 60 s); spec --quick's (24 + 36, 240 s).
 # round3 4: moe_mxfp4 at 5 token counts (the moe-mxfp4 step's per-count share: 43 GEMM-class + 43 other), run 120 s.
+#   fp8_tiny_gpu: test_triton_fp8_gpu.py's tiny tests (2 shapes x T 1, 8 against the float32 reference, a CUDA graph
+#   each): the up and down GEMV per shape (DeepSeek's with an expert map), x's and h's quantization, ~8 other; run
+#   40 s (DeepSeek's 32 local experts quantized on the GPU twice).
 # round3 5: prefill, engine_e2e's prefill workload alone, no serving (24 GEMM + 36 other: the prefill and mixed
 #   buckets and the decode graphs' warm-up), run 200 s (both step loops: ~77 s start, ~5 s of generate each).
 ROUND3_COUNT=5
@@ -58,7 +62,9 @@ round3_cmds() {  # N: the commands of round3 N
         --k 2 --tokens 64 --repeats 1 --out "$OUT/spec_decode_${name}_qwen3-30b-a3b.json" ;;
     4)
       cmd round3_mxfp4 43 0 43 120 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --shapes gpt-oss-20b \
-        --tokens 1,16,64,1024,4096 --out "$OUT/moe_mxfp4_${name}.json" ;;
+        --tokens 1,16,64,1024,4096 --out "$OUT/moe_mxfp4_${name}.json"
+      run_pytest_files "gpu_fp8_tiny_${name}.txt" \
+        fp8_tiny_gpu 0 0 8 40 tests/kernels/test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes ;;
     5)
       cmd round3_prefill 24 0 36 200 -- "$PY" -m moelink.benchmarks.engine_e2e --models qwen3-30b-a3b --dtypes bf16 \
         --workloads prefill --no-serve --time-budget-s $(( $(budget 24 0 36 200) - 120 )) \
