@@ -6,16 +6,23 @@ top-k, P = T*K pairs, Gd = ceil(D / Bk), Gi = ceil(I / Bk), Bn x Bk the weight b
 
 Four launches, no alignment and no sum pass (the sorted FP8 path at one token is five, with the sum):
 1. x quantized per token and Bk group (triton_fp8.triton_per_token_group_quant): xq [T, D] e4m3, xs [T, Gd].
-2. Gate-up GEMV, grid (P, I / BLOCK_N): each tile's products are one FMA a value, the e4m3 weight times x's value
-   already scaled by its group's xs and by the weight block's scale (a [BN, BK] gather of [E, F/Bn, D/Bk] scales:
-   L1-resident, a row of scales serves Bn x Bk weights); act(gate) * up in fp32 into h_PI (fp32: the reference
-   quantizes the fp32 activation, not a rounded one).
+2. Gate-up GEMV, grid (P, I / BLOCK_N): a K tile is [BLOCK_N, BLOCK_K / g, g] (g = min(BLOCK_K, Bk): one scale
+   group a row of the middle axis), so each group's x scale and weight block scale are loaded once a group and
+   folded into x's values ([1, groups, 1] times [1, groups, g]); the products are then one FMA a value against the
+   e4m3 weights. A program's rows lie in one weight scale block (BLOCK_N narrowed to divide Bn and the up rows'
+   offset: `fp8_tiny_up_block_n`). act(gate) * up in fp32 into h_PI (fp32: the reference quantizes the fp32
+   activation, not a rounded one).
 3. h quantized per pair and Bk group (the same kernel as 1): hq [P, I], hs [P, Gi].
 4. Down GEMV + top-k sum, grid (T, D / BLOCK_N), the float path's walk (pairs in order into one fp32 tile, each
-   scaled by its routed weight): deterministic, no atomics.
-K is walked in unrolled tiles (static_range): Triton does not pipeline loads that feed no dot, and unrolled tiles
-let ptxas issue them back to back (the float GEMVs' compile_report_tiny). BLOCK_K should span the warps' 16-byte
-lanes (512 e4m3 values a warp) so x's (h's) row shares the weight tile's layout.
+   pair's h scale, weight block scale and routed weight folded into h's values): deterministic, no atomics.
+K is walked as the float GEMVs walk it (triton_moe_tiny.UNROLLED: steps of unrolled tiles, no loop where one step
+fits): Triton does not pipeline loads that feed no dot, and unrolled tiles let ptxas issue them back to back. Each
+e4m3 weight byte is read once a (token, expert) pair: at one token, once. Registers (compile_report_tiny, sm_90 /
+sm_100): 56-146, no spills at any model shape; the first version gathered the scales as [BLOCK_N, BLOCK_K] fp32
+tiles (64 registers a thread) and spilled at DeepSeek-V3's width.
+Quantizing x and h inside the GEMVs instead (two launches, not four) would make every program quantize the whole
+row it reads: P x I / BLOCK_N programs each dividing D values (DeepSeek-V3 at one token: ~175 M IEEE divisions,
+more ALU time than the weights' memory time), so the activations are quantized once, by their own launches.
 Choice: `path="tiny"` of triton_fused_moe_fp8, or a TINY entry of the FP8 launch config (T*K <= max_pairs).
 """
 from __future__ import annotations
