@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .compile_cases import launch_fp8_tiny
 from .compile_sass import count_ops, loads_in_flight, resident_programs
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,19 +91,6 @@ def tensor_cores(ptx: str, sass: str) -> dict:
     return dict(wgmma=count_at_word_start(r"wgmma\.mma_async", ptx), tcgen05=len(re.findall(r"tcgen05\.mma\b", ptx)),
                 mma_sync=count_at_word_start(r"mma\.sync", ptx), sass_gmma=count_ops(sass, "HGMMA") + count_ops(sass, "QGMMA"),
                 sass_utc=count_ops(sass, "UTC"), sass_hmma=count_ops(sass, "HMMA"), tma=count_ops(sass, "UTMALDG"))
-
-
-def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int, activation=None) -> None:
-    """kernels/triton_moe_fp8_tiny.py's four launches (DEFAULT_TINY_FP8) on meta tensors, 128 x 128 blocks
-    (`activation`: gpt-oss's clamped SwiGLU, else SiLU)."""
-    from moelink.kernels.fp8 import block_scale_shape
-    from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
-
-    meta, f8 = dict(device="meta"), torch.float8_e4m3fn
-    triton_fused_moe_fp8(torch.empty(T, D, dtype=torch.bfloat16, **meta), torch.empty(E, 2 * I, D, dtype=f8, **meta),
-                         torch.empty(E, *block_scale_shape(2 * I, D), **meta), torch.empty(E, D, I, dtype=f8, **meta),
-                         torch.empty(E, *block_scale_shape(D, I), **meta), torch.empty(T, K, **meta),
-                         torch.empty(T, K, dtype=torch.long, **meta), path="tiny", activation=activation)
 
 
 def ptxas_for(arch: int) -> str:
