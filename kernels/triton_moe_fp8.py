@@ -202,12 +202,13 @@ def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:
 
 def fp8_launch_config(cfg: MoELaunchConfig, bk: int = DEFAULT_BLOCK[1]) -> MoELaunchConfig:
     """`cfg` as this wrapper launches it for weight blocks of Bk input channels: `_blocks`' BLOCK_N / BLOCK_K, no
-    fused gate-up tile, no warp specialization and no tiny path (the FP8 kernels have none of them). Configs that
-    map to the same one launch the same kernels: benchmarks/tune_moe_fp8.py times them once and writes this form."""
+    fused gate-up tile, no warp specialization (the FP8 kernels have neither); its TINY entry as it is (the FP8 tiny
+    GEMVs, kernels/triton_moe_fp8_tiny.py, narrow their own rows). Configs that map to the same one launch the same
+    kernels: benchmarks/tune_moe_fp8.py times them once and writes this form."""
     up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
     plain = dict(FUSED_GATE_UP=False, WARP_SPECIALIZE=False)
     return MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_N=up_bn, BLOCK_SIZE_K=up_bk, **plain),
-                           replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk, **plain), None)
+                           replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk, **plain), cfg.tiny)
 
 
 @dataclass(frozen=True)
