@@ -11,7 +11,8 @@
 #   round3 2  large batches: the bf16 MoE at 4,096 / 16,384 tokens, every shape, moelink's kernels alone
 #             (summary.min_frac_matmul_ge4096_tokens), and FP8 at the same counts on both FP8 shapes
 #   round3 3  modes: batch-invariant mode beside the normal engine at Qwen3-30B-A3B's shape, 24 layers
-#             (ratio_invariant_over_normal), and the speculative verify step beside the decode step at batch 4
+#             (ratio_invariant_over_normal; gap_family_us: where its extra time is, by kernel family), and the
+#             speculative verify step beside the decode step at batch 4
 #   round3 4  MXFP4 against bf16 at gpt-oss-20b's experts, 1-4,096 tokens (bf16 / MXFP4 per count), then the FP8 tiny
 #             GEMVs' GPU tests (round3 1 times them; 1 has no room left for their first compiled run)
 #   round3 5  prefill of 64 x 2,048 tokens (the prefill rows' total_tok_s in engine_e2e's rows)
@@ -30,7 +31,8 @@
 # round3 2: moe_large: 2 token counts x 3 shapes, one config each = 12 GEMM, 6 other; run 150 s (DeepSeek-V3's
 #   22 GB of random weights drawn, 6 points x eager + graph, no per-expert loop, no check).
 #   moe_fp8_large: 2 counts x 2 shapes x (FP8 + bf16) = 16 GEMM, ~16 other (quantization), run 150 s.
-# round3 3: the rl step's batch_invariant_full counts (13 GEMM + 18 other, run 60 s); spec --quick's (24 + 36, 240 s).
+# round3 3: the rl step's batch_invariant_full counts (13 GEMM + 18 other, run 60 s, +10 s for --kernel-times: one
+#   profiled round per arm, ~0.5 s each, and the profiler's start); spec --quick's (24 + 36, 240 s).
 # round3 4: moe_mxfp4 at 5 token counts (the moe-mxfp4 step's per-count share: 43 GEMM-class + 43 other), run 120 s.
 #   fp8_tiny_gpu: test_triton_fp8_gpu.py's tiny tests (2 shapes x T 1, 8 against the float32 reference, a CUDA graph
 #   each): the up and down GEMV per shape (DeepSeek's with an expert map), x's and h's quantization, ~8 other; run
@@ -56,8 +58,8 @@ round3_cmds() {  # N: the commands of round3 N
       cmd round3_moe_fp8_large 16 0 16 150 -- "$PY" -m moelink.benchmarks.moe_kernels --dtype fp8 --tokens 4096,16384 \
         --no-check --out "$OUT/moe_kernels_${name}_fp8_large.json" ;;
     3)
-      cmd round3_batch_invariant 13 0 18 60 -- "$PY" -m moelink.benchmarks.batch_invariant --shape qwen3-30b-a3b \
-        --layers 24 --skip-probe --out "$OUT/batch_invariant_${name}_qwen3-30b-a3b.json"
+      cmd round3_batch_invariant 13 0 18 70 -- "$PY" -m moelink.benchmarks.batch_invariant --shape qwen3-30b-a3b \
+        --layers 24 --skip-probe --kernel-times --out "$OUT/batch_invariant_${name}_qwen3-30b-a3b.json"
       cmd round3_spec 24 0 36 240 -- "$PY" -m moelink.benchmarks.spec_decode --shape qwen3-30b-a3b --batch 4 --p 0.8 \
         --k 2 --tokens 64 --repeats 1 --out "$OUT/spec_decode_${name}_qwen3-30b-a3b.json" ;;
     4)
