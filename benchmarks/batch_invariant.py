@@ -1,7 +1,7 @@
 """What batch-invariant mode costs (issue 58 item 4: the goal is <= 1.05x the normal engine's time on a GPU; docs/rl.md).
 
     python -m moelink.benchmarks.batch_invariant [--model PATH | --shape qwen3-30b-a3b [--layers N]] [--prompts 32]
-        [--prompt-len 64] [--max-tokens 32] [--repeats 3] [--skip-probe] [--cpu-smoke]
+        [--prompt-len 64] [--max-tokens 32] [--repeats 3] [--skip-probe] [--kernel-times] [--cpu-smoke]
         [--out benchmarks/results/batch_invariant_<device>.json]
 
 Side by side in one run, on the same engine settings and prompts: the engine as it runs normally, and with
@@ -23,6 +23,9 @@ spec_decode build it) with random weights (`load_format="dummy"`, bfloat16), `--
 as many as fit beside the batch's KV cache, benchmarks/engine_decode.pick_layers): where a step's GPU work, not its
 host launches, sets the time. With --cpu-smoke the shape is the toy one of engine_e2e's smoke (one layer).
 --skip-probe: no op-by-op probe first (a run after the tiny one, which probed this device already).
+--kernel-times: after the timed rounds, one profiled round per arm: device time by kernel family (moe, attention,
+matmul, norm, other) and the top kernels by name, and `gap_family_us` (invariant - normal by family): which part of
+the step the mode's extra time is in (issue 80's `round3 3` runs with it).
 """
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ def _shape_dir(shape: str, out: Path, layers: int | None, prompts: int, context:
 
 
 def _arm(path: str, batch_invariant: bool, prompts: list[list[int]], max_tokens: int, repeats: int,
-         device: str, dtype: str, load_format: str = "auto") -> dict:
+         device: str, dtype: str, load_format: str = "auto", kernel_times: bool = False) -> dict:
     from moelink.engine import LLM, SamplingParams
 
     # On CPU a pool that holds the batch (no device memory to size it from); on a GPU the engine sizes it.
@@ -85,12 +88,51 @@ def _arm(path: str, batch_invariant: bool, prompts: list[list[int]], max_tokens:
         same = [lp[t].logprob for t, lp in zip(alone.token_ids, alone.logprobs)] == \
             [lp[t].logprob for t, lp in zip(first.token_ids, first.logprobs)]
         seconds = statistics.median(times)
+        extra = _kernel_times(lambda: (llm.flush_cache(), llm.generate(prompts, params, use_tqdm=False)),
+                              device) if kernel_times else {}
         return dict(batch_invariant=batch_invariant, seconds=seconds,
                     output_tokens_per_s=len(prompts) * max_tokens / seconds, rounds=times,
                     kernels=llm.engine.config.kernels, backend=_backend(llm.engine.config.kernels, device),
-                    decode_graphs=_graph_sizes(llm), alone_equals_batched_bitwise=same)
+                    decode_graphs=_graph_sizes(llm), alone_equals_batched_bitwise=same, **extra)
     finally:
         llm.shutdown()
+
+
+# Kernel families by name (substrings, first match wins), to say which part of a step the invariant arm's extra time
+# is in: its fixed-tile matmul against cuBLAS, its split + merge attention against the decode / prefill kernels, the
+# fused MoE on its one config against the tuned ones (issue 80: 1.36x at Qwen3-30B-A3B's shape, goal <= 1.10x).
+KERNEL_FAMILIES = (("moe", ("moe", "align", "router", "silu")), ("attention", ("_bi_split", "_bi_merge", "decode",
+                   "prefill", "attention", "rope", "kv")), ("matmul", ("matmul", "gemm", "xmma", "cutlass", "nvjet",
+                   "cublas", "aten::mm", "aten::addmm", "aten::linear")), ("norm", ("rms", "norm")))
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    return next((fam for fam, keys in KERNEL_FAMILIES if any(k in low for k in keys)), "other")
+
+
+def _kernel_times(run, device: str, top: int = 20) -> dict:
+    """One more round of `run` under torch.profiler: its kernels' device time (CUDA; CPU: the ops' self time) summed
+    by family (`kernel_family_us`) and the `top` kernels by name (`kernel_us`), microseconds a round. Kernels a decode
+    graph replays are traced one by one (CUPTI records a graph's kernel nodes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    per_name: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", 0.0) if device == "cuda" else e.self_cpu_time_total)
+        if us > 0 and not e.key.startswith(("cuda", "ProfilerStep")):
+            per_name[e.key] = per_name.get(e.key, 0.0) + float(us)
+    families: dict[str, float] = {}
+    for name, us in per_name.items():
+        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + us
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return dict(kernel_family_us={k: round(v, 1) for k, v in sorted(families.items())},
+                kernel_us={k: round(v, 1) for k, v in ranked})
 
 
 def _graph_sizes(llm) -> list[int]:
@@ -119,6 +161,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--cpu-smoke", action="store_true", help="a few short prompts on CPU: checks the script only")
+    ap.add_argument("--kernel-times", action="store_true", help="one more profiled round per arm: device time by "
+                    "kernel family and name (kernel_family_us, kernel_us; gap_family_us: invariant - normal)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/batch_invariant_<device>.json)")
     args = ap.parse_args(argv)
     if args.shape and args.model:
@@ -152,13 +196,18 @@ def main(argv=None) -> dict:
         vocab = AutoConfig.from_pretrained(path).get_text_config().vocab_size
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()
-        arms = [_arm(path, bi, prompts, args.max_tokens, args.repeats, device, dtype, load_format)
+        arms = [_arm(path, bi, prompts, args.max_tokens, args.repeats, device, dtype, load_format, args.kernel_times)
                 for bi in (False, True)]
     label = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     result = dict(benchmark="batch_invariant", device=label, commit=git_commit(), date=time.strftime("%Y-%m-%d"),
                   model=model, prompts=args.prompts, prompt_len=args.prompt_len,
                   max_tokens=args.max_tokens, repeats=args.repeats, ops=ops, arms=arms,
                   ratio_invariant_over_normal=arms[1]["seconds"] / arms[0]["seconds"])
+    if args.kernel_times:  # where the invariant arm's extra time is, by kernel family (microseconds a round)
+        fams = set(arms[0]["kernel_family_us"]) | set(arms[1]["kernel_family_us"])
+        result["gap_family_us"] = {f: round(arms[1]["kernel_family_us"].get(f, 0.0)
+                                            - arms[0]["kernel_family_us"].get(f, 0.0), 1) for f in sorted(fams)}
+        print("invariant - normal, us a round by kernel family:", result["gap_family_us"])
     print(f"{'arm':<16} {'backend':<24} {'graphs':>7} {'s / round':>10} {'out tok/s':>10} {'alone == batched':>17}")
     for a in arms:
         print(f"{'invariant' if a['batch_invariant'] else 'normal':<16} {a['backend']:<24} "

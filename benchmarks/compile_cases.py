@@ -327,6 +327,19 @@ FP8_LINEAR_SHAPES = {"deepseek-v3 q_b_proj": (24576, 1536), "deepseek-v3 o_proj"
                      "deepseek-v3 dense gate_up": (36864, 7168)}
 
 
+def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int, activation=None) -> None:
+    """kernels/triton_moe_fp8_tiny.py's four launches (DEFAULT_TINY_FP8) on meta tensors, 128 x 128 blocks
+    (`activation`: gpt-oss's clamped SwiGLU, else SiLU)."""
+    from moelink.kernels.fp8 import block_scale_shape
+    from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
+
+    meta, f8 = dict(device="meta"), torch.float8_e4m3fn
+    triton_fused_moe_fp8(torch.empty(T, D, dtype=torch.bfloat16, **meta), torch.empty(E, 2 * I, D, dtype=f8, **meta),
+                         torch.empty(E, *block_scale_shape(2 * I, D), **meta), torch.empty(E, D, I, dtype=f8, **meta),
+                         torch.empty(E, *block_scale_shape(D, I), **meta), torch.empty(T, K, **meta),
+                         torch.empty(T, K, dtype=torch.long, **meta), path="tiny", activation=activation)
+
+
 def compile_fp8(rec: Recorder, quick: bool) -> None:
     """FP8 block-scaled W8A8 (kernels/triton_fp8.py, triton_moe_fp8.py): the fused MoE at every bucket of
     fp8_moe_default.json at the DeepSeek-V3 and Qwen3-30B-A3B shapes (the published FP8 checkpoints) and of every
@@ -352,6 +365,10 @@ def compile_fp8(rec: Recorder, quick: bool) -> None:
         names = [n for n in ("deepseek-v3", "qwen3-30b-a3b") if (MODEL_SHAPES[n][0], MODEL_SHAPES[n][3]) == (int(m[1]), int(m[2]))]
         if names:
             moe += [(f"{path.name}[{b}]", names[0], b, c, False, "sum") for b, c in load_config_file(str(path))[1]]
+    for name in ("qwen3-30b-a3b", "deepseek-v3"):  # the tiny path's e4m3 GEMVs (DEFAULT_TINY_FP8) at one token
+        E, K, D, I = MODEL_SHAPES[name]
+        with rec.labelled(f"{name} T=1 fp8 tiny DEFAULT_TINY_FP8"):
+            launch_fp8_tiny(E, K, D, I, 1)
     if not quick:
         moe += [("fp8 variant expert map", "deepseek-v3", 64, None, True, "sum"),
                 ("fp8 variant atomic", "deepseek-v3", 4096, None, False, "atomic")]

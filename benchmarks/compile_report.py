@@ -314,7 +314,7 @@ def merge_into(old: dict, new: dict, only: str) -> dict:
 
 
 # Kernels a family owns (replaced by --merge); kernels several families launch are shared.
-FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel",),
+FAMILY_KERNELS = {"fp8": FP8_GEMM_KERNELS + ("_group_quant_kernel", "_tiny_fp8_up_kernel", "_tiny_fp8_down_kernel"),
                   "mla": ("_mla_kernel", "_mla_merge_kernel", "_mla_merge_plan_kernel", "_write_latent_kernel",
                           "_widen_kernel"),
                   "moe": ("_moe_up_kernel", "_moe_down_kernel", "_tiny_up_kernel", "_tiny_down_kernel"),

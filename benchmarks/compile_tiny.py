@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .compile_cases import launch_fp8_tiny
 from .compile_sass import count_ops, loads_in_flight, resident_programs
 
 RESULTS = Path(__file__).parent / "results"
@@ -36,7 +37,8 @@ SMS = 132  # the H100's (an H200 has as many; a B200 148): programs an SM gets =
 
 
 def launch_cases(rec) -> None:
-    """The float tiny path at every case (DEFAULT_TINY_FLOAT), and the sorted path at Qwen3's one token."""
+    """The float tiny path and the FP8 one (DEFAULT_TINY_FLOAT, DEFAULT_TINY_FP8) at every case, and the sorted path at
+    Qwen3's one token."""
     from moelink.kernels.moe import MoEActivation
     from moelink.kernels.triton_moe import triton_fused_moe
 
@@ -49,6 +51,8 @@ def launch_cases(rec) -> None:
                 triton_fused_moe(torch.empty(T, D, **bf), torch.empty(E, 2 * I, D, **bf), torch.empty(E, D, I, **bf),
                                  torch.empty(T, K, **meta), torch.empty(T, K, dtype=torch.long, **meta), path=path,
                                  **extra)
+        with rec.labelled(f"{name} T={T} fp8 tiny"):  # the e4m3 GEMVs at every shape: spill-free everywhere
+            launch_fp8_tiny(E, K, D, I, T, extra.get("activation"))
 
 
 LARGE_TOKENS = (4096, 16384)

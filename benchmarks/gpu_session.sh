@@ -442,9 +442,11 @@ step_tests_kernels() {
     sampler_seeds 0 0 0 20 tests/engine/test_sampler_seeds.py \
     comm 0 0 0 40 tests/comm/test_all_to_all_local.py
 }
-#  test_triton_fp8_gpu.py (15 tests): fused MoE at 2 shapes x 3 T x sum/atomic -> the FP8 default buckets hit
+#  test_triton_fp8_gpu.py (19 tests): fused MoE at 2 shapes x 3 T x sum/atomic -> the FP8 default buckets hit
 #    (5 shape x bucket pairs: up + down + atomic down = 15) + the dense GEMM 3 = GEMM 18; other 20 (align,
-#    top-k sum, group quant per shape); run: float32 references on the GPU, DeepSeek's 32 local experts.
+#    top-k sum, group quant per shape) + 8 (the FP8 tiny GEMVs, 4 tests: up and down per shape and map, the fp32 h
+#    quantization); run: float32 references on the GPU, DeepSeek's 32 local experts (+30 s: the tiny tests' experts
+#    and a CUDA graph each, estimated).
 #  test_triton_moe_mxfp4_gpu.py (9 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
 #    GEMM 8 (up + down per case), other 8 (align, sum); the decode/prefill paths (4 tests): GEMM 4 (the dequant
 #    path's float up + down at 2 buckets), other 10 (2 x 2 tiny GEMVs, the pre-pass, align, sum); run: float32
@@ -456,7 +458,7 @@ step_tests_kernels() {
 #    write, the widen kernel); run: a float64 reference on the GPU (estimate).
 step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
-    triton_fp8_gpu 18 0 20 60 tests/kernels/test_triton_fp8_gpu.py \
+    triton_fp8_gpu 18 0 28 90 tests/kernels/test_triton_fp8_gpu.py \
     triton_mxfp4_gpu 12 0 18 60 tests/kernels/test_triton_moe_mxfp4_gpu.py \
     triton_nvfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_nvfp4_gpu.py \
     mla_fp8_gpu 2 0 2 30 tests/kernels/test_mla_fp8_prefill.py

@@ -21,6 +21,7 @@ import torch
 
 FP8_SHAPES = ("deepseek-v3", "qwen3-30b-a3b")  # the published FP8 MoE checkpoints (DeepSeek-V3/R1, Qwen3-30B-A3B-FP8)
 CHECK_MAX_TOKENS = 1024
+TINY_MAX_PAIRS = 512  # the tiny GEMVs (both formats) timed up to this many pairs, as moe_kernels times bf16's
 
 
 def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +65,10 @@ def bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, check, 
     systems = {
         "bf16": (lambda x, tw, ti: triton_fused_moe(x, w13, w2, tw, ti), 2, 0.0),
         "fp8": (lambda x, tw, ti: triton_fused_moe_fp8(x, w13q, w13s, w2q, w2s, tw, ti), 1, scale_bytes),
+        # the tiny GEMVs of both formats forced (kernels/triton_moe_tiny.py, triton_moe_fp8_tiny.py), at decode sizes
+        "bf16-tiny": (lambda x, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, path="tiny"), 2, 0.0),
+        "fp8-tiny": (lambda x, tw, ti: triton_fused_moe_fp8(x, w13q, w13s, w2q, w2s, tw, ti, path="tiny"), 1,
+                     scale_bytes),
     }
     rows = []
     for T in tokens:
@@ -71,8 +76,10 @@ def bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, check, 
         sets = _inputs(E, K, D, T, device, gen, n_sets)
         touched = statistics.mean(int(torch.unique(s[2]).numel()) for s in sets)
         flops = 6.0 * T * K * D * I
-        times, outs = {}, {}
+        times, outs, by_sys = {}, {}, {}
         for sys_name, (fn, welem, sbytes) in systems.items():
+            if sys_name.endswith("-tiny") and T * K > TINY_MAX_PAIRS:
+                continue
             outs[sys_name] = fn(*sets[0]).float()
             t_eager = timer(fn, sets, iters=iters, warmup=warmup)
             t_graph = timer.graph(fn, sets, iters=iters) if graphs else None
@@ -85,8 +92,12 @@ def bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, check, 
             row["frac_copy_bw"] = row["GBps"] / ceilings["copy_GBps"]
             row["frac_matmul_bf16"] = row["TFLOPs"] / ceilings["matmul_TFLOPs"]
             rows.append(row)
-        fp8_row = rows[-1]
+            by_sys[sys_name] = row
+        fp8_row = by_sys["fp8"]
         fp8_row["speedup_vs_bf16"] = times["bf16"] / times["fp8"]
+        if "fp8-tiny" in by_sys:  # (issue 80: >= 1.6x bf16 at <= 64 tokens)
+            by_sys["fp8-tiny"]["speedup_vs_bf16"] = times["bf16"] / times["fp8-tiny"]
+            by_sys["fp8-tiny"]["speedup_vs_bf16_tiny"] = times["bf16-tiny"] / times["fp8-tiny"]
         fp8_row["rel_diff_vs_bf16"] = float((outs["fp8"] - outs["bf16"]).norm() / outs["bf16"].norm())
         if check and T <= CHECK_MAX_TOKENS:
             x, tw, ti = sets[0]
@@ -95,6 +106,11 @@ def bench_fp8_shape(name, shape, tokens, device, timer, ceilings, iters, check, 
             if not err <= 1e-2:  # a NaN fails too
                 raise AssertionError(f"fp8 {name} T={T}: relative error {err:.3g} against reference_fused_moe_fp8")
             fp8_row["rel_err_vs_reference"] = err
+            if "fp8-tiny" in outs:
+                err = float((outs["fp8-tiny"] - want).norm() / want.norm())
+                if not err <= 1e-2:
+                    raise AssertionError(f"fp8-tiny {name} T={T}: relative error {err:.3g} against the reference")
+                by_sys["fp8-tiny"]["rel_err_vs_reference"] = err
         print(f"{name:>14} T={T:>5} bf16 {times['bf16'] * 1e3:9.3f} ms  fp8 {times['fp8'] * 1e3:9.3f} ms  "
               f"bf16/fp8 {fp8_row['speedup_vs_bf16']:5.2f}x  fp8 {fp8_row['GBps']:7.0f} GB/s "
               f"({100 * fp8_row['frac_copy_bw']:5.1f}% copy) {fp8_row['TFLOPs']:7.1f} TFLOP/s  "
@@ -112,5 +128,10 @@ def summarize_fp8(rows) -> dict:
     for r in rows:
         if r["system"] == "fp8":
             by_shape.setdefault(r["shape"], {})[str(r["tokens"])] = round(r["speedup_vs_bf16"], 3)
+    tiny: dict = {}
+    for r in rows:
+        if r["system"] == "fp8-tiny":
+            tiny.setdefault(r["shape"], {})[str(r["tokens"])] = dict(
+                vs_bf16=round(r["speedup_vs_bf16"], 3), vs_bf16_tiny=round(r["speedup_vs_bf16_tiny"], 3))
     return dict(geomean_speedup_fp8_vs_bf16=math.exp(statistics.mean(map(math.log, sp))) if sp else None,
-                speedup_fp8_vs_bf16=by_shape)
+                speedup_fp8_vs_bf16=by_shape, speedup_fp8_tiny=tiny)

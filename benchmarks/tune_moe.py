@@ -187,7 +187,7 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
     bms = block_m_candidates(T, K, E, space)
     for _ in range(space.get("passes", 1)):
         improved = False
-        for cand in neighbours(cur, space, bms, T * K, tiny_axes):
+        for cand in neighbours(cur, space, bms, T * K, tiny_axes, getattr(kind, "tiny_start", None)):
             if time.monotonic() > deadline:
                 break
             launched = kind.launched(cand)

@@ -13,12 +13,14 @@ tune_moe's search, budget per bucket, confirmation and merge run unchanged with 
   the FP8 register rule).
 - Candidates: the bf16 space's axes (BLOCK_SIZE_M, each GEMM's blocks, GROUP_M, warps, stages, PERSISTENT and
   TMA, which the FP8 kernels take as the bf16 ones do). The wrapper caps BLOCK_K at the weight's Bk (128) and
-  raises the gate-up BLOCK_N to a multiple of it, and has no fused gate-up tile or tiny path: a candidate is
+  raises the gate-up BLOCK_N to a multiple of it, and has no fused gate-up tile: a candidate is
   mapped to what launches, and one that launches the same as a config already timed is not timed again
   ("same_launch" in the record). Pruned before compiling (`feasible_fp8`): pipelined tiles of 1-byte operands
   (num_stages of them at BLOCK_M >= 64, where sm_90 takes wgmma: the compile report's 200 KB for a 64x256x128
   gate-up tile at 5 stages; num_stages - 1 below, on mma.sync), and the fp32 accumulator values per thread that
-  compile without spills (FP8_MAX_ACC, FP8_MAX_ACC_MMA_SYNC).
+  compile without spills (FP8_MAX_ACC, FP8_MAX_ACC_MMA_SYNC). The tiny path is an axis as in the bf16 search
+  (buckets of at most TINY_TUNE_MAX_PAIRS pairs: `--tokens 1,2,4,8`), turned on at DEFAULT_TINY_FP8's blocks and
+  pruned by tune_space.tiny_feasible at 1-byte weights.
 - Correctness: against fp8.reference_fused_moe_fp8 in float32 (a per-expert loop on the dequantized weights that
   quantizes the activations as the kernel does, x per token per 128 channels and SiLU(gate)*up per row per 128),
   within FP8_TOL.
@@ -38,7 +40,7 @@ from dataclasses import replace
 import torch
 
 from .moe_kernels import SHAPES, make_inputs, make_weights
-from .tune_space import SPACES, gemm_fits
+from .tune_space import SPACES, gemm_fits, tiny_feasible
 from .tune_timing import time_call, time_config
 
 # The FP8 kernels hold a fresh fp32 dot tile per K step and its scaled product beside the accumulators, so fewer
@@ -72,6 +74,10 @@ def feasible_fp8(cfg, D: int, I: int, block=(128, 128)) -> str | None:
     1-byte operands with the FP8 kernels' pipeline buffers and accumulator limits (module docstring); the gate-up
     BLOCK_N the wrapper forces (Bk) never counts as wider than the GEMM."""
     cfg = launched(cfg, block)
+    if cfg.tiny is not None:  # (the e4m3 GEMVs: the float GEMVs' register and lane rules at 1-byte weights)
+        why = tiny_feasible(cfg.tiny, 1, warps_along_k=False)
+        if why:
+            return why
     wgmma = cfg.BLOCK_SIZE_M >= 64
     buffers = (lambda stages: stages) if wgmma else (lambda stages: max(1, stages - 1))
     for part, g, n, k in (("up", cfg.up, I, D), ("down", cfg.down, D, I)):
@@ -93,7 +99,7 @@ def adapt_bf16(cfg, block=(128, 128)):
     """A bf16 config as an FP8 seed: as launched, each GEMM's warps doubled (up to 8) while its accumulators break the
     FP8 limit, then BLOCK_M halved while one still does (bf16's 128-row tiles spill here: 800 spill stores for the
     gate-up 128x128 at 8 warps); the blocks and the rest stay what the bf16 search found."""
-    cfg = launched(cfg, block)
+    cfg = replace(launched(cfg, block), tiny=None)  # (a bf16 TINY entry's blocks are the float GEMVs')
     for part in ("up", "down"):
         while _over(cfg, part) and getattr(cfg, part).num_warps < 8:
             g = getattr(cfg, part)
@@ -137,7 +143,13 @@ def time_config_fp8(cfg, sets, timer, iters, want=None) -> float:
 class Fp8Kind:
     """tune_moe.Bf16Kind's interface for the FP8 block-scaled fused MoE (module docstring)."""
 
-    tiny = False  # (the FP8 wrapper has no tiny path)
+    tiny = True  # the FP8 tiny GEMVs (kernels/triton_moe_fp8_tiny.py) are an axis, turned on at DEFAULT_TINY_FP8
+
+    @property
+    def tiny_start(self):
+        from moelink.kernels.triton_moe_fp8_tiny import DEFAULT_TINY_FP8
+
+        return DEFAULT_TINY_FP8
 
     def __init__(self, block=(128, 128), bf16_dir=None):
         self.block, self.bf16_dir = block, bf16_dir

@@ -94,16 +94,18 @@ def published_seeds(E: int, I: int, D: int, tokens: int | None = None, all_bucke
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------------
-def tiny_feasible(tiny, elem: int) -> str | None:
+def tiny_feasible(tiny, elem: int, warps_along_k: bool = True) -> str | None:
     """Why the float tiny GEMVs' blocks cannot be good (None: try them): accumulators past the register rule, or a
-    tile too narrow for its warps to lie along K."""
+    tile too narrow for its warps to lie along K (`warps_along_k` False: for one warp's lanes, the FP8 GEMVs' rule:
+    their [BN, groups, group] tiles put the other warps along groups and rows with no layout conversion,
+    compile_report_tiny: 5 barriers at 2 x 1024 on 4 warps, the epilogue's)."""
     up, down = tiny.up, tiny.down
     for part, g, acc in (("up", up, 2), ("down", down, 1)):
         vals = acc * g.BLOCK_SIZE_N * g.BLOCK_SIZE_K // (32 * g.num_warps)
         limit = MAX_TINY_UP_VALUES if part == "up" else MAX_TINY_DOWN_VALUES
         if vals > limit:
             return f"tiny {part}: {vals} fp32 accumulator values per thread > {limit}"
-        lanes = TINY_LANE_BYTES // elem * g.num_warps
+        lanes = TINY_LANE_BYTES // elem * (g.num_warps if warps_along_k else 1)
         if g.BLOCK_SIZE_K < lanes:
             return (f"tiny {part}: BLOCK_SIZE_K {g.BLOCK_SIZE_K} < {lanes} columns ({g.num_warps} warps of 16-byte "
                     "lanes): the warps would lie along N and every tile convert the activation row")
@@ -151,15 +153,15 @@ def block_m_candidates(tokens: int, top_k: int, num_experts: int, space=None) ->
     return [bm for bm in values if bm <= max(values[0], 2 * rows)]
 
 
-def tiny_neighbours(cfg, pairs: int, tiny_axes: dict):
-    """The tiny path's axis: off -> on (DEFAULT_TINY_FLOAT's blocks, max_pairs = `pairs`); on -> off, and each GEMV
-    block / warp count of tiny_axes moved one at a time."""
+def tiny_neighbours(cfg, pairs: int, tiny_axes: dict, start=None):
+    """The tiny path's axis: off -> on (`start`'s blocks, DEFAULT_TINY_FLOAT's by default, max_pairs = `pairs`); on
+    -> off, and each GEMV block / warp count of tiny_axes moved one at a time."""
     from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT
 
     if pairs > TINY_TUNE_MAX_PAIRS:
         return
     if cfg.tiny is None:
-        yield replace(cfg, tiny=replace(DEFAULT_TINY_FLOAT, max_pairs=pairs))
+        yield replace(cfg, tiny=replace(start or DEFAULT_TINY_FLOAT, max_pairs=pairs))
         return
     yield replace(cfg, tiny=None)
     for key, values in tiny_axes.items():
@@ -170,11 +172,11 @@ def tiny_neighbours(cfg, pairs: int, tiny_axes: dict):
                 yield replace(cfg, tiny=replace(cfg.tiny, **{part: replace(g, **{axis: v})}))
 
 
-def neighbours(cfg, space, bms, pairs: int = 0, tiny_axes: dict | None = None):
+def neighbours(cfg, space, bms, pairs: int = 0, tiny_axes: dict | None = None, tiny_start=None):
     """Every config one axis away from cfg (BLOCK_SIZE_M among `bms`, each GEMM axis among the space's values,
-    the tiny path's when the bucket has at most TINY_TUNE_MAX_PAIRS pairs)."""
+    the tiny path's when the bucket has at most TINY_TUNE_MAX_PAIRS pairs, turned on with `tiny_start`'s blocks)."""
     if tiny_axes is not None and pairs:
-        yield from tiny_neighbours(cfg, pairs, tiny_axes)
+        yield from tiny_neighbours(cfg, pairs, tiny_axes, tiny_start)
         if cfg.uses_tiny(pairs):  # the sorted path's blocks do not run in this bucket: moving them measures nothing
             return
     for bm in bms:

@@ -42,12 +42,13 @@ class MoEShape:
     device_name: str
     num_sms: int
     fp8_block_k: int = 128  # FP8 only: the weight block's Bk (the activation quantization group)
+    fp8_block_n: int = 128  # FP8 only: the weight block's Bn (the tiny GEMVs' rows stay in one block)
     config_dir: str | None = None  # tests: a directory of config files instead of kernels/configs/
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"MoEShape.fmt={self.fmt!r} is invalid: choose from {', '.join(FORMATS)}.")
-        for name in ("num_experts", "inter", "hidden", "top_k", "num_sms", "fp8_block_k"):
+        for name in ("num_experts", "inter", "hidden", "top_k", "num_sms", "fp8_block_k", "fp8_block_n"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"MoEShape.{name}={v!r} is invalid: must be a positive integer.")
@@ -112,6 +113,11 @@ def moe_variant(shape: MoEShape, num_tokens: int) -> MoEVariant:
         from .triton_moe_fp8 import _blocks
 
         cfg = _pick(*_table(shape), T, K, E)
+        if cfg.uses_tiny(P):  # (kernels/triton_moe_fp8_tiny.py: the float GEMVs' narrowing, then one scale block)
+            from .triton_moe_fp8_tiny import fp8_tiny_down_block_n
+
+            return MoEVariant("tiny", cfg.tiny, down_block_n=fp8_tiny_down_block_n(
+                cfg.tiny.down.BLOCK_SIZE_N, T, D, shape.num_sms, cfg.tiny.down.num_warps, shape.fp8_block_n))
         bk = shape.fp8_block_k
         up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
         launched = MoELaunchConfig(cfg.BLOCK_SIZE_M,

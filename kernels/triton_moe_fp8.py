@@ -202,12 +202,13 @@ def _blocks(cfg: MoELaunchConfig, bk: int) -> tuple[int, int, int, int]:
 
 def fp8_launch_config(cfg: MoELaunchConfig, bk: int = DEFAULT_BLOCK[1]) -> MoELaunchConfig:
     """`cfg` as this wrapper launches it for weight blocks of Bk input channels: `_blocks`' BLOCK_N / BLOCK_K, no
-    fused gate-up tile, no warp specialization and no tiny path (the FP8 kernels have none of them). Configs that
-    map to the same one launch the same kernels: benchmarks/tune_moe_fp8.py times them once and writes this form."""
+    fused gate-up tile, no warp specialization (the FP8 kernels have neither); its TINY entry as it is (the FP8 tiny
+    GEMVs, kernels/triton_moe_fp8_tiny.py, narrow their own rows). Configs that map to the same one launch the same
+    kernels: benchmarks/tune_moe_fp8.py times them once and writes this form."""
     up_bn, up_bk, down_bn, down_bk = _blocks(cfg, bk)
     plain = dict(FUSED_GATE_UP=False, WARP_SPECIALIZE=False)
     return MoELaunchConfig(cfg.BLOCK_SIZE_M, replace(cfg.up, BLOCK_SIZE_N=up_bn, BLOCK_SIZE_K=up_bk, **plain),
-                           replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk, **plain), None)
+                           replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk, **plain), cfg.tiny)
 
 
 @dataclass(frozen=True)
@@ -273,13 +274,16 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
                          w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                          expert_map_G: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK, *,
                          out: torch.Tensor | None = None, config: MoELaunchConfig | None = None,
-                         combine: str = "sum", activation: MoEActivation | None = None) -> torch.Tensor:
+                         combine: str = "sum", activation: MoEActivation | None = None,
+                         path: str = "auto") -> torch.Tensor:
     """Same contract as fp8.reference_fused_moe_fp8: x [T, D] (float32/bfloat16/float16), FP8 expert weights with
     their block scales; [T, D] in x's dtype, rows whose experts are all remote are 0.
 
     `out`, `config` and `combine` ("sum" | "atomic") as in triton_moe.triton_fused_moe; `config` gives the
     bf16-style blocks and is adapted to the weight block (`_blocks`); `activation` the gate-up epilogue's (None:
-    SiLU; Hy4's "silu_clamp"). No device→host sync."""
+    SiLU; Hy4's "silu_clamp"); `path` "auto" (the config's TINY.max_pairs decides: no shipped FP8 config has one),
+    "tiny" (kernels/triton_moe_fp8_tiny.py's GEMVs, the config's TINY blocks else DEFAULT_TINY_FP8; summed in a
+    fixed order whatever `combine` says) or "sorted". No device→host sync."""
     bn, bk = check_triton_block(block)
     _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK, topk_ids_TK, (bn, bk))
     out = output(x_TD, out, combine)
@@ -289,8 +293,16 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
     E, I = w13q_EFD.shape[0], w2q_EDI.shape[2]
     w13q, s13, w2q, s2 = (t if t.is_contiguous() else t.contiguous()
                           for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv))
+    if path not in ("auto", "tiny", "sorted"):
+        raise ValueError(f"path={path!r} is invalid: must be one of auto, tiny, sorted.")
     fmt = Fp8Format(E, I, w13q, s13, w2q, s2, (bn, bk))
     cfg = config or get_fp8_moe_config(E, I, T, K, x_TD.device)
     act = activation_args(activation) if activation is not None else (ACT_SILU, SILU.alpha, SILU.limit)
+    if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
+        from .triton_moe_fp8_tiny import DEFAULT_TINY_FP8, tiny_fused_moe_fp8
+
+        return tiny_fused_moe_fp8(x_TD, w13q, s13, w2q, s2, topk_weights_TK.reshape(-1).contiguous(),
+                                  topk_ids_TK.reshape(-1).contiguous(), expert_map_G, (bn, bk), up_row(w13q, w2q), act,
+                                  out, cfg.tiny or DEFAULT_TINY_FP8, K)
     return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
                             expert_map_G, K, cfg, out, combine, act_args=act)

@@ -36,8 +36,12 @@ def test_shape_smoke_runs_both_arms_on_random_weights_of_the_shape_without_the_p
     from moelink.benchmarks.batch_invariant import main
 
     out = tmp_path / "bi_shape.json"
-    result = main(["--shape", "qwen3-30b-a3b", "--cpu-smoke", "--skip-probe", "--out", str(out)])
+    result = main(["--shape", "qwen3-30b-a3b", "--cpu-smoke", "--skip-probe", "--kernel-times", "--out", str(out)])
     saved = json.loads(out.read_text())
+    for arm in saved["arms"]:  # --kernel-times (round3 3): a profiled round per arm, by family and by name
+        assert arm["kernel_us"] and set(arm["kernel_family_us"]) <= {"moe", "attention", "matmul", "norm", "other"}
+    assert set(saved["gap_family_us"]) == set(saved["arms"][0]["kernel_family_us"]) | set(
+        saved["arms"][1]["kernel_family_us"])
     assert saved["model"] == "qwen3-30b-a3b shape (toy smoke), 1 of 1 layers, random" and saved["ops"] is None
     normal, invariant = saved["arms"]
     assert invariant["alone_equals_batched_bitwise"] is True
@@ -45,3 +49,15 @@ def test_shape_smoke_runs_both_arms_on_random_weights_of_the_shape_without_the_p
     assert result["ratio_invariant_over_normal"] > 0
     with pytest.raises(SystemExit):
         main(["--layers", "2", "--cpu-smoke"])  # --layers without --shape
+
+
+def test_kernel_families_name_what_each_arm_launches():
+    """The names the two GPU arms' kernels carry (Triton kernels by their function's name, cuBLAS by its own)."""
+    from moelink.benchmarks.batch_invariant import kernel_family
+
+    assert [kernel_family(n) for n in ("_moe_up_kernel", "_align_scatter_kernel", "_bi_split_kernel",
+                                       "_bi_merge_kernel", "_decode_kernel", "_bi_matmul_kernel",
+                                       "sm90_xmma_gemm_bf16bf16_bf16f32", "nvjet_tst_64x8_64x16", "_rms_norm_kernel",
+                                       "aten::linear", "_commit_kernel", "void at::native::elementwise_kernel")] == [
+        "moe", "moe", "attention", "attention", "attention", "matmul", "matmul", "matmul", "norm", "matmul", "other",
+        "other"]

@@ -224,3 +224,20 @@ def test_tuned_fp8_files_are_compile_report_cases(tmp_path, monkeypatch):
     got = {T: cfg for case, T, cfg in launched_with if name in case}
     assert got == tuned and all(case.startswith("deepseek-v3 ") for case, _, _ in launched_with if name in case)
     assert not [case for case, _, _ in launched_with if "E=8," in case]
+
+
+def test_fp8_search_has_the_tiny_axis_from_the_fp8_gemvs_blocks():
+    """The FP8 kind turns the tiny path on at DEFAULT_TINY_FP8 (not the float GEMVs' blocks), keeps a TINY entry in
+    the launched form it writes, and prunes e4m3 tiles narrower than their warps' 16-byte lanes (512 columns a warp)."""
+    from moelink.benchmarks.tune_space import TINY_AXES, neighbours
+    from moelink.kernels.moe_config import TinyGemm
+    from moelink.kernels.triton_moe_fp8_tiny import DEFAULT_TINY_FP8
+
+    E, K, D, I = DSV3
+    kind = tune_moe_fp8.Fp8Kind()
+    cfg = MoELaunchConfig(16, GemmConfig(128, 128, 1, 4, 3), GemmConfig(128, 128, 1, 4, 3))
+    first = next(neighbours(cfg, {}, [16], 8, TINY_AXES["quick"], kind.tiny_start))
+    assert kind.tiny and first.tiny == replace(DEFAULT_TINY_FP8, max_pairs=8)
+    assert kind.launched(first).tiny == first.tiny and kind.feasible(first, DSV3, None) is None
+    narrow = replace(first, tiny=replace(first.tiny, down=TinyGemm(1, 256, 1, 1)))  # (under 512: one warp's lanes)
+    assert "lanes" in tune_moe_fp8.feasible_fp8(narrow, D, I)

@@ -28,7 +28,8 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_group_quant_kernel", "_fp8_gemm_kernel", "_moe_fp8_up_kernel", "_moe_fp8_down_kernel",
                "_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel", "_moe_nvfp4_up_kernel", "_moe_nvfp4_down_kernel",
                "_moe_int4_up_kernel", "_moe_int4_down_kernel", "_tiny_int4_up_kernel", "_tiny_int4_down_kernel",
-               "_tiny_up_kernel", "_tiny_down_kernel", "_tiny_mxfp4_up_kernel", "_tiny_mxfp4_down_kernel",
+               "_tiny_up_kernel", "_tiny_down_kernel", "_tiny_fp8_up_kernel", "_tiny_fp8_down_kernel",
+               "_tiny_mxfp4_up_kernel", "_tiny_mxfp4_down_kernel",
                "_mxfp4_dequant_kernel", "_int4_dequant_kernel", "_rope_kv_kernel", "_mla_input_kernel", "_router_topk_kernel",
                "_silu_mul_kernel", "_gdn_recurrent_kernel", "_commit_kernel", "_gating_kernel", "_conv_varlen_kernel",
                "_conv_state_kernel", "_conv_update_kernel", "_index_scores_kernel", "_topk_kernel", "_sparse_mla_kernel",
@@ -126,6 +127,29 @@ def test_report_covers_the_tiny_path():
             assert (c["BLOCK_K"], c["K_TILES"], c["ONE_STEP"], c["TOP_K"]) == (bk, tiles["K_TILES"], tiles["ONE_STEP"],
                                                                                 K), REGENERATE
     assert gemv_block_n(TINY.down.BLOCK_SIZE_N, 1, 2048, 132, 1) == 1  # (the narrowing this report shows)
+
+
+def test_report_covers_the_fp8_tiny_path():
+    """The e4m3 tiny GEMVs (kernels/triton_moe_fp8_tiny.py) at one token of both FP8 model shapes with
+    DEFAULT_TINY_FP8's blocks as the wrapper launches them (K walk, rows narrowed to one 128-row scale block, the
+    down GEMV's grid narrowing); spill-free like every kernel (checked below)."""
+    from moelink.kernels.triton_moe_fp8_tiny import (DEFAULT_TINY_FP8 as TINY, _k_walk, fp8_tiny_down_block_n,
+                                                     fp8_tiny_up_block_n)
+
+    kernels = report()["kernels"]
+    for shape in ("qwen3-30b-a3b", "deepseek-v3"):
+        E, K, D, I = compile_report.MODEL_SHAPES[shape]
+        case = f"{shape} T=1 fp8 tiny DEFAULT_TINY_FP8"
+        for name, gemv, want in (
+                ("_tiny_fp8_up_kernel", TINY.up, dict(BLOCK_N=fp8_tiny_up_block_n(TINY.up.BLOCK_SIZE_N, 128, I),
+                                                      **_k_walk(TINY.up.BLOCK_SIZE_K, D, 128))),
+                ("_tiny_fp8_down_kernel", TINY.down,
+                 dict(BLOCK_N=fp8_tiny_down_block_n(TINY.down.BLOCK_SIZE_N, 1, D, 132, TINY.down.num_warps, 128),
+                      **_k_walk(TINY.down.BLOCK_SIZE_K, I, 128, copies=K)))):
+            hits = [k for k in kernels if k["name"] == name and case in k["cases"]]
+            assert hits, f"{name} for {case!r} is not in the report: {REGENERATE}"
+            got = {a: hits[0]["constexprs"][a] for a in want}
+            assert got == want and hits[0]["num_warps"] == gemv.num_warps, f"{name} {case}: {got}: {REGENERATE}"
 
 
 def test_report_covers_the_mxfp4_paths():

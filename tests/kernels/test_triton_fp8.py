@@ -21,7 +21,8 @@ import torch
 
 from moelink.kernels.fp8 import (FP8_DTYPE, block_dequantize, block_quantize, fake_quant_activation,
                                  per_token_group_quant, reference_fp8_linear, reference_fused_moe_fp8)
-from moelink.kernels.moe_config import MoELaunchConfig
+from moelink.kernels import moe_config
+from moelink.kernels.moe_config import GemmConfig, MoELaunchConfig
 from moelink.kernels.triton_fp8 import triton_fp8_linear, triton_per_token_group_quant
 from moelink.kernels.triton_moe_fp8 import _blocks, get_fp8_moe_config, triton_fused_moe_fp8
 
@@ -329,3 +330,64 @@ def test_ops_registers_fp8_kernels():
     assert ref.fp8_linear is fp8.reference_fp8_linear and ref.fused_moe_fp8 is fp8.reference_fused_moe_fp8
     tri = TritonKernels()
     assert tri.fp8_linear is triton_fp8_linear and tri.fused_moe_fp8 is triton_fused_moe_fp8
+
+
+# (T, E local, G global, K, D, I, routing, dtype, block): the tiny path's GEMVs (kernels/triton_moe_fp8_tiny.py)
+TINY_FP8_CASES = [
+    (1, 4, 4, 2, 200, 96, "rand", torch.bfloat16, (128, 128)),  # decode: ragged D and I, one partial group each
+    (3, 6, 6, 4, 130, 160, "rand", torch.float32, (128, 128)),  # up rows I + n straddle a scale block
+    (2, 5, 12, 3, 256, 128, "map", torch.float16, (128, 128)),  # remote experts
+    (4, 3, 3, 2, 96, 96, "neg", torch.float32, (64, 64)),  # Bk 64, -1 ids
+]
+TINY_FP8 = moe_config.TinyConfig.from_dict({"max_pairs": 16, "BLOCK_SIZE_N": 2, "BLOCK_SIZE_K": 64, "num_warps": 1,
+                                            "num_stages": 1, "down": {"BLOCK_SIZE_N": 4, "BLOCK_SIZE_K": 32}})
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("T,E,G,K,D,I,mode,dtype,block", TINY_FP8_CASES)
+def test_fused_moe_fp8_tiny_matches_reference(T, E, G, K, D, I, mode, dtype, block, blocks, gen, kdev, seed, nan_buffer,
+                                              monkeypatch):
+    """The FP8 tiny path (x and h group-quantized, two unrolled e4m3 GEMVs) against the W8A8 reference: its own
+    DEFAULT_TINY_FP8 blocks (one K tile here) and small ones (several K tiles, the last ragged; BLOCK_K under a scale
+    group); it never aligns."""
+    from moelink.kernels import triton_moe
+
+    monkeypatch.setattr(triton_moe, "moe_align_block_size", lambda *a, **k: pytest.fail("tiny path aligned"))
+    x = _x(gen, T, D, dtype)
+    w13q, w13s = _weight(gen, E, 2 * I, D, block=block)
+    w2q, w2s = _weight(gen, E, D, I, block=block)
+    ids = _routing(gen, T, G, K, mode)
+    weights = torch.rand(T, K, generator=gen)
+    emap = _expert_map(gen, G, E) if mode == "map" else None
+    want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, emap, block)
+    cfg = None if blocks == "default" else MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3),
+                                                           TINY_FP8)
+    out = nan_buffer((T, D), dtype, kdev)
+    got = triton_fused_moe_fp8(*_to(kdev, x, w13q, w13s, w2q, w2s, weights, ids, emap), block, out=out, config=cfg,
+                               path="tiny" if blocks == "default" else "auto")
+    assert got is out
+    _check_rows(got, want, dtype, f"fused_moe_fp8 tiny T={T} E={E} K={K} {mode} {blocks}", seed, flips=2)
+    if mode == "map":
+        assert (got.cpu()[(emap[ids] < 0).all(1)] == 0).all()
+
+
+def test_fused_moe_fp8_tiny_narrows_rows_to_one_scale_block(gen, kdev, seed, nan_buffer):
+    """Weight blocks of 24 rows (Bn any size) and I = 40 (up rows start mid-block) with 16-row GEMV tiles: the
+    kernels fold one weight scale a K group into a tile, so BLOCK_N is narrowed to rows that share it (8 here,
+    both GEMVs); without the narrowing a tile's rows past a block boundary would take their neighbour block's scale."""
+    from moelink.kernels.triton_moe_fp8_tiny import fp8_tiny_down_block_n, fp8_tiny_up_block_n
+
+    assert fp8_tiny_up_block_n(16, 24, 40) == 8 and fp8_tiny_up_block_n(2, 128, 2048) == 2
+    assert fp8_tiny_down_block_n(16, 8, 200, 4, 1, 24) == 8  # (8 tokens x 13 programs: no grid narrowing)
+    T, E, K, D, I, block = 8, 4, 2, 200, 40, (24, 32)
+    x = _x(gen, T, D, torch.float32)
+    w13q, w13s = _weight(gen, E, 2 * I, D, block=block)
+    w2q, w2s = _weight(gen, E, D, I, block=block)
+    ids, weights = _routing(gen, T, E, K, "rand"), torch.rand(T, K, generator=gen)
+    want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, None, block)
+    wide = moe_config.TinyConfig.from_dict({"max_pairs": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "num_warps": 1,
+                                            "num_stages": 1, "down": {"BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16}})
+    cfg = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), wide)
+    got = triton_fused_moe_fp8(*_to(kdev, x, w13q, w13s, w2q, w2s, weights, ids, None), block,
+                               out=nan_buffer((T, D), torch.float32, kdev), config=cfg)
+    _check_rows(got, want, torch.float32, "fused_moe_fp8 tiny Bn=24", seed, flips=2)

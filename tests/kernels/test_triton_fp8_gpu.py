@@ -81,3 +81,36 @@ def test_fp8_linear_and_quant_at_deepseek_shapes(T, N, K):
     want = reference_fp8_linear(x.float(), wq, ws)
     err = float((got.float() - want).norm() / want.norm())
     assert err < 5e-3, f"T={T} N={N} K={K}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("T", [1, 8])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_moe_fp8_tiny_at_model_shapes(shape, T):
+    """The e4m3 tiny GEMVs (kernels/triton_moe_fp8_tiny.py, DEFAULT_TINY_FP8) compiled at the FP8 checkpoints'
+    shapes: against the reference as the sorted path is, and under a CUDA graph: replay = eager bit for bit (one
+    fixed summation order, no atomics)."""
+    G, E, K, D, I = SHAPES[shape]
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(100 + T)
+    w13q, w13s = quantized_experts(E, 2 * I, D, gen, dev)
+    w2q, w2s = quantized_experts(E, D, I, gen, dev)
+    x = torch.randn(T, D, generator=gen, device=dev).to(torch.bfloat16)
+    tw, ti = torch.topk(torch.softmax(torch.randn(T, G, generator=gen, device=dev), -1), K, dim=-1)
+    emap = None
+    if E < G:
+        emap = torch.full((G,), -1, dtype=torch.int32, device=dev)
+        emap[torch.randperm(G, generator=gen, device=dev)[:E]] = torch.arange(E, dtype=torch.int32, device=dev)
+    args = (x, w13q, w13s, w2q, w2s, tw, ti, emap)
+    with no_host_sync():
+        eager = triton_fused_moe_fp8(*args, path="tiny")
+    want = reference_fused_moe_fp8(x.float(), w13q, w13s, w2q, w2s, tw, ti, emap)
+    assert torch.isfinite(eager).all()
+    err = float((eager.float() - want).norm() / want.norm())
+    assert err < 1e-2, f"{shape} T={T} tiny: relative error {err:.3g}"
+    out = torch.empty_like(eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_fused_moe_fp8(*args, out=out, path="tiny")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), f"{shape} T={T}: graph replay differs from eager"
