@@ -136,7 +136,8 @@ def _moe_jobs(runner, max_tokens: int) -> list[tuple[object, list[int]]]:
     dev, cfg = runner.device, runner.cfg
     for layer in kinds.values():
         fmt = layer.expert_format
-        block_k = {"fp8_block_k": fmt.block[1]} if fmt.name == "fp8" else {}
+        # FP8: the weight block's (Bn, Bk), so warm-up plans the tiny GEMVs' row narrowing as the launch does.
+        block_k = {"fp8_block_k": fmt.block[1], "fp8_block_n": fmt.block[0]} if fmt.name == "fp8" else {}
         shape = MoEShape(fmt.name, layer.num_local_slots, cfg.moe_intermediate_size, cfg.hidden_size, cfg.top_k,
                          device_name(dev), num_sms(dev), **block_k)
         jobs.append((layer, [t for t, _ in plan_moe_variants(shape, max_tokens)]))
