@@ -325,6 +325,21 @@ static void axpy(float *restrict a, float w, const float *restrict v, int64_t n)
     for (int64_t e = 0; e < n; e++) a[e] += w * v[e];
 }
 
+/* A cache row of `width` values as float32: in place for a float32 cache, widened into `buf` for a bfloat16 one. */
+static inline const float *cache_row(const void *cache, int64_t row, int64_t width, int is_bf16, float *buf) {
+    if (!is_bf16) return (const float *)cache + row * width;
+    load_row(buf, cache, row * width, width, 1);
+    return buf;
+}
+
+/* The next position's (block column, offset in the block). */
+static inline void next_slot(int64_t *blk, int64_t *off, int64_t block_size) {
+    if (++*off == block_size) {
+        *off = 0;
+        ++*blk;
+    }
+}
+
 /* ---- paged attention ------------------------------------------------------------------------------------------ */
 
 /* Causal attention of each query token to its sequence's cached keys: token t = qsl[s] + i of sequence s sits at
@@ -363,19 +378,9 @@ int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc
                 for (int64_t r = 0; r < rep; r++) load_row(qf + r * hd, q, t * q_st + (kvh * rep + r) * q_sn, hd, is_bf16);
                 /* Key rows walked block by block: no division per key. */
                 int64_t blk = lo / block_size, off = lo % block_size;
-                for (int64_t j = 0; j < n_keys; j++, off++) {
-                    if (off == block_size) {
-                        off = 0;
-                        blk++;
-                    }
-                    int64_t row = ((int64_t)table[blk] * block_size + off) * kv_heads + kvh;
-                    const float *k;
-                    if (is_bf16) {
-                        load_row(kf, kc, row * hd, hd, 1);
-                        k = kf;
-                    } else {
-                        k = (const float *)kc + row * hd;
-                    }
+                for (int64_t j = 0; j < n_keys; j++, next_slot(&blk, &off, block_size)) {
+                    const float *k = cache_row(kc, ((int64_t)table[blk] * block_size + off) * kv_heads + kvh, hd,
+                                               is_bf16, kf);
                     for (int64_t r = 0; r < rep; r++) scores[r * max_ctx + j] = dot_f32(qf + r * hd, k, hd) * scale;
                 }
                 float denom[rep];
@@ -389,19 +394,9 @@ int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc
                 }
                 blk = lo / block_size;
                 off = lo % block_size;
-                for (int64_t j = 0; j < n_keys; j++, off++) {
-                    if (off == block_size) {
-                        off = 0;
-                        blk++;
-                    }
-                    int64_t row = ((int64_t)table[blk] * block_size + off) * kv_heads + kvh;
-                    const float *v;
-                    if (is_bf16) {
-                        load_row(vf, vc, row * hdv, hdv, 1);
-                        v = vf;
-                    } else {
-                        v = (const float *)vc + row * hdv;
-                    }
+                for (int64_t j = 0; j < n_keys; j++, next_slot(&blk, &off, block_size)) {
+                    const float *v = cache_row(vc, ((int64_t)table[blk] * block_size + off) * kv_heads + kvh, hdv,
+                                               is_bf16, vf);
                     for (int64_t r = 0; r < rep; r++) axpy(acc + r * hdv, scores[r * max_ctx + j], v, hdv);
                 }
                 for (int64_t r = 0; r < rep; r++) {

@@ -163,9 +163,9 @@ MOE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,E,G,K,D,I,mode,cfg,combine,dtype,block", MOE_CASES)
-def test_fused_moe_fp8_matches_reference(T, E, G, K, D, I, mode, cfg, combine, dtype, block, gen, kdev, seed,
-                                         nan_buffer):
+def _moe_case(gen, T, E, G, K, D, I, mode, dtype, block):
+    """x, the block-quantized experts, the routing (weights, ids, expert map where `mode` is "map") and the float64
+    W8A8 reference's answer for them."""
     x = _x(gen, T, D, dtype)
     w13q, w13s = _weight(gen, E, 2 * I, D, block=block)
     w2q, w2s = _weight(gen, E, D, I, block=block)
@@ -173,6 +173,13 @@ def test_fused_moe_fp8_matches_reference(T, E, G, K, D, I, mode, cfg, combine, d
     weights = torch.rand(T, K, generator=gen)
     emap = _expert_map(gen, G, E) if mode == "map" else None
     want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, emap, block)
+    return x, w13q, w13s, w2q, w2s, weights, ids, emap, want
+
+
+@pytest.mark.parametrize("T,E,G,K,D,I,mode,cfg,combine,dtype,block", MOE_CASES)
+def test_fused_moe_fp8_matches_reference(T, E, G, K, D, I, mode, cfg, combine, dtype, block, gen, kdev, seed,
+                                         nan_buffer):
+    x, w13q, w13s, w2q, w2s, weights, ids, emap, want = _moe_case(gen, T, E, G, K, D, I, mode, dtype, block)
     out = nan_buffer((T, D), dtype, kdev)
     got = triton_fused_moe_fp8(*_to(kdev, x, w13q, w13s, w2q, w2s, weights, ids, emap), block, out=out, config=cfg,
                                combine=combine)
@@ -353,13 +360,7 @@ def test_fused_moe_fp8_tiny_matches_reference(T, E, G, K, D, I, mode, dtype, blo
     from moelink.kernels import triton_moe
 
     monkeypatch.setattr(triton_moe, "moe_align_block_size", lambda *a, **k: pytest.fail("tiny path aligned"))
-    x = _x(gen, T, D, dtype)
-    w13q, w13s = _weight(gen, E, 2 * I, D, block=block)
-    w2q, w2s = _weight(gen, E, D, I, block=block)
-    ids = _routing(gen, T, G, K, mode)
-    weights = torch.rand(T, K, generator=gen)
-    emap = _expert_map(gen, G, E) if mode == "map" else None
-    want = reference_fused_moe_fp8(x.double(), w13q, w13s, w2q, w2s, weights.double(), ids, emap, block)
+    x, w13q, w13s, w2q, w2s, weights, ids, emap, want = _moe_case(gen, T, E, G, K, D, I, mode, dtype, block)
     cfg = None if blocks == "default" else MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3),
                                                            TINY_FP8)
     out = nan_buffer((T, D), dtype, kdev)

@@ -44,13 +44,12 @@ def quantized_experts(E, N, K, gen, dev):
     return wq, ws
 
 
-@pytest.mark.parametrize("combine", ["sum", "atomic"])
-@pytest.mark.parametrize("T", [1, 64, 2048])
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_fused_moe_fp8_at_model_shapes(shape, T, combine):
+def _moe_case(shape: str, T: int, seed: int):
+    """A model shape's quantized experts, T tokens' bf16 activations, their top-k routing and (with fewer local
+    experts than global ones) a random expert map, on the GPU."""
     G, E, K, D, I = SHAPES[shape]
     dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(T)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     w13q, w13s = quantized_experts(E, 2 * I, D, gen, dev)
     w2q, w2s = quantized_experts(E, D, I, gen, dev)
     x = torch.randn(T, D, generator=gen, device=dev).to(torch.bfloat16)
@@ -59,6 +58,14 @@ def test_fused_moe_fp8_at_model_shapes(shape, T, combine):
     if E < G:
         emap = torch.full((G,), -1, dtype=torch.int32, device=dev)
         emap[torch.randperm(G, generator=gen, device=dev)[:E]] = torch.arange(E, dtype=torch.int32, device=dev)
+    return x, w13q, w13s, w2q, w2s, tw, ti, emap
+
+
+@pytest.mark.parametrize("combine", ["sum", "atomic"])
+@pytest.mark.parametrize("T", [1, 64, 2048])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_moe_fp8_at_model_shapes(shape, T, combine):
+    x, w13q, w13s, w2q, w2s, tw, ti, emap = _moe_case(shape, T, seed=T)
     with no_host_sync():
         got = triton_fused_moe_fp8(x, w13q, w13s, w2q, w2s, tw, ti, emap, combine=combine)
     want = reference_fused_moe_fp8(x.float(), w13q, w13s, w2q, w2s, tw, ti, emap)
@@ -89,17 +96,7 @@ def test_fused_moe_fp8_tiny_at_model_shapes(shape, T):
     """The e4m3 tiny GEMVs (kernels/triton_moe_fp8_tiny.py, DEFAULT_TINY_FP8) compiled at the FP8 checkpoints'
     shapes: against the reference as the sorted path is, and under a CUDA graph: replay = eager bit for bit (one
     fixed summation order, no atomics)."""
-    G, E, K, D, I = SHAPES[shape]
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(100 + T)
-    w13q, w13s = quantized_experts(E, 2 * I, D, gen, dev)
-    w2q, w2s = quantized_experts(E, D, I, gen, dev)
-    x = torch.randn(T, D, generator=gen, device=dev).to(torch.bfloat16)
-    tw, ti = torch.topk(torch.softmax(torch.randn(T, G, generator=gen, device=dev), -1), K, dim=-1)
-    emap = None
-    if E < G:
-        emap = torch.full((G,), -1, dtype=torch.int32, device=dev)
-        emap[torch.randperm(G, generator=gen, device=dev)[:E]] = torch.arange(E, dtype=torch.int32, device=dev)
+    x, w13q, w13s, w2q, w2s, tw, ti, emap = _moe_case(shape, T, seed=100 + T)
     args = (x, w13q, w13s, w2q, w2s, tw, ti, emap)
     with no_host_sync():
         eager = triton_fused_moe_fp8(*args, path="tiny")
