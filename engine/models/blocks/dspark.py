@@ -14,6 +14,7 @@ V vocabulary, X a stage's context row (its shape is the stage's: GQA's [2, K, H]
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Collection, Protocol
 
 import torch
@@ -81,7 +82,7 @@ class MarkovHead(nn.Module):
         return {f"{prefix}{w1}.weight": PlanEntry(self.w1_VR, ()), f"{prefix}{w2}.weight": PlanEntry(self.w2_VR, ())}
 
 
-class BundledStages(nn.Module):
+class BundledStages(nn.Module, abc.ABC):
     """What a family's bundled stages (`mtp.{i}.*` blocks of its own) share as DSparkStages: `blocks` (each with
     `mixer.context_row(x_TD, positions_T)` and its MoE as `moe`), one shared KV head of `head_dim` per stage, the
     drafter's whole embedding and head (`tables`) and a Markov head (`markov`). A subclass builds them and says how
@@ -123,17 +124,20 @@ class BundledStages(nn.Module):
             state = run_stages(b.stages(pos_T, state, ids_T, ctx))
         return F.linear(self.finish(state).to(head_VD.dtype), head_VD).float().view(R, B, -1)
 
+    @abc.abstractmethod
     def project_taps(self, taps_TX: torch.Tensor) -> torch.Tensor:
         """[T, D]: the target's tap states, concatenated, projected and normed (main_norm(main_proj(.)))."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def streams(self, x_TD: torch.Tensor) -> StreamState:
         """The block's residual stream entering the first stage, from its tokens' embeddings."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def finish(self, state: StreamState) -> torch.Tensor:
         """[T, D]: the last stage's stream collapsed and normed, what the head reads."""
-        raise NotImplementedError
+        ...
 
     def markov_bias(self, prev_R: torch.Tensor) -> torch.Tensor:
         return self.markov(prev_R)
