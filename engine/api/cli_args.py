@@ -130,6 +130,10 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer): its torch threads are the cores it may use less N, at least 1 (vLLM's "
                         "VLLM_CPU_NUM_OF_RESERVED_CPU; OMP_NUM_THREADS in the environment wins); default: 1 for "
                         "`serve`, 0 offline")
+    p.add_argument("--executor", default="auto", choices=("auto", "inprocess", "mp", "ray"),
+                   help="where the ranks run: inprocess (one rank in this process), mp (one rank in a process of its "
+                        "own, its forward beside the server's front and streaming: docs/serving.md#the-rank-process), "
+                        "ray (Ray actors); auto (default): mp for `serve` at one rank, inprocess offline, Ray beyond")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster ('auto' = the one `ray start` made); default: start a local one")
     p.add_argument("--all-to-all", default="auto", choices=ALL_TO_ALL_NAMES)
@@ -243,7 +247,7 @@ def engine_args_from(ns: argparse.Namespace):
         kv_cache_memory_bytes=ns.kv_cache_memory_bytes, gpu_memory_utilization=ns.gpu_memory_utilization,
         enable_prefix_caching=ns.enable_prefix_caching, device=ns.device, load_progress=ns.use_tqdm_on_load,
         expert_parallel_size=ns.expert_parallel_size, tensor_parallel_size=ns.tensor_parallel_size,
-        ray_address=ns.ray_address, all_to_all=ns.all_to_all,
+        ray_address=ns.ray_address, all_to_all=ns.all_to_all, executor=ns.executor,
         num_redundant_experts=ns.num_redundant_experts, eplb_interval=ns.eplb_interval,
         eplb_staging_mb=ns.eplb_staging_mb,
         ep_nvlink_domain_size=ns.ep_nvlink_domain_size,

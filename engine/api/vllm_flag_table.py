@@ -263,8 +263,9 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
                                         "gateway's)", "--reasoning-parser deepseek_r1"),
     ("--reasoning-parser-plugin",): refused("the gateway's built-in parsers only: --reasoning-parser NAME"),
     # -- parallelism -----------------------------------------------------------------------------------------
-    ("--distributed-executor-backend",): refused("moelink picks it: in-process at one rank, Ray beyond "
-                                                 "(--ray-address)"),
+    ("--distributed-executor-backend",): accepted("where the ranks run: mp (= --executor mp, one rank in a process "
+                                                  "of its own), uni (= --executor inprocess), ray (= --executor ray)",
+                                                  "--distributed-executor-backend mp", values=("mp", "uni", "ray")),
     ("--pipeline-parallel-size", "-pp"): refused("moelink runs no pipeline parallelism: add ranks with "
                                                  "--data-parallel-size N --enable-expert-parallel (Ray beyond one "
                                                  "rank)"),

@@ -172,6 +172,7 @@ def add_vllm_engine_flags(p: argparse.ArgumentParser) -> None:
     _add(g, "--spec-method", default=None, metavar="METHOD")
     _add(g, "--spec-model", default=None, metavar="PATH")
     _add(g, "--spec-tokens", type=int, default=None, metavar="N")
+    _add(g, "--distributed-executor-backend", dest="distributed_executor_backend", action=_Values)
     for values in ("--runner", "--convert", "--tokenizer-mode", "--config-format", "--model-impl", "--logprobs-mode",
                    "--expert-placement-strategy", "--prefix-caching-hash-algo", "--stream-interval"):
         _add(g, values, action=_Values)
@@ -232,7 +233,22 @@ def apply_vllm_engine_flags(ns: argparse.Namespace) -> None:
                          "max_position_embeddings when the flag is left out, or the number given.")
     _apply_eplb(ns)
     _apply_spec(ns)
+    _apply_executor(ns)
 
+
+_VLLM_EXECUTORS = {"mp": "mp", "uni": "inprocess", "ray": "ray"}
+
+
+def _apply_executor(ns: argparse.Namespace) -> None:
+    """vLLM's --distributed-executor-backend as moelink's --executor (both given: they must agree)."""
+    backend = getattr(ns, "distributed_executor_backend", None)
+    if backend is None:
+        return
+    kind = _VLLM_EXECUTORS[backend]
+    if getattr(ns, "executor", "auto") not in ("auto", kind):
+        raise ValueError(f"--distributed-executor-backend={backend} and --executor={ns.executor} disagree: give one "
+                         "of them.")
+    ns.executor = kind
 
 def _apply_eplb(ns: argparse.Namespace) -> None:
     """--enable-eplb / --eplb-config (vLLM's EPLBConfig JSON) onto --eplb-interval and --num-redundant-experts."""

@@ -15,6 +15,10 @@ def make_executor(config: EngineConfig, plan: ExpertParallelPlan | None = None) 
     kind = config.parallel.resolved_executor
     if kind == "inprocess":
         return InProcessExecutor(config, plan)
+    if kind == "mp":
+        from .mp_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config, plan)
     # Lazy: Ray is imported only by engines that run more than one rank.
     from .ray_executor import RayExecutor
 

@@ -13,7 +13,7 @@ from .tensor_parallel import check_tp_layout
 from .timeouts import (DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REJOIN_DELAY_S, DEFAULT_STEP_TIMEOUT_S, check_rejoin,
                        check_seconds)
 
-_EXECUTORS = ("auto", "inprocess", "ray")
+_EXECUTORS = ("auto", "inprocess", "mp", "ray")
 
 
 @dataclass
@@ -21,7 +21,8 @@ class ParallelConfig:
     """Data-parallel attention + expert-parallel MoE over the same `expert_parallel_size` ranks.
 
     Every rank runs attention for its own requests and holds 1/N of the experts.
-    `executor` "auto" is in-process for one rank and Ray beyond; `ray_address`
+    `executor` "auto" is in-process for one rank and Ray beyond; "mp" runs the one rank in a process of its own
+    (engine/cluster/mp_executor.py: the forward beside the driver's scheduling and streaming); `ray_address`
     None starts a local Ray instance, "auto" joins the running cluster, or give
     an address. `all_to_all` names a backend of moelink.comm.backends: "auto"
     picks "none" for one rank and "torch" otherwise (gloo on CPU, NCCL on GPU).
@@ -88,8 +89,8 @@ class ParallelConfig:
         n = self.world_size
         if self.executor not in _EXECUTORS:
             raise ValueError(f"executor={self.executor!r} is invalid: choose from {', '.join(_EXECUTORS)}.")
-        if self.executor == "inprocess" and n > 1:
-            raise ValueError(f"executor='inprocess' runs one rank; a world of {n} ranks (expert_parallel_size="
+        if self.executor in ("inprocess", "mp") and n > 1:
+            raise ValueError(f"executor={self.executor!r} runs one rank; a world of {n} ranks (expert_parallel_size="
                              f"{self.expert_parallel_size}, tensor_parallel_size={self.tensor_parallel_size}) needs "
                              "executor='ray' or 'auto'.")
         # The registry owns the names and "auto"; it also refuses a backend that cannot run at n ranks.

@@ -21,7 +21,7 @@ A pool that shuts down keeps its fork server (idle: no compile process of its ow
 process with the same tokenizer info, at most IDLE_MAX of them (the oldest ended first), and ended at exit: a
 process that builds engine after engine (a notebook, the test suite: 14 fork servers exec'd in 7 test files, ~2.7 s
 of CPU each) imports xgrammar once per tokenizer, not once per engine. The exec'd ones are started from a
-thread that lives as long as the process (`_keeper_popen`): the kernel's parent-death signal (grammar_child.py's
+thread that lives as long as the process (`engine/contract/child_process.py`): the kernel's parent-death signal (grammar_child.py's
 PR_SET_PDEATHSIG) follows the *thread* that started a child, so one started from a compile worker's thread died
 with that thread.
 """
@@ -31,7 +31,6 @@ import atexit
 import collections
 import math
 import os
-import queue
 import select
 import signal
 import socket
@@ -41,8 +40,10 @@ import threading
 import time
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from concurrent.futures import Future
+
 from typing import Callable, Optional
+
+from ..contract.child_process import ForkedChild, keeper_popen
 
 FORK_ANSWER_TIMEOUT_S = 30.0  # a fork takes milliseconds; the server is broken past this
 
@@ -121,43 +122,7 @@ def _readable(fd: int, timeout: Optional[float]) -> bool:
     return bool(p.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
-class _Child:
-    """A direct child forked by `prefork()`: what ForkServer asks of its subprocess.Popen (pid, poll, kill, wait)."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.returncode: Optional[int] = None
-        self._lock = threading.Lock()
-
-    def poll(self) -> Optional[int]:
-        with self._lock:
-            if self.returncode is None:
-                try:
-                    pid, status = os.waitpid(self.pid, os.WNOHANG)
-                except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): gone, status unknown
-                    self.returncode = -signal.SIGKILL
-                else:
-                    if pid:
-                        self.returncode = os.waitstatus_to_exitcode(status)
-            return self.returncode
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def wait(self, timeout: Optional[float] = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"grammar compile fork server {self.pid}", timeout)
-            time.sleep(0.01)
-        return code
-
-
-_preforked: Optional[tuple[_Child, socket.socket]] = None
+_preforked: Optional[tuple[ForkedChild, socket.socket]] = None
 
 
 def prefork() -> bool:
@@ -195,7 +160,7 @@ def prefork() -> bool:
         finally:
             os._exit(code)
     child.close()
-    _preforked = (_Child(pid), parent)
+    _preforked = (ForkedChild(pid, "grammar compile fork server"), parent)
     return True
 
 
@@ -213,7 +178,6 @@ def discard_prefork() -> None:
 IDLE_MAX = 2  # kept fork servers of shut-down pools (module docstring); each holds xgrammar's imports in memory
 _idle: collections.OrderedDict[str, tuple] = collections.OrderedDict()  # tokenizer info JSON -> (process, socket)
 _idle_lock = threading.Lock()
-_keeper: Optional[queue.SimpleQueue] = None
 
 
 def _end(proc, conn: Optional[Connection]) -> None:
@@ -267,28 +231,6 @@ def discard_idle() -> None:
 atexit.register(discard_idle)
 
 
-def _keeper_popen(*args, **kwargs) -> subprocess.Popen:
-    """subprocess.Popen run on a daemon thread that lives as long as the process (module docstring)."""
-    global _keeper
-    with _idle_lock:
-        if _keeper is None:
-            _keeper = queue.SimpleQueue()
-            threading.Thread(target=_keep, args=(_keeper,), name="grammar-fork-keeper", daemon=True).start()
-        jobs = _keeper
-    done: Future = Future()
-    jobs.put((done, args, kwargs))
-    return done.result()
-
-
-def _keep(jobs: queue.SimpleQueue) -> None:
-    while True:
-        done, args, kwargs = jobs.get()
-        try:
-            done.set_result(subprocess.Popen(*args, **kwargs))
-        except BaseException as e:  # handed to the caller's thread
-            done.set_exception(e)
-
-
 class ForkServerClosed(RuntimeError):
     """The fork server was closed (the pool shuts down): no fork, and nothing to report."""
 
@@ -301,7 +243,7 @@ class ForkServer:
         self._info_json = tokenizer_info_json
         self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()  # one fork at a time: the requests and answers share one socket
-        self._proc: Optional[subprocess.Popen | _Child] = None
+        self._proc: Optional[subprocess.Popen | ForkedChild] = None
         self._conn: Optional[Connection] = None
         self._info: Optional[str] = None  # the tokenizer info the running fork server was sent
         self._closed = False
@@ -354,7 +296,7 @@ class ForkServer:
             # It imports moelink the way this process did (a checkout on sys.path, or the installed package).
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             try:
-                self._proc = _keeper_popen(
+                self._proc = keeper_popen(
                     [sys.executable, "-m", "moelink.engine.core.grammar_child", "--fork-server", str(child.fileno())],
                     pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
             finally:

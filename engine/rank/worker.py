@@ -229,9 +229,15 @@ class Worker(RLWorker):
         self._freeze_if_own_process()
         return report
 
-    @staticmethod
-    def _own_process() -> bool:
-        """Whether this worker is a Ray actor (a process of its own), not an in-process rank of the engine's."""
+    # Set by the multiprocess executor's rank process (engine/cluster/mp_rank.py): its one Worker owns the process.
+    own_process = False
+
+    @classmethod
+    def _own_process(cls) -> bool:
+        """Whether this worker is a process of its own (a Ray actor, an mp rank), not an in-process rank of the
+        engine's."""
+        if cls.own_process:
+            return True
         ray = sys.modules.get("ray")
         return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 

@@ -117,8 +117,13 @@ def _serve(ns: argparse.Namespace) -> int:
         request_logger.addFilter(RequestLogFilter())
     # Every rank serves KV on its own port: the world is expert_parallel_size, or one TP group when that is 1.
     role = role_from_args(ns, num_ranks=max(args.expert_parallel_size, args.tensor_parallel_size))
-    # The grammar compile fork server, forked now while this process has one thread (not exec'd later, which
-    # imports torch, transformers and xgrammar again: engine/core/grammar_forks.py).
+    # At one rank the engine's rank runs in a process of its own (engine/api/serving_executor.py), and the grammar
+    # compile fork server is one too: both forked now, while this process has one thread (not exec'd later, which
+    # imports torch, transformers and xgrammar again: engine/core/grammar_forks.py). The rank first, so it holds no
+    # copy of the fork server's socket (the fork server ends when the server closes its end).
+    from ..api.serving_executor import choose_serving_executor
+
+    choose_serving_executor(args)
     from ..core.grammar_forks import prefork
 
     prefork()

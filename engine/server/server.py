@@ -445,7 +445,13 @@ def serve(engine_args, config: ServerConfig) -> int:
         from ..core.metrics import EngineMetrics
 
         metrics = EngineMetrics()
-    engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)
+    try:
+        engine = AsyncEngine.from_engine_args(engine_args, metrics=metrics)
+    except BaseException:
+        from ..api.serving_executor import discard_forked_rank
+
+        discard_forked_rank()
+        raise
     # The directory the engine read: the one given, or a Hugging Face id's snapshot in the cache.
     tokenizer_path = (None if isinstance(engine.tokenizer, NoTokenizer)
                       else os.path.abspath(engine.info.model.model))

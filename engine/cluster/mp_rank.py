@@ -1,0 +1,221 @@
+"""The rank process of the multiprocess executor: `python -m moelink.engine.cluster.mp_rank FD`, started by
+engine/cluster/mp_executor.py; it holds the one Worker of an engine whose executor is "mp".
+
+Protocol on the socket FD (multiprocessing.connection framing, each message one pickle): the parent first sends
+`("start", WorkerConfig, ExpertParallelPlan, eager)` (eager None: the device decides, below); the rank builds and loads its Worker and answers `("ok", RankHello)`
+or `("err", exception, traceback text)`. Then, in order:
+
+* `("launch", SchedulerOutput, run_forward)`: Worker.launch. A rank whose device runs work inline (a CPU rank:
+  engine/rank/device_stream.py's InlineStream) collects the step at once and answers its ModelRunnerOutput
+  unasked ("eager"), so the parent's next step is in the pipe while the parent processes this one's tokens. A
+  GPU rank answers nothing here: the parent sends `("collect", step_id)` after its next launch, so the rank
+  queues step N+1's device work before it waits on step N (Ray's ranks keep the same order).
+* `("collect", step_id)`: Worker.collect's ModelRunnerOutput (or the error its launch or collect raised).
+* `("call", name, args)`: the Worker method `name` (engine/contract/worker_api.RankCall), its result.
+* `("stop",)`: the runner's stream, plug-ins and memory released; answers `("ok", None)` and exits.
+
+Every answer is `("ok", value)` or `("err", exception, traceback text)`. The rank ends when the parent's end of
+the socket closes (the parent exited) and with its parent (PR_SET_PDEATHSIG).
+
+`moelink serve` forks the rank process instead (`prefork()`, while the server is still single-threaded, before the
+engine is built), with torch and the rank's modules imported: an exec'd rank imports them again (~2-3 s of CPU per
+start). The fork runs the same `main`; the executor adopts it (`take_prefork`), and a server that builds no engine
+ends it (`discard_prefork`).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Optional
+
+from ..contract.child_process import ForkedChild
+
+
+@dataclass(frozen=True)
+class RankHello:
+    """What the rank process answers `start` with: its PID and whether it answers steps unasked (eager)."""
+
+    pid: int
+    eager: bool
+
+
+def send(conn: Connection, msg: tuple) -> None:
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def error_reply(exc: BaseException) -> tuple:
+    """`("err", exc, traceback)`, the exception itself when it pickles, else a RuntimeError naming it."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return ("err", exc.with_traceback(None), tb)
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent was gone before the signal was armed
+            os._exit(1)
+
+
+class RankLoop:
+    """Applies the parent's messages to one Worker, in order (module docstring)."""
+
+    def __init__(self, conn: Connection, worker, eager: bool):
+        self.conn, self.worker, self.eager = conn, worker, eager
+        self.failed: dict[int, tuple] = {}  # step id -> the error its launch raised, answered at its collect
+
+    def run(self) -> None:
+        while True:
+            try:
+                msg = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # the parent is gone
+            op = msg[0]
+            if op == "launch":
+                self._launch(msg[1], msg[2])
+            elif op == "collect":
+                send(self.conn, self._collect(msg[1]))
+            elif op == "call":
+                send(self.conn, self._call(msg[1], msg[2]))
+            elif op == "stop":
+                self._stop()
+                send(self.conn, ("ok", None))
+                return
+            else:
+                send(self.conn, ("err", ValueError(f"mp rank: unknown message {op!r}"), ""))
+
+    def _launch(self, so, run_forward: bool) -> None:
+        try:
+            self.worker.launch(so, run_forward)
+        except BaseException as exc:
+            self.failed[so.step_id] = error_reply(exc)
+        if self.eager:
+            send(self.conn, self._collect(so.step_id))
+
+    def _collect(self, step_id: int) -> tuple:
+        failed = self.failed.pop(step_id, None)
+        if failed is not None:
+            return failed
+        try:
+            return ("ok", self.worker.collect(step_id))
+        except BaseException as exc:
+            return error_reply(exc)
+
+    def _call(self, name: str, args: tuple) -> tuple:
+        try:
+            result = getattr(self.worker, name)(*args)
+        except BaseException as exc:
+            return error_reply(exc)
+        return ("ok", result)
+
+    def _stop(self) -> None:
+        runner = self.worker.runner
+        if runner is not None:
+            runner.stream.shutdown()
+            runner.close_plugins()  # a KV connector's server socket and threads
+            self.worker.release_runner()
+
+
+def main(fd: int) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole foreground process group: the engine process stops this rank in its shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    conn = Connection(fd)
+    try:
+        op, worker_config, plan, eager = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return
+    try:
+        from ..rank.worker import Worker
+        from .step_features import STEP_FEATURES
+
+        Worker.own_process = True
+        worker = Worker(worker_config, rank=0, plan=plan, step_features=STEP_FEATURES)
+        worker.load()
+        if eager is None:
+            eager = worker.device.type != "cuda"  # a CPU rank's stream runs the step inline (device_stream.py)
+    except BaseException as exc:
+        send(conn, error_reply(exc))
+        return
+    send(conn, ("ok", RankHello(pid=os.getpid(), eager=eager)))
+    RankLoop(conn, worker, eager).run()
+
+
+_preforked: Optional[tuple[ForkedChild, socket.socket]] = None
+
+
+def prefork() -> bool:
+    """Fork the rank process now, for the next MultiprocExecutor to adopt (module docstring). Only while this
+    process has one thread (a fork copies no other thread, and a lock another thread holds stays held in the
+    child). Returns whether a forked rank is waiting."""
+    global _preforked
+    if _preforked is not None or not sys.platform.startswith("linux"):
+        return _preforked is not None
+    # What every rank imports before its first step: the fork inherits it (the point of forking).
+    from ..rank import worker  # noqa: F401
+    from . import step_features  # noqa: F401
+
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        return False
+    parent, child = socket.socketpair()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the rank: never returns into the caller
+        code = 1
+        try:
+            import gc
+
+            gc.freeze()  # the server's objects are never collected here: their pages stay shared
+            parent.close()
+            null = os.open(os.devnull, os.O_RDONLY)  # as an exec'd one: stdin from /dev/null
+            os.dup2(null, 0)
+            os.close(null)
+            main(child.detach())
+            code = 0
+        finally:
+            os._exit(code)
+    child.close()
+    _preforked = (ForkedChild(pid, "rank process"), parent)
+    return True
+
+
+def take_prefork() -> Optional[tuple[ForkedChild, socket.socket]]:
+    """The forked rank waiting for its `start`, once (None: none was forked, or it has exited)."""
+    global _preforked
+    taken, _preforked = _preforked, None
+    if taken is not None and taken[0].poll() is not None:
+        taken[1].close()
+        return None
+    return taken
+
+
+def discard_prefork() -> None:
+    """End a forked rank no executor adopted."""
+    taken = take_prefork()
+    if taken is not None:
+        proc, sock = taken
+        sock.close()  # it reads EOF and exits
+        proc.kill()
+        proc.wait(5)
+
+
+if __name__ == "__main__":
+    # Through the package's module, not __main__: what it pickles (RankHello) must name a module the parent has.
+    from moelink.engine.cluster.mp_rank import main as package_main
+
+    package_main(int(sys.argv[1]))

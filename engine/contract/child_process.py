@@ -1,0 +1,77 @@
+"""Child processes the engine starts and owns: `keeper_popen` (exec'd) and `ForkedChild` (forked).
+
+`keeper_popen`: subprocess.Popen run on one daemon thread that lives as long as the process. Why: the kernel's parent-death signal (PR_SET_PDEATHSIG, which the grammar compile processes and the multiprocess
+executor's rank process arm) follows the *thread* that started a child, not the process: a child started from a
+compile worker's thread, or from the thread an engine was built on, would be killed when that thread ends.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import Future
+from typing import Optional
+
+_lock = threading.Lock()
+_jobs: Optional[queue.SimpleQueue] = None
+
+
+def keeper_popen(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(*args, **kwargs), started from the process-lived keeper thread (module docstring)."""
+    global _jobs
+    with _lock:
+        if _jobs is None:
+            _jobs = queue.SimpleQueue()
+            threading.Thread(target=_keep, args=(_jobs,), name="moelink-popen-keeper", daemon=True).start()
+        jobs = _jobs
+    done: Future = Future()
+    jobs.put((done, args, kwargs))
+    return done.result()
+
+
+def _keep(jobs: queue.SimpleQueue) -> None:
+    while True:
+        done, args, kwargs = jobs.get()
+        try:
+            done.set_result(subprocess.Popen(*args, **kwargs))
+        except BaseException as e:  # handed to the caller's thread
+            done.set_exception(e)
+
+
+class ForkedChild:
+    """A direct child made by os.fork: what a subprocess.Popen's owner asks of it (pid, poll, kill, wait)."""
+
+    def __init__(self, pid: int, what: str = "forked child"):
+        self.pid, self.what = pid, what
+        self.returncode: Optional[int] = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> Optional[int]:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): gone, status unknown
+                    self.returncode = -signal.SIGKILL
+                else:
+                    if pid:
+                        self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"{self.what} {self.pid}", timeout)
+            time.sleep(0.01)
+        return code
