@@ -3,6 +3,7 @@ the weights are random; token-id requests are served on both protocols (no text:
 text prompt is refused with the one sentence that says so."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -23,9 +24,11 @@ def test_dummy_server_warns_and_serves_token_ids(tiny_model, tmp_path):
         assert not any(line.startswith("moelink: tokenizer:") for line in srv.stdout_lines)
         assert "WARNING moelink.engine.core.llm_engine: --load-format dummy: the weights are RANDOM" in srv.logs()
         # No tokenizer, no grammar: the grammar fork server `moelink serve` forks at its start is ended (a server
-        # with --no-http starts no other process).
+        # with --no-http starts no other process but its rank's, engine/cluster/mp_rank.py).
         tasks = Path(f"/proc/{srv.pid}/task").iterdir()
-        assert not "".join((t / "children").read_text() for t in tasks).split()
+        rank = re.search(r"MultiprocExecutor: rank process (\d+) ready", srv.logs())
+        assert rank is not None, srv.logs()
+        assert "".join((t / "children").read_text() for t in tasks).split() == [rank.group(1)]
         with grpc.insecure_channel(srv.addr) as ch:
             s = make_stubs(ch)
             sp = s.pb.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
