@@ -1,7 +1,7 @@
 """The host cost per sequence per decode step on the CPU proxy, side by side with another tree (issue 78).
 
     python -m moelink.benchmarks.host_per_seq [--seqs 256 1024] [--tokens 64] [--repeats 3]
-        [--baseline REV] [--out benchmarks/results/host_per_seq_cpu.json]
+        [--baseline REV] [--mp] [--out benchmarks/results/host_per_seq_cpu.json]
 
 The proxy (issue 78's acceptance): `LLM.generate` of S sequences x 64 tokens (64-token prompts, greedy, EOS
 ignored) on a 1-layer tiny Qwen3-MoE (hidden 64, 8 experts, top-2, float32), after a warm-up batch. Reported per
@@ -16,6 +16,9 @@ Settings, each in a fresh process, alternating within each repeat (medians repor
   slots, routed-expert capture; grammars, prompt logprobs and routing replay are always there, woken only by a
   request that asks): their cost when nobody uses them. A KV connector or a drafter is not "unused" once
   configured (every request's KV is saved, every step drafts), so neither is in this set;
+- `mp` (with --mp): this checkout, no optional feature, its rank in a process of its own (`executor="mp"`, one
+  core left to the driver: `moelink serve`'s default, docs/serving.md#the-rank-process): the driver's scheduling and
+  output work beside the rank's input building, forward and sampling instead of before and after them;
 - `baseline` (with --baseline REV): the same proxy on another commit, checked out beside this one with
   `git worktree add --detach` and imported in its place (a `moelink` package whose path is that tree).
 
@@ -50,6 +53,8 @@ def _worker(spec: dict) -> dict:
 
     seqs, tokens = spec["seqs"], spec["tokens"]
     kw = dict(FEATURES) if spec["features"] else {}
+    if spec.get("executor"):
+        kw.update(executor=spec["executor"], cpu_reserved_cores=1)
     with tempfile.TemporaryDirectory() as d:
         path = make_tiny_model(d, arch="qwen3_moe", num_layers=1, hidden_size=64, num_experts=8, top_k=2,
                                max_position_embeddings=4096)
@@ -121,6 +126,8 @@ def _run(spec: dict, pythonpath: str | None, timeout_s: float) -> dict:
 
 def _settings(args) -> list[tuple[str, bool]]:
     names = [("current", False), ("current+features", True)]
+    if args.mp:
+        names.append(("mp", False))
     if args.baseline:
         names.insert(0, ("baseline", False))
     return names
@@ -145,6 +152,10 @@ def _summary(runs: list[dict], args) -> dict:
             row[name]["min_us_per_seq_step"] = min(r["us_per_seq_step"] for r in mine)
         cur = row["current"]["us_per_seq_step"]
         row["features_over_current"] = row["current+features"]["us_per_seq_step"] / cur
+        if "mp" in row:
+            row["current_over_mp"] = cur / row["mp"]["us_per_seq_step"]
+            if "baseline" in row:
+                row["baseline_over_mp"] = row["baseline"]["us_per_seq_step"] / row["mp"]["us_per_seq_step"]
         if "baseline" in row:
             row["baseline_over_current"] = row["baseline"]["us_per_seq_step"] / cur
             row["baseline_over_current_min"] = (row["baseline"]["min_us_per_seq_step"]
@@ -159,6 +170,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", default=None, help="a commit to run beside this checkout (e.g. 0b089004)")
+    ap.add_argument("--mp", action="store_true", help="also run the proxy with its rank in a process of its own")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="bound on each worker process")
     ap.add_argument("--out", default=str(RESULTS / "host_per_seq_cpu.json"))
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
@@ -181,7 +193,7 @@ def main(argv=None) -> dict:
         shim = str(_baseline_tree(args.baseline, cleanup)) if args.baseline else None
         runs = []
         for r, seqs, name, feats in plan:
-            spec = dict(seqs=seqs, tokens=args.tokens, features=feats)
+            spec = dict(seqs=seqs, tokens=args.tokens, features=feats, executor="mp" if name == "mp" else None)
             got = _run(spec, shim if name == "baseline" else None, args.timeout_s)
             got.update(setting=name, repeat=r)
             runs.append(got)
@@ -200,6 +212,9 @@ def main(argv=None) -> dict:
             line += (f", baseline {row['baseline']['us_per_seq_step']:.1f} ({row['baseline_over_current']:.2f}x; "
                      f"fastest {row['baseline']['min_us_per_seq_step']:.1f}, {row['baseline_over_current_min']:.2f}x)")
         line += f", with every feature enabled and unused {row['features_over_current']:.2f}x current"
+        if "mp" in row:
+            line += (f"; mp {row['mp']['us_per_seq_step']:.1f} (current / mp {row['current_over_mp']:.2f}x"
+                     + (f", baseline / mp {row['baseline_over_mp']:.2f}x" if "baseline_over_mp" in row else "") + ")")
         print(line)
     result = dict(benchmark="host_per_seq", commit=git_commit(), baseline=args.baseline, tokens=args.tokens,
                   repeats=args.repeats, summary=summary, runs=runs)
