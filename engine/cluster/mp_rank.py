@@ -28,13 +28,12 @@ import os
 import pickle
 import socket
 import sys
-import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Optional
 
-from ..contract.child_process import ForkedChild
+from ..contract.child_process import ForkedChild, end_forked, fork_child
 
 
 @dataclass(frozen=True)
@@ -169,29 +168,8 @@ def prefork() -> bool:
     from ..rank import worker  # noqa: F401
     from . import step_features  # noqa: F401
 
-    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
-        return False
-    parent, child = socket.socketpair()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the rank: never returns into the caller
-        code = 1
-        try:
-            import gc
-
-            gc.freeze()  # the server's objects are never collected here: their pages stay shared
-            parent.close()
-            null = os.open(os.devnull, os.O_RDONLY)  # as an exec'd one: stdin from /dev/null
-            os.dup2(null, 0)
-            os.close(null)
-            main(child.detach())
-            code = 0
-        finally:
-            os._exit(code)
-    child.close()
-    _preforked = (ForkedChild(pid, "rank process"), parent)
-    return True
+    _preforked = fork_child(main, "rank process")
+    return _preforked is not None
 
 
 def take_prefork() -> Optional[tuple[ForkedChild, socket.socket]]:
@@ -206,12 +184,7 @@ def take_prefork() -> Optional[tuple[ForkedChild, socket.socket]]:
 
 def discard_prefork() -> None:
     """End a forked rank no executor adopted."""
-    taken = take_prefork()
-    if taken is not None:
-        proc, sock = taken
-        sock.close()  # it reads EOF and exits
-        proc.kill()
-        proc.wait(5)
+    end_forked(take_prefork())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Child processes the engine starts and owns: `keeper_popen` (exec'd) and `ForkedChild` (forked).
+"""Child processes the engine starts and owns: `keeper_popen` (exec'd), `fork_child` and `ForkedChild` (forked).
 
 `keeper_popen`: subprocess.Popen run on one daemon thread that lives as long as the process. Why: the kernel's parent-death signal (PR_SET_PDEATHSIG, which the grammar compile processes and the multiprocess
 executor's rank process arm) follows the *thread* that started a child, not the process: a child started from a
@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Optional
+from typing import Callable, Optional
 
 _lock = threading.Lock()
 _jobs: Optional[queue.SimpleQueue] = None
@@ -75,3 +77,41 @@ class ForkedChild:
                 raise subprocess.TimeoutExpired(f"{self.what} {self.pid}", timeout)
             time.sleep(0.01)
         return code
+
+
+def fork_child(run: Callable[[int], None], what: str) -> Optional[tuple[ForkedChild, socket.socket]]:
+    """Fork a child that runs `run(fd)` on its end of a new socket pair and exits; returns it and this process's
+    end, or None when this process has more than one thread (a fork copies no other thread, and a lock another
+    thread holds stays held in the child). The child's stdin is /dev/null, as an exec'd child's."""
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        return None
+    parent, child = socket.socketpair()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller
+        code = 1
+        try:
+            import gc
+
+            # The parent's objects are never collected here: no finalizer of theirs runs, their pages stay shared.
+            gc.freeze()
+            parent.close()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+            run(child.detach())
+            code = 0
+        finally:
+            os._exit(code)
+    child.close()
+    return ForkedChild(pid, what), parent
+
+
+def end_forked(taken: Optional[tuple[ForkedChild, socket.socket]]) -> None:
+    """End a child `fork_child` made that nobody adopted: its socket closed (it reads EOF), then killed."""
+    if taken is not None:
+        proc, sock = taken
+        sock.close()
+        proc.kill()
+        proc.wait(5)

@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection
 
 from typing import Callable, Optional
 
-from ..contract.child_process import ForkedChild, keeper_popen
+from ..contract.child_process import ForkedChild, end_forked, fork_child, keeper_popen
 
 FORK_ANSWER_TIMEOUT_S = 30.0  # a fork takes milliseconds; the server is broken past this
 
@@ -136,43 +136,21 @@ def prefork() -> bool:
         return _preforked is not None
     import xgrammar  # noqa: F401  (the fork inherits it: the point of forking; the engine imports it anyway)
 
-    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
-        return False
-    parent, child = socket.socketpair()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the fork server: never returns into the caller
-        code = 1
-        try:
-            import gc
+    _preforked = fork_child(_run_fork_server, "grammar compile fork server")
+    return _preforked is not None
 
-            # The parent's objects are never collected here: no finalizer of theirs runs, their pages stay shared.
-            gc.freeze()
-            parent.close()
-            null = os.open(os.devnull, os.O_RDONLY)  # as the exec'd one: stdin from /dev/null
-            os.dup2(null, 0)
-            os.close(null)
-            from . import grammar_child
 
-            grammar_child.main(child.detach(), fork_server=True)
-            code = 0
-        finally:
-            os._exit(code)
-    child.close()
-    _preforked = (ForkedChild(pid, "grammar compile fork server"), parent)
-    return True
+def _run_fork_server(fd: int) -> None:
+    from . import grammar_child
+
+    grammar_child.main(fd, fork_server=True)
 
 
 def discard_prefork() -> None:
     """End a preforked fork server no ForkServer adopted (a server without a tokenizer compiles no grammar)."""
     global _preforked
     taken, _preforked = _preforked, None
-    if taken is not None:
-        proc, sock = taken
-        sock.close()  # it reads EOF and exits
-        proc.kill()
-        proc.wait(5)
+    end_forked(taken)
 
 
 IDLE_MAX = 2  # kept fork servers of shut-down pools (module docstring); each holds xgrammar's imports in memory

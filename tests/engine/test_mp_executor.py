@@ -111,3 +111,36 @@ def test_mp_is_refused_beyond_one_rank():
 
     with pytest.raises(ValueError, match="executor='mp' runs one rank"):
         ParallelConfig(expert_parallel_size=2, executor="mp")
+
+
+PREFORK_SCRIPT = r"""
+import os, sys
+from moelink.engine.cluster import mp_rank
+assert mp_rank.prefork(), "a single-threaded process forks its rank"
+forked = mp_rank._preforked[0].pid
+from moelink.engine import LLM
+from moelink.engine.contract.sampling_params import SamplingParams
+with LLM(sys.argv[1], executor="mp", dtype="float32", max_model_len=128, num_kv_blocks=48) as llm:
+    assert llm.engine.executor.pid == forked, (llm.engine.executor.pid, forked)  # adopted, not exec'd
+    out = llm.generate([[17, 300, 42, 5]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    print("tokens", list(out[0].outputs[0].token_ids))
+# One no executor adopts is ended by discard_prefork.
+assert mp_rank.prefork()
+spare = mp_rank._preforked[0]
+mp_rank.discard_prefork()
+assert spare.poll() is not None and mp_rank._preforked is None
+print("forked", forked)
+"""
+
+
+def test_a_forked_rank_is_adopted_and_an_unadopted_one_ended(reference):
+    from tests.helpers import zygote
+
+    done = zygote.run([zygote.real_python(), "-c", PREFORK_SCRIPT, MODEL], capture_output=True, text=True,
+                      timeout=300, fork_code=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokens = [line for line in done.stdout.splitlines() if line.startswith("tokens ")]
+    assert tokens == [f"tokens {list(reference[0][0][:4])}"]
+    pid = int(done.stdout.split("forked ")[-1].split()[0])
+    assert not _alive(pid)
