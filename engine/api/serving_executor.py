@@ -3,7 +3,8 @@
 Why a server and not `LLM`: a server's front (HTTP, gRPC, streaming) and output thread take the interpreter lock
 beside the step, so its forward waits for them unless the rank has a process of its own (docs/serving.md#the-rank-process);
 `LLM.generate` runs nothing beside its step, and its in-process rank is what its callers reach (`llm.engine.executor`).
-The rank is forked here, while the server has one thread, so it starts with torch and the rank's modules imported.
+The rank is forked here when the server still has one thread (engine/cluster/mp_rank.py prefork), so it starts
+with torch and the rank's modules imported; otherwise the executor exec's it.
 """
 from __future__ import annotations
 

@@ -17,10 +17,11 @@ or `("err", exception, traceback text)`. Then, in order:
 Every answer is `("ok", value)` or `("err", exception, traceback text)`. The rank ends when the parent's end of
 the socket closes (the parent exited) and with its parent (PR_SET_PDEATHSIG).
 
-`moelink serve` forks the rank process instead (`prefork()`, while the server is still single-threaded, before the
-engine is built), with torch and the rank's modules imported: an exec'd rank imports them again (~2-3 s of CPU per
-start). The fork runs the same `main`; the executor adopts it (`take_prefork`), and a server that builds no engine
-ends it (`discard_prefork`).
+`moelink serve` forks the rank process instead when it can (`prefork()`, while the server is still single-threaded,
+before the engine is built: a server forked from a process with torch imported, as the test suite's zygote forks
+them), with torch and the rank's modules imported: an exec'd rank imports them again (~2-3 s of CPU per start). The
+fork runs the same `main`; the executor adopts it (`take_prefork`), and a server that builds no engine ends it
+(`discard_prefork`). A server started from a shell has numpy's OpenBLAS thread by then and exec's (docs/serving.md#the-rank-process).
 """
 from __future__ import annotations
 
