@@ -168,7 +168,10 @@ def prefork() -> bool:
     # What every rank imports before its first step: the fork inherits it (the point of forking).
     from ..rank import worker  # noqa: F401
     from . import step_features  # noqa: F401
+    import torch
 
+    if torch.cuda.is_initialized():  # a CUDA context does not survive a fork: the rank is exec'd then
+        return False
     _preforked = fork_child(main, "rank process")
     return _preforked is not None
 
