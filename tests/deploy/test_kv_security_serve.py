@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 
 import grpc
@@ -20,6 +19,7 @@ from moelink.engine.kv_transfer.wire import Deadline, KVFetchError
 
 from tests.helpers.grpc_server import ENGINE_FLAGS, ServerProcess, make_stubs
 from tests.helpers.kv_params import CAP, SECRET
+from tests.helpers import zygote
 from tests.helpers.net import free_port
 
 PROMPT_IDS = list(range(7, 60))
@@ -62,8 +62,10 @@ def refusals(tiny_model, tmp_path_factory):
     world = _secret_file(tmp_path_factory.mktemp("kv-world"), 0o644)
     argvs = [["serve", tiny_model("qwen3_e6k3"), "--role", "prefill", "--kv-port", str(free_port()), "--port", "0",
               "--no-http", *ENGINE_FLAGS, *[world if f == "{world}" else f for f in flags]] for flags, _ in REFUSALS]
-    out = subprocess.run([sys.executable, "-c", _REFUSE, json.dumps(argvs)], capture_output=True, text=True,
-                         timeout=180)
+    # One process for all (each refuses before its engine starts), forked by the test zygote with `moelink`'s CLI
+    # modules imported (tests/helpers/zygote.py), as `moelink serve` runs them.
+    out = zygote.run([sys.executable, "-c", _REFUSE, json.dumps(argvs)], capture_output=True, text=True, timeout=180,
+                     fork_code=True)
     results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(results) == len(REFUSALS), out.stdout[-2000:] + out.stderr[-2000:]
     return results

@@ -25,6 +25,7 @@ from moelink.kernels.compressed_attention import entry_rows, index_key_rows
 
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
 from tests.helpers.parity import MAX_NEW, assert_pool_free, assert_same, engine_greedy, prompts
+from tests.helpers import zygote
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,6 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     reference kernels, float32, token for token (test_dsv4_triton's run, with kv_cache_dtype fp8)."""
     import json
     import os
-    import subprocess
     import sys
 
     from tests.engine.test_dsv4_triton import _TRITON_RUN, ENGINE
@@ -155,8 +155,10 @@ def test_fp8_triton_kernels_equal_reference_kernels_greedy(dsv4_path):
     ps = prompts(VOCAB, seed=7, n=2, lo=11, hi=21)
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
     script = _TRITON_RUN
-    proc = subprocess.run([sys.executable, "-c", script, dsv4_path, json.dumps(ps), json.dumps(engine)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    # Forked by the test zygote (torch, transformers imported once), TRITON_INTERPRET and the fast interpreter's
+    # sitecustomize taking effect as at an exec'd start (tests/helpers/zygote.py).
+    proc = zygote.run([sys.executable, "-c", script, dsv4_path, json.dumps(ps), json.dumps(engine)], env=env,
+                      capture_output=True, text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])

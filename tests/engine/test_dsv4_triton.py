@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ from moelink.engine import LLM
 from tests.helpers.dsv4_checkpoint import VOCAB, save_dsv4_checkpoint
 from tests.helpers.fast_interpreter import interpreter_env
 from tests.helpers.parity import assert_same, engine_greedy, prompts
+from tests.helpers import zygote
 
 ENGINE = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=24, block_size=8)
 
@@ -50,8 +50,10 @@ def test_triton_kernels_equal_reference_kernels_greedy(tmp_path_factory):
     path = save_dsv4_checkpoint(tmp_path_factory.mktemp("dsv4"))
     ps = [p for p in prompts(VOCAB, seed=7, n=2, lo=11, hi=21)]
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
-    proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, path, json.dumps(ps), json.dumps(ENGINE)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    # Forked by the test zygote (torch, transformers imported once), TRITON_INTERPRET and the fast interpreter's
+    # sitecustomize taking effect as at an exec'd start (tests/helpers/zygote.py).
+    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, path, json.dumps(ps), json.dumps(ENGINE)], env=env,
+                      capture_output=True, text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])

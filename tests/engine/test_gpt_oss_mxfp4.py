@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -29,6 +28,7 @@ from moelink.moe.placement import ExpertPlacement
 from tests.helpers.gpt_oss_checkpoints import VOCAB, WINDOW, save_gpt_oss
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, prompts
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -228,8 +228,10 @@ def test_triton_engine_run_matches_reference(mxfp4_path):
     tokens in float32."""
     ps = [prompts(VOCAB, seed=11, n=2, lo=3, hi=9)[1]]
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
-    proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, mxfp4_path, json.dumps(ps)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    # Forked by the test zygote (torch, transformers imported once), TRITON_INTERPRET and the fast interpreter's
+    # sitecustomize taking effect as at an exec'd start (tests/helpers/zygote.py).
+    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, mxfp4_path, json.dumps(ps)], env=env,
+                      capture_output=True, text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0]

@@ -31,6 +31,7 @@ from tests.helpers.int4_checkpoints import (awq_checkpoint, decompressed_copy, g
                                             kimi_k25_checkpoint, quantization_config, save_tiny)
 from tests.helpers.nvfp4_checkpoints import VOCAB
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -337,14 +338,15 @@ def test_triton_engine_run_matches_reference(tiny):
     10.7 rows per expert, through the dequantize-once path into the rank's workspace, a decode through the GEMVs)
     gives the reference kernels' greedy tokens."""
     import os
-    import subprocess
     import sys
 
     dst = tiny("qwen3", False, "experts")
     ps = [_prompts(11)[1][:9], _prompts(12)[1][:23]]
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
-    proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, dst, json.dumps(ps)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=os.getcwd())
+    # Forked by the test zygote (torch, transformers imported once), TRITON_INTERPRET and the fast interpreter's
+    # sitecustomize taking effect as at an exec'd start (tests/helpers/zygote.py).
+    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, dst, json.dumps(ps)], env=env, capture_output=True,
+                      text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])

@@ -17,6 +17,7 @@ from moelink.engine.kv_transfer.store import SavedKVStore
 from moelink.engine.kv_transfer.wire import KVFetchError
 from moelink.engine.contract.kv_blocks import SavedKV
 
+from tests.helpers import zygote
 from tests.helpers.kv_params import NO_KV
 from tests.helpers.net import free_port, listening
 
@@ -76,7 +77,8 @@ SERVER = textwrap.dedent("""
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_a_server_killed_mid_transfer_fails_the_fetch_in_time_and_drops_the_group():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    # Forked by the test zygote (torch imported once: tests/helpers/zygote.py), else exec'd.
+    proc = zygote.popen([sys.executable, "-c", SERVER, str(port)], stdout=subprocess.PIPE, text=True, fork_code=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         import threading

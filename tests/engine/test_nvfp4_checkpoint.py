@@ -25,6 +25,7 @@ from moelink.kernels.ops import ReferenceKernels
 from tests.helpers.fp8_checkpoints import hf_greedy_with
 from tests.helpers.nvfp4_checkpoints import VOCAB, dequantized_copy, nvfp4_checkpoint, save_tiny
 from tests.helpers.fast_interpreter import interpreter_env
+from tests.helpers import zygote
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -189,7 +190,6 @@ def test_triton_engine_run_matches_reference(tiny):
     """One short engine run with kernels="triton" (the NVFP4 Triton MoE, in the interpreter here: a fresh process,
     since Triton reads TRITON_INTERPRET when a kernel is defined) gives the reference kernels' greedy tokens."""
     import os
-    import subprocess
     import sys
 
     from tests.helpers.parity import assert_same, engine_greedy
@@ -197,8 +197,10 @@ def test_triton_engine_run_matches_reference(tiny):
     dst, _ = tiny("qwen3")
     ps = [_prompts(11)[3]]
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
-    proc = subprocess.run([sys.executable, "-c", _TRITON_RUN, dst, json.dumps(ps)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=os.getcwd())
+    # Forked by the test zygote (torch, transformers imported once), TRITON_INTERPRET and the fast interpreter's
+    # sitecustomize taking effect as at an exec'd start (tests/helpers/zygote.py).
+    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, dst, json.dumps(ps)], env=env, capture_output=True,
+                      text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0]

@@ -89,3 +89,30 @@ def check(seed):
         return err
 
     return _check
+
+
+@pytest.fixture(scope="session")
+def mla_compile_report(tmp_path_factory):
+    """benchmarks/compile_report.py run once as a user runs it, `--only mla --quick`, in a child forked by the test
+    zygote: (the finished process, the report's path without its suffix). test_compile_report.py (the script runs
+    without a GPU) and test_mla.py (MLA's kernels compile without spills) read the same run, each test marked
+    xdist_group("mla_compile_report"), so one child of ~8 CPU-s serves both (each started its own: norm's and MLA's).
+    Triton's own cache, not a fresh one per run: the kernels' compiled PTX/cubin and metadata are keyed by their
+    source, options, target and Triton version, so a hit analyzes the same binaries; only the report's compile
+    seconds (not checked) stop being cold ones."""
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"no Triton NVIDIA backend: {e}")
+    from triton import knobs
+
+    from tests.helpers import zygote
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path_factory.mktemp("compile_report") / "mla"
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "mla", "--quick",
+                       "--cache-dir", knobs.cache.dir, "--out", str(out)],
+                      capture_output=True, text=True, timeout=600, env=env)
+    return proc, out

@@ -260,5 +260,6 @@ def test_a_runner_given_its_cache_size_captures_its_graphs_at_construction(tiny_
     from moelink.engine.rank.model_runner import ModelRunner
 
     cfg = ModelConfig.from_pretrained(tiny_model("qwen3_e6k3"), "float32")
-    runner = ModelRunner(cfg, 16, 8, torch.device("cpu"), kernels="triton", cuda_graph_sizes=(1, 2), graph_backend=EagerReplay())
+    runner = ModelRunner(cfg, 16, 8, torch.device("cpu"), kernels="triton", cuda_graph_sizes=(1, 2),
+                         graph_backend=Replay())  # the warm-up forward reads what the capture would
     assert runner.graphs is not None and runner.plugin("lora") is None

@@ -1,4 +1,4 @@
-"""DeepSeek-V4's decode graphs (engine/rank/cuda_graph.py with EagerReplay on CPU, the Triton kernels in the
+"""DeepSeek-V4's decode graphs (engine/rank/cuda_graph.py with `Replay` on CPU, the Triton kernels in the
 interpreter): its decode attention reads device lengths only (engine/models/deepseek_v4/decode.py), each row's state slot
 is a static graph input (padding rows -1: they read the null slot and write no state, no entry), and a decode
 replayed from graphs equals the eager engine token for token while prompts cross compression boundaries and the
@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.rank.cuda_graph import EagerReplay
 
 from tests.helpers.dsv4_checkpoint import save_dsv4_checkpoint
-from tests.helpers.graph_replays import count_replays
+from tests.helpers.graph_replays import Replay, count_replays
 
 
 def _llm(path):
@@ -33,7 +32,7 @@ def test_graph_decode_of_v4_matches_eager(tmp_path_factory, kdev):
     want = _generate(_llm(path), prompts)
     llm = _llm(path)
     runner = llm.engine.executor.worker.runner
-    runner.graph_sizes, runner.graph_backend = (1, 2), EagerReplay()
+    runner.graph_sizes, runner.graph_backend = (1, 2), Replay()  # one forward per size: the warm-up's
     runner._capture_graphs()
     assert runner.graphs is not None and runner.graphs.state_slots and set(runner.graphs.steps) == {1, 2}
     replays = count_replays(runner.graphs)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,6 @@ import torch
 from moelink.kernels.attention import AttentionMetadata
 from moelink.kernels.mla import reference_mla_attention, reference_write_latent
 from moelink.kernels.triton_mla import triton_mla_attention, triton_write_latent
-from tests.helpers import zygote
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 dtype_id = lambda d: str(d).split(".")[-1]  # noqa: E731
@@ -287,25 +284,14 @@ def test_selectors_offer_mla():
 # -- compiled for sm_90 -----------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test compiles and runs these for the real device")
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
-def test_mla_compiles_for_sm90_without_spills(tmp_path):
+@pytest.mark.xdist_group("mla_compile_report")  # the worker that ran the report (tests/kernels/conftest.py)
+def test_mla_compiles_for_sm90_without_spills(mla_compile_report):
     """The DeepSeek-V3 bf16 cases of benchmarks/compile_cases.py (decode, planned split decode + plan + merge,
     mixed batch unsplit and split + merge, latent write; the same over an fp8 latent cache, the mixed batches'
     widen kernel included) compile for sm_90 with no spills, <= 255 registers, shared memory under the limit and
-    tensor-core MMAs in the attention kernel (tests/kernels/test_triton_compile.py does the rest)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"no Triton NVIDIA backend: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "mla"
-    # Triton's own cache (as test_triton_compile.py): the kernels' compiled PTX/cubin and metadata are keyed by
-    # their source, options, target and Triton version, so a hit analyzes the same binaries; only the report's
-    # compile seconds (not checked) stop being cold ones. A fresh cache per run recompiled all six (~13 s of CPU).
-    from triton import knobs
-
-    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.compile_report", "--only", "mla", "--quick",
-                       "--cache-dir", knobs.cache.dir, "--out", str(out)],
-                      capture_output=True, text=True, timeout=600, env=env)
+    tensor-core MMAs in the attention kernel (tests/kernels/test_triton_compile.py does the rest). The report's
+    run (`--only mla --quick`, Triton's own cache) is the session's `mla_compile_report` (tests/kernels/conftest.py)."""
+    proc, out = mla_compile_report
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(out.with_suffix(".json").read_text())["kernels"]
     assert {k["name"] for k in kernels} == {"_mla_kernel", "_mla_merge_kernel", "_mla_merge_plan_kernel", "_plan_kernel",

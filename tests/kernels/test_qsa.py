@@ -139,14 +139,12 @@ def test_engine_with_triton_kernels_matches_reference(qwen4_exp_path, kdev):
 
 @pytest.mark.slow  # Triton in the interpreter, eager and replayed
 def test_graph_decode_matches_eager(qwen4_exp_path, kdev):
-    """Decode graphs (engine/rank/cuda_graph.py, EagerReplay on CPU) of Qwen3.8-Flash-Next: QSA decode steps pool
+    """Decode graphs (engine/rank/cuda_graph.py, `Replay` on CPU) of Qwen3.8-Flash-Next: QSA decode steps pool
     max_model_len // c blocks (no host length read), the PLE's states per static slot; a replayed decode equals the
     eager engine on the same Triton kernels, the null state slot stays zero (padded rows write zeros) and every
     block comes back."""
     from moelink.engine import LLM, SamplingParams
-    from moelink.engine.rank.cuda_graph import EagerReplay
-
-    from tests.helpers.graph_replays import count_replays
+    from tests.helpers.graph_replays import Replay, count_replays
 
     if kdev.type != "cpu":
         pytest.skip("CPU stand-in for the capture; with a GPU, real graphs are captured by the engine itself")
@@ -164,7 +162,7 @@ def test_graph_decode_matches_eager(qwen4_exp_path, kdev):
     want = generate(llm())
     engine = llm()
     runner = engine.engine.executor.worker.runner
-    runner.graph_sizes, runner.graph_backend = (1, 2), EagerReplay()
+    runner.graph_sizes, runner.graph_backend = (1, 2), Replay()  # one forward per size: the warm-up's
     runner._capture_graphs()
     assert runner.graphs is not None and set(runner.graphs.steps) == {1, 2}
     replays = count_replays(runner.graphs)

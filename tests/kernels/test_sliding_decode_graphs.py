@@ -1,4 +1,4 @@
-"""Decode graphs (engine/rank/cuda_graph.py, EagerReplay on CPU) when gpt-oss's sliding layers have their own block
+"""Decode graphs (engine/rank/cuda_graph.py, `Replay` on CPU) when gpt-oss's sliding layers have their own block
 table: the second static table and slot buffer are copied in, re-padded and read by the sliding layers, and a
 decode that runs past the window (sliding entries turning null between replays) equals the eager engine on the
 same Triton kernels. A 2-layer checkpoint: layer 0 slides (window 6) and shares its cache tensors with layer 1.
@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 
 from moelink.engine import LLM, SamplingParams
-from moelink.engine.rank.cuda_graph import EagerReplay
 
-from tests.helpers.graph_replays import count_replays
+from tests.helpers.graph_replays import Replay, count_replays
 from tests.helpers.gpt_oss_checkpoints import save_gpt_oss
 
 
@@ -35,7 +34,7 @@ def test_graph_decode_with_a_sliding_table_matches_eager(tmp_path, kdev):
     llm = _llm(path)
     runner = llm.engine.executor.worker.runner
     assert runner.kv_pairs == ((1, 0),)
-    runner.graph_sizes, runner.graph_backend = (1, 2), EagerReplay()
+    runner.graph_sizes, runner.graph_backend = (1, 2), Replay()  # one forward per size: the warm-up's
     runner._capture_graphs()
     assert runner.graphs is not None and runner.graphs.sliding_table and set(runner.graphs.steps) == {1, 2}
     replays = count_replays(runner.graphs)

@@ -10,6 +10,7 @@ With a GPU this is skipped: the GPU tests compile and run the same kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -163,19 +164,55 @@ def _compile_all() -> list[dict]:
     return compiled
 
 
+_SPILLS: dict[tuple[str, int], dict] = {}
+
+
 def _ptxas_spills(ptx: str, arch: int) -> dict:
-    """spill_stores / spill_loads of `ptx` from the ptxas Triton runs for `arch` (`ptxas -v`)."""
+    """spill_stores / spill_loads of `ptx` from the ptxas Triton runs for `arch` (`ptxas -v`), once per distinct PTX
+    and ptxas: launches Triton serves from one compiled kernel hand over the same PTX (this run), and a PTX this ptxas
+    already read (an earlier run) is answered from its record beside Triton's own cache, as Triton's cache answers
+    the compile itself: ptxas is deterministic in its input and version (its ~0.1 s a run was most of this script's
+    time: 76 runs, 60 distinct)."""
+    if (ptx, arch) not in _SPILLS:
+        _SPILLS[ptx, arch] = _recorded_ptxas(ptx, arch)
+    return dict(_SPILLS[ptx, arch])
+
+
+def _recorded_ptxas(ptx: str, arch: int) -> dict:
+    import hashlib
+
+    from triton import knobs
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch)
+    stat = os.stat(tool.path)
+    key = hashlib.sha256("\0".join((ptx, tool.path, str(tool.version), str(stat.st_size), str(stat.st_mtime_ns),
+                                     str(arch))).encode()).hexdigest()
+    record = os.path.join(knobs.cache.dir, "moelink-test-ptxas-spills", f"{key}.json")
+    try:
+        with open(record) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    got = _run_ptxas(ptx, tool.path)
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        with open(f"{record}.{os.getpid()}", "w") as f:
+            json.dump(got, f)
+        os.replace(f"{record}.{os.getpid()}", record)  # whole or absent, for a run beside this one
+    return got
+
+
+def _run_ptxas(ptx: str, ptxas: str) -> dict:
     import re
     import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
 
     target = re.search(r"\.target (\S+)", ptx)[1]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.o")],
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True).stderr
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if m is None:
