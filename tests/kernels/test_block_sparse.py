@@ -67,10 +67,17 @@ def test_selection_contract(gen):
             t += 1
 
 
+# Each selection case with both groups (2: each index head's two query heads in one program, their kv head's) and
+# both dtypes, the dtype alternating: the dtype sets the operands' casts and the dots' precision the same way in every
+# program (no mask or selection branch reads it), so its full cross with the cases and groups (16 runs in the
+# interpreter) repeated the same masks and programs; each dtype x group pair still runs on two cases.
+_BLOCK_CASES = [(3, 4, 2), (8, 2, 1), (3, 3, 0), (4, 10, 1)]
+_DTYPES = [torch.float32, torch.bfloat16]
+
+
 @pytest.mark.slow  # the interpreter: seconds per case
-@pytest.mark.parametrize("group", [1, 2])  # 2: each index head's two query heads in one program (their kv head's)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size,topk,local", [(3, 4, 2), (8, 2, 1), (3, 3, 0), (4, 10, 1)])
+@pytest.mark.parametrize("block_size,topk,local,dtype,group",
+                         [(*case, _DTYPES[(i + g) % 2], g + 1) for i, case in enumerate(_BLOCK_CASES) for g in (0, 1)])
 def test_triton_attention_matches_reference(gen, kdev, dtype, block_size, topk, local, group):
     from moelink.kernels.triton_block_sparse import triton_block_sparse_attention
 
