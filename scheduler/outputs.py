@@ -11,7 +11,8 @@ sides agree on `all_token_ids` without shipping them every step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Protocol
 
 
@@ -113,9 +114,12 @@ class CachedRequestData:
 
     def __reduce__(self):
         # Pickled once per running request per step by the multiprocess executor (engine/cluster/mp_executor.py): a
-        # plain tuple of the fields is ~3x cheaper than the default's instance dict (64 requests: ~64 -> ~20 us).
-        return (CachedRequestData, (self.req_id, self.new_block_ids, self.num_computed_tokens,
-                                    self.new_sliding_block_ids))
+        # plain tuple of the fields is ~2x cheaper than the default's (64 requests: ~64 -> ~30 us). Every field, in
+        # declaration order (_CACHED_FIELDS, read from the dataclass: a field added later travels too).
+        return (CachedRequestData, _CACHED_FIELDS(self))
+
+
+_CACHED_FIELDS = operator.attrgetter(*(f.name for f in fields(CachedRequestData)))
 
 
 @dataclass

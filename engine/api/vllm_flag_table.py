@@ -264,7 +264,8 @@ VLLM_SERVE_FLAGS: dict[tuple[str, ...], VllmFlag] = {
     ("--reasoning-parser-plugin",): refused("the gateway's built-in parsers only: --reasoning-parser NAME"),
     # -- parallelism -----------------------------------------------------------------------------------------
     ("--distributed-executor-backend",): accepted("where the ranks run: mp (= --executor mp, one rank in a process "
-                                                  "of its own), uni (= --executor inprocess), ray (= --executor ray)",
+                                                  "of its own; beyond one rank, Ray's ranks), uni (= --executor "
+                                                  "inprocess), ray (= --executor ray)",
                                                   "--distributed-executor-backend mp", values=("mp", "uni", "ray")),
     ("--pipeline-parallel-size", "-pp"): refused("moelink runs no pipeline parallelism: add ranks with "
                                                  "--data-parallel-size N --enable-expert-parallel (Ray beyond one "

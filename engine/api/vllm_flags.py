@@ -240,11 +240,14 @@ _VLLM_EXECUTORS = {"mp": "mp", "uni": "inprocess", "ray": "ray"}
 
 
 def _apply_executor(ns: argparse.Namespace) -> None:
-    """vLLM's --distributed-executor-backend as moelink's --executor (both given: they must agree)."""
+    """vLLM's --distributed-executor-backend as moelink's --executor (both given: they must agree). vLLM's `mp`
+    beyond one rank (its default on a multi-GPU node) is moelink's own choice there, Ray's ranks."""
     backend = getattr(ns, "distributed_executor_backend", None)
     if backend is None:
         return
     kind = _VLLM_EXECUTORS[backend]
+    if kind == "mp" and max(ns.expert_parallel_size, getattr(ns, "tensor_parallel_size", 1)) > 1:
+        kind = "auto"
     if getattr(ns, "executor", "auto") not in ("auto", kind):
         raise ValueError(f"--distributed-executor-backend={backend} and --executor={ns.executor} disagree: give one "
                          "of them.")

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import pickle
 import socket
+import subprocess
 import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
@@ -38,6 +41,17 @@ logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0  # a clean stop releases the runner; past this the rank is killed
 STOP_LOCK_WAIT_S = 5.0  # shutdown waits this long for a step under way to end before it kills the rank
+# A rank call (start and load, KV sizing, warm-up, RL weight updates, EPLB) that has not answered in this long is
+# a hung rank: killed, as a step past --step-timeout is (the first model step's bound: it compiles kernels).
+CALL_TIMEOUT_S = FIRST_STEP_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class MpLaunchedStep(LaunchedStep):
+    """A step sent to the rank: its collect waits `timeout_s` at most (fixed at launch: the first model step's
+    longer bound must not be lost when the next step is launched before it is collected)."""
+
+    timeout_s: float | None = None
 
 
 class _Rank:
@@ -51,21 +65,27 @@ class _Rank:
             self.conn = Connection(sock.detach())
             return
         parent, child = socket.socketpair()
+        # The rank imports moelink the way this process did (a driver that found it through sys.path edits too);
+        # stdin from /dev/null, as a forked one's.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         try:
-            self.proc = keeper_popen([sys.executable, "-m", "moelink.engine.cluster.mp_rank", str(child.fileno())],
-                                     pass_fds=(child.fileno(),))
+            self.proc = keeper_popen([sys.executable, "-m", "moelink.engine.cluster.mp_rank", str(child.fileno()),
+                                      str(os.getpid())], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                                     env=env)
         finally:
             child.close()
         self.conn = Connection(parent.detach())
 
     def release(self) -> None:
+        # The process first, the socket last: a thread still reading it (the engine thread inside a step that a
+        # shutdown from another thread ended) sees EOF from the dead rank, not a descriptor closed under it.
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
         try:
             self.conn.close()
         except OSError:
             pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 class MultiprocExecutor(Executor):
@@ -89,9 +109,11 @@ class MultiprocExecutor(Executor):
         try:
             self._send(("start", config.worker_config(), self.plan, eager))
             self._expected.append(("call",))
-            hello = self._answer(("call",), timeout=None)
+            hello = self._answer(("call",), timeout=CALL_TIMEOUT_S, late="its start (loading the model)")
         except BaseException:
-            self.shutdown()
+            # Not a "stop": a rank that failed its start has exited, one still loading is killed.
+            self._dead = self._dead or RuntimeError("the rank process did not start")
+            self._finalizer()
             raise
         assert isinstance(hello, RankHello)
         self.pid, self._eager = hello.pid, hello.eager
@@ -110,30 +132,33 @@ class MultiprocExecutor(Executor):
         except OSError as exc:
             raise self._died(f"its socket failed ({exc})")
 
-    def _answer(self, tag: tuple, timeout: float | None):
+    def _answer(self, tag: tuple, timeout: float | None, late: str = "its step"):
         """The answer asked for as `tag`: its value, or its error raised (the rank's traceback as its cause)."""
         while tag not in self._early:
             expected = self._expected.popleft()
-            self._early[expected] = self._recv(timeout)
+            self._early[expected] = self._recv(timeout, late)
         reply = self._early.pop(tag)
         if reply[0] == "ok":
             return reply[1]
         _, exc, tb = reply
         raise exc from RankTraceback(tb)
 
-    def _recv(self, timeout: float | None) -> tuple:
+    def _recv(self, timeout: float | None, late: str = "its step") -> tuple:
         conn = self._rank.conn
         try:
             if timeout is not None and not conn.poll(timeout):
                 self._rank.proc.kill()
-                raise self._died(f"its step ran longer than {timeout:g} s (--step-timeout)", "is stuck")
+                raise self._died(f"{late} ran longer than {timeout:g} s"
+                                 + (" (--step-timeout)" if late == "its step" else ""), "is stuck")
             return pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             code = self._rank.proc.wait()
             raise self._died(f"its process exited (status {code})")
 
-    def _died(self, reason: str, what: str = "died") -> WorkerDiedError:
-        self._dead = WorkerDiedError(0, f"{reason}, pid {self._rank.proc.pid}", what, name="the rank process")
+    def _died(self, reason: str, what: str = "died") -> Exception:
+        """The error the rank's loss is (the first one stays: a later EOF does not hide "is stuck")."""
+        if self._dead is None:
+            self._dead = WorkerDiedError(0, f"{reason}, pid {self._rank.proc.pid}", what, name="the rank process")
         return self._dead
 
     # -- Executor ----------------------------------------------------------------------------------------------------
@@ -141,7 +166,15 @@ class MultiprocExecutor(Executor):
         with self._lock:
             self._send(("call", name, args))
             self._expected.append(("call",))
-            return [self._answer(("call",), timeout=None)]
+            return [self._answer(("call",), timeout=CALL_TIMEOUT_S, late=f"its call {name}")]
+
+    def warm_up(self, cfg) -> list:
+        """As Executor.warm_up, bounded like a first step (compiles with a cold cache take minutes)."""
+        with self._lock:
+            self._send(("call", "warm_up", (cfg,)))
+            self._expected.append(("call",))
+            timeout = max(self._step_timeout_s, FIRST_STEP_TIMEOUT_S)
+            return [self._answer(("call",), timeout=timeout, late="its warm-up")]
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         return self.collect(self.launch(outputs_per_rank))
@@ -150,16 +183,20 @@ class MultiprocExecutor(Executor):
         (so,) = outputs_per_rank
         self.plan_ep_step(outputs_per_rank)
         run_forward = not so.is_empty  # an empty step (finished ids only) runs no model code
+        first = run_forward and self._model_steps == 0  # compiles kernels: the first step's longer bound
+        timeout = max(self._step_timeout_s, FIRST_STEP_TIMEOUT_S) if first else self._step_timeout_s
         with self._lock:
             self._send(("launch", so, run_forward))
             if self._eager:  # a CPU rank answers the step unasked (mp_rank.py)
                 self._expected.append(("step", so.step_id))
         self._model_steps += run_forward
-        return LaunchedStep((so.step_id,))
+        return MpLaunchedStep((so.step_id,), timeout_s=timeout)
 
     def collect(self, launched: LaunchedStep) -> list[ModelRunnerOutput]:
+        if not isinstance(launched, MpLaunchedStep):
+            raise TypeError(f"MultiprocExecutor.collect: {launched!r} was not launched by a MultiprocExecutor.")
         (step_id,) = launched.step_ids
-        timeout = self._step_timeout_s if self._model_steps > 1 else max(self._step_timeout_s, FIRST_STEP_TIMEOUT_S)
+        timeout = launched.timeout_s
         with self._lock:
             if not self._eager:
                 self._send(("collect", step_id))
@@ -208,4 +245,4 @@ class RankTraceback(Exception):
         return "\n" + self.args[0] if self.args and self.args[0] else ""
 
 
-__all__ = ["MultiprocExecutor", "RankTraceback"]
+__all__ = ["MpLaunchedStep", "MultiprocExecutor", "RankTraceback"]

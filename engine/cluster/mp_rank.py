@@ -1,9 +1,9 @@
-"""The rank process of the multiprocess executor: `python -m moelink.engine.cluster.mp_rank FD`, started by
+"""The rank process of the multiprocess executor: `python -m moelink.engine.cluster.mp_rank FD PARENT_PID`, started by
 engine/cluster/mp_executor.py; it holds the one Worker of an engine whose executor is "mp".
 
 Protocol on the socket FD (multiprocessing.connection framing, each message one pickle): the parent first sends
-`("start", WorkerConfig, ExpertParallelPlan, eager)` (eager None: the device decides, below); the rank builds and loads its Worker and answers `("ok", RankHello)`
-or `("err", exception, traceback text)`. Then, in order:
+`("start", WorkerConfig, ExpertParallelPlan, eager)` (eager None: the device decides, below); the rank builds and
+loads its Worker and answers `("ok", RankHello)` or `("err", exception, traceback text)`. Then, in order:
 
 * `("launch", SchedulerOutput, run_forward)`: Worker.launch. A rank whose device runs work inline (a CPU rank:
   engine/rank/device_stream.py's InlineStream) collects the step at once and answers its ModelRunnerOutput
@@ -14,8 +14,10 @@ or `("err", exception, traceback text)`. Then, in order:
 * `("call", name, args)`: the Worker method `name` (engine/contract/worker_api.RankCall), its result.
 * `("stop",)`: the runner's stream, plug-ins and memory released; answers `("ok", None)` and exits.
 
-Every answer is `("ok", value)` or `("err", exception, traceback text)`. The rank ends when the parent's end of
-the socket closes (the parent exited) and with its parent (PR_SET_PDEATHSIG).
+Every answer is `("ok", value)` or `("err", exception, traceback text)` (a value that does not pickle answers its
+error), written by a thread of its own (`Answers`: the rank never blocks its reads on a send). The rank ends when
+the parent's end of the socket closes and with its parent (PR_SET_PDEATHSIG; a parent gone before that was armed
+is seen by its PID).
 
 `moelink serve` forks the rank process instead when it can (`prefork()`, while the server is still single-threaded,
 before the engine is built: a server forked from a process with torch imported, as the test suite's zygote forks
@@ -45,8 +47,42 @@ class RankHello:
     eager: bool
 
 
-def send(conn: Connection, msg: tuple) -> None:
-    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+def dumps(msg: tuple) -> bytes:
+    """An answer's bytes; one whose value does not pickle becomes that error's answer (the rank goes on)."""
+    try:
+        return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        return pickle.dumps(error_reply(exc), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class Answers:
+    """The rank's answers, written by a thread of their own in the order given. Why: a CPU rank answers each step
+    unasked while the parent may be sending the next step; were both messages larger than the socket's buffer and
+    both sides blocked in a send, neither would read (a step's logprobs against a long prompt's launch)."""
+
+    def __init__(self, conn: Connection):
+        import queue
+        import threading
+
+        self.conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="mp-rank-answers", daemon=True)
+        self._thread.start()
+
+    def put(self, msg: tuple) -> None:
+        self._queue.put(dumps(msg))
+
+    def close(self) -> None:
+        """Every answer put so far written (or the socket gone), then the writer ends."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _write(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:
+                return  # the parent is gone: the read loop ends on its EOF
 
 
 def error_reply(exc: BaseException) -> tuple:
@@ -59,24 +95,31 @@ def error_reply(exc: BaseException) -> tuple:
     return ("err", exc.with_traceback(None), tb)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent was gone before the signal was armed
-            os._exit(1)
+        if os.getppid() != parent:  # the parent was gone before the signal was armed (reparented: to init or a
+            os._exit(1)  # subreaper)
 
 
 class RankLoop:
     """Applies the parent's messages to one Worker, in order (module docstring)."""
 
-    def __init__(self, conn: Connection, worker, eager: bool):
-        self.conn, self.worker, self.eager = conn, worker, eager
+    def __init__(self, conn: Connection, worker, eager: bool, answers: Answers):
+        self.conn, self.worker, self.eager, self.answers = conn, worker, eager, answers
         self.failed: dict[int, tuple] = {}  # step id -> the error its launch raised, answered at its collect
 
     def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.answers.close()
+
+    def _loop(self) -> None:
+        answer = self.answers.put
         while True:
             try:
                 msg = pickle.loads(self.conn.recv_bytes())
@@ -86,15 +129,15 @@ class RankLoop:
             if op == "launch":
                 self._launch(msg[1], msg[2])
             elif op == "collect":
-                send(self.conn, self._collect(msg[1]))
+                answer(self._collect(msg[1]))
             elif op == "call":
-                send(self.conn, self._call(msg[1], msg[2]))
+                answer(self._call(msg[1], msg[2]))
             elif op == "stop":
                 self._stop()
-                send(self.conn, ("ok", None))
+                answer(("ok", None))
                 return
             else:
-                send(self.conn, ("err", ValueError(f"mp rank: unknown message {op!r}"), ""))
+                answer(("err", ValueError(f"mp rank: unknown message {op!r}"), ""))
 
     def _launch(self, so, run_forward: bool) -> None:
         try:
@@ -102,7 +145,7 @@ class RankLoop:
         except BaseException as exc:
             self.failed[so.step_id] = error_reply(exc)
         if self.eager:
-            send(self.conn, self._collect(so.step_id))
+            self.answers.put(self._collect(so.step_id))
 
     def _collect(self, step_id: int) -> tuple:
         failed = self.failed.pop(step_id, None)
@@ -128,17 +171,22 @@ class RankLoop:
             self.worker.release_runner()
 
 
-def main(fd: int) -> None:
+def main(fd: int, parent: int) -> None:
+    """The rank process: `parent` is the engine process's PID (the rank ends when it does)."""
     import signal
 
     # Ctrl-C reaches the whole foreground process group: the engine process stops this rank in its shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(parent)
     conn = Connection(fd)
     try:
-        op, worker_config, plan, eager = pickle.loads(conn.recv_bytes())
+        msg = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):
         return
+    if not (isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "start"):
+        return  # the parent gave up before the start (an engine that failed to start kills this process)
+    _, worker_config, plan, eager = msg
+    answers = Answers(conn)
     try:
         from ..rank.worker import Worker
         from .step_features import STEP_FEATURES
@@ -149,10 +197,11 @@ def main(fd: int) -> None:
         if eager is None:
             eager = worker.device.type != "cuda"  # a CPU rank's stream runs the step inline (device_stream.py)
     except BaseException as exc:
-        send(conn, error_reply(exc))
+        answers.put(error_reply(exc))
+        answers.close()
         return
-    send(conn, ("ok", RankHello(pid=os.getpid(), eager=eager)))
-    RankLoop(conn, worker, eager).run()
+    answers.put(("ok", RankHello(pid=os.getpid(), eager=eager)))
+    RankLoop(conn, worker, eager, answers).run()
 
 
 _preforked: Optional[tuple[ForkedChild, socket.socket]] = None
@@ -172,7 +221,8 @@ def prefork() -> bool:
 
     if torch.cuda.is_initialized():  # a CUDA context does not survive a fork: the rank is exec'd then
         return False
-    _preforked = fork_child(main, "rank process")
+    parent = os.getpid()
+    _preforked = fork_child(lambda fd: main(fd, parent), "rank process")
     return _preforked is not None
 
 
@@ -195,4 +245,4 @@ if __name__ == "__main__":
     # Through the package's module, not __main__: what it pickles (RankHello) must name a module the parent has.
     from moelink.engine.cluster.mp_rank import main as package_main
 
-    package_main(int(sys.argv[1]))
+    package_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -144,3 +144,113 @@ def test_a_forked_rank_is_adopted_and_an_unadopted_one_ended(reference):
     assert tokens == [f"tokens {list(reference[0][0][:4])}"]
     pid = int(done.stdout.split("forked ")[-1].split()[0])
     assert not _alive(pid)
+
+
+# -- the conversation, without a model: the rank's loop (mp_rank.RankLoop) on a fake Worker over a socket pair -------
+class _FakeWorker:
+    """Steps answer `payload` bytes (a large ModelRunnerOutput's stand-in); `lambda_result` answers a value that
+    does not pickle."""
+
+    def __init__(self, payload: int):
+        self.payload, self.runner = payload, None
+        self._launched: dict[int, bytes] = {}
+
+    def launch(self, so, run_forward):
+        self._launched[so.step_id] = b"x" * self.payload
+
+    def collect(self, step_id):
+        return self._launched.pop(step_id)
+
+    def lambda_result(self):
+        return lambda: None
+
+    def echo(self, value):
+        return value
+
+
+def _rank_loop(worker, eager=True):
+    import socket
+    import threading
+    from multiprocessing.connection import Connection
+
+    from moelink.engine.cluster.mp_rank import Answers, RankLoop
+
+    a, b = socket.socketpair()
+    parent, child = Connection(a.detach()), Connection(b.detach())
+    loop = RankLoop(child, worker, eager, Answers(child))
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    return parent, thread
+
+
+def test_an_eager_rank_reads_the_next_launch_while_a_large_answer_waits():
+    """Both a step's answer and the next launch larger than the socket's buffers: with the answers written by the
+    loop itself both sides blocked in a send (found in review); the writer thread keeps the loop reading."""
+    import pickle
+    import threading
+    from types import SimpleNamespace
+
+    parent, thread = _rank_loop(_FakeWorker(payload=4 << 20))
+    big = b"p" * (4 << 20)  # a long prompt's launch
+    sent = threading.Event()
+
+    def send_two():
+        for step in (1, 2):
+            parent.send_bytes(pickle.dumps(("launch", SimpleNamespace(step_id=step, big=big), True)))
+        sent.set()
+
+    threading.Thread(target=send_two, daemon=True).start()
+    assert sent.wait(60), "the parent's second launch never went through: the rank stopped reading"
+    answers = [pickle.loads(parent.recv_bytes()) for _ in range(2)]
+    assert [(status, len(value)) for status, value in answers] == [("ok", 4 << 20)] * 2
+    parent.send_bytes(pickle.dumps(("stop",)))
+    assert pickle.loads(parent.recv_bytes()) == ("ok", None)
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_an_answer_that_does_not_pickle_is_its_error_and_the_rank_goes_on():
+    import pickle
+
+    parent, thread = _rank_loop(_FakeWorker(payload=1))
+    parent.send_bytes(pickle.dumps(("call", "lambda_result", ())))
+    status, exc, _ = pickle.loads(parent.recv_bytes())
+    assert status == "err" and "pickle" in str(exc).lower()
+    parent.send_bytes(pickle.dumps(("call", "echo", (7,))))
+    assert pickle.loads(parent.recv_bytes()) == ("ok", 7)
+    parent.close()  # the parent gone: the loop ends on EOF
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_the_first_model_step_keeps_its_longer_bound_when_the_next_is_launched_first():
+    """The overlapped loop launches step 2 before it collects step 1: the bound is fixed at launch (found in
+    review: it was read at collect, and step 1 lost FIRST_STEP_TIMEOUT_S)."""
+    import collections
+    import threading
+    from types import SimpleNamespace
+
+    from moelink.engine.cluster.mp_executor import MpLaunchedStep
+    from moelink.engine.config.timeouts import FIRST_STEP_TIMEOUT_S
+
+    ex = MultiprocExecutor.__new__(MultiprocExecutor)
+    ex.plan = SimpleNamespace(decode_capacity=None)
+    ex._step_timeout_s, ex._model_steps, ex._lock, ex._eager = 120.0, 0, threading.Lock(), True
+    ex._expected, ex._dead = collections.deque(), None
+    ex._send = lambda msg: None
+    steps = [ex.launch([SimpleNamespace(step_id=i, is_empty=empty)]) for i, empty in ((1, True), (2, False), (3, False))]
+    assert all(isinstance(s, MpLaunchedStep) for s in steps)
+    assert [s.timeout_s for s in steps] == [120.0, FIRST_STEP_TIMEOUT_S, 120.0]
+
+
+def test_cached_request_data_pickles_every_field():
+    import dataclasses
+    import pickle
+
+    from moelink.scheduler.outputs import CachedRequestData
+
+    values = {f.name: i for i, f in enumerate(dataclasses.fields(CachedRequestData))}
+    sample = CachedRequestData(**{k: [v] if k.endswith("ids") else (f"r{v}" if k == "req_id" else v)
+                                  for k, v in values.items()})
+    back = pickle.loads(pickle.dumps(sample))
+    assert [getattr(back, k) for k in values] == [getattr(sample, k) for k in values]

@@ -211,3 +211,22 @@ def test_a_structural_tag_compiles_as_smg_sends_it_for_a_named_tool_call():
         assert accepted == ok, text
     with pytest.raises(ValueError, match="structural_tag"):
         StructuredOutputParams(structural_tag="")
+
+
+@pytest.mark.parametrize("flags, executor", [
+    ("--distributed-executor-backend mp", "mp"),
+    ("--distributed-executor-backend uni", "inprocess"),
+    ("--distributed-executor-backend ray", "ray"),
+    # vLLM's default on a multi-GPU node: moelink runs more than one rank on Ray.
+    ("--distributed-executor-backend mp -tp 2", "auto"),
+    ("--distributed-executor-backend mp --data-parallel-size 2 --enable-expert-parallel", "auto"),
+    ("--executor mp", "mp"),
+    ("", "auto"),
+])
+def test_vllms_executor_backend_is_moelinks_executor(flags, executor):
+    assert parse_serve(flags).executor == executor
+
+
+def test_two_executor_flags_that_disagree_are_refused():
+    with pytest.raises(ValueError, match="--distributed-executor-backend=ray and --executor=mp disagree"):
+        parse_serve("--distributed-executor-backend ray --executor mp")
