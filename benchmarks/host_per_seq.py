@@ -126,7 +126,7 @@ def _run(spec: dict, pythonpath: str | None, timeout_s: float) -> dict:
 
 def _settings(args) -> list[tuple[str, bool]]:
     names = [("current", False), ("current+features", True)]
-    if args.mp:
+    if getattr(args, "mp", False):
         names.append(("mp", False))
     if args.baseline:
         names.insert(0, ("baseline", False))

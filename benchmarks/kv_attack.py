@@ -89,10 +89,17 @@ def cache_tensors(llm) -> list[torch.Tensor]:
 
 
 def _engine(model: str, secret, fraction: float, client_fraction: float, hold_s: float, blocks: int) -> LLM:
-    conn = RemoteKVConnector(RemoteKVConfig(port=_free_port(), transport="nixl", secret=secret, nixl_hold_s=hold_s,
-                                            nixl_hold_fraction=fraction, nixl_hold_client_fraction=client_fraction))
-    return LLM(model, kv_connector=conn, dtype="float32", num_kv_blocks=blocks, block_size=16,
-               max_num_batched_tokens=1024, max_model_len=1024, skip_warmup=True)
+    for attempt in range(3):
+        conn = RemoteKVConnector(RemoteKVConfig(port=_free_port(), transport="nixl", secret=secret,
+                                                nixl_hold_s=hold_s, nixl_hold_fraction=fraction,
+                                                nixl_hold_client_fraction=client_fraction))
+        try:
+            return LLM(model, kv_connector=conn, dtype="float32", num_kv_blocks=blocks, block_size=16,
+                       max_num_batched_tokens=1024, max_model_len=1024, skip_warmup=True)
+        except OSError as exc:  # the free port was taken between its pick and the KV server's bind: pick again
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _free_port() -> int:

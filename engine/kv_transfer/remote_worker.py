@@ -66,7 +66,14 @@ class RemoteWorkerSide:
             self.transport.bind_hosts(config.host if config.port is not None else None,
                                       tuple(h for h, _, _ in config.peers or ()))
         self.store = SavedKVStore(config.ttl_s, config.max_saved_bytes)
-        self.server = None if config.port is None else self.transport.serve(self.store, config.host, config.port + rank)
+        try:
+            self.server = None if config.port is None else self.transport.serve(self.store, config.host,
+                                                                                config.port + rank)
+        except BaseException:
+            # A port another process holds (or any failed start) must not leave the transport's NIXL agent, with
+            # its progress thread, open behind the error.
+            self.transport.close()
+            raise
         self.stats = WorkerKVStats()
         self._lock = threading.Lock()
         self._done: dict[int, bool] = {}

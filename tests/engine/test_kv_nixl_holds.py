@@ -197,3 +197,23 @@ def test_a_holds_bytes_count_each_block_row_once_where_layers_share_their_tensor
     assert apart.nbytes == 6 * row  # six distinct blocks in one pool
     same = region.held(KVTransfer(2, "r", [0, 1, 2], 12, sliding_block_ids=[0, 1, 2], token_ids=tuple(range(12))))
     assert same.nbytes == 3 * row  # listed by both tables, held once
+
+
+def test_a_kv_port_in_use_fails_the_start_with_no_nixl_agent_left_open():
+    """The KV server cannot bind (another process holds the port): the start fails naming it, and the transport's
+    NIXL agent (a UCX progress thread) is closed behind the error (found in the suite: a port race left one open)."""
+    import socket
+
+    from moelink.engine.kv_transfer import nixl
+    from moelink.engine.kv_transfer.remote import RemoteWorkerSide
+
+    before = set(map(id, nixl.open_agents()))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}") as info:
+            RemoteWorkerSide(RemoteKVConfig(port=port, transport="nixl"), 0)
+    # Checked while the error (and its frames, which hold the half-made transport) is still held, as a caller that
+    # reports or logs it holds it.
+    assert info.value is not None and [a for a in nixl.open_agents() if id(a) not in before] == []
