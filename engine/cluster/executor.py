@@ -157,13 +157,9 @@ class InProcessExecutor(Executor):
         graphs are dropped here, not when the engine object dies, since a caller commonly still holds it (`with
         LLM(...) as llm:` keeps `llm` bound while the next engine loads; on one GPU the second engine then found no
         memory, 2026-11-26). Idempotent."""
-        runner = self.worker.runner
-        if runner is None:
+        if self.worker.runner is None:
             return
-        runner.stream.shutdown()
-        runner.close_plugins()  # a KV connector's server socket and threads (engine/kv_transfer/remote.py)
-        self.worker.release_runner()
-        del runner
+        self.worker.close_runner()
         if self.worker.device.type == "cuda":
             # Cycles inside the modules hold tensors past the last reference; the allocator's cache holds the
             # freed blocks from the next engine's allocations of other sizes. On CPU neither costs a collect.

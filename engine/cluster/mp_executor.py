@@ -18,11 +18,8 @@ import collections
 import logging
 import os
 import pickle
-import socket
 import subprocess
-import sys
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -32,7 +29,7 @@ from moelink.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 from ..config.engine_args import EngineConfig
 from ..config.timeouts import FIRST_STEP_TIMEOUT_S
 from ..contract.expert_parallel import ExpertParallelPlan, plan_expert_parallel
-from ..contract.child_process import keeper_popen
+from ..contract.child_process import ForkedChild, exec_child
 from ..contract.worker_api import LaunchedStep
 from .executor import Executor, WorkerDiedError
 from .mp_rank import RankHello, take_prefork
@@ -60,21 +57,13 @@ class _Rank:
 
     def __init__(self):
         forked = take_prefork()
+        self.proc: ForkedChild | subprocess.Popen
         if forked is not None:
             self.proc, sock = forked
-            self.conn = Connection(sock.detach())
-            return
-        parent, child = socket.socketpair()
-        # The rank imports moelink the way this process did (a driver that found it through sys.path edits too);
-        # stdin from /dev/null, as a forked one's.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        try:
-            self.proc = keeper_popen([sys.executable, "-m", "moelink.engine.cluster.mp_rank", str(child.fileno()),
-                                      str(os.getpid())], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-                                     env=env)
-        finally:
-            child.close()
-        self.conn = Connection(parent.detach())
+        else:
+            parent_pid = os.getpid()
+            self.proc, sock = exec_child("moelink.engine.cluster.mp_rank", lambda fd: [str(fd), str(parent_pid)])
+        self.conn = Connection(sock.detach())
 
     def release(self) -> None:
         # The process first, the socket last: a thread still reading it (the engine thread inside a step that a
@@ -107,9 +96,8 @@ class MultiprocExecutor(Executor):
         self._rank = _Rank()
         self._finalizer = weakref.finalize(self, self._rank.release)
         try:
-            self._send(("start", config.worker_config(), self.plan, eager))
-            self._expected.append(("call",))
-            hello = self._answer(("call",), timeout=CALL_TIMEOUT_S, late="its start (loading the model)")
+            hello = self._request(("start", config.worker_config(), self.plan, eager), CALL_TIMEOUT_S,
+                                  "its start (loading the model)")
         except BaseException:
             # Not a "stop": a rank that failed its start has exited, one still loading is killed.
             self._dead = self._dead or RuntimeError("the rank process did not start")
@@ -162,19 +150,22 @@ class MultiprocExecutor(Executor):
         return self._dead
 
     # -- Executor ----------------------------------------------------------------------------------------------------
+    def _request(self, msg: tuple, timeout: float, late: str):
+        """Send a message the rank answers in turn (a call, the stop) and wait for its answer (the caller holds the
+        lock); answers of steps still out are read first and kept."""
+        self._send(msg)
+        self._expected.append(("call",))
+        return self._answer(("call",), timeout=timeout, late=late)
+
     def _call_ranks(self, name: str, *args) -> list:
         with self._lock:
-            self._send(("call", name, args))
-            self._expected.append(("call",))
-            return [self._answer(("call",), timeout=CALL_TIMEOUT_S, late=f"its call {name}")]
+            return [self._request(("call", name, args), CALL_TIMEOUT_S, f"its call {name}")]
 
     def warm_up(self, cfg) -> list:
         """As Executor.warm_up, bounded like a first step (compiles with a cold cache take minutes)."""
         with self._lock:
-            self._send(("call", "warm_up", (cfg,)))
-            self._expected.append(("call",))
             timeout = max(self._step_timeout_s, FIRST_STEP_TIMEOUT_S)
-            return [self._answer(("call",), timeout=timeout, late="its warm-up")]
+            return [self._request(("call", "warm_up", (cfg,)), timeout, "its warm-up")]
 
     def execute(self, outputs_per_rank: list[SchedulerOutput]) -> list[ModelRunnerOutput]:
         return self.collect(self.launch(outputs_per_rank))
@@ -218,11 +209,7 @@ class MultiprocExecutor(Executor):
         alive = self._dead is None and self._rank.proc.poll() is None
         if alive and self._lock.acquire(timeout=STOP_LOCK_WAIT_S):
             try:
-                self._send(("stop",))
-                self._expected.append(("call",))
-                deadline = time.monotonic() + STOP_TIMEOUT_S
-                while self._expected:  # steps still out, then the stop's own answer
-                    self._answer_any(max(deadline - time.monotonic(), 0.0))
+                self._request(("stop",), STOP_TIMEOUT_S, "its stop")  # steps still out are read and dropped
                 self._rank.proc.wait(timeout=STOP_TIMEOUT_S)
             except Exception as exc:  # a stuck or broken rank is killed below
                 logger.warning("MultiprocExecutor: rank process %d did not stop cleanly (%s); killing it",
@@ -231,11 +218,6 @@ class MultiprocExecutor(Executor):
                 self._lock.release()
         self._dead = self._dead or RuntimeError("the engine's executor is shut down")
         self._finalizer()
-
-    def _answer_any(self, timeout: float) -> None:
-        """Read the next answer (any kind) into `_early` (shutdown: steps still out are read and dropped)."""
-        expected = self._expected.popleft()
-        self._early[expected] = self._recv(timeout)
 
 
 class RankTraceback(Exception):

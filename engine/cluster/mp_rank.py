@@ -133,7 +133,7 @@ class RankLoop:
             elif op == "call":
                 answer(self._call(msg[1], msg[2]))
             elif op == "stop":
-                self._stop()
+                self.worker.close_runner()
                 answer(("ok", None))
                 return
             else:
@@ -162,13 +162,6 @@ class RankLoop:
         except BaseException as exc:
             return error_reply(exc)
         return ("ok", result)
-
-    def _stop(self) -> None:
-        runner = self.worker.runner
-        if runner is not None:
-            runner.stream.shutdown()
-            runner.close_plugins()  # a KV connector's server socket and threads
-            self.worker.release_runner()
 
 
 def main(fd: int, parent: int) -> None:

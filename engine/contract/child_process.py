@@ -1,4 +1,5 @@
-"""Child processes the engine starts and owns: `keeper_popen` (exec'd), `fork_child` and `ForkedChild` (forked).
+"""Child processes the engine starts and owns: `keeper_popen` and `exec_child` (exec'd), `fork_child` and
+`ForkedChild` (forked).
 
 `keeper_popen`: subprocess.Popen run on one daemon thread that lives as long as the process. Why: the kernel's parent-death signal (PR_SET_PDEATHSIG, which the grammar compile processes and the multiprocess
 executor's rank process arm) follows the *thread* that started a child, not the process: a child started from a
@@ -41,6 +42,23 @@ def _keep(jobs: queue.SimpleQueue) -> None:
             done.set_result(subprocess.Popen(*args, **kwargs))
         except BaseException as e:  # handed to the caller's thread
             done.set_exception(e)
+
+
+def exec_child(module: str, argv: Callable[[int], list[str]]) -> tuple[subprocess.Popen, socket.socket]:
+    """`python -m module *argv(fd)` started by keeper_popen with its end of a new socket pair as `fd`; returns it and
+    this process's end. It imports moelink the way this process did (a checkout on sys.path, or the installed
+    package); its stdin is /dev/null, as a forked child's."""
+    parent, child = socket.socketpair()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        proc = keeper_popen([sys.executable, "-m", module, *argv(child.fileno())], pass_fds=(child.fileno(),),
+                            stdin=subprocess.DEVNULL, env=env)
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return proc, parent
 
 
 class ForkedChild:

@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection
 
 from typing import Callable, Optional
 
-from ..contract.child_process import ForkedChild, end_forked, fork_child, keeper_popen
+from ..contract.child_process import ForkedChild, end_forked, exec_child, fork_child
 
 FORK_ANSWER_TIMEOUT_S = 30.0  # a fork takes milliseconds; the server is broken past this
 
@@ -270,15 +270,7 @@ class ForkServer:
         if taken is not None:  # forked by prefork(): xgrammar imported already
             self._proc, parent = taken
         else:
-            parent, child = socket.socketpair()
-            # It imports moelink the way this process did (a checkout on sys.path, or the installed package).
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-            try:
-                self._proc = keeper_popen(
-                    [sys.executable, "-m", "moelink.engine.core.grammar_child", "--fork-server", str(child.fileno())],
-                    pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
-            finally:
-                child.close()
+            self._proc, parent = exec_child("moelink.engine.core.grammar_child", lambda fd: ["--fork-server", str(fd)])
         self._conn = Connection(parent.detach())
         # After the start: building the info here (importing xgrammar, the first time) overlaps its imports.
         self._info = self._info_json()

@@ -367,6 +367,17 @@ class Worker(RLWorker):
             self.group = None
 
 
+    def close_runner(self) -> None:
+        """End this rank's engine for good: its step stream stopped, its plug-ins closed (a KV connector's server
+        socket and threads: engine/kv_transfer/remote.py), its runner dropped. The in-process executor's shutdown
+        and the multiprocess rank's stop (engine/cluster/mp_rank.py). Idempotent."""
+        runner = self.runner
+        if runner is None:
+            return
+        runner.stream.shutdown()
+        runner.close_plugins()
+        self.release_runner()
+
     def release_runner(self) -> None:
         """Drop this rank's engine state (model, KV cache, graphs, streams; an expert move under way) so its memory
         can go back: the in-process executor's shutdown and `park`. The caller has stopped the step stream."""

@@ -167,6 +167,9 @@ class _FakeWorker:
     def echo(self, value):
         return value
 
+    def close_runner(self):
+        pass
+
 
 def _rank_loop(worker, eager=True):
     import socket
