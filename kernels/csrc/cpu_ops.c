@@ -35,6 +35,28 @@ static inline bf16_t f32_to_bf16(float f) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* 8 float32 lanes (GCC's and Clang's vector extension: one AVX2 register, native on every x86-64-v3 machine): for
+ * loops whose accumulator must stay in registers, which the auto-vectoriser does not promise. Lane-wise ops only, so
+ * every lane rounds exactly as the scalar code would. (A 16-lane type is kept in memory on AVX2.) */
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+static inline f32x8 load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline f32x8 load8_bf16(const bf16_t *p) {
+    u16x8 h;
+    memcpy(&h, p, sizeof h);
+    u32x8 u = __builtin_convertvector(h, u32x8) << 16;
+    f32x8 v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
 /* Σ a[i] b[i] in float32, 8 interleaved partial sums (vectorisable without reassociating anything). */
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -321,10 +343,6 @@ static float exp_shift_sum(float *restrict sc, int64_t n, float m) {
     return sum;
 }
 
-static void axpy(float *restrict a, float w, const float *restrict v, int64_t n) {
-    for (int64_t e = 0; e < n; e++) a[e] += w * v[e];
-}
-
 /* A cache row of `width` values as float32: in place for a float32 cache, widened into `buf` for a bfloat16 one. */
 static inline const float *cache_row(const void *cache, int64_t row, int64_t width, int is_bf16, float *buf) {
     if (!is_bf16) return (const float *)cache + row * width;
@@ -337,6 +355,67 @@ static inline void next_slot(int64_t *blk, int64_t *off, int64_t block_size) {
     if (++*off == block_size) {
         *off = 0;
         ++*blk;
+    }
+}
+
+/* The largest of m0 and x[0:n]; NaN when any of them is NaN (IEEE: a NaN score makes the row NaN). Written as a
+ * select and a flag so the compiler vectorises it (a branch per key was ~12 % of a decode step's attention). */
+static inline float max_or_nan(const float *restrict x, int64_t n, float m0) {
+    float m = m0;
+    int nan = m0 != m0;
+    for (int64_t j = 0; j < n; j++) {
+        float v = x[j];
+        m = v > m ? v : m;
+        nan |= v != v;
+    }
+    return nan ? NAN : m;
+}
+
+/* acc[0:hdv] = Σ_j w[j] v_j over keys lo .. lo + n - 1 of kv head kvh (walked block by block through `table`), in key
+ * order, each product rounded then added (the same sums as one axpy per key). A 16-wide slice of the row stays in
+ * registers for the whole walk: an accumulator in memory chains every key on a store and its reload (that chain was a
+ * quarter of a decode step's attention). */
+static void weighted_rows(float *restrict acc, const float *restrict w, const void *vc, const int32_t *table, int64_t lo,
+                          int64_t n, int64_t block_size, int64_t kv_heads, int64_t kvh, int64_t hdv, int is_bf16) {
+    int64_t e0 = 0;
+    for (; e0 + 16 <= hdv; e0 += 16) {
+        f32x8 a0 = {0}, a1 = {0};
+        int64_t blk = lo / block_size, off = lo % block_size;
+        for (int64_t j = 0; j < n; j++, next_slot(&blk, &off, block_size)) {
+            int64_t at = (((int64_t)table[blk] * block_size + off) * kv_heads + kvh) * hdv + e0;
+            if (is_bf16) {
+                a0 += w[j] * load8_bf16((const bf16_t *)vc + at);
+                a1 += w[j] * load8_bf16((const bf16_t *)vc + at + 8);
+            } else {
+                a0 += w[j] * load8((const float *)vc + at);
+                a1 += w[j] * load8((const float *)vc + at + 8);
+            }
+        }
+        memcpy(acc + e0, &a0, sizeof a0);
+        memcpy(acc + e0 + 8, &a1, sizeof a1);
+    }
+    if (e0 < hdv) { /* the last slice, narrower than 16: a plain walk */
+        for (int64_t e = e0; e < hdv; e++) acc[e] = 0.f;
+        int64_t blk = lo / block_size, off = lo % block_size;
+        for (int64_t j = 0; j < n; j++, next_slot(&blk, &off, block_size)) {
+            int64_t at = (((int64_t)table[blk] * block_size + off) * kv_heads + kvh) * hdv;
+            for (int64_t e = e0; e < hdv; e++)
+                acc[e] += w[j] * (is_bf16 ? bf16_to_f32(((const bf16_t *)vc)[at + e]) : ((const float *)vc)[at + e]);
+        }
+    }
+}
+
+/* sc[r * sc_stride + j] = (q_r . k_j) * scale for the rep query rows q (rep x hd, float32) and keys lo .. lo + n - 1
+ * of kv head kvh, walked block by block through `table` (no division per key). kf: room for one key row (a bfloat16
+ * cache's row widened). (Eight keys' partial sums transposed and added lane by lane, to share the horizontal sums,
+ * measured slower here: the transposition costs what it saves.) */
+static void key_scores(float *restrict sc, int64_t sc_stride, const float *restrict q, int64_t rep, const void *kc,
+                       const int32_t *table, int64_t lo, int64_t n, int64_t block_size, int64_t kv_heads, int64_t kvh,
+                       int64_t hd, int is_bf16, float scale, float *restrict kf) {
+    int64_t blk = lo / block_size, off = lo % block_size;
+    for (int64_t j = 0; j < n; j++, next_slot(&blk, &off, block_size)) {
+        const float *k = cache_row(kc, ((int64_t)table[blk] * block_size + off) * kv_heads + kvh, hd, is_bf16, kf);
+        for (int64_t r = 0; r < rep; r++) sc[r * sc_stride + j] = dot_f32(q + r * hd, k, hd) * scale;
     }
 }
 
@@ -365,9 +444,9 @@ int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc
         max_ctx = ctx > max_ctx ? ctx : max_ctx;
     }
     /* Per (token, kv head): its rep query heads together, so each key and value row is read once for all of them. */
-    float *buf = malloc(sizeof(float) * (size_t)(rep * (max_ctx + hd + hdv) + hd + hdv));
+    float *buf = malloc(sizeof(float) * (size_t)(rep * (max_ctx + hd + hdv) + hd));
     if (!buf) return -1;
-    float *qf = buf, *acc = qf + rep * hd, *scores = acc + rep * hdv, *kf = scores + rep * max_ctx, *vf = kf + hd;
+    float *qf = buf, *acc = qf + rep * hd, *scores = acc + rep * hdv, *kf = scores + rep * max_ctx;
     for (int64_t s = 0; s < num_seqs; s++) {
         int64_t q0 = qsl[s], qlen = qsl[s + 1] - qsl[s], ctx = seq_lens[s];
         const int32_t *table = block_tables + s * m_stride;
@@ -376,28 +455,14 @@ int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc
             int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n_keys = p >= lo ? p - lo + 1 : 0;
             for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
                 for (int64_t r = 0; r < rep; r++) load_row(qf + r * hd, q, t * q_st + (kvh * rep + r) * q_sn, hd, is_bf16);
-                /* Key rows walked block by block: no division per key. */
-                int64_t blk = lo / block_size, off = lo % block_size;
-                for (int64_t j = 0; j < n_keys; j++, next_slot(&blk, &off, block_size)) {
-                    const float *k = cache_row(kc, ((int64_t)table[blk] * block_size + off) * kv_heads + kvh, hd,
-                                               is_bf16, kf);
-                    for (int64_t r = 0; r < rep; r++) scores[r * max_ctx + j] = dot_f32(qf + r * hd, k, hd) * scale;
-                }
+                key_scores(scores, max_ctx, qf, rep, kc, table, lo, n_keys, block_size, kv_heads, kvh, hd, is_bf16,
+                           scale, kf);
                 float denom[rep];
                 for (int64_t r = 0; r < rep; r++) {
-                    float *sc = scores + r * max_ctx, m = sinks ? sinks[kvh * rep + r] : -INFINITY;
-                    for (int64_t j = 0; j < n_keys; j++)
-                        if (sc[j] > m || sc[j] != sc[j]) m = sc[j] != sc[j] ? sc[j] : (m != m ? m : sc[j]);
+                    float *sc = scores + r * max_ctx, m = max_or_nan(sc, n_keys, sinks ? sinks[kvh * rep + r] : -INFINITY);
                     float d = sinks ? exp_nonpositive(sinks[kvh * rep + r] - m) : 0.f;
                     denom[r] = d + exp_shift_sum(sc, n_keys, m);
-                    for (int64_t e = 0; e < hdv; e++) acc[r * hdv + e] = 0.f;
-                }
-                blk = lo / block_size;
-                off = lo % block_size;
-                for (int64_t j = 0; j < n_keys; j++, next_slot(&blk, &off, block_size)) {
-                    const float *v = cache_row(vc, ((int64_t)table[blk] * block_size + off) * kv_heads + kvh, hdv,
-                                               is_bf16, vf);
-                    for (int64_t r = 0; r < rep; r++) axpy(acc + r * hdv, scores[r * max_ctx + j], v, hdv);
+                    weighted_rows(acc + r * hdv, sc, vc, table, lo, n_keys, block_size, kv_heads, kvh, hdv, is_bf16);
                 }
                 for (int64_t r = 0; r < rep; r++) {
                     float inv = n_keys ? 1.0f / denom[r] : 0.f;
