@@ -29,6 +29,7 @@ import torch
 
 from .attention import AttentionMetadata, _check_extras, reference_paged_attention
 from .cpu_native_build import library
+from .cpu_parallel import run_ranges, split_points, threads_for
 from .moe import SILU, MoEActivation, reference_fused_moe
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rope_write_kv
@@ -202,11 +203,23 @@ def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_ca
     sinks = None if sinks_N is None else sinks_N.to(torch.float32).contiguous()
     out_TNH = q_TNH.new_empty(T, N, Hv)
     tables = meta.block_tables_SM
-    code = lib.ml_paged_attention(q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_cache_BLKH.data_ptr(),
-                                  v_cache_BLKH.data_ptr(), tables.data_ptr(), tables.stride(0), tables.shape[1],
-                                  k_cache_BLKH.shape[0], meta.seq_lens_S.data_ptr(), meta.query_start_loc_S1.data_ptr(),
-                                  out_TNH.data_ptr(), _ptr(sinks), meta.seq_lens_S.numel(), T, N, K, H, Hv, L,
-                                  sliding_window or 0, scale, int(dtype == torch.bfloat16))
+    args = (q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_cache_BLKH.data_ptr(), v_cache_BLKH.data_ptr())
+    after = (out_TNH.data_ptr(), _ptr(sinks))
+    shape = (T, N, K, H, Hv, L, sliding_window or 0, scale, int(dtype == torch.bfloat16))
+    row_bytes = tables.stride(0) * tables.element_size()
+
+    def seqs(lo: int, hi: int) -> int:  # sequences [lo, hi): their rows of the tables, lengths and query starts
+        return lib.ml_paged_attention(*args, tables.data_ptr() + lo * row_bytes, tables.stride(0), tables.shape[1],
+                                      k_cache_BLKH.shape[0], meta.seq_lens_S.data_ptr() + 4 * lo,
+                                      meta.query_start_loc_S1.data_ptr() + 4 * lo, *after, hi - lo, *shape)
+
+    # Sequences split over torch's intra-op threads when the step is large (kernels/cpu_parallel.py): each row is
+    # computed by the same code in any split. The host lists give each sequence's work without a device read.
+    S = meta.seq_lens_S.numel()
+    costs = [q * s for q, s in zip(meta.query_lens, meta.seq_lens)] if len(meta.seq_lens) == S else None
+    threads = threads_for(sum(costs) * N * (H + Hv)) if costs else 1
+    codes = run_ranges(seqs, split_points(costs, threads) if costs and threads > 1 else [0, S])
+    code = min(codes)  # -2 (an index out of range) before -1 (no memory)
     if code == -2:
         raise IndexError("paged_attention: a sequence's length, its tokens or a block of its table is out of range")
     if code:

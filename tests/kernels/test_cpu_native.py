@@ -178,6 +178,31 @@ def test_attention_rows_are_their_own_and_long_steps_run_the_reference():
         cn.native_paged_attention(q, kc, vc, meta, 0.5, sinks_N=torch.zeros(3))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_attention_split_over_threads_is_the_one_call_bit_for_bit(monkeypatch, threads, native_only):
+    from moelink.kernels import cpu_parallel
+    # Ragged: decode rows and chunks, so the ranges' query starts and table rows are offsets into the batch's.
+    q, kc, vc, meta = attention_case(torch.float32, [1, 3, 1, 4, 1, 2], [6, 3, 13, 10, 1, 7])
+    whole = cn.native_paged_attention(q, kc, vc, meta, 0.3)
+    calls = []
+    run = cpu_parallel.run_ranges
+    monkeypatch.setattr(cn, "run_ranges", lambda call, bounds: calls.append(bounds) or run(call, bounds))
+    monkeypatch.setattr(cn, "threads_for", lambda work: threads)
+    assert torch.equal(cn.native_paged_attention(q, kc, vc, meta, 0.3), whole)
+    assert len(calls[-1]) == threads + 1  # it did split
+    meta.block_tables_SM[5, 0] = kc.shape[0]  # a block past the cache, in the last range: the one error
+    with pytest.raises(IndexError, match="out of range"):
+        cn.native_paged_attention(q, kc, vc, meta, 0.3)
+
+
+def test_split_points_balance_contiguous_ranges():
+    from moelink.kernels.cpu_parallel import split_points
+    assert split_points([1, 1, 1, 1], 2) == [0, 2, 4]
+    assert split_points([8, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [0, 1, 9]
+    assert split_points([5], 4) == [0, 1]  # never an empty range
+    assert split_points([1, 2, 3], 1) == [0, 3]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("normed", [False, True])
 @pytest.mark.parametrize("rotary_dims", [16, 8])
