@@ -81,6 +81,76 @@ static inline float dot_f32_bf16(const float *a, const bf16_t *b, int64_t n) {
     return s;
 }
 
+/* y[r] = dot_f32(x, W[r], d) for the `rows` rows of W (float32, row stride d): four rows at a time, x read once for
+ * them and their four partial-sum vectors independent (one row's chain of vector adds left each core idle most of
+ * its time). Every row's sums are dot_f32's, in its order: y[r] is bit for bit dot_f32's. */
+static void gemv_f32(const float *restrict x, const float *restrict W, int64_t rows, int64_t d, float *restrict y) {
+    int64_t d8 = d - d % 8, r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *w0 = W + r * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
+        f32x8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t i = 0; i < d8; i += 8) {
+            f32x8 xv = load8(x + i);
+            a0 += xv * load8(w0 + i);
+            a1 += xv * load8(w1 + i);
+            a2 += xv * load8(w2 + i);
+            a3 += xv * load8(w3 + i);
+        }
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        for (int l = 0; l < 8; l++) {
+            s0 += a0[l];
+            s1 += a1[l];
+            s2 += a2[l];
+            s3 += a3[l];
+        }
+        for (int64_t i = d8; i < d; i++) {
+            s0 += x[i] * w0[i];
+            s1 += x[i] * w1[i];
+            s2 += x[i] * w2[i];
+            s3 += x[i] * w3[i];
+        }
+        y[r] = s0;
+        y[r + 1] = s1;
+        y[r + 2] = s2;
+        y[r + 3] = s3;
+    }
+    for (; r < rows; r++) y[r] = dot_f32(x, W + r * d, d);
+}
+
+/* The same with W in bfloat16 (dot_f32_bf16's sums, bit for bit). */
+static void gemv_bf16(const float *restrict x, const bf16_t *restrict W, int64_t rows, int64_t d, float *restrict y) {
+    int64_t d8 = d - d % 8, r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const bf16_t *w0 = W + r * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
+        f32x8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t i = 0; i < d8; i += 8) {
+            f32x8 xv = load8(x + i);
+            a0 += xv * load8_bf16(w0 + i);
+            a1 += xv * load8_bf16(w1 + i);
+            a2 += xv * load8_bf16(w2 + i);
+            a3 += xv * load8_bf16(w3 + i);
+        }
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        for (int l = 0; l < 8; l++) {
+            s0 += a0[l];
+            s1 += a1[l];
+            s2 += a2[l];
+            s3 += a3[l];
+        }
+        for (int64_t i = d8; i < d; i++) {
+            s0 += x[i] * bf16_to_f32(w0[i]);
+            s1 += x[i] * bf16_to_f32(w1[i]);
+            s2 += x[i] * bf16_to_f32(w2[i]);
+            s3 += x[i] * bf16_to_f32(w3[i]);
+        }
+        y[r] = s0;
+        y[r + 1] = s1;
+        y[r + 2] = s2;
+        y[r + 3] = s3;
+    }
+    for (; r < rows; r++) y[r] = dot_f32_bf16(x, W + r * d, d);
+}
+
 static inline float inv_rms(const float *x, int64_t d, float eps) {
     return 1.0f / sqrtf(dot_f32(x, x, d) / (float)d + eps);
 }
@@ -242,12 +312,13 @@ int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13
         int64_t e = ids[j];
         if (e >= (map ? num_map : num_local) || (map && e >= 0 && map[e] >= num_local)) return -2;
     }
-    float *scratch = malloc(sizeof(float) * (size_t)(3 * inter + 2 * d));
+    float *scratch = malloc(sizeof(float) * (size_t)(3 * inter + 3 * d));
     if (!scratch) return -1;
     float *h = scratch;             /* [2I] */
     float *a = h + 2 * inter;       /* [I]  */
     float *xf = a + inter;          /* [D]  */
     float *acc = xf + d;            /* [D]  */
+    float *ys = acc + d;            /* [D]  */
     for (int64_t t = 0; t < t_rows; t++) {
         for (int64_t i = 0; i < d; i++) {
             xf[i] = is_bf16 ? bf16_to_f32(((const bf16_t *)x)[t * d + i]) : ((const float *)x)[t * d + i];
@@ -259,27 +330,30 @@ int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13
             if (e < 0 || e >= num_local) continue;
             float rw = topk_w[t * k + j];
             if (is_bf16) rw = round_bf16(rw);
+            if (is_bf16)
+                gemv_bf16(xf, (const bf16_t *)w13 + e * 2 * inter * d, 2 * inter, d, h);
+            else
+                gemv_f32(xf, (const float *)w13 + e * 2 * inter * d, 2 * inter, d, h);
             for (int64_t f = 0; f < 2 * inter; f++) {
-                float v;
                 if (is_bf16) {
-                    v = dot_f32_bf16(xf, (const bf16_t *)w13 + (e * 2 * inter + f) * d, d);
+                    float v = h[f];
                     if (b13) v = round_bf16(v) + bf16_to_f32(((const bf16_t *)b13)[e * 2 * inter + f]);
-                    v = round_bf16(v);
-                } else {
-                    v = dot_f32(xf, (const float *)w13 + (e * 2 * inter + f) * d, d);
-                    if (b13) v += ((const float *)b13)[e * 2 * inter + f];
+                    h[f] = round_bf16(v);
+                } else if (b13) {
+                    h[f] += ((const float *)b13)[e * 2 * inter + f];
                 }
-                h[f] = v;
             }
             for (int64_t i = 0; i < inter; i++) a[i] = activate(h[i], h[inter + i], act_kind, alpha, limit, is_bf16);
+            if (is_bf16)
+                gemv_bf16(a, (const bf16_t *)w2 + e * d * inter, d, inter, ys);
+            else
+                gemv_f32(a, (const float *)w2 + e * d * inter, d, inter, ys);
             for (int64_t o = 0; o < d; o++) {
-                float y;
+                float y = ys[o];
                 if (is_bf16) {
-                    y = dot_f32_bf16(a, (const bf16_t *)w2 + (e * d + o) * inter, inter);
                     if (b2) y = round_bf16(y) + bf16_to_f32(((const bf16_t *)b2)[e * d + o]);
                     acc[o] += round_bf16(round_bf16(y) * rw);
                 } else {
-                    y = dot_f32(a, (const float *)w2 + (e * d + o) * inter, inter);
                     if (b2) y += ((const float *)b2)[e * d + o];
                     acc[o] += y * rw;
                 }
