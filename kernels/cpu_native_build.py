@@ -56,7 +56,7 @@ SIGNATURES: dict[str, tuple] = {
     "ml_moe_small": (_INT, [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _F,
                             _F]),
     "ml_rope_write_kv": (_INT, [_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64,
-                                _P, _P, _F, _P, _I64, _I64, _I64, _I64, _I64, _INT]),
+                                _P, _P, _F, _P, _I64, _I64, _I64, _I64, _I64, _INT, _I64, _I64]),
     "ml_silu_mul": (None, [_P, _I64, _P, _I64, _P, _I64, _I64, _INT]),
     "ml_argmax_rows": (None, [_P, _INT, _P, _I64, _I64]),
     "ml_paged_attention": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64,

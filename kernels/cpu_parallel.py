@@ -44,6 +44,12 @@ def split_points(costs: list[int], parts: int) -> list[int]:
     return bounds
 
 
+def even_points(n: int, parts: int) -> list[int]:
+    """Boundaries of at most `parts` contiguous ranges of about n / parts items each (none empty)."""
+    parts = max(1, min(parts, n))
+    return [n * i // parts for i in range(parts + 1)]
+
+
 def threads_for(work: int) -> int:
     """How many threads a call of `work` units should use: torch's intra-op count, or 1 below MIN_SPLIT_WORK."""
     return 1 if work < MIN_SPLIT_WORK else max(1, torch.get_num_threads())
@@ -71,4 +77,4 @@ def _helpers(n: int) -> ThreadPoolExecutor:
         return _pool
 
 
-__all__ = ["MIN_SPLIT_WORK", "run_ranges", "split_points", "threads_for"]
+__all__ = ["MIN_SPLIT_WORK", "even_points", "run_ranges", "split_points", "threads_for"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from .outputs import RoutedExperts, TokenLogprobs
@@ -21,7 +22,7 @@ class EngineCoreOutput:
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    new_logprobs: Sequence[TokenLogprobs] = field(default_factory=list)  # read only (may be a shared empty tuple)
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # with finish_reason "error": the error (engine/lora/admission.py)
     num_cached_tokens: int = 0

@@ -117,7 +117,7 @@ class StepOutputMixin:
             out_ids.append(token)  # as req.append_output_token, inlined
             all_ids.append(token)
             # Every field passed: a dataclass's default factories would run per output otherwise.
-            eco = EngineCoreOutput(rid, tokens, logprobs if logprobs is not None else [], None, None,
+            eco = EngineCoreOutput(rid, tokens, logprobs if logprobs is not None else _NO_LOGPROBS, None, None,
                                    req.num_cached_tokens)
             outputs.append(eco)
             if req.prompt_logprobs is not None:
@@ -214,6 +214,10 @@ class StepOutputMixin:
         if req.num_tokens >= self.scheduler_config.max_model_len or req.num_tokens > self._pool_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+# The new_logprobs of an output whose request asked for none: one shared empty sequence, not a list per output.
+_NO_LOGPROBS: tuple = ()
 
 
 def _attach_prompt_logprobs(req: Request, eco: EngineCoreOutput) -> None:

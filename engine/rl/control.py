@@ -435,6 +435,8 @@ class RLControl:
     def stamp_versions(self, core_outputs: list[EngineCoreOutput]) -> None:
         """Each core output is labelled with the version of the weights that computed it (the step loop's collect)."""
         earlier = self._earlier_versions
+        if self.weight_version is None and not earlier:
+            return  # what every output already says (EngineCoreOutput's defaults): no loop over a step's outputs
         for co in core_outputs:
             co.weight_version = self.weight_version
             if earlier:

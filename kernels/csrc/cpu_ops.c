@@ -585,18 +585,19 @@ static void norm_rope_row(float *x, int64_t hd, const void *w, float eps, const 
  * int64 [T]; cos_sin float32 [P, r] (cos in the first r/2 columns); caches [blocks, block_size, K, hd / hdv]
  * addressed by slots int64 [T] (slot < 0: written nowhere); q_norm / k_norm (NULL: no norm) [hd]. Writes the normed,
  * roped k and v into the caches and the normed, roped q into q_out [T, N, hd] (dense). num_positions: the table's
- * rows; num_slots: the caches' slots. Returns 0; -1 when out of memory; -2 when a position or a slot is out of range
+ * rows; num_slots: the caches' slots. Only tokens [row_lo, row_hi) are computed (a thread's share of the rows), every
+ * token's position and slot checked. Returns 0; -1 when out of memory; -2 when a position or a slot is out of range
  * (checked first: nothing is written). */
 int ml_rope_write_kv(const void *q, int64_t q_st, int64_t q_sn, const void *k, int64_t k_st, int64_t k_sk,
                      const void *v, int64_t v_st, int64_t v_sk, const int64_t *positions, const float *cos_sin,
                      int64_t r, int64_t num_positions, void *kc, void *vc, const int64_t *slots, int64_t num_slots,
                      const void *q_norm, const void *k_norm, float eps, void *q_out, int64_t t_rows, int64_t n_heads,
-                     int64_t kv_heads, int64_t hd, int64_t hdv, int is_bf16) {
+                     int64_t kv_heads, int64_t hd, int64_t hdv, int is_bf16, int64_t row_lo, int64_t row_hi) {
     for (int64_t t = 0; t < t_rows; t++)
         if (positions[t] < 0 || positions[t] >= num_positions || slots[t] >= num_slots) return -2;
     float *x = malloc(sizeof(float) * (size_t)(hd > hdv ? hd : hdv));
     if (!x) return -1;
-    for (int64_t t = 0; t < t_rows; t++) {
+    for (int64_t t = row_lo; t < row_hi; t++) {
         const float *cs = cos_sin + positions[t] * r;
         for (int64_t n = 0; n < n_heads; n++) {
             load_row(x, q, t * q_st + n * q_sn, hd, is_bf16);

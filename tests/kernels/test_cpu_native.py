@@ -195,6 +195,32 @@ def test_attention_split_over_threads_is_the_one_call_bit_for_bit(monkeypatch, t
         cn.native_paged_attention(q, kc, vc, meta, 0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_ops_split_over_threads_are_the_one_call_bit_for_bit(monkeypatch, dtype, native_only):
+    """add_rms_norm and rope_write_kv at any size (a prefill's too), their rows split over threads: the same bits,
+    and an out-of-range slot in any range writes nothing."""
+    g = torch.Generator().manual_seed(3)
+    T, N, K, H, D = 7, 4, 2, 16, 24
+    x, r, w = (torch.randn(*shape, generator=g).to(dtype) for shape in ((T, D), (T, D), (D,)))
+    qkv = torch.randn(T, (N + 2 * K) * H, generator=g).to(dtype)
+    q, k, v = qkv[:, :N * H].view(T, N, H), qkv[:, N * H:(N + K) * H].view(T, K, H), qkv[:, (N + K) * H:].view(T, K, H)
+    positions, slots = torch.tensor([3, 0, 7, 2, 9, 1, 4]), torch.tensor([5, -1, 0, 17, 2, 30, 11])
+    table = rotary_cos_sin_cache(16, 16, 10000.0)
+
+    def run():
+        caches = [torch.zeros(8, 4, K, H, dtype=dtype) for _ in range(2)]
+        return (*cn.native_add_rms_norm(x, r, w, 1e-6), cn.native_rope_write_kv(q, k, v, positions, table, *caches,
+                                                                                 slots), *caches)
+
+    whole = run()
+    monkeypatch.setattr(cn, "threads_for", lambda work: 3)
+    assert all(torch.equal(a, b) for a, b in zip(run(), whole))
+    caches = [torch.zeros(8, 4, K, H, dtype=dtype) for _ in range(2)]
+    with pytest.raises(IndexError, match="slot outside the cache"):
+        cn.native_rope_write_kv(q, k, v, positions, table, *caches, torch.tensor([5, -1, 0, 17, 2, 30, 32]))
+    assert not caches[0].any() and not caches[1].any()  # the first ranges' valid slots were not written either
+
+
 def test_split_points_balance_contiguous_ranges():
     from moelink.kernels.cpu_parallel import split_points
     assert split_points([1, 1, 1, 1], 2) == [0, 2, 4]
