@@ -34,7 +34,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Optional
+from typing import Callable, Optional
 
 from ..contract.child_process import ForkedChild, end_forked, fork_child
 
@@ -194,7 +194,25 @@ def main(fd: int, parent: int) -> None:
         answers.close()
         return
     answers.put(("ok", RankHello(pid=os.getpid(), eager=eager)))
-    RankLoop(conn, worker, eager, answers).run()
+    loop = RankLoop(conn, worker, eager, answers)
+    profile_to = os.environ.get("MOELINK_RANK_PROFILE")
+    if profile_to:  # a developer's profile of the rank's loop (docs/benchmarks.md#profiling-the-served-path)
+        _profiled(loop.run, profile_to)
+    else:
+        loop.run()
+
+
+def _profiled(run: Callable[[], None], path: str) -> None:
+    """run() under cProfile, its stats written to `path` (with this process's PID) when the loop ends."""
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        run()
+    finally:
+        profile.disable()
+        profile.dump_stats(f"{path}.{os.getpid()}")
 
 
 _preforked: Optional[tuple[ForkedChild, socket.socket]] = None
