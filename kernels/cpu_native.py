@@ -47,6 +47,8 @@ NATIVE_MOE_MAX_PAIRS = 16
 # of short contexts); longer ones run SDPA on every intra-op thread.
 NATIVE_ATTENTION_MAX_WORK = 1 << 25
 NATIVE_ATTENTION_MAX_QUERY = 16
+# A step whose short and long sequences alternate more often than this runs the reference whole (each run is a call).
+MIXED_STEP_MAX_RUNS = 8
 _FLOATS = (torch.float32, torch.bfloat16)
 _ACTIVATION_KIND = {"silu": 0, "swiglu_oai": 1, "silu_clamp": 2}
 
@@ -198,6 +200,11 @@ def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_ca
     lib = _library(lib) if dtype in _FLOATS else None
     T, N, H = q_TNH.shape
     Hv = v_cache_BLKH.shape[-1]
+    if lib is not None and meta.max_query_len > NATIVE_ATTENTION_MAX_QUERY and T:
+        runs = _query_runs(meta.query_lens) if len(meta.query_lens) == meta.seq_lens_S.numel() else []
+        if 1 < len(runs) <= MIXED_STEP_MAX_RUNS:
+            return _by_runs(runs, q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, sinks_N=sinks_N,
+                            sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, lib=lib)
     if (lib is None or not q_TNH.is_cpu or q_TNH.stride(2) != 1 or k_scale != 1.0 or v_scale != 1.0
             or not _plain(k_cache_BLKH, dtype) or not _plain(v_cache_BLKH, dtype)
             or meta.max_query_len > NATIVE_ATTENTION_MAX_QUERY
@@ -233,6 +240,33 @@ def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_ca
         raise IndexError("paged_attention: a sequence's length, its tokens or a block of its table is out of range")
     if code:
         raise MemoryError("native paged_attention: no memory for its score buffer")
+    return out_TNH
+
+
+def _query_runs(query_lens: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs [s0, s1) of sequences that are all short (decode, verify: native) or all long (prompt chunks)."""
+    runs: list[tuple[int, int]] = []
+    s0 = 0
+    for s in range(1, len(query_lens) + 1):
+        if s == len(query_lens) or ((query_lens[s] > NATIVE_ATTENTION_MAX_QUERY)
+                                    != (query_lens[s0] > NATIVE_ATTENTION_MAX_QUERY)):
+            runs.append((s0, s))
+            s0 = s
+    return runs
+
+
+def _by_runs(runs: list[tuple[int, int]], q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor,
+             v_cache_BLKH: torch.Tensor, meta: AttentionMetadata, scale: float, **kw) -> torch.Tensor:
+    """A mixed step (decode rows beside a new prompt's chunk: most steps of a busy server) one run at a time, so its
+    decode rows run natively instead of all of it on the reference; each row's result is its run's alone (rows are
+    independent), the same as in a step of its own kind."""
+    out_TNH = q_TNH.new_empty(*q_TNH.shape[:2], v_cache_BLKH.shape[-1])
+    t0 = 0
+    for s0, s1 in runs:
+        t1 = t0 + sum(meta.query_lens[s0:s1])
+        out_TNH[t0:t1] = native_paged_attention(q_TNH[t0:t1], k_cache_BLKH, v_cache_BLKH, meta.select(s0, s1), scale,
+                                                **kw)
+        t0 = t1
     return out_TNH
 
 

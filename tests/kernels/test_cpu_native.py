@@ -221,6 +221,26 @@ def test_row_ops_split_over_threads_are_the_one_call_bit_for_bit(monkeypatch, dt
     assert not caches[0].any() and not caches[1].any()  # the first ranges' valid slots were not written either
 
 
+def test_a_mixed_step_runs_its_decode_rows_natively_and_its_prompt_chunks_on_the_reference(monkeypatch):
+    """A decode batch with new prompts' chunks in it (a busy server's usual step): each run of short rows is the
+    native kernel's, each long chunk the reference's, bit for bit as in a step of its own."""
+    long = cn.NATIVE_ATTENTION_MAX_QUERY + 2
+    query_lens, ctxs = [1, 1, long, 1, 3, long + 1], [5, 9, long, 7, 12, long + 4]
+    q, kc, vc, meta = attention_case(torch.float32, query_lens, ctxs)
+    calls = []  # the reference's calls: one per long chunk's run, none for the short runs
+    monkeypatch.setattr(cn, "reference_paged_attention", lambda q, *a, **k: calls.append(len(q)) or
+                        reference_paged_attention(q, *a, **k))
+    got = cn.native_paged_attention(q, kc, vc, meta, 0.3, sliding_window=7)
+    assert calls == [long, long + 1]
+    t = [0, *itertools.accumulate(query_lens)]
+    for s0, s1, path in [(0, 2, cn.native_paged_attention), (2, 3, reference_paged_attention),
+                         (3, 5, cn.native_paged_attention), (5, 6, reference_paged_attention)]:
+        alone = path(q[t[s0]:t[s1]], kc, vc, meta.select(s0, s1), 0.3, sliding_window=7)
+        assert torch.equal(got[t[s0]:t[s1]], alone), (s0, s1)
+    assert cn._query_runs(query_lens) == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    close(got, reference_paged_attention(q, kc, vc, meta, 0.3, sliding_window=7), torch.float32)
+
+
 def test_split_points_balance_contiguous_ranges():
     from moelink.kernels.cpu_parallel import split_points
     assert split_points([1, 1, 1, 1], 2) == [0, 2, 4]
