@@ -56,7 +56,7 @@ from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
 from .triton_moe_packed import (PackedFormat, check_path, native_a_format, packed_down_loop, packed_up_loop,
                                 scaled_tile, select_path)
 from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
-from .triton_mxfp4_dequant import dequant_words, dequantize_experts, e8m0_to_fp32, word_view
+from .triton_mxfp4_dequant import dequant_words_bf16, dequantize_experts, word_view
 
 SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
 
@@ -70,9 +70,13 @@ def mxfp4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.c
     q, s = w
     NATIVE: tl.constexpr = FMT[5]
     A_FORMAT: tl.constexpr = FMT[6]
+    # (one return: Triton traces the statements after a return inside a constexpr `if`, and the word decode
+    # cannot bitcast the native path's bytes)
     if NATIVE:
-        return tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
-    return dot(a, tl.trans(dequant_words(q, s, BLOCK_N, BLOCK_K).to(a.dtype)), acc, INTERPRET, PREC)
+        acc = tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
+    else:
+        acc = dot(a, tl.trans(dequant_words_bf16(q, s, BLOCK_N, BLOCK_K, INTERPRET).to(a.dtype)), acc, INTERPRET, PREC)
+    return acc
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
