@@ -218,8 +218,8 @@ def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w1
                                     r.ids_P, expert_map_G, r.b13_EF, r.b2_ED, r.act_args, r.out,
                                     config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
-        # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 81 rows per expert,
-        # where an expert without a token is about e**-81 unlikely under even routing, so a count of used experts would
+        # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 128 rows per expert,
+        # where an expert without a token is about e**-128 unlikely under even routing, so a count of used experts would
         # cost a launch and save nothing; a shape-only grid stays graph-safe. The scratch is allocated per call:
         # the caching allocator hands the same blocks to the next layer (one layer's worth at a time).
         w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)
