@@ -10,6 +10,7 @@ counts from the SASS (`loads_in_flight`), and `resident_programs` bounds how man
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _PRED = re.compile(r"^@!?U?P[T0-9]+\s+")
@@ -63,3 +64,52 @@ def count_ops(sass: str, prefix: str) -> int:
         if m and _PRED.sub("", m.group(1)).startswith(prefix):
             n += 1
     return n
+
+
+# Tensor-core MMA opcodes: sm_90 wgmma (HGMMA bf16/fp16, QGMMA fp8), sm_100 tcgen05 (UTC*MMA), mma.sync (HMMA).
+_MMA_OPS = ("HGMMA", "QGMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA", "UTCMMA", "HMMA")
+
+
+def _listing(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction without its predicate) of every SASS instruction, in order."""
+    out = []
+    for line in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            out.append((int(m[1], 16), _PRED.sub("", m[2])))
+    return out
+
+
+def mma_loop(sass: str) -> dict | None:
+    """What one step of a GEMM's K loop issues: the innermost loop (a backward branch's span) that holds a
+    tensor-core MMA, as `instructions` (per thread, one step), `mix` (opcode -> count) and `ldg_distance` (the
+    fewest instructions between a plain global load (LDG, not cp.async) in the step and the first instruction
+    that reads what it loaded, in the same step; None when the step has no plain load: a load read only at the
+    step's end waited behind the whole step, one read right after it waits a memory round trip). None when no
+    loop holds an MMA."""
+    ins = _listing(sass)
+    spans = []
+    for addr, s in ins:
+        m = re.search(r"0x([0-9a-f]+)", s) if s.split() and s.split()[0].startswith("BRA") else None
+        if m and int(m[1], 16) < addr:
+            spans.append((int(m[1], 16), addr))
+    holding = [(lo, hi) for lo, hi in spans
+               if any(lo <= a <= hi and s.split()[0].startswith(_MMA_OPS) for a, s in ins if s.split())]
+    if not holding:
+        return None
+    lo, hi = min(holding, key=lambda sp: sp[1] - sp[0])
+    body = [s for a, s in ins if lo <= a <= hi and s.split()]
+    mix = Counter(s.split()[0] for s in body)
+    dist = None
+    for i, s in enumerate(body):
+        op = s.split()[0]
+        if op.startswith("LDG") and not op.startswith(("LDGSTS", "LDGDEPBAR")):
+            dst = int(_REG.findall(s)[0])
+            for j, t in enumerate(body[i + 1:], 1):
+                regs = [int(r) for r in _REG.findall(t)]
+                srcs = regs if t.split()[0].startswith(("ST", "RED", "ATOM")) else regs[1:]
+                if dst in srcs:
+                    dist = j if dist is None else min(dist, j)
+                    break
+    return dict(instructions=len(body), mix=dict(mix.most_common()), ldg_distance=dist,
+                mma=sum(n for op, n in mix.items() if op.startswith(_MMA_OPS)))

@@ -6,8 +6,11 @@
 - `--cases large`: the sorted GEMMs at 4,096 and 16,384 tokens of every shape, bf16 (the H100's tuned tables) and
   FP8 (DeepSeek-V3, Qwen3): which tensor-core instructions each compiles to (wgmma / HGMMA / QGMMA on sm_90,
   tcgen05.mma on sm_100, else mma.sync), TMA, registers, spills and shared memory.
+- `--cases mxfp4`: the MXFP4 per-tile GEMMs (issue 80's MXFP4 row) at gpt-oss's 1,024 and 4,096 tokens with
+  mxfp4_moe_default.json's blocks, forced per-tile: what one step of the K loop issues a thread
+  (`compile_sass.mma_loop`), per weight value decoded, against the MMA work that value feeds.
 
-    python -m moelink.benchmarks.compile_tiny [--cases tiny|large] [--arch 90,100] [--out PREFIX]
+    python -m moelink.benchmarks.compile_tiny [--cases tiny|large|mxfp4] [--arch 90,100] [--out PREFIX]
 
 Writes <out>_sm<arch>.json and .md per arch (default out: benchmarks/results/compile_report_<cases>). Run with the
 GPU image's Triton (3.6: `PYTHONPATH=/path/to/triton36`).
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .compile_cases import launch_fp8_tiny
-from .compile_sass import count_ops, loads_in_flight, resident_programs
+from .compile_sass import count_ops, loads_in_flight, mma_loop, resident_programs
 
 RESULTS = Path(__file__).parent / "results"
 # (label, (E, K, D, I), T, gpt-oss biases + clamped swiglu?) at the engine's decode sizes.
@@ -83,6 +86,46 @@ def launch_large(rec) -> None:
                                      torch.empty(E, *block_scale_shape(D, I), **meta), *routing)
 
 
+MXFP4_TOKENS = (1024, 4096)
+
+
+def launch_mxfp4(rec) -> None:
+    """The MXFP4 per-tile path (path="sorted") at gpt-oss's shapes and MXFP4_TOKENS, blocks from
+    mxfp4_moe_default.json's bucket (the DEQUANT buckets' blocks are what the forced per-tile path runs)."""
+    from moelink.kernels.moe import MoEActivation
+    from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
+
+    from .compile_cases_mxfp4 import GPT_OSS_SHAPES
+
+    meta, bf = dict(device="meta"), dict(device="meta", dtype=torch.bfloat16)
+    u8 = lambda *s: torch.empty(*s, dtype=torch.uint8, **meta)  # noqa: E731
+    for name, (E, K, D, I) in GPT_OSS_SHAPES.items():
+        for T in MXFP4_TOKENS:
+            with rec.labelled(f"{name} T={T} MXFP4 per-tile"):
+                triton_fused_moe_mxfp4(torch.empty(T, D, **bf), u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32),
+                                       u8(E, D, I // 32, 16), u8(E, D, I // 32), torch.empty(T, K, **meta),
+                                       torch.empty(T, K, dtype=torch.long, **meta), b13_EF=torch.empty(E, 2 * I, **bf),
+                                       b2_ED=torch.empty(E, D, **bf), activation=MoEActivation("swiglu_oai"),
+                                       path="sorted")
+
+
+def loop_per_value(name: str, c: dict, warps: int, sass: str) -> dict:
+    """The K loop of a GEMM kernel per weight value it decodes (a packed format's per-tile GEMMs: the gate-up
+    kernel decodes 2 x BN x BK values a step, gate and up, the down kernel BN x BK, shared by 32 x warps threads)
+    and the MMA work each value feeds (BLOCK_M rows): `issue_over_mma` is the step's issue time (instructions x
+    warps over an SM's 4 schedulers) over its wgmma time at an H100 / H200 SM's 2,048 bf16 FMAs a clock (> 1: the
+    loop is bound by issuing the decode, not by the tensor cores)."""
+    loop = mma_loop(sass)
+    if loop is None or "BLOCK_K" not in c:
+        return {}
+    values = (2 if "up" in name else 1) * c["BLOCK_N"] * c["BLOCK_K"] // (32 * warps)
+    mma_clk = (2 if "up" in name else 1) * c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"] / 2048
+    return dict(loop_instructions=loop["instructions"], values_per_thread=values,
+                instr_per_value=round(loop["instructions"] / values, 2), ldg_distance=loop["ldg_distance"],
+                loop_mix={k: v for k, v in list(loop["mix"].items())[:12]},
+                issue_over_mma=round(loop["instructions"] * warps / 4 / mma_clk, 2))
+
+
 def tensor_cores(ptx: str, sass: str) -> dict:
     """Tensor-core instructions of one kernel: PTX wgmma (sm_90), tcgen05.mma (sm_100), mma.sync; SASS HGMMA / QGMMA
     (sm_90 wgmma, bf16 / fp8), UTCHMMA / UTCQMMA (sm_100 tcgen05), HMMA; TMA loads (UTMALDG)."""
@@ -134,7 +177,8 @@ def analyze(r: dict, arch: int, tmp: Path) -> dict:
                 ldg=count_ops(sass, "LDG") - count_ops(sass, "LDGSTS"), ldgsts=count_ops(sass, "LDGSTS"),
                 barriers=count_ops(sass, "BAR"), loads_in_flight=n, bytes_in_flight_thread=per_thread,
                 kb_in_flight_program=round(per_program_kb, 2), programs=programs, resident_per_sm=resident,
-                kb_in_flight_sm=round(min(resident, -(-programs // SMS)) * per_program_kb, 1))
+                kb_in_flight_sm=round(min(resident, -(-programs // SMS)) * per_program_kb, 1),
+                **loop_per_value(k.metadata.name, c, warps, sass))
 
 
 def markdown_large(rep: dict) -> str:
@@ -155,9 +199,34 @@ def markdown_large(rep: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def markdown_mxfp4(rep: dict) -> str:
+    rows = ["| case | kernel | blocks | warps | regs | spills st/ld | shared KB | MMA (SASS GMMA / UTC*MMA / HMMA) | loop "
+            "instructions | values a thread | instructions a value | issue / MMA | LDG read after (instructions) | "
+            "resident / SM |", "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for k in rep["kernels"]:
+        if "instr_per_value" not in k:
+            continue
+        blocks = "x".join(f"{v}" for v in k["blocks"].values())
+        rows.append(f"| {k['case']} | {k['name']} | {blocks} | {k['warps']} | {k['registers']} | {k['spill_stores']}/"
+                    f"{k['spill_loads']} | {k['shared'] / 1024:.0f} | {k['sass_gmma']} / {k['sass_utc']} / "
+                    f"{k['sass_hmma']} | {k['loop_instructions']} | {k['values_per_thread']} | {k['instr_per_value']} | "
+                    f"{k['issue_over_mma']} | {k['ldg_distance']} | {k['resident_per_sm']} |")
+    head = (f"# MXFP4 per-tile GEMMs (gpt-oss), compiled offline for {rep['target']} (no GPU)\n\n"
+            f"`python -m moelink.benchmarks.compile_tiny --cases mxfp4`, {rep['date']}, commit {rep['commit']}, Triton "
+            f"{rep['triton']}. Blocks: BLOCK_M x BLOCK_N x BLOCK_K. Loop instructions: one K step of the innermost loop "
+            "holding the MMA, a thread; values a thread: the weight values it decodes a step (gate-up: gate and up); "
+            "issue / MMA: the step's issue time (x warps / 4 schedulers) over its tensor-core time at 2,048 bf16 FMAs "
+            "a clock an SM (> 1: bound by issuing the decode); LDG read after: the fewest instructions between a plain "
+            "load in the step (the scales) and its first reader (the step's length: read at the step's end, one step "
+            "ahead). docs/kernels.md (MXFP4) has the estimate these feed.\n\n")
+    return head + "\n".join(rows) + "\n"
+
+
 def markdown(rep: dict) -> str:
     if rep.get("cases") == "large":
         return markdown_large(rep)
+    if rep.get("cases") == "mxfp4":
+        return markdown_mxfp4(rep)
     rows = ["| case | kernel | blocks | warps | regs | spills st/ld | shared B | LDG | LDGSTS | BAR | loads in flight "
             "(n / B a thread / KB a program) | programs | resident / SM | KB in flight / SM |",
             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -187,7 +256,7 @@ def collect(arch: int, cases: str = "tiny") -> dict:
 
     rec = Recorder()
     rec.install(arch)
-    (launch_large if cases == "large" else launch_cases)(rec)
+    {"large": launch_large, "mxfp4": launch_mxfp4}.get(cases, launch_cases)(rec)
     with tempfile.TemporaryDirectory() as tmp:
         kernels = [analyze(r, arch, Path(tmp)) for r in rec.records]
     return dict(target=f"sm_{arch}", cases=cases, triton=triton.__version__, date=str(date.today()),
@@ -197,7 +266,8 @@ def collect(arch: int, cases: str = "tiny") -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="90,100", help="comma-separated compute capabilities (90: H100/H200, 100: B200)")
-    ap.add_argument("--cases", default="tiny", choices=["tiny", "large"], help="which end of issue 80's table")
+    ap.add_argument("--cases", default="tiny", choices=["tiny", "large", "mxfp4"],
+                    help="which of issue 80's rows: decode, >= 4,096 tokens, MXFP4")
     ap.add_argument("--out", default=None, help="path prefix: writes <out>_sm<arch>.* (default "
                     "benchmarks/results/compile_report_<cases>)")
     args = ap.parse_args(argv)

@@ -447,8 +447,8 @@ step_tests_kernels() {
 #    top-k sum, group quant per shape) + 8 (the FP8 tiny GEMVs, 4 tests: up and down per shape and map, the fp32 h
 #    quantization); run: float32 references on the GPU, DeepSeek's 32 local experts (+30 s: the tiny tests' experts
 #    and a CUDA graph each, estimated).
-#  test_triton_moe_mxfp4_gpu.py (9 tests, 1 skipped below sm_100): gpt-oss-120b experts at 4 T x variant ->
-#    GEMM 8 (up + down per case), other 8 (align, sum); the decode/prefill paths (4 tests): GEMM 4 (the dequant
+#  test_triton_moe_mxfp4_gpu.py (10 tests, 1 skipped below sm_100): gpt-oss-120b experts at 5 T x variant ->
+#    GEMM 10 (up + down per case), other 10 (align, sum); the decode/prefill paths (4 tests): GEMM 4 (the dequant
 #    path's float up + down at 2 buckets), other 10 (2 x 2 tiny GEMVs, the pre-pass, align, sum); run: float32
 #    references on the GPU (measured 12 s for the first 5; the 4096-token oracle and pre-pass: +20 s estimated).
 #  test_triton_moe_nvfp4_gpu.py (4 tests): Qwen3-30B-A3B experts at 4 T x variant -> GEMM 8 (up + down per case),
@@ -459,7 +459,7 @@ step_tests_kernels() {
 step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
     triton_fp8_gpu 18 0 28 90 tests/kernels/test_triton_fp8_gpu.py \
-    triton_mxfp4_gpu 12 0 18 60 tests/kernels/test_triton_moe_mxfp4_gpu.py \
+    triton_mxfp4_gpu 14 0 20 70 tests/kernels/test_triton_moe_mxfp4_gpu.py \
     triton_nvfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_nvfp4_gpu.py \
     mla_fp8_gpu 2 0 2 30 tests/kernels/test_mla_fp8_prefill.py
 }

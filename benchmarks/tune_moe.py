@@ -1,6 +1,6 @@
 """Tune the Triton MoE launch configs on this GPU and write them as JSON (kernels/configs/).
 
-    python -m moelink.benchmarks.tune_moe [--shapes qwen3-30b-a3b,...] [--tokens 1,16,...] [--dtype bfloat16|fp8]
+    python -m moelink.benchmarks.tune_moe [--shapes qwen3-30b-a3b,...] [--tokens 1,16,...] [--dtype bfloat16|fp8|mxfp4]
         [--space quick|full] [--budget-s 480] [--out-dir kernels/configs] [--merge-from DIR]
 
 Per shape and token count (a "bucket"):
@@ -32,7 +32,9 @@ records per bucket the seed, its time and the tuned time ("tuning"). moelink.ker
 
 `--dtype fp8` tunes the FP8 block-scaled fused MoE the same way (benchmarks/tune_moe_fp8.py: its inputs, seeds,
 pruning, reference and `fp8_w8a8,E=..,N=..,device_name=..json` files, a RATIO line against bf16 per bucket); the
-parts that differ are a "kind" (Bf16Kind here, tune_moe_fp8.Fp8Kind) that tune_bucket and main call.
+parts that differ are a "kind" (Bf16Kind here, tune_moe_fp8.Fp8Kind) that tune_bucket and main call. `--dtype mxfp4`
+tunes gpt-oss's MXFP4 experts (benchmarks/tune_moe_mxfp4.py: per-tile against dequantize-once per bucket, then
+the per-tile blocks; `mxfp4,E=..,N=..,device_name=..json`, a RATIO line against bf16 per bucket).
 
 `--cpu-smoke` tunes the tiny shapes of moe_kernels.py on CPU (Triton interpreter) over a tiny space, one
 timed iteration each, into `--out-dir` (default: a new temporary directory, never kernels/configs): it
@@ -221,6 +223,10 @@ def main(argv=None) -> dict[str, dict]:
         from .tune_moe_fp8 import Fp8Kind
 
         kind = Fp8Kind()
+    elif args.dtype == "mxfp4":
+        from .tune_moe_mxfp4 import Mxfp4Kind
+
+        kind = Mxfp4Kind()
     else:
         kind = Bf16Kind()
     shapes, tokens = _shapes_and_tokens(ap, args, kind)
@@ -240,7 +246,8 @@ def main(argv=None) -> dict[str, dict]:
         out_dir = CONFIG_DIR
     merge_dir = Path(args.merge_from) if args.merge_from else CONFIG_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if args.dtype == "fp8" else getattr(torch, args.dtype)  # (fp8: the activations' dtype)
+    # (fp8, mxfp4: the activations' dtype)
+    dtype = torch.bfloat16 if args.dtype in ("fp8", "mxfp4") else getattr(torch, args.dtype)
     iters = args.iters or (SMOKE_ITERS if args.cpu_smoke else ITERS)
     tiny_axes = TINY_AXES["smoke" if args.cpu_smoke else args.space] if kind.tiny else None
     timer = Timer(device)
@@ -282,7 +289,7 @@ def main(argv=None) -> dict[str, dict]:
                                         tuned_on=meta["device"], date=meta["date"], commit=meta["commit"],
                                         triton=meta["triton"], tuning={k: tuning[k] for k in sorted(tuning, key=int)}))
             tuned.setdefault(str(path), {})[T] = best
-            _print_bucket(name, T, t, best, info, deadline)
+            _print_bucket(name, T, t, best, info, deadline, args.dtype)
         print(f"wrote {path}" if str(path) in tuned else f"{name}: nothing tuned, {path} left as it was")
     return tuned
 
@@ -293,9 +300,10 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"comma list of {', '.join(SHAPES)} (default: all; with --cpu-smoke: of {', '.join(SMOKE_SHAPES)})")
     ap.add_argument("--tokens", default=None, help="comma list of token-count buckets (default: "
                     f"{','.join(map(str, TOKENS))}; with --cpu-smoke {','.join(map(str, SMOKE_TOKENS))})")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8"],
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "fp8", "mxfp4"],
                     help="fp8: the FP8 block-scaled fused MoE (W8A8, 128x128 weight blocks; tune_moe_fp8.py) against "
-                    "the bf16 one, into fp8_w8a8,E=..,N=..,device_name=..json")
+                    "the bf16 one, into fp8_w8a8,E=..,N=..,device_name=..json; mxfp4: gpt-oss's MXFP4 experts "
+                    "(tune_moe_mxfp4.py) against bf16, into mxfp4,E=..,N=..,device_name=..json")
     ap.add_argument("--space", default="quick", choices=sorted(SPACES), help="values per axis and sweeps")
     ap.add_argument("--iters", type=int, default=None,
                     help=f"timed iterations per candidate (default {ITERS}, {SMOKE_ITERS} with --cpu-smoke)")
@@ -336,16 +344,16 @@ def _tuning_row(info: dict) -> dict:
     return row
 
 
-def _print_bucket(name: str, T: int, t: float, best, info: dict, deadline: float) -> None:
-    """One tuned bucket: its search, its result, and under FP8 the ratio to the bf16 MoE."""
+def _print_bucket(name: str, T: int, t: float, best, info: dict, deadline: float, fmt: str = "fp8") -> None:
+    """One tuned bucket: its search, its result, and under FP8 and MXFP4 (`fmt`) the ratio to the bf16 MoE."""
     cut = " (search cut short by its share of --budget-s: best found so far)" if time.monotonic() > deadline else ""
     kept = "the seed, nothing beat it" if info["kept_seed"] else f"{info['seed_ms'] / info['tuned_ms']:.3f}x the seed"
     print(f"  {name} T={T}: seed {info['seed']} {info['seed_ms']:.3f} ms; {info['tried']} timed, "
           f"{info['failed']} failed, {info['pruned']} pruned; kept {kept}{cut}")
     print(f"{name} T={T}: {t * 1e3:.3f} ms with {json.dumps(best.to_dict())}", flush=True)
     if "bf16_ms" in info:  # the goal is this ratio (issue 31: bf16/fp8 >= 1.5 at 4096-16384 tokens)
-        print(f"RATIO {name} T={T}: fp8 {t * 1e3:.4f} ms / bf16 {info['bf16_ms']:.4f} ms = "
-              f"{t * 1e3 / info['bf16_ms']:.3f} (bf16/fp8 {info['bf16_ms'] / (t * 1e3):.2f}x)", flush=True)
+        print(f"RATIO {name} T={T}: {fmt} {t * 1e3:.4f} ms / bf16 {info['bf16_ms']:.4f} ms = "
+              f"{t * 1e3 / info['bf16_ms']:.3f} (bf16/{fmt} {info['bf16_ms'] / (t * 1e3):.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from .triton_moe_gemm import sorted_down_gemm, sorted_up_gemm, store_h
 from .triton_moe_packed import (PackedFormat, check_path, native_a_format, packed_down_loop, packed_up_loop,
                                 scaled_tile, select_path)
 from .triton_moe_mxfp4_tiny import tiny_fused_moe_mxfp4
-from .triton_mxfp4_dequant import dequant_words, dequantize_experts, e8m0_to_fp32, word_view
+from .triton_mxfp4_dequant import dequant_words_bf16, dequantize_experts, word_view
 
 SCALE_GROUP: tl.constexpr = tl.constexpr(GROUP)  # K values a scale (the packed K loops' SG)
 
@@ -70,9 +70,13 @@ def mxfp4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.c
     q, s = w
     NATIVE: tl.constexpr = FMT[5]
     A_FORMAT: tl.constexpr = FMT[6]
+    # (one return: Triton traces the statements after a return inside a constexpr `if`, and the word decode
+    # cannot bitcast the native path's bytes)
     if NATIVE:
-        return tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
-    return dot(a, tl.trans(dequant_words(q, s, BLOCK_N, BLOCK_K).to(a.dtype)), acc, INTERPRET, PREC)
+        acc = tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
+    else:
+        acc = dot(a, tl.trans(dequant_words_bf16(q, s, BLOCK_N, BLOCK_K, INTERPRET).to(a.dtype)), acc, INTERPRET, PREC)
+    return acc
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -214,8 +218,8 @@ def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w1
                                     r.ids_P, expert_map_G, r.b13_EF, r.b2_ED, r.act_args, r.out,
                                     config.tiny or DEFAULT_TINY, K)
     if chosen == "dequant":
-        # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 81 rows per expert,
-        # where an expert without a token is about e**-81 unlikely under even routing, so a count of used experts would
+        # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 128 rows per expert,
+        # where an expert without a token is about e**-128 unlikely under even routing, so a count of used experts would
         # cost a launch and save nothing; a shape-only grid stays graph-safe. The scratch is allocated per call:
         # the caching allocator hands the same blocks to the next layer (one layer's worth at a time).
         w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)

@@ -10,9 +10,10 @@ accumulators (gate rows n.., up rows I+n..) as every format does.
 
 What a format plugs in, FMT = (TILE, DOT, QDIV, SG, HAS_G, *own) (a constexpr tuple; `own` are its switches, read by
 its TILE and DOT as FMT[5], FMT[6]):
-- `TILE(q_ptrs, s_ptrs, z_ptrs, k0, k_left, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT) -> w`: the K step's weight operand,
+- `TILE(q_ptrs, s, z_ptrs, k0, k_left, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT) -> w`: the K step's weight operand,
   loaded (columns past the reduction dim, `k_left` of which remain from k0, and rows past N read as zeros) and,
-  where the format decodes before the dot, decoded (INT4: an fp32 [BN, BK] tile; MXFP4 / NVFP4: (q, s)).
+  where the format decodes before the dot, decoded (INT4: an fp32 [BN, BK] tile; MXFP4 / NVFP4: (q, s)); `s` is
+  the s pointers when SG is 0, else the step's scale tile, which the loops load (`scales_at`).
 - `DOT(a, w, acc, BLOCK_N, BLOCK_K, FMT, INTERPRET, PREC) -> acc + a @ (the weight values)ᵀ`, in fp32.
 - QDIV: K values per packed column (the q pointers step BLOCK_K // QDIV columns a K step).
 - SG: K values per scale column: the s pointers are a [BN, BLOCK_K/SG] tile stepping BLOCK_K/SG columns (stride_ss)
@@ -46,6 +47,11 @@ def _packed_ptrs(w_ops, expert, offs_n, BLOCK_K: tl.constexpr, FMT: tl.constexpr
     SG: tl.constexpr = FMT[3]
     rows_n = offs_n.to(tl.int64)
     e64 = expert.to(tl.int64)
+    if SG == 32:
+        # (MXFP4) a row is whole groups of 16 bytes (32 // QDIV words or bytes): said, the K step's q tile loads,
+        # and cp.async copies, in 16-byte pieces, where Triton's divisibility check (by 16 elements) saw gpt-oss's
+        # 1440-byte rows (360 words) as unaligned and issued 4-byte copies.
+        stride_qn = tl.multiple_of(stride_qn, 32 // QDIV)
     q_ptrs = wq_ptr + e64 * stride_qe + rows_n[:, None] * stride_qn + tl.arange(0, BLOCK_K // QDIV)[None, :]
     s_ptrs = ws_ptr + e64 * stride_se + rows_n[:, None] * stride_sn
     if SG:
@@ -66,14 +72,20 @@ def gate_up_ptrs(w_ops, expert, offs_n, inter, BLOCK_K: tl.constexpr, FMT: tl.co
 
 
 @triton.jit
-def scaled_tile(q_ptrs, s_ptrs, z_ptrs, k0, k_left, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, FMT: tl.constexpr):
-    """TILE of the formats whose scale tiles step along K: (q [BN, BK/QDIV], s [BN, BK/SG]) as stored (the reduction
-    dim is a multiple of SG: whole packed columns and groups)."""
-    QDIV: tl.constexpr = FMT[2]
+def scales_at(s_ptrs, k_left, n_ok, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FMT: tl.constexpr):
+    """The [BN, BK/SG] scale tile of the K step with `k_left` values left (none: all masked, zeros)."""
     SG: tl.constexpr = FMT[3]
+    return load_weights(s_ptrs, n_ok, tl.arange(0, BLOCK_K // SG) < k_left // SG, EVEN_K, True)
+
+
+@triton.jit
+def scaled_tile(q_ptrs, s, z_ptrs, k0, k_left, n_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, FMT: tl.constexpr):
+    """TILE of the formats whose scale tiles step along K: (q [BN, BK/QDIV] as stored, s), s the step's [BN, BK/SG]
+    scale tile, which the loops load (`scales_at`; MXFP4's one step ahead; the reduction dim is a multiple of SG:
+    whole packed columns and groups)."""
+    QDIV: tl.constexpr = FMT[2]
     q = load_weights(q_ptrs, n_ok, tl.arange(0, BLOCK_K // QDIV) < k_left // QDIV, EVEN_K, True)
-    s = load_weights(s_ptrs, n_ok, tl.arange(0, BLOCK_K // SG) < k_left // SG, EVEN_K, True)
     return q, s
 
 
@@ -92,18 +104,37 @@ def packed_up_loop(a_ptrs, x_ops, w_ops, expert, tok_m, row_ok, offs_n, n_ok, pi
     gq_ptrs, gs_ptrs, gz_ptrs, uq_ptrs, us_ptrs, uz_ptrs = gate_up_ptrs(w_ops, expert, offs_n, inter, BLOCK_K, FMT)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # MXFP4 (SG 32) loads the next step's scale tiles before this step's decode: a scale tile is a byte or two a
+    # thread, too small for cp.async, so Triton's pipeliner leaves it a plain load, and loaded in its own step
+    # every step waited one memory round trip for it (sm_90 SASS: LDG.E.U8 read 40-70 instructions later, before
+    # a barrier). NVFP4 keeps in-step loads: its 32x64x128 gate-up, at 255 registers, spills 52 bytes with them
+    # carried (compile report).
+    AHEAD: tl.constexpr = SG == 32
+    if AHEAD:
+        gs_next = scales_at(gs_ptrs, hidden, n_ok, BLOCK_K, EVEN_K, FMT)
+        us_next = scales_at(us_ptrs, hidden, n_ok, BLOCK_K, EVEN_K, FMT)
     for k0 in range(0, hidden, BLOCK_K):
         a = load_rows(a_ptrs, row_ok, offs_k, hidden - k0, EVEN_K)
-        wg = TILE(gq_ptrs, gs_ptrs, gz_ptrs, k0, hidden - k0, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT)
-        wu = TILE(uq_ptrs, us_ptrs, uz_ptrs, k0, hidden - k0, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT)
+        if AHEAD:
+            gs, us = gs_next, us_next
+            gs_ptrs += (BLOCK_K // SG) * stride_ss
+            us_ptrs += (BLOCK_K // SG) * stride_ss
+            gs_next = scales_at(gs_ptrs, hidden - k0 - BLOCK_K, n_ok, BLOCK_K, False, FMT)
+            us_next = scales_at(us_ptrs, hidden - k0 - BLOCK_K, n_ok, BLOCK_K, False, FMT)
+        elif SG:
+            gs = scales_at(gs_ptrs, hidden - k0, n_ok, BLOCK_K, EVEN_K, FMT)
+            us = scales_at(us_ptrs, hidden - k0, n_ok, BLOCK_K, EVEN_K, FMT)
+            gs_ptrs += (BLOCK_K // SG) * stride_ss
+            us_ptrs += (BLOCK_K // SG) * stride_ss
+        else:
+            gs, us = gs_ptrs, us_ptrs  # (INT4: its TILE addresses its groups from k0)
+        wg = TILE(gq_ptrs, gs, gz_ptrs, k0, hidden - k0, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT)
+        wu = TILE(uq_ptrs, us, uz_ptrs, k0, hidden - k0, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT)
         acc_g = DOT(a, wg, acc_g, BLOCK_N, BLOCK_K, FMT, INTERPRET, PREC)
         acc_u = DOT(a, wu, acc_u, BLOCK_N, BLOCK_K, FMT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
         gq_ptrs += BLOCK_K // QDIV
         uq_ptrs += BLOCK_K // QDIV
-        if SG:
-            gs_ptrs += (BLOCK_K // SG) * stride_ss
-            us_ptrs += (BLOCK_K // SG) * stride_ss
     if HAS_G:
         g_ptr = w_ops[3] + expert.to(tl.int64) * w_ops[9]
         acc_g = acc_g * tl.load(g_ptr)
@@ -126,14 +157,24 @@ def packed_down_loop(h_ops, w_ops, expert, offs_m, pid_m, offs_n, n_ok, pid_n, i
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hr + offs_k[None, :]
     q_ptrs, s_ptrs, z_ptrs = _packed_ptrs(w_ops, expert, offs_n, BLOCK_K, FMT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    AHEAD: tl.constexpr = SG == 32  # (as the gate-up loop)
+    if AHEAD:
+        s_next = scales_at(s_ptrs, inter, n_ok, BLOCK_K, EVEN_K, FMT)
     for k0 in range(0, inter, BLOCK_K):
         a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=(offs_k < inter - k0)[None, :], other=0.0)
-        w = TILE(q_ptrs, s_ptrs, z_ptrs, k0, inter - k0, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT)
+        if AHEAD:
+            s = s_next
+            s_ptrs += (BLOCK_K // SG) * w_ops[8]
+            s_next = scales_at(s_ptrs, inter - k0 - BLOCK_K, n_ok, BLOCK_K, False, FMT)
+        elif SG:
+            s = scales_at(s_ptrs, inter - k0, n_ok, BLOCK_K, EVEN_K, FMT)
+            s_ptrs += (BLOCK_K // SG) * w_ops[8]
+        else:
+            s = s_ptrs
+        w = TILE(q_ptrs, s, z_ptrs, k0, inter - k0, n_ok, BLOCK_N, BLOCK_K, EVEN_K, FMT)
         acc = DOT(a, w, acc, BLOCK_N, BLOCK_K, FMT, INTERPRET, PREC)
         a_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // QDIV
-        if SG:
-            s_ptrs += (BLOCK_K // SG) * w_ops[8]
     if HAS_G:
         acc = acc * tl.load(w_ops[3] + expert.to(tl.int64) * w_ops[9])
     return acc

@@ -76,6 +76,65 @@ def dequant_words(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def e2m1_bf16_slots(w):
+    """int32 words of 8 packed e2m1 codes -> 4 uint32 words of two bf16 patterns (e2m1 × 2**-126): slot j holds
+    elements (j, j + 4) of the word in its (low, high) half, as `e2m1_slots` but at bf16's bit places (sign 15,
+    exponent 8-7, mantissa 6: code 1 is the bf16 subnormal 2**-127 = 0.5 × 2**-126, exact)."""
+    u = w.to(tl.uint32, bitcast=True)
+    m, s = 0x01C001C0, 0x80008000  # bf16 exponent-and-mantissa bits 8-6 and the sign bit 15, in both halves
+    s0 = ((u << 6) & m) | ((u << 12) & s)  # low nibbles of bytes 0 and 2: elements 0 and 4
+    s1 = ((u << 2) & m) | ((u << 8) & s)  # high nibbles of bytes 0 and 2: elements 1 and 5
+    s2 = ((u >> 2) & m) | ((u << 4) & s)  # low nibbles of bytes 1 and 3: elements 2 and 6
+    s3 = ((u >> 6) & m) | (u & s)  # high nibbles of bytes 1 and 3: elements 3 and 7
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _half_bf16(u, f, HIGH: tl.constexpr, INTERPRET: tl.constexpr):
+    """One bf16 half of a uint32 slot word times 2**126 times f (the group's 2**(s - 127)): two exact products."""
+    if INTERPRET:
+        # The interpreter's bf16 arithmetic is not IEEE (its products of bit-cast bf16 came out as garbage, and
+        # its fp32 -> bf16 flushes subnormals): the same two products in fp32, the bf16 pattern being the top half
+        # of fp32's (exact, subnormal included), and the exact product's top half back (its low half is zero).
+        b = (u & 0xFFFF0000) if HIGH else (u << 16)
+        p = (b.to(tl.float32, bitcast=True) * 8.507059173023462e37) * f
+        v = (p.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        b = (u >> 16) if HIGH else (u & 0xFFFF)
+        two126 = tl.full(b.shape, 0x7E80, tl.uint16).to(tl.bfloat16, bitcast=True)
+        v = (b.to(tl.uint16).to(tl.bfloat16, bitcast=True) * two126) * f
+    return v
+
+
+@triton.jit
+def e8m0_to_bf16(s):
+    """2**(s - 127) as bf16 from its bits (s <= 254); s = 0 is 2**-127, the bf16 subnormal 0x0040, not 0."""
+    s = s.to(tl.int32)
+    return tl.where(s == 0, 0x0040, s << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def dequant_words_bf16(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """`dequant_words` straight to bf16: [BN, BK/8] int32 words + [BN, BK/32] E8M0 scales -> the [BN, BK] tile in
+    bf16, natural element order, bit for bit mxfp4_dequantize(..., bf16) for scales 0..254 (module docstring). No
+    fp32 on the way (compiled): ~2 integer ops a value place the bits, then two packed bf16 products (sm_90:
+    HMUL2.BF16, one instruction a value for both): times 2**126 (exact: the subnormal patterns become the normal
+    e2m1 values) and times the group's 2**(s - 127) (one rounding, exact unless it leaves bf16's range, as the
+    reference's ldexp then cast)."""
+    s0, s1, s2, s3 = e2m1_bf16_slots(q)
+    if INTERPRET:
+        f = e8m0_to_fp32(s)
+    else:
+        f = e8m0_to_bf16(s)  # [BN, BK/32]
+    f = tl.reshape(tl.broadcast_to(f[:, :, None], [BLOCK_N, BLOCK_K // 32, 4]), [BLOCK_N, BLOCK_K // 8])
+    v = tl.join(tl.join(tl.join(_half_bf16(s0, f, False, INTERPRET), _half_bf16(s0, f, True, INTERPRET)),
+                        tl.join(_half_bf16(s2, f, False, INTERPRET), _half_bf16(s2, f, True, INTERPRET))),
+                tl.join(tl.join(_half_bf16(s1, f, False, INTERPRET), _half_bf16(s1, f, True, INTERPRET)),
+                        tl.join(_half_bf16(s3, f, False, INTERPRET), _half_bf16(s3, f, True, INTERPRET))))
+    return tl.reshape(v, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _mxfp4_dequant_kernel(q_ptr, s_ptr, w_ptr, rows, groups, stride_qe, stride_qn, stride_se, stride_sn, stride_we,
                           stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
     e = tl.program_id(0).to(tl.int64)

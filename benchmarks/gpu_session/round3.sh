@@ -13,7 +13,8 @@
 #   round3 3  modes: batch-invariant mode beside the normal engine at Qwen3-30B-A3B's shape, 24 layers
 #             (ratio_invariant_over_normal; gap_family_us: where its extra time is, by kernel family), and the
 #             speculative verify step beside the decode step at batch 4
-#   round3 4  MXFP4 against bf16 at gpt-oss-20b's experts, 1-4,096 tokens (bf16 / MXFP4 per count), then the FP8 tiny
+#   round3 4  MXFP4 against bf16 at gpt-oss-20b's experts, 1-4,096 tokens, and -120b's at 1,024 / 4,096 (vs_bf16 of the
+#             mxfp4-triton rows; mxfp4-per-tile against mxfp4-dequant decides the DEQUANT buckets), then the FP8 tiny
 #             GEMVs' GPU tests (round3 1 times them; 1 has no room left for their first compiled run)
 #   round3 5  prefill of 64 x 2,048 tokens (the prefill rows' total_tok_s in engine_e2e's rows)
 #
@@ -34,6 +35,10 @@
 # round3 3: the rl step's batch_invariant_full counts (13 GEMM + 18 other, run 60 s, +10 s for --kernel-times: one
 #   profiled round per arm, ~0.5 s each, and the profiler's start); spec --quick's (24 + 36, 240 s).
 # round3 4: moe_mxfp4 at 5 token counts (the moe-mxfp4 step's per-count share: 43 GEMM-class + 43 other), run 120 s.
+#   mxfp4_120b: gpt-oss-120b at 1,024 / 4,096 tokens, the row's other shape: the per-tile GEMMs of bucket 32 (64-row
+#   blocks; bucket 128's are 20b's at 1,024 tokens, compiled the command before), the bf16 GEMMs of its two buckets,
+#   the pre-pass and align / sum at its sizes: 6 GEMM + 10 other; run 60 s (the H200's quick + sweep runs of both
+#   shapes took 30 s and 17 s: 6.4 GB of bf16 weights drawn and dequantized for the bf16 row).
 #   fp8_tiny_gpu: test_triton_fp8_gpu.py's tiny tests (2 shapes x T 1, 8 against the float32 reference, a CUDA graph
 #   each): the up and down GEMV per shape (DeepSeek's with an expert map), x's and h's quantization, ~8 other; run
 #   40 s (DeepSeek's 32 local experts quantized on the GPU twice).
@@ -65,6 +70,8 @@ round3_cmds() {  # N: the commands of round3 N
     4)
       cmd round3_mxfp4 43 0 43 120 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --shapes gpt-oss-20b \
         --tokens 1,16,64,1024,4096 --out "$OUT/moe_mxfp4_${name}.json"
+      cmd round3_mxfp4_120b 6 0 10 60 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --shapes gpt-oss-120b \
+        --tokens 1024,4096 --out "$OUT/moe_mxfp4_${name}_120b.json"
       run_pytest_files "gpu_fp8_tiny_${name}.txt" \
         fp8_tiny_gpu 0 0 8 40 tests/kernels/test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes ;;
     5)

@@ -46,3 +46,34 @@ def test_fp8_tiny_keeps_an_h100_sm_streaming():
     for k in _report(90)["kernels"]:
         if k["name"] in ("_tiny_fp8_up_kernel", "_tiny_fp8_down_kernel"):
             assert k["kb_in_flight_sm"] >= 20, f"{k['case']} {k['name']}: {k['kb_in_flight_sm']} KB in flight an SM"
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+def test_mxfp4_per_tile_gemms_decode_in_few_instructions_with_the_scales_one_step_ahead(arch):
+    """The MXFP4 per-tile GEMMs (benchmarks/results/compile_report_mxfp4_sm90.json / _sm100.json, `compile_tiny
+    --cases mxfp4`): at every case, the blocks mxfp4_moe_default.json's bucket gives, tensor cores (wgmma on sm_90,
+    tcgen05 on sm_100), no spills; the K step's scale loads read at the step's end (loaded one step ahead, not
+    waited for before the decode: the old loop read them ~40-70 instructions after the load); and the bf16 decode's
+    instruction count a value (the fp16 -> fp32 -> bf16 decode it replaced issued 11.1 / 10.0 a value up / down at
+    the old 64x64x64/8w blocks on sm_90)."""
+    from moelink.benchmarks.compile_cases_mxfp4 import GPT_OSS_SHAPES
+    from moelink.benchmarks.compile_tiny import MXFP4_TOKENS
+    from moelink.kernels.moe_config import _pick, committed_config
+
+    rep = json.loads((RESULTS / f"compile_report_mxfp4_sm{arch}.json").read_text())
+    assert rep["target"].startswith(f"sm_{arch}") and rep["cases"] == "mxfp4", REGENERATE
+    _, table = committed_config("mxfp4_moe_default.json")
+    for name, (E, K, D, I) in GPT_OSS_SHAPES.items():
+        for T in MXFP4_TOKENS:
+            case = f"{name} T={T} MXFP4 per-tile"
+            got = {k["name"]: k for k in rep["kernels"] if k["case"] == case}
+            assert {"_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"} <= set(got), f"{case} missing: {REGENERATE}"
+            cfg = _pick("rows_per_expert", table, T, K, E)
+            for k, g in ((got["_moe_mxfp4_up_kernel"], cfg.up), (got["_moe_mxfp4_down_kernel"], cfg.down)):
+                assert k["blocks"] == dict(BLOCK_M=cfg.BLOCK_SIZE_M, BLOCK_N=g.BLOCK_SIZE_N,
+                                           BLOCK_K=max(32, g.BLOCK_SIZE_K)), f"{case}: {REGENERATE}"
+                assert k["warps"] == g.num_warps, REGENERATE
+                assert k["spill_stores"] == 0 and k["spill_loads"] == 0, f"{case} {k['name']} spills on sm_{arch}"
+                assert (k["sass_gmma"] if arch == 90 else k["sass_utc"]) > 0, f"{case} {k['name']}: no wgmma/tcgen05"
+                assert k["ldg_distance"] is not None and k["ldg_distance"] >= k["loop_instructions"] // 2, k
+                assert k["instr_per_value"] <= 9.5, f"{case} {k['name']}: {k['instr_per_value']} a value"

@@ -283,10 +283,13 @@ def test_per_compile_costs_cover_the_compile_report():
 def test_round3_names_each_row_result_by_device_and_commit_and_refuses_other_numbers():
     """Issue 80's plan: five commands; each result named <benchmark>_<device>_<commit>_round3_..., the decode
     command with the tiny GEMVs on (and their GPU tests after it), the large-batch one on every shape (no --shapes:
-    the min over all of them), the FP8 tiny GEMVs' GPU tests after the MXFP4 row."""
+    the min over all of them), the MXFP4 row at both gpt-oss shapes (-120b at 1,024 tokens, the row's 0.66x), the FP8
+    tiny GEMVs' GPU tests after it."""
     cmds = {n: [p[7] for p in PLAN.findall(session("--dry-run", "round3", str(n)).stdout)] for n in range(1, 6)}
-    assert [len(c) for c in cmds.values()] == [4, 2, 2, 2, 1]
-    assert "test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes" in cmds[4][1]
+    assert [len(c) for c in cmds.values()] == [4, 2, 2, 3, 1]
+    assert "--shapes gpt-oss-20b" in cmds[4][0] and "1024" in cmds[4][0]
+    assert "--shapes gpt-oss-120b" in cmds[4][1] and "--tokens 1024,4096" in cmds[4][1]
+    assert "test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes" in cmds[4][2]
     assert all(re.search(r"_cpu_\S+_round3", c) for cs in cmds.values() for c in cs if "-m pytest" not in c)
     assert "tests/kernels/test_triton_moe_tiny_gpu.py" in cmds[1][3]  # the rebuilt GEMVs checked on the GPU too
     assert "--tiny-max-pairs 64" in cmds[1][2] and "--batches 1,256" in cmds[1][2]

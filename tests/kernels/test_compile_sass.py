@@ -31,3 +31,22 @@ def test_resident_programs_take_the_scarcest_resource():
     assert resident_programs(56, 4, 32) == 9  # registers: 65536 // (56 * 128)
     assert resident_programs(32, 1, 0) == 32  # the 32-CTA limit
     assert resident_programs(32, 4, 100 * 1024) == 2  # shared memory: 228 KB // 101 KB
+
+
+def test_mma_loop_is_the_innermost_loop_holding_an_mma():
+    from moelink.benchmarks.compile_sass import mma_loop
+
+    sass = _sass("MOV R1, R2",  # 0x00
+                 "LDG.E.U8 R4, desc[UR8][R2.64]",  # 0x10: the K loop's top: a scale read right away
+                 "PRMT R5, R4, 0x7610, R5",
+                 "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24",
+                 "LDG.E.U8 R6, desc[UR8][R2.64]",  # 0x40: a scale read only at the step's end (one step ahead)
+                 "IADD3 R7, R8, 1, RZ", "LOP3.LUT R9, R7, 0x3, RZ, 0xc0, !PT",
+                 "PRMT R10, R6, 0x7610, R10",  # 0x70
+                 "@P0 BRA 0x10",  # 0x80
+                 "FADD R1, R1, 1", "@P1 BRA 0x90",  # a loop without an MMA (an epilogue's)
+                 "EXIT")
+    loop = mma_loop(sass)
+    assert loop["instructions"] == 8 and loop["mma"] == 1 and loop["mix"]["LDG.E.U8"] == 2
+    assert loop["ldg_distance"] == 1  # the first scale is read by the very next instruction
+    assert mma_loop(_sass("FADD R1, R1, 1", "@P0 BRA 0x0")) is None

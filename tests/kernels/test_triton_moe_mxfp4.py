@@ -13,7 +13,7 @@ from moelink.kernels.moe import SILU, MoEActivation
 from moelink.kernels.moe_config import MoELaunchConfig
 from moelink.kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize, reference_fused_moe_mxfp4
 from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
-from moelink.kernels.triton_mxfp4_dequant import dequant_words
+from moelink.kernels.triton_mxfp4_dequant import dequant_words, dequant_words_bf16
 from tests.helpers.moe_cases import DTYPES, SMALL, WIDE, expert_map, routing
 
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
@@ -93,28 +93,37 @@ def test_native_dot_scaled_branch(case, dtype, gen, kdev, check, nan_buffer):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # 2**127 * 6 is inf in fp32: both sides, on purpose
-def test_dequant_words_is_the_reference(gen, kdev):
-    """The per-tile K loop's in-register dequantization alone (int32 words), at every byte value and extreme
-    exponents (2**-127 a subnormal scale, 2**127 * 6 inf), equals mxfp4_dequantize bit for bit in fp32."""
+@pytest.mark.parametrize("decode", ["fp32", "bf16"])
+def test_dequant_words_is_the_reference(decode, gen, kdev):
+    """The in-register dequantization alone (int32 words), at every byte value and extreme exponents (2**-127 a
+    subnormal scale, 2**127 * 6 inf): `dequant_words` (fp32: the GEMVs and the pre-pass) and `dequant_words_bf16`
+    (the per-tile K loop: bf16 bit patterns, subnormal code 1 included, and two bf16 products) equal
+    mxfp4_dequantize bit for bit in their dtype."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kern(q_ptr, s_ptr, w_ptr, N: tl.constexpr, K: tl.constexpr):
+    def kern(q_ptr, s_ptr, w_ptr, N: tl.constexpr, K: tl.constexpr, BF16: tl.constexpr, INTERPRET: tl.constexpr):
         n = tl.arange(0, N)
         q = tl.load(q_ptr + n[:, None] * (K // 8) + tl.arange(0, K // 8)[None, :])
         s = tl.load(s_ptr + n[:, None] * (K // 32) + tl.arange(0, K // 32)[None, :])
-        w = dequant_words(q, s, N, K)  # [N, K]
+        if BF16:
+            w = dequant_words_bf16(q, s, N, K, INTERPRET)  # [N, K]
+        else:
+            w = dequant_words(q, s, N, K)
         tl.store(w_ptr + n[:, None] * K + tl.arange(0, K)[None, :], w)
 
     N, K = 16, 512
+    dt = torch.bfloat16 if decode == "bf16" else torch.float32
     q = torch.arange(N * K // 2, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(N, K // 32, 16)
     s = torch.randint(0, 255, (N, K // 32), dtype=torch.uint8, generator=gen)
     s[0, :4] = torch.tensor([0, 1, 127, 254], dtype=torch.uint8)
-    w = torch.full((N, K), float("nan"), device=kdev)
-    kern[(1,)](q.view(torch.int32).to(kdev), s.to(kdev), w, N, K)
-    want = mxfp4_dequantize(q, s, torch.float32)
-    assert torch.equal(w.cpu().view(torch.int32), want.view(torch.int32))
+    s[1, :4] = torch.tensor([2, 126, 128, 253], dtype=torch.uint8)
+    w = torch.full((N, K), float("nan"), device=kdev, dtype=dt)
+    kern[(1,)](q.view(torch.int32).to(kdev), s.to(kdev), w, N, K, decode == "bf16", w.device.type == "cpu")
+    want = mxfp4_dequantize(q, s, dt)
+    bits = torch.int16 if dt == torch.bfloat16 else torch.int32
+    assert torch.equal(w.cpu().view(bits), want.view(bits))
 
 
 def test_fused_moe_mxfp4_empty_batch_and_bad_input(kdev):

@@ -70,7 +70,9 @@ BK128 = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOC
                              "num_warps": 8, "num_stages": 3})
 
 
-@pytest.mark.parametrize("T,variant", [(1, "sum"), (64, "map"), (512, "atomic"), (2048, "bk128")])
+# "tile128": the per-tile path forced where the DEQUANT bucket would dequantize first: its 128-row blocks at 4 warps
+# (one warpgroup over 128 rows), the bf16 decode with the scales loaded a step ahead (round3 4 times it).
+@pytest.mark.parametrize("T,variant", [(1, "sum"), (64, "map"), (512, "atomic"), (2048, "bk128"), (4096, "tile128")])
 def test_mxfp4_moe_gpt_oss_120b(layer, T, variant):
     from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
 
@@ -86,7 +88,8 @@ def test_mxfp4_moe_gpt_oss_120b(layer, T, variant):
     want = oracle(x, layer, weights, ids, emap)
     args = (x, layer["w13q"], layer["w13s"], layer["w2q"], layer["w2s"], weights, ids, emap)
     kw = dict(b13_EF=layer["b13"], b2_ED=layer["b2"], activation=ACT, native=False,
-              combine="atomic" if variant == "atomic" else "sum", config=BK128 if variant == "bk128" else None)
+              combine="atomic" if variant == "atomic" else "sum", config=BK128 if variant == "bk128" else None,
+              path="sorted" if variant == "tile128" else "auto")
     triton_fused_moe_mxfp4(*args, **kw)  # compile outside the sync check
     with no_host_sync():
         got = triton_fused_moe_mxfp4(*args, **kw)
