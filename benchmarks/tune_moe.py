@@ -220,7 +220,7 @@ def main(argv=None) -> dict[str, dict]:
     if args.dtype == "fp8":
         from .tune_moe_fp8 import Fp8Kind
 
-        kind = Fp8Kind()
+        kind = Fp8Kind(smoke=args.cpu_smoke)
     else:
         kind = Bf16Kind()
     shapes, tokens = _shapes_and_tokens(ap, args, kind)
