@@ -182,7 +182,7 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
                 for key, values in tune_moe.TINY_AXES["smoke"].items():
                     part, axis = key.split("_", 1)
                     assert getattr(getattr(got.tiny, part), axis) in set(values) | {
-                        getattr(getattr(moe_config.DEFAULT_TINY_FLOAT, part), axis)}
+                        getattr(getattr(tune_moe.Bf16Kind(smoke=True).tiny_start, part), axis)}
     assert set(out_dir.iterdir()) == paths
 
     # The engine's lookup finds them: a GPU named "Smoke_GPU" with these files picks the nearest bucket.
