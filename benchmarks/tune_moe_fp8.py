@@ -158,7 +158,7 @@ class Fp8Kind:
 
         return TinyConfig.from_dict(FP8_SMOKE_TINY) if self.smoke else DEFAULT_TINY_FP8
 
-    def __init__(self, block=(128, 128), bf16_dir=None, smoke: bool = False):
+    def __init__(self, block=(128, 128), bf16_dir=None, smoke=False):
         self.block, self.bf16_dir, self.smoke = block, bf16_dir, smoke
         self._weights, self._bf16_sets = None, None
 
