@@ -35,6 +35,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -60,10 +61,19 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # -- the systems ------------------------------------------------------------------------------------------------------
-def moelink_triton(combine: str, path: str = "auto"):
+def moelink_triton(combine: str, path: str = "auto", tiny=None):
+    """`tiny` (a TinyConfig): the tiny path's blocks instead of the launch config's (the CPU smoke's wider ones)."""
     from moelink.kernels.triton_moe import triton_fused_moe
 
-    return lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, combine=combine, path=path)
+    if tiny is None:
+        return lambda x, w13, w2, tw, ti: triton_fused_moe(x, w13, w2, tw, ti, combine=combine, path=path)
+    from moelink.kernels.moe_config import get_moe_config
+
+    def run(x, w13, w2, tw, ti):
+        cfg = replace(get_moe_config(w13.shape[0], w13.shape[1] // 2, ti.shape[0], ti.shape[1], x.device), tiny=tiny)
+        return triton_fused_moe(x, w13, w2, tw, ti, combine=combine, path=path, config=cfg)
+
+    return run
 
 
 # The tiny-batch path re-reads an expert's weights for every pair routed to it: timed up to this many pairs
@@ -109,16 +119,26 @@ def per_expert_loop(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK):
     return out_TD
 
 
-def systems(has_grouped_mm: bool) -> dict:
+def systems(has_grouped_mm: bool, tiny=None) -> dict:
     """moelink-triton: what the engine runs (the launch config picks the path); -atomic: the sorted path's
     atomic combine; -tiny: the two-launch tiny-batch path forced (kernels/triton_moe_tiny.py, the config's TINY
-    blocks or DEFAULT_TINY), timed at <= TINY_MAX_PAIRS pairs."""
+    blocks or DEFAULT_TINY; `tiny`'s where given: the CPU smoke's), timed at <= TINY_MAX_PAIRS pairs."""
     out = {"moelink-triton": moelink_triton("sum"), "moelink-triton-atomic": moelink_triton("atomic"),
-           "moelink-triton-tiny": moelink_triton("sum", "tiny")}
+           "moelink-triton-tiny": moelink_triton("sum", "tiny", tiny)}
     if has_grouped_mm:
         out["torch-grouped_mm"] = grouped_mm_moe
     out["per-expert-loop"] = per_expert_loop
     return out
+
+
+def smoke_tiny():
+    """The CPU smoke's tiny blocks (tune_space.SMOKE_TINY_FLOAT: 8 GEMV rows a program, not DEFAULT_TINY_FLOAT's 2;
+    the interpreter's cost is its programs, and the tiny system was over half of the smoke's CPU)."""
+    from moelink.kernels.moe_config import TinyConfig
+
+    from .tune_space import SMOKE_TINY_FLOAT
+
+    return TinyConfig.from_dict(SMOKE_TINY_FLOAT)
 
 
 def _grouped_mm_works(device) -> bool:
@@ -164,7 +184,7 @@ def work(E, K, D, I, sets, elem) -> tuple[float, float, int]:
 
 
 def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, check, graphs,
-                only: frozenset[str] | None = None) -> list[dict]:
+                only: frozenset[str] | None = None, tiny=None) -> list[dict]:
     E, K, D, I = shape
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -178,7 +198,7 @@ def bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, chec
         sets = make_inputs(E, K, D, I, T, dtype, device, gen, n_sets, weights)
         flops, bytes_, touched = work(E, K, D, I, sets, dtype.itemsize)
         ref = None
-        for sys_name, fn in systems(has_gmm).items():
+        for sys_name, fn in systems(has_gmm, tiny).items():
             if only is not None and sys_name not in only:
                 continue
             if sys_name == "per-expert-loop" and T * K > 8 * 16384 and device.type == "cpu":
@@ -327,7 +347,7 @@ def main(argv=None) -> dict:
                                     not args.no_graphs)
             continue
         rows += bench_shape(name, shape, tokens, dtype, device, timer, ceilings, iters, not args.no_check,
-                            not args.no_graphs, only)
+                            not args.no_graphs, only, smoke_tiny() if args.cpu_smoke else None)
     if fp8:
         from .moe_kernels_fp8 import summarize_fp8
 

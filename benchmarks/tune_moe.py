@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 
 from .tune_space import (DOWN_AXES, GEMM_AXES, MAX_ACC_REGS, MAX_TINY_DOWN_VALUES, MAX_TINY_UP_VALUES,  # noqa: F401
-                         PUBLISHED, SCHEDULE_AXES, SMEM_LIMIT, SPACES, TINY_AXES, TINY_TUNE_MAX_PAIRS, UP_AXES,
-                         block_m_candidates, feasible, from_vllm, gemm_fits, neighbours, published_seeds,
+                         PUBLISHED, SCHEDULE_AXES, SMEM_LIMIT, SMOKE_TINY_FLOAT, SPACES, TINY_AXES, TINY_TUNE_MAX_PAIRS,
+                         UP_AXES, block_m_candidates, feasible, from_vllm, gemm_fits, neighbours, published_seeds,
                          tiny_neighbours)
 from .tune_timing import CudaFault, _is_cuda_fault, time_call, time_config  # noqa: F401
 from .moe_kernels import (SHAPES, SMOKE_SHAPES, SMOKE_TOKENS, TOKENS, Timer, make_inputs, per_expert_loop, require_cuda,
@@ -111,6 +111,16 @@ class Bf16Kind:
     kernels/triton_moe.py, checked against the per-expert loop, its configs as they are written."""
 
     tiny = True  # the tiny-batch path is an axis
+
+    def __init__(self, smoke: bool = False):
+        self.smoke = smoke
+
+    @property
+    def tiny_start(self):
+        """The tiny path's blocks where the search turns it on (None: DEFAULT_TINY_FLOAT); the CPU smoke's are wider."""
+        from moelink.kernels.moe_config import TinyConfig
+
+        return TinyConfig.from_dict(SMOKE_TINY_FLOAT) if self.smoke else None
 
     def inputs(self, shape, T, dtype, device, gen, n_sets):
         E, K, D, I = shape
@@ -222,13 +232,13 @@ def main(argv=None) -> dict[str, dict]:
     if args.dtype == "fp8":
         from .tune_moe_fp8 import Fp8Kind
 
-        kind = Fp8Kind()
+        kind = Fp8Kind(smoke=args.cpu_smoke)
     elif args.dtype == "mxfp4":
         from .tune_moe_mxfp4 import Mxfp4Kind
 
         kind = Mxfp4Kind()
     else:
-        kind = Bf16Kind()
+        kind = Bf16Kind(smoke=args.cpu_smoke)
     shapes, tokens = _shapes_and_tokens(ap, args, kind)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -30,7 +30,8 @@ tune_moe's search, budget per bucket, confirmation and merge run unchanged with 
   bucket this run does not tune, at the config used until now: a tuned file replaces fp8_moe_default.json at
   every token count, so a run of 4096,16384 alone must not give decode batches a 4096-token config.
 `--cpu-smoke --dtype fp8`: FP8_SMOKE_SHAPES in the interpreter (128 x 128 blocks, D of two groups) over
-FP8_SMOKE_SPACE, into a temporary directory.
+FP8_SMOKE_SPACE (the tiny path turned on at FP8_SMOKE_TINY, wider GEMVs than a GPU starts at: fewer interpreted
+programs), into a temporary directory.
 """
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ FP8_SMOKE_SHAPES = {"smoke-fp8-e8": (8, 2, 256, 128), "smoke-fp8-e16": (16, 4, 1
 # Interpreter: the block axes only; up BLOCK_N 64 maps to the seed's 128 (a same-launch skip), BLOCK_K 64 is two
 # K steps per scale group.
 FP8_SMOKE_SPACE = dict(SPACES["smoke"], BLOCK_SIZE_N=(64, 128), BLOCK_SIZE_K=(64,))
+# The smoke's tiny start: DEFAULT_TINY_FP8's GEMVs are 2 (gate-up) and 1 (down) rows a program, so the interpreter
+# ran ~200 programs a launch over the smoke shapes (two thirds of the smoke's CPU). 16 rows a program (the widest
+# tiny_feasible passes at 512 columns; BLOCK_K is clamped to the smoke's dimensions either way): the same kernels
+# and K walk, 8-16x fewer programs, still timed (and still slower there than the sorted path it is compared with).
+FP8_SMOKE_TINY = dict(max_pairs=64, BLOCK_SIZE_N=16, BLOCK_SIZE_K=512, num_warps=4, num_stages=1)
 
 
 def launched(cfg, block=(128, 128)):
@@ -147,12 +153,13 @@ class Fp8Kind:
 
     @property
     def tiny_start(self):
+        from moelink.kernels.moe_config import TinyConfig
         from moelink.kernels.triton_moe_fp8_tiny import DEFAULT_TINY_FP8
 
-        return DEFAULT_TINY_FP8
+        return TinyConfig.from_dict(FP8_SMOKE_TINY) if self.smoke else DEFAULT_TINY_FP8
 
-    def __init__(self, block=(128, 128), bf16_dir=None):
-        self.block, self.bf16_dir = block, bf16_dir
+    def __init__(self, block=(128, 128), bf16_dir=None, smoke=False):
+        self.block, self.bf16_dir, self.smoke = block, bf16_dir, smoke
         self._weights, self._bf16_sets = None, None
 
     def _quantized(self, shape, device):

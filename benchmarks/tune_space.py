@@ -40,6 +40,11 @@ TINY_AXES = {"quick": dict(up_BLOCK_SIZE_N=(1, 2, 4), up_BLOCK_SIZE_K=(512, 1024
                            down_BLOCK_SIZE_N=(1, 2, 4), down_BLOCK_SIZE_K=(256, 512, 1024), down_num_warps=(1, 2, 4)),
              "smoke": dict(up_BLOCK_SIZE_N=(1, 4))}
 TINY_AXES["full"] = TINY_AXES["quick"]
+# The CPU smoke's tiny start (tune_moe --cpu-smoke): 8 rows a program at 256 columns (the widest tiny_feasible passes
+# at 2-byte weights and one warp), not DEFAULT_TINY_FLOAT's 2: the interpreter's cost is its programs (the start's
+# ~1,500 GEMV programs at 12 tokens were two thirds of the smoke's CPU); BLOCK_K is clamped to the smoke's
+# dimensions either way, so the same kernels and K walk run.
+SMOKE_TINY_FLOAT = dict(max_pairs=64, BLOCK_SIZE_N=8, BLOCK_SIZE_K=256, num_warps=1, num_stages=1)
 SMEM_LIMIT = 200 * 1024  # of sm_90's 227 KB per block: headroom for the epilogue and barriers
 MAX_ACC_REGS = 128  # fp32 accumulator registers per thread above which the GEMM spills (255 in all)
 # The tiny path's GEMVs hold their tiles in registers: the gate-up GEMV two fp32 [BN, BK] accumulators, the down

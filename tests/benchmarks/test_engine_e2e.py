@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from moelink.benchmarks import e2e_generate, e2e_setup, engine_e2e
 from moelink.benchmarks.e2e_report import HOST_DERIVED, HOST_FROM_ENGINE, derive
 from moelink.planner.step_cost import fixed_step_cost
 from tests.helpers import zygote
+from tests.helpers.zygote_ray import node_env
 
 FIELDS = e2e_setup.engine_fields()
 
@@ -29,8 +31,10 @@ def positive(x) -> bool:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "engine_e2e.json"
+    # Its `moelink serve` (benchmarks/server_process.py: `sys.executable -m ...`) forked by the zygote too: the
+    # smoke's sys.executable is the shim (zygote_ray.node_env), so the server starts with torch imported.
     proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.engine_e2e", "--cpu-smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=240, cwd=out.parent)
+                      capture_output=True, text=True, timeout=240, cwd=out.parent, env=node_env(dict(os.environ)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 

@@ -119,7 +119,7 @@ def test_moe_kernels_check_catches_a_wrong_system(monkeypatch, wrong):
         return wrong(moe_kernels.per_expert_loop(*args))
 
     monkeypatch.setattr(moe_kernels, "systems",
-                        lambda has_gmm: {"wrong": off, "per-expert-loop": moe_kernels.per_expert_loop})
+                        lambda has_gmm, tiny=None: {"wrong": off, "per-expert-loop": moe_kernels.per_expert_loop})
     ceilings = dict(copy_GBps=1.0, matmul_TFLOPs=1.0)
     with pytest.raises(AssertionError, match="wrong smoke-e8 T=4: relative error"):
         moe_kernels.bench_shape("smoke-e8", moe_kernels.SMOKE_SHAPES["smoke-e8"], [4], torch.bfloat16, CPU,
@@ -182,7 +182,7 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
                 for key, values in tune_moe.TINY_AXES["smoke"].items():
                     part, axis = key.split("_", 1)
                     assert getattr(getattr(got.tiny, part), axis) in set(values) | {
-                        getattr(getattr(moe_config.DEFAULT_TINY_FLOAT, part), axis)}
+                        getattr(getattr(tune_moe.Bf16Kind(smoke=True).tiny_start, part), axis)}
     assert set(out_dir.iterdir()) == paths
 
     # The engine's lookup finds them: a GPU named "Smoke_GPU" with these files picks the nearest bucket.

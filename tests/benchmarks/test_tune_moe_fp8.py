@@ -241,3 +241,9 @@ def test_fp8_search_has_the_tiny_axis_from_the_fp8_gemvs_blocks():
     assert kind.launched(first).tiny == first.tiny and kind.feasible(first, DSV3, None) is None
     narrow = replace(first, tiny=replace(first.tiny, down=TinyGemm(1, 256, 1, 1)))  # (under 512: one warp's lanes)
     assert "lanes" in tune_moe_fp8.feasible_fp8(narrow, D, I)
+    # The CPU smoke starts the tiny path at wider GEMVs (fewer interpreted programs) that are still timed, not pruned:
+    # the smoke runs the FP8 tiny kernels.
+    smoke = tune_moe_fp8.Fp8Kind(smoke=True)
+    for E, K, D, I in tune_moe_fp8.FP8_SMOKE_SHAPES.values():
+        first = next(neighbours(cfg, {}, [16], K, TINY_AXES["smoke"], smoke.tiny_start))
+        assert first.tiny.up.BLOCK_SIZE_N == 16 and smoke.feasible(first, (E, K, D, I), None) is None

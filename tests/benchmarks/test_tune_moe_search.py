@@ -150,6 +150,7 @@ def test_tune_prunes_tiny_tiles_that_would_spill_or_convert():
     passes, every value of the quick axes around it is either tried or pruned by one of the two rules."""
     from dataclasses import replace
 
+    from moelink.benchmarks.tune_space import tiny_feasible
     from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT, TinyGemm
 
     base = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), DEFAULT_TINY_FLOAT)
@@ -161,6 +162,14 @@ def test_tune_prunes_tiny_tiles_that_would_spill_or_convert():
     assert tune_moe.feasible(narrow_up, 2048, 768, 4, 8) is None  # fp32 activations: 4 values a lane, 512 columns
     fat_up = replace(base, tiny=replace(DEFAULT_TINY_FLOAT, up=TinyGemm(4, 2048, 2, 1)))
     assert "tiny up" in tune_moe.feasible(fat_up, 2048, 768, 2, 8)
+    # The CPU smoke turns the tiny path on at wider GEMVs (fewer interpreted programs) that are timed, not pruned,
+    # at every smoke shape: the smoke runs the tiny kernels; a GPU run starts at DEFAULT_TINY_FLOAT.
+    assert tune_moe.Bf16Kind().tiny_start is None
+    smoke = tune_moe.Bf16Kind(smoke=True)
+    for E, K, D, I in tune_moe.SMOKE_SHAPES.values():
+        first = next(tune_moe.neighbours(replace(base, tiny=None), {}, [16], K, tune_moe.TINY_AXES["smoke"],
+                                         smoke.tiny_start))
+        assert first.tiny.up.BLOCK_SIZE_N == 8 and tiny_feasible(first.tiny, torch.bfloat16.itemsize) is None
 
 
 def test_graph_timing_prefers_replays_and_falls_back_to_eager():
