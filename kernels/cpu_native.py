@@ -13,7 +13,7 @@ What each takes (anything else runs the reference, unchanged):
   references (float64 is the parity tests' dtype: its results are the references' bit for bit);
 - at most NATIVE_MAX_ELEMENTS activation values (a prefill's norm runs torch's two-thread kernel), except the residual
   add + norm and the attention input (rope, KV write), which are faster than torch's ops at any size and split their
-  rows over torch's intra-op threads when large (kernels/cpu_parallel.py);
+  rows over torch's intra-op threads when large (OpenMP in the C, `threads_for`);
 - the router's "greedy" method without a bias; the experts with at most NATIVE_MOE_MAX_PAIRS (token, expert) pairs.
 Results match the references up to the order of float32 sums within a row (bfloat16 rounded where torch rounds), and
 a row's result is the same in any batch. The router's picks are the reference's exactly: a call with a tie among a
@@ -31,7 +31,6 @@ import torch
 
 from .attention import AttentionMetadata, _check_extras, reference_paged_attention
 from .cpu_native_build import library
-from .cpu_parallel import even_points, run_ranges, split_points, threads_for
 from .moe import SILU, MoEActivation, reference_fused_moe
 from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rope_write_kv
@@ -47,10 +46,19 @@ NATIVE_MOE_MAX_PAIRS = 16
 # of short contexts); longer ones run SDPA on every intra-op thread.
 NATIVE_ATTENTION_MAX_WORK = 1 << 25
 NATIVE_ATTENTION_MAX_QUERY = 16
+# Below this much work (elements read) a native call runs on one thread (kernels/csrc/cpu_ops.c's OpenMP regions).
+MIN_SPLIT_WORK = 1 << 19
 # A step whose short and long sequences alternate more often than this runs the reference whole (each run is a call).
 MIXED_STEP_MAX_RUNS = 8
 _FLOATS = (torch.float32, torch.bfloat16)
 _ACTIVATION_KIND = {"silu": 0, "swiglu_oai": 1, "silu_clamp": 2}
+
+
+def threads_for(work: int) -> int:
+    """The threads a native call of `work` elements runs on: torch's intra-op count (the C's OpenMP regions; a rank
+    given one thread, as the multiprocess executor's, splits nothing), or 1 below MIN_SPLIT_WORK, where waking the
+    pool's threads costs more than it saves."""
+    return 1 if work < MIN_SPLIT_WORK else torch.get_num_threads()
 
 
 def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -79,7 +87,7 @@ def native_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, *,
     rows = x_TD.numel() // D
     if dtype == torch.float32:
         lib.ml_rms_norm_f32(x_TD.data_ptr(), weight_D.data_ptr(), out.data_ptr(), rows, D, eps)
-    elif lib.ml_rms_norm_bf16(x_TD.data_ptr(), None, weight_D.data_ptr(), out.data_ptr(), None, rows, D, eps):
+    elif lib.ml_rms_norm_bf16(x_TD.data_ptr(), None, weight_D.data_ptr(), out.data_ptr(), None, rows, D, eps, 1):
         raise MemoryError("native rms_norm: no memory for its row buffer")
     return out
 
@@ -95,19 +103,14 @@ def native_add_rms_norm(x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D:
     out = torch.empty_like(x_TD)
     summed = torch.empty_like(x_TD)
     rows = x_TD.numel() // D
-    row_bytes = D * x_TD.element_size()
-    x, res, w, o, sm = x_TD.data_ptr(), residual_TD.data_ptr(), weight_D.data_ptr(), out.data_ptr(), summed.data_ptr()
-
-    def part(lo: int, hi: int) -> int:
-        at = lo * row_bytes
-        if dtype == torch.float32:
-            lib.ml_add_rms_norm_f32(x + at, res + at, w, o + at, sm + at, hi - lo, D, eps)
-            return 0
-        return lib.ml_rms_norm_bf16(x + at, res + at, w, o + at, sm + at, hi - lo, D, eps)
-
     # Any size (a prefill's too: one pass where torch runs the add and five norm ops, ~7x faster at 8,192 x 64 on one
-    # thread), its rows split over torch's intra-op threads when large (kernels/cpu_parallel.py).
-    if any(run_ranges(part, even_points(rows, threads_for(x_TD.numel())))):
+    # thread), its rows over torch's intra-op threads when large (OpenMP in the C: threads_for).
+    nt = threads_for(x_TD.numel())
+    if dtype == torch.float32:
+        lib.ml_add_rms_norm_f32(x_TD.data_ptr(), residual_TD.data_ptr(), weight_D.data_ptr(), out.data_ptr(),
+                                summed.data_ptr(), rows, D, eps, nt)
+    elif lib.ml_rms_norm_bf16(x_TD.data_ptr(), residual_TD.data_ptr(), weight_D.data_ptr(), out.data_ptr(),
+                              summed.data_ptr(), rows, D, eps, nt):
         raise MemoryError("native add_rms_norm: no memory for its row buffer")
     return out, summed
 
@@ -219,23 +222,14 @@ def native_paged_attention(q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_ca
     sinks = None if sinks_N is None else sinks_N.to(torch.float32).contiguous()
     out_TNH = q_TNH.new_empty(T, N, Hv)
     tables = meta.block_tables_SM
-    args = (q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_cache_BLKH.data_ptr(), v_cache_BLKH.data_ptr())
-    after = (out_TNH.data_ptr(), _ptr(sinks))
-    shape = (T, N, K, H, Hv, L, sliding_window or 0, scale, int(dtype == torch.bfloat16))
-    row_bytes = tables.stride(0) * tables.element_size()
-
-    def seqs(lo: int, hi: int) -> int:  # sequences [lo, hi): their rows of the tables, lengths and query starts
-        return lib.ml_paged_attention(*args, tables.data_ptr() + lo * row_bytes, tables.stride(0), tables.shape[1],
-                                      k_cache_BLKH.shape[0], meta.seq_lens_S.data_ptr() + 4 * lo,
-                                      meta.query_start_loc_S1.data_ptr() + 4 * lo, *after, hi - lo, *shape)
-
-    # Sequences split over torch's intra-op threads when the step is large (kernels/cpu_parallel.py): each row is
-    # computed by the same code in any split. The host lists give each sequence's work without a device read.
-    S = meta.seq_lens_S.numel()
-    costs = [q * s for q, s in zip(meta.query_lens, meta.seq_lens)] if len(meta.seq_lens) == S else None
-    threads = threads_for(sum(costs) * N * (H + Hv)) if costs else 1
-    codes = run_ranges(seqs, split_points(costs, threads) if costs and threads > 1 else [0, S])
-    code = min(codes)  # -2 (an index out of range) before -1 (no memory)
+    # Sequences over torch's intra-op threads when the step is large (OpenMP in the C): each row is computed by the
+    # same code on any thread.
+    nt = threads_for(T * meta.max_seq_len * N * (H + Hv))
+    code = lib.ml_paged_attention(q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_cache_BLKH.data_ptr(),
+                                  v_cache_BLKH.data_ptr(), tables.data_ptr(), tables.stride(0), tables.shape[1],
+                                  k_cache_BLKH.shape[0], meta.seq_lens_S.data_ptr(), meta.query_start_loc_S1.data_ptr(),
+                                  out_TNH.data_ptr(), _ptr(sinks), meta.seq_lens_S.numel(), T, N, K, H, Hv, L,
+                                  sliding_window or 0, scale, int(dtype == torch.bfloat16), nt)
     if code == -2:
         raise IndexError("paged_attention: a sequence's length, its tokens or a block of its table is out of range")
     if code:
@@ -307,17 +301,15 @@ def native_rope_write_kv(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.
     T, N, H = q_TNH.shape
     K, Hv = v_TKH.shape[1], v_TKH.shape[2]
     q_out = torch.empty((T, N, H), dtype=dtype)
-    args = (q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_TKH.data_ptr(), k_TKH.stride(0), k_TKH.stride(1),
-            v_TKH.data_ptr(), v_TKH.stride(0), v_TKH.stride(1), positions_T.data_ptr(), cos_sin_PR.data_ptr(),
-            cos_sin_PR.shape[-1], cos_sin_PR.shape[0], k_cache_BLKH.data_ptr(), v_cache_BLKH.data_ptr(),
-            slot_mapping_T.data_ptr(), k_cache_BLKH.shape[0] * k_cache_BLKH.shape[1], _ptr(q_norm_H), _ptr(k_norm_H),
-            eps, q_out.data_ptr(), T, N, K, H, Hv, int(dtype == torch.bfloat16))
-    # Any size (a prefill chunk too: one pass per row, ~2.6x torch's ops at 8,192 tokens on one thread), its rows
-    # split over torch's intra-op threads when large (kernels/cpu_parallel.py); every call checks every row's position
-    # and slot before writing, so an error writes nothing.
-    threads = threads_for(q_TNH.numel() + k_TKH.numel() + v_TKH.numel())
-    codes = run_ranges(lambda lo, hi: lib.ml_rope_write_kv(*args, lo, hi), even_points(T, threads)) if T else [0]
-    code = min(codes)
+    # Any size (a prefill chunk too: one pass per row, ~2.6x torch's ops at 8,192 tokens on one thread), its rows over
+    # torch's intra-op threads when large (OpenMP in the C), every row's position and slot checked before any write.
+    nt = threads_for(q_TNH.numel() + k_TKH.numel() + v_TKH.numel())
+    code = 0 if T == 0 else lib.ml_rope_write_kv(
+        q_TNH.data_ptr(), q_TNH.stride(0), q_TNH.stride(1), k_TKH.data_ptr(), k_TKH.stride(0), k_TKH.stride(1),
+        v_TKH.data_ptr(), v_TKH.stride(0), v_TKH.stride(1), positions_T.data_ptr(), cos_sin_PR.data_ptr(),
+        cos_sin_PR.shape[-1], cos_sin_PR.shape[0], k_cache_BLKH.data_ptr(), v_cache_BLKH.data_ptr(),
+        slot_mapping_T.data_ptr(), k_cache_BLKH.shape[0] * k_cache_BLKH.shape[1], _ptr(q_norm_H), _ptr(k_norm_H), eps,
+        q_out.data_ptr(), T, N, K, H, Hv, int(dtype == torch.bfloat16), nt)
     if code == -2:
         raise IndexError("rope_write_kv: a position is outside the rotary table or a slot outside the cache")
     if code:

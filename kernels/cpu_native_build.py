@@ -33,14 +33,17 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_ops.c"
-ABI_VERSION = 4  # ml_abi_version() of the source this module's signatures describe
+ABI_VERSION = 5  # ml_abi_version() of the source this module's signatures describe
 BUILD_TIMEOUT_S = 120.0
 # No -ffast-math: cpu_ops.c's sums keep their order (the same result in any batch) and NaN propagates.
 # No contraction into FMAs either: the elementwise ops round as torch's do.
 BASE_FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
+# Tried first; a compiler without OpenMP builds the same source without it (its pragmas ignored: one thread).
+OPENMP_FLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}
+_flags_of: dict[str, tuple[str, ...]] = {}  # the flags each loaded library was built with
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -50,17 +53,18 @@ _F = ctypes.c_float
 SIGNATURES: dict[str, tuple] = {
     "ml_abi_version": (_I64, []),
     "ml_rms_norm_f32": (None, [_P, _P, _P, _I64, _I64, _F]),
-    "ml_add_rms_norm_f32": (None, [_P, _P, _P, _P, _P, _I64, _I64, _F]),
-    "ml_rms_norm_bf16": (_INT, [_P, _P, _P, _P, _P, _I64, _I64, _F]),
+    "ml_add_rms_norm_f32": (None, [_P, _P, _P, _P, _P, _I64, _I64, _F, _INT]),
+    "ml_rms_norm_bf16": (_INT, [_P, _P, _P, _P, _P, _I64, _I64, _F, _INT]),
     "ml_route_greedy": (_INT, [_P, _INT, _P, _P, _I64, _I64, _I64, _INT, _F, _P, _P]),
     "ml_moe_small": (_INT, [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _F,
                             _F]),
     "ml_rope_write_kv": (_INT, [_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64,
-                                _P, _P, _F, _P, _I64, _I64, _I64, _I64, _I64, _INT, _I64, _I64]),
+                                _P, _P, _F, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]),
     "ml_silu_mul": (None, [_P, _I64, _P, _I64, _P, _I64, _I64, _INT]),
     "ml_argmax_rows": (None, [_P, _INT, _P, _I64, _I64]),
+    "ml_team_size": (_INT, [_INT]),
     "ml_paged_attention": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
-                                  _I64, _I64, _I64, _I64, _F, _INT]),
+                                  _I64, _I64, _I64, _I64, _F, _INT, _INT]),
 }
 
 
@@ -159,13 +163,26 @@ def library() -> Optional[ctypes.CDLL]:
             return _loaded[memo_key]
         lib, why = None, None
         try:
-            lib, why = _build_and_load(shlex.split(cc_text), flags)
+            # With OpenMP where the compiler has it (the large steps' rows over torch's intra-op threads: the library
+            # then links libgomp.so.1, the one torch has loaded, so both share one thread pool); else single-threaded.
+            for attempt in ((*flags, *OPENMP_FLAGS), flags):
+                lib, why = _build_and_load(shlex.split(cc_text), attempt)
+                if lib is not None:
+                    _flags_of[memo_key] = attempt
+                    break
         except Exception as exc:  # noqa: BLE001  (anything here leaves the references running, never the engine down)
             why = f"{type(exc).__name__}: {exc}"
         if lib is None:
             logger.warning("native CPU kernels unavailable (%s): the plain-torch references run instead", why)
         _loaded[memo_key] = lib
         return lib
+
+
+def built_flags() -> tuple[str, ...]:
+    """The compiler flags of the library `library()` gives here (OpenMP's among them or not); () when there is none."""
+    lib = library()
+    cc_text = os.environ.get("CC", "cc")
+    return _flags_of.get(f"{cc_text}|{' '.join(BASE_FLAGS + isa_flags())}", ()) if lib is not None else ()
 
 
 def _build_and_load(cc: list[str], flags: tuple[str, ...]) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
@@ -195,4 +212,4 @@ def _build_and_load(cc: list[str], flags: tuple[str, ...]) -> tuple[Optional[cty
         return None, f"{target}: {exc}"
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "cache_dir", "enabled", "isa_flags", "library"]
+__all__ = ["ABI_VERSION", "SOURCE", "built_flags", "cache_dir", "enabled", "isa_flags", "library"]

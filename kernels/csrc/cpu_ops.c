@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef uint16_t bf16_t;
 
@@ -167,9 +170,11 @@ void ml_rms_norm_f32(const float *x, const float *w, float *out, int64_t rows, i
     }
 }
 
-/* The residual add fused: s = x + res (written to sum_out), out = w * s / rms(s), float32 rows. */
+/* The residual add fused: s = x + res (written to sum_out), out = w * s / rms(s), float32 rows, split over nt
+ * threads. */
 void ml_add_rms_norm_f32(const float *x, const float *res, const float *w, float *out, float *sum_out, int64_t rows,
-                         int64_t d, float eps) {
+                         int64_t d, float eps, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (int64_t r = 0; r < rows; r++) {
         float *s = sum_out + r * d;
         for (int64_t i = 0; i < d; i++) s[i] = x[r * d + i] + res[r * d + i];
@@ -180,12 +185,20 @@ void ml_add_rms_norm_f32(const float *x, const float *res, const float *w, float
 }
 
 /* bfloat16 rows: n = bf16(x / rms(x)) in float32, then out = bf16(n * w) (the reference's two roundings). With
- * `res` (not NULL) the row is first s = bf16(x + res), written to sum_out. Returns 0, or -1 when out of memory (nothing written). */
+ * `res` (not NULL) the row is first s = bf16(x + res), written to sum_out. Rows split over nt threads. Returns 0, or -1
+ * when out of memory. */
 int ml_rms_norm_bf16(const bf16_t *x, const bf16_t *res, const bf16_t *w, bf16_t *out, bf16_t *sum_out,
-                     int64_t rows, int64_t d, float eps) {
+                     int64_t rows, int64_t d, float eps, int nt) {
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
     float *scratch = malloc(sizeof(float) * (size_t)d);
-    if (!scratch) return -1;
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
+        if (!scratch) {
+            failed = 1;
+            continue;
+        }
         const bf16_t *xr = x + r * d;
         for (int64_t i = 0; i < d; i++) {
             float v = bf16_to_f32(xr[i]);
@@ -201,7 +214,8 @@ int ml_rms_norm_bf16(const bf16_t *x, const bf16_t *res, const bf16_t *w, bf16_t
         for (int64_t i = 0; i < d; i++) o[i] = f32_to_bf16(round_bf16(scratch[i] * inv) * bf16_to_f32(w[i]));
     }
     free(scratch);
-    return 0;
+    }
+    return failed ? -1 : 0;
 }
 
 /* ---- router: greedy (softmax, top-k, renormalise, scale) ---------------------------------------------------------- */
@@ -503,11 +517,41 @@ static void key_scores(float *restrict sc, int64_t sc_stride, const float *restr
  * Scores, softmax and the value sums in float32; bfloat16 (is_bf16) inputs widened, the output rounded once.
  * num_blocks: the caches' blocks; m_width: the tables' columns; t_rows: q's tokens. Returns 0; -1 when out of memory; -2 when a sequence's
  * length or a block it reads is out of range (checked first: nothing is written). */
+/* One sequence's query rows (the body of ml_paged_attention's loop; buf: that thread's scratch). */
+static void attend_sequence(const void *q, int64_t q_st, int64_t q_sn, const void *kc, const void *vc,
+                            const int32_t *table, int64_t q0, int64_t qlen, int64_t ctx, void *out, const float *sinks,
+                            int64_t n_heads, int64_t kv_heads, int64_t hd, int64_t hdv, int64_t block_size,
+                            int64_t window, float scale, int is_bf16, int64_t max_ctx, float *buf) {
+    int64_t rep = n_heads / kv_heads;
+    float *qf = buf, *acc = qf + rep * hd, *scores = acc + rep * hdv, *kf = scores + rep * max_ctx;
+    for (int64_t i = 0; i < qlen; i++) {
+        int64_t t = q0 + i, p = ctx - qlen + i;
+        int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n_keys = p >= lo ? p - lo + 1 : 0;
+        for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+            for (int64_t r = 0; r < rep; r++) load_row(qf + r * hd, q, t * q_st + (kvh * rep + r) * q_sn, hd, is_bf16);
+            key_scores(scores, max_ctx, qf, rep, kc, table, lo, n_keys, block_size, kv_heads, kvh, hd, is_bf16, scale,
+                       kf);
+            float denom[rep];
+            for (int64_t r = 0; r < rep; r++) {
+                float *sc = scores + r * max_ctx, m = max_or_nan(sc, n_keys, sinks ? sinks[kvh * rep + r] : -INFINITY);
+                float d = sinks ? exp_nonpositive(sinks[kvh * rep + r] - m) : 0.f;
+                denom[r] = d + exp_shift_sum(sc, n_keys, m);
+                weighted_rows(acc + r * hdv, sc, vc, table, lo, n_keys, block_size, kv_heads, kvh, hdv, is_bf16);
+            }
+            for (int64_t r = 0; r < rep; r++) {
+                float inv = n_keys ? 1.0f / denom[r] : 0.f;
+                for (int64_t e = 0; e < hdv; e++) acc[r * hdv + e] *= inv;
+                store_row(out, (t * n_heads + kvh * rep + r) * hdv, acc + r * hdv, hdv, is_bf16);
+            }
+        }
+    }
+}
+
 int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc, const void *vc,
                        const int32_t *block_tables, int64_t m_stride, int64_t m_width, int64_t num_blocks,
                        const int32_t *seq_lens, const int32_t *qsl, void *out, const float *sinks, int64_t num_seqs,
                        int64_t t_rows, int64_t n_heads, int64_t kv_heads, int64_t hd, int64_t hdv, int64_t block_size,
-                       int64_t window, float scale, int is_bf16) {
+                       int64_t window, float scale, int is_bf16, int nt) {
     int64_t rep = n_heads / kv_heads;
     int64_t max_ctx = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
@@ -517,37 +561,26 @@ int ml_paged_attention(const void *q, int64_t q_st, int64_t q_sn, const void *kc
             if (block_tables[s * m_stride + b] < 0 || block_tables[s * m_stride + b] >= num_blocks) return -2;
         max_ctx = ctx > max_ctx ? ctx : max_ctx;
     }
-    /* Per (token, kv head): its rep query heads together, so each key and value row is read once for all of them. */
-    float *buf = malloc(sizeof(float) * (size_t)(rep * (max_ctx + hd + hdv) + hd));
-    if (!buf) return -1;
-    float *qf = buf, *acc = qf + rep * hd, *scores = acc + rep * hdv, *kf = scores + rep * max_ctx;
-    for (int64_t s = 0; s < num_seqs; s++) {
-        int64_t q0 = qsl[s], qlen = qsl[s + 1] - qsl[s], ctx = seq_lens[s];
-        const int32_t *table = block_tables + s * m_stride;
-        for (int64_t i = 0; i < qlen; i++) {
-            int64_t t = q0 + i, p = ctx - qlen + i;
-            int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n_keys = p >= lo ? p - lo + 1 : 0;
-            for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
-                for (int64_t r = 0; r < rep; r++) load_row(qf + r * hd, q, t * q_st + (kvh * rep + r) * q_sn, hd, is_bf16);
-                key_scores(scores, max_ctx, qf, rep, kc, table, lo, n_keys, block_size, kv_heads, kvh, hd, is_bf16,
-                           scale, kf);
-                float denom[rep];
-                for (int64_t r = 0; r < rep; r++) {
-                    float *sc = scores + r * max_ctx, m = max_or_nan(sc, n_keys, sinks ? sinks[kvh * rep + r] : -INFINITY);
-                    float d = sinks ? exp_nonpositive(sinks[kvh * rep + r] - m) : 0.f;
-                    denom[r] = d + exp_shift_sum(sc, n_keys, m);
-                    weighted_rows(acc + r * hdv, sc, vc, table, lo, n_keys, block_size, kv_heads, kvh, hdv, is_bf16);
-                }
-                for (int64_t r = 0; r < rep; r++) {
-                    float inv = n_keys ? 1.0f / denom[r] : 0.f;
-                    for (int64_t e = 0; e < hdv; e++) acc[r * hdv + e] *= inv;
-                    store_row(out, (t * n_heads + kvh * rep + r) * hdv, acc + r * hdv, hdv, is_bf16);
-                }
+    /* Per (token, kv head): its rep query heads together, so each key and value row is read once for all of them.
+     * Sequences split over nt threads (OpenMP: torch's own pool where the library links torch's libgomp), each with
+     * its scratch; a row is computed by the same code on any thread. */
+    size_t scratch = sizeof(float) * (size_t)(rep * (max_ctx + hd + hdv) + hd);
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *buf = malloc(scratch);
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t s = 0; s < num_seqs; s++) {
+            if (!buf) {
+                failed = 1; /* every thread that fails writes the same value */
+                continue;
             }
+            attend_sequence(q, q_st, q_sn, kc, vc, block_tables + s * m_stride, qsl[s], qsl[s + 1] - qsl[s], seq_lens[s],
+                            out, sinks, n_heads, kv_heads, hd, hdv, block_size, window, scale, is_bf16, max_ctx, buf);
         }
+        free(buf);
     }
-    free(buf);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* ---- the GQA attention input: q/k norm, rotary, KV write ---------------------------------------------------------- */
@@ -585,19 +618,25 @@ static void norm_rope_row(float *x, int64_t hd, const void *w, float eps, const 
  * int64 [T]; cos_sin float32 [P, r] (cos in the first r/2 columns); caches [blocks, block_size, K, hd / hdv]
  * addressed by slots int64 [T] (slot < 0: written nowhere); q_norm / k_norm (NULL: no norm) [hd]. Writes the normed,
  * roped k and v into the caches and the normed, roped q into q_out [T, N, hd] (dense). num_positions: the table's
- * rows; num_slots: the caches' slots. Only tokens [row_lo, row_hi) are computed (a thread's share of the rows), every
- * token's position and slot checked. Returns 0; -1 when out of memory; -2 when a position or a slot is out of range
+ * rows; num_slots: the caches' slots. Tokens split over nt threads once every position and slot is checked. Returns 0; -1 when out of memory; -2 when a position or a slot is out of range
  * (checked first: nothing is written). */
 int ml_rope_write_kv(const void *q, int64_t q_st, int64_t q_sn, const void *k, int64_t k_st, int64_t k_sk,
                      const void *v, int64_t v_st, int64_t v_sk, const int64_t *positions, const float *cos_sin,
                      int64_t r, int64_t num_positions, void *kc, void *vc, const int64_t *slots, int64_t num_slots,
                      const void *q_norm, const void *k_norm, float eps, void *q_out, int64_t t_rows, int64_t n_heads,
-                     int64_t kv_heads, int64_t hd, int64_t hdv, int is_bf16, int64_t row_lo, int64_t row_hi) {
+                     int64_t kv_heads, int64_t hd, int64_t hdv, int is_bf16, int nt) {
     for (int64_t t = 0; t < t_rows; t++)
         if (positions[t] < 0 || positions[t] >= num_positions || slots[t] >= num_slots) return -2;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
     float *x = malloc(sizeof(float) * (size_t)(hd > hdv ? hd : hdv));
-    if (!x) return -1;
-    for (int64_t t = row_lo; t < row_hi; t++) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < t_rows; t++) {
+        if (!x) {
+            failed = 1;
+            continue;
+        }
         const float *cs = cos_sin + positions[t] * r;
         for (int64_t n = 0; n < n_heads; n++) {
             load_row(x, q, t * q_st + n * q_sn, hd, is_bf16);
@@ -615,7 +654,8 @@ int ml_rope_write_kv(const void *q, int64_t q_st, int64_t q_sn, const void *k, i
         }
     }
     free(x);
-    return 0;
+    }
+    return failed ? -1 : 0;
 }
 
 /* ---- SiLU-mul and the greedy pick ------------------------------------------------------------------------------ */
@@ -707,4 +747,18 @@ void ml_argmax_rows(const void *x, int is_bf16, int64_t *ids, int64_t rows, int6
 }
 
 /* The ABI this file offers; cpu_native_build.py refuses a library that reports another. */
-int64_t ml_abi_version(void) { return 4; }
+int64_t ml_abi_version(void) { return 5; }
+
+/* The size of a team of nt threads as this build makes it: nt with OpenMP (torch's libgomp pool), 1 without. */
+int ml_team_size(int nt) {
+    int size = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp single
+        size = omp_get_num_threads();
+    }
+#endif
+    (void)nt;
+    return size;
+}

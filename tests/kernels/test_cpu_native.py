@@ -179,20 +179,22 @@ def test_attention_rows_are_their_own_and_long_steps_run_the_reference():
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_attention_split_over_threads_is_the_one_call_bit_for_bit(monkeypatch, threads, native_only):
-    from moelink.kernels import cpu_parallel
-    # Ragged: decode rows and chunks, so the ranges' query starts and table rows are offsets into the batch's.
+def test_attention_over_threads_is_the_one_thread_call_bit_for_bit(monkeypatch, threads, native_only):
+    # Ragged: decode rows and chunks, so threads take sequences of unequal work.
     q, kc, vc, meta = attention_case(torch.float32, [1, 3, 1, 4, 1, 2], [6, 3, 13, 10, 1, 7])
     whole = cn.native_paged_attention(q, kc, vc, meta, 0.3)
-    calls = []
-    run = cpu_parallel.run_ranges
-    monkeypatch.setattr(cn, "run_ranges", lambda call, bounds: calls.append(bounds) or run(call, bounds))
     monkeypatch.setattr(cn, "threads_for", lambda work: threads)
     assert torch.equal(cn.native_paged_attention(q, kc, vc, meta, 0.3), whole)
-    assert len(calls[-1]) == threads + 1  # it did split
-    meta.block_tables_SM[5, 0] = kc.shape[0]  # a block past the cache, in the last range: the one error
+    meta.block_tables_SM[5, 0] = kc.shape[0]  # a block past the cache, in the last sequence: the one error
     with pytest.raises(IndexError, match="out of range"):
         cn.native_paged_attention(q, kc, vc, meta, 0.3)
+
+
+def test_the_library_runs_teams_of_torchs_threads_where_the_compiler_has_openmp():
+    """Built with -fopenmp where the compiler takes it (cc here: gcc), a team of n threads has n."""
+    lib = build.library()
+    assert lib.ml_team_size(1) == 1
+    assert lib.ml_team_size(3) == (3 if "-fopenmp" in build.built_flags() else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -239,14 +241,6 @@ def test_a_mixed_step_runs_its_decode_rows_natively_and_its_prompt_chunks_on_the
         assert torch.equal(got[t[s0]:t[s1]], alone), (s0, s1)
     assert cn._query_runs(query_lens) == [(0, 2), (2, 3), (3, 5), (5, 6)]
     close(got, reference_paged_attention(q, kc, vc, meta, 0.3, sliding_window=7), torch.float32)
-
-
-def test_split_points_balance_contiguous_ranges():
-    from moelink.kernels.cpu_parallel import split_points
-    assert split_points([1, 1, 1, 1], 2) == [0, 2, 4]
-    assert split_points([8, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [0, 1, 9]
-    assert split_points([5], 4) == [0, 1]  # never an empty range
-    assert split_points([1, 2, 3], 1) == [0, 3]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
