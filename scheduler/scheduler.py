@@ -533,5 +533,5 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert not self.kv.get_block_ids(r.request_id) and r.num_computed_tokens == 0
         assert self.kv.num_requests_holding_blocks == len(self.running) + len(holding)
-        assert refs == [pool.ref_count(b) for b in range(pool.num_blocks)], "ref counts != block tables"
+        assert refs == pool.ref_counts(), "ref counts != block tables"
         self.fairness.check(self.requests.values())

@@ -131,7 +131,15 @@ def test_invariant_check_catches_corruption():
     pool = BlockPool(4, 2, True)
     pool.allocate(1)
     pool._ref_cnt[0] = 0  # referenced nowhere yet not in the free queue
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="block 0: ref 0 but in free queue: False"):
+        pool.check_invariants()
+    pool = BlockPool(4, 2, True)
+    pool._ref_cnt[2] = -1
+    with pytest.raises(AssertionError, match="block 2 has ref count -1"):
+        pool.check_invariants()
+    pool = BlockPool(4, 2, True)
+    pool._free[7] = None  # an id past the pool
+    with pytest.raises(AssertionError, match="unknown block ids"):
         pool.check_invariants()
     pool = BlockPool(4, 2, True)
     _cache_seq(pool, [1, 2])
