@@ -57,7 +57,7 @@ SIGNATURES: dict[str, tuple] = {
     "ml_rms_norm_bf16": (_INT, [_P, _P, _P, _P, _P, _I64, _I64, _F, _INT]),
     "ml_route_greedy": (_INT, [_P, _INT, _P, _P, _I64, _I64, _I64, _INT, _F, _P, _P]),
     "ml_moe_small": (_INT, [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT, _F,
-                            _F]),
+                            _F, _INT]),
     "ml_rope_write_kv": (_INT, [_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _P, _P, _P, _I64,
                                 _P, _P, _F, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]),
     "ml_silu_mul": (None, [_P, _I64, _P, _I64, _P, _I64, _I64, _INT]),

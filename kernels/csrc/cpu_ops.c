@@ -321,19 +321,28 @@ static inline float activate(float g, float u, int kind, float alpha, float limi
 int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13, const void *b2,
                   const float *topk_w, const int64_t *ids, const int32_t *map, int64_t num_map, void *out,
                   int64_t t_rows, int64_t k, int64_t d, int64_t inter, int64_t num_local, int is_bf16, int act_kind,
-                 float alpha, float limit) {
+                 float alpha, float limit, int nt) {
     for (int64_t j = 0; j < t_rows * k; j++) { /* ids past the experts (or the map) raise, as the references' indexing */
         int64_t e = ids[j];
         if (e >= (map ? num_map : num_local) || (map && e >= 0 && map[e] >= num_local)) return -2;
     }
+    int failed = 0;
+    /* Tokens split over nt threads (OpenMP: torch's pool), each with its scratch; a token's row is computed by the
+     * same code on any thread. */
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
     float *scratch = malloc(sizeof(float) * (size_t)(3 * inter + 3 * d));
-    if (!scratch) return -1;
     float *h = scratch;             /* [2I] */
     float *a = h + 2 * inter;       /* [I]  */
     float *xf = a + inter;          /* [D]  */
     float *acc = xf + d;            /* [D]  */
     float *ys = acc + d;            /* [D]  */
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < t_rows; t++) {
+        if (!scratch) {
+            failed = 1;
+            continue;
+        }
         for (int64_t i = 0; i < d; i++) {
             xf[i] = is_bf16 ? bf16_to_f32(((const bf16_t *)x)[t * d + i]) : ((const float *)x)[t * d + i];
             acc[i] = 0.f;
@@ -381,7 +390,8 @@ int ml_moe_small(const void *x, const void *w13, const void *w2, const void *b13
         }
     }
     free(scratch);
-    return 0;
+    }
+    return failed ? -1 : 0;
 }
 
 static inline void load_row(float *dst, const void *src, int64_t at, int64_t n, int is_bf16) {

@@ -116,9 +116,22 @@ def test_few_token_experts_match_the_reference(dtype, activation, native_only):
               reference_fused_moe(x, w13, w2, weights, gids, expert_map), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_over_threads_are_the_one_thread_call_bit_for_bit(monkeypatch, dtype, native_only):
+    g = torch.Generator().manual_seed(5)
+    E, D, I, T = 4, 20, 12, 7  # widths off the 8-lane and 4-row blocks
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g).to(dtype), torch.randn(E, D, I, generator=g).to(dtype)
+    x, ids = torch.randn(T, D, generator=g).to(dtype), torch.randint(-1, E, (T, 2), generator=g)
+    weights = torch.rand(T, 2, generator=g)
+    one = cn.native_fused_moe(x, w13, w2, weights, ids)
+    monkeypatch.setattr(cn, "threads_for", lambda work: 3)
+    assert torch.equal(cn.native_fused_moe(x, w13, w2, weights, ids), one)
+
+
 def test_many_pairs_and_float64_experts_run_the_reference():
     E, D, I = 4, 16, 8
-    for dtype, T in [(torch.float32, cn.NATIVE_MOE_MAX_PAIRS), (torch.float64, 2)]:  # T x 2 pairs > the bound
+    # T x 2 pairs > the bound (per intra-op thread)
+    for dtype, T in [(torch.float32, cn.NATIVE_MOE_MAX_PAIRS * torch.get_num_threads()), (torch.float64, 2)]:
         w13, w2 = torch.randn(E, 2 * I, D, dtype=dtype), torch.randn(E, D, I, dtype=dtype)
         x, ids, weights = torch.randn(T, D, dtype=dtype), torch.randint(0, E, (T, 2)), torch.rand(T, 2)
         assert torch.equal(cn.native_fused_moe(x, w13, w2, weights, ids), reference_fused_moe(x, w13, w2, weights, ids))
