@@ -293,11 +293,7 @@ def _gather_context(k_cache_BLKH, v_cache_BLKH, block_table_M, ctx: int, lo: int
 
 
 def _sdpa(q_BNQH, k_BKCH, v_BKCH, mask, scale: float) -> torch.Tensor:
-    # GQA by repeating kv heads: `enable_gqa` is not on every torch we support.
-    rep = q_BNQH.shape[1] // k_BKCH.shape[1]
-    if rep > 1:
-        k_BKCH = k_BKCH.repeat_interleave(rep, dim=1)
-        v_BKCH = v_BKCH.repeat_interleave(rep, dim=1)
+    # GQA in SDPA itself (torch >= 2.5; we need 2.8): no copy of the keys and values per query head.
     if mask is None:
-        return F.scaled_dot_product_attention(q_BNQH, k_BKCH, v_BKCH, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q_BNQH, k_BKCH, v_BKCH, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q_BNQH, k_BKCH, v_BKCH, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q_BNQH, k_BKCH, v_BKCH, attn_mask=mask, scale=scale, enable_gqa=True)
