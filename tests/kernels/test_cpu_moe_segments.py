@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelink.kernels import moe
 from moelink.kernels.moe import SILU, MoEActivation, fused_moe_torch
 
 
@@ -31,7 +32,9 @@ def _loop(x, w13, w2, weights, ids, b13, b2, act, expert_map=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("T,E,K", [(9, 4, 2), (40, 8, 2), (33, 6, 3)])
-def test_segments_are_the_loops_bits(dtype, bias, T, E, K):
+@pytest.mark.parametrize("streamed", [False, True])  # joined by cats (decode sizes) or one segment at a time (prompts)
+def test_segments_are_the_loops_bits(monkeypatch, dtype, bias, T, E, K, streamed):
+    monkeypatch.setattr(moe, "STREAMED_MIN_PAIRS", 0 if streamed else 1 << 40)
     g = torch.Generator().manual_seed(T * E + K)
     D, I = 16, 12
     x = torch.randn(T, D, generator=g, dtype=dtype)
