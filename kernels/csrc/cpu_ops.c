@@ -84,75 +84,49 @@ static inline float dot_f32_bf16(const float *a, const bf16_t *b, int64_t n) {
     return s;
 }
 
-/* y[r] = dot_f32(x, W[r], d) for the `rows` rows of W (float32, row stride d): four rows at a time, x read once for
- * them and their four partial-sum vectors independent (one row's chain of vector adds left each core idle most of
- * its time). Every row's sums are dot_f32's, in its order: y[r] is bit for bit dot_f32's. */
-static void gemv_f32(const float *restrict x, const float *restrict W, int64_t rows, int64_t d, float *restrict y) {
-    int64_t d8 = d - d % 8, r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const float *w0 = W + r * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-        f32x8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t i = 0; i < d8; i += 8) {
-            f32x8 xv = load8(x + i);
-            a0 += xv * load8(w0 + i);
-            a1 += xv * load8(w1 + i);
-            a2 += xv * load8(w2 + i);
-            a3 += xv * load8(w3 + i);
-        }
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-        for (int l = 0; l < 8; l++) {
-            s0 += a0[l];
-            s1 += a1[l];
-            s2 += a2[l];
-            s3 += a3[l];
-        }
-        for (int64_t i = d8; i < d; i++) {
-            s0 += x[i] * w0[i];
-            s1 += x[i] * w1[i];
-            s2 += x[i] * w2[i];
-            s3 += x[i] * w3[i];
-        }
-        y[r] = s0;
-        y[r + 1] = s1;
-        y[r + 2] = s2;
-        y[r + 3] = s3;
+/* y[r] = dot(x, W[r], d) for the `rows` rows of W (row stride d): four rows at a time, x read once for them and their
+ * four partial-sum vectors independent (one row's chain of vector adds left each core idle most of its time). Every
+ * row's sums are the one-row dot's, in its order: y[r] is bit for bit dot_f32's (float32 W) or dot_f32_bf16's
+ * (bfloat16 W). One body for both weight types: WT the element type, LOAD8 its 8-lane widening load, WIDEN its scalar
+ * one, DOT1 the one-row dot for the rows past a multiple of four. */
+#define DEFINE_GEMV(NAME, WT, LOAD8, WIDEN, DOT1)                                                                      \
+    static void NAME(const float *restrict x, const WT *restrict W, int64_t rows, int64_t d, float *restrict y) {      \
+        int64_t d8 = d - d % 8, r = 0;                                                                                 \
+        for (; r + 4 <= rows; r += 4) {                                                                                \
+            const WT *w0 = W + r * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;                                        \
+            f32x8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                                              \
+            for (int64_t i = 0; i < d8; i += 8) {                                                                      \
+                f32x8 xv = load8(x + i);                                                                               \
+                a0 += xv * LOAD8(w0 + i);                                                                              \
+                a1 += xv * LOAD8(w1 + i);                                                                              \
+                a2 += xv * LOAD8(w2 + i);                                                                              \
+                a3 += xv * LOAD8(w3 + i);                                                                              \
+            }                                                                                                          \
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                              \
+            for (int l = 0; l < 8; l++) {                                                                              \
+                s0 += a0[l];                                                                                           \
+                s1 += a1[l];                                                                                           \
+                s2 += a2[l];                                                                                           \
+                s3 += a3[l];                                                                                           \
+            }                                                                                                          \
+            for (int64_t i = d8; i < d; i++) {                                                                         \
+                s0 += x[i] * WIDEN(w0[i]);                                                                             \
+                s1 += x[i] * WIDEN(w1[i]);                                                                             \
+                s2 += x[i] * WIDEN(w2[i]);                                                                             \
+                s3 += x[i] * WIDEN(w3[i]);                                                                             \
+            }                                                                                                          \
+            y[r] = s0;                                                                                                 \
+            y[r + 1] = s1;                                                                                             \
+            y[r + 2] = s2;                                                                                             \
+            y[r + 3] = s3;                                                                                             \
+        }                                                                                                              \
+        for (; r < rows; r++) y[r] = DOT1(x, W + r * d, d);                                                            \
     }
-    for (; r < rows; r++) y[r] = dot_f32(x, W + r * d, d);
-}
 
-/* The same with W in bfloat16 (dot_f32_bf16's sums, bit for bit). */
-static void gemv_bf16(const float *restrict x, const bf16_t *restrict W, int64_t rows, int64_t d, float *restrict y) {
-    int64_t d8 = d - d % 8, r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const bf16_t *w0 = W + r * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-        f32x8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t i = 0; i < d8; i += 8) {
-            f32x8 xv = load8(x + i);
-            a0 += xv * load8_bf16(w0 + i);
-            a1 += xv * load8_bf16(w1 + i);
-            a2 += xv * load8_bf16(w2 + i);
-            a3 += xv * load8_bf16(w3 + i);
-        }
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-        for (int l = 0; l < 8; l++) {
-            s0 += a0[l];
-            s1 += a1[l];
-            s2 += a2[l];
-            s3 += a3[l];
-        }
-        for (int64_t i = d8; i < d; i++) {
-            s0 += x[i] * bf16_to_f32(w0[i]);
-            s1 += x[i] * bf16_to_f32(w1[i]);
-            s2 += x[i] * bf16_to_f32(w2[i]);
-            s3 += x[i] * bf16_to_f32(w3[i]);
-        }
-        y[r] = s0;
-        y[r + 1] = s1;
-        y[r + 2] = s2;
-        y[r + 3] = s3;
-    }
-    for (; r < rows; r++) y[r] = dot_f32_bf16(x, W + r * d, d);
-}
+static inline float f32_as_f32(float v) { return v; }
+
+DEFINE_GEMV(gemv_f32, float, load8, f32_as_f32, dot_f32)
+DEFINE_GEMV(gemv_bf16, bf16_t, load8_bf16, bf16_to_f32, dot_f32_bf16)
 
 static inline float inv_rms(const float *x, int64_t d, float eps) {
     return 1.0f / sqrtf(dot_f32(x, x, d) / (float)d + eps);
