@@ -14,7 +14,8 @@ What each takes (anything else runs the reference, unchanged):
 - at most NATIVE_MAX_ELEMENTS activation values (a prefill's norm runs torch's two-thread kernel), except the residual
   add + norm and the attention input (rope, KV write), which are faster than torch's ops at any size and split their
   rows over torch's intra-op threads when large (OpenMP in the C, `threads_for`);
-- the router's "greedy" method without a bias; the experts with at most NATIVE_MOE_MAX_PAIRS (token, expert) pairs per intra-op thread.
+- the router's "greedy" method without a bias; the experts with at most NATIVE_MOE_MAX_PAIRS (token, expert) pairs
+  per intra-op thread.
 Results match the references up to the order of float32 sums within a row (bfloat16 rounded where torch rounds), and
 a row's result is the same in any batch. The router's picks are the reference's exactly: a call with a tie among a
 row's chosen experts or at the cut (frequent with bfloat16 logits) runs the reference, whose torch.topk orders ties
@@ -150,8 +151,9 @@ def native_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Te
                      activation: MoEActivation = SILU, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     dtype = x_TD.dtype
     lib = _library(lib) if dtype in _FLOATS else None
-    if (lib is None or x_TD.dim() != 2 or topk_ids_TK.numel() > NATIVE_MOE_MAX_PAIRS * torch.get_num_threads() or activation.kind not in
-            _ACTIVATION_KIND or not _plain(x_TD, dtype) or not _plain(w13_EFD, dtype) or not _plain(w2_EDI, dtype)
+    if (lib is None or x_TD.dim() != 2 or topk_ids_TK.numel() > NATIVE_MOE_MAX_PAIRS * torch.get_num_threads()
+            or activation.kind not in _ACTIVATION_KIND or not _plain(x_TD, dtype) or not _plain(w13_EFD, dtype)
+            or not _plain(w2_EDI, dtype)
             or (b13_EF is not None and not _plain(b13_EF, dtype)) or (b2_ED is not None and not _plain(b2_ED, dtype))
             or (expert_map_G is not None and not _plain(expert_map_G, torch.int32))
             or not topk_ids_TK.is_cpu or not topk_weights_TK.is_cpu):
