@@ -314,12 +314,13 @@ def test_abort_request_ends_a_request_by_its_rid(front):
 # -- issue 76 (hardening round 6) ---------------------------------------------------------------------------------
 def _send_raw(port: int, body: bytes, headers: dict | None = None, method: bytes = b"POST",
               path: bytes = b"/generate"):
-    """A connection that sent one request (the key, `headers`), for a test to read from or to hang up."""
+    """A connection that sent one request (the key, `headers`), for a test to read from or to hang up. It asks
+    `connection: close`: a test reads its answer to the end of the connection (the front keeps one otherwise)."""
     import socket
 
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     head = [method + b" " + path + b" HTTP/1.1", b"host: x", b"authorization: Bearer " + KEY.encode(),
-            b"content-type: application/json", b"content-length: " + str(len(body)).encode()]
+            b"content-type: application/json", b"content-length: " + str(len(body)).encode(), b"connection: close"]
     head += [k.encode() + b": " + v.encode() for k, v in (headers or {}).items()]
     sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
     return sock

@@ -90,7 +90,7 @@ def test_the_front_answers_400_naming_the_deep_field():
             def post():
                 s = socket.create_connection(("127.0.0.1", front.port))
                 s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\n\r\n" % len(body) + body)
+                          b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
                 s.settimeout(30)
                 data = b""
                 while chunk := s.recv(65536):

@@ -5,11 +5,12 @@ structured-output fields among them, so `"guided_choice": ["left", "right"]` cam
 HTTP 200. The front reads each chat or completions request, lets openai_fields.rewrite carry those fields in
 the ones smg forwards (or answers 400 naming the field), and relays everything else byte for byte.
 
-How: one request per connection. The request is read whole (h11: Content-Length or chunked, bounded by
-MAX_BODY_BYTES), sent to smg on loopback with `connection: close`, and smg's answer is copied back as it comes
-(streams included) until smg closes (relay.py: the relay, and the rewriting of smg's errors into vLLM's shape on
-the way back); the response head gets `connection: close` too, so the client knows to open a new connection for
-its next request.
+How: a client's connection carries its requests in turn (HTTP/1.1 keep-alive, as vLLM's uvicorn serves them:
+http_wire.KeptConnection; an idle one is closed after 5 s or VLLM_HTTP_TIMEOUT_KEEP_ALIVE). Each request is read whole (h11: Content-Length
+or chunked, bounded by MAX_BODY_BYTES) and answered here (the routes below) or relayed: sent to smg on loopback with
+`connection: close`, and smg's answer copied back as it comes (streams included) until smg closes (relay.py: the
+relay, and the rewriting of smg's errors into vLLM's shape on the way back); a relayed answer's head gets
+`connection: close` too, so the client opens a new connection for its next request.
 
 The API key (`--api-key`): the front asks it (`Authorization: Bearer KEY`, as smg and vLLM do) of every path
 under /v1 (and /v1beta) itself, before a field is looked at, as vLLM guards all of /v1: smg (1.13) asked it of
@@ -51,8 +52,8 @@ from typing import Awaitable, Callable, Optional
 import h11
 
 from ..client_identity import CLIENT_ID_HEADER, http_client
-from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, answer_watched, error_body,
-                        header_of, read_request, write_answer)
+from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, KeptConnection, answer_watched,
+                        error_body, header_of, keep_alive_s, read_request, write_answer)
 from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
 from .json_body import INLINE_BODY_BYTES
 from .openai_fields import ADAPTER_PATHS, CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
@@ -123,6 +124,7 @@ class HttpFront:
         self.relay = SmgRelay(upstream_port, not_serving, on_hangup, local)
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
+        self.keep_alive_s = keep_alive_s()  # a bad VLLM_HTTP_TIMEOUT_KEEP_ALIVE is refused here, at the start
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host.strip("[]"), self.port, limit=MAX_HEAD_BYTES)
@@ -137,31 +139,49 @@ class HttpFront:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client connection: its requests answered in turn while both sides keep it (HTTP/1.1 keep-alive,
+        http_wire.KeptConnection), the wait for each next one at most `keep_alive_s`."""
         task = asyncio.current_task()
         self._connections.add(task)
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        head = False
+        conn = KeptConnection(max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
-            got = await read_request(conn, reader, writer, self._body_limit, MAX_BODY_BYTES)
-            if got is not None:
-                request, body = got
-                head = request.method == b"HEAD"
-                await self._route(conn, request, body, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
-            pass  # the client went away or spoke no HTTP: nothing to answer
-        except Exception:
-            # A bug of the front's own: logged once, and the client gets a 500 rather than a dropped connection
-            # (as uvicorn and nginx answer a handler's failure), unless its answer had already begun.
-            logger.exception("the OpenAI front failed answering a request")
-            if conn.our_state is h11.SEND_RESPONSE:
-                with contextlib.suppress(Exception):
-                    await write_answer(conn, writer, 500, error_body("internal error of the HTTP front.", None, 500),
-                                       head_only=head)
+            idle_s: Optional[float] = None  # the first request is waited for as long as the client takes
+            while await self._one(conn, reader, writer, idle_s):
+                conn.start_next_cycle()
+                idle_s = self.keep_alive_s
         finally:
             self._connections.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _one(self, conn: KeptConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   idle_s: Optional[float]) -> bool:
+        """Read and answer one request of the connection; whether it may carry another: both sides done with this
+        one through h11 (a relayed answer is copied as smg wrote it, and says `connection: close`), neither closing,
+        the front not stopping."""
+        head = False
+        try:
+            got = await read_request(conn, reader, writer, self._body_limit, MAX_BODY_BYTES, idle_s)
+            if got is None:
+                return False
+            request, body = got
+            head = request.method == b"HEAD"
+            conn.closing = self._server is None or not self._server.is_serving()
+            await self._route(conn, request, body, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
+            return False  # the client went away or spoke no HTTP: nothing to answer
+        except Exception:
+            # A bug of the front's own: logged once, and the client gets a 500 rather than a dropped connection
+            # (as uvicorn and nginx answer a handler's failure), unless its answer had already begun.
+            logger.exception("the OpenAI front failed answering a request")
+            if conn.our_state is h11.SEND_RESPONSE:
+                conn.closing = True
+                with contextlib.suppress(Exception):
+                    await write_answer(conn, writer, 500, error_body("internal error of the HTTP front.", None, 500),
+                                       head_only=head)
+            return False
+        return conn.our_state is h11.DONE and conn.their_state is h11.DONE and not conn.closing
 
     async def _route(self, conn, request: h11.Request, body: bytes, reader, writer) -> None:
         """Answer one whole request: here, from the engine (`local`), or relayed to smg."""

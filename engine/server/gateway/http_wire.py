@@ -5,12 +5,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from http import HTTPStatus
 from typing import Callable, Optional
 
 import h11
 
 READ_CHUNK = 64 << 10
+# How long a kept connection (HTTP/1.1 keep-alive) waits for its next request before the front closes it: vLLM's
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE (its uvicorn's timeout_keep_alive), read the same way (keep_alive_s).
+KEEP_ALIVE_S = 5.0
+KEEP_ALIVE_ENV = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"
+# The most bytes of a next request a client may send on a kept connection while its answer is being written (HTTP
+# pipelining): past it the hang-up watch stops reading, and the rest waits in the socket for the next cycle.
+MAX_PIPELINED_BYTES = 64 << 10
+
+
+class KeptConnection(h11.Connection):
+    """The server side of one client connection that may carry several requests in turn (HTTP/1.1 keep-alive, as
+    vLLM's uvicorn and smg serve them). Why: a client's connection pool (the OpenAI SDK's httpx, `vllm bench serve`'s
+    aiohttp) sends each request on a connection it already has; closing after every answer made each request pay a
+    TCP connect and the front an accept, on the token's path. An answer says `connection: close` only when the
+    connection ends after it (`closing`: a body refused unread, the front stopping) or the client asked so (h11
+    adds the header then). A plain h11.Connection is answered as before: one request, `connection: close`."""
+
+    def __init__(self, max_incomplete_event_size: int):
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+        self.closing = False
+
+
+def keep_alive_s() -> float:
+    """The idle wait of a kept connection: VLLM_HTTP_TIMEOUT_KEEP_ALIVE seconds when set (as vLLM reads it), else
+    KEEP_ALIVE_S; anything but a positive number refused naming the variable."""
+    given = os.environ.get(KEEP_ALIVE_ENV)
+    if given is None or not given.strip():
+        return KEEP_ALIVE_S
+    try:
+        value = float(given)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{KEEP_ALIVE_ENV}={given!r}: give the seconds an idle HTTP connection is kept, a positive "
+                         f"number (vLLM's default: 5).")
+    return value
+
+
+def _closes(conn: h11.Connection) -> list[tuple[bytes, bytes]]:
+    """The `connection: close` header of an answer after which `conn` ends, else none (KeptConnection)."""
+    return [] if isinstance(conn, KeptConnection) and not conn.closing else [(b"connection", b"close")]
 
 
 class Upstream:
@@ -46,6 +88,22 @@ async def until_eof(reader: asyncio.StreamReader) -> None:
     connection closes after one answer, which says so."""
     while await reader.read(READ_CHUNK):
         pass
+
+
+async def until_hangup(conn: h11.Connection, reader: asyncio.StreamReader) -> None:
+    """Returns when the client closes its end while its answer is written. On a KeptConnection the bytes it sends
+    meanwhile (its next request, pipelined) are kept in h11's buffer for the next cycle; past MAX_PIPELINED_BYTES
+    the watch stops reading (the rest stays in the socket) and only the answer's end ends it. On a plain one they
+    are dropped (until_eof): that connection closes after the answer."""
+    if not isinstance(conn, KeptConnection):
+        await until_eof(reader)
+        return
+    held = 0
+    while data := await reader.read(READ_CHUNK):
+        conn.receive_data(data)
+        held += len(data)
+        if held > MAX_PIPELINED_BYTES:
+            await asyncio.Event().wait()  # cancelled when the answer ends (answer_watched)
 
 
 def closing_head(head: bytes) -> bytes:
@@ -95,17 +153,24 @@ LINGER_S = 1.0
 
 
 async def read_request(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       body_limit: Callable[[h11.Request], int], max_body: int
+                       body_limit: Callable[[h11.Request], int], max_body: int, idle_s: Optional[float] = None
                        ) -> Optional[tuple[h11.Request, bytes]]:
-    """One whole request (its head and body), or None when the client left first or its body was too large (then
-    answered 413). `body_limit(request)`: the most body bytes read for it, at most `max_body` (the front's cap)."""
+    """One whole request (its head and body), or None when the client left first, sent nothing for `idle_s` seconds
+    (a kept connection between requests: KEEP_ALIVE_S), or its body was too large (then answered 413).
+    `body_limit(request)`: the most body bytes read for it, at most `max_body` (the front's cap)."""
     request, body, most = None, bytearray(), max_body
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if conn.they_are_waiting_for_100_continue:
                 writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            data = await reader.read(READ_CHUNK)
+            if idle_s is not None and request is None and not conn.trailing_data[0]:
+                try:  # a kept connection with no request under way: closed when idle too long
+                    data = await asyncio.wait_for(reader.read(READ_CHUNK), idle_s)
+                except asyncio.TimeoutError:
+                    return None
+            else:
+                data = await reader.read(READ_CHUNK)
             conn.receive_data(data)
             if not data and request is None:
                 return None
@@ -133,6 +198,8 @@ async def _too_large(conn: h11.Connection, reader: asyncio.StreamReader, writer:
     """413 naming the limit (the flag when it is a route's own), then what the client still sends is dropped for at
     most LINGER_S."""
     flag = " (--max-http-body-bytes)" if route_bound else ""
+    if isinstance(conn, KeptConnection):
+        conn.closing = True  # the body stays unread: this connection cannot carry another request
     await write_answer(conn, writer, 413, error_body(f"the request body is over {most} bytes{flag}.", None, 413),
                        head_only=head)
     with contextlib.suppress(Exception):
@@ -146,7 +213,7 @@ async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, statu
     HEAD answered with a body dropped the connection with a traceback: issue 76 item 12). `content_type` None: no
     such header (an empty answer, as vLLM's /health)."""
     headers = ([(b"content-type", content_type)] if content_type is not None else []) + [
-        (b"content-length", str(len(body)).encode()), (b"connection", b"close"), *extra]
+        (b"content-length", str(len(body)).encode()), *_closes(conn), *extra]
     data = conn.send(h11.Response(status_code=status, headers=headers))
     if not head_only:
         data += conn.send(h11.Data(data=body))
@@ -159,7 +226,7 @@ async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, rea
     """Write the answer the coroutine `answering` gives, (status, body) or a generate_route.Streamed (its chunks
     sent as they come, chunked), while the client is watched: one that closes its end first cancels the answer,
     which ends the request in the engine (its stream is closed). `head_only`: a HEAD request's (write_answer)."""
-    gone = asyncio.ensure_future(until_eof(reader))
+    gone = asyncio.ensure_future(until_hangup(conn, reader))
     work = asyncio.ensure_future(_write_answer(conn, writer, answering, head_only))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -183,12 +250,15 @@ async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answ
 
 
 async def _write_stream(conn: h11.Connection, writer: asyncio.StreamWriter, got) -> None:
-    # Streamed: no content-length, so h11 frames the body with chunked transfer coding.
+    # Streamed: no content-length, so h11 frames the body with chunked transfer coding. The head goes out with the
+    # first chunk, in one write (one packet, one wake-up of the client: its first token sooner); the routes hand a
+    # Streamed over once the first output is in hand, so that chunk follows at once.
     head = h11.Response(status_code=200, headers=[(b"content-type", got.content_type), (b"cache-control", b"no-cache"),
-                                                  (b"connection", b"close")])
-    writer.write(conn.send(head))
+                                                  *_closes(conn)])
+    pending = conn.send(head)
     async for chunk in got.chunks:
-        writer.write(conn.send(h11.Data(data=chunk)))
+        writer.write(pending + conn.send(h11.Data(data=chunk)))
+        pending = b""
         await writer.drain()
-    writer.write(conn.send(h11.EndOfMessage()))
+    writer.write(pending + conn.send(h11.EndOfMessage()))
     await writer.drain()

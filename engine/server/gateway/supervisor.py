@@ -31,6 +31,7 @@ from typing import Optional
 
 from .admin import _KEY_ENV, WorkerCheck, new_admin_key, with_secrets  # noqa: F401 (_KEY_ENV: tests)
 from .options import alias_args
+from .http_wire import keep_alive_s
 from .output import TAIL_LINES, keep_tail, smg_refusal
 from .quirks import relay_request_id_args, start_crashed, tokenizer_ready
 from .hangups import RELAY_HEADER
@@ -74,11 +75,15 @@ def check_http_port(host: str, port: int) -> None:
 
 
 def check_can_start(http_host: str, http_port: int) -> None:
-    """GatewayError unless the managed gateway can start on `http_host:http_port`: smg is installed and the port is
-    free. Said before any weights load."""
+    """GatewayError unless the managed gateway can start on `http_host:http_port`: smg is installed, the port is
+    free and the front's keep-alive setting is good (http_wire.keep_alive_s). Said before any weights load."""
     if smg_executable() is None:
         raise GatewayError(INSTALL_HINT)
     check_http_port(http_host, http_port)
+    try:
+        keep_alive_s()
+    except ValueError as e:
+        raise GatewayError(str(e)) from None
 
 
 def smg_executable() -> Optional[str]:
