@@ -115,3 +115,20 @@ def test_the_front_answers_400_naming_the_deep_field():
         assert err["param"] == param, err
         assert err["message"].startswith(f"{param}") and f"it nests {depth} levels of arrays and objects, at most " \
             f"128 are allowed" in err["message"], err
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1])
+def test_the_fronts_depth_check_holds_at_the_limit_whatever_its_bracket_count_shortcut(depth):
+    """refuse_too_deep lets a body through by its bracket count alone when it opens at most MAX_JSON_DEPTH brackets
+    (it cannot nest deeper): the limit itself still holds, one past it is refused naming the field, and a body
+    with many brackets but shallow is measured and let through."""
+    from moelink.engine.server.gateway.openai_fields import refuse_too_deep
+
+    body = ('{"messages": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}").encode()
+    if depth > MAX_JSON_DEPTH:
+        with pytest.raises(HttpFieldError) as e:
+            refuse_too_deep(body)
+        assert e.value.field == "messages"
+    else:
+        refuse_too_deep(body)
+    refuse_too_deep(json.dumps({"prompt": [[1, 2]] * (4 * MAX_JSON_DEPTH)}).encode())  # wide, not deep
