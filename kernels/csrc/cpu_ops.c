@@ -477,16 +477,69 @@ static void weighted_rows(float *restrict acc, const float *restrict w, const vo
     }
 }
 
+/* weighted_rows for two query rows of one kv head at once (w0, w1 their weights): one walk over the keys, each value
+ * slice read once for both rows, their four accumulators in registers. Each row's sums are weighted_rows' for it, in
+ * the same order (bit for bit): only the walk is shared (a GQA head group read every value row once per query row). */
+static void weighted_rows2(float *restrict acc0, float *restrict acc1, const float *restrict w0,
+                           const float *restrict w1, const void *vc, const int32_t *table, int64_t lo, int64_t n,
+                           int64_t block_size, int64_t kv_heads, int64_t kvh, int64_t hdv, int is_bf16) {
+    if (hdv % 16) { /* a slice narrower than 16: each row's own walk */
+        weighted_rows(acc0, w0, vc, table, lo, n, block_size, kv_heads, kvh, hdv, is_bf16);
+        weighted_rows(acc1, w1, vc, table, lo, n, block_size, kv_heads, kvh, hdv, is_bf16);
+        return;
+    }
+    for (int64_t e0 = 0; e0 < hdv; e0 += 16) {
+        f32x8 a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
+        int64_t blk = lo / block_size, off = lo % block_size;
+        for (int64_t j = 0; j < n; j++, next_slot(&blk, &off, block_size)) {
+            int64_t at = (((int64_t)table[blk] * block_size + off) * kv_heads + kvh) * hdv + e0;
+            f32x8 v0, v1;
+            if (is_bf16) {
+                v0 = load8_bf16((const bf16_t *)vc + at);
+                v1 = load8_bf16((const bf16_t *)vc + at + 8);
+            } else {
+                v0 = load8((const float *)vc + at);
+                v1 = load8((const float *)vc + at + 8);
+            }
+            a0 += w0[j] * v0;
+            a1 += w0[j] * v1;
+            b0 += w1[j] * v0;
+            b1 += w1[j] * v1;
+        }
+        memcpy(acc0 + e0, &a0, sizeof a0);
+        memcpy(acc0 + e0 + 8, &a1, sizeof a1);
+        memcpy(acc1 + e0, &b0, sizeof b0);
+        memcpy(acc1 + e0 + 8, &b1, sizeof b1);
+    }
+}
+
+/* Ask for the cache lines of bytes [p, p + n) (a hint: nothing is read or faults). */
+static inline void prefetch_bytes(const char *p, size_t n) {
+    for (size_t b = 0; b < n; b += 64) __builtin_prefetch(p + b);
+}
+
 /* sc[r * sc_stride + j] = (q_r . k_j) * scale for the rep query rows q (rep x hd, float32) and keys lo .. lo + n - 1
  * of kv head kvh, walked block by block through `table` (no division per key). kf: room for one key row (a bfloat16
  * cache's row widened). (Eight keys' partial sums transposed and added lane by lane, to share the horizontal sums,
  * measured slower here: the transposition costs what it saves.) */
 static void key_scores(float *restrict sc, int64_t sc_stride, const float *restrict q, int64_t rep, const void *kc,
-                       const int32_t *table, int64_t lo, int64_t n, int64_t block_size, int64_t kv_heads, int64_t kvh,
-                       int64_t hd, int is_bf16, float scale, float *restrict kf) {
+                       const void *vc, const int32_t *table, int64_t lo, int64_t n, int64_t block_size,
+                       int64_t kv_heads, int64_t kvh, int64_t hd, int64_t hdv, int is_bf16, float scale,
+                       float *restrict kf) {
     int64_t blk = lo / block_size, off = lo % block_size;
+    size_t esize = is_bf16 ? 2 : 4, k_bytes = (size_t)hd * esize, v_bytes = (size_t)hdv * esize;
     for (int64_t j = 0; j < n; j++, next_slot(&blk, &off, block_size)) {
-        const float *k = cache_row(kc, ((int64_t)table[blk] * block_size + off) * kv_heads + kvh, hd, is_bf16, kf);
+        int64_t row = ((int64_t)table[blk] * block_size + off) * kv_heads + kvh;
+        /* A decode step reads a cache far larger than the CPU's: its rows come from DRAM, and a block's jump to the
+         * next (anywhere in the cache) is one the CPU's own prefetcher cannot follow. So each key's value row is asked
+         * for now, for weighted_rows' walk that follows, and, entering a block, the next block's key rows. */
+        prefetch_bytes((const char *)vc + (size_t)row * v_bytes, v_bytes);
+        if ((off == 0 || j == 0) && j + (block_size - off) < n) {
+            int64_t next = (int64_t)table[blk + 1] * block_size * kv_heads + kvh;
+            for (int64_t o = 0; o < block_size; o++)
+                prefetch_bytes((const char *)kc + (size_t)(next + o * kv_heads) * k_bytes, k_bytes);
+        }
+        const float *k = cache_row(kc, row, hd, is_bf16, kf);
         for (int64_t r = 0; r < rep; r++) sc[r * sc_stride + j] = dot_f32(q + r * hd, k, hd) * scale;
     }
 }
@@ -513,15 +566,21 @@ static void attend_sequence(const void *q, int64_t q_st, int64_t q_sn, const voi
         int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, n_keys = p >= lo ? p - lo + 1 : 0;
         for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
             for (int64_t r = 0; r < rep; r++) load_row(qf + r * hd, q, t * q_st + (kvh * rep + r) * q_sn, hd, is_bf16);
-            key_scores(scores, max_ctx, qf, rep, kc, table, lo, n_keys, block_size, kv_heads, kvh, hd, is_bf16, scale,
-                       kf);
+            key_scores(scores, max_ctx, qf, rep, kc, vc, table, lo, n_keys, block_size, kv_heads, kvh, hd, hdv, is_bf16,
+                       scale, kf);
             float denom[rep];
             for (int64_t r = 0; r < rep; r++) {
                 float *sc = scores + r * max_ctx, m = max_or_nan(sc, n_keys, sinks ? sinks[kvh * rep + r] : -INFINITY);
                 float d = sinks ? exp_nonpositive(sinks[kvh * rep + r] - m) : 0.f;
                 denom[r] = d + exp_shift_sum(sc, n_keys, m);
-                weighted_rows(acc + r * hdv, sc, vc, table, lo, n_keys, block_size, kv_heads, kvh, hdv, is_bf16);
             }
+            int64_t r = 0;
+            for (; r + 2 <= rep; r += 2) /* the head group's rows two at a time: one value walk for both */
+                weighted_rows2(acc + r * hdv, acc + (r + 1) * hdv, scores + r * max_ctx, scores + (r + 1) * max_ctx, vc,
+                               table, lo, n_keys, block_size, kv_heads, kvh, hdv, is_bf16);
+            if (r < rep)
+                weighted_rows(acc + r * hdv, scores + r * max_ctx, vc, table, lo, n_keys, block_size, kv_heads, kvh,
+                              hdv, is_bf16);
             for (int64_t r = 0; r < rep; r++) {
                 float inv = n_keys ? 1.0f / denom[r] : 0.f;
                 for (int64_t e = 0; e < hdv; e++) acc[r * hdv + e] *= inv;

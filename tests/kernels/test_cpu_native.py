@@ -169,7 +169,9 @@ def attention_case(dtype, query_lens, ctxs, num_heads=4, kv_heads=2, head_dim=16
 @pytest.mark.parametrize("sinks", [False, True])
 def test_paged_attention_matches_the_reference(dtype, window, sinks, native_only):
     for query_lens, ctxs, heads in [([1, 1, 1], [5, 9, 1], (4, 2, 16, 16)), ([1, 3, 1, 4], [6, 3, 13, 10], (4, 2, 16, 16)),
-                                    ([2], [2], (8, 1, 16, 8))]:
+                                    ([2], [2], (8, 1, 16, 8)),
+                                    # three query heads a kv head (rows two at a time, then one), values 32 wide
+                                    ([1, 1], [9, 17], (6, 2, 16, 32))]:
         N, K, H, Hv = heads
         q, kc, vc, meta = attention_case(dtype, query_lens, ctxs, N, K, H, Hv)
         sinks_N = torch.randn(N, generator=torch.Generator().manual_seed(N)) if sinks else None
