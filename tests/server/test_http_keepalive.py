@@ -152,8 +152,8 @@ def test_a_pipelined_request_is_answered_after_the_stream_before_it():
 
 
 def test_the_connection_closes_when_the_client_asks_when_idle_and_after_a_relayed_answer(monkeypatch):
-    """`connection: close` from the client, an idle kept connection after VLLM_HTTP_TIMEOUT_KEEP_ALIVE, and a relayed answer (smg's
-    bytes copied, which say `connection: close`) each end the connection: the client reads EOF."""
+    """`connection: close` from the client, an idle kept connection after VLLM_HTTP_TIMEOUT_KEEP_ALIVE, and a relayed
+    answer (smg's bytes copied, which say `connection: close`) each end the connection: the client reads EOF."""
     def client(port):
         out = {}
         for name, req in (("asked", _request(b"/version", extra=b"connection: close\r\n")),

@@ -6,11 +6,11 @@ HTTP 200. The front reads each chat or completions request, lets openai_fields.r
 the ones smg forwards (or answers 400 naming the field), and relays everything else byte for byte.
 
 How: a client's connection carries its requests in turn (HTTP/1.1 keep-alive, as vLLM's uvicorn serves them:
-http_wire.KeptConnection; an idle one is closed after 5 s or VLLM_HTTP_TIMEOUT_KEEP_ALIVE). Each request is read whole (h11: Content-Length
-or chunked, bounded by MAX_BODY_BYTES) and answered here (the routes below) or relayed: sent to smg on loopback with
-`connection: close`, and smg's answer copied back as it comes (streams included) until smg closes (relay.py: the
-relay, and the rewriting of smg's errors into vLLM's shape on the way back); a relayed answer's head gets
-`connection: close` too, so the client opens a new connection for its next request.
+http_wire.KeptConnection; an idle one is closed after 5 s or VLLM_HTTP_TIMEOUT_KEEP_ALIVE). Each request is read
+whole (h11: Content-Length or chunked, bounded by MAX_BODY_BYTES) and answered here (the routes below) or relayed:
+sent to smg on loopback with `connection: close`, and smg's answer copied back as it comes (streams included) until
+smg closes (relay.py: the relay, and the rewriting of smg's errors into vLLM's shape on the way back); a relayed
+answer's head gets `connection: close` too, so the client opens a new connection for its next request.
 
 The API key (`--api-key`): the front asks it (`Authorization: Bearer KEY`, as smg and vLLM do) of every path
 under /v1 (and /v1beta) itself, before a field is looked at, as vLLM guards all of /v1: smg (1.13) asked it of
