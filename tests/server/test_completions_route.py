@@ -156,12 +156,48 @@ def test_an_error_in_a_stream_that_has_begun_is_vllms_error_event_then_done(erro
     async def collect():
         return [chunk async for chunk in sse_events(_events(req, ans, runs), runs)]
 
-    chunks = asyncio.run(collect())
-    assert chunks[0].startswith(b"data: {") and json.loads(chunks[0][6:])["choices"][0]["text"] == "c"
-    assert chunks[-1] == b"data: [DONE]\n\n" and runs.closed
-    err = json.loads(chunks[-2][6:])["error"]
+    events = [e for e in b"".join(asyncio.run(collect())).split(b"\n\n") if e]  # as the client reads the bytes
+    assert events[0].startswith(b"data: {") and json.loads(events[0][6:])["choices"][0]["text"] == "c"
+    assert events[-1] == b"data: [DONE]" and runs.closed
+    err = json.loads(events[-2][6:])["error"]
     assert (err["code"], err["param"]) == (status, None) and err["message"]
     assert err["type"] == ("InternalServerError" if status == 500 else "BadRequestError")
+
+
+@pytest.mark.parametrize("one_choice", [False, True])
+def test_a_one_choice_streams_last_event_leaves_with_its_usage_and_done_in_one_chunk(one_choice):
+    """sse_events with one choice (one prompt, n 1) holds the event that finishes it and sends it, the usage event and
+    [DONE] as one chunk (one write, one send at the stream's end); the events before it go one chunk each, as they
+    come. The bytes are the same either way."""
+    import asyncio
+
+    from moelink.engine.server.gateway.completions_route import sse_events
+
+    events = [{"choices": [{"text": "a", "finish_reason": None}]}, {"choices": [{"text": "b", "finish_reason": None}]},
+              {"choices": [{"text": "c", "finish_reason": "length"}]}, {"choices": [], "usage": {"total_tokens": 3}}]
+
+    async def given():
+        for e in events:
+            yield e
+
+    class _Runs:
+        closed = False
+
+        async def aclose(self):
+            self.closed = True
+
+    runs = _Runs()
+
+    async def collect():
+        return [chunk async for chunk in sse_events(given(), runs, one_choice=one_choice)]
+
+    chunks = asyncio.run(collect())
+    framed = [b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events]
+    assert b"".join(chunks) == b"".join(framed) + b"data: [DONE]\n\n" and runs.closed
+    if one_choice:
+        assert chunks == framed[:2] + [framed[2] + framed[3] + b"data: [DONE]\n\n"]
+    else:
+        assert chunks == framed + [b"data: [DONE]\n\n"]
 
 
 def test_fields_left_out_take_the_checkpoints_generation_config():

@@ -76,7 +76,7 @@ class ChatRoute(CompletionsRoute):
         as_ids = self.tokens_as_ids if req.tokens_as_ids is None else req.tokens_as_ids
         answer = ChatAnswer(req, lora or self.s.served_model_name, int(time.time()), self._decode_one, as_ids)
         if req.stream:
-            return Streamed(sse_events(_events(req, answer, runs), runs), runs.aclose)
+            return Streamed(sse_events(_events(req, answer, runs), runs, one_choice=req.n == 1), runs.aclose)
         return await whole_answer(runs, lambda _, sample, out: answer.add(sample, out), answer.body)
 
 
