@@ -180,6 +180,10 @@ class Fp8BlockExperts:
         # A TritonKernels without the FP8 MoE kernel yet runs the reference (correct, slower).
         fused_moe_fp8 = getattr(kernels, "fused_moe_fp8", reference_fused_moe_fp8)
         act = {} if layer.activation == SILU else {"activation": layer.activation}  # plain SiLU: the call as before
+        handoff = getattr(layer, "fp8_input", None)  # x quantized by the norm before (moe/fp8_input.py)
+        x_fp8 = handoff.take(x_ND) if handoff is not None else None
+        if x_fp8 is not None:
+            act["x_fp8"] = x_fp8
         return fused_moe_fp8(x_ND, layer.w13_EFD, layer.w13_scale_inv_EFD, layer.w2_EDI, layer.w2_scale_inv_EDI,
                              weights_NK, ids_NK, block=self.block, **act)
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from moelink.comm.a2a_base import AllToAll
 from moelink.kernels.moe import SILU, MoEActivation
 
-from .expert_weights import ExpertFormat, FloatExperts
+from .expert_weights import ExpertFormat, FloatExperts, Fp8BlockExperts
+from .fp8_input import Fp8Input
 from .placement import ExpertPlacement, PlacementTables
 from . import routing_replay
 from .router import Router
@@ -165,6 +166,12 @@ class MoELayer(nn.Module):
         # bool [T], set only while a padded decode graph runs (engine/rank/cuda_graph.py): padding rows route to
         # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
         self.valid_rows_T: torch.Tensor | None = None
+        # FP8 experts whose x the norm before them quantizes (moe/fp8_input.py): the Triton kernels on CUDA, where
+        # that saves the experts' quantization launch; None elsewhere (the references quantize x as before).
+        # (The norm's Triton tile holds whole groups: hidden sizes below one group, test models', keep the old way.)
+        fp8_norm = (isinstance(self.expert_format, Fp8BlockExperts) and getattr(kernels, "name", "") == "triton"
+                    and hidden_size >= self.expert_format.block[1])
+        self.fp8_input = Fp8Input(self.expert_format.block[1]) if fp8_norm else None
         # Rollout routing replay (moe/routing_capture.py): where this layer writes its routed ids; None: off.
         self.routing_capture = None
         # Its other half (moe/routing_replay.py): the step's given ids this layer uses instead of its router's.
@@ -216,6 +223,16 @@ class MoELayer(nn.Module):
             out_TD = yield from self._forward_ep(x_TD, weights_TK,
                                                  ids_TK if identity_T1 is None else self._ep_ids(ids_TK))
         return out_TD if identity_T1 is None else out_TD + x_TD * identity_T1.to(x_TD.dtype)
+
+    def fp8_input_for(self, num_tokens: int) -> Fp8Input | None:
+        """The handoff to give x's quantized copy to, where this layer's experts would take it for a batch of
+        `num_tokens` rows (FP8 experts on the Triton kernels, local experts only, no LoRA on them), else None."""
+        handoff = self.fp8_input
+        if handoff is None or self.ep is not None or not handoff.wants(num_tokens):
+            return None
+        if self.lora_experts is not None and self.lora_experts.active():
+            return None
+        return handoff
 
     def _replayed(self, logits_TG: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
