@@ -286,7 +286,8 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
                          expert_map_G: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK, *,
                          out: torch.Tensor | None = None, config: MoELaunchConfig | None = None,
                          combine: str = "sum", activation: MoEActivation | None = None,
-                         path: str = "auto", x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         path: str = "auto", x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         fuse_h: bool = True) -> torch.Tensor:
     """Same contract as fp8.reference_fused_moe_fp8: x [T, D] (float32/bfloat16/float16), FP8 expert weights with
     their block scales; [T, D] in x's dtype, rows whose experts are all remote are 0.
 
@@ -296,7 +297,9 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
     "tiny" (kernels/triton_moe_fp8_tiny.py's GEMVs, the config's TINY blocks else DEFAULT_TINY_FP8; summed in a
     fixed order whatever `combine` says) or "sorted". `x_fp8`: (xq [T, D] e4m3, xs [T, ceil(D / Bk)]), x as
     fp8.per_token_group_quant gives it, quantized where x was made (the norm before the MoE:
-    triton_norm.triton_add_rms_norm_fp8), so no launch here quantizes it. No device→host sync."""
+    triton_norm.triton_add_rms_norm_fp8), so no launch here quantizes it. `fuse_h` (the tiny path): h quantized
+    inside the gate-up launch (False: by a launch of its own, the form before; for measurements and tests). No
+    device→host sync."""
     bn, bk = check_triton_block(block)
     _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK, topk_ids_TK, (bn, bk))
     if x_fp8 is not None:
@@ -318,6 +321,6 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
 
         return tiny_fused_moe_fp8(x_TD, w13q, s13, w2q, s2, topk_weights_TK.reshape(-1).contiguous(),
                                   topk_ids_TK.reshape(-1).contiguous(), expert_map_G, (bn, bk), up_row(w13q, w2q), act,
-                                  out, cfg.tiny or DEFAULT_TINY_FP8, K, x_fp8)
+                                  out, cfg.tiny or DEFAULT_TINY_FP8, K, x_fp8, fuse_h)
     return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
                             expert_map_G, K, cfg, out, combine, act_args=act)

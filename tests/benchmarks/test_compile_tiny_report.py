@@ -40,6 +40,27 @@ def test_fp8_tiny_gemvs_at_every_case_spill_free_with_the_default_blocks(arch):
             assert k["registers"] <= 255
 
 
+@pytest.mark.parametrize("arch", [90, 100])
+def test_fp8_two_launch_form_compiles_spill_free_and_its_h_quantization_costs_few_instructions_a_byte(arch):
+    """Issue 80's two-launch FP8 form at every case: the norm that quantizes x for the experts (`_rms_norm_kernel`
+    with QUANT) compiles spill-free beside the GEMVs, and the gate-up GEMV that quantizes h in its launch
+    (`_quant_h_group`) adds little to what a thread issues a weight byte: at Qwen3 and DeepSeek-V3 it is compiled
+    both ways ("h apart": the four-launch form), and the fused branch (run by one program in 64 at 2-row programs)
+    adds at most 4 static instructions a byte, within 255 registers and no spills."""
+    rep = _report(arch)
+    by_case = {(k["case"], k["name"]): k for k in rep["kernels"]}
+    for name, _, T, _ in CASES:
+        norm = by_case.get((f"{name} T={T} fp8 tiny", "_rms_norm_kernel"))
+        assert norm is not None, f"{name} T={T}: the norm's quantizing launch is missing: {REGENERATE}"
+        assert norm["spill_stores"] == 0 and norm["spill_loads"] == 0
+    for name in ("qwen3-30b-a3b", "deepseek-v3"):
+        fused = by_case[(f"{name} T=1 fp8 tiny", "_tiny_fp8_up_kernel")]
+        apart = by_case[(f"{name} T=1 fp8 tiny h apart", "_tiny_fp8_up_kernel")]
+        assert fused["weight_bytes_thread"] == apart["weight_bytes_thread"], REGENERATE
+        assert 0 < fused["instr_per_weight_byte"] - apart["instr_per_weight_byte"] <= 4, (fused, apart)
+        assert fused["registers"] <= 255 and fused["spill_stores"] == 0
+
+
 def test_fp8_tiny_keeps_an_h100_sm_streaming():
     """What lets the e4m3 GEMVs reach the copy bandwidth on an H100 (half the bf16 GEMVs' bytes: issue 80's
     FP8 >= 1.6x bf16 row): each GEMV keeps at least the ~20 KB in flight an SM needs, at every case on sm_90."""
