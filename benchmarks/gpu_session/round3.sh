@@ -43,8 +43,10 @@
 #   the pre-pass and align / sum at its sizes: 6 GEMM + 10 other; run 60 s (the H200's quick + sweep runs of both
 #   shapes took 30 s and 17 s: 6.4 GB of bf16 weights drawn and dequantized for the bf16 row).
 #   fp8_tiny_gpu: test_triton_fp8_gpu.py's tiny tests (2 shapes x T 1, 8 against the float32 reference, a CUDA graph
-#   each): the up and down GEMV per shape (DeepSeek's with an expert map), x's and h's quantization, ~8 other; run
-#   40 s (DeepSeek's 32 local experts quantized on the GPU twice).
+#   each): the up and down GEMV per shape (DeepSeek's with an expert map), x's and h's quantization, ~8 other; at
+#   T 1 the two-launch form against the four-launch one bit for bit (the quantizing norm per shape, the gate-up
+#   GEMV with h apart and h's group quantization: ~6 other more), its graph replayed twice; run 45 s (DeepSeek's 32
+#   local experts quantized on the GPU twice).
 # round3 5: prefill, engine_e2e's prefill workload alone, no serving (24 GEMM + 36 other: the prefill and mixed
 #   buckets and the decode graphs' warm-up), run 200 s (both step loops: ~77 s start, ~5 s of generate each).
 ROUND3_COUNT=5
@@ -76,7 +78,7 @@ round3_cmds() {  # N: the commands of round3 N
       cmd round3_mxfp4_120b 6 0 10 60 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --shapes gpt-oss-120b \
         --tokens 1024,4096 --out "$OUT/moe_mxfp4_${name}_120b.json"
       run_pytest_files "gpu_fp8_tiny_${name}.txt" \
-        fp8_tiny_gpu 0 0 8 40 tests/kernels/test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes ;;
+        fp8_tiny_gpu 0 0 14 45 tests/kernels/test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes ;;
     5)
       cmd round3_prefill 24 0 36 200 -- "$PY" -m moelink.benchmarks.engine_e2e --models qwen3-30b-a3b --dtypes bf16 \
         --workloads prefill --no-serve --time-budget-s $(( $(budget 24 0 36 200) - 120 )) \
