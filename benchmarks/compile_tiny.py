@@ -95,7 +95,8 @@ MXFP4_TOKENS = (1024, 4096)
 
 def launch_mxfp4(rec) -> None:
     """The MXFP4 per-tile path (path="sorted") at gpt-oss's shapes and MXFP4_TOKENS, blocks from
-    mxfp4_moe_default.json's bucket (the DEQUANT buckets' blocks are what the forced per-tile path runs)."""
+    mxfp4_moe_default.json's bucket (the DEQUANT buckets' blocks are what the forced per-tile path runs), the blocks
+    in the decode's pair order; gpt-oss-20b at 1,024 tokens in the checkpoint's order too."""
     from moelink.kernels.moe import MoEActivation
     from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
 
@@ -105,12 +106,16 @@ def launch_mxfp4(rec) -> None:
     u8 = lambda *s: torch.empty(*s, dtype=torch.uint8, **meta)  # noqa: E731
     for name, (E, K, D, I) in GPT_OSS_SHAPES.items():
         for T in MXFP4_TOKENS:
-            with rec.labelled(f"{name} T={T} MXFP4 per-tile"):
-                triton_fused_moe_mxfp4(torch.empty(T, D, **bf), u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32),
-                                       u8(E, D, I // 32, 16), u8(E, D, I // 32), torch.empty(T, K, **meta),
-                                       torch.empty(T, K, dtype=torch.long, **meta), b13_EF=torch.empty(E, 2 * I, **bf),
-                                       b2_ED=torch.empty(E, D, **bf), activation=MoEActivation("swiglu_oai"),
-                                       path="sorted")
+            # the blocks in the decode's pair order (as the engine holds them on a GPU: moe/layer.py), and at the
+            # 128-row blocks once in the checkpoint's order, what the permutation saves
+            orders = (("", True), (" checkpoint order", False)) if (name, T) == ("gpt-oss-20b", 1024) else (("", True),)
+            for label, pairs in orders:
+                with rec.labelled(f"{name} T={T} MXFP4 per-tile{label}"):
+                    triton_fused_moe_mxfp4(torch.empty(T, D, **bf), u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32),
+                                           u8(E, D, I // 32, 16), u8(E, D, I // 32), torch.empty(T, K, **meta),
+                                           torch.empty(T, K, dtype=torch.long, **meta),
+                                           b13_EF=torch.empty(E, 2 * I, **bf), b2_ED=torch.empty(E, D, **bf),
+                                           activation=MoEActivation("swiglu_oai"), path="sorted", pair_order=pairs)
 
 
 def loop_per_value(name: str, c: dict, warps: int, sass: str) -> dict:

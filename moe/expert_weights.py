@@ -263,8 +263,10 @@ class Mxfp4Experts:
         return plan
 
     def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        # Blocks permuted after load into the Triton decode's pair order (MoELayer.process_weights_after_loading)
+        pairs = {"pair_order": True} if getattr(layer, "mxfp4_pair_order", False) else {}
         return kernels.fused_moe_mxfp4(x_ND, layer.w13_blocks_EFSQ, layer.w13_scales_EFS, layer.w2_blocks_EDSQ,
-                                       layer.w2_scales_EDS, weights_NK, ids_NK, **layer._extras())
+                                       layer.w2_scales_EDS, weights_NK, ids_NK, **layer._extras(), **pairs)
 
 
 class Nvfp4Experts:

@@ -98,3 +98,19 @@ def test_mxfp4_per_tile_gemms_decode_in_few_instructions_with_the_scales_one_ste
                 assert (k["sass_gmma"] if arch == 90 else k["sass_utc"]) > 0, f"{case} {k['name']}: no wgmma/tcgen05"
                 assert k["ldg_distance"] is not None and k["ldg_distance"] >= k["loop_instructions"] // 2, k
                 assert k["instr_per_value"] <= 9.5, f"{case} {k['name']}: {k['instr_per_value']} a value"
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+def test_mxfp4_pair_order_drops_the_byte_permutes(arch):
+    """The MXFP4 blocks in the decode's pair order (kernels/mxfp4.to_pair_order, permuted once after load): at the
+    128-row blocks (gpt-oss-20b, 1,024 tokens) one K step of either GEMM issues no PRMT and fewer instructions than
+    the same kernel on the checkpoint's order (sm_90: 44 / 22 PRMT a step there), in the same registers."""
+    rep = json.loads((RESULTS / f"compile_report_mxfp4_sm{arch}.json").read_text())
+    by_case = {(k["case"], k["name"]): k for k in rep["kernels"]}
+    for kernel in ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"):
+        pairs = by_case[("gpt-oss-20b T=1024 MXFP4 per-tile", kernel)]
+        natural = by_case.get(("gpt-oss-20b T=1024 MXFP4 per-tile checkpoint order", kernel))
+        assert natural is not None, REGENERATE
+        assert pairs["loop_mix"].get("PRMT", 0) == 0 < natural["loop_mix"].get("PRMT", 0), (pairs, natural)
+        assert pairs["loop_instructions"] < natural["loop_instructions"]
+        assert pairs["registers"] <= natural["registers"] and pairs["spill_stores"] == 0
