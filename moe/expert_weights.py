@@ -203,6 +203,7 @@ class Mxfp4Experts:
 
     name = "mxfp4"
     supports_extras = True
+    whole_blocks = False  # set by weight_plan: the fused plan writes the blocks parameters whole
 
     def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
         for field, n in (("hidden_size", hidden), ("intermediate_size", inter)):
@@ -225,6 +226,10 @@ class Mxfp4Experts:
         scales (kernels/mxfp4.py). down tensors are read at rows e. `rows` is the fused reader's expert index
         (`()` all, a slice for a contiguous run, else the ids as a tensor): a slice stays a slice (basic
         indexing beside the advanced row order), so the loader reads only this rank's experts from the file."""
+        # Whether the plan writes each blocks parameter whole, so that a weight update's written ids name it: where
+        # it does, the layer may hold the blocks in the decode's pair order (MoELayer.process_weights_after_loading
+        # permutes what was written); the per-expert plan writes views, and the blocks keep the published order.
+        self.whole_blocks = fused
         if not fused:
             return self._per_expert_plan(layer, m, expert_ids, names)
         f = gate_up_order(layer.w2_blocks_EDSQ.shape[2] * MXFP4_GROUP)

@@ -234,7 +234,10 @@ class MoELayer(nn.Module):
         checkpoint's layout): MXFP4 blocks permuted into the Triton decode's pair order where the kernels read it
         (the per-tile K loop then packs no bf16 pairs by byte permutes: docs/kernels.md, MXFP4). Only what the
         load or update wrote is permuted; EPLB moves, rollback and sleep copy the held bytes as they are."""
-        if not isinstance(self.expert_format, Mxfp4Experts) or not takes_pair_order(self.kernels):
+        # (gpt-oss's fused plan only: it writes each blocks parameter whole, so an update's ids name what it wrote;
+        # the per-expert and split plans write views, and those blocks keep the published order)
+        fmt = self.expert_format
+        if type(fmt) is not Mxfp4Experts or not fmt.whole_blocks or not takes_pair_order(self.kernels):
             return
         for name in ("w13_blocks_EFSQ", "w2_blocks_EDSQ"):
             blocks = getattr(self, name)

@@ -1,7 +1,8 @@
 """MXFP4 blocks permuted once after load into the Triton decode's pair order (MoELayer.process_weights_after_loading,
 kernels/mxfp4.to_pair_order): only where the kernels' MXFP4 op reads that order (its `pair_order` keyword), only
-what a load or a weight update wrote, and the experts then called with `pair_order=True`: the layer's output is
-the reference's on the checkpoint's layout, bit for bit. (The Triton paths on the permuted blocks:
+what a load or a weight update wrote, only where the plan writes the blocks whole (gpt-oss's fused plan), and the
+experts then called with `pair_order=True`: the layer's output is the reference's on the checkpoint's layout, bit
+for bit. (The Triton paths on the permuted blocks:
 tests/kernels/test_mxfp4_pair_order.py.)"""
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def _layer(kernels) -> tuple[MoELayer, dict]:
                             mxfp4_quantize(torch.randn(G, D, I, generator=g)))
     loaded = dict(w13_blocks_EFSQ=q13, w13_scales_EFS=s13, w2_blocks_EDSQ=q2, w2_scales_EDS=s2,
                   gate_GD=torch.randn(G, D, generator=g))
+    plan = layer.expert_format.weight_plan(layer, "mlp.", True, list(range(G)), (), ("gate", "up", "down"))
+    assert layer.expert_format.whole_blocks and plan["mlp.experts.gate_up_proj_blocks"].dest is layer.w13_blocks_EFSQ
     for name, t in loaded.items():
         getattr(layer, name).data.copy_(t)
     return layer, loaded
@@ -66,3 +69,9 @@ def test_blocks_permuted_after_load_where_the_kernels_read_pair_order():
     assert torch.equal(from_pair_order(layer.w13_blocks_EFSQ), loaded["w13_blocks_EFSQ"])
     assert torch.equal(from_pair_order(layer.w2_blocks_EDSQ), loaded["w2_blocks_EDSQ"])
     assert torch.equal(layer(x), want)
+
+    # The per-expert plan writes views of the blocks (an update's ids would not name them): published order kept.
+    per_expert, _ = _layer(PairKernels())
+    per_expert.expert_format.weight_plan(per_expert, "mlp.", False, list(range(G)), (), ("gate", "up", "down"))
+    per_expert.process_weights_after_loading()
+    assert not per_expert.mxfp4_pair_order and torch.equal(per_expert.w13_blocks_EFSQ, loaded["w13_blocks_EFSQ"])
