@@ -103,7 +103,7 @@ def _launch(x, res, weight_D, eps, out, summed, quant=None):
         sro = sri = 0
     BLOCK_D = triton.next_power_of_2(D)
     q, qs, group = quant if quant is not None else (out, out, 128)
-    if BLOCK_D < group:  # (the tile holds whole groups: lanes past D are masked zeros, they raise no amax)
+    if quant is not None and BLOCK_D < group:  # (the tile holds whole groups: lanes past D are masked zeros, they raise no amax)
         raise ValueError(f"D={D} is below the quantization group {group}: quantize apart (triton_fp8).")
     _rms_norm_kernel[(rows,)](
         x, res if res is not None else x, weight_D, out, summed if summed is not None else out, q, qs, inner, D, eps,
