@@ -64,7 +64,7 @@ MOE_CASES = [(1, "map"), (2, "neg"), (4, "map"), (5, "neg")]
 
 @pytest.mark.parametrize("T,mode", MOE_CASES)
 def test_two_launch_fp8_moe_equals_four_launch(T, mode, gen, kdev, seed, nan_buffer):
-    E, G, K, D, I, dtype = 6, 8, 4, 256, 160, torch.bfloat16
+    E, G, K, D, I, dtype = 6, 8, 4, 128, 160, torch.bfloat16
     x, r = _x(gen, T, D, dtype), _x(gen, T, D, dtype)
     w = (1 + 0.1 * torch.randn(D, generator=gen)).to(dtype)
     w13q, w13s = _weight(gen, E, 2 * I, D)
