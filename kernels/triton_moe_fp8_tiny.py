@@ -4,25 +4,28 @@
 Legend: T tokens, D hidden, E local experts, I expert intermediate size, U the up rows' first row (fp8.up_row), K
 top-k, P = T*K pairs, Gd = ceil(D / Bk), Gi = ceil(I / Bk), Bn x Bk the weight block (128 x 128 published).
 
-Four launches, no alignment and no sum pass (the sorted FP8 path at one token is five, with the sum):
-1. x quantized per token and Bk group (triton_fp8.triton_per_token_group_quant): xq [T, D] e4m3, xs [T, Gd].
+Two launches in the engine's form, no alignment and no sum pass (the sorted FP8 path at one token is five):
+1. x quantized per token and Bk group: xq [T, D] e4m3, xs [T, Gd]; by the norm before the MoE in its own launch
+   (`x_fp8`: triton_norm.triton_add_rms_norm_fp8, issue 80), else by a launch here
+   (triton_fp8.triton_per_token_group_quant).
 2. Gate-up GEMV, grid (P, I / BLOCK_N): a K tile is [BLOCK_N, BLOCK_K / g, g] (g = min(BLOCK_K, Bk): one scale
    group a row of the middle axis), so each group's x scale and weight block scale are loaded once a group and
    folded into x's values ([1, groups, 1] times [1, groups, g]); the products are then one FMA a value against the
    e4m3 weights. A program's rows lie in one weight scale block (BLOCK_N narrowed to divide Bn and the up rows'
    offset: `fp8_tiny_up_block_n`). act(gate) * up in fp32 into h_PI (fp32: the reference quantizes the fp32
-   activation, not a rounded one).
-3. h quantized per pair and Bk group (the same kernel as 1): hq [P, I], hs [P, Gi].
-4. Down GEMV + top-k sum, grid (T, D / BLOCK_N), the float path's walk (pairs in order into one fp32 tile, each
+   activation, not a rounded one); then h quantized per pair and Bk group in the same launch: the program that
+   finishes a group last quantizes it (`_quant_h_group`: hq [P, I], hs [P, Gi]; `quant_h=False`: a launch of its
+   own, the form before).
+3. Down GEMV + top-k sum, grid (T, D / BLOCK_N), the float path's walk (pairs in order into one fp32 tile, each
    pair's h scale, weight block scale and routed weight folded into h's values): deterministic, no atomics.
 K is walked as the float GEMVs walk it (triton_moe_tiny.UNROLLED: steps of unrolled tiles, no loop where one step
 fits): Triton does not pipeline loads that feed no dot, and unrolled tiles let ptxas issue them back to back. Each
 e4m3 weight byte is read once a (token, expert) pair: at one token, once. Registers (compile_report_tiny, sm_90 /
 sm_100): 56-146, no spills at any model shape; the first version gathered the scales as [BLOCK_N, BLOCK_K] fp32
 tiles (64 registers a thread) and spilled at DeepSeek-V3's width.
-Quantizing x and h inside the GEMVs instead (two launches, not four) would make every program quantize the whole
-row it reads: P x I / BLOCK_N programs each dividing D values (DeepSeek-V3 at one token: ~175 M IEEE divisions,
-more ALU time than the weights' memory time), so the activations are quantized once, by their own launches.
+Quantizing x and h per expert tile instead (every program quantizing the whole row it reads: P x I / BLOCK_N
+programs each dividing D values, DeepSeek-V3 at one token ~175 M IEEE divisions, more ALU time than the weights'
+memory time) is why each is quantized once, where it is made.
 Choice: `path="tiny"` of triton_fused_moe_fp8, or a TINY entry of the FP8 launch config (T*K <= max_pairs).
 """
 from __future__ import annotations
@@ -202,7 +205,8 @@ def h_outputs(pairs: int, inter: int, group: int, device: torch.device):
     """(hq [P, I] e4m3, hs [P, Gi] fp32, the group counters [P * Gi] int32) of the fused h quantization. The
     counters persist per device, zeros between launches (the last program of each group resets its own), so a
     call never clears them: grown (zeros) only when a call needs more, which start-up warm-up does before any
-    CUDA graph is captured."""
+    CUDA graph is captured. One set a device: the launches that use them run one at a time (one stream: the step's
+    micro-batches and layers are issued in order on it)."""
     groups = triton.cdiv(inter, group)
     counts = _COUNTS.get(device)
     if counts is None or counts.numel() < pairs * groups:
