@@ -327,17 +327,25 @@ FP8_LINEAR_SHAPES = {"deepseek-v3 q_b_proj": (24576, 1536), "deepseek-v3 o_proj"
                      "deepseek-v3 dense gate_up": (36864, 7168)}
 
 
-def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int, activation=None) -> None:
-    """kernels/triton_moe_fp8_tiny.py's four launches (DEFAULT_TINY_FP8) on meta tensors, 128 x 128 blocks
-    (`activation`: gpt-oss's clamped SwiGLU, else SiLU)."""
+def launch_fp8_tiny(E: int, K: int, D: int, I: int, T: int, activation=None, prequant: bool = False,
+                    quant_h: bool = True) -> None:
+    """kernels/triton_moe_fp8_tiny.py's launches (DEFAULT_TINY_FP8) on meta tensors, 128 x 128 blocks
+    (`activation`: gpt-oss's clamped SwiGLU, else SiLU): x's quantization, the gate-up GEMV with h's, the down
+    GEMV; `prequant`: the two-launch form the engine runs, x quantized by the norm before (its add_rms_norm_fp8
+    launched too); not `quant_h`: h quantized by a launch of its own (the four-launch form before it)."""
     from moelink.kernels.fp8 import block_scale_shape
     from moelink.kernels.triton_moe_fp8 import triton_fused_moe_fp8
+    from moelink.kernels.triton_norm import triton_add_rms_norm_fp8
 
-    meta, f8 = dict(device="meta"), torch.float8_e4m3fn
-    triton_fused_moe_fp8(torch.empty(T, D, dtype=torch.bfloat16, **meta), torch.empty(E, 2 * I, D, dtype=f8, **meta),
+
+    meta, f8, bf = dict(device="meta"), torch.float8_e4m3fn, dict(device="meta", dtype=torch.bfloat16)
+    x = torch.empty(T, D, **bf)
+    x_fp8 = triton_add_rms_norm_fp8(x, torch.empty(T, D, **bf), torch.empty(D, **bf), 1e-6)[2:] if prequant else None
+    triton_fused_moe_fp8(x, torch.empty(E, 2 * I, D, dtype=f8, **meta),
                          torch.empty(E, *block_scale_shape(2 * I, D), **meta), torch.empty(E, D, I, dtype=f8, **meta),
                          torch.empty(E, *block_scale_shape(D, I), **meta), torch.empty(T, K, **meta),
-                         torch.empty(T, K, dtype=torch.long, **meta), path="tiny", activation=activation)
+                         torch.empty(T, K, dtype=torch.long, **meta), path="tiny", activation=activation, x_fp8=x_fp8,
+                         fuse_h=quant_h)
 
 
 def compile_fp8(rec: Recorder, quick: bool) -> None:

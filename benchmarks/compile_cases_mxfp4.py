@@ -14,7 +14,8 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
     """The MXFP4 fused MoE at gpt-oss shapes, published layout: every bucket of mxfp4_moe_default.json at its
     fewest tokens (bucket 0: the two GEMVs; DEQUANT buckets: the pre-pass and the float kernels), the GEMVs at
     their largest batch, the per-tile path where another path is the default (the benchmark's per-tile rows), an
-    expert map, the atomic combine, fp16; and the bf16 fused MoE with biases and swiglu_oai (float checkpoints)."""
+    expert map, the atomic combine, fp16; and the bf16 fused MoE with biases and swiglu_oai (float checkpoints). The
+    blocks in the decode's pair order, as the engine holds them on a GPU (moe/layer.py: kernels/mxfp4.to_pair_order)."""
     from moelink.kernels.moe import MoEActivation
     from moelink.kernels.moe_config import committed_config
     from moelink.kernels.triton_moe import triton_fused_moe
@@ -43,7 +44,8 @@ def compile_moe_mxfp4(rec: Recorder, quick: bool) -> None:
                 triton_fused_moe_mxfp4(torch.empty(T, D, dtype=dt, **meta), *w, torch.empty(T, K, **meta),
                                        torch.empty(T, K, dtype=torch.long, **meta),
                                        torch.empty(E, dtype=torch.int32, **meta) if emap else None,
-                                       activation=act, combine=combine, native=False, path=path, **bias)
+                                       activation=act, combine=combine, native=False, path=path, pair_order=True,
+                                       **bias)
         if quick:
             break
         for T in (1, 4096):

@@ -55,7 +55,11 @@ def launch_cases(rec) -> None:
                                  torch.empty(T, K, **meta), torch.empty(T, K, dtype=torch.long, **meta), path=path,
                                  **extra)
         with rec.labelled(f"{name} T={T} fp8 tiny"):  # the e4m3 GEMVs at every shape: spill-free everywhere
-            launch_fp8_tiny(E, K, D, I, T, extra.get("activation"))
+            # (the two-launch form: x quantized by the norm before, whose launch the case holds too)
+            launch_fp8_tiny(E, K, D, I, T, extra.get("activation"), prequant=True)
+        if T == 1 and name in ("qwen3-30b-a3b", "deepseek-v3"):  # the gate-up GEMV with h quantized apart: what
+            with rec.labelled(f"{name} T={T} fp8 tiny h apart"):  # the fused h quantization adds to it
+                launch_fp8_tiny(E, K, D, I, T, quant_h=False)
 
 
 LARGE_TOKENS = (4096, 16384)
@@ -91,7 +95,8 @@ MXFP4_TOKENS = (1024, 4096)
 
 def launch_mxfp4(rec) -> None:
     """The MXFP4 per-tile path (path="sorted") at gpt-oss's shapes and MXFP4_TOKENS, blocks from
-    mxfp4_moe_default.json's bucket (the DEQUANT buckets' blocks are what the forced per-tile path runs)."""
+    mxfp4_moe_default.json's bucket (the DEQUANT buckets' blocks are what the forced per-tile path runs), the blocks
+    in the decode's pair order; gpt-oss-20b at 1,024 tokens in the checkpoint's order too."""
     from moelink.kernels.moe import MoEActivation
     from moelink.kernels.triton_moe_mxfp4 import triton_fused_moe_mxfp4
 
@@ -101,12 +106,16 @@ def launch_mxfp4(rec) -> None:
     u8 = lambda *s: torch.empty(*s, dtype=torch.uint8, **meta)  # noqa: E731
     for name, (E, K, D, I) in GPT_OSS_SHAPES.items():
         for T in MXFP4_TOKENS:
-            with rec.labelled(f"{name} T={T} MXFP4 per-tile"):
-                triton_fused_moe_mxfp4(torch.empty(T, D, **bf), u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32),
-                                       u8(E, D, I // 32, 16), u8(E, D, I // 32), torch.empty(T, K, **meta),
-                                       torch.empty(T, K, dtype=torch.long, **meta), b13_EF=torch.empty(E, 2 * I, **bf),
-                                       b2_ED=torch.empty(E, D, **bf), activation=MoEActivation("swiglu_oai"),
-                                       path="sorted")
+            # the blocks in the decode's pair order (as the engine holds them on a GPU: moe/layer.py), and at the
+            # 128-row blocks once in the checkpoint's order, what the permutation saves
+            orders = (("", True), (" checkpoint order", False)) if (name, T) == ("gpt-oss-20b", 1024) else (("", True),)
+            for label, pairs in orders:
+                with rec.labelled(f"{name} T={T} MXFP4 per-tile{label}"):
+                    triton_fused_moe_mxfp4(torch.empty(T, D, **bf), u8(E, 2 * I, D // 32, 16), u8(E, 2 * I, D // 32),
+                                           u8(E, D, I // 32, 16), u8(E, D, I // 32), torch.empty(T, K, **meta),
+                                           torch.empty(T, K, dtype=torch.long, **meta),
+                                           b13_EF=torch.empty(E, 2 * I, **bf), b2_ED=torch.empty(E, D, **bf),
+                                           activation=MoEActivation("swiglu_oai"), path="sorted", pair_order=pairs)
 
 
 def loop_per_value(name: str, c: dict, warps: int, sass: str) -> dict:
@@ -124,6 +133,20 @@ def loop_per_value(name: str, c: dict, warps: int, sass: str) -> dict:
                 instr_per_value=round(loop["instructions"] / values, 2), ldg_distance=loop["ldg_distance"],
                 loop_mix={k: v for k, v in list(loop["mix"].items())[:12]},
                 issue_over_mma=round(loop["instructions"] * warps / 4 / mma_clk, 2))
+
+
+def per_weight_byte(name: str, c: dict, warps: int, sass: str) -> dict:
+    """The FP8 tiny GEMVs' issue cost per e4m3 weight byte: every SASS instruction a thread issues (ONE_STEP: the K
+    walk is straight-line, each instruction issued once) over the weight bytes its program's tiles span (gate-up:
+    gate and up rows; down: TOP_K pairs' rows), a thread's share. An SM issues 128 thread-instructions a clock (4
+    schedulers x 32 lanes) and streams its share of HBM, 14.5 B a clock on an H100 (3.35 TB/s / 132 SMs / 1.75 GHz;
+    an H200 20.8): a GEMV stays bound by its bytes below ~8.8 instructions a byte (an H200 ~6.2)."""
+    if name not in ("_tiny_fp8_up_kernel", "_tiny_fp8_down_kernel") or not c.get("ONE_STEP"):
+        return {}
+    copies = 2 if "up" in name else c["TOP_K"]
+    nbytes = copies * c["BLOCK_N"] * c["BLOCK_K"] * c["K_TILES"] / (32 * warps)
+    instr = sum(1 for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line))
+    return dict(instructions=instr, weight_bytes_thread=nbytes, instr_per_weight_byte=round(instr / nbytes, 2))
 
 
 def tensor_cores(ptx: str, sass: str) -> dict:
@@ -178,7 +201,7 @@ def analyze(r: dict, arch: int, tmp: Path) -> dict:
                 barriers=count_ops(sass, "BAR"), loads_in_flight=n, bytes_in_flight_thread=per_thread,
                 kb_in_flight_program=round(per_program_kb, 2), programs=programs, resident_per_sm=resident,
                 kb_in_flight_sm=round(min(resident, -(-programs // SMS)) * per_program_kb, 1),
-                **loop_per_value(k.metadata.name, c, warps, sass))
+                **loop_per_value(k.metadata.name, c, warps, sass), **per_weight_byte(k.metadata.name, c, warps, sass))
 
 
 def markdown_large(rep: dict) -> str:

@@ -33,6 +33,10 @@
 #                          line (fp8 / bf16 ms) per bucket; after `unpack`, moe-fp8 measures with the tuned file.
 #                          TOKENS 4096,16384 gives the goal's buckets the whole budget (a new file keeps the other
 #                          buckets at the configs used until then)
+#   tune-mxfp4 SHAPE [TOKENS] tune_moe --dtype mxfp4 for ONE gpt-oss shape (gpt-oss-20b | gpt-oss-120b) into
+#                          .gpu_session/tuned_mxfp4, then $OUT/tuned_configs_mxfp4_<GPU>_<SHAPE>.tar.gz; per bucket
+#                          per-tile against dequantize-once, then the per-tile blocks; a RATIO line (mxfp4 / bf16 ms)
+#                          per bucket. TOKENS default 1024,4096 (issue 80's MXFP4 row, where DEQUANT is decided)
 #   decode [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          engine_decode, eager and as CUDA-graph replays
 #   e2e [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite] [--dtype bf16|fp8] [--serve]
@@ -445,8 +449,9 @@ step_tests_kernels() {
 #  test_triton_fp8_gpu.py (19 tests): fused MoE at 2 shapes x 3 T x sum/atomic -> the FP8 default buckets hit
 #    (5 shape x bucket pairs: up + down + atomic down = 15) + the dense GEMM 3 = GEMM 18; other 20 (align,
 #    top-k sum, group quant per shape) + 8 (the FP8 tiny GEMVs, 4 tests: up and down per shape and map, the fp32 h
-#    quantization); run: float32 references on the GPU, DeepSeek's 32 local experts (+30 s: the tiny tests' experts
-#    and a CUDA graph each, estimated).
+#    quantization) + 6 (issue 80's two-launch form at T 1: the quantizing norm per shape, the gate-up GEMV with h
+#    apart, h's group quantization); run: float32 references on the GPU, DeepSeek's 32 local experts (+35 s: the
+#    tiny tests' experts and a CUDA graph each, the two-launch form's graph replayed twice, estimated).
 #  test_triton_moe_mxfp4_gpu.py (10 tests, 1 skipped below sm_100): gpt-oss-120b experts at 5 T x variant ->
 #    GEMM 10 (up + down per case), other 10 (align, sum); the decode/prefill paths (4 tests): GEMM 4 (the dequant
 #    path's float up + down at 2 buckets), other 10 (2 x 2 tiny GEMVs, the pre-pass, align, sum); run: float32
@@ -458,7 +463,7 @@ step_tests_kernels() {
 #    write, the widen kernel); run: a float64 reference on the GPU (estimate).
 step_tests_fp8() {
   run_pytest_files "gpu_tests_fp8_${DEV}.txt" \
-    triton_fp8_gpu 18 0 28 90 tests/kernels/test_triton_fp8_gpu.py \
+    triton_fp8_gpu 18 0 34 95 tests/kernels/test_triton_fp8_gpu.py \
     triton_mxfp4_gpu 14 0 20 70 tests/kernels/test_triton_moe_mxfp4_gpu.py \
     triton_nvfp4_gpu 8 0 8 40 tests/kernels/test_triton_moe_nvfp4_gpu.py \
     mla_fp8_gpu 2 0 2 30 tests/kernels/test_mla_fp8_prefill.py
@@ -616,6 +621,52 @@ step_tune_fp8() {
     say "tuned configs in $tarball ($(tar -tzf "$tarball" | tr '\n' ' ')): bash benchmarks/gpu_session.sh unpack $(basename "$tarball")"
   else
     say "tune-fp8 $shape wrote no config"
+    STATUS=1
+  fi
+}
+
+# tune-mxfp4 SHAPE [TOKENS]: tune_moe --dtype mxfp4 (benchmarks/tune_moe_mxfp4.py), budgeted as tune: the tuner's
+# --budget-s covers the MXFP4 layer's draw, the bf16 comparison on its dequantized weights and every candidate's
+# compiles, then TUNE_TAIL_S (one candidate started just before the budget, the last bucket's confirmation). TOKENS
+# defaults to 1024,4096: the buckets where per-tile and dequantize-once are close (round3 4 times them; the decode
+# buckets run the GEMVs whatever the rest says), each bucket getting half the budget; a new file keeps the other
+# buckets at the configs used until then. Its tarball unpacks (`unpack`) into kernels/configs, where
+# triton_moe_mxfp4's config table reads `mxfp4,E=..,N=..,device_name=..json` before mxfp4_moe_default.json.
+MXFP4_SHAPES=(gpt-oss-20b gpt-oss-120b)
+MXFP4_TUNE_TOKENS=1024,4096
+check_mxfp4_shape() {
+  local s
+  for s in "${MXFP4_SHAPES[@]}"; do [[ $1 == "$s" ]] && return 0; done
+  echo "SHAPE must be one of ${MXFP4_SHAPES[*]} (got '${1:-}')" >&2
+  exit 2
+}
+step_tune_mxfp4() {
+  local shape=${1:-} tokens=${2:-$MXFP4_TUNE_TOKENS}
+  local stage="$STATE/tuned_mxfp4"
+  rm -rf "$stage"
+  mkdir -p "$stage"
+  if [[ $MODE == cpu-smoke ]]; then  # one smoke shape and bucket: the step's plumbing (stage, tarball, unpack)
+    cmd tune_moe_mxfp4 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke --dtype mxfp4 \
+      --shapes smoke-mxfp4 --tokens 1 --out-dir "$stage"
+    shape=smoke
+  else
+    check_mxfp4_shape "$shape"
+    local args=(-m moelink.benchmarks.tune_moe --dtype mxfp4 --shapes "$shape" --tokens "$tokens"
+                --budget-s "$TUNE_BUDGET_S" --out-dir "$stage")
+    if [[ $MODE == dry-run ]]; then
+      cmd "tune_moe_mxfp4_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- "$PY" "${args[@]}"
+    else  # its log is also a file: the device tool returns only the tail of a command's output
+      cmd "tune_moe_mxfp4_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
+        bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$OUT/tune_moe_mxfp4_${DEV}_${shape}.txt"'"' _ "$PY" "${args[@]}"
+    fi
+  fi
+  [[ $MODE == dry-run ]] && return 0
+  local tarball="$OUT/tuned_configs_mxfp4_${DEV}_${shape}.tar.gz"
+  if compgen -G "$stage/mxfp4,E=*.json" >/dev/null; then
+    tar -czf "$tarball" -C "$stage" $(cd "$stage" && ls mxfp4,E=*.json)
+    say "tuned configs in $tarball ($(tar -tzf "$tarball" | tr '\n' ' ')): bash benchmarks/gpu_session.sh unpack $(basename "$tarball")"
+  else
+    say "tune-mxfp4 $shape wrote no config"
     STATUS=1
   fi
 }
@@ -808,7 +859,7 @@ step_unpack() {  # FILE...: tuned tarballs (or single JSON files) -> kernels/con
       *.tar.gz|*.tgz)
         local m
         for m in $(tar -tzf "$f"); do  # (the pattern of moelink.kernels.moe_config.tuned_file_name_ok)
-          [[ $m =~ ^(fp8_w8a8,)?E=[0-9]+,N=[0-9]+,device_name=[A-Za-z0-9._-]+\.json$ ]] \
+          [[ $m =~ ^(fp8_w8a8,|mxfp4,)?E=[0-9]+,N=[0-9]+,device_name=[A-Za-z0-9._-]+\.json$ ]] \
             || { echo "unpack: $f holds '$m', not a tuned config file name: refused" >&2; exit 2; }
         done
         tar -xzf "$f" -C "$tmp" ;;
@@ -826,7 +877,7 @@ from moelink.kernels.moe_config import load_config_file, tuned_file_name_ok
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
 for p in sorted(src.iterdir()):
     if not tuned_file_name_ok(p.name):
-        sys.exit(f"unpack: {p.name} is not a tuned config file name ([fp8_w8a8,]E=..,N=..,device_name=...json)")
+        sys.exit(f"unpack: {p.name} is not a tuned config file name ([fp8_w8a8,|mxfp4,]E=..,N=..,device_name=...json)")
     key, buckets = load_config_file(str(p))  # raises on a malformed file
     shutil.copyfile(p, dest / p.name)
     print(f"unpacked {dest / p.name}: {len(buckets)} buckets ({', '.join(str(b) for b, _ in buckets)})")
@@ -847,6 +898,7 @@ step_plan() {  # the first plan, then the full session, one device command per l
   for s in "${FP8_SHAPES[@]}"; do steps+=("moe-fp8 $s"); done
   for s in "${FP8_SHAPES[@]}"; do steps+=("tune-fp8 $s"); done
   steps+=("moe-mxfp4" "moe-nvfp4")
+  for s in "${MXFP4_SHAPES[@]}"; do steps+=("tune-mxfp4 $s"); done
   for s in "${E2E_MODELS[@]}"; do steps+=("e2e --model $s" "e2e --model $s --dtype fp8" "e2e --serve --model $s"); done
   steps+=("mla-fp8-kv")
   for s in "${E2E_MODELS[@]}"; do steps+=("spec --model $s"); done
@@ -919,9 +971,9 @@ case "$STEP" in
   unpack)
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|mm|round3|compile-report|all) ;;
-  ""|-h|--help) sed -n '2,77p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, mm, round3 N, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|tune-mxfp4|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|mm|round3|compile-report|all) ;;
+  ""|-h|--help) sed -n '2,81p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, tune-mxfp4 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, mm, round3 N, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -941,6 +993,7 @@ case "$STEP" in
   moe-nvfp4) step_moe_nvfp4 "$@" ;;
   tune) step_tune "$@" ;;
   tune-fp8) step_tune_fp8 "$@" ;;
+  tune-mxfp4) step_tune_mxfp4 "$@" ;;
   decode) step_decode "$@" ;;
   e2e) step_e2e "$@" ;;
   mla-fp8-kv) step_mla_fp8_kv "$@" ;;
@@ -965,6 +1018,7 @@ case "$STEP" in
     for s in "${FP8_SHAPES[@]}"; do step_tune_fp8 "$s"; done
     step_moe_mxfp4 "$@"
     step_moe_nvfp4 "$@"
+    for s in "${MXFP4_SHAPES[@]}"; do step_tune_mxfp4 "$s"; done
     for s in "${E2E_MODELS[@]}"; do step_e2e --model "$s"; step_e2e --model "$s" --dtype fp8; step_e2e --serve --model "$s"; done
     step_mla_fp8_kv
     for s in "${E2E_MODELS[@]}"; do step_spec --model "$s"; done

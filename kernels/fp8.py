@@ -142,7 +142,8 @@ def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scal
                             w2q_EDI: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor,
                             topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None,
                             block: tuple[int, int] = DEFAULT_BLOCK, *,
-                            activation: MoEActivation | None = None) -> torch.Tensor:
+                            activation: MoEActivation | None = None,
+                            x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The fused MoE of moelink.kernels.moe.reference_fused_moe with FP8 block-scaled expert weights
     (w13q [E, F, D] with scales [E, ceil(F/Bn), ceil(D/Bk)], w2q [E, D, I] with [E, ceil(D/Bn), ceil(I/Bk)])
     and W8A8 activations: the token's hidden state is group-quantized before gate/up and act(gate, up) before
@@ -152,7 +153,9 @@ def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scal
     w13q's rows are gate [0, I), then up [U, U + I) with U = F - I >= I (`up_row`): U = I stacks them as one
     tensor quantized whole (F = 2I); U = ceil(I / Bn) * Bn gives each piece its own blocks when I is not a
     multiple of Bn (rows I..U-1 are unused padding). `activation`: a kernels.moe.MoEActivation in place of
-    silu(gate) * up (Hunyuan Hy4's "silu_clamp"); None is SiLU.
+    silu(gate) * up (Hunyuan Hy4's "silu_clamp"); None is SiLU. `x_fp8`: (xq, xs), x already quantized as
+    per_token_group_quant(x, Bk) gives it (the norm before the MoE made it: norm.reference_add_rms_norm_fp8), read
+    in place of quantizing x here: the same values.
 
     """
     bn, bk = _check_block(block)
@@ -165,7 +168,7 @@ def reference_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scal
     if expert_map_G is not None:
         ids_P = torch.where(ids_P >= 0, expert_map_G.long()[ids_P.clamp(min=0)], torch.full_like(ids_P, -1))
     weights_P = topk_weights_TK.reshape(-1)
-    xa_TD = fake_quant_activation(x_TD, bk).to(acc)
+    xa_TD = (fake_quant_activation(x_TD, bk) if x_fp8 is None else per_token_group_dequant(*x_fp8, bk)).to(acc)
     for e in torch.unique(ids_P[ids_P >= 0]).tolist():  # host sync: the loop runs over experts with tokens
         pairs_n = torch.nonzero(ids_P == e).flatten()
         tok_n = pairs_n // top_k

@@ -126,3 +126,40 @@ def reference_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor,
     cast = lambda b: None if b is None else b.to(dt)  # noqa: E731
     return reference_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G,
                                b13_EF=cast(b13_EF), b2_ED=cast(b2_ED), activation=activation)
+
+
+# A packed word's byte k holds, in mxfp4.to_pair_order's layout, the elements (_PAIR_LO[k], _PAIR_HI[k]) of the
+# word's 8 (the checkpoint's byte k holds (2k, 2k + 1)): the Triton decode's slot j (the low nibbles of bytes 0 and
+# 2, their high nibbles, then bytes 1 and 3's, kernels/triton_mxfp4_dequant.py) then holds elements (2j, 2j + 1),
+# a packed pair in natural order, where the checkpoint's order gives (j, j + 4) and the tile needs byte permutes.
+_PAIR_LO, _PAIR_HI = (0, 4, 1, 5), (2, 6, 3, 7)
+
+
+def _nibbles(blocks: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 16] -> the 32 codes [..., 4 words, 8] in each layout's byte order (low nibble first)."""
+    b = blocks.reshape(*blocks.shape[:-1], 4, 4)
+    return torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(*blocks.shape[:-1], 4, 8)
+
+
+def _bytes(codes: torch.Tensor) -> torch.Tensor:
+    """[..., 4 words, 8] codes, byte-order pairs -> uint8 [..., 16]."""
+    pairs = codes.reshape(*codes.shape[:-1], 4, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(*codes.shape[:-2], 16)
+
+
+def to_pair_order(blocks: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks uint8 [..., 16] (the checkpoint's nibble order) -> the same codes with each 4-byte word's nibbles
+    permuted for the Triton decode (the kernels' `pair_order=True`): byte k = (element _PAIR_LO[k], _PAIR_HI[k]).
+    Scales and rows unchanged; a byte permutation within each word, undone by `from_pair_order`."""
+    e = _nibbles(blocks)  # natural element order: byte k = (2k, 2k + 1)
+    order = torch.tensor([x for k in range(4) for x in (_PAIR_LO[k], _PAIR_HI[k])], device=blocks.device)
+    return _bytes(e.index_select(-1, order))
+
+
+def from_pair_order(blocks: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_pair_order`: the checkpoint's nibble order back."""
+    p = _nibbles(blocks)  # position 2k + h holds element _PAIR_LO/HI[k]
+    where = [0] * 8
+    for k in range(4):
+        where[_PAIR_LO[k]], where[_PAIR_HI[k]] = 2 * k, 2 * k + 1
+    return _bytes(p.index_select(-1, torch.tensor(where, device=blocks.device)))

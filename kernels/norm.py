@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fp8 import per_token_group_quant
+
 
 def rms_normalize(x_TD: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) in float32, back in x's dtype: the norm without its weight, for a caller that multiplies its own
@@ -40,3 +42,16 @@ def reference_add_rms_norm(
     """Residual add fused with the norm: returns (norm(x + residual), x + residual)."""
     summed_TD = x_TD + residual_TD
     return reference_rms_norm(summed_TD, weight_D, eps), summed_TD
+
+
+def reference_add_rms_norm_fp8(
+    x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, group: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference_add_rms_norm, and its output quantized for W8A8 FP8 experts as they would quantize it themselves
+    (fp8.per_token_group_quant: per token, per `group` channels, scale amax / 448): (norm(x + residual),
+    x + residual, xq float8_e4m3fn [T, D], xs float32 [T, ceil(D / group)]). The norm before the MoE gives the FP8
+    experts their input ready (kernels/triton_norm.py does it in the norm's own launch); the router still reads
+    the norm's output in x's dtype."""
+    y_TD, summed_TD = reference_add_rms_norm(x_TD, residual_TD, weight_D, eps)
+    xq_TD, xs_TG = per_token_group_quant(y_TD, group)
+    return y_TD, summed_TD, xq_TD, xs_TG

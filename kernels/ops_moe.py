@@ -32,9 +32,11 @@ class MoEKernels(Protocol):
                       w2q_EDI: torch.Tensor, w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor,
                       topk_ids_TK: torch.Tensor, expert_map_G: torch.Tensor | None = None,
                       block: tuple[int, int] = (128, 128), *,
-                      activation: MoEActivation | None = None) -> torch.Tensor:
+                      activation: MoEActivation | None = None,
+                      x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """fused_moe with FP8 block-scaled expert weights and W8A8 activations: [T, D] in x's dtype; `activation`
-        in place of SiLU (None: SiLU)."""
+        in place of SiLU (None: SiLU); `x_fp8`: x already quantized per token and Bk channels (xq, xs), by the
+        norm before (add_rms_norm_fp8)."""
         ...
 
     def fused_moe_mxfp4(self, x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w13_scales_EFS: torch.Tensor,

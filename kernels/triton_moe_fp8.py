@@ -221,6 +221,7 @@ class Fp8Format(WeightFormat):
     w2q_EDI: torch.Tensor
     w2_scale_inv: torch.Tensor
     block: tuple[int, int]
+    x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None  # x quantized by the norm before (xq, xs), else None
 
     def gemms(self, cfg: MoELaunchConfig) -> tuple[GemmConfig, GemmConfig]:
         """The config's, BLOCK_N / BLOCK_K fitted to the weight block (`_blocks`)."""
@@ -229,8 +230,8 @@ class Fp8Format(WeightFormat):
                 replace(cfg.down, BLOCK_SIZE_N=down_bn, BLOCK_SIZE_K=down_bk))
 
     def activations(self, x_TD: torch.Tensor) -> tuple:
-        """x quantized once per token: xq [T, D] fp8 and xs [T, Gd]."""
-        return triton_per_token_group_quant(x_TD, self.block[1])
+        """x quantized once per token: xq [T, D] fp8 and xs [T, Gd] (the norm's, where it wrote them)."""
+        return self.x_fp8 if self.x_fp8 is not None else triton_per_token_group_quant(x_TD, self.block[1])
 
     def hidden(self, rows: int, x_TD: torch.Tensor) -> tuple:
         """hq_RI fp8 and its scales hs_RGi."""
@@ -270,12 +271,23 @@ def _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK
     check_routing(x_TD, topk_weights_TK, topk_ids_TK)
 
 
+def check_x_fp8(x_TD: torch.Tensor, x_fp8: tuple[torch.Tensor, torch.Tensor], group: int) -> None:
+    """x_fp8 = (xq [T, D] e4m3, xs [T, ceil(D / group)] fp32), both contiguous, beside x [T, D]."""
+    xq, xs = x_fp8
+    T, D = x_TD.shape
+    if (xq.dtype != FP8_DTYPE or tuple(xq.shape) != (T, D) or xs.dtype != torch.float32
+            or tuple(xs.shape) != (T, triton.cdiv(D, group)) or not (xq.is_contiguous() and xs.is_contiguous())):
+        raise ValueError(f"x_fp8 ({tuple(xq.shape)} {xq.dtype}, {tuple(xs.shape)} {xs.dtype}) is invalid beside x "
+                         f"{(T, D)}: contiguous ([T, D] {FP8_DTYPE}, [T, ceil(D / {group})] float32).")
+
+
 def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_inv: torch.Tensor, w2q_EDI: torch.Tensor,
                          w2_scale_inv: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                          expert_map_G: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK, *,
                          out: torch.Tensor | None = None, config: MoELaunchConfig | None = None,
                          combine: str = "sum", activation: MoEActivation | None = None,
-                         path: str = "auto") -> torch.Tensor:
+                         path: str = "auto", x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         fuse_h: bool = True) -> torch.Tensor:
     """Same contract as fp8.reference_fused_moe_fp8: x [T, D] (float32/bfloat16/float16), FP8 expert weights with
     their block scales; [T, D] in x's dtype, rows whose experts are all remote are 0.
 
@@ -283,9 +295,15 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
     bf16-style blocks and is adapted to the weight block (`_blocks`); `activation` the gate-up epilogue's (None:
     SiLU; Hy4's "silu_clamp"); `path` "auto" (the config's TINY.max_pairs decides: no shipped FP8 config has one),
     "tiny" (kernels/triton_moe_fp8_tiny.py's GEMVs, the config's TINY blocks else DEFAULT_TINY_FP8; summed in a
-    fixed order whatever `combine` says) or "sorted". No device→host sync."""
+    fixed order whatever `combine` says) or "sorted". `x_fp8`: (xq [T, D] e4m3, xs [T, ceil(D / Bk)]), x as
+    fp8.per_token_group_quant gives it, quantized where x was made (the norm before the MoE:
+    triton_norm.triton_add_rms_norm_fp8), so no launch here quantizes it. `fuse_h` (the tiny path): h quantized
+    inside the gate-up launch (False: by a launch of its own, the form before; for measurements and tests). No
+    device→host sync."""
     bn, bk = check_triton_block(block)
     _check(x_TD, w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv, topk_weights_TK, topk_ids_TK, (bn, bk))
+    if x_fp8 is not None:
+        check_x_fp8(x_TD, x_fp8, bk)
     out = output(x_TD, out, combine)
     T, K = x_TD.shape[0], topk_ids_TK.shape[1]
     if T == 0:
@@ -295,7 +313,7 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
                           for t in (w13q_EFD, w13_scale_inv, w2q_EDI, w2_scale_inv))
     if path not in ("auto", "tiny", "sorted"):
         raise ValueError(f"path={path!r} is invalid: must be one of auto, tiny, sorted.")
-    fmt = Fp8Format(E, I, w13q, s13, w2q, s2, (bn, bk))
+    fmt = Fp8Format(E, I, w13q, s13, w2q, s2, (bn, bk), x_fp8)
     cfg = config or get_fp8_moe_config(E, I, T, K, x_TD.device)
     act = activation_args(activation) if activation is not None else (ACT_SILU, SILU.alpha, SILU.limit)
     if path == "tiny" or (path == "auto" and cfg.uses_tiny(T * K)):
@@ -303,6 +321,6 @@ def triton_fused_moe_fp8(x_TD: torch.Tensor, w13q_EFD: torch.Tensor, w13_scale_i
 
         return tiny_fused_moe_fp8(x_TD, w13q, s13, w2q, s2, topk_weights_TK.reshape(-1).contiguous(),
                                   topk_ids_TK.reshape(-1).contiguous(), expert_map_G, (bn, bk), up_row(w13q, w2q), act,
-                                  out, cfg.tiny or DEFAULT_TINY_FP8, K)
+                                  out, cfg.tiny or DEFAULT_TINY_FP8, K, x_fp8, fuse_h)
     return sorted_fused_moe(fmt, x_TD, topk_weights_TK.reshape(-1).contiguous(), topk_ids_TK.reshape(-1).contiguous(),
                             expert_map_G, K, cfg, out, combine, act_args=act)

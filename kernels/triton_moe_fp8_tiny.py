@@ -4,25 +4,28 @@
 Legend: T tokens, D hidden, E local experts, I expert intermediate size, U the up rows' first row (fp8.up_row), K
 top-k, P = T*K pairs, Gd = ceil(D / Bk), Gi = ceil(I / Bk), Bn x Bk the weight block (128 x 128 published).
 
-Four launches, no alignment and no sum pass (the sorted FP8 path at one token is five, with the sum):
-1. x quantized per token and Bk group (triton_fp8.triton_per_token_group_quant): xq [T, D] e4m3, xs [T, Gd].
+Two launches in the engine's form, no alignment and no sum pass (the sorted FP8 path at one token is five):
+1. x quantized per token and Bk group: xq [T, D] e4m3, xs [T, Gd]; by the norm before the MoE in its own launch
+   (`x_fp8`: triton_norm.triton_add_rms_norm_fp8, issue 80), else by a launch here
+   (triton_fp8.triton_per_token_group_quant).
 2. Gate-up GEMV, grid (P, I / BLOCK_N): a K tile is [BLOCK_N, BLOCK_K / g, g] (g = min(BLOCK_K, Bk): one scale
    group a row of the middle axis), so each group's x scale and weight block scale are loaded once a group and
    folded into x's values ([1, groups, 1] times [1, groups, g]); the products are then one FMA a value against the
    e4m3 weights. A program's rows lie in one weight scale block (BLOCK_N narrowed to divide Bn and the up rows'
    offset: `fp8_tiny_up_block_n`). act(gate) * up in fp32 into h_PI (fp32: the reference quantizes the fp32
-   activation, not a rounded one).
-3. h quantized per pair and Bk group (the same kernel as 1): hq [P, I], hs [P, Gi].
-4. Down GEMV + top-k sum, grid (T, D / BLOCK_N), the float path's walk (pairs in order into one fp32 tile, each
+   activation, not a rounded one); then h quantized per pair and Bk group in the same launch: the program that
+   finishes a group last quantizes it (`_quant_h_group`: hq [P, I], hs [P, Gi]; `quant_h=False`: a launch of its
+   own, the form before).
+3. Down GEMV + top-k sum, grid (T, D / BLOCK_N), the float path's walk (pairs in order into one fp32 tile, each
    pair's h scale, weight block scale and routed weight folded into h's values): deterministic, no atomics.
 K is walked as the float GEMVs walk it (triton_moe_tiny.UNROLLED: steps of unrolled tiles, no loop where one step
 fits): Triton does not pipeline loads that feed no dot, and unrolled tiles let ptxas issue them back to back. Each
 e4m3 weight byte is read once a (token, expert) pair: at one token, once. Registers (compile_report_tiny, sm_90 /
 sm_100): 56-146, no spills at any model shape; the first version gathered the scales as [BLOCK_N, BLOCK_K] fp32
 tiles (64 registers a thread) and spilled at DeepSeek-V3's width.
-Quantizing x and h inside the GEMVs instead (two launches, not four) would make every program quantize the whole
-row it reads: P x I / BLOCK_N programs each dividing D values (DeepSeek-V3 at one token: ~175 M IEEE divisions,
-more ALU time than the weights' memory time), so the activations are quantized once, by their own launches.
+Quantizing x and h per expert tile instead (every program quantizing the whole row it reads: P x I / BLOCK_N
+programs each dividing D values, DeepSeek-V3 at one token ~175 M IEEE divisions, more ALU time than the weights'
+memory time) is why each is quantized once, where it is made.
 Choice: `path="tiny"` of triton_fused_moe_fp8, or a TINY entry of the FP8 launch config (T*K <= max_pairs).
 """
 from __future__ import annotations
@@ -32,10 +35,11 @@ import triton
 import triton.language as tl
 
 from . import triton_common as common
+from .fp8 import FP8_DTYPE
 from .moe_align import _local_expert
 from .moe_config import TinyConfig, TinyGemm
 from .triton_common import activation_epilogue
-from .triton_fp8 import triton_per_token_group_quant
+from .triton_fp8 import quant_tile, triton_per_token_group_quant
 from .triton_moe_tiny import (UNROLLED, gemv_block_n, num_sms, tiny_columns, tiny_down_epilogue, tiny_down_program,
                               tiny_up_program)
 
@@ -60,9 +64,10 @@ def _group_tile(k0, NG: tl.constexpr, INNER: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit(do_not_specialize=["num_pairs"])
 def _tiny_fp8_up_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, map_ptr, num_pairs, num_ids, inter, hidden,
                         top_k, up_row, stride_xt, stride_xst, stride_we, stride_wf, stride_wse, stride_wsf, stride_hp,
-                        alpha, limit, SCALE_N: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, INNER: tl.constexpr, K_TILES: tl.constexpr, ONE_STEP: tl.constexpr,
-                        HAS_MAP: tl.constexpr, ACT: tl.constexpr):
+                        alpha, limit, hq_ptr, hs_ptr, count_ptr, SCALE_N: tl.constexpr, GROUP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INNER: tl.constexpr, K_TILES: tl.constexpr,
+                        ONE_STEP: tl.constexpr, HAS_MAP: tl.constexpr, ACT: tl.constexpr, QUANT_H: tl.constexpr,
+                        INTERPRET: tl.constexpr):
     # A program's BLOCK_N gate rows lie in one weight scale block, and so do its up rows (the wrapper narrows
     # BLOCK_N to divide the block's rows and up_row): each K group's weight scale is one value per tile, folded
     # with x's group scale into x's values before the FMA with the e4m3 weights.
@@ -88,6 +93,35 @@ def _tiny_fp8_up_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, ids_ptr, map_ptr, 
     up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
     h = activation_epilogue(gate, up, alpha, limit, ACT)
     tl.store(h_ptr + pair.to(tl.int64) * stride_hp + offs_n, h, mask=n_ok)
+    if QUANT_H:
+        _quant_h_group(h_ptr, hq_ptr, hs_ptr, count_ptr, pair, row0, inter, stride_hp, GROUP, BLOCK_N, INTERPRET)
+
+
+@triton.jit
+def _quant_h_group(h_ptr, hq_ptr, hs_ptr, count_ptr, pair, row0, inter, stride_hp, GROUP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """h's quantization in the gate-up launch (no launch of its own): the program that finishes a pair's GROUP-row
+    group of h last quantizes it (fp32 h -> hq e4m3, hs: quant_tile, bit for bit triton_per_token_group_quant).
+    Each program counts itself in the group's counter (acq_rel at GPU scope, after a barrier: every thread's h
+    stores are released with it); the one that reads count - 1 sees every other program's h, quantizes, and resets
+    the counter to 0 for the next launch (the counters are zeros between launches: no memset launch either)."""
+    grp = row0 // GROUP
+    rows = tl.minimum(inter - grp * GROUP, GROUP)
+    programs = (rows + BLOCK_N - 1) // BLOCK_N  # this group's programs (BLOCK_N divides GROUP)
+    groups = (inter + GROUP - 1) // GROUP
+    slot = count_ptr + pair.to(tl.int64) * groups + grp
+    tl.debug_barrier()
+    seen = tl.atomic_add(slot, 1, sem="acq_rel")
+    if seen == programs - 1:
+        cols = grp * GROUP + tl.arange(0, GROUP)
+        ok = cols < inter
+        p64 = pair.to(tl.int64)
+        # .cg: from L2, never a line this SM's L1 may hold from before the other programs' stores
+        h = tl.load(h_ptr + p64 * stride_hp + cols, mask=ok, other=0.0, cache_modifier=".cg")
+        hq, hs = quant_tile(tl.reshape(h, [1, GROUP]), 1, GROUP, INTERPRET)
+        tl.store(hq_ptr + p64 * inter + cols, tl.reshape(hq, [GROUP]), mask=ok)
+        tl.store(hs_ptr + p64 * groups + grp + tl.arange(0, 1), tl.reshape(hs, [1]))
+        tl.atomic_xchg(slot, 0, sem="relaxed")
 
 
 @triton.jit
@@ -164,6 +198,23 @@ def _fp8_down_step(acc, ops, strides, t, n_ok, k_step, num_pairs, num_ids, inter
     return acc
 
 
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def h_outputs(pairs: int, inter: int, group: int, device: torch.device):
+    """(hq [P, I] e4m3, hs [P, Gi] fp32, the group counters [P * Gi] int32) of the fused h quantization. The
+    counters persist per device, zeros between launches (the last program of each group resets its own), so a
+    call never clears them: grown (zeros) only when a call needs more, which start-up warm-up does before any
+    CUDA graph is captured. One set a device: the launches that use them run one at a time (one stream: the step's
+    micro-batches and layers are issued in order on it)."""
+    groups = triton.cdiv(inter, group)
+    counts = _COUNTS.get(device)
+    if counts is None or counts.numel() < pairs * groups:
+        counts = _COUNTS[device] = torch.zeros(max(pairs * groups, 1024), dtype=torch.int32, device=device)
+    return (common.workspace((pairs, inter), FP8_DTYPE, device),
+            common.workspace((pairs, groups), torch.float32, device), counts)
+
+
 def _k_walk(block_k: int, dim: int, group: int, copies: int = 1) -> dict:
     """BLOCK_K (clamped to the dimension's power of two), its scale-group rows INNER, and the float path's K steps
     (UNROLLED: K_TILES tiles a step, `copies` bodies each, ONE_STEP when one step covers the dimension)."""
@@ -189,8 +240,12 @@ def fp8_tiny_down_block_n(widest: int, num_tokens: int, hidden: int, sms: int, n
 
 def tiny_fused_moe_fp8(x_TD, w13q_EFD, w13s, w2q_EDI, w2s, weights_P, ids_P, expert_map_G, block: tuple[int, int],
                        up_row: int, act_args: tuple[int, float, float], out: torch.Tensor, tiny: TinyConfig,
-                       top_k: int) -> torch.Tensor:
-    """The four launches above into `out` [T, D]; inputs checked and contiguous (triton_fused_moe_fp8). No host
+                       top_k: int, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       quant_h: bool = True) -> torch.Tensor:
+    """The launches above into `out` [T, D]; inputs checked and contiguous (triton_fused_moe_fp8). `x_fp8`: x
+    already quantized (xq [T, D] e4m3, xs [T, Gd]: the norm before the MoE wrote them,
+    triton_norm.triton_add_rms_norm_fp8), so launch 1 is not run; `quant_h` (the default) quantizes h inside the
+    gate-up launch (`_quant_h_group`), so launch 3 is not run either: two launches in all with both. No host
     sync: grids from shapes only."""
     T, D = x_TD.shape
     E, I, P = w13q_EFD.shape[0], w2q_EDI.shape[2], ids_P.numel()
@@ -199,16 +254,21 @@ def tiny_fused_moe_fp8(x_TD, w13q_EFD, w13s, w2q_EDI, w2s, weights_P, ids_P, exp
     map_G = expert_map_G if has_map else ids_P
     num_ids = expert_map_G.numel() if has_map else E
     act, alpha, limit = act_args
-    xq, xs = triton_per_token_group_quant(x_TD, group)
+    xq, xs = x_fp8 if x_fp8 is not None else triton_per_token_group_quant(x_TD, group)
     h_PI = common.workspace((P, I), torch.float32, x_TD.device)
     up, down = tiny.up, tiny.down
     bn = fp8_tiny_up_block_n(up.BLOCK_SIZE_N, bn_s, up_row)
+    hq, hs, counts = h_outputs(P, I, group, x_TD.device) if quant_h else (h_PI, h_PI, ids_P)
+    if quant_h:
+        bn = min(bn, _low_bit(group))  # a program's rows inside one h group
     _tiny_fp8_up_kernel[(P, triton.cdiv(I, bn))](
         xq, xs, w13q_EFD, w13s, h_PI, ids_P, map_G, P, num_ids, I, D, top_k, up_row, xq.stride(0), xs.stride(0),
         w13q_EFD.stride(0), w13q_EFD.stride(1), w13s.stride(0), w13s.stride(1), h_PI.stride(0), alpha, limit,
-        SCALE_N=bn_s, GROUP=group, BLOCK_N=bn, HAS_MAP=has_map, ACT=act, num_warps=up.num_warps,
-        num_stages=up.num_stages, **_k_walk(up.BLOCK_SIZE_K, D, group))
-    hq, hs = triton_per_token_group_quant(h_PI, group)
+        hq, hs, counts, SCALE_N=bn_s, GROUP=group, BLOCK_N=bn, HAS_MAP=has_map, ACT=act, QUANT_H=quant_h,
+        INTERPRET=common.interpreting(x_TD), num_warps=up.num_warps, num_stages=up.num_stages,
+        **_k_walk(up.BLOCK_SIZE_K, D, group))
+    if not quant_h:
+        hq, hs = triton_per_token_group_quant(h_PI, group)
     bn = fp8_tiny_down_block_n(down.BLOCK_SIZE_N, T, D, num_sms(x_TD.device), down.num_warps, bn_s)
     _tiny_fp8_down_kernel[(T, triton.cdiv(D, bn))](
         hq, hs, w2q_EDI, w2s, out, ids_P, map_G, weights_P, P, num_ids, D, I, hq.stride(0), hs.stride(0),

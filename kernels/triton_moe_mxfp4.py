@@ -75,7 +75,8 @@ def mxfp4_dot(a, w, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FMT: tl.c
     if NATIVE:
         acc = tl.dot_scaled(a, None, A_FORMAT, tl.trans(q), s, "e2m1", acc)
     else:
-        acc = dot(a, tl.trans(dequant_words_bf16(q, s, BLOCK_N, BLOCK_K, INTERPRET).to(a.dtype)), acc, INTERPRET, PREC)
+        acc = dot(a, tl.trans(dequant_words_bf16(q, s, BLOCK_N, BLOCK_K, INTERPRET, FMT[7]).to(a.dtype)), acc,
+                  INTERPRET, PREC)
     return acc
 
 
@@ -86,14 +87,14 @@ def _moe_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, sorted_ptr, expert_ids_pt
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PERSISTENT: tl.constexpr,
                          TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr, NATIVE: tl.constexpr,
-                         A_FORMAT: tl.constexpr):
+                         A_FORMAT: tl.constexpr, PAIRS: tl.constexpr = False):
     # (num_rows_ptr, num_experts: the pipeline's, for PERSISTENT and TMA, which MXFP4 runs without; taken last, as
     # FP8 takes the bias arguments, so the parameters before them keep their order: see WeightFormat)
     sorted_up_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, inter, hidden), num_rows_ptr, num_rows,
                    (b13_ptr, stride_be, alpha, limit), (x_ptr, stride_xt),
                    (wq_ptr, ws_ptr, ws_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, 0),
                    (h_ptr, stride_hr), packed_up_loop, store_h,
-                   (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT), BLOCK_M,
+                   (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT, PAIRS), BLOCK_M,
                    BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, HAS_BIAS, ACT, PERSISTENT, TMA, INTERPRET, PREC)
 
 
@@ -104,12 +105,12 @@ def _moe_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ids_
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                            EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
                            PERSISTENT: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
-                           NATIVE: tl.constexpr, A_FORMAT: tl.constexpr):
+                           NATIVE: tl.constexpr, A_FORMAT: tl.constexpr, PAIRS: tl.constexpr = False):
     sorted_down_gemm((sorted_ptr, expert_ids_ptr, num_pairs, top_k, hidden, inter), num_rows_ptr, num_rows,
                      (b2_ptr, stride_be, weights_ptr, y_ptr, stride_yr), (h_ptr, stride_hr),
                      (wq_ptr, ws_ptr, ws_ptr, ws_ptr, stride_qe, stride_qn, stride_se, stride_sn, stride_ss, 0),
                      packed_down_loop,
-                     (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT), BLOCK_M,
+                     (scaled_tile, mxfp4_dot, 2 if NATIVE else 8, SCALE_GROUP, False, NATIVE, A_FORMAT, PAIRS), BLOCK_M,
                      BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, ATOMIC, HAS_BIAS, PERSISTENT, TMA, INTERPRET, PREC)
 
 
@@ -140,6 +141,7 @@ class Mxfp4Format(PackedFormat):
     w2s_EDS: torch.Tensor
     native: bool
     a_format: str
+    pairs: bool = False  # the blocks in mxfp4.to_pair_order's nibble order (the decode packs no bf16 pairs by PRMT)
     KERNELS: ClassVar = (_moe_mxfp4_up_kernel, _moe_mxfp4_down_kernel)
 
     def fit(self, cfg: MoELaunchConfig) -> MoELaunchConfig:
@@ -149,7 +151,8 @@ class Mxfp4Format(PackedFormat):
         """A GEMM's weight operands (bytes, scales and their strides) and this format's constexprs."""
         q, s = (self.w13q_EFB, self.w13s_EFS) if up else (self.w2q_EDB, self.w2s_EDS)
         return dict(wq_ptr=q, ws_ptr=s, stride_qe=q.stride(0), stride_qn=q.stride(1), stride_se=s.stride(0),
-                    stride_sn=s.stride(1), stride_ss=s.stride(2), NATIVE=self.native, A_FORMAT=self.a_format)
+                    stride_sn=s.stride(1), stride_ss=s.stride(2), NATIVE=self.native, A_FORMAT=self.a_format,
+                    PAIRS=self.pairs)
 
 
 def mxfp4_config_file_name(num_experts: int, inter: int, name: str) -> str:
@@ -190,17 +193,21 @@ def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w1
                            b13_EF: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None,
                            activation: MoEActivation = SILU, out: torch.Tensor | None = None,
                            config: MoELaunchConfig | None = None, combine: str = "sum", native: bool = False,
-                           path: str = "auto") -> torch.Tensor:
+                           path: str = "auto", pair_order: bool = False) -> torch.Tensor:
     """Same contract as `reference_fused_moe_mxfp4`: [T, D] in x's dtype (fp32, bf16, fp16); rows whose
     experts are all remote are 0. `out` and `combine` as `triton_fused_moe`; `config` overrides the MXFP4 launch
     config (`mxfp4_config_table`); `native=True` takes the tl.dot_scaled path (module docstring; bf16/fp16
     activations only; the per-tile path). `path`: "auto" (`mxfp4_path`), "tiny" (the two GEMVs,
     kernels/triton_moe_mxfp4_tiny.py; the config's TINY blocks, else DEFAULT_TINY's; sums deterministically
     whatever `combine` says), "sorted" (per-tile dequantization) or "dequant" (every local expert dequantized
-    once into a scratch of x's dtype, then the float sorted path with the float launch config). No device→host
-    sync.
+    once into a scratch of x's dtype, then the float sorted path with the float launch config). `pair_order`: the
+    blocks are in mxfp4.to_pair_order's nibble order (permuted once at load, moe/layer.py: every path decodes it;
+    the sorted path then packs no bf16 pairs by byte permutes), not with `native` (tl.dot_scaled reads the
+    checkpoint's order). No device→host sync.
     """
     check_path(path)
+    if pair_order and native:
+        raise ValueError("pair_order=True is invalid with native=True: tl.dot_scaled reads the checkpoint's nibble order.")
     E, I, _ = _check(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, topk_weights_TK,
                      topk_ids_TK)
     dt = x_TD.dtype
@@ -216,17 +223,17 @@ def triton_fused_moe_mxfp4(x_TD: torch.Tensor, w13_blocks_EFSQ: torch.Tensor, w1
     if chosen == "tiny":
         return tiny_fused_moe_mxfp4(r.x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, r.weights_P,
                                     r.ids_P, expert_map_G, r.b13_EF, r.b2_ED, r.act_args, r.out,
-                                    config.tiny or DEFAULT_TINY, K)
+                                    config.tiny or DEFAULT_TINY, K, pair_order)
     if chosen == "dequant":
         # Every local expert, not only those with tokens: the shipped DEQUANT buckets start at 128 rows per expert,
         # where an expert without a token is about e**-128 unlikely under even routing, so a count of used experts would
         # cost a launch and save nothing; a shape-only grid stays graph-safe. The scratch is allocated per call:
         # the caching allocator hands the same blocks to the next layer (one layer's worth at a time).
-        w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt)
-        w2_EDI = dequantize_experts(w2_blocks_EDSQ, w2_scales_EDS, dt)
+        w13_EFD = dequantize_experts(w13_blocks_EFSQ, w13_scales_EFS, dt, pairs=pair_order)
+        w2_EDI = dequantize_experts(w2_blocks_EDSQ, w2_scales_EDS, dt, pairs=pair_order)
         cfg = replace(config if given else get_moe_config(E, I, T, K, x_TD.device), tiny=None, dequant=False)
         return r.sorted(FloatFormat(E, I, w13_EFD, w2_EDI), expert_map_G, cfg, combine)
     view = _bytes_view if native else word_view  # (the K loops' operand: bytes for tl.dot_scaled, else words)
     fmt = Mxfp4Format(E, I, view(w13_blocks_EFSQ), w13_scales_EFS, view(w2_blocks_EDSQ), w2_scales_EDS,
-                      bool(native), a_format)
+                      bool(native), a_format, pair_order)
     return r.sorted(fmt, expert_map_G, config, combine)

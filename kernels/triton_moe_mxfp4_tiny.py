@@ -35,20 +35,31 @@ from .triton_mxfp4_dequant import e2m1_slots, e8m0_to_fp32, half_f32, word_view
 
 
 @triton.jit
-def _word_dots(q, xs):
+def _word_dots(q, xs, PAIRS: tl.constexpr = False):
     """Σ over each int32 word's 8 values of value × x: q [..., 4] words, xs the 8 slot tensors x[8w + j]
     (broadcastable to q). Returns fp32 [..., 4] in units of 2**-14 (the slots' fp16 scale). One FMA chain: a
-    product and seven fused multiply-adds a word."""
+    product and seven fused multiply-adds a word, over the elements 0, 4, 1, 5, 2, 6, 3, 7 in either nibble order
+    (PAIRS: mxfp4.to_pair_order's, slot j holding elements (2j, 2j + 1)), so both give the same bits."""
     x0, x1, x2, x3, x4, x5, x6, x7 = xs
     s0, s1, s2, s3 = e2m1_slots(q)
-    t = half_f32(s0, False) * x0
-    t += half_f32(s0, True) * x4
-    t += half_f32(s1, False) * x1
-    t += half_f32(s1, True) * x5
-    t += half_f32(s2, False) * x2
-    t += half_f32(s2, True) * x6
-    t += half_f32(s3, False) * x3
-    t += half_f32(s3, True) * x7
+    if PAIRS:
+        t = half_f32(s0, False) * x0
+        t += half_f32(s2, False) * x4
+        t += half_f32(s0, True) * x1
+        t += half_f32(s2, True) * x5
+        t += half_f32(s1, False) * x2
+        t += half_f32(s3, False) * x6
+        t += half_f32(s1, True) * x3
+        t += half_f32(s3, True) * x7
+    else:
+        t = half_f32(s0, False) * x0
+        t += half_f32(s0, True) * x4
+        t += half_f32(s1, False) * x1
+        t += half_f32(s1, True) * x5
+        t += half_f32(s2, False) * x2
+        t += half_f32(s2, True) * x6
+        t += half_f32(s3, False) * x3
+        t += half_f32(s3, True) * x7
     return t
 
 
@@ -69,7 +80,8 @@ def _split8(x):
 def _tiny_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, ids_ptr, map_ptr, b13_ptr, num_pairs, num_ids, inter, hidden,
                           top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_hp, stride_be, alpha,
                           limit, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                          HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+                          HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr,
+                          PAIRS: tl.constexpr = False):
     # Weight tiles are [BN, G, 4] words (G scale groups of 4 words each, one 16-byte vector per group), so a
     # group's scale is one load and one product per word; K steps hold whole groups (BLOCK_K % 32 == 0).
     pair, expert = tiny_up_program(ids_ptr, map_ptr, num_pairs, num_ids, HAS_MAP)
@@ -98,8 +110,8 @@ def _tiny_mxfp4_up_kernel(x_ptr, wq_ptr, ws_ptr, h_ptr, ids_ptr, map_ptr, b13_pt
         xs = (x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None], x7[None])
         qg = tl.load(gq_ptrs, mask=ok[:, :, None], other=0)
         qu = tl.load(uq_ptrs, mask=ok[:, :, None], other=0)
-        acc_g += _word_dots(qg, xs) * e8m0_to_fp32(tl.load(gs_ptrs, mask=ok, other=127))[:, :, None]
-        acc_u += _word_dots(qu, xs) * e8m0_to_fp32(tl.load(us_ptrs, mask=ok, other=127))[:, :, None]
+        acc_g += _word_dots(qg, xs, PAIRS) * e8m0_to_fp32(tl.load(gs_ptrs, mask=ok, other=127))[:, :, None]
+        acc_u += _word_dots(qu, xs, PAIRS) * e8m0_to_fp32(tl.load(us_ptrs, mask=ok, other=127))[:, :, None]
         x_ptrs += BLOCK_K
         gq_ptrs += BLOCK_K // 8
         uq_ptrs += BLOCK_K // 8
@@ -116,7 +128,7 @@ def _tiny_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, we
                             hidden, inter, stride_hp, stride_qe, stride_qn, stride_se, stride_sn, stride_ot, stride_be,
                             TOP_K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             EVEN_K: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            INTERPRET: tl.constexpr):
+                            INTERPRET: tl.constexpr, PAIRS: tl.constexpr = False):
     # [KP, BN, G, 4] word tiles: the token's K experts side by side; the pair axis is reduced after the K loop
     # (no cross-thread reduction per step).
     t, offs_n, n_ok, pair_p, expert_p, live_p, w_p = tiny_down_program(ids_ptr, map_ptr, weights_ptr, num_pairs,
@@ -144,7 +156,7 @@ def _tiny_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, we
         ok = row_ok[:, :, None] & g_ok[None, None, :]  # [KP, BN, G]
         q = tl.load(q_ptrs, mask=ok[:, :, :, None], other=0)
         sc = e8m0_to_fp32(tl.load(s_ptrs, mask=ok, other=127))
-        acc += _word_dots(q, xs) * sc[:, :, :, None]
+        acc += _word_dots(q, xs, PAIRS) * sc[:, :, :, None]
         h_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // 8
         s_ptrs += BLOCK_K // 32
@@ -154,22 +166,24 @@ def _tiny_mxfp4_down_kernel(h_ptr, wq_ptr, ws_ptr, out_ptr, ids_ptr, map_ptr, we
                        INTERPRET)
 
 
-def _weight(q_ENB: torch.Tensor, s_ENS: torch.Tensor) -> dict:
+def _weight(q_ENB: torch.Tensor, s_ENS: torch.Tensor, pairs: bool) -> dict:
     s_ENS = s_ENS if s_ENS.stride(-1) == 1 else s_ENS.contiguous()
     return dict(wq_ptr=q_ENB, ws_ptr=s_ENS, stride_qe=q_ENB.stride(0), stride_qn=q_ENB.stride(1),
-                stride_se=s_ENS.stride(0), stride_sn=s_ENS.stride(1))
+                stride_se=s_ENS.stride(0), stride_sn=s_ENS.stride(1), PAIRS=pairs)
 
 
 def tiny_fused_moe_mxfp4(x_TD, w13_blocks_EFSQ, w13_scales_EFS, w2_blocks_EDSQ, w2_scales_EDS, weights_P, ids_P,
                          expert_map_G, b13_EF, b2_ED, act_args: tuple[int, float, float], out: torch.Tensor,
-                         tiny: TinyConfig, top_k: int) -> torch.Tensor:
+                         tiny: TinyConfig, top_k: int, pairs: bool = False) -> torch.Tensor:
     """The two launches above into `out` [T, D]. Called by `triton_fused_moe_mxfp4` with its inputs checked, x
-    row-contiguous and the flat [T*K] routing; no host sync."""
+    row-contiguous and the flat [T*K] routing; `pairs`: the blocks are in mxfp4.to_pair_order's nibble order. No
+    host sync."""
     for g in (tiny.up, tiny.down):
         if g.BLOCK_SIZE_K < GROUP:
             raise ValueError(f"TINY BLOCK_SIZE_K={g.BLOCK_SIZE_K} is invalid for MXFP4 weights: must be >= {GROUP} "
                              "(whole scale groups a K step).")
     E, F = w13_blocks_EFSQ.shape[:2]
-    return run_tiny(_tiny_mxfp4_up_kernel, _weight(word_view(w13_blocks_EFSQ), w13_scales_EFS),
-                    _tiny_mxfp4_down_kernel, _weight(word_view(w2_blocks_EDSQ), w2_scales_EDS), x_TD, weights_P, ids_P,
+    return run_tiny(_tiny_mxfp4_up_kernel, _weight(word_view(w13_blocks_EFSQ), w13_scales_EFS, pairs),
+                    _tiny_mxfp4_down_kernel, _weight(word_view(w2_blocks_EDSQ), w2_scales_EDS, pairs), x_TD, weights_P,
+                    ids_P,
                     expert_map_G, b13_EF, b2_ED, act_args, out, tiny, top_k, E, F // 2)

@@ -61,15 +61,33 @@ def half_f32(u, HIGH: tl.constexpr):
 
 
 @triton.jit
-def dequant_words(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _slot_join(s0l, s0h, s1l, s1h, s2l, s2h, s3l, s3h):
+    """A word's 8 decoded values (slot j's low / high half) as [..., 2, 2, 2] in natural element order, for the
+    checkpoint's nibble order: slot j holds elements (j, j + 4). The last join makes the fastest axis, so element
+    4a + 2b + c of a word sits at [a, b, c] when slot 2b + c supplies (a = 0: low half, a = 1: high half); the
+    halves of one slot land 4 elements apart, so packing bf16 pairs takes byte permutes (PRMT)."""
+    return tl.join(tl.join(tl.join(s0l, s0h), tl.join(s2l, s2h)), tl.join(tl.join(s1l, s1h), tl.join(s3l, s3h)))
+
+
+@triton.jit
+def _pair_join(s0l, s0h, s1l, s1h, s2l, s2h, s3l, s3h):
+    """The same for mxfp4.to_pair_order's nibble order, slot j holding elements (2j, 2j + 1): the halves of one slot
+    are neighbours (the outermost join, the fastest axis), so a slot word is already a packed pair (no PRMT)."""
+    return tl.join(tl.join(tl.join(s0l, s2l), tl.join(s1l, s3l)), tl.join(tl.join(s0h, s2h), tl.join(s1h, s3h)))
+
+
+@triton.jit
+def dequant_words(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr = False):
     """int32 words q [BN, BK/8] (8 e2m1 codes each) + E8M0 scales s [BN, BK/32] -> the [BN, BK] tile in fp32,
     natural element order, exact (module docstring): what the pre-pass stores and the per-tile K loops feed to
-    tl.dot, at ~2 integer ops a value."""
+    tl.dot, at ~2 integer ops a value. PAIRS: the words are in mxfp4.to_pair_order's nibble order."""
     s0, s1, s2, s3 = e2m1_slots(q)
-    # [BN, BW, 2, 2, 2]: the last join makes the fastest axis, so element 4a + 2b + c of a word sits at [a, b, c]
-    # when slot 2b + c supplies (a = 0: low half, a = 1: high half)
-    v = tl.join(tl.join(tl.join(half_f32(s0, False), half_f32(s0, True)), tl.join(half_f32(s2, False), half_f32(s2, True))),
-                tl.join(tl.join(half_f32(s1, False), half_f32(s1, True)), tl.join(half_f32(s3, False), half_f32(s3, True))))
+    if PAIRS:
+        v = _pair_join(half_f32(s0, False), half_f32(s0, True), half_f32(s1, False), half_f32(s1, True),
+                       half_f32(s2, False), half_f32(s2, True), half_f32(s3, False), half_f32(s3, True))
+    else:
+        v = _slot_join(half_f32(s0, False), half_f32(s0, True), half_f32(s1, False), half_f32(s1, True),
+                       half_f32(s2, False), half_f32(s2, True), half_f32(s3, False), half_f32(s3, True))
     v = tl.reshape(v, [BLOCK_N, BLOCK_K // 32, 32])
     # times 2**14 (exact), then the scale: two products, as 2**(s - 113) would overflow fp32 for s > 240
     return tl.reshape((v * 16384.0) * e8m0_to_fp32(s)[:, :, None], [BLOCK_N, BLOCK_K])
@@ -114,29 +132,35 @@ def e8m0_to_bf16(s):
 
 
 @triton.jit
-def dequant_words_bf16(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+def dequant_words_bf16(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+                       PAIRS: tl.constexpr = False):
     """`dequant_words` straight to bf16: [BN, BK/8] int32 words + [BN, BK/32] E8M0 scales -> the [BN, BK] tile in
     bf16, natural element order, bit for bit mxfp4_dequantize(..., bf16) for scales 0..254 (module docstring). No
     fp32 on the way (compiled): ~2 integer ops a value place the bits, then two packed bf16 products (sm_90:
     HMUL2.BF16, one instruction a value for both): times 2**126 (exact: the subnormal patterns become the normal
     e2m1 values) and times the group's 2**(s - 127) (one rounding, exact unless it leaves bf16's range, as the
-    reference's ldexp then cast)."""
+    reference's ldexp then cast). PAIRS: the words are in mxfp4.to_pair_order's nibble order (no PRMT)."""
     s0, s1, s2, s3 = e2m1_bf16_slots(q)
     if INTERPRET:
         f = e8m0_to_fp32(s)
     else:
         f = e8m0_to_bf16(s)  # [BN, BK/32]
     f = tl.reshape(tl.broadcast_to(f[:, :, None], [BLOCK_N, BLOCK_K // 32, 4]), [BLOCK_N, BLOCK_K // 8])
-    v = tl.join(tl.join(tl.join(_half_bf16(s0, f, False, INTERPRET), _half_bf16(s0, f, True, INTERPRET)),
-                        tl.join(_half_bf16(s2, f, False, INTERPRET), _half_bf16(s2, f, True, INTERPRET))),
-                tl.join(tl.join(_half_bf16(s1, f, False, INTERPRET), _half_bf16(s1, f, True, INTERPRET)),
-                        tl.join(_half_bf16(s3, f, False, INTERPRET), _half_bf16(s3, f, True, INTERPRET))))
+    a, b = _half_bf16(s0, f, False, INTERPRET), _half_bf16(s0, f, True, INTERPRET)
+    c, d = _half_bf16(s1, f, False, INTERPRET), _half_bf16(s1, f, True, INTERPRET)
+    e, g = _half_bf16(s2, f, False, INTERPRET), _half_bf16(s2, f, True, INTERPRET)
+    h, i = _half_bf16(s3, f, False, INTERPRET), _half_bf16(s3, f, True, INTERPRET)
+    if PAIRS:
+        v = _pair_join(a, b, c, d, e, g, h, i)
+    else:
+        v = _slot_join(a, b, c, d, e, g, h, i)
     return tl.reshape(v, [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
 def _mxfp4_dequant_kernel(q_ptr, s_ptr, w_ptr, rows, groups, stride_qe, stride_qn, stride_se, stride_sn, stride_we,
-                          stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                          stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+                          PAIRS: tl.constexpr = False):
     e = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.program_id(2) * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
@@ -147,17 +171,17 @@ def _mxfp4_dequant_kernel(q_ptr, s_ptr, w_ptr, rows, groups, stride_qe, stride_q
                 other=0)
     sc = tl.load(s_ptr + e * stride_se + rows_n * stride_sn + offs_g[None, :], mask=n_ok & (offs_g < groups)[None, :],
                  other=0)
-    vals = dequant_words(q, sc, BLOCK_N, BLOCK_K)
+    vals = dequant_words(q, sc, BLOCK_N, BLOCK_K, PAIRS)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     out = w_ptr + e * stride_we + rows_n * stride_wn + offs_k[None, :]
     tl.store(out, cast(vals, w_ptr.dtype.element_ty, INTERPRET), mask=n_ok & (offs_k < groups * 32)[None, :])
 
 
 def dequantize_experts(blocks_ENSQ: torch.Tensor, scales_ENS: torch.Tensor, dtype: torch.dtype,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, pairs: bool = False) -> torch.Tensor:
     """blocks uint8 [E, N, S, 16] + scales uint8 [E, N, S] -> [E, N, K = 32 S] in `dtype` (fp32, bf16, fp16),
     equal to `mxfp4_dequantize(blocks, scales, dtype)`. `out` ([E, N, K], `dtype`, rows contiguous) is written
-    when given. One launch, no host sync."""
+    when given; `pairs`: the blocks are in mxfp4.to_pair_order's nibble order. One launch, no host sync."""
     _check_packed(blocks_ENSQ, scales_ENS)
     if blocks_ENSQ.dim() != 4:
         raise ValueError(f"blocks {tuple(blocks_ENSQ.shape)} is invalid: need [E, N, K/32, 16].")
@@ -174,7 +198,7 @@ def dequantize_experts(blocks_ENSQ: torch.Tensor, scales_ENS: torch.Tensor, dtyp
     grid = (E, triton.cdiv(N, PREPASS_BLOCK_N), triton.cdiv(K, PREPASS_BLOCK_K))
     _mxfp4_dequant_kernel[grid](words, scales_ENS, out, N, S, words.stride(0), words.stride(1), scales_ENS.stride(0),
                           scales_ENS.stride(1), out.stride(0), out.stride(1), BLOCK_N=PREPASS_BLOCK_N,
-                          BLOCK_K=PREPASS_BLOCK_K, INTERPRET=common.interpreting(out), num_warps=4)
+                          BLOCK_K=PREPASS_BLOCK_K, INTERPRET=common.interpreting(out), PAIRS=pairs, num_warps=4)
     return out
 
 

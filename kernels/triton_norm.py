@@ -7,6 +7,10 @@ step: the mean square and the scaling in fp32, a cast back to x's dtype,
 then the weight multiply in the output dtype (bf16·bf16 products are exact in
 fp32, so one rounding gives what torch gives). The residual sum is rounded to
 x's dtype before it is normalised, as `x + residual` is in torch.
+
+`triton_add_rms_norm_fp8` (issue 80's FP8 decode row) also writes the output quantized for W8A8 FP8 experts in
+the same launch (QUANT: per token, per GROUP channels, `quant_tile`, bit for bit fp8.per_token_group_quant of the
+output): the MoE after it then runs no quantization launch of its own (kernels/triton_moe_fp8_tiny.py).
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import triton.language as tl
 
 from . import triton_common as common
 from .triton_common import cast
+from .fp8 import FP8_DTYPE
+from .triton_fp8 import quant_tile
 
 
 @triton.jit
@@ -31,9 +37,10 @@ def rms_normalize(x32, D, eps, dt: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, inner, D, eps,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, inner, D, eps,
                      stride_xo, stride_xi, stride_ro, stride_ri, stride_oo, stride_so,
-                     HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
+                     QUANT: tl.constexpr = False, GROUP: tl.constexpr = 128):
     # A row is (outer, inner): strided [T, heads, D] views (q/k slices of qkv) need no copy.
     row = tl.program_id(0)
     outer, inn = row // inner, row % inner
@@ -47,8 +54,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, inner, D, eps,
         tl.store(sum_ptr + row.to(tl.int64) * stride_so + offs, x, mask=ok)
     y = rms_normalize(x.to(tl.float32), D, eps, x_dt, INTERPRET)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
-    out = y.to(ACC) * w.to(ACC)
-    tl.store(out_ptr + row.to(tl.int64) * stride_oo + offs, cast(out, out_ptr.dtype.element_ty, INTERPRET), mask=ok)
+    out = cast(y.to(ACC) * w.to(ACC), out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptr + row.to(tl.int64) * stride_oo + offs, out, mask=ok)
+    if QUANT:  # [T, D] rows only (stride_oo = D): the rounded output, as the experts would quantize it
+        GROUPS: tl.constexpr = BLOCK_D // GROUP
+        q, qs = quant_tile(tl.reshape(out.to(tl.float32), [1, BLOCK_D]), GROUPS, GROUP, INTERPRET)
+        tl.store(q_ptr + row.to(tl.int64) * stride_oo + offs, tl.reshape(q, [BLOCK_D]), mask=ok)
+        offs_g = tl.arange(0, GROUPS)
+        tl.store(qs_ptr + row.to(tl.int64) * ((D + GROUP - 1) // GROUP) + offs_g, tl.reshape(qs, [GROUPS]),
+                 mask=offs_g * GROUP < D)
 
 
 def _rows(t: torch.Tensor, name: str):
@@ -62,7 +76,7 @@ def _rows(t: torch.Tensor, name: str):
     raise ValueError(f"{name} has {t.dim()} dims: the Triton RMSNorm takes [T, D] or [T, heads, D].")
 
 
-def _launch(x, res, weight_D, eps, out, summed):
+def _launch(x, res, weight_D, eps, out, summed, quant=None):
     common.check_dtype("x", x)
     if x.shape[-1] != weight_D.shape[0]:
         raise ValueError(f"weight_D has {weight_D.shape[0]} elements: it must match x's last dim {x.shape[-1]}.")
@@ -88,10 +102,13 @@ def _launch(x, res, weight_D, eps, out, summed):
     else:
         sro = sri = 0
     BLOCK_D = triton.next_power_of_2(D)
+    q, qs, group = quant if quant is not None else (out, out, 128)
+    if quant is not None and BLOCK_D < group:  # (the tile holds whole groups: lanes past D are masked zeros, they raise no amax)
+        raise ValueError(f"D={D} is below the quantization group {group}: quantize apart (triton_fp8).")
     _rms_norm_kernel[(rows,)](
-        x, res if res is not None else x, weight_D, out, summed if summed is not None else out, inner, D, eps,
+        x, res if res is not None else x, weight_D, out, summed if summed is not None else out, q, qs, inner, D, eps,
         sxo, sxi, sro, sri, D, D, HAS_RES=res is not None, BLOCK_D=BLOCK_D, ACC=acc, INTERPRET=interp,
-        num_warps=min(16, max(1, BLOCK_D // 256)),
+        QUANT=quant is not None, GROUP=group, num_warps=min(16, max(1, BLOCK_D // 256)),
     )
     return out, summed
 
@@ -110,3 +127,21 @@ def triton_add_rms_norm(
         raise ValueError(f"residual_TD {tuple(residual_TD.shape)} {residual_TD.dtype} must match x_TD "
                          f"{tuple(x_TD.shape)} {x_TD.dtype}.")
     return _launch(x_TD, residual_TD, weight_D, eps, out, residual_out)
+
+
+def triton_add_rms_norm_fp8(
+    x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, group: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as `norm.reference_add_rms_norm_fp8`: (norm(x + residual), x + residual, xq, xs), the
+    quantized copy written by the norm's own program (one launch). x and the residual [T, D]; `group` a power of
+    two (the experts' Bk, 128)."""
+    if x_TD.dim() != 2 or residual_TD.shape != x_TD.shape or residual_TD.dtype != x_TD.dtype:
+        raise ValueError(f"x_TD {tuple(x_TD.shape)} {x_TD.dtype} and residual_TD {tuple(residual_TD.shape)} "
+                         f"{residual_TD.dtype}: both [T, D] of one dtype.")
+    if group <= 0 or group & (group - 1):
+        raise ValueError(f"group={group} is invalid: a power of two (the experts' Bk, 128).")
+    T, D = x_TD.shape
+    xq = common.workspace((T, D), FP8_DTYPE, x_TD.device)
+    xs = common.workspace((T, triton.cdiv(D, group)), torch.float32, x_TD.device)
+    out, summed = _launch(x_TD, residual_TD, weight_D, eps, None, None, (xq, xs, group))
+    return out, summed, xq, xs

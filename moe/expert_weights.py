@@ -180,6 +180,10 @@ class Fp8BlockExperts:
         # A TritonKernels without the FP8 MoE kernel yet runs the reference (correct, slower).
         fused_moe_fp8 = getattr(kernels, "fused_moe_fp8", reference_fused_moe_fp8)
         act = {} if layer.activation == SILU else {"activation": layer.activation}  # plain SiLU: the call as before
+        handoff = getattr(layer, "fp8_input", None)  # x quantized by the norm before (moe/fp8_input.py)
+        x_fp8 = handoff.take(x_ND) if handoff is not None else None
+        if x_fp8 is not None:
+            act["x_fp8"] = x_fp8
         return fused_moe_fp8(x_ND, layer.w13_EFD, layer.w13_scale_inv_EFD, layer.w2_EDI, layer.w2_scale_inv_EDI,
                              weights_NK, ids_NK, block=self.block, **act)
 
@@ -199,6 +203,7 @@ class Mxfp4Experts:
 
     name = "mxfp4"
     supports_extras = True
+    whole_blocks = False  # set by weight_plan: the fused plan writes the blocks parameters whole
 
     def create(self, layer: nn.Module, num_local: int, hidden: int, inter: int, dtype, device) -> None:
         for field, n in (("hidden_size", hidden), ("intermediate_size", inter)):
@@ -221,6 +226,10 @@ class Mxfp4Experts:
         scales (kernels/mxfp4.py). down tensors are read at rows e. `rows` is the fused reader's expert index
         (`()` all, a slice for a contiguous run, else the ids as a tensor): a slice stays a slice (basic
         indexing beside the advanced row order), so the loader reads only this rank's experts from the file."""
+        # Whether the plan writes each blocks parameter whole, so that a weight update's written ids name it: where
+        # it does, the layer may hold the blocks in the decode's pair order (MoELayer.process_weights_after_loading
+        # permutes what was written); the per-expert plan writes views, and the blocks keep the published order.
+        self.whole_blocks = fused
         if not fused:
             return self._per_expert_plan(layer, m, expert_ids, names)
         f = gate_up_order(layer.w2_blocks_EDSQ.shape[2] * MXFP4_GROUP)
@@ -259,8 +268,10 @@ class Mxfp4Experts:
         return plan
 
     def run(self, kernels: Kernels, layer: nn.Module, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        # Blocks permuted after load into the Triton decode's pair order (MoELayer.process_weights_after_loading)
+        pairs = {"pair_order": True} if getattr(layer, "mxfp4_pair_order", False) else {}
         return kernels.fused_moe_mxfp4(x_ND, layer.w13_blocks_EFSQ, layer.w13_scales_EFS, layer.w2_blocks_EDSQ,
-                                       layer.w2_scales_EDS, weights_NK, ids_NK, **layer._extras())
+                                       layer.w2_scales_EDS, weights_NK, ids_NK, **layer._extras(), **pairs)
 
 
 class Nvfp4Experts:

@@ -5,6 +5,7 @@ experts, G logical experts, I expert intermediate size, F = 2I, K top-k.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generator, Protocol
 
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 
 from moelink.comm.a2a_base import AllToAll
 from moelink.kernels.moe import SILU, MoEActivation
+from moelink.kernels.mxfp4 import to_pair_order
 
-from .expert_weights import ExpertFormat, FloatExperts
+from .expert_weights import ExpertFormat, FloatExperts, Fp8BlockExperts, Mxfp4Experts
+from .fp8_input import Fp8Input
 from .placement import ExpertPlacement, PlacementTables
 from . import routing_replay
 from .router import Router
@@ -165,6 +168,15 @@ class MoELayer(nn.Module):
         # bool [T], set only while a padded decode graph runs (engine/rank/cuda_graph.py): padding rows route to
         # no expert (id -1), so they cost no expert weight reads and count in no expert's load.
         self.valid_rows_T: torch.Tensor | None = None
+        # FP8 experts whose x the norm before them quantizes (moe/fp8_input.py): the Triton kernels on CUDA, where
+        # that saves the experts' quantization launch; None elsewhere (the references quantize x as before).
+        # (The norm's Triton tile holds whole groups: hidden sizes below one group, test models', keep the old way.)
+        fp8_norm = (isinstance(self.expert_format, Fp8BlockExperts) and getattr(kernels, "name", "") == "triton"
+                    and hidden_size >= self.expert_format.block[1])
+        self.fp8_input = Fp8Input(self.expert_format.block[1]) if fp8_norm else None
+        # MXFP4 blocks held in the Triton decode's pair order (kernels/mxfp4.to_pair_order), permuted once after
+        # load (`process_weights_after_loading`) where the kernels' MXFP4 op reads that order; True once they are.
+        self.mxfp4_pair_order = False
         # Rollout routing replay (moe/routing_capture.py): where this layer writes its routed ids; None: off.
         self.routing_capture = None
         # Its other half (moe/routing_replay.py): the step's given ids this layer uses instead of its router's.
@@ -216,6 +228,32 @@ class MoELayer(nn.Module):
             out_TD = yield from self._forward_ep(x_TD, weights_TK,
                                                  ids_TK if identity_T1 is None else self._ep_ids(ids_TK))
         return out_TD if identity_T1 is None else out_TD + x_TD * identity_T1.to(x_TD.dtype)
+
+    def process_weights_after_loading(self, updated: set[int] | None = None) -> None:
+        """After the loader filled the parameters (or a weight update the ones whose ids `updated` holds, in the
+        checkpoint's layout): MXFP4 blocks permuted into the Triton decode's pair order where the kernels read it
+        (the per-tile K loop then packs no bf16 pairs by byte permutes: docs/kernels.md, MXFP4). Only what the
+        load or update wrote is permuted; EPLB moves, rollback and sleep copy the held bytes as they are."""
+        # (gpt-oss's fused plan only: it writes each blocks parameter whole, so an update's ids name what it wrote;
+        # the per-expert and split plans write views, and those blocks keep the published order)
+        fmt = self.expert_format
+        if type(fmt) is not Mxfp4Experts or not fmt.whole_blocks or not takes_pair_order(self.kernels):
+            return
+        for name in ("w13_blocks_EFSQ", "w2_blocks_EDSQ"):
+            blocks = getattr(self, name)
+            if updated is None or id(blocks) in updated:
+                blocks.data.copy_(to_pair_order(blocks.data))
+        self.mxfp4_pair_order = True
+
+    def fp8_input_for(self, num_tokens: int) -> Fp8Input | None:
+        """The handoff to give x's quantized copy to, where this layer's experts would take it for a batch of
+        `num_tokens` rows (FP8 experts on the Triton kernels, local experts only, no LoRA on them), else None."""
+        handoff = self.fp8_input
+        if handoff is None or self.ep is not None or not handoff.wants(num_tokens):
+            return None
+        if self.lora_experts is not None and self.lora_experts.active():
+            return None
+        return handoff
 
     def _replayed(self, logits_TG: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +325,17 @@ class MoELayer(nn.Module):
         if self._plain_experts:
             return {}
         return dict(b13_EF=self.b13_EF, b2_ED=self.b2_ED, activation=self.activation)
+
+
+def takes_pair_order(kernels: Kernels) -> bool:
+    """Whether the kernels' MXFP4 op reads blocks in kernels/mxfp4.to_pair_order's nibble order (its `pair_order`
+    keyword: the Triton op; a layer that runs the reference for its experts, Kimi K3's SiTU one, keeps the
+    checkpoint's order)."""
+    op = getattr(kernels, "fused_moe_mxfp4", None)
+    try:
+        return op is not None and "pair_order" in inspect.signature(op).parameters
+    except (TypeError, ValueError):  # (no signature to read: a builtin)
+        return False
 
 
 def _with_slots(x_TD: torch.Tensor, slots_T: torch.Tensor | None) -> torch.Tensor:

@@ -6,7 +6,8 @@
 #
 #   round3 1  decode-size rows: the MoE at 1 / 8 / 64 tokens, sorted beside the unrolled tiny GEMVs (% of copy
 #             bandwidth at 1 token: summary.frac_copy_bw_1_token, tiny_speedup_vs_moelink_triton), FP8 against bf16 at
-#             1 / 64 tokens, sorted and tiny (summary.speedup_fp8_vs_bf16, speedup_fp8_tiny), the engine's decode graph step at batch 1 and 256 with
+#             1 / 64 tokens, sorted and tiny (summary.speedup_fp8_vs_bf16, speedup_fp8_tiny: the two-launch form,
+#             x quantized by the norm before), the engine's decode graph step at batch 1 and 256 with
 #             the tiny path on up to 64 pairs (results[].graph_step_over_floor), then the tiny GEMVs' GPU tests
 #   round3 2  large batches: the bf16 MoE at 4,096 / 16,384 tokens, every shape, moelink's kernels alone
 #             (summary.min_frac_matmul_ge4096_tokens), and FP8 at the same counts on both FP8 shapes
@@ -23,7 +24,9 @@
 #   up GEMV and its down GEMV at two widths (1 token narrows to one row), ~10 other; run 50 s (2 systems x 3 counts,
 #   eager + graph: the first lease's smoke took 42 s for 4 systems x 2 counts in 3 kernel families).
 #   moe_fp8_small: first 6's FP8 smoke counts (8 GEMM + 14 other) and the two formats' tiny GEMVs beside them
-#   (bf16-tiny, fp8-tiny: ~6 other more), run 40 s.
+#   (bf16-tiny, fp8-tiny and fp8-tiny-2launch, issue 80's two-launch form: x quantized beforehand as the engine's
+#   norm does, h in the gate-up launch; ~6 other more, less h's group quantization at two row counts, which the
+#   gate-up launch does now: 18), run 44 s (one more system at two counts: the step's 570 s exactly).
 #   decode: the decode --quick step's counts (12 GEMM + 24 other; the tiny GEMVs replace the sorted ones at batch
 #   1), run 130 s for two batch sizes (25 s measured for three on an H200 with a warm cache, 2026-11-27).
 #   tiny_gpu: tests/kernels/test_triton_moe_tiny_gpu.py, the rebuilt GEMVs' first run on a GPU: 4 shapes x 3 token
@@ -40,8 +43,10 @@
 #   the pre-pass and align / sum at its sizes: 6 GEMM + 10 other; run 60 s (the H200's quick + sweep runs of both
 #   shapes took 30 s and 17 s: 6.4 GB of bf16 weights drawn and dequantized for the bf16 row).
 #   fp8_tiny_gpu: test_triton_fp8_gpu.py's tiny tests (2 shapes x T 1, 8 against the float32 reference, a CUDA graph
-#   each): the up and down GEMV per shape (DeepSeek's with an expert map), x's and h's quantization, ~8 other; run
-#   40 s (DeepSeek's 32 local experts quantized on the GPU twice).
+#   each): the up and down GEMV per shape (DeepSeek's with an expert map), x's and h's quantization, ~8 other; at
+#   T 1 the two-launch form against the four-launch one bit for bit (the quantizing norm per shape, the gate-up
+#   GEMV with h apart and h's group quantization: ~6 other more), its graph replayed twice; run 45 s (DeepSeek's 32
+#   local experts quantized on the GPU twice).
 # round3 5: prefill, engine_e2e's prefill workload alone, no serving (24 GEMM + 36 other: the prefill and mixed
 #   buckets and the decode graphs' warm-up), run 200 s (both step loops: ~77 s start, ~5 s of generate each).
 ROUND3_COUNT=5
@@ -51,7 +56,7 @@ round3_cmds() {  # N: the commands of round3 N
     1)
       cmd round3_moe_small 6 0 10 50 -- "$PY" -m moelink.benchmarks.moe_kernels --shapes qwen3-30b-a3b --tokens 1,8,64 \
         --systems moelink-triton,moelink-triton-tiny --out "$OUT/moe_kernels_${name}_small.json"
-      cmd round3_moe_fp8_small 8 0 20 40 -- "$PY" -m moelink.benchmarks.moe_kernels --dtype fp8 --shapes qwen3-30b-a3b \
+      cmd round3_moe_fp8_small 8 0 18 44 -- "$PY" -m moelink.benchmarks.moe_kernels --dtype fp8 --shapes qwen3-30b-a3b \
         --tokens 1,64 --out "$OUT/moe_kernels_${name}_fp8_small.json"
       cmd round3_decode 12 0 24 130 -- "$PY" -m moelink.benchmarks.engine_decode --graphs --batches 1,256 \
         --tiny-max-pairs 64 --out "$OUT/engine_decode_${name}_tiny.json"
@@ -73,7 +78,7 @@ round3_cmds() {  # N: the commands of round3 N
       cmd round3_mxfp4_120b 6 0 10 60 -- "$PY" -m moelink.benchmarks.moe_mxfp4 --shapes gpt-oss-120b \
         --tokens 1024,4096 --out "$OUT/moe_mxfp4_${name}_120b.json"
       run_pytest_files "gpu_fp8_tiny_${name}.txt" \
-        fp8_tiny_gpu 0 0 8 40 tests/kernels/test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes ;;
+        fp8_tiny_gpu 0 0 14 45 tests/kernels/test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes ;;
     5)
       cmd round3_prefill 24 0 36 200 -- "$PY" -m moelink.benchmarks.engine_e2e --models qwen3-30b-a3b --dtypes bf16 \
         --workloads prefill --no-serve --time-budget-s $(( $(budget 24 0 36 200) - 120 )) \

@@ -109,6 +109,11 @@ class RMSNorm(nn.Module):
     def add_forward(self, x_TD: torch.Tensor, residual_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernels.add_rms_norm(x_TD, residual_TD, self.weight, self.eps)
 
+    def add_forward_fp8(self, x_TD: torch.Tensor, residual_TD: torch.Tensor, group: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """add_forward and its output quantized for FP8 experts (xq e4m3, xs per token and `group` channels)."""
+        return self.kernels.add_rms_norm_fp8(x_TD, residual_TD, self.weight, self.eps, group)
+
     def weight_plan(self, name: str) -> WeightPlan:
         return {name: PlanEntry(self.weight, ())}
 

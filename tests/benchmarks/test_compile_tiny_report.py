@@ -40,6 +40,27 @@ def test_fp8_tiny_gemvs_at_every_case_spill_free_with_the_default_blocks(arch):
             assert k["registers"] <= 255
 
 
+@pytest.mark.parametrize("arch", [90, 100])
+def test_fp8_two_launch_form_compiles_spill_free_and_its_h_quantization_costs_few_instructions_a_byte(arch):
+    """Issue 80's two-launch FP8 form at every case: the norm that quantizes x for the experts (`_rms_norm_kernel`
+    with QUANT) compiles spill-free beside the GEMVs, and the gate-up GEMV that quantizes h in its launch
+    (`_quant_h_group`) adds little to what a thread issues a weight byte: at Qwen3 and DeepSeek-V3 it is compiled
+    both ways ("h apart": the four-launch form), and the fused branch (run by one program in 64 at 2-row programs)
+    adds at most 4 static instructions a byte, within 255 registers and no spills."""
+    rep = _report(arch)
+    by_case = {(k["case"], k["name"]): k for k in rep["kernels"]}
+    for name, _, T, _ in CASES:
+        norm = by_case.get((f"{name} T={T} fp8 tiny", "_rms_norm_kernel"))
+        assert norm is not None, f"{name} T={T}: the norm's quantizing launch is missing: {REGENERATE}"
+        assert norm["spill_stores"] == 0 and norm["spill_loads"] == 0
+    for name in ("qwen3-30b-a3b", "deepseek-v3"):
+        fused = by_case[(f"{name} T=1 fp8 tiny", "_tiny_fp8_up_kernel")]
+        apart = by_case[(f"{name} T=1 fp8 tiny h apart", "_tiny_fp8_up_kernel")]
+        assert fused["weight_bytes_thread"] == apart["weight_bytes_thread"], REGENERATE
+        assert 0 < fused["instr_per_weight_byte"] - apart["instr_per_weight_byte"] <= 4, (fused, apart)
+        assert fused["registers"] <= 255 and fused["spill_stores"] == 0
+
+
 def test_fp8_tiny_keeps_an_h100_sm_streaming():
     """What lets the e4m3 GEMVs reach the copy bandwidth on an H100 (half the bf16 GEMVs' bytes: issue 80's
     FP8 >= 1.6x bf16 row): each GEMV keeps at least the ~20 KB in flight an SM needs, at every case on sm_90."""
@@ -77,3 +98,19 @@ def test_mxfp4_per_tile_gemms_decode_in_few_instructions_with_the_scales_one_ste
                 assert (k["sass_gmma"] if arch == 90 else k["sass_utc"]) > 0, f"{case} {k['name']}: no wgmma/tcgen05"
                 assert k["ldg_distance"] is not None and k["ldg_distance"] >= k["loop_instructions"] // 2, k
                 assert k["instr_per_value"] <= 9.5, f"{case} {k['name']}: {k['instr_per_value']} a value"
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+def test_mxfp4_pair_order_drops_the_byte_permutes(arch):
+    """The MXFP4 blocks in the decode's pair order (kernels/mxfp4.to_pair_order, permuted once after load): at the
+    128-row blocks (gpt-oss-20b, 1,024 tokens) one K step of either GEMM issues no PRMT and fewer instructions than
+    the same kernel on the checkpoint's order (sm_90: 44 / 22 PRMT a step there), in the same registers."""
+    rep = json.loads((RESULTS / f"compile_report_mxfp4_sm{arch}.json").read_text())
+    by_case = {(k["case"], k["name"]): k for k in rep["kernels"]}
+    for kernel in ("_moe_mxfp4_up_kernel", "_moe_mxfp4_down_kernel"):
+        pairs = by_case[("gpt-oss-20b T=1024 MXFP4 per-tile", kernel)]
+        natural = by_case.get(("gpt-oss-20b T=1024 MXFP4 per-tile checkpoint order", kernel))
+        assert natural is not None, REGENERATE
+        assert pairs["loop_mix"].get("PRMT", 0) == 0 < natural["loop_mix"].get("PRMT", 0), (pairs, natural)
+        assert pairs["loop_instructions"] < natural["loop_instructions"]
+        assert pairs["registers"] <= natural["registers"] and pairs["spill_stores"] == 0

@@ -35,6 +35,7 @@ STEPS = (["preflight", "tests-kernels", "tests-engine", "decode", "decode --quic
          + ["tests-fp8"] + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"moe-fp8 {s} --quick" for s in FP8_SHAPES]
          + [f"tune-fp8 {s}" for s in FP8_SHAPES] + ["tune-fp8 deepseek-v3 4096,16384"]
          + ["moe-mxfp4", "moe-mxfp4 --quick", "moe-nvfp4", "moe-nvfp4 --quick"]
+         + ["tune-mxfp4 gpt-oss-20b", "tune-mxfp4 gpt-oss-120b", "tune-mxfp4 gpt-oss-120b 4096"]
          + ["e2e", "e2e --quick", "e2e --dtype fp8", "e2e --serve", "e2e --model deepseek-v2-lite",
             "e2e --model deepseek-v2-lite --dtype fp8", "e2e --serve --model deepseek-v2-lite"]
          + ["mla-fp8-kv", "mla-fp8-kv --quick", "kv-transfer", "kv-transfer --quick", "spec --quick", "hybrid",
@@ -151,7 +152,7 @@ def test_plan_lists_one_device_command_per_step():
     assert [r[2] for r in rows] == (["preflight", "tests-kernels", "tests-engine"] + [f"moe {s}" for s in moe_kernels.SHAPES]
                                     + [f"tune {s}" for s in moe_kernels.SHAPES] + ["decode", "tests-fp8"]
                                     + [f"moe-fp8 {s}" for s in FP8_SHAPES] + [f"tune-fp8 {s}" for s in FP8_SHAPES]
-                                    + ["moe-mxfp4", "moe-nvfp4"]
+                                    + ["moe-mxfp4", "moe-nvfp4", "tune-mxfp4 gpt-oss-20b", "tune-mxfp4 gpt-oss-120b"]
                                     + [f"e2e {v}".replace("M", m) for m in E2E_MODELS
                                        for v in ("--model M", "--model M --dtype fp8", "--serve --model M")]
                                     + ["mla-fp8-kv"] + [f"spec --model {m}" for m in E2E_MODELS] + ["kv-transfer"]
@@ -217,10 +218,32 @@ def test_tune_fp8_step_is_budgeted_as_tune_and_tunes_one_fp8_shape():
         assert proc.returncode == 2 and "SHAPE must be one of deepseek-v3 qwen3-30b-a3b" in proc.stderr
 
 
-def test_tuned_file_names_bf16_and_fp8():
+def test_tune_mxfp4_step_is_budgeted_as_tune_and_tunes_one_gpt_oss_shape_where_dequant_is_decided():
+    """tune-mxfp4 runs tune_moe --dtype mxfp4 for one gpt-oss shape under tune's budget (the tuner's --budget-s plus
+    its tail), by default at 1,024 and 4,096 tokens (issue 80's MXFP4 row: per-tile against dequantize-once), into
+    its own stage directory."""
+    (tune,) = PLAN.findall(session("--dry-run", "tune", "deepseek-v3").stdout)
+    budget = re.search(r"--budget-s (\d+)", tune[7])[1]
+    for shape in ("gpt-oss-20b", "gpt-oss-120b"):
+        (plan,) = PLAN.findall(session("--dry-run", "tune-mxfp4", shape).stdout)
+        assert plan[1] == f"tune_moe_mxfp4_{shape}" and plan[2:7] == tune[2:7]
+        assert f"-m moelink.benchmarks.tune_moe --dtype mxfp4 --shapes {shape} --tokens 1024,4096 " in plan[7]
+        assert f"--budget-s {budget} " in plan[7]
+        assert plan[7].endswith("/.gpu_session/tuned_mxfp4")
+    (plan,) = PLAN.findall(session("--dry-run", "tune-mxfp4", "gpt-oss-120b", "4096").stdout)
+    assert "--tokens 4096 " in plan[7]
+    for bad in ("qwen3-30b-a3b", ""):
+        proc = session("--dry-run", "tune-mxfp4", *([bad] if bad else []))
+        assert proc.returncode == 2 and "SHAPE must be one of gpt-oss-20b gpt-oss-120b" in proc.stderr
+
+
+def test_tuned_file_names_bf16_fp8_and_mxfp4():
+    from moelink.kernels.triton_moe_mxfp4 import mxfp4_config_file_name
+
     ok = moe_config.tuned_file_name_ok
     assert ok("E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json")
     assert ok("fp8_w8a8,E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json")
+    assert ok(mxfp4_config_file_name(32, 2880, "NVIDIA_H200")) and not ok("mxfp4,fp8_w8a8,E=8,N=32,device_name=x.json")
     for bad in ("fp8_E=8,N=32,device_name=x.json", "fp8_w8a8,E=8,N=32,device_name=a/b.json", "int8_w8a8,E=8,N=32,"
                 "device_name=x.json", "fp8_w8a8,fp8_w8a8,E=8,N=32,device_name=x.json", "default.json"):
         assert not ok(bad), bad

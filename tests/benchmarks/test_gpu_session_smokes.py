@@ -112,6 +112,23 @@ def test_cpu_smoke_tune_fp8_step_tarball_unpacks_into_configs(tmp_path):
 
 
 @pytest.mark.slow
+def test_cpu_smoke_tune_mxfp4_step_tarball_unpacks_into_configs(tmp_path):
+    """The MXFP4 step's tarball holds the mxfp4 file, which unpack accepts and triton_moe_mxfp4's table would read."""
+    from moelink.benchmarks.tune_moe_mxfp4 import MXFP4_SMOKE_SHAPES
+    from moelink.kernels.triton_moe_mxfp4 import mxfp4_config_file_name
+
+    E, _, _, I = MXFP4_SMOKE_SHAPES["smoke-mxfp4"]  # one smoke shape at one bucket
+    want = [mxfp4_config_file_name(E, I, "cpu")]
+    proc, dest = _tune_step_unpacked(tmp_path, "tune-mxfp4", "tuned_configs_mxfp4_cpu_smoke_smoke.tar.gz", want)
+    assert re.search(r"^RATIO smoke-mxfp4 T=1: mxfp4 ", proc.stdout, re.M), proc.stdout[-3000:]
+    (p,) = dest.iterdir()
+    key, buckets = moe_config.load_config_file(str(p))
+    tuning = json.loads(p.read_text())["tuning"]
+    assert 1 in [b for b, _ in buckets] and set(tuning) == {"1"}
+    assert tuning["1"]["tuned_ms"] <= tuning["1"]["seed_ms"] and tuning["1"]["bf16_ms"] > 0
+
+
+@pytest.mark.slow
 def test_cpu_smoke_mla_fp8_kv_step_prints_the_ratios(tmp_path):
     """Its CPU smoke (toy shapes: the kernel in the interpreter, the engine on the reference kernels) prints one
     `RATIO` line per kernel case and one end to end, and writes one device-safe JSON."""

@@ -211,12 +211,19 @@ import moelink.kernels.triton_moe_mxfp4 as mx
 from moelink.engine import LLM, SamplingParams
 
 calls, kernel = [], mx.triton_fused_moe_mxfp4
-mx.triton_fused_moe_mxfp4 = lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k)  # TritonKernels reads it
+
+
+def counted(*a, pair_order=False, **k):  # TritonKernels reads it; its pair_order keyword as the kernel's
+    calls.append((a[0].dtype, pair_order))
+    return kernel(*a, pair_order=pair_order, **k)
+
+
+mx.triton_fused_moe_mxfp4 = counted
 llm = LLM(sys.argv[1], dtype="float32", kernels="triton", max_num_seqs=2, max_num_batched_tokens=16,
           num_kv_blocks=16, block_size=4, skip_warmup=True)  # warm-up: tests/kernels/test_triton_warmup.py
 ps = json.loads(sys.argv[2])
 outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
-print("CALLS", len(calls), set(map(str, calls)))
+print("CALLS", len(calls), set(str(d) for d, _ in calls), "pairs" if all(p for _, p in calls) else "published")
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
 """
 
@@ -225,7 +232,8 @@ print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
 def test_triton_engine_run_matches_reference(mxfp4_path):
     """One short engine run with kernels="triton" (the MXFP4 Triton MoE, in the interpreter here: a fresh
     process, since Triton reads TRITON_INTERPRET when a kernel is defined) gives the reference kernels' greedy
-    tokens in float32."""
+    tokens in float32; its blocks are held in the decode's pair order (permuted after load, moe/layer.py) and every
+    call reads them so: load -> pair order -> kernels, the reference's tokens on the published layout."""
     ps = [prompts(VOCAB, seed=11, n=2, lo=3, hi=9)[1]]
     env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
     # Forked by the test zygote (torch, transformers imported once), TRITON_INTERPRET and the fast interpreter's
@@ -236,6 +244,7 @@ def test_triton_engine_run_matches_reference(mxfp4_path):
     got = json.loads(proc.stdout.split("TOKENS", 1)[1])
     calls = proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0]
     assert int(calls.split()[0]) >= 3 * L and "torch.float32" in calls, calls  # every layer, every step, Triton
+    assert calls.split()[-1] == "pairs", calls
     ref = LLM(mxfp4_path, dtype="float32", kernels="reference", max_num_seqs=2, max_num_batched_tokens=16,
               num_kv_blocks=16, block_size=4)
     assert_same(got, engine_greedy(ref, ps, max_new=3), ps)

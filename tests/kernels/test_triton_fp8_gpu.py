@@ -111,3 +111,34 @@ def test_fused_moe_fp8_tiny_at_model_shapes(shape, T):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager), f"{shape} T={T}: graph replay differs from eager"
+    if T == 1:
+        _two_launch_form_is_bit_exact(shape, args)
+
+
+def _two_launch_form_is_bit_exact(shape, args):
+    """Issue 80's two-launch form on the GPU: x quantized by the norm's program (add_rms_norm_fp8) and h by the
+    gate-up GEMV's last program of each group (atomics across programs: what the interpreter, one program at a
+    time, cannot race) give the four-launch form's bits, eagerly and in a CUDA graph replayed twice (the group
+    counters reset themselves)."""
+    from moelink.kernels.triton_norm import triton_add_rms_norm, triton_add_rms_norm_fp8
+
+    x = args[0]
+    zeros, ones = torch.zeros_like(x), torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    y, _, xq, xs = triton_add_rms_norm_fp8(x, zeros, ones, 1e-6)
+    assert torch.equal(y, triton_add_rms_norm(x, zeros, ones, 1e-6)[0])
+    q, s = triton_per_token_group_quant(y)
+    assert torch.equal(xq.view(torch.uint8), q.view(torch.uint8)) and torch.equal(xs, s), shape
+    rest = args[1:]
+    with no_host_sync():
+        apart = triton_fused_moe_fp8(y, *rest, path="tiny", fuse_h=False)
+        two = triton_fused_moe_fp8(y, *rest, path="tiny", x_fp8=(xq, xs))
+    assert torch.equal(two, apart), f"{shape}: the two-launch form moved bits"
+    out = torch.empty_like(two)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_fused_moe_fp8(y, *rest, out=out, path="tiny", x_fp8=(xq, xs))
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, two), f"{shape}: the two-launch form's graph replay differs"

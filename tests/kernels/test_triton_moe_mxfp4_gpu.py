@@ -66,6 +66,14 @@ def oracle(x, L, weights, ids, emap=None):
     return out
 
 
+def _pair_order(args):
+    """The MoE's arguments with the blocks in kernels/mxfp4.to_pair_order's nibble order."""
+    from moelink.kernels.mxfp4 import to_pair_order
+
+    x, w13q, w13s, w2q, w2s, *rest = args
+    return (x, to_pair_order(w13q), w13s, to_pair_order(w2q), w2s, *rest)
+
+
 BK128 = MoELaunchConfig.from_dict({"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 8,
                              "num_warps": 8, "num_stages": 3})
 
@@ -90,6 +98,8 @@ def test_mxfp4_moe_gpt_oss_120b(layer, T, variant):
     kw = dict(b13_EF=layer["b13"], b2_ED=layer["b2"], activation=ACT, native=False,
               combine="atomic" if variant == "atomic" else "sum", config=BK128 if variant == "bk128" else None,
               path="sorted" if variant == "tile128" else "auto")
+    if variant == "tile128":  # the blocks in the decode's pair order, as the engine holds them on a GPU
+        args, kw = _pair_order(args), dict(kw, pair_order=True)
     triton_fused_moe_mxfp4(*args, **kw)  # compile outside the sync check
     with no_host_sync():
         got = triton_fused_moe_mxfp4(*args, **kw)
@@ -134,6 +144,8 @@ def test_mxfp4_decode_and_prefill_paths_gpt_oss_120b(layer, T, path, variant):
     want = oracle(x, layer, weights, ids, emap)
     args = (x, layer["w13q"], layer["w13s"], layer["w2q"], layer["w2s"], weights, ids, emap)
     kw = dict(b13_EF=layer["b13"], b2_ED=layer["b2"], activation=ACT, path=path)
+    if T in (48, 4096):  # the GEMVs and the pre-pass on the blocks in the decode's pair order (the engine's form)
+        args, kw = _pair_order(args), dict(kw, pair_order=True)
     first = triton_fused_moe_mxfp4(*args, **kw).clone()  # compile outside the sync check
     with no_host_sync():
         got = triton_fused_moe_mxfp4(*args, **kw)

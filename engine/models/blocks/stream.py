@@ -151,6 +151,19 @@ def prenorm(norm: RMSNorm, x_TD: torch.Tensor, residual_TD: torch.Tensor | None
     return norm.add_forward(x_TD, residual_TD)
 
 
+def ffn_prenorm(norm: RMSNorm, ffn: FFNBlock, x_TD: torch.Tensor, residual_TD: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN block's norm with the residual add; where the block's FP8 experts take their input quantized by it
+    (moe/fp8_input.py: the Triton kernels on CUDA), the norm writes that copy in its own launch and hands it over,
+    so the experts run no quantization launch."""
+    handoff = ffn.moe.fp8_input_for(x_TD.shape[0]) if getattr(ffn.moe, "fp8_input", None) is not None else None
+    if handoff is None:
+        return norm.add_forward(x_TD, residual_TD)
+    h_TD, residual_TD, xq_TD, xs_TG = norm.add_forward_fp8(x_TD, residual_TD, handoff.group)
+    handoff.hand(h_TD, xq_TD, xs_TG)
+    return h_TD, residual_TD
+
+
 @RESIDUAL.register("prenorm")
 class PreNormLayer(Layer):
     """h = x + attn(norm1(x));  out = h + ffn(norm2(h)), the residual add fused into the next norm: the stream is
@@ -169,7 +182,7 @@ class PreNormLayer(Layer):
                ctx: ForwardContext) -> Stages:
         h_TD, residual_TD = prenorm(self.input_layernorm, *state)
         h_TD = self.mixer(positions_T, h_TD, ctx)
-        h_TD, residual_TD = self.post_attention_layernorm.add_forward(h_TD, residual_TD)
+        h_TD, residual_TD = ffn_prenorm(self.post_attention_layernorm, self.ffn, h_TD, residual_TD)
         return (yield from ffn_stages(self.ffn, self.tp, h_TD, input_ids_T)), residual_TD
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
