@@ -555,75 +555,49 @@ step_moe_mxfp4() {
 # (each candidate is at most 2 GEMM compiles): the estimate is the budget, not a count. The search (tune_moe's
 # default quick space, benchmarks/tune_space.py) includes the persistent tile loop (PERSISTENT) and the TMA loads
 # (TMA) of each GEMM, which the shipped configs leave off until this step measures them.
-step_tune() {
-  local shape=${1:-} tokens=${2:-}
-  local stage="$STATE/tuned"
+tune_run() {  # KIND (bf16 | fp8 | mxfp4) SHAPE [TOKENS]: the three tune steps differ only in these names
+  local kind=$1 shape=${2:-} tokens=${3:-}
+  local sfx="" dtype=() smoke=smoke-e8 prefix="" label=tune check=check_shape
+  case $kind in
+    fp8) sfx=_fp8 dtype=(--dtype fp8) smoke=smoke-fp8-e8 prefix=fp8_w8a8, label=tune-fp8 check=check_fp8_shape ;;
+    mxfp4) sfx=_mxfp4 dtype=(--dtype mxfp4) smoke=smoke-mxfp4 prefix=mxfp4, label=tune-mxfp4 check=check_mxfp4_shape ;;
+  esac
+  local stage="$STATE/tuned$sfx"
   rm -rf "$stage"
   mkdir -p "$stage"
   if [[ $MODE == cpu-smoke ]]; then
     # One smoke shape and bucket: this checks the step's plumbing (stage, tarball, unpack); the tuner's smoke run
     # itself is tests/benchmarks/test_gpu_benchmark_smoke.py's.
-    cmd tune_moe 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke --shapes smoke-e8 --tokens 1 \
-      --out-dir "$stage"
+    cmd "tune_moe$sfx" 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke "${dtype[@]}" --shapes "$smoke" \
+      --tokens 1 --out-dir "$stage"
     shape=smoke
   else
-    check_shape "$shape"
-    local log="$OUT/tune_moe_${DEV}_${shape}.txt"
+    "$check" "$shape"
+    local args=(-m moelink.benchmarks.tune_moe "${dtype[@]}" --shapes "$shape" ${tokens:+--tokens "$tokens"}
+                --budget-s "$TUNE_BUDGET_S" --out-dir "$stage")
     if [[ $MODE == dry-run ]]; then
-      cmd "tune_moe_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
-        "$PY" -m moelink.benchmarks.tune_moe --shapes "$shape" ${tokens:+--tokens "$tokens"} --budget-s "$TUNE_BUDGET_S" \
-        --out-dir "$stage"
+      cmd "tune_moe${sfx}_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- "$PY" "${args[@]}"
     else  # its log is also a file: the device tool returns only the tail of a command's output
-      cmd "tune_moe_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
-        bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$log"'"' _ \
-        "$PY" -m moelink.benchmarks.tune_moe --shapes "$shape" ${tokens:+--tokens "$tokens"} --budget-s "$TUNE_BUDGET_S" \
-        --out-dir "$stage"
+      cmd "tune_moe${sfx}_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
+        bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$OUT/tune_moe${sfx}_${DEV}_${shape}.txt"'"' _ "$PY" "${args[@]}"
     fi
   fi
   [[ $MODE == dry-run ]] && return 0
-  local tarball="$OUT/tuned_configs_${DEV}_${shape}.tar.gz"
-  if compgen -G "$stage/E=*.json" >/dev/null; then
-    tar -czf "$tarball" -C "$stage" $(cd "$stage" && ls E=*.json)
+  local tarball="$OUT/tuned_configs${sfx}_${DEV}_${shape}.tar.gz"
+  if compgen -G "$stage/${prefix}E=*.json" >/dev/null; then
+    tar -czf "$tarball" -C "$stage" $(cd "$stage" && ls "${prefix}"E=*.json)
     say "tuned configs in $tarball ($(tar -tzf "$tarball" | tr '\n' ' ')): bash benchmarks/gpu_session.sh unpack $(basename "$tarball")"
   else
-    say "tune $shape wrote no config"
+    say "$label $shape wrote no config"
     STATUS=1
   fi
 }
+step_tune() { tune_run bf16 "$@"; }
 
 # tune-fp8 SHAPE [TOKENS]: tune_moe --dtype fp8 (benchmarks/tune_moe_fp8.py), budgeted as tune: the tuner's --budget-s
 # holds all it does in a bucket (the weights quantized once per shape, the float reference, the bf16 fused MoE timed
 # first for the RATIO line, the search), TUNE_TAIL_S the candidate started just before it and the confirmation.
-step_tune_fp8() {
-  local shape=${1:-} tokens=${2:-}
-  local stage="$STATE/tuned_fp8"
-  rm -rf "$stage"
-  mkdir -p "$stage"
-  if [[ $MODE == cpu-smoke ]]; then  # one smoke shape and bucket: the step's plumbing (stage, tarball, unpack)
-    cmd tune_moe_fp8 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke --dtype fp8 --shapes smoke-fp8-e8 \
-      --tokens 1 --out-dir "$stage"
-    shape=smoke
-  else
-    check_fp8_shape "$shape"
-    local args=(-m moelink.benchmarks.tune_moe --dtype fp8 --shapes "$shape" ${tokens:+--tokens "$tokens"}
-                --budget-s "$TUNE_BUDGET_S" --out-dir "$stage")
-    if [[ $MODE == dry-run ]]; then
-      cmd "tune_moe_fp8_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- "$PY" "${args[@]}"
-    else  # its log is also a file: the device tool returns only the tail of a command's output
-      cmd "tune_moe_fp8_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
-        bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$OUT/tune_moe_fp8_${DEV}_${shape}.txt"'"' _ "$PY" "${args[@]}"
-    fi
-  fi
-  [[ $MODE == dry-run ]] && return 0
-  local tarball="$OUT/tuned_configs_fp8_${DEV}_${shape}.tar.gz"
-  if compgen -G "$stage/fp8_w8a8,E=*.json" >/dev/null; then
-    tar -czf "$tarball" -C "$stage" $(cd "$stage" && ls fp8_w8a8,E=*.json)
-    say "tuned configs in $tarball ($(tar -tzf "$tarball" | tr '\n' ' ')): bash benchmarks/gpu_session.sh unpack $(basename "$tarball")"
-  else
-    say "tune-fp8 $shape wrote no config"
-    STATUS=1
-  fi
-}
+step_tune_fp8() { tune_run fp8 "$@"; }
 
 # tune-mxfp4 SHAPE [TOKENS]: tune_moe --dtype mxfp4 (benchmarks/tune_moe_mxfp4.py), budgeted as tune: the tuner's
 # --budget-s covers the MXFP4 layer's draw, the bf16 comparison on its dequantized weights and every candidate's
@@ -640,36 +614,7 @@ check_mxfp4_shape() {
   echo "SHAPE must be one of ${MXFP4_SHAPES[*]} (got '${1:-}')" >&2
   exit 2
 }
-step_tune_mxfp4() {
-  local shape=${1:-} tokens=${2:-$MXFP4_TUNE_TOKENS}
-  local stage="$STATE/tuned_mxfp4"
-  rm -rf "$stage"
-  mkdir -p "$stage"
-  if [[ $MODE == cpu-smoke ]]; then  # one smoke shape and bucket: the step's plumbing (stage, tarball, unpack)
-    cmd tune_moe_mxfp4 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke --dtype mxfp4 \
-      --shapes smoke-mxfp4 --tokens 1 --out-dir "$stage"
-    shape=smoke
-  else
-    check_mxfp4_shape "$shape"
-    local args=(-m moelink.benchmarks.tune_moe --dtype mxfp4 --shapes "$shape" --tokens "$tokens"
-                --budget-s "$TUNE_BUDGET_S" --out-dir "$stage")
-    if [[ $MODE == dry-run ]]; then
-      cmd "tune_moe_mxfp4_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- "$PY" "${args[@]}"
-    else  # its log is also a file: the device tool returns only the tail of a command's output
-      cmd "tune_moe_mxfp4_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- \
-        bash -c 'set -o pipefail; "$@" 2>&1 | tee "'"$OUT/tune_moe_mxfp4_${DEV}_${shape}.txt"'"' _ "$PY" "${args[@]}"
-    fi
-  fi
-  [[ $MODE == dry-run ]] && return 0
-  local tarball="$OUT/tuned_configs_mxfp4_${DEV}_${shape}.tar.gz"
-  if compgen -G "$stage/mxfp4,E=*.json" >/dev/null; then
-    tar -czf "$tarball" -C "$stage" $(cd "$stage" && ls mxfp4,E=*.json)
-    say "tuned configs in $tarball ($(tar -tzf "$tarball" | tr '\n' ' ')): bash benchmarks/gpu_session.sh unpack $(basename "$tarball")"
-  else
-    say "tune-mxfp4 $shape wrote no config"
-    STATUS=1
-  fi
-}
+step_tune_mxfp4() { tune_run mxfp4 "${1:-}" "${2:-$MXFP4_TUNE_TOKENS}"; }
 
 # decode: Qwen3-30B-A3B-shaped engine with random weights, 40 layers: its kernels (attention, norm, rotary,
 # MoE at each batch's bucket) compile once: ~10 GEMM + 20 other; run: batches x (eager + graph capture).

@@ -42,24 +42,24 @@ def _word_dots(q, xs, PAIRS: tl.constexpr = False):
     (PAIRS: mxfp4.to_pair_order's, slot j holding elements (2j, 2j + 1)), so both give the same bits."""
     x0, x1, x2, x3, x4, x5, x6, x7 = xs
     s0, s1, s2, s3 = e2m1_slots(q)
+    lo0, hi0 = half_f32(s0, False), half_f32(s0, True)
+    lo1, hi1 = half_f32(s1, False), half_f32(s1, True)
+    lo2, hi2 = half_f32(s2, False), half_f32(s2, True)
+    lo3, hi3 = half_f32(s3, False), half_f32(s3, True)
+    # w_j: element j's value. Pair order keeps elements 2j, 2j + 1 in slot j; the checkpoint's order keeps element j
+    # in slot j % 4's low (j < 4) or high nibble.
     if PAIRS:
-        t = half_f32(s0, False) * x0
-        t += half_f32(s2, False) * x4
-        t += half_f32(s0, True) * x1
-        t += half_f32(s2, True) * x5
-        t += half_f32(s1, False) * x2
-        t += half_f32(s3, False) * x6
-        t += half_f32(s1, True) * x3
-        t += half_f32(s3, True) * x7
+        w0, w1, w2, w3, w4, w5, w6, w7 = lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3
     else:
-        t = half_f32(s0, False) * x0
-        t += half_f32(s0, True) * x4
-        t += half_f32(s1, False) * x1
-        t += half_f32(s1, True) * x5
-        t += half_f32(s2, False) * x2
-        t += half_f32(s2, True) * x6
-        t += half_f32(s3, False) * x3
-        t += half_f32(s3, True) * x7
+        w0, w1, w2, w3, w4, w5, w6, w7 = lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3
+    t = w0 * x0
+    t += w4 * x4
+    t += w1 * x1
+    t += w5 * x5
+    t += w2 * x2
+    t += w6 * x6
+    t += w3 * x3
+    t += w7 * x7
     return t
 
 

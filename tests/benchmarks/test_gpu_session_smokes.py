@@ -93,38 +93,40 @@ def test_cpu_smoke_tune_step_tarball_unpacks_into_configs(tmp_path):
             assert tuning[str(b)]["tuned_ms"] <= tuning[str(b)]["seed_ms"]
 
 
-@pytest.mark.slow
-def test_cpu_smoke_tune_fp8_step_tarball_unpacks_into_configs(tmp_path):
-    """The FP8 step's tarball holds the fp8_w8a8 file, which unpack accepts and get_fp8_moe_config would read."""
+def _fp8_smoke_file():
     from moelink.benchmarks.tune_moe_fp8 import FP8_SMOKE_SHAPES
     from moelink.kernels.triton_moe_fp8 import fp8_config_file_name
 
-    E, _, _, I = FP8_SMOKE_SHAPES["smoke-fp8-e8"]  # one smoke shape at one bucket
-    want = [fp8_config_file_name(E, I, "cpu")]
-    proc, dest = _tune_step_unpacked(tmp_path, "tune-fp8", "tuned_configs_fp8_cpu_smoke_smoke.tar.gz", want)
-    assert re.search(r"^RATIO smoke-fp8-e8 T=1: fp8 ", proc.stdout, re.M), proc.stdout[-3000:]
-    (p,) = dest.iterdir()
-    key, buckets = moe_config.load_config_file(str(p))
-    tuning = json.loads(p.read_text())["tuning"]
-    # bucket 1 tuned, 12 (the other smoke bucket) the config used until now
-    assert key == "tokens" and [b for b, _ in buckets] == [1, 12] and set(tuning) == {"1"}
-    assert tuning["1"]["tuned_ms"] <= tuning["1"]["seed_ms"] and tuning["1"]["bf16_ms"] > 0
+    E, _, _, I = FP8_SMOKE_SHAPES["smoke-fp8-e8"]
+    return fp8_config_file_name(E, I, "cpu")
 
 
-@pytest.mark.slow
-def test_cpu_smoke_tune_mxfp4_step_tarball_unpacks_into_configs(tmp_path):
-    """The MXFP4 step's tarball holds the mxfp4 file, which unpack accepts and triton_moe_mxfp4's table would read."""
+def _mxfp4_smoke_file():
     from moelink.benchmarks.tune_moe_mxfp4 import MXFP4_SMOKE_SHAPES
     from moelink.kernels.triton_moe_mxfp4 import mxfp4_config_file_name
 
-    E, _, _, I = MXFP4_SMOKE_SHAPES["smoke-mxfp4"]  # one smoke shape at one bucket
-    want = [mxfp4_config_file_name(E, I, "cpu")]
-    proc, dest = _tune_step_unpacked(tmp_path, "tune-mxfp4", "tuned_configs_mxfp4_cpu_smoke_smoke.tar.gz", want)
-    assert re.search(r"^RATIO smoke-mxfp4 T=1: mxfp4 ", proc.stdout, re.M), proc.stdout[-3000:]
+    E, _, _, I = MXFP4_SMOKE_SHAPES["smoke-mxfp4"]
+    return mxfp4_config_file_name(E, I, "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,smoke,config_file,other_buckets", [
+    ("fp8", "smoke-fp8-e8", _fp8_smoke_file, [12]),  # 12: the other smoke bucket, at the config used until now
+    ("mxfp4", "smoke-mxfp4", _mxfp4_smoke_file, None),  # None: whatever the shipped table holds besides bucket 1
+])
+def test_cpu_smoke_quantized_tune_step_tarball_unpacks_into_configs(tmp_path, dtype, smoke, config_file,
+                                                                    other_buckets):
+    """The FP8 / MXFP4 step's tarball holds its dtype's config file (one smoke shape at one bucket), which unpack
+    accepts and the dtype's config table would read; the tuner printed its ratio to bf16."""
+    proc, dest = _tune_step_unpacked(tmp_path, f"tune-{dtype}", f"tuned_configs_{dtype}_cpu_smoke_smoke.tar.gz",
+                                     [config_file()])
+    assert re.search(rf"^RATIO {smoke} T=1: {dtype} ", proc.stdout, re.M), proc.stdout[-3000:]
     (p,) = dest.iterdir()
     key, buckets = moe_config.load_config_file(str(p))
     tuning = json.loads(p.read_text())["tuning"]
-    assert 1 in [b for b, _ in buckets] and set(tuning) == {"1"}
+    got = [b for b, _ in buckets]
+    assert key == "tokens" and set(tuning) == {"1"}
+    assert (got == [1] + other_buckets) if other_buckets is not None else (1 in got)
     assert tuning["1"]["tuned_ms"] <= tuning["1"]["seed_ms"] and tuning["1"]["bf16_ms"] > 0
 
 
