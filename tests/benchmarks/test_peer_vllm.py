@@ -76,7 +76,8 @@ def test_offline_summary_medians_ratio_and_greedy_comparison():
 
 
 def test_dry_run_prints_each_engine_alternating_and_the_peer_client(capsys):
-    out = peer_vllm.main(["--dry-run", "--rounds", "2", "--concurrency", "1,8,64", "--peer-venv", "/opt/peer"])
+    out = peer_vllm.main(["--dry-run", "--rounds", "2", "--concurrency", "1,8,64", "--peer-venv", "/opt/peer",
+                          "--served-order", "blocks"])
     cmds = out["commands"]
     offline = [c for c in cmds if "offline_worker.py" in c]
     assert [("--engine vllm" in c) for c in offline] == [False, True, False, True]
@@ -100,6 +101,41 @@ def test_dry_run_prints_each_engine_alternating_and_the_peer_client(capsys):
     assert "--num-prompts 256 --max-concurrency 64" in bench[2]
     assert any("--backend openai-chat" in c and "/v1/chat/completions" in c for c in bench)
     assert "wrote" not in capsys.readouterr().out  # a dry run writes no result
+
+
+def test_dry_run_interleaved_keeps_both_servers_and_alternates_each_level():
+    out = peer_vllm.main(["--dry-run", "--only", "served", "--rounds", "2", "--concurrency", "1,8",
+                          "--peer-venv", "/opt/peer"])
+    cmds = out["commands"]
+    servers = [c for c in cmds if " serve builtin-model" in c]
+    assert len(servers) == 2 and "moelink.engine.api.cli serve" in servers[0] and "vllm serve" in servers[1]
+    every = [c for c in cmds if "/opt/peer/bin/vllm bench serve" in c]
+    warmups = [c for c in every if "--save-result" not in c]
+    bench = [c for c in every if "--save-result" in c]
+    assert every[:2] == warmups and "127.0.0.1:8000" in warmups[0] and "127.0.0.1:8001" in warmups[1]
+    # moelink's port 8000, vLLM's 8001: each level's two runs back to back, vLLM first in round 1
+    ports = ["8000" if "127.0.0.1:8000" in c else "8001" for c in bench]
+    assert ports == ["8000", "8001"] * 4 + ["8001", "8000"] * 4
+    levels = [(c.split("--max-concurrency ")[1].split()[0], "chat" in c) for c in bench]
+    assert levels[:8] == [("1", False)] * 2 + [("8", False)] * 2 + [("1", True)] * 2 + [("8", True)] * 2
+
+
+def test_level_order_pairs_engines_per_level():
+    order = peer_vllm.level_order(2, ["completions"], [1, 64])
+    assert order == [(0, "completions", 1, "moelink"), (0, "completions", 1, "vllm"),
+                     (0, "completions", 64, "moelink"), (0, "completions", 64, "vllm"),
+                     (1, "completions", 1, "vllm"), (1, "completions", 1, "moelink"),
+                     (1, "completions", 64, "vllm"), (1, "completions", 64, "moelink")]
+
+
+def test_session_cpu_s_counts_this_session_and_nothing_for_a_missing_one():
+    import os
+
+    sid = os.getsid(0)
+    before = peer_vllm.session_cpu_s(sid)
+    sum(i * i for i in range(2_000_000))  # some CPU in this process
+    assert peer_vllm.session_cpu_s(sid) > before
+    assert peer_vllm.session_cpu_s(2 ** 22 + 12345) == 0.0  # no such session
 
 
 def test_engine_order_alternates_and_prompt_counts():
