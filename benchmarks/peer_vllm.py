@@ -19,10 +19,12 @@ serve --backend openai` (and `openai-chat` on /v1/chat/completions), random data
 --ignore-eos, temperature 0, at each --concurrency with max(16, 4 x concurrency) prompts. --served-order
 interleaved (the default): both servers up for the whole run, each warmed once, each level's two engines measured
 back to back (the first of the two alternating by round), so a slow minute of a shared machine lands on both
-engines' runs of a level; the idle server's CPU during each run is recorded (`other_server_cpu_s`: an idle server
-costs nothing). --served-order blocks: one server at a time, each running every level of its round, engines
-alternating by round. Its saved JSON gives output tok/s, median TTFT, median ITL and requests/s; medians over
-rounds and moelink/vLLM.
+engines' runs of a level. The idle server's CPU during each run is recorded (`other_server_cpu_s`): an idle vLLM
+spins on about half a core here (0.8 CPU-s over moelink's 1-2 s runs; an idle moelink 0.1), taken from the
+measured moelink, so this order leans toward vLLM. --pause-idle stops the idle server instead (SIGSTOP to its
+process group, SIGCONT after), but a resumed vLLM sent its next run's tokens in bursts (ITL p50 ~0). --served-order
+blocks: one server at a time, each running every level of its round, engines alternating by round. Its saved JSON
+gives output tok/s, median TTFT, median ITL and requests/s; medians over rounds and moelink/vLLM.
 
 Writes --out (default benchmarks/results/peer_vllm_cpu.json): machine, date, moelink commit, vLLM version, every run,
 the medians and the ratios. Every process it starts is stopped by its PID (its process group) with bounded waits;
@@ -412,7 +414,8 @@ def warm_up(plan: Plan, tmp: Path, engine: str, rnd: int, port: int, endpoint: s
 def bench_level(plan: Plan, tmp: Path, engine: str, rnd: int, endpoint: str, conc: int, port: int,
                 other: Optional[subprocess.Popen] = None) -> Optional[dict]:
     """One measured `vllm bench serve` run of one engine at one level; with `other` (the other engine's server,
-    up and idle), the CPU it used meanwhile is kept as `other_server_cpu_s`."""
+    up and idle), the CPU it used meanwhile is kept as `other_server_cpu_s`, and with --pause-idle it is stopped
+    (SIGSTOP to its process group, SIGCONT after)."""
     rdir = str(tmp / "bench")
     fname = f"{engine}_{rnd}_{endpoint}_{conc}.json"
     cmd = plan.bench_cmd(port, endpoint, conc, rdir, fname)
@@ -424,8 +427,15 @@ def bench_level(plan: Plan, tmp: Path, engine: str, rnd: int, endpoint: str, con
     base = {"engine": engine, "round": rnd, "endpoint": endpoint, "concurrency": conc,
             "num_prompts": num_prompts(conc)}
     cpu0 = session_cpu_s(other.pid) if other is not None else 0.0
+    pause = other is not None and plan.ns.pause_idle
     try:
-        rc = run_logged(cmd, blog, plan.ns.timeout_s, plan.peer_env())
+        if pause:
+            os.killpg(other.pid, signal.SIGSTOP)
+        try:
+            rc = run_logged(cmd, blog, plan.ns.timeout_s, plan.peer_env())
+        finally:
+            if pause:
+                os.killpg(other.pid, signal.SIGCONT)
         path = Path(rdir) / fname
         if rc != 0 or not path.exists():
             raise RuntimeError(f"vllm bench serve exited {rc}:\n{tail(blog)}")
@@ -558,6 +568,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--served-order", choices=("interleaved", "blocks"), default="interleaved",
                     help="interleaved: both servers up, each level's engines back to back; blocks: one server at a "
                          "time, each running every level of its round")
+    ap.add_argument("--pause-idle", action=argparse.BooleanOptionalAction, default=False,
+                    help="interleaved: stop the idle server (SIGSTOP) while the other is measured (off: a resumed "
+                         "vLLM sent its next run's tokens in bursts)")
     ap.add_argument("--no-chat", dest="chat", action="store_false",
                     help="skip the /v1/chat/completions (openai-chat) runs")
     ap.add_argument("--input-len", type=int, default=64)
