@@ -20,8 +20,8 @@ serve --backend openai` (and `openai-chat` on /v1/chat/completions), random data
 interleaved (the default): both servers up for the whole run, each warmed once, each level's two engines measured
 back to back (the first of the two alternating by round), so a slow minute of a shared machine lands on both
 engines' runs of a level. The idle server's CPU during each run is recorded (`other_server_cpu_s`): an idle vLLM
-spins on about half a core here (0.8 CPU-s over moelink's 1-2 s runs; an idle moelink 0.1), taken from the
-measured moelink, so this order leans toward vLLM. --pause-idle stops the idle server instead (SIGSTOP to its
+used 0.8 CPU-s during each moelink run here (about 10 s with the client's start; an idle moelink 0.1), taken from
+the measured moelink, so this order leans toward vLLM. --pause-idle stops the idle server instead (SIGSTOP to its
 process group, SIGCONT after), but a resumed vLLM sent its next run's tokens in bursts (ITL p50 ~0). --served-order
 blocks: one server at a time, each running every level of its round, engines alternating by round. Its saved JSON
 gives output tok/s, median TTFT, median ITL and requests/s; medians over rounds and moelink/vLLM.
