@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .cpu_reads import cpu_item
 from .decode_plan import GroupPlan, decode_plans, step_partition
+from .prompt_plan import PromptGroup, fresh_prompts, prompt_groups
 from .step_memo import STEP_MEMO
 
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
@@ -167,6 +168,14 @@ def reference_paged_attention(
     if decode_seqs:
         _decode_batch(q_TNH, k_cache_BLKH, v_cache_BLKH, meta, scale, decode_seqs, starts, out_TNH, sinks_N,
                       sliding_window, (k_scale, v_scale))
+    if len(chunk_seqs) > 1 and sliding_window is None and sinks_N is None and q_TNH.device.type == "cpu":
+        fresh = fresh_prompts(meta, chunk_seqs)
+        if len(fresh) > 1:
+            grouped = set()
+            for group in prompt_groups(meta, fresh, starts, k_cache_BLKH.shape[1], q_TNH.device):
+                _prompt_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale, group, out_TNH, (k_scale, v_scale))
+                grouped.update(group.seqs)
+            chunk_seqs = [s for s in chunk_seqs if s not in grouped]
     for s in chunk_seqs:
         qlen = meta.query_lens[s]
         start, ctx = starts[s], meta.seq_lens[s]
@@ -191,6 +200,25 @@ def reference_paged_attention(
             o_1NQH = _attend_with_sinks(q_1NQH, k_1KCH, v_1KCH, mask_QC, scale, sinks_N)
         out_TNH[start : start + qlen] = o_1NQH[0].transpose(0, 1)
     return out_TNH
+
+
+def _prompt_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale: float, group: PromptGroup, out_TNH,
+                  kv_scales=(1.0, 1.0)) -> None:
+    """One group of fresh prompt chunks (kernels/prompt_plan.py): causal SDPA over [G, N, Q, H], the real rows
+    written back."""
+    G, Q = len(group.seqs), group.width
+    k_GQKH = dequantize_from_cache(group.gather(k_cache_BLKH), q_TNH.dtype, kv_scales[0])
+    v_GQKH = dequantize_from_cache(group.gather(v_cache_BLKH), q_TNH.dtype, kv_scales[1])
+    r0 = group.first_row
+    q_XNH = q_TNH[r0 : r0 + G * Q] if r0 is not None else q_TNH.index_select(0, group.rows_X)
+    q_GNQH = q_XNH.view(G, Q, *q_TNH.shape[1:]).transpose(1, 2)
+    o_GNQH = _sdpa(q_GNQH, k_GQKH.transpose(1, 2), v_GQKH.transpose(1, 2), None, scale)
+    o_GQNH = o_GNQH.transpose(1, 2)
+    if r0 is not None:
+        out_TNH[r0 : r0 + G * Q].view(G, Q, *out_TNH.shape[1:]).copy_(o_GQNH)
+        return
+    o_XNH = o_GQNH.reshape(G * Q, *o_GQNH.shape[2:])
+    out_TNH.index_copy_(0, group.out_Y, o_XNH if group.keep_Y is None else o_XNH.index_select(0, group.keep_Y))
 
 
 def _check_extras(q_TNH: torch.Tensor, sinks_N: torch.Tensor | None, sliding_window: int | None) -> None:
