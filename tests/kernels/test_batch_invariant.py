@@ -171,14 +171,19 @@ def test_matmuls_under_the_mode_give_a_row_the_same_bits_in_any_batch(dtype):
         "bmm": lambda X: torch.bmm(X[None].expand(3, -1, -1), w3_EKN).transpose(0, 1),
         "3-d linear": lambda X: F.linear(X.view(1, -1, 256), w_NK)[0],
     }
+    unstable = []
     for name, op in ops.items():
         with BatchInvariantMode():
             rows = _rows_in_batches(x_1K, op, SIZES)
         assert all(torch.equal(r, rows[0]) for r in rows), name
         off = _rows_in_batches(x_1K, op, SIZES)
-        if name != "bmm":  # this BLAS's batched matmul happens to be row-stable already
-            assert any(not torch.equal(r, off[0]) for r in off), f"{name}: no difference off the mode either"
+        if any(not torch.equal(r, off[0]) for r in off):
+            unstable.append(name)
         torch.testing.assert_close(rows[0], off[0])  # the same values, up to rounding
+    # Off the mode the BLAS gives a row other bits in some batch sizes: which ops it does so for is the BLAS's and
+    # the CPU's (MKL's float64 matrix-vector product is row-stable on an AVX-512 Xeon, its batched matmul on an EPYC),
+    # but the matrix products it runs by blocking the rows are among them on every machine, so the mode is needed.
+    assert {"linear", "mm", "addmm"} & set(unstable), f"no op differs off the mode: {unstable}"
 
 
 def test_the_mode_refuses_what_it_cannot_make_invariant():

@@ -1,6 +1,9 @@
 """The plain-torch experts' per-expert path as contiguous segments of the pairs sorted by expert
 (kernels/moe._segmented_experts): bit for bit the loop of per-expert gather / linear / scatter-add it replaces, in
-fewer torch ops (a CPU decode step is op dispatch)."""
+fewer torch ops (a CPU decode step is op dispatch), on a CPU whose elementwise activation gives a value the same
+bits wherever it sits in a tensor. Where it does not (ATen's vectorized exp on an AVX-512 Xeon rounds a value by
+its position: its vector body or the loop's tail), the joined activation can differ from the loop's per-expert one
+in the last bit, and only there: the test checks that this CPU is such a one and the values agree to a few ulps."""
 from __future__ import annotations
 
 import pytest
@@ -49,7 +52,21 @@ def test_segments_are_the_loops_bits(monkeypatch, dtype, bias, T, E, K, streamed
     weights = torch.rand(T, K, generator=g, dtype=torch.float32)
     act = SILU if not bias else MoEActivation("swiglu_oai")
     got = fused_moe_torch(x, w13, w2, weights, ids, b13_EF=b13, b2_ED=b2, activation=act, padded_max_pairs=0)
-    assert torch.equal(got, _loop(x, w13, w2, weights, ids, b13, b2, act))
+    want = _loop(x, w13, w2, weights, ids, b13, b2, act)
+    if not torch.equal(got, want):
+        assert _activation_is_positional(act, dtype), "the segments differ from the loop beyond the activation"
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got, want, rtol=16 * eps, atol=16 * eps * float(want.abs().max()))
+
+
+def _activation_is_positional(act, dtype) -> bool:
+    """Whether on this CPU the activation of a value depends on where it sits in the tensor (slices of one tensor
+    against the whole)."""
+    g = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(99, 12, generator=g, dtype=dtype) * 3, torch.randn(99, 12, generator=g, dtype=dtype)
+    whole = act(gate, up)
+    return any(not torch.equal(act(gate[s: s + n].clone(), up[s: s + n].clone()), whole[s: s + n])
+               for s in range(0, 90, 7) for n in (1, 2, 3, 5, 9))
 
 
 def test_segments_leave_out_another_ranks_experts():
