@@ -207,8 +207,8 @@ def _prompt_group(q_TNH, k_cache_BLKH, v_cache_BLKH, scale: float, group: Prompt
     """One group of fresh prompt chunks (kernels/prompt_plan.py): causal SDPA over [G, N, Q, H], the real rows
     written back."""
     G, Q = len(group.seqs), group.width
-    k_GQKH = dequantize_from_cache(group.gather(k_cache_BLKH), q_TNH.dtype, kv_scales[0])
-    v_GQKH = dequantize_from_cache(group.gather(v_cache_BLKH), q_TNH.dtype, kv_scales[1])
+    k_GCKH, v_GCKH = _gathered(group.keys, k_cache_BLKH, v_cache_BLKH, q_TNH.dtype, kv_scales)
+    k_GQKH, v_GQKH = k_GCKH[:, :Q], v_GCKH[:, :Q]
     r0 = group.first_row
     q_XNH = q_TNH[r0 : r0 + G * Q] if r0 is not None else q_TNH.index_select(0, group.rows_X)
     q_GNQH = q_XNH.view(G, Q, *q_TNH.shape[1:]).transpose(1, 2)

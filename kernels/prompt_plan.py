@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cpu_reads import cpu_nonzero
+from .decode_plan import GroupPlan
 from .step_memo import STEP_MEMO
 
 if TYPE_CHECKING:
@@ -37,9 +38,11 @@ MAX_GROUP_ROWS = 16384
 
 @dataclass
 class PromptGroup:
-    """One group of fresh prompt chunks (module docstring): `rows_X` the flat batch row each padded query row reads
-    (X = G * Q), `keep_Y` which padded rows are real (None: all) and `out_Y` their flat batch rows; the keys are
-    `blocks_Z` (G * m whole blocks; `seqs` the group's sequences) with the flat positions `stale_W` of the gathered [G * m * L] zeroed."""
+    """One group of fresh prompt chunks (module docstring): `seqs` its sequences and `width` their padded length Q;
+    `rows_X` the flat batch row each padded query row reads (X = G * Q), `keep_Y` which padded rows are real (None:
+    all) and `out_Y` their flat batch rows; `keys` the decode groups' block gather (kernels/decode_plan.py
+    `GroupPlan`: G * m whole blocks, the stale positions of each sequence's last block zeroed), of which the first Q
+    positions are the group's keys and values."""
 
     seqs: list[int]
     width: int
@@ -47,16 +50,7 @@ class PromptGroup:
     rows_X: torch.Tensor
     keep_Y: torch.Tensor | None
     out_Y: torch.Tensor
-    blocks_Z: torch.Tensor
-    stale_W: torch.Tensor | None
-
-    def gather(self, cache_BLKH: torch.Tensor) -> torch.Tensor:
-        """The group's keys (or values) [G, Q, K, H] as the cache stores them (the caller widens an fp8 cache's)."""
-        x_ZLKH = cache_BLKH.index_select(0, self.blocks_Z)
-        if self.stale_W is not None:  # a zero byte is 0.0 in every cache dtype, fp8 included
-            x_ZLKH.view(torch.uint8).view(x_ZLKH.shape[0] * x_ZLKH.shape[1], -1).index_fill_(0, self.stale_W, 0)
-        G = len(self.seqs)
-        return x_ZLKH.view(G, -1, *cache_BLKH.shape[2:])[:, : self.width]
+    keys: GroupPlan
 
 
 def fresh_prompts(meta: "AttentionMetadata", chunk_seqs: list[int]) -> list[int]:
@@ -122,10 +116,11 @@ def _groups(meta, seqs: list[int], starts: list[int], block_size: int, device) -
         tables_Gm = meta.block_tables_SM.index_select(0, seq_idx_G)[:, :m].long()
         blocks_Gm = torch.where(torch.arange(m, device=device)[None, :] < blocks_G1, tables_Gm, meta.null_block)
         pos_C = torch.arange(m * block_size, device=device)
-        stale_GC = (pos_C[None, :] >= lens_G1) & (pos_C[None, :] < blocks_G1 * block_size)
-        stale_W = cpu_nonzero(stale_GC.reshape(-1))
-        out.append(PromptGroup(group, Q, starts[group[0]] if consecutive else None, rows_GQ.reshape(-1), keep_Y, out_Y, blocks_Gm.reshape(-1),
-                               stale_W if stale_W.numel() else None))
+        valid_GC = pos_C[None, :] < lens_G1
+        stale_W = cpu_nonzero(((pos_C[None, :] < blocks_G1 * block_size) & ~valid_GC).reshape(-1))
+        keys = GroupPlan(None, valid_GC, blocks_X=blocks_Gm.reshape(-1), stale_Y=stale_W if stale_W.numel() else None)
+        out.append(PromptGroup(group, Q, starts[group[0]] if consecutive else None, rows_GQ.reshape(-1), keep_Y,
+                               out_Y, keys))
     return out
 
 
