@@ -24,6 +24,7 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
 
 torch.set_num_threads(1)
 
@@ -180,6 +181,9 @@ def main() -> None:
             group = init_process_group(rank, world_size, "127.0.0.1", port, "gloo",
                                        timeout_s={"die": 5.0, "stall": 2.0}.get(mode, 30.0))
             if mode in ("die", "stall"):
+                # One collective first: init returning on rank 1 does not mean rank 0 has finished
+                # its side of the connection mesh, and a peer gone mid-init fails rank 0 at init.
+                dist.barrier()
                 if rank == 1:
                     torch.save(dict(peer=mode), os.path.join(out_dir, f"rank{rank}.pt"))
                     if mode == "stall":  # alive but never joins: wait until rank 0 has given up
