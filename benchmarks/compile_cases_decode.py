@@ -76,10 +76,10 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
                               counts_G=torch.empty(G, dtype=torch.int64, **meta))
 
 
-def launch_lora_moe() -> None:
+def launch_lora_moe(tokens: tuple[int, ...] = (8, 2048)) -> None:
     """The routed experts with per-expert LoRA (kernels/triton_lora_moe.py) at qwen3-30b-a3b (128 experts, top-8,
-    D 2048, I 768), 4 slots of rank 16, bf16: a decode batch and a prefill one (the gate-up GEMM's ROW_BIAS variant,
-    the sorted shrink / expand of both tensors)."""
+    D 2048, I 768), 4 slots of rank 16, bf16: a batch of each of `tokens` (by default a decode batch and a prefill
+    one; the gate-up GEMM's ROW_BIAS variant, the sorted shrink / expand of both tensors)."""
     from moelink.kernels.lora_moe import ExpertLoRA
     from moelink.kernels.triton_lora_moe import triton_lora_fused_moe
 
@@ -89,7 +89,7 @@ def launch_lora_moe() -> None:
                          torch.empty(L * E, **meta))
     down = ExpertLoRA(torch.empty(L * E, R, I, dtype=dt, **meta), torch.empty(L * E, D, R, dtype=dt, **meta),
                       torch.empty(L * E, **meta))
-    for T in (8, 2048):
+    for T in tokens:
         triton_lora_fused_moe(torch.empty(T, D, dtype=dt, **meta), torch.empty(E, 2 * I, D, dtype=dt, **meta),
                               torch.empty(E, D, I, dtype=dt, **meta), torch.empty(T, K, **meta),
                               torch.empty(T, K, dtype=torch.long, **meta), torch.empty(T, dtype=torch.long, **meta),
