@@ -53,10 +53,12 @@ def test_add_rms_norm_fp8_refuses_what_it_cannot_tile(kdev):
         triton_add_rms_norm_fp8(x, x, torch.ones(64, device=kdev), 1e-6, group=96)
 
 
-# Small GEMV blocks (several K tiles, BLOCK_N 8: 16 programs an h group, one group ragged) and max_pairs 16.
+# Small GEMV blocks (several K tiles, BLOCK_N 8: 16 programs an h group, one group ragged) and max_pairs 16. The
+# down GEMV's K tile 64: three over I 160, the last ragged, an h group over two of them (BLOCK_K 32's five tiles
+# took the same branches at most of this file's interpreter time).
 SMALL = MoELaunchConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3), moe_config.TinyConfig.from_dict(
     {"max_pairs": 16, "BLOCK_SIZE_N": 8, "BLOCK_SIZE_K": 64, "num_warps": 1, "num_stages": 1,
-     "down": {"BLOCK_SIZE_N": 8, "BLOCK_SIZE_K": 32}}))
+     "down": {"BLOCK_SIZE_N": 8, "BLOCK_SIZE_K": 64}}))
 # (T, routing): every tiny token count at top-4 (1, 2 and 4 = max_pairs / K: the down GEMV's width narrows with T),
 # -1 ids and remote experts (an expert map) among them, then 5 tokens: past max_pairs, the sorted path.
 MOE_CASES = [(1, "map"), (2, "neg"), (4, "map"), (5, "neg")]
