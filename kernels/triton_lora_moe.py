@@ -36,18 +36,19 @@ from .triton_moe_float import FloatFormat
 
 
 @triton.jit
-def _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts, BLOCK_M: tl.constexpr):
-    """(pair, token, stack row or -1, expert or -1) of sorted row `row`: stack -1 for a padding row, a dead block or
-    no adapter; expert -1 for a padding row or a dead block."""
-    pair = tl.load(sorted_ptr + row).to(tl.int64)
+def _live_row(pair, row, expert_ids_ptr, slots_ptr, top_k, num_experts, BLOCK_M: tl.constexpr):
+    """(token, stack row or -1, expert or -1) of a sorted row whose entry is a pair (not the padding sentinel):
+    stack -1 for a dead block (an expert of another rank) or a token with no adapter; expert -1 for a dead block."""
     expert = tl.load(expert_ids_ptr + row // BLOCK_M).to(tl.int64)
-    live = (pair < num_pairs) & (expert >= 0)
-    tok = tl.where(live, pair, 0) // top_k
+    tok = pair // top_k
     slot = tl.load(slots_ptr + tok).to(tl.int64)
-    stack = tl.where(live & (slot >= 0), slot * num_experts + expert, -1)
-    return pair, tok, stack, tl.where(live, expert, -1)
+    stack = tl.where((expert >= 0) & (slot >= 0), slot * num_experts + expert, -1)
+    return tok, stack, expert
 
 
+# Both kernels read the row's sorted entry first and stop there for the padding sentinel: most rows of a small batch
+# are padding (up to BLOCK_M - 1 an expert), so their programs do one load, a compare and (gate_up, shrink) a store of
+# zeros, not the whole row lookup.
 @triton.jit(do_not_specialize=["num_pairs"])
 def _sorted_lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, sorted_ptr, expert_ids_ptr, t_ptr, num_pairs, top_k,
                                num_experts, K, R, stride_xr, stride_ax, stride_ar, stride_tr, BLOCK_M: tl.constexpr,
@@ -56,18 +57,19 @@ def _sorted_lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, sorted_ptr, expert_ids_p
     row = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok_r = offs_r < R
-    pair, tok, stack, _ = _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts,
-                                      BLOCK_M)
+    pair = tl.load(sorted_ptr + row).to(tl.int64)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    if stack >= 0:
-        src = tok if GATHER else row  # gate_up reads x's token row; down the activation's sorted row
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            ok_k = offs_k < K
-            x = tl.load(x_ptr + src * stride_xr + offs_k, mask=ok_k, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + stack * stride_ax + offs_r[:, None] * stride_ar + offs_k[None, :],
-                        mask=ok_r[:, None] & ok_k[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(a * x[None, :], axis=1)
+    if pair < num_pairs:
+        tok, stack, _ = _live_row(pair, row, expert_ids_ptr, slots_ptr, top_k, num_experts, BLOCK_M)
+        if stack >= 0:
+            src = tok if GATHER else row  # gate_up reads x's token row; down the activation's sorted row
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                ok_k = offs_k < K
+                x = tl.load(x_ptr + src * stride_xr + offs_k, mask=ok_k, other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + stack * stride_ax + offs_r[:, None] * stride_ar + offs_k[None, :],
+                            mask=ok_r[:, None] & ok_k[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(a * x[None, :], axis=1)
     tl.store(t_ptr + row * stride_tr + offs_r, cast(acc, t_ptr.dtype.element_ty, INTERPRET), mask=ok_r)
 
 
@@ -80,28 +82,28 @@ def _sorted_lora_expand_kernel(y_ptr, t_ptr, b_ptr, scale_ptr, slots_ptr, sorted
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_n = offs_n < N
-    pair, tok, stack, expert = _sorted_row(row, sorted_ptr, expert_ids_ptr, slots_ptr, num_pairs, top_k, num_experts,
-                                           BLOCK_M)
+    pair = tl.load(sorted_ptr + row).to(tl.int64)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if stack >= 0:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            ok_r = offs_r < R
-            t = tl.load(t_ptr + row * stride_tr + offs_r, mask=ok_r, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + stack * stride_bx + offs_n[:, None] * stride_bn + offs_r[None, :],
-                        mask=ok_n[:, None] & ok_r[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(b * t[None, :], axis=1)
-        acc = acc * tl.load(scale_ptr + stack).to(tl.float32)
-    if ROUTED:  # down: the pair's row of the routed-weighted outputs, w[pair] · delta added
+    if pair < num_pairs:
+        _, stack, expert = _live_row(pair, row, expert_ids_ptr, slots_ptr, top_k, num_experts, BLOCK_M)
         if stack >= 0:
-            y_at = y_ptr + pair * stride_yr + offs_n
-            w = tl.load(weights_ptr + pair).to(tl.float32)
-            y = tl.load(y_at, mask=ok_n, other=0.0).to(tl.float32)
-            tl.store(y_at, cast(y + w * acc, y_ptr.dtype.element_ty, INTERPRET), mask=ok_n)
-    else:  # gate_up: the sorted row's pre-activation delta, zeros where none (every row written: no memset)
-        if HAS_BIAS:  # the expert's gate-up bias too: the GEMM's bias slot carries this row's sum
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                ok_r = offs_r < R
+                t = tl.load(t_ptr + row * stride_tr + offs_r, mask=ok_r, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + stack * stride_bx + offs_n[:, None] * stride_bn + offs_r[None, :],
+                            mask=ok_n[:, None] & ok_r[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(b * t[None, :], axis=1)
+            acc = acc * tl.load(scale_ptr + stack).to(tl.float32)
+            if ROUTED:  # down: the pair's row of the routed-weighted outputs, w[pair] · delta added
+                y_at = y_ptr + pair * stride_yr + offs_n
+                w = tl.load(weights_ptr + pair).to(tl.float32)
+                y = tl.load(y_at, mask=ok_n, other=0.0).to(tl.float32)
+                tl.store(y_at, cast(y + w * acc, y_ptr.dtype.element_ty, INTERPRET), mask=ok_n)
+        if HAS_BIAS:  # gate_up with the expert's bias: the GEMM's bias slot carries this row's sum
             if expert >= 0:
                 acc += tl.load(bias_ptr + expert * stride_be + offs_n, mask=ok_n, other=0.0).to(tl.float32)
+    if not ROUTED:  # gate_up: the sorted row's pre-activation delta, zeros where none (every row written: no memset)
         tl.store(y_ptr + row * stride_yr + offs_n, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=ok_n)
 
 
