@@ -62,7 +62,7 @@ typecheck: setup
 
 # Two pytest-xdist workers (the machines have 2 cores); Ray tests share one worker (tests/conftest.py).
 # TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 # The checkout's own modules compiled once first: this machine sets PYTHONDONTWRITEBYTECODE=1, so without it every
 # process the suite starts (EP ranks, servers, script smokes: hundreds) compiles moelink's sources again, ~0.2 s of
 # CPU each (pip compiles site-packages at install; an editable checkout is not).
