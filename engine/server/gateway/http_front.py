@@ -149,10 +149,15 @@ class HttpFront:
             while await self._one(conn, reader, writer, idle_s):
                 conn.start_next_cycle()
                 idle_s = self.keep_alive_s
+        except asyncio.CancelledError:
+            # stop() cancels the open connections: the handler ends as a finished task, not a cancelled one.
+            # asyncio.start_server's done-callback (Python 3.11) calls exception() on it, which raises for a cancelled
+            # task: a traceback in the log at every stop with a connection open.
+            pass
         finally:
             self._connections.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _one(self, conn: KeptConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
