@@ -55,12 +55,14 @@ serve: setup
 	$(VENV)/bin/moelink serve $(TINY_MODEL) --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 # mypy over the whole package, GPU-only code included (docs/testing.md#the-type-check; [tool.mypy] in pyproject.toml).
-# `make test` runs it as its first test (tests/test_typecheck.py) on one pytest worker while the other runs tests:
+# `make test` runs it as its first test (tests/test_typecheck.py) on one pytest worker while the others run tests:
 # seconds on its cache (.mypy_cache/), about 40 s of CPU cold.
 typecheck: setup
 	$(PY) -m tests.helpers.typecheck
 
-# Two pytest-xdist workers (the machines have 2 cores); Ray tests share one worker (tests/conftest.py).
+# Three pytest-xdist workers on the 2-core machines: about a fifth of the tests' time is spent waiting on the processes
+# they start (servers, Ray, ranks), which a third worker fills (docs/testing.md#set-up-and-workers). Ray tests share
+# one worker (tests/conftest.py).
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 3
 # The checkout's own modules compiled once first: this machine sets PYTHONDONTWRITEBYTECODE=1, so without it every
@@ -79,7 +81,7 @@ test: setup
 	$(ISA_ENV) MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # The quick loop to run after each change (docs/testing.md#the-quick-loop): the type check (seconds on its cache) and
-# every test not marked `slow` (no Ray, no server subprocess, nothing measured over 1 s), on the same two workers.
+# every test not marked `slow` (no Ray, no server subprocess, nothing measured over 1 s), on the same workers.
 test-quick: setup
 	$(PY) -m tests.helpers.typecheck
 	MOELINK_LOCK="$(if $(LOCK),$(abspath $(LOCK)))" $(PY) -m pytest -q -m "not slow" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder) $(PYTEST_ARGS)

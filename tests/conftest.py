@@ -21,7 +21,7 @@ from tests.helpers.tiny_configs import TINY_CONFIGS
 pytest_plugins = ["tests.helpers.run_records"]
 
 
-# Torch's intra-op threads: `make test` runs two pytest-xdist workers on the 2-core machines, so one thread
+# Torch's intra-op threads: `make test` runs three pytest-xdist workers on the 2-core machines, so one thread
 # each. Two each oversubscribe the cores, and the OpenMP barriers of the tiny models' many small ops then spin
 # against the other worker: the same preemption parity test took 75 s with 2 threads and 10 s with 1.
 torch.set_num_threads(int(os.environ.get("MOELINK_TEST_THREADS", "1")))
@@ -91,10 +91,10 @@ def _group(item) -> str | None:
 
 
 def _schedule_order(items) -> None:
-    """The order the two workers take the work in (`make test` passes --no-loadscope-reorder, so pytest-xdist keeps
+    """The order the workers take the work in (`make test` passes --no-loadscope-reorder, so pytest-xdist keeps
     it): the whole-package type check first (a minute of CPU on one worker: last, it would run alone while the other
-    worker idles), then the Ray group (the longest unit, on the other worker), then the other groups, most tests
-    first, then the ungrouped tests in collection order, which fill both workers to the end. Without the type check
+    workers idle), then the Ray group (the longest unit, on another worker), then the other groups, most tests
+    first, then the ungrouped tests in collection order, which fill every worker to the end. Without the type check
     and its place this is pytest-xdist's own reordering (scopes by test count, stable)."""
     groups = [_group(it) for it in items]
     count: dict = {}
