@@ -39,6 +39,8 @@ import torch
 
 from moelink.engine.api.provenance import git_commit, write_result
 
+from . import kernel_profile
+
 RESULTS = Path(__file__).parent / "results"
 SMOKE = dict(prompts=6, prompt_len=12, max_tokens=4, repeats=1)
 
@@ -88,51 +90,14 @@ def _arm(path: str, batch_invariant: bool, prompts: list[list[int]], max_tokens:
         same = [lp[t].logprob for t, lp in zip(alone.token_ids, alone.logprobs)] == \
             [lp[t].logprob for t, lp in zip(first.token_ids, first.logprobs)]
         seconds = statistics.median(times)
-        extra = _kernel_times(lambda: (llm.flush_cache(), llm.generate(prompts, params, use_tqdm=False)),
-                              device) if kernel_times else {}
+        extra = kernel_profile.kernel_times(
+            lambda: (llm.flush_cache(), llm.generate(prompts, params, use_tqdm=False)), device) if kernel_times else {}
         return dict(batch_invariant=batch_invariant, seconds=seconds,
                     output_tokens_per_s=len(prompts) * max_tokens / seconds, rounds=times,
                     kernels=llm.engine.config.kernels, backend=_backend(llm.engine.config.kernels, device),
                     decode_graphs=_graph_sizes(llm), alone_equals_batched_bitwise=same, **extra)
     finally:
         llm.shutdown()
-
-
-# Kernel families by name (substrings, first match wins), to say which part of a step the invariant arm's extra time
-# is in: its fixed-tile matmul against cuBLAS, its split + merge attention against the decode / prefill kernels, the
-# fused MoE on its one config against the tuned ones (issue 80: 1.36x at Qwen3-30B-A3B's shape, goal <= 1.10x).
-KERNEL_FAMILIES = (("moe", ("moe", "align", "router", "silu")), ("attention", ("_bi_split", "_bi_merge", "decode",
-                   "prefill", "attention", "rope", "kv")), ("matmul", ("matmul", "gemm", "xmma", "cutlass", "nvjet",
-                   "cublas", "aten::mm", "aten::addmm", "aten::linear")), ("norm", ("rms", "norm")))
-
-
-def kernel_family(name: str) -> str:
-    low = name.lower()
-    return next((fam for fam, keys in KERNEL_FAMILIES if any(k in low for k in keys)), "other")
-
-
-def _kernel_times(run, device: str, top: int = 20) -> dict:
-    """One more round of `run` under torch.profiler: its kernels' device time (CUDA; CPU: the ops' self time) summed
-    by family (`kernel_family_us`) and the `top` kernels by name (`kernel_us`), microseconds a round. Kernels a decode
-    graph replays are traced one by one (CUPTI records a graph's kernel nodes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    per_name: dict[str, float] = {}
-    for e in prof.key_averages():
-        us = (getattr(e, "self_device_time_total", 0.0) if device == "cuda" else e.self_cpu_time_total)
-        if us > 0 and not e.key.startswith(("cuda", "ProfilerStep")):
-            per_name[e.key] = per_name.get(e.key, 0.0) + float(us)
-    families: dict[str, float] = {}
-    for name, us in per_name.items():
-        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + us
-    ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
-    return dict(kernel_family_us={k: round(v, 1) for k, v in sorted(families.items())},
-                kernel_us={k: round(v, 1) for k, v in ranked})
 
 
 def _graph_sizes(llm) -> list[int]:

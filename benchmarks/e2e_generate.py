@@ -163,3 +163,16 @@ def run_generate(llm, requests: int, input_len: int, output_len: int, deadline: 
                 step_ms=statistics.median(full or clock.seconds) * 1e3,
                 step_ms_mean=sum(clock.seconds) / steps * 1e3, full_batch_steps=len(full),
                 loop_stats_per_step=_per_step_ms(before, loop_stats(llm.engine), steps))
+
+
+def profile_generate(llm, requests: int, input_len: int, output_len: int, device: str) -> dict:
+    """One more generate of the point's shape under torch.profiler (prompts of their own, so the prefix cache does
+    not skip the prefill): device time by kernel family (benchmarks/kernel_profile.py)."""
+    from moelink.engine import SamplingParams
+
+    from .kernel_profile import kernel_times
+
+    prompts = prompts_for(requests, input_len, llm.engine.config.model.vocab_size, seed=7)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    return kernel_times(lambda: llm.generate(prompts, params, use_tqdm=False), device)
+

@@ -24,6 +24,9 @@ untimed pass, embedding rows, the LM head, and the K/V of every cached token),
 over the device-to-device copy bandwidth measured in the same run. The ratio
 step / floor says how far from memory-bound the step is (1.0 is the floor).
 
+--kernel-times: per batch, a few more steps under torch.profiler, device time a step by kernel family (moe,
+attention, matmul, norm, other) and by kernel: which launches hold a step above its floor.
+
 If the model's layers and the largest batch's KV cache do not fit, fewer layers are
 built and the output says so; the full-model step is then extrapolated as
 head + layers × (measured per-layer time), with the head (embedding, final norm,
@@ -41,6 +44,7 @@ from pathlib import Path
 import torch
 
 from .moe_kernels import RESULTS, Timer, measure_ceilings, require_cuda, run_meta
+from .step_floor import estimate_layer_bytes, kv_bytes_per_token, num_experts
 from moelink.engine.api.provenance import write_result
 
 QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
@@ -71,6 +75,7 @@ SMOKE_DSV2 = dict(DEEPSEEK_V2_LITE, hidden_size=128, intermediate_size=256, moe_
 MODELS = {"qwen3-30b-a3b": (QWEN3_30B_A3B, SMOKE, "Qwen3-30B-A3B"),
           "deepseek-v2-lite": (DEEPSEEK_V2_LITE, SMOKE_DSV2, "DeepSeek-V2-Lite")}
 SMOKE_BATCHES, SMOKE_CONTEXT = (1, 4), 64
+KERNEL_TIME_STEPS = 5  # --kernel-times: steps profiled per batch (the mean a step is recorded)
 STEPS, SMOKE_STEPS = 20, 3  # (the smoke checks the script, not the timing: a median of 3 steps is enough)
 BLOCK = 16
 
@@ -97,25 +102,6 @@ def build_model(hf: dict, num_layers: int, device, kernels_name: str, max_len: i
     return cfg, model.eval(), kernels
 
 
-def num_experts(hf: dict) -> int:
-    return hf.get("num_experts") or hf["n_routed_experts"]
-
-
-def estimate_layer_bytes(hf: dict, elem: int = 2) -> tuple[int, int]:
-    """(bytes of one layer but its routed experts, bytes of one routed expert), from config.json alone: what
-    `pick_layers` needs before anything is built (an upper bound: every layer counted as a MoE layer)."""
-    D, N = hf["hidden_size"], hf["num_attention_heads"]
-    if "kv_lora_rank" in hf:  # MLA
-        C, P, Dn, Dv, Q = hf["kv_lora_rank"], hf["qk_rope_head_dim"], hf["qk_nope_head_dim"], hf["v_head_dim"], hf["q_lora_rank"]
-        q = D * N * (Dn + P) if Q is None else D * Q + Q * N * (Dn + P)
-        attn = q + D * (C + P) + C * N * (Dn + Dv) + N * Dv * D
-    else:
-        K, H = hf["num_key_value_heads"], hf["head_dim"]
-        attn = D * (N + 2 * K) * H + N * H * D
-    shared = 3 * D * hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0)
-    return (attn + shared + num_experts(hf) * D + 4 * D) * elem, 3 * D * hf["moe_intermediate_size"] * elem
-
-
 def layer_bytes(layer) -> int:
     """Bytes of one built decoder layer's parameters but its routed experts (attention, norms, router, shared
     experts, or the dense MLP of a dense layer): every step reads all of them."""
@@ -134,8 +120,7 @@ def pick_layers(hf: dict, max_batch: int, context: int, device) -> int:
         return hf["num_hidden_layers"]
     free, _ = torch.cuda.mem_get_info(device)
     dense, expert = estimate_layer_bytes(hf)
-    kv_per_token = 2 * (hf["kv_lora_rank"] + hf["qk_rope_head_dim"] if "kv_lora_rank" in hf
-                        else 2 * hf["num_key_value_heads"] * hf["head_dim"])
+    kv_per_token = kv_bytes_per_token(hf)
     per_layer = dense + num_experts(hf) * expert + kv_per_token * max_batch * (context + BLOCK)
     head = 2 * hf["vocab_size"] * hf["hidden_size"] * 2
     usable = int(free * 0.92) - head - (4 << 30)  # 4 GiB for activations, workspaces, the allocator
@@ -178,9 +163,10 @@ def count_touched_experts(model, kernels, args) -> list[int]:
     return seen
 
 
-def time_engine_graph(model, caches, args_, batch, device, timer, steps) -> float | None:
-    """Median step time through the engine's decode graph for this batch size: host copy-in of the step's
-    inputs, replay, LM head, argmax. On CPU the capture is stood in by a re-run (smoke only)."""
+def engine_graph_step(model, caches, args_, batch, device):
+    """One decode step through the engine's graph for this batch size, as a callable: host copy-in of the step's
+    inputs, replay, LM head, argmax (None where the kernels or the batch have no graph). On CPU the capture is
+    stood in by a re-run (smoke only)."""
     from moelink.engine.rank.cuda_graph import CudaGraphCapture, DecodeGraphs, EagerReplay
 
     if model.layers[0].self_attn.kernels.name != "triton":
@@ -197,9 +183,24 @@ def time_engine_graph(model, caches, args_, batch, device, timer, steps) -> floa
     # Host-side inputs, as the model runner holds them (untimed: the runner builds them for eager steps too).
     host = (ids_T.tolist(), pos_T.cpu().numpy(), meta.slot_mapping_T.cpu().numpy(), list(meta.seq_lens),
             meta.block_tables_SM.cpu().numpy())
-    t = timer(lambda: model.compute_logits(graphs.run(*host)).argmax(-1), [()], iters=steps,
-              warmup=2 if device.type == "cuda" else 0)  # (CPU: nothing to warm up)
-    return t
+    return lambda: model.compute_logits(graphs.run(*host)).argmax(-1)
+
+
+def time_engine_graph(model, caches, args_, batch, device, timer, steps) -> float | None:
+    """Median step time through the engine's decode graph for this batch size (`engine_graph_step`)."""
+    step = engine_graph_step(model, caches, args_, batch, device)
+    if step is None:
+        return None
+    return timer(step, [()], iters=steps, warmup=2 if device.type == "cuda" else 0)  # (CPU: nothing to warm up)
+
+
+def profile_step(step, device, steps: int = KERNEL_TIME_STEPS) -> dict:
+    """`steps` runs of `step` under torch.profiler: device microseconds a step by kernel family and the top kernels
+    (benchmarks/kernel_profile.py; a graph's kernel nodes are traced one by one)."""
+    from .kernel_profile import kernel_times
+
+    res = kernel_times(lambda: [step() for _ in range(steps)], device.type)
+    return {k: {name: round(us / steps, 1) for name, us in v.items()} for k, v in res.items()}
 
 
 def turn_on_tiny(max_pairs: int) -> Path:
@@ -240,6 +241,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--graphs", action="store_true",
                     help="also time the step as the engine runs decode on CUDA: its captured graph for the batch "
                          "(engine/rank/cuda_graph.py), inputs copied in each step (needs the Triton kernels)")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help=f"per batch, {KERNEL_TIME_STEPS} more steps under torch.profiler (the graph step with --graphs): "
+                         "device microseconds a step by kernel family (kernel_family_us) and by kernel (kernel_us)")
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "cpu_native", "reference"], help="kernel backend")
     ap.add_argument("--tiny-max-pairs", type=int, default=None,
                     help="turn the float MoE's tiny GEMV path on for calls of up to N (token, expert) pairs "
@@ -286,7 +290,8 @@ def main(argv=None) -> dict:
             step = lambda ids, pos, ctx: model.compute_logits(model(ids, pos, ctx)).argmax(-1)  # noqa: E731
             warm = 3 if device.type == "cuda" else 0  # the CPU smoke has nothing to warm up
             t = timer(step, [args_], iters=args.steps, warmup=warm)
-            t_graph = time_engine_graph(model, caches, args_, B, device, timer, args.steps) if args.graphs else None
+            graph_step = engine_graph_step(model, caches, args_, B, device) if args.graphs else None
+            t_graph = None if graph_step is None else timer(graph_step, [()], iters=args.steps, warmup=warm)
             x = torch.randn(B, cfg.hidden_size, dtype=cfg.dtype, device=device)
             t_head = timer(lambda: model.compute_logits(model.norm(torch.nn.functional.embedding(args_[0], model.embed_tokens) + x)).argmax(-1),
                            [()], iters=args.steps, warmup=warm)
@@ -305,6 +310,9 @@ def main(argv=None) -> dict:
                        floor_ms=floor * 1e3, step_over_floor=t / floor, head_ms=t_head * 1e3, per_layer_ms=per_layer * 1e3,
                        experts_touched_per_layer=mean_touched, bytes_read_floor=bytes_layers + bytes_head,
                        full_model_step_ms=t_full * 1e3, full_model_tokens_per_s=B / t_full, full_model_floor_ms=floor_full * 1e3)
+            if args.kernel_times:  # where the step's device time is: the graph step's kernels (eager without one)
+                row.update(profile_step(graph_step or (lambda: step(*args_)), device),
+                           kernel_times_of="graph" if graph_step else "eager")
             rows.append(row)
             print(f"batch {B:>4}: step {t * 1e3:8.3f} ms ({layers} layers), {B / t:9.1f} tok/s, floor {floor * 1e3:7.3f} ms, "
                   f"step/floor {t / floor:5.2f}; {mean_touched:.0f} experts/layer; "

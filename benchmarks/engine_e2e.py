@@ -15,7 +15,11 @@ and shut down in turn:
   (c) per model, bf16: `moelink serve` + the bench-serve load generator at 16 / 64 / 256 concurrent (128 in /
       256 out): TTFT and ITL p50/p99, output tok/s, and the TTFT of the very first request after start-up.
 The side-by-side fields (e2e/graph ratio, host ms per step and how much of it overlapped the device) are
-`e2e_report`'s; the planner's fixed cost per step is `planner/step_cost.py`'s rule over this file.
+`e2e_report`'s; the planner's fixed cost per step is `planner/step_cost.py`'s rule over this file. Each generate
+row also has its FLOP rates (`step_floor.generate_flops` over the layers built: `active_param_tflops_s`, the
+products by weights alone, and `tflops_s` with causal attention and the LM head) and, on a GPU of known dense bf16
+peak, their fractions of it (`frac_bf16_peak_active`, `frac_bf16_peak`); --kernel-times profiles one more round of
+each prefill-heavy point (`kernel_family_us`, `kernel_us`: device microseconds by kernel family and by kernel).
 
 --quick: Qwen3-30B-A3B, bf16, decode-heavy at 256 out, balanced at 32 and prefill-heavy at 64 requests, serve
 with 2 rounds of 128 out, a 480 s budget: one GPU command. --cpu-smoke: a one-layer toy on CPU, one small point
@@ -68,6 +72,9 @@ def parse_args(argv):
                     help="start no point after this many seconds (default: none; --quick: 480)")
     ap.add_argument("--point-timeout-s", type=float, default=None, help="deadline of each point (default 300; "
                                                                         "--quick 150)")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="after each prefill-heavy point, one more round under torch.profiler: its device time by "
+                         "kernel family (moe, attention, matmul, norm, other) and its top kernels")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_e2e_<gpu>.json)")
     ap.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     ap.add_argument("--cpu-smoke", action="store_true", help="a toy model on CPU: checks the script only")
@@ -140,7 +147,7 @@ def describe(groups: list[dict], ns) -> str:
 
 # -- the parts ------------------------------------------------------------------------------------------------------
 def run_engine_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
-    from .e2e_generate import build_llm, graph_step_s, run_generate
+    from .e2e_generate import build_llm, graph_step_s, profile_generate, run_generate
 
     head = dict(model=g["model"], dtype=g["dtype"], async_scheduling=g["async_scheduling"])
 
@@ -184,6 +191,9 @@ def run_engine_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
                 else:
                     w = p["workload"]
                     row.update(run_generate(llm, p["batch"], w.input_len, w.output_len, deadline))
+                    row.update(flop_rates(ctx, p["batch"], w, row["wall_s"]))
+                    if ns.kernel_times and w.name == "prefill":  # one more round, profiled: where its time is
+                        row.update(profile_generate(llm, p["batch"], w.input_len, w.output_len, ctx["device"]))
             except Exception as exc:
                 row["error"] = error_text(exc)
             rec.disarm()
@@ -195,6 +205,21 @@ def run_engine_group(g: dict, ctx: dict, rec: Recorder, ns) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def flop_rates(ctx: dict, requests: int, w, wall_s: float) -> dict:
+    """A generate point's FLOP rates (step_floor.generate_flops over the layers built) and, on a GPU whose dense bf16
+    peak is known, the fractions of it: `frac_bf16_peak_active` counts the products by weights alone (2 x active
+    parameters a token: issue 80's prefill row), `frac_bf16_peak` attention's and the LM head's too."""
+    from .step_floor import bf16_peak_tflops, generate_flops
+
+    f = generate_flops(ctx["hf"], ctx["layers"], requests, w.input_len, w.output_len)
+    out = dict(flops=f, active_param_tflops_s=f["linear"] / wall_s / 1e12, tflops_s=f["total"] / wall_s / 1e12)
+    peak = bf16_peak_tflops(ctx["device_name"])
+    if peak is not None:
+        out.update(bf16_peak_tflops=peak, frac_bf16_peak_active=out["active_param_tflops_s"] / peak,
+                   frac_bf16_peak=out["tflops_s"] / peak)
+    return out
 
 
 def _point_row(head: dict, p: dict, error: str | None = None) -> dict:
@@ -251,7 +276,8 @@ def model_context(model: str, ns, fields: set[str], tmp: Path, device: torch.dev
     """Per model: its directory, layers, engine sizes and the reason it cannot run, if any."""
     hf = setup.SMOKE_HF if ns.cpu_smoke else setup.MODELS[model][0]
     lens = [w.input_len + w.output_len for w in ns.workloads] + [sum(ns.mode["serve_io"])]
-    ctx = dict(device=device.type, max_model_len=max(lens) + 16, error=None, dummy="load_format" in fields,
+    ctx = dict(device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               hf=hf, max_model_len=max(lens) + 16, error=None, dummy="load_format" in fields,
                max_num_seqs=max(ns.batches + [w.requests for w in ns.workloads] + ns.levels))
     ctx["layers"] = hf["num_hidden_layers"] if device.type != "cuda" else setup.layers_that_fit(
         hf, ns.workloads, ns.batches, device)

@@ -23,7 +23,14 @@ p the expected tokens per verify row are (1 - p^(k+1)) / (1 - p). Per batch size
    the served checkpoint bundles (DeepSeek-V4's dspark_* fields; random under --load-format dummy: the row then
    prices the drafter's cost).
 Reported: decode tokens/s, engine steps, tokens per request-step, mean accepted length, acceptance rate, ms per
-step, and the speed-up over both plain loops. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
+step, and the speed-up over both plain loops. Per batch, `floors`: what a decode step (b tokens) and a verify step
+(b * (k + 1) tokens) must read at least, from the checkpoint's config.json (benchmarks/step_floor.py: the expected
+distinct experts under uniform routing), and their ratio; on a GPU also each floor in ms at the copy bandwidth
+measured before the engines start, and each row's step over its floor (the oracle rows: its drafter reads nothing
+on the device). A verify step touches more experts than a decode step (Qwen3-30B-A3B, b 4, k 2: 69 against 29 of
+128 a layer), so at the memory floor it costs ~2.2x a decode step, whatever the kernels: a verify step near its own
+floor is the goal a kernel can meet; `step_over_plain` / `step_over_serial` (a verify step against a decode step)
+say how far the decode step is from its floor as much as anything about verifying. Without --model a tiny Qwen3-MoE checkpoint is made (CPU);
 on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape
 qwen3-30b-a3b|deepseek-v2-lite`: their published config.json numbers (benchmarks/e2e_setup.py), random weights,
 as many layers as fit beside the largest batch's KV cache (engine_decode's rule), bf16.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import random
 import statistics
 import tempfile
@@ -41,6 +49,7 @@ from pathlib import Path
 from moelink.engine.api.provenance import git_commit, write_result
 
 RESULTS = Path(__file__).parent / "results"
+PROMPT_LEN = 16  # the random prompts' length
 
 
 class OracleDrafter:
@@ -92,7 +101,7 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
         with LLM(model, async_scheduling=async_sched, **engine_kw) as llm:
             vocab = llm.engine.config.model.vocab_size
             rng = random.Random(batch)
-            prompts = [[rng.randrange(3, vocab) for _ in range(16)] for _ in range(batch)]
+            prompts = [[rng.randrange(3, vocab) for _ in range(PROMPT_LEN)] for _ in range(batch)]
             _run(llm, prompts, params)  # warm
             out, seconds, steps = _run(llm, prompts, params, repeats)
         if ref is None:
@@ -131,8 +140,37 @@ def measure(model: str, batch: int, ps: list[float], k: int, tokens: int, engine
             acceptance_rate=acc / drafts if drafts else 0.0,
             expected_length=None if p is None else (1 - p ** (k + 1)) / (1 - p) if p < 1 else k + 1,
             speedup_vs_plain=tps / rows["plain"]["tokens_per_s"],
-            speedup_vs_serial=tps / rows["plain_serial"]["tokens_per_s"])
+            speedup_vs_serial=tps / rows["plain_serial"]["tokens_per_s"],
+            step_over_plain=1e3 * seconds / steps / rows["plain"]["ms_per_step"],
+            step_over_serial=1e3 * seconds / steps / rows["plain_serial"]["ms_per_step"])
     return rows
+
+
+def step_floors(hf: dict, batch: int, k: int, tokens: int, copy_GBps: float | None) -> dict:
+    """The decode step's and the verify step's memory floors (module docstring), the cache read at the run's mean
+    context; with `copy_GBps` (a GPU) in ms too."""
+    from .step_floor import step_floor_bytes
+
+    layers, context = hf["num_hidden_layers"], PROMPT_LEN + tokens // 2
+    decode = step_floor_bytes(hf, layers, batch, batch * (context + 1))
+    verify = step_floor_bytes(hf, layers, batch * (k + 1), batch * (context + k + 1))
+    out = dict(decode=decode, verify=verify, ratio_verify_over_decode=verify["total"] / decode["total"])
+    if copy_GBps:
+        out.update(copy_GBps=copy_GBps, decode_ms=decode["total"] / copy_GBps / 1e6,
+                   verify_ms=verify["total"] / copy_GBps / 1e6)
+    return out
+
+
+def add_floors(rows: dict, floors: dict) -> None:
+    """Each timed row's step over its floor: plain rows over the decode step's, oracle rows over the verify step's
+    (the drafters with device work of their own, MTP, EAGLE-3 and DSpark, are left without)."""
+    if "decode_ms" not in floors:
+        return
+    for name, r in rows.items():
+        if name.startswith("plain"):
+            r["step_over_floor"] = r["ms_per_step"] / floors["decode_ms"]
+        elif name.startswith("p="):
+            r["step_over_floor"] = r["ms_per_step"] / floors["verify_ms"]
 
 
 def _shape_dir(shape: str, tmp: Path, max_batch: int, max_len: int) -> str:
@@ -151,7 +189,6 @@ def _shape_dir(shape: str, tmp: Path, max_batch: int, max_len: int) -> str:
 
 def _agreeing_dspark(model: str, tmp: Path, k: int) -> tuple[str, str]:
     """(the model's bigram copy, a DSpark draft of that bigram): the --dspark agree case (module docstring)."""
-    import json
 
     from moelink.engine.tools.dspark_checkpoint import agreeing_draft, bigram_target
 
@@ -204,13 +241,33 @@ def main(argv: list[str] | None = None) -> None:
                       model=args.model or (f"{args.shape} shape, random weights" if args.shape else "tiny qwen3_moe"),
                       k=args.k, tokens=args.tokens, mtp=args.mtp, eagle3=args.eagle3, dspark=args.dspark, batches={})
         tag = "cpu" if result["device"] == "cpu" else result["device"].replace(" ", "_").lower()
+        hf = json.loads((Path(model) / "config.json").read_text())
+        copy_GBps = None
+        if torch.cuda.is_available():  # before any engine holds the memory: two 1 GiB buffers, then freed
+            from .bench_timing import Timer, measure_ceilings
+
+            dev = torch.device("cuda")
+            copy_GBps = measure_ceilings(dev, Timer(dev))["copy_GBps"]
+            torch.cuda.empty_cache()
         out = args.out or RESULTS / f"spec_decode_{tag}.json"
         for b in args.batch:
             rows = measure(model, b, args.p, args.k, args.tokens, kw, args.repeats, args.mtp, args.eagle3, args.dspark)
-            result["batches"][str(b)] = rows
+            try:
+                floors = step_floors(hf, b, args.k, args.tokens, copy_GBps)
+            except KeyError as e:  # a config the floor's count does not read (no routed experts, say)
+                floors = dict(error=f"config.json has no {e}")
+            add_floors(rows, floors)
+            result["batches"][str(b)] = dict(rows, floors=floors)
             write_result(out, result)  # after every batch: a run stopped at its time limit keeps what it measured
             print(f"batch {b}: plain {rows['plain']['tokens_per_s']:.0f} tok/s ({rows['plain']['ms_per_step']:.2f} "
                   f"ms/step), serial {rows['plain_serial']['tokens_per_s']:.0f} tok/s")
+            if "ratio_verify_over_decode" in floors:
+                ms = (f", {floors['decode_ms']:.2f} / {floors['verify_ms']:.2f} ms at {floors['copy_GBps']:.0f} GB/s"
+                      if "decode_ms" in floors else "")
+                print(f"  floors: decode {floors['decode']['total'] / 1e9:.2f} GB "
+                      f"({floors['decode']['experts_touched_per_layer']:.1f} experts a layer), verify "
+                      f"{floors['verify']['total'] / 1e9:.2f} GB ({floors['verify']['experts_touched_per_layer']:.1f}): "
+                      f"verify / decode {floors['ratio_verify_over_decode']:.2f}x at the floor{ms}")
             for name, r in rows.items():
                 if name.startswith("p=") or name in ("mtp", "eagle3", "dspark"):
                     expected = f"{r['expected_length']:.2f}" if r["expected_length"] is not None else "-"

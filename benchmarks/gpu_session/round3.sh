@@ -17,7 +17,8 @@
 #   round3 4  MXFP4 against bf16 at gpt-oss-20b's experts, 1-4,096 tokens, and -120b's at 1,024 / 4,096 (vs_bf16 of the
 #             mxfp4-triton rows; mxfp4-per-tile against mxfp4-dequant decides the DEQUANT buckets), then the FP8 tiny
 #             GEMVs' GPU tests (round3 1 times them; 1 has no room left for their first compiled run)
-#   round3 5  prefill of 64 x 2,048 tokens (the prefill rows' total_tok_s in engine_e2e's rows)
+#   round3 5  prefill of 64 x 2,048 tokens (the prefill rows' total_tok_s and frac_bf16_peak_active in engine_e2e's
+#             rows; kernel_family_us: one more round profiled, the experts against attention and the projections)
 #
 # Budgets (the header's compile model; run seconds from the last leases' logs with margin):
 # round3 1: moe_small, Qwen3's table at 1 / 8 / 64 tokens: 3 configs x (up, down) = 6 GEMM; align, sum, the tiny
@@ -48,7 +49,8 @@
 #   GEMV with h apart and h's group quantization: ~6 other more), its graph replayed twice; run 45 s (DeepSeek's 32
 #   local experts quantized on the GPU twice).
 # round3 5: prefill, engine_e2e's prefill workload alone, no serving (24 GEMM + 36 other: the prefill and mixed
-#   buckets and the decode graphs' warm-up), run 200 s (both step loops: ~77 s start, ~5 s of generate each).
+#   buckets and the decode graphs' warm-up), run 230 s (both step loops: ~77 s start, ~5 s of generate each; 30 s
+#   for --kernel-times: one more generate a loop under torch.profiler, ~24 steps x 48 layers of kernels traced).
 ROUND3_COUNT=5
 round3_cmds() {  # N: the commands of round3 N
   local name="${DEV}_${COMMIT}_round3"
@@ -58,7 +60,7 @@ round3_cmds() {  # N: the commands of round3 N
         --systems moelink-triton,moelink-triton-tiny --out "$OUT/moe_kernels_${name}_small.json"
       cmd round3_moe_fp8_small 8 0 18 44 -- "$PY" -m moelink.benchmarks.moe_kernels --dtype fp8 --shapes qwen3-30b-a3b \
         --tokens 1,64 --out "$OUT/moe_kernels_${name}_fp8_small.json"
-      cmd round3_decode 12 0 24 130 -- "$PY" -m moelink.benchmarks.engine_decode --graphs --batches 1,256 \
+      cmd round3_decode 12 0 24 130 -- "$PY" -m moelink.benchmarks.engine_decode --graphs --batches 1,256 --kernel-times \
         --tiny-max-pairs 64 --out "$OUT/engine_decode_${name}_tiny.json"
       run_pytest_files "gpu_tiny_${name}.txt" \
         tiny_gpu 0 0 22 40 tests/kernels/test_triton_moe_tiny_gpu.py ;;
@@ -80,8 +82,8 @@ round3_cmds() {  # N: the commands of round3 N
       run_pytest_files "gpu_fp8_tiny_${name}.txt" \
         fp8_tiny_gpu 0 0 14 45 tests/kernels/test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes ;;
     5)
-      cmd round3_prefill 24 0 36 200 -- "$PY" -m moelink.benchmarks.engine_e2e --models qwen3-30b-a3b --dtypes bf16 \
-        --workloads prefill --no-serve --time-budget-s $(( $(budget 24 0 36 200) - 120 )) \
+      cmd round3_prefill 24 0 36 230 -- "$PY" -m moelink.benchmarks.engine_e2e --models qwen3-30b-a3b --dtypes bf16 \
+        --workloads prefill --no-serve --kernel-times --time-budget-s $(( $(budget 24 0 36 230) - 120 )) \
         --out "$OUT/engine_e2e_${name}_prefill.json" ;;
   esac
 }

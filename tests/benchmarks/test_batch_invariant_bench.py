@@ -53,7 +53,7 @@ def test_shape_smoke_runs_both_arms_on_random_weights_of_the_shape_without_the_p
 
 def test_kernel_families_name_what_each_arm_launches():
     """The names the two GPU arms' kernels carry (Triton kernels by their function's name, cuBLAS by its own)."""
-    from moelink.benchmarks.batch_invariant import kernel_family
+    from moelink.benchmarks.kernel_profile import kernel_family
 
     assert [kernel_family(n) for n in ("_moe_up_kernel", "_align_scatter_kernel", "_bi_split_kernel",
                                        "_bi_merge_kernel", "_decode_kernel", "_bi_matmul_kernel",

@@ -33,8 +33,8 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "engine_e2e.json"
     # Its `moelink serve` (benchmarks/server_process.py: `sys.executable -m ...`) forked by the zygote too: the
     # smoke's sys.executable is the shim (zygote_ray.node_env), so the server starts with torch imported.
-    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.engine_e2e", "--cpu-smoke", "--out", str(out)],
-                      capture_output=True, text=True, timeout=240, cwd=out.parent, env=node_env(dict(os.environ)))
+    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.engine_e2e", "--cpu-smoke", "--kernel-times", "--out",
+                       str(out)], capture_output=True, text=True, timeout=240, cwd=out.parent, env=node_env(dict(os.environ)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -67,6 +67,13 @@ def test_smoke_runs_every_part_and_saves_the_fields(smoke):
             assert positive(r[key]), (r["workload"], key, r[key])
         assert r["e2e_tok_s"] == pytest.approx(r["output_tokens"] / r["wall_s"])
         assert r["steps"] >= wl.output_len - 1 and 0 <= r["full_batch_steps"] <= r["steps"]
+        # FLOP rates from the toy's config (no dense bf16 peak on CPU); the prefill-heavy point profiled once more.
+        f = r["flops"]
+        assert f["total"] == f["linear"] + f["attention"] + f["lm_head"] and min(f.values()) > 0
+        assert r["tflops_s"] == pytest.approx(f["total"] / r["wall_s"] / 1e12) and "frac_bf16_peak" not in r
+        assert ("kernel_family_us" in r) == (r["workload"] == "prefill")
+        if r["workload"] == "prefill":
+            assert r["kernel_us"] and set(r["kernel_family_us"]) <= {"moe", "attention", "matmul", "norm", "other"}
     for r in (r for r in gen if r["workload"] == "decode"):  # side by side with the graph-only step
         assert r["graph_ms"] == graph["graph_ms"] and r["ratio"] == pytest.approx(r["e2e_tok_s"] / graph["graph_tok_s"])
         assert r["decode_step_ratio"] == pytest.approx(graph["graph_ms"] / r["step_ms"])

@@ -281,7 +281,7 @@ def test_engine_decode_smoke_times_the_engine_graph_path(tmp_path):
     model's two layers (the rest extrapolated, as on a GPU that cannot hold them all): the interpreter's time."""
     out = tmp_path / "engine_decode_graphs.json"
     run_smoke("engine_decode", tmp_path, "--graphs", "--kernels", "triton", "--steps", "1", "--batches", "2",
-              "--layers", "1", "--out", str(out))
+              "--layers", "1", "--kernel-times", "--out", str(out))
     res = json.loads(out.read_text())
     assert res["kernels"] == "triton" and res["note"].startswith("built 1 of 2 layers")
     (r,) = res["results"]
@@ -289,3 +289,7 @@ def test_engine_decode_smoke_times_the_engine_graph_path(tmp_path):
     assert positive(r["graph_step_ms"]) and positive(r["step_ms"])
     assert r["graph_step_over_floor"] == pytest.approx(r["graph_step_ms"] / r["floor_ms"])
     assert r["graph_tokens_per_s"] == pytest.approx(2 / r["graph_step_ms"] * 1e3)
+    # --kernel-times: the graph step profiled, summed by kernel family (on CPU the torch ops' self time: the
+    # interpreter's Triton launches are no profiler events there).
+    assert r["kernel_times_of"] == "graph" and r["kernel_us"] and r["kernel_family_us"]
+    assert set(r["kernel_family_us"]) <= {"moe", "attention", "matmul", "norm", "other"}

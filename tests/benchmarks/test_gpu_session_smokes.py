@@ -208,8 +208,14 @@ def test_cpu_smoke_spec_step_compares_drafts_with_plain_decoding(tmp_path):
     assert_device_safe(tmp_path)
     (f,) = tmp_path.iterdir()
     rows = json.loads(f.read_text())["batches"]["1"]
+    floors = rows.pop("floors")
     assert f.name == "spec_decode_cpu_smoke.json" and set(rows) == {"plain", "plain_serial", "p=0.8"}
     assert rows["p=0.8"]["identical_to_plain"] and rows["p=0.8"]["tokens_per_request_step"] > 1
+    # The verify step's floor from the tiny checkpoint's config.json: more experts touched than the decode step's;
+    # no copy bandwidth on CPU, so no step over a floor.
+    assert floors["ratio_verify_over_decode"] > 1 and "decode_ms" not in floors
+    assert floors["verify"]["experts_touched_per_layer"] > floors["decode"]["experts_touched_per_layer"]
+    assert rows["p=0.8"]["step_over_serial"] > 0 and "step_over_floor" not in rows["p=0.8"]
     (plan,) = PLAN.findall(session("--dry-run", "spec", "--model", "deepseek-v2-lite").stdout)
     assert "--shape deepseek-v2-lite" in plan[7] and "spec_decode_" in plan[7]
     assert session("--dry-run", "spec", "--model", "llama").returncode == 2
