@@ -37,6 +37,10 @@
 #                          .gpu_session/tuned_mxfp4, then $OUT/tuned_configs_mxfp4_<GPU>_<SHAPE>.tar.gz; per bucket
 #                          per-tile against dequantize-once, then the per-tile blocks; a RATIO line (mxfp4 / bf16 ms)
 #                          per bucket. TOKENS default 1024,4096 (issue 80's MXFP4 row, where DEQUANT is decided)
+#   tune-invariant SHAPE   tune_moe_invariant for ONE shape: the batch-invariant mode's one MoE config, timed
+#                          over round3 3's workload (32,2048 tokens weighted 31,1) into .gpu_session/tuned_invariant,
+#                          then $OUT/tuned_configs_invariant_<GPU>_<SHAPE>.tar.gz; a RATIO line per count
+#                          (invariant / normal engine's experts)
 #   decode [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite]
 #                          engine_decode, eager and as CUDA-graph replays
 #   e2e [--quick] [--model qwen3-30b-a3b|deepseek-v2-lite] [--dtype bf16|fp8] [--serve]
@@ -555,12 +559,14 @@ step_moe_mxfp4() {
 # (each candidate is at most 2 GEMM compiles): the estimate is the budget, not a count. The search (tune_moe's
 # default quick space, benchmarks/tune_space.py) includes the persistent tile loop (PERSISTENT) and the TMA loads
 # (TMA) of each GEMM, which the shipped configs leave off until this step measures them.
-tune_run() {  # KIND (bf16 | fp8 | mxfp4) SHAPE [TOKENS]: the three tune steps differ only in these names
+tune_run() {  # KIND (bf16 | fp8 | mxfp4 | invariant) SHAPE [TOKENS]: the tune steps differ only in these names
   local kind=$1 shape=${2:-} tokens=${3:-}
-  local sfx="" dtype=() smoke=smoke-e8 prefix="" label=tune check=check_shape
+  local sfx="" dtype=() smoke=smoke-e8 prefix="" label=tune check=check_shape module=tune_moe
   case $kind in
     fp8) sfx=_fp8 dtype=(--dtype fp8) smoke=smoke-fp8-e8 prefix=fp8_w8a8, label=tune-fp8 check=check_fp8_shape ;;
     mxfp4) sfx=_mxfp4 dtype=(--dtype mxfp4) smoke=smoke-mxfp4 prefix=mxfp4, label=tune-mxfp4 check=check_mxfp4_shape ;;
+    invariant) sfx=_invariant module=tune_moe_invariant prefix=batch_invariant, label=tune-invariant
+      [[ $MODE == cpu-smoke ]] || dtype+=(--weights "$INVARIANT_TUNE_WEIGHTS") ;;
   esac
   local stage="$STATE/tuned$sfx"
   rm -rf "$stage"
@@ -568,12 +574,12 @@ tune_run() {  # KIND (bf16 | fp8 | mxfp4) SHAPE [TOKENS]: the three tune steps d
   if [[ $MODE == cpu-smoke ]]; then
     # One smoke shape and bucket: this checks the step's plumbing (stage, tarball, unpack); the tuner's smoke run
     # itself is tests/benchmarks/test_gpu_benchmark_smoke.py's.
-    cmd "tune_moe$sfx" 0 0 0 180 -- "$PY" -m moelink.benchmarks.tune_moe --cpu-smoke "${dtype[@]}" --shapes "$smoke" \
+    cmd "tune_moe$sfx" 0 0 0 180 -- "$PY" -m "moelink.benchmarks.$module" --cpu-smoke "${dtype[@]}" --shapes "$smoke" \
       --tokens 1 --out-dir "$stage"
     shape=smoke
   else
     "$check" "$shape"
-    local args=(-m moelink.benchmarks.tune_moe "${dtype[@]}" --shapes "$shape" ${tokens:+--tokens "$tokens"}
+    local args=(-m "moelink.benchmarks.$module" "${dtype[@]}" --shapes "$shape" ${tokens:+--tokens "$tokens"}
                 --budget-s "$TUNE_BUDGET_S" --out-dir "$stage")
     if [[ $MODE == dry-run ]]; then
       cmd "tune_moe${sfx}_$shape" 0 0 0 $((TUNE_BUDGET_S + TUNE_TAIL_S)) -- "$PY" "${args[@]}"
@@ -615,6 +621,16 @@ check_mxfp4_shape() {
   exit 2
 }
 step_tune_mxfp4() { tune_run mxfp4 "${1:-}" "${2:-$MXFP4_TUNE_TOKENS}"; }
+
+# tune-invariant SHAPE: benchmarks/tune_moe_invariant.py, budgeted as tune: the one config
+# the batch-invariant mode's experts run at every count, timed over round3 3's workload (32 prompts of 64 in, 32 out:
+# one 2,048-token prefill step and 31 decode steps of 32: tokens 32,2048 weighted 31,1), with a RATIO line per count
+# against the normal engine's experts. Its tarball unpacks into kernels/configs, where the mode reads
+# `batch_invariant,E=..,N=..,device_name=..json` for that shape on that GPU. After `round3 3` says the gap is the
+# experts' (gap_family_us).
+INVARIANT_TUNE_TOKENS=32,2048
+INVARIANT_TUNE_WEIGHTS=31,1
+step_tune_invariant() { tune_run invariant "${1:-}" "$INVARIANT_TUNE_TOKENS"; }
 
 # decode: Qwen3-30B-A3B-shaped engine with random weights, 40 layers: its kernels (attention, norm, rotary,
 # MoE at each batch's bucket) compile once: ~10 GEMM + 20 other; run: batches x (eager + graph capture).
@@ -804,7 +820,7 @@ step_unpack() {  # FILE...: tuned tarballs (or single JSON files) -> kernels/con
       *.tar.gz|*.tgz)
         local m
         for m in $(tar -tzf "$f"); do  # (the pattern of moelink.kernels.moe_config.tuned_file_name_ok)
-          [[ $m =~ ^(fp8_w8a8,|mxfp4,)?E=[0-9]+,N=[0-9]+,device_name=[A-Za-z0-9._-]+\.json$ ]] \
+          [[ $m =~ ^(fp8_w8a8,|mxfp4,|batch_invariant,)?E=[0-9]+,N=[0-9]+,device_name=[A-Za-z0-9._-]+\.json$ ]] \
             || { echo "unpack: $f holds '$m', not a tuned config file name: refused" >&2; exit 2; }
         done
         tar -xzf "$f" -C "$tmp" ;;
@@ -822,7 +838,7 @@ from moelink.kernels.moe_config import load_config_file, tuned_file_name_ok
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
 for p in sorted(src.iterdir()):
     if not tuned_file_name_ok(p.name):
-        sys.exit(f"unpack: {p.name} is not a tuned config file name ([fp8_w8a8,|mxfp4,]E=..,N=..,device_name=...json)")
+        sys.exit(f"unpack: {p.name} is not a tuned config file name ([fp8_w8a8,|mxfp4,|batch_invariant,]E=..,N=..,device_name=...json)")
     key, buckets = load_config_file(str(p))  # raises on a malformed file
     shutil.copyfile(p, dest / p.name)
     print(f"unpacked {dest / p.name}: {len(buckets)} buckets ({', '.join(str(b) for b, _ in buckets)})")
@@ -916,9 +932,9 @@ case "$STEP" in
   unpack)
     [[ -n "$PY" ]] || { echo "no python" >&2; exit 2; }
     step_unpack "$@"; exit $? ;;
-  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|tune-mxfp4|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|mm|round3|compile-report|all) ;;
+  tests-kernels|tests-engine|tests-fp8|tests|moe|moe-fp8|moe-mxfp4|moe-nvfp4|tune|tune-fp8|tune-mxfp4|tune-invariant|decode|e2e|mla-fp8-kv|spec|kv-transfer|hybrid|dsa|int4|dsv4|rl|lora|mm|round3|compile-report|all) ;;
   ""|-h|--help) sed -n '2,81p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, tune-mxfp4 SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, mm, round3 N, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
+  *) echo "step must be prepare, first N, preflight, tests-kernels, tests-engine, tests-fp8, moe SHAPE, moe-fp8 SHAPE, moe-mxfp4, moe-nvfp4, tune SHAPE, tune-fp8 SHAPE, tune-mxfp4 SHAPE, tune-invariant SHAPE, decode, e2e, mla-fp8-kv, spec, kv-transfer, hybrid, dsa, int4, dsv4, rl, lora, mm, round3 N, compile-report, unpack, plan or all (got '$STEP')" >&2; exit 2 ;;
 esac
 
 DEV=$(device_label)
@@ -939,6 +955,7 @@ case "$STEP" in
   tune) step_tune "$@" ;;
   tune-fp8) step_tune_fp8 "$@" ;;
   tune-mxfp4) step_tune_mxfp4 "$@" ;;
+  tune-invariant) step_tune_invariant "$@" ;;
   decode) step_decode "$@" ;;
   e2e) step_e2e "$@" ;;
   mla-fp8-kv) step_mla_fp8_kv "$@" ;;

@@ -35,6 +35,8 @@ pruning, reference and `fp8_w8a8,E=..,N=..,device_name=..json` files, a RATIO li
 parts that differ are a "kind" (Bf16Kind here, tune_moe_fp8.Fp8Kind) that tune_bucket and main call. `--dtype mxfp4`
 tunes gpt-oss's MXFP4 experts (benchmarks/tune_moe_mxfp4.py: per-tile against dequantize-once per bucket, then
 the per-tile blocks; `mxfp4,E=..,N=..,device_name=..json`, a RATIO line against bf16 per bucket).
+The batch-invariant mode's one config (every token count runs it) has a tuner of its own built on this one's search:
+benchmarks/tune_moe_invariant.py.
 
 `--cpu-smoke` tunes the tiny shapes of moe_kernels.py on CPU (Triton interpreter) over a tiny space, one
 timed iteration each, into `--out-dir` (default: a new temporary directory, never kernels/configs): it
@@ -98,8 +100,13 @@ def seeds_for(shape, T, device):
     E, K, D, I = shape
     out = [("current", get_moe_config(E, I, T, K, device)), ("default.json", default_config(E, I, T, K))]
     out += [(f"{src}[{b}]", cfg) for b, cfg, src in published_seeds(E, I, D, T)]
+    return unique_seeds(out)
+
+
+def unique_seeds(labelled):
+    """[(label, config)] with later duplicates of a config dropped, in order."""
     seen, uniq = set(), []
-    for label, cfg in out:
+    for label, cfg in labelled:
         if cfg not in seen:
             seen.add(cfg)
             uniq.append((label, cfg))
@@ -196,7 +203,8 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
     if seed is None:
         return None, float("inf"), info
     cur, cur_t = seed, seed_t
-    bms = block_m_candidates(T, K, E, space)
+    # (a kind tuning one config for several counts, tune_moe_invariant's, says which M blocks its counts want)
+    bms = kind.block_ms(T, K, E, space) if hasattr(kind, "block_ms") else block_m_candidates(T, K, E, space)
     for _ in range(space.get("passes", 1)):
         improved = False
         for cand in neighbours(cur, space, bms, T * K, tiny_axes, getattr(kind, "tiny_start", None)):
@@ -293,13 +301,13 @@ def main(argv=None) -> dict[str, dict]:
                 print(f"{name} T={T}: {why}, not tuned")
                 continue
             configs[T] = best
-            tuning[str(T)] = _tuning_row(info)
+            tuning[str(T)] = tuning_row(info)
             write_config_file(path, {**fallback, **configs},
                               meta=dict(shape=dict(model=name, E=E, top_k=K, D=D, I=I), **kind.meta(args),
                                         tuned_on=meta["device"], date=meta["date"], commit=meta["commit"],
                                         triton=meta["triton"], tuning={k: tuning[k] for k in sorted(tuning, key=int)}))
             tuned.setdefault(str(path), {})[T] = best
-            _print_bucket(name, T, t, best, info, deadline, args.dtype)
+            print_bucket(name, T, t, best, info, deadline, args.dtype)
         print(f"wrote {path}" if str(path) in tuned else f"{name}: nothing tuned, {path} left as it was")
     return tuned
 
@@ -343,7 +351,7 @@ def _shapes_and_tokens(ap: argparse.ArgumentParser, args: argparse.Namespace, ki
     return shapes, tokens
 
 
-def _tuning_row(info: dict) -> dict:
+def tuning_row(info: dict) -> dict:
     """What the config file records of one bucket's search (its `tuning` entry)."""
     row = dict(seed=info["seed"], seed_ms=info["seed_ms"], tuned_ms=info["tuned_ms"],
                tried=info["tried"], failed=info["failed"], pruned=info["pruned"])
@@ -354,7 +362,7 @@ def _tuning_row(info: dict) -> dict:
     return row
 
 
-def _print_bucket(name: str, T: int, t: float, best, info: dict, deadline: float, fmt: str = "fp8") -> None:
+def print_bucket(name: str, T: int, t: float, best, info: dict, deadline: float, fmt: str = "fp8") -> None:
     """One tuned bucket: its search, its result, and under FP8 and MXFP4 (`fmt`) the ratio to the bf16 MoE."""
     cut = " (search cut short by its share of --budget-s: best found so far)" if time.monotonic() > deadline else ""
     kept = "the seed, nothing beat it" if info["kept_seed"] else f"{info['seed_ms'] / info['tuned_ms']:.3f}x the seed"

@@ -5,6 +5,10 @@
   config whatever the token count (`invariant_moe_config`), never the tuned tables of kernels/moe_config.py, which
   are keyed by the token count (on an H100, Qwen3-30B-A3B's file gives a decode batch 64-wide K tiles and a
   16-token one 128-wide: another reduction order) and never the tiny-batch GEMV path (chosen by the pair count).
+  The one config is the built-in `_GPU_MOE`, or the one a file `batch_invariant,E=..,N=..,device_name=..json` in
+  kernels/configs/ holds for the shape and GPU (benchmarks/tune_moe_invariant.py: one config timed over a mix of
+  token counts, decode and prefill; a file with more than one config, or with a TINY entry, is refused: it would
+  make the config a function of the batch again).
   No split-K exists in that pipeline; the combine is its "sum" pass, which adds each token's top-k rows in k order in
   fp32 (never the atomic combine). A row of a GEMM tile is reduced on its own over the same K chunks, so a token's
   expert outputs do not depend on the other rows its expert got.
@@ -19,7 +23,9 @@
 """
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 
 from . import triton_common as common
 from .batch_invariant import BatchInvariantMode
-from .moe_config import GemmConfig, MoELaunchConfig
+from .moe_config import CONFIG_DIR, GemmConfig, MoELaunchConfig, config_file_name, device_name, load_config_file
 
 # The one MoE launch config (no TINY entry: the tiny path is never taken). 64-row blocks: a decode batch pads each
 # expert's few rows to 64 (the GEMMs there are bound by the weight reads, not the rows), a prefill fills them.
@@ -38,11 +44,47 @@ _GPU_MOE_FP32 = MoELaunchConfig(32, GemmConfig(64, 32, 8, 8, 2), GemmConfig(64, 
 _INTERPRETER_MOE = MoELaunchConfig(16, GemmConfig(32, 32, 2, 4, 1), GemmConfig(32, 32, 2, 4, 1))
 
 
-def invariant_moe_config(x_TD: torch.Tensor) -> MoELaunchConfig:
-    """The fused MoE's launch config in batch-invariant mode: a function of the dtype and the device only."""
-    if common.interpreting(x_TD):
+INVARIANT_PREFIX = "batch_invariant,"  # a tuned invariant config's file: this prefix + the tuned tables' name
+
+
+def invariant_file_name(num_experts: int, inter: int, name: str) -> str:
+    return INVARIANT_PREFIX + config_file_name(num_experts, inter, name)
+
+
+@functools.lru_cache(maxsize=64)
+def tuned_invariant_config(num_experts: int, inter: int, name: str,
+                           config_dir: str | None = None) -> MoELaunchConfig | None:
+    """The one launch config benchmarks/tune_moe_invariant.py wrote for this shape on GPU `name` (None: no file)."""
+    path = Path(config_dir) if config_dir is not None else CONFIG_DIR
+    path = path / invariant_file_name(num_experts, inter, name)
+    found = load_config_file(str(path))
+    if found is None:
+        return None
+    _, buckets = found
+    if len(buckets) != 1 or buckets[0][1].tiny is not None:
+        raise ValueError(f"{path.name}: a batch-invariant MoE config file must hold one config and no TINY entry (every "
+                         f"token count runs it: a config per bucket breaks the mode's invariance); it holds "
+                         f"{len(buckets)} bucket(s){' and a TINY entry' if buckets[0][1].tiny is not None else ''}.")
+    return buckets[0][1]
+
+
+def builtin_moe_config(on_gpu: bool, dtype: torch.dtype) -> MoELaunchConfig:
+    """The mode's config where no tuned file holds one: the interpreter's, float32's or the 16-bit one."""
+    if not on_gpu:
         return _INTERPRETER_MOE
-    return _GPU_MOE_FP32 if x_TD.dtype == torch.float32 else _GPU_MOE
+    return _GPU_MOE_FP32 if dtype == torch.float32 else _GPU_MOE
+
+
+def invariant_moe_config(x_TD: torch.Tensor, num_experts: int | None = None, inter: int | None = None) -> MoELaunchConfig:
+    """The fused MoE's launch config in batch-invariant mode: a function of the dtype, the device and the layer's
+    shape only (the shape's tuned invariant file on its GPU, else the built-in one), never of the token count."""
+    if common.interpreting(x_TD) or x_TD.dtype == torch.float32:
+        return builtin_moe_config(not common.interpreting(x_TD), x_TD.dtype)
+    if num_experts is not None and inter is not None:
+        tuned = tuned_invariant_config(num_experts, inter, device_name(x_TD.device))
+        if tuned is not None:
+            return tuned
+    return builtin_moe_config(True, x_TD.dtype)
 
 
 def invariant_triton_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI: torch.Tensor,
@@ -52,8 +94,9 @@ def invariant_triton_fused_moe(x_TD: torch.Tensor, w13_EFD: torch.Tensor, w2_EDI
     ordered sum (module docstring)."""
     from .triton_moe import triton_fused_moe
 
+    E, F, _ = w13_EFD.shape
     return triton_fused_moe(x_TD, w13_EFD, w2_EDI, topk_weights_TK, topk_ids_TK, expert_map_G,
-                            config=invariant_moe_config(x_TD), combine="sum", path="sorted", **kw)
+                            config=invariant_moe_config(x_TD, E, F // 2), combine="sum", path="sorted", **kw)
 
 
 def _on_triton(x: Any, w: Any) -> bool:
@@ -90,4 +133,6 @@ class TritonBatchInvariantMode(BatchInvariantMode):
         return super().__torch_function__(func, types, args, kwargs)
 
 
-__all__ = ["TritonBatchInvariantMode", "invariant_moe_config", "invariant_triton_fused_moe"]
+__all__ = ["INVARIANT_PREFIX", "TritonBatchInvariantMode", "builtin_moe_config", "invariant_file_name",
+           "invariant_moe_config",
+           "invariant_triton_fused_moe", "tuned_invariant_config"]

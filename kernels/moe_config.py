@@ -301,11 +301,13 @@ def default_config(num_experts: int, inter: int, num_tokens: int, top_k: int) ->
 
 def tuned_file_name_ok(name: str) -> bool:
     """A tuned config file name as get_moe_config looks it up, `E=<int>,N=<int>,device_name=<GPU>.json`, or as
-    triton_moe_fp8.get_fp8_moe_config / triton_moe_mxfp4's table do, the same with a `fp8_w8a8,` / `mxfp4,`
-    prefix; no path."""
+    triton_moe_fp8.get_fp8_moe_config / triton_moe_mxfp4's table / the batch-invariant MoE
+    (kernels/batch_invariant_triton.py) do, the same with a `fp8_w8a8,` / `mxfp4,` / `batch_invariant,` prefix; no
+    path."""
     import re
 
-    return re.fullmatch(r"(fp8_w8a8,|mxfp4,)?E=\d+,N=\d+,device_name=[A-Za-z0-9._-]+\.json", name) is not None
+    return re.fullmatch(r"(fp8_w8a8,|mxfp4,|batch_invariant,)?E=\d+,N=\d+,device_name=[A-Za-z0-9._-]+\.json",
+                        name) is not None
 
 
 def write_config_file(path: str | Path, configs: dict[int, MoELaunchConfig], meta: dict | None = None) -> None:

@@ -197,6 +197,47 @@ def test_tune_moe_smoke_writes_configs_that_load_back(tmp_path, monkeypatch):
     assert moe_config.get_moe_config(E, I, 3000, K, CPU, config_dir=out_dir) == OLD_CONFIG
 
 
+@pytest.mark.slow  # the interpreter's tuning (~7 s)
+def test_tune_moe_invariant_smoke_writes_one_config_the_mode_reads(tmp_path):
+    """tune_moe_invariant: one config for a mix of counts, weighted; its file holds that config alone, with per count
+    the tuned, built-in and normal engine's times, and reads back through the mode's lookup; a RATIO line a count."""
+    from moelink.kernels import batch_invariant_triton as bit
+
+    out_dir = tmp_path / "configs"
+    stdout = run_smoke("tune_moe_invariant", tmp_path, "--shapes", "smoke-e8", "--tokens", "2,12",
+                       "--weights", "4,1", "--out-dir", str(out_dir))
+    E, K, D, I = moe_kernels.SMOKE_SHAPES["smoke-e8"]
+    path = out_dir / bit.invariant_file_name(E, I, "cpu")
+    assert set(out_dir.iterdir()) == {path} and f"wrote {path}" in stdout
+    data = json.loads(path.read_text())
+    assert data["batch_invariant"] is True and data["mix"] == dict(tokens=[2, 12], weights=[4.0, 1.0])
+    rows = data["tuning"]["per_count"]
+    assert set(rows) == {"2", "12"} and all(positive(v) for r in rows.values() for v in r.values())
+    got = bit.tuned_invariant_config(E, I, "cpu", str(out_dir))
+    assert got is not None and got.tiny is None
+    assert [m[1] for m in re.finditer(r"^RATIO smoke-e8 T=(\d+): invariant ", stdout, re.M)] == ["2", "12"]
+    # The mixes' M blocks: the search's BLOCK_SIZE_M is a seed's or one a count of the mix wants.
+    space = tune_moe.SPACES["smoke"]
+    assert got.BLOCK_SIZE_M in {bit.builtin_moe_config(False, None).BLOCK_SIZE_M} | {
+        bm for t in (2, 12) for bm in tune_moe.block_m_candidates(t, K, E, space)} | {
+        moe_config.get_moe_config(E, I, t, K, CPU).BLOCK_SIZE_M for t in (2, 12)}
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--tokens", "2,12", "--weights", "1"], "one positive number per --tokens count"),
+    (["--tokens", "2,12", "--weights", "1,0"], "one positive number per --tokens count"),
+    (["--tokens", "2,x"], "not a comma list of positive integers"),
+    (["--shapes", "nope"], "is not one of"),
+    (["--dtype", "fp8"], "invalid choice"),
+])
+def test_tune_moe_invariant_refuses_bad_arguments(argv, why, capsys):
+    from moelink.benchmarks import tune_moe_invariant
+
+    with pytest.raises(SystemExit) as e:
+        tune_moe_invariant.main(["--cpu-smoke", *argv])
+    assert e.value.code == 2 and why in capsys.readouterr().err
+
+
 @pytest.mark.slow  # over 1 s (junit, 2026-11-26): not in the quick loop
 def test_tune_moe_out_of_budget_tunes_nothing(tmp_path):
     out_dir = tmp_path / "configs"

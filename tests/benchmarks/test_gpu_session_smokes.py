@@ -131,6 +131,20 @@ def test_cpu_smoke_quantized_tune_step_tarball_unpacks_into_configs(tmp_path, dt
 
 
 @pytest.mark.slow
+def test_cpu_smoke_tune_invariant_step_tarball_unpacks_into_configs(tmp_path):
+    """tune-invariant's tarball holds the batch-invariant mode's one-config file, which unpack accepts and the mode's
+    lookup reads; the tuner printed its ratio to the normal engine's experts."""
+    from moelink.kernels.batch_invariant_triton import invariant_file_name, tuned_invariant_config
+
+    E, _, _, I = moe_kernels.SMOKE_SHAPES["smoke-e8"]
+    proc, dest = _tune_step_unpacked(tmp_path, "tune-invariant", "tuned_configs_invariant_cpu_smoke_smoke.tar.gz",
+                                     [invariant_file_name(E, I, "cpu")])
+    assert re.search(r"^RATIO smoke-e8 T=1: invariant ", proc.stdout, re.M), proc.stdout[-3000:]
+    assert tuned_invariant_config(E, I, "cpu", str(dest)) is not None
+    assert "--weights 31,1" in session("--dry-run", "tune-invariant", "qwen3-30b-a3b").stdout
+
+
+@pytest.mark.slow
 def test_cpu_smoke_mla_fp8_kv_step_prints_the_ratios(tmp_path):
     """Its CPU smoke (toy shapes: the kernel in the interpreter, the engine on the reference kernels) prints one
     `RATIO` line per kernel case and one end to end, and writes one device-safe JSON."""

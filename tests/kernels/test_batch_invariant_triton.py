@@ -111,6 +111,45 @@ def test_fused_moe_on_the_fixed_config_matches_the_reference_and_a_token_is_the_
     assert not torch.equal(alone, among)
 
 
+def test_a_tuned_invariant_config_is_one_config_for_every_count(tmp_path, monkeypatch, kdev):
+    """`python -m moelink.benchmarks.tune_moe_invariant`'s file: its one config is what the mode runs for that shape on that GPU, at any
+    batch (a token keeps its bits on it: another fixed config than the built-in one, in the interpreter); a file of
+    more than one bucket, or with a TINY entry, is refused by name, since it would make the config the batch's."""
+    from moelink.kernels import batch_invariant_triton as bit
+    from moelink.kernels.moe_config import DEFAULT_TINY_FLOAT, GemmConfig, MoELaunchConfig, write_config_file
+    from moelink.kernels.triton_moe import triton_fused_moe
+
+    gpu = "NVIDIA_H100_80GB_HBM3"
+    other = MoELaunchConfig(32, GemmConfig(16, 64, 1, 4, 1), GemmConfig(32, 16, 1, 4, 1))
+    write_config_file(tmp_path / bit.invariant_file_name(8, 32, gpu), {32: other})
+    assert bit.tuned_invariant_config(8, 32, gpu, str(tmp_path)) == other
+    assert bit.tuned_invariant_config(8, 48, gpu, str(tmp_path)) is None  # another shape: the built-in config
+    write_config_file(tmp_path / bit.invariant_file_name(8, 64, gpu), {1: other, 256: other})
+    with pytest.raises(ValueError, match=r"batch_invariant,E=8,N=64,.*must hold one config.*holds 2 bucket"):
+        bit.tuned_invariant_config(8, 64, gpu, str(tmp_path))
+    write_config_file(tmp_path / bit.invariant_file_name(8, 16, gpu), {32: MoELaunchConfig(
+        32, other.up, other.down, tiny=DEFAULT_TINY_FLOAT)})
+    with pytest.raises(ValueError, match="and a TINY entry"):
+        bit.tuned_invariant_config(8, 16, gpu, str(tmp_path))
+    assert bit.invariant_moe_config(torch.zeros(2, 4, device=kdev), 8, 32) == bit.builtin_moe_config(False, torch.float32)
+
+    gen = torch.Generator().manual_seed(5)
+    E, D, I, K = 8, 96, 32, 2
+    w13 = (torch.randn(E, 2 * I, D, generator=gen) * 0.1).to(kdev)
+    w2 = (torch.randn(E, D, I, generator=gen) * 0.1).to(kdev)
+
+    def make(n):
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(n)]) if n else torch.empty(0, K)
+        return torch.cat([torch.randn(n, D, generator=gen), torch.rand(n, K, generator=gen), ids.float()], 1).to(kdev)
+
+    def run(b):
+        return triton_fused_moe(b[:, :D].contiguous(), w13, w2, b[:, D:D + K].contiguous(), b[:, D + K:].long(),
+                                config=other, combine="sum", path="sorted")
+
+    rows = _row_everywhere(make, run, (3, 40))
+    assert all(torch.equal(r, rows[0]) for r in rows)
+
+
 @pytest.mark.slow  # over 1 s (interpreter, 2026-11-26: ~6-9 s each)
 @pytest.mark.parametrize("dtype,extras", [(torch.float32, {}),
                                           (torch.bfloat16, dict(window=7, sinks=True))])
