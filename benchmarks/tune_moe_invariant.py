@@ -9,9 +9,9 @@ one config whatever the batch (no per-bucket table, no tiny path, the ordered "s
 cost is the weighted sum of its times at the mix's token counts (decode batches and prefill chunks, weighted by how
 many steps of each a workload runs; default: every count once), timed as the mode runs it (sorted path, "sum"
 combine; CUDA-graph replays at decode sizes, as tune_moe), each checked against the per-expert loop. The search is
-tune_moe's (`tune_bucket`: seeds, one axis at a time, a head-to-head confirmation against the best seed), with the M blocks of
-every count in the mix and never the tiny path. Seeds: the built-in config, and at each count the config the normal
-engine's table runs there (without its tiny path).
+tune_moe's (`tune_bucket`: seeds, one axis at a time, a head-to-head confirmation against the best seed), with the
+M blocks of every count in the mix and never the tiny path. Seeds: the built-in config, and at each count the
+config the normal engine's table runs there (without its tiny path).
 
 Output: `batch_invariant,E={E},N={I},device_name={GPU}.json` (one config) in --out-dir (default kernels/configs),
 which the mode reads for that shape on that GPU; its `tuning` records per count the tuned config's time, the
@@ -56,11 +56,13 @@ class InvariantKind(Bf16Kind):
         self.tokens, self.weights = tokens, weights
 
     def inputs(self, shape, T, dtype, device, gen, n_sets):
-        """[(T, its input sets, the per-expert loop's output, its timer wrapper)] for every count of the mix."""
+        """([(count, its input sets, the per-expert loop's output on the first)] for every count of the mix, None):
+        one copy of the expert weights for all of them (DeepSeek-V3's are 22 GB)."""
         E, K, D, I = shape
-        out = []
+        out, weights = [], None
         for t in self.tokens:
-            sets = make_inputs(E, K, D, I, t, dtype, device, gen, n_sets=n_sets)
+            sets = make_inputs(E, K, D, I, t, dtype, device, gen, n_sets=n_sets, weights=weights)
+            weights = sets[0][1], sets[0][2]
             out.append((t, sets, per_expert_loop(*sets[0]).float()))
         return out, None
 

@@ -128,13 +128,27 @@ def test_level_order_pairs_engines_per_level():
                      (1, "completions", 64, "vllm"), (1, "completions", 64, "moelink")]
 
 
-def test_session_cpu_s_counts_this_session_and_nothing_for_a_missing_one():
-    import os
+def test_session_cpu_s_counts_a_session_and_nothing_for_a_missing_one():
+    """A process started in a session of its own, as the benchmark starts a server: its CPU is the session's, and
+    grows while it computes. (Not the test's own session: other workers' children leave it at any time, taking
+    their CPU out of the sum.)"""
+    import subprocess
+    import sys
 
-    sid = os.getsid(0)
-    before = peer_vllm.session_cpu_s(sid)
-    sum(i * i for i in range(2_000_000))  # some CPU in this process
-    assert peer_vllm.session_cpu_s(sid) > before
+    code = ("import sys, time\nsum(i * i for i in range(1_000_000))\nprint('a', flush=True)\n"
+            "sys.stdin.readline()\nsum(i * i for i in range(3_000_000))\nprint('b', flush=True)\ntime.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "a\n"
+        before = peer_vllm.session_cpu_s(proc.pid)  # a new session's id is its leader's pid
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "b\n"
+        assert peer_vllm.session_cpu_s(proc.pid) > before > 0
+    finally:
+        proc.kill()
+        proc.wait()
     assert peer_vllm.session_cpu_s(2 ** 22 + 12345) == 0.0  # no such session
 
 
