@@ -7,7 +7,7 @@
 #   round3 1  decode-size rows: the MoE at 1 / 8 / 64 tokens, sorted beside the unrolled tiny GEMVs (% of copy
 #             bandwidth at 1 token: summary.frac_copy_bw_1_token, tiny_speedup_vs_moelink_triton), FP8 against bf16 at
 #             1 / 64 tokens, sorted and tiny (summary.speedup_fp8_vs_bf16, speedup_fp8_tiny: the two-launch form,
-#             x quantized by the norm before), the engine's decode graph step at batch 1 and 256 with
+#             x quantized by the norm before), the engine's decode graph step at batch 1, 4 and 256 with
 #             the tiny path on up to 64 pairs (results[].graph_step_over_floor), then the tiny GEMVs' GPU tests
 #   round3 2  large batches: the bf16 MoE at 4,096 / 16,384 tokens, every shape, moelink's kernels alone
 #             (summary.min_frac_matmul_ge4096_tokens), and FP8 at the same counts on both FP8 shapes
@@ -29,7 +29,9 @@
 #   norm does, h in the gate-up launch; ~6 other more, less h's group quantization at two row counts, which the
 #   gate-up launch does now: 18), run 44 s (one more system at two counts: the step's 570 s exactly).
 #   decode: the decode --quick step's counts (12 GEMM + 24 other; the tiny GEMVs replace the sorted ones at batch
-#   1), run 130 s for two batch sizes (25 s measured for three on an H200 with a warm cache, 2026-11-27).
+#   1 and 4, whose compiles differ in constexprs only where one token narrows the down GEMV to one row), run 130 s
+#   for three batch sizes (25 s measured for three on an H200 with a warm cache, 2026-11-27) and their profiles
+#   (5 graph steps each under torch.profiler: a few seconds).
 #   tiny_gpu: tests/kernels/test_triton_moe_tiny_gpu.py, the rebuilt GEMVs' first run on a GPU: 4 shapes x 3 token
 #   counts against a float32 oracle, fp32 and an expert map, a CUDA graph's replay bit for bit against eager. Compiles:
 #   the up GEMV per shape and dtype and the down GEMV per shape and width (one row at one token), ~22 other; run 40 s.
@@ -60,7 +62,7 @@ round3_cmds() {  # N: the commands of round3 N
         --systems moelink-triton,moelink-triton-tiny --out "$OUT/moe_kernels_${name}_small.json"
       cmd round3_moe_fp8_small 8 0 18 44 -- "$PY" -m moelink.benchmarks.moe_kernels --dtype fp8 --shapes qwen3-30b-a3b \
         --tokens 1,64 --out "$OUT/moe_kernels_${name}_fp8_small.json"
-      cmd round3_decode 12 0 24 130 -- "$PY" -m moelink.benchmarks.engine_decode --graphs --batches 1,256 --kernel-times \
+      cmd round3_decode 12 0 24 130 -- "$PY" -m moelink.benchmarks.engine_decode --graphs --batches 1,4,256 --kernel-times \
         --tiny-max-pairs 64 --out "$OUT/engine_decode_${name}_tiny.json"
       run_pytest_files "gpu_tiny_${name}.txt" \
         tiny_gpu 0 0 22 40 tests/kernels/test_triton_moe_tiny_gpu.py ;;

@@ -315,7 +315,7 @@ def test_round3_names_each_row_result_by_device_and_commit_and_refuses_other_num
     assert "test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes" in cmds[4][2]
     assert all(re.search(r"_cpu_\S+_round3", c) for cs in cmds.values() for c in cs if "-m pytest" not in c)
     assert "tests/kernels/test_triton_moe_tiny_gpu.py" in cmds[1][3]  # the rebuilt GEMVs checked on the GPU too
-    assert "--tiny-max-pairs 64" in cmds[1][2] and "--batches 1,256" in cmds[1][2]
+    assert "--tiny-max-pairs 64" in cmds[1][2] and "--batches 1,4,256" in cmds[1][2] and "--kernel-times" in cmds[1][2]
     assert "--shapes" not in cmds[2][0] and "--tokens 4096,16384" in cmds[2][0]
     for bad in ([], ["0"], ["6"], ["1", "2"]):
         proc = session("--dry-run", "round3", *bad)
