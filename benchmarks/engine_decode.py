@@ -43,9 +43,11 @@ from pathlib import Path
 
 import torch
 
+from moelink.engine.api.provenance import write_result
+from moelink.kernels.step_memo import STEP_MEMO
+
 from .moe_kernels import RESULTS, Timer, measure_ceilings, require_cuda, run_meta
 from .step_floor import estimate_layer_bytes, kv_bytes_per_token, num_experts
-from moelink.engine.api.provenance import write_result
 
 QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
@@ -228,7 +230,7 @@ def turn_on_tiny(max_pairs: int) -> Path:
     return root
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODELS), help="model shape (random weights)")
     ap.add_argument("--batches", default=None,
@@ -250,7 +252,11 @@ def main(argv=None) -> dict:
                     "(DEFAULT_TINY_FLOAT's blocks where the tuned table has no TINY entry)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_decode_<gpu>.json)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
     if args.tiny_max_pairs is not None:
         turn_on_tiny(args.tiny_max_pairs)
     batches = [int(b) for b in (args.batches or "1,16,64,256").split(",")]
@@ -287,7 +293,10 @@ def main(argv=None) -> dict:
         for B in batches:
             args_ = decode_inputs(cfg, B, context, device, caches)
             touched = count_touched_experts(model, kernels, args_)
-            step = lambda ids, pos, ctx: model.compute_logits(model(ids, pos, ctx)).argmax(-1)  # noqa: E731
+            def step(ids, pos, ctx):  # an engine step: the step's memos start empty (the runner clears them)
+                STEP_MEMO.clear()
+                return model.compute_logits(model(ids, pos, ctx)).argmax(-1)
+
             warm = 3 if device.type == "cuda" else 0  # the CPU smoke has nothing to warm up
             t = timer(step, [args_], iters=args.steps, warmup=warm)
             graph_step = engine_graph_step(model, caches, args_, B, device) if args.graphs else None

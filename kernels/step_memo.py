@@ -4,7 +4,9 @@ by the first layer and reused by the others.
 
 Why: on a CPU a small batch's forward is op dispatch (each torch op costs 1-10 us whatever its size), and these
 derived tensors are a third of a decode layer's ops when each layer builds them again. The Triton kernels derive
-them inside their launch, so this only serves the reference path.
+most of them inside their launch; the one launch of their own, the decode kernels' split plan
+(kernels/triton_split_plan.py), is memoized here too: one plan launch a step (and a captured graph) instead of
+one a layer.
 
 A memo is keyed by its input tensors: their identity and their version counter (`Tensor._version`, bumped by
 every in-place write outside inference mode). Inference tensors have no version counter, so the model runner

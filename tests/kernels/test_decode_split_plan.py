@@ -61,6 +61,35 @@ def test_plan_shares_programs_by_tiles(seq_lens, q_lens, P, block_n, window, kde
         assert shares[0] > used // 2, "the long context gets most of the programs"
 
 
+def test_a_step_plans_its_splits_once(kdev, monkeypatch):
+    """Every layer of a step reads the same lengths: the first layer's plan serves the others (one launch a step
+    and a captured graph, not one a layer); another program count, tile width or window plans anew, and so do the
+    next step's lengths (the runner clears the step's memos; outside inference mode an in-place write is seen too)."""
+    from moelink.kernels import triton_split_plan as tsp
+    from moelink.kernels.step_memo import STEP_MEMO
+
+    launches = []
+    real = tsp._plan_kernel
+    monkeypatch.setattr(tsp, "_plan_kernel", type("Count", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
+    STEP_MEMO.clear()
+    with torch.inference_mode():
+        seq = torch.tensor([300, 5, 17], dtype=torch.int32, device=kdev)
+        qsl = torch.arange(4, dtype=torch.int32, device=kdev)
+        first = plan_decode_splits(seq, qsl, 12, 16)
+        assert plan_decode_splits(seq, qsl, 12, 16) is first and len(launches) == 1  # the next layer's
+        for programs, block_n, window in ((12, 16, 100), (12, 32, None), (24, 16, None)):
+            plan_decode_splits(seq, qsl, programs, block_n, window)
+        assert len(launches) == 4
+        seq.fill_(7)  # the next step's lengths, written in place into the same buffer
+        STEP_MEMO.clear()  # as the model runner does when a step's device work starts
+        assert not torch.equal(plan_decode_splits(seq, qsl, 12, 16), first) and len(launches) == 5
+    seq = torch.tensor([300, 5, 17], dtype=torch.int32, device=kdev)
+    before = plan_decode_splits(seq, qsl, 12, 16)
+    seq.fill_(7)  # a versioned tensor's in-place write is a new key without a clear
+    assert not torch.equal(plan_decode_splits(seq, qsl, 12, 16), before) and len(launches) == 7
+
+
 def test_plan_refuses_fewer_programs_than_sequences(kdev):
     with pytest.raises(ValueError, match="programs"):
         plan_decode_splits(torch.ones(4, dtype=torch.int32, device=kdev),
