@@ -134,5 +134,4 @@ class TritonBatchInvariantMode(BatchInvariantMode):
 
 
 __all__ = ["INVARIANT_PREFIX", "TritonBatchInvariantMode", "builtin_moe_config", "invariant_file_name",
-           "invariant_moe_config",
-           "invariant_triton_fused_moe", "tuned_invariant_config"]
+           "invariant_moe_config", "invariant_triton_fused_moe", "tuned_invariant_config"]
