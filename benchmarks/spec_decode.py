@@ -31,9 +31,10 @@ on the device). A verify step touches more experts than a decode step (Qwen3-30B
 128 a layer), so at the memory floor it costs ~2.2x a decode step, whatever the kernels: a verify step near its own
 floor is the goal a kernel can meet; `step_over_plain` / `step_over_serial` (a verify step against a decode step)
 say how far the decode step is from its floor as much as anything about verifying.
-Without --model a tiny Qwen3-MoE checkpoint is made (CPU); on a GPU give a full-size model directory with --load-format dummy (config.json alone), or `--shape
-qwen3-30b-a3b|deepseek-v2-lite`: their published config.json numbers (benchmarks/e2e_setup.py), random weights,
-as many layers as fit beside the largest batch's KV cache (engine_decode's rule), bf16.
+Without --model a tiny Qwen3-MoE checkpoint is made (CPU); on a GPU give a full-size model directory with
+--load-format dummy (config.json alone), or `--shape qwen3-30b-a3b|deepseek-v2-lite`: their published config.json
+numbers (benchmarks/e2e_setup.py), random weights, as many layers as fit beside the largest batch's KV cache
+(engine_decode's rule), bf16.
 """
 from __future__ import annotations
 
