@@ -40,7 +40,7 @@ RUNNABLE_BLOCKS = {
     "docs/tensor-parallelism.md": {"sh": 1},
     "docs/planner.md": {"sh": 1},
     "docs/kernels.md": {"sh": 1},
-    "docs/benchmarks.md": {"sh": 1},
+    "docs/benchmarks.md": {"sh": 2},
     "docs/testing.md": {"sh": 1},
     "docs/gpu-session-steps.md": {"sh": 1},
     "docs/dependencies.md": {"sh": 1},
