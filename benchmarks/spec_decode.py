@@ -190,7 +190,6 @@ def _shape_dir(shape: str, tmp: Path, max_batch: int, max_len: int) -> str:
 
 def _agreeing_dspark(model: str, tmp: Path, k: int) -> tuple[str, str]:
     """(the model's bigram copy, a DSpark draft of that bigram): the --dspark agree case (module docstring)."""
-
     from moelink.engine.tools.dspark_checkpoint import agreeing_draft, bigram_target
 
     target = bigram_target(model, tmp / "bigram_target")

@@ -203,8 +203,7 @@ def tune_bucket(shape, T, dtype, device, timer, space, iters, deadline, log=prin
     if seed is None:
         return None, float("inf"), info
     cur, cur_t = seed, seed_t
-    # (a kind tuning one config for several counts, tune_moe_invariant's, says which M blocks its counts want)
-    bms = kind.block_ms(T, K, E, space) if hasattr(kind, "block_ms") else block_m_candidates(T, K, E, space)
+    bms = block_m_candidates(T, K, E, space)
     for _ in range(space.get("passes", 1)):
         improved = False
         for cand in neighbours(cur, space, bms, T * K, tiny_axes, getattr(kind, "tiny_start", None)):

@@ -30,7 +30,7 @@ import torch
 
 from .moe_kernels import Timer, make_inputs, per_expert_loop, require_cuda, run_meta
 from .tune_moe import Bf16Kind, GraphTiming, unique_seeds
-from .tune_space import TINY_TUNE_MAX_PAIRS, block_m_candidates
+from .tune_space import TINY_TUNE_MAX_PAIRS
 from .tune_timing import time_call, time_config
 
 DEFAULT_TOKENS = (32, 256, 2048)  # a decode batch, a large decode batch, a prefill chunk
@@ -54,6 +54,7 @@ class InvariantKind(Bf16Kind):
     def __init__(self, tokens: list[int], weights: list[float], smoke: bool = False):
         super().__init__(smoke)
         self.tokens, self.weights = tokens, weights
+        self.mix: list = []
 
     def inputs(self, shape, T, dtype, device, gen, n_sets):
         """([(count, its input sets, the per-expert loop's output on the first)] for every count of the mix, None):
@@ -64,6 +65,7 @@ class InvariantKind(Bf16Kind):
             sets = make_inputs(E, K, D, I, t, dtype, device, gen, n_sets=n_sets, weights=weights)
             weights = sets[0][1], sets[0][2]
             out.append((t, sets, per_expert_loop(*sets[0]).float()))
+        self.mix = out  # the search's inputs, which the record after it times again (no second draw)
         return out, None
 
     @staticmethod
@@ -97,10 +99,6 @@ class InvariantKind(Bf16Kind):
         out = [("built-in", builtin_moe_config(device.type == "cuda", torch.bfloat16))]
         out += [(f"table[{t}]", replace(get_moe_config(E, I, t, K, device), tiny=None)) for t in self.tokens]
         return unique_seeds(out)
-
-    def block_ms(self, T, K, E, space) -> list[int]:
-        """The M blocks worth trying at any count of the mix (a decode count's small ones, a prefill's large ones)."""
-        return sorted({bm for t in self.tokens for bm in block_m_candidates(t, K, E, space)})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,14 +172,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for i, name in enumerate(names):
         E, K, D, I = known[name]
         deadline = time.monotonic() + max(0.0, end - time.monotonic()) / (len(names) - i)
+        # Run as the mix's largest count: its M blocks are every count's (block_m_candidates grows with the count).
         best, t, info = tune_bucket((E, K, D, I), max(tokens), dtype, device, timer, space, iters, deadline, kind=kind)
         if best is None:
             print(f"{name}: no candidate config compiled and gave correct results in time, nothing written")
             continue
-        # The record: per count, the tuned config, the built-in one and the normal engine's (its table, tiny path
-        # included: what the mode's experts are measured against).
-        gen = torch.Generator(device=device).manual_seed(0)
-        mix, _ = kind.inputs((E, K, D, I), 0, dtype, device, gen, 2 if device.type == "cuda" else 1)
+        # The record, on the search's inputs: per count, the tuned config, the built-in one and the normal engine's
+        # (its table, tiny path included: what the mode's experts are measured against).
+        mix, kind.mix = kind.mix, []
         tuned = kind.each(best, mix, timer, iters)
         builtin = kind.each(kind.seeds((E, K, D, I), 0, device)[0][1], mix, timer, iters)
         normal = [time_config(get_moe_config(E, I, T, K, device), sets, kind.timer_for(timer, T, K, device), iters, want)

@@ -237,8 +237,11 @@ def test_stopping_with_connections_open_logs_nothing():
         kept = socket.create_connection(("127.0.0.1", front.port), timeout=10)
         kept.sendall(_request(b"/version"))
         assert (await asyncio.to_thread(_read_answer, kept, bytearray())).startswith(b"HTTP/1.1 200")
-        while len(front._connections) < 2:  # both accepted and in their handlers
+        for _ in range(1000):  # both accepted and in their handlers (bounded: 10 s)
+            if len(front._connections) >= 2:
+                break
             await asyncio.sleep(0.01)
+        assert len(front._connections) == 2
         await front.stop()
         up.close()
         await asyncio.sleep(0.05)  # the done-callbacks run
