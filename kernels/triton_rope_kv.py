@@ -25,10 +25,10 @@ from .triton_common import cast
 
 
 @triton.jit
-def _normed(src, offs, ok, inv, w_ptr, HAS_NORM: tl.constexpr, INTERPRET: tl.constexpr):
+def _normed(src, offs, ok, inv, w_ptr, HAS_NORM: tl.constexpr, INTERPRET: tl.constexpr, VOLATILE: tl.constexpr):
     """x[offs] as fp32, normed (x·inv rounded, times the weight, rounded) when HAS_NORM."""
     dt = src.dtype.element_ty
-    x = tl.load(src + offs, mask=ok, other=0.0)
+    x = tl.load(src + offs, mask=ok, other=0.0, volatile=VOLATILE)
     if HAS_NORM:
         y = cast(x.to(tl.float32) * inv, dt, INTERPRET)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0)
@@ -45,13 +45,14 @@ def _to_cache(x, scale, FP8: tl.constexpr):
 
 
 @triton.jit
-def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
-                    stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_cs,
-                    num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, k_scale, v_scale,
-                    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                    BLOCK_PASS: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
-    t = tl.program_id(0)
-    head = tl.program_id(1)
+def rope_kv_head(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, t, head,
+                 stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_cs,
+                 num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, k_scale, v_scale,
+                 HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 BLOCK_PASS: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, VOLATILE: tl.constexpr):
+    """Head `head` of token `t` (< N: query head `head`; else kv head head - N, its k and v): the body of one
+    program of `_rope_kv_kernel`, and the epilogue of kernels/triton_qkv_rope_kv.py's last-arriving program
+    (VOLATILE: q, k and v were written by other programs of the same launch, so they are read past L1)."""
     is_q = head < num_q_heads
     kv = head - num_q_heads
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -65,7 +66,7 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr
     inv = 0.0
     if HAS_NORM:  # the whole head's mean square, as triton_norm reduces one row
         offs = tl.arange(0, BLOCK_H)
-        x32 = tl.load(src + offs, mask=offs < head_dim, other=0.0).to(tl.float32)
+        x32 = tl.load(src + offs, mask=offs < head_dim, other=0.0, volatile=VOLATILE).to(tl.float32)
         ssq = tl.sum(x32 * x32, axis=0)
         var = tl.div_rn(ssq, tl.zeros_like(ssq) + head_dim)
         inv = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
@@ -74,8 +75,8 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos = cast(tl.load(cs_ptr + pos * stride_cs + j, mask=j_ok, other=0.0), dt, INTERPRET).to(tl.float32)
     sin = cast(tl.load(cs_ptr + pos * stride_cs + half + j, mask=j_ok, other=0.0), dt, INTERPRET).to(tl.float32)
-    x1 = _normed(src, j, j_ok, inv, w_ptr, HAS_NORM, INTERPRET)
-    x2 = _normed(src, j + half, j_ok, inv, w_ptr, HAS_NORM, INTERPRET)
+    x1 = _normed(src, j, j_ok, inv, w_ptr, HAS_NORM, INTERPRET, VOLATILE)
+    x2 = _normed(src, j + half, j_ok, inv, w_ptr, HAS_NORM, INTERPRET, VOLATILE)
     # out1 = x1·cos + (−x2)·sin, out2 = x2·cos + x1·sin, each product rounded (torch's order).
     o1 = cast(cast(x1 * cos, dt, INTERPRET).to(tl.float32) + cast(-x2 * sin, dt, INTERPRET).to(tl.float32),
               dt, INTERPRET).to(tl.float32)
@@ -83,7 +84,7 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr
               dt, INTERPRET).to(tl.float32)
     p = 2 * half + tl.arange(0, BLOCK_PASS)
     p_ok = p < head_dim
-    xp = _normed(src, p, p_ok, inv, w_ptr, HAS_NORM, INTERPRET)
+    xp = _normed(src, p, p_ok, inv, w_ptr, HAS_NORM, INTERPRET, VOLATILE)
     if is_q:
         dst = qo_ptr + (t.to(tl.int64) * num_q_heads + head) * head_dim
         tl.store(dst + j, cast(o1, dt, INTERPRET), mask=j_ok)
@@ -98,10 +99,23 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr
         tl.store(kdst + p, cast(_to_cache(xp, k_scale, FP8), cdt, INTERPRET), mask=p_ok)
         offs_v = tl.arange(0, BLOCK_HV)
         v_ok = offs_v < v_head_dim
-        v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kv * stride_vn + offs_v, mask=v_ok, other=0.0)
+        v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + kv * stride_vn + offs_v, mask=v_ok, other=0.0,
+                    volatile=VOLATILE)
         v = _to_cache(v.to(tl.float32), v_scale, FP8)
         tl.store(vc_ptr + slot * (num_kv_heads * v_head_dim) + kv * v_head_dim + offs_v, cast(v, cdt, INTERPRET),
                  mask=v_ok)
+
+
+@triton.jit
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+                    stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn, stride_cs,
+                    num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, k_scale, v_scale,
+                    HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    BLOCK_PASS: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    rope_kv_head(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+                 tl.program_id(0), tl.program_id(1), stride_qt, stride_qn, stride_kt, stride_kn, stride_vt, stride_vn,
+                 stride_cs, num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, k_scale, v_scale,
+                 HAS_NORM, BLOCK_H, BLOCK_HV, BLOCK_HALF, BLOCK_PASS, FP8, INTERPRET, False)
 
 
 def triton_rope_write_kv(

@@ -1,0 +1,44 @@
+"""A decode step's GQA attention input as one op (`reference_norm_qkv_rope_kv`): the residual add and the input
+RMSNorm, the stacked q/k/v projection, then kernels/rotary.py's rope_write_kv (per-head q/k norm, rotary, the
+paged-KV write). The reference is that composition, the contract and the oracle; kernels/triton_qkv_rope_kv.py
+does it in one launch for a decode batch (its MAX_TOKENS).
+
+Legend: T tokens, D hidden, N query heads, K kv heads, H head dim, Hv value head dim, R = N H + K H + K Hv
+projection rows, P positions, B cache blocks, L block size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .norm import reference_add_rms_norm, reference_rms_norm
+from .rotary import reference_rope_write_kv
+
+
+def reference_norm_qkv_rope_kv(
+    x_TD: torch.Tensor, residual_TD: torch.Tensor | None, norm_D: torch.Tensor, norm_eps: float, w_RD: torch.Tensor,
+    bias_R: torch.Tensor | None, num_q_heads: int, num_kv_heads: int, v_head_dim: int, positions_T: torch.Tensor,
+    cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
+    q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None, eps: float = 1e-6,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, x + residual): h = rms_norm(x + residual) (of x alone when residual is None, which is then returned as
+    the sum), qkv = h w_RDᵀ (+ bias_R) split into q [T, N, H], k [T, K, H], v [T, K, Hv] (H: the caches' head
+    dim), then rope_write_kv's contract: k and v normed, roped and written to their slots, q returned so."""
+    H = k_cache_BLKH.shape[-1]
+    N, K = num_q_heads, num_kv_heads
+    if w_RD.shape[0] != N * H + K * (H + v_head_dim):
+        raise ValueError(f"w_RD has {w_RD.shape[0]} rows: it must stack q, k and v, N*H + K*(H + Hv) = "
+                         f"{N * H + K * (H + v_head_dim)} (N={N}, K={K}, H={H}, Hv={v_head_dim}).")
+    if residual_TD is None:
+        h_TD, summed_TD = reference_rms_norm(x_TD, norm_D, norm_eps), x_TD
+    else:
+        h_TD, summed_TD = reference_add_rms_norm(x_TD, residual_TD, norm_D, norm_eps)
+    T = x_TD.shape[0]
+    qkv_TR = F.linear(h_TD, w_RD, bias_R)
+    q_TNH = qkv_TR[:, :N * H].view(T, N, H)
+    k_TKH = qkv_TR[:, N * H:(N + K) * H].view(T, K, H)
+    v_TKH = qkv_TR[:, (N + K) * H:].view(T, K, v_head_dim)
+    q_TNH = reference_rope_write_kv(q_TNH, k_TKH, v_TKH, positions_T, cos_sin_PR, k_cache_BLKH, v_cache_BLKH,
+                                    slot_mapping_T, q_norm_H, k_norm_H, eps, k_scale, v_scale)
+    return q_TNH, summed_TD

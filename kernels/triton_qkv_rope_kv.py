@@ -1,0 +1,280 @@
+"""A decode step's GQA attention input in one launch: the residual add and input RMSNorm, the stacked q/k/v
+projection, the per-head q/k norm, rotary and the paged-KV write (kernels/rotary.py's reference_norm_qkv_rope_kv
+is the contract: add_rms_norm, the linear, rope_write_kv).
+
+Legend: T tokens, D hidden, N query heads, K kv heads, H head dim, Hv value head dim, Q = N H, R = Q + K H + K Hv
+projection rows, BN rows a program, G = N + K head groups (a query head; a kv head's k and v rows).
+
+Why: at batch 1 the attention half of a decode layer was four dependent launches before attention (the norm, the
+projection's GEMV, the q/k norm + rotary + KV write), each waiting for the one before, each paying its ramp and its
+tail, for ~21 MB of weight reads (Qwen3-30B-A3B: ~4.4 us at an H200's copy bandwidth) around ~10 kB of
+activations. Here one launch reads the weight once and nothing waits between the parts.
+
+How, grid (T, R / BN), program (t, n):
+1. token t's residual sum x + residual (rounded, as torch adds; written once, by the programs of block 0) and its
+   mean square, in fp32 over D in BK chunks;
+2. rows [n BN, (n + 1) BN) of the projection for token t, a GEMV on the CUDA cores ([BN, BK] fp32 products,
+   K_TILES tiles a step unrolled, as kernels/triton_moe_tiny.py's: no tile's loads wait on an earlier one's
+   products), each input chunk normed on the fly exactly as kernels/triton_norm.py norms it (the same roundings:
+   the normed input is bit for bit the norm kernel's output); the rows' outputs (+ bias) rounded into qkv_TR,
+   the projection's output a separate linear would have written;
+3. the last-arriving program of a head group (a per-group counter: each program adds one after its rows are
+   stored; the one that reads T x blocks-in-group - 1 is last and sets it back to zero, so the counters stay zero
+   between launches and a CUDA graph replays them) runs the group's epilogue for every token: kernels/
+   triton_rope_kv.py's rope_kv_head, the same code as the unfused op, reading q / k / v from qkv_TR past L1.
+BN divides H and Hv so that no block straddles two groups.
+
+Numerics: the norm and the epilogue are the unfused kernels' bit for bit; the projection sums each row's products
+in its own fixed order (the program's tile order), so a token's outputs do not depend on the batch (the
+batch-invariant mode's property) but may differ from cuBLAS's GEMV by an ulp of the activation dtype, as any
+two GEMMs do. The mean square's fp32 sum is chunked here and whole-row in the norm kernel: at most an ulp of fp32
+before the rounding (the norm kernel and torch differ the same way).
+
+Memory order of step 3: a program's stores, a CTA barrier, then the counter's atomic add (acq_rel, GPU scope): the
+last program's acquire sees every other program's released stores, and it reads them with volatile loads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_common as common
+from .attention import FP8_CACHE_DTYPES
+from .triton_common import cast
+from .triton_rope_kv import rope_kv_head, triton_rope_write_kv
+
+# The largest batch the fused input takes: a program re-reads its token's D inputs from L2 (2 x D x 2 bytes) and
+# the T programs of a row block read the same weight rows (from L2 after the first); past a few tokens the
+# unfused norm + GEMM (one weight read for every token) wins.
+MAX_TOKENS = 8
+
+
+@triton.jit
+def _summed(x_row, r_row, k, ok, HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
+    """x + residual at columns k, rounded to x's dtype (torch's add), or x alone."""
+    x = tl.load(x_row + k, mask=ok, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_row + k, mask=ok, other=0.0)
+        x = cast(x.to(tl.float32) + r.to(tl.float32), x_row.dtype.element_ty, INTERPRET)
+    return x
+
+
+@triton.jit
+def _inverse_rms(x_row, r_row, sum_row, hidden, eps, WRITE_SUM: tl.constexpr, HAS_RES: tl.constexpr,
+                 BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """1 / sqrt(mean(s²) + eps) of the token's residual sum s (correctly rounded, as triton_norm's rms_normalize);
+    writes s when WRITE_SUM."""
+    offs_k = tl.arange(0, BLOCK_K)
+    ssq_k = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + offs_k
+        ok = k < hidden
+        s = _summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
+        if WRITE_SUM:
+            tl.store(sum_row + k, s, mask=ok)
+        s32 = s.to(tl.float32)
+        ssq_k += s32 * s32
+    ssq = tl.sum(ssq_k, axis=0)
+    var = tl.div_rn(ssq, tl.zeros_like(ssq) + hidden)
+    return tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _gemv_step(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok, offs_k, k0, hidden, inv, BLOCK_K: tl.constexpr,
+               K_TILES: tl.constexpr, HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
+    """K_TILES tiles of rows x normed inputs into acc [BN, BK] (the weight loads issued first, back to back)."""
+    dt = x_row.dtype.element_ty
+    for i in tl.static_range(K_TILES):
+        k = k0 + i * BLOCK_K + offs_k  # [1, BK]
+        ok = k < hidden
+        w = tl.load(w_ptrs + (k0 + i * BLOCK_K), mask=n_ok & ok, other=0.0)
+        s = _summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
+        y = cast(s.to(tl.float32) * inv, dt, INTERPRET)  # triton_norm: x·inv rounded, times the weight, rounded
+        h = cast(y.to(tl.float32) * tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32), dt, INTERPRET)
+        acc += w.to(tl.float32) * h.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _group(r0, num_q_heads, num_kv_heads, head_dim, v_head_dim, BLOCK_N: tl.constexpr):
+    """(head group, programs a token in it) of the block starting at projection row r0."""
+    q_rows = num_q_heads * head_dim
+    k_end = q_rows + num_kv_heads * head_dim
+    kv_blocks = (head_dim + v_head_dim) // BLOCK_N
+    if r0 < q_rows:
+        return r0 // head_dim, head_dim // BLOCK_N
+    if r0 < k_end:
+        return num_q_heads + (r0 - q_rows) // head_dim, kv_blocks
+    return num_q_heads + (r0 - k_end) // v_head_dim, kv_blocks
+
+
+@triton.jit(do_not_specialize=["T"])
+def _norm_qkv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, qkv_ptr, sum_ptr, cnt_ptr,
+                     pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+                     T, hidden, rows, stride_xt, stride_rt, stride_wn, stride_cs,
+                     num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, qk_eps, k_scale, v_scale,
+                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     BLOCK_PASS: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    x_row = x_ptr + t.to(tl.int64) * stride_xt
+    r_row = res_ptr + t.to(tl.int64) * stride_rt
+    inv = _inverse_rms(x_row, r_row, sum_ptr + t.to(tl.int64) * hidden, hidden, eps, HAS_RES and pid_n == 0,
+                       HAS_RES, BLOCK_K, INTERPRET)
+    r0 = pid_n * BLOCK_N
+    offs_n = r0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < rows
+    offs_k = tl.arange(0, BLOCK_K)[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K * K_TILES):
+        acc = _gemv_step(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok[:, None], offs_k, k0, hidden, inv, BLOCK_K,
+                         K_TILES, HAS_RES, INTERPRET)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    dt = x_ptr.dtype.element_ty
+    tl.store(qkv_ptr + t.to(tl.int64) * rows + offs_n, cast(y, dt, INTERPRET), mask=n_ok)
+    group, per_token = _group(r0, num_q_heads, num_kv_heads, head_dim, v_head_dim, BLOCK_N)
+    tl.debug_barrier()  # every thread's stores before the release
+    arrived = tl.atomic_add(cnt_ptr + group, 1, sem="acq_rel")
+    if arrived == T * per_token - 1:  # the group's last program: its rows are all in qkv_TR
+        tl.atomic_xchg(cnt_ptr + group, 0)
+        q_rows = num_q_heads * head_dim
+        k_ptr = qkv_ptr + q_rows
+        v_ptr = k_ptr + num_kv_heads * head_dim
+        for tt in range(0, T):
+            rope_kv_head(qkv_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+                         tl.full([], tt, tl.int32), group, rows, head_dim, rows, head_dim, rows, v_head_dim, stride_cs,
+                         num_q_heads, num_kv_heads, head_dim, v_head_dim, half, qk_eps, k_scale, v_scale,
+                         HAS_QK_NORM, BLOCK_H, BLOCK_HV, BLOCK_HALF, BLOCK_PASS, FP8, INTERPRET, True)
+
+
+def block_rows(head_dim: int, v_head_dim: int) -> int | None:
+    """The largest rows-a-program (8 to 64, a power of two) dividing both head widths; None: no such (the fused
+    input does not take the layer)."""
+    for bn in (64, 32, 16, 8):
+        if head_dim % bn == 0 and v_head_dim % bn == 0:
+            return bn
+    return None
+
+
+def group_counters(num_q_heads: int, num_kv_heads: int, device) -> torch.Tensor:
+    """A layer's head-group counters, zeros: the kernel leaves them zero after every launch (its last programs
+    reset them), so one tensor serves every step and every captured graph of the layer. A layer's launches are
+    ordered on its stream; two launches of one layer in flight at once would need two tensors."""
+    return torch.zeros(num_q_heads + num_kv_heads, dtype=torch.int32, device=device)
+
+
+def _launch_shape(T: int, rows: int, head_dim: int, v_head_dim: int, hidden: int, interp: bool,
+                  device) -> tuple[int, int, int, int]:
+    """(BN, BK, K_TILES, num_warps): the widest block that still gives every SM two programs (the grid's rows are
+    its bytes in flight; a tiny-batch GEMV, kernels/triton_moe_tiny.py's reasoning)."""
+    bn = block_rows(head_dim, v_head_dim)
+    assert bn is not None  # fused() checked
+    if interp:
+        return bn, 32, 1, 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    while bn > 8 and T * triton.cdiv(rows, bn) < 2 * sms:
+        bn //= 2
+    bk = 256 if hidden >= 1024 else triton.next_power_of_2(hidden)
+    return bn, bk, 2 if bn >= 32 else 4, 4
+
+
+def fused(T: int, head_dim: int, v_head_dim: int) -> bool:
+    """Whether one launch takes this batch: a decode batch (T <= MAX_TOKENS) of heads `block_rows` can split."""
+    return 0 < T <= MAX_TOKENS and block_rows(head_dim, v_head_dim) is not None
+
+
+def _unfused(x_TD, residual_TD, norm_D, norm_eps, w_RD, bias_R, N, K, Hv, positions_T, cos_sin_PR, k_cache_BLKH,
+             v_cache_BLKH, slot_mapping_T, q_norm_H, k_norm_H, eps, k_scale, v_scale):
+    """The contract as three launches and the linear (a batch past MAX_TOKENS, or heads no block divides)."""
+    from .triton_norm import triton_add_rms_norm, triton_rms_norm
+
+    if residual_TD is None:
+        h_TD, summed_TD = triton_rms_norm(x_TD, norm_D, norm_eps), x_TD
+    else:
+        h_TD, summed_TD = triton_add_rms_norm(x_TD, residual_TD, norm_D, norm_eps)
+    T, H = x_TD.shape[0], k_cache_BLKH.shape[-1]
+    qkv_TR = torch.nn.functional.linear(h_TD, w_RD, bias_R)
+    q_TNH = triton_rope_write_kv(qkv_TR[:, :N * H].view(T, N, H), qkv_TR[:, N * H:(N + K) * H].view(T, K, H),
+                                 qkv_TR[:, (N + K) * H:].view(T, K, Hv), positions_T, cos_sin_PR, k_cache_BLKH,
+                                 v_cache_BLKH, slot_mapping_T, q_norm_H, k_norm_H, eps, k_scale, v_scale)
+    return q_TNH, summed_TD
+
+
+def _check(x_TD, residual_TD, norm_D, w_RD, bias_R, num_q_heads, num_kv_heads, head_dim, v_head_dim) -> None:
+    common.check_dtype("x_TD", x_TD)
+    T, D = x_TD.shape
+    R = num_q_heads * head_dim + num_kv_heads * (head_dim + v_head_dim)
+    if residual_TD is not None and (residual_TD.shape != x_TD.shape or residual_TD.dtype != x_TD.dtype):
+        raise ValueError(f"residual_TD {tuple(residual_TD.shape)} {residual_TD.dtype} must match x_TD "
+                         f"{tuple(x_TD.shape)} {x_TD.dtype}.")
+    for name, t, shape in (("norm_D", norm_D, (D,)), ("w_RD", w_RD, (R, D)), ("bias_R", bias_R, (R,))):
+        if t is not None and (tuple(t.shape) != shape or t.dtype != x_TD.dtype):
+            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} is invalid: must be {list(shape)} {x_TD.dtype} "
+                             f"(N={num_q_heads}, K={num_kv_heads}, H={head_dim}, Hv={v_head_dim}).")
+    if w_RD.stride(-1) != 1:
+        raise ValueError("w_RD must have a unit last stride (a Linear's weight).")
+
+
+def triton_norm_qkv_rope_kv(
+    x_TD: torch.Tensor, residual_TD: torch.Tensor | None, norm_D: torch.Tensor, norm_eps: float, w_RD: torch.Tensor,
+    bias_R: torch.Tensor | None, num_q_heads: int, num_kv_heads: int, v_head_dim: int, positions_T: torch.Tensor,
+    cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
+    q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None, eps: float = 1e-6,
+    k_scale: float = 1.0, v_scale: float = 1.0, *, counters_G: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference_norm_qkv_rope_kv`: one launch where `fused` (a decode batch), else the norm,
+    the linear and rope_write_kv apart. counters_G: the layer's
+    `group_counters` (zeros; the launch leaves them zero), made here when not given."""
+    H = k_cache_BLKH.shape[-1]
+    N, K = num_q_heads, num_kv_heads
+    _check(x_TD, residual_TD, norm_D, w_RD, bias_R, N, K, H, v_head_dim)
+    for name, c, h in (("k_cache_BLKH", k_cache_BLKH, H), ("v_cache_BLKH", v_cache_BLKH, v_head_dim)):
+        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, h):
+            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {h}].")
+    Rr = cos_sin_PR.shape[-1]
+    if Rr % 2 or Rr > H:
+        raise ValueError(f"cos_sin_PR has {Rr} columns: the rotary dims must be even and at most head_dim={H}.")
+    if (q_norm_H is None) != (k_norm_H is None):
+        raise ValueError("q_norm_H and k_norm_H must be given together (a per-head q/k norm) or both be None.")
+    for name, w in (("q_norm_H", q_norm_H), ("k_norm_H", k_norm_H)):
+        if w is not None and (tuple(w.shape) != (H,) or w.dtype != x_TD.dtype):
+            raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} is invalid: must be [{H}] {x_TD.dtype}.")
+    T, D = x_TD.shape
+    R = w_RD.shape[0]
+    if T > 0 and not fused(T, H, v_head_dim):
+        return _unfused(x_TD, residual_TD, norm_D, norm_eps, w_RD, bias_R, N, K, v_head_dim, positions_T, cos_sin_PR,
+                        k_cache_BLKH, v_cache_BLKH, slot_mapping_T, q_norm_H, k_norm_H, eps, k_scale, v_scale)
+    summed_TD = common.workspace((T, D), x_TD.dtype, x_TD.device) if residual_TD is not None else x_TD
+    q_TNH = common.workspace((T, N, H), x_TD.dtype, x_TD.device)
+    if T == 0:
+        return q_TNH, summed_TD
+    counters_G = counters_G if counters_G is not None else group_counters(N, K, x_TD.device)
+    if tuple(counters_G.shape) != (N + K,) or counters_G.dtype != torch.int32:
+        raise ValueError(f"counters_G {tuple(counters_G.shape)} {counters_G.dtype} is invalid: must be [{N + K}] "
+                         "int32 zeros (group_counters).")
+    x_TD, cos_sin_PR = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_TD, cos_sin_PR))
+    residual_TD = residual_TD if residual_TD is None or residual_TD.stride(-1) == 1 else residual_TD.contiguous()
+    interp = common.interpreting(x_TD)
+    bn, bk, tiles, warps = _launch_shape(T, R, H, v_head_dim, D, interp, x_TD.device)
+    qkv_TR = common.workspace((T, R), x_TD.dtype, x_TD.device)
+    has_norm = q_norm_H is not None
+    _norm_qkv_kernel[(T, R // bn)](
+        x_TD, residual_TD if residual_TD is not None else x_TD, norm_D, w_RD, bias_R if bias_R is not None else norm_D,
+        qkv_TR, summed_TD, counters_G, positions_T, cos_sin_PR, q_norm_H if has_norm else norm_D,
+        k_norm_H if has_norm else norm_D, q_TNH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T,
+        T, D, R, x_TD.stride(0), residual_TD.stride(0) if residual_TD is not None else 0, w_RD.stride(0),
+        cos_sin_PR.stride(0), N, K, H, v_head_dim, Rr // 2, float(norm_eps), float(eps), float(k_scale),
+        float(v_scale), HAS_RES=residual_TD is not None, HAS_BIAS=bias_R is not None, HAS_QK_NORM=has_norm,
+        BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, BLOCK_H=triton.next_power_of_2(H),
+        BLOCK_HV=triton.next_power_of_2(v_head_dim), BLOCK_HALF=triton.next_power_of_2(max(Rr // 2, 1)),
+        BLOCK_PASS=triton.next_power_of_2(max(H - Rr, 1)), FP8=k_cache_BLKH.dtype in FP8_CACHE_DTYPES,
+        INTERPRET=interp, num_warps=warps,
+        enable_fp_fusion=False,  # no FMA in the epilogue's rotary: torch rounds x·cos before adding
+    )
+    return q_TNH, summed_TD
