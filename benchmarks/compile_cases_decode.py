@@ -10,6 +10,32 @@ import torch
 from .compile_cases import Recorder
 
 
+def _compile_fused_inputs(rec: Recorder, quick: bool) -> None:
+    """The decode attention input in one launch (kernels/triton_qkv_rope_kv.py: norm, q/k/v GEMV, rope_write_kv)
+    at batch 1 and 4 of Qwen3-30B-A3B (D 2048, 32/4 heads of 128, q/k norm), gpt-oss-120b (D 2880, 64/8 heads of
+    64, qkv bias) and GLM-4.5-Air (D 4096, 96/8 heads of 128, rotary over 64, qkv bias): the block of rows and the
+    grid as an H100's 132 SMs pick them."""
+    from moelink.kernels.triton_qkv_rope_kv import group_counters, triton_norm_qkv_rope_kv
+
+    meta = dict(device="meta")
+    dt = torch.bfloat16
+    shapes = [("qwen3-30b-a3b", 2048, 32, 4, 128, 128, True, False), ("gpt-oss-120b", 2880, 64, 8, 64, 64, False, True),
+              ("glm-4.5-air", 4096, 96, 8, 128, 64, True, True)]
+    for name, D, N, K, H, R, norm, bias in shapes[:1] if quick else shapes:
+        rows = N * H + 2 * K * H
+        cache = torch.empty(1000, 16, K, H, dtype=dt, **meta)
+        qw = torch.empty(H, dtype=dt, **meta) if norm else None
+        for T in (1,) if quick else (1, 4):
+            x = torch.empty(T, D, dtype=dt, **meta)
+            pos, slots = torch.empty(T, dtype=torch.long, **meta), torch.empty(T, dtype=torch.long, **meta)
+            with rec.labelled(f"{name} attention input in one launch (norm + qkv GEMV + rotary + KV write), T={T}"):
+                triton_norm_qkv_rope_kv(x, torch.empty_like(x), torch.empty(D, dtype=dt, **meta), 1e-6,
+                                        torch.empty(rows, D, dtype=dt, **meta),
+                                        torch.empty(rows, dtype=dt, **meta) if bias else None, N, K, H, pos,
+                                        torch.empty(4096, R, **meta), cache, cache, slots, qw, qw, 1e-6,
+                                        counters_G=group_counters(N, K, "meta"))
+
+
 def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
     """The fused decode-step kernels: the GQA attention input (q/k norm + rotary + KV write) at Qwen3-30B-A3B
     (32/4 heads of 128, q/k norm), gpt-oss (64/8 heads of 64, no norm) and GLM-4.5-Air (96/8 heads of 128, rotary
@@ -34,6 +60,7 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
             qw, kw = (torch.empty(H, dtype=dt, **meta), torch.empty(H, dtype=dt, **meta)) if norm else (None, None)
             with rec.labelled(f"{name} attention input (norm + rotary + KV write), {str(cache_dt)[6:]} cache"):
                 triton_rope_write_kv(q, k, v, pos, torch.empty(4096, R, **meta), cache, cache, slots, qw, kw, 1e-6)
+    _compile_fused_inputs(rec, quick)
     C, P = 512, 64
     for name, N, style in [("deepseek-v2-lite", 16, "complex")] + ([] if quick else [("deepseek-v3", 128, "neox")]):
         q = torch.empty(T, N, 192, dtype=dt, **meta)

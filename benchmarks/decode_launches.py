@@ -71,7 +71,8 @@ def _site() -> str:
     f = sys._getframe(2)
     while f is not None:
         name = f.f_code.co_filename
-        if name.startswith(_REPO) and name != _HERE:
+        # (a virtual environment inside the checkout, .venv/, is not moelink's code)
+        if name.startswith(_REPO) and name != _HERE and "site-packages" not in name:
             return f"{os.path.relpath(name, _REPO)}:{f.f_code.co_name}"
         f = f.f_back
     return "?"

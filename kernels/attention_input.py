@@ -15,16 +15,38 @@ from .norm import reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rope_write_kv
 
 
+# The largest batch the fused input takes: a program re-reads its token's D inputs from L2 (2 x D x 2 bytes) and
+# the T programs of a row block read the same weight rows (from L2 after the first); past a few tokens the
+# unfused norm + GEMM (one weight read for every token) wins.
+MAX_TOKENS = 8
+
+
+def block_rows(head_dim: int, v_head_dim: int) -> int | None:
+    """The largest rows-a-program (8 to 64, a power of two) dividing both head widths; None: no such (the fused
+    input does not take the layer)."""
+    for bn in (64, 32, 16, 8):
+        if head_dim % bn == 0 and v_head_dim % bn == 0:
+            return bn
+    return None
+
+
+def fused(T: int, head_dim: int, v_head_dim: int) -> bool:
+    """Whether one launch takes this batch: a decode batch (T <= MAX_TOKENS) of heads `block_rows` can split."""
+    return 0 < T <= MAX_TOKENS and block_rows(head_dim, v_head_dim) is not None
+
+
 def reference_norm_qkv_rope_kv(
     x_TD: torch.Tensor, residual_TD: torch.Tensor | None, norm_D: torch.Tensor, norm_eps: float, w_RD: torch.Tensor,
     bias_R: torch.Tensor | None, num_q_heads: int, num_kv_heads: int, v_head_dim: int, positions_T: torch.Tensor,
     cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
     q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None, eps: float = 1e-6,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, counters_G: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, x + residual): h = rms_norm(x + residual) (of x alone when residual is None, which is then returned as
     the sum), qkv = h w_RDᵀ (+ bias_R) split into q [T, N, H], k [T, K, H], v [T, K, Hv] (H: the caches' head
-    dim), then rope_write_kv's contract: k and v normed, roped and written to their slots, q returned so."""
+    dim), then rope_write_kv's contract: k and v normed, roped and written to their slots, q returned so.
+    counters_G: the one-launch form's head-group counters (kernels/triton_qkv_rope_kv.group_counters), unused
+    here."""
     H = k_cache_BLKH.shape[-1]
     N, K = num_q_heads, num_kv_heads
     if w_RD.shape[0] != N * H + K * (H + v_head_dim):

@@ -41,8 +41,8 @@ class AttentionKernels(Protocol):
                          num_kv_heads: int, v_head_dim: int, positions_T: torch.Tensor, cos_sin_PR: torch.Tensor,
                          k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
                          q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None,
-                         eps: float = 1e-06, k_scale: float = 1.0, v_scale: float = 1.0
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         eps: float = 1e-06, k_scale: float = 1.0, v_scale: float = 1.0,
+                         counters_G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual add and input norm, the q/k/v projection and rope_write_kv in one op: (q [T, N, H],
         x + residual); a decode batch's attention input (kernels/attention_input.py)."""
         ...

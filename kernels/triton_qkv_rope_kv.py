@@ -41,13 +41,11 @@ import triton.language as tl
 
 from . import triton_common as common
 from .attention import FP8_CACHE_DTYPES
+from .attention_input import block_rows, fused
+from .moe_schedule import num_sms
 from .triton_common import cast
 from .triton_rope_kv import rope_kv_head, triton_rope_write_kv
 
-# The largest batch the fused input takes: a program re-reads its token's D inputs from L2 (2 x D x 2 bytes) and
-# the T programs of a row block read the same weight rows (from L2 after the first); past a few tokens the
-# unfused norm + GEMM (one weight read for every token) wins.
-MAX_TOKENS = 8
 
 
 @triton.jit
@@ -153,15 +151,6 @@ def _norm_qkv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, qkv_ptr, sum_ptr, cnt
                          HAS_QK_NORM, BLOCK_H, BLOCK_HV, BLOCK_HALF, BLOCK_PASS, FP8, INTERPRET, True)
 
 
-def block_rows(head_dim: int, v_head_dim: int) -> int | None:
-    """The largest rows-a-program (8 to 64, a power of two) dividing both head widths; None: no such (the fused
-    input does not take the layer)."""
-    for bn in (64, 32, 16, 8):
-        if head_dim % bn == 0 and v_head_dim % bn == 0:
-            return bn
-    return None
-
-
 def group_counters(num_q_heads: int, num_kv_heads: int, device) -> torch.Tensor:
     """A layer's head-group counters, zeros: the kernel leaves them zero after every launch (its last programs
     reset them), so one tensor serves every step and every captured graph of the layer. A layer's launches are
@@ -177,16 +166,13 @@ def _launch_shape(T: int, rows: int, head_dim: int, v_head_dim: int, hidden: int
     assert bn is not None  # fused() checked
     if interp:
         return bn, 32, 1, 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = num_sms(device)
     while bn > 8 and T * triton.cdiv(rows, bn) < 2 * sms:
         bn //= 2
-    bk = 256 if hidden >= 1024 else triton.next_power_of_2(hidden)
-    return bn, bk, 2 if bn >= 32 else 4, 4
-
-
-def fused(T: int, head_dim: int, v_head_dim: int) -> bool:
-    """Whether one launch takes this batch: a decode batch (T <= MAX_TOKENS) of heads `block_rows` can split."""
-    return 0 < T <= MAX_TOKENS and block_rows(head_dim, v_head_dim) is not None
+    # A [BN, BK] fp32 product tile of 4,096 values (32 registers a thread at 4 warps) and four tiles' weight loads in
+    # flight (32 kB a program): wider tiles spill (the compile report's T = 4 cases at BN 64 x BK 256).
+    bk = max(16, min(4096 // bn, triton.next_power_of_2(hidden)))
+    return bn, bk, 4, 4
 
 
 def _unfused(x_TD, residual_TD, norm_D, norm_eps, w_RD, bias_R, N, K, Hv, positions_T, cos_sin_PR, k_cache_BLKH,

@@ -15,6 +15,7 @@ from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from .gqa_config import GQAConfig
+from .gqa_input import FusedInput
 from ..tp.attention import kv_head_start, shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
@@ -100,6 +101,9 @@ class GQAAttention(nn.Module):
         self.q_norm = RMSNorm(q_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.k_norm = RMSNorm(k_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.sinks_name = sinks_name
+        # A decode batch's norm, projection and rope_write_kv in one launch where the layer allows it (None: never).
+        plain = type(self)._attend is GQAAttention._attend and type(self).forward is GQAAttention.forward
+        self.fused_input = FusedInput.for_layer(self, hidden_size, device, plain)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
@@ -115,14 +119,7 @@ class GQAAttention(nn.Module):
         k_TKH = k_TK.view(T, self.num_kv_heads, self.head_dim)
         v_TKH = v_TK.view(T, self.num_kv_heads, self.v_head_dim)
         head_norm = self.q_norm is not None and not self.all_heads_norm
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx][:2]
-        # A sliding layer reads its group's own table when it has one (its tensors are shared with a full layer).
-        attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
-        fp8 = k_cache.dtype in FP8_CACHE_DTYPES
-        kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
-        # A step with image tokens rotates by 3-D positions: each token its own table row (engine/models/rope.py).
-        rope_pos_T, table_PR = self.rope.positions_and_table(
-            positions_T, ctx.images.mrope_3T if ctx.images is not None else None)
+        k_cache, v_cache, attn, kv_scales, rope_pos_T, table_PR = self._step_args(positions_T, ctx)
         if self.rope.style == "neox" and self.rotary:
             # q/k norms, rotary and the KV write in one op (one Triton launch; reference: kernels/rotary.py).
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if head_norm else ()
@@ -135,8 +132,40 @@ class GQAAttention(nn.Module):
                 q_TNH, k_TKH = self.rope(q_TNH, k_TKH, rope_pos_T, table_PR)
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
-        o_TNH = self._attend(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales)
-        o_TO = o_TNH.reshape(T, self.o_size)
+        return self._attend_out(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales, gate_TQ)
+
+    def forward_fused(self, norm: RMSNorm, positions_T: torch.Tensor, x_TD: torch.Tensor,
+                      residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(norm(x + residual)), x + residual) with the norm, the projection and rope_write_kv in one
+        launch (kernels.norm_qkv_rope_kv); only where `fused_input.takes` the step (engine/models/gqa_input.py:
+        plain GQA, whose `_attend` does not read the normed input)."""
+        assert self.fused_input is not None  # the caller asked fused_input.takes
+        k_cache, v_cache, attn, kv_scales, rope_pos_T, table_PR = self._step_args(positions_T, ctx)
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        q_TNH, residual_TD = self.kernels.norm_qkv_rope_kv(
+            x_TD, residual_TD, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_bias, self.num_heads,
+            self.num_kv_heads, self.v_head_dim, rope_pos_T, table_PR, k_cache, v_cache, attn.slot_mapping_T,
+            q_norm_H=qn, k_norm_H=kn, eps=self.q_norm.eps if self.q_norm is not None else 1e-6,
+            k_scale=self.k_scale, v_scale=self.v_scale, counters_G=self.fused_input.counters_G)
+        return self._attend_out(q_TNH, x_TD, positions_T, ctx, attn, kv_scales, None), residual_TD
+
+    def _step_args(self, positions_T: torch.Tensor, ctx: ForwardContext):
+        """(k_cache, v_cache, the attention metadata this layer reads, the fp8 cache's scales as keywords, the
+        rotary positions, the rotary table) of this step."""
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx][:2]
+        # A sliding layer reads its group's own table when it has one (its tensors are shared with a full layer).
+        attn = ctx.attn_sliding if self.sliding_window is not None and ctx.attn_sliding is not None else ctx.attn
+        fp8 = k_cache.dtype in FP8_CACHE_DTYPES
+        kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if fp8 else {}
+        # A step with image tokens rotates by 3-D positions: each token its own table row (engine/models/rope.py).
+        rope_pos_T, table_PR = self.rope.positions_and_table(
+            positions_T, ctx.images.mrope_3T if ctx.images is not None else None)
+        return k_cache, v_cache, attn, kv_scales, rope_pos_T, table_PR
+
+    def _attend_out(self, q_TNH: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext,
+                    attn, kv_scales: dict, gate_TQ: torch.Tensor | None) -> torch.Tensor:
+        """The attention, its output gate when the layer has one, and o_proj: [T, D]."""
+        o_TO = self._attend(q_TNH, x_TD, positions_T, ctx, attn, kv_scales).reshape(q_TNH.shape[0], self.o_size)
         if gate_TQ is not None:
             o_TO = o_TO * torch.sigmoid(gate_TQ)
         return self.o_proj(o_TO, self.o_bias)

@@ -9,7 +9,8 @@ import torch
 from moelink.kernels.attention_input import reference_norm_qkv_rope_kv
 from moelink.kernels.rotary import rotary_cos_sin_cache
 from moelink.kernels.triton_norm import triton_add_rms_norm
-from moelink.kernels.triton_qkv_rope_kv import MAX_TOKENS, fused, group_counters, triton_norm_qkv_rope_kv
+from moelink.kernels.attention_input import MAX_TOKENS, fused
+from moelink.kernels.triton_qkv_rope_kv import group_counters, triton_norm_qkv_rope_kv
 from moelink.kernels.triton_rope_kv import triton_rope_write_kv
 
 BLOCK = 4

@@ -151,6 +151,17 @@ def prenorm(norm: RMSNorm, x_TD: torch.Tensor, residual_TD: torch.Tensor | None
     return norm.add_forward(x_TD, residual_TD)
 
 
+def attention_prenorm(norm: RMSNorm, mixer: nn.Module, positions_T: torch.Tensor, x_TD: torch.Tensor,
+                      residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mixer(norm(x + residual)), x + residual); a mixer that takes the norm into its own first launch where a
+    step allows it (GQA's `fused_input` at decode batches: engine/models/gqa_input.py) is handed the stream."""
+    fused = getattr(mixer, "fused_input", None)
+    if fused is not None and fused.takes(x_TD):
+        return mixer.forward_fused(norm, positions_T, x_TD, residual_TD, ctx)
+    h_TD, residual_TD = prenorm(norm, x_TD, residual_TD)
+    return mixer(positions_T, h_TD, ctx), residual_TD
+
+
 def ffn_prenorm(norm: RMSNorm, ffn: FFNBlock, x_TD: torch.Tensor, residual_TD: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The FFN block's norm with the residual add; where the block's FP8 experts take their input quantized by it
@@ -180,8 +191,8 @@ class PreNormLayer(Layer):
 
     def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
-        h_TD, residual_TD = prenorm(self.input_layernorm, *state)
-        h_TD = self.mixer(positions_T, h_TD, ctx)
+        x_TD, residual_TD = state
+        h_TD, residual_TD = attention_prenorm(self.input_layernorm, self.mixer, positions_T, x_TD, residual_TD, ctx)
         h_TD, residual_TD = ffn_prenorm(self.post_attention_layernorm, self.ffn, h_TD, residual_TD)
         return (yield from ffn_stages(self.ffn, self.tp, h_TD, input_ids_T)), residual_TD
 

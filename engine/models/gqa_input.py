@@ -1,0 +1,69 @@
+"""The decode attention input in one launch, as a strategy a GQA layer holds (`FusedInput`): where it takes a
+step, the layer's input norm (with the residual add), its q/k/v projection and its q/k norm + rotary + KV write
+run as kernels.norm_qkv_rope_kv (kernels/triton_qkv_rope_kv.py) instead of a norm launch, a GEMM and
+rope_write_kv.
+
+Why: a batch-1 decode layer's attention half was eight dependent launches for ~9.5 us of bytes on an H200
+(docs/gpu-session-steps.md, issue 80's first row); this removes two of them (the norm, the q/k norm + rotary +
+KV write) and the projection output's round trip through DRAM.
+
+Which layers: plain GQA (not a kind that attends its own way), NeoX rotary on every head, a float q/k/v stack
+without gaps, no output gate, no all-heads q/k norm, no value scale, and head widths a block of 8-64 rows
+divides; the Triton kernels only (the CPU path's native norm and linear are already one call each). Which steps:
+up to kernels.triton_qkv_rope_kv.MAX_TOKENS tokens, and no LoRA adapter on the projection (its hook runs after
+the matmul). The decision is a function of the layer and the step's token count, known on the host: a CUDA graph
+captured for a batch size always replays the same path.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from moelink.kernels.attention_input import MAX_TOKENS, block_rows
+
+from .linear import FloatLinear, Linear
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class GQALayer(Protocol):
+    """What the strategy reads of its layer (engine/models/gqa.py's GQAAttention)."""
+
+    kernels: Any
+    rope: Any
+    qkv_proj: Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    rotary: bool
+    output_gate: bool
+    all_heads_norm: bool
+    value_scale: float
+
+
+class FusedInput:
+    """One layer's fused attention input: its head-group counters (kernels/triton_qkv_rope_kv.group_counters,
+    zeros the launch leaves zero) and the per-step test."""
+
+    def __init__(self, attn: GQALayer, device) -> None:
+        self.attn = attn
+        self.counters_G = torch.zeros(attn.num_heads + attn.num_kv_heads, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def for_layer(attn: GQALayer, hidden_size: int, device, plain: bool) -> FusedInput | None:
+        """The strategy when the layer's shape and kernels allow it (the module docstring), else None. plain: the
+        layer attends and projects as GQAAttention does (no subclass overrides `forward` or `_attend`)."""
+        proj = attn.qkv_proj
+        takes = (attn.kernels.name == "triton" and plain and attn.rope.style == "neox" and attn.rotary
+                 and not attn.output_gate and not attn.all_heads_norm and attn.value_scale == 1.0
+                 and proj.in_features == hidden_size and proj.rows == proj.out_features
+                 and block_rows(attn.head_dim, attn.v_head_dim) is not None)
+        return FusedInput(attn, device) if takes else None
+
+    def takes(self, x_TD: torch.Tensor) -> bool:
+        """Whether this step's attention input runs fused (host-side facts only: no sync)."""
+        proj = self.attn.qkv_proj
+        return (0 < x_TD.shape[0] <= MAX_TOKENS and proj.lora is None and isinstance(proj.method, FloatLinear)
+                and x_TD.dtype in _DTYPES and self.counters_G.device == x_TD.device)

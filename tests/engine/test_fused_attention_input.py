@@ -1,0 +1,81 @@
+"""The fused decode attention input in the engine (engine/models/gqa_input.py: the input norm, the q/k/v GEMV and
+rope_write_kv as one kernels.norm_qkv_rope_kv launch), the Triton kernels in the interpreter: which layers hold it,
+and a greedy run that takes it at every small step gives the unfused run's tokens, its logprobs within fp32
+rounding (the GEMV sums in its own order)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelink.engine import LLM, SamplingParams
+from moelink.engine.models.gqa_input import FusedInput
+from moelink.kernels.attention_input import MAX_TOKENS
+
+pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
+
+
+def _llm(path, kernels="triton"):
+    return LLM(path, dtype="float32", device="cpu", kernels=kernels, max_num_seqs=4, max_num_batched_tokens=64,
+               num_kv_blocks=16, block_size=16, enable_prefix_caching=False, skip_warmup=True, enforce_eager=True)
+
+
+def _mixers(llm):
+    return [layer.mixer for layer in llm.engine.executor.worker.runner.model.layers]
+
+
+def _generate(llm):
+    # Both prefills in one step of 24 tokens (past MAX_TOKENS: unfused), then decode steps of two sequences, then
+    # of one.
+    prompts = [[5, 17, 42, 99, 7], [3 + i for i in range(19)]]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, logprobs=2) for m in (4, 2)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+def test_which_layers_hold_the_fused_input(tiny_model):
+    """Plain GQA on the Triton kernels holds it; the reference kernels (the CPU path) never do."""
+    llm = _llm(tiny_model("qwen3_e6k3"))
+    try:
+        assert all(isinstance(m.fused_input, FusedInput) for m in _mixers(llm))
+        assert all(not m.fused_input.counters_G.any() for m in _mixers(llm))
+    finally:
+        llm.shutdown()
+    ref = _llm(tiny_model("qwen3_e6k3"), kernels="reference")
+    try:
+        assert all(m.fused_input is None for m in _mixers(ref))
+    finally:
+        ref.shutdown()
+
+
+@pytest.mark.slow  # two interpreter engines
+def test_fused_run_gives_the_unfused_tokens(tiny_model, monkeypatch):
+    path = tiny_model("qwen3_e6k3")
+    llm = _llm(path)
+    kernels, layers = _mixers(llm)[0].kernels, len(_mixers(llm))
+    real, seen = kernels.norm_qkv_rope_kv, []
+
+    def counting(x_TD, *args, **kw):
+        seen.append(x_TD.shape[0])
+        return real(x_TD, *args, **kw)
+
+    kernels.norm_qkv_rope_kv = counting
+    try:
+        fused = _generate(llm)
+        assert all(not m.fused_input.counters_G.any() for m in _mixers(llm)), "counters left non-zero"
+    finally:
+        llm.shutdown()
+    # Every decode step, every layer: one of two rows, then two of one (the prefill step's 24 tokens ran unfused).
+    assert seen == [2] * layers + [1] * (2 * layers), seen
+
+    monkeypatch.setattr(FusedInput, "takes", lambda self, x_TD: False)
+    unfused_llm = _llm(path)
+    try:
+        unfused = _generate(unfused_llm)
+    finally:
+        unfused_llm.shutdown()
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(fused, unfused):
+        assert tokens == want_tokens
+        for got, want in zip(logprobs, want_logprobs):
+            for tok, lp in want.items():
+                assert abs(got[tok].logprob - lp.logprob) < 1e-4, (tok, got[tok].logprob, lp.logprob)
+    assert torch.isfinite(torch.tensor([lp.logprob for _, lps in fused for d in lps for lp in d.values()])).all()
