@@ -12,9 +12,10 @@ from .compile_cases import Recorder
 
 def _compile_fused_inputs(rec: Recorder, quick: bool) -> None:
     """The decode attention input in one launch (kernels/triton_qkv_rope_kv.py: norm, q/k/v GEMV, rope_write_kv)
-    at batch 1 and 4 of Qwen3-30B-A3B (D 2048, 32/4 heads of 128, q/k norm), gpt-oss-120b (D 2880, 64/8 heads of
+    and its output in one more (kernels/triton_linear_norm.py: o_proj GEMV, residual add, norm) at batch 1 and 4 of Qwen3-30B-A3B (D 2048, 32/4 heads of 128, q/k norm), gpt-oss-120b (D 2880, 64/8 heads of
     64, qkv bias) and GLM-4.5-Air (D 4096, 96/8 heads of 128, rotary over 64, qkv bias): the block of rows and the
     grid as an H100's 132 SMs pick them."""
+    from moelink.kernels.triton_linear_norm import token_counters, triton_linear_add_rms_norm
     from moelink.kernels.triton_qkv_rope_kv import group_counters, triton_norm_qkv_rope_kv
 
     meta = dict(device="meta")
@@ -34,6 +35,11 @@ def _compile_fused_inputs(rec: Recorder, quick: bool) -> None:
                                         torch.empty(rows, dtype=dt, **meta) if bias else None, N, K, H, pos,
                                         torch.empty(4096, R, **meta), cache, cache, slots, qw, qw, 1e-6,
                                         counters_G=group_counters(N, K, "meta"))
+            o = torch.empty(T, N * H, dtype=dt, **meta)
+            with rec.labelled(f"{name} attention output in one launch (o_proj GEMV + residual add + norm), T={T}"):
+                triton_linear_add_rms_norm(o, torch.empty(D, N * H, dtype=dt, **meta),
+                                           torch.empty(D, dtype=dt, **meta) if bias else None, x,
+                                           torch.empty(D, dtype=dt, **meta), 1e-6, counters_T=token_counters("meta"))
 
 
 def compile_decode_inputs(rec: Recorder, quick: bool) -> None:

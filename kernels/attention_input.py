@@ -11,14 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .norm import reference_add_rms_norm, reference_rms_norm
+from .norm import FUSED_MAX_TOKENS, reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rope_write_kv
 
 
-# The largest batch the fused input takes: a program re-reads its token's D inputs from L2 (2 x D x 2 bytes) and
-# the T programs of a row block read the same weight rows (from L2 after the first); past a few tokens the
-# unfused norm + GEMM (one weight read for every token) wins.
-MAX_TOKENS = 8
+# The largest batch the one-launch form takes (kernels/norm.py's FUSED_MAX_TOKENS: why).
+MAX_TOKENS = FUSED_MAX_TOKENS
 
 
 def block_rows(head_dim: int, v_head_dim: int) -> int | None:

@@ -44,6 +44,22 @@ def reference_add_rms_norm(
     return reference_rms_norm(summed_TD, weight_D, eps), summed_TD
 
 
+# The largest batch the GEMV-carried fusions take (kernels/triton_linear_norm.py, kernels/triton_qkv_rope_kv.py):
+# each program re-reads its token's inputs from L2 and the T programs of a row block read the same weight rows
+# (from L2 after the first); past a few tokens the unfused GEMM (one weight read for every token) wins.
+FUSED_MAX_TOKENS = 8
+
+
+def reference_linear_add_rms_norm(
+    x_TK: torch.Tensor, w_DK: torch.Tensor, bias_D: torch.Tensor | None, residual_TD: torch.Tensor,
+    norm_D: torch.Tensor, eps: float, counters_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear, then the residual add fused with the norm: (norm(y + residual), y + residual), y = x w_DKᵀ
+    (+ bias). The attention's o_proj and the norm before the FFN block as one op (one launch for a decode batch:
+    kernels/triton_linear_norm.py). counters_T: that launch's per-token counters, unused here."""
+    return reference_add_rms_norm(F.linear(x_TK, w_DK, bias_D), residual_TD, norm_D, eps)
+
+
 def reference_add_rms_norm_fp8(
     x_TD: torch.Tensor, residual_TD: torch.Tensor, weight_D: torch.Tensor, eps: float, group: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

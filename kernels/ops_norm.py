@@ -1,4 +1,5 @@
-"""The norm family of the kernel seam (kernels/ops.py): RMSNorm, alone and fused with the residual add.
+"""The norm family of the kernel seam (kernels/ops.py): RMSNorm, alone, fused with the residual add, and after a
+linear (a decode batch's o_proj).
 
 References in kernels/norm.py, Triton in kernels/triton_norm.py (imported only when a Triton backend is built).
 Legend: T tokens, D hidden size.
@@ -10,7 +11,8 @@ from typing import Any, Protocol
 import torch
 
 from . import registry
-from .norm import reference_add_rms_norm, reference_add_rms_norm_fp8, reference_rms_norm
+from .norm import (reference_add_rms_norm, reference_add_rms_norm_fp8, reference_linear_add_rms_norm,
+                   reference_rms_norm)
 
 
 class NormKernels(Protocol):
@@ -29,13 +31,23 @@ class NormKernels(Protocol):
         (norm(x + residual), x + residual, xq e4m3 [T, D], xs float32 [T, ceil(D / group)]); one launch on a GPU."""
         ...
 
+    def linear_add_rms_norm(self, x_TK: torch.Tensor, w_DK: torch.Tensor, bias_D: torch.Tensor | None,
+                            residual_TD: torch.Tensor, norm_D: torch.Tensor, eps: float,
+                            counters_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear, then add_rms_norm: (norm(y + residual), y + residual), y = x w_DKᵀ (+ bias); one launch for a
+        decode batch on a GPU (the attention's o_proj and the norm before the FFN block)."""
+        ...
+
 
 def _triton() -> dict[str, Any]:
+    from .triton_linear_norm import triton_linear_add_rms_norm
     from .triton_norm import triton_add_rms_norm, triton_add_rms_norm_fp8, triton_rms_norm
 
-    return dict(rms_norm=triton_rms_norm, add_rms_norm=triton_add_rms_norm, add_rms_norm_fp8=triton_add_rms_norm_fp8)
+    return dict(rms_norm=triton_rms_norm, add_rms_norm=triton_add_rms_norm, add_rms_norm_fp8=triton_add_rms_norm_fp8,
+                linear_add_rms_norm=triton_linear_add_rms_norm)  # the GEMV and the norm: one launch
 
 
 registry.register("norm", NormKernels, triton=_triton,
                   reference=dict(rms_norm=reference_rms_norm, add_rms_norm=reference_add_rms_norm,
-                                 add_rms_norm_fp8=reference_add_rms_norm_fp8))
+                                 add_rms_norm_fp8=reference_add_rms_norm_fp8,
+                                 linear_add_rms_norm=reference_linear_add_rms_norm))

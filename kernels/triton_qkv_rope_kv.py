@@ -12,7 +12,7 @@ activations. Here one launch reads the weight once and nothing waits between the
 
 How, grid (T, R / BN), program (t, n):
 1. token t's residual sum x + residual (rounded, as torch adds; written once, by the programs of block 0) and its
-   mean square, in fp32 over D in BK chunks;
+   mean square, in fp32 over D in chunks whose loads are unrolled (one L2 round trip for the row);
 2. rows [n BN, (n + 1) BN) of the projection for token t, a GEMV on the CUDA cores ([BN, BK] fp32 products,
    K_TILES tiles a step unrolled, as kernels/triton_moe_tiny.py's: no tile's loads wait on an earlier one's
    products), each input chunk normed on the fly exactly as kernels/triton_norm.py norms it (the same roundings:
@@ -42,56 +42,27 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import FP8_CACHE_DTYPES
 from .attention_input import block_rows, fused
-from .moe_schedule import num_sms
 from .triton_common import cast
+from .triton_gemv import gemv_tiles, inverse_rms, launch_shape, summed
 from .triton_rope_kv import rope_kv_head, triton_rope_write_kv
-
-
-
-@triton.jit
-def _summed(x_row, r_row, k, ok, HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
-    """x + residual at columns k, rounded to x's dtype (torch's add), or x alone."""
-    x = tl.load(x_row + k, mask=ok, other=0.0)
-    if HAS_RES:
-        r = tl.load(r_row + k, mask=ok, other=0.0)
-        x = cast(x.to(tl.float32) + r.to(tl.float32), x_row.dtype.element_ty, INTERPRET)
-    return x
-
 
 @triton.jit
 def _inverse_rms(x_row, r_row, sum_row, hidden, eps, WRITE_SUM: tl.constexpr, HAS_RES: tl.constexpr,
-                 BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """1 / sqrt(mean(s²) + eps) of the token's residual sum s (correctly rounded, as triton_norm's rms_normalize);
-    writes s when WRITE_SUM."""
-    offs_k = tl.arange(0, BLOCK_K)
-    ssq_k = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k = k0 + offs_k
+                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
+    """1 / sqrt(mean(s²) + eps) of the token's residual sum s; writes s when WRITE_SUM. The CHUNKS loads are
+    unrolled (static_range): issued back to back, one L2 round trip for the row rather than one a chunk before the
+    GEMV's first weight load."""
+    offs_k = tl.arange(0, CHUNK)
+    ssq_k = tl.zeros([CHUNK], dtype=tl.float32)
+    for c in tl.static_range(CHUNKS):
+        k = c * CHUNK + offs_k
         ok = k < hidden
-        s = _summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
+        s = summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
         if WRITE_SUM:
             tl.store(sum_row + k, s, mask=ok)
         s32 = s.to(tl.float32)
         ssq_k += s32 * s32
-    ssq = tl.sum(ssq_k, axis=0)
-    var = tl.div_rn(ssq, tl.zeros_like(ssq) + hidden)
-    return tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
-
-
-@triton.jit
-def _gemv_step(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok, offs_k, k0, hidden, inv, BLOCK_K: tl.constexpr,
-               K_TILES: tl.constexpr, HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
-    """K_TILES tiles of rows x normed inputs into acc [BN, BK] (the weight loads issued first, back to back)."""
-    dt = x_row.dtype.element_ty
-    for i in tl.static_range(K_TILES):
-        k = k0 + i * BLOCK_K + offs_k  # [1, BK]
-        ok = k < hidden
-        w = tl.load(w_ptrs + (k0 + i * BLOCK_K), mask=n_ok & ok, other=0.0)
-        s = _summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
-        y = cast(s.to(tl.float32) * inv, dt, INTERPRET)  # triton_norm: x·inv rounded, times the weight, rounded
-        h = cast(y.to(tl.float32) * tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32), dt, INTERPRET)
-        acc += w.to(tl.float32) * h.to(tl.float32)
-    return acc
+    return inverse_rms(tl.sum(ssq_k, axis=0), hidden, eps)
 
 
 @triton.jit
@@ -113,15 +84,15 @@ def _norm_qkv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, qkv_ptr, sum_ptr, cnt
                      T, hidden, rows, stride_xt, stride_rt, stride_wn, stride_cs,
                      num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, qk_eps, k_scale, v_scale,
                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, CHUNK: tl.constexpr,
+                     CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      BLOCK_PASS: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     x_row = x_ptr + t.to(tl.int64) * stride_xt
     r_row = res_ptr + t.to(tl.int64) * stride_rt
     inv = _inverse_rms(x_row, r_row, sum_ptr + t.to(tl.int64) * hidden, hidden, eps, HAS_RES and pid_n == 0,
-                       HAS_RES, BLOCK_K, INTERPRET)
+                       HAS_RES, CHUNK, CHUNKS, INTERPRET)
     r0 = pid_n * BLOCK_N
     offs_n = r0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < rows
@@ -129,8 +100,8 @@ def _norm_qkv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, qkv_ptr, sum_ptr, cnt
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K * K_TILES):
-        acc = _gemv_step(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok[:, None], offs_k, k0, hidden, inv, BLOCK_K,
-                         K_TILES, HAS_RES, INTERPRET)
+        acc = gemv_tiles(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok[:, None], offs_k, k0, hidden, inv, BLOCK_K,
+                         K_TILES, HAS_RES, True, INTERPRET)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -156,23 +127,6 @@ def group_counters(num_q_heads: int, num_kv_heads: int, device) -> torch.Tensor:
     reset them), so one tensor serves every step and every captured graph of the layer. A layer's launches are
     ordered on its stream; two launches of one layer in flight at once would need two tensors."""
     return torch.zeros(num_q_heads + num_kv_heads, dtype=torch.int32, device=device)
-
-
-def _launch_shape(T: int, rows: int, head_dim: int, v_head_dim: int, hidden: int, interp: bool,
-                  device) -> tuple[int, int, int, int]:
-    """(BN, BK, K_TILES, num_warps): the widest block that still gives every SM two programs (the grid's rows are
-    its bytes in flight; a tiny-batch GEMV, kernels/triton_moe_tiny.py's reasoning)."""
-    bn = block_rows(head_dim, v_head_dim)
-    assert bn is not None  # fused() checked
-    if interp:
-        return bn, 32, 1, 1
-    sms = num_sms(device)
-    while bn > 8 and T * triton.cdiv(rows, bn) < 2 * sms:
-        bn //= 2
-    # A [BN, BK] fp32 product tile of 4,096 values (32 registers a thread at 4 warps) and four tiles' weight loads in
-    # flight (32 kB a program): wider tiles spill (the compile report's T = 4 cases at BN 64 x BK 256).
-    bk = max(16, min(4096 // bn, triton.next_power_of_2(hidden)))
-    return bn, bk, 4, 4
 
 
 def _unfused(x_TD, residual_TD, norm_D, norm_eps, w_RD, bias_R, N, K, Hv, positions_T, cos_sin_PR, k_cache_BLKH,
@@ -247,8 +201,11 @@ def triton_norm_qkv_rope_kv(
     x_TD, cos_sin_PR = (t if t.stride(-1) == 1 else t.contiguous() for t in (x_TD, cos_sin_PR))
     residual_TD = residual_TD if residual_TD is None or residual_TD.stride(-1) == 1 else residual_TD.contiguous()
     interp = common.interpreting(x_TD)
-    bn, bk, tiles, warps = _launch_shape(T, R, H, v_head_dim, D, interp, x_TD.device)
+    widest = block_rows(H, v_head_dim)
+    assert widest is not None  # fused() checked
+    bn, bk, tiles, warps = launch_shape(T, R, D, widest, interp, x_TD.device)
     qkv_TR = common.workspace((T, R), x_TD.dtype, x_TD.device)
+    chunk = min(triton.next_power_of_2(D), 64 if interp else 512)  # the mean square's loads: 4 values a thread
     has_norm = q_norm_H is not None
     _norm_qkv_kernel[(T, R // bn)](
         x_TD, residual_TD if residual_TD is not None else x_TD, norm_D, w_RD, bias_R if bias_R is not None else norm_D,
@@ -257,7 +214,7 @@ def triton_norm_qkv_rope_kv(
         T, D, R, x_TD.stride(0), residual_TD.stride(0) if residual_TD is not None else 0, w_RD.stride(0),
         cos_sin_PR.stride(0), N, K, H, v_head_dim, Rr // 2, float(norm_eps), float(eps), float(k_scale),
         float(v_scale), HAS_RES=residual_TD is not None, HAS_BIAS=bias_R is not None, HAS_QK_NORM=has_norm,
-        BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, BLOCK_H=triton.next_power_of_2(H),
+        BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, CHUNK=chunk, CHUNKS=triton.cdiv(D, chunk), BLOCK_H=triton.next_power_of_2(H),
         BLOCK_HV=triton.next_power_of_2(v_head_dim), BLOCK_HALF=triton.next_power_of_2(max(Rr // 2, 1)),
         BLOCK_PASS=triton.next_power_of_2(max(H - Rr, 1)), FP8=k_cache_BLKH.dtype in FP8_CACHE_DTYPES,
         INTERPRET=interp, num_warps=warps,

@@ -134,20 +134,27 @@ class GQAAttention(nn.Module):
                                   **kv_scales)
         return self._attend_out(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales, gate_TQ)
 
-    def forward_fused(self, norm: RMSNorm, positions_T: torch.Tensor, x_TD: torch.Tensor,
+    def forward_fused(self, norm: RMSNorm, post_norm: RMSNorm | None, positions_T: torch.Tensor, x_TD: torch.Tensor,
                       residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(norm(x + residual)), x + residual) with the norm, the projection and rope_write_kv in one
-        launch (kernels.norm_qkv_rope_kv); only where `fused_input.takes` the step (engine/models/gqa_input.py:
-        plain GQA, whose `_attend` does not read the normed input)."""
-        assert self.fused_input is not None  # the caller asked fused_input.takes
+        launch (kernels.norm_qkv_rope_kv); with `post_norm`, o_proj, the residual add and that norm in one more
+        (kernels.linear_add_rms_norm), returning (post_norm(out + sum), out + sum), the FFN block's input. Only
+        where `fused_input.takes` the step (and `takes_output`, with post_norm): engine/models/gqa_input.py
+        (plain GQA, whose `_attend` does not read the normed input)."""
+        fused = self.fused_input
+        assert fused is not None  # the caller asked fused_input.takes
         k_cache, v_cache, attn, kv_scales, rope_pos_T, table_PR = self._step_args(positions_T, ctx)
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         q_TNH, residual_TD = self.kernels.norm_qkv_rope_kv(
             x_TD, residual_TD, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_bias, self.num_heads,
             self.num_kv_heads, self.v_head_dim, rope_pos_T, table_PR, k_cache, v_cache, attn.slot_mapping_T,
             q_norm_H=qn, k_norm_H=kn, eps=self.q_norm.eps if self.q_norm is not None else 1e-6,
-            k_scale=self.k_scale, v_scale=self.v_scale, counters_G=self.fused_input.counters_G)
-        return self._attend_out(q_TNH, x_TD, positions_T, ctx, attn, kv_scales, None), residual_TD
+            k_scale=self.k_scale, v_scale=self.v_scale, counters_G=fused.counters_G)
+        if post_norm is None:
+            return self._attend_out(q_TNH, x_TD, positions_T, ctx, attn, kv_scales, None), residual_TD
+        o_TO = self._attend(q_TNH, x_TD, positions_T, ctx, attn, kv_scales).reshape(q_TNH.shape[0], self.o_size)
+        return self.kernels.linear_add_rms_norm(o_TO, self.o_proj.weight, self.o_bias, residual_TD,
+                                                post_norm.weight, post_norm.eps, counters_T=fused.counters_T)
 
     def _step_args(self, positions_T: torch.Tensor, ctx: ForwardContext):
         """(k_cache, v_cache, the attention metadata this layer reads, the fp8 cache's scales as keywords, the

@@ -1,11 +1,12 @@
-"""The decode attention input in one launch, as a strategy a GQA layer holds (`FusedInput`): where it takes a
-step, the layer's input norm (with the residual add), its q/k/v projection and its q/k norm + rotary + KV write
-run as kernels.norm_qkv_rope_kv (kernels/triton_qkv_rope_kv.py) instead of a norm launch, a GEMM and
-rope_write_kv.
+"""The decode attention input and output in one launch each, as a strategy a GQA layer holds (`FusedInput`):
+where it takes a step, the layer's input norm (with the residual add), its q/k/v projection and its q/k norm +
+rotary + KV write run as kernels.norm_qkv_rope_kv (kernels/triton_qkv_rope_kv.py) instead of a norm launch, a GEMM
+and rope_write_kv; and where `takes_output` too, o_proj, the residual add and the norm before the FFN block run as
+kernels.linear_add_rms_norm (kernels/triton_linear_norm.py) instead of a GEMM and a norm launch.
 
 Why: a batch-1 decode layer's attention half was eight dependent launches for ~9.5 us of bytes on an H200
-(docs/gpu-session-steps.md, issue 80's first row); this removes two of them (the norm, the q/k norm + rotary +
-KV write) and the projection output's round trip through DRAM.
+(docs/gpu-session-steps.md, issue 80's first row); these remove three of them (the input norm, the q/k norm +
+rotary + KV write, the norm after) and the projections' outputs' round trips through DRAM.
 
 Which layers: plain GQA (not a kind that attends its own way), NeoX rotary on every head, a float q/k/v stack
 without gaps, no output gate, no all-heads q/k norm, no value scale, and head widths a block of 8-64 rows
@@ -21,7 +22,9 @@ from typing import Any, Protocol
 import torch
 
 from moelink.kernels.attention_input import MAX_TOKENS, block_rows
+from moelink.kernels.norm import FUSED_MAX_TOKENS
 
+from ..tp.linear import Replicated
 from .linear import FloatLinear, Linear
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -33,6 +36,7 @@ class GQALayer(Protocol):
     kernels: Any
     rope: Any
     qkv_proj: Linear
+    o_proj: Linear
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -44,12 +48,14 @@ class GQALayer(Protocol):
 
 
 class FusedInput:
-    """One layer's fused attention input: its head-group counters (kernels/triton_qkv_rope_kv.group_counters,
-    zeros the launch leaves zero) and the per-step test."""
+    """One layer's fused attention input and output: the input launch's head-group counters
+    (kernels/triton_qkv_rope_kv.group_counters) and the output launch's per-token ones
+    (kernels/triton_linear_norm.token_counters), zeros each launch leaves zero, and the per-step tests."""
 
     def __init__(self, attn: GQALayer, device) -> None:
         self.attn = attn
         self.counters_G = torch.zeros(attn.num_heads + attn.num_kv_heads, dtype=torch.int32, device=device)
+        self.counters_T = torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
 
     @staticmethod
     def for_layer(attn: GQALayer, hidden_size: int, device, plain: bool) -> FusedInput | None:
@@ -67,3 +73,11 @@ class FusedInput:
         proj = self.attn.qkv_proj
         return (0 < x_TD.shape[0] <= MAX_TOKENS and proj.lora is None and isinstance(proj.method, FloatLinear)
                 and x_TD.dtype in _DTYPES and self.counters_G.device == x_TD.device)
+
+    def takes_output(self, x_TD: torch.Tensor) -> bool:
+        """Whether o_proj, the residual add and the next norm run as one launch too (kernels.linear_add_rms_norm):
+        a float o_proj without a LoRA adapter, whole on this rank (a row-parallel one all-reduces before the add).
+        The caller adds what the FFN block asks of its norm (an FP8 handoff keeps the norm apart)."""
+        proj = self.attn.o_proj
+        return (x_TD.shape[0] <= FUSED_MAX_TOKENS and proj.lora is None and isinstance(proj.method, FloatLinear)
+                and isinstance(proj.parallel, Replicated))

@@ -1,7 +1,8 @@
-"""The fused decode attention input in the engine (engine/models/gqa_input.py: the input norm, the q/k/v GEMV and
-rope_write_kv as one kernels.norm_qkv_rope_kv launch), the Triton kernels in the interpreter: which layers hold it,
-and a greedy run that takes it at every small step gives the unfused run's tokens, its logprobs within fp32
-rounding (the GEMV sums in its own order)."""
+"""The fused decode attention input and output in the engine (engine/models/gqa_input.py: the input norm, the q/k/v
+GEMV and rope_write_kv as one kernels.norm_qkv_rope_kv launch; o_proj, the residual add and the FFN block's norm as
+one kernels.linear_add_rms_norm launch), the Triton kernels in the interpreter: which layers hold them, and a greedy
+run that takes them at every small step gives the unfused run's tokens, its logprobs within fp32 rounding (the
+GEMVs sum in their own order)."""
 from __future__ import annotations
 
 import pytest
@@ -52,20 +53,27 @@ def test_fused_run_gives_the_unfused_tokens(tiny_model, monkeypatch):
     path = tiny_model("qwen3_e6k3")
     llm = _llm(path)
     kernels, layers = _mixers(llm)[0].kernels, len(_mixers(llm))
-    real, seen = kernels.norm_qkv_rope_kv, []
+    seen: dict[str, list[int]] = {"norm_qkv_rope_kv": [], "linear_add_rms_norm": []}
 
-    def counting(x_TD, *args, **kw):
-        seen.append(x_TD.shape[0])
-        return real(x_TD, *args, **kw)
+    def counting(op):
+        real = getattr(kernels, op)
 
-    kernels.norm_qkv_rope_kv = counting
+        def run(x, *args, **kw):
+            seen[op].append(x.shape[0])
+            return real(x, *args, **kw)
+        return run
+
+    for op in seen:
+        setattr(kernels, op, counting(op))
     try:
         fused = _generate(llm)
-        assert all(not m.fused_input.counters_G.any() for m in _mixers(llm)), "counters left non-zero"
+        assert all(not m.fused_input.counters_G.any() and not m.fused_input.counters_T.any()
+                   for m in _mixers(llm)), "counters left non-zero"
     finally:
         llm.shutdown()
     # Every decode step, every layer: one of two rows, then two of one (the prefill step's 24 tokens ran unfused).
-    assert seen == [2] * layers + [1] * (2 * layers), seen
+    # Both launches: the input and the output (o_proj, the add and the FFN block's norm).
+    assert seen["norm_qkv_rope_kv"] == seen["linear_add_rms_norm"] == [2] * layers + [1] * (2 * layers), seen
 
     monkeypatch.setattr(FusedInput, "takes", lambda self, x_TD: False)
     unfused_llm = _llm(path)

@@ -151,15 +151,29 @@ def prenorm(norm: RMSNorm, x_TD: torch.Tensor, residual_TD: torch.Tensor | None
     return norm.add_forward(x_TD, residual_TD)
 
 
-def attention_prenorm(norm: RMSNorm, mixer: nn.Module, positions_T: torch.Tensor, x_TD: torch.Tensor,
-                      residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mixer(norm(x + residual)), x + residual); a mixer that takes the norm into its own first launch where a
-    step allows it (GQA's `fused_input` at decode batches: engine/models/gqa_input.py) is handed the stream."""
+def mixer_and_ffn_norm(norm: RMSNorm, post_norm: RMSNorm, mixer: nn.Module, ffn: FFNBlock,
+                       positions_T: torch.Tensor, x_TD: torch.Tensor, residual_TD: torch.Tensor | None,
+                       ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prenorm layer's first half: (post_norm(m + s), m + s) where s = x + residual and m = mixer(norm(s)),
+    the FFN block's input and the residual stream. A mixer that takes the norms into its own launches where a
+    step allows it (GQA's `fused_input` at decode batches: engine/models/gqa_input.py) is handed the stream; the
+    norm after it stays apart where the FFN block wants its input from that norm's own launch (ffn_prenorm's FP8
+    handoff)."""
     fused = getattr(mixer, "fused_input", None)
     if fused is not None and fused.takes(x_TD):
-        return mixer.forward_fused(norm, positions_T, x_TD, residual_TD, ctx)
-    h_TD, residual_TD = prenorm(norm, x_TD, residual_TD)
-    return mixer(positions_T, h_TD, ctx), residual_TD
+        post = post_norm if fused.takes_output(x_TD) and _fp8_handoff(ffn, x_TD.shape[0]) is None else None
+        out_TD, residual_TD = mixer.forward_fused(norm, post, positions_T, x_TD, residual_TD, ctx)
+        if post is not None:
+            return out_TD, residual_TD
+    else:
+        h_TD, residual_TD = prenorm(norm, x_TD, residual_TD)
+        out_TD = mixer(positions_T, h_TD, ctx)
+    return ffn_prenorm(post_norm, ffn, out_TD, residual_TD)
+
+
+def _fp8_handoff(ffn: FFNBlock, T: int):
+    """The FFN block's FP8 experts' input handoff for a T-token step (moe/fp8_input.py), None without one."""
+    return ffn.moe.fp8_input_for(T) if getattr(ffn.moe, "fp8_input", None) is not None else None
 
 
 def ffn_prenorm(norm: RMSNorm, ffn: FFNBlock, x_TD: torch.Tensor, residual_TD: torch.Tensor
@@ -167,7 +181,7 @@ def ffn_prenorm(norm: RMSNorm, ffn: FFNBlock, x_TD: torch.Tensor, residual_TD: t
     """The FFN block's norm with the residual add; where the block's FP8 experts take their input quantized by it
     (moe/fp8_input.py: the Triton kernels on CUDA), the norm writes that copy in its own launch and hands it over,
     so the experts run no quantization launch."""
-    handoff = ffn.moe.fp8_input_for(x_TD.shape[0]) if getattr(ffn.moe, "fp8_input", None) is not None else None
+    handoff = _fp8_handoff(ffn, x_TD.shape[0])
     if handoff is None:
         return norm.add_forward(x_TD, residual_TD)
     h_TD, residual_TD, xq_TD, xs_TG = norm.add_forward_fp8(x_TD, residual_TD, handoff.group)
@@ -192,8 +206,8 @@ class PreNormLayer(Layer):
     def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
         x_TD, residual_TD = state
-        h_TD, residual_TD = attention_prenorm(self.input_layernorm, self.mixer, positions_T, x_TD, residual_TD, ctx)
-        h_TD, residual_TD = ffn_prenorm(self.post_attention_layernorm, self.ffn, h_TD, residual_TD)
+        h_TD, residual_TD = mixer_and_ffn_norm(self.input_layernorm, self.post_attention_layernorm, self.mixer,
+                                               self.ffn, positions_T, x_TD, residual_TD, ctx)
         return (yield from ffn_stages(self.ffn, self.tp, h_TD, input_ids_T)), residual_TD
 
     def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],

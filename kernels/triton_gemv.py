@@ -1,0 +1,83 @@
+"""The pieces of the decode-batch GEMVs that carry a layer's small ops in their own launch
+(kernels/triton_qkv_rope_kv.py: the input norm before, rope_write_kv after; kernels/triton_linear_norm.py: the
+residual add and the next norm after): a row block of `y = x Wᵀ` for one token on the CUDA cores, its input
+optionally normed on the fly, and the launch shape.
+
+Legend: T tokens, K in features, N out features (rows of W), BN rows a program, BK a K tile.
+
+Why the CUDA cores: at one to eight tokens an MMA of M = 16 wastes most of its work and gains nothing on a step
+bound by the weight's bytes; a [BN, BK] fp32 tile of products reduced once at the end is what
+kernels/triton_moe_tiny.py's GEMVs do. K_TILES tiles a step are unrolled (static_range): no tile's loads wait on an
+earlier tile's products, so a program keeps its rows' bytes in flight (Triton does not pipeline loads that feed
+no dot).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe_schedule import num_sms
+from .triton_common import cast
+
+
+@triton.jit
+def summed(x_row, r_row, k, ok, HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
+    """x + residual at columns k, rounded to x's dtype (torch's add), or x alone."""
+    x = tl.load(x_row + k, mask=ok, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_row + k, mask=ok, other=0.0)
+        x = cast(x.to(tl.float32) + r.to(tl.float32), x_row.dtype.element_ty, INTERPRET)
+    return x
+
+
+@triton.jit
+def inverse_rms(ssq, n, eps):
+    """1 / sqrt(ssq / n + eps), each step correctly rounded (kernels/triton_norm.py's rms_normalize)."""
+    var = tl.div_rn(ssq, tl.zeros_like(ssq) + n)
+    return tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def normed(s, inv, w, dt: tl.constexpr, INTERPRET: tl.constexpr):
+    """The RMSNorm of values s (x's dtype) given the row's inverse rms and the weight: s·inv rounded, times the
+    weight, rounded (kernels/triton_norm.py's roundings, bit for bit)."""
+    y = cast(s.to(tl.float32) * inv, dt, INTERPRET)
+    return cast(y.to(tl.float32) * w.to(tl.float32), dt, INTERPRET)
+
+
+@triton.jit
+def gemv_tiles(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok, offs_k, k0, in_features, inv, BLOCK_K: tl.constexpr,
+               K_TILES: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+    """K_TILES tiles of a row block's products into acc [BN, BK]: W rows (w_ptrs [BN, BK] at column 0, n_ok
+    [BN, 1]) times the token's inputs at columns k0 + i BK + offs_k ([1, BK], the weight tile's own layout: no
+    layout conversion), normed on the fly when NORM (the row's inverse rms `inv`, the norm weight nw_ptr)."""
+    for i in tl.static_range(K_TILES):
+        k = k0 + i * BLOCK_K + offs_k
+        ok = k < in_features
+        w = tl.load(w_ptrs + (k0 + i * BLOCK_K), mask=n_ok & ok, other=0.0)
+        x = summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
+        if NORM:
+            x = normed(x, inv, tl.load(nw_ptr + k, mask=ok, other=0.0), x_row.dtype.element_ty, INTERPRET)
+        acc += w.to(tl.float32) * x.to(tl.float32)
+    return acc
+
+
+def launch_shape(T: int, rows: int, in_features: int, widest: int, interp: bool, device) -> tuple[int, int, int, int]:
+    """(BN, BK, K_TILES, num_warps) of a T-token GEMV over `rows` rows: the widest block (`widest`, a power of two
+    the caller's grouping allows) that still gives every SM two programs (the grid's rows are its bytes in flight),
+    then a [BN, BK] fp32 product tile of 4,096 values (32 registers a thread at 4 warps) and four tiles' weight
+    loads in flight (32 kB a program): wider tiles spill (the compile report's decode family)."""
+    bn = widest
+    if interp:
+        return bn, 32, 1, 1
+    sms = num_sms(device)
+    while bn > 8 and T * triton.cdiv(rows, bn) < 2 * sms:
+        bn //= 2
+    bk = max(16, min(4096 // bn, triton.next_power_of_2(in_features)))
+    return bn, bk, 4, 4
+
+
+def check_weight(name: str, w: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if tuple(w.shape) != shape or w.dtype != dtype:
+        raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} is invalid: must be {list(shape)} {dtype}.")
