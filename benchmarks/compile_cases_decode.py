@@ -9,11 +9,19 @@ import torch
 
 from .compile_cases import Recorder
 
+# (model, experts, top-k, logits' dtype, route_topk's keywords) of the router cases.
+ROUTERS: list[tuple[str, int, int, torch.dtype, dict[str, Any]]] = [
+    ("qwen3-30b-a3b", 128, 8, torch.bfloat16, dict(renormalize=True)),
+    ("deepseek-v2-lite", 64, 6, torch.float32, {}),
+    ("deepseek-v2", 160, 6, torch.float32, dict(method="group_limited_greedy", n_group=8, topk_group=3)),
+    ("deepseek-v3", 256, 8, torch.float32, dict(method="noaux_tc", renormalize=True, scale=2.5, n_group=8,
+                                                topk_group=4))]
+
 
 def _compile_fused_inputs(rec: Recorder, quick: bool) -> None:
     """The decode attention input in one launch (kernels/triton_qkv_rope_kv.py: norm, q/k/v GEMV, rope_write_kv)
-    and its output in one more (kernels/triton_linear_norm.py: o_proj GEMV, residual add, norm) at batch 1 and 4 of Qwen3-30B-A3B (D 2048, 32/4 heads of 128, q/k norm), gpt-oss-120b (D 2880, 64/8 heads of
-    64, qkv bias) and GLM-4.5-Air (D 4096, 96/8 heads of 128, rotary over 64, qkv bias): the block of rows and the
+    and its output in one more (kernels/triton_linear_norm.py: o_proj GEMV, residual add, norm) at batch 1 and 4
+    of Qwen3-30B-A3B (D 2048, 32/4 heads of 128, q/k norm), gpt-oss-120b (D 2880, 64/8 heads of 64, qkv bias) and GLM-4.5-Air (D 4096, 96/8 heads of 128, rotary over 64, qkv bias): the block of rows and the
     grid as an H100's 132 SMs pick them."""
     from moelink.kernels.triton_linear_norm import token_counters, triton_linear_add_rms_norm
     from moelink.kernels.triton_qkv_rope_kv import group_counters, triton_norm_qkv_rope_kv
@@ -78,12 +86,7 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
             with rec.labelled(f"{name} MLA input (latent norm + {style} rotary + latent write), {str(cache_dt)[6:]} cache"):
                 triton_mla_rope_write_latent(q[..., 128:], kv[:, :C], kv[:, C:], pos, table, style,
                                              torch.empty(C, dtype=dt, **meta), 1e-6, cache, slots)
-    routers: list[tuple[str, int, int, torch.dtype, dict[str, Any]]] = [
-               ("qwen3-30b-a3b", 128, 8, dt, dict(renormalize=True)),
-               ("deepseek-v2-lite", 64, 6, torch.float32, {}),
-               ("deepseek-v2", 160, 6, torch.float32, dict(method="group_limited_greedy", n_group=8, topk_group=3)),
-               ("deepseek-v3", 256, 8, torch.float32, dict(method="noaux_tc", renormalize=True, scale=2.5, n_group=8,
-                                                           topk_group=4))]
+    routers = ROUTERS
     from moelink.kernels.triton_silu_mul import triton_silu_mul
 
     for name, I in [("deepseek-v2-lite shared experts", 2816)] + ([] if quick else [("deepseek-v3 shared expert", 2048)]):
@@ -107,6 +110,32 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
             triton_route_topk(torch.empty(T, G, dtype=logit_dt, **meta), K, **args, bias_G=bias,
                               valid_T=torch.empty(T, dtype=torch.bool, **meta),
                               counts_G=torch.empty(G, dtype=torch.int64, **meta))
+    _compile_gate_topk(rec, routers if not quick else routers[:1], quick)
+
+
+def compile_fused_decode(rec: Recorder) -> None:
+    """The decode GEMVs that carry a layer's small ops, alone (compile_tiny --cases fused): the attention input
+    and output at every GQA shape, the router at every router shape, batches 1 and 4."""
+    _compile_fused_inputs(rec, False)
+    _compile_gate_topk(rec, ROUTERS, False)
+
+
+def _compile_gate_topk(rec: Recorder, routers: list, quick: bool) -> None:
+    """The router in one launch (kernels/triton_router_gemv.py: the gate GEMV, then route_topk's row) at batch 1
+    and 4 of each router above, its gate in the logits' dtype (DeepSeek's float32), x bf16."""
+    from moelink.kernels.triton_router_gemv import triton_gate_route_topk
+
+    meta = dict(device="meta")
+    hidden = {"qwen3-30b-a3b": 2048, "deepseek-v2-lite": 2048, "deepseek-v2": 5120, "deepseek-v3": 7168}
+    for name, G, K, logit_dt, args in routers:
+        bias = torch.empty(G, **meta) if args.get("method") == "noaux_tc" else None
+        for T in (1,) if quick else (1, 4):
+            with rec.labelled(f"{name} router in one launch (gate GEMV + top-k, {G} experts), T={T}"):
+                triton_gate_route_topk(torch.empty(T, hidden[name], dtype=torch.bfloat16, **meta),
+                                       torch.empty(G, hidden[name], dtype=logit_dt, **meta), None, K, **args,
+                                       bias_G=bias, valid_T=torch.empty(T, dtype=torch.bool, **meta),
+                                       counts_G=torch.empty(G, dtype=torch.int64, **meta),
+                                       counters_T=torch.empty(8, dtype=torch.int32, **meta))
 
 
 def launch_lora_moe(tokens: tuple[int, ...] = (8, 2048)) -> None:

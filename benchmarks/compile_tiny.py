@@ -6,11 +6,13 @@
 - `--cases large`: the sorted GEMMs at 4,096 and 16,384 tokens of every shape, bf16 (the H100's tuned tables) and
   FP8 (DeepSeek-V3, Qwen3): which tensor-core instructions each compiles to (wgmma / HGMMA / QGMMA on sm_90,
   tcgen05.mma on sm_100, else mma.sync), TMA, registers, spills and shared memory.
+- `--cases fused`: the decode layer's GEMVs that carry its small ops (the attention input and output, the router:
+  kernels/triton_qkv_rope_kv.py, triton_linear_norm.py, triton_router_gemv.py): the same table as `tiny`.
 - `--cases mxfp4`: the MXFP4 per-tile GEMMs (issue 80's MXFP4 row) at gpt-oss's 1,024 and 4,096 tokens with
   mxfp4_moe_default.json's blocks, forced per-tile: what one step of the K loop issues a thread
   (`compile_sass.mma_loop`), per weight value decoded, against the MMA work that value feeds.
 
-    python -m moelink.benchmarks.compile_tiny [--cases tiny|large|mxfp4] [--arch 90,100] [--out PREFIX]
+    python -m moelink.benchmarks.compile_tiny [--cases tiny|large|mxfp4|fused] [--arch 90,100] [--out PREFIX]
 
 Writes <out>_sm<arch>.json and .md per arch (default out: benchmarks/results/compile_report_<cases>). Run with the
 GPU image's Triton (3.6: `PYTHONPATH=/path/to/triton36`).
@@ -116,6 +118,15 @@ def launch_mxfp4(rec) -> None:
                                            torch.empty(T, K, dtype=torch.long, **meta),
                                            b13_EF=torch.empty(E, 2 * I, **bf), b2_ED=torch.empty(E, D, **bf),
                                            activation=MoEActivation("swiglu_oai"), path="sorted", pair_order=pairs)
+
+
+def launch_fused_decode(rec) -> None:
+    """The decode GEMVs that carry a layer's small ops (issue 80's first row): the attention input (norm + q/k/v
+    GEMV + rotary + KV write) and output (o_proj + residual add + norm) at Qwen3-30B-A3B, gpt-oss-120b and
+    GLM-4.5-Air, and the router (gate GEMV + top-k) at Qwen3 and the DeepSeek shapes; batches 1 and 4."""
+    from .compile_cases_decode import compile_fused_decode
+
+    compile_fused_decode(rec)
 
 
 def loop_per_value(name: str, c: dict, warps: int, sass: str) -> dict:
@@ -259,8 +270,10 @@ def markdown(rep: dict) -> str:
                     f"{k['spill_stores']}/{k['spill_loads']} | {k['shared']} | {k['ldg']} | {k['ldgsts']} | "
                     f"{k['barriers']} | {k['loads_in_flight']} / {k['bytes_in_flight_thread']} / "
                     f"{k['kb_in_flight_program']} | {k['programs']} | {k['resident_per_sm']} | {k['kb_in_flight_sm']} |")
-    head = (f"# Decode-size MoE, compiled offline for {rep['target']} (no GPU)\n\n"
-            f"`python -m moelink.benchmarks.compile_tiny`, {rep['date']}, commit {rep['commit']}, Triton "
+    what = ("Decode layer's fused GEMVs (attention input, output, router)" if rep.get("cases") == "fused"
+            else "Decode-size MoE")
+    head = (f"# {what}, compiled offline for {rep['target']} (no GPU)\n\n"
+            f"`python -m moelink.benchmarks.compile_tiny --cases {rep.get('cases', 'tiny')}`, {rep['date']}, commit {rep['commit']}, Triton "
             f"{rep['triton']}. Blocks: BLOCK_M x BLOCK_N x BLOCK_K (x K_TILES, the unrolled K tiles). KB in flight / SM: "
             f"the bytes a program issues before its first wait, times min(resident programs, programs / {SMS} SMs); an "
             "H100 SM needs ~20 KB in flight to stream at full bandwidth, an H200 SM ~35-40 KB "
@@ -279,7 +292,7 @@ def collect(arch: int, cases: str = "tiny") -> dict:
 
     rec = Recorder()
     rec.install(arch)
-    {"large": launch_large, "mxfp4": launch_mxfp4}.get(cases, launch_cases)(rec)
+    {"large": launch_large, "mxfp4": launch_mxfp4, "fused": launch_fused_decode}.get(cases, launch_cases)(rec)
     with tempfile.TemporaryDirectory() as tmp:
         kernels = [analyze(r, arch, Path(tmp)) for r in rec.records]
     return dict(target=f"sm_{arch}", cases=cases, triton=triton.__version__, date=str(date.today()),
@@ -289,8 +302,8 @@ def collect(arch: int, cases: str = "tiny") -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="90,100", help="comma-separated compute capabilities (90: H100/H200, 100: B200)")
-    ap.add_argument("--cases", default="tiny", choices=["tiny", "large", "mxfp4"],
-                    help="which of issue 80's rows: decode, >= 4,096 tokens, MXFP4")
+    ap.add_argument("--cases", default="tiny", choices=["tiny", "large", "mxfp4", "fused"],
+                    help="which of issue 80's rows: decode, >= 4,096 tokens, MXFP4, the decode layer's fused GEMVs")
     ap.add_argument("--out", default=None, help="path prefix: writes <out>_sm<arch>.* (default "
                     "benchmarks/results/compile_report_<cases>)")
     args = ap.parse_args(argv)

@@ -69,6 +69,21 @@ def reference_route_topk(
     return weights_TK, ids_TK
 
 
+def reference_gate_route_topk(
+    x_TD: torch.Tensor, gate_GD: torch.Tensor, gate_bias_G: torch.Tensor | None, top_k: int, method: str = "greedy",
+    renormalize: bool = False, scale: float = 1.0, n_group: int = 1, topk_group: int = 1,
+    bias_G: torch.Tensor | None = None, valid_T: torch.Tensor | None = None, counts_G: torch.Tensor | None = None,
+    counters_T: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate matmul, then route_topk: (weights_TK, ids_TK, logits_TG), logits = x gateᵀ (+ gate bias) with x in
+    the gate's dtype (the DeepSeek family's float32 gate). One launch for a decode batch on a GPU
+    (kernels/triton_router_gemv.py); counters_T: that launch's per-token counters, unused here."""
+    logits_TG = torch.nn.functional.linear(x_TD.to(gate_GD.dtype), gate_GD, gate_bias_G)
+    weights_TK, ids_TK = reference_route_topk(logits_TG, top_k, method, renormalize, scale, n_group, topk_group,
+                                              bias_G, valid_T, counts_G)
+    return weights_TK, ids_TK, logits_TG
+
+
 def _greedy(logits_TG, top_k, renormalize, scale):
     probs_TG = torch.softmax(_f32(logits_TG), dim=-1)
     weights_TK, ids_TK = torch.topk(probs_TG, top_k, dim=-1)

@@ -47,35 +47,54 @@ def normed(s, inv, w, dt: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def gemv_tiles(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok, offs_k, k0, in_features, inv, BLOCK_K: tl.constexpr,
-               K_TILES: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+def gemv_row(acc, x_row, w_ptrs, n_ok, offs_k, in_features, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+             ONE_STEP: tl.constexpr):
+    """The row block's products over all K into acc: one straight-line step of K_TILES tiles (ONE_STEP), or a loop
+    of such steps."""
+    if ONE_STEP:
+        acc = gemv_tiles(acc, x_row, w_ptrs, n_ok, offs_k, 0, in_features, BLOCK_K, K_TILES)
+    else:
+        for k0 in range(0, in_features, BLOCK_K * K_TILES):
+            acc = gemv_tiles(acc, x_row, w_ptrs, n_ok, offs_k, k0, in_features, BLOCK_K, K_TILES)
+    return acc
+
+
+@triton.jit
+def gemv_tiles(acc, x_row, w_ptrs, n_ok, offs_k, k0, in_features, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
     """K_TILES tiles of a row block's products into acc [BN, BK]: W rows (w_ptrs [BN, BK] at column 0, n_ok
-    [BN, 1]) times the token's inputs at columns k0 + i BK + offs_k ([1, BK], the weight tile's own layout: no
-    layout conversion), normed on the fly when NORM (the row's inverse rms `inv`, the norm weight nw_ptr)."""
+    [BN, 1]) times the token's inputs at columns k0 + i BK + offs_k, loaded as [BN, BK] in the weight tile's own
+    layout (each row's lanes read the same x: L1 hits): a [1, BK] load gets a layout of its own, and its conversion
+    put shared memory and three barriers between every two tiles, so no tile's loads were issued before the one
+    before was consumed (the compile report's "KB in flight": one tile's)."""
     for i in tl.static_range(K_TILES):
         k = k0 + i * BLOCK_K + offs_k
         ok = k < in_features
         w = tl.load(w_ptrs + (k0 + i * BLOCK_K), mask=n_ok & ok, other=0.0)
-        x = summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
-        if NORM:
-            x = normed(x, inv, tl.load(nw_ptr + k, mask=ok, other=0.0), x_row.dtype.element_ty, INTERPRET)
+        kb = k + tl.zeros(acc.shape, dtype=tl.int32)
+        x = tl.load(x_row + kb, mask=kb < in_features, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)
     return acc
 
 
-def launch_shape(T: int, rows: int, in_features: int, widest: int, interp: bool, device) -> tuple[int, int, int, int]:
-    """(BN, BK, K_TILES, num_warps) of a T-token GEMV over `rows` rows: the widest block (`widest`, a power of two
-    the caller's grouping allows) that still gives every SM two programs (the grid's rows are its bytes in flight),
-    then a [BN, BK] fp32 product tile of 4,096 values (32 registers a thread at 4 warps) and four tiles' weight
-    loads in flight (32 kB a program): wider tiles spill (the compile report's decode family)."""
+def launch_shape(T: int, rows: int, in_features: int, widest: int, interp: bool, device,
+                 narrowest: int = 8, itemsize: int = 2) -> tuple[int, int, int, bool, int]:
+    """(BN, BK, K_TILES, ONE_STEP, num_warps) of a T-token GEMV over `rows` rows: the widest block (`widest`, a power
+    of two the caller's grouping allows) that still gives every SM two programs (the grid's rows are its bytes in
+    flight), down to `narrowest`; then a [BN, BK] fp32 product tile of 4,096 values (32 registers a thread at 4
+    warps). ONE_STEP: the whole row in tiles of at most 32 kB a program with no loop (ptxas hoists a straight line's
+    loads ahead of the products, not a runtime loop's), else steps of up to four tiles' loads, 32 kB a program (two
+    of a float32 weight's: `itemsize`); 64 kB straight-line spilled (compile_tiny --cases fused)."""
     bn = widest
     if interp:
-        return bn, 32, 1, 1
+        return bn, 32, 1, False, 1
     sms = num_sms(device)
-    while bn > 8 and T * triton.cdiv(rows, bn) < 2 * sms:
+    while bn > narrowest and T * triton.cdiv(rows, bn) < 2 * sms:
         bn //= 2
     bk = max(16, min(4096 // bn, triton.next_power_of_2(in_features)))
-    return bn, bk, 4, 4
+    whole = triton.cdiv(in_features, bk)
+    if whole * bn * bk * itemsize <= 32768:
+        return bn, bk, whole, True, 4
+    return bn, bk, max(1, min(4, whole, 32768 // (bn * bk * itemsize))), False, 4
 
 
 def check_weight(name: str, w: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:

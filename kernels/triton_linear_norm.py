@@ -24,7 +24,7 @@ import triton.language as tl
 from . import triton_common as common
 from .norm import FUSED_MAX_TOKENS
 from .triton_common import cast
-from .triton_gemv import check_weight, gemv_tiles, inverse_rms, launch_shape, normed
+from .triton_gemv import check_weight, gemv_row, inverse_rms, launch_shape, normed
 
 
 @triton.jit
@@ -57,7 +57,8 @@ def _add_norm_row(y_row, r_row, nw_ptr, h_row, s_row, D, eps, CHUNK: tl.constexp
 def _linear_norm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr, h_ptr, s_ptr, cnt_ptr, in_features, D, eps,
                         stride_xt, stride_wn, stride_rt,
                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        K_TILES: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
+                        K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                        INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     x_row = x_ptr + t.to(tl.int64) * stride_xt
@@ -66,9 +67,7 @@ def _linear_norm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr, h_ptr, s_ptr,
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K * K_TILES):
-        acc = gemv_tiles(acc, x_row, x_row, nw_ptr, w_ptrs, n_ok[:, None], offs_k, k0, in_features, 1.0, BLOCK_K,
-                         K_TILES, False, False, INTERPRET)
+    acc = gemv_row(acc, x_row, w_ptrs, n_ok[:, None], offs_k, in_features, BLOCK_K, K_TILES, ONE_STEP)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -122,13 +121,13 @@ def triton_linear_add_rms_norm(
     if w_DK.stride(-1) != 1:
         raise ValueError("w_DK must have a unit last stride (a Linear's weight).")
     interp = common.interpreting(x_TK)
-    bn, bk, tiles, warps = launch_shape(T, D, K, 64, interp, x_TK.device)
+    bn, bk, tiles, one_step, warps = launch_shape(T, D, K, 64, interp, x_TK.device)
     y_TD = common.workspace((T, D), x_TK.dtype, x_TK.device)
     chunk = min(triton.next_power_of_2(D), 64 if interp else 1024)
     _linear_norm_kernel[(T, triton.cdiv(D, bn))](
         x_TK, w_DK, bias_D if bias_D is not None else norm_D, residual_TD, norm_D, y_TD, h_TD, s_TD, counters_T,
         K, D, float(eps), x_TK.stride(0), w_DK.stride(0), residual_TD.stride(0), HAS_BIAS=bias_D is not None,
-        BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, CHUNK=chunk, CHUNKS=triton.cdiv(D, chunk), INTERPRET=interp,
+        BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, ONE_STEP=one_step, CHUNK=chunk, CHUNKS=triton.cdiv(D, chunk), INTERPRET=interp,
         num_warps=warps,
     )
     return h_TD, s_TD

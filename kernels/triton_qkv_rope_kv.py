@@ -11,13 +11,14 @@ tail, for ~21 MB of weight reads (Qwen3-30B-A3B: ~4.4 us at an H200's copy bandw
 activations. Here one launch reads the weight once and nothing waits between the parts.
 
 How, grid (T, R / BN), program (t, n):
-1. token t's residual sum x + residual (rounded, as torch adds; written once, by the programs of block 0) and its
-   mean square, in fp32 over D in chunks whose loads are unrolled (one L2 round trip for the row);
-2. rows [n BN, (n + 1) BN) of the projection for token t, a GEMV on the CUDA cores ([BN, BK] fp32 products,
-   K_TILES tiles a step unrolled, as kernels/triton_moe_tiny.py's: no tile's loads wait on an earlier one's
-   products), each input chunk normed on the fly exactly as kernels/triton_norm.py norms it (the same roundings:
-   the normed input is bit for bit the norm kernel's output); the rows' outputs (+ bias) rounded into qkv_TR,
-   the projection's output a separate linear would have written;
+1. token t's residual sum x + residual (rounded, as torch adds; written once, by the programs of block 0), its
+   mean square in fp32 (the row's loads unrolled: one L2 round trip), and its normed row h, bit for bit
+   kernels/triton_norm.py's output, written to h_TD by every program of the token (the same bytes: a benign
+   race; each reads back, after a barrier, only what its own threads wrote);
+2. rows [n BN, (n + 1) BN) of the projection for token t, kernels/triton_gemv.py's CUDA-core GEMV over h (no
+   arithmetic between its loads: the norm inside the tiles kept ptxas from issuing a tile's loads before the one
+   before was consumed); the rows' outputs (+ bias) rounded into qkv_TR, the projection's output a separate
+   linear would have written;
 3. the last-arriving program of a head group (a per-group counter: each program adds one after its rows are
    stored; the one that reads T x blocks-in-group - 1 is last and sets it back to zero, so the counters stay zero
    between launches and a CUDA graph replays them) runs the group's epilogue for every token: kernels/
@@ -43,15 +44,17 @@ from . import triton_common as common
 from .attention import FP8_CACHE_DTYPES
 from .attention_input import block_rows, fused
 from .triton_common import cast
-from .triton_gemv import gemv_tiles, inverse_rms, launch_shape, summed
+from .triton_gemv import gemv_row, inverse_rms, launch_shape, normed, summed
 from .triton_rope_kv import rope_kv_head, triton_rope_write_kv
 
 @triton.jit
-def _inverse_rms(x_row, r_row, sum_row, hidden, eps, WRITE_SUM: tl.constexpr, HAS_RES: tl.constexpr,
-                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
-    """1 / sqrt(mean(s²) + eps) of the token's residual sum s; writes s when WRITE_SUM. The CHUNKS loads are
-    unrolled (static_range): issued back to back, one L2 round trip for the row rather than one a chunk before the
-    GEMV's first weight load."""
+def _normed_row(x_row, r_row, nw_ptr, sum_row, h_row, hidden, eps, WRITE_SUM: tl.constexpr, HAS_RES: tl.constexpr,
+                CHUNK: tl.constexpr, CHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The token's residual sum s (written when WRITE_SUM), its mean square, and norm(s) written to h_row, bit for
+    bit kernels/triton_norm.py's output: every program of the token writes the same bytes (a benign race), and
+    reads back, after a barrier, only what its own threads wrote. The CHUNKS loads are unrolled (static_range):
+    one L2 round trip for the row. The GEMV then streams h like any input, with no arithmetic between its loads
+    (the norm inside the GEMV's tiles kept ptxas from issuing a tile's loads before the one before was used)."""
     offs_k = tl.arange(0, CHUNK)
     ssq_k = tl.zeros([CHUNK], dtype=tl.float32)
     for c in tl.static_range(CHUNKS):
@@ -62,7 +65,14 @@ def _inverse_rms(x_row, r_row, sum_row, hidden, eps, WRITE_SUM: tl.constexpr, HA
             tl.store(sum_row + k, s, mask=ok)
         s32 = s.to(tl.float32)
         ssq_k += s32 * s32
-    return inverse_rms(tl.sum(ssq_k, axis=0), hidden, eps)
+    inv = inverse_rms(tl.sum(ssq_k, axis=0), hidden, eps)
+    for c in tl.static_range(CHUNKS):
+        k = c * CHUNK + offs_k
+        ok = k < hidden
+        s = summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
+        tl.store(h_row + k, normed(s, inv, tl.load(nw_ptr + k, mask=ok, other=0.0), x_row.dtype.element_ty,
+                                   INTERPRET), mask=ok)
+    tl.debug_barrier()  # the h row's stores before any thread reads them in the GEMV's layout
 
 
 @triton.jit
@@ -79,29 +89,29 @@ def _group(r0, num_q_heads, num_kv_heads, head_dim, v_head_dim, BLOCK_N: tl.cons
 
 
 @triton.jit(do_not_specialize=["T"])
-def _norm_qkv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, qkv_ptr, sum_ptr, cnt_ptr,
+def _norm_qkv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, qkv_ptr, sum_ptr, h_ptr, cnt_ptr,
                      pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
                      T, hidden, rows, stride_xt, stride_rt, stride_wn, stride_cs,
                      num_q_heads, num_kv_heads, head_dim, v_head_dim, half, eps, qk_eps, k_scale, v_scale,
                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, CHUNK: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_STEP: tl.constexpr,
+                     CHUNK: tl.constexpr,
                      CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      BLOCK_PASS: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     x_row = x_ptr + t.to(tl.int64) * stride_xt
     r_row = res_ptr + t.to(tl.int64) * stride_rt
-    inv = _inverse_rms(x_row, r_row, sum_ptr + t.to(tl.int64) * hidden, hidden, eps, HAS_RES and pid_n == 0,
-                       HAS_RES, CHUNK, CHUNKS, INTERPRET)
+    h_row = h_ptr + t.to(tl.int64) * hidden
+    _normed_row(x_row, r_row, nw_ptr, sum_ptr + t.to(tl.int64) * hidden, h_row, hidden, eps,
+                HAS_RES and pid_n == 0, HAS_RES, CHUNK, CHUNKS, INTERPRET)
     r0 = pid_n * BLOCK_N
     offs_n = r0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < rows
     offs_k = tl.arange(0, BLOCK_K)[None, :]
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K * K_TILES):
-        acc = gemv_tiles(acc, x_row, r_row, nw_ptr, w_ptrs, n_ok[:, None], offs_k, k0, hidden, inv, BLOCK_K,
-                         K_TILES, HAS_RES, True, INTERPRET)
+    acc = gemv_row(acc, h_row, w_ptrs, n_ok[:, None], offs_k, hidden, BLOCK_K, K_TILES, ONE_STEP)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -203,18 +213,19 @@ def triton_norm_qkv_rope_kv(
     interp = common.interpreting(x_TD)
     widest = block_rows(H, v_head_dim)
     assert widest is not None  # fused() checked
-    bn, bk, tiles, warps = launch_shape(T, R, D, widest, interp, x_TD.device)
+    bn, bk, tiles, one_step, warps = launch_shape(T, R, D, widest, interp, x_TD.device)
     qkv_TR = common.workspace((T, R), x_TD.dtype, x_TD.device)
+    h_TD = common.workspace((T, D), x_TD.dtype, x_TD.device)  # the normed input (every program writes it alike)
     chunk = min(triton.next_power_of_2(D), 64 if interp else 512)  # the mean square's loads: 4 values a thread
     has_norm = q_norm_H is not None
     _norm_qkv_kernel[(T, R // bn)](
         x_TD, residual_TD if residual_TD is not None else x_TD, norm_D, w_RD, bias_R if bias_R is not None else norm_D,
-        qkv_TR, summed_TD, counters_G, positions_T, cos_sin_PR, q_norm_H if has_norm else norm_D,
+        qkv_TR, summed_TD, h_TD, counters_G, positions_T, cos_sin_PR, q_norm_H if has_norm else norm_D,
         k_norm_H if has_norm else norm_D, q_TNH, k_cache_BLKH, v_cache_BLKH, slot_mapping_T,
         T, D, R, x_TD.stride(0), residual_TD.stride(0) if residual_TD is not None else 0, w_RD.stride(0),
         cos_sin_PR.stride(0), N, K, H, v_head_dim, Rr // 2, float(norm_eps), float(eps), float(k_scale),
         float(v_scale), HAS_RES=residual_TD is not None, HAS_BIAS=bias_R is not None, HAS_QK_NORM=has_norm,
-        BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, CHUNK=chunk, CHUNKS=triton.cdiv(D, chunk), BLOCK_H=triton.next_power_of_2(H),
+        BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, ONE_STEP=one_step, CHUNK=chunk, CHUNKS=triton.cdiv(D, chunk), BLOCK_H=triton.next_power_of_2(H),
         BLOCK_HV=triton.next_power_of_2(v_head_dim), BLOCK_HALF=triton.next_power_of_2(max(Rr // 2, 1)),
         BLOCK_PASS=triton.next_power_of_2(max(H - Rr, 1)), FP8=k_cache_BLKH.dtype in FP8_CACHE_DTYPES,
         INTERPRET=interp, num_warps=warps,

@@ -60,19 +60,21 @@ def _argmax_2d(x, idx, BIG: tl.constexpr):
 
 
 @triton.jit
-def _router_topk_kernel(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_ptr, stride_lt,
-                        num_experts, group_size, num_groups, top_k, topk_group, scale,
-                        METHOD: tl.constexpr, RENORM: tl.constexpr, RENORM_EPS: tl.constexpr,
-                        GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
-                        HAS_COUNTS: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-                        INTERPRET: tl.constexpr):
-    t = tl.program_id(0)
+def route_row(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_ptr, t, stride_lt,
+              group_size, num_groups, top_k, topk_group, scale,
+              METHOD: tl.constexpr, RENORM: tl.constexpr, RENORM_EPS: tl.constexpr,
+              GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
+              HAS_COUNTS: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+              INTERPRET: tl.constexpr, VOLATILE: tl.constexpr):
+    """Token t's top-k from its logits row: one program of `_router_topk_kernel`, and the tail of
+    kernels/triton_router_gemv.py's last-arriving program (VOLATILE: the row was written by other programs of
+    that launch, so it is read past L1)."""
     p = tl.arange(0, BP)[:, None]
     s = tl.arange(0, BS)[None, :]
     ok = (p < num_groups) & (s < group_size)
     g = p * group_size + s  # [BP, BS] expert ids
     neg = float("-inf")
-    x = tl.load(logits_ptr + t.to(tl.int64) * stride_lt + g, mask=ok, other=neg).to(tl.float32)
+    x = tl.load(logits_ptr + t.to(tl.int64) * stride_lt + g, mask=ok, other=neg, volatile=VOLATILE).to(tl.float32)
     if METHOD == 2:  # sigmoid: 1 / (1 + e^-x), as torch's kernel
         scores = tl.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp(-x, INTERPRET))
     elif METHOD == 3:  # sqrt(softplus(x)) (padding lanes: -inf -> 0, masked out of the choice below)
@@ -131,41 +133,65 @@ def _router_topk_kernel(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_
         tl.atomic_add(counts_ptr + tl.maximum(ids64, 0), tl.full([BK], 1, tl.int64), mask=k_ok & (ids64 >= 0))
 
 
+@triton.jit
+def _router_topk_kernel(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_ptr, stride_lt,
+                        group_size, num_groups, top_k, topk_group, scale,
+                        METHOD: tl.constexpr, RENORM: tl.constexpr, RENORM_EPS: tl.constexpr,
+                        GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
+                        HAS_COUNTS: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    route_row(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_ptr, tl.program_id(0), stride_lt, group_size,
+              num_groups, top_k, topk_group, scale, METHOD, RENORM, RENORM_EPS, GROUPED, HAS_BIAS, HAS_VALID,
+              HAS_COUNTS, BP, BS, BK, INTERPRET, False)
+
+
+def route_constexprs(G: int, top_k: int, method: str, renormalize: bool, n_group: int, topk_group: int,
+                     bias_G, valid_T, counts_G, interp: bool) -> tuple[int, int, int, dict]:
+    """(S experts a group, P groups, the group count the kernel ranks to, the constexprs) of a route_topk launch;
+    checks the routing arguments (one clear error naming them)."""
+    check_method(method, bias_G)
+    grouped = method in ("group_limited_greedy", "noaux_tc")
+    P = n_group if grouped else 1
+    if not 1 <= top_k <= G or G % P or not 1 <= topk_group <= P:
+        raise ValueError(f"top_k={top_k}, n_group={n_group}, topk_group={topk_group} are invalid for {G} experts: "
+                         "need 1 <= top_k <= experts, n_group dividing them and 1 <= topk_group <= n_group.")
+    S = G // P
+    BP, BS = triton.next_power_of_2(P), triton.next_power_of_2(S)
+    return S, P, topk_group if grouped else 1, dict(
+        METHOD=_METHOD_CODES[method], RENORM=bool(renormalize), RENORM_EPS=0.0 if method == "greedy" else 1e-20,
+        GROUPED=grouped and topk_group < P, HAS_BIAS=bias_G is not None, HAS_VALID=valid_T is not None,
+        HAS_COUNTS=counts_G is not None, BP=BP, BS=BS, BK=triton.next_power_of_2(top_k), INTERPRET=interp)
+
+
+def check_route_tensors(T: int, G: int, bias_G, valid_T, counts_G) -> None:
+    for name, t, dt in (("bias_G", bias_G, None), ("valid_T", valid_T, torch.bool), ("counts_G", counts_G, torch.int64)):
+        n = G if name != "valid_T" else T
+        if t is not None and (tuple(t.shape) != (n,) or (dt is not None and t.dtype != dt) or not t.is_contiguous()):
+            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} is invalid: must be contiguous [{n}]"
+                             + (f" {dt}." if dt is not None else "."))
+
+
 def triton_route_topk(
     logits_TG: torch.Tensor, top_k: int, method: str = "greedy", renormalize: bool = False, scale: float = 1.0,
     n_group: int = 1, topk_group: int = 1, bias_G: torch.Tensor | None = None, valid_T: torch.Tensor | None = None,
     counts_G: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `reference_route_topk`, one launch (module docstring: where the results may differ)."""
-    check_method(method, bias_G)
     if logits_TG.dim() != 2 or not logits_TG.dtype.is_floating_point or logits_TG.dtype == torch.float64:
         raise ValueError(f"logits_TG {tuple(logits_TG.shape)} {logits_TG.dtype} is invalid: must be [T, G] float32, "
                          "bfloat16 or float16 (the reference takes float64).")
     T, G = logits_TG.shape
-    grouped = method in ("group_limited_greedy", "noaux_tc")
-    P = n_group if grouped else 1
-    if not 1 <= top_k <= G or G % P or not 1 <= topk_group <= P:
-        raise ValueError(f"top_k={top_k}, n_group={n_group}, topk_group={topk_group} are invalid for {G} experts: "
-                         "need 1 <= top_k <= experts, n_group dividing them and 1 <= topk_group <= n_group.")
-    for name, t, dt in (("bias_G", bias_G, None), ("valid_T", valid_T, torch.bool), ("counts_G", counts_G, torch.int64)):
-        n = G if name != "valid_T" else T
-        if t is not None and (tuple(t.shape) != (n,) or (dt is not None and t.dtype != dt) or not t.is_contiguous()):
-            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} is invalid: must be contiguous [{n}]"
-                             + (f" {dt}." if dt is not None else "."))
+    S, P, kept, consts = route_constexprs(G, top_k, method, renormalize, n_group, topk_group, bias_G, valid_T,
+                                          counts_G, common.interpreting(logits_TG))
+    check_route_tensors(T, G, bias_G, valid_T, counts_G)
     logits_TG = logits_TG if logits_TG.stride(-1) == 1 else logits_TG.contiguous()
     weights_TK = common.workspace((T, top_k), torch.float32, logits_TG.device)
     ids_TK = common.workspace((T, top_k), torch.int64, logits_TG.device)
     if T == 0:
         return weights_TK, ids_TK
-    S = G // P
-    BP, BS = triton.next_power_of_2(P), triton.next_power_of_2(S)
     _router_topk_kernel[(T,)](
         logits_TG, bias_G if bias_G is not None else logits_TG, valid_T if valid_T is not None else logits_TG,
         counts_G if counts_G is not None else ids_TK, weights_TK, ids_TK, logits_TG.stride(0),
-        G, S, P, top_k, topk_group if grouped else 1, float(scale),
-        METHOD=_METHOD_CODES[method], RENORM=bool(renormalize), RENORM_EPS=0.0 if method == "greedy" else 1e-20,
-        GROUPED=grouped and topk_group < P, HAS_BIAS=bias_G is not None, HAS_VALID=valid_T is not None,
-        HAS_COUNTS=counts_G is not None, BP=BP, BS=BS, BK=triton.next_power_of_2(top_k),
-        INTERPRET=common.interpreting(logits_TG), num_warps=1 if BP * BS <= 256 else 4,
+        S, P, top_k, kept, float(scale), **consts, num_warps=1 if consts["BP"] * consts["BS"] <= 256 else 4,
     )
     return weights_TK, ids_TK

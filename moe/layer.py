@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from moelink.comm.a2a_base import AllToAll
 from moelink.kernels.moe import SILU, MoEActivation
 from moelink.kernels.mxfp4 import to_pair_order
+from moelink.kernels.norm import FUSED_MAX_TOKENS
 
 from .expert_weights import ExpertFormat, FloatExperts, Fp8BlockExperts, Mxfp4Experts
 from .fp8_input import Fp8Input
@@ -158,6 +159,10 @@ class MoELayer(nn.Module):
         )
         self.gate_bias_G = (nn.Parameter(torch.empty(routed, dtype=gate_dtype, device=device), requires_grad=False)
                             if router_bias else None)
+        # A decode batch's gate GEMV and route_topk in one launch on the Triton kernels (kernels.gate_route_topk):
+        # its per-token counters, zeros the launch leaves zero (None: the two ops apart, always).
+        self.gate_counters_T = (torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
+                                if getattr(kernels, "name", None) == "triton" else None)
         self.b13_EF = (nn.Parameter(torch.empty(num_local, 2 * intermediate_size, **factory), requires_grad=False)
                        if expert_bias else None)
         self.b2_ED = (nn.Parameter(torch.empty(num_local, hidden_size, **factory), requires_grad=False)
@@ -191,25 +196,30 @@ class MoELayer(nn.Module):
         runs other work at the yields: the shared experts, the other micro-batch (engine/rank/step_plan.py).
         route_TX: what the router reads when it is not x itself (Kimi K3's latent MoE routes the hidden states
         and sends their projection to the experts; gate_GD is then [G, X])."""
-        # gate_GD is float32 exactly when the router wants float32 logits (see __init__).
         route_TX = x_TD if route_TX is None else route_TX
-        if route_TX.dtype != self.gate_GD.dtype:
-            route_TX = route_TX.to(self.gate_GD.dtype)
-        logits_TG = F.linear(route_TX, self.gate_GD, self.gate_bias_G)
         # Zero-computation experts take the unfused path: the fused op would count their ids as experts' load.
         route = self.router.route_args() if not self.zero_experts else None
         identity_T1 = None  # the zero-computation experts' weight per row (None: the layer has none)
         if route is not None:
             # Scores, top-k, the padding rows' ids (-1) and the expert-load count in one op: one launch with the
-            # Triton kernels, where the ops one by one were ~11 at decode (kernels/router_topk.py).
+            # Triton kernels, where the ops one by one were ~11 at decode (kernels/router_topk.py); at a decode batch
+            # the gate GEMV too (kernels/triton_router_gemv.py: its logits never make a round trip between launches).
             counts_G = self.stats.routing_counts(self.moe_index) if self.stats is not None else None
-            weights_TK, ids_TK = self.kernels.route_topk(logits_TG, self.router.top_k, **route,
-                                                         bias_G=self.e_score_correction_bias_G,
-                                                         valid_T=self.valid_rows_T, counts_G=counts_G)
+            if self.gate_counters_T is not None and route_TX.shape[0] <= FUSED_MAX_TOKENS:
+                weights_TK, ids_TK, logits_TG = self.kernels.gate_route_topk(
+                    route_TX, self.gate_GD, self.gate_bias_G, self.router.top_k, **route,
+                    bias_G=self.e_score_correction_bias_G, valid_T=self.valid_rows_T, counts_G=counts_G,
+                    counters_T=self.gate_counters_T)
+            else:
+                logits_TG = self._logits(route_TX)
+                weights_TK, ids_TK = self.kernels.route_topk(logits_TG, self.router.top_k, **route,
+                                                             bias_G=self.e_score_correction_bias_G,
+                                                             valid_T=self.valid_rows_T, counts_G=counts_G)
             weights_TK, ids_TK = self._replayed(logits_TG, weights_TK, ids_TK)
             if self.routing_capture is not None:
                 self.routing_capture.record(self.moe_index, ids_TK)
         else:  # a router with no fused form (gpt-oss's top-k-then-softmax, LongCat's softmax noaux_tc)
+            logits_TG = self._logits(route_TX)
             weights_TK, ids_TK = self.router(logits_TG, self.e_score_correction_bias_G)
             weights_TK, ids_TK = self._replayed(logits_TG, weights_TK, ids_TK)
             if self.valid_rows_T is not None:
@@ -228,6 +238,12 @@ class MoELayer(nn.Module):
             out_TD = yield from self._forward_ep(x_TD, weights_TK,
                                                  ids_TK if identity_T1 is None else self._ep_ids(ids_TK))
         return out_TD if identity_T1 is None else out_TD + x_TD * identity_T1.to(x_TD.dtype)
+
+    def _logits(self, route_TX: torch.Tensor) -> torch.Tensor:
+        """The gate matmul, [T, G]; gate_GD is float32 exactly when the router wants float32 logits (__init__)."""
+        if route_TX.dtype != self.gate_GD.dtype:
+            route_TX = route_TX.to(self.gate_GD.dtype)
+        return F.linear(route_TX, self.gate_GD, self.gate_bias_G)
 
     def process_weights_after_loading(self, updated: set[int] | None = None) -> None:
         """After the loader filled the parameters (or a weight update the ones whose ids `updated` holds, in the

@@ -1,6 +1,7 @@
 """The fused decode attention input and output in the engine (engine/models/gqa_input.py: the input norm, the q/k/v
 GEMV and rope_write_kv as one kernels.norm_qkv_rope_kv launch; o_proj, the residual add and the FFN block's norm as
-one kernels.linear_add_rms_norm launch), the Triton kernels in the interpreter: which layers hold them, and a greedy
+one kernels.linear_add_rms_norm launch) and the router's (moe/layer.py: the gate GEMV and route_topk as one
+kernels.gate_route_topk launch), the Triton kernels in the interpreter: which layers hold them, and a greedy
 run that takes them at every small step gives the unfused run's tokens, its logprobs within fp32 rounding (the
 GEMVs sum in their own order)."""
 from __future__ import annotations
@@ -53,7 +54,7 @@ def test_fused_run_gives_the_unfused_tokens(tiny_model, monkeypatch):
     path = tiny_model("qwen3_e6k3")
     llm = _llm(path)
     kernels, layers = _mixers(llm)[0].kernels, len(_mixers(llm))
-    seen: dict[str, list[int]] = {"norm_qkv_rope_kv": [], "linear_add_rms_norm": []}
+    seen: dict[str, list[int]] = {"norm_qkv_rope_kv": [], "linear_add_rms_norm": [], "gate_route_topk": []}
 
     def counting(op):
         real = getattr(kernels, op)
@@ -72,11 +73,15 @@ def test_fused_run_gives_the_unfused_tokens(tiny_model, monkeypatch):
     finally:
         llm.shutdown()
     # Every decode step, every layer: one of two rows, then two of one (the prefill step's 24 tokens ran unfused).
-    # Both launches: the input and the output (o_proj, the add and the FFN block's norm).
-    assert seen["norm_qkv_rope_kv"] == seen["linear_add_rms_norm"] == [2] * layers + [1] * (2 * layers), seen
+    # The three launches: the attention's input and output (o_proj, the add and the FFN block's norm), and the
+    # router (gate GEMV + top-k; every layer of this model is a MoE layer).
+    decode = [2] * layers + [1] * (2 * layers)
+    assert seen["norm_qkv_rope_kv"] == seen["linear_add_rms_norm"] == seen["gate_route_topk"] == decode, seen
 
     monkeypatch.setattr(FusedInput, "takes", lambda self, x_TD: False)
     unfused_llm = _llm(path)
+    for layer in unfused_llm.engine.executor.worker.runner.model.layers:
+        layer.moe.gate_counters_T = None  # the gate matmul and route_topk apart
     try:
         unfused = _generate(unfused_llm)
     finally:
