@@ -103,7 +103,7 @@ class GQAAttention(nn.Module):
         self.sinks_name = sinks_name
         # A decode batch's norm, projection and rope_write_kv in one launch where the layer allows it (None: never).
         plain = type(self)._attend is GQAAttention._attend and type(self).forward is GQAAttention.forward
-        self.fused_input = FusedInput.for_layer(self, hidden_size, device, plain)
+        self.fusion = FusedInput.for_layer(self, hidden_size, device, plain)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
@@ -139,10 +139,10 @@ class GQAAttention(nn.Module):
         """(forward(norm(x + residual)), x + residual) with the norm, the projection and rope_write_kv in one
         launch (kernels.norm_qkv_rope_kv); with `post_norm`, o_proj, the residual add and that norm in one more
         (kernels.linear_add_rms_norm), returning (post_norm(out + sum), out + sum), the FFN block's input. Only
-        where `fused_input.takes` the step (and `takes_output`, with post_norm): engine/models/gqa_input.py
+        where `fusion.takes` the step (and `takes_output`, with post_norm): engine/models/gqa_input.py
         (plain GQA, whose `_attend` does not read the normed input)."""
-        fused = self.fused_input
-        assert fused is not None  # the caller asked fused_input.takes
+        fused = self.fusion
+        assert fused is not None  # the caller asked fusion.takes
         k_cache, v_cache, attn, kv_scales, rope_pos_T, table_PR = self._step_args(positions_T, ctx)
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         q_TNH, residual_TD = self.kernels.norm_qkv_rope_kv(
@@ -154,7 +154,7 @@ class GQAAttention(nn.Module):
             return self._attend_out(q_TNH, x_TD, positions_T, ctx, attn, kv_scales, None), residual_TD
         o_TO = self._attend(q_TNH, x_TD, positions_T, ctx, attn, kv_scales).reshape(q_TNH.shape[0], self.o_size)
         return self.kernels.linear_add_rms_norm(o_TO, self.o_proj.weight, self.o_bias, residual_TD,
-                                                post_norm.weight, post_norm.eps, counters_T=fused.counters_T)
+                                                post_norm.weight, post_norm.eps, counters_T=fused.output.counters_T)
 
     def _step_args(self, positions_T: torch.Tensor, ctx: ForwardContext):
         """(k_cache, v_cache, the attention metadata this layer reads, the fp8 cache's scales as keywords, the

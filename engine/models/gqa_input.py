@@ -22,9 +22,8 @@ from typing import Any, Protocol
 import torch
 
 from moelink.kernels.attention_input import MAX_TOKENS, block_rows
-from moelink.kernels.norm import FUSED_MAX_TOKENS
 
-from ..tp.linear import Replicated
+from .fused_output import FusedOutput
 from .linear import FloatLinear, Linear
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -48,14 +47,14 @@ class GQALayer(Protocol):
 
 
 class FusedInput:
-    """One layer's fused attention input and output: the input launch's head-group counters
-    (kernels/triton_qkv_rope_kv.group_counters) and the output launch's per-token ones
-    (kernels/triton_linear_norm.token_counters), zeros each launch leaves zero, and the per-step tests."""
+    """One layer's fused attention input and output (the mixer's `fusion`, engine/models/fused_output.py: the seam):
+    the input launch's head-group counters (kernels/triton_qkv_rope_kv.group_counters, zeros the launch leaves
+    zero), the output launch's strategy (`output`) and the per-step tests."""
 
     def __init__(self, attn: GQALayer, device) -> None:
         self.attn = attn
         self.counters_G = torch.zeros(attn.num_heads + attn.num_kv_heads, dtype=torch.int32, device=device)
-        self.counters_T = torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
+        self.output = FusedOutput(attn.o_proj, device)
 
     @staticmethod
     def for_layer(attn: GQALayer, hidden_size: int, device, plain: bool) -> FusedInput | None:
@@ -76,8 +75,5 @@ class FusedInput:
 
     def takes_output(self, x_TD: torch.Tensor) -> bool:
         """Whether o_proj, the residual add and the next norm run as one launch too (kernels.linear_add_rms_norm):
-        a float o_proj without a LoRA adapter, whole on this rank (a row-parallel one all-reduces before the add).
-        The caller adds what the FFN block asks of its norm (an FP8 handoff keeps the norm apart)."""
-        proj = self.attn.o_proj
-        return (x_TD.shape[0] <= FUSED_MAX_TOKENS and proj.lora is None and isinstance(proj.method, FloatLinear)
-                and isinstance(proj.parallel, Replicated))
+        FusedOutput's test (a float o_proj without a LoRA adapter, whole on this rank)."""
+        return self.output.takes_output(x_TD)

@@ -38,6 +38,7 @@ from ..tp.attention import shard_attention
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .dsa import LightningIndexer
+from .fused_output import FusedOutput
 from .layers import ForwardContext, RMSNorm, param
 from .linear import FloatLinear, Linear, keeps_blocks, linear_method
 from .rope import RotaryEmbedding, deinterleave_rows
@@ -129,8 +130,32 @@ class MLAAttention(nn.Module):
         self.sparse = ix is not None
         self.indexer = (LightningIndexer(layer_idx, hidden_size, attn.q_lora_rank, ix, rope, kernels, dtype, device,
                                          quant, max_model_len) if ix is not None and not ix.shared else None)
+        # A decode batch's o_proj, residual add and the FFN block's norm in one launch (engine/models/fused_output.py;
+        # None: never). A subclass that projects its own way keeps the plain path.
+        plain = type(self).forward is MLAAttention.forward and type(self)._heads_out is MLAAttention._heads_out
+        self.fusion = FusedOutput.for_mixer(kernels, self.o_proj, device, plain)
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.o_proj(self._heads_out(positions_T, x_TD, ctx), self.o_bias)
+
+    def forward_fused(self, norm: RMSNorm, post_norm: RMSNorm | None, positions_T: torch.Tensor, x_TD: torch.Tensor,
+                      residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(norm(x + residual)), x + residual), or with `post_norm` (post_norm(out + sum), out + sum): o_proj,
+        the residual add and that norm in one launch (kernels.linear_add_rms_norm). Only where `fusion.takes` the
+        step (engine/models/fused_output.py)."""
+        assert self.fusion is not None  # the caller asked fusion.takes
+        if residual_TD is None:
+            h_TD, residual_TD = norm(x_TD), x_TD
+        else:
+            h_TD, residual_TD = norm.add_forward(x_TD, residual_TD)
+        o_TO = self._heads_out(positions_T, h_TD, ctx)
+        if post_norm is None:
+            return self.o_proj(o_TO, self.o_bias), residual_TD
+        return self.kernels.linear_add_rms_norm(o_TO, self.o_proj.weight, self.o_bias, residual_TD, post_norm.weight,
+                                                post_norm.eps, counters_T=self.fusion.counters_T)
+
+    def _heads_out(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The attention's output before o_proj, [T, N * Dv] (gated where the layer has an output gate)."""
         a = self.attn
         T, N, C, Dn = x_TD.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim
         q_TX, kv_TR = self.fused_a_proj.split(self.fused_a_proj(x_TD, self.fused_a_bias))
@@ -170,7 +195,7 @@ class MLAAttention(nn.Module):
             o_TNV = o_TNV * torch.sigmoid(self.g_proj(x_TD).to(o_TNV.dtype)).view(T, N, a.v_head_dim)
         elif self.g_proj is not None:  # the per-head output gate, in float32 then rounded, as transformers
             o_TNV = o_TNV * torch.sigmoid(self.g_proj(x_TD).float()).to(o_TNV.dtype)[:, :, None]
-        return self.o_proj(o_TNV.reshape(T, N * a.v_head_dim), self.o_bias)
+        return o_TNV.reshape(T, N * a.v_head_dim)
 
     def process_weights_after_loading(self, updated: set[int] | None = None) -> None:
         """Fold MLAConfig's q_scale into q_b_proj and latent_scale into kv_a_layernorm (LongCat-Flash): the same

@@ -34,17 +34,34 @@ def _generate(llm):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
+def _counting(kernels, ops) -> dict[str, list[int]]:
+    """Wrap each op of the engine's kernels so that every call records its token count."""
+    seen: dict[str, list[int]] = {op: [] for op in ops}
+
+    def wrap(op):
+        real = getattr(kernels, op)
+
+        def run(x, *args, **kw):
+            seen[op].append(x.shape[0])
+            return real(x, *args, **kw)
+        return run
+
+    for op in ops:
+        setattr(kernels, op, wrap(op))
+    return seen
+
+
 def test_which_layers_hold_the_fused_input(tiny_model):
     """Plain GQA on the Triton kernels holds it; the reference kernels (the CPU path) never do."""
     llm = _llm(tiny_model("qwen3_e6k3"))
     try:
-        assert all(isinstance(m.fused_input, FusedInput) for m in _mixers(llm))
-        assert all(not m.fused_input.counters_G.any() for m in _mixers(llm))
+        assert all(isinstance(m.fusion, FusedInput) for m in _mixers(llm))
+        assert all(not m.fusion.counters_G.any() for m in _mixers(llm))
     finally:
         llm.shutdown()
     ref = _llm(tiny_model("qwen3_e6k3"), kernels="reference")
     try:
-        assert all(m.fused_input is None for m in _mixers(ref))
+        assert all(m.fusion is None for m in _mixers(ref))
     finally:
         ref.shutdown()
 
@@ -54,21 +71,10 @@ def test_fused_run_gives_the_unfused_tokens(tiny_model, monkeypatch):
     path = tiny_model("qwen3_e6k3")
     llm = _llm(path)
     kernels, layers = _mixers(llm)[0].kernels, len(_mixers(llm))
-    seen: dict[str, list[int]] = {"norm_qkv_rope_kv": [], "linear_add_rms_norm": [], "gate_route_topk": []}
-
-    def counting(op):
-        real = getattr(kernels, op)
-
-        def run(x, *args, **kw):
-            seen[op].append(x.shape[0])
-            return real(x, *args, **kw)
-        return run
-
-    for op in seen:
-        setattr(kernels, op, counting(op))
+    seen = _counting(kernels, ("norm_qkv_rope_kv", "linear_add_rms_norm", "gate_route_topk"))
     try:
         fused = _generate(llm)
-        assert all(not m.fused_input.counters_G.any() and not m.fused_input.counters_T.any()
+        assert all(not m.fusion.counters_G.any() and not m.fusion.output.counters_T.any()
                    for m in _mixers(llm)), "counters left non-zero"
     finally:
         llm.shutdown()
@@ -92,3 +98,40 @@ def test_fused_run_gives_the_unfused_tokens(tiny_model, monkeypatch):
             for tok, lp in want.items():
                 assert abs(got[tok].logprob - lp.logprob) < 1e-4, (tok, got[tok].logprob, lp.logprob)
     assert torch.isfinite(torch.tensor([lp.logprob for _, lps in fused for d in lps for lp in d.values()])).all()
+
+
+@pytest.mark.slow  # two interpreter engines
+def test_mla_output_fused_run_gives_the_unfused_tokens(hf_tiny_model, monkeypatch):
+    """MLA's fusion is the output launch alone (engine/models/fused_output.py): a DeepSeek-V3-layout checkpoint
+    saved by transformers (a dense first layer, then MoE layers with a shared expert and noaux_tc routing) takes it
+    at every decode step of every layer, and the router launch at every MoE layer's, and gives the unfused
+    tokens."""
+    from moelink.engine.models.fused_output import FusedOutput
+
+    path = hf_tiny_model("dsv3_neox")
+    llm = _llm(path)
+    mixers = _mixers(llm)
+    assert all(isinstance(m.fusion, FusedOutput) for m in mixers)
+    kernels, layers = mixers[0].kernels, len(mixers)
+    moe_layers = sum(layer.moe is not None for layer in llm.engine.executor.worker.runner.model.layers)
+    seen = _counting(kernels, ("linear_add_rms_norm", "gate_route_topk"))
+    try:
+        fused = _generate(llm)
+    finally:
+        llm.shutdown()
+    assert seen["linear_add_rms_norm"] == [2] * layers + [1] * (2 * layers), seen
+    assert seen["gate_route_topk"] == [2] * moe_layers + [1] * (2 * moe_layers), seen
+    monkeypatch.setattr(FusedOutput, "takes", lambda self, x_TD: False)
+    unfused_llm = _llm(path)
+    try:
+        for layer in unfused_llm.engine.executor.worker.runner.model.layers:
+            if layer.moe is not None:
+                layer.moe.gate_counters_T = None
+        unfused = _generate(unfused_llm)
+    finally:
+        unfused_llm.shutdown()
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(fused, unfused):
+        assert tokens == want_tokens
+        for got, want in zip(logprobs, want_logprobs):
+            for tok, lp in want.items():
+                assert abs(got[tok].logprob - lp.logprob) < 1e-4, (tok, got[tok].logprob, lp.logprob)
