@@ -76,19 +76,21 @@ def gemv_tiles(acc, x_row, w_ptrs, n_ok, offs_k, k0, in_features, BLOCK_K: tl.co
     return acc
 
 
-def launch_shape(T: int, rows: int, in_features: int, widest: int, interp: bool, device,
-                 narrowest: int = 8, itemsize: int = 2) -> tuple[int, int, int, bool, int]:
-    """(BN, BK, K_TILES, ONE_STEP, num_warps) of a T-token GEMV over `rows` rows: the widest block (`widest`, a power
-    of two the caller's grouping allows) that still gives every SM two programs (the grid's rows are its bytes in
-    flight), down to `narrowest`; then a [BN, BK] fp32 product tile of 4,096 values (32 registers a thread at 4
-    warps). ONE_STEP: the whole row in tiles of at most 32 kB a program with no loop (ptxas hoists a straight line's
-    loads ahead of the products, not a runtime loop's), else steps of up to four tiles' loads, 32 kB a program (two
-    of a float32 weight's: `itemsize`); 64 kB straight-line spilled (compile_tiny --cases fused)."""
+def launch_shape(rows: int, in_features: int, widest: int, interp: bool, device, narrowest: int = 8,
+                 itemsize: int = 2) -> tuple[int, int, int, bool, int]:
+    """(BN, BK, K_TILES, ONE_STEP, num_warps) of a decode-batch GEMV over `rows` rows: the widest block (`widest`, a
+    power of two the caller's grouping allows) that still gives every SM two programs at one token (the grid's rows
+    are its bytes in flight), down to `narrowest`; then a [BN, BK] fp32 product tile of 4,096 values (32 registers a
+    thread at 4 warps). ONE_STEP: the whole row in tiles of at most 32 kB a program with no loop (ptxas hoists a
+    straight line's loads ahead of the products, not a runtime loop's), else steps of up to four tiles' loads, 32 kB
+    a program (two of a float32 weight's: `itemsize`); 64 kB straight-line spilled (compile_tiny --cases fused).
+    Not a function of the batch: a row's products are summed in the same order (the same tiles, the same
+    reduction tree) at every batch size, so a token's outputs do not depend on its batch."""
     bn = widest
     if interp:
         return bn, 32, 1, False, 1
     sms = num_sms(device)
-    while bn > narrowest and T * triton.cdiv(rows, bn) < 2 * sms:
+    while bn > narrowest and triton.cdiv(rows, bn) < 2 * sms:
         bn //= 2
     bk = max(16, min(4096 // bn, triton.next_power_of_2(in_features)))
     whole = triton.cdiv(in_features, bk)

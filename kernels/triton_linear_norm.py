@@ -121,7 +121,7 @@ def triton_linear_add_rms_norm(
     if w_DK.stride(-1) != 1:
         raise ValueError("w_DK must have a unit last stride (a Linear's weight).")
     interp = common.interpreting(x_TK)
-    bn, bk, tiles, one_step, warps = launch_shape(T, D, K, 64, interp, x_TK.device)
+    bn, bk, tiles, one_step, warps = launch_shape(D, K, 64, interp, x_TK.device)
     y_TD = common.workspace((T, D), x_TK.dtype, x_TK.device)
     chunk = min(triton.next_power_of_2(D), 64 if interp else 1024)
     _linear_norm_kernel[(T, triton.cdiv(D, bn))](

@@ -14,7 +14,8 @@ How, grid (T, R / BN), program (t, n):
 1. token t's residual sum x + residual (rounded, as torch adds; written once, by the programs of block 0), its
    mean square in fp32 (the row's loads unrolled: one L2 round trip), and its normed row h, bit for bit
    kernels/triton_norm.py's output, written to h_TD by every program of the token (the same bytes: a benign
-   race; each reads back, after a barrier, only what its own threads wrote);
+   race; each reads the row back in the GEMV's layout after a CTA barrier, so whichever program's bytes it reads,
+   they are its own values);
 2. rows [n BN, (n + 1) BN) of the projection for token t, kernels/triton_gemv.py's CUDA-core GEMV over h (no
    arithmetic between its loads: the norm inside the tiles kept ptxas from issuing a tile's loads before the one
    before was consumed); the rows' outputs (+ bias) rounded into qkv_TR, the projection's output a separate
@@ -48,11 +49,11 @@ from .triton_gemv import gemv_row, inverse_rms, launch_shape, normed, summed
 from .triton_rope_kv import rope_kv_head, triton_rope_write_kv
 
 @triton.jit
-def _normed_row(x_row, r_row, nw_ptr, sum_row, h_row, hidden, eps, WRITE_SUM: tl.constexpr, HAS_RES: tl.constexpr,
+def _normed_row(x_row, r_row, nw_ptr, sum_row, h_row, hidden, eps, write_sum, HAS_RES: tl.constexpr,
                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
-    """The token's residual sum s (written when WRITE_SUM), its mean square, and norm(s) written to h_row, bit for
-    bit kernels/triton_norm.py's output: every program of the token writes the same bytes (a benign race), and
-    reads back, after a barrier, only what its own threads wrote. The CHUNKS loads are unrolled (static_range):
+    """The token's residual sum s (written when `write_sum`: one program of the token), its mean square, and norm(s)
+    written to h_row, bit for bit kernels/triton_norm.py's output: every program of the token writes the same
+    bytes (a benign race), and the barrier at the end makes its own threads' stores visible to the GEMV's layout. The CHUNKS loads are unrolled (static_range):
     one L2 round trip for the row. The GEMV then streams h like any input, with no arithmetic between its loads
     (the norm inside the GEMV's tiles kept ptxas from issuing a tile's loads before the one before was used)."""
     offs_k = tl.arange(0, CHUNK)
@@ -61,7 +62,7 @@ def _normed_row(x_row, r_row, nw_ptr, sum_row, h_row, hidden, eps, WRITE_SUM: tl
         k = c * CHUNK + offs_k
         ok = k < hidden
         s = summed(x_row, r_row, k, ok, HAS_RES, INTERPRET)
-        if WRITE_SUM:
+        if write_sum:  # (a runtime branch)
             tl.store(sum_row + k, s, mask=ok)
         s32 = s.to(tl.float32)
         ssq_k += s32 * s32
@@ -213,7 +214,7 @@ def triton_norm_qkv_rope_kv(
     interp = common.interpreting(x_TD)
     widest = block_rows(H, v_head_dim)
     assert widest is not None  # fused() checked
-    bn, bk, tiles, one_step, warps = launch_shape(T, R, D, widest, interp, x_TD.device)
+    bn, bk, tiles, one_step, warps = launch_shape(R, D, widest, interp, x_TD.device)
     qkv_TR = common.workspace((T, R), x_TD.dtype, x_TD.device)
     h_TD = common.workspace((T, D), x_TD.dtype, x_TD.device)  # the normed input (every program writes it alike)
     chunk = min(triton.next_power_of_2(D), 64 if interp else 512)  # the mean square's loads: 4 values a thread

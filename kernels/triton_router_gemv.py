@@ -100,7 +100,7 @@ def triton_gate_route_topk(
         raise ValueError("gate_GD must have a unit last stride (the gate's weight).")
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     # (rows down to one a program: DeepSeek-V3's 7.3 MB float32 gate over 256 programs, not 32)
-    bn, bk, tiles, one_step, warps = launch_shape(T, G, D, 8, interp, x_TD.device, narrowest=1,
+    bn, bk, tiles, one_step, warps = launch_shape(G, D, 8, interp, x_TD.device, narrowest=1,
                                         itemsize=gate_GD.element_size())
     _gate_topk_kernel[(T, triton.cdiv(G, bn))](
         x_TD, gate_GD, gate_bias_G if gate_bias_G is not None else gate_GD, logits_TG, counters_T,

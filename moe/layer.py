@@ -205,11 +205,12 @@ class MoELayer(nn.Module):
             # Triton kernels, where the ops one by one were ~11 at decode (kernels/router_topk.py); at a decode batch
             # the gate GEMV too (kernels/triton_router_gemv.py: its logits never make a round trip between launches).
             counts_G = self.stats.routing_counts(self.moe_index) if self.stats is not None else None
-            if self.gate_counters_T is not None and route_TX.shape[0] <= FUSED_MAX_TOKENS:
+            counters = self.gate_counters_T
+            if counters is not None and route_TX.shape[0] <= FUSED_MAX_TOKENS and counters.device == route_TX.device:
                 weights_TK, ids_TK, logits_TG = self.kernels.gate_route_topk(
                     route_TX, self.gate_GD, self.gate_bias_G, self.router.top_k, **route,
                     bias_G=self.e_score_correction_bias_G, valid_T=self.valid_rows_T, counts_G=counts_G,
-                    counters_T=self.gate_counters_T)
+                    counters_T=counters)
             else:
                 logits_TG = self._logits(route_TX)
                 weights_TK, ids_TK = self.kernels.route_topk(logits_TG, self.router.top_k, **route,

@@ -79,3 +79,36 @@ def test_linear_norm_rejects_bad_inputs(gen, kdev):
         triton_linear_add_rms_norm(x, w, b, r.float(), nw, 1e-6)
     with pytest.raises(ValueError, match="counters_T"):
         triton_linear_add_rms_norm(x, w, b, r, nw, 1e-6, counters_T=torch.zeros(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 3, False), (16, 32, 2, True), (8, 16, 4, False)],
+                         ids=["loop-of-3-tiles", "straight-line", "loop-ragged"])
+def test_gemv_walks_of_the_gpu_shapes(shape, gen, kdev, check, monkeypatch, seed):
+    """The GPU's launch shapes in the interpreter (which otherwise runs one 32-wide tile a step): steps of several
+    tiles with a ragged last step, and one straight-line step (ONE_STEP), over a ragged K, give the reference."""
+    from moelink.kernels import triton_linear_norm
+
+    bn, bk, tiles, one_step = shape
+    monkeypatch.setattr(triton_linear_norm, "launch_shape", lambda *a, **k: (bn, bk, tiles, one_step, 1))
+    K = bk * tiles - 5 if one_step else 200  # straight line: the row in one step; loops: 200 in 3 steps of 64 x 3
+    args = _inputs(gen, 3, K, 40, True, torch.float32)
+    h, s = triton_linear_add_rms_norm(*_dev(args, kdev), 1e-6)
+    want_h, want_s = reference_linear_add_rms_norm(*args, 1e-6)
+    check(h, want_h.double(), torch.float32, f"normed, {shape}")
+    check(s, want_s.double(), torch.float32, f"sum, {shape}")
+
+
+def test_launch_shape_is_the_batch_s_alone_and_spill_bounded(monkeypatch):
+    """The GPU launch shape depends on the weight alone (never on T: a token's summation order, hence its bits, is
+    the same at every batch size), keeps a [BN, BK] tile of 4,096 products, and walks a row in straight-line
+    steps of at most 32 kB a program (64 kB spilled: compile_tiny --cases fused)."""
+    from moelink.kernels import triton_gemv
+
+    monkeypatch.setattr(triton_gemv, "num_sms", lambda device: 132)
+    assert triton_gemv.launch_shape(5120, 2048, 64, False, "cuda") == (16, 256, 4, False, 4)  # Qwen3 qkv: loop
+    assert triton_gemv.launch_shape(2048, 4096, 64, False, "cuda") == (8, 512, 4, False, 4)  # Qwen3 o_proj
+    assert triton_gemv.launch_shape(128, 2048, 8, False, "cuda", narrowest=1) == (1, 2048, 1, True, 4)  # a router
+    assert triton_gemv.launch_shape(256, 7168, 8, False, "cuda", narrowest=1, itemsize=4) == (1, 4096, 2, True, 4)
+    for args in ((5120, 2048, 64), (2048, 4096, 64), (12288, 4096, 32)):
+        bn, bk, tiles, one_step, _ = triton_gemv.launch_shape(*args, False, "cuda")
+        assert bn * bk == 4096 and bn * bk * tiles * 2 <= 32768

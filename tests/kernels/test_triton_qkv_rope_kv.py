@@ -151,3 +151,23 @@ def test_fused_input_rejects_bad_inputs(gen, kdev):
         _run(triton_norm_qkv_rope_kv, a, 2, 1, 16, kdev, caches, counters_G=torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="given together"):
         _run(triton_norm_qkv_rope_kv, dict(a, qk=[a["qk"][0], None]), 2, 1, 16, kdev, caches)
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 3, False), (16, 64, 2, True)], ids=["loop-ragged", "straight-line"])
+def test_fused_input_walks_of_the_gpu_shapes(shape, gen, kdev, check, monkeypatch, seed):
+    """The GPU's launch shapes in the interpreter (which otherwise runs one 32-wide tile a step): steps of several
+    tiles over a ragged hidden size, and one straight-line step, give the reference."""
+    from moelink.kernels import triton_qkv_rope_kv
+
+    bn, bk, tiles, one_step = shape
+    monkeypatch.setattr(triton_qkv_rope_kv, "launch_shape", lambda *a, **k: (bn, bk, tiles, one_step, 1))
+    D = bk * tiles - 3 if one_step else 200
+    a = _inputs(gen, 3, D, 2, 1, 16, 16, 16, True, True, False, torch.float32)
+    got_caches = [c.clone().to(kdev) for c in a["caches"]]
+    got_q, _ = _run(triton_norm_qkv_rope_kv, a, 2, 1, 16, kdev, got_caches)
+    want_caches = [c.clone() for c in a["caches"]]
+    want_q, _ = reference_norm_qkv_rope_kv(a["x"], a["res"], a["norm"], 1e-6, a["w"], a["b"], 2, 1, 16, a["pos"],
+                                           a["table"], *want_caches, a["slots"], *a["qk"], 1e-6)
+    check(got_q, want_q.double(), torch.float32, f"q, {shape}")
+    for got, want in zip(got_caches, want_caches):
+        check(got, want.double(), torch.float32, "cache")

@@ -1,0 +1,88 @@
+"""Which layers and steps take the decode fusions (engine/models/gqa_input.py FusedInput, engine/models/fused_output.py
+FusedOutput): every layer kind the one-launch forms cannot compute keeps the unfused path, and every per-step
+condition (batch size, a LoRA adapter set after build, a quantized or row-parallel projection, the device) is asked
+each step. Host-side objects only: no kernel runs."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moelink.engine.models.fused_output import FusedOutput
+from moelink.engine.models.gqa_input import FusedInput
+from moelink.engine.models.linear import FloatLinear
+from moelink.engine.tp.linear import Replicated, RowParallel
+from moelink.kernels.norm import FUSED_MAX_TOKENS
+
+
+def _proj(rows: int, pieces_total: int | None = None):
+    return SimpleNamespace(in_features=64, rows=rows, out_features=pieces_total or rows, lora=None,
+                           method=FloatLinear(), parallel=Replicated())
+
+
+def _layer(**over):
+    """A plain Qwen3-like GQA layer (4 query heads, 2 kv heads of 16) as FusedInput reads it, `over` on top."""
+    layer = SimpleNamespace(kernels=SimpleNamespace(name="triton"), rope=SimpleNamespace(style="neox"),
+                            qkv_proj=_proj(128), o_proj=_proj(64), num_heads=4, num_kv_heads=2, head_dim=16,
+                            v_head_dim=16, rotary=True, output_gate=False, all_heads_norm=False, value_scale=1.0)
+    for k, v in over.items():
+        setattr(layer, k, v)
+    return layer
+
+
+def test_a_plain_gqa_layer_holds_it():
+    assert isinstance(FusedInput.for_layer(_layer(), 64, "cpu", plain=True), FusedInput)
+
+
+@pytest.mark.parametrize("over,plain", [
+    (dict(kernels=SimpleNamespace(name="reference")), True),  # the CPU path: its own one-call ops
+    (dict(kernels=SimpleNamespace(name="batch_invariant")), True),  # fixed tiles at every batch, not these
+    ({}, False),  # a kind that attends or projects its own way (block-sparse, QSA)
+    (dict(rope=SimpleNamespace(style="gptj")), True),  # a rotary layout the epilogue does not rotate
+    (dict(rotary=False), True),  # a NoPE layer
+    (dict(output_gate=True), True),  # Qwen3-Next's gated q_proj
+    (dict(all_heads_norm=True), True),  # MiniMax-M2's q/k norm over every head
+    (dict(value_scale=0.5), True),  # MiMo-V2-Flash's scaled values
+    (dict(qkv_proj=_proj(136, 128)), True),  # gaps between the stacked pieces (FP8 blocks)
+    (dict(head_dim=12, v_head_dim=12), True),  # no block of 8-64 rows divides the heads
+], ids=["reference", "batch-invariant", "subclass", "gptj-rope", "nope", "output-gate", "all-heads-norm",
+        "value-scale", "gaps", "head-12"])
+def test_layers_the_fused_input_cannot_compute_keep_the_unfused_path(over, plain):
+    assert FusedInput.for_layer(_layer(**over), 64, "cpu", plain=plain) is None
+    assert FusedInput.for_layer(_layer(), 128, "cpu", plain=True) is None  # an EAGLE-3 head's wider input
+
+
+def test_each_step_asks_again():
+    fused = FusedInput.for_layer(_layer(), 64, "cpu", plain=True)
+    assert fused is not None
+    x = torch.zeros(FUSED_MAX_TOKENS, 64)
+    assert fused.takes(x) and fused.takes_output(x)
+    assert not fused.takes(torch.zeros(FUSED_MAX_TOKENS + 1, 64)) and not fused.takes(torch.zeros(0, 64))
+    assert not fused.takes(x.double())  # the Triton kernels take float32 / bfloat16 / float16
+    fused.attn.qkv_proj.lora = object()  # an adapter loaded after build: its hook runs after the matmul
+    assert not fused.takes(x)
+    fused.attn.qkv_proj.lora = None
+    fused.attn.qkv_proj.method = object()  # an FP8 projection
+    assert not fused.takes(x)
+    fused.attn.qkv_proj.method = FloatLinear()
+    fused.attn.o_proj.parallel = RowParallel(SimpleNamespace(), 0, 64)  # all-reduces before the residual add
+    assert fused.takes(x) and not fused.takes_output(x)
+    fused.attn.o_proj.parallel = Replicated()
+    fused.attn.o_proj.lora = object()
+    assert fused.takes(x) and not fused.takes_output(x)
+
+
+def test_the_output_fusion_alone():
+    """MLA's fusion: taken exactly when its output launch is, on the Triton kernels, for a plain mixer."""
+    o_proj = _proj(64)
+    assert FusedOutput.for_mixer(SimpleNamespace(name="reference"), o_proj, "cpu", plain=True) is None
+    assert FusedOutput.for_mixer(SimpleNamespace(name="triton"), o_proj, "cpu", plain=False) is None
+    out = FusedOutput.for_mixer(SimpleNamespace(name="triton"), o_proj, "cpu", plain=True)
+    assert out is not None and not out.counters_T.any()
+    x = torch.zeros(2, 64)
+    assert out.takes(x) and out.takes_output(x)
+    o_proj.method = object()
+    assert not out.takes(x)
+    o_proj.method = FloatLinear()
+    assert not out.takes(torch.zeros(2, 64, device="meta"))  # counters on another device: never fused
