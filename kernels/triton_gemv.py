@@ -47,6 +47,28 @@ def normed(s, inv, w, dt: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def gemv_block_arrive(x_row, w_ptr, b_ptr, out_row, cnt_ptr, pid_n, rows, in_features, stride_wn,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+                      ONE_STEP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Rows [pid_n BN, (pid_n + 1) BN) of x Wᵀ (+ bias) for one token, rounded into out_row (its dtype, as the
+    matmul would have written them), then this program's arrival: a CTA barrier (every thread's stores before the
+    release) and the counter's acq_rel add at GPU scope. Returns the count before this program's: the caller whose
+    count completes its group is the last, and reads the others' rows (volatile loads) after resetting it."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < rows
+    offs_k = tl.arange(0, BLOCK_K)[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = gemv_row(acc, x_row, w_ptrs, n_ok[:, None], offs_k, in_features, BLOCK_K, K_TILES, ONE_STEP)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_row + offs_n, cast(y, out_row.dtype.element_ty, INTERPRET), mask=n_ok)
+    tl.debug_barrier()  # every thread's stores before the release
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+
+
+@triton.jit
 def gemv_row(acc, x_row, w_ptrs, n_ok, offs_k, in_features, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
              ONE_STEP: tl.constexpr):
     """The row block's products over all K into acc: one straight-line step of K_TILES tiles (ONE_STEP), or a loop

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import triton_common as common
 from .norm import FUSED_MAX_TOKENS
 from .triton_common import cast
-from .triton_gemv import check_weight, gemv_row, inverse_rms, launch_shape, normed
+from .triton_gemv import check_weight, gemv_block_arrive, inverse_rms, launch_shape, normed
 
 
 @triton.jit
@@ -61,20 +61,9 @@ def _linear_norm_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr, h_ptr, s_ptr,
                         INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    x_row = x_ptr + t.to(tl.int64) * stride_xt
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < D
-    offs_k = tl.arange(0, BLOCK_K)[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc = gemv_row(acc, x_row, w_ptrs, n_ok[:, None], offs_k, in_features, BLOCK_K, K_TILES, ONE_STEP)
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     row = t.to(tl.int64) * D
-    tl.store(y_ptr + row + offs_n, cast(y, y_ptr.dtype.element_ty, INTERPRET), mask=n_ok)
-    tl.debug_barrier()  # every thread's stores before the release
-    arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+    arrived = gemv_block_arrive(x_ptr + t.to(tl.int64) * stride_xt, w_ptr, b_ptr, y_ptr + row, cnt_ptr + t, pid_n, D,
+                                in_features, stride_wn, HAS_BIAS, BLOCK_N, BLOCK_K, K_TILES, ONE_STEP, INTERPRET)
     if arrived == tl.num_programs(1) - 1:  # the token's last program: its whole row of y is stored
         tl.atomic_xchg(cnt_ptr + t, 0)
         _add_norm_row(y_ptr + row, r_ptr + t.to(tl.int64) * stride_rt, nw_ptr, h_ptr + row, s_ptr + row, D, eps,

@@ -44,8 +44,7 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import FP8_CACHE_DTYPES
 from .attention_input import block_rows, fused
-from .triton_common import cast
-from .triton_gemv import gemv_row, inverse_rms, launch_shape, normed, summed
+from .triton_gemv import gemv_block_arrive, inverse_rms, launch_shape, normed, summed
 from .triton_rope_kv import rope_kv_head, triton_rope_write_kv
 
 @triton.jit
@@ -106,21 +105,9 @@ def _norm_qkv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, qkv_ptr, sum_ptr, h_p
     h_row = h_ptr + t.to(tl.int64) * hidden
     _normed_row(x_row, r_row, nw_ptr, sum_ptr + t.to(tl.int64) * hidden, h_row, hidden, eps,
                 HAS_RES and pid_n == 0, HAS_RES, CHUNK, CHUNKS, INTERPRET)
-    r0 = pid_n * BLOCK_N
-    offs_n = r0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < rows
-    offs_k = tl.arange(0, BLOCK_K)[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc = gemv_row(acc, h_row, w_ptrs, n_ok[:, None], offs_k, hidden, BLOCK_K, K_TILES, ONE_STEP)
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    dt = x_ptr.dtype.element_ty
-    tl.store(qkv_ptr + t.to(tl.int64) * rows + offs_n, cast(y, dt, INTERPRET), mask=n_ok)
-    group, per_token = _group(r0, num_q_heads, num_kv_heads, head_dim, v_head_dim, BLOCK_N)
-    tl.debug_barrier()  # every thread's stores before the release
-    arrived = tl.atomic_add(cnt_ptr + group, 1, sem="acq_rel")
+    group, per_token = _group(pid_n * BLOCK_N, num_q_heads, num_kv_heads, head_dim, v_head_dim, BLOCK_N)
+    arrived = gemv_block_arrive(h_row, w_ptr, b_ptr, qkv_ptr + t.to(tl.int64) * rows, cnt_ptr + group, pid_n, rows,
+                                hidden, stride_wn, HAS_BIAS, BLOCK_N, BLOCK_K, K_TILES, ONE_STEP, INTERPRET)
     if arrived == T * per_token - 1:  # the group's last program: its rows are all in qkv_TR
         tl.atomic_xchg(cnt_ptr + group, 0)
         q_rows = num_q_heads * head_dim

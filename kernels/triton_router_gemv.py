@@ -22,8 +22,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from .norm import FUSED_MAX_TOKENS
-from .triton_common import cast
-from .triton_gemv import check_weight, gemv_row, launch_shape
+from .triton_gemv import check_weight, gemv_block_arrive, launch_shape
 from .triton_router_topk import check_route_tensors, route_constexprs, route_row
 
 
@@ -37,20 +36,9 @@ def _gate_topk_kernel(x_ptr, gate_ptr, gb_ptr, logits_ptr, cnt_ptr, bias_ptr, va
                       INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    x_row = x_ptr + t.to(tl.int64) * stride_xt
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < num_experts
-    offs_k = tl.arange(0, BLOCK_K)[None, :]
-    g_ptrs = gate_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_k
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc = gemv_row(acc, x_row, g_ptrs, n_ok[:, None], offs_k, hidden, BLOCK_K, K_TILES, ONE_STEP)
-    y = tl.sum(acc, axis=1)
-    if HAS_GATE_BIAS:
-        y += tl.load(gb_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(logits_ptr + t.to(tl.int64) * num_experts + offs_n, cast(y, logits_ptr.dtype.element_ty, INTERPRET),
-             mask=n_ok)
-    tl.debug_barrier()  # every thread's stores before the release
-    arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+    arrived = gemv_block_arrive(x_ptr + t.to(tl.int64) * stride_xt, gate_ptr, gb_ptr,
+                                logits_ptr + t.to(tl.int64) * num_experts, cnt_ptr + t, pid_n, num_experts, hidden,
+                                stride_gn, HAS_GATE_BIAS, BLOCK_N, BLOCK_K, K_TILES, ONE_STEP, INTERPRET)
     if arrived == tl.num_programs(1) - 1:  # the token's last program: its whole logits row is stored
         tl.atomic_xchg(cnt_ptr + t, 0)
         route_row(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_ptr, t, num_experts, group_size,
