@@ -21,6 +21,9 @@ from moelink.kernels.norm import FUSED_MAX_TOKENS
 from ..tp.linear import Replicated
 from .linear import FloatLinear, Linear
 
+# The activation dtypes the Triton kernels take (float64 runs the references).
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
 
 class FusedOutput:
     """One mixer's output launch: its per-token counters (kernels/triton_linear_norm.token_counters: zeros the
@@ -42,4 +45,5 @@ class FusedOutput:
     def takes_output(self, x_TD: torch.Tensor) -> bool:
         proj = self.o_proj
         return (0 < x_TD.shape[0] <= FUSED_MAX_TOKENS and proj.lora is None and isinstance(proj.method, FloatLinear)
-                and isinstance(proj.parallel, Replicated) and self.counters_T.device == x_TD.device)
+                and isinstance(proj.parallel, Replicated) and x_TD.dtype in FUSED_DTYPES
+                and self.counters_T.device == x_TD.device)

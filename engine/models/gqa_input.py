@@ -23,10 +23,9 @@ import torch
 
 from moelink.kernels.attention_input import MAX_TOKENS, block_rows
 
-from .fused_output import FusedOutput
+from .fused_output import FUSED_DTYPES, FusedOutput
 from .linear import FloatLinear, Linear
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class GQALayer(Protocol):
@@ -71,7 +70,7 @@ class FusedInput:
         """Whether this step's attention input runs fused (host-side facts only: no sync)."""
         proj = self.attn.qkv_proj
         return (0 < x_TD.shape[0] <= MAX_TOKENS and proj.lora is None and isinstance(proj.method, FloatLinear)
-                and x_TD.dtype in _DTYPES and self.counters_G.device == x_TD.device)
+                and x_TD.dtype in FUSED_DTYPES and self.counters_G.device == x_TD.device)
 
     def takes_output(self, x_TD: torch.Tensor) -> bool:
         """Whether o_proj, the residual add and the next norm run as one launch too (kernels.linear_add_rms_norm):

@@ -85,4 +85,5 @@ def test_the_output_fusion_alone():
     o_proj.method = object()
     assert not out.takes(x)
     o_proj.method = FloatLinear()
+    assert not out.takes(x.double())  # float64 runs the references
     assert not out.takes(torch.zeros(2, 64, device="meta"))  # counters on another device: never fused

@@ -90,7 +90,7 @@ def test_gemv_walks_of_the_gpu_shapes(shape, gen, kdev, check, monkeypatch, seed
 
     bn, bk, tiles, one_step = shape
     monkeypatch.setattr(triton_linear_norm, "launch_shape", lambda *a, **k: (bn, bk, tiles, one_step, 1))
-    K = bk * tiles - 5 if one_step else 200  # straight line: the row in one step; loops: 200 in 3 steps of 64 x 3
+    K = bk * tiles - 5 if one_step else 200  # straight line: the row in one step; loops: 200 in steps of bk x tiles
     args = _inputs(gen, 3, K, 40, True, torch.float32)
     h, s = triton_linear_add_rms_norm(*_dev(args, kdev), 1e-6)
     want_h, want_s = reference_linear_add_rms_norm(*args, 1e-6)
