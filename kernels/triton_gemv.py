@@ -121,6 +121,19 @@ def launch_shape(rows: int, in_features: int, widest: int, interp: bool, device,
     return bn, bk, max(1, min(4, whole, 32768 // (bn * bk * itemsize))), False, 4
 
 
+def checked_counters(counters_T: torch.Tensor | None, device) -> torch.Tensor:
+    """A launch's per-token counters: the caller's (checked: FUSED_MAX_TOKENS int32, zeros the launches leave zero,
+    one tensor a layer), or new zeros."""
+    from .norm import FUSED_MAX_TOKENS
+
+    if counters_T is None:
+        return torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
+    if tuple(counters_T.shape) != (FUSED_MAX_TOKENS,) or counters_T.dtype != torch.int32:
+        raise ValueError(f"counters_T {tuple(counters_T.shape)} {counters_T.dtype} is invalid: must be "
+                         f"[{FUSED_MAX_TOKENS}] int32 zeros (a layer's per-token counters).")
+    return counters_T
+
+
 def check_weight(name: str, w: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     if tuple(w.shape) != shape or w.dtype != dtype:
         raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} is invalid: must be {list(shape)} {dtype}.")

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import triton_common as common
 from .norm import FUSED_MAX_TOKENS
 from .triton_common import cast
-from .triton_gemv import check_weight, gemv_block_arrive, inverse_rms, launch_shape, normed
+from .triton_gemv import check_weight, checked_counters, gemv_block_arrive, inverse_rms, launch_shape, normed
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def token_counters(device) -> torch.Tensor:
     """A layer's per-token counters for FUSED_MAX_TOKENS tokens, zeros: the launch leaves them zero (its last
     programs reset them), so one tensor serves every step and every captured graph of the layer; a layer's
     launches are ordered on its stream."""
-    return torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
+    return checked_counters(None, device)
 
 
 def triton_linear_add_rms_norm(
@@ -101,10 +101,7 @@ def triton_linear_add_rms_norm(
     s_TD = common.workspace((T, D), x_TK.dtype, x_TK.device)
     if T == 0:
         return h_TD, s_TD
-    counters_T = counters_T if counters_T is not None else token_counters(x_TK.device)
-    if tuple(counters_T.shape) != (FUSED_MAX_TOKENS,) or counters_T.dtype != torch.int32:
-        raise ValueError(f"counters_T {tuple(counters_T.shape)} {counters_T.dtype} is invalid: must be "
-                         f"[{FUSED_MAX_TOKENS}] int32 zeros (token_counters).")
+    counters_T = checked_counters(counters_T, x_TK.device)
     x_TK = x_TK if x_TK.stride(-1) == 1 else x_TK.contiguous()
     residual_TD = residual_TD if residual_TD.stride(-1) == 1 else residual_TD.contiguous()
     if w_DK.stride(-1) != 1:

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import triton_common as common
 from .norm import FUSED_MAX_TOKENS
-from .triton_gemv import check_weight, gemv_block_arrive, launch_shape
+from .triton_gemv import check_weight, checked_counters, gemv_block_arrive, launch_shape
 from .triton_router_topk import check_route_tensors, route_constexprs, route_row
 
 
@@ -79,11 +79,7 @@ def triton_gate_route_topk(
     ids_TK = common.workspace((T, top_k), torch.int64, x_TD.device)
     if T == 0:
         return weights_TK, ids_TK, logits_TG
-    counters_T = counters_T if counters_T is not None else torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32,
-                                                                       device=x_TD.device)
-    if tuple(counters_T.shape) != (FUSED_MAX_TOKENS,) or counters_T.dtype != torch.int32:
-        raise ValueError(f"counters_T {tuple(counters_T.shape)} {counters_T.dtype} is invalid: must be "
-                         f"[{FUSED_MAX_TOKENS}] int32 zeros.")
+    counters_T = checked_counters(counters_T, x_TD.device)
     if gate_GD.stride(-1) != 1:
         raise ValueError("gate_GD must have a unit last stride (the gate's weight).")
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
