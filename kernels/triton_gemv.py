@@ -32,13 +32,6 @@ def summed(x_row, r_row, k, ok, HAS_RES: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def inverse_rms(ssq, n, eps):
-    """1 / sqrt(ssq / n + eps), each step correctly rounded (kernels/triton_norm.py's rms_normalize)."""
-    var = tl.div_rn(ssq, tl.zeros_like(ssq) + n)
-    return tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
-
-
-@triton.jit
 def normed(s, inv, w, dt: tl.constexpr, INTERPRET: tl.constexpr):
     """The RMSNorm of values s (x's dtype) given the row's inverse rms and the weight: s·inv rounded, times the
     weight, rounded (kernels/triton_norm.py's roundings, bit for bit)."""

@@ -24,7 +24,8 @@ import triton.language as tl
 from . import triton_common as common
 from .norm import FUSED_MAX_TOKENS
 from .triton_common import cast
-from .triton_gemv import check_weight, checked_counters, gemv_block_arrive, inverse_rms, launch_shape, normed
+from .triton_gemv import check_weight, checked_counters, gemv_block_arrive, launch_shape, normed
+from .triton_norm import inverse_rms
 
 
 @triton.jit

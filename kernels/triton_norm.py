@@ -25,15 +25,19 @@ from .triton_fp8 import quant_tile
 
 
 @triton.jit
+def inverse_rms(ssq, n, eps):
+    """1 / sqrt(ssq / n + eps) of a row's fp32 sum of squares over n values: the reference's rsqrt(var + eps),
+    each step correctly rounded. Plain `/` and tl.sqrt compile to approximate instructions on a GPU (the
+    interpreter is exact), which would move bf16 outputs by a last bit. Every kernel that norms a row uses it (the
+    per-head q/k norms of triton_rope_kv.py, the decode GEMVs' norms)."""
+    var = tl.div_rn(ssq, tl.zeros_like(ssq) + n)
+    return tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
 def rms_normalize(x32, D, eps, dt: tl.constexpr, INTERPRET: tl.constexpr):
     """A row's x * rsqrt(mean(x²) + eps) (x32: its D values in fp32, zeros past them), cast to dt (x's dtype)."""
-    # Correctly rounded sqrt and divisions: plain `/` and tl.sqrt compile to approximate
-    # instructions on a GPU (the interpreter is exact), which would move bf16 outputs by a last bit.
-    # The reference's x * rsqrt(var + eps), each step correctly rounded.
-    ssq = tl.sum(x32 * x32, axis=0)
-    var = tl.div_rn(ssq, tl.zeros_like(ssq) + D)
-    inv = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
-    return cast(x32 * inv, dt, INTERPRET)
+    return cast(x32 * inverse_rms(tl.sum(x32 * x32, axis=0), D, eps), dt, INTERPRET)
 
 
 @triton.jit

@@ -44,8 +44,9 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import FP8_CACHE_DTYPES
 from .attention_input import block_rows, fused
-from .triton_gemv import gemv_block_arrive, inverse_rms, launch_shape, normed, summed
-from .triton_rope_kv import rope_kv_head, triton_rope_write_kv
+from .triton_gemv import gemv_block_arrive, launch_shape, normed, summed
+from .triton_norm import inverse_rms
+from .triton_rope_kv import check_rope_kv, rope_kv_head, triton_rope_write_kv
 
 @triton.jit
 def _normed_row(x_row, r_row, nw_ptr, sum_row, h_row, hidden, eps, write_sum, HAS_RES: tl.constexpr,
@@ -172,17 +173,7 @@ def triton_norm_qkv_rope_kv(
     H = k_cache_BLKH.shape[-1]
     N, K = num_q_heads, num_kv_heads
     _check(x_TD, residual_TD, norm_D, w_RD, bias_R, N, K, H, v_head_dim)
-    for name, c, h in (("k_cache_BLKH", k_cache_BLKH, H), ("v_cache_BLKH", v_cache_BLKH, v_head_dim)):
-        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, h):
-            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {h}].")
-    Rr = cos_sin_PR.shape[-1]
-    if Rr % 2 or Rr > H:
-        raise ValueError(f"cos_sin_PR has {Rr} columns: the rotary dims must be even and at most head_dim={H}.")
-    if (q_norm_H is None) != (k_norm_H is None):
-        raise ValueError("q_norm_H and k_norm_H must be given together (a per-head q/k norm) or both be None.")
-    for name, w in (("q_norm_H", q_norm_H), ("k_norm_H", k_norm_H)):
-        if w is not None and (tuple(w.shape) != (H,) or w.dtype != x_TD.dtype):
-            raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} is invalid: must be [{H}] {x_TD.dtype}.")
+    Rr = check_rope_kv(H, v_head_dim, K, x_TD.dtype, cos_sin_PR, k_cache_BLKH, v_cache_BLKH, q_norm_H, k_norm_H)
     T, D = x_TD.shape
     R = w_RD.shape[0]
     if T > 0 and not fused(T, H, v_head_dim):

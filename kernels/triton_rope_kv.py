@@ -22,6 +22,7 @@ import triton.language as tl
 from . import triton_common as common
 from .attention import FP8_CACHE_DTYPES
 from .triton_common import cast
+from .triton_norm import inverse_rms
 
 
 @triton.jit
@@ -67,9 +68,7 @@ def rope_kv_head(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr, k
     if HAS_NORM:  # the whole head's mean square, as triton_norm reduces one row
         offs = tl.arange(0, BLOCK_H)
         x32 = tl.load(src + offs, mask=offs < head_dim, other=0.0, volatile=VOLATILE).to(tl.float32)
-        ssq = tl.sum(x32 * x32, axis=0)
-        var = tl.div_rn(ssq, tl.zeros_like(ssq) + head_dim)
-        inv = tl.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
+        inv = inverse_rms(tl.sum(x32 * x32, axis=0), head_dim, eps)
     j = tl.arange(0, BLOCK_HALF)
     j_ok = j < half
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -118,6 +117,24 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qn_ptr, kn_ptr, qo_ptr
                  HAS_NORM, BLOCK_H, BLOCK_HV, BLOCK_HALF, BLOCK_PASS, FP8, INTERPRET, False)
 
 
+def check_rope_kv(H: int, Hv: int, K: int, dtype: torch.dtype, cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor,
+                  v_cache_BLKH: torch.Tensor, q_norm_H: torch.Tensor | None, k_norm_H: torch.Tensor | None) -> int:
+    """The rotary table, the per-head norms and the caches as rope_kv_head reads them (one clear error naming the
+    argument); returns the rotary dims R. kernels/triton_qkv_rope_kv.py checks its launch with it too."""
+    R = cos_sin_PR.shape[-1]
+    if R % 2 or R > H:
+        raise ValueError(f"cos_sin_PR has {R} columns: the rotary dims must be even and at most head_dim={H}.")
+    if (q_norm_H is None) != (k_norm_H is None):
+        raise ValueError("q_norm_H and k_norm_H must be given together (a per-head q/k norm) or both be None.")
+    for name, w in (("q_norm_H", q_norm_H), ("k_norm_H", k_norm_H)):
+        if w is not None and (tuple(w.shape) != (H,) or w.dtype != dtype):
+            raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} is invalid: must be [{H}] {dtype}.")
+    for name, c, h in (("k_cache_BLKH", k_cache_BLKH, H), ("v_cache_BLKH", v_cache_BLKH, Hv)):
+        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, h):
+            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {h}].")
+    return R
+
+
 def triton_rope_write_kv(
     q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, positions_T: torch.Tensor,
     cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
@@ -134,17 +151,7 @@ def triton_rope_write_kv(
     if tuple(k_TKH.shape) != (T, K, H) or tuple(v_TKH.shape) != (T, K, Hv):
         raise ValueError(f"k_TKH {tuple(k_TKH.shape)} and v_TKH {tuple(v_TKH.shape)} must be [{T}, K, {H}] and "
                          f"[{T}, K, Hv].")
-    R = cos_sin_PR.shape[-1]
-    if R % 2 or R > H:
-        raise ValueError(f"cos_sin_PR has {R} columns: the rotary dims must be even and at most head_dim={H}.")
-    if (q_norm_H is None) != (k_norm_H is None):
-        raise ValueError("q_norm_H and k_norm_H must be given together (a per-head q/k norm) or both be None.")
-    for name, w in (("q_norm_H", q_norm_H), ("k_norm_H", k_norm_H)):
-        if w is not None and (tuple(w.shape) != (H,) or w.dtype != q_TNH.dtype):
-            raise ValueError(f"{name} {tuple(w.shape)} {w.dtype} is invalid: must be [{H}] {q_TNH.dtype}.")
-    for name, c, h in (("k_cache_BLKH", k_cache_BLKH, H), ("v_cache_BLKH", v_cache_BLKH, Hv)):
-        if not c.is_contiguous() or tuple(c.shape[2:]) != (K, h):
-            raise ValueError(f"{name} {tuple(c.shape)} is invalid: must be contiguous [blocks, L, {K}, {h}].")
+    R = check_rope_kv(H, Hv, K, q_TNH.dtype, cos_sin_PR, k_cache_BLKH, v_cache_BLKH, q_norm_H, k_norm_H)
     q_TNH, k_TKH, v_TKH, cos_sin_PR = (t if t.stride(-1) == 1 else t.contiguous()
                                        for t in (q_TNH, k_TKH, v_TKH, cos_sin_PR))
     q_out = q_out if q_out is not None else common.workspace((T, N, H), q_TNH.dtype, q_TNH.device)

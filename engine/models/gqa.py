@@ -132,7 +132,8 @@ class GQAAttention(nn.Module):
                 q_TNH, k_TKH = self.rope(q_TNH, k_TKH, rope_pos_T, table_PR)
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
-        return self._attend_out(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales, gate_TQ)
+        o_TO = self._heads_out(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales, gate_TQ)
+        return self.o_proj(o_TO, self.o_bias)
 
     def forward_fused(self, norm: RMSNorm, post_norm: RMSNorm | None, positions_T: torch.Tensor, x_TD: torch.Tensor,
                       residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +151,9 @@ class GQAAttention(nn.Module):
             self.num_kv_heads, self.v_head_dim, rope_pos_T, table_PR, k_cache, v_cache, attn.slot_mapping_T,
             q_norm_H=qn, k_norm_H=kn, eps=self.q_norm.eps if self.q_norm is not None else 1e-6,
             k_scale=self.k_scale, v_scale=self.v_scale, counters_G=fused.counters_G)
+        o_TO = self._heads_out(q_TNH, x_TD, positions_T, ctx, attn, kv_scales, None)
         if post_norm is None:
-            return self._attend_out(q_TNH, x_TD, positions_T, ctx, attn, kv_scales, None), residual_TD
-        o_TO = self._attend(q_TNH, x_TD, positions_T, ctx, attn, kv_scales).reshape(q_TNH.shape[0], self.o_size)
+            return self.o_proj(o_TO, self.o_bias), residual_TD
         return self.kernels.linear_add_rms_norm(o_TO, self.o_proj.weight, self.o_bias, residual_TD,
                                                 post_norm.weight, post_norm.eps, counters_T=fused.output.counters_T)
 
@@ -169,13 +170,11 @@ class GQAAttention(nn.Module):
             positions_T, ctx.images.mrope_3T if ctx.images is not None else None)
         return k_cache, v_cache, attn, kv_scales, rope_pos_T, table_PR
 
-    def _attend_out(self, q_TNH: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext,
-                    attn, kv_scales: dict, gate_TQ: torch.Tensor | None) -> torch.Tensor:
-        """The attention, its output gate when the layer has one, and o_proj: [T, D]."""
+    def _heads_out(self, q_TNH: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext,
+                   attn, kv_scales: dict, gate_TQ: torch.Tensor | None) -> torch.Tensor:
+        """The attention and its output gate where the layer has one: o_proj's input, [T, N * Hv]."""
         o_TO = self._attend(q_TNH, x_TD, positions_T, ctx, attn, kv_scales).reshape(q_TNH.shape[0], self.o_size)
-        if gate_TQ is not None:
-            o_TO = o_TO * torch.sigmoid(gate_TQ)
-        return self.o_proj(o_TO, self.o_bias)
+        return o_TO if gate_TQ is None else o_TO * torch.sigmoid(gate_TQ)
 
     def _attend(self, q_TNH: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext,
                 attn, kv_scales: dict) -> torch.Tensor:
