@@ -21,8 +21,9 @@ ROUTERS: list[tuple[str, int, int, torch.dtype, dict[str, Any]]] = [
 def _compile_fused_inputs(rec: Recorder, quick: bool) -> None:
     """The decode attention input in one launch (kernels/triton_qkv_rope_kv.py: norm, q/k/v GEMV, rope_write_kv)
     and its output in one more (kernels/triton_linear_norm.py: o_proj GEMV, residual add, norm) at batch 1 and 4
-    of Qwen3-30B-A3B (D 2048, 32/4 heads of 128, q/k norm), gpt-oss-120b (D 2880, 64/8 heads of 64, qkv bias) and GLM-4.5-Air (D 4096, 96/8 heads of 128, rotary over 64, qkv bias): the block of rows and the
-    grid as an H100's 132 SMs pick them."""
+    of Qwen3-30B-A3B (D 2048, 32/4 heads of 128, q/k norm; also its FP8 checkpoint's e4m3 projections), gpt-oss-120b
+    (D 2880, 64/8 heads of 64, qkv bias) and GLM-4.5-Air (D 4096, 96/8 heads of 128, rotary over 64, qkv bias): the
+    block of rows and the grid as an H100's 132 SMs pick them."""
     from moelink.kernels.triton_linear_norm import token_counters, triton_linear_add_rms_norm
     from moelink.kernels.triton_qkv_rope_kv import group_counters, triton_norm_qkv_rope_kv
 
@@ -48,6 +49,33 @@ def _compile_fused_inputs(rec: Recorder, quick: bool) -> None:
                 triton_linear_add_rms_norm(o, torch.empty(D, N * H, dtype=dt, **meta),
                                            torch.empty(D, dtype=dt, **meta) if bias else None, x,
                                            torch.empty(D, dtype=dt, **meta), 1e-6, counters_T=token_counters("meta"))
+            if name == "qwen3-30b-a3b":
+                _compile_fp8_gemvs(rec, name, x, o, rows, N, K, H, R, cache, qw, pos, slots)
+
+
+def _compile_fp8_gemvs(rec: Recorder, name: str, x, o, rows: int, N: int, K: int, H: int, R: int, cache, qw, pos,
+                       slots) -> None:
+    """The two attention launches over an FP8 checkpoint's e4m3 projections in 128 x 128 blocks (Qwen3-30B-A3B-FP8:
+    W8A8, the input row quantized by every program), the output launch also quantizing the FP8 experts' input."""
+    from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape
+    from moelink.kernels.triton_linear_norm import token_counters, triton_linear_add_rms_norm_fp8
+    from moelink.kernels.triton_qkv_rope_kv import group_counters, triton_norm_qkv_rope_kv
+
+    meta = dict(device="meta")
+    T, D = x.shape
+    nw = torch.empty(D, dtype=x.dtype, **meta)
+    w_qkv, w_o = torch.empty(rows, D, dtype=FP8_DTYPE, **meta), torch.empty(D, N * H, dtype=FP8_DTYPE, **meta)
+    s_qkv = torch.empty(block_scale_shape(rows, D), **meta)
+    s_o = torch.empty(block_scale_shape(D, N * H), **meta)
+    with rec.labelled(f"{name} FP8 attention input in one launch (norm + quant + e4m3 qkv GEMV + rotary + KV "
+                      f"write), T={T}"):
+        triton_norm_qkv_rope_kv(x, torch.empty_like(x), nw, 1e-6, w_qkv, None, N, K, H, pos,
+                                torch.empty(4096, R, **meta), cache, cache, slots, qw, qw, 1e-6,
+                                counters_G=group_counters(N, K, "meta"), w_scale_inv=s_qkv)
+    with rec.labelled(f"{name} FP8 attention output in one launch (quant + e4m3 o_proj GEMV + add + norm + the "
+                      f"experts' quant), T={T}"):
+        triton_linear_add_rms_norm_fp8(o, w_o, None, x, nw, 1e-6, 128, counters_T=token_counters("meta"),
+                                       w_scale_inv=s_o)
 
 
 def compile_decode_inputs(rec: Recorder, quick: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fp8 import DEFAULT_BLOCK, reference_fp8_linear
 from .norm import FUSED_MAX_TOKENS, reference_add_rms_norm, reference_rms_norm
 from .rotary import reference_rope_write_kv
 
@@ -38,13 +39,15 @@ def reference_norm_qkv_rope_kv(
     bias_R: torch.Tensor | None, num_q_heads: int, num_kv_heads: int, v_head_dim: int, positions_T: torch.Tensor,
     cos_sin_PR: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
     q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None, eps: float = 1e-6,
-    k_scale: float = 1.0, v_scale: float = 1.0, counters_G: torch.Tensor | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0, counters_G: torch.Tensor | None = None, *,
+    w_scale_inv: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, x + residual): h = rms_norm(x + residual) (of x alone when residual is None, which is then returned as
     the sum), qkv = h w_RDᵀ (+ bias_R) split into q [T, N, H], k [T, K, H], v [T, K, Hv] (H: the caches' head
     dim), then rope_write_kv's contract: k and v normed, roped and written to their slots, q returned so.
     counters_G: the one-launch form's head-group counters (kernels/triton_qkv_rope_kv.group_counters), unused
-    here."""
+    here. w_scale_inv: w_RD is an FP8 weight with these block scales (`block`), qkv the W8A8 linear
+    (fp8.reference_fp8_linear)."""
     H = k_cache_BLKH.shape[-1]
     N, K = num_q_heads, num_kv_heads
     if w_RD.shape[0] != N * H + K * (H + v_head_dim):
@@ -55,7 +58,10 @@ def reference_norm_qkv_rope_kv(
     else:
         h_TD, summed_TD = reference_add_rms_norm(x_TD, residual_TD, norm_D, norm_eps)
     T = x_TD.shape[0]
-    qkv_TR = F.linear(h_TD, w_RD, bias_R)
+    if w_scale_inv is None:
+        qkv_TR = F.linear(h_TD, w_RD, bias_R)
+    else:
+        qkv_TR = reference_fp8_linear(h_TD, w_RD, w_scale_inv, block, bias_R)
     q_TNH = qkv_TR[:, :N * H].view(T, N, H)
     k_TKH = qkv_TR[:, N * H:(N + K) * H].view(T, K, H)
     v_TKH = qkv_TR[:, (N + K) * H:].view(T, K, v_head_dim)

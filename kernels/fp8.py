@@ -61,6 +61,24 @@ def _div_fp8_max(amax: torch.Tensor) -> torch.Tensor:
     return amax / torch.full_like(amax, FP8_MAX)
 
 
+def fp8_gemv_rows(widest: int, block: tuple[int, int]) -> int:
+    """The rows a program of a fused decode GEMV (kernels/triton_gemv.py) takes over an FP8 weight in `block`
+    scale blocks: `widest` (a power of two) narrowed until it divides Bn, so a program's rows share one scale row.
+    Under 8 (a Bn with no such divisor) the fused GEMVs do not take the weight."""
+    bn = widest
+    while bn >= 8 and block[0] % bn:
+        bn //= 2
+    return bn
+
+
+def fp8_gemv_fits(widest: int, block: tuple[int, int]) -> bool:
+    """Whether the fused decode GEMVs take an FP8 weight in `block` blocks, at most `widest` rows a program: Bk a
+    power of two >= 16 (the Triton FP8 kernels' rule: a K tile in one group) and a program's rows in one scale
+    row (`fp8_gemv_rows`)."""
+    bk = int(block[1])
+    return bk >= 16 and bk & (bk - 1) == 0 and fp8_gemv_rows(widest, block) >= 8
+
+
 def block_quantize(w_NK: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight ([..., N, K], leading dims = stacked experts) to float8_e4m3fn with one float32 scale per
     block: scale_inv = amax(|block|) / 448, wq = round(w / scale_inv). Returns (wq [..., N, K], scale_inv

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp8 import per_token_group_quant
+from .fp8 import DEFAULT_BLOCK, per_token_group_quant, reference_fp8_linear
 
 
 def rms_normalize(x_TD: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,12 +52,33 @@ FUSED_MAX_TOKENS = 8
 
 def reference_linear_add_rms_norm(
     x_TK: torch.Tensor, w_DK: torch.Tensor, bias_D: torch.Tensor | None, residual_TD: torch.Tensor,
-    norm_D: torch.Tensor, eps: float, counters_T: torch.Tensor | None = None,
+    norm_D: torch.Tensor, eps: float, counters_T: torch.Tensor | None = None, *,
+    w_scale_inv: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear, then the residual add fused with the norm: (norm(y + residual), y + residual), y = x w_DKᵀ
     (+ bias). The attention's o_proj and the norm before the FFN block as one op (one launch for a decode batch:
-    kernels/triton_linear_norm.py). counters_T: that launch's per-token counters, unused here."""
-    return reference_add_rms_norm(F.linear(x_TK, w_DK, bias_D), residual_TD, norm_D, eps)
+    kernels/triton_linear_norm.py). counters_T: that launch's per-token counters, unused here. w_scale_inv: w_DK
+    is an FP8 weight with these block scales (`block`), y the W8A8 linear (fp8.reference_fp8_linear)."""
+    if w_scale_inv is None:
+        y_TD = F.linear(x_TK, w_DK, bias_D)
+    else:
+        y_TD = reference_fp8_linear(x_TK, w_DK, w_scale_inv, block, bias_D)
+    return reference_add_rms_norm(y_TD, residual_TD, norm_D, eps)
+
+
+def reference_linear_add_rms_norm_fp8(
+    x_TK: torch.Tensor, w_DK: torch.Tensor, bias_D: torch.Tensor | None, residual_TD: torch.Tensor,
+    norm_D: torch.Tensor, eps: float, group: int = 128, counters_T: torch.Tensor | None = None, *,
+    w_scale_inv: torch.Tensor | None = None, block: tuple[int, int] = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference_linear_add_rms_norm, and its normed output quantized for W8A8 FP8 experts
+    (fp8.per_token_group_quant, per token and `group` channels): (h, sum, hq float8_e4m3fn [T, D], hs float32
+    [T, ceil(D / group)]), what add_rms_norm_fp8 gives after a separate linear (kernels/triton_linear_norm.py: one
+    launch for a decode batch)."""
+    h_TD, summed_TD = reference_linear_add_rms_norm(x_TK, w_DK, bias_D, residual_TD, norm_D, eps, counters_T,
+                                                    w_scale_inv=w_scale_inv, block=block)
+    hq_TD, hs_TG = per_token_group_quant(h_TD, group)
+    return h_TD, summed_TD, hq_TD, hs_TG
 
 
 def reference_add_rms_norm_fp8(

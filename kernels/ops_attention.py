@@ -42,9 +42,11 @@ class AttentionKernels(Protocol):
                          k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor, slot_mapping_T: torch.Tensor,
                          q_norm_H: torch.Tensor | None = None, k_norm_H: torch.Tensor | None = None,
                          eps: float = 1e-06, k_scale: float = 1.0, v_scale: float = 1.0,
-                         counters_G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         counters_G: torch.Tensor | None = None, *, w_scale_inv: torch.Tensor | None = None,
+                         block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual add and input norm, the q/k/v projection and rope_write_kv in one op: (q [T, N, H],
-        x + residual); a decode batch's attention input (kernels/attention_input.py)."""
+        x + residual); a decode batch's attention input (kernels/attention_input.py). w_scale_inv: w_RD is FP8
+        (e4m3 in `block` scale blocks), the projection W8A8."""
         ...
 
     def paged_attention(self, q_TNH: torch.Tensor, k_cache_BLKH: torch.Tensor, v_cache_BLKH: torch.Tensor,

@@ -38,7 +38,8 @@ def _gate_topk_kernel(x_ptr, gate_ptr, gb_ptr, logits_ptr, cnt_ptr, bias_ptr, va
     pid_n = tl.program_id(1)
     arrived = gemv_block_arrive(x_ptr + t.to(tl.int64) * stride_xt, gate_ptr, gb_ptr,
                                 logits_ptr + t.to(tl.int64) * num_experts, cnt_ptr + t, pid_n, num_experts, hidden,
-                                stride_gn, HAS_GATE_BIAS, BLOCK_N, BLOCK_K, K_TILES, ONE_STEP, INTERPRET)
+                                stride_gn, x_ptr, x_ptr, 0, 1, HAS_GATE_BIAS, BLOCK_N, BLOCK_K, K_TILES, ONE_STEP,
+                                False, 1, INTERPRET)  # a float gate: no FP8 scales
     if arrived == tl.num_programs(1) - 1:  # the token's last program: its whole logits row is stored
         tl.atomic_xchg(cnt_ptr + t, 0)
         route_row(logits_ptr, bias_ptr, valid_ptr, counts_ptr, w_ptr, ids_ptr, t, num_experts, group_size,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.attention import FP8_CACHE_DTYPES
+from moelink.moe.fp8_input import Fp8Input
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 from .gqa_config import GQAConfig
@@ -136,10 +137,12 @@ class GQAAttention(nn.Module):
         return self.o_proj(o_TO, self.o_bias)
 
     def forward_fused(self, norm: RMSNorm, post_norm: RMSNorm | None, positions_T: torch.Tensor, x_TD: torch.Tensor,
-                      residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+                      residual_TD: torch.Tensor | None, ctx: ForwardContext, handoff: Fp8Input | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(norm(x + residual)), x + residual) with the norm, the projection and rope_write_kv in one
         launch (kernels.norm_qkv_rope_kv); with `post_norm`, o_proj, the residual add and that norm in one more
-        (kernels.linear_add_rms_norm), returning (post_norm(out + sum), out + sum), the FFN block's input. Only
+        (kernels.linear_add_rms_norm; FusedOutput.project: with the FP8 experts' `handoff`, their quantized
+        input too), returning (post_norm(out + sum), out + sum), the FFN block's input. Only
         where `fusion.takes` the step (and `takes_output`, with post_norm): engine/models/gqa_input.py
         (plain GQA, whose `_attend` does not read the normed input)."""
         fused = self.fusion
@@ -150,12 +153,11 @@ class GQAAttention(nn.Module):
             x_TD, residual_TD, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_bias, self.num_heads,
             self.num_kv_heads, self.v_head_dim, rope_pos_T, table_PR, k_cache, v_cache, attn.slot_mapping_T,
             q_norm_H=qn, k_norm_H=kn, eps=self.q_norm.eps if self.q_norm is not None else 1e-6,
-            k_scale=self.k_scale, v_scale=self.v_scale, counters_G=fused.counters_G)
+            k_scale=self.k_scale, v_scale=self.v_scale, counters_G=fused.counters_G, **fused.weight())
         o_TO = self._heads_out(q_TNH, x_TD, positions_T, ctx, attn, kv_scales, None)
         if post_norm is None:
             return self.o_proj(o_TO, self.o_bias), residual_TD
-        return self.kernels.linear_add_rms_norm(o_TO, self.o_proj.weight, self.o_bias, residual_TD,
-                                                post_norm.weight, post_norm.eps, counters_T=fused.output.counters_T)
+        return fused.output.project(self.kernels, o_TO, self.o_bias, residual_TD, post_norm, handoff)
 
     def _step_args(self, positions_T: torch.Tensor, ctx: ForwardContext):
         """(k_cache, v_cache, the attention metadata this layer reads, the fp8 cache's scales as keywords, the

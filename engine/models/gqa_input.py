@@ -8,8 +8,8 @@ Why: a batch-1 decode layer's attention half was eight dependent launches for ~9
 (docs/gpu-session-steps.md, issue 80's first row); these remove three of them (the input norm, the q/k norm +
 rotary + KV write, the norm after) and the projections' outputs' round trips through DRAM.
 
-Which layers: plain GQA (not a kind that attends its own way), NeoX rotary on every head, a float q/k/v stack
-without gaps, no output gate, no all-heads q/k norm, no value scale, and head widths a block of 8-64 rows
+Which layers: plain GQA (not a kind that attends its own way), NeoX rotary on every head, a q/k/v stack without
+gaps, float or FP8 block-scaled in blocks the GEMV takes (fused_output.gemv_weight), no output gate, no all-heads q/k norm, no value scale, and head widths a block of 8-64 rows
 divides; the Triton kernels only (the CPU path's native norm and linear are already one call each). Which steps:
 up to kernels.triton_qkv_rope_kv.MAX_TOKENS tokens, and no LoRA adapter on the projection (its hook runs after
 the matmul). The decision is a function of the layer and the step's token count, known on the host: a CUDA graph
@@ -23,8 +23,8 @@ import torch
 
 from moelink.kernels.attention_input import MAX_TOKENS, block_rows
 
-from .fused_output import FUSED_DTYPES, FusedOutput
-from .linear import FloatLinear, Linear
+from .fused_output import FUSED_DTYPES, FusedOutput, gemv_weight
+from .linear import Linear
 
 
 
@@ -69,8 +69,13 @@ class FusedInput:
     def takes(self, x_TD: torch.Tensor) -> bool:
         """Whether this step's attention input runs fused (host-side facts only: no sync)."""
         proj = self.attn.qkv_proj
-        return (0 < x_TD.shape[0] <= MAX_TOKENS and proj.lora is None and isinstance(proj.method, FloatLinear)
+        return (0 < x_TD.shape[0] <= MAX_TOKENS and proj.lora is None and self.weight() is not None
                 and x_TD.dtype in FUSED_DTYPES and self.counters_G.device == x_TD.device)
+
+    def weight(self) -> dict[str, Any] | None:
+        """The q/k/v weight's keywords for kernels.norm_qkv_rope_kv (fused_output.gemv_weight), None: not taken."""
+        attn = self.attn
+        return gemv_weight(attn.qkv_proj, block_rows(attn.head_dim, attn.v_head_dim) or 0)
 
     def takes_output(self, x_TD: torch.Tensor) -> bool:
         """Whether o_proj, the residual add and the next norm run as one launch too (kernels.linear_add_rms_norm):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.attention import FP8_CACHE_DTYPES
+from moelink.moe.fp8_input import Fp8Input
 from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from .mla_config import MLAConfig
@@ -139,9 +140,11 @@ class MLAAttention(nn.Module):
         return self.o_proj(self._heads_out(positions_T, x_TD, ctx), self.o_bias)
 
     def forward_fused(self, norm: RMSNorm, post_norm: RMSNorm | None, positions_T: torch.Tensor, x_TD: torch.Tensor,
-                      residual_TD: torch.Tensor | None, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+                      residual_TD: torch.Tensor | None, ctx: ForwardContext, handoff: Fp8Input | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(norm(x + residual)), x + residual), or with `post_norm` (post_norm(out + sum), out + sum): o_proj,
-        the residual add and that norm in one launch (kernels.linear_add_rms_norm). Only where `fusion.takes` the
+        the residual add and that norm in one launch (FusedOutput.project: with the FP8 experts' `handoff`, their
+        quantized input too). Only where `fusion.takes` the
         step (engine/models/fused_output.py)."""
         assert self.fusion is not None  # the caller asked fusion.takes
         if residual_TD is None:
@@ -151,8 +154,7 @@ class MLAAttention(nn.Module):
         o_TO = self._heads_out(positions_T, h_TD, ctx)
         if post_norm is None:
             return self.o_proj(o_TO, self.o_bias), residual_TD
-        return self.kernels.linear_add_rms_norm(o_TO, self.o_proj.weight, self.o_bias, residual_TD, post_norm.weight,
-                                                post_norm.eps, counters_T=self.fusion.counters_T)
+        return self.fusion.project(self.kernels, o_TO, self.o_bias, residual_TD, post_norm, handoff)
 
     def _heads_out(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The attention's output before o_proj, [T, N * Dv] (gated where the layer has an output gate)."""

@@ -13,6 +13,7 @@ from moelink.engine import LLM, SamplingParams
 from moelink.engine.models.fused_output import FusedOutput
 from moelink.engine.models.gqa_input import FusedInput
 from moelink.kernels.attention_input import MAX_TOKENS
+from moelink.moe.fp8_input import Fp8Input
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -143,6 +144,59 @@ def test_mla_output_fused_run_gives_the_unfused_tokens(hf_tiny_model, monkeypatc
         for layer in unfused_llm.engine.executor.worker.runner.model.layers:
             if layer.moe is not None:
                 layer.moe.gate_counters_T = None
+        unfused = _generate(unfused_llm)
+    finally:
+        unfused_llm.shutdown()
+    _same(fused, unfused)
+
+
+@pytest.mark.slow  # two interpreter engines
+def test_fp8_checkpoint_takes_the_fused_launches_w8a8(fp8_tiny, monkeypatch):
+    """A Qwen3-MoE checkpoint quantized to FP8 in 16 x 16 blocks (`moelink quantize-fp8`: e4m3 q/k/v, o and experts
+    with their block scales, a ragged hidden of 40; layer 0 MoE, layer 1 a dense MLP): the attention's input and
+    output launches read the e4m3 weights and their scales at every decode step of every layer (W8A8,
+    kernels/triton_gemv.py); before the MoE layer's FP8 experts the output launch also writes their quantized input
+    (kernels.linear_add_rms_norm_fp8, the handoff of moe/fp8_input.py); and the run gives the unfused run's tokens
+    (the FP8 GEMM, kernels.fp8_linear, with its own activation quantization; the norm's own FP8 handoff)."""
+    _, path, _ = fp8_tiny("qwen3_fp8")
+    llm = _llm(path)
+    mixers = _mixers(llm)
+    layers_ = llm.engine.executor.worker.runner.model.layers
+    assert all(m.qkv_proj.weight.dtype == torch.float8_e4m3fn and isinstance(m.fusion, FusedInput) for m in mixers)
+    assert [layer.moe is not None and layer.moe.fp8_input is not None for layer in layers_] == [True, False]
+    kernels, layers = mixers[0].kernels, len(mixers)
+    ops = ("norm_qkv_rope_kv", "linear_add_rms_norm", "linear_add_rms_norm_fp8")
+    scaled: dict[str, list[bool]] = {op: [] for op in ops}
+    for op, calls in scaled.items():
+        def run(*args, _real=getattr(kernels, op), _calls=calls, **kw):
+            _calls.append(kw.get("w_scale_inv") is not None)
+            return _real(*args, **kw)
+        setattr(kernels, op, run)
+    taken: list[bool] = []
+    real_take = Fp8Input.take
+
+    def take(self, x_TD):
+        got = real_take(self, x_TD)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(Fp8Input, "take", take)
+    try:
+        fused = _generate(llm)
+    finally:
+        llm.shutdown()
+    monkeypatch.undo()
+    # The MoE layer's experts ran on a handed-over quantized copy at every step: the prefill's from the norm, the
+    # decode steps' from the output launch.
+    assert taken == [True] * 4, taken
+    # Three decode steps (two rows, then one, one) a layer: the input launch at both layers, the output launch
+    # with the experts' quantized input at the MoE layer, without it at the dense one; every call with scales.
+    counts = {op: len(calls) for op, calls in scaled.items()}
+    assert counts == {"norm_qkv_rope_kv": 3 * layers, "linear_add_rms_norm": 3, "linear_add_rms_norm_fp8": 3}, scaled
+    assert all(all(calls) for calls in scaled.values()), scaled
+    monkeypatch.setattr(FusedInput, "takes", lambda self, x_TD: False)
+    unfused_llm = _llm(path)
+    try:
         unfused = _generate(unfused_llm)
     finally:
         unfused_llm.shutdown()

@@ -1,7 +1,7 @@
 """Which layers and steps take the decode fusions (engine/models/gqa_input.py FusedInput, engine/models/fused_output.py
 FusedOutput): every layer kind the one-launch forms cannot compute keeps the unfused path, and every per-step
-condition (batch size, a LoRA adapter set after build, a quantized or row-parallel projection, the device) is asked
-each step. Host-side objects only: no kernel runs."""
+condition (batch size, a LoRA adapter set after build, a projection's method and FP8 block, a row-parallel o_proj,
+the device) is asked each step. Host-side objects only: no kernel runs."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -11,7 +11,7 @@ import torch
 
 from moelink.engine.models.fused_output import FusedOutput
 from moelink.engine.models.gqa_input import FusedInput
-from moelink.engine.models.linear import FloatLinear
+from moelink.engine.models.linear import FloatLinear, Fp8Linear
 from moelink.engine.tp.linear import Replicated, RowParallel
 from moelink.kernels.norm import FUSED_MAX_TOKENS
 
@@ -63,9 +63,16 @@ def test_each_step_asks_again():
     fused.attn.qkv_proj.lora = object()  # an adapter loaded after build: its hook runs after the matmul
     assert not fused.takes(x)
     fused.attn.qkv_proj.lora = None
-    fused.attn.qkv_proj.method = object()  # an FP8 projection
+    fused.attn.qkv_proj.method = object()  # a method the GEMV does not read (INT4, ...)
+    assert not fused.takes(x)
+    fused.attn.qkv_proj.method, fused.attn.qkv_proj.weight_scale_inv = Fp8Linear((128, 128)), "scales"
+    assert fused.takes(x) and fused.weight() == dict(w_scale_inv="scales", block=(128, 128))  # W8A8, one launch
+    fused.attn.qkv_proj.method = Fp8Linear((12, 128))  # no program of 8-16 rows fits a 12-row scale block
+    assert not fused.takes(x)
+    fused.attn.qkv_proj.method = Fp8Linear((128, 96))  # a K group the Triton FP8 kernels do not tile
     assert not fused.takes(x)
     fused.attn.qkv_proj.method = FloatLinear()
+    assert fused.weight() == {}
     fused.attn.o_proj.parallel = RowParallel(SimpleNamespace(), 0, 64)  # all-reduces before the residual add
     assert fused.takes(x) and not fused.takes_output(x)
     fused.attn.o_proj.parallel = Replicated()
@@ -83,6 +90,10 @@ def test_the_output_fusion_alone():
     x = torch.zeros(2, 64)
     assert out.takes(x) and out.takes_output(x)
     o_proj.method = object()
+    assert not out.takes(x)
+    o_proj.method, o_proj.weight_scale_inv = Fp8Linear((128, 128)), "scales"
+    assert out.takes(x) and out.weight() == dict(w_scale_inv="scales", block=(128, 128))
+    o_proj.method = Fp8Linear((4, 128))
     assert not out.takes(x)
     o_proj.method = FloatLinear()
     assert not out.takes(x.double())  # float64 runs the references

@@ -157,12 +157,13 @@ def mixer_and_ffn_norm(norm: RMSNorm, post_norm: RMSNorm, mixer: nn.Module, ffn:
     """The prenorm layer's first half: (post_norm(m + s), m + s) where s = x + residual and m = mixer(norm(s)),
     the FFN block's input and the residual stream. A mixer that takes the norms into its own launches where a
     step allows it (its `fusion` at decode batches: engine/models/fused_output.py, GQA's gqa_input.py) is handed
-    the stream; the norm after it stays apart where the FFN block wants its input from that norm's own launch
-    (ffn_prenorm's FP8 handoff)."""
+    the stream, and the FFN block's FP8 input handoff where there is one (the output launch then quantizes the
+    experts' input as ffn_prenorm's norm would)."""
     fused = getattr(mixer, "fusion", None)
     if fused is not None and fused.takes(x_TD):
-        post = post_norm if fused.takes_output(x_TD) and _fp8_handoff(ffn, x_TD.shape[0]) is None else None
-        out_TD, residual_TD = mixer.forward_fused(norm, post, positions_T, x_TD, residual_TD, ctx)
+        post = post_norm if fused.takes_output(x_TD) else None
+        out_TD, residual_TD = mixer.forward_fused(norm, post, positions_T, x_TD, residual_TD, ctx,
+                                                  handoff=_fp8_handoff(ffn, x_TD.shape[0]))
         if post is not None:
             return out_TD, residual_TD
     else:
