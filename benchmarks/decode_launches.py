@@ -1,7 +1,10 @@
 """Every launch of one batch-1 decode step of one decoder layer, and the bytes each must move, on the CPU.
 
     TRITON_INTERPRET=1 python -m moelink.benchmarks.decode_launches [--model qwen3-30b-a3b|deepseek-v2-lite|all]
-        [--context 1024] [--small] [--out PATH]
+        [--context 1024] [--small] [--fp8] [--out PATH]
+
+`--fp8`: the model as its published FP8 checkpoint holds it (Qwen3-30B-A3B-FP8: `quantization_config` fp8 e4m3,
+dynamic activations, 128 x 128 blocks: the projections, the dense MLPs and the experts e4m3 with block scales).
 
 Why: at batch 1 a decode step is a few hundred small kernels, each waiting for the one before; the step's
 memory floor (weights + KV) is ~43 us per Qwen3-30B-A3B layer on an H100, so every launch that moves no floor
@@ -41,7 +44,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .engine_decode import BLOCK, MODELS, decode_inputs
+from .engine_decode import BLOCK, FP8_QUANT, MODELS, decode_inputs, layer_bytes, one_expert_bytes, random_weights
 
 RESULTS = Path(__file__).parent / "results"
 _REPO = str(Path(__file__).resolve().parent.parent)
@@ -209,8 +212,8 @@ def record(log: LaunchLog):
 
 
 def build_layer(hf: dict, layer_idx: int, max_len: int):
-    """One decoder layer of `hf`'s model at index `layer_idx`, random weights (norm weights 1, others fan-in
-    scaled as benchmarks/engine_decode.py does), through the Triton kernel selector."""
+    """One decoder layer of `hf`'s model at index `layer_idx`, random weights (engine_decode.random_weights: norm
+    weights 1, float ones fan-in scaled, FP8 ones e4m3 with block scales), through the Triton kernel selector."""
     from moelink.engine.config.model import ModelConfig
     from moelink.engine.models.registry import ARCHITECTURES
     from moelink.engine.models.moe_decoder import lone_layer
@@ -227,35 +230,30 @@ def build_layer(hf: dict, layer_idx: int, max_len: int):
     stats = MoEStats(len(cfg.sparse_layers), cfg.num_experts, dev)
     layer = lone_layer(cfg, layer_idx, rope, kernels, dev, None, stats, ARCHITECTURES[cfg.architecture])
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif p.dtype.is_floating_point:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
+    random_weights(layer)
     return cfg, layer.eval()
 
 
 def floor_bytes(cfg, layer, context: int) -> dict:
     """What one batch-1 step of `layer` must read: its weights but the routed experts, top_k routed experts,
     and the K/V of the context + 1 tokens attention reads."""
-    dense = sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
-                if not n.endswith(("w13_EFD", "w2_EDI")))
+    dense = layer_bytes(layer)
     experts = 0
-    if layer.moe is not None:
-        m = layer.moe
-        experts = cfg.moe.router.top_k * (m.w13_EFD[0].numel() * m.w13_EFD.element_size()
-                                          + m.w2_EDI[0].numel() * m.w2_EDI.element_size())
+    if layer.moe is not None:  # (an FP8 expert's block scales with it)
+        experts = cfg.moe.router.top_k * one_expert_bytes(layer.moe)
     kv = (context + 1) * cfg.attention.kv_bytes_per_token(cfg.cache_dtype)
     return dict(weights_but_experts=dense, routed_experts=experts, kv=kv, total=dense + experts + kv)
 
 
-def count(model: str, context: int, small: bool, gpu: str) -> dict:
-    """The launch list and floor of one batch-1 decode step of one MoE layer of `model`, the MoE launch config
-    (tiny path or sorted) chosen as on GPU `gpu` (a kernels/configs file name's device_name)."""
+def count(model: str, context: int, small: bool, gpu: str, fp8: bool = False) -> dict:
+    """The launch list and floor of one batch-1 decode step of one MoE layer of `model` (its FP8 checkpoint's
+    with `fp8`), the MoE launch config (tiny path or sorted) chosen as on GPU `gpu` (a kernels/configs file name's
+    device_name)."""
     from moelink.kernels import moe_config
     full, smoke, title = MODELS[model]
     hf = smoke if small else full
+    if fp8:
+        hf, title = dict(hf, quantization_config=FP8_QUANT), title + "-FP8"
     layer_idx = min(hf.get("first_k_dense_replace", 0), hf["num_hidden_layers"] - 1)  # the first MoE layer
     cfg, layer = build_layer(hf, layer_idx, context + BLOCK)
     shapes = cfg.attention.cache_shapes(-(-(context + 1) // BLOCK), BLOCK)
@@ -306,6 +304,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--small", action="store_true", help="the CPU smoke shapes (seconds, not minutes)")
     ap.add_argument("--gpu", default="NVIDIA_H100_80GB_HBM3",
                     help="the GPU whose MoE launch configs (kernels/configs) pick the expert path")
+    ap.add_argument("--fp8", action="store_true", help="the model's FP8 checkpoint (e4m3 weights, 128 x 128 blocks)")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -317,7 +316,7 @@ def main(argv=None) -> dict:
                   + " ".join(argv if argv is not None else sys.argv[1:]), commit=git_commit(),
                   date=time.strftime("%Y-%m-%d"), results=[])
     for m in models:
-        res = count(m, args.context, args.small, args.gpu)
+        res = count(m, args.context, args.small, args.gpu, args.fp8)
         _print(res)
         result["results"].append(res)
     if args.out:

@@ -2,12 +2,16 @@
 memory floor.
 
     python -m moelink.benchmarks.engine_decode [--model qwen3-30b-a3b|deepseek-v2-lite] [--batches 1,16,64,256]
-        [--context 1024] [--layers auto] [--graphs]
+        [--context 1024] [--layers auto] [--graphs] [--fp8]
 
 Models (config.json facts, read by the engine's own config reader and built by its model class):
 - qwen3-30b-a3b: GQA (32 query / 4 kv heads of 128), 128 routed experts top-8 of I=768, hidden 2048, 48 layers.
 - deepseek-v2-lite: MLA (16 heads, no q LoRA, latent 512 + rope key 64 cached per token), 64 routed experts
   top-6 of I=1408 plus 2 shared experts, the first layer dense (intermediate 10944), hidden 2048, 27 layers.
+
+`--fp8`: the model as its published FP8 checkpoint holds it (Qwen3-30B-A3B-FP8, DeepSeek's FP8 release format:
+`quantization_config` fp8 e4m3, dynamic activations, 128 x 128 blocks): projections, dense MLPs, shared and routed
+experts e4m3 with block scales (random values, fan-in scaled scales); the floor counts their bytes.
 
 Every sequence of the batch has `--context` tokens cached and decodes one more.
 Timed on the device (CUDA events, median over steps): one model step as the
@@ -82,8 +86,32 @@ STEPS, SMOKE_STEPS = 20, 3  # (the smoke checks the script, not the timing: a me
 BLOCK = 16
 
 
+# A published FP8 checkpoint's quantization_config (Qwen3-30B-A3B-FP8, DeepSeek-V3): `--fp8`.
+FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def random_weights(module: torch.nn.Module) -> None:
+    """Random parameters as a loader would leave them: norm weights 1, float weights fan-in scaled (activations
+    stay O(1) through the layers), FP8 weights random e4m3 values with fan-in scaled block scales; then every
+    submodule's after-load step (MLA's kv_b_proj held float: engine/models/linear.py)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.dtype == torch.float8_e4m3fn:
+                p.copy_(torch.randn(p.shape, device=p.device).clamp(-8, 8).to(p.dtype))
+            elif name.endswith("scale_inv"):  # [.., N / Bn, K / Bk] block scales: fan-in K ~ their columns x Bk
+                p.fill_((p.shape[-1] * FP8_QUANT["weight_block_size"][1]) ** -0.5)
+            elif p.dtype.is_floating_point:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+        for sub in module.modules():
+            if sub is not module and hasattr(sub, "process_weights_after_loading"):
+                sub.process_weights_after_loading()
+
+
 def build_model(hf: dict, num_layers: int, device, kernels_name: str, max_len: int):
-    """The engine's model class, random weights; config read the engine's way (from a config.json)."""
+    """The engine's model class, random weights (`random_weights`); config read the engine's way (from a
+    config.json)."""
     from moelink.engine.config.model import ModelConfig
     from moelink.engine.models.registry import ARCHITECTURES, MoEDecoderForCausalLM
     from moelink.kernels.ops import select_kernels
@@ -94,21 +122,37 @@ def build_model(hf: dict, num_layers: int, device, kernels_name: str, max_len: i
     kernels = select_kernels(device, kernels_name)
     torch.manual_seed(0)
     model = MoEDecoderForCausalLM(cfg, ARCHITECTURES[cfg.architecture], kernels, device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:  # fan-in scaled, so activations stay O(1) through the layers
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-    model.process_weights_after_loading()  # as the loader ends (a no-op for float weights today)
+    random_weights(model)
+    model.process_weights_after_loading()  # as the loader ends (the checkpoint kind's own step)
     return cfg, model.eval(), kernels
+
+
+def routed_tensors(moe) -> list[torch.Tensor]:
+    """A MoE layer's per-expert tensors (leading dim the local experts: w13_EFD, w2_EDI and a quantized format's
+    scales), which a step reads only for the experts its batch routes to."""
+    return [t for t in moe.parameters() if t.dim() >= 3 and t.shape[0] == moe.w13_EFD.shape[0]]
+
+
+def one_expert_bytes(moe) -> int:
+    """Bytes of one routed expert of a MoE layer a step reads when routed to it: its gate, up and down rows (not the
+    zero rows an FP8 stack holds between gate and up where I is no multiple of the block: fp8.up_row), and their
+    block scales where FP8."""
+    w2 = moe.w2_EDI
+    D, I = w2.shape[1], w2.shape[2]
+    scales = sum(t[0].numel() * t.element_size() for t in routed_tensors(moe) if t is not moe.w13_EFD and t is not w2)
+    return 2 * I * D * moe.w13_EFD.element_size() + D * I * w2.element_size() + scales
+
+
+def expert_bytes(model) -> int:
+    """`one_expert_bytes` of the model's first MoE layer: what a step reads of each expert its batch routes to."""
+    return one_expert_bytes(next(layer.moe for layer in model.layers if layer.moe is not None))
 
 
 def layer_bytes(layer) -> int:
     """Bytes of one built decoder layer's parameters but its routed experts (attention, norms, router, shared
     experts, or the dense MLP of a dense layer): every step reads all of them."""
-    return sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
-               if not n.endswith(("w13_EFD", "w2_EDI")))
+    routed = {id(t) for t in routed_tensors(layer.moe)} if layer.moe is not None else set()
+    return sum(p.numel() * p.element_size() for p in layer.parameters() if id(p) not in routed)
 
 
 def kv_bytes(cfg, tokens: int, layers: int) -> int:
@@ -149,19 +193,30 @@ def decode_inputs(cfg, batch: int, context: int, device, caches):
 
 
 def count_touched_experts(model, kernels, args) -> list[int]:
-    """Untimed pass: distinct experts routed to in each MoE layer (host syncs are fine here)."""
-    seen = []
-    inner = kernels.fused_moe
+    """Untimed pass: distinct experts routed to in each MoE layer (host syncs are fine here), read from the
+    `topk_ids_TK` argument of the experts' op (float or FP8: the MoE family's signatures, kernels/ops_moe.py)."""
+    import inspect
 
-    def spy(x, w13, w2, tw, ti, *rest, **kw):
-        seen.append(int(torch.unique(ti).numel()))
-        return inner(x, w13, w2, tw, ti, *rest, **kw)
+    from moelink.kernels.ops_moe import MoEKernels
 
-    kernels.fused_moe = spy
+    seen: list[int] = []
+    saved = {op: getattr(kernels, op) for op in ("fused_moe", "fused_moe_fp8")}
+
+    def spy(op):
+        sig, inner = inspect.signature(getattr(MoEKernels, op)), saved[op]
+
+        def run(*a, **kw):
+            seen.append(int(torch.unique(sig.bind(None, *a, **kw).arguments["topk_ids_TK"]).numel()))
+            return inner(*a, **kw)
+        return run
+
+    for op in saved:
+        setattr(kernels, op, spy(op))
     try:
         model(*args)
     finally:
-        kernels.fused_moe = inner
+        for op, inner in saved.items():
+            setattr(kernels, op, inner)
     return seen
 
 
@@ -250,6 +305,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tiny-max-pairs", type=int, default=None,
                     help="turn the float MoE's tiny GEMV path on for calls of up to N (token, expert) pairs "
                     "(DEFAULT_TINY_FLOAT's blocks where the tuned table has no TINY entry)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="the model's FP8 checkpoint: e4m3 weights in 128 x 128 blocks (FP8_QUANT), random values")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_decode_<gpu>.json)")
     ap.add_argument("--cpu-smoke", action="store_true", help="a tiny model on CPU: checks the script only")
     return ap
@@ -262,6 +319,9 @@ def main(argv=None) -> dict:
     batches = [int(b) for b in (args.batches or "1,16,64,256").split(",")]
     args.steps = args.steps or (SMOKE_STEPS if args.cpu_smoke else STEPS)
     full_hf, smoke_hf, model_name = MODELS[args.model]
+    if args.fp8:
+        full_hf, smoke_hf = (dict(h, quantization_config=FP8_QUANT) for h in (full_hf, smoke_hf))
+        model_name += "-FP8"
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are defined (--kernels triton)
         device, hf, context = torch.device("cpu"), smoke_hf, SMOKE_CONTEXT
@@ -287,7 +347,7 @@ def main(argv=None) -> dict:
         for t in layer_caches:
             t[-1].zero_()
     dense_bytes = sum(layer_bytes(layer) for layer in model.layers)
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.dtype.itemsize
+    expert = expert_bytes(model)
     rows = []
     with torch.inference_mode():
         for B in batches:
@@ -329,12 +389,13 @@ def main(argv=None) -> dict:
             if t_graph is not None:
                 print(f"            graph step {t_graph * 1e3:8.3f} ms, {B / t_graph:9.1f} tok/s, step/floor {t_graph / floor:5.2f}",
                       flush=True)
-    result = dict(benchmark="engine_decode", **run_meta(device), model=f"{model_name} shape, random bf16 weights",
-                  model_key=args.model,
+    result = dict(benchmark="engine_decode", **run_meta(device),
+                  model=f"{model_name} shape, random {'e4m3 (128 x 128 blocks)' if args.fp8 else 'bf16'} weights",
+                  model_key=args.model, fp8=args.fp8,
                   kernels=kernels.name, tiny_max_pairs=args.tiny_max_pairs,
                   note=note or f"all {full_layers} layers built", ceilings=ceilings, results=rows)
     tag = ("cpu_smoke" if args.cpu_smoke else result["device"].replace(" ", "_")) + (
-        "" if args.model == "qwen3-30b-a3b" else f"_{args.model}")
+        "" if args.model == "qwen3-30b-a3b" else f"_{args.model}") + ("_fp8" if args.fp8 else "")
     print(f"wrote {write_result(args.out or RESULTS / f'engine_decode_{tag}.json', result)}")
     return result
 

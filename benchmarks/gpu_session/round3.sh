@@ -18,7 +18,9 @@
 #             mxfp4-triton rows; mxfp4-per-tile against mxfp4-dequant decides the DEQUANT buckets), then the FP8 tiny
 #             GEMVs' GPU tests (round3 1 times them; 1 has no room left for their first compiled run)
 #   round3 5  prefill of 64 x 2,048 tokens (the prefill rows' total_tok_s and frac_bf16_peak_active in engine_e2e's
-#             rows; kernel_family_us: one more round profiled, the experts against attention and the projections)
+#             rows; kernel_family_us: one more round profiled, the experts against attention and the projections),
+#             then the FP8 checkpoint's decode graph step at batch 1 and 4 (results[].graph_step_over_floor of
+#             engine_decode --fp8: the attention launches' e4m3 GEMVs, the experts' input from the output launch)
 #
 # Budgets (the header's compile model; run seconds from the last leases' logs with margin):
 # round3 1: moe_small, Qwen3's table at 1 / 8 / 64 tokens: 3 configs x (up, down) = 6 GEMM; align, sum, the tiny
@@ -50,6 +52,10 @@
 #   T 1 the two-launch form against the four-launch one bit for bit (the quantizing norm per shape, the gate-up
 #   GEMV with h apart and h's group quantization: ~6 other more), its graph replayed twice; run 45 s (DeepSeek's 32
 #   local experts quantized on the GPU twice).
+# round3 5: decode_fp8: Qwen3-30B-A3B-FP8's decode at batch 1 and 4 (the fused GEMVs' FP8 forms, the FP8 experts
+#   sorted or tiny as the FP8 table picks, attention and its split merge, the router: ~8 GEMM-class and ~20 other
+#   compiles), run 80 s (two batch sizes, eager + graph + 5 profiled graph steps each; the bf16 decode's three took
+#   25 s warm on an H200).
 # round3 5: prefill, engine_e2e's prefill workload alone, no serving (24 GEMM + 36 other: the prefill and mixed
 #   buckets and the decode graphs' warm-up), run 230 s (both step loops: ~77 s start, ~5 s of generate each; 30 s
 #   for --kernel-times: one more generate a loop under torch.profiler, ~24 steps x 48 layers of kernels traced).
@@ -86,7 +92,9 @@ round3_cmds() {  # N: the commands of round3 N
     5)
       cmd round3_prefill 24 0 36 230 -- "$PY" -m moelink.benchmarks.engine_e2e --models qwen3-30b-a3b --dtypes bf16 \
         --workloads prefill --no-serve --kernel-times --time-budget-s $(( $(budget 24 0 36 230) - 120 )) \
-        --out "$OUT/engine_e2e_${name}_prefill.json" ;;
+        --out "$OUT/engine_e2e_${name}_prefill.json"
+      cmd round3_decode_fp8 8 0 20 80 -- "$PY" -m moelink.benchmarks.engine_decode --fp8 --graphs --batches 1,4 \
+        --kernel-times --out "$OUT/engine_decode_${name}_fp8.json" ;;
   esac
 }
 

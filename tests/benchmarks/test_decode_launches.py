@@ -12,15 +12,28 @@ from tests.helpers import zygote
 
 
 @pytest.fixture(scope="module")
-def counts(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("launches") / "l.json"
+def runs(tmp_path_factory) -> dict[str, dict]:
+    """Both models as float checkpoints ("float") and as FP8 ones ("fp8", `--fp8`), in one child: model key -> result."""
+    out = tmp_path_factory.mktemp("launches")
     env = interpreter_env()
-    proc = zygote.run([sys.executable, "-m", "moelink.benchmarks.decode_launches", "--small", "--context", "40",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    script = ("from moelink.benchmarks.decode_launches import main; "
+              f"main(['--small', '--context', '40', '--out', {str(out / 'float.json')!r}]); "
+              f"main(['--small', '--context', '40', '--fp8', '--out', {str(out / 'fp8.json')!r}])")
+    proc = zygote.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                      fork_code=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["command"].endswith("--small --context 40 --out " + str(out))
-    return {r["model_key"]: r for r in res["results"]}
+    got = {}
+    for kind in ("float", "fp8"):
+        res = json.loads((out / f"{kind}.json").read_text())
+        assert res["command"].endswith(f"--small --context 40{' --fp8' if kind == 'fp8' else ''} --out "
+                                       + str(out / f"{kind}.json"))
+        got[kind] = {r["model_key"]: r for r in res["results"]}
+    return got
+
+
+@pytest.fixture(scope="module")
+def counts(runs) -> dict:
+    return runs["float"]
 
 
 def names(res: dict) -> list[str]:
@@ -61,3 +74,18 @@ def test_decode_fusions_show_in_the_count(counts):
     assert "_rms_norm_kernel" not in qwen and dsv2.count("_rms_norm_kernel") == 1
     # A Qwen3 layer runs no torch op: every launch is a Triton kernel.
     assert "linear.default" not in qwen and counts["qwen3-30b-a3b"]["torch_launches"] == 0
+
+
+@pytest.mark.slow  # over 1 s
+def test_fp8_checkpoints_keep_the_fused_launches(runs):
+    """An FP8 checkpoint (e4m3 projections and experts, 128 x 128 blocks) runs the same attention launches as a
+    float one: no norm, activation-quantization or FP8 GEMM launch of their own around attention in a Qwen3 layer
+    (the experts' input quantized by the output launch), MLA's o_proj and norm in one launch too."""
+    qwen, dsv2 = names(runs["fp8"]["qwen3-30b-a3b"]), names(runs["fp8"]["deepseek-v2-lite"])
+    assert runs["fp8"]["qwen3-30b-a3b"]["model"].startswith("Qwen3-30B-A3B-FP8")
+    assert qwen.count("_norm_qkv_kernel") == 1 and qwen.count("_linear_norm_kernel") == 1
+    assert not {"_rms_norm_kernel", "_group_quant_kernel", "_fp8_gemm_kernel", "_rope_kv_kernel"} & set(qwen), qwen
+    assert any(n.startswith("_moe_fp8") or "fp8" in n for n in qwen), "the experts are FP8"
+    assert dsv2.count("_linear_norm_kernel") == 1 and dsv2.count("_gate_topk_kernel") == 1
+    for res in runs["fp8"].values():
+        assert res["host_syncs"] == 0 and 1.0 <= res["launch_bytes_over_floor"] < 1.2

@@ -334,3 +334,30 @@ def test_engine_decode_smoke_times_the_engine_graph_path(tmp_path):
     # interpreter's Triton launches are no profiler events there).
     assert r["kernel_times_of"] == "graph" and r["kernel_us"] and r["kernel_family_us"]
     assert set(r["kernel_family_us"]) <= {"moe", "attention", "matmul", "norm", "other"}
+
+
+@pytest.mark.slow
+def test_engine_decode_smoke_fp8_checkpoint(tmp_path):
+    """--fp8 (round3 5's FP8 decode): Qwen3-30B-A3B's FP8 checkpoint form (e4m3 projections and experts in 128 x 128
+    blocks) decodes through the engine's graph path on the Triton kernels (their FP8 attention launches), and the
+    floor is its bytes counted by hand: one byte a weight, the block scales, the router and norms in bf16."""
+    out = tmp_path / "engine_decode_fp8.json"
+    run_smoke("engine_decode", tmp_path, "--fp8", "--graphs", "--kernels", "triton", "--steps", "1", "--batches", "1",
+              "--layers", "1", "--out", str(out))
+    res = json.loads(out.read_text())
+    assert res["fp8"] is True and res["model"].startswith("Qwen3-30B-A3B-FP8") and "e4m3" in res["model"]
+    (r,) = res["results"]
+    assert positive(r["graph_step_ms"]) and positive(r["step_ms"]) and r["experts_touched_per_layer"] == 4
+    hf = engine_decode.SMOKE
+    D, N, K, H, I = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"], \
+        hf["moe_intermediate_size"]
+
+    def fp8(n: int, k: int) -> int:  # an e4m3 [n, k] weight and its float32 [n / 128, k / 128] scales
+        return n * k + -(-n // 128) * -(-k // 128) * 4
+
+    attn = fp8((N + 2 * K) * H, D) + fp8(D, N * H) + 2 * (2 * D + 2 * H)  # + the two norms and the q/k norms (bf16)
+    router = 2 * hf["num_experts"] * D
+    expert = fp8(2 * I, D) + fp8(D, I)
+    kv = 2 * 2 * K * H * (engine_decode.SMOKE_CONTEXT + 1)
+    head = 2 * (hf["vocab_size"] + 1) * D
+    assert r["bytes_read_floor"] == attn + router + 4 * expert + kv + head

@@ -307,9 +307,10 @@ def test_round3_names_each_row_result_by_device_and_commit_and_refuses_other_num
     """Issue 80's plan: five commands; each result named <benchmark>_<device>_<commit>_round3_..., the decode
     command with the tiny GEMVs on (and their GPU tests after it), the large-batch one on every shape (no --shapes:
     the min over all of them), the MXFP4 row at both gpt-oss shapes (-120b at 1,024 tokens, the row's 0.66x), the FP8
-    tiny GEMVs' GPU tests after it."""
+    tiny GEMVs' GPU tests after it, and after the prefill the FP8 checkpoint's decode graph step."""
     cmds = {n: [p[7] for p in PLAN.findall(session("--dry-run", "round3", str(n)).stdout)] for n in range(1, 6)}
-    assert [len(c) for c in cmds.values()] == [4, 2, 2, 3, 1]
+    assert [len(c) for c in cmds.values()] == [4, 2, 2, 3, 2]
+    assert "engine_decode --fp8 --graphs" in cmds[5][1] and "--kernel-times" in cmds[5][1]
     assert "--shapes gpt-oss-20b" in cmds[4][0] and "1024" in cmds[4][0]
     assert "--shapes gpt-oss-120b" in cmds[4][1] and "--tokens 1024,4096" in cmds[4][1]
     assert "test_triton_fp8_gpu.py::test_fused_moe_fp8_tiny_at_model_shapes" in cmds[4][2]

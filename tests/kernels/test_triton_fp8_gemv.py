@@ -252,6 +252,8 @@ def test_quantized_output_is_the_norm_s_own_quantization(fp8_weight, T, D, group
     ref = reference_linear_add_rms_norm_fp8(x, w.cpu(), b, r, nw, 1e-6, group,
                                             **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     assert [tuple(t.shape) for t in ref] == [tuple(t.shape) for t in (h, s, hq, hs)]
+    torch.testing.assert_close(h.cpu().float(), ref[0].float(), rtol=2e-2, atol=2e-2)  # (the GEMV's own order)
+    assert torch.equal(ref[3], per_token_group_quant(ref[0], group)[1])
 
 
 def test_quantized_output_rejects_a_group_no_power_of_two(gen, kdev):
