@@ -121,6 +121,7 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
         gu = torch.empty(T, 2 * I, dtype=dt, **meta)
         with rec.labelled(f"{name} SiLU(gate)·up, I={I}"):
             triton_silu_mul(gu[:, :I], gu[:, I:])
+    _compile_mlp_gemvs(rec, quick)
     from moelink.kernels.triton_lora import triton_lora_expand, triton_lora_shrink
 
     slots_T = torch.empty(T, dtype=torch.long, **meta)
@@ -141,11 +142,37 @@ def compile_decode_inputs(rec: Recorder, quick: bool) -> None:
     _compile_gate_topk(rec, routers if not quick else routers[:1], quick)
 
 
+def _compile_mlp_gemvs(rec: Recorder, quick: bool) -> None:
+    """A decode batch's dense MLP as two GEMVs (kernels/triton_mlp_gemv.py: gate-up with SiLU·up, down with the
+    routed experts' sum added) at DeepSeek-V2-Lite's shared experts (D 2048, I 2 x 1408) and DeepSeek-V3's (D 7168,
+    I 2048), bf16 and FP8 (128 x 128 blocks, W8A8), batch 1 and 4."""
+    from moelink.kernels.fp8 import FP8_DTYPE, block_scale_shape
+    from moelink.kernels.triton_mlp_gemv import triton_gate_up_silu_mul, triton_linear_add
+
+    meta = dict(device="meta")
+    dt = torch.bfloat16
+    shapes = [("deepseek-v2-lite shared experts", 2048, 2816), ("deepseek-v3 shared expert", 7168, 2048)]
+    for name, D, I in shapes[:1] if quick else shapes:
+        for T in (1,) if quick else (1, 4):
+            x, h = torch.empty(T, D, dtype=dt, **meta), torch.empty(T, I, dtype=dt, **meta)
+            for fp8 in (False, True):
+                wdt = FP8_DTYPE if fp8 else dt
+                gu, down = torch.empty(2 * I, D, dtype=wdt, **meta), torch.empty(D, I, dtype=wdt, **meta)
+                kw_gu = dict(w_scale_inv=torch.empty(block_scale_shape(2 * I, D), **meta)) if fp8 else {}
+                kw_down = dict(w_scale_inv=torch.empty(block_scale_shape(D, I), **meta)) if fp8 else {}
+                kind = "FP8 " if fp8 else ""
+                with rec.labelled(f"{name} {kind}gate-up GEMV + SiLU·up in one launch, T={T}"):
+                    triton_gate_up_silu_mul(x, gu, I, I, **kw_gu)
+                with rec.labelled(f"{name} {kind}down GEMV + the routed sum in one launch, T={T}"):
+                    triton_linear_add(h, down, x, **kw_down)
+
+
 def compile_fused_decode(rec: Recorder) -> None:
     """The decode GEMVs that carry a layer's small ops, alone (compile_tiny --cases fused): the attention input
-    and output at every GQA shape, the router at every router shape, batches 1 and 4."""
+    and output at every GQA shape, the router at every router shape, the dense MLP's two GEMVs, batches 1 and 4."""
     _compile_fused_inputs(rec, False)
     _compile_gate_topk(rec, ROUTERS, False)
+    _compile_mlp_gemvs(rec, False)
 
 
 def _compile_gate_topk(rec: Recorder, routers: list, quick: bool) -> None:

@@ -10,8 +10,9 @@ import torch
 # invariant arm's fixed-tile matmul against cuBLAS, its split + merge attention against the decode / prefill kernels,
 # the fused MoE on its one config against the tuned ones; engine_e2e: a prefill step's experts, attention and dense
 # projections (issue 80's prefill row). The decode GEMVs that carry a norm or the attention input's epilogue
-# (kernels/triton_qkv_rope_kv.py, triton_linear_norm.py) are the projections' time: matmul, before "kv" and "norm".
-KERNEL_FAMILIES = (("matmul", ("_norm_qkv", "_linear_norm")), ("moe", ("moe", "align", "router", "_gate_topk", "silu")),
+# (kernels/triton_qkv_rope_kv.py, triton_linear_norm.py) and the dense MLP's two (triton_mlp_gemv.py, their names
+# "_mlp_") are the projections' time: matmul, before "kv" and "norm".
+KERNEL_FAMILIES = (("matmul", ("_norm_qkv", "_linear_norm", "_mlp_")), ("moe", ("moe", "align", "router", "_gate_topk", "silu")),
                    ("attention", ("_bi_split", "_bi_merge", "decode",
                    "prefill", "attention", "rope", "kv")), ("matmul", ("matmul", "gemm", "xmma", "cutlass", "nvjet",
                    "cublas", "aten::mm", "aten::addmm", "aten::linear")), ("norm", ("rms", "norm")))

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_common as common
+from .fp8 import FP8_DTYPE
 from .moe_schedule import num_sms
 from .triton_common import cast
 from .triton_fp8 import check_fp8_weight, check_triton_block, quant_tile
@@ -86,8 +88,23 @@ def gemv_block_arrive(x_row, w_ptr, b_ptr, out_row, cnt_ptr, pid_n, rows, in_fea
     row and xs_row its group scales (`quant_row`); otherwise xs_row, ws_ptr, stride_ws and scale_rows are unread."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < rows
+    y = gemv_rows(x_row, w_ptr, offs_n, n_ok, pid_n * BLOCK_N, in_features, stride_wn, xs_row, ws_ptr, stride_ws,
+                  scale_rows, BLOCK_N, BLOCK_K, K_TILES, ONE_STEP, FP8_W, GROUP)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_row + offs_n, cast(y, out_row.dtype.element_ty, INTERPRET), mask=n_ok)
+    tl.debug_barrier()  # every thread's stores before the release
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+
+
+@triton.jit
+def gemv_rows(x_row, w_ptr, offs_n, n_ok, row0, in_features, stride_wn, xs_row, ws_ptr, stride_ws, scale_rows,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_STEP: tl.constexpr,
+              FP8_W: tl.constexpr, GROUP: tl.constexpr):
+    """Rows offs_n of x Wᵀ for one token, fp32 [BN] (not rounded): the float walk, or (FP8_W) the e4m3 one, whose
+    rows (from row0, a multiple of BN) share the scale row row0 // scale_rows (BN divides Bn)."""
     if FP8_W:
-        ws_row = ws_ptr + ((pid_n * BLOCK_N) // scale_rows).to(tl.int64) * stride_ws  # BN divides Bn: one scale row
+        ws_row = ws_ptr + (row0 // scale_rows).to(tl.int64) * stride_ws
         y = gemv_fp8_rows(x_row, w_ptr, offs_n, n_ok, in_features, stride_wn, xs_row, ws_row, BLOCK_N, BLOCK_K,
                           K_TILES, ONE_STEP, GROUP)
     else:
@@ -96,11 +113,7 @@ def gemv_block_arrive(x_row, w_ptr, b_ptr, out_row, cnt_ptr, pid_n, rows, in_fea
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc = gemv_row(acc, x_row, w_ptrs, n_ok[:, None], offs_k, in_features, BLOCK_K, K_TILES, ONE_STEP)
         y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_row + offs_n, cast(y, out_row.dtype.element_ty, INTERPRET), mask=n_ok)
-    tl.debug_barrier()  # every thread's stores before the release
-    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    return y
 
 
 @triton.jit
@@ -227,3 +240,18 @@ def check_fp8_gemv_weight(name: str, w: torch.Tensor, w_scale_inv: torch.Tensor,
         raise ValueError(f"{name} {tuple(w.shape)} is invalid: must be {list(shape)}.")
     check_fp8_weight(name, w, w_scale_inv, (bn, bk))
     return bn, bk
+
+
+def fp8_scratch(x_TK: torch.Tensor, w_scale_inv: torch.Tensor | None, block: tuple[int, int], interp: bool) -> tuple:
+    """An FP8 GEMV launch's quantization arguments: (xq [T, K] e4m3 and xs [T, G] float32 scratch rows, the weight's
+    scales, their row stride, Bn, G, QCHUNK, QCHUNKS: `quant_row`'s chunks, a multiple of Bk); placeholders for a
+    float weight."""
+    T, K = x_TK.shape
+    if w_scale_inv is None:
+        return x_TK, x_TK, x_TK, 0, 1, 0, 1, 1
+    bk = block[1]
+    groups = triton.cdiv(K, bk)
+    qchunk = max(bk, min(triton.next_power_of_2(K), 64 if interp else 1024))  # a multiple of Bk (powers of two)
+    w_scale_inv = w_scale_inv if w_scale_inv.stride(-1) == 1 else w_scale_inv.contiguous()
+    return (common.workspace((T, K), FP8_DTYPE, x_TK.device), common.workspace((T, groups), torch.float32, x_TK.device),
+            w_scale_inv, w_scale_inv.stride(0), block[0], groups, qchunk, triton.cdiv(K, qchunk))

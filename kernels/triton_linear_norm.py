@@ -25,8 +25,8 @@ from . import triton_common as common
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPE, fp8_gemv_rows
 from .norm import FUSED_MAX_TOKENS
 from .triton_common import cast
-from .triton_gemv import (check_fp8_gemv_weight, check_weight, checked_counters, gemv_block_arrive, launch_shape,
-                          normed, quant_chunk, quant_row)
+from .triton_gemv import (check_fp8_gemv_weight, check_weight, checked_counters, fp8_scratch, gemv_block_arrive,
+                          launch_shape, normed, quant_chunk, quant_row)
 from .triton_norm import inverse_rms
 
 
@@ -159,7 +159,7 @@ def _launch(x_TK, w_DK, bias_D, residual_TD, norm_D, eps, counters_T, w_scale_in
     bn, bk, tiles, one_step, warps = launch_shape(D, K, widest, interp, x_TK.device, itemsize=w_DK.element_size())
     y_TD = common.workspace((T, D), x_TK.dtype, x_TK.device)
     chunk = max(min(triton.next_power_of_2(D), 64 if interp else 1024), out_group or 1)  # whole output groups
-    fp8_args = _fp8_scratch(x_TK, w_scale_inv, block, interp)
+    fp8_args = fp8_scratch(x_TK, w_scale_inv, block, interp)
     _linear_norm_kernel[(T, triton.cdiv(D, bn))](
         x_TK, w_DK, bias_D if bias_D is not None else norm_D, residual_TD, norm_D, y_TD, h_TD, s_TD, counters_T,
         K, D, float(eps), x_TK.stride(0), w_DK.stride(0), residual_TD.stride(0), *fp8_args[:-2],
@@ -184,17 +184,3 @@ def _unfused(x_TK, w_DK, bias_D, residual_TD, norm_D, eps, w_scale_inv, block, o
     if out_group is None:
         return (*triton_add_rms_norm(y_TD, residual_TD, norm_D, eps), None, None)
     return triton_add_rms_norm_fp8(y_TD, residual_TD, norm_D, eps, out_group)
-
-
-def _fp8_scratch(x_TK: torch.Tensor, w_scale_inv: torch.Tensor | None, block: tuple[int, int], interp: bool):
-    """The FP8 launch's arguments after the strides: (xq [T, K] e4m3 and xs [T, G] float32 scratch rows, the
-    weight's scales, their row stride, Bn, G, QCHUNK, QCHUNKS); placeholders for a float weight."""
-    T, K = x_TK.shape
-    if w_scale_inv is None:
-        return x_TK, x_TK, x_TK, 0, 1, 0, 1, 1
-    bk = block[1]
-    groups = triton.cdiv(K, bk)
-    qchunk = max(bk, min(triton.next_power_of_2(K), 64 if interp else 1024))  # a multiple of Bk (powers of two)
-    w_scale_inv = w_scale_inv if w_scale_inv.stride(-1) == 1 else w_scale_inv.contiguous()
-    return (common.workspace((T, K), FP8_DTYPE, x_TK.device), common.workspace((T, groups), torch.float32, x_TK.device),
-            w_scale_inv, w_scale_inv.stride(0), block[0], groups, qchunk, triton.cdiv(K, qchunk))

@@ -19,6 +19,15 @@ from .triton_common import cast
 
 
 @triton.jit
+def silu_mul_values(g, u, dt: tl.constexpr, INTERPRET: tl.constexpr):
+    """SiLU(g) · u of fp32 values already in the activations' dtype `dt`, with torch's two roundings (the module
+    docstring), in dt: the decode GEMVs' epilogue (kernels/triton_mlp_gemv.py) is this kernel's arithmetic."""
+    e = tl.exp(-g) if INTERPRET else libdevice.exp(-g)  # (the interpreter has no libdevice)
+    s = cast(tl.div_rn(g, 1.0 + e), dt, INTERPRET).to(tl.float32)
+    return cast(s * u, dt, INTERPRET)
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, inter, stride_gt, stride_ut, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -26,9 +35,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, inter, stride_gt, stride_ut, BLOCK: 
     dt = out_ptr.dtype.element_ty
     g = tl.load(g_ptr + t * stride_gt + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + t * stride_ut + offs, mask=ok, other=0.0).to(tl.float32)
-    e = tl.exp(-g) if INTERPRET else libdevice.exp(-g)  # (the interpreter has no libdevice)
-    s = cast(tl.div_rn(g, 1.0 + e), dt, INTERPRET).to(tl.float32)
-    tl.store(out_ptr + t * inter + offs, cast(s * u, dt, INTERPRET), mask=ok)
+    tl.store(out_ptr + t * inter + offs, silu_mul_values(g, u, dt, INTERPRET), mask=ok)
 
 
 def triton_silu_mul(gate_TI: torch.Tensor, up_TI: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from ..contract.forward_inputs import ImageSplice
 from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .linear import Linear, linear_method
+from .mlp_fusion import FusedMLP
 from ..state.step import StateStep
 
 if TYPE_CHECKING:
@@ -146,10 +147,22 @@ class DenseMLP(nn.Module):
         # SiLU(gate)·up: one launch with the Triton kernels (kernels/silu_mul.py); torch's two ops without kernels.
         self.silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             activation or getattr(kernels, "silu_mul", reference_silu_mul))
+        # A decode batch's two GEMV launches with their epilogues (engine/models/mlp_fusion.py), where they apply.
+        self.fusion = FusedMLP.for_mlp(kernels, self.gate_up_proj, self.down_proj, intermediate_size,
+                                       silu=activation is None)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if self.fusion is not None and self.fusion.takes(x_TD):
+            return self.fusion.forward(x_TD)
         gate_TI, up_TI = self.gate_up_proj.split(self.gate_up_proj(x_TD))
         return self.down_proj(self.silu_mul(gate_TI, up_TI))
+
+    def forward_add(self, x_TD: torch.Tensor, addend_TD: torch.Tensor) -> torch.Tensor:
+        """forward(x) + addend (the shared experts' output and the routed experts' sum), the add inside the down
+        projection's launch where the fusion takes the step."""
+        if self.fusion is not None and self.fusion.takes(x_TD):
+            return self.fusion.forward(x_TD, addend_TD)
+        return self.forward(x_TD) + addend_TD
 
     def weight_plan(self, p: str) -> WeightPlan:
         """Checkpoint names under `p` ("model.layers.{i}.mlp." or "...mlp.shared_experts.") → (parameter, index)."""

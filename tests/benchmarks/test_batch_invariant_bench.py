@@ -58,6 +58,7 @@ def test_kernel_families_name_what_each_arm_launches():
     assert [kernel_family(n) for n in ("_moe_up_kernel", "_align_scatter_kernel", "_bi_split_kernel",
                                        "_bi_merge_kernel", "_decode_kernel", "_bi_matmul_kernel",
                                        "sm90_xmma_gemm_bf16bf16_bf16f32", "nvjet_tst_64x8_64x16", "_rms_norm_kernel",
-                                       "aten::linear", "_commit_kernel", "void at::native::elementwise_kernel")] == [
+                                       "aten::linear", "_commit_kernel", "void at::native::elementwise_kernel",
+                                       "_mlp_gate_up_kernel", "_mlp_down_kernel", "_linear_norm_kernel")] == [
         "moe", "moe", "attention", "attention", "attention", "matmul", "matmul", "matmul", "norm", "matmul", "other",
-        "other"]
+        "other", "matmul", "matmul", "matmul"]

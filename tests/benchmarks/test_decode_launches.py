@@ -68,8 +68,10 @@ def test_decode_fusions_show_in_the_count(counts):
         assert launched.count("_gate_topk_kernel") == 1 and "_router_topk_kernel" not in launched
         assert not {"softmax.int", "topk.default", "masked_fill.Scalar", "index_add_.default", "to.dtype"} & set(
             launched)
-    # The shared experts' SiLU·up in one.
-    assert dsv2.count("_silu_mul_kernel") == 1 and "silu.default" not in dsv2
+    # The shared experts in two launches: gate-up with SiLU·up, down with the routed experts' sum added
+    # (engine/models/mlp_fusion.py): no GEMM, activation or add launch of their own.
+    assert dsv2.count("_mlp_gate_up_kernel") == 1 and dsv2.count("_mlp_down_kernel") == 1
+    assert not {"_silu_mul_kernel", "silu.default", "add.Tensor"} & set(dsv2), dsv2
     # Norms: none of their own in a Qwen3 layer; MLA's input norm alone (its output norm is in the o_proj launch).
     assert "_rms_norm_kernel" not in qwen and dsv2.count("_rms_norm_kernel") == 1
     # A Qwen3 layer runs no torch op: every launch is a Triton kernel.
@@ -87,5 +89,9 @@ def test_fp8_checkpoints_keep_the_fused_launches(runs):
     assert not {"_rms_norm_kernel", "_group_quant_kernel", "_fp8_gemm_kernel", "_rope_kv_kernel"} & set(qwen), qwen
     assert any(n.startswith("_moe_fp8") or "fp8" in n for n in qwen), "the experts are FP8"
     assert dsv2.count("_linear_norm_kernel") == 1 and dsv2.count("_gate_topk_kernel") == 1
+    # The FP8 shared experts in the same two launches (each quantizing its own input row): the one activation
+    # quantization and FP8 GEMM left are MLA's fused q / kv_a projection's.
+    assert dsv2.count("_mlp_gate_up_kernel") == 1 and dsv2.count("_mlp_down_kernel") == 1
+    assert dsv2.count("_group_quant_kernel") == dsv2.count("_fp8_gemm_kernel") == 1, dsv2
     for res in runs["fp8"].values():
         assert res["host_syncs"] == 0 and 1.0 <= res["launch_bytes_over_floor"] < 1.2

@@ -12,6 +12,7 @@ import torch
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.models.fused_output import FusedOutput
 from moelink.engine.models.gqa_input import FusedInput
+from moelink.engine.models.mlp_fusion import FusedMLP
 from moelink.kernels.attention_input import MAX_TOKENS
 from moelink.moe.fp8_input import Fp8Input
 
@@ -123,22 +124,26 @@ def _same(got_runs, want_runs) -> None:
 def test_mla_output_fused_run_gives_the_unfused_tokens(hf_tiny_model, monkeypatch):
     """MLA's fusion is the output launch alone (engine/models/fused_output.py): a DeepSeek-V3-layout checkpoint
     saved by transformers (a dense first layer, then MoE layers with a shared expert and noaux_tc routing) takes it
-    at every decode step of every layer, and the router launch at every MoE layer's, and gives the unfused
-    tokens."""
+    at every decode step of every layer, the router launch at every MoE layer's, and the dense MLP's two GEMV
+    launches (the shared experts' with the routed sum added in the second), and gives the unfused tokens."""
     path = hf_tiny_model("dsv3_neox")
     llm = _llm(path)
     mixers = _mixers(llm)
     assert all(isinstance(m.fusion, FusedOutput) for m in mixers)
     kernels, layers = mixers[0].kernels, len(mixers)
     moe_layers = sum(layer.moe is not None for layer in llm.engine.executor.worker.runner.model.layers)
-    seen = _counting(kernels, ("linear_add_rms_norm", "gate_route_topk"))
+    seen = _counting(kernels, ("linear_add_rms_norm", "gate_route_topk", "gate_up_silu_mul", "linear_add"))
     try:
         fused = _generate(llm)
     finally:
         llm.shutdown()
     assert seen["linear_add_rms_norm"] == [2] * layers + [1] * (2 * layers), seen
     assert seen["gate_route_topk"] == [2] * moe_layers + [1] * (2 * moe_layers), seen
+    # The dense layer's MLP and every MoE layer's shared experts in two launches each (engine/models/mlp_fusion.py):
+    # every layer has one, at every decode step; the prefill's 24 tokens ran the GEMMs.
+    assert seen["gate_up_silu_mul"] == seen["linear_add"] == [2] * layers + [1] * (2 * layers), seen
     monkeypatch.setattr(FusedOutput, "takes", lambda self, x_TD: False)
+    monkeypatch.setattr(FusedMLP, "takes", lambda self, x_TD: False)
     unfused_llm = _llm(path)
     try:
         for layer in unfused_llm.engine.executor.worker.runner.model.layers:
@@ -152,12 +157,13 @@ def test_mla_output_fused_run_gives_the_unfused_tokens(hf_tiny_model, monkeypatc
 
 @pytest.mark.slow  # two interpreter engines
 def test_fp8_checkpoint_takes_the_fused_launches_w8a8(fp8_tiny, monkeypatch):
-    """A Qwen3-MoE checkpoint quantized to FP8 in 16 x 16 blocks (`moelink quantize-fp8`: e4m3 q/k/v, o and experts
-    with their block scales, a ragged hidden of 40; layer 0 MoE, layer 1 a dense MLP): the attention's input and
-    output launches read the e4m3 weights and their scales at every decode step of every layer (W8A8,
-    kernels/triton_gemv.py); before the MoE layer's FP8 experts the output launch also writes their quantized input
-    (kernels.linear_add_rms_norm_fp8, the handoff of moe/fp8_input.py); and the run gives the unfused run's tokens
-    (the FP8 GEMM, kernels.fp8_linear, with its own activation quantization; the norm's own FP8 handoff)."""
+    """A Qwen3-MoE checkpoint quantized to FP8 in 16 x 16 blocks (`moelink quantize-fp8`: e4m3 q/k/v, o, the dense
+    MLP and the experts with their block scales, a ragged hidden of 40; layer 0 MoE, layer 1 a dense MLP): the
+    attention's input and output launches and the dense MLP's two launches read the e4m3 weights and their scales
+    at every decode step (W8A8, kernels/triton_gemv.py); before the MoE layer's FP8 experts the output launch also
+    writes their quantized input (kernels.linear_add_rms_norm_fp8, the handoff of moe/fp8_input.py); and the run
+    gives the unfused run's tokens (the FP8 GEMM, kernels.fp8_linear, with its own activation quantization; the
+    norm's own FP8 handoff)."""
     _, path, _ = fp8_tiny("qwen3_fp8")
     llm = _llm(path)
     mixers = _mixers(llm)
@@ -165,7 +171,7 @@ def test_fp8_checkpoint_takes_the_fused_launches_w8a8(fp8_tiny, monkeypatch):
     assert all(m.qkv_proj.weight.dtype == torch.float8_e4m3fn and isinstance(m.fusion, FusedInput) for m in mixers)
     assert [layer.moe is not None and layer.moe.fp8_input is not None for layer in layers_] == [True, False]
     kernels, layers = mixers[0].kernels, len(mixers)
-    ops = ("norm_qkv_rope_kv", "linear_add_rms_norm", "linear_add_rms_norm_fp8")
+    ops = ("norm_qkv_rope_kv", "linear_add_rms_norm", "linear_add_rms_norm_fp8", "gate_up_silu_mul", "linear_add")
     scaled: dict[str, list[bool]] = {op: [] for op in ops}
     for op, calls in scaled.items():
         def run(*args, _real=getattr(kernels, op), _calls=calls, **kw):
@@ -190,11 +196,14 @@ def test_fp8_checkpoint_takes_the_fused_launches_w8a8(fp8_tiny, monkeypatch):
     # decode steps' from the output launch.
     assert taken == [True] * 4, taken
     # Three decode steps (two rows, then one, one) a layer: the input launch at both layers, the output launch
-    # with the experts' quantized input at the MoE layer, without it at the dense one; every call with scales.
+    # with the experts' quantized input at the MoE layer, without it at the dense one, whose MLP ran as its two
+    # GEMV launches (engine/models/mlp_fusion.py); every call with scales.
     counts = {op: len(calls) for op, calls in scaled.items()}
-    assert counts == {"norm_qkv_rope_kv": 3 * layers, "linear_add_rms_norm": 3, "linear_add_rms_norm_fp8": 3}, scaled
+    assert counts == {"norm_qkv_rope_kv": 3 * layers, "linear_add_rms_norm": 3, "linear_add_rms_norm_fp8": 3,
+                      "gate_up_silu_mul": 3, "linear_add": 3}, scaled
     assert all(all(calls) for calls in scaled.values()), scaled
     monkeypatch.setattr(FusedInput, "takes", lambda self, x_TD: False)
+    monkeypatch.setattr(FusedMLP, "takes", lambda self, x_TD: False)
     unfused_llm = _llm(path)
     try:
         unfused = _generate(unfused_llm)

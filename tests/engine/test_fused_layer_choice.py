@@ -98,3 +98,30 @@ def test_the_output_fusion_alone():
     o_proj.method = FloatLinear()
     assert not out.takes(x.double())  # float64 runs the references
     assert not out.takes(torch.zeros(2, 64, device="meta"))  # counters on another device: never fused
+
+
+def test_which_mlps_and_steps_take_the_two_gemv_launches():
+    """engine/models/mlp_fusion.py: a SiLU-gated MLP on the Triton kernels; each step: the batch size, the dtype,
+    a LoRA adapter, a tensor-parallel split, an FP8 block the GEMV cannot tile."""
+    from moelink.engine.models.mlp_fusion import FusedMLP
+
+    gu, down = _proj(96), _proj(64)
+    assert FusedMLP.for_mlp(SimpleNamespace(name="reference"), gu, down, 48, silu=True) is None
+    assert FusedMLP.for_mlp(SimpleNamespace(name="triton"), gu, down, 48, silu=False) is None  # a family's activation
+    mlp = FusedMLP.for_mlp(SimpleNamespace(name="triton"), gu, down, 48, silu=True)
+    assert mlp is not None
+    x = torch.zeros(FUSED_MAX_TOKENS, 64)
+    assert mlp.takes(x) and not mlp.takes(torch.zeros(FUSED_MAX_TOKENS + 1, 64)) and not mlp.takes(x.double())
+    for proj in (gu, down):
+        proj.lora = object()
+        assert not mlp.takes(x)
+        proj.lora = None
+        proj.parallel = RowParallel(SimpleNamespace(), 0, 48)
+        assert not mlp.takes(x)
+        proj.parallel = Replicated()
+        proj.method, proj.weight_scale_inv = Fp8Linear((128, 128)), "scales"
+        assert mlp.takes(x)
+        proj.method = Fp8Linear((12, 128))
+        assert not mlp.takes(x)
+        proj.method = FloatLinear()
+    assert mlp.takes(x)

@@ -37,7 +37,8 @@ ALL_KERNELS = {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel",
                "_paged_sink_attention_kernel", "_paged_merge_kernel", "_pool_scores_kernel", "_pool_select_kernel",
                "_block_scores_kernel", "_block_sparse_kernel", "_lora_shrink_kernel", "_lora_expand_kernel",
                "_sorted_lora_shrink_kernel", "_sorted_lora_expand_kernel", "_bi_split_kernel", "_bi_merge_kernel", "_bi_matmul_kernel",
-               "_norm_qkv_kernel", "_linear_norm_kernel", "_gate_topk_kernel"}
+               "_norm_qkv_kernel", "_linear_norm_kernel", "_gate_topk_kernel", "_mlp_gate_up_kernel",
+               "_mlp_down_kernel"}
 
 
 # Kernels not yet in the committed report: batch-invariant mode's (compile_cases_batch_invariant.py;

@@ -50,8 +50,10 @@ class SharedExpertsMoE(nn.Module):
 
     def stages(self, x_TD: torch.Tensor) -> Stages:
         """The routed layer's stages with the shared MLP run while the dispatch is in flight (its one
-        independent piece of work); the sum is routed + shared, as before."""
-        return overlapped(self.routed.stages(x_TD), lambda: self._shared(x_TD))
+        independent piece of work); the sum is routed + shared, as before (without a dispatch, and without a
+        shared gate, the add inside the shared MLP's down-projection launch: DenseMLP.forward_add)."""
+        plus = None if self.gate_D is not None else (lambda routed_TD: self.shared.forward_add(x_TD, routed_TD))
+        return overlapped(self.routed.stages(x_TD), lambda: self._shared(x_TD), plus)
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         shared_TD = self.shared(x_TD)
@@ -60,13 +62,15 @@ class SharedExpertsMoE(nn.Module):
         return shared_TD
 
 
-def overlapped(routed: Stages, shared: Callable[[], torch.Tensor]) -> Stages:
+def overlapped(routed: Stages, shared: Callable[[], torch.Tensor],
+               shared_plus: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Stages:
     """routed + shared, `shared()` computed while the routed block's dispatch is in flight (expert parallelism;
-    without it nothing travels and the routed block returns at once)."""
+    without it nothing travels and the routed block returns at once, and `shared_plus(routed)`, where given, is the
+    sum: the shared MLP adding it in its own last launch)."""
     try:
         next(routed)  # router run, dispatch issued
     except StopIteration as done:  # no expert parallelism: nothing travels
-        return done.value + shared()
+        return done.value + shared() if shared_plus is None else shared_plus(done.value)
     shared_TD = shared()
     yield  # dispatch in flight (the shared MLP above ran during it)
     routed_TD = yield from routed
