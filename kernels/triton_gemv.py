@@ -196,8 +196,9 @@ def launch_shape(rows: int, in_features: int, widest: int, interp: bool, device,
     power of two the caller's grouping allows) that still gives every SM two programs at one token (the grid's rows
     are its bytes in flight), down to `narrowest`; then a [BN, BK] fp32 product tile of 4,096 values (32 registers a
     thread at 4 warps). ONE_STEP: the whole row in tiles of at most 32 kB a program with no loop (ptxas hoists a
-    straight line's loads ahead of the products, not a runtime loop's), else steps of up to four tiles' loads, 32 kB
-    a program (two of a float32 weight's: `itemsize`); 64 kB straight-line spilled (compile_tiny --cases fused).
+    straight line's loads ahead of the products, not a runtime loop's), else steps of up to four tiles' loads (eight
+    of an e4m3 weight's: DeepSeek-V3's FP8 shared expert kept 24 KB an SM in flight at four), 32 kB a program (two
+    of a float32 weight's: `itemsize`); 64 kB straight-line spilled (compile_tiny --cases fused).
     Not a function of the batch: a row's products are summed in the same order (the same tiles, the same
     reduction tree) at every batch size, so a token's outputs do not depend on its batch."""
     bn = widest
@@ -210,7 +211,7 @@ def launch_shape(rows: int, in_features: int, widest: int, interp: bool, device,
     whole = triton.cdiv(in_features, bk)
     if whole * bn * bk * itemsize <= 32768:
         return bn, bk, whole, True, 4
-    return bn, bk, max(1, min(4, whole, 32768 // (bn * bk * itemsize))), False, 4
+    return bn, bk, max(1, min(8 // min(itemsize, 2), whole, 32768 // (bn * bk * itemsize))), False, 4
 
 
 def checked_counters(counters_T: torch.Tensor | None, device) -> torch.Tensor:
