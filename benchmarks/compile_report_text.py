@@ -12,8 +12,10 @@ ATTN_DOT_KERNELS = ("_decode_kernel", "_prefill_kernel", "_mla_kernel")
 # Kernels outside the GEMM and attention classes whose cold compile is as slow as fp32 attention's (DSA's radix
 # top-k over 4,096-score tiles at 8 warps: 2.7 s; its split path's partial and merge, 1.2 and 1.3 s; GLM-5.3-Flash's pooled
 # select, 2.6 s):
-# benchmarks/gpu_session.sh budgets them as slow compiles.
-SLOW_OTHER_KERNELS = ("_topk_kernel", "_partial_topk_kernel", "_merge_topk_kernel", "_pool_select_kernel")
+# benchmarks/gpu_session.sh budgets them as slow compiles. The dense MLP's gate-up GEMV too (kernels/triton_mlp_gemv.py:
+# two straight-line walks, gate's and up's; DeepSeek-V3's FP8 shared expert 3.2 s on a CPU slowed ~1.5x).
+SLOW_OTHER_KERNELS = ("_topk_kernel", "_partial_topk_kernel", "_merge_topk_kernel", "_pool_select_kernel",
+                      "_mlp_gate_up_kernel")
 
 
 def record_key(k: dict) -> tuple | None:

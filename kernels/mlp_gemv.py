@@ -5,7 +5,8 @@ The references are those compositions, the contract and the oracle; kernels/trit
 launch for up to FUSED_MAX_TOKENS tokens (kernels/norm.py), the weights float or FP8 block-scaled (W8A8).
 
 Legend: T tokens, K in features, I intermediate size, F rows of the stacked gate-up weight (gate rows [0, I), up
-rows [U, U + I): U = I, or the next multiple of the FP8 block after it), N out features.
+rows [U, U + I): U = I for a float stack, the first multiple of the FP8 block's Bn at or after I for an FP8
+one), N out features.
 
 Why: at batch 1 DeepSeek's shared experts were four dependent launches a MoE layer (the GEMM, SiLU·up, the GEMM,
 the add; six with FP8's two activation quantizations), each a ramp and a tail around a few MB of weight bytes.

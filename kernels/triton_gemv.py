@@ -10,9 +10,10 @@ FP8 weights (float8_e4m3fn with float32 `weight_scale_inv` [ceil(N / Bn), G], ke
 fp8.reference_fp8_linear computes it. The input row is quantized per Bk group by each program of the token into
 a scratch row (`quant_chunk`: triton_fp8.quant_tile, bit for bit triton_per_token_group_quant; every program
 writes the same bytes, as the normed row), then a tile's products are e4m3 weights times xq · (x scale · weight
-block scale), the tile shaped [BN, groups, Bk] so each group's two scales load once (`gemv_fp8_rows`), and BN
-divides Bn, so a program's rows share one scale row. Quantizing once a program rather than once a token costs K IEEE divisions
-a program (Qwen3-30B-A3B's qkv at one token: 320 programs x 2,048, ~0.7 M, against 5.2 MB of weight bytes).
+block scale), the tile shaped [BN, BK / INNER, INNER] (INNER = min(BK, Bk): a group a row of the middle axis) so
+each group's two scales load once (`gemv_fp8_rows`), and BN divides Bn, so a program's rows share one scale row.
+Quantizing once a program rather than once a token costs K IEEE divisions a program (Qwen3-30B-A3B's qkv at one
+token: 320 programs x 2,048, ~0.7 M, against 10.5 MB of weight bytes).
 
 Why the CUDA cores: at one to eight tokens an MMA of M = 16 wastes most of its work and gains nothing on a step
 bound by the weight's bytes; a [BN, BK] fp32 tile of products reduced once at the end is what

@@ -9,7 +9,10 @@ How: grid (T, I / BN) (gate-up) or (T, N / BN) (down), program (t, n): kernels/t
 program as the attention launches do). Gate-up takes a program's BN gate rows and the BN up rows paired with them
 (the same walk from row U + n BN), rounds both to the activations' dtype as the GEMM's output would be, and stores
 triton_silu_mul's arithmetic of them (`silu_mul_values`). Down rounds its rows likewise and adds the addend,
-rounded once more as torch's add. No program waits on another: the epilogues are row-wise.
+rounded once more as torch's add. No program waits on another: the epilogues are row-wise. Gate-up's two walks share launch_shape's 32 kB budget a
+walk, so a straight-line program holds up to 64 kB of loads; the largest such case compiled (DeepSeek-V2-Lite's
+shared experts, 2 x 32 kB) takes 193 registers and no spills (compile_tiny --cases fused): the compile report is
+the check for a new shape.
 
 Numerics: the epilogues are the unfused kernels' bits on the same GEMV outputs; the GEMVs sum in their own fixed
 order (batch-invariant: the launch shape is the weight's alone), within an ulp of the activation dtype of cuBLAS.

@@ -5,8 +5,9 @@ mixer's o_proj, the residual add and the norm before the FFN block run as kernel
 The seam (engine/models/blocks/stream.py `mixer_and_ffn_norm`) asks a mixer's `fusion` two things: `takes(x)`,
 whether the mixer runs this step by `forward_fused(norm, post_norm, ..., handoff)` (handed the residual stream,
 the norms and the FFN block's FP8 input handoff, if any), and `takes_output(x)`, whether post_norm goes into the
-output launch (`project`: which then also writes the FP8 experts' quantized input where there is a handoff). GQA's FusedInput (gqa_input.py) also
-takes the input side; MLA's fusion is this one alone (its input already is one launch: kernels/mla_input.py).
+output launch (`project`, which then also writes the FP8 experts' quantized input where there is a handoff).
+GQA's FusedInput (gqa_input.py) also takes the input side; MLA's fusion is this one alone (its input already is
+one launch: kernels/mla_input.py).
 
 Which steps: up to kernels/norm.py's FUSED_MAX_TOKENS tokens, an o_proj without a LoRA adapter, whole on this
 rank (a row-parallel o_proj all-reduces before the add), float or FP8 block-scaled in blocks the GEMV takes
@@ -28,10 +29,11 @@ from .linear import FloatLinear, Fp8Linear, Linear
 
 
 def gemv_weight(proj: Linear, widest: int) -> dict[str, Any] | None:
-    """The weight keywords the fused decode GEMVs (kernels.linear_add_rms_norm, kernels.norm_qkv_rope_kv) take for
-    `proj` beside its weight: {} for a float weight, an FP8 one's block scales and block (W8A8, as its own
-    kernels.fp8_linear computes it); None where they do not take its method: an FP8 block whose Bk is no power of
-    two >= 16, or whose Bn no program of 8 to `widest` rows divides (kernels/fp8.py fp8_gemv_fits)."""
+    """The weight keywords the fused decode GEMVs (kernels.linear_add_rms_norm, kernels.norm_qkv_rope_kv, and the
+    dense MLP's kernels.gate_up_silu_mul / linear_add: mlp_fusion.py) take for `proj` beside its weight: {} for a
+    float weight, an FP8 one's block scales and block (W8A8, as its own kernels.fp8_linear computes it); None where
+    they do not take its method: an FP8 block whose Bk is no power of two >= 16, or whose Bn no program of 8 to
+    `widest` rows divides (kernels/fp8.py fp8_gemv_fits)."""
     method = proj.method
     if isinstance(method, FloatLinear):
         return {}

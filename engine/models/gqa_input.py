@@ -9,8 +9,8 @@ Why: a batch-1 decode layer's attention half was eight dependent launches for ~9
 rotary + KV write, the norm after) and the projections' outputs' round trips through DRAM.
 
 Which layers: plain GQA (not a kind that attends its own way), NeoX rotary on every head, a q/k/v stack without
-gaps, float or FP8 block-scaled in blocks the GEMV takes (fused_output.gemv_weight), no output gate, no all-heads q/k norm, no value scale, and head widths a block of 8-64 rows
-divides; the Triton kernels only (the CPU path's native norm and linear are already one call each). Which steps:
+gaps, float or FP8 block-scaled in blocks the GEMV takes (fused_output.gemv_weight), no output gate, no all-heads
+q/k norm, no value scale, and head widths a block of 8-64 rows divides; the Triton kernels only (the CPU path's native norm and linear are already one call each). Which steps:
 up to kernels.triton_qkv_rope_kv.MAX_TOKENS tokens, and no LoRA adapter on the projection (its hook runs after
 the matmul). The decision is a function of the layer and the step's token count, known on the host: a CUDA graph
 captured for a batch size always replays the same path.
@@ -79,5 +79,5 @@ class FusedInput:
 
     def takes_output(self, x_TD: torch.Tensor) -> bool:
         """Whether o_proj, the residual add and the next norm run as one launch too (kernels.linear_add_rms_norm):
-        FusedOutput's test (a float o_proj without a LoRA adapter, whole on this rank)."""
+        FusedOutput's test (an o_proj the GEMV takes, without a LoRA adapter, whole on this rank)."""
         return self.output.takes_output(x_TD)

@@ -160,7 +160,8 @@ class DenseMLP(nn.Module):
     def forward_add(self, x_TD: torch.Tensor, addend_TD: torch.Tensor) -> torch.Tensor:
         """forward(x) + addend (the shared experts' output and the routed experts' sum), the add inside the down
         projection's launch where the fusion takes the step."""
-        if self.fusion is not None and self.fusion.takes(x_TD):
+        if (self.fusion is not None and self.fusion.takes(x_TD) and addend_TD.dtype == x_TD.dtype
+                and addend_TD.shape == x_TD.shape):  # (else torch's add: its promotion and broadcasting)
             return self.fusion.forward(x_TD, addend_TD)
         return self.forward(x_TD) + addend_TD
 

@@ -70,7 +70,7 @@ def overlapped(routed: Stages, shared: Callable[[], torch.Tensor],
     try:
         next(routed)  # router run, dispatch issued
     except StopIteration as done:  # no expert parallelism: nothing travels
-        return done.value + shared() if shared_plus is None else shared_plus(done.value)
+        return (done.value + shared()) if shared_plus is None else shared_plus(done.value)
     shared_TD = shared()
     yield  # dispatch in flight (the shared MLP above ran during it)
     routed_TD = yield from routed
