@@ -32,29 +32,30 @@ from .triton_silu_mul import silu_mul_values
 
 
 @triton.jit
-def _input_row(x_ptr, xq_ptr, xs_ptr, t, in_features, stride_xt, num_groups, FP8_W: tl.constexpr,
-               GROUP: tl.constexpr, QCHUNK: tl.constexpr, QCHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
-    """(the row the GEMV reads, its group scales' row): x's row, or (FP8_W) its quantization, made by this program."""
+def _program_rows(x_ptr, xq_ptr, xs_ptr, in_features, rows, stride_xt, num_groups, BLOCK_N: tl.constexpr,
+                  FP8_W: tl.constexpr, GROUP: tl.constexpr, QCHUNK: tl.constexpr, QCHUNKS: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """Program (t, n)'s part: (t, the row the GEMV reads: x's, or (FP8_W) its quantization made by this program,
+    its group scales' row, the first row n BN, the rows [BN], their mask against `rows`)."""
+    t = tl.program_id(0)
+    row0 = tl.program_id(1) * BLOCK_N
     x_row = x_ptr + t.to(tl.int64) * stride_xt
     xs_row = xs_ptr + t.to(tl.int64) * num_groups
     if FP8_W:
         xq_row = xq_ptr + t.to(tl.int64) * in_features
         quant_row(x_row, xq_row, xs_row, in_features, QCHUNK, QCHUNKS, GROUP, INTERPRET)
         x_row = xq_row
-    return x_row, xs_row
+    offs_n = row0 + tl.arange(0, BLOCK_N)
+    return t, x_row, xs_row, row0, offs_n, offs_n < rows
 
 
 @triton.jit
-def _mlp_gate_up_kernel(x_ptr, w_ptr, h_ptr, xq_ptr, xs_ptr, ws_ptr, in_features, inter, up_row, stride_xt, stride_wn,
-                    stride_ws, scale_rows, num_groups, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, FP8_W: tl.constexpr, GROUP: tl.constexpr,
-                    QCHUNK: tl.constexpr, QCHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
-    t = tl.program_id(0)
-    row0 = tl.program_id(1) * BLOCK_N
-    x_row, xs_row = _input_row(x_ptr, xq_ptr, xs_ptr, t, in_features, stride_xt, num_groups, FP8_W, GROUP, QCHUNK,
-                               QCHUNKS, INTERPRET)
-    offs_n = row0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < inter
+def _mlp_gate_up_kernel(x_ptr, w_ptr, h_ptr, xq_ptr, xs_ptr, ws_ptr, in_features, inter, up_row, stride_xt,
+                        stride_wn, stride_ws, scale_rows, num_groups, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, FP8_W: tl.constexpr, GROUP: tl.constexpr,
+                        QCHUNK: tl.constexpr, QCHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
+    t, x_row, xs_row, row0, offs_n, n_ok = _program_rows(x_ptr, xq_ptr, xs_ptr, in_features, inter, stride_xt,
+                                                         num_groups, BLOCK_N, FP8_W, GROUP, QCHUNK, QCHUNKS, INTERPRET)
     g = gemv_rows(x_row, w_ptr, offs_n, n_ok, row0, in_features, stride_wn, xs_row, ws_ptr, stride_ws, scale_rows,
                   BLOCK_N, BLOCK_K, K_TILES, ONE_STEP, FP8_W, GROUP)
     u = gemv_rows(x_row, w_ptr, up_row + offs_n, n_ok, up_row + row0, in_features, stride_wn, xs_row, ws_ptr,
@@ -67,15 +68,11 @@ def _mlp_gate_up_kernel(x_ptr, w_ptr, h_ptr, xq_ptr, xs_ptr, ws_ptr, in_features
 
 @triton.jit
 def _mlp_down_kernel(x_ptr, w_ptr, a_ptr, y_ptr, xq_ptr, xs_ptr, ws_ptr, in_features, rows, stride_xt, stride_wn,
-                       stride_at, stride_ws, scale_rows, num_groups, HAS_ADD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, FP8_W: tl.constexpr,
-                       GROUP: tl.constexpr, QCHUNK: tl.constexpr, QCHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
-    t = tl.program_id(0)
-    row0 = tl.program_id(1) * BLOCK_N
-    x_row, xs_row = _input_row(x_ptr, xq_ptr, xs_ptr, t, in_features, stride_xt, num_groups, FP8_W, GROUP, QCHUNK,
-                               QCHUNKS, INTERPRET)
-    offs_n = row0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < rows
+                     stride_at, stride_ws, scale_rows, num_groups, HAS_ADD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, ONE_STEP: tl.constexpr, FP8_W: tl.constexpr,
+                     GROUP: tl.constexpr, QCHUNK: tl.constexpr, QCHUNKS: tl.constexpr, INTERPRET: tl.constexpr):
+    t, x_row, xs_row, row0, offs_n, n_ok = _program_rows(x_ptr, xq_ptr, xs_ptr, in_features, rows, stride_xt,
+                                                         num_groups, BLOCK_N, FP8_W, GROUP, QCHUNK, QCHUNKS, INTERPRET)
     y = gemv_rows(x_row, w_ptr, offs_n, n_ok, row0, in_features, stride_wn, xs_row, ws_ptr, stride_ws, scale_rows,
                   BLOCK_N, BLOCK_K, K_TILES, ONE_STEP, FP8_W, GROUP)
     dt = y_ptr.dtype.element_ty
