@@ -103,10 +103,15 @@ def _linear(x_TK, w_NK, w_scale_inv, block):
     return triton_fp8_linear(x_TK, w_NK, w_scale_inv, block)
 
 
-def _shape(x_TK, rows, widest, w_NK, w_scale_inv, block):
+def _prepared(x_TK, w_NK, name, rows, widest, w_scale_inv, block):
+    """(x with a unit last stride, interpreting, launch_shape's tuple, fp8_scratch's tuple) of a launch; the weight
+    must have a unit last stride."""
+    x_TK = x_TK if x_TK.stride(-1) == 1 else x_TK.contiguous()
+    if w_NK.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit last stride (a Linear's weight).")
     interp = common.interpreting(x_TK)
-    return interp, launch_shape(rows, x_TK.shape[1], widest, interp, x_TK.device, itemsize=w_NK.element_size()), \
-        fp8_scratch(x_TK, w_scale_inv, block, interp)
+    return x_TK, interp, launch_shape(rows, x_TK.shape[1], widest, interp, x_TK.device,
+                                      itemsize=w_NK.element_size()), fp8_scratch(x_TK, w_scale_inv, block, interp)
 
 
 def triton_gate_up_silu_mul(x_TK: torch.Tensor, w_FK: torch.Tensor, inter: int, up_row: int, *,
@@ -129,10 +134,8 @@ def triton_gate_up_silu_mul(x_TK: torch.Tensor, w_FK: torch.Tensor, inter: int, 
     h_TI = common.workspace((T, inter), x_TK.dtype, x_TK.device)
     if T == 0:
         return h_TI
-    x_TK = x_TK if x_TK.stride(-1) == 1 else x_TK.contiguous()
-    if w_FK.stride(-1) != 1:
-        raise ValueError("w_FK must have a unit last stride (a Linear's weight).")
-    interp, (bn, bk, tiles, one_step, warps), fp8 = _shape(x_TK, inter, widest, w_FK, w_scale_inv, block)
+    x_TK, interp, (bn, bk, tiles, one_step, warps), fp8 = _prepared(x_TK, w_FK, "w_FK", inter, widest, w_scale_inv,
+                                                                    block)
     _mlp_gate_up_kernel[(T, triton.cdiv(inter, bn))](
         x_TK, w_FK, h_TI, *fp8[:3], K, inter, up_row, x_TK.stride(0), w_FK.stride(0), *fp8[3:6],
         BLOCK_N=bn, BLOCK_K=bk, K_TILES=tiles, ONE_STEP=one_step, FP8_W=w_scale_inv is not None,
@@ -156,12 +159,9 @@ def triton_linear_add(x_TK: torch.Tensor, w_NK: torch.Tensor, addend_TN: torch.T
     y_TN = common.workspace((T, N), x_TK.dtype, x_TK.device)
     if T == 0:
         return y_TN
-    x_TK = x_TK if x_TK.stride(-1) == 1 else x_TK.contiguous()
-    if w_NK.stride(-1) != 1:
-        raise ValueError("w_NK must have a unit last stride (a Linear's weight).")
     if addend_TN is not None and addend_TN.stride(-1) != 1:
         addend_TN = addend_TN.contiguous()
-    interp, (bn, bk, tiles, one_step, warps), fp8 = _shape(x_TK, N, widest, w_NK, w_scale_inv, block)
+    x_TK, interp, (bn, bk, tiles, one_step, warps), fp8 = _prepared(x_TK, w_NK, "w_NK", N, widest, w_scale_inv, block)
     _mlp_down_kernel[(T, triton.cdiv(N, bn))](
         x_TK, w_NK, addend_TN if addend_TN is not None else x_TK, y_TN, *fp8[:3], K, N, x_TK.stride(0),
         w_NK.stride(0), addend_TN.stride(0) if addend_TN is not None else 0, *fp8[3:6],
