@@ -22,7 +22,7 @@ from ..tp.group import TensorParallel
 from ..tp.linear import ColumnParallel, RowParallel
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, keeps_blocks, linear_method
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, deinterleave_rows
 
 if TYPE_CHECKING:
     from moelink.kernels.ops import Kernels
@@ -33,7 +33,9 @@ class GQAAttention(nn.Module):
     optional q/k RMSNorm before rotary, per head (Qwen3; GLM's use_qk_norm: fused into the rotary + KV-write op)
     or over all heads at once (MiniMax-M2: the [T, N * H] and [T, K * H] projections normed before they split
     into heads); rotary over the first rope.rotary_dim dims of each head (all of them, or a partial prefix), or
-    none on a NoPE layer (EXAONE-MoE's full-attention layers).
+    none on a NoPE layer (EXAONE-MoE's full-attention layers); an interleaved rope (ERNIE-4.5) runs as neox on rows
+    de-interleaved at load (`rope_rows`); q, k and v optionally clamped before rotary (OLMoE's
+    and DBRX's clip_qkv).
     gpt-oss adds an o_proj bias, per-head attention sinks and, on its sliding layers, a window: both go to the
     attention kernel as per-layer arguments (a Python int and a parameter: nothing per step, so decode graphs
     capture them). MiMo-V2-Flash's values are v_head_dim wide (the V cache, the output and o_proj's input too)
@@ -58,9 +60,14 @@ class GQAAttention(nn.Module):
         self.q_size, self.kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         self.v_size, self.o_size = attn.num_kv_heads * self.v_head_dim, attn.num_heads * self.v_head_dim
         self.value_scale = float(attn.value_scale)
+        self.clip_qkv = float(attn.clip_qkv) if attn.clip_qkv is not None else None
         self.scale = attn.softmax_scale
         self.kernels = kernels
         self.rope = rope
+        # An interleaved rope (ERNIE-4.5: pairs (2i, 2i + 1)) runs as the neox one on q/k rows de-interleaved per
+        # head at load (`rope_rows`): q . k is unchanged by one permutation of both, and v is not touched.
+        self.interleaved = attn.rope.style == "interleaved"
+        self.full_heads = (attn.num_heads * size, full.num_kv_heads)  # the checkpoint's q and kv heads (TP: all)
         # quant: engine/config/quantization.py's config (None = float); the method is chosen by checkpoint name.
         p = f"model.layers.{layer_idx}.self_attn."
         qkv_method = linear_method(quant, p + "q_proj", p + "k_proj", p + "v_proj")
@@ -114,6 +121,9 @@ class GQAAttention(nn.Module):
             q_TQ, gate_TQ = q_TQ[:, :self.q_size], q_TQ[:, self.q_size:]
         if self.all_heads_norm:  # the whole projection's mean square, as transformers norms before the reshape
             q_TQ, k_TK = self._all_heads_norm(q_TQ, k_TK)
+        if self.clip_qkv is not None:  # OLMoE / DBRX: after the norm, before rotary (element-wise: any TP shard)
+            c = self.clip_qkv
+            q_TQ, k_TK, v_TK = q_TQ.clamp(-c, c), k_TK.clamp(-c, c), v_TK.clamp(-c, c)
         if self.value_scale != 1.0:
             v_TK = v_TK * self.value_scale
         q_TNH = q_TQ.view(T, self.num_heads, self.head_dim)
@@ -214,11 +224,15 @@ class GQAAttention(nn.Module):
         plan = {}
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
             size = self.tp.size if self.tp is not None else 1
-            rows = (gate_rows(self.num_heads * size, self.head_dim, size),) if i == 0 and self.output_gate else ()
+            rows: tuple = ()
+            if i == 0 and self.output_gate:
+                rows = (gate_rows(self.num_heads * size, self.head_dim, size),)
+            elif i < 2 and self.interleaved:
+                rows = (rope_rows(self.full_heads[i], self.head_dim, self.rope.rotary_dim),)
             plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i, rows))
             if self.qkv_bias is not None:  # this rank's rows of the bias too (the weight's source, as a vector)
                 plan[f"{p}{name}.bias"] = PlanEntry(self.qkv_bias, (self.qkv_proj.piece_rows(i),),
-                                                    self.qkv_proj.parallel.source(i, ()))
+                                                    self.qkv_proj.parallel.source(i, rows))
         plan.update(self.o_proj.weight_plan(p + "o_proj.weight"))
         if self.o_bias is not None:
             plan[p + "o_proj.bias"] = PlanEntry(self.o_bias, ())
@@ -233,6 +247,14 @@ class GQAAttention(nn.Module):
             plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, (), q_src)
             plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, (), k_src)
         return plan
+
+
+def rope_rows(num_heads: int, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """q_proj's (or k_proj's) rows with each head's rotated prefix de-interleaved ([0, 2, ..., 1, 3, ...]: rope.
+    deinterleave_rows), its other dims in place: an interleaved rope then rotates as neox. Within each head, so a TP
+    rank's heads are still one contiguous range (and FP8 rows stay in their blocks when head_dim is a multiple)."""
+    one = torch.cat([deinterleave_rows(rotary_dim), torch.arange(rotary_dim, head_dim)])
+    return (torch.arange(num_heads)[:, None] * head_dim + one[None, :]).reshape(-1)
 
 
 def gate_rows(num_heads: int, head_dim: int, groups: int = 1) -> torch.Tensor:

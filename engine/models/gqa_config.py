@@ -70,6 +70,9 @@ class GQAConfig:
     # A sigmoid gate on the attention output, one value per query head dim (Qwen3-Next, Qwen3.5: q_proj holds each
     # head's query rows then its gate rows; o = attention * sigmoid(gate) before o_proj).
     output_gate: bool = False
+    # q, k and v clamped to [-clip_qkv, clip_qkv] after the projection (and an all-heads q/k norm), before rotary:
+    # OLMoE's and DBRX's clip_qkv, a training-stability clamp their transformers models apply at inference too.
+    clip_qkv: float | None = None
 
     def __post_init__(self) -> None:
         if self.qk_norm is True or self.qk_norm is False:
@@ -86,6 +89,20 @@ class GQAConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config.json num_attention_heads={self.num_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_kv_heads}.")
+        if self.rope.style not in ("neox", "interleaved"):
+            raise ValueError(f"GQAConfig rope style={self.rope.style!r} is invalid: GQA rotates 'neox' or "
+                             f"'interleaved' pairs.")
+        if self.rope.style == "interleaved" and (self.qk_norm or self.output_gate):
+            # Its q/k rows are de-interleaved at load (gqa.rope_rows); a norm's weight or a gate's rows would move too.
+            raise ValueError("GQAConfig rope style='interleaved' is invalid with a q/k norm or an output gate.")
+        c = self.clip_qkv
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float))
+                              or not (math.isfinite(c) and c > 0)):
+            raise unsupported("clip_qkv", c, "null or a finite number > 0")
+        if c is not None and self.qk_norm == "per_head":
+            # The per-head norm runs inside the rotary op, after the clamp would: no family clamps around one.
+            raise ValueError("GQAConfig clip_qkv is invalid with qk_norm='per_head': the clamp follows no per-head "
+                             "norm.")
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
             raise unsupported("sliding_window", w, "null or a positive integer")
