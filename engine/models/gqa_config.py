@@ -73,6 +73,8 @@ class GQAConfig:
     # q, k and v clamped to [-clip_qkv, clip_qkv] after the projection (and an all-heads q/k norm), before rotary:
     # OLMoE's and DBRX's clip_qkv, a training-stability clamp their transformers models apply at inference too.
     clip_qkv: float | None = None
+    # The softmax scale when it is not head_dim ** -0.5 (Granite-MoE's muP attention_multiplier); None: that.
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.qk_norm is True or self.qk_norm is False:
@@ -95,6 +97,10 @@ class GQAConfig:
         if self.rope.style == "interleaved" and (self.qk_norm or self.output_gate):
             # Its q/k rows are de-interleaved at load (gqa.rope_rows); a norm's weight or a gate's rows would move too.
             raise ValueError("GQAConfig rope style='interleaved' is invalid with a q/k norm or an output gate.")
+        sc = self.scale
+        if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float))
+                               or not (math.isfinite(sc) and sc > 0)):
+            raise unsupported("attention_multiplier", sc, "a finite number > 0")
         c = self.clip_qkv
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float))
                               or not (math.isfinite(c) and c > 0)):
@@ -116,7 +122,7 @@ class GQAConfig:
 
     @property
     def softmax_scale(self) -> float:
-        return self.head_dim**-0.5
+        return float(self.scale) if self.scale is not None else self.head_dim**-0.5
 
     @property
     def value_head_dim(self) -> int:
