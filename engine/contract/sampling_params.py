@@ -187,9 +187,11 @@ class SamplingParams:
             self.logit_bias = {_token_key(k): _bias(k, v) for k, v in self.logit_bias.items()}
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
-            _check(isinstance(ids, (list, tuple)) and len(ids) > 0 and all(_is_int(t) and t >= 0 for t in ids),
+            # C-speed checks (a type set, a min), then one sorted, de-duplicated list: what the rank converts once for
+            # all n samples (they share it: `sample`); a repeated id allows nothing more (vLLM's mask is a set).
+            _check(isinstance(ids, (list, tuple)) and len(ids) > 0 and set(map(type, ids)) == {int} and min(ids) >= 0,
                    "allowed_token_ids", ids, "must be a non-empty list of token ids (integers >= 0) or None")
-            self.allowed_token_ids = list(ids)
+            self.allowed_token_ids = sorted(set(ids))
         if self.bad_words is None:
             self.bad_words = []  # vLLM's default: no bad words is an empty list
         else:

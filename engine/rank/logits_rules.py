@@ -16,6 +16,12 @@ Everything a request asks is precomputed once, when the persistent batch takes i
 * per slot on the host, its multi-token words (prefix right-aligned in [w, h] and padded with `_ANY`, last token):
   a step concatenates those of its rows (Python only over the rows that set bad words) for one copy.
 
+A request's n samples share its rule objects (SamplingParams.sample copies the parameters, not their lists; one
+pickled SchedulerOutput keeps that sharing), and so share one conversion: `add` keys its converted tensors by the
+identity of the request's allowed ids, bias and bad words, kept while a slot uses them, so a sample's slot costs
+O(1) in those lists (a 2 MB allowed_token_ids at n=512 was converted 512 times on the engine thread, 19 s: issue 95
+item 3).
+
 Like input_batch.PenaltyCounts, slots are handed out on the host at once and every change to the tensors runs as
 device work in stream order (`take_ops` at a step's launch, `apply` at the start of its device work). A step with no
 row that sets a rule builds and runs nothing here.
@@ -63,6 +69,19 @@ class StepRules:
     tail_slots_T: torch.Tensor | None = None
 
 
+@dataclass
+class _Converted:
+    """One request's rules as the fills read them, shared by the slots of its samples (`LogitsRules.add`)."""
+
+    objects: tuple  # (allowed_token_ids, logit_bias, bad_words_token_ids): held, so their ids stay theirs
+    allowed: torch.Tensor | None
+    bias_ids: torch.Tensor
+    bias: torch.Tensor
+    banned: torch.Tensor
+    words: tuple[np.ndarray, np.ndarray] | None  # (prefix [w, p] right-aligned, last [w]) of its multi-token words
+    users: int = 0
+
+
 class LogitsRules:
     """The held requests' rules (module docstring). Not thread-safe: the runner's host thread owns the host side."""
 
@@ -76,39 +95,64 @@ class LogitsRules:
         self._ops: list[RuleFill] = []
         # slot -> (prefix [w, p] right-aligned, last [w]) of its multi-token words; only slots that have some
         self.words: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # The converted rules by the identity of their objects (module docstring), and the key of each slot's.
+        self._converted: dict[tuple[int, int, int], _Converted] = {}
+        self._slot_key: dict[int, tuple[int, int, int]] = {}
+        self.conversions = 0  # how many requests' rules were converted (a test reads it)
 
     def add(self, params: SamplingParams, output_token_ids: list[int]) -> int:
-        """A slot for a request with these rules and outputs so far; filled by the next step's device work."""
+        """A slot for a request with these rules and outputs so far; filled by the next step's device work. O(1)
+        in the rules' lists for a sample whose sibling holds a slot (they share one conversion)."""
         if not self._free:
             n = self._num_slots
             self._num_slots = max(8, 2 * n)
             self._free.extend(range(self._num_slots - 1, n - 1, -1))
         slot = self._free.pop()
+        objects = (params.allowed_token_ids, params.logit_bias, params.bad_words_token_ids)
+        key = (id(objects[0]), id(objects[1]), id(objects[2]))
+        conv = self._converted.get(key)
+        if conv is None or any(a is not b for a, b in zip(conv.objects, objects)):
+            conv = self._converted[key] = self._convert(params, objects)
+        conv.users += 1
+        self._slot_key[slot] = key
+        if conv.words is not None:
+            self.words[slot] = conv.words
+            self._tail_width = max(self._tail_width, conv.words[0].shape[1])
+        keep = self._tail_width if conv.words is not None else 0
+        self._ops.append(RuleFill(slot, self._num_slots, self._tail_width, conv.allowed, conv.bias_ids, conv.bias,
+                                  conv.banned, self._ids(output_token_ids[-keep:] if keep else [])))
+        return slot
+
+    def _convert(self, params: SamplingParams, objects: tuple) -> _Converted:
+        """A request's rules as tensors (once per request, whatever its n)."""
+        self.conversions += 1
         words = params.bad_words_token_ids or []
         longer = [w for w in words if len(w) > 1]
+        prefixes = None
         if longer:
             p = max(len(w) for w in longer) - 1
             prefix = np.full((len(longer), p), _ANY, dtype=np.int64)
             for i, w in enumerate(longer):
                 prefix[i, p - (len(w) - 1):] = w[:-1]
-            self.words[slot] = (prefix, np.asarray([w[-1] for w in longer], dtype=np.int64))
-            self._tail_width = max(self._tail_width, p)
+            prefixes = (prefix, np.asarray([w[-1] for w in longer], dtype=np.int64))
         bias = params.logit_bias or {}
-        keep = self._tail_width if longer else 0
-        self._ops.append(RuleFill(
-            slot, self._num_slots, self._tail_width,
-            None if params.allowed_token_ids is None else self._ids(params.allowed_token_ids),
-            self._ids(list(bias)), to_device(np.asarray(list(bias.values()), dtype=np.float32), torch.float32,
-                                             self.device),
-            self._ids([w[0] for w in words if len(w) == 1]),
-            self._ids(output_token_ids[-keep:] if keep else [])))
-        return slot
+        return _Converted(
+            objects, None if params.allowed_token_ids is None else self._ids(params.allowed_token_ids),
+            self._ids(np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))),
+            to_device(np.fromiter(bias.values(), dtype=np.float32, count=len(bias)), torch.float32, self.device),
+            self._ids([w[0] for w in words if len(w) == 1]), prefixes)
 
-    def _ids(self, ids: list[int]) -> torch.Tensor:
+    def _ids(self, ids) -> torch.Tensor:
         return to_device(np.asarray(ids, dtype=np.int64), torch.long, self.device)
 
     def remove(self, slot: int) -> None:
         self.words.pop(slot, None)
+        key = self._slot_key.pop(slot, None)
+        conv = self._converted.get(key) if key is not None else None
+        if conv is not None:
+            conv.users -= 1
+            if conv.users <= 0:
+                del self._converted[key]
         self._free.append(slot)
 
     def take_ops(self) -> list[RuleFill]:

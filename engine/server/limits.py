@@ -59,6 +59,34 @@ class RequestLimits:
                                       "largest body of /generate, /abort_request and the RL control routes on the "
                                       "HTTP port (HTTP 413 beyond it)")
 
+    # The list fields of the HTTP front's /v1/completions, /v1/chat/completions and /generate (gateway/), each
+    # refused by its length before any entry is looked at (a 60 MB allowed_token_ids held the event loop 10.9 s,
+    # and the engine thread 110 s at n=64: issue 95 items 3 and 4).
+    # allowed_token_ids: every id is in [0, vocab_size) and they are de-duplicated, so a list longer than the largest
+    # vocabulary served (Gemma's 262,144) only repeats ids; vLLM's clients send a vocabulary subset.
+    max_allowed_token_ids: int = _limit(262144, "allowed_token_ids", "ids",
+                                        "most allowed_token_ids per request (HTTP)")
+    # logit_bias: OpenAI's API takes 300 keys; a quarter of a 262k vocabulary leaves room for banning whole classes
+    # of tokens (each key is parsed once per request, ~1 us, and converted once for all n samples).
+    max_logit_bias: int = _limit(65536, "logit_bias", "keys", "most logit_bias keys per request (HTTP)")
+    # bad_words: vLLM's VLLM_MAX_NUM_BAD_WORDS (128 token sequences after tokenization, engine/core/logits_rules.py)
+    max_bad_words: int = _limit(128, "bad_words", "words", "most bad_words per request (HTTP)")
+    max_bad_word_chars: int = _limit(256, "bad_words[i]", "characters", "longest bad word (HTTP)")
+    # Prompts in one /v1/completions or /generate request, each prepared (tokenized, checked) in turn: 16,384
+    # one-id prompts in a 0.1 MB body took 3.7 s. lm-eval sends its --batch_size prompts (1 by default, tens to
+    # hundreds when raised), vllm bench one; OpenAI's API took at most 2,048.
+    max_prompts_per_request: int = _limit(4096, "prompt (a batch)", "prompts",
+                                          "most prompts in one HTTP /v1/completions or /generate request")
+    # A non-streamed HTTP answer is built whole before a byte is sent: its size, estimated at admission from
+    # prompts x n x max_tokens x (1 + logprobs) and prompt tokens x prompt_logprobs (gateway/answer_budget.py), is
+    # bounded so that no request is admitted whose answer the server cannot build (n=64 x 1,000 tokens x logprobs 20
+    # is a 36 MB answer; 512 prompts x prompt_logprobs 20 were 663 MB and +4.6 GB of memory). 128 MiB admits
+    # lm-eval's scoring batches (64 prompts x 4,096 tokens with echo and logprobs 1: about 80 MB); streamed answers
+    # are not bounded by it.
+    max_answer_bytes: int = _limit(128 << 20, "a non-streamed HTTP answer (estimated)", "bytes",
+                                   "largest non-streamed answer of HTTP /v1/completions, /v1/chat/completions and "
+                                   "/generate, estimated at admission (stream=true is not bounded)")
+
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
@@ -219,9 +247,6 @@ def _other_rows(lim: RequestLimits) -> list[Row]:
          f"at most {SMALL_REQUEST_MAX_BYTES >> 10} KiB, refused before parsing", invalid),
         ("VllmEngine: `logit_bias`, multimodal inputs", "not supported",
          invalid),
-        ("HTTP `logit_bias`", "not supported: a non-empty bias is refused, never ignored (the OpenAI HTTP "
-                              "gateway would drop it)",
-         "HTTP 400, `param` logit_bias"),
         ("`sampling_params.json_schema` / `regex` / `grammar` / `choice` (HTTP: `response_format`, "
          "`structured_outputs`, `guided_*`)", f"at most {DEFAULT_MAX_GRAMMAR_CHARS} characters "
          f"({flag('max_grammar_chars')}), a JSON schema nested at most {MAX_JSON_DEPTH} levels (measured before it "
@@ -236,6 +261,27 @@ def _other_rows(lim: RequestLimits) -> list[Row]:
         ("HTTP request body of `/generate`, `/abort_request` and the RL control routes",
          f"at most {lim.max_http_body_bytes >> 20} MiB ({flag('max_http_body_bytes')}), refused from its "
          "Content-Length before it is read; parsed on a worker thread past 256 KiB", "HTTP 413"),
+        ("HTTP `allowed_token_ids`", f"at most {lim.max_allowed_token_ids} ids ({flag('max_allowed_token_ids')}), "
+                                     "each in [0, vocab_size); de-duplicated and converted once for all n samples",
+         "HTTP 400, `param` allowed_token_ids"),
+        ("HTTP `logit_bias`", f"at most {lim.max_logit_bias} keys ({flag('max_logit_bias')}), each a token id in "
+                              "[0, vocab_size), biases clamped to [-100, 100]", "HTTP 400, `param` logit_bias"),
+        ("HTTP `bad_words`", f"at most {lim.max_bad_words} words ({flag('max_bad_words')}), each 1 to "
+                             f"{lim.max_bad_word_chars} characters ({flag('max_bad_word_chars')}), tokenized once",
+         "HTTP 400, `param` bad_words"),
+        ("HTTP `stop`, `stop_token_ids`", "as `sampling_params.stop` and `stop_token_ids` above, counted before any "
+                                          "entry is read", "HTTP 400, `param` the field"),
+        ("HTTP prompts of `/v1/completions` and `/generate`", f"at most {lim.max_prompts_per_request} prompts "
+                                                              f"({flag('max_prompts_per_request')}), each at most "
+                                                              "max_model_len − 1 token ids (counted first)",
+         "HTTP 400, `param` the prompts' field"),
+        ("HTTP non-streamed answer (completions, chat, `/generate`)",
+         f"at most {lim.max_answer_bytes >> 20} MiB ({flag('max_answer_bytes')}), estimated at admission from "
+         "prompts × n × max_tokens × (1 + logprobs) and prompt tokens × prompt_logprobs; `stream: true` is not "
+         "bounded", "HTTP 400, `param` the fields that make it"),
+        ("any HTTP string field (prompt, messages, stop, bad_words, request_id, user, model, tools, ...)",
+         "valid Unicode (no lone surrogate such as `\\ud800`); `request_id` printable, at most "
+         f"{lim.max_request_id_chars} characters", "HTTP 400, `param` the field"),
         ("HTTP `/generate` prompts x `sampling_params.n`", f"at most {lim.max_batch_sequences} sequences "
                                                            f"({flag('max_batch_sequences')})",
          "HTTP 400, `param` the prompts' field"),

@@ -461,8 +461,8 @@ def test_batch_and_body_bounds(front):
     n = limits.max_batch_sequences // 2 + 1  # two prompts x n: one sequence past the bound
     param, message = refused(port, {"text": ["a"] * 2, "sampling_params": {"n": n}})
     assert param == "text" and f"{2 * n} sequences" in message and "--max-batch-sequences" in message
-    param, message = refused(port, {"input_ids": [[1]] * (limits.max_batch_sequences + 1)})
-    assert param == "input_ids" and "--max-batch-sequences" in message
+    param, message = refused(port, {"input_ids": [[1]] * (limits.max_prompts_per_request + 1)})
+    assert param == "input_ids" and "--max-prompts-per-request" in message  # counted before any is read (issue 95)
     import socket
 
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -26,9 +26,11 @@ from typing import Any, Optional
 from ...contract.safe_text import shown
 from ...contract.sampling_params import SamplingParams
 from .chat_render import RenderedChat, has_media, render_chat
+from . import answer_budget
 from .completions_request import (REFUSED as COMPLETIONS_REFUSED, SAMPLING, Prompt, RELAYED_FIELDS as
-                                  COMPLETIONS_RELAYED, check_stops, is_int, logprob_count, read_stream_options,
-                                  logit_bias_field, refuse_non_neutral, renamed_error, sampling_fields)
+                                  COMPLETIONS_RELAYED, check_request_id, check_stops, is_int, logprob_count,
+                                  read_stream_options, logit_bias_field, refuse_non_neutral, renamed_error,
+                                  sampling_fields)
 from .json_body import json_flag
 from .openai_fields import HttpFieldError
 
@@ -124,6 +126,7 @@ def read_request(data: dict, serving, tokenizer, lora: Optional[str], base_id: s
     """The request, its chat rendered by `tokenizer`'s template and checked against the server's limits
     (`serving`: --max-logprobs, --max-n, stop lists, max_model_len). `lora`: the adapter `model` names."""
     refused_field(data)
+    check_request_id(data, serving.limits)
     stream = json_flag(data, "stream")
     options = data.get("stream_options")
     if options and not stream:  # vLLM's test: an empty object is taken
@@ -141,11 +144,11 @@ def read_request(data: dict, serving, tokenizer, lora: Optional[str], base_id: s
     echo = json_flag(data, "echo")
     if prompt_logprobs is None and echo:
         prompt_logprobs = top  # vLLM's: echo scores the prompt
-    fields = sampling_fields(data)
+    fields = sampling_fields(data, limits)
     for key, value in serving.info.sampling_defaults.items():  # the checkpoint's, for the fields left out (vLLM's)
         if key != "max_tokens" and key not in fields:
             fields[key] = value
-    bias = logit_bias_field(data.get("logit_bias"))
+    bias = logit_bias_field(data.get("logit_bias"), limits)
     if bias:
         fields["logit_bias"] = bias
     check_stops(limits, fields)
@@ -158,6 +161,13 @@ def read_request(data: dict, serving, tokenizer, lora: Optional[str], base_id: s
         limits.check_n(params.n)
     except ValueError as e:
         raise renamed_error(str(e), data) from None
+    if not stream:  # the answer's size against --max-answer-bytes (answer_budget.py), before anything runs
+        est = answer_budget.estimate([len(rendered.ids)], params.n, params.max_tokens, answer_budget.CHAT_LOGPROB,
+                                     top if logprobs else None, prompt_logprobs)
+        answer_budget.check(limits, est, f"n={params.n} x max_tokens={params.max_tokens} (max_completion_tokens, "
+                                         f"else the context the prompt leaves), top_logprobs="
+                                         f"{top if logprobs else None}, prompt_logprobs={prompt_logprobs}, a "
+                                         f"prompt of {len(rendered.ids)} tokens")
     role = "assistant" if rendered.add_generation_prompt else rendered.messages[-1]["role"]
     prompt = Prompt(list(rendered.ids), "messages", serving.request_id(f"chatcmpl-{base_id}"))
     as_ids = data.get("return_tokens_as_token_ids")

@@ -22,7 +22,7 @@ from .chat_answer import ChatAnswer
 from .chat_request import ChatRequest, claims, read_request, refused_field, unknown_field
 from .completions_route import CompletionsRoute, _answered, base_request_id, sse_events, whole_answer
 from .generate_route import Streamed, _Runs, _error, _refusal
-from .json_body import json_object, off_loop
+from .json_body import json_text_object, off_loop
 from .openai_fields import CHAT_PATH, HttpFieldError
 
 PATH = CHAT_PATH
@@ -50,7 +50,8 @@ class ChatRoute(CompletionsRoute):
         if self.tokenizer is None:
             return None
         try:
-            data = await off_loop(body, json_object, body)
+            # Every string valid Unicode (json_body.refuse_lone_surrogates): messages' roles and contents, tools, stop.
+            data = await off_loop(body, json_text_object, body)
             refused_field(data)
         except HttpFieldError as e:
             return _answered(e.status, _error(str(e), e.field, e.status))
@@ -78,6 +79,9 @@ class ChatRoute(CompletionsRoute):
         if req.stream:
             return Streamed(sse_events(_events(req, answer, runs), runs, one_choice=req.n == 1), runs.aclose)
         return await whole_answer(runs, lambda _, sample, out: answer.add(sample, out), answer.body)
+
+    def _check_answer(self, req, processed: list) -> None:
+        """Checked already, when the chat was rendered (chat_request.read_request)."""
 
 
 async def _events(req: ChatRequest, answer: ChatAnswer, runs: _Runs) -> AsyncIterator[dict]:

@@ -26,7 +26,8 @@ from typing import Any, Optional
 
 from ...contract.safe_text import shown
 from ...contract.sampling_params import SamplingParams
-from .json_body import json_flag, kind_of
+from . import answer_budget
+from .json_body import json_flag, kind_of, valid_text
 from .openai_fields import GUIDED, SMG_CONSTRAINTS, HttpFieldError
 
 VLLM_MAX_TOKENS = 16  # vLLM's default max_tokens for /v1/completions
@@ -43,6 +44,9 @@ SAMPLING = {"temperature": ("temperature", "number"), "top_p": ("top_p", "number
 LOCAL_FIELDS = frozenset(SAMPLING) | {"model", "prompt", "max_tokens", "logprobs", "echo", "prompt_logprobs", "stream",
                                       "stream_options", "user", "return_token_ids", "truncate_prompt_tokens",
                                       "request_id", "logit_bias", "return_tokens_as_token_ids"}
+# The list fields refused by their length (RequestLimits) before any entry is looked at.
+COUNTED = {"stop": "max_stop_strings", "stop_token_ids": "max_stop_token_ids",
+           "allowed_token_ids": "max_allowed_token_ids", "bad_words": "max_bad_words"}
 # vLLM's fields the engine cannot honour: field -> (its neutral values, why). Neutral: taken; anything else: 400.
 REFUSED = {
     "suffix": ((None, ""), "moelink's models take no suffix (vLLM refuses it for every model it serves too)"),
@@ -120,13 +124,14 @@ def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> Comp
     """The request, checked against the server's limits (`serving`: --max-logprobs, --max-n, stop lists). `lora`: the
     adapter `model` names (already looked up)."""
     refuse_non_neutral(data, {k: v for k, v in REFUSED.items() if k not in LOCAL_FIELDS})
+    limits = serving.limits
+    check_request_id(data, limits)
     stream = json_flag(data, "stream")
     echo = json_flag(data, "echo")
     options = data.get("stream_options")
     if options is not None and not stream:
         raise HttpFieldError("stream_options", "Stream options can only be defined when `stream=True`.")
     include_usage, continuous = read_stream_options(options)
-    limits = serving.limits
     logprobs = logprob_count(data, "logprobs", limits.max_logprobs)
     prompt_logprobs = logprob_count(data, "prompt_logprobs", limits.max_logprobs)
     if prompt_logprobs is not None and stream and prompt_logprobs > 0:
@@ -138,8 +143,8 @@ def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> Comp
     if not is_int(max_tokens) or max_tokens < 0 or (max_tokens == 0 and not echo):
         raise HttpFieldError("max_tokens", f"max_tokens={shown(json.dumps(max_tokens))} is invalid: an integer >= 1 "
                                            "(0 only with echo: the prompt alone is answered).")
-    fields = sampling_fields(data)
-    bias = logit_bias_field(data.get("logit_bias"))
+    fields = sampling_fields(data, limits)
+    bias = logit_bias_field(data.get("logit_bias"), limits)
     if bias:
         fields["logit_bias"] = bias
     for key, value in serving.info.sampling_defaults.items():  # the checkpoint's, for the fields left out (vLLM's)
@@ -152,17 +157,54 @@ def read_request(data: dict, serving, lora: Optional[str], base_id: str) -> Comp
         limits.check_n(params.n)
     except ValueError as e:
         raise renamed_error(str(e), data) from None
-    prompts = _prompts(data.get("prompt"), params.n, limits.max_batch_sequences, serving, base_id)
     keep = data.get("truncate_prompt_tokens")
     if keep is not None and (not is_int(keep) or keep < 1):
         raise HttpFieldError("truncate_prompt_tokens", "truncate_prompt_tokens must be an integer >= 1 (the last N "
                                                        "prompt tokens are kept).")
+    prompts = _prompts(data.get("prompt"), params.n, limits, serving, base_id, keep)
+    if not stream:  # what is known before tokenizing (a text prompt counts 1 token); the route checks it again after
+        check_answer(limits, [len(p.prompt) if isinstance(p.prompt, list) else 1 for p in prompts], params.n,
+                     max(max_tokens, 1), logprobs, prompt_logprobs, echo)
     as_ids = data.get("return_tokens_as_token_ids")
     if as_ids is not None and not isinstance(as_ids, bool):
         raise HttpFieldError("return_tokens_as_token_ids", "return_tokens_as_token_ids must be true, false or null.")
     return CompletionRequest(prompts, params.sample(0), params.n, echo, logprobs, max_tokens == 0, stream,
                              include_usage, continuous, json_flag(data, "return_token_ids"), keep, lora, base_id,
                              as_ids)
+
+
+def check_answer(limits, prompt_lens: list, n: int, max_tokens: int, logprobs: Optional[int],
+                 prompt_logprobs: Optional[int], echo: bool) -> None:
+    """A non-streamed answer's estimated size against --max-answer-bytes (answer_budget.py)."""
+    est = answer_budget.estimate(prompt_lens, n, max_tokens, answer_budget.COMPLETIONS_LOGPROB, logprobs,
+                                 prompt_logprobs, echo)
+    answer_budget.check(limits, est, f"{len(prompt_lens)} prompt(s) of {sum(prompt_lens)} tokens x n={n} x "
+                                     f"max_tokens={max_tokens}, logprobs={logprobs}, prompt_logprobs={prompt_logprobs}"
+                                     f", echo={str(echo).lower()}")
+
+
+def check_request_id(data: dict, limits) -> None:
+    """The body's `request_id` (an answer's id and every log line of the request): a string of at most
+    --max-request-id-chars printable characters, valid Unicode; refused before anything runs."""
+    rid = data.get("request_id")
+    if rid is None:
+        return
+    if not isinstance(rid, str):
+        raise HttpFieldError("request_id", f"request_id must be a string, not {kind_of(rid)}.")
+    valid_text(rid, "request_id")
+    if len(rid) > limits.max_request_id_chars or not rid.isprintable():
+        raise HttpFieldError("request_id", f"request_id must be at most {limits.max_request_id_chars} printable "
+                                           f"characters (--max-request-id-chars): it has {len(rid)}"
+                                           + ("" if rid.isprintable() else ", some of them control characters")
+                                           + ".")
+
+
+def check_count(limits, name: str, count: int, field: str) -> None:
+    """HTTP 400 naming `field` when `count` (a list's length) is over the limit `name` (its flag in the message)."""
+    try:
+        limits.check(name, count, field)
+    except ValueError as e:
+        raise HttpFieldError(field, str(e)) from None
 
 
 def refuse_non_neutral(data: dict, refused: dict) -> None:
@@ -196,51 +238,67 @@ def logprob_count(data: dict, name: str, most: int) -> Optional[int]:
     return value
 
 
-def _prompts(prompt: Any, n: int, most: int, serving, base_id: str) -> tuple[Prompt, ...]:
-    """Each prompt of `prompt` (vLLM's four shapes), its request id `cmpl-{base_id}-{i}` as vLLM numbers them."""
+def _prompts(prompt: Any, n: int, limits, serving, base_id: str, keep: Optional[int] = None
+             ) -> tuple[Prompt, ...]:
+    """Each prompt of `prompt` (vLLM's four shapes), its request id `cmpl-{base_id}-{i}` as vLLM numbers them. Every
+    list is bounded by its length before its entries are looked at: a batch by --max-prompts-per-request and
+    prompts x n by --max-batch-sequences, a token-id prompt by max_model_len (after truncate_prompt_tokens, `keep`)."""
     if isinstance(prompt, str):
         if not prompt:
             raise HttpFieldError("prompt", "Either prompt or prompt_embeds must be provided and non-empty.")
         given, batch = [prompt], False
-    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
+    elif isinstance(prompt, list) and prompt and is_int(prompt[0]):
         given, batch = [prompt], False
     elif isinstance(prompt, list) and prompt:
         given, batch = prompt, True
+        check_count(limits, "max_prompts_per_request", len(given), "prompt")
     else:
         raise HttpFieldError("prompt", "prompt must be a non-empty string, a list of strings, a list of token ids or "
                                        f"a list of token-id lists, not {kind_of(prompt)}.")
+    most = limits.max_batch_sequences
     if len(given) * n > most:
         raise HttpFieldError("prompt", f"prompt has {len(given)} prompts x n={n} samples = {len(given) * n} "
                                        f"sequences: at most {most} in one request (--max-batch-sequences).")
+    max_len = getattr(getattr(serving, "info", None), "max_model_len", None)
     out = []
     for i, one in enumerate(given):
         field = f"prompt[{i}]" if batch else "prompt"
-        ok = (isinstance(one, str) and one) or (isinstance(one, list) and one and all(is_int(t) for t in one))
+        if isinstance(one, list) and one:
+            if keep is not None:
+                one = one[-keep:]  # what prepare keeps of it (truncate_prompt_tokens)
+            if is_int(max_len) and len(one) >= max_len:
+                raise HttpFieldError(field, f"{field} has {len(one)} token ids, too long: max_model_len={max_len} "
+                                            f"leaves room for at most {max_len - 1} prompt tokens.")
+        ok = (isinstance(one, str) and one) or (isinstance(one, list) and one and set(map(type, one)) == {int})
         if not ok or (batch and isinstance(given[0], str) != isinstance(one, str)):
             raise HttpFieldError(field, f"{field} must be a non-empty string or a non-empty list of token ids, and "
                                         "a batch's prompts all of one kind.")
-        if isinstance(one, list) and any(t < 0 for t in one):
+        if isinstance(one, list) and min(one) < 0:
             raise HttpFieldError(field, f"{field} holds a negative token id.")
         if isinstance(one, str):
-            try:
-                one.encode("utf-8")
-            except UnicodeEncodeError:
-                raise HttpFieldError(field, f"{field} is not valid Unicode text (a lone surrogate).") from None
-        out.append(Prompt(one, field, serving.request_id(f"cmpl-{base_id}-{i}")))
+            valid_text(one, field)
+        try:
+            rid = serving.request_id(f"cmpl-{base_id}-{i}")
+        except ValueError as e:
+            raise HttpFieldError("request_id", shown(str(e), quote=False)) from None
+        out.append(Prompt(one, field, rid))
     return tuple(out)
 
 
-def sampling_fields(data: dict) -> dict:
-    """The sampling fields given (null: the default), each of its JSON kind."""
+def sampling_fields(data: dict, limits=None) -> dict:
+    """The sampling fields given (null: the default), each of its JSON kind; with `limits`, each list field
+    (COUNTED) refused by its length before any entry is looked at."""
     out: dict = {}
     for key, (name, kind) in SAMPLING.items():
         value = data.get(key)
         if value is None:
             continue
+        if limits is not None and key in COUNTED and isinstance(value, list):
+            check_count(limits, COUNTED[key], len(value), key)
         ok = {"int": is_int(value), "number": (is_int(value) or isinstance(value, float)) and math.isfinite(value),
               "bool": isinstance(value, bool),
               "strs": isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
-              "ints": isinstance(value, list) and all(is_int(v) for v in value)}[kind]
+              "ints": isinstance(value, list) and (not value or set(map(type, value)) == {int})}[kind]
         if not ok:
             raise HttpFieldError(key, f"{key} must be " + {"int": "an integer", "number": "a number",
                                                             "bool": "true or false",
@@ -252,12 +310,15 @@ def sampling_fields(data: dict) -> dict:
     return out
 
 
-def logit_bias_field(value: Any) -> Optional[dict]:
-    """vLLM's reading (SamplingParams.from_optional): keys token-id strings, values clamped to [-100, 100]."""
+def logit_bias_field(value: Any, limits=None) -> Optional[dict]:
+    """vLLM's reading (SamplingParams.from_optional): keys token-id strings, values clamped to [-100, 100]; with
+    `limits`, at most --max-logit-bias keys, counted first."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise HttpFieldError("logit_bias", f"logit_bias must be an object of {{token id: bias}}, not {kind_of(value)}.")
+    if limits is not None:
+        check_count(limits, "max_logit_bias", len(value), "logit_bias")
     bad = [k for k in value if not k.lstrip("-").isdigit()]
     if bad:
         raise HttpFieldError("logit_bias", "logit_bias contains key(s) that cannot be converted to integer token IDs: "
@@ -275,8 +336,15 @@ def check_stops(limits, params: dict) -> None:
         for i, text in enumerate(params.get("stop", [])):
             limits.check("max_stop_string_chars", len(text), f"stop[{i}]")
         limits.check("max_stop_token_ids", len(params.get("stop_token_ids", [])), "stop_token_ids")
+        limits.check("max_bad_words", len(params.get("bad_words") or []), "bad_words")
+        for i, word in enumerate(params.get("bad_words") or []):
+            limits.check("max_bad_word_chars", len(word), f"bad_words[{i}]")
     except ValueError as e:
         raise HttpFieldError(str(e).split(" has ", 1)[0], str(e)) from None
+    for name in ("stop", "bad_words"):  # echoed in answers and logs
+        for i, text in enumerate(params.get(name) or []):
+            if isinstance(text, str):
+                valid_text(text, f"{name}[{i}]")
 
 
 def renamed_error(message: str, given: dict) -> HttpFieldError:
@@ -291,6 +359,7 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-__all__ = ["CompletionRequest", "LOCAL_FIELDS", "RELAYED_FIELDS", "unknown_field", "Prompt", "REFUSED", "SAMPLING", "VLLM_MAX_TOKENS", "claims",
-           "check_stops", "is_int", "logprob_count", "read_request", "read_stream_options", "renamed_error",
-           "refuse_non_neutral", "sampling_fields"]
+__all__ = ["COUNTED", "CompletionRequest", "LOCAL_FIELDS", "RELAYED_FIELDS", "unknown_field", "Prompt", "REFUSED",
+           "SAMPLING", "VLLM_MAX_TOKENS", "check_answer", "check_count", "check_request_id", "claims", "check_stops",
+           "is_int", "logprob_count", "read_request", "read_stream_options", "renamed_error", "refuse_non_neutral",
+           "sampling_fields"]

@@ -23,11 +23,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from ...contract.safe_text import shown
 from ...core.no_tokenizer import NoTokenizer
 from .completions_answer import CompletionAnswer
-from .completions_request import CompletionRequest, claims, read_request, unknown_field
+from .completions_request import CompletionRequest, check_answer, claims, read_request, unknown_field
 from .generate_route import Streamed, _Runs, _error, _refusal, admit_runs
 from .smg_errors import http_message, http_param
 from .hangups import MAX_CLIENT_ID_CHARS
-from .json_body import json_object, off_loop
+from .json_body import json_text_object, off_loop
 from .openai_fields import COMPLETIONS_PATH, HttpFieldError
 
 PATH = COMPLETIONS_PATH
@@ -55,7 +55,7 @@ class CompletionsRoute:
         if self.tokenizer is None:
             return None
         try:
-            data = await off_loop(body, json_object, body)
+            data = await off_loop(body, json_text_object, body)
         except HttpFieldError as e:
             return _answered(e.status, _error(str(e), e.field, e.status))
         if not claims(data):
@@ -64,14 +64,16 @@ class CompletionsRoute:
                 return _answered(400, _error(f"{shown(unknown)} is not a field of /v1/completions (vLLM's fields: "
                                              "docs/vllm-compat.md#v1completions).", unknown, 400))
             return None
-        return self._answer(data, client, header_id)
+        return self._answer(data, client, header_id, body)
 
-    async def _answer(self, data: dict, client: tuple[str, ...], header_id: Optional[str] = None):
+    async def _answer(self, data: dict, client: tuple[str, ...], header_id: Optional[str] = None, body: bytes = b""):
         scope = client[0] if client else ""
         base = base_request_id(data, header_id)
         try:
             lora = self._adapter(data.get("model"))
-            req = read_request(data, self.s, lora, base)
+            # Read and checked on a worker thread for a large body (json_body.off_loop): its lists' checks are
+            # bounded by their lengths, but each entry of a long one is still looked at once.
+            req = await off_loop(body, read_request, data, self.s, lora, base)
             runs = await self._start(req, client, scope)
         except HttpFieldError as e:
             return e.status, _error(str(e), e.field, e.status)
@@ -115,7 +117,14 @@ class CompletionsRoute:
                 raise HttpFieldError(field, shown(http_message(str(e)), quote=False)) from None
             processed.append(one)
             await asyncio.sleep(0)  # a short prompt is checked on the loop: other streams move between prompts
+        if not req.stream:  # the answer's size with the prompts' token counts, before anything runs
+            self._check_answer(req, processed)
         return await admit_runs(self.s, [p.rid for p in req.prompts], processed, req.n, client, scope)
+
+    def _check_answer(self, req: CompletionRequest, processed: list) -> None:
+        """A non-streamed answer's estimated size against --max-answer-bytes (answer_budget.py)."""
+        check_answer(self.s.limits, [len(p.prompt_token_ids) for p in processed], req.n, req.params.max_tokens or 1,
+                     req.logprobs, req.params.prompt_logprobs, req.echo)
 
     def _decode_one(self, token: int) -> str:
         """One token's own text (vLLM's decoded token: special tokens kept)."""

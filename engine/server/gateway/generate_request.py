@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from ...contract.safe_text import shown
 from ...contract.sampling_params import SamplingParams
-from .json_body import json_flag, json_object, kind_of
+from . import answer_budget
+from .json_body import json_flag, json_text_object, kind_of, valid_text
 from .openai_fields import HttpFieldError
 
 FIELDS = ("text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
@@ -65,13 +66,14 @@ class GenerateRequest:
 def read_request(body: bytes, serving) -> GenerateRequest:
     """The request body as prompts, each checked against the server's limits (`serving`: served names, --max-n,
     --max-logprobs, stop lists, request ids)."""
-    data = json_object(body)
+    data = json_text_object(body)  # every string valid Unicode (json_body.refuse_lone_surrogates)
     for key in data:
         if key not in FIELDS:
             raise HttpFieldError(key, f"{shown(key)} is refused: it is not a field moelink's /generate takes "
                                       f"({', '.join(FIELDS)}).")
     most = serving.limits.max_batch_sequences
-    prompts, field, batch = _prompts(data, most)
+    max_len = getattr(getattr(serving, "info", None), "max_model_len", None)
+    prompts, field, batch = _prompts(data, most, max_len, serving.limits)
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or model not in
                               set(serving.served_model_names) | set(serving.model_aliases)):
@@ -104,7 +106,30 @@ def read_request(body: bytes, serving) -> GenerateRequest:
     loras = _loras(data.get("lora_path"), len(prompts), batch)
     items = tuple(Prompt(p, f"{field}[{i}]" if batch else field, params[i], rids[i], loras[i])
                   for i, p in enumerate(prompts))
-    return GenerateRequest(items, n, not batch and n == 1, json_flag(data, "stream"), None if start == -1 else start)
+    req = GenerateRequest(items, n, not batch and n == 1, json_flag(data, "stream"), None if start == -1 else start)
+    if not req.stream:  # what is known before tokenizing (a text prompt counts 1 token); the route checks it again
+        check_answer(serving.limits, req, [len(p.prompt) if isinstance(p.prompt, list) else 1 for p in items])
+    return req
+
+
+def check_answer(limits, req: GenerateRequest, prompt_lens: list) -> None:
+    """A non-streamed answer's estimated size against --max-answer-bytes (answer_budget.py): per prompt its n
+    samples' max_new_tokens with their logprobs, and its input_token_logprobs once (sample 0's)."""
+    output = prompt = 0
+    for p, length in zip(req.prompts, prompt_lens):
+        start = req.logprob_start or 0
+        est = answer_budget.estimate([max(length - start, 0)], req.n, p.params.max_tokens or 1,
+                                     answer_budget.GENERATE_LOGPROB, p.params.logprobs,
+                                     p.params.logprobs if req.logprob_start is not None else None,
+                                     prompt_entries_per_choice=False)
+        output, prompt = output + est.output, prompt + est.prompt
+    top = req.prompts[0].params.logprobs
+    fields = (f"{len(req.prompts)} prompt(s) of {sum(prompt_lens)} tokens x n={req.n}, max_new_tokens "
+              f"{max(p.params.max_tokens or 1 for p in req.prompts)}, return_logprob={str(top is not None).lower()}, "
+              f"top_logprobs_num={top or 0}, logprob_start_len="
+              f"{-1 if req.logprob_start is None else req.logprob_start}")
+    answer_budget.check(limits, answer_budget.Estimate(output, prompt), fields,
+                        params=("sampling_params.max_new_tokens", "logprob_start_len"))
 
 
 def _too_many(field: str, prompts: int, n: int, most: int) -> str:
@@ -122,9 +147,10 @@ def _check_unicode(text: str, field: str) -> None:
                                     f"(\\u{ord(text[e.start]):04x}) at character {e.start}.") from None
 
 
-def _prompts(data: dict, most: int) -> tuple[list, str, bool]:
+def _prompts(data: dict, most: int, max_len: Optional[int] = None, limits=None) -> tuple[list, str, bool]:
     """(the prompts, their field, whether the request is a batch); a batch of more than `most` prompts is refused by
-    its length before any entry is looked at."""
+    its length before any entry is looked at (--max-prompts-per-request, --max-batch-sequences), and so is a
+    token-id prompt of max_model_len (`max_len`) ids or more."""
     if ("text" in data) == ("input_ids" in data):
         raise HttpFieldError("text", "give the prompt(s): `text` (a string, or a list of strings) or `input_ids` (a "
                                      "list of token ids, or a list of such lists).")
@@ -136,6 +162,7 @@ def _prompts(data: dict, most: int) -> tuple[list, str, bool]:
         if not isinstance(text, list) or not text:
             raise HttpFieldError("text", f"text must be a string or a non-empty list of strings, not "
                                          f"{kind_of(text)}.")
+        _check_prompt_count(limits, len(text), "text")
         if len(text) > most:
             raise HttpFieldError("text", _too_many("text", len(text), 1, most))
         for i, t in enumerate(text):
@@ -147,17 +174,36 @@ def _prompts(data: dict, most: int) -> tuple[list, str, bool]:
     if not isinstance(ids, list) or not ids:
         raise HttpFieldError("input_ids", "input_ids must be a non-empty list of token ids, or a list of such lists.")
     if not isinstance(ids[0], list):
-        if not all(_is_int(t) for t in ids):
+        _check_ids_length(ids, "input_ids", max_len)
+        if set(map(type, ids)) != {int}:
             raise HttpFieldError("input_ids", "input_ids must be a list of token ids (integers), or a list of such "
                                               "lists.")
         return [ids], "input_ids", False
+    _check_prompt_count(limits, len(ids), "input_ids")
     if len(ids) > most:
         raise HttpFieldError("input_ids", _too_many("input_ids", len(ids), 1, most))
     for i, one in enumerate(ids):
-        if not isinstance(one, list) or not all(_is_int(t) for t in one):
+        if isinstance(one, list):
+            _check_ids_length(one, f"input_ids[{i}]", max_len)
+        if not isinstance(one, list) or (one and set(map(type, one)) != {int}):
             raise HttpFieldError(f"input_ids[{i}]", f"input_ids[{i}] must be a list of token ids (integers): a "
                                                     "batch is a list of such lists.")
     return ids, "input_ids", True
+
+
+def _check_prompt_count(limits, count: int, field: str) -> None:
+    if limits is None:
+        return
+    try:
+        limits.check("max_prompts_per_request", count, field)
+    except ValueError as e:
+        raise HttpFieldError(field, str(e)) from None
+
+
+def _check_ids_length(ids: list, field: str, max_len: Optional[int]) -> None:
+    if _is_int(max_len) and len(ids) >= max_len:
+        raise HttpFieldError(field, f"{field} has {len(ids)} token ids, too long: max_model_len={max_len} leaves "
+                                    f"room for at most {max_len - 1} prompt tokens.")
 
 
 def _params(sp: Any, count: int, batch: bool, extra: dict, limits) -> tuple[list[SamplingParams], int]:
@@ -172,7 +218,7 @@ def _params(sp: Any, count: int, batch: bool, extra: dict, limits) -> tuple[list
         given = [("sampling_params", sp)] * count
     out, n = [], None
     for where, one in given:
-        fields = _sampling(one, where)
+        fields = _sampling(one, where, limits)
         _check_stops(limits, fields, where)
         try:
             params = SamplingParams(**{**fields, **extra})
@@ -207,6 +253,9 @@ def _rids(rid: Any, count: int, batch: bool, serving) -> list[str]:
         raise HttpFieldError("rid", "rid names a request twice: every prompt of a batch takes its own id.")
     out = []
     for r in given:
+        valid_text(r, "rid")
+        if not r.isprintable():
+            raise HttpFieldError("rid", "rid must be printable text (it is every log line's request id).")
         try:
             out.append(serving.request_id(r))
         except ValueError as e:
@@ -237,12 +286,17 @@ def _check_stops(limits, params: dict, where: str) -> None:
         limits.check("max_stop_strings", len(stop), f"{where}.stop")
         for i, text in enumerate(stop):
             limits.check("max_stop_string_chars", len(text), f"{where}.stop[{i}]")
+            valid_text(text, f"{where}.stop[{i}]")
         limits.check("max_stop_token_ids", len(params.get("stop_token_ids", [])), f"{where}.stop_token_ids")
     except ValueError as e:
         raise HttpFieldError(str(e).split(" has ", 1)[0], str(e)) from None
 
 
-def _sampling(sp: Any, where: str) -> dict:
+# The list keys refused by their length (RequestLimits) before any entry is looked at.
+_COUNTED = {"stop": "max_stop_strings", "stop_token_ids": "max_stop_token_ids"}
+
+
+def _sampling(sp: Any, where: str, limits=None) -> dict:
     if sp is None:
         sp = {}
     if not isinstance(sp, dict):
@@ -255,9 +309,15 @@ def _sampling(sp: Any, where: str) -> dict:
         name, kind = SAMPLING[key]
         if value is None:
             continue
+        if limits is not None and key in _COUNTED and isinstance(value, list):
+            try:
+                limits.check(_COUNTED[key], len(value), f"{where}.{key}")
+            except ValueError as e:
+                raise HttpFieldError(f"{where}.{key}", str(e)) from None
         ok = {"int": _is_int(value), "number": _is_int(value) or isinstance(value, float), "bool": isinstance(
             value, bool), "strs": isinstance(value, str) or (isinstance(value, list) and all(isinstance(
-                v, str) for v in value)), "ints": isinstance(value, list) and all(_is_int(v) for v in value)}[kind]
+                v, str) for v in value)),
+            "ints": isinstance(value, list) and (not value or set(map(type, value)) == {int})}[kind]
         if not ok:
             raise HttpFieldError(f"{where}.{key}", f"{where}.{key} must be "
                                  + {"int": "an integer", "number": "a number", "bool": "true or false",
@@ -281,4 +341,4 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-__all__ = ["FIELDS", "GenerateRequest", "Prompt", "SAMPLING", "read_request"]
+__all__ = ["FIELDS", "GenerateRequest", "Prompt", "SAMPLING", "check_answer", "read_request"]

@@ -38,6 +38,47 @@ def json_object(body: bytes) -> dict:
     return data
 
 
+def json_text_object(body: bytes) -> dict:
+    """`json_object`, every string in it (keys too) valid Unicode (`refuse_lone_surrogates`): what the routes that
+    answer from the engine parse, so that no field a request echoes or logs holds a lone surrogate."""
+    data = json_object(body)
+    if b"\\ud" in body or b"\\uD" in body:  # only an escape makes one: most bodies skip the walk
+        refuse_lone_surrogates(data)
+    return data
+
+
+def refuse_lone_surrogates(data) -> None:
+    """HttpFieldError naming the first string of `data` (a parsed JSON value: keys and values, at any depth) that
+    is not valid Unicode text. JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text holds: encoded into
+    an answer, a log line or the tokenizer it raised a TypeError or UnicodeEncodeError (a 500, or a dropped
+    connection after the request ran)."""
+    stack = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            valid_text(value, where or "body")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                valid_text(key, where or "body")
+                if not isinstance(item, (int, float, bool)) and item is not None:
+                    stack.append((item, shown(name, quote=False)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value)
+                         if isinstance(item, (str, list, dict)))
+
+
+def valid_text(text: str, field: str) -> str:
+    """`text` when it is valid Unicode; else HttpFieldError naming `field` (the one check every route's string
+    fields go through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HttpFieldError(field, f"{field} is not valid Unicode text: it holds a lone surrogate "
+                                    f"(\\u{ord(text[e.start]):04x}) at character {e.start}.") from None
+    return text
+
+
 def json_flag(data: dict, name: str, default: bool = False) -> bool:
     """Field `name` of `data` as a boolean (absent or null: `default`); anything else refused naming it."""
     value = data.get(name, default)
@@ -54,4 +95,5 @@ def kind_of(value) -> str:
         type(value), "a number")
 
 
-__all__ = ["INLINE_BODY_BYTES", "json_flag", "json_object", "kind_of", "off_loop"]
+__all__ = ["INLINE_BODY_BYTES", "json_flag", "json_object", "json_text_object", "kind_of", "off_loop",
+           "refuse_lone_surrogates", "valid_text"]
