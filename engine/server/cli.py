@@ -13,6 +13,7 @@ from ..api.kv_args import add_role_args, role_from_args
 from ..api.vllm_flags import OneValue, RequestLogFilter, add_refused_flags, add_vllm_server_flags
 from ..api.vllm_kv_config import apply_kv_transfer_config
 from .gateway.chat_template import check_chat_template
+from .gateway.http_limits import add_http_limit_args, http_limits_from
 from .gateway.options import add_gateway_flags, gateway_options
 
 
@@ -66,6 +67,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-modules", nargs="+", action="extend", type=_lora_module, default=[], metavar="NAME=PATH",
                    help=row("--lora-modules").says)
     add_limit_args(p)
+    add_http_limit_args(p)  # the OpenAI front's connection cap, timeouts and body caps (gateway/http_limits.py)
     add_role_args(p)
 
 
@@ -90,7 +92,8 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
                         http_port=None if ns.no_http else ns.http_port, http_host=ns.http_host,
                         http_metrics_port=ns.http_metrics_port, http_metrics_host=ns.http_metrics_host,
                         http_upstream_port=ns.http_upstream_port,
-                        limits=limits_from(ns), gateway=gateway_options(ns), lora_modules=tuple(ns.lora_modules),
+                        limits=limits_from(ns), gateway=gateway_options(ns), http_limits=http_limits_from(ns),
+                        lora_modules=tuple(ns.lora_modules),
                         return_tokens_as_token_ids=getattr(ns, "return_tokens_as_token_ids", False),
                         enable_log_outputs=log_outputs, max_log_len=getattr(ns, "max_log_len", None))
 

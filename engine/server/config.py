@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from .gateway.http_limits import HttpLimits
 from .gateway.options import GatewayOptions, model_alias_refusal
 from .limits import DEFAULT_MAX_MESSAGE_SIZE, RequestLimits
 from .lora_names import LoRAModule
@@ -50,6 +51,9 @@ class ServerConfig:
     # What the managed gateway (or the commands printed for one started by hand) is asked for beyond serving the
     # worker: vLLM's --tool-call-parser / --reasoning-parser / --chat-template (engine/server/gateway/options.py).
     gateway: GatewayOptions = field(default_factory=GatewayOptions)
+    # What the OpenAI HTTP front grants a client connection: the connection cap, the head, body and stall timeouts,
+    # the body caps of its routes (engine/server/gateway/http_limits.py; the --http-... flags).
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     # LoRA adapters served by name from the start (vLLM's --lora-modules; the engine needs enable_lora): checked
     # against the checkpoint when the server is made (engine/server/lora_names.py).
     lora_modules: tuple[LoRAModule, ...] = ()
@@ -106,6 +110,8 @@ class ServerConfig:
             bad("limits", "must be a RequestLimits")
         if not isinstance(self.gateway, GatewayOptions):
             bad("gateway", "must be a GatewayOptions")
+        if not isinstance(self.http_limits, HttpLimits):
+            bad("http_limits", "must be an HttpLimits")
         self._check_names(bad)
         if not isinstance(self.lora_modules, tuple) or not all(isinstance(m, LoRAModule) for m in self.lora_modules):
             bad("lora_modules", "must be a tuple of LoRAModule (--lora-modules name=path ...)")

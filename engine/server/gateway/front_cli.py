@@ -25,6 +25,7 @@ import signal
 from typing import Optional, Sequence
 
 from .http_front import HttpFront
+from .http_limits import add_http_limit_args, http_limits_from
 from .http_metrics import HttpMetrics
 from .options import GatewayOptions, alias_args
 
@@ -41,6 +42,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--api-key", default=os.environ.get("MOELINK_API_KEY"),
                    help="smg's --api-key, if it has one: the front asks it of every /v1 path (401 without it; "
                         "the probes and /metrics stay open) (default: $MOELINK_API_KEY)")
+    add_http_limit_args(p)  # the connection cap, timeouts and body caps, as `moelink serve` takes them
     p.set_defaults(func=_run)
 
 
@@ -51,6 +53,7 @@ def _run(ns: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')}={value} is invalid: must be a port in [1, 65535].")
     if ns.port == ns.upstream_port:
         raise ValueError(f"--port={ns.port} is invalid: must differ from --upstream-port (smg's own port).")
+    ns.http_limits = http_limits_from(ns)  # a bad value refused here, before the port is taken
     asyncio.run(_serve(ns))
     return 0
 
@@ -59,7 +62,8 @@ async def _serve(ns: argparse.Namespace) -> None:
     metrics = None
     if ns.upstream_metrics_port is not None:
         metrics = HttpMetrics(None, lambda: ns.upstream_metrics_port).body
-    front = HttpFront(ns.host, ns.port, ns.upstream_port, ns.api_key, metrics=metrics)
+    front = HttpFront(ns.host, ns.port, ns.upstream_port, ns.api_key, metrics=metrics,
+                      limits=getattr(ns, "http_limits", None))
     try:
         await front.start()
     except OSError as e:

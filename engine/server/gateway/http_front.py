@@ -6,8 +6,10 @@ HTTP 200. The front reads each chat or completions request, lets openai_fields.r
 the ones smg forwards (or answers 400 naming the field), and relays everything else byte for byte.
 
 How: a client's connection carries its requests in turn (HTTP/1.1 keep-alive, as vLLM's uvicorn serves them:
-http_wire.KeptConnection; an idle one is closed after 5 s or VLLM_HTTP_TIMEOUT_KEEP_ALIVE). Each request is read
-whole (h11: Content-Length or chunked, bounded by MAX_BODY_BYTES) and answered here (the routes below) or relayed:
+http_wire.KeptConnection; an idle one is closed after 5 s or VLLM_HTTP_TIMEOUT_KEEP_ALIVE). Each request's head is
+read and judged first (http_admission.py: the key, the route, an ambiguous framing; a 401, 404 or 400 leaves the
+body unread), then its body, up to the route's cap (http_routes.body_limit, http_limits.py), and it is answered here
+(the routes below) or relayed:
 sent to smg on loopback with `connection: close`, and smg's answer copied back as it comes (streams included) until
 smg closes (relay.py: the relay, and the rewriting of smg's errors into vLLM's shape on the way back); a relayed
 answer's head gets `connection: close` too, so the client opens a new connection for its next request.
@@ -33,7 +35,7 @@ A client that goes away (its connection reads EOF) before smg's answer has ended
 compiled, or a non-streamed one, ran to its end. Each relayed request carries a relay id of the front's own in
 hangups.RELAY_HEADER (smg makes it the gRPC request id's prefix); a client's own copy of that header is dropped.
 
-Only the OpenAI API and the health probes are relayed (PUBLIC_ROUTES); `GET /metrics` is answered here
+Only the OpenAI API and the health probes are relayed (http_routes.PUBLIC_ROUTES); `GET /metrics` is answered here
 (Prometheus text: the engine's series, vLLM's names and smg's own, http_metrics.py); every other path is 404. smg
 serves its control plane on the same port (`POST /workers` adds a worker that then receives users' prompts,
 `DELETE /workers/ID` removes moelink's own), so a client must never reach it; smg also asks those routes
@@ -52,43 +54,26 @@ from typing import Awaitable, Callable, Optional
 import h11
 
 from ..client_identity import CLIENT_ID_HEADER, http_client
-from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, KeptConnection, answer_watched,
-                        error_body, header_of, keep_alive_s, read_request, write_answer)
-from .generate_route import GENERATE_PATH, PATHS as GENERATE_PATHS
+from .http_admission import (EveryFew, answer_bad_head, connection_cap, declares_body, framing_refusal,
+                             quiet_accept_failures, read_body, read_head, refuse_busy)
+from .http_limits import HttpLimits
+# The route tables (re-exported: public_path is this module's public name too).
+from .http_routes import (ENGINE_ROUTES, HEALTH_PATHS, KEYED_ROUTES, LIVENESS_PATH, METRICS_PATH, PING_PATH, PROBES,
+                          VERSION_PATH, body_limit, no_engine_body, public_path)
+from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, ClientStalled, KeptConnection,
+                        answer_watched, error_body, header_of, keep_alive_s, refuse_unread, write_answer)
+from .generate_route import GENERATE_PATH
 from .json_body import INLINE_BODY_BYTES
 from .openai_fields import ADAPTER_PATHS, CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key
 from .relay import MAX_HEAD_BYTES, SmgRelay
-from .rl_routes import PATHS as RL_PATHS
 from .tool_calls import asks_one_call
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 << 20  # a relayed body's cap; a route answered here may set a smaller one (`local.body_limit`)
-# What clients reach through the front: the OpenAI API (each route and what lies under it, e.g.
-# /v1/models/ID) and the probes. smg's control plane (/workers, /flush_cache, /get_loads, profiling, /wasm,
-# /parse, /v1/rl) is not among them.
-# vLLM's own routes beside them: /tokenize, /detokenize (answered from the engine, vllm_routes.py), /version and
-# /ping (answered here).
-PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations",
-                 "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
-                 "/v1beta/interactions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health",
-                 "/health_generate", "/liveness", "/readiness", "/tokenize", "/detokenize", "/version",
-                 "/ping") + GENERATE_PATHS + RL_PATHS
-PROBES = ("/health", "/health_generate", "/readiness", "/ping")
-LIVENESS_PATH = "/liveness"  # 503 only once the engine died (health.py engine_down), not while smg restarts
-VERSION_PATH = "/version"
-PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
-HEALTH_PATHS = ("/health", PING_PATH)  # answered here as vLLM answers them: 200, an empty body
-# Answered only where the engine is beside the front: vLLM's tokenizer routes, and the RL control routes
-# (rl_routes.py: never relayed, smg's own /flush_cache is its control plane's).
-ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS
-# Routes outside /v1 that still ask the API key: the RL control routes, SGLang's /generate (a data route) and
-# /abort_request.
-KEYED_ROUTES = GENERATE_PATHS + RL_PATHS
-METRICS_PATH = b"/metrics"
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 _ASK_BEARER = ((b"www-authenticate", b"Bearer"),)  # RFC 6750: what a 401 asks for
+_stall_log = EveryFew()
 
 
 class HttpFront:
@@ -98,7 +83,8 @@ class HttpFront:
                  not_serving: Optional[Callable[[], Optional[str]]] = None,
                  on_hangup: Optional[Callable[[str], Awaitable[object]]] = None,
                  metrics: Optional[Callable[[], Awaitable[bytes]]] = None, local=None,
-                 engine_down: Optional[Callable[[], Optional[str]]] = None, completions=None, chat=None):
+                 engine_down: Optional[Callable[[], Optional[str]]] = None, completions=None, chat=None,
+                 limits: Optional[HttpLimits] = None):
         """`not_serving()`: why the gateway cannot serve now (the probes answer 503 with it), or None.
         `engine_down()`: why the engine beside the front cannot serve any more (health.py engine_down: every probe,
         /liveness too, answers 503 with it at once), or None.
@@ -109,7 +95,9 @@ class HttpFront:
         relay), or None (a front before a gateway started by hand).
         `completions`: what answers `POST /v1/completions` from the engine beside `local`
         (completions_route.CompletionsRoute: `await completions.claim(body, client)` -> the answer, or None to relay),
-        or None: relayed to smg. `chat`: the same for `POST /v1/chat/completions` (chat_route.ChatRoute)."""
+        or None: relayed to smg. `chat`: the same for `POST /v1/chat/completions` (chat_route.ChatRoute).
+        `limits`: the connection cap, the head, body and stall timeouts and the body caps (HttpLimits' defaults
+        when None)."""
         self.host, self.port, self.upstream_port = host, port, upstream_port
         self.api_key = api_key
         self.not_serving = not_serving
@@ -125,8 +113,12 @@ class HttpFront:
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
         self.keep_alive_s = keep_alive_s()  # a bad VLLM_HTTP_TIMEOUT_KEEP_ALIVE is refused here, at the start
+        self.limits = limits if limits is not None else HttpLimits()
+        self.max_connections = self.limits.max_connections  # lowered at start() to what the fds allow
 
     async def start(self) -> None:
+        self.max_connections = connection_cap(self.limits.max_connections)  # raises the soft fd limit first
+        quiet_accept_failures(asyncio.get_running_loop())
         self._server = await asyncio.start_server(self._serve, self.host.strip("[]"), self.port, limit=MAX_HEAD_BYTES)
 
     async def stop(self) -> None:
@@ -140,12 +132,19 @@ class HttpFront:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client connection: its requests answered in turn while both sides keep it (HTTP/1.1 keep-alive,
-        http_wire.KeptConnection), the wait for each next one at most `keep_alive_s`."""
+        http_wire.KeptConnection), the wait for each next one at most `keep_alive_s`, each head at most the head
+        timeout. One past the connection cap is answered 503 and closed at once."""
+        if len(self._connections) >= self.max_connections:
+            try:
+                await refuse_busy(reader, writer, self.max_connections)
+            finally:
+                writer.transport.abort()  # its 503 is sent (a small write goes out at once): no close handshake
+            return
         task = asyncio.current_task()
         self._connections.add(task)
-        conn = KeptConnection(max_incomplete_event_size=MAX_HEAD_BYTES)
+        conn = KeptConnection(max_incomplete_event_size=MAX_HEAD_BYTES, stall_s=self.limits.stall_timeout_s)
         try:
-            idle_s: Optional[float] = None  # the first request is waited for as long as the client takes
+            idle_s: Optional[float] = None  # the first request: its head within the head timeout of the accept
             while await self._one(conn, reader, writer, idle_s):
                 conn.start_next_cycle()
                 idle_s = self.keep_alive_s
@@ -155,10 +154,12 @@ class HttpFront:
             # task: a traceback in the log at every stop with a connection open.
             pass
         finally:
-            self._connections.discard(task)
             writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await writer.wait_closed()
+            try:  # what is left of an answer goes out first, unless the client reads none of it
+                await asyncio.wait_for(writer.wait_closed(), self.limits.stall_timeout_s)
+            except (Exception, asyncio.CancelledError):
+                writer.transport.abort()
+            self._connections.discard(task)
 
     async def _one(self, conn: KeptConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    idle_s: Optional[float]) -> bool:
@@ -167,15 +168,43 @@ class HttpFront:
         the front not stopping."""
         head = False
         try:
-            got = await read_request(conn, reader, writer, self._body_limit, MAX_BODY_BYTES, idle_s)
+            got = await read_head(conn, reader, idle_s, self.limits.head_timeout_s)
             if got is None:
-                return False
-            request, body = got
+                return False  # the client left, stayed idle, or did not finish a head in time
+            request, raw = got
             head = request.method == b"HEAD"
+            why = framing_refusal(raw)
+            if why is not None:
+                await answer_bad_head(reader, writer, why, self.limits.stall_timeout_s)
+                return False
             conn.closing = self._server is None or not self._server.is_serving()
-            await self._route(conn, request, body, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, h11.RemoteProtocolError):
-            return False  # the client went away or spoke no HTTP: nothing to answer
+            early = self._from_head(request)
+            if early is not None:
+                await self._answer_from_head(conn, request, early, reader, writer)
+            else:
+                most, flag = body_limit(request, self.limits, self.local)
+                body = await read_body(conn, reader, writer, request, most, flag, self.limits.body_timeout_s)
+                if body is None:
+                    return False  # answered 413 or 408
+                await self._route(conn, request, body, reader, writer)
+        except ClientStalled as e:
+            # Its answer is abandoned (the engine's request ended with it: answer_watched) and the connection
+            # dropped now, with what it would not read.
+            _stall_log(logger.warning, "an HTTP client stalled: %s (--http-stall-timeout); its request was ended and "
+                       "its connection closed", e)
+            writer.transport.abort()
+            return False
+        except h11.RemoteProtocolError as e:
+            # A head (or chunked body) h11 cannot read: 400 (431 for a head too large) and closed, as uvicorn answers
+            # it, unless its answer had begun. A client that only half-closed (it may, after its request) reads it;
+            # one gone for good does not, and the write fails quietly.
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with contextlib.suppress(Exception):
+                    await answer_bad_head(reader, writer, str(e), self.limits.stall_timeout_s,
+                                          431 if e.error_status_hint == 431 else 400)
+            return False
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return False  # the client went away: nothing to answer
         except Exception:
             # A bug of the front's own: logged once, and the client gets a 500 rather than a dropped connection
             # (as uvicorn and nginx answer a handler's failure), unless its answer had already begun.
@@ -196,16 +225,7 @@ class HttpFront:
             # Answered here, as vLLM answers it on its API port (no API key: Prometheus sends none).
             await write_answer(conn, writer, 200, await self.metrics(), METRICS_CONTENT_TYPE, head_only=head)
             return
-        path = public_path(request.target)
-        if path is None:
-            # vLLM's FastAPI answers a path it has no route for with its framework's body (so does this front).
-            await write_answer(conn, writer, 404, NOT_FOUND_BODY, head_only=head)
-            return
-        # The RL control routes and /generate take the key too, though not under /v1 (vLLM's rule for the others).
-        if (needs_key(path) or path in KEYED_ROUTES) and not self._authorized(request):
-            # vLLM's API-key middleware's body ({"error": "Unauthorized"}); the header says what to send.
-            await write_answer(conn, writer, 401, UNAUTHORIZED_BODY, extra=_ASK_BEARER, head_only=head)
-            return
+        path = public_path(request.target)  # never None here: _from_head answered 404
         reason = None
         if self.engine_down is not None and (path in PROBES or path == LIVENESS_PATH):
             reason = self.engine_down()  # the engine died: every probe, at once (health.py)
@@ -236,14 +256,39 @@ class HttpFront:
             return
         await self.relay.relay(conn, request, body, reader, writer, one_call=one_call, adapter=adapter)
 
-    def _body_limit(self, request: h11.Request) -> int:
-        """The most body bytes read for `request`: a route answered from the engine bounds its own (the
-        /generate and RL routes: --max-http-body-bytes, whose JSON is parsed in this process), the rest
-        MAX_BODY_BYTES."""
-        limit = getattr(self.local, "body_limit", None)
+    def _from_head(self, request: h11.Request) -> Optional[tuple[int, bytes, tuple]]:
+        """The answer a request gets from its head alone, (status, body, extra headers), or None: 404 for a path
+        the front does not serve, 401 without the key, 405 for /version by another method than GET, 404 for an
+        engine route on a front without the engine. Decided before a byte of the body is read (issue 95: a
+        keyless client sent 64 MiB to any path before it was refused)."""
+        method = b"GET" if request.method == b"HEAD" else request.method
+        if self.metrics is not None and method == b"GET" and request.target.split(b"?", 1)[0] == METRICS_PATH:
+            return None
         path = public_path(request.target)
-        most = limit(path) if limit is not None and path is not None else None
-        return MAX_BODY_BYTES if most is None else min(most, MAX_BODY_BYTES)
+        if path is None:
+            # vLLM's FastAPI answers a path it has no route for with its framework's body (so does this front).
+            return 404, NOT_FOUND_BODY, ()
+        # The RL control routes and /generate take the key too, though not under /v1 (vLLM's rule for the others).
+        if (needs_key(path) or path in KEYED_ROUTES) and not self._authorized(request):
+            # vLLM's API-key middleware's body ({"error": "Unauthorized"}); the header says what to send.
+            return 401, UNAUTHORIZED_BODY, _ASK_BEARER
+        if path == VERSION_PATH and method != b"GET":
+            return 405, METHOD_NOT_ALLOWED_BODY, ()
+        if self.local is None and path in ENGINE_ROUTES:
+            return 404, no_engine_body(path), ()
+        return None
+
+    async def _answer_from_head(self, conn, request: h11.Request, answer: tuple[int, bytes, tuple], reader,
+                                writer) -> None:
+        """Write an answer _from_head gave: a request that announces a body keeps it unread and its connection
+        closes after a lingering drain; one without keeps its connection."""
+        status, body, extra = answer
+        head = request.method == b"HEAD"
+        if declares_body(request):
+            await refuse_unread(conn, reader, writer, status, body, head, extra)
+            return
+        if await read_body(conn, reader, writer, request, 0, "", self.limits.body_timeout_s) is not None:
+            await write_answer(conn, writer, status, body, extra=extra, head_only=head)
 
     async def _answer_here(self, conn, request: h11.Request, method: bytes, path: str, body: bytes, writer,
                            reader) -> bool:
@@ -280,19 +325,6 @@ class HttpFront:
             status, answer = got  # (HTTP status, JSON body)
             await write_answer(conn, writer, status, answer, head_only=head)
             return True
-        if path in RL_PATHS or path in GENERATE_PATHS:
-            await write_answer(conn, writer, 404, error_body(
-                f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
-                "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC Control "
-                "service (the native Generation service for /generate and /abort_request).", None, 404), head_only=head)
-            return True
-        if path in ENGINE_ROUTES:
-            await write_answer(conn, writer, 404, error_body(
-                f"{path} is answered by `moelink serve`'s own OpenAI front, which has the tokenizer; this front "
-                f"(`moelink http-front`) stands before a gateway started by hand: ask smg's /v1{path} instead.", None,
-                404),
-                head_only=head)
-            return True
         return False
 
     def _inspect(self, request: h11.Request, body: bytes) -> tuple[bytes, bool, Optional[str]]:
@@ -319,11 +351,13 @@ class HttpFront:
         return body if new is None else json.dumps(new).encode(), one_call, adapter
 
     def _authorized(self, request: h11.Request) -> bool:
-        """Whether the request carries the API key (any request does when there is none)."""
+        """Whether the request carries the API key (any request does when there is none). Two Authorization
+        headers never authorize: a proxy before the front may have checked the other one."""
         if not self.api_key:
             return True
-        given = dict(request.headers).get(b"authorization", b"")
-        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
+        given = [value for name, value in request.headers if name == b"authorization"]
+        return len(given) == 1 and hmac.compare_digest(given[0], f"Bearer {self.api_key}".encode())
+
 
 def moelink_version() -> str:
     """moelink's version (what GET /version answers, as vLLM's answers vLLM's)."""
@@ -333,18 +367,3 @@ def moelink_version() -> str:
         return importlib.metadata.version("moelink")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def public_path(target: bytes) -> Optional[str]:
-    """The path of a request target the front relays (origin form, a PUBLIC_ROUTES route or under one), else
-    None. Dot segments, empty segments, backslashes and percent-encoding are refused: no route of the
-    OpenAI API needs them, and a router that resolved them could land on a control-plane route."""
-    path = target.split(b"?", 1)[0].decode("latin-1")
-    if not path.startswith("/") or "%" in path or "\\" in path:
-        return None
-    if any(seg in ("", ".", "..") for seg in path.split("/")[1:]):
-        return None
-    for route in PUBLIC_ROUTES:
-        if path == route or path.startswith(route + "/"):
-            return path
-    return None

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 from http import HTTPStatus
-from typing import Callable, Optional
+from typing import Optional
 
 import h11
 
@@ -29,9 +29,10 @@ class KeptConnection(h11.Connection):
     connection ends after it (`closing`: a body refused unread, the front stopping) or the client asked so (h11
     adds the header then). A plain h11.Connection is answered as before: one request, `connection: close`."""
 
-    def __init__(self, max_incomplete_event_size: int):
+    def __init__(self, max_incomplete_event_size: int, stall_s: Optional[float] = None):
         super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
         self.closing = False
+        self.stall_s = stall_s  # how long an answer waits for a client that does not read it (drained)
 
 
 def keep_alive_s() -> float:
@@ -152,58 +153,54 @@ UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 LINGER_S = 1.0
 
 
-async def read_request(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       body_limit: Callable[[h11.Request], int], max_body: int, idle_s: Optional[float] = None
-                       ) -> Optional[tuple[h11.Request, bytes]]:
-    """One whole request (its head and body), or None when the client left first, sent nothing for `idle_s` seconds
-    (a kept connection between requests: KEEP_ALIVE_S), or its body was too large (then answered 413).
-    `body_limit(request)`: the most body bytes read for it, at most `max_body` (the front's cap)."""
-    request, body, most = None, bytearray(), max_body
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            if conn.they_are_waiting_for_100_continue:
-                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            if idle_s is not None and request is None and not conn.trailing_data[0]:
-                try:  # a kept connection with no request under way: closed when idle too long
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), idle_s)
-                except asyncio.TimeoutError:
-                    return None
-            else:
-                data = await reader.read(READ_CHUNK)
-            conn.receive_data(data)
-            if not data and request is None:
-                return None
-        elif isinstance(event, h11.Request):
-            request, most = event, body_limit(event)
-            length = header_of(event, b"content-length")
-            if length is not None and length.strip().isdigit() and int(length) > most:
-                # Refused from its head, before a byte of the body is read (nginx's client_max_body_size).
-                await _too_large(conn, reader, writer, most, most < max_body, event.method == b"HEAD")
-                return None
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > most:
-                head = request is not None and request.method == b"HEAD"
-                await _too_large(conn, reader, writer, most, most < max_body, head)
-                return None
-        elif isinstance(event, h11.EndOfMessage):
-            return request, bytes(body)
-        else:  # ConnectionClosed before a whole request
-            return None
-
-
-async def _too_large(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, most: int,
-                     route_bound: bool, head: bool) -> None:
-    """413 naming the limit (the flag when it is a route's own), then what the client still sends is dropped for at
-    most LINGER_S."""
-    flag = " (--max-http-body-bytes)" if route_bound else ""
+async def refuse_unread(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        status: int, body: bytes, head: bool = False, extra: tuple = ()) -> None:
+    """Answer a request whose body is left unread (a 413 from its Content-Length, a 401 or 404 from its head), then
+    drop what the client still sends for at most LINGER_S: the connection cannot carry another request."""
     if isinstance(conn, KeptConnection):
-        conn.closing = True  # the body stays unread: this connection cannot carry another request
-    await write_answer(conn, writer, 413, error_body(f"the request body is over {most} bytes{flag}.", None, 413),
-                       head_only=head)
+        conn.closing = True
+    await write_answer(conn, writer, status, body, extra=extra, head_only=head)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(until_eof(reader), LINGER_S)
+
+
+class ClientStalled(ConnectionError):
+    """The client read nothing of its answer for the connection's stall bound (--http-stall-timeout)."""
+
+
+def stall_of(conn) -> Optional[float]:
+    """How long an answer on `conn` may wait for the client to read (KeptConnection.stall_s), or None: unbounded."""
+    return getattr(conn, "stall_s", None)
+
+
+class BoundedWriter:
+    """A client's writer whose drain() waits at most `stall_s` (drained): what the relay copies smg's answer
+    through (relay.py, model_name.py), so that a client that reads nothing of it does not hold it for ever."""
+
+    def __init__(self, writer: asyncio.StreamWriter, stall_s: float):
+        self.writer, self.stall_s = writer, stall_s
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await drained(self.writer, self.stall_s)
+
+    def __getattr__(self, name: str):
+        return getattr(self.writer, name)
+
+
+async def drained(writer: asyncio.StreamWriter, stall_s: Optional[float]) -> None:
+    """writer.drain(), which waits while the transport's buffer is over its high-water mark (the client not
+    reading), for at most `stall_s`: ClientStalled past it. The buffer is what bounds the front's memory for an
+    answer; the wait is what bounds how long a client that reads nothing holds the request in the engine."""
+    if stall_s is None:
+        await writer.drain()
+        return
+    try:
+        await asyncio.wait_for(writer.drain(), stall_s)
+    except asyncio.TimeoutError:
+        raise ClientStalled(f"the client read nothing of its answer for {stall_s:g} s") from None
 
 
 async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes,
@@ -218,7 +215,7 @@ async def write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, statu
     if not head_only:
         data += conn.send(h11.Data(data=body))
     writer.write(data + conn.send(h11.EndOfMessage()))
-    await writer.drain()
+    await drained(writer, stall_of(conn))
 
 
 async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
@@ -234,6 +231,10 @@ async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, rea
         for t in (work, gone):
             t.cancel()
         await asyncio.gather(work, gone, return_exceptions=True)
+    if work.done() and not work.cancelled() and work.exception() is not None:
+        # The answer failed (a stalled client, a write error, a bug making it): the caller's to say and handle.
+        # Gathered and dropped, it left a connection closed with nothing logged (issue 95 item 5).
+        raise work.exception()
 
 
 async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answering, head_only: bool) -> None:
@@ -259,6 +260,8 @@ async def _write_stream(conn: h11.Connection, writer: asyncio.StreamWriter, got)
     async for chunk in got.chunks:
         writer.write(pending + conn.send(h11.Data(data=chunk)))
         pending = b""
-        await writer.drain()
+        # The next chunk is asked for only once this one is taken (or the stall bound passes): the generator is
+        # pulled, never pushed, so a client that does not read holds at most the transport's buffer here.
+        await drained(writer, stall_of(conn))
     writer.write(pending + conn.send(h11.EndOfMessage()))
-    await writer.drain()
+    await drained(writer, stall_of(conn))

@@ -81,7 +81,7 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
                       on_hangup=on_hangup,
                       metrics=HttpMetrics(registry, lambda: gateway.metrics_port if gateway is not None else None).body,
                       local=local, engine_down=engine_down(serving.engine) if serving is not None else None,
-                      completions=completions, chat=chat)
+                      completions=completions, chat=chat, limits=getattr(config, "http_limits", None))
     try:
         await front.start()
     except OSError as e:

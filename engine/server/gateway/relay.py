@@ -21,7 +21,8 @@ from typing import Awaitable, Callable, Optional
 import h11
 
 from .hangups import RELAY_HEADER, new_relay_id
-from .http_wire import Upstream, closing_head, copy_stream, error_body, header_of, status_of, until_eof, write_answer
+from .http_wire import (BoundedWriter, Upstream, closing_head, copy_stream, error_body, header_of, stall_of, status_of,
+                        until_eof, write_answer)
 from .lora_routes import forget_adapter, note_adapter
 from .model_name import copy_renamed, header_value, renamer, with_content_length
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH
@@ -67,6 +68,8 @@ class SmgRelay:
         the request asks for one required tool call (noted for the engine under its relay id, tool_calls.py);
         `adapter`: the LoRA adapter its `model` named (noted the same way, lora_routes.py)."""
         method, target = method or request.method, target or request.target
+        if stall_of(conn) is not None:  # a client that reads nothing of smg's answer: ended after the stall bound
+            writer = BoundedWriter(writer, stall_of(conn))
         try:
             up = Upstream(*await self._connect_upstream())
         except OSError as exc:

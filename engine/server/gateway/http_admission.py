@@ -1,0 +1,245 @@
+"""How the OpenAI front (http_front.py) admits a connection and reads a request: the connection cap and the file
+descriptors behind it, a request's head read within its deadline and checked for an ambiguous framing, and its body
+read within its deadline and its route's cap (the bounds: http_limits.HttpLimits; issue 95).
+
+The order is the point: the head alone decides whether the body is read at all. The front asks the key and finds
+the route from the head (http_front.HttpFront._from_head), then reads at most the route's cap of body; a 401, 404
+or 413 is answered with the body left unread, and the connection closed after a short lingering drain.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import Optional
+
+import h11
+
+from .http_wire import KeptConnection, READ_CHUNK, drained, error_body, header_of, refuse_unread, write_answer
+
+logger = logging.getLogger(__package__ + ".http_front")
+
+# File descriptors left to the rest of the process beside the front's connections (the engine, gRPC, smg's pipes,
+# log files, sockets being accepted and refused); each served connection may hold two (the client's, smg's).
+FD_RESERVE = 512
+# A connection past the cap is answered and then read from for at most this long before it is closed, so that
+# the request it already sent is consumed (closing with unread bytes sends a reset, which may destroy the 503).
+BUSY_LINGER_S = 0.25
+ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message (selector_events._accept_connection)
+
+
+class EveryFew:
+    """A log line at most every `every_s` seconds; the ones dropped meanwhile are counted in the next."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.last, self.dropped = every_s, float("-inf"), 0
+
+    def __call__(self, log, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.dropped += 1
+            return
+        if self.dropped:
+            message += f" ({self.dropped} more such since the last line)"
+        self.last, self.dropped = now, 0
+        log(message, *args)
+
+
+_busy_log, _accept_log = EveryFew(), EveryFew()
+
+
+def raise_fd_limit() -> int:
+    """The process' soft limit on open files, first raised to its hard limit (what a process may do unprivileged:
+    the soft one is often 1024, below the connections a front serves); 0 when it cannot be known."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return 0 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(wanted: int) -> int:
+    """The connections the front serves at once: `wanted` (--http-max-connections), lowered (and said) where the
+    file descriptors would not hold that many beside FD_RESERVE, so accept() does not run out before the cap."""
+    soft = raise_fd_limit()
+    if not soft:
+        return wanted
+    room = max((soft - FD_RESERVE) // 2, 16)
+    if wanted <= room:
+        return wanted
+    logger.warning("--http-max-connections %d: this process may open %d files (ulimit -n), room for %d HTTP "
+                   "connections beside the rest: serving at most %d", wanted, soft, room, room)
+    return room
+
+
+def quiet_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs a traceback for every accept() that fails for want of file descriptors, and (Python 3.11) tries
+    up to its backlog again at once: a full process wrote tens of MB of log a minute. Such a failure is said at most
+    every 10 s here, in one line; any other error goes to the loop's handler as before."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiets_accept_failures", False):
+        return
+
+    def handler(loop, context) -> None:
+        exc = context.get("exception")
+        if context.get("message") == ACCEPT_FAILED and isinstance(exc, OSError):
+            _accept_log(logger.warning, "the HTTP front could not accept a connection (%s): out of file descriptors "
+                        "or memory; lower --http-max-connections or raise `ulimit -n`", errno.errorcode.get(
+                            exc.errno, exc.errno))
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.quiets_accept_failures = True
+    loop.set_exception_handler(handler)
+
+
+def raw_answer(status: int, body: bytes) -> bytes:
+    """A whole answer with `connection: close`, outside h11 (a connection refused before or instead of its request,
+    or whose request h11 could not read)."""
+    from http import HTTPStatus
+
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+async def refuse_busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cap: int) -> None:
+    """A connection past the cap: 503 in vLLM's shape, then closed (after at most BUSY_LINGER_S of reading)."""
+    _busy_log(logger.warning, "the HTTP front serves %d connections (--http-max-connections): new ones are answered "
+              "503 and closed", cap)
+    writer.write(raw_answer(503, error_body(f"the server has {cap} connections open, its most "
+                                            "(--http-max-connections); retry shortly.", None, 503)))
+    try:
+        writer.write_eof()
+        await asyncio.wait_for(_drop_until_eof(reader), BUSY_LINGER_S)
+    except (Exception, asyncio.TimeoutError):
+        pass
+
+
+async def _drop_until_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(READ_CHUNK):
+        pass
+
+
+async def read_head(conn: h11.Connection, reader: asyncio.StreamReader, idle_s: Optional[float],
+                    head_s: float) -> Optional[tuple[h11.Request, bytes]]:
+    """The next request's head (the event, and its bytes as sent), or None when the client left, sent nothing for
+    `idle_s` (a kept connection between requests; None: the first request, under `head_s` from now), or did not
+    finish the head within `head_s` of its first byte. h11.RemoteProtocolError: a malformed head."""
+    loop = asyncio.get_running_loop()
+    seen = bytearray(conn.trailing_data[0])  # a next request already received (pipelined)
+    deadline = None if idle_s is not None and not seen else loop.time() + head_s
+    while True:
+        event = conn.next_event()  # h11.RemoteProtocolError: malformed, or the client closed halfway through
+        if isinstance(event, h11.Request):
+            return event, bytes(seen[:len(seen) - len(conn.trailing_data[0])])
+        if event is not h11.NEED_DATA:  # ConnectionClosed
+            return None
+        wait = idle_s if deadline is None else deadline - loop.time()
+        if wait <= 0:
+            return None
+        try:
+            data = await asyncio.wait_for(reader.read(READ_CHUNK), wait)
+        except asyncio.TimeoutError:
+            return None
+        if deadline is None:
+            deadline = loop.time() + head_s
+        seen += data
+        conn.receive_data(data)
+
+
+def framing_refusal(raw_head: bytes) -> Optional[str]:
+    """Why a head's framing is ambiguous (two Content-Lengths, even equal ones, which h11 merges; Content-Length
+    beside Transfer-Encoding, which h11 reads as chunked), or None. A proxy before the front may frame it the other
+    way (request smuggling): refused with 400, as RFC 9112 6.3 asks."""
+    lengths, chunked = 0, False
+    for line in raw_head.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        name = name.strip().lower()
+        if colon and name == b"content-length":
+            lengths += len(value.split(b","))
+        elif colon and name == b"transfer-encoding":
+            chunked = True
+    if lengths > 1:
+        return "the request has more than one Content-Length."
+    if lengths and chunked:
+        return "the request has both Content-Length and Transfer-Encoding."
+    return None
+
+
+def declares_body(request: h11.Request) -> bool:
+    """Whether a request's head announces a body (a Content-Length above 0, or chunked)."""
+    length = header_of(request, b"content-length")
+    return header_of(request, b"transfer-encoding") is not None or (length is not None and int(length) > 0)
+
+
+async def read_body(conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    request: h11.Request, most: int, flag: str, body_s: float) -> Optional[bytes]:
+    """The body of `request` (its head read), or None when it is over `most` bytes (answered 413 naming `flag`,
+    from its Content-Length before a byte is read, or as a chunked one passes it) or did not arrive within `body_s`
+    (answered 408): both leave the rest unread and the connection closing."""
+    head = request.method == b"HEAD"
+    length = header_of(request, b"content-length")
+    if length is not None and int(length) > most:  # h11 took digits only
+        await refuse_unread(conn, reader, writer, 413, _too_large(most, flag), head)
+        return None
+    loop = asyncio.get_running_loop()
+    deadline, body = loop.time() + body_s, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if conn.they_are_waiting_for_100_continue:
+                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            try:
+                data = await asyncio.wait_for(reader.read(READ_CHUNK), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                if isinstance(conn, KeptConnection):
+                    conn.closing = True
+                await write_answer(conn, writer, 408, error_body(
+                    f"the request body did not arrive within {body_s:g} s (--http-body-timeout).", None, 408),
+                    head_only=head)
+                return None
+            conn.receive_data(data)
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > most:
+                await refuse_unread(conn, reader, writer, 413, _too_large(most, flag), head)
+                return None
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        else:  # ConnectionClosed
+            return None
+
+
+def _too_large(most: int, flag: str) -> bytes:
+    return error_body(f"the request body is over {most} bytes ({flag}).", None, 413)
+
+
+async def answer_bad_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, why: str,
+                          stall_s: float, status: int = 400) -> None:
+    """A request h11 could not read, or whose framing is ambiguous: `status` (400; 431 for a head too large) in
+    vLLM's shape, the connection closed after a lingering drain (the rest of what it sent is never read as a
+    request), as uvicorn answers what h11 refuses."""
+    from .http_wire import LINGER_S
+
+    writer.write(raw_answer(status, error_body(f"invalid HTTP request: {why}", None, status)))
+    await drained(writer, stall_s)
+    try:
+        await asyncio.wait_for(_drop_until_eof(reader), LINGER_S)
+    except (Exception, asyncio.TimeoutError):
+        pass
+
+
+__all__ = ["BUSY_LINGER_S", "FD_RESERVE", "answer_bad_head", "connection_cap", "declares_body", "framing_refusal",
+           "quiet_accept_failures", "raise_fd_limit", "raw_answer", "read_body", "read_head", "refuse_busy"]
