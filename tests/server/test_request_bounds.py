@@ -225,3 +225,31 @@ def test_request_id_is_printable_and_bounded():
     _refused(lambda: _completions(serving, request_id=7), "request_id")
     _refused(lambda: _chat(serving, request_id="\x00"), "request_id", "printable")
     _refused(lambda: _generate(serving, rid="a\x1bb"), "rid", "printable")
+
+
+# -- through the routes of `moelink serve --http-port` (tests/server/conftest.py `openai_server`) ---------------------
+@pytest.mark.xdist_group("openai_server")
+def test_the_routes_answer_each_refusal_as_one_400_naming_the_field(openai_server):
+    from tests.helpers.smg_gateway import http_request
+
+    _, port = openai_server
+    cases = [
+        ("/v1/completions", {"prompt": "x", "bad_words": ["ok", "\ud800"]}, "bad_words[1]"),
+        ("/v1/completions", {"prompt": "x", "request_id": "\ud800"}, "request_id"),
+        ("/v1/completions", {"prompt": "x", "request_id": "a\nb"}, "request_id"),
+        ("/v1/chat/completions", {"messages": [{"role": "\ud800", "content": "x"}]}, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x\udfff"}]}, "messages[0].content"),
+        ("/v1/completions", {"prompt": "x", "allowed_token_ids": [1] * 262145}, "allowed_token_ids"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {
+            str(i): 1 for i in range(65537)}}, "logit_bias"),
+        ("/v1/completions", {"prompt": [[1]] * 4097}, "prompt"),
+        # 4,096 prompts x 100 ids x prompt_logprobs 20: about 0.7 GB answered whole, refused before anything runs
+        ("/v1/completions", {"prompt": [[1] * 100] * 4096, "prompt_logprobs": 20, "max_tokens": 1},
+         "prompt_logprobs"),
+        ("/generate", {"text": "x", "rid": "\ud800"}, "rid"),
+    ]
+    for path, body, field in cases:
+        status, raw = http_request(port, "POST", path, body, timeout=60)
+        answer = json.loads(raw)
+        error = answer.get("error", answer)
+        assert status == 400 and error.get("param") == field, (path, field, status, raw[:300])
