@@ -413,3 +413,33 @@ def test_a_head_far_over_64_kib_is_answered_431():
 
     answer = _scenario(client)
     assert _status(answer) == 431 and _error(answer)["code"] == 431, answer[:200]
+
+
+def test_a_batch_nobody_reads_holds_no_queue_of_outputs():
+    """Issue 95 item 3: the prompts of one request (completions' or /generate's batch) are merged through a bounded
+    queue: while its consumer (the front, blocked writing to a client that reads nothing) takes nothing, each
+    prompt's stream is no longer pulled, so its outputs wait under the engine's own bound, not in a queue here."""
+    from moelink.engine.server.gateway.generate_route import _Runs
+
+    pulled = [0, 0, 0]
+
+    async def stream(i):
+        while True:
+            pulled[i] += 1
+            yield 0, b"out"
+            await asyncio.sleep(0)
+
+    async def run():
+        runs = _Runs([stream(i) for i in range(3)], [])
+        merged = runs.__aiter__()
+        await merged.__anext__()  # one taken, then none
+        await asyncio.sleep(0.1)
+        before = sum(pulled)
+        await asyncio.sleep(0.1)
+        after = sum(pulled)
+        await merged.aclose()
+        await runs.aclose()
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert before == after <= 3 + 3 + 1, (before, after)  # the queue's 3, one blocked put per prompt, the one taken

@@ -201,17 +201,20 @@ class _Runs:
             async for sample, out in self.streams[0]:
                 yield 0, sample, out
             return
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded (issue 95 item 3): a pump waits while what it put is not taken, so a client that reads nothing
+        # (the front's write blocked) leaves each prompt's outputs in its own stream, under the engine's bound,
+        # rather than in a queue here that grew for as long as the engine generated.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(self.streams))
         done = object()
 
         async def pump(i: int, stream) -> None:
             try:
                 async for item in stream:
-                    queue.put_nowait((i, item))
+                    await queue.put((i, item))
             except Exception as exc:  # handed to the consumer, which raises it
-                queue.put_nowait((i, exc))
-            finally:
-                queue.put_nowait((i, done))
+                await queue.put((i, exc))
+                return
+            await queue.put((i, done))
 
         self.tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
         left = len(self.tasks)
