@@ -52,7 +52,9 @@ def read_fields(arch: str, hf) -> dict:
         rms_norm_eps=float(getattr(hf, "rms_norm_eps", 1e-6)),
         rope_theta=float(theta) if isinstance(theta, (int, float)) else 10000.0,  # a reader sets a by-kind model's
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 4096)),
-        top_k=int(hf.num_experts_per_tok),
+        # A family whose config names it elsewhere sets its own (DBRX's ffn_config.moe_top_k); 0 fails ModelConfig's
+        # check.
+        top_k=int(getattr(hf, "num_experts_per_tok", 0) or 0),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ()),
         quantization=quantization,
