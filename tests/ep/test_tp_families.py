@@ -169,3 +169,35 @@ def test_tp_glm5_next_matches_one_rank(local_ray, tmp_path):
 def test_tp_hy4_matches_one_rank(local_ray, tmp_path):
     # index_topk 12: prompts of 14..30 tokens attend sparsely at every step; two shared layers reuse a selection.
     _tp_equals_one_rank(_save_hy4(tmp_path), VOCAB, seed=71, lo=14, hi=30)
+
+
+# Issue 96's families: Qwen2-MoE (q/k/v biases, a gated shared expert split by channels), OLMoE (all-heads q/k norm
+# and the q/k/v clamp), ERNIE-4.5-MoE (each rank's heads' q/k rows de-interleaved in place), Granite-MoE with its
+# shared MLP (one input_linear read into both halves of each rank's gate/up rows; the muP multipliers folded into
+# each rank's shards) at TP 2 against one rank; DBRX's fused experts (each rank its experts' w1 / v1 / w2 rows) and
+# ERNIE's correction-biased routing at EP 2 against transformers.
+def _issue96(name: str):
+    from moelink.engine.models.dbrx.tiny import save_dbrx
+    from moelink.engine.models.ernie4_5_moe.tiny import ERNIE
+    from moelink.engine.models.granitemoe.tiny import GRANITE_SHARED
+    from moelink.engine.models.olmoe.tiny import OLMOE
+    from moelink.engine.models.qwen2_moe.tiny import QWEN2_MOE
+
+    presets = {"qwen2_moe": QWEN2_MOE, "olmoe": OLMOE, "ernie4_5_moe": ERNIE, "granitemoeshared": GRANITE_SHARED}
+    return save_dbrx if name == "dbrx" else (lambda out: save_preset(out, presets[name]))
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe", "ernie4_5_moe", "granitemoeshared"])
+def test_tp_issue96_families_match_one_rank(local_ray, tmp_path, name):
+    _tp_equals_one_rank(_issue96(name)(tmp_path), VOCAB, seed=79)
+
+
+@pytest.mark.parametrize("name", ["dbrx", "ernie4_5_moe"])
+def test_ep_2_issue96_families_match_transformers(local_ray, tmp_path, name):
+    path = _issue96(name)(tmp_path)
+    ps = prompts(VOCAB, seed=83, n=4, lo=1, hi=60)
+    llm = LLM(path, expert_parallel_size=2, **KW)
+    try:
+        assert_same(engine_greedy(llm, ps, max_new=NEW), hf_greedy(path, ps, max_new=NEW), ps)
+    finally:
+        llm.engine.shutdown()
