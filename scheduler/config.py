@@ -106,8 +106,14 @@ class SchedulerConfig:
     # client alone may use everything. False: first come, first served across clients.
     client_fairness: bool = True
     # With client_fairness, a client below its share of max_num_seqs whose request waits for a slot takes one from
-    # the client furthest above its share, by preemption (recompute), instead of waiting for one to finish.
+    # the group furthest above its share (a host, then within it a connection or user: scheduler/fair_tree.py), by
+    # preemption (recompute), instead of waiting for one to finish.
     client_fair_preemption: bool = True
+    # Outputs of one sequence its consumer may leave untaken (a stream nobody reads) before the sequence stops being
+    # scheduled until the consumer takes them down to half (engine/api/output_thread.py Stream.backlog_limit;
+    # Scheduler.backlogged: it keeps its KV and slot). Far above what a reader keeping up holds (one or two); 0: no
+    # limit (issue 95: unread streams generated on, buffering +84 MB a minute and slowing everyone).
+    max_undelivered_outputs: int = 64
     # LoRA (engine/lora/): at most this many distinct adapters run at once (the ranks' device slots); a waiting
     # request whose adapter would be one more waits until a running adapter's last request leaves, while the
     # requests behind it that need no new slot go on (scheduler/lora_slots.py LoRASlotWait). 0: no adapters are served.
@@ -117,8 +123,9 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "spec_probe_interval"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, "SchedulerConfig", name, value, "must be a positive integer")
-        _check(_is_int(self.max_loras) and self.max_loras >= 0, "SchedulerConfig", "max_loras", self.max_loras,
-               "must be an integer >= 0")
+        for name in ("max_loras", "max_undelivered_outputs"):
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, "SchedulerConfig", name,
+                   getattr(self, name), "must be an integer >= 0")
         for name in ("async_scheduling", "client_fairness", "client_fair_preemption"):
             value = getattr(self, name)
             _check(isinstance(value, bool), "SchedulerConfig", name, value, "must be True or False")

@@ -32,6 +32,12 @@ class SchedulerInterface(Protocol):
         filled, engine/core/structured_output.py): the engine adds and removes them, the scheduler only reads."""
 
     @property
+    def backlogged(self) -> set[str]:
+        """Ids of requests whose consumer lags behind their outputs (engine/api/output_thread.py Stream.backlog_limit):
+        not scheduled, keeping their KV and slot, until it catches up. The engine adds and removes them; the scheduler
+        reads them and forgets an id with its request."""
+
+    @property
     def admit_new(self) -> bool:
         """False while the engine's generation is paused: requests never scheduled wait, started ones go on."""
 

@@ -110,12 +110,13 @@ class LoadLimits:
     max_loads: int = 128
     max_per_source: int = 64
     max_block_fraction: float = 0.5  # of the pool's blocks
-    max_per_client: int = 64  # by the widest name of `Request.client` (a host, a named user); anonymous: uncapped
+    max_per_client: int = 64  # by the widest name of `Request.client` (its host); anonymous: uncapped
 
 
 def _client_of(req: Request) -> tuple:
-    """Whom a load counts against: the widest name of `Request.client` (its host, or the name a keyed caller
-    vouched for), so more connections from one host do not buy more loads; () anonymous (offline use)."""
+    """Whom a load counts against: the widest name of `Request.client` (its host: a name a keyed caller vouches for
+    is nested under it, engine/server/client_identity.py), so more connections or names from one host do not buy
+    more loads; () anonymous (offline use)."""
     return tuple(getattr(req, "client", ())[:1])
 
 

@@ -115,6 +115,10 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         # Requests the engine holds back from scheduling for now (their next grammar mask is still being filled,
         # engine/core/structured_output.py); the engine adds and removes ids, the scheduler only reads them.
         self.held: set[str] = set()
+        # Requests whose consumer lags behind their outputs (engine/api/output_thread.py Stream.backlog): not
+        # scheduled until it catches up, keeping their KV and sequence slot (a short stall resumes without recompute;
+        # the front ends a stream that stalls for long). The engine adds and removes ids; `_release` forgets them.
+        self.backlogged: set[str] = set()
         # False while the engine's generation is paused (engine/rl/control.py): requests never scheduled wait;
         # started ones (running, preempted, loading) go on.
         self.admit_new: bool = True
@@ -249,7 +253,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         # 1) Running requests, oldest first (the hot loop of a decode step: locals, nothing but the request).
         i = 0
         running = self.running
-        held_ids = self.held
+        held_ids, lagging = self.held, self.backlogged
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
         # allocate_slots' no-new-block case, checked here first (most decode steps) where the policy allows it.
         tables, bs, extras = self.kv.decode_tables, self.block_size, self.kv.new_step_extras
@@ -269,7 +273,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
             # in _check_stop; checked inline: this runs for every decoding request of an overlapped loop).
             if n <= 0 or (in_flight and (len(req.output_token_ids) + in_flight >= req.output_limit
                                          or known + in_flight >= max_len or known + in_flight > pool_tokens)) or (
-                    held_ids and req.request_id in held_ids):
+                    held_ids and req.request_id in held_ids) or (lagging and req.request_id in lagging):
                 i += 1
                 continue
             if req.spec_token_ids:  # drafts to verify (scheduler/spec_decode.py)
@@ -364,6 +368,14 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
                 # Preempted with its token in flight: recomputed once the token is known; or held by the engine
                 # (its grammar mask is being filled: milliseconds). FCFS: all wait.
                 break
+            if self.backlogged and req.request_id in self.backlogged:
+                # Its consumer lags (`backlogged`), possibly for long: the requests behind it go on, as past an
+                # adapter waiting for a slot (the same bounded scan).
+                self.waiting.popleft()
+                skipped.append(req)
+                if len(skipped) >= MAX_LORA_SKIPS:
+                    break
+                continue
             if req.lora_id and slots is not None and slots.waits(req):
                 # Its adapter would be one more than the ranks' slots: it waits, and the requests behind it that
                 # need no new slot (the base model's, a resident adapter's) go on in order (vLLM skips it too).
@@ -469,6 +481,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         rid = req.request_id
         del self.requests[rid]
         del self._priority[rid]
+        self.backlogged.discard(rid)
         self.fairness.removed(req)
         self._finished_req_ids.add(rid)
         if self.kv_transfers is not None:
@@ -535,3 +548,4 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         assert self.kv.num_requests_holding_blocks == len(self.running) + len(holding)
         assert refs == pool.ref_counts(), "ref counts != block tables"
         self.fairness.check(self.requests.values())
+        assert self.backlogged <= self.requests.keys(), "a backlogged id outlived its request"

@@ -86,6 +86,16 @@ class AbortCommand:
 
 
 @dataclass(frozen=True)
+class BacklogCommand:
+    """The consumer of `stream` lags behind its outputs (`backlogged`), or caught up: stop or resume scheduling
+    the request (Stream.backlog_limit), unless it ended meanwhile."""
+
+    request_id: str
+    stream: Stream
+    backlogged: bool
+
+
+@dataclass(frozen=True)
 class StopCommand:
     """The output thread found a stop string in the request whose outputs go to `stream` (and made its final
     output): finish it in the scheduler (KV freed), unless it ended otherwise meanwhile."""
@@ -115,6 +125,9 @@ class AsyncEngine:
         # stream: one reported for a request that ended meanwhile (aborted, its id reused) finishes nothing.
         self._in_core: dict[str, Stream] = {}
         self._outputs = OutputQueue()
+        # Outputs a stream's consumer may leave untaken before its request stops being scheduled (0: no limit):
+        # Stream.backlog_limit, SchedulerConfig.max_undelivered_outputs.
+        self.backlog_limit: int = getattr(engine.config.scheduler, "max_undelivered_outputs", 0)
         engine.hand_off_outputs(self._hand_off)
         self._output = OutputThread(engine.output_processor, self._outputs,
                                     metrics.on_outputs if metrics is not None else None,
@@ -184,7 +197,10 @@ class AsyncEngine:
         request_id = processed.request_id
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), processed.prompt_token_ids, output_kind)
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), processed.prompt_token_ids, output_kind,
+                        backlog_limit=self.backlog_limit)
+        if self.backlog_limit:
+            stream.on_backlog = lambda lagging: self._send(BacklogCommand(request_id, stream, lagging))
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id={shown(request_id)} is already in use by a running request.")
@@ -199,6 +215,8 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                if stream.backlogged:
+                    stream.note_taken()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -330,7 +348,7 @@ class AsyncEngine:
                 self._checks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moelink-control-check")
             return self._checks
 
-    def _send(self, cmd: AddCommand | AbortCommand | StopCommand | ControlCommand) -> None:
+    def _send(self, cmd: AddCommand | AbortCommand | BacklogCommand | StopCommand | ControlCommand) -> None:
         self._commands.put(cmd)
         self._wakeup.set()
 
@@ -363,6 +381,10 @@ class AsyncEngine:
                 return
             if isinstance(cmd, AbortCommand):
                 aborts[cmd.request_id] = None
+                continue
+            if isinstance(cmd, BacklogCommand):  # no need to end the aborts first: an ended id is ignored
+                if self._in_core.get(cmd.request_id) is cmd.stream:
+                    self.engine.set_backlogged(cmd.request_id, cmd.backlogged)
                 continue
             if aborts and (not isinstance(cmd, AddCommand) or cmd.processed.request_id in aborts):
                 self._end(list(aborts), "abort")

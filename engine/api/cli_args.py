@@ -202,6 +202,10 @@ def _add_request_feature_args(p: argparse.ArgumentParser) -> None:
                    help="share sequence slots and each step's tokens fairly among clients (the peer's host, then its "
                         "connection; with --api-key, the x-client-id metadata a caller sends), preempting a client "
                         "above its share for one below it that waits (default: on; off: first come, first served)")
+    p.add_argument("--max-undelivered-outputs", type=int, default=64, metavar="N",
+                   help="outputs of one sequence its client may leave unread (a stream nobody reads) before the "
+                        "sequence stops being scheduled, keeping its KV, until the client reads them down to half "
+                        "(default: 64; 0: no limit)")
     p.add_argument("--enable-weight-updates", action="store_true",
                    help="take RL control calls: weight updates (from disk, tensors, a trainer's process group), "
                         "pause / continue generation (docs/rl.md); refused without it (default: off)")
@@ -262,6 +266,7 @@ def engine_args_from(ns: argparse.Namespace):
         async_scheduling=ns.async_scheduling,
         ep_rejoin=ns.ep_rejoin, ep_rejoin_delay_s=ns.ep_rejoin_delay_s, load_format=ns.load_format,
         skip_warmup=ns.skip_warmup, speculative_config=ns.speculative_config, client_fairness=ns.client_fairness,
+        max_undelivered_outputs=ns.max_undelivered_outputs,
         enable_weight_updates=ns.enable_weight_updates,
         grammar_compile_timeout=ns.grammar_compile_timeout, max_grammar_chars=ns.max_grammar_chars,
         max_queued_grammar_compiles=ns.max_queued_grammar_compiles, grammar_compile_workers=ns.grammar_compile_workers,

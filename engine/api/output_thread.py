@@ -46,6 +46,27 @@ class Stream:
     # what is still produced for its request is dropped.
     listening: bool = True
     last: RequestOutput | None = None  # the last output handed to the consumer
+    # Back-pressure (issue 95: streams nobody read kept generating, +84 MB a minute, others' latency up): once
+    # `backlog_limit` outputs wait in `queue` (0: no limit), `on_backlog(True)` stops the request being scheduled
+    # (Scheduler.backlogged: it keeps its KV and slot); the consumer's side calls `on_backlog(False)` when it has
+    # taken the queue down to half (AsyncEngine.generate_processed). Both on the consumer's loop.
+    backlog_limit: int = 0
+    on_backlog: Callable[[bool], None] | None = None
+    backlogged: bool = False
+
+    def note_put(self, out: RequestOutput) -> None:
+        """After an output went into `queue` (the consumer's loop): stop the request past `backlog_limit`."""
+        if (self.backlog_limit and not self.backlogged and not out.finished
+                and self.queue.qsize() >= self.backlog_limit and self.on_backlog is not None):
+            self.backlogged = True
+            self.on_backlog(True)
+
+    def note_taken(self) -> None:
+        """After the consumer took an item (its loop): resume the request once the queue is down to half."""
+        if self.backlogged and self.queue.qsize() <= self.backlog_limit // 2:
+            self.backlogged = False
+            if self.on_backlog is not None:
+                self.on_backlog(False)
 
     def put(self, item) -> bool:
         """False if the consumer's event loop is closed (nobody will ever read)."""
@@ -222,13 +243,15 @@ class OutputThread:
             by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_each, [(stream.queue, out) for stream, out in items])
+                loop.call_soon_threadsafe(_put_each, items)
             except RuntimeError:  # the consumers' loop is closed: nobody will ever read
                 for stream, out in items:
                     self._on_lost(out.request_id, stream, out.finished)
 
 
-def _put_each(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _put_each(items: list[tuple[Stream, RequestOutput]]) -> None:
     """On the consumers' loop: each output into its stream's queue, in the engine's order."""
-    for queue, out in items:
-        queue.put_nowait(out)
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+        if stream.backlog_limit:
+            stream.note_put(out)

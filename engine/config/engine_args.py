@@ -193,6 +193,9 @@ class EngineArgs:
     # engine/server/client_identity.py), preempting a client above its share for one below it that waits. False:
     # first come, first served.
     client_fairness: bool = True
+    # A stream's outputs its consumer may leave untaken before its sequence stops being scheduled (until the
+    # consumer catches up; SchedulerConfig.max_undelivered_outputs). 0: no limit.
+    max_undelivered_outputs: int = 64
     # Structured output's grammar compiles (engine/core/grammar_compile.py): a compile running longer than
     # grammar_compile_timeout seconds fails naming the field; a spec longer than max_grammar_chars, or one
     # arriving while max_queued_grammar_compiles wait, is refused; grammar_compile_workers processes compile.
@@ -279,6 +282,9 @@ class EngineArgs:
         check_generation_config(self.generation_config)
         if not isinstance(self.client_fairness, bool):
             bad("client_fairness", "must be True or False")
+        if isinstance(self.max_undelivered_outputs, bool) or not isinstance(self.max_undelivered_outputs, int) \
+                or self.max_undelivered_outputs < 0:
+            bad("max_undelivered_outputs", "must be an integer >= 0 (0: no limit)")
         if self.kv_connector is not None and not all(
                 callable(getattr(self.kv_connector, m, None)) for m in ("scheduler_side", "worker_side")):
             bad("kv_connector", "must be None or a KV connector factory (scheduler_side(rank), worker_side(rank))")
@@ -376,6 +382,7 @@ class EngineArgs:
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling,
                                 client_fairness=self.client_fairness, max_loras=lora.max_loras if lora else 0,
+                                max_undelivered_outputs=self.max_undelivered_outputs,
                                 **drafts)
         slots, ckpts = self._state_slots(model_cfg, spec)
         cache = CacheConfig(block_size=self.block_size, num_kv_blocks=self._num_blocks(model_cfg, device, spec),

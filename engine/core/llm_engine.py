@@ -255,6 +255,19 @@ class LLMEngine:
         held = self.lora_admission.drop(request_ids) if self.lora_admission is not None else []
         return ids + held
 
+    def set_backlogged(self, request_id: str, backlogged: bool) -> None:
+        """Stop (True) or resume (False) scheduling a request whose consumer lags behind its outputs
+        (engine/api/output_thread.py Stream.backlog; Scheduler.backlogged). Ids the core no longer holds are
+        ignored, so a late report leaks nothing. The stepping thread."""
+        rank = self._rank_of.get(request_id)
+        if rank is None:
+            return
+        sched = self.schedulers[rank]
+        if not backlogged:
+            sched.backlogged.discard(request_id)
+        elif request_id in sched.requests:
+            sched.backlogged.add(request_id)
+
     def finish_stopped(self, request_ids) -> None:
         """End requests the output side found a stop string in (FINISHED_STOPPED, blocks freed; the output side
         made their final outputs). Ids the core no longer holds are ignored. The stepping thread."""
@@ -370,6 +383,8 @@ class LLMEngine:
                     self._release_held(self.structured.poll(timeout=0.05))
                 elif not outputs and self.rl.paused is not None:
                     time.sleep(PAUSED_POLL_S)  # only requests the pause keeps waiting are left
+                elif not outputs and any(s.backlogged for s in self.schedulers):
+                    time.sleep(PAUSED_POLL_S)  # only requests whose consumers lag are left: no spinning meanwhile
                 return outputs
             self._pending = (sched_outs, self.executor.launch(sched_outs))
             return outputs + self._drain_core()

@@ -330,12 +330,19 @@ class Serving:
         """Merge n sample streams; closing this closes (and so aborts) all of them."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
+        # Each sample's outputs the consumer has not taken yet, bounded as a single stream's are (the engine's
+        # backlog limit): a pump past it waits, so its own stream's queue fills and the engine stops scheduling that
+        # sample (engine/api/output_thread.py Stream.backlog_limit) instead of this queue growing for ever.
+        limit = getattr(self.engine, "backlog_limit", 0)
+        room = [asyncio.Semaphore(limit) for _ in samples] if limit else None
 
         async def pump(i, sample):
             try:
                 gen = self.engine.generate_processed(sample, kind)
                 async with contextlib.aclosing(gen):
                     async for out in gen:
+                        if room is not None:
+                            await room[i].acquire()
                         queue.put_nowait((i, out))
             except Exception as exc:  # handed to the consumer, which raises it
                 queue.put_nowait((i, exc))
@@ -359,6 +366,8 @@ class Serving:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
+                    if room is not None:
+                        room[i].release()
                     yield i, item
         finally:
             for t in tasks:

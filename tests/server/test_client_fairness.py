@@ -8,7 +8,8 @@ import time
 import grpc
 import pytest
 
-from moelink.engine.server.client_identity import MAX_CLIENT_ID_CHARS, claimed_client, client_of, peer_client
+from moelink.engine.server.client_identity import (MAX_CLIENT_ID_CHARS, claimed_client, client_of, client_scope,
+                                                   http_client, peer_client)
 
 from tests.helpers.grpc_server import make_stubs, pool_is_free
 from tests.helpers.waits import wait_until
@@ -32,10 +33,17 @@ def test_who_a_client_is():
     assert claimed_client([("x-client-id", "  alice ")]) == "alice" and claimed_client([("x-client-id", " ")]) is None
     assert claimed_client([("x-client-id", "a" * 1000)]) == "a" * MAX_CLIENT_ID_CHARS
     md = [("authorization", "Bearer k"), ("x-client-id", "alice")]
-    # A name is taken only from a caller that proved it holds the API key; otherwise the peer it calls from.
-    assert client_of(_Context("ipv4:10.1.2.3:5", md), authenticated=True) == ("user:alice",)
+    # A name is taken only from a caller that proved it holds the API key, and under the host it calls from (issue
+    # 95: a name does not escape its host); otherwise the peer it calls from.
+    assert client_of(_Context("ipv4:10.1.2.3:5", md), authenticated=True) == ("host:10.1.2.3", "user:alice")
+    assert client_of(_Context("unix:/s", md), authenticated=True) == ("peer:unix:/s", "user:alice")
     assert client_of(_Context("ipv4:10.1.2.3:5", md), authenticated=False) == ("host:10.1.2.3", "conn:5")
     assert client_of(_Context("ipv4:10.1.2.3:5"), authenticated=True) == ("host:10.1.2.3", "conn:5")
+    assert http_client(("::1", 7, 0, 0), "bob", authenticated=True) == ("host:[::1]", "user:bob")
+    assert http_client(("10.0.0.9", 7), "bob", authenticated=False) == ("host:10.0.0.9", "conn:7")
+    # The scope of HTTP request ids: the user's name when given, else the host; none for offline use.
+    assert client_scope(("host:h", "user:bob")) == "user:bob" and client_scope(("host:h", "conn:7")) == "host:h"
+    assert client_scope(()) == ""
 
 
 def _hog(stubs, results, metadata=None):
@@ -79,7 +87,7 @@ def test_a_client_holding_every_slot_does_not_keep_another_waiting(thread_server
         # B ran while every one of A's sequences still had hundreds of tokens to go.
         assert "first_finish" not in hog, f"B waited for A's samples to finish ({done - t0:.2f} s)"
         clients = set(sched.fairness.counts)
-        assert ("user:alice",) in clients if keyed else any(c[0] == "host:127.0.0.1" for c in clients)
+        assert ("host:127.0.0.1", "user:alice") in clients if keyed else any(c[0] == "host:127.0.0.1" for c in clients)
         hog["call"].cancel()
         t.join(30)
         wait_until(lambda: pool_is_free(b.native, pb, auth or None), 30, "blocks freed after the cancel")

@@ -18,6 +18,7 @@ import time
 from typing import AsyncIterator, Awaitable, Optional
 
 from ...contract.safe_text import shown
+from ..client_identity import client_scope
 from .chat_answer import ChatAnswer
 from .chat_request import ChatRequest, claims, read_request, refused_field, unknown_field
 from .completions_route import CompletionsRoute, _answered, base_request_id, sse_events, whole_answer
@@ -64,7 +65,7 @@ class ChatRoute(CompletionsRoute):
         return self._answer_chat(body, data, client, base_request_id(data, header_id))
 
     async def _answer_chat(self, body: bytes, data: dict, client: tuple[str, ...], base: str):
-        scope = client[0] if client else ""
+        scope = client_scope(client)
         try:
             lora = self._adapter(data.get("model"))
             # The template renders on a worker thread for a large body (json_body.off_loop).

@@ -21,6 +21,7 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ...contract.safe_text import shown
+from ..client_identity import client_scope
 from ...core.no_tokenizer import NoTokenizer
 from .completions_answer import CompletionAnswer
 from .completions_request import CompletionRequest, check_answer, claims, read_request, unknown_field
@@ -67,7 +68,7 @@ class CompletionsRoute:
         return self._answer(data, client, header_id, body)
 
     async def _answer(self, data: dict, client: tuple[str, ...], header_id: Optional[str] = None, body: bytes = b""):
-        scope = client[0] if client else ""
+        scope = client_scope(client)
         base = base_request_id(data, header_id)
         try:
             lora = self._adapter(data.get("model"))

@@ -10,11 +10,11 @@ slime sends each worker to end a rollout: `{"rid"}` ends that request of the cal
 every client's, and is taken only from a server started with --enable-weight-updates (403 naming it), as the cache
 flush.
 
-Who sent a request (client_identity.http_client: the user an `x-client-id` names under --api-key, else the host and
-connection) is its share of the scheduler, as for a gRPC call, and the scope of its `rid`s (the user, or the host):
-two clients may run the same rid at once, and neither learns of the other's (registry.RequestKey). A request is at
-most --max-batch-sequences sequences (prompts x n) and its body at most --max-http-body-bytes (the front answers 413
-from its Content-Length); a large body is parsed off the event loop (json_body.off_loop).
+Who sent a request (client_identity.http_client: its host, then the user an `x-client-id` names under --api-key or
+else its connection) is its share of the scheduler, as for a gRPC call, and the scope of its `rid`s (the user, or
+the host): two clients may run the same rid at once, and neither learns of the other's (registry.RequestKey). A
+request is at most --max-batch-sequences sequences (prompts x n) and its body at most --max-http-body-bytes (the
+front answers 413 from its Content-Length); a large body is parsed off the event loop (json_body.off_loop).
 
 Request (generate_request.py reads it): `text` or `input_ids`, one prompt or a batch (a list of them),
 `sampling_params` (SGLang's names, one object or one per prompt; `n` samples of each prompt), `return_logprob`,
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ...contract.safe_text import shown
+from ..client_identity import client_scope
 from .generate_request import GenerateRequest, check_answer, read_request
 from .http_wire import error_body
 from .json_body import json_flag, json_object, off_loop
@@ -80,13 +81,13 @@ class GenerateRoute:
 
     async def answer(self, method: bytes, path: str, body: bytes, query: str = "", client: tuple[str, ...] = ()):
         """(HTTP status, JSON body), a Streamed answer, or None for another path. `client`: who sent it
-        (client_identity.http_client): its requests' share of the scheduler, and the scope of its `rid`s (its
-        first part, the user or the host: registry.RequestKey)."""
+        (client_identity.http_client): its requests' share of the scheduler, and the scope of its `rid`s (the
+        user, or the host: client_identity.client_scope, registry.RequestKey)."""
         if path not in PATHS:
             return None
         if method != b"POST":
             return 405, _error(f"{path} takes POST (a JSON body), not {method.decode('latin-1')}.", None, 405)
-        scope = client[0] if client else ""
+        scope = client_scope(client)
         if path == ABORT_PATH:
             return await self._abort(body, scope)
         try:
