@@ -87,6 +87,13 @@ class Architecture:
     # config.json hidden_act values its reader builds (the MLPs' gated activation: MoEConfig.activation /
     # dense_activation); every other value is refused when the config is read. Kimi K3's "situ" besides SiLU.
     hidden_acts: tuple[str, ...] = ("silu",)
+    # Why enable_lora is refused for it (its weights or rows are rewritten at load, or named so, that an adapter's
+    # delta would miss it, untested against peft: Granite-MoE's folded multipliers, ...): "" where LoRA runs.
+    lora_refused: str = ""
+    # Another registry name of the same model (vLLM's or SGLang's spelling, a text-only name of a multimodal
+    # release, a checkpoint whose tensor names differ): the name whose model this one builds and whose model_type
+    # transformers maps (MiMoV2ForCausalLM: MiMoV2FlashForCausalLM's, its q/k/v fused). "" for a model's own name.
+    alias_of: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.mtp_unstated, int) or self.mtp_unstated < 0:

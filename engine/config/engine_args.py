@@ -378,7 +378,8 @@ class EngineArgs:
             spec_probe_interval=spec.draft_probe_interval)
         lora = lora_config(self.enable_lora, self.max_loras, self.max_lora_rank, self.max_cpu_loras,
                            parallel=parallel, kv_connector=self.kv_connector, target_modules=self._target_modules(),
-                           attention=model_cfg.attention, quantization=model_cfg.quantization)
+                           attention=model_cfg.attention, quantization=model_cfg.quantization,
+                           architecture=model_cfg.architecture)
         sched = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget,
                                 max_model_len=model_cfg.max_model_len, async_scheduling=async_scheduling,
                                 client_fairness=self.client_fairness, max_loras=lora.max_loras if lora else 0,

@@ -64,7 +64,7 @@ class LoRAConfig:
 
 
 def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, parallel, kv_connector=None,
-                attention, quantization=None, target_modules=None) -> LoRAConfig | None:
+                attention, quantization=None, target_modules=None, architecture: str = "") -> LoRAConfig | None:
     """EngineArgs' LoRA fields as one LoRAConfig, or None without enable_lora; what LoRA does not run with yet is
     refused naming the flag (never silently served without the adapter)."""
     if not isinstance(enable_lora, bool):
@@ -97,6 +97,12 @@ def lora_config(enable_lora, max_loras, max_lora_rank, max_cpu_loras, *, paralle
         # Folded into q_b_proj's weights at load (LongCat-Flash): an adapter's delta would miss the fold.
         raise ValueError("enable_lora is not supported for an MLA model with q_scale / latent_scale yet "
                          "(LongCat-Flash): docs/lora.md#limits.")
+    from .architectures import REGISTRY
+
+    arch = REGISTRY.get(architecture)
+    if arch is not None and arch.lora_refused:  # the family says why (Architecture.lora_refused)
+        raise ValueError(f"enable_lora is not supported for {architecture} yet: {arch.lora_refused} "
+                         f"(docs/lora.md#limits).")
     return cfg
 
 

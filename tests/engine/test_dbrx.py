@@ -117,3 +117,8 @@ def test_published_rope_theta_parity(tmp_path):
     ps = prompts(VOCAB, seed=37, n=4, lo=20, hi=80)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+def test_lora_is_refused(dbrx_path):
+    with pytest.raises(ValueError, match=r"enable_lora is not supported for DbrxForCausalLM yet: its fused Wqkv"):
+        LLM(dbrx_path, dtype="float64", enable_lora=True)

@@ -133,3 +133,11 @@ def test_tied_embeddings_parity(tmp_path):
     ps = prompts(VOCAB, seed=29, n=4, lo=2, hi=60)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_lora_is_refused(granite_path, name):
+    """An adapter's delta on o_proj or a down projection would miss the residual multiplier folded into them."""
+    with pytest.raises(ValueError, match=r"enable_lora is not supported for GraniteMoe(Shared)?ForCausalLM yet: its "
+                                         r"muP multipliers are folded into the weights at load"):
+        LLM(granite_path(name), dtype="float64", enable_lora=True)

@@ -9,5 +9,5 @@ ARCHITECTURES = (
     # lm_head: named by the residual kind "dbrx" (kinds.py) and its head kind; its norms are LayerNorms without bias.
     Architecture("DbrxForCausalLM", ArchSpec("gqa", moe_prefix="ffn", expert_names=PROJ, router="router",
                                              residual="dbrx", ffn="dbrx", head="dbrx", checkpoint="dbrx"),
-                 model_type="dbrx"),
+                 model_type="dbrx", lora_refused="its fused Wqkv and w1 / v1 / w2 experts are no adapter targets"),
 )

@@ -10,7 +10,10 @@ from ...config.arch_spec import PROJ, ArchSpec, Architecture
 _SPEC = ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=PROJ, router="router", shared_experts="shared_mlp",
                  ffn="granite_moe", checkpoint="granite_mup")
 
+# An adapter's delta on o_proj or a down projection would miss the residual multiplier folded into their weights.
+_LORA = "its muP multipliers are folded into the weights at load"
+
 ARCHITECTURES = (
-    Architecture("GraniteMoeForCausalLM", _SPEC, model_type="granitemoe"),
-    Architecture("GraniteMoeSharedForCausalLM", _SPEC, model_type="granitemoeshared"),
+    Architecture("GraniteMoeForCausalLM", _SPEC, model_type="granitemoe", lora_refused=_LORA),
+    Architecture("GraniteMoeSharedForCausalLM", _SPEC, model_type="granitemoeshared", lora_refused=_LORA),
 )

@@ -30,9 +30,10 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise unsupported(name, v, "a finite number > 0")
         values[name] = float(v)
-    if c["quantization"] is not None:
-        raise unsupported("quantization_config", getattr(c["quantization"], "method", c["quantization"]), "none", f" for {arch} (its muP multipliers "
-                                                                                    f"are folded into float weights)")
+    q = c["quantization"]
+    if q is not None:
+        raise unsupported("quantization_config", getattr(q, "method", q), "none",
+                          f" for {arch} (its muP multipliers are folded into float weights)")
     shared = int(getattr(hf, "shared_intermediate_size", 0) or 0) if arch == "GraniteMoeSharedForCausalLM" else 0
     if not 0 <= shared <= MAX_WIDTH:
         raise unsupported("shared_intermediate_size", shared, f"an integer in [0, {MAX_WIDTH}] (0: no shared MLP)")
