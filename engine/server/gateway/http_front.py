@@ -112,6 +112,7 @@ class HttpFront:
         self.relay = SmgRelay(upstream_port, not_serving, on_hangup, local)
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
+        self._refusing: set[asyncio.Task] = set()  # connections past the cap, being answered 503 (not counted)
         self.keep_alive_s = keep_alive_s()  # a bad VLLM_HTTP_TIMEOUT_KEEP_ALIVE is refused here, at the start
         self.limits = limits if limits is not None else HttpLimits()
         self.max_connections = self.limits.max_connections  # lowered at start() to what the fds allow
@@ -124,9 +125,9 @@ class HttpFront:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._connections):
+            for task in list(self._connections | self._refusing):
                 task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
+            await asyncio.gather(*self._connections, *self._refusing, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
 
@@ -135,10 +136,14 @@ class HttpFront:
         http_wire.KeptConnection), the wait for each next one at most `keep_alive_s`, each head at most the head
         timeout. One past the connection cap is answered 503 and closed at once."""
         if len(self._connections) >= self.max_connections:
+            self._refusing.add(asyncio.current_task())
             try:
                 await refuse_busy(reader, writer, self.max_connections)
+            except asyncio.CancelledError:
+                pass  # stop(): ends as a finished task (see below)
             finally:
                 writer.transport.abort()  # its 503 is sent (a small write goes out at once): no close handshake
+                self._refusing.discard(asyncio.current_task())
             return
         task = asyncio.current_task()
         self._connections.add(task)
