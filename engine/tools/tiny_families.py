@@ -185,6 +185,45 @@ def save_drawn_preset(out: Path, preset: Preset, seed: int = 0, dtype: torch.dty
     return save_model(model, out, cfg, dtype, fused)
 
 
+def published_as(write: Callable[..., object], architecture: str, model_type: Optional[str] = None,
+                 rename: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None,
+                 text_only: bool = False) -> Callable[..., object]:
+    """A `TinyArch.write` of another registry name of the same model (ArchSpec's `alias_of`: vLLM's spelling, a
+    text-only name, fused tensors): `write`'s checkpoint, then config.json's `architectures` (and `model_type` where
+    given) rewritten, and its tensors by `rename` (name -> tensor to name -> tensor, one model.safetensors).
+    `text_only`: a multimodal checkpoint's text model alone (its text_config's fields at the top; its tensors under
+    language_model. moved to the top: language_model.model.* -> model.*, language_model.lm_head -> lm_head)."""
+    import json
+
+    def write_as(out: Path, **kwargs) -> object:
+        path = write(out, **kwargs)
+        out_dir = Path(out)
+        config = json.loads((out_dir / "config.json").read_text())
+        if text_only:
+            config = {**config["text_config"], **{k: config[k] for k in ("torch_dtype", "dtype", "transformers_version")
+                                                  if k in config}}
+        config["architectures"] = [architecture]
+        if model_type is not None:
+            config["model_type"] = model_type
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if text_only or rename is not None:
+            from safetensors.torch import load_file, save_file
+
+            files = sorted(out_dir.glob("*.safetensors"))
+            if len(files) != 1 or (out_dir / "model.safetensors.index.json").exists():
+                raise ValueError(f"published_as: {out_dir} is sharded; the tiny writer rewrites one model.safetensors.")
+            tensors = load_file(str(files[0]))
+            if text_only:
+                tensors = {n[len("language_model."):]: t for n, t in tensors.items() if n.startswith("language_model.")}
+            if rename is not None:
+                tensors = rename(tensors)
+            save_file({n: t.contiguous() for n, t in tensors.items()}, str(files[0]), metadata={"format": "pt"})
+            umask_mode(files)
+        return path
+
+    return write_as
+
+
 def random_module(template: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """Random values for an MTP module's tensors, shaped and typed as `template`'s (name -> a tensor of that shape):
     norms near 1, matrices fan-in scaled (the router's twice as large, so routing is decided), correction and
@@ -314,6 +353,6 @@ INT4_TINY: dict[str, tuple[str, str, dict]] = {
 }
 
 
-__all__ = ["FP8_TINY", "INT4_TINY", "MAX_POS", "NVFP4_TINY", "Preset", "QUANT_FORMATS", "random_module", "TinyArch", "VOCAB", "WINDOW",
+__all__ = ["FP8_TINY", "INT4_TINY", "MAX_POS", "NVFP4_TINY", "Preset", "QUANT_FORMATS", "published_as", "random_module", "TinyArch", "VOCAB", "WINDOW",
            "build_hf_model", "preset_config", "preset_writer", "save_drawn_preset", "save_model", "save_preset",
            "save_tokenizer", "write_mtp_module"]

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from ...tools.tiny_families import Preset, TinyArch, preset_writer, random_module
+from ...tools.tiny_families import Preset, TinyArch, preset_writer, published_as, random_module
 
 BAILING: Preset = ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
     hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=5, num_attention_heads=4,
@@ -69,6 +69,10 @@ def add_mtp_module(out: str | Path, *, seed: int = 0) -> None:
 # fp8: `moelink quantize-fp8` in Ling's published names (tests/engine/test_fp8_hybrid_families.py).
 ARCHS = {
     "bailing_hybrid": TinyArch("BailingHybridForCausalLM", "Ling hybrid (bailing_hybrid)", ("float", "fp8"), write=write),
+    # Ling 3.0 as vLLM names it (BailingMoeV3ForCausalLM): the same files, config.json's model_type the release's own
+    # (bailing_moe_v3, which transformers does not know: read by BailingHybridConfig through the registry).
+    "bailing_moe_v3": TinyArch("BailingMoeV3ForCausalLM", "Ling 3.0 (vLLM's BailingMoeV3ForCausalLM)", ("float",),
+                               write=published_as(write, "BailingMoeV3ForCausalLM", model_type="bailing_moe_v3")),
 }
 
 __all__ = ["ARCHS", "BAILING", "add_mtp_module", "write"]

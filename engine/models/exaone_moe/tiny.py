@@ -10,7 +10,7 @@ per-head q/k norms, routed_scaling_factor 2.5 (K-EXAONE's).
 """
 from __future__ import annotations
 
-from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer
+from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer, published_as
 
 WINDOW = 6
 EXAONE: Preset = ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict(
@@ -22,6 +22,9 @@ EXAONE: Preset = ("ExaoneMoeConfig", "ExaoneMoeForCausalLM", dict(
 ARCHS = {
     "exaone_moe": TinyArch("ExaoneMoeForCausalLM", "K-EXAONE (236B-A23B)", ("float",) + QUANT_FORMATS,
                            write=preset_writer(EXAONE, drawn=True)),
+    # The same checkpoint under vLLM's spelling of the architecture.
+    "exaone_moe_vllm": TinyArch("ExaoneMoEForCausalLM", "K-EXAONE as vLLM names it", ("float", "fp8"),
+                                write=published_as(preset_writer(EXAONE, drawn=True), "ExaoneMoEForCausalLM")),
 }
 
 __all__ = ["ARCHS", "EXAONE", "WINDOW"]

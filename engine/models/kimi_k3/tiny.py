@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 
 from ...tools.file_modes import umask_mode
-from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, save_tokenizer
+from ...tools.tiny_families import MAX_POS, VOCAB, TinyArch, published_as, save_tokenizer
 
 K3_TINY = dict(
     vocab_size=VOCAB, max_position_embeddings=MAX_POS, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
@@ -178,6 +178,10 @@ ARCHS = {
                         format_fields={"published": {"routed_expert_hidden_size": 32, "moe_intermediate_size": 32}},
                         own_formats={"published": ("Kimi K3 as Moonshot publishes it: MXFP4 routed experts in "
                                                    "compressed-tensors (mxfp4-pack-quantized)", write_published)}),
+    # SGLang's text-only K3 (KimiK3LinearForCausalLM): the text model alone (config.json the text_config's fields,
+    # model_type kimi_linear; its tensors under model. / lm_head).
+    "kimi_k3_text": TinyArch("KimiK3LinearForCausalLM", "Kimi K3's text model alone (SGLang's name)", ("float",),
+                             write=published_as(write_k3, "KimiK3LinearForCausalLM", text_only=True)),
 }
 
 __all__ = ["ARCHS", "K3_MXFP4", "K3_TINY", "k3_config", "k3_tensors", "write_k3", "write_published"]

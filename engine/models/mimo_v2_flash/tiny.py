@@ -3,7 +3,11 @@
 engine/tools/tiny_families.save_drawn_preset (norms, biases, sinks, the correction bias random)."""
 from __future__ import annotations
 
-from ...tools.tiny_families import QUANT_FORMATS, WINDOW, Preset, TinyArch, preset_writer
+import re
+
+import torch
+
+from ...tools.tiny_families import QUANT_FORMATS, WINDOW, Preset, TinyArch, preset_writer, published_as
 
 # layer_types mixing full and sliding-window layers unequally, the sliding ones with twice the kv heads, sinks and a
 # rope of their own, values narrower than q/k scaled by attention_value_scale, q/k/v biases, a dense first layer,
@@ -20,9 +24,26 @@ MIMO: Preset = ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", dict(
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5}},
     bos_token_id=None))
 
+
+
+def fuse_qkv(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's self_attn.{q,k,v}_proj.{weight,bias} as one self_attn.qkv_proj.{weight,bias} (rows q, k, v):
+    MiMoV2ForCausalLM's layout (config.py)."""
+    out = {n: t for n, t in tensors.items() if not re.search(r"\.self_attn\.[qkv]_proj\.", n)}
+    for name in tensors:
+        m = re.fullmatch(r"(.*\.self_attn\.)q_proj\.(weight|bias)", name)
+        if m:
+            p, kind = m.groups()
+            out[f"{p}qkv_proj.{kind}"] = torch.cat([tensors[f"{p}{x}_proj.{kind}"] for x in "qkv"])
+    return out
+
+
 ARCHS = {
     "mimo_v2_flash": TinyArch("MiMoV2FlashForCausalLM", "MiMo-V2-Flash", ("float",) + QUANT_FORMATS,
                               write=preset_writer(MIMO, drawn=True)),
+    # MiMo-V2-Flash as vLLM registers MiMo-V2 (MiMoV2ForCausalLM): q, k and v fused per layer.
+    "mimo_v2": TinyArch("MiMoV2ForCausalLM", "MiMo-V2-Flash with fused q/k/v (vLLM's MiMoV2ForCausalLM)", ("float",),
+                        write=published_as(preset_writer(MIMO, drawn=True), "MiMoV2ForCausalLM", rename=fuse_qkv)),
 }
 
-__all__ = ["ARCHS", "MIMO"]
+__all__ = ["ARCHS", "MIMO", "fuse_qkv"]

@@ -19,6 +19,10 @@ SPEC = ArchSpec("block_sparse", moe_prefix="block_sparse_moe", expert_names=("w1
 ARCHITECTURES = (
     # The text model (transformers' MiniMaxM3VLForCausalLM, model_type minimax_m3_vl_text).
     Architecture("MiniMaxM3VLForCausalLM", SPEC, model_type="minimax_m3_vl_text"),
+    # vLLM's name of the text model alone (its text-only checkpoint: config.json the text_config's fields, the
+    # tensors under model. and lm_head, in the published names above).
+    Architecture("MiniMaxM3SparseForCausalLM", SPEC, model_type="minimax_m3_vl_text",
+                 alias_of="MiniMaxM3VLForCausalLM"),
 )
 
 # The multimodal checkpoint (model_type minimax_m3_vl) serves its text model: transformers 5.24 names its class

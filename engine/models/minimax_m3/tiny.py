@@ -10,7 +10,7 @@ norms and half of each head rotated; two index heads, each selecting for a group
 """
 from __future__ import annotations
 
-from ...tools.tiny_families import Preset, TinyArch, preset_writer
+from ...tools.tiny_families import Preset, TinyArch, preset_writer, published_as
 
 BLOCK, TOPK, LOCAL = 4, 4, 2
 TEXT = dict(
@@ -32,6 +32,12 @@ MINIMAX_M3: Preset = ("MiniMaxM3VLConfig", "MiniMaxM3SparseForConditionalGenerat
 ARCHS = {
     "minimax_m3": TinyArch("MiniMaxM3SparseForConditionalGeneration", "MiniMax-M3 (its text model)", ("float", "fp8"),
                            write=preset_writer(MINIMAX_M3, drawn=True), expert_width="intermediate_size"),
+    # vLLM's text-only MiniMax-M3 (MiniMaxM3SparseForCausalLM): the release's text model alone, in its published
+    # names (block_sparse_moe.experts.{e}.w1 / w3 / w2, the indexer's index_* projections) under model. / lm_head.
+    "minimax_m3_text": TinyArch("MiniMaxM3SparseForCausalLM", "MiniMax-M3's text model alone (vLLM's name)",
+                                ("float",), expert_width="intermediate_size",
+                                write=published_as(preset_writer(MINIMAX_M3, drawn=True), "MiniMaxM3SparseForCausalLM",
+                                                   text_only=True)),
 }
 
 __all__ = ["ARCHS", "BLOCK", "LOCAL", "MINIMAX_M3", "MINIMAX_M3_TEXT", "TEXT", "TOPK", "VISION"]
