@@ -125,3 +125,16 @@ def test_lora_is_refused(ernie_path):
     """Its q/k rows are de-interleaved at load: an adapter's B rows there are untested against peft."""
     with pytest.raises(ValueError, match=r"enable_lora is not supported for Ernie4_5_MoeForCausalLM yet: its q/k rows"):
         LLM(ernie_path, dtype="float64", enable_lora=True)
+
+
+# -- FP8 ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fp8_block_checkpoint(tmp_path):
+    """The FP8 block layout (`moelink quantize-fp8`, 16 x 16 blocks: each head's 16 q/k rows one block, so the
+    de-interleaving keeps every row in its block) loads through the FP8 block path and gives the greedy tokens of
+    transformers' float64 model on the dequantized weights with the W8A8 activation rounding where the engine applies
+    it. The router, its correction bias and the norms stay float."""
+    from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
+
+    check_fp8_gqa_block_parity(save_preset(tmp_path / "float", ERNIE), tmp_path, VOCAB)

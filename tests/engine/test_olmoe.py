@@ -102,3 +102,15 @@ def test_attention_bias_parity(tmp_path):
     ps = prompts(VOCAB, seed=23, n=4, lo=2, hi=60)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+# -- FP8 ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fp8_block_checkpoint(tmp_path):
+    """The FP8 block layout (`moelink quantize-fp8`, 16 x 16 blocks) loads through the FP8 block path and gives the
+    greedy tokens of transformers' float64 model on the dequantized weights with the W8A8 activation rounding where
+    the engine applies it (the clamp after the FP8 projection and the all-heads norm)."""
+    from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
+
+    check_fp8_gqa_block_parity(save_preset(tmp_path / "float", OLMOE), tmp_path, VOCAB)

@@ -105,3 +105,16 @@ def test_sliding_window_parity(tmp_path):
     ps = prompts(VOCAB, seed=17, n=4, lo=2, hi=60)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+# -- FP8 ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fp8_block_checkpoint(tmp_path):
+    """The FP8 block layout (`moelink quantize-fp8`, 16 x 16 blocks; the dense layer moved to 2 so layer 1 is routed)
+    loads through the FP8 block path and gives the greedy tokens of transformers' float64 model on the dequantized
+    weights with the W8A8 activation rounding where the engine applies it. The router, the shared expert's gate and
+    the norms stay float."""
+    from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
+
+    check_fp8_gqa_block_parity(save_preset(tmp_path / "float", QWEN2_MOE, mlp_only_layers=[2]), tmp_path, VOCAB)

@@ -9,7 +9,7 @@ a correction bias, two shared experts.
 """
 from __future__ import annotations
 
-from ...tools.tiny_families import Preset, TinyArch, preset_writer
+from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer
 
 ERNIE: Preset = ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
     hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -18,7 +18,8 @@ ERNIE: Preset = ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
     eos_token_id=None, pad_token_id=None))
 
 ARCHS = {
-    "ernie4_5_moe": TinyArch("Ernie4_5_MoeForCausalLM", "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B", ("float",),
+    "ernie4_5_moe": TinyArch("Ernie4_5_MoeForCausalLM", "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B",
+                             ("float",) + QUANT_FORMATS,
                              write=preset_writer(ERNIE, drawn=True)),
 }
 

@@ -8,7 +8,7 @@ of 8 experts not renormalised (norm_topk_prob False, the published config's valu
 """
 from __future__ import annotations
 
-from ...tools.tiny_families import Preset, TinyArch, preset_writer
+from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer
 
 OLMOE: Preset = ("OlmoeConfig", "OlmoeForCausalLM", dict(
     hidden_size=64, intermediate_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -16,7 +16,8 @@ OLMOE: Preset = ("OlmoeConfig", "OlmoeForCausalLM", dict(
     bos_token_id=None, eos_token_id=None, pad_token_id=None))
 
 ARCHS = {
-    "olmoe": TinyArch("OlmoeForCausalLM", "OLMoE-1B-7B (-Instruct)", ("float",), write=preset_writer(OLMOE, drawn=True),
+    "olmoe": TinyArch("OlmoeForCausalLM", "OLMoE-1B-7B (-Instruct)", ("float",) + QUANT_FORMATS,
+                      write=preset_writer(OLMOE, drawn=True),
                       expert_width="intermediate_size"),
 }
 

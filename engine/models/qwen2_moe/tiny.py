@@ -9,7 +9,7 @@ the published configs' value).
 """
 from __future__ import annotations
 
-from ...tools.tiny_families import Preset, TinyArch, preset_writer
+from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer
 
 QWEN2_MOE: Preset = ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
     hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -18,7 +18,7 @@ QWEN2_MOE: Preset = ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
     eos_token_id=None, pad_token_id=None))
 
 ARCHS = {
-    "qwen2_moe": TinyArch("Qwen2MoeForCausalLM", "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B", ("float",),
+    "qwen2_moe": TinyArch("Qwen2MoeForCausalLM", "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B", ("float",) + QUANT_FORMATS,
                           write=preset_writer(QWEN2_MOE, drawn=True)),
 }
 
