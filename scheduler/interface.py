@@ -34,8 +34,8 @@ class SchedulerInterface(Protocol):
     @property
     def backlogged(self) -> set[str]:
         """Ids of requests whose consumer lags behind their outputs (engine/api/output_thread.py Stream.backlog_limit):
-        not scheduled, keeping their KV and slot, until it catches up. The engine adds and removes them; the scheduler
-        reads them and forgets an id with its request."""
+        not scheduled, keeping their KV and slot, until it catches up (or generation is paused: `admit_new`). The
+        engine adds and removes them; the scheduler reads them and forgets an id with its request."""
 
     @property
     def admit_new(self) -> bool:

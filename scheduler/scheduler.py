@@ -253,7 +253,9 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
         # 1) Running requests, oldest first (the hot loop of a decode step: locals, nothing but the request).
         i = 0
         running = self.running
-        held_ids, lagging = self.held, self.backlogged
+        # While generation is paused (`admit_new` False: a "wait" pause drains the started requests for a weight
+        # update) a lagging consumer does not stop its request: the update would wait for that client's reading.
+        held_ids, lagging = self.held, self.backlogged if self.admit_new else None
         max_len, pool_tokens = self.scheduler_config.max_model_len, self._pool_tokens
         # allocate_slots' no-new-block case, checked here first (most decode steps) where the policy allows it.
         tables, bs, extras = self.kv.decode_tables, self.block_size, self.kv.new_step_extras
@@ -368,7 +370,7 @@ class Scheduler(StepOutputMixin, RecoveryMixin, LoadOnlyMixin):
                 # Preempted with its token in flight: recomputed once the token is known; or held by the engine
                 # (its grammar mask is being filled: milliseconds). FCFS: all wait.
                 break
-            if self.backlogged and req.request_id in self.backlogged:
+            if self.backlogged and self.admit_new and req.request_id in self.backlogged:
                 # Its consumer lags (`backlogged`), possibly for long: the requests behind it go on, as past an
                 # adapter waiting for a slot (the same bounded scan).
                 self.waiting.popleft()

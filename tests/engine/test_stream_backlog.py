@@ -40,6 +40,10 @@ def test_a_backlogged_request_keeps_its_slot_and_blocks_and_does_not_block_other
     # Its slot and KV kept: c still waits (two slots), and a's blocks are as they were.
     assert s.get_request("a").status is RequestStatus.RUNNING and s.kv.get_block_ids("a") == blocks
     assert s.get_request("c").status is RequestStatus.WAITING
+    # A "wait" pause (admit_new False) drains the started requests: a lagging consumer does not hold it up.
+    s.admit_new = False
+    assert "a" in step().num_scheduled_tokens
+    s.admit_new = True
     # A backlogged request in the waiting queue (preempted) is passed over, not waited behind.
     s.running.remove(req := s.get_request("a"))
     s._preempt(req)
