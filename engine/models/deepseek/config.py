@@ -17,6 +17,10 @@ ARCHITECTURES = (
     # GLM-4.5 / 4.6: GQA with partial rotary and the DeepSeek-V3 MoE block.
     Architecture("Glm4MoeForCausalLM", ArchSpec("gqa", moe_prefix="mlp", expert_names=PROJ), model_type="glm4_moe",
                  mtp_layers=True),
+    # GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's MLA (q LoRA, interleaved rope) with GLM-4.5's MoE block (the
+    # DeepSeek-V3 router), dense layers by mlp_layer_types; its MTP layer in DeepSeek-V3's layout.
+    Architecture("Glm4MoeLiteForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ),
+                 model_type="glm4_moe_lite", mtp_layers=True),
 )
 # Sparse attention (a lightning indexer beside MLA): the architectures whose reader builds MLAConfig.indexer.
 DSA_ARCHITECTURES = ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")

@@ -27,7 +27,12 @@ _DEEPSEEK_ROUTING = {
     "DeepseekV2ForCausalLM": ("softmax", ("greedy", "group_limited_greedy")),
     "DeepseekV32ForCausalLM": ("sigmoid", ("noaux_tc",)),
     "GlmMoeDsaForCausalLM": ("sigmoid", ("noaux_tc",)),
+    "Glm4MoeLiteForCausalLM": ("sigmoid", ("noaux_tc",)),
 }
+# The architectures whose routed layers are mlp_layer_types' "sparse" ones (transformers derives the field from
+# first_k_dense_replace for DeepSeek-V3.2 / GLM-5; GLM-4.7-Flash's model reads mlp_layer_types alone, its default
+# ["dense"] + ["sparse"] * (num_hidden_layers - 1)).
+_BY_MLP_LAYER_TYPES = DSA_ARCHITECTURES + ("Glm4MoeLiteForCausalLM",)
 
 
 def read(arch: str, hf, c: dict, rope: dict) -> dict:
@@ -52,12 +57,15 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
         norm, hf.routed_scaling_factor, float32_logits=True,  # transformers casts gate input and weight to float32
     )
     first_dense = int(getattr(hf, "first_k_dense_replace", 0) or 0)
+    # DeepSeek-V3.2 / GLM-5 / GLM-4.7-Flash route the layers mlp_layer_types calls sparse (transformers derives it
+    # from first_k_dense_replace when the file has none, but for GLM-4.7-Flash, whose model never reads that field).
+    sparse = (dsa_sparse_layers(hf, c["num_layers"]) if arch in _BY_MLP_LAYER_TYPES
+              else tuple(range(first_dense, c["num_layers"])))
+    if arch == "Glm4MoeLiteForCausalLM":
+        # The leading dense layers, as the MTP layer's rule (engine/spec/heads/mtp.py) reads them: its layer routed.
+        first_dense = sparse[0] if sparse else c["num_layers"]
     moe = MoEConfig(router, int(getattr(hf, "n_shared_experts", 0) or 0), first_dense,
                     getattr(hf, "moe_layer_freq", None) or 1)
-    # DeepSeek-V3.2 / GLM-5 route the layers mlp_layer_types calls sparse (transformers derives it from
-    # first_k_dense_replace when the file has none).
-    sparse = (dsa_sparse_layers(hf, c["num_layers"]) if arch in DSA_ARCHITECTURES
-              else tuple(range(first_dense, c["num_layers"])))
     fields = dict(num_experts=E, moe_intermediate_size=int(hf.moe_intermediate_size),
                   intermediate_size=int(hf.intermediate_size), norm_topk_prob=norm, sparse_layers=sparse, moe=moe)
     if arch in DSA_ARCHITECTURES:
@@ -78,7 +86,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
 
 def _mla(arch: str, hf, c: dict, rope: dict) -> MLAConfig:
     # The softmax scale exactly as transformers' model computes it (yarn's mscale_all_dim folded in).
-    if arch == "DeepseekV3ForCausalLM" or arch in DSA_ARCHITECTURES:
+    if arch in ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM") or arch in DSA_ARCHITECTURES:
         # rope_interleave: DeepSeek's checkpoints pair rope dims (2i, 2i+1); transformers reads the flag (DeepSeek-V3.2
         # and GLM-5 always interleave, whatever the file says).
         interleave = arch in DSA_ARCHITECTURES or getattr(hf, "rope_interleave", True)
@@ -86,6 +94,12 @@ def _mla(arch: str, hf, c: dict, rope: dict) -> MLAConfig:
     else:
         style = "complex"  # transformers' DeepSeek-V2 rotates (2i, 2i+1) pairs as complex64 numbers
     nope, pe = int(hf.qk_nope_head_dim), int(hf.qk_rope_head_dim)
+    factor = rope.get("partial_rotary_factor", 1.0)
+    if arch == "Glm4MoeLiteForCausalLM" and factor != 1.0:
+        # transformers' GLM-4.7-Flash sizes its rotary table by qk_rope_head_dim * the factor but rotates all
+        # qk_rope_head_dim dims of q and k with it: only the whole rope head runs as defined.
+        raise unsupported("rope_parameters.partial_rotary_factor", factor, (1.0,),
+                          f" for {arch} (MLA rotates all qk_rope_head_dim dims)")
     q_lora = getattr(hf, "q_lora_rank", None)
     return MLAConfig(
         num_heads=c["num_heads"], q_lora_rank=int(q_lora) if q_lora is not None else None,

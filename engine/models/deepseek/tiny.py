@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from ...tools.tiny_families import QUANT_FORMATS, TinyArch, save_preset
+from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer, save_preset
 from ...tools.tiny_formats import rewrite_checkpoint
 
 _YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
@@ -143,6 +143,17 @@ def _write_dsa(name: str):
 
 
 _FORMATS = ("float",) + QUANT_FORMATS
+# GLM-4.7-Flash (Glm4MoeLiteForCausalLM): MLA with q LoRA and interleaved rope, values wider than the nope part of
+# q/k (its 256 beside 192), a dense layer between routed ones (mlp_layer_types: transformers' lite model reads no
+# first_k_dense_replace), 8 experts in 2 groups (1 chosen, top-2) with the correction bias, one shared expert,
+# routed_scaling_factor 1.8 (the release's). Drawn by save_drawn_preset (norms and the correction bias random).
+GLM4_MOE_LITE: Preset = ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(
+    hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+    n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, n_shared_experts=1,
+    routed_scaling_factor=1.8, norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+    rope_interleave=True, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None))
+
 ARCHS = {
     "deepseek_v3": TinyArch("DeepseekV3ForCausalLM", "DeepSeek-V3, DeepSeek-R1", _FORMATS, sized="deepseek_v3"),
     "deepseek_v2": TinyArch("DeepseekV2ForCausalLM", "DeepSeek-V2, DeepSeek-V2-Lite", _FORMATS, sized="deepseek_v2"),
@@ -157,6 +168,8 @@ ARCHS = {
     # FP8: the indexer's heads one 16-row block each (the rope de-interleave keeps rows inside their block).
     "glm_moe_dsa": TinyArch("GlmMoeDsaForCausalLM", "GLM-5", _FORMATS, write=_write_dsa("glm5"),
                             format_fields={"fp8": {"index_head_dim": 16}}),
+    "glm4_moe_lite": TinyArch("Glm4MoeLiteForCausalLM", "GLM-4.7-Flash", ("float", "fp8"),
+                              write=preset_writer(GLM4_MOE_LITE, drawn=True)),
 }
 
 
@@ -208,5 +221,5 @@ def save_kimi_k25_multimodal(out, seed: int = 0, max_side: int = 64) -> str:
     return str(out)
 
 
-__all__ = ["ARCHS", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "KIMI_MEDIA_TOKENS", "kimi_k25_checkpoint",
+__all__ = ["ARCHS", "GLM4_MOE_LITE", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "KIMI_MEDIA_TOKENS", "kimi_k25_checkpoint",
            "save_kimi_k25_multimodal"]
