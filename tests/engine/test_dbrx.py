@@ -122,3 +122,12 @@ def test_published_rope_theta_parity(tmp_path):
 def test_lora_is_refused(dbrx_path):
     with pytest.raises(ValueError, match=r"enable_lora is not supported for DbrxForCausalLM yet: its fused Wqkv"):
         LLM(dbrx_path, dtype="float64", enable_lora=True)
+
+
+def test_transformers_default_config_reads(tmp_path):
+    """transformers' default DbrxConfig (DBRX's (4 experts, top-1)) reads without a refusal."""
+    import transformers
+
+    cfg = getattr(transformers, "DbrxConfig")()
+    cfg.architectures = ["DbrxForCausalLM"]
+    assert ModelConfig.from_pretrained(config_dir(tmp_path, cfg)).architecture == "DbrxForCausalLM"

@@ -138,3 +138,12 @@ def test_fp8_block_checkpoint(tmp_path):
     from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
 
     check_fp8_gqa_block_parity(save_preset(tmp_path / "float", ERNIE), tmp_path, VOCAB)
+
+
+def test_transformers_default_config_reads(tmp_path):
+    """transformers' default Ernie4_5_MoeConfig (ERNIE-4.5-21B-A3B's sizes (64 experts, top-6, 2 shared, layer 0 dense)) reads without a refusal."""
+    import transformers
+
+    cfg = getattr(transformers, "Ernie4_5_MoeConfig")()
+    cfg.architectures = ["Ernie4_5_MoeForCausalLM"]
+    assert ModelConfig.from_pretrained(config_dir(tmp_path, cfg)).architecture == "Ernie4_5_MoeForCausalLM"

@@ -141,3 +141,12 @@ def test_lora_is_refused(granite_path, name):
     with pytest.raises(ValueError, match=r"enable_lora is not supported for GraniteMoe(Shared)?ForCausalLM yet: its "
                                          r"muP multipliers are folded into the weights at load"):
         LLM(granite_path(name), dtype="float64", enable_lora=True)
+
+
+def test_transformers_default_config_reads(tmp_path):
+    """transformers' default GraniteMoeConfig (Granite-MoE's (multipliers 1)) reads without a refusal."""
+    import transformers
+
+    cfg = getattr(transformers, "GraniteMoeConfig")()
+    cfg.architectures = ["GraniteMoeForCausalLM"]
+    assert ModelConfig.from_pretrained(config_dir(tmp_path, cfg)).architecture == "GraniteMoeForCausalLM"

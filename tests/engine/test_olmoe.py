@@ -114,3 +114,12 @@ def test_fp8_block_checkpoint(tmp_path):
     from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
 
     check_fp8_gqa_block_parity(save_preset(tmp_path / "float", OLMOE), tmp_path, VOCAB)
+
+
+def test_transformers_default_config_reads(tmp_path):
+    """transformers' default OlmoeConfig (OLMoE-1B-7B's sizes (64 experts, top-8)) reads without a refusal."""
+    import transformers
+
+    cfg = getattr(transformers, "OlmoeConfig")()
+    cfg.architectures = ["OlmoeForCausalLM"]
+    assert ModelConfig.from_pretrained(config_dir(tmp_path, cfg)).architecture == "OlmoeForCausalLM"

@@ -118,3 +118,12 @@ def test_fp8_block_checkpoint(tmp_path):
     from tests.helpers.fp8_checkpoints import check_fp8_gqa_block_parity
 
     check_fp8_gqa_block_parity(save_preset(tmp_path / "float", QWEN2_MOE, mlp_only_layers=[2]), tmp_path, VOCAB)
+
+
+def test_transformers_default_config_reads(tmp_path):
+    """transformers' default Qwen2MoeConfig (Qwen1.5-MoE-A2.7B's sizes (60 experts, top-4, a shared expert 5632 wide)) reads without a refusal."""
+    import transformers
+
+    cfg = getattr(transformers, "Qwen2MoeConfig")()
+    cfg.architectures = ["Qwen2MoeForCausalLM"]
+    assert ModelConfig.from_pretrained(config_dir(tmp_path, cfg)).architecture == "Qwen2MoeForCausalLM"

@@ -22,7 +22,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     softmax over every expert in the model dtype, top moe_top_k, divided by their moe_normalize_expert_weights-norm
     (1: renormalised to sum to 1; null: as they are), experts ffn_hidden_size wide; LayerNorms without bias (eps
     1e-5). The rotary base is attn_config.rope_theta, the trained model's (transformers 5.24 reads none of it and
-    rotates by rope_parameters, 10000 unless config.json says otherwise; the tests set both)."""
+    rotates by rope_parameters, 10000 unless config.json says otherwise; the tests set both), else rope_parameters'."""
     attn, ffn = hf.attn_config, hf.ffn_config
     E, k = int(ffn.moe_num_experts), int(ffn.moe_top_k)
     act = (ffn.ffn_act_fn or {}).get("name", "silu")
@@ -34,7 +34,9 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
                           " (a p-norm other than the sum is not implemented)")
     if rope.get("rope_type", "default") != "default":
         raise unsupported("rope_parameters.rope_type", rope.get("rope_type"), ("default",), f" for {arch}")
-    theta = attn.rope_theta
+    # attn_config.rope_theta where the file states it (the published ones do), else the base transformers rotates by.
+    theta = getattr(attn, "rope_theta", None)
+    theta = rope.get("rope_theta", 10000.0) if theta is None else theta
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
         raise unsupported("attn_config.rope_theta", theta, "a finite number > 0")
     if c["quantization"] is not None:  # its fused names are mapped for float weights only (kinds.py)
