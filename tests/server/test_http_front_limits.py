@@ -1,6 +1,8 @@
 """The OpenAI front's bounds on a client connection (issue 95; http_limits.HttpLimits, http_admission.py): the key and
-the route judged from a request's head before any body is read, a body cap per route, head and body timeouts, a
-connection cap, ambiguous framings refused with 400, an answer nobody reads abandoned after the stall timeout, and an
+the route judged from a request's head before any body is read, a body cap per route, head and body timeouts (for a
+whole head or body, however it trickles in), an exact head bound (431), connection caps (the front's and each client
+address's, an idle connection closed for a new one, one with a request in flight never), ambiguous framings refused
+with 400, an answer nobody reads abandoned after the stall timeout, and an
 answer that fails to be written logged, not dropped silently.
 
 A front without an engine (nothing listens upstream: no request here is relayed), raw sockets on loopback: no model.
@@ -67,11 +69,29 @@ class _Failing:
         return answering()
 
 
-def _scenario(client, limits=None, completions=None):
-    """Runs a front (API key KEY; its engine routes stand-ins when `completions` is given) and `client(front)` on a
-    thread; `client`'s result."""
+class _Held:
+    """A completions route whose answer never comes: each request stays in flight until its client leaves. Counts
+    the requests begun and ended."""
+
+    def __init__(self):
+        self.begun = self.ended = 0
+
+    async def claim(self, body, client=(), header_id=None):
+        async def answering():
+            self.begun += 1
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.ended += 1
+        return answering()
+
+
+def _scenario(client, limits=None, completions=None, serving: bool = False):
+    """Runs a front (API key KEY; its engine routes stand-ins when `completions` is given; `serving`: its probes
+    answer 200 as beside a gateway that serves) and `client(front)` on a thread; `client`'s result."""
     async def run():
         front = HttpFront("127.0.0.1", free_port(), free_port(), KEY, limits=limits,
+                          not_serving=(lambda: None) if serving else None,
                           local=_Local() if completions is not None else None, completions=completions)
         await front.start()
         try:
@@ -82,8 +102,36 @@ def _scenario(client, limits=None, completions=None):
     return asyncio.run(run())
 
 
-def _connect(front, timeout: float = 10) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", front.port), timeout=timeout)
+def _connect(front, timeout: float = 10, source: str = "127.0.0.1") -> socket.socket:
+    """A connection to the front from `source` (any of 127/8 reaches loopback on Linux: another client address)."""
+    return socket.create_connection(("127.0.0.1", front.port), timeout=timeout, source_address=(source, 0))
+
+
+def _until(predicate, within: float = 10.0) -> bool:
+    """Polls `predicate` every 10 ms for at most `within` seconds; its last value."""
+    end = time.monotonic() + within
+    while not predicate() and time.monotonic() < end:
+        time.sleep(0.01)
+    return predicate()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the front closed `sock` (EOF or a reset waiting), without waiting for it."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def _get(front, path: bytes, source: str = "127.0.0.1") -> bytes:
+    sock = _connect(front, source=source)
+    sock.sendall(b"GET " + path + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    return _until_eof(sock)
 
 
 def _until_eof(sock: socket.socket, done_sending: bool = True) -> bytes:
@@ -196,30 +244,172 @@ def test_a_silent_or_slow_connection_is_closed_past_the_head_and_body_timeouts()
         assert took < 3, (name, took)  # the socket's own timeout is 5 s
 
 
-def test_past_the_connection_cap_a_new_connection_gets_503_and_is_closed():
-    """Issue 95 item 2: with --http-max-connections 2 held by idle clients, a third connection is answered 503 (vLLM's
-    error body, `connection: close`) and closed at once; once one leaves, a new one is served."""
+def test_past_the_connection_cap_with_none_idle_a_new_connection_gets_503_and_is_closed():
+    """Issue 95 item 2: with --http-max-connections 2 held by requests in flight, a third connection is answered 503
+    (vLLM's error body naming the flag, `connection: close`) and closed at once; neither busy connection is closed
+    for it; once one leaves, a new one is served."""
+    route = _Held()
+
     def client(front):
-        held = [_connect(front) for _ in range(2)]
-        time.sleep(0.2)  # both accepted and in their handlers
-        refused = _until_eof(_connect(front))
+        held = []
+        for _ in range(2):
+            sock = _connect(front)
+            sock.sendall(_post_head(b"/v1/completions", 2, AUTH) + b"{}")
+            held.append(sock)
+        assert _until(lambda: route.begun == 2)
+        refused = _until_eof(_connect(front, source="127.0.0.2"))  # another client: under its own cap
+        alive = route.ended == 0 and not any(_closed(sock) for sock in held)
         held.pop().close()
+        assert _until(lambda: route.ended == 1)
         served = b""
         for _ in range(50):  # bounded: the front sees the close within its loop's next turns
-            time.sleep(0.05)
-            sock = _connect(front)
-            sock.sendall(b"GET /version HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            served = _until_eof(sock)
+            served = _get(front, b"/version")
             if _status(served) == 200:
                 break
+            time.sleep(0.05)
         for sock in held:
             sock.close()
-        return refused, served
+        return refused, alive, served
 
-    refused, served = _scenario(client, HttpLimits(max_connections=2))
+    refused, alive, served = _scenario(client, HttpLimits(max_connections=2, max_connections_per_client=2),
+                                       completions=route)
     assert _status(refused) == 503 and b"connection: close" in refused.lower(), refused
-    assert _error(refused)["code"] == 503 and "--http-max-connections" in _error(refused)["message"]
+    assert _error(refused)["code"] == 503 and "--http-max-connections)" in _error(refused)["message"]
+    assert alive  # a request in flight is never evicted
     assert _status(served) == 200, served
+
+
+def test_one_client_past_its_cap_closes_its_own_idle_connection_or_gets_503_while_another_is_served():
+    """Issue 95: one client address holding --http-max-connections-per-client connections: a new one of its own
+    takes the place of its longest idle one (a probe on the same host as an idle hog is served: /health 200); with
+    all of them in flight, one more gets 503 naming the flag, and another address (127.0.0.2) is still served."""
+    route = _Held()
+
+    def client(front):
+        hog = []
+        for _ in range(3):
+            hog.append(_connect(front))
+            time.sleep(0.02)  # accepted in this order: idle in this order
+        assert _until(lambda: front.table.count == 3)
+        own = _get(front, b"/health")
+        evicted = [_until(lambda: _closed(hog[0]), 5)] + [_closed(sock) for sock in hog[1:]]
+        hog[0].close()
+        hog[0] = _connect(front)
+        for sock in hog:
+            sock.sendall(_post_head(b"/v1/completions", 2, AUTH) + b"{}")
+        assert _until(lambda: route.begun == 3)
+        refused = _until_eof(_connect(front))
+        other = _get(front, b"/health", source="127.0.0.2")
+        kept = route.ended == 0 and not any(_closed(sock) for sock in hog)
+        for sock in hog:
+            sock.close()
+        return own, evicted, refused, other, kept
+
+    own, evicted, refused, other, kept = _scenario(
+        client, HttpLimits(max_connections=8, max_connections_per_client=3), completions=route, serving=True)
+    assert _status(own) == 200 and evicted == [True, False, False], (own, evicted)
+    assert _status(refused) == 503 and b"connection: close" in refused.lower(), refused
+    assert "--http-max-connections-per-client" in _error(refused)["message"]
+    assert _status(other) == 200, other
+    assert kept  # a request in flight is never evicted
+
+
+def test_at_the_cap_an_idle_connection_of_the_client_holding_most_is_closed_for_a_new_one():
+    """Issue 95: 20,000 keyless idle connections shut the API out. At --http-max-connections, a new client's
+    connection takes the place of an idle one: of the client holding the most (not an older idle one of a client
+    holding fewer), its longest idle; /health answers 200; a connection with a request in flight is never closed."""
+    route = _Held()
+
+    def client(front):
+        few = _connect(front, source="127.0.0.3")  # the oldest idle connection, of a client holding one
+        time.sleep(0.05)
+        busy = _connect(front)
+        busy.sendall(_post_head(b"/v1/completions", 2, AUTH) + b"{}")
+        assert _until(lambda: route.begun == 1)
+        hog = []
+        for _ in range(4):
+            hog.append(_connect(front))
+            time.sleep(0.02)  # accepted in this order: idle in this order
+        assert _until(lambda: front.table.count == 6)
+        health = _get(front, b"/health", source="127.0.0.2")
+        state = {"hog": [_until(lambda: _closed(hog[0]), 5)] + [_closed(sock) for sock in hog[1:]],
+                 "few": _closed(few), "busy": _closed(busy) or route.ended > 0, "evicted": front.table.evicted}
+        for sock in [few, busy, *hog]:
+            sock.close()
+        return health, state
+
+    health, state = _scenario(client, HttpLimits(max_connections=6, max_connections_per_client=6),
+                              completions=route, serving=True)
+    assert _status(health) == 200, health
+    assert state == {"hog": [True, False, False, False], "few": False, "busy": False, "evicted": 1}, state
+
+
+def test_the_connection_table_evicts_from_the_client_holding_most_its_longest_idle():
+    """http_admission.ConnectionTable against a plain model, over random admissions, requests and closes: each
+    eviction takes a longest idle connection: the client's own past its cap, else of a client holding the most
+    among those with one idle; a busy one never; a refusal only at a cap with none idle to close."""
+    import random
+
+    from moelink.engine.server.gateway.http_admission import ALL, PER_CLIENT, ConnectionTable, Slot
+
+    class _Writer:
+        def __init__(self):
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    rng = random.Random(7)
+    table = ConnectionTable(most=12, per_client=5)
+    open_, idle_since, clock, seen = [], {}, 0, set()
+    for _ in range(3000):
+        clock += 1
+        step = rng.random()
+        if step < 0.5:
+            client = rng.choice("abcdef")
+            held = {c: sum(1 for s in open_ if s.client == c) for c in "abcdef"}
+            idle = [s for s in open_ if s in idle_since]
+            most = max((held[s.client] for s in idle), default=None)
+            got = table.admit(client, _Writer())
+            own = held[client] >= 5
+            if own and not any(s.client == client for s in idle):
+                assert got == PER_CLIENT
+                seen.add("per-client refused")
+                continue
+            if not own and len(open_) >= 12 and not idle:
+                assert got == ALL
+                seen.add("refused")
+                continue
+            assert isinstance(got, Slot)
+            if own or len(open_) >= 12:
+                gone = [s for s in open_ if s.writer.closed]
+                assert len(gone) == 1 and gone[0] in idle_since
+                assert gone[0].client == client if own else held[gone[0].client] == most
+                seen.add("own evicted" if own else "evicted")
+                assert idle_since[gone[0]] == min(idle_since[s] for s in idle if s.client == gone[0].client)
+                open_.remove(gone[0])
+                del idle_since[gone[0]]
+            table.idle(got)
+            open_.append(got)
+            idle_since[got] = clock
+            if rng.random() < 0.7:  # its request's head comes at once
+                assert table.busy(got)
+                del idle_since[got]
+        elif open_:
+            slot = rng.choice(open_)
+            if step < 0.8:
+                assert table.busy(slot)
+                idle_since.pop(slot, None)
+            elif step < 0.88:
+                table.idle(slot)
+                idle_since.setdefault(slot, clock)
+            else:
+                table.release(slot)
+                open_.remove(slot)
+                idle_since.pop(slot, None)
+        assert table.count == len(open_) and not any(s.writer.closed for s in open_)
+        assert len(table._heap) <= 2 * 6 + 64 + 1  # stale entries dropped: bounded by the clients, not the steps
+    assert seen == {"per-client refused", "refused", "own evicted", "evicted"}, seen
 
 
 @pytest.mark.parametrize("head", [
@@ -341,7 +531,8 @@ def test_the_connection_cap_leaves_file_descriptors_for_the_rest(monkeypatch):
     ("max_connections", 0, "--http-max-connections"), ("head_timeout_s", 0, "--http-head-timeout"),
     ("body_timeout_s", float("inf"), "--http-body-timeout"), ("stall_timeout_s", -1, "--http-stall-timeout"),
     ("max_openai_body_bytes", 1.5, "--max-http-openai-body-bytes"),
-    ("max_relay_body_bytes", True, "--max-http-relay-body-bytes")])
+    ("max_relay_body_bytes", True, "--max-http-relay-body-bytes"),
+    ("max_connections_per_client", 0, "--http-max-connections-per-client")])
 def test_a_bad_limit_is_refused_naming_its_flag(name, value, flag):
     with pytest.raises(ValueError, match=flag):
         HttpLimits(**{name: value})
@@ -356,6 +547,10 @@ def test_the_flags_make_the_limits():
     got = http_limits_from(p.parse_args(["--http-max-connections", "7", "--http-stall-timeout", "2.5",
                                          "--max-http-openai-body-bytes", "1000"]))
     assert (got.max_connections, got.stall_timeout_s, got.max_openai_body_bytes) == (7, 2.5, 1000)
+    assert got.max_connections_per_client is None and got.per_client(7) == 3
+    assert HttpLimits().per_client(1024) == 512  # `vllm bench serve --max-concurrency 512` from one address
+    got = http_limits_from(p.parse_args(["--http-max-connections-per-client", "2000"]))
+    assert got.max_connections_per_client == 2000 and got.per_client(1024) == 1024  # never above the front's cap
 
 
 def test_a_relayed_answer_nobody_reads_is_ended_after_the_stall_timeout():
@@ -404,6 +599,61 @@ def test_a_relayed_answer_nobody_reads_is_ended_after_the_stall_timeout():
     assert len(hung_up) == 1 and took < 5, (hung_up, took)
 
 
+def test_the_head_bound_is_exact():
+    """A head of 64 KiB, its blank line included, is read; one byte more is answered 431 (h11 alone took a head that
+    completed within the read that passed its bound, up to about twice it)."""
+    from moelink.engine.server.gateway.relay import MAX_HEAD_BYTES
+
+    def head(size: int) -> bytes:
+        start, end = b"GET /version HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-pad: ", b"\r\n\r\n"
+        return start + b"a" * (size - len(start) - len(end)) + end
+
+    def client(front):
+        out = []
+        for size in (MAX_HEAD_BYTES, MAX_HEAD_BYTES + 1):
+            sock = _connect(front)
+            sock.sendall(head(size))
+            out.append(_until_eof(sock))
+        return out
+
+    exact, over = _scenario(client)
+    assert _status(exact) == 200, exact[:200]
+    assert _status(over) == 431 and str(MAX_HEAD_BYTES) in _error(over)["message"], over[:300]
+
+
+def _trickle(front, first: bytes, byte: bytes, every: float, most: float) -> tuple[bytes, float]:
+    """Sends `first`, then `byte` every `every` seconds for at most `most` seconds, until the front answers or
+    closes; (what it sent back, how long that took)."""
+    import select
+
+    sock = _connect(front, timeout=5)
+    sock.sendall(first)
+    start = time.monotonic()
+    while time.monotonic() - start < most:
+        if select.select([sock], [], [], every)[0]:
+            break
+        try:
+            sock.sendall(byte)
+        except OSError:  # closed by the front
+            break
+    return _until_eof(sock, done_sending=False), time.monotonic() - start
+
+
+def test_a_head_or_a_body_trickled_byte_by_byte_is_bounded_as_a_whole():
+    """Issue 95: a slowloris sending one header byte every 0.1 s is closed at the head timeout, counted from the
+    accept for the whole head (not per read); a body dribbled the same way gets 408 at the body timeout."""
+    limits = HttpLimits(head_timeout_s=0.5, body_timeout_s=0.5)
+
+    def client(front):
+        head = _trickle(front, b"GET /version HTTP/1.1\r\nhost: x\r\nx-slow: ", b"a", 0.1, 5)
+        body = _trickle(front, _post_head(b"/v1/completions", 1000, AUTH) + b"{", b" ", 0.1, 5)
+        return head, body
+
+    (head, head_took), (body, body_took) = _scenario(client, limits, completions=_Held())
+    assert head == b"" and head_took < 2, (head, head_took)
+    assert _status(body) == 408 and b"--http-body-timeout" in body and body_took < 2, (body, body_took)
+
+
 def test_a_head_far_over_64_kib_is_answered_431():
     """h11 refuses a head still incomplete past 64 KiB (one that completes within the read that passes it is read)."""
     def client(front):
@@ -443,3 +693,16 @@ def test_a_batch_nobody_reads_holds_no_queue_of_outputs():
 
     before, after = asyncio.run(run())
     assert before == after <= 3 + 3 + 1, (before, after)  # the queue's 3, one blocked put per prompt, the one taken
+
+
+def test_a_client_is_its_ipv4_address_or_its_ipv6_64():
+    """--http-max-connections-per-client counts an IPv4 address (an IPv4-mapped IPv6 one read as it) or an IPv6
+    /64 (a client may send from any address of its /64) as one client; a Unix socket's connections as one."""
+    from moelink.engine.server.gateway.http_admission import client_address
+
+    assert client_address(("127.0.0.1", 5)) == "127.0.0.1"
+    assert client_address(("::ffff:10.0.0.1", 5, 0, 0)) == "10.0.0.1"
+    assert client_address(("2001:db8::1", 5, 0, 0)) == client_address(("2001:db8::ffff:2", 6, 0, 0)) == \
+        "2001:db8::/64"
+    assert client_address(("fe80::1%eth0", 5, 0, 0)) == "fe80::/64"
+    assert client_address("") == client_address(None) == ""

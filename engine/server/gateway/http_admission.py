@@ -1,6 +1,7 @@
-"""How the OpenAI front (http_front.py) admits a connection and reads a request: the connection cap and the file
-descriptors behind it, a request's head read within its deadline and checked for an ambiguous framing, and its body
-read within its deadline and its route's cap (the bounds: http_limits.HttpLimits; issue 95).
+"""How the OpenAI front (http_front.py) admits a connection and reads a request: the connection caps (the front's and
+each client address's, an idle connection closed for a new one at the front's: ConnectionTable) and the file
+descriptors behind them, a request's head read within its deadline and its size and checked for an ambiguous
+framing, and its body read within its deadline and its route's cap (the bounds: http_limits.HttpLimits; issue 95).
 
 The order is the point: the head alone decides whether the body is read at all. The front asks the key and finds
 the route from the head (http_front.HttpFront._from_head), then reads at most the route's cap of body; a 401, 404
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
+import ipaddress
+import itertools
 import logging
 import time
-from typing import Optional
+from collections import OrderedDict
+from typing import Optional, Union
 
 import h11
 
@@ -26,6 +31,9 @@ FD_RESERVE = 512
 # A connection past the cap is answered and then read from for at most this long before it is closed, so that
 # the request it already sent is consumed (closing with unread bytes sends a reset, which may destroy the 503).
 BUSY_LINGER_S = 0.25
+# The listening socket's accept queue: uvicorn's default (vLLM's), not asyncio's 100 (the kernel caps it at
+# net.core.somaxconn).
+ACCEPT_BACKLOG = 2048
 ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message (selector_events._accept_connection)
 
 
@@ -46,7 +54,7 @@ class EveryFew:
         log(message, *args)
 
 
-_busy_log, _accept_log = EveryFew(), EveryFew()
+_busy_log, _client_log, _accept_log, _evict_log = EveryFew(), EveryFew(), EveryFew(), EveryFew()
 
 
 def raise_fd_limit() -> int:
@@ -114,12 +122,157 @@ def raw_answer(status: int, body: bytes) -> bytes:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
-async def refuse_busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cap: int) -> None:
-    """A connection past the cap: 503 in vLLM's shape, then closed (after at most BUSY_LINGER_S of reading)."""
-    _busy_log(logger.warning, "the HTTP front serves %d connections (--http-max-connections): new ones are answered "
-              "503 and closed", cap)
-    writer.write(raw_answer(503, error_body(f"the server has {cap} connections open, its most "
-                                            "(--http-max-connections); retry shortly.", None, 503)))
+def client_address(peername) -> str:
+    """What a connection is counted under for --http-max-connections-per-client: its peer's IPv4 address (an
+    IPv4-mapped IPv6 one read as IPv4), the /64 of an IPv6 one (what one site or host is given: a client may send
+    from any of its 2^64 addresses), or '' (no address: a Unix socket)."""
+    if not isinstance(peername, tuple) or not peername or not isinstance(peername[0], str):
+        return ""
+    host = peername[0]
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # a link-local one may carry its zone
+    except ValueError:
+        return host
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class Slot:
+    """One admitted connection in a ConnectionTable: its client address, its writer (closed when it is evicted)."""
+
+    __slots__ = ("client", "writer", "gone")
+
+    def __init__(self, client: str, writer: asyncio.StreamWriter):
+        self.client, self.writer, self.gone = client, writer, False
+
+
+PER_CLIENT, ALL = "per-client", "all"  # ConnectionTable.admit's refusals
+
+
+class ConnectionTable:
+    """The connections the front serves: at most `most` at once, at most `per_client` from one client address
+    (client_address). A new connection past either takes the place of an idle one, one waiting for a request's head
+    (its first, or the next on a kept connection), never one with a request in flight, closed at once: past its
+    client's cap, that client's own one idle longest; at `most`, the one idle longest of the client holding the
+    most connections. Only when none is idle is the new one refused. Why (issue 95): one keyless client holding
+    every slot with idle connections had everyone else, /health included, answered 503 for up to a head timeout at
+    a time; and a client on the same address as such a one (a probe on the same host) is served the same way.
+
+    Each step is O(log n): a count per client, each client's idle connections in the order they became idle, and a
+    heap of (-connections, client) over the clients with an idle one, its stale entries skipped (and the heap
+    rebuilt when they outnumber the live ones)."""
+
+    def __init__(self, most: int, per_client: int):
+        self.most, self.per_client = most, per_client
+        self.count = 0
+        self._held: dict[str, int] = {}  # client -> its connections
+        self._idle: dict[str, OrderedDict[Slot, None]] = {}  # client -> its idle ones, the longest idle first
+        self._heap: list[tuple[int, int, str]] = []  # (-connections, order, client): clients with an idle one
+        self._order = itertools.count()
+        self.evicted = 0
+
+    def admit(self, client: str, writer: asyncio.StreamWriter) -> Union[Slot, str]:
+        """A Slot for a new connection (an idle one closed first past a cap), or why it is refused: PER_CLIENT (its
+        client holds `per_client`, none idle) or ALL (`most` are open, none idle)."""
+        if self._held.get(client, 0) >= self.per_client:
+            idle = self._idle.get(client)
+            if not idle:
+                return PER_CLIENT
+            self._evict(next(iter(idle)), "--http-max-connections-per-client")
+        if self.count >= self.most and not self._evict_most():
+            return ALL
+        self.count += 1
+        self._held[client] = self._held.get(client, 0) + 1
+        self._push(client)
+        return Slot(client, writer)
+
+    def idle(self, slot: Slot) -> None:
+        """`slot` waits for a request's head: it may be evicted."""
+        if slot.gone:
+            return
+        idle = self._idle.setdefault(slot.client, OrderedDict())
+        idle[slot] = None
+        if len(idle) == 1:
+            self._push(slot.client)
+
+    def busy(self, slot: Slot) -> bool:
+        """`slot` has a request in flight: it is not evicted until idle again. False: it was evicted already (a
+        request read in the same turn of the loop as its eviction): the connection is closed, the request dropped."""
+        if slot.gone:
+            return False
+        self._not_idle(slot)
+        return True
+
+    def release(self, slot: Slot) -> None:
+        """`slot`'s connection ended (its own end, or evicted)."""
+        if slot.gone:
+            return
+        self._not_idle(slot)
+        slot.gone = True
+        self.count -= 1
+        left = self._held[slot.client] - 1
+        if left:
+            self._held[slot.client] = left
+        else:
+            del self._held[slot.client]
+        self._push(slot.client)
+
+    def _not_idle(self, slot: Slot) -> None:
+        idle = self._idle.get(slot.client)
+        if idle is not None:
+            idle.pop(slot, None)
+            if not idle:
+                del self._idle[slot.client]
+
+    def _push(self, client: str) -> None:
+        """A heap entry for `client`'s connections now, if it has an idle one (older entries go stale)."""
+        if client not in self._idle:
+            return
+        heapq.heappush(self._heap, (-self._held[client], next(self._order), client))
+        if len(self._heap) > 2 * len(self._idle) + 64:
+            self._heap = [(-self._held[c], next(self._order), c) for c in self._idle]
+            heapq.heapify(self._heap)
+
+    def _evict_most(self) -> bool:
+        """Close the longest idle connection of the client holding the most with one idle; False if none is."""
+        while self._heap:
+            held, _, client = self._heap[0]
+            idle = self._idle.get(client)
+            if idle is None or self._held.get(client) != -held:
+                heapq.heappop(self._heap)  # stale: that client's count changed, or it has none idle now
+                continue
+            self._evict(next(iter(idle)), "--http-max-connections")
+            return True
+        return False
+
+    def _evict(self, slot: Slot, flag: str) -> None:
+        held = self._held[slot.client]
+        self.release(slot)
+        slot.writer.close()  # its read_head reads EOF and its handler ends
+        self.evicted += 1
+        _evict_log(logger.warning, "the HTTP front closes idle connections for new ones (%s): %s held %d",
+                   flag, slot.client or "a local socket", held)
+
+
+async def refuse_busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cap: int,
+                      client: Optional[str] = None) -> None:
+    """A connection past a cap with none idle to close for it (`client`: its address, past
+    --http-max-connections-per-client; None: past --http-max-connections): 503 in vLLM's shape, naming the flag,
+    then closed (after at most BUSY_LINGER_S of reading). 503, as nginx's limit_conn answers."""
+    if client is None:
+        _busy_log(logger.warning, "the HTTP front serves %d connections (--http-max-connections), none idle: new "
+                  "ones are answered 503 and closed", cap)
+        message = (f"the server has {cap} connections open, its most (--http-max-connections), each with a request "
+                   "in flight; retry shortly.")
+    else:
+        _client_log(logger.warning, "%s holds %d connections to the HTTP front (--http-max-connections-per-client), "
+                    "none idle: its new ones are answered 503 and closed", client or "a local socket", cap)
+        message = (f"this client has {cap} connections open, the most one client may hold "
+                   "(--http-max-connections-per-client), each with a request in flight; retry shortly.")
+    writer.write(raw_answer(503, error_body(message, None, 503)))
     try:
         writer.write_eof()
         await asyncio.wait_for(_drop_until_eof(reader), BUSY_LINGER_S)
@@ -133,17 +286,28 @@ async def _drop_until_eof(reader: asyncio.StreamReader) -> None:
 
 
 async def read_head(conn: h11.Connection, reader: asyncio.StreamReader, idle_s: Optional[float],
-                    head_s: float) -> Optional[tuple[h11.Request, bytes]]:
+                    head_s: float, most: int) -> Optional[tuple[h11.Request, bytes]]:
     """The next request's head (the event, and its bytes as sent), or None when the client left, sent nothing for
     `idle_s` (a kept connection between requests; None: the first request, under `head_s` from now), or did not
-    finish the head within `head_s` of its first byte. h11.RemoteProtocolError: a malformed head."""
+    finish the head within `head_s` of its first byte: one deadline for the whole head, however it trickles in.
+    h11.RemoteProtocolError: a malformed head, or (error_status_hint 431) one over `most` bytes, its blank line
+    included. h11 refuses only a head still incomplete past its max_incomplete_event_size (`most`): one that
+    completed within the read that passed it was taken, up to twice `most`; counted here, the bound is exact."""
     loop = asyncio.get_running_loop()
     seen = bytearray(conn.trailing_data[0])  # a next request already received (pipelined)
     deadline = None if idle_s is not None and not seen else loop.time() + head_s
     while True:
-        event = conn.next_event()  # h11.RemoteProtocolError: malformed, or the client closed halfway through
+        try:
+            event = conn.next_event()  # h11.RemoteProtocolError: malformed, or the client closed halfway through
+        except h11.RemoteProtocolError as e:
+            if e.error_status_hint == 431:  # h11's "Receive buffer too long": said as below
+                raise _head_too_large(most) from None
+            raise
         if isinstance(event, h11.Request):
-            return event, bytes(seen[:len(seen) - len(conn.trailing_data[0])])
+            raw = bytes(seen[:len(seen) - len(conn.trailing_data[0])])
+            if len(raw) > most:
+                raise _head_too_large(most)
+            return event, raw
         if event is not h11.NEED_DATA:  # ConnectionClosed
             return None
         wait = idle_s if deadline is None else deadline - loop.time()
@@ -157,6 +321,10 @@ async def read_head(conn: h11.Connection, reader: asyncio.StreamReader, idle_s: 
             deadline = loop.time() + head_s
         seen += data
         conn.receive_data(data)
+
+
+def _head_too_large(most: int) -> h11.RemoteProtocolError:
+    return h11.RemoteProtocolError(f"the request head is over {most} bytes.", error_status_hint=431)
 
 
 def framing_refusal(raw_head: bytes) -> Optional[str]:
@@ -241,5 +409,6 @@ async def answer_bad_head(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         pass
 
 
-__all__ = ["BUSY_LINGER_S", "FD_RESERVE", "answer_bad_head", "connection_cap", "declares_body", "framing_refusal",
+__all__ = ["ACCEPT_BACKLOG", "ALL", "BUSY_LINGER_S", "FD_RESERVE", "PER_CLIENT", "ConnectionTable", "Slot",
+           "answer_bad_head", "client_address", "connection_cap", "declares_body", "framing_refusal",
            "quiet_accept_failures", "raise_fd_limit", "raw_answer", "read_body", "read_head", "refuse_busy"]

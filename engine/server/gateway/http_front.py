@@ -54,8 +54,9 @@ from typing import Awaitable, Callable, Optional
 import h11
 
 from ..client_identity import CLIENT_ID_HEADER, http_client
-from .http_admission import (EveryFew, answer_bad_head, connection_cap, declares_body, framing_refusal,
-                             quiet_accept_failures, read_body, read_head, refuse_busy)
+from .http_admission import (ACCEPT_BACKLOG, PER_CLIENT, ConnectionTable, EveryFew, Slot, answer_bad_head,
+                             client_address, connection_cap, declares_body, framing_refusal, quiet_accept_failures,
+                             read_body, read_head, refuse_busy)
 from .http_limits import HttpLimits
 # The route tables (re-exported: public_path is this module's public name too).
 from .http_routes import (ENGINE_ROUTES, HEALTH_PATHS, KEYED_ROUTES, LIVENESS_PATH, METRICS_PATH, PING_PATH, PROBES,
@@ -116,11 +117,17 @@ class HttpFront:
         self.keep_alive_s = keep_alive_s()  # a bad VLLM_HTTP_TIMEOUT_KEEP_ALIVE is refused here, at the start
         self.limits = limits if limits is not None else HttpLimits()
         self.max_connections = self.limits.max_connections  # lowered at start() to what the fds allow
+        self.table = ConnectionTable(self.max_connections, self.limits.per_client(self.max_connections))
 
     async def start(self) -> None:
         self.max_connections = connection_cap(self.limits.max_connections)  # raises the soft fd limit first
+        # Each connection's client and whether it waits for a head (evictable) or has a request in flight.
+        self.table = ConnectionTable(self.max_connections, self.limits.per_client(self.max_connections))
         quiet_accept_failures(asyncio.get_running_loop())
-        self._server = await asyncio.start_server(self._serve, self.host.strip("[]"), self.port, limit=MAX_HEAD_BYTES)
+        # backlog: uvicorn's (vLLM's) 2048, not asyncio's 100: a burst of connections (an idle flood, a benchmark's
+        # pool opening) overflowed the accept queue, and a client's SYN dropped there waits 1 s for its retry.
+        self._server = await asyncio.start_server(self._serve, self.host.strip("[]"), self.port, limit=MAX_HEAD_BYTES,
+                                                  backlog=ACCEPT_BACKLOG)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -134,11 +141,17 @@ class HttpFront:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client connection: its requests answered in turn while both sides keep it (HTTP/1.1 keep-alive,
         http_wire.KeptConnection), the wait for each next one at most `keep_alive_s`, each head at most the head
-        timeout. One past the connection cap is answered 503 and closed at once."""
-        if len(self._connections) >= self.max_connections:
+        timeout. One past its client's cap, or past the front's with no idle connection to close in its place
+        (http_admission.ConnectionTable), is answered 503 and closed at once."""
+        client = client_address(writer.get_extra_info("peername"))
+        slot = self.table.admit(client, writer)
+        if not isinstance(slot, Slot):
             self._refusing.add(asyncio.current_task())
             try:
-                await refuse_busy(reader, writer, self.max_connections)
+                if slot == PER_CLIENT:
+                    await refuse_busy(reader, writer, self.table.per_client, client)
+                else:
+                    await refuse_busy(reader, writer, self.max_connections)
             except asyncio.CancelledError:
                 pass  # stop(): ends as a finished task (see below)
             finally:
@@ -150,7 +163,7 @@ class HttpFront:
         conn = KeptConnection(max_incomplete_event_size=MAX_HEAD_BYTES, stall_s=self.limits.stall_timeout_s)
         try:
             idle_s: Optional[float] = None  # the first request: its head within the head timeout of the accept
-            while await self._one(conn, reader, writer, idle_s):
+            while await self._one(conn, reader, writer, idle_s, slot):
                 conn.start_next_cycle()
                 idle_s = self.keep_alive_s
         except asyncio.CancelledError:
@@ -165,17 +178,20 @@ class HttpFront:
             except (Exception, asyncio.CancelledError):
                 writer.transport.abort()
             self._connections.discard(task)
+            self.table.release(slot)
 
     async def _one(self, conn: KeptConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   idle_s: Optional[float]) -> bool:
+                   idle_s: Optional[float], slot: Slot) -> bool:
         """Read and answer one request of the connection; whether it may carry another: both sides done with this
         one through h11 (a relayed answer is copied as smg wrote it, and says `connection: close`), neither closing,
-        the front not stopping."""
+        the front not stopping. Until its head is whole the connection is idle (`slot`: it may be closed for a new
+        one at the connection cap); then busy until its answer ends."""
         head = False
         try:
-            got = await read_head(conn, reader, idle_s, self.limits.head_timeout_s)
-            if got is None:
-                return False  # the client left, stayed idle, or did not finish a head in time
+            self.table.idle(slot)
+            got = await read_head(conn, reader, idle_s, self.limits.head_timeout_s, MAX_HEAD_BYTES)
+            if got is None or not self.table.busy(slot):
+                return False  # the client left, stayed idle, did not finish a head in time, or was evicted
             request, raw = got
             head = request.method == b"HEAD"
             why = framing_refusal(raw)
@@ -203,7 +219,7 @@ class HttpFront:
             # A head (or chunked body) h11 cannot read: 400 (431 for a head too large) and closed, as uvicorn answers
             # it, unless its answer had begun. A client that only half-closed (it may, after its request) reads it;
             # one gone for good does not, and the write fails quietly.
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not slot.gone:  # gone: evicted, closed
                 with contextlib.suppress(Exception):
                     await answer_bad_head(reader, writer, str(e), self.limits.stall_timeout_s,
                                           431 if e.error_status_hint == 431 else 400)
