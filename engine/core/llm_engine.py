@@ -88,6 +88,10 @@ class LLMEngine:
         primary = getattr(self.tokenizer, "eos_token_id", None)
         self._eos_ids = frozenset({primary} if primary is not None else self.eos_token_ids)
         self._eos_stop_ids = frozenset(self.eos_token_ids - self._eos_ids)
+        # The last request's stop set, by the identity of its params' list: a request's n samples share that list
+        # (SamplingParams.sample copies shallowly), so n = 16,384 samples with 1,024 stop ids build one set, not
+        # 16,384 on the engine thread (issue 95 item 3).
+        self._stop_set: tuple[object, bool, frozenset[int]] = (None, False, frozenset())
         self._arrivals = itertools.count()  # arrival numbers of requests that --seed seeds (_seeded)
         self.grammars = GrammarCompilerPool(self.tokenizer, config.model.vocab_size, self.eos_token_ids, config.grammar)
         if config.grammar.prestart and not isinstance(self.tokenizer, NoTokenizer):
@@ -208,13 +212,21 @@ class LLMEngine:
             return  # scheduled once its adapter is in host memory (step_core)
         self._schedule(req)
 
+    def _stop_ids(self, p: SamplingParams) -> frozenset[int]:
+        """The ids that stop a request: its own stop_token_ids and, unless ignore_eos, the non-primary EOS ids."""
+        given, ignore_eos, ids = self._stop_set
+        if given is not p.stop_token_ids or ignore_eos != p.ignore_eos:
+            ids = frozenset(p.stop_token_ids) | (self._eos_stop_ids if not p.ignore_eos else frozenset())
+            self._stop_set = (p.stop_token_ids, p.ignore_eos, ids)  # holds the list: its id is not reused
+        return ids
+
     def _schedule(self, req: ProcessedRequest) -> None:
         """Put a validated request in a rank's scheduler."""
         p = req.params
         sched_req = Request(
             req.request_id, req.prompt_token_ids, p, max_tokens=req.max_tokens,
             eos_token_ids=self._eos_ids, ignore_eos=p.ignore_eos,
-            stop_token_ids=frozenset(p.stop_token_ids) | (self._eos_stop_ids if not p.ignore_eos else frozenset()),
+            stop_token_ids=self._stop_ids(p),
             min_tokens=p.min_tokens, client=req.client,
             cache_salt=req.cache_salt, lora_id=req.lora.lora_int_id if req.lora is not None else 0, lora=req.lora,
             multimodal=req.multimodal, must_load=req.must_load,

@@ -219,18 +219,25 @@ class SamplingMetadata:
                           eos_token_ids: set[int], device: torch.device) -> None:
         """Block a row's stop ids and EOS while it has fewer than min_tokens outputs (those still on the device
         included: `num_pending`)."""
-        blocked = [
-            (i, t)
-            for i, p in enumerate(params)
-            if p.min_tokens and num_outputs[i] + (num_pending[i] if num_pending else 0) < p.min_tokens
+        rows = [i for i, p in enumerate(params)
+                if p.min_tokens and num_outputs[i] + (num_pending[i] if num_pending else 0) < p.min_tokens]
+        if not rows:
+            return
+        # Per row, numpy rather than a Python set of up to --max-stop-token-ids ids: this runs every step while a
+        # row's min_tokens is unmet, on the rank's host thread (issue 95 item 3).
+        eos_N = np.fromiter(eos_token_ids, dtype=np.int64, count=len(eos_token_ids))
+        per_row = []
+        for i in rows:
+            p = params[i]
+            stop_N = np.asarray(p.stop_token_ids, dtype=np.int64).reshape(-1)
             # vLLM: with ignore_eos, eos does not stop, so there is nothing to hold back.
-            for t in sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids)))
-            if 0 <= t < self.vocab_size
-        ]
-        if blocked:
-            rows, ids = zip(*blocked)
-            self.min_tokens_rows_M = to_device(rows, torch.long, device)
-            self.min_tokens_ids_M = to_device(ids, torch.long, device)
+            ids_N = np.unique(stop_N if p.ignore_eos else np.concatenate([stop_N, eos_N]))
+            per_row.append(ids_N[(ids_N >= 0) & (ids_N < self.vocab_size)])
+        counts = [len(ids) for ids in per_row]
+        if sum(counts):
+            self.min_tokens_rows_M = to_device(np.repeat(np.asarray(rows, dtype=np.int64), counts), torch.long,
+                                               device)
+            self.min_tokens_ids_M = to_device(np.concatenate(per_row), torch.long, device)
 
     def _build_grammar(self, grammar_bitmasks: Optional[list[Optional[bytes]]], device: torch.device) -> None:
         if grammar_bitmasks is not None and any(m is not None for m in grammar_bitmasks):

@@ -59,3 +59,20 @@ def test_stop_strings_ignored_until_min_tokens(tiny_model):
     stop = first.strip()[:1]
     out = llm.generate([[7, 8, 9]], SamplingParams(stop=[stop], min_tokens=4, **greedy), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) > 4, (first, out)
+
+
+def test_a_requests_samples_share_one_stop_set():
+    """The n samples of a request share its stop_token_ids list (SamplingParams.sample copies shallowly): the engine
+    builds their stop set once, not once per sample on the engine thread (issue 95 item 3), and a request with
+    another list or ignore_eos gets its own."""
+    from types import SimpleNamespace
+
+    from moelink.engine.core.llm_engine import LLMEngine
+
+    eng = SimpleNamespace(_eos_stop_ids=frozenset({5}), _stop_set=(None, False, frozenset()))
+    params = SamplingParams(n=3, stop_token_ids=list(range(100, 1124)))
+    sets = [LLMEngine._stop_ids(eng, params.sample(i)) for i in range(3)]
+    assert sets[0] == frozenset(range(100, 1124)) | {5}
+    assert sets[1] is sets[0] and sets[2] is sets[0]  # one set for the request
+    other = SamplingParams(stop_token_ids=[7], ignore_eos=True)
+    assert LLMEngine._stop_ids(eng, other) == frozenset({7})
