@@ -195,6 +195,22 @@ def test_chat_and_generate_answers_are_budgeted_too():
               stream=True)
 
 
+def test_generate_budgets_the_routed_experts():
+    """return_routed_experts adds base64 int32 ids per position (prompt and output) x MoE layers x top_k to each
+    sample's answer: 48 layers x top-8 is 2 KiB a token, so n=16 x 5,000 tokens is 164 MB though it asks no
+    logprobs."""
+    from moelink.engine.server.gateway.generate_request import routed_bytes_per_token
+
+    serving = _serving()
+    serving.info.model = SimpleNamespace(sparse_layers=tuple(range(48)), top_k=8)
+    sp = {"n": 16, "max_new_tokens": 5000, "temperature": 1.0}
+    _generate(serving, sampling_params=sp)  # without the experts: a few MB
+    _refused(lambda: _generate(serving, input_ids=[1, 2, 3], sampling_params=sp, return_routed_experts=True),
+             "sampling_params.max_new_tokens", "--max-answer-bytes", "return_routed_experts=true")
+    req = _generate(serving, sampling_params={"max_new_tokens": 8}, return_routed_experts=True)
+    assert routed_bytes_per_token(serving, req) == (4 * 48 * 8 * 4 + 2) // 3
+
+
 # -- Unicode: a lone surrogate is a 400 naming the field, never a 500 ------------------------------------------------
 @pytest.mark.parametrize("body, field", [
     (b'{"prompt": "x", "bad_words": ["ok", "\\ud800"]}', "bad_words[1]"),

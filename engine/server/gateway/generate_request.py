@@ -108,26 +108,43 @@ def read_request(body: bytes, serving) -> GenerateRequest:
                   for i, p in enumerate(prompts))
     req = GenerateRequest(items, n, not batch and n == 1, json_flag(data, "stream"), None if start == -1 else start)
     if not req.stream:  # what is known before tokenizing (a text prompt counts 1 token); the route checks it again
-        check_answer(serving.limits, req, [len(p.prompt) if isinstance(p.prompt, list) else 1 for p in items])
+        check_answer(serving.limits, req, [len(p.prompt) if isinstance(p.prompt, list) else 1 for p in items],
+                     routed_bytes_per_token(serving, req))
     return req
 
 
-def check_answer(limits, req: GenerateRequest, prompt_lens: list) -> None:
+def routed_bytes_per_token(serving, req: GenerateRequest) -> int:
+    """The bytes `meta_info.routed_experts` takes per position (base64 of int32 ids, top_k per MoE layer) when a
+    prompt of `req` asks for them, else 0."""
+    if not any(p.params.return_routed_experts for p in req.prompts):
+        return 0
+    model = serving.info.model
+    return (4 * len(model.sparse_layers) * model.top_k * 4 + 2) // 3
+
+
+def check_answer(limits, req: GenerateRequest, prompt_lens: list, routed_per_token: int = 0) -> None:
     """A non-streamed answer's estimated size against --max-answer-bytes (answer_budget.py): per prompt its n
-    samples' max_new_tokens with their logprobs, and its input_token_logprobs once (sample 0's)."""
+    samples' max_new_tokens with their logprobs, and its input_token_logprobs once (sample 0's); with
+    return_routed_experts, every sample's routed experts over its prompt and output positions
+    (`routed_per_token` bytes each: routed_bytes_per_token), which a 48-layer, top-8 model makes 2 KiB a token."""
     output = prompt = 0
     for p, length in zip(req.prompts, prompt_lens):
         start = req.logprob_start or 0
-        est = answer_budget.estimate([max(length - start, 0)], req.n, p.params.max_tokens or 1,
+        max_new = p.params.max_tokens or 1
+        est = answer_budget.estimate([max(length - start, 0)], req.n, max_new,
                                      answer_budget.GENERATE_LOGPROB, p.params.logprobs,
                                      p.params.logprobs if req.logprob_start is not None else None,
                                      prompt_entries_per_choice=False)
         output, prompt = output + est.output, prompt + est.prompt
+        if p.params.return_routed_experts:
+            output += req.n * max_new * routed_per_token
+            prompt += req.n * length * routed_per_token
     top = req.prompts[0].params.logprobs
     fields = (f"{len(req.prompts)} prompt(s) of {sum(prompt_lens)} tokens x n={req.n}, max_new_tokens "
               f"{max(p.params.max_tokens or 1 for p in req.prompts)}, return_logprob={str(top is not None).lower()}, "
               f"top_logprobs_num={top or 0}, logprob_start_len="
-              f"{-1 if req.logprob_start is None else req.logprob_start}")
+              f"{-1 if req.logprob_start is None else req.logprob_start}"
+              + (", return_routed_experts=true" if any(p.params.return_routed_experts for p in req.prompts) else ""))
     answer_budget.check(limits, answer_budget.Estimate(output, prompt), fields,
                         params=("sampling_params.max_new_tokens", "logprob_start_len"))
 
@@ -341,4 +358,5 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-__all__ = ["FIELDS", "GenerateRequest", "Prompt", "SAMPLING", "check_answer", "read_request"]
+__all__ = ["FIELDS", "GenerateRequest", "Prompt", "SAMPLING", "check_answer", "read_request",
+           "routed_bytes_per_token"]

@@ -43,7 +43,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from ...contract.safe_text import shown
 from ..client_identity import client_scope
-from .generate_request import GenerateRequest, check_answer, read_request
+from .generate_request import GenerateRequest, check_answer, read_request, routed_bytes_per_token
 from .http_wire import error_body
 from .json_body import json_flag, json_object, off_loop
 from .openai_fields import HttpFieldError
@@ -123,7 +123,8 @@ class GenerateRoute:
             processed.append(one)
             await asyncio.sleep(0)  # a short prompt is checked on the loop: other streams move between prompts
         if not req.stream:  # the answer's size with the prompts' token counts, before anything runs
-            check_answer(self.s.limits, req, [len(one.prompt_token_ids) for one in processed])
+            check_answer(self.s.limits, req, [len(one.prompt_token_ids) for one in processed],
+                         routed_bytes_per_token(self.s, req))
         return await admit_runs(self.s, [p.rid for p in req.prompts], processed, req.n, client, scope)
 
     async def _abort(self, body: bytes, scope: str) -> tuple[int, bytes]:
