@@ -157,6 +157,49 @@ class TopKSoftmaxRouter:
         return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
 
 
+@dataclass(frozen=True)
+class SparseMixerRouter:
+    """Phi-3.5-MoE's SparseMixer (transformers' `sparsemixer` in eval mode; arXiv 2409.12136): at inference its
+    sampled choices are argmaxes and its gradient estimator is gone, which leaves two picks from the logits s:
+    1. pick e1 = argmax s; its weight is softmax(s masked)[e1], the mask leaving out every expert j with
+       (s[e1] - s[j]) / max(|s[j]|, s[e1]) > 2 * jitter_eps;
+    2. with s[e1] set to -inf, pick e2 = the argmax of the rest; its weight is softmax(those masked)[e2], the mask
+       leaving out every j with (s[e2] - s[j]) / max(|s[j]|, s[e2]) > 2 * jitter_eps (e1 stays out).
+    Neither weight is renormalised against the other. The logits' dtype throughout, as transformers computes it
+    (the gate runs in the model dtype); weights float32, or float64 for float64 logits (transformers keeps them
+    in the logits' dtype). Plain torch: this is the scheme's reference and its implementation on every device."""
+
+    top_k: int
+    jitter_eps: float
+    float32_logits: bool = False
+    needs_bias: ClassVar[bool] = False
+
+    def route_args(self) -> None:
+        """None: the fused router op has no SparseMixer method (the layer calls this router)."""
+        return None
+
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights_TK, ids_TK int64), K = 2."""
+        _no_bias(self, bias_G)
+        s_TG = router_logits_TG
+        w1_T1, e1_T1 = _sparsemixer_pick(s_TG, s_TG, self.jitter_eps)
+        rest_TG = torch.scatter(s_TG, -1, e1_T1, float("-inf"))
+        w2_T1, e2_T1 = _sparsemixer_pick(rest_TG, s_TG, self.jitter_eps)
+        weights_TK = torch.cat([w1_T1, w2_T1], dim=-1)
+        return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), torch.cat([e1_T1, e2_T1], -1)
+
+
+def _sparsemixer_pick(masked_TG: torch.Tensor, s_TG: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SparseMixer pick: the argmax of `masked_TG` (the logits with earlier picks at -inf) and its weight, the
+    softmax over the experts whose logit (in `s_TG`) is within the relative distance 2 * eps of the pick's."""
+    top_T1, ids_T1 = masked_TG.max(dim=-1, keepdim=True)
+    factor_TG = s_TG.abs().clamp(min=top_T1)
+    out_TG = ((top_T1 - s_TG) / factor_TG) > (2 * eps)
+    gates_TG = torch.softmax(masked_TG.masked_fill(out_TG, float("-inf")), dim=-1)
+    return gates_TG.gather(-1, ids_T1), ids_T1
+
+
 def _no_bias(router, bias_G) -> None:
     if bias_G is not None:
         raise ValueError(f"{type(router).__name__} takes no e_score_correction_bias: only "
@@ -174,6 +217,8 @@ def make_router(cfg: RouterConfig) -> Router:
                                          cfg.routed_scaling_factor, cfg.float32_logits)
     if cfg.topk_method == "topk_softmax":
         return TopKSoftmaxRouter(cfg.top_k, cfg.float32_logits)
+    if cfg.topk_method == "sparsemixer":  # Phi-3.5-MoE
+        return SparseMixerRouter(cfg.top_k, cfg.jitter_eps, cfg.float32_logits)
     if cfg.topk_method == "noaux_tc":  # softmax scores, selected with a correction bias (LongCat-Flash)
         return SoftmaxBiasedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                    cfg.routed_scaling_factor, cfg.float32_logits)

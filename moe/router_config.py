@@ -8,8 +8,10 @@ from dataclasses import dataclass
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 # Which `topk_method`s go with each `scoring_func` (DeepSeek-V2: softmax; DeepSeek-V3 / GLM-4-MoE: sigmoid;
 # DeepSeek-V4: sqrt(softplus), selected with a correction bias, one group: moe/token_routers.py).
-# "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router.
-TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax", "noaux_tc"), "sigmoid": ("noaux_tc",),
+# "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router; nor is
+# "sparsemixer": the PhiMoE reader names it for Phi-3.5-MoE's SparseMixer routing.
+TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax", "noaux_tc", "sparsemixer"),
+                "sigmoid": ("noaux_tc",),
                 "sqrtsoftplus": ("noaux_tc",)}
 _GROUPED = ("group_limited_greedy", "noaux_tc")
 
@@ -31,7 +33,10 @@ class RouterConfig:
     of the logits, then a softmax over those k alone; norm_topk_prob must be true); "sigmoid" with "noaux_tc"
     (DeepSeek-V3, GLM-4-MoE: selection on scores + e_score_correction_bias, groups ranked by the sum of
     their top-2); "softmax" with "noaux_tc" (LongCat-Flash: the same selection on softmax scores over every expert,
-    zero-computation ones included). n_group / topk_group apply to the grouped methods only. norm_topk_prob renormalises the
+    zero-computation ones included); "softmax" with "sparsemixer" (Phi-3.5-MoE's SparseMixer at inference: two
+    picks, each the best remaining logit, weighted by a softmax over the logits within `jitter_eps` of it:
+    moe/router.SparseMixerRouter; top_k 2, never renormalised nor scaled). n_group / topk_group apply to the
+    grouped methods only. norm_topk_prob renormalises the
     k weights to sum to 1; routed_scaling_factor multiplies them after that. float32_logits: the gate
     matmul runs in float32 whatever the model dtype (transformers' DeepSeek-V2/V3 and GLM-4-MoE).
     """
@@ -45,6 +50,9 @@ class RouterConfig:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     float32_logits: bool = False
+    # sparsemixer only: config.json's router_jitter_noise, which at inference is the relative distance from a pick's
+    # logit (2 * jitter_eps) beyond which an expert is left out of that pick's softmax.
+    jitter_eps: float = 0.0
 
     def __post_init__(self) -> None:
         G, K = self.num_experts, self.top_k
@@ -67,9 +75,25 @@ class RouterConfig:
             raise ValueError(f"RouterConfig float32_logits={self.float32_logits!r} must be a bool.")
         if self.topk_method in _GROUPED:
             self._check_groups()
+        if self.topk_method == "sparsemixer":
+            self._check_sparsemixer()
+        elif self.jitter_eps != 0.0:
+            raise ValueError(f"RouterConfig jitter_eps={self.jitter_eps!r} applies to topk_method='sparsemixer' only.")
         if self.topk_method == "topk_softmax" and (not self.norm_topk_prob or self.routed_scaling_factor != 1.0):
             raise ValueError("RouterConfig topk_method='topk_softmax' is a softmax over the k chosen logits: it needs "
                              "norm_topk_prob=True and routed_scaling_factor=1.0.")
+
+    def _check_sparsemixer(self) -> None:
+        if self.top_k != 2:  # transformers' sparsemixer makes exactly two picks, whatever num_experts_per_tok says
+            raise _bad("num_experts_per_tok", self.top_k, "SparseMixer routing (PhiMoE) picks exactly 2 experts")
+        if self.num_experts < 2:
+            raise _bad("num_local_experts", self.num_experts, "SparseMixer routing (PhiMoE) needs at least 2 experts")
+        if self.norm_topk_prob or self.routed_scaling_factor != 1.0:
+            raise ValueError("RouterConfig topk_method='sparsemixer' weighs each pick by its own masked softmax: it "
+                             "needs norm_topk_prob=False and routed_scaling_factor=1.0.")
+        e = self.jitter_eps
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (math.isfinite(e) and e >= 0):
+            raise _bad("router_jitter_noise", e, "must be a finite number >= 0")
 
     def _check_groups(self) -> None:
         G, K, P, TP = self.num_experts, self.top_k, self.n_group, self.topk_group

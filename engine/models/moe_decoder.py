@@ -93,6 +93,9 @@ class MoEDecoderForCausalLM(nn.Module):
             self.embed_tokens if cfg.tie_word_embeddings and self.head_block.tieable
             else nn.Parameter(torch.zeros(rows, cfg.hidden_size, dtype=head_dtype, device=device), requires_grad=False)
         )
+        # The head's bias where the head kind names one (Head.lm_head_bias_name): this rank's rows, as the head's.
+        self.lm_head_bias = (nn.Parameter(torch.zeros(rows, dtype=head_dtype, device=device), requires_grad=False)
+                             if self.head_block.lm_head_bias_name else None)
         self.checkpoint = CHECKPOINT.get(spec.checkpoint)
         # Per attention kind with per-sequence state, what it does around a verify step (blocks/attention.py).
         self.state_hooks = []
@@ -212,7 +215,7 @@ class MoEDecoderForCausalLM(nn.Module):
         """[S, V] on every rank (under TP each rank's vocab shard, all-gathered: every rank samples the same)."""
         if h_SD.dtype != self.lm_head.dtype:  # a float32 head: Head.lm_head_float32
             h_SD = h_SD.to(self.lm_head.dtype)
-        return self.vocab.logits(h_SD, self.lm_head)
+        return self.vocab.logits(h_SD, self.lm_head, self.lm_head_bias)
 
     # -- checkpoint mapping ---------------------------------------------------
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:
@@ -227,6 +230,8 @@ class MoEDecoderForCausalLM(nn.Module):
         plan: WeightPlan = {"model.embed_tokens.weight": self.vocab.plan_entry(self.embed_tokens)}
         if self.lm_head is not self.embed_tokens:
             plan[self.head_block.lm_head_name] = self.vocab.plan_entry(self.lm_head)
+        if self.lm_head_bias is not None:
+            plan[self.head_block.lm_head_bias_name] = self.vocab.plan_entry(self.lm_head_bias)
         plan.update(self.head_block.weight_plan())
         for i, layer in enumerate(self.layers):
             plan.update(layer.weight_plan(f"model.layers.{i}.", i, cfg, self.spec, self.expert_ids, names))

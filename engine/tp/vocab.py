@@ -47,9 +47,9 @@ class VocabShard:
         x_TD = F.embedding(local_T.clamp(0, self.rows - 1), table_VsD) * mine_T[:, None].to(table_VsD.dtype)
         return self.tp.all_reduce(x_TD)
 
-    def logits(self, h_SD: torch.Tensor, head_VsD: torch.Tensor) -> torch.Tensor:
-        """[S, V] logits, the same on every rank of the group."""
-        logits_SVs = F.linear(h_SD, head_VsD)
+    def logits(self, h_SD: torch.Tensor, head_VsD: torch.Tensor, bias_Vs: torch.Tensor | None = None) -> torch.Tensor:
+        """[S, V] logits, the same on every rank of the group; `bias_Vs`: the head's bias, this rank's rows."""
+        logits_SVs = F.linear(h_SD, head_VsD, bias_Vs)
         if self.tp is None:
             return logits_SVs
         return self.tp.all_gather_last(logits_SVs)[:, : self.vocab_size]

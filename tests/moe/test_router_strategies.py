@@ -143,8 +143,10 @@ def test_bias_refused_by_a_router_without_one():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(scoring_func="tanh"), r"scoring_func='tanh' is not supported: choose from softmax, sigmoid"),
-    (dict(topk_method="sparsemixer"), r"topk_method='sparsemixer' is not supported: with scoring_func='softmax' choose from greedy, "
-                                     r"group_limited_greedy, topk_softmax, noaux_tc"),
+    (dict(topk_method="expert_choice"), r"topk_method='expert_choice' is not supported: with scoring_func='softmax' choose "
+                                       r"from greedy, group_limited_greedy, topk_softmax, noaux_tc, sparsemixer"),
+    (dict(topk_method="sparsemixer"), r"num_experts_per_tok=3 is not supported: SparseMixer routing \(PhiMoE\) picks "
+                                     r"exactly 2 experts"),
     (dict(scoring_func="sigmoid", topk_method="greedy"), r"topk_method='greedy' .* choose from noaux_tc"),
     (dict(topk_method="group_limited_greedy", n_group=5), r"n_group=5 .* divides the 12 routed experts"),
     (dict(topk_method="group_limited_greedy", n_group=4, topk_group=5), r"topk_group=5 .* \[1, n_group=4\]"),

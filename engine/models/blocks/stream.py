@@ -51,6 +51,9 @@ class Head(ABC):
     # The LM head held and run in float32 under a half-precision model, as transformers keeps it for some families
     # (Hunyuan Hy4's _keep_in_fp32_modules_strict: logits from float32 weights and float32 hidden states).
     lm_head_float32 = False
+    # The LM head's bias tensor in the checkpoint, where the family has one (PhiMoE's lm_head.bias, config.json's
+    # lm_head_bias): the decoder holds it beside the head and adds it to the logits. "" (most): no bias.
+    lm_head_bias_name = ""
 
     @abstractmethod
     def finish(self, state: StreamState) -> torch.Tensor:
