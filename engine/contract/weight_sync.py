@@ -177,8 +177,14 @@ class DistributedUpdate:
     # The most old bytes each rank keeps to roll the update back if it fails (0: no rollback; a failure part way then
     # leaves the buckets written before it).
     rollback_bytes: int = DEFAULT_ROLLBACK_BYTES
+    # vLLM's packed broadcast (NCCLWeightTransferEngine, `packed: true`): each bucket arrives as one uint8 buffer of
+    # its tensors' bytes back to back, a bucket closed by the tensor that takes it past bucket_bytes (vLLM's
+    # packed_buffer_size_bytes); False: each tensor broadcast whole, a bucket at most bucket_bytes (SGLang's).
+    packed: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.packed, bool):
+            raise ValueError(f"packed={self.packed!r} is invalid: must be true or false.")
         if isinstance(self.bucket_bytes, bool) or not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1:
             raise ValueError(f"bucket_bytes={self.bucket_bytes!r} is invalid: must be a positive integer.")
         check_rollback_bytes(self.rollback_bytes)
@@ -186,12 +192,17 @@ class DistributedUpdate:
             raise ValueError("names is empty: an update names at least one tensor.")
 
     def buckets(self) -> list[list[int]]:
-        """The tensors' indices grouped in order, each group's bytes at most bucket_bytes (a larger tensor alone)."""
+        """The tensors' indices grouped in order, each group's bytes at most bucket_bytes (a larger tensor alone);
+        packed, vLLM's grouping (a group ends with the tensor that takes it past bucket_bytes)."""
         out: list[list[int]] = []
         size = 0
         for i, (_, dtype, shape) in enumerate(self.tensors):
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            if not out or size + nbytes > self.bucket_bytes:
+            if self.packed:  # vLLM's packing: the bucket takes tensors until its bytes pass the bound
+                if not out or size > self.bucket_bytes:
+                    out.append([])
+                    size = 0
+            elif not out or size + nbytes > self.bucket_bytes:
                 out.append([])
                 size = 0
             out[-1].append(i)

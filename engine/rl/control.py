@@ -270,14 +270,16 @@ class RLControl:
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name: str = "weight_update_group",
                                         flush_cache: bool = True, weight_version: str | None = None,
                                         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                                        rollback_bytes: int | None = None) -> dict:
+                                        rollback_bytes: int | None = None, packed: bool = False) -> dict:
         """Receive the tensors the trainer broadcasts (rank 0 of `group_name`, each tensor whole, in the order of
         `names`) on every rank, a bucket of at most `bucket_bytes` at a time, each rank writing the parts it holds
         in place. Checked against the served checkpoint before the trainer is listened to. All or nothing: each
         rank saves the bytes it overwrites (at most `rollback_bytes` of host memory; 0: no rollback; None:
         `_rollback_limit`'s default), and an update that fails on any rank is rolled back on every rank
         (engine/rl/rank/rollback.py). As the other updates
-        otherwise (refusals, cache flush, weight_version); {"bytes_read", "seconds", "weight_version"}."""
+        otherwise (refusals, cache flush, weight_version); {"bytes_read", "seconds", "weight_version"}. `packed`:
+        the trainer sends vLLM's packed broadcast (each bucket one uint8 buffer, `bucket_bytes` its
+        packed_buffer_size_bytes: engine/contract/weight_sync.DistributedUpdate)."""
         self.check_enabled("update_weights_from_distributed")
         from .weights import check_tensor_specs
 
@@ -288,11 +290,11 @@ class RLControl:
         self._check_update_allowed(flush_cache)
         specs, requantize = check_tensor_specs(*self._checkpoint(), names, dtypes, shapes)
         DistributedUpdate(group_name, specs, bucket_bytes, requantize,  # the fields' checks, before any rank
-                          0 if rollback_bytes is None else rollback_bytes)
+                          0 if rollback_bytes is None else rollback_bytes, packed)
         quantized = dict(requantize)  # a float weight sent for a quantized one writes the served parts it becomes
         rollback_bytes = self._rollback_limit(tuple(sorted({part for n, _, _ in specs for part in (
             quantized[n].names if n in quantized else (n,))})), rollback_bytes)
-        update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes)
+        update = DistributedUpdate(group_name, specs, bucket_bytes, requantize, rollback_bytes, packed)
         t0 = time.perf_counter()
         self._host.drain_for_update()
         self._before_write()

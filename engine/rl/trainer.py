@@ -38,6 +38,25 @@ class TrainerGroup:
             sent += t.numel() * t.element_size()
         return sent
 
+    def broadcast_packed(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], buffer_bytes: int) -> int:
+        """vLLM's packed broadcast (NCCLWeightTransferEngine.trainer_send_weights with packed=True): the tensors'
+        bytes back to back in uint8 buffers, each closed by the tensor that takes it past `buffer_bytes` (the
+        update's packed_buffer_size_bytes); the bytes sent. For an update called with packed=True."""
+        import torch
+
+        sent, parts, size = 0, [], 0
+        items = list(named_tensors)
+        for k, (_, t) in enumerate(items):
+            flat = t.detach().contiguous().view(-1).view(torch.uint8)
+            parts.append(flat)
+            size += flat.numel()
+            if size > buffer_bytes or k == len(items) - 1:
+                buf = torch.cat(parts)
+                self.group.broadcast(buf, 0).wait()
+                sent += buf.numel()
+                parts, size = [], 0
+        return sent
+
     def close(self) -> None:
         """Leave the group (its store goes with it)."""
         self.group = self._store = None

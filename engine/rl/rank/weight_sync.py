@@ -162,9 +162,8 @@ class UpdateGroups:
         failed: DistributedUpdateResult | None = None
         for bucket in update.buckets():
             tensors: dict[str, torch.Tensor] = {}
-            for i in bucket:
-                name, dtype, shape = update.tensors[i]
-                buf = torch.empty(shape, dtype=dtype, device=on)
+            # packed (vLLM's): the bucket is one uint8 buffer, received whole, then cut into its tensors
+            for i, name, buf in (_packed(update, bucket, on) if update.packed else _whole(update, bucket, on)):
                 try:
                     group.broadcast(buf, 0).wait()
                 except Exception as exc:  # the trainer died or went silent: this group is done
@@ -175,7 +174,10 @@ class UpdateGroups:
                     return self._failed(undo, received, written, why, group_lost=True)
                 received += buf.numel() * buf.element_size()
                 if failure is None:  # after a failure the rest is received and dropped (the trainer's broadcast ends)
-                    tensors[name] = buf
+                    if update.packed:
+                        tensors.update(_unpacked(update, bucket, buf))
+                    else:
+                        tensors[name] = buf
             if failure is not None:
                 continue
             try:
@@ -210,6 +212,34 @@ class UpdateGroups:
         if error is not None:
             why = f"{why}; {error}"
         return DistributedUpdateResult(received, written, why, rolled_back=rolled, group_lost=group_lost)
+
+
+def _whole(update: DistributedUpdate, bucket: list[int], on: torch.device):
+    """Each tensor of the bucket, broadcast whole: (index, name, its receive buffer)."""
+    for i in bucket:
+        name, dtype, shape = update.tensors[i]
+        yield i, name, torch.empty(shape, dtype=dtype, device=on)
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def _packed(update: DistributedUpdate, bucket: list[int], on: torch.device):
+    """The bucket as vLLM's packed broadcast sends it: one uint8 buffer of its tensors' bytes back to back."""
+    total = sum(_nbytes(update.tensors[i][1], update.tensors[i][2]) for i in bucket)
+    yield bucket[0], update.tensors[bucket[0]][0], torch.empty(total, dtype=torch.uint8, device=on)
+
+
+def _unpacked(update: DistributedUpdate, bucket: list[int], buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A packed bucket's buffer cut into its tensors (each its own contiguous copy of its bytes)."""
+    out, at = {}, 0
+    for i in bucket:
+        name, dtype, shape = update.tensors[i]
+        size = _nbytes(dtype, shape)
+        out[name] = buf[at:at + size].clone().view(dtype).view(shape)
+        at += size
+    return out
 
 
 def _check_nan(tensors: dict[str, torch.Tensor], requantized: set[str]) -> None:

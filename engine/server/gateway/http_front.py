@@ -64,6 +64,7 @@ from .http_routes import (ENGINE_ROUTES, HEALTH_PATHS, KEYED_ROUTES, LIVENESS_PA
 from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, ClientStalled, KeptConnection,
                         answer_watched, error_body, header_of, keep_alive_s, refuse_unread, write_answer)
 from .generate_route import GENERATE_PATH
+from .vllm_token_generate import PATHS as TOKEN_GENERATE_PATHS
 from .json_body import INLINE_BODY_BYTES
 from .openai_fields import ADAPTER_PATHS, CHAT_PATH, COMPLETIONS_PATH, HttpFieldError, refuse_too_deep, rewrite
 from .quirks import needs_key
@@ -336,7 +337,8 @@ class HttpFront:
                 if answering is not None:
                     await answer_watched(conn, writer, reader, answering, head_only=head)
                     return True
-            if path == GENERATE_PATH:  # generation: a client that leaves ends it (generate_route.py)
+            # generation (/generate, vLLM's token-in/token-out generate): a client that leaves ends it
+            if path == GENERATE_PATH or path in TOKEN_GENERATE_PATHS:
                 await answer_watched(conn, writer, reader, self.local.answer(method, path, body, query, client=client),
                                      head_only=head)
                 return True

@@ -11,6 +11,8 @@ from .http_limits import HttpLimits
 from .http_wire import error_body
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH
 from .rl_routes import PATHS as RL_PATHS
+from .vllm_rl_routes import PATHS as VLLM_RL_PATHS
+from .vllm_token_generate import PATHS as TOKEN_GENERATE_PATHS
 
 # The body cap of a request that has none to give (GET, DELETE, the probes, /version, /v1/models): a client may
 # send `{}`, nothing that needs more.
@@ -24,7 +26,7 @@ PUBLIC_ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/r
                  "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/classify", "/v1/tokenize", "/v1/detokenize",
                  "/v1beta/interactions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health",
                  "/health_generate", "/liveness", "/readiness", "/tokenize", "/detokenize", "/version",
-                 "/ping") + GENERATE_PATHS + RL_PATHS
+                 "/ping") + GENERATE_PATHS + RL_PATHS + VLLM_RL_PATHS + TOKEN_GENERATE_PATHS
 PROBES = ("/health", "/health_generate", "/readiness", "/ping")
 LIVENESS_PATH = "/liveness"  # 503 only once the engine died (health.py engine_down), not while smg restarts
 VERSION_PATH = "/version"
@@ -32,10 +34,10 @@ PING_PATH = "/ping"  # vLLM's (SageMaker's) probe, GET or POST: /health
 HEALTH_PATHS = ("/health", PING_PATH)  # answered here as vLLM answers them: 200, an empty body
 # Answered only where the engine is beside the front: vLLM's tokenizer routes, and the RL control routes
 # (rl_routes.py: never relayed, smg's own /flush_cache is its control plane's).
-ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS
+ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS + VLLM_RL_PATHS + TOKEN_GENERATE_PATHS
 # Routes outside /v1 that still ask the API key: the RL control routes, SGLang's /generate (a data route) and
-# /abort_request.
-KEYED_ROUTES = GENERATE_PATHS + RL_PATHS
+# /abort_request, vLLM's weight-transfer routes and token-in/token-out generate (SkyRL's, prime-rl's).
+KEYED_ROUTES = GENERATE_PATHS + RL_PATHS + VLLM_RL_PATHS + TOKEN_GENERATE_PATHS
 METRICS_PATH = b"/metrics"
 # vLLM's routes whose JSON this process parses, and smg's tokenizer routes: --max-http-openai-body-bytes.
 OPENAI_BODY_PATHS = (COMPLETIONS_PATH, CHAT_PATH, "/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize")
@@ -61,7 +63,7 @@ def body_limit(request: h11.Request, limits: HttpLimits, local) -> tuple[int, st
 
 def no_engine_body(path: str) -> bytes:
     """The 404 of an engine route on a front before a gateway started by hand (`moelink http-front`)."""
-    if path in RL_PATHS or path in GENERATE_PATHS:
+    if path in RL_PATHS or path in GENERATE_PATHS or path in VLLM_RL_PATHS or path in TOKEN_GENERATE_PATHS:
         return error_body(f"{path} is answered by `moelink serve`'s own HTTP front, beside the engine; this front "
                           "(`moelink http-front`) stands before a gateway started by hand: call the server's gRPC "
                           "Control service (the native Generation service for /generate and /abort_request).", None,

@@ -71,7 +71,8 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
         template = chat_template_of(options)
         local = ChainedRoutes(VllmRoutes(serving, template),
                               RlRoutes(serving.engine, serving.engine.takes_control_calls,
-                                       serving.limits.max_http_body_bytes), GenerateRoute(serving))
+                                       serving.limits.max_http_body_bytes), GenerateRoute(serving),
+                              *vllm_rl_answerers(serving))
         completions = CompletionsRoute(serving, config.return_tokens_as_token_ids)
         # A reasoning parser is smg's: every chat goes there while one is set (chat_route.py).
         chat = ChatRoute(serving, template, relay_all=options.reasoning_parser is not None,
@@ -96,6 +97,15 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
         await gateway.stop()
         raise
     return gateway
+
+
+def vllm_rl_answerers(serving) -> tuple:
+    """vLLM's weight-transfer routes and its token-in/token-out generate (SkyRL's, prime-rl's): vllm_rl_routes.py,
+    vllm_token_generate.py."""
+    from .vllm_rl_routes import VllmRlRoutes
+    from .vllm_token_generate import TokenGenerateRoute
+
+    return VllmRlRoutes(serving), TokenGenerateRoute(serving)
 
 
 def chat_template_of(options: GatewayOptions) -> Optional[str]:

@@ -153,7 +153,9 @@ ROUTES: dict[str, Route] = {
     "/is_paused": Route(b"GET", "is_paused", (), lambda d: (), lambda v: {"is_paused": v}),
     "/flush_cache": Route(b"POST", "flush_cache", (), lambda d: (),
                           lambda n: {"success": True, "message": "prefix cache flushed", "num_blocks_freed": n}),
-    "/reset_prefix_cache": Route(b"POST", "flush_cache", (), lambda d: (),
+    # vLLM's (SkyRL sends reset_running_requests: false; true, which would restart running requests, is refused)
+    "/reset_prefix_cache": Route(b"POST", "flush_cache", ("reset_running_requests", "reset_external"),
+                                 lambda d: _vllm_reset(d),
                                  lambda n: {"success": True, "message": "prefix cache reset", "num_blocks_freed": n}),
     "/release_memory_occupation": Route(b"POST", "sleep", ("tags",), lambda d: _release(d.get("tags")),
                                         _ok("memory released")),
@@ -180,6 +182,16 @@ def _vllm_pause(data: dict) -> tuple:
     return (mode or "abort", _bool(data, "clear_cache", True))
 
 
+def _vllm_reset(data: dict) -> tuple:
+    """vLLM's /reset_prefix_cache fields: reset_running_requests (false only: moelink keeps running requests' KV)
+    and reset_external (false only: no external KV store is reset here)."""
+    for name in ("reset_running_requests", "reset_external"):
+        if _bool(data, name, False):
+            raise _Refused(f"{name}=true is not supported: the prefix cache is flushed, running requests keep their "
+                           "KV; pass false (or pause with mode='abort' first).", name)
+    return ()
+
+
 def _release(tags: Any) -> tuple:
     if tags is not None:
         raise _Refused(f"tags={shown(repr(tags))} is invalid: release_memory_occupation releases the weights and the "
@@ -193,7 +205,7 @@ class _Refused(ValueError):
         self.field = field
 
 
-_BOOL_QUERY = ("clear_cache", "wait_for_inflight_requests")
+_BOOL_QUERY = ("clear_cache", "wait_for_inflight_requests", "reset_running_requests", "reset_external")
 
 
 def _body(route: Route, path: str, body: bytes, query: str) -> dict:
