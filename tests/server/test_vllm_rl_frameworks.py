@@ -193,13 +193,17 @@ class _Trainer(threading.Thread):
         self.port, self.world_size, self.send = port, world_size, send
         self.go, self.done = threading.Event(), threading.Event()
         self.sent = 0
+        self.packed, self.buffer = True, 1 << 30  # vLLM's default packed_buffer_size_bytes
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             group = TrainerGroup("127.0.0.1", self.port, self.world_size, GROUP, "gloo", timeout_s=60.0)
             self.go.wait(60.0)
-            self.sent = group.broadcast_packed(self.send, 1 << 30)  # vLLM's default packed_buffer_size_bytes
+            if self.packed:
+                self.sent = group.broadcast_packed(self.send, self.buffer)
+            else:
+                self.sent = group.broadcast(self.send)
             self.done.wait(60.0)
             group.close()
         except BaseException as exc:  # pragma: no cover - reported by the test
@@ -422,3 +426,95 @@ def test_without_the_flag_the_weight_routes_are_403(thread_server):
             assert status == 403 and "--enable-weight-updates" in got["error"]["message"], (path, got)
     finally:
         front.close()
+
+
+@pytest.mark.slow  # one engine, two peft adapters: about 8 s
+def test_skyrl_load_lora_adapter_reloads_in_place(thread_server, model_path, tmp_path):
+    """SkyRL's /skyrl/v1/load_lora_adapter (RemoteInferenceClient.load_lora_adapter): the same name loaded again with
+    new files serves the new adapter; generation naming it (`model`) follows."""
+    pytest.importorskip("peft")
+    from tests.helpers.lora_peft import make_adapter
+
+    fields = dict(r=2, lora_alpha=4, target_modules=["o_proj"])
+    a = make_adapter(model_path, str(tmp_path / "a"), fields, 1)
+    b = make_adapter(model_path, str(tmp_path / "b"), fields, 2)
+    srv = thread_server(engine_kw={**ROUTED_ENGINE, "enable_lora": True, "max_lora_rank": 8},
+                        served_model_name=SERVED)
+    front = _Front(srv)
+    sp = {"max_tokens": 8, "temperature": 0.0}
+
+    def ids(model: str) -> list:
+        status, got = front.call("POST", "/inference/v1/generate", {"model": model, "token_ids": PROMPT,
+                                                                    "sampling_params": sp})
+        assert status == 200, got
+        return got["choices"][0]["token_ids"]
+
+    try:
+        status, got = front.call("POST", "/skyrl/v1/load_lora_adapter", {"lora_name": "policy-lora", "lora_path": a})
+        assert status == 200 and got["reloaded"] is False, got
+        first = ids("policy-lora")
+        status, got = front.call("POST", "/skyrl/v1/load_lora_adapter", {"lora_name": "policy-lora", "lora_path": b})
+        assert status == 200 and got["reloaded"] is True, got
+        second = ids("policy-lora")
+        assert front.call("POST", "/skyrl/v1/load_lora_adapter", {"lora_name": "fresh-b", "lora_path": b})[0] == 200
+        assert second == ids("fresh-b") and first != second and ids(SERVED) not in (first, second)
+        status, got = front.call("POST", "/skyrl/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere"})
+        assert status == 400 and got["error"]["param"] == "lora_path"
+    finally:
+        front.close()
+
+
+@pytest.mark.slow  # two engines and two broadcasts: about 10 s
+def test_vllm_update_weights_packed_in_small_buffers_and_whole(servers, model_path, tmp_path):
+    """vLLM's own /update_weights {"update_info"} (what SkyRL's update_named_weights sends): packed in buffers of
+    4 KiB (many buckets, each closed by the tensor that passes the bound, as vLLM packs) lands the new weights, a
+    fresh server's answer; then unpacked (each tensor broadcast whole) the old ones, the first answer again."""
+    srv = servers()
+    front = _Front(srv)
+    old = _tensors(model_path)
+    new = _perturbed(old, seed=11)
+    ask = {"model": SERVED, "token_ids": PROMPT, "sampling_params": {"max_tokens": 10, "temperature": 0.0,
+                                                                       "logprobs": 0}}
+
+    def generate(f) -> dict:
+        status, raw = f.call("POST", "/skyrl/v1/generate", ask, raw=True)
+        assert status == 200, raw
+        return skyrl_generate(json.loads(raw))
+
+    def update(tensors: dict, packed: bool) -> dict:
+        port = free_port()
+        trainer = _Trainer(port, 2, list(tensors.items()))
+        trainer.buffer = 4096
+        trainer.packed = packed
+        trainer.start()
+        status, got = front.call("POST", "/init_weight_transfer_engine", {"init_info": {
+            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2}})
+        assert status == 200 and got["backend"] == "gloo", got
+        trainer.go.set()
+        specs = TrainerGroup.specs(tensors.items())
+        info = {"names": specs["names"], "dtype_names": specs["dtypes"], "shapes": specs["shapes"], "packed": packed}
+        if packed:
+            info.update(packed_buffer_size_bytes=4096, packed_num_buffers=2)
+        status, got = front.call("POST", "/update_weights", {"update_info": info})
+        trainer.done.set()
+        trainer.join(60.0)
+        assert status == 200 and trainer.error is None, got
+        assert got["bytes_read"] == sum(t.numel() * t.element_size() for t in tensors.values())
+        return got  # the group stays joined: the next init replaces it, as vLLM's does
+
+    try:
+        first = generate(front)
+        update(new, packed=True)
+        after = generate(front)
+        update(old, packed=False)
+        again = generate(front)
+    finally:
+        front.close()
+    assert after["response_ids"] != first["response_ids"]
+    _assert_same_generation(again, first, "response_ids", "response_logprobs")
+    fresh = _Front(servers(_saved(model_path, new, tmp_path / "new")))
+    try:
+        want = generate(fresh)
+    finally:
+        fresh.close()
+    _assert_same_generation(after, want, "response_ids", "response_logprobs")

@@ -7,6 +7,7 @@ prime-rl recipes). Nothing here updates weights itself: each route is mapped ont
                                        backend]}}: init_weights_update_group into the group GROUP. vLLM's engine is
                                        NCCL; moelink's ranks join a torch process group, "nccl" on CUDA and "gloo"
                                        otherwise (init_info.backend; "nccl" on a CPU engine is refused naming it).
+                                       A second init replaces the group, as vLLM's replaces its communicator.
   POST /update_weights                 vLLM's {"update_info": {names, dtype_names, shapes, packed,
                                        packed_buffer_size_bytes, packed_num_buffers, is_checkpoint_format}}:
                                        update_weights_from_distributed from GROUP (packed: vLLM's packed broadcast);
@@ -120,6 +121,7 @@ class VllmRlRoutes:
         self.s = serving
         self.engine = serving.engine
         self.max_body_bytes = max_body_bytes if max_body_bytes is not None else serving.limits.max_http_body_bytes
+        self._joined = False  # this front joined GROUP (a later init replaces it, as vLLM's does)
 
     def body_limit(self, path: str) -> Optional[int]:
         return self.max_body_bytes if path in PATHS else None
@@ -190,10 +192,18 @@ class VllmRlRoutes:
             raise _Refused(f"init_info.backend=\"nccl\" cannot run here: this engine runs on {device}, where NCCL "
                            "has no devices; give init_info.backend \"gloo\" (the trainer's group on gloo too).",
                            "init_info.backend")
+        address = _str(info, "master_address", where)
+        if self._joined:  # vLLM's init replaces the engine's communicator: the group joined before is left first
+            try:
+                await self.engine.control("destroy_weights_update_group", GROUP)
+            except ValueError:  # destroyed meanwhile (SGLang's route), or lost with a failed update
+                pass
+            self._joined = False
         result = await self.engine.control(
-            "init_weights_update_group", _str(info, "master_address", where), _int(info, "master_port", where, 1),
+            "init_weights_update_group", address, _int(info, "master_port", where, 1),
             _int(info, "rank_offset", where, 1), _int(info, "world_size", where, 2), GROUP, backend,
             DEFAULT_GROUP_TIMEOUT_S, DEFAULT_JOIN_TIMEOUT_S)
+        self._joined = True
         return {"status": "ok", "group_name": GROUP, "backend": backend, **(result if isinstance(result, dict) else {})}
 
     async def _update(self, info: Any, where: str) -> dict:
