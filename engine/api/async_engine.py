@@ -45,6 +45,8 @@ from ..contract.safe_text import shown
 from ..contract.lora import LoRARequest
 from ..contract.sampling_params import SamplingParams
 from .step_watchdog import StepWatchdog
+from .llm import _with_tokenization
+from .vllm_async_compat import VllmAsyncCompat, generate_call
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class AsyncEngine:
         self._output = OutputThread(engine.output_processor, self._outputs,
                                     metrics.on_outputs if metrics is not None else None,
                                     on_stop=self._stopped, on_lost=self._stream_lost, on_error=self._output_failed)
+        self._vllm = VllmAsyncCompat(self)  # vLLM AsyncLLM's RL calls (is_sleeping, collective_rpc, ...)
         self._thread = threading.Thread(target=self._run, name="moelink-engine", daemon=True)
         self._watchdog = StepWatchdog(lambda: engine.config.parallel.step_timeout_s,
                                       lambda: self._thread.is_alive() and self._dead_error is None, self._step_hung)
@@ -176,15 +179,22 @@ class AsyncEngine:
         return self.dead_error is None and self._thread.is_alive() and self._output.is_alive()
 
     # -- public API -------------------------------------------------------------
-    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                       output_kind: OutputKind = OutputKind.CUMULATIVE,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, *args, **kwargs) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request (with `lora_request`, under that LoRA adapter: docs/lora.md). Raises
-        ValueError for bad input before anything is queued."""
+        ValueError for bad input before anything is queued. Two call forms (engine/api/vllm_async_compat.py):
+        moelink's `generate(request_id, prompt, params=None, output_kind=OutputKind.CUMULATIVE, lora_request=None)`,
+        and vLLM AsyncLLM's `generate(prompt, sampling_params, request_id, *, lora_request=None,
+        tokenization_kwargs=None)`."""
+        call = generate_call(args, kwargs)
         if self.dead_error is not None:
             raise EngineDeadError(f"engine is not running: {self.dead_error}")
-        processed = await self.with_grammar(self.process_inputs(request_id, prompt, params, compile_grammar=False,
-                                                                lora_request=lora_request))
+        params = call.params
+        if call.tokenization_kwargs:
+            params = _with_tokenization([params], call.tokenization_kwargs)[0]
+        processed = await self.with_grammar(self.process_inputs(call.request_id, call.prompt, params,
+                                                                compile_grammar=False,
+                                                                lora_request=call.lora_request))
+        output_kind = call.output_kind
         gen = self.generate_processed(processed, output_kind)
         async with contextlib.aclosing(gen):  # closing this closes (and so aborts) the request at once
             async for out in gen:
@@ -320,6 +330,52 @@ class AsyncEngine:
         self._watchdog.close(timeout)
         if self._checks is not None:  # a check still reading files ends on its own; its caller got EngineDeadError
             self._checks.shutdown(wait=False, cancel_futures=True)
+
+    # -- vLLM AsyncLLM's RL calls (OpenRLHF's rollout actor): engine/api/vllm_async_compat.py ----------------
+    async def is_sleeping(self) -> bool:
+        return await self._vllm.is_sleeping()
+
+    async def is_paused(self) -> bool:
+        return await self._vllm.is_paused()
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        await self._vllm.sleep(level, mode)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self._vllm.wake_up(tags)
+
+    async def pause_generation(self, *, mode: str = "abort", wait_for_inflight_requests: bool | None = None,
+                               clear_cache: bool = True) -> None:
+        await self._vllm.pause_generation(mode=mode, wait_for_inflight_requests=wait_for_inflight_requests,
+                                          clear_cache=clear_cache)
+
+    async def resume_generation(self) -> None:
+        await self._vllm.resume_generation()
+
+    async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        return await self._vllm.reset_prefix_cache(reset_running_requests, reset_connector)
+
+    async def collective_rpc(self, method, timeout: float | None = None, args: tuple = (),
+                             kwargs: dict | None = None) -> list:
+        return await self._vllm.collective_rpc(method, timeout, args, kwargs)
+
+    @property
+    def output_processor(self):
+        """vLLM's AsyncLLM.output_processor as OpenRLHF reads it: its get_num_unfinished_requests() only."""
+        return self._vllm
+
+    def num_unfinished_requests(self) -> int:
+        """Requests whose stream is still read (added and not finished, aborted or left). Any thread."""
+        with self._lock:
+            return len(self._streams)
+
+    async def tensor_update(self, named_tensors, weight_version: str | None = None) -> dict:
+        """update_weights_from_tensor on the engine thread between two steps ([(checkpoint name, tensor)] of a
+        trainer in this process): not one of the control calls a front end makes (engine/api/rl_calls.py)."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine is not running: {self.dead_error}")
+        return await self._submit_control("update_weights_from_tensor", (named_tensors, None, weight_version), None,
+                                          True)
 
     # -- engine thread ----------------------------------------------------------
     async def control(self, method: str, *args):

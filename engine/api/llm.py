@@ -126,6 +126,20 @@ class LLM:
 
     reset_prefix_cache = flush_cache
 
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None) -> list:
+        """vLLM's LLM.collective_rpc for OpenRLHF's worker extension calls (init_process_group, update_weight,
+        update_weight_cuda_ipc: engine/api/vllm_async_compat.py, docs/rl.md), run as this LLM's weight update calls;
+        one None per rank. `timeout` is not applied here: a join is bounded by its join_timeout_s, a broadcast by
+        the group's timeout_s. Any other method is refused naming it."""
+        from .vllm_async_compat import WorkerRpc
+
+        if getattr(self, "_rpc", None) is None:
+            self._rpc = WorkerRpc(lambda: self.engine.info().device)
+        call, call_args = self._rpc.plan(method, args, kwargs)
+        getattr(self, call)(*call_args)
+        self._rpc.joined(call, call_args)
+        return [None] * int(self.engine.config.parallel.world_size)
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

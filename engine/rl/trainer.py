@@ -60,3 +60,40 @@ class TrainerGroup:
     def close(self) -> None:
         """Leave the group (its store goes with it)."""
         self.group = self._store = None
+
+
+class OpenRLHFGroup:
+    """The trainer's end of OpenRLHF's weight sync on moelink (docs/rl.md, OpenRLHF): what OpenRLHF's
+    `stateless_init_process_group(master_address, master_port, rank, world_size, device)` returns (vLLM's
+    PyNcclCommunicator there), meeting the ranks moelink joins for `collective_rpc("init_process_group", ...)` (group
+    "openrlhf", OpenRLHF's). `broadcast(tensor, src=0, stream=None)` as PyNccl's: one tensor, whole. NCCL for a CUDA
+    `device`, else gloo (a CUDA tensor then goes through host memory); the engines' `backend` must name the same."""
+
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, device=None,
+                 group_name: str = "openrlhf", timeout_s: float = 60.0):
+        import torch
+
+        if rank != 0:
+            raise ValueError(f"rank={rank} is invalid: the trainer is rank 0 of the weight update group.")
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cpu")
+        self.backend = "nccl" if dev.type == "cuda" else "gloo"
+        self.group, self._store = side_group(master_address, master_port, 0, world_size, group_name, self.backend,
+                                             timeout_s)
+
+    def broadcast(self, tensor: "torch.Tensor", src: int = 0, stream=None) -> None:
+        if src != 0:
+            raise ValueError(f"src={src} is invalid: the trainer (rank 0) sends.")
+        t = tensor.detach().contiguous()
+        if self.backend == "gloo" and t.device.type != "cpu":
+            t = t.cpu()
+        self.group.broadcast(t, 0).wait()
+
+    def close(self) -> None:
+        self.group = self._store = None
+
+
+def stateless_init_process_group(master_address: str, master_port: int, rank: int, world_size: int,
+                                 device=None) -> OpenRLHFGroup:
+    """OpenRLHF's openrlhf.utils.distributed_util.stateless_init_process_group, for a trainer whose engines are
+    moelink's: patch it into openrlhf.trainer.ray.ppo_actor (docs/rl.md, OpenRLHF)."""
+    return OpenRLHFGroup(master_address, master_port, rank, world_size, device)
