@@ -402,6 +402,7 @@ def test_bad_input_is_one_400_naming_the_field_and_the_key_is_asked(servers):
                                                  "is_checkpoint_format": False}}, "update_info.is_checkpoint_format"),
             ("/update_weights", {"weight_dir": None}, "weight_dir"),
             ("/collective_rpc", {"method": "update_weights_ipc", "kwargs": {}}, "method"),
+            ("/collective_rpc", {"method": "skyrl_wake_for_weight_sync", "kwargs": {"tags": ["gpu"]}}, "kwargs.tags"),
             ("/collective_rpc", {"method": "skyrl_start_weight_update", "kwargs": {"x": 1}}, "kwargs.x"),
             ("/fetch_weights", {"target_version": 1, "sync_dir": "/tmp/x"}, "sync_dir"),
             ("/reset_prefix_cache", {"reset_running_requests": True}, "reset_running_requests"),
@@ -410,6 +411,12 @@ def test_bad_input_is_one_400_naming_the_field_and_the_key_is_asked(servers):
             assert status == 400 and got["error"]["param"] == field, (path, body, got)
         assert front.call("POST", "/skyrl/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/x"})[0] == 404
         assert front.call("POST", "/get_world_size")[0] == 405
+        # SkyRL's fully-async sync: answered, nothing released (the update is written in place)
+        status, got = front.call("POST", "/collective_rpc", {"method": "skyrl_sleep_for_weight_sync",
+                                                             "kwargs": {"offload_kv": True}})
+        assert status == 200 and got["released"] == [], got
+        assert front.call("POST", "/collective_rpc", {"method": "skyrl_wake_for_weight_sync",
+                                                      "kwargs": {"tags": ["weights"]}})[0] == 200
     finally:
         front.close()
 
@@ -518,3 +525,51 @@ def test_vllm_update_weights_packed_in_small_buffers_and_whole(servers, model_pa
     finally:
         fresh.close()
     _assert_same_generation(after, want, "response_ids", "response_logprobs")
+
+
+@pytest.mark.slow  # one engine: about 4 s
+def test_bounds_answer_budget_body_and_hang_up(thread_server):
+    """--max-answer-bytes (routed experts counted) and --max-http-body-bytes bound the route, n samples are
+    answered as vLLM's choices, and a client that hangs up ends its request in the engine."""
+    import socket
+    import time
+
+    from moelink.engine.server.limits import RequestLimits
+
+    srv = thread_server(engine_kw=ROUTED_ENGINE, served_model_name=SERVED,
+                        limits=RequestLimits(max_answer_bytes=64 << 10, max_http_body_bytes=4096))
+    front = _Front(srv)
+    serving = srv.server.serving
+    try:
+        big = {"token_ids": PROMPT, "sampling_params": {"max_tokens": 400, "logprobs": 5, "n": 4}}
+        status, got = front.call("POST", "/inference/v1/generate", big)
+        assert status == 400 and got["error"]["param"] == "sampling_params.max_tokens", got
+        assert "--max-answer-bytes" in got["error"]["message"] and "routed experts" in got["error"]["message"]
+        status, got = front.call("POST", "/inference/v1/generate", {**big, "stream": True}, raw=True)
+        assert status == 200 and got.endswith(b"data: [DONE]\n\n")  # streamed: not bounded by it
+        status, _ = front.call("POST", "/inference/v1/generate", {"token_ids": list(range(2000)),
+                                                                  "sampling_params": {}})
+        assert status == 413
+        status, got = front.call("POST", "/inference/v1/generate",
+                                 {"token_ids": PROMPT, "sampling_params": {"max_tokens": 3, "n": 3,
+                                                                           "temperature": 1.0, "seed": 1}})
+        assert status == 200 and [c["index"] for c in got["choices"]] == [0, 1, 2], got
+        assert got["usage"]["completion_tokens"] == 9
+        # a client that leaves while its request waits (generation paused) ends it
+        assert front.call("POST", "/pause", params={"mode": "keep", "clear_cache": "false"})[0] == 200
+        body = json.dumps({"token_ids": PROMPT, "sampling_params": {"max_tokens": 50}}).encode()
+        sock = socket.create_connection(("127.0.0.1", front.front.port))
+        sock.sendall(b"POST /inference/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not serving.registry.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert serving.registry.active, "the request was admitted"
+        sock.close()
+        while serving.registry.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not serving.registry.active, "the hang-up ended the request"
+        assert front.call("POST", "/resume")[0] == 200
+    finally:
+        front.close()

@@ -13,9 +13,10 @@ prime-rl recipes). Nothing here updates weights itself: each route is mapped ont
                                        update_weights_from_distributed from GROUP (packed: vLLM's packed broadcast);
                                        prime-rl's {"weight_dir"}: update_weights_from_disk of that directory.
   POST /collective_rpc                 SkyRL's worker-extension calls, by `method`: skyrl_start_weight_update,
-                                       update_weights_nccl (as /update_weights), skyrl_finish_weight_update;
-                                       update_weights_ipc, the sleep/wake for weight sync and any other method are
-                                       refused naming `method`.
+                                       update_weights_nccl (as /update_weights), skyrl_finish_weight_update, and
+                                       skyrl_sleep_for_weight_sync / skyrl_wake_for_weight_sync (answered, nothing
+                                       released: the update is written in place and held requests keep their KV);
+                                       update_weights_ipc and any other method are refused naming `method`.
   POST /fetch_weights                  SkyRL's checkpoint-delta pull: refused naming the field (moelink applies whole
                                        checkpoints: /update_weights {"weight_dir"}).
   POST /skyrl/v1/load_lora_adapter     {lora_name, lora_path}: load, or reload in place (the name kept), an adapter.
@@ -50,7 +51,8 @@ METHODS = {WORLD_SIZE_PATH: b"GET"}
 INIT_FIELDS = ("master_address", "master_port", "rank_offset", "world_size", "backend")
 UPDATE_FIELDS = ("names", "dtype_names", "shapes", "packed", "packed_buffer_size_bytes", "packed_num_buffers",
                  "is_checkpoint_format")
-RPC_METHODS = ("skyrl_start_weight_update", "update_weights_nccl", "skyrl_finish_weight_update")
+RPC_METHODS = ("skyrl_start_weight_update", "update_weights_nccl", "skyrl_finish_weight_update",
+               "skyrl_sleep_for_weight_sync", "skyrl_wake_for_weight_sync")
 DISABLED = ("{path} is refused: this server takes RL control calls only when started with --enable-weight-updates "
             "(and, where one is set, with its API key).")
 
@@ -238,8 +240,6 @@ class VllmRlRoutes:
         if method not in RPC_METHODS:
             why = {"update_weights_ipc": "CUDA IPC handles reach only a process on the trainer's devices; use the "
                                          "broadcast (update_weights_nccl) or a checkpoint",
-                   "skyrl_sleep_for_weight_sync": "moelink writes weights in place; call /sleep and /wake_up",
-                   "skyrl_wake_for_weight_sync": "moelink writes weights in place; call /sleep and /wake_up",
                    }.get(method if isinstance(method, str) else "", "it is not one of moelink's")
             raise _Refused(f"method={shown(json.dumps(method))} is not supported: {why} (taken: "
                            f"{', '.join(RPC_METHODS)}).", "method")
@@ -256,6 +256,20 @@ class VllmRlRoutes:
             if not _bool(kwargs, "is_checkpoint_format", "kwargs.", True):
                 raise _Refused("kwargs.is_checkpoint_format=false is not supported: moelink takes the checkpoint's "
                                "tensors, not a kernel layout.", "kwargs.is_checkpoint_format")
+        elif method == "skyrl_sleep_for_weight_sync":
+            _only(kwargs, ("offload_kv",), "kwargs.")
+            _bool(kwargs, "offload_kv", "kwargs.", True)
+            return {"status": "ok", "result": [None] * self.world_size, "released": [],
+                    "message": "nothing released: the update is written in place (it needs no freed device memory "
+                               "but its bucket) and the held requests keep their KV, as offload_kv asks; /sleep "
+                               "releases memory when no request is held"}
+        elif method == "skyrl_wake_for_weight_sync":
+            _only(kwargs, ("tags",), "kwargs.")
+            tags = kwargs.get("tags")
+            if not isinstance(tags, list) or not tags or any(t not in ("weights", "kv_cache") for t in tags):
+                raise _Refused(f"kwargs.tags={shown(json.dumps(tags))} is invalid: a list of \"weights\", "
+                               "\"kv_cache\".", "kwargs.tags")
+            return {"status": "ok", "result": [None] * self.world_size, "woken": []}
         else:
             _only(kwargs, (), "kwargs.")
         # Start and finish: each update is whole in itself here (written in place, rolled back on failure), so there
