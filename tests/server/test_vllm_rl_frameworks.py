@@ -573,3 +573,36 @@ def test_bounds_answer_budget_body_and_hang_up(thread_server):
         assert front.call("POST", "/resume")[0] == 200
     finally:
         front.close()
+
+
+@pytest.mark.slow  # a `moelink serve` with its smg: about 15 s
+def test_moelink_serve_answers_the_routes(spawn_server, model_path):
+    """`moelink serve --enable-weight-updates --enable-return-routed-experts` chains the routes (managed.py): the
+    key asked, the token route answering vLLM's .npy form (or the packed one with the environment's switch), prime-rl's
+    update from a directory."""
+    from tests.helpers.smg_gateway import smg_executable
+
+    if smg_executable() is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    import os
+
+    srv = spawn_server("--served-model-name", SERVED, "--http-port", str(free_port()), "--api-key", KEY,
+                       "--enable-weight-updates", "--enable-return-routed-experts",
+                       env={**os.environ, FORM_ENV: "packed"})
+    port = int(srv.wait_for_line(r"moelink: OpenAI API on http://127\.0\.0\.1:(\d+)/v1 ", 90, "the API line").group(1))
+
+    class _Port(_Front):
+        def __init__(self):
+            self.key, self.front = KEY, type("F", (), {"port": port})()
+
+    front = _Port()
+    assert front.call("GET", "/get_world_size", {}, key=None)[0] == 401
+    assert front.call("GET", "/get_world_size", {})[1] == {"world_size": 1}
+    status, raw = front.call("POST", "/inference/v1/generate",
+                             {"model": SERVED, "token_ids": PROMPT,
+                              "sampling_params": {"max_tokens": 4, "temperature": 0.0, "logprobs": 1}}, raw=True)
+    assert status == 200, raw
+    got = renderers_generate(raw)
+    assert len(got["completion_ids"]) == 4 and got["routed_experts"].shape[0] == len(PROMPT) + 3
+    status, body = front.call("POST", "/update_weights", {"weight_dir": model_path})
+    assert status == 200 and body["status"] == "ok" and body["bytes_read"] > 0, body
