@@ -606,3 +606,29 @@ def test_moelink_serve_answers_the_routes(spawn_server, model_path):
     assert len(got["completion_ids"]) == 4 and got["routed_experts"].shape[0] == len(PROMPT) + 3
     status, body = front.call("POST", "/update_weights", {"weight_dir": model_path})
     assert status == 200 and body["status"] == "ok" and body["bytes_read"] > 0, body
+
+
+def test_packed_buckets_are_vllms():
+    """DistributedUpdate(packed=True).buckets(): vLLM's packing (packed_tensor.pack_tensors / the consumer): a buffer
+    takes tensors until its bytes pass the bound, the tensor that passes it included; unpacked, SGLang's (at most
+    the bound, a larger tensor alone). TrainerGroup.broadcast_packed sends the same buffers."""
+    from moelink.engine.contract.weight_sync import DistributedUpdate
+
+    sizes = [40, 40, 40, 200, 8, 8, 100]  # float32 elements: 160, 160, 160, 800, 32, 32, 400 bytes
+    tensors = tuple((f"t{i}", torch.float32, (n,)) for i, n in enumerate(sizes))
+    assert DistributedUpdate("g", tensors, 300, packed=True).buckets() == [[0, 1], [2, 3], [4, 5, 6]]
+    assert DistributedUpdate("g", tensors, 300).buckets() == [[0], [1], [2], [3], [4, 5], [6]]
+    with pytest.raises(ValueError, match="packed=1 is invalid"):
+        DistributedUpdate("g", tensors, 300, packed=1)
+
+    sent = []
+
+    class _Group:
+        def broadcast(self, buf, src):
+            sent.append(buf.numel())
+            return type("W", (), {"wait": lambda self: None})()
+
+    group = TrainerGroup.__new__(TrainerGroup)
+    group.group = _Group()
+    group.broadcast_packed([(n, torch.zeros(s)) for (n, _, _), s in zip(tensors, sizes)], 300)
+    assert sent == [320, 960, 464]
