@@ -138,10 +138,12 @@ def side_group(master_addr: str, master_port: int, rank: int, world_size: int, g
                timeout_s: float, device: torch.device | str | None = None, store_timeout_s: float | None = None):
     """A group of its own beside the process's default one (a trainer and the engine's ranks exchanging weights,
     docs/rl.md): never the default group, so the engine's EP/TP groups are untouched. Rank 0 serves the store on
-    master_addr:master_port (bound to that address only); its keys live under "<group_name>/<device>/", the prefixes
-    torch's own `new_group` (and SGLang's `init_custom_process_group`) put them under, so a trainer that makes its
-    group either way meets the engine's ranks. Returns (the backend's group, its store): keep the store while the
-    group lives. gloo raises in the caller once `timeout_s` passes without a peer; NCCL's watchdog aborts.
+    master_addr:master_port (bound to that address only); its keys live where SGLang's `init_custom_process_group`
+    (slime's, AReaL's and OpenRLHF's copies of it) puts them: the store wrapped in PrefixStore(group_name), then
+    torch's own "<group_name>/" and "<device>/" prefixes (_new_process_group_helper's), so a trainer on that helper
+    meets the engine's ranks (engine/rl/trainer.TrainerGroup makes the same keys). Returns (the backend's group, its
+    store): keep the store while the group lives. gloo raises in the caller once `timeout_s` passes without a peer;
+    NCCL's watchdog aborts.
     `store_timeout_s` (default `timeout_s`): the store's, for the rendezvous (torch's store client does not honour it
     against a listener that accepts and never answers: the caller bounds its own wait,
     engine/rl/rank/weight_sync.py)."""
@@ -154,7 +156,7 @@ def side_group(master_addr: str, master_port: int, rank: int, world_size: int, g
     store = rendezvous_store(rank, world_size, master_addr, master_port,
                              timeout if store_timeout_s is None else datetime.timedelta(seconds=store_timeout_s))
     kind = "cuda" if backend == "nccl" else "cpu"
-    prefixed = dist.PrefixStore(f"{kind}/", dist.PrefixStore(f"{group_name}/", store))
+    prefixed = dist.PrefixStore(f"{kind}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store)))
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout

@@ -22,7 +22,8 @@ from typing import Any, Callable
 # AsyncEngine does, through its output thread, before the engine pauses with nothing left to abort).
 CONTROL_CALLS = ("update_weights_from_disk", "pause_generation", "continue_generation", "flush_cache",
                  "get_weight_version", "sleep", "wake_up", "init_weights_update_group",
-                 "update_weights_from_distributed", "destroy_weights_update_group", "is_sleeping", "is_paused")
+                 "update_weights_from_distributed", "destroy_weights_update_group", "is_sleeping", "is_paused",
+                 "update_weights_from_tensor")
 # Calls that only read one attribute the engine thread writes between two steps: answered on the caller's thread,
 # never queued behind an update that waits for started requests (or one that runs).
 READ_ONLY_CALLS = ("get_weight_version", "is_sleeping", "is_paused")
@@ -48,7 +49,8 @@ class ControlCommand:
 
 # Calls that, under pause_generation("wait"), wait for the started requests to finish instead of being refused:
 # a client pauses and asks for the update at once, and the update lands when the last started request has ended.
-WAIT_FOR_STARTED = ("update_weights_from_disk", "update_weights_from_distributed", "sleep")
+WAIT_FOR_STARTED = ("update_weights_from_disk", "update_weights_from_distributed", "update_weights_from_tensor",
+                    "sleep")
 
 
 def waits(engine, cmd: ControlCommand) -> bool:

@@ -92,6 +92,7 @@ class RLControl:
         self._served: tuple | None = None  # the served checkpoint's tensors and the bounds an update is read within
         self._rolled_back = False  # the last failed update was rolled back on every rank
         self._pause_mode: str | None = None
+        self._cache_stale = False  # an update with flush_cache=False left KV of older weights cached (not yet flushed)
         # Requests an update reached while held ("keep"): the versions their KV and tokens so far came from, sent
         # once with their next output (EngineCoreOutput.earlier_weight_versions).
         self._earlier_versions: dict[str, list[str | None]] = {}
@@ -147,7 +148,7 @@ class RLControl:
         if failed:  # no rank says what it wrote: without a rollback every tensor counts as stale
             self._settle(rollback_bytes, failed, names, True, f"a weight update from {model_path!r} failed part way")
             raise RuntimeError(f"update_weights_from_disk failed: {failed[0].error}. " + self._after_failure())
-        self._settle(rollback_bytes, failed, names, False, "")
+        self._settle(rollback_bytes, failed, names, False, "", checked.flush_cache)
         self.weight_version = weight_version
         self._stale.clear()  # every tensor written
         return {"bytes_read": sum(r.bytes_read for r in results), "seconds": time.perf_counter() - t0,
@@ -180,7 +181,7 @@ class RLControl:
         check_weight_version(weight_version)
         self._check_update_allowed(flush_cache)
         tensors = check_named_tensors(*self._checkpoint(), named_tensors)
-        out = self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors, weight_version)
+        out = self._update_ranks(RankCall.UPDATE_WEIGHTS_FROM_TENSOR, tensors, weight_version, flush_cache)
         self._stale.written(set(tensors))
         return out
 
@@ -303,7 +304,7 @@ class RLControl:
         lost = any(r.group_lost for r in results)
         self._settle(rollback_bytes, failed, {n for n, _, _ in update.tensors},
                      any(r.tensors_written for r in results),
-                     f"a weight update from group {group_name!r} failed part way")
+                     f"a weight update from group {group_name!r} failed part way", flush_cache)
         if failed:
             if lost:
                 self._update_groups.pop(group_name, None)
@@ -342,14 +343,16 @@ class RLControl:
                              "or pass rollback_bytes=0 (no rollback). Nothing was written or received.")
         return rollback_bytes
 
-    def _settle(self, rollback_bytes: int, failed: list, names: set[str], wrote: bool, stale_why: str) -> None:
+    def _settle(self, rollback_bytes: int, failed: list, names: set[str], wrote: bool, stale_why: str,
+                flush: bool = True) -> None:
         """Every rank answered an update: each keeps it, or (one failed) each restores what it wrote; the prefix
-        cache is flushed. A failure that could not be rolled back (rollback_bytes=0, a restore that failed) after
-        a rank wrote something leaves `names` stale: requests are refused until an update of them lands."""
+        cache is flushed (`flush=False`, after an update that landed: later, `_flush_after_update`). A failure
+        that could not be rolled back (rollback_bytes=0, a restore that failed) after a rank wrote something leaves
+        `names` stale: requests are refused until an update of them lands."""
         undo_errors: list[str] = []
         if rollback_bytes:  # every rank keeps it, or every rank restores what it wrote
             undo_errors = [e for e in self._host.executor.collective(RankCall.FINISH_WEIGHTS_UPDATE, not failed) if e]
-        self.flush_cache()
+        self._flush_after_update(flush or bool(failed))
         if not failed:
             return
         self._rolled_back = bool(rollback_bytes) and not undo_errors and all(r.rolled_back for r in failed)
@@ -382,6 +385,8 @@ class RLControl:
         if self.memory.released or self._stale.state is not None:  # plain reads: a served engine's admission
             self.memory.check_awake()  # enters no other RL module
             self._stale.check()
+        if self._cache_stale:  # an update with flush_cache=False, and no flush since (_flush_after_update)
+            self.flush_cache()
 
     # -- pause / continue (SGLang's pause_generation, continue_generation) ---------------------------------------
     def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> dict:
@@ -416,6 +421,7 @@ class RLControl:
     def continue_generation(self) -> dict:
         """Generate again after pause_generation (requests held in "keep" resume where they were)."""
         self.check_enabled("continue_generation")
+        self._flush_if_stale()  # requests that waited while paused may match cached prefixes now
         was, self._pause_mode = self._pause_mode, None
         for sched in self._host.schedulers:
             sched.admit_new = True
@@ -465,22 +471,22 @@ class RLControl:
                     seen.append(self.weight_version)
 
     # -- the common tail ------------------------------------------------------------------------------------------
-    def _update_ranks(self, call: RankCall, arg, weight_version: str | None) -> dict:
+    def _update_ranks(self, call: RankCall, arg, weight_version: str | None, flush: bool = True) -> dict:
         """Every rank writes its part of a checked update (`call` with `arg`), then the prefix cache is flushed and
         the version set: {"bytes_read", "seconds", "weight_version"}."""
         t0 = time.perf_counter()
         self._host.drain_for_update()  # a step still in flight (the overlapped loop) ends before any rank writes
         self._before_write()
         read = self._host.executor.collective(call, arg)
-        self.flush_cache()
+        self._flush_after_update(flush)
         self.weight_version = weight_version
         return {"bytes_read": sum(read), "seconds": time.perf_counter() - t0, "weight_version": weight_version}
 
     def _check_update_allowed(self, flush_cache: bool) -> None:
         """What every weight update refuses (module engine/rl/): a kept prefix cache, a PD connector, running
         requests."""
-        if not flush_cache:
-            raise ValueError("flush_cache=False is not supported: the prefix cache holds KV of the old weights.")
+        if not isinstance(flush_cache, bool):
+            raise ValueError(f"flush_cache={flush_cache!r} is invalid: must be True or False.")
         kvc = self._host.config.kv_connector
         if kvc is not None and getattr(kvc, "name", None) != "offload":
             # A PD peer computes KV with its own weights: two engines' versions would mix. (The offload tiers forget
@@ -500,7 +506,23 @@ class RLControl:
             raise ValueError("a weight update is refused while requests run: let them finish (or abort them) "
                              "first, so that no request mixes weights; or pause_generation first.")
 
+    def _flush_after_update(self, flush: bool) -> None:
+        """The prefix cache after weights were written: flushed now, or (`flush=False`: SGLang's flush_cache=false,
+        slime's and verl's, whose callers flush on their own, before the update or after it) marked as holding KV
+        of older weights, flushed by the caller's own flush_cache or else at the first request admitted or the
+        continue_generation after it, whichever comes first (`_flush_if_stale`): the update answers without it, and
+        no request ever reads a prefix cached under the old weights."""
+        if flush:
+            self.flush_cache()
+        else:
+            self._cache_stale = True
+
+    def _flush_if_stale(self) -> None:
+        if self._cache_stale:
+            self.flush_cache()
+
     def flush_cache(self) -> int:
         """Forget every cached prefix on every rank (SGLang's flush_cache, vLLM's reset_prefix_cache); the number of
         blocks freed. Blocks of running requests stay theirs."""
+        self._cache_stale = False
         return sum(sched.reset_prefix_cache() for sched in self._host.schedulers)

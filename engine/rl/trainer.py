@@ -1,7 +1,7 @@
 """The trainer's end of a weight broadcast (docs/rl.md), for a trainer that has no group of its own yet (the tests,
 examples/rl_loop.py, benchmarks/rl_weight_sync.py): rank 0 of the group the engine's ranks join with
 `init_weights_update_group`, serving its rendezvous. A trainer on SGLang's `init_custom_process_group` meets the
-same ranks (comm/process_group.side_group keeps torch's key prefixes).
+same ranks (comm/process_group.side_group makes its keys as that helper does: PrefixStore(group_name) outermost).
 """
 from __future__ import annotations
 

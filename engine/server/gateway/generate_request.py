@@ -27,6 +27,13 @@ from .openai_fields import HttpFieldError
 
 FIELDS = ("text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
           "return_routed_experts", "stream", "rid", "lora_path", "model")
+# SGLang fields whose every value but its default asks what a text model without custom logit processors cannot do:
+# taken at their default (null; an empty list of images, as AReaL and verl send for a text prompt), refused naming
+# the field otherwise. A top-level field sent as null is SGLang's default, as if left out (verl sends `text: null`
+# beside `input_ids`).
+DEFAULT_ONLY = {"image_data": "images (this server serves a text model: send no images, or an empty list)",
+                "token_ids_logprob": "the logprobs of chosen token ids (use top_logprobs_num)",
+                "custom_logit_processor": "a custom logit processor (SGLang's --enable-custom-logit-processor)"}
 # SGLang's sampling key -> (moelink SamplingParams field, JSON kind).
 SAMPLING = {"max_new_tokens": ("max_tokens", "int"), "min_new_tokens": ("min_tokens", "int"),
             "temperature": ("temperature", "number"), "top_p": ("top_p", "number"), "top_k": ("top_k", "int"),
@@ -35,7 +42,13 @@ SAMPLING = {"max_new_tokens": ("max_tokens", "int"), "min_new_tokens": ("min_tok
             "stop": ("stop", "strs"), "stop_token_ids": ("stop_token_ids", "ints"),
             "ignore_eos": ("ignore_eos", "bool"), "skip_special_tokens": ("skip_special_tokens", "bool"),
             "no_stop_trim": ("include_stop_str_in_output", "bool"), "n": ("n", "int"), "seed": ("seed", "int"),
-            "sampling_seed": ("seed", "int")}
+            "sampling_seed": ("seed", "int"),
+            "spaces_between_special_tokens": ("spaces_between_special_tokens", "bool"),
+            "custom_params": (None, "object")}
+# SGLang's `custom_params` is data for a custom logit processor; with none (moelink runs none, and refuses
+# custom_logit_processor) SGLang reads it nowhere, and neither does this server: a JSON object of at most this many
+# bytes is taken and read by nothing (slime sends {"return_top_p_token_ids": true} whenever top_p != 1).
+MAX_CUSTOM_PARAMS_BYTES = 4096
 SGLANG_MAX_NEW_TOKENS = 128  # SGLang's default when sampling_params has none
 
 
@@ -67,6 +80,11 @@ def read_request(body: bytes, serving) -> GenerateRequest:
     """The request body as prompts, each checked against the server's limits (`serving`: served names, --max-n,
     --max-logprobs, stop lists, request ids)."""
     data = json_text_object(body)  # every string valid Unicode (json_body.refuse_lone_surrogates)
+    data = {k: v for k, v in data.items() if v is not None}  # null: SGLang's default, as if left out
+    for key, why in DEFAULT_ONLY.items():
+        if key in data and data[key] != []:
+            raise HttpFieldError(key, f"{key} is refused: moelink's /generate takes no {why}.")
+        data.pop(key, None)
     for key in data:
         if key not in FIELDS:
             raise HttpFieldError(key, f"{shown(key)} is refused: it is not a field moelink's /generate takes "
@@ -325,6 +343,12 @@ def _sampling(sp: Any, where: str, limits=None) -> dict:
                                                    f"{', '.join(SAMPLING)}.")
         name, kind = SAMPLING[key]
         if value is None:
+            continue
+        if kind == "object":  # custom_params: read by no logit processor here, as on SGLang without one
+            if not isinstance(value, dict) or len(json.dumps(value)) > MAX_CUSTOM_PARAMS_BYTES:
+                raise HttpFieldError(f"{where}.{key}", f"{where}.{key} must be a JSON object of at most "
+                                                       f"{MAX_CUSTOM_PARAMS_BYTES} bytes (data for a custom logit "
+                                                       "processor; this server runs none).")
             continue
         if limits is not None and key in _COUNTED and isinstance(value, list):
             try:

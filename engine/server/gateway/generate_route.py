@@ -137,6 +137,8 @@ class GenerateRoute:
                 if key not in ("rid", "abort_all"):
                     raise HttpFieldError(key, f"{shown(key)} is refused: /abort_request takes rid or abort_all.")
             every, rid = json_flag(data, "abort_all"), data.get("rid")
+            if rid == "":  # SGLang's default rid (verl and slime send it beside abort_all): no request named
+                rid = None
             if every == (rid is not None) or (rid is not None and not isinstance(rid, str)):
                 raise HttpFieldError("rid", "give `rid` (a request id, a string) or `abort_all`: true.")
         except HttpFieldError as e:

@@ -11,6 +11,7 @@ from .http_limits import HttpLimits
 from .http_wire import error_body
 from .openai_fields import CHAT_PATH, COMPLETIONS_PATH
 from .rl_routes import PATHS as RL_PATHS
+from .sglang_routes import PATHS as SGLANG_PATHS
 from .vllm_rl_routes import PATHS as VLLM_RL_PATHS
 from .vllm_token_generate import PATHS as TOKEN_GENERATE_PATHS
 
@@ -38,6 +39,11 @@ ENGINE_ROUTES = ("/tokenize", "/detokenize") + GENERATE_PATHS + RL_PATHS + VLLM_
 # Routes outside /v1 that still ask the API key: the RL control routes, SGLang's /generate (a data route) and
 # /abort_request, vLLM's weight-transfer routes and token-in/token-out generate (SkyRL's, prime-rl's).
 KEYED_ROUTES = GENERATE_PATHS + RL_PATHS + VLLM_RL_PATHS + TOKEN_GENERATE_PATHS
+# SGLang's info, load and LoRA-name routes (sglang_routes.py: slime's, verl's, AReaL's calls): answered beside the
+# engine, with the key (/health_generate, already a probe above, is answered there too, without it).
+PUBLIC_ROUTES += SGLANG_PATHS
+ENGINE_ROUTES += SGLANG_PATHS
+KEYED_ROUTES += SGLANG_PATHS
 METRICS_PATH = b"/metrics"
 # vLLM's routes whose JSON this process parses, and smg's tokenizer routes: --max-http-openai-body-bytes.
 OPENAI_BODY_PATHS = (COMPLETIONS_PATH, CHAT_PATH, "/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize")

@@ -17,10 +17,19 @@ client empty every user's prefix cache. A body is a JSON object of the call's fi
 the call does not take is refused (400 naming it), never ignored. vLLM's `/sleep?level=N`, `/wake_up?tags=...` and
 `/pause?mode=...&clear_cache=...` take their query string too. Answers: SGLang's `{"success", "message"}` (with the
 call's numbers beside them), 400 with `success: false` for a refused call, 503 when the engine has stopped.
-`update_weights_from_tensor` has no HTTP route: a trainer in the same process or Ray job calls the Python API.
+
+What slime, verl and AReaL send beside (issue 97; docs/rl.md#slime-verl-and-areal-sglangs-clients): GET /flush_cache
+(and GET release / resume, as SGLang routes them); `flush_cache: false` on an update, honoured (the flush deferred to
+the caller's own or the next admission: engine/rl/control.py); `abort_all_requests` on an update (every running
+request aborted first); `master_port` as a string of digits; `load_format` at its default; release `tags` naming both
+the weights and the KV cache; AReaL's `pp_rank` 0; `/update_weights_from_tensor` in SGLang's serialization of CPU
+tensors (engine/rl/serialized_tensors.py: allow-listed unpickling off the loop; CUDA IPC handles refused naming the
+field); `/post_process_weights` (nothing to do here); `/weights_checker` and slime's `/pull_weights` refused naming
+why. Anything else a call does not take is still refused naming it.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -42,6 +51,7 @@ class Route:
     fields: tuple[str, ...]
     args: Callable[[dict], tuple]
     answer: Callable[[Any], dict]
+    also: tuple[bytes, ...] = ()  # other methods taken (SGLang's /flush_cache: GET or POST)
 
 
 def _ok(message: str) -> Callable[[Any], dict]:
@@ -81,6 +91,78 @@ def _version(data: dict) -> Optional[str]:
     return v
 
 
+def _port(data: dict, name: str) -> int:
+    """A port: an integer, or its decimal digits as a string (SGLang's pydantic model coerces "29500"; AReaL sends
+    the port as a string)."""
+    v = data.get(name)
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 5:
+        return int(v)
+    return _int(data, name)
+
+
+def _load_format(data: dict, name: str = "load_format", taken: tuple = (None, "auto")) -> Optional[str]:
+    """load_format: SGLang's default (none, "auto") or one this route takes; another refused naming it."""
+    v = _str(data, name)
+    if v not in taken:
+        raise _Refused(f"{name}={shown(repr(v))} is invalid here: choose from "
+                       f"{', '.join(repr(t) for t in taken if t is not None)} or leave it out.", name)
+    return v
+
+
+def _pp_rank(data: dict) -> None:
+    """AReaL's pp_rank (its per-pipeline-stage groups): this engine runs no pipeline stages, so only stage 0."""
+    if _int(data, "pp_rank", 0) != 0:
+        raise _Refused(f"pp_rank={shown(repr(data['pp_rank']))} is invalid: this server runs one pipeline stage (0); "
+                       "join the group of stage 0.", "pp_rank")
+
+
+def _group_args(data: dict) -> tuple:
+    _pp_rank(data)
+    return (_str(data, "master_address", True), _port(data, "master_port"), _int(data, "rank_offset"),
+            _int(data, "world_size"), _str(data, "group_name") or _GROUP, _str(data, "backend") or "gloo",
+            DEFAULT_GROUP_TIMEOUT_S, _seconds(data, "join_timeout_s", DEFAULT_JOIN_TIMEOUT_S))
+
+
+def _tensor_args(data: dict) -> tuple:
+    """update_weights_from_tensor's fields (SGLang's): serialized_named_tensors (one base64 entry per TP rank of
+    the sender; decoded off the loop by the route, engine/rl/serialized_tensors.py), load_format (none or
+    "flattened_bucket"), flush_cache, weight_version."""
+    entries = data.get("serialized_named_tensors")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
+        raise _Refused("serialized_named_tensors is required: a non-empty list of base64 strings (SGLang's "
+                       "MultiprocessingSerializer.serialize(..., output_str=True), one per TP rank).",
+                       "serialized_named_tensors")
+    return (entries, _load_format(data, taken=(None, "auto", "flattened_bucket")), _bool(data, "flush_cache", True),
+            _version(data))
+
+
+_CHECKER_ACTIONS = ("snapshot", "reset_tensors", "compare", "compare_checksum")
+
+
+def _checker(data: dict) -> tuple:
+    action = _str(data, "action", True)
+    raise _Refused(f"action={shown(repr(action))} is not served: /weights_checker is SGLang's debugging check "
+                   f"({', '.join(_CHECKER_ACTIONS)}: snapshot the weights, overwrite them with noise, compare after "
+                   "the trainer's update); moelink checks every update against the served checkpoint before any "
+                   "rank writes, and a failed one is rolled back. Run without the check (slime: leave "
+                   "--check-weight-update-equal off).", "action")
+
+
+def _post_process(data: dict) -> tuple:
+    """SGLang's post_process_weights (slime's compressed-tensors hooks): restore the loader's layout before an update
+    and re-quantize after it. Here each rank quantizes a float tensor as it writes it (engine/rl/requantize.py), so
+    the weights are in their served form after every update: both steps have nothing to do."""
+    _bool(data, "restore_weights_before_load", False)
+    _bool(data, "post_process_quantization", False)
+    return ()
+
+
+def _pull(data: dict) -> tuple:
+    raise _Refused("/pull_weights is refused: it is slime's patch of SGLang (each host copies a published "
+                   "checkpoint into its local directory), not SGLang's; copy the checkpoint where this server reads "
+                   "it, then call /update_weights_from_disk with its model_path.", None)
+
+
 def _seconds(data: dict, name: str, default: float) -> float:
     """A number of seconds (the engine checks its range, naming the field)."""
     v = data.get(name, default)
@@ -117,27 +199,30 @@ def _tags(v: Any) -> Optional[list[str]]:
 
 
 _GROUP = "weight_update_group"  # SGLang's default group name
+# SGLang's abort_all_requests on an update (AReaL sends it with every one): every request running is aborted first
+# (their finish reason "abort"), then the update runs, as SGLang does.
+_ABORT_ALL = "abort_all_requests"
 
 ROUTES: dict[str, Route] = {
     "/update_weights_from_disk": Route(
         b"POST", "update_weights_from_disk",
-        ("model_path", "load_format", "weight_version", "flush_cache", "rollback_bytes"),
+        ("model_path", "load_format", "weight_version", "flush_cache", "rollback_bytes", _ABORT_ALL),
         lambda d: (_str(d, "model_path", True), _str(d, "load_format"), _version(d),
                    _bool(d, "flush_cache", True), _opt_int(d, "rollback_bytes")),
         _ok("weights updated from disk")),
     "/init_weights_update_group": Route(
         b"POST", "init_weights_update_group",
-        ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend", "join_timeout_s"),
-        lambda d: (_str(d, "master_address", True), _int(d, "master_port"), _int(d, "rank_offset"),
-                   _int(d, "world_size"), _str(d, "group_name") or _GROUP, _str(d, "backend") or "gloo",
-                   DEFAULT_GROUP_TIMEOUT_S, _seconds(d, "join_timeout_s", DEFAULT_JOIN_TIMEOUT_S)),
+        ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend", "join_timeout_s",
+         "pp_rank"),
+        lambda d: _group_args(d),
         _ok("joined")),
     "/update_weights_from_distributed": Route(
         b"POST", "update_weights_from_distributed",
-        ("names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version", "bucket_bytes", "rollback_bytes"),
-        lambda d: (_list(d, "names"), _list(d, "dtypes"), _list(d, "shapes"), _str(d, "group_name") or _GROUP,
-                   _bool(d, "flush_cache", True), _version(d), _int(d, "bucket_bytes", 512 << 20),
-                   _opt_int(d, "rollback_bytes")),
+        ("names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version", "bucket_bytes", "rollback_bytes",
+         "load_format", _ABORT_ALL),
+        lambda d: (_load_format(d), _list(d, "names"), _list(d, "dtypes"), _list(d, "shapes"),
+                   _str(d, "group_name") or _GROUP, _bool(d, "flush_cache", True), _version(d),
+                   _int(d, "bucket_bytes", 512 << 20), _opt_int(d, "rollback_bytes"))[1:],
         _ok("weights updated from the group")),
     "/destroy_weights_update_group": Route(
         b"POST", "destroy_weights_update_group", ("group_name",),
@@ -152,17 +237,29 @@ ROUTES: dict[str, Route] = {
     "/resume": Route(b"POST", "continue_generation", (), lambda d: (), _ok("resumed")),
     "/is_paused": Route(b"GET", "is_paused", (), lambda d: (), lambda v: {"is_paused": v}),
     "/flush_cache": Route(b"POST", "flush_cache", (), lambda d: (),
-                          lambda n: {"success": True, "message": "prefix cache flushed", "num_blocks_freed": n}),
+                          lambda n: {"success": True, "message": "prefix cache flushed", "num_blocks_freed": n},
+                          also=(b"GET",)),  # SGLang takes GET too (slime's and verl's flush)
     # vLLM's (SkyRL sends reset_running_requests: false; true, which would restart running requests, is refused)
     "/reset_prefix_cache": Route(b"POST", "flush_cache", ("reset_running_requests", "reset_external"),
                                  lambda d: _vllm_reset(d),
                                  lambda n: {"success": True, "message": "prefix cache reset", "num_blocks_freed": n}),
     "/release_memory_occupation": Route(b"POST", "sleep", ("tags",), lambda d: _release(d.get("tags")),
-                                        _ok("memory released")),
+                                        _ok("memory released"), also=(b"GET",)),
     "/resume_memory_occupation": Route(b"POST", "wake_up", ("tags",), lambda d: (_tags(d.get("tags")),),
-                                       _ok("memory resumed")),
+                                       _ok("memory resumed"), also=(b"GET",)),
     "/sleep": Route(b"POST", "sleep", ("level",), lambda d: (_int(d, "level", 1),), _ok("asleep")),
     "/wake_up": Route(b"POST", "wake_up", ("tags",), lambda d: (_tags(d.get("tags")),), _ok("awake")),
+    "/update_weights_from_tensor": Route(
+        b"POST", "update_weights_from_tensor",
+        ("serialized_named_tensors", "load_format", "flush_cache", "weight_version", _ABORT_ALL),
+        _tensor_args, _ok("weights updated from tensors")),
+    "/weights_checker": Route(b"POST", "get_weight_version", ("action", "checksums"), _checker, _ok("")),
+    "/post_process_weights": Route(b"POST", "get_weight_version",
+                                   ("restore_weights_before_load", "post_process_quantization"), _post_process,
+                                   lambda v: {"success": True, "message": "nothing to post-process: each rank "
+                                              "quantizes a tensor as it writes it"}),
+    "/pull_weights": Route(b"POST", "get_weight_version",
+                           ("local_checkpoint_dir", "source_dir", "target_version"), _pull, _ok("")),
     "/get_weight_version": Route(b"GET", "get_weight_version", (), lambda d: (),
                                  lambda v: {"weight_version": v}),
     "/is_sleeping": Route(b"GET", "is_sleeping", (), lambda d: (), lambda v: {"is_sleeping": v}),
@@ -182,6 +279,11 @@ def _vllm_pause(data: dict) -> tuple:
     return (mode or "abort", _bool(data, "clear_cache", True))
 
 
+# SGLang's memory tags; a release here frees the weights and the KV cache together (CUDA graphs go with them).
+_RELEASE_ALL = {"weights", "kv_cache"}
+_RELEASE_TAGS = _RELEASE_ALL | {"cuda_graph"}
+
+
 def _vllm_reset(data: dict) -> tuple:
     """vLLM's /reset_prefix_cache fields: reset_running_requests (false only: moelink keeps running requests' KV)
     and reset_external (false only: no external KV store is reset here)."""
@@ -193,9 +295,18 @@ def _vllm_reset(data: dict) -> tuple:
 
 
 def _release(tags: Any) -> tuple:
-    if tags is not None:
-        raise _Refused(f"tags={shown(repr(tags))} is invalid: release_memory_occupation releases the weights and the "
-                       "KV cache together (no tags); resume them one at a time with resume_memory_occupation.", "tags")
+    """release_memory_occupation's tags: none (everything), or a list naming at least the weights and the KV cache
+    (verl sends ["kv_cache", "weights"]); a release of one without the other is refused naming the field."""
+    given = _tags(tags)
+    if given is not None:
+        unknown = sorted(set(given) - _RELEASE_TAGS)
+        if unknown:
+            raise _Refused(f"tags={shown(repr(given))} is invalid: {shown(unknown[0])!r} is not a memory tag (weights, "
+                           "kv_cache, cuda_graph).", "tags")
+        if not _RELEASE_ALL <= set(given):
+            raise _Refused(f"tags={shown(repr(given))} is invalid: release_memory_occupation releases the weights and "
+                           "the KV cache together (no tags, or both); resume them one at a time with "
+                           "resume_memory_occupation.", "tags")
     return (1,)
 
 
@@ -263,12 +374,25 @@ DISABLED = ("{path} is refused: this server takes RL control calls only when sta
 class RlRoutes:
     """Answers the control routes from an AsyncEngine (`engine.control(call, *args)`) on the server's loop."""
 
-    def __init__(self, engine, enabled: bool, max_body_bytes: Optional[int] = None):
+    def __init__(self, engine, enabled: bool, max_body_bytes: Optional[int] = None,
+                 abort_all: Optional[Callable[[], Any]] = None):
         """`enabled`: the server was started with --enable-weight-updates. `max_body_bytes`: the largest body the
-        front reads for these routes (--max-http-body-bytes; None: the front's own cap)."""
+        front reads for these routes (--max-http-body-bytes; None: the front's own cap). `abort_all`: ends every
+        running request as /abort_request's abort_all does (Serving.abort_all; None: through a pause in "abort"
+        mode, then continue), for an update's abort_all_requests."""
         self.engine = engine
         self.enabled = enabled
         self.max_body_bytes = max_body_bytes
+        self.abort_all = abort_all
+
+    async def _abort_all(self) -> None:
+        if self.abort_all is not None:
+            await self.abort_all()
+            return
+        paused = await self.engine.control("is_paused")
+        await self.engine.control("pause_generation", "abort")
+        if not paused:
+            await self.engine.control("continue_generation")
 
     def body_limit(self, path: str) -> Optional[int]:
         """The largest body the front reads for `path` (413 beyond it), or None for another path."""
@@ -284,23 +408,36 @@ class RlRoutes:
         route = ROUTES.get(path)
         if route is None:
             return None
-        if method != route.method:
-            return _error(f"{path} takes {route.method.decode()}, not {method.decode('latin-1')}.", None, 405)
+        if method != route.method and method not in route.also:
+            taken = " or ".join(m.decode() for m in (route.method, *route.also))
+            return _error(f"{path} takes {taken}, not {method.decode('latin-1')}.", None, 405)
         if not self.enabled and path not in READ_ONLY:
             return _error(DISABLED.format(path=path), None, 403)
         try:
             # Parsed off the event loop when large (json_body.off_loop): every stream shares the loop.
-            args = route.args(await off_loop(body, _body, route, path, body, query))
+            data = await off_loop(body, _body, route, path, body, query)
+            abort_first = _bool(data, _ABORT_ALL, False)
+            data.pop(_ABORT_ALL, None)
+            args = route.args(data)
         except _Refused as e:
             return _error(str(e), e.field, 400)
         try:
+            if route.call == "update_weights_from_tensor":
+                from ...rl.serialized_tensors import decode_named_tensors
+
+                entries, load_format, flush, version = args
+                # Unpickled (allow-listed) and copied off the loop: a bucket may be hundreds of MiB.
+                tensors = await asyncio.to_thread(decode_named_tensors, entries, load_format)
+                args = (tensors, None, version, flush)
+            if abort_first:
+                await self._abort_all()
             result = await self.engine.control(route.call, *args)
         except ControlDisabled as e:
             return _error(str(e), None, 403)
         except EngineDeadError as e:
             return _error(str(e), None, 503)
         except (ValueError, RuntimeError, TypeError) as e:  # the engine's refusal, naming why
-            return _error(str(e), None, 400)
+            return _error(str(e), getattr(e, "field", None), 400)
         return 200, json.dumps(route.answer(result)).encode()
 
 
@@ -312,6 +449,14 @@ class ChainedRoutes:
     def __init__(self, models, *others):
         self.models = models
         self.answerers = (models, *others)
+
+    def with_answerer(self, answerer, abort_all: Optional[Callable[[], Any]] = None) -> "ChainedRoutes":
+        """These answerers and `answerer` after them; `abort_all` given to the RlRoutes among them (an update's
+        abort_all_requests: Serving.abort_all)."""
+        for a in self.answerers:
+            if isinstance(a, RlRoutes) and abort_all is not None:
+                a.abort_all = abort_all
+        return ChainedRoutes(self.models, *self.answerers[1:], answerer)
 
     def route_model(self, data: dict) -> Optional[str]:
         return self.models.route_model(data)
