@@ -419,3 +419,59 @@ def test_bad_fields_are_one_400_naming_the_field(servers):
         assert call("POST", "/flush_cache")[0] == 200 and call("GET", "/flush_cache")[0] == 200
     finally:
         front.close()
+
+
+@pytest.mark.slow  # a `moelink serve` with its smg: about 15 s
+def test_moelink_serve_chains_the_sglang_routes(spawn_server, model_path):
+    """`moelink serve --enable-weight-updates --enable-return-routed-experts` chains the SGLang-shaped routes
+    (managed.py): the info route asks the key, GET /flush_cache and /health_generate answer, and an update's
+    abort_all_requests goes through the server's own abort (Serving.abort_all)."""
+    from tests.helpers.smg_gateway import smg_executable
+
+    if smg_executable() is None:
+        pytest.skip("the smg gateway (PyPI `smg`) is not installed")
+    srv = spawn_server("--http-port", str(free_port()), "--api-key", KEY, "--enable-weight-updates",
+                       "--enable-return-routed-experts")
+    port = int(srv.wait_for_line(r"moelink: OpenAI API on http://127\.0\.0\.1:(\d+)/v1 ", 90, "the API line").group(1))
+    front = _Front.__new__(_Front)
+    front.key, front.front = KEY, type("F", (), {"port": port})()
+    assert front.call("GET", "/get_server_info", key=None)[0] == 401
+    status, raw = front.call("GET", "/get_server_info")
+    assert status == 200 and json.loads(raw)["enable_return_routed_experts"] is True, raw
+    assert front.call("GET", "/flush_cache")[0] == 200
+    assert front.call("GET", "/health_generate", key=None)[0] == 200
+    status, raw = front.call("POST", "/generate", {"input_ids": PROMPT, "image_data": [], "return_logprob": True,
+                                                   "return_routed_experts": True,
+                                                   "sampling_params": {"max_new_tokens": 3, "temperature": 0.0}})
+    assert status == 200 and len(sglang_generate(raw)["ids"]) == 3, raw
+    status, raw = front.call("POST", "/pause_generation", {})
+    assert status == 200, raw
+    assert front.call("POST", "/continue_generation", {})[0] == 200
+    status, raw = front.call("POST", "/update_weights_from_disk", {"model_path": model_path, "abort_all_requests": True,
+                                                                   "weight_version": "2"})
+    assert status == 200 and json.loads(raw)["weight_version"] == "2", raw
+
+
+@pytest.mark.slow  # one engine, a long stream and an update from disk: about 5 s
+def test_abort_all_requests_ends_the_running_ones_then_updates(servers, model_path):
+    """AReaL's abort_all_requests on an update: without it an update beside a running request is refused (no request
+    mixes weights); with it the request ends (finish reason abort) and the update lands."""
+    front = _Front(servers())
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", front.front.port, timeout=120)
+        conn.request("POST", "/generate", body=json.dumps({
+            "input_ids": PROMPT, "stream": True,
+            "sampling_params": {"max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True}}),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")  # it runs
+        status, raw = front.call("POST", "/update_weights_from_disk", {"model_path": model_path})
+        assert status == 400 and b"requests run" in raw, raw
+        status, raw = front.call("POST", "/update_weights_from_disk", {"model_path": model_path,
+                                                                       "abort_all_requests": True})
+        assert status == 200, raw
+        events = [json.loads(line[6:]) for line in resp.read().split(b"\n") if line.startswith(b"data: {")]
+        assert events[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        conn.close()
+    finally:
+        front.close()
