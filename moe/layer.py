@@ -115,9 +115,16 @@ class MoELayer(nn.Module):
                  ep: ExpertParallel | None = None, moe_index: int = 0, stats: MoEStats | None = None,
                  expert_format: ExpertFormat | None = None,
                  router_bias: bool = False, expert_bias: bool = False, activation: MoEActivation = SILU,
-                 zero_experts: int = 0):
+                 zero_experts: int = 0, weight_on_input: bool = False):
         super().__init__()
         self.num_experts = num_experts
+        # Llama 4 (MoEConfig.router_weight_on_input): each token's routing weight multiplies its input to the expert,
+        # not the expert's output (expert(w x), not w expert(x): the expert is not linear), and the expert's output
+        # is summed with weight 1. Top-1 only: every pick of a token would need an input of its own.
+        if weight_on_input and (router.top_k != 1 or zero_experts):
+            raise ValueError(f"MoELayer weight_on_input needs top-1 routing without zero-computation experts; got "
+                             f"top_k={router.top_k}, zero_experts={zero_experts}.")
+        self.weight_on_input = weight_on_input
         # Zero-computation experts (LongCat-Flash): the router scores num_experts + zero_experts; a pick of one of
         # the last zero_experts is its weight times the token itself (an identity expert), no weights, no traffic.
         self.zero_experts = zero_experts
@@ -231,6 +238,9 @@ class MoELayer(nn.Module):
                 weights_TK, ids_TK, identity_T1 = self._zero_experts(weights_TK, ids_TK)
             if self.stats is not None:
                 self.stats.record_routing(self.moe_index, ids_TK)
+        if self.weight_on_input:  # x_TD * w in the model dtype, as transformers' Llama4TextMoe scales routed_in
+            x_TD = x_TD * weights_TK.to(x_TD.dtype)
+            weights_TK = torch.ones_like(weights_TK)
         if self.ep is None and self.lora_experts is not None and self.lora_experts.active():
             out_TD = self.lora_experts(self, x_TD, weights_TK, ids_TK)  # LoRA on the experts (engine/lora/)
         elif self.ep is None:

@@ -200,6 +200,31 @@ def _sparsemixer_pick(masked_TG: torch.Tensor, s_TG: torch.Tensor, eps: float) -
     return gates_TG.gather(-1, ids_T1), ids_T1
 
 
+@dataclass(frozen=True)
+class TopKSigmoidRouter:
+    """Llama 4: the top-k of the logits, each weighted by the sigmoid of its own logit (never renormalised), as
+    transformers' Llama4Router computes it: topk on the logits, sigmoid in float32, cast back to the logits' dtype
+    (so the weights are what transformers multiplies the experts' input by: MoEConfig.router_weight_on_input). The
+    weights are float32, or float64 for float64 logits. Selecting on the logits, not on sigmoid scores, keeps the
+    choice of experts whose float32 sigmoids round to the same value."""
+
+    top_k: int
+    float32_logits: bool = False
+    needs_bias: ClassVar[bool] = False
+
+    def route_args(self) -> None:
+        """None: the fused router op has no top-k-then-sigmoid method (the layer calls this router)."""
+        return None
+
+    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64)."""
+        _no_bias(self, bias_G)
+        top_TK, ids_TK = torch.topk(router_logits_TG, self.top_k, dim=-1)
+        weights_TK = torch.sigmoid(top_TK.float()).to(top_TK.dtype)
+        return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
+
+
 def _no_bias(router, bias_G) -> None:
     if bias_G is not None:
         raise ValueError(f"{type(router).__name__} takes no e_score_correction_bias: only "
@@ -212,6 +237,8 @@ def make_router(cfg: RouterConfig) -> Router:
         from .token_routers import SqrtSoftplusRouter
 
         return SqrtSoftplusRouter(cfg.top_k, cfg.routed_scaling_factor, cfg.float32_logits)
+    if cfg.topk_method == "topk_sigmoid":  # Llama 4
+        return TopKSigmoidRouter(cfg.top_k, cfg.float32_logits)
     if cfg.scoring_func == "sigmoid":
         return SigmoidGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                          cfg.routed_scaling_factor, cfg.float32_logits)

@@ -10,8 +10,9 @@ SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 # DeepSeek-V4: sqrt(softplus), selected with a correction bias, one group: moe/token_routers.py).
 # "topk_softmax" is no config.json value: the gpt-oss reader names it for its top-k-then-softmax router; nor is
 # "sparsemixer": the PhiMoE reader names it for Phi-3.5-MoE's SparseMixer routing.
+# "topk_sigmoid" is none either: the Llama 4 reader names it for its top-k-then-sigmoid router.
 TOPK_METHODS = {"softmax": ("greedy", "group_limited_greedy", "topk_softmax", "noaux_tc", "sparsemixer"),
-                "sigmoid": ("noaux_tc",),
+                "sigmoid": ("noaux_tc", "topk_sigmoid"),
                 "sqrtsoftplus": ("noaux_tc",)}
 _GROUPED = ("group_limited_greedy", "noaux_tc")
 
@@ -38,7 +39,9 @@ class RouterConfig:
     moe/router.SparseMixerRouter; top_k 2, never renormalised nor scaled). n_group / topk_group apply to the
     grouped methods only. norm_topk_prob renormalises the
     k weights to sum to 1; routed_scaling_factor multiplies them after that. float32_logits: the gate
-    matmul runs in float32 whatever the model dtype (transformers' DeepSeek-V2/V3 and GLM-4-MoE).
+    matmul runs in float32 whatever the model dtype (transformers' DeepSeek-V2/V3 and GLM-4-MoE). "sigmoid" with
+    "topk_sigmoid" (Llama 4: the top-k of the logits, each weighted by its own sigmoid, never renormalised:
+    moe/router.TopKSigmoidRouter).
     """
 
     num_experts: int
@@ -79,6 +82,9 @@ class RouterConfig:
             self._check_sparsemixer()
         elif self.jitter_eps != 0.0:
             raise ValueError(f"RouterConfig jitter_eps={self.jitter_eps!r} applies to topk_method='sparsemixer' only.")
+        if self.topk_method == "topk_sigmoid" and (self.norm_topk_prob or self.routed_scaling_factor != 1.0):
+            raise ValueError("RouterConfig topk_method='topk_sigmoid' weighs each pick by its own sigmoid: it needs "
+                             "norm_topk_prob=False and routed_scaling_factor=1.0.")
         if self.topk_method == "topk_softmax" and (not self.norm_topk_prob or self.routed_scaling_factor != 1.0):
             raise ValueError("RouterConfig topk_method='topk_softmax' is a softmax over the k chosen logits: it needs "
                              "norm_topk_prob=True and routed_scaling_factor=1.0.")

@@ -94,6 +94,9 @@ class Architecture:
     # release, a checkpoint whose tensor names differ): the name whose model this one builds and whose model_type
     # transformers maps (MiMoV2ForCausalLM: MiMoV2FlashForCausalLM's, its q/k/v fused). "" for a model's own name.
     alias_of: str = ""
+    # rope_parameters.rope_type values beyond the common ones (rope_config.ROPE_TYPES) its reader builds, from
+    # rope_config.FAMILY_ROPE_TYPES: Llama 4's "llama3". Every other family refuses them when its config is read.
+    rope_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.mtp_unstated, int) or self.mtp_unstated < 0:

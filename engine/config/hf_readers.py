@@ -41,7 +41,7 @@ def read_fields(arch: str, hf) -> dict:
     if hidden_act not in acts and arch != "GptOssForCausalLM":
         raise unsupported("hidden_act", hidden_act, acts, " (moelink's MLPs are SiLU-gated)" if acts == ("silu",)
                           else f" for {arch}")
-    rope = _rope_parameters(hf)
+    rope = _rope_parameters(hf, ROPE_TYPES + (REGISTRY[arch].rope_types if arch in REGISTRY else ()))
     num_layers, num_heads = int(hf.num_hidden_layers), int(hf.num_attention_heads)
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0)
     eos = getattr(hf, "eos_token_id", None)
@@ -64,21 +64,22 @@ def read_fields(arch: str, hf) -> dict:
 
 
 
-def _rope_parameters(hf) -> dict:
+def _rope_parameters(hf, allowed: tuple[str, ...] = ROPE_TYPES) -> dict:
     """transformers' rope_parameters (it rewrites the older rope_scaling / rope_theta into them), checked. A
     model with one rope per layer kind keeps them by kind ({"full_attention": {...}, "sliding_attention": {...}},
     MiMo-V2-Flash): each is checked, and the dict is returned by kind."""
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     if rope and all(k in LAYER_TYPES and isinstance(v, dict) for k, v in rope.items()):
-        return {kind: _checked_rope(dict(v), f"rope_parameters.{kind}.rope_type") for kind, v in rope.items()}
-    return _checked_rope(rope, _ROPE_FIELD)
+        return {kind: _checked_rope(dict(v), f"rope_parameters.{kind}.rope_type", allowed)
+                for kind, v in rope.items()}
+    return _checked_rope(rope, _ROPE_FIELD, allowed)
 
 
 
-def _checked_rope(rope: dict, field_name: str) -> dict:
+def _checked_rope(rope: dict, field_name: str, allowed: tuple[str, ...] = ROPE_TYPES) -> dict:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise unsupported(field_name, rope_type, ROPE_TYPES)
+    if rope_type not in allowed:
+        raise unsupported(field_name, rope_type, allowed)
     return dict(rope, rope_type=rope_type)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moelink.kernels.attention import FP8_CACHE_DTYPES
+from moelink.kernels.attention_chunks import chunked_metadata
 from moelink.moe.fp8_input import Fp8Input
 from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
@@ -108,6 +109,19 @@ class GQAAttention(nn.Module):
         q_norm, k_norm = (self.q_size, self.kv_size) if self.all_heads_norm else (attn.head_dim, attn.head_dim)
         self.q_norm = RMSNorm(q_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
         self.k_norm = RMSNorm(k_norm, rms_norm_eps, kernels, dtype, device) if attn.qk_norm else None
+        # "l2" (Llama 4): the per-head norm without a weight, run as that norm with a weight of ones that no checkpoint
+        # tensor fills (weight_plan leaves it out). transformers norms after the rotary; a rotation keeps each
+        # head's mean square, so norming before it (as the fused op does) is the same.
+        self.l2_norm = attn.qk_norm == "l2"
+        if self.l2_norm:
+            with torch.no_grad():
+                self.q_norm.weight.fill_(1.0)  # type: ignore[union-attr]  # qk_norm set: both built
+                self.k_norm.weight.fill_(1.0)  # type: ignore[union-attr]
+        # Chunked local attention (GQAConfig.attention_chunk_size): the attention reads the step's metadata as one
+        # virtual sequence per chunk (kernels/attention_chunks.py). None: causal over the whole context.
+        self.attention_chunk = attn.attention_chunk_size
+        # Attention temperature tuning (GQAConfig.temperature_tuning): (floor_scale, attn_scale), or None.
+        self.temperature_tuning = attn.temperature_tuning
         self.sinks_name = sinks_name
         # A decode batch's norm, projection and rope_write_kv in one launch where the layer allows it (None: never).
         plain = type(self)._attend is GQAAttention._attend and type(self).forward is GQAAttention.forward
@@ -185,6 +199,8 @@ class GQAAttention(nn.Module):
     def _heads_out(self, q_TNH: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext,
                    attn, kv_scales: dict, gate_TQ: torch.Tensor | None) -> torch.Tensor:
         """The attention and its output gate where the layer has one: o_proj's input, [T, N * Hv]."""
+        if self.temperature_tuning is not None:
+            q_TNH = self._tuned(q_TNH, positions_T)
         o_TO = self._attend(q_TNH, x_TD, positions_T, ctx, attn, kv_scales).reshape(q_TNH.shape[0], self.o_size)
         return o_TO if gate_TQ is None else o_TO * torch.sigmoid(gate_TQ)
 
@@ -193,7 +209,16 @@ class GQAAttention(nn.Module):
         """The attention itself, over the paged cache this step's K/V are written to: [T, N, Hv] (a kind built on
         GQA attends its own way: block-sparse attention, engine/models/block_sparse.py)."""
         k_cache, v_cache = ctx.kv_caches[self.layer_idx][:2]
+        if self.attention_chunk is not None:  # each chunk a virtual sequence of its own (plain causal within it)
+            attn = chunked_metadata(attn, self.attention_chunk, k_cache.shape[1])
         return self.kernels.paged_attention(q_TNH, k_cache, v_cache, attn, self.scale, **self._extras(), **kv_scales)
+
+    def _tuned(self, q_TNH: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """q times Llama 4's attention temperature at each token's position, log1p(floor((p + 1) / floor_scale)) *
+        attn_scale + 1, computed in float32 and the product cast back to q's dtype, as transformers does."""
+        floor_scale, attn_scale = self.temperature_tuning  # type: ignore[misc]  # set by the caller's test
+        scale_T = torch.log1p(torch.floor((positions_T.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+        return (q_TNH * scale_T[:, None, None]).to(q_TNH.dtype)
 
     def _all_heads_norm(self, q_TQ: torch.Tensor, k_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MiniMax-M2's q/k RMSNorm over every head. Under TP a rank holds some heads, so their mean square is a
@@ -239,7 +264,7 @@ class GQAAttention(nn.Module):
         if self.sinks_N is not None:  # this rank's heads' sinks
             heads = (slice(self.q_head0, self.q_head0 + self.num_heads),) if self.tp is not None else ()
             plan[p + self.sinks_name] = PlanEntry(self.sinks_N, (), heads)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.l2_norm:  # (an "l2" norm has no weight in the checkpoint)
             q_src = k_src = ()
             if self.all_heads_norm and self.tp is not None:  # [N * H] / [K * H] weights: this rank's heads' part
                 q0, k0 = self.q_head0 * self.head_dim, self.kv_head0 * self.head_dim

@@ -36,8 +36,10 @@ from .rope_config import RopeConfig
 
 # GQA's q/k RMSNorm (GQAConfig.qk_norm): "per_head" normalises each head's H dims with one [H] weight shared by the
 # heads (Qwen3-MoE, GLM's use_qk_norm); "all_heads" normalises a token's whole q (N * H dims) and k (K * H) before
-# they are split into heads, with [N * H] / [K * H] weights (MiniMax-M2's qk_norm_type "per_layer").
-QK_NORMS = ("per_head", "all_heads")
+# they are split into heads, with [N * H] / [K * H] weights (MiniMax-M2's qk_norm_type "per_layer"); "l2" normalises
+# each head as "per_head" does with no weight (x * rsqrt(mean(x^2) + eps): Llama 4's Llama4TextL2Norm on its rope
+# layers; held as a weight of ones that no checkpoint tensor fills).
+QK_NORMS = ("per_head", "all_heads", "l2")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,16 @@ class GQAConfig:
     clip_qkv: float | None = None
     # The softmax scale when it is not head_dim ** -0.5 (Granite-MoE's muP attention_multiplier); None: that.
     scale: float | None = None
+    # Chunked local attention (Llama 4's attention_chunk_size on its rope layers): the query at position p sees the
+    # keys of its own chunk only, [floor(p / C) * C, p] (transformers' chunked_overlay: a block-diagonal causal mask
+    # by absolute position). Run over the paged cache as one virtual sequence per chunk (kernels/attention_chunks.py),
+    # so every attention kernel runs it unchanged; the block size must divide C (cache_shapes). None: causal over the
+    # whole context.
+    attention_chunk_size: int | None = None
+    # Attention temperature tuning (Llama 4's attn_temperature_tuning on its NoPE layers, arXiv 2501.19399): the query
+    # at position p is multiplied by log1p(floor((p + 1) / floor_scale)) * attn_scale + 1 (float32, as transformers
+    # computes it) before the attention. (floor_scale, attn_scale), or None: no tuning.
+    temperature_tuning: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.qk_norm is True or self.qk_norm is False:
@@ -94,9 +106,11 @@ class GQAConfig:
         if self.rope.style not in ("neox", "interleaved"):
             raise ValueError(f"GQAConfig rope style={self.rope.style!r} is invalid: GQA rotates 'neox' or "
                              f"'interleaved' pairs.")
-        if self.rope.style == "interleaved" and (self.qk_norm or self.output_gate):
-            # Its q/k rows are de-interleaved at load (gqa.rope_rows); a norm's weight or a gate's rows would move too.
-            raise ValueError("GQAConfig rope style='interleaved' is invalid with a q/k norm or an output gate.")
+        if self.rope.style == "interleaved" and (self.qk_norm not in (None, "l2") or self.output_gate):
+            # Its q/k rows are de-interleaved at load (gqa.rope_rows); a norm's weight or a gate's rows would move too
+            # (the weightless "l2" norm of a head is the same whatever the order of its dims).
+            raise ValueError("GQAConfig rope style='interleaved' is invalid with a weighted q/k norm or an output "
+                             "gate.")
         sc = self.scale
         if sc is not None and (isinstance(sc, bool) or not isinstance(sc, (int, float))
                                or not (math.isfinite(sc) and sc > 0)):
@@ -114,6 +128,16 @@ class GQAConfig:
             raise unsupported("sliding_window", w, "null or a positive integer")
         if self.sliding_layers and w is None:
             raise unsupported("sliding_window", w, "a positive integer: layer_types names sliding_attention layers")
+        ch = self.attention_chunk_size
+        if ch is not None and (not isinstance(ch, int) or isinstance(ch, bool) or ch < 1):
+            raise unsupported("attention_chunk_size", ch, "null or a positive integer")
+        if ch is not None and (self.sliding_window is not None or self.sinks):
+            raise ValueError("GQAConfig attention_chunk_size is invalid with a sliding window or sinks: no family "
+                             "combines them.")
+        tt = self.temperature_tuning
+        if tt is not None and (len(tt) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                   or not math.isfinite(v) for v in tt) or tt[0] <= 0):
+            raise unsupported("floor_scale / attn_scale", tt, "a number > 0 and a finite number")
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.nope_layers):
             raise ValueError(f"GQAConfig nope_layers={self.nope_layers!r} is invalid: layer indices >= 0.")
         if self.rope.rotary_dim > self.head_dim:
@@ -156,8 +180,17 @@ class GQAConfig:
     def cache_shapes(self, num_blocks: int, block_size: int,
                      cache_dtype: torch.dtype | None = None) -> tuple[tuple[int, ...], ...]:
         """One layer's cache tensors (k_cache_BLKH, v_cache_BLKHv), the null block included (whatever the dtype)."""
+        self.check_block_size(block_size)
         lead = (num_blocks + 1, block_size, self.num_kv_heads)
         return (*lead, self.head_dim), (*lead, self.value_head_dim)
+
+    def check_block_size(self, block_size: int) -> None:
+        """A chunk of chunked attention starts at a block boundary (its virtual sequence's block table is the
+        sequence's from that block on: kernels/attention_chunks.py): the block size divides the chunk size."""
+        ch = self.attention_chunk_size
+        if ch is not None and ch % block_size:
+            raise ValueError(f"block_size={block_size} is invalid for this model: it must divide its "
+                             f"attention_chunk_size={ch} (chunked attention reads each chunk from its first block).")
 
     def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
         """The element types of cache_shapes' tensors: both in the cache's dtype."""

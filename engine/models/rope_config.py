@@ -7,6 +7,9 @@ from dataclasses import dataclass
 # rope_parameters.rope_type values moelink implements: "default" (plain RoPE) and "yarn" (inverse frequencies
 # and the attention factor from transformers' own ROPE_INIT_FUNCTIONS, so they are the library's numbers).
 ROPE_TYPES = ("default", "yarn")
+# Scaled types only the families that name them accept (Architecture.rope_types; their inverse frequencies from
+# transformers' ROPE_INIT_FUNCTIONS as yarn's): "llama3", Llama 3.1's and Llama 4's band-wise frequency scaling.
+FAMILY_ROPE_TYPES = ("llama3",)
 # How the rotated dimensions pair up: "neox" rotates (x[i], x[i + R/2]) (Hugging Face rotate_half);
 # "interleaved" rotates (x[2i], x[2i + 1]) and returns the halves de-interleaved (DeepSeek-V3 rope_interleave:
 # the checkpoint's rope rows are de-interleaved at load, after which it runs as neox); "complex" rotates
@@ -38,12 +41,13 @@ class RopeConfig:
         if self.mrope_section and (len(self.mrope_section) != 3 or any(
                 isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.mrope_section)):
             raise ValueError(f"mrope_section={list(self.mrope_section)!r} is invalid: must be three integers >= 0.")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_type={self.rope_type!r} is not supported: allowed: {', '.join(ROPE_TYPES)}.")
+        if self.rope_type not in ROPE_TYPES + FAMILY_ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r} is not supported: allowed: "
+                             f"{', '.join(ROPE_TYPES + FAMILY_ROPE_TYPES)}.")
         if self.style not in ROPE_STYLES:
             raise ValueError(f"rope style={self.style!r} is invalid: allowed: {', '.join(ROPE_STYLES)}.")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ValueError(f"rotary_dim={self.rotary_dim} is invalid: must be an even number >= 2.")
 
 
-__all__ = ["ROPE_STYLES", "ROPE_TYPES", "RopeConfig"]
+__all__ = ["FAMILY_ROPE_TYPES", "ROPE_STYLES", "ROPE_TYPES", "RopeConfig"]

@@ -26,7 +26,7 @@ def test_every_architecture_names_registered_kinds():
             FFN.get(spec.ffn)
     assert {"gqa", "mla", "block_sparse", "linear", "compressed"} <= set(ATTENTION.names())
     assert set(FFN.names()) == {"dense", "routed", "routed_shared", "token_routed", "latent_shared", "granite_moe",
-                                 "dbrx"}
+                                 "dbrx", "llama4_moe"}
     assert set(RESIDUAL.names()) == {"prenorm", "hyper", "hc_prenorm", "shortcut_pair", "independent_hyper",
                                      "gated_hyper", "attn_res", "lagged_hyper", "dbrx", "phimoe"}
     assert REGISTRY["DeepseekV4ForCausalLM"].spec.residual == "hyper"

@@ -172,7 +172,7 @@ class RoutedFFN(FFNBlock):
                             ctx.kernels, cfg.dtype, ctx.device, ep=ctx.ep, moe_index=ctx.moe_row(i),
                             stats=ctx.stats, expert_format=fmt, router_bias=m.router_bias, expert_bias=m.expert_bias,
                             activation=moe_activation(m, m.activation),
-                            zero_experts=m.zero_experts)
+                            zero_experts=m.zero_experts, weight_on_input=m.router_weight_on_input)
         if self.expert_shard and self.moe.b2_ED is not None:
             self.moe.b2_ED.zero_()  # gpt-oss's down bias: the group's first rank loads it, the others add none
         if self.expert_shard and self.expert_shard.rank:

@@ -51,6 +51,9 @@ class MoEConfig:
     # activation_situ_linear_beta (None: the up half as it is); kernels.situ.SiTU validates them.
     situ_beta: float = 1.0
     situ_linear_beta: float | None = None
+    # The routing weight multiplies the expert's input rather than its output (Llama 4's Llama4TextMoe: routed_in =
+    # x * score; moe/layer.MoELayer weight_on_input), top-1 routing only.
+    router_weight_on_input: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
@@ -67,6 +70,9 @@ class MoEConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise unsupported(name, v, "an integer >= 0")
+        if self.router_weight_on_input and self.router.top_k != 1:
+            raise unsupported("num_experts_per_tok", self.router.top_k, (1,),
+                              " (the routing weight scales the expert's input: one pick per token)")
         if self.moe_layer_freq != 1:
             raise unsupported("moe_layer_freq", self.moe_layer_freq, (1,),
                               " (transformers puts experts in every layer from first_k_dense_replace on)")
