@@ -19,6 +19,7 @@ from moelink.moe.router_config import RouterConfig
 
 from .awaited import awaited_refusal
 from ..models.gated_deltanet_config import LinearAttentionConfig
+from ..models.mamba2_config import Mamba2Config
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, OWN_CONFIGS, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
 from ..models.compressed_attention_config import resolve_compressed_cache
@@ -163,9 +164,9 @@ class ModelConfig:
             if len(self.layer_attention) != self.num_layers:
                 raise ValueError(f"ModelConfig layer_attention has {len(self.layer_attention)} configs for "
                                  f"num_hidden_layers={self.num_layers} layers.")
-            # Linear-attention layers (engine/models/gated_deltanet_config.py: gated DeltaNet, KDA) sit beside the model's
-            # attention kind.
-            kinds = {a.kind for a in self.layer_attention if not isinstance(a, LinearAttentionConfig)}
+            # Linear-attention layers (engine/models/gated_deltanet_config.py: gated DeltaNet, KDA) and Mamba2 layers
+            # (engine/models/mamba2_config.py) sit beside the model's attention kind.
+            kinds = {a.kind for a in self.layer_attention if not isinstance(a, (LinearAttentionConfig, Mamba2Config))}
             if kinds != {self.attention.kind}:
                 raise ValueError(f"ModelConfig layer_attention holds {sorted(kinds)} attention, but the model's is "
                                  f"{self.attention.kind!r}.")

@@ -72,8 +72,9 @@ def graph_sizes_to_capture(sizes: tuple[int, ...], kernels, ep, two_batch_overla
         why_not = f"the {kernels.name} kernels read host-side lengths, which a graph would freeze"
     elif kernels.name == "batch_invariant_triton" and (why := invariant_graphs_refusal(cfg, ep, quantized, tp_size)):
         why_not = why
-    elif cfg is not None and not getattr(cfg.attention, "graphable", True):
-        why_not = (f"{cfg.attention.kind} attention runs each sequence from host-side lengths (no batched decode "
+    elif cfg is not None and (a := next((a for a in (cfg.attention, *getattr(cfg, "layer_attention", ()))
+                                         if not getattr(a, "graphable", True)), None)) is not None:
+        why_not = (f"{a.kind} attention runs each sequence from host-side lengths (no batched decode "
                    "path yet), which a graph would freeze")
     elif ep is not None and two_batch_overlap:
         why_not = ("two-batch overlap runs every step as two micro-batches (two dispatches per MoE layer) and a "

@@ -2,7 +2,8 @@
 (ModelConfig.attention_for): "gqa" (gqa.py; sliding windows and sinks are its config), "mla" (mla.py; with an
 indexer in its config, DeepSeek Sparse Attention: dsa.py), "block_sparse" (GQA over the key blocks an indexer keeps,
 MiniMax-M3: block_sparse.py), "linear" (gated DeltaNet, gated_deltanet.py), "kda" (Kimi Delta
-Attention, kimi_delta.py: gated DeltaNet with a decay per key channel). A family adds its own from its package
+Attention, kimi_delta.py: gated DeltaNet with a decay per key channel), "mamba2" (Mamba2's selective state-space
+mixer, mamba2.py: Granite 4.0-H's `mamba` layers). A family adds its own from its package
 (DeepSeek-V4's: engine/models/deepseek_v4/)."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..gated_deltanet import GatedDeltaNet
 from ..gqa import GQAAttention
 from ..kimi_delta import KimiDeltaAttention
 from ..layers import ForwardContext
+from ..mamba2 import Mamba2Mixer
 from ..mla import MLAAttention
 from .context import BuildContext
 from .registry import Registry
@@ -83,8 +85,15 @@ def _kda(ctx: BuildContext, i: int, attn) -> nn.Module:
                               tp=ctx.tp, quant=cfg.quantization)
 
 
+def _mamba2(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    if ctx.tp is not None:  # engine/config/tensor_parallel.py refuses it first; a direct build says so too
+        raise ValueError(f"tensor parallelism is not supported for {cfg.architecture}'s Mamba2 layers yet.")
+    return Mamba2Mixer(i, cfg.hidden_size, attn, ctx.kernels, cfg.dtype, ctx.device, quant=cfg.quantization)
+
+
 class _ReplayLinear:
-    """Gated DeltaNet's (and KDA's) verify step: each layer's verifying sequences take their accepted tokens into their states
+    """Gated DeltaNet's (and KDA's, Mamba2's) verify step: each layer's verifying sequences take their accepted tokens into their states
     after sampling (engine/state/step.VerifySplit); nothing to do before."""
 
     def __init__(self, mixers: Sequence[nn.Module]):
@@ -95,7 +104,7 @@ class _ReplayLinear:
 
     def replay(self, num_accepted_S: torch.Tensor) -> None:
         for mixer in self.mixers:
-            mixer.replay_states(num_accepted_S)  # GatedDeltaNet's
+            mixer.replay_states(num_accepted_S)  # GatedDeltaNet's, Mamba2Mixer's
 
 
 ATTENTION.add("gqa", AttentionKind("self_attn", _gqa))
@@ -103,5 +112,6 @@ ATTENTION.add("mla", AttentionKind("self_attn", _mla))
 ATTENTION.add("block_sparse", AttentionKind("self_attn", _block_sparse))
 ATTENTION.add("linear", AttentionKind("linear_attn", _linear, _ReplayLinear))
 ATTENTION.add("kda", AttentionKind("self_attn", _kda, _ReplayLinear))
+ATTENTION.add("mamba2", AttentionKind("mamba", _mamba2, _ReplayLinear))
 
 __all__ = ["ATTENTION", "AttentionKind", "LayerAttentionConfig", "StateHook"]

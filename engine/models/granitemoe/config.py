@@ -16,4 +16,6 @@ _LORA = "its muP multipliers are folded into the weights at load"
 ARCHITECTURES = (
     Architecture("GraniteMoeForCausalLM", _SPEC, model_type="granitemoe", lora_refused=_LORA),
     Architecture("GraniteMoeSharedForCausalLM", _SPEC, model_type="granitemoeshared", lora_refused=_LORA),
+    # Granite 4.0-H: Mamba2 layers (the shared "mamba2" kind, under `mamba.`) beside GQA ones, the same FFN and muP.
+    Architecture("GraniteMoeHybridForCausalLM", _SPEC, model_type="granitemoehybrid", lora_refused=_LORA),
 )

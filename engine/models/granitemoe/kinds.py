@@ -4,7 +4,7 @@ kind "granite_mup" (the muP multipliers folded into the weights once they are lo
 
 Why folding: every multiplier is a constant factor on a linear path, so it moves into a weight exactly up to one
 rounding, and the decoder's blocks stay the shared ones. embedding_multiplier scales the embedding table;
-residual_multiplier scales o_proj (and its bias), the experts' down projections and the shared MLP's; logits_scaling
+residual_multiplier scales o_proj (and its bias; a Mamba2 layer's out_proj), the experts' down projections and the shared MLP's; logits_scaling
 (and, where the LM head is the embedding table, embedding_multiplier again) divides the final norm's weight.
 attention_multiplier is GQAConfig.scale, not folded."""
 from __future__ import annotations
@@ -94,10 +94,13 @@ def _factors(cfg: ModelConfig, model: nn.Module) -> list[tuple[torch.Tensor, flo
     tied = model.lm_head is model.embed_tokens
     out = [(model.embed_tokens, emb), (model.norm.weight, 1.0 / (logits * (emb if tied else 1.0)))]
     for layer in model.layers:
-        attn = layer.self_attn
-        out.append((attn.o_proj.weight, res))
-        if attn.o_bias is not None:
-            out.append((attn.o_bias, res))
+        mixer = layer.mixer  # GQA's self_attn, or Granite 4.0-H's Mamba2 (mamba: its out_proj, no bias)
+        if hasattr(mixer, "o_proj"):
+            out.append((mixer.o_proj.weight, res))
+            if mixer.o_bias is not None:
+                out.append((mixer.o_bias, res))
+        else:
+            out.append((mixer.out_proj.weight, res))
         out.append((layer.moe.w2_EDI, res))
         shared = getattr(layer.ffn, "shared_moe", None)
         if shared is not None:
