@@ -82,20 +82,51 @@ def _storage_from_bytes(b: bytes):
     return torch.load(io.BytesIO(b), weights_only=True)
 
 
-def _storage_filename(cls, manager, handle, size, dtype=None):
+def _storage_filename(max_bytes: int | None):
     """torch's rebuild of a CPU storage in a named shared-memory segment ("file_system" strategy): the name is
-    torch's own kind, never a path."""
+    torch's own kind, never a path, and the segment at most `max_bytes` (torch grows a segment to the size a pickle
+    names: a client's pickle never makes this host's shared memory larger than an update can need)."""
+    import torch
     from torch.multiprocessing import reductions
 
-    if not (isinstance(handle, bytes) and handle.startswith(b"/torch_") and b"/" not in handle[1:]
-            and isinstance(size, int) and size >= 0):
-        raise PayloadRefused(f"{FIELD}[0] names a shared-memory segment that is not torch's.")
-    if dtype is None:
-        return reductions.rebuild_storage_filename(cls, manager, handle, size)
-    return reductions.rebuild_storage_filename(cls, manager, handle, size, dtype)
+    def rebuild(cls, manager, handle, size, dtype=None):
+        if not (isinstance(handle, bytes) and handle.startswith(b"/torch_") and b"/" not in handle[1:]
+                and isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                and isinstance(manager, bytes) and (dtype is None or isinstance(dtype, torch.dtype))):
+            raise PayloadRefused(f"{FIELD}[0] names a shared-memory segment that is not torch's.")
+        nbytes = size * (1 if dtype is None else torch._utils._element_size(dtype))
+        if max_bytes is not None and nbytes > max_bytes:
+            raise PayloadRefused(f"{FIELD}[0] names a shared-memory segment of {nbytes} bytes, more than the served "
+                                 f"weights could need ({max_bytes}).")
+        return reductions.rebuild_storage_filename(_real(cls), manager, handle, size, dtype)
+    return rebuild
 
 
-def _allowed(module: str, name: str):
+class _ClassRef:
+    """A class a pickle names only as an argument (a tensor's or a storage's type), never to be called: REDUCE on
+    it fails (`torch.Tensor(10**12)` would allocate), while torch's rebuilds compare it (`cls == Parameter`)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __eq__(self, other):
+        return self.cls is _real(other)
+
+    def __hash__(self):
+        return hash(self.cls)
+
+
+def _real(cls):
+    return cls.cls if isinstance(cls, _ClassRef) else cls
+
+
+def _storage_empty(cls):
+    import torch
+
+    return torch.UntypedStorage() if _real(cls) is torch.UntypedStorage else torch.TypedStorage()
+
+
+def _allowed(module: str, name: str, max_bytes: int | None = None):
     import torch
     from torch.multiprocessing import reductions
 
@@ -107,22 +138,25 @@ def _allowed(module: str, name: str):
         if name == "rebuild_storage_fd":
             return _refuse_fd
         if name == "rebuild_storage_filename":
-            return _storage_filename
-        if name in ("rebuild_tensor", "rebuild_storage_empty", "rebuild_typed_storage", "rebuild_parameter",
-                    "rebuild_parameter_with_state"):
+            return _storage_filename(max_bytes)
+        if name == "rebuild_storage_empty":
+            return _storage_empty
+        if name in ("rebuild_tensor", "rebuild_typed_storage", "rebuild_parameter", "rebuild_parameter_with_state"):
             return getattr(reductions, name)
     if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
         return getattr(torch._utils, name)
     if module == "torch.storage" and name == "_load_from_bytes":
         return _storage_from_bytes
-    if module in ("torch", "torch.storage") and name in ("UntypedStorage", "TypedStorage", "Size", "Tensor"):
-        return getattr(torch, name)
+    if module in ("torch", "torch.storage") and name in ("UntypedStorage", "TypedStorage"):
+        return _ClassRef(getattr(torch, name))
+    if module == "torch" and name == "Size":
+        return torch.Size
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
-    if module == "torch._tensor" and name == "Tensor":
-        return torch.Tensor
+    if module in ("torch", "torch._tensor") and name == "Tensor":
+        return _ClassRef(torch.Tensor)
     if module == "torch.nn.parameter" and name == "Parameter":
-        return torch.nn.Parameter
+        return _ClassRef(torch.nn.Parameter)
     if module == "collections" and name == "OrderedDict":
         import collections
 
@@ -135,15 +169,19 @@ def _allowed(module: str, name: str):
 
 
 class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, max_bytes: int | None = None):
+        super().__init__(file)
+        self.max_bytes = max_bytes
+
     def find_class(self, module: str, name: str):
-        found = _allowed(module, name)
+        found = _allowed(module, name, self.max_bytes)
         if found is None:
             raise PayloadRefused(f"{FIELD}[0] names {module}.{name}, which a weight payload never needs (only a CPU "
                                  "tensor's rebuild and SGLang's payload classes are taken).")
         return found
 
 
-def _load(data: bytes | str) -> Any:
+def _load(data: bytes | str, max_bytes: int | None = None) -> Any:
     if isinstance(data, str):
         try:
             data = base64.b64decode(data, validate=True)
@@ -151,7 +189,7 @@ def _load(data: bytes | str) -> Any:
             raise PayloadRefused(f"{FIELD}[0] is not base64 (SGLang's MultiprocessingSerializer.serialize(..., "
                                  "output_str=True)).") from None
     try:
-        return _Unpickler(io.BytesIO(data)).load()
+        return _Unpickler(io.BytesIO(data), max_bytes).load()
     except PayloadRefused:
         raise
     except RuntimeError as e:  # torch could not open what the pickle names (a segment gone, a sender exited)
@@ -162,14 +200,14 @@ def _load(data: bytes | str) -> Any:
                              f"({type(e).__name__}).") from None
 
 
-def _tensor(value: Any, where: str):
+def _tensor(value: Any, where: str, max_bytes: int | None):
     import torch
 
     if isinstance(value, LocalSerializedTensor):
         values = getattr(value, "values", None)
         if not isinstance(values, list) or not values:
             raise PayloadRefused(f"{FIELD}[0]: {where} is a LocalSerializedTensor without values.")
-        value = _load(values[0])
+        value = _load(values[0], max_bytes)
     if not isinstance(value, torch.Tensor):
         raise PayloadRefused(f"{FIELD}[0]: {where} is not a tensor.")
     if value.device.type != "cpu":
@@ -177,12 +215,13 @@ def _tensor(value: Any, where: str):
     return value.detach().clone()  # the sender may free its shared memory once the call answers
 
 
-def decode_named_tensors(entries: list, load_format: str | None) -> list:
+def decode_named_tensors(entries: list, load_format: str | None, max_bytes: int | None = None) -> list:
     """[(name, CPU tensor)] of an update_weights_from_tensor call's `serialized_named_tensors` (entry 0; see the
-    module's docstring), copied out of the sender's shared memory. PayloadRefused names what is not taken."""
+    module's docstring), copied out of the sender's shared memory, no segment larger than `max_bytes` (None: no
+    bound). PayloadRefused names what is not taken."""
     import torch
 
-    obj = _load(entries[0])
+    obj = _load(entries[0], max_bytes)
     if load_format == "flattened_bucket":
         if not isinstance(obj, dict) or set(obj) != {"flattened_tensor", "metadata"}:
             raise PayloadRefused(f"{FIELD}[0] is not a flattened bucket ({{'flattened_tensor', 'metadata'}}), as "
@@ -212,7 +251,7 @@ def decode_named_tensors(entries: list, load_format: str | None) -> list:
                                                      and isinstance(p[0], str) for p in obj):
         raise PayloadRefused(f"{FIELD}[0] is not a list of (name, tensor) pairs (load_format none; a flattened "
                              "bucket takes load_format='flattened_bucket').")
-    return [(name, _tensor(t, f"tensor {name!r}")) for name, t in obj]
+    return [(name, _tensor(t, f"tensor {name!r}", max_bytes)) for name, t in obj]
 
 
 __all__ = ["FlattenedTensorMetadata", "LocalSerializedTensor", "PayloadRefused", "decode_named_tensors"]

@@ -475,3 +475,26 @@ def test_abort_all_requests_ends_the_running_ones_then_updates(servers, model_pa
         conn.close()
     finally:
         front.close()
+
+
+def test_a_payload_pickle_cannot_call_or_grow_what_it_names():
+    """engine/rl/serialized_tensors.py: a class a pickle names is never called (torch.Tensor(10**12) would allocate),
+    and a shared-memory segment is never named larger than the bound (torch grows a segment to the size named)."""
+    from torch.multiprocessing import reductions
+
+    from moelink.engine.rl.serialized_tensors import PayloadRefused, decode_named_tensors
+
+    class Alloc:
+        def __reduce__(self):
+            return (torch.Tensor, (10 ** 12,))
+
+    class Grow:
+        def __reduce__(self):
+            return (reductions.rebuild_storage_filename, (torch.UntypedStorage, b"/tmp/x", b"/torch_1_2_3", 1 << 40))
+
+    import pickle
+
+    for payload, says in ((Alloc(), "is not a payload"), (Grow(), "more than the served weights")):
+        entry = base64.b64encode(pickle.dumps([("x", payload)])).decode()
+        with pytest.raises(PayloadRefused, match=says):
+            decode_named_tensors([entry], None, max_bytes=1 << 20)

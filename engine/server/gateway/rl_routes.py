@@ -384,6 +384,23 @@ class RlRoutes:
         self.enabled = enabled
         self.max_body_bytes = max_body_bytes
         self.abort_all = abort_all
+        self._bound: Optional[int] = None  # _payload_bound's, read once
+
+    def _payload_bound(self) -> Optional[int]:
+        """The most bytes one shared-memory segment of an update_weights_from_tensor payload may name: twice the
+        served checkpoint's safetensors files (a float32 bucket of bf16 weights), and 1 MiB; None when the
+        checkpoint's directory cannot be read (the engine's own checks still bound every tensor)."""
+        if self._bound is None:
+            import glob
+            import os
+
+            try:
+                folder = self.engine.engine.config.model.model
+                self._bound = 2 * sum(os.path.getsize(f) for f in glob.glob(os.path.join(folder, "*.safetensors"))) \
+                    + (1 << 20)
+            except (AttributeError, OSError, TypeError):
+                return None
+        return self._bound
 
     async def _abort_all(self) -> None:
         if self.abort_all is not None:
@@ -427,7 +444,8 @@ class RlRoutes:
 
                 entries, load_format, flush, version = args
                 # Unpickled (allow-listed) and copied off the loop: a bucket may be hundreds of MiB.
-                tensors = await asyncio.to_thread(decode_named_tensors, entries, load_format)
+                tensors = await asyncio.to_thread(decode_named_tensors, entries, load_format,
+                                                  self._payload_bound())
                 args = (tensors, None, version, flush)
             if abort_first:
                 await self._abort_all()
