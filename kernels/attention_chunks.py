@@ -13,7 +13,9 @@ A sequence of one query token (decode, a drafter's chained step) is one virtual 
 block come from the device lengths `seq_lens_S` (no host sync: decode graphs capture it, and the host length of such
 a row may be an upper bound, AttentionMetadata). A sequence of several query tokens (a prompt chunk, a verify step)
 is split on the host by its exact host length, one virtual sequence per chunk its queries reach; its rows stay in
-the flat batch's order, so the output needs no reordering.
+the flat batch's order, so the output needs no reordering. Such a split depends on the step's positions, so it is
+never captured in a CUDA graph: a verify graph's capture fails here, and speculative verify steps run eagerly
+(engine/rank/cuda_graph.py drops the verify graphs and keeps the decode ones).
 """
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ def _virtual(meta: AttentionMetadata, chunk: int, block_size: int) -> AttentionM
         end_V = meta.seq_lens_S.long()
         return _with_ends(meta, end_V, None, meta.query_start_loc_S1, list(meta.query_lens),
                           [min(n, chunk) for n in meta.seq_lens], chunk, block_size)
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Its split depends on the step's positions: a graph captured for one step's would replay it for another.
+        raise RuntimeError("chunked attention is not captured for steps of several query tokens per sequence (a "
+                           "verify graph): those steps run eagerly")
     src, ends, qlens, hlens = [], [], [], []
     decode = []
     for s, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.seq_lens)):
