@@ -130,9 +130,12 @@ class ServedAdapters:
         with self._lock:
             return list(self._by_name.values())
 
-    def add(self, name: str, path: str, field: str = "lora_name") -> LoRARequest:
+    def add(self, name: str, path: str, field: str = "lora_name", replace: bool = False) -> LoRARequest:
         """Check the adapter at `path` against the served checkpoint and serve it as `name`; blocking (its files'
-        headers are read: call it off the event loop). ValueError names `field` (the name) or the adapter's path."""
+        headers are read: call it off the event loop). ValueError names `field` (the name) or the adapter's path.
+        `replace` (vLLM's load_inplace, an RL trainer's adapter each step): a name already served is given the new
+        files under a new adapter id once they pass the check (the requests running under the old id keep it to their
+        end), and keeps the old files when they fail."""
         if self.checker is None:
             raise ValueError(f"{field}={shown(str(name))} is refused: this server serves no LoRA adapters; start it "
                              "with --enable-lora.")
@@ -144,7 +147,7 @@ class ServedAdapters:
                              "ignoring case and Unicode form); give the adapter its own.")
         with self._lock:  # held through the check: a second load of one name waits, then is refused
             taken = next((n for n in self._by_name if name_key(n) == key), None)
-            if taken is not None:
+            if taken is not None and not (replace and taken == name):
                 raise ValueError(f"{field}={shown(name)} is invalid: the adapter {shown(taken)} has already been "
                                  "loaded under that name (compared ignoring case); unload it first.")
             request = LoRARequest(name, next(self._ids), path)

@@ -93,6 +93,28 @@ def test_load_and_unload_routes_as_vllm_answers_them():
     assert status == 404 and "--enable-lora" in out["error"]["message"]
 
 
+def test_load_inplace_replaces_a_served_adapters_files_only_when_they_pass():
+    """vLLM's load_inplace (and prime-rl's /load_lora_adapter, which always loads in place): the name takes the new
+    files under a new adapter id, so requests running under the old id keep their weights; files that fail the check
+    leave the old adapter served; without it a served name is refused, as vLLM refuses it."""
+    serving = _Serving()
+    routes = LoraRoutes(serving, environ={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"})
+    assert _answer(routes, LOAD_PATH, {"lora_name": "a", "lora_path": "/x"})[0] == 200
+    first = serving.adapters.get("a")
+    status, out = _answer(routes, LOAD_PATH, {"lora_name": "a", "lora_path": "/y"})
+    assert status == 400 and "already been loaded" in out["error"]["message"]
+    assert _answer(routes, LOAD_PATH, {"lora_name": "a", "lora_path": "/y", "load_inplace": True})[0] == 200
+    second = serving.adapters.get("a")
+    assert second.lora_path == "/y" and second.lora_int_id != first.lora_int_id
+    status, out = _answer(routes, LOAD_PATH, {"lora_name": "a", "lora_path": "/y/bad", "load_inplace": True})
+    assert status == 400 and out["error"]["param"] == "lora_path" and serving.adapters.get("a") is second
+    status, out = _answer(routes, LOAD_PATH, {"lora_name": "a", "lora_path": "/y", "load_inplace": "yes"})
+    assert status == 400 and out["error"]["param"] == "load_inplace"
+    reloading = LoraRoutes(serving, environ={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, reload=True)
+    assert _answer(reloading, LOAD_PATH, {"lora_name": "a", "lora_path": "/z"})[0] == 200
+    assert serving.adapters.get("a").lora_path == "/z"
+
+
 def test_the_relay_note_reaches_the_grpc_request_id():
     note_adapter("cmpl-abc", "a")
     try:

@@ -62,7 +62,8 @@ from .http_limits import HttpLimits
 from .http_routes import (ENGINE_ROUTES, HEALTH_PATHS, KEYED_ROUTES, LIVENESS_PATH, METRICS_PATH, PING_PATH, PROBES,
                           VERSION_PATH, body_limit, no_engine_body, public_path)
 from .http_wire import (METHOD_NOT_ALLOWED_BODY, NOT_FOUND_BODY, UNAUTHORIZED_BODY, ClientStalled, KeptConnection,
-                        answer_watched, error_body, header_of, keep_alive_s, refuse_unread, write_answer)
+                        answer_watched, error_body, header_of, keep_alive_s, moelink_version, refuse_unread,
+                        write_answer)
 from .generate_route import GENERATE_PATH
 from .vllm_token_generate import PATHS as TOKEN_GENERATE_PATHS
 from .json_body import INLINE_BODY_BYTES
@@ -380,13 +381,3 @@ class HttpFront:
             return True
         given = [value for name, value in request.headers if name == b"authorization"]
         return len(given) == 1 and hmac.compare_digest(given[0], f"Bearer {self.api_key}".encode())
-
-
-def moelink_version() -> str:
-    """moelink's version (what GET /version answers, as vLLM's answers vLLM's)."""
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("moelink")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

@@ -265,3 +265,13 @@ async def _write_stream(conn: h11.Connection, writer: asyncio.StreamWriter, got)
         await drained(writer, stall_of(conn))
     writer.write(pending + conn.send(h11.EndOfMessage()))
     await drained(writer, stall_of(conn))
+
+
+def moelink_version() -> str:
+    """moelink's version (what GET /version answers, as vLLM's answers vLLM's)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("moelink")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -59,8 +59,11 @@ def adapter_of(request_id: str) -> Optional[str]:
 class LoraRoutes:
     """The adapters' side of the front, on a Serving (serving.py) beside it."""
 
-    def __init__(self, serving, environ=os.environ):
+    def __init__(self, serving, environ=os.environ, reload: bool = False):
+        """`reload`: every load of a served name replaces its files (prime-rl's /load_lora_adapter, which loads
+        the trainer's adapter under one name each step, as vLLM's load_inplace)."""
         self.s = serving
+        self.reload = reload
         self.runtime_updates = environ.get(RUNTIME_ENV, "0").strip().lower() in ("1", "true")
 
     def route(self, model) -> Optional[str]:
@@ -117,8 +120,9 @@ class LoraRoutes:
         if extra:
             return 400, _err(f"{shown(extra[0])} is not a field of {path} (it takes lora_name, lora_path).",
                              extra[0])
-        if data.get("load_inplace"):
-            return 400, _err("load_inplace is not supported: unload the adapter, then load it.", "load_inplace")
+        inplace = data.get("load_inplace", False)
+        if not isinstance(inplace, bool):
+            return 400, _err("load_inplace must be true or false.", "load_inplace")
         lora_path = data.get("lora_path")
         if not isinstance(lora_path, str) or not lora_path:
             return 400, _err(f"lora_path={shown(json.dumps(lora_path))} is invalid: give the adapter's directory.",
@@ -126,7 +130,8 @@ class LoraRoutes:
         t0 = time.monotonic()
         try:
             # Its headers are read and checked on a worker thread: the event loop and the step loop go on.
-            await asyncio.to_thread(self.s.adapters.add, name, lora_path)
+            # load_inplace (vLLM's): a served name takes the new files, checked before the old ones are let go.
+            await asyncio.to_thread(self.s.adapters.add, name, lora_path, "lora_name", inplace or self.reload)
         except ValueError as e:  # the name, the path or the adapter's files: one error naming the field
             return 400, _err(str(e), "lora_path" if "lora_path" in str(e) else "lora_name")
         except Exception as e:  # noqa: BLE001  (ServedAdapters.add turns the files' errors into ValueError)

@@ -21,7 +21,7 @@ from typing import Optional
 
 from ...contract.sampling_params import SamplingParams
 from . import lora_routes
-from .http_wire import error_object
+from .http_wire import error_object, moelink_version
 
 INFO_PATHS = ("/get_server_info", "/server_info")
 LOAD_PATHS = ("/v1/loads", "/get_load")
@@ -40,7 +40,9 @@ class SglangRoutes:
 
     def __init__(self, serving):
         self.s = serving
-        self.lora = lora_routes.LoraRoutes(serving)
+        # /load_lora_adapter is SGLang's name and prime-rl's (its vLLM server's wrapper, which loads in place): a
+        # served name is reloaded with the new files rather than refused, which both kinds of client can use.
+        self.lora = lora_routes.LoraRoutes(serving, reload=True)
 
     async def answer(self, method: bytes, path: str, body: bytes, query: str = "",
                      client: tuple[str, ...] = ()) -> Optional[tuple[int, bytes]]:
@@ -61,8 +63,6 @@ class SglangRoutes:
         return 200, json.dumps(self.server_info()).encode()
 
     def server_info(self) -> dict:
-        from .http_front import moelink_version
-
         engine = self.s.engine
         info = self.s.info
         config = engine.engine.config

@@ -284,10 +284,8 @@ class VllmRlRoutes:
                            None, 404)
         name, lora_path = _str(data, "lora_name", ""), _str(data, "lora_path", "")
         old = adapters.get(name)
-        if old is not None:  # reloaded in place: the name now serves the new files
-            adapters.remove(name)
-        try:
-            request = await asyncio.to_thread(adapters.add, name, lora_path)
+        try:  # reloaded in place: the name serves the new files once they pass the check, else keeps the old ones
+            request = await asyncio.to_thread(adapters.add, name, lora_path, "lora_name", True)
         except ValueError as e:
             raise _Refused(str(e), "lora_path" if "lora_path" in str(e) else "lora_name") from None
         return {"status": "ok", "lora_name": name, "lora_int_id": request.lora_int_id, "reloaded": old is not None}
