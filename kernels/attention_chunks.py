@@ -51,15 +51,20 @@ def _virtual(meta: AttentionMetadata, chunk: int, block_size: int) -> AttentionM
     decode = []
     for s, (qlen, ctx) in enumerate(zip(meta.query_lens, meta.seq_lens)):
         if qlen == 1:  # its device length decides (its host one may be an upper bound)
-            src.append(s), ends.append(0), qlens.append(1), hlens.append(min(ctx, chunk))
-            decode.append(True)
-            continue
-        p = ctx - qlen  # the first query's position
-        while p < ctx:
-            stop = min(ctx, (p // chunk + 1) * chunk)  # past this chunk's last query
-            src.append(s), ends.append(stop), qlens.append(stop - p), hlens.append(stop - (p // chunk) * chunk)
-            decode.append(False)
-            p = stop
+            pieces = [(0, 1, min(ctx, chunk), True)]
+        else:
+            pieces = []
+            p = ctx - qlen  # the first query's position
+            while p < ctx:
+                stop = min(ctx, (p // chunk + 1) * chunk)  # past this chunk's last query
+                pieces.append((stop, stop - p, stop - (p // chunk) * chunk, False))
+                p = stop
+        for end, n, host_len, dec in pieces:  # (last query + 1, queries, host length, from the device)
+            src.append(s)
+            ends.append(end)
+            qlens.append(n)
+            hlens.append(host_len)
+            decode.append(dec)
     src_V = torch.tensor(src, dtype=torch.long, device=dev)
     end_V = torch.tensor(ends, dtype=torch.long, device=dev)
     if any(decode):

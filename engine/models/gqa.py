@@ -113,10 +113,10 @@ class GQAAttention(nn.Module):
         # tensor fills (weight_plan leaves it out). transformers norms after the rotary; a rotation keeps each
         # head's mean square, so norming before it (as the fused op does) is the same.
         self.l2_norm = attn.qk_norm == "l2"
-        if self.l2_norm:
+        if self.q_norm is not None and self.k_norm is not None and self.l2_norm:
             with torch.no_grad():
-                self.q_norm.weight.fill_(1.0)  # type: ignore[union-attr]  # qk_norm set: both built
-                self.k_norm.weight.fill_(1.0)  # type: ignore[union-attr]
+                self.q_norm.weight.fill_(1.0)
+                self.k_norm.weight.fill_(1.0)
         # Chunked local attention (GQAConfig.attention_chunk_size): the attention reads the step's metadata as one
         # virtual sequence per chunk (kernels/attention_chunks.py). None: causal over the whole context.
         self.attention_chunk = attn.attention_chunk_size

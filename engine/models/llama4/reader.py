@@ -48,7 +48,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
         for name, v in (("floor_scale", floor_scale), ("attn_scale", attn_scale)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (name == "floor_scale" and v <= 0):
                 raise unsupported(name, v, "a number > 0" if name == "floor_scale" else "a number")
-        tuning = (float(floor_scale), float(attn_scale))  # type: ignore[arg-type]  # checked above
+        tuning = (float(floor_scale), float(attn_scale))  # (both checked numbers above)
     qk_norm = bool(getattr(hf, "use_qk_norm", False))
     bias = bool(getattr(hf, "attention_bias", False))
     r = rope_config(rope, c, c["head_dim"], style="interleaved")
