@@ -58,6 +58,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary_dim, self.style, self.kernels = rope.rotary_dim, rope.style, kernels
         inv_freq_h, factor = rope_inv_freq(rope, hf_config)
+        if rope.attention_factor is not None:  # the family's own scale (RopeConfig.attention_factor)
+            factor = rope.attention_factor
         pos_P = torch.arange(max_positions, dtype=torch.float32)
         freqs_Ph = pos_P[:, None] * inv_freq_h[None, :]
         if rope.style == "complex":

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 # and the attention factor from transformers' own ROPE_INIT_FUNCTIONS, so they are the library's numbers).
 ROPE_TYPES = ("default", "yarn")
 # Scaled types only the families that name them accept (Architecture.rope_types; their inverse frequencies from
-# transformers' ROPE_INIT_FUNCTIONS as yarn's): "llama3", Llama 3.1's and Llama 4's band-wise frequency scaling.
-FAMILY_ROPE_TYPES = ("llama3",)
+# transformers' ROPE_INIT_FUNCTIONS as yarn's): "llama3", Llama 3.1's and Llama 4's band-wise frequency scaling;
+# "longrope", Phi-3.5-MoE's per-frequency factors (transformers' PhiMoE computes them without a sequence length: its
+# short_factor at every position; the family names the cos/sin scale: RopeConfig.attention_factor).
+FAMILY_ROPE_TYPES = ("llama3", "longrope")
 # How the rotated dimensions pair up: "neox" rotates (x[i], x[i + R/2]) (Hugging Face rotate_half);
 # "interleaved" rotates (x[2i], x[2i + 1]) and returns the halves de-interleaved (DeepSeek-V3 rope_interleave:
 # the checkpoint's rope rows are de-interleaved at load, after which it runs as neox); "complex" rotates
@@ -36,6 +38,9 @@ class RopeConfig:
     # mrope_section[2], by the temporal one otherwise. Text tokens have three equal positions, so a text-only step
     # runs as plain 1-D rope; () : no multimodal rotary (engine/models/rope.py RotaryEmbedding.mrope_table).
     mrope_section: tuple[int, ...] = ()
+    # The scale of cos / sin where the family's model sets it rather than the rope type's init (PhiMoE's
+    # rope_parameters.short_mscale in place of longrope's attention factor); None: the init's.
+    attention_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.mrope_section and (len(self.mrope_section) != 3 or any(

@@ -13,7 +13,7 @@ import torch
 
 from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
-from moelink.engine.models.phimoe.tiny import PHIMOE
+from moelink.engine.models.phimoe.tiny import LONGROPE, PHIMOE
 from moelink.moe.router import SparseMixerRouter, make_router
 from moelink.moe.router_config import RouterConfig
 
@@ -83,20 +83,31 @@ def test_config(tmp_path):
 
 
 def test_published_name_is_transformers_model(tmp_path):
-    """`make-tiny-model --arch phi35_moe` writes the release's name (PhiMoEForCausalLM): read as transformers'
-    PhimoeForCausalLM, and transformers' tokens for two prompts."""
+    """`make-tiny-model --arch phi35_moe` writes the release's name (PhiMoEForCausalLM) and its longrope: read as
+    transformers' PhimoeForCausalLM, and transformers' tokens for two prompts past original_max_position_embeddings."""
     import json
 
     from moelink.engine.tools.tiny_model import make_tiny_model
 
     path = make_tiny_model(tmp_path / "m", "phi35_moe", dtype="float64")
-    assert json.loads((path / "config.json").read_text())["architectures"] == ["PhiMoEForCausalLM"]
-    ps = prompts(VOCAB, seed=4, n=2, lo=3, hi=20)
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["architectures"] == ["PhiMoEForCausalLM"] and raw["rope_parameters"]["rope_type"] == "longrope"
+    ps = prompts(VOCAB, seed=4, n=2, lo=3, hi=40)
     llm = LLM(str(path), dtype="float64", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=32, block_size=4)
     assert_same(engine_greedy(llm, ps, max_new=4), hf_greedy(str(path), ps, max_new=4), ps)
 
 
+def test_config_longrope(tmp_path):
+    """longrope: transformers' init gives the short factors' frequencies (no sequence length), cos/sin scaled by
+    short_mscale (RopeConfig.attention_factor), not longrope's own attention factor."""
+    cfg = ModelConfig.from_pretrained(_config_dir(tmp_path, rope_parameters=LONGROPE))
+    r = cfg.attention.rope
+    assert (r.rope_type, r.attention_factor, r.rotary_dim) == ("longrope", 1.243163121016122, 16)
+
+
 @pytest.mark.parametrize("edit,match", [
+    (set_fields(rope_parameters={**LONGROPE, "long_mscale": 1.5}),
+     r"rope_parameters.long_mscale=1.5 is not supported for PhimoeForCausalLM \(a scale switching"),
     (set_fields(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "short_mscale": 1.0,
                                  "long_mscale": 1.0, "original_max_position_embeddings": 256}),
      r"rope_parameters.rope_type='yarn' is not supported for PhimoeForCausalLM"),
@@ -141,10 +152,11 @@ def test_prefix_cache_hit_parity(phimoe_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fields", [dict(router_jitter_noise=0.01, lm_head_bias=False),
-                                    dict(sliding_window=6)], ids=["published_jitter_no_head_bias", "window"])
+                                    dict(sliding_window=6), dict(rope_parameters=LONGROPE)],
+                         ids=["published_jitter_no_head_bias", "window", "longrope"])
 def test_variant_parity(tmp_path, fields):
     """The published router_jitter_noise (0.01) without an LM head bias; a 6-token window on every layer (prompts
-    of up to 60 tokens, 10x the window)."""
+    of up to 60 tokens, 10x the window); longrope past original_max_position_embeddings (32)."""
     path = save_preset(tmp_path, PHIMOE, **fields)
     ps = prompts(VOCAB, seed=17, n=4, lo=2, hi=60)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)

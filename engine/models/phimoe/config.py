@@ -12,9 +12,9 @@ SPEC = ArchSpec("gqa", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", 
 
 ARCHITECTURES = (
     # transformers' class (model_type phimoe).
-    Architecture("PhimoeForCausalLM", SPEC, model_type="phimoe",
+    Architecture("PhimoeForCausalLM", SPEC, model_type="phimoe", rope_types=("longrope",),
                  lora_refused="its LayerNorms and LM head bias are untested with adapters against peft"),
     # The name Phi-3.5-MoE's config.json and vLLM use.
-    Architecture("PhiMoEForCausalLM", SPEC, model_type="phimoe", alias_of="PhimoeForCausalLM",
+    Architecture("PhiMoEForCausalLM", SPEC, model_type="phimoe", alias_of="PhimoeForCausalLM", rope_types=("longrope",),
                  lora_refused="its LayerNorms and LM head bias are untested with adapters against peft"),
 )

@@ -5,6 +5,8 @@ after the common fields); a value moelink cannot run is refused naming the field
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from moelink.moe.router_config import RouterConfig
 
 from ..blocks.ffn_config import MoEConfig
@@ -19,11 +21,21 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     attention_bias, a sliding window on every layer when sliding_window is set (transformers' mask); LayerNorms
     with biases (eps rms_norm_eps) and the LM head's bias when lm_head_bias (kinds.py reads it from hf_config).
     input_jitter_noise acts in training only."""
-    if rope["rope_type"] != "default":
-        # transformers' Phimoe rotary scales cos/sin by rope_parameters' short_mscale / long_mscale and switches
-        # factor sets with the sequence's length (dropping its cache to recompute): not built here.
-        raise unsupported("rope_parameters.rope_type", rope["rope_type"], ("default",), f" for {arch} (its longrope "
-                                                                                         f"scaling is not built)")
+    if rope["rope_type"] not in ("default", "longrope"):
+        # transformers' PhiMoE rotary scales cos/sin by short_mscale / long_mscale whatever the type (yarn's own
+        # attention factor unused): only the published longrope and plain rope are its model.
+        raise unsupported("rope_parameters.rope_type", rope["rope_type"], ("default", "longrope"), f" for {arch}")
+    rotary = rope_config(rope, c, c["head_dim"])
+    if rope["rope_type"] == "longrope":
+        # transformers 5.24's PhiMoE takes its inverse frequencies from longrope's init without a sequence length
+        # (short_factor at every position) and scales cos/sin by short_mscale up to original_max_position_embeddings
+        # tokens, by long_mscale past them (recomputing the sequence without its cache when it crosses): one
+        # static table when the two scales agree (the release's), which is what is built.
+        short, long_ = rope.get("short_mscale"), rope.get("long_mscale")
+        if short != long_:
+            raise unsupported("rope_parameters.long_mscale", long_, (short,), f" for {arch} (a scale switching with "
+                                                                            f"the sequence's length is not built)")
+        rotary = replace(rotary, attention_factor=float(short))
     if c["quantization"] is not None:  # its LayerNorms have no fused FP8 input path (moe/fp8_input.py)
         raise unsupported("quantization_config", getattr(c["quantization"], "method", c["quantization"]), (None,),
                           f" for {arch} (float weights only)")
@@ -37,7 +49,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
         raise unsupported("sliding_window", window, "a positive integer or null")
     layers = tuple(range(c["num_layers"]))
     bias = bool(getattr(hf, "attention_bias", False))
-    attention = gqa(c, rope_config(rope, c, c["head_dim"]), qkv_bias=bias, o_bias=bias, sliding_window=window,
+    attention = gqa(c, rotary, qkv_bias=bias, o_bias=bias, sliding_window=window,
                     sliding_layers=layers if window is not None else ())
     return dict(num_experts=E, moe_intermediate_size=inter, intermediate_size=inter, norm_topk_prob=False,
                 sparse_layers=layers, moe=MoEConfig(router), attention=attention)
