@@ -296,8 +296,16 @@ def meta_row_bytes(topk_weights_TK: torch.Tensor) -> int:
 
 def pack_meta(ids_SK: torch.Tensor, weights_SK: torch.Tensor) -> torch.Tensor:
     """[S, K] int32 ids and [S, K] weights → one uint8 [S, K·(4 + w bytes)] tensor: one collective, any dtypes."""
-    return torch.cat([ids_SK.to(torch.int32).contiguous().view(torch.uint8),
-                      weights_SK.contiguous().view(torch.uint8)], dim=1)
+    return torch.cat([_row_bytes(ids_SK.to(torch.int32)), _row_bytes(weights_SK)], dim=1)
+
+
+def _row_bytes(t_SK: torch.Tensor) -> torch.Tensor:
+    """t's bytes, [S, K * itemsize]. contiguous() keeps a stride that view() refuses where a dim has size 0 or 1 (a
+    top-1 rank sending no rows: ids [0, 1] of strides (1, 0), from torch.where); such a tensor is copied row-major."""
+    t_SK = t_SK.contiguous()
+    if t_SK.stride(-1) != 1:
+        t_SK = t_SK.clone(memory_format=torch.contiguous_format)
+    return t_SK.view(torch.uint8)
 
 
 def unpack_meta(packed_NB: torch.Tensor, top_k: int, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
