@@ -25,6 +25,11 @@ AWAITED: tuple[Awaited, ...] = (
     # DeepSeek-V4.1 and Kimi K3, once here, are served: engine/models/deepseek_v41/ (its config read by the family's
     # own class until a transformers release defines it) and engine/models/kimi_k3/ (its text_config read by
     # transformers' KimiLinearConfig).
+    # LongCat-Flash-Lite (vLLM's LongcatFlashNgramForCausalLM): LongCat-Flash's layers (transformers 5.24 defines
+    # those: engine/models/longcat_flash/) beside an n-gram embedding that no transformers release defines; the hashed
+    # n-gram block moelink has (engine/models/ngram_embedding.py) is Qwen3.8-Flash-Next's PLE, another hash and
+    # layout. Its model_type is not named here: its files may spell LongCat-Flash's own.
+    Awaited("LongCat-Flash-Lite", "n-gram embedding tables", (), ("LongcatFlashNgramForCausalLM",)),
 )
 
 

@@ -29,7 +29,7 @@ def test_locked_version_is_the_lock_and_the_installed_one():
     ({"architectures": ["SomethingForCausalLM"], "model_type": "example_x1"}, "Example-X1"),
 ])
 def test_awaited_models_are_refused_naming_the_transformers_they_wait_for(tmp_path, monkeypatch, raw, name):
-    # None is awaited today (both were served since): an entry of the table's shape stands in.
+    # An entry of the table's shape stands in (DeepSeek-V4.1 and Kimi K3 were awaited, and are served since).
     from moelink.engine.config import awaited
 
     monkeypatch.setattr(awaited, "AWAITED", (awaited.Awaited("Example-X1", "its new blocks", ("example_x1",),
@@ -40,6 +40,16 @@ def test_awaited_models_are_refused_naming_the_transformers_they_wait_for(tmp_pa
     msg = str(e.value)
     assert f"is {name}, which transformers {LOCKED_TRANSFORMERS} " in msg
     assert f"the first transformers release after {LOCKED_TRANSFORMERS} that implements {name}" in msg
+
+
+def test_longcat_flash_lite_is_awaited(tmp_path):
+    """LongCat-Flash-Lite (LongcatFlashNgramForCausalLM, issue 96): its n-gram embedding is in no transformers
+    release; refused by its architecture whatever model_type its file spells (LongCat-Flash's own included)."""
+    raw = {"architectures": ["LongcatFlashNgramForCausalLM"], "model_type": "longcat_flash", "hidden_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=rf"is LongCat-Flash-Lite, which transformers {LOCKED_TRANSFORMERS} .*its "
+                                         rf"n-gram embedding tables come with the first transformers release"):
+        ModelConfig.from_pretrained(str(tmp_path))
 
 
 def test_an_unknown_architecture_is_still_refused_listing_what_runs(tmp_path):
