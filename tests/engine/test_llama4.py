@@ -222,3 +222,44 @@ def test_transformers_default_configs_read(tmp_path):
     wrapper = getattr(transformers, "Llama4Config")()
     wrapper.architectures = ["Llama4ForConditionalGeneration"]
     assert ModelConfig.from_pretrained(config_dir(tmp_path / "mm", wrapper)).architecture == "Llama4ForCausalLM"
+
+
+# The published Llama-4-Scout-17B-16E's config.json (its text_config as Meta writes it: attn_temperature_tuning 4,
+# cache_implementation, for_llm_compressor, the older rope_scaling), the vision_config abridged.
+_SCOUT_TEXT = {
+    "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0, "attn_scale": 0.1,
+    "attn_temperature_tuning": 4, "bos_token_id": 200000, "cache_implementation": "hybrid",
+    "eos_token_id": [200001, 200007, 200008], "floor_scale": 8192, "for_llm_compressor": False, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "interleave_moe_layer_step": 1,
+    "intermediate_size": 8192, "intermediate_size_mlp": 16384, "max_position_embeddings": 10485760,
+    "model_type": "llama4_text", "moe_layers": list(range(48)), "no_rope_layers": [int((i + 1) % 4 != 0)
+                                                                                   for i in range(48)],
+    "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+    "num_local_experts": 16, "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_qk_norm": True, "vocab_size": 202048}
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["published", "text-only"])
+def test_published_scout_config_reads(tmp_path, wrapped):
+    """Meta's file reads (its attn_temperature_tuning 4 as true, which transformers 5.24's strict config would refuse):
+    48 layers, every fourth NoPE with the temperature, the others in chunks of 8192 with the L2 q/k norm and llama3
+    rope; 16 experts, top-1, a shared expert."""
+    import json
+
+    raw = ({"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": _SCOUT_TEXT,
+            "vision_config": {"model_type": "llama4_vision_model"}, "tie_word_embeddings": False} if wrapped
+           else dict(_SCOUT_TEXT, architectures=["Llama4ForCausalLM"]))
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = ModelConfig.from_pretrained(str(tmp_path), max_model_len=8192)
+    assert cfg.architecture == "Llama4ForCausalLM" and cfg.dtype == torch.bfloat16
+    assert cfg.text_weights_prefix == ("language_model.model." if wrapped else "")
+    nope = [i for i, a in enumerate(cfg.layer_attention) if not a.rotates(i)]
+    assert nope == list(range(3, 48, 4))
+    assert all(cfg.layer_attention[i].temperature_tuning == (8192.0, 0.1) for i in nope)
+    a = cfg.layer_attention[0]
+    assert (a.attention_chunk_size, a.qk_norm, a.rope.rope_type, a.temperature_tuning) == (8192, "l2", "llama3", None)
+    assert (cfg.num_experts, cfg.top_k, cfg.sparse_layers, cfg.moe.shared_expert_intermediate_size) == (
+        16, 1, tuple(range(48)), 8192)

@@ -24,3 +24,8 @@ ARCHITECTURES = (
 # language_model.model., its head at language_model.lm_head, the vision tower (vision_model.) and its projector
 # (multi_modal_projector.) not read; a request with an image is refused (images are a separate issue).
 TEXT_MODELS = {"Llama4ForConditionalGeneration": ("Llama4ForCausalLM", "language_model.model.")}
+
+# The published files' text_config writes attn_temperature_tuning 4 (a number, true as transformers 4's model read it),
+# which transformers 5.24's strict Llama4TextConfig refuses (a bool field): the family reads model_type llama4_text
+# itself, as a bool, then through transformers' class (reader.read_config).
+OWN_CONFIGS = {"llama4_text": "reader"}

@@ -14,6 +14,21 @@ from ...config.reader_parts import MAX_WIDTH, gqa, layer_kinds, rope_config
 ATTENTION_TYPES = ("chunked_attention", "full_attention")
 
 
+def read_config(raw: dict, transformers_knows: bool, path: str):
+    """config.json's text model (model_type llama4_text: a Llama4ForCausalLM file, or a published wrapper's
+    text_config) through transformers' Llama4TextConfig, attn_temperature_tuning read as a bool first: Meta's
+    Scout and Maverick files write 4, which transformers 4's model read as true (`if self.attn_temperature_tuning
+    and not self.use_rope`) and transformers 5.24's strict config refuses. Any other value goes to transformers as
+    it is (its error names the field)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+    tuning = fields.get("attn_temperature_tuning")
+    if isinstance(tuning, (int, float)) and not isinstance(tuning, bool):
+        fields["attn_temperature_tuning"] = bool(tuning)
+    return AutoConfig.for_model("llama4_text", **fields)
+
+
 def read(arch: str, hf, c: dict, rope: dict) -> dict:
     """Llama 4's text model as transformers 5.24 builds it (Llama4ForCausalLM, Llama4TextConfig):
     - attention: GQA (biases on q/k/v/o when attention_bias), one layer config per kind (ModelConfig.layer_attention).
@@ -76,4 +91,4 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
                 sparse_layers=sparse, moe=moe, attention=per_layer[0], layer_attention=per_layer)
 
 
-__all__ = ["read"]
+__all__ = ["read", "read_config"]
