@@ -189,6 +189,19 @@ def test_maverick_chunk_of_8_parity(tmp_path, block_size):
 
 
 @pytest.mark.slow
+def test_ngram_verify_steps_cross_chunks(llama4_path):
+    """Prompt-lookup drafts, 3 a step: the verify rows (4 query tokens) split where they cross a chunk of 16, beside
+    decode rows and prompt chunks; the tokens transformers computes, drafts accepted and rejected."""
+    ps = prompts(VOCAB, seed=61, n=12, lo=1, hi=150)
+    llm = LLM(llama4_path, dtype="float64", max_num_seqs=6, max_num_batched_tokens=24, num_kv_blocks=256, block_size=8,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                                  "prompt_lookup_max": 3})
+    assert_same(engine_greedy(llm, ps), hf_greedy(llama4_path, ps), ps)
+    sd = llm.engine.stats().spec_decode
+    assert sd.num_draft_tokens > sd.num_accepted_tokens > 0, sd
+
+
+@pytest.mark.slow
 def test_multimodal_checkpoint_served_text_only(tmp_path):
     """The published layout (Llama4ForConditionalGeneration: the text model under language_model., a vision tower
     beside it, not read) gives the tokens of transformers' own multimodal model's text model, as it loaded it from
