@@ -33,6 +33,10 @@ def read_fields(arch: str, hf) -> dict:
     """ModelConfig's fields (all but model, dtype, architecture, max_model_len, hf_config) from `hf`."""
     # Quantized weights carry their scales (engine/config/quantization.py reads every quant_method moelink runs and
     # refuses the rest); a format's reader plugs in there, not here. MXFP4 is gpt-oss's experts only.
+    if hasattr(type(hf), "allow_global_per_layer_attribute_access"):
+        # transformers' heterogeneous configs (Gemma 4's per_layer_config) refuse a per-layer field read globally;
+        # the common fields are the model-wide values, and the family's reader reads each layer's own.
+        hf.allow_global_per_layer_attribute_access = True
     quantization = read_quantization(getattr(hf, "quantization_config", None))
     check_architecture(quantization, arch)
     hidden_act = getattr(hf, "hidden_act", "silu")
@@ -49,18 +53,31 @@ def read_fields(arch: str, hf) -> dict:
         vocab_size=int(hf.vocab_size), hidden_size=int(hf.hidden_size), num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or num_heads),
         head_dim=int(getattr(hf, "head_dim", None) or hf.hidden_size // num_heads),
-        rms_norm_eps=float(getattr(hf, "rms_norm_eps", 1e-6)),
+        # null where the family norms otherwise (Cohere2-MoE's LayerNorms: its reader sets its layer_norm_eps)
+        rms_norm_eps=float(_or(getattr(hf, "rms_norm_eps", None), 1e-6)),
         rope_theta=float(theta) if isinstance(theta, (int, float)) else 10000.0,  # a reader sets a by-kind model's
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 4096)),
-        # A family whose config names it elsewhere sets its own (DBRX's ffn_config.moe_top_k); 0 fails ModelConfig's
-        # check.
-        top_k=int(getattr(hf, "num_experts_per_tok", 0) or 0),
+        # A family whose config names it elsewhere, or per layer, sets its own (DBRX's ffn_config.moe_top_k,
+        # HunYuan-MoE-V1's moe_topk list); 0 fails ModelConfig's check.
+        top_k=_count(getattr(hf, "num_experts_per_tok", 0)),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ()),
         quantization=quantization,
     )
     family = READERS[arch]
     return {**common, **family(arch, hf, common, rope)}
+
+
+
+def _count(v) -> int:
+    """A count config.json gives as a number (a list or null: 0, for the family's reader to set)."""
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+
+
+
+def _or(v, default):
+    """config.json's value, or `default` where it is absent or null."""
+    return default if v is None else v
 
 
 

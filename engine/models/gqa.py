@@ -14,7 +14,7 @@ from torch import nn
 from moelink.kernels.attention import FP8_CACHE_DTYPES
 from moelink.kernels.attention_chunks import chunked_metadata
 from moelink.moe.fp8_input import Fp8Input
-from moelink.moe.weight_plan import PlanEntry, WeightPlan
+from moelink.moe.weight_plan import PlanEntry, Rearranged, WeightPlan
 
 from .gqa_config import GQAConfig
 from .gqa_input import FusedInput
@@ -113,6 +113,8 @@ class GQAAttention(nn.Module):
         # tensor fills (weight_plan leaves it out). transformers norms after the rotary; a rotation keeps each
         # head's mean square, so norming before it (as the fused op does) is the same.
         self.l2_norm = attn.qk_norm == "l2"
+        # HunYuan-MoE-V1 norms the rotated q and k (GQAConfig.qk_norm_after_rope): the ops one by one, never fused.
+        self.norm_after_rope = attn.qk_norm_after_rope
         if self.q_norm is not None and self.k_norm is not None and self.l2_norm:
             with torch.no_grad():
                 self.q_norm.weight.fill_(1.0)
@@ -125,7 +127,11 @@ class GQAAttention(nn.Module):
         self.sinks_name = sinks_name
         # A decode batch's norm, projection and rope_write_kv in one launch where the layer allows it (None: never).
         plain = type(self)._attend is GQAAttention._attend and type(self).forward is GQAAttention.forward
-        self.fusion = FusedInput.for_layer(self, hidden_size, device, plain)
+        # Gemma 4's weightless value norm (GQAConfig.v_norm, eps rms_norm_eps) and k_proj read into the v rows
+        # (value_from_key): the fused decode input writes v as projected, so such a layer never takes it.
+        self.v_norm_eps = rms_norm_eps if attn.v_norm else None
+        self.value_from_key = attn.value_from_key
+        self.fusion = FusedInput.for_layer(self, hidden_size, device, plain) if not attn.v_norm else None
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
@@ -143,18 +149,24 @@ class GQAAttention(nn.Module):
         q_TNH = q_TQ.view(T, self.num_heads, self.head_dim)
         k_TKH = k_TK.view(T, self.num_kv_heads, self.head_dim)
         v_TKH = v_TK.view(T, self.num_kv_heads, self.v_head_dim)
+        if self.v_norm_eps is not None:  # Gemma 4's v_norm: no weight, float32, cast back
+            v32 = v_TKH.float() if v_TKH.dtype.itemsize < 4 else v_TKH
+            v_TKH = (v32 * torch.pow(v32.pow(2).mean(-1, keepdim=True) + self.v_norm_eps, -0.5)).to(v_TKH.dtype)
         head_norm = self.q_norm is not None and not self.all_heads_norm
         k_cache, v_cache, attn, kv_scales, rope_pos_T, table_PR = self._step_args(positions_T, ctx)
-        if self.rope.style == "neox" and self.rotary:
+        if self.rope.style == "neox" and self.rotary and not self.norm_after_rope:
             # q/k norms, rotary and the KV write in one op (one Triton launch; reference: kernels/rotary.py).
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if head_norm else ()
             q_TNH = self.kernels.rope_write_kv(q_TNH, k_TKH, v_TKH, rope_pos_T, table_PR, k_cache, v_cache,
                                                attn.slot_mapping_T, *norm, **kv_scales)
-        else:  # no rotary (a NoPE layer), or a rope style the fused op does not rotate: the ops one by one
-            if head_norm:
+        else:  # no rotary (a NoPE layer), a rope style the fused op does not rotate, or a norm after the rotary:
+            # the ops one by one
+            if head_norm and not self.norm_after_rope:
                 q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)  # type: ignore[misc]  # head_norm: both set
             if self.rotary:
                 q_TNH, k_TKH = self.rope(q_TNH, k_TKH, rope_pos_T, table_PR)
+            if head_norm and self.norm_after_rope:
+                q_TNH, k_TKH = self.q_norm(q_TNH), self.k_norm(k_TKH)  # type: ignore[misc]  # head_norm: both set
             self.kernels.write_kv(k_TKH.contiguous(), v_TKH.contiguous(), k_cache, v_cache, attn.slot_mapping_T,
                                   **kv_scales)
         o_TO = self._heads_out(q_TNH.contiguous(), x_TD, positions_T, ctx, attn, kv_scales, gate_TQ)
@@ -254,7 +266,16 @@ class GQAAttention(nn.Module):
                 rows = (gate_rows(self.num_heads * size, self.head_dim, size),)
             elif i < 2 and self.interleaved:
                 rows = (rope_rows(self.full_heads[i], self.head_dim, self.rope.rotary_dim),)
+            if self.value_from_key and i == 2:  # no v_proj: k_proj's weight fills the v rows too (below)
+                continue
             plan.update(self.qkv_proj.weight_plan(f"{p}{name}.weight", i, rows))
+            if self.value_from_key and i == 1:
+                plan[f"{p}k_proj.weight"] = _key_and_value(plan[f"{p}k_proj.weight"], self.qkv_proj, self.tp)
+            if self.qkv_bias is not None and self.value_from_key and i == 1:
+                kb = self.qkv_bias[self.qkv_proj.piece_rows(1).start:self.qkv_proj.piece_rows(2).stop]
+                plan[f"{p}k_proj.bias"] = PlanEntry(Rearranged(kb, lambda t: torch.cat([t, t]),
+                                                               ((kb.shape[0] // 2,), kb.dtype)), ())
+                continue
             if self.qkv_bias is not None:  # this rank's rows of the bias too (the weight's source, as a vector)
                 plan[f"{p}{name}.bias"] = PlanEntry(self.qkv_bias, (self.qkv_proj.piece_rows(i),),
                                                     self.qkv_proj.parallel.source(i, rows))
@@ -272,6 +293,18 @@ class GQAAttention(nn.Module):
             plan[p + "q_norm.weight"] = PlanEntry(self.q_norm.weight, (), q_src)
             plan[p + "k_norm.weight"] = PlanEntry(self.k_norm.weight, (), k_src)
         return plan
+
+
+def _key_and_value(entry: PlanEntry, proj: Linear, tp: TensorParallel | None) -> PlanEntry:
+    """k_proj's plan entry widened to fill the k and the v rows of the stack with it (GQAConfig.value_from_key): the
+    two pieces are adjacent rows of a float weight, filled as one view with the tensor read twice."""
+    k, v = proj.piece_rows(1), proj.piece_rows(2)
+    if tp is not None or not isinstance(entry.dest, torch.Tensor) or entry.index != (k,) or k.stop != v.start:
+        raise ValueError("attention_k_eq_v (k_proj read as the values too) is supported on float weights on one "
+                         "rank only.")
+    w = entry.dest[k.start:v.stop]
+    return PlanEntry(Rearranged(w, lambda t: torch.cat([t, t]), ((k.stop - k.start, w.shape[1]), w.dtype)), (),
+                     entry.source)
 
 
 def rope_rows(num_heads: int, head_dim: int, rotary_dim: int) -> torch.Tensor:

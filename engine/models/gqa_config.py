@@ -54,6 +54,9 @@ class GQAConfig:
     # RMSNorm of q and k before rotary: None, or a QK_NORMS mode ("per_head": Qwen3-MoE, GLM's use_qk_norm;
     # "all_heads": MiniMax-M2). True reads as "per_head", False as None.
     qk_norm: str | None = None
+    # The "per_head" q/k norm runs after the rotary rather than before it (HunYuan-MoE-V1's query_layernorm /
+    # key_layernorm: a weighted norm does not commute with the rotation, so the two orders differ).
+    qk_norm_after_rope: bool = False
     qkv_bias: bool = False  # biases on q/k/v (GLM's attention_bias, gpt-oss's)
     o_bias: bool = False  # a bias on o_proj too (gpt-oss's attention_bias; GLM has none there)
     sinks: bool = False  # a learned logit per query head in every softmax's denominator, with no value (gpt-oss)
@@ -87,6 +90,12 @@ class GQAConfig:
     # at position p is multiplied by log1p(floor((p + 1) / floor_scale)) * attn_scale + 1 (float32, as transformers
     # computes it) before the attention. (floor_scale, attn_scale), or None: no tuning.
     temperature_tuning: tuple[float, float] | None = None
+    # Each value head RMS-normed without a weight before it is cached (Gemma 4's v_norm: x * (mean(x^2) + eps)^-0.5
+    # in float32, eps the model's rms_norm_eps), after the projection and any value_from_key copy.
+    v_norm: bool = False
+    # The values are the keys' projection (Gemma 4's attention_k_eq_v on its full-attention layers: no v_proj; v is
+    # k_proj's output before the k norm and rotary): k_proj's weight (and bias) read into the v rows too at load.
+    value_from_key: bool = False
 
     def __post_init__(self) -> None:
         if self.qk_norm is True or self.qk_norm is False:
@@ -94,6 +103,8 @@ class GQAConfig:
         if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
             raise ValueError(f"GQAConfig qk_norm={self.qk_norm!r} is invalid: allowed: None, "
                              f"{', '.join(map(repr, QK_NORMS))}.")
+        if self.qk_norm_after_rope and self.qk_norm != "per_head":
+            raise ValueError("GQAConfig qk_norm_after_rope is invalid without qk_norm='per_head'.")
         hv = self.v_head_dim
         if hv is not None and (not isinstance(hv, int) or isinstance(hv, bool) or hv < 1):
             raise unsupported("v_head_dim", hv, "null or a positive integer")
@@ -138,6 +149,10 @@ class GQAConfig:
         if tt is not None and (len(tt) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                                    or not math.isfinite(v) for v in tt) or tt[0] <= 0):
             raise unsupported("floor_scale / attn_scale", tt, "a number > 0 and a finite number")
+        if self.value_from_key and (self.value_head_dim != self.head_dim or self.value_scale != 1.0
+                                    or self.rope.style == "interleaved"):
+            raise ValueError("GQAConfig value_from_key is invalid with a v_head_dim of its own, a value_scale or an "
+                             "interleaved rope: the v rows are k_proj's as stored.")
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.nope_layers):
             raise ValueError(f"GQAConfig nope_layers={self.nope_layers!r} is invalid: layer indices >= 0.")
         if self.rope.rotary_dim > self.head_dim:

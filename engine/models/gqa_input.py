@@ -10,7 +10,7 @@ rotary + KV write, the norm after) and the projections' outputs' round trips thr
 
 Which layers: plain GQA (not a kind that attends its own way), NeoX rotary on every head, a q/k/v stack without
 gaps, float or FP8 block-scaled in blocks the GEMV takes (fused_output.gemv_weight), no output gate, no all-heads
-q/k norm, no value scale, no q/k/v clamp, and head widths a block of 8-64 rows divides; the Triton kernels only (the CPU path's native norm and linear are already one call each). Which steps:
+q/k norm, no value scale, no q/k/v clamp, no q/k norm after the rotary, and head widths a block of 8-64 rows divides; the Triton kernels only (the CPU path's native norm and linear are already one call each). Which steps:
 up to kernels.triton_qkv_rope_kv.MAX_TOKENS tokens, and no LoRA adapter on the projection (its hook runs after
 the matmul). The decision is a function of the layer and the step's token count, known on the host: a CUDA graph
 captured for a batch size always replays the same path.
@@ -44,6 +44,7 @@ class GQALayer(Protocol):
     all_heads_norm: bool
     value_scale: float
     clip_qkv: float | None
+    norm_after_rope: bool
 
 
 class FusedInput:
@@ -63,7 +64,7 @@ class FusedInput:
         proj = attn.qkv_proj
         takes = (attn.kernels.name == "triton" and plain and attn.rope.style == "neox" and attn.rotary
                  and not attn.output_gate and not attn.all_heads_norm and attn.value_scale == 1.0
-                 and attn.clip_qkv is None
+                 and attn.clip_qkv is None and not attn.norm_after_rope
                  and proj.in_features == hidden_size and proj.rows == proj.out_features
                  and block_rows(attn.head_dim, attn.v_head_dim) is not None)
         return FusedInput(attn, device) if takes else None

@@ -33,13 +33,13 @@ from ..config.quantization import Fp8Config, quantization_config_dict
 # Ling's hybrid as it publishes them (`attention.*`, the output projection `attention.dense`, MLA's per-head output
 # gate `attention.g_proj`, which KDA's full-rank gate shares the name of: moelink holds that one float, dequantized at
 # load); gated DeltaNet's input and output projections (in_proj_ba / in_proj_b / in_proj_a stay float, as Qwen
-# publishes them) and Qwen's single `shared_expert`.
+# publishes them), Qwen's single `shared_expert` and HunYuan-MoE-V1's `shared_mlp`.
 _QUANTIZED = re.compile(
     r"\.(self_attn\.(\d+\.)?(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|indexer\.wq_b"
     r"|indexer\.wk|linear_gate|index_q_proj|index_k_proj)"
     r"|attention\.(q_proj|k_proj|v_proj|dense|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|g_proj)"
     r"|linear_attn\.(in_proj_qkvz|in_proj_qkv|in_proj_z|out_proj)"
-    r"|(mlp|mlps\.\d+|block_sparse_moe)\.(shared_experts?\.)?(gate_proj|up_proj|down_proj|linear_gate)"
+    r"|(mlp|mlps\.\d+|block_sparse_moe)\.(shared_experts?\.|shared_mlp\.)?(gate_proj|up_proj|down_proj|linear_gate)"
     r"|(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$"
     r"|\.(mlp)\.experts\.(gate_up_proj|down_proj)$"
 )

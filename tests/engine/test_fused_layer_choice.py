@@ -26,7 +26,7 @@ def _layer(**over):
     layer = SimpleNamespace(kernels=SimpleNamespace(name="triton"), rope=SimpleNamespace(style="neox"),
                             qkv_proj=_proj(128), o_proj=_proj(64), num_heads=4, num_kv_heads=2, head_dim=16,
                             v_head_dim=16, rotary=True, output_gate=False, all_heads_norm=False, value_scale=1.0,
-                            clip_qkv=None)
+                            clip_qkv=None, norm_after_rope=False)
     for k, v in over.items():
         setattr(layer, k, v)
     return layer
@@ -46,10 +46,11 @@ def test_a_plain_gqa_layer_holds_it():
     (dict(all_heads_norm=True), True),  # MiniMax-M2's q/k norm over every head
     (dict(value_scale=0.5), True),  # MiMo-V2-Flash's scaled values
     (dict(clip_qkv=8.0), True),  # OLMoE's / DBRX's q/k/v clamp
+    (dict(norm_after_rope=True), True),  # HunYuan-MoE-V1's q/k norm after the rotary
     (dict(qkv_proj=_proj(136, 128)), True),  # gaps between the stacked pieces (FP8 blocks)
     (dict(head_dim=12, v_head_dim=12), True),  # no block of 8-64 rows divides the heads
 ], ids=["reference", "batch-invariant", "subclass", "gptj-rope", "nope", "output-gate", "all-heads-norm",
-        "value-scale", "clip-qkv", "gaps", "head-12"])
+        "value-scale", "clip-qkv", "norm-after-rope", "gaps", "head-12"])
 def test_layers_the_fused_input_cannot_compute_keep_the_unfused_path(over, plain):
     assert FusedInput.for_layer(_layer(**over), 64, "cpu", plain=plain) is None
     assert FusedInput.for_layer(_layer(), 128, "cpu", plain=True) is None  # an EAGLE-3 head's wider input
