@@ -29,6 +29,9 @@ class MoEActivation:
       swiglu_limit (7.0). gpt-oss stores gate and up interleaved; the loader de-interleaves them into the
       [gate; up] rows of w13 so every kernel sees one layout.
     - "silu_clamp" (DeepSeek-V4): silu(min(gate, limit)) * clamp(up, -limit, limit), its swiglu_limit (10.0).
+    - "relu2" (Nemotron-H's ungated experts, transformers' ACT2FN["relu2"]): relu(up)^2; the gate half is not read
+      (the family loads its up_proj into the up rows and leaves the gate rows zero). The plain-torch references and
+      cpu_native's fallback run it; the Triton epilogue has no code for it (a family using it runs the reference).
     """
 
     kind: str = "silu"
@@ -36,14 +39,16 @@ class MoEActivation:
     limit: float = 7.0
 
     def __post_init__(self):
-        if self.kind not in ("silu", "swiglu_oai", "silu_clamp"):
-            raise ValueError(f"activation={self.kind!r} is invalid: 'silu', 'swiglu_oai' or 'silu_clamp'.")
-        if self.kind != "silu" and not (self.limit > 0 and self.alpha > 0):
+        if self.kind not in ("silu", "swiglu_oai", "silu_clamp", "relu2"):
+            raise ValueError(f"activation={self.kind!r} is invalid: 'silu', 'swiglu_oai', 'silu_clamp' or 'relu2'.")
+        if self.kind not in ("silu", "relu2") and not (self.limit > 0 and self.alpha > 0):
             raise ValueError(f"swiglu_limit={self.limit} / swiglu_alpha={self.alpha} are invalid: both must be > 0.")
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.kind == "silu":
             return F.silu(gate) * up
+        if self.kind == "relu2":
+            return F.relu(up).square()
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         if self.kind == "silu_clamp":
