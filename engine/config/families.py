@@ -19,7 +19,8 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "kimi_k3", "deepseek_v41", "qwen2_moe", "olmoe", "ernie4_5_moe", "granitemoe", "dbrx",
                              "phimoe", "llama4",
                              "hunyuan_v1_moe",
-                             "nemotron_h")
+                             "nemotron_h",
+                             "dots1")
 
 
 def family_module(family: str, part: str) -> str:
