@@ -188,3 +188,27 @@ def test_transformers_default_config_reads(tmp_path):
     cfg.architectures = ["NemotronHForCausalLM"]
     got = ModelConfig.from_pretrained(config_dir(tmp_path, cfg))
     assert (got.num_layers, got.sparse_layers, got.state_layers) == (2, (0,), (0,))
+
+
+def test_transformers5_names_parity(tmp_path):
+    """Saved in transformers 5's own names (model.embeddings, model.norm_f, the experts fused as mixer.experts.up_proj
+    [E, I, L] / down_proj [E, L, I]): read into the same layers, the same greedy tokens as transformers."""
+    from safetensors import safe_open
+
+    path = save_preset(tmp_path, NEMOTRON_H, fused=True)
+    with safe_open(f"{path}/model.safetensors", "pt") as f:
+        assert {"model.embeddings.weight", "model.layers.1.mixer.experts.up_proj"} <= set(f.keys())
+    ps = prompts(VOCAB, seed=11, n=3, lo=5, hi=40)
+    llm = LLM(path, dtype="float64", max_num_seqs=3, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4)
+    assert_same(engine_greedy(llm, ps, max_new=6), hf_greedy(path, ps, max_new=6), ps)
+
+
+@pytest.mark.slow
+def test_tie_word_embeddings_unties_as_transformers(tmp_path):
+    """transformers 5.24 never ties Nemotron-H's LM head (its _tied_weights_keys is empty: save_pretrained writes
+    lm_head.weight beside the embeddings whatever tie_word_embeddings says); the engine reads it the same way."""
+    path = save_preset(tmp_path, NEMOTRON_H_NANO, tie_word_embeddings=True)
+    ps = prompts(VOCAB, seed=29, n=4, lo=2, hi=60)
+    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
+    assert not llm.engine.config.model.tie_word_embeddings
+    assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)

@@ -122,7 +122,9 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
                           float32_logits=True)  # transformers casts the router's input and weight to float32
     c = dict(c, rms_norm_eps=eps, num_layers=len(pairs))
     full = gqa(c, rope_config(rope, c, c["head_dim"]), nope_layers=tuple(range(len(pairs))))
-    return dict(num_layers=len(pairs), rms_norm_eps=eps, num_experts=E, moe_intermediate_size=inter,
+    # transformers 5.24 never ties the LM head to the embeddings (NemotronHForCausalLM._tied_weights_keys is empty:
+    # lm_head.weight is its own tensor whatever tie_word_embeddings says), so neither does moelink.
+    return dict(num_layers=len(pairs), rms_norm_eps=eps, tie_word_embeddings=False, num_experts=E, moe_intermediate_size=inter,
                 intermediate_size=dense, norm_topk_prob=norm,
                 sparse_layers=tuple(j for j, (_, f) in enumerate(pairs) if f is not None and kinds[f] == "moe"),
                 moe=MoEConfig(router, n_shared_experts=1, shared_expert_intermediate_size=shared, activation="relu2",
