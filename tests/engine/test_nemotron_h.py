@@ -94,7 +94,6 @@ def test_config(tmp_path):
     (set_fields(n_groups=3), r"config.json n_groups=3 is not supported: allowed: a divisor of mamba_num_heads=4"),
     (set_fields(ssm_state_size=0), r"config.json ssm_state_size=0 is not supported"),
     (set_fields(moe_latent_size=0), r"config.json moe_latent_size=0 is not supported"),
-    (set_fields(num_nextn_predict_layers=1), r"config.json num_nextn_predict_layers=1 is not supported"),
     (set_fields(sliding_window=8), r"config.json sliding_window=8 is not supported"),
 ])
 def test_config_refusals(tmp_path, edit, match):
@@ -212,3 +211,27 @@ def test_tie_word_embeddings_unties_as_transformers(tmp_path):
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert not llm.engine.config.model.tie_word_embeddings
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+def test_mtp_layers_are_left_unread(tmp_path, nano_path):
+    """Nemotron 3 Super's MTP layers (num_nextn_predict_layers, tensors under mtp.*): the main model reads and runs
+    as without them; speculative method "mtp" is refused naming why."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "with_mtp"
+    shutil.copytree(nano_path, path)
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(raw, num_nextn_predict_layers=1)))
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["mtp.layers.0.norm.weight"] = torch.ones(64, dtype=torch.float64)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    ps = prompts(VOCAB, seed=3, n=2, lo=5, hi=30)
+    engine = dict(dtype="float64", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4)
+    assert engine_greedy(LLM(str(path), **engine), ps, max_new=6) == engine_greedy(LLM(nano_path, **engine), ps,
+                                                                                     max_new=6)
+    with pytest.raises(ValueError, match=r"speculative_config.method='mtp' is not supported for NemotronHForCausalLM: "
+                                         r"its MTP layers"):
+        LLM(str(path), speculative_config={"method": "mtp", "num_speculative_tokens": 1}, **engine)

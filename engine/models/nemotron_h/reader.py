@@ -89,9 +89,6 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
             raise unsupported(name, getattr(hf, name), (False,), f" for {arch}")
     if getattr(hf, "sliding_window", None) is not None:
         raise unsupported("sliding_window", hf.sliding_window, (None,), f" for {arch}")
-    if int(getattr(hf, "num_nextn_predict_layers", 0) or 0):
-        raise unsupported("num_nextn_predict_layers", hf.num_nextn_predict_layers, (0,),
-                          f" for {arch} (its MTP layers are not built yet)")
     for name, granite in _MAMBA_FIELDS:
         _int(hf, name, 1, MAMBA2_BOUNDS[granite])
     heads, head_dim = hf.mamba_num_heads, hf.mamba_head_dim
