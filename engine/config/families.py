@@ -20,7 +20,8 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "phimoe", "llama4",
                              "hunyuan_v1_moe",
                              "nemotron_h",
-                             "dots1")
+                             "dots1",
+                             "sarvam_moe")
 
 
 def family_module(family: str, part: str) -> str:
