@@ -235,3 +235,36 @@ def test_mtp_layers_are_left_unread(tmp_path, nano_path):
     with pytest.raises(ValueError, match=r"speculative_config.method='mtp' is not supported for NemotronHForCausalLM: "
                                          r"its MTP layers"):
         LLM(str(path), speculative_config={"method": "mtp", "num_speculative_tokens": 1}, **engine)
+
+
+# NVIDIA-Nemotron-3-Nano-30B-A3B's config.json as published (transformers 4.55's spelling: hybrid_override_pattern).
+_NANO_30B = {
+    "architectures": ["NemotronHForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "chunk_size": 128, "conv_kernel": 4, "eos_token_id": 2, "expand": 2, "head_dim": 128, "hidden_dropout": 0.0,
+    "hidden_size": 2688, "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+    "initializer_range": 0.02, "intermediate_size": 1856, "layer_norm_epsilon": 1e-05, "mamba_head_dim": 64,
+    "mamba_hidden_act": "silu", "mamba_num_heads": 64, "mamba_proj_bias": False, "mamba_ssm_cache_dtype": "float32",
+    "max_position_embeddings": 262144, "mlp_bias": False, "mlp_hidden_act": "relu2", "model_type": "nemotron_h",
+    "moe_intermediate_size": 1856, "moe_shared_expert_intermediate_size": 3712, "n_group": 1, "n_groups": 8,
+    "n_routed_experts": 128, "n_shared_experts": 1, "norm_eps": 1e-05, "norm_topk_prob": True,
+    "num_attention_heads": 32, "num_experts_per_tok": 6, "num_hidden_layers": 52, "num_key_value_heads": 2,
+    "num_logits_to_keep": 1, "pad_token_id": 0, "partial_rotary_factor": 1.0, "rescale_prenorm_residual": True,
+    "residual_in_fp32": False, "rope_theta": 10000, "routed_scaling_factor": 2.5, "sliding_window": None,
+    "ssm_state_size": 128, "tie_word_embeddings": False, "time_step_floor": 0.0001, "time_step_max": 0.1,
+    "time_step_min": 0.001, "topk_group": 1, "torch_dtype": "bfloat16", "transformers_version": "4.55.4",
+    "use_bias": False, "use_cache": True, "use_conv_bias": True, "use_mamba_kernels": True, "vocab_size": 131072}
+
+
+def test_published_nano_config_reads(tmp_path):
+    """Nemotron 3 Nano 30B-A3B's published config: 52 single-block layers (23 M, 23 E, 6 *) read as 29 engine
+    layers, every E after a mixer (23 routed engine layers, 23 Mamba2 ones), top-6 of 128 scaled by 2.5, Mamba2's
+    intermediate mamba_num_heads x mamba_head_dim = 4096 (not expand x hidden)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(_NANO_30B))
+    cfg = ModelConfig.from_pretrained(str(tmp_path))
+    assert (cfg.num_layers, len(cfg.sparse_layers), len(cfg.state_layers)) == (29, 23, 23)
+    m = cfg.state_layers[0]
+    assert cfg.attention_for(m).intermediate == 4096 and cfg.attention_for(m).in_proj_dim == 4096 + 6144 + 64
+    assert (cfg.num_experts, cfg.top_k, cfg.moe.router.routed_scaling_factor) == (128, 6, 2.5)
+    assert cfg.moe.shared_expert_intermediate_size == 3712 and not cfg.tie_word_embeddings
