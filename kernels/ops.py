@@ -25,6 +25,7 @@ from .ops_dsa import DSAKernels
 from .ops_compressed_attention import CompressedAttentionKernels
 from .ops_gated_delta import GatedDeltaKernels
 from .ops_lora import LoRAKernels
+from .ops_mamba1 import Mamba1Kernels
 from .ops_mamba2 import Mamba2Kernels
 from .ops_hyper_connection import HyperConnectionKernels
 from .ops_mla import MLAKernels
@@ -35,8 +36,8 @@ from .ops_router import RouterKernels
 
 
 class Kernels(NormKernels, AttentionKernels, MLAKernels, DSAKernels, BlockSparseKernels, CompressedAttentionKernels,
-              HyperConnectionKernels, RouterKernels, DenseKernels, MoEKernels, GatedDeltaKernels, Mamba2Kernels, QSAKernels,
-              LoRAKernels, Protocol):
+              HyperConnectionKernels, RouterKernels, DenseKernels, MoEKernels, GatedDeltaKernels, Mamba1Kernels, Mamba2Kernels,
+              QSAKernels, LoRAKernels, Protocol):
     """What a kernel backend gives the model: every family's ops, each taking the arguments of its plain-torch
     reference (the contract and the oracle) and returning what it returns; a backend may take more keywords.
     tests/kernels/test_kernels_protocol.py checks each protocol against the references and every backend against it."""

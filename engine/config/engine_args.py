@@ -20,6 +20,7 @@ from .grammar_config import (DEFAULT_GRAMMAR_COMPILE_TIMEOUT_S, DEFAULT_GRAMMAR_
                              DEFAULT_MAX_QUEUED_GRAMMAR_COMPILES, GrammarConfig)
 from ..models.mla_config import MLAConfig
 from ..models.gated_deltanet_config import LinearAttentionConfig
+from ..models.mamba1_config import Mamba1Config
 from ..models.mamba2_config import Mamba2Config
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
@@ -439,7 +440,7 @@ class EngineArgs:
                              "RemoteKVConnector (prefill/decode disaggregation, engine/kv_transfer/remote.py), "
                              "OffloadKVConnector (the offload tiers) and WithOffload (both).")
         kinds = {type(a).__name__ for a in (*model_cfg.layer_attention, model_cfg.attention)
-                 if not isinstance(a, (LinearAttentionConfig, Mamba2Config))}  # (state groups: moved whole)
+                 if not isinstance(a, (LinearAttentionConfig, Mamba1Config, Mamba2Config))}  # (state groups: moved whole)
         # The tiers copy each rank's own blocks whatever their kind; only a transfer between engines maps heads.
         if len(kinds) > 1 and getattr(kvc, "name", None) != "offload":
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "

@@ -18,6 +18,7 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "longcat_flash", "kimi_linear", "bailing_hybrid", "glm5_next", "hy_v4", "minimax_m3", "qwen4_exp",
                              "kimi_k3", "deepseek_v41", "qwen2_moe", "olmoe", "ernie4_5_moe", "granitemoe", "dbrx",
                              "phimoe", "llama4",
+                             "jamba",
                              "hunyuan_v1_moe",
                              "nemotron_h",
                              "dots1",

@@ -14,6 +14,7 @@ from .fp4_experts import published_expert_dtype
 from ..models.gqa_config import GQAConfig
 from ..models.mla_config import MLAConfig
 from ..models.gated_deltanet_config import LinearAttentionConfig
+from ..models.mamba1_config import Mamba1Config
 from ..models.mamba2_config import Mamba2Config
 
 # The quantization formats TP runs: float and FP8 block-scaled linears load sharded (each rank reads its rows or
@@ -76,6 +77,8 @@ def check_tensor_parallel(cfg, size: int, experts_split: bool = False) -> None:
         return
     for layer in range(cfg.num_layers):
         a = cfg.attention_for(layer)
+        if isinstance(a, Mamba1Config):
+            raise bad("its Mamba1 layers are not sharded yet; run with -tp 1.")
         if isinstance(a, Mamba2Config):
             raise bad("its Mamba2 layers are not sharded yet; run with -tp 1.")
         if isinstance(a, LinearAttentionConfig):  # a rank holds whole q/k head groups (their value heads with them)

@@ -18,6 +18,7 @@ from ..gated_deltanet import GatedDeltaNet
 from ..gqa import GQAAttention
 from ..kimi_delta import KimiDeltaAttention
 from ..layers import ForwardContext
+from ..mamba1 import Mamba1Mixer
 from ..mamba2 import Mamba2Mixer
 from ..mla import MLAAttention
 from .context import BuildContext
@@ -85,6 +86,13 @@ def _kda(ctx: BuildContext, i: int, attn) -> nn.Module:
                               tp=ctx.tp, quant=cfg.quantization)
 
 
+def _mamba1(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    if ctx.tp is not None:  # engine/config/tensor_parallel.py refuses it first; a direct build says so too
+        raise ValueError(f"tensor parallelism is not supported for {cfg.architecture}'s Mamba1 layers yet.")
+    return Mamba1Mixer(i, cfg.hidden_size, attn, ctx.kernels, cfg.dtype, ctx.device, quant=cfg.quantization)
+
+
 def _mamba2(ctx: BuildContext, i: int, attn) -> nn.Module:
     cfg = ctx.cfg
     if ctx.tp is not None:  # engine/config/tensor_parallel.py refuses it first; a direct build says so too
@@ -112,6 +120,8 @@ ATTENTION.add("mla", AttentionKind("self_attn", _mla))
 ATTENTION.add("block_sparse", AttentionKind("self_attn", _block_sparse))
 ATTENTION.add("linear", AttentionKind("linear_attn", _linear, _ReplayLinear))
 ATTENTION.add("kda", AttentionKind("self_attn", _kda, _ReplayLinear))
+# Mamba1 (Jamba's mamba layers, mamba1.py: a decay per channel and state entry, no heads); its states as Mamba2's.
+ATTENTION.add("mamba1", AttentionKind("mamba", _mamba1, _ReplayLinear))
 ATTENTION.add("mamba2", AttentionKind("mamba", _mamba2, _ReplayLinear))
 
 __all__ = ["ATTENTION", "AttentionKind", "LayerAttentionConfig", "StateHook"]
