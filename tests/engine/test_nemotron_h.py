@@ -268,3 +268,40 @@ def test_published_nano_config_reads(tmp_path):
     assert cfg.attention_for(m).intermediate == 4096 and cfg.attention_for(m).in_proj_dim == 4096 + 6144 + 64
     assert (cfg.num_experts, cfg.top_k, cfg.moe.router.routed_scaling_factor) == (128, 6, 2.5)
     assert cfg.moe.shared_expert_intermediate_size == 3712 and not cfg.tie_word_embeddings
+
+
+def test_greedy_parity_attention_without_ffn(tmp_path):
+    """Attention layers followed by a mixer (engine layers without an FFN, "*" then "M" / "*"), an "E" after a
+    Mamba2 layer, a "-" after an attention layer, the model ending on a mixer: * M E * * - M."""
+    kinds = ["full_attention", "linear_attention", "moe", "full_attention", "full_attention", "mlp",
+             "linear_attention"]
+    path = save_preset(tmp_path, NEMOTRON_H_NANO, layers_block_type=kinds)
+    cfg = ModelConfig.from_pretrained(path)
+    assert (cfg.num_layers, cfg.sparse_layers, cfg.state_layers) == (5, (1,), (1, 4))
+    ps = prompts(VOCAB, seed=17, n=3, lo=5, hi=40)
+    llm = LLM(path, dtype="float64", max_num_seqs=3, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4)
+    assert_same(engine_greedy(llm, ps, max_new=8), hf_greedy(path, ps, max_new=8), ps)
+    assert_pool_free(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p_right", [0.7, 0.0])
+def test_speculative_decoding_replays_mamba_states(latent_path, p_right):
+    """Drafts right with probability 0.7, and always wrong: the verifying sequences' Mamba2 states take only their
+    accepted tokens, so greedy outputs equal transformers'."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+
+    ps = _prompts()[:6]
+    want = hf_greedy(latent_path, ps)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(p): w for p, w in zip(ps, want)}, p_right,
+                                                 vocab=VOCAB, seed=4)}
+    llm = LLM(latent_path, speculative_config=spec, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=48, block_size=8, num_state_checkpoints=8)
+    assert_same(engine_greedy(llm, ps), want, ps)
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0
+    assert (sd.num_accepted_tokens > 0) == (p_right > 0)
+    assert_pool_free(llm)
