@@ -22,6 +22,7 @@ from ..models.mla_config import MLAConfig
 from ..models.gated_deltanet_config import LinearAttentionConfig
 from ..models.mamba1_config import Mamba1Config
 from ..models.mamba2_config import Mamba2Config
+from ..models.short_conv_config import ShortConvConfig
 from .kv_sizing import driver_num_kv_blocks, kv_sliding_window, state_pool_bytes
 from .model_source import resolve_model_dir
 from .multimodal import MultimodalConfig
@@ -440,7 +441,7 @@ class EngineArgs:
                              "RemoteKVConnector (prefill/decode disaggregation, engine/kv_transfer/remote.py), "
                              "OffloadKVConnector (the offload tiers) and WithOffload (both).")
         kinds = {type(a).__name__ for a in (*model_cfg.layer_attention, model_cfg.attention)
-                 if not isinstance(a, (LinearAttentionConfig, Mamba1Config, Mamba2Config))}  # (state groups: moved whole)
+                 if not isinstance(a, (LinearAttentionConfig, Mamba1Config, Mamba2Config, ShortConvConfig))}  # (state groups)
         # The tiers copy each rank's own blocks whatever their kind; only a transfer between engines maps heads.
         if len(kinds) > 1 and getattr(kvc, "name", None) != "offload":
             raise ValueError(f"kv_connector (prefill/decode disaggregation) is not supported for "

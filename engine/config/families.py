@@ -22,7 +22,8 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "hunyuan_v1_moe",
                              "nemotron_h",
                              "dots1",
-                             "sarvam_moe")
+                             "sarvam_moe",
+                             "lfm2_moe", "cohere2_moe")
 
 
 def family_module(family: str, part: str) -> str:

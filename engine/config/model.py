@@ -21,6 +21,7 @@ from .awaited import awaited_refusal
 from ..models.gated_deltanet_config import LinearAttentionConfig
 from ..models.mamba1_config import Mamba1Config
 from ..models.mamba2_config import Mamba2Config
+from ..models.short_conv_config import ShortConvConfig
 from .architectures import (CONFIG_ONLY_ARCHITECTURES, MODEL_TYPE_ALIASES, MTP_ARCHITECTURES, OWN_CONFIGS, REGISTRY,  # noqa: F401
                             SUPPORTED_ARCHITECTURES, TEXT_MODEL_OF, TEXT_WEIGHTS_PREFIX)
 from ..models.compressed_attention_config import resolve_compressed_cache
@@ -167,7 +168,7 @@ class ModelConfig:
                                  f"num_hidden_layers={self.num_layers} layers.")
             # Linear-attention layers (engine/models/gated_deltanet_config.py: gated DeltaNet, KDA) and Mamba2 layers
             # (engine/models/mamba2_config.py) sit beside the model's attention kind.
-            stateful = (LinearAttentionConfig, Mamba1Config, Mamba2Config)  # Mamba1: Jamba's (mamba1_config.py)
+            stateful = (LinearAttentionConfig, Mamba1Config, Mamba2Config, ShortConvConfig)  # Mamba1: Jamba's (mamba1_config.py)
             kinds = {a.kind for a in self.layer_attention if not isinstance(a, stateful)}
             if kinds != {self.attention.kind}:
                 raise ValueError(f"ModelConfig layer_attention holds {sorted(kinds)} attention, but the model's is "

@@ -16,6 +16,7 @@ from ..models.mla_config import MLAConfig
 from ..models.gated_deltanet_config import LinearAttentionConfig
 from ..models.mamba1_config import Mamba1Config
 from ..models.mamba2_config import Mamba2Config
+from ..models.short_conv_config import ShortConvConfig
 
 # The quantization formats TP runs: float and FP8 block-scaled linears load sharded (each rank reads its rows or
 # columns and their block scales); MXFP4 (gpt-oss), INT4 (compressed-tensors, GPTQ, AWQ: Kimi K2.5's experts) and
@@ -81,6 +82,8 @@ def check_tensor_parallel(cfg, size: int, experts_split: bool = False) -> None:
             raise bad("its Mamba1 layers are not sharded yet; run with -tp 1.")
         if isinstance(a, Mamba2Config):
             raise bad("its Mamba2 layers are not sharded yet; run with -tp 1.")
+        if isinstance(a, ShortConvConfig):
+            raise bad("its short-conv layers are not sharded yet; run with -tp 1.")
         if isinstance(a, LinearAttentionConfig):  # a rank holds whole q/k head groups (their value heads with them)
             if a.num_k_heads % size:
                 raise bad(f"linear_num_key_heads={a.num_k_heads} (gated DeltaNet) is not a multiple of {size}.")

@@ -180,6 +180,8 @@ def save_drawn_preset(out: Path, preset: Preset, seed: int = 0, dtype: torch.dty
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
         for mod in model.modules():
             bias = getattr(mod, "e_score_correction_bias", None)
+            if bias is None and type(mod).__name__.endswith("SparseMoeBlock"):
+                bias = getattr(mod, "expert_bias", None)  # LFM2-MoE's selection bias (use_expert_bias)
             if isinstance(bias, torch.Tensor):
                 bias.copy_((torch.randn(bias.shape, generator=g) * 0.05).to(bias.dtype))
     return save_model(model, out, cfg, dtype, fused)

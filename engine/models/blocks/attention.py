@@ -3,7 +3,8 @@
 indexer in its config, DeepSeek Sparse Attention: dsa.py), "block_sparse" (GQA over the key blocks an indexer keeps,
 MiniMax-M3: block_sparse.py), "linear" (gated DeltaNet, gated_deltanet.py), "kda" (Kimi Delta
 Attention, kimi_delta.py: gated DeltaNet with a decay per key channel), "mamba2" (Mamba2's selective state-space
-mixer, mamba2.py: Granite 4.0-H's `mamba` layers). A family adds its own from its package
+mixer, mamba2.py: Granite 4.0-H's `mamba` layers), "short_conv" (LFM2's gated short convolution, short_conv.py:
+its `conv` layers). A family adds its own from its package
 (DeepSeek-V4's: engine/models/deepseek_v4/)."""
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..layers import ForwardContext
 from ..mamba1 import Mamba1Mixer
 from ..mamba2 import Mamba2Mixer
 from ..mla import MLAAttention
+from ..short_conv import ShortConvMixer
 from .context import BuildContext
 from .registry import Registry
 
@@ -100,8 +102,15 @@ def _mamba2(ctx: BuildContext, i: int, attn) -> nn.Module:
     return Mamba2Mixer(i, cfg.hidden_size, attn, ctx.kernels, cfg.dtype, ctx.device, quant=cfg.quantization)
 
 
+def _short_conv(ctx: BuildContext, i: int, attn) -> nn.Module:
+    cfg = ctx.cfg
+    if ctx.tp is not None:  # engine/config/tensor_parallel.py refuses it first; a direct build says so too
+        raise ValueError(f"tensor parallelism is not supported for {cfg.architecture}'s short-conv layers yet.")
+    return ShortConvMixer(i, cfg.hidden_size, attn, ctx.kernels, cfg.dtype, ctx.device, quant=cfg.quantization)
+
+
 class _ReplayLinear:
-    """Gated DeltaNet's (and KDA's, Mamba2's) verify step: each layer's verifying sequences take their accepted tokens into their states
+    """Gated DeltaNet's (and KDA's, Mamba2's, the short conv's) verify step: each layer's verifying sequences take their accepted tokens into their states
     after sampling (engine/state/step.VerifySplit); nothing to do before."""
 
     def __init__(self, mixers: Sequence[nn.Module]):
@@ -112,7 +121,7 @@ class _ReplayLinear:
 
     def replay(self, num_accepted_S: torch.Tensor) -> None:
         for mixer in self.mixers:
-            mixer.replay_states(num_accepted_S)  # GatedDeltaNet's, Mamba2Mixer's
+            mixer.replay_states(num_accepted_S)  # GatedDeltaNet's, Mamba2Mixer's, ShortConvMixer's
 
 
 ATTENTION.add("gqa", AttentionKind("self_attn", _gqa))
@@ -123,5 +132,6 @@ ATTENTION.add("kda", AttentionKind("self_attn", _kda, _ReplayLinear))
 # Mamba1 (Jamba's mamba layers, mamba1.py: a decay per channel and state entry, no heads); its states as Mamba2's.
 ATTENTION.add("mamba1", AttentionKind("mamba", _mamba1, _ReplayLinear))
 ATTENTION.add("mamba2", AttentionKind("mamba", _mamba2, _ReplayLinear))
+ATTENTION.add("short_conv", AttentionKind("conv", _short_conv, _ReplayLinear))
 
 __all__ = ["ATTENTION", "AttentionKind", "LayerAttentionConfig", "StateHook"]

@@ -2,8 +2,9 @@
 into it (residual kinds), and how it ends (head kinds). The three go together: each residual kind keeps the stream
 in a form of its own (`state`), which its embedding kind makes and its head kind ends.
 
-- Residual kinds: the kind is the layer's class, "prenorm" (PreNormLayer, every family but DeepSeek-V4) or a
-  family's own (V4's hyper-connections, "hyper": engine/models/deepseek_v4/blocks.py).
+- Residual kinds: the kind is the layer's class, "prenorm" (PreNormLayer, most families), "parallel"
+  (ParallelLayer: attention and FFN side by side behind one norm, Cohere's) or a family's own (V4's
+  hyper-connections, "hyper": engine/models/deepseek_v4/blocks.py).
 - Embedding kinds turn the embedded tokens [T, D] into the stream's first state; head kinds end the last state in
   the final-normed hidden states [T, D] and name their checkpoint tensors. "plain" for both is every family's but
   DeepSeek-V4's (its hyper-connection streams: "hc_streams" / "hc_head"). The embedding and LM head tables are the
@@ -219,6 +220,47 @@ class PreNormLayer(Layer):
         plan: WeightPlan = {}
         plan.update(self.input_layernorm.weight_plan(p + "input_layernorm.weight"))
         plan.update(self.post_attention_layernorm.weight_plan(p + "post_attention_layernorm.weight"))
+        plan.update(self.mixer.weight_plan(f"{p}{self.mixer_name}."))
+        plan.update(self.ffn.weight_plan(p, layer_idx, cfg, spec, expert_ids, names))
+        return plan
+
+    @staticmethod
+    def capture(aux: AuxCapture, n: int, state: StreamState) -> None:
+        aux.take(n, *state)
+
+
+@RESIDUAL.register("parallel")
+class ParallelLayer(Layer):
+    """The parallel block (Cohere's): h = norm(x); out = x + attn(h) + ffn(h), one norm shared by the attention and
+    the FFN block. The stream is the prenorm kinds' (x_TD, residual_TD), the residual add deferred into the next
+    norm: this layer returns (ffn(h), x + attn(h)), whose sum is transformers' (x + attn(h)) + ffn(h) to the bit.
+    The attention never takes the fused decode input (its launch runs the prenorm layer's two norms)."""
+
+    def __init__(self, ctx: BuildContext, i: int, attention: AttentionKind, attn_cfg: LayerAttentionConfig,
+                 ffn: Callable[[BuildContext, int], FFNBlock]):
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        self.input_layernorm = self.make_norm(ctx)
+        self.is_sparse = i in cfg.sparse_layers
+        self.install(ctx, i, attention, attn_cfg, ffn)
+
+    def make_norm(self, ctx: BuildContext) -> nn.Module:
+        """The layer's one norm (RMSNorm; a family's kind may hold another with the same interface: forward,
+        add_forward, weight_plan)."""
+        cfg = ctx.cfg
+        return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.kernels, cfg.dtype, ctx.device)
+
+    def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
+               ctx: ForwardContext) -> Stages:
+        x_TD, residual_TD = state
+        h_TD, residual_TD = prenorm(self.input_layernorm, x_TD, residual_TD)
+        residual_TD = residual_TD + self.mixer(positions_T, h_TD, ctx)
+        return (yield from ffn_stages(self.ffn, self.tp, h_TD, input_ids_T)), residual_TD
+
+    def weight_plan(self, p: str, layer_idx: int, cfg: ModelConfig, spec: ArchSpec, expert_ids: list[int],
+                    names: frozenset[str]) -> WeightPlan:
+        plan: WeightPlan = {}
+        plan.update(self.input_layernorm.weight_plan(p + "input_layernorm.weight"))
         plan.update(self.mixer.weight_plan(f"{p}{self.mixer_name}."))
         plan.update(self.ffn.weight_plan(p, layer_idx, cfg, spec, expert_ids, names))
         return plan
