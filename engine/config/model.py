@@ -166,9 +166,10 @@ class ModelConfig:
             if len(self.layer_attention) != self.num_layers:
                 raise ValueError(f"ModelConfig layer_attention has {len(self.layer_attention)} configs for "
                                  f"num_hidden_layers={self.num_layers} layers.")
-            # Linear-attention layers (engine/models/gated_deltanet_config.py: gated DeltaNet, KDA) and Mamba2 layers
-            # (engine/models/mamba2_config.py) sit beside the model's attention kind.
-            stateful = (LinearAttentionConfig, Mamba1Config, Mamba2Config, ShortConvConfig)  # Mamba1: Jamba's (mamba1_config.py)
+            # Linear-attention layers (engine/models/gated_deltanet_config.py: gated DeltaNet, KDA), Mamba1 layers
+            # (Jamba's, mamba1_config.py), Mamba2 layers (mamba2_config.py) and short-conv layers (LFM2's,
+            # short_conv_config.py) sit beside the model's attention kind.
+            stateful = (LinearAttentionConfig, Mamba1Config, Mamba2Config, ShortConvConfig)
             kinds = {a.kind for a in self.layer_attention if not isinstance(a, stateful)}
             if kinds != {self.attention.kind}:
                 raise ValueError(f"ModelConfig layer_attention holds {sorted(kinds)} attention, but the model's is "
