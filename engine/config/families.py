@@ -19,6 +19,7 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "kimi_k3", "deepseek_v41", "qwen2_moe", "olmoe", "ernie4_5_moe", "granitemoe", "dbrx",
                              "phimoe", "llama4",
                              "jamba",
+                             "gemma4",
                              "hunyuan_v1_moe",
                              "nemotron_h",
                              "dots1",

@@ -215,7 +215,9 @@ class MoEDecoderForCausalLM(nn.Module):
         """[S, V] on every rank (under TP each rank's vocab shard, all-gathered: every rank samples the same)."""
         if h_SD.dtype != self.lm_head.dtype:  # a float32 head: Head.lm_head_float32
             h_SD = h_SD.to(self.lm_head.dtype)
-        return self.vocab.logits(h_SD, self.lm_head, self.lm_head_bias)
+        logits_SV = self.vocab.logits(h_SD, self.lm_head, self.lm_head_bias)
+        cap = self.head_block.logit_softcap  # Head.logit_softcap (Gemma 4), in the logits' dtype as transformers
+        return logits_SV if cap is None else torch.tanh(logits_SV / cap) * cap
 
     # -- checkpoint mapping ---------------------------------------------------
     def weight_plan(self, checkpoint_names: Collection[str] | None = None) -> WeightPlan:

@@ -10,8 +10,10 @@ ROPE_TYPES = ("default", "yarn")
 # Scaled types only the families that name them accept (Architecture.rope_types; their inverse frequencies from
 # transformers' ROPE_INIT_FUNCTIONS as yarn's): "llama3", Llama 3.1's and Llama 4's band-wise frequency scaling;
 # "longrope", Phi-3.5-MoE's per-frequency factors (transformers' PhiMoE computes them without a sequence length: its
-# short_factor at every position; the family names the cos/sin scale: RopeConfig.attention_factor).
-FAMILY_ROPE_TYPES = ("llama3", "longrope")
+# short_factor at every position; the family names the cos/sin scale: RopeConfig.attention_factor); "proportional",
+# Gemma 4's full-attention layers (the first partial_rotary_factor * head_dim / 2 frequencies of a head_dim-wide
+# rope, base^(-2i / head_dim), the others 0: pairs (i, i + head_dim / 2) of the whole head, most of them unturned).
+FAMILY_ROPE_TYPES = ("llama3", "longrope", "proportional")
 # How the rotated dimensions pair up: "neox" rotates (x[i], x[i + R/2]) (Hugging Face rotate_half);
 # "interleaved" rotates (x[2i], x[2i + 1]) and returns the halves de-interleaved (DeepSeek-V3 rope_interleave:
 # the checkpoint's rope rows are de-interleaved at load, after which it runs as neox); "complex" rotates

@@ -26,10 +26,10 @@ def test_every_architecture_names_registered_kinds():
             FFN.get(spec.ffn)
     assert {"gqa", "mla", "block_sparse", "linear", "compressed"} <= set(ATTENTION.names())
     assert set(FFN.names()) == {"dense", "routed", "routed_shared", "token_routed", "latent_shared", "granite_moe",
-                                 "dbrx", "llama4_moe", "nemotron_h", "lfm2_moe"}
+                                 "dbrx", "llama4_moe", "gemma4_moe", "nemotron_h", "lfm2_moe"}
     assert set(RESIDUAL.names()) == {"prenorm", "hyper", "hc_prenorm", "shortcut_pair", "independent_hyper",
-                                     "gated_hyper", "attn_res", "lagged_hyper", "dbrx", "phimoe", "nemotron_h",
-                                     "parallel", "cohere2_moe"}
+                                     "gated_hyper", "attn_res", "lagged_hyper", "dbrx", "phimoe", "gemma4",
+                                     "nemotron_h", "parallel", "cohere2_moe"}
     assert REGISTRY["DeepseekV4ForCausalLM"].spec.residual == "hyper"
     # MTP layouts other than the draft heads' own (engine/spec/heads/: "nextn", "qwen") are a family's
     assert {a.mtp_layout for a in REGISTRY.values()} - {"nextn", "qwen"} == set(MTP_LAYOUTS.names()) == {
@@ -38,7 +38,7 @@ def test_every_architecture_names_registered_kinds():
 
 def test_unknown_name_is_one_error_naming_kind_and_choices():
     with pytest.raises(ValueError, match=r"^residual block 'bogus' is not registered: choose from 'attn_res', "
-                                         r"'cohere2_moe', 'dbrx', 'gated_hyper', 'hc_prenorm', 'hyper', "
+                                         r"'cohere2_moe', 'dbrx', 'gated_hyper', 'gemma4', 'hc_prenorm', 'hyper', "
                                          r"'independent_hyper', 'lagged_hyper', 'nemotron_h', 'parallel', 'phimoe', "
                                          r"'prenorm', 'shortcut_pair'\.$"):
         RESIDUAL.get("bogus")

@@ -10,8 +10,9 @@ from moelink.moe.router_config import RouterConfig
 from ...config.refusals import unsupported
 
 # The experts' gated activations (kernels.moe.MoEActivation's kinds, and Kimi K3's SiTU: kernels/situ.py); "relu2"
-# is Nemotron-H's ungated relu(up)^2 (engine/models/nemotron_h/kinds.py).
-MOE_ACTIVATIONS = ("silu", "swiglu_oai", "silu_clamp", "situ", "relu2")
+# is Nemotron-H's ungated relu(up)^2 (engine/models/nemotron_h/kinds.py); "gelu_tanh" is Gemma 4's
+# gelu_pytorch_tanh(gate) * up (its own MoEActivation: engine/models/gemma4/kinds.py).
+MOE_ACTIVATIONS = ("silu", "swiglu_oai", "silu_clamp", "situ", "relu2", "gelu_tanh")
 
 
 @dataclass(frozen=True)

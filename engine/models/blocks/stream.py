@@ -55,6 +55,8 @@ class Head(ABC):
     # The LM head's bias tensor in the checkpoint, where the family has one (PhiMoE's lm_head.bias, config.json's
     # lm_head_bias): the decoder holds it beside the head and adds it to the logits. "" (most): no bias.
     lm_head_bias_name = ""
+    # The logits softcapped, cap * tanh(logits / cap) (Gemma 4's final_logit_softcapping): the cap, or None (most).
+    logit_softcap: float | None = None
 
     @abstractmethod
     def finish(self, state: StreamState) -> torch.Tensor:
