@@ -21,6 +21,10 @@ ARCHITECTURES = (
     # DeepSeek-V3 router), dense layers by mlp_layer_types; its MTP layer in DeepSeek-V3's layout.
     Architecture("Glm4MoeLiteForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ),
                  model_type="glm4_moe_lite", mtp_layers=True),
+    # Sarvam-105B (sarvam_mla): DeepSeek-V3 as transformers 5.24 runs it (DeepseekV3ForCausalLM on a SarvamMLAConfig,
+    # which reads the release's num_experts / num_shared_experts and its deepseek_yarn rope), DeepSeek-V3's names; its
+    # num_mtp_layers' modules are in no release and are not read.
+    Architecture("SarvamMLAForCausalLM", ArchSpec("mla", moe_prefix="mlp", expert_names=PROJ), model_type="sarvam_mla"),
 )
 # Sparse attention (a lightning indexer beside MLA): the architectures whose reader builds MLAConfig.indexer.
 DSA_ARCHITECTURES = ("DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")

@@ -28,6 +28,7 @@ _DEEPSEEK_ROUTING = {
     "DeepseekV32ForCausalLM": ("sigmoid", ("noaux_tc",)),
     "GlmMoeDsaForCausalLM": ("sigmoid", ("noaux_tc",)),
     "Glm4MoeLiteForCausalLM": ("sigmoid", ("noaux_tc",)),
+    "SarvamMLAForCausalLM": ("sigmoid", ("noaux_tc",)),
 }
 # The architectures whose routed layers are mlp_layer_types' "sparse" ones (transformers derives the field from
 # first_k_dense_replace for DeepSeek-V3.2 / GLM-5; GLM-4.7-Flash's model reads mlp_layer_types alone, its default
@@ -86,7 +87,7 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
 
 def _mla(arch: str, hf, c: dict, rope: dict) -> MLAConfig:
     # The softmax scale exactly as transformers' model computes it (yarn's mscale_all_dim folded in).
-    if arch in ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM") or arch in DSA_ARCHITECTURES:
+    if arch in ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM", "SarvamMLAForCausalLM") or arch in DSA_ARCHITECTURES:
         # rope_interleave: DeepSeek's checkpoints pair rope dims (2i, 2i+1); transformers reads the flag (DeepSeek-V3.2
         # and GLM-5 always interleave, whatever the file says).
         interleave = arch in DSA_ARCHITECTURES or getattr(hf, "rope_interleave", True)

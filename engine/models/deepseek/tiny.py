@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer, save_preset
+from ...tools.tiny_families import QUANT_FORMATS, Preset, TinyArch, preset_writer, published_as, save_preset
 from ...tools.tiny_formats import rewrite_checkpoint
 
 _YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
@@ -154,6 +154,16 @@ GLM4_MOE_LITE: Preset = ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(
     routed_scaling_factor=1.8, norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "dense", "sparse"],
     rope_interleave=True, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None))
 
+# Sarvam-105B (SarvamMLAForCausalLM): transformers' DeepseekV3ForCausalLM on a SarvamMLAConfig, as published: no q LoRA,
+# interleaved rope, experts routed over one group, one dense layer, one shared expert; config.json names the published
+# architecture (published_as).
+SARVAM_MLA: Preset = ("SarvamMLAConfig", "DeepseekV3ForCausalLM", dict(
+    hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None, **_MLA_SMALL,
+    moe_intermediate_size=16, n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2,
+    first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=None, eos_token_id=None,
+    pad_token_id=None))
+
 ARCHS = {
     "deepseek_v3": TinyArch("DeepseekV3ForCausalLM", "DeepSeek-V3, DeepSeek-R1", _FORMATS, sized="deepseek_v3"),
     "deepseek_v2": TinyArch("DeepseekV2ForCausalLM", "DeepSeek-V2, DeepSeek-V2-Lite", _FORMATS, sized="deepseek_v2"),
@@ -170,6 +180,8 @@ ARCHS = {
                             format_fields={"fp8": {"index_head_dim": 16}}),
     "glm4_moe_lite": TinyArch("Glm4MoeLiteForCausalLM", "GLM-4.7-Flash", ("float", "fp8"),
                               write=preset_writer(GLM4_MOE_LITE, drawn=True)),
+    "sarvam_mla": TinyArch("SarvamMLAForCausalLM", "Sarvam-105B", ("float",),
+                           write=published_as(preset_writer(SARVAM_MLA, drawn=True), "SarvamMLAForCausalLM")),
 }
 
 
@@ -221,5 +233,5 @@ def save_kimi_k25_multimodal(out, seed: int = 0, max_side: int = 64) -> str:
     return str(out)
 
 
-__all__ = ["ARCHS", "GLM4_MOE_LITE", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "KIMI_MEDIA_TOKENS", "kimi_k25_checkpoint",
+__all__ = ["ARCHS", "GLM4_MOE_LITE", "SARVAM_MLA", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "KIMI_MEDIA_TOKENS", "kimi_k25_checkpoint",
            "save_kimi_k25_multimodal"]
