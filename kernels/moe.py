@@ -30,8 +30,8 @@ class MoEActivation:
       [gate; up] rows of w13 so every kernel sees one layout.
     - "silu_clamp" (DeepSeek-V4): silu(min(gate, limit)) * clamp(up, -limit, limit), its swiglu_limit (10.0).
     - "relu2" (Nemotron-H's ungated experts, transformers' ACT2FN["relu2"]): relu(up)^2; the gate half is not read
-      (the family loads its up_proj into the up rows and leaves the gate rows zero). The plain-torch references and
-      cpu_native's fallback run it; the Triton epilogue has no code for it (a family using it runs the reference).
+      (the family loads its up_proj into the up rows and leaves the gate rows zero). The plain-torch references,
+      cpu_native's fallback to them and the Triton epilogue (ACT 3) run it.
     """
 
     kind: str = "silu"

@@ -72,7 +72,11 @@ def dot(a, b, acc, INTERPRET: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def activation_epilogue(acc_g, acc_u, alpha, limit, ACT: tl.constexpr):
     """The gated activation of the MoE gate-up epilogues on fp32 values (same math as `MoEActivation`):
-    ACT 0 SiLU(gate)·up, 1 gpt-oss's clamped swiglu_oai, 2 DeepSeek-V4's silu_clamp."""
+    ACT 0 SiLU(gate)·up, 1 gpt-oss's clamped swiglu_oai, 2 DeepSeek-V4's silu_clamp, 3 Nemotron-H's ungated
+    relu2: relu(up)^2, the gate half not read."""
+    if ACT == 3:  # relu2
+        r = tl.maximum(acc_u, 0.0)
+        return r * r
     if ACT == 2:  # silu_clamp: SiLU(min(gate, limit)) * clamp(up, -limit, limit)
         g = tl.minimum(acc_g, limit)
         return g / (1.0 + tl.exp(-g)) * tl.minimum(tl.maximum(acc_u, -limit), limit)

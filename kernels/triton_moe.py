@@ -60,8 +60,8 @@ from .triton_common import cast
 from .triton_moe_float import FloatFormat
 from .triton_moe_gemm import ROW_BIAS, WeightFormat
 
-ACT_SILU, ACT_SWIGLU_OAI, ACT_SILU_CLAMP = 0, 1, 2  # the ACT constexpr of the gate-up epilogue
-_ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI, "silu_clamp": ACT_SILU_CLAMP}
+ACT_SILU, ACT_SWIGLU_OAI, ACT_SILU_CLAMP, ACT_RELU2 = 0, 1, 2, 3  # the ACT constexpr of the gate-up epilogue
+_ACT_CODES = {"silu": ACT_SILU, "swiglu_oai": ACT_SWIGLU_OAI, "silu_clamp": ACT_SILU_CLAMP, "relu2": ACT_RELU2}
 _PATHS = ("auto", "tiny", "sorted")
 
 

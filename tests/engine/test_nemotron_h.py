@@ -305,3 +305,48 @@ def test_speculative_decoding_replays_mamba_states(latent_path, p_right):
     assert sd is not None and sd.num_draft_tokens > 0
     assert (sd.num_accepted_tokens > 0) == (p_right > 0)
     assert_pool_free(llm)
+
+
+_TRITON_RUN = """
+import collections, json, sys
+import moelink.kernels.triton_moe as tm
+from moelink.engine import LLM, SamplingParams
+calls = collections.Counter()
+fn = tm.triton_fused_moe
+def counted(*a, **k):
+    calls.update([k["activation"].kind])
+    return fn(*a, **k)
+tm.triton_fused_moe = counted
+import moelink.kernels.ops_moe as om
+om.triton_fused_moe = counted
+llm = LLM(sys.argv[1], kernels="triton", skip_warmup=True, **json.loads(sys.argv[3]))
+ps = json.loads(sys.argv[2])
+outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+print("CALLS", json.dumps(calls))
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
+"""
+
+
+@pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
+def test_triton_kernels_equal_reference_kernels_greedy(tmp_path):
+    """Float32 on the Triton kernels (the fused MoE's relu2 epilogue, Mamba2's scan, the rest of TritonKernels; the
+    interpreter on a CPU) gives the reference kernels' greedy tokens: chunked prompts, two sequences per step."""
+    import json
+    import os
+    import sys
+
+    from tests.helpers import zygote
+    from tests.helpers.fast_interpreter import interpreter_env
+
+    path = save_preset(tmp_path, NEMOTRON_H)
+    ps = prompts(VOCAB, seed=7, n=2, lo=11, hi=21)
+    engine = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=24, block_size=8)
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
+    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, path, json.dumps(ps), json.dumps(engine)], env=env,
+                      capture_output=True, text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("TOKENS", 1)[1])
+    calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
+    assert calls.get("relu2", 0) > 0, calls
+    llm = LLM(path, kernels="reference", **engine)
+    assert_same(got, engine_greedy(llm, ps, max_new=4), ps)

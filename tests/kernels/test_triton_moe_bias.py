@@ -14,6 +14,7 @@ from tests.helpers.moe_cases import DTYPES, FUSED, SMALL, WIDE, expert_map as _e
 OAI = MoEActivation("swiglu_oai", alpha=1.702, limit=7.0)
 TIGHT = MoEActivation("swiglu_oai", alpha=1.1, limit=0.5)  # most values clamped: the clamps must be right
 CLAMP = MoEActivation("silu_clamp", limit=0.5)  # DeepSeek-V4's clamped SiLU, most values clamped
+RELU2 = MoEActivation("relu2")  # Nemotron-H's ungated relu(up)^2: the gate rows are not read
 
 # (T, E local, G global, K, D, I, routing, config, combine, activation, biases)
 CASES = [
@@ -25,6 +26,8 @@ CASES = [
     (9, 4, 4, 2, 48, 24, "rand", FUSED, "sum", TIGHT, "none"),  # swiglu_oai without biases
     (9, 4, 4, 2, 48, 24, "rand", FUSED, "sum", CLAMP, "none"),  # silu_clamp, fused gate|up tile
     (1, 4, 4, 2, 32, 16, "rand", SMALL, "sum", CLAMP, "none"),  # silu_clamp, decode
+    (11, 4, 4, 2, 48, 24, "rand", FUSED, "sum", RELU2, "none"),  # relu2, fused gate|up tile
+    (1, 4, 8, 2, 32, 16, "map", SMALL, "atomic", RELU2, "none"),  # relu2, decode, remote experts
 ]
 
 

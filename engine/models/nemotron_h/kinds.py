@@ -4,9 +4,9 @@
 expert) with the relu^2 MLP of the "mlp" layers, and the checkpoint kind "nemotron_h" (the `backbone.` names).
 
 The experts have no gate: each one's up_proj is loaded into the up rows of the layer's w13 [E, 2I, D] and the gate
-rows stay zero, the activation "relu2" (kernels.moe.MoEActivation) reading the up half alone; so the experts run
-the plain-torch fused MoE reference on every device (the Triton epilogue has no relu^2 code yet) and hold I x D
-zeros per expert.
+rows stay zero, the activation "relu2" (kernels.moe.MoEActivation; the Triton epilogue's ACT 3) reading the up half
+alone, so every fused MoE of the float experts runs them as they are; they hold I x D zeros per expert (and the
+gate-up GEMM computes the gate half it does not read).
 
 Legend: T tokens, D hidden, L latent (moe_latent_size), I an MLP's width, G experts.
 """
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moelink.kernels.moe import MoEActivation, reference_fused_moe
+from moelink.kernels.moe import MoEActivation
 from moelink.moe.expert_weights import make_expert_format
 from moelink.moe.layer import MoELayer, Stages
 from moelink.moe.router import make_router
@@ -55,18 +55,6 @@ class Relu2MLP(nn.Module):
         return {**self.up_proj.weight_plan(p + "up_proj.weight"), **self.down_proj.weight_plan(p + "down_proj.weight")}
 
 
-class _ReferenceExperts:
-    """The device's kernels with the experts' fused MoE the plain-torch reference (module docstring)."""
-
-    fused_moe = staticmethod(reference_fused_moe)
-
-    def __init__(self, kernels):
-        self._kernels = kernels
-
-    def __getattr__(self, name: str):
-        return getattr(self._kernels, name)
-
-
 class LatentMoELayer(MoELayer):
     """MoELayer whose experts are L wide: the router reads x [T, D] (gate_GD [G, D]), the experts fc1_latent_proj(x)
     [T, L] (what crosses under expert parallelism), their weighted sum goes through fc2_latent_proj back to D."""
@@ -101,7 +89,7 @@ class NemotronHMoE(FFNBlock):
         if ctx.tp is not None:  # every Nemotron-H has Mamba2 layers: engine/config/tensor_parallel.py refuses TP first
             raise ValueError(f"tensor parallelism is not supported for {cfg.architecture} yet.")
         latent = (cfg.hf_config or {}).get("moe_latent_size")
-        kernels = _ReferenceExperts(ctx.kernels)
+        kernels = ctx.kernels
         kw = dict(ep=ctx.ep, moe_index=ctx.moe_row(i), stats=ctx.stats, expert_format=make_expert_format(None, False),
                   activation=RELU2)
         E, inter = cfg.num_experts, cfg.moe_intermediate_size
