@@ -135,3 +135,48 @@ def test_rms_norm_sum_sigmoid_fused_untied_parity(tmp_path):
     ps = prompts(VOCAB, seed=29, n=4, lo=2, hi=60)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+_TRITON_RUN = """
+import json, sys
+from moelink.engine import LLM, SamplingParams
+llm = LLM(sys.argv[1], kernels="triton", skip_warmup=True, **json.loads(sys.argv[3]))
+ps = json.loads(sys.argv[2])
+outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
+"""
+
+
+@pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
+def test_triton_kernels_equal_reference_kernels_greedy(tmp_path):
+    """Float32 on the Triton kernels (the interpreter on a CPU): the parallel layer's attention on sliding and NoPE
+    layers, chunked prompts past the window, two sequences per step, decodes, give the reference kernels' tokens."""
+    import json
+    import os
+    import sys
+
+    from tests.helpers import zygote
+    from tests.helpers.fast_interpreter import interpreter_env
+
+    path = save_preset(tmp_path, COHERE2_MOE)
+    ps = prompts(VOCAB, seed=7, n=2, lo=14, hi=24)
+    engine = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=24, block_size=8)
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
+    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, path, json.dumps(ps), json.dumps(engine)], env=env,
+                      capture_output=True, text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("TOKENS", 1)[1])
+    llm = LLM(path, kernels="reference", **engine)
+    assert_same(got, engine_greedy(llm, ps, max_new=4), ps)
+
+
+def test_transformers_default_config_reads(tmp_path):
+    """transformers' default Cohere2MoeConfig (its layer_types from sliding_window_pattern 4: every fourth layer
+    global NoPE; LayerNorm; 8 experts, top-2 softmax; logit_scale 0.0625) reads."""
+    import transformers
+
+    cfg = transformers.Cohere2MoeConfig(num_hidden_layers=8)
+    cfg.architectures = ["Cohere2MoeForCausalLM"]
+    m = ModelConfig.from_pretrained(config_dir(tmp_path, cfg))
+    assert [m.attention.rotates(i) for i in range(8)] == [True, True, True, False] * 2
+    assert m.attention.window(0) == 4096 and m.sparse_layers == tuple(range(8)) and m.rms_norm_eps == 1e-5

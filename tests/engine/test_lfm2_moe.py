@@ -152,3 +152,65 @@ def test_fused_names_untied_no_expert_bias_parity(tmp_path):
     ps = prompts(VOCAB, seed=29, n=4, lo=2, hi=60)
     llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+
+
+_TRITON_RUN = """
+import collections, json, sys
+import moelink.kernels.triton_causal_conv1d as cc
+from moelink.engine import LLM, SamplingParams
+calls = collections.Counter()
+for name in ("triton_causal_conv1d", "triton_causal_conv1d_update"):
+    fn = getattr(cc, name)
+    setattr(cc, name, lambda *a, _fn=fn, _n=name, **k: calls.update([_n]) or _fn(*a, **k))  # read when built
+llm = LLM(sys.argv[1], kernels="triton", skip_warmup=True, **json.loads(sys.argv[3]))
+ps = json.loads(sys.argv[2])
+outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+print("CALLS", json.dumps(calls))
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
+"""
+
+
+@pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
+def test_triton_kernels_equal_reference_kernels_greedy(tmp_path):
+    """Float32 on the Triton kernels (the short conv's causal conv without an activation, prefill and decode; the
+    rest of TritonKernels; the interpreter on a CPU) gives the reference kernels' greedy tokens: chunked prompts,
+    two sequences per step, decodes."""
+    import json
+    import os
+    import sys
+
+    from tests.helpers import zygote
+    from tests.helpers.fast_interpreter import interpreter_env
+
+    path = save_preset(tmp_path, LFM2_MOE)
+    ps = prompts(VOCAB, seed=7, n=2, lo=11, hi=21)
+    engine = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=24, block_size=8)
+    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
+    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, path, json.dumps(ps), json.dumps(engine)], env=env,
+                      capture_output=True, text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("TOKENS", 1)[1])
+    calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
+    assert calls.get("triton_causal_conv1d", 0) > 0 and calls.get("triton_causal_conv1d_update", 0) > 0, calls
+    llm = LLM(path, kernels="reference", **engine)
+    assert_same(got, engine_greedy(llm, ps, max_new=4), ps)
+
+
+def test_published_shape_reads(tmp_path):
+    """transformers' default Lfm2MoeConfig (LFM2-8B-A1B's sizes: 32 experts of 1792, top-4, 2 dense layers, tied)
+    with a layer_types of LFM2-8B-A1B's shape (transformers' default names none and its model cannot be built
+    without one) reads: 6 attention layers among 24, every conv state [2, 2048]."""
+    import transformers
+
+    types = ["full_attention" if i in (2, 6, 10, 14, 18, 21) else "conv" for i in range(24)]
+    cfg = transformers.Lfm2MoeConfig(num_hidden_layers=24, layer_types=types)
+    cfg.architectures = ["Lfm2MoeForCausalLM"]
+    m = ModelConfig.from_pretrained(config_dir(tmp_path, cfg))
+    assert len(m.state_layers) == 18 and m.sparse_layers == tuple(range(2, 24)) and m.tie_word_embeddings
+    assert (m.num_experts, m.moe_intermediate_size, m.moe.router.top_k, m.attention.rope.theta) == (32, 1792, 4,
+                                                                                                   1e6)
+    assert m.attention_for(0).state_shapes(4) == ((5, 2, 2048),)
+    with pytest.raises(ValueError, match=r"config.json layer_types=\[\] is not supported"):
+        cfg = transformers.Lfm2MoeConfig(num_hidden_layers=24)
+        cfg.architectures = ["Lfm2MoeForCausalLM"]
+        ModelConfig.from_pretrained(config_dir(tmp_path / "none", cfg))
