@@ -98,8 +98,35 @@ def _storage_filename(max_bytes: int | None):
         if max_bytes is not None and nbytes > max_bytes:
             raise PayloadRefused(f"{FIELD}[0] names a shared-memory segment of {nbytes} bytes, more than the served "
                                  f"weights could need ({max_bytes}).")
+        if not _torch_manager(manager):
+            raise PayloadRefused(f"{FIELD}[0] names a shared-memory manager that is not a torch_shm_manager socket "
+                                 "of this server's user (<tmp>/torch-shm-dir-*/manager.sock).")
         return reductions.rebuild_storage_filename(_real(cls), manager, handle, size, dtype)
     return rebuild
+
+
+def _torch_manager(manager: bytes) -> bool:
+    """Whether `manager` names a torch_shm_manager's socket (libshm's `<tmp>/torch-shm-dir-XXXXXX/manager.sock`),
+    spelled plainly (absolute; no `.`, `..` or empty segment), a socket itself (not a link) owned by this process'
+    user. Why: torch connects to the socket a pickle names and waits up to 1 s for its "OK" with the GIL held (every
+    stream stopped), and keeps each name's connection for good: any socket on the host was written to, and each
+    spelling of one (`/a/./s`, `/a//s`) cost a file descriptor for the process' life."""
+    import os
+    import stat
+
+    try:
+        path = manager.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    parts = path.split("/")
+    if (not path.startswith("/") or len(parts) < 3 or any(p in ("", ".", "..") for p in parts[1:])
+            or parts[-1] != "manager.sock" or not parts[-2].startswith("torch-shm-dir-")):
+        return False
+    try:
+        st = os.lstat(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return False
+    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()
 
 
 class _ClassRef:

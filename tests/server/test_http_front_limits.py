@@ -222,6 +222,25 @@ def test_each_route_has_its_body_cap_from_content_length_and_while_chunked():
         assert _status(answer) == 413 and flag in answer and b"connection: close" in answer.lower(), (name, answer)
 
 
+def test_a_lora_load_or_unload_is_capped_at_a_small_body_from_content_length():
+    """A LoRA load or unload (vLLM's, SGLang's, SkyRL's names) takes a name and a path: 413 past SMALL_BODY_BYTES
+    from its Content-Length, before the route's JSON would be parsed on the event loop (it took the relay cap, 64 MiB:
+    a 60 MB body held every stream 5.5 s)."""
+    paths = (b"/v1/load_lora_adapter", b"/v1/unload_lora_adapter", b"/load_lora_adapter", b"/unload_lora_adapter",
+             b"/skyrl/v1/load_lora_adapter")
+
+    def client(front):
+        out = {}
+        for path in paths:
+            sock = _connect(front)
+            sock.sendall(_post_head(path, SMALL_BODY_BYTES + 1, AUTH))
+            out[path] = _until_eof(sock)
+        return out
+
+    for path, answer in _scenario(client, completions=_Endless()).items():  # the engine's routes beside the front
+        assert _status(answer) == 413 and b"LoRA load or unload" in answer, (path, answer)
+
+
 def test_a_silent_or_slow_connection_is_closed_past_the_head_and_body_timeouts():
     """Issue 95 item 2: a connection that sends nothing, or half a head, is closed once the head timeout passes
     (the first request included); a body that does not arrive in time gets 408."""

@@ -498,3 +498,80 @@ def test_a_payload_pickle_cannot_call_or_grow_what_it_names():
         entry = base64.b64encode(pickle.dumps([("x", payload)])).decode()
         with pytest.raises(PayloadRefused, match=says):
             decode_named_tensors([entry], None, max_bytes=1 << 20)
+
+
+def test_a_payload_pickle_names_only_a_torch_shm_manager_of_this_user(tmp_path):
+    """A "file_system" tensor's pickle names the torch_shm_manager socket torch connects to (and waits on, with the
+    GIL held, and keeps for good): any other socket, a link to one, or another spelling of one is refused before
+    torch connects; torch's own manager is taken."""
+    import os
+    import pickle
+    import re
+    import socket
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing as mp
+    from torch.multiprocessing import reductions
+
+    from moelink.engine.rl.serialized_tensors import PayloadRefused, decode_named_tensors
+
+    other = tmp_path / "hang.sock"
+    lone = socket.socket(socket.AF_UNIX)
+    lone.bind(str(other))
+    lone.listen(1)
+    fake = tmp_path / "torch-shm-dir-x"
+    fake.mkdir()
+    os.symlink(other, fake / "manager.sock")
+    was = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump([("x", torch.zeros(2))])
+        own = re.search(rb"/[ -~]*torch-shm-dir-[^/]+/manager\.sock", buf.getvalue()).group(0)
+        for name in (str(other).encode(), str(fake / "manager.sock").encode(),
+                     own.replace(b"/manager.sock", b"/./manager.sock"), own.replace(b"/", b"//", 1)):
+            class Named:
+                def __reduce__(self, name=name):
+                    return (reductions.rebuild_storage_filename, (torch.UntypedStorage, name, b"/torch_1_2_3", 8))
+            entry = base64.b64encode(pickle.dumps([("x", Named())])).decode()
+            with pytest.raises(PayloadRefused, match="torch_shm_manager"):
+                decode_named_tensors([entry], None, max_bytes=1 << 20)
+        (name, tensor), = decode_named_tensors([base64.b64encode(buf.getvalue()).decode()], None, 1 << 20)
+        assert name == "x" and tensor.tolist() == [0.0, 0.0]  # torch's own manager is taken
+    finally:
+        mp.set_sharing_strategy(was)
+        lone.close()
+
+
+def test_health_generate_probes_share_one_generation():
+    """/health_generate takes no key: probes that come while one generates wait on that one, so a client's many
+    connections in a loop keep at most one probe's sequence in the engine; a caller that hangs up does not end it
+    for the others; the next probe after it generates again."""
+    import asyncio
+
+    class Engine:
+        def __init__(self):
+            self.started = self.running = self.most = 0
+
+        async def generate(self, rid, ids, params):
+            self.started += 1
+            self.running += 1
+            self.most = max(self.most, self.running)
+            try:
+                await asyncio.sleep(0.05)
+                yield object()
+            finally:
+                self.running -= 1
+
+    async def run():
+        engine = Engine()
+        routes = SglangRoutes(types.SimpleNamespace(engine=engine))
+        hung_up = asyncio.ensure_future(routes.answer(b"GET", "/health_generate", b""))
+        await asyncio.sleep(0)
+        others = [routes.answer(b"GET", "/health_generate", b"") for _ in range(31)]
+        hung_up.cancel()
+        answers = await asyncio.gather(*others)
+        assert all(a == (200, b"") for a in answers) and engine.started == 1 and engine.most == 1
+        assert await routes.answer(b"GET", "/health_generate", b"") == (200, b"") and engine.started == 2
+
+    asyncio.run(run())

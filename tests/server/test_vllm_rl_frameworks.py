@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import threading
+import types
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -632,3 +633,30 @@ def test_packed_buckets_are_vllms():
     group.group = _Group()
     group.broadcast_packed([(n, torch.zeros(s)) for (n, _, _), s in zip(tensors, sizes)], 300)
     assert sent == [320, 960, 464]
+
+
+@pytest.mark.parametrize("logprobs", [0, 1, 20])
+def test_the_answer_budget_estimate_covers_the_token_routes_logprobs(logprobs):
+    """--max-answer-bytes admits no /inference/v1/generate answer larger than itself: its logprobs entries (the token
+    as "token_id:N", "bytes": null, at least one top entry) were counted as completions' and came to 1.6x the
+    estimate. Worst case here: six-digit ids, 17-digit logprobs."""
+    from moelink.engine.contract.sampling_params import SamplingParams
+    from moelink.engine.core.outputs import Logprob
+    from moelink.engine.server.gateway import vllm_token_generate as tg
+    from moelink.engine.server.gateway.openai_fields import HttpFieldError
+    from moelink.engine.server.limits import RequestLimits
+
+    n, tokens, prompt = 2, 50, [151_000] * 8
+    req = tg.TokenRequest("r", prompt, SamplingParams(max_tokens=tokens), n, logprobs, None, False, False, None, None,
+                          None)
+    answer = tg._Answer(req, "m", "npy")
+    entry = {151_000 + i: Logprob(-12.345678901234567 - i, i + 1) for i in range(max(logprobs, 1) + 1)}
+    comp = types.SimpleNamespace(token_ids=[151_000] * tokens, logprobs=[entry] * tokens, finish_reason="length",
+                                 routed_experts=None)
+    out = types.SimpleNamespace(outputs=[comp], prompt_token_ids=prompt, num_cached_tokens=0, prompt_logprobs=None)
+    for sample in range(n):
+        answer.add(sample, out)
+    size = len(tg._dumps(answer.body()))
+    serving = types.SimpleNamespace(limits=RequestLimits(max_answer_bytes=size - 1))
+    with pytest.raises(HttpFieldError, match="--max-answer-bytes"):  # the estimate is at least the answer
+        tg.check_answer(serving, req, len(prompt), 0)

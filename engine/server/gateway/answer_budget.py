@@ -32,6 +32,10 @@ COMPLETIONS_LOGPROB = (80, 40)
 CHAT_LOGPROB = (120, 100)
 PROMPT_LOGPROB = (90, 90)
 GENERATE_LOGPROB = (40, 40)
+# vllm_token_generate.py's entries: the token as "token_id:N" with "bytes": null, in the entry and again in each of
+# its top_logprobs (at least one, logprobs=0 too). Counted as completions' (80, 40), a 1,000-token answer at
+# logprobs=20 came to 1.6x its estimate (1,427 bytes a token, not 880): 128 MiB admitted ~205 MB.
+TOKEN_GENERATE_LOGPROB = (120, 80)
 
 
 def entry_bytes(shape: tuple[int, int], top: Optional[int]) -> int:
@@ -83,5 +87,5 @@ def check(limits, est: Estimate, fields: str, streamable: bool = True,
                                 "tokens or logprobs.")
 
 
-__all__ = ["CHAT_LOGPROB", "COMPLETIONS_LOGPROB", "Estimate", "GENERATE_LOGPROB", "PROMPT_LOGPROB", "check",
-           "entry_bytes", "estimate"]
+__all__ = ["CHAT_LOGPROB", "COMPLETIONS_LOGPROB", "Estimate", "GENERATE_LOGPROB", "PROMPT_LOGPROB",
+           "TOKEN_GENERATE_LOGPROB", "check", "entry_bytes", "estimate"]

@@ -45,6 +45,11 @@ PUBLIC_ROUTES += SGLANG_PATHS
 ENGINE_ROUTES += SGLANG_PATHS
 KEYED_ROUTES += SGLANG_PATHS
 METRICS_PATH = b"/metrics"
+# The LoRA load and unload routes (vLLM's, SGLang's names, SkyRL's) take an adapter's name and directory, a few
+# hundred bytes: SMALL_BODY_BYTES. They took the relay cap (64 MiB), and their JSON is parsed on the event loop: a
+# 60 MB body held every stream 5.5 s (issue 95's round on the issue 97 routes).
+LORA_BODY_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/load_lora_adapter", "/unload_lora_adapter",
+                   "/skyrl/v1/load_lora_adapter")
 # vLLM's routes whose JSON this process parses, and smg's tokenizer routes: --max-http-openai-body-bytes.
 OPENAI_BODY_PATHS = (COMPLETIONS_PATH, CHAT_PATH, "/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize")
 
@@ -53,9 +58,11 @@ def body_limit(request: h11.Request, limits: HttpLimits, local) -> tuple[int, st
     """The most body bytes read for `request`, and the flag that sets it (named in the 413): a route answered
     from the engine bounds its own (the /generate and RL routes: --max-http-body-bytes), vLLM's routes whose
     JSON this process parses --max-http-openai-body-bytes, a request that has no body to give SMALL_BODY_BYTES,
-    every other relayed one --max-http-relay-body-bytes."""
+    every other relayed one --max-http-relay-body-bytes; a LoRA load or unload (LORA_BODY_PATHS) SMALL_BODY_BYTES."""
     limit = getattr(local, "body_limit", None)
     path = public_path(request.target)
+    if path in LORA_BODY_PATHS:
+        return SMALL_BODY_BYTES, "the most a LoRA load or unload may send: its adapter's name and path"
     most = limit(path) if limit is not None and path is not None else None
     if most is not None:
         return most, "--max-http-body-bytes"
@@ -94,6 +101,6 @@ def public_path(target: bytes) -> Optional[str]:
     return None
 
 
-__all__ = ["ENGINE_ROUTES", "HEALTH_PATHS", "KEYED_ROUTES", "LIVENESS_PATH", "METRICS_PATH", "OPENAI_BODY_PATHS",
-           "PING_PATH", "PROBES", "PUBLIC_ROUTES", "SMALL_BODY_BYTES", "VERSION_PATH", "body_limit", "no_engine_body",
-           "public_path"]
+__all__ = ["ENGINE_ROUTES", "HEALTH_PATHS", "KEYED_ROUTES", "LIVENESS_PATH", "LORA_BODY_PATHS", "METRICS_PATH",
+           "OPENAI_BODY_PATHS", "PING_PATH", "PROBES", "PUBLIC_ROUTES", "SMALL_BODY_BYTES", "VERSION_PATH",
+           "body_limit", "no_engine_body", "public_path"]

@@ -211,7 +211,8 @@ def routed_bytes_per_token(serving, form: str) -> int:
 def check_answer(serving, req: TokenRequest, prompt_len: int, routed_per_token: int) -> None:
     """A non-streamed answer's estimated size against --max-answer-bytes (answer_budget.py)."""
     max_tokens = req.params.max_tokens or 1
-    est = answer_budget.estimate([prompt_len], req.n, max_tokens, answer_budget.COMPLETIONS_LOGPROB, req.logprobs,
+    top = None if req.logprobs is None else max(req.logprobs, 1)  # logprobs_content answers at least one
+    est = answer_budget.estimate([prompt_len], req.n, max_tokens, answer_budget.TOKEN_GENERATE_LOGPROB, top,
                                  req.prompt_logprobs, prompt_entries_per_choice=False)
     routed = req.n * (max_tokens + prompt_len) * routed_per_token
     fields = (f"{prompt_len} prompt tokens x n={req.n} x max_tokens={max_tokens}, logprobs={req.logprobs}, "
