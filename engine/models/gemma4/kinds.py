@@ -175,7 +175,7 @@ class Gemma4Layer(Layer):
 
     def stages(self, positions_T: torch.Tensor, state: StreamState, input_ids_T: torch.Tensor | None,
                ctx: ForwardContext) -> Stages:
-        x_TD, _ = state  # type: ignore[misc]  # the gemma4 stream: (x, None)
+        x_TD, _ = state  # the gemma4 stream: (x, None)
         h_TD = x_TD + self.post_attention_layernorm(self.mixer(positions_T, self.input_layernorm(x_TD), ctx))
         y_TD = yield from self.ffn.stages(h_TD, input_ids_T)
         return (h_TD + self.post_feedforward_layernorm(y_TD)) * self.layer_scalar, None
@@ -213,7 +213,7 @@ class Gemma4Head(PlainHead):
         self.logit_softcap = float(cap) if cap else None
 
     def finish(self, state: StreamState) -> torch.Tensor:
-        x_TD, _ = state  # type: ignore[misc]
+        x_TD, _ = state
         return self.norm(x_TD)
 
 
