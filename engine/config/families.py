@@ -24,7 +24,8 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "nemotron_h",
                              "dots1",
                              "sarvam_moe",
-                             "lfm2_moe", "cohere2_moe")
+                             "lfm2_moe", "cohere2_moe",
+                             "afmoe")
 
 
 def family_module(family: str, part: str) -> str:

@@ -233,5 +233,5 @@ def save_kimi_k25_multimodal(out, seed: int = 0, max_side: int = 64) -> str:
     return str(out)
 
 
-__all__ = ["ARCHS", "GLM4_MOE_LITE", "SARVAM_MLA", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "KIMI_MEDIA_TOKENS", "kimi_k25_checkpoint",
-           "save_kimi_k25_multimodal"]
+__all__ = ["ARCHS", "GLM4_MOE_LITE", "HF_DSA", "HF_DSA_FP8", "HF_TINY", "KIMI_MEDIA_TOKENS", "kimi_k25_checkpoint",
+           "SARVAM_MLA", "save_kimi_k25_multimodal"]

@@ -1,6 +1,7 @@
-"""dots.llm1's tiny checkpoint: `moelink make-tiny-model --arch dots1` and the test suite's (tests/engine/test_dots1.py).
-Built by transformers' own Dots1ForCausalLM and drawn by engine/tools/tiny_families.save_drawn_preset (norm weights and
-the correction bias random, so a weight loaded into the wrong place shows).
+"""dots.llm1's tiny checkpoint: `moelink make-tiny-model --arch dots1` and the test suite's
+(tests/engine/test_dots1.py). Built by transformers' own Dots1ForCausalLM and drawn by
+engine/tools/tiny_families.save_drawn_preset (norm weights and the correction bias random, so a weight loaded into
+the wrong place shows).
 
 What the family adds at these sizes: Qwen3's per-head q/k norm with GQA 4 / 2, one leading dense layer, DeepSeek-V3's
 routing (top-2 of 8 in 2 groups of which the best 1 is kept, renormalised, times routed_scaling_factor 2.5) beside
