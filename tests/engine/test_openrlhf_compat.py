@@ -11,10 +11,8 @@ refuse, and LLM.collective_rpc's CUDA IPC path with a handle rebuilt on CPU."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import uuid
 from copy import deepcopy
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,33 +25,11 @@ from moelink.engine.rl.trainer import stateless_init_process_group
 from tests.helpers.net import free_port
 from tests.helpers.parity import prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
+from tests.helpers.weight_checkpoints import checkpoint_tensors, perturbed, saved_checkpoint
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")
 
 _ARGS = dict(dtype="float32", max_num_seqs=4, num_kv_blocks=64, block_size=8, max_model_len=256)
-
-
-def _tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def _perturbed(tensors: dict[str, torch.Tensor], seed: int = 5) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.1 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g).to(v.dtype)
-            for k, v in tensors.items()}
-
-
-def _saved(path: str, tensors: dict[str, torch.Tensor], out: Path) -> str:
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    for f in Path(path).iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, out / f.name)
-    save_file(tensors, str(out / "model.safetensors"))
-    return str(out)
 
 
 class _Recorder:
@@ -161,11 +137,11 @@ def _shape(calls: list[tuple]) -> list[tuple]:
 
 def test_openrlhf_cycle_on_async_engine_equals_a_fresh_engine(tiny_model, tmp_path):
     path = tiny_model("qwen3_e6k3")
-    new = _perturbed(_tensors(path))
+    new = perturbed(checkpoint_tensors(path))
     ps = prompts(TINY_CONFIGS["qwen3_e6k3"]["vocab_size"], seed=31, n=2, lo=3, hi=12)
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     got = {}
-    for key, model in (("old", path), ("new", _saved(path, new, tmp_path / "new"))):
+    for key, model in (("old", path), ("new", saved_checkpoint(path, new, tmp_path / "new"))):
         fresh = LLM(model, **_ARGS)
         got[key] = [o.outputs[0].token_ids for o in fresh.generate(ps, greedy, use_tqdm=False)]
         fresh.shutdown()
@@ -299,7 +275,7 @@ def test_llm_collective_rpc_takes_a_cuda_ipc_handle(tiny_model, monkeypatch):
     llm = LLM(path, enable_weight_updates=True, **_ARGS)
     try:
         name = "lm_head.weight"
-        old = _tensors(path)[name]
+        old = checkpoint_tensors(path)[name]
         sent = torch.randn(old.shape, generator=torch.Generator().manual_seed(3)).to(old.dtype)
         seen = []
 

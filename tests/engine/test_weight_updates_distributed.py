@@ -9,10 +9,8 @@ until a complete update lands (with one: tests/engine/test_weight_updates_rollba
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
-import torch
 
 from moelink.engine import LLM, SamplingParams
 from moelink.engine.rl.trainer import TrainerGroup
@@ -20,35 +18,14 @@ from moelink.engine.rl.trainer import TrainerGroup
 from tests.helpers.net import free_port
 from tests.helpers.parity import assert_pool_free, assert_same, engine_greedy, hf_greedy, prompts
 from tests.helpers.tiny_configs import TINY_CONFIGS
+from tests.helpers.weight_checkpoints import checkpoint_tensors, perturbed, saved_checkpoint
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")
 
 
-def _tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def _perturbed(tensors: dict[str, torch.Tensor], seed: int = 5) -> dict[str, torch.Tensor]:
-    """Every float tensor plus noise of a tenth of its spread (norms included): a new model, not a new scale."""
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.1 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g).to(v.dtype)
-            for k, v in tensors.items()}
-
-
-def _saved(path: str, tensors: dict[str, torch.Tensor], out: Path) -> str:
-    """`path`'s checkpoint with `tensors` as its weights, at `out` (transformers' reference loads it)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    for f in Path(path).iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, out / f.name)
-    save_file(tensors, str(out / "model.safetensors"))
-    return str(out)
+# The names the other weight-update tests import from here (test_weight_updates_{fp8,gptq_awq,quantized,rollback}.py,
+# tests/ep/, tests/server/test_control_service.py): one copy, in tests/helpers/weight_checkpoints.py.
+_tensors, _perturbed, _saved = checkpoint_tensors, perturbed, saved_checkpoint
 
 
 class _Trainer(threading.Thread):

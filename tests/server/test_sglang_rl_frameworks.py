@@ -18,7 +18,6 @@ import datetime
 import http.client
 import io
 import json
-import shutil
 import sys
 import threading
 import types
@@ -34,6 +33,7 @@ from moelink.engine.server.gateway.rl_routes import ChainedRoutes, RlRoutes
 from moelink.engine.server.gateway.sglang_routes import SglangRoutes
 
 from tests.helpers.net import free_port
+from tests.helpers.weight_checkpoints import checkpoint_tensors, filled, perturbed, saved_checkpoint
 
 KEY = "sglang-rl-key"
 TRANSCRIPTS = Path(__file__).resolve().parents[1] / "fixtures" / "rl_transcripts"
@@ -72,41 +72,6 @@ class _Front:
 
     def close(self) -> None:
         self.srv.call(self.front.stop())
-
-
-# -- checkpoints ---------------------------------------------------------------------------------------------------
-
-def _tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def _perturbed(tensors: dict[str, torch.Tensor], seed: int = 11) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.1 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g).to(v.dtype)
-            for k, v in tensors.items()}
-
-
-def _saved(path: str, tensors: dict[str, torch.Tensor], out: Path) -> str:
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    for f in Path(path).iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, out / f.name)
-    save_file(tensors, str(out / "model.safetensors"))
-    return str(out)
-
-
-def _fill(value, names: dict):
-    if isinstance(value, str) and value.startswith("$"):
-        return names[value[1:]]
-    if isinstance(value, list):
-        return [_fill(v, names) for v in value]
-    if isinstance(value, dict):
-        return {k: _fill(v, names) for k, v in value.items()}
-    return value
 
 
 # -- the frameworks' side ------------------------------------------------------------------------------------------
@@ -220,7 +185,7 @@ def _replay(front: _Front, transcript: dict, names: dict, trainer: _Trainer | No
             trainer.start()
         if step.get("trainer") == "broadcast":
             trainer.go.set()
-        status, raw = front.call(step["method"], step["path"], _fill(step.get("json"), names))
+        status, raw = front.call(step["method"], step["path"], filled(step.get("json"), names))
         assert 200 <= status < 300, (step["name"], status, raw[:2000])
         if step.get("parse"):
             kept[step["keep"]] = PARSERS[step["parse"]](raw)
@@ -255,7 +220,7 @@ def _fresh_generate(servers, path: str, transcript: dict, names: dict) -> dict:
     step = [s for s in transcript["steps"] if s.get("keep") == "after"][0]
     front = _Front(servers(path))
     try:
-        status, raw = front.call(step["method"], step["path"], _fill(step["json"], names))
+        status, raw = front.call(step["method"], step["path"], filled(step["json"], names))
         assert status == 200, raw
         return PARSERS[step["parse"]](raw)
     finally:
@@ -275,7 +240,7 @@ def _check_cycle(kept: dict, want: dict) -> None:
 def _distributed_cycle(servers, model_path, tmp_path, framework: str, group: str) -> None:
     transcript = json.loads((TRANSCRIPTS / f"{framework}.json").read_text())
     front = _Front(servers())
-    new = _perturbed(_tensors(model_path))
+    new = perturbed(checkpoint_tensors(model_path), seed=11)
     port = free_port()
     names = {"PROMPT": PROMPT, "MASTER_PORT": port, "MASTER_PORT_STR": str(port), "WORLD_SIZE": 2,
              "NAMES": list(new), "DTYPES": [str(t.dtype).removeprefix("torch.") for t in new.values()],
@@ -288,7 +253,7 @@ def _distributed_cycle(servers, model_path, tmp_path, framework: str, group: str
         front.close()
     trainer.join(60.0)
     assert trainer.error is None, trainer.error
-    _check_cycle(kept, _fresh_generate(servers, _saved(model_path, new, tmp_path / "new"), transcript, names))
+    _check_cycle(kept, _fresh_generate(servers, saved_checkpoint(model_path, new, tmp_path / "new"), transcript, names))
 
 
 @pytest.mark.slow  # two engines, a gloo group made as SGLang makes it and a broadcast: about 10 s
@@ -307,7 +272,7 @@ def test_verl_transcript(servers, model_path, tmp_path):
 
     transcript = json.loads((TRANSCRIPTS / "verl.json").read_text())
     front = _Front(servers())
-    new = _perturbed(_tensors(model_path))
+    new = perturbed(checkpoint_tensors(model_path), seed=11)
     was = mp.get_sharing_strategy()
     mp.set_sharing_strategy("file_system")  # CPU tensors by named shared memory (verl's CPU senders set it too)
     try:
@@ -318,7 +283,7 @@ def test_verl_transcript(servers, model_path, tmp_path):
     finally:
         mp.set_sharing_strategy(was)
         front.close()
-    _check_cycle(kept, _fresh_generate(servers, _saved(model_path, new, tmp_path / "new"), transcript, names))
+    _check_cycle(kept, _fresh_generate(servers, saved_checkpoint(model_path, new, tmp_path / "new"), transcript, names))
 
 
 def test_trainer_group_made_as_sglang_makes_it_meets_the_engine_side():

@@ -17,7 +17,6 @@ import http.client
 import io
 import json
 import math
-import shutil
 import threading
 import types
 from pathlib import Path
@@ -36,6 +35,7 @@ from moelink.engine.server.gateway.vllm_rl_routes import GROUP, VllmRlRoutes
 from moelink.engine.server.gateway.vllm_token_generate import FORM_ENV, TokenGenerateRoute
 
 from tests.helpers.net import free_port
+from tests.helpers.weight_checkpoints import checkpoint_tensors, filled, perturbed, saved_checkpoint
 
 KEY = "vllm-rl-key"
 TRANSCRIPTS = Path(__file__).resolve().parents[1] / "fixtures" / "rl_transcripts"
@@ -151,41 +151,6 @@ PARSERS = {"skyrl_generate": lambda raw: skyrl_generate(json.loads(raw)), "rende
            "prefill_logprobs": lambda raw: prefill_logprobs(json.loads(raw))}
 
 
-# -- checkpoints ---------------------------------------------------------------------------------------------------
-
-def _tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def _perturbed(tensors: dict[str, torch.Tensor], seed: int = 7) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.1 * (v.float().std() if v.numel() > 1 else 1.0) * torch.randn(v.shape, generator=g).to(v.dtype)
-            for k, v in tensors.items()}
-
-
-def _saved(path: str, tensors: dict[str, torch.Tensor], out: Path) -> str:
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    for f in Path(path).iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, out / f.name)
-    save_file(tensors, str(out / "model.safetensors"))
-    return str(out)
-
-
-def _fill(value, names: dict):
-    if isinstance(value, str) and value.startswith("$"):
-        return names[value[1:]]
-    if isinstance(value, list):
-        return [_fill(v, names) for v in value]
-    if isinstance(value, dict):
-        return {k: _fill(v, names) for k, v in value.items()}
-    return value
-
-
 class _Trainer(threading.Thread):
     """SkyRL's trainer rank 0, on gloo: joins the weight-transfer group, then sends vLLM's packed broadcast."""
 
@@ -216,8 +181,8 @@ def _replay(front: _Front, transcript: dict, names: dict, trainer: _Trainer | No
     answers kept by the step's `keep` label."""
     kept = {}
     for step in transcript["steps"]:
-        body = _fill(step.get("json"), names)
-        params = _fill(step.get("params"), names)
+        body = filled(step.get("json"), names)
+        params = filled(step.get("params"), names)
         if step.get("trainer") == "join":
             trainer.start()
         if step.get("trainer") == "send_packed":
@@ -265,7 +230,7 @@ def test_skyrl_transcript(servers, model_path, tmp_path):
     transcript = json.loads((TRANSCRIPTS / "skyrl.json").read_text())
     srv = servers()
     front = _Front(srv)
-    new = _perturbed(_tensors(model_path))
+    new = perturbed(checkpoint_tensors(model_path), seed=7)
     specs = TrainerGroup.specs(new.items())
     world = front.call("GET", "/get_world_size", {})[1]["world_size"]
     names = {"MODEL": front.model, "PROMPT": PROMPT, "MASTER_PORT": free_port(), "WORLD_SIZE_PLUS_1": world + 1,
@@ -282,7 +247,7 @@ def test_skyrl_transcript(servers, model_path, tmp_path):
     assert len(after["response_logprobs"]) == len(after["response_ids"]) > 0
     assert after["routed_experts"].shape[0] == len(PROMPT) + len(after["response_ids"]) - 1
     assert before["response_ids"] != after["response_ids"], "the new weights must change the answer"
-    want = _fresh_generate(servers, _saved(model_path, new, tmp_path / "new"), transcript, names)
+    want = _fresh_generate(servers, saved_checkpoint(model_path, new, tmp_path / "new"), transcript, names)
     _assert_same_generation(after, want, "response_ids", "response_logprobs")
 
 
@@ -292,12 +257,12 @@ def test_prime_rl_transcript(servers, model_path, tmp_path):
     srv = servers()
     environ = {FORM_ENV: "packed"}
     front = _Front(srv, environ)
-    weight_dir = _saved(model_path, _perturbed(_tensors(model_path)), tmp_path / "step_1")
+    weight_dir = saved_checkpoint(model_path, perturbed(checkpoint_tensors(model_path), seed=7), tmp_path / "step_1")
     names = {"MODEL": front.model, "PROMPT": PROMPT, "STOP_IDS": list(srv.server.serving.info.eos_token_ids),
              "WEIGHT_DIR": weight_dir}
     try:
         kept = _replay(front, transcript, names)
-        prefill = front.call("POST", "/inference/v1/generate", _fill(transcript["steps"][1]["json"], names))[1]
+        prefill = front.call("POST", "/inference/v1/generate", filled(transcript["steps"][1]["json"], names))[1]
     finally:
         front.close()
     flat = prefill_logprobs(prefill)
@@ -313,7 +278,7 @@ def _fresh_generate(servers, path: str, transcript: dict, names: dict, environ=N
     step = [s for s in transcript["steps"] if s.get("keep") == "after"][0]
     front = _Front(servers(path), environ)
     try:
-        status, raw = front.call(step["method"], step["path"], _fill(step["json"], names), raw=True)
+        status, raw = front.call(step["method"], step["path"], filled(step["json"], names), raw=True)
         assert status == 200, raw
         return PARSERS[step["parse"]](raw)
     finally:
@@ -479,8 +444,8 @@ def test_vllm_update_weights_packed_in_small_buffers_and_whole(servers, model_pa
     fresh server's answer; then unpacked (each tensor broadcast whole) the old ones, the first answer again."""
     srv = servers()
     front = _Front(srv)
-    old = _tensors(model_path)
-    new = _perturbed(old, seed=11)
+    old = checkpoint_tensors(model_path)
+    new = perturbed(old, seed=11)
     ask = {"model": SERVED, "token_ids": PROMPT, "sampling_params": {"max_tokens": 10, "temperature": 0.0,
                                                                        "logprobs": 0}}
 
@@ -520,7 +485,7 @@ def test_vllm_update_weights_packed_in_small_buffers_and_whole(servers, model_pa
         front.close()
     assert after["response_ids"] != first["response_ids"]
     _assert_same_generation(again, first, "response_ids", "response_logprobs")
-    fresh = _Front(servers(_saved(model_path, new, tmp_path / "new")))
+    fresh = _Front(servers(saved_checkpoint(model_path, new, tmp_path / "new")))
     try:
         want = generate(fresh)
     finally:
