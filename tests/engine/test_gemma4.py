@@ -2,13 +2,14 @@
 the published Gemma4ForConditionalGeneration, served text-only) against transformers 5.24's own model: config reading
 and its refusals, and greedy parity with transformers' `generate` in float64, token for token: 1-150-token prompts
 (sliding window 8: up to 18 windows) together under a small token budget (chunked prefill, batches of different
-lengths), again under a KV pool small enough to preempt, prefix-cache hits, the layout without attention_k_eq_v
-(sliding and full layers of one shape, their caches paired), and the multimodal checkpoint served text-only. What the
-family adds: q/k norms with weights and the weightless v norm at softmax scale 1, full layers of twice the head width
-with one kv head whose values are k_proj's and the proportional rope, a dense GELU-tanh MLP beside the routed experts
-in every layer (each behind norms of its own), the router's weightless norm, scale and per-expert scale, the per-layer
-scalar, the embedding scale and the final logit softcapping. Checkpoints: the family's tiny models
-(engine/models/gemma4/tiny.py), saved by transformers."""
+lengths), again under a KV pool small enough to preempt, prefix-cache hits, speculative verify steps, the layout
+without attention_k_eq_v (sliding and full layers of one shape, their caches paired), and the multimodal checkpoint
+served text-only; prompt logprobs through the final softcapping. What the family adds: q/k norms with weights and
+the weightless v norm at softmax scale 1, full layers of twice the head width with one kv head whose values are
+k_proj's and the proportional rope, a dense GELU-tanh MLP beside the routed experts in every layer (each behind norms
+of its own), the router's weightless norm, scale and per-expert scale, the per-layer scalar, the embedding scale and
+the final logit softcapping. Checkpoints: the family's tiny models (engine/models/gemma4/tiny.py), saved by
+transformers."""
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,9 @@ from moelink.engine.models.gemma4.tiny import GEMMA4, GEMMA4_MULTIMODAL, save_ge
 
 from tests.helpers.config_dirs import config_dir, set_fields
 from tests.helpers.drawn_presets import VOCAB, config_of
-from tests.helpers.parity import (MAX_NEW, assert_same, check_chunked_batched, check_prefix_cache_parity,
-                                  check_under_preemption, engine_greedy, hf_greedy, prompts)
+from tests.helpers.parity import (MAX_NEW, assert_pool_free, assert_same, check_chunked_batched,
+                                  check_prefix_cache_parity, check_under_preemption, engine_greedy, hf_greedy,
+                                  prompts)
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -139,6 +141,29 @@ def test_prompt_logprobs_equal_transformers(gemma4_path):
     want_LV = torch.log_softmax(logits_LV, dim=-1)
     for p in range(1, len(prompt)):
         assert out.prompt_logprobs[p][prompt[p]].logprob == pytest.approx(want_LV[p - 1, prompt[p]].item(), abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p_right", [0.7, 0.0])
+def test_speculative_verify_steps(gemma4_path, p_right):
+    """Drafts right with probability 0.7, and always wrong: multi-token verify steps over the sliding and full layers
+    (their rejected K/V left behind) give transformers' greedy tokens."""
+    import functools
+
+    from moelink.benchmarks.spec_decode import OracleDrafter
+
+    ps = _prompts()[:6]
+    want = hf_greedy(gemma4_path, ps)
+    spec = {"method": "ngram", "num_speculative_tokens": 3,
+            "drafter_factory": functools.partial(OracleDrafter, {tuple(p): w for p, w in zip(ps, want)}, p_right,
+                                                 vocab=VOCAB, seed=4)}
+    llm = LLM(gemma4_path, speculative_config=spec, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
+              num_kv_blocks=64, block_size=8)
+    assert_same(engine_greedy(llm, ps), want, ps)
+    sd = llm.engine.stats().spec_decode
+    assert sd is not None and sd.num_draft_tokens > 0
+    assert (sd.num_accepted_tokens > 0) == (p_right > 0)
+    assert_pool_free(llm)
 
 
 @pytest.mark.slow
