@@ -64,6 +64,9 @@ def test_config(tmp_path):
     (set_fields(shared_expert_combination_strategy="max"),
      r"config.json shared_expert_combination_strategy='max' is not supported"),
     (set_fields(logit_scale=0.0), r"config.json logit_scale=0.0 is not supported"),
+    (set_fields(quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16], "fmt": "e4m3",
+                                      "activation_scheme": "dynamic"}),
+     r"config.json quantization_config='fp8' is not supported for Cohere2MoeForCausalLM"),
     (set_fields(mlp_layer_types=["dense"] * 5), r"config.json mlp_layer_types=.* is not supported"),
     (set_fields(prefix_dense_intermediate_size=None), r"config.json prefix_dense_intermediate_size=None is not "
                                                       r"supported"),

@@ -63,6 +63,9 @@ def test_config(tmp_path):
     (set_fields(num_dense_layers=5), r"config.json num_dense_layers=5 is not supported"),
     (set_fields(conv_L_cache=1), r"config.json conv_L_cache=1 is invalid"),
     (set_fields(num_experts=0), r"config.json num_experts=0 is not supported"),
+    (set_fields(quantization_config={"quant_method": "fp8", "weight_block_size": [16, 16], "fmt": "e4m3",
+                                      "activation_scheme": "dynamic"}),
+     r"config.json quantization_config='fp8' is not supported for Lfm2MoeForCausalLM"),
 ])
 def test_config_refusals(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):

@@ -40,7 +40,12 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     those k (expert_selection_fn softmax) or by their sigmoids (sigmoid; norm_topk_prob renormalising them is not
     built), experts of intermediate_size, plus num_shared_experts' one MLP of num_shared_experts * intermediate_size
     summed with the routed output or averaged with it (shared_expert_combination_strategy); logits times
-    logit_scale (kinds.py folds it, and the average's halves, into the weights)."""
+    logit_scale (kinds.py folds it, and the average's halves, into the weights). Float checkpoints only
+    (quantization_config refused naming it)."""
+    q = c["quantization"]
+    if q is not None:
+        raise unsupported("quantization_config", getattr(q, "method", q), "none",
+                          f" for {arch} (its logit_scale and shared-expert average fold into float weights)")
     n = c["num_layers"]
     kinds = layer_kinds(hf, "layer_types", LAYER_TYPES, n)
     mlp = layer_kinds(hf, "mlp_layer_types", MLP_TYPES, n)

@@ -29,7 +29,11 @@ def read(arch: str, hf, c: dict, rope: dict) -> dict:
     with norm_eps; the first num_dense_layers layers a dense SiLU MLP of intermediate_size, the rest routed: the
     router's logits in the model dtype, sigmoid scores, the top-k of scores + expert_bias (use_expert_bias), the
     unbiased scores of those renormalised when norm_topk_prob, times routed_scaling_factor; experts of
-    moe_intermediate_size; the final norm after the last layer (embedding_norm)."""
+    moe_intermediate_size; the final norm after the last layer (embedding_norm). Float checkpoints only
+    (quantization_config refused naming it)."""
+    q = c["quantization"]
+    if q is not None:  # LiquidAI publishes bf16; no quantized format of the short conv is tested
+        raise unsupported("quantization_config", getattr(q, "method", q), "none", f" for {arch} (float checkpoints)")
     n = c["num_layers"]
     kinds = layer_kinds(hf, "layer_types", LFM2_LAYER_TYPES, n)
     if "full_attention" not in kinds:
