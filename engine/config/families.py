@@ -25,7 +25,8 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "dots1",
                              "sarvam_moe",
                              "lfm2_moe", "cohere2_moe",
-                             "afmoe")
+                             "afmoe",
+                             "flex_olmo")
 
 
 def family_module(family: str, part: str) -> str:

@@ -29,7 +29,8 @@ def test_every_architecture_names_registered_kinds():
                                  "dbrx", "llama4_moe", "gemma4_moe", "nemotron_h", "lfm2_moe"}
     assert set(RESIDUAL.names()) == {"prenorm", "hyper", "hc_prenorm", "shortcut_pair", "independent_hyper",
                                      "gated_hyper", "attn_res", "lagged_hyper", "dbrx", "phimoe", "gemma4",
-                                     "nemotron_h", "parallel", "cohere2_moe", "afmoe"}
+                                     "nemotron_h", "parallel", "cohere2_moe", "afmoe",
+                                     "flex_olmo"}
     assert REGISTRY["DeepseekV4ForCausalLM"].spec.residual == "hyper"
     # MTP layouts other than the draft heads' own (engine/spec/heads/: "nextn", "qwen") are a family's
     assert {a.mtp_layout for a in REGISTRY.values()} - {"nextn", "qwen"} == set(MTP_LAYOUTS.names()) == {
@@ -38,9 +39,9 @@ def test_every_architecture_names_registered_kinds():
 
 def test_unknown_name_is_one_error_naming_kind_and_choices():
     with pytest.raises(ValueError, match=r"^residual block 'bogus' is not registered: choose from 'afmoe', "
-                                         r"'attn_res', 'cohere2_moe', 'dbrx', 'gated_hyper', 'gemma4', 'hc_prenorm', "
-                                         r"'hyper', 'independent_hyper', 'lagged_hyper', 'nemotron_h', 'parallel', "
-                                         r"'phimoe', 'prenorm', 'shortcut_pair'\.$"):
+                                         r"'attn_res', 'cohere2_moe', 'dbrx', 'flex_olmo', 'gated_hyper', 'gemma4', "
+                                         r"'hc_prenorm', 'hyper', 'independent_hyper', 'lagged_hyper', 'nemotron_h', "
+                                         r"'parallel', 'phimoe', 'prenorm', 'shortcut_pair'\.$"):
         RESIDUAL.get("bogus")
 
 
