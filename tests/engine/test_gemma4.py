@@ -198,3 +198,9 @@ def test_multimodal_checkpoint_served_text_only(tmp_path):
             want.append(gen[0, len(p):].tolist())
     llm = LLM(path, dtype="float64", max_num_seqs=3, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
     assert_same(engine_greedy(llm, ps), want, ps)
+
+
+def test_lora_is_refused(gemma4_path):
+    with pytest.raises(ValueError, match=r"enable_lora is not supported for Gemma4ForCausalLM yet: its attention and "
+                                         r"MoE blocks are its own kinds"):
+        LLM(gemma4_path, dtype="float64", enable_lora=True)
