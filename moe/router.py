@@ -210,6 +210,9 @@ class TopKSigmoidRouter:
 
     top_k: int
     float32_logits: bool = False
+    # The k sigmoids divided by their sum (Flint's norm_topk_prob, in the weights' dtype as transformers divides);
+    # Llama 4's never are.
+    norm_topk_prob: bool = False
     needs_bias: ClassVar[bool] = False
 
     def route_args(self) -> None:
@@ -222,6 +225,8 @@ class TopKSigmoidRouter:
         _no_bias(self, bias_G)
         top_TK, ids_TK = torch.topk(router_logits_TG, self.top_k, dim=-1)
         weights_TK = torch.sigmoid(top_TK.float()).to(top_TK.dtype)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
 
 
@@ -238,7 +243,7 @@ def make_router(cfg: RouterConfig) -> Router:
 
         return SqrtSoftplusRouter(cfg.top_k, cfg.routed_scaling_factor, cfg.float32_logits)
     if cfg.topk_method == "topk_sigmoid":  # Llama 4
-        return TopKSigmoidRouter(cfg.top_k, cfg.float32_logits)
+        return TopKSigmoidRouter(cfg.top_k, cfg.float32_logits, cfg.norm_topk_prob)
     if cfg.scoring_func == "sigmoid":
         return SigmoidGroupLimitedRouter(cfg.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                          cfg.routed_scaling_factor, cfg.float32_logits)

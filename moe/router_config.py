@@ -40,7 +40,8 @@ class RouterConfig:
     grouped methods only. norm_topk_prob renormalises the
     k weights to sum to 1; routed_scaling_factor multiplies them after that. float32_logits: the gate
     matmul runs in float32 whatever the model dtype (transformers' DeepSeek-V2/V3 and GLM-4-MoE). "sigmoid" with
-    "topk_sigmoid" (Llama 4: the top-k of the logits, each weighted by its own sigmoid, never renormalised:
+    "topk_sigmoid" (Llama 4: the top-k of the logits, each weighted by its own sigmoid, renormalised only with
+    norm_topk_prob (Flint's; never Llama 4's):
     moe/router.TopKSigmoidRouter).
     """
 
@@ -82,9 +83,9 @@ class RouterConfig:
             self._check_sparsemixer()
         elif self.jitter_eps != 0.0:
             raise ValueError(f"RouterConfig jitter_eps={self.jitter_eps!r} applies to topk_method='sparsemixer' only.")
-        if self.topk_method == "topk_sigmoid" and (self.norm_topk_prob or self.routed_scaling_factor != 1.0):
-            raise ValueError("RouterConfig topk_method='topk_sigmoid' weighs each pick by its own sigmoid: it needs "
-                             "norm_topk_prob=False and routed_scaling_factor=1.0.")
+        if self.topk_method == "topk_sigmoid" and self.routed_scaling_factor != 1.0:
+            raise ValueError("RouterConfig topk_method='topk_sigmoid' weighs each pick by its own sigmoid "
+                             "(renormalised with norm_topk_prob: Flint's): it needs routed_scaling_factor=1.0.")
         if self.topk_method == "topk_softmax" and (not self.norm_topk_prob or self.routed_scaling_factor != 1.0):
             raise ValueError("RouterConfig topk_method='topk_softmax' is a softmax over the k chosen logits: it needs "
                              "norm_topk_prob=True and routed_scaling_factor=1.0.")

@@ -26,7 +26,8 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "sarvam_moe",
                              "lfm2_moe", "cohere2_moe",
                              "afmoe",
-                             "flex_olmo")
+                             "flex_olmo",
+                             "flint")
 
 
 def family_module(family: str, part: str) -> str:
