@@ -27,7 +27,8 @@ FAMILIES: tuple[str, ...] = ("qwen3_moe", "mixtral", "deepseek", "qwen3_next", "
                              "lfm2_moe", "cohere2_moe",
                              "afmoe",
                              "flex_olmo",
-                             "flint")
+                             "flint",
+                             "mellum")
 
 
 def family_module(family: str, part: str) -> str:
