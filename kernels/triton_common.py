@@ -13,9 +13,14 @@ to the plain instructions on a GPU.
 """
 from __future__ import annotations
 
+import functools
+import json
+
 import torch
 import triton
 import triton.language as tl
+
+from . import moe_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -130,6 +135,17 @@ def interpreting(t: torch.Tensor) -> bool:
             "before moelink.kernels' Triton modules are imported (or use the reference kernels on CPU)."
         )
     return True
+
+
+@functools.lru_cache(maxsize=16)
+def _config_section(config: str, section: str) -> dict:
+    return json.loads((moe_config.CONFIG_DIR / f"{config}.json").read_text())[section]
+
+
+def launch_config(config: str, kind: str, t: torch.Tensor) -> dict:
+    """The launch config of kernel `kind` in kernels/configs/`config`.json for kernels on t's device: its
+    'interpreter' section for CPU tensors (the interpreter), else its 'gpu' section. A copy: callers add to it."""
+    return dict(_config_section(config, "interpreter" if interpreting(t) else "gpu")[kind])
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:

@@ -21,30 +21,20 @@ of the K-sums differs from torch's, so results sit within fp32 rounding of the r
 """
 from __future__ import annotations
 
-import functools
-import json
-
 import torch
 import triton
 import triton.language as tl
 
-from . import moe_config
 from . import triton_common as common
 from .gated_delta import L2NORM_EPS, check_gdn_args
 
-CONFIG_FILE = moe_config.CONFIG_DIR / "gated_delta.json"
 _EPS = tl.constexpr(L2NORM_EPS)
 
 
-@functools.lru_cache(maxsize=2)
-def _configs(section: str) -> dict:
-    return json.loads(CONFIG_FILE.read_text())[section]
-
-
 def launch_config(kind: str, t: torch.Tensor) -> dict:
-    """The launch config of one kernel kind ('recurrent', 'conv', 'conv_update', 'commit', 'gating') for kernels on
-    t's device: gated_delta.json's 'interpreter' section for CPU tensors (the interpreter), else its 'gpu' section."""
-    return dict(_configs("interpreter" if common.interpreting(t) else "gpu")[kind])
+    """gated_delta.json's config of one kernel kind ('recurrent', 'conv', 'conv_update', 'commit', 'gating') for
+    kernels on t's device (triton_common.launch_config: 'interpreter' for CPU tensors, else 'gpu')."""
+    return common.launch_config("gated_delta", kind, t)
 
 
 @triton.jit

@@ -18,29 +18,20 @@ so results sit within fp32 rounding of the reference, not bit for bit.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import moe_config
 from . import triton_common as common
 from .mamba2 import check_scan_args
 
-CONFIG_FILE = moe_config.CONFIG_DIR / "mamba2.json"
-
-
-@functools.lru_cache(maxsize=2)
-def _configs(section: str) -> dict:
-    return json.loads(CONFIG_FILE.read_text())[section]
-
 
 def launch_config(kind: str, t: torch.Tensor) -> dict:
-    """mamba2.json's config of `kind` for kernels on t's device ('interpreter' for CPU tensors, else 'gpu')."""
-    return dict(_configs("interpreter" if common.interpreting(t) else "gpu")[kind])
+    """mamba2.json's config of one kernel kind for kernels on t's device
+    (triton_common.launch_config: 'interpreter' for CPU tensors, else 'gpu')."""
+    return common.launch_config("mamba2", kind, t)
 
 
 @triton.jit

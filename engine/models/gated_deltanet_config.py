@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import torch
 
+from .recurrent_state import NoPagedKV
+
 # How the checkpoint lays out the input projections. "fused" (Qwen3-Next): in_proj_qkvz and in_proj_ba, their rows
 # grouped by q/k head ([q, k, v.., z..] per head group, transformers' fix_query_key_value_ordering). "split"
 # (Qwen3.5): in_proj_qkv (q rows, then k, then v), in_proj_z, in_proj_b, in_proj_a.
@@ -49,7 +51,7 @@ def _positive_int(name: str, v) -> None:
 
 
 @dataclass(frozen=True)
-class LinearAttentionConfig:
+class LinearAttentionConfig(NoPagedKV):
     """One gated DeltaNet layer's shape (every linear layer of a model has the same)."""
 
     kind: ClassVar[str] = "linear"
@@ -117,22 +119,6 @@ class LinearAttentionConfig:
         return (f"linear_num_key_heads={self.num_k_heads}, linear_key_head_dim={self.head_k_dim}, "
                 f"linear_num_value_heads={self.num_v_heads}, linear_value_head_dim={self.head_v_dim}, "
                 f"linear_conv_kernel_dim={self.conv_kernel}")
-
-    # -- the paged-KV questions every attention kind answers: none of it ----------------------------------------------
-    def kv_values_per_token(self) -> int:
-        return 0
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 0
-
-    def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype | None = None) -> tuple:
-        return ()
-
-    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple:
-        return ()
-
-    def kv_layer_pairs(self, num_layers: int) -> None:
-        return None
 
 
 __all__ = ["LinearAttentionConfig", "PROJECTION_LAYOUTS"]

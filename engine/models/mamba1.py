@@ -32,8 +32,10 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .mamba1_config import Mamba1Config
+from .recurrent_state import causal_conv_step, mix_by_group
 
 if TYPE_CHECKING:
+    from moelink.engine.state.step import StateGroup, StateStep
     from moelink.kernels.ops import Kernels
 
 
@@ -80,21 +82,9 @@ class Mamba1Mixer(nn.Module):
     def recur(self, x_TI: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The convolution, x_proj/dt_proj and the scan of the step's sequences with their states (ctx.state): y
         [T, I] (D's skip included, before the gate)."""
-        T = x_TI.shape[0]
-        st = ctx.state
         pools = ctx.kv_caches[self.layer_idx][:2]
-        if st.split is None:
-            return self._mix(x_TI, pools, st.query_start_loc_S1, st.slots_S, st.has_initial_S, st.pure_decode)
-        # a verify step: the verifying sequences leave their states alone until replay_states
-        y_TI = torch.empty(T, self.cfg.intermediate, dtype=x_TI.dtype, device=x_TI.device)
-        v = st.split.verify
-        y_TI.index_copy_(0, v.rows_T, self._mix(x_TI.index_select(0, v.rows_T), pools, v.query_start_loc_S1,
-                                                v.slots_S, v.has_initial_S, True, keep=True))
-        r = st.split.rest
-        if r is not None:
-            y_TI.index_copy_(0, r.rows_T, self._mix(x_TI.index_select(0, r.rows_T), pools, r.query_start_loc_S1,
-                                                    r.slots_S, r.has_initial_S, r.pure_decode))
-        return y_TI
+        return mix_by_group(ctx.state, (x_TI,), lambda x, g, keep: self._mix(x, pools, g, keep),
+                            lambda: x_TI.new_empty(x_TI.shape[0], self.cfg.intermediate))
 
     def _ssm_inputs(self, u_TI: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_proj's dt, B, C of the convolved x (each normed where Jamba norms them), dt widened by dt_proj's matmul
@@ -107,31 +97,21 @@ class Mamba1Mixer(nn.Module):
             dt_TR, B_TK, C_TK = self.dt_layernorm(dt_TR), self.b_layernorm(B_TK), self.c_layernorm(C_TK)
         return self.dt_proj(dt_TR), B_TK, C_TK
 
-    def _mix(self, x_TI, pools, qsl_S1, slots_S, has_initial_S, pure_decode: bool, keep: bool = False
-             ) -> torch.Tensor:
-        """The convolution and the scan over one batch of sequences. `keep`: a verify batch: the states are read
+    def _mix(self, x_TI, pools, g: StateStep | StateGroup, keep: bool) -> torch.Tensor:
+        """The convolution and the scan over one group of sequences. `keep`: a verify group: the states are read
         but not written, and what `replay_states` needs is kept."""
         k = self.kernels
         conv_pool_PRI, ssm_pool_PIK = pools
-        S = slots_S.shape[0]
-        if keep:
-            u_TI = k.causal_conv1d_update(
-                x_TI, self.conv_weight_IW, self.conv_bias_I, conv_pool_PRI, qsl_S1, slots_S, "silu",
-                intermediate_states_SQRC=conv_pool_PRI.new_empty(S, 0, *conv_pool_PRI.shape[1:]))
-        elif pure_decode:
-            u_TI = k.causal_conv1d_update(x_TI, self.conv_weight_IW, self.conv_bias_I, conv_pool_PRI, qsl_S1, slots_S,
-                                          "silu")
-        else:
-            u_TI = k.causal_conv1d(x_TI, self.conv_weight_IW, self.conv_bias_I, conv_pool_PRI, qsl_S1, slots_S,
-                                   has_initial_S, "silu")
+        qsl_S1, slots_S = g.query_start_loc_S1, g.slots_S
+        u_TI = causal_conv_step(k, x_TI, self.conv_weight_IW, self.conv_bias_I, conv_pool_PRI, g, keep)
         dt_TI, B_TK, C_TK = self._ssm_inputs(u_TI)
         args = (u_TI, dt_TI, B_TK, C_TK, self.A_log_IK, self.D_I, self.dt_bias_I, ssm_pool_PIK, qsl_S1, slots_S)
         if keep:
             self._replay = (x_TI, args, conv_pool_PRI)
             return k.mamba1_decode(*args, update_state=False)
-        if pure_decode:
+        if g.pure_decode:
             return k.mamba1_decode(*args)
-        return k.mamba1_scan(*args, has_initial_S)
+        return k.mamba1_scan(*args, g.has_initial_S)
 
     def replay_states(self, num_accepted_S: torch.Tensor) -> None:
         """After a verify step's sampling: each verifying sequence's states advance over its accepted tokens only

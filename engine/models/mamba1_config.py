@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import torch
 
+from .recurrent_state import NoPagedKV, conv_and_ssm_dtypes
+
 # The most each size may be, checked as config.json is read, before a state pool or a weight is sized from it: the
 # largest published value (Jamba-1.5-Large: intermediate 16384 = 2 x 8192, dt rank 512, d_state 16, 4 conv taps)
 # times a margin of 16 or more.
@@ -38,7 +40,7 @@ def _positive_int(name: str, v) -> None:
 
 
 @dataclass(frozen=True)
-class Mamba1Config:
+class Mamba1Config(NoPagedKV):
     """One Mamba1 layer's shape (every mamba layer of a model has the same). The field names in errors are
     JambaConfig's (mamba_*)."""
 
@@ -81,28 +83,12 @@ class Mamba1Config:
 
     def state_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
         """The conv state in the model's dtype, the SSM state in float32 (float64 for a float64 model)."""
-        return dtype, (torch.float64 if dtype == torch.float64 else torch.float32)
+        return conv_and_ssm_dtypes(dtype)
 
     def state_bytes_per_sequence(self, dtype: torch.dtype) -> int:
         """One sequence's state in one layer (state_dtypes)."""
         ssm = self.state_dtypes(dtype)[1].itemsize
         return self.intermediate * ((self.conv_kernel - 1) * dtype.itemsize + self.state_size * ssm)
-
-    # -- the paged-KV questions every attention kind answers: none of it ----------------------------------------------
-    def kv_values_per_token(self) -> int:
-        return 0
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 0
-
-    def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype | None = None) -> tuple:
-        return ()
-
-    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple:
-        return ()
-
-    def kv_layer_pairs(self, num_layers: int) -> None:
-        return None
 
 
 __all__ = ["MAMBA1_BOUNDS", "Mamba1Config"]

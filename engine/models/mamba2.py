@@ -31,8 +31,10 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from .layers import ForwardContext, param
 from .linear import Linear, linear_method
 from .mamba2_config import Mamba2Config
+from .recurrent_state import causal_conv_step, mix_by_group
 
 if TYPE_CHECKING:
+    from moelink.engine.state.step import StateGroup, StateStep
     from moelink.kernels.ops import Kernels
 
 
@@ -86,42 +88,17 @@ class Mamba2Mixer(nn.Module):
 
     def recur(self, xbc_TC: torch.Tensor, dt_TN: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The convolution and the scan of the step's sequences with their states (ctx.state): y [T, N, H]."""
-        c, T = self.cfg, xbc_TC.shape[0]
-        st = ctx.state
-        pools = ctx.kv_caches[self.layer_idx][:2]
-        if st.split is None:
-            return self._mix(xbc_TC, dt_TN, pools, st.query_start_loc_S1, st.slots_S, st.has_initial_S,
-                             st.pure_decode)
-        # a verify step: the verifying sequences leave their states alone until replay_states
-        y_TNH = torch.empty(T, c.num_heads, c.head_dim, dtype=xbc_TC.dtype, device=xbc_TC.device)
-        v = st.split.verify
-        y_TNH.index_copy_(0, v.rows_T, self._mix(xbc_TC.index_select(0, v.rows_T), dt_TN.index_select(0, v.rows_T),
-                                                 pools, v.query_start_loc_S1, v.slots_S, v.has_initial_S, True,
-                                                 keep=True))
-        r = st.split.rest
-        if r is not None:
-            y_TNH.index_copy_(0, r.rows_T, self._mix(
-                xbc_TC.index_select(0, r.rows_T), dt_TN.index_select(0, r.rows_T), pools, r.query_start_loc_S1,
-                r.slots_S, r.has_initial_S, r.pure_decode))
-        return y_TNH
+        c, pools = self.cfg, ctx.kv_caches[self.layer_idx][:2]
+        return mix_by_group(ctx.state, (xbc_TC, dt_TN), lambda xbc, dt, g, keep: self._mix(xbc, dt, pools, g, keep),
+                            lambda: xbc_TC.new_empty(xbc_TC.shape[0], c.num_heads, c.head_dim))
 
-    def _mix(self, xbc_TC, dt_TN, pools, qsl_S1, slots_S, has_initial_S, pure_decode: bool,
-             keep: bool = False) -> torch.Tensor:
-        """The convolution and the scan over one batch of sequences. `keep`: a verify batch: the states are read
+    def _mix(self, xbc_TC, dt_TN, pools, g: StateStep | StateGroup, keep: bool) -> torch.Tensor:
+        """The convolution and the scan over one group of sequences. `keep`: a verify group: the states are read
         but not written, and what `replay_states` needs is kept."""
         c, T, k = self.cfg, xbc_TC.shape[0], self.kernels
         conv_pool_PRC, ssm_pool_PNHK = pools
-        S = slots_S.shape[0]
-        if keep:
-            conv_TC = k.causal_conv1d_update(
-                xbc_TC, self.conv_weight_CW, self.conv_bias_C, conv_pool_PRC, qsl_S1, slots_S, "silu",
-                intermediate_states_SQRC=conv_pool_PRC.new_empty(S, 0, *conv_pool_PRC.shape[1:]))
-        elif pure_decode:
-            conv_TC = k.causal_conv1d_update(xbc_TC, self.conv_weight_CW, self.conv_bias_C, conv_pool_PRC, qsl_S1,
-                                             slots_S, "silu")
-        else:
-            conv_TC = k.causal_conv1d(xbc_TC, self.conv_weight_CW, self.conv_bias_C, conv_pool_PRC, qsl_S1, slots_S,
-                                      has_initial_S, "silu")
+        qsl_S1, slots_S = g.query_start_loc_S1, g.slots_S
+        conv_TC = causal_conv_step(k, xbc_TC, self.conv_weight_CW, self.conv_bias_C, conv_pool_PRC, g, keep)
         I, GK = c.intermediate, c.n_groups * c.state_size
         x_TNH = conv_TC[:, :I].view(T, c.num_heads, c.head_dim)
         B_TGK = conv_TC[:, I:I + GK].view(T, c.n_groups, c.state_size)
@@ -130,9 +107,9 @@ class Mamba2Mixer(nn.Module):
         if keep:
             self._replay = (xbc_TC, args, conv_pool_PRC)
             return k.mamba2_decode(*args, dt_min=c.dt_min, dt_max=c.dt_max, update_state=False)
-        if pure_decode:
+        if g.pure_decode:
             return k.mamba2_decode(*args, dt_min=c.dt_min, dt_max=c.dt_max)
-        return k.mamba2_scan(*args, has_initial_S, dt_min=c.dt_min, dt_max=c.dt_max)
+        return k.mamba2_scan(*args, g.has_initial_S, dt_min=c.dt_min, dt_max=c.dt_max)
 
     def replay_states(self, num_accepted_S: torch.Tensor) -> None:
         """After a verify step's sampling: each verifying sequence's states advance over its accepted tokens only

@@ -21,6 +21,8 @@ from typing import ClassVar
 
 import torch
 
+from .recurrent_state import NoPagedKV, conv_and_ssm_dtypes
+
 # The most each size may be, checked as config.json is read, before a state pool or a weight is sized from it: the
 # largest published value (Granite 4.0-H-Small: 128 heads of 64, d_state 256 in Bamba-9B, 8 groups in Nemotron-H)
 # times a margin of 16 or more.
@@ -40,7 +42,7 @@ def _positive_int(name: str, v) -> None:
 
 
 @dataclass(frozen=True)
-class Mamba2Config:
+class Mamba2Config(NoPagedKV):
     """One Mamba2 layer's shape (every mamba layer of a model has the same). The field names in errors are
     GraniteMoeHybridConfig's (mamba_*); another family maps its own onto them."""
 
@@ -98,29 +100,13 @@ class Mamba2Config:
 
     def state_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
         """The conv state in the model's dtype, the SSM state in float32 (float64 for a float64 model)."""
-        return dtype, (torch.float64 if dtype == torch.float64 else torch.float32)
+        return conv_and_ssm_dtypes(dtype)
 
     def state_bytes_per_sequence(self, dtype: torch.dtype) -> int:
         """One sequence's state in one layer (state_dtypes)."""
         ssm = self.state_dtypes(dtype)[1].itemsize
         return (self.conv_dim * (self.conv_kernel - 1) * dtype.itemsize
                 + self.num_heads * self.head_dim * self.state_size * ssm)
-
-    # -- the paged-KV questions every attention kind answers: none of it ----------------------------------------------
-    def kv_values_per_token(self) -> int:
-        return 0
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 0
-
-    def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype | None = None) -> tuple:
-        return ()
-
-    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple:
-        return ()
-
-    def kv_layer_pairs(self, num_layers: int) -> None:
-        return None
 
 
 __all__ = ["MAMBA2_BOUNDS", "Mamba2Config"]

@@ -13,12 +13,11 @@ from transformers.models.jamba import modeling_jamba as hf
 from moelink.kernels.mamba1 import (reference_mamba1_decode, reference_mamba1_recurrence, reference_mamba1_replay,
                                     reference_mamba1_scan)
 
+from tests.helpers.ssm_scans import (check_split_prefill_and_decodes, check_triton_against_f64,
+                                     check_verify_then_replay, on_device as _dev, qsl as _qsl)
+
 I, K, P = 40, 16, 8  # 40 channels (not a power of two: the kernel's last block is partial), d_state 16
 LENS = [1, 3, 17, 0, 70]
-
-
-def _qsl(lens):
-    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
 
 
 def _inputs(gen, T, dtype=torch.float64):
@@ -35,14 +34,6 @@ def _inputs(gen, T, dtype=torch.float64):
 
 def _pool(gen, dtype=torch.float64):
     return (0.3 * torch.randn(P, I, K, generator=gen)).to(dtype)
-
-
-def _f64(xs):
-    return [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]
-
-
-def _dev(xs, kdev):
-    return [x.to(kdev) if isinstance(x, torch.Tensor) else x for x in xs]
 
 
 def test_reference_matches_transformers_scan_and_state_update(gen, seed):
@@ -101,30 +92,8 @@ def _backend(name):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_prefill_split_anywhere_and_decodes_after_it_equal_one_pass(gen, kdev, backend, seed):
     scan, decode, _ = _backend(backend)
-    L = 21
-    xs = _dev(_inputs(gen, L, torch.float32), kdev)
-    pool = _dev([_pool(gen, torch.float32)], kdev)[0]
-    slot = torch.tensor([4], dtype=torch.int32, device=kdev)
-    new, cont = torch.tensor([False], device=kdev), torch.tensor([True], device=kdev)
-    one_pool = pool.clone()
-    y_one = scan(*xs, one_pool, _qsl([L]).to(kdev), slot, new)
-    split_pool, outs, a = pool.clone(), [], 0
-    for i, n in enumerate([9, 1, 2, 9]):
-        outs.append(scan(*[t[a: a + n] for t in xs[:4]], *xs[4:], split_pool, _qsl([n]).to(kdev), slot,
-                         new if i == 0 else cont))
-        a += n
-    torch.testing.assert_close(torch.cat(outs), y_one, rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
-    torch.testing.assert_close(split_pool, one_pool, rtol=1e-5, atol=1e-5)
-    dec_pool = pool.clone()
-    outs = [scan(*[t[:18] for t in xs[:4]], *xs[4:], dec_pool, _qsl([18]).to(kdev), slot, new)]
-    pad = torch.tensor([4, -1], dtype=torch.int32, device=kdev)
-    for t in range(18, L):  # one token each, beside a padding row
-        two = [torch.cat([v[t: t + 1], v[t: t + 1]]) for v in xs[:4]]
-        outs.append(decode(*two, *xs[4:], dec_pool, torch.tensor([0, 1, 2], dtype=torch.int32, device=kdev),
-                           pad)[:1])
-    torch.testing.assert_close(torch.cat(outs), y_one, rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
-    torch.testing.assert_close(dec_pool, one_pool, rtol=1e-5, atol=1e-5)
-    assert torch.equal(dec_pool[torch.arange(P) != 4], pool[torch.arange(P) != 4])  # the padding row wrote nothing
+    xs = _dev(_inputs(gen, 21, torch.float32), kdev)
+    check_split_prefill_and_decodes(scan, decode, xs, _pool(gen, torch.float32).to(kdev), kdev, seed)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -133,41 +102,16 @@ def test_verify_leaves_states_and_replay_takes_the_accepted_tokens(gen, kdev, ba
     tokens leaves each slot where plain decoding of those tokens leaves it."""
     _, decode, replay = _backend(backend)
     xs = _dev(_inputs(gen, 12, torch.float32), kdev)
-    pool = _dev([_pool(gen, torch.float32)], kdev)[0]
-    slots = torch.tensor([5, 0, 2], dtype=torch.int32, device=kdev)
-    qsl = _qsl([4, 4, 4]).to(kdev)
-    kept = pool.clone()
-    y = decode(*xs, kept, qsl, slots, update_state=False)
-    assert torch.equal(kept, pool)
-    plain = pool.clone()
-    torch.testing.assert_close(y, decode(*xs, plain, qsl, slots), rtol=1e-6, atol=1e-6)
-    replay(*xs, kept, qsl, slots, torch.tensor([0, 2, 4], dtype=torch.int32, device=kdev))
-    want = pool.clone()
-    for s, n in enumerate([0, 2, 4]):
-        rows = slice(4 * s, 4 * s + n)
-        decode(*[t[rows] for t in xs[:4]], *xs[4:], want, _qsl([n]).to(kdev), slots[s: s + 1])
-    torch.testing.assert_close(kept, want, rtol=1e-6, atol=1e-6, msg=f"seed={seed}")
+    check_verify_then_replay(decode, replay, xs, _pool(gen, torch.float32).to(kdev), kdev, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 def test_triton_scan_and_decode_match_float64_reference(gen, kdev, check, dtype, seed):
     from moelink.kernels.triton_mamba1 import triton_mamba1_decode, triton_mamba1_scan
 
-    xs = _inputs(gen, sum(LENS), dtype)
-    pool = _pool(gen, torch.float32)
-    slots = torch.tensor([3, -1, 5, 1, 6], dtype=torch.int32)  # the second a padding row
-    has_init = torch.tensor([True, True, False, True, True])
-    qsl = _qsl(LENS)
-    for name in ("prefill", "decode"):
-        want_pool, got_pool = pool.double(), pool.clone().to(kdev)
-        if name == "prefill":
-            want = reference_mamba1_scan(*_f64(xs), want_pool, qsl, slots, has_init)
-            got = triton_mamba1_scan(*_dev(xs, kdev), got_pool, *_dev((qsl, slots, has_init), kdev))
-        else:  # every sequence continues from its slot (a verify-sized batch)
-            want = reference_mamba1_decode(*_f64(xs), want_pool, qsl, slots)
-            got = triton_mamba1_decode(*_dev(xs, kdev), got_pool, *_dev((qsl, slots), kdev))
-        check(got, want, dtype, f"{name} y")
-        check(got_pool, want_pool, torch.float32 if dtype == torch.float32 else dtype, f"{name} pool")
+    check_triton_against_f64((reference_mamba1_scan, reference_mamba1_decode),
+                             (triton_mamba1_scan, triton_mamba1_decode), _inputs(gen, sum(LENS), dtype),
+                             _pool(gen, torch.float32), LENS, kdev, check, dtype)
 
 
 def test_bad_inputs_are_named(gen):
