@@ -14,16 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelink.engine import LLM, SamplingParams
+from moelink.engine import LLM
 from moelink.engine.config.model import ModelConfig
 from moelink.engine.models.jamba.tiny import JAMBA
 from moelink.engine.models.mamba1_config import Mamba1Config
 
 from tests.helpers.config_dirs import config_dir, set_fields
-from tests.helpers.drawn_presets import VOCAB, config_of, save_preset
-from tests.helpers.parity import (assert_pool_free, assert_same, check_chunked_batched,
-                                  check_preemption_then_prefix_hits, check_under_preemption, engine_greedy, hf_greedy,
-                                  prompts)
+from tests.helpers.drawn_presets import config_of, save_preset
+from tests.helpers.hybrid_parity import (check_greedy_short, check_prompt_logprobs, check_spec_decode_replays_states,
+                                         check_tied_embeddings, check_triton_equals_reference, parity_prompts)
+from tests.helpers.parity import check_chunked_batched, check_preemption_then_prefix_hits, check_under_preemption
 
 pytestmark = pytest.mark.usefixtures("heap_held_frozen")  # engine starts collect only what is new (tests/conftest.py)
 
@@ -109,46 +109,30 @@ def test_lora_is_refused(jamba_path):
 def test_prompt_logprobs_equal_transformers(jamba_path):
     """A 40-token prompt in two prefill chunks: its logprobs equal transformers' log-softmax of its logits in float64
     (transformers' router softmax and its RMSNorms run in float32: 1e-5)."""
-    prompt = prompts(VOCAB, seed=5, n=2, lo=40, hi=40)[0]
-    llm = LLM(jamba_path, dtype="float64", max_num_seqs=2, max_num_batched_tokens=24, num_kv_blocks=32, block_size=8)
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(jamba_path, dtype=torch.float64, experts_implementation="eager").eval()
-    with torch.no_grad():
-        want_LV = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1], dim=-1)
-    for p in range(1, len(prompt)):
-        assert out.prompt_logprobs[p][prompt[p]].logprob == pytest.approx(want_LV[p - 1, prompt[p]].item(), abs=1e-5)
+    check_prompt_logprobs(jamba_path)
 
 
 # -- greedy parity with transformers ------------------------------------------------------------------------------
 
-def _prompts() -> list[list[int]]:
-    return prompts(VOCAB, seed=61, n=12, lo=1, hi=150)
-
-
 def test_greedy_parity_short(jamba_path):
     """Three prompts (5-40 tokens) under a 16-token budget: chunked prefills and decode steps of a batch."""
-    ps = prompts(VOCAB, seed=3, n=3, lo=5, hi=40)
-    llm = LLM(jamba_path, dtype="float64", max_num_seqs=3, max_num_batched_tokens=16, num_kv_blocks=64, block_size=4)
-    assert_same(engine_greedy(llm, ps, max_new=8), hf_greedy(jamba_path, ps, max_new=8), ps)
-    assert_pool_free(llm)
+    check_greedy_short(jamba_path)
 
 
 @pytest.mark.slow  # transformers' generate beside the engine, in float64
 def test_greedy_parity_chunked_batched(jamba_path):
-    check_chunked_batched(jamba_path, _prompts())
+    check_chunked_batched(jamba_path, parity_prompts())
 
 
 @pytest.mark.slow
 def test_greedy_parity_under_preemption(jamba_path):
-    check_under_preemption(jamba_path, _prompts())
+    check_under_preemption(jamba_path, parity_prompts())
 
 
 @pytest.mark.slow
 def test_preemption_then_prefix_hits(jamba_path):
     """Preempted sequences recompute their states; the same prompts again resume from state checkpoints."""
-    check_preemption_then_prefix_hits(jamba_path, _prompts())
+    check_preemption_then_prefix_hits(jamba_path, parity_prompts())
 
 
 @pytest.mark.slow
@@ -156,31 +140,13 @@ def test_preemption_then_prefix_hits(jamba_path):
 def test_speculative_decoding_replays_mamba_states(jamba_path, p_right):
     """Drafts right with probability 0.7, and always wrong: the verifying sequences' Mamba1 states take only their
     accepted tokens (Mamba1Mixer.replay_states), so greedy outputs equal transformers'."""
-    import functools
-
-    from moelink.benchmarks.spec_decode import OracleDrafter
-
-    ps = _prompts()[:6]
-    want = hf_greedy(jamba_path, ps)
-    spec = {"method": "ngram", "num_speculative_tokens": 3,
-            "drafter_factory": functools.partial(OracleDrafter, {tuple(p): w for p, w in zip(ps, want)}, p_right,
-                                                 vocab=VOCAB, seed=4)}
-    llm = LLM(jamba_path, speculative_config=spec, dtype="float64", max_num_seqs=4, max_num_batched_tokens=48,
-              num_kv_blocks=48, block_size=8, num_state_checkpoints=8)
-    assert_same(engine_greedy(llm, ps), want, ps)
-    sd = llm.engine.stats().spec_decode
-    assert sd is not None and sd.num_draft_tokens > 0
-    assert (sd.num_accepted_tokens > 0) == (p_right > 0)
-    assert_pool_free(llm)
+    check_spec_decode_replays_states(jamba_path, p_right)
 
 
 @pytest.mark.slow
 def test_tied_embeddings_parity(tmp_path):
     """tie_word_embeddings: the LM head is the embedding table."""
-    path = save_preset(tmp_path, JAMBA, tie_word_embeddings=True)
-    ps = prompts(VOCAB, seed=29, n=4, lo=2, hi=60)
-    llm = LLM(path, dtype="float64", max_num_seqs=4, max_num_batched_tokens=24, num_kv_blocks=64, block_size=8)
-    assert_same(engine_greedy(llm, ps), hf_greedy(path, ps), ps)
+    check_tied_embeddings(tmp_path, JAMBA)
 
 
 def test_transformers_default_config_reads(tmp_path):
@@ -194,42 +160,9 @@ def test_transformers_default_config_reads(tmp_path):
     assert got.attention_for(0).dt_rank == 256  # "auto": ceil(4096 / 16)
 
 
-_TRITON_RUN = """
-import collections, json, sys
-import moelink.kernels.triton_mamba1 as m1
-from moelink.engine import LLM, SamplingParams
-calls = collections.Counter()
-for name in ("triton_mamba1_scan", "triton_mamba1_decode"):
-    fn = getattr(m1, name)
-    setattr(m1, name, lambda *a, _fn=fn, _n=name, **k: calls.update([_n]) or _fn(*a, **k))  # read when built
-llm = LLM(sys.argv[1], kernels="triton", skip_warmup=True, **json.loads(sys.argv[3]))
-ps = json.loads(sys.argv[2])
-outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-print("CALLS", json.dumps(calls))
-print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
-"""
-
-
 @pytest.mark.slow  # a fresh process, and the interpreter runs every kernel of each step
 def test_triton_kernels_equal_reference_kernels_greedy(tmp_path):
     """Float32 on the Triton kernels (the Mamba1 scan's, the conv's, the rest of TritonKernels; the interpreter on a
     CPU) gives the reference kernels' greedy tokens: chunked prompts, two sequences per step, decodes."""
-    import json
-    import os
-    import sys
-
-    from tests.helpers import zygote
-    from tests.helpers.fast_interpreter import interpreter_env
-
-    path = save_preset(tmp_path, JAMBA)
-    ps = prompts(VOCAB, seed=7, n=2, lo=11, hi=21)
-    engine = dict(dtype="float32", max_num_seqs=2, max_num_batched_tokens=16, num_kv_blocks=24, block_size=8)
-    env = interpreter_env() if not torch.cuda.is_available() else dict(os.environ)
-    proc = zygote.run([sys.executable, "-c", _TRITON_RUN, path, json.dumps(ps), json.dumps(engine)], env=env,
-                      capture_output=True, text=True, timeout=600, cwd=os.getcwd(), fork_code=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.split("TOKENS", 1)[1])
-    calls = json.loads(proc.stdout.split("CALLS", 1)[1].split("TOKENS")[0])
-    assert calls.get("triton_mamba1_scan", 0) > 0 and calls.get("triton_mamba1_decode", 0) > 0, calls
-    llm = LLM(path, kernels="reference", **engine)
-    assert_same(got, engine_greedy(llm, ps, max_new=4), ps)
+    check_triton_equals_reference(tmp_path, JAMBA, "moelink.kernels.triton_mamba1",
+                                  ("triton_mamba1_scan", "triton_mamba1_decode"))
