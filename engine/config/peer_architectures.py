@@ -124,7 +124,9 @@ PEER_ARCHITECTURES: tuple[PeerArch, ...] = (
     PeerArch("SarvamMLAForCausalLM", _VS),
     PeerArch("Step3TextForCausalLM", _V, "Step-3's text model: MFA attention, a block kind not built yet; no model "
                                          "in transformers 5.24"),
-    PeerArch("Step3p5ForCausalLM", _VS, f"Step-3.5-Flash: {_NO_ORACLE}"),
+    PeerArch("Step3p5ForCausalLM", _VS, "Step-3.5-Flash: transformers 5.24 reads its config (model_type step3p5) "
+                                        "and builds its model inside Step3p7ForConditionalGeneration alone; its "
+                                        "family package is not built yet"),
     PeerArch("Step5ForCausalLM", _V, "an indexer over GQA (beside QSA), a block kind not built yet; no model in "
                                      "transformers 5.24"),
     # vLLM's multimodal table: MoE language models.
@@ -176,8 +178,8 @@ PEER_ARCHITECTURES: tuple[PeerArch, ...] = (
     PeerArch("Qwen4ExpForConditionalGeneration", _VS),
     PeerArch("Step3VLForConditionalGeneration", _VS, f"Step-3: its text model's MFA attention is a block kind not "
                                                      f"built yet; {_IMAGES}"),
-    PeerArch("Step3p7ForConditionalGeneration", _VS, f"Step-3.7-Flash: its text model is Step-3.5's (not served "
-                                                     f"yet); {_IMAGES}"),
+    PeerArch("Step3p7ForConditionalGeneration", _VS, f"Step-3.7-Flash: {_NOT_BUILT} (its text model is "
+                                                     f"Step-3.5's); {_IMAGES}"),
     PeerArch("Step5ForConditionalGeneration", _V, f"Step5's multimodal wrapper: its text model is not built yet "
                                                   f"(Step5ForCausalLM); {_IMAGES}"),
     # vLLM's Transformers-backend table (TransformersMoEForCausalLM).
