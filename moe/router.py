@@ -132,33 +132,54 @@ class SoftmaxBiasedRouter(SigmoidGroupLimitedRouter):
                                              self.routed_scaling_factor, self.n_group, self.topk_group)
 
 
-@dataclass(frozen=True)
-class TopKSoftmaxRouter:
-    """gpt-oss: top-k of the logits (the router linear's bias already added by the layer), then a softmax over
-    the k chosen logits alone, in the logits' dtype, as transformers' GptOssTopKRouter computes it (in exact
-    arithmetic a renormalised softmax over all experts; in bf16 the rounding differs, so it is computed as
-    transformers does). The weights are float32, or float64 for float64 logits: transformers keeps them in
-    the logits' dtype, and a float32 round would cost float64 parity ~1e-5 relative after the experts."""
-
-    top_k: int
-    float32_logits: bool = False
-    needs_bias: ClassVar[bool] = False
+class _Unfused:
+    """A scheme the kernels' fused `route_topk` op has no method for: route_args None, so the layer calls the
+    router itself."""
 
     def route_args(self) -> None:
-        """None: the fused router op has no top-k-then-softmax method (the layer calls this router)."""
         return None
+
+
+def _weights(weights_TK: torch.Tensor) -> torch.Tensor:
+    """Routing weights computed in the logits' dtype, as float32, or float64 for float64 logits: transformers keeps
+    them in the logits' dtype, and a float32 round would cost float64 parity ~1e-5 relative after the experts."""
+    return weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()
+
+
+class _TopKOfLogits(_Unfused):
+    """The top-k of the logits themselves (no scores over every expert first), each weighed from the k chosen
+    logits alone by the subclass's `weigh`."""
+
+    top_k: int
+
+    def weigh(self, top_TK: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64)."""
         _no_bias(self, bias_G)
         top_TK, ids_TK = torch.topk(router_logits_TG, self.top_k, dim=-1)
-        weights_TK = torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
-        return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
+        return _weights(self.weigh(top_TK)), ids_TK
 
 
 @dataclass(frozen=True)
-class SparseMixerRouter:
+class TopKSoftmaxRouter(_TopKOfLogits):
+    """gpt-oss: top-k of the logits (the router linear's bias already added by the layer), then a softmax over
+    the k chosen logits alone, in the logits' dtype, as transformers' GptOssTopKRouter computes it (in exact
+    arithmetic a renormalised softmax over all experts; in bf16 the rounding differs, so it is computed as
+    transformers does)."""
+
+    top_k: int
+    float32_logits: bool = False
+    needs_bias: ClassVar[bool] = False
+
+    def weigh(self, top_TK: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
+
+
+@dataclass(frozen=True)
+class SparseMixerRouter(_Unfused):
     """Phi-3.5-MoE's SparseMixer (transformers' `sparsemixer` in eval mode; arXiv 2409.12136): at inference its
     sampled choices are argmaxes and its gradient estimator is gone, which leaves two picks from the logits s:
     1. pick e1 = argmax s; its weight is softmax(s masked)[e1], the mask leaving out every expert j with
@@ -166,28 +187,23 @@ class SparseMixerRouter:
     2. with s[e1] set to -inf, pick e2 = the argmax of the rest; its weight is softmax(those masked)[e2], the mask
        leaving out every j with (s[e2] - s[j]) / max(|s[j]|, s[e2]) > 2 * jitter_eps (e1 stays out).
     Neither weight is renormalised against the other. The logits' dtype throughout, as transformers computes it
-    (the gate runs in the model dtype); weights float32, or float64 for float64 logits (transformers keeps them
-    in the logits' dtype). Plain torch: this is the scheme's reference and its implementation on every device."""
+    (the gate runs in the model dtype). Plain torch: this is the scheme's reference and its implementation on every
+    device."""
 
     top_k: int
     jitter_eps: float
     float32_logits: bool = False
     needs_bias: ClassVar[bool] = False
 
-    def route_args(self) -> None:
-        """None: the fused router op has no SparseMixer method (the layer calls this router)."""
-        return None
-
     def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights_TK, ids_TK int64), K = 2."""
+        """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64), K = 2."""
         _no_bias(self, bias_G)
         s_TG = router_logits_TG
         w1_T1, e1_T1 = _sparsemixer_pick(s_TG, s_TG, self.jitter_eps)
         rest_TG = torch.scatter(s_TG, -1, e1_T1, float("-inf"))
         w2_T1, e2_T1 = _sparsemixer_pick(rest_TG, s_TG, self.jitter_eps)
-        weights_TK = torch.cat([w1_T1, w2_T1], dim=-1)
-        return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), torch.cat([e1_T1, e2_T1], -1)
+        return _weights(torch.cat([w1_T1, w2_T1], dim=-1)), torch.cat([e1_T1, e2_T1], -1)
 
 
 def _sparsemixer_pick(masked_TG: torch.Tensor, s_TG: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,12 +217,12 @@ def _sparsemixer_pick(masked_TG: torch.Tensor, s_TG: torch.Tensor, eps: float) -
 
 
 @dataclass(frozen=True)
-class TopKSigmoidRouter:
+class TopKSigmoidRouter(_TopKOfLogits):
     """Llama 4: the top-k of the logits, each weighted by the sigmoid of its own logit (never renormalised), as
     transformers' Llama4Router computes it: topk on the logits, sigmoid in float32, cast back to the logits' dtype
-    (so the weights are what transformers multiplies the experts' input by: MoEConfig.router_weight_on_input). The
-    weights are float32, or float64 for float64 logits. Selecting on the logits, not on sigmoid scores, keeps the
-    choice of experts whose float32 sigmoids round to the same value."""
+    (so the weights are what transformers multiplies the experts' input by: MoEConfig.router_weight_on_input).
+    Selecting on the logits, not on sigmoid scores, keeps the choice of experts whose float32 sigmoids round to the
+    same value."""
 
     top_k: int
     float32_logits: bool = False
@@ -215,19 +231,9 @@ class TopKSigmoidRouter:
     norm_topk_prob: bool = False
     needs_bias: ClassVar[bool] = False
 
-    def route_args(self) -> None:
-        """None: the fused router op has no top-k-then-sigmoid method (the layer calls this router)."""
-        return None
-
-    def __call__(self, router_logits_TG: torch.Tensor, bias_G: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights_TK float32, or float64 for float64 logits; ids_TK int64)."""
-        _no_bias(self, bias_G)
-        top_TK, ids_TK = torch.topk(router_logits_TG, self.top_k, dim=-1)
+    def weigh(self, top_TK: torch.Tensor) -> torch.Tensor:
         weights_TK = torch.sigmoid(top_TK.float()).to(top_TK.dtype)
-        if self.norm_topk_prob:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return (weights_TK if weights_TK.dtype == torch.float64 else weights_TK.float()), ids_TK
+        return weights_TK / weights_TK.sum(dim=-1, keepdim=True) if self.norm_topk_prob else weights_TK
 
 
 def _no_bias(router, bias_G) -> None:
