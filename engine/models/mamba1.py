@@ -32,7 +32,7 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from .layers import ForwardContext, RMSNorm, param
 from .linear import Linear, linear_method
 from .mamba1_config import Mamba1Config
-from .recurrent_state import causal_conv_step, mix_by_group
+from .recurrent_state import causal_conv_step, conv_plan, mix_by_group
 
 if TYPE_CHECKING:
     from moelink.engine.state.step import StateGroup, StateStep
@@ -129,10 +129,7 @@ class Mamba1Mixer(nn.Module):
         """Checkpoint names under `p` ("model.layers.{i}.mamba.")."""
         plan: WeightPlan = {}
         plan.update(self.in_proj.weight_plan(p + "in_proj.weight"))
-        # conv1d.weight is [I, 1, W] on disk: read as [I, W] (the middle index 0 drops the channel-group dim).
-        plan[p + "conv1d.weight"] = PlanEntry(self.conv_weight_IW, (), (slice(None), 0))
-        if self.conv_bias_I is not None:
-            plan[p + "conv1d.bias"] = PlanEntry(self.conv_bias_I, ())
+        plan.update(conv_plan(p, self.conv_weight_IW, self.conv_bias_I))
         plan.update(self.x_proj.weight_plan(p + "x_proj.weight"))
         plan.update(self.dt_proj.weight_plan(p + "dt_proj.weight"))
         plan[p + "dt_proj.bias"] = PlanEntry(self.dt_bias_I, ())

@@ -31,7 +31,7 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 from .layers import ForwardContext, param
 from .linear import Linear, linear_method
 from .mamba2_config import Mamba2Config
-from .recurrent_state import causal_conv_step, mix_by_group
+from .recurrent_state import causal_conv_step, conv_plan, mix_by_group
 
 if TYPE_CHECKING:
     from moelink.engine.state.step import StateGroup, StateStep
@@ -127,10 +127,7 @@ class Mamba2Mixer(nn.Module):
         """Checkpoint names under `p` ("model.layers.{i}.mamba.")."""
         plan: WeightPlan = {}
         plan.update(self.in_proj.weight_plan(p + "in_proj.weight"))
-        # conv1d.weight is [C, 1, W] on disk: read as [C, W] (the middle index 0 drops the channel-group dim).
-        plan[p + "conv1d.weight"] = PlanEntry(self.conv_weight_CW, (), (slice(None), 0))
-        if self.conv_bias_C is not None:
-            plan[p + "conv1d.bias"] = PlanEntry(self.conv_bias_C, ())
+        plan.update(conv_plan(p, self.conv_weight_CW, self.conv_bias_C))
         plan[p + "dt_bias"] = PlanEntry(self.dt_bias_N, ())
         plan[p + "A_log"] = PlanEntry(self.A_log_N, ())
         plan[p + "D"] = PlanEntry(self.D_N, ())

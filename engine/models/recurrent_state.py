@@ -1,6 +1,7 @@
 """What the layer kinds that keep per-sequence state instead of a paged KV cache (Mamba1, Mamba2, gated DeltaNet) share:
-as attention kinds, the paged-KV questions answered "nothing"; Mamba's state dtypes; and, per step, the causal
-convolution's three forms and the split of a speculative verify step into the verifying sequences and the rest.
+as attention kinds, the paged-KV questions answered "nothing"; Mamba's state dtypes; the causal convolution's
+checkpoint names; and, per step, its three forms and the split of a speculative verify step into the verifying
+sequences and the rest.
 
 The step's groups (engine/state/step.py: a StateStep, or a VerifySplit's StateGroup) all carry query_start_loc_S1,
 slots_S, has_initial_S and pure_decode, which is what the pieces here read.
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from moelink.moe.weight_plan import PlanEntry, WeightPlan
 
 if TYPE_CHECKING:
     from moelink.engine.state.step import StateGroup, StateStep
@@ -61,6 +64,15 @@ def causal_conv_step(kernels: Kernels, x_TC: torch.Tensor, weight_CW: torch.Tens
     return kernels.causal_conv1d(x_TC, weight_CW, bias_C, pool_PRC, qsl_S1, slots_S, g.has_initial_S, activation)
 
 
+def conv_plan(p: str, weight_CW: torch.Tensor, bias_C: torch.Tensor | None) -> WeightPlan:
+    """The causal convolution's checkpoint names under `p`: conv1d.weight is [C, 1, W] on disk, read as [C, W] (the
+    middle index 0 drops the channel-group dim); conv1d.bias where the layer has one."""
+    plan: WeightPlan = {p + "conv1d.weight": PlanEntry(weight_CW, (), (slice(None), 0))}
+    if bias_C is not None:
+        plan[p + "conv1d.bias"] = PlanEntry(bias_C, ())
+    return plan
+
+
 def mix_by_group(st: StateStep, inputs: tuple[torch.Tensor, ...],
                  mix: Callable[..., torch.Tensor], empty: Callable[[], torch.Tensor]) -> torch.Tensor:
     """`mix(*inputs, group, keep)` over the step: in one call, or, in a verify step, once over the verifying
@@ -75,4 +87,4 @@ def mix_by_group(st: StateStep, inputs: tuple[torch.Tensor, ...],
     return out
 
 
-__all__ = ["NoPagedKV", "causal_conv_step", "conv_and_ssm_dtypes", "mix_by_group"]
+__all__ = ["NoPagedKV", "causal_conv_step", "conv_and_ssm_dtypes", "conv_plan", "mix_by_group"]
