@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from .recurrent_state import NoPagedKV
+from .recurrent_state_config import NoPagedKV
 
 # How the checkpoint lays out the input projections. "fused" (Qwen3-Next): in_proj_qkvz and in_proj_ba, their rows
 # grouped by q/k head ([q, k, v.., z..] per head group, transformers' fix_query_key_value_ordering). "split"

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from .recurrent_state import NoPagedKV, conv_and_ssm_dtypes
+from .recurrent_state_config import NoPagedKV, conv_and_ssm_dtypes
 
 # The most each size may be, checked as config.json is read, before a state pool or a weight is sized from it: the
 # largest published value (Jamba-1.5-Large: intermediate 16384 = 2 x 8192, dt rank 512, d_state 16, 4 conv taps)

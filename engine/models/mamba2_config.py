@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from .recurrent_state import NoPagedKV, conv_and_ssm_dtypes
+from .recurrent_state_config import NoPagedKV, conv_and_ssm_dtypes
 
 # The most each size may be, checked as config.json is read, before a state pool or a weight is sized from it: the
 # largest published value (Granite 4.0-H-Small: 128 heads of 64, d_state 256 in Bamba-9B, 8 groups in Nemotron-H)

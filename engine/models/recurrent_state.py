@@ -1,7 +1,6 @@
-"""What the layer kinds that keep per-sequence state instead of a paged KV cache (Mamba1, Mamba2, gated DeltaNet) share:
-as attention kinds, the paged-KV questions answered "nothing"; Mamba's state dtypes; the causal convolution's
-checkpoint names; and, per step, its three forms and the split of a speculative verify step into the verifying
-sequences and the rest.
+"""What the modules of the layer kinds that keep per-sequence state instead of a paged KV cache (Mamba1, Mamba2)
+share: the causal convolution's checkpoint names; per step, its three forms and the split of a speculative verify
+step into the verifying sequences and the rest. What their configs share: recurrent_state_config.py.
 
 The step's groups (engine/state/step.py: a StateStep, or a VerifySplit's StateGroup) all carry query_start_loc_S1,
 slots_S, has_initial_S and pure_decode, which is what the pieces here read.
@@ -19,32 +18,6 @@ from moelink.moe.weight_plan import PlanEntry, WeightPlan
 if TYPE_CHECKING:
     from moelink.engine.state.step import StateGroup, StateStep
     from moelink.kernels.ops import Kernels
-
-
-class NoPagedKV:
-    """A state-only kind's answers to the paged-KV questions every attention kind answers: its state sits in the
-    state pools (`state_shapes`), so it asks the paged cache for nothing."""
-
-    def kv_values_per_token(self) -> int:
-        return 0
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 0
-
-    def cache_shapes(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype | None = None) -> tuple:
-        return ()
-
-    def cache_dtypes(self, cache_dtype: torch.dtype) -> tuple:
-        return ()
-
-    def kv_layer_pairs(self, num_layers: int) -> None:
-        return None
-
-
-def conv_and_ssm_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """Mamba's (conv state, SSM state) dtypes: the conv state in the model's dtype, the SSM state in float32 (float64
-    for a float64 model): h accumulates over the whole sequence, so it is not held in a 16-bit dtype."""
-    return dtype, (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def causal_conv_step(kernels: Kernels, x_TC: torch.Tensor, weight_CW: torch.Tensor, bias_C: torch.Tensor | None,
@@ -87,4 +60,4 @@ def mix_by_group(st: StateStep, inputs: tuple[torch.Tensor, ...],
     return out
 
 
-__all__ = ["NoPagedKV", "causal_conv_step", "conv_and_ssm_dtypes", "conv_plan", "mix_by_group"]
+__all__ = ["causal_conv_step", "conv_plan", "mix_by_group"]
