@@ -115,7 +115,6 @@ def test_prompt_logprobs_equal_transformers(hybrid_path):
 # -- greedy parity with transformers ------------------------------------------------------------------------------
 
 def test_greedy_parity_short(hybrid_path):
-    """Three prompts (5-40 tokens) under a 16-token budget: chunked prefills and decode steps of a batch."""
     check_greedy_short(hybrid_path)
 
 
