@@ -51,6 +51,9 @@ def test_all_kernels_compile_for_sm90():
     assert not spilling, f"batch-invariant kernels spill: {spilling}"
     assert {(c["name"], c["arch"]) for c in bi} >= {(n, a) for n in ("_sorted_lora_shrink_kernel",
                                                                        "_sorted_lora_expand_kernel") for a in (90, 100)}
+    # The Mamba recurrences (Granite 4.0-H, Nemotron 3, Jamba), for sm_90 and sm_100: no spills (checked above).
+    assert {(c["name"], c["arch"]) for c in bi} >= {(n, a) for n in ("_mamba1_recurrent_kernel",
+                                                                       "_mamba2_recurrent_kernel") for a in (90, 100)}
     assert names >= {"_align_scatter_kernel", "_align_count_kernel", "_moe_up_kernel", "_moe_down_kernel",
                      "_moe_sum_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel",
                      "_plan_kernel", "_merge_plan_kernel",
@@ -168,6 +171,7 @@ def _compile_all() -> list[dict]:
         stand_in.arch = arch
         _compile_batch_invariant(arch)
         _compile_lora_moe()
+        _compile_mamba()
     return compiled
 
 
@@ -251,6 +255,32 @@ def _compile_lora_moe() -> None:
     from moelink.benchmarks.compile_cases_decode import launch_lora_moe
 
     launch_lora_moe((2048,))
+
+
+def _compile_mamba() -> None:
+    """The Mamba recurrences (kernels/triton_mamba1.py, triton_mamba2.py), not yet in the committed compile report:
+    decode and prefill at Nemotron 3 Nano's Mamba2 shape (64 heads of 64, 8 groups of state 128) and Jamba's Mamba1
+    shape (8,192 channels of state 16), bf16 activations, float32 state pools; replay takes the decode's tiles."""
+    from moelink.kernels.triton_mamba1 import triton_mamba1_decode, triton_mamba1_scan
+    from moelink.kernels.triton_mamba2 import triton_mamba2_decode, triton_mamba2_scan
+
+    meta, bf16, i32 = dict(device="meta"), torch.bfloat16, torch.int32
+    S, P = 64, 256
+    qsl, slots = torch.empty(S + 1, dtype=i32, **meta), torch.empty(S, dtype=i32, **meta)
+    N, H, G, K = 64, 64, 8, 128
+    for T in (S, 4096):
+        args2 = (torch.empty(T, N, H, dtype=bf16, **meta), torch.empty(T, N, dtype=bf16, **meta),
+                 torch.empty(T, G, K, dtype=bf16, **meta), torch.empty(T, G, K, dtype=bf16, **meta),
+                 torch.empty(N, **meta), torch.empty(N, **meta), torch.empty(N, **meta), torch.empty(P, N, H, K, **meta),
+                 qsl, slots)
+        (triton_mamba2_decode if T == S else triton_mamba2_scan)(*args2)
+    I, K1 = 8192, 16
+    for T in (S, 4096):
+        args1 = (torch.empty(T, I, dtype=bf16, **meta), torch.empty(T, I, dtype=bf16, **meta),
+                 torch.empty(T, K1, dtype=bf16, **meta), torch.empty(T, K1, dtype=bf16, **meta),
+                 torch.empty(I, K1, **meta), torch.empty(I, **meta), torch.empty(I, **meta),
+                 torch.empty(P, I, K1, **meta), qsl, slots)
+        (triton_mamba1_decode if T == S else triton_mamba1_scan)(*args1)
 
 
 def _compile_batch_invariant(arch: int) -> None:
