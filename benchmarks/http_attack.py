@@ -249,8 +249,10 @@ def _flood(port: int, path: str, conns: int, secs: float, q) -> None:
             except Exception:  # noqa: BLE001
                 c = None
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(conns)]
-    [th.start() for th in threads]
-    [th.join() for th in threads]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     q.put(done[0])
 
 

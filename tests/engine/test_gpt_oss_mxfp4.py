@@ -112,7 +112,7 @@ def test_mxfp4_is_refused_for_other_architectures(tmp_path):
     raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"^config.json quantization_config.quant_method='mxfp4' is not supported for "
-                                         r"Qwen3MoeForCausalLM: MXFP4 experts run for GptOssForCausalLM, KimiK3ForCausalLM only"):
+                                         r"Qwen3MoeForCausalLM: MXFP4 experts run for GptOssForCausalLM, KimiK3ForCausalLM, KimiK3LinearForCausalLM only"):
         ModelConfig.from_pretrained(str(tmp_path))
 
 

@@ -109,6 +109,7 @@ def test_the_managed_front_is_given_the_engines_health(monkeypatch):
 
         engine = _Engine()
         limits = RequestLimits()
+        abort_all = None  # Serving.abort_all: what an update's abort_all_requests calls
 
     monkeypatch.setattr(managed, "HttpFront", _Front)
     for module, name in ((vllm_routes, "VllmRoutes"), (rl_routes, "RlRoutes"), (rl_routes, "ChainedRoutes"),

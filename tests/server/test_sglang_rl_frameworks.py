@@ -52,8 +52,9 @@ class _Front:
     def __init__(self, srv, key=KEY):
         serving = srv.server.serving
         self.srv, self.key = srv, key
-        local = ChainedRoutes(_NoModels(), RlRoutes(srv.engine, srv.engine.takes_control_calls),
-                              GenerateRoute(serving)).with_answerer(SglangRoutes(serving), abort_all=serving.abort_all)
+        local = ChainedRoutes(_NoModels(), RlRoutes(srv.engine, srv.engine.takes_control_calls,
+                                                    abort_all=serving.abort_all),
+                              GenerateRoute(serving), SglangRoutes(serving))
         # not_serving: the managed gateway is up (no smg here), so /health is answered as `moelink serve` answers it
         self.front = HttpFront("127.0.0.1", free_port(), free_port(), key, local=local, not_serving=lambda: None)
         srv.call(self.front.start())

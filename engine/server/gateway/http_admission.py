@@ -109,7 +109,7 @@ def quiet_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
         else:
             loop.default_exception_handler(context)
 
-    handler.quiets_accept_failures = True
+    handler.quiets_accept_failures = True  # type: ignore[attr-defined]  # marks it so a second front does not wrap it
     loop.set_exception_handler(handler)
 
 

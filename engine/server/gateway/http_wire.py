@@ -231,10 +231,11 @@ async def answer_watched(conn: h11.Connection, writer: asyncio.StreamWriter, rea
         for t in (work, gone):
             t.cancel()
         await asyncio.gather(work, gone, return_exceptions=True)
-    if work.done() and not work.cancelled() and work.exception() is not None:
+    failure = work.exception() if work.done() and not work.cancelled() else None
+    if failure is not None:
         # The answer failed (a stalled client, a write error, a bug making it): the caller's to say and handle.
         # Gathered and dropped, it left a connection closed with nothing logged (issue 95 item 5).
-        raise work.exception()
+        raise failure
 
 
 async def _write_answer(conn: h11.Connection, writer: asyncio.StreamWriter, answering, head_only: bool) -> None:

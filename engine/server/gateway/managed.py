@@ -69,15 +69,14 @@ async def start_managed_gateway(config, grpc_port: int, gateway_listener_port: O
         from .vllm_routes import VllmRoutes
 
         template = chat_template_of(options)
-        local = ChainedRoutes(VllmRoutes(serving, template),
-                              RlRoutes(serving.engine, serving.engine.takes_control_calls,
-                                       serving.limits.max_http_body_bytes), GenerateRoute(serving),
-                              *vllm_rl_answerers(serving))
         from .sglang_routes import SglangRoutes
 
-        # SGLang's info, load, /health_generate and LoRA-name routes (slime, verl, AReaL), after the others; an
+        # SGLang's info, load, /health_generate and LoRA-name routes (slime, verl, AReaL) after the others; an
         # update's abort_all_requests ends every request as /abort_request's abort_all does.
-        local = local.with_answerer(SglangRoutes(serving), abort_all=serving.abort_all)
+        local = ChainedRoutes(VllmRoutes(serving, template),
+                              RlRoutes(serving.engine, serving.engine.takes_control_calls,
+                                       serving.limits.max_http_body_bytes, abort_all=serving.abort_all),
+                              GenerateRoute(serving), *vllm_rl_answerers(serving), SglangRoutes(serving))
         completions = CompletionsRoute(serving, config.return_tokens_as_token_ids)
         # A reasoning parser is smg's: every chat goes there while one is set (chat_route.py).
         chat = ChatRoute(serving, template, relay_all=options.reasoning_parser is not None,

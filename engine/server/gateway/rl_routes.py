@@ -468,14 +468,6 @@ class ChainedRoutes:
         self.models = models
         self.answerers = (models, *others)
 
-    def with_answerer(self, answerer, abort_all: Optional[Callable[[], Any]] = None) -> "ChainedRoutes":
-        """These answerers and `answerer` after them; `abort_all` given to the RlRoutes among them (an update's
-        abort_all_requests: Serving.abort_all)."""
-        for a in self.answerers:
-            if isinstance(a, RlRoutes) and abort_all is not None:
-                a.abort_all = abort_all
-        return ChainedRoutes(self.models, *self.answerers[1:], answerer)
-
     def route_model(self, data: dict) -> Optional[str]:
         return self.models.route_model(data)
 
